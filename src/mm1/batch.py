@@ -1,0 +1,54 @@
+"""The batch: the one contract between the data side and the models (see docs/design.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Batch:
+    """A packed batch of plain tensors.
+
+    input_ids     (B, T) long: text tokens; each image's Q slots hold the image placeholder id.
+    labels        (B, T) long: target of position t = token t+1 of the same document; -100 on
+                  image slots, padding, document ends and (SFT) non-assistant tokens.
+    position_ids  (B, T) long: restart at 0 for every packed document.
+    document_ids  (B, T) long: attention stays causal inside a document; padding is its own.
+    pixel_values  (N, 3, H, W): every image of the batch in slot order, or None.
+    source_ids    (B, T) long: which mixture source each token came from (-1 for padding), for
+                  per-source losses; optional.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor
+    document_ids: torch.Tensor
+    pixel_values: torch.Tensor | None = None
+    source_ids: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Batch(
+            **{
+                k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+                for k, v in values.items()
+            }
+        )
+
+    def model_inputs(self) -> dict[str, torch.Tensor | None]:
+        """The keyword arguments of the model's forward."""
+        return {
+            "input_ids": self.input_ids,
+            "labels": self.labels,
+            "position_ids": self.position_ids,
+            "document_ids": self.document_ids,
+            "pixel_values": self.pixel_values,
+        }
+
+    @property
+    def num_label_tokens(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())

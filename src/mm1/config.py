@@ -1,0 +1,416 @@
+"""Typed configuration for every section of a run, loaded from YAML with dotted overrides.
+
+OmegaConf structured configs do the parsing and type checking (an unknown key or a value of the
+wrong type is rejected with the full dotted key); `validate` adds the semantic checks that types
+cannot express, each naming its key. This module imports nothing of mm1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or invalid; the message names the key."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+
+VISION_VARIANTS = ("clip", "siglip")
+ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh", "silu")
+CONNECTOR_TYPES = ("linear", "mlp", "avgpool", "attnpool", "c_abstractor")
+POOLING_CONNECTORS = ("avgpool", "c_abstractor")
+FFN_TYPES = ("swiglu",)
+ROPE_TYPES = ("default", "linear", "llama3")
+MODEL_FAMILIES = ("mm1",)
+
+
+@dataclass
+class VisionConfig:
+    """A ViT image encoder (CLIP or SigLIP layout)."""
+
+    variant: str = "clip"
+    image_size: int = 336
+    patch_size: int = 14
+    width: int = 1024
+    layers: int = 24
+    heads: int = 16
+    mlp_dim: int = 4096
+    act: str = "quick_gelu"
+    norm_eps: float = 1e-5
+    # Index into the encoder's hidden states as transformers counts them: 0 = embeddings,
+    # i = output of block i, -1 = last block (before the final norm), -2 = LLaVA's choice.
+    feature_layer: int = -1
+    # HF checkpoint directory (CLIPVisionModel / SiglipVisionModel); its position embeddings
+    # are interpolated bicubically when image_size differs from the checkpoint's.
+    init: str | None = None
+
+    @property
+    def cls_token(self) -> bool:
+        return self.variant == "clip"
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+
+@dataclass
+class ConnectorConfig:
+    """The vision-language connector: (B, N, Dv) patch features -> (B, Q, D_llm) image tokens."""
+
+    type: str = "c_abstractor"
+    # Q, the number of image tokens per image. 0 = as many as the encoder gives patches (the
+    # only choice for linear / mlp, which map patch to token).
+    num_tokens: int = 144
+    hidden: int = 1024  # c_abstractor: width of the RegNet stages
+    depth: int = 3  # c_abstractor: RegNet blocks per stage
+    mlp_depth: int = 2  # mlp, and c_abstractor's readout: number of Linear layers
+    heads: int = 8  # attnpool: attention heads
+    layer_norm: bool = False  # c_abstractor: LayerNorm on the input features
+
+
+@dataclass
+class RopeScalingConfig:
+    type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass
+class DecoderConfig:
+    """A Llama-style decoder LLM."""
+
+    vocab_size: int = 32000
+    dim: int = 2048
+    layers: int = 24
+    heads: int = 16
+    kv_heads: int = 16
+    head_dim: int = 0  # 0 = dim // heads
+    ffn_dim: int = 5632
+    ffn: str = "swiglu"  # the FFN module; swappable (MoE later)
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    max_seq_len: int = 4096
+    qk_norm: bool = False
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+    sliding_window: int = 0  # 0 = full causal attention (Mistral checkpoints may set it)
+    init: str | None = None  # HF checkpoint directory (Llama / Qwen2 / Mistral)
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.dim // self.heads
+
+
+@dataclass
+class ModelConfig:
+    family: str = "mm1"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    # Token id of the image placeholder slots in input_ids; -1 = the last id of the vocabulary
+    # (where the tokenizer's added `<image>` lands); set from the tokenizer by the data side.
+    image_token_id: int = -1
+    init_std: float = 0.02
+
+    @property
+    def resolved_image_token_id(self) -> int:
+        return self.image_token_id if self.image_token_id >= 0 else self.decoder.vocab_size - 1
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.connector.num_tokens or self.vision.num_patches
+
+
+# ---------------------------------------------------------------------------------------------
+# Data, training, evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SourceConfig:
+    """One data source of the mixture."""
+
+    name: str = MISSING  # captions | interleaved | text | sft, or any name for the logs
+    format: str = MISSING  # wds | obelics | mmc4 | text | llava
+    path: str = MISSING  # a file, a directory of shards, or a glob
+    weight: float = 1.0
+    image_root: str | None = None
+
+
+@dataclass
+class DataConfig:
+    world: str = "data/world"  # the synthetic world's directory (written if absent)
+    world_size: str = "tiny"
+    world_seed: int = 0
+    tokenizer: str | None = None  # tokenizer.json (or a dir); default: the world's
+    sources: list[SourceConfig] = field(default_factory=list)
+    seq_len: int = 2048
+    max_images_per_seq: int = 16
+    image_boundaries: bool = False
+    num_workers: int = 0
+    max_error_rate: float = 0.01
+    seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.0  # 0 = the MM1 peak-lr law for the decoder's size
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int = 2000
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    vision_lr_mult: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    steps: int = 200000
+    batch_size: int = 512  # sequences per optimizer step, over all ranks
+    micro_batch_size: int = 1
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train_vision: bool = True
+    train_connector: bool = True
+    train_decoder: bool = True
+    parallel: str = "fsdp"  # fsdp | ddp | none
+    dtype: str = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
+    activation_checkpointing: bool = False
+    compile: bool = False
+    log_every: int = 10
+    val_every: int = 500
+    save_every: int = 1000
+    keep_checkpoints: int = 3
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=lambda: ["coco", "vqav2"])
+    shots: list[int] = field(default_factory=lambda: [0, 4, 8])
+    seeds: int = 3
+    max_new_tokens: int = 20
+    num_beams: int = 1
+    batch_size: int = 8
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key}={value} must be positive")
+
+
+def validate_model(m: ModelConfig, prefix: str = "model") -> None:
+    v, c, d = m.vision, m.connector, m.decoder
+    _choice(f"{prefix}.family", m.family, MODEL_FAMILIES)
+    _choice(f"{prefix}.vision.variant", v.variant, VISION_VARIANTS)
+    _choice(f"{prefix}.vision.act", v.act, ACTIVATIONS)
+    for k in ("image_size", "patch_size", "width", "layers", "heads", "mlp_dim"):
+        _positive(f"{prefix}.vision.{k}", getattr(v, k))
+    if v.image_size % v.patch_size:
+        raise ConfigError(
+            f"{prefix}.vision.image_size={v.image_size} is not a multiple of "
+            f"{prefix}.vision.patch_size={v.patch_size}"
+        )
+    if v.width % v.heads:
+        raise ConfigError(f"{prefix}.vision.width={v.width} is not divisible by heads={v.heads}")
+    if not -(v.layers + 1) <= v.feature_layer <= v.layers:
+        raise ConfigError(
+            f"{prefix}.vision.feature_layer={v.feature_layer} is outside the encoder's "
+            f"{v.layers + 1} hidden states (-{v.layers + 1}..{v.layers})"
+        )
+
+    _choice(f"{prefix}.connector.type", c.type, CONNECTOR_TYPES)
+    n = v.num_patches
+    q = c.num_tokens
+    if q < 0:
+        raise ConfigError(f"{prefix}.connector.num_tokens={q} must be >= 0")
+    if c.type in ("linear", "mlp") and q not in (0, n):
+        raise ConfigError(
+            f"{prefix}.connector.num_tokens={q}: connector '{c.type}' maps each of the "
+            f"{n} patches to one token; set num_tokens to 0 or {n}"
+        )
+    if c.type in POOLING_CONNECTORS:
+        side = math.isqrt(q or n)
+        if side * side != (q or n):
+            raise ConfigError(
+                f"{prefix}.connector.num_tokens={q} is not a perfect square: connector "
+                f"'{c.type}' pools the patch grid to a sqrt(Q) x sqrt(Q) grid (e.g. 64, 144)"
+            )
+        if side > v.grid:
+            raise ConfigError(
+                f"{prefix}.connector.num_tokens={q} needs a {side}x{side} grid but the encoder "
+                f"only has {v.grid}x{v.grid} patches"
+            )
+    if c.type == "attnpool":
+        _positive(f"{prefix}.connector.num_tokens", q)
+        if v.width % c.heads:
+            raise ConfigError(
+                f"{prefix}.connector.heads={c.heads} does not divide vision.width={v.width}"
+            )
+    if c.mlp_depth < 1:
+        raise ConfigError(f"{prefix}.connector.mlp_depth={c.mlp_depth} must be >= 1")
+    if c.depth < 0:
+        raise ConfigError(f"{prefix}.connector.depth={c.depth} must be >= 0")
+    _positive(f"{prefix}.connector.hidden", c.hidden)
+
+    _choice(f"{prefix}.decoder.ffn", d.ffn, FFN_TYPES)
+    _choice(f"{prefix}.decoder.rope_scaling.type", d.rope_scaling.type, ROPE_TYPES)
+    for k in ("vocab_size", "dim", "layers", "heads", "kv_heads", "ffn_dim", "max_seq_len"):
+        _positive(f"{prefix}.decoder.{k}", getattr(d, k))
+    if d.heads % d.kv_heads:
+        raise ConfigError(
+            f"{prefix}.decoder.heads={d.heads} is not a multiple of kv_heads={d.kv_heads}"
+        )
+    if not d.head_dim and d.dim % d.heads:
+        raise ConfigError(f"{prefix}.decoder.dim={d.dim} is not divisible by heads={d.heads}")
+    if d.resolved_head_dim % 2:
+        raise ConfigError(f"{prefix}.decoder.head_dim must be even for rotary embeddings")
+    if m.image_token_id >= d.vocab_size:
+        raise ConfigError(
+            f"{prefix}.image_token_id={m.image_token_id} is outside the vocabulary "
+            f"(decoder.vocab_size={d.vocab_size})"
+        )
+
+
+def validate(cfg: Config) -> None:
+    """Semantic checks across the whole config; raises ConfigError naming the key."""
+    validate_model(cfg.model)
+    d, t = cfg.data, cfg.train
+    _positive("data.seq_len", d.seq_len)
+    _positive("data.max_images_per_seq", d.max_images_per_seq)
+    if not 0.0 <= d.max_error_rate <= 1.0:
+        raise ConfigError(f"data.max_error_rate={d.max_error_rate} must be within [0, 1]")
+    _choice("data.world_size", d.world_size, ("tiny", "small", "medium"))
+    for i, s in enumerate(d.sources):
+        _choice(f"data.sources[{i}].format", s.format, ("wds", "obelics", "mmc4", "text", "llava"))
+        if s.weight < 0:
+            raise ConfigError(f"data.sources[{i}].weight={s.weight} must be >= 0")
+    if d.sources and sum(s.weight for s in d.sources) <= 0:
+        raise ConfigError("data.sources: the weights sum to zero")
+    n_img = cfg.model.num_image_tokens * (1 + 2 * d.image_boundaries)
+    if n_img >= d.seq_len:
+        raise ConfigError(
+            f"data.seq_len={d.seq_len} cannot hold one image of {n_img} tokens "
+            "(model.connector.num_tokens)"
+        )
+    _choice("train.parallel", t.parallel, ("fsdp", "ddp", "none"))
+    _choice("train.dtype", t.dtype, ("auto", "float32", "bfloat16"))
+    for k in ("steps", "batch_size", "micro_batch_size", "log_every", "save_every"):
+        _positive(f"train.{k}", getattr(t, k))
+    if t.batch_size % t.micro_batch_size:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} is not a multiple of "
+            f"train.micro_batch_size={t.micro_batch_size}"
+        )
+    if t.optim.lr < 0:
+        raise ConfigError(f"train.optim.lr={t.optim.lr} must be >= 0 (0 = the MM1 law)")
+    if not 0 <= t.optim.min_lr_ratio <= 1:
+        raise ConfigError(f"train.optim.min_lr_ratio={t.optim.min_lr_ratio} must be in [0, 1]")
+    for i, s in enumerate(cfg.eval.shots):
+        if s < 0:
+            raise ConfigError(f"eval.shots[{i}]={s} must be >= 0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+EXTENDS_KEY = "extends"  # a YAML may build on others: `extends: [models/mm1_3b.yaml]`
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: circular '{EXTENDS_KEY}'")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    raw = OmegaConf.load(path)
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    parents = raw.pop(EXTENDS_KEY, None) or []
+    if isinstance(parents, str):
+        parents = [parents]
+    merged = OmegaConf.create({})
+    for parent in parents:
+        merged = OmegaConf.merge(merged, _read_yaml(path.parent / parent, (*seen, path)))
+    return OmegaConf.merge(merged, raw)
+
+
+def _friendly(err: OmegaConfBaseException) -> ConfigError:
+    key = getattr(err, "full_key", None)
+    msg = str(err).splitlines()[0]
+    return ConfigError(f"{key}: {msg}" if key else msg)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (with `extends`), apply `section.key=value` overrides, validate."""
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = schema
+        if path is not None:
+            merged = OmegaConf.merge(merged, _read_yaml(Path(path)))
+        if overrides:
+            for o in overrides:
+                if "=" not in o:
+                    raise ConfigError(f"override {o!r} is not of the form section.key=value")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        raise _friendly(err) from None
+    validate(cfg)
+    return cfg
+
+
+def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    """Build and validate a ModelConfig from a plain dict (e.g. an exported config.json)."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.create(d))
+        m: ModelConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        raise _friendly(err) from None
+    validate_model(m)
+    return m
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain, YAML/JSON-serialisable dict of any config dataclass."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,215 @@
+"""Vision-language connectors: patch features (B, N, Dv) -> image tokens (B, Q, D_llm).
+
+Each connector is registered by name (`model.connector.type`); MM1's ablation found the type
+matters little and the number of tokens a lot, so all take Q from the config.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mm1.config import ConnectorConfig
+from mm1.models.layers import LayerNorm2d, init_weights, is_perfect_square
+
+CONNECTORS: dict[str, type[nn.Module]] = {}
+
+
+def register(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    def wrap(cls: type[nn.Module]) -> type[nn.Module]:
+        CONNECTORS[name] = cls
+        return cls
+
+    return wrap
+
+
+def build_connector(cfg: ConnectorConfig, vision_width: int, grid: int, out_dim: int) -> nn.Module:
+    """The connector named by `cfg.type` for a grid x grid patch map of width `vision_width`."""
+    if cfg.type not in CONNECTORS:
+        raise ValueError(
+            f"model.connector.type={cfg.type!r} is not one of {', '.join(sorted(CONNECTORS))}"
+        )
+    module = CONNECTORS[cfg.type](cfg, vision_width, grid, out_dim)
+    init_weights(module)
+    if hasattr(module, "reset_parameters"):
+        module.reset_parameters()
+    return module
+
+
+def mlp(dims: list[int], act: type[nn.Module]) -> nn.Sequential:
+    """Linear layers through `dims` with `act` between them (none after the last)."""
+    layers: list[nn.Module] = []
+    for i in range(len(dims) - 1):
+        if i:
+            layers.append(act())
+        layers.append(nn.Linear(dims[i], dims[i + 1]))
+    return nn.Sequential(*layers)
+
+
+def _pooled_side(cfg: ConnectorConfig, grid: int) -> int:
+    q = cfg.num_tokens or grid * grid
+    if not is_perfect_square(q):
+        raise ValueError(
+            f"model.connector.num_tokens={q} is not a perfect square; connector "
+            f"{cfg.type!r} pools to a sqrt(Q) x sqrt(Q) grid"
+        )
+    return math.isqrt(q)
+
+
+def _to_grid(x: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, N, C) -> (B, C, grid, grid)."""
+    b, n, c = x.shape
+    if n != grid * grid:
+        raise ValueError(f"expected {grid}x{grid}={grid * grid} patch features, got {n}")
+    return x.transpose(1, 2).reshape(b, c, grid, grid)
+
+
+@register("linear")
+class LinearConnector(nn.Module):
+    """One linear map per patch (Q = N)."""
+
+    def __init__(self, cfg: ConnectorConfig, vision_width: int, grid: int, out_dim: int) -> None:
+        super().__init__()
+        self.num_tokens = grid * grid
+        self.proj = nn.Linear(vision_width, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+@register("mlp")
+class MLPConnector(nn.Module):
+    """LLaVA-1.5's projector: Linear-GELU-Linear per patch (Q = N)."""
+
+    def __init__(self, cfg: ConnectorConfig, vision_width: int, grid: int, out_dim: int) -> None:
+        super().__init__()
+        self.num_tokens = grid * grid
+        self.proj = mlp([vision_width] + [out_dim] * cfg.mlp_depth, nn.GELU)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+@register("avgpool")
+class AvgPoolConnector(nn.Module):
+    """Average-pool the patch grid to sqrt(Q) x sqrt(Q), then a linear map."""
+
+    def __init__(self, cfg: ConnectorConfig, vision_width: int, grid: int, out_dim: int) -> None:
+        super().__init__()
+        self.grid, self.side = grid, _pooled_side(cfg, grid)
+        self.num_tokens = self.side**2
+        self.proj = nn.Linear(vision_width, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = F.adaptive_avg_pool2d(_to_grid(x, self.grid), self.side)
+        return self.proj(pooled.flatten(2).transpose(1, 2))
+
+
+@register("attnpool")
+class AttnPoolConnector(nn.Module):
+    """Q learned queries cross-attend to the patch features (the Perceiver / Q-Former family)."""
+
+    def __init__(self, cfg: ConnectorConfig, vision_width: int, grid: int, out_dim: int) -> None:
+        super().__init__()
+        if cfg.num_tokens <= 0:
+            raise ValueError("model.connector.num_tokens must be > 0 for 'attnpool'")
+        self.num_tokens, self.heads = cfg.num_tokens, cfg.heads
+        self.queries = nn.Parameter(torch.zeros(cfg.num_tokens, vision_width))
+        self.norm_kv = nn.LayerNorm(vision_width)
+        self.q_proj = nn.Linear(vision_width, vision_width)
+        self.k_proj = nn.Linear(vision_width, vision_width)
+        self.v_proj = nn.Linear(vision_width, vision_width)
+        self.out_proj = nn.Linear(vision_width, vision_width)
+        self.norm_out = nn.LayerNorm(vision_width)
+        self.proj = nn.Linear(vision_width, out_dim)
+
+    def reset_parameters(self) -> None:
+        nn.init.trunc_normal_(self.queries, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        h = self.heads
+        kv = self.norm_kv(x)
+        q = self.q_proj(self.queries).view(1, -1, h, d // h).transpose(1, 2).expand(b, -1, -1, -1)
+        k = self.k_proj(kv).view(b, n, h, d // h).transpose(1, 2)
+        v = self.v_proj(kv).view(b, n, h, d // h).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, d)
+        return self.proj(self.norm_out(self.out_proj(out)))
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, channels: int, reduced: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, reduced, 1)
+        self.act = nn.SiLU()
+        self.fc2 = nn.Conv2d(reduced, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.mean((2, 3), keepdim=True)
+        return x * torch.sigmoid(self.fc2(self.act(self.fc1(s))))
+
+
+class RegNetBottleneck(nn.Module):
+    """RegNet bottleneck (ratio 1, depthwise 3x3, squeeze-excite 0.25) with LayerNorm2d + SiLU."""
+
+    def __init__(self, in_ch: int, out_ch: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, bias=False), LayerNorm2d(out_ch))
+        self.conv2 = nn.Sequential(
+            nn.Conv2d(out_ch, out_ch, 3, padding=1, groups=out_ch, bias=False), LayerNorm2d(out_ch)
+        )
+        self.se = SqueezeExcite(out_ch, max(1, round(0.25 * in_ch)))
+        self.conv3 = nn.Sequential(nn.Conv2d(out_ch, out_ch, 1, bias=False), LayerNorm2d(out_ch))
+        self.shortcut = (
+            nn.Identity()
+            if in_ch == out_ch
+            else nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, bias=False), LayerNorm2d(out_ch))
+        )
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.conv1(x))
+        y = self.act(self.conv2(y))
+        y = self.conv3(self.se(y))
+        return self.act(y + self.shortcut(x))
+
+
+def regnet_stage(depth: int, in_ch: int, out_ch: int) -> nn.Sequential:
+    return nn.Sequential(
+        *(RegNetBottleneck(in_ch if i == 0 else out_ch, out_ch) for i in range(depth))
+    )
+
+
+@register("c_abstractor")
+class CAbstractor(nn.Module):
+    """Honeybee's C-Abstractor, as MM1 uses it.
+
+    positional embedding -> RegNet stage (depth blocks, Dv -> hidden) -> adaptive average pool to
+    sqrt(Q) x sqrt(Q) -> RegNet stage (depth blocks) -> readout MLP (hidden -> D_llm).
+    With depth 0 it is pool + MLP on the raw features.
+    """
+
+    def __init__(self, cfg: ConnectorConfig, vision_width: int, grid: int, out_dim: int) -> None:
+        super().__init__()
+        self.grid, self.side = grid, _pooled_side(cfg, grid)
+        self.num_tokens = self.side**2
+        hidden = cfg.hidden if cfg.depth > 0 else vision_width
+        self.norm = nn.LayerNorm(vision_width) if cfg.layer_norm else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, vision_width))
+        self.s1 = regnet_stage(cfg.depth, vision_width, hidden)
+        self.s2 = regnet_stage(cfg.depth, hidden, hidden)
+        self.readout = mlp([hidden] + [out_dim] * cfg.mlp_depth, nn.SiLU)
+
+    def reset_parameters(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm is not None:
+            x = self.norm(x)
+        x = _to_grid(x + self.pos_embed, self.grid)
+        x = self.s2(F.adaptive_avg_pool2d(self.s1(x), self.side))
+        return self.readout(x.flatten(2).transpose(1, 2))

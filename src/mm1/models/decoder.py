@@ -1,0 +1,263 @@
+"""A Llama-style decoder: RMSNorm, RoPE, grouped-query attention, a swappable FFN, KV cache.
+
+Packed sequences: `document_ids` keep attention inside each document and `position_ids` restart
+per document, so a packed row gives the same logits as its documents run one by one.
+Parameter names follow transformers' Llama so checkpoints map one to one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mm1.config import DecoderConfig
+from mm1.models.layers import RMSNorm, init_weights
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embeddings
+# ---------------------------------------------------------------------------------------------
+
+
+def rope_inv_freq(cfg: DecoderConfig) -> torch.Tensor:
+    """Inverse frequencies, with the checkpoint's rope scaling applied."""
+    hd = cfg.resolved_head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    rs = cfg.rope_scaling
+    if rs.type == "default":
+        return inv
+    if rs.type == "linear":
+        return inv / rs.factor
+    if rs.type == "llama3":
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between
+        # blended smoothly.
+        old = rs.original_max_position_embeddings
+        low_wavelen, high_wavelen = old / rs.low_freq_factor, old / rs.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / rs.factor, inv)
+        smooth = (old / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+        blended = (1 - smooth) * scaled / rs.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, blended, scaled)
+    raise ValueError(f"rope scaling type {rs.type!r} is not supported")
+
+
+def rope_cos_sin(
+    inv_freq: torch.Tensor, position_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (B, T, head_dim), in fp32."""
+    freqs = position_ids.float()[..., None] * inv_freq.float()
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, hd); rotate-half convention of the Llama reference."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache and masks
+# ---------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Preallocated keys and values per layer, plus the document id of every cached slot (so
+    left padding is simply another document that real tokens never attend to)."""
+
+    def __init__(self, cfg: DecoderConfig, batch: int, max_len: int, device, dtype) -> None:
+        shape = (batch, cfg.kv_heads, max_len, cfg.resolved_head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.layers)]
+        self.doc = torch.zeros(batch, max_len, dtype=torch.long, device=device)
+        self.max_len = max_len
+        self.length = 0
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+def attention_mask(
+    doc_q: torch.Tensor, doc_k: torch.Tensor, offset: int = 0, window: int = 0
+) -> torch.Tensor:
+    """Boolean (B, 1, Tq, Tk) mask: causal, within one document, optionally a sliding window.
+    Query i sits at slot offset + i of the key sequence."""
+    tq, tk = doc_q.shape[1], doc_k.shape[1]
+    q_slot = torch.arange(offset, offset + tq, device=doc_q.device)[:, None]
+    k_slot = torch.arange(tk, device=doc_q.device)[None, :]
+    allowed = k_slot <= q_slot
+    if window:
+        allowed = allowed & (q_slot - k_slot < window)
+    return (allowed[None] & (doc_q[:, :, None] == doc_k[:, None, :]))[:, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.hd = cfg.heads, cfg.kv_heads, cfg.resolved_head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.heads * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.kv_heads * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.heads * self.hd, cfg.dim, bias=False)
+        self.q_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.hd).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.hd).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.hd).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None,
+            enable_gqa=self.heads != self.kv_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# The FFN is chosen by name (`model.decoder.ffn`) so a mixture of experts can replace it.
+FFNS: dict[str, Callable[[DecoderConfig], nn.Module]] = {"swiglu": SwiGLU}
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = FFNS[cfg.ffn](cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Token ids or embeddings (B, T) -> logits (B, T, vocab)."""
+
+    def __init__(self, cfg: DecoderConfig, init_std: float = 0.02) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.init_std = init_std
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init_weights(self, self.init_std)
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        if self.inv_freq.device.type != "meta":
+            self.inv_freq.copy_(rope_inv_freq(self.cfg))
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        b, t = x.shape[:2]
+        offset = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(offset, offset + t, device=x.device).expand(b, t)
+        mask = None
+        window = self.cfg.sliding_window if self.cfg.sliding_window < offset + t else 0
+        if cache is not None:
+            doc_q = (
+                document_ids
+                if document_ids is not None
+                else torch.zeros(b, t, dtype=torch.long, device=x.device)
+            )
+            cache.doc[:, offset : offset + t] = doc_q
+            mask = attention_mask(doc_q, cache.doc[:, : offset + t], offset, window)
+        elif document_ids is not None or window:
+            doc = document_ids if document_ids is not None else torch.zeros_like(position_ids)
+            mask = attention_mask(doc, doc, 0, window)
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.length += t
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x)
+
+    @torch.no_grad()
+    def resize_token_embeddings(self, vocab_size: int) -> None:
+        """Grow (or shrink) the vocabulary; new rows start at the mean of the existing rows so
+        new special tokens begin as an 'average' token. A tied head stays tied."""
+        old = self.cfg.vocab_size
+        if vocab_size == old:
+            return
+
+        def resized(weight: torch.Tensor) -> torch.Tensor:
+            new = weight.new_empty(vocab_size, weight.shape[1])
+            keep = min(old, vocab_size)
+            new[:keep] = weight[:keep]
+            if vocab_size > old:
+                new[old:] = weight.float().mean(0).to(weight.dtype)
+            return new
+
+        self.embed_tokens = nn.Embedding.from_pretrained(
+            resized(self.embed_tokens.weight), freeze=False
+        )
+        if self.cfg.tie_embeddings:
+            self.lm_head = nn.Linear(self.cfg.dim, vocab_size, bias=False, device="meta")
+            self.lm_head.weight = self.embed_tokens.weight
+        else:
+            head = nn.Linear(self.cfg.dim, vocab_size, bias=False, device="meta")
+            head.weight = nn.Parameter(resized(self.lm_head.weight))
+            self.lm_head = head
+        self.cfg.vocab_size = vocab_size

@@ -1,0 +1,214 @@
+"""The MM1 model: image encoder -> connector -> image tokens written into the decoder's input."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mm1.batch import IGNORE_INDEX
+from mm1.config import ModelConfig
+from mm1.models.connectors import build_connector
+from mm1.models.decoder import Decoder, KVCache
+from mm1.models.vision import VisionTransformer
+
+
+class Detokenizer(Protocol):
+    def decode(self, ids: list[int]) -> str: ...
+
+
+@dataclass
+class MM1Output:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    loss_sum: torch.Tensor | None = None  # summed cross-entropy over the label tokens
+    num_label_tokens: int = 0
+
+
+class MM1(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionTransformer(cfg.vision)
+        self.connector = build_connector(
+            cfg.connector, cfg.vision.width, cfg.vision.grid, cfg.decoder.dim
+        )
+        self.decoder = Decoder(cfg.decoder, cfg.init_std)
+
+    @property
+    def image_token_id(self) -> int:
+        return self.cfg.resolved_image_token_id
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.connector.num_tokens
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, Q, D_llm)."""
+        return self.connector(self.vision(pixel_values))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with every image's Q slots replaced by its image tokens."""
+        embeds = self.decoder.embed(input_ids)
+        slots = input_ids == self.image_token_id
+        n_slots = int(slots.sum())
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        q = self.num_image_tokens
+        if n_slots != n_images * q:
+            raise ValueError(
+                f"input_ids hold {n_slots} image slots but {n_images} images x {q} tokens = "
+                f"{n_images * q} image tokens were given"
+            )
+        if n_images:
+            feats = self.image_features(pixel_values).to(embeds.dtype)
+            embeds = embeds.masked_scatter(slots[..., None], feats.reshape(-1, feats.shape[-1]))
+        elif self.training and torch.is_grad_enabled():
+            # A text-only micro-batch still runs the encoder once (on a blank image, with zero
+            # weight), so every rank calls the same collectives under FSDP / DDP.
+            size = self.cfg.vision.image_size
+            blank = embeds.new_zeros(1, 3, size, size)
+            embeds = embeds + 0.0 * self.image_features(blank).sum().to(embeds.dtype)
+        return embeds
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        num_label_tokens: int | None = None,
+    ) -> MM1Output:
+        """Logits, and with `labels` the cross-entropy over the label tokens.
+
+        The loss is normalised by `num_label_tokens` when given (the count over the whole step:
+        every micro-batch and rank, so accumulation and world size leave it unchanged), else by
+        this batch's own count.
+        """
+        embeds = self.embed(input_ids, pixel_values)
+        logits = self.decoder(
+            inputs_embeds=embeds, position_ids=position_ids, document_ids=document_ids
+        )
+        if labels is None:
+            return MM1Output(logits)
+        loss_sum = F.cross_entropy(
+            logits.flatten(0, 1).float(),
+            labels.flatten(),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+        n = int((labels != IGNORE_INDEX).sum())
+        denom = num_label_tokens if num_label_tokens is not None else n
+        return MM1Output(logits, loss_sum / max(denom, 1), loss_sum, n)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        pixel_values: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int = 0,
+        stop_strings: Sequence[str] = (),
+        tokenizer: Detokenizer | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> list[list[int]]:
+        """Continue each prompt; returns the new tokens of each.
+
+        `prompts` are token ids with image slots already expanded; `pixel_values` holds the
+        images of all prompts in slot order. A sequence ends at an EOS id or once its decoded
+        text contains one of `stop_strings` (the tokens up to and including that point are kept;
+        needs `tokenizer`).
+        """
+        if stop_strings and tokenizer is None:
+            raise ValueError("stop_strings need a tokenizer to decode the generated text")
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+        device = self.decoder.embed_tokens.weight.device
+        b, longest = len(prompts), max(len(p) for p in prompts)
+        # Left padding: padding is document 0, each prompt document 1.
+        ids = torch.full((b, longest), pad_token_id, dtype=torch.long, device=device)
+        doc = torch.zeros(b, longest, dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            ids[i, longest - len(p) :] = torch.tensor(list(p), device=device)
+            doc[i, longest - len(p) :] = 1
+        pos = (doc.cumsum(1) - 1).clamp(min=0)
+        embeds = self.embed(ids, pixel_values)
+
+        cache = None
+        if use_cache:
+            dtype = self.decoder.embed_tokens.weight.dtype
+            cache = KVCache(self.cfg.decoder, b, longest + max_new_tokens, device, dtype)
+        out: list[list[int]] = [[] for _ in range(b)]
+        done = [False] * b
+        step_embeds, step_pos, step_doc = embeds, pos, doc
+        for _ in range(max_new_tokens):
+            logits = self.decoder(
+                inputs_embeds=step_embeds, position_ids=step_pos, document_ids=step_doc, cache=cache
+            )[:, -1].float()
+            nxt = self._next_token(logits, do_sample, temperature, top_k, top_p, generator)
+            for i in range(b):
+                if done[i]:
+                    continue
+                out[i].append(int(nxt[i]))
+                if int(nxt[i]) in eos or _hit_stop(out[i], stop_strings, tokenizer):
+                    done[i] = True
+            if all(done):
+                break
+            new_embeds = self.decoder.embed(nxt[:, None])
+            new_pos = pos[:, -1:] + 1
+            pos = torch.cat([pos, new_pos], 1)
+            if cache is not None:
+                step_embeds, step_pos, step_doc = new_embeds, new_pos, torch.ones_like(new_pos)
+            else:
+                embeds = torch.cat([embeds, new_embeds], 1)
+                doc = torch.cat([doc, torch.ones_like(new_pos)], 1)
+                step_embeds, step_pos, step_doc = embeds, pos, doc
+        return out
+
+    @staticmethod
+    def _next_token(
+        logits: torch.Tensor,
+        do_sample: bool,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        if not do_sample or temperature <= 0:
+            return logits.argmax(-1)
+        logits = logits / temperature
+        if top_k > 0:
+            kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p < 1.0:
+            sorted_logits, order = logits.sort(-1, descending=True)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            # drop a token once the mass before it already reaches top_p (keep at least one)
+            drop = (cum - sorted_logits.softmax(-1)) >= top_p
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+        probs = logits.softmax(-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _hit_stop(
+    tokens: list[int], stop_strings: Sequence[str], tokenizer: Detokenizer | None
+) -> bool:
+    if not stop_strings or tokenizer is None:
+        return False
+    # A stop string can span tokens; decoding a tail long enough for the longest one suffices.
+    tail = tokens[-(2 * max(len(s) for s in stop_strings) + 8) :]
+    text = tokenizer.decode(tail)
+    return any(s in text for s in stop_strings)
