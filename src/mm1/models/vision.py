@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -127,7 +129,7 @@ class VisionTransformer(nn.Module):
 def interpolate_pos_embed(pos: torch.Tensor, new_grid: int, has_cls: bool) -> torch.Tensor:
     """Bicubic interpolation of (1, [1 +] g*g, D) position embeddings to a new_grid x new_grid."""
     cls, patches = (pos[:, :1], pos[:, 1:]) if has_cls else (pos[:, :0], pos)
-    g = int(round(patches.shape[1] ** 0.5))
+    g = math.isqrt(patches.shape[1])
     if g * g != patches.shape[1]:
         raise ValueError(f"{patches.shape[1]} position embeddings do not form a square grid")
     if g == new_grid:
