@@ -1,0 +1,72 @@
+"""Parameter counts and FLOPs of an MM1 model, computed on the meta device (no weights)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mm1.config import ModelConfig
+from mm1.models.mllm import MM1
+
+
+def build_meta(cfg: ModelConfig) -> MM1:
+    """The model with every tensor on the meta device: shapes only, nothing allocated."""
+    with torch.device("meta"):
+        return MM1(cfg)
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@dataclass
+class ModelSummary:
+    vision: int
+    connector: int
+    decoder: int  # all decoder parameters, embeddings included (the N of the MM1 lr law)
+    embeddings: int  # input embedding table (+ the output head when untied)
+    decoder_flops_per_token: float  # training (fwd + bwd) FLOPs per decoder token
+    image_flops: float  # training FLOPs of encoder + connector per image
+    image_tokens: int
+    seq_len: int
+
+    @property
+    def total(self) -> int:
+        return self.vision + self.connector + self.decoder
+
+    def flops_per_token(self, images_per_seq: float) -> float:
+        """Training FLOPs per sequence token with `images_per_seq` images in each sequence."""
+        return self.decoder_flops_per_token + self.image_flops * images_per_seq / self.seq_len
+
+
+def summarize(cfg: ModelConfig, seq_len: int | None = None) -> ModelSummary:
+    """Parameters per component and training FLOPs.
+
+    Decoder FLOPs per token follow torchtitan / PaLM: 6 N' + 12 L d T, where N' excludes the
+    input embedding table (a lookup, not a matmul) but keeps the output head, and T is the
+    sequence length. Encoder and connector FLOPs are counted exactly (torch's FLOP counter on
+    the meta device, forward x 3 for training).
+    """
+    model = build_meta(cfg)
+    d = cfg.decoder
+    t = seq_len or d.max_seq_len
+    emb = model.decoder.embed_tokens.weight.numel()
+    head = 0 if d.tie_embeddings else model.decoder.lm_head.weight.numel()
+    decoder = _count(model.decoder)
+    matmul_params = decoder - emb + (emb if d.tie_embeddings else 0)
+    attn = 12 * d.layers * d.heads * d.resolved_head_dim * t
+    size = cfg.vision.image_size
+    with FlopCounterMode(display=False) as counter:
+        model.image_features(torch.empty(1, 3, size, size, device="meta"))
+    return ModelSummary(
+        vision=_count(model.vision),
+        connector=_count(model.connector),
+        decoder=decoder,
+        embeddings=emb + head,
+        decoder_flops_per_token=6 * matmul_params + attn,
+        image_flops=3 * counter.get_total_flops(),
+        image_tokens=model.num_image_tokens,
+        seq_len=t,
+    )

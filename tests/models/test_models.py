@@ -1,0 +1,287 @@
+"""Behaviour of the encoder, connectors, decoder and the MM1 model on tiny CPU configs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from mm1.batch import IGNORE_INDEX
+from mm1.config import ConnectorConfig, DecoderConfig, ModelConfig, VisionConfig, validate_model
+from mm1.models.connectors import CONNECTORS, build_connector
+from mm1.models.decoder import Decoder, KVCache
+from mm1.models.mllm import MM1
+from mm1.models.vision import VisionTransformer
+
+
+def tiny_model_config(connector: str = "avgpool", **decoder) -> ModelConfig:
+    q = 0 if connector in ("linear", "mlp") else 4
+    cfg = ModelConfig(
+        vision=VisionConfig(
+            image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_dim=64, act="gelu"
+        ),
+        connector=ConnectorConfig(type=connector, num_tokens=q, hidden=32, depth=1, heads=2),
+        decoder=DecoderConfig(
+            vocab_size=64,
+            dim=32,
+            layers=2,
+            heads=4,
+            kv_heads=2,
+            ffn_dim=64,
+            max_seq_len=256,
+            **decoder,
+        ),
+    )
+    validate_model(cfg)
+    return cfg
+
+
+def make_doc(model: MM1, text: list[int], n_images: int, gen: torch.Generator):
+    """Token ids of a document: images (Q slots each) between text runs; labels shifted."""
+    img, q = model.image_token_id, model.num_image_tokens
+    ids: list[int] = []
+    for i in range(n_images):
+        ids += text[i::n_images] + [img] * q
+    ids += text
+    ids_t = torch.tensor(ids)
+    labels = torch.full_like(ids_t, IGNORE_INDEX)
+    nxt = ids_t[1:]
+    labels[:-1] = torch.where(nxt == img, IGNORE_INDEX, nxt)
+    pixels = torch.randn(n_images, 3, 32, 32, generator=gen)
+    return ids_t, labels, pixels
+
+
+def pack(docs, total: int, pad_id: int = 0):
+    ids = torch.full((1, total), pad_id)
+    labels = torch.full((1, total), IGNORE_INDEX)
+    pos = torch.zeros(1, total, dtype=torch.long)
+    doc_ids = torch.full((1, total), len(docs))  # padding is its own document
+    start = 0
+    for d, (i, lab, _) in enumerate(docs):
+        n = len(i)
+        ids[0, start : start + n], labels[0, start : start + n] = i, lab
+        pos[0, start : start + n] = torch.arange(n)
+        doc_ids[0, start : start + n] = d
+        start += n
+    pixels = torch.cat([p for _, _, p in docs])
+    return ids, labels, pos, doc_ids, pixels
+
+
+@pytest.mark.parametrize("connector", sorted(CONNECTORS))
+def test_connector_shapes(connector: str) -> None:
+    cfg = tiny_model_config(connector)
+    grid = cfg.vision.grid
+    module = build_connector(cfg.connector, 32, grid, 48)
+    out = module(torch.randn(3, grid * grid, 32))
+    assert out.shape == (3, module.num_tokens, 48)
+    assert module.num_tokens == cfg.num_image_tokens
+
+
+def test_c_abstractor_structure() -> None:
+    cfg = ConnectorConfig(type="c_abstractor", num_tokens=4, hidden=24, depth=2)
+    m = build_connector(cfg, 16, 4, 40)
+    assert len(m.s1) == 2 and len(m.s2) == 2
+    first = m.s1[0]
+    # Dv != hidden: a projecting shortcut; the second block keeps identity
+    assert isinstance(first.shortcut, torch.nn.Sequential)
+    assert isinstance(m.s1[1].shortcut, torch.nn.Identity)
+    assert first.conv2[0].groups == 24  # depthwise
+    assert first.se.fc1.out_channels == round(0.25 * 16)
+    assert [type(x).__name__ for x in m.readout] == ["Linear", "SiLU", "Linear"]
+    # depth 0: pool + MLP on the raw features
+    m0 = build_connector(ConnectorConfig(type="c_abstractor", num_tokens=4, depth=0), 16, 4, 40)
+    assert len(m0.s1) == 0 and m0.readout[0].in_features == 16
+
+
+@pytest.mark.parametrize("connector", sorted(CONNECTORS))
+def test_each_connector_overfits_a_tiny_batch(connector: str) -> None:
+    torch.manual_seed(0)
+    model = MM1(tiny_model_config(connector))
+    gen = torch.Generator().manual_seed(0)
+    docs = [make_doc(model, [5, 6, 7, 8, 9, 10], 1, gen) for _ in range(2)]
+    ids, labels, pos, doc_ids, pixels = pack(docs, sum(len(d[0]) for d in docs))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        out = model(ids, labels, pos, doc_ids, pixels)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+
+
+@pytest.mark.parametrize("variant", ["clip", "siglip"])
+def test_vision_encoder_layout(variant: str) -> None:
+    cfg = VisionConfig(
+        variant=variant, image_size=32, patch_size=8, width=32, layers=3, heads=2, mlp_dim=64
+    )
+    enc = VisionTransformer(cfg)
+    assert (enc.cls_token is not None) == (variant == "clip")
+    assert (enc.pre_norm is not None) == (variant == "clip")
+    assert (enc.patch_embed.bias is not None) == (variant == "siglip")
+    assert enc(torch.randn(2, 3, 32, 32)).shape == (2, 16, 32)
+    # feature layer -2 builds one block fewer; 0 is the embeddings alone
+    assert len(VisionTransformer(dataclasses.replace(cfg, feature_layer=-2)).blocks) == 2
+    assert len(VisionTransformer(dataclasses.replace(cfg, feature_layer=0)).blocks) == 0
+    with pytest.raises(ValueError, match="do not match"):
+        enc(torch.randn(1, 3, 40, 40))
+
+
+def test_position_embedding_resize_keeps_values_at_same_size_and_interpolates() -> None:
+    cfg = VisionConfig(image_size=32, patch_size=8, width=16, layers=1, heads=2, mlp_dim=32)
+    enc = VisionTransformer(cfg)
+    before = enc.pos_embed.detach().clone()
+    enc.resize_position_embeddings(64)
+    assert enc.pos_embed.shape == (1, 1 + 64, 16)
+    assert torch.equal(enc.pos_embed[:, 0], before[:, 0])  # CLS untouched
+    assert enc(torch.randn(1, 3, 64, 64)).shape == (1, 64, 16)
+
+
+def test_packed_equals_documents_alone_logits_and_loss() -> None:
+    torch.manual_seed(0)
+    model = MM1(tiny_model_config("c_abstractor")).eval()
+    gen = torch.Generator().manual_seed(1)
+    docs = [
+        make_doc(model, [3, 4, 5, 6, 7], 2, gen),
+        make_doc(model, [8, 9, 10], 0, gen),
+        make_doc(model, [11, 12, 13, 14], 1, gen),
+    ]
+    total = sum(len(d[0]) for d in docs) + 5
+    ids, labels, pos, doc_ids, pixels = pack(docs, total)
+    packed = model(ids, labels, pos, doc_ids, pixels)
+
+    start, loss_sum, n = 0, 0.0, 0
+    for i, lab, px in docs:
+        alone = model(i[None], lab[None], pixel_values=px if len(px) else None)
+        torch.testing.assert_close(
+            packed.logits[0, start : start + len(i)], alone.logits[0], atol=1e-5, rtol=1e-5
+        )
+        loss_sum += alone.loss_sum.item()
+        n += alone.num_label_tokens
+        start += len(i)
+    assert packed.num_label_tokens == n
+    assert packed.loss.item() == pytest.approx(loss_sum / n, rel=1e-5)
+
+
+def test_gradient_accumulation_equals_one_big_batch() -> None:
+    torch.manual_seed(0)
+    model = MM1(tiny_model_config("avgpool"))
+    gen = torch.Generator().manual_seed(2)
+    micro = []
+    for k in range(3):  # micro-batches with different numbers of label tokens
+        docs = [make_doc(model, list(range(3, 8 + 2 * k)), 1, gen) for _ in range(2)]
+        micro.append(pack(docs, 48))
+    total_labels = sum(int((m[1] != IGNORE_INDEX).sum()) for m in micro)
+
+    model.zero_grad()
+    for ids, labels, pos, doc, px in micro:
+        model(ids, labels, pos, doc, px, num_label_tokens=total_labels).loss.backward()
+    accumulated = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model.zero_grad()
+    big = [torch.cat(t) for t in zip(*micro)]
+    model(*big).loss.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(accumulated[n], p.grad, atol=1e-6, rtol=1e-4, msg=n)
+
+
+def test_image_count_mismatch_is_an_error() -> None:
+    model = MM1(tiny_model_config("avgpool"))
+    img, q = model.image_token_id, model.num_image_tokens
+    ids = torch.tensor([[1] + [img] * q + [2]])
+    with pytest.raises(ValueError, match=r"hold 4 image slots but 2 images"):
+        model(ids, pixel_values=torch.randn(2, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"hold 3 image slots"):
+        model(torch.tensor([[1, img, img, img]]), pixel_values=torch.randn(1, 3, 32, 32))
+
+
+def test_text_only_training_step_still_gives_encoder_gradients() -> None:
+    model = MM1(tiny_model_config("avgpool")).train()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    model(ids, labels=ids).loss.backward()
+    assert model.vision.patch_embed.weight.grad is not None
+    assert torch.count_nonzero(model.vision.patch_embed.weight.grad) == 0
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_generate_with_and_without_cache_agree(sample: bool) -> None:
+    torch.manual_seed(0)
+    model = MM1(tiny_model_config("avgpool", tie_embeddings=True)).eval()
+    img, q = model.image_token_id, model.num_image_tokens
+    prompts = [[1, 2] + [img] * q + [3, 4] + [img] * q + [5], [6] + [img] * q + [7]]
+    pixels = torch.randn(3, 3, 32, 32)
+    kw = dict(max_new_tokens=8, do_sample=sample, temperature=1.5, top_k=20, top_p=0.9)
+    cached = model.generate(prompts, pixels, generator=torch.Generator().manual_seed(3), **kw)
+    plain = model.generate(
+        prompts, pixels, use_cache=False, generator=torch.Generator().manual_seed(3), **kw
+    )
+    assert cached == plain
+    assert all(len(s) == 8 for s in cached)
+    # a prompt alone gives the same continuation as inside a left-padded batch (greedy)
+    if not sample:
+        alone = model.generate([prompts[1]], pixels[2:], max_new_tokens=8)
+        assert alone[0] == cached[1]
+
+
+def test_generate_stops_at_eos_and_stop_strings() -> None:
+    torch.manual_seed(0)
+    model = MM1(tiny_model_config("avgpool")).eval()
+    prompt = [[1, 2, 3]]
+    free = model.generate(prompt, max_new_tokens=6)[0]
+    eos = model.generate(prompt, max_new_tokens=6, eos_token_id=free[2])[0]
+    assert eos == free[: free.index(free[2]) + 1]
+
+    class Chars:
+        def decode(self, ids: list[int]) -> str:
+            return "".join(chr(97 + i % 26) for i in ids)
+
+    stop = Chars().decode(free[1:3])
+    out = model.generate(prompt, max_new_tokens=6, stop_strings=[stop], tokenizer=Chars())[0]
+    assert out == free[:3]
+    with pytest.raises(ValueError, match="tokenizer"):
+        model.generate(prompt, stop_strings=["x"])
+
+
+def test_kv_cache_decoding_matches_full_forward() -> None:
+    torch.manual_seed(0)
+    cfg = tiny_model_config(qk_norm=True, qkv_bias=True).decoder
+    dec = Decoder(cfg).eval()
+    ids = torch.randint(0, 64, (2, 12))
+    full = dec(ids)
+    cache = KVCache(cfg, 2, 12, "cpu", torch.float32)
+    pieces = [dec(ids[:, :5], cache=cache)] + [dec(ids[:, i : i + 1], cache=cache) for i in range(5, 12)]
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window_limits_attention() -> None:
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny_model_config().decoder, sliding_window=4)
+    dec = Decoder(cfg).eval()
+    ids = torch.randint(0, 64, (1, 10))
+    out = dec(ids)
+    # changing a token more than `window` positions back cannot change the last logits
+    ids2 = ids.clone()
+    ids2[0, 2] = (ids[0, 2] + 1) % 64
+    torch.testing.assert_close(dec(ids2)[0, -1], out[0, -1])
+    assert not torch.allclose(dec(ids2)[0, 3], out[0, 3])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_resize_token_embeddings(tied: bool) -> None:
+    torch.manual_seed(0)
+    dec = Decoder(tiny_model_config(tie_embeddings=tied).decoder)
+    old = dec.embed_tokens.weight.detach().clone()
+    old_head = dec.lm_head.weight.detach().clone()
+    dec.resize_token_embeddings(67)
+    w = dec.embed_tokens.weight
+    assert w.shape == (67, 32) and dec.cfg.vocab_size == 67
+    assert torch.equal(w[:64], old)
+    torch.testing.assert_close(w[64:], old.mean(0).expand(3, -1))
+    assert (dec.lm_head.weight is w) == tied
+    torch.testing.assert_close(dec.lm_head.weight[64:], old_head.mean(0).expand(3, -1))
+    assert dec(torch.tensor([[66, 1]])).shape == (1, 2, 67)
+    assert dec.lm_head.weight.device.type == "cpu"
