@@ -1,0 +1,48 @@
+"""The record every reader yields: one document of text and images in reading order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+# Where a document comes from; the mixture and the per-source losses are keyed by these names.
+SOURCE_KINDS = ("captions", "interleaved", "text", "sft")
+
+
+@dataclass
+class Document:
+    """Text and images in reading order.
+
+    `parts` alternates freely between strings and decoded PIL images. A caption pair is
+    `[image, caption]`, an interleaved web document any order, a text document `[text]`.
+    """
+
+    id: str
+    source: str
+    parts: list[str | Image.Image]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return [p for p in self.parts if isinstance(p, Image.Image)]
+
+    @property
+    def num_images(self) -> int:
+        return sum(isinstance(p, Image.Image) for p in self.parts)
+
+
+@dataclass
+class Conversation:
+    """A supervised fine-tuning sample in LLaVA's shape.
+
+    `messages` is a list of {"role": "user" | "assistant" | "system", "content": str}; each
+    `<image>` in a content string marks where the next image of `images` goes. Text-only samples
+    have no images.
+    """
+
+    id: str
+    images: list[Image.Image]
+    messages: list[dict[str, str]]
+    source: str = "sft"
+    meta: dict = field(default_factory=dict)

@@ -1,0 +1,283 @@
+"""Packing tokenized documents into fixed-length sequences with document boundaries.
+
+A document longer than the sequence is cut into pieces at text/image boundaries (never inside
+an image's slot block); a piece with more images than the per-sequence cap keeps the first ones
+and drops the rest with their placeholders (counted). Pieces are packed first-fit from a small
+buffer, and the gap left at the end of a sequence is filled with the head of a text or
+interleaved piece cut to size, so padding stays rare without dropping anything.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mm1.batch import IGNORE_INDEX, Batch
+from mm1.data.tokenizer import TokenizedDocument
+
+# Sources whose documents may be cut anywhere outside an image (to fill a sequence's tail).
+FILLER_SOURCES = ("text", "interleaved")
+
+
+@dataclass
+class Piece:
+    """A contiguous slice of a tokenized document, packed as a document of its own.
+
+    `ref` identifies where it came from (the loader uses it to rebuild the buffer on resume):
+    (source index, shard index, record index, piece index, tokens already consumed).
+    """
+
+    doc: TokenizedDocument
+    ref: tuple[int, ...] = ()
+    first: bool = True  # the piece starts its document (counts the document in statistics)
+
+    def __len__(self) -> int:
+        return len(self.doc.input_ids)
+
+    @property
+    def key(self) -> tuple:
+        """Identifies the document the piece belongs to."""
+        return (self.doc.id, *self.ref[:3])
+
+    @property
+    def num_images(self) -> int:
+        return len(self.doc.images)
+
+
+def slice_document(doc: TokenizedDocument, start: int, end: int) -> TokenizedDocument:
+    """Tokens [start, end) of a document with the images whose slot blocks lie inside."""
+    keep = [i for i, (a, b) in enumerate(doc.image_spans) if start <= a and b <= end]
+    for a, b in doc.image_spans:
+        if a < start < b or a < end < b:
+            raise ValueError(f"cut at {start}..{end} splits an image of document {doc.id!r}")
+    return TokenizedDocument(
+        input_ids=doc.input_ids[start:end],
+        target_mask=doc.target_mask[start:end],
+        images=[doc.images[i] for i in keep],
+        source=doc.source,
+        id=doc.id,
+        image_spans=[(doc.image_spans[i][0] - start, doc.image_spans[i][1] - start) for i in keep],
+    )
+
+
+def drop_images(doc: TokenizedDocument, keep: int) -> TokenizedDocument:
+    """Keep the first `keep` images; later images go with their placeholder slots."""
+    if len(doc.images) <= keep:
+        return doc
+    removed = doc.image_spans[keep:]
+    ids: list[int] = []
+    mask: list[bool] = []
+    last = 0
+    for a, b in removed:
+        ids += doc.input_ids[last:a]
+        mask += doc.target_mask[last:a]
+        last = b
+    ids += doc.input_ids[last:]
+    mask += doc.target_mask[last:]
+    return TokenizedDocument(ids, mask, doc.images[:keep], doc.source, doc.id, doc.image_spans[:keep])
+
+
+def cut_points(doc: TokenizedDocument, anywhere: bool) -> list[int]:
+    """Sorted positions where the document may be cut: image block edges, and with `anywhere`
+    every position outside an image block."""
+    n = len(doc.input_ids)
+    if anywhere:
+        inside = bytearray(n + 1)
+        for a, b in doc.image_spans:
+            inside[a + 1 : b] = b"\x01" * (b - a - 1)
+        return [i for i in range(1, n) if not inside[i]]
+    edges = {e for span in doc.image_spans for e in span}
+    return sorted(e for e in edges if 0 < e < n)
+
+
+def _last_cut(cuts: list[int], start: int, seq_len: int) -> int | None:
+    """The last cut in (start, start + seq_len], or None."""
+    i = bisect.bisect_right(cuts, start + seq_len) - 1
+    return cuts[i] if i >= 0 and cuts[i] > start else None
+
+
+def split_document(
+    doc: TokenizedDocument, seq_len: int, max_images: int
+) -> tuple[list[TokenizedDocument], int]:
+    """Cut a document into pieces of at most `seq_len` tokens and `max_images` images.
+
+    Returns the pieces and the number of images dropped by the cap.
+    """
+    n = len(doc.input_ids)
+    pieces: list[TokenizedDocument] = []
+    if n > seq_len:
+        # Text and interleaved documents may be cut anywhere outside an image; others (caption
+        # pairs, conversations) at image edges first, anywhere outside an image as a fallback.
+        preferred = cut_points(doc, anywhere=doc.source in FILLER_SOURCES)
+        fallback = cut_points(doc, anywhere=True)
+        start = 0
+        while n - start > seq_len:
+            cut = _last_cut(preferred, start, seq_len) or _last_cut(fallback, start, seq_len)
+            if cut is None:
+                raise ValueError(
+                    f"document {doc.id!r} has an image block longer than seq_len={seq_len}"
+                )
+            pieces.append(slice_document(doc, start, cut))
+            start = cut
+        pieces.append(slice_document(doc, start, n))
+    else:
+        pieces = [doc]
+    dropped = 0
+    for i, p in enumerate(pieces):
+        if len(p.images) > max_images:
+            dropped += len(p.images) - max_images
+            pieces[i] = drop_images(p, max_images)
+    return pieces, dropped
+
+
+@dataclass
+class PackStats:
+    sequences: int = 0
+    tokens: int = 0  # non-padding tokens emitted
+    padding: int = 0
+    documents: dict[str, int] = field(default_factory=dict)  # per source, counted once each
+    tokens_per_source: dict[str, int] = field(default_factory=dict)
+    images: int = 0
+    images_dropped: int = 0
+    pieces_cut: int = 0  # documents cut across sequences (length or tail filling)
+
+    @property
+    def efficiency(self) -> float:
+        total = self.tokens + self.padding
+        return self.tokens / total if total else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        docs = sum(self.documents.values()) or 1
+        return {
+            "sequences": self.sequences,
+            "tokens": self.tokens,
+            "padding": self.padding,
+            "packing_efficiency": self.efficiency,
+            "documents": dict(self.documents),
+            "mixture": {k: v / docs for k, v in sorted(self.documents.items())},
+            "tokens_per_source": dict(self.tokens_per_source),
+            "images": self.images,
+            "images_dropped": self.images_dropped,
+            "images_dropped_fraction": self.images_dropped
+            / max(1, self.images + self.images_dropped),
+            "pieces_cut": self.pieces_cut,
+        }
+
+
+class Packer:
+    """Streams pieces in, sequences out. Feed it with `add` while `wants_more()`."""
+
+    def __init__(
+        self, seq_len: int, max_images: int, buffer_size: int = 32, min_fill: int = 8
+    ) -> None:
+        self.seq_len, self.max_images = seq_len, max_images
+        self.buffer_size, self.min_fill = buffer_size, min_fill
+        self.buffer: list[Piece] = []
+        self.stats = PackStats()
+
+    def wants_more(self) -> bool:
+        return len(self.buffer) < self.buffer_size
+
+    def add(self, doc: TokenizedDocument, ref: tuple[int, ...] = ()) -> None:
+        pieces, dropped = split_document(doc, self.seq_len, self.max_images)
+        self.stats.images_dropped += dropped
+        for i, p in enumerate(pieces):
+            self.buffer.append(Piece(p, (*ref, i, 0), first=i == 0))
+
+    def restore(self, piece: Piece) -> None:
+        """Put back a buffered piece rebuilt on resume (no statistics counted again)."""
+        self.buffer.append(piece)
+
+    def next_sequence(self) -> list[Piece]:
+        """First-fit from the buffer (oldest first), then fill the tail by cutting a piece."""
+        room, images = self.seq_len, self.max_images
+        chosen: list[Piece] = []
+        waiting: set[tuple] = set()  # documents with an earlier piece still buffered
+        i = 0
+        while i < len(self.buffer):
+            p = self.buffer[i]
+            if p.key not in waiting and len(p) <= room and p.num_images <= images:
+                chosen.append(self.buffer.pop(i))
+                room -= len(p)
+                images -= p.num_images
+            else:
+                waiting.add(p.key)
+                i += 1
+        if room >= self.min_fill:
+            head = self._cut_filler(room, images)
+            if head is not None:
+                chosen.append(head)
+                room -= len(head)
+        if not chosen:
+            raise RuntimeError("the packing buffer is empty")
+        self._count(chosen, room)
+        return chosen
+
+    def _cut_filler(self, room: int, images: int) -> Piece | None:
+        seen: set[tuple] = set()
+        for i, p in enumerate(self.buffer):
+            if p.key in seen:  # only the oldest piece of a document may be cut
+                continue
+            seen.add(p.key)
+            if p.doc.source not in FILLER_SOURCES:
+                continue
+            cuts = cut_points(p.doc, anywhere=True)
+            k = bisect.bisect_right(cuts, room) - 1
+            while k >= 0 and len(slice_document(p.doc, 0, cuts[k]).images) > images:
+                k -= 1
+            if k < 0 or cuts[k] < self.min_fill:
+                continue
+            cut = cuts[k]
+            head = Piece(slice_document(p.doc, 0, cut), p.ref, p.first)
+            src, shard, rec, idx, used = p.ref if p.ref else (0, 0, 0, 0, 0)
+            tail_ref = (src, shard, rec, idx, used + cut) if p.ref else ()
+            self.buffer[i] = Piece(slice_document(p.doc, cut, len(p)), tail_ref, first=False)
+            self.stats.pieces_cut += 1
+            return head
+        return None
+
+    def _count(self, chosen: list[Piece], room: int) -> None:
+        s = self.stats
+        s.sequences += 1
+        s.padding += room
+        for p in chosen:
+            s.tokens += len(p)
+            s.images += p.num_images
+            s.tokens_per_source[p.doc.source] = s.tokens_per_source.get(p.doc.source, 0) + len(p)
+            if p.first:
+                s.documents[p.doc.source] = s.documents.get(p.doc.source, 0) + 1
+
+
+def collate(
+    sequences: Sequence[list[Piece]],
+    seq_len: int,
+    pad_id: int,
+    source_index: dict[str, int] | None = None,
+    pixel_values: torch.Tensor | None = None,
+) -> Batch:
+    """Packed sequences -> the Batch contract. Labels never cross a piece; padding is one more
+    document per row; `pixel_values` must hold the images of all pieces in order."""
+    b = len(sequences)
+    ids = torch.full((b, seq_len), pad_id, dtype=torch.long)
+    labels = torch.full((b, seq_len), IGNORE_INDEX, dtype=torch.long)
+    pos = torch.zeros((b, seq_len), dtype=torch.long)
+    doc_ids = torch.zeros((b, seq_len), dtype=torch.long)
+    src = torch.full((b, seq_len), -1, dtype=torch.long)
+    for row, pieces in enumerate(sequences):
+        t = 0
+        for d, p in enumerate(pieces):
+            n = len(p)
+            ids[row, t : t + n] = torch.tensor(p.doc.input_ids)
+            labels[row, t : t + n] = torch.tensor(p.doc.labels())
+            pos[row, t : t + n] = torch.arange(n)
+            doc_ids[row, t : t + n] = d
+            if source_index is not None:
+                src[row, t : t + n] = source_index.get(p.doc.source, -1)
+            t += n
+        doc_ids[row, t:] = len(pieces)
+        pos[row, t:] = torch.arange(seq_len - t)
+    return Batch(ids, labels, pos, doc_ids, pixel_values, src)

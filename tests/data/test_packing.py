@@ -1,0 +1,170 @@
+"""Packing: pieces respect length, image and boundary rules; nothing is lost; batches are exact."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+from mm1.batch import IGNORE_INDEX
+from mm1.data.packing import Packer, collate, cut_points, drop_images, split_document
+from mm1.data.tokenizer import TokenizedDocument
+
+IMG = 99
+Q = 6
+
+
+def make_doc(source: str, layout: list[int | str], doc_id: str, q: int = Q) -> TokenizedDocument:
+    """layout: ints are runs of text tokens, "i" an image block of q slots."""
+    ids: list[int] = [1]  # BOS
+    spans, images = [], []
+    for part in layout:
+        if part == "i":
+            spans.append((len(ids), len(ids) + q))
+            ids += [IMG] * q
+            images.append(Image.new("RGB", (4, 4), (len(images), 0, 0)))
+        else:
+            ids += [10 + (len(ids) + k) % 50 for k in range(part)]
+    ids.append(2)  # EOS
+    mask = [t != IMG and t != 1 for t in ids]
+    return TokenizedDocument(ids, mask, images, source, doc_id, spans)
+
+
+def random_doc(rng: random.Random, k: int) -> TokenizedDocument:
+    source = rng.choices(["captions", "interleaved", "text"], [45, 45, 10])[0]
+    if source == "captions":
+        layout = ["i", rng.randint(3, 12)]
+    elif source == "text":
+        layout = [rng.randint(5, 80)]
+    else:
+        layout = []
+        for _ in range(rng.randint(1, 5)):
+            layout += [rng.randint(2, 20), "i"]
+        layout.append(rng.randint(2, 20))
+    return make_doc(source, layout, f"d{k}")
+
+
+def test_split_never_cuts_an_image_and_caps_length() -> None:
+    doc = make_doc("interleaved", [5, "i", 3, "i", "i", 7, "i", 2], "x")
+    pieces, dropped = split_document(doc, seq_len=12, max_images=16)
+    assert dropped == 0
+    assert all(len(p.input_ids) <= 12 for p in pieces)
+    assert sum(len(p.input_ids) for p in pieces) == len(doc.input_ids)
+    assert [t for p in pieces for t in p.input_ids] == doc.input_ids
+    for p in pieces:
+        for a, b in p.image_spans:
+            assert p.input_ids[a:b] == [IMG] * Q
+        assert p.input_ids.count(IMG) == Q * len(p.images)
+
+
+def test_caption_pairs_are_cut_at_the_image_edge() -> None:
+    doc = make_doc("captions", ["i", 20], "c")
+    pieces, _ = split_document(doc, seq_len=10, max_images=4)
+    assert len(pieces[0].input_ids) == 1 + Q  # BOS + image, cut at the image's end
+    assert cut_points(doc, anywhere=False) == [1, 1 + Q]
+
+
+def test_images_over_the_cap_are_dropped_with_their_slots() -> None:
+    doc = make_doc("interleaved", [2, "i", 2, "i", 2, "i", 2], "x")
+    kept = drop_images(doc, 1)
+    assert len(kept.images) == 1 and kept.input_ids.count(IMG) == Q
+    assert len(kept.input_ids) == len(doc.input_ids) - 2 * Q
+    _, dropped = split_document(doc, seq_len=100, max_images=2)
+    assert dropped == 1
+
+
+def test_packer_loses_nothing_and_respects_limits() -> None:
+    rng = random.Random(0)
+    docs = [random_doc(rng, k) for k in range(300)]
+    packer = Packer(seq_len=64, max_images=3, buffer_size=16)
+    seqs = []
+    it = iter(docs)
+    exhausted = False
+    while True:
+        while packer.wants_more() and not exhausted:
+            d = next(it, None)
+            if d is None:
+                exhausted = True
+            else:
+                packer.add(d, (0, 0, int(d.id[1:])))
+        if not packer.buffer:
+            break
+        seqs.append(packer.next_sequence())
+    emitted: dict[str, list[int]] = {}
+    for seq in seqs:
+        assert sum(len(p) for p in seq) <= 64
+        assert sum(p.num_images for p in seq) <= 3
+        for p in seq:
+            emitted.setdefault(p.doc.id, []).extend(p.doc.input_ids)
+    for d in docs:  # every token of every document, in order (after the image cap)
+        pieces, _ = split_document(d, 64, 3)
+        assert emitted[d.id] == [t for p in pieces for t in p.input_ids]
+    stats = packer.stats.to_dict()
+    assert stats["packing_efficiency"] > 0.9
+    assert sum(stats["documents"].values()) == len(docs)
+
+
+def test_collate_labels_positions_documents() -> None:
+    a = make_doc("text", [4], "a")
+    b = make_doc("captions", ["i", 3], "b")
+    packer = Packer(seq_len=24, max_images=4)
+    packer.add(a)
+    packer.add(b)
+    seq = packer.next_sequence()
+    batch = collate([seq], 24, pad_id=0, source_index={"text": 2, "captions": 1})
+    n_a, n_b = len(a.input_ids), len(b.input_ids)
+    assert batch.input_ids[0, :n_a].tolist() == a.input_ids
+    assert batch.labels[0, : n_a - 1].tolist() == a.input_ids[1:]
+    assert batch.labels[0, n_a - 1] == IGNORE_INDEX  # no target across documents
+    assert batch.position_ids[0, n_a : n_a + n_b].tolist() == list(range(n_b))
+    assert set(batch.document_ids[0, : n_a + n_b].tolist()) == {0, 1}
+    assert (batch.document_ids[0, n_a + n_b :] == 2).all()  # padding: its own document
+    assert (batch.labels[0, n_a + n_b :] == IGNORE_INDEX).all()
+    # image slots are never targets
+    assert not ((batch.labels == IMG).any())
+    assert batch.source_ids[0, :n_a].unique().tolist() == [2]
+
+
+def test_filler_cut_resumes_where_it_stopped() -> None:
+    packer = Packer(seq_len=20, max_images=2, min_fill=2)
+    packer.add(make_doc("captions", ["i", 8], "c"), (0, 0, 0))  # 16 tokens
+    packer.add(make_doc("text", [30], "t"), (1, 0, 5))  # 32 tokens: pieces of 20 and 12
+    first = packer.next_sequence()
+    assert [len(p) for p in first] == [16, 4]
+    # the rest of piece 0 stays buffered, its reference records the 4 tokens used
+    assert packer.buffer[0].ref == (1, 0, 5, 0, 4) and len(packer.buffer[0]) == 16
+    assert packer.buffer[1].ref == (1, 0, 5, 1, 0) and len(packer.buffer[1]) == 12
+    with pytest.raises(RuntimeError):
+        Packer(8, 1).next_sequence()
+
+
+def test_collated_batch_trains_like_documents_alone() -> None:
+    """A packed batch from the packer gives the same loss as its pieces one by one."""
+    from mm1.config import ConnectorConfig, DecoderConfig, ModelConfig, VisionConfig
+    from mm1.models.mllm import MM1
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vision=VisionConfig(image_size=16, patch_size=8, width=16, layers=1, heads=2, mlp_dim=32),
+        connector=ConnectorConfig(type="avgpool", num_tokens=4),
+        decoder=DecoderConfig(vocab_size=100, dim=16, layers=1, heads=2, kv_heads=1, ffn_dim=32),
+        image_token_id=IMG,
+    )
+    docs = [make_doc("interleaved", [3, "i", 4], "a", q=4), make_doc("text", [6], "b", q=4)]
+    model = MM1(cfg).eval()
+    packer = Packer(seq_len=32, max_images=4)
+    for d in docs:
+        packer.add(d)
+    seq = packer.next_sequence()
+    pixels = torch.randn(1, 3, 16, 16)
+    batch = collate([seq], 32, pad_id=0, pixel_values=pixels)
+    packed = model(**batch.model_inputs())
+    total, n = 0.0, 0
+    for p in seq:
+        ids = torch.tensor([p.doc.input_ids])
+        out = model(ids, torch.tensor([p.doc.labels()]), pixel_values=pixels if p.num_images else None)
+        total += out.loss_sum.item()
+        n += out.num_label_tokens
+    assert packed.loss.item() == pytest.approx(total / n, rel=1e-5)
