@@ -146,11 +146,28 @@ class ModelConfig:
 class SourceConfig:
     """One data source of the mixture."""
 
-    name: str = MISSING  # captions | interleaved | text | sft, or any name for the logs
     format: str = MISSING  # wds | obelics | mmc4 | text | llava
     path: str = MISSING  # a file, a directory of shards, or a glob
     weight: float = 1.0
-    image_root: str | None = None
+    # captions | interleaved | text | sft: how documents are packed and whose loss they count
+    # in; empty = from the format (wds: captions, obelics / mmc4: interleaved, llava: sft).
+    kind: str = ""
+    image_root: str | None = None  # local image folder (obelics paths, mmc4, llava)
+
+    @property
+    def resolved_kind(self) -> str:
+        return self.kind or FORMAT_KINDS[self.format]
+
+
+SOURCE_FORMATS = ("wds", "obelics", "mmc4", "text", "llava")
+FORMAT_KINDS = {
+    "wds": "captions",
+    "obelics": "interleaved",
+    "mmc4": "interleaved",
+    "text": "text",
+    "llava": "sft",
+}
+SOURCE_KINDS = ("captions", "interleaved", "text", "sft")
 
 
 @dataclass
@@ -163,7 +180,9 @@ class DataConfig:
     seq_len: int = 2048
     max_images_per_seq: int = 16
     image_boundaries: bool = False
+    val_sources: list[SourceConfig] = field(default_factory=list)  # default: the world's
     num_workers: int = 0
+    pack_buffer: int = 32  # pieces the packer chooses from when filling a sequence
     max_error_rate: float = 0.01
     seed: int = 0
 
@@ -195,9 +214,14 @@ class TrainConfig:
     activation_checkpointing: bool = False
     compile: bool = False
     log_every: int = 10
-    val_every: int = 500
+    val_every: int = 500  # 0 = no held-out validation
+    val_batches: int = 4
     save_every: int = 1000
     keep_checkpoints: int = 3
+    max_nonfinite_in_a_row: int = 5  # consecutive skipped (non-finite) steps before aborting
+    tensorboard: bool = True
+    wandb: str = "off"  # off | offline | online (online falls back to offline without a key)
+    progress: bool = True
     seed: int = 0
 
 
@@ -316,10 +340,13 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= d.max_error_rate <= 1.0:
         raise ConfigError(f"data.max_error_rate={d.max_error_rate} must be within [0, 1]")
     _choice("data.world_size", d.world_size, ("tiny", "small", "medium"))
-    for i, s in enumerate(d.sources):
-        _choice(f"data.sources[{i}].format", s.format, ("wds", "obelics", "mmc4", "text", "llava"))
-        if s.weight < 0:
-            raise ConfigError(f"data.sources[{i}].weight={s.weight} must be >= 0")
+    for key, sources in (("data.sources", d.sources), ("data.val_sources", d.val_sources)):
+        for i, s in enumerate(sources):
+            _choice(f"{key}[{i}].format", s.format, SOURCE_FORMATS)
+            if s.kind:
+                _choice(f"{key}[{i}].kind", s.kind, SOURCE_KINDS)
+            if s.weight < 0:
+                raise ConfigError(f"{key}[{i}].weight={s.weight} must be >= 0")
     if d.sources and sum(s.weight for s in d.sources) <= 0:
         raise ConfigError("data.sources: the weights sum to zero")
     n_img = cfg.model.num_image_tokens * (1 + 2 * d.image_boundaries)
@@ -330,6 +357,7 @@ def validate(cfg: Config) -> None:
         )
     _choice("train.parallel", t.parallel, ("fsdp", "ddp", "none"))
     _choice("train.dtype", t.dtype, ("auto", "float32", "bfloat16"))
+    _choice("train.wandb", t.wandb, ("off", "offline", "online"))
     for k in ("steps", "batch_size", "micro_batch_size", "log_every", "save_every"):
         _positive(f"train.{k}", getattr(t, k))
     if t.batch_size % t.micro_batch_size:

@@ -161,11 +161,44 @@ class ImageProcessor:
             image_std=std,
             resample=int(cfg.get("resample", base.resample)),
             do_convert_rgb=bool(cfg.get("do_convert_rgb", True)),
+            pad_to_square=bool(cfg.get("pad_to_square", False)),
         )
         return replace(proc, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write a `preprocessor_config.json` that `from_pretrained` (and transformers' PIL
+        CLIP processor, apart from `pad_to_square`, which it ignores) read back identically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.shortest_edge is not None:
+            size: dict[str, int] | None = {"shortest_edge": self.shortest_edge}
+        elif self.size is not None:
+            size = {"height": self.size[0], "width": self.size[1]}
+        else:
+            size = None
+        cfg = {
+            "image_processor_type": "CLIPImageProcessor",
+            "do_resize": size is not None,
+            "size": size,
+            "do_center_crop": self.crop_size is not None,
+            "crop_size": (
+                {"height": self.crop_size[0], "width": self.crop_size[1]} if self.crop_size else None
+            ),
+            "do_rescale": self.rescale_factor is not None,
+            "rescale_factor": self.rescale_factor,
+            "do_normalize": self.image_mean is not None,
+            "image_mean": list(self.image_mean) if self.image_mean else None,
+            "image_std": list(self.image_std) if self.image_std else None,
+            "resample": self.resample,
+            "do_convert_rgb": self.do_convert_rgb,
+            "pad_to_square": self.pad_to_square,
+        }
+        path = directory / PREPROCESSOR_CONFIG
+        path.write_text(json.dumps(cfg, indent=2) + "\n")
+        return path
 
     # -- processing ------------------------------------------------------------------------------
 

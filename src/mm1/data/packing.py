@@ -78,7 +78,9 @@ def drop_images(doc: TokenizedDocument, keep: int) -> TokenizedDocument:
         last = b
     ids += doc.input_ids[last:]
     mask += doc.target_mask[last:]
-    return TokenizedDocument(ids, mask, doc.images[:keep], doc.source, doc.id, doc.image_spans[:keep])
+    return TokenizedDocument(
+        ids, mask, doc.images[:keep], doc.source, doc.id, doc.image_spans[:keep]
+    )
 
 
 def cut_points(doc: TokenizedDocument, anywhere: bool) -> list[int]:
@@ -144,6 +146,15 @@ class PackStats:
     images: int = 0
     images_dropped: int = 0
     pieces_cut: int = 0  # documents cut across sequences (length or tail filling)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PackStats:
+        return cls(
+            **{k: d[k] for k in ("sequences", "tokens", "padding", "images", "images_dropped")},
+            documents=dict(d["documents"]),
+            tokens_per_source=dict(d["tokens_per_source"]),
+            pieces_cut=d["pieces_cut"],
+        )
 
     @property
     def efficiency(self) -> float:

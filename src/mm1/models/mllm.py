@@ -27,6 +27,7 @@ class MM1Output:
     loss: torch.Tensor | None = None
     loss_sum: torch.Tensor | None = None  # summed cross-entropy over the label tokens
     num_label_tokens: int = 0
+    token_loss: torch.Tensor | None = None  # (B, T) cross-entropy per position, 0 where unlabelled
 
 
 class MM1(nn.Module):
@@ -95,15 +96,16 @@ class MM1(nn.Module):
         )
         if labels is None:
             return MM1Output(logits)
-        loss_sum = F.cross_entropy(
+        token_loss = F.cross_entropy(
             logits.flatten(0, 1).float(),
             labels.flatten(),
             ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
+            reduction="none",
+        ).view_as(labels)
+        loss_sum = token_loss.sum()
         n = int((labels != IGNORE_INDEX).sum())
         denom = num_label_tokens if num_label_tokens is not None else n
-        return MM1Output(logits, loss_sum / max(denom, 1), loss_sum, n)
+        return MM1Output(logits, loss_sum / max(denom, 1), loss_sum, n, token_loss)
 
     @torch.no_grad()
     def generate(

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import math
 
+import torch
+from torch import nn
+
+from mm1.config import OptimConfig
+
 
 def mm1_peak_lr(num_params: int) -> float:
     """MM1's peak learning rate for a decoder of `num_params` parameters:
@@ -11,3 +16,52 @@ def mm1_peak_lr(num_params: int) -> float:
     if num_params <= 0:
         raise ValueError(f"num_params={num_params} must be positive")
     return math.exp(-0.4214 * math.log(num_params) - 0.5535)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to `min_ratio` at `total` steps."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(
+    model: nn.Module, lr: float, weight_decay: float, vision_lr_mult: float = 1.0
+) -> list[dict]:
+    """AdamW groups: matrices decay, norms / biases / 1-d tensors do not; the vision encoder's
+    parameters get `vision_lr_mult` x the learning rate. Frozen parameters are left out."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.ndim >= 2 and "pos_embed" not in name and "cls_token" not in name
+        vision = name.startswith("vision.") or ".vision." in name
+        groups.setdefault((decay, vision), []).append(p)
+    out = []
+    for (decay, vision), params in sorted(groups.items()):
+        mult = vision_lr_mult if vision else 1.0
+        out.append(
+            {
+                "params": params,
+                "weight_decay": weight_decay if decay else 0.0,
+                "lr": lr * mult,
+                "lr_mult": mult,
+            }
+        )
+    return out
+
+
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, peak_lr: float, total_steps: int
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with decoupled weight decay: torch multiplies `weight_decay` by the scheduled lr,
+    so weight_decay=0.1 shrinks weights by (1 - 0.1 * lr_t) per step, MM1's λ = 0.1·η."""
+    groups = param_groups(model, peak_lr, cfg.weight_decay, cfg.vision_lr_mult)
+    if not groups:
+        raise ValueError("no trainable parameters: check train.train_vision/connector/decoder")
+    opt = torch.optim.AdamW(groups, lr=peak_lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: lr_factor(step, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+    )
+    return opt, sched

@@ -1,0 +1,196 @@
+"""The training loader: mixture -> tokenize -> pack -> preprocess -> Batch, resumable exactly.
+
+`PackedDataset` runs the whole pipeline for one (rank, worker) slot; torchdata's
+`StatefulDataLoader` runs it in worker processes and snapshots each worker's state after every
+batch it hands out, so a checkpoint records exactly what was consumed. On resume every slot
+restores its cursors and generator, and rebuilds its packing buffer by re-reading the few
+buffered records (nothing already emitted is read again).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from mm1.config import SOURCE_KINDS, SourceConfig
+from mm1.data.document import Conversation
+from mm1.data.images import ImageProcessor
+from mm1.data.mixture import Mixture, Record, SourceStream
+from mm1.data.packing import Packer, PackStats, Piece, collate, slice_document, split_document
+from mm1.data.sources import ReadStats, check_error_rate
+from mm1.data.sources import _warn as warn_skip
+from mm1.data.tokenizer import (
+    TokenizedDocument,
+    Tokenizer,
+    tokenize_conversation,
+    tokenize_document,
+)
+
+
+@dataclass
+class LoaderSettings:
+    sources: list[SourceConfig]
+    seq_len: int
+    micro_batch_size: int
+    num_image_tokens: int
+    max_images_per_seq: int = 16
+    image_boundaries: bool = False
+    pack_buffer: int = 32
+    max_error_rate: float = 0.01
+    seed: int = 0
+    chat_template: str = "plain"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class PackedDataset(IterableDataset):
+    """Endless packed batches for one rank; each loader worker is its own slot."""
+
+    def __init__(
+        self,
+        settings: LoaderSettings,
+        tokenizer: Tokenizer,
+        processor: ImageProcessor,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.s, self.tok, self.processor = settings, tokenizer, processor
+        self.rank, self.world_size = rank, world_size
+        self.num_workers = max(num_workers, 1)
+        self._state: dict[str, Any] | None = None
+        self._mixture: Mixture | None = None
+        self._packer: Packer | None = None
+        self.source_index = {kind: i for i, kind in enumerate(SOURCE_KINDS)}
+
+    # -- per-slot pipeline ---------------------------------------------------------------------
+
+    def _slot(self) -> int:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        return self.rank * self.num_workers + worker
+
+    def _build(self) -> None:
+        slot, num_slots = self._slot(), self.world_size * self.num_workers
+        streams = [
+            SourceStream(i, spec, slot, num_slots, self.s.seed)
+            for i, spec in enumerate(self.s.sources)
+        ]
+        self._mixture = Mixture(streams, self.s.seed, slot)
+        self._packer = Packer(self.s.seq_len, self.s.max_images_per_seq, self.s.pack_buffer)
+        if self._state is not None:
+            self._restore(self._state)
+
+    def tokenize(self, record: Record) -> TokenizedDocument:
+        if isinstance(record, Conversation):
+            return tokenize_conversation(
+                record,
+                self.tok,
+                self.s.num_image_tokens,
+                self.s.chat_template,
+                self.s.image_boundaries,
+            )
+        return tokenize_document(record, self.tok, self.s.num_image_tokens, self.s.image_boundaries)
+
+    def _fill(self) -> None:
+        assert self._mixture is not None and self._packer is not None
+        while self._packer.wants_more():
+            ref, record = self._mixture.next()
+            try:
+                doc = self.tokenize(record)
+            except ValueError as err:  # e.g. an image-tag count that does not match
+                stream = self._mixture.streams[ref[0]]
+                stream.stats.skip("untokenizable")
+                warn_skip("untokenizable", record.id, str(err))
+                continue
+            if len(doc.input_ids) < 2:
+                self._mixture.streams[ref[0]].stats.skip("empty_document")
+                continue
+            self._packer.add(doc, ref)
+        self._check_errors()
+
+    def _check_errors(self) -> None:
+        assert self._mixture is not None
+        for stream in self._mixture.streams:
+            check_error_rate(stream.stats, self.s.max_error_rate, stream.spec.path, min_seen=100)
+
+    def __iter__(self):
+        self._build()
+        assert self._packer is not None
+        while True:
+            sequences: list[list[Piece]] = []
+            for _ in range(self.s.micro_batch_size):
+                self._fill()
+                sequences.append(self._packer.next_sequence())
+            images = [im for seq in sequences for p in seq for im in p.doc.images]
+            pixels = self.processor(images) if images else None
+            yield collate(sequences, self.s.seq_len, self.tok.pad_id, self.source_index, pixels)
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._mixture is None or self._packer is None:
+            return dict(self._state) if self._state is not None else {}
+        return {
+            "slot": self._slot(),
+            "mixture": self._mixture.state_dict(),
+            "buffer": [list(p.ref) for p in self._packer.buffer],
+            "pack_stats": self._packer.stats.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._state = state or None
+        self._mixture = self._packer = None
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        assert self._mixture is not None and self._packer is not None
+        if state.get("slot", self._slot()) != self._slot():
+            raise RuntimeError(
+                f"loader state of slot {state['slot']} given to slot {self._slot()}: the number "
+                "of ranks or workers changed since the checkpoint"
+            )
+        self._mixture.load_state_dict(state["mixture"])
+        self._packer.stats = PackStats.from_dict(state["pack_stats"])
+        cache: dict[tuple[int, int, int], list[TokenizedDocument]] = {}
+        for src, shard, record, piece, used in state["buffer"]:
+            key = (src, shard, record)
+            if key not in cache:
+                stream = self._mixture.streams[src]
+                doc = self.tokenize(stream.read_at(shard, record))
+                cache[key] = split_document(doc, self.s.seq_len, self.s.max_images_per_seq)[0]
+            p = cache[key][piece]
+            if used:
+                p = slice_document(p, used, len(p.input_ids))
+            self._packer.restore(
+                Piece(p, (src, shard, record, piece, used), first=not used and piece == 0)
+            )
+
+    def read_stats(self) -> ReadStats:
+        total = ReadStats()
+        if self._mixture is not None:
+            for s in self._mixture.streams:
+                total.merge(s.stats)
+        return total
+
+
+def build_loader(
+    settings: LoaderSettings,
+    tokenizer: Tokenizer,
+    processor: ImageProcessor,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+) -> StatefulDataLoader:
+    dataset = PackedDataset(settings, tokenizer, processor, rank, world_size, num_workers)
+    return StatefulDataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=2 if num_workers > 0 else None,
+        pin_memory=torch.cuda.is_available(),
+    )

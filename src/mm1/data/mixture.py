@@ -1,0 +1,172 @@
+"""Sources and the weighted mixture: which record comes next, and where every reader stands.
+
+Each (rank, loader worker) pair is a "slot" with its own cursors. A source's shards are dealt
+out to the slots (shard-level when there are at least as many shards as slots, else contiguous
+record ranges of every shard), so slots read disjoint records. Within a slot, an epoch of a
+source is one pass over its share, in a shard order reshuffled every epoch. The mixture draws
+the source of every next document by weight from a seeded generator whose state is saved.
+"""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mm1.config import SourceConfig
+from mm1.data.document import Conversation, Document
+from mm1.data.sources import READERS, ReadStats, count_records, list_shards
+
+Record = Document | Conversation
+
+# The keyword under which each reader takes its local image folder.
+_IMAGE_ROOT_ARG = {"obelics": "image_root", "mmc4": "image_dir", "llava": "image_folder"}
+
+
+@dataclass
+class Cursor:
+    """Where a slot stands in one source: epoch, position in the epoch's shard order, and the
+    number of records of the current shard (or range) already taken."""
+
+    epoch: int = 0
+    shard_pos: int = 0
+    record: int = 0
+
+
+class SourceStream:
+    """One source as seen by one slot: yields (shard index, record index, record)."""
+
+    def __init__(
+        self, index: int, spec: SourceConfig, slot: int, num_slots: int, seed: int
+    ) -> None:
+        self.index, self.spec = index, spec
+        self.slot, self.num_slots, self.seed = slot, num_slots, seed
+        self.shards = _resolve_shards(spec)
+        self.cursor = Cursor()
+        self.stats = ReadStats()
+        self._iter: Iterator[tuple[int, Record]] | None = None
+        self._ranges: dict[int, tuple[int, int]] = {}
+
+    # -- layout -------------------------------------------------------------------------------
+
+    @property
+    def shard_level(self) -> bool:
+        return len(self.shards) >= self.num_slots
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """Shard indices this slot reads in `epoch` (the same permutation for every slot)."""
+        perm = np.random.default_rng([self.seed, self.index, epoch]).permutation(len(self.shards))
+        if self.shard_level:
+            return [int(i) for i in perm[self.slot :: self.num_slots]]
+        return [int(i) for i in perm]
+
+    def record_range(self, shard: int) -> tuple[int, int]:
+        """[first, end) records of `shard` that belong to this slot."""
+        if self.shard_level:
+            return (0, -1)  # the whole shard
+        if shard not in self._ranges:
+            n = count_records(self.shards[shard], self.spec.format)
+            lo, hi = n * self.slot // self.num_slots, n * (self.slot + 1) // self.num_slots
+            self._ranges[shard] = (lo, hi)
+        return self._ranges[shard]
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def _open(self, shard: int, start: int) -> Iterator[tuple[int, Record]]:
+        """Records of a shard from raw index `start`, with their raw indices."""
+        fmt, root = self.spec.format, self.spec.image_root
+        kind = self.spec.resolved_kind
+        kwargs: dict[str, Any] = {"start": start, "stats": self.stats, "source": kind}
+        if root is not None:
+            kwargs[_IMAGE_ROOT_ARG.get(fmt, "image_root")] = Path(root)
+        for record in READERS[fmt](self.shards[shard], **kwargs):
+            yield int(record.meta["__index__"]), record
+
+    def next(self) -> tuple[int, int, Record]:
+        """The next record of this slot's share; rolls over to a reshuffled epoch at the end."""
+        empty_passes = 0
+        while True:
+            order = self.epoch_order(self.cursor.epoch)
+            if self.cursor.shard_pos >= len(order):
+                if self.cursor.record == 0 and empty_passes:
+                    raise RuntimeError(
+                        f"data source {self.spec.path} ({self.spec.format}) yields no readable "
+                        f"records for loader slot {self.slot}"
+                    )
+                empty_passes += 1
+                self.cursor = Cursor(epoch=self.cursor.epoch + 1)
+                self._iter = None
+                continue
+            shard = order[self.cursor.shard_pos]
+            lo, hi = self.record_range(shard)
+            if self._iter is None:
+                self._iter = self._open(shard, lo + self.cursor.record)
+            item = next(self._iter, None)
+            if item is None or (hi >= 0 and item[0] >= hi):
+                self.cursor.shard_pos += 1
+                self.cursor.record = 0
+                self._iter = None
+                continue
+            raw, record = item
+            self.cursor.record = raw + 1 - lo
+            empty_passes = 0
+            return shard, raw, record
+
+    def read_at(self, shard: int, record: int) -> Record:
+        """Re-read one record (to rebuild the packing buffer after a resume)."""
+        item = next(self._open(shard, record), None)
+        if item is None or item[0] != record:
+            raise RuntimeError(
+                f"cannot re-read record {record} of {self.shards[shard]}: the source changed "
+                "since the checkpoint"
+            )
+        return item[1]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"cursor": asdict(self.cursor), "stats": self.stats.to_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.cursor = Cursor(**state["cursor"])
+        self.stats = ReadStats.from_dict(state["stats"])
+        self._iter = None
+
+
+def _resolve_shards(spec: SourceConfig) -> list[Path]:
+    shards = list_shards(spec.path, spec.format)
+    if not shards and any(c in spec.path for c in "*?["):
+        shards = sorted(Path(p) for p in glob.glob(spec.path))
+    if not shards:
+        raise FileNotFoundError(f"data source: no {spec.format} files found at {spec.path}")
+    return shards
+
+
+class Mixture:
+    """Draws the source of each next document by weight; the generator state is saved."""
+
+    def __init__(self, streams: list[SourceStream], seed: int, slot: int) -> None:
+        weights = np.array([s.spec.weight for s in streams], dtype=np.float64)
+        if weights.sum() <= 0:
+            raise ValueError("the mixture weights sum to zero")
+        self.streams = streams
+        self.probs = weights / weights.sum()
+        self.rng = np.random.default_rng([seed, slot, 0x5EED])
+
+    def next(self) -> tuple[tuple[int, int, int], Record]:
+        i = int(self.rng.choice(len(self.streams), p=self.probs))
+        shard, raw, record = self.streams[i].next()
+        return (i, shard, raw), record
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "rng": self.rng.bit_generator.state,
+            "sources": [s.state_dict() for s in self.streams],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        for s, st in zip(self.streams, state["sources"], strict=True):
+            s.load_state_dict(st)

@@ -1,0 +1,114 @@
+"""What a run reads: the synthetic world by default, or the sources the config names."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mm1.config import DataConfig, ModelConfig, SourceConfig
+from mm1.data.images import PREPROCESSOR_CONFIG, ImageProcessor
+from mm1.data.synthetic import WorldManifest, write_world
+from mm1.data.tokenizer import Tokenizer
+
+# The paper's mixture over the world's training sources: 45% interleaved documents (OBELICS
+# parquet and MMC4 jsonl), 45% caption pairs (alt-text, and VeCap-style re-captions as a minority
+# like the paper's 300M synthetic of 2.3B), 10% text.
+WORLD_MIXTURE = (
+    ("interleaved", 0.30),
+    ("interleaved_mmc4", 0.15),
+    ("captions", 0.30),
+    ("captions_vecap", 0.15),
+    ("text", 0.10),
+)
+
+
+@dataclass
+class PreparedData:
+    tokenizer: Tokenizer
+    processor: ImageProcessor
+    sources: list[SourceConfig]
+    val_sources: list[SourceConfig]
+    world: WorldManifest | None = None
+
+
+def ensure_world(data: DataConfig, is_main: bool = True, barrier: Callable[[], None] = lambda: None) -> WorldManifest:
+    """The synthetic world at `data.world`, written first (by rank 0) when absent."""
+    root = Path(data.world)
+    if is_main and not (root / "world.json").exists():
+        print(f"writing the synthetic world ({data.world_size}) to {root} ...", flush=True)
+        write_world(root, seed=data.world_seed, size=data.world_size)
+    barrier()
+    return WorldManifest.load(root)
+
+
+def world_sources(world: WorldManifest) -> tuple[list[SourceConfig], list[SourceConfig]]:
+    """Training sources with the MM1 mixture, and the held-out caption split for validation."""
+    train = []
+    for name, weight in WORLD_MIXTURE:
+        src = world.sources[name]
+        train.append(
+            SourceConfig(
+                format=src["format"],
+                path=str(world.root / src["path"]),
+                weight=weight,
+                kind=src.get("kind", ""),
+            )
+        )
+    val = world.eval["val"]
+    val_sources = [
+        SourceConfig(
+            format="coco",
+            path=str(world.root / val["captions"]),
+            kind="captions",
+            image_root=str(world.root / val["image_dir"]),
+        )
+    ]
+    return train, val_sources
+
+
+def image_processor_for(model: ModelConfig) -> ImageProcessor:
+    """The encoder checkpoint's preprocessing at our image size, or the variant's defaults."""
+    size = model.vision.image_size
+    init = model.vision.init
+    if init and (Path(init) / PREPROCESSOR_CONFIG).exists():
+        base = ImageProcessor.from_pretrained(init)
+        if base.shortest_edge is not None:
+            return ImageProcessor.from_pretrained(
+                init, shortest_edge=size, crop_size=(size, size)
+            )
+        return ImageProcessor.from_pretrained(init, size=(size, size))
+    if model.vision.variant == "siglip":
+        return ImageProcessor.siglip(size)
+    return ImageProcessor.clip(size)
+
+
+def prepare_data(
+    data: DataConfig,
+    model: ModelConfig,
+    is_main: bool = True,
+    barrier: Callable[[], None] = lambda: None,
+) -> PreparedData:
+    world = None
+    sources, val_sources = list(data.sources), list(data.val_sources)
+    needs_world = not sources or (not data.tokenizer and not model.decoder.init)
+    if needs_world:
+        world = ensure_world(data, is_main, barrier)
+        default_train, default_val = world_sources(world)
+        sources = sources or default_train
+        if not data.sources and not val_sources:
+            val_sources = default_val
+    if data.tokenizer:
+        tok_path = Path(data.tokenizer)
+    elif model.decoder.init:
+        tok_path = Path(model.decoder.init)
+    else:
+        assert world is not None
+        tok_path = world.tokenizer_path
+    return PreparedData(
+        tokenizer=Tokenizer.from_file(tok_path),
+        processor=image_processor_for(model),
+        sources=sources,
+        val_sources=val_sources,
+        world=world,
+    )

@@ -1,0 +1,120 @@
+"""Trained models on disk: the exported directory (safetensors + config + tokenizer) and run
+directories (the newest DCP checkpoint), loaded the same way for eval, generate and chat.
+
+Exported layout:
+    model.safetensors          consolidated weights (a tied head is stored once)
+    model.json                 the ModelConfig the weights belong to
+    tokenizer.json, mm1_tokenizer.json, tokenizer_config.json   the tokenizer with our specials
+    preprocessor_config.json   the image preprocessing
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mm1.config import ModelConfig, model_config_from_dict, to_dict
+from mm1.data.images import ImageProcessor
+from mm1.data.tokenizer import Tokenizer
+from mm1.models.mllm import MM1
+
+WEIGHTS = "model.safetensors"
+MODEL_CONFIG = "model.json"
+
+
+@dataclass
+class Pretrained:
+    model: MM1
+    tokenizer: Tokenizer
+    processor: ImageProcessor
+    source: Path
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.model.cfg
+
+
+def save_pretrained(
+    model: MM1, tokenizer: Tokenizer, processor: ImageProcessor, out_dir: str | Path
+) -> Path:
+    """Write the exported layout; loadable with `load_pretrained`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.decoder.tie_embeddings:
+        state.pop("decoder.lm_head.weight", None)  # the same tensor as the embedding
+    tmp = out / (WEIGHTS + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt", "mm1": "1"})
+    tmp.replace(out / WEIGHTS)
+    cfg = to_dict(model.cfg)
+    cfg["vision"]["init"] = cfg["decoder"]["init"] = None  # the weights are here now
+    (out / MODEL_CONFIG).write_text(json.dumps(cfg, indent=1) + "\n")
+    tokenizer.save(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def _is_export(path: Path) -> bool:
+    return (path / WEIGHTS).is_file() and (path / MODEL_CONFIG).is_file()
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    return model_config_from_dict(json.loads((Path(path) / MODEL_CONFIG).read_text()))
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
+    """An exported directory, or a run directory (its newest complete checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if _is_export(path):
+        cfg = load_model_config(path)
+        cfg.vision.init = cfg.decoder.init = None
+        with torch.device("meta"):
+            model = MM1(cfg)
+        state = load_file(str(path / WEIGHTS))
+        if cfg.decoder.tie_embeddings:
+            state["decoder.lm_head.weight"] = state["decoder.embed_tokens.weight"]
+        model.load_state_dict(state, assign=True, strict=True)
+        if cfg.decoder.tie_embeddings:
+            model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
+        model.decoder.inv_freq = _rope(cfg)
+        tok_dir, proc_dir = path, path
+    elif (path / "checkpoints").is_dir() and (path / MODEL_CONFIG).is_file():
+        model = _load_run(path)
+        tok_dir = proc_dir = path / "tokenizer"
+    else:
+        raise FileNotFoundError(
+            f"{path} is neither an exported model ({WEIGHTS} + {MODEL_CONFIG}) nor a run "
+            "directory with checkpoints/"
+        )
+    model.to(device).eval()
+    return Pretrained(model, Tokenizer.from_file(tok_dir), ImageProcessor.from_pretrained(proc_dir), path)
+
+
+def _rope(cfg: ModelConfig) -> torch.Tensor:
+    from mm1.models.decoder import rope_inv_freq
+
+    return rope_inv_freq(cfg.decoder)
+
+
+def _load_run(run_dir: Path) -> MM1:
+    """The model of a run's newest complete checkpoint, on one process (DCP reshards)."""
+    import torch.distributed.checkpoint as dcp
+
+    from mm1.train.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir} has no complete checkpoint under checkpoints/")
+    cfg = load_model_config(run_dir)
+    cfg.vision.init = cfg.decoder.init = None
+    model = MM1(cfg)
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(ckpt))
+    model.load_state_dict(state["model"])
+    return model

@@ -1,0 +1,474 @@
+"""Training checkpoints: DCP-sharded, complete atomically, resumable exactly.
+
+Layout under a run directory::
+
+    RUN_DIR/checkpoints/
+        step_1000/          complete: has meta.json
+            .metadata       DCP index (written by rank 0)
+            __0_0.distcp    rank 0's shards ...
+            meta.json       written last, by rank 0
+        .tmp_step_2000/     a save in progress (or a crashed one): never counted
+
+A save writes everything into ``.tmp_step_N/`` with ``torch.distributed.checkpoint`` (each rank
+writes its own shards), waits for every rank, then rank 0 writes ``meta.json`` and renames the
+directory to ``step_N/``; a rename within one file system is atomic, so a crash at any point
+leaves either no ``step_N/`` or a complete one, and the previous checkpoints are untouched. Only
+after that are the older checkpoints beyond ``keep`` deleted, and ``.tmp_*`` leftovers of a
+crashed save are removed at the start of the next save.
+
+What a checkpoint holds (DCP keys):
+
+- ``model.*`` and ``optim.*``: from ``get_state_dict`` (canonical parameter names, so the same
+  code serves an FSDP2 ``fully_shard`` model (DTensor shards), a DDP model or a plain one);
+- ``global``: ``step`` and the caller's ``extra`` (scheduler state, counters), written by rank 0;
+- ``rank_state.{rank}``: one entry per rank with that rank's ``rank_state`` (its data-loader
+  position ...) and RNG states. DCP keeps one copy of a non-tensor value per key, so per-rank
+  values need per-rank keys; each rank reads back only its own.
+
+``global`` and ``rank_state.{rank}`` are stored as opaque pickled blobs (``torch.save``): DCP
+would otherwise flatten nested dicts (turning int keys into strings, dropping empty containers)
+and need a template of the same structure at load time. Checkpoints therefore hold pickles:
+load only checkpoints you trust.
+
+The per-rank entries are why a checkpoint must be loaded by the world size that wrote it
+(``load_checkpoint`` raises otherwise). All ranks must see the same file system.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
+
+import mm1
+
+__all__ = [
+    "CHECKPOINTS_DIR",
+    "META_FILE",
+    "LoadedCheckpoint",
+    "capture_rng_state",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "read_meta",
+    "restore_rng_state",
+    "save_checkpoint",
+]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+META_FILE = "meta.json"
+FORMAT_VERSION = 1
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_TMP_PREFIX = ".tmp_"
+_RESERVED_META = frozenset(
+    {"format_version", "step", "world_size", "time", "unix_time", "mm1_version", "torch_version"}
+)
+
+# Sharded (not gathered) state dicts: each rank handles only its own shards. The optimizer state
+# is flattened to "state.<param fqn>.<name>" / "param_groups.<param fqn>.<name>", so it is keyed
+# by parameter name only (independent of how parameters are split into groups).
+_SD_OPTIONS = StateDictOptions(
+    full_state_dict=False,
+    cpu_offload=False,
+    strict=True,
+    flatten_optimizer_state_dict=True,
+)
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """What `load_checkpoint` restored besides the model, optimizer and RNG states."""
+
+    path: Path
+    step: int
+    extra: dict[str, Any] = field(default_factory=dict)  # global state, as passed to save
+    rank_state: dict[str, Any] = field(default_factory=dict)  # this rank's own state
+    meta: dict[str, Any] = field(default_factory=dict)  # the whole meta.json
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG states
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's RNG states: python `random`, numpy's global RNG, torch CPU and (when CUDA is
+    available) the current CUDA device's generator."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what `capture_rng_state` returned (a CUDA state is skipped, with a warning, where
+    CUDA is unavailable)."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
+        else:
+            warnings.warn(
+                "the checkpoint holds a CUDA RNG state but CUDA is unavailable; not restored",
+                stacklevel=2,
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding checkpoints
+
+
+def _checkpoints_root(run_dir: str | os.PathLike[str]) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIR
+
+
+def _step_of(path: Path) -> int | None:
+    m = _STEP_DIR.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """The complete checkpoints of a run (``step_N`` directories with ``meta.json``), oldest
+    step first."""
+    root = _checkpoints_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        step = _step_of(p)
+        if step is not None and p.is_dir() and (p / META_FILE).is_file():
+            found.append((step, p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
+    """The complete checkpoint with the highest step, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``meta.json`` of a checkpoint directory; FileNotFoundError if it is not complete."""
+    meta_path = Path(path) / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(
+            f"{path} is not a complete checkpoint (no {META_FILE}); "
+            "use latest_checkpoint(run_dir) to find one"
+        )
+    with open(meta_path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _dist_info() -> tuple[int, int, bool]:
+    """(rank, world size, distributed?)"""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), True
+    return 0, 1, False
+
+
+def _all_ok(exc: BaseException | None, what: str) -> None:
+    """Collective (also a barrier): raise on every rank if any rank reports an exception."""
+    _, world, distributed = _dist_info()
+    if not distributed:
+        if exc is not None:
+            raise exc
+        return
+    errors: list[str | None] = [None] * world
+    dist.all_gather_object(errors, None if exc is None else f"{type(exc).__name__}: {exc}")
+    failed = [f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None]
+    if failed:
+        raise RuntimeError(f"checkpoint {what} failed on " + "; ".join(failed)) from exc
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _pack(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _unpack(blob: Any, what: str) -> Any:
+    if not isinstance(blob, bytes):
+        raise ValueError(f"checkpoint entry {what!r} is malformed ({type(blob).__name__})")
+    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
+
+
+def _optimizers(optimizer: torch.optim.Optimizer | None) -> tuple[torch.optim.Optimizer, ...]:
+    return () if optimizer is None else (optimizer,)
+
+
+def _optimizer_has_state(optimizer: torch.optim.Optimizer | None) -> bool:
+    return optimizer is not None and len(optimizer.state) > 0
+
+
+def _dcp_quietly(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    # DCP warns on every call without a process group; that is the intended single-process use.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        return fn(*args, **kwargs)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_rename(src: Path, dst: Path) -> None:
+    os.rename(src, dst)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _remove_leftovers(root: Path) -> None:
+    for p in root.iterdir():
+        if p.name.startswith(_TMP_PREFIX):
+            log.info("removing leftover %s of an interrupted checkpoint save", p)
+            _remove(p)
+
+
+def _write_meta(directory: Path, meta: dict[str, Any]) -> None:
+    path = directory / META_FILE
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _prune(root: Path, run_dir: Path, keep: int, newest: Path) -> None:
+    """Delete complete checkpoints beyond the `keep` newest steps; never `newest`."""
+    others = [p for p in list_checkpoints(run_dir) if p != newest]
+    doomed = others[: max(len(others) - (keep - 1), 0)]
+    for p in doomed:
+        # Rename first so a crash mid-delete never leaves a partial step_N with its meta.json.
+        trash = root / f"{_TMP_PREFIX}delete_{p.name}"
+        _remove(trash)
+        _atomic_rename(p, trash)
+        _remove(trash)
+        log.info("deleted old checkpoint %s (keep=%d)", p, keep)
+
+
+# ---------------------------------------------------------------------------------------------
+# Save / load
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike[str],
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    extra: dict[str, Any] | None = None,
+    rank_state: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+    keep: int = 3,
+) -> Path:
+    """Save a complete checkpoint to ``RUN_DIR/checkpoints/step_{step}/`` and return its path.
+
+    Call it on every rank (it is collective). ``extra`` is global state (rank 0's copy is
+    saved), ``rank_state`` this rank's own state; both may hold any picklable values. The RNG
+    states of every rank are saved too, and left as they were. ``meta`` (JSON-serialisable, e.g.
+    a config fingerprint) is merged into ``meta.json``. Then only the ``keep`` newest complete
+    checkpoints are kept (the new one always is). An existing ``step_{step}`` is replaced.
+    """
+    if step < 0:
+        raise ValueError(f"step={step} must be >= 0")
+    if keep < 1:
+        raise ValueError(f"keep={keep} must be >= 1")
+    user_meta = dict(meta or {})
+    clash = sorted(_RESERVED_META & set(user_meta))
+    if clash:
+        raise ValueError(f"meta keys {clash} are reserved for the checkpoint's own fields")
+    json.dumps(user_meta)  # fail early (on every rank) if it is not JSON-serialisable
+
+    run_dir = Path(run_dir)
+    root = _checkpoints_root(run_dir)
+    final = root / f"step_{step}"
+    tmp = root / f"{_TMP_PREFIX}step_{step}"
+    rank, world, distributed = _dist_info()
+    rng = capture_rng_state()
+
+    # 1. Rank 0 clears leftovers of crashed saves; every rank builds its state dict.
+    error: Exception | None = None
+    state: dict[str, Any] = {}
+    try:
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            _remove_leftovers(root)
+            tmp.mkdir()
+        had_state = _optimizer_has_state(optimizer)
+        model_sd, optim_sd = get_state_dict(model, _optimizers(optimizer), options=_SD_OPTIONS)
+        if optimizer is not None and not had_state:
+            # get_state_dict initialises an untouched optimizer with a zero-lr step (AdamW's
+            # step count becomes 1), which would change how the run continues: undo it, and
+            # have load_checkpoint do the same.
+            optimizer.state.clear()
+        state["model"] = model_sd
+        if optimizer is not None:
+            state["optim"] = optim_sd
+        state["rank_state"] = {
+            str(rank): _pack(
+                {
+                    "rank": rank,
+                    "user": rank_state,
+                    "rng": rng,
+                    "optimizer_has_state": had_state,
+                }
+            )
+        }
+        if rank == 0:
+            state["global"] = _pack({"step": step, "extra": extra})
+    except Exception as e:
+        error = e
+    _all_ok(error, f"save to {tmp} (preparing)")
+
+    # 2. Every rank writes its shards (DCP propagates a failure on one rank to all).
+    _dcp_quietly(dcp.save, state, checkpoint_id=tmp, no_dist=not distributed)
+    del state
+    _barrier()
+
+    # 3. Rank 0 completes it: meta.json, then the atomic rename; then prunes old ones.
+    error = None
+    if rank == 0:
+        try:
+            now = time.time()
+            doc = {
+                "format_version": FORMAT_VERSION,
+                "step": step,
+                "world_size": world,
+                "time": _dt.datetime.fromtimestamp(now, _dt.timezone.utc).isoformat(),
+                "unix_time": now,
+                "mm1_version": mm1.__version__,
+                "torch_version": torch.__version__,
+                **user_meta,
+            }
+            _write_meta(tmp, doc)
+            _fsync_dir(tmp)
+            replaced = None
+            if final.exists():
+                replaced = root / f"{_TMP_PREFIX}replaced_{final.name}"
+                _remove(replaced)
+                _atomic_rename(final, replaced)
+            _atomic_rename(tmp, final)
+            _fsync_dir(root)
+            if replaced is not None:
+                _remove(replaced)
+        except Exception as e:
+            error = e
+        else:
+            try:
+                _prune(root, run_dir, keep, final)
+            except OSError as e:  # the new checkpoint is complete; a failed cleanup is not fatal
+                log.warning("could not delete old checkpoints in %s: %s", root, e)
+    _all_ok(error, f"save to {final} (completing)")
+
+    restore_rng_state(rng)  # saving must not change what the run draws next
+    log.info("saved checkpoint %s", final)
+    return final
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+) -> LoadedCheckpoint:
+    """Load a complete checkpoint into `model` and `optimizer` (already wrapped/sharded as when
+    saved, any FSDP2 mesh) and restore this rank's RNG states. Collective: call it on every rank
+    with the same `path`. The world size must equal the one that saved it."""
+    path = Path(path)
+    meta = read_meta(path)
+    rank, world, distributed = _dist_info()
+    saved_world = meta.get("world_size")
+    if saved_world != world:
+        raise ValueError(
+            f"checkpoint {path} was saved by {saved_world} process(es) but this run has world "
+            f"size {world}: the per-rank states (data-loader positions, RNG states) cannot be "
+            f"remapped; resume with {saved_world} process(es)"
+        )
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"checkpoint {path} has format_version={meta.get('format_version')}, "
+            f"this code reads {FORMAT_VERSION}"
+        )
+
+    # Templates: DCP loads tensors in place into these (this rank's shards of them).
+    model_sd, optim_sd = get_state_dict(model, _optimizers(optimizer), options=_SD_OPTIONS)
+    key = str(rank)
+    state: dict[str, Any] = {"model": model_sd, "global": None, "rank_state": {key: None}}
+    if optimizer is not None:
+        state["optim"] = optim_sd
+    _dcp_quietly(dcp.load, state, checkpoint_id=path, no_dist=not distributed)
+    set_state_dict(
+        model,
+        _optimizers(optimizer),
+        model_state_dict=state["model"],
+        optim_state_dict=state.get("optim", {}),
+        options=_SD_OPTIONS,
+    )
+
+    glob = _unpack(state["global"], "global")
+    mine = _unpack(state["rank_state"][key], f"rank_state.{key}")
+    if mine["rank"] != rank:
+        raise ValueError(f"rank {rank} got the state of rank {mine['rank']} from {path}")
+    if optimizer is not None and not mine["optimizer_has_state"]:
+        optimizer.state.clear()  # it had not stepped yet when saved (see save_checkpoint)
+    restore_rng_state(mine["rng"])
+    log.info("loaded checkpoint %s (step %d)", path, glob["step"])
+    return LoadedCheckpoint(
+        path=path,
+        step=int(glob["step"]),
+        extra=glob["extra"] if glob["extra"] is not None else {},
+        rank_state=mine["user"] if mine["user"] is not None else {},
+        meta=meta,
+    )

@@ -1,0 +1,132 @@
+"""Run logs: metrics.jsonl, TensorBoard, optional Weights & Biases, and a rich progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+
+def _finite(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+class MetricsLogger:
+    """Writes one JSON object per logged step (only on rank 0); mirrors scalars elsewhere."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        total_steps: int,
+        *,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        wandb: str = "off",
+        config: dict[str, Any] | None = None,
+        start_step: int = 0,
+        progress: bool = True,
+    ) -> None:
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self._tb = None
+        self._wandb = None
+        self._progress: Progress | None = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        if wandb != "off":
+            self._wandb = _start_wandb(wandb, self.run_dir, config)
+        if progress:
+            self._progress = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=False,
+            )
+            self._task = self._progress.add_task("train", total=total_steps, info="")
+            self._progress.update(self._task, completed=start_step)
+            self._progress.start()
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _finite(v) for k, v in metrics.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def advance(self, step: int, info: str = "") -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, info=info)
+
+    def print(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self._progress is not None:
+            self._progress.console.print(message)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._progress is not None:
+            self._progress.stop()
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _start_wandb(mode: str, run_dir: Path, config: dict[str, Any] | None):
+    try:
+        import wandb
+    except ImportError as err:
+        raise RuntimeError(
+            f"train.wandb={mode!r} but wandb is not installed: pip install wandb, or set "
+            "train.wandb=off"
+        ) from err
+    # offline unless asked otherwise and credentials exist: never block a run on the network
+    if mode == "online" and not os.environ.get("WANDB_API_KEY"):
+        mode = "offline"
+    return wandb.init(dir=str(run_dir), mode=mode, config=config or {}, name=run_dir.name)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """All records of a run's metrics.jsonl (an unfinished last line is ignored)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    out = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out

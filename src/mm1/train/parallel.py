@@ -1,0 +1,109 @@
+"""Process groups, devices and the one `parallelize` function applied to any model.
+
+Order as in torchtitan: activation checkpointing and compile per block, then FSDP2 per block
+(decoder and ViT blocks), then the root; or DDP around the whole model.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+from mm1.config import TrainConfig
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+
+def init_distributed() -> Dist:
+    """From torchrun's environment; NCCL on GPU, gloo on CPU. A single process needs nothing."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, local, device)
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPU by default, fp32 (no autocast) on CPU."""
+    if cfg.dtype == "float32" or (cfg.dtype == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16
+
+
+def _blocks(model: nn.Module) -> list[tuple[nn.Module, str, int]]:
+    """(container, attribute, index) of every transformer block of the encoder and decoder."""
+    found = []
+    for container in (getattr(model, "vision", None), getattr(model, "decoder", None)):
+        if container is None:
+            continue
+        blocks = getattr(container, "blocks", None) or getattr(container, "layers", None)
+        if blocks is not None:
+            found += [(blocks, "", i) for i in range(len(blocks))]
+    return found
+
+
+def parallelize(model: nn.Module, cfg: TrainConfig, d: Dist) -> nn.Module:
+    """Apply activation checkpointing, compile and FSDP2 / DDP as configured."""
+    if cfg.activation_checkpointing:
+        for blocks, _, i in _blocks(model):
+            blocks[i] = checkpoint_wrapper(blocks[i], preserve_rng_state=False)
+    if cfg.compile:
+        for blocks, _, i in _blocks(model):
+            blocks[i] = torch.compile(blocks[i])
+    model.to(d.device)
+    if not d.enabled or cfg.parallel == "none":
+        return model
+    if cfg.parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [d.local_rank] if d.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = None
+    dtype = autocast_dtype(cfg, d.device)
+    if dtype is not None:
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    kw = {"mp_policy": mp} if mp is not None else {}
+    for blocks, _, i in _blocks(model):
+        fully_shard(blocks[i], **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and not hasattr(model, "decoder") else model

@@ -1,0 +1,416 @@
+"""The trainer: one loop for a single process and for torchrun (FSDP2 / DDP), resumable exactly.
+
+Loss normalisation (DESIGN.md): every micro-batch's summed cross-entropy is divided by the
+number of label tokens of the whole step (all micro-batches, all ranks), so gradient
+accumulation and world size do not change the loss or the gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mm1.batch import IGNORE_INDEX, Batch
+from mm1.config import SOURCE_KINDS, Config, to_dict, to_yaml
+from mm1.data.loader import LoaderSettings, PackedDataset, build_loader
+from mm1.data.world import prepare_data
+from mm1.models.build import build_model
+from mm1.models.mllm import MM1
+from mm1.train import checkpoint as ckpt
+from mm1.train.logging import MetricsLogger, read_metrics
+from mm1.train.optim import build_optimizer, mm1_peak_lr
+from mm1.train.parallel import Dist, autocast_dtype, init_distributed, parallelize
+
+# Config keys whose change would change what a resumed run means.
+MEANING_KEYS = ("model", "data", "train.batch_size", "train.micro_batch_size", "train.seed")
+H100_BF16_PEAK = 989e12
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class StepResult:
+    loss: float
+    per_source: dict[str, float]
+    label_tokens: int
+    tokens: int
+    images: int
+    grad_norm: float
+    skipped: bool
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    keys = sorted(set(old) | set(new))
+    out: list[str] = []
+    for k in keys:
+        path = f"{prefix}{k}"
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_diff(a, b, path + ".")
+        elif a != b:
+            out.append(path)
+    return out
+
+
+def _meaningful(keys: list[str]) -> list[str]:
+    return [k for k in keys if any(k == m or k.startswith(m + ".") for m in MEANING_KEYS)]
+
+
+class Trainer:
+    def __init__(self, cfg: Config, *, force: bool = False) -> None:
+        self.cfg = cfg
+        self.force = force
+        self.d: Dist = init_distributed()
+        self.run_dir = Path(cfg.train.run_dir)
+        self._stop_signal: int | None = None
+
+    # -- set-up ----------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        cfg, d = self.cfg, self.d
+        torch.manual_seed(cfg.train.seed)
+        self._check_config_change()
+        self.data = prepare_data(cfg.data, cfg.model, d.is_main, d.barrier)
+        tok = self.data.tokenizer
+        model = build_model(cfg.model, tok.vocab_size, tok.image_id)
+        self.model_cfg = model.cfg
+        self._freeze(model)
+        self.num_decoder_params = sum(p.numel() for p in model.decoder.parameters())
+        self.peak_lr = cfg.train.optim.lr or mm1_peak_lr(self.num_decoder_params)
+        self.model = parallelize(model, cfg.train, d)
+        self.optimizer, self.scheduler = build_optimizer(
+            self.model, cfg.train.optim, self.peak_lr, cfg.train.steps
+        )
+        per_rank = cfg.train.batch_size // d.world_size
+        if per_rank * d.world_size != cfg.train.batch_size or per_rank % cfg.train.micro_batch_size:
+            raise ValueError(
+                f"train.batch_size={cfg.train.batch_size} must split evenly into "
+                f"{d.world_size} ranks x train.micro_batch_size={cfg.train.micro_batch_size}"
+            )
+        self.accum = per_rank // cfg.train.micro_batch_size
+        settings = self._loader_settings(self.data.sources, cfg.train.micro_batch_size)
+        self.loader = build_loader(
+            settings, tok, self.data.processor, d.rank, d.world_size, cfg.data.num_workers
+        )
+        self.val_batches = self._validation_batches()
+        self.step = 0
+        self.counters = {"nonfinite_steps": 0}
+        self._resume()
+        if d.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            model_json = json.dumps(to_dict(self.model_cfg), indent=1)
+            (self.run_dir / "model.json").write_text(model_json)
+            tok.save(self.run_dir / "tokenizer")
+            self.data.processor.save_pretrained(self.run_dir / "tokenizer")
+        d.barrier()
+
+    def _loader_settings(self, sources, micro_batch: int) -> LoaderSettings:
+        c = self.cfg.data
+        return LoaderSettings(
+            sources=list(sources),
+            seq_len=c.seq_len,
+            micro_batch_size=micro_batch,
+            num_image_tokens=self.raw_model.num_image_tokens,
+            max_images_per_seq=c.max_images_per_seq,
+            image_boundaries=c.image_boundaries,
+            pack_buffer=c.pack_buffer,
+            max_error_rate=c.max_error_rate,
+            seed=c.seed,
+        )
+
+    @property
+    def raw_model(self) -> MM1:
+        m = self.model if hasattr(self, "model") else None
+        if m is None:
+            raise RuntimeError("setup() first")
+        return m.module if isinstance(m, nn.parallel.DistributedDataParallel) else m
+
+    def _freeze(self, model: MM1) -> None:
+        t = self.cfg.train
+        for part, on in ((model.vision, t.train_vision), (model.connector, t.train_connector)):
+            part.requires_grad_(on)
+        model.decoder.requires_grad_(t.train_decoder)
+
+    def _check_config_change(self) -> None:
+        saved = self.run_dir / "config.yaml"
+        if not saved.exists() or ckpt.latest_checkpoint(self.run_dir) is None:
+            return
+        from omegaconf import OmegaConf
+
+        old = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+        changed = _meaningful(config_diff(old, to_dict(self.cfg)))  # type: ignore[arg-type]
+        if changed and not self.force:
+            raise ValueError(
+                f"{self.run_dir} holds a run whose config differs in {', '.join(changed)}; "
+                "resuming would change its meaning. Use a new train.run_dir, or --force."
+            )
+
+    def _validation_batches(self) -> list[Batch]:
+        if not self.cfg.train.val_every or not self.data.val_sources:
+            return []
+        settings = self._loader_settings(self.data.val_sources, self.cfg.train.micro_batch_size)
+        settings.seed = 1234  # a fixed held-out sample, the same for every run
+        ds = PackedDataset(settings, self.data.tokenizer, self.data.processor, self.d.rank, self.d.world_size)
+        it = iter(ds)
+        return [next(it) for _ in range(self.cfg.train.val_batches)]
+
+    def _resume(self) -> None:
+        path = ckpt.latest_checkpoint(self.run_dir)
+        if path is None:
+            return
+        loaded = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        self.scheduler.load_state_dict(loaded.extra["scheduler"])
+        self.counters = dict(loaded.extra.get("counters", self.counters))
+        self.loader.load_state_dict(loaded.rank_state["loader"])
+        self.step = loaded.step
+        if self.d.is_main:
+            _truncate_metrics(self.run_dir, self.step)
+            print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(
+            self.run_dir,
+            self.step,
+            self.model,
+            self.optimizer,
+            extra={"scheduler": self.scheduler.state_dict(), "counters": dict(self.counters)},
+            rank_state={"loader": self.loader.state_dict()},
+            meta={"config": to_dict(self.cfg)},
+            keep=self.cfg.train.keep_checkpoints,
+        )
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        self.setup()
+        cfg, d = self.cfg.train, self.d
+        logger = MetricsLogger(
+            self.run_dir,
+            cfg.steps,
+            enabled=d.is_main,
+            tensorboard=cfg.tensorboard,
+            wandb=cfg.wandb,
+            config=to_dict(self.cfg),
+            start_step=self.step,
+            progress=cfg.progress,
+        )
+        self._install_signal_handlers()
+        data_iter = iter(self.loader)
+        nonfinite_in_a_row = 0
+        window = {"t": time.perf_counter(), "wait": 0.0, "tokens": 0, "images": 0}
+        last: StepResult | None = None
+        try:
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                micro = [next(data_iter) for _ in range(self.accum)]
+                window["wait"] += time.perf_counter() - t0
+                last = self.train_step(micro)
+                self.step += 1
+                window["tokens"] += last.tokens
+                window["images"] += last.images
+                if last.skipped:
+                    nonfinite_in_a_row += 1
+                    self.counters["nonfinite_steps"] += 1
+                    if nonfinite_in_a_row >= cfg.max_nonfinite_in_a_row:
+                        raise NonFiniteLossError(
+                            f"non-finite loss at step {self.step} for {nonfinite_in_a_row} steps "
+                            "in a row: lower train.optim.lr, check the data, or use float32"
+                        )
+                else:
+                    nonfinite_in_a_row = 0
+                logger.advance(self.step, f"loss {last.loss:.4f}")
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    logger.log(self.step, self._metrics(last, window))
+                    window = {"t": time.perf_counter(), "wait": 0.0, "tokens": 0, "images": 0}
+                if self.val_batches and self.step % cfg.val_every == 0:
+                    logger.log(self.step, {"val_loss": self.validation_loss()})
+                stop = self._stop_requested()
+                if stop or self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                    self.save()
+                if stop:
+                    logger.print(f"signal received: saved step {self.step} and stopped")
+                    break
+        except torch.OutOfMemoryError as err:
+            raise RuntimeError(
+                "out of memory: lower train.micro_batch_size (raising gradient accumulation), "
+                "set train.activation_checkpointing=true, lower data.seq_len or "
+                "data.max_images_per_seq, or shard with train.parallel=fsdp on more GPUs"
+            ) from err
+        finally:
+            logger.close()
+            self._restore_signal_handlers()
+        return {"step": self.step, "loss": last.loss if last else math.nan}
+
+    def train_step(self, micro: list[Batch]) -> StepResult:
+        d, model = self.d, self.model
+        model.train()
+        counts = torch.tensor([float(b.num_label_tokens) for b in micro]).sum().reshape(1)
+        total_labels = int(d.all_reduce_sum(counts.to(d.device)).item())
+        n_src = len(SOURCE_KINDS)
+        # [loss_sum, per-source loss sums..., per-source label counts...]
+        sums = torch.zeros(1 + 2 * n_src, device=d.device)
+        dtype = autocast_dtype(self.cfg.train, d.device)
+        for i, batch in enumerate(micro):
+            batch = batch.to(d.device, non_blocking=True)
+            last = i == len(micro) - 1
+            with self._sync(last), _autocast(d.device, dtype):
+                out = model(**batch.model_inputs(), num_label_tokens=max(total_labels, 1))
+            # DDP / FSDP average gradients over ranks; the loss is already a global mean
+            (out.loss * d.world_size).backward()
+            sums += _source_sums(out.token_loss.detach(), batch, n_src)
+        d.all_reduce_sum(sums)
+        loss = float(sums[0]) / max(total_labels, 1)
+        per_source = {
+            k: float(sums[1 + j] / sums[1 + n_src + j])
+            for j, k in enumerate(SOURCE_KINDS)
+            if sums[1 + n_src + j] > 0
+        }
+        params = [p for p in model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.optim.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if not skipped:
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        tokens = sum(int((b.source_ids >= 0).sum()) for b in micro)  # non-padding tokens
+        images = sum(0 if b.pixel_values is None else b.pixel_values.shape[0] for b in micro)
+        return StepResult(loss, per_source, total_labels, tokens, images, grad_norm, skipped)
+
+    @contextlib.contextmanager
+    def _sync(self, last: bool):
+        """Skip the gradient all-reduce on all but the last micro-batch."""
+        m = self.model
+        if isinstance(m, nn.parallel.DistributedDataParallel) and not last:
+            with m.no_sync():
+                yield
+            return
+        if hasattr(m, "set_requires_gradient_sync"):
+            m.set_requires_gradient_sync(last)
+        yield
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        self.model.eval()
+        dtype = autocast_dtype(self.cfg.train, self.d.device)
+        sums = torch.zeros(2, device=self.d.device)
+        for batch in self.val_batches:
+            batch = batch.to(self.d.device)
+            with _autocast(self.d.device, dtype):
+                out = self.model(**batch.model_inputs())
+            sums += torch.stack([out.loss_sum.float(), torch.tensor(float(out.num_label_tokens))])
+        self.d.all_reduce_sum(sums)
+        self.model.train()
+        return float(sums[0] / sums[1].clamp(min=1))
+
+    def _metrics(self, r: StepResult, window: dict[str, float]) -> dict[str, Any]:
+        elapsed = max(time.perf_counter() - window["t"], 1e-9)
+        world = self.d.world_size
+        tokens_per_s = window["tokens"] * world / elapsed
+        m: dict[str, Any] = {
+            "loss": r.loss,
+            **{f"loss_{k}": v for k, v in r.per_source.items()},
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": r.grad_norm,
+            "tokens_per_s": tokens_per_s,
+            "images_per_s": window["images"] * world / elapsed,
+            "data_wait": window["wait"] / elapsed,
+            "nonfinite_steps": self.counters["nonfinite_steps"],
+            **_loader_counts(self.loader.state_dict()),
+        }
+        if self.d.device.type == "cuda":
+            from mm1.models.summary import summarize
+
+            if not hasattr(self, "_summary"):
+                self._summary = summarize(self.model_cfg, self.cfg.data.seq_len)
+            images_per_seq = window["images"] / max(1, window["tokens"]) * self.cfg.data.seq_len
+            flops = self._summary.flops_per_token(images_per_seq) * tokens_per_s
+            m["mfu"] = flops / (H100_BF16_PEAK * world)
+            m["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        return m
+
+    # -- signals ---------------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            self._stop_signal = signum
+
+        self._old_handlers = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old_handlers[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread
+                pass
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, h in getattr(self, "_old_handlers", {}).items():
+            signal.signal(sig, h)
+
+    def _stop_requested(self) -> bool:
+        """True on every rank once any rank got SIGTERM / SIGINT (ranks stop at the same step)."""
+        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0], device=self.d.device)
+        return bool(self.d.all_reduce_sum(flag).item() > 0)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _source_sums(token_loss: torch.Tensor, batch: Batch, n_src: int) -> torch.Tensor:
+    labelled = batch.labels != IGNORE_INDEX
+    out = torch.zeros(1 + 2 * n_src, device=token_loss.device)
+    out[0] = token_loss.sum()
+    if batch.source_ids is not None:
+        src = batch.source_ids.to(token_loss.device)
+        for j in range(n_src):
+            m = labelled & (src == j)
+            out[1 + j] = token_loss[m].sum()
+            out[1 + n_src + j] = m.sum()
+    return out
+
+
+def _loader_counts(state: dict[str, Any]) -> dict[str, int]:
+    """Skipped records and dropped images, summed over the loader's worker snapshots."""
+    skipped = dropped = 0
+
+    def walk(node: Any) -> None:
+        nonlocal skipped, dropped
+        if isinstance(node, dict):
+            if "mixture" in node and "pack_stats" in node:
+                for s in node["mixture"]["sources"]:
+                    skipped += sum(s["stats"]["skipped"].values())
+                dropped += node["pack_stats"]["images_dropped"]
+                return
+            for v in node.values():
+                walk(v)
+
+    walk(state)
+    return {"skipped_records": skipped, "images_dropped": dropped}
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop records logged after the checkpoint we resume from (they will be logged again)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.replace(path)

@@ -1,0 +1,339 @@
+"""The synthetic world: determinism, layout, disjoint evaluation splits, well-formed annotations,
+and everything reading back through the real-format readers."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mm1.data.document import Conversation, Document
+from mm1.data.sources import READERS, ReadStats, count_records, list_shards
+from mm1.data.synthetic import (
+    COLORS,
+    SHAPES,
+    SPECIAL_TOKENS,
+    Scene,
+    SceneObject,
+    WorldManifest,
+    detailed_caption,
+    render_scene,
+    sample_scene,
+    scene_split,
+    train_world_tokenizer,
+    write_world,
+)
+
+TRAIN_SOURCES = ("captions", "captions_vecap", "interleaved", "interleaved_mmc4", "text")
+
+
+def _tree_hashes(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> tuple[WorldManifest, float]:
+    root = tmp_path_factory.mktemp("world") / "w"
+    t0 = time.perf_counter()
+    manifest = write_world(root, seed=0, size="tiny")
+    return manifest, time.perf_counter() - t0
+
+
+def _reader_kwargs(m: WorldManifest, src: dict) -> dict:
+    if src["format"] == "mmc4":
+        return {"image_dir": m.path(src["image_dir"])}
+    if src["format"] == "llava":
+        return {"image_folder": m.path(src["image_folder"])}
+    return {}
+
+
+def _read_all(m: WorldManifest, name: str) -> tuple[list, ReadStats]:
+    src = m.sources[name]
+    stats = ReadStats()
+    out = []
+    for shard in m.shards(name):
+        out.extend(READERS[src["format"]](shard, stats=stats, **_reader_kwargs(m, src)))
+    return out, stats
+
+
+def test_tiny_world_is_fast(world):
+    _, seconds = world
+    assert seconds < 30, f"tiny world took {seconds:.1f}s (target < 10 s)"
+
+
+def test_unknown_size_names_the_allowed_ones(tmp_path):
+    with pytest.raises(ValueError, match=r"tiny.*small.*medium"):
+        write_world(tmp_path / "w", size="huge")
+
+
+def test_refuses_to_write_into_a_foreign_directory(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(FileExistsError):
+        write_world(tmp_path, size="tiny")
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_deterministic_per_seed(world, tmp_path):
+    m, _ = world
+    first = _tree_hashes(m.root)
+    again = write_world(tmp_path / "same", seed=0, size="tiny")
+    assert _tree_hashes(again.root) == first
+    other = _tree_hashes(write_world(tmp_path / "other", seed=1, size="tiny").root)
+    shard_files = {k for k in first if "/images/" not in k}
+    assert shard_files <= other.keys()  # same layout (image folders differ with the content)
+    differing = [k for k in shard_files if first[k] != other[k]]
+    for name in m.sources:
+        assert any(k.startswith(name + "/") for k in differing), name
+    assert "tokenizer.json" in differing
+    # Re-writing a world directory replaces it completely.
+    write_world(tmp_path / "same", seed=1, size="tiny")
+    assert _tree_hashes(tmp_path / "same") == other
+
+
+def test_layout_and_manifest(world):
+    m, _ = world
+    on_disk = json.loads((m.root / "world.json").read_text())
+    assert on_disk == m.to_dict()
+    loaded = WorldManifest.load(m.root)
+    assert loaded.to_dict() == m.to_dict() and loaded.root == m.root
+    assert (m.seed, m.size, m.image_size) == (0, "tiny", 64)
+    assert set(m.vocabulary["shapes"]) == set(SHAPES) and len(m.vocabulary["colors"]) == 8
+    for name in TRAIN_SOURCES:
+        shards = m.shards(name)
+        assert len(shards) >= 4, name  # 2 ranks x 2 workers each get their own shard
+        assert all(p.is_file() for p in shards)
+        assert sum(m.sources[name]["records_per_shard"]) == m.sources[name]["records"]
+    expected_format = {
+        "captions": "wds",
+        "captions_vecap": "wds",
+        "interleaved": "obelics",
+        "interleaved_mmc4": "mmc4",
+        "text": "text",
+        "sft": "llava",
+    }
+    assert {k: v["format"] for k, v in m.sources.items()} == expected_format
+    assert list_shards(m.root / "captions", "wds") == m.shards("captions")
+    for split in ("val", "support"):
+        ev = m.eval[split]
+        for key in ("image_dir", "coco_captions", "vqa_questions", "vqa_annotations"):
+            assert m.path(ev[key]).exists(), (split, key)
+    # Every stored path is relative: the world can be moved.
+    assert str(m.root) not in (m.root / "world.json").read_text()
+
+
+def test_everything_reads_back_with_manifest_counts(world):
+    m, _ = world
+    for name, src in m.sources.items():
+        records, stats = _read_all(m, name)
+        assert len(records) == src["records"], name
+        assert stats.skipped == {}, (name, stats.skipped)
+        for shard, n in zip(m.shards(name), src.get("records_per_shard", [])):
+            assert count_records(shard, src["format"]) == n
+        if "images" in src:
+            if src["format"] == "llava":
+                n_images = sum(len(c.images) for c in records)
+            else:
+                n_images = sum(d.num_images for d in records)
+            assert n_images == src["images"], name
+        for rec in records[:20]:
+            images = rec.images
+            assert all(im.size == (64, 64) and im.mode == "RGB" for im in images)
+        if src["kind"] == "interleaved":
+            assert all(2 <= d.num_images <= 6 for d in records)
+            assert all(any(isinstance(p, str) for p in d.parts) for d in records)
+        if src["kind"] == "captions":
+            assert all(isinstance(d, Document) and len(d.parts) == 2 for d in records)
+            assert all(d.meta["caption"] == d.parts[1] for d in records)
+        if src["kind"] == "sft":
+            assert all(isinstance(c, Conversation) for c in records)
+    # The YAML form of the SFT data reads the same conversations.
+    yaml_convs = list(READERS["llava_yaml"](m.path(m.sources["sft"]["yaml"])))
+    assert len(yaml_convs) == m.sources["sft"]["records"]
+
+
+def _pixel_hash(im: Image.Image) -> str:
+    return hashlib.sha256(im.tobytes()).hexdigest()
+
+
+def _train_images_and_scenes(m: WorldManifest) -> tuple[set[str], set[str]]:
+    pixels, sigs = set(), set()
+    for name in ("captions", "captions_vecap"):
+        for d in _read_all(m, name)[0]:
+            pixels.add(_pixel_hash(d.parts[0]))
+            sigs.add(Scene.from_dict(d.meta["scene"]).signature())
+    for d in _read_all(m, "interleaved")[0]:
+        pixels.update(_pixel_hash(im) for im in d.images)
+        sigs.update(Scene.from_dict(x["scene"]).signature() for x in d.meta["metadata"] if x)
+    for d in _read_all(m, "interleaved_mmc4")[0]:
+        pixels.update(_pixel_hash(im) for im in d.images)
+        sigs.update(Scene.from_dict(x["scene"]).signature() for x in d.meta["image_info"])
+    for c in _read_all(m, "sft")[0]:
+        pixels.update(_pixel_hash(im) for im in c.images)
+        sigs.update(Scene.from_dict(x).signature() for x in c.meta.get("scenes", []))
+    return pixels, sigs
+
+
+def _eval_images_and_scenes(m: WorldManifest, split: str) -> tuple[set[str], set[str]]:
+    ev = m.eval[split]
+    coco = json.loads(m.path(ev["coco_captions"]).read_text())
+    pixels, sigs = set(), set()
+    for img in coco["images"]:
+        with Image.open(m.path(ev["image_dir"]) / img["file_name"]) as im:
+            pixels.add(_pixel_hash(im.convert("RGB")))
+        sigs.add(Scene.from_dict(img["scene"]).signature())
+    return pixels, sigs
+
+
+def test_eval_splits_are_disjoint_from_training_and_each_other(world):
+    m, _ = world
+    train_px, train_sig = _train_images_and_scenes(m)
+    val_px, val_sig = _eval_images_and_scenes(m, "val")
+    sup_px, sup_sig = _eval_images_and_scenes(m, "support")
+    assert len(train_sig) > 500 and len(val_sig) > 30 and len(sup_sig) > 15
+    assert not (val_px & train_px) and not (sup_px & train_px) and not (val_px & sup_px)
+    assert not (val_sig & train_sig) and not (sup_sig & train_sig) and not (val_sig & sup_sig)
+
+
+def test_coco_captions_well_formed(world):
+    m, _ = world
+    for split in ("val", "support"):
+        ev = m.eval[split]
+        coco = json.loads(m.path(ev["coco_captions"]).read_text())
+        ids = [im["id"] for im in coco["images"]]
+        assert len(ids) == len(set(ids)) == ev["images"]
+        for im in coco["images"]:
+            assert (im["width"], im["height"]) == (64, 64)
+            assert (m.path(ev["image_dir"]) / im["file_name"]).is_file()
+        ann_ids = [a["id"] for a in coco["annotations"]]
+        assert len(ann_ids) == len(set(ann_ids)) == ev["captions"]
+        per_image: dict[int, list[str]] = {}
+        for a in coco["annotations"]:
+            assert isinstance(a["caption"], str) and a["caption"].strip()
+            per_image.setdefault(a["image_id"], []).append(a["caption"])
+        assert set(per_image) == set(ids)
+        for image_id, refs in per_image.items():
+            assert len(refs) == 5 and len(set(refs)) == 5, (image_id, refs)
+        # The first reference is the canonical caption of the image's scene.
+        scenes = {im["id"]: Scene.from_dict(im["scene"]) for im in coco["images"]}
+        for image_id, refs in per_image.items():
+            assert refs[0] == detailed_caption(scenes[image_id], 0)
+
+
+def test_vqa_well_formed_and_grounded(world):
+    m, _ = world
+    coco = json.loads(m.path(m.eval["val"]["coco_captions"]).read_text())
+    scenes = {im["id"]: Scene.from_dict(im["scene"]) for im in coco["images"]}
+    qs = json.loads(m.path(m.eval["val"]["vqa_questions"]).read_text())["questions"]
+    anns = json.loads(m.path(m.eval["val"]["vqa_annotations"]).read_text())["annotations"]
+    assert len(qs) == len(anns) == m.eval["val"]["questions"] > 0
+    by_qid = {a["question_id"]: a for a in anns}
+    assert len(by_qid) == len(anns)
+    all_identical = 0
+    for q in qs:
+        assert q["image_id"] in scenes and isinstance(q["question"], str)
+        a = by_qid[q["question_id"]]
+        assert a["image_id"] == q["image_id"]
+        assert a["answer_type"] in ("yes/no", "number", "other")
+        assert isinstance(a["question_type"], str) and q["question"].lower().startswith(
+            a["question_type"]
+        )
+        answers = a["answers"]
+        assert len(answers) == 10
+        assert [x["answer_id"] for x in answers] == list(range(1, 11))
+        assert all(x["answer_confidence"] in ("yes", "maybe", "no") for x in answers)
+        counts = Counter(x["answer"] for x in answers)
+        assert counts[a["multiple_choice_answer"]] == max(counts.values())
+        all_identical += len(counts) == 1
+        # Grounding: the majority answer agrees with the scene's facts.
+        scene, mc, text = scenes[q["image_id"]], a["multiple_choice_answer"], q["question"]
+        if text.startswith("What color is the "):
+            shape = text.removeprefix("What color is the ").rstrip("?")
+            assert mc == next(o.color for o in scene.objects if o.shape == shape)
+        elif text in ("How many objects are there?", "How many shapes are there?"):
+            assert mc == str(scene.count)
+        elif text.startswith("Is there a"):
+            color, shape = text.rstrip("?").split()[-2:]
+            present = any((o.color, o.shape) == (color, shape) for o in scene.objects)
+            assert mc == ("yes" if present else "no")
+        elif a["question_type"] in ("what word is", "what does the", "what number is"):
+            assert mc == scene.text
+        if a["answer_type"] == "number":
+            assert mc.isdigit()
+    # Realistic variation: some questions have differing answers, some ten identical ones.
+    assert 0 < all_identical < len(qs)
+
+
+def test_captions_styles_and_facts(world):
+    m, _ = world
+    alt, _ = _read_all(m, "captions")
+    recap, _ = _read_all(m, "captions_vecap")
+    for d in recap:
+        scene = Scene.from_dict(d.meta["scene"])
+        assert d.meta["caption_style"] == "recaption"
+        for o in scene.objects:
+            assert f"{o.color} {o.shape}" in d.parts[1]
+    assert all(d.meta["caption_style"] == "alt-text" for d in alt)
+    # Alt-text is short and noisy; re-captions are long.
+    assert np.mean([len(d.parts[1]) for d in alt]) < 0.5 * np.mean([len(d.parts[1]) for d in recap])
+    keys = {"url", "caption", "key", "status", "width", "height"}
+    assert all(keys <= d.meta.keys() and d.meta["status"] == "success" for d in alt)
+    assert all(d.meta["key"] == d.id for d in alt)
+    text_rich = [d for d in alt + recap if d.meta["scene"]["text"] is not None]
+    assert len(text_rich) > 0.05 * len(alt + recap)
+
+
+def test_scenes_follow_their_split_and_render_readably():
+    rng = random.Random(0)
+    for split in ("train", "val", "support"):
+        for _ in range(20):
+            assert scene_split(sample_scene(rng, split)) == split
+    # A small object is at least ~14 px wide at 64 px.
+    scene = Scene((SceneObject("square", "black", "small", "center"),), "gray", "plain")
+    arr = np.asarray(render_scene(scene, 64)).astype(int)
+    dark = (arr.sum(axis=2) < 3 * 70).any(axis=0)
+    assert dark.sum() >= 14
+    # Larger images are supported and show the same thing.
+    assert render_scene(scene, 96).size == (96, 96)
+    # Colours are distinguishable after JPEG round-trip.
+    for name, rgb in COLORS.items():
+        sc = Scene((SceneObject("circle", name, "large", "center"),), "gray", "plain")
+        buf = io.BytesIO()
+        render_scene(sc).save(buf, format="JPEG", quality=92, subsampling=0)
+        centre = np.asarray(Image.open(buf))[32, 32].astype(int)
+        assert np.abs(centre - np.array(rgb)).max() < 30, name
+
+
+def test_world_tokenizer(world):
+    from tokenizers import Tokenizer
+
+    m, _ = world
+    tok = Tokenizer.from_file(str(m.tokenizer_path))
+    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    assert 300 < tok.get_vocab_size() <= 1024
+    text = "a large red circle on the left and a small blue square at the top."
+    ids = tok.encode(text).ids
+    assert tok.decode(ids) == text
+    assert len(ids) <= 20  # world words are (nearly) single tokens
+    enc = tok.encode("<image>Output: a red star<|endofchunk|>")
+    assert enc.ids[0] == 3 and enc.ids[-1] == 4
+    assert tok.decode(tok.encode("unseen ünïcode 123").ids) == "unseen ünïcode 123"
+
+
+def test_train_world_tokenizer_is_deterministic():
+    texts = [f"{i} plus {i + 1} is {2 * i + 1}. a red circle." for i in range(200)]
+    a = train_world_tokenizer(texts, 300).to_str()
+    b = train_world_tokenizer(texts, 300).to_str()
+    assert a == b
+    assert '"<|endofchunk|>"' in a

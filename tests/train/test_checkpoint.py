@@ -1,0 +1,357 @@
+"""Checkpoints: exact resume (1 process and 2 gloo processes with FSDP2 / DDP), atomicity, keep."""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+import mm1.train.checkpoint as ckpt
+from mm1.train.checkpoint import (
+    capture_rng_state,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    read_meta,
+    restore_rng_state,
+    save_checkpoint,
+)
+
+VOCAB, DIM, BATCH, SEQ = 32, 16, 4, 6
+
+
+class TinyLM(nn.Module):
+    """Embedding tied to the output head, an MLP body and dropout (which draws from the RNG)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.body = nn.Sequential(nn.Linear(DIM, 2 * DIM), nn.GELU(), nn.Linear(2 * DIM, DIM))
+        self.drop = nn.Dropout(0.1)
+        self.head = nn.Linear(DIM, VOCAB, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens)
+        return self.head(self.drop(h + self.body(h)))
+
+
+def _loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    logits = model(tokens[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+
+
+def _make(init_seed: int) -> tuple[TinyLM, torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    torch.manual_seed(init_seed)
+    model = TinyLM()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    return model, opt, sched
+
+
+def _train(model, opt, sched, n: int) -> list[float]:
+    """n steps on batches drawn from the global RNG (so a wrong RNG restore changes the losses)."""
+    losses = []
+    model.train()
+    for _ in range(n):
+        tokens = torch.randint(VOCAB, (BATCH, SEQ))
+        loss = _loss(model, tokens)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if sched is not None:
+            sched.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _rng_probe() -> tuple[list[float], float, float]:
+    return torch.rand(4).tolist(), random.random(), float(np.random.rand())
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def _params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# 1 process
+
+
+def test_single_process_resume_is_bit_exact(tmp_path: Path) -> None:
+    _seed_all(0)
+    model, opt, sched = _make(0)
+    _train(model, opt, sched, 3)
+    np_state = np.random.default_rng(5).bit_generator.state
+    rank_state = {"pos": 123, "nested": {7: [1, {"b": ()}], "empty": {}}, "np_rng": np_state}
+    extra = {"scheduler": sched.state_dict(), "tokens_seen": 999}
+    path = save_checkpoint(
+        tmp_path, 3, model, opt, extra=extra, rank_state=rank_state, meta={"fingerprint": "abc"}
+    )
+    assert path == tmp_path / "checkpoints" / "step_3"
+    probe = _rng_probe()
+    losses = _train(model, opt, sched, 3)
+    expected = _params(model)
+
+    _seed_all(1)  # a different RNG and different initial weights
+    model2, opt2, sched2 = _make(1)
+    assert latest_checkpoint(tmp_path) == path
+    loaded = load_checkpoint(path, model2, opt2)
+    sched2.load_state_dict(loaded.extra["scheduler"])
+    assert _rng_probe() == probe
+    assert _train(model2, opt2, sched2, 3) == losses  # bit-exact
+    got = _params(model2)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert model2.head.weight is model2.embed.weight  # still tied
+
+    assert loaded.step == 3 and loaded.path == path
+    assert loaded.extra == extra
+    assert loaded.rank_state == rank_state
+    gen = np.random.default_rng()
+    gen.bit_generator.state = loaded.rank_state["np_rng"]
+    assert gen.random() == np.random.default_rng(5).random()
+    meta = read_meta(path)
+    assert loaded.meta == meta
+    assert meta["step"] == 3 and meta["world_size"] == 1 and meta["fingerprint"] == "abc"
+    assert {"time", "mm1_version", "torch_version"} <= set(meta)
+
+
+def test_save_before_first_step_does_not_change_training(tmp_path: Path) -> None:
+    """get_state_dict initialises an unstepped optimizer; the save must not let that leak."""
+    _seed_all(0)
+    model, opt, _ = _make(0)
+    reference = _train(model, opt, None, 3)
+
+    _seed_all(0)
+    model, opt, _ = _make(0)
+    path = save_checkpoint(tmp_path, 0, model, opt)  # no optimizer state yet, no extras
+    assert len(opt.state) == 0
+    assert _train(model, opt, None, 3) == reference
+
+    _seed_all(1)
+    model2, opt2, _ = _make(1)
+    loaded = load_checkpoint(path, model2, opt2)
+    assert len(opt2.state) == 0
+    assert loaded.extra == {} and loaded.rank_state == {}
+    assert _train(model2, opt2, None, 3) == reference
+
+
+def test_rng_helpers_round_trip() -> None:
+    state = capture_rng_state()
+    before = _rng_probe()
+    _seed_all(123)
+    restore_rng_state(state)
+    assert _rng_probe() == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomicity and retention
+
+
+def test_crashed_saves_never_count_and_are_cleaned_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _seed_all(0)
+    model, opt, _ = _make(0)
+    _train(model, opt, None, 1)
+    good = save_checkpoint(tmp_path, 1, model, opt, keep=2)
+    root = tmp_path / "checkpoints"
+
+    # Crash while the shards are being written: some files exist, no meta.json, no rename.
+    real_save = ckpt.dcp.save
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise RuntimeError("simulated crash in DCP save")
+
+    monkeypatch.setattr(ckpt.dcp, "save", save_then_die)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        save_checkpoint(tmp_path, 2, model, opt, keep=2)
+    monkeypatch.undo()
+    assert any((root / ".tmp_step_2").iterdir())
+    assert latest_checkpoint(tmp_path) == good
+
+    # Crash between meta.json and the rename: a complete-looking tmp dir still does not count.
+    def no_rename(src: Path, dst: Path) -> None:
+        raise OSError("simulated crash before rename")
+
+    monkeypatch.setattr(ckpt, "_atomic_rename", no_rename)
+    with pytest.raises(OSError, match="simulated crash"):
+        save_checkpoint(tmp_path, 3, model, opt, keep=2)
+    monkeypatch.undo()
+    assert (root / ".tmp_step_3" / "meta.json").is_file()
+    (root / "step_99").mkdir()  # a step_N without meta.json (never completed) is ignored too
+    assert latest_checkpoint(tmp_path) == good
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        read_meta(root / "step_99")
+
+    # The next save succeeds and removes the leftovers; keep=2 keeps the last two.
+    save_checkpoint(tmp_path, 4, model, opt, keep=2)
+    assert not [p for p in root.iterdir() if p.name.startswith(".tmp_")]
+    assert list_checkpoints(tmp_path) == [good, root / "step_4"]
+    save_checkpoint(tmp_path, 5, model, opt, keep=2)
+    save_checkpoint(tmp_path, 6, model, opt, keep=2)
+    assert list_checkpoints(tmp_path) == [root / "step_5", root / "step_6"]
+    assert sorted(p.name for p in root.iterdir()) == ["step_5", "step_6", "step_99"]
+
+    # Saving a step that exists replaces it.
+    _train(model, opt, None, 1)
+    save_checkpoint(tmp_path, 6, model, opt, keep=2, meta={"again": True})
+    assert read_meta(root / "step_6")["again"] is True
+    assert list_checkpoints(tmp_path) == [root / "step_5", root / "step_6"]
+
+
+def test_bad_arguments(tmp_path: Path) -> None:
+    model, opt, _ = _make(0)
+    with pytest.raises(ValueError, match="reserved"):
+        save_checkpoint(tmp_path, 1, model, opt, meta={"step": 5})
+    with pytest.raises(ValueError, match="keep"):
+        save_checkpoint(tmp_path, 1, model, opt, keep=0)
+    with pytest.raises(TypeError):
+        save_checkpoint(tmp_path, 1, model, opt, meta={"x": object()})
+    assert latest_checkpoint(tmp_path) is None
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "checkpoints" / "step_1", model, opt)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2 gloo processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wrap(model: nn.Module, kind: str) -> nn.Module:
+    if kind == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.body:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        return model
+    return nn.parallel.DistributedDataParallel(model)
+
+
+def _dist_worker(rank: int, world: int, port: int, root: str, phase: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        fixed = torch.randint(VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(rank))
+        for kind in ("fsdp", "ddp"):
+            run_dir = Path(root) / kind
+            if phase == "save":
+                torch.manual_seed(0)  # same initial weights on every rank
+                model = _wrap(TinyLM(), kind)
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+                _seed_all(100 + rank)  # RNG states (so data and dropout) differ across ranks
+                _train(model, opt, None, 2)
+                model.eval()
+                with torch.no_grad():
+                    eval_loss = _loss(model, fixed).item()
+                rank_state = {
+                    "rank": rank,
+                    "pos": 100 + rank,
+                    "np": np.random.default_rng(rank).bit_generator.state,
+                }
+                save_checkpoint(
+                    run_dir, 2, model, opt, extra={"tokens": 42}, rank_state=rank_state
+                )
+                result = {"eval_loss": eval_loss, "probe": _rng_probe()}
+            else:
+                torch.manual_seed(7)  # other weights, same RNG on both ranks
+                model = _wrap(TinyLM(), kind)
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+                _seed_all(0)
+                loaded = load_checkpoint(latest_checkpoint(run_dir), model, opt)
+                probe = _rng_probe()
+                model.eval()
+                with torch.no_grad():
+                    eval_loss = _loss(model, fixed).item()
+                result = {
+                    "eval_loss": eval_loss,
+                    "probe": probe,
+                    "step": loaded.step,
+                    "extra": loaded.extra,
+                    "rank_state": loaded.rank_state,
+                }
+            result["losses"] = _train(model, opt, None, 2)
+            torch.save(result, run_dir / f"{phase}_rank{rank}.pt")
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(root: Path, phase: str, timeout: float = 120.0) -> None:
+    ctx = mp.spawn(
+        _dist_worker, args=(2, _free_port(), str(root), phase), nprocs=2, join=False
+    )
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"2-process {phase} did not finish in {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("two_ranks")
+    _spawn(root, "save")
+    _spawn(root, "load")
+    return root
+
+
+@pytest.mark.parametrize("kind", ["fsdp", "ddp"])
+def test_two_processes_each_rank_gets_its_own_state(two_rank_runs: Path, kind: str) -> None:
+    run_dir = two_rank_runs / kind
+    meta = read_meta(latest_checkpoint(run_dir))
+    assert meta["world_size"] == 2 and meta["step"] == 2
+    saved = [torch.load(run_dir / f"save_rank{r}.pt", weights_only=False) for r in (0, 1)]
+    loaded = [torch.load(run_dir / f"load_rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert saved[0]["probe"] != saved[1]["probe"]  # the ranks' RNG states did differ
+    for r in (0, 1):
+        got, want = loaded[r], saved[r]
+        assert got["rank_state"]["rank"] == r and got["rank_state"]["pos"] == 100 + r
+        assert got["rank_state"]["np"] == np.random.default_rng(r).bit_generator.state
+        assert got["step"] == 2 and got["extra"] == {"tokens": 42}
+        assert got["probe"] == want["probe"]  # this rank's RNG states
+        assert got["eval_loss"] == want["eval_loss"]  # the weights
+        assert got["losses"] == want["losses"]  # weights, optimizer state, RNG: bit-exact
+
+
+def test_world_size_mismatch_is_a_clear_error(two_rank_runs: Path) -> None:
+    model, opt, _ = _make(0)
+    path = latest_checkpoint(two_rank_runs / "fsdp")
+    with pytest.raises(ValueError, match=r"saved by 2 process\(es\).*world size 1"):
+        load_checkpoint(path, model, opt)
+
+
+def test_world_size_recorded_in_meta_is_checked(tmp_path: Path) -> None:
+    model, opt, _ = _make(0)
+    path = save_checkpoint(tmp_path, 1, model, opt)
+    meta = read_meta(path)
+    meta["world_size"] = 4
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"saved by 4 process\(es\).*world size 1"):
+        load_checkpoint(path, model, opt)
