@@ -60,6 +60,140 @@ def cmd_info(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from mm1.train.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    result = Trainer(cfg, force=args.force).fit()
+    console.print(f"done: step {result['step']}, loss {result['loss']:.4f} -> {cfg.train.run_dir}")
+
+
+def cmd_data_synth(args: argparse.Namespace) -> None:
+    from mm1.data.synthetic import write_world
+
+    m = write_world(args.out, seed=args.seed, size=args.size, image_size=args.image_size)
+    table = Table(title=f"synthetic world ({args.size}, seed {args.seed}) in {args.out}")
+    for col in ("source", "format", "records", "images", "shards"):
+        table.add_column(col, justify="right" if col in ("records", "images", "shards") else "left")
+    for name, src in m.sources.items():
+        table.add_row(
+            name,
+            src["format"],
+            str(src["records"]),
+            str(src.get("images", 0)),
+            str(len(src["shards"])),
+        )
+    console.print(table)
+    for split, ev in m.eval.items():
+        console.print(
+            f"eval/{split}: {ev['images']} images, {ev['captions']} captions, "
+            f"{ev['questions']} VQA questions"
+        )
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> None:
+    import json
+
+    from mm1.data.sources import inspect_source
+
+    console.print_json(json.dumps(inspect_source(args.path, args.format, args.n), default=str))
+
+
+def cmd_data_stats(args: argparse.Namespace) -> None:
+    import json
+
+    from mm1.data.loader import LoaderSettings, packing_stats
+    from mm1.data.world import prepare_data
+
+    cfg = load_config(args.config, args.overrides)
+    data = prepare_data(cfg.data, cfg.model)
+    q = cfg.model.num_image_tokens
+    settings = LoaderSettings(
+        sources=data.sources,
+        seq_len=cfg.data.seq_len,
+        micro_batch_size=1,
+        num_image_tokens=q,
+        max_images_per_seq=cfg.data.max_images_per_seq,
+        image_boundaries=cfg.data.image_boundaries,
+        pack_buffer=cfg.data.pack_buffer,
+        max_error_rate=cfg.data.max_error_rate,
+        seed=cfg.data.seed,
+    )
+    stats = packing_stats(settings, data.tokenizer, args.sequences, progress=not args.json)
+    if args.json:
+        print(json.dumps(stats, indent=1))
+        return
+    table = Table(title=f"{args.sequences} sequences of {cfg.data.seq_len} tokens, Q={q}")
+    table.add_column("source")
+    table.add_column("target", justify="right")
+    table.add_column("realised (documents)", justify="right")
+    table.add_column("tokens", justify="right")
+    for kind, target in stats["target_mixture"].items():
+        table.add_row(
+            kind,
+            f"{100 * target:.1f}%",
+            f"{100 * stats['mixture'].get(kind, 0.0):.1f}%",
+            f"{stats['tokens_per_source'].get(kind, 0):,}",
+        )
+    console.print(table)
+    console.print(
+        f"packing efficiency {100 * stats['packing_efficiency']:.2f}%  |  images "
+        f"{stats['images']:,}, dropped by the cap {stats['images_dropped']} "
+        f"({100 * stats['images_dropped_fraction']:.2f}%)  |  documents cut "
+        f"{stats['pieces_cut']}  |  records skipped {sum(stats['read']['skipped'].values())}"
+    )
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from mm1.pretrained import load_pretrained, save_pretrained
+
+    p = load_pretrained(args.source)
+    if args.export:
+        out = save_pretrained(p.model, p.tokenizer, p.processor, args.export)
+        console.print(f"exported {args.source} -> {out}")
+    if args.to_hf:
+        from pathlib import Path
+
+        from mm1.models.hf import save_decoder_hf, save_vision_hf
+
+        out = Path(args.to_hf)
+        save_decoder_hf(p.model.decoder, out / "decoder", model_type=args.hf_type)
+        p.tokenizer.save(out / "decoder")
+        save_vision_hf(p.model.vision, out / "vision")
+        p.processor.save_pretrained(out / "vision")
+        console.print(f"wrote transformers checkpoints to {out}/decoder and {out}/vision")
+    if not args.export and not args.to_hf:
+        raise ConfigError("convert: give --export DIR and/or --to-hf DIR")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from PIL import Image
+
+    from mm1.data.tokenizer import tokenize_prompt
+    from mm1.pretrained import load_pretrained
+
+    p = load_pretrained(args.model)
+    images = [Image.open(path).convert("RGB") for path in args.image]
+    ids = tokenize_prompt(args.prompt, images, p.tokenizer, p.model.num_image_tokens)
+    pixels = p.processor(images) if images else None
+    out = p.model.generate(
+        [ids],
+        pixels,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.temperature > 0,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        eos_token_id=p.tokenizer.eos_id,
+        pad_token_id=p.tokenizer.pad_id,
+        stop_strings=args.stop or (),
+        tokenizer=p.tokenizer,
+    )[0]
+    text = p.tokenizer.decode(out)
+    for stop in args.stop or ():
+        text = text.split(stop)[0]
+    print(text)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from mm1.demo import run_demo
 
@@ -70,26 +204,68 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mm1", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def add(
-        name: str, fn: Callable[[argparse.Namespace], None], help: str
-    ) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+    def add(name: str, fn: Callable[[argparse.Namespace], None], help: str, on=sub):
+        p = on.add_parser(name, help=help, description=help)
         p.set_defaults(fn=fn)
         return p
+
+    p = add("demo", cmd_demo, "the end-to-end demo on the built-in synthetic world")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+
+    p = add("train", cmd_train, "pre-train (or continue) a run; resumes from its run_dir")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("--force", action="store_true", help="resume even if the config changed")
 
     p = add("info", cmd_info, "parameters, FLOPs and the MM1 peak lr of a model config")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.add_argument("--seq-len", type=int, default=0)
 
-    p = add("demo", cmd_demo, "the end-to-end demo on the built-in synthetic world")
-    p.add_argument("--out", default="runs/demo")
+    data = add("data", lambda a: None, "synthetic world, inspection and packing statistics")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    p = add("synth", cmd_data_synth, "write the synthetic world", dsub)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", default="tiny", choices=("tiny", "small", "medium"))
+    p.add_argument("--image-size", type=int, default=64)
+    p = add("inspect", cmd_data_inspect, "what a source holds: counts and decoded samples", dsub)
+    p.add_argument("path")
+    p.add_argument("--format", default=None)
+    p.add_argument("-n", type=int, default=3)
+    p = add("stats", cmd_data_stats, "mixture and packing statistics of a config", dsub)
+    p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("--sequences", type=int, default=200)
+    p.add_argument("--json", action="store_true")
+
+    p = add("convert", cmd_convert, "export a run for inference, or write transformers checkpoints")
+    p.add_argument("source", help="a run directory or an exported directory")
+    p.add_argument("--export", default=None, help="write safetensors + config + tokenizer here")
+    p.add_argument("--to-hf", default=None, help="write decoder/ and vision/ HF checkpoints here")
+    p.add_argument("--hf-type", default="llama", choices=("llama", "qwen2", "mistral"))
+
+    p = add("generate", cmd_generate, "continue a prompt with images (`<image>` marks each)")
+    p.add_argument("model", help="a run directory or an exported directory")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--image", action="append", default=[])
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=None)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come after options (`mm1 data stats cfg.yaml --json data.seq_len=4096`).
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    if unknown or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         args.fn(args)
     except ConfigError as err:

@@ -93,7 +93,9 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pre
             "directory with checkpoints/"
         )
     model.to(device).eval()
-    return Pretrained(model, Tokenizer.from_file(tok_dir), ImageProcessor.from_pretrained(proc_dir), path)
+    return Pretrained(
+        model, Tokenizer.from_file(tok_dir), ImageProcessor.from_pretrained(proc_dir), path
+    )
 
 
 def _rope(cfg: ModelConfig) -> torch.Tensor:

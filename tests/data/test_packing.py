@@ -164,7 +164,9 @@ def test_collated_batch_trains_like_documents_alone() -> None:
     total, n = 0.0, 0
     for p in seq:
         ids = torch.tensor([p.doc.input_ids])
-        out = model(ids, torch.tensor([p.doc.labels()]), pixel_values=pixels if p.num_images else None)
+        out = model(
+            ids, torch.tensor([p.doc.labels()]), pixel_values=pixels if p.num_images else None
+        )
         total += out.loss_sum.item()
         n += out.num_label_tokens
     assert packed.loss.item() == pytest.approx(total / n, rel=1e-5)

@@ -247,7 +247,10 @@ DECODER_CASES = {
     "llama-llama3-rope": ("llama", dict(rope_parameters=LLAMA3)),
     "qwen2-gqa-bias": ("qwen2", {}),
     "qwen2-mha-tied": ("qwen2", dict(num_key_value_heads=4, tie_word_embeddings=True)),
-    "qwen2-sliding": ("qwen2", dict(use_sliding_window=True, sliding_window=5, max_window_layers=0)),
+    "qwen2-sliding": (
+        "qwen2",
+        dict(use_sliding_window=True, sliding_window=5, max_window_layers=0),
+    ),
     "mistral-gqa-sliding": ("mistral", dict(sliding_window=5)),
 }
 

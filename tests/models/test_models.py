@@ -253,7 +253,9 @@ def test_kv_cache_decoding_matches_full_forward() -> None:
     ids = torch.randint(0, 64, (2, 12))
     full = dec(ids)
     cache = KVCache(cfg, 2, 12, "cpu", torch.float32)
-    pieces = [dec(ids[:, :5], cache=cache)] + [dec(ids[:, i : i + 1], cache=cache) for i in range(5, 12)]
+    pieces = [dec(ids[:, :5], cache=cache)] + [
+        dec(ids[:, i : i + 1], cache=cache) for i in range(5, 12)
+    ]
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
 
 

@@ -274,9 +274,7 @@ def _dist_worker(rank: int, world: int, port: int, root: str, phase: str) -> Non
                     "pos": 100 + rank,
                     "np": np.random.default_rng(rank).bit_generator.state,
                 }
-                save_checkpoint(
-                    run_dir, 2, model, opt, extra={"tokens": 42}, rank_state=rank_state
-                )
+                save_checkpoint(run_dir, 2, model, opt, extra={"tokens": 42}, rank_state=rank_state)
                 result = {"eval_loss": eval_loss, "probe": _rng_probe()}
             else:
                 torch.manual_seed(7)  # other weights, same RNG on both ranks
@@ -303,9 +301,7 @@ def _dist_worker(rank: int, world: int, port: int, root: str, phase: str) -> Non
 
 
 def _spawn(root: Path, phase: str, timeout: float = 120.0) -> None:
-    ctx = mp.spawn(
-        _dist_worker, args=(2, _free_port(), str(root), phase), nprocs=2, join=False
-    )
+    ctx = mp.spawn(_dist_worker, args=(2, _free_port(), str(root), phase), nprocs=2, join=False)
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:

@@ -185,7 +185,9 @@ class ImageProcessor:
             "size": size,
             "do_center_crop": self.crop_size is not None,
             "crop_size": (
-                {"height": self.crop_size[0], "width": self.crop_size[1]} if self.crop_size else None
+                {"height": self.crop_size[0], "width": self.crop_size[1]}
+                if self.crop_size
+                else None
             ),
             "do_rescale": self.rescale_factor is not None,
             "rescale_factor": self.rescale_factor,

@@ -9,7 +9,7 @@ buffered records (nothing already emitted is read again).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -21,8 +21,7 @@ from mm1.data.document import Conversation
 from mm1.data.images import ImageProcessor
 from mm1.data.mixture import Mixture, Record, SourceStream
 from mm1.data.packing import Packer, PackStats, Piece, collate, slice_document, split_document
-from mm1.data.sources import ReadStats, check_error_rate
-from mm1.data.sources import _warn as warn_skip
+from mm1.data.sources import ReadStats, check_error_rate, warn_skip
 from mm1.data.tokenizer import (
     TokenizedDocument,
     Tokenizer,
@@ -77,7 +76,7 @@ class PackedDataset(IterableDataset):
     def _build(self) -> None:
         slot, num_slots = self._slot(), self.world_size * self.num_workers
         streams = [
-            SourceStream(i, spec, slot, num_slots, self.s.seed)
+            SourceStream(i, spec, slot, num_slots, self.s.seed, self.s.max_error_rate)
             for i, spec in enumerate(self.s.sources)
         ]
         self._mixture = Mixture(streams, self.s.seed, slot)
@@ -194,3 +193,33 @@ def build_loader(
         prefetch_factor=2 if num_workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
     )
+
+
+def packing_stats(
+    settings: LoaderSettings,
+    tokenizer: Tokenizer,
+    num_sequences: int,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Mixture, packing and reading statistics of the first `num_sequences` sequences of one
+    slot (images are read but not preprocessed)."""
+    from rich.progress import track
+
+    settings = replace(settings, micro_batch_size=1)
+    ds = PackedDataset(settings, tokenizer, processor=None)  # type: ignore[arg-type]
+    ds._build()
+    assert ds._packer is not None
+    steps = range(num_sequences)
+    for _ in track(steps, description="packing", disable=not progress):
+        ds._fill()
+        ds._packer.next_sequence()
+    out = ds._packer.stats.to_dict()
+    out["read"] = ds.read_stats().to_dict()
+    out["seq_len"] = settings.seq_len
+    out["num_image_tokens"] = settings.num_image_tokens
+    total = sum(s.weight for s in settings.sources) or 1.0
+    weights: dict[str, float] = {}
+    for s in settings.sources:
+        weights[s.resolved_kind] = weights.get(s.resolved_kind, 0.0) + s.weight / total
+    out["target_mixture"] = weights
+    return out

@@ -19,12 +19,19 @@ import numpy as np
 
 from mm1.config import SourceConfig
 from mm1.data.document import Conversation, Document
-from mm1.data.sources import READERS, ReadStats, count_records, list_shards
+from mm1.data.sources import (
+    READERS,
+    DataError,
+    ReadStats,
+    check_error_rate,
+    count_records,
+    list_shards,
+)
 
 Record = Document | Conversation
 
 # The keyword under which each reader takes its local image folder.
-_IMAGE_ROOT_ARG = {"obelics": "image_root", "mmc4": "image_dir", "llava": "image_folder"}
+_IMAGE_ROOT_ARG = {"mmc4": "image_dir", "llava": "image_folder"}
 
 
 @dataclass
@@ -41,9 +48,16 @@ class SourceStream:
     """One source as seen by one slot: yields (shard index, record index, record)."""
 
     def __init__(
-        self, index: int, spec: SourceConfig, slot: int, num_slots: int, seed: int
+        self,
+        index: int,
+        spec: SourceConfig,
+        slot: int,
+        num_slots: int,
+        seed: int,
+        max_error_rate: float = 1.0,
     ) -> None:
         self.index, self.spec = index, spec
+        self.max_error_rate = max_error_rate
         self.slot, self.num_slots, self.seed = slot, num_slots, seed
         self.shards = _resolve_shards(spec)
         self.cursor = Cursor()
@@ -92,10 +106,10 @@ class SourceStream:
         while True:
             order = self.epoch_order(self.cursor.epoch)
             if self.cursor.shard_pos >= len(order):
-                if self.cursor.record == 0 and empty_passes:
-                    raise RuntimeError(
+                if empty_passes:
+                    raise DataError(
                         f"data source {self.spec.path} ({self.spec.format}) yields no readable "
-                        f"records for loader slot {self.slot}"
+                        f"records for loader slot {self.slot} of {self.num_slots}"
                     )
                 empty_passes += 1
                 self.cursor = Cursor(epoch=self.cursor.epoch + 1)
@@ -107,6 +121,7 @@ class SourceStream:
                 self._iter = self._open(shard, lo + self.cursor.record)
             item = next(self._iter, None)
             if item is None or (hi >= 0 and item[0] >= hi):
+                check_error_rate(self.stats, self.max_error_rate, self.spec.path, min_seen=100)
                 self.cursor.shard_pos += 1
                 self.cursor.record = 0
                 self._iter = None
@@ -114,6 +129,7 @@ class SourceStream:
             raw, record = item
             self.cursor.record = raw + 1 - lo
             empty_passes = 0
+            check_error_rate(self.stats, self.max_error_rate, self.spec.path, min_seen=100)
             return shard, raw, record
 
     def read_at(self, shard: int, record: int) -> Record:

@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 IMAGE_TAG = "<image>"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTS = ("txt", "caption")
-FORMATS = ("wds", "obelics", "mmc4", "text", "llava", "llava_yaml")
+FORMATS = ("wds", "obelics", "mmc4", "text", "llava", "llava_yaml", "coco")
 _SHARD_EXTS: dict[str, tuple[str, ...]] = {
     "wds": (".tar", ".tar.gz", ".tgz"),
     "obelics": (".parquet",),
@@ -56,6 +56,7 @@ _SHARD_EXTS: dict[str, tuple[str, ...]] = {
     "text": (".jsonl", ".jsonl.gz", ".parquet"),
     "llava": (".json", ".jsonl"),
     "llava_yaml": (".yaml", ".yml"),
+    "coco": (".json",),
 }
 _ROLES = {
     "human": "user",
@@ -160,10 +161,10 @@ def reset_warning_counts() -> None:
 def _skip(stats: ReadStats, reason: str, where: str, detail: str = "") -> None:
     """Count a skipped record and log a warning."""
     stats.skip(reason)
-    _warn(reason, where, detail)
+    warn_skip(reason, where, detail)
 
 
-def _warn(reason: str, where: str, detail: str = "") -> None:
+def warn_skip(reason: str, where: str, detail: str = "") -> None:
     """Log a warning: the first 5 per reason (per process), then only at powers of 2."""
     _warn_counts[reason] += 1
     n = _warn_counts[reason]
@@ -542,7 +543,7 @@ def read_obelics_parquet(
             except _BadImage as e:
                 if drop_bad_images and e.reason != "malformed_record":
                     stats.dropped_images += 1
-                    _warn(e.reason, f"{where}, image {pos} (dropped)", e.detail)
+                    warn_skip(e.reason, f"{where}, image {pos} (dropped)", e.detail)
                     continue
                 bad = e
                 break
@@ -614,7 +615,7 @@ def read_mmc4_jsonl(
             except _BadImage as e:
                 if drop_bad_images:
                     stats.dropped_images += 1
-                    _warn(e.reason, f"{where}, {name} (dropped)", e.detail)
+                    warn_skip(e.reason, f"{where}, {name} (dropped)", e.detail)
                     continue
                 bad = e
                 break
@@ -680,6 +681,57 @@ def read_text(
             source=source,
             parts=[text],
             meta=meta,
+        )
+
+
+def _coco_entries(path: Path) -> list[tuple[dict[str, Any], list[str]]]:
+    """(image record, its captions) in the file's image order."""
+    try:
+        with _open_text(path) as f:
+            data = json.load(f)
+    except ValueError as e:
+        raise DataError(f"{path}: not valid JSON ({e}); expected COCO captions JSON") from None
+    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+        raise DataError(f"{path}: COCO captions JSON needs 'images' and 'annotations'")
+    captions: dict[Any, list[str]] = {}
+    for ann in data["annotations"]:
+        captions.setdefault(ann.get("image_id"), []).append(ann.get("caption", ""))
+    return [(im, captions.get(im.get("id"), [])) for im in data["images"]]
+
+
+def read_coco_captions(
+    path: str | Path,
+    start: int = 0,
+    stats: ReadStats | None = None,
+    image_root: Path | str | None = None,
+    source: str = "captions",
+) -> Iterator[Document]:
+    """Caption pairs from a COCO-captions JSON (COCO, NoCaps, TextCaps layout): one
+    `Document([image, caption])` per image with its first caption; the image is `file_name`
+    under `image_root` (default: an `images/` folder next to the file, else its folder). Records
+    are the images in file order; an image without a caption is skipped as `missing_caption`."""
+    path = Path(path)
+    stats = ReadStats() if stats is None else stats
+    root = Path(image_root) if image_root is not None else _default_image_dir(path)
+    for index, (im, caps) in enumerate(_coco_entries(path)):
+        if index < start:
+            continue
+        where = f"{path}: image {im.get('id')}"
+        caption = next((c.strip() for c in caps if isinstance(c, str) and c.strip()), None)
+        if caption is None:
+            _skip(stats, "missing_caption", where)
+            continue
+        try:
+            image = _image_from_path(root / str(im.get("file_name", "")))
+        except _BadImage as e:
+            _skip(stats, e.reason, where, e.detail)
+            continue
+        stats.records += 1
+        stats.images += 1
+        meta = {k: v for k, v in im.items()}
+        meta.update({"captions": caps, "__shard__": str(path), "__index__": index})
+        yield Document(
+            id=str(im.get("id", index)), source=source, parts=[image, caption], meta=meta
         )
 
 
@@ -939,6 +991,7 @@ READERS: dict[str, Callable[..., Iterator[Any]]] = {
     "text": read_text,
     "llava": read_llava,
     "llava_yaml": read_llava_yaml,
+    "coco": read_coco_captions,
 }
 
 
@@ -1024,6 +1077,8 @@ def count_records(path: str | Path, fmt: str) -> int:
         with _open_text(path) as f:
             data = json.load(f)
         return len(data) if isinstance(data, list) else 0
+    if fmt == "coco":
+        return len(_coco_entries(path))
     if fmt == "llava_yaml":
         total = 0
         for i, ds in enumerate(llava_yaml_datasets(path)):

@@ -309,6 +309,23 @@ def tokenize_document(
     return out
 
 
+def tokenize_prompt(
+    text: str, images: list[Image.Image], tok: Tokenizer, num_image_tokens: int
+) -> list[int]:
+    """Prompt ids for generation: BOS, then `text` with each `<image>` tag expanded to the
+    next image's slots; no EOS. The tag count must equal the number of images."""
+    chunks = text.split(IMAGE_TOKEN)
+    if len(chunks) - 1 != len(images):
+        raise ValueError(
+            f"the prompt has {len(chunks) - 1} {IMAGE_TOKEN} tags but {len(images)} images"
+        )
+    parts: list[str | Image.Image] = [chunks[0]]
+    for image, chunk in zip(images, chunks[1:]):
+        parts += [image, chunk]
+    doc = Document(id="prompt", source="prompt", parts=[p for p in parts if p != ""])
+    return tokenize_document(doc, tok, num_image_tokens, add_eos=False).input_ids
+
+
 def tokenize_conversation(
     conv: Conversation,
     tok: Tokenizer,

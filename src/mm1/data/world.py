@@ -32,7 +32,9 @@ class PreparedData:
     world: WorldManifest | None = None
 
 
-def ensure_world(data: DataConfig, is_main: bool = True, barrier: Callable[[], None] = lambda: None) -> WorldManifest:
+def ensure_world(
+    data: DataConfig, is_main: bool = True, barrier: Callable[[], None] = lambda: None
+) -> WorldManifest:
     """The synthetic world at `data.world`, written first (by rank 0) when absent."""
     root = Path(data.world)
     if is_main and not (root / "world.json").exists():
@@ -47,19 +49,22 @@ def world_sources(world: WorldManifest) -> tuple[list[SourceConfig], list[Source
     train = []
     for name, weight in WORLD_MIXTURE:
         src = world.sources[name]
+        folder = world.root / Path(src["shards"][0]).parent
+        image_dir = src.get("image_dir") or src.get("image_folder")
         train.append(
             SourceConfig(
                 format=src["format"],
-                path=str(world.root / src["path"]),
+                path=str(folder),
                 weight=weight,
-                kind=src.get("kind", ""),
+                kind=src["kind"],
+                image_root=str(world.root / image_dir) if image_dir else None,
             )
         )
     val = world.eval["val"]
     val_sources = [
         SourceConfig(
             format="coco",
-            path=str(world.root / val["captions"]),
+            path=str(world.root / val["coco_captions"]),
             kind="captions",
             image_root=str(world.root / val["image_dir"]),
         )
@@ -74,9 +79,7 @@ def image_processor_for(model: ModelConfig) -> ImageProcessor:
     if init and (Path(init) / PREPROCESSOR_CONFIG).exists():
         base = ImageProcessor.from_pretrained(init)
         if base.shortest_edge is not None:
-            return ImageProcessor.from_pretrained(
-                init, shortest_edge=size, crop_size=(size, size)
-            )
+            return ImageProcessor.from_pretrained(init, shortest_edge=size, crop_size=(size, size))
         return ImageProcessor.from_pretrained(init, size=(size, size))
     if model.vision.variant == "siglip":
         return ImageProcessor.siglip(size)

@@ -7,7 +7,7 @@ Order as in torchtitan: activation checkpointing and compile per block, then FSD
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -22,7 +22,7 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def is_main(self) -> bool:
@@ -64,26 +64,24 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     return torch.bfloat16
 
 
-def _blocks(model: nn.Module) -> list[tuple[nn.Module, str, int]]:
-    """(container, attribute, index) of every transformer block of the encoder and decoder."""
+def _block_lists(model: nn.Module) -> list[nn.ModuleList]:
+    """The transformer-block lists of the encoder and the decoder."""
     found = []
-    for container in (getattr(model, "vision", None), getattr(model, "decoder", None)):
-        if container is None:
-            continue
-        blocks = getattr(container, "blocks", None) or getattr(container, "layers", None)
-        if blocks is not None:
-            found += [(blocks, "", i) for i in range(len(blocks))]
+    for part in (getattr(model, "vision", None), getattr(model, "decoder", None)):
+        blocks = getattr(part, "blocks", None) or getattr(part, "layers", None)
+        if isinstance(blocks, nn.ModuleList):
+            found.append(blocks)
     return found
 
 
 def parallelize(model: nn.Module, cfg: TrainConfig, d: Dist) -> nn.Module:
     """Apply activation checkpointing, compile and FSDP2 / DDP as configured."""
-    if cfg.activation_checkpointing:
-        for blocks, _, i in _blocks(model):
-            blocks[i] = checkpoint_wrapper(blocks[i], preserve_rng_state=False)
-    if cfg.compile:
-        for blocks, _, i in _blocks(model):
-            blocks[i] = torch.compile(blocks[i])
+    for blocks in _block_lists(model):
+        for i in range(len(blocks)):
+            if cfg.activation_checkpointing:
+                blocks[i] = checkpoint_wrapper(blocks[i], preserve_rng_state=False)
+            if cfg.compile:
+                blocks[i] = torch.compile(blocks[i])
     model.to(d.device)
     if not d.enabled or cfg.parallel == "none":
         return model
@@ -99,11 +97,8 @@ def parallelize(model: nn.Module, cfg: TrainConfig, d: Dist) -> nn.Module:
     if dtype is not None:
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     kw = {"mp_policy": mp} if mp is not None else {}
-    for blocks, _, i in _blocks(model):
-        fully_shard(blocks[i], **kw)
+    for blocks in _block_lists(model):
+        for block in blocks:
+            fully_shard(block, **kw)
     fully_shard(model, **kw)
     return model
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and not hasattr(model, "decoder") else model

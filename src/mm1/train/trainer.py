@@ -163,7 +163,9 @@ class Trainer:
             return []
         settings = self._loader_settings(self.data.val_sources, self.cfg.train.micro_batch_size)
         settings.seed = 1234  # a fixed held-out sample, the same for every run
-        ds = PackedDataset(settings, self.data.tokenizer, self.data.processor, self.d.rank, self.d.world_size)
+        ds = PackedDataset(
+            settings, self.data.tokenizer, self.data.processor, self.d.rank, self.d.world_size
+        )
         it = iter(ds)
         return [next(it) for _ in range(self.cfg.train.val_batches)]
 
@@ -352,10 +354,8 @@ class Trainer:
 
         self._old_handlers = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread
                 self._old_handlers[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main thread
-                pass
 
     def _restore_signal_handlers(self) -> None:
         for sig, h in getattr(self, "_old_handlers", {}).items():

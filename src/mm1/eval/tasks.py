@@ -1,0 +1,485 @@
+"""Few-shot evaluation tasks read from local files in the formats users bring (REFERENCE §3).
+
+Two kinds of task:
+
+- `CaptionTask`: COCO-captions JSON (`images` with `id` and `file_name`, `annotations` with
+  `image_id` and `caption`) plus an image folder. COCO, NoCaps and TextCaps (converted to that
+  layout, as pycocoevalcap expects) all load this way. One query per image; scored by CIDEr-D.
+- `VQATask`: VQAv2 questions JSON (`questions`: `image_id`, `question`, `question_id`) plus
+  annotations JSON (`annotations`: `question_id`, `answers` [10 x {`answer`}]) plus an image folder.
+  VQAv2, TextVQA, VizWiz, OK-VQA and GQA (converted) load this way. One query per question; scored
+  by VQA accuracy.
+
+Each task has a query split (what is scored) and an optional support split (where few-shot
+demonstrations come from; OpenFlamingo draws them from the training split). A task is described
+by a `TaskSpec` (name, kind, file paths) and registered by name; the synthetic world's evaluation
+splits are available as `synth_coco` and `synth_vqa` (queries = world `val`, demonstrations =
+world `support`) once a world directory is given.
+
+Images are found per example: a COCO `images` entry's `file_name`; for VQA a question's own
+`file_name` / `image` / `image_path` key when it has one (TextVQA / VizWiz conversions do), else
+`image_pattern` (e.g. `"COCO_val2014_{image_id:012d}.jpg"`), else the file in the image folder
+whose name ends in the image id's digits (`COCO_val2014_000000391895.jpg`,
+`world_val_000000000001.jpg`). A task with missing images is an error that says how many are
+missing and names a few: an evaluation never silently scores a subset.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from mm1.eval.metrics import cider, ptb_tokenize_corpus, vqa_accuracy_corpus
+
+TASK_KINDS = ("caption", "vqa")
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One query or demonstration.
+
+    `id` is the scoring key (the image id for captions, the question id for VQA), as a string.
+    `references` are the reference captions, or the (usually 10) VQA answers. `target` is the text a
+    demonstration shows as its answer: the first reference caption (as OpenFlamingo does), or the
+    VQA `multiple_choice_answer` (else the most common answer).
+    """
+
+    id: str
+    image_id: str
+    image: Path
+    references: tuple[str, ...]
+    target: str
+    question: str | None = None
+
+
+@dataclass(frozen=True)
+class SplitFiles:
+    """The files of one split. Captions: `captions` (COCO captions JSON). VQA: `questions` and
+    `annotations` (VQAv2 JSONs). Both: `image_dir`."""
+
+    image_dir: str | Path
+    captions: str | Path | None = None
+    questions: str | Path | None = None
+    annotations: str | Path | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], root: str | Path | None = None) -> SplitFiles:
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown split keys {sorted(unknown)}; expected image_dir, "
+                             "captions, questions, annotations")  # fmt: skip
+        return cls(**{k: _rooted(v, root) for k, v in d.items()})
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """How to load a task: its name, kind ("caption" or "vqa"), the query split's files and
+    optionally the support split's (demonstrations). `image_pattern` names image files from the
+    image id for VQA files that carry no file name; `vqa_normalize` is the VQA accuracy variant
+    ("official" or "always", see `mm1.eval.metrics.vqa_accuracy`)."""
+
+    name: str
+    kind: str
+    query: SplitFiles
+    support: SplitFiles | None = None
+    image_pattern: str | None = None
+    vqa_normalize: str = "official"
+
+    def __post_init__(self) -> None:
+        if self.kind not in TASK_KINDS:
+            raise ValueError(
+                f"task {self.name!r}: kind must be one of {TASK_KINDS}, got {self.kind!r}"
+            )
+        for split_name, split in (("query", self.query), ("support", self.support)):
+            if split is None:
+                continue
+            if self.kind == "caption" and split.captions is None:
+                raise ValueError(
+                    f"caption task {self.name!r}: the {split_name} split needs `captions`"
+                )
+            if self.kind == "vqa" and (split.questions is None or split.annotations is None):
+                raise ValueError(
+                    f"VQA task {self.name!r}: the {split_name} split needs `questions` and "
+                    "`annotations`"
+                )
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], root: str | Path | None = None) -> TaskSpec:
+        """From a plain dict (e.g. a YAML config section); relative paths are taken under `root`.
+
+        `{"name": "coco", "kind": "caption",
+          "query": {"captions": "captions_val2014.json", "image_dir": "val2014"},
+          "support": {"captions": "captions_train2014.json", "image_dir": "train2014"}}`
+        """
+        d = dict(d)
+        query = SplitFiles.from_dict(d.pop("query"), root)
+        support = d.pop("support", None)
+        return cls(
+            query=query,
+            support=None if support is None else SplitFiles.from_dict(support, root),
+            **d,
+        )
+
+    def load(self) -> Task:
+        cls = CaptionTask if self.kind == "caption" else VQATask
+        return cls.from_spec(self)
+
+
+def _rooted(value: Any, root: str | Path | None) -> Any:
+    if value is None or root is None:
+        return value
+    p = Path(value)
+    return p if p.is_absolute() else Path(root) / p
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Task:
+    """A loaded task: its queries, its demonstrations (support) and how it is scored."""
+
+    name: str
+    query: list[Example]
+    support: list[Example] = field(default_factory=list)
+    kind: str = ""
+    metric: str = ""
+
+    def references(self, examples: Sequence[Example] | None = None) -> dict[str, list[str]]:
+        return {e.id: list(e.references) for e in (self.query if examples is None else examples)}
+
+    def score(
+        self, predictions: Mapping[str, str], examples: Sequence[Example] | None = None
+    ) -> tuple[float, dict[str, float]]:
+        """Corpus score ×100 of `predictions` ({example id: text}) over `examples` (default all
+        queries), and the per-example scores ×100."""
+        raise NotImplementedError
+
+
+@dataclass
+class CaptionTask(Task):
+    kind: str = "caption"
+    metric: str = "CIDEr"
+
+    @classmethod
+    def from_files(
+        cls,
+        name: str,
+        captions: str | Path,
+        image_dir: str | Path,
+        support_captions: str | Path | None = None,
+        support_image_dir: str | Path | None = None,
+    ) -> CaptionTask:
+        support = None
+        if support_captions is not None:
+            support = SplitFiles(support_image_dir or image_dir, captions=support_captions)
+        spec = TaskSpec(name, "caption", SplitFiles(image_dir, captions=captions), support)
+        return cls.from_spec(spec)
+
+    @classmethod
+    def from_spec(cls, spec: TaskSpec) -> CaptionTask:
+        query = load_coco_captions(spec.query.captions, spec.query.image_dir, spec.name)
+        support = []
+        if spec.support is not None:
+            support = load_coco_captions(
+                spec.support.captions, spec.support.image_dir, f"{spec.name} (support)"
+            )
+        return cls(spec.name, query, support)
+
+    def score(
+        self, predictions: Mapping[str, str], examples: Sequence[Example] | None = None
+    ) -> tuple[float, dict[str, float]]:
+        """CIDEr-D ×100 over exactly `examples` (the IDF depends on the set scored), after PTB
+        tokenization of references and candidates, as pycocoevalcap's COCOEvalCap does."""
+        refs = ptb_tokenize_corpus(self.references(examples))
+        cands = ptb_tokenize_corpus({k: [predictions[k]] for k in refs})
+        corpus, per = cider(refs, {k: v[0] for k, v in cands.items()})
+        return 100.0 * corpus, {k: 100.0 * v for k, v in per.items()}
+
+
+@dataclass
+class VQATask(Task):
+    kind: str = "vqa"
+    metric: str = "VQA accuracy"
+    normalize: str = "official"
+
+    @classmethod
+    def from_files(
+        cls,
+        name: str,
+        questions: str | Path,
+        annotations: str | Path,
+        image_dir: str | Path,
+        support_questions: str | Path | None = None,
+        support_annotations: str | Path | None = None,
+        support_image_dir: str | Path | None = None,
+        image_pattern: str | None = None,
+        normalize: str = "official",
+    ) -> VQATask:
+        support = None
+        if support_questions is not None or support_annotations is not None:
+            support = SplitFiles(
+                support_image_dir or image_dir,
+                questions=support_questions,
+                annotations=support_annotations,
+            )
+        spec = TaskSpec(
+            name,
+            "vqa",
+            SplitFiles(image_dir, questions=questions, annotations=annotations),
+            support,
+            image_pattern=image_pattern,
+            vqa_normalize=normalize,
+        )
+        return cls.from_spec(spec)
+
+    @classmethod
+    def from_spec(cls, spec: TaskSpec) -> VQATask:
+        q = spec.query
+        query = load_vqa(q.questions, q.annotations, q.image_dir, spec.name, spec.image_pattern)
+        support = []
+        if spec.support is not None:
+            s = spec.support
+            support = load_vqa(
+                s.questions,
+                s.annotations,
+                s.image_dir,
+                f"{spec.name} (support)",
+                spec.image_pattern,
+            )
+        return cls(spec.name, query, support, normalize=spec.vqa_normalize)
+
+    def score(
+        self, predictions: Mapping[str, str], examples: Sequence[Example] | None = None
+    ) -> tuple[float, dict[str, float]]:
+        """VQA accuracy ×100 (the official script's rounding to 2 decimals)."""
+        answers = self.references(examples)
+        overall, per = vqa_accuracy_corpus(
+            {k: predictions[k] for k in answers}, answers, self.normalize
+        )
+        return overall, {k: 100.0 * v for k, v in per.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_json(path: str | Path, what: str) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what}: {p} does not exist")
+    return json.loads(p.read_text())
+
+
+def _missing_error(task: str, image_dir: Path, missing: list[str], total: int) -> FileNotFoundError:
+    shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+    return FileNotFoundError(
+        f"task {task!r}: {len(missing)} of {total} images are missing under {image_dir}: {shown}. "
+        "Fix the image folder (or the annotations) rather than scoring a subset."
+    )
+
+
+def load_coco_captions(
+    captions: str | Path | None, image_dir: str | Path, task: str
+) -> list[Example]:
+    """One example per image of a COCO captions file, references = all its captions (in file
+    order), in the order of the file's `images` list."""
+    if captions is None:
+        raise ValueError(f"task {task!r}: no captions file")
+    data = _read_json(captions, f"task {task!r}")
+    if "images" not in data or "annotations" not in data:
+        raise ValueError(f"{captions}: not a COCO captions file (needs `images` and `annotations`)")
+    refs: dict[str, list[str]] = {}
+    for ann in data["annotations"]:
+        refs.setdefault(str(ann["image_id"]), []).append(str(ann["caption"]))
+    image_dir = Path(image_dir)
+    examples, missing = [], []
+    for img in data["images"]:
+        image_id = str(img["id"])
+        if image_id not in refs:
+            continue  # an image without captions is not part of the caption benchmark
+        path = image_dir / img["file_name"]
+        if not path.is_file():
+            missing.append(img["file_name"])
+        examples.append(Example(image_id, image_id, path, tuple(refs[image_id]), refs[image_id][0]))
+    if missing:
+        raise _missing_error(task, image_dir, missing, len(examples))
+    if not examples:
+        raise ValueError(f"task {task!r}: {captions} has no captioned images")
+    return examples
+
+
+def _index_image_dir(image_dir: Path) -> dict[str, Path]:
+    """{image id (digits at the end of the file name, leading zeros dropped): path}."""
+    index: dict[str, Path] = {}
+    clashes: dict[str, list[str]] = {}
+    if not image_dir.is_dir():
+        return index
+    for p in sorted(image_dir.iterdir()):
+        if p.suffix.lower() not in _IMAGE_SUFFIXES:
+            continue
+        m = re.search(r"(\d+)$", p.stem)
+        if not m:
+            continue
+        key = str(int(m.group(1)))
+        if key in index:
+            clashes.setdefault(key, [index[key].name]).append(p.name)
+        index[key] = p
+    if clashes:
+        key, names = next(iter(clashes.items()))
+        raise ValueError(
+            f"{image_dir}: {len(clashes)} image ids match several files (e.g. id {key}: {names}); "
+            "set the task's image_pattern"
+        )
+    return index
+
+
+def load_vqa(
+    questions: str | Path | None,
+    annotations: str | Path | None,
+    image_dir: str | Path,
+    task: str,
+    image_pattern: str | None = None,
+) -> list[Example]:
+    """One example per question that has an annotation, in the questions file's order."""
+    if questions is None or annotations is None:
+        raise ValueError(f"task {task!r}: VQA needs a questions and an annotations file")
+    qs = _read_json(questions, f"task {task!r}")
+    anns = _read_json(annotations, f"task {task!r}")
+    if "questions" not in qs:
+        raise ValueError(f"{questions}: not a VQAv2 questions file (needs `questions`)")
+    if "annotations" not in anns:
+        raise ValueError(f"{annotations}: not a VQAv2 annotations file (needs `annotations`)")
+    by_qid = {str(a["question_id"]): a for a in anns["annotations"]}
+    image_dir = Path(image_dir)
+    index: dict[str, Path] | None = None
+    examples, missing = [], []
+    unannotated = 0
+    for q in qs["questions"]:
+        qid = str(q["question_id"])
+        ann = by_qid.get(qid)
+        if ann is None:
+            unannotated += 1
+            continue
+        image_id = str(q["image_id"])
+        name = q.get("file_name") or q.get("image") or q.get("image_path")
+        if name is not None:
+            path = image_dir / name
+        elif image_pattern is not None:
+            raw = q["image_id"]
+            path = image_dir / image_pattern.format(
+                image_id=int(raw) if str(raw).isdigit() else raw
+            )
+        else:
+            if index is None:
+                index = _index_image_dir(image_dir)
+            key = str(int(image_id)) if image_id.isdigit() else image_id
+            path = index.get(key, image_dir / f"<image id {image_id}>")
+        if not path.is_file():
+            missing.append(path.name)
+        answers = [str(a["answer"]) for a in ann["answers"]]
+        if not answers:
+            raise ValueError(f"task {task!r}: question {qid} has no answers")
+        target = ann.get("multiple_choice_answer") or Counter(answers).most_common(1)[0][0]
+        examples.append(
+            Example(qid, image_id, path, tuple(answers), str(target), question=str(q["question"]))
+        )
+    if missing:
+        raise _missing_error(task, image_dir, sorted(set(missing)), len(examples))
+    if not examples:
+        raise ValueError(
+            f"task {task!r}: no question of {questions} has an annotation in {annotations}"
+            + (f" ({unannotated} unannotated)" if unannotated else "")
+        )
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------------------------
+
+TASKS: dict[str, TaskSpec] = {}
+SYNTHETIC_TASKS = ("synth_coco", "synth_vqa")
+
+
+def register_task(spec: TaskSpec | Mapping[str, Any], *, overwrite: bool = False) -> TaskSpec:
+    """Register a task by its files (a `TaskSpec` or its dict form); returns the spec."""
+    if not isinstance(spec, TaskSpec):
+        spec = TaskSpec.from_dict(spec)
+    if spec.name in TASKS and not overwrite and TASKS[spec.name] != spec:
+        raise ValueError(f"task {spec.name!r} is already registered (pass overwrite=True)")
+    TASKS[spec.name] = spec
+    return spec
+
+
+def synthetic_task_specs(world: str | Path) -> dict[str, TaskSpec]:
+    """`synth_coco` and `synth_vqa` of a synthetic world directory (see
+    `mm1.data.synthetic.write_world`): queries from its `val` split, demonstrations from
+    `support`."""
+    from mm1.data.synthetic import WorldManifest  # data layer; only needed for the world
+
+    manifest = WorldManifest.load(world)
+    splits = {}
+    for split in ("val", "support"):
+        e = manifest.eval[split]
+        splits[split] = {
+            "caption": SplitFiles(
+                manifest.path(e["image_dir"]), captions=manifest.path(e["coco_captions"])
+            ),
+            "vqa": SplitFiles(
+                manifest.path(e["image_dir"]),
+                questions=manifest.path(e["vqa_questions"]),
+                annotations=manifest.path(e["vqa_annotations"]),
+            ),
+        }
+    return {
+        "synth_coco": TaskSpec(
+            "synth_coco", "caption", splits["val"]["caption"], splits["support"]["caption"]
+        ),
+        "synth_vqa": TaskSpec("synth_vqa", "vqa", splits["val"]["vqa"], splits["support"]["vqa"]),
+    }
+
+
+def register_synthetic_world(world: str | Path) -> list[str]:
+    """Register `synth_coco` and `synth_vqa` for `world` (replacing earlier ones)."""
+    specs = synthetic_task_specs(world)
+    for spec in specs.values():
+        register_task(spec, overwrite=True)
+    return list(specs)
+
+
+def list_tasks() -> list[str]:
+    return sorted(TASKS)
+
+
+def load_task(task: str | TaskSpec | Task, *, world: str | Path | None = None) -> Task:
+    """A loaded task from a registered name, a spec, or a task (returned as is). The synthetic
+    names need `world` unless they were registered with `register_synthetic_world`."""
+    if isinstance(task, Task):
+        return task
+    if isinstance(task, TaskSpec):
+        return task.load()
+    if world is not None and task in SYNTHETIC_TASKS:
+        return synthetic_task_specs(world)[task].load()
+    if task in TASKS:
+        return TASKS[task].load()
+    hint = " (synthetic tasks need world=...)" if task in SYNTHETIC_TASKS else ""
+    known = ", ".join(sorted(set(TASKS) | set(SYNTHETIC_TASKS)))
+    raise KeyError(
+        f"unknown task {task!r}{hint}; known: {known}; register real tasks with register_task"
+    )
+
+
+def load_tasks(
+    tasks: Sequence[str | TaskSpec | Task], *, world: str | Path | None = None
+) -> list[Task]:
+    return [load_task(t, world=world) for t in tasks]
