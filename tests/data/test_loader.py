@@ -141,5 +141,5 @@ def test_too_many_bad_records_abort_with_the_source_named(world, tok, tmp_path) 
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join('{"text": ""}\n' if i % 2 else "{broken\n" for i in range(300)))
     s = settings(world, sources=[SourceConfig(format="text", path=str(bad), kind="text")])
-    with pytest.raises(DataError, match="bad.jsonl"):
+    with pytest.raises(DataError, match=r"bad\.jsonl"):
         take(build_loader(s, tok, PROC), 1)

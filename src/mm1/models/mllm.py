@@ -179,6 +179,124 @@ class MM1(nn.Module):
                 step_embeds, step_pos, step_doc = embeds, pos, doc
         return out
 
+    @torch.no_grad()
+    def generate_beam(
+        self,
+        prompts: Sequence[Sequence[int]],
+        pixel_values: torch.Tensor | None = None,
+        *,
+        num_beams: int = 3,
+        max_new_tokens: int = 20,
+        length_penalty: float = 1.0,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int = 0,
+        stop_strings: Sequence[str] = (),
+        tokenizer: Detokenizer | None = None,
+    ) -> list[list[int]]:
+        """Beam search (KV cache); returns the new tokens of each prompt's best hypothesis.
+
+        Inputs as in `generate`. A hypothesis ends at an EOS id or a stop string (the ending
+        token is kept, as in `generate`) and is scored by its summed log-probability divided by
+        (its number of new tokens) ** length_penalty; at `max_new_tokens` the open beams join the
+        ended ones. As in HF's default (`early_stopping=False`), a prompt is done once
+        `num_beams` hypotheses have ended and no open beam scores better at the current length.
+        `num_beams=1` is greedy decoding.
+        """
+        if num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+        if stop_strings and tokenizer is None:
+            raise ValueError("stop_strings need a tokenizer to decode the generated text")
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        if max_new_tokens <= 0:
+            return [[] for _ in prompts]
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+        device = self.decoder.embed_tokens.weight.device
+        b, k, longest = len(prompts), num_beams, max(len(p) for p in prompts)
+        ids = torch.full((b, longest), pad_token_id, dtype=torch.long, device=device)
+        doc = torch.zeros(b, longest, dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            ids[i, longest - len(p) :] = torch.tensor(list(p), device=device)
+            doc[i, longest - len(p) :] = 1
+        pos = (doc.cumsum(1) - 1).clamp(min=0)
+        dtype = self.decoder.embed_tokens.weight.dtype
+        cache = KVCache(self.cfg.decoder, b, longest + max_new_tokens, device, dtype)
+        logits = self.decoder(
+            inputs_embeds=self.embed(ids, pixel_values),
+            position_ids=pos,
+            document_ids=doc,
+            cache=cache,
+        )[:, -1].float()
+        rows = torch.arange(b, device=device).repeat_interleave(k)
+        _reorder_cache(cache, rows)  # every prompt's prefix, once per beam
+        logprobs = logits.log_softmax(-1)[rows]
+        next_pos = pos[:, -1:].repeat_interleave(k, 0) + 1
+        vocab = logprobs.shape[-1]
+        neg_inf = float("-inf")
+        scores = torch.full((b, k), neg_inf, device=device)
+        scores[:, 0] = 0.0  # one live beam to start with, so no duplicates
+        beams: list[list[list[int]]] = [[[] for _ in range(k)] for _ in range(b)]
+        ended: list[list[tuple[float, list[int]]]] = [[] for _ in range(b)]
+        done = [False] * b
+
+        def add_ended(i: int, score: float, seq: list[int]) -> None:
+            ended[i].append((score, seq))
+            ended[i].sort(key=lambda x: -x[0])
+            del ended[i][k:]
+
+        for step in range(max_new_tokens):
+            length = float(step + 1) ** length_penalty
+            cand = (scores.reshape(b * k, 1) + logprobs).reshape(b, k * vocab)
+            top_scores, top_idx = cand.topk(min(2 * k, k * vocab), dim=1)
+            top_scores, top_idx = top_scores.tolist(), top_idx.tolist()
+            new_rows: list[int] = []
+            new_tokens: list[int] = []
+            new_scores: list[float] = []
+            for i in range(b):
+                live: list[tuple[float, int, int]] = []
+                for s, idx in zip(top_scores[i], top_idx[i]):
+                    if done[i] or s == neg_inf or len(live) == k:
+                        break
+                    beam, tok = divmod(idx, vocab)
+                    seq = [*beams[i][beam], tok]
+                    if tok in eos or _hit_stop(seq, stop_strings, tokenizer):
+                        add_ended(i, s / length, seq)
+                    else:
+                        live.append((s, beam, tok))
+                if not done[i] and not live:
+                    done[i] = True  # every candidate ended
+                elif not done[i] and len(ended[i]) >= k:
+                    best_live = max(s for s, _, _ in live) / length
+                    done[i] = best_live <= ended[i][-1][0]
+                if done[i]:
+                    live = []
+                new_beams = [[*beams[i][beam], tok] for _, beam, tok in live]
+                pad = k - len(live)
+                beams[i] = new_beams + [[] for _ in range(pad)]
+                new_rows += [i * k + beam for _, beam, _ in live] + [i * k] * pad
+                new_tokens += [tok for _, _, tok in live] + [pad_token_id] * pad
+                new_scores += [s for s, _, _ in live] + [neg_inf] * pad
+            scores = torch.tensor(new_scores, device=device).reshape(b, k)
+            if all(done):
+                break
+            if step == max_new_tokens - 1:
+                for i in range(b):  # out of tokens: the open beams end here
+                    for j in range(k):
+                        if scores[i, j] > neg_inf:
+                            add_ended(i, float(scores[i, j]) / length, beams[i][j])
+                break
+            _reorder_cache(cache, torch.tensor(new_rows, device=device))
+            tokens = torch.tensor(new_tokens, device=device)[:, None]
+            logits = self.decoder(
+                inputs_embeds=self.decoder.embed(tokens),
+                position_ids=next_pos,
+                document_ids=torch.ones_like(next_pos),
+                cache=cache,
+            )[:, -1].float()
+            logprobs = logits.log_softmax(-1)
+            next_pos = next_pos + 1
+        return [ended[i][0][1] if ended[i] else [] for i in range(b)]
+
     @staticmethod
     def _next_token(
         logits: torch.Tensor,
@@ -203,6 +321,13 @@ class MM1(nn.Module):
             logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
         probs = logits.softmax(-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _reorder_cache(cache: KVCache, rows: torch.Tensor) -> None:
+    """Make row r of the cache a copy of row rows[r] (beam search's reordering)."""
+    cache.k = [k.index_select(0, rows) for k in cache.k]
+    cache.v = [v.index_select(0, rows) for v in cache.v]
+    cache.doc = cache.doc.index_select(0, rows)
 
 
 def _hit_stop(

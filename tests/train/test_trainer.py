@@ -1,0 +1,210 @@
+"""The trainer end to end: metrics, exact resume after SIGKILL (1 and 2 processes), FSDP2 on gloo,
+refusal of a changed config, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mm1.data.synthetic import write_world
+from mm1.train.logging import read_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("world")
+    write_world(root, seed=0, size="tiny")
+    return root
+
+
+def tiny_config(tmp: Path, world: Path, **train) -> Path:
+    cfg = {
+        "model": {
+            "vision": {
+                "image_size": 32,
+                "patch_size": 8,
+                "width": 32,
+                "layers": 1,
+                "heads": 2,
+                "mlp_dim": 64,
+            },
+            "connector": {"type": "avgpool", "num_tokens": 4},
+            "decoder": {"dim": 32, "layers": 2, "heads": 4, "kv_heads": 2, "ffn_dim": 64},
+        },
+        "data": {"world": str(world), "seq_len": 64, "num_workers": 0},
+        "train": {
+            "steps": 6,
+            "batch_size": 4,
+            "micro_batch_size": 2,
+            "log_every": 1,
+            "val_every": 3,
+            "val_batches": 1,
+            "save_every": 2,
+            "parallel": "fsdp",
+            "tensorboard": False,
+            "progress": False,
+            "optim": {"lr": 1e-3, "warmup_steps": 2},
+            **train,
+        },
+    }
+    path = tmp / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_cli(args: list[str], nproc: int = 1, **kw) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "mm1.cli", *args]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "mm1.cli",
+            *args,
+        ]
+    return subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw
+    )
+
+
+def finish(p: subprocess.Popen, timeout: float = 240) -> str:
+    out, _ = p.communicate(timeout=timeout)
+    assert p.returncode == 0, out[-3000:]
+    return out
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigkill_and_resume_gives_bit_identical_losses(tmp_path, world, nproc: int) -> None:
+    cfg = tiny_config(tmp_path, world)
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    finish(run_cli(["train", str(cfg), f"train.run_dir={full}"], nproc))
+    reference = losses(full)
+    assert sorted(reference) == list(range(1, 7))
+
+    # Kill the run hard once its step-4 checkpoint is complete, then start it again.
+    p = run_cli(["train", str(cfg), f"train.run_dir={broken}"], nproc, start_new_session=True)
+    marker = broken / "checkpoints" / "step_4" / "meta.json"
+    deadline = time.time() + 240
+    while not marker.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), p.communicate()[0][-3000:]
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    out = finish(run_cli(["train", str(cfg), f"train.run_dir={broken}"], nproc))
+    assert "resumed from" in out and "step_" in out
+    assert losses(broken) == reference  # bit-identical on CPU
+    val = [r["val_loss"] for r in read_metrics(broken) if "val_loss" in r]
+    assert len(val) == 2  # steps 3 and 6, once each
+
+
+def test_metrics_and_artifacts(tmp_path, world) -> None:
+    cfg = tiny_config(tmp_path, world, steps=2, save_every=2, parallel="none")
+    run = tmp_path / "run"
+    finish(run_cli(["train", str(cfg), f"train.run_dir={run}"]))
+    records = [r for r in read_metrics(run) if "loss" in r]
+    for key in ("step", "loss", "lr", "tokens_per_s", "images_per_s", "grad_norm", "data_wait"):
+        assert key in records[-1], key
+    assert any(k.startswith("loss_") for k in records[-1])
+    assert (run / "config.yaml").exists() and (run / "model.json").exists()
+    assert (run / "checkpoints" / "step_2" / "meta.json").exists()
+
+    # the run loads for inference, and exports to safetensors that load the same model
+    from mm1.pretrained import load_pretrained, save_pretrained
+
+    p = load_pretrained(run)
+    out = save_pretrained(p.model, p.tokenizer, p.processor, tmp_path / "export")
+    q = load_pretrained(out)
+    ids = torch.tensor([[p.tokenizer.bos_id or 1, 5, 6, 7]])
+    torch.testing.assert_close(p.model(ids).logits, q.model(ids).logits)
+
+    # a changed model refuses to resume, naming the key; --force overrides
+    bad = run_cli(
+        ["train", str(cfg), f"train.run_dir={run}", "model.decoder.layers=3", "train.steps=3"]
+    )
+    text, _ = bad.communicate(timeout=120)
+    assert bad.returncode != 0 and "model.decoder.layers" in text
+
+
+def test_weight_decay_shrinks_weights_by_lr_times_point_one() -> None:
+    from mm1.config import OptimConfig
+    from mm1.train.optim import build_optimizer, lr_factor
+
+    model = torch.nn.Linear(4, 4)
+    opt, sched = build_optimizer(model, OptimConfig(warmup_steps=2, weight_decay=0.1), 0.5, 10)
+    w0 = model.weight.detach().clone()
+    for step in range(3):
+        lr = opt.param_groups[0]["lr"]
+        assert lr == pytest.approx(0.5 * lr_factor(step, 2, 10, 0.1))
+        model.weight.grad = torch.zeros_like(model.weight)  # no gradient: decay alone acts
+        model.bias.grad = torch.zeros_like(model.bias)
+        before = model.weight.detach().clone()
+        opt.step()
+        sched.step()
+        torch.testing.assert_close(model.weight, before * (1 - 0.1 * lr))
+    assert not torch.equal(model.weight, w0)
+
+
+def test_schedule_warmup_then_cosine_to_ten_percent() -> None:
+    from mm1.train.optim import lr_factor
+
+    assert lr_factor(0, 100, 1000, 0.1) == pytest.approx(0.01)
+    assert lr_factor(99, 100, 1000, 0.1) == pytest.approx(1.0)
+    assert lr_factor(100, 100, 1000, 0.1) == pytest.approx(1.0)
+    assert lr_factor(550, 100, 1000, 0.1) == pytest.approx(0.55)
+    assert lr_factor(1000, 100, 1000, 0.1) == pytest.approx(0.1)
+
+
+def test_mm1_peak_lr_matches_the_paper() -> None:
+    from mm1.train.optim import mm1_peak_lr
+
+    assert mm1_peak_lr(3e9) == pytest.approx(5.8e-5, rel=0.02)
+    assert mm1_peak_lr(7e9) == pytest.approx(4.1e-5, rel=0.02)
+    assert mm1_peak_lr(30e9) == pytest.approx(2.2e-5, rel=0.03)
+
+
+def test_3b_preset_builds_on_meta_without_allocating() -> None:
+    from mm1.config import load_config
+    from mm1.models.summary import summarize
+
+    cfg = load_config(ROOT / "configs" / "models" / "mm1_3b.yaml")
+    s = summarize(cfg.model)
+    assert 2.8e9 < s.decoder < 3.3e9
+    assert 0.6e9 < s.vision < 0.7e9  # ViT-H/14
+    assert s.image_tokens == 144
+
+
+def test_config_rejects_unknown_keys_and_bad_values(tmp_path) -> None:
+    from mm1.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="model.conector"):
+        load_config(None, ["model.conector.type=mlp"])
+    with pytest.raises(ConfigError, match="model.decoder.dim"):
+        load_config(None, ["model.decoder.dim=wide"])
+    with pytest.raises(ConfigError, match=r"model\.connector\.num_tokens=99"):
+        load_config(None, ["model.connector.num_tokens=99"])
+    with pytest.raises(ConfigError, match="train.parallel"):
+        load_config(None, ["train.parallel=zero3"])
+    bad = tmp_path / "x.yaml"
+    bad.write_text(json.dumps({"train": {"stepz": 3}}))
+    with pytest.raises(ConfigError, match="train.stepz"):
+        load_config(bad)
