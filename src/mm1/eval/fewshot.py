@@ -1,0 +1,698 @@
+"""Few-shot evaluation: prompts with demonstrations, batched generation, scores over seeds.
+
+The protocol is OpenFlamingo's (REFERENCE §1), which is the de-facto open one; MM1's own prompts
+and demonstration selection are unpublished.
+
+- Prompt: demonstrations then the query, each written with a template:
+  captioning `<image>Output:{caption}<|endofchunk|>`, VQA
+  `<image>Question:{question} Short answer:{answer}<|endofchunk|>`; the query is the template cut
+  right before its answer field (`<image>Output:`). The text is tokenized the way training
+  documents are (`tokenize_document`: one encode call, BOS first, each `<image>` expanded to the
+  model's `num_image_tokens` image slots).
+- Demonstrations come from the task's support split: "random" (per query, reproducible per seed)
+  or "rices" (the support examples whose images are nearest to the query image by cosine
+  similarity of the model's own mean-pooled image tokens; most similar last, as OpenFlamingo).
+  A demonstration never shows the query's image.
+- Zero-shot: with `zero_shot_text_demos` (OpenFlamingo's default) the "0-shot" score uses two
+  demonstrations with their images removed; the plain zero-shot score (query only) is reported
+  alongside as `zero_shot_plain`.
+- Decoding: greedy (`num_beams=1`) or beam search (`num_beams=3` is OpenFlamingo's); at most 20
+  new tokens for captions and 5 for VQA; stops at `<|endofchunk|>`, EOS or a newline.
+- Post-processing: the text is cut at the first stop string and at the start of a new example
+  (the template's "Output:" / "Question:"), stripped; VQA answers are also lower-cased.
+- Scores: CIDEr-D ×100 (PTB-tokenized, over exactly the queries evaluated) and VQA accuracy ×100,
+  per seed, with mean and standard deviation (population, ddof=0) over seeds, and the MM1-style
+  average over tasks per shot count (and over all shot counts).
+- Control: `shuffle_images=True` gives each query another query's image (a fixed derangement of
+  the query images; same text, wrong image). A model that uses the image scores lower.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from mm1.data.document import Document
+from mm1.data.images import ImageProcessor
+from mm1.data.tokenizer import ENDOFCHUNK_TOKEN, IMAGE_TOKEN, Tokenizer, tokenize_document
+from mm1.eval.tasks import Example, Task, load_tasks
+from mm1.models.mllm import MM1
+
+CAPTION_TEMPLATE = "<image>Output:{caption}<|endofchunk|>"
+VQA_TEMPLATE = "<image>Question:{question} Short answer:{answer}<|endofchunk|>"
+DEFAULT_STOP_STRINGS = (ENDOFCHUNK_TOKEN, "\n")
+DEFAULT_MAX_NEW_TOKENS = {"caption": 20, "vqa": 5}
+ZERO_SHOT_TEXT_DEMOS = 2  # OpenFlamingo's "effective" number of shots for zero-shot
+DEMO_SELECTIONS = ("random", "rices")
+_ANSWER_FIELD = {"caption": "{caption}", "vqa": "{answer}"}
+# Any PIL image will do to mark where an image goes when only the token ids are wanted.
+_SLOT = Image.new("RGB", (1, 1))
+
+
+@dataclass(frozen=True)
+class PromptTemplates:
+    """One template per task kind; `{caption}` / `{answer}` is where the demonstration's answer
+    goes (the query stops right before it), `{question}` the VQA question, and exactly one
+    `<image>` marks the image, before the answer field."""
+
+    caption: str = CAPTION_TEMPLATE
+    vqa: str = VQA_TEMPLATE
+
+    def __post_init__(self) -> None:
+        for kind in ("caption", "vqa"):
+            t = getattr(self, kind)
+            field_ = _ANSWER_FIELD[kind]
+            if t.count(field_) != 1:
+                raise ValueError(f"{kind} template {t!r} needs exactly one {field_}")
+            if t.count(IMAGE_TOKEN) != 1 or t.index(IMAGE_TOKEN) > t.index(field_):
+                raise ValueError(f"{kind} template {t!r} needs one {IMAGE_TOKEN} before {field_}")
+
+    def get(self, kind: str) -> str:
+        return getattr(self, kind)
+
+
+def format_demo(template: str, kind: str, example: Example, with_image: bool = True) -> str:
+    """A demonstration: the template filled with the example's question and answer."""
+    text = template.format(question=example.question or "", caption=example.target, answer=example.target)
+    return text if with_image else text.replace(IMAGE_TOKEN, "")
+
+
+def format_query(template: str, kind: str, example: Example) -> str:
+    """The query: the template up to (not including) the answer field."""
+    head = template[: template.index(_ANSWER_FIELD[kind])]
+    return head.format(question=example.question or "")
+
+
+def new_example_markers(templates: PromptTemplates, kind: str) -> tuple[str, ...]:
+    """Text that starts a new example (e.g. "Output:", "Question:"): a generation is cut there."""
+    t = templates.get(kind)
+    start = t.index(IMAGE_TOKEN) + len(IMAGE_TOKEN)
+    marker = t[start:].split("{", 1)[0].strip()
+    return (marker,) if marker else ()
+
+
+@dataclass
+class Prompt:
+    """A tokenized prompt: `input_ids` with image slots expanded, `images` in slot order."""
+
+    text: str
+    input_ids: list[int]
+    images: list[Path]
+
+
+def encode_prompt(
+    tokenizer: Tokenizer, text: str, num_image_tokens: int, image_boundaries: bool = False
+) -> list[int]:
+    """Token ids of a prompt whose images are marked by `<image>`: BOS, the text encoded in one
+    call, each `<image>` expanded to `num_image_tokens` image slots (as training documents)."""
+    parts: list[str | Image.Image] = []
+    for i, piece in enumerate(text.split(IMAGE_TOKEN)):
+        if i:
+            parts.append(_SLOT)
+        if piece:
+            parts.append(piece)
+    doc = Document(id="prompt", source="eval", parts=parts)
+    out = tokenize_document(
+        doc, tokenizer, num_image_tokens, image_boundaries=image_boundaries, add_eos=False
+    )
+    return out.input_ids
+
+
+def build_prompt(
+    tokenizer: Tokenizer,
+    num_image_tokens: int,
+    kind: str,
+    demos: Sequence[Example],
+    query: Example,
+    *,
+    templates: PromptTemplates | None = None,
+    text_only_demos: bool = False,
+    query_image: Path | None = None,
+    image_boundaries: bool = False,
+) -> Prompt:
+    """Demonstrations then the query, tokenized; `query_image` replaces the query's own image
+    (the shuffled-image control)."""
+    templates = templates or PromptTemplates()
+    template = templates.get(kind)
+    text = "".join(format_demo(template, kind, d, not text_only_demos) for d in demos)
+    text += format_query(template, kind, query)
+    images = [] if text_only_demos else [d.image for d in demos]
+    images.append(query.image if query_image is None else query_image)
+    ids = encode_prompt(tokenizer, text, num_image_tokens, image_boundaries)
+    return Prompt(text, ids, images)
+
+
+def postprocess(text: str, kind: str, stops: Sequence[str] = DEFAULT_STOP_STRINGS) -> str:
+    """Cut a generation at the first of `stops`, strip it; VQA answers are also lower-cased."""
+    for s in stops:
+        if s:
+            text = text.split(s, 1)[0]
+    text = text.strip()
+    return text.lower() if kind == "vqa" else text
+
+
+# ---------------------------------------------------------------------------------------------
+# Demonstration selection
+# ---------------------------------------------------------------------------------------------
+
+
+def random_demos(
+    support: Sequence[Example],
+    query: Example,
+    k: int,
+    seed: int,
+    key: str = "",
+    exclude_images: Sequence[Path] = (),
+    image_counts: Counter[Path] | None = None,
+) -> list[Example]:
+    """`k` distinct support examples drawn for this query, reproducible from (seed, key, query
+    id), none showing the query's image (nor any of `exclude_images`)."""
+    if k == 0:
+        return []
+    excluded = {query.image, *exclude_images}
+    counts = image_counts if image_counts is not None else Counter(s.image for s in support)
+    available = len(support) - sum(counts.get(p, 0) for p in excluded)
+    if available < k:
+        raise ValueError(
+            f"{k} demonstrations wanted for query {query.id} but the support split has only "
+            f"{available} examples with other images"
+        )
+    rng = random.Random(f"{seed}|{key}|{query.id}")
+    chosen: list[Example] = []
+    seen: set[int] = set()
+    while len(chosen) < k:
+        i = rng.randrange(len(support))
+        if i in seen:
+            continue
+        seen.add(i)
+        if support[i].image not in excluded:
+            chosen.append(support[i])
+    return chosen
+
+
+def rices_rank(
+    query_features: torch.Tensor,
+    support_features: torch.Tensor,
+    k: int,
+    exclude: Sequence[set[int]] | None = None,
+    chunk: int = 256,
+) -> list[list[int]]:
+    """RICES: for each query row, the indices of the `k` most cosine-similar support rows,
+    least similar first and most similar last (next to the query, as OpenFlamingo orders them).
+    `exclude[i]` holds support indices query i must not get."""
+    if k == 0:
+        return [[] for _ in range(query_features.shape[0])]
+    if k > support_features.shape[0]:
+        raise ValueError(f"{k} demonstrations wanted but the support split has {support_features.shape[0]}")
+    q = torch.nn.functional.normalize(query_features.float(), dim=-1)
+    s = torch.nn.functional.normalize(support_features.float(), dim=-1)
+    out: list[list[int]] = []
+    for start in range(0, q.shape[0], chunk):
+        sims = q[start : start + chunk] @ s.T
+        if exclude is not None:
+            for r in range(sims.shape[0]):
+                banned = list(exclude[start + r])
+                if banned:
+                    sims[r, banned] = float("-inf")
+        top = sims.topk(k, dim=-1)
+        for r in range(sims.shape[0]):
+            if bool(torch.isinf(top.values[r]).any()):
+                raise ValueError(f"query {start + r}: fewer than {k} support examples allowed")
+            out.append(top.indices[r].flip(0).tolist())
+    return out
+
+
+def shuffled_images(queries: Sequence[Example], seed: int = 0) -> dict[str, Path]:
+    """{query id: another query's image}: a fixed derangement of the distinct query images, so
+    every query is shown an image that is not its own."""
+    distinct = sorted({q.image for q in queries})
+    if len(distinct) < 2:
+        raise ValueError("shuffle_images needs at least two distinct query images")
+    random.Random(f"shuffle|{seed}").shuffle(distinct)
+    moved = {p: distinct[(i + 1) % len(distinct)] for i, p in enumerate(distinct)}
+    return {q.id: moved[q.image] for q in queries}
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluator
+# ---------------------------------------------------------------------------------------------
+
+
+class _PixelCache:
+    """Preprocessed images by path, least recently used dropped first."""
+
+    def __init__(self, processor: ImageProcessor, size: int = 512) -> None:
+        self.processor, self.size = processor, size
+        self._items: OrderedDict[Path, torch.Tensor] = OrderedDict()
+
+    def __call__(self, path: Path) -> torch.Tensor:
+        if path in self._items:
+            self._items.move_to_end(path)
+            return self._items[path]
+        with Image.open(path) as im:
+            im.load()
+            pixels = self.processor([im])[0]
+        self._items[path] = pixels
+        if len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return pixels
+
+
+@torch.no_grad()
+def image_embeddings(
+    model: MM1, pixels: Callable[[Path], torch.Tensor], paths: Sequence[Path], batch_size: int = 32
+) -> torch.Tensor:
+    """(N, D) L2-normalised mean of each image's connector outputs (its image tokens)."""
+    device, dtype = _device_dtype(model)
+    feats = []
+    for start in range(0, len(paths), batch_size):
+        batch = torch.stack([pixels(p) for p in paths[start : start + batch_size]])
+        tokens = model.image_features(batch.to(device=device, dtype=dtype))
+        feats.append(tokens.float().mean(1).cpu())
+    if not feats:
+        return torch.zeros(0, model.cfg.decoder.dim)
+    return torch.nn.functional.normalize(torch.cat(feats), dim=-1)
+
+
+def _device_dtype(model: MM1) -> tuple[torch.device, torch.dtype]:
+    w = model.vision.patch_embed.weight
+    return w.device, w.dtype
+
+
+@dataclass
+class _Run:
+    task: Task
+    shots: int  # demonstrations with images
+    key: str  # "0", "4", "8", or "0_plain"
+    seed: int | None
+    text_demos: int = 0  # demonstrations without images (zero-shot)
+
+
+class FewShotEvaluator:
+    """Holds the model and the settings; `run(task, ...)` evaluates one configuration.
+    `evaluate` below is the usual entry point."""
+
+    def __init__(
+        self,
+        model: MM1,
+        tokenizer: Tokenizer,
+        processor: ImageProcessor,
+        *,
+        templates: PromptTemplates | None = None,
+        demo_selection: str = "random",
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        max_new_tokens: int | dict[str, int] | None = None,
+        stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS,
+        batch_size: int = 8,
+        shuffle_images: bool = False,
+        image_boundaries: bool = False,
+        keep_prompts: bool = False,
+    ) -> None:
+        if tokenizer.image_id != model.image_token_id:
+            raise ValueError(
+                f"the tokenizer's <image> id {tokenizer.image_id} is not the model's image token "
+                f"id {model.image_token_id}: this tokenizer does not belong to this model"
+            )
+        if demo_selection not in DEMO_SELECTIONS:
+            raise ValueError(f"demo_selection must be one of {DEMO_SELECTIONS}, got {demo_selection!r}")
+        if batch_size < 1 or num_beams < 1:
+            raise ValueError("batch_size and num_beams must be >= 1")
+        self.model, self.tokenizer, self.processor = model, tokenizer, processor
+        self.templates = templates or PromptTemplates()
+        self.demo_selection = demo_selection
+        self.num_beams, self.length_penalty = num_beams, length_penalty
+        if max_new_tokens is None:
+            max_new_tokens = dict(DEFAULT_MAX_NEW_TOKENS)
+        elif isinstance(max_new_tokens, int):
+            max_new_tokens = dict.fromkeys(DEFAULT_MAX_NEW_TOKENS, max_new_tokens)
+        self.max_new_tokens = {**DEFAULT_MAX_NEW_TOKENS, **max_new_tokens}
+        self.stop_strings = tuple(stop_strings)
+        # Stop strings that are special tokens (decode drops them) stop by id; the rest by text.
+        self.stop_ids = {tokenizer.eos_id}
+        self.text_stops: list[str] = []
+        for s in self.stop_strings:
+            tid = tokenizer.token_to_id(s)
+            if tid is not None and tokenizer.decode([tid]) == "":
+                self.stop_ids.add(tid)
+            else:
+                self.text_stops.append(s)
+        self.batch_size = batch_size
+        self.shuffle_images = shuffle_images
+        self.image_boundaries = image_boundaries
+        self.keep_prompts = keep_prompts
+        self.pixels = _PixelCache(processor)
+        self._features: dict[Path, torch.Tensor] = {}
+
+    # -- demonstrations -------------------------------------------------------------------------
+
+    def features(self, paths: Sequence[Path]) -> torch.Tensor:
+        todo = [p for p in dict.fromkeys(paths) if p not in self._features]
+        if todo:
+            for p, f in zip(todo, image_embeddings(self.model, self.pixels, todo)):
+                self._features[p] = f
+        return torch.stack([self._features[p] for p in paths])
+
+    def select_demos(
+        self, task: Task, queries: Sequence[Example], shown: Sequence[Path], k: int, seed: int, key: str
+    ) -> list[list[Example]]:
+        if k == 0:
+            return [[] for _ in queries]
+        if not task.support:
+            raise ValueError(f"task {task.name!r} has no support split: only plain 0-shot can run")
+        if self.demo_selection == "random":
+            counts = Counter(s.image for s in task.support)
+            return [
+                random_demos(task.support, q, k, seed, f"{task.name}|{key}", (img,), counts)
+                for q, img in zip(queries, shown)
+            ]
+        # RICES: by the image the query is shown (so the shuffled control stays a control)
+        support_images = [s.image for s in task.support]
+        by_image: dict[Path, set[int]] = {}
+        for i, p in enumerate(support_images):
+            by_image.setdefault(p, set()).add(i)
+        exclude = [by_image.get(q.image, set()) | by_image.get(img, set()) for q, img in zip(queries, shown)]
+        ranks = rices_rank(self.features(list(shown)), self.features(support_images), k, exclude)
+        return [[task.support[i] for i in row] for row in ranks]
+
+    # -- generation -----------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[Prompt], kind: str) -> list[tuple[str, str]]:
+        """(raw decoded text, post-processed prediction) per prompt, one batch."""
+        device, dtype = _device_dtype(self.model)
+        paths = [p for prompt in prompts for p in prompt.images]
+        pixel_values = torch.stack([self.pixels(p) for p in paths]).to(device=device, dtype=dtype)
+        ids = [p.input_ids for p in prompts]
+        common = {
+            "max_new_tokens": self.max_new_tokens[kind],
+            "eos_token_id": sorted(self.stop_ids),
+            "pad_token_id": self.tokenizer.pad_id,
+            "stop_strings": self.text_stops,
+            "tokenizer": self.tokenizer,
+        }
+        if self.num_beams > 1:
+            outs = self.model.generate_beam(
+                ids, pixel_values, num_beams=self.num_beams, length_penalty=self.length_penalty, **common
+            )
+        else:
+            outs = self.model.generate(ids, pixel_values, **common)
+        cuts = [*self.text_stops, *new_example_markers(self.templates, kind)]
+        results = []
+        for out in outs:
+            end = next((i for i, t in enumerate(out) if t in self.stop_ids), len(out))
+            raw = self.tokenizer.decode(out, skip_special_tokens=False)
+            results.append((raw, postprocess(self.tokenizer.decode(out[:end]), kind, cuts)))
+        return results
+
+    def run(
+        self,
+        task: Task,
+        queries: Sequence[Example],
+        shots: int,
+        seed: int,
+        key: str,
+        text_demos: int = 0,
+        advance: Callable[[int], None] | None = None,
+    ) -> dict[str, Any]:
+        """Evaluate `queries` of `task` with `shots` image demonstrations (or `text_demos`
+        demonstrations without images); returns the score and the per-example records."""
+        shown = list(self._shown(queries))
+        n_demos = shots or text_demos
+        demos = self.select_demos(task, queries, shown, n_demos, seed, key)
+        prompts = [
+            build_prompt(
+                self.tokenizer,
+                self.model.num_image_tokens,
+                task.kind,
+                d,
+                q,
+                templates=self.templates,
+                text_only_demos=text_demos > 0 and shots == 0,
+                query_image=img,
+                image_boundaries=self.image_boundaries,
+            )
+            for q, img, d in zip(queries, shown, demos)
+        ]
+        outputs: list[tuple[str, str]] = []
+        for start in range(0, len(prompts), self.batch_size):
+            batch = prompts[start : start + self.batch_size]
+            outputs += self.generate(batch, task.kind)
+            if advance is not None:
+                advance(len(batch))
+        predictions = {q.id: pred for q, (_, pred) in zip(queries, outputs)}
+        score, per_example = task.score(predictions, queries)
+        records = []
+        for q, img, d, prompt, (raw, pred) in zip(queries, shown, demos, prompts, outputs):
+            rec = {
+                "id": q.id,
+                "image_id": q.image_id,
+                "image": str(img),
+                "query_image": str(q.image),
+                "question": q.question,
+                "prediction": pred,
+                "raw": raw,
+                "references": list(q.references),
+                "demos": [e.id for e in d],
+                "score": per_example[q.id],
+            }
+            if self.keep_prompts:
+                rec["prompt"] = prompt.text
+            records.append(rec)
+        return {"score": score, "records": records}
+
+    def _shown(self, queries: Sequence[Example]) -> list[Path]:
+        if not self.shuffle_images:
+            return [q.image for q in queries]
+        mapping = shuffled_images(queries)
+        return [mapping[q.id] for q in queries]
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+
+
+def evaluate(
+    model: MM1,
+    tokenizer: Tokenizer,
+    processor: ImageProcessor,
+    tasks: Sequence[str | Task | Any],
+    shots: Sequence[int] = (0, 4, 8),
+    seeds: int | Sequence[int] = 3,
+    *,
+    world: str | Path | None = None,
+    templates: PromptTemplates | None = None,
+    zero_shot_text_demos: bool = True,
+    demo_selection: str = "random",
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    max_new_tokens: int | dict[str, int] | None = None,
+    stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS,
+    batch_size: int = 8,
+    max_examples: int | None = None,
+    shuffle_images: bool = False,
+    image_boundaries: bool = False,
+    keep_prompts: bool = False,
+    progress: bool = True,
+    name: str | None = None,
+) -> dict[str, Any]:
+    """Few-shot scores of `model` on `tasks` (names, `TaskSpec`s or loaded `Task`s; the
+    synthetic `synth_coco` / `synth_vqa` need `world`) at each shot count and seed.
+
+    `seeds` is a count (seeds 0..n-1) or a list. With `demo_selection="rices"` demonstrations do
+    not depend on the seed, so only the first seed runs. `max_examples` evaluates only the first
+    N queries of each task (and says so in the results: `subset`, `num_queries`); CIDEr is then
+    computed over exactly those. `num_beams=1` is greedy decoding, 3 is OpenFlamingo's beam
+    search. `image_boundaries` must match how the model was trained (`data.image_boundaries`).
+
+    Returns a JSON-serialisable dict: `tasks[name]["shots"][str(k)]` holds `scores` (one per
+    seed), `seeds`, `mean`, `std`; `tasks[name]["zero_shot_plain"]` the zero-shot score without
+    text demonstrations; `average[str(k)]` the mean over tasks per shot count and
+    `average["overall"]` over all; `predictions[name][str(k)][str(seed)]` the per-example
+    records (prediction, references, demonstration ids, shown image, score).
+    """
+    if isinstance(seeds, int):
+        seeds = list(range(seeds))
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError("seeds must name at least one seed")
+    shots = sorted(set(int(s) for s in shots))
+    if any(s < 0 for s in shots) or not shots:
+        raise ValueError(f"shots must be non-negative and not empty, got {shots}")
+    if max_examples is not None and max_examples < 1:
+        raise ValueError(f"max_examples must be positive, got {max_examples}")
+    evaluator = FewShotEvaluator(
+        model,
+        tokenizer,
+        processor,
+        templates=templates,
+        demo_selection=demo_selection,
+        num_beams=num_beams,
+        length_penalty=length_penalty,
+        max_new_tokens=max_new_tokens,
+        stop_strings=stop_strings,
+        batch_size=batch_size,
+        shuffle_images=shuffle_images,
+        image_boundaries=image_boundaries,
+        keep_prompts=keep_prompts,
+    )
+    loaded = load_tasks(list(tasks), world=world)
+    names = [t.name for t in loaded]
+    if len(set(names)) != len(names):
+        raise ValueError(f"task names must be distinct, got {names}")
+    run_seeds = seeds[:1] if demo_selection == "rices" else seeds
+
+    runs: list[_Run] = []
+    for task in loaded:
+        for k in shots:
+            if k > 0 or (zero_shot_text_demos and task.support):
+                if not task.support:
+                    raise ValueError(f"task {task.name!r} has no support split for {k}-shot")
+                text = ZERO_SHOT_TEXT_DEMOS if k == 0 else 0
+                runs += [_Run(task, k, str(k), s, text) for s in run_seeds]
+            if k == 0:  # plain zero-shot: no demonstrations, nothing depends on the seed
+                runs.append(_Run(task, 0, "0_plain", None))
+
+    queries = {t.name: t.query[:max_examples] if max_examples else list(t.query) for t in loaded}
+    total = sum(len(queries[r.task.name]) for r in runs)
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    outcomes: dict[tuple[str, str], dict[str | None, dict[str, Any]]] = {}
+    try:
+        with _progress(progress, total) as advance_to:
+            for r in runs:
+                label = f"{r.task.name} {r.key}-shot" + ("" if r.seed is None else f" seed {r.seed}")
+                out = evaluator.run(
+                    r.task,
+                    queries[r.task.name],
+                    r.shots,
+                    0 if r.seed is None else r.seed,
+                    r.key,
+                    r.text_demos,
+                    advance=lambda n, label=label: advance_to(n, label),
+                )
+                outcomes.setdefault((r.task.name, r.key), {})[None if r.seed is None else str(r.seed)] = out
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+
+    results: dict[str, Any] = {
+        "name": name or "mm1",
+        "config": {
+            "shots": shots,
+            "seeds": run_seeds,
+            "demo_selection": demo_selection,
+            "zero_shot_text_demos": zero_shot_text_demos,
+            "zero_shot_text_demo_count": ZERO_SHOT_TEXT_DEMOS if zero_shot_text_demos else 0,
+            "decoding": "greedy" if num_beams == 1 else f"beam search ({num_beams} beams)",
+            "num_beams": num_beams,
+            "length_penalty": length_penalty,
+            "max_new_tokens": evaluator.max_new_tokens,
+            "stop_strings": list(stop_strings),
+            "templates": asdict(evaluator.templates),
+            "batch_size": batch_size,
+            "max_examples": max_examples,
+            "shuffle_images": shuffle_images,
+            "image_boundaries": image_boundaries,
+            "num_image_tokens": model.num_image_tokens,
+            "std": "population standard deviation over seeds (ddof=0)",
+        },
+        "tasks": {},
+        "average": {},
+        "predictions": {},
+        "timing": {
+            "seconds": seconds,
+            "generations": total,
+            "examples_per_s": total / seconds if seconds > 0 else None,
+        },
+    }
+    for task in loaded:
+        q = queries[task.name]
+        entry: dict[str, Any] = {
+            "kind": task.kind,
+            "metric": task.metric,
+            "num_queries": len(q),
+            "total_queries": len(task.query),
+            "subset": len(q) < len(task.query),
+            "shots": {},
+            "zero_shot_plain": None,
+        }
+        preds: dict[str, dict[str, list]] = {}
+        for k in shots:
+            key = str(k)
+            if (task.name, key) in outcomes:
+                per_seed = outcomes[(task.name, key)]
+            else:  # plain zero-shot is the 0-shot score when there are no text demonstrations
+                per_seed = {str(s): outcomes[(task.name, "0_plain")][None] for s in run_seeds[:1]}
+            scores = [per_seed[s]["score"] for s in per_seed]
+            mean, std = _mean_std(scores)
+            entry["shots"][key] = {
+                "scores": scores,
+                "seeds": [int(s) for s in per_seed],
+                "mean": mean,
+                "std": std,
+                "text_demos": (task.name, key) in outcomes and k == 0,
+            }
+            preds[key] = {s: o["records"] for s, o in per_seed.items()}
+        if (task.name, "0_plain") in outcomes:
+            plain = outcomes[(task.name, "0_plain")][None]
+            entry["zero_shot_plain"] = {"scores": [plain["score"]], "mean": plain["score"], "std": 0.0}
+            preds["0_plain"] = {"-": plain["records"]}
+        results["tasks"][task.name] = entry
+        results["predictions"][task.name] = preds
+    for k in shots:
+        results["average"][str(k)] = sum(
+            results["tasks"][t]["shots"][str(k)]["mean"] for t in names
+        ) / len(names)
+    per_shot = [results["average"][str(k)] for k in shots]
+    results["average"]["overall"] = sum(per_shot) / len(per_shot)
+    return results
+
+
+class _progress:
+    """A rich progress bar over all generations (or nothing); yields advance(n, label)."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.enabled, self.total = enabled, total
+        self._bar: Any = None
+
+    def __enter__(self) -> Callable[[int, str], None]:
+        if not self.enabled:
+            return lambda n, label: None
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._bar = Progress(
+            TextColumn("[bold]few-shot eval[/] {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
+        self._bar.start()
+        job = self._bar.add_task("", total=self.total)
+
+        def advance(n: int, label: str) -> None:
+            self._bar.update(job, advance=n, description=label)
+
+        return advance
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
