@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import random
 import socket
@@ -252,6 +253,7 @@ def _wrap(model: nn.Module, kind: str) -> nn.Module:
 
 
 def _dist_worker(rank: int, world: int, port: int, root: str, phase: str) -> None:
+    faulthandler.enable()
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world

@@ -280,11 +280,14 @@ def _read_json(path: str | Path, what: str) -> Any:
     return json.loads(p.read_text())
 
 
-def _missing_error(task: str, image_dir: Path, missing: list[str], total: int) -> FileNotFoundError:
+def _missing_error(
+    task: str, image_dir: Path, missing: list[str], total: int, affected: str = ""
+) -> FileNotFoundError:
     shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
     return FileNotFoundError(
-        f"task {task!r}: {len(missing)} of {total} images are missing under {image_dir}: {shown}. "
-        "Fix the image folder (or the annotations) rather than scoring a subset."
+        f"task {task!r}: {len(missing)} of {total} images are missing under {image_dir}"
+        f"{affected}: {shown}. Fix the image folder (or the annotations) rather than scoring a "
+        "subset."
     )
 
 
@@ -394,7 +397,9 @@ def load_vqa(
             Example(qid, image_id, path, tuple(answers), str(target), question=str(q["question"]))
         )
     if missing:
-        raise _missing_error(task, image_dir, sorted(set(missing)), len(examples))
+        images = {e.image for e in examples}
+        affected = f" ({len(missing)} of {len(examples)} questions)"
+        raise _missing_error(task, image_dir, sorted(set(missing)), len(images), affected)
     if not examples:
         raise ValueError(
             f"task {task!r}: no question of {questions} has an annotation in {annotations}"

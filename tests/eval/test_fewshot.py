@@ -1,0 +1,405 @@
+"""Few-shot evaluation: prompts token by token, demonstration selection, the shuffled-image
+control, post-processing, scores through the metrics, and beam search."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from mm1.config import ConnectorConfig, DecoderConfig, ModelConfig, VisionConfig
+from mm1.data.images import ImageProcessor
+from mm1.data.tokenizer import Tokenizer
+from mm1.eval.fewshot import (
+    FewShotEvaluator,
+    PromptTemplates,
+    build_prompt,
+    evaluate,
+    postprocess,
+    random_demos,
+    rices_rank,
+    shuffled_images,
+)
+from mm1.eval.metrics import caption_scores, cider, ptb_tokenize_corpus, vqa_accuracy_corpus
+from mm1.eval.tasks import CaptionTask, Example, Task, VQATask, load_task
+from mm1.models.mllm import MM1
+
+Q = 4  # image tokens per image of the tiny model
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny synthetic world, written once per session (shared by the eval test modules)."""
+    from mm1.data.synthetic import write_world
+
+    root = tmp_path_factory.getbasetemp() / "eval_world_tiny"
+    if not (root / "world.json").exists():
+        write_world(root, seed=0, size="tiny")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tok(world: Path) -> Tokenizer:
+    return Tokenizer.from_file(world / "tokenizer.json")
+
+
+def tiny_model(tok: Tokenizer, seed: int = 0, vocab: int | None = None, init_std: float = 0.02) -> MM1:
+    cfg = ModelConfig(
+        vision=VisionConfig(image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_dim=64, act="gelu"),
+        connector=ConnectorConfig(type="avgpool", num_tokens=Q, hidden=32, depth=1),
+        decoder=DecoderConfig(
+            vocab_size=vocab or tok.vocab_size, dim=32, layers=2, heads=4, kv_heads=2, ffn_dim=64, max_seq_len=1024
+        ),
+        image_token_id=tok.image_id if vocab is None else vocab - 1,
+        init_std=init_std,
+    )
+    torch.manual_seed(seed)
+    return MM1(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def model(tok: Tokenizer) -> MM1:
+    return tiny_model(tok)
+
+
+@pytest.fixture(scope="module")
+def proc() -> ImageProcessor:
+    return ImageProcessor.clip(32)
+
+
+@pytest.fixture(scope="module")
+def tasks(world: Path) -> dict[str, Task]:
+    return {name: load_task(name, world=world) for name in ("synth_coco", "synth_vqa")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+# ---------------------------------------------------------------------------------------------
+
+
+def ex(i: int, question: str | None = None, target: str = "a red circle", image: str = "") -> Example:
+    return Example(str(i), str(i), Path(image or f"/img/{i}.jpg"), (target,), target, question)
+
+
+def test_caption_prompt_token_by_token(tok: Tokenizer) -> None:
+    demos = [ex(1, target="a red circle."), ex(2, target="two blue squares")]
+    query = ex(3)
+    p = build_prompt(tok, Q, "caption", demos, query)
+    assert p.text == (
+        "<image>Output:a red circle.<|endofchunk|><image>Output:two blue squares<|endofchunk|>"
+        "<image>Output:"
+    )
+    img = [tok.image_id] * Q
+    eoc = tok.endofchunk_id
+    expected = (
+        [tok.bos_id]
+        + img + tok.encode("Output:a red circle.") + [eoc]
+        + img + tok.encode("Output:two blue squares") + [eoc]
+        + img + tok.encode("Output:")
+    )  # fmt: skip
+    assert p.input_ids == expected
+    assert p.input_ids.count(tok.image_id) == 3 * Q  # images x Q
+    assert p.images == [Path("/img/1.jpg"), Path("/img/2.jpg"), Path("/img/3.jpg")]
+
+
+def test_vqa_prompt_and_text_only_demos(tok: Tokenizer) -> None:
+    demos = [ex(1, "What color is it?", "red"), ex(2, "How many?", "2")]
+    query = ex(3, "What shape?")
+    p = build_prompt(tok, Q, "vqa", demos, query, query_image=Path("/other.jpg"))
+    assert p.text == (
+        "<image>Question:What color is it? Short answer:red<|endofchunk|>"
+        "<image>Question:How many? Short answer:2<|endofchunk|>"
+        "<image>Question:What shape? Short answer:"
+    )
+    assert p.input_ids.count(tok.image_id) == 3 * Q
+    assert p.images[-1] == Path("/other.jpg")  # the shuffled control replaces the query image
+    # zero-shot: the demonstrations lose their images, the query keeps its own
+    z = build_prompt(tok, Q, "vqa", demos, query, text_only_demos=True)
+    assert z.text == (
+        "Question:What color is it? Short answer:red<|endofchunk|>"
+        "Question:How many? Short answer:2<|endofchunk|>"
+        "<image>Question:What shape? Short answer:"
+    )
+    ids = [tok.bos_id] + tok.encode("Question:What color is it? Short answer:red")
+    assert z.input_ids[: len(ids)] == ids
+    assert z.input_ids.count(tok.image_id) == Q and z.images == [Path("/img/3.jpg")]
+    # image boundaries wrap each image's slots
+    b = build_prompt(tok, Q, "vqa", [], query, image_boundaries=True)
+    assert b.input_ids[:7] == [tok.bos_id, tok.boi_id, *[tok.image_id] * Q, tok.eoi_id]
+    with pytest.raises(ValueError, match="exactly one"):
+        PromptTemplates(caption="<image>Output:")
+
+
+def test_postprocess() -> None:
+    assert postprocess("  Blue<|endofchunk|>Question: what", "vqa") == "blue"
+    assert postprocess(" Two\nQuestion:", "vqa") == "two"
+    assert postprocess("A Red circle.\nOutput:", "caption") == "A Red circle."
+    assert postprocess(" yes Question:x", "vqa", ("\n", "Question:")) == "yes"
+
+
+# ---------------------------------------------------------------------------------------------
+# Demonstrations
+# ---------------------------------------------------------------------------------------------
+
+
+def test_random_demos_exclude_the_query_and_follow_the_seed(tasks: dict[str, Task]) -> None:
+    vqa = tasks["synth_vqa"]
+    # the hard case: the support split IS the query split (3 questions share each image)
+    support = vqa.query
+    for q in vqa.query[:40]:
+        demos = random_demos(support, q, 8, seed=0, key="t")
+        assert len({d.id for d in demos}) == 8
+        assert all(d.image != q.image for d in demos)
+        assert demos == random_demos(support, q, 8, seed=0, key="t")  # reproducible
+    q = vqa.query[0]
+    by_seed = [tuple(d.id for d in random_demos(support, q, 4, seed=s)) for s in range(5)]
+    assert len(set(by_seed)) == 5  # different seeds, different demonstrations
+    with pytest.raises(ValueError, match="only 3"):
+        random_demos(support[:6], q, 4, seed=0)  # 6 questions, 3 of them on the query's image
+
+
+def test_rices_rank_crafted_features() -> None:
+    query = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    support = torch.tensor([[0.0, 1.0], [0.9, 0.1], [1.0, 0.05], [-1.0, 0.0], [0.3, 0.7]])
+    ranks = rices_rank(query, support, 2)
+    assert ranks == [[1, 2], [4, 0]]  # most similar last, next to the query
+    assert rices_rank(query, support, 2, exclude=[{2}, {0}]) == [[4, 1], [1, 4]]
+    with pytest.raises(ValueError, match="fewer than 3"):
+        rices_rank(query, support[:3], 3, exclude=[{0}, set()])
+
+
+def test_rices_picks_the_copy_of_the_query_image(
+    tasks: dict[str, Task], tmp_path: Path, model: MM1, tok: Tokenizer, proc: ImageProcessor
+) -> None:
+    base = tasks["synth_coco"]
+    queries = base.query[:4]
+    copies = []
+    for q in queries:  # the same pixels under another name: cosine similarity 1
+        dst = tmp_path / f"copy_{q.image.name}"
+        shutil.copy(q.image, dst)
+        copies.append(dataclasses.replace(q, id=f"copy{q.id}", image=dst))
+    task = CaptionTask("rices", queries, base.support + copies)
+    ev = FewShotEvaluator(model, tok, proc, demo_selection="rices")
+    demos = ev.select_demos(task, queries, [q.image for q in queries], 3, seed=0, key="3")
+    for q, c, d in zip(queries, copies, demos):
+        assert d[-1].id == c.id and q.id not in {e.id for e in d}
+    # the shuffled control retrieves by the image actually shown
+    shown = [queries[1].image, queries[2].image, queries[3].image, queries[0].image]
+    demos = ev.select_demos(task, queries, shown, 3, seed=0, key="3")
+    assert [d[-1].id for d in demos] == ["copy2", "copy3", "copy4", "copy1"]
+
+
+def test_shuffled_images_is_a_derangement(tasks: dict[str, Task]) -> None:
+    queries = tasks["synth_vqa"].query
+    shown = shuffled_images(queries)
+    assert all(shown[q.id] != q.image for q in queries)
+    assert set(shown.values()) == {q.image for q in queries}  # every image still shown
+    # questions about the same image see the same wrong image
+    by_image: dict[Path, set[Path]] = {}
+    for q in queries:
+        by_image.setdefault(q.image, set()).add(shown[q.id])
+    assert all(len(v) == 1 for v in by_image.values())
+    with pytest.raises(ValueError, match="two distinct"):
+        shuffled_images(queries[:3])
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_evaluate_structure_and_scores_match_the_metrics(
+    model: MM1, tok: Tokenizer, proc: ImageProcessor, world: Path, tasks: dict[str, Task]
+) -> None:
+    r = evaluate(model, tok, proc, ["synth_coco", "synth_vqa"], shots=[0, 4], seeds=2, world=world,
+                 max_examples=8, batch_size=5, max_new_tokens={"caption": 8}, progress=False)  # fmt: skip
+    for name in ("synth_coco", "synth_vqa"):
+        entry = r["tasks"][name]
+        assert entry["num_queries"] == 8 and entry["subset"] and entry["total_queries"] > 8
+        assert entry["shots"]["0"]["text_demos"] and entry["zero_shot_plain"] is not None
+        for k in ("0", "4"):
+            cell = entry["shots"][k]
+            assert cell["seeds"] == [0, 1] and len(cell["scores"]) == 2
+            assert cell["mean"] == pytest.approx(sum(cell["scores"]) / 2)
+            assert cell["std"] == pytest.approx(abs(cell["scores"][0] - cell["scores"][1]) / 2)
+            for i, seed in enumerate(("0", "1")):
+                recs = r["predictions"][name][k][seed]
+                assert [x["id"] for x in recs] == [e.id for e in tasks[name].query[:8]]
+                assert all(len(x["demos"]) == (2 if k == "0" else 4) for x in recs)
+                preds = {x["id"]: x["prediction"] for x in recs}
+                refs = {x["id"]: x["references"] for x in recs}
+                if name == "synth_coco":  # CIDEr over exactly the 8 queries evaluated
+                    direct = 100 * caption_scores(refs, preds)["CIDEr"]
+                else:
+                    direct = vqa_accuracy_corpus(preds, refs)[0]
+                    assert all(x["prediction"] == x["prediction"].lower() for x in recs)
+                assert cell["scores"][i] == pytest.approx(direct, abs=1e-9)
+        # demonstrations come from the support split and never show the query's image
+        support = {e.id: e for e in tasks[name].support}
+        for x in r["predictions"][name]["4"]["0"]:
+            assert all(support[d].image != Path(x["query_image"]) for d in x["demos"])
+        assert r["predictions"][name]["4"]["0"] != r["predictions"][name]["4"]["1"]
+        assert len(r["predictions"][name]["0_plain"]["-"]) == 8
+    for k in ("0", "4"):
+        means = [r["tasks"][t]["shots"][k]["mean"] for t in ("synth_coco", "synth_vqa")]
+        assert r["average"][k] == pytest.approx(sum(means) / 2)
+    assert r["average"]["overall"] == pytest.approx((r["average"]["0"] + r["average"]["4"]) / 2)
+    assert r["config"]["max_examples"] == 8 and r["timing"]["generations"] == 2 * 8 * 5
+    assert r["config"]["max_new_tokens"] == {"caption": 8, "vqa": 5}
+
+
+def _feed(tok: Tokenizer, texts: list[str]):
+    """A stand-in for MM1.generate that answers `texts` in order, then <|endofchunk|>."""
+    answers = iter(texts)
+
+    def fake_generate(prompts, pixel_values=None, **kwargs):
+        assert pixel_values.shape[0] * Q == sum(p.count(tok.image_id) for p in prompts)
+        out = []
+        for _ in prompts:
+            ids = tok.encode(next(answers)) + [tok.endofchunk_id] + tok.encode("junk")
+            out.append(ids[: kwargs["max_new_tokens"] + 20])
+        return out
+
+    return fake_generate
+
+
+def test_perfect_captions_score_the_cider_of_the_references(
+    model: MM1, tok: Tokenizer, proc: ImageProcessor, tasks: dict[str, Task], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task = tasks["synth_coco"]
+    queries = task.query[:10]
+    monkeypatch.setattr(model, "generate", _feed(tok, [" " + q.target for q in queries]))
+    r = evaluate(model, tok, proc, [task], shots=[0], seeds=1, zero_shot_text_demos=False,
+                 max_examples=10, batch_size=4, progress=False)  # fmt: skip
+    refs = ptb_tokenize_corpus({q.id: list(q.references) for q in queries})
+    cands = ptb_tokenize_corpus({q.id: [q.target] for q in queries})
+    expected = 100 * cider(refs, {k: v[0] for k, v in cands.items()})[0]
+    assert r["tasks"]["synth_coco"]["shots"]["0"]["scores"] == [pytest.approx(expected, abs=1e-9)]
+    assert expected > 100
+    recs = r["predictions"]["synth_coco"]["0"]["0"]
+    assert [x["prediction"] for x in recs] == [q.target for q in queries]
+    assert "junk" in recs[0]["raw"] and "<|endofchunk|>" in recs[0]["raw"]
+
+
+def test_vqa_answers_are_post_processed_before_scoring(
+    model: MM1, tok: Tokenizer, proc: ImageProcessor, tasks: dict[str, Task], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task = tasks["synth_vqa"]
+    queries = task.query[:8]
+    # upper case, a new example started without <|endofchunk|>, a newline
+    answers = [f" {q.target.upper()}Question:what" if i % 2 else f"{q.target}\nfoo" for i, q in enumerate(queries)]
+    monkeypatch.setattr(model, "generate", _feed(tok, answers))
+    r = evaluate(model, tok, proc, [task], shots=[0], seeds=1, zero_shot_text_demos=False,
+                 max_examples=8, progress=False)  # fmt: skip
+    recs = r["predictions"]["synth_vqa"]["0"]["0"]
+    assert [x["prediction"] for x in recs] == [q.target.lower() for q in queries]
+    expected = vqa_accuracy_corpus({q.id: q.target for q in queries}, {q.id: list(q.references) for q in queries})[0]
+    assert r["tasks"]["synth_vqa"]["shots"]["0"]["mean"] == expected > 50
+
+
+def test_shuffle_control_and_rices_in_evaluate(
+    model: MM1, tok: Tokenizer, proc: ImageProcessor, world: Path
+) -> None:
+    r = evaluate(model, tok, proc, ["synth_vqa"], shots=[2], seeds=3, world=world, max_examples=9,
+                 shuffle_images=True, demo_selection="rices", progress=False)  # fmt: skip
+    recs = r["predictions"]["synth_vqa"]["2"]["0"]
+    assert all(x["image"] != x["query_image"] for x in recs)
+    assert r["config"]["shuffle_images"] and r["config"]["seeds"] == [0]  # RICES ignores seeds
+    assert r["tasks"]["synth_vqa"]["shots"]["2"]["std"] == 0.0
+    assert r["tasks"]["synth_vqa"]["zero_shot_plain"] is None
+
+
+def test_evaluate_errors(model: MM1, tok: Tokenizer, proc: ImageProcessor, tasks: dict[str, Task]) -> None:
+    no_support = VQATask("nosupport", tasks["synth_vqa"].query[:4])
+    with pytest.raises(ValueError, match="no support split"):
+        evaluate(model, tok, proc, [no_support], shots=[4], seeds=1, progress=False)
+    # plain zero-shot runs without a support split
+    r = evaluate(model, tok, proc, [no_support], shots=[0], seeds=1, progress=False)
+    assert not r["tasks"]["nosupport"]["shots"]["0"]["text_demos"]
+    other = tiny_model(tok, vocab=tok.vocab_size + 1)  # <image> on another id
+    with pytest.raises(ValueError, match="does not belong"):
+        evaluate(other, tok, proc, [no_support], shots=[0], progress=False)
+
+
+def test_beam_search_in_evaluate(model: MM1, tok: Tokenizer, proc: ImageProcessor, world: Path) -> None:
+    greedy = evaluate(model, tok, proc, ["synth_coco"], shots=[2], seeds=1, world=world,
+                      max_examples=6, progress=False)  # fmt: skip
+    beam1 = evaluate(model, tok, proc, ["synth_coco"], shots=[2], seeds=1, world=world,
+                     max_examples=6, progress=False, num_beams=1)  # fmt: skip
+    beam3 = evaluate(model, tok, proc, ["synth_coco"], shots=[2], seeds=1, world=world,
+                     max_examples=6, progress=False, num_beams=3)  # fmt: skip
+    assert beam3["config"]["decoding"] == "beam search (3 beams)"
+    g = [x["prediction"] for x in greedy["predictions"]["synth_coco"]["2"]["0"]]
+    assert g == [x["prediction"] for x in beam1["predictions"]["synth_coco"]["2"]["0"]]
+    assert len(beam3["predictions"]["synth_coco"]["2"]["0"]) == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# Beam search (MM1.generate_beam)
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _sequence_logprob(m: MM1, prompt: list[int], seq: list[int]) -> float:
+    ids = torch.tensor([prompt + seq])
+    logp = m.decoder(ids)[0].float().log_softmax(-1)  # text only: every id is a text token
+    return sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(seq))
+
+
+def test_generate_beam_with_one_beam_is_greedy(tok: Tokenizer) -> None:
+    m = tiny_model(tok, seed=1, vocab=50, init_std=0.3)  # peaky logits: no near-ties
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 48, (n,), generator=gen).tolist() for n in (5, 9, 3)]
+    for eos in ([], [7, 11, 23]):
+        greedy = m.generate(prompts, max_new_tokens=8, eos_token_id=eos)
+        for lp in (1.0, 0.0, -1.0):
+            beam = m.generate_beam(prompts, num_beams=1, max_new_tokens=8, eos_token_id=eos, length_penalty=lp)
+            assert beam == greedy
+    assert m.generate_beam(prompts, max_new_tokens=0) == [[], [], []]
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_generate_beam_matches_exhaustive_search(tok: Tokenizer, length_penalty: float) -> None:
+    vocab, eos, steps = 6, 2, 2
+    m = tiny_model(tok, seed=3, vocab=vocab, init_std=0.5)
+    prompts = [[0, 1, 3], [4, 4], [1]]
+    # vocab beams over 2 steps cover every sequence: beam search = exhaustive search
+    beams = m.generate_beam(prompts, num_beams=vocab, max_new_tokens=steps, eos_token_id=eos,
+                            length_penalty=length_penalty)  # fmt: skip
+    for prompt, got in zip(prompts, beams):
+        candidates = [[eos]] + [[a, b] for a, b in itertools.product(range(vocab), repeat=2) if a != eos]
+
+        def score(seq: list[int], prompt: list[int] = prompt) -> float:
+            return _sequence_logprob(m, prompt, seq) / len(seq) ** length_penalty
+
+        best = max(candidates, key=score)
+        assert score(got) == pytest.approx(score(best), abs=1e-5)
+        assert got == best or math.isclose(score(got), score(best), abs_tol=1e-5)
+    # fewer beams on the same problem can only do as well or worse, never better
+    small = m.generate_beam(prompts, num_beams=2, max_new_tokens=steps, eos_token_id=eos,
+                            length_penalty=length_penalty)  # fmt: skip
+    for prompt, got, best in zip(prompts, small, beams):
+        s_small = _sequence_logprob(m, prompt, got) / len(got) ** length_penalty
+        s_best = _sequence_logprob(m, prompt, best) / len(best) ** length_penalty
+        assert s_small <= s_best + 1e-5
+
+
+def test_generate_beam_deeper_exhaustive(tok: Tokenizer) -> None:
+    vocab, eos, steps = 4, 1, 3
+    m = tiny_model(tok, seed=5, vocab=vocab, init_std=0.5)
+    prompt = [0, 2]
+    # vocab**2 beams keep every 2-token prefix, so the best 3-token sequence is always found
+    (got,) = m.generate_beam([prompt], num_beams=vocab**2, max_new_tokens=steps, eos_token_id=eos,
+                             length_penalty=1.0)  # fmt: skip
+    seqs = []
+    for n in range(1, steps + 1):
+        for seq in itertools.product(range(vocab), repeat=n):
+            if eos not in seq[:-1] and (seq[-1] == eos or n == steps):
+                seqs.append(list(seq))
+    best = max(seqs, key=lambda s: _sequence_logprob(m, prompt, s) / len(s))
+    assert got == best
