@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # A CPU build of torch; GPU users: `make install TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128"`.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test lint format install install-dev bench clean
+.PHONY: demo test lint format install install-dev install-eval bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,16 @@ $(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
+# lmms-eval without its dependency tree: a plain install pulls a CUDA torch and a torchvision
+# that breaks `import transformers` here. These are the packages it imports at run time.
+$(VENV)/.installed-eval: $(VENV)/.installed-dev
+	$(BIN)/pip install -q --no-deps lmms-eval==0.7.3 accelerate==1.15.0 psutil loguru pytz
+	$(BIN)/pip install -q datasets sacrebleu tenacity evaluate pytablewriter "filelock<4"
+	touch $@
+
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
+install-eval: $(VENV)/.installed-eval
 
 demo: $(VENV)/.installed
 	$(BIN)/mm1 demo
@@ -34,7 +42,7 @@ format: $(VENV)/.installed-dev
 	$(BIN)/ruff check --fix src tests benchmarks
 	$(BIN)/ruff format src tests benchmarks
 
-test: lint
+test: lint $(VENV)/.installed-eval
 	$(BIN)/python -m pytest
 
 bench: $(VENV)/.installed-dev

@@ -194,6 +194,45 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(text)
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    import yaml
+
+    from mm1.eval.fewshot import evaluate
+    from mm1.eval.report import write_report
+    from mm1.eval.tasks import TaskSpec, register_task
+    from mm1.pretrained import load_pretrained
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    if args.task_file:
+        path = Path(args.task_file)
+        for d in yaml.safe_load(path.read_text()) or []:
+            spec = register_task(TaskSpec.from_dict(d, root=path.parent), overwrite=True)
+            if spec.name not in tasks:
+                tasks.append(spec.name)
+    p = load_pretrained(args.model)
+    results = evaluate(
+        p.model,
+        p.tokenizer,
+        p.processor,
+        tasks,
+        shots=[int(s) for s in args.shots.split(",")],
+        seeds=args.seeds,
+        world=args.world,
+        demo_selection="rices" if args.rices else "random",
+        num_beams=args.beams,
+        batch_size=args.batch_size,
+        max_examples=args.max_examples or None,
+        shuffle_images=args.shuffle_images,
+        name=args.name or Path(args.model).name,
+    )
+    out = Path(args.out or Path(args.model) / "eval")
+    files = write_report(results, out)
+    console.print(Path(files["markdown"]).read_text().split("\n\n###")[0])
+    console.print(f"results: {files['json']}  table: {files['markdown']}  plot: {files['plot']}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from mm1.demo import run_demo
 
@@ -245,6 +284,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", default=None, help="write safetensors + config + tokenizer here")
     p.add_argument("--to-hf", default=None, help="write decoder/ and vision/ HF checkpoints here")
     p.add_argument("--hf-type", default="llama", choices=("llama", "qwen2", "mistral"))
+
+    p = add("eval", cmd_eval, "few-shot captioning / VQA evaluation with reports")
+    p.add_argument("model", help="a run directory or an exported directory")
+    p.add_argument("--tasks", default="synth_coco,synth_vqa", help="comma-separated task names")
+    p.add_argument("--task-file", default=None, help="YAML list of task specs (real data paths)")
+    p.add_argument("--world", default="data/world-small", help="synthetic world for synth_*")
+    p.add_argument("--shots", default="0,4,8")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--beams", type=int, default=1, help="1 = greedy; 3 = OpenFlamingo's beams")
+    p.add_argument("--rices", action="store_true", help="demonstrations nearest by image")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-examples", type=int, default=0, help="0 = every query")
+    p.add_argument("--shuffle-images", action="store_true", help="the wrong-image control")
+    p.add_argument("--name", default=None)
+    p.add_argument("--out", default=None, help="default: MODEL/eval")
 
     p = add("generate", cmd_generate, "continue a prompt with images (`<image>` marks each)")
     p.add_argument("model", help="a run directory or an exported directory")

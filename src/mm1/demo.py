@@ -96,9 +96,7 @@ def object_recall(caption: str, scene: dict[str, Any]) -> float:
     hits = 0
     for obj in objects:
         colour, shape = obj["color"].split()[-1], obj["shape"]
-        hits += any(
-            words[i] == colour and shape in words[i + 1 : i + 3] for i in range(len(words))
-        )
+        hits += any(words[i] == colour and shape in words[i + 1 : i + 3] for i in range(len(words)))
     return hits / len(objects)
 
 
@@ -181,8 +179,10 @@ def write_demo_report(
     ]
     if records:
         first, last = records[0], records[-1]
-        lines.append(f"| train loss | {first['loss']:.3f} (step {first['step']}) | "
-                     f"{last['loss']:.3f} (step {last['step']}) |")
+        lines.append(
+            f"| train loss | {first['loss']:.3f} (step {first['step']}) | "
+            f"{last['loss']:.3f} (step {last['step']}) |"
+        )
         lines.append(f"| tokens/s | {first['tokens_per_s']:.0f} | {last['tokens_per_s']:.0f} |")
     if val:
         lines.append(f"| held-out loss | {val[0]:.3f} | {val[-1]:.3f} |")
@@ -195,7 +195,10 @@ def write_demo_report(
         "same model before training; *shuffled images* is the trained model shown another "
         "query's image (same prompt, wrong picture): it can only score by guessing from text.",
         "",
-        Path(files["markdown"]).read_text().strip(),
+        *_main_table(Path(files["markdown"]).read_text()),
+        "",
+        f"Per-run details, with example predictions: [eval/results.md](eval/"
+        f"{Path(files['markdown']).name}).",
         "",
         f"![few-shot scores](eval/{Path(files['plot']).name})",
         "",
@@ -214,6 +217,14 @@ def write_demo_report(
     report = run_dir / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report
+
+
+def _main_table(markdown: str) -> list[str]:
+    """The first table of the evaluation report (one row per run)."""
+    lines = markdown.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("|")), len(lines))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[start:end]
 
 
 def _params(run_dir: Path) -> str:
@@ -250,7 +261,10 @@ def _samples(results: dict[str, Any], n: int = 6) -> list[str]:
         return next(iter(by_seed.values()), [])
 
     trained, untrained, shuffled = (records(k) for k in ("trained", "untrained", "shuffled images"))
-    lines = ["| image | reference | trained | untrained | shuffled images |", "|---|---|---|---|---|"]
+    lines = [
+        "| image | reference | trained | untrained | shuffled images |",
+        "|---|---|---|---|---|",
+    ]
     for i, r in enumerate(trained[:n]):
         ref = (r.get("references") or [""])[0]
         cells = [

@@ -48,12 +48,22 @@ def tok(world: Path) -> Tokenizer:
     return Tokenizer.from_file(world / "tokenizer.json")
 
 
-def tiny_model(tok: Tokenizer, seed: int = 0, vocab: int | None = None, init_std: float = 0.02) -> MM1:
+def tiny_model(
+    tok: Tokenizer, seed: int = 0, vocab: int | None = None, init_std: float = 0.02
+) -> MM1:
     cfg = ModelConfig(
-        vision=VisionConfig(image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_dim=64, act="gelu"),
+        vision=VisionConfig(
+            image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_dim=64, act="gelu"
+        ),
         connector=ConnectorConfig(type="avgpool", num_tokens=Q, hidden=32, depth=1),
         decoder=DecoderConfig(
-            vocab_size=vocab or tok.vocab_size, dim=32, layers=2, heads=4, kv_heads=2, ffn_dim=64, max_seq_len=1024
+            vocab_size=vocab or tok.vocab_size,
+            dim=32,
+            layers=2,
+            heads=4,
+            kv_heads=2,
+            ffn_dim=64,
+            max_seq_len=1024,
         ),
         image_token_id=tok.image_id if vocab is None else vocab - 1,
         init_std=init_std,
@@ -82,7 +92,9 @@ def tasks(world: Path) -> dict[str, Task]:
 # ---------------------------------------------------------------------------------------------
 
 
-def ex(i: int, question: str | None = None, target: str = "a red circle", image: str = "") -> Example:
+def ex(
+    i: int, question: str | None = None, target: str = "a red circle", image: str = ""
+) -> Example:
     return Example(str(i), str(i), Path(image or f"/img/{i}.jpg"), (target,), target, question)
 
 
@@ -96,12 +108,17 @@ def test_caption_prompt_token_by_token(tok: Tokenizer) -> None:
     )
     img = [tok.image_id] * Q
     eoc = tok.endofchunk_id
-    expected = (
-        [tok.bos_id]
-        + img + tok.encode("Output:a red circle.") + [eoc]
-        + img + tok.encode("Output:two blue squares") + [eoc]
-        + img + tok.encode("Output:")
-    )  # fmt: skip
+    expected = [
+        tok.bos_id,
+        *img,
+        *tok.encode("Output:a red circle."),
+        eoc,
+        *img,
+        *tok.encode("Output:two blue squares"),
+        eoc,
+        *img,
+        *tok.encode("Output:"),
+    ]
     assert p.input_ids == expected
     assert p.input_ids.count(tok.image_id) == 3 * Q  # images x Q
     assert p.images == [Path("/img/1.jpg"), Path("/img/2.jpg"), Path("/img/3.jpg")]
@@ -125,7 +142,7 @@ def test_vqa_prompt_and_text_only_demos(tok: Tokenizer) -> None:
         "Question:How many? Short answer:2<|endofchunk|>"
         "<image>Question:What shape? Short answer:"
     )
-    ids = [tok.bos_id] + tok.encode("Question:What color is it? Short answer:red")
+    ids = [tok.bos_id, *tok.encode("Question:What color is it? Short answer:red")]
     assert z.input_ids[: len(ids)] == ids
     assert z.input_ids.count(tok.image_id) == Q and z.images == [Path("/img/3.jpg")]
     # image boundaries wrap each image's slots
@@ -216,8 +233,19 @@ def test_shuffled_images_is_a_derangement(tasks: dict[str, Task]) -> None:
 def test_evaluate_structure_and_scores_match_the_metrics(
     model: MM1, tok: Tokenizer, proc: ImageProcessor, world: Path, tasks: dict[str, Task]
 ) -> None:
-    r = evaluate(model, tok, proc, ["synth_coco", "synth_vqa"], shots=[0, 4], seeds=2, world=world,
-                 max_examples=8, batch_size=5, max_new_tokens={"caption": 8}, progress=False)  # fmt: skip
+    r = evaluate(
+        model,
+        tok,
+        proc,
+        ["synth_coco", "synth_vqa"],
+        shots=[0, 4],
+        seeds=2,
+        world=world,
+        max_examples=8,
+        batch_size=5,
+        max_new_tokens={"caption": 8},
+        progress=False,
+    )
     for name in ("synth_coco", "synth_vqa"):
         entry = r["tasks"][name]
         assert entry["num_queries"] == 8 and entry["subset"] and entry["total_queries"] > 8
@@ -261,7 +289,7 @@ def _feed(tok: Tokenizer, texts: list[str]):
         assert pixel_values.shape[0] * Q == sum(p.count(tok.image_id) for p in prompts)
         out = []
         for _ in prompts:
-            ids = tok.encode(next(answers)) + [tok.endofchunk_id] + tok.encode("junk")
+            ids = [*tok.encode(next(answers)), tok.endofchunk_id, *tok.encode("junk")]
             out.append(ids[: kwargs["max_new_tokens"] + 20])
         return out
 
@@ -269,13 +297,27 @@ def _feed(tok: Tokenizer, texts: list[str]):
 
 
 def test_perfect_captions_score_the_cider_of_the_references(
-    model: MM1, tok: Tokenizer, proc: ImageProcessor, tasks: dict[str, Task], monkeypatch: pytest.MonkeyPatch
+    model: MM1,
+    tok: Tokenizer,
+    proc: ImageProcessor,
+    tasks: dict[str, Task],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     task = tasks["synth_coco"]
     queries = task.query[:10]
     monkeypatch.setattr(model, "generate", _feed(tok, [" " + q.target for q in queries]))
-    r = evaluate(model, tok, proc, [task], shots=[0], seeds=1, zero_shot_text_demos=False,
-                 max_examples=10, batch_size=4, progress=False)  # fmt: skip
+    r = evaluate(
+        model,
+        tok,
+        proc,
+        [task],
+        shots=[0],
+        seeds=1,
+        zero_shot_text_demos=False,
+        max_examples=10,
+        batch_size=4,
+        progress=False,
+    )
     refs = ptb_tokenize_corpus({q.id: list(q.references) for q in queries})
     cands = ptb_tokenize_corpus({q.id: [q.target] for q in queries})
     expected = 100 * cider(refs, {k: v[0] for k, v in cands.items()})[0]
@@ -287,26 +329,55 @@ def test_perfect_captions_score_the_cider_of_the_references(
 
 
 def test_vqa_answers_are_post_processed_before_scoring(
-    model: MM1, tok: Tokenizer, proc: ImageProcessor, tasks: dict[str, Task], monkeypatch: pytest.MonkeyPatch
+    model: MM1,
+    tok: Tokenizer,
+    proc: ImageProcessor,
+    tasks: dict[str, Task],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     task = tasks["synth_vqa"]
     queries = task.query[:8]
     # upper case, a new example started without <|endofchunk|>, a newline
-    answers = [f" {q.target.upper()}Question:what" if i % 2 else f"{q.target}\nfoo" for i, q in enumerate(queries)]
+    answers = [
+        f" {q.target.upper()}Question:what" if i % 2 else f"{q.target}\nfoo"
+        for i, q in enumerate(queries)
+    ]
     monkeypatch.setattr(model, "generate", _feed(tok, answers))
-    r = evaluate(model, tok, proc, [task], shots=[0], seeds=1, zero_shot_text_demos=False,
-                 max_examples=8, progress=False)  # fmt: skip
+    r = evaluate(
+        model,
+        tok,
+        proc,
+        [task],
+        shots=[0],
+        seeds=1,
+        zero_shot_text_demos=False,
+        max_examples=8,
+        progress=False,
+    )
     recs = r["predictions"]["synth_vqa"]["0"]["0"]
     assert [x["prediction"] for x in recs] == [q.target.lower() for q in queries]
-    expected = vqa_accuracy_corpus({q.id: q.target for q in queries}, {q.id: list(q.references) for q in queries})[0]
+    expected = vqa_accuracy_corpus(
+        {q.id: q.target for q in queries}, {q.id: list(q.references) for q in queries}
+    )[0]
     assert r["tasks"]["synth_vqa"]["shots"]["0"]["mean"] == expected > 50
 
 
 def test_shuffle_control_and_rices_in_evaluate(
     model: MM1, tok: Tokenizer, proc: ImageProcessor, world: Path
 ) -> None:
-    r = evaluate(model, tok, proc, ["synth_vqa"], shots=[2], seeds=3, world=world, max_examples=9,
-                 shuffle_images=True, demo_selection="rices", progress=False)  # fmt: skip
+    r = evaluate(
+        model,
+        tok,
+        proc,
+        ["synth_vqa"],
+        shots=[2],
+        seeds=3,
+        world=world,
+        max_examples=9,
+        shuffle_images=True,
+        demo_selection="rices",
+        progress=False,
+    )
     recs = r["predictions"]["synth_vqa"]["2"]["0"]
     assert all(x["image"] != x["query_image"] for x in recs)
     assert r["config"]["shuffle_images"] and r["config"]["seeds"] == [0]  # RICES ignores seeds
@@ -314,25 +385,59 @@ def test_shuffle_control_and_rices_in_evaluate(
     assert r["tasks"]["synth_vqa"]["zero_shot_plain"] is None
 
 
-def test_evaluate_errors(model: MM1, tok: Tokenizer, proc: ImageProcessor, tasks: dict[str, Task]) -> None:
+def test_evaluate_errors(
+    model: MM1, tok: Tokenizer, proc: ImageProcessor, tasks: dict[str, Task]
+) -> None:
     no_support = VQATask("nosupport", tasks["synth_vqa"].query[:4])
     with pytest.raises(ValueError, match="no support split"):
         evaluate(model, tok, proc, [no_support], shots=[4], seeds=1, progress=False)
     # plain zero-shot runs without a support split
-    r = evaluate(model, tok, proc, [no_support], shots=[0], seeds=1, progress=False)
-    assert not r["tasks"]["nosupport"]["shots"]["0"]["text_demos"]
+    r = evaluate(model, tok, proc, [no_support], shots=[0], seeds=3, progress=False)
+    cell = r["tasks"]["nosupport"]["shots"]["0"]
+    assert not cell["text_demos"] and cell["seeds"] == [0] and cell["std"] == 0.0  # seed-free
     other = tiny_model(tok, vocab=tok.vocab_size + 1)  # <image> on another id
     with pytest.raises(ValueError, match="does not belong"):
         evaluate(other, tok, proc, [no_support], shots=[0], progress=False)
 
 
-def test_beam_search_in_evaluate(model: MM1, tok: Tokenizer, proc: ImageProcessor, world: Path) -> None:
-    greedy = evaluate(model, tok, proc, ["synth_coco"], shots=[2], seeds=1, world=world,
-                      max_examples=6, progress=False)  # fmt: skip
-    beam1 = evaluate(model, tok, proc, ["synth_coco"], shots=[2], seeds=1, world=world,
-                     max_examples=6, progress=False, num_beams=1)  # fmt: skip
-    beam3 = evaluate(model, tok, proc, ["synth_coco"], shots=[2], seeds=1, world=world,
-                     max_examples=6, progress=False, num_beams=3)  # fmt: skip
+def test_beam_search_in_evaluate(
+    model: MM1, tok: Tokenizer, proc: ImageProcessor, world: Path
+) -> None:
+    greedy = evaluate(
+        model,
+        tok,
+        proc,
+        ["synth_coco"],
+        shots=[2],
+        seeds=1,
+        world=world,
+        max_examples=6,
+        progress=False,
+    )
+    beam1 = evaluate(
+        model,
+        tok,
+        proc,
+        ["synth_coco"],
+        shots=[2],
+        seeds=1,
+        world=world,
+        max_examples=6,
+        progress=False,
+        num_beams=1,
+    )
+    beam3 = evaluate(
+        model,
+        tok,
+        proc,
+        ["synth_coco"],
+        shots=[2],
+        seeds=1,
+        world=world,
+        max_examples=6,
+        progress=False,
+        num_beams=3,
+    )
     assert beam3["config"]["decoding"] == "beam search (3 beams)"
     g = [x["prediction"] for x in greedy["predictions"]["synth_coco"]["2"]["0"]]
     assert g == [x["prediction"] for x in beam1["predictions"]["synth_coco"]["2"]["0"]]
@@ -358,7 +463,9 @@ def test_generate_beam_with_one_beam_is_greedy(tok: Tokenizer) -> None:
     for eos in ([], [7, 11, 23]):
         greedy = m.generate(prompts, max_new_tokens=8, eos_token_id=eos)
         for lp in (1.0, 0.0, -1.0):
-            beam = m.generate_beam(prompts, num_beams=1, max_new_tokens=8, eos_token_id=eos, length_penalty=lp)
+            beam = m.generate_beam(
+                prompts, num_beams=1, max_new_tokens=8, eos_token_id=eos, length_penalty=lp
+            )
             assert beam == greedy
     assert m.generate_beam(prompts, max_new_tokens=0) == [[], [], []]
 
@@ -369,10 +476,17 @@ def test_generate_beam_matches_exhaustive_search(tok: Tokenizer, length_penalty:
     m = tiny_model(tok, seed=3, vocab=vocab, init_std=0.5)
     prompts = [[0, 1, 3], [4, 4], [1]]
     # vocab beams over 2 steps cover every sequence: beam search = exhaustive search
-    beams = m.generate_beam(prompts, num_beams=vocab, max_new_tokens=steps, eos_token_id=eos,
-                            length_penalty=length_penalty)  # fmt: skip
+    beams = m.generate_beam(
+        prompts,
+        num_beams=vocab,
+        max_new_tokens=steps,
+        eos_token_id=eos,
+        length_penalty=length_penalty,
+    )
     for prompt, got in zip(prompts, beams):
-        candidates = [[eos]] + [[a, b] for a, b in itertools.product(range(vocab), repeat=2) if a != eos]
+        candidates = [[eos]] + [
+            [a, b] for a, b in itertools.product(range(vocab), repeat=2) if a != eos
+        ]
 
         def score(seq: list[int], prompt: list[int] = prompt) -> float:
             return _sequence_logprob(m, prompt, seq) / len(seq) ** length_penalty
@@ -381,8 +495,9 @@ def test_generate_beam_matches_exhaustive_search(tok: Tokenizer, length_penalty:
         assert score(got) == pytest.approx(score(best), abs=1e-5)
         assert got == best or math.isclose(score(got), score(best), abs_tol=1e-5)
     # fewer beams on the same problem can only do as well or worse, never better
-    small = m.generate_beam(prompts, num_beams=2, max_new_tokens=steps, eos_token_id=eos,
-                            length_penalty=length_penalty)  # fmt: skip
+    small = m.generate_beam(
+        prompts, num_beams=2, max_new_tokens=steps, eos_token_id=eos, length_penalty=length_penalty
+    )
     for prompt, got, best in zip(prompts, small, beams):
         s_small = _sequence_logprob(m, prompt, got) / len(got) ** length_penalty
         s_best = _sequence_logprob(m, prompt, best) / len(best) ** length_penalty
@@ -394,8 +509,9 @@ def test_generate_beam_deeper_exhaustive(tok: Tokenizer) -> None:
     m = tiny_model(tok, seed=5, vocab=vocab, init_std=0.5)
     prompt = [0, 2]
     # vocab**2 beams keep every 2-token prefix, so the best 3-token sequence is always found
-    (got,) = m.generate_beam([prompt], num_beams=vocab**2, max_new_tokens=steps, eos_token_id=eos,
-                             length_penalty=1.0)  # fmt: skip
+    (got,) = m.generate_beam(
+        [prompt], num_beams=vocab**2, max_new_tokens=steps, eos_token_id=eos, length_penalty=1.0
+    )
     seqs = []
     for n in range(1, steps + 1):
         for seq in itertools.product(range(vocab), repeat=n):
@@ -403,3 +519,51 @@ def test_generate_beam_deeper_exhaustive(tok: Tokenizer) -> None:
                 seqs.append(list(seq))
     best = max(seqs, key=lambda s: _sequence_logprob(m, prompt, s) / len(s))
     assert got == best
+
+
+def _reference_beam(
+    m: MM1, prompt: list[int], k: int, steps: int, eos: int, lp: float
+) -> list[int]:
+    """Plain beam search, recomputing every prefix (no cache): HF's semantics (2k candidates per
+    step, ended hypotheses kept aside, done once k have ended and no open beam beats the worst)."""
+    beams: list[tuple[float, list[int]]] = [(0.0, [])]
+    ended: list[tuple[float, list[int]]] = []
+    for step in range(steps):
+        cands = []
+        for score, seq in beams:
+            with torch.no_grad():
+                logp = m.decoder(torch.tensor([prompt + seq]))[0, -1].float().log_softmax(-1)
+            cands += [(score + float(logp[t]), [*seq, t]) for t in range(logp.shape[0])]
+        cands.sort(key=lambda c: -c[0])
+        beams = []
+        for score, seq in cands[: 2 * k]:
+            if len(beams) == k:
+                break
+            if seq[-1] == eos:
+                ended.append((score / (step + 1) ** lp, seq))
+            else:
+                beams.append((score, seq))
+        ended = sorted(ended, key=lambda e: -e[0])[:k]
+        if not beams or (len(ended) >= k and beams[0][0] / (step + 1) ** lp <= ended[-1][0]):
+            return ended[0][1]
+    ended += [(score / steps**lp, seq) for score, seq in beams]
+    return max(ended, key=lambda e: e[0])[1]
+
+
+def test_generate_beam_matches_a_reference_beam_search(tok: Tokenizer) -> None:
+    vocab, eos, steps = 7, 3, 4
+    m = tiny_model(tok, seed=11, vocab=vocab, init_std=0.3)
+    with torch.no_grad():  # a likely EOS, so hypotheses of different lengths compete
+        w = m.decoder.lm_head.weight
+        w[eos] = 2.0 * w[[t for t in range(vocab) if t != eos]].mean(0)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, vocab - 1, (n,), generator=gen).tolist() for n in range(1, 7)]
+    ended_early = 0
+    for k, lp in [(2, 1.0), (3, 0.5), (2, 0.0), (3, -1.0)]:
+        got = m.generate_beam(
+            prompts, num_beams=k, max_new_tokens=steps, eos_token_id=eos, length_penalty=lp
+        )
+        want = [_reference_beam(m, p, k, steps, eos, lp) for p in prompts]
+        assert got == want, (k, lp)
+        ended_early += sum(len(g) < steps for g in got)
+    assert ended_early >= 4  # the case exercises hypotheses that end before max_new_tokens

@@ -53,29 +53,46 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def exported(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     tok = Tokenizer.from_file(world / "tokenizer.json")
     cfg = ModelConfig(
-        vision=VisionConfig(image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_dim=64, act="gelu"),
+        vision=VisionConfig(
+            image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_dim=64, act="gelu"
+        ),
         connector=ConnectorConfig(type="avgpool", num_tokens=4, hidden=32, depth=1),
-        decoder=DecoderConfig(vocab_size=tok.vocab_size, dim=32, layers=2, heads=4, kv_heads=2, ffn_dim=64),
+        decoder=DecoderConfig(
+            vocab_size=tok.vocab_size, dim=32, layers=2, heads=4, kv_heads=2, ffn_dim=64
+        ),
         image_token_id=tok.image_id,
         init_std=0.2,  # peakier logits than the default, so outputs vary with the image
     )
     torch.manual_seed(0)
-    return save_pretrained(MM1(cfg), tok, ImageProcessor.clip(32), tmp_path_factory.mktemp("export"))
+    return save_pretrained(
+        MM1(cfg), tok, ImageProcessor.clip(32), tmp_path_factory.mktemp("export")
+    )
 
 
 def _local_docs(world: Path, n: int = 4) -> list[dict]:
     qs = json.loads((world / "eval/val/vqa_questions.json").read_text())["questions"][:n]
-    anns = {a["question_id"]: a for a in json.loads((world / "eval/val/vqa_annotations.json").read_text())["annotations"]}  # fmt: skip
+    anns = {
+        a["question_id"]: a
+        for a in json.loads((world / "eval/val/vqa_annotations.json").read_text())["annotations"]
+    }
     docs = []
     for q in qs:
         image = world / f"eval/val/images/world_val_{q['image_id']:012d}.jpg"
         answers = [a["answer"] for a in anns[q["question_id"]]["answers"]]
-        docs.append({"question_id": q["question_id"], "image_path": str(image), "question": q["question"],
-                     "answers": answers, "choices": ["red", "blue", "two"], "label": 0})  # fmt: skip
+        docs.append(
+            {
+                "question_id": q["question_id"],
+                "image_path": str(image),
+                "question": q["question"],
+                "answers": answers,
+                "choices": ["red", "blue", "two"],
+                "label": 0,
+            }
+        )
     return docs
 
 
-TASK_UTILS = '''
+TASK_UTILS = """
 from PIL import Image
 
 from mm1.eval.metrics import vqa_accuracy
@@ -91,7 +108,7 @@ def doc_to_text(doc, lmms_eval_specific_kwargs=None):
 
 def process_results(doc, results):
     return {"vqa_accuracy": vqa_accuracy(results[0].strip().lower(), doc["answers"])}
-'''
+"""
 
 
 def _write_tasks(root: Path, data: Path) -> None:
@@ -109,7 +126,9 @@ metadata:
 """
     (root / "utils.py").write_text(TASK_UTILS)
     (root / "mm1_local_vqa.yaml").write_text(
-        "task: mm1_local_vqa\noutput_type: generate_until\n" + common + """doc_to_target: label
+        "task: mm1_local_vqa\noutput_type: generate_until\n"
+        + common
+        + """doc_to_target: label
 generation_kwargs:
   until: ["\\n"]
   max_new_tokens: 5
@@ -121,7 +140,9 @@ metric_list:
 """
     )
     (root / "mm1_local_mc.yaml").write_text(
-        "task: mm1_local_mc\noutput_type: multiple_choice\n" + common + """doc_to_target: label
+        "task: mm1_local_mc\noutput_type: multiple_choice\n"
+        + common
+        + """doc_to_target: label
 doc_to_choice: choices
 metric_list:
   - metric: acc
@@ -132,7 +153,9 @@ metric_list:
 
 
 @needs_lmms_eval
-def test_lmms_eval_cli_runs_mm1_on_a_local_task(world: Path, exported: Path, tmp_path: Path) -> None:
+def test_lmms_eval_cli_runs_mm1_on_a_local_task(
+    world: Path, exported: Path, tmp_path: Path
+) -> None:
     docs = _local_docs(world)
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in docs))
@@ -145,7 +168,9 @@ def test_lmms_eval_cli_runs_mm1_on_a_local_task(world: Path, exported: Path, tmp
     info = site / "mm1_lmms_test-0.0.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mm1-lmms-test\nVersion: 0.0\n")
-    (info / "entry_points.txt").write_text("[lmms_eval.models]\nmm1 = mm1.eval.lmms_eval:manifest\n")
+    (info / "entry_points.txt").write_text(
+        "[lmms_eval.models]\nmm1 = mm1.eval.lmms_eval:manifest\n"
+    )
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])]),
@@ -155,9 +180,26 @@ def test_lmms_eval_cli_runs_mm1_on_a_local_task(world: Path, exported: Path, tmp
         "HF_DATASETS_CACHE": str(tmp_path / "hf" / "datasets"),
     }
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "lmms_eval", "--model", "mm1", "--model_args", f"pretrained={exported}",
-           "--tasks", "mm1_local_vqa,mm1_local_mc", "--include_path", str(tasks), "--batch_size", "3",
-           "--device", "cpu", "--output_path", str(out), "--log_samples"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "lmms_eval",
+        "--model",
+        "mm1",
+        "--model_args",
+        f"pretrained={exported}",
+        "--tasks",
+        "mm1_local_vqa,mm1_local_mc",
+        "--include_path",
+        str(tasks),
+        "--batch_size",
+        "3",
+        "--device",
+        "cpu",
+        "--output_path",
+        str(out),
+        "--log_samples",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     found = glob.glob(str(out / "**" / "*_results.json"), recursive=True)
@@ -166,20 +208,37 @@ def test_lmms_eval_cli_runs_mm1_on_a_local_task(world: Path, exported: Path, tmp
     results = json.loads(Path(results_file).read_text())["results"]
     assert 0.0 <= results["mm1_local_vqa"]["vqa_accuracy,none"] <= 1.0
     assert 0.0 <= results["mm1_local_mc"]["acc,none"] <= 1.0
+    # multiple choice went through loglikelihood: one (loss, greedy) per choice, smallest wins
+    (mc_file,) = glob.glob(str(out / "**" / "*samples_mm1_local_mc.jsonl"), recursive=True)
+    for line in Path(mc_file).read_text().splitlines():
+        sample = json.loads(line)
+        losses = [float(r[0]) for r in sample["filtered_resps"]]
+        assert len(losses) == 3 and all(x > 0 for x in losses)
+        assert sample["acc"] == float(losses.index(min(losses)) == 0)
     # the answers lmms-eval logged are what the model generates for that prompt
     (samples_file,) = glob.glob(str(out / "**" / "*samples_mm1_local_vqa.jsonl"), recursive=True)
-    samples = sorted((json.loads(line) for line in Path(samples_file).read_text().splitlines()),
-                     key=lambda s: s["doc_id"])  # fmt: skip
+    samples = sorted(
+        (json.loads(line) for line in Path(samples_file).read_text().splitlines()),
+        key=lambda s: s["doc_id"],
+    )
     loaded = load_pretrained(exported)
     tok, model = loaded.tokenizer, loaded.model
     for doc, sample in zip(docs, samples):
-        ids = encode_prompt(tok, "<image>Question:" + doc["question"] + " Short answer:", model.num_image_tokens)
+        ids = encode_prompt(
+            tok, "<image>Question:" + doc["question"] + " Short answer:", model.num_image_tokens
+        )
         from PIL import Image
 
         with Image.open(doc["image_path"]) as im:
             pixels = loaded.processor([im.convert("RGB")])
-        (new,) = model.generate([ids], pixels, max_new_tokens=5, eos_token_id=[tok.eos_id, tok.endofchunk_id],
-                                stop_strings=["\n"], tokenizer=tok)  # fmt: skip
+        (new,) = model.generate(
+            [ids],
+            pixels,
+            max_new_tokens=5,
+            eos_token_id=[tok.eos_id, tok.endofchunk_id],
+            stop_strings=["\n"],
+            tokenizer=tok,
+        )
         end = next((i for i, t in enumerate(new) if t in (tok.eos_id, tok.endofchunk_id)), len(new))
         expected = tok.decode(new[:end]).split("\n", 1)[0]
         resp = sample["filtered_resps"]
@@ -202,7 +261,9 @@ def lmm(exported: Path):
         pytest.skip("lmms_eval is not importable")
     from mm1.eval.lmms_eval import MM1LMM
 
-    return MM1LMM.create_from_arg_string(f"pretrained={exported},max_new_tokens=6", {"batch_size": 2, "device": "cpu"})
+    return MM1LMM.create_from_arg_string(
+        f"pretrained={exported},max_new_tokens=6", {"batch_size": 2, "device": "cpu"}
+    )
 
 
 @needs_lmms_eval
@@ -223,8 +284,19 @@ def test_generate_until_is_batched_generate(lmm, world: Path) -> None:
 
         return [Image.open(doc["image_path"]).convert("RGB")]
 
-    reqs = [_request(("Question:" + d["question"] + " Short answer:", {"until": ["\n"], "max_new_tokens": 4},
-                      visual, i, "t", "test")) for i, d in enumerate(docs)]  # fmt: skip
+    reqs = [
+        _request(
+            (
+                "Question:" + d["question"] + " Short answer:",
+                {"until": ["\n"], "max_new_tokens": 4},
+                visual,
+                i,
+                "t",
+                "test",
+            )
+        )
+        for i, d in enumerate(docs)
+    ]
     reqs.append(_request(("<image>Output:", {"max_new_tokens": 3}, visual, 0, "t", "test")))
     got = lmm.generate_until(reqs)
     tok, model = lmm.tokenizer, lmm.model
@@ -232,9 +304,14 @@ def test_generate_until_is_batched_generate(lmm, world: Path) -> None:
         context, kwargs = req.args[0], req.args[1]
         ids, pixels = lmm.prompt(context, visual(docs[req.args[3]]))
         assert ids.count(tok.image_id) == model.num_image_tokens and ids[0] == tok.bos_id
-        (new,) = model.generate([ids], pixels, max_new_tokens=kwargs["max_new_tokens"],
-                                eos_token_id=[tok.eos_id, tok.endofchunk_id], stop_strings=kwargs.get("until", []),
-                                tokenizer=tok)  # fmt: skip
+        (new,) = model.generate(
+            [ids],
+            pixels,
+            max_new_tokens=kwargs["max_new_tokens"],
+            eos_token_id=[tok.eos_id, tok.endofchunk_id],
+            stop_strings=kwargs.get("until", []),
+            tokenizer=tok,
+        )
         end = next((i for i, t in enumerate(new) if t in (tok.eos_id, tok.endofchunk_id)), len(new))
         assert text == tok.decode(new[:end]).split("\n", 1)[0]
     with pytest.raises(ValueError, match="2 <image> tags but 1 images"):
@@ -254,10 +331,12 @@ def test_loglikelihood(lmm, world: Path) -> None:
         return [Image.open(doc["image_path"]).convert("RGB")]
 
     tok, model = lmm.tokenizer, lmm.model
-    reqs = [_request(("Question:" + d["question"] + " Short answer: ", "red", visual, i, "t", "test"))
-            for i, d in enumerate(docs)]  # fmt: skip
+    reqs = [
+        _request(("Question:" + d["question"] + " Short answer: ", "red", visual, i, "t", "test"))
+        for i, d in enumerate(docs)
+    ]
     got = lmm.loglikelihood(reqs)
-    for req, (logp, greedy) in zip(reqs, got):
+    for req, (loss, greedy) in zip(reqs, got):
         doc = docs[req.args[3]]
         # the trailing space moves to the continuation (lm-evaluation-harness convention)
         ctx = encode_prompt(tok, "<image>" + req.args[0].rstrip(" "), model.num_image_tokens)
@@ -269,14 +348,24 @@ def test_loglikelihood(lmm, world: Path) -> None:
             logits = model(ids, pixel_values=lmm.prompt("", visual(doc))[1]).logits[0].float()
         lp = logits.log_softmax(-1)
         expected = sum(float(lp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont))
-        assert logp == pytest.approx(expected, abs=1e-4) and logp < 0
-        assert greedy == all(int(logits[len(ctx) - 1 + i].argmax()) == t for i, t in enumerate(cont))
+        # lmms-eval's convention: the mean loss per continuation token (multiple choice = argmin)
+        assert loss == pytest.approx(-expected / len(cont), abs=1e-5) and loss > 0
+        assert greedy == all(
+            int(logits[len(ctx) - 1 + i].argmax()) == t for i, t in enumerate(cont)
+        )
     # the greedy continuation is recognised as greedy
     ids, pixels = lmm.prompt("Question:" + docs[0]["question"], visual(docs[0]))
     (new,) = model.generate([ids], pixels, max_new_tokens=3)
     text = tok.decode(new)
-    if encode_prompt(tok, "<image>Question:" + docs[0]["question"] + text, model.num_image_tokens)[len(ids) :] == new:
-        (res,) = lmm.loglikelihood([_request(("Question:" + docs[0]["question"], text, visual, 0, "t", "test"))])
+    if (
+        encode_prompt(tok, "<image>Question:" + docs[0]["question"] + text, model.num_image_tokens)[
+            len(ids) :
+        ]
+        == new
+    ):
+        (res,) = lmm.loglikelihood(
+            [_request(("Question:" + docs[0]["question"], text, visual, 0, "t", "test"))]
+        )
         assert res[1] is True
 
 
@@ -300,4 +389,6 @@ def test_generate_until_multi_round(lmm, world: Path) -> None:
     req = _request(("Output:", {"max_new_tokens": 2}, visual, doc_to_text, 0, "t", "test"))
     (rounds,) = lmm.generate_until_multi_round([req])
     assert len(rounds) == 2 and all(isinstance(r, str) for r in rounds)
-    assert [s[0] for s in seen] == [1, 2] and seen[1][1] == list(rounds) and seen[1][2] == {"round": 1}
+    assert (
+        [s[0] for s in seen] == [1, 2] and seen[1][1] == list(rounds) and seen[1][2] == {"round": 1}
+    )

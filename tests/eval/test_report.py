@@ -24,29 +24,73 @@ def fake_results(name: str, base: float, shuffle: bool = False) -> dict:
     def cell(scores: list[float]) -> dict:
         mean = sum(scores) / len(scores)
         std = (sum((s - mean) ** 2 for s in scores) / len(scores)) ** 0.5
-        return {"scores": scores, "seeds": list(range(len(scores))), "mean": mean, "std": std,
-                "text_demos": False}  # fmt: skip
+        return {
+            "scores": scores,
+            "seeds": list(range(len(scores))),
+            "mean": mean,
+            "std": std,
+            "text_demos": False,
+        }
 
     tasks = {
-        "coco": {"kind": "caption", "metric": "CIDEr", "num_queries": 5, "total_queries": 5,
-                 "subset": False, "zero_shot_plain": None,
-                 "shots": {"0": cell([base + 10.0, base + 12.0]), "4": cell([base + 40.0, base + 42.0]),
-                           "8": cell([base + 50.0, base + 54.0])}},  # fmt: skip
-        "vqav2": {"kind": "vqa", "metric": "VQA accuracy", "num_queries": 9, "total_queries": 90,
-                  "subset": True, "zero_shot_plain": {"scores": [1.5], "mean": 1.5, "std": 0.0},
-                  "shots": {"0": cell([base + 30.0] * 2), "4": cell([base + 33.0] * 2),
-                            "8": cell([base + 36.0] * 2)}},  # fmt: skip
+        "coco": {
+            "kind": "caption",
+            "metric": "CIDEr",
+            "num_queries": 5,
+            "total_queries": 5,
+            "subset": False,
+            "zero_shot_plain": None,
+            "shots": {
+                "0": cell([base + 10.0, base + 12.0]),
+                "4": cell([base + 40.0, base + 42.0]),
+                "8": cell([base + 50.0, base + 54.0]),
+            },
+        },
+        "vqav2": {
+            "kind": "vqa",
+            "metric": "VQA accuracy",
+            "num_queries": 9,
+            "total_queries": 90,
+            "subset": True,
+            "zero_shot_plain": {"scores": [1.5], "mean": 1.5, "std": 0.0},
+            "shots": {
+                "0": cell([base + 30.0] * 2),
+                "4": cell([base + 33.0] * 2),
+                "8": cell([base + 36.0] * 2),
+            },
+        },
     }
     tasks["vqav2"]["shots"]["0"]["text_demos"] = True
-    avg = {k: (tasks["coco"]["shots"][k]["mean"] + tasks["vqav2"]["shots"][k]["mean"]) / 2 for k in ("0", "4", "8")}
+    avg = {
+        k: (tasks["coco"]["shots"][k]["mean"] + tasks["vqav2"]["shots"][k]["mean"]) / 2
+        for k in ("0", "4", "8")
+    }
     avg["overall"] = sum(avg.values()) / 3
-    rec = {"id": "7", "image_id": "7", "image": "/x/7.jpg", "query_image": "/x/7.jpg", "question": "What color?",
-           "prediction": "red | blue", "raw": "red | blue\n", "references": ["red"] * 10, "demos": [], "score": 100.0}  # fmt: skip
+    rec = {
+        "id": "7",
+        "image_id": "7",
+        "image": "/x/7.jpg",
+        "query_image": "/x/7.jpg",
+        "question": "What color?",
+        "prediction": "red | blue",
+        "raw": "red | blue\n",
+        "references": ["red"] * 10,
+        "demos": [],
+        "score": 100.0,
+    }
     return {
         "name": name,
-        "config": {"shots": [0, 4, 8], "seeds": [0, 1], "demo_selection": "random", "zero_shot_text_demos": True,
-                   "zero_shot_text_demo_count": 2, "decoding": "greedy", "max_new_tokens": {"caption": 20, "vqa": 5},
-                   "max_examples": 9, "shuffle_images": shuffle},  # fmt: skip
+        "config": {
+            "shots": [0, 4, 8],
+            "seeds": [0, 1],
+            "demo_selection": "random",
+            "zero_shot_text_demos": True,
+            "zero_shot_text_demo_count": 2,
+            "decoding": "greedy",
+            "max_new_tokens": {"caption": 20, "vqa": 5},
+            "max_examples": 9,
+            "shuffle_images": shuffle,
+        },
         "tasks": tasks,
         "average": avg,
         "predictions": {"vqav2": {"8": {"0": [rec]}}},
@@ -62,7 +106,10 @@ def test_markdown_table_is_laid_out_like_the_paper() -> None:
         "| Run | coco 0-shot | coco 4-shot | coco 8-shot | vqav2 0-shot | vqav2 4-shot | vqav2 8-shot "
         "| Avg 0-shot | Avg 4-shot | Avg 8-shot | Avg all |"
     )
-    assert lines[2] == "| run A | 11.0 | 41.0 | 52.0 | 30.0 | 33.0 | 36.0 | 20.5 | 37.0 | 44.0 | 33.8 |"
+    assert (
+        lines[2]
+        == "| run A | 11.0 | 41.0 | 52.0 | 30.0 | 33.0 | 36.0 | 20.5 | 37.0 | 44.0 | 33.8 |"
+    )
     assert lines[3].startswith("| run B | 16.0 | 46.0 | 57.0 | 35.0 |")
     # a list of results is named by the runs themselves; the control says so
     assert "| MM1-tiny (shuffled images) |" in markdown_table([a, b])
@@ -71,11 +118,16 @@ def test_markdown_table_is_laid_out_like_the_paper() -> None:
 def test_write_report(tmp_path: Path) -> None:
     a, b = fake_results("MM1-tiny", 0.0), fake_results("MM1-tiny", -5.0, shuffle=True)
     paths = write_report({"model": a, "shuffled control": b}, tmp_path / "rep", "Tiny few-shot")
-    assert json.loads(paths["json"].read_text())["model"]["average"]["overall"] == pytest.approx(a["average"]["overall"])
+    assert json.loads(paths["json"].read_text())["model"]["average"]["overall"] == pytest.approx(
+        a["average"]["overall"]
+    )
     md = paths["markdown"].read_text()
     assert md.startswith("# Tiny few-shot")
     assert "| model | 11.0 | 41.0 | 52.0 | 30.0 | 33.0 | 36.0 | 20.5 | 37.0 | 44.0 | 33.8 |" in md
-    assert "| coco | CIDEr | 5 | 11.00 ± 1.00 (n=2) | 41.00 ± 1.00 (n=2) | 52.00 ± 2.00 (n=2) | – |" in md
+    assert (
+        "| coco | CIDEr | 5 | 11.00 ± 1.00 (n=2) | 41.00 ± 1.00 (n=2) | 52.00 ± 2.00 (n=2) | – |"
+        in md
+    )
     assert "| vqav2 | VQA accuracy | 9 of 90 |" in md and "| 1.50 |" in md  # subset, plain 0-shot
     assert "only the first 9 queries" in md
     assert "red \\| blue" in md  # predictions cannot break the table
@@ -96,7 +148,9 @@ def test_compare_runs(tmp_path: Path) -> None:
         compare_runs(runs, ["only one"], tmp_path / "x.png")
 
 
-def test_report_of_a_real_evaluation(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+def test_report_of_a_real_evaluation(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
     from mm1.data.synthetic import write_world
 
     world = tmp_path_factory.getbasetemp() / "eval_world_tiny"
@@ -104,18 +158,36 @@ def test_report_of_a_real_evaluation(tmp_path_factory: pytest.TempPathFactory, t
         write_world(world, seed=0, size="tiny")
     tok = Tokenizer.from_file(world / "tokenizer.json")
     cfg = ModelConfig(
-        vision=VisionConfig(image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_dim=64, act="gelu"),
+        vision=VisionConfig(
+            image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_dim=64, act="gelu"
+        ),
         connector=ConnectorConfig(type="avgpool", num_tokens=4, hidden=32, depth=1),
-        decoder=DecoderConfig(vocab_size=tok.vocab_size, dim=32, layers=2, heads=4, kv_heads=2, ffn_dim=64),
+        decoder=DecoderConfig(
+            vocab_size=tok.vocab_size, dim=32, layers=2, heads=4, kv_heads=2, ffn_dim=64
+        ),
         image_token_id=tok.image_id,
     )
     torch.manual_seed(0)
     model = MM1(cfg).eval()
-    r = evaluate(model, tok, ImageProcessor.clip(32), ["synth_coco", "synth_vqa"], shots=[0, 2], seeds=1,
-                 world=world, max_examples=4, max_new_tokens=4, progress=False, name="random init")  # fmt: skip
+    r = evaluate(
+        model,
+        tok,
+        ImageProcessor.clip(32),
+        ["synth_coco", "synth_vqa"],
+        shots=[0, 2],
+        seeds=1,
+        world=world,
+        max_examples=4,
+        max_new_tokens=4,
+        progress=False,
+        name="random init",
+    )
     paths = write_report(r, tmp_path, "Random tiny model")
     md = paths["markdown"].read_text()
     score = r["tasks"]["synth_coco"]["shots"]["2"]["mean"]
-    assert f"| random init | {r['tasks']['synth_coco']['shots']['0']['mean']:.1f} | {score:.1f} |" in md
+    assert (
+        f"| random init | {r['tasks']['synth_coco']['shots']['0']['mean']:.1f} | {score:.1f} |"
+        in md
+    )
     assert json.loads(paths["json"].read_text())["tasks"]["synth_vqa"]["num_queries"] == 4
     assert paths["plot"].read_bytes().startswith(PNG_MAGIC)

@@ -56,9 +56,15 @@ def test_synthetic_caption_task(world: Path) -> None:
 def test_synthetic_vqa_task_finds_images_by_id(world: Path) -> None:
     task = load_task("synth_vqa", world=world)
     qs = json.loads((world / "eval/val/vqa_questions.json").read_text())["questions"]
-    anns = {a["question_id"]: a for a in json.loads((world / "eval/val/vqa_annotations.json").read_text())["annotations"]}  # fmt: skip
+    anns = {
+        a["question_id"]: a
+        for a in json.loads((world / "eval/val/vqa_annotations.json").read_text())["annotations"]
+    }
     assert isinstance(task, VQATask) and len(task.query) == len(qs) == 188
-    files = {img["id"]: img["file_name"] for img in json.loads((world / "eval/val/captions.json").read_text())["images"]}  # fmt: skip
+    files = {
+        img["id"]: img["file_name"]
+        for img in json.loads((world / "eval/val/captions.json").read_text())["images"]
+    }
     for ex, q in zip(task.query, qs):
         assert ex.id == str(q["question_id"]) and ex.question == q["question"]
         # VQA questions carry no file name: the image is found by the digits of its id
@@ -116,7 +122,10 @@ def test_missing_vqa_images_fail_loudly(world: Path, tmp_path: Path) -> None:
         p.unlink()
     with pytest.raises(FileNotFoundError, match="images are missing") as err:
         VQATask.from_files(
-            "vqa", world / "eval/val/vqa_questions.json", world / "eval/val/vqa_annotations.json", images
+            "vqa",
+            world / "eval/val/vqa_questions.json",
+            world / "eval/val/vqa_annotations.json",
+            images,
         )
     msg = str(err.value)
     # counted per image (2 of the 64 images), and the questions they hold
@@ -136,7 +145,11 @@ def test_vqa_image_pattern_and_file_name_keys(world: Path, tmp_path: Path) -> No
     (tmp_path / "q.json").write_text(json.dumps(qs))
     (tmp_path / "a.json").write_text(json.dumps(anns))
     task = VQATask.from_files(
-        "p", tmp_path / "q.json", tmp_path / "a.json", images, image_pattern="COCO_val2014_{image_id:012d}.jpg"
+        "p",
+        tmp_path / "q.json",
+        tmp_path / "a.json",
+        images,
+        image_pattern="COCO_val2014_{image_id:012d}.jpg",
     )
     assert len(task.query) == 6  # only annotated questions that are asked
     assert task.query[0].image.name == "COCO_val2014_000000000001.jpg"
@@ -152,7 +165,9 @@ def test_vqa_image_pattern_and_file_name_keys(world: Path, tmp_path: Path) -> No
 def test_scores_are_the_metrics(world: Path) -> None:
     cap = load_task("synth_coco", world=world)
     some = cap.query[:10]
-    preds = {e.id: e.references[(i + 1) % 5] if i % 3 else "a red circle" for i, e in enumerate(some)}
+    preds = {
+        e.id: e.references[(i + 1) % 5] if i % 3 else "a red circle" for i, e in enumerate(some)
+    }
     score, per = cap.score(preds, some)
     expected = caption_scores({e.id: list(e.references) for e in some}, preds)["CIDEr"]
     assert score == pytest.approx(100 * expected, abs=1e-9) and set(per) == set(preds)

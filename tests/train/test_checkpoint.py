@@ -5,8 +5,8 @@ from __future__ import annotations
 import faulthandler
 import json
 import random
-import socket
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -234,12 +234,6 @@ def test_bad_arguments(tmp_path: Path) -> None:
 # 2 gloo processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wrap(model: nn.Module, kind: str) -> nn.Module:
     if kind == "fsdp":
         from torch.distributed.fsdp import fully_shard
@@ -252,12 +246,13 @@ def _wrap(model: nn.Module, kind: str) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model)
 
 
-def _dist_worker(rank: int, world: int, port: int, root: str, phase: str) -> None:
-    faulthandler.enable()
+def _dist_worker(rank: int, world: int, root: str, phase: str) -> None:
+    faulthandler.enable()  # a stack trace if a worker dies
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module")  # Linear returns a view
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
+    # A file store: no free port to find (and lose to another process) on a shared machine.
+    store = Path(root) / f"store_{phase}"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         fixed = torch.randint(VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(rank))
         for kind in ("fsdp", "ddp"):
@@ -303,7 +298,7 @@ def _dist_worker(rank: int, world: int, port: int, root: str, phase: str) -> Non
 
 
 def _spawn(root: Path, phase: str, timeout: float = 120.0) -> None:
-    ctx = mp.spawn(_dist_worker, args=(2, _free_port(), str(root), phase), nprocs=2, join=False)
+    ctx = mp.spawn(_dist_worker, args=(2, str(root), phase), nprocs=2, join=False)
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:

@@ -9,6 +9,7 @@ buffered records (nothing already emitted is read again).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -28,6 +29,9 @@ from mm1.data.tokenizer import (
     tokenize_conversation,
     tokenize_document,
 )
+
+# torchdata's StatefulDataLoader calls an API torch has deprecated; the warning is not ours.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
 
 @dataclass

@@ -82,7 +82,9 @@ class PromptTemplates:
 
 def format_demo(template: str, kind: str, example: Example, with_image: bool = True) -> str:
     """A demonstration: the template filled with the example's question and answer."""
-    text = template.format(question=example.question or "", caption=example.target, answer=example.target)
+    text = template.format(
+        question=example.question or "", caption=example.target, answer=example.target
+    )
     return text if with_image else text.replace(IMAGE_TOKEN, "")
 
 
@@ -212,7 +214,9 @@ def rices_rank(
     if k == 0:
         return [[] for _ in range(query_features.shape[0])]
     if k > support_features.shape[0]:
-        raise ValueError(f"{k} demonstrations wanted but the support split has {support_features.shape[0]}")
+        raise ValueError(
+            f"{k} demonstrations wanted but the support split has {support_features.shape[0]}"
+        )
     q = torch.nn.functional.normalize(query_features.float(), dim=-1)
     s = torch.nn.functional.normalize(support_features.float(), dim=-1)
     out: list[list[int]] = []
@@ -324,7 +328,9 @@ class FewShotEvaluator:
                 f"id {model.image_token_id}: this tokenizer does not belong to this model"
             )
         if demo_selection not in DEMO_SELECTIONS:
-            raise ValueError(f"demo_selection must be one of {DEMO_SELECTIONS}, got {demo_selection!r}")
+            raise ValueError(
+                f"demo_selection must be one of {DEMO_SELECTIONS}, got {demo_selection!r}"
+            )
         if batch_size < 1 or num_beams < 1:
             raise ValueError("batch_size and num_beams must be >= 1")
         self.model, self.tokenizer, self.processor = model, tokenizer, processor
@@ -363,7 +369,13 @@ class FewShotEvaluator:
         return torch.stack([self._features[p] for p in paths])
 
     def select_demos(
-        self, task: Task, queries: Sequence[Example], shown: Sequence[Path], k: int, seed: int, key: str
+        self,
+        task: Task,
+        queries: Sequence[Example],
+        shown: Sequence[Path],
+        k: int,
+        seed: int,
+        key: str,
     ) -> list[list[Example]]:
         if k == 0:
             return [[] for _ in queries]
@@ -380,7 +392,10 @@ class FewShotEvaluator:
         by_image: dict[Path, set[int]] = {}
         for i, p in enumerate(support_images):
             by_image.setdefault(p, set()).add(i)
-        exclude = [by_image.get(q.image, set()) | by_image.get(img, set()) for q, img in zip(queries, shown)]
+        exclude = [
+            by_image.get(q.image, set()) | by_image.get(img, set())
+            for q, img in zip(queries, shown)
+        ]
         ranks = rices_rank(self.features(list(shown)), self.features(support_images), k, exclude)
         return [[task.support[i] for i in row] for row in ranks]
 
@@ -401,7 +416,11 @@ class FewShotEvaluator:
         }
         if self.num_beams > 1:
             outs = self.model.generate_beam(
-                ids, pixel_values, num_beams=self.num_beams, length_penalty=self.length_penalty, **common
+                ids,
+                pixel_values,
+                num_beams=self.num_beams,
+                length_penalty=self.length_penalty,
+                **common,
             )
         else:
             outs = self.model.generate(ids, pixel_values, **common)
@@ -462,6 +481,7 @@ class FewShotEvaluator:
                 "raw": raw,
                 "references": list(q.references),
                 "demos": [e.id for e in d],
+                "prompt_tokens": len(prompt.input_ids),
                 "score": per_example[q.id],
             }
             if self.keep_prompts:
@@ -571,7 +591,9 @@ def evaluate(
     try:
         with _progress(progress, total) as advance_to:
             for r in runs:
-                label = f"{r.task.name} {r.key}-shot" + ("" if r.seed is None else f" seed {r.seed}")
+                label = f"{r.task.name} {r.key}-shot" + (
+                    "" if r.seed is None else f" seed {r.seed}"
+                )
                 out = evaluator.run(
                     r.task,
                     queries[r.task.name],
@@ -581,7 +603,9 @@ def evaluate(
                     r.text_demos,
                     advance=lambda n, label=label: advance_to(n, label),
                 )
-                outcomes.setdefault((r.task.name, r.key), {})[None if r.seed is None else str(r.seed)] = out
+                outcomes.setdefault((r.task.name, r.key), {})[
+                    None if r.seed is None else str(r.seed)
+                ] = out
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start
@@ -646,7 +670,11 @@ def evaluate(
             preds[key] = {s: o["records"] for s, o in per_seed.items()}
         if (task.name, "0_plain") in outcomes:
             plain = outcomes[(task.name, "0_plain")][None]
-            entry["zero_shot_plain"] = {"scores": [plain["score"]], "mean": plain["score"], "std": 0.0}
+            entry["zero_shot_plain"] = {
+                "scores": [plain["score"]],
+                "mean": plain["score"],
+                "std": 0.0,
+            }
             preds["0_plain"] = {"-": plain["records"]}
         results["tasks"][task.name] = entry
         results["predictions"][task.name] = preds

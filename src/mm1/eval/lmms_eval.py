@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from lmms_eval.api.instance import Instance
+from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 from PIL import Image
 from tqdm import tqdm
@@ -75,6 +75,28 @@ def _flatten_visuals(visuals: Any) -> list[Image.Image]:
                 f"MM1LMM handles images only; got a visual of type {type(v).__name__} ({v!r:.80})"
             )
     return out
+
+
+class LoglikelihoodResult(GenerationResult):
+    """A `(loss, is_greedy)` pair that unpacks like a tuple.
+
+    lmms-eval 0.7.3's evaluator passes every model output through `unwrap_generation_output`,
+    which turns a plain `(float, bool)` tuple into its string and breaks `multiple_choice` tasks
+    ("too many values to unpack"); a `GenerationResult` carrying the tuple as its `text` comes
+    out as the tuple itself.
+    """
+
+    def __init__(self, loss: float, greedy: bool) -> None:
+        super().__init__(text=(loss, greedy))  # type: ignore[arg-type]
+
+    def __iter__(self) -> Any:
+        return iter(self.text)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.text[i]
+
+    def __len__(self) -> int:
+        return 2
 
 
 class MM1LMM(lmms):
@@ -198,7 +220,9 @@ class MM1LMM(lmms):
                 prompts = []
                 for i in batch:
                     context, _, doc_to_visual, doc_id, task, split = requests[i].args
-                    prompts.append(self.prompt(context, doc_to_visual(self._doc(task, split, doc_id))))
+                    prompts.append(
+                        self.prompt(context, doc_to_visual(self._doc(task, split, doc_id)))
+                    )
                 gen_kwargs = requests[batch[0]].args[1]
                 for i, text in zip(batch, self._generate(prompts, gen_kwargs)):
                     results[i] = text
@@ -230,18 +254,25 @@ class MM1LMM(lmms):
                     outputs = list(outputs)
                     if terminal:
                         break
-                outputs.append(self._generate([self.prompt(context, visuals)], gen_kwargs)[0].strip())
+                outputs.append(
+                    self._generate([self.prompt(context, visuals)], gen_kwargs)[0].strip()
+                )
             results.append(tuple(outputs))
         return results
 
     # -- scoring --------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        """log p(continuation | context, images) and whether greedy decoding would produce it.
+    def loglikelihood(self, requests: list[Instance]) -> list[LoglikelihoodResult]:
+        """Per request `(loss, is_greedy)`: the mean negative log-likelihood per continuation
+        token given the context and images, and whether greedy decoding would produce the
+        continuation.
 
-        As lm-evaluation-harness: trailing spaces of the context move to the continuation, the
-        whole text is encoded once and the continuation is what follows the context's tokens."""
+        The loss (not a log-probability) is what lmms-eval's models return (LLaVA, Qwen-VL, ...)
+        and what its `multiple_choice` scoring expects: it picks the choice with the smallest
+        value. As lm-evaluation-harness, trailing spaces of the context move to the continuation,
+        the whole text is encoded once and the continuation is what follows the context's tokens.
+        """
         results = []
         for req in tqdm(requests, disable=self.rank != 0, desc="mm1 loglikelihood"):
             context, continuation, doc_to_visual, doc_id, task, split = req.args
@@ -249,11 +280,18 @@ class MM1LMM(lmms):
             if not isinstance(continuation, str):
                 continuation = continuation(doc)
             visuals = doc_to_visual(doc) if doc_to_visual is not None else None
-            results.append(self.score_continuation(context, continuation, visuals))
-            self.cache_hook.add_partial("loglikelihood", (context, continuation), results[-1])
+            logprob, n, greedy = self.score_continuation(context, continuation, visuals)
+            results.append(LoglikelihoodResult(-logprob / max(n, 1), greedy))
+            self.cache_hook.add_partial(
+                "loglikelihood", (context, continuation), tuple(results[-1])
+            )
         return results
 
-    def score_continuation(self, context: str, continuation: str, visuals: Any = None) -> tuple[float, bool]:
+    def score_continuation(
+        self, context: str, continuation: str, visuals: Any = None
+    ) -> tuple[float, int, bool]:
+        """(summed log-probability of the continuation's tokens, their number, whether each is
+        the argmax)."""
         spaces = len(context) - len(context.rstrip(" "))
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
@@ -265,11 +303,10 @@ class MM1LMM(lmms):
             ctx, whole = [self.tokenizer.eos_id], [self.tokenizer.eos_id, *whole]
         n_cont = len(whole) - len(ctx)
         if n_cont <= 0:
-            return 0.0, True
+            return 0.0, 0, True
         ids = torch.tensor([whole], device=self.model.decoder.embed_tokens.weight.device)
         logits = self.model(ids, pixel_values=pixels).logits[0, len(ctx) - 1 : -1].float()
         target = ids[0, len(ctx) :]
-        logprobs = logits.log_softmax(-1)
-        total = float(logprobs.gather(-1, target[:, None]).sum())
+        total = float(logits.log_softmax(-1).gather(-1, target[:, None]).sum())
         greedy = bool((logits.argmax(-1) == target).all())
-        return total, greedy
+        return total, n_cont, greedy

@@ -118,7 +118,9 @@ def _examples(r: Results, per_task: int = 5) -> str:
         records = by_shot[k][seed][:per_task]
         vqa = r["tasks"].get(t, {}).get("kind") == "vqa"
         out.append(f"**{t}**, {k}-shot, seed {seed}:\n")
-        out.append("| id |" + (" question |" if vqa else "") + " prediction | first reference | score |")
+        out.append(
+            "| id |" + (" question |" if vqa else "") + " prediction | first reference | score |"
+        )
         out.append("|---|" + ("---|" if vqa else "") + "---|---|---:|")
         for rec in records:
             q = f" {_md(rec.get('question') or '')} |" if vqa else ""
@@ -170,7 +172,11 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = _runs(results)
-    paths = {"json": out / "results.json", "markdown": out / "results.md", "plot": out / "scores_vs_shots.png"}
+    paths = {
+        "json": out / "results.json",
+        "markdown": out / "results.md",
+        "plot": out / "scores_vs_shots.png",
+    }
     single = len(runs) == 1 and isinstance(results, Mapping) and "tasks" in results
     payload = results if single else runs
     paths["json"].write_text(json.dumps(payload, indent=1, default=str) + "\n")
@@ -184,7 +190,7 @@ def write_report(
     md += ["", markdown_table(runs), ""]
     for name, r in runs.items():
         md += [_detail_table(name, r), ""]
-        md += _config_lines(r) + [""]
+        md += [*_config_lines(r), ""]
         examples = _examples(r)
         if examples:
             md += ["Example predictions:", "", examples]
@@ -233,17 +239,33 @@ def compare_runs(
             means = [entry["shots"][str(k)]["mean"] for k in xs]
             stds = [entry["shots"][str(k)]["std"] for k in xs]
             dodge = 0.06 * (j - (len(runs) - 1) / 2) * max(xs[-1] - xs[0], 1)  # keep bars apart
-            ax.errorbar([x + dodge for x in xs], means, yerr=stds, marker="o", capsize=4,
-                        color=color, label=name)  # fmt: skip
+            ax.errorbar(
+                [x + dodge for x in xs],
+                means,
+                yerr=stds,
+                marker="o",
+                capsize=4,
+                color=color,
+                label=name,
+            )
             plain = entry.get("zero_shot_plain")
             if plain and entry["shots"].get("0", {}).get("text_demos"):
-                ax.plot([0], [plain["mean"]], marker="s", mfc="none", color=color, linestyle="none",
-                        label=f"{name}: 0-shot, no demos")  # fmt: skip
+                ax.plot(
+                    [0],
+                    [plain["mean"]],
+                    marker="s",
+                    mfc="none",
+                    color=color,
+                    linestyle="none",
+                    label=f"{name}: 0-shot, no demos",
+                )
         if panel == "average":
             ax.set_title("Average over tasks")
             ax.set_ylabel("mean score")
         else:
-            metric = next((r["tasks"][panel]["metric"] for r in runs.values() if panel in r["tasks"]), "")
+            metric = next(
+                (r["tasks"][panel]["metric"] for r in runs.values() if panel in r["tasks"]), ""
+            )
             ax.set_title(panel)
             ax.set_ylabel(f"{metric} ×100" if metric else "score")
         ax.set_xlabel("number of shots (demonstrations)")

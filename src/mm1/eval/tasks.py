@@ -72,8 +72,10 @@ class SplitFiles:
     def from_dict(cls, d: Mapping[str, Any], root: str | Path | None = None) -> SplitFiles:
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
-            raise ValueError(f"unknown split keys {sorted(unknown)}; expected image_dir, "
-                             "captions, questions, annotations")  # fmt: skip
+            raise ValueError(
+                f"unknown split keys {sorted(unknown)}; expected image_dir, "
+                "captions, questions, annotations"
+            )
         return cls(**{k: _rooted(v, root) for k, v in d.items()})
 
 

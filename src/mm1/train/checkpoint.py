@@ -32,6 +32,23 @@ load only checkpoints you trust.
 
 The per-rank entries are why a checkpoint must be loaded by the world size that wrote it
 (``load_checkpoint`` raises otherwise). All ranks must see the same file system.
+
+Use from a trainer (every rank; after wrapping the model with ``fully_shard``/DDP and building
+the optimizer; under NCCL after ``torch.cuda.set_device``)::
+
+    path = latest_checkpoint(run_dir)
+    if path is not None:
+        loaded = load_checkpoint(path, model, optimizer)  # also restores the RNG states
+        scheduler.load_state_dict(loaded.extra["scheduler"])
+        loader.load_state_dict(loaded.rank_state["loader"])
+        start_step = loaded.step
+    ...
+    save_checkpoint(
+        run_dir, step, model, optimizer,
+        extra={"scheduler": scheduler.state_dict()},
+        rank_state={"loader": loader.state_dict()},
+        meta={"config_fingerprint": fingerprint},
+    )
 """
 
 from __future__ import annotations

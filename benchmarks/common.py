@@ -1,0 +1,153 @@
+"""Shared helpers of the CPU benchmarks: results, tables, timing, child processes, worlds.
+
+Absolute CPU times on a shared 2-core machine are noise; every benchmark reports ratios measured
+in the same run, and each measured variant runs in a fresh subprocess when its peak memory
+matters (`ru_maxrss` is a per-process high-water mark).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+# Worlds written for the benchmarks (the repository ignores /data/).
+WORLDS = ROOT / "data" / "bench"
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment() -> dict[str, Any]:
+    import torch
+
+    env: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def write_result(name: str, payload: dict[str, Any]) -> Path:
+    """benchmarks/results/<name>.json with the environment attached."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    data = {"benchmark": name, "environment": environment(), **payload}
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c, justify="left" if c == columns[0] else "right")
+    for row in rows:
+        table.add_row(*(fmt(v) for v in row))
+    Console().print(table)
+
+
+def fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if v == 0 or 0.01 <= abs(v) < 1e5:
+            return f"{v:.3g}" if abs(v) < 10 else f"{v:,.1f}"
+        return f"{v:.3g}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Timer:
+    def __enter__(self) -> Timer:
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
+def run_child(module: str, args: Sequence[str], timeout: float = 300) -> dict[str, Any]:
+    """Run `python -m module args...` in a fresh process; it prints one JSON line last."""
+    env = dict(os.environ)
+    env.setdefault("PYTHONHASHSEED", "0")
+    # One quiet child: no tokenizers fork warnings, no progress bars.
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    cmd = [sys.executable, "-m", module, *args]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}{proc.stdout[-2000:]}"
+        )
+    last = [line for line in proc.stdout.splitlines() if line.startswith("{")][-1]
+    return json.loads(last)
+
+
+def emit(result: dict[str, Any]) -> None:
+    """A child's answer: one JSON line on stdout."""
+    print(json.dumps(result), flush=True)
+
+
+def ensure_world(image_size: int = 64, size: str = "tiny", seed: int = 0):
+    """The synthetic world with `image_size`-px JPEGs under data/bench/ (written once)."""
+    from mm1.data.synthetic import WorldManifest, write_world
+
+    root = WORLDS / f"world-{size}-{image_size}px-seed{seed}"
+    if not (root / "world.json").exists():
+        print(f"writing the synthetic world ({size}, {image_size} px) to {root} ...", flush=True)
+        write_world(root, seed=seed, size=size, image_size=image_size)
+    return WorldManifest.load(root)
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def set_threads() -> int:
+    """Torch intra-op threads for a benchmark: $MM1_BENCH_THREADS, default 1.
+
+    One thread by default: on a shared 2-core machine a 2-thread OpenMP region stalls whenever
+    another process holds one core (steps 3-10x slower at random), while one thread degrades
+    gracefully, so ratios stay meaningful. Set MM1_BENCH_THREADS=2 on an idle machine.
+    """
+    import torch
+
+    n = int(os.environ.get("MM1_BENCH_THREADS", "1"))
+    torch.set_num_threads(n)
+    return n

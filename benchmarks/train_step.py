@@ -1,0 +1,421 @@
+"""Training step: mm1 (packed) against transformers' LLaVA (padded) on the same documents.
+
+One fixed stream of real-length documents is drawn from the synthetic world's 45/45/10 mixture
+and tokenized once (64 image tokens per image: one per 8x8 patch of a 64-px image).
+
+- mm1 packed: the loader's `Packer` packs the stream into rows of `seq_len` tokens (document ids
+  and restarting positions; attention stays inside a document), `rows` rows per step.
+- LLaVA plain: the same documents (split by `split_document` at `seq_len`, so nothing is
+  truncated), `batch` samples per step in stream order, right-padded to the longest of the batch
+  as LLaVA's `DataCollatorForSupervisedDataset` does (`attention_mask`, labels -100 on padding).
+- LLaVA grouped: the same, in the order of transformers' `LengthGroupedSampler` (random
+  mega-batches of 50 batches, or 4 mega-batches for a short list, each sorted by length), what
+  LLaVA's `group_by_modality_length` does within one modality.
+
+`batch` is chosen so a LLaVA step holds on average as many real tokens as an mm1 step. Every
+variant runs in a fresh subprocess that builds its model, takes one warm-up step, then times
+`passes` passes over all its batches (forward, backward, AdamW step) and reports the best pass.
+Effective tokens are the non-padding tokens (text and image slots), equal for all variants by
+construction. Peak memory is the child's `ru_maxrss`; every child imports the same modules
+(torch, transformers' LLaVA, mm1), so the import overhead is the same for all. Before timing, the
+parent checks that the LLaVA network with mm1's weights gives mm1's logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import (
+    RESULTS,
+    Timer,
+    emit,
+    ensure_world,
+    peak_rss_mib,
+    print_table,
+    ratio,
+    run_child,
+    set_threads,
+    write_result,
+)
+
+IGNORE = -100
+VARIANTS = ("mm1_packed", "llava_plain", "llava_grouped")
+
+
+# ---------------------------------------------------------------------------------------------
+# The document stream and the batches of each variant (parent process)
+# ---------------------------------------------------------------------------------------------
+
+
+def document_stream(world, tok, num_image_tokens: int, num_docs: int, seed: int = 0) -> list:
+    """The first `num_docs` tokenized documents of the world's training mixture (slot 0)."""
+    from mm1.data.mixture import Mixture, SourceStream
+    from mm1.data.tokenizer import tokenize_document
+    from mm1.data.world import world_sources
+
+    train, _ = world_sources(world)
+    streams = [SourceStream(i, spec, 0, 1, seed) for i, spec in enumerate(train)]
+    mixture = Mixture(streams, seed, 0)
+    docs = []
+    while len(docs) < num_docs:
+        _, record = mixture.next()
+        doc = tokenize_document(record, tok, num_image_tokens)
+        if len(doc.input_ids) >= 2:
+            docs.append(doc)
+    return docs
+
+
+class Pixels:
+    """Preprocessed pixels of each image object, computed once and shared by all variants."""
+
+    def __init__(self, image_size: int) -> None:
+        from mm1.data.images import ImageProcessor
+
+        self.processor = ImageProcessor.clip(image_size)
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def __call__(self, images: list) -> torch.Tensor | None:
+        if not images:
+            return None
+        out = []
+        for im in images:
+            if id(im) not in self.cache:
+                self.cache[id(im)] = self.processor([im])[0]
+            out.append(self.cache[id(im)])
+        return torch.stack(out)
+
+
+def packed_batches(docs, seq_len: int, rows: int, pad_id: int, pixels: Pixels) -> list[dict]:
+    """mm1's packing of the stream, as the loader does it: fill the buffer, emit a sequence;
+    at the end drain the buffer so every token of every document is emitted."""
+    from mm1.data.packing import Packer, collate
+
+    packer = Packer(seq_len, max_images=16)
+    sequences = []
+    for k, doc in enumerate(docs):
+        if not packer.wants_more():
+            sequences.append(packer.next_sequence())
+        # A full (source, shard, record) ref: `Packer.add(doc)` with the default ref=() makes
+        # pieces whose ref `_cut_filler` cannot unpack (see docs/benchmarks.md).
+        packer.add(doc, (0, 0, k))
+    while packer.buffer:
+        sequences.append(packer.next_sequence())
+    batches = []
+    for i in range(0, len(sequences), rows):
+        group = sequences[i : i + rows]
+        images = [im for seq in group for p in seq for im in p.doc.images]
+        b = collate(group, seq_len, pad_id, pixel_values=pixels(images))
+        batches.append(
+            {
+                "input_ids": b.input_ids,
+                "labels": b.labels,
+                "position_ids": b.position_ids,
+                "document_ids": b.document_ids,
+                "pixel_values": b.pixel_values,
+                "tokens": sum(len(p) for seq in group for p in seq),
+            }
+        )
+    return batches, packer.stats.efficiency
+
+
+def samples(docs, seq_len: int) -> list:
+    """LLaVA's samples: each document, split at `seq_len` like the packer splits it."""
+    from mm1.data.packing import split_document
+
+    out = []
+    for doc in docs:
+        out += split_document(doc, seq_len, 16)[0]
+    return out
+
+
+def padded_batch(group: list, pad_id: int, pixels: Pixels) -> dict:
+    """LLaVA's collator: right padding to the longest, attention_mask, labels = input ids on
+    target tokens (the model shifts them), -100 elsewhere."""
+    longest = max(len(s.input_ids) for s in group)
+    ids = torch.full((len(group), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(group), longest), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(group), longest), dtype=torch.long)
+    for r, s in enumerate(group):
+        n = len(s.input_ids)
+        ids[r, :n] = torch.tensor(s.input_ids)
+        labels[r, :n] = torch.where(
+            torch.tensor(s.target_mask), torch.tensor(s.input_ids), torch.tensor(IGNORE)
+        )
+        mask[r, :n] = 1
+    images = [im for s in group for im in s.images]
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "attention_mask": mask,
+        "pixel_values": pixels(images),
+        "tokens": int(mask.sum()),
+    }
+
+
+def llava_batches(items: list, batch: int, pad_id: int, pixels: Pixels, grouped: bool, seed=0):
+    order = list(range(len(items)))
+    if grouped:
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        g = torch.Generator().manual_seed(seed)
+        lengths = [len(s.input_ids) for s in items]
+        order = list(LengthGroupedSampler(batch, lengths=lengths, generator=g))
+    out = []
+    for i in range(0, len(order), batch):
+        out.append(padded_batch([items[j] for j in order[i : i + batch]], pad_id, pixels))
+    return out
+
+
+def efficiency(batches: list[dict]) -> float:
+    real = sum(b["tokens"] for b in batches)
+    total = sum(b["input_ids"].numel() for b in batches)
+    return real / total
+
+
+# ---------------------------------------------------------------------------------------------
+# Child: one variant in a fresh process
+# ---------------------------------------------------------------------------------------------
+
+
+def _imports():
+    """Every child imports the same modules, so import memory is the same for all variants."""
+    import transformers  # noqa: F401
+    from transformers import LlavaForConditionalGeneration  # noqa: F401
+
+    import mm1.models.mllm  # noqa: F401
+    from benchmarks.models import quiet_transformers
+
+    quiet_transformers()
+
+
+def make_step(variant: str, model, opt):
+    """One training step (forward, backward, AdamW) on a batch dict; returns the loss."""
+
+    def step(b: dict) -> float:
+        kw = {k: v for k, v in b.items() if k != "tokens"}
+        if variant != "mm1_packed":
+            kw["use_cache"] = False
+        loss = model(**kw).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return step
+
+
+def child(variant: str, data_file: str) -> dict[str, Any]:
+    """Peak memory of one variant: a fresh process, one warm-up step, one pass."""
+    _imports()
+    from benchmarks.models import build_llava, build_mm1
+
+    set_threads()
+    payload = torch.load(data_file, weights_only=False)
+    cfg, batches = payload["cfg"], payload["batches"]
+    model = build_mm1(cfg) if variant == "mm1_packed" else build_llava(cfg)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    rss_built = peak_rss_mib()
+    step = make_step(variant, model, opt)
+    step(batches[0])
+    with Timer() as t:
+        for b in batches:
+            step(b)
+    return {
+        "variant": variant,
+        "pass_seconds": t.seconds,
+        "peak_rss_mib": peak_rss_mib(),
+        "rss_after_build_mib": rss_built,
+        "train_rss_mib": peak_rss_mib() - rss_built,
+    }
+
+
+def throughput(cfg, data: dict[str, list[dict]], rounds: int, profile: bool) -> dict[str, Any]:
+    """Tokens/s of every variant, measured in one process with interleaved passes: round r
+    runs one pass of each variant in turn; each batch's time is its best over the rounds, so a
+    burst of load from other processes hits all variants alike and is then mostly discarded."""
+    from benchmarks.models import build_llava, build_mm1
+
+    models = {}
+    for name in data:
+        model = build_mm1(cfg) if name == "mm1_packed" else build_llava(cfg)
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+        models[name] = make_step(name, model, opt)
+        models[name](data[name][0])  # warm-up
+    best = {name: [float("inf")] * len(data[name]) for name in data}
+    for _ in range(rounds):
+        for name, batches in data.items():
+            for i, b in enumerate(batches):
+                with Timer() as t:
+                    models[name](b)
+                best[name][i] = min(best[name][i], t.seconds)
+    out = {}
+    for name, batches in data.items():
+        tokens = sum(b["tokens"] for b in batches)
+        seconds = sum(best[name])
+        out[name] = {
+            "variant": name,
+            "steps": len(batches),
+            "tokens": tokens,
+            "padded_tokens": sum(b["input_ids"].numel() for b in batches),
+            "pad_efficiency": efficiency(batches),
+            "seconds": seconds,
+            "tokens_per_s": tokens / seconds,
+            "padded_tokens_per_s": sum(b["input_ids"].numel() for b in batches) / seconds,
+        }
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        for name, batches in data.items():
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                for b in batches[:3]:
+                    models[name](b)
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+            path = RESULTS / f"profile_train_{name}.txt"
+            path.write_text(table + "\n")
+            print(f"profile of 3 {name} steps: {path}")
+    return out
+
+
+def check_equivalence(cfg, docs, pixels: Pixels) -> float:
+    """Max |logit difference| of mm1 and LLaVA-with-mm1's-weights on a few documents."""
+    from benchmarks.models import build_mm1, llava_from_mm1, quiet_transformers
+
+    quiet_transformers()
+    model = build_mm1(cfg).eval()
+    llava = llava_from_mm1(model).eval()
+    worst = 0.0
+    with torch.no_grad():
+        for doc in docs[:4]:
+            ids = torch.tensor([doc.input_ids])
+            px = pixels(doc.images)
+            a = model(ids, pixel_values=px).logits
+            b = llava(input_ids=ids, pixel_values=px).logits
+            worst = max(worst, float((a - b).abs().max()))
+    return worst
+
+
+def run(
+    num_docs: int = 60,
+    seq_len: int = 1024,
+    rows: int = 1,
+    rounds: int = 3,
+    profile: bool = False,
+    memory: bool = True,
+) -> dict[str, Any]:
+    from benchmarks.models import build_mm1, num_params, small_config
+    from mm1.data.tokenizer import Tokenizer
+
+    threads = set_threads()
+    world = ensure_world(64)
+    tok = Tokenizer.from_file(world.tokenizer_path)
+    cfg = small_config(tok.vocab_size, tok.image_id, image_size=64, max_seq_len=seq_len)
+    q = cfg.num_image_tokens
+    docs = document_stream(world, tok, q, num_docs)
+    pixels = Pixels(cfg.vision.image_size)
+    mm1_batches, pack_eff = packed_batches(docs, seq_len, rows, tok.pad_id, pixels)
+    items = samples(docs, seq_len)
+    tokens = sum(len(s.input_ids) for s in items)
+    per_step = tokens / len(mm1_batches)  # real tokens per mm1 step
+    batch = max(1, round(per_step / (tokens / len(items))))
+    data = {
+        "mm1_packed": mm1_batches,
+        "llava_plain": llava_batches(items, batch, tok.pad_id, pixels, grouped=False),
+        "llava_grouped": llava_batches(items, batch, tok.pad_id, pixels, grouped=True),
+    }
+    max_diff = check_equivalence(cfg, docs, pixels)
+    if max_diff > 1e-3:
+        raise RuntimeError(f"LLaVA and mm1 disagree (max logit difference {max_diff})")
+
+    results = throughput(cfg, data, rounds, profile)
+    if memory:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in data:
+                f = Path(tmp) / f"{name}.pt"
+                torch.save({"cfg": cfg, "batches": data[name]}, f)
+                mem = run_child("benchmarks.train_step", ["--child", name, "--data", str(f)])
+                results[name].update({k: v for k, v in mem.items() if k != "variant"})
+
+    llava_names = [n for n in results if n.startswith("llava")]
+    best = max(llava_names, key=lambda n: results[n]["tokens_per_s"])
+    m, b = results["mm1_packed"], results[best]
+    summary: dict[str, Any] = {
+        "best_llava_variant": best,
+        "tokens_per_s_ratio": ratio(m["tokens_per_s"], b["tokens_per_s"]),
+        "target_tokens_per_s_ratio": 1.3,
+    }
+    for n in llava_names:
+        summary[f"tokens_per_s_ratio_vs_{n}"] = ratio(m["tokens_per_s"], results[n]["tokens_per_s"])
+    if memory:
+        summary["peak_rss_ratio"] = ratio(m["peak_rss_mib"], b["peak_rss_mib"])
+        summary["train_rss_ratio"] = ratio(m["train_rss_mib"], b["train_rss_mib"])
+        summary["target_peak_memory_ratio"] = 1.0
+    summary["tokens_per_s_target_met"] = summary["tokens_per_s_ratio"] >= 1.3
+    if memory:
+        summary["memory_target_met"] = summary["peak_rss_ratio"] <= 1.0
+    out = {
+        "settings": {
+            "documents": len(docs),
+            "llava_samples": len(items),
+            "real_tokens": tokens,
+            "seq_len": seq_len,
+            "mm1_rows_per_step": rows,
+            "llava_samples_per_step": batch,
+            "image_tokens_per_image": q,
+            "images": sum(len(d.images) for d in docs),
+            "rounds": rounds,
+            "torch_threads": threads,
+            "params_mm1": num_params(build_mm1(cfg)),
+            "max_logit_difference_llava_vs_mm1": max_diff,
+            "packer_efficiency": pack_eff,
+            "model": "CLIP ViT 64px/8 128x3 -> MLP(2) 64 tokens -> Llama 256x4 (fp32, SDPA)",
+        },
+        "variants": results,
+        "summary": summary,
+    }
+    path = write_result("train_step", out)
+    cols = ["variant", "steps", "non-pad", "tokens/s", "vs best LLaVA"]
+    if memory:
+        cols += ["peak RSS MiB", "train MiB"]
+    table = []
+    for n, r in results.items():
+        row = [n, r["steps"], r["pad_efficiency"], r["tokens_per_s"]]
+        row.append(ratio(r["tokens_per_s"], b["tokens_per_s"]))
+        if memory:
+            row += [r["peak_rss_mib"], r["train_rss_mib"]]
+        table.append(row)
+    print_table(
+        f"Training step: mm1 packed vs LLaVA padded ({tokens:,} real tokens, seq_len {seq_len})",
+        cols,
+        table,
+    )
+    print(f"wrote {path}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--docs", type=int, default=60)
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--rows", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--profile", action="store_true", help="profile 3 steps of each variant")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
+    args = ap.parse_args()
+    if args.child:
+        emit(child(args.child, args.data))
+    else:
+        run(args.docs, args.seq_len, args.rows, args.rounds, args.profile, not args.no_memory)
+
+
+if __name__ == "__main__":
+    main()
