@@ -88,7 +88,19 @@ def fmt(v: Any) -> str:
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident set size (Linux reports KiB)."""
+    """This process's peak resident set size in MiB.
+
+    Linux's `ru_maxrss` (getrusage RUSAGE_SELF) is inherited through fork + exec: a child
+    started by a 1.3 GiB parent reports at least 1.3 GiB. The kernel's per-address-space
+    high-water mark `VmHWM` (/proc/self/status) starts afresh at exec, so it is used when
+    available; `ru_maxrss` otherwise.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -12,13 +12,18 @@ and tokenized once (64 image tokens per image: one per 8x8 patch of a 64-px imag
   mega-batches of 50 batches, or 4 mega-batches for a short list, each sorted by length), what
   LLaVA's `group_by_modality_length` does within one modality.
 
-`batch` is chosen so a LLaVA step holds on average as many real tokens as an mm1 step. Every
-variant runs in a fresh subprocess that builds its model, takes one warm-up step, then times
-`passes` passes over all its batches (forward, backward, AdamW step) and reports the best pass.
-Effective tokens are the non-padding tokens (text and image slots), equal for all variants by
-construction. Peak memory is the child's `ru_maxrss`; every child imports the same modules
-(torch, transformers' LLaVA, mm1), so the import overhead is the same for all. Before timing, the
-parent checks that the LLaVA network with mm1's weights gives mm1's logits.
+`batch` is chosen so a LLaVA step holds on average as many real tokens as an mm1 step; each
+step is forward, backward and an AdamW step, fp32, SDPA attention in both models. Effective
+tokens are the non-padding tokens (text and image slots), equal for all variants by
+construction, so the throughput ratio is a time ratio over the same work.
+
+Throughput: all variants in one process, `rounds` interleaved passes after a warm-up step, each
+batch timed at its best over the rounds (load from other processes hits all variants alike).
+Peak memory: each variant in a fresh subprocess (one pass), its peak RSS read as `VmHWM`
+(see `common.peak_rss_mib`: Linux's `ru_maxrss` is inherited from the parent through
+fork + exec); every child imports the same modules (torch, transformers' LLaVA, mm1), so import
+overhead is the same for all. Before timing, the LLaVA network loaded with mm1's weights
+(through mm1's own HF exporters) must give mm1's logits on the first documents.
 """
 
 from __future__ import annotations
@@ -204,13 +209,13 @@ def make_step(variant: str, model, opt):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
 
 def child(variant: str, data_file: str) -> dict[str, Any]:
-    """Peak memory of one variant: a fresh process, one warm-up step, one pass."""
+    """Peak memory of one variant: a fresh process, one pass over its batches."""
     _imports()
     from benchmarks.models import build_llava, build_mm1
 
@@ -222,7 +227,6 @@ def child(variant: str, data_file: str) -> dict[str, Any]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     rss_built = peak_rss_mib()
     step = make_step(variant, model, opt)
-    step(batches[0])
     with Timer() as t:
         for b in batches:
             step(b)

@@ -71,7 +71,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_data_synth(args: argparse.Namespace) -> None:
     from mm1.data.synthetic import write_world
 
-    m = write_world(args.out, seed=args.seed, size=args.size, image_size=args.image_size)
+    m = write_world(
+        args.out,
+        seed=args.seed,
+        size=args.size,
+        image_size=args.image_size,
+        text_scale=args.text_scale,
+    )
     table = Table(title=f"synthetic world ({args.size}, seed {args.seed}) in {args.out}")
     for col in ("source", "format", "records", "images", "shards"):
         table.add_column(col, justify="right" if col in ("records", "images", "shards") else "left")
@@ -108,17 +114,7 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     data = prepare_data(cfg.data, cfg.model)
     q = cfg.model.num_image_tokens
-    settings = LoaderSettings(
-        sources=data.sources,
-        seq_len=cfg.data.seq_len,
-        micro_batch_size=1,
-        num_image_tokens=q,
-        max_images_per_seq=cfg.data.max_images_per_seq,
-        image_boundaries=cfg.data.image_boundaries,
-        pack_buffer=cfg.data.pack_buffer,
-        max_error_rate=cfg.data.max_error_rate,
-        seed=cfg.data.seed,
-    )
+    settings = LoaderSettings.from_config(cfg.data, data.sources, q)
     stats = packing_stats(settings, data.tokenizer, args.sequences, progress=not args.json)
     if args.json:
         print(json.dumps(stats, indent=1))
@@ -269,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", default="tiny", choices=("tiny", "small", "medium"))
     p.add_argument("--image-size", type=int, default=64)
+    p.add_argument(
+        "--text-scale", type=float, default=1.0, help="text around images: 1 web-like, 0 compact"
+    )
     p = add("inspect", cmd_data_inspect, "what a source holds: counts and decoded samples", dsub)
     p.add_argument("path")
     p.add_argument("--format", default=None)

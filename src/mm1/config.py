@@ -175,6 +175,7 @@ class DataConfig:
     world: str = "data/world"  # the synthetic world's directory (written if absent)
     world_size: str = "tiny"
     world_seed: int = 0
+    world_text_scale: float = 1.0  # text around images: 1 web-like, 0 compact (see write_world)
     tokenizer: str | None = None  # tokenizer.json (or a dir); default: the world's
     sources: list[SourceConfig] = field(default_factory=list)
     seq_len: int = 2048
@@ -341,6 +342,8 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= d.max_error_rate <= 1.0:
         raise ConfigError(f"data.max_error_rate={d.max_error_rate} must be within [0, 1]")
     _choice("data.world_size", d.world_size, ("tiny", "small", "medium"))
+    if d.world_text_scale < 0:
+        raise ConfigError(f"data.world_text_scale={d.world_text_scale} must be >= 0")
     for key, sources in (("data.sources", d.sources), ("data.val_sources", d.val_sources)):
         for i, s in enumerate(sources):
             _choice(f"{key}[{i}].format", s.format, SOURCE_FORMATS)

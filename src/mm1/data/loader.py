@@ -10,14 +10,14 @@ buffered records (nothing already emitted is read again).
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from mm1.config import SOURCE_KINDS, SourceConfig
+from mm1.config import SOURCE_KINDS, DataConfig, SourceConfig
 from mm1.data.document import Conversation
 from mm1.data.images import ImageProcessor
 from mm1.data.mixture import Mixture, Record, SourceStream
@@ -46,7 +46,26 @@ class LoaderSettings:
     max_error_rate: float = 0.01
     seed: int = 0
     chat_template: str = "plain"
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(
+        cls,
+        data: DataConfig,
+        sources: list[SourceConfig],
+        num_image_tokens: int,
+        micro_batch_size: int = 1,
+    ) -> LoaderSettings:
+        return cls(
+            sources=list(sources),
+            seq_len=data.seq_len,
+            micro_batch_size=micro_batch_size,
+            num_image_tokens=num_image_tokens,
+            max_images_per_seq=data.max_images_per_seq,
+            image_boundaries=data.image_boundaries,
+            pack_buffer=data.pack_buffer,
+            max_error_rate=data.max_error_rate,
+            seed=data.seed,
+        )
 
 
 class PackedDataset(IterableDataset):

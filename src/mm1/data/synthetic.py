@@ -890,8 +890,14 @@ _DOC_TYPES: dict[str, tuple[Callable[[random.Random, list[Scene]], list[Part]], 
 }
 
 
-def interleaved_document(rng: random.Random, split: str = "train") -> tuple[str, list[Part]]:
-    """An interleaved document of 2–6 images: (doc_type, parts in reading order)."""
+def interleaved_document(
+    rng: random.Random, split: str = "train", text_scale: float = 0.0
+) -> tuple[str, list[Part]]:
+    """An interleaved document of 2–6 images: (doc_type, parts in reading order).
+
+    With `text_scale` > 0 the images sit inside a web page: an introduction and a closing
+    paragraph of about 20 x text_scale sentences each (long-tailed), as real interleaved
+    documents carry far more text than images (OBELICS: hundreds of text tokens per image)."""
     doc_type = rng.choices(list(_DOC_TYPES), weights=[w for _, w in _DOC_TYPES.values()])[0]
     k = rng.randint(2, 3) if doc_type == "comparison" else rng.randint(2, 6)
     if doc_type == "text_reading":
@@ -899,7 +905,25 @@ def interleaved_document(rng: random.Random, split: str = "train") -> tuple[str,
     else:
         scenes = [sample_scene(rng, split) for _ in range(k)]
     parts = _DOC_TYPES[doc_type][0](rng, scenes)
+    if text_scale > 0:
+        intro = _paragraph(rng, _long_tail(rng, 20 * text_scale))
+        outro = _paragraph(rng, _long_tail(rng, 20 * text_scale))
+        parts = [
+            p
+            for p in (intro + " " if intro else "", *parts, " " + outro if outro else "")
+            if p != ""
+        ]
     return doc_type, _merge_text(parts)
+
+
+def _long_tail(rng: random.Random, mean: float) -> int:
+    """A sentence count with the given mean and an exponential tail (mostly short, some long)."""
+    return int(rng.expovariate(1.0 / mean)) if mean > 0 else 0
+
+
+def _paragraph(rng: random.Random, n: int) -> str:
+    topics = rng.sample(_TEXT_TOPICS, 2)
+    return " ".join(_sentence(rng.choice(topics), rng) for _ in range(n))
 
 
 def _merge_text(parts: Iterable[Part]) -> list[Part]:
@@ -984,10 +1008,12 @@ _TEXT_TOPICS = (
 )
 
 
-def text_document(rng: random.Random) -> tuple[list[str], str]:
-    """A text-only document of 4–12 sentences on 1–3 topics: (topics, text)."""
+def text_document(rng: random.Random, text_scale: float = 0.0) -> tuple[list[str], str]:
+    """A text-only document on 1–3 topics: (topics, text). 4–12 sentences, plus a long tail of
+    about 120 x text_scale more (web text runs to thousands of tokens)."""
     topics = rng.sample(_TEXT_TOPICS, rng.randint(1, 3))
-    sentences = [_sentence(rng.choice(topics), rng) for _ in range(rng.randint(4, 12))]
+    n = rng.randint(4, 12) + _long_tail(rng, 120 * text_scale)
+    sentences = [_sentence(rng.choice(topics), rng) for _ in range(n)]
     return sorted(topics), " ".join(sentences)
 
 
@@ -1185,6 +1211,7 @@ class WorldManifest:
     tokenizer: str = "tokenizer.json"
     special_tokens: list[str] = field(default_factory=lambda: list(SPECIAL_TOKENS))
     format_version: int = WORLD_FORMAT_VERSION
+    text_scale: float = 1.0
 
     def path(self, rel: str | Path) -> Path:
         return self.root / rel
@@ -1266,7 +1293,12 @@ def _write_captions(
 
 
 def _write_obelics(
-    root: Path, seed: int, preset: _Preset, image_size: int, texts: list[str]
+    root: Path,
+    seed: int,
+    preset: _Preset,
+    image_size: int,
+    texts: list[str],
+    text_scale: float = 0.0,
 ) -> dict[str, Any]:
     name = "interleaved"
     d = root / name
@@ -1284,7 +1316,7 @@ def _write_obelics(
         cols: dict[str, list[Any]] = {k: [] for k in schema.names}
         for i in range(preset.interleaved_per_shard):
             rng = _rng(seed, name, shard, i)
-            doc_type, parts = interleaved_document(rng, "train")
+            doc_type, parts = interleaved_document(rng, "train", text_scale)
             doc_types[doc_type] += 1
             url = f"{_URL}/docs/{shard:05d}/{i:05d}.html"
             images, txts, metadata = [], [], []
@@ -1333,7 +1365,12 @@ def _write_obelics(
 
 
 def _write_mmc4(
-    root: Path, seed: int, preset: _Preset, image_size: int, texts: list[str]
+    root: Path,
+    seed: int,
+    preset: _Preset,
+    image_size: int,
+    texts: list[str],
+    text_scale: float = 0.0,
 ) -> dict[str, Any]:
     """MMC4-style: each image is matched to the sentence that follows it ("before" placement)."""
     name = "interleaved_mmc4"
@@ -1344,7 +1381,7 @@ def _write_mmc4(
         lines = []
         for i in range(preset.mmc4_per_shard):
             rng = _rng(seed, name, shard, i)
-            _, parts = interleaved_document(rng, "train")
+            _, parts = interleaved_document(rng, "train", text_scale)
             text_list: list[str] = []
             image_info = []
             pending: list[Scene] = []
@@ -1406,7 +1443,9 @@ def _write_mmc4(
     }
 
 
-def _write_text(root: Path, seed: int, preset: _Preset, texts: list[str]) -> dict[str, Any]:
+def _write_text(
+    root: Path, seed: int, preset: _Preset, texts: list[str], text_scale: float = 0.0
+) -> dict[str, Any]:
     name = "text"
     d = root / name
     d.mkdir(parents=True)
@@ -1414,7 +1453,7 @@ def _write_text(root: Path, seed: int, preset: _Preset, texts: list[str]) -> dic
     for shard in range(preset.shards):
         lines = []
         for i in range(preset.text_per_shard):
-            topics, text = text_document(_rng(seed, name, shard, i))
+            topics, text = text_document(_rng(seed, name, shard, i), text_scale)
             texts.append(text)
             lines.append(
                 _dumps({"id": f"text-{shard:05d}-{i:05d}", "text": text, "topics": topics})
@@ -1600,10 +1639,16 @@ def write_world(
     size: str = "tiny",
     image_size: int = 64,
     vocab_size: int = 1024,
+    text_scale: float = 1.0,
 ) -> WorldManifest:
     """Write the synthetic world of `size` ("tiny", "small" or "medium") to `out_dir`.
 
-    Deterministic: the same (seed, size, image_size, vocab_size) gives byte-identical files.
+    `text_scale` sets how much text surrounds the images: 1.0 (default) gives web-like
+    interleaved pages and long text documents (about one text token per image token at 144
+    image tokens, enough to fill 4096-token sequences under a 16-image cap); 0 gives compact
+    documents (more images per token: faster visual learning in a CPU demo).
+
+    Deterministic: the same arguments give byte-identical files.
     `out_dir` must be new, empty, or a previous world (whose files are replaced). `world.json` is
     written last, so its presence means the world is complete.
     """
@@ -1611,6 +1656,8 @@ def write_world(
         raise ValueError(f"unknown world size {size!r}: expected one of {', '.join(SIZE_NAMES)}")
     if image_size < 32:
         raise ValueError(f"image_size must be at least 32 pixels, got {image_size}")
+    if text_scale < 0:
+        raise ValueError(f"text_scale must be >= 0, got {text_scale}")
     preset = PRESETS[size]
     root = Path(out_dir)
     _prepare_dir(root)
@@ -1620,9 +1667,9 @@ def write_world(
         "captions_vecap": _write_captions(
             root, "captions_vecap", "recap", seed, preset, image_size, texts
         ),
-        "interleaved": _write_obelics(root, seed, preset, image_size, texts),
-        "interleaved_mmc4": _write_mmc4(root, seed, preset, image_size, texts),
-        "text": _write_text(root, seed, preset, texts),
+        "interleaved": _write_obelics(root, seed, preset, image_size, texts, text_scale),
+        "interleaved_mmc4": _write_mmc4(root, seed, preset, image_size, texts, text_scale),
+        "text": _write_text(root, seed, preset, texts, text_scale),
         "sft": _write_sft(root, seed, preset, image_size, texts),
     }
     evals = {
@@ -1636,6 +1683,7 @@ def write_world(
         seed=seed,
         size=size,
         image_size=image_size,
+        text_scale=text_scale,
         sources=sources,
         eval=evals,
         vocabulary=_vocabulary(),

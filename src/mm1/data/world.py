@@ -39,7 +39,9 @@ def ensure_world(
     root = Path(data.world)
     if is_main and not (root / "world.json").exists():
         print(f"writing the synthetic world ({data.world_size}) to {root} ...", flush=True)
-        write_world(root, seed=data.world_seed, size=data.world_size)
+        write_world(
+            root, seed=data.world_seed, size=data.world_size, text_scale=data.world_text_scale
+        )
     barrier()
     return WorldManifest.load(root)
 

@@ -118,18 +118,8 @@ class Trainer:
         d.barrier()
 
     def _loader_settings(self, sources, micro_batch: int) -> LoaderSettings:
-        c = self.cfg.data
-        return LoaderSettings(
-            sources=list(sources),
-            seq_len=c.seq_len,
-            micro_batch_size=micro_batch,
-            num_image_tokens=self.raw_model.num_image_tokens,
-            max_images_per_seq=c.max_images_per_seq,
-            image_boundaries=c.image_boundaries,
-            pack_buffer=c.pack_buffer,
-            max_error_rate=c.max_error_rate,
-            seed=c.seed,
-        )
+        q = self.raw_model.num_image_tokens
+        return LoaderSettings.from_config(self.cfg.data, sources, q, micro_batch)
 
     @property
     def raw_model(self) -> MM1:
