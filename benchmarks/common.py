@@ -71,7 +71,8 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
 
     table = Table(title=title)
     for c in columns:
-        table.add_column(c, justify="left" if c == columns[0] else "right")
+        first = c == columns[0]
+        table.add_column(c, justify="left" if first else "right", no_wrap=first)
     for row in rows:
         table.add_row(*(fmt(v) for v in row))
     Console().print(table)
@@ -136,15 +137,22 @@ def emit(result: dict[str, Any]) -> None:
     print(json.dumps(result), flush=True)
 
 
-def ensure_world(image_size: int = 64, size: str = "tiny", seed: int = 0):
-    """The synthetic world with `image_size`-px JPEGs under data/bench/ (written once)."""
-    from mm1.data.synthetic import WorldManifest, write_world
+def ensure_world(image_size: int = 64, size: str = "tiny", seed: int = 0, text_scale: float = 1.0):
+    """The synthetic world with `image_size`-px JPEGs under data/bench/, written once per
+    version of the world generator (the directory name holds a hash of its source)."""
+    import hashlib
+    import inspect
 
-    root = WORLDS / f"world-{size}-{image_size}px-seed{seed}"
+    import mm1.data.synthetic as synthetic
+
+    tag = hashlib.sha256(inspect.getsource(synthetic).encode()).hexdigest()[:8]
+    root = WORLDS / f"world-{size}-{image_size}px-text{text_scale:g}-seed{seed}-{tag}"
     if not (root / "world.json").exists():
         print(f"writing the synthetic world ({size}, {image_size} px) to {root} ...", flush=True)
-        write_world(root, seed=seed, size=size, image_size=image_size)
-    return WorldManifest.load(root)
+        synthetic.write_world(
+            root, seed=seed, size=size, image_size=image_size, text_scale=text_scale
+        )
+    return synthetic.WorldManifest.load(root)
 
 
 def ratio(a: float, b: float) -> float:

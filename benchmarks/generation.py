@@ -64,9 +64,8 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 def run(
     batch_sizes: tuple[int, ...] = (1, 4), new_tokens: int = 48, rounds: int = 5
 ) -> dict[str, Any]:
-    from mm1.data.tokenizer import Tokenizer
-
     from benchmarks.models import build_mm1, llava_from_mm1, quiet_transformers, small_config
+    from mm1.data.tokenizer import Tokenizer
 
     threads = set_threads()
     quiet_transformers()
@@ -169,5 +168,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-

@@ -1,29 +1,33 @@
 """Training step: mm1 (packed) against transformers' LLaVA (padded) on the same documents.
 
 One fixed stream of real-length documents is drawn from the synthetic world's 45/45/10 mixture
-and tokenized once (64 image tokens per image: one per 8x8 patch of a 64-px image).
+(the default world, 64-px images) and tokenized once, 64 image tokens per image (one per 8x8
+patch; LLaVA's "default" feature strategy drops the CLS token, as mm1's encoder does).
 
-- mm1 packed: the loader's `Packer` packs the stream into rows of `seq_len` tokens (document ids
-  and restarting positions; attention stays inside a document), `rows` rows per step.
-- LLaVA plain: the same documents (split by `split_document` at `seq_len`, so nothing is
-  truncated), `batch` samples per step in stream order, right-padded to the longest of the batch
-  as LLaVA's `DataCollatorForSupervisedDataset` does (`attention_mask`, labels -100 on padding).
-- LLaVA grouped: the same, in the order of transformers' `LengthGroupedSampler` (random
-  mega-batches of 50 batches, or 4 mega-batches for a short list, each sorted by length), what
-  LLaVA's `group_by_modality_length` does within one modality.
+- mm1 packed: the loader's `Packer` packs the stream into rows of `seq_len` tokens (document
+  ids, positions restarting per document, attention kept inside each document), `rows` rows
+  per step.
+- LLaVA plain: the same documents, split at `seq_len` exactly like the packer splits them (so
+  nothing is truncated), `batch` samples per step in stream order, right-padded to the longest
+  of the batch with `attention_mask` and labels -100 on padding, as LLaVA's collator does.
+- LLaVA grouped: the same samples in the order of transformers' `LengthGroupedSampler`
+  (random mega-batches of up to 50 batches, each sorted by length), what LLaVA's
+  `group_by_modality_length` does within one modality.
 
-`batch` is chosen so a LLaVA step holds on average as many real tokens as an mm1 step; each
-step is forward, backward and an AdamW step, fp32, SDPA attention in both models. Effective
-tokens are the non-padding tokens (text and image slots), equal for all variants by
-construction, so the throughput ratio is a time ratio over the same work.
+`batch` is chosen so a LLaVA step holds on average as many real tokens as an mm1 step. A step is
+forward, backward and AdamW, fp32, SDPA attention in both models. Effective tokens are the
+non-padding tokens (text and image slots): the same total for every variant by construction,
+so the throughput ratio is a time ratio over the same work.
 
-Throughput: all variants in one process, `rounds` interleaved passes after a warm-up step, each
-batch timed at its best over the rounds (load from other processes hits all variants alike).
-Peak memory: each variant in a fresh subprocess (one pass), its peak RSS read as `VmHWM`
-(see `common.peak_rss_mib`: Linux's `ru_maxrss` is inherited from the parent through
-fork + exec); every child imports the same modules (torch, transformers' LLaVA, mm1), so import
+Throughput: every variant's full pass over the stream is estimated from a stratified sample of
+its steps (`strata`: steps sorted by size, one timed per stratum, weighted by the stratum's
+size), so the stream can be long enough for realistic length grouping while few steps are run.
+All variants run in one process, interleaved over `rounds`, each step keeping its best time.
+Peak memory: each variant in a fresh subprocess running its 3 largest steps; peak RSS read as
+`VmHWM` (see `common.peak_rss_mib`: Linux's `ru_maxrss` is inherited from the parent through
+fork + exec). Every child imports the same modules (torch, transformers' LLaVA, mm1), so import
 overhead is the same for all. Before timing, the LLaVA network loaded with mm1's weights
-(through mm1's own HF exporters) must give mm1's logits on the first documents.
+(through mm1's own HF exporters) must give mm1's logits on a few samples.
 """
 
 from __future__ import annotations
@@ -95,7 +99,7 @@ class Pixels:
         return torch.stack(out)
 
 
-def packed_batches(docs, seq_len: int, rows: int, pad_id: int, pixels: Pixels) -> list[dict]:
+def packed_batches(docs, seq_len: int, rows: int, pad_id: int) -> tuple[list[dict], float]:
     """mm1's packing of the stream, as the loader does it: fill the buffer, emit a sequence;
     at the end drain the buffer so every token of every document is emitted."""
     from mm1.data.packing import Packer, collate
@@ -114,14 +118,14 @@ def packed_batches(docs, seq_len: int, rows: int, pad_id: int, pixels: Pixels) -
     for i in range(0, len(sequences), rows):
         group = sequences[i : i + rows]
         images = [im for seq in group for p in seq for im in p.doc.images]
-        b = collate(group, seq_len, pad_id, pixel_values=pixels(images))
+        b = collate(group, seq_len, pad_id)
         batches.append(
             {
                 "input_ids": b.input_ids,
                 "labels": b.labels,
                 "position_ids": b.position_ids,
                 "document_ids": b.document_ids,
-                "pixel_values": b.pixel_values,
+                "images": images,
                 "tokens": sum(len(p) for seq in group for p in seq),
             }
         )
@@ -138,7 +142,7 @@ def samples(docs, seq_len: int) -> list:
     return out
 
 
-def padded_batch(group: list, pad_id: int, pixels: Pixels) -> dict:
+def padded_batch(group: list, pad_id: int) -> dict:
     """LLaVA's collator: right padding to the longest, attention_mask, labels = input ids on
     target tokens (the model shifts them), -100 elsewhere."""
     longest = max(len(s.input_ids) for s in group)
@@ -152,17 +156,16 @@ def padded_batch(group: list, pad_id: int, pixels: Pixels) -> dict:
             torch.tensor(s.target_mask), torch.tensor(s.input_ids), torch.tensor(IGNORE)
         )
         mask[r, :n] = 1
-    images = [im for s in group for im in s.images]
     return {
         "input_ids": ids,
         "labels": labels,
         "attention_mask": mask,
-        "pixel_values": pixels(images),
+        "images": [im for s in group for im in s.images],
         "tokens": int(mask.sum()),
     }
 
 
-def llava_batches(items: list, batch: int, pad_id: int, pixels: Pixels, grouped: bool, seed=0):
+def llava_batches(items: list, batch: int, pad_id: int, grouped: bool, seed: int = 0) -> list:
     order = list(range(len(items)))
     if grouped:
         from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -172,7 +175,7 @@ def llava_batches(items: list, batch: int, pad_id: int, pixels: Pixels, grouped:
         order = list(LengthGroupedSampler(batch, lengths=lengths, generator=g))
     out = []
     for i in range(0, len(order), batch):
-        out.append(padded_batch([items[j] for j in order[i : i + batch]], pad_id, pixels))
+        out.append(padded_batch([items[j] for j in order[i : i + batch]], pad_id))
     return out
 
 
@@ -180,6 +183,30 @@ def efficiency(batches: list[dict]) -> float:
     real = sum(b["tokens"] for b in batches)
     total = sum(b["input_ids"].numel() for b in batches)
     return real / total
+
+
+def cost_key(b: dict) -> int:
+    """Orders batches by their work: padded decoder tokens plus image-token work."""
+    return b["input_ids"].numel() + 64 * len(b["images"])
+
+
+def strata(batches: list[dict], k: int) -> list[tuple[int, int]]:
+    """Stratified sample: sort by `cost_key`, cut into k equal strata, take each stratum's
+    middle batch. Returns (batch index, stratum size); sum(size x time) estimates a full pass."""
+    order = sorted(range(len(batches)), key=lambda i: cost_key(batches[i]))
+    k = min(k, len(order))
+    out = []
+    for j in range(k):
+        part = order[j * len(order) // k : (j + 1) * len(order) // k]
+        out.append((part[len(part) // 2], len(part)))
+    return out
+
+
+def timed_batch(b: dict, pixels: Pixels) -> dict:
+    """The model inputs of a batch (pixels preprocessed), plus its real-token count."""
+    out = {k: v for k, v in b.items() if k != "images"}
+    out["pixel_values"] = pixels(b["images"])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +242,7 @@ def make_step(variant: str, model, opt):
 
 
 def child(variant: str, data_file: str) -> dict[str, Any]:
-    """Peak memory of one variant: a fresh process, one pass over its batches."""
+    """Peak memory of one variant in a fresh process: the steps on its largest batches."""
     _imports()
     from benchmarks.models import build_llava, build_mm1
 
@@ -227,65 +254,76 @@ def child(variant: str, data_file: str) -> dict[str, Any]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     rss_built = peak_rss_mib()
     step = make_step(variant, model, opt)
-    with Timer() as t:
-        for b in batches:
-            step(b)
+    for b in batches:
+        step(b)
     return {
         "variant": variant,
-        "pass_seconds": t.seconds,
         "peak_rss_mib": peak_rss_mib(),
         "rss_after_build_mib": rss_built,
         "train_rss_mib": peak_rss_mib() - rss_built,
     }
 
 
-def throughput(cfg, data: dict[str, list[dict]], rounds: int, profile: bool) -> dict[str, Any]:
-    """Tokens/s of every variant, measured in one process with interleaved passes: round r
-    runs one pass of each variant in turn; each batch's time is its best over the rounds, so a
-    burst of load from other processes hits all variants alike and is then mostly discarded."""
+def throughput(
+    cfg, data: dict[str, list[dict]], pixels: Pixels, samples_per_variant: int, rounds: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Effective tokens/s of every variant over its whole batch list, estimated from a
+    stratified sample of its steps (`strata`), all variants in one process: round r times each
+    sampled step of each variant in turn, and each step keeps its best time over the rounds, so
+    a burst of load from other processes hits all variants alike and is then mostly dropped."""
     from benchmarks.models import build_llava, build_mm1
 
-    models = {}
-    for name in data:
+    steps, chosen = {}, {}
+    for name, batches in data.items():
         model = build_mm1(cfg) if name == "mm1_packed" else build_llava(cfg)
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
-        models[name] = make_step(name, model, opt)
-        models[name](data[name][0])  # warm-up
-    best = {name: [float("inf")] * len(data[name]) for name in data}
+        steps[name] = make_step(name, model, opt)
+        chosen[name] = [
+            (timed_batch(batches[i], pixels), n) for i, n in strata(batches, samples_per_variant)
+        ]
+        steps[name](chosen[name][len(chosen[name]) // 2][0])  # warm-up
+    best = {name: [float("inf")] * len(chosen[name]) for name in data}
     for _ in range(rounds):
-        for name, batches in data.items():
-            for i, b in enumerate(batches):
+        for name in data:
+            for j, (b, _) in enumerate(chosen[name]):
                 with Timer() as t:
-                    models[name](b)
-                best[name][i] = min(best[name][i], t.seconds)
+                    steps[name](b)
+                best[name][j] = min(best[name][j], t.seconds)
     out = {}
     for name, batches in data.items():
         tokens = sum(b["tokens"] for b in batches)
-        seconds = sum(best[name])
+        padded = sum(b["input_ids"].numel() for b in batches)
+        seconds = sum(n * t for (_, n), t in zip(chosen[name], best[name]))
         out[name] = {
             "variant": name,
             "steps": len(batches),
+            "timed_steps": len(chosen[name]),
             "tokens": tokens,
-            "padded_tokens": sum(b["input_ids"].numel() for b in batches),
-            "pad_efficiency": efficiency(batches),
-            "seconds": seconds,
+            "padded_tokens": padded,
+            "pad_efficiency": tokens / padded,
+            "estimated_pass_seconds": seconds,
             "tokens_per_s": tokens / seconds,
-            "padded_tokens_per_s": sum(b["input_ids"].numel() for b in batches) / seconds,
+            "padded_tokens_per_s": padded / seconds,
+            "timed_step_seconds": best[name],
+            "timed_step_shapes": [list(b["input_ids"].shape) for b, _ in chosen[name]],
         }
-    if profile:
-        from torch.profiler import ProfilerActivity
-        from torch.profiler import profile as torch_profile
+    return out, steps
 
-        for name, batches in data.items():
-            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-                for b in batches[:3]:
-                    models[name](b)
-            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
-            path = RESULTS / f"profile_train_{name}.txt"
-            path.write_text(table + "\n")
-            print(f"profile of 3 {name} steps: {path}")
-    return out
+
+def profile_steps(steps: dict, data: dict[str, list[dict]], pixels: Pixels) -> None:
+    """torch.profiler tables (top ops by self CPU time) of 3 median steps of each variant."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for name, batches in data.items():
+        picks = [timed_batch(batches[i], pixels) for i, _ in strata(batches, 5)[1:4]]
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for b in picks:
+                steps[name](b)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+        path = RESULTS / f"profile_train_{name}.txt"
+        path.write_text(table + "\n")
+        print(f"profile of 3 {name} steps: {path}")
 
 
 def check_equivalence(cfg, docs, pixels: Pixels) -> float:
@@ -297,7 +335,7 @@ def check_equivalence(cfg, docs, pixels: Pixels) -> float:
     llava = llava_from_mm1(model).eval()
     worst = 0.0
     with torch.no_grad():
-        for doc in docs[:4]:
+        for doc in [s for s in docs if s.images][:3] + [s for s in docs if not s.images][:1]:
             ids = torch.tensor([doc.input_ids])
             px = pixels(doc.images)
             a = model(ids, pixel_values=px).logits
@@ -307,43 +345,50 @@ def check_equivalence(cfg, docs, pixels: Pixels) -> float:
 
 
 def run(
-    num_docs: int = 60,
+    num_docs: int = 300,
     seq_len: int = 1024,
     rows: int = 1,
-    rounds: int = 3,
+    samples_per_variant: int = 8,
+    rounds: int = 2,
     profile: bool = False,
     memory: bool = True,
+    text_scale: float = 1.0,
 ) -> dict[str, Any]:
     from benchmarks.models import build_mm1, num_params, small_config
     from mm1.data.tokenizer import Tokenizer
 
     threads = set_threads()
-    world = ensure_world(64)
+    world = ensure_world(64, text_scale=text_scale)
     tok = Tokenizer.from_file(world.tokenizer_path)
     cfg = small_config(tok.vocab_size, tok.image_id, image_size=64, max_seq_len=seq_len)
     q = cfg.num_image_tokens
     docs = document_stream(world, tok, q, num_docs)
     pixels = Pixels(cfg.vision.image_size)
-    mm1_batches, pack_eff = packed_batches(docs, seq_len, rows, tok.pad_id, pixels)
+    mm1_batches, pack_eff = packed_batches(docs, seq_len, rows, tok.pad_id)
     items = samples(docs, seq_len)
     tokens = sum(len(s.input_ids) for s in items)
     per_step = tokens / len(mm1_batches)  # real tokens per mm1 step
     batch = max(1, round(per_step / (tokens / len(items))))
     data = {
         "mm1_packed": mm1_batches,
-        "llava_plain": llava_batches(items, batch, tok.pad_id, pixels, grouped=False),
-        "llava_grouped": llava_batches(items, batch, tok.pad_id, pixels, grouped=True),
+        "llava_plain": llava_batches(items, batch, tok.pad_id, grouped=False),
+        "llava_grouped": llava_batches(items, batch, tok.pad_id, grouped=True),
     }
-    max_diff = check_equivalence(cfg, docs, pixels)
+    max_diff = check_equivalence(cfg, items, pixels)
     if max_diff > 1e-3:
         raise RuntimeError(f"LLaVA and mm1 disagree (max logit difference {max_diff})")
 
-    results = throughput(cfg, data, rounds, profile)
+    results, steps = throughput(cfg, data, pixels, samples_per_variant, rounds)
+    if profile:
+        profile_steps(steps, data, pixels)
+    del steps
     if memory:
         with tempfile.TemporaryDirectory() as tmp:
-            for name in data:
+            for name, batches in data.items():
+                # Peak memory is set by the largest steps: the 3 of highest `cost_key`.
+                big = sorted(batches, key=cost_key)[-3:][::-1]
                 f = Path(tmp) / f"{name}.pt"
-                torch.save({"cfg": cfg, "batches": data[name]}, f)
+                torch.save({"cfg": cfg, "batches": [timed_batch(b, pixels) for b in big]}, f)
                 mem = run_child("benchmarks.train_step", ["--child", name, "--data", str(f)])
                 results[name].update({k: v for k, v in mem.items() if k != "variant"})
 
@@ -366,6 +411,7 @@ def run(
         summary["memory_target_met"] = summary["peak_rss_ratio"] <= 1.0
     out = {
         "settings": {
+            "world": f"tiny, 64-px images, text_scale={text_scale:g}",
             "documents": len(docs),
             "llava_samples": len(items),
             "real_tokens": tokens,
@@ -374,6 +420,7 @@ def run(
             "llava_samples_per_step": batch,
             "image_tokens_per_image": q,
             "images": sum(len(d.images) for d in docs),
+            "timed_steps_per_variant": samples_per_variant,
             "rounds": rounds,
             "torch_threads": threads,
             "params_mm1": num_params(build_mm1(cfg)),
@@ -384,7 +431,8 @@ def run(
         "variants": results,
         "summary": summary,
     }
-    path = write_result("train_step", out)
+    name = "train_step" if text_scale == 1.0 else f"train_step_text{text_scale:g}"
+    path = write_result(name, out)
     cols = ["variant", "steps", "non-pad", "tokens/s", "vs best LLaVA"]
     if memory:
         cols += ["peak RSS MiB", "train MiB"]
@@ -408,17 +456,30 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
-    ap.add_argument("--docs", type=int, default=60)
+    ap.add_argument("--docs", type=int, default=300)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--rows", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--samples", type=int, default=8, help="timed steps per variant")
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="profile 3 steps of each variant")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
+    ap.add_argument(
+        "--text-scale", type=float, default=1.0, help="world text: 1 web-like (default), 0 compact"
+    )
     args = ap.parse_args()
     if args.child:
         emit(child(args.child, args.data))
     else:
-        run(args.docs, args.seq_len, args.rows, args.rounds, args.profile, not args.no_memory)
+        run(
+            args.docs,
+            args.seq_len,
+            args.rows,
+            args.samples,
+            args.rounds,
+            args.profile,
+            not args.no_memory,
+            args.text_scale,
+        )
 
 
 if __name__ == "__main__":
