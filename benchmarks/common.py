@@ -75,7 +75,10 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
         table.add_column(c, justify="left" if first else "right", no_wrap=first)
     for row in rows:
         table.add_row(*(fmt(v) for v in row))
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=140)  # logs and pipes: no truncated columns
+    console.print(table)
 
 
 def fmt(v: Any) -> str:

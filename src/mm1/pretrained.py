@@ -106,9 +106,7 @@ def _rope(cfg: ModelConfig) -> torch.Tensor:
 
 def _load_run(run_dir: Path) -> MM1:
     """The model of a run's newest complete checkpoint, on one process (DCP reshards)."""
-    import torch.distributed.checkpoint as dcp
-
-    from mm1.train.checkpoint import latest_checkpoint
+    from mm1.train.checkpoint import latest_checkpoint, load_model_weights
 
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
@@ -116,7 +114,5 @@ def _load_run(run_dir: Path) -> MM1:
     cfg = load_model_config(run_dir)
     cfg.vision.init = cfg.decoder.init = None
     model = MM1(cfg)
-    state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(ckpt))
-    model.load_state_dict(state["model"])
+    load_model_weights(ckpt, model)
     return model

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pickle
 from pathlib import Path
 
@@ -78,18 +79,28 @@ def hf_features(model, pixels: torch.Tensor, layer: int, cls: bool, **kw) -> tor
     return h[:, 1:] if cls else h
 
 
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    # load_file maps the file into memory; copy before writing the same file again.
+    return {k: v.clone() for k, v in load_file(path).items()}
+
+
 def pixels(size: int, n: int = 2) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize("feature_layer", [-1, -2, 1, 0])
 @pytest.mark.parametrize("variant", ["clip", "siglip"])
-def test_vision_encoder_matches_transformers(tmp_path, variant, feature_layer):
+def test_vision_encoder_matches_transformers(tmp_path, caplog, variant, feature_layer):
     model = hf_vision(variant)
     model.save_pretrained(tmp_path)
-    ours = vision_encoder_from_hf(tmp_path, feature_layer=feature_layer)
+    with caplog.at_level(logging.DEBUG, logger="mm1.models.hf"):
+        ours = vision_encoder_from_hf(tmp_path, feature_layer=feature_layer)
     depth = feature_layer if feature_layer >= 0 else 4 + feature_layer
     assert len(ours.blocks) == depth
+    # What is left out on purpose is logged: the final norm, SigLIP's head, later blocks.
+    assert "post_layernorm.weight" in caplog.text
+    assert ("head.probe" in caplog.text) == (variant == "siglip")
+    assert (f"encoder.layers.{depth}." in caplog.text) == (depth < 3)
     x = pixels(28)
     with torch.no_grad():
         out = ours(x)
@@ -182,7 +193,7 @@ def test_vision_errors(tmp_path):
     hf_vision("clip").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="feature_layer"):
         vision_encoder_from_hf(tmp_path, feature_layer=5)
-    state = load_file(tmp_path / "model.safetensors")
+    state = read_safetensors(tmp_path / "model.safetensors")
     state["encoder.layers.0.mlp.fc1.weight"] = torch.zeros(65, 32)
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"shape mismatch.*encoder\.layers\.0\.mlp\.fc1\.weight"):
@@ -395,7 +406,7 @@ def test_checkpoint_errors(tmp_path):
 
     hf_decoder("llama").save_pretrained(tmp_path)
     path = tmp_path / "model.safetensors"
-    state = load_file(path)
+    state = read_safetensors(path)
     bad = dict(state)
     bad["model.layers.1.mlp.up_proj.weight"] = torch.zeros(97, 64)
     save_file(bad, path, metadata={"format": "pt"})
@@ -415,6 +426,32 @@ def test_checkpoint_errors(tmp_path):
     save_file(bad, path, metadata={"format": "pt"})
     with pytest.raises(ValueError, match="lm_head.weight"):
         decoder_from_hf(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["decoder", "vision"])
+def test_loaded_weights_do_not_alias_the_checkpoint_file(tmp_path, kind):
+    """safetensors maps the file into memory; rewriting it must not change a loaded model."""
+    if kind == "decoder":
+        model = hf_decoder("llama")
+        model.save_pretrained(tmp_path)
+        ours = decoder_from_hf(tmp_path)
+    else:
+        model = hf_vision("siglip")
+        model.save_pretrained(tmp_path)
+        ours = vision_encoder_from_hf(tmp_path)
+    path = tmp_path / "model.safetensors"
+    with open(path, "r+b") as f:  # zero the whole data section in place
+        header = 8 + int.from_bytes(f.read(8), "little")
+        f.seek(header)
+        f.write(bytes(path.stat().st_size - header))
+    assert all(not v.any() for v in load_file(path).values())
+    with torch.no_grad():
+        if kind == "decoder":
+            ids = token_ids()
+            close(ours(ids), hf_logits(model, ids))
+        else:
+            x = pixels(28)
+            close(ours(x), hf_features(model, x, -1, cls=False))
 
 
 def test_packed_documents_match_separate_runs(tmp_path):

@@ -219,9 +219,15 @@ def _load_into(
         )
     mismatched = []
     for k, v in ours.items():
-        if dtype is not None and v.is_floating_point():
-            v = v.to(dtype)
-        v = transforms[k](v) if k in transforms else v
+        # Always a copy: safetensors' load_file maps the file into memory, and a model whose
+        # weights alias the checkpoint changes (or crashes) when that file is rewritten.
+        cast = dtype if dtype is not None and v.is_floating_point() else v.dtype
+        v = v.to(cast, copy=True)
+        if k in transforms:
+            try:
+                v = transforms[k](v)
+            except ValueError as err:
+                raise ValueError(f"{source}: {names[k]}: {err}") from None
         if v.shape != expected[k].shape:
             mismatched.append(
                 f"{names[k]}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"

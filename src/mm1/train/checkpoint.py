@@ -489,3 +489,18 @@ def load_checkpoint(
         rank_state=mine["user"] if mine["user"] is not None else {},
         meta=meta,
     )
+
+
+def load_model_weights(path: str | os.PathLike[str], model: nn.Module) -> int:
+    """Load only the model of a checkpoint, into a model on any number of processes (one, for
+    inference: DCP reshards whatever the saving world size was). Returns the checkpoint's step."""
+    path = Path(path)
+    meta = read_meta(path)
+    _, _, distributed = _dist_info()
+    model_sd, _ = get_state_dict(model, (), options=_SD_OPTIONS)
+    state: dict[str, Any] = {"model": model_sd}
+    _dcp_quietly(dcp.load, state, checkpoint_id=path, no_dist=not distributed)
+    set_state_dict(
+        model, (), model_state_dict=state["model"], optim_state_dict={}, options=_SD_OPTIONS
+    )
+    return int(meta["step"])

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# GPU benchmark of the MM1 ablation model (ViT-L/14 336 + C-Abstractor 144 + 1.2B decoder,
+# bf16, FSDP2 on one GPU through torchrun): one command, under 5 minutes on one H100 / H200.
+#
+#   bash benchmarks/gpu.sh              # on the GPU machine
+#   bash benchmarks/gpu.sh --cpu-smoke  # the same code path on the CPU, tiny shapes
+#
+# Each variant runs under its own `timeout` and writes benchmarks/results/gpu/<variant>.json
+# (gpu-smoke/ with --cpu-smoke) as soon as it finishes; a variant that fails or runs out of
+# time gets a JSON saying so. Needs python with torch; mm1 is used from src/ (PYTHONPATH), and
+# mm1.config's only third-party needs, omegaconf and PyYAML, are installed offline from
+# benchmarks/wheels/ (cp312 manylinux) into a scratch directory when they are missing.
+# Environment: PYTHON (default python3), OUT_DIR, and extra arguments for gpu_bench.py after
+# the flags, e.g. `bash benchmarks/gpu.sh --seq-len 2048`.
+set -u
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+SMOKE=()
+if [[ "${1:-}" == "--cpu-smoke" ]]; then
+  SMOKE=(--cpu-smoke)
+  shift
+fi
+EXTRA=("$@")
+if [[ ${#SMOKE[@]} -gt 0 ]]; then
+  OUT=${OUT_DIR:-benchmarks/results/gpu-smoke}
+else
+  OUT=${OUT_DIR:-benchmarks/results/gpu}
+fi
+mkdir -p "$OUT"
+START=$(date +%s)
+
+if ! "$PY" -c "import omegaconf, yaml" 2>/dev/null; then
+  SITE=${TMPDIR:-/tmp}/mm1-bench-site
+  echo "installing omegaconf + PyYAML from benchmarks/wheels into $SITE"
+  if ! "$PY" -m pip install -q --no-index --find-links benchmarks/wheels --target "$SITE" omegaconf; then
+    # No pip: a wheel is a zip archive whose root goes on sys.path.
+    for w in benchmarks/wheels/*.whl; do "$PY" -m zipfile -e "$w" "$SITE"; done
+  fi
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+
+stub() {  # variant, status, seconds
+  "$PY" - "$OUT/$1.json" "$1" "$2" "$3" <<'EOF'
+import json, sys
+path, variant, status, limit = sys.argv[1:]
+json.dump({"variant": variant, "status": status, "limit_s": int(limit)}, open(path, "w"), indent=2)
+EOF
+}
+
+run() {  # variant, time limit in seconds, launcher...
+  local variant=$1 limit=$2
+  shift 2
+  echo "=== $variant (limit ${limit}s)"
+  rm -f "$OUT/$variant.json"
+  timeout --kill-after=15 "$limit" "$@" benchmarks/gpu_bench.py "$variant" --out "$OUT" \
+    "${SMOKE[@]}" "${EXTRA[@]}"
+  local rc=$?
+  if [[ $rc -eq 124 || $rc -eq 137 ]]; then
+    stub "$variant" timeout "$limit"
+  elif [[ $rc -ne 0 ]]; then
+    stub "$variant" "failed (exit $rc)" "$limit"
+  fi
+}
+
+TORCHRUN=("$PY" -m torch.distributed.run --standalone --nproc_per_node 1)
+run flex 20 "$PY"
+run attention 45 "$PY"
+run eager 75 "${TORCHRUN[@]}"
+run compile 140 "${TORCHRUN[@]}"
+
+"$PY" - "$OUT" <<'EOF'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+print(f"{'variant':<10} {'status':<16} {'tokens/s':>10} {'MFU dec':>8} {'MFU all':>8} {'mem GiB':>8}")
+for v in ("eager", "compile", "flex", "attention"):
+    f = out / f"{v}.json"
+    if not f.exists():
+        continue
+    d = json.loads(f.read_text())
+    if v == "attention" and d.get("status") == "ok":
+        flex = d.get("flex_document_ms")
+        print(f"{v:<10} sdpa mask {d['sdpa_bool_mask_ms']:.2f} ms, causal {d['sdpa_causal_row_ms']:.2f} ms, "
+              f"flex {flex if flex is None else round(flex, 2)} ms")
+        continue
+    mem = d.get("peak_memory_gib")
+    print(f"{v:<10} {d.get('status', '?'):<16} {d.get('tokens_per_s', 0):>10.0f} "
+          f"{d.get('mfu_decoder_only', 0):>8.1%} {d.get('mfu_with_encoder', 0):>8.1%} "
+          f"{'' if mem is None else f'{mem:.1f}':>8}")
+EOF
+echo "total $(( $(date +%s) - START ))s; JSON in $OUT"

@@ -1,0 +1,306 @@
+"""GPU benchmark of the MM1 ablation model: tokens/s, MFU and memory of one training step.
+
+Run by `benchmarks/gpu.sh` under `torchrun --nproc_per_node 1`, one variant per process:
+
+    eager       FSDP2 (mm1's `parallelize`), bf16, document-masked attention through SDPA
+    compile     the same with `torch.compile` per block (train.compile=true)
+    flex        FlexAttention for the document mask: recorded as not implemented while
+                mm1.models.decoder has no FlexAttention path (the script does not patch src/)
+    attention   attention alone at the decoder's shapes: SDPA with mm1's boolean document mask,
+                FlexAttention with a document BlockMask, causal SDPA (cost reference)
+
+Needs torch and the mm1 sources only (PYTHONPATH=src): it imports `mm1.config` (omegaconf +
+PyYAML, installed by gpu.sh from benchmarks/wheels/), `mm1.models` and `mm1.train.parallel`/
+`optim`, never the data stack; batches are synthetic packed rows built as tensors
+(`benchmarks.synthetic_batch`). MFU = model FLOPs/s / 989e12 (H100 SXM dense bf16), FLOPs from
+`mm1.models.summary.summarize`: decoder only, and decoder + encoder + connector.
+`--cpu-smoke` runs the same code path on the CPU with the tiny preset (gloo, fp32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import inspect
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+H100_BF16_FLOPS = 989e12
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "src" / "mm1" / "configs" / "models"
+
+
+def write(out_dir: Path, variant: str, payload: dict[str, Any]) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{variant}.json"
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
+    path.write_text(json.dumps({"variant": variant, "environment": env, **payload}, indent=2))
+    print(json.dumps({"variant": variant, **payload}), flush=True)
+    return path
+
+
+def model_config(smoke: bool):
+    from mm1.config import load_config
+
+    cfg = load_config(CONFIGS / ("tiny.yaml" if smoke else "ablation.yaml")).model
+    cfg.decoder.max_seq_len = max(cfg.decoder.max_seq_len, 4096)
+    return cfg
+
+
+def flex_status() -> dict[str, Any]:
+    import mm1.models.decoder as decoder
+
+    src = inspect.getsource(decoder)
+    if "flex_attention" in src:
+        return {
+            "status": "present",
+            "note": "mm1.models.decoder mentions flex_attention; "
+            "extend gpu_bench.py to switch it on",
+        }
+    return {
+        "status": "not_implemented",
+        "reason": "mm1.models.decoder has no FlexAttention path: the document mask reaches "
+        "F.scaled_dot_product_attention as a dense boolean (B, 1, T, T) mask. See the "
+        "'attention' variant for what FlexAttention would save at these shapes.",
+    }
+
+
+def train_variant(args, compile_blocks: bool) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    from benchmarks.synthetic_batch import packed_batch, to_device
+    from mm1.config import OptimConfig, TrainConfig
+    from mm1.models.mllm import MM1
+    from mm1.models.summary import summarize
+    from mm1.train.optim import build_optimizer
+    from mm1.train.parallel import Dist, parallelize
+
+    smoke = args.cpu_smoke
+    device = torch.device("cpu") if smoke else torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if not smoke:
+        torch.cuda.set_device(device)
+    dist.init_process_group("gloo" if smoke else "nccl")
+
+    class OneRankFSDP(Dist):
+        # mm1's `parallelize` applies FSDP2 only when world_size > 1; here the point is to
+        # measure the FSDP2 path on one GPU, so it is told the group is enabled.
+        @property
+        def enabled(self) -> bool:
+            return True
+
+    cfg = model_config(smoke)
+    seq_len = args.seq_len or (256 if smoke else 4096)
+    images = args.images_per_seq if not smoke else 2
+    tcfg = TrainConfig(
+        parallel="fsdp",
+        dtype="float32" if smoke else "bfloat16",
+        compile=compile_blocks,
+        activation_checkpointing=args.activation_checkpointing,
+    )
+    t0 = time.perf_counter()
+    with torch.device(device):
+        model = MM1(cfg)
+    model = parallelize(model, tcfg, OneRankFSDP(0, 1, 0, device))
+    opt, _ = build_optimizer(model, OptimConfig(), 1e-4, 1000)
+    build_seconds = time.perf_counter() - t0
+    batch = packed_batch(
+        args.micro_batch,
+        seq_len,
+        images,
+        cfg.num_image_tokens,
+        cfg.vision.image_size,
+        cfg.decoder.vocab_size,
+        cfg.resolved_image_token_id,
+        doc_len=args.doc_len,
+    )
+    batch = to_device(batch, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=not smoke)
+
+    def step() -> float:
+        with autocast:
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    sync()
+    warmup_seconds = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        loss = step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    median = times[len(times) // 2]
+    tokens = args.micro_batch * seq_len
+    s = summarize(cfg, seq_len)
+    tok_s = tokens / median
+    flops_dec = s.decoder_flops_per_token * tok_s
+    flops_all = s.flops_per_token(images) * tok_s
+    out = {
+        "status": "ok",
+        "model": "cpu smoke: tiny preset"
+        if smoke
+        else "ablation: ViT-L/14 336 + C-Abstractor 144 + 1.2B decoder",
+        "parallel": "FSDP2 via mm1.train.parallel.parallelize, one rank",
+        "compile": compile_blocks,
+        "activation_checkpointing": args.activation_checkpointing,
+        "dtype": "float32" if smoke else "bf16 (FSDP2 param_dtype + autocast)",
+        "attention": "SDPA, boolean document mask",
+        "micro_batch": args.micro_batch,
+        "seq_len": seq_len,
+        "images_per_seq": images,
+        "doc_len": args.doc_len,
+        "build_seconds": build_seconds,
+        "warmup_steps": args.warmup,
+        "warmup_seconds": warmup_seconds,
+        "step_seconds": times,
+        "median_step_seconds": median,
+        "tokens_per_s": tok_s,
+        "images_per_s": args.micro_batch * images / median,
+        "loss": loss,
+        "params": {"vision": s.vision, "connector": s.connector, "decoder": s.decoder},
+        "flops_per_token_decoder": s.decoder_flops_per_token,
+        "flops_per_token_with_encoder": s.flops_per_token(images),
+        "mfu_decoder_only": flops_dec / H100_BF16_FLOPS,
+        "mfu_with_encoder": flops_all / H100_BF16_FLOPS,
+        "peak_memory_gib": (
+            torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        ),
+    }
+    dist.destroy_process_group()
+    return out
+
+
+def attention_variant(args) -> dict[str, Any]:
+    """SDPA with mm1's boolean document mask vs FlexAttention with a document BlockMask."""
+    import torch.nn.functional as F
+
+    from mm1.models.decoder import attention_mask
+
+    smoke = args.cpu_smoke
+    device = torch.device("cpu" if smoke else "cuda")
+    cfg = model_config(smoke)
+    d = cfg.decoder
+    heads, hd = d.heads, d.resolved_head_dim
+    t = args.seq_len or (256 if smoke else 4096)
+    doc_len = min(args.doc_len, t)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (
+        torch.randn(args.micro_batch, heads, t, hd, generator=g).to(device, dtype).requires_grad_()
+        for _ in range(3)
+    )
+    doc = (torch.arange(t, device=device) // doc_len).expand(args.micro_batch, t)
+    mask = attention_mask(doc, doc)
+
+    def timed(fn, reps: int) -> float:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    def run_sdpa_mask():
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()
+
+    def run_causal():
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+
+    reps = 3 if smoke else 20
+    out: dict[str, Any] = {
+        "status": "ok",
+        "shape": {"batch": args.micro_batch, "heads": heads, "head_dim": hd, "seq_len": t},
+        "doc_len": doc_len,
+        "dtype": str(dtype),
+        "sdpa_bool_mask_ms": 1000 * timed(run_sdpa_mask, reps),
+        "sdpa_causal_row_ms": 1000 * timed(run_causal, reps),
+    }
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        doc1 = doc[0]
+
+        def document_causal(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (doc1[q_idx] == doc1[kv_idx])
+
+        block = create_block_mask(document_causal, None, None, t, t, device=device.type)
+        flex = torch.compile(flex_attention)
+
+        def run_flex():
+            flex(q, k, v, block_mask=block).sum().backward()
+
+        out["flex_document_ms"] = 1000 * timed(run_flex, reps)
+        out["sdpa_bool_over_flex"] = out["sdpa_bool_mask_ms"] / out["flex_document_ms"]
+    except Exception as err:  # flex needs a working inductor backend for the device
+        out["flex_document_ms"] = None
+        out["flex_error"] = f"{type(err).__name__}: {err}"[:500]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("variant", choices=("eager", "compile", "flex", "attention"))
+    ap.add_argument("--out", help="default benchmarks/results/gpu (gpu-smoke with --cpu-smoke)")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny preset on the CPU (gloo)")
+    ap.add_argument("--seq-len", type=int, default=0, help="default 4096 (smoke: 256)")
+    ap.add_argument(
+        "--images-per-seq",
+        type=int,
+        default=14,
+        help="images per packed row (the default world packs 13.7 per 4096 tokens at 144)",
+    )
+    ap.add_argument("--doc-len", type=int, default=512, help="tokens per packed document")
+    ap.add_argument("--micro-batch", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--activation-checkpointing", action="store_true")
+    args = ap.parse_args()
+    if args.cpu_smoke:
+        args.warmup, args.steps = min(args.warmup, 1), min(args.steps, 2)
+        torch.set_num_threads(int(os.environ.get("MM1_BENCH_THREADS", "1")))
+    out_dir = Path(
+        args.out or ROOT / "benchmarks" / "results" / ("gpu-smoke" if args.cpu_smoke else "gpu")
+    )
+    if args.variant == "flex":
+        payload = flex_status()
+    elif args.variant == "attention":
+        payload = attention_variant(args)
+    else:
+        payload = train_variant(args, compile_blocks=args.variant == "compile")
+    payload["command"] = " ".join([Path(sys.executable).name, *sys.argv])
+    write(out_dir, args.variant, payload)
+
+
+if __name__ == "__main__":
+    main()
