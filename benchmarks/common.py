@@ -82,6 +82,10 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
 
 
 def fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
     if isinstance(v, float):
         if v == 0 or 0.01 <= abs(v) < 1e5:
             return f"{v:.3g}" if abs(v) < 10 else f"{v:,.1f}"

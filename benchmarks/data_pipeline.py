@@ -8,10 +8,11 @@ and from a world written with 256-px JPEGs. After a warm-up batch it counts the 
 batches it yields until `min_images`. For the 256-px world it also times the image
 preprocessing alone on the same decoded images, to show where the time goes.
 
-Packing: `packing_stats` over the first sequences of the mixture, then the same documents
-(drawn from the same mixture seed, split at `seq_len` as the packer splits them) batched as LLaVA
-would: padded to the longest of each batch, in stream order and length-grouped
-(transformers' `LengthGroupedSampler`), at two batch sizes.
+Packing: `packing_stats` over the first sequences of the mixture (about 1,900-4,700 documents),
+then the same documents (drawn from the same mixture seed, split at `seq_len` as the packer
+splits them) batched as LLaVA would: padded to the longest of each batch, in stream order and
+length-grouped (transformers' `LengthGroupedSampler`: random mega-batches of up to 50 batches,
+each sorted by length), at 8 and 32 samples per batch.
 """
 
 from __future__ import annotations
@@ -62,10 +63,12 @@ def preprocess_only(world, size: int, n: int) -> float:
         with Image.open(f) as im:
             images.append(im.convert("RGB"))
     proc = ImageProcessor.clip(size)
-    proc(images[:2])
-    with Timer() as t:
-        proc(images)
-    return len(images) / t.seconds
+    best = float("inf")
+    for _ in range(3):
+        with Timer() as t:
+            proc(images)
+        best = min(best, t.seconds)
+    return len(images) / best
 
 
 def pad_efficiency(lengths: list[int], batch: int, grouped: bool, seed: int = 0) -> float:
@@ -137,7 +140,7 @@ def run(min_images: int = 120, sizes: tuple[int, ...] = (224, 378)) -> dict[str,
                     f"{px} px JPEG -> {size} px",
                     r["images"],
                     r["images_per_s"],
-                    r.get("preprocess_only_images_per_s", float("nan")),
+                    r.get("preprocess_only_images_per_s"),
                 ]
             )
     print_table(
@@ -149,9 +152,9 @@ def run(min_images: int = 120, sizes: tuple[int, ...] = (224, 378)) -> dict[str,
     compact = ensure_world(64, text_scale=0.0)
     pack_results = []
     for name, world, seq_len, q, n in (
-        ("ablation: default world, 4096 tokens, 144/image", default, 4096, 144, 60),
-        ("ablation: default world, 2048 tokens, 144/image", default, 2048, 144, 100),
-        ("demo: compact world, 256 tokens, 16/image", compact, 256, 16, 300),
+        ("ablation: default world, 4096 tokens, 144/image", default, 4096, 144, 300),
+        ("ablation: default world, 2048 tokens, 144/image", default, 2048, 144, 600),
+        ("demo: compact world, 256 tokens, 16/image", compact, 256, 16, 1500),
     ):
         tok = Tokenizer.from_file(world.tokenizer_path)
         r = packing(world, tok, seq_len, q, n)

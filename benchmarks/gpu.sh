@@ -54,8 +54,9 @@ run() {  # variant, time limit in seconds, launcher...
   shift 2
   echo "=== $variant (limit ${limit}s)"
   rm -f "$OUT/$variant.json"
+  # ${a[@]+"${a[@]}"}: empty arrays are safe under `set -u` on bash < 4.4 too
   timeout --kill-after=15 "$limit" "$@" benchmarks/gpu_bench.py "$variant" --out "$OUT" \
-    "${SMOKE[@]}" "${EXTRA[@]}"
+    ${SMOKE[@]+"${SMOKE[@]}"} ${EXTRA[@]+"${EXTRA[@]}"}
   local rc=$?
   if [[ $rc -eq 124 || $rc -eq 137 ]]; then
     stub "$variant" timeout "$limit"

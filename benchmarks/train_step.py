@@ -353,6 +353,7 @@ def run(
     profile: bool = False,
     memory: bool = True,
     text_scale: float = 1.0,
+    tag: str = "",
 ) -> dict[str, Any]:
     from benchmarks.models import build_mm1, num_params, small_config
     from mm1.data.tokenizer import Tokenizer
@@ -431,7 +432,8 @@ def run(
         "variants": results,
         "summary": summary,
     }
-    name = "train_step" if text_scale == 1.0 else f"train_step_text{text_scale:g}"
+    name = "train_step" + ("" if text_scale == 1.0 else f"_text{text_scale:g}")
+    name += f"_{tag}" if tag else ""
     path = write_result(name, out)
     cols = ["variant", "steps", "non-pad", "tokens/s", "vs best LLaVA"]
     if memory:
@@ -466,6 +468,7 @@ def main() -> None:
     ap.add_argument(
         "--text-scale", type=float, default=1.0, help="world text: 1 web-like (default), 0 compact"
     )
+    ap.add_argument("--tag", default="", help="suffix of the result file name")
     args = ap.parse_args()
     if args.child:
         emit(child(args.child, args.data))
@@ -479,6 +482,7 @@ def main() -> None:
             args.profile,
             not args.no_memory,
             args.text_scale,
+            args.tag,
         )
 
 

@@ -138,6 +138,12 @@ def test_filler_cut_resumes_where_it_stopped() -> None:
     assert packer.buffer[1].ref == (1, 0, 5, 1, 0) and len(packer.buffer[1]) == 12
     with pytest.raises(RuntimeError):
         Packer(8, 1).next_sequence()
+    # without a reference (documents fed by hand) tail filling works too
+    bare = Packer(seq_len=20, max_images=2, min_fill=2)
+    bare.add(make_doc("captions", ["i", 8], "c"))
+    bare.add(make_doc("text", [30], "t"))
+    assert [len(p) for p in bare.next_sequence()] == [16, 4]
+    assert bare.buffer[0].ref == (0, 4)
 
 
 def test_collated_batch_trains_like_documents_alone() -> None:

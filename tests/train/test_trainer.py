@@ -4,6 +4,7 @@ refusal of a changed config, export."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -208,3 +209,117 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path) -> None:
     bad.write_text(json.dumps({"train": {"stepz": 3}}))
     with pytest.raises(ConfigError, match="train.stepz"):
         load_config(bad)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, world) -> None:
+    cfg = tiny_config(tmp_path, world, steps=10_000, save_every=10_000, parallel="none")
+    run = tmp_path / "run"
+    p = run_cli(["train", str(cfg), f"train.run_dir={run}"])
+    deadline = time.time() + 120
+    while time.time() < deadline and len(losses(run)) < 2:
+        time.sleep(0.05)
+    assert losses(run), p.communicate()[0][-3000:]
+    p.send_signal(signal.SIGTERM)
+    out = finish(p, timeout=120)
+    assert "saved step" in out
+    saved = sorted((run / "checkpoints").glob("step_*/meta.json"))
+    assert len(saved) == 1
+    assert int(saved[0].parent.name.split("_")[1]) == max(losses(run))
+
+
+def test_nonfinite_losses_are_skipped_then_abort_naming_the_step(
+    tmp_path, world, monkeypatch
+) -> None:
+    from mm1.config import load_config
+    from mm1.models import mllm
+    from mm1.train.trainer import NonFiniteLossError, Trainer
+
+    cfg = load_config(
+        tiny_config(tmp_path, world, parallel="none", val_every=0, max_nonfinite_in_a_row=3),
+        [f"train.run_dir={tmp_path / 'run'}"],
+    )
+    real_forward = mllm.MM1.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        out = real_forward(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] > 2:  # the first step (2 micro-batches) is healthy
+            out.loss = out.loss * float("nan")
+            out.token_loss = out.token_loss * float("nan")
+        return out
+
+    monkeypatch.setattr(mllm.MM1, "forward", poisoned)
+    trainer = Trainer(cfg)
+    with pytest.raises(NonFiniteLossError, match="step 4"):
+        trainer.fit()
+    assert trainer.counters["nonfinite_steps"] == 3
+    records = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert records[0]["loss"] == pytest.approx(records[0]["loss"])  # step 1 finite
+    assert records[-1]["nonfinite_steps"] >= 1
+
+
+def test_training_from_hf_starting_points(tmp_path, world) -> None:
+    """vision.init / decoder.init take HF checkpoint directories; the tokenizer comes from the
+    decoder's directory, gets mm1's special tokens, and the embeddings are resized to it."""
+    transformers = pytest.importorskip("transformers")
+    from mm1.data.tokenizer import Tokenizer
+    from mm1.models.build import build_model
+
+    dec_dir, vis_dir = tmp_path / "llama", tmp_path / "clip"
+    import tokenizers
+
+    # the world's BPE vocabulary before mm1 adds its special tokens
+    base_vocab = tokenizers.Tokenizer.from_file(str(world / "tokenizer.json")).get_vocab_size()
+    llama = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=base_vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        )
+    )
+    llama.save_pretrained(dec_dir)
+    (dec_dir / "tokenizer.json").write_text((world / "tokenizer.json").read_text())
+    clip = transformers.CLIPVisionModel(
+        transformers.CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        )
+    )
+    clip.save_pretrained(vis_dir)
+
+    from mm1.config import load_config
+
+    cfg = load_config(
+        tiny_config(tmp_path, world, steps=2, save_every=2, parallel="none", val_every=0),
+        [
+            f"model.vision.init={vis_dir}",
+            "model.vision.image_size=48",  # position embeddings interpolated 32 -> 48 px
+            "model.vision.width=32",
+            f"model.decoder.init={dec_dir}",
+            f"train.run_dir={tmp_path / 'run'}",
+        ],
+    )
+    tok = Tokenizer.from_file(dec_dir)
+    assert tok.vocab_size > base_vocab  # <img> and </img> were added
+    model = build_model(cfg.model, tok.vocab_size, tok.image_id)
+    assert model.decoder.embed_tokens.weight.shape[0] == tok.vocab_size
+    # pre-trained rows are the checkpoint's; new rows start at their mean
+    hf_emb = llama.get_input_embeddings().weight.detach()
+    n = hf_emb.shape[0]
+    torch.testing.assert_close(model.decoder.embed_tokens.weight[:n], hf_emb)
+    torch.testing.assert_close(model.decoder.embed_tokens.weight[n], hf_emb.mean(0))
+    assert model.vision.pos_embed.shape[1] == 1 + 36
+
+    from mm1.train.trainer import Trainer
+
+    result = Trainer(cfg).fit()
+    assert result["step"] == 2 and math.isfinite(result["loss"])

@@ -244,8 +244,8 @@ class Packer:
                 continue
             cut = cuts[k]
             head = Piece(slice_document(p.doc, 0, cut), p.ref, p.first)
-            src, shard, rec, idx, used = p.ref if p.ref else (0, 0, 0, 0, 0)
-            tail_ref = (src, shard, rec, idx, used + cut) if p.ref else ()
+            # the reference's last field counts the tokens of the piece already emitted
+            tail_ref = (*p.ref[:-1], p.ref[-1] + cut)
             self.buffer[i] = Piece(slice_document(p.doc, cut, len(p)), tail_ref, first=False)
             self.stats.pieces_cut += 1
             return head

@@ -101,6 +101,15 @@ def attention_mask(
     return (allowed[None] & (doc_q[:, :, None] == doc_k[:, None, :]))[:, None]
 
 
+def _additive(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The boolean mask as 0 / -inf in the attention's dtype, made once per forward: SDPA would
+    otherwise convert it in every layer and keep each copy for the backward pass."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    out = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    return out.masked_fill_(~mask, float("-inf"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Blocks
 # ---------------------------------------------------------------------------------------------
@@ -226,6 +235,8 @@ class Decoder(nn.Module):
         elif document_ids is not None or window:
             doc = document_ids if document_ids is not None else torch.zeros_like(position_ids)
             mask = attention_mask(doc, doc, 0, window)
+        if mask is not None:
+            mask = _additive(mask, x)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i)
