@@ -323,3 +323,20 @@ def test_training_from_hf_starting_points(tmp_path, world) -> None:
 
     result = Trainer(cfg).fit()
     assert result["step"] == 2 and math.isfinite(result["loss"])
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path, world) -> None:
+    from mm1.config import load_config
+    from mm1.train.trainer import Trainer
+
+    out = {}
+    for ac in (False, True):
+        cfg = load_config(
+            tiny_config(tmp_path, world, steps=3, parallel="none", val_every=0, save_every=100),
+            [f"train.run_dir={tmp_path / f'run-{ac}'}", f"train.activation_checkpointing={ac}"],
+        )
+        Trainer(cfg).fit()
+        out[ac] = losses(tmp_path / f"run-{ac}")
+    assert out[True].keys() == out[False].keys()
+    for step in out[False]:
+        assert out[True][step] == pytest.approx(out[False][step], rel=1e-5)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from mm1.batch import IGNORE_INDEX, Batch
-from mm1.config import SOURCE_KINDS, Config, to_dict, to_yaml
+from mm1.config import SOURCE_KINDS, Config, ConfigError, to_dict, to_yaml
 from mm1.data.loader import LoaderSettings, PackedDataset, build_loader
 from mm1.data.world import prepare_data
 from mm1.models.build import build_model
@@ -80,6 +80,11 @@ class Trainer:
 
     def setup(self) -> None:
         cfg, d = self.cfg, self.d
+        if d.enabled and cfg.train.parallel == "none":
+            raise ConfigError(
+                f"train.parallel=none with {d.world_size} processes would train {d.world_size} "
+                "unsynchronised copies: use train.parallel=fsdp or ddp"
+            )
         torch.manual_seed(cfg.train.seed)
         self._check_config_change()
         self.data = prepare_data(cfg.data, cfg.model, d.is_main, d.barrier)
