@@ -146,7 +146,7 @@ class ModelConfig:
 class SourceConfig:
     """One data source of the mixture."""
 
-    format: str = MISSING  # wds | obelics | mmc4 | text | llava | coco (captions JSON)
+    format: str = MISSING  # wds | obelics | mmc4 | text | llava | llava_yaml | coco (captions)
     path: str = MISSING  # a file, a directory of shards, or a glob
     weight: float = 1.0
     # captions | interleaved | text | sft: how documents are packed and whose loss they count
@@ -166,6 +166,7 @@ FORMAT_KINDS = {
     "mmc4": "interleaved",
     "text": "text",
     "llava": "sft",
+    "llava_yaml": "sft",
 }
 SOURCE_KINDS = ("captions", "interleaved", "text", "sft")
 

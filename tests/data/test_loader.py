@@ -143,3 +143,16 @@ def test_too_many_bad_records_abort_with_the_source_named(world, tok, tmp_path) 
     s = settings(world, sources=[SourceConfig(format="text", path=str(bad), kind="text")])
     with pytest.raises(DataError, match=r"bad\.jsonl"):
         take(build_loader(s, tok, PROC), 1)
+
+
+@pytest.mark.parametrize("fmt", ["llava", "llava_yaml"])
+def test_sft_sources_pack_assistant_only_labels(world, tok, fmt: str) -> None:
+    sft = world.sources["sft"]
+    path = world.root / (sft["shards"][0] if fmt == "llava" else sft["yaml"])
+    spec = SourceConfig(
+        format=fmt, path=str(path), kind="sft", image_root=str(world.root / sft["image_folder"])
+    )
+    (batch,) = take(build_loader(settings(world, sources=[spec], seq_len=256), tok, PROC), 1)
+    labelled = batch.labels != -100
+    assert 0 < int(labelled.sum()) < int((batch.source_ids >= 0).sum())  # only assistant turns
+    assert (batch.source_ids[batch.source_ids >= 0] == 3).all()  # the sft kind

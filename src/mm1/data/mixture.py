@@ -31,7 +31,7 @@ from mm1.data.sources import (
 Record = Document | Conversation
 
 # The keyword under which each reader takes its local image folder.
-_IMAGE_ROOT_ARG = {"mmc4": "image_dir", "llava": "image_folder"}
+_IMAGE_ROOT_ARG = {"mmc4": "image_dir", "llava": "image_folder", "llava_yaml": "image_folder"}
 
 
 @dataclass
