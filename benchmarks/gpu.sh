@@ -66,10 +66,10 @@ run() {  # variant, time limit in seconds, launcher...
 }
 
 TORCHRUN=("$PY" -m torch.distributed.run --standalone --nproc_per_node 1)
-run flex 20 "$PY"
-run attention 45 "$PY"
-run eager 75 "${TORCHRUN[@]}"
-run compile 140 "${TORCHRUN[@]}"
+run attention 40 "$PY"
+run eager 70 "${TORCHRUN[@]}"
+run flex 70 "${TORCHRUN[@]}"
+run compile 110 "${TORCHRUN[@]}"
 
 "$PY" - "$OUT" <<'EOF'
 import json, pathlib, sys

@@ -4,8 +4,8 @@ Run by `benchmarks/gpu.sh` under `torchrun --nproc_per_node 1`, one variant per 
 
     eager       FSDP2 (mm1's `parallelize`), bf16, document-masked attention through SDPA
     compile     the same with `torch.compile` per block (train.compile=true)
-    flex        FlexAttention for the document mask: recorded as not implemented while
-                mm1.models.decoder has no FlexAttention path (the script does not patch src/)
+    flex        the eager variant with `model.decoder.attention=flex`: FlexAttention with a
+                document block mask (compiled) instead of SDPA with a dense mask
     attention   attention alone at the decoder's shapes: SDPA with mm1's boolean document mask,
                 FlexAttention with a document BlockMask, causal SDPA (cost reference)
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import inspect
 import json
 import os
 import platform
@@ -59,25 +58,7 @@ def model_config(smoke: bool):
     return cfg
 
 
-def flex_status() -> dict[str, Any]:
-    import mm1.models.decoder as decoder
-
-    src = inspect.getsource(decoder)
-    if "flex_attention" in src:
-        return {
-            "status": "present",
-            "note": "mm1.models.decoder mentions flex_attention; "
-            "extend gpu_bench.py to switch it on",
-        }
-    return {
-        "status": "not_implemented",
-        "reason": "mm1.models.decoder has no FlexAttention path: the document mask reaches "
-        "F.scaled_dot_product_attention as a dense boolean (B, 1, T, T) mask. See the "
-        "'attention' variant for what FlexAttention would save at these shapes.",
-    }
-
-
-def train_variant(args, compile_blocks: bool) -> dict[str, Any]:
+def train_variant(args, compile_blocks: bool, attention: str = "sdpa") -> dict[str, Any]:
     import torch.distributed as dist
 
     from benchmarks.synthetic_batch import packed_batch, to_device
@@ -101,6 +82,7 @@ def train_variant(args, compile_blocks: bool) -> dict[str, Any]:
             return True
 
     cfg = model_config(smoke)
+    cfg.decoder.attention = attention
     seq_len = args.seq_len or (256 if smoke else 4096)
     images = args.images_per_seq if not smoke else 2
     tcfg = TrainConfig(
@@ -170,7 +152,11 @@ def train_variant(args, compile_blocks: bool) -> dict[str, Any]:
         "compile": compile_blocks,
         "activation_checkpointing": args.activation_checkpointing,
         "dtype": "float32" if smoke else "bf16 (FSDP2 param_dtype + autocast)",
-        "attention": "SDPA, boolean document mask",
+        "attention": (
+            "FlexAttention, document block mask (compiled)"
+            if attention == "flex"
+            else "SDPA, additive document mask"
+        ),
         "micro_batch": args.micro_batch,
         "seq_len": seq_len,
         "images_per_seq": images,
@@ -292,8 +278,13 @@ def main() -> None:
     out_dir = Path(
         args.out or ROOT / "benchmarks" / "results" / ("gpu-smoke" if args.cpu_smoke else "gpu")
     )
-    if args.variant == "flex":
-        payload = flex_status()
+    if args.variant == "flex" and args.cpu_smoke:
+        payload = {
+            "status": "skipped",
+            "reason": "torch has no FlexAttention backward on CPU; this variant needs a GPU",
+        }
+    elif args.variant == "flex":
+        payload = train_variant(args, compile_blocks=False, attention="flex")
     elif args.variant == "attention":
         payload = attention_variant(args)
     else:

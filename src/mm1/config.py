@@ -29,6 +29,7 @@ ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh", "silu")
 CONNECTOR_TYPES = ("linear", "mlp", "avgpool", "attnpool", "c_abstractor")
 POOLING_CONNECTORS = ("avgpool", "c_abstractor")
 FFN_TYPES = ("swiglu",)
+ATTENTION_BACKENDS = ("sdpa", "flex")
 ROPE_TYPES = ("default", "linear", "llama3")
 MODEL_FAMILIES = ("mm1",)
 
@@ -110,6 +111,9 @@ class DecoderConfig:
     qkv_bias: bool = False
     tie_embeddings: bool = False
     sliding_window: int = 0  # 0 = full causal attention (Mistral checkpoints may set it)
+    # sdpa: scaled_dot_product_attention with a dense document mask (any device); flex:
+    # FlexAttention with a document block mask, skipping the masked blocks (compiled on GPU).
+    attention: str = "sdpa"
     init: str | None = None  # HF checkpoint directory (Llama / Qwen2 / Mistral)
 
     @property
@@ -316,6 +320,7 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
     _positive(f"{prefix}.connector.hidden", c.hidden)
 
     _choice(f"{prefix}.decoder.ffn", d.ffn, FFN_TYPES)
+    _choice(f"{prefix}.decoder.attention", d.attention, ATTENTION_BACKENDS)
     _choice(f"{prefix}.decoder.rope_scaling.type", d.rope_scaling.type, ROPE_TYPES)
     for k in ("vocab_size", "dim", "layers", "heads", "kv_heads", "ffn_dim", "max_seq_len"):
         _positive(f"{prefix}.decoder.{k}", getattr(d, k))

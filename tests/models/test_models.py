@@ -287,3 +287,23 @@ def test_resize_token_embeddings(tied: bool) -> None:
     torch.testing.assert_close(dec.lm_head.weight[64:], old_head.mean(0).expand(3, -1))
     assert dec(torch.tensor([[66, 1]])).shape == (1, 2, 67)
     assert dec.lm_head.weight.device.type == "cpu"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("window", [0, 5])
+def test_flex_attention_equals_sdpa_on_packed_documents(window: int) -> None:
+    """FlexAttention with a document block mask gives SDPA's logits (forward only: torch has no
+    FlexAttention backward on CPU; the GPU benchmark trains through it)."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny_model_config().decoder, sliding_window=window)
+    sdpa = Decoder(cfg).eval()
+    flex = Decoder(dataclasses.replace(cfg, attention="flex")).eval()
+    flex.load_state_dict(sdpa.state_dict())
+    ids = torch.randint(0, 64, (2, 24))
+    doc = torch.tensor([[0] * 7 + [1] * 10 + [2] * 7, [0] * 24])
+    pos = torch.cat([torch.arange(7), torch.arange(10), torch.arange(7)]).expand(2, 24).clone()
+    pos[1] = torch.arange(24)
+    with torch.no_grad():
+        expected = sdpa(ids, position_ids=pos, document_ids=doc)
+        got = flex(ids, position_ids=pos, document_ids=doc)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

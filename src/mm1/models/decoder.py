@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from mm1.config import DecoderConfig
 from mm1.models.layers import RMSNorm, init_weights
@@ -101,6 +102,31 @@ def attention_mask(
     return (allowed[None] & (doc_q[:, :, None] == doc_k[:, None, :]))[:, None]
 
 
+def document_block_mask(doc: torch.Tensor, window: int = 0) -> BlockMask:
+    """FlexAttention's block mask for causal attention within documents (and a window)."""
+
+    def mask_mod(b, h, q, kv):
+        allowed = (doc[b, q] == doc[b, kv]) & (kv <= q)
+        return allowed & (q - kv < window) if window else allowed
+
+    b, t = doc.shape
+    return create_block_mask(mask_mod, b, None, t, t, device=doc.device)
+
+
+_compiled_flex = None
+
+
+def _flex(q, k, v, block_mask: BlockMask, enable_gqa: bool) -> torch.Tensor:
+    """FlexAttention; compiled on GPU (its fast path), eager elsewhere (a reference path)."""
+    global _compiled_flex
+    fn = flex_attention
+    if q.is_cuda:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention)
+        fn = _compiled_flex
+    return fn(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
 def _additive(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The boolean mask as 0 / -inf in the attention's dtype, made once per forward: SDPA would
     otherwise convert it in every layer and keep each copy for the backward pass."""
@@ -131,7 +157,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | BlockMask | None,
         cache: KVCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
@@ -144,6 +170,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
+        if isinstance(mask, BlockMask):
+            out = _flex(q, k, v, mask, self.heads != self.kv_heads)
+            return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
         out = F.scaled_dot_product_attention(
             q,
             k,
@@ -234,8 +263,11 @@ class Decoder(nn.Module):
             mask = attention_mask(doc_q, cache.doc[:, : offset + t], offset, window)
         elif document_ids is not None or window:
             doc = document_ids if document_ids is not None else torch.zeros_like(position_ids)
-            mask = attention_mask(doc, doc, 0, window)
-        if mask is not None:
+            if self.cfg.attention == "flex":
+                mask = document_block_mask(doc, window)
+            else:
+                mask = attention_mask(doc, doc, 0, window)
+        if isinstance(mask, torch.Tensor):
             mask = _additive(mask, x)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids)
         for i, layer in enumerate(self.layers):

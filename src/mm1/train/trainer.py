@@ -85,6 +85,11 @@ class Trainer:
                 f"train.parallel=none with {d.world_size} processes would train {d.world_size} "
                 "unsynchronised copies: use train.parallel=fsdp or ddp"
             )
+        if cfg.model.decoder.attention == "flex" and d.device.type != "cuda":
+            raise ConfigError(
+                "model.decoder.attention=flex needs a GPU to train (torch has no FlexAttention "
+                "backward on CPU); use model.decoder.attention=sdpa"
+            )
         torch.manual_seed(cfg.train.seed)
         self._check_config_change()
         self.data = prepare_data(cfg.data, cfg.model, d.is_main, d.barrier)
