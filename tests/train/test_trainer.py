@@ -340,3 +340,16 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, world) -> None
     assert out[True].keys() == out[False].keys()
     for step in out[False]:
         assert out[True][step] == pytest.approx(out[False][step], rel=1e-5)
+
+
+def test_two_process_ddp_training(tmp_path, world) -> None:
+    cfg = tiny_config(tmp_path, world, steps=2, save_every=2, parallel="ddp", val_every=0)
+    run = tmp_path / "ddp"
+    finish(run_cli(["train", str(cfg), f"train.run_dir={run}"], nproc=2))
+    got = losses(run)
+    assert sorted(got) == [1, 2] and all(math.isfinite(v) for v in got.values())
+    assert read_meta_world(run / "checkpoints" / "step_2") == 2
+
+
+def read_meta_world(path: Path) -> int:
+    return json.loads((path / "meta.json").read_text())["world_size"]
