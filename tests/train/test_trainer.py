@@ -353,3 +353,40 @@ def test_two_process_ddp_training(tmp_path, world) -> None:
 
 def read_meta_world(path: Path) -> int:
     return json.loads((path / "meta.json").read_text())["world_size"]
+
+
+def test_alignment_stage_trains_the_connector_alone(tmp_path, world) -> None:
+    from mm1.config import load_config
+    from mm1.train.trainer import Trainer
+
+    cfg = load_config(
+        tiny_config(tmp_path, world, steps=1, parallel="none", val_every=0),
+        [
+            f"train.run_dir={tmp_path / 'align'}",
+            "train.train_vision=false",
+            "train.train_decoder=false",
+        ],
+    )
+    trainer = Trainer(cfg)
+    trainer.setup()
+    before = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train_step([next(iter(trainer.loader)) for _ in range(trainer.accum)])
+    after = trainer.model.state_dict()
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"connector"}
+
+
+def test_vision_lr_multiplier_and_no_decay_on_norms() -> None:
+    from mm1.config import OptimConfig
+    from mm1.models.mllm import MM1
+    from mm1.train.optim import build_optimizer
+
+    from ..models.test_models import tiny_model_config
+
+    model = MM1(tiny_model_config())
+    opt, _ = build_optimizer(model, OptimConfig(vision_lr_mult=0.1, weight_decay=0.1), 1e-3, 10)
+    by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        g = by_param[id(p)]
+        assert g["lr_mult"] == (0.1 if name.startswith("vision.") else 1.0), name
+        assert (g["weight_decay"] > 0) == (p.ndim >= 2 and "pos_embed" not in name), name
