@@ -11,6 +11,7 @@ biases, the same LlamaConfig. `llava_from_mm1` copies the weights through mm1's 
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -47,6 +48,8 @@ def small_config(
             ffn_dim=688,
             max_seq_len=max_seq_len,
             tie_embeddings=False,
+            # sdpa (dense document mask) or varlen (one causal SDPA call per document)
+            attention=os.environ.get("MM1_BENCH_ATTENTION", "sdpa"),
         ),
         image_token_id=image_token_id,
     )

@@ -307,3 +307,26 @@ def test_flex_attention_equals_sdpa_on_packed_documents(window: int) -> None:
         expected = sdpa(ids, position_ids=pos, document_ids=doc)
         got = flex(ids, position_ids=pos, document_ids=doc)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_varlen_attention_equals_sdpa_logits_and_gradients() -> None:
+    torch.manual_seed(0)
+    cfg = tiny_model_config().decoder
+    sdpa = Decoder(cfg)
+    varlen = Decoder(dataclasses.replace(cfg, attention="varlen"))
+    varlen.load_state_dict(sdpa.state_dict())
+    ids = torch.randint(0, 64, (2, 24))
+    doc = torch.tensor([[0] * 7 + [1] * 10 + [2] * 7, [0] * 20 + [1] * 4])
+    pos = torch.stack(
+        [
+            torch.cat([torch.arange(7), torch.arange(10), torch.arange(7)]),
+            torch.cat([torch.arange(20), torch.arange(4)]),
+        ]
+    )
+    outs = []
+    for model in (sdpa, varlen):
+        logits = model(ids, position_ids=pos, document_ids=doc)
+        logits.square().mean().backward()
+        outs.append((logits, model.layers[0].self_attn.q_proj.weight.grad))
+    torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[1][1], outs[0][1], atol=1e-6, rtol=1e-4)

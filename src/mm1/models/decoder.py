@@ -127,6 +127,33 @@ def _flex(q, k, v, block_mask: BlockMask, enable_gqa: bool) -> torch.Tensor:
     return fn(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
+def document_segments(doc: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """(start, end) of each run of equal document ids, per row."""
+    out = []
+    for row in doc.tolist():
+        starts = [0] + [i for i in range(1, len(row)) if row[i] != row[i - 1]]
+        out.append(list(zip(starts, [*starts[1:], len(row)])))
+    return out
+
+
+def _varlen(q, k, v, segments: list[list[tuple[int, int]]], enable_gqa: bool) -> torch.Tensor:
+    """Causal attention inside each document, one SDPA call per document."""
+    rows = []
+    for b, segs in enumerate(segments):
+        parts = [
+            F.scaled_dot_product_attention(
+                q[b : b + 1, :, s:e],
+                k[b : b + 1, :, s:e],
+                v[b : b + 1, :, s:e],
+                is_causal=True,
+                enable_gqa=enable_gqa,
+            )
+            for s, e in segs
+        ]
+        rows.append(torch.cat(parts, dim=2))
+    return torch.cat(rows, dim=0)
+
+
 def _additive(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The boolean mask as 0 / -inf in the attention's dtype, made once per forward: SDPA would
     otherwise convert it in every layer and keep each copy for the backward pass."""
@@ -157,7 +184,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | BlockMask | None,
+        mask: torch.Tensor | BlockMask | list[list[tuple[int, int]]] | None,
         cache: KVCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
@@ -172,6 +199,9 @@ class Attention(nn.Module):
             k, v = cache.update(layer, k, v)
         if isinstance(mask, BlockMask):
             out = _flex(q, k, v, mask, self.heads != self.kv_heads)
+            return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        if isinstance(mask, list):
+            out = _varlen(q, k, v, mask, self.heads != self.kv_heads)
             return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
         out = F.scaled_dot_product_attention(
             q,
@@ -265,6 +295,8 @@ class Decoder(nn.Module):
             doc = document_ids if document_ids is not None else torch.zeros_like(position_ids)
             if self.cfg.attention == "flex":
                 mask = document_block_mask(doc, window)
+            elif self.cfg.attention == "varlen" and not window:
+                mask = document_segments(doc)
             else:
                 mask = attention_mask(doc, doc, 0, window)
         if isinstance(mask, torch.Tensor):
