@@ -94,11 +94,10 @@ def test_convert_generate_and_eval(run, tmp_path) -> None:
     assert isinstance(out, str)
 
     out_dir = tmp_path / "eval"
+    # the run's own world is found from its saved config: no --world needed
     mm1(
         "eval",
         str(run),
-        "--world",
-        str(run.parent / "world"),
         "--shots",
         "0,2",
         "--seeds",

@@ -200,13 +200,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from mm1.eval.tasks import TaskSpec, register_task
     from mm1.pretrained import load_pretrained
 
-    tasks = [t for t in args.tasks.split(",") if t]
+    tasks = [t for t in (args.tasks or "").split(",") if t]
+    if not tasks and not args.task_file:
+        tasks = ["synth_coco", "synth_vqa"]
     if args.task_file:
         path = Path(args.task_file)
         for d in yaml.safe_load(path.read_text()) or []:
             spec = register_task(TaskSpec.from_dict(d, root=path.parent), overwrite=True)
             if spec.name not in tasks:
                 tasks.append(spec.name)
+    world = args.world or _run_world(Path(args.model))
     p = load_pretrained(args.model)
     results = evaluate(
         p.model,
@@ -215,7 +218,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         tasks,
         shots=[int(s) for s in args.shots.split(",")],
         seeds=args.seeds,
-        world=args.world,
+        world=world,
         demo_selection="rices" if args.rices else "random",
         num_beams=args.beams,
         batch_size=args.batch_size,
@@ -227,6 +230,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
     files = write_report(results, out)
     console.print(Path(files["markdown"]).read_text().split("\n\n###")[0])
     console.print(f"results: {files['json']}  table: {files['markdown']}  plot: {files['plot']}")
+
+
+def _run_world(model_dir) -> str:
+    """The synthetic world a run trained on (its saved config), else the default location."""
+    saved = model_dir / "config.yaml"
+    if saved.is_file():
+        import yaml
+
+        return str((yaml.safe_load(saved.read_text()) or {}).get("data", {}).get("world"))
+    return "data/world"
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -286,9 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("eval", cmd_eval, "few-shot captioning / VQA evaluation with reports")
     p.add_argument("model", help="a run directory or an exported directory")
-    p.add_argument("--tasks", default="synth_coco,synth_vqa", help="comma-separated task names")
+    p.add_argument(
+        "--tasks", default=None, help="comma-separated names (default: synth_coco,synth_vqa)"
+    )
     p.add_argument("--task-file", default=None, help="YAML list of task specs (real data paths)")
-    p.add_argument("--world", default="data/world-small", help="synthetic world for synth_*")
+    p.add_argument(
+        "--world", default=None, help="synthetic world for synth_* (default: the run's own)"
+    )
     p.add_argument("--shots", default="0,4,8")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--beams", type=int, default=1, help="1 = greedy; 3 = OpenFlamingo's beams")
