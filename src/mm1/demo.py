@@ -184,6 +184,10 @@ def write_demo_report(
             f"{last['loss']:.3f} (step {last['step']}) |"
         )
         lines.append(f"| tokens/s | {first['tokens_per_s']:.0f} | {last['tokens_per_s']:.0f} |")
+        lines.append(
+            f"| time waiting for data | {100 * first['data_wait']:.1f}% | "
+            f"{100 * last['data_wait']:.1f}% |"
+        )
     if val:
         lines.append(f"| held-out loss | {val[0]:.3f} | {val[-1]:.3f} |")
     lines += [
