@@ -55,6 +55,9 @@ def test_data_inspect_and_stats(run) -> None:
     world = run.parent / "world"
     out = mm1("data", "inspect", str(world / "captions"), "--format", "wds", "-n", "2")
     assert '"format": "wds"' in out
+    whole = json.loads(mm1("data", "inspect", str(world), "-n", "1"))
+    sample = whole["sources"]["text"]["samples"][0]
+    assert sample["text_tokens"] > 0 and whole["sources"]["captions"]["records"] > 0
     stats = json.loads(
         mm1(
             "data",

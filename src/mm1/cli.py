@@ -99,10 +99,22 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
 
 def cmd_data_inspect(args: argparse.Namespace) -> None:
     import json
+    from pathlib import Path
 
     from mm1.data.sources import inspect_source
+    from mm1.data.tokenizer import Tokenizer
 
-    console.print_json(json.dumps(inspect_source(args.path, args.format, args.n), default=str))
+    world_tok = Path(args.path) / "tokenizer.json"
+    tok_path = args.tokenizer or (world_tok if world_tok.is_file() else None)
+    count = None
+    if tok_path:
+        tok = Tokenizer.from_file(tok_path)
+
+        def count(text: str) -> int:
+            return len(tok.encode(text))
+
+    info = inspect_source(args.path, args.format, args.n, count_tokens=count)
+    console.print_json(json.dumps(info, default=str))
 
 
 def cmd_data_stats(args: argparse.Namespace) -> None:
@@ -285,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--format", default=None)
     p.add_argument("-n", type=int, default=3)
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json for token lengths")
     p = add("stats", cmd_data_stats, "mixture and packing statistics of a config", dsub)
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="section.key=value")

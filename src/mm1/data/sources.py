@@ -1162,14 +1162,20 @@ def _clip(text: str, limit: int = 600) -> str:
 
 
 def inspect_source(
-    path: str | Path, fmt: str | None = None, n: int = 3, **reader_kwargs: Any
+    path: str | Path,
+    fmt: str | None = None,
+    n: int = 3,
+    count_tokens: Callable[[str], int] | None = None,
+    **reader_kwargs: Any,
 ) -> dict[str, Any]:
     """Summarise a source: format, shard and record counts, and `n` decoded samples as text
     (images shown as `<image WxH>`). A directory holding a synthetic world's `world.json` is
-    summarised source by source. `reader_kwargs` go to the reader (e.g. `image_folder`)."""
+    summarised source by source. With `count_tokens` (e.g. a tokenizer's `len(encode(text))`)
+    each sample also gets `text_tokens`, counted on its full text. `reader_kwargs` go to the
+    reader (e.g. `image_folder`)."""
     p = Path(path)
     if fmt is None and p.is_dir() and (p / "world.json").is_file():
-        return _inspect_world(p, n)
+        return _inspect_world(p, n, count_tokens)
     fmt = fmt or detect_format(p)
     shards = [p] if fmt == "llava_yaml" else list_shards(path, fmt)
     records = sum(count_records(s, fmt) for s in shards)
@@ -1180,13 +1186,7 @@ def inspect_source(
         if len(samples) >= n:
             break
         for rec in reader(shard, stats=stats, **reader_kwargs):
-            if isinstance(rec, Conversation):
-                text, n_images = _render_conversation(rec), len(rec.images)
-            else:
-                text, n_images = _render_parts(rec.parts), rec.num_images
-            samples.append(
-                {"id": rec.id, "source": rec.source, "images": n_images, "text": _clip(text)}
-            )
+            samples.append(_sample_summary(rec, count_tokens))
             if len(samples) >= n:
                 break
     return {
@@ -1200,7 +1200,25 @@ def inspect_source(
     }
 
 
-def _inspect_world(root: Path, n: int) -> dict[str, Any]:
+def _sample_summary(
+    rec: Document | Conversation, count_tokens: Callable[[str], int] | None
+) -> dict[str, Any]:
+    """A decoded record as shown by `inspect_source` (text clipped, images as markers)."""
+    if isinstance(rec, Conversation):
+        text, n_images = _render_conversation(rec), len(rec.images)
+        plain = " ".join(m["content"] for m in rec.messages)
+    else:
+        text, n_images = _render_parts(rec.parts), rec.num_images
+        plain = "".join(p for p in rec.parts if isinstance(p, str))
+    out = {"id": rec.id, "source": rec.source, "images": n_images, "text": _clip(text)}
+    if count_tokens is not None:
+        out["text_tokens"] = count_tokens(plain.replace(IMAGE_TAG, ""))
+    return out
+
+
+def _inspect_world(
+    root: Path, n: int, count_tokens: Callable[[str], int] | None = None
+) -> dict[str, Any]:
     world = json.loads((root / "world.json").read_text())
     sources = {}
     for name, src in world["sources"].items():
@@ -1214,11 +1232,7 @@ def _inspect_world(root: Path, n: int) -> dict[str, Any]:
         stats = ReadStats()
         samples = []
         for rec in READERS[fmt](shards[0], stats=stats, **kwargs):
-            if isinstance(rec, Conversation):
-                text, k = _render_conversation(rec), len(rec.images)
-            else:
-                text, k = _render_parts(rec.parts), rec.num_images
-            samples.append({"id": rec.id, "source": rec.source, "images": k, "text": _clip(text)})
+            samples.append(_sample_summary(rec, count_tokens))
             if len(samples) >= n:
                 break
         sources[name] = {
