@@ -261,7 +261,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mm1", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="mm1",
+        description="Pre-train, fine-tune and evaluate multimodal LLMs the way Apple's MM1 does.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, fn: Callable[[argparse.Namespace], None], help: str, on=sub):
@@ -349,10 +352,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    from mm1.data.sources import DataError
+
     try:
         args.fn(args)
     except ConfigError as err:
         console.print(f"[bold red]config error:[/] {err}")
+        return 2
+    except (FileNotFoundError, DataError) as err:
+        console.print(f"[bold red]error:[/] {err}")
         return 2
     return 0
 

@@ -153,7 +153,7 @@ class Trainer:
         old = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
         changed = _meaningful(config_diff(old, to_dict(self.cfg)))  # type: ignore[arg-type]
         if changed and not self.force:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.run_dir} holds a run whose config differs in {', '.join(changed)}; "
                 "resuming would change its meaning. Use a new train.run_dir, or --force."
             )
