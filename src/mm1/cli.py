@@ -77,6 +77,7 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
         size=args.size,
         image_size=args.image_size,
         text_scale=args.text_scale,
+        progress=True,
     )
     table = Table(title=f"synthetic world ({args.size}, seed {args.seed}) in {args.out}")
     for col in ("source", "format", "records", "images", "shards"):

@@ -43,6 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 WORLD_FORMAT_VERSION = 1
 SPECIAL_TOKENS = ("<s>", "</s>", "<pad>", "<image>", "<|endofchunk|>")
@@ -1640,6 +1641,7 @@ def write_world(
     image_size: int = 64,
     vocab_size: int = 1024,
     text_scale: float = 1.0,
+    progress: bool = False,
 ) -> WorldManifest:
     """Write the synthetic world of `size` ("tiny", "small" or "medium") to `out_dir`.
 
@@ -1648,7 +1650,7 @@ def write_world(
     image tokens, enough to fill 4096-token sequences under a 16-image cap); 0 gives compact
     documents (more images per token: faster visual learning in a CPU demo).
 
-    Deterministic: the same arguments give byte-identical files.
+    Deterministic: the same arguments give byte-identical files. `progress` shows a bar.
     `out_dir` must be new, empty, or a previous world (whose files are replaced). `world.json` is
     written last, so its presence means the world is complete.
     """
@@ -1662,22 +1664,42 @@ def write_world(
     root = Path(out_dir)
     _prepare_dir(root)
     texts: list[str] = []
-    sources = {
-        "captions": _write_captions(root, "captions", "alt", seed, preset, image_size, texts),
-        "captions_vecap": _write_captions(
+    stages: dict[str, Callable[[], dict[str, Any]]] = {
+        "captions": lambda: _write_captions(
+            root, "captions", "alt", seed, preset, image_size, texts
+        ),
+        "captions_vecap": lambda: _write_captions(
             root, "captions_vecap", "recap", seed, preset, image_size, texts
         ),
-        "interleaved": _write_obelics(root, seed, preset, image_size, texts, text_scale),
-        "interleaved_mmc4": _write_mmc4(root, seed, preset, image_size, texts, text_scale),
-        "text": _write_text(root, seed, preset, texts, text_scale),
-        "sft": _write_sft(root, seed, preset, image_size, texts),
+        "interleaved": lambda: _write_obelics(root, seed, preset, image_size, texts, text_scale),
+        "interleaved_mmc4": lambda: _write_mmc4(root, seed, preset, image_size, texts, text_scale),
+        "text": lambda: _write_text(root, seed, preset, texts, text_scale),
+        "sft": lambda: _write_sft(root, seed, preset, image_size, texts),
+        "eval/val": lambda: _write_eval(root, "val", preset.val_images, seed, preset, image_size),
+        "eval/support": lambda: _write_eval(
+            root, "support", preset.support_images, seed, preset, image_size
+        ),
     }
-    evals = {
-        "val": _write_eval(root, "val", preset.val_images, seed, preset, image_size),
-        "support": _write_eval(root, "support", preset.support_images, seed, preset, image_size),
-    }
-    tok = train_world_tokenizer(texts, vocab_size)
-    tok.save(str(root / "tokenizer.json"))
+    written: dict[str, dict[str, Any]] = {}
+    with Progress(
+        TextColumn("[bold]synthetic world"),
+        BarColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        disable=not progress,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("", total=len(stages) + 1)
+        for name, write in stages.items():
+            bar.update(task, description=name)
+            written[name] = write()
+            bar.advance(task)
+        bar.update(task, description="tokenizer")
+        tok = train_world_tokenizer(texts, vocab_size)
+        tok.save(str(root / "tokenizer.json"))
+        bar.advance(task)
+    sources = {k: v for k, v in written.items() if not k.startswith("eval/")}
+    evals = {k.split("/")[1]: v for k, v in written.items() if k.startswith("eval/")}
     manifest = WorldManifest(
         root=root,
         seed=seed,

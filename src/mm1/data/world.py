@@ -40,7 +40,11 @@ def ensure_world(
     if is_main and not (root / "world.json").exists():
         print(f"writing the synthetic world ({data.world_size}) to {root} ...", flush=True)
         write_world(
-            root, seed=data.world_seed, size=data.world_size, text_scale=data.world_text_scale
+            root,
+            seed=data.world_seed,
+            size=data.world_size,
+            text_scale=data.world_text_scale,
+            progress=True,
         )
     barrier()
     return WorldManifest.load(root)
