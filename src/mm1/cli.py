@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -100,7 +101,6 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
 
 def cmd_data_inspect(args: argparse.Namespace) -> None:
     import json
-    from pathlib import Path
 
     from mm1.data.sources import inspect_source
     from mm1.data.tokenizer import Tokenizer
@@ -161,8 +161,6 @@ def cmd_convert(args: argparse.Namespace) -> None:
         out = save_pretrained(p.model, p.tokenizer, p.processor, args.export)
         console.print(f"exported {args.source} -> {out}")
     if args.to_hf:
-        from pathlib import Path
-
         from mm1.models.hf import save_decoder_hf, save_vision_hf
 
         out = Path(args.to_hf)
@@ -204,7 +202,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from pathlib import Path
 
     import yaml
 
@@ -245,7 +242,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     console.print(f"results: {files['json']}  table: {files['markdown']}  plot: {files['plot']}")
 
 
-def _run_world(model_dir) -> str:
+def _run_world(model_dir: Path) -> str:
     """The synthetic world a run trained on (its saved config), else the default location."""
     saved = model_dir / "config.yaml"
     if saved.is_file():
@@ -268,7 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def add(name: str, fn: Callable[[argparse.Namespace], None], help: str, on=sub):
+    def add(
+        name: str,
+        fn: Callable[[argparse.Namespace], None],
+        help: str,
+        on: argparse._SubParsersAction = sub,
+    ) -> argparse.ArgumentParser:
         p = on.add_parser(name, help=help, description=help)
         p.set_defaults(fn=fn)
         return p

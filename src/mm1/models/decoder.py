@@ -71,7 +71,14 @@ class KVCache:
     """Preallocated keys and values per layer, plus the document id of every cached slot (so
     left padding is simply another document that real tokens never attend to)."""
 
-    def __init__(self, cfg: DecoderConfig, batch: int, max_len: int, device, dtype) -> None:
+    def __init__(
+        self,
+        cfg: DecoderConfig,
+        batch: int,
+        max_len: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> None:
         shape = (batch, cfg.kv_heads, max_len, cfg.resolved_head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.layers)]
@@ -105,7 +112,9 @@ def attention_mask(
 def document_block_mask(doc: torch.Tensor, window: int = 0) -> BlockMask:
     """FlexAttention's block mask for causal attention within documents (and a window)."""
 
-    def mask_mod(b, h, q, kv):
+    def mask_mod(
+        b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor
+    ) -> torch.Tensor:
         allowed = (doc[b, q] == doc[b, kv]) & (kv <= q)
         return allowed & (q - kv < window) if window else allowed
 
@@ -116,7 +125,9 @@ def document_block_mask(doc: torch.Tensor, window: int = 0) -> BlockMask:
 _compiled_flex = None
 
 
-def _flex(q, k, v, block_mask: BlockMask, enable_gqa: bool) -> torch.Tensor:
+def _flex(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, enable_gqa: bool
+) -> torch.Tensor:
     """FlexAttention; compiled on GPU (its fast path), eager elsewhere (a reference path)."""
     global _compiled_flex
     fn = flex_attention
@@ -127,7 +138,10 @@ def _flex(q, k, v, block_mask: BlockMask, enable_gqa: bool) -> torch.Tensor:
     return fn(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
-def document_segments(doc: torch.Tensor) -> list[list[tuple[int, int]]]:
+Segments = list[list[tuple[int, int]]]  # (start, end) of each packed document, per row
+
+
+def document_segments(doc: torch.Tensor) -> Segments:
     """(start, end) of each run of equal document ids, per row."""
     out = []
     for row in doc.tolist():
@@ -136,7 +150,9 @@ def document_segments(doc: torch.Tensor) -> list[list[tuple[int, int]]]:
     return out
 
 
-def _varlen(q, k, v, segments: list[list[tuple[int, int]]], enable_gqa: bool) -> torch.Tensor:
+def _varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments, enable_gqa: bool
+) -> torch.Tensor:
     """Causal attention inside each document, one SDPA call per document."""
     rows = []
     for b, segs in enumerate(segments):
@@ -184,7 +200,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | BlockMask | list[list[tuple[int, int]]] | None,
+        mask: torch.Tensor | BlockMask | Segments | None,
         cache: KVCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
@@ -237,7 +253,15 @@ class DecoderBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = FFNS[cfg.ffn](cfg)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | BlockMask | Segments | None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from mm1.batch import IGNORE_INDEX, Batch
-from mm1.config import SOURCE_KINDS, Config, ConfigError, to_dict, to_yaml
+from mm1.config import SOURCE_KINDS, Config, ConfigError, SourceConfig, to_dict, to_yaml
 from mm1.data.loader import LoaderSettings, PackedDataset, build_loader
 from mm1.data.world import prepare_data
 from mm1.models.build import build_model
@@ -127,7 +127,7 @@ class Trainer:
             self.data.processor.save_pretrained(self.run_dir / "tokenizer")
         d.barrier()
 
-    def _loader_settings(self, sources, micro_batch: int) -> LoaderSettings:
+    def _loader_settings(self, sources: list[SourceConfig], micro_batch: int) -> LoaderSettings:
         q = self.raw_model.num_image_tokens
         return LoaderSettings.from_config(self.cfg.data, sources, q, micro_batch)
 
@@ -349,7 +349,7 @@ class Trainer:
     # -- signals ---------------------------------------------------------------------------------
 
     def _install_signal_handlers(self) -> None:
-        def handler(signum, frame):
+        def handler(signum: int, frame: object) -> None:
             self._stop_signal = signum
 
         self._old_handlers = {}
