@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import copy
 
+import torch
+
 from mm1.config import ModelConfig, validate_model
 from mm1.models.mllm import MM1
 
 
 def build_model(
-    cfg: ModelConfig, vocab_size: int | None = None, image_token_id: int | None = None
+    cfg: ModelConfig,
+    vocab_size: int | None = None,
+    image_token_id: int | None = None,
+    *,
+    meta: bool = False,
 ) -> MM1:
     """The model of `cfg`, with the encoder / decoder weights of `vision.init` / `decoder.init`
     (HF checkpoint directories) when set, and the vocabulary sized for the tokenizer
     (`vocab_size`; new rows of a pre-trained embedding start at the mean of the old ones).
 
     The returned model's `cfg` describes the architecture actually built (a checkpoint's shapes
-    replace the config's), so it can be saved and rebuilt.
+    replace the config's), so it can be saved and rebuilt. With `meta` and no HF starting point
+    the model is built on the meta device (no memory) for sharded initialisation by
+    `mm1.train.parallel.parallelize`; starting points are loaded in full (on every rank).
     """
     from mm1.models import hf  # deferred: only needed with HF starting points
 
@@ -39,6 +47,9 @@ def build_model(
         )
     if not cfg.decoder.init:
         validate_model(cfg)
+    if meta and not (cfg.vision.init or cfg.decoder.init):
+        with torch.device("meta"):
+            return MM1(cfg)
     model = MM1(cfg)
     if cfg.vision.init:
         encoder = hf.vision_encoder_from_hf(

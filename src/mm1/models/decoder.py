@@ -281,11 +281,16 @@ class Decoder(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        init_weights(self, self.init_std)
         if self.cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every weight in place (also sharded ones, after `to_empty`)."""
+        init_weights(self, self.init_std)
         if self.inv_freq.device.type != "meta":
-            self.inv_freq.copy_(rope_inv_freq(self.cfg))
+            self.inv_freq.copy_(rope_inv_freq(self.cfg).to(self.inv_freq.device))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)

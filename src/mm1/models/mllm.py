@@ -14,6 +14,7 @@ from mm1.batch import IGNORE_INDEX
 from mm1.config import ModelConfig
 from mm1.models.connectors import build_connector
 from mm1.models.decoder import Decoder, KVCache
+from mm1.models.layers import init_weights
 from mm1.models.vision import VisionTransformer
 
 
@@ -39,6 +40,16 @@ class MM1(nn.Module):
             cfg.connector, cfg.vision.width, cfg.vision.grid, cfg.decoder.dim
         )
         self.decoder = Decoder(cfg.decoder, cfg.init_std)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every weight in place: used after `to_empty` when the model was built on
+        the meta device and sharded before any weight existed."""
+        self.vision.reset_parameters()
+        init_weights(self.connector, self.cfg.init_std)
+        if hasattr(self.connector, "reset_parameters"):
+            self.connector.reset_parameters()
+        self.decoder.init_weights()
 
     @property
     def image_token_id(self) -> int:

@@ -75,14 +75,21 @@ def _block_lists(model: nn.Module) -> list[nn.ModuleList]:
 
 
 def parallelize(model: nn.Module, cfg: TrainConfig, d: Dist) -> nn.Module:
-    """Apply activation checkpointing, compile and FSDP2 / DDP as configured."""
+    """Apply activation checkpointing, compile and FSDP2 / DDP as configured.
+
+    A model built on the meta device (FSDP only) is sharded first, then each rank allocates and
+    initialises its own shards (`model.init_weights()`), so no rank ever holds the full model."""
     for blocks in _block_lists(model):
         for i in range(len(blocks)):
             if cfg.activation_checkpointing:
                 blocks[i] = checkpoint_wrapper(blocks[i], preserve_rng_state=False)
             if cfg.compile:
                 blocks[i] = torch.compile(blocks[i])
-    model.to(d.device)
+    on_meta = any(p.is_meta for p in model.parameters())
+    if on_meta and not (d.enabled and cfg.parallel == "fsdp"):
+        raise ValueError("a model on the meta device can only be materialised sharded (FSDP)")
+    if not on_meta:
+        model.to(d.device)
     if not d.enabled or cfg.parallel == "none":
         return model
     if cfg.parallel == "ddp":
@@ -101,4 +108,8 @@ def parallelize(model: nn.Module, cfg: TrainConfig, d: Dist) -> nn.Module:
         for block in blocks:
             fully_shard(block, **kw)
     fully_shard(model, **kw)
+    if on_meta:
+        # Sharded before any weight existed: each rank allocates and initialises only its shards.
+        model.to_empty(device=d.device)
+        model.init_weights()
     return model

@@ -94,7 +94,9 @@ class Trainer:
         self._check_config_change()
         self.data = prepare_data(cfg.data, cfg.model, d.is_main, d.barrier)
         tok = self.data.tokenizer
-        model = build_model(cfg.model, tok.vocab_size, tok.image_id)
+        # Sharded FSDP runs from scratch build on the meta device: no rank holds the full model.
+        sharded = d.enabled and cfg.train.parallel == "fsdp"
+        model = build_model(cfg.model, tok.vocab_size, tok.image_id, meta=sharded)
         self.model_cfg = model.cfg
         self._freeze(model)
         self.num_decoder_params = sum(p.numel() for p in model.decoder.parameters())
@@ -105,7 +107,7 @@ class Trainer:
         )
         per_rank = cfg.train.batch_size // d.world_size
         if per_rank * d.world_size != cfg.train.batch_size or per_rank % cfg.train.micro_batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"train.batch_size={cfg.train.batch_size} must split evenly into "
                 f"{d.world_size} ranks x train.micro_batch_size={cfg.train.micro_batch_size}"
             )
