@@ -262,42 +262,12 @@ def test_nonfinite_losses_are_skipped_then_abort_naming_the_step(
 def test_training_from_hf_starting_points(tmp_path, world) -> None:
     """vision.init / decoder.init take HF checkpoint directories; the tokenizer comes from the
     decoder's directory, gets mm1's special tokens, and the embeddings are resized to it."""
-    transformers = pytest.importorskip("transformers")
+    from mm1.config import load_config
     from mm1.data.tokenizer import Tokenizer
     from mm1.models.build import build_model
 
-    dec_dir, vis_dir = tmp_path / "llama", tmp_path / "clip"
-    import tokenizers
-
-    # the world's BPE vocabulary before mm1 adds its special tokens
-    base_vocab = tokenizers.Tokenizer.from_file(str(world / "tokenizer.json")).get_vocab_size()
-    llama = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            vocab_size=base_vocab,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=False,
-        )
-    )
-    llama.save_pretrained(dec_dir)
-    (dec_dir / "tokenizer.json").write_text((world / "tokenizer.json").read_text())
-    clip = transformers.CLIPVisionModel(
-        transformers.CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        )
-    )
-    clip.save_pretrained(vis_dir)
-
-    from mm1.config import load_config
-
+    dec_dir, vis_dir, llama, _ = make_hf_checkpoints(tmp_path, world)
+    base_vocab = llama.config.vocab_size  # the world's BPE vocabulary before mm1's additions
     cfg = load_config(
         tiny_config(tmp_path, world, steps=2, save_every=2, parallel="none", val_every=0),
         [
@@ -390,3 +360,66 @@ def test_vision_lr_multiplier_and_no_decay_on_norms() -> None:
         g = by_param[id(p)]
         assert g["lr_mult"] == (0.1 if name.startswith("vision.") else 1.0), name
         assert (g["weight_decay"] > 0) == (p.ndim >= 2 and "pos_embed" not in name), name
+
+
+def make_hf_checkpoints(tmp_path: Path, world: Path):
+    """A tiny Llama (with the world's tokenizer.json beside it) and a tiny CLIP vision tower,
+    written by transformers' save_pretrained."""
+    transformers = pytest.importorskip("transformers")
+    import tokenizers
+
+    dec_dir, vis_dir = tmp_path / "llama", tmp_path / "clip"
+    vocab = tokenizers.Tokenizer.from_file(str(world / "tokenizer.json")).get_vocab_size()
+    torch.manual_seed(0)
+    llama = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        )
+    )
+    llama.save_pretrained(dec_dir)
+    (dec_dir / "tokenizer.json").write_text((world / "tokenizer.json").read_text())
+    clip = transformers.CLIPVisionModel(
+        transformers.CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        )
+    )
+    clip.save_pretrained(vis_dir)
+    return dec_dir, vis_dir, llama, clip
+
+
+def test_two_process_fsdp_loads_hf_starting_points_into_the_shards(tmp_path, world) -> None:
+    """Sharded runs build on the meta device; rank 0 reads the HF weights and broadcasts them."""
+    from mm1.pretrained import load_pretrained
+
+    dec_dir, vis_dir, llama, clip = make_hf_checkpoints(tmp_path, world)
+    cfg = tiny_config(tmp_path, world, steps=1, save_every=1, parallel="fsdp", val_every=0)
+    run = tmp_path / "run"
+    args = [
+        "train",
+        str(cfg),
+        f"train.run_dir={run}",
+        f"model.vision.init={vis_dir}",
+        f"model.decoder.init={dec_dir}",
+        "train.train_vision=false",
+        "train.train_decoder=false",
+    ]
+    finish(run_cli(args, nproc=2))
+    model = load_pretrained(run).model
+    torch.testing.assert_close(model.vision.patch_embed.weight, clip.get_input_embeddings().weight)
+    hf_emb = llama.get_input_embeddings().weight.detach()
+    emb = model.decoder.embed_tokens.weight
+    torch.testing.assert_close(emb[: hf_emb.shape[0]], hf_emb)
+    torch.testing.assert_close(
+        emb[hf_emb.shape[0] :], hf_emb.mean(0).expand_as(emb[hf_emb.shape[0] :])
+    )

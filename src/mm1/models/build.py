@@ -10,22 +10,11 @@ from mm1.config import ModelConfig, validate_model
 from mm1.models.mllm import MM1
 
 
-def build_model(
-    cfg: ModelConfig,
-    vocab_size: int | None = None,
-    image_token_id: int | None = None,
-    *,
-    meta: bool = False,
-) -> MM1:
-    """The model of `cfg`, with the encoder / decoder weights of `vision.init` / `decoder.init`
-    (HF checkpoint directories) when set, and the vocabulary sized for the tokenizer
-    (`vocab_size`; new rows of a pre-trained embedding start at the mean of the old ones).
-
-    The returned model's `cfg` describes the architecture actually built (a checkpoint's shapes
-    replace the config's), so it can be saved and rebuilt. With `meta` and no HF starting point
-    the model is built on the meta device (no memory) for sharded initialisation by
-    `mm1.train.parallel.parallelize`; starting points are loaded in full (on every rank).
-    """
+def resolve_config(
+    cfg: ModelConfig, vocab_size: int | None = None, image_token_id: int | None = None
+) -> ModelConfig:
+    """The architecture actually built: a starting point's shapes replace the config's, the
+    vocabulary is the tokenizer's (`vocab_size`) and the image placeholder its `<image>` id."""
     from mm1.models import hf  # deferred: only needed with HF starting points
 
     cfg = copy.deepcopy(cfg)
@@ -37,30 +26,57 @@ def build_model(
         init = cfg.decoder.init
         cfg.decoder = hf.decoder_config_from_hf(init)
         cfg.decoder.init = init
-    elif vocab_size is not None:
+    if vocab_size is not None:
         cfg.decoder.vocab_size = vocab_size
     if image_token_id is not None:
         cfg.image_token_id = image_token_id
-    if vocab_size is not None and cfg.image_token_id >= vocab_size:
-        raise ValueError(
-            f"image_token_id={cfg.image_token_id} is outside the tokenizer's {vocab_size} ids"
-        )
-    if not cfg.decoder.init:
-        validate_model(cfg)
-    if meta and not (cfg.vision.init or cfg.decoder.init):
-        with torch.device("meta"):
-            return MM1(cfg)
-    model = MM1(cfg)
+    validate_model(cfg)
+    return cfg
+
+
+def starting_point_state_dict(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """`vision.*` / `decoder.*` weights of the HF starting points named by a resolved config; a
+    pre-trained vocabulary grows to `cfg.decoder.vocab_size` with new rows at the mean of the
+    old ones (tied heads stay tied)."""
+    from mm1.models import hf
+
+    state: dict[str, torch.Tensor] = {}
     if cfg.vision.init:
         encoder = hf.vision_encoder_from_hf(
             cfg.vision.init, cfg.vision.feature_layer, cfg.vision.image_size
         )
-        model.vision.load_state_dict(encoder.state_dict())
+        state.update({f"vision.{k}": v for k, v in encoder.state_dict().items()})
     if cfg.decoder.init:
         decoder = hf.decoder_from_hf(cfg.decoder.init)
-        decoder.cfg.init = cfg.decoder.init
-        model.decoder = decoder
-        model.cfg.decoder = decoder.cfg
-        if vocab_size is not None:
-            decoder.resize_token_embeddings(vocab_size)
+        decoder.resize_token_embeddings(cfg.decoder.vocab_size)
+        state.update({f"decoder.{k}": v for k, v in decoder.state_dict().items()})
+    return state
+
+
+def build_model(
+    cfg: ModelConfig,
+    vocab_size: int | None = None,
+    image_token_id: int | None = None,
+    *,
+    meta: bool = False,
+) -> MM1:
+    """The model of `cfg` (see `resolve_config`) with the encoder / decoder weights of
+    `vision.init` / `decoder.init` (HF checkpoint directories) when set.
+
+    With `meta` the model is built on the meta device, without weights: for sharded
+    initialisation by `mm1.train.parallel.parallelize`, after which the starting points are
+    loaded with `starting_point_state_dict` (on rank 0, broadcast to the shards).
+    """
+    cfg = resolve_config(cfg, vocab_size, image_token_id)
+    if meta:
+        with torch.device("meta"):
+            return MM1(cfg)
+    model = MM1(cfg)
+    state = starting_point_state_dict(cfg)
+    if state:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        loaded = {k.split(".")[0] for k in state}
+        wrong = unexpected + [k for k in missing if k.split(".")[0] in loaded]
+        if wrong:
+            raise ValueError(f"starting points do not fit the model: {', '.join(wrong[:8])}")
     return model

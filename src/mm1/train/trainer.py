@@ -23,7 +23,7 @@ from mm1.batch import IGNORE_INDEX, Batch
 from mm1.config import SOURCE_KINDS, Config, ConfigError, SourceConfig, to_dict, to_yaml
 from mm1.data.loader import LoaderSettings, PackedDataset, build_loader
 from mm1.data.world import prepare_data
-from mm1.models.build import build_model
+from mm1.models.build import build_model, starting_point_state_dict
 from mm1.models.mllm import MM1
 from mm1.train import checkpoint as ckpt
 from mm1.train.logging import MetricsLogger, read_metrics
@@ -94,7 +94,7 @@ class Trainer:
         self._check_config_change()
         self.data = prepare_data(cfg.data, cfg.model, d.is_main, d.barrier)
         tok = self.data.tokenizer
-        # Sharded FSDP runs from scratch build on the meta device: no rank holds the full model.
+        # Sharded FSDP runs build on the meta device: no rank ever holds the full model.
         sharded = d.enabled and cfg.train.parallel == "fsdp"
         model = build_model(cfg.model, tok.vocab_size, tok.image_id, meta=sharded)
         self.model_cfg = model.cfg
@@ -102,6 +102,8 @@ class Trainer:
         self.num_decoder_params = sum(p.numel() for p in model.decoder.parameters())
         self.peak_lr = cfg.train.optim.lr or mm1_peak_lr(self.num_decoder_params)
         self.model = parallelize(model, cfg.train, d)
+        if sharded and (self.model_cfg.vision.init or self.model_cfg.decoder.init):
+            self._load_starting_points()
         self.optimizer, self.scheduler = build_optimizer(
             self.model, cfg.train.optim, self.peak_lr, cfg.train.steps
         )
@@ -128,6 +130,15 @@ class Trainer:
             tok.save(self.run_dir / "tokenizer")
             self.data.processor.save_pretrained(self.run_dir / "tokenizer")
         d.barrier()
+
+    def _load_starting_points(self) -> None:
+        """HF weights into the shards: rank 0 reads the checkpoints, every rank receives its
+        shards by broadcast (one tensor at a time)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        state = starting_point_state_dict(self.model_cfg) if self.d.is_main else {}
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+        set_model_state_dict(self.model, state, options=options)
 
     def _loader_settings(self, sources: list[SourceConfig], micro_batch: int) -> LoaderSettings:
         q = self.raw_model.num_image_tokens
