@@ -102,7 +102,7 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
 def cmd_data_inspect(args: argparse.Namespace) -> None:
     import json
 
-    from mm1.data.sources import inspect_source
+    from mm1.data.catalog import inspect_source
     from mm1.data.tokenizer import Tokenizer
 
     world_tok = Path(args.path) / "tokenizer.json"

@@ -15,15 +15,12 @@ import pytest
 from PIL import Image
 
 from mm1.data import sources
+from mm1.data.catalog import count_records, detect_format, inspect_source, list_shards
 from mm1.data.sources import (
     READERS,
     DataError,
     ReadStats,
     check_error_rate,
-    count_records,
-    detect_format,
-    inspect_source,
-    list_shards,
     read_llava,
     read_llava_yaml,
     read_mmc4_jsonl,

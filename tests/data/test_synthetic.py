@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mm1.data.catalog import count_records, list_shards
 from mm1.data.document import Conversation, Document
-from mm1.data.sources import READERS, ReadStats, count_records, list_shards
+from mm1.data.sources import READERS, ReadStats
 from mm1.data.synthetic import (
     COLORS,
     SHAPES,

@@ -18,15 +18,9 @@ from typing import Any
 import numpy as np
 
 from mm1.config import SourceConfig
+from mm1.data.catalog import count_records, list_shards
 from mm1.data.document import Conversation, Document
-from mm1.data.sources import (
-    READERS,
-    DataError,
-    ReadStats,
-    check_error_rate,
-    count_records,
-    list_shards,
-)
+from mm1.data.sources import READERS, DataError, ReadStats, check_error_rate
 
 Record = Document | Conversation
 

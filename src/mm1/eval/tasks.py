@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import re
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -146,7 +147,7 @@ def _rooted(value: Any, root: str | Path | None) -> Any:
 
 
 @dataclass
-class Task:
+class Task(ABC):
     """A loaded task: its queries, its demonstrations (support) and how it is scored."""
 
     name: str
@@ -158,12 +159,12 @@ class Task:
     def references(self, examples: Sequence[Example] | None = None) -> dict[str, list[str]]:
         return {e.id: list(e.references) for e in (self.query if examples is None else examples)}
 
+    @abstractmethod
     def score(
         self, predictions: Mapping[str, str], examples: Sequence[Example] | None = None
     ) -> tuple[float, dict[str, float]]:
         """Corpus score ×100 of `predictions` ({example id: text}) over `examples` (default all
         queries), and the per-example scores ×100."""
-        raise NotImplementedError
 
 
 @dataclass

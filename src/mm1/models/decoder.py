@@ -213,20 +213,15 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
+        gqa = self.heads != self.kv_heads
         if isinstance(mask, BlockMask):
-            out = _flex(q, k, v, mask, self.heads != self.kv_heads)
-            return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
-        if isinstance(mask, list):
-            out = _varlen(q, k, v, mask, self.heads != self.kv_heads)
-            return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=mask is None,
-            enable_gqa=self.heads != self.kv_heads,
-        )
+            out = _flex(q, k, v, mask, gqa)
+        elif isinstance(mask, list):
+            out = _varlen(q, k, v, mask, gqa)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa
+            )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 

@@ -1,0 +1,291 @@
+"""What a source holds: its shard files, record counts, format, and a readable summary.
+
+Readers themselves are in `mm1.data.sources`; this module finds and describes what they read.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import json
+import random
+import re
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from mm1.data.document import Conversation, Document
+from mm1.data.sources import (
+    _SHARD_EXTS,
+    FORMATS,
+    IMAGE_TAG,
+    READERS,
+    ReadStats,
+    _coco_entries,
+    _is_parquet,
+    _open_text,
+    _sample_indices,
+    _split_key,
+    llava_yaml_datasets,
+)
+
+
+def _natural_key(path: Path) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
+
+
+def _brace_expand(pattern: str) -> list[str]:
+    """Expand WebDataset-style numeric ranges: `shard-{000..009}.tar` (zero padding kept)."""
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if m is None:
+        return [pattern]
+    lo, hi = m.group(1), m.group(2)
+    width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
+    out = []
+    for i in range(int(lo), int(hi) + 1):
+        out += _brace_expand(pattern[: m.start()] + str(i).zfill(width) + pattern[m.end() :])
+    return out
+
+
+def _has_ext(path: Path, exts: tuple[str, ...]) -> bool:
+    return path.name.lower().endswith(exts) and not path.name.startswith((".", "_"))
+
+
+def list_shards(path_or_glob: str | Path, fmt: str) -> list[Path]:
+    """The shard files of a source, sorted naturally (deterministic).
+
+    Accepts a file, a directory (its files with the format's extensions; searched recursively
+    when there are none at the top), a glob (`data/*.tar`, `**` allowed) or a WebDataset brace
+    range (`shards/{00000..00009}.tar`)."""
+    if fmt not in _SHARD_EXTS:
+        raise ValueError(f"unknown data format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    exts = _SHARD_EXTS[fmt]
+    found: set[Path] = set()
+    for pattern in _brace_expand(str(path_or_glob)):
+        p = Path(pattern)
+        if globlib.has_magic(pattern):
+            found.update(
+                Path(x) for x in globlib.glob(pattern, recursive=True) if Path(x).is_file()
+            )
+        elif p.is_dir():
+            files = [f for f in p.iterdir() if f.is_file() and _has_ext(f, exts)]
+            if not files:
+                files = [f for f in p.rglob("*") if f.is_file() and _has_ext(f, exts)]
+            found.update(files)
+        elif p.is_file():
+            found.add(p)
+        else:
+            raise FileNotFoundError(f"{fmt} source {pattern}: no such file or directory")
+    if not found:
+        raise FileNotFoundError(
+            f"no {fmt} shards found at {path_or_glob} (looked for {', '.join(exts)})"
+        )
+    return sorted(found, key=_natural_key)
+
+
+def count_records(path: str | Path, fmt: str) -> int:
+    """Raw record count of one file (bad records included), without decoding anything."""
+    path = Path(path)
+    if fmt == "wds":
+        n, last = 0, None
+        try:
+            with tarfile.open(path, "r:*") as tf:
+                while True:
+                    m = tf.next()
+                    if m is None:
+                        break
+                    if m.isfile():
+                        key = _split_key(m.name)[0]
+                        n += key != last
+                        last = key
+        except (tarfile.TarError, OSError, EOFError):
+            pass
+        return n
+    if fmt in ("obelics", "text") and _is_parquet(path):
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    if fmt in ("mmc4", "text") or (fmt == "llava" and path.name.lower().endswith(".jsonl")):
+        with _open_text(path) as f:
+            return sum(1 for line in f if line.strip())
+    if fmt == "llava":
+        with _open_text(path) as f:
+            data = json.load(f)
+        return len(data) if isinstance(data, list) else 0
+    if fmt == "coco":
+        return len(_coco_entries(path))
+    if fmt == "llava_yaml":
+        total = 0
+        for i, ds in enumerate(llava_yaml_datasets(path)):
+            n = count_records(ds["json_path"], "llava")
+            where = f"{path}: dataset {ds['json_path_as_written']}"
+            total += len(_sample_indices(n, ds["sampling_strategy"], random.Random(i), where))
+        return total
+    raise ValueError(f"unknown data format {fmt!r}: expected one of {', '.join(FORMATS)}")
+
+
+def detect_format(path: str | Path) -> str:
+    """Guess the format of a file, directory or glob from extensions and content."""
+    p = Path(path)
+    if p.is_dir() or globlib.has_magic(str(path)):
+        all_exts = tuple(sorted({e for exts in _SHARD_EXTS.values() for e in exts}))
+        if p.is_dir():
+            candidates = sorted(
+                (f for f in p.rglob("*") if f.is_file() and _has_ext(f, all_exts)),
+                key=_natural_key,
+            )
+        else:
+            candidates = sorted(
+                (Path(x) for x in globlib.glob(str(path), recursive=True)), key=_natural_key
+            )
+            candidates = [f for f in candidates if f.is_file() and _has_ext(f, all_exts)]
+        if not candidates:
+            raise ValueError(f"{path}: no data files with a known extension found")
+        return detect_format(candidates[0])
+    name = p.name.lower()
+    if name.endswith(_SHARD_EXTS["wds"]):
+        return "wds"
+    if name.endswith(_SHARD_EXTS["llava_yaml"]):
+        return "llava_yaml"
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        names = pq.ParquetFile(p).schema_arrow.names
+        return "obelics" if "images" in names and "texts" in names else "text"
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        with _open_text(p) as f:
+            first = next((line for line in f if line.strip()), "")
+        try:
+            obj = json.loads(first)
+        except ValueError:
+            raise ValueError(f"{p}: first line is not JSON; cannot tell the format") from None
+        if isinstance(obj, dict):
+            if "conversations" in obj:
+                return "llava"
+            if "text_list" in obj:
+                return "mmc4"
+            if "text" in obj:
+                return "text"
+        raise ValueError(f"{p}: unrecognised jsonl record keys {sorted(obj)[:10]}")
+    if name.endswith(".json"):
+        with open(p, encoding="utf-8", errors="replace") as f:
+            head = f.read(65536)
+        if head.lstrip().startswith("[") and '"conversations"' in head:
+            return "llava"
+        raise ValueError(f"{p}: a .json file that is not a LLaVA list (evaluation annotations?)")
+    raise ValueError(f"{p}: unknown data format (extension not one of the known formats)")
+
+
+def _render_parts(parts: list[str | Image.Image]) -> str:
+    return " ".join(p if isinstance(p, str) else f"<image {p.width}x{p.height}>" for p in parts)
+
+
+def _render_conversation(conv: Conversation) -> str:
+    images = iter(conv.images)
+
+    def tag(_: re.Match[str]) -> str:
+        im = next(images, None)
+        return f"<image {im.width}x{im.height}>" if im is not None else IMAGE_TAG
+
+    return "\n".join(
+        f"{m['role']}: {re.sub(re.escape(IMAGE_TAG), tag, m['content'])}" for m in conv.messages
+    )
+
+
+def _clip(text: str, limit: int = 600) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def inspect_source(
+    path: str | Path,
+    fmt: str | None = None,
+    n: int = 3,
+    count_tokens: Callable[[str], int] | None = None,
+    **reader_kwargs: Any,
+) -> dict[str, Any]:
+    """Summarise a source: format, shard and record counts, and `n` decoded samples as text
+    (images shown as `<image WxH>`). A directory holding a synthetic world's `world.json` is
+    summarised source by source. With `count_tokens` (e.g. a tokenizer's `len(encode(text))`)
+    each sample also gets `text_tokens`, counted on its full text. `reader_kwargs` go to the
+    reader (e.g. `image_folder`)."""
+    p = Path(path)
+    if fmt is None and p.is_dir() and (p / "world.json").is_file():
+        return _inspect_world(p, n, count_tokens)
+    fmt = fmt or detect_format(p)
+    shards = [p] if fmt == "llava_yaml" else list_shards(path, fmt)
+    records = sum(count_records(s, fmt) for s in shards)
+    stats = ReadStats()
+    samples: list[dict[str, Any]] = []
+    reader = READERS[fmt]
+    for shard in shards:
+        if len(samples) >= n:
+            break
+        for rec in reader(shard, stats=stats, **reader_kwargs):
+            samples.append(_sample_summary(rec, count_tokens))
+            if len(samples) >= n:
+                break
+    return {
+        "path": str(path),
+        "format": fmt,
+        "shards": len(shards),
+        "first_shards": [str(s) for s in shards[:3]],
+        "records": records,
+        "samples": samples,
+        "stats": stats.to_dict(),
+    }
+
+
+def _sample_summary(
+    rec: Document | Conversation, count_tokens: Callable[[str], int] | None
+) -> dict[str, Any]:
+    """A decoded record as shown by `inspect_source` (text clipped, images as markers)."""
+    if isinstance(rec, Conversation):
+        text, n_images = _render_conversation(rec), len(rec.images)
+        plain = " ".join(m["content"] for m in rec.messages)
+    else:
+        text, n_images = _render_parts(rec.parts), rec.num_images
+        plain = "".join(p for p in rec.parts if isinstance(p, str))
+    out = {"id": rec.id, "source": rec.source, "images": n_images, "text": _clip(text)}
+    if count_tokens is not None:
+        out["text_tokens"] = count_tokens(plain.replace(IMAGE_TAG, ""))
+    return out
+
+
+def _inspect_world(
+    root: Path, n: int, count_tokens: Callable[[str], int] | None = None
+) -> dict[str, Any]:
+    world = json.loads((root / "world.json").read_text())
+    sources = {}
+    for name, src in world["sources"].items():
+        fmt = src["format"]
+        shards = [root / s for s in src["shards"]]
+        kwargs: dict[str, Any] = {}
+        if fmt == "mmc4":
+            kwargs["image_dir"] = root / src["image_dir"]
+        if fmt == "llava":
+            kwargs["image_folder"] = root / src["image_folder"]
+        stats = ReadStats()
+        samples = []
+        for rec in READERS[fmt](shards[0], stats=stats, **kwargs):
+            samples.append(_sample_summary(rec, count_tokens))
+            if len(samples) >= n:
+                break
+        sources[name] = {
+            "kind": src["kind"],
+            "format": fmt,
+            "shards": len(shards),
+            "records": src["records"],
+            "images": src.get("images", 0),
+            "samples": samples,
+        }
+    return {
+        "path": str(root),
+        "format": "world",
+        "seed": world["seed"],
+        "size": world["size"],
+        "image_size": world["image_size"],
+        "sources": sources,
+        "eval": world["eval"],
+    }
