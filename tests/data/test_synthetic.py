@@ -17,21 +17,19 @@ from PIL import Image
 
 from mm1.data.catalog import count_records, list_shards
 from mm1.data.document import Conversation, Document
-from mm1.data.sources import READERS, ReadStats
-from mm1.data.synthetic import (
+from mm1.data.scenes import (
     COLORS,
     SHAPES,
     SPECIAL_TOKENS,
     Scene,
     SceneObject,
-    WorldManifest,
     detailed_caption,
     render_scene,
     sample_scene,
     scene_split,
-    train_world_tokenizer,
-    write_world,
 )
+from mm1.data.sources import READERS, ReadStats
+from mm1.data.synthetic import WorldManifest, train_world_tokenizer, write_world
 
 TRAIN_SOURCES = ("captions", "captions_vecap", "interleaved", "interleaved_mmc4", "text")
 
