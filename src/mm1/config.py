@@ -234,11 +234,11 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    tasks: list[str] = field(default_factory=lambda: ["coco", "vqav2"])
+    tasks: list[str] = field(default_factory=lambda: ["synth_coco", "synth_vqa"])
     shots: list[int] = field(default_factory=lambda: [0, 4, 8])
     seeds: int = 3
     max_new_tokens: int = 20  # captions; VQA answers take 5
-    num_beams: int = 1
+    num_beams: int = 1  # 1 = greedy; 3 = OpenFlamingo's beam search
     batch_size: int = 8
     max_examples: int = 0  # 0 = every query of each task; N = the first N (reported as a subset)
 

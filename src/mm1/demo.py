@@ -22,7 +22,6 @@ from mm1.train.logging import read_metrics
 from mm1.train.trainer import Trainer
 
 DEMO_CONFIG = "demo.yaml"
-EVAL_TASKS = ("synth_coco", "synth_vqa")
 
 
 def demo_config_path() -> Path:
@@ -59,6 +58,7 @@ def evaluate_models(cfg: Config, run_dir: Path) -> dict[str, dict[str, Any]]:
         batch_size=e.batch_size,
         max_examples=e.max_examples or None,
         max_new_tokens={"caption": e.max_new_tokens, "vqa": 5},
+        num_beams=e.num_beams,
         image_boundaries=cfg.data.image_boundaries,
     )
     runs = {
@@ -73,7 +73,7 @@ def evaluate_models(cfg: Config, run_dir: Path) -> dict[str, dict[str, Any]]:
             model,
             trained.tokenizer,
             trained.processor,
-            list(EVAL_TASKS),
+            list(e.tasks),
             shuffle_images=shuffle,
             name=name,
             **common,
@@ -246,7 +246,8 @@ def _verdict(results: dict[str, Any], grounding: dict[str, Any], shots: list[str
     t, u, s = (results[k] for k in ("trained", "untrained", "shuffled images"))
     k = shots[-1]
     parts = []
-    for task, metric in (("synth_coco", "CIDEr"), ("synth_vqa", "VQA accuracy")):
+    for task, info in t["tasks"].items():
+        metric = info["metric"]
         parts.append(
             f"{task} {metric} at {k} shots: trained {_score(t, task, k):.1f}, untrained "
             f"{_score(u, task, k):.1f}, shuffled images {_score(s, task, k):.1f}"

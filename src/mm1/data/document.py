@@ -6,9 +6,6 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-# Where a document comes from; the mixture and the per-source losses are keyed by these names.
-SOURCE_KINDS = ("captions", "interleaved", "text", "sft")
-
 
 @dataclass
 class Document:
