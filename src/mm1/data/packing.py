@@ -238,7 +238,8 @@ class Packer:
                 continue
             cuts = cut_points(p.doc, anywhere=True)
             k = bisect.bisect_right(cuts, room) - 1
-            while k >= 0 and len(slice_document(p.doc, 0, cuts[k]).images) > images:
+            # images whose slot block ends by the cut: the head may hold at most `images`
+            while k >= 0 and sum(b <= cuts[k] for _, b in p.doc.image_spans) > images:
                 k -= 1
             if k < 0 or cuts[k] < self.min_fill:
                 continue
