@@ -29,7 +29,7 @@ ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh", "silu")
 CONNECTOR_TYPES = ("linear", "mlp", "avgpool", "attnpool", "c_abstractor")
 POOLING_CONNECTORS = ("avgpool", "c_abstractor")
 FFN_TYPES = ("swiglu",)
-ATTENTION_BACKENDS = ("sdpa", "varlen", "flex")
+ATTENTION_BACKENDS = ("auto", "sdpa", "varlen", "flex")
 ROPE_TYPES = ("default", "linear", "llama3")
 MODEL_FAMILIES = ("mm1",)
 
@@ -111,10 +111,11 @@ class DecoderConfig:
     qkv_bias: bool = False
     tie_embeddings: bool = False
     sliding_window: int = 0  # 0 = full causal attention (Mistral checkpoints may set it)
-    # sdpa: scaled_dot_product_attention with a dense document mask (any device); varlen: one
-    # causal SDPA call per packed document (no masked scores computed: fastest on CPU); flex:
-    # FlexAttention with a document block mask, skipping the masked blocks (compiled on GPU).
-    attention: str = "sdpa"
+    # sdpa: scaled_dot_product_attention with a dense document mask (any device); varlen: causal
+    # SDPA over documents grouped by length (no score across documents is computed); flex:
+    # FlexAttention with a document block mask (compiled on GPU); auto: varlen for rows of at
+    # least `VARLEN_MIN_LEN` tokens, sdpa for shorter ones (where the dense mask costs less).
+    attention: str = "auto"
     init: str | None = None  # HF checkpoint directory (Llama / Qwen2 / Mistral)
 
     @property

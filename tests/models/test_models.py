@@ -6,9 +6,11 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mm1.batch import IGNORE_INDEX
 from mm1.config import ConnectorConfig, DecoderConfig, ModelConfig, VisionConfig, validate_model
+from mm1.models import decoder as decoder_module
 from mm1.models.connectors import CONNECTORS, build_connector
 from mm1.models.decoder import Decoder, KVCache
 from mm1.models.mllm import MM1
@@ -152,11 +154,11 @@ def test_packed_equals_documents_alone_logits_and_loss() -> None:
     ]
     total = sum(len(d[0]) for d in docs) + 5
     ids, labels, pos, doc_ids, pixels = pack(docs, total)
-    packed = model(ids, labels, pos, doc_ids, pixels)
+    packed = model(ids, labels, pos, doc_ids, pixels, return_logits=True)
 
     start, loss_sum, n = 0, 0.0, 0
     for i, lab, px in docs:
-        alone = model(i[None], lab[None], pixel_values=px if len(px) else None)
+        alone = model(i[None], lab[None], pixel_values=px if len(px) else None, return_logits=True)
         torch.testing.assert_close(
             packed.logits[0, start : start + len(i)], alone.logits[0], atol=1e-5, rtol=1e-5
         )
@@ -165,6 +167,43 @@ def test_packed_equals_documents_alone_logits_and_loss() -> None:
         start += len(i)
     assert packed.num_label_tokens == n
     assert packed.loss.item() == pytest.approx(loss_sum / n, rel=1e-5)
+
+
+def test_auto_attention_keeps_the_dense_mask_for_short_rows(monkeypatch) -> None:
+    monkeypatch.setattr(decoder_module, "VARLEN_MIN_LEN", 25)
+    monkeypatch.setattr(decoder_module, "document_groups", lambda d: pytest.fail("grouped"))
+    model = Decoder(dataclasses.replace(tiny_model_config().decoder, attention="auto"))
+    doc = torch.tensor([[0] * 7 + [1] * 17])
+    assert model(torch.randint(0, 64, (1, 24)), document_ids=doc).shape[:2] == (1, 24)
+
+
+def test_loss_on_labelled_positions_equals_cross_entropy_of_full_logits() -> None:
+    """The head runs only where a label is; loss, per-token loss and every gradient equal
+    the plain cross-entropy of the full logits."""
+    torch.manual_seed(0)
+    model = MM1(tiny_model_config("c_abstractor"))
+    gen = torch.Generator().manual_seed(1)
+    docs = [make_doc(model, [3, 4, 5, 6, 7], 2, gen), make_doc(model, [8, 9, 10], 1, gen)]
+    ids, labels, pos, doc_ids, pixels = pack(docs, sum(len(d[0]) for d in docs) + 3)
+
+    out = model(ids, labels, pos, doc_ids, pixels)
+    assert out.logits is None
+    out.loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    logits = model(ids, position_ids=pos, document_ids=doc_ids, pixel_values=pixels).logits
+    ref = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+    ref = ref.view_as(labels)
+    n = int((labels != -100).sum())
+    (ref.sum() / n).backward()
+    assert out.num_label_tokens == n
+    torch.testing.assert_close(out.token_loss, ref.detach())
+    torch.testing.assert_close(out.loss.detach(), ref.sum().detach() / n)
+    assert grads.keys() == {k for k, p in model.named_parameters() if p.grad is not None}
+    for k, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[k], p.grad, msg=k)
 
 
 def test_gradient_accumulation_equals_one_big_batch() -> None:
@@ -309,11 +348,22 @@ def test_flex_attention_equals_sdpa_on_packed_documents(window: int) -> None:
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_varlen_attention_equals_sdpa_logits_and_gradients() -> None:
+@pytest.mark.parametrize(("attention", "floor"), [("varlen", 0), ("varlen", 64), ("auto", 0)])
+def test_varlen_attention_equals_sdpa_logits_and_gradients(
+    monkeypatch, attention: str, floor: int
+) -> None:
+    """Floor 0 splits the documents into several length groups, padded inside each group;
+    the default floor puts these short documents in one group. `auto` groups rows of at least
+    VARLEN_MIN_LEN tokens (lowered here to this row's 24)."""
+    monkeypatch.setattr(decoder_module, "_GROUP_FLOOR", floor)
+    monkeypatch.setattr(decoder_module, "VARLEN_MIN_LEN", 24)
+    calls = []
+    grouping = decoder_module.document_groups
+    monkeypatch.setattr(decoder_module, "document_groups", lambda d: calls.append(1) or grouping(d))
     torch.manual_seed(0)
     cfg = tiny_model_config().decoder
-    sdpa = Decoder(cfg)
-    varlen = Decoder(dataclasses.replace(cfg, attention="varlen"))
+    sdpa = Decoder(dataclasses.replace(cfg, attention="sdpa"))
+    varlen = Decoder(dataclasses.replace(cfg, attention=attention))
     varlen.load_state_dict(sdpa.state_dict())
     ids = torch.randint(0, 64, (2, 24))
     doc = torch.tensor([[0] * 7 + [1] * 10 + [2] * 7, [0] * 20 + [1] * 4])
@@ -323,10 +373,16 @@ def test_varlen_attention_equals_sdpa_logits_and_gradients() -> None:
             torch.cat([torch.arange(20), torch.arange(4)]),
         ]
     )
+    groups = decoder_module.document_groups(doc)
+    sizes = [tuple(i.shape) for i in groups.index]
+    calls.clear()
+    assert sizes == ([(2, 20), (3, 7)] if floor == 0 else [(5, 20)])
     outs = []
     for model in (sdpa, varlen):
         logits = model(ids, position_ids=pos, document_ids=doc)
         logits.square().mean().backward()
-        outs.append((logits, model.layers[0].self_attn.q_proj.weight.grad))
+        outs.append((logits, {k: p.grad for k, p in model.named_parameters()}))
+    assert len(calls) == 1  # the varlen model grouped once per forward; sdpa never
     torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(outs[1][1], outs[0][1], atol=1e-6, rtol=1e-4)
+    for k, grad in outs[0][1].items():
+        torch.testing.assert_close(outs[1][1][k], grad, atol=1e-6, rtol=1e-4, msg=k)

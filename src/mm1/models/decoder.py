@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -138,36 +139,85 @@ def _flex(
     return fn(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
-Segments = list[list[tuple[int, int]]]  # (start, end) of each packed document, per row
+# Documents at most this long all share one causal batch: below it, one more attention call
+# costs more than computing the padding.
+_GROUP_FLOOR = 64
+# `attention: auto` groups documents for rows at least this long and uses the dense mask below:
+# on CPU, per-group gathers cost more than the masked scores they save in rows of 512 tokens or
+# fewer, and save 1.5-2x of the attention at 1024 (docs/benchmarks.md).
+VARLEN_MIN_LEN = 1024
 
 
-def document_segments(doc: torch.Tensor) -> Segments:
-    """(start, end) of each run of equal document ids, per row."""
-    out = []
-    for row in doc.tolist():
-        starts = [0] + [i for i in range(1, len(row)) if row[i] != row[i - 1]]
-        out.append(list(zip(starts, [*starts[1:], len(row)])))
-    return out
+@dataclass
+class DocumentGroups:
+    """The packed documents of a batch regrouped for attention: documents of similar length are
+    gathered into a few dense (n, L) batches, each run as plain causal attention.
+
+    A document is right-padded to its group's length L with copies of its first token; causal
+    attention never lets a real query see those pads, and their outputs are dropped.
+    """
+
+    index: list[torch.Tensor]  # per group, (n, L): flat token index (row * T + t) into the batch
+    valid: list[torch.Tensor]  # per group, (n, L): True on real tokens
+    order: torch.Tensor  # (B * T,): each token's place among the groups' concatenated outputs
 
 
+def document_groups(doc: torch.Tensor) -> DocumentGroups:
+    """Group the documents (runs of equal id in a row) of `doc` (B, T) by length: longest first,
+    a group takes every next document at least half its longest (or all below `_GROUP_FLOOR`),
+    so padding at most doubles a document's length."""
+    b, t = doc.shape
+    flat = doc.reshape(-1)
+    new_doc = torch.ones_like(flat, dtype=torch.bool)
+    new_doc[1:] = flat[1:] != flat[:-1]
+    new_doc[::t] = True  # a row always starts a document
+    starts = new_doc.nonzero().squeeze(1)
+    lengths = torch.diff(starts, append=starts.new_tensor([b * t]))
+    by_length = sorted(zip(lengths.tolist(), starts.tolist()), reverse=True)
+    groups: list[list[tuple[int, int]]] = []
+    for n, s in by_length:
+        if groups and (2 * n >= groups[-1][0][0] or groups[-1][0][0] <= _GROUP_FLOOR):
+            groups[-1].append((n, s))
+        else:
+            groups.append([(n, s)])
+    index, valid, kept = [], [], []
+    for group in groups:
+        n, s = (doc.new_tensor(c, dtype=torch.long) for c in zip(*group))
+        offsets = torch.arange(group[0][0], device=doc.device)
+        real = offsets[None] < n[:, None]
+        idx = torch.where(real, s[:, None] + offsets[None], s[:, None])
+        index.append(idx)
+        valid.append(real)
+        kept.append(idx[real])
+    order = torch.empty(b * t, dtype=torch.long, device=doc.device)
+    concat = torch.cat(kept)
+    order[concat] = torch.arange(len(concat), device=doc.device)
+    return DocumentGroups(index, valid, order)
+
+
+@torch.compiler.disable  # data-dependent shapes: compiled blocks call it eagerly
 def _varlen(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments, enable_gqa: bool
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: DocumentGroups, enable_gqa: bool
 ) -> torch.Tensor:
-    """Causal attention inside each document, one SDPA call per document."""
-    rows = []
-    for b, segs in enumerate(segments):
-        parts = [
-            F.scaled_dot_product_attention(
-                q[b : b + 1, :, s:e],
-                k[b : b + 1, :, s:e],
-                v[b : b + 1, :, s:e],
-                is_causal=True,
-                enable_gqa=enable_gqa,
-            )
-            for s, e in segs
-        ]
-        rows.append(torch.cat(parts, dim=2))
-    return torch.cat(rows, dim=0)
+    """Causal attention inside each document: one SDPA call per group of similar-length
+    documents (`document_groups`), so no score across documents is ever computed."""
+    b, h, t, d = q.shape
+
+    def tokens(x: torch.Tensor) -> torch.Tensor:  # (B, H, T, D) -> (B * T, H, D)
+        return x.transpose(1, 2).reshape(b * t, x.shape[1], d)
+
+    qt, kt, vt = tokens(q), tokens(k), tokens(v)
+    outs = []
+    for idx, real in zip(groups.index, groups.valid):
+        out = F.scaled_dot_product_attention(
+            qt[idx].transpose(1, 2),
+            kt[idx].transpose(1, 2),
+            vt[idx].transpose(1, 2),
+            is_causal=True,
+            enable_gqa=enable_gqa,
+        )
+        outs.append(out.transpose(1, 2)[real])
+    return torch.cat(outs)[groups.order].view(b, t, h, d).transpose(1, 2)
 
 
 def _additive(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -200,7 +250,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | BlockMask | Segments | None,
+        mask: torch.Tensor | BlockMask | DocumentGroups | None,
         cache: KVCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
@@ -216,7 +266,7 @@ class Attention(nn.Module):
         gqa = self.heads != self.kv_heads
         if isinstance(mask, BlockMask):
             out = _flex(q, k, v, mask, gqa)
-        elif isinstance(mask, list):
+        elif isinstance(mask, DocumentGroups):
             out = _varlen(q, k, v, mask, gqa)
         else:
             out = F.scaled_dot_product_attention(
@@ -253,7 +303,7 @@ class DecoderBlock(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | BlockMask | Segments | None,
+        mask: torch.Tensor | BlockMask | DocumentGroups | None,
         cache: KVCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
@@ -319,8 +369,8 @@ class Decoder(nn.Module):
             doc = document_ids if document_ids is not None else torch.zeros_like(position_ids)
             if self.cfg.attention == "flex":
                 mask = document_block_mask(doc, window)
-            elif self.cfg.attention == "varlen" and not window:
-                mask = document_segments(doc)
+            elif self._grouped(t) and not window:
+                mask = document_groups(doc)
             else:
                 mask = attention_mask(doc, doc, 0, window)
         if isinstance(mask, torch.Tensor):
@@ -332,6 +382,11 @@ class Decoder(nn.Module):
             cache.length += t
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)
+
+    def _grouped(self, length: int) -> bool:
+        """Whether rows of `length` tokens attend through length-grouped documents."""
+        mode = self.cfg.attention
+        return mode == "varlen" or (mode == "auto" and length >= VARLEN_MIN_LEN)
 
     @torch.no_grad()
     def resize_token_embeddings(self, vocab_size: int) -> None:

@@ -24,7 +24,7 @@ class Detokenizer(Protocol):
 
 @dataclass
 class MM1Output:
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # (B, T, vocab); None for a loss-only call (see `MM1.forward`)
     loss: torch.Tensor | None = None
     loss_sum: torch.Tensor | None = None  # summed cross-entropy over the label tokens
     num_label_tokens: int = 0
@@ -94,27 +94,38 @@ class MM1(nn.Module):
         document_ids: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         num_label_tokens: int | None = None,
+        return_logits: bool | None = None,
     ) -> MM1Output:
         """Logits, and with `labels` the cross-entropy over the label tokens.
 
         The loss is normalised by `num_label_tokens` when given (the count over the whole step:
         every micro-batch and rank, so accumulation and world size leave it unchanged), else by
-        this batch's own count.
+        this batch's own count. With labels, the output head runs only on the labelled
+        positions (image slots and prompts carry no target), and the full (B, T, vocab) logits
+        are returned only when `return_logits=True`: at a real vocabulary they are the largest
+        activation of the step.
         """
         embeds = self.embed(input_ids, pixel_values)
-        logits = self.decoder(
-            inputs_embeds=embeds, position_ids=position_ids, document_ids=document_ids
+        if return_logits is None:
+            return_logits = labels is None
+        hidden = self.decoder(
+            inputs_embeds=embeds,
+            position_ids=position_ids,
+            document_ids=document_ids,
+            return_hidden=True,
         )
+        logits = self.decoder.lm_head(hidden) if return_logits else None
         if labels is None:
             return MM1Output(logits)
-        token_loss = F.cross_entropy(
-            logits.flatten(0, 1).float(),
-            labels.flatten(),
-            ignore_index=IGNORE_INDEX,
-            reduction="none",
-        ).view_as(labels)
-        loss_sum = token_loss.sum()
-        n = int((labels != IGNORE_INDEX).sum())
+        labelled = labels != IGNORE_INDEX
+        if logits is not None:
+            label_logits = logits[labelled]
+        else:
+            label_logits = self.decoder.lm_head(hidden[labelled])
+        per_label = F.cross_entropy(label_logits.float(), labels[labelled], reduction="none")
+        token_loss = per_label.new_zeros(labels.shape).masked_scatter(labelled, per_label)
+        loss_sum = per_label.sum()
+        n = per_label.numel()
         denom = num_label_tokens if num_label_tokens is not None else n
         return MM1Output(logits, loss_sum / max(denom, 1), loss_sum, n, token_loss)
 
