@@ -82,8 +82,8 @@ for v in ("eager", "compile", "flex", "attention"):
     d = json.loads(f.read_text())
     if v == "attention" and d.get("status") == "ok":
         flex = d.get("flex_document_ms")
-        print(f"{v:<10} sdpa mask {d['sdpa_bool_mask_ms']:.2f} ms, causal {d['sdpa_causal_row_ms']:.2f} ms, "
-              f"flex {flex if flex is None else round(flex, 2)} ms")
+        print(f"{v:<10} sdpa mask {d['sdpa_dense_mask_ms']:.2f} ms, grouped {d['grouped_ms']:.2f} ms, "
+              f"causal {d['sdpa_causal_row_ms']:.2f} ms, flex {flex if flex is None else round(flex, 2)} ms")
         continue
     mem = d.get("peak_memory_gib")
     print(f"{v:<10} {d.get('status', '?'):<16} {d.get('tokens_per_s', 0):>10.0f} "

@@ -2,12 +2,14 @@
 
 Run by `benchmarks/gpu.sh` under `torchrun --nproc_per_node 1`, one variant per process:
 
-    eager       FSDP2 (mm1's `parallelize`), bf16, document-masked attention through SDPA
+    eager       FSDP2 (mm1's `parallelize`), bf16, the default `attention: auto` (at 4096
+                tokens: causal SDPA over length-grouped documents)
     compile     the same with `torch.compile` per block (train.compile=true)
     flex        the eager variant with `model.decoder.attention=flex`: FlexAttention with a
-                document block mask (compiled) instead of SDPA with a dense mask
-    attention   attention alone at the decoder's shapes: SDPA with mm1's boolean document mask,
-                FlexAttention with a document BlockMask, causal SDPA (cost reference)
+                document block mask (compiled)
+    attention   attention alone at the decoder's shapes: SDPA with mm1's additive document mask
+                (`attention: sdpa`), length-grouped causal SDPA (`varlen`), FlexAttention with
+                a document BlockMask, causal SDPA over the whole row (cost reference)
 
 Needs torch and the mm1 sources only (PYTHONPATH=src): it imports `mm1.config` (omegaconf +
 PyYAML, installed by gpu.sh from benchmarks/wheels/), `mm1.models` and `mm1.train.parallel`/
@@ -58,7 +60,7 @@ def model_config(smoke: bool):
     return cfg
 
 
-def train_variant(args, compile_blocks: bool, attention: str = "sdpa") -> dict[str, Any]:
+def train_variant(args, compile_blocks: bool, attention: str = "auto") -> dict[str, Any]:
     import torch.distributed as dist
 
     from benchmarks.synthetic_batch import packed_batch, to_device
@@ -155,7 +157,7 @@ def train_variant(args, compile_blocks: bool, attention: str = "sdpa") -> dict[s
         "attention": (
             "FlexAttention, document block mask (compiled)"
             if attention == "flex"
-            else "SDPA, additive document mask"
+            else f"attention: {attention} (length-grouped causal SDPA from 1024 tokens)"
         ),
         "micro_batch": args.micro_batch,
         "seq_len": seq_len,
@@ -183,10 +185,11 @@ def train_variant(args, compile_blocks: bool, attention: str = "sdpa") -> dict[s
 
 
 def attention_variant(args) -> dict[str, Any]:
-    """SDPA with mm1's boolean document mask vs FlexAttention with a document BlockMask."""
+    """SDPA with mm1's additive document mask vs length-grouped causal SDPA vs FlexAttention
+    with a document BlockMask."""
     import torch.nn.functional as F
 
-    from mm1.models.decoder import attention_mask
+    from mm1.models.decoder import _additive, _varlen, attention_mask, document_groups
 
     smoke = args.cpu_smoke
     device = torch.device("cpu" if smoke else "cuda")
@@ -202,7 +205,7 @@ def attention_variant(args) -> dict[str, Any]:
         for _ in range(3)
     )
     doc = (torch.arange(t, device=device) // doc_len).expand(args.micro_batch, t)
-    mask = attention_mask(doc, doc)
+    mask = _additive(attention_mask(doc, doc), q)
 
     def timed(fn, reps: int) -> float:
         fn()
@@ -220,6 +223,9 @@ def attention_variant(args) -> dict[str, Any]:
     def run_sdpa_mask():
         F.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()
 
+    def run_grouped():
+        _varlen(q, k, v, document_groups(doc), False).sum().backward()
+
     def run_causal():
         F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
 
@@ -229,7 +235,8 @@ def attention_variant(args) -> dict[str, Any]:
         "shape": {"batch": args.micro_batch, "heads": heads, "head_dim": hd, "seq_len": t},
         "doc_len": doc_len,
         "dtype": str(dtype),
-        "sdpa_bool_mask_ms": 1000 * timed(run_sdpa_mask, reps),
+        "sdpa_dense_mask_ms": 1000 * timed(run_sdpa_mask, reps),
+        "grouped_ms": 1000 * timed(run_grouped, reps),
         "sdpa_causal_row_ms": 1000 * timed(run_causal, reps),
     }
     try:
@@ -247,7 +254,7 @@ def attention_variant(args) -> dict[str, Any]:
             flex(q, k, v, block_mask=block).sum().backward()
 
         out["flex_document_ms"] = 1000 * timed(run_flex, reps)
-        out["sdpa_bool_over_flex"] = out["sdpa_bool_mask_ms"] / out["flex_document_ms"]
+        out["sdpa_dense_over_flex"] = out["sdpa_dense_mask_ms"] / out["flex_document_ms"]
     except Exception as err:  # flex needs a working inductor backend for the device
         out["flex_document_ms"] = None
         out["flex_error"] = f"{type(err).__name__}: {err}"[:500]

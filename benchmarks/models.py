@@ -48,8 +48,8 @@ def small_config(
             ffn_dim=688,
             max_seq_len=max_seq_len,
             tie_embeddings=False,
-            # sdpa (dense document mask) or varlen (one causal SDPA call per document)
-            attention=os.environ.get("MM1_BENCH_ATTENTION", "sdpa"),
+            # auto (the default), sdpa (dense document mask) or varlen (length groups)
+            attention=os.environ.get("MM1_BENCH_ATTENTION", "auto"),
         ),
         image_token_id=image_token_id,
     )

@@ -90,8 +90,8 @@ def headline(name: str, data: dict) -> list[list]:
                 "",
             ],
             [
-                f"attention: bool mask / per-document SDPA at {attn['seq_len']} tokens",
-                attn["bool_mask_over_per_document"],
+                f"attention: dense mask / length-grouped at {attn['seq_len']} tokens",
+                attn["dense_mask_over_grouped"],
                 "",
                 "",
             ],

@@ -13,16 +13,18 @@ Each point: one warm-up step (counting the bytes autograd saves for backward), t
 step (forward, backward, AdamW). The decoder's attention share of FLOPs is the MFU formula's
 12 L d T against 6 N (`summarize`).
 
+The decoder runs `attention: auto` (the default): the dense document mask below 1,024 tokens,
+length-grouped documents from 1,024 on.
+
 Then an attention-only comparison at the same lengths (4 heads of 64, fwd + bwd): mm1's
-boolean document mask through SDPA (what the decoder does now), SDPA per document with
-`is_causal` (the work a varlen / FlexAttention document mask would do), and plain causal SDPA
-over the whole row (no document boundaries: not a valid packing, only the cost reference).
+additive document mask through SDPA (`attention: sdpa`), mm1's length-grouped causal SDPA
+(`attention: varlen`, what `auto` runs from 1,024 tokens), and plain causal SDPA over the whole
+row (no document boundaries: not a valid packing, only the cost reference).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 from typing import Any
 
 import torch
@@ -105,7 +107,7 @@ def child(sweep: str) -> dict[str, Any]:
 
 
 def attention_only(lengths=SEQ_POINTS, heads: int = 4, head_dim: int = 64, reps: int = 2):
-    from mm1.models.decoder import attention_mask
+    from mm1.models.decoder import _additive, _varlen, attention_mask, document_groups
 
     F = torch.nn.functional
     rows = []
@@ -115,25 +117,18 @@ def attention_only(lengths=SEQ_POINTS, heads: int = 4, head_dim: int = 64, reps:
             torch.randn(1, heads, t, head_dim, generator=g).requires_grad_() for _ in range(3)
         )
         doc = torch.arange(t)[None] // 512
-        mask = attention_mask(doc, doc)
-        bounds = [*range(0, t, 512), t]
+        mask = _additive(attention_mask(doc, doc), q)
 
-        def bool_mask(q=q, k=k, v=v, mask=mask):
+        def dense_mask(q=q, k=k, v=v, mask=mask):
             F.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()
 
-        def per_doc(q=q, k=k, v=v, bounds=bounds):
-            outs = [
-                F.scaled_dot_product_attention(
-                    q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True
-                )
-                for a, b in itertools.pairwise(bounds)
-            ]
-            torch.cat(outs, 2).sum().backward()
+        def grouped(q=q, k=k, v=v, doc=doc):
+            _varlen(q, k, v, document_groups(doc), False).sum().backward()
 
         def causal(q=q, k=k, v=v):
             F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
 
-        fns = {"bool_mask": bool_mask, "per_document": per_doc, "causal_row": causal}
+        fns = {"dense_mask": dense_mask, "grouped": grouped, "causal_row": causal}
         best = dict.fromkeys(fns, float("inf"))
         saved = {name: saved_bytes(f) / 2**20 for name, f in fns.items()}  # also the warm-up
         for _ in range(reps):
@@ -145,8 +140,8 @@ def attention_only(lengths=SEQ_POINTS, heads: int = 4, head_dim: int = 64, reps:
             {
                 "seq_len": t,
                 **{f"{k}_ms": 1000 * v for k, v in best.items()},
-                "bool_mask_over_per_document": ratio(best["bool_mask"], best["per_document"]),
-                "mask_mib": mask.numel() / 2**20,
+                "dense_mask_over_grouped": ratio(best["dense_mask"], best["grouped"]),
+                "mask_mib": mask.numel() * mask.element_size() / 2**20,
                 **{f"{k}_saved_mib": v for k, v in saved.items()},
             }
         )
@@ -215,22 +210,22 @@ def run(attention_reps: int = 2) -> dict[str, Any]:
         "Attention only (4 x 64 heads, fwd + bwd, 512-token documents)",
         [
             "tokens",
-            "bool mask ms",
-            "per-doc ms",
+            "dense mask ms",
+            "grouped ms",
             "causal row ms",
-            "bool / per-doc",
-            "saved MiB bool",
-            "saved MiB per-doc",
+            "dense / grouped",
+            "saved MiB dense",
+            "saved MiB grouped",
         ],
         [
             [
                 r["seq_len"],
-                r["bool_mask_ms"],
-                r["per_document_ms"],
+                r["dense_mask_ms"],
+                r["grouped_ms"],
                 r["causal_row_ms"],
-                r["bool_mask_over_per_document"],
-                r["bool_mask_saved_mib"],
-                r["per_document_saved_mib"],
+                r["dense_mask_over_grouped"],
+                r["dense_mask_saved_mib"],
+                r["grouped_saved_mib"],
             ]
             for r in attn
         ],
@@ -238,7 +233,7 @@ def run(attention_reps: int = 2) -> dict[str, Any]:
     out = {
         "settings": {
             "model": "CLIP ViT 64px/8 128x3 -> MLP(2) 64 tokens -> Llama 256x4 (fp32, SDPA)",
-            "documents": "512 tokens each, document-masked attention",
+            "documents": "512 tokens each, attention: auto",
             "torch_threads": threads,
             "steps_per_point": "1 warm-up + 1 timed",
         },

@@ -14,7 +14,9 @@ patch; LLaVA's "default" feature strategy drops the CLS token, as mm1's encoder 
   (random mega-batches of up to 50 batches, each sorted by length), what LLaVA's
   `group_by_modality_length` does within one modality.
 
-`batch` is chosen so a LLaVA step holds on average as many real tokens as an mm1 step. A step is
+LLaVA runs `llava_batch` samples per step (default 16, LLaVA-1.5's per-device batch in its
+length-grouped fine-tuning); mm1 runs as many `seq_len` rows per step as hold the same real
+tokens on average. A step is
 forward, backward and AdamW, fp32, SDPA attention in both models. Effective tokens are the
 non-padding tokens (text and image slots): the same total for every variant by construction,
 so the throughput ratio is a time ratio over the same work.
@@ -345,10 +347,10 @@ def check_equivalence(cfg, docs, pixels: Pixels) -> float:
 
 
 def run(
-    num_docs: int = 300,
+    num_docs: int = 800,
     seq_len: int = 1024,
-    rows: int = 1,
-    samples_per_variant: int = 8,
+    llava_batch: int = 16,
+    samples_per_variant: int = 6,
     rounds: int = 2,
     profile: bool = False,
     memory: bool = True,
@@ -365,11 +367,11 @@ def run(
     q = cfg.num_image_tokens
     docs = document_stream(world, tok, q, num_docs)
     pixels = Pixels(cfg.vision.image_size)
-    mm1_batches, pack_eff = packed_batches(docs, seq_len, rows, tok.pad_id)
     items = samples(docs, seq_len)
     tokens = sum(len(s.input_ids) for s in items)
-    per_step = tokens / len(mm1_batches)  # real tokens per mm1 step
-    batch = max(1, round(per_step / (tokens / len(items))))
+    batch = llava_batch
+    rows = max(1, round(batch * tokens / len(items) / seq_len))  # same real tokens per step
+    mm1_batches, pack_eff = packed_batches(docs, seq_len, rows, tok.pad_id)
     data = {
         "mm1_packed": mm1_batches,
         "llava_plain": llava_batches(items, batch, tok.pad_id, grouped=False),
@@ -458,10 +460,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
-    ap.add_argument("--docs", type=int, default=300)
+    ap.add_argument("--docs", type=int, default=800)
     ap.add_argument("--seq-len", type=int, default=1024)
-    ap.add_argument("--rows", type=int, default=1)
-    ap.add_argument("--samples", type=int, default=8, help="timed steps per variant")
+    ap.add_argument(
+        "--llava-batch", type=int, default=16, help="LLaVA samples per step (mm1 rows match)"
+    )
+    ap.add_argument("--samples", type=int, default=6, help="timed steps per variant")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="profile 3 steps of each variant")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
@@ -476,7 +480,7 @@ def main() -> None:
         run(
             args.docs,
             args.seq_len,
-            args.rows,
+            args.llava_batch,
             args.samples,
             args.rounds,
             args.profile,

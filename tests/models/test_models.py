@@ -348,14 +348,16 @@ def test_flex_attention_equals_sdpa_on_packed_documents(window: int) -> None:
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("attention", "floor"), [("varlen", 0), ("varlen", 64), ("auto", 0)])
+@pytest.mark.parametrize(
+    ("attention", "call_cost"), [("varlen", 0), ("varlen", 40), ("varlen", 4096), ("auto", 0)]
+)
 def test_varlen_attention_equals_sdpa_logits_and_gradients(
-    monkeypatch, attention: str, floor: int
+    monkeypatch, attention: str, call_cost: int
 ) -> None:
-    """Floor 0 splits the documents into several length groups, padded inside each group;
-    the default floor puts these short documents in one group. `auto` groups rows of at least
-    VARLEN_MIN_LEN tokens (lowered here to this row's 24)."""
-    monkeypatch.setattr(decoder_module, "_GROUP_FLOOR", floor)
+    """Free calls give one group per document length; a small call cost merges close
+    lengths (padding inside a group); the default puts these short documents in one group.
+    `auto` groups rows of at least VARLEN_MIN_LEN tokens (lowered here to this row's 24)."""
+    monkeypatch.setattr(decoder_module, "_CALL_COST", call_cost)
     monkeypatch.setattr(decoder_module, "VARLEN_MIN_LEN", 24)
     calls = []
     grouping = decoder_module.document_groups
@@ -374,9 +376,10 @@ def test_varlen_attention_equals_sdpa_logits_and_gradients(
         ]
     )
     groups = decoder_module.document_groups(doc)
-    sizes = [tuple(i.shape) for i in groups.index]
+    sizes = groups.shapes
     calls.clear()
-    assert sizes == ([(2, 20), (3, 7)] if floor == 0 else [(5, 20)])
+    expected = {0: [(1, 20), (1, 10), (2, 7), (1, 4)], 40: [(1, 20), (1, 10), (3, 7)]}
+    assert sizes == expected.get(call_cost, [(5, 20)])
     outs = []
     for model in (sdpa, varlen):
         logits = model(ids, position_ids=pos, document_ids=doc)
@@ -386,3 +389,24 @@ def test_varlen_attention_equals_sdpa_logits_and_gradients(
     torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-5, rtol=1e-5)
     for k, grad in outs[0][1].items():
         torch.testing.assert_close(outs[1][1][k], grad, atol=1e-6, rtol=1e-4, msg=k)
+
+
+def test_compiled_blocks_with_grouped_attention_equal_eager() -> None:
+    """`train.compile` compiles each block; grouped attention (data-dependent shapes) runs
+    eagerly inside it through a graph break, and the results stay those of the eager model."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny_model_config().decoder, attention="varlen")
+    eager = Decoder(cfg)
+    compiled = Decoder(cfg)
+    compiled.load_state_dict(eager.state_dict())
+    for i, block in enumerate(compiled.layers):
+        compiled.layers[i] = torch.compile(block)
+    ids = torch.randint(0, 64, (2, 24))
+    doc = torch.tensor([[0] * 7 + [1] * 10 + [2] * 7, [0] * 20 + [1] * 4])
+    outs = []
+    for model in (eager, compiled):
+        logits = model(ids, document_ids=doc)
+        logits.square().mean().backward()
+        outs.append((logits, model.embed_tokens.weight.grad))
+    torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[1][1], outs[0][1], atol=1e-6, rtol=1e-4)

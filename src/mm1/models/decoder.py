@@ -139,9 +139,9 @@ def _flex(
     return fn(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
-# Documents at most this long all share one causal batch: below it, one more attention call
-# costs more than computing the padding.
-_GROUP_FLOOR = 64
+# One more attention call costs about as much as this many query-key scores (measured on CPU:
+# ~60 us of fixed cost per SDPA forward + backward, ~7 ns per score and head).
+_CALL_COST = 64**2
 # `attention: auto` groups documents for rows at least this long and uses the dense mask below:
 # on CPU, per-group gathers cost more than the masked scores they save in rows of 512 tokens or
 # fewer, and save 1.5-2x of the attention at 1024 (docs/benchmarks.md).
@@ -157,15 +157,17 @@ class DocumentGroups:
     attention never lets a real query see those pads, and their outputs are dropped.
     """
 
-    index: list[torch.Tensor]  # per group, (n, L): flat token index (row * T + t) into the batch
-    valid: list[torch.Tensor]  # per group, (n, L): True on real tokens
-    order: torch.Tensor  # (B * T,): each token's place among the groups' concatenated outputs
+    shapes: list[tuple[int, int]]  # (n, L) of each group
+    index: torch.Tensor  # (sum n * L,): flat token index (row * T + t) of every padded slot
+    position: torch.Tensor  # (B * T,): each token's slot in `index`
 
 
 def document_groups(doc: torch.Tensor) -> DocumentGroups:
-    """Group the documents (runs of equal id in a row) of `doc` (B, T) by length: longest first,
-    a group takes every next document at least half its longest (or all below `_GROUP_FLOOR`),
-    so padding at most doubles a document's length."""
+    """Group the documents (runs of equal id in a row) of `doc` (B, T) by length.
+
+    Sorted longest first, the documents are cut into runs that minimise the computed scores
+    plus a fixed cost per call: a run of n documents, the longest L, costs n * L^2 +
+    `_CALL_COST` (an exact dynamic programme over the cut points)."""
     b, t = doc.shape
     flat = doc.reshape(-1)
     new_doc = torch.ones_like(flat, dtype=torch.bool)
@@ -174,25 +176,32 @@ def document_groups(doc: torch.Tensor) -> DocumentGroups:
     starts = new_doc.nonzero().squeeze(1)
     lengths = torch.diff(starts, append=starts.new_tensor([b * t]))
     by_length = sorted(zip(lengths.tolist(), starts.tolist()), reverse=True)
-    groups: list[list[tuple[int, int]]] = []
-    for n, s in by_length:
-        if groups and (2 * n >= groups[-1][0][0] or groups[-1][0][0] <= _GROUP_FLOOR):
-            groups[-1].append((n, s))
-        else:
-            groups.append([(n, s)])
-    index, valid, kept = [], [], []
+    n = len(by_length)
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of grouping the j longest documents
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            cost = best[i] + (j - i) * by_length[i][0] ** 2 + _CALL_COST
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j:
+        groups.append(by_length[cut[j] : j])
+        j = cut[j]
+    groups.reverse()
+    shapes, index, position = [], [], torch.empty(b * t, dtype=torch.long, device=doc.device)
+    slot = 0
     for group in groups:
         n, s = (doc.new_tensor(c, dtype=torch.long) for c in zip(*group))
         offsets = torch.arange(group[0][0], device=doc.device)
         real = offsets[None] < n[:, None]
         idx = torch.where(real, s[:, None] + offsets[None], s[:, None])
-        index.append(idx)
-        valid.append(real)
-        kept.append(idx[real])
-    order = torch.empty(b * t, dtype=torch.long, device=doc.device)
-    concat = torch.cat(kept)
-    order[concat] = torch.arange(len(concat), device=doc.device)
-    return DocumentGroups(index, valid, order)
+        slots = slot + torch.arange(idx.numel(), device=doc.device).view_as(idx)
+        position[idx[real]] = slots[real]
+        shapes.append(tuple(idx.shape))
+        index.append(idx.flatten())
+        slot += idx.numel()
+    return DocumentGroups(shapes, torch.cat(index), position)
 
 
 @torch.compiler.disable  # data-dependent shapes: compiled blocks call it eagerly
@@ -206,18 +215,16 @@ def _varlen(
     def tokens(x: torch.Tensor) -> torch.Tensor:  # (B, H, T, D) -> (B * T, H, D)
         return x.transpose(1, 2).reshape(b * t, x.shape[1], d)
 
-    qt, kt, vt = tokens(q), tokens(k), tokens(v)
+    # One gather per tensor and one for the output: the backward of each is then a single
+    # scatter, not one full-size zero fill per group.
+    sizes = [n * length for n, length in groups.shapes]
+    per_group = zip(*(tokens(x)[groups.index].split(sizes) for x in (q, k, v)), groups.shapes)
     outs = []
-    for idx, real in zip(groups.index, groups.valid):
-        out = F.scaled_dot_product_attention(
-            qt[idx].transpose(1, 2),
-            kt[idx].transpose(1, 2),
-            vt[idx].transpose(1, 2),
-            is_causal=True,
-            enable_gqa=enable_gqa,
-        )
-        outs.append(out.transpose(1, 2)[real])
-    return torch.cat(outs)[groups.order].view(b, t, h, d).transpose(1, 2)
+    for qg, kg, vg, (n, length) in per_group:
+        qg, kg, vg = (x.view(n, length, x.shape[1], d).transpose(1, 2) for x in (qg, kg, vg))
+        out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, enable_gqa=enable_gqa)
+        outs.append(out.transpose(1, 2).reshape(n * length, h, d))
+    return torch.cat(outs)[groups.position].view(b, t, h, d).transpose(1, 2)
 
 
 def _additive(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
