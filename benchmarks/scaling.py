@@ -232,7 +232,7 @@ def run(attention_reps: int = 2) -> dict[str, Any]:
     )
     out = {
         "settings": {
-            "model": "CLIP ViT 64px/8 128x3 -> MLP(2) 64 tokens -> Llama 256x4 (fp32, SDPA)",
+            "model": "CLIP ViT 64px/8 128x3 -> MLP(2) 64 tokens -> Llama 256x4 (fp32)",
             "documents": "512 tokens each, attention: auto",
             "torch_threads": threads,
             "steps_per_point": "1 warm-up + 1 timed",
