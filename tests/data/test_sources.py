@@ -14,7 +14,6 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mm1.data import sources
 from mm1.data.catalog import count_records, detect_format, inspect_source, list_shards
 from mm1.data.sources import (
     READERS,
@@ -28,6 +27,7 @@ from mm1.data.sources import (
     read_text,
     read_wds_shard,
     reset_warning_counts,
+    wds,
 )
 
 
@@ -88,8 +88,8 @@ def test_wds_reads_samples(tmp_path):
 def test_wds_start_skips_without_decoding(tmp_path, monkeypatch):
     _write_tar(tmp_path / "s.tar", _wds_members(6))
     decoded = []
-    real = sources.decode_image
-    monkeypatch.setattr(sources, "decode_image", lambda data: decoded.append(1) or real(data))
+    real = wds.decode_image
+    monkeypatch.setattr(wds, "decode_image", lambda data: decoded.append(1) or real(data))
     docs = list(read_wds_shard(tmp_path / "s.tar", start=4))
     assert [d.meta["__index__"] for d in docs] == [4, 5]
     assert [d.parts[1] for d in docs] == ["caption 4", "caption 5"]

@@ -17,19 +17,11 @@ from typing import Any
 from PIL import Image
 
 from mm1.data.document import Conversation, Document
-from mm1.data.sources import (
-    _SHARD_EXTS,
-    FORMATS,
-    IMAGE_TAG,
-    READERS,
-    ReadStats,
-    _coco_entries,
-    _is_parquet,
-    _open_text,
-    _sample_indices,
-    _split_key,
-    llava_yaml_datasets,
-)
+from mm1.data.sources import FORMATS, IMAGE_TAG, READERS, SHARD_EXTS, ReadStats, llava_yaml_datasets
+from mm1.data.sources.base import is_parquet, open_text
+from mm1.data.sources.llava import sample_indices
+from mm1.data.sources.text import coco_entries
+from mm1.data.sources.wds import split_key
 
 
 def _natural_key(path: Path) -> list[Any]:
@@ -59,9 +51,9 @@ def list_shards(path_or_glob: str | Path, fmt: str) -> list[Path]:
     Accepts a file, a directory (its files with the format's extensions; searched recursively
     when there are none at the top), a glob (`data/*.tar`, `**` allowed) or a WebDataset brace
     range (`shards/{00000..00009}.tar`)."""
-    if fmt not in _SHARD_EXTS:
+    if fmt not in SHARD_EXTS:
         raise ValueError(f"unknown data format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    exts = _SHARD_EXTS[fmt]
+    exts = SHARD_EXTS[fmt]
     found: set[Path] = set()
     for pattern in _brace_expand(str(path_or_glob)):
         p = Path(pattern)
@@ -97,31 +89,31 @@ def count_records(path: str | Path, fmt: str) -> int:
                     if m is None:
                         break
                     if m.isfile():
-                        key = _split_key(m.name)[0]
+                        key = split_key(m.name)[0]
                         n += key != last
                         last = key
         except (tarfile.TarError, OSError, EOFError):
             pass
         return n
-    if fmt in ("obelics", "text") and _is_parquet(path):
+    if fmt in ("obelics", "text") and is_parquet(path):
         import pyarrow.parquet as pq
 
         return pq.ParquetFile(path).metadata.num_rows
     if fmt in ("mmc4", "text") or (fmt == "llava" and path.name.lower().endswith(".jsonl")):
-        with _open_text(path) as f:
+        with open_text(path) as f:
             return sum(1 for line in f if line.strip())
     if fmt == "llava":
-        with _open_text(path) as f:
+        with open_text(path) as f:
             data = json.load(f)
         return len(data) if isinstance(data, list) else 0
     if fmt == "coco":
-        return len(_coco_entries(path))
+        return len(coco_entries(path))
     if fmt == "llava_yaml":
         total = 0
         for i, ds in enumerate(llava_yaml_datasets(path)):
             n = count_records(ds["json_path"], "llava")
             where = f"{path}: dataset {ds['json_path_as_written']}"
-            total += len(_sample_indices(n, ds["sampling_strategy"], random.Random(i), where))
+            total += len(sample_indices(n, ds["sampling_strategy"], random.Random(i), where))
         return total
     raise ValueError(f"unknown data format {fmt!r}: expected one of {', '.join(FORMATS)}")
 
@@ -130,7 +122,7 @@ def detect_format(path: str | Path) -> str:
     """Guess the format of a file, directory or glob from extensions and content."""
     p = Path(path)
     if p.is_dir() or globlib.has_magic(str(path)):
-        all_exts = tuple(sorted({e for exts in _SHARD_EXTS.values() for e in exts}))
+        all_exts = tuple(sorted({e for exts in SHARD_EXTS.values() for e in exts}))
         if p.is_dir():
             candidates = sorted(
                 (f for f in p.rglob("*") if f.is_file() and _has_ext(f, all_exts)),
@@ -145,9 +137,9 @@ def detect_format(path: str | Path) -> str:
             raise ValueError(f"{path}: no data files with a known extension found")
         return detect_format(candidates[0])
     name = p.name.lower()
-    if name.endswith(_SHARD_EXTS["wds"]):
+    if name.endswith(SHARD_EXTS["wds"]):
         return "wds"
-    if name.endswith(_SHARD_EXTS["llava_yaml"]):
+    if name.endswith(SHARD_EXTS["llava_yaml"]):
         return "llava_yaml"
     if name.endswith(".parquet"):
         import pyarrow.parquet as pq
@@ -155,7 +147,7 @@ def detect_format(path: str | Path) -> str:
         names = pq.ParquetFile(p).schema_arrow.names
         return "obelics" if "images" in names and "texts" in names else "text"
     if name.endswith((".jsonl", ".jsonl.gz")):
-        with _open_text(p) as f:
+        with open_text(p) as f:
             first = next((line for line in f if line.strip()), "")
         try:
             obj = json.loads(first)

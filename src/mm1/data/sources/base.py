@@ -1,0 +1,284 @@
+"""What every reader shares: errors, read statistics and rate-limited warnings, image
+decoding, and iteration over parquet rows and JSONL records (resumable from a record index)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+IMAGE_TAG = "<image>"
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+CAPTION_EXTS = ("txt", "caption")
+
+
+class DataError(RuntimeError):
+    """A data source is unusable (too many bad records, a malformed file)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics and warnings
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReadStats:
+    """What readers saw: `records` yielded, `images` decoded, `skipped` records per reason."""
+
+    records: int = 0
+    images: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    dropped_images: int = 0  # bad images left out of kept documents (`drop_bad_images=True`)
+
+    def skip(self, reason: str, n: int = 1) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + n
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    @property
+    def seen(self) -> int:
+        """Records yielded plus records skipped."""
+        return self.records + self.num_skipped
+
+    @property
+    def error_rate(self) -> float:
+        """Skipped records as a fraction of all records seen (0.0 when nothing was seen)."""
+        return self.num_skipped / self.seen if self.seen else 0.0
+
+    def merge(self, other: ReadStats) -> ReadStats:
+        """Add `other`'s counts into this one (in place); returns self."""
+        self.records += other.records
+        self.images += other.images
+        self.dropped_images += other.dropped_images
+        for reason, n in other.skipped.items():
+            self.skip(reason, n)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "records": self.records,
+            "images": self.images,
+            "skipped": dict(sorted(self.skipped.items())),
+            "dropped_images": self.dropped_images,
+            "error_rate": self.error_rate,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ReadStats:
+        return cls(
+            int(d["records"]),
+            int(d.get("images", 0)),
+            dict(d.get("skipped", {})),
+            int(d.get("dropped_images", 0)),
+        )
+
+
+def check_error_rate(
+    stats: ReadStats, max_error_rate: float, source: str, min_seen: int = 0
+) -> None:
+    """Raise `DataError` naming `source` when more than `max_error_rate` of its records were bad.
+
+    Nothing is checked before `min_seen` records were seen (so one bad first record does not count
+    as a 100% error rate when called early).
+    """
+    if stats.seen == 0 or stats.seen < min_seen:
+        return
+    if stats.error_rate > max_error_rate:
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(stats.skipped.items()))
+        raise DataError(
+            f"data source {source!r}: {stats.num_skipped} of {stats.seen} records were skipped "
+            f"({stats.error_rate:.1%}), more than max_error_rate={max_error_rate:.1%} "
+            f"({reasons}). Fix or remove the bad shards, or raise the threshold in the config."
+        )
+
+
+_WARN_FIRST = 5
+_warn_counts: Counter[str] = Counter()
+
+
+def reset_warning_counts() -> None:
+    """Forget how many warnings were logged (they are rate-limited per reason and process)."""
+    _warn_counts.clear()
+
+
+def skip_record(stats: ReadStats, reason: str, where: str, detail: str = "") -> None:
+    """Count a skipped record and log a warning."""
+    stats.skip(reason)
+    warn_skip(reason, where, detail)
+
+
+def warn_skip(reason: str, where: str, detail: str = "") -> None:
+    """Log a warning: the first 5 per reason (per process), then only at powers of 2."""
+    _warn_counts[reason] += 1
+    n = _warn_counts[reason]
+    if n <= _WARN_FIRST or n & (n - 1) == 0:
+        more = (
+            f" [{n} '{reason}' so far; further ones are rate-limited]" if n >= _WARN_FIRST else ""
+        )
+        logger.warning("skipped %s: %s%s%s", where, reason, f" ({detail})" if detail else "", more)
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------
+
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        canvas.alpha_composite(rgba)
+        return canvas.convert("RGB")
+    return im.convert("RGB")
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode encoded image bytes to an RGB image (transparent pixels composited on white).
+
+    Raises OSError/ValueError/… for corrupt or truncated data."""
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        return _to_rgb(im)
+
+
+def load_image_file(path: Path) -> Image.Image:
+    return decode_image(path.read_bytes())
+
+
+class BadImage(Exception):
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def image_from_path(path: Path) -> Image.Image:
+    if not path.is_file():
+        raise BadImage("missing_image", f"no file {path}")
+    try:
+        return load_image_file(path)
+    except IMAGE_ERRORS as e:
+        raise BadImage("corrupt_image", f"{path}: {e}") from None
+
+
+def image_from_bytes(data: bytes) -> Image.Image:
+    try:
+        return decode_image(bytes(data))
+    except IMAGE_ERRORS as e:
+        raise BadImage("corrupt_image", str(e)) from None
+
+
+def default_image_dir(data_path: Path) -> Path:
+    images = data_path.parent / "images"
+    return images if images.is_dir() else data_path.parent
+
+
+# ----------------------------------------------------------------------------------------------
+# Parquet and JSONL row iteration
+# ----------------------------------------------------------------------------------------------
+
+
+def parquet_rows(
+    path: Path,
+    columns: list[str],
+    start: int,
+    stats: ReadStats,
+    required: tuple[str, ...],
+    batch_size: int = 256,
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (row index, {column: value}) from `start` on; whole row groups before `start` are
+    skipped without being read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        skip_record(stats, "corrupt_file", str(path), str(e))
+        return
+    names = pf.schema_arrow.names
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise DataError(f"{path}: parquet file lacks column(s) {missing}; it has {names}")
+    cols = [c for c in columns if c in names]
+    group_start = 0
+    try:
+        for rg in range(pf.num_row_groups):
+            n = pf.metadata.row_group(rg).num_rows
+            if group_start + n <= start:
+                group_start += n
+                continue
+            row = group_start
+            for batch in pf.iter_batches(batch_size=batch_size, row_groups=[rg], columns=cols):
+                first, row = row, row + batch.num_rows
+                if row <= start:
+                    continue
+                offset = max(0, start - first)
+                data = batch.slice(offset).to_pydict()
+                for k in range(batch.num_rows - offset):
+                    yield first + offset + k, {c: data[c][k] for c in cols}
+            group_start += n
+    except (pa.ArrowException, OSError) as e:
+        skip_record(stats, "corrupt_file", str(path), f"stopped reading: {e}")
+
+
+def open_text(path: Path) -> io.TextIOBase:
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")  # type: ignore[return-value]
+    return open(path, encoding="utf-8", errors="replace")  # type: ignore[return-value]
+
+
+def jsonl_records(path: Path, start: int, stats: ReadStats) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (record index, object) per non-blank line from `start` on; lines before `start` are
+    not parsed. Malformed lines are skipped and counted (`malformed_json`)."""
+    index = -1
+    try:
+        with open_text(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                index += 1
+                if index < start:
+                    continue
+                try:
+                    obj = json.loads(line)
+                except ValueError as e:
+                    skip_record(stats, "malformed_json", f"{path}:{lineno}", str(e))
+                    continue
+                if not isinstance(obj, dict):
+                    skip_record(stats, "malformed_record", f"{path}:{lineno}", "not a JSON object")
+                    continue
+                yield index, obj
+    except (EOFError, gzip.BadGzipFile, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        skip_record(stats, "corrupt_file", str(path), f"stopped reading: {e}")
+
+
+def is_parquet(path: Path) -> bool:
+    return path.name.lower().endswith(".parquet")
+
+
+def loads_maybe(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value

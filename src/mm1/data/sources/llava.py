@@ -1,0 +1,271 @@
+"""SFT conversations: LLaVA JSON / JSONL and LLaVA-NeXT's YAML list of datasets."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from mm1.data.document import Conversation
+from mm1.data.sources.base import (
+    IMAGE_TAG,
+    BadImage,
+    DataError,
+    ReadStats,
+    default_image_dir,
+    image_from_path,
+    jsonl_records,
+    open_text,
+    skip_record,
+)
+
+_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+
+
+def _llava_records(path: Path, stats: ReadStats) -> Iterator[tuple[int, dict[str, Any]]]:
+    if path.name.lower().endswith((".jsonl", ".jsonl.gz")):
+        yield from jsonl_records(path, 0, stats)
+        return
+    try:
+        with open_text(path) as f:
+            data = json.load(f)
+    except ValueError as e:
+        raise DataError(f"{path}: not valid JSON ({e}); LLaVA data is a JSON list") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: LLaVA data must be a JSON list, got {type(data).__name__}")
+    for index, rec in enumerate(data):
+        if not isinstance(rec, dict):
+            skip_record(stats, "malformed_record", f"{path}: record {index}", "not a JSON object")
+            continue
+        yield index, rec
+
+
+def _llava_conversation(
+    rec: dict[str, Any],
+    index: int,
+    path: Path,
+    image_folder: Path,
+    stats: ReadStats,
+    source: str,
+) -> Conversation | None:
+    where = f"{path}: record {index}"
+    turns = rec.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        skip_record(stats, "empty_document", where, "no conversations")
+        return None
+    messages: list[dict[str, str]] = []
+    for turn in turns:
+        role = value = None
+        if isinstance(turn, dict):
+            role = _ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
+            value = turn.get("value", turn.get("content"))
+        if role is None or not isinstance(value, str):
+            skip_record(stats, "malformed_record", where, f"bad turn {turn!r:.200}")
+            return None
+        messages.append({"role": role, "content": value})
+    image_field = rec.get("image", rec.get("images"))
+    if image_field is None:
+        files: list[str] = []
+    elif isinstance(image_field, str):
+        files = [image_field]
+    elif isinstance(image_field, list) and all(isinstance(x, str) for x in image_field):
+        files = list(image_field)
+    else:
+        skip_record(stats, "malformed_record", where, "`image` must be a path or a list of paths")
+        return None
+    n_tags = sum(m["content"].count(IMAGE_TAG) for m in messages)
+    if len(files) == 1 and n_tags == 0:
+        first_user = next((m for m in messages if m["role"] == "user"), None)
+        if first_user is None:
+            skip_record(stats, "image_count_mismatch", where, "one image but no user turn")
+            return None
+        first_user["content"] = f"{IMAGE_TAG}\n{first_user['content']}"
+    elif n_tags != len(files):
+        skip_record(
+            stats,
+            "image_count_mismatch",
+            where,
+            f"{n_tags} {IMAGE_TAG} tag(s) for {len(files)} image(s)",
+        )
+        return None
+    images = []
+    for name in files:
+        p = Path(name)
+        try:
+            images.append(image_from_path(p if p.is_absolute() else image_folder / p))
+        except BadImage as e:
+            skip_record(stats, e.reason, where, e.detail)
+            return None
+    meta = {k: v for k, v in rec.items() if k != "conversations"}
+    meta.update({"__shard__": str(path), "__index__": index})
+    stats.records += 1
+    stats.images += len(images)
+    conv_id = rec.get("id")
+    return Conversation(
+        id=str(conv_id) if conv_id is not None else f"{path.name}:{index}",
+        images=images,
+        messages=messages,
+        source=source,
+        meta=meta,
+    )
+
+
+def read_llava(
+    path: str | Path,
+    image_folder: str | Path | None = None,
+    stats: ReadStats | None = None,
+    *,
+    start: int = 0,
+    source: str = "sft",
+) -> Iterator[Conversation]:
+    """Read LLaVA SFT data: a JSON list (.json) or one record per line (.jsonl).
+
+    Record: {id, image (a path relative to `image_folder`, a list of paths for multi-image, or
+    absent for text-only), conversations: [{from: human|gpt|system, value}]}. Roles map to
+    user/assistant/system. Each `<image>` tag marks where the next image goes, and the number of
+    tags must equal the number of images — except one image with no tag, where `<image>\\n` is
+    prepended to the first user turn as LLaVA does; any other mismatch is a bad record
+    (`image_count_mismatch`). `image_folder` defaults to the file's `images/` subfolder if it
+    exists, else its directory. A whole .json file that is not valid JSON raises `DataError`.
+    """
+    path = Path(path)
+    stats = ReadStats() if stats is None else stats
+    folder = Path(image_folder) if image_folder is not None else default_image_dir(path)
+    for index, rec in _llava_records(path, stats):
+        if index < start:
+            continue
+        conv = _llava_conversation(rec, index, path, folder, stats, source)
+        if conv is not None:
+            yield conv
+
+
+def sample_indices(n: int, strategy: str, rng: random.Random, where: str) -> list[int]:
+    """LLaVA-NeXT's sampling strategies over `n` records.
+
+    `all`; `first:N` (the first N); `end:N` (the last N); `random:N` (N drawn at random, here with
+    a seeded RNG and kept in file order). N may be a percentage (`10%`), rounded up as LLaVA-NeXT
+    does (ceil(p·n/100)); N larger than n means all. Deviation: `end:0` selects nothing (LLaVA-NeXT's
+    `list[-0:]` would select everything).
+    """
+    s = str(strategy).strip()
+    if s == "all":
+        return list(range(n))
+    name, sep, number = s.partition(":")
+    if not sep or name not in ("first", "end", "random") or not number.strip():
+        raise ValueError(
+            f"{where}: unknown sampling_strategy {s!r}; expected all, first:N, end:N or random:N "
+            "(N a count or a percentage such as 10%)"
+        )
+    number = number.strip()
+    try:
+        k = math.ceil(float(number[:-1]) * n / 100) if number.endswith("%") else int(number)
+    except ValueError:
+        raise ValueError(f"{where}: bad number in sampling_strategy {s!r}") from None
+    if k < 0:
+        raise ValueError(f"{where}: negative number in sampling_strategy {s!r}")
+    k = min(k, n)
+    if name == "first":
+        return list(range(k))
+    if name == "end":
+        return list(range(n - k, n))
+    return sorted(rng.sample(range(n), k))
+
+
+def llava_yaml_datasets(
+    yaml_path: str | Path, image_folder: str | Path | None = None
+) -> list[dict[str, Any]]:
+    """The datasets a LLaVA-NeXT YAML lists: [{json_path, sampling_strategy, image_folder}].
+
+    Relative `json_path`/`image_folder` are resolved against the YAML's directory. A dataset's
+    `image_folder` key (an mm1 extension; LLaVA-NeXT takes one `--image_folder` for all) overrides
+    the `image_folder` argument, which defaults to the json's `images/` subfolder or directory.
+    """
+    import yaml
+
+    yaml_path = Path(yaml_path)
+    data = yaml.safe_load(yaml_path.read_text())
+    datasets = data.get("datasets") if isinstance(data, dict) else None
+    if not isinstance(datasets, list) or not datasets:
+        raise DataError(f"{yaml_path}: expected a `datasets:` list of {{json_path, ...}} entries")
+    out = []
+    for i, ds in enumerate(datasets):
+        if not isinstance(ds, dict) or not isinstance(ds.get("json_path"), str):
+            raise DataError(f"{yaml_path}: dataset {i} has no `json_path`")
+        json_path = Path(ds["json_path"])
+        if not json_path.is_absolute():
+            json_path = yaml_path.parent / json_path
+        folder = ds.get("image_folder", image_folder)
+        if folder is None:
+            folder_path = default_image_dir(json_path)
+        else:
+            folder_path = Path(folder)
+            if not folder_path.is_absolute():
+                folder_path = yaml_path.parent / folder_path
+        out.append(
+            {
+                "json_path": json_path,
+                "json_path_as_written": ds["json_path"],
+                "sampling_strategy": str(ds.get("sampling_strategy", "all")),
+                "image_folder": folder_path,
+            }
+        )
+    return out
+
+
+def read_llava_yaml(
+    yaml_path: str | Path,
+    seed: int = 0,
+    stats: ReadStats | None = None,
+    *,
+    start: int = 0,
+    image_folder: str | Path | None = None,
+    source: str = "sft",
+) -> Iterator[Conversation]:
+    """Read every dataset of a LLaVA-NeXT data YAML, applying its `sampling_strategy`.
+
+        datasets:
+          - json_path: llava_v1_5_mix665k.json
+            sampling_strategy: first:10%     # all | first:N | end:N | random:N  (N or N%)
+            image_folder: images             # optional (mm1 extension)
+
+    `random:` is deterministic for a given `seed` (LLaVA-NeXT shuffles with the global RNG); the
+    chosen records keep their file order. Records are selected among the file's parseable records
+    (as LLaVA-NeXT counts loaded records), then converted (bad ones skipped and counted).
+    Each conversation's meta gets `dataset` (the json path as written in the YAML) and
+    `__record__` (its index in that file); `__index__` is its position in the sequence of all
+    selected records of the YAML, which is what `start` skips (without loading images) and what
+    `count_records(yaml, "llava_yaml")` counts.
+    """
+    stats = ReadStats() if stats is None else stats
+    position = 0
+    for i, ds in enumerate(llava_yaml_datasets(yaml_path, image_folder)):
+        records = list(_llava_records(ds["json_path"], ReadStats() if position < start else stats))
+        rng = random.Random(f"{seed}/{i}/{ds['json_path_as_written']}")
+        where = f"{yaml_path}: dataset {ds['json_path_as_written']}"
+        for k in sample_indices(len(records), ds["sampling_strategy"], rng, where):
+            position += 1
+            if position <= start:
+                continue
+            index, rec = records[k]
+            conv = _llava_conversation(
+                rec, index, ds["json_path"], ds["image_folder"], stats, source
+            )
+            if conv is not None:
+                conv.meta.update(
+                    {
+                        "dataset": ds["json_path_as_written"],
+                        "__record__": index,
+                        "__index__": position - 1,
+                        "__shard__": str(yaml_path),
+                    }
+                )
+                yield conv

@@ -1,0 +1,107 @@
+"""Text-only documents (jsonl / parquet) and COCO-style caption files."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from mm1.data.document import Document
+from mm1.data.sources.base import (
+    BadImage,
+    DataError,
+    ReadStats,
+    default_image_dir,
+    image_from_path,
+    is_parquet,
+    jsonl_records,
+    open_text,
+    parquet_rows,
+    skip_record,
+)
+
+
+def read_text(
+    path: str | Path,
+    start: int = 0,
+    stats: ReadStats | None = None,
+    field: str = "text",
+    source: str = "text",
+) -> Iterator[Document]:
+    """Read text-only documents from jsonl (.jsonl, .jsonl.gz) or parquet (by extension).
+
+    One `Document([text])` per record; records whose `field` is missing or blank are skipped as
+    `empty_document`. `id` is the record's `id` when present."""
+    path = Path(path)
+    stats = ReadStats() if stats is None else stats
+    if is_parquet(path):
+        rows = parquet_rows(path, [field, "id"], start, stats, required=(field,))
+    else:
+        rows = jsonl_records(path, start, stats)
+    for index, rec in rows:
+        text = rec.get(field)
+        if not isinstance(text, str) or not text.strip():
+            skip_record(stats, "empty_document", f"{path}: record {index}", f"no text in `{field}`")
+            continue
+        meta = {k: v for k, v in rec.items() if k != field}
+        meta.update({"__shard__": str(path), "__index__": index})
+        doc_id = rec.get("id")
+        stats.records += 1
+        yield Document(
+            id=str(doc_id) if doc_id is not None else f"{path.name}:{index}",
+            source=source,
+            parts=[text],
+            meta=meta,
+        )
+
+
+def coco_entries(path: Path) -> list[tuple[dict[str, Any], list[str]]]:
+    """(image record, its captions) in the file's image order."""
+    try:
+        with open_text(path) as f:
+            data = json.load(f)
+    except ValueError as e:
+        raise DataError(f"{path}: not valid JSON ({e}); expected COCO captions JSON") from None
+    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+        raise DataError(f"{path}: COCO captions JSON needs 'images' and 'annotations'")
+    captions: dict[Any, list[str]] = {}
+    for ann in data["annotations"]:
+        captions.setdefault(ann.get("image_id"), []).append(ann.get("caption", ""))
+    return [(im, captions.get(im.get("id"), [])) for im in data["images"]]
+
+
+def read_coco_captions(
+    path: str | Path,
+    start: int = 0,
+    stats: ReadStats | None = None,
+    image_root: Path | str | None = None,
+    source: str = "captions",
+) -> Iterator[Document]:
+    """Caption pairs from a COCO-captions JSON (COCO, NoCaps, TextCaps layout): one
+    `Document([image, caption])` per image with its first caption; the image is `file_name`
+    under `image_root` (default: an `images/` folder next to the file, else its folder). Records
+    are the images in file order; an image without a caption is skipped as `missing_caption`."""
+    path = Path(path)
+    stats = ReadStats() if stats is None else stats
+    root = Path(image_root) if image_root is not None else default_image_dir(path)
+    for index, (im, caps) in enumerate(coco_entries(path)):
+        if index < start:
+            continue
+        where = f"{path}: image {im.get('id')}"
+        caption = next((c.strip() for c in caps if isinstance(c, str) and c.strip()), None)
+        if caption is None:
+            skip_record(stats, "missing_caption", where)
+            continue
+        try:
+            image = image_from_path(root / str(im.get("file_name", "")))
+        except BadImage as e:
+            skip_record(stats, e.reason, where, e.detail)
+            continue
+        stats.records += 1
+        stats.images += 1
+        meta = {k: v for k, v in im.items()}
+        meta.update({"captions": caps, "__shard__": str(path), "__index__": index})
+        yield Document(
+            id=str(im.get("id", index)), source=source, parts=[image, caption], meta=meta
+        )

@@ -1,0 +1,154 @@
+"""WebDataset (img2dataset) tar shards: image + .txt caption + .json per sample."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from mm1.data.document import Document
+from mm1.data.sources.base import (
+    CAPTION_EXTS,
+    IMAGE_ERRORS,
+    IMAGE_EXTS,
+    ReadStats,
+    decode_image,
+    skip_record,
+)
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """WebDataset's convention: key = path up to the first dot of the file name."""
+    directory, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), ext.lower()
+
+
+def _tar_end_ok(tf: tarfile.TarFile) -> bool:
+    """A complete tar has an end-of-archive marker (zero blocks) where the next header would be;
+    Python's tarfile silently stops at a header cut short or missing, so check it ourselves."""
+    try:
+        tf.fileobj.seek(tf.offset)
+        block = tf.fileobj.read(512)
+    except (OSError, EOFError):
+        return False
+    return len(block) == 512 and block.count(0) == 512
+
+
+def _iter_tar_groups(
+    tf: tarfile.TarFile,
+) -> Iterator[tuple[str, dict[str, tarfile.TarInfo], bool, str]]:
+    """Yield (key, members by extension, complete, problem) per sample; only the last group of a
+    broken tar can be incomplete (complete=False, problem says why)."""
+    cur_key: str | None = None
+    cur: dict[str, tarfile.TarInfo] = {}
+    problem = ""
+    while True:
+        try:
+            m = tf.next()
+        except (tarfile.TarError, OSError, EOFError) as e:
+            problem = str(e) or type(e).__name__
+            break
+        if m is None:
+            break
+        if not m.isfile():
+            continue
+        key, ext = split_key(m.name)
+        if key != cur_key:
+            if cur_key is not None:
+                yield cur_key, cur, True, ""
+            cur_key, cur = key, {}
+        cur[ext] = m
+    if not problem and not _tar_end_ok(tf):
+        problem = "no end-of-archive marker: the file was cut short"
+    if cur_key is not None:
+        yield cur_key, cur, not problem, problem
+    elif problem:
+        yield "", {}, False, problem
+
+
+def read_wds_shard(
+    path: str | Path,
+    start: int = 0,
+    stats: ReadStats | None = None,
+    source: str = "captions",
+) -> Iterator[Document]:
+    """Read an img2dataset WebDataset tar shard: one `Document([image, caption])` per sample.
+
+    Members are grouped by key (the name up to the first dot); the image comes from the
+    jpg/jpeg/png/webp member, the caption from `.txt` (else the json's `caption`). `id` is the key,
+    `meta` the sample's json plus `__key__`, `__shard__`, `__index__`. The first `start` samples are
+    skipped without reading their data. A tar cut short yields every complete sample before the
+    cut; the sample at the cut is dropped and counted as `truncated_tar`.
+    """
+    path = Path(path)
+    stats = ReadStats() if stats is None else stats
+    try:
+        tf = tarfile.open(path, "r:*")  # noqa: SIM115 (closed by the `with` below)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        skip_record(stats, "corrupt_tar", str(path), f"unreadable tar: {e}")
+        return
+    with tf:
+        for index, (key, members, complete, problem) in enumerate(_iter_tar_groups(tf)):
+            if not complete:
+                skip_record(stats, "truncated_tar", f"{path}:{key or '<start>'}", problem)
+                return
+            if index < start:
+                continue
+            doc = _wds_sample(tf, path, key, members, index, stats, source)
+            if doc is not None:
+                yield doc
+
+
+def _wds_sample(
+    tf: tarfile.TarFile,
+    path: Path,
+    key: str,
+    members: dict[str, tarfile.TarInfo],
+    index: int,
+    stats: ReadStats,
+    source: str,
+) -> Document | None:
+    where = f"{path}:{key}"
+
+    def read(m: tarfile.TarInfo) -> bytes:
+        f = tf.extractfile(m)
+        return f.read() if f is not None else b""
+
+    try:
+        meta: dict[str, Any] = {}
+        if "json" in members:
+            try:
+                loaded = json.loads(read(members["json"]))
+                meta = loaded if isinstance(loaded, dict) else {}
+            except (ValueError, UnicodeDecodeError):
+                meta = {}
+        caption = None
+        for ext in CAPTION_EXTS:
+            if ext in members:
+                caption = read(members[ext]).decode("utf-8", errors="replace")
+                break
+        if caption is None and isinstance(meta.get("caption"), str):
+            caption = meta["caption"]
+        image_member = next((members[e] for e in IMAGE_EXTS if e in members), None)
+        if image_member is None:
+            skip_record(stats, "missing_image", where)
+            return None
+        if caption is None or not caption.strip():
+            skip_record(stats, "missing_caption", where)
+            return None
+        data = read(image_member)
+    except (tarfile.TarError, OSError) as e:
+        skip_record(stats, "truncated_tar", where, str(e))
+        return None
+    try:
+        image = decode_image(data)
+    except IMAGE_ERRORS as e:
+        skip_record(stats, "corrupt_image", where, str(e))
+        return None
+    meta.update({"__key__": key, "__shard__": str(path), "__index__": index})
+    stats.records += 1
+    stats.images += 1
+    return Document(id=key, source=source, parts=[image, caption.strip()], meta=meta)
