@@ -150,10 +150,11 @@ def ensure_world(image_size: int = 64, size: str = "tiny", seed: int = 0, text_s
     import hashlib
     import inspect
 
-    import mm1.data.scenes as scenes
     import mm1.data.synthetic as synthetic
+    from mm1.data.scenes import documents, language, scene
 
-    source = inspect.getsource(scenes) + inspect.getsource(synthetic)  # the whole generator
+    # the whole generator
+    source = "".join(inspect.getsource(m) for m in (scene, language, documents, synthetic))
     tag = hashlib.sha256(source.encode()).hexdigest()[:8]
     root = WORLDS / f"world-{size}-{image_size}px-text{text_scale:g}-seed{seed}-{tag}"
     if not (root / "world.json").exists():
