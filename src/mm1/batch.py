@@ -17,7 +17,8 @@ class Batch:
     labels        (B, T) long: target of position t = token t+1 of the same document; -100 on
                   image slots, padding, document ends and (SFT) non-assistant tokens.
     position_ids  (B, T) long: restart at 0 for every packed document.
-    document_ids  (B, T) long: attention stays causal inside a document; padding is its own.
+    document_ids  (B, T) long: attention stays causal inside a document; padding is its own;
+                  a document's tokens are contiguous in its row (a run of one id).
     pixel_values  (N, 3, H, W): every image of the batch in slot order, or None.
     source_ids    (B, T) long: which mixture source each token came from (-1 for padding), for
                   per-source losses; optional.

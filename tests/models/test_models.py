@@ -143,9 +143,11 @@ def test_position_embedding_resize_keeps_values_at_same_size_and_interpolates() 
     assert enc(torch.randn(1, 3, 64, 64)).shape == (1, 64, 16)
 
 
-def test_packed_equals_documents_alone_logits_and_loss() -> None:
+@pytest.mark.parametrize("attention", ["sdpa", "varlen"])
+def test_packed_equals_documents_alone_logits_and_loss(attention: str) -> None:
     torch.manual_seed(0)
     model = MM1(tiny_model_config("c_abstractor")).eval()
+    model.decoder.cfg.attention = attention
     gen = torch.Generator().manual_seed(1)
     docs = [
         make_doc(model, [3, 4, 5, 6, 7], 2, gen),
@@ -167,6 +169,37 @@ def test_packed_equals_documents_alone_logits_and_loss() -> None:
         start += len(i)
     assert packed.num_label_tokens == n
     assert packed.loss.item() == pytest.approx(loss_sum / n, rel=1e-5)
+
+
+def test_varlen_single_document_rows_and_one_token_documents() -> None:
+    torch.manual_seed(0)
+    cfg = tiny_model_config().decoder
+    sdpa = Decoder(dataclasses.replace(cfg, attention="sdpa"))
+    varlen = Decoder(dataclasses.replace(cfg, attention="varlen"))
+    varlen.load_state_dict(sdpa.state_dict())
+    ids = torch.randint(0, 64, (3, 12))
+    doc = torch.tensor([[0] * 12, [0, 1, 2] + [3] * 8 + [4], [0] * 6 + [1] * 6])
+    pos = torch.stack(
+        [torch.arange(12), torch.tensor([0, 0, 0, *range(8), 0]), torch.arange(12) % 6]
+    )
+    outs = []
+    for model in (sdpa, varlen):
+        logits = model(ids, position_ids=pos, document_ids=doc)
+        logits.square().mean().backward()
+        outs.append((logits, model.embed_tokens.weight.grad))
+    torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[1][1], outs[0][1], atol=1e-6, rtol=1e-4)
+
+
+def test_document_grouping_scales_to_thousands_of_documents() -> None:
+    """8 rows of 4,096 tokens in 2- to 9-token documents: the programme runs over distinct
+    lengths, so it stays fast, and every token sits in exactly one group slot."""
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(2, 10, (8 * 4096,), generator=gen)
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), lengths)[: 8 * 4096].view(8, 4096)
+    groups = decoder_module.document_groups(doc)
+    assert torch.equal(groups.index[groups.position], torch.arange(8 * 4096))
+    assert len(groups.shapes) <= 8
 
 
 def test_auto_attention_keeps_the_dense_mask_for_short_rows(monkeypatch) -> None:

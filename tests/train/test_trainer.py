@@ -146,6 +146,13 @@ def test_metrics_and_artifacts(tmp_path, world) -> None:
     assert bad.returncode != 0 and "model.decoder.layers" in text
 
 
+def test_attention_backend_is_not_a_change_of_meaning() -> None:
+    from mm1.train.trainer import _meaningful
+
+    keys = ["model.decoder.attention", "model.decoder.layers", "train.log_every", "data.seq_len"]
+    assert _meaningful(keys) == ["model.decoder.layers", "data.seq_len"]
+
+
 def test_weight_decay_shrinks_weights_by_lr_times_point_one() -> None:
     from mm1.config import OptimConfig
     from mm1.train.optim import build_optimizer, lr_factor

@@ -165,43 +165,52 @@ class DocumentGroups:
 def document_groups(doc: torch.Tensor) -> DocumentGroups:
     """Group the documents (runs of equal id in a row) of `doc` (B, T) by length.
 
-    Sorted longest first, the documents are cut into runs that minimise the computed scores
-    plus a fixed cost per call: a run of n documents, the longest L, costs n * L^2 +
-    `_CALL_COST` (an exact dynamic programme over the cut points)."""
+    Documents sorted longest first are cut into groups that minimise the computed scores plus a
+    fixed cost per call: a group of n documents, the longest L, costs n * L^2 + `_CALL_COST`.
+    Cutting inside a run of equal lengths never helps (moving the cut to the run's end lowers
+    the cost), so the exact dynamic programme runs over the distinct lengths only. Built on the
+    CPU from one copy of `doc`, then moved to its device in one transfer per tensor."""
     b, t = doc.shape
-    flat = doc.reshape(-1)
+    rows = doc.cpu()
+    flat = rows.reshape(-1)
     new_doc = torch.ones_like(flat, dtype=torch.bool)
     new_doc[1:] = flat[1:] != flat[:-1]
     new_doc[::t] = True  # a row always starts a document
     starts = new_doc.nonzero().squeeze(1)
     lengths = torch.diff(starts, append=starts.new_tensor([b * t]))
-    by_length = sorted(zip(lengths.tolist(), starts.tolist()), reverse=True)
-    n = len(by_length)
-    best = [0.0] + [float("inf")] * n  # best[j]: cost of grouping the j longest documents
-    cut = [0] * (n + 1)
-    for j in range(1, n + 1):
+    by_length: dict[int, list[int]] = {}
+    for n, s in zip(lengths.tolist(), starts.tolist()):
+        by_length.setdefault(n, []).append(s)
+    distinct = sorted(by_length, reverse=True)
+    counts = [0]
+    for n in distinct:
+        counts.append(counts[-1] + len(by_length[n]))
+    best = [0.0] + [float("inf")] * len(distinct)  # best[j]: cost of the j longest lengths
+    cut = [0] * (len(distinct) + 1)
+    for j in range(1, len(distinct) + 1):
         for i in range(j):
-            cost = best[i] + (j - i) * by_length[i][0] ** 2 + _CALL_COST
+            cost = best[i] + (counts[j] - counts[i]) * distinct[i] ** 2 + _CALL_COST
             if cost < best[j]:
                 best[j], cut[j] = cost, i
-    groups, j = [], n
+    groups, j = [], len(distinct)
     while j:
-        groups.append(by_length[cut[j] : j])
+        groups.append([(n, s) for n in distinct[cut[j] : j] for s in by_length[n]])
         j = cut[j]
     groups.reverse()
-    shapes, index, position = [], [], torch.empty(b * t, dtype=torch.long, device=doc.device)
+    shapes, index, position = [], [], torch.empty(b * t, dtype=torch.long)
     slot = 0
     for group in groups:
-        n, s = (doc.new_tensor(c, dtype=torch.long) for c in zip(*group))
-        offsets = torch.arange(group[0][0], device=doc.device)
+        n, s = (torch.tensor(c) for c in zip(*group))
+        offsets = torch.arange(group[0][0])
         real = offsets[None] < n[:, None]
         idx = torch.where(real, s[:, None] + offsets[None], s[:, None])
-        slots = slot + torch.arange(idx.numel(), device=doc.device).view_as(idx)
+        slots = slot + torch.arange(idx.numel()).view_as(idx)
         position[idx[real]] = slots[real]
         shapes.append(tuple(idx.shape))
         index.append(idx.flatten())
         slot += idx.numel()
-    return DocumentGroups(shapes, torch.cat(index), position)
+    device = doc.device
+    return DocumentGroups(shapes, torch.cat(index).to(device), position.to(device))
 
 
 @torch.compiler.disable  # data-dependent shapes: compiled blocks call it eagerly

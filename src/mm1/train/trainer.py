@@ -30,8 +30,10 @@ from mm1.train.logging import MetricsLogger, read_metrics
 from mm1.train.optim import build_optimizer, mm1_peak_lr
 from mm1.train.parallel import Dist, autocast_dtype, init_distributed, parallelize
 
-# Config keys whose change would change what a resumed run means.
+# Config keys whose change would change what a resumed run means, and keys under them that only
+# change how the same function is computed (a resumed run may switch them freely).
 MEANING_KEYS = ("model", "data", "train.batch_size", "train.micro_batch_size", "train.seed")
+IMPLEMENTATION_KEYS = ("model.decoder.attention",)
 H100_BF16_PEAK = 989e12
 
 
@@ -65,7 +67,10 @@ def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> l
 
 
 def _meaningful(keys: list[str]) -> list[str]:
-    return [k for k in keys if any(k == m or k.startswith(m + ".") for m in MEANING_KEYS)]
+    def under(key: str, prefixes: tuple[str, ...]) -> bool:
+        return any(key == m or key.startswith(m + ".") for m in prefixes)
+
+    return [k for k in keys if under(k, MEANING_KEYS) and not under(k, IMPLEMENTATION_KEYS)]
 
 
 class Trainer:
