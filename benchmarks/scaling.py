@@ -1,12 +1,13 @@
 """Scaling: mm1 training-step time and memory against sequence length and images per sequence.
 
 The small benchmark model (ViT 64 px / 8, 128 x 3; MLP connector, 64 tokens per image; Llama
-decoder 256 x 4, fp32) on synthetic packed rows (`benchmarks.synthetic_batch`: 512-token
-documents, document-masked attention as in training). Two sweeps, each in a fresh subprocess
-run in increasing order (so the process's peak RSS after a point is that point's peak):
+decoder 256 x 4, fp32, the default `attention: auto`) on synthetic packed rows
+(`benchmarks.synthetic_batch`). Three sweeps, each in a fresh subprocess run in increasing order
+(so the process's peak RSS after a point is that point's peak):
 
 - sequence length 1k, 2k, 4k, 8k tokens, one image per 1024 tokens (constant image density,
-  so per-token work is flat except for attention);
+  so per-token work is flat except for attention), in packed 512-token documents and as one
+  document as long as the row (where attention cost takes over);
 - images per 2048-token sequence: 1, 2, 4, 8, 16.
 
 Each point: one warm-up step (counting the bytes autograd saves for backward), then one timed
@@ -43,6 +44,7 @@ from benchmarks.common import (
 VOCAB, IMAGE_ID = 1000, 3
 SEQ_POINTS = (1024, 2048, 4096, 8192)
 IMAGE_POINTS = (1, 2, 4, 8, 16)
+SWEEPS = ("seq", "seq_doc", "images")
 
 
 def saved_bytes(fn) -> int:
@@ -68,14 +70,13 @@ def child(sweep: str) -> dict[str, Any]:
     model = build_mm1(cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     q = cfg.num_image_tokens
-    points = (
-        [(t, max(1, t // 1024)) for t in SEQ_POINTS]
-        if sweep == "seq"
-        else [(2048, n) for n in IMAGE_POINTS]
-    )
+    if sweep == "images":
+        points = [(2048, n, 512) for n in IMAGE_POINTS]
+    else:  # packed 512-token documents, or one document as long as the row
+        points = [(t, max(1, t // 1024), 512 if sweep == "seq" else t) for t in SEQ_POINTS]
     out = []
-    for seq_len, images in points:
-        b = packed_batch(1, seq_len, images, q, 64, VOCAB, IMAGE_ID, doc_len=512)
+    for seq_len, images, doc_len in points:
+        b = packed_batch(1, seq_len, images, q, 64, VOCAB, IMAGE_ID, doc_len=doc_len)
         result: dict[str, Any] = {}
 
         def step(b=b, result=result) -> None:
@@ -96,6 +97,7 @@ def child(sweep: str) -> dict[str, Any]:
         out.append(
             {
                 "seq_len": seq_len,
+                "doc_len": doc_len,
                 "images": images,
                 "step_seconds": best,
                 "ms_per_1k_tokens": 1000 * best / seq_len * 1000,
@@ -154,41 +156,44 @@ def run(attention_reps: int = 2) -> dict[str, Any]:
 
     threads = set_threads()
     cfg = small_config(VOCAB, IMAGE_ID, image_size=64, max_seq_len=max(SEQ_POINTS))
-    sweeps = {
-        s: run_child("benchmarks.scaling", ["--child", s])["points"] for s in ("seq", "images")
-    }
-    for p in sweeps["seq"] + sweeps["images"]:
+    sweeps = {s: run_child("benchmarks.scaling", ["--child", s])["points"] for s in SWEEPS}
+    for p in [p for points in sweeps.values() for p in points]:
         s = summarize(cfg, p["seq_len"])
-        attn = 12 * cfg.decoder.layers * cfg.decoder.dim * p["seq_len"]
+        # Attention FLOPs grow with the context a token attends over: its document.
+        attn = 12 * cfg.decoder.layers * cfg.decoder.dim * p["doc_len"]
         p["attention_share_of_decoder_flops"] = attn / s.decoder_flops_per_token
         p["image_share_of_flops"] = (s.image_flops * p["images"]) / (
             s.decoder_flops_per_token * p["seq_len"] + s.image_flops * p["images"]
         )
-    base = sweeps["seq"][0]["ms_per_1k_tokens"]
-    print_table(
-        "Step time and memory against sequence length (1 image per 1024 tokens)",
-        [
-            "tokens",
-            "step s",
-            "ms / 1k tok",
-            "x per-token",
-            "attn FLOP share",
-            "saved MiB",
-            "RSS MiB",
-        ],
-        [
+    for sweep, title in (
+        ("seq", "packed 512-token documents"),
+        ("seq_doc", "one document as long as the row"),
+    ):
+        base = sweeps[sweep][0]["ms_per_1k_tokens"]
+        print_table(
+            f"Step time and memory against sequence length (1 image per 1024 tokens; {title})",
             [
-                p["seq_len"],
-                p["step_seconds"],
-                p["ms_per_1k_tokens"],
-                p["ms_per_1k_tokens"] / base,
-                p["attention_share_of_decoder_flops"],
-                p["saved_activation_mib"],
-                p["peak_rss_mib"],
-            ]
-            for p in sweeps["seq"]
-        ],
-    )
+                "tokens",
+                "step s",
+                "ms / 1k tok",
+                "x per-token",
+                "attn FLOP share",
+                "saved MiB",
+                "RSS MiB",
+            ],
+            [
+                [
+                    p["seq_len"],
+                    p["step_seconds"],
+                    p["ms_per_1k_tokens"],
+                    p["ms_per_1k_tokens"] / base,
+                    p["attention_share_of_decoder_flops"],
+                    p["saved_activation_mib"],
+                    p["peak_rss_mib"],
+                ]
+                for p in sweeps[sweep]
+            ],
+        )
     base_i = sweeps["images"][0]["step_seconds"]
     print_table(
         "Step time and memory against images per 2048-token sequence",
@@ -238,6 +243,7 @@ def run(attention_reps: int = 2) -> dict[str, Any]:
             "steps_per_point": "1 warm-up + 1 timed",
         },
         "sequence_length": sweeps["seq"],
+        "sequence_length_one_document": sweeps["seq_doc"],
         "images_per_sequence": sweeps["images"],
         "attention_only": attn,
     }
@@ -248,7 +254,7 @@ def run(attention_reps: int = 2) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--child", choices=("seq", "images"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=SWEEPS, help=argparse.SUPPRESS)
     ap.add_argument("--attention-reps", type=int, default=2)
     args = ap.parse_args()
     if args.child:
