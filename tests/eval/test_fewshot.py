@@ -15,17 +15,10 @@ import torch
 from mm1.config import ConnectorConfig, DecoderConfig, ModelConfig, VisionConfig
 from mm1.data.images import ImageProcessor
 from mm1.data.tokenizer import Tokenizer
-from mm1.eval.fewshot import (
-    FewShotEvaluator,
-    PromptTemplates,
-    build_prompt,
-    evaluate,
-    postprocess,
-    random_demos,
-    rices_rank,
-    shuffled_images,
-)
+from mm1.eval.demos import random_demos, rices_rank, shuffled_images
+from mm1.eval.fewshot import FewShotEvaluator, evaluate
 from mm1.eval.metrics import caption_scores, cider, ptb_tokenize_corpus, vqa_accuracy_corpus
+from mm1.eval.prompts import PromptTemplates, build_prompt, postprocess
 from mm1.eval.tasks import CaptionTask, Example, Task, VQATask, load_task
 from mm1.models.mllm import MM1
 

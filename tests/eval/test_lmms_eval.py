@@ -22,7 +22,7 @@ import torch
 from mm1.config import ConnectorConfig, DecoderConfig, ModelConfig, VisionConfig
 from mm1.data.images import ImageProcessor
 from mm1.data.tokenizer import Tokenizer
-from mm1.eval.fewshot import encode_prompt
+from mm1.eval.prompts import encode_prompt
 from mm1.models.mllm import MM1
 from mm1.pretrained import load_pretrained, save_pretrained
 

@@ -3,12 +3,7 @@
 The protocol is OpenFlamingo's (REFERENCE §1), which is the de-facto open one; MM1's own prompts
 and demonstration selection are unpublished.
 
-- Prompt: demonstrations then the query, each written with a template:
-  captioning `<image>Output:{caption}<|endofchunk|>`, VQA
-  `<image>Question:{question} Short answer:{answer}<|endofchunk|>`; the query is the template cut
-  right before its answer field (`<image>Output:`). The text is tokenized the way training
-  documents are (`tokenize_document`: one encode call, BOS first, each `<image>` expanded to the
-  model's `num_image_tokens` image slots).
+- Prompt: demonstrations then the query, each written with a template (`mm1.eval.prompts`).
 - Demonstrations come from the task's support split: "random" (per query, reproducible per seed)
   or "rices" (the support examples whose images are nearest to the query image by cosine
   similarity of the model's own mean-pooled image tokens; most similar last, as OpenFlamingo).
@@ -18,8 +13,7 @@ and demonstration selection are unpublished.
   alongside as `zero_shot_plain`.
 - Decoding: greedy (`num_beams=1`) or beam search (`num_beams=3` is OpenFlamingo's); at most 20
   new tokens for captions and 5 for VQA; stops at `<|endofchunk|>`, EOS or a newline.
-- Post-processing: the text is cut at the first stop string and at the start of a new example
-  (the template's "Output:" / "Question:"), stripped; VQA answers are also lower-cased.
+- Post-processing: cut at the first stop string or new example, stripped (`mm1.eval.prompts`).
 - Scores: CIDEr-D ×100 (PTB-tokenized, over exactly the queries evaluated) and VQA accuracy ×100,
   per seed, with mean and standard deviation (population, ddof=0) over seeds, and the MM1-style
   average over tasks per shot count (and over all shot counts).
@@ -30,7 +24,6 @@ and demonstration selection are unpublished.
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
@@ -41,209 +34,23 @@ from typing import Any
 import torch
 from PIL import Image
 
-from mm1.data.document import Document
 from mm1.data.images import ImageProcessor
-from mm1.data.tokenizer import ENDOFCHUNK_TOKEN, IMAGE_TOKEN, Tokenizer, tokenize_document
+from mm1.data.tokenizer import Tokenizer
+from mm1.eval.demos import random_demos, rices_rank, shuffled_images
+from mm1.eval.prompts import (
+    DEFAULT_STOP_STRINGS,
+    Prompt,
+    PromptTemplates,
+    build_prompt,
+    new_example_markers,
+    postprocess,
+)
 from mm1.eval.tasks import Example, Task, load_tasks
 from mm1.models.mllm import MM1
 
-CAPTION_TEMPLATE = "<image>Output:{caption}<|endofchunk|>"
-VQA_TEMPLATE = "<image>Question:{question} Short answer:{answer}<|endofchunk|>"
-DEFAULT_STOP_STRINGS = (ENDOFCHUNK_TOKEN, "\n")
 DEFAULT_MAX_NEW_TOKENS = {"caption": 20, "vqa": 5}
 ZERO_SHOT_TEXT_DEMOS = 2  # OpenFlamingo's "effective" number of shots for zero-shot
 DEMO_SELECTIONS = ("random", "rices")
-_ANSWER_FIELD = {"caption": "{caption}", "vqa": "{answer}"}
-# Any PIL image will do to mark where an image goes when only the token ids are wanted.
-_SLOT = Image.new("RGB", (1, 1))
-
-
-@dataclass(frozen=True)
-class PromptTemplates:
-    """One template per task kind; `{caption}` / `{answer}` is where the demonstration's answer
-    goes (the query stops right before it), `{question}` the VQA question, and exactly one
-    `<image>` marks the image, before the answer field."""
-
-    caption: str = CAPTION_TEMPLATE
-    vqa: str = VQA_TEMPLATE
-
-    def __post_init__(self) -> None:
-        for kind in ("caption", "vqa"):
-            t = getattr(self, kind)
-            field_ = _ANSWER_FIELD[kind]
-            if t.count(field_) != 1:
-                raise ValueError(f"{kind} template {t!r} needs exactly one {field_}")
-            if t.count(IMAGE_TOKEN) != 1 or t.index(IMAGE_TOKEN) > t.index(field_):
-                raise ValueError(f"{kind} template {t!r} needs one {IMAGE_TOKEN} before {field_}")
-
-    def get(self, kind: str) -> str:
-        return getattr(self, kind)
-
-
-def format_demo(template: str, kind: str, example: Example, with_image: bool = True) -> str:
-    """A demonstration: the template filled with the example's question and answer."""
-    text = template.format(
-        question=example.question or "", caption=example.target, answer=example.target
-    )
-    return text if with_image else text.replace(IMAGE_TOKEN, "")
-
-
-def format_query(template: str, kind: str, example: Example) -> str:
-    """The query: the template up to (not including) the answer field."""
-    head = template[: template.index(_ANSWER_FIELD[kind])]
-    return head.format(question=example.question or "")
-
-
-def new_example_markers(templates: PromptTemplates, kind: str) -> tuple[str, ...]:
-    """Text that starts a new example (e.g. "Output:", "Question:"): a generation is cut there."""
-    t = templates.get(kind)
-    start = t.index(IMAGE_TOKEN) + len(IMAGE_TOKEN)
-    marker = t[start:].split("{", 1)[0].strip()
-    return (marker,) if marker else ()
-
-
-@dataclass
-class Prompt:
-    """A tokenized prompt: `input_ids` with image slots expanded, `images` in slot order."""
-
-    text: str
-    input_ids: list[int]
-    images: list[Path]
-
-
-def encode_prompt(
-    tokenizer: Tokenizer, text: str, num_image_tokens: int, image_boundaries: bool = False
-) -> list[int]:
-    """Token ids of a prompt whose images are marked by `<image>`: BOS, the text encoded in one
-    call, each `<image>` expanded to `num_image_tokens` image slots (as training documents)."""
-    parts: list[str | Image.Image] = []
-    for i, piece in enumerate(text.split(IMAGE_TOKEN)):
-        if i:
-            parts.append(_SLOT)
-        if piece:
-            parts.append(piece)
-    doc = Document(id="prompt", source="eval", parts=parts)
-    out = tokenize_document(
-        doc, tokenizer, num_image_tokens, image_boundaries=image_boundaries, add_eos=False
-    )
-    return out.input_ids
-
-
-def build_prompt(
-    tokenizer: Tokenizer,
-    num_image_tokens: int,
-    kind: str,
-    demos: Sequence[Example],
-    query: Example,
-    *,
-    templates: PromptTemplates | None = None,
-    text_only_demos: bool = False,
-    query_image: Path | None = None,
-    image_boundaries: bool = False,
-) -> Prompt:
-    """Demonstrations then the query, tokenized; `query_image` replaces the query's own image
-    (the shuffled-image control)."""
-    templates = templates or PromptTemplates()
-    template = templates.get(kind)
-    text = "".join(format_demo(template, kind, d, not text_only_demos) for d in demos)
-    text += format_query(template, kind, query)
-    images = [] if text_only_demos else [d.image for d in demos]
-    images.append(query.image if query_image is None else query_image)
-    ids = encode_prompt(tokenizer, text, num_image_tokens, image_boundaries)
-    return Prompt(text, ids, images)
-
-
-def postprocess(text: str, kind: str, stops: Sequence[str] = DEFAULT_STOP_STRINGS) -> str:
-    """Cut a generation at the first of `stops`, strip it; VQA answers are also lower-cased."""
-    for s in stops:
-        if s:
-            text = text.split(s, 1)[0]
-    text = text.strip()
-    return text.lower() if kind == "vqa" else text
-
-
-# ---------------------------------------------------------------------------------------------
-# Demonstration selection
-# ---------------------------------------------------------------------------------------------
-
-
-def random_demos(
-    support: Sequence[Example],
-    query: Example,
-    k: int,
-    seed: int,
-    key: str = "",
-    exclude_images: Sequence[Path] = (),
-    image_counts: Counter[Path] | None = None,
-) -> list[Example]:
-    """`k` distinct support examples drawn for this query, reproducible from (seed, key, query
-    id), none showing the query's image (nor any of `exclude_images`)."""
-    if k == 0:
-        return []
-    excluded = {query.image, *exclude_images}
-    counts = image_counts if image_counts is not None else Counter(s.image for s in support)
-    available = len(support) - sum(counts.get(p, 0) for p in excluded)
-    if available < k:
-        raise ValueError(
-            f"{k} demonstrations wanted for query {query.id} but the support split has only "
-            f"{available} examples with other images"
-        )
-    rng = random.Random(f"{seed}|{key}|{query.id}")
-    chosen: list[Example] = []
-    seen: set[int] = set()
-    while len(chosen) < k:
-        i = rng.randrange(len(support))
-        if i in seen:
-            continue
-        seen.add(i)
-        if support[i].image not in excluded:
-            chosen.append(support[i])
-    return chosen
-
-
-def rices_rank(
-    query_features: torch.Tensor,
-    support_features: torch.Tensor,
-    k: int,
-    exclude: Sequence[set[int]] | None = None,
-    chunk: int = 256,
-) -> list[list[int]]:
-    """RICES: for each query row, the indices of the `k` most cosine-similar support rows,
-    least similar first and most similar last (next to the query, as OpenFlamingo orders them).
-    `exclude[i]` holds support indices query i must not get."""
-    if k == 0:
-        return [[] for _ in range(query_features.shape[0])]
-    if k > support_features.shape[0]:
-        raise ValueError(
-            f"{k} demonstrations wanted but the support split has {support_features.shape[0]}"
-        )
-    q = torch.nn.functional.normalize(query_features.float(), dim=-1)
-    s = torch.nn.functional.normalize(support_features.float(), dim=-1)
-    out: list[list[int]] = []
-    for start in range(0, q.shape[0], chunk):
-        sims = q[start : start + chunk] @ s.T
-        if exclude is not None:
-            for r in range(sims.shape[0]):
-                banned = list(exclude[start + r])
-                if banned:
-                    sims[r, banned] = float("-inf")
-        top = sims.topk(k, dim=-1)
-        for r in range(sims.shape[0]):
-            if bool(torch.isinf(top.values[r]).any()):
-                raise ValueError(f"query {start + r}: fewer than {k} support examples allowed")
-            out.append(top.indices[r].flip(0).tolist())
-    return out
-
-
-def shuffled_images(queries: Sequence[Example], seed: int = 0) -> dict[str, Path]:
-    """{query id: another query's image}: a fixed derangement of the distinct query images, so
-    every query is shown an image that is not its own."""
-    distinct = sorted({q.image for q in queries})
-    if len(distinct) < 2:
-        raise ValueError("shuffle_images needs at least two distinct query images")
-    random.Random(f"shuffle|{seed}").shuffle(distinct)
-    moved = {p: distinct[(i + 1) % len(distinct)] for i, p in enumerate(distinct)}
-    return {q.id: moved[q.image] for q in queries}
 
 
 # ---------------------------------------------------------------------------------------------

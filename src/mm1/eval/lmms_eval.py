@@ -36,7 +36,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mm1.data.tokenizer import IMAGE_TOKEN
-from mm1.eval.fewshot import encode_prompt
+from mm1.eval.prompts import encode_prompt
 from mm1.pretrained import load_pretrained
 
 MODEL_ID = "mm1"

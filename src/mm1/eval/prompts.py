@@ -1,0 +1,134 @@
+"""Few-shot prompts: templates, demonstrations and query as text, tokenization, and the
+post-processing of generations (OpenFlamingo's protocol, REFERENCE §1).
+
+- Templates: captioning `<image>Output:{caption}<|endofchunk|>`, VQA
+  `<image>Question:{question} Short answer:{answer}<|endofchunk|>`; the query is the template cut
+  right before its answer field (`<image>Output:`). The text is tokenized the way training
+  documents are (`tokenize_document`: one encode call, BOS first, each `<image>` expanded to the
+  model's `num_image_tokens` image slots).
+- Post-processing: the text is cut at the first stop string and at the start of a new example
+  (the template's "Output:" / "Question:"), stripped; VQA answers are also lower-cased.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from mm1.data.document import Document
+from mm1.data.tokenizer import ENDOFCHUNK_TOKEN, IMAGE_TOKEN, Tokenizer, tokenize_document
+from mm1.eval.tasks import Example
+
+CAPTION_TEMPLATE = "<image>Output:{caption}<|endofchunk|>"
+VQA_TEMPLATE = "<image>Question:{question} Short answer:{answer}<|endofchunk|>"
+DEFAULT_STOP_STRINGS = (ENDOFCHUNK_TOKEN, "\n")
+_ANSWER_FIELD = {"caption": "{caption}", "vqa": "{answer}"}
+# Any PIL image will do to mark where an image goes when only the token ids are wanted.
+_SLOT = Image.new("RGB", (1, 1))
+
+
+@dataclass(frozen=True)
+class PromptTemplates:
+    """One template per task kind; `{caption}` / `{answer}` is where the demonstration's answer
+    goes (the query stops right before it), `{question}` the VQA question, and exactly one
+    `<image>` marks the image, before the answer field."""
+
+    caption: str = CAPTION_TEMPLATE
+    vqa: str = VQA_TEMPLATE
+
+    def __post_init__(self) -> None:
+        for kind in ("caption", "vqa"):
+            t = getattr(self, kind)
+            field_ = _ANSWER_FIELD[kind]
+            if t.count(field_) != 1:
+                raise ValueError(f"{kind} template {t!r} needs exactly one {field_}")
+            if t.count(IMAGE_TOKEN) != 1 or t.index(IMAGE_TOKEN) > t.index(field_):
+                raise ValueError(f"{kind} template {t!r} needs one {IMAGE_TOKEN} before {field_}")
+
+    def get(self, kind: str) -> str:
+        return getattr(self, kind)
+
+
+def format_demo(template: str, kind: str, example: Example, with_image: bool = True) -> str:
+    """A demonstration: the template filled with the example's question and answer."""
+    text = template.format(
+        question=example.question or "", caption=example.target, answer=example.target
+    )
+    return text if with_image else text.replace(IMAGE_TOKEN, "")
+
+
+def format_query(template: str, kind: str, example: Example) -> str:
+    """The query: the template up to (not including) the answer field."""
+    head = template[: template.index(_ANSWER_FIELD[kind])]
+    return head.format(question=example.question or "")
+
+
+def new_example_markers(templates: PromptTemplates, kind: str) -> tuple[str, ...]:
+    """Text that starts a new example (e.g. "Output:", "Question:"): a generation is cut there."""
+    t = templates.get(kind)
+    start = t.index(IMAGE_TOKEN) + len(IMAGE_TOKEN)
+    marker = t[start:].split("{", 1)[0].strip()
+    return (marker,) if marker else ()
+
+
+@dataclass
+class Prompt:
+    """A tokenized prompt: `input_ids` with image slots expanded, `images` in slot order."""
+
+    text: str
+    input_ids: list[int]
+    images: list[Path]
+
+
+def encode_prompt(
+    tokenizer: Tokenizer, text: str, num_image_tokens: int, image_boundaries: bool = False
+) -> list[int]:
+    """Token ids of a prompt whose images are marked by `<image>`: BOS, the text encoded in one
+    call, each `<image>` expanded to `num_image_tokens` image slots (as training documents)."""
+    parts: list[str | Image.Image] = []
+    for i, piece in enumerate(text.split(IMAGE_TOKEN)):
+        if i:
+            parts.append(_SLOT)
+        if piece:
+            parts.append(piece)
+    doc = Document(id="prompt", source="eval", parts=parts)
+    out = tokenize_document(
+        doc, tokenizer, num_image_tokens, image_boundaries=image_boundaries, add_eos=False
+    )
+    return out.input_ids
+
+
+def build_prompt(
+    tokenizer: Tokenizer,
+    num_image_tokens: int,
+    kind: str,
+    demos: Sequence[Example],
+    query: Example,
+    *,
+    templates: PromptTemplates | None = None,
+    text_only_demos: bool = False,
+    query_image: Path | None = None,
+    image_boundaries: bool = False,
+) -> Prompt:
+    """Demonstrations then the query, tokenized; `query_image` replaces the query's own image
+    (the shuffled-image control)."""
+    templates = templates or PromptTemplates()
+    template = templates.get(kind)
+    text = "".join(format_demo(template, kind, d, not text_only_demos) for d in demos)
+    text += format_query(template, kind, query)
+    images = [] if text_only_demos else [d.image for d in demos]
+    images.append(query.image if query_image is None else query_image)
+    ids = encode_prompt(tokenizer, text, num_image_tokens, image_boundaries)
+    return Prompt(text, ids, images)
+
+
+def postprocess(text: str, kind: str, stops: Sequence[str] = DEFAULT_STOP_STRINGS) -> str:
+    """Cut a generation at the first of `stops`, strip it; VQA answers are also lower-cased."""
+    for s in stops:
+        if s:
+            text = text.split(s, 1)[0]
+    text = text.strip()
+    return text.lower() if kind == "vqa" else text
