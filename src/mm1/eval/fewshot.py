@@ -4,10 +4,10 @@ The protocol is OpenFlamingo's (REFERENCE §1), which is the de-facto open one; 
 and demonstration selection are unpublished.
 
 - Prompt: demonstrations then the query, each written with a template (`mm1.eval.prompts`).
-- Demonstrations come from the task's support split: "random" (per query, reproducible per seed)
-  or "rices" (the support examples whose images are nearest to the query image by cosine
-  similarity of the model's own mean-pooled image tokens; most similar last, as OpenFlamingo).
-  A demonstration never shows the query's image.
+- Demonstrations (`mm1.eval.demos`) come from the task's support split: "random" (per query,
+  reproducible per seed) or "rices" (the support examples whose images are nearest to the query
+  image by cosine similarity of the model's own mean-pooled image tokens; most similar last, as
+  OpenFlamingo). A demonstration never shows the query's image.
 - Zero-shot: with `zero_shot_text_demos` (OpenFlamingo's default) the "0-shot" score uses two
   demonstrations with their images removed; the plain zero-shot score (query only) is reported
   alongside as `zero_shot_plain`.

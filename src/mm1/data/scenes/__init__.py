@@ -11,11 +11,13 @@ documents, SFT conversations). Every fact is known, so grounded answers can be c
 from __future__ import annotations
 
 from mm1.data.scenes.documents import (
+    Part,
     interleaved_document,
     sft_conversation,
     text_document,
 )
 from mm1.data.scenes.language import (
+    QA,
     alt_text,
     detailed_caption,
     reference_captions,
@@ -27,6 +29,7 @@ from mm1.data.scenes.scene import (
     BACKGROUNDS,
     COLORS,
     MAX_NUMBER,
+    NUMBER_WORDS,
     POSITIONS,
     SHAPE_CORNERS,
     SHAPES,
@@ -47,7 +50,9 @@ __all__ = [
     "BACKGROUNDS",
     "COLORS",
     "MAX_NUMBER",
+    "NUMBER_WORDS",
     "POSITIONS",
+    "QA",
     "SHAPES",
     "SHAPE_CORNERS",
     "SIZES",
@@ -56,6 +61,7 @@ __all__ = [
     "TEXTURES",
     "WORDS",
     "WORLD_FORMAT_VERSION",
+    "Part",
     "Scene",
     "SceneObject",
     "alt_text",

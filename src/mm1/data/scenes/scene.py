@@ -1,4 +1,5 @@
-"""The world's vocabulary, scenes of coloured shapes (sampling, splits) and their rendering."""
+"""The world's vocabulary and English word helpers, scenes of coloured shapes (sampling,
+splits) and their rendering."""
 
 from __future__ import annotations
 

@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from mm1.data.sources.base import (
+    CAPTION_EXTS,
+    IMAGE_EXTS,
     IMAGE_TAG,
     DataError,
     ReadStats,
@@ -72,7 +74,9 @@ READERS: dict[str, Callable[..., Iterator[Any]]] = {
 
 
 __all__ = [
+    "CAPTION_EXTS",
     "FORMATS",
+    "IMAGE_EXTS",
     "IMAGE_TAG",
     "READERS",
     "SHARD_EXTS",

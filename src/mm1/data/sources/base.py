@@ -1,5 +1,6 @@
-"""What every reader shares: errors, read statistics and rate-limited warnings, image
-decoding, and iteration over parquet rows and JSONL records (resumable from a record index)."""
+"""What every reader shares: file-extension conventions, errors, read statistics and
+rate-limited warnings, image decoding, and iteration over parquet rows and JSONL records
+(resumable from a record index)."""
 
 from __future__ import annotations
 
