@@ -126,7 +126,7 @@ def test_same_pixels_as_transformers_pil_backend(tmp_path: Path, name: str) -> N
     got = ours(images)
     assert got.dtype == torch.float32
     assert got.shape == expected.shape
-    torch.testing.assert_close(got, expected.float(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(got, expected.float(), rtol=0, atol=0)
 
 
 def test_presets_match_checkpoint_configs(tmp_path: Path) -> None:

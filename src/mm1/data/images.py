@@ -19,6 +19,7 @@ Only PIL, numpy and torch are used (no torchvision, no transformers).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, fields, replace
@@ -235,16 +236,9 @@ class ImageProcessor:
         pixels = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)  # CHW, like transformers
         if self.crop_size is not None:
             pixels = _center_crop(pixels, self.crop_size)
-        if self.rescale_factor is not None:
-            # float64 product, then float32: transformers' `rescale` does exactly this.
-            out = (pixels.astype(np.float64) * self.rescale_factor).astype(np.float32)
-        else:
-            out = pixels.astype(np.float32)
-        if self.image_mean is not None and self.image_std is not None:
-            mean = np.asarray(self.image_mean, dtype=np.float32)[:, None, None]
-            std = np.asarray(self.image_std, dtype=np.float32)[:, None, None]
-            out = (out - mean) / std  # float32 throughout, as transformers' `normalize`
-        return np.ascontiguousarray(out, dtype=np.float32)
+        # Each output value depends only on its channel and uint8 input value: look it up.
+        table = _value_table(self.rescale_factor, self.image_mean, self.image_std)
+        return table[_CHANNELS, np.ascontiguousarray(pixels)]
 
     def resize_output_size(self, height: int, width: int) -> tuple[int, int]:
         """(H, W) after resizing an image of (height, width)."""
@@ -265,7 +259,7 @@ class ImageProcessor:
             return image if image.mode == "RGB" else image.convert("RGB")
         has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
         if not has_alpha:
-            return image.convert("RGB")
+            return image if image.mode == "RGB" else image.convert("RGB")
         # Transparent pixels become white, not whatever colour hides under alpha 0.
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -282,6 +276,30 @@ class ImageProcessor:
         canvas = Image.new(image.mode, (side, side), fill)
         canvas.paste(image, ((side - width) // 2, (side - height) // 2))
         return canvas
+
+
+_CHANNELS = np.arange(3)[:, None, None]
+
+
+@functools.lru_cache(maxsize=16)
+def _value_table(
+    rescale_factor: float | None,
+    mean: tuple[float, ...] | None,
+    std: tuple[float, ...] | None,
+) -> np.ndarray:
+    """(3, 256) float32: the rescaled and normalised value of every uint8 value per channel,
+    computed with transformers' exact operations and dtypes (so lookups are bit-identical)."""
+    values = np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 256))
+    if rescale_factor is not None:
+        # float64 product, then float32: transformers' `rescale` does exactly this.
+        out = (values.astype(np.float64) * rescale_factor).astype(np.float32)
+    else:
+        out = values.astype(np.float32)
+    if mean is not None and std is not None:
+        m = np.asarray(mean, dtype=np.float32)[:, None]
+        sd = np.asarray(std, dtype=np.float32)[:, None]
+        out = (out - m) / sd  # float32 throughout, as transformers' `normalize`
+    return np.ascontiguousarray(out, dtype=np.float32)
 
 
 def _center_crop(pixels: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
