@@ -151,10 +151,12 @@ def ensure_world(image_size: int = 64, size: str = "tiny", seed: int = 0, text_s
     import inspect
 
     import mm1.data.synthetic as synthetic
+    import mm1.data.synthetic_writers as writers
     from mm1.data.scenes import documents, language, scene
 
     # the whole generator
-    source = "".join(inspect.getsource(m) for m in (scene, language, documents, synthetic))
+    modules = (scene, language, documents, writers, synthetic)
+    source = "".join(inspect.getsource(m) for m in modules)
     tag = hashlib.sha256(source.encode()).hexdigest()[:8]
     root = WORLDS / f"world-{size}-{image_size}px-text{text_scale:g}-seed{seed}-{tag}"
     if not (root / "world.json").exists():

@@ -189,7 +189,7 @@ def attention_variant(args) -> dict[str, Any]:
     with a document BlockMask."""
     import torch.nn.functional as F
 
-    from mm1.models.decoder import _additive, _varlen, attention_mask, document_groups
+    from mm1.models.decoder import additive_mask, attention_mask, document_groups, grouped_attention
 
     smoke = args.cpu_smoke
     device = torch.device("cpu" if smoke else "cuda")
@@ -205,7 +205,7 @@ def attention_variant(args) -> dict[str, Any]:
         for _ in range(3)
     )
     doc = (torch.arange(t, device=device) // doc_len).expand(args.micro_batch, t)
-    mask = _additive(attention_mask(doc, doc), q)
+    mask = additive_mask(attention_mask(doc, doc), q)
 
     def timed(fn, reps: int) -> float:
         fn()
@@ -224,7 +224,7 @@ def attention_variant(args) -> dict[str, Any]:
         F.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()
 
     def run_grouped():
-        _varlen(q, k, v, document_groups(doc), False).sum().backward()
+        grouped_attention(q, k, v, document_groups(doc), False).sum().backward()
 
     def run_causal():
         F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()

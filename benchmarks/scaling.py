@@ -109,7 +109,7 @@ def child(sweep: str) -> dict[str, Any]:
 
 
 def attention_only(lengths=SEQ_POINTS, heads: int = 4, head_dim: int = 64, reps: int = 2):
-    from mm1.models.decoder import _additive, _varlen, attention_mask, document_groups
+    from mm1.models.decoder import additive_mask, attention_mask, document_groups, grouped_attention
 
     F = torch.nn.functional
     rows = []
@@ -119,13 +119,13 @@ def attention_only(lengths=SEQ_POINTS, heads: int = 4, head_dim: int = 64, reps:
             torch.randn(1, heads, t, head_dim, generator=g).requires_grad_() for _ in range(3)
         )
         doc = torch.arange(t)[None] // 512
-        mask = _additive(attention_mask(doc, doc), q)
+        mask = additive_mask(attention_mask(doc, doc), q)
 
         def dense_mask(q=q, k=k, v=v, mask=mask):
             F.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()
 
         def grouped(q=q, k=k, v=v, doc=doc):
-            _varlen(q, k, v, document_groups(doc), False).sum().backward()
+            grouped_attention(q, k, v, document_groups(doc), False).sum().backward()
 
         def causal(q=q, k=k, v=v):
             F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()

@@ -214,7 +214,7 @@ def document_groups(doc: torch.Tensor) -> DocumentGroups:
 
 
 @torch.compiler.disable  # data-dependent shapes: compiled blocks call it eagerly
-def _varlen(
+def grouped_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: DocumentGroups, enable_gqa: bool
 ) -> torch.Tensor:
     """Causal attention inside each document: one SDPA call per group of similar-length
@@ -236,7 +236,12 @@ def _varlen(
     return torch.cat(outs)[groups.position].view(b, t, h, d).transpose(1, 2)
 
 
-def _additive(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+# What every layer receives, built once per forward: a dense additive mask (`sdpa`), a block
+# mask (`flex`), length groups (`varlen`), or None for plain causal attention.
+AttentionMask = torch.Tensor | BlockMask | DocumentGroups | None
+
+
+def additive_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The boolean mask as 0 / -inf in the attention's dtype, made once per forward: SDPA would
     otherwise convert it in every layer and keep each copy for the backward pass."""
     device = x.device.type
@@ -266,7 +271,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | BlockMask | DocumentGroups | None,
+        mask: AttentionMask,
         cache: KVCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
@@ -283,7 +288,7 @@ class Attention(nn.Module):
         if isinstance(mask, BlockMask):
             out = _flex(q, k, v, mask, gqa)
         elif isinstance(mask, DocumentGroups):
-            out = _varlen(q, k, v, mask, gqa)
+            out = grouped_attention(q, k, v, mask, gqa)
         else:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa
@@ -319,7 +324,7 @@ class DecoderBlock(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | BlockMask | DocumentGroups | None,
+        mask: AttentionMask,
         cache: KVCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
@@ -390,7 +395,7 @@ class Decoder(nn.Module):
             else:
                 mask = attention_mask(doc, doc, 0, window)
         if isinstance(mask, torch.Tensor):
-            mask = _additive(mask, x)
+            mask = additive_mask(mask, x)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i)

@@ -1,0 +1,227 @@
+"""Llama / Qwen2 / Mistral decoders: configs and weights from and to HF checkpoints."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mm1.config import ROPE_TYPES, DecoderConfig, RopeScalingConfig
+from mm1.models.decoder import Decoder, rope_inv_freq
+from mm1.models.hf.checkpoint import (
+    KEY_MAPS,
+    PathLike,
+    checkpoint_dir,
+    load_hf_state_dict,
+    load_into,
+    need,
+    read_hf_config,
+    write_checkpoint,
+)
+
+DECODER_TYPES = ("llama", "qwen2", "mistral")
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "mistral": "MistralForCausalLM",
+}
+# transformers' class defaults for max_position_embeddings.
+_MAX_POSITIONS = {"llama": 2048, "qwen2": 32768, "mistral": 131072}
+
+
+def _rope_from_hf(hf: Mapping[str, Any], max_pos: int) -> tuple[float, RopeScalingConfig]:
+    """(rope_theta, scaling). transformers 4 keeps `rope_theta` at the top level and the scaling
+    in `rope_scaling` (null when none, the type under `rope_type` or `type`); transformers 5
+    folds both into `rope_parameters`. As in transformers 5, a non-null `rope_scaling` wins and
+    a theta inside the dict wins over the top-level one."""
+    rp = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    if any(isinstance(v, Mapping) for v in rp.values()):
+        raise ValueError("rope_parameters per layer type are not supported")
+    theta = float(rp.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = rp.get("rope_type", rp.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise ValueError(
+            f"rope scaling type {kind!r} is not supported (mm1's decoder implements "
+            f"{', '.join(ROPE_TYPES)})"
+        )
+    partial = rp.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if float(partial) != 1.0:
+        raise ValueError(f"partial_rotary_factor={partial} is not supported")
+    scaling = RopeScalingConfig(type=kind)
+    if kind != "default":
+        scaling.factor = float(need(rp, "factor", f"rope scaling {kind!r}"))
+    if kind == "llama3":
+        scaling.low_freq_factor = float(need(rp, "low_freq_factor", "rope scaling 'llama3'"))
+        scaling.high_freq_factor = float(need(rp, "high_freq_factor", "rope scaling 'llama3'"))
+        scaling.original_max_position_embeddings = int(
+            rp.get("original_max_position_embeddings") or max_pos
+        )
+    return theta, scaling
+
+
+def _sliding_window_from_hf(hf: Mapping[str, Any], model_type: str, layers: int) -> int:
+    if model_type == "mistral":
+        return int(hf.get("sliding_window", 4096) or 0)  # null = full attention
+    if model_type != "qwen2" or not hf.get("use_sliding_window", False):
+        return 0  # Qwen2 ignores its sliding_window unless use_sliding_window is set
+    window = hf.get("sliding_window", 4096)
+    # transformers slides the window on layers >= max_window_layers (or as layer_types says).
+    types = hf.get("layer_types") or [
+        "sliding_attention" if window and i >= hf.get("max_window_layers", 28) else "full_attention"
+        for i in range(layers)
+    ]
+    sliding = sum(t == "sliding_attention" for t in types)
+    if sliding == 0:
+        return 0
+    if sliding != len(types):
+        raise ValueError(
+            f"this Qwen2 config slides the attention window on {sliding} of {len(types)} layers "
+            "(max_window_layers / layer_types); mm1's decoder uses one window for every layer"
+        )
+    return int(window or 0)
+
+
+def decoder_config_from_hf(path_or_dict: PathLike | Mapping[str, Any]) -> DecoderConfig:
+    """Our DecoderConfig for a Llama / Qwen2 / Mistral config (transformers 4 or 5 layout).
+
+    `init` is left unset: the config describes the architecture only.
+    """
+    hf = read_hf_config(path_or_dict)
+    mt = hf.get("model_type")
+    if mt not in DECODER_TYPES:
+        raise ValueError(
+            f"unsupported decoder model_type {mt!r}; supported: {', '.join(DECODER_TYPES)}"
+        )
+    what = f"{mt} config"
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"hidden_act={act!r}: mm1's decoder has a SwiGLU (silu) FFN only")
+    if mt == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
+        # Llama's attention_bias also puts a bias on o_proj, which our decoder does not have.
+        raise ValueError("Llama attention_bias / mlp_bias are not supported by mm1's decoder")
+    heads = int(need(hf, "num_attention_heads", what))
+    layers = int(need(hf, "num_hidden_layers", what))
+    max_pos = int(hf.get("max_position_embeddings") or _MAX_POSITIONS[mt])
+    theta, scaling = _rope_from_hf(hf, max_pos)
+    return DecoderConfig(
+        vocab_size=int(need(hf, "vocab_size", what)),
+        dim=int(need(hf, "hidden_size", what)),
+        layers=layers,
+        heads=heads,
+        kv_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=int(hf.get("head_dim") or 0),
+        ffn_dim=int(need(hf, "intermediate_size", what)),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_seq_len=max_pos,
+        qkv_bias=mt == "qwen2",  # Qwen2 always has q/k/v biases (and no o_proj bias)
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        sliding_window=_sliding_window_from_hf(hf, mt, layers),
+    )
+
+
+def decoder_from_hf(path: PathLike, *, dtype: torch.dtype | None = torch.float32) -> Decoder:
+    """A Decoder with a Llama / Qwen2 / Mistral checkpoint's weights; its logits on input ids
+    (B, T) equal transformers' AutoModelForCausalLM. A tied checkpoint may omit lm_head.weight.
+    `dtype` casts floating weights (None keeps the checkpoint's)."""
+    d = checkpoint_dir(path)
+    cfg = decoder_config_from_hf(d)
+    state = load_hf_state_dict(d)
+    with torch.device("meta"):
+        model = Decoder(cfg)
+
+    def ignore(k: str) -> bool:
+        # Old conversions saved the rotary buffer (we recompute it); a tied head is the embedding.
+        return k.endswith("rotary_emb.inv_freq") or (cfg.tie_embeddings and k == "lm_head.weight")
+
+    load_into(model, state, KEY_MAPS["decoder"], ignore, {}, dtype, str(d))
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight  # assign=True replaced the embedding
+    model.inv_freq = rope_inv_freq(cfg)  # non-persistent buffer, still on the meta device
+    return model
+
+
+def decoder_config_to_hf(cfg: DecoderConfig, model_type: str = "llama") -> dict[str, Any]:
+    """A transformers config dict of `model_type` for our DecoderConfig; errors name what the
+    family cannot express."""
+    if model_type not in DECODER_TYPES:
+        raise ValueError(f"model_type {model_type!r} is not one of {', '.join(DECODER_TYPES)}")
+    if cfg.qk_norm:
+        raise ValueError(f"{model_type} has no q/k norm (decoder.qk_norm)")
+    if cfg.ffn != "swiglu":
+        raise ValueError(f"{model_type} has a SwiGLU FFN, not {cfg.ffn!r}")
+    if cfg.qkv_bias and model_type != "qwen2":
+        raise ValueError(f"{model_type} has no q/k/v-only biases (decoder.qkv_bias); use qwen2")
+    if cfg.sliding_window and model_type == "llama":
+        raise ValueError("llama has no sliding window (decoder.sliding_window); use mistral")
+    rs = cfg.rope_scaling
+    rope: dict[str, Any] = {"rope_type": rs.type, "rope_theta": cfg.rope_theta}
+    if rs.type != "default":
+        rope["factor"] = rs.factor
+    if rs.type == "llama3":
+        rope["low_freq_factor"] = rs.low_freq_factor
+        rope["high_freq_factor"] = rs.high_freq_factor
+        rope["original_max_position_embeddings"] = rs.original_max_position_embeddings
+    hf: dict[str, Any] = {
+        "architectures": [_ARCHITECTURES[model_type]],
+        "model_type": model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.layers,
+        "num_attention_heads": cfg.heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.resolved_head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        # transformers 5 reads rope_parameters; transformers 4 reads rope_theta + rope_scaling.
+        "rope_parameters": rope,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None
+        if rs.type == "default"
+        else {k: v for k, v in rope.items() if k != "rope_theta"},
+    }
+    window = cfg.sliding_window or None
+    if model_type == "llama":
+        hf.update(attention_bias=False, mlp_bias=False)
+    elif model_type == "mistral":
+        hf["sliding_window"] = window
+    else:
+        kind = "sliding_attention" if window else "full_attention"
+        hf.update(
+            use_sliding_window=window is not None,
+            sliding_window=window,
+            max_window_layers=0 if window else cfg.layers,
+            layer_types=[kind] * cfg.layers,
+        )
+    return hf
+
+
+def save_decoder_hf(decoder: Decoder, out_dir: PathLike, model_type: str = "llama") -> Path:
+    """Write a (plain, unsharded) Decoder as a transformers `model_type` checkpoint
+    (config.json + model.safetensors) that AutoModelForCausalLM loads with equal logits.
+
+    A tied head is not written (transformers re-ties it). Written as qwen2, a decoder without
+    q/k/v biases gets zero biases, since Qwen2 always has them.
+    """
+    cfg = decoder.cfg
+    hf = decoder_config_to_hf(cfg, model_type)
+    hf["dtype"] = str(decoder.embed_tokens.weight.dtype).removeprefix("torch.")
+    state = dict(decoder.state_dict())
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight")
+    if model_type == "qwen2" and not cfg.qkv_bias:
+        for i, layer in enumerate(decoder.layers):
+            for name in ("q_proj", "k_proj", "v_proj"):
+                proj: nn.Linear = getattr(layer.self_attn, name)
+                state[f"layers.{i}.self_attn.{name}.bias"] = proj.weight.new_zeros(
+                    proj.out_features
+                )
+    keymap = KEY_MAPS["decoder"]
+    return write_checkpoint(out_dir, hf, {keymap.to_hf(k): v for k, v in state.items()})
