@@ -129,6 +129,21 @@ def llava_from_mm1(model):
     return llava
 
 
+def compile_blocks(model: torch.nn.Module) -> None:
+    """`torch.compile` every transformer block of the encoder and the decoder in place, the way
+    mm1's trainer does with `train.compile=true` (and torchtitan per block); for transformers'
+    LLaVA, the CLIP encoder layers and the Llama layers."""
+    from mm1.train.parallel import block_lists
+
+    if hasattr(model, "model") and hasattr(model.model, "vision_tower"):  # LLaVA
+        lists = [model.model.vision_tower.encoder.layers, model.model.language_model.layers]
+    else:
+        lists = block_lists(model)
+    for blocks in lists:
+        for i in range(len(blocks)):
+            blocks[i] = torch.compile(blocks[i])
+
+
 def quiet_transformers() -> None:
     from transformers.utils import logging
 

@@ -267,24 +267,35 @@ def child(variant: str, data_file: str) -> dict[str, Any]:
 
 
 def throughput(
-    cfg, data: dict[str, list[dict]], pixels: Pixels, samples_per_variant: int, rounds: int
+    cfg,
+    data: dict[str, list[dict]],
+    pixels: Pixels,
+    samples_per_variant: int,
+    rounds: int,
+    compile: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Effective tokens/s of every variant over its whole batch list, estimated from a
     stratified sample of its steps (`strata`), all variants in one process: round r times each
     sampled step of each variant in turn, and each step keeps its best time over the rounds, so
-    a burst of load from other processes hits all variants alike and is then mostly dropped."""
-    from benchmarks.models import build_llava, build_mm1
+    a burst of load from other processes hits all variants alike and is then mostly dropped.
+    With `compile`, every model's blocks are compiled and every timed shape is warmed up first,
+    so no compilation is timed."""
+    from benchmarks.models import build_llava, build_mm1, compile_blocks
 
     steps, chosen = {}, {}
     for name, batches in data.items():
         model = build_mm1(cfg) if name == "mm1_packed" else build_llava(cfg)
         model.train()
+        if compile:
+            compile_blocks(model)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
         steps[name] = make_step(name, model, opt)
         chosen[name] = [
             (timed_batch(batches[i], pixels), n) for i, n in strata(batches, samples_per_variant)
         ]
-        steps[name](chosen[name][len(chosen[name]) // 2][0])  # warm-up
+        warm = chosen[name] if compile else chosen[name][len(chosen[name]) // 2 :][:1]
+        for b, _ in warm:
+            steps[name](b)
     best = {name: [float("inf")] * len(chosen[name]) for name in data}
     for _ in range(rounds):
         for name in data:
@@ -356,6 +367,7 @@ def run(
     memory: bool = True,
     text_scale: float = 1.0,
     tag: str = "",
+    compile: bool = False,
 ) -> dict[str, Any]:
     from benchmarks.models import build_mm1, num_params, small_config
     from mm1.data.tokenizer import Tokenizer
@@ -381,7 +393,7 @@ def run(
     if max_diff > 1e-3:
         raise RuntimeError(f"LLaVA and mm1 disagree (max logit difference {max_diff})")
 
-    results, steps = throughput(cfg, data, pixels, samples_per_variant, rounds)
+    results, steps = throughput(cfg, data, pixels, samples_per_variant, rounds, compile)
     if profile:
         profile_steps(steps, data, pixels)
     del steps
@@ -431,6 +443,7 @@ def run(
             "packer_efficiency": pack_eff,
             "model": "CLIP ViT 64px/8 128x3 -> MLP(2) 64 tokens -> Llama 256x4 (fp32)",
             "attention": cfg.decoder.attention,
+            "compile": compile,
         },
         "variants": results,
         "summary": summary,
@@ -474,6 +487,11 @@ def main() -> None:
         "--text-scale", type=float, default=1.0, help="world text: 1 web-like (default), 0 compact"
     )
     ap.add_argument("--tag", default="", help="suffix of the result file name")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile every block of both models (implies --no-memory; tag 'compile')",
+    )
     args = ap.parse_args()
     if args.child:
         emit(child(args.child, args.data))
@@ -485,9 +503,10 @@ def main() -> None:
             args.samples,
             args.rounds,
             args.profile,
-            not args.no_memory,
+            not (args.no_memory or args.compile),
             args.text_scale,
-            args.tag,
+            args.tag or ("compile" if args.compile else ""),
+            args.compile,
         )
 
 

@@ -46,3 +46,22 @@ def test_generation_benchmark_emits_the_same_tokens_as_transformers(bench) -> No
     out = generation.run(batch_sizes=(2,), new_tokens=6, rounds=1)
     assert out["summary"]["all_tokens_identical"]
     assert out["results"][0]["mm1_lengths"] == [6, 6]
+
+
+def test_compile_blocks_wraps_every_block_of_both_models(bench) -> None:
+    """`--compile` must compile the same blocks on both sides: each encoder and decoder layer."""
+    import torch
+    from benchmarks.models import build_llava, build_mm1, compile_blocks, small_config
+
+    cfg = small_config(vocab_size=64, image_token_id=3)
+    for model, lists in (
+        (build_mm1(cfg), lambda m: [m.vision.blocks, m.decoder.layers]),
+        (
+            build_llava(cfg),
+            lambda m: [m.model.vision_tower.encoder.layers, m.model.language_model.layers],
+        ),
+    ):
+        compile_blocks(model)
+        blocks = [b for layers in lists(model) for b in layers]
+        assert len(blocks) == cfg.vision.layers + cfg.decoder.layers
+        assert all(isinstance(b, torch._dynamo.eval_frame.OptimizedModule) for b in blocks)

@@ -64,7 +64,7 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     return torch.bfloat16
 
 
-def _block_lists(model: nn.Module) -> list[nn.ModuleList]:
+def block_lists(model: nn.Module) -> list[nn.ModuleList]:
     """The transformer-block lists of the encoder and the decoder."""
     found = []
     for part in (getattr(model, "vision", None), getattr(model, "decoder", None)):
@@ -79,7 +79,7 @@ def parallelize(model: nn.Module, cfg: TrainConfig, d: Dist) -> nn.Module:
 
     A model built on the meta device (FSDP only) is sharded first, then each rank allocates and
     initialises its own shards (`model.init_weights()`), so no rank ever holds the full model."""
-    for blocks in _block_lists(model):
+    for blocks in block_lists(model):
         for i in range(len(blocks)):
             if cfg.activation_checkpointing:
                 blocks[i] = checkpoint_wrapper(blocks[i], preserve_rng_state=False)
@@ -104,7 +104,7 @@ def parallelize(model: nn.Module, cfg: TrainConfig, d: Dist) -> nn.Module:
     if dtype is not None:
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     kw = {"mp_policy": mp} if mp is not None else {}
-    for blocks in _block_lists(model):
+    for blocks in block_lists(model):
         for block in blocks:
             fully_shard(block, **kw)
     fully_shard(model, **kw)
