@@ -7,7 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+import yaml
+from PIL import Image
+
+from mm1 import cli
+from mm1.data.sources import decode_image
+from mm1.eval.tasks import TaskSpec
+from mm1.pretrained import Pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,3 +122,143 @@ def test_convert_generate_and_eval(run, tmp_path) -> None:
     results = json.loads((out_dir / "results.json").read_text())
     assert set(results["tasks"]) == {"synth_coco", "synth_vqa"}
     assert (out_dir / "results.md").exists() and (out_dir / "scores_vs_shots.png").exists()
+
+
+def mm1_fails(*args: str, timeout: float = 300) -> str:
+    """Run `mm1` expecting a clean failure: non-zero exit and no traceback; stdout + stderr."""
+    p = subprocess.run(
+        [sys.executable, "-m", "mm1.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    out = p.stdout + p.stderr
+    assert p.returncode != 0, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    return out
+
+
+@pytest.fixture
+def pretrained(run, monkeypatch) -> Pretrained:
+    """The tiny run loaded in-process; the CLI's `load_pretrained` returns this very object, so a
+    test can steer or observe the model that `mm1 generate` drives."""
+    from mm1 import pretrained as pretrained_module
+
+    p = pretrained_module.load_pretrained(run)
+    monkeypatch.setattr(pretrained_module, "load_pretrained", lambda *a, **k: p)
+    return p
+
+
+def test_generate_stops_at_a_special_token_stop(run, pretrained, capsys) -> None:
+    # `--stop "<|endofchunk|>"` (the README's tour): decoding skips special tokens, so the stop
+    # must end generation by token id. The model is made to say "<before> <|endofchunk|>
+    # <after>..." whatever it is given, by making the scripted token's logit dominant.
+    tok = pretrained.tokenizer
+    before, after = tok.encode(" red"), tok.encode(" blue")
+    assert before and after and tok.decode(after).strip() == "blue"
+    script = [*before, tok.endofchunk_id, *after * 10]
+    steps: list[int] = []
+
+    def force(module: torch.nn.Module, inputs: tuple, logits: torch.Tensor) -> torch.Tensor:
+        token = script[min(len(steps), len(script) - 1)]  # one lm_head call per new token
+        steps.append(token)
+        logits = logits.clone()
+        logits[:, -1] = -1e4
+        logits[:, -1, token] = 1e4
+        return logits
+
+    handle = pretrained.model.decoder.lm_head.register_forward_hook(force)
+    try:
+        rc = cli.main(
+            [
+                "generate",
+                str(run),
+                "--prompt",
+                "Output:",
+                "--max-new-tokens",
+                "12",
+                "--stop",
+                "<|endofchunk|>",
+            ]
+        )
+    finally:
+        handle.remove()
+    assert rc == 0
+    assert capsys.readouterr().out.rstrip("\n") == tok.decode(before)
+    assert steps[-1] == tok.endofchunk_id  # generation ended there instead of running on
+
+
+def test_generate_decodes_transparency_as_training_does(run, pretrained, tmp_path) -> None:
+    # A transparent PNG whose hidden colour is red: training and eval composite it onto white
+    # (`decode_image`); a plain convert("RGB") would show the red.
+    rgba = np.zeros((40, 40, 4), np.uint8)
+    rgba[..., 0] = 255
+    rgba[:, :20, 3] = 255  # left half opaque red, right half fully transparent
+    path = tmp_path / "transparent.png"
+    Image.fromarray(rgba, "RGBA").save(path)
+    seen: list[torch.Tensor] = []
+    real = pretrained.model.generate
+
+    def spy(prompts: list, pixel_values: torch.Tensor | None = None, **kw: object) -> list:
+        seen.append(pixel_values)
+        return real(prompts, pixel_values, **kw)
+
+    pretrained.model.generate = spy
+    args = ["generate", str(run), "--image", str(path), "--prompt", "<image>Output:"]
+    assert cli.main([*args, "--max-new-tokens", "1"]) == 0
+    expected = pretrained.processor([decode_image(path.read_bytes())])
+    torch.testing.assert_close(seen[0], expected, rtol=0, atol=0)
+    with Image.open(path) as im:
+        alpha_dropped = pretrained.processor([im.convert("RGB")])
+    assert not torch.equal(expected, alpha_dropped)  # the check can tell the two apart
+
+
+def _vqa_task(world: Path, name: str, support: bool) -> dict:
+    def split(s: str) -> dict:
+        d = world / "eval" / s
+        return {
+            "questions": str(d / "vqa_questions.json"),
+            "annotations": str(d / "vqa_annotations.json"),
+            "image_dir": str(d / "images"),
+        }
+
+    task = {"name": name, "kind": "vqa", "query": split("val")}
+    return {**task, "support": split("support")} if support else task
+
+
+def test_eval_task_without_support_is_a_clean_error(run, tmp_path) -> None:
+    task_file = tmp_path / "tasks.yaml"
+    task_file.write_text(yaml.safe_dump([_vqa_task(run.parent / "world", "myvqa", False)]))
+    out = mm1_fails("eval", str(run), "--task-file", str(task_file), "--out", str(tmp_path / "e"))
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 1, out  # one line, however narrow the console
+    assert "config error" in out and "'myvqa'" in out and "no support split" in out
+    assert "--shots 0" in out and "support:" in out and str(task_file) in out
+    # the remedy it names works: zero-shot needs no demonstrations
+    mm1(
+        "eval",
+        str(run),
+        "--task-file",
+        str(task_file),
+        "--shots",
+        "0",
+        "--seeds",
+        "1",
+        "--max-examples",
+        "2",
+        "--out",
+        str(tmp_path / "e"),
+    )
+    results = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert set(results["tasks"]) == {"myvqa"}
+
+
+def test_readme_task_file_example_supports_the_default_shots() -> None:
+    # `mm1 eval --task-file` runs 0,4,8 shots by default: every task of the README's example
+    # needs a support split (and valid keys).
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("A task file lists", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    specs = [TaskSpec.from_dict(d, root=ROOT) for d in yaml.safe_load(block)]
+    assert {s.kind for s in specs} == {"caption", "vqa"}
+    assert all(s.support is not None for s in specs)

@@ -6,11 +6,18 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mm1.config import ConfigError, load_config
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from mm1.data.tokenizer import Tokenizer
 
 console = Console()
 
@@ -158,7 +165,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
     p = load_pretrained(args.source)
     if args.export:
-        out = save_pretrained(p.model, p.tokenizer, p.processor, args.export)
+        out = save_pretrained(p.model, p.tokenizer, p.processor, args.export, p.image_boundaries)
         console.print(f"exported {args.source} -> {out}")
     if args.to_hf:
         from mm1.models.hf import save_decoder_hf, save_vision_hf
@@ -173,16 +180,43 @@ def cmd_convert(args: argparse.Namespace) -> None:
         raise ConfigError("convert: give --export DIR and/or --to-hf DIR")
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
-    from PIL import Image
+def _split_stops(stops: list[str], tokenizer: Tokenizer) -> tuple[list[int], list[str]]:
+    """(token ids, text stops) of `--stop` values. A stop that is exactly a special token
+    (e.g. `<|endofchunk|>`) must stop by id: decoding skips special tokens, so it never shows
+    up in the text a stop string is matched against (as in `FewShotEvaluator`)."""
+    ids: list[int] = []
+    texts: list[str] = []
+    for stop in stops:
+        tid = tokenizer.token_to_id(stop)
+        if tid is not None and tokenizer.decode([tid]) == "":
+            ids.append(tid)
+        else:
+            texts.append(stop)
+    return ids, texts
 
+
+def _load_images(paths: list[str]) -> list[Image.Image]:
+    """Images decoded as training and evaluation decode them (transparency onto white)."""
+    from mm1.data.sources import DataError
+    from mm1.data.sources.base import BadImage, image_from_path
+
+    try:
+        return [image_from_path(Path(path)) for path in paths]
+    except BadImage as err:
+        raise DataError(f"--image: {err.detail}") from None
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
     from mm1.data.tokenizer import tokenize_prompt
     from mm1.pretrained import load_pretrained
 
     p = load_pretrained(args.model)
-    images = [Image.open(path).convert("RGB") for path in args.image]
-    ids = tokenize_prompt(args.prompt, images, p.tokenizer, p.model.num_image_tokens)
+    images = _load_images(args.image)
+    ids = tokenize_prompt(
+        args.prompt, images, p.tokenizer, p.model.num_image_tokens, p.image_boundaries
+    )
     pixels = p.processor(images) if images else None
+    stop_ids, text_stops = _split_stops(args.stop or [], p.tokenizer)
     out = p.model.generate(
         [ids],
         pixels,
@@ -190,13 +224,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
         do_sample=args.temperature > 0,
         temperature=args.temperature,
         top_p=args.top_p,
-        eos_token_id=p.tokenizer.eos_id,
+        eos_token_id=[p.tokenizer.eos_id, *stop_ids],
         pad_token_id=p.tokenizer.pad_id,
-        stop_strings=args.stop or (),
+        stop_strings=text_stops,
         tokenizer=p.tokenizer,
     )[0]
+    # generate keeps the token it stopped at: cut at a special stop (text stops are cut below).
+    out = out[: next((i for i, t in enumerate(out) if t in stop_ids), len(out))]
     text = p.tokenizer.decode(out)
-    for stop in args.stop or ():
+    for stop in text_stops:
         text = text.split(stop)[0]
     print(text)
 
@@ -207,9 +243,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     from mm1.eval.fewshot import evaluate
     from mm1.eval.report import write_report
-    from mm1.eval.tasks import TaskSpec, register_task
+    from mm1.eval.tasks import SYNTHETIC_TASKS, TASKS, TaskSpec, register_task
     from mm1.pretrained import load_pretrained
 
+    shots = [int(s) for s in args.shots.split(",")]
     tasks = [t for t in (args.tasks or "").split(",") if t]
     if not tasks and not args.task_file:
         tasks = ["synth_coco", "synth_vqa"]
@@ -219,6 +256,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
             spec = register_task(TaskSpec.from_dict(d, root=path.parent), overwrite=True)
             if spec.name not in tasks:
                 tasks.append(spec.name)
+    # Few-shot needs demonstrations: fail before loading anything, with the fix in the message
+    # (evaluate would only raise a bare ValueError once the model and the tasks are loaded).
+    few = [k for k in shots if k > 0]
+    for name in tasks:
+        spec = None if name in SYNTHETIC_TASKS else TASKS.get(name)
+        if few and spec is not None and spec.support is None:
+            where = f" in {args.task_file}" if args.task_file else ""
+            raise ConfigError(
+                f"task {name!r} has no support split to draw {few[0]}-shot demonstrations "
+                f"from: add a `support:` split to it{where} (same keys as `query:`), "
+                "or evaluate it zero-shot only with --shots 0"
+            )
     world = args.world or _run_world(Path(args.model))
     p = load_pretrained(args.model)
     results = evaluate(
@@ -226,7 +275,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         p.tokenizer,
         p.processor,
         tasks,
-        shots=[int(s) for s in args.shots.split(",")],
+        shots=shots,
         seeds=args.seeds,
         world=world,
         demo_selection="rices" if args.rices else "random",
@@ -234,6 +283,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         max_examples=args.max_examples or None,
         shuffle_images=args.shuffle_images,
+        image_boundaries=p.image_boundaries,  # prompts written as the model was trained
         name=args.name or Path(args.model).name,
     )
     out = Path(args.out or Path(args.model) / "eval")
@@ -360,12 +410,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.fn(args)
     except ConfigError as err:
-        console.print(f"[bold red]config error:[/] {err}")
+        _print_error("config error", err)
         return 2
     except (FileNotFoundError, DataError) as err:
-        console.print(f"[bold red]error:[/] {err}")
+        _print_error("error", err)
         return 2
     return 0
+
+
+def _print_error(label: str, err: Exception) -> None:
+    # One line however long (no wrapping at the console width); the message is plain text, so
+    # brackets in it (paths, lists) must not be read as rich markup.
+    console.print(f"[bold red]{label}:[/] {escape(str(err))}", soft_wrap=True)
 
 
 if __name__ == "__main__":

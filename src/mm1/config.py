@@ -165,9 +165,11 @@ class SourceConfig:
         return self.kind or FORMAT_KINDS[self.format]
 
 
-SOURCE_FORMATS = ("wds", "obelics", "mmc4", "text", "llava")
+# Must match mm1.data.sources.FORMATS (the readers); a test checks that they agree.
+SOURCE_FORMATS = ("wds", "obelics", "mmc4", "text", "llava", "llava_yaml", "coco")
 FORMAT_KINDS = {
     "wds": "captions",
+    "coco": "captions",
     "obelics": "interleaved",
     "mmc4": "interleaved",
     "text": "text",
@@ -175,6 +177,9 @@ FORMAT_KINDS = {
     "llava_yaml": "sft",
 }
 SOURCE_KINDS = ("captions", "interleaved", "text", "sft")
+# Formats whose images are files next to (or under a folder named by) `image_root`; wds shards
+# and text sources carry no image paths.
+IMAGE_ROOT_FORMATS = ("obelics", "mmc4", "llava", "llava_yaml", "coco")
 
 
 @dataclass
@@ -203,7 +208,7 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 2000
     min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     vision_lr_mult: float = 1.0
 
 
@@ -359,13 +364,18 @@ def validate(cfg: Config) -> None:
                 _choice(f"{key}[{i}].kind", s.kind, SOURCE_KINDS)
             if s.weight < 0:
                 raise ConfigError(f"{key}[{i}].weight={s.weight} must be >= 0")
+            if s.image_root is not None and s.format not in IMAGE_ROOT_FORMATS:
+                raise ConfigError(
+                    f"{key}[{i}].image_root is set, but the {s.format} format has no image "
+                    f"paths to resolve (image_root applies to {', '.join(IMAGE_ROOT_FORMATS)})"
+                )
     if d.sources and sum(s.weight for s in d.sources) <= 0:
         raise ConfigError("data.sources: the weights sum to zero")
-    n_img = cfg.model.num_image_tokens * (1 + 2 * d.image_boundaries)
+    n_img = cfg.model.num_image_tokens + 2 * d.image_boundaries  # <img> slots </img>
     if n_img >= d.seq_len:
         raise ConfigError(
             f"data.seq_len={d.seq_len} cannot hold one image of {n_img} tokens "
-            "(model.connector.num_tokens)"
+            "(model.connector.num_tokens, data.image_boundaries)"
         )
     _choice("train.parallel", t.parallel, ("fsdp", "ddp", "none"))
     _choice("train.dtype", t.dtype, ("auto", "float32", "bfloat16"))
@@ -379,6 +389,10 @@ def validate(cfg: Config) -> None:
         )
     if t.optim.lr < 0:
         raise ConfigError(f"train.optim.lr={t.optim.lr} must be >= 0 (0 = the MM1 law)")
+    if not t.optim.grad_clip >= 0:
+        raise ConfigError(
+            f"train.optim.grad_clip={t.optim.grad_clip} must be >= 0 (0 = no clipping)"
+        )
     if not 0 <= t.optim.min_lr_ratio <= 1:
         raise ConfigError(f"train.optim.min_lr_ratio={t.optim.min_lr_ratio} must be in [0, 1]")
     for i, s in enumerate(cfg.eval.shots):

@@ -59,7 +59,7 @@ def evaluate_models(cfg: Config, run_dir: Path) -> dict[str, dict[str, Any]]:
         max_examples=e.max_examples or None,
         max_new_tokens={"caption": e.max_new_tokens, "vqa": 5},
         num_beams=e.num_beams,
-        image_boundaries=cfg.data.image_boundaries,
+        image_boundaries=trained.image_boundaries,
     )
     runs = {
         "trained": (trained.model, False),

@@ -6,6 +6,8 @@ Exported layout:
     model.json                 the ModelConfig the weights belong to
     tokenizer.json, mm1_tokenizer.json, tokenizer_config.json   the tokenizer with our specials
     preprocessor_config.json   the image preprocessing
+    prompt_format.json         how images were written into training sequences
+                               ({"image_boundaries": ...}); prompts must be written the same way
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from mm1.models.mllm import MM1
 
 WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "model.json"
+PROMPT_FORMAT = "prompt_format.json"
 
 
 @dataclass
@@ -32,14 +35,41 @@ class Pretrained:
     tokenizer: Tokenizer
     processor: ImageProcessor
     source: Path
+    # Images wrapped in <img> ... </img> as in training (`data.image_boundaries`).
+    image_boundaries: bool = False
 
     @property
     def cfg(self) -> ModelConfig:
         return self.model.cfg
 
 
+def save_prompt_format(directory: str | Path, image_boundaries: bool) -> None:
+    path = Path(directory) / PROMPT_FORMAT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"image_boundaries": bool(image_boundaries)}) + "\n")
+
+
+def load_prompt_format(directory: Path) -> bool:
+    """`image_boundaries` of a model directory; False for directories written before
+    prompt_format.json existed (a run directory's config.yaml is read then)."""
+    path = directory / PROMPT_FORMAT
+    if path.is_file():
+        return bool(json.loads(path.read_text()).get("image_boundaries", False))
+    config = directory.parent / "config.yaml"  # <run>/tokenizer -> <run>/config.yaml
+    if directory.name == "tokenizer" and config.is_file():
+        import yaml
+
+        data = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
+        return bool(data.get("image_boundaries", False))
+    return False
+
+
 def save_pretrained(
-    model: MM1, tokenizer: Tokenizer, processor: ImageProcessor, out_dir: str | Path
+    model: MM1,
+    tokenizer: Tokenizer,
+    processor: ImageProcessor,
+    out_dir: str | Path,
+    image_boundaries: bool = False,
 ) -> Path:
     """Write the exported layout; loadable with `load_pretrained`."""
     out = Path(out_dir)
@@ -55,6 +85,7 @@ def save_pretrained(
     (out / MODEL_CONFIG).write_text(json.dumps(cfg, indent=1) + "\n")
     tokenizer.save(out)
     processor.save_pretrained(out)
+    save_prompt_format(out, image_boundaries)
     return out
 
 
@@ -94,7 +125,11 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pre
         )
     model.to(device).eval()
     return Pretrained(
-        model, Tokenizer.from_file(tok_dir), ImageProcessor.from_pretrained(proc_dir), path
+        model,
+        Tokenizer.from_file(tok_dir),
+        ImageProcessor.from_pretrained(proc_dir),
+        path,
+        load_prompt_format(tok_dir),
     )
 
 

@@ -9,9 +9,9 @@ import torch
 
 from mm1.config import SourceConfig
 from mm1.data.images import ImageProcessor
-from mm1.data.loader import LoaderSettings, build_loader, packing_stats
+from mm1.data.loader import LoaderSettings, PackedDataset, build_loader, packing_stats
 from mm1.data.mixture import SourceStream
-from mm1.data.sources import DataError
+from mm1.data.sources import DataError, ReadStats
 from mm1.data.synthetic import write_world
 from mm1.data.tokenizer import Tokenizer
 from mm1.data.world import world_sources
@@ -67,10 +67,25 @@ def test_batches_follow_the_contract(world, tok) -> None:
         assert (pos[starts] == 0).all()
 
 
+def dataset_states(state: dict) -> list[dict]:
+    """The `PackedDataset` states in a `StatefulDataLoader` state (one per worker)."""
+    if "dataset_state" in state:
+        return [state["dataset_state"]]
+    workers = state["_snapshot"]["_worker_snapshots"]
+    return [workers[k]["dataset_state"] for k in sorted(workers)]
+
+
+def read_counts(state: dict) -> list[dict]:
+    """Every slot's per-source read statistics in a loader state."""
+    return [src["stats"] for ds in dataset_states(state) for src in ds["mixture"]["sources"]]
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_yields_exactly_the_uninterrupted_batches(world, tok, workers: int) -> None:
     s = settings(world)
-    full = take(build_loader(s, tok, PROC, num_workers=workers), 9)
+    loader = build_loader(s, tok, PROC, num_workers=workers)
+    full = take(loader, 9)
+    full_state = loader.state_dict()
     loader = build_loader(s, tok, PROC, num_workers=workers)
     it = iter(loader)
     head = [next(it) for _ in range(5)]
@@ -78,8 +93,32 @@ def test_resume_yields_exactly_the_uninterrupted_batches(world, tok, workers: in
     del it, loader
     resumed = build_loader(s, tok, PROC, num_workers=workers)
     resumed.load_state_dict(state)
-    tail = take(resumed, 4)
+    it = iter(resumed)
+    tail = [next(it) for _ in range(4)]
     assert_same(head + tail, full)
+    # Re-reading the buffered records on resume must not count them again.
+    resumed_state = resumed.state_dict()
+    assert read_counts(resumed_state) == read_counts(full_state)
+    packed = [ds["pack_stats"] for ds in dataset_states(resumed_state)]
+    assert packed == [ds["pack_stats"] for ds in dataset_states(full_state)]
+
+
+def test_restoring_keeps_the_saved_read_counts(world, tok) -> None:
+    s = settings(world)
+    ds = PackedDataset(s, tok, PROC)
+    it = iter(ds)
+    for _ in range(5):
+        next(it)
+    state = ds.state_dict()
+    assert state["buffer"], "the test needs buffered records to re-read"
+    saved = ReadStats()
+    for src in state["mixture"]["sources"]:
+        saved.merge(ReadStats.from_dict(src["stats"]))
+    restored = PackedDataset(s, tok, PROC)
+    restored.load_state_dict(state)
+    restored._build()
+    assert restored.read_stats() == saved
+    assert restored.state_dict()["mixture"] == state["mixture"]
 
 
 def test_two_ranks_read_different_data_and_resume_exactly(world, tok) -> None:

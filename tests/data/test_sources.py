@@ -20,6 +20,7 @@ from mm1.data.sources import (
     DataError,
     ReadStats,
     check_error_rate,
+    read_coco_captions,
     read_llava,
     read_llava_yaml,
     read_mmc4_jsonl,
@@ -265,6 +266,24 @@ def test_obelics_missing_columns(tmp_path):
         list(read_obelics_parquet(tmp_path / "x.parquet"))
 
 
+def test_obelics_non_string_texts_are_skipped_and_counted(tmp_path):
+    # A malformed file whose `texts` hold numbers or structs: each row is a bad record.
+    for name, texts, text_type in [
+        ("ints.parquet", [[None, 5], [7]], pa.int64()),
+        ("structs.parquet", [[None, {"a": "x"}], [{"a": "y"}]], pa.struct([("a", pa.string())])),
+    ]:
+        table = pa.table(
+            {
+                "images": pa.array([[_img(10), None], [None]], type=pa.list_(pa.binary())),
+                "texts": pa.array(texts, type=pa.list_(text_type)),
+            }
+        )
+        pq.write_table(table, tmp_path / name)
+        stats = ReadStats()
+        assert list(read_obelics_parquet(tmp_path / name, stats=stats)) == []
+        assert stats.skipped == {"malformed_record": 2} and stats.records == 0, name
+
+
 # ----------------------------------------------------------------------------------------------
 # MMC4
 # ----------------------------------------------------------------------------------------------
@@ -351,6 +370,74 @@ def test_text_jsonl_parquet_and_gzip(tmp_path):
     assert [d.parts[0] for d in docs] == ["p0", "p2", "p3"] and docs[0].source == "txt"
     assert stats.skipped == {"empty_document": 1}
     assert [d.parts[0] for d in read_text(tmp_path / "t.parquet", start=3)] == ["p3"]
+
+
+# ----------------------------------------------------------------------------------------------
+# COCO captions
+# ----------------------------------------------------------------------------------------------
+
+
+def _coco(tmp_path: Path, images: object, annotations: object) -> Path:
+    (tmp_path / "images").mkdir(exist_ok=True)
+    for i in range(4):
+        (tmp_path / "images" / f"{i}.png").write_bytes(_img(60 + i))
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations}))
+    return path
+
+
+def test_coco_malformed_entries_are_skipped_and_counted(tmp_path):
+    images = [
+        {"id": 0, "file_name": "0.png"},
+        "not an image",  # malformed record
+        {"id": 2, "file_name": "2.png"},  # its only annotation is malformed
+        {"id": [3], "file_name": "3.png"},  # unusable id
+        {"id": 4, "file_name": "1.png"},
+    ]
+    annotations = [
+        {"image_id": 0, "caption": " A red square. "},
+        "oops",
+        7,
+        None,
+        {"image_id": 2, "caption": {"text": "not a string"}},
+        {"image_id": [0], "caption": "unusable image_id"},
+        {"image_id": 4, "caption": "Another."},
+    ]
+    path = _coco(tmp_path, images, annotations)
+    stats = ReadStats()
+    docs = list(read_coco_captions(path, stats=stats))
+    assert [(d.id, _widths(d.parts)) for d in docs] == [
+        ("0", [60, "A red square."]),
+        ("4", [61, "Another."]),
+    ]
+    assert [d.meta["__index__"] for d in docs] == [0, 4]
+    assert stats.records == 2 and stats.images == 2
+    assert stats.skipped == {
+        "malformed_annotation": 5,
+        "malformed_record": 2,
+        "missing_caption": 1,
+    }
+    assert count_records(path, "coco") == 5  # record indices are the file's image positions
+    # Annotations are counted once per pass from the file's start, not again on a resume.
+    stats = ReadStats()
+    assert [d.id for d in read_coco_captions(path, start=2, stats=stats)] == ["4"]
+    assert stats.skipped == {"malformed_record": 1, "missing_caption": 1}
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        {"images": [], "annotations": {"0": {"image_id": 0, "caption": "x"}}},
+        {"images": {"id": 0}, "annotations": []},
+        {"images": []},
+        [{"id": 0}],
+    ],
+)
+def test_coco_structurally_wrong_file_raises_naming_it(tmp_path, content):
+    path = tmp_path / "bad_coco.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(DataError, match=r"bad_coco\.json"):
+        list(read_coco_captions(path))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -448,6 +535,12 @@ def test_llava_jsonl(llava_dir):
     convs = list(read_llava(llava_dir / "data.jsonl", llava_dir / "imgs", stats=stats))
     assert [c.id for c in convs] == ["single", "untagged", "multi", "text"]
     assert stats.skipped == {"malformed_json": 1}
+    # a resume past a bad record does not count it again (.jsonl and .json alike)
+    (llava_dir / "data2.json").write_text(json.dumps([5, *_llava_records()[:3]]))
+    for name, start in (("data.jsonl", 2), ("data2.json", 1)):
+        stats = ReadStats()
+        convs = list(read_llava(llava_dir / name, llava_dir / "imgs", stats=stats, start=start))
+        assert convs and stats.skipped == {}, name
 
 
 def test_llava_bad_json_file_raises(tmp_path):

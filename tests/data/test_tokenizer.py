@@ -22,6 +22,7 @@ from mm1.data.tokenizer import (
     Tokenizer,
     tokenize_conversation,
     tokenize_document,
+    tokenize_prompt,
 )
 
 CORPUS = [
@@ -239,6 +240,16 @@ def test_image_slots_spans_and_masks(llama: Tokenizer, boundaries: bool) -> None
     assert llama.decode(out.input_ids[first_end:second_start]) == "A cat sits."
     assert out.input_ids[-1] == llama.eos_id and out.image_spans[1][1] == len(out) - 1
     assert out.input_ids[0] == llama.bos_id
+
+
+@pytest.mark.parametrize("boundaries", [False, True])
+def test_generation_prompt_writes_images_as_training_does(
+    llama: Tokenizer, boundaries: bool
+) -> None:
+    image = _image()
+    prompt = tokenize_prompt("<image>A cat", [image], llama, 3, boundaries)
+    doc = tokenize_document(Document("d", "captions", [image, "A cat"]), llama, 3, boundaries)
+    assert prompt == doc.input_ids[:-1]  # the training document without its EOS
 
 
 def test_labels_shift(qwen: Tokenizer) -> None:

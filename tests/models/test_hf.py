@@ -323,6 +323,20 @@ def test_transformers4_config_layout(tmp_path):
     close(our_logits(decoder_from_hf(tmp_path), ids), ref)
 
 
+def test_starting_point_gives_the_shapes_but_keeps_the_attention_backend(tmp_path):
+    """`decoder.init` replaces the architecture; how attention is computed stays the user's."""
+    from mm1.config import ModelConfig
+    from mm1.models.build import resolve_config
+
+    hf_decoder("llama").save_pretrained(tmp_path)
+    cfg = ModelConfig()
+    cfg.decoder.attention, cfg.decoder.init = "sdpa", str(tmp_path)
+    resolved = resolve_config(cfg)
+    assert resolved.decoder.attention == "sdpa"
+    assert (resolved.decoder.dim, resolved.decoder.layers) == (64, 2)
+    assert resolved.decoder.init == str(tmp_path)
+
+
 def test_qwen2_sliding_window_only_when_enabled(tmp_path):
     model = hf_decoder("qwen2")
     model.save_pretrained(tmp_path)

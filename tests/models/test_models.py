@@ -261,6 +261,22 @@ def test_gradient_accumulation_equals_one_big_batch() -> None:
         torch.testing.assert_close(accumulated[n], p.grad, atol=1e-6, rtol=1e-4, msg=n)
 
 
+def test_eager_and_sharded_initialisation_draw_the_same_distributions() -> None:
+    """Built directly (`parallel: none` / DDP) or on meta then `init_weights` (FSDP), every
+    weight matrix gets the same init std, `model.init_std` included."""
+    cfg = dataclasses.replace(tiny_model_config("c_abstractor"), init_std=0.2)
+    torch.manual_seed(0)
+    eager = MM1(cfg)
+    with torch.device("meta"):
+        sharded = MM1(cfg)
+    sharded.to_empty(device="cpu")
+    sharded.init_weights()
+    late = dict(sharded.named_parameters())
+    for name, p in eager.named_parameters():
+        if p.dim() == 2 and p.numel() >= 1024:
+            assert p.std().item() == pytest.approx(late[name].std().item(), rel=0.25), name
+
+
 def test_image_count_mismatch_is_an_error() -> None:
     model = MM1(tiny_model_config("avgpool"))
     img, q = model.image_token_id, model.num_image_tokens

@@ -121,7 +121,8 @@ def test_sigkill_and_resume_gives_bit_identical_losses(tmp_path, world, nproc: i
 def test_metrics_and_artifacts(tmp_path, world) -> None:
     cfg = tiny_config(tmp_path, world, steps=2, save_every=2, parallel="none")
     run = tmp_path / "run"
-    finish(run_cli(["train", str(cfg), f"train.run_dir={run}"]))
+    boundaries = "data.image_boundaries=true"
+    finish(run_cli(["train", str(cfg), f"train.run_dir={run}", boundaries]))
     records = [r for r in read_metrics(run) if "loss" in r]
     for key in ("step", "loss", "lr", "tokens_per_s", "images_per_s", "grad_norm", "data_wait"):
         assert key in records[-1], key
@@ -133,14 +134,25 @@ def test_metrics_and_artifacts(tmp_path, world) -> None:
     from mm1.pretrained import load_pretrained, save_pretrained
 
     p = load_pretrained(run)
-    out = save_pretrained(p.model, p.tokenizer, p.processor, tmp_path / "export")
+    out = save_pretrained(p.model, p.tokenizer, p.processor, tmp_path / "export", True)
     q = load_pretrained(out)
     ids = torch.tensor([[p.tokenizer.bos_id or 1, 5, 6, 7]])
     torch.testing.assert_close(p.model(ids).logits, q.model(ids).logits)
+    # prompts are written as the model was trained: <img> ... </img> here
+    assert p.image_boundaries and q.image_boundaries
+    (run / "tokenizer" / "prompt_format.json").unlink()  # a run from before the file existed
+    assert load_pretrained(run).image_boundaries  # read from its config.yaml
 
     # a changed model refuses to resume, naming the key; --force overrides
     bad = run_cli(
-        ["train", str(cfg), f"train.run_dir={run}", "model.decoder.layers=3", "train.steps=3"]
+        [
+            "train",
+            str(cfg),
+            f"train.run_dir={run}",
+            boundaries,
+            "model.decoder.layers=3",
+            "train.steps=3",
+        ]
     )
     text, _ = bad.communicate(timeout=120)
     assert bad.returncode != 0 and "model.decoder.layers" in text
@@ -212,10 +224,31 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path) -> None:
         load_config(None, ["model.connector.num_tokens=99"])
     with pytest.raises(ConfigError, match="train.parallel"):
         load_config(None, ["train.parallel=zero3"])
+    with pytest.raises(ConfigError, match=r"train\.optim\.grad_clip=-1"):
+        load_config(None, ["train.optim.grad_clip=-1"])
+    assert load_config(None, ["train.optim.grad_clip=0"]).train.optim.grad_clip == 0  # no clip
+    # every reader's format is accepted; image_root only where a format has image paths
+    coco = load_config(None, ["data.sources=[{format: coco, path: c.json, image_root: imgs}]"])
+    assert coco.data.sources[0].resolved_kind == "captions"
+    with pytest.raises(ConfigError, match=r"data\.sources\[0\]\.image_root.*wds"):
+        load_config(None, ["data.sources=[{format: wds, path: s.tar, image_root: imgs}]"])
+    # one image with boundaries is <img> + Q slots + </img>
+    q = ["model.connector.num_tokens=16", "data.image_boundaries=true"]
+    assert load_config(None, [*q, "data.seq_len=19"]).data.seq_len == 19
+    with pytest.raises(ConfigError, match="cannot hold one image of 18 tokens"):
+        load_config(None, [*q, "data.seq_len=18"])
+
     bad = tmp_path / "x.yaml"
     bad.write_text(json.dumps({"train": {"stepz": 3}}))
     with pytest.raises(ConfigError, match="train.stepz"):
         load_config(bad)
+
+
+def test_config_formats_are_the_readers_formats() -> None:
+    from mm1.config import FORMAT_KINDS, SOURCE_FORMATS
+    from mm1.data.sources import FORMATS, READERS
+
+    assert set(SOURCE_FORMATS) == set(FORMATS) == set(READERS) == set(FORMAT_KINDS)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, world) -> None:

@@ -181,8 +181,7 @@ class PackedDataset(IterableDataset):
         for src, shard, record, piece, used in state["buffer"]:
             key = (src, shard, record)
             if key not in cache:
-                stream = self._mixture.streams[src]
-                doc = self.tokenize(stream.read_at(shard, record))
+                doc = self.tokenize(_reread(self._mixture.streams[src], shard, record))
                 cache[key] = split_document(doc, self.s.seq_len, self.s.max_images_per_seq)[0]
             p = cache[key][piece]
             if used:
@@ -197,6 +196,16 @@ class PackedDataset(IterableDataset):
             for s in self._mixture.streams:
                 total.merge(s.stats)
         return total
+
+
+def _reread(stream: SourceStream, shard: int, record: int) -> Record:
+    """Re-read a buffered record into a throwaway `ReadStats`: the restored stats already count
+    it from when it was first read, so counting the re-read would inflate them."""
+    live, stream.stats = stream.stats, ReadStats()
+    try:
+        return stream.read_at(shard, record)
+    finally:
+        stream.stats = live
 
 
 def build_loader(

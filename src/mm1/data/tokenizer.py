@@ -310,10 +310,15 @@ def tokenize_document(
 
 
 def tokenize_prompt(
-    text: str, images: list[Image.Image], tok: Tokenizer, num_image_tokens: int
+    text: str,
+    images: list[Image.Image],
+    tok: Tokenizer,
+    num_image_tokens: int,
+    image_boundaries: bool = False,
 ) -> list[int]:
     """Prompt ids for generation: BOS, then `text` with each `<image>` tag expanded to the
-    next image's slots; no EOS. The tag count must equal the number of images."""
+    next image's slots (between `<img>` and `</img>` with `image_boundaries`, as in training);
+    no EOS. The tag count must equal the number of images."""
     chunks = text.split(IMAGE_TOKEN)
     if len(chunks) - 1 != len(images):
         raise ValueError(
@@ -323,7 +328,7 @@ def tokenize_prompt(
     for image, chunk in zip(images, chunks[1:]):
         parts += [image, chunk]
     doc = Document(id="prompt", source="prompt", parts=[p for p in parts if p != ""])
-    return tokenize_document(doc, tok, num_image_tokens, add_eos=False).input_ids
+    return tokenize_document(doc, tok, num_image_tokens, image_boundaries, add_eos=False).input_ids
 
 
 def tokenize_conversation(

@@ -16,8 +16,8 @@ tokenized like training documents (BOS, `<image>` -> the model's image slots).
 
 Model arguments (`--model_args key=value,...`): `pretrained` (required), `device` (default cuda
 when available), `batch_size`, `max_new_tokens` (default 32, when a task's generation_kwargs do
-not set one), `num_beams` (default 1 = greedy), `image_boundaries` (true if the model was trained
-with `<img>` … `</img>` around image slots), `dtype` (float32, bfloat16, float16).
+not set one), `num_beams` (default 1 = greedy), `image_boundaries` (default: as the model was trained,
+from its prompt_format.json; true wraps image slots in `<img>` … `</img>`), `dtype` (float32, bfloat16, float16).
 
 Only images are handled (no video or audio). This module imports lmms_eval, so import it only
 where lmms-eval is installed.
@@ -111,7 +111,7 @@ class MM1LMM(lmms):
         batch_size: int | str = 1,
         max_new_tokens: int | str = 32,
         num_beams: int | str = 1,
-        image_boundaries: bool | str = False,
+        image_boundaries: bool | str | None = None,
         dtype: str = "float32",
         **kwargs: Any,
     ) -> None:
@@ -130,7 +130,10 @@ class MM1LMM(lmms):
         self.batch_size_per_gpu = int(batch_size) if str(batch_size).isdigit() else 1
         self.max_new_tokens = int(max_new_tokens)
         self.num_beams = int(num_beams)
-        self.image_boundaries = _as_bool(image_boundaries)
+        # Default: as the model was trained (its prompt_format.json).
+        self.image_boundaries = (
+            loaded.image_boundaries if image_boundaries is None else _as_bool(image_boundaries)
+        )
         self.stop_ids = sorted({self.tokenizer.eos_id, self.tokenizer.endofchunk_id})
 
     @property

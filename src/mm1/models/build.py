@@ -23,9 +23,10 @@ def resolve_config(
         cfg.vision = hf.vision_config_from_hf(init, cfg.vision.feature_layer, cfg.vision.image_size)
         cfg.vision.init = init
     if cfg.decoder.init:
-        init = cfg.decoder.init
+        init, attention = cfg.decoder.init, cfg.decoder.attention
         cfg.decoder = hf.decoder_config_from_hf(init)
-        cfg.decoder.init = init
+        # The checkpoint gives the architecture; how attention is computed stays the user's.
+        cfg.decoder.init, cfg.decoder.attention = init, attention
     if vocab_size is not None:
         cfg.decoder.vocab_size = vocab_size
     if image_token_id is not None:

@@ -27,14 +27,17 @@ def register(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
     return wrap
 
 
-def build_connector(cfg: ConnectorConfig, vision_width: int, grid: int, out_dim: int) -> nn.Module:
-    """The connector named by `cfg.type` for a grid x grid patch map of width `vision_width`."""
+def build_connector(
+    cfg: ConnectorConfig, vision_width: int, grid: int, out_dim: int, init_std: float = 0.02
+) -> nn.Module:
+    """The connector named by `cfg.type` for a grid x grid patch map of width `vision_width`,
+    initialised as `MM1.init_weights` does (truncated normal of std `init_std`)."""
     if cfg.type not in CONNECTORS:
         raise ValueError(
             f"model.connector.type={cfg.type!r} is not one of {', '.join(sorted(CONNECTORS))}"
         )
     module = CONNECTORS[cfg.type](cfg, vision_width, grid, out_dim)
-    init_weights(module)
+    init_weights(module, init_std)
     if hasattr(module, "reset_parameters"):
         module.reset_parameters()
     return module

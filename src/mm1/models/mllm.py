@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -31,13 +32,17 @@ class MM1Output:
     token_loss: torch.Tensor | None = None  # (B, T) cross-entropy per position, 0 where unlabelled
 
 
+def _multi_rank() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 class MM1(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.vision = VisionTransformer(cfg.vision)
         self.connector = build_connector(
-            cfg.connector, cfg.vision.width, cfg.vision.grid, cfg.decoder.dim
+            cfg.connector, cfg.vision.width, cfg.vision.grid, cfg.decoder.dim, cfg.init_std
         )
         self.decoder = Decoder(cfg.decoder, cfg.init_std)
 
@@ -78,9 +83,10 @@ class MM1(nn.Module):
         if n_images:
             feats = self.image_features(pixel_values).to(embeds.dtype)
             embeds = embeds.masked_scatter(slots[..., None], feats.reshape(-1, feats.shape[-1]))
-        elif self.training and torch.is_grad_enabled():
-            # A text-only micro-batch still runs the encoder once (on a blank image, with zero
-            # weight), so every rank calls the same collectives under FSDP / DDP.
+        elif (self.training and torch.is_grad_enabled()) or _multi_rank():
+            # A text-only batch still runs the encoder once (on a blank image, with zero
+            # weight), so every rank calls the same collectives: DDP's gradient buckets in
+            # training, FSDP's parameter all-gathers in every forward (validation included).
             size = self.cfg.vision.image_size
             blank = embeds.new_zeros(1, 3, size, size)
             embeds = embeds + 0.0 * self.image_features(blank).sum().to(embeds.dtype)

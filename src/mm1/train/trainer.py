@@ -25,6 +25,7 @@ from mm1.data.loader import LoaderSettings, PackedDataset, build_loader
 from mm1.data.world import prepare_data
 from mm1.models.build import build_model, starting_point_state_dict
 from mm1.models.mllm import MM1
+from mm1.pretrained import save_prompt_format
 from mm1.train import checkpoint as ckpt
 from mm1.train.logging import MetricsLogger, read_metrics
 from mm1.train.optim import build_optimizer, mm1_peak_lr
@@ -134,6 +135,7 @@ class Trainer:
             (self.run_dir / "model.json").write_text(model_json)
             tok.save(self.run_dir / "tokenizer")
             self.data.processor.save_pretrained(self.run_dir / "tokenizer")
+            save_prompt_format(self.run_dir / "tokenizer", cfg.data.image_boundaries)
         d.barrier()
 
     def _load_starting_points(self) -> None:
@@ -299,7 +301,9 @@ class Trainer:
             if sums[1 + n_src + j] > 0
         }
         params = [p for p in model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.optim.grad_clip)
+        # grad_clip 0 = no clipping (the norm is still computed, for the log)
+        clip = self.cfg.train.optim.grad_clip or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         grad_norm = float(grad_norm)
@@ -333,7 +337,8 @@ class Trainer:
             batch = batch.to(self.d.device)
             with _autocast(self.d.device, dtype):
                 out = self.model(**batch.model_inputs())
-            sums += torch.stack([out.loss_sum.float(), torch.tensor(float(out.num_label_tokens))])
+            loss_sum = out.loss_sum.float()
+            sums += torch.stack([loss_sum, loss_sum.new_tensor(float(out.num_label_tokens))])
         self.d.all_reduce_sum(sums)
         self.model.train()
         return float(sums[0] / sums[1].clamp(min=1))

@@ -86,6 +86,11 @@ def read_obelics_parquet(
                 )
                 break
             if txt is not None:
+                if not isinstance(txt, str):  # a malformed file can hold numbers or structs
+                    bad = BadImage(
+                        "malformed_record", f"position {pos}: text is a {type(txt).__name__}"
+                    )
+                    break
                 if txt.strip():
                     parts.append(txt)
                 continue

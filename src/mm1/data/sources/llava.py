@@ -31,9 +31,13 @@ _ROLES = {
 }
 
 
-def _llava_records(path: Path, stats: ReadStats) -> Iterator[tuple[int, dict[str, Any]]]:
+def _llava_records(
+    path: Path, stats: ReadStats, start: int = 0
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(index, record) from `start` on; bad records before `start` were counted when first read
+    and are not counted again on a resume."""
     if path.name.lower().endswith((".jsonl", ".jsonl.gz")):
-        yield from jsonl_records(path, 0, stats)
+        yield from jsonl_records(path, start, stats)
         return
     try:
         with open_text(path) as f:
@@ -43,6 +47,8 @@ def _llava_records(path: Path, stats: ReadStats) -> Iterator[tuple[int, dict[str
     if not isinstance(data, list):
         raise DataError(f"{path}: LLaVA data must be a JSON list, got {type(data).__name__}")
     for index, rec in enumerate(data):
+        if index < start:
+            continue
         if not isinstance(rec, dict):
             skip_record(stats, "malformed_record", f"{path}: record {index}", "not a JSON object")
             continue
@@ -140,9 +146,7 @@ def read_llava(
     path = Path(path)
     stats = ReadStats() if stats is None else stats
     folder = Path(image_folder) if image_folder is not None else default_image_dir(path)
-    for index, rec in _llava_records(path, stats):
-        if index < start:
-            continue
+    for index, rec in _llava_records(path, stats, start):
         conv = _llava_conversation(rec, index, path, folder, stats, source)
         if conv is not None:
             yield conv

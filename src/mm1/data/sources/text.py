@@ -56,8 +56,21 @@ def read_text(
         )
 
 
-def coco_entries(path: Path) -> list[tuple[dict[str, Any], list[str]]]:
-    """(image record, its captions) in the file's image order."""
+def _coco_id(value: Any) -> bool:
+    """COCO ids are ints (some derived sets use strings); anything else cannot key captions."""
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+def coco_entries(
+    path: Path, stats: ReadStats | None = None
+) -> list[tuple[dict[str, Any] | None, list[str]]]:
+    """(image record, its captions) in the file's image order.
+
+    An image entry that is not an object with an int or string `id` comes as `(None, [])`, so
+    positions stay the file's record indices. Annotations that are not objects with an int or
+    string `image_id` and a string `caption` are left out and, when `stats` is given, counted as
+    `malformed_annotation`. A file that is not a JSON object with `images` and `annotations`
+    lists raises `DataError`."""
     try:
         with open_text(path) as f:
             data = json.load(f)
@@ -65,10 +78,29 @@ def coco_entries(path: Path) -> list[tuple[dict[str, Any], list[str]]]:
         raise DataError(f"{path}: not valid JSON ({e}); expected COCO captions JSON") from None
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         raise DataError(f"{path}: COCO captions JSON needs 'images' and 'annotations'")
-    captions: dict[Any, list[str]] = {}
-    for ann in data["annotations"]:
-        captions.setdefault(ann.get("image_id"), []).append(ann.get("caption", ""))
-    return [(im, captions.get(im.get("id"), [])) for im in data["images"]]
+    images, annotations = data["images"], data["annotations"]
+    if not isinstance(images, list) or not isinstance(annotations, list):
+        raise DataError(
+            f"{path}: COCO captions JSON needs 'images' and 'annotations' lists, got "
+            f"{type(images).__name__} and {type(annotations).__name__}"
+        )
+    captions: dict[int | str, list[str]] = {}
+    for i, ann in enumerate(annotations):
+        image_id = ann.get("image_id") if isinstance(ann, dict) else None
+        caption = ann.get("caption") if isinstance(ann, dict) else None
+        if not _coco_id(image_id) or not isinstance(caption, str):
+            if stats is not None:
+                skip_record(
+                    stats, "malformed_annotation", f"{path}: annotation {i}", f"{ann!r:.200}"
+                )
+            continue
+        captions.setdefault(image_id, []).append(caption)
+    return [
+        (im, captions.get(im["id"], []))
+        if isinstance(im, dict) and _coco_id(im.get("id"))
+        else (None, [])
+        for im in images
+    ]
 
 
 def read_coco_captions(
@@ -85,16 +117,27 @@ def read_coco_captions(
     path = Path(path)
     stats = ReadStats() if stats is None else stats
     root = Path(image_root) if image_root is not None else default_image_dir(path)
-    for index, (im, caps) in enumerate(coco_entries(path)):
+    # Annotations are not records: count the malformed ones only on a pass from the file's
+    # start, so a resumed (or re-read) file does not count them again.
+    entries = coco_entries(path, stats if start == 0 else None)
+    for index, (im, caps) in enumerate(entries):
         if index < start:
             continue
-        where = f"{path}: image {im.get('id')}"
-        caption = next((c.strip() for c in caps if isinstance(c, str) and c.strip()), None)
+        if im is None or not isinstance(im.get("file_name"), str):
+            skip_record(
+                stats,
+                "malformed_record",
+                f"{path}: image entry {index}",
+                "needs an object with an int or string `id` and a string `file_name`",
+            )
+            continue
+        where = f"{path}: image {im['id']}"
+        caption = next((c.strip() for c in caps if c.strip()), None)
         if caption is None:
             skip_record(stats, "missing_caption", where)
             continue
         try:
-            image = image_from_path(root / str(im.get("file_name", "")))
+            image = image_from_path(root / im["file_name"])
         except BadImage as e:
             skip_record(stats, e.reason, where, e.detail)
             continue
@@ -102,6 +145,4 @@ def read_coco_captions(
         stats.images += 1
         meta = {k: v for k, v in im.items()}
         meta.update({"captions": caps, "__shard__": str(path), "__index__": index})
-        yield Document(
-            id=str(im.get("id", index)), source=source, parts=[image, caption], meta=meta
-        )
+        yield Document(id=str(im["id"]), source=source, parts=[image, caption], meta=meta)
