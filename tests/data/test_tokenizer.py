@@ -121,6 +121,9 @@ def test_special_tokens_added_once_and_image_last(dirs: dict[str, Path]) -> None
         assert [tok.token_to_id(s) for s in specials] == ids[:4]
         # The wrapped tokenizers.Tokenizer was copied, not changed.
         assert base.token_to_id(IMAGE_TOKEN) is None
+        # The ids new to the wrapped tokenizer (a checkpoint has no trained rows for them).
+        base_size = base.get_vocab_size(with_added_tokens=True)
+        assert sorted(tok.added_ids) == list(range(base_size, base_size + added))
 
 
 def test_bos_eos_pad_resolution(llama: Tokenizer, qwen: Tokenizer) -> None:
@@ -156,6 +159,7 @@ def test_save_load_keeps_ids(tmp_path: Path, llama: Tokenizer, qwen: Tokenizer) 
         for attr in ("vocab_size", "bos_id", "eos_id", "pad_id", "image_id", "boi_id", "eoi_id"):
             assert getattr(again, attr) == getattr(tok, attr), attr
         assert again.endofchunk_id == tok.endofchunk_id
+        assert again.added_ids == ()  # saved with mm1's specials: nothing new
         assert again.encode(TEXTS[1]) == tok.encode(TEXTS[1])
         saved = json.loads((tmp_path / name / "mm1_tokenizer.json").read_text())
         assert saved["image_token"] == IMAGE_TOKEN and saved["eos_token"] == tok.eos_token

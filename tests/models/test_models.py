@@ -377,6 +377,26 @@ def test_resize_token_embeddings(tied: bool) -> None:
     assert dec.lm_head.weight.device.type == "cpu"
 
 
+def test_resize_into_a_padded_vocabulary_gives_added_tokens_fresh_rows() -> None:
+    """A checkpoint's vocabulary padded past its tokenizer (64 rows, 56 tokens): mm1's added
+    specials land on untrained padding rows (ids 56, 57), which must start at the mean of the
+    trained rows; the unused padding past the new size is cut and not averaged in."""
+    torch.manual_seed(0)
+    dec = Decoder(tiny_model_config().decoder)
+    old = dec.embed_tokens.weight.detach().clone()
+    dec.resize_token_embeddings(58, new_ids=[56, 57])
+    w = dec.embed_tokens.weight
+    assert w.shape == (58, 32)
+    assert torch.equal(w[:56], old[:56])
+    torch.testing.assert_close(w[56:], old[:56].mean(0).expand(2, -1))
+    torch.manual_seed(0)
+    same = Decoder(tiny_model_config().decoder)
+    same.resize_token_embeddings(64, new_ids=[60])  # same size: only the new id's row changes
+    w, rest = same.embed_tokens.weight, [i for i in range(64) if i != 60]
+    assert torch.equal(w[rest], old[rest])
+    torch.testing.assert_close(w[60], old[rest].mean(0))
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("window", [0, 5])
 def test_flex_attention_equals_sdpa_on_packed_documents(window: int) -> None:

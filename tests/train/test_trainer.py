@@ -463,3 +463,22 @@ def test_two_process_fsdp_loads_hf_starting_points_into_the_shards(tmp_path, wor
     torch.testing.assert_close(
         emb[hf_emb.shape[0] :], hf_emb.mean(0).expand_as(emb[hf_emb.shape[0] :])
     )
+
+
+def test_per_source_sums_match_masked_sums() -> None:
+    from mm1.batch import IGNORE_INDEX, Batch
+    from mm1.train.trainer import _source_sums
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 9, (2, 12), generator=g)
+    labels[:, ::3] = IGNORE_INDEX
+    src = torch.randint(-1, 4, (2, 12), generator=g)  # -1: padding
+    zeros = torch.zeros_like(labels)
+    batch = Batch(labels, labels, zeros, zeros, source_ids=src)
+    token_loss = torch.rand(2, 12, generator=g)
+    got = _source_sums(token_loss, batch, 4)
+    assert got[0] == token_loss.sum()
+    for j in range(4):
+        m = (labels != IGNORE_INDEX) & (src == j)
+        torch.testing.assert_close(got[1 + j], token_loss[m].sum())
+        assert got[5 + j] == m.sum()

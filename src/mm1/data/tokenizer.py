@@ -82,8 +82,12 @@ class Tokenizer:
         names += [ENDOFCHUNK_TOKEN, BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN]
         # Registering a token that is already in the vocabulary keeps its id; a new one gets the
         # next id. As special tokens they are matched whole in text and skipped by decode.
+        known = tok.get_vocab(with_added_tokens=True)
         for name in dict.fromkeys(names):
             tok.add_special_tokens([tokenizers.AddedToken(name, special=True, normalized=False)])
+        # Ids new to the wrapped tokenizer: a pre-trained embedding has no trained row for them
+        # (even where a padded vocabulary has a row at that id), so they start at the mean row.
+        self.added_ids = tuple(tok.token_to_id(n) for n in dict.fromkeys(names) if n not in known)
         self._tok = tok
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
         # Max id + 1, not the count: a vocabulary with holes still needs every id embedded.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 
@@ -35,10 +36,13 @@ def resolve_config(
     return cfg
 
 
-def starting_point_state_dict(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def starting_point_state_dict(
+    cfg: ModelConfig, new_token_ids: Sequence[int] = ()
+) -> dict[str, torch.Tensor]:
     """`vision.*` / `decoder.*` weights of the HF starting points named by a resolved config; a
-    pre-trained vocabulary grows to `cfg.decoder.vocab_size` with new rows at the mean of the
-    old ones (tied heads stay tied)."""
+    pre-trained vocabulary is resized to `cfg.decoder.vocab_size`, and rows past its size and
+    of `new_token_ids` (the tokenizer's `added_ids`) start at the mean of the trained rows
+    (tied heads stay tied)."""
     from mm1.models import hf
 
     state: dict[str, torch.Tensor] = {}
@@ -49,7 +53,7 @@ def starting_point_state_dict(cfg: ModelConfig) -> dict[str, torch.Tensor]:
         state.update({f"vision.{k}": v for k, v in encoder.state_dict().items()})
     if cfg.decoder.init:
         decoder = hf.decoder_from_hf(cfg.decoder.init)
-        decoder.resize_token_embeddings(cfg.decoder.vocab_size)
+        decoder.resize_token_embeddings(cfg.decoder.vocab_size, new_token_ids)
         state.update({f"decoder.{k}": v for k, v in decoder.state_dict().items()})
     return state
 
@@ -60,6 +64,7 @@ def build_model(
     image_token_id: int | None = None,
     *,
     meta: bool = False,
+    new_token_ids: Sequence[int] = (),
 ) -> MM1:
     """The model of `cfg` (see `resolve_config`) with the encoder / decoder weights of
     `vision.init` / `decoder.init` (HF checkpoint directories) when set.
@@ -67,13 +72,14 @@ def build_model(
     With `meta` the model is built on the meta device, without weights: for sharded
     initialisation by `mm1.train.parallel.parallelize`, after which the starting points are
     loaded with `starting_point_state_dict` (on rank 0, broadcast to the shards).
+    `new_token_ids` (the tokenizer's `added_ids`) get fresh embedding rows (see there).
     """
     cfg = resolve_config(cfg, vocab_size, image_token_id)
     if meta:
         with torch.device("meta"):
             return MM1(cfg)
     model = MM1(cfg)
-    state = starting_point_state_dict(cfg)
+    state = starting_point_state_dict(cfg, new_token_ids)
     if state:
         missing, unexpected = model.load_state_dict(state, strict=False)
         loaded = {k.split(".")[0] for k in state}

@@ -8,7 +8,7 @@ Parameter names follow transformers' Llama so checkpoints map one to one.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -410,19 +410,26 @@ class Decoder(nn.Module):
         return mode == "varlen" or (mode == "auto" and length >= VARLEN_MIN_LEN)
 
     @torch.no_grad()
-    def resize_token_embeddings(self, vocab_size: int) -> None:
-        """Grow (or shrink) the vocabulary; new rows start at the mean of the existing rows so
-        new special tokens begin as an 'average' token. A tied head stays tied."""
+    def resize_token_embeddings(self, vocab_size: int, new_ids: Sequence[int] = ()) -> None:
+        """Grow (or shrink) the vocabulary. Rows past the old size and the rows of `new_ids`
+        (tokens new to the checkpoint's tokenizer, which a padded vocabulary may already hold
+        untrained rows for) start at the mean of the other existing rows, so new special tokens
+        begin as an 'average' token. A tied head stays tied."""
         old = self.cfg.vocab_size
-        if vocab_size == old:
+        fresh = sorted({i for i in new_ids if i < min(old, vocab_size)})
+        if vocab_size == old and not fresh:
             return
 
         def resized(weight: torch.Tensor) -> torch.Tensor:
             new = weight.new_empty(vocab_size, weight.shape[1])
             keep = min(old, vocab_size)
             new[:keep] = weight[:keep]
-            if vocab_size > old:
-                new[old:] = weight.float().mean(0).to(weight.dtype)
+            # Rows cut off by a shrink are a padded vocabulary's unused rows: not in the mean.
+            trained = torch.ones(keep, dtype=torch.bool, device=weight.device)
+            trained[fresh] = False
+            mean = weight[:keep][trained].float().mean(0).to(weight.dtype)
+            new[fresh] = mean
+            new[old:] = mean
             return new
 
         self.embed_tokens = nn.Embedding.from_pretrained(

@@ -102,7 +102,9 @@ class Trainer:
         tok = self.data.tokenizer
         # Sharded FSDP runs build on the meta device: no rank ever holds the full model.
         sharded = d.enabled and cfg.train.parallel == "fsdp"
-        model = build_model(cfg.model, tok.vocab_size, tok.image_id, meta=sharded)
+        model = build_model(
+            cfg.model, tok.vocab_size, tok.image_id, meta=sharded, new_token_ids=tok.added_ids
+        )
         self.model_cfg = model.cfg
         self._freeze(model)
         self.num_decoder_params = sum(p.numel() for p in model.decoder.parameters())
@@ -143,7 +145,8 @@ class Trainer:
         shards by broadcast (one tensor at a time)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        state = starting_point_state_dict(self.model_cfg) if self.d.is_main else {}
+        added = self.data.tokenizer.added_ids
+        state = starting_point_state_dict(self.model_cfg, added) if self.d.is_main else {}
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
         set_model_state_dict(self.model, state, options=options)
 
@@ -401,11 +404,14 @@ def _source_sums(token_loss: torch.Tensor, batch: Batch, n_src: int) -> torch.Te
     out = torch.zeros(1 + 2 * n_src, device=token_loss.device)
     out[0] = token_loss.sum()
     if batch.source_ids is not None:
+        # One scatter per sum, no boolean indexing: no host sync per source on a GPU.
         src = batch.source_ids.to(token_loss.device)
-        for j in range(n_src):
-            m = labelled & (src == j)
-            out[1 + j] = token_loss[m].sum()
-            out[1 + n_src + j] = m.sum()
+        bins = torch.where(labelled & (src >= 0), src, n_src).flatten()  # n_src: not counted
+        loss = torch.zeros(n_src + 1, device=token_loss.device)
+        loss.scatter_add_(0, bins, token_loss.detach().float().flatten())
+        count = torch.zeros(n_src + 1, device=token_loss.device)
+        count.scatter_add_(0, bins, torch.ones(bins.shape, device=token_loss.device))
+        out[1 : 1 + n_src], out[1 + n_src :] = loss[:n_src], count[:n_src]
     return out
 
 
