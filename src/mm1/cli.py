@@ -298,7 +298,9 @@ def _run_world(model_dir: Path) -> str:
     if saved.is_file():
         import yaml
 
-        return str((yaml.safe_load(saved.read_text()) or {}).get("data", {}).get("world"))
+        world = ((yaml.safe_load(saved.read_text()) or {}).get("data") or {}).get("world")
+        if world:
+            return str(world)
     return "data/world"
 
 

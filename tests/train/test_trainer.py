@@ -482,3 +482,23 @@ def test_per_source_sums_match_masked_sums() -> None:
         m = (labels != IGNORE_INDEX) & (src == j)
         torch.testing.assert_close(got[1 + j], token_loss[m].sum())
         assert got[5 + j] == m.sum()
+
+
+def test_tensorboard_hides_the_steps_a_resume_logs_again(tmp_path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mm1.train.logging import MetricsLogger
+
+    first = MetricsLogger(tmp_path, 10, progress=False)
+    for step in range(1, 7):  # killed after logging step 6; its last checkpoint is step 4
+        first.log(step, {"loss": float(step)})
+    first.close()
+    resumed = MetricsLogger(tmp_path, 10, progress=False, start_step=4)
+    for step in range(5, 8):
+        resumed.log(step, {"loss": 100.0 + step})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    got = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert got == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 105.0), (6, 106.0), (7, 107.0)]

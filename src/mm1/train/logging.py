@@ -50,7 +50,10 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            # A resumed run logs its steps after `start_step` again: TensorBoard hides the
+            # first attempt's events from there on (metrics.jsonl is truncated the same way).
+            purge = start_step + 1 if start_step else None
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge)
         if wandb != "off":
             self._wandb = _start_wandb(wandb, self.run_dir, config)
         if progress:
