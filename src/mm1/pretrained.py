@@ -21,12 +21,12 @@ from safetensors.torch import load_file, save_file
 
 from mm1.config import ModelConfig, model_config_from_dict, to_dict
 from mm1.data.images import ImageProcessor
+from mm1.data.prompt_format import load_prompt_format, save_prompt_format
 from mm1.data.tokenizer import Tokenizer
 from mm1.models.mllm import MM1
 
 WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "model.json"
-PROMPT_FORMAT = "prompt_format.json"
 
 
 @dataclass
@@ -41,27 +41,6 @@ class Pretrained:
     @property
     def cfg(self) -> ModelConfig:
         return self.model.cfg
-
-
-def save_prompt_format(directory: str | Path, image_boundaries: bool) -> None:
-    path = Path(directory) / PROMPT_FORMAT
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"image_boundaries": bool(image_boundaries)}) + "\n")
-
-
-def load_prompt_format(directory: Path) -> bool:
-    """`image_boundaries` of a model directory; False for directories written before
-    prompt_format.json existed (a run directory's config.yaml is read then)."""
-    path = directory / PROMPT_FORMAT
-    if path.is_file():
-        return bool(json.loads(path.read_text()).get("image_boundaries", False))
-    config = directory.parent / "config.yaml"  # <run>/tokenizer -> <run>/config.yaml
-    if directory.name == "tokenizer" and config.is_file():
-        import yaml
-
-        data = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
-        return bool(data.get("image_boundaries", False))
-    return False
 
 
 def save_pretrained(

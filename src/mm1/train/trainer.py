@@ -22,10 +22,10 @@ from torch import nn
 from mm1.batch import IGNORE_INDEX, Batch
 from mm1.config import SOURCE_KINDS, Config, ConfigError, SourceConfig, to_dict, to_yaml
 from mm1.data.loader import LoaderSettings, PackedDataset, build_loader
+from mm1.data.prompt_format import save_prompt_format
 from mm1.data.world import prepare_data
 from mm1.models.build import build_model, starting_point_state_dict
 from mm1.models.mllm import MM1
-from mm1.pretrained import save_prompt_format
 from mm1.train import checkpoint as ckpt
 from mm1.train.logging import MetricsLogger, read_metrics
 from mm1.train.optim import build_optimizer, mm1_peak_lr
