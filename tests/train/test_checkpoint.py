@@ -216,6 +216,27 @@ def test_crashed_saves_never_count_and_are_cleaned_up(
     assert read_meta(root / "step_6")["again"] is True
     assert list_checkpoints(tmp_path) == [root / "step_5", root / "step_6"]
 
+    # A crash between setting the old step_6 aside and renaming its replacement: the old copy
+    # is the only complete step 6, so it still counts, and the next save restores it.
+    real_rename = ckpt._atomic_rename
+
+    def second_rename_dies(src: Path, dst: Path) -> None:
+        if src.name.startswith(".tmp_step_"):
+            raise OSError("simulated crash between the renames")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(ckpt, "_atomic_rename", second_rename_dies)
+    with pytest.raises(OSError, match="between the renames"):
+        save_checkpoint(tmp_path, 6, model, opt, keep=2, meta={"third": True})
+    monkeypatch.undo()
+    aside = root / ".tmp_replaced_step_6"
+    assert not (root / "step_6").exists() and read_meta(aside)["again"] is True
+    assert latest_checkpoint(tmp_path) == aside
+    assert load_checkpoint(aside, model, opt).step == 6  # a resume can load it
+    save_checkpoint(tmp_path, 7, model, opt, keep=3)
+    assert list_checkpoints(tmp_path) == [root / "step_5", root / "step_6", root / "step_7"]
+    assert read_meta(root / "step_6")["again"] is True
+
 
 def test_bad_arguments(tmp_path: Path) -> None:
     model, opt, _ = _make(0)

@@ -297,6 +297,10 @@ def test_nonfinite_losses_are_skipped_then_abort_naming_the_step(
     records = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
     assert records[0]["loss"] == pytest.approx(records[0]["loss"])  # step 1 finite
     assert records[-1]["nonfinite_steps"] >= 1
+    # Resumed from step 2 (one bad step into the streak), the streak goes on where it was.
+    again = Trainer(cfg)
+    with pytest.raises(NonFiniteLossError, match="step 4"):
+        again.fit()
 
 
 def test_training_from_hf_starting_points(tmp_path, world) -> None:

@@ -14,7 +14,9 @@ writes its own shards), waits for every rank, then rank 0 writes ``meta.json`` a
 directory to ``step_N/``; a rename within one file system is atomic, so a crash at any point
 leaves either no ``step_N/`` or a complete one, and the previous checkpoints are untouched. Only
 after that are the older checkpoints beyond ``keep`` deleted, and ``.tmp_*`` leftovers of a
-crashed save are removed at the start of the next save.
+crashed save are removed at the start of the next save. Saving a step that already exists sets
+the old ``step_N/`` aside as ``.tmp_replaced_step_N/`` for the rename; if a crash leaves it
+without a ``step_N/``, it still counts as step N and the next save renames it back.
 
 What a checkpoint holds (DCP keys):
 
@@ -180,12 +182,29 @@ def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
     root = _checkpoints_root(run_dir)
     if not root.is_dir():
         return []
-    found = []
+    found = {}
     for p in root.iterdir():
         step = _step_of(p)
         if step is not None and p.is_dir() and (p / META_FILE).is_file():
-            found.append((step, p))
-    return [p for _, p in sorted(found)]
+            found[step] = p
+    for step, p in _orphaned_replacements(root):  # complete; see `_orphaned_replacements`
+        found.setdefault(step, p)
+    return [found[step] for step in sorted(found)]
+
+
+_REPLACED = "replaced_"
+
+
+def _orphaned_replacements(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints set aside while a save of the same step replaced them, whose
+    replacement never got its final name (a crash between the two renames)."""
+    out = []
+    for p in root.iterdir():
+        name = p.name.removeprefix(_TMP_PREFIX + _REPLACED)
+        step = _step_of(Path(name)) if name != p.name else None
+        if step is not None and (p / META_FILE).is_file() and not (root / name).exists():
+            out.append((step, p))
+    return out
 
 
 def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
@@ -288,6 +307,9 @@ def _remove(path: Path) -> None:
 
 
 def _remove_leftovers(root: Path) -> None:
+    for step, p in _orphaned_replacements(root):  # the only complete copy of its step: keep it
+        log.info("restoring %s, set aside by an interrupted save", p)
+        _atomic_rename(p, root / f"step_{step}")
     for p in root.iterdir():
         if p.name.startswith(_TMP_PREFIX):
             log.info("removing leftover %s of an interrupted checkpoint save", p)
@@ -414,7 +436,7 @@ def save_checkpoint(
             _fsync_dir(tmp)
             replaced = None
             if final.exists():
-                replaced = root / f"{_TMP_PREFIX}replaced_{final.name}"
+                replaced = root / f"{_TMP_PREFIX}{_REPLACED}{final.name}"
                 _remove(replaced)
                 _atomic_rename(final, replaced)
             _atomic_rename(tmp, final)

@@ -128,7 +128,7 @@ class Trainer:
         )
         self.val_batches = self._validation_batches()
         self.step = 0
-        self.counters = {"nonfinite_steps": 0}
+        self.counters = {"nonfinite_steps": 0, "nonfinite_in_a_row": 0}
         self._resume()
         if d.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -198,7 +198,7 @@ class Trainer:
             return
         loaded = ckpt.load_checkpoint(path, self.model, self.optimizer)
         self.scheduler.load_state_dict(loaded.extra["scheduler"])
-        self.counters = dict(loaded.extra.get("counters", self.counters))
+        self.counters = {**self.counters, **loaded.extra.get("counters", {})}
         self.loader.load_state_dict(loaded.rank_state["loader"])
         self.step = loaded.step
         if self.d.is_main:
@@ -234,7 +234,6 @@ class Trainer:
         )
         self._install_signal_handlers()
         data_iter = iter(self.loader)
-        nonfinite_in_a_row = 0
         window = {"t": time.perf_counter(), "wait": 0.0, "tokens": 0, "images": 0}
         last: StepResult | None = None
         try:
@@ -246,16 +245,16 @@ class Trainer:
                 self.step += 1
                 window["tokens"] += last.tokens
                 window["images"] += last.images
+                # The streak is a counter, so it is checkpointed: a resume does not reset it.
+                streak = self.counters["nonfinite_in_a_row"] + 1 if last.skipped else 0
+                self.counters["nonfinite_in_a_row"] = streak
                 if last.skipped:
-                    nonfinite_in_a_row += 1
                     self.counters["nonfinite_steps"] += 1
-                    if nonfinite_in_a_row >= cfg.max_nonfinite_in_a_row:
+                    if streak >= cfg.max_nonfinite_in_a_row:
                         raise NonFiniteLossError(
-                            f"non-finite loss at step {self.step} for {nonfinite_in_a_row} steps "
+                            f"non-finite loss at step {self.step} for {streak} steps "
                             "in a row: lower train.optim.lr, check the data, or use float32"
                         )
-                else:
-                    nonfinite_in_a_row = 0
                 logger.advance(self.step, f"loss {last.loss:.4f}")
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     logger.log(self.step, self._metrics(last, window))
