@@ -262,3 +262,65 @@ def test_readme_task_file_example_supports_the_default_shots() -> None:
     specs = [TaskSpec.from_dict(d, root=ROOT) for d in yaml.safe_load(block)]
     assert {s.kind for s in specs} == {"caption", "vqa"}
     assert all(s.support is not None for s in specs)
+
+
+def test_info_counts_the_model_training_builds(run, capsys) -> None:
+    """`mm1 info` resolves the vocabulary from the tokenizer training would use (here the
+    world's), so its parameter count is the trained model's."""
+    from mm1.pretrained import load_pretrained
+
+    world = run.parent / "world"
+    assert cli.main(["info", str(ROOT / "configs" / "demo.yaml"), f"data.world={world}"]) == 0
+    out = capsys.readouterr().out
+    trained = load_pretrained(run).model
+    assert f"{sum(p.numel() for p in trained.parameters()):,}" in out
+    assert f"vocabulary: {trained.cfg.decoder.vocab_size:,} (the tokenizer of the world" in out
+
+
+def test_training_a_finished_run_says_so(run, capsys) -> None:
+    args = [
+        "train",
+        str(ROOT / "configs" / "demo.yaml"),
+        f"data.world={run.parent / 'world'}",
+        f"train.run_dir={run}",
+        "train.steps=3",
+        "train.save_every=3",
+        "train.val_every=0",
+        "train.tensorboard=false",
+        "train.progress=false",
+        "data.num_workers=0",
+    ]
+    assert cli.main(args) == 0
+    assert "already at step 3 (train.steps)" in capsys.readouterr().out
+
+
+def test_user_mistakes_are_one_line_errors(run, tmp_path, capsys, monkeypatch) -> None:
+    def fails(*args: str, code: int = 2) -> str:
+        assert cli.main(list(args)) == code
+        out = capsys.readouterr().out
+        assert "Traceback" not in out
+        return " ".join(out.split())
+
+    assert "1 <image> tag(s) but 0 --image" in fails("generate", str(run), "--prompt", "<image>x")
+    assert "unknown nope; known:" in fails("eval", str(run), "--tasks", "nope")
+    assert "give shot counts" in fails("eval", str(run), "--shots", "0,x")
+    task = {**_vqa_task(run.parent / "world", "t", True), "kind": "captions"}
+    (tmp_path / "tasks.yaml").write_text(yaml.safe_dump([task]))
+    assert "tasks.yaml: task 1:" in fails(
+        "eval", str(run), "--task-file", str(tmp_path / "tasks.yaml")
+    )
+    (tmp_path / "bad.yaml").write_text("train:\n  steps: [1\n")
+    assert "not valid YAML" in fails("info", str(tmp_path / "bad.yaml"))
+    (tmp_path / "map.yaml").write_text("data:\n  sources: {format: wds, path: x}\n")
+    assert "data.sources is a list" in fails("info", str(tmp_path / "map.yaml"))
+    assert "--world DIR" in fails("eval", str(run), "--world", str(tmp_path / "nowhere"))
+
+    # Anything else still ends in one line, with the traceback on request.
+    def broken(args) -> None:
+        raise ValueError("boom")
+
+    monkeypatch.setattr(cli, "cmd_info", broken)
+    assert "error: boom" in fails("info", "x.yaml", code=1)
+    monkeypatch.setenv("MM1_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="boom"):
+        cli.main(["info", "x.yaml"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mm1.config import ConfigError, load_config
+from mm1.config import Config, ConfigError, ModelConfig, load_config
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -34,7 +35,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     from mm1.train.optim import mm1_peak_lr
 
     cfg = load_config(args.config, args.overrides)
-    s = summarize(cfg.model, args.seq_len or cfg.model.decoder.max_seq_len)
+    model_cfg, vocab_from = _built_model_config(cfg)
+    s = summarize(model_cfg, args.seq_len or model_cfg.decoder.max_seq_len)
     table = Table(title=f"{args.config}  (built on the meta device: no weights allocated)")
     table.add_column("component")
     table.add_column("parameters", justify="right")
@@ -49,7 +51,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     ):
         table.add_row(name, f"{n:,} ({_human(n)})", f"{100 * n / s.total:.1f}%")
     console.print(table)
-    m = cfg.model
+    console.print(f"vocabulary: {model_cfg.decoder.vocab_size:,} ({vocab_from})")
+    m = model_cfg
     console.print(
         f"image: {m.vision.image_size}px / patch {m.vision.patch_size} = "
         f"{m.vision.num_patches} patches -> {m.connector.type} -> {s.image_tokens} image tokens"
@@ -68,11 +71,39 @@ def cmd_info(args: argparse.Namespace) -> None:
     )
 
 
+def _built_model_config(cfg: Config) -> tuple[ModelConfig, str]:
+    """The architecture training would build: HF starting points' shapes and the tokenizer's
+    vocabulary (without writing a synthetic world), and where the vocabulary comes from."""
+    from mm1.data.synthetic import WorldManifest
+    from mm1.data.tokenizer import Tokenizer
+    from mm1.models.build import resolve_config
+
+    world = Path(cfg.data.world)
+    tok_path = cfg.data.tokenizer or cfg.model.decoder.init
+    if tok_path:
+        where = str(tok_path)
+    elif (world / "world.json").is_file():
+        tok_path, where = WorldManifest.load(world).tokenizer_path, f"the world at {world}"
+    else:
+        how = f"the config; training sets it from the synthetic world's tokenizer ({world})"
+        return resolve_config(cfg.model), how
+    tok = Tokenizer.from_file(tok_path)
+    return resolve_config(cfg.model, tok.vocab_size, tok.image_id), f"the tokenizer of {where}"
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from mm1.train.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
     result = Trainer(cfg, force=args.force).fit()
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, one summary line
+        return
+    if result["steps_run"] == 0:
+        console.print(
+            f"{cfg.train.run_dir} is already at step {result['step']} (train.steps): nothing to "
+            "train; raise train.steps to go on"
+        )
+        return
     console.print(f"done: step {result['step']}, loss {result['loss']:.4f} -> {cfg.train.run_dir}")
 
 
@@ -207,9 +238,15 @@ def _load_images(paths: list[str]) -> list[Image.Image]:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from mm1.data.tokenizer import tokenize_prompt
+    from mm1.data.tokenizer import IMAGE_TOKEN, tokenize_prompt
     from mm1.pretrained import load_pretrained
 
+    tags, n = args.prompt.count(IMAGE_TOKEN), len(args.image or [])
+    if tags != n:
+        raise ConfigError(
+            f"--prompt has {tags} {IMAGE_TOKEN} tag(s) but {n} --image given: put one "
+            f"{IMAGE_TOKEN} where each image goes, e.g. --prompt '{IMAGE_TOKEN}Output:'"
+        )
     p = load_pretrained(args.model)
     images = _load_images(args.image)
     ids = tokenize_prompt(
@@ -246,16 +283,36 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from mm1.eval.tasks import SYNTHETIC_TASKS, TASKS, TaskSpec, register_task
     from mm1.pretrained import load_pretrained
 
-    shots = [int(s) for s in args.shots.split(",")]
+    try:
+        shots = [int(s) for s in args.shots.split(",")]
+    except ValueError:
+        raise ConfigError(f"--shots {args.shots!r}: give shot counts like 0,4,8") from None
     tasks = [t for t in (args.tasks or "").split(",") if t]
     if not tasks and not args.task_file:
         tasks = ["synth_coco", "synth_vqa"]
     if args.task_file:
         path = Path(args.task_file)
-        for d in yaml.safe_load(path.read_text()) or []:
-            spec = register_task(TaskSpec.from_dict(d, root=path.parent), overwrite=True)
+        try:
+            entries = yaml.safe_load(path.read_text()) or []
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+        if not isinstance(entries, list):
+            raise ConfigError(f"{path}: a task file is a YAML list of tasks (- name: ...)")
+        for i, d in enumerate(entries):
+            try:
+                spec = register_task(TaskSpec.from_dict(d, root=path.parent), overwrite=True)
+            except (ValueError, KeyError, TypeError) as err:
+                msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+                raise ConfigError(f"{path}: task {i + 1}: {msg}") from None
             if spec.name not in tasks:
                 tasks.append(spec.name)
+    unknown = [t for t in tasks if t not in TASKS and t not in SYNTHETIC_TASKS]
+    if unknown:
+        known = ", ".join(sorted(set(TASKS) | set(SYNTHETIC_TASKS)))
+        raise ConfigError(
+            f"--tasks: unknown {', '.join(unknown)}; known: {known}; describe your own tasks "
+            "with --task-file"
+        )
     # Few-shot needs demonstrations: fail before loading anything, with the fix in the message
     # (evaluate would only raise a bare ValueError once the model and the tasks are loaded).
     few = [k for k in shots if k > 0]
@@ -269,6 +326,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
                 "or evaluate it zero-shot only with --shots 0"
             )
     world = args.world or _run_world(Path(args.model))
+    synthetic = [t for t in tasks if t in SYNTHETIC_TASKS]
+    if synthetic and not (Path(world) / "world.json").is_file():
+        raise ConfigError(
+            f"{', '.join(synthetic)} need the synthetic world the model was trained on; none at "
+            f"{world}: pass --world DIR, or evaluate your own tasks with --task-file"
+        )
     p = load_pretrained(args.model)
     results = evaluate(
         p.model,
@@ -417,10 +480,18 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, DataError) as err:
         _print_error("error", err)
         return 2
+    except (ValueError, KeyError, TypeError) as err:
+        # Mostly input the checks above did not classify (a task file's contents, a prompt):
+        # one line for the user; the traceback on request, for a bug report.
+        if os.environ.get("MM1_TRACEBACK"):
+            raise
+        _print_error("error", err.args[0] if isinstance(err, KeyError) and err.args else err)
+        console.print("(MM1_TRACEBACK=1 shows the traceback)", style="dim")
+        return 1
     return 0
 
 
-def _print_error(label: str, err: Exception) -> None:
+def _print_error(label: str, err: object) -> None:
     # One line however long (no wrapping at the console width); the message is plain text, so
     # brackets in it (paths, lists) must not be read as rich markup.
     console.print(f"[bold red]{label}:[/] {escape(str(err))}", soft_wrap=True)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -413,7 +414,10 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
         raise ConfigError(f"{path}: circular '{EXTENDS_KEY}'")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    raw = OmegaConf.load(path)
+    try:
+        raw = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(raw, DictConfig):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     parents = raw.pop(EXTENDS_KEY, None) or []
@@ -446,6 +450,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
         raise _friendly(err) from None
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:  # e.g. a mapping where the schema has a list
+        where = f"{path}: " if path is not None else ""
+        hint = "a list written as a mapping? data.sources is a list: - {format: ..., path: ...}"
+        raise ConfigError(f"{where}{err} ({hint})") from None
     validate(cfg)
     return cfg
 

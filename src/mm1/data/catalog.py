@@ -18,7 +18,7 @@ from PIL import Image
 
 from mm1.data.document import Conversation, Document
 from mm1.data.sources import FORMATS, IMAGE_TAG, READERS, SHARD_EXTS, ReadStats, llava_yaml_datasets
-from mm1.data.sources.base import is_parquet, open_text
+from mm1.data.sources.base import UnknownFormatError, is_parquet, open_text
 from mm1.data.sources.llava import sample_indices
 from mm1.data.sources.text import coco_entries
 from mm1.data.sources.wds import split_key
@@ -45,14 +45,21 @@ def _has_ext(path: Path, exts: tuple[str, ...]) -> bool:
     return path.name.lower().endswith(exts) and not path.name.startswith((".", "_"))
 
 
+def check_format(fmt: str) -> None:
+    """Raise `UnknownFormatError` (a `DataError`) unless `fmt` is a known format name."""
+    if fmt not in READERS:
+        raise UnknownFormatError(
+            f"unknown data format {fmt!r}: expected one of {', '.join(FORMATS)}"
+        )
+
+
 def list_shards(path_or_glob: str | Path, fmt: str) -> list[Path]:
     """The shard files of a source, sorted naturally (deterministic).
 
     Accepts a file, a directory (its files with the format's extensions; searched recursively
     when there are none at the top), a glob (`data/*.tar`, `**` allowed) or a WebDataset brace
     range (`shards/{00000..00009}.tar`)."""
-    if fmt not in SHARD_EXTS:
-        raise ValueError(f"unknown data format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    check_format(fmt)
     exts = SHARD_EXTS[fmt]
     found: set[Path] = set()
     for pattern in _brace_expand(str(path_or_glob)):
@@ -115,26 +122,74 @@ def count_records(path: str | Path, fmt: str) -> int:
             where = f"{path}: dataset {ds['json_path_as_written']}"
             total += len(sample_indices(n, ds["sampling_strategy"], random.Random(i), where))
         return total
-    raise ValueError(f"unknown data format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    check_format(fmt)
+    raise AssertionError(f"count_records does not handle format {fmt!r}")
+
+
+_HEAD_BYTES = 65536
+_CHUNK_BYTES = 1 << 20
+# A key (not a string value: only keys are followed by `:`) holding a list. Inside a JSON string
+# a `"` is always escaped, so `"images"` followed by `:` can only be a key named `images`.
+_COCO_KEY = re.compile(rb'"(images|annotations)"\s*:\s*\[')
+
+
+def _json_head(path: Path) -> bytes:
+    """The start of a JSON file from its first non-blank character (a UTF-8 BOM left out)."""
+    with open(path, "rb") as f:
+        head = f.read(_HEAD_BYTES)
+    return head.removeprefix(b"\xef\xbb\xbf").lstrip()
+
+
+def _has_coco_keys(path: Path) -> bool:
+    """Whether the file holds both an `images` and an `annotations` key with list values.
+
+    Scans the raw bytes in chunks for the two keys and stops once both were seen, so nothing is
+    parsed or kept in memory; a COCO file's `annotations` key comes after its `images` list, so
+    most of the file may be read, but at disk speed. Whether the keys are at the top level is
+    not checked here: the reader checks the whole structure and names the file if it is wrong."""
+    need = {b"images", b"annotations"}
+    tail = b""
+    with open(path, "rb") as f:
+        while need:
+            chunk = f.read(_CHUNK_BYTES)
+            if not chunk:
+                return False
+            buf = tail + chunk
+            need.difference_update(m.group(1) for m in _COCO_KEY.finditer(buf))
+            tail = buf[-256:]  # a key split across chunks (whitespace before `:` included)
+    return True
+
+
+def _unknown(path: Path | str, why: str) -> UnknownFormatError:
+    return UnknownFormatError(
+        f"{path}: {why}; give the format explicitly (one of {', '.join(FORMATS)})"
+    )
 
 
 def detect_format(path: str | Path) -> str:
-    """Guess the format of a file, directory or glob from extensions and content."""
+    """Guess the format of a file, directory or glob from extensions and content.
+
+    Raises `FileNotFoundError` for a path (or a glob) that names nothing and
+    `UnknownFormatError` (a `DataError`) when the format cannot be told."""
     p = Path(path)
-    if p.is_dir() or globlib.has_magic(str(path)):
+    magic = globlib.has_magic(str(path))
+    if not magic and not p.exists():
+        expanded = _brace_expand(str(path))
+        if expanded != [str(path)]:  # `shards/{000..009}.tar`: detect from the first shard
+            return detect_format(expanded[0])
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if p.is_dir() or magic:
         all_exts = tuple(sorted({e for exts in SHARD_EXTS.values() for e in exts}))
         if p.is_dir():
-            candidates = sorted(
-                (f for f in p.rglob("*") if f.is_file() and _has_ext(f, all_exts)),
-                key=_natural_key,
-            )
+            files = [f for f in p.rglob("*") if f.is_file()]
         else:
-            candidates = sorted(
-                (Path(x) for x in globlib.glob(str(path), recursive=True)), key=_natural_key
-            )
-            candidates = [f for f in candidates if f.is_file() and _has_ext(f, all_exts)]
+            files = [Path(x) for x in globlib.glob(str(path), recursive=True)]
+            files = [f for f in files if f.is_file()]
+            if not files:
+                raise FileNotFoundError(f"{path}: no files match")
+        candidates = sorted((f for f in files if _has_ext(f, all_exts)), key=_natural_key)
         if not candidates:
-            raise ValueError(f"{path}: no data files with a known extension found")
+            raise _unknown(path, f"no data files with a known extension ({', '.join(all_exts)})")
         return detect_format(candidates[0])
     name = p.name.lower()
     if name.endswith(SHARD_EXTS["wds"]):
@@ -152,7 +207,7 @@ def detect_format(path: str | Path) -> str:
         try:
             obj = json.loads(first)
         except ValueError:
-            raise ValueError(f"{p}: first line is not JSON; cannot tell the format") from None
+            raise _unknown(p, "first line is not JSON; cannot tell the format") from None
         if isinstance(obj, dict):
             if "conversations" in obj:
                 return "llava"
@@ -160,14 +215,20 @@ def detect_format(path: str | Path) -> str:
                 return "mmc4"
             if "text" in obj:
                 return "text"
-        raise ValueError(f"{p}: unrecognised jsonl record keys {sorted(obj)[:10]}")
+            raise _unknown(p, f"unrecognised jsonl record keys {sorted(obj)[:10]}")
+        raise _unknown(p, f"first line is a JSON {type(obj).__name__}, not an object")
     if name.endswith(".json"):
-        with open(p, encoding="utf-8", errors="replace") as f:
-            head = f.read(65536)
-        if head.lstrip().startswith("[") and '"conversations"' in head:
+        head = _json_head(p)
+        if head.startswith(b"[") and b'"conversations"' in head:
             return "llava"
-        raise ValueError(f"{p}: a .json file that is not a LLaVA list (evaluation annotations?)")
-    raise ValueError(f"{p}: unknown data format (extension not one of the known formats)")
+        if head.startswith(b"{") and _has_coco_keys(p):
+            return "coco"
+        raise _unknown(
+            p,
+            "a .json file that is neither a LLaVA list nor COCO captions (an object with "
+            "'images' and 'annotations' lists)",
+        )
+    raise _unknown(p, "unknown data format (extension not one of the known formats)")
 
 
 def _render_parts(parts: list[str | Image.Image]) -> str:
@@ -205,6 +266,8 @@ def inspect_source(
     p = Path(path)
     if fmt is None and p.is_dir() and (p / "world.json").is_file():
         return _inspect_world(p, n, count_tokens)
+    if fmt is not None:
+        check_format(fmt)
     fmt = fmt or detect_format(p)
     shards = [p] if fmt == "llava_yaml" else list_shards(path, fmt)
     records = sum(count_records(s, fmt) for s in shards)

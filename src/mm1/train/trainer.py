@@ -182,7 +182,11 @@ class Trainer:
             )
 
     def _validation_batches(self) -> list[Batch]:
-        if not self.cfg.train.val_every or not self.data.val_sources:
+        if not self.cfg.train.val_every:
+            return []
+        if not self.data.val_sources:
+            if self.d.is_main:
+                print("no validation: data.sources is set without data.val_sources", flush=True)
             return []
         settings = self._loader_settings(self.data.val_sources, self.cfg.train.micro_batch_size)
         settings.seed = 1234  # a fixed held-out sample, the same for every run
@@ -220,8 +224,11 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
+        """Train to `train.steps`; returns the final step, the last step's loss (nan when no
+        step ran: the run was already complete) and the steps this call ran."""
         self.setup()
         cfg, d = self.cfg.train, self.d
+        start = self.step
         logger = MetricsLogger(
             self.run_dir,
             cfg.steps,
@@ -276,7 +283,11 @@ class Trainer:
         finally:
             logger.close()
             self._restore_signal_handlers()
-        return {"step": self.step, "loss": last.loss if last else math.nan}
+        return {
+            "step": self.step,
+            "loss": last.loss if last else math.nan,
+            "steps_run": self.step - start,
+        }
 
     def train_step(self, micro: list[Batch]) -> StepResult:
         d, model = self.d, self.model

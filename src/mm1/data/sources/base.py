@@ -27,6 +27,13 @@ class DataError(RuntimeError):
     """A data source is unusable (too many bad records, a malformed file)."""
 
 
+class UnknownFormatError(DataError, ValueError):
+    """A data format that is not one of the known ones, or that cannot be told from the files.
+
+    A `DataError` (reported as a one-line error by the CLI) and, as it used to be, a
+    `ValueError`."""
+
+
 # ----------------------------------------------------------------------------------------------
 # Statistics and warnings
 # ----------------------------------------------------------------------------------------------
@@ -91,18 +98,30 @@ def check_error_rate(
 ) -> None:
     """Raise `DataError` naming `source` when more than `max_error_rate` of its records were bad.
 
-    Nothing is checked before `min_seen` records were seen (so one bad first record does not count
-    as a 100% error rate when called early).
+    `max_error_rate` is the config's `data.max_error_rate` (a fraction), which the message names.
+
+    The rate is not judged before `min_seen` records were seen (tiny samples are noisy: one bad
+    first record is not a 100% error rate). Before then the check still fails as soon as more
+    records were skipped than `max_error_rate` allows in `min_seen` records, since the verdict at
+    `min_seen` is then already certain. So a small source, or a short run, that never reaches
+    `min_seen` records is still checked: with the defaults (1%, `min_seen=100`) two bad records
+    abort. Callers at the end of a whole pass over a source can pass `min_seen=0` to judge the
+    rate of that pass however small it is.
     """
-    if stats.seen == 0 or stats.seen < min_seen:
+    if stats.seen == 0:
         return
-    if stats.error_rate > max_error_rate:
-        reasons = ", ".join(f"{k}={v}" for k, v in sorted(stats.skipped.items()))
-        raise DataError(
-            f"data source {source!r}: {stats.num_skipped} of {stats.seen} records were skipped "
-            f"({stats.error_rate:.1%}), more than max_error_rate={max_error_rate:.1%} "
-            f"({reasons}). Fix or remove the bad shards, or raise the threshold in the config."
-        )
+    if stats.seen < min_seen:
+        if stats.num_skipped <= max_error_rate * min_seen:
+            return
+    elif stats.error_rate <= max_error_rate:
+        return
+    reasons = ", ".join(f"{k}={v}" for k, v in sorted(stats.skipped.items()))
+    raise DataError(
+        f"data source {source!r}: {stats.num_skipped} of {stats.seen} records were skipped "
+        f"({stats.error_rate:.1%}; {reasons}), more than data.max_error_rate={max_error_rate:g} "
+        f"({max_error_rate:.1%}) allows. Fix or remove the bad shards, or raise "
+        "data.max_error_rate in the config (a fraction of the records read)."
+    )
 
 
 _WARN_FIRST = 5

@@ -22,6 +22,7 @@ from mm1.models.hf.checkpoint import (
 from mm1.models.vision import VisionTransformer, interpolate_pos_embed, resolve_feature_layer
 
 log = logging.getLogger(__name__)
+_WARNED_SIZES: set[tuple[int, int]] = set()
 
 
 VISION_TYPES = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
@@ -88,9 +89,19 @@ def vision_config_from_hf(
         raise ValueError(f"vision hidden_act {act!r} is not supported ({', '.join(_ACT_FROM_HF)})")
     if hf.get("num_channels", 3) != 3:
         raise ValueError(f"num_channels={hf['num_channels']}: only RGB encoders are supported")
+    native = int(hf["image_size"])
+    if image_size and image_size != native and (image_size, native) not in _WARNED_SIZES:
+        _WARNED_SIZES.add((image_size, native))  # resolving a config twice says it once
+        log.warning(
+            "model.vision.image_size=%d differs from the vision checkpoint's %d px: its position "
+            "embeddings are interpolated (set model.vision.image_size=%d to keep them)",
+            image_size,
+            native,
+            native,
+        )
     cfg = VisionConfig(
         variant=variant,
-        image_size=int(image_size or hf["image_size"]),
+        image_size=int(image_size or native),
         patch_size=int(hf["patch_size"]),
         width=int(hf["hidden_size"]),
         layers=int(hf["num_hidden_layers"]),
