@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -429,6 +429,22 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     return OmegaConf.merge(merged, raw)
 
 
+def _check_source_keys(raw: DictConfig, where: str) -> None:
+    """Name a misspelt key of a source entry with its list position (`data.sources[0].pth`):
+    OmegaConf reports list elements without their path."""
+    known = set(SourceConfig.__dataclass_fields__)
+    data = raw.get("data") if isinstance(raw, DictConfig) else None
+    for key in ("sources", "val_sources"):
+        entries = data.get(key) if isinstance(data, DictConfig) else None
+        for i, entry in enumerate(entries if isinstance(entries, ListConfig) else []):
+            bad = sorted(set(entry) - known) if isinstance(entry, DictConfig) else []
+            if bad:
+                raise ConfigError(
+                    f"data.{key}[{i}].{bad[0]} ({where}): not a source key; known: "
+                    f"{', '.join(sorted(known))}"
+                )
+
+
 def _friendly(err: OmegaConfBaseException) -> ConfigError:
     key = getattr(err, "full_key", None)
     msg = str(err).splitlines()[0]
@@ -441,12 +457,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         merged = schema
         if path is not None:
-            merged = OmegaConf.merge(merged, _read_yaml(Path(path)))
+            raw = _read_yaml(Path(path))
+            _check_source_keys(raw, str(path))
+            merged = OmegaConf.merge(merged, raw)
         if overrides:
             for o in overrides:
                 if "=" not in o:
                     raise ConfigError(f"override {o!r} is not of the form section.key=value")
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+            dotlist = OmegaConf.from_dotlist(list(overrides))
+            _check_source_keys(dotlist, "the command line")
+            merged = OmegaConf.merge(merged, dotlist)
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
         raise _friendly(err) from None

@@ -13,6 +13,7 @@ Exported layout:
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,7 @@ def save_pretrained(
         state.pop("decoder.lm_head.weight", None)  # the same tensor as the embedding
     tmp = out / (WEIGHTS + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt", "mm1": "1"})
+    _readable_like_other_files(tmp)
     tmp.replace(out / WEIGHTS)
     cfg = to_dict(model.cfg)
     cfg["vision"]["init"] = cfg["decoder"]["init"] = None  # the weights are here now
@@ -66,6 +68,13 @@ def save_pretrained(
     processor.save_pretrained(out)
     save_prompt_format(out, image_boundaries)
     return out
+
+
+def _readable_like_other_files(path: Path) -> None:
+    """safetensors writes 0600; an export is meant to be shared like the files beside it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
 
 
 def _is_export(path: Path) -> bool:

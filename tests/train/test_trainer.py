@@ -135,6 +135,8 @@ def test_metrics_and_artifacts(tmp_path, world) -> None:
 
     p = load_pretrained(run)
     out = save_pretrained(p.model, p.tokenizer, p.processor, tmp_path / "export", True)
+    weights, beside = out / "model.safetensors", out / "model.json"
+    assert weights.stat().st_mode & 0o777 == beside.stat().st_mode & 0o777  # not 0600
     q = load_pretrained(out)
     ids = torch.tensor([[p.tokenizer.bos_id or 1, 5, 6, 7]])
     torch.testing.assert_close(p.model(ids).logits, q.model(ids).logits)
@@ -230,6 +232,8 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path) -> None:
     # every reader's format is accepted; image_root only where a format has image paths
     coco = load_config(None, ["data.sources=[{format: coco, path: c.json, image_root: imgs}]"])
     assert coco.data.sources[0].resolved_kind == "captions"
+    with pytest.raises(ConfigError, match=r"data\.sources\[1\]\.pth .*not a source key"):
+        load_config(None, ["data.sources=[{format: wds, path: a}, {format: text, pth: b}]"])
     with pytest.raises(ConfigError, match=r"data\.sources\[0\]\.image_root.*wds"):
         load_config(None, ["data.sources=[{format: wds, path: s.tar, image_root: imgs}]"])
     # one image with boundaries is <img> + Q slots + </img>
