@@ -12,8 +12,9 @@ and demonstration selection are unpublished.
   demonstrations with their images removed; the plain zero-shot score (query only) is reported
   alongside as `zero_shot_plain`.
 - Decoding: greedy (`num_beams=1`) or beam search (`num_beams=3` is OpenFlamingo's); at most 20
-  new tokens for captions and 5 for VQA; stops at `<|endofchunk|>`, EOS or a newline.
-- Post-processing: cut at the first stop string or new example, stripped (`mm1.eval.prompts`).
+  new tokens for captions and 5 for VQA; stops at `<|endofchunk|>` or EOS.
+- Post-processing: OpenFlamingo's cuts (stop string, new example; VQA also at
+  "Question|Answer|Short" and ", "), stripped (`mm1.eval.prompts`).
 - Scores: CIDEr-D ×100 (PTB-tokenized, over exactly the queries evaluated) and VQA accuracy ×100,
   per seed, with mean and standard deviation (population, ddof=0) over seeds, and the MM1-style
   average over tasks per shot count (and over all shot counts).
@@ -121,7 +122,7 @@ class FewShotEvaluator:
         templates: PromptTemplates | None = None,
         demo_selection: str = "random",
         num_beams: int = 1,
-        length_penalty: float = 1.0,
+        length_penalty: float = 0.0,  # OpenFlamingo: summed log-probs
         max_new_tokens: int | dict[str, int] | None = None,
         stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS,
         batch_size: int = 8,
@@ -321,7 +322,7 @@ def evaluate(
     zero_shot_text_demos: bool = True,
     demo_selection: str = "random",
     num_beams: int = 1,
-    length_penalty: float = 1.0,
+    length_penalty: float = 0.0,  # OpenFlamingo: summed log-probs
     max_new_tokens: int | dict[str, int] | None = None,
     stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS,
     batch_size: int = 8,

@@ -6,12 +6,17 @@ post-processing of generations (OpenFlamingo's protocol, REFERENCE §1).
   right before its answer field (`<image>Output:`). The text is tokenized the way training
   documents are (`tokenize_document`: one encode call, BOS first, each `<image>` expanded to the
   model's `num_image_tokens` image slots).
-- Post-processing: the text is cut at the first stop string and at the start of a new example
-  (the template's "Output:" / "Question:"), stripped; VQA answers are also lower-cased.
+- Demonstrations are each followed by a newline, captions stripped, as OpenFlamingo writes them
+  (`open_flamingo/eval/evaluate.py`); generation stops at `<|endofchunk|>` (and EOS).
+- Post-processing (OpenFlamingo's): the text is cut at the first stop string and at the start of
+  a new example (the template's "Output:" / "Question:"); captions are also cut at "Output" and
+  lose their double quotes; VQA answers are cut at "Question", "Answer" or "Short" and at the
+  first ", ". Case is left to the metric (the official VQA rules compare it).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +29,8 @@ from mm1.eval.tasks import Example
 
 CAPTION_TEMPLATE = "<image>Output:{caption}<|endofchunk|>"
 VQA_TEMPLATE = "<image>Question:{question} Short answer:{answer}<|endofchunk|>"
-DEFAULT_STOP_STRINGS = (ENDOFCHUNK_TOKEN, "\n")
+DEFAULT_STOP_STRINGS = (ENDOFCHUNK_TOKEN,)
+DEMO_SEPARATOR = "\n"  # after every demonstration, as OpenFlamingo joins them
 _ANSWER_FIELD = {"caption": "{caption}", "vqa": "{answer}"}
 # Any PIL image will do to mark where an image goes when only the token ids are wanted.
 _SLOT = Image.new("RGB", (1, 1))
@@ -54,9 +60,8 @@ class PromptTemplates:
 
 def format_demo(template: str, kind: str, example: Example, with_image: bool = True) -> str:
     """A demonstration: the template filled with the example's question and answer."""
-    text = template.format(
-        question=example.question or "", caption=example.target, answer=example.target
-    )
+    target = example.target.strip()
+    text = template.format(question=example.question or "", caption=target, answer=target)
     return text if with_image else text.replace(IMAGE_TOKEN, "")
 
 
@@ -117,7 +122,9 @@ def build_prompt(
     (the shuffled-image control)."""
     templates = templates or PromptTemplates()
     template = templates.get(kind)
-    text = "".join(format_demo(template, kind, d, not text_only_demos) for d in demos)
+    text = "".join(
+        format_demo(template, kind, d, not text_only_demos) + DEMO_SEPARATOR for d in demos
+    )
     text += format_query(template, kind, query)
     images = [] if text_only_demos else [d.image for d in demos]
     images.append(query.image if query_image is None else query_image)
@@ -126,9 +133,15 @@ def build_prompt(
 
 
 def postprocess(text: str, kind: str, stops: Sequence[str] = DEFAULT_STOP_STRINGS) -> str:
-    """Cut a generation at the first of `stops`, strip it; VQA answers are also lower-cased."""
+    """Cut a generation at the first of `stops`, then as OpenFlamingo does
+    (`postprocess_captioning_generation` + quote removal; `postprocess_vqa_generation`), and
+    strip it."""
     for s in stops:
         if s:
             text = text.split(s, 1)[0]
-    text = text.strip()
-    return text.lower() if kind == "vqa" else text
+    if kind == "vqa":
+        text = re.split("Question|Answer|Short", text, maxsplit=1)[0]
+        text = text.split(", ", 1)[0]
+    else:
+        text = text.split("Output", 1)[0].replace('"', "")
+    return text.strip()

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import re
 from abc import ABC, abstractmethod
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -395,7 +394,7 @@ def load_vqa(
         answers = [str(a["answer"]) for a in ann["answers"]]
         if not answers:
             raise ValueError(f"task {task!r}: question {qid} has no answers")
-        target = ann.get("multiple_choice_answer") or Counter(answers).most_common(1)[0][0]
+        target = answers[0]  # the answer a demonstration shows: OpenFlamingo's answers[0]
         examples.append(
             Example(qid, image_id, path, tuple(answers), str(target), question=str(q["question"]))
         )

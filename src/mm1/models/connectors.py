@@ -18,6 +18,9 @@ from mm1.models.layers import LayerNorm2d, init_weights, is_perfect_square
 
 CONNECTORS: dict[str, type[nn.Module]] = {}
 
+# honeybee builds the C-Abstractor from timm's LayerNorm / LayerNorm2d, whose eps is 1e-6.
+_LN_EPS = 1e-6
+
 
 def register(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
     def wrap(cls: type[nn.Module]) -> type[nn.Module]:
@@ -161,16 +164,23 @@ class RegNetBottleneck(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int) -> None:
         super().__init__()
-        self.conv1 = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, bias=False), LayerNorm2d(out_ch))
+        self.conv1 = nn.Sequential(
+            nn.Conv2d(in_ch, out_ch, 1, bias=False), LayerNorm2d(out_ch, eps=_LN_EPS)
+        )
         self.conv2 = nn.Sequential(
-            nn.Conv2d(out_ch, out_ch, 3, padding=1, groups=out_ch, bias=False), LayerNorm2d(out_ch)
+            nn.Conv2d(out_ch, out_ch, 3, padding=1, groups=out_ch, bias=False),
+            LayerNorm2d(out_ch, eps=_LN_EPS),
         )
         self.se = SqueezeExcite(out_ch, max(1, round(0.25 * in_ch)))
-        self.conv3 = nn.Sequential(nn.Conv2d(out_ch, out_ch, 1, bias=False), LayerNorm2d(out_ch))
+        self.conv3 = nn.Sequential(
+            nn.Conv2d(out_ch, out_ch, 1, bias=False), LayerNorm2d(out_ch, eps=_LN_EPS)
+        )
         self.shortcut = (
             nn.Identity()
             if in_ch == out_ch
-            else nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, bias=False), LayerNorm2d(out_ch))
+            else nn.Sequential(
+                nn.Conv2d(in_ch, out_ch, 1, bias=False), LayerNorm2d(out_ch, eps=_LN_EPS)
+            )
         )
         self.act = nn.SiLU()
 
@@ -201,7 +211,7 @@ class CAbstractor(nn.Module):
         self.grid, self.side = grid, _pooled_side(cfg, grid)
         self.num_tokens = self.side**2
         hidden = cfg.hidden if cfg.depth > 0 else vision_width
-        self.norm = nn.LayerNorm(vision_width) if cfg.layer_norm else None
+        self.norm = nn.LayerNorm(vision_width, eps=_LN_EPS) if cfg.layer_norm else None
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, vision_width))
         self.s1 = regnet_stage(cfg.depth, vision_width, hidden)
         self.s2 = regnet_stage(cfg.depth, hidden, hidden)
