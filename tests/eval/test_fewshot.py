@@ -19,7 +19,7 @@ from mm1.eval.demos import random_demos, rices_rank, shuffled_images
 from mm1.eval.fewshot import FewShotEvaluator, evaluate
 from mm1.eval.metrics import caption_scores, cider, ptb_tokenize_corpus, vqa_accuracy_corpus
 from mm1.eval.prompts import PromptTemplates, build_prompt, postprocess
-from mm1.eval.tasks import CaptionTask, Example, Task, VQATask, load_task
+from mm1.eval.tasks import CaptionTask, Example, Task, TaskSpec, VQATask, load_task
 from mm1.models.mllm import MM1
 
 Q = 4  # image tokens per image of the tiny model
@@ -566,3 +566,48 @@ def test_generate_beam_matches_a_reference_beam_search(tok: Tokenizer) -> None:
         assert got == want, (k, lp)
         ended_early += sum(len(g) < steps for g in got)
     assert ended_early >= 4  # the case exercises hypotheses that end before max_new_tokens
+
+
+def test_a_task_can_set_its_own_answer_length(
+    model: MM1,
+    tok: Tokenizer,
+    proc: ImageProcessor,
+    tasks: dict[str, Task],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """OpenFlamingo gives TextVQA 10 new tokens where VQA has 5: a task file's
+    `max_new_tokens` overrides the kind's default for that task only."""
+    import dataclasses
+
+    asked: list[int] = []
+    feed = _feed(tok, ["red"] * 8)
+
+    def spy(prompts, pixel_values=None, **kwargs):
+        asked.append(kwargs["max_new_tokens"])
+        return feed(prompts, pixel_values, **kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    long_vqa = dataclasses.replace(tasks["synth_vqa"], name="long_vqa", max_new_tokens=10)
+    r = evaluate(
+        model,
+        tok,
+        proc,
+        [tasks["synth_vqa"], long_vqa],
+        shots=[0],
+        seeds=1,
+        zero_shot_text_demos=False,
+        max_examples=4,
+        batch_size=4,
+        progress=False,
+    )
+    assert asked == [5, 10]
+    assert r["tasks"]["long_vqa"]["max_new_tokens"] == 10
+    spec = TaskSpec.from_dict(
+        {
+            "name": "t",
+            "kind": "vqa",
+            "max_new_tokens": 10,
+            "query": {"questions": "q.json", "annotations": "a.json", "image_dir": "i"},
+        }
+    )
+    assert spec.max_new_tokens == 10

@@ -209,14 +209,17 @@ class FewShotEvaluator:
 
     # -- generation -----------------------------------------------------------------------------
 
-    def generate(self, prompts: Sequence[Prompt], kind: str) -> list[tuple[str, str]]:
-        """(raw decoded text, post-processed prediction) per prompt, one batch."""
+    def generate(
+        self, prompts: Sequence[Prompt], kind: str, max_new_tokens: int | None = None
+    ) -> list[tuple[str, str]]:
+        """(raw decoded text, post-processed prediction) per prompt, one batch;
+        `max_new_tokens` (a task's own limit) overrides the evaluator's for the kind."""
         device, dtype = _device_dtype(self.model)
         paths = [p for prompt in prompts for p in prompt.images]
         pixel_values = torch.stack([self.pixels(p) for p in paths]).to(device=device, dtype=dtype)
         ids = [p.input_ids for p in prompts]
         common = {
-            "max_new_tokens": self.max_new_tokens[kind],
+            "max_new_tokens": max_new_tokens or self.max_new_tokens[kind],
             "eos_token_id": sorted(self.stop_ids),
             "pad_token_id": self.tokenizer.pad_id,
             "stop_strings": self.text_stops,
@@ -272,7 +275,7 @@ class FewShotEvaluator:
         outputs: list[tuple[str, str]] = []
         for start in range(0, len(prompts), self.batch_size):
             batch = prompts[start : start + self.batch_size]
-            outputs += self.generate(batch, task.kind)
+            outputs += self.generate(batch, task.kind, task.max_new_tokens)
             if advance is not None:
                 advance(len(batch))
         predictions = {q.id: pred for q, (_, pred) in zip(queries, outputs)}
@@ -453,6 +456,7 @@ def evaluate(
         entry: dict[str, Any] = {
             "kind": task.kind,
             "metric": task.metric,
+            "max_new_tokens": task.max_new_tokens or evaluator.max_new_tokens[task.kind],
             "num_queries": len(q),
             "total_queries": len(task.query),
             "subset": len(q) < len(task.query),

@@ -92,12 +92,17 @@ class TaskSpec:
     support: SplitFiles | None = None
     image_pattern: str | None = None
     vqa_normalize: str = "official"
+    # New tokens generated per answer for this task (OpenFlamingo: 10 for TextVQA); None = the
+    # evaluator's default for the kind (20 captions, 5 VQA).
+    max_new_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in TASK_KINDS:
             raise ValueError(
                 f"task {self.name!r}: kind must be one of {TASK_KINDS}, got {self.kind!r}"
             )
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"task {self.name!r}: max_new_tokens must be >= 1")
         for split_name, split in (("query", self.query), ("support", self.support)):
             if split is None:
                 continue
@@ -154,6 +159,7 @@ class Task(ABC):
     support: list[Example] = field(default_factory=list)
     kind: str = ""
     metric: str = ""
+    max_new_tokens: int | None = None  # None: the evaluator's default for the kind
 
     def references(self, examples: Sequence[Example] | None = None) -> dict[str, list[str]]:
         return {e.id: list(e.references) for e in (self.query if examples is None else examples)}
@@ -194,7 +200,7 @@ class CaptionTask(Task):
             support = load_coco_captions(
                 spec.support.captions, spec.support.image_dir, f"{spec.name} (support)"
             )
-        return cls(spec.name, query, support)
+        return cls(spec.name, query, support, max_new_tokens=spec.max_new_tokens)
 
     def score(
         self, predictions: Mapping[str, str], examples: Sequence[Example] | None = None
@@ -257,7 +263,13 @@ class VQATask(Task):
                 f"{spec.name} (support)",
                 spec.image_pattern,
             )
-        return cls(spec.name, query, support, normalize=spec.vqa_normalize)
+        return cls(
+            spec.name,
+            query,
+            support,
+            max_new_tokens=spec.max_new_tokens,
+            normalize=spec.vqa_normalize,
+        )
 
     def score(
         self, predictions: Mapping[str, str], examples: Sequence[Example] | None = None
