@@ -21,14 +21,18 @@ from mm1.pretrained import Pretrained
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def mm1(*args: str, timeout: float = 300) -> str:
-    p = subprocess.run(
+def _run(args: tuple[str, ...], timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [sys.executable, "-m", "mm1.cli", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def mm1(*args: str, timeout: float = 300) -> str:
+    p = _run(args, timeout)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     return p.stdout
 
@@ -126,13 +130,7 @@ def test_convert_generate_and_eval(run, tmp_path) -> None:
 
 def mm1_fails(*args: str, timeout: float = 300) -> str:
     """Run `mm1` expecting a clean failure: non-zero exit and no traceback; stdout + stderr."""
-    p = subprocess.run(
-        [sys.executable, "-m", "mm1.cli", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    p = _run(args, timeout)
     out = p.stdout + p.stderr
     assert p.returncode != 0, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
