@@ -43,10 +43,16 @@ def run(tmp_path_factory) -> Path:
     world = tmp / "world"
     mm1("data", "synth", "--out", str(world), "--size", "tiny")
     run_dir = tmp / "run"
-    mm1(
+    mm1(*_train_args(run_dir))
+    return run_dir
+
+
+def _train_args(run_dir: Path) -> list[str]:
+    """`mm1 train` of the tiny run: 3 steps on the demo preset, its world next to the run."""
+    return [
         "train",
         str(ROOT / "configs" / "demo.yaml"),
-        f"data.world={world}",
+        f"data.world={run_dir.parent / 'world'}",
         f"train.run_dir={run_dir}",
         "train.steps=3",
         "train.save_every=3",
@@ -54,8 +60,7 @@ def run(tmp_path_factory) -> Path:
         "train.tensorboard=false",
         "train.progress=false",
         "data.num_workers=0",
-    )
-    return run_dir
+    ]
 
 
 def test_info_reports_components() -> None:
@@ -276,19 +281,7 @@ def test_info_counts_the_model_training_builds(run, capsys) -> None:
 
 
 def test_training_a_finished_run_says_so(run, capsys) -> None:
-    args = [
-        "train",
-        str(ROOT / "configs" / "demo.yaml"),
-        f"data.world={run.parent / 'world'}",
-        f"train.run_dir={run}",
-        "train.steps=3",
-        "train.save_every=3",
-        "train.val_every=0",
-        "train.tensorboard=false",
-        "train.progress=false",
-        "data.num_workers=0",
-    ]
-    assert cli.main(args) == 0
+    assert cli.main(_train_args(run)) == 0
     assert "already at step 3 (train.steps)" in capsys.readouterr().out
 
 
