@@ -5,6 +5,9 @@
 #   bash benchmarks/gpu.sh              # on the GPU machine
 #   bash benchmarks/gpu.sh --cpu-smoke  # the same code path on the CPU, tiny shapes
 #
+# Variants: attention (micro-benchmark), eager / flex / compile (FSDP2 training step, MFU) from
+# gpu_bench.py, and llava (mm1 against transformers' LLaVA, same weights) from gpu_llava.py.
+#
 # Each variant runs under its own `timeout` and writes benchmarks/results/gpu/<variant>.json
 # (gpu-smoke/ with --cpu-smoke) as soon as it finishes; a variant that fails or runs out of
 # time gets a JSON saying so. Needs python with torch; mm1 is used from src/ (PYTHONPATH), and
@@ -21,6 +24,8 @@ if [[ "${1:-}" == "--cpu-smoke" ]]; then
   shift
 fi
 EXTRA=("$@")
+# VARIANTS="eager llava" bash benchmarks/gpu.sh reruns only those.
+VARIANTS=${VARIANTS:-attention eager flex compile llava}
 if [[ ${#SMOKE[@]} -gt 0 ]]; then
   OUT=${OUT_DIR:-benchmarks/results/gpu-smoke}
 else
@@ -49,13 +54,14 @@ json.dump({"variant": variant, "status": status, "limit_s": int(limit)}, open(pa
 EOF
 }
 
-run() {  # variant, time limit in seconds, launcher...
+run() {  # variant, time limit in seconds, launcher and script with its arguments...
   local variant=$1 limit=$2
   shift 2
+  if [[ " $VARIANTS " != *" $variant "* ]]; then return; fi
   echo "=== $variant (limit ${limit}s)"
   rm -f "$OUT/$variant.json"
   # ${a[@]+"${a[@]}"}: empty arrays are safe under `set -u` on bash < 4.4 too
-  timeout --kill-after=15 "$limit" "$@" benchmarks/gpu_bench.py "$variant" --out "$OUT" \
+  timeout --kill-after=15 "$limit" "$@" --out "$OUT" \
     ${SMOKE[@]+"${SMOKE[@]}"} ${EXTRA[@]+"${EXTRA[@]}"}
   local rc=$?
   if [[ $rc -eq 124 || $rc -eq 137 ]]; then
@@ -66,20 +72,31 @@ run() {  # variant, time limit in seconds, launcher...
 }
 
 TORCHRUN=("$PY" -m torch.distributed.run --standalone --nproc_per_node 1)
-run attention 40 "$PY"
-run eager 70 "${TORCHRUN[@]}"
-run flex 70 "${TORCHRUN[@]}"
-run compile 110 "${TORCHRUN[@]}"
+BENCH=benchmarks/gpu_bench.py
+run attention 40 "$PY" $BENCH attention
+run eager 70 "${TORCHRUN[@]}" $BENCH eager
+run flex 70 "${TORCHRUN[@]}" $BENCH flex
+run compile 110 "${TORCHRUN[@]}" $BENCH compile
+run llava 240 "$PY" benchmarks/gpu_llava.py
 
 "$PY" - "$OUT" <<'EOF'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
-print(f"{'variant':<10} {'status':<16} {'tokens/s':>10} {'MFU dec':>8} {'MFU all':>8} {'mem GiB':>8}")
-for v in ("eager", "compile", "flex", "attention"):
+print(f"{'variant':<10} {'status':<16} {'tokens/s':>10} {'MFU dec':>8} {'MFU all':>8} "
+      f"{'all(row)':>8} {'mem GiB':>8}")
+for v in ("eager", "compile", "flex", "attention", "llava"):
     f = out / f"{v}.json"
     if not f.exists():
         continue
     d = json.loads(f.read_text())
+    if v == "llava" and d.get("status") == "ok":
+        s = d["summary"]
+        print("llava      train mm1/LLaVA " + ", ".join(
+            f"{k} {r:.2f}x" for k, r in s["train_tokens_per_s_ratio"].items()))
+        print("           generate mm1/HF " + ", ".join(
+            f"b{k} {r:.2f}x" for k, r in s["generation_ratio"].items())
+            + f"; fp32 tokens identical: {s['fp32_tokens_identical']}")
+        continue
     if v == "attention" and d.get("status") == "ok":
         flex = d.get("flex_document_ms")
         print(f"{v:<10} sdpa mask {d['sdpa_dense_mask_ms']:.2f} ms, grouped {d['grouped_ms']:.2f} ms, "
@@ -88,6 +105,7 @@ for v in ("eager", "compile", "flex", "attention"):
     mem = d.get("peak_memory_gib")
     print(f"{v:<10} {d.get('status', '?'):<16} {d.get('tokens_per_s', 0):>10.0f} "
           f"{d.get('mfu_decoder_only', 0):>8.1%} {d.get('mfu_with_encoder', 0):>8.1%} "
+          f"{d.get('mfu_with_encoder_row_attention', 0):>8.1%} "
           f"{'' if mem is None else f'{mem:.1f}':>8}")
 EOF
 echo "total $(( $(date +%s) - START ))s; JSON in $OUT"

@@ -14,8 +14,10 @@ Run by `benchmarks/gpu.sh` under `torchrun --nproc_per_node 1`, one variant per 
 Needs torch and the mm1 sources only (PYTHONPATH=src): it imports `mm1.config` (omegaconf +
 PyYAML, installed by gpu.sh from benchmarks/wheels/), `mm1.models` and `mm1.train.parallel`/
 `optim`, never the data stack; batches are synthetic packed rows built as tensors
-(`benchmarks.synthetic_batch`). MFU = model FLOPs/s / 989e12 (H100 SXM dense bf16), FLOPs from
-`mm1.models.summary.summarize`: decoder only, and decoder + encoder + connector.
+(`benchmarks.synthetic_batch`). MFU = model FLOPs/s / 989e12 (H100 / H200 SXM dense bf16), FLOPs from
+`mm1.models.summary.summarize`: decoder only, and decoder + encoder + connector; attention
+FLOPs counted at each packed document's length (`mfu_*`), and at the row's length beside it
+(`mfu_*_row_attention`, torchtitan's convention for unpacked rows).
 `--cpu-smoke` runs the same code path on the CPU with the tiny preset (gloo, fp32).
 """
 
@@ -38,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "src" / "mm1" / "configs" / "models"
 
 
-def write(out_dir: Path, variant: str, payload: dict[str, Any]) -> Path:
+def write(out_dir: Path, variant: str, payload: dict[str, Any], quiet: bool = False) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{variant}.json"
     env = {
@@ -48,7 +50,8 @@ def write(out_dir: Path, variant: str, payload: dict[str, Any]) -> Path:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }
     path.write_text(json.dumps({"variant": variant, "environment": env, **payload}, indent=2))
-    print(json.dumps({"variant": variant, **payload}), flush=True)
+    if not quiet:
+        print(json.dumps({"variant": variant, **payload}), flush=True)
     return path
 
 
@@ -109,6 +112,7 @@ def train_variant(args, compile_blocks: bool, attention: str = "auto") -> dict[s
         cfg.resolved_image_token_id,
         doc_len=args.doc_len,
     )
+    doc_len = document_attention_length(batch["document_ids"])
     batch = to_device(batch, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=not smoke)
 
@@ -140,11 +144,22 @@ def train_variant(args, compile_blocks: bool, attention: str = "auto") -> dict[s
         times.append(time.perf_counter() - t0)
     times.sort()
     median = times[len(times) // 2]
+    if args.profile:
+        profile_steps(
+            step,
+            device,
+            Path(args.out)
+            / f"profile_{'flex' if attention == 'flex' else 'compile' if compile_blocks else 'eager'}.txt",
+        )
     tokens = args.micro_batch * seq_len
     s = summarize(cfg, seq_len)
+    # Attention FLOPs where attention really runs: within each packed document (the
+    # row-length figure, torchtitan's convention for unpacked rows, is kept beside it).
+    doc_attention = summarize(cfg, round(doc_len)).decoder_flops_per_token
     tok_s = tokens / median
     flops_dec = s.decoder_flops_per_token * tok_s
     flops_all = s.flops_per_token(images) * tok_s
+    image_share = s.flops_per_token(images) - s.decoder_flops_per_token
     out = {
         "status": "ok",
         "model": "cpu smoke: tiny preset"
@@ -174,14 +189,44 @@ def train_variant(args, compile_blocks: bool, attention: str = "auto") -> dict[s
         "params": {"vision": s.vision, "connector": s.connector, "decoder": s.decoder},
         "flops_per_token_decoder": s.decoder_flops_per_token,
         "flops_per_token_with_encoder": s.flops_per_token(images),
-        "mfu_decoder_only": flops_dec / H100_BF16_FLOPS,
-        "mfu_with_encoder": flops_all / H100_BF16_FLOPS,
+        "document_attention_length": doc_len,
+        "mfu_decoder_only": doc_attention * tok_s / H100_BF16_FLOPS,
+        "mfu_with_encoder": (doc_attention + image_share) * tok_s / H100_BF16_FLOPS,
+        "mfu_decoder_only_row_attention": flops_dec / H100_BF16_FLOPS,
+        "mfu_with_encoder_row_attention": flops_all / H100_BF16_FLOPS,
         "peak_memory_gib": (
             torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
         ),
     }
     dist.destroy_process_group()
     return out
+
+
+def profile_steps(step, device: torch.device, path: Path) -> None:
+    """Top operators by device time (self CPU time on the CPU) over two steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(2):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=30) + "\n")
+
+
+def document_attention_length(document_ids: torch.Tensor) -> float:
+    """The sequence length at which row-length attention FLOPs equal those of attention within
+    each packed document: sum over documents of len^2, over the tokens (FLOPs per token scale
+    with the length attended over)."""
+    total, square = 0, 0
+    for row in document_ids:
+        counts = torch.unique_consecutive(row, return_counts=True)[1].double()
+        total += int(counts.sum())
+        square += float((counts**2).sum())
+    return square / total
 
 
 def attention_variant(args) -> dict[str, Any]:
@@ -274,11 +319,13 @@ def main() -> None:
         help="images per packed row (the default world packs 13.7 per 4096 tokens at 144)",
     )
     ap.add_argument("--doc-len", type=int, default=512, help="tokens per packed document")
-    ap.add_argument("--micro-batch", type=int, default=1)
+    # 4 rows: the first GPU run (2026-12-04) used 1 and was bound by per-step fixed costs.
+    ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--activation-checkpointing", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--profile", action="store_true", help="write a torch.profiler table")
+    args, _ = ap.parse_known_args()  # gpu.sh passes the same extra flags to every variant
     if args.cpu_smoke:
         args.warmup, args.steps = min(args.warmup, 1), min(args.steps, 2)
         torch.set_num_threads(int(os.environ.get("MM1_BENCH_THREADS", "1")))

@@ -65,3 +65,57 @@ def test_compile_blocks_wraps_every_block_of_both_models(bench) -> None:
         blocks = [b for layers in lists(model) for b in layers]
         assert len(blocks) == cfg.vision.layers + cfg.decoder.layers
         assert all(isinstance(b, torch._dynamo.eval_frame.OptimizedModule) for b in blocks)
+
+
+def test_committed_layouts_rebuild_the_tokenized_documents(bench, tmp_path) -> None:
+    """The GPU side by side rebuilds documents from one-slot layouts: at any slot count they must
+    have the lengths, image spans and targets that tokenizing at that count gives."""
+    from benchmarks import doc_lengths
+    from benchmarks.train_step import document_stream
+    from mm1.data.tokenizer import Tokenizer
+
+    path = doc_lengths.write(40, tmp_path / "layouts.json")
+    world = bench.ensure_world(64)
+    tok = Tokenizer.from_file(world.tokenizer_path)
+    direct = document_stream(world, tok, 5, 40)
+    rebuilt = doc_lengths.documents(5, tok.vocab_size, tok.image_id, path=path)
+    assert len(rebuilt) == 40 and any(d.images for d in rebuilt)
+    for a, b in zip(direct, rebuilt):
+        assert (len(a), a.image_spans, a.target_mask, a.source) == (
+            len(b),
+            b.image_spans,
+            b.target_mask,
+            b.source,
+        )
+        image = [t == tok.image_id for t in b.input_ids]
+        assert image == [t == tok.image_id for t in a.input_ids]
+
+
+def test_document_attention_length_weights_documents_by_their_tokens(bench) -> None:
+    import torch
+    from benchmarks.gpu_bench import document_attention_length
+
+    rows = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [0] * 8])
+    assert document_attention_length(rows) == pytest.approx((9 + 25 + 64) / 16)
+
+
+def test_gpu_side_by_side_runs_on_the_cpu(bench, tmp_path) -> None:
+    """`gpu_llava.py --cpu-smoke`: same logits, identical fp32 tokens, the same real tokens in
+    every training variant, and a partial result saved after each phase."""
+    import argparse
+
+    from benchmarks import gpu_llava
+
+    args = argparse.Namespace(
+        cpu_smoke=True, seq_len=256, llava_batch=2, num_docs=8, strata=1, rounds=1, new_tokens=4
+    )
+    saved = []
+    out = gpu_llava.run(args, lambda payload: saved.append(dict(payload)))
+    assert out["max_fp32_logit_difference"] < 1e-4
+    assert out["summary"]["fp32_tokens_identical"]
+    assert len({v["tokens"] for v in out["training"].values()}) == 1
+    assert set(out["summary"]["train_tokens_per_s_ratio"]) == {
+        "vs_llava_grouped",
+        "vs_llava_plain",
+    }
+    assert [s["status"] for s in saved] == ["partial"] * 5

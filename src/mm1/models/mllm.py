@@ -188,11 +188,12 @@ class MM1(nn.Module):
                 inputs_embeds=step_embeds, position_ids=step_pos, document_ids=step_doc, cache=cache
             )[:, -1].float()
             nxt = self._next_token(logits, do_sample, temperature, top_k, top_p, generator)
+            chosen = nxt.tolist()  # one device-to-host copy per step, not one per sequence
             for i in range(b):
                 if done[i]:
                     continue
-                out[i].append(int(nxt[i]))
-                if int(nxt[i]) in eos or _hit_stop(out[i], stop_strings, tokenizer):
+                out[i].append(chosen[i])
+                if chosen[i] in eos or _hit_stop(out[i], stop_strings, tokenizer):
                     done[i] = True
             if all(done):
                 break
