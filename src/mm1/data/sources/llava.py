@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections.abc import Iterator
@@ -18,7 +17,8 @@ from mm1.data.sources.base import (
     default_image_dir,
     image_from_path,
     jsonl_records,
-    open_text,
+    load_json_file,
+    repair_record,
     skip_record,
 )
 
@@ -40,8 +40,7 @@ def _llava_records(
         yield from jsonl_records(path, start, stats)
         return
     try:
-        with open_text(path) as f:
-            data = json.load(f)
+        data, invalid_bytes = load_json_file(path)
     except ValueError as e:
         raise DataError(f"{path}: not valid JSON ({e}); LLaVA data is a JSON list") from None
     if not isinstance(data, list):
@@ -49,10 +48,11 @@ def _llava_records(
     for index, rec in enumerate(data):
         if index < start:
             continue
+        where = f"{path}: record {index}"
         if not isinstance(rec, dict):
-            skip_record(stats, "malformed_record", f"{path}: record {index}", "not a JSON object")
+            skip_record(stats, "malformed_record", where, "not a JSON object")
             continue
-        yield index, rec
+        yield index, repair_record(stats, rec, where, invalid_bytes)
 
 
 def _llava_conversation(

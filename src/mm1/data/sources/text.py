@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,9 @@ from mm1.data.sources.base import (
     image_from_path,
     is_parquet,
     jsonl_records,
-    open_text,
+    load_json_file,
     parquet_rows,
+    repair_record,
     skip_record,
 )
 
@@ -72,8 +72,7 @@ def coco_entries(
     `malformed_annotation`. A file that is not a JSON object with `images` and `annotations`
     lists raises `DataError`."""
     try:
-        with open_text(path) as f:
-            data = json.load(f)
+        data, invalid_bytes = load_json_file(path)
     except ValueError as e:
         raise DataError(f"{path}: not valid JSON ({e}); expected COCO captions JSON") from None
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
@@ -85,7 +84,11 @@ def coco_entries(
             f"{type(images).__name__} and {type(annotations).__name__}"
         )
     captions: dict[int | str, list[str]] = {}
+    # Bad text is repaired (and counted, per annotation and per image entry, when `stats` is
+    # given), so ids, file names and captions are valid Unicode.
+    count = stats if stats is not None else ReadStats()
     for i, ann in enumerate(annotations):
+        ann = repair_record(count, ann, f"{path}: annotation {i}", invalid_bytes)
         image_id = ann.get("image_id") if isinstance(ann, dict) else None
         caption = ann.get("caption") if isinstance(ann, dict) else None
         if not _coco_id(image_id) or not isinstance(caption, str):
@@ -95,12 +98,12 @@ def coco_entries(
                 )
             continue
         captions.setdefault(image_id, []).append(caption)
-    return [
-        (im, captions.get(im["id"], []))
-        if isinstance(im, dict) and _coco_id(im.get("id"))
-        else (None, [])
-        for im in images
-    ]
+    entries: list[tuple[dict[str, Any] | None, list[str]]] = []
+    for i, im in enumerate(images):
+        im = repair_record(count, im, f"{path}: image entry {i}", invalid_bytes)
+        ok = isinstance(im, dict) and _coco_id(im.get("id"))
+        entries.append((im, captions.get(im["id"], [])) if ok else (None, []))
+    return entries
 
 
 def read_coco_captions(

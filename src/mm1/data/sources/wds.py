@@ -15,8 +15,10 @@ from mm1.data.sources.base import (
     IMAGE_EXTS,
     ReadStats,
     decode_image,
+    repair_record,
     skip_record,
 )
+from mm1.data.sources.unicode import decode_utf8
 
 
 def split_key(name: str) -> tuple[str, str]:
@@ -119,17 +121,22 @@ def _wds_sample(
 
     try:
         meta: dict[str, Any] = {}
+        invalid = False  # some text member held bytes that are not UTF-8
         if "json" in members:
+            text, invalid = decode_utf8(read(members["json"]))
             try:
-                loaded = json.loads(read(members["json"]))
+                loaded = json.loads(text)
                 meta = loaded if isinstance(loaded, dict) else {}
-            except (ValueError, UnicodeDecodeError):
+            except ValueError:
                 meta = {}
         caption = None
         for ext in CAPTION_EXTS:
             if ext in members:
-                caption = read(members[ext]).decode("utf-8", errors="replace")
+                caption, bad = decode_utf8(read(members[ext]))
+                invalid = invalid or bad
                 break
+        fixed = repair_record(stats, {"meta": meta, "caption": caption}, where, invalid)
+        meta, caption = fixed["meta"], fixed["caption"]
         if caption is None and isinstance(meta.get("caption"), str):
             caption = meta["caption"]
         image_member = next((members[e] for e in IMAGE_EXTS if e in members), None)
