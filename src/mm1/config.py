@@ -160,6 +160,9 @@ class SourceConfig:
     # in; empty = from the format (wds: captions, obelics / mmc4: interleaved, llava: sft).
     kind: str = ""
     image_root: str | None = None  # local image folder (obelics paths, mmc4, llava)
+    # Read record image paths that leave image_root (absolute, or climbing out with `..`);
+    # off, such records are skipped and counted (`absolute_path`, `path_outside_root`).
+    allow_absolute_paths: bool = False
 
     @property
     def resolved_kind(self) -> str:
@@ -369,6 +372,11 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(
                     f"{key}[{i}].image_root is set, but the {s.format} format has no image "
                     f"paths to resolve (image_root applies to {', '.join(IMAGE_ROOT_FORMATS)})"
+                )
+            if s.allow_absolute_paths and s.format not in IMAGE_ROOT_FORMATS:
+                raise ConfigError(
+                    f"{key}[{i}].allow_absolute_paths is set, but the {s.format} format has no "
+                    f"image paths (it applies to {', '.join(IMAGE_ROOT_FORMATS)})"
                 )
     if d.sources and sum(s.weight for s in d.sources) <= 0:
         raise ConfigError("data.sources: the weights sum to zero")

@@ -233,7 +233,12 @@ def test_obelics_with_local_paths(tmp_path):
     _obelics(tmp_path / "p.parquet", rows, image_type=pa.string())
     stats = ReadStats()
     docs = list(
-        read_obelics_parquet(tmp_path / "p.parquet", stats=stats, image_root=tmp_path / "imgs")
+        read_obelics_parquet(
+            tmp_path / "p.parquet",
+            stats=stats,
+            image_root=tmp_path / "imgs",
+            allow_absolute_paths=True,  # an absolute path is refused by default
+        )
     )
     assert [_widths(d.parts) for d in docs] == [[21, "between", 22]]
     assert stats.skipped == {"missing_image": 1}

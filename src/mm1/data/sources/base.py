@@ -8,6 +8,7 @@ import gzip
 import io
 import json
 import logging
+import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -216,6 +217,32 @@ def image_from_path(path: Path) -> Image.Image:
         return load_image_file(path)
     except IMAGE_ERRORS as e:
         raise BadImage("corrupt_image", f"{path}: {e}") from None
+
+
+def resolve_image_path(root: Path, name: str, allow_outside: bool = False) -> Path:
+    """Where a record's image path points: `name` under `root`.
+
+    A path that lexically leaves `root` — absolute, or climbing out with `..` once normalised —
+    raises `BadImage` (`absolute_path`, `path_outside_root`) unless `allow_outside`: a record
+    must not make training read any file it names. The check is on the text of the path, not
+    the resolved file, so symlinked folders inside `root` keep working."""
+    if os.path.isabs(name):
+        if allow_outside:
+            return Path(name)
+        raise BadImage(
+            "absolute_path",
+            f"{name!r} is absolute; set allow_absolute_paths: true on the source to read it",
+        )
+    norm = os.path.normpath(name)
+    climbs_out = norm == os.pardir or norm.startswith(os.pardir + os.sep)
+    if climbs_out and not allow_outside:
+        raise BadImage(
+            "path_outside_root",
+            f"{name!r} leaves the image root {root}; set allow_absolute_paths: true on the "
+            "source to read it",
+        )
+    # The normalised path is what was checked: the OS would follow `link/..` out of the root.
+    return root / norm
 
 
 def image_from_bytes(data: bytes) -> Image.Image:

@@ -19,6 +19,7 @@ from mm1.data.sources.base import (
     jsonl_records,
     load_json_file,
     repair_record,
+    resolve_image_path,
     skip_record,
 )
 
@@ -62,6 +63,7 @@ def _llava_conversation(
     image_folder: Path,
     stats: ReadStats,
     source: str,
+    allow_outside: bool = False,
 ) -> Conversation | None:
     where = f"{path}: record {index}"
     turns = rec.get("conversations")
@@ -105,9 +107,8 @@ def _llava_conversation(
         return None
     images = []
     for name in files:
-        p = Path(name)
         try:
-            images.append(image_from_path(p if p.is_absolute() else image_folder / p))
+            images.append(image_from_path(resolve_image_path(image_folder, name, allow_outside)))
         except BadImage as e:
             skip_record(stats, e.reason, where, e.detail)
             return None
@@ -132,6 +133,7 @@ def read_llava(
     *,
     start: int = 0,
     source: str = "sft",
+    allow_absolute_paths: bool = False,
 ) -> Iterator[Conversation]:
     """Read LLaVA SFT data: a JSON list (.json) or one record per line (.jsonl).
 
@@ -141,13 +143,15 @@ def read_llava(
     tags must equal the number of images — except one image with no tag, where `<image>\\n` is
     prepended to the first user turn as LLaVA does; any other mismatch is a bad record
     (`image_count_mismatch`). `image_folder` defaults to the file's `images/` subfolder if it
-    exists, else its directory. A whole .json file that is not valid JSON raises `DataError`.
+    exists, else its directory. An image path that is absolute or climbs out of the folder
+    with `..` is a bad record (`absolute_path`, `path_outside_root`) unless
+    `allow_absolute_paths`. A whole .json file that is not valid JSON raises `DataError`.
     """
     path = Path(path)
     stats = ReadStats() if stats is None else stats
     folder = Path(image_folder) if image_folder is not None else default_image_dir(path)
     for index, rec in _llava_records(path, stats, start):
-        conv = _llava_conversation(rec, index, path, folder, stats, source)
+        conv = _llava_conversation(rec, index, path, folder, stats, source, allow_absolute_paths)
         if conv is not None:
             yield conv
 
@@ -233,6 +237,7 @@ def read_llava_yaml(
     start: int = 0,
     image_folder: str | Path | None = None,
     source: str = "sft",
+    allow_absolute_paths: bool = False,
 ) -> Iterator[Conversation]:
     """Read every dataset of a LLaVA-NeXT data YAML, applying its `sampling_strategy`.
 
@@ -261,7 +266,13 @@ def read_llava_yaml(
                 continue
             index, rec = records[k]
             conv = _llava_conversation(
-                rec, index, ds["json_path"], ds["image_folder"], stats, source
+                rec,
+                index,
+                ds["json_path"],
+                ds["image_folder"],
+                stats,
+                source,
+                allow_absolute_paths,
             )
             if conv is not None:
                 conv.meta.update(

@@ -18,6 +18,7 @@ from mm1.data.sources.base import (
     load_json_file,
     parquet_rows,
     repair_record,
+    resolve_image_path,
     skip_record,
 )
 
@@ -112,11 +113,14 @@ def read_coco_captions(
     stats: ReadStats | None = None,
     image_root: Path | str | None = None,
     source: str = "captions",
+    allow_absolute_paths: bool = False,
 ) -> Iterator[Document]:
     """Caption pairs from a COCO-captions JSON (COCO, NoCaps, TextCaps layout): one
     `Document([image, caption])` per image with its first caption; the image is `file_name`
     under `image_root` (default: an `images/` folder next to the file, else its folder). Records
-    are the images in file order; an image without a caption is skipped as `missing_caption`."""
+    are the images in file order; an image without a caption is skipped as `missing_caption`, a
+    `file_name` that is absolute or climbs out of the root as `absolute_path` /
+    `path_outside_root` (unless `allow_absolute_paths`)."""
     path = Path(path)
     stats = ReadStats() if stats is None else stats
     root = Path(image_root) if image_root is not None else default_image_dir(path)
@@ -140,7 +144,7 @@ def read_coco_captions(
             skip_record(stats, "missing_caption", where)
             continue
         try:
-            image = image_from_path(root / im["file_name"])
+            image = image_from_path(resolve_image_path(root, im["file_name"], allow_absolute_paths))
         except BadImage as e:
             skip_record(stats, e.reason, where, e.detail)
             continue
