@@ -200,7 +200,10 @@ def llava_yaml_datasets(
     import yaml
 
     yaml_path = Path(yaml_path)
-    data = yaml.safe_load(yaml_path.read_text())
+    try:
+        data = yaml.safe_load(yaml_path.read_text())
+    except yaml.YAMLError as e:
+        raise DataError(f"{yaml_path}: not valid YAML: {' '.join(str(e).split())}") from None
     datasets = data.get("datasets") if isinstance(data, dict) else None
     if not isinstance(datasets, list) or not datasets:
         raise DataError(f"{yaml_path}: expected a `datasets:` list of {{json_path, ...}} entries")
