@@ -202,6 +202,9 @@ class DataConfig:
     pack_buffer: int = 32  # pieces the packer chooses from when filling a sequence
     max_error_rate: float = 0.01
     seed: int = 0
+    # Decoded pixels per image (0 = no cap): above it a JPEG is decoded at 1/2, 1/4 or 1/8
+    # scale and anything still larger is reduced; images within it decode exactly.
+    max_image_pixels: int = 4096 * 4096
 
 
 @dataclass
@@ -358,6 +361,8 @@ def validate(cfg: Config) -> None:
     _positive("data.max_images_per_seq", d.max_images_per_seq)
     if not 0.0 <= d.max_error_rate <= 1.0:
         raise ConfigError(f"data.max_error_rate={d.max_error_rate} must be within [0, 1]")
+    if d.max_image_pixels < 0:
+        raise ConfigError(f"data.max_image_pixels={d.max_image_pixels} must be >= 0 (0 = no cap)")
     _choice("data.world_size", d.world_size, ("tiny", "small", "medium"))
     if d.world_text_scale < 0:
         raise ConfigError(f"data.world_text_scale={d.world_text_scale} must be >= 0")

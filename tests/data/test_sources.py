@@ -90,7 +90,7 @@ def test_wds_start_skips_without_decoding(tmp_path, monkeypatch):
     _write_tar(tmp_path / "s.tar", _wds_members(6))
     decoded = []
     real = wds.decode_image
-    monkeypatch.setattr(wds, "decode_image", lambda data: decoded.append(1) or real(data))
+    monkeypatch.setattr(wds, "decode_image", lambda *a: decoded.append(1) or real(*a))
     docs = list(read_wds_shard(tmp_path / "s.tar", start=4))
     assert [d.meta["__index__"] for d in docs] == [4, 5]
     assert [d.parts[1] for d in docs] == ["caption 4", "caption 5"]

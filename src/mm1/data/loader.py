@@ -25,6 +25,7 @@ from mm1.data.images import ImageProcessor
 from mm1.data.mixture import Mixture, Record, SourceStream
 from mm1.data.packing import Packer, PackStats, Piece, collate, slice_document, split_document
 from mm1.data.sources import DataError, ReadStats, check_error_rate, warn_skip
+from mm1.data.sources.decode import DEFAULT_MAX_IMAGE_PIXELS, set_max_image_pixels
 from mm1.data.tokenizer import (
     TokenizedDocument,
     Tokenizer,
@@ -48,6 +49,7 @@ class LoaderSettings:
     max_error_rate: float = 0.01
     seed: int = 0
     chat_template: str = "plain"
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
     @classmethod
     def from_config(
@@ -67,6 +69,7 @@ class LoaderSettings:
             pack_buffer=data.pack_buffer,
             max_error_rate=data.max_error_rate,
             seed=data.seed,
+            max_image_pixels=data.max_image_pixels,
         )
 
 
@@ -99,6 +102,7 @@ class PackedDataset(IterableDataset):
         return self.rank * self.num_workers + worker
 
     def _build(self) -> None:
+        set_max_image_pixels(self.s.max_image_pixels)  # process-wide: set in each worker
         slot, num_slots = self._slot(), self.world_size * self.num_workers
         streams = [
             SourceStream(i, spec, slot, num_slots, self.s.seed, self.s.max_error_rate)

@@ -10,13 +10,14 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from mm1.data.sources.decode import IMAGE_ERRORS, decode_image, is_oversize
 from mm1.data.sources.unicode import has_escaped_bytes, repair_value
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class ReadStats:
     skipped: dict[str, int] = field(default_factory=dict)
     dropped_images: int = 0  # bad images left out of kept documents (`drop_bad_images=True`)
     repaired: dict[str, int] = field(default_factory=dict)
+    oversize_images: int = 0  # decoded reduced: over the pixel cap (`data.max_image_pixels`)
 
     def skip(self, reason: str, n: int = 1) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + n
@@ -78,6 +80,7 @@ class ReadStats:
         self.records += other.records
         self.images += other.images
         self.dropped_images += other.dropped_images
+        self.oversize_images += other.oversize_images
         for reason, n in other.skipped.items():
             self.skip(reason, n)
         for reason, n in other.repaired.items():
@@ -91,6 +94,7 @@ class ReadStats:
             "skipped": dict(sorted(self.skipped.items())),
             "dropped_images": self.dropped_images,
             "repaired": dict(sorted(self.repaired.items())),
+            "oversize_images": self.oversize_images,
             "error_rate": self.error_rate,
         }
 
@@ -102,6 +106,7 @@ class ReadStats:
             dict(d.get("skipped", {})),
             int(d.get("dropped_images", 0)),
             dict(d.get("repaired", {})),
+            int(d.get("oversize_images", 0)),
         )
 
 
@@ -178,29 +183,9 @@ def repair_record(stats: ReadStats, value: Any, where: str, invalid_bytes: bool 
 # Images
 # ----------------------------------------------------------------------------------------------
 
-IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        canvas.alpha_composite(rgba)
-        return canvas.convert("RGB")
-    return im.convert("RGB")
-
-
-def decode_image(data: bytes) -> Image.Image:
-    """Decode encoded image bytes to an RGB image (transparent pixels composited on white).
-
-    Raises OSError/ValueError/… for corrupt or truncated data."""
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        return _to_rgb(im)
-
 
 def load_image_file(path: Path) -> Image.Image:
-    return decode_image(path.read_bytes())
+    return decode_image(path.read_bytes(), str(path))
 
 
 class BadImage(Exception):
@@ -216,7 +201,8 @@ def image_from_path(path: Path) -> Image.Image:
     try:
         return load_image_file(path)
     except IMAGE_ERRORS as e:
-        raise BadImage("corrupt_image", f"{path}: {e}") from None
+        detail = str(e)
+        raise BadImage("corrupt_image", detail if str(path) in detail else f"{path}: {e}") from None
 
 
 def resolve_image_path(root: Path, name: str, allow_outside: bool = False) -> Path:
@@ -245,11 +231,20 @@ def resolve_image_path(root: Path, name: str, allow_outside: bool = False) -> Pa
     return root / norm
 
 
-def image_from_bytes(data: bytes) -> Image.Image:
+def image_from_bytes(data: bytes, name: str = "") -> Image.Image:
+    """Decode image bytes held in a record; `name` (the file and position) goes into errors."""
     try:
-        return decode_image(bytes(data))
+        return decode_image(bytes(data), name)
     except IMAGE_ERRORS as e:
         raise BadImage("corrupt_image", str(e)) from None
+
+
+def count_images(stats: ReadStats, images: Iterable[Any]) -> None:
+    """Count the images a kept record brings, and those decoded reduced by the pixel cap."""
+    for im in images:
+        if isinstance(im, Image.Image):
+            stats.images += 1
+            stats.oversize_images += is_oversize(im)
 
 
 def default_image_dir(data_path: Path) -> Path:

@@ -14,6 +14,7 @@ from mm1.data.sources.base import (
     BadImage,
     DataError,
     ReadStats,
+    count_images,
     default_image_dir,
     image_from_bytes,
     image_from_path,
@@ -31,12 +32,12 @@ def _obelics_image(
 ) -> Image.Image:
     if isinstance(value, dict):  # HF `datasets` Image feature: {"bytes": ..., "path": ...}
         if value.get("bytes"):
-            return image_from_bytes(value["bytes"])
+            return image_from_bytes(value["bytes"], f"{path}: row {row}, image {pos}")
         value = value.get("path")
         if not value:
             raise BadImage("missing_image", f"image {pos} has neither bytes nor path")
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return image_from_bytes(value)
+        return image_from_bytes(value, f"{path}: row {row}, image {pos}")
     if isinstance(value, str):
         if re.match(r"^https?://", value, re.IGNORECASE):
             raise DataError(
@@ -122,7 +123,7 @@ def read_obelics_parquet(
             "__index__": index,
         }
         stats.records += 1
-        stats.images += sum(isinstance(p, Image.Image) for p in parts)
+        count_images(stats, parts)
         yield Document(id=f"{path.name}:{index}", source=source, parts=parts, meta=meta)
 
 
@@ -207,5 +208,5 @@ def read_mmc4_jsonl(
         meta = {k: v for k, v in rec.items() if k not in ("text_list",)}
         meta.update({"__shard__": str(path), "__index__": index})
         stats.records += 1
-        stats.images += sum(isinstance(p, Image.Image) for p in parts)
+        count_images(stats, parts)
         yield Document(id=f"{path.name}:{index}", source=source, parts=parts, meta=meta)

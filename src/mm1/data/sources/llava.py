@@ -14,6 +14,7 @@ from mm1.data.sources.base import (
     BadImage,
     DataError,
     ReadStats,
+    count_images,
     default_image_dir,
     image_from_path,
     jsonl_records,
@@ -115,7 +116,7 @@ def _llava_conversation(
     meta = {k: v for k, v in rec.items() if k != "conversations"}
     meta.update({"__shard__": str(path), "__index__": index})
     stats.records += 1
-    stats.images += len(images)
+    count_images(stats, images)
     conv_id = rec.get("id")
     return Conversation(
         id=str(conv_id) if conv_id is not None else f"{path.name}:{index}",

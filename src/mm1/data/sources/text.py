@@ -11,6 +11,7 @@ from mm1.data.sources.base import (
     BadImage,
     DataError,
     ReadStats,
+    count_images,
     default_image_dir,
     image_from_path,
     is_parquet,
@@ -149,7 +150,7 @@ def read_coco_captions(
             skip_record(stats, e.reason, where, e.detail)
             continue
         stats.records += 1
-        stats.images += 1
+        count_images(stats, [image])
         meta = {k: v for k, v in im.items()}
         meta.update({"captions": caps, "__shard__": str(path), "__index__": index})
         yield Document(id=str(im["id"]), source=source, parts=[image, caption], meta=meta)

@@ -14,6 +14,7 @@ from mm1.data.sources.base import (
     IMAGE_ERRORS,
     IMAGE_EXTS,
     ReadStats,
+    count_images,
     decode_image,
     repair_record,
     skip_record,
@@ -151,11 +152,11 @@ def _wds_sample(
         skip_record(stats, "truncated_tar", where, str(e))
         return None
     try:
-        image = decode_image(data)
+        image = decode_image(data, f"{path}:{image_member.name}")
     except IMAGE_ERRORS as e:
         skip_record(stats, "corrupt_image", where, str(e))
         return None
     meta.update({"__key__": key, "__shard__": str(path), "__index__": index})
     stats.records += 1
-    stats.images += 1
+    count_images(stats, [image])
     return Document(id=key, source=source, parts=[image, caption.strip()], meta=meta)
