@@ -161,6 +161,7 @@ def warn_skip(reason: str, where: str, detail: str = "", action: str = "skipped"
     _warn_counts[f"{action}:{reason}"] += 1
     n = _warn_counts[f"{action}:{reason}"]
     if n <= _WARN_FIRST or n & (n - 1) == 0:
+        detail = " ".join(detail.split())  # one line per warning, whatever the error said
         more = (
             f" [{n} '{reason}' so far; further ones are rate-limited]" if n >= _WARN_FIRST else ""
         )

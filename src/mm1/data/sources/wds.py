@@ -91,7 +91,12 @@ def read_wds_shard(
     try:
         tf = tarfile.open(path, "r:*")  # noqa: SIM115 (closed by the `with` below)
     except (tarfile.TarError, OSError, EOFError) as e:
-        skip_record(stats, "corrupt_tar", str(path), f"unreadable tar: {e}")
+        if isinstance(e, FileNotFoundError):
+            raise
+        size = path.stat().st_size if path.is_file() else -1
+        # tarfile lists every compression it tried, one per line: say what matters instead.
+        why = "0-byte file" if size == 0 else f"not a tar archive ({size} bytes)"
+        skip_record(stats, "corrupt_tar", str(path), f"unreadable tar: {why}")
         return
     with tf:
         for index, (key, members, complete, problem) in enumerate(_iter_tar_groups(tf)):
