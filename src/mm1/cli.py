@@ -188,6 +188,7 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
         f"{stats['images']:,}, dropped by the cap {stats['images_dropped']} "
         f"({100 * stats['images_dropped_fraction']:.2f}%)  |  documents cut "
         f"{stats['pieces_cut']}  |  records skipped {sum(stats['read']['skipped'].values())}"
+        f"  |  text repaired {sum(stats['read']['repaired'].values())}"
     )
 
 

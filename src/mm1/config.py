@@ -160,6 +160,9 @@ class SourceConfig:
     # in; empty = from the format (wds: captions, obelics / mmc4: interleaved, llava: sft).
     kind: str = ""
     image_root: str | None = None  # local image folder (obelics paths, mmc4, llava)
+    # Read record image paths that leave image_root (absolute, or climbing out with `..`);
+    # off, such records are skipped and counted (`absolute_path`, `path_outside_root`).
+    allow_absolute_paths: bool = False
 
     @property
     def resolved_kind(self) -> str:
@@ -199,6 +202,9 @@ class DataConfig:
     pack_buffer: int = 32  # pieces the packer chooses from when filling a sequence
     max_error_rate: float = 0.01
     seed: int = 0
+    # Decoded pixels per image (0 = no cap): above it a JPEG is decoded at 1/2, 1/4 or 1/8
+    # scale and anything still larger is reduced; images within it decode exactly.
+    max_image_pixels: int = 4096 * 4096
 
 
 @dataclass
@@ -355,6 +361,8 @@ def validate(cfg: Config) -> None:
     _positive("data.max_images_per_seq", d.max_images_per_seq)
     if not 0.0 <= d.max_error_rate <= 1.0:
         raise ConfigError(f"data.max_error_rate={d.max_error_rate} must be within [0, 1]")
+    if d.max_image_pixels < 0:
+        raise ConfigError(f"data.max_image_pixels={d.max_image_pixels} must be >= 0 (0 = no cap)")
     _choice("data.world_size", d.world_size, ("tiny", "small", "medium"))
     if d.world_text_scale < 0:
         raise ConfigError(f"data.world_text_scale={d.world_text_scale} must be >= 0")
@@ -369,6 +377,11 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(
                     f"{key}[{i}].image_root is set, but the {s.format} format has no image "
                     f"paths to resolve (image_root applies to {', '.join(IMAGE_ROOT_FORMATS)})"
+                )
+            if s.allow_absolute_paths and s.format not in IMAGE_ROOT_FORMATS:
+                raise ConfigError(
+                    f"{key}[{i}].allow_absolute_paths is set, but the {s.format} format has no "
+                    f"image paths (it applies to {', '.join(IMAGE_ROOT_FORMATS)})"
                 )
     if d.sources and sum(s.weight for s in d.sources) <= 0:
         raise ConfigError("data.sources: the weights sum to zero")

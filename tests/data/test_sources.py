@@ -90,7 +90,7 @@ def test_wds_start_skips_without_decoding(tmp_path, monkeypatch):
     _write_tar(tmp_path / "s.tar", _wds_members(6))
     decoded = []
     real = wds.decode_image
-    monkeypatch.setattr(wds, "decode_image", lambda data: decoded.append(1) or real(data))
+    monkeypatch.setattr(wds, "decode_image", lambda *a: decoded.append(1) or real(*a))
     docs = list(read_wds_shard(tmp_path / "s.tar", start=4))
     assert [d.meta["__index__"] for d in docs] == [4, 5]
     assert [d.parts[1] for d in docs] == ["caption 4", "caption 5"]
@@ -233,7 +233,12 @@ def test_obelics_with_local_paths(tmp_path):
     _obelics(tmp_path / "p.parquet", rows, image_type=pa.string())
     stats = ReadStats()
     docs = list(
-        read_obelics_parquet(tmp_path / "p.parquet", stats=stats, image_root=tmp_path / "imgs")
+        read_obelics_parquet(
+            tmp_path / "p.parquet",
+            stats=stats,
+            image_root=tmp_path / "imgs",
+            allow_absolute_paths=True,  # an absolute path is refused by default
+        )
     )
     assert [_widths(d.parts) for d in docs] == [[21, "between", 22]]
     assert stats.skipped == {"missing_image": 1}

@@ -10,14 +10,23 @@ import json
 import random
 import re
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from mm1.config import SourceConfig
 from mm1.data.document import Conversation, Document
-from mm1.data.sources import FORMATS, IMAGE_TAG, READERS, SHARD_EXTS, ReadStats, llava_yaml_datasets
+from mm1.data.sources import (
+    FORMATS,
+    IMAGE_TAG,
+    READERS,
+    SHARD_EXTS,
+    DataError,
+    ReadStats,
+    llava_yaml_datasets,
+)
 from mm1.data.sources.base import UnknownFormatError, is_parquet, open_text
 from mm1.data.sources.llava import sample_indices
 from mm1.data.sources.text import coco_entries
@@ -82,6 +91,31 @@ def list_shards(path_or_glob: str | Path, fmt: str) -> list[Path]:
             f"no {fmt} shards found at {path_or_glob} (looked for {', '.join(exts)})"
         )
     return sorted(found, key=_natural_key)
+
+
+def check_sources(sources: Sequence[SourceConfig], key: str = "data.sources") -> None:
+    """Fail fast, naming the config key, when a source names no data: a path, glob or brace
+    range without a matching file, a LLaVA YAML dataset whose json is missing, or an
+    `image_root` that is not a directory. Cheap (no record is read), so callers run it before
+    building a model rather than letting a loader worker find out."""
+    for i, spec in enumerate(sources):
+        where = f"{key}[{i}]"
+        try:
+            shards = list_shards(spec.path, spec.format)
+            if spec.format == "llava_yaml":
+                for shard in shards:
+                    for ds in llava_yaml_datasets(shard):
+                        if not Path(ds["json_path"]).is_file():
+                            raise FileNotFoundError(
+                                f"{shard}: dataset {ds['json_path_as_written']}: no such file "
+                                f"{ds['json_path']}"
+                            )
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{where}.path: {err}") from None
+        except DataError as err:
+            raise DataError(f"{where}.path: {err}") from None
+        if spec.image_root is not None and not Path(spec.image_root).is_dir():
+            raise FileNotFoundError(f"{where}.image_root: no such directory {spec.image_root}")
 
 
 def count_records(path: str | Path, fmt: str) -> int:

@@ -10,6 +10,7 @@ buffered records (nothing already emitted is read again).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -17,12 +18,14 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from mm1.config import SOURCE_KINDS, DataConfig, SourceConfig
+from mm1.batch import Batch
+from mm1.config import SOURCE_KINDS, ConfigError, DataConfig, SourceConfig
 from mm1.data.document import Conversation
 from mm1.data.images import ImageProcessor
 from mm1.data.mixture import Mixture, Record, SourceStream
 from mm1.data.packing import Packer, PackStats, Piece, collate, slice_document, split_document
-from mm1.data.sources import ReadStats, check_error_rate, warn_skip
+from mm1.data.sources import DataError, ReadStats, check_error_rate, warn_skip
+from mm1.data.sources.decode import DEFAULT_MAX_IMAGE_PIXELS, set_max_image_pixels
 from mm1.data.tokenizer import (
     TokenizedDocument,
     Tokenizer,
@@ -46,6 +49,7 @@ class LoaderSettings:
     max_error_rate: float = 0.01
     seed: int = 0
     chat_template: str = "plain"
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
     @classmethod
     def from_config(
@@ -65,6 +69,7 @@ class LoaderSettings:
             pack_buffer=data.pack_buffer,
             max_error_rate=data.max_error_rate,
             seed=data.seed,
+            max_image_pixels=data.max_image_pixels,
         )
 
 
@@ -97,6 +102,7 @@ class PackedDataset(IterableDataset):
         return self.rank * self.num_workers + worker
 
     def _build(self) -> None:
+        set_max_image_pixels(self.s.max_image_pixels)  # process-wide: set in each worker
         slot, num_slots = self._slot(), self.world_size * self.num_workers
         streams = [
             SourceStream(i, spec, slot, num_slots, self.s.seed, self.s.max_error_rate)
@@ -141,6 +147,17 @@ class PackedDataset(IterableDataset):
             check_error_rate(stream.stats, self.s.max_error_rate, stream.spec.path, min_seen=100)
 
     def __iter__(self):
+        if get_worker_info() is None:
+            yield from self._batches()
+            return
+        try:
+            yield from self._batches()
+        except ONE_LINE_ERRORS as err:
+            # Raised here, torch would re-raise it in the main process as a new exception
+            # whose message is "Caught X in DataLoader worker process 0" and the traceback.
+            yield WorkerError(err)
+
+    def _batches(self) -> Iterator[Batch]:
         self._build()
         assert self._packer is not None
         while True:
@@ -208,6 +225,32 @@ def _reread(stream: SourceStream, shard: int, record: int) -> Record:
         stream.stats = live
 
 
+# Errors the CLI reports as one line: a worker hands them over as they are (`WorkerError`).
+ONE_LINE_ERRORS = (DataError, ConfigError, FileNotFoundError)
+
+
+@dataclass
+class WorkerError:
+    """An error raised in a loader worker, sent to the main process as a batch would be."""
+
+    error: BaseException
+
+
+class Loader(StatefulDataLoader):
+    """`StatefulDataLoader` that raises a worker's `ONE_LINE_ERRORS` in the main process as the
+    same exception (type and message) the single-process loader raises."""
+
+    def __iter__(self) -> Iterator[Batch]:
+        return _raising(super().__iter__())
+
+
+def _raising(batches: Iterator[Any]) -> Iterator[Batch]:
+    for batch in batches:
+        if isinstance(batch, WorkerError):
+            raise batch.error
+        yield batch
+
+
 def build_loader(
     settings: LoaderSettings,
     tokenizer: Tokenizer,
@@ -215,9 +258,9 @@ def build_loader(
     rank: int = 0,
     world_size: int = 1,
     num_workers: int = 0,
-) -> StatefulDataLoader:
+) -> Loader:
     dataset = PackedDataset(settings, tokenizer, processor, rank, world_size, num_workers)
-    return StatefulDataLoader(
+    return Loader(
         dataset,
         batch_size=None,
         num_workers=num_workers,

@@ -91,6 +91,8 @@ class SourceStream:
         kwargs: dict[str, Any] = {"start": start, "stats": self.stats, "source": kind}
         if root is not None:
             kwargs[_IMAGE_ROOT_ARG.get(fmt, "image_root")] = Path(root)
+        if self.spec.allow_absolute_paths:
+            kwargs["allow_absolute_paths"] = True
         for record in READERS[fmt](self.shards[shard], **kwargs):
             yield int(record.meta["__index__"]), record
 

@@ -30,11 +30,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mm1.data.scenes import (
@@ -227,20 +230,34 @@ def write_world(
         ),
     }
     written: dict[str, dict[str, Any]] = {}
+    console = Console(stderr=True)
+    # A live bar only draws on a terminal; elsewhere (a job log, a pipe) say each stage in a line.
+    lines = progress and not console.is_terminal
+    start = time.perf_counter()
+
+    def stage(i: int, name: str) -> None:
+        if lines:
+            elapsed = time.perf_counter() - start
+            msg = f"synthetic world: {name} ({i}/{len(stages) + 1}, {elapsed:.0f}s)"
+            print(msg, file=sys.stderr, flush=True)
+
     with Progress(
         TextColumn("[bold]synthetic world"),
         BarColumn(),
         TextColumn("{task.description}"),
         TimeElapsedColumn(),
-        disable=not progress,
+        console=console,
+        disable=not progress or lines,
         transient=True,
     ) as bar:
         task = bar.add_task("", total=len(stages) + 1)
-        for name, write in stages.items():
+        for i, (name, write) in enumerate(stages.items(), 1):
             bar.update(task, description=name)
+            stage(i, name)
             written[name] = write()
             bar.advance(task)
         bar.update(task, description="tokenizer")
+        stage(len(stages) + 1, "tokenizer")
         tok = train_world_tokenizer(texts, vocab_size)
         tok.save(str(root / "tokenizer.json"))
         bar.advance(task)

@@ -39,6 +39,7 @@ from PIL import Image
 
 from mm1.batch import IGNORE_INDEX
 from mm1.data.document import Conversation, Document
+from mm1.data.sources.unicode import repair_text
 
 IMAGE_TOKEN = "<image>"
 BOI_TOKEN = "<img>"
@@ -199,13 +200,15 @@ class Tokenizer:
                 f"text contains {IMAGE_TOKEN!r}: image slots come from tokenize_document / "
                 "tokenize_conversation, not from encode"
             )
-        return self._tok.encode(text, add_special_tokens=False).ids
+        # A lone surrogate makes the HF tokenizer raise a TypeError naming nothing; readers
+        # repair and count them, this covers text from anywhere else (prompts, task files).
+        return self._tok.encode(repair_text(text), add_special_tokens=False).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def _encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        enc = self._tok.encode(text, add_special_tokens=False)
+        enc = self._tok.encode(repair_text(text), add_special_tokens=False)
         return enc.ids, enc.offsets
 
 

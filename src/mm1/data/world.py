@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mm1.config import DataConfig, ModelConfig, SourceConfig
+from mm1.data.catalog import check_sources
 from mm1.data.images import PREPROCESSOR_CONFIG, ImageProcessor
 from mm1.data.synthetic import WorldManifest, write_world
 from mm1.data.tokenizer import Tokenizer
@@ -98,6 +99,8 @@ def prepare_data(
     is_main: bool = True,
     barrier: Callable[[], None] = lambda: None,
 ) -> PreparedData:
+    """Tokenizer, image processor and sources of a run; every source is checked to name data
+    (`check_sources`), so a wrong path fails here, before a model is built."""
     world = None
     sources, val_sources = list(data.sources), list(data.val_sources)
     needs_world = not sources or (not data.tokenizer and not model.decoder.init)
@@ -107,6 +110,8 @@ def prepare_data(
         sources = sources or default_train
         if not data.sources and not val_sources:
             val_sources = default_val
+    check_sources(sources)
+    check_sources(val_sources, "data.val_sources")
     if data.tokenizer:
         tok_path = Path(data.tokenizer)
     elif model.decoder.init:

@@ -22,7 +22,9 @@ index in the file) and `meta["__shard__"]` (the file path), so a loader resumes 
 Bad records (corrupt or missing image, missing caption, malformed JSON line, a tar cut short, an
 empty document, an `<image>` count that does not match the images, …) are skipped, counted in a
 `ReadStats` by reason and logged with a rate-limited warning; a reader never crashes on them and
-never stops silently. Problems of configuration rather than of records fail loudly: an image given
+never stops silently. Text that is not valid Unicode (bytes that are not UTF-8, a lone UTF-16
+surrogate such as JSON's `"\ud800"`) is repaired to U+FFFD and the record kept, counted in
+`ReadStats.repaired` (`invalid_utf8`, `lone_surrogate`) and logged. Problems of configuration rather than of records fail loudly: an image given
 as an http(s) URL (download first), an unknown format, a missing file or column.
 """
 

@@ -8,13 +8,17 @@ import gzip
 import io
 import json
 import logging
+import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
+
+from mm1.data.sources.decode import IMAGE_ERRORS, decode_image, is_oversize
+from mm1.data.sources.unicode import has_escaped_bytes, repair_value
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +45,21 @@ class UnknownFormatError(DataError, ValueError):
 
 @dataclass
 class ReadStats:
-    """What readers saw: `records` yielded, `images` decoded, `skipped` records per reason."""
+    """What readers saw: `records` yielded, `images` decoded, `skipped` records per reason,
+    and records kept after a repair (`repaired`, per reason: not errors, so not in the rate)."""
 
     records: int = 0
     images: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     dropped_images: int = 0  # bad images left out of kept documents (`drop_bad_images=True`)
+    repaired: dict[str, int] = field(default_factory=dict)
+    oversize_images: int = 0  # decoded reduced: over the pixel cap (`data.max_image_pixels`)
 
     def skip(self, reason: str, n: int = 1) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + n
+
+    def repair(self, reason: str, n: int = 1) -> None:
+        self.repaired[reason] = self.repaired.get(reason, 0) + n
 
     @property
     def num_skipped(self) -> int:
@@ -70,8 +80,11 @@ class ReadStats:
         self.records += other.records
         self.images += other.images
         self.dropped_images += other.dropped_images
+        self.oversize_images += other.oversize_images
         for reason, n in other.skipped.items():
             self.skip(reason, n)
+        for reason, n in other.repaired.items():
+            self.repair(reason, n)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -80,6 +93,8 @@ class ReadStats:
             "images": self.images,
             "skipped": dict(sorted(self.skipped.items())),
             "dropped_images": self.dropped_images,
+            "repaired": dict(sorted(self.repaired.items())),
+            "oversize_images": self.oversize_images,
             "error_rate": self.error_rate,
         }
 
@@ -90,6 +105,8 @@ class ReadStats:
             int(d.get("images", 0)),
             dict(d.get("skipped", {})),
             int(d.get("dropped_images", 0)),
+            dict(d.get("repaired", {})),
+            int(d.get("oversize_images", 0)),
         )
 
 
@@ -139,44 +156,37 @@ def skip_record(stats: ReadStats, reason: str, where: str, detail: str = "") -> 
     warn_skip(reason, where, detail)
 
 
-def warn_skip(reason: str, where: str, detail: str = "") -> None:
+def warn_skip(reason: str, where: str, detail: str = "", action: str = "skipped") -> None:
     """Log a warning: the first 5 per reason (per process), then only at powers of 2."""
-    _warn_counts[reason] += 1
-    n = _warn_counts[reason]
+    _warn_counts[f"{action}:{reason}"] += 1
+    n = _warn_counts[f"{action}:{reason}"]
     if n <= _WARN_FIRST or n & (n - 1) == 0:
+        detail = " ".join(detail.split())  # one line per warning, whatever the error said
         more = (
             f" [{n} '{reason}' so far; further ones are rate-limited]" if n >= _WARN_FIRST else ""
         )
-        logger.warning("skipped %s: %s%s%s", where, reason, f" ({detail})" if detail else "", more)
+        logger.warning(
+            "%s %s: %s%s%s", action, where, reason, f" ({detail})" if detail else "", more
+        )
+
+
+def repair_record(stats: ReadStats, value: Any, where: str, invalid_bytes: bool = False) -> Any:
+    """`value` with its bad text repaired (see `mm1.data.sources.unicode`), each reason counted
+    once for the record and logged with `where`."""
+    value, reasons = repair_value(value, invalid_bytes)
+    for reason in sorted(reasons):
+        stats.repair(reason)
+        warn_skip(reason, where, "replaced with U+FFFD", action="repaired")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------
 # Images
 # ----------------------------------------------------------------------------------------------
 
-IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        canvas.alpha_composite(rgba)
-        return canvas.convert("RGB")
-    return im.convert("RGB")
-
-
-def decode_image(data: bytes) -> Image.Image:
-    """Decode encoded image bytes to an RGB image (transparent pixels composited on white).
-
-    Raises OSError/ValueError/… for corrupt or truncated data."""
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        return _to_rgb(im)
-
 
 def load_image_file(path: Path) -> Image.Image:
-    return decode_image(path.read_bytes())
+    return decode_image(path.read_bytes(), str(path))
 
 
 class BadImage(Exception):
@@ -192,14 +202,50 @@ def image_from_path(path: Path) -> Image.Image:
     try:
         return load_image_file(path)
     except IMAGE_ERRORS as e:
-        raise BadImage("corrupt_image", f"{path}: {e}") from None
+        detail = str(e)
+        raise BadImage("corrupt_image", detail if str(path) in detail else f"{path}: {e}") from None
 
 
-def image_from_bytes(data: bytes) -> Image.Image:
+def resolve_image_path(root: Path, name: str, allow_outside: bool = False) -> Path:
+    """Where a record's image path points: `name` under `root`.
+
+    A path that lexically leaves `root` — absolute, or climbing out with `..` once normalised —
+    raises `BadImage` (`absolute_path`, `path_outside_root`) unless `allow_outside`: a record
+    must not make training read any file it names. The check is on the text of the path, not
+    the resolved file, so symlinked folders inside `root` keep working."""
+    if os.path.isabs(name):
+        if allow_outside:
+            return Path(name)
+        raise BadImage(
+            "absolute_path",
+            f"{name!r} is absolute; set allow_absolute_paths: true on the source to read it",
+        )
+    norm = os.path.normpath(name)
+    climbs_out = norm == os.pardir or norm.startswith(os.pardir + os.sep)
+    if climbs_out and not allow_outside:
+        raise BadImage(
+            "path_outside_root",
+            f"{name!r} leaves the image root {root}; set allow_absolute_paths: true on the "
+            "source to read it",
+        )
+    # The normalised path is what was checked: the OS would follow `link/..` out of the root.
+    return root / norm
+
+
+def image_from_bytes(data: bytes, name: str = "") -> Image.Image:
+    """Decode image bytes held in a record; `name` (the file and position) goes into errors."""
     try:
-        return decode_image(bytes(data))
+        return decode_image(bytes(data), name)
     except IMAGE_ERRORS as e:
         raise BadImage("corrupt_image", str(e)) from None
+
+
+def count_images(stats: ReadStats, images: Iterable[Any]) -> None:
+    """Count the images a kept record brings, and those decoded reduced by the pixel cap."""
+    for im in images:
+        if isinstance(im, Image.Image):
+            stats.images += 1
+            stats.oversize_images += is_oversize(im)
 
 
 def default_image_dir(data_path: Path) -> Path:
@@ -250,23 +296,87 @@ def parquet_rows(
                 if row <= start:
                     continue
                 offset = max(0, start - first)
-                data = batch.slice(offset).to_pydict()
+                data, invalid = _batch_dict(batch.slice(offset))
                 for k in range(batch.num_rows - offset):
-                    yield first + offset + k, {c: data[c][k] for c in cols}
+                    where = f"{path}: row {first + offset + k}"
+                    rec = repair_record(stats, {c: data[c][k] for c in cols}, where, invalid)
+                    yield first + offset + k, rec
             group_start += n
     except (pa.ArrowException, OSError) as e:
         skip_record(stats, "corrupt_file", str(path), f"stopped reading: {e}")
 
 
+def _batch_dict(batch: Any) -> tuple[dict[str, list[Any]], bool]:
+    """A record batch as python lists, and whether its strings held bytes that are not UTF-8.
+
+    Arrow does not validate strings it reads, and python's strict decode of a bad one would
+    abort the whole file; such a batch is re-read with its string columns as binary, decoded
+    with surrogateescape, for `repair_record` to count and replace per row."""
+    import pyarrow as pa
+
+    try:
+        return batch.to_pydict(), False
+    except UnicodeDecodeError:
+        pass
+    fields = [pa.field(f.name, _binary_strings(f.type)) for f in batch.schema]
+    raw = batch.cast(pa.schema(fields)).to_pydict()
+    return {f.name: [_decode_strings(v, f.type) for v in raw[f.name]] for f in batch.schema}, True
+
+
+def _binary_strings(t: Any) -> Any:
+    """Arrow type `t` with every string type replaced by binary (lists and structs followed)."""
+    import pyarrow as pa
+
+    if pa.types.is_string(t):
+        return pa.binary()
+    if pa.types.is_large_string(t):
+        return pa.large_binary()
+    if pa.types.is_list(t):
+        return pa.list_(_binary_strings(t.value_type))
+    if pa.types.is_large_list(t):
+        return pa.large_list(_binary_strings(t.value_type))
+    if pa.types.is_struct(t):
+        return pa.struct([pa.field(f.name, _binary_strings(f.type)) for f in t])
+    return t
+
+
+def _decode_strings(value: Any, t: Any) -> Any:
+    """Decode the values that arrow type `t` (the column's own) holds as strings; binary values
+    (image bytes) stay bytes."""
+    import pyarrow as pa
+
+    if value is None:
+        return None
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return value.decode("utf-8", errors="surrogateescape")
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return [_decode_strings(v, t.value_type) for v in value]
+    if pa.types.is_struct(t):
+        return {f.name: _decode_strings(value.get(f.name), f.type) for f in t}
+    return value
+
+
 def open_text(path: Path) -> io.TextIOBase:
+    """A UTF-8 text stream; bytes that are not UTF-8 come as lone surrogates (surrogateescape),
+    which `repair_record` counts as `invalid_utf8` and replaces."""
     if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")  # type: ignore[return-value]
-    return open(path, encoding="utf-8", errors="replace")  # type: ignore[return-value]
+        return gzip.open(path, "rt", encoding="utf-8", errors="surrogateescape")  # type: ignore[return-value]
+    return open(path, encoding="utf-8", errors="surrogateescape")  # type: ignore[return-value]
+
+
+def load_json_file(path: Path) -> tuple[Any, bool]:
+    """A whole JSON file and whether it held bytes that are not UTF-8 (kept as surrogates: the
+    caller repairs record by record with `repair_record`, so each bad record is counted).
+    Raises ValueError when it is not JSON."""
+    with open_text(path) as f:
+        raw = f.read()
+    return json.loads(raw), has_escaped_bytes(raw)
 
 
 def jsonl_records(path: Path, start: int, stats: ReadStats) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (record index, object) per non-blank line from `start` on; lines before `start` are
-    not parsed. Malformed lines are skipped and counted (`malformed_json`)."""
+    not parsed. Malformed lines are skipped and counted (`malformed_json`); text that is not valid
+    Unicode is repaired and counted (`invalid_utf8`, `lone_surrogate`)."""
     index = -1
     try:
         with open_text(path) as f:
@@ -284,7 +394,7 @@ def jsonl_records(path: Path, start: int, stats: ReadStats) -> Iterator[tuple[in
                 if not isinstance(obj, dict):
                     skip_record(stats, "malformed_record", f"{path}:{lineno}", "not a JSON object")
                     continue
-                yield index, obj
+                yield index, repair_record(stats, obj, f"{path}:{lineno}", has_escaped_bytes(line))
     except (EOFError, gzip.BadGzipFile, OSError) as e:
         if isinstance(e, FileNotFoundError):
             raise

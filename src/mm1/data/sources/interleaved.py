@@ -14,26 +14,30 @@ from mm1.data.sources.base import (
     BadImage,
     DataError,
     ReadStats,
+    count_images,
     default_image_dir,
     image_from_bytes,
     image_from_path,
     jsonl_records,
     loads_maybe,
     parquet_rows,
+    resolve_image_path,
     skip_record,
     warn_skip,
 )
 
 
-def _obelics_image(value: Any, root: Path, path: Path, row: int, pos: int) -> Image.Image:
+def _obelics_image(
+    value: Any, root: Path, path: Path, row: int, pos: int, allow_outside: bool
+) -> Image.Image:
     if isinstance(value, dict):  # HF `datasets` Image feature: {"bytes": ..., "path": ...}
         if value.get("bytes"):
-            return image_from_bytes(value["bytes"])
+            return image_from_bytes(value["bytes"], f"{path}: row {row}, image {pos}")
         value = value.get("path")
         if not value:
             raise BadImage("missing_image", f"image {pos} has neither bytes nor path")
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return image_from_bytes(value)
+        return image_from_bytes(value, f"{path}: row {row}, image {pos}")
     if isinstance(value, str):
         if re.match(r"^https?://", value, re.IGNORECASE):
             raise DataError(
@@ -41,8 +45,7 @@ def _obelics_image(value: Any, root: Path, path: Path, row: int, pos: int) -> Im
                 "images while training: download them first (e.g. with img2dataset) and store "
                 "the image bytes or local file paths in the `images` column."
             )
-        p = Path(value)
-        return image_from_path(p if p.is_absolute() else root / p)
+        return image_from_path(resolve_image_path(root, value, allow_outside))
     raise BadImage("malformed_record", f"image {pos} has unsupported type {type(value).__name__}")
 
 
@@ -54,6 +57,7 @@ def read_obelics_parquet(
     source: str = "interleaved",
     *,
     drop_bad_images: bool = False,
+    allow_absolute_paths: bool = False,
 ) -> Iterator[Document]:
     """Read an OBELICS-style parquet file: one `Document` per row.
 
@@ -61,7 +65,9 @@ def read_obelics_parquet(
     the position is text), `texts` (list of str; null where the position is an image) — exactly
     one of the two is non-null at each position; optional `metadata` (JSON list) and
     `general_metadata` (JSON object), both parsed into `meta`. Relative paths are resolved against
-    `image_root` (default: the parquet file's directory). An `http(s)://` image raises
+    `image_root` (default: the parquet file's directory); a path that is absolute or climbs out
+    of it with `..` is a bad image (`absolute_path`, `path_outside_root`) unless
+    `allow_absolute_paths`. An `http(s)://` image raises
     `DataError`: download the images first. A document with a missing or corrupt image is skipped
     (or, with `drop_bad_images=True`, kept without that image).
     """
@@ -95,7 +101,7 @@ def read_obelics_parquet(
                     parts.append(txt)
                 continue
             try:
-                parts.append(_obelics_image(img, root, path, index, pos))
+                parts.append(_obelics_image(img, root, path, index, pos, allow_absolute_paths))
             except BadImage as e:
                 if drop_bad_images and e.reason != "malformed_record":
                     stats.dropped_images += 1
@@ -117,7 +123,7 @@ def read_obelics_parquet(
             "__index__": index,
         }
         stats.records += 1
-        stats.images += sum(isinstance(p, Image.Image) for p in parts)
+        count_images(stats, parts)
         yield Document(id=f"{path.name}:{index}", source=source, parts=parts, meta=meta)
 
 
@@ -130,6 +136,7 @@ def read_mmc4_jsonl(
     *,
     image_position: str = "before",
     drop_bad_images: bool = False,
+    allow_absolute_paths: bool = False,
 ) -> Iterator[Document]:
     """Read an MMC4 jsonl file: one `Document` per line.
 
@@ -140,7 +147,9 @@ def read_mmc4_jsonl(
     matched sentence, so the text that follows an image is the text about it); "after" puts it
     after. Several images matched to one sentence keep their `image_info` order. Sentences are
     joined with single spaces. `image_dir` defaults to the jsonl's `images/` subfolder if it
-    exists, else its directory. Images are never downloaded (`raw_url` is ignored).
+    exists, else its directory; an `image_name` that is absolute or climbs out of it is a bad
+    image (`absolute_path`, `path_outside_root`) unless `allow_absolute_paths`. Images are never
+    downloaded (`raw_url` is ignored).
     """
     if image_position not in ("before", "after"):
         raise ValueError(f"image_position must be 'before' or 'after', got {image_position!r}")
@@ -169,7 +178,7 @@ def read_mmc4_jsonl(
                 bad = BadImage("malformed_record", f"bad image_info entry {info!r:.200}")
                 break
             try:
-                img = image_from_path(folder / name)
+                img = image_from_path(resolve_image_path(folder, name, allow_absolute_paths))
             except BadImage as e:
                 if drop_bad_images:
                     stats.dropped_images += 1
@@ -199,5 +208,5 @@ def read_mmc4_jsonl(
         meta = {k: v for k, v in rec.items() if k not in ("text_list",)}
         meta.update({"__shard__": str(path), "__index__": index})
         stats.records += 1
-        stats.images += sum(isinstance(p, Image.Image) for p in parts)
+        count_images(stats, parts)
         yield Document(id=f"{path.name}:{index}", source=source, parts=parts, meta=meta)

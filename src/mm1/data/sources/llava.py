@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections.abc import Iterator
@@ -15,10 +14,13 @@ from mm1.data.sources.base import (
     BadImage,
     DataError,
     ReadStats,
+    count_images,
     default_image_dir,
     image_from_path,
     jsonl_records,
-    open_text,
+    load_json_file,
+    repair_record,
+    resolve_image_path,
     skip_record,
 )
 
@@ -40,8 +42,7 @@ def _llava_records(
         yield from jsonl_records(path, start, stats)
         return
     try:
-        with open_text(path) as f:
-            data = json.load(f)
+        data, invalid_bytes = load_json_file(path)
     except ValueError as e:
         raise DataError(f"{path}: not valid JSON ({e}); LLaVA data is a JSON list") from None
     if not isinstance(data, list):
@@ -49,10 +50,11 @@ def _llava_records(
     for index, rec in enumerate(data):
         if index < start:
             continue
+        where = f"{path}: record {index}"
         if not isinstance(rec, dict):
-            skip_record(stats, "malformed_record", f"{path}: record {index}", "not a JSON object")
+            skip_record(stats, "malformed_record", where, "not a JSON object")
             continue
-        yield index, rec
+        yield index, repair_record(stats, rec, where, invalid_bytes)
 
 
 def _llava_conversation(
@@ -62,6 +64,7 @@ def _llava_conversation(
     image_folder: Path,
     stats: ReadStats,
     source: str,
+    allow_outside: bool = False,
 ) -> Conversation | None:
     where = f"{path}: record {index}"
     turns = rec.get("conversations")
@@ -105,16 +108,15 @@ def _llava_conversation(
         return None
     images = []
     for name in files:
-        p = Path(name)
         try:
-            images.append(image_from_path(p if p.is_absolute() else image_folder / p))
+            images.append(image_from_path(resolve_image_path(image_folder, name, allow_outside)))
         except BadImage as e:
             skip_record(stats, e.reason, where, e.detail)
             return None
     meta = {k: v for k, v in rec.items() if k != "conversations"}
     meta.update({"__shard__": str(path), "__index__": index})
     stats.records += 1
-    stats.images += len(images)
+    count_images(stats, images)
     conv_id = rec.get("id")
     return Conversation(
         id=str(conv_id) if conv_id is not None else f"{path.name}:{index}",
@@ -132,6 +134,7 @@ def read_llava(
     *,
     start: int = 0,
     source: str = "sft",
+    allow_absolute_paths: bool = False,
 ) -> Iterator[Conversation]:
     """Read LLaVA SFT data: a JSON list (.json) or one record per line (.jsonl).
 
@@ -141,13 +144,15 @@ def read_llava(
     tags must equal the number of images — except one image with no tag, where `<image>\\n` is
     prepended to the first user turn as LLaVA does; any other mismatch is a bad record
     (`image_count_mismatch`). `image_folder` defaults to the file's `images/` subfolder if it
-    exists, else its directory. A whole .json file that is not valid JSON raises `DataError`.
+    exists, else its directory. An image path that is absolute or climbs out of the folder
+    with `..` is a bad record (`absolute_path`, `path_outside_root`) unless
+    `allow_absolute_paths`. A whole .json file that is not valid JSON raises `DataError`.
     """
     path = Path(path)
     stats = ReadStats() if stats is None else stats
     folder = Path(image_folder) if image_folder is not None else default_image_dir(path)
     for index, rec in _llava_records(path, stats, start):
-        conv = _llava_conversation(rec, index, path, folder, stats, source)
+        conv = _llava_conversation(rec, index, path, folder, stats, source, allow_absolute_paths)
         if conv is not None:
             yield conv
 
@@ -196,7 +201,10 @@ def llava_yaml_datasets(
     import yaml
 
     yaml_path = Path(yaml_path)
-    data = yaml.safe_load(yaml_path.read_text())
+    try:
+        data = yaml.safe_load(yaml_path.read_text())
+    except yaml.YAMLError as e:
+        raise DataError(f"{yaml_path}: not valid YAML: {' '.join(str(e).split())}") from None
     datasets = data.get("datasets") if isinstance(data, dict) else None
     if not isinstance(datasets, list) or not datasets:
         raise DataError(f"{yaml_path}: expected a `datasets:` list of {{json_path, ...}} entries")
@@ -233,6 +241,7 @@ def read_llava_yaml(
     start: int = 0,
     image_folder: str | Path | None = None,
     source: str = "sft",
+    allow_absolute_paths: bool = False,
 ) -> Iterator[Conversation]:
     """Read every dataset of a LLaVA-NeXT data YAML, applying its `sampling_strategy`.
 
@@ -261,7 +270,13 @@ def read_llava_yaml(
                 continue
             index, rec = records[k]
             conv = _llava_conversation(
-                rec, index, ds["json_path"], ds["image_folder"], stats, source
+                rec,
+                index,
+                ds["json_path"],
+                ds["image_folder"],
+                stats,
+                source,
+                allow_absolute_paths,
             )
             if conv is not None:
                 conv.meta.update(

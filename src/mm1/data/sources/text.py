@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,12 +11,15 @@ from mm1.data.sources.base import (
     BadImage,
     DataError,
     ReadStats,
+    count_images,
     default_image_dir,
     image_from_path,
     is_parquet,
     jsonl_records,
-    open_text,
+    load_json_file,
     parquet_rows,
+    repair_record,
+    resolve_image_path,
     skip_record,
 )
 
@@ -72,8 +74,7 @@ def coco_entries(
     `malformed_annotation`. A file that is not a JSON object with `images` and `annotations`
     lists raises `DataError`."""
     try:
-        with open_text(path) as f:
-            data = json.load(f)
+        data, invalid_bytes = load_json_file(path)
     except ValueError as e:
         raise DataError(f"{path}: not valid JSON ({e}); expected COCO captions JSON") from None
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
@@ -85,7 +86,11 @@ def coco_entries(
             f"{type(images).__name__} and {type(annotations).__name__}"
         )
     captions: dict[int | str, list[str]] = {}
+    # Bad text is repaired (and counted, per annotation and per image entry, when `stats` is
+    # given), so ids, file names and captions are valid Unicode.
+    count = stats if stats is not None else ReadStats()
     for i, ann in enumerate(annotations):
+        ann = repair_record(count, ann, f"{path}: annotation {i}", invalid_bytes)
         image_id = ann.get("image_id") if isinstance(ann, dict) else None
         caption = ann.get("caption") if isinstance(ann, dict) else None
         if not _coco_id(image_id) or not isinstance(caption, str):
@@ -95,12 +100,12 @@ def coco_entries(
                 )
             continue
         captions.setdefault(image_id, []).append(caption)
-    return [
-        (im, captions.get(im["id"], []))
-        if isinstance(im, dict) and _coco_id(im.get("id"))
-        else (None, [])
-        for im in images
-    ]
+    entries: list[tuple[dict[str, Any] | None, list[str]]] = []
+    for i, im in enumerate(images):
+        im = repair_record(count, im, f"{path}: image entry {i}", invalid_bytes)
+        ok = isinstance(im, dict) and _coco_id(im.get("id"))
+        entries.append((im, captions.get(im["id"], [])) if ok else (None, []))
+    return entries
 
 
 def read_coco_captions(
@@ -109,11 +114,14 @@ def read_coco_captions(
     stats: ReadStats | None = None,
     image_root: Path | str | None = None,
     source: str = "captions",
+    allow_absolute_paths: bool = False,
 ) -> Iterator[Document]:
     """Caption pairs from a COCO-captions JSON (COCO, NoCaps, TextCaps layout): one
     `Document([image, caption])` per image with its first caption; the image is `file_name`
     under `image_root` (default: an `images/` folder next to the file, else its folder). Records
-    are the images in file order; an image without a caption is skipped as `missing_caption`."""
+    are the images in file order; an image without a caption is skipped as `missing_caption`, a
+    `file_name` that is absolute or climbs out of the root as `absolute_path` /
+    `path_outside_root` (unless `allow_absolute_paths`)."""
     path = Path(path)
     stats = ReadStats() if stats is None else stats
     root = Path(image_root) if image_root is not None else default_image_dir(path)
@@ -137,12 +145,12 @@ def read_coco_captions(
             skip_record(stats, "missing_caption", where)
             continue
         try:
-            image = image_from_path(root / im["file_name"])
+            image = image_from_path(resolve_image_path(root, im["file_name"], allow_absolute_paths))
         except BadImage as e:
             skip_record(stats, e.reason, where, e.detail)
             continue
         stats.records += 1
-        stats.images += 1
+        count_images(stats, [image])
         meta = {k: v for k, v in im.items()}
         meta.update({"captions": caps, "__shard__": str(path), "__index__": index})
         yield Document(id=str(im["id"]), source=source, parts=[image, caption], meta=meta)

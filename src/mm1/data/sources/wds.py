@@ -14,9 +14,12 @@ from mm1.data.sources.base import (
     IMAGE_ERRORS,
     IMAGE_EXTS,
     ReadStats,
+    count_images,
     decode_image,
+    repair_record,
     skip_record,
 )
+from mm1.data.sources.unicode import decode_utf8
 
 
 def split_key(name: str) -> tuple[str, str]:
@@ -88,7 +91,12 @@ def read_wds_shard(
     try:
         tf = tarfile.open(path, "r:*")  # noqa: SIM115 (closed by the `with` below)
     except (tarfile.TarError, OSError, EOFError) as e:
-        skip_record(stats, "corrupt_tar", str(path), f"unreadable tar: {e}")
+        if isinstance(e, FileNotFoundError):
+            raise
+        size = path.stat().st_size if path.is_file() else -1
+        # tarfile lists every compression it tried, one per line: say what matters instead.
+        why = "0-byte file" if size == 0 else f"not a tar archive ({size} bytes)"
+        skip_record(stats, "corrupt_tar", str(path), f"unreadable tar: {why}")
         return
     with tf:
         for index, (key, members, complete, problem) in enumerate(_iter_tar_groups(tf)):
@@ -119,17 +127,22 @@ def _wds_sample(
 
     try:
         meta: dict[str, Any] = {}
+        invalid = False  # some text member held bytes that are not UTF-8
         if "json" in members:
+            text, invalid = decode_utf8(read(members["json"]))
             try:
-                loaded = json.loads(read(members["json"]))
+                loaded = json.loads(text)
                 meta = loaded if isinstance(loaded, dict) else {}
-            except (ValueError, UnicodeDecodeError):
+            except ValueError:
                 meta = {}
         caption = None
         for ext in CAPTION_EXTS:
             if ext in members:
-                caption = read(members[ext]).decode("utf-8", errors="replace")
+                caption, bad = decode_utf8(read(members[ext]))
+                invalid = invalid or bad
                 break
+        fixed = repair_record(stats, {"meta": meta, "caption": caption}, where, invalid)
+        meta, caption = fixed["meta"], fixed["caption"]
         if caption is None and isinstance(meta.get("caption"), str):
             caption = meta["caption"]
         image_member = next((members[e] for e in IMAGE_EXTS if e in members), None)
@@ -144,11 +157,11 @@ def _wds_sample(
         skip_record(stats, "truncated_tar", where, str(e))
         return None
     try:
-        image = decode_image(data)
+        image = decode_image(data, f"{path}:{image_member.name}")
     except IMAGE_ERRORS as e:
         skip_record(stats, "corrupt_image", where, str(e))
         return None
     meta.update({"__key__": key, "__shard__": str(path), "__index__": index})
     stats.records += 1
-    stats.images += 1
+    count_images(stats, [image])
     return Document(id=key, source=source, parts=[image, caption.strip()], meta=meta)
