@@ -29,8 +29,10 @@ What a checkpoint holds (DCP keys):
 
 ``global`` and ``rank_state.{rank}`` are stored as opaque pickled blobs (``torch.save``): DCP
 would otherwise flatten nested dicts (turning int keys into strings, dropping empty containers)
-and need a template of the same structure at load time. Checkpoints therefore hold pickles:
-load only checkpoints you trust.
+and need a template of the same structure at load time.
+
+Loading never runs code a checkpoint carries: every pickle in it is read with an allow-list (see
+"Safe loading" below), and anything outside it is refused with a `CheckpointError` naming the file.
 
 The per-rank entries are why a checkpoint must be loaded by the world size that wrote it
 (``load_checkpoint`` raises otherwise). All ranks must see the same file system.
@@ -60,6 +62,8 @@ import io
 import json
 import logging
 import os
+import pathlib
+import pickle
 import random
 import re
 import shutil
@@ -75,6 +79,13 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import metadata as _md
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
@@ -86,6 +97,7 @@ import mm1
 __all__ = [
     "CHECKPOINTS_DIR",
     "META_FILE",
+    "CheckpointError",
     "LoadedCheckpoint",
     "capture_rng_state",
     "latest_checkpoint",
@@ -117,6 +129,10 @@ _SD_OPTIONS = StateDictOptions(
     strict=True,
     flatten_optimizer_state_dict=True,
 )
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is refused: tampered with, truncated, or not written by this code."""
 
 
 @dataclass(frozen=True)
@@ -261,10 +277,19 @@ def _pack(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def _unpack(blob: Any, what: str) -> Any:
+def _unpack(blob: Any, what: str, path: Path) -> Any:
     if not isinstance(blob, bytes):
-        raise ValueError(f"checkpoint entry {what!r} is malformed ({type(blob).__name__})")
-    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
+        raise CheckpointError(
+            f"{path}: checkpoint entry {what!r} is malformed ({type(blob).__name__})"
+        )
+    try:
+        with torch.serialization.safe_globals(_rank_state_globals()):
+            return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"{path}: refused checkpoint entry {what!r}: it holds more than plain data "
+            f"({_first_line(err)}); only load run directories from people you trust"
+        ) from None
 
 
 def _optimizers(optimizer: torch.optim.Optimizer | None) -> tuple[torch.optim.Optimizer, ...]:
@@ -339,6 +364,174 @@ def _prune(root: Path, run_dir: Path, keep: int, newest: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Safe loading
+#
+# A checkpoint holds three kinds of pickle: DCP's ``.metadata`` index, the byte items DCP writes
+# for non-tensor values (optimizer hyper-parameters, our two blobs), and our blobs themselves.
+# Plain unpickling of any of them runs whatever code a crafted file names, so each is read with
+# an allow-list. ``.metadata`` is pickled with protocol 4, which torch's weights-only unpickler
+# cannot parse (FRAME, MEMOIZE, STACK_GLOBAL), so it goes through a `pickle.Unpickler` whose
+# `find_class` admits only DCP's metadata classes; the other two are torch.save (protocol 2) and
+# go through ``torch.load(weights_only=True)``.
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _metadata_globals() -> dict[tuple[str, str], Any]:
+    """The classes and functions a DCP ``.metadata`` pickle may name, by (module, name)."""
+    allowed: list[Any] = [
+        _md.Metadata,
+        _md.MetadataIndex,
+        _md.TensorStorageMetadata,
+        _md.BytesStorageMetadata,
+        _md.ChunkStorageMetadata,
+        _md.TensorProperties,
+        _md.StorageMeta,
+        _md._MEM_FORMAT_ENCODING,
+        _StorageInfo,
+        torch.Size,
+        torch.serialization._get_layout,  # how torch.layout values pickle
+    ]
+    out = {(obj.__module__, obj.__qualname__): obj for obj in allowed}
+    # StorageMeta.checkpoint_id is the path the checkpoint was saved to.
+    for cls in (pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath):
+        out[(cls.__module__, cls.__qualname__)] = out[("pathlib", cls.__name__)] = cls
+    for name in dir(torch):  # dtypes pickle as the attribute of `torch` they are
+        if isinstance(getattr(torch, name, None), torch.dtype):
+            out[("torch", name)] = getattr(torch, name)
+    return out
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file: Any) -> None:
+        super().__init__(file)
+        self._allowed = _metadata_globals()
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, not a DCP class") from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("it holds a persistent id")
+
+
+def _rank_state_globals() -> list[Any]:
+    """What our rank-state blob holds besides plain data: numpy's RNG state (an ndarray)."""
+    reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") else None
+    if reconstruct is None:  # numpy 1.x
+        reconstruct = np.core.multiarray._reconstruct
+    return [
+        np.ndarray,
+        np.dtype,
+        type(np.dtype(np.uint32)),
+        reconstruct,
+        # numpy 1.x writes the function under its old module name; numpy 2.x under _core
+        (reconstruct, "numpy.core.multiarray._reconstruct"),
+        (reconstruct, "numpy._core.multiarray._reconstruct"),
+    ]
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file-system reader, except that ``.metadata`` is unpickled with an allow-list of
+    DCP's own classes and may only point at data files inside the checkpoint directory."""
+
+    def __init__(self, path: str | os.PathLike[str], **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        self._metadata: dict[Any, _md.Metadata] = {}
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> _md.Metadata:
+        rank = kwargs.get("rank")
+        if rank not in self._metadata:
+            self._metadata[rank] = self._read_safely(Path(self._get_metadata_path(rank)))
+        metadata = self._metadata[rank]
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = _md.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+    @staticmethod
+    def _read_safely(path: Path) -> _md.Metadata:
+        with open(path, "rb") as f:
+            try:
+                metadata = _MetadataUnpickler(f).load()
+            except Exception as err:
+                raise CheckpointError(
+                    f"{path}: refused to load checkpoint metadata ({_first_line(err)}); "
+                    "it was not written by DCP or was tampered with"
+                ) from None
+        if not isinstance(metadata, _md.Metadata) or not isinstance(metadata.storage_data, dict):
+            raise CheckpointError(f"{path}: not a DCP checkpoint index ({type(metadata).__name__})")
+        for info in metadata.storage_data.values():
+            name = getattr(info, "relative_path", None)
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                raise CheckpointError(f"{path}: refers to data outside the checkpoint ({name!r})")
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner, except that byte items (non-tensor values) are unpickled
+    weights-only, and refused for keys the state being loaded holds as tensors: the metadata
+    decides which keys are read as bytes, so a tampered index could otherwise swap a tensor.
+    `root` (the checkpoint directory) names the data file in errors."""
+
+    def __init__(self, root: str | os.PathLike[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._root = Path(root)
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
+        where = self._where(read_item)
+        if isinstance(self.state_dict.get(fqn), torch.Tensor):
+            raise CheckpointError(
+                f"{where}: {fqn!r} is stored as pickled bytes where a tensor belongs; refused"
+            )
+        try:
+            obj = torch.load(value, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise CheckpointError(
+                f"{where}: refused the entry {fqn!r}: it holds more than plain data "
+                f"({_first_line(err)})"
+            ) from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            self.state_dict[fqn] = obj
+
+    def _where(self, read_item: ReadItem) -> str:
+        """The data file an item comes from (the checkpoint directory when unknown)."""
+        storage = getattr(self.metadata, "storage_data", None) or {}
+        name = getattr(storage.get(read_item.storage_index), "relative_path", None)
+        return str(self._root / name) if name else str(self._root)
+
+
+def _dcp_load(state: dict[str, Any], path: Path, distributed: bool) -> None:
+    """`dcp.load` through the safe reader and planner; a refusal surfaces as its own one-line
+    `CheckpointError` rather than inside DCP's multi-rank traceback dump."""
+    reader = SafeFileSystemReader(path)
+    reader.read_metadata()  # refused here, before DCP (which logs and retries a failed read)
+    try:
+        _dcp_quietly(
+            dcp.load,
+            state,
+            checkpoint_id=path,
+            storage_reader=reader,
+            planner=SafeLoadPlanner(path),
+            no_dist=not distributed,
+        )
+    except CheckpointException as exc:
+        for failure in exc.failures.values():
+            inner = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(inner, CheckpointError):
+                raise CheckpointError(str(inner)) from None
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
 # Save / load
 
 
@@ -356,8 +549,9 @@ def save_checkpoint(
     """Save a complete checkpoint to ``RUN_DIR/checkpoints/step_{step}/`` and return its path.
 
     Call it on every rank (it is collective). ``extra`` is global state (rank 0's copy is
-    saved), ``rank_state`` this rank's own state; both may hold any picklable values. The RNG
-    states of every rank are saved too, and left as they were. ``meta`` (JSON-serialisable, e.g.
+    saved), ``rank_state`` this rank's own state; both hold plain data (containers, numbers,
+    strings, tensors, numpy arrays): loading refuses anything else, since code can hide in a
+    pickle. The RNG states of every rank are saved too, and left as they were. ``meta`` (JSON-serialisable, e.g.
     a config fingerprint) is merged into ``meta.json``. Then only the ``keep`` newest complete
     checkpoints are kept (the new one always is). An existing ``step_{step}`` is replaced.
     """
@@ -487,7 +681,7 @@ def load_checkpoint(
     state: dict[str, Any] = {"model": model_sd, "global": None, "rank_state": {key: None}}
     if optimizer is not None:
         state["optim"] = optim_sd
-    _dcp_quietly(dcp.load, state, checkpoint_id=path, no_dist=not distributed)
+    _dcp_load(state, path, distributed)
     set_state_dict(
         model,
         _optimizers(optimizer),
@@ -496,8 +690,8 @@ def load_checkpoint(
         options=_SD_OPTIONS,
     )
 
-    glob = _unpack(state["global"], "global")
-    mine = _unpack(state["rank_state"][key], f"rank_state.{key}")
+    glob = _unpack(state["global"], "global", path)
+    mine = _unpack(state["rank_state"][key], f"rank_state.{key}", path)
     if mine["rank"] != rank:
         raise ValueError(f"rank {rank} got the state of rank {mine['rank']} from {path}")
     if optimizer is not None and not mine["optimizer_has_state"]:
@@ -521,7 +715,7 @@ def load_model_weights(path: str | os.PathLike[str], model: nn.Module) -> int:
     _, _, distributed = _dist_info()
     model_sd, _ = get_state_dict(model, (), options=_SD_OPTIONS)
     state: dict[str, Any] = {"model": model_sd}
-    _dcp_quietly(dcp.load, state, checkpoint_id=path, no_dist=not distributed)
+    _dcp_load(state, path, distributed)
     set_state_dict(
         model, (), model_state_dict=state["model"], optim_state_dict={}, options=_SD_OPTIONS
     )
