@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Callable
@@ -480,6 +481,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, DataError) as err:
         _print_error("error", err)
         return 2
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        _print_error("error", err)  # a full disk is the user's to fix: no traceback
+        return 1
     except (ValueError, KeyError, TypeError) as err:
         # Mostly input the checks above did not classify (a task file's contents, a prompt):
         # one line for the user; the traceback on request, for a bug report.
