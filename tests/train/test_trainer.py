@@ -510,3 +510,34 @@ def test_tensorboard_hides_the_steps_a_resume_logs_again(tmp_path) -> None:
     events.Reload()
     got = [(e.step, e.value) for e in events.Scalars("loss")]
     assert got == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 105.0), (6, 106.0), (7, 107.0)]
+
+
+def test_a_run_restarted_before_its_first_checkpoint_logs_each_step_once(
+    tmp_path, world, monkeypatch
+) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mm1.config import load_config
+    from mm1.train.trainer import Trainer
+
+    run = tmp_path / "run"
+    cfg = load_config(
+        tiny_config(tmp_path, world, parallel="none", val_every=0, steps=3, tensorboard=True),
+        [f"train.run_dir={run}", "train.save_every=100"],
+    )
+
+    def killed(self) -> None:  # the first attempt dies at its first checkpoint (step 3)
+        raise RuntimeError("killed")
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "save", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            Trainer(cfg).fit()
+    assert sorted(losses(run)) == [1, 2, 3]
+    Trainer(cfg).fit()  # no checkpoint: starts from scratch
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    events = EventAccumulator(str(run / "tensorboard"), purge_orphaned_data=False)
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
