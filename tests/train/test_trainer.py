@@ -255,7 +255,7 @@ def test_config_formats_are_the_readers_formats() -> None:
     assert set(SOURCE_FORMATS) == set(FORMATS) == set(READERS) == set(FORMAT_KINDS)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, world) -> None:
+def test_sigterm_saves_exits_143_and_the_next_run_resumes(tmp_path, world) -> None:
     cfg = tiny_config(tmp_path, world, steps=10_000, save_every=10_000, parallel="none")
     run = tmp_path / "run"
     p = run_cli(["train", str(cfg), f"train.run_dir={run}"])
@@ -264,11 +264,20 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, world) -> None:
         time.sleep(0.05)
     assert losses(run), p.communicate()[0][-3000:]
     p.send_signal(signal.SIGTERM)
-    out = finish(p, timeout=120)
-    assert "saved step" in out
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM == 143, out[-3000:]
+    assert "done:" not in out
     saved = sorted((run / "checkpoints").glob("step_*/meta.json"))
     assert len(saved) == 1
-    assert int(saved[0].parent.name.split("_")[1]) == max(losses(run))
+    step = int(saved[0].parent.name.split("_")[1])
+    assert step == max(losses(run))
+    line = " ".join(out.split())
+    assert f"stopped early by SIGTERM at step {step} of 10000" in line
+    assert f"resume with mm1 train {cfg} train.run_dir={run}" in line
+
+    out = finish(run_cli(["train", str(cfg), f"train.run_dir={run}", f"train.steps={step + 2}"]))
+    assert f"resumed from {run / 'checkpoints' / f'step_{step}'} at step {step}" in out
+    assert f"done: step {step + 2}" in out
 
 
 def test_nonfinite_losses_are_skipped_then_abort_naming_the_step(
