@@ -140,3 +140,16 @@ def test_a_checkpoint_still_round_trips_numpy_and_optimizer_values(tmp_path: Pat
     assert loaded.extra == {"x": (1, 2.5, "s", None)}
     assert opt2.param_groups[0]["betas"] == opt.param_groups[0]["betas"]
     assert torch.equal(model2.lin.weight, model.lin.weight)
+
+
+def test_a_truncated_data_file_or_bad_meta_json_is_one_line(tmp_path: Path) -> None:
+    path = _saved(tmp_path)
+    data = path / "__0_0.distcp"
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    model, opt = _make()
+    with pytest.raises(CheckpointError, match="could not read") as err:
+        load_checkpoint(path, model, opt)
+    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+    (path / "meta.json").write_text("{oops")
+    with pytest.raises(CheckpointError, match="meta.json: not valid JSON"):
+        load_model_weights(path, model)

@@ -239,8 +239,14 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{path} is not a complete checkpoint (no {META_FILE}); "
             "use latest_checkpoint(run_dir) to find one"
         )
-    with open(meta_path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{meta_path}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path}: not a JSON object")
+    return meta
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,10 +293,14 @@ def _unpack(blob: Any, what: str, path: Path) -> Any:
     try:
         with torch.serialization.safe_globals(_rank_state_globals()):
             return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    except Exception as err:
+    except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"{path}: refused checkpoint entry {what!r}: it holds more than plain data "
-            f"({_first_line(err)}); only load run directories from people you trust"
+            f"({_first_line(err)}); it was tampered with or not written by mm1"
+        ) from None
+    except Exception as err:  # truncated or corrupt
+        raise CheckpointError(
+            f"{path}: could not read checkpoint entry {what!r} ({_first_line(err)})"
         ) from None
 
 
@@ -494,10 +504,14 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             )
         try:
             obj = torch.load(value, map_location="cpu", weights_only=True)
-        except Exception as err:
+        except pickle.UnpicklingError as err:
             raise CheckpointError(
                 f"{where}: refused the entry {fqn!r}: it holds more than plain data "
                 f"({_first_line(err)})"
+            ) from None
+        except Exception as err:  # truncated or corrupt
+            raise CheckpointError(
+                f"{where}: could not read the entry {fqn!r} ({_first_line(err)})"
             ) from None
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[fqn], obj)
@@ -526,11 +540,13 @@ def _dcp_load(state: dict[str, Any], path: Path, distributed: bool) -> None:
             no_dist=not distributed,
         )
     except CheckpointException as exc:
-        for failure in exc.failures.values():
-            inner = failure[0] if isinstance(failure, tuple) else failure
-            if isinstance(inner, CheckpointError):
-                raise CheckpointError(str(inner)) from None
-        raise
+        inner = [f[0] if isinstance(f, tuple) else f for f in exc.failures.values()]
+        for e in inner:
+            if isinstance(e, CheckpointError):
+                raise CheckpointError(str(e)) from None
+        # A truncated or corrupt data file: one line, not DCP's per-rank traceback dump.
+        why = _first_line(inner[0]) if inner else "unknown error"
+        raise CheckpointError(f"{path}: could not read the checkpoint ({why})") from exc
 
 
 class DiskFullError(OSError):
