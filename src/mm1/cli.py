@@ -120,14 +120,18 @@ def _print_stopped(args: argparse.Namespace, cfg: Config, result: dict) -> None:
     import signal
 
     name = signal.Signals(result["stopped_by"]).name
-    command = shlex.join(
-        ["mm1", "train", args.config, *args.overrides, *(["--force"] if args.force else [])]
-    )
-    world = os.environ.get("WORLD_SIZE", "1")
-    how = f"under torchrun with {world} processes: " if world != "1" else ""
+    train = ["train", args.config, *args.overrides, *(["--force"] if args.force else [])]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if world == 1:
+        command = shlex.join(["mm1", *train])
+    else:  # the same world size: per-rank state is not remapped
+        launch = ["torchrun", f"--nproc_per_node={local}", "-m", "mm1.cli"]
+        nodes = f" on each of {world // local} nodes" if world != local else ""
+        command = shlex.join([*launch, *train]) + nodes
     console.print(
         f"stopped early by {name} at step {result['step']} of {cfg.train.steps} (checkpoint "
-        f"saved in {cfg.train.run_dir}); resume with {how}{command}",
+        f"saved in {cfg.train.run_dir}); resume with {command}",
         soft_wrap=True,
     )
 
