@@ -315,3 +315,30 @@ def test_user_mistakes_are_one_line_errors(run, tmp_path, capsys, monkeypatch) -
     monkeypatch.setenv("MM1_TRACEBACK", "1")
     with pytest.raises(ValueError, match="boom"):
         cli.main(["info", "x.yaml"])
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_tampered_run_directory_is_refused_without_running_code(run, tmp_path, capsys) -> None:
+    import pickle
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    index = copy / "checkpoints" / "step_3" / ".metadata"
+    marker = tmp_path / "pwned"
+    index.write_bytes(pickle.dumps(_Payload(marker)))
+    for args in (
+        ["convert", str(copy), "--export", str(tmp_path / "out")],
+        ["generate", str(copy), "--prompt", "a"],
+    ):
+        assert cli.main(args) == 1
+        out = capsys.readouterr().out
+        assert "Traceback" not in out and not marker.exists()
+        assert out.splitlines()[0].startswith(f"error: {index}: refused to load")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Callable
@@ -91,13 +92,19 @@ def _built_model_config(cfg: Config) -> tuple[ModelConfig, str]:
     return resolve_config(cfg.model, tok.vocab_size, tok.image_id), f"the tokenizer of {where}"
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def cmd_train(args: argparse.Namespace) -> int | None:
     from mm1.train.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
     result = Trainer(cfg, force=args.force).fit()
+    if result["stopped_by"]:
+        # Not a success: a job script must see that training did not finish (128 + signal, as
+        # the shell reports a process killed by it; every rank exits so under torchrun).
+        if os.environ.get("RANK", "0") == "0":
+            _print_stopped(args, cfg, result)
+        return 128 + result["stopped_by"]
     if os.environ.get("RANK", "0") != "0":  # under torchrun, one summary line
-        return
+        return None
     if result["steps_run"] == 0:
         console.print(
             f"{cfg.train.run_dir} is already at step {result['step']} (train.steps): nothing to "
@@ -105,6 +112,28 @@ def cmd_train(args: argparse.Namespace) -> None:
         )
         return
     console.print(f"done: step {result['step']}, loss {result['loss']:.4f} -> {cfg.train.run_dir}")
+    return None
+
+
+def _print_stopped(args: argparse.Namespace, cfg: Config, result: dict) -> None:
+    import shlex
+    import signal
+
+    name = signal.Signals(result["stopped_by"]).name
+    train = ["train", args.config, *args.overrides, *(["--force"] if args.force else [])]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if world == 1:
+        command = shlex.join(["mm1", *train])
+    else:  # the same world size: per-rank state is not remapped
+        launch = ["torchrun", f"--nproc_per_node={local}", "-m", "mm1.cli"]
+        nodes = f" on each of {world // local} nodes" if world != local else ""
+        command = shlex.join([*launch, *train]) + nodes
+    console.print(
+        f"stopped early by {name} at step {result['step']} of {cfg.train.steps} (checkpoint "
+        f"saved in {cfg.train.run_dir}); resume with {command}",
+        soft_wrap=True,
+    )
 
 
 def cmd_data_synth(args: argparse.Namespace) -> None:
@@ -383,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(
         name: str,
-        fn: Callable[[argparse.Namespace], None],
+        fn: Callable[[argparse.Namespace], int | None],
         help: str,
         on: argparse._SubParsersAction = sub,
     ) -> argparse.ArgumentParser:
@@ -474,13 +503,18 @@ def main(argv: list[str] | None = None) -> int:
     from mm1.data.sources import DataError
 
     try:
-        args.fn(args)
+        code = args.fn(args)
     except ConfigError as err:
         _print_error("config error", err)
         return 2
     except (FileNotFoundError, DataError) as err:
         _print_error("error", err)
         return 2
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        _print_error("error", err)  # a full disk is the user's to fix: no traceback
+        return 1
     except (ValueError, KeyError, TypeError) as err:
         # Mostly input the checks above did not classify (a task file's contents, a prompt):
         # one line for the user; the traceback on request, for a bug report.
@@ -489,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         _print_error("error", err.args[0] if isinstance(err, KeyError) and err.args else err)
         console.print("(MM1_TRACEBACK=1 shows the traceback)", style="dim")
         return 1
-    return 0
+    return code or 0
 
 
 def _print_error(label: str, err: object) -> None:

@@ -183,6 +183,11 @@ def test_crashed_saves_never_count_and_are_cleaned_up(
     monkeypatch.setattr(ckpt.dcp, "save", save_then_die)
     with pytest.raises(RuntimeError, match="simulated crash"):
         save_checkpoint(tmp_path, 2, model, opt, keep=2)
+    assert not (root / ".tmp_step_2").exists()  # a failed save removes its partial directory
+    # A killed process cannot clean up: its shards stay behind (here, the cleanup is skipped).
+    monkeypatch.setattr(ckpt, "_remove", lambda path: None)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        save_checkpoint(tmp_path, 2, model, opt, keep=2)
     monkeypatch.undo()
     assert any((root / ".tmp_step_2").iterdir())
     assert latest_checkpoint(tmp_path) == good
@@ -192,6 +197,7 @@ def test_crashed_saves_never_count_and_are_cleaned_up(
         raise OSError("simulated crash before rename")
 
     monkeypatch.setattr(ckpt, "_atomic_rename", no_rename)
+    monkeypatch.setattr(ckpt, "_remove", lambda path: None)  # killed: no cleanup
     with pytest.raises(OSError, match="simulated crash"):
         save_checkpoint(tmp_path, 3, model, opt, keep=2)
     monkeypatch.undo()

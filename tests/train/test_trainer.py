@@ -255,7 +255,7 @@ def test_config_formats_are_the_readers_formats() -> None:
     assert set(SOURCE_FORMATS) == set(FORMATS) == set(READERS) == set(FORMAT_KINDS)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, world) -> None:
+def test_sigterm_saves_exits_143_and_the_next_run_resumes(tmp_path, world) -> None:
     cfg = tiny_config(tmp_path, world, steps=10_000, save_every=10_000, parallel="none")
     run = tmp_path / "run"
     p = run_cli(["train", str(cfg), f"train.run_dir={run}"])
@@ -264,11 +264,20 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, world) -> None:
         time.sleep(0.05)
     assert losses(run), p.communicate()[0][-3000:]
     p.send_signal(signal.SIGTERM)
-    out = finish(p, timeout=120)
-    assert "saved step" in out
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM == 143, out[-3000:]
+    assert "done:" not in out
     saved = sorted((run / "checkpoints").glob("step_*/meta.json"))
     assert len(saved) == 1
-    assert int(saved[0].parent.name.split("_")[1]) == max(losses(run))
+    step = int(saved[0].parent.name.split("_")[1])
+    assert step == max(losses(run))
+    line = " ".join(out.split())
+    assert f"stopped early by SIGTERM at step {step} of 10000" in line
+    assert f"resume with mm1 train {cfg} train.run_dir={run}" in line
+
+    out = finish(run_cli(["train", str(cfg), f"train.run_dir={run}", f"train.steps={step + 2}"]))
+    assert f"resumed from {run / 'checkpoints' / f'step_{step}'} at step {step}" in out
+    assert f"done: step {step + 2}" in out
 
 
 def test_nonfinite_losses_are_skipped_then_abort_naming_the_step(
@@ -510,3 +519,34 @@ def test_tensorboard_hides_the_steps_a_resume_logs_again(tmp_path) -> None:
     events.Reload()
     got = [(e.step, e.value) for e in events.Scalars("loss")]
     assert got == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 105.0), (6, 106.0), (7, 107.0)]
+
+
+def test_a_run_restarted_before_its_first_checkpoint_logs_each_step_once(
+    tmp_path, world, monkeypatch
+) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mm1.config import load_config
+    from mm1.train.trainer import Trainer
+
+    run = tmp_path / "run"
+    cfg = load_config(
+        tiny_config(tmp_path, world, parallel="none", val_every=0, steps=3, tensorboard=True),
+        [f"train.run_dir={run}", "train.save_every=100"],
+    )
+
+    def killed(self) -> None:  # the first attempt dies at its first checkpoint (step 3)
+        raise RuntimeError("killed")
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "save", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            Trainer(cfg).fit()
+    assert sorted(losses(run)) == [1, 2, 3]
+    Trainer(cfg).fit()  # no checkpoint: starts from scratch
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    events = EventAccumulator(str(run / "tensorboard"), purge_orphaned_data=False)
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]

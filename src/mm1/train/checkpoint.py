@@ -29,8 +29,10 @@ What a checkpoint holds (DCP keys):
 
 ``global`` and ``rank_state.{rank}`` are stored as opaque pickled blobs (``torch.save``): DCP
 would otherwise flatten nested dicts (turning int keys into strings, dropping empty containers)
-and need a template of the same structure at load time. Checkpoints therefore hold pickles:
-load only checkpoints you trust.
+and need a template of the same structure at load time.
+
+Loading never runs code a checkpoint carries: every pickle in it is read with an allow-list (see
+"Safe loading" below), and anything outside it is refused with a `CheckpointError` naming the file.
 
 The per-rank entries are why a checkpoint must be loaded by the world size that wrote it
 (``load_checkpoint`` raises otherwise). All ranks must see the same file system.
@@ -56,10 +58,13 @@ the optimizer; under NCCL after ``torch.cuda.set_device``)::
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import io
 import json
 import logging
 import os
+import pathlib
+import pickle
 import random
 import re
 import shutil
@@ -75,6 +80,13 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import metadata as _md
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
@@ -86,6 +98,8 @@ import mm1
 __all__ = [
     "CHECKPOINTS_DIR",
     "META_FILE",
+    "CheckpointError",
+    "DiskFullError",
     "LoadedCheckpoint",
     "capture_rng_state",
     "latest_checkpoint",
@@ -117,6 +131,10 @@ _SD_OPTIONS = StateDictOptions(
     strict=True,
     flatten_optimizer_state_dict=True,
 )
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is refused: tampered with, truncated, or not written by this code."""
 
 
 @dataclass(frozen=True)
@@ -221,8 +239,14 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{path} is not a complete checkpoint (no {META_FILE}); "
             "use latest_checkpoint(run_dir) to find one"
         )
-    with open(meta_path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{meta_path}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path}: not a JSON object")
+    return meta
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,10 +285,23 @@ def _pack(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def _unpack(blob: Any, what: str) -> Any:
+def _unpack(blob: Any, what: str, path: Path) -> Any:
     if not isinstance(blob, bytes):
-        raise ValueError(f"checkpoint entry {what!r} is malformed ({type(blob).__name__})")
-    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
+        raise CheckpointError(
+            f"{path}: checkpoint entry {what!r} is malformed ({type(blob).__name__})"
+        )
+    try:
+        with torch.serialization.safe_globals(_rank_state_globals()):
+            return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path}: refused checkpoint entry {what!r}: it holds more than plain data "
+            f"({_first_line(err)}); it was tampered with or not written by mm1"
+        ) from None
+    except Exception as err:  # truncated or corrupt
+        raise CheckpointError(
+            f"{path}: could not read checkpoint entry {what!r} ({_first_line(err)})"
+        ) from None
 
 
 def _optimizers(optimizer: torch.optim.Optimizer | None) -> tuple[torch.optim.Optimizer, ...]:
@@ -339,6 +376,260 @@ def _prune(root: Path, run_dir: Path, keep: int, newest: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Safe loading
+#
+# A checkpoint holds three kinds of pickle: DCP's ``.metadata`` index, the byte items DCP writes
+# for non-tensor values (optimizer hyper-parameters, our two blobs), and our blobs themselves.
+# Plain unpickling of any of them runs whatever code a crafted file names, so each is read with
+# an allow-list. ``.metadata`` is pickled with protocol 4, which torch's weights-only unpickler
+# cannot parse (FRAME, MEMOIZE, STACK_GLOBAL), so it goes through a `pickle.Unpickler` whose
+# `find_class` admits only DCP's metadata classes; the other two are torch.save (protocol 2) and
+# go through ``torch.load(weights_only=True)``.
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _metadata_globals() -> dict[tuple[str, str], Any]:
+    """The classes and functions a DCP ``.metadata`` pickle may name, by (module, name)."""
+    allowed: list[Any] = [
+        _md.Metadata,
+        _md.MetadataIndex,
+        _md.TensorStorageMetadata,
+        _md.BytesStorageMetadata,
+        _md.ChunkStorageMetadata,
+        _md.TensorProperties,
+        _md.StorageMeta,
+        _md._MEM_FORMAT_ENCODING,
+        _StorageInfo,
+        torch.Size,
+        torch.serialization._get_layout,  # how torch.layout values pickle
+    ]
+    out = {(obj.__module__, obj.__qualname__): obj for obj in allowed}
+    # StorageMeta.checkpoint_id is the path the checkpoint was saved to.
+    for cls in (pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath):
+        out[(cls.__module__, cls.__qualname__)] = out[("pathlib", cls.__name__)] = cls
+    for name in dir(torch):  # dtypes pickle as the attribute of `torch` they are
+        if isinstance(getattr(torch, name, None), torch.dtype):
+            out[("torch", name)] = getattr(torch, name)
+    return out
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file: Any) -> None:
+        super().__init__(file)
+        self._allowed = _metadata_globals()
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, not a DCP class") from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("it holds a persistent id")
+
+
+def _rank_state_globals() -> list[Any]:
+    """What our rank-state blob holds besides plain data: numpy's RNG state (an ndarray)."""
+    reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") else None
+    if reconstruct is None:  # numpy 1.x
+        reconstruct = np.core.multiarray._reconstruct
+    return [
+        np.ndarray,
+        np.dtype,
+        type(np.dtype(np.uint32)),
+        reconstruct,
+        # numpy 1.x writes the function under its old module name; numpy 2.x under _core
+        (reconstruct, "numpy.core.multiarray._reconstruct"),
+        (reconstruct, "numpy._core.multiarray._reconstruct"),
+    ]
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file-system reader, except that ``.metadata`` is unpickled with an allow-list of
+    DCP's own classes and may only point at data files inside the checkpoint directory."""
+
+    def __init__(self, path: str | os.PathLike[str], **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        self._metadata: dict[Any, _md.Metadata] = {}
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> _md.Metadata:
+        rank = kwargs.get("rank")
+        if rank not in self._metadata:
+            self._metadata[rank] = self._read_safely(Path(self._get_metadata_path(rank)))
+        metadata = self._metadata[rank]
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = _md.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+    @staticmethod
+    def _read_safely(path: Path) -> _md.Metadata:
+        with open(path, "rb") as f:
+            try:
+                metadata = _MetadataUnpickler(f).load()
+            except Exception as err:
+                raise CheckpointError(
+                    f"{path}: refused to load checkpoint metadata ({_first_line(err)}); "
+                    "it was not written by DCP or was tampered with"
+                ) from None
+        if not isinstance(metadata, _md.Metadata) or not isinstance(metadata.storage_data, dict):
+            raise CheckpointError(f"{path}: not a DCP checkpoint index ({type(metadata).__name__})")
+        for info in metadata.storage_data.values():
+            name = getattr(info, "relative_path", None)
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                raise CheckpointError(f"{path}: refers to data outside the checkpoint ({name!r})")
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner, except that byte items (non-tensor values) are unpickled
+    weights-only, and refused for keys the state being loaded holds as tensors: the metadata
+    decides which keys are read as bytes, so a tampered index could otherwise swap a tensor.
+    `root` (the checkpoint directory) names the data file in errors."""
+
+    def __init__(self, root: str | os.PathLike[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._root = Path(root)
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
+        where = self._where(read_item)
+        if isinstance(self.state_dict.get(fqn), torch.Tensor):
+            raise CheckpointError(
+                f"{where}: {fqn!r} is stored as pickled bytes where a tensor belongs; refused"
+            )
+        try:
+            obj = torch.load(value, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(
+                f"{where}: refused the entry {fqn!r}: it holds more than plain data "
+                f"({_first_line(err)})"
+            ) from None
+        except Exception as err:  # truncated or corrupt
+            raise CheckpointError(
+                f"{where}: could not read the entry {fqn!r} ({_first_line(err)})"
+            ) from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            self.state_dict[fqn] = obj
+
+    def _where(self, read_item: ReadItem) -> str:
+        """The data file an item comes from (the checkpoint directory when unknown)."""
+        storage = getattr(self.metadata, "storage_data", None) or {}
+        name = getattr(storage.get(read_item.storage_index), "relative_path", None)
+        return str(self._root / name) if name else str(self._root)
+
+
+def _dcp_load(state: dict[str, Any], path: Path, distributed: bool) -> None:
+    """`dcp.load` through the safe reader and planner; a refusal surfaces as its own one-line
+    `CheckpointError` rather than inside DCP's multi-rank traceback dump."""
+    reader = SafeFileSystemReader(path)
+    reader.read_metadata()  # refused here, before DCP (which logs and retries a failed read)
+    try:
+        _dcp_quietly(
+            dcp.load,
+            state,
+            checkpoint_id=path,
+            storage_reader=reader,
+            planner=SafeLoadPlanner(path),
+            no_dist=not distributed,
+        )
+    except CheckpointException as exc:
+        inner = [f[0] if isinstance(f, tuple) else f for f in exc.failures.values()]
+        for e in inner:
+            if isinstance(e, CheckpointError):
+                raise CheckpointError(str(e)) from None
+        # A truncated or corrupt data file: one line, not DCP's per-rank traceback dump.
+        why = _first_line(inner[0]) if inner else "unknown error"
+        raise CheckpointError(f"{path}: could not read the checkpoint ({why})") from exc
+
+
+class DiskFullError(OSError):
+    """A save that ran out of disk space (its partial directory already removed)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)  # the sentence alone, without "[Errno 28]"
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+_ITEM_OVERHEAD = 1600  # bytes DCP adds per stored value (a zip archive each, and its index entry)
+
+
+def _size_estimate(state: Mapping[str, Any], world: int) -> int:
+    """Bytes the whole checkpoint will take, from this rank's state: sharded tensors (DTensor)
+    count once per rank, everything else once (DCP writes replicated values from one rank)."""
+    total = 0
+
+    def walk(node: Any) -> None:
+        nonlocal total
+        if isinstance(node, Mapping):
+            for v in node.values():
+                walk(v)
+            return
+        copies = world if hasattr(node, "to_local") else 1
+        size = 0
+        if isinstance(node, torch.Tensor):
+            local = node.to_local() if copies > 1 else node
+            size = local.numel() * local.element_size()
+        elif isinstance(node, bytes):
+            size = len(node)
+        total += copies * (size + _ITEM_OVERHEAD)
+
+    walk(state)
+    return total
+
+
+def _is_disk_full(exc: BaseException, where: Path, needed: int) -> bool:
+    """An ENOSPC anywhere in the exception (DCP wraps each rank's), or a disk that cannot hold
+    the checkpoint: torch's zip writer turns a failed write into 'unexpected pos', losing the
+    errno."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            return True
+        if isinstance(e, CheckpointException):
+            todo += [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
+        todo += [e.__cause__, e.__context__]
+    try:
+        return shutil.disk_usage(where).free < needed
+    except OSError:
+        return False
+
+
+def _failed_save(
+    exc: BaseException, step: int, final: Path, tmp: Path, needed: int, rank: int
+) -> BaseException:
+    """Clean up after a failed save and return the error to raise: rank 0 removes the partial
+    directory (so it does not hold on to the space); the complete checkpoints stay."""
+    full = _is_disk_full(exc, tmp.parent if tmp.parent.exists() else final.parent, needed)
+    if rank == 0:
+        _remove(tmp)
+    if not full:
+        return exc
+    kept = [p.name for p in list_checkpoints(final.parent.parent)]
+    after = (
+        f"kept {', '.join(kept)}; free space and rerun to resume" if kept else "no checkpoint yet"
+    )
+    return DiskFullError(
+        errno.ENOSPC,
+        f"no space left on device while saving step {step} to {final} (needs about "
+        f"{max(needed / 2**20, 0.1):.1f} MB); removed the partial {tmp.name}, {after}",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # Save / load
 
 
@@ -356,8 +647,9 @@ def save_checkpoint(
     """Save a complete checkpoint to ``RUN_DIR/checkpoints/step_{step}/`` and return its path.
 
     Call it on every rank (it is collective). ``extra`` is global state (rank 0's copy is
-    saved), ``rank_state`` this rank's own state; both may hold any picklable values. The RNG
-    states of every rank are saved too, and left as they were. ``meta`` (JSON-serialisable, e.g.
+    saved), ``rank_state`` this rank's own state; both hold plain data (containers, numbers,
+    strings, tensors, numpy arrays): loading refuses anything else, since code can hide in a
+    pickle. The RNG states of every rank are saved too, and left as they were. ``meta`` (JSON-serialisable, e.g.
     a config fingerprint) is merged into ``meta.json``. Then only the ``keep`` newest complete
     checkpoints are kept (the new one always is). An existing ``step_{step}`` is replaced.
     """
@@ -413,7 +705,11 @@ def save_checkpoint(
     _all_ok(error, f"save to {tmp} (preparing)")
 
     # 2. Every rank writes its shards (DCP propagates a failure on one rank to all).
-    _dcp_quietly(dcp.save, state, checkpoint_id=tmp, no_dist=not distributed)
+    needed = _size_estimate(state, world)
+    try:
+        _dcp_quietly(dcp.save, state, checkpoint_id=tmp, no_dist=not distributed)
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        raise _failed_save(e, step, final, tmp, needed, rank) from None
     del state
     _barrier()
 
@@ -444,7 +740,7 @@ def save_checkpoint(
             if replaced is not None:
                 _remove(replaced)
         except Exception as e:
-            error = e
+            error = _failed_save(e, step, final, tmp, needed, rank)
         else:
             try:
                 _prune(root, run_dir, keep, final)
@@ -487,7 +783,7 @@ def load_checkpoint(
     state: dict[str, Any] = {"model": model_sd, "global": None, "rank_state": {key: None}}
     if optimizer is not None:
         state["optim"] = optim_sd
-    _dcp_quietly(dcp.load, state, checkpoint_id=path, no_dist=not distributed)
+    _dcp_load(state, path, distributed)
     set_state_dict(
         model,
         _optimizers(optimizer),
@@ -496,8 +792,8 @@ def load_checkpoint(
         options=_SD_OPTIONS,
     )
 
-    glob = _unpack(state["global"], "global")
-    mine = _unpack(state["rank_state"][key], f"rank_state.{key}")
+    glob = _unpack(state["global"], "global", path)
+    mine = _unpack(state["rank_state"][key], f"rank_state.{key}", path)
     if mine["rank"] != rank:
         raise ValueError(f"rank {rank} got the state of rank {mine['rank']} from {path}")
     if optimizer is not None and not mine["optimizer_has_state"]:
@@ -521,7 +817,7 @@ def load_model_weights(path: str | os.PathLike[str], model: nn.Module) -> int:
     _, _, distributed = _dist_info()
     model_sd, _ = get_state_dict(model, (), options=_SD_OPTIONS)
     state: dict[str, Any] = {"model": model_sd}
-    _dcp_quietly(dcp.load, state, checkpoint_id=path, no_dist=not distributed)
+    _dcp_load(state, path, distributed)
     set_state_dict(
         model, (), model_state_dict=state["model"], optim_state_dict={}, options=_SD_OPTIONS
     )

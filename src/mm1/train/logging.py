@@ -24,7 +24,11 @@ def _finite(v: Any) -> Any:
 
 
 class MetricsLogger:
-    """Writes one JSON object per logged step (only on rank 0); mirrors scalars elsewhere."""
+    """Writes one JSON object per logged step (only on rank 0); mirrors scalars elsewhere.
+
+    `start_step` is the step the run continues from. 0 is a run from scratch: ``metrics.jsonl``
+    is truncated and earlier TensorBoard event files are removed, so an attempt that crashed
+    before its first checkpoint leaves no duplicate steps behind."""
 
     def __init__(
         self,
@@ -46,7 +50,11 @@ class MetricsLogger:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+        fresh = not start_step
+        if fresh:  # a run from scratch (e.g. after a crash before any checkpoint): no old records
+            _remove_tensorboard_events(self.run_dir / "tensorboard")
+        mode = "w" if fresh else "a"
+        self._jsonl = open(self.run_dir / "metrics.jsonl", mode, buffering=1)  # noqa: SIM115
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -106,6 +114,12 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _remove_tensorboard_events(directory: Path) -> None:
+    if directory.is_dir():
+        for path in directory.glob("events.out.tfevents.*"):
+            path.unlink(missing_ok=True)
 
 
 def _start_wandb(mode: str, run_dir: Path, config: dict[str, Any] | None):

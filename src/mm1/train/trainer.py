@@ -225,7 +225,8 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train to `train.steps`; returns the final step, the last step's loss (nan when no
-        step ran: the run was already complete) and the steps this call ran."""
+        step ran: the run was already complete), the steps this call ran, and `stopped_by`:
+        the signal number that stopped it early (after saving), else None."""
         self.setup()
         cfg, d = self.cfg.train, self.d
         start = self.step
@@ -243,6 +244,7 @@ class Trainer:
         data_iter = iter(self.loader)
         window = {"t": time.perf_counter(), "wait": 0.0, "tokens": 0, "images": 0}
         last: StepResult | None = None
+        stopped_by: int | None = None
         try:
             while self.step < cfg.steps:
                 t0 = time.perf_counter()
@@ -273,6 +275,7 @@ class Trainer:
                     self.save()
                 if stop:
                     logger.print(f"signal received: saved step {self.step} and stopped")
+                    stopped_by = self._stop_signal or signal.SIGTERM  # another rank's signal
                     break
         except torch.OutOfMemoryError as err:
             raise RuntimeError(
@@ -287,6 +290,8 @@ class Trainer:
             "step": self.step,
             "loss": last.loss if last else math.nan,
             "steps_run": self.step - start,
+            # A signal at the last step stopped nothing: the run is complete.
+            "stopped_by": int(stopped_by) if stopped_by and self.step < cfg.steps else None,
         }
 
     def train_step(self, micro: list[Batch]) -> StepResult:

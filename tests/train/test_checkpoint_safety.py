@@ -1,0 +1,155 @@
+"""Loading a run directory never runs code it carries: a crafted `.metadata`, a crafted DCP byte
+item and crafted rank state are each refused with one line naming the file."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+import mm1.train.checkpoint as ckpt
+from mm1.train.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_model_weights,
+    save_checkpoint,
+)
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+
+class Payload:
+    """Unpickling this creates `marker` (what an attacker's code would do instead)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _make() -> tuple[Tiny, torch.optim.AdamW]:
+    model = Tiny()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.lin.weight.sum().backward()
+    opt.step()
+    return model, opt
+
+
+def _saved(tmp_path: Path, **kw) -> Path:
+    model, opt = _make()
+    return save_checkpoint(tmp_path / "run", 1, model, opt, **kw)
+
+
+def _loads(path: Path) -> list:
+    model, opt = _make()
+    return [lambda: load_checkpoint(path, model, opt), lambda: load_model_weights(path, model)]
+
+
+def test_a_crafted_metadata_pickle_is_refused_without_running(tmp_path: Path) -> None:
+    path = _saved(tmp_path)
+    marker = tmp_path / "pwned"
+    (path / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    for load in _loads(path):  # resume / eval, convert, generate
+        with pytest.raises(CheckpointError) as err:
+            load()
+        assert str(path / ".metadata") in str(err.value)
+        assert "\n" not in str(err.value)
+        assert not marker.exists()
+    pickle.loads((path / ".metadata").read_bytes())  # the control: plain pickle runs it
+    assert marker.exists()
+
+
+def test_a_crafted_rank_state_is_refused_without_running(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = _saved(tmp_path, rank_state={"loader": Payload(marker)})
+    model, opt = _make()
+    with pytest.raises(CheckpointError, match="rank_state.0") as err:
+        load_checkpoint(path, model, opt)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    assert not marker.exists()
+    load_model_weights(path, model)  # the model alone never reads the rank state
+
+
+def test_a_crafted_dcp_byte_item_is_refused_without_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # DCP pickles every non-tensor value as a byte item and its planner unpickles it with
+    # weights_only=False: write the payload itself as the `global` item.
+    marker = tmp_path / "pwned"
+    real_pack = ckpt._pack
+    monkeypatch.setattr(
+        ckpt, "_pack", lambda obj: Payload(marker) if "step" in obj else real_pack(obj)
+    )
+    path = _saved(tmp_path)
+    monkeypatch.undo()
+    model, opt = _make()
+    with pytest.raises(CheckpointError, match="'global'") as err:
+        load_checkpoint(path, model, opt)
+    assert str(path / "__0_0.distcp") in str(err.value) and "\n" not in str(err.value)
+    assert not marker.exists()
+
+
+def _tamper_index(path: Path, edit) -> None:
+    # Test side only: the index we wrote ourselves, read the way DCP writes it.
+    metadata = pickle.loads((path / ".metadata").read_bytes())
+    edit(metadata)
+    (path / ".metadata").write_bytes(pickle.dumps(metadata))
+
+
+def test_an_index_that_turns_a_tensor_into_bytes_is_refused(tmp_path: Path) -> None:
+    path = _saved(tmp_path)
+
+    def weight_as_bytes(md) -> None:
+        blob = md.storage_data[MetadataIndex("global")]
+        md.state_dict_metadata["model.lin.weight"] = BytesStorageMetadata()
+        md.storage_data[MetadataIndex("model.lin.weight")] = blob
+
+    _tamper_index(path, weight_as_bytes)
+    model, _ = _make()
+    with pytest.raises(CheckpointError, match="'model.lin.weight' is stored as pickled bytes"):
+        load_model_weights(path, model)
+
+
+def test_an_index_pointing_outside_the_checkpoint_is_refused(tmp_path: Path) -> None:
+    path = _saved(tmp_path)
+
+    def escape(md) -> None:
+        for info in md.storage_data.values():
+            info.relative_path = "../../../etc/passwd"
+
+    _tamper_index(path, escape)
+    model, _ = _make()
+    with pytest.raises(CheckpointError, match="outside the checkpoint"):
+        load_model_weights(path, model)
+
+
+def test_a_checkpoint_still_round_trips_numpy_and_optimizer_values(tmp_path: Path) -> None:
+    model, opt = _make()
+    path = save_checkpoint(tmp_path, 2, model, opt, extra={"x": (1, 2.5, "s", None)})
+    model2, opt2 = _make()
+    loaded = load_checkpoint(path, model2, opt2)  # numpy's RNG state is an ndarray
+    assert loaded.extra == {"x": (1, 2.5, "s", None)}
+    assert opt2.param_groups[0]["betas"] == opt.param_groups[0]["betas"]
+    assert torch.equal(model2.lin.weight, model.lin.weight)
+
+
+def test_a_truncated_data_file_or_bad_meta_json_is_one_line(tmp_path: Path) -> None:
+    path = _saved(tmp_path)
+    data = path / "__0_0.distcp"
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    model, opt = _make()
+    with pytest.raises(CheckpointError, match="could not read") as err:
+        load_checkpoint(path, model, opt)
+    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+    (path / "meta.json").write_text("{oops")
+    with pytest.raises(CheckpointError, match="meta.json: not valid JSON"):
+        load_model_weights(path, model)
