@@ -72,6 +72,7 @@ def test_committed_layouts_rebuild_the_tokenized_documents(bench, tmp_path) -> N
     have the lengths, image spans and targets that tokenizing at that count gives."""
     from benchmarks import doc_lengths
     from benchmarks.train_step import document_stream
+
     from mm1.data.tokenizer import Tokenizer
 
     path = doc_lengths.write(40, tmp_path / "layouts.json")
