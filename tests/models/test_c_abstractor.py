@@ -73,7 +73,7 @@ class RefBottleneck(nn.Module):
         super().__init__()
         self.conv1 = RefConvNormAct(cin, cout, 1)
         self.conv2 = RefConvNormAct(cout, cout, 3, groups=cout)
-        self.se = RefSE(cout, int(round(cin * 0.25)))
+        self.se = RefSE(cout, round(cin * 0.25))
         self.conv3 = RefConvNormAct(cout, cout, 1, apply_act=False)
         self.downsample = nn.Identity() if cin == cout else RefConvNormAct(cin, cout, 1, 1, False)
 
