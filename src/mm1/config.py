@@ -8,6 +8,7 @@ cannot express, each naming its key. This module imports nothing of mm1.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -396,9 +397,19 @@ def validate(cfg: Config) -> None:
         )
     if not 0 <= t.optim.min_lr_ratio <= 1:
         raise ConfigError(f"train.optim.min_lr_ratio={t.optim.min_lr_ratio} must be in [0, 1]")
-    for i, s in enumerate(cfg.eval.shots):
+    validate_eval(cfg.eval)
+
+
+def validate_eval(e: EvalConfig) -> None:
+    if not e.shots:
+        raise ConfigError("eval.shots is empty: give shot counts like [0, 4, 8]")
+    for i, s in enumerate(e.shots):
         if s < 0:
             raise ConfigError(f"eval.shots[{i}]={s} must be >= 0")
+    for k in ("seeds", "max_new_tokens", "num_beams", "batch_size"):
+        _positive(f"eval.{k}", getattr(e, k))
+    if e.max_examples < 0:
+        raise ConfigError(f"eval.max_examples={e.max_examples} must be >= 0 (0 = every query)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,3 +535,31 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def to_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def load_eval_config(saved: str | Path | None = None, overrides: Sequence[str] = ()) -> EvalConfig:
+    """The `eval` section of a run's saved config (the defaults without one), then `eval.*`
+    overrides; validated. `mm1 eval RUN` scores a run with the settings its own report used."""
+    bad = [o for o in overrides if "=" not in o or not o.startswith("eval.")]
+    if bad:
+        known = ", ".join(EvalConfig.__dataclass_fields__)
+        raise ConfigError(f"override {bad[0]!r}: give eval.KEY=VALUE, KEY one of {known}")
+    merged = OmegaConf.structured(Config)
+    if saved is not None:
+        try:
+            raw = OmegaConf.load(saved)
+            section = raw.get("eval") if isinstance(raw, DictConfig) else None
+            if section is not None:
+                merged = OmegaConf.merge(merged, {"eval": section})
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{saved}: not valid YAML: {' '.join(str(err).split())}") from None
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{_friendly(err)} ({saved})") from None
+    try:
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        e: EvalConfig = OmegaConf.to_object(merged.eval)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{_friendly(err)} (the command line)") from None
+    validate_eval(e)
+    return e
