@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mm1.config import Config, ConfigError, ModelConfig, load_config
+from mm1.config import Config, ConfigError, EvalConfig, ModelConfig, load_config
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -305,21 +305,20 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-
     import yaml
 
-    from mm1.eval.fewshot import evaluate
+    from mm1.config import to_dict
+    from mm1.eval.fewshot import evaluate, settings_from_config
     from mm1.eval.report import write_report
     from mm1.eval.tasks import SYNTHETIC_TASKS, TASKS, TaskSpec, register_task
     from mm1.pretrained import load_pretrained
 
-    try:
-        shots = [int(s) for s in args.shots.split(",")]
-    except ValueError:
-        raise ConfigError(f"--shots {args.shots!r}: give shot counts like 0,4,8") from None
-    tasks = [t for t in (args.tasks or "").split(",") if t]
-    if not tasks and not args.task_file:
-        tasks = ["synth_coco", "synth_vqa"]
+    model_dir = Path(args.model)
+    e, settings = _eval_settings(model_dir, args)
+    shots = e.shots
+    # With a task file and no tasks named (--tasks or eval.tasks=...), only its tasks run.
+    named = bool(args.tasks) or any(o.startswith("eval.tasks=") for o in args.overrides)
+    tasks = list(e.tasks) if named or not args.task_file else []
     if args.task_file:
         path = Path(args.task_file)
         try:
@@ -355,34 +354,67 @@ def cmd_eval(args: argparse.Namespace) -> None:
                 f"from: add a `support:` split to it{where} (same keys as `query:`), "
                 "or evaluate it zero-shot only with --shots 0"
             )
-    world = args.world or _run_world(Path(args.model))
+    world = args.world or _run_world(model_dir)
     synthetic = [t for t in tasks if t in SYNTHETIC_TASKS]
     if synthetic and not (Path(world) / "world.json").is_file():
         raise ConfigError(
             f"{', '.join(synthetic)} need the synthetic world the model was trained on; none at "
             f"{world}: pass --world DIR, or evaluate your own tasks with --task-file"
         )
-    p = load_pretrained(args.model)
+    p = load_pretrained(model_dir)
     results = evaluate(
         p.model,
         p.tokenizer,
         p.processor,
         tasks,
-        shots=shots,
-        seeds=args.seeds,
+        **settings_from_config(e),
         world=world,
         demo_selection="rices" if args.rices else "random",
-        num_beams=args.beams,
-        batch_size=args.batch_size,
-        max_examples=args.max_examples or None,
         shuffle_images=args.shuffle_images,
         image_boundaries=p.image_boundaries,  # prompts written as the model was trained
-        name=args.name or Path(args.model).name,
+        name=args.name or model_dir.name,
+        bad_images=args.bad_images,
     )
-    out = Path(args.out or Path(args.model) / "eval")
+    results["settings"] = {**settings, "eval": {**to_dict(e), "tasks": tasks}}
+    out = Path(args.out or model_dir / EVAL_OUT)
     files = write_report(results, out)
     console.print(Path(files["markdown"]).read_text().split("\n\n###")[0])
     console.print(f"results: {files['json']}  table: {files['markdown']}  plot: {files['plot']}")
+
+
+# `mm1 eval`'s own folder: `eval/` holds the demo's evaluation, which its report links to.
+EVAL_OUT = "eval-cli"
+
+
+def _eval_settings(model_dir: Path, args: argparse.Namespace) -> tuple[EvalConfig, dict]:
+    """The run's own `eval` section (its saved config.yaml; the defaults for an export), then
+    `eval.*` overrides, then the flags; and a record of where they came from."""
+    from dataclasses import replace
+
+    from mm1.config import load_eval_config, validate_eval
+
+    saved = model_dir / "config.yaml"
+    e = load_eval_config(saved if saved.is_file() else None, args.overrides)
+    flags: dict[str, object] = {}
+    if args.shots is not None:
+        try:
+            flags["shots"] = [int(s) for s in args.shots.split(",")]
+        except ValueError:
+            raise ConfigError(f"--shots {args.shots!r}: give shot counts like 0,4,8") from None
+    if args.tasks:
+        flags["tasks"] = [t for t in args.tasks.split(",") if t]
+    for flag, key in (
+        ("seeds", "seeds"),
+        ("beams", "num_beams"),
+        ("batch_size", "batch_size"),
+        ("max_examples", "max_examples"),
+    ):
+        if getattr(args, flag) is not None:
+            flags[key] = getattr(args, flag)
+    e = replace(e, **flags)  # type: ignore[arg-type]
+    validate_eval(e)
+    source = str(saved) if saved.is_file() else f"defaults (no config.yaml in {model_dir})"
+    return e, {"from": source, "overrides": list(args.overrides), "flags": flags}
 
 
 def _run_world(model_dir: Path) -> str:
@@ -464,21 +496,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("eval", cmd_eval, "few-shot captioning / VQA evaluation with reports")
     p.add_argument("model", help="a run directory or an exported directory")
     p.add_argument(
-        "--tasks", default=None, help="comma-separated names (default: synth_coco,synth_vqa)"
+        "--tasks", default=None, help="comma-separated names (default: the run's eval.tasks)"
     )
     p.add_argument("--task-file", default=None, help="YAML list of task specs (real data paths)")
     p.add_argument(
         "--world", default=None, help="synthetic world for synth_* (default: the run's own)"
     )
-    p.add_argument("--shots", default="0,4,8")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--beams", type=int, default=1, help="1 = greedy; 3 = OpenFlamingo's beams")
+    # Unset flags keep the run's own eval settings (its config.yaml `eval` section).
+    p.add_argument("--shots", default=None, help="e.g. 0,4,8 (eval.shots)")
+    p.add_argument("--seeds", type=int, default=None, help="eval.seeds")
+    p.add_argument("--beams", type=int, default=None, help="1 = greedy; 3 = OpenFlamingo's")
     p.add_argument("--rices", action="store_true", help="demonstrations nearest by image")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-examples", type=int, default=0, help="0 = every query")
+    p.add_argument("--batch-size", type=int, default=None, help="eval.batch_size")
+    p.add_argument("--max-examples", type=int, default=None, help="0 = every query")
     p.add_argument("--shuffle-images", action="store_true", help="the wrong-image control")
+    p.add_argument(
+        "--bad-images",
+        default="error",
+        choices=("error", "empty"),
+        help="an undecodable image: stop (error), or score its queries as empty predictions",
+    )
     p.add_argument("--name", default=None)
-    p.add_argument("--out", default=None, help="default: MODEL/eval")
+    p.add_argument("--out", default=None, help=f"default: MODEL/{EVAL_OUT}")
+    p.add_argument("overrides", nargs="*", help="eval.KEY=VALUE (e.g. eval.max_new_tokens=40)")
 
     p = add("generate", cmd_generate, "continue a prompt with images (`<image>` marks each)")
     p.add_argument("model", help="a run directory or an exported directory")

@@ -8,9 +8,10 @@ cannot express, each naming its key. This module imports nothing of mm1.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
@@ -409,9 +410,19 @@ def validate(cfg: Config) -> None:
         )
     if not 0 <= t.optim.min_lr_ratio <= 1:
         raise ConfigError(f"train.optim.min_lr_ratio={t.optim.min_lr_ratio} must be in [0, 1]")
-    for i, s in enumerate(cfg.eval.shots):
+    validate_eval(cfg.eval)
+
+
+def validate_eval(e: EvalConfig) -> None:
+    if not e.shots:
+        raise ConfigError("eval.shots is empty: give shot counts like [0, 4, 8]")
+    for i, s in enumerate(e.shots):
         if s < 0:
             raise ConfigError(f"eval.shots[{i}]={s} must be >= 0")
+    for k in ("seeds", "max_new_tokens", "num_beams", "batch_size"):
+        _positive(f"eval.{k}", getattr(e, k))
+    if e.max_examples < 0:
+        raise ConfigError(f"eval.max_examples={e.max_examples} must be >= 0 (0 = every query)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,25 +432,49 @@ def validate(cfg: Config) -> None:
 EXTENDS_KEY = "extends"  # a YAML may build on others: `extends: [models/mm1_3b.yaml]`
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
-    path = path.resolve()
-    if path in seen:
-        raise ConfigError(f"{path}: circular '{EXTENDS_KEY}'")
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+def _read_yaml(path: Path, seen: tuple[Path, ...] = (), shown: str | None = None) -> DictConfig:
+    # Messages name the file as the user wrote it (`shown`), not its resolved symlink target;
+    # resolving is only for cycle detection and for `extends` relative to the real file.
+    shown = shown or str(path)
+    real = path.resolve()
+    if real in seen:
+        raise ConfigError(f"{shown}: circular '{EXTENDS_KEY}'")
+    if not real.is_file():
+        raise ConfigError(f"config file not found: {shown}")
     try:
-        raw = OmegaConf.load(path)
+        raw = OmegaConf.load(real)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+        raise ConfigError(f"{shown}: not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(raw, DictConfig):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        raise ConfigError(f"{shown}: the top level must be a mapping of sections")
     parents = raw.pop(EXTENDS_KEY, None) or []
     if isinstance(parents, str):
         parents = [parents]
     merged = OmegaConf.create({})
     for parent in parents:
-        merged = OmegaConf.merge(merged, _read_yaml(path.parent / parent, (*seen, path)))
+        label = f"{parent} ('{EXTENDS_KEY}' of {shown})"
+        merged = OmegaConf.merge(merged, _read_yaml(real.parent / parent, (*seen, real), label))
     return OmegaConf.merge(merged, raw)
+
+
+def _check_fixed_tuples(raw: Any, schema: type, where: str, prefix: str = "") -> None:
+    """Name the key of a fixed-length tuple given the wrong number of values
+    (`train.optim.betas=[0.9]`): OmegaConf reports that without any key."""
+    if not isinstance(raw, dict):
+        return
+    hints = get_type_hints(schema)
+    for f in fields(schema):
+        value, hint, key = raw.get(f.name), hints[f.name], f"{prefix}{f.name}"
+        if is_dataclass(hint):
+            _check_fixed_tuples(value, hint, where, f"{key}.")  # type: ignore[arg-type]
+        elif get_origin(hint) is tuple and Ellipsis not in get_args(hint):
+            n = len(get_args(hint))
+            if isinstance(value, list) and len(value) != n:
+                example = list(f.default) if isinstance(f.default, tuple) else None
+                raise ConfigError(
+                    f"{key}={value} ({where}): needs exactly {n} values"
+                    + (f", e.g. {example}" if example else "")
+                )
 
 
 def _check_source_keys(raw: DictConfig, where: str) -> None:
@@ -472,6 +507,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if path is not None:
             raw = _read_yaml(Path(path))
             _check_source_keys(raw, str(path))
+            _check_fixed_tuples(OmegaConf.to_container(raw), Config, str(path))
             merged = OmegaConf.merge(merged, raw)
         if overrides:
             for o in overrides:
@@ -479,6 +515,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                     raise ConfigError(f"override {o!r} is not of the form section.key=value")
             dotlist = OmegaConf.from_dotlist(list(overrides))
             _check_source_keys(dotlist, "the command line")
+            _check_fixed_tuples(OmegaConf.to_container(dotlist), Config, "the command line")
             merged = OmegaConf.merge(merged, dotlist)
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
@@ -511,3 +548,31 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def to_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def load_eval_config(saved: str | Path | None = None, overrides: Sequence[str] = ()) -> EvalConfig:
+    """The `eval` section of a run's saved config (the defaults without one), then `eval.*`
+    overrides; validated. `mm1 eval RUN` scores a run with the settings its own report used."""
+    bad = [o for o in overrides if "=" not in o or not o.startswith("eval.")]
+    if bad:
+        known = ", ".join(EvalConfig.__dataclass_fields__)
+        raise ConfigError(f"override {bad[0]!r}: give eval.KEY=VALUE, KEY one of {known}")
+    merged = OmegaConf.structured(Config)
+    if saved is not None:
+        try:
+            raw = OmegaConf.load(saved)
+            section = raw.get("eval") if isinstance(raw, DictConfig) else None
+            if section is not None:
+                merged = OmegaConf.merge(merged, {"eval": section})
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{saved}: not valid YAML: {' '.join(str(err).split())}") from None
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{_friendly(err)} ({saved})") from None
+    try:
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        e: EvalConfig = OmegaConf.to_object(merged.eval)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{_friendly(err)} (the command line)") from None
+    validate_eval(e)
+    return e

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from mm1.config import Config, load_config
-from mm1.eval.fewshot import evaluate
+from mm1.eval.fewshot import evaluate, settings_from_config
 from mm1.eval.report import write_report
 from mm1.models.mllm import MM1
 from mm1.pretrained import load_pretrained
@@ -51,14 +51,9 @@ def evaluate_models(cfg: Config, run_dir: Path) -> dict[str, dict[str, Any]]:
     torch.manual_seed(cfg.train.seed)  # the trainer's seed: the very weights training started from
     untrained = MM1(trained.model.cfg).eval()
     e = cfg.eval
-    common = dict(
-        shots=e.shots,
-        seeds=e.seeds,
+    common = dict(  # the run's eval section, mapped as `mm1 eval RUN` maps it
+        **settings_from_config(e),
         world=cfg.data.world,
-        batch_size=e.batch_size,
-        max_examples=e.max_examples or None,
-        max_new_tokens={"caption": e.max_new_tokens, "vqa": 5},
-        num_beams=e.num_beams,
         image_boundaries=trained.image_boundaries,
     )
     runs = {

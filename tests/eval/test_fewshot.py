@@ -611,3 +611,111 @@ def test_a_task_can_set_its_own_answer_length(
         }
     )
     assert spec.max_new_tokens == 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Undecodable images
+# ---------------------------------------------------------------------------------------------
+
+
+def truncated_jpeg(path: Path, like: Path) -> Path:
+    """A JPEG of the image at `like`, cut in half (PIL: "image file is truncated")."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    with Image.open(like) as im:
+        im.convert("RGB").save(buf, "JPEG")
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    return path
+
+
+def test_a_corrupt_image_stops_with_its_path_or_scores_empty(
+    model: MM1,
+    tok: Tokenizer,
+    proc: ImageProcessor,
+    tasks: dict[str, Task],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mm1.eval.fewshot import EvalImageError
+
+    base = tasks["synth_coco"]
+    queries = list(base.query[:6])
+    bad = truncated_jpeg(tmp_path / "broken.jpg", queries[2].image)
+    queries[2] = dataclasses.replace(queries[2], image=bad)
+    task = CaptionTask("corrupt", queries, base.support)
+
+    # by default: one line naming the file, not PIL's bare OSError
+    with pytest.raises(EvalImageError) as err:
+        evaluate(model, tok, proc, [task], shots=[0], seeds=1, progress=False)
+    assert str(bad) in str(err.value) and "\n" not in str(err.value)
+    assert "truncated" in str(err.value).lower() and "--bad-images empty" in str(err.value)
+
+    # opt-in: the query showing it scores as an empty prediction; the others are generated
+    # (perfect captions), and CIDEr's document frequencies still count all six images
+    others = [q for i, q in enumerate(queries) if i != 2]
+    monkeypatch.setattr(model, "generate", _feed(tok, [" " + q.target for q in others] * 9))
+    r = evaluate(
+        model,
+        tok,
+        proc,
+        [task],
+        shots=[0, 1],
+        seeds=1,
+        batch_size=4,
+        zero_shot_text_demos=False,
+        bad_images="empty",
+        progress=False,
+    )
+    assert r["config"]["bad_images"] == "empty"
+    assert list(r["bad_images"]) == [str(bad)] and "runcated" in r["bad_images"][str(bad)]
+    cell = r["tasks"]["corrupt"]["shots"]["0"]
+    assert cell["empty_predictions"] == [1]
+    recs = r["predictions"]["corrupt"]["0"]["0"]
+    assert recs[2]["prediction"] == "" and recs[2]["bad_images"] == [str(bad)]
+    assert [x["prediction"] for i, x in enumerate(recs) if i != 2] == [
+        q.target.replace('"', "") for q in others
+    ]
+    cands = {q.id: q.target for q in others} | {queries[2].id: ""}
+    refs = ptb_tokenize_corpus({q.id: list(q.references) for q in queries})
+    tok_cands = {
+        k: v[0] for k, v in ptb_tokenize_corpus({k: [v] for k, v in cands.items()}).items()
+    }
+    assert cell["scores"] == [pytest.approx(100 * cider(refs, tok_cands)[0], abs=1e-9)]
+    # with a demonstration, the query whose prompt shows the image is the one scored empty
+    one = r["predictions"]["corrupt"]["1"]["0"]
+    assert [x["prediction"] == "" for x in one] == [x.get("bad_images") is not None for x in one]
+
+
+def test_a_corrupt_support_image_with_rices(
+    model: MM1, tok: Tokenizer, proc: ImageProcessor, tasks: dict[str, Task], tmp_path: Path
+) -> None:
+    from mm1.eval.fewshot import EvalImageError
+
+    base = tasks["synth_vqa"]
+    support = list(base.support)
+    bad = truncated_jpeg(tmp_path / "broken.jpg", support[0].image)
+    support[0] = dataclasses.replace(support[0], image=bad)
+    task = VQATask("corrupt_support", base.query[:4], support)
+    with pytest.raises(EvalImageError, match="broken.jpg"):
+        evaluate(
+            model, tok, proc, [task], shots=[2], seeds=1, demo_selection="rices", progress=False
+        )
+    r = evaluate(
+        model,
+        tok,
+        proc,
+        [task],
+        shots=[2],
+        seeds=1,
+        demo_selection="rices",
+        bad_images="empty",
+        progress=False,
+    )
+    assert list(r["bad_images"]) == [str(bad)]
+    recs = r["predictions"]["corrupt_support"]["2"]["0"]
+    for x in recs:  # empty exactly where the corrupt demonstration was chosen
+        assert ("bad_images" in x) == (support[0].id in x["demos"])
+        assert x["prediction"] == "" or "bad_images" not in x

@@ -35,7 +35,9 @@ from typing import Any
 import torch
 from PIL import Image
 
+from mm1.config import EvalConfig
 from mm1.data.images import ImageProcessor
+from mm1.data.sources.base import IMAGE_ERRORS, DataError
 from mm1.data.tokenizer import Tokenizer
 from mm1.eval.demos import random_demos, rices_rank, shuffled_images
 from mm1.eval.prompts import (
@@ -52,6 +54,31 @@ from mm1.models.mllm import MM1
 DEFAULT_MAX_NEW_TOKENS = {"caption": 20, "vqa": 5}
 ZERO_SHOT_TEXT_DEMOS = 2  # OpenFlamingo's "effective" number of shots for zero-shot
 DEMO_SELECTIONS = ("random", "rices")
+BAD_IMAGE_POLICIES = ("error", "empty")
+
+
+class EvalImageError(DataError):
+    """An image of an evaluation task cannot be decoded; the message names the file."""
+
+    def __init__(self, path: Path, err: BaseException) -> None:
+        self.path, self.detail = path, f"{type(err).__name__}: {err}"
+        super().__init__(
+            f"{path}: cannot decode this evaluation image ({self.detail}); replace the file, or "
+            "score the queries that show it as empty predictions (`mm1 eval --bad-images empty`)"
+        )
+
+
+def settings_from_config(e: EvalConfig) -> dict[str, Any]:
+    """`evaluate` keyword arguments from a config's `eval` section (tasks apart): the one mapping
+    that `mm1 demo` and `mm1 eval` share, so both score a run the same way."""
+    return {
+        "shots": list(e.shots),
+        "seeds": e.seeds,
+        "batch_size": e.batch_size,
+        "max_examples": e.max_examples or None,
+        "max_new_tokens": {**DEFAULT_MAX_NEW_TOKENS, "caption": e.max_new_tokens},
+        "num_beams": e.num_beams,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,9 +97,12 @@ class _PixelCache:
         if path in self._items:
             self._items.move_to_end(path)
             return self._items[path]
-        with Image.open(path) as im:
-            im.load()
-            pixels = self.processor([im])[0]
+        try:
+            with Image.open(path) as im:
+                im.load()
+                pixels = self.processor([im])[0]
+        except IMAGE_ERRORS as err:  # PIL names no file (e.g. "Truncated File Read")
+            raise EvalImageError(path, err) from None
         self._items[path] = pixels
         if len(self._items) > self.size:
             self._items.popitem(last=False)
@@ -81,15 +111,26 @@ class _PixelCache:
 
 @torch.no_grad()
 def image_embeddings(
-    model: MM1, pixels: Callable[[Path], torch.Tensor], paths: Sequence[Path], batch_size: int = 32
+    model: MM1,
+    pixels: Callable[[Path], torch.Tensor],
+    paths: Sequence[Path],
+    batch_size: int = 32,
+    bad: Callable[[Path], bool] | None = None,
 ) -> torch.Tensor:
-    """(N, D) L2-normalised mean of each image's connector outputs (its image tokens)."""
+    """(N, D) L2-normalised mean of each image's connector outputs (its image tokens); images
+    for which `bad` is true get zeros (similar to nothing)."""
     device, dtype = _device_dtype(model)
     feats = []
     for start in range(0, len(paths), batch_size):
-        batch = torch.stack([pixels(p) for p in paths[start : start + batch_size]])
-        tokens = model.image_features(batch.to(device=device, dtype=dtype))
-        feats.append(tokens.float().mean(1).cpu())
+        chunk = paths[start : start + batch_size]
+        ok = [p for p in chunk if bad is None or not bad(p)]
+        out = torch.zeros(len(chunk), model.cfg.decoder.dim)
+        if ok:
+            batch = torch.stack([pixels(p) for p in ok])
+            tokens = model.image_features(batch.to(device=device, dtype=dtype))
+            index = torch.tensor([i for i, p in enumerate(chunk) if bad is None or not bad(p)])
+            out[index] = tokens.float().mean(1).cpu()
+        feats.append(out)
     if not feats:
         return torch.zeros(0, model.cfg.decoder.dim)
     return torch.nn.functional.normalize(torch.cat(feats), dim=-1)
@@ -129,6 +170,7 @@ class FewShotEvaluator:
         shuffle_images: bool = False,
         image_boundaries: bool = False,
         keep_prompts: bool = False,
+        bad_images: str = "error",
     ) -> None:
         if tokenizer.image_id != model.image_token_id:
             raise ValueError(
@@ -141,6 +183,8 @@ class FewShotEvaluator:
             )
         if batch_size < 1 or num_beams < 1:
             raise ValueError("batch_size and num_beams must be >= 1")
+        if bad_images not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r}")
         self.model, self.tokenizer, self.processor = model, tokenizer, processor
         self.templates = templates or PromptTemplates()
         self.demo_selection = demo_selection
@@ -166,13 +210,32 @@ class FewShotEvaluator:
         self.keep_prompts = keep_prompts
         self.pixels = _PixelCache(processor)
         self._features: dict[Path, torch.Tensor] = {}
+        # "error": a corrupt image stops the evaluation (skipping it would change CIDEr's
+        # document frequencies for every other image); "empty": queries that show it score as
+        # empty predictions, listed in the results.
+        self.bad_images = bad_images
+        self.bad: dict[Path, str] = {}  # undecodable image -> error, under "empty"
+
+    def is_bad(self, path: Path) -> bool:
+        """Whether `path` cannot be decoded; raises EvalImageError unless bad_images="empty"."""
+        if path in self.bad:
+            return True
+        try:
+            self.pixels(path)
+        except EvalImageError as err:
+            if self.bad_images != "empty":
+                raise
+            self.bad[path] = err.detail
+            return True
+        return False
 
     # -- demonstrations -------------------------------------------------------------------------
 
     def features(self, paths: Sequence[Path]) -> torch.Tensor:
         todo = [p for p in dict.fromkeys(paths) if p not in self._features]
         if todo:
-            for p, f in zip(todo, image_embeddings(self.model, self.pixels, todo)):
+            feats = image_embeddings(self.model, self.pixels, todo, bad=self.is_bad)
+            for p, f in zip(todo, feats):
                 self._features[p] = f
         return torch.stack([self._features[p] for p in paths])
 
@@ -273,15 +336,22 @@ class FewShotEvaluator:
             for q, img, d in zip(queries, shown, demos)
         ]
         outputs: list[tuple[str, str]] = []
+        bad_in: list[list[str]] = []  # per prompt, the undecodable images it shows
         for start in range(0, len(prompts), self.batch_size):
             batch = prompts[start : start + self.batch_size]
-            outputs += self.generate(batch, task.kind, task.max_new_tokens)
+            bad = [[str(p) for p in prompt.images if self.is_bad(p)] for prompt in batch]
+            good = [prompt for prompt, b in zip(batch, bad) if not b]
+            generated = iter(self.generate(good, task.kind, task.max_new_tokens) if good else [])
+            outputs += [("", "") if b else next(generated) for b in bad]
+            bad_in += bad
             if advance is not None:
                 advance(len(batch))
         predictions = {q.id: pred for q, (_, pred) in zip(queries, outputs)}
         score, per_example = task.score(predictions, queries)
         records = []
-        for q, img, d, prompt, (raw, pred) in zip(queries, shown, demos, prompts, outputs):
+        for q, img, d, prompt, (raw, pred), bad in zip(
+            queries, shown, demos, prompts, outputs, bad_in
+        ):
             rec = {
                 "id": q.id,
                 "image_id": q.image_id,
@@ -297,8 +367,10 @@ class FewShotEvaluator:
             }
             if self.keep_prompts:
                 rec["prompt"] = prompt.text
+            if bad:
+                rec["bad_images"] = bad  # scored as an empty prediction
             records.append(rec)
-        return {"score": score, "records": records}
+        return {"score": score, "records": records, "empty": sum(1 for b in bad_in if b)}
 
     def _shown(self, queries: Sequence[Example]) -> list[Path]:
         if not self.shuffle_images:
@@ -335,6 +407,7 @@ def evaluate(
     keep_prompts: bool = False,
     progress: bool = True,
     name: str | None = None,
+    bad_images: str = "error",
 ) -> dict[str, Any]:
     """Few-shot scores of `model` on `tasks` (names, `TaskSpec`s or loaded `Task`s; the
     synthetic `synth_coco` / `synth_vqa` need `world`) at each shot count and seed.
@@ -344,6 +417,9 @@ def evaluate(
     N queries of each task (and says so in the results: `subset`, `num_queries`); CIDEr is then
     computed over exactly those. `num_beams=1` is greedy decoding, 3 is OpenFlamingo's beam
     search. `image_boundaries` must match how the model was trained (`data.image_boundaries`).
+    An image that cannot be decoded stops the evaluation with `EvalImageError` naming it, unless
+    `bad_images="empty"`: then every query whose prompt shows it scores as an empty prediction
+    (`bad_images` and `empty_predictions` in the results say which and how many).
 
     Returns a JSON-serialisable dict: `tasks[name]["shots"][str(k)]` holds `scores` (one per
     seed), `seeds`, `mean`, `std`; `tasks[name]["zero_shot_plain"]` the zero-shot score without
@@ -375,6 +451,7 @@ def evaluate(
         shuffle_images=shuffle_images,
         image_boundaries=image_boundaries,
         keep_prompts=keep_prompts,
+        bad_images=bad_images,
     )
     loaded = load_tasks(list(tasks), world=world)
     names = [t.name for t in loaded]
@@ -441,7 +518,9 @@ def evaluate(
             "image_boundaries": image_boundaries,
             "num_image_tokens": model.num_image_tokens,
             "std": "population standard deviation over seeds (ddof=0)",
+            "bad_images": bad_images,
         },
+        "bad_images": {str(p): why for p, why in evaluator.bad.items()},
         "tasks": {},
         "average": {},
         "predictions": {},
@@ -478,6 +557,7 @@ def evaluate(
                 "mean": mean,
                 "std": std,
                 "text_demos": (task.name, key) in outcomes and k == 0,
+                "empty_predictions": [per_seed[s]["empty"] for s in per_seed],
             }
             preds[key] = {s: o["records"] for s, o in per_seed.items()}
         if (task.name, "0_plain") in outcomes:
@@ -486,6 +566,7 @@ def evaluate(
                 "scores": [plain["score"]],
                 "mean": plain["score"],
                 "std": 0.0,
+                "empty_predictions": [plain["empty"]],
             }
             preds["0_plain"] = {"-": plain["records"]}
         results["tasks"][task.name] = entry

@@ -154,6 +154,18 @@ def _config_lines(r: Results) -> list[str]:
             f"- **subset**: only the first {c['max_examples']} queries of each task were evaluated "
             "(CIDEr is computed over exactly those)"
         )
+    settings = r.get("settings")
+    if settings:
+        changed = [*settings.get("overrides", []), *(f"--{k}" for k in settings.get("flags", {}))]
+        lines.append(
+            f"- settings: the eval section of {settings.get('from')}"
+            + (f", changed by {' '.join(changed)}" if changed else "")
+        )
+    if r.get("bad_images"):
+        lines.append(
+            f"- **{len(r['bad_images'])} undecodable image(s)**: the queries showing them were "
+            "scored as empty predictions (`bad_images` in results.json)"
+        )
     timing = r.get("timing", {})
     if timing.get("seconds") is not None:
         lines.append(

@@ -18,8 +18,11 @@ from mm1.models.layers import LayerNorm2d, init_weights, is_perfect_square
 
 CONNECTORS: dict[str, type[nn.Module]] = {}
 
-# honeybee builds the C-Abstractor from timm's LayerNorm / LayerNorm2d, whose eps is 1e-6.
-_LN_EPS = 1e-6
+# Epsilons as honeybee runs on the timm it pins (0.9.8): its prenorm is timm's LayerNorm (1e-6),
+# but the blocks pass LayerNorm2d through ConvNormAct -> get_norm_act_layer, which swaps it for
+# LayerNormAct2d with its own default 1e-5 (LayerNorm2d's 1e-6 is never used).
+_PRENORM_EPS = 1e-6
+_BLOCK_EPS = 1e-5
 
 
 def register(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
@@ -159,27 +162,37 @@ class SqueezeExcite(nn.Module):
         return x * torch.sigmoid(self.fc2(self.act(self.fc1(s))))
 
 
+def se_width(in_ch: int, channels: int) -> int:
+    """Squeeze-excite width of a RegNet block as timm builds it: round(0.25 * in_ch) (Python's
+    round), and when that is 0, SEModule's own default: `channels / 16` made divisible by 8 with
+    a floor of 8 (`make_divisible(channels / 16, 8, round_limit=0)`)."""
+    width = round(0.25 * in_ch)
+    if width:
+        return width
+    return max(8, int(channels / 16 + 4) // 8 * 8)
+
+
 class RegNetBottleneck(nn.Module):
     """RegNet bottleneck (ratio 1, depthwise 3x3, squeeze-excite 0.25) with LayerNorm2d + SiLU."""
 
     def __init__(self, in_ch: int, out_ch: int) -> None:
         super().__init__()
         self.conv1 = nn.Sequential(
-            nn.Conv2d(in_ch, out_ch, 1, bias=False), LayerNorm2d(out_ch, eps=_LN_EPS)
+            nn.Conv2d(in_ch, out_ch, 1, bias=False), LayerNorm2d(out_ch, eps=_BLOCK_EPS)
         )
         self.conv2 = nn.Sequential(
             nn.Conv2d(out_ch, out_ch, 3, padding=1, groups=out_ch, bias=False),
-            LayerNorm2d(out_ch, eps=_LN_EPS),
+            LayerNorm2d(out_ch, eps=_BLOCK_EPS),
         )
-        self.se = SqueezeExcite(out_ch, max(1, round(0.25 * in_ch)))
+        self.se = SqueezeExcite(out_ch, se_width(in_ch, out_ch))
         self.conv3 = nn.Sequential(
-            nn.Conv2d(out_ch, out_ch, 1, bias=False), LayerNorm2d(out_ch, eps=_LN_EPS)
+            nn.Conv2d(out_ch, out_ch, 1, bias=False), LayerNorm2d(out_ch, eps=_BLOCK_EPS)
         )
         self.shortcut = (
             nn.Identity()
             if in_ch == out_ch
             else nn.Sequential(
-                nn.Conv2d(in_ch, out_ch, 1, bias=False), LayerNorm2d(out_ch, eps=_LN_EPS)
+                nn.Conv2d(in_ch, out_ch, 1, bias=False), LayerNorm2d(out_ch, eps=_BLOCK_EPS)
             )
         )
         self.act = nn.SiLU()
@@ -211,7 +224,7 @@ class CAbstractor(nn.Module):
         self.grid, self.side = grid, _pooled_side(cfg, grid)
         self.num_tokens = self.side**2
         hidden = cfg.hidden if cfg.depth > 0 else vision_width
-        self.norm = nn.LayerNorm(vision_width, eps=_LN_EPS) if cfg.layer_norm else None
+        self.norm = nn.LayerNorm(vision_width, eps=_PRENORM_EPS) if cfg.layer_norm else None
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, vision_width))
         self.s1 = regnet_stage(cfg.depth, vision_width, hidden)
         self.s2 = regnet_stage(cfg.depth, hidden, hidden)
