@@ -305,12 +305,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    import yaml
-
     from mm1.config import to_dict
-    from mm1.eval.fewshot import evaluate, settings_from_config
+    from mm1.eval.fewshot import evaluate
     from mm1.eval.report import write_report
-    from mm1.eval.tasks import SYNTHETIC_TASKS, TASKS, TaskSpec, register_task
+    from mm1.eval.tasks import SYNTHETIC_TASKS, TASKS, register_task_file
     from mm1.pretrained import load_pretrained
 
     model_dir = Path(args.model)
@@ -320,21 +318,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     named = bool(args.tasks) or any(o.startswith("eval.tasks=") for o in args.overrides)
     tasks = list(e.tasks) if named or not args.task_file else []
     if args.task_file:
-        path = Path(args.task_file)
-        try:
-            entries = yaml.safe_load(path.read_text()) or []
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
-        if not isinstance(entries, list):
-            raise ConfigError(f"{path}: a task file is a YAML list of tasks (- name: ...)")
-        for i, d in enumerate(entries):
-            try:
-                spec = register_task(TaskSpec.from_dict(d, root=path.parent), overwrite=True)
-            except (ValueError, KeyError, TypeError) as err:
-                msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-                raise ConfigError(f"{path}: task {i + 1}: {msg}") from None
-            if spec.name not in tasks:
-                tasks.append(spec.name)
+        tasks += [t for t in register_task_file(args.task_file) if t not in tasks]
     unknown = [t for t in tasks if t not in TASKS and t not in SYNTHETIC_TASKS]
     if unknown:
         known = ", ".join(sorted(set(TASKS) | set(SYNTHETIC_TASKS)))
@@ -366,14 +350,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
         p.model,
         p.tokenizer,
         p.processor,
-        tasks,
-        **settings_from_config(e),
+        e,
+        tasks=tasks,
         world=world,
-        demo_selection="rices" if args.rices else "random",
-        shuffle_images=args.shuffle_images,
         image_boundaries=p.image_boundaries,  # prompts written as the model was trained
         name=args.name or model_dir.name,
-        bad_images=args.bad_images,
     )
     results["settings"] = {**settings, "eval": {**to_dict(e), "tasks": tasks}}
     out = Path(args.out or model_dir / EVAL_OUT)
@@ -408,9 +389,14 @@ def _eval_settings(model_dir: Path, args: argparse.Namespace) -> tuple[EvalConfi
         ("beams", "num_beams"),
         ("batch_size", "batch_size"),
         ("max_examples", "max_examples"),
+        ("bad_images", "bad_images"),
     ):
         if getattr(args, flag) is not None:
             flags[key] = getattr(args, flag)
+    if args.rices:
+        flags["demo_selection"] = "rices"
+    if args.shuffle_images:
+        flags["shuffle_images"] = True
     e = replace(e, **flags)  # type: ignore[arg-type]
     validate_eval(e)
     source = str(saved) if saved.is_file() else f"defaults (no config.yaml in {model_dir})"
@@ -506,15 +492,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", default=None, help="e.g. 0,4,8 (eval.shots)")
     p.add_argument("--seeds", type=int, default=None, help="eval.seeds")
     p.add_argument("--beams", type=int, default=None, help="1 = greedy; 3 = OpenFlamingo's")
-    p.add_argument("--rices", action="store_true", help="demonstrations nearest by image")
+    p.add_argument(
+        "--rices", action="store_true", help="eval.demo_selection=rices: nearest by image"
+    )
     p.add_argument("--batch-size", type=int, default=None, help="eval.batch_size")
     p.add_argument("--max-examples", type=int, default=None, help="0 = every query")
-    p.add_argument("--shuffle-images", action="store_true", help="the wrong-image control")
+    p.add_argument(
+        "--shuffle-images", action="store_true", help="eval.shuffle_images: wrong-image control"
+    )
     p.add_argument(
         "--bad-images",
-        default="error",
+        default=None,
         choices=("error", "empty"),
-        help="an undecodable image: stop (error), or score its queries as empty predictions",
+        help="eval.bad_images: an undecodable image stops (error, the default), or its "
+        "queries score as empty predictions",
     )
     p.add_argument("--name", default=None)
     p.add_argument("--out", default=None, help=f"default: MODEL/{EVAL_OUT}")

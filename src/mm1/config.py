@@ -28,6 +28,8 @@ class ConfigError(ValueError):
 
 VISION_VARIANTS = ("clip", "siglip")
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh", "silu")
+DEMO_SELECTIONS = ("random", "rices")
+BAD_IMAGE_POLICIES = ("error", "empty")
 CONNECTOR_TYPES = ("linear", "mlp", "avgpool", "attnpool", "c_abstractor")
 POOLING_CONNECTORS = ("avgpool", "c_abstractor")
 FFN_TYPES = ("swiglu",)
@@ -255,6 +257,12 @@ class EvalConfig:
     num_beams: int = 1  # 1 = greedy; 3 = OpenFlamingo's beam search
     batch_size: int = 8
     max_examples: int = 0  # 0 = every query of each task; N = the first N (reported as a subset)
+    vqa_max_new_tokens: int = 5  # answers are short (OpenFlamingo's VQA setting)
+    length_penalty: float = 0.0  # beam hypotheses scored by summed log-probs (OpenFlamingo)
+    demo_selection: str = "random"  # or "rices": demonstrations retrieved by image similarity
+    zero_shot_text_demos: bool = True  # OpenFlamingo's 0-shot: two text-only demonstrations
+    shuffle_images: bool = False  # control: every query shown another query's image
+    bad_images: str = "error"  # or "empty": queries showing an undecodable image score empty
 
 
 @dataclass
@@ -419,8 +427,10 @@ def validate_eval(e: EvalConfig) -> None:
     for i, s in enumerate(e.shots):
         if s < 0:
             raise ConfigError(f"eval.shots[{i}]={s} must be >= 0")
-    for k in ("seeds", "max_new_tokens", "num_beams", "batch_size"):
+    for k in ("seeds", "max_new_tokens", "vqa_max_new_tokens", "num_beams", "batch_size"):
         _positive(f"eval.{k}", getattr(e, k))
+    _choice("eval.demo_selection", e.demo_selection, DEMO_SELECTIONS)
+    _choice("eval.bad_images", e.bad_images, BAD_IMAGE_POLICIES)
     if e.max_examples < 0:
         raise ConfigError(f"eval.max_examples={e.max_examples} must be >= 0 (0 = every query)")
 

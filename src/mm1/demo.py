@@ -7,6 +7,7 @@ import json
 import re
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 
 from mm1.config import Config, load_config
-from mm1.eval.fewshot import evaluate, settings_from_config
+from mm1.eval.fewshot import evaluate
 from mm1.eval.report import write_report
 from mm1.models.mllm import MM1
 from mm1.pretrained import load_pretrained
@@ -50,12 +51,6 @@ def evaluate_models(cfg: Config, run_dir: Path) -> dict[str, dict[str, Any]]:
     trained = load_pretrained(run_dir)
     torch.manual_seed(cfg.train.seed)  # the trainer's seed: the very weights training started from
     untrained = MM1(trained.model.cfg).eval()
-    e = cfg.eval
-    common = dict(  # the run's eval section, mapped as `mm1 eval RUN` maps it
-        **settings_from_config(e),
-        world=cfg.data.world,
-        image_boundaries=trained.image_boundaries,
-    )
     runs = {
         "trained": (trained.model, False),
         "untrained": (untrained, False),
@@ -64,14 +59,14 @@ def evaluate_models(cfg: Config, run_dir: Path) -> dict[str, dict[str, Any]]:
     results = {}
     for name, (model, shuffle) in runs.items():
         print(f"evaluating: {name}", flush=True)
-        results[name] = evaluate(
+        results[name] = evaluate(  # the run's eval section, as `mm1 eval RUN` reads it
             model,
             trained.tokenizer,
             trained.processor,
-            list(e.tasks),
-            shuffle_images=shuffle,
+            replace(cfg.eval, shuffle_images=shuffle),
+            world=cfg.data.world,
+            image_boundaries=trained.image_boundaries,
             name=name,
-            **common,
         )
     return results
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mm1.config import ConnectorConfig, DecoderConfig, ModelConfig, VisionConfig
+from mm1.config import ConnectorConfig, DecoderConfig, EvalConfig, ModelConfig, VisionConfig
 from mm1.data.images import ImageProcessor
 from mm1.data.tokenizer import Tokenizer
 from mm1.eval.demos import random_demos, rices_rank, shuffled_images
@@ -238,13 +238,9 @@ def test_evaluate_structure_and_scores_match_the_metrics(
         model,
         tok,
         proc,
-        ["synth_coco", "synth_vqa"],
-        shots=[0, 4],
-        seeds=2,
+        EvalConfig(shots=[0, 4], seeds=2, max_examples=8, batch_size=5, max_new_tokens=8),
+        tasks=["synth_coco", "synth_vqa"],
         world=world,
-        max_examples=8,
-        batch_size=5,
-        max_new_tokens={"caption": 8},
         progress=False,
     )
     for name in ("synth_coco", "synth_vqa"):
@@ -310,12 +306,8 @@ def test_perfect_captions_score_the_cider_of_the_references(
         model,
         tok,
         proc,
-        [task],
-        shots=[0],
-        seeds=1,
-        zero_shot_text_demos=False,
-        max_examples=10,
-        batch_size=4,
+        EvalConfig(shots=[0], seeds=1, zero_shot_text_demos=False, max_examples=10, batch_size=4),
+        tasks=[task],
         progress=False,
     )
     refs = ptb_tokenize_corpus({q.id: list(q.references) for q in queries})
@@ -346,11 +338,8 @@ def test_vqa_answers_are_post_processed_before_scoring(
         model,
         tok,
         proc,
-        [task],
-        shots=[0],
-        seeds=1,
-        zero_shot_text_demos=False,
-        max_examples=8,
+        EvalConfig(shots=[0], seeds=1, zero_shot_text_demos=False, max_examples=8),
+        tasks=[task],
         progress=False,
     )
     recs = r["predictions"]["synth_vqa"]["0"]["0"]
@@ -368,13 +357,9 @@ def test_shuffle_control_and_rices_in_evaluate(
         model,
         tok,
         proc,
-        ["synth_vqa"],
-        shots=[2],
-        seeds=3,
+        EvalConfig(shots=[2], seeds=3, max_examples=9, shuffle_images=True, demo_selection="rices"),
+        tasks=["synth_vqa"],
         world=world,
-        max_examples=9,
-        shuffle_images=True,
-        demo_selection="rices",
         progress=False,
     )
     recs = r["predictions"]["synth_vqa"]["2"]["0"]
@@ -389,14 +374,18 @@ def test_evaluate_errors(
 ) -> None:
     no_support = VQATask("nosupport", tasks["synth_vqa"].query[:4])
     with pytest.raises(ValueError, match="no support split"):
-        evaluate(model, tok, proc, [no_support], shots=[4], seeds=1, progress=False)
+        evaluate(
+            model, tok, proc, EvalConfig(shots=[4], seeds=1), tasks=[no_support], progress=False
+        )
     # plain zero-shot runs without a support split
-    r = evaluate(model, tok, proc, [no_support], shots=[0], seeds=3, progress=False)
+    r = evaluate(
+        model, tok, proc, EvalConfig(shots=[0], seeds=3), tasks=[no_support], progress=False
+    )
     cell = r["tasks"]["nosupport"]["shots"]["0"]
     assert not cell["text_demos"] and cell["seeds"] == [0] and cell["std"] == 0.0  # seed-free
     other = tiny_model(tok, vocab=tok.vocab_size + 1)  # <image> on another id
     with pytest.raises(ValueError, match="does not belong"):
-        evaluate(other, tok, proc, [no_support], shots=[0], progress=False)
+        evaluate(other, tok, proc, EvalConfig(shots=[0]), tasks=[no_support], progress=False)
 
 
 def test_beam_search_in_evaluate(
@@ -406,36 +395,28 @@ def test_beam_search_in_evaluate(
         model,
         tok,
         proc,
-        ["synth_coco"],
-        shots=[2],
-        seeds=1,
+        EvalConfig(shots=[2], seeds=1, max_examples=6),
+        tasks=["synth_coco"],
         world=world,
-        max_examples=6,
         progress=False,
     )
     beam1 = evaluate(
         model,
         tok,
         proc,
-        ["synth_coco"],
-        shots=[2],
-        seeds=1,
+        EvalConfig(shots=[2], seeds=1, max_examples=6, num_beams=1),
+        tasks=["synth_coco"],
         world=world,
-        max_examples=6,
         progress=False,
-        num_beams=1,
     )
     beam3 = evaluate(
         model,
         tok,
         proc,
-        ["synth_coco"],
-        shots=[2],
-        seeds=1,
+        EvalConfig(shots=[2], seeds=1, max_examples=6, num_beams=3),
+        tasks=["synth_coco"],
         world=world,
-        max_examples=6,
         progress=False,
-        num_beams=3,
     )
     assert beam3["config"]["decoding"] == "beam search (3 beams)"
     g = [x["prediction"] for x in greedy["predictions"]["synth_coco"]["2"]["0"]]
@@ -592,12 +573,8 @@ def test_a_task_can_set_its_own_answer_length(
         model,
         tok,
         proc,
-        [tasks["synth_vqa"], long_vqa],
-        shots=[0],
-        seeds=1,
-        zero_shot_text_demos=False,
-        max_examples=4,
-        batch_size=4,
+        EvalConfig(shots=[0], seeds=1, zero_shot_text_demos=False, max_examples=4, batch_size=4),
+        tasks=[tasks["synth_vqa"], long_vqa],
         progress=False,
     )
     assert asked == [5, 10]
@@ -649,7 +626,7 @@ def test_a_corrupt_image_stops_with_its_path_or_scores_empty(
 
     # by default: one line naming the file, not PIL's bare OSError
     with pytest.raises(EvalImageError) as err:
-        evaluate(model, tok, proc, [task], shots=[0], seeds=1, progress=False)
+        evaluate(model, tok, proc, EvalConfig(shots=[0], seeds=1), tasks=[task], progress=False)
     assert str(bad) in str(err.value) and "\n" not in str(err.value)
     assert "truncated" in str(err.value).lower() and "--bad-images empty" in str(err.value)
 
@@ -661,12 +638,10 @@ def test_a_corrupt_image_stops_with_its_path_or_scores_empty(
         model,
         tok,
         proc,
-        [task],
-        shots=[0, 1],
-        seeds=1,
-        batch_size=4,
-        zero_shot_text_demos=False,
-        bad_images="empty",
+        EvalConfig(
+            shots=[0, 1], seeds=1, batch_size=4, zero_shot_text_demos=False, bad_images="empty"
+        ),
+        tasks=[task],
         progress=False,
     )
     assert r["config"]["bad_images"] == "empty"
@@ -701,17 +676,19 @@ def test_a_corrupt_support_image_with_rices(
     task = VQATask("corrupt_support", base.query[:4], support)
     with pytest.raises(EvalImageError, match="broken.jpg"):
         evaluate(
-            model, tok, proc, [task], shots=[2], seeds=1, demo_selection="rices", progress=False
+            model,
+            tok,
+            proc,
+            EvalConfig(shots=[2], seeds=1, demo_selection="rices"),
+            tasks=[task],
+            progress=False,
         )
     r = evaluate(
         model,
         tok,
         proc,
-        [task],
-        shots=[2],
-        seeds=1,
-        demo_selection="rices",
-        bad_images="empty",
+        EvalConfig(shots=[2], seeds=1, demo_selection="rices", bad_images="empty"),
+        tasks=[task],
         progress=False,
     )
     assert list(r["bad_images"]) == [str(bad)]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mm1.config import ConnectorConfig, DecoderConfig, ModelConfig, VisionConfig
+from mm1.config import ConnectorConfig, DecoderConfig, EvalConfig, ModelConfig, VisionConfig
 from mm1.data.images import ImageProcessor
 from mm1.data.tokenizer import Tokenizer
 from mm1.eval.fewshot import evaluate
@@ -173,12 +173,9 @@ def test_report_of_a_real_evaluation(
         model,
         tok,
         ImageProcessor.clip(32),
-        ["synth_coco", "synth_vqa"],
-        shots=[0, 2],
-        seeds=1,
+        EvalConfig(shots=[0, 2], seeds=1, max_examples=4, max_new_tokens=4),
+        tasks=["synth_coco", "synth_vqa"],
         world=world,
-        max_examples=4,
-        max_new_tokens=4,
         progress=False,
         name="random init",
     )

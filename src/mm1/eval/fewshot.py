@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from mm1.config import EvalConfig
+from mm1.config import BAD_IMAGE_POLICIES, DEMO_SELECTIONS, EvalConfig, validate_eval
 from mm1.data.images import ImageProcessor
 from mm1.data.sources.base import IMAGE_ERRORS, DataError
 from mm1.data.tokenizer import Tokenizer
@@ -53,8 +53,6 @@ from mm1.models.mllm import MM1
 
 DEFAULT_MAX_NEW_TOKENS = {"caption": 20, "vqa": 5}
 ZERO_SHOT_TEXT_DEMOS = 2  # OpenFlamingo's "effective" number of shots for zero-shot
-DEMO_SELECTIONS = ("random", "rices")
-BAD_IMAGE_POLICIES = ("error", "empty")
 
 
 class EvalImageError(DataError):
@@ -66,19 +64,6 @@ class EvalImageError(DataError):
             f"{path}: cannot decode this evaluation image ({self.detail}); replace the file, or "
             "score the queries that show it as empty predictions (`mm1 eval --bad-images empty`)"
         )
-
-
-def settings_from_config(e: EvalConfig) -> dict[str, Any]:
-    """`evaluate` keyword arguments from a config's `eval` section (tasks apart): the one mapping
-    that `mm1 demo` and `mm1 eval` share, so both score a run the same way."""
-    return {
-        "shots": list(e.shots),
-        "seeds": e.seeds,
-        "batch_size": e.batch_size,
-        "max_examples": e.max_examples or None,
-        "max_new_tokens": {**DEFAULT_MAX_NEW_TOKENS, "caption": e.max_new_tokens},
-        "num_beams": e.num_beams,
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,38 +373,30 @@ def evaluate(
     model: MM1,
     tokenizer: Tokenizer,
     processor: ImageProcessor,
-    tasks: Sequence[str | Task | Any],
-    shots: Sequence[int] = (0, 4, 8),
-    seeds: int | Sequence[int] = 3,
+    cfg: EvalConfig | None = None,
     *,
+    tasks: Sequence[str | Task | Any] | None = None,
     world: str | Path | None = None,
     templates: PromptTemplates | None = None,
-    zero_shot_text_demos: bool = True,
-    demo_selection: str = "random",
-    num_beams: int = 1,
-    length_penalty: float = 0.0,  # OpenFlamingo: summed log-probs
-    max_new_tokens: int | dict[str, int] | None = None,
-    stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS,
-    batch_size: int = 8,
-    max_examples: int | None = None,
-    shuffle_images: bool = False,
     image_boundaries: bool = False,
+    stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS,
     keep_prompts: bool = False,
     progress: bool = True,
     name: str | None = None,
-    bad_images: str = "error",
 ) -> dict[str, Any]:
-    """Few-shot scores of `model` on `tasks` (names, `TaskSpec`s or loaded `Task`s; the
-    synthetic `synth_coco` / `synth_vqa` need `world`) at each shot count and seed.
+    """Few-shot scores of `model` under the protocol `cfg` (a config's `eval` section; the
+    defaults when None) at each shot count and seed.
 
-    `seeds` is a count (seeds 0..n-1) or a list. With `demo_selection="rices"` demonstrations do
-    not depend on the seed, so only the first seed runs. `max_examples` evaluates only the first
-    N queries of each task (and says so in the results: `subset`, `num_queries`); CIDEr is then
-    computed over exactly those. `num_beams=1` is greedy decoding, 3 is OpenFlamingo's beam
-    search. `image_boundaries` must match how the model was trained (`data.image_boundaries`).
-    An image that cannot be decoded stops the evaluation with `EvalImageError` naming it, unless
-    `bad_images="empty"`: then every query whose prompt shows it scores as an empty prediction
-    (`bad_images` and `empty_predictions` in the results say which and how many).
+    `tasks` (names, `TaskSpec`s or loaded `Task`s) replaces `cfg.tasks`; the synthetic
+    `synth_coco` / `synth_vqa` need `world`. Seeds are 0..cfg.seeds-1; with
+    `demo_selection="rices"` demonstrations do not depend on the seed, so only the first seed
+    runs. `max_examples` evaluates only the first N queries of each task (and says so in the
+    results: `subset`, `num_queries`); CIDEr is then computed over exactly those. `num_beams=1`
+    is greedy decoding, 3 is OpenFlamingo's beam search. `image_boundaries` must match how the
+    model was trained (`data.image_boundaries`). An image that cannot be decoded stops the
+    evaluation with `EvalImageError` naming it, unless `bad_images="empty"`: then every query
+    whose prompt shows it scores as an empty prediction (`bad_images` and `empty_predictions`
+    in the results say which and how many).
 
     Returns a JSON-serialisable dict: `tasks[name]["shots"][str(k)]` holds `scores` (one per
     seed), `seeds`, `mean`, `std`; `tasks[name]["zero_shot_plain"]` the zero-shot score without
@@ -427,33 +404,29 @@ def evaluate(
     `average["overall"]` over all; `predictions[name][str(k)][str(seed)]` the per-example
     records (prediction, references, demonstration ids, shown image, score).
     """
-    if isinstance(seeds, int):
-        seeds = list(range(seeds))
-    seeds = list(seeds)
-    if not seeds:
-        raise ValueError("seeds must name at least one seed")
-    shots = sorted(set(int(s) for s in shots))
-    if any(s < 0 for s in shots) or not shots:
-        raise ValueError(f"shots must be non-negative and not empty, got {shots}")
-    if max_examples is not None and max_examples < 1:
-        raise ValueError(f"max_examples must be positive, got {max_examples}")
+    cfg = cfg or EvalConfig()
+    validate_eval(cfg)
+    seeds = list(range(cfg.seeds))
+    shots = sorted(set(int(s) for s in cfg.shots))
+    max_examples = cfg.max_examples or None
+    demo_selection, zero_shot_text_demos = cfg.demo_selection, cfg.zero_shot_text_demos
     evaluator = FewShotEvaluator(
         model,
         tokenizer,
         processor,
         templates=templates,
         demo_selection=demo_selection,
-        num_beams=num_beams,
-        length_penalty=length_penalty,
-        max_new_tokens=max_new_tokens,
+        num_beams=cfg.num_beams,
+        length_penalty=cfg.length_penalty,
+        max_new_tokens={"caption": cfg.max_new_tokens, "vqa": cfg.vqa_max_new_tokens},
         stop_strings=stop_strings,
-        batch_size=batch_size,
-        shuffle_images=shuffle_images,
+        batch_size=cfg.batch_size,
+        shuffle_images=cfg.shuffle_images,
         image_boundaries=image_boundaries,
         keep_prompts=keep_prompts,
-        bad_images=bad_images,
+        bad_images=cfg.bad_images,
     )
-    loaded = load_tasks(list(tasks), world=world)
+    loaded = load_tasks(list(cfg.tasks if tasks is None else tasks), world=world)
     names = [t.name for t in loaded]
     if len(set(names)) != len(names):
         raise ValueError(f"task names must be distinct, got {names}")
@@ -506,19 +479,19 @@ def evaluate(
             "demo_selection": demo_selection,
             "zero_shot_text_demos": zero_shot_text_demos,
             "zero_shot_text_demo_count": ZERO_SHOT_TEXT_DEMOS if zero_shot_text_demos else 0,
-            "decoding": "greedy" if num_beams == 1 else f"beam search ({num_beams} beams)",
-            "num_beams": num_beams,
-            "length_penalty": length_penalty,
+            "decoding": "greedy" if cfg.num_beams == 1 else f"beam search ({cfg.num_beams} beams)",
+            "num_beams": cfg.num_beams,
+            "length_penalty": cfg.length_penalty,
             "max_new_tokens": evaluator.max_new_tokens,
             "stop_strings": list(stop_strings),
             "templates": asdict(evaluator.templates),
-            "batch_size": batch_size,
+            "batch_size": cfg.batch_size,
             "max_examples": max_examples,
-            "shuffle_images": shuffle_images,
+            "shuffle_images": cfg.shuffle_images,
             "image_boundaries": image_boundaries,
             "num_image_tokens": model.num_image_tokens,
             "std": "population standard deviation over seeds (ddof=0)",
-            "bad_images": bad_images,
+            "bad_images": cfg.bad_images,
         },
         "bad_images": {str(p): why for p, why in evaluator.bad.items()},
         "tasks": {},

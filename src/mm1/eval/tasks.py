@@ -34,6 +34,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from mm1.config import ConfigError
 from mm1.eval.metrics import cider, ptb_tokenize_corpus, vqa_accuracy_corpus
 
 TASK_KINDS = ("caption", "vqa")
@@ -438,6 +441,28 @@ def register_task(spec: TaskSpec | Mapping[str, Any], *, overwrite: bool = False
         raise ValueError(f"task {spec.name!r} is already registered (pass overwrite=True)")
     TASKS[spec.name] = spec
     return spec
+
+
+def register_task_file(path: str | Path) -> list[str]:
+    """Register every task of a YAML task file (a list of `TaskSpec` dicts, paths relative to
+    the file), replacing tasks of the same name; returns their names in file order. Mistakes are
+    one-line `ConfigError`s naming the file and the task's position."""
+    path = Path(path)
+    try:
+        entries = yaml.safe_load(path.read_text()) or []
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(entries, list):
+        raise ConfigError(f"{path}: a task file is a YAML list of tasks (- name: ...)")
+    names = []
+    for i, d in enumerate(entries):
+        try:
+            spec = register_task(TaskSpec.from_dict(d, root=path.parent), overwrite=True)
+        except (ValueError, KeyError, TypeError) as err:
+            msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+            raise ConfigError(f"{path}: task {i + 1}: {msg}") from None
+        names.append(spec.name)
+    return names
 
 
 def synthetic_task_specs(world: str | Path) -> dict[str, TaskSpec]:
