@@ -336,3 +336,16 @@ def test_train_world_tokenizer_is_deterministic():
     b = train_world_tokenizer(texts, 300).to_str()
     assert a == b
     assert '"<|endofchunk|>"' in a
+
+
+def test_writers_report_progress_within_their_stage(tmp_path):
+    """The progress bar moves inside a stage: every writer ticks fractions that rise to 1."""
+    from mm1.data.synthetic_writers import PRESETS, write_eval, write_text
+
+    for write in (
+        lambda tick: write_text(tmp_path / "t", 0, PRESETS["tiny"], [], 1.0, tick),
+        lambda tick: write_eval(tmp_path / "e", "val", 5, 0, PRESETS["tiny"], 32, tick),
+    ):
+        ticks: list[float] = []
+        write(ticks.append)
+        assert len(ticks) > 1 and ticks == sorted(ticks) and ticks[-1] == 1.0

@@ -56,6 +56,7 @@ from mm1.data.scenes import (
 )
 from mm1.data.synthetic_writers import (
     PRESETS,
+    Tick,
     write_captions,
     write_eval,
     write_mmc4,
@@ -213,20 +214,27 @@ def write_world(
     root = Path(out_dir)
     _prepare_dir(root)
     texts: list[str] = []
-    stages: dict[str, Callable[[], dict[str, Any]]] = {
-        "captions": lambda: write_captions(
-            root, "captions", "alt", seed, preset, image_size, texts
+    # Each stage takes a `tick(fraction)` callback, so the bar moves within a stage too.
+    stages: dict[str, Callable[[Tick], dict[str, Any]]] = {
+        "captions": lambda tick: write_captions(
+            root, "captions", "alt", seed, preset, image_size, texts, tick
         ),
-        "captions_vecap": lambda: write_captions(
-            root, "captions_vecap", "recap", seed, preset, image_size, texts
+        "captions_vecap": lambda tick: write_captions(
+            root, "captions_vecap", "recap", seed, preset, image_size, texts, tick
         ),
-        "interleaved": lambda: write_obelics(root, seed, preset, image_size, texts, text_scale),
-        "interleaved_mmc4": lambda: write_mmc4(root, seed, preset, image_size, texts, text_scale),
-        "text": lambda: write_text(root, seed, preset, texts, text_scale),
-        "sft": lambda: write_sft(root, seed, preset, image_size, texts),
-        "eval/val": lambda: write_eval(root, "val", preset.val_images, seed, preset, image_size),
-        "eval/support": lambda: write_eval(
-            root, "support", preset.support_images, seed, preset, image_size
+        "interleaved": lambda tick: write_obelics(
+            root, seed, preset, image_size, texts, text_scale, tick
+        ),
+        "interleaved_mmc4": lambda tick: write_mmc4(
+            root, seed, preset, image_size, texts, text_scale, tick
+        ),
+        "text": lambda tick: write_text(root, seed, preset, texts, text_scale, tick),
+        "sft": lambda tick: write_sft(root, seed, preset, image_size, texts, tick),
+        "eval/val": lambda tick: write_eval(
+            root, "val", preset.val_images, seed, preset, image_size, tick
+        ),
+        "eval/support": lambda tick: write_eval(
+            root, "support", preset.support_images, seed, preset, image_size, tick
         ),
     }
     written: dict[str, dict[str, Any]] = {}
@@ -252,11 +260,10 @@ def write_world(
     ) as bar:
         task = bar.add_task("", total=len(stages) + 1)
         for i, (name, write) in enumerate(stages.items(), 1):
-            bar.update(task, description=name)
+            bar.update(task, description=name, completed=i - 1)
             stage(i, name)
-            written[name] = write()
-            bar.advance(task)
-        bar.update(task, description="tokenizer")
+            written[name] = write(lambda f, i=i: bar.update(task, completed=i - 1 + f))
+        bar.update(task, description="tokenizer", completed=len(stages))
         stage(len(stages) + 1, "tokenizer")
         tok = train_world_tokenizer(texts, vocab_size)
         tok.save(str(root / "tokenizer.json"))

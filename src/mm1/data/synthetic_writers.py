@@ -11,9 +11,10 @@ import json
 import random
 import tarfile
 from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -59,6 +60,21 @@ _MTIME = 946684800  # 2000-01-01: fixed member mtimes make tar shards byte-ident
 _URL = "https://world.mm1.invalid"
 
 
+T = TypeVar("T")
+Tick = Callable[[float], None]  # progress within a writer, 0..1
+
+
+def no_tick(fraction: float) -> None:
+    pass
+
+
+def ticking(items: Sequence[T], tick: Tick) -> Iterator[T]:
+    """`items`, calling `tick(done / total)` after the loop body of each one."""
+    for k, item in enumerate(items):
+        yield item
+        tick((k + 1) / len(items))
+
+
 def world_rng(seed: int, *keys: object) -> random.Random:
     h = hashlib.sha256(repr((seed, *keys)).encode()).digest()
     return random.Random(int.from_bytes(h[:8], "big"))
@@ -90,13 +106,20 @@ def jpeg(img: Image.Image) -> bytes:
 
 
 def write_captions(
-    root: Path, name: str, style: str, seed: int, preset: Preset, image_size: int, texts: list[str]
+    root: Path,
+    name: str,
+    style: str,
+    seed: int,
+    preset: Preset,
+    image_size: int,
+    texts: list[str],
+    tick: Tick = no_tick,
 ) -> dict[str, Any]:
     d = root / name
     d.mkdir(parents=True)
     per_shard = preset.captions_per_shard if style == "alt" else preset.vecap_per_shard
     shards = []
-    for shard in range(preset.shards):
+    for shard in ticking(range(preset.shards), tick):
         members: list[tuple[str, bytes]] = []
         for i in range(per_shard):
             rng = world_rng(seed, name, shard, i)
@@ -150,6 +173,7 @@ def write_obelics(
     image_size: int,
     texts: list[str],
     text_scale: float = 0.0,
+    tick: Tick = no_tick,
 ) -> dict[str, Any]:
     name = "interleaved"
     d = root / name
@@ -163,7 +187,7 @@ def write_obelics(
         ]
     )
     shards, n_images, doc_types = [], 0, Counter()
-    for shard in range(preset.shards):
+    for shard in ticking(range(preset.shards), tick):
         cols: dict[str, list[Any]] = {k: [] for k in schema.names}
         for i in range(preset.interleaved_per_shard):
             rng = world_rng(seed, name, shard, i)
@@ -222,13 +246,14 @@ def write_mmc4(
     image_size: int,
     texts: list[str],
     text_scale: float = 0.0,
+    tick: Tick = no_tick,
 ) -> dict[str, Any]:
     """MMC4-style: each image is matched to the sentence that follows it ("before" placement)."""
     name = "interleaved_mmc4"
     d = root / name
     (d / "images").mkdir(parents=True)
     shards, n_images = [], 0
-    for shard in range(preset.shards):
+    for shard in ticking(range(preset.shards), tick):
         lines = []
         for i in range(preset.mmc4_per_shard):
             rng = world_rng(seed, name, shard, i)
@@ -295,13 +320,18 @@ def write_mmc4(
 
 
 def write_text(
-    root: Path, seed: int, preset: Preset, texts: list[str], text_scale: float = 0.0
+    root: Path,
+    seed: int,
+    preset: Preset,
+    texts: list[str],
+    text_scale: float = 0.0,
+    tick: Tick = no_tick,
 ) -> dict[str, Any]:
     name = "text"
     d = root / name
     d.mkdir(parents=True)
     shards = []
-    for shard in range(preset.shards):
+    for shard in ticking(range(preset.shards), tick):
         lines = []
         for i in range(preset.text_per_shard):
             topics, text = text_document(world_rng(seed, name, shard, i), text_scale)
@@ -321,13 +351,13 @@ def write_text(
 
 
 def write_sft(
-    root: Path, seed: int, preset: Preset, image_size: int, texts: list[str]
+    root: Path, seed: int, preset: Preset, image_size: int, texts: list[str], tick: Tick = no_tick
 ) -> dict[str, Any]:
     name = "sft"
     d = root / name
     (d / "images").mkdir(parents=True)
     records, n_images, kinds = [], 0, Counter()
-    for i in range(preset.sft):
+    for i in ticking(range(preset.sft), tick):
         kind, scenes, turns = sft_conversation(world_rng(seed, name, i))
         kinds[kind] += 1
         files = []
@@ -368,13 +398,19 @@ def write_sft(
 
 
 def write_eval(
-    root: Path, split: str, n_images: int, seed: int, preset: Preset, image_size: int
+    root: Path,
+    split: str,
+    n_images: int,
+    seed: int,
+    preset: Preset,
+    image_size: int,
+    tick: Tick = no_tick,
 ) -> dict[str, Any]:
     d = root / "eval" / split
     (d / "images").mkdir(parents=True)
     id_base = 0 if split == "val" else 500_000
     coco_images, coco_anns, questions, vqa_anns = [], [], [], []
-    for i in range(n_images):
+    for i in ticking(range(n_images), tick):
         rng = world_rng(seed, "eval", split, i)
         scene = sample_scene(rng, split)
         image_id = id_base + i + 1
