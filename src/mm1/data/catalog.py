@@ -93,6 +93,14 @@ def list_shards(path_or_glob: str | Path, fmt: str) -> list[Path]:
     return sorted(found, key=_natural_key)
 
 
+def _is_file(path: Path) -> bool:
+    """`path.is_file()`, False for a name too long for the OS (python 3.11 raises for it)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def check_sources(sources: Sequence[SourceConfig], key: str = "data.sources") -> None:
     """Fail fast, naming the config key, when a source names no data: a path, glob or brace
     range without a matching file, a LLaVA YAML dataset whose json is missing, or an
@@ -105,7 +113,7 @@ def check_sources(sources: Sequence[SourceConfig], key: str = "data.sources") ->
             if spec.format == "llava_yaml":
                 for shard in shards:
                     for ds in llava_yaml_datasets(shard):
-                        if not Path(ds["json_path"]).is_file():
+                        if not _is_file(Path(ds["json_path"])):
                             raise FileNotFoundError(
                                 f"{shard}: dataset {ds['json_path_as_written']}: no such file "
                                 f"{ds['json_path']}"

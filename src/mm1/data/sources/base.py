@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -197,7 +198,11 @@ class BadImage(Exception):
 
 
 def image_from_path(path: Path) -> Image.Image:
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as e:  # a name too long for the OS: python 3.11 raises instead of False
+        raise BadImage("missing_image", f"cannot look up {str(path)[:200]}: {e.strerror}") from None
+    if not found:
         raise BadImage("missing_image", f"no file {path}")
     try:
         return load_image_file(path)
@@ -357,20 +362,51 @@ def _decode_strings(value: Any, t: Any) -> Any:
 
 
 def open_text(path: Path) -> io.TextIOBase:
-    """A UTF-8 text stream; bytes that are not UTF-8 come as lone surrogates (surrogateescape),
-    which `repair_record` counts as `invalid_utf8` and replaces."""
+    """A UTF-8 text stream (a leading BOM, as Windows tools write, left out); bytes that are not
+    UTF-8 come as lone surrogates (surrogateescape), which `repair_record` counts as
+    `invalid_utf8` and replaces."""
     if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors="surrogateescape")  # type: ignore[return-value]
-    return open(path, encoding="utf-8", errors="surrogateescape")  # type: ignore[return-value]
+        return gzip.open(path, "rt", encoding="utf-8-sig", errors="surrogateescape")  # type: ignore[return-value]
+    return open(path, encoding="utf-8-sig", errors="surrogateescape")  # type: ignore[return-value]
+
+
+# Deeper JSON is no real record; python's parser (and any recursive walk) would hit the
+# recursion limit on it, so such records are refused up front.
+MAX_JSON_DEPTH = 100
+
+
+def too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether a JSON-like value nests lists / dicts more than `limit` levels (no recursion)."""
+    level: list[Any] = [value]  # the containers at one depth, the root's being 1
+    for _ in range(limit):
+        level = [
+            x
+            for v in level
+            if isinstance(v, (dict, list))
+            for x in (v.values() if isinstance(v, dict) else v)
+            if isinstance(x, (dict, list))
+        ]
+        if not level:
+            return False
+    return True
 
 
 def load_json_file(path: Path) -> tuple[Any, bool]:
     """A whole JSON file and whether it held bytes that are not UTF-8 (kept as surrogates: the
     caller repairs record by record with `repair_record`, so each bad record is counted).
-    Raises ValueError when it is not JSON."""
-    with open_text(path) as f:
-        raw = f.read()
-    return json.loads(raw), has_escaped_bytes(raw)
+    Raises ValueError when it is not JSON, `DataError` naming the file when it cannot be read
+    (a directory, a symlink loop); a missing file raises FileNotFoundError."""
+    try:
+        with open_text(path) as f:
+            raw = f.read()
+    except OSError as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise DataError(f"{str(path)[:300]}: cannot read: {e.strerror or e}") from None
+    try:
+        return json.loads(raw), has_escaped_bytes(raw)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 def jsonl_records(path: Path, start: int, stats: ReadStats) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -388,14 +424,19 @@ def jsonl_records(path: Path, start: int, stats: ReadStats) -> Iterator[tuple[in
                     continue
                 try:
                     obj = json.loads(line)
-                except ValueError as e:
-                    skip_record(stats, "malformed_json", f"{path}:{lineno}", str(e))
+                except (ValueError, RecursionError) as e:
+                    why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+                    skip_record(stats, "malformed_json", f"{path}:{lineno}", why)
+                    continue
+                if too_deep(obj):
+                    why = f"nested deeper than {MAX_JSON_DEPTH} levels"
+                    skip_record(stats, "malformed_json", f"{path}:{lineno}", why)
                     continue
                 if not isinstance(obj, dict):
                     skip_record(stats, "malformed_record", f"{path}:{lineno}", "not a JSON object")
                     continue
                 yield index, repair_record(stats, obj, f"{path}:{lineno}", has_escaped_bytes(line))
-    except (EOFError, gzip.BadGzipFile, OSError) as e:
+    except (EOFError, gzip.BadGzipFile, OSError, zlib.error) as e:  # zlib.error: a bad gzip body
         if isinstance(e, FileNotFoundError):
             raise
         skip_record(stats, "corrupt_file", str(path), f"stopped reading: {e}")

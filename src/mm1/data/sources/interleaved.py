@@ -31,8 +31,12 @@ def _obelics_image(
     value: Any, root: Path, path: Path, row: int, pos: int, allow_outside: bool
 ) -> Image.Image:
     if isinstance(value, dict):  # HF `datasets` Image feature: {"bytes": ..., "path": ...}
-        if value.get("bytes"):
-            return image_from_bytes(value["bytes"], f"{path}: row {row}, image {pos}")
+        data = value.get("bytes")
+        if data is not None and not isinstance(data, (bytes, bytearray, memoryview)):
+            # a wrong schema: bytes(10**10) would allocate 10 GB, bytes("x") raise TypeError
+            raise BadImage("malformed_record", f"image {pos}: `bytes` is a {type(data).__name__}")
+        if data:
+            return image_from_bytes(data, f"{path}: row {row}, image {pos}")
         value = value.get("path")
         if not value:
             raise BadImage("missing_image", f"image {pos} has neither bytes nor path")

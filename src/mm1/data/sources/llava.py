@@ -22,6 +22,7 @@ from mm1.data.sources.base import (
     repair_record,
     resolve_image_path,
     skip_record,
+    too_deep,
 )
 
 _ROLES = {
@@ -51,8 +52,8 @@ def _llava_records(
         if index < start:
             continue
         where = f"{path}: record {index}"
-        if not isinstance(rec, dict):
-            skip_record(stats, "malformed_record", where, "not a JSON object")
+        if not isinstance(rec, dict) or too_deep(rec):
+            skip_record(stats, "malformed_record", where, "not a JSON object of sane depth")
             continue
         yield index, repair_record(stats, rec, where, invalid_bytes)
 
@@ -177,7 +178,7 @@ def sample_indices(n: int, strategy: str, rng: random.Random, where: str) -> lis
     number = number.strip()
     try:
         k = math.ceil(float(number[:-1]) * n / 100) if number.endswith("%") else int(number)
-    except ValueError:
+    except (ValueError, OverflowError):  # "x", "nan%", "inf%"
         raise ValueError(f"{where}: bad number in sampling_strategy {s!r}") from None
     if k < 0:
         raise ValueError(f"{where}: negative number in sampling_strategy {s!r}")
@@ -205,6 +206,8 @@ def llava_yaml_datasets(
         data = yaml.safe_load(yaml_path.read_text())
     except yaml.YAMLError as e:
         raise DataError(f"{yaml_path}: not valid YAML: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise DataError(f"{yaml_path}: not valid YAML: nested too deeply") from None
     datasets = data.get("datasets") if isinstance(data, dict) else None
     if not isinstance(datasets, list) or not datasets:
         raise DataError(f"{yaml_path}: expected a `datasets:` list of {{json_path, ...}} entries")
@@ -216,6 +219,11 @@ def llava_yaml_datasets(
         if not json_path.is_absolute():
             json_path = yaml_path.parent / json_path
         folder = ds.get("image_folder", image_folder)
+        if folder is not None and not isinstance(folder, (str, Path)):
+            raise DataError(
+                f"{yaml_path}: dataset {i}: `image_folder` must be a path, got "
+                f"{type(folder).__name__}"
+            )
         if folder is None:
             folder_path = default_image_dir(json_path)
         else:

@@ -21,6 +21,7 @@ from mm1.data.sources.base import (
     repair_record,
     resolve_image_path,
     skip_record,
+    too_deep,
 )
 
 
@@ -90,6 +91,7 @@ def coco_entries(
     # given), so ids, file names and captions are valid Unicode.
     count = stats if stats is not None else ReadStats()
     for i, ann in enumerate(annotations):
+        ann = None if too_deep(ann) else ann  # counted as malformed below
         ann = repair_record(count, ann, f"{path}: annotation {i}", invalid_bytes)
         image_id = ann.get("image_id") if isinstance(ann, dict) else None
         caption = ann.get("caption") if isinstance(ann, dict) else None
@@ -102,6 +104,7 @@ def coco_entries(
         captions.setdefault(image_id, []).append(caption)
     entries: list[tuple[dict[str, Any] | None, list[str]]] = []
     for i, im in enumerate(images):
+        im = None if too_deep(im) else im  # a malformed entry: skipped by the reader
         im = repair_record(count, im, f"{path}: image entry {i}", invalid_bytes)
         ok = isinstance(im, dict) and _coco_id(im.get("id"))
         entries.append((im, captions.get(im["id"], [])) if ok else (None, []))

@@ -18,6 +18,7 @@ from mm1.data.sources.base import (
     decode_image,
     repair_record,
     skip_record,
+    too_deep,
 )
 from mm1.data.sources.unicode import decode_utf8
 
@@ -132,8 +133,8 @@ def _wds_sample(
             text, invalid = decode_utf8(read(members["json"]))
             try:
                 loaded = json.loads(text)
-                meta = loaded if isinstance(loaded, dict) else {}
-            except ValueError:
+                meta = loaded if isinstance(loaded, dict) and not too_deep(loaded) else {}
+            except (ValueError, RecursionError):
                 meta = {}
         caption = None
         for ext in CAPTION_EXTS:
