@@ -77,19 +77,23 @@ def _built_model_config(cfg: Config) -> tuple[ModelConfig, str]:
     vocabulary (without writing a synthetic world), and where the vocabulary comes from."""
     from mm1.data.synthetic import WorldManifest
     from mm1.data.tokenizer import Tokenizer
+    from mm1.data.world import saved_tokenizer_dir
     from mm1.models.build import resolve_config
 
     world = Path(cfg.data.world)
-    tok_path = cfg.data.tokenizer or cfg.model.decoder.init
+    init = cfg.train.init
+    tok_init = init.decoder or init.weights
+    tok_path = cfg.data.tokenizer or (saved_tokenizer_dir(tok_init) if tok_init else None)
     if tok_path:
         where = str(tok_path)
     elif (world / "world.json").is_file():
         tok_path, where = WorldManifest.load(world).tokenizer_path, f"the world at {world}"
     else:
         how = f"the config; training sets it from the synthetic world's tokenizer ({world})"
-        return resolve_config(cfg.model), how
+        return resolve_config(cfg.model, init=init), how
     tok = Tokenizer.from_file(tok_path)
-    return resolve_config(cfg.model, tok.vocab_size, tok.image_id), f"the tokenizer of {where}"
+    resolved = resolve_config(cfg.model, tok.vocab_size, tok.image_id, init)
+    return resolved, f"the tokenizer of {where}"
 
 
 def cmd_train(args: argparse.Namespace) -> int | None:
@@ -192,7 +196,7 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
     from mm1.data.world import prepare_data
 
     cfg = load_config(args.config, args.overrides)
-    data = prepare_data(cfg.data, cfg.model)
+    data = prepare_data(cfg.data, cfg.model, init=cfg.train.init)
     q = cfg.model.num_image_tokens
     settings = LoaderSettings.from_config(cfg.data, data.sources, q)
     stats = packing_stats(settings, data.tokenizer, args.sequences, progress=not args.json)

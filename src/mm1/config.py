@@ -7,6 +7,7 @@ cannot express, each naming its key. This module imports nothing of mm1.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -16,6 +17,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -54,8 +57,7 @@ class VisionConfig:
     # Index into the encoder's hidden states as transformers counts them: 0 = embeddings,
     # i = output of block i, -1 = last block (before the final norm), -2 = LLaVA's choice.
     feature_layer: int = -1
-    # HF checkpoint directory (CLIPVisionModel / SiglipVisionModel); its position embeddings
-    # are interpolated bicubically when image_size differs from the checkpoint's.
+    # Deprecated: train.init.vision (read from here with a warning, see `apply_deprecated_keys`).
     init: str | None = None
 
     @property
@@ -120,7 +122,7 @@ class DecoderConfig:
     # FlexAttention with a document block mask (compiled on GPU); auto: varlen for rows of at
     # least `VARLEN_MIN_LEN` tokens, sdpa for shorter ones (where the dense mask costs less).
     attention: str = "auto"
-    init: str | None = None  # HF checkpoint directory (Llama / Qwen2 / Mistral)
+    init: str | None = None  # deprecated: train.init.decoder (see `apply_deprecated_keys`)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -223,8 +225,31 @@ class OptimConfig:
 
 
 @dataclass
+class InitConfig:
+    """Where a run's starting weights come from (the architecture stays in `model`).
+
+    `weights` is a run directory (its newest checkpoint), one of its checkpoints
+    (RUN/checkpoints/step_N) or an exported directory: every part of the model starts from it.
+    `vision`, `decoder` and `connector` override one part each: an HF checkpoint directory
+    (CLIP / SigLIP for vision, Llama / Qwen2 / Mistral for the decoder; its architecture replaces
+    the config's) or an mm1 run / export (its part of the model; the config's architecture, the
+    weights adapted by the loading chain: position embeddings, vocabulary). Parts named nowhere
+    start from random. A resumed run ignores all of this: it continues from its own checkpoint.
+    """
+
+    weights: str | None = None
+    vision: str | None = None
+    connector: str | None = None
+    decoder: str | None = None
+
+
+INIT_PARTS = ("vision", "connector", "decoder")
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
+    init: InitConfig = field(default_factory=InitConfig)
     steps: int = 200000
     batch_size: int = 512  # sequences per optimizer step, over all ranks
     micro_batch_size: int = 1
@@ -362,6 +387,55 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
         )
 
 
+_DEPRECATION_WARNED: set[str] = set()
+
+
+def apply_deprecated_keys(cfg: Config) -> Config:
+    """Move the starting weights still named in the architecture (`model.vision.init`,
+    `model.decoder.init`) to `train.init`, with a warning (once per key); in place, idempotent.
+    Both set to different directories is an error."""
+    for part in ("vision", "decoder"):
+        section = getattr(cfg.model, part)
+        old = section.init
+        if not old:
+            continue
+        new = getattr(cfg.train.init, part)
+        if new is not None and new != old:
+            raise ConfigError(
+                f"model.{part}.init={old} and train.init.{part}={new} disagree: keep "
+                f"train.init.{part} (model.{part}.init is deprecated)"
+            )
+        if part not in _DEPRECATION_WARNED:
+            _DEPRECATION_WARNED.add(part)
+            log.warning(
+                "model.%s.init is deprecated: starting weights are train.init.%s (read as that)",
+                part,
+                part,
+            )
+        setattr(cfg.train.init, part, old)
+        section.init = None
+    return cfg
+
+
+def deprecated_keys_in_dict(d: dict[str, Any]) -> dict[str, Any]:
+    """`apply_deprecated_keys` on a plain config dict (a saved config.yaml, maybe written before
+    `train.init` existed); in place, silent."""
+    train = d.setdefault("train", {})
+    init = train.setdefault("init", {})
+    for k in ("weights", *INIT_PARTS):
+        init.setdefault(k, None)
+    for part in ("vision", "decoder"):
+        section = d.get("model", {}).get(part, {})
+        if section.get("init"):
+            init[part] = init[part] or section["init"]
+            section["init"] = None
+    return d
+
+
+def has_starting_weights(init: InitConfig) -> bool:
+    return any(getattr(init, k) for k in ("weights", *INIT_PARTS))
+
+
 def validate(cfg: Config) -> None:
     """Semantic checks across the whole config; raises ConfigError naming the key."""
     validate_model(cfg.model)
@@ -400,6 +474,10 @@ def validate(cfg: Config) -> None:
             f"data.seq_len={d.seq_len} cannot hold one image of {n_img} tokens "
             "(model.connector.num_tokens, data.image_boundaries)"
         )
+    for k in ("weights", *INIT_PARTS):
+        value = getattr(t.init, k)
+        if value is not None and not value.strip():
+            raise ConfigError(f"train.init.{k} is empty: name a directory, or leave it unset")
     _choice("train.parallel", t.parallel, ("fsdp", "ddp", "none"))
     _choice("train.dtype", t.dtype, ("auto", "float32", "bfloat16"))
     _choice("train.wandb", t.wandb, ("off", "offline", "online"))
@@ -536,6 +614,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         where = f"{path}: " if path is not None else ""
         hint = "a list written as a mapping? data.sources is a list: - {format: ..., path: ...}"
         raise ConfigError(f"{where}{err} ({hint})") from None
+    apply_deprecated_keys(cfg)
     validate(cfg)
     return cfg
 

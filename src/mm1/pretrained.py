@@ -18,16 +18,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from mm1.config import ModelConfig, model_config_from_dict, to_dict
+from mm1.checkpoint import (
+    EXPORT_WEIGHTS,
+    MODEL_CONFIG,
+    SavedModel,
+    is_export,
+    is_run,
+    read_model_config,
+    read_model_weights,
+)
+from mm1.config import ModelConfig, to_dict
 from mm1.data.images import ImageProcessor
 from mm1.data.prompt_format import load_prompt_format, save_prompt_format
 from mm1.data.tokenizer import Tokenizer
+from mm1.models.decoder import rope_inv_freq
 from mm1.models.mllm import MM1
 
-WEIGHTS = "model.safetensors"
-MODEL_CONFIG = "model.json"
+WEIGHTS = EXPORT_WEIGHTS
 
 
 @dataclass
@@ -77,12 +86,24 @@ def _readable_like_other_files(path: Path) -> None:
     path.chmod(0o666 & ~umask)
 
 
-def _is_export(path: Path) -> bool:
-    return (path / WEIGHTS).is_file() and (path / MODEL_CONFIG).is_file()
-
-
 def load_model_config(path: str | Path) -> ModelConfig:
-    return model_config_from_dict(json.loads((Path(path) / MODEL_CONFIG).read_text()))
+    return read_model_config(path)
+
+
+def model_from_saved(saved: SavedModel) -> MM1:
+    """An MM1 holding a saved model's weights (built on the meta device, weights assigned)."""
+    cfg = saved.config
+    cfg.vision.init = cfg.decoder.init = None
+    with torch.device("meta"):
+        model = MM1(cfg)
+    state = dict(saved.state)
+    if cfg.decoder.tie_embeddings:
+        state["decoder.lm_head.weight"] = state["decoder.embed_tokens.weight"]
+    model.load_state_dict(state, assign=True, strict=True)
+    if cfg.decoder.tie_embeddings:
+        model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
+    model.decoder.inv_freq = rope_inv_freq(cfg.decoder)  # a non-persistent buffer
+    return model
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
@@ -90,52 +111,21 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pre
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
-    if _is_export(path):
-        cfg = load_model_config(path)
-        cfg.vision.init = cfg.decoder.init = None
-        with torch.device("meta"):
-            model = MM1(cfg)
-        state = load_file(str(path / WEIGHTS))
-        if cfg.decoder.tie_embeddings:
-            state["decoder.lm_head.weight"] = state["decoder.embed_tokens.weight"]
-        model.load_state_dict(state, assign=True, strict=True)
-        if cfg.decoder.tie_embeddings:
-            model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
-        model.decoder.inv_freq = _rope(cfg)
-        tok_dir, proc_dir = path, path
-    elif (path / "checkpoints").is_dir() and (path / MODEL_CONFIG).is_file():
-        model = _load_run(path)
-        tok_dir = proc_dir = path / "tokenizer"
+    if is_export(path):
+        tok_dir = path
+    elif is_run(path):
+        tok_dir = path / "tokenizer"
     else:
         raise FileNotFoundError(
             f"{path} is neither an exported model ({WEIGHTS} + {MODEL_CONFIG}) nor a run "
             "directory with checkpoints/"
         )
+    model = model_from_saved(read_model_weights(path))
     model.to(device).eval()
     return Pretrained(
         model,
         Tokenizer.from_file(tok_dir),
-        ImageProcessor.from_pretrained(proc_dir),
+        ImageProcessor.from_pretrained(tok_dir),
         path,
         load_prompt_format(tok_dir),
     )
-
-
-def _rope(cfg: ModelConfig) -> torch.Tensor:
-    from mm1.models.decoder import rope_inv_freq
-
-    return rope_inv_freq(cfg.decoder)
-
-
-def _load_run(run_dir: Path) -> MM1:
-    """The model of a run's newest complete checkpoint, on one process (DCP reshards)."""
-    from mm1.train.checkpoint import latest_checkpoint, load_model_weights
-
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"{run_dir} has no complete checkpoint under checkpoints/")
-    cfg = load_model_config(run_dir)
-    cfg.vision.init = cfg.decoder.init = None
-    model = MM1(cfg)
-    load_model_weights(ckpt, model)
-    return model

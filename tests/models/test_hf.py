@@ -324,17 +324,21 @@ def test_transformers4_config_layout(tmp_path):
 
 
 def test_starting_point_gives_the_shapes_but_keeps_the_attention_backend(tmp_path):
-    """`decoder.init` replaces the architecture; how attention is computed stays the user's."""
-    from mm1.config import ModelConfig
+    """`train.init.decoder` replaces the architecture; how attention is computed stays the
+    user's. The deprecated `model.decoder.init` does the same; the resolved architecture names
+    no weights."""
+    from mm1.config import InitConfig, ModelConfig
     from mm1.models.build import resolve_config
 
     hf_decoder("llama").save_pretrained(tmp_path)
     cfg = ModelConfig()
-    cfg.decoder.attention, cfg.decoder.init = "sdpa", str(tmp_path)
-    resolved = resolve_config(cfg)
+    cfg.decoder.attention = "sdpa"
+    resolved = resolve_config(cfg, init=InitConfig(decoder=str(tmp_path)))
     assert resolved.decoder.attention == "sdpa"
     assert (resolved.decoder.dim, resolved.decoder.layers) == (64, 2)
-    assert resolved.decoder.init == str(tmp_path)
+    cfg.decoder.init = str(tmp_path)
+    assert resolve_config(cfg) == resolved
+    assert resolved.decoder.init is None
 
 
 def test_qwen2_sliding_window_only_when_enabled(tmp_path):

@@ -317,8 +317,8 @@ def test_nonfinite_losses_are_skipped_then_abort_naming_the_step(
 
 
 def test_training_from_hf_starting_points(tmp_path, world) -> None:
-    """vision.init / decoder.init take HF checkpoint directories; the tokenizer comes from the
-    decoder's directory, gets mm1's special tokens, and the embeddings are resized to it."""
+    """train.init.vision / .decoder take HF checkpoint directories; the tokenizer comes from
+    the decoder's directory, gets mm1's special tokens, and the embeddings are resized to it."""
     from mm1.config import load_config
     from mm1.data.tokenizer import Tokenizer
     from mm1.models.build import build_model
@@ -328,16 +328,16 @@ def test_training_from_hf_starting_points(tmp_path, world) -> None:
     cfg = load_config(
         tiny_config(tmp_path, world, steps=2, save_every=2, parallel="none", val_every=0),
         [
-            f"model.vision.init={vis_dir}",
+            f"train.init.vision={vis_dir}",
             "model.vision.image_size=48",  # position embeddings interpolated 32 -> 48 px
             "model.vision.width=32",
-            f"model.decoder.init={dec_dir}",
+            f"train.init.decoder={dec_dir}",
             f"train.run_dir={tmp_path / 'run'}",
         ],
     )
     tok = Tokenizer.from_file(dec_dir)
     assert tok.vocab_size > base_vocab  # <img> and </img> were added
-    model = build_model(cfg.model, tok.vocab_size, tok.image_id)
+    model = build_model(cfg.model, tok.vocab_size, tok.image_id, init=cfg.train.init)
     assert model.decoder.embed_tokens.weight.shape[0] == tok.vocab_size
     # pre-trained rows are the checkpoint's; new rows start at their mean
     hf_emb = llama.get_input_embeddings().weight.detach()
@@ -466,8 +466,8 @@ def test_two_process_fsdp_loads_hf_starting_points_into_the_shards(tmp_path, wor
         "train",
         str(cfg),
         f"train.run_dir={run}",
-        f"model.vision.init={vis_dir}",
-        f"model.decoder.init={dec_dir}",
+        f"train.init.vision={vis_dir}",
+        f"train.init.decoder={dec_dir}",
         "train.train_vision=false",
         "train.train_decoder=false",
     ]

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mm1.config import DataConfig, ModelConfig, SourceConfig
+from mm1.config import DataConfig, InitConfig, ModelConfig, SourceConfig
 from mm1.data.catalog import check_sources
 from mm1.data.images import PREPROCESSOR_CONFIG, ImageProcessor
 from mm1.data.synthetic import WorldManifest, write_world
@@ -79,15 +79,29 @@ def world_sources(world: WorldManifest) -> tuple[list[SourceConfig], list[Source
     return train, val_sources
 
 
-def image_processor_for(model: ModelConfig) -> ImageProcessor:
-    """The encoder checkpoint's preprocessing at our image size, or the variant's defaults."""
+def saved_tokenizer_dir(path: str | Path) -> Path:
+    """Where the tokenizer and image preprocessing of a starting point are: a run's
+    `tokenizer/` (also for one of its `checkpoints/step_N`), else the directory itself (an
+    export, an HF checkpoint)."""
+    p = Path(path)
+    if (p / "tokenizer").is_dir():
+        return p / "tokenizer"
+    if (p / "meta.json").is_file() and (p.parent.parent / "tokenizer").is_dir():
+        return p.parent.parent / "tokenizer"
+    return p
+
+
+def image_processor_for(model: ModelConfig, init: InitConfig | None = None) -> ImageProcessor:
+    """The preprocessing of the encoder's starting point (`train.init.vision`, else
+    `train.init.weights`) at our image size, or the variant's defaults."""
     size = model.vision.image_size
-    init = model.vision.init
-    if init and (Path(init) / PREPROCESSOR_CONFIG).exists():
-        base = ImageProcessor.from_pretrained(init)
+    init_dir = (init.vision or init.weights) if init is not None else model.vision.init
+    src = saved_tokenizer_dir(init_dir) if init_dir else None
+    if src is not None and (src / PREPROCESSOR_CONFIG).exists():
+        base = ImageProcessor.from_pretrained(src)
         if base.shortest_edge is not None:
-            return ImageProcessor.from_pretrained(init, shortest_edge=size, crop_size=(size, size))
-        return ImageProcessor.from_pretrained(init, size=(size, size))
+            return ImageProcessor.from_pretrained(src, shortest_edge=size, crop_size=(size, size))
+        return ImageProcessor.from_pretrained(src, size=(size, size))
     if model.vision.variant == "siglip":
         return ImageProcessor.siglip(size)
     return ImageProcessor.clip(size)
@@ -98,12 +112,18 @@ def prepare_data(
     model: ModelConfig,
     is_main: bool = True,
     barrier: Callable[[], None] = lambda: None,
+    init: InitConfig | None = None,
 ) -> PreparedData:
     """Tokenizer, image processor and sources of a run; every source is checked to name data
-    (`check_sources`), so a wrong path fails here, before a model is built."""
+    (`check_sources`), so a wrong path fails here, before a model is built. The tokenizer is
+    `data.tokenizer`, else the decoder's starting point's (`train.init.decoder`, else
+    `train.init.weights`), else the synthetic world's."""
     world = None
     sources, val_sources = list(data.sources), list(data.val_sources)
-    needs_world = not sources or (not data.tokenizer and not model.decoder.init)
+    if init is None:
+        init = InitConfig(vision=model.vision.init, decoder=model.decoder.init)
+    tok_init = init.decoder or init.weights
+    needs_world = not sources or (not data.tokenizer and not tok_init)
     if needs_world:
         world = ensure_world(data, is_main, barrier)
         default_train, default_val = world_sources(world)
@@ -114,14 +134,14 @@ def prepare_data(
     check_sources(val_sources, "data.val_sources")
     if data.tokenizer:
         tok_path = Path(data.tokenizer)
-    elif model.decoder.init:
-        tok_path = Path(model.decoder.init)
+    elif tok_init:
+        tok_path = saved_tokenizer_dir(tok_init)
     else:
         assert world is not None
         tok_path = world.tokenizer_path
     return PreparedData(
         tokenizer=Tokenizer.from_file(tok_path),
-        processor=image_processor_for(model),
+        processor=image_processor_for(model, init),
         sources=sources,
         val_sources=val_sources,
         world=world,

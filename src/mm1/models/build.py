@@ -1,4 +1,4 @@
-"""Materialising an MM1 model from its config: random init or HF starting points."""
+"""Materialising an MM1 model from its config: random init, or starting weights (`train.init`)."""
 
 from __future__ import annotations
 
@@ -7,27 +7,36 @@ from collections.abc import Sequence
 
 import torch
 
-from mm1.config import ModelConfig, validate_model
+from mm1.config import InitConfig, ModelConfig, validate_model
 from mm1.models.mllm import MM1
+from mm1.models.starting_point import expected_shapes, hf_source, starting_state, with_deprecated
 
 
 def resolve_config(
-    cfg: ModelConfig, vocab_size: int | None = None, image_token_id: int | None = None
+    cfg: ModelConfig,
+    vocab_size: int | None = None,
+    image_token_id: int | None = None,
+    init: InitConfig | None = None,
 ) -> ModelConfig:
-    """The architecture actually built: a starting point's shapes replace the config's, the
-    vocabulary is the tokenizer's (`vocab_size`) and the image placeholder its `<image>` id."""
-    from mm1.models import hf  # deferred: only needed with HF starting points
-
+    """The architecture actually built: an HF starting point's shapes replace the config's, the
+    vocabulary is the tokenizer's (`vocab_size`) and the image placeholder its `<image>` id.
+    Starting points are `init` (the deprecated `cfg.vision.init` / `cfg.decoder.init` count
+    too); the resolved config names none (they are not part of the architecture)."""
+    init = with_deprecated(cfg, init)
     cfg = copy.deepcopy(cfg)
-    if cfg.vision.init:
-        init = cfg.vision.init
-        cfg.vision = hf.vision_config_from_hf(init, cfg.vision.feature_layer, cfg.vision.image_size)
-        cfg.vision.init = init
-    if cfg.decoder.init:
-        init, attention = cfg.decoder.init, cfg.decoder.attention
-        cfg.decoder = hf.decoder_config_from_hf(init)
-        # The checkpoint gives the architecture; how attention is computed stays the user's.
-        cfg.decoder.init, cfg.decoder.attention = init, attention
+    cfg.vision.init = cfg.decoder.init = None
+    vision_hf, decoder_hf = hf_source(init, "vision"), hf_source(init, "decoder")
+    if vision_hf or decoder_hf:
+        from mm1.models import hf  # deferred: only needed with HF starting points
+
+        if vision_hf:
+            feature_layer, size = cfg.vision.feature_layer, cfg.vision.image_size
+            cfg.vision = hf.vision_config_from_hf(vision_hf, feature_layer, size)
+        if decoder_hf:
+            attention = cfg.decoder.attention
+            cfg.decoder = hf.decoder_config_from_hf(decoder_hf)
+            # The checkpoint gives the architecture; how attention is computed stays the user's.
+            cfg.decoder.attention = attention
     if vocab_size is not None:
         cfg.decoder.vocab_size = vocab_size
     if image_token_id is not None:
@@ -37,25 +46,12 @@ def resolve_config(
 
 
 def starting_point_state_dict(
-    cfg: ModelConfig, new_token_ids: Sequence[int] = ()
+    model: MM1, init: InitConfig | None, new_token_ids: Sequence[int] = ()
 ) -> dict[str, torch.Tensor]:
-    """`vision.*` / `decoder.*` weights of the HF starting points named by a resolved config; a
-    pre-trained vocabulary is resized to `cfg.decoder.vocab_size`, and rows past its size and
-    of `new_token_ids` (the tokenizer's `added_ids`) start at the mean of the trained rows
-    (tied heads stay tied)."""
-    from mm1.models import hf
-
-    state: dict[str, torch.Tensor] = {}
-    if cfg.vision.init:
-        encoder = hf.vision_encoder_from_hf(
-            cfg.vision.init, cfg.vision.feature_layer, cfg.vision.image_size
-        )
-        state.update({f"vision.{k}": v for k, v in encoder.state_dict().items()})
-    if cfg.decoder.init:
-        decoder = hf.decoder_from_hf(cfg.decoder.init)
-        decoder.resize_token_embeddings(cfg.decoder.vocab_size, new_token_ids)
-        state.update({f"decoder.{k}": v for k, v in decoder.state_dict().items()})
-    return state
+    """The starting weights `init` names, shaped for `model` (any device, the meta device too):
+    see `mm1.models.starting_point.starting_state`."""
+    init = with_deprecated(model.cfg, init)
+    return starting_state(init, model.cfg, expected_shapes(model), new_token_ids)
 
 
 def build_model(
@@ -65,25 +61,27 @@ def build_model(
     *,
     meta: bool = False,
     new_token_ids: Sequence[int] = (),
+    init: InitConfig | None = None,
+    load_weights: bool = True,
 ) -> MM1:
-    """The model of `cfg` (see `resolve_config`) with the encoder / decoder weights of
-    `vision.init` / `decoder.init` (HF checkpoint directories) when set.
+    """The model of `cfg` (see `resolve_config`) holding the starting weights of `init`.
 
     With `meta` the model is built on the meta device, without weights: for sharded
-    initialisation by `mm1.train.parallel.parallelize`, after which the starting points are
+    initialisation by `mm1.train.parallel.parallelize`, after which the starting weights are
     loaded with `starting_point_state_dict` (on rank 0, broadcast to the shards).
-    `new_token_ids` (the tokenizer's `added_ids`) get fresh embedding rows (see there).
+    `new_token_ids` (the tokenizer's `added_ids`) get fresh embedding rows; `load_weights`
+    False builds the architecture only (a resumed run loads its own checkpoint).
     """
-    cfg = resolve_config(cfg, vocab_size, image_token_id)
+    init = with_deprecated(cfg, init)
+    cfg = resolve_config(cfg, vocab_size, image_token_id, init)
     if meta:
         with torch.device("meta"):
             return MM1(cfg)
     model = MM1(cfg)
-    state = starting_point_state_dict(cfg, new_token_ids)
-    if state:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        loaded = {k.split(".")[0] for k in state}
-        wrong = unexpected + [k for k in missing if k.split(".")[0] in loaded]
-        if wrong:
-            raise ValueError(f"starting points do not fit the model: {', '.join(wrong[:8])}")
+    if load_weights:
+        state = starting_point_state_dict(model, init, new_token_ids)
+        if state:
+            # strict=False: parts named nowhere keep their random init (the chain checked the
+            # parts it loaded); a tied head is filled through its embedding.
+            model.load_state_dict(state, strict=False)
     return model

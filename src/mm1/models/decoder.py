@@ -416,21 +416,12 @@ class Decoder(nn.Module):
         untrained rows for) start at the mean of the other existing rows, so new special tokens
         begin as an 'average' token. A tied head stays tied."""
         old = self.cfg.vocab_size
-        fresh = sorted({i for i in new_ids if i < min(old, vocab_size)})
+        fresh = [i for i in new_ids if i < min(old, vocab_size)]
         if vocab_size == old and not fresh:
             return
 
         def resized(weight: torch.Tensor) -> torch.Tensor:
-            new = weight.new_empty(vocab_size, weight.shape[1])
-            keep = min(old, vocab_size)
-            new[:keep] = weight[:keep]
-            # Rows cut off by a shrink are a padded vocabulary's unused rows: not in the mean.
-            trained = torch.ones(keep, dtype=torch.bool, device=weight.device)
-            trained[fresh] = False
-            mean = weight[:keep][trained].float().mean(0).to(weight.dtype)
-            new[fresh] = mean
-            new[old:] = mean
-            return new
+            return resize_vocab_rows(weight, vocab_size, new_ids)
 
         self.embed_tokens = nn.Embedding.from_pretrained(
             resized(self.embed_tokens.weight), freeze=False
@@ -443,3 +434,24 @@ class Decoder(nn.Module):
             head.weight = nn.Parameter(resized(self.lm_head.weight))
             self.lm_head = head
         self.cfg.vocab_size = vocab_size
+
+
+def resize_vocab_rows(
+    weight: torch.Tensor, vocab_size: int, new_ids: Sequence[int] = ()
+) -> torch.Tensor:
+    """`weight` (V, D) with `vocab_size` rows: rows past V and the rows of `new_ids` (tokens with
+    no trained row) are the mean of the other kept rows; rows cut off by a shrink (a padded
+    vocabulary's unused rows) do not count in the mean."""
+    old = weight.shape[0]
+    keep = min(old, vocab_size)
+    fresh = sorted({i for i in new_ids if i < keep})
+    if vocab_size == old and not fresh:
+        return weight
+    new = weight.new_empty(vocab_size, weight.shape[1])
+    new[:keep] = weight[:keep]
+    trained = torch.ones(keep, dtype=torch.bool, device=weight.device)
+    trained[fresh] = False
+    mean = weight[:keep][trained].float().mean(0).to(weight.dtype)
+    new[fresh] = mean
+    new[old:] = mean
+    return new

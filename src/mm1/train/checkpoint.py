@@ -31,8 +31,10 @@ What a checkpoint holds (DCP keys):
 would otherwise flatten nested dicts (turning int keys into strings, dropping empty containers)
 and need a template of the same structure at load time.
 
-Loading never runs code a checkpoint carries: every pickle in it is read with an allow-list (see
-"Safe loading" below), and anything outside it is refused with a `CheckpointError` naming the file.
+Loading never runs code a checkpoint carries: every pickle in it is read with an allow-list, and
+anything outside it is refused with a `CheckpointError` naming the file. The reading side (finding
+checkpoints, the safe DCP reader and planner, model weights alone) is `mm1.checkpoint`, below
+training and inference; its names are re-exported here.
 
 The per-rank entries are why a checkpoint must be loaded by the world size that wrote it
 (``load_checkpoint`` raises otherwise). All ranks must see the same file system.
@@ -63,10 +65,8 @@ import io
 import json
 import logging
 import os
-import pathlib
 import pickle
 import random
-import re
 import shutil
 import time
 import warnings
@@ -80,20 +80,33 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint import metadata as _md
-from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.planner import ReadItem
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_state_dict,
-    set_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 import mm1
+
+# Reading lives below training and inference (`mm1.checkpoint`); re-exported for callers here.
+from mm1.checkpoint import (
+    CHECKPOINTS_DIR,
+    FORMAT_VERSION,
+    META_FILE,
+    CheckpointError,
+    SafeFileSystemReader,
+    SafeLoadPlanner,
+    latest_checkpoint,
+    list_checkpoints,
+    load_model_weights,
+    read_meta,
+)
+from mm1.checkpoint import REPLACED as _REPLACED
+from mm1.checkpoint import SD_OPTIONS as _SD_OPTIONS
+from mm1.checkpoint import TMP_PREFIX as _TMP_PREFIX
+from mm1.checkpoint import checkpoints_root as _checkpoints_root
+from mm1.checkpoint import dcp_quietly as _dcp_quietly
+from mm1.checkpoint import dist_info as _dist_info
+from mm1.checkpoint import first_line as _first_line
+from mm1.checkpoint import orphaned_replacements as _orphaned_replacements
+from mm1.checkpoint import safe_dcp_load as _dcp_load
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -101,10 +114,13 @@ __all__ = [
     "CheckpointError",
     "DiskFullError",
     "LoadedCheckpoint",
+    "SafeFileSystemReader",
+    "SafeLoadPlanner",
     "capture_rng_state",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "load_model_weights",
     "read_meta",
     "restore_rng_state",
     "save_checkpoint",
@@ -112,29 +128,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS_DIR = "checkpoints"
-META_FILE = "meta.json"
-FORMAT_VERSION = 1
-
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-_TMP_PREFIX = ".tmp_"
 _RESERVED_META = frozenset(
     {"format_version", "step", "world_size", "time", "unix_time", "mm1_version", "torch_version"}
 )
-
-# Sharded (not gathered) state dicts: each rank handles only its own shards. The optimizer state
-# is flattened to "state.<param fqn>.<name>" / "param_groups.<param fqn>.<name>", so it is keyed
-# by parameter name only (independent of how parameters are split into groups).
-_SD_OPTIONS = StateDictOptions(
-    full_state_dict=False,
-    cpu_offload=False,
-    strict=True,
-    flatten_optimizer_state_dict=True,
-)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is refused: tampered with, truncated, or not written by this code."""
 
 
 @dataclass(frozen=True)
@@ -182,82 +178,7 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Finding checkpoints
-
-
-def _checkpoints_root(run_dir: str | os.PathLike[str]) -> Path:
-    return Path(run_dir) / CHECKPOINTS_DIR
-
-
-def _step_of(path: Path) -> int | None:
-    m = _STEP_DIR.match(path.name)
-    return int(m.group(1)) if m else None
-
-
-def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
-    """The complete checkpoints of a run (``step_N`` directories with ``meta.json``), oldest
-    step first."""
-    root = _checkpoints_root(run_dir)
-    if not root.is_dir():
-        return []
-    found = {}
-    for p in root.iterdir():
-        step = _step_of(p)
-        if step is not None and p.is_dir() and (p / META_FILE).is_file():
-            found[step] = p
-    for step, p in _orphaned_replacements(root):  # complete; see `_orphaned_replacements`
-        found.setdefault(step, p)
-    return [found[step] for step in sorted(found)]
-
-
-_REPLACED = "replaced_"
-
-
-def _orphaned_replacements(root: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints set aside while a save of the same step replaced them, whose
-    replacement never got its final name (a crash between the two renames)."""
-    out = []
-    for p in root.iterdir():
-        name = p.name.removeprefix(_TMP_PREFIX + _REPLACED)
-        step = _step_of(Path(name)) if name != p.name else None
-        if step is not None and (p / META_FILE).is_file() and not (root / name).exists():
-            out.append((step, p))
-    return out
-
-
-def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
-    """The complete checkpoint with the highest step, or None."""
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
-
-
-def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``meta.json`` of a checkpoint directory; FileNotFoundError if it is not complete."""
-    meta_path = Path(path) / META_FILE
-    if not meta_path.is_file():
-        raise FileNotFoundError(
-            f"{path} is not a complete checkpoint (no {META_FILE}); "
-            "use latest_checkpoint(run_dir) to find one"
-        )
-    try:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{meta_path}: not valid JSON ({err})") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{meta_path}: not a JSON object")
-    return meta
-
-
-# ---------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _dist_info() -> tuple[int, int, bool]:
-    """(rank, world size, distributed?)"""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), True
-    return 0, 1, False
 
 
 def _all_ok(exc: BaseException | None, what: str) -> None:
@@ -310,13 +231,6 @@ def _optimizers(optimizer: torch.optim.Optimizer | None) -> tuple[torch.optim.Op
 
 def _optimizer_has_state(optimizer: torch.optim.Optimizer | None) -> bool:
     return optimizer is not None and len(optimizer.state) > 0
-
-
-def _dcp_quietly(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    # DCP warns on every call without a process group; that is the intended single-process use.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        return fn(*args, **kwargs)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -375,63 +289,6 @@ def _prune(root: Path, run_dir: Path, keep: int, newest: Path) -> None:
         log.info("deleted old checkpoint %s (keep=%d)", p, keep)
 
 
-# ---------------------------------------------------------------------------------------------
-# Safe loading
-#
-# A checkpoint holds three kinds of pickle: DCP's ``.metadata`` index, the byte items DCP writes
-# for non-tensor values (optimizer hyper-parameters, our two blobs), and our blobs themselves.
-# Plain unpickling of any of them runs whatever code a crafted file names, so each is read with
-# an allow-list. ``.metadata`` is pickled with protocol 4, which torch's weights-only unpickler
-# cannot parse (FRAME, MEMOIZE, STACK_GLOBAL), so it goes through a `pickle.Unpickler` whose
-# `find_class` admits only DCP's metadata classes; the other two are torch.save (protocol 2) and
-# go through ``torch.load(weights_only=True)``.
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
-
-
-def _metadata_globals() -> dict[tuple[str, str], Any]:
-    """The classes and functions a DCP ``.metadata`` pickle may name, by (module, name)."""
-    allowed: list[Any] = [
-        _md.Metadata,
-        _md.MetadataIndex,
-        _md.TensorStorageMetadata,
-        _md.BytesStorageMetadata,
-        _md.ChunkStorageMetadata,
-        _md.TensorProperties,
-        _md.StorageMeta,
-        _md._MEM_FORMAT_ENCODING,
-        _StorageInfo,
-        torch.Size,
-        torch.serialization._get_layout,  # how torch.layout values pickle
-    ]
-    out = {(obj.__module__, obj.__qualname__): obj for obj in allowed}
-    # StorageMeta.checkpoint_id is the path the checkpoint was saved to.
-    for cls in (pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath):
-        out[(cls.__module__, cls.__qualname__)] = out[("pathlib", cls.__name__)] = cls
-    for name in dir(torch):  # dtypes pickle as the attribute of `torch` they are
-        if isinstance(getattr(torch, name, None), torch.dtype):
-            out[("torch", name)] = getattr(torch, name)
-    return out
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def __init__(self, file: Any) -> None:
-        super().__init__(file)
-        self._allowed = _metadata_globals()
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return self._allowed[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(f"it names {module}.{name}, not a DCP class") from None
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise pickle.UnpicklingError("it holds a persistent id")
-
-
 def _rank_state_globals() -> list[Any]:
     """What our rank-state blob holds besides plain data: numpy's RNG state (an ndarray)."""
     reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") else None
@@ -446,107 +303,6 @@ def _rank_state_globals() -> list[Any]:
         (reconstruct, "numpy.core.multiarray._reconstruct"),
         (reconstruct, "numpy._core.multiarray._reconstruct"),
     ]
-
-
-class SafeFileSystemReader(FileSystemReader):
-    """DCP's file-system reader, except that ``.metadata`` is unpickled with an allow-list of
-    DCP's own classes and may only point at data files inside the checkpoint directory."""
-
-    def __init__(self, path: str | os.PathLike[str], **kwargs: Any) -> None:
-        super().__init__(path, **kwargs)
-        self._metadata: dict[Any, _md.Metadata] = {}
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> _md.Metadata:
-        rank = kwargs.get("rank")
-        if rank not in self._metadata:
-            self._metadata[rank] = self._read_safely(Path(self._get_metadata_path(rank)))
-        metadata = self._metadata[rank]
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = _md.StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-    @staticmethod
-    def _read_safely(path: Path) -> _md.Metadata:
-        with open(path, "rb") as f:
-            try:
-                metadata = _MetadataUnpickler(f).load()
-            except Exception as err:
-                raise CheckpointError(
-                    f"{path}: refused to load checkpoint metadata ({_first_line(err)}); "
-                    "it was not written by DCP or was tampered with"
-                ) from None
-        if not isinstance(metadata, _md.Metadata) or not isinstance(metadata.storage_data, dict):
-            raise CheckpointError(f"{path}: not a DCP checkpoint index ({type(metadata).__name__})")
-        for info in metadata.storage_data.values():
-            name = getattr(info, "relative_path", None)
-            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
-                raise CheckpointError(f"{path}: refers to data outside the checkpoint ({name!r})")
-        return metadata
-
-
-class SafeLoadPlanner(DefaultLoadPlanner):
-    """DCP's default load planner, except that byte items (non-tensor values) are unpickled
-    weights-only, and refused for keys the state being loaded holds as tensors: the metadata
-    decides which keys are read as bytes, so a tampered index could otherwise swap a tensor.
-    `root` (the checkpoint directory) names the data file in errors."""
-
-    def __init__(self, root: str | os.PathLike[str], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._root = Path(root)
-
-    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        fqn = read_item.dest_index.fqn
-        where = self._where(read_item)
-        if isinstance(self.state_dict.get(fqn), torch.Tensor):
-            raise CheckpointError(
-                f"{where}: {fqn!r} is stored as pickled bytes where a tensor belongs; refused"
-            )
-        try:
-            obj = torch.load(value, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise CheckpointError(
-                f"{where}: refused the entry {fqn!r}: it holds more than plain data "
-                f"({_first_line(err)})"
-            ) from None
-        except Exception as err:  # truncated or corrupt
-            raise CheckpointError(
-                f"{where}: could not read the entry {fqn!r} ({_first_line(err)})"
-            ) from None
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[fqn], obj)
-        else:
-            self.state_dict[fqn] = obj
-
-    def _where(self, read_item: ReadItem) -> str:
-        """The data file an item comes from (the checkpoint directory when unknown)."""
-        storage = getattr(self.metadata, "storage_data", None) or {}
-        name = getattr(storage.get(read_item.storage_index), "relative_path", None)
-        return str(self._root / name) if name else str(self._root)
-
-
-def _dcp_load(state: dict[str, Any], path: Path, distributed: bool) -> None:
-    """`dcp.load` through the safe reader and planner; a refusal surfaces as its own one-line
-    `CheckpointError` rather than inside DCP's multi-rank traceback dump."""
-    reader = SafeFileSystemReader(path)
-    reader.read_metadata()  # refused here, before DCP (which logs and retries a failed read)
-    try:
-        _dcp_quietly(
-            dcp.load,
-            state,
-            checkpoint_id=path,
-            storage_reader=reader,
-            planner=SafeLoadPlanner(path),
-            no_dist=not distributed,
-        )
-    except CheckpointException as exc:
-        inner = [f[0] if isinstance(f, tuple) else f for f in exc.failures.values()]
-        for e in inner:
-            if isinstance(e, CheckpointError):
-                raise CheckpointError(str(e)) from None
-        # A truncated or corrupt data file: one line, not DCP's per-rank traceback dump.
-        why = _first_line(inner[0]) if inner else "unknown error"
-        raise CheckpointError(f"{path}: could not read the checkpoint ({why})") from exc
 
 
 class DiskFullError(OSError):
@@ -807,18 +563,3 @@ def load_checkpoint(
         rank_state=mine["user"] if mine["user"] is not None else {},
         meta=meta,
     )
-
-
-def load_model_weights(path: str | os.PathLike[str], model: nn.Module) -> int:
-    """Load only the model of a checkpoint, into a model on any number of processes (one, for
-    inference: DCP reshards whatever the saving world size was). Returns the checkpoint's step."""
-    path = Path(path)
-    meta = read_meta(path)
-    _, _, distributed = _dist_info()
-    model_sd, _ = get_state_dict(model, (), options=_SD_OPTIONS)
-    state: dict[str, Any] = {"model": model_sd}
-    _dcp_load(state, path, distributed)
-    set_state_dict(
-        model, (), model_state_dict=state["model"], optim_state_dict={}, options=_SD_OPTIONS
-    )
-    return int(meta["step"])

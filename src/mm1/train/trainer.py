@@ -20,12 +20,23 @@ import torch
 from torch import nn
 
 from mm1.batch import IGNORE_INDEX, Batch
-from mm1.config import SOURCE_KINDS, Config, ConfigError, SourceConfig, to_dict, to_yaml
+from mm1.config import (
+    SOURCE_KINDS,
+    Config,
+    ConfigError,
+    SourceConfig,
+    apply_deprecated_keys,
+    deprecated_keys_in_dict,
+    has_starting_weights,
+    to_dict,
+    to_yaml,
+)
 from mm1.data.loader import LoaderSettings, PackedDataset, build_loader
 from mm1.data.prompt_format import save_prompt_format
 from mm1.data.world import prepare_data
 from mm1.models.build import build_model, starting_point_state_dict
 from mm1.models.mllm import MM1
+from mm1.models.starting_point import describe as describe_start
 from mm1.train import checkpoint as ckpt
 from mm1.train.logging import MetricsLogger, read_metrics
 from mm1.train.optim import build_optimizer, mm1_peak_lr
@@ -33,9 +44,17 @@ from mm1.train.parallel import Dist, autocast_dtype, init_distributed, paralleli
 
 # Config keys whose change would change what a resumed run means, and keys under them that only
 # change how the same function is computed (a resumed run may switch them freely).
-MEANING_KEYS = ("model", "data", "train.batch_size", "train.micro_batch_size", "train.seed")
+MEANING_KEYS = (
+    "model",
+    "data",
+    "train.batch_size",
+    "train.micro_batch_size",
+    "train.seed",
+    "train.init",
+)
 IMPLEMENTATION_KEYS = ("model.decoder.attention",)
 H100_BF16_PEAK = 989e12
+START_FILE = "init.json"  # where a run started: {"sources": [{path, kind, step, parts}]}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -97,20 +116,32 @@ class Trainer:
                 "backward on CPU); use model.decoder.attention=sdpa"
             )
         torch.manual_seed(cfg.train.seed)
+        apply_deprecated_keys(cfg)  # a Config built in code has not been through load_config
         self._check_config_change()
-        self.data = prepare_data(cfg.data, cfg.model, d.is_main, d.barrier)
+        init = cfg.train.init
+        self.data = prepare_data(cfg.data, cfg.model, d.is_main, d.barrier, init)
         tok = self.data.tokenizer
         # Sharded FSDP runs build on the meta device: no rank ever holds the full model.
         sharded = d.enabled and cfg.train.parallel == "fsdp"
+        # A resumed run continues from its own checkpoint: starting weights are not read.
+        starting = ckpt.latest_checkpoint(self.run_dir) is None
+        # Every rank checks the sources, before building (a bad path fails everywhere, early).
+        self.started_from = describe_start(init) if starting else None
         model = build_model(
-            cfg.model, tok.vocab_size, tok.image_id, meta=sharded, new_token_ids=tok.added_ids
+            cfg.model,
+            tok.vocab_size,
+            tok.image_id,
+            meta=sharded,
+            new_token_ids=tok.added_ids,
+            init=init,
+            load_weights=starting,
         )
         self.model_cfg = model.cfg
         self._freeze(model)
         self.num_decoder_params = sum(p.numel() for p in model.decoder.parameters())
         self.peak_lr = cfg.train.optim.lr or mm1_peak_lr(self.num_decoder_params)
         self.model = parallelize(model, cfg.train, d)
-        if sharded and (self.model_cfg.vision.init or self.model_cfg.decoder.init):
+        if sharded and starting and has_starting_weights(init):
             self._load_starting_points()
         self.optimizer, self.scheduler = build_optimizer(
             self.model, cfg.train.optim, self.peak_lr, cfg.train.steps
@@ -138,15 +169,19 @@ class Trainer:
             tok.save(self.run_dir / "tokenizer")
             self.data.processor.save_pretrained(self.run_dir / "tokenizer")
             save_prompt_format(self.run_dir / "tokenizer", cfg.data.image_boundaries)
+            if self.started_from is not None:
+                record = {"sources": self.started_from}
+                (self.run_dir / START_FILE).write_text(json.dumps(record, indent=1) + "\n")
         d.barrier()
 
     def _load_starting_points(self) -> None:
-        """HF weights into the shards: rank 0 reads the checkpoints, every rank receives its
-        shards by broadcast (one tensor at a time)."""
+        """Starting weights into the shards: rank 0 reads them, every rank receives its shards
+        by broadcast (one tensor at a time)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         added = self.data.tokenizer.added_ids
-        state = starting_point_state_dict(self.model_cfg, added) if self.d.is_main else {}
+        init = self.cfg.train.init
+        state = starting_point_state_dict(self.raw_model, init, added) if self.d.is_main else {}
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
         set_model_state_dict(self.model, state, options=options)
 
@@ -174,6 +209,7 @@ class Trainer:
         from omegaconf import OmegaConf
 
         old = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+        deprecated_keys_in_dict(old)  # type: ignore[arg-type]  # a run saved before train.init
         changed = _meaningful(config_diff(old, to_dict(self.cfg)))  # type: ignore[arg-type]
         if changed and not self.force:
             raise ConfigError(

@@ -22,6 +22,7 @@ from mm1.models.hf.decoder import (
     decoder_config_from_hf,
     decoder_config_to_hf,
     decoder_from_hf,
+    decoder_ignored,
     save_decoder_hf,
 )
 from mm1.models.hf.vision import (
@@ -30,6 +31,8 @@ from mm1.models.hf.vision import (
     vision_config_from_hf,
     vision_config_to_hf,
     vision_encoder_from_hf,
+    vision_hf_state,
+    vision_ignored,
 )
 
 __all__ = [
@@ -40,6 +43,7 @@ __all__ = [
     "decoder_config_from_hf",
     "decoder_config_to_hf",
     "decoder_from_hf",
+    "decoder_ignored",
     "load_hf_state_dict",
     "read_hf_config",
     "save_decoder_hf",
@@ -47,4 +51,6 @@ __all__ = [
     "vision_config_from_hf",
     "vision_config_to_hf",
     "vision_encoder_from_hf",
+    "vision_hf_state",
+    "vision_ignored",
 ]

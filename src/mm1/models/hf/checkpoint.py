@@ -146,18 +146,17 @@ KEY_MAPS: dict[str, KeyMap] = {
 }
 
 
-def load_into(
-    model: nn.Module,
+def to_our_keys(
     state: Mapping[str, torch.Tensor],
     keymap: KeyMap,
     ignore: Callable[[str], bool],
-    transforms: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
-    dtype: torch.dtype | None,
     source: str,
-) -> None:
-    """Strictly load `state` (checkpoint keys) into `model` (built on the meta device)."""
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """`state` under our names, without the keys `ignore` leaves out on purpose (listed in a
+    debug log); also our key -> checkpoint key, for messages. Two keys mapping to one is an
+    error."""
     ours: dict[str, torch.Tensor] = {}
-    names: dict[str, str] = {}  # our key -> checkpoint key, for error messages
+    names: dict[str, str] = {}
     ignored: list[str] = []
     for key, value in state.items():
         k = keymap.to_ours(key)
@@ -171,6 +170,20 @@ def load_into(
         ours[k], names[k] = value, key
     if ignored:
         log.debug("%s: left out on purpose: %s", source, ", ".join(sorted(ignored)))
+    return ours, names
+
+
+def load_into(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    keymap: KeyMap,
+    ignore: Callable[[str], bool],
+    transforms: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
+    dtype: torch.dtype | None,
+    source: str,
+) -> None:
+    """Strictly load `state` (checkpoint keys) into `model` (built on the meta device)."""
+    ours, names = to_our_keys(state, keymap, ignore, source)
 
     # A tied parameter appears under several names; it is expected once, under its first name.
     expected: dict[str, torch.Tensor] = {}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +124,16 @@ def decoder_config_from_hf(path_or_dict: PathLike | Mapping[str, Any]) -> Decode
     )
 
 
+def decoder_ignored(cfg: DecoderConfig) -> Callable[[str], bool]:
+    """Which of a checkpoint's keys (our names) a decoder of `cfg` leaves out."""
+
+    def ignore(k: str) -> bool:
+        # Old conversions saved the rotary buffer (we recompute it); a tied head is the embedding.
+        return k.endswith("rotary_emb.inv_freq") or (cfg.tie_embeddings and k == "lm_head.weight")
+
+    return ignore
+
+
 def decoder_from_hf(path: PathLike, *, dtype: torch.dtype | None = torch.float32) -> Decoder:
     """A Decoder with a Llama / Qwen2 / Mistral checkpoint's weights; its logits on input ids
     (B, T) equal transformers' AutoModelForCausalLM. A tied checkpoint may omit lm_head.weight.
@@ -134,11 +144,7 @@ def decoder_from_hf(path: PathLike, *, dtype: torch.dtype | None = torch.float32
     with torch.device("meta"):
         model = Decoder(cfg)
 
-    def ignore(k: str) -> bool:
-        # Old conversions saved the rotary buffer (we recompute it); a tied head is the embedding.
-        return k.endswith("rotary_emb.inv_freq") or (cfg.tie_embeddings and k == "lm_head.weight")
-
-    load_into(model, state, KEY_MAPS["decoder"], ignore, {}, dtype, str(d))
+    load_into(model, state, KEY_MAPS["decoder"], decoder_ignored(cfg), {}, dtype, str(d))
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight  # assign=True replaced the embedding
     model.inv_freq = rope_inv_freq(cfg)  # non-persistent buffer, still on the meta device

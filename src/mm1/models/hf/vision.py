@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +117,32 @@ def vision_config_from_hf(
     return cfg
 
 
+def vision_ignored(depth: int) -> Callable[[str], bool]:
+    """Which of a checkpoint's keys (our names) an encoder of `depth` blocks leaves out."""
+
+    def ignore(k: str) -> bool:
+        if k.startswith(("post_layernorm.", "head.")) or k == "embeddings.position_ids":
+            return True  # final norm, SigLIP's pooling head, a buffer old checkpoints saved
+        return k.startswith("blocks.") and int(k.split(".")[1]) >= depth
+
+    return ignore
+
+
+def vision_hf_state(path: PathLike) -> tuple[str, dict[str, torch.Tensor]]:
+    """(variant, the image tower's tensors under checkpoint names): a two-tower checkpoint's
+    text tower and projections are left out."""
+    d = checkpoint_dir(path)
+    variant, _, two_tower = _vision_section(read_hf_config(d))
+    state = load_hf_state_dict(d)
+    if two_tower:
+        prefix = KEY_MAPS[variant].prefix
+        others = sorted(k for k in state if not k.startswith(prefix))
+        if others:
+            log.debug("%s: not the image tower, left out: %s", d, ", ".join(others))
+        state = {k: v for k, v in state.items() if k.startswith(prefix)}
+    return variant, state
+
+
 def vision_encoder_from_hf(
     path: PathLike,
     feature_layer: int = -1,
@@ -135,25 +161,12 @@ def vision_encoder_from_hf(
     (None keeps the checkpoint's).
     """
     d = checkpoint_dir(path)
-    hf = read_hf_config(d)
-    variant, _, two_tower = _vision_section(hf)
-    cfg = vision_config_from_hf(hf, feature_layer, image_size)
-    state = load_hf_state_dict(d)
+    cfg = vision_config_from_hf(d, feature_layer, image_size)
+    variant, state = vision_hf_state(d)
     keymap = KEY_MAPS[variant]
-    if two_tower:
-        # The text tower and the projections are not part of the image encoder.
-        others = sorted(k for k in state if not k.startswith(keymap.prefix))
-        if others:
-            log.debug("%s: not the image tower, left out: %s", d, ", ".join(others))
-        state = {k: v for k, v in state.items() if k.startswith(keymap.prefix)}
     with torch.device("meta"):
         model = VisionTransformer(cfg)
-    depth = len(model.blocks)
-
-    def ignore(k: str) -> bool:
-        if k.startswith(("post_layernorm.", "head.")) or k == "embeddings.position_ids":
-            return True  # final norm, SigLIP's pooling head, a buffer old checkpoints saved
-        return k.startswith("blocks.") and int(k.split(".")[1]) >= depth
+    ignore = vision_ignored(len(model.blocks))
 
     def pos_embed(t: torch.Tensor) -> torch.Tensor:  # (N[+1], D) -> (1, N'[+1], D)
         return interpolate_pos_embed(t[None], cfg.grid, cfg.cls_token)

@@ -1,0 +1,181 @@
+"""Starting weights (`train.init`): which directory each part of the model comes from, what
+kind of directory it is, and its weights read through the transform chain
+(`mm1.models.state_transforms`) into the model's shapes."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mm1.checkpoint import (
+    is_checkpoint,
+    is_export,
+    is_run,
+    latest_checkpoint,
+    read_meta,
+    read_model_weights,
+)
+from mm1.config import INIT_PARTS, ConfigError, InitConfig, ModelConfig
+from mm1.models.state_transforms import HFPart, LoadContext, apply_chain
+
+log = logging.getLogger(__name__)
+
+HF_PARTS = ("vision", "decoder")  # parts an HF checkpoint can give
+
+
+@dataclass(frozen=True)
+class Source:
+    """One directory the model starts from, and the parts it gives."""
+
+    path: str
+    parts: tuple[str, ...]
+    key: str  # the config key that named it (train.init.weights / train.init.<part>)
+
+    @property
+    def kind(self) -> str:
+        """hf | run | checkpoint | export"""
+        return source_kind(self.path, self.key)
+
+
+def source_kind(path: str | os.PathLike[str], key: str) -> str:
+    p = Path(path)
+    if is_export(p):
+        return "export"
+    if is_run(p):
+        return "run"
+    if is_checkpoint(p):
+        return "checkpoint"
+    if (p / "config.json").is_file():
+        return "hf"
+    raise ConfigError(
+        f"{key}={path}: not an mm1 run directory, checkpoint (RUN/checkpoints/step_N) or export, "
+        "nor an HF checkpoint directory"
+    )
+
+
+def with_deprecated(model: ModelConfig, init: InitConfig | None) -> InitConfig:
+    """`init`, or one made of the deprecated `model.vision.init` / `model.decoder.init` for
+    callers that build from a ModelConfig alone (`mm1.config.apply_deprecated_keys` maps them in
+    a loaded config)."""
+    out = InitConfig() if init is None else InitConfig(**vars(init))
+    for part in HF_PARTS:
+        old = getattr(model, part).init
+        if old and getattr(out, part) is None:
+            setattr(out, part, old)
+    return out
+
+
+def sources(init: InitConfig) -> list[Source]:
+    """The directories to read, each once, with the parts it gives (a part's own key wins over
+    `weights`). An HF checkpoint of a part other than vision / decoder is refused."""
+    by_path: dict[str, list[str]] = {}
+    keys: dict[str, str] = {}
+    for part in INIT_PARTS:
+        own = getattr(init, part)
+        path = own or init.weights
+        if path is None:
+            continue
+        key = f"train.init.{part}" if own else "train.init.weights"
+        by_path.setdefault(path, []).append(part)
+        keys.setdefault(path, key)
+    out = [Source(path, tuple(ps), keys[path]) for path, ps in by_path.items()]
+    for s in out:
+        if s.kind == "hf":
+            if s.parts == ("vision", "connector", "decoder") or len(s.parts) != 1:
+                raise ConfigError(
+                    f"{s.key}={s.path} is an HF checkpoint: it can start one part, so name it "
+                    "as train.init.vision or train.init.decoder"
+                )
+            if s.parts[0] not in HF_PARTS:
+                raise ConfigError(
+                    f"{s.key}={s.path} is an HF checkpoint; the connector starts from an mm1 "
+                    "run or export"
+                )
+    return out
+
+
+def hf_source(init: InitConfig, part: str) -> str | None:
+    """The HF checkpoint directory `part` starts from (its architecture replaces the config's)."""
+    own = getattr(init, part)
+    return own if own and source_kind(own, f"train.init.{part}") == "hf" else None
+
+
+def describe(init: InitConfig) -> list[dict[str, Any]]:
+    """Where a run starts, for its record: each source's resolved path, kind, step and parts."""
+    out = []
+    for s in sources(init):
+        kind = s.kind
+        path = Path(s.path).resolve()
+        step = None
+        if kind == "run":
+            ckpt = latest_checkpoint(path)
+            if ckpt is None:
+                raise FileNotFoundError(f"{s.key}={s.path} has no complete checkpoint")
+            path, step = ckpt, int(read_meta(ckpt)["step"])
+        elif kind == "checkpoint":
+            step = int(read_meta(path)["step"])
+        out.append({"path": str(path), "kind": kind, "step": step, "parts": list(s.parts)})
+    return out
+
+
+def expected_shapes(model: torch.nn.Module) -> dict[str, torch.Size]:
+    """The model's state-dict shapes, a tied parameter under its first name only."""
+    out: dict[str, torch.Size] = {}
+    seen: set[int] = set()
+    for k, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            out[k] = t.shape
+    return out
+
+
+def starting_state(
+    init: InitConfig,
+    cfg: ModelConfig,
+    expected: dict[str, torch.Size],
+    new_token_ids: Sequence[int] = (),
+) -> dict[str, torch.Tensor]:
+    """The starting weights of every part `init` names, shaped for a model of (resolved) `cfg`
+    whose parameter shapes are `expected`. `new_token_ids` (the tokenizer's `added_ids`: tokens
+    new to an HF tokenizer) start at the mean embedding row."""
+    from mm1.models import hf  # deferred: only needed with HF starting points
+
+    state: dict[str, torch.Tensor] = {}
+    for s in sources(init):
+        ctx_kw: dict[str, Any] = {}
+        if s.kind == "hf":
+            part = s.parts[0]
+            if part == "vision":
+                variant, raw = hf.vision_hf_state(s.path)
+                depth = 1 + max(
+                    (int(k.split(".")[2]) for k in expected if k.startswith("vision.blocks.")),
+                    default=-1,
+                )
+                ctx_kw["hf"] = HFPart(part, hf.KEY_MAPS[variant], hf.vision_ignored(depth))
+            else:
+                raw = hf.load_hf_state_dict(s.path)
+                ignore = hf.decoder_ignored(cfg.decoder)
+                ctx_kw["hf"] = HFPart(part, hf.KEY_MAPS["decoder"], ignore)
+                ctx_kw["new_token_ids"] = tuple(new_token_ids)
+        else:
+            saved = read_model_weights(s.path)
+            raw = saved.state
+        ctx = LoadContext(
+            source=s.path,
+            parts=s.parts,
+            expected=expected,
+            cls_token=cfg.vision.cls_token,
+            **ctx_kw,
+        )
+        try:
+            state.update(apply_chain(dict(raw), ctx))
+        except ValueError as err:
+            raise ValueError(f"{s.key}: {err}") from None
+        log.info("%s from %s%s", ", ".join(s.parts), s.path, "".join(f"; {n}" for n in ctx.notes))
+    return state

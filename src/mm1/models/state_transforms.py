@@ -1,0 +1,167 @@
+"""The chain a starting point's weights go through before they fill a model.
+
+A source (an HF checkpoint of one part, or an mm1 run / export) gives a state dict; each
+registered transform, in order, maps it closer to the model being built:
+
+1. ``hf_keys``             an HF checkpoint's names -> ours (`mm1.models.hf` key tables), the
+                           tensors we leave out on purpose dropped, floats copied to float32;
+2. ``parts``               only the parts taken from this source (`train.init`);
+3. ``position_embeddings`` the encoder's and the connector's position embeddings interpolated
+                           (bicubic) to the model's patch grid (another image size);
+4. ``vocabulary``          embedding / head rows resized to the model's vocabulary: new rows,
+                           and the rows of tokens new to an HF tokenizer, start at the mean of
+                           the trained rows.
+
+Dense-to-MoE upcycling plugs in with `register_state_transform` (after ``vocabulary``): copy a
+dense FFN's weights into each expert of the model's MoE layer. `fit_check` ends the chain: a
+key missing or left over, or a shape no transform resolved, is a one-line error naming the
+first such parameter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from mm1.models.decoder import resize_vocab_rows
+from mm1.models.hf.checkpoint import KeyMap, to_our_keys
+from mm1.models.vision import interpolate_pos_embed
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class HFPart:
+    """How an HF checkpoint of one part maps to our names."""
+
+    part: str  # "vision" | "decoder"
+    keymap: KeyMap
+    ignore: Callable[[str], bool]
+
+
+@dataclass(frozen=True)
+class LoadContext:
+    """What the transforms know: the source and the model being filled."""
+
+    source: str  # the directory read, for messages
+    parts: tuple[str, ...]  # the model's parts taken from this source
+    expected: Mapping[str, torch.Size]  # the model's parameter shapes (a tied head once)
+    hf: HFPart | None = None  # set when the source is an HF checkpoint of one part
+    # Token ids with no trained row in the source (new to an HF tokenizer): they start at the mean.
+    new_token_ids: tuple[int, ...] = ()
+    cls_token: bool = True  # the encoder's position embeddings begin with a CLS row
+    notes: list[str] = field(default_factory=list)  # what the chain changed, for the log
+
+
+StateTransform = Callable[[StateDict, LoadContext], StateDict]
+STATE_TRANSFORMS: dict[str, StateTransform] = {}
+
+
+def register_state_transform(
+    name: str, fn: StateTransform, *, before: str | None = None
+) -> StateTransform:
+    """Add `fn` to the chain (at the end, or before the transform `before`)."""
+    if name in STATE_TRANSFORMS:
+        raise ValueError(f"a state transform named {name!r} is already registered")
+    if before is None:
+        STATE_TRANSFORMS[name] = fn
+        return fn
+    if before not in STATE_TRANSFORMS:
+        raise ValueError(f"no state transform {before!r} to insert {name!r} before")
+    items = list(STATE_TRANSFORMS.items())
+    at = [k for k, _ in items].index(before)
+    items.insert(at, (name, fn))
+    STATE_TRANSFORMS.clear()
+    STATE_TRANSFORMS.update(items)
+    return fn
+
+
+def apply_chain(state: StateDict, ctx: LoadContext) -> StateDict:
+    """Every registered transform in order, then `fit_check`."""
+    for fn in STATE_TRANSFORMS.values():
+        state = fn(state, ctx)
+    fit_check(state, ctx)
+    return state
+
+
+def _part(key: str) -> str:
+    return key.split(".", 1)[0]
+
+
+def hf_keys(state: StateDict, ctx: LoadContext) -> StateDict:
+    if ctx.hf is None:
+        return state
+    ours, _ = to_our_keys(state, ctx.hf.keymap, ctx.hf.ignore, ctx.source)
+    # Always a copy: safetensors maps the file, which may be rewritten while the model lives.
+    return {
+        f"{ctx.hf.part}.{k}": v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True)
+        for k, v in ours.items()
+    }
+
+
+def parts(state: StateDict, ctx: LoadContext) -> StateDict:
+    return {k: v for k, v in state.items() if _part(k) in ctx.parts}
+
+
+# Position embeddings over the encoder's patch grid, and whether they may lead with a CLS row.
+_POSITION_KEYS = {"vision.pos_embed": True, "connector.pos_embed": False}
+
+
+def position_embeddings(state: StateDict, ctx: LoadContext) -> StateDict:
+    for key, may_have_cls in _POSITION_KEYS.items():
+        if key not in state or key not in ctx.expected:
+            continue
+        t = state[key]
+        if t.ndim == 2:  # HF stores (N[+1], D); ours is (1, N[+1], D)
+            t = t[None]
+        target = ctx.expected[key]
+        if t.shape != target and t.ndim == 3 and t.shape[-1] == target[-1]:
+            cls = may_have_cls and ctx.cls_token
+            grid = math.isqrt(target[1] - cls)
+            t = interpolate_pos_embed(t, grid, cls)
+            ctx.notes.append(f"{key} interpolated to a {grid}x{grid} grid")
+        state[key] = t
+    return state
+
+
+_VOCAB_KEYS = ("decoder.embed_tokens.weight", "decoder.lm_head.weight")
+
+
+def vocabulary(state: StateDict, ctx: LoadContext) -> StateDict:
+    for key in _VOCAB_KEYS:
+        if key not in state or key not in ctx.expected:
+            continue
+        t, rows = state[key], ctx.expected[key][0]
+        if t.ndim == 2 and t.shape[1] == ctx.expected[key][1]:
+            if t.shape[0] != rows:
+                ctx.notes.append(f"{key} resized from {t.shape[0]} to {rows} rows")
+            state[key] = resize_vocab_rows(t, rows, ctx.new_token_ids)
+    return state
+
+
+def fit_check(state: StateDict, ctx: LoadContext) -> None:
+    """One line naming the first parameter that does not fit."""
+    expected = {k: s for k, s in ctx.expected.items() if _part(k) in ctx.parts}
+    for key in expected:
+        if key not in state:
+            raise ValueError(f"{ctx.source}: has no {key} (the model's parts {ctx.parts})")
+        if tuple(state[key].shape) != tuple(expected[key]):
+            raise ValueError(
+                f"{ctx.source}: {key} is {tuple(state[key].shape)} there but "
+                f"{tuple(expected[key])} in the model: the architectures differ"
+            )
+    extra = [k for k in state if k not in expected]
+    if extra:
+        raise ValueError(f"{ctx.source}: {extra[0]} has no place in the model")
+
+
+for _name, _fn in (
+    ("hf_keys", hf_keys),
+    ("parts", parts),
+    ("position_embeddings", position_embeddings),
+    ("vocabulary", vocabulary),
+):
+    register_state_transform(_name, _fn)

@@ -1,0 +1,202 @@
+"""`train.init`: a run started from another run (or an export) begins where that one ended, the
+deprecated `model.*.init` keys still work and warn, and the run records where it started."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mm1.config import ConfigError, load_config
+
+from .test_trainer import make_hf_checkpoints, tiny_config
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    from mm1.data.synthetic import write_world
+
+    root = tmp_path_factory.mktemp("world")
+    write_world(root, seed=0, size="tiny")
+    return root
+
+
+def _trainer(cfg_path: Path, run: Path, *overrides: str):
+    from mm1.train.trainer import Trainer
+
+    cfg = load_config(cfg_path, [f"train.run_dir={run}", *overrides])
+    return Trainer(cfg)
+
+
+def _logits(model: torch.nn.Module, batch) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(**batch.model_inputs(), return_logits=True).logits
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory, world) -> Path:
+    """A tiny run trained for 2 steps (its weights are no longer the random init)."""
+    tmp = tmp_path_factory.mktemp("source")
+    cfg = tiny_config(tmp, world, steps=2, save_every=2, parallel="none", val_every=0)
+    _trainer(cfg, tmp / "run").fit()
+    return tmp / "run"
+
+
+@pytest.mark.parametrize("point_at", ["run", "checkpoint", "export"])
+def test_a_run_started_from_a_run_has_its_logits_at_step_0(
+    tmp_path,
+    world,
+    source_run,
+    point_at,
+) -> None:
+    from mm1.pretrained import load_pretrained, save_pretrained
+
+    src = load_pretrained(source_run)
+    path = {
+        "run": source_run,
+        "checkpoint": source_run / "checkpoints" / "step_2",
+        "export": tmp_path / "export",
+    }[point_at]
+    if point_at == "export":
+        save_pretrained(src.model, src.tokenizer, src.processor, path)
+    cfg = tiny_config(tmp_path, world, steps=4, parallel="none", val_every=0)
+    trainer = _trainer(cfg, tmp_path / "run", f"train.init.weights={path}", "train.seed=7")
+    trainer.setup()
+    batch = next(iter(trainer.loader))
+    torch.testing.assert_close(_logits(trainer.model, batch), _logits(src.model, batch))
+    # ... and the record of where it started
+    record = json.loads((tmp_path / "run" / "init.json").read_text())
+    (entry,) = record["sources"]
+    assert entry["step"] == (None if point_at == "export" else 2)
+    assert entry["parts"] == ["vision", "connector", "decoder"]
+    expected = path if point_at != "run" else source_run / "checkpoints" / "step_2"
+    assert Path(entry["path"]) == expected.resolve()
+
+
+def test_one_part_from_a_run_the_others_random(tmp_path, world, source_run) -> None:
+    """`train.init.connector` alone: the connector equals the source's, the rest is not."""
+    from mm1.pretrained import load_pretrained
+
+    src = load_pretrained(source_run).model.state_dict()
+    cfg = tiny_config(tmp_path, world, steps=4, parallel="none", val_every=0)
+    trainer = _trainer(cfg, tmp_path / "run", f"train.init.connector={source_run}")
+    trainer.setup()
+    got = trainer.model.state_dict()
+    for k, v in got.items():
+        same = torch.equal(v, src[k])
+        assert same == k.startswith("connector."), k
+
+
+def test_architecture_mismatch_names_the_first_differing_parameter(
+    tmp_path,
+    world,
+    source_run,
+) -> None:
+    cfg = tiny_config(tmp_path, world, steps=4, parallel="none", val_every=0)
+    trainer = _trainer(
+        cfg, tmp_path / "run", f"train.init.weights={source_run}", "model.decoder.ffn_dim=96"
+    )
+    with pytest.raises(ValueError) as err:
+        trainer.setup()
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("train.init.weights: ")
+    assert "decoder.layers.0.mlp.gate_proj.weight is (64, 32) there but (96, 32)" in msg
+
+
+def test_a_larger_image_size_interpolates_the_position_embeddings(
+    tmp_path,
+    world,
+    source_run,
+) -> None:
+    """Starting at 48 px from a 32 px run: the encoder's (CLS + 4x4 -> 6x6) and the avgpool
+    connector's grids are interpolated, everything else is copied."""
+    from mm1.models.vision import interpolate_pos_embed
+    from mm1.pretrained import load_pretrained
+
+    src = load_pretrained(source_run).model.state_dict()
+    cfg = tiny_config(tmp_path, world, steps=4, parallel="none", val_every=0)
+    trainer = _trainer(
+        cfg, tmp_path / "run", f"train.init.weights={source_run}", "model.vision.image_size=48"
+    )
+    trainer.setup()
+    got = trainer.model.state_dict()
+    want = interpolate_pos_embed(src["vision.pos_embed"], 6, True)
+    assert got["vision.pos_embed"].shape == (1, 37, 32)
+    torch.testing.assert_close(got["vision.pos_embed"], want)
+    assert all(torch.equal(got[k], src[k]) for k in src if k != "vision.pos_embed")
+
+
+def test_deprecated_model_init_keys_still_work_and_warn(tmp_path, world, caplog) -> None:
+    import mm1.config as config
+
+    dec_dir, vis_dir, llama, clip = make_hf_checkpoints(tmp_path, world)
+    config._DEPRECATION_WARNED.clear()
+    cfg_path = tiny_config(tmp_path, world, steps=1, parallel="none", val_every=0)
+    with caplog.at_level(logging.WARNING, logger="mm1.config"):
+        cfg = load_config(
+            cfg_path, [f"model.vision.init={vis_dir}", f"model.decoder.init={dec_dir}"]
+        )
+        load_config(cfg_path, [f"model.vision.init={vis_dir}"])  # warned once per key
+    warnings = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+    assert len(warnings) == 2 and "train.init.vision" in warnings[0]
+    assert cfg.train.init.vision == str(vis_dir) and cfg.train.init.decoder == str(dec_dir)
+    assert cfg.model.vision.init is None and cfg.model.decoder.init is None
+
+    trainer = _trainer(
+        cfg_path, tmp_path / "run", f"model.vision.init={vis_dir}", f"model.decoder.init={dec_dir}"
+    )
+    trainer.setup()
+    emb = trainer.model.decoder.embed_tokens.weight
+    hf_emb = llama.get_input_embeddings().weight.detach()
+    torch.testing.assert_close(emb[: hf_emb.shape[0]], hf_emb)
+    torch.testing.assert_close(
+        trainer.model.vision.patch_embed.weight, clip.get_input_embeddings().weight
+    )
+    saved = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert saved["vision"]["init"] is None  # the architecture names no weights any more
+    kinds = [s["kind"] for s in json.loads((tmp_path / "run" / "init.json").read_text())["sources"]]
+    assert kinds == ["hf", "hf"]
+
+    with pytest.raises(ConfigError, match="model.decoder.init=.* and train.init.decoder=.*"):
+        load_config(cfg_path, [f"model.decoder.init={dec_dir}", f"train.init.decoder={vis_dir}"])
+
+
+def test_a_resumed_run_started_from_deprecated_keys_is_not_a_changed_config(
+    tmp_path,
+    world,
+) -> None:
+    """A run whose config.yaml still names model.decoder.init resumes with the same keys."""
+    import yaml
+
+    dec_dir, _, _, _ = make_hf_checkpoints(tmp_path, world)
+    cfg_path = tiny_config(tmp_path, world, steps=1, save_every=1, parallel="none", val_every=0)
+    run = tmp_path / "run"
+    _trainer(cfg_path, run, f"model.decoder.init={dec_dir}").fit()
+    # As written before train.init existed: the key in the model section, no train.init.
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["model"]["decoder"]["init"] = str(dec_dir)
+    del saved["train"]["init"]
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    result = _trainer(cfg_path, run, f"model.decoder.init={dec_dir}", "train.steps=2").fit()
+    assert result["steps_run"] == 1
+
+
+def test_an_hf_directory_cannot_start_every_part(tmp_path, world) -> None:
+    dec_dir, _, _, _ = make_hf_checkpoints(tmp_path, world)
+    cfg = tiny_config(tmp_path, world, steps=1, parallel="none", val_every=0)
+    with pytest.raises(ConfigError, match="train.init.weights=.* is an HF checkpoint"):
+        _trainer(cfg, tmp_path / "run", f"train.init.weights={dec_dir}").setup()
+    with pytest.raises(ConfigError, match="train.init.connector=.* not an mm1 run"):
+        _trainer(cfg, tmp_path / "r2", f"train.init.connector={tmp_path / 'nowhere'}").setup()
+
+
+@pytest.mark.parametrize("module", ["mm1.pretrained", "mm1.eval.fewshot", "mm1.checkpoint"])
+def test_loading_for_inference_does_not_import_training(module: str) -> None:
+    code = f"import {module}, sys; assert not any(m.startswith('mm1.train') for m in sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)
