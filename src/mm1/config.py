@@ -210,6 +210,9 @@ class DataConfig:
     # Decoded pixels per image (0 = no cap): above it a JPEG is decoded at 1/2, 1/4 or 1/8
     # scale and anything still larger is reduced; images within it decode exactly.
     max_image_pixels: int = 4096 * 4096
+    # How SFT conversations are written: "" = the tokenizer's chat template (plain if it has
+    # none), a built-in (plain, vicuna_v1, chatml, llama3) or a .jinja file; saved with the run.
+    chat_template: str = ""
 
 
 @dataclass

@@ -18,7 +18,6 @@ from mm1.data.tokenizer import (
     IGNORE_INDEX,
     IMAGE_TOKEN,
     PAD_TOKEN,
-    ChatTemplate,
     Tokenizer,
     tokenize_conversation,
     tokenize_document,
@@ -341,7 +340,12 @@ def test_conversation_text_follows_the_template(qwen: Tokenizer, llama: Tokenize
     assert not any(out.target_mask[: len(prompt)]) and out.target_mask[len(prompt)]
     # A system message replaces the template's default; custom templates work.
     conv.messages.insert(0, {"role": "system", "content": "Be brief."})
-    custom = ChatTemplate("x", user_format="Q: {content}\n", assistant_prefix="A:")
+    custom = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] + '\\n' }}"
+        "{% elif m['role'] == 'user' %}{{ 'Q: ' + m['content'] + '\\n' }}"
+        "{% else %}{{ 'A:' + m['content'] + eos_token }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'A:' }}{% endif %}"
+    )
     out = tokenize_conversation(conv, qwen, 3, template=custom)
     assert qwen.decode(out.input_ids, skip_special_tokens=False).startswith("Be brief.\nQ: What")
 
@@ -358,8 +362,8 @@ def test_conversation_errors(qwen: Tokenizer) -> None:
         tokenize_conversation(_conv(images=2), qwen, 3)
     with pytest.raises(ValueError, match=r"'sft-1': 1 <image> tags .* but 0 images"):
         tokenize_conversation(_conv(images=0), qwen, 3)
-    with pytest.raises(ValueError, match="unknown chat template 'chatml'"):
-        tokenize_conversation(_conv(), qwen, 3, template="chatml")
+    with pytest.raises(ValueError, match="unknown chat template 'zephyr'"):
+        tokenize_conversation(_conv(), qwen, 3, template="zephyr")
     conv = _conv()
     conv.messages[1]["role"] = "robot"
     with pytest.raises(ValueError, match="unknown role 'robot'"):

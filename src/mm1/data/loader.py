@@ -48,7 +48,8 @@ class LoaderSettings:
     pack_buffer: int = 32
     max_error_rate: float = 0.01
     seed: int = 0
-    chat_template: str = "plain"
+    # None: the tokenizer's template (`data.chat_template` is set on it), else plain.
+    chat_template: str | None = None
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
     @classmethod

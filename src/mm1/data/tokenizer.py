@@ -17,10 +17,11 @@ Target-mask conventions (`target_mask[t]` = "token t is a valid prediction targe
 - image slots are never targets (the model's output there is not a text prediction);
 - `<img>` IS a target (predicting that an image comes is a real prediction), `</img>` is NOT
   (it always follows the Q-th slot: a free prediction that would only dilute the loss);
-- in conversations, only the tokens of assistant turns and the EOS that ends each assistant turn
-  are targets (a token is in a turn when its characters overlap the turn's text; the turn's
-  text starts at the space after "Assistant:", so a generation prompt ends at "Assistant:");
-  `<img>` follows the same rule.
+- in conversations, only the tokens of assistant turns and the end-of-turn token after each are
+  targets (a token is in a turn when its characters overlap the turn's region, which starts
+  where the template's generation prompt ends: plain's turn text starts at the space after
+  "Assistant:"); `<img>` follows the same rule. Conversations are written by a chat template
+  (`mm1.data.chat_template`): the tokenizer's own, or a built-in (`plain` by default).
 
 Documents must not contain the literal text `<image>`: their images live in `Document.parts`,
 and a tag in the text would silently add an image slot with no image. Conversations, which come
@@ -34,10 +35,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import tokenizers
 from PIL import Image
 
 from mm1.batch import IGNORE_INDEX
+from mm1.data.chat_template import (
+    BUILTIN_TOKENS,
+    CHAT_TEMPLATE_FILE,
+    ChatTemplateSource,
+    load_chat_template,
+    render,
+    select_template,
+    template_config_value,
+    training_text,
+    uses_typed_parts,
+)
 from mm1.data.document import Conversation, Document
 from mm1.data.sources.unicode import repair_text
 
@@ -53,6 +66,8 @@ MM1_TOKENIZER_CONFIG = "mm1_tokenizer.json"
 # GPT-2 / Qwen2 and Mistral vocabularies.
 _BOS_GUESSES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
 _EOS_GUESSES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>")
+# transformers' other named special tokens, which templates may read.
+_OTHER_SPECIAL_KEYS = ("unk_token", "sep_token", "cls_token", "mask_token")
 
 
 class Tokenizer:
@@ -68,6 +83,8 @@ class Tokenizer:
         eos_token: str | None,
         bos_token: str | None = None,
         pad_token: str | None = None,
+        chat_template: ChatTemplateSource | None = None,
+        other_special_tokens: dict[str, str] | None = None,
     ) -> None:
         tok = tokenizers.Tokenizer.from_str(tokenizer.to_str())
         if eos_token is None:
@@ -91,6 +108,11 @@ class Tokenizer:
         self.added_ids = tuple(tok.token_to_id(n) for n in dict.fromkeys(names) if n not in known)
         self._tok = tok
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+        # The template(s) of tokenizer_config.json / chat_template.jinja: a jinja source, or
+        # named sources; None when the tokenizer has none.
+        self.chat_template = chat_template
+        # unk / sep / cls / mask token names from the config files, passed to templates as HF does.
+        self.other_special_tokens = dict(other_special_tokens or {})
         # Max id + 1, not the count: a vocabulary with holes still needs every id embedded.
         self._vocab_size = max(tok.get_vocab(with_added_tokens=True).values()) + 1
 
@@ -101,6 +123,7 @@ class Tokenizer:
         BOS / EOS / pad names come from the first of `mm1_tokenizer.json`, `tokenizer_config.json`
         and `special_tokens_map.json` (next to tokenizer.json) that names them — an explicit null
         counts; values may be strings or {"content": ...} dicts — else from the usual names.
+        The chat template comes from the same directory (see `mm1.data.chat_template`).
         """
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
@@ -118,11 +141,24 @@ class Tokenizer:
             named = [_token_name(cfg[key]) for cfg in configs if key in cfg]
             found[key] = named[0] if named else next((g for g in guesses if g in vocab), None)
         pads = [_token_name(cfg["pad_token"]) for cfg in configs if "pad_token" in cfg]
-        return cls(tok, found["eos_token"], found["bos_token"], pads[0] if pads else None)
+        others: dict[str, str] = {}
+        for key in _OTHER_SPECIAL_KEYS:
+            named = [_token_name(cfg[key]) for cfg in configs if key in cfg]
+            if named and named[0] is not None:
+                others[key] = named[0]
+        return cls(
+            tok,
+            found["eos_token"],
+            found["bos_token"],
+            pads[0] if pads else None,
+            chat_template=load_chat_template(file.parent),
+            other_special_tokens=others,
+        )
 
     def save(self, directory: str | Path) -> None:
         """Write tokenizer.json (with the added tokens), mm1_tokenizer.json and a minimal
-        tokenizer_config.json (overwritten: save into a fresh directory)."""
+        tokenizer_config.json holding the chat template, as transformers' legacy form does
+        (overwritten: save into a fresh directory)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self._tok.save(str(directory / "tokenizer.json"))
@@ -140,8 +176,13 @@ class Tokenizer:
         }
         (directory / MM1_TOKENIZER_CONFIG).write_text(json.dumps(mm1, indent=2) + "\n")
         # So that an exported directory also loads with transformers' AutoTokenizer.
-        hf = {"tokenizer_class": "PreTrainedTokenizerFast", **names}
+        hf: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", **names}
+        hf.update(self.other_special_tokens)
+        if self.chat_template is not None:
+            hf["chat_template"] = template_config_value(self.chat_template)
         (directory / "tokenizer_config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        # A template file would take precedence over the config's on loading.
+        (directory / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)
 
     # -- ids -------------------------------------------------------------------------------------
 
@@ -211,6 +252,43 @@ class Tokenizer:
         enc = self._tok.encode(repair_text(text), add_special_tokens=False)
         return enc.ids, enc.offsets
 
+    # -- chat ------------------------------------------------------------------------------------
+
+    @property
+    def template_variables(self) -> dict[str, str]:
+        """The named special tokens a chat template sees (transformers' `special_tokens_map`)."""
+        names = {"bos_token": self.bos_token, "eos_token": self.eos_token}
+        names |= {"pad_token": self.pad_token, **self.other_special_tokens}
+        return {k: v for k, v in names.items() if v is not None}
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = False,
+        tokenize: bool = True,
+        chat_template: str | None = None,
+    ) -> list[int] | str:
+        """Render `messages` as transformers' `apply_chat_template` does: the same text, and with
+        `tokenize` the same ids (its `input_ids`: the text encoded without added BOS/EOS).
+
+        `chat_template`: None for the tokenizer's own template, a name (of one of the
+        tokenizer's named templates, or a built-in: plain, vicuna_v1, chatml, llama3), or a jinja
+        source. Message content is a string or a list of typed parts ({"type": "image"},
+        {"type": "text", "text": ...}).
+        """
+        _, source = select_template(self.chat_template, chat_template)
+        text, _ = render(source, messages, add_generation_prompt, self.template_variables)
+        if not tokenize:
+            return text
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def end_of_turn_tokens(self) -> tuple[str, ...]:
+        """Special tokens that may end a turn: every special token but BOS and mm1's own."""
+        skip = {self.bos_token, self.pad_token, ENDOFCHUNK_TOKEN, BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN}
+        skip.discard(self.eos_token)  # Qwen2's pad is its EOS
+        added = self._tok.get_added_tokens_decoder().values()
+        return tuple(t.content for t in added if t.special and t.content not in skip)
+
 
 def _token_name(value: Any) -> str | None:
     """tokenizer_config values are a string, null, or an AddedToken dict {"content": ...}."""
@@ -249,38 +327,6 @@ class TokenizedDocument:
         out = [ids[t + 1] if mask[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)]
         return [*out, IGNORE_INDEX] if ids else []
 
-
-@dataclass(frozen=True)
-class ChatTemplate:
-    """How a conversation is written out.
-
-    The text is `system_format` (when there is a system prompt), then per turn `user_format`, or
-    `assistant_prefix` + content + EOS + `turn_separator`. Only content + EOS of assistant turns
-    (with the prefix's trailing whitespace) are targets.
-    """
-
-    name: str
-    system: str = ""  # default system prompt, used when the conversation has none
-    system_format: str = "{content}\n"
-    user_format: str = "User: {content}\n"
-    assistant_prefix: str = "Assistant: "
-    turn_separator: str = ""
-
-
-CHAT_TEMPLATES: dict[str, ChatTemplate] = {
-    # "User: …\nAssistant: …</s>User: …" — no system prompt.
-    "plain": ChatTemplate("plain"),
-    # LLaVA-1.5's conv_vicuna_v1: "SYSTEM USER: … ASSISTANT: …</s>USER: …".
-    "vicuna_v1": ChatTemplate(
-        "vicuna_v1",
-        system="A chat between a curious human and an artificial intelligence assistant. "
-        "The assistant gives helpful, detailed, and polite answers to the human's questions.",
-        system_format="{content} ",
-        user_format="USER: {content} ",
-        assistant_prefix="ASSISTANT: ",
-    ),
-}
-CHAT_TEMPLATES["llava_v1"] = CHAT_TEMPLATES["vicuna_v1"]
 
 _ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 
@@ -342,47 +388,92 @@ def tokenize_conversation(
     conv: Conversation,
     tok: Tokenizer,
     num_image_tokens: int,
-    template: ChatTemplate | str = "plain",
+    template: str | None = None,
     image_boundaries: bool = False,
     add_bos: bool = True,
 ) -> TokenizedDocument:
-    """Tokenize an SFT conversation: only assistant turns (and their EOS) are targets."""
-    if isinstance(template, str):
-        if template not in CHAT_TEMPLATES:
-            raise ValueError(f"unknown chat template {template!r}; known: {sorted(CHAT_TEMPLATES)}")
-        template = CHAT_TEMPLATES[template]
-    n_tags = sum(m["content"].count(IMAGE_TOKEN) for m in conv.messages)
-    if n_tags != len(conv.images):
+    """Tokenize an SFT conversation through a chat template: only the assistant turns' content
+    and the end-of-turn token after each are targets (see `chat_template.training_text`).
+
+    `template`: a built-in name, a jinja source, or None for the tokenizer's own template
+    (`plain` when it has none). Roles `human` / `gpt` are read as user / assistant. For a
+    template that reads typed parts (llava-hf's), each message's `<image>` tags become
+    {"type": "image"} parts and the text between them {"type": "text"} parts (stripped); the
+    rendered text must then hold one `<image>` per image. BOS is added unless the template
+    writes it. Malformed conversations raise a ValueError naming the record (training skips
+    and counts them).
+    """
+    where = f"conversation {conv.id!r}"
+    messages = _checked_messages(conv, where)
+    if template is None and tok.chat_template is None:
+        template = "plain"
+    name, source = select_template(tok.chat_template, template)
+    missing = [t for t in BUILTIN_TOKENS.get(name, ()) if tok.token_to_id(t) is None]
+    if missing:
+        raise ValueError(f"chat template {name!r} needs the special tokens {missing}")
+    if uses_typed_parts(source):
+        messages = [{**m, "content": _typed_parts(m["content"])} for m in messages]
+    try:
+        text, regions, _ = training_text(
+            source, messages, tok.template_variables, tok.end_of_turn_tokens(), tok.eos_token
+        )
+    except jinja2.TemplateError as err:
+        raise ValueError(f"{where}: the chat template failed: {err}") from None
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    if text.count(IMAGE_TOKEN) != len(conv.images):
         raise ValueError(
-            f"conversation {conv.id!r}: {n_tags} {IMAGE_TOKEN} tags in the messages but "
+            f"{where}: the chat template wrote {text.count(IMAGE_TOKEN)} {IMAGE_TOKEN} tags for "
             f"{len(conv.images)} images"
         )
-    messages = list(conv.messages)
-    system = template.system
-    if messages and messages[0]["role"] == "system":
-        system = messages.pop(0)["content"]
-    text = template.system_format.format(content=system) if system else ""
-    regions: list[tuple[int, int]] = []
-    for m in messages:
-        role = _ROLES.get(m["role"])
-        if role is None:
-            raise ValueError(f"conversation {conv.id!r}: unknown role {m['role']!r}")
-        if role == "user":
-            text += template.user_format.format(content=m["content"])
-        else:
-            # The prefix's trailing space belongs to the answer: generation prompts end at
-            # "Assistant:" and the model predicts " word" (or a lone space token) itself.
-            head = template.assistant_prefix.rstrip()
-            text += head
-            start = len(text)
-            text += template.assistant_prefix[len(head) :] + m["content"] + tok.eos_token
-            regions.append((start, len(text)))
-            text += template.turn_separator
-    if not regions:
-        raise ValueError(f"conversation {conv.id!r} has no assistant turn to learn from")
+    add_bos = add_bos and not (tok.bos_token and text.startswith(tok.bos_token))
     out = _expand(tok, text, regions, conv.images, num_image_tokens, image_boundaries, add_bos)
     out.source, out.id = conv.source, conv.id
     return out
+
+
+def _checked_messages(conv: Conversation, where: str) -> list[dict[str, Any]]:
+    """Messages with canonical roles, or a ValueError: an optional system message first, then
+    user and assistant turns alternating from the user, no empty assistant turn, at least one
+    assistant turn, and as many `<image>` tags as images."""
+    n_tags = sum(str(m.get("content", "")).count(IMAGE_TOKEN) for m in conv.messages)
+    if n_tags != len(conv.images):
+        raise ValueError(
+            f"{where}: {n_tags} {IMAGE_TOKEN} tags in the messages but {len(conv.images)} images"
+        )
+    messages = []
+    for i, m in enumerate(conv.messages):
+        role = _ROLES.get(m.get("role"), "system" if m.get("role") == "system" else None)
+        if role is None:
+            raise ValueError(f"{where}: unknown role {m.get('role')!r}")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"{where}: message {i} has no text content")
+        if role == "system" and i > 0:
+            raise ValueError(f"{where}: a system message after the first message")
+        messages.append({"role": role, "content": m["content"]})
+    turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    for i, m in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            first = i == 0 and m["role"] == "assistant"
+            detail = "starts with the assistant" if first else "roles do not alternate"
+            raise ValueError(f"{where}: {detail} (turn {i} is {m['role']!r}, not {expected!r})")
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise ValueError(f"{where}: empty assistant turn (turn {i})")
+    if not any(m["role"] == "assistant" for m in turns):
+        raise ValueError(f"{where} has no assistant turn to learn from")
+    return messages
+
+
+def _typed_parts(content: str) -> list[dict[str, str]]:
+    """ "<image>\nWhat is it?" -> [{"type": "image"}, {"type": "text", "text": "What is it?"}]."""
+    parts: list[dict[str, str]] = []
+    for k, piece in enumerate(content.split(IMAGE_TOKEN)):
+        if k > 0:
+            parts.append({"type": "image"})
+        if piece.strip():
+            parts.append({"type": "text", "text": piece.strip()})
+    return parts
 
 
 def _expand(

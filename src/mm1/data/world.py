@@ -6,8 +6,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mm1.config import DataConfig, InitConfig, ModelConfig, SourceConfig
+from mm1.config import ConfigError, DataConfig, InitConfig, ModelConfig, SourceConfig
 from mm1.data.catalog import check_sources
+from mm1.data.chat_template import BUILTIN_TOKENS, template_from_option
 from mm1.data.images import PREPROCESSOR_CONFIG, ImageProcessor
 from mm1.data.synthetic import WorldManifest, write_world
 from mm1.data.tokenizer import Tokenizer
@@ -139,10 +140,28 @@ def prepare_data(
     else:
         assert world is not None
         tok_path = world.tokenizer_path
+    tokenizer = Tokenizer.from_file(tok_path)
+    if data.chat_template:
+        _set_chat_template(tokenizer, data.chat_template)
     return PreparedData(
-        tokenizer=Tokenizer.from_file(tok_path),
+        tokenizer=tokenizer,
         processor=image_processor_for(model, init),
         sources=sources,
         val_sources=val_sources,
         world=world,
     )
+
+
+def _set_chat_template(tok: Tokenizer, value: str) -> None:
+    """`data.chat_template` replaces the tokenizer's own; the run's tokenizer directory saves it."""
+    try:
+        name, source = template_from_option(value)
+    except ValueError as err:
+        raise ConfigError(f"data.chat_template: {err}") from None
+    missing = [t for t in BUILTIN_TOKENS.get(name, ()) if tok.token_to_id(t) is None]
+    if missing:
+        raise ConfigError(
+            f"data.chat_template={value!r} needs the special tokens {missing}, which the "
+            "tokenizer does not have"
+        )
+    tok.chat_template = source

@@ -1,0 +1,312 @@
+"""Chat templates rendered as transformers renders them, on real templates, and the loss masks
+they give (tests/data/chat_templates/README.md says where each template comes from)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import tokenizers
+from PIL import Image
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from mm1.data.chat_template import BUILTIN_TEMPLATES, load_chat_template
+from mm1.data.document import Conversation
+from mm1.data.tokenizer import IMAGE_TOKEN, Tokenizer, tokenize_conversation
+
+transformers = pytest.importorskip("transformers")
+
+TEMPLATES = Path(__file__).parent / "chat_templates"
+CORPUS = [
+    "You are a helpful assistant. Be brief.",
+    "What is in the picture? A small blue cube on a red mat.",
+    "What colour is the ball? green. How many dogs? two dogs play in the snow.",
+    "USER: ASSISTANT: system user assistant",
+] * 4
+
+# name -> (file, config file name in the tokenizer dir, special tokens, bos, eos, typed parts)
+CASES = {
+    "llama3": (
+        "meta-llama--Meta-Llama-3-8B-Instruct.tokenizer_config.json",
+        "tokenizer_config.json",
+        [
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eot_id|>",
+        ],
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+        False,
+    ),
+    "qwen2": (
+        "Qwen--Qwen2-7B-Instruct.tokenizer_config.json",
+        "tokenizer_config.json",
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        None,
+        "<|im_end|>",
+        False,
+    ),
+    "llava": (
+        "llava-hf--llava-1.5-7b-hf.chat_template.json",
+        "chat_template.json",
+        ["<unk>", "<s>", "</s>"],
+        "<s>",
+        "</s>",
+        True,
+    ),
+}
+
+
+def _template(name: str) -> str:
+    return json.loads((TEMPLATES / CASES[name][0]).read_text())["chat_template"]
+
+
+def _tokenizer_dir(d: Path, name: str) -> Path:
+    """A small byte-level BPE with the template's special tokens, its config naming BOS / EOS,
+    and the template stored where the model repository stores it."""
+    file, config_name, specials, bos, eos, _ = CASES[name]
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    d.mkdir(parents=True)
+    tok.save(str(d / "tokenizer.json"))
+    config = {"bos_token": bos, "eos_token": eos}
+    if config_name == "tokenizer_config.json":
+        config |= json.loads((TEMPLATES / file).read_text())
+    else:
+        (d / config_name).write_text((TEMPLATES / file).read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    return d
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, tmp_path_factory) -> tuple[str, Tokenizer, object]:
+    """(name, our tokenizer, transformers' tokenizer over the same vocabulary and template)."""
+    name = request.param
+    ours = Tokenizer.from_file(_tokenizer_dir(tmp_path_factory.mktemp(name) / "tok", name))
+    saved = tmp_path_factory.mktemp(name) / "saved"
+    ours.save(saved)  # the vocabulary with mm1's added tokens, <image> among them
+    hf = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(saved / "tokenizer.json"),
+        bos_token=ours.bos_token,
+        eos_token=ours.eos_token,
+        pad_token=ours.pad_token,
+        chat_template=_template(name),
+    )
+    return name, ours, hf
+
+
+def _content(text: str, typed: bool, images: int = 0) -> str | list[dict[str, str]]:
+    if not typed:
+        return IMAGE_TOKEN * images + text
+    return [{"type": "image"}] * images + [{"type": "text", "text": text}]
+
+
+def _conversations(typed: bool) -> list[tuple[list[dict], bool]]:
+    """(messages, add_generation_prompt): system or not, one or several turns, images."""
+    c = lambda text, images=0: _content(text, typed, images)  # noqa: E731
+    return [
+        ([{"role": "user", "content": c("What is in the picture?", 1)}], True),
+        (
+            [
+                {"role": "system", "content": c("Be brief.")},
+                {"role": "user", "content": c("What is in the picture?", 1)},
+                {"role": "assistant", "content": c("A small blue cube.")},
+                {"role": "user", "content": c("  What colour is the ball?\n")},
+                {"role": "assistant", "content": c("green")},
+            ],
+            False,
+        ),
+        (
+            [
+                {"role": "user", "content": c("How many dogs?", 2)},
+                {"role": "assistant", "content": c("two dogs ✓")},
+                {"role": "user", "content": c("And cats?")},
+            ],
+            True,
+        ),
+    ]
+
+
+def test_text_and_ids_equal_transformers(case) -> None:
+    name, ours, hf = case
+    for messages, gen in _conversations(typed=CASES[name][5]):
+        text = hf.apply_chat_template(messages, add_generation_prompt=gen, tokenize=False)
+        ids = hf.apply_chat_template(messages, add_generation_prompt=gen, return_dict=False)
+        assert ours.apply_chat_template(messages, gen, tokenize=False) == text
+        assert ours.apply_chat_template(messages, gen) == list(ids)
+        assert len(ids) > 5 and ours.decode(list(ids), skip_special_tokens=False) == text
+        # The template's special tokens are whole tokens, not spelled out.
+        assert all(ours.token_to_id(t) in ids for t in CASES[name][2] if t in text)
+
+
+def test_template_argument_and_generation_prompt(case) -> None:
+    name, ours, hf = case
+    messages = _conversations(typed=CASES[name][5])[0][0]
+    prompt = ours.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    bare = ours.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+    assert prompt.startswith(bare) and len(prompt) > len(bare)
+    plain = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    text = ours.apply_chat_template(plain, tokenize=False, chat_template="plain")
+    assert text == f"User: Hi\nAssistant: Hello{ours.eos_token}"
+    assert text == hf.apply_chat_template(
+        plain, tokenize=False, chat_template=BUILTIN_TEMPLATES["plain"]
+    )
+
+
+def test_builtin_llama3_renders_like_the_real_template(tmp_path: Path) -> None:
+    tok = Tokenizer.from_file(_tokenizer_dir(tmp_path / "tok", "llama3"))
+    for messages, gen in _conversations(typed=False):
+        real = tok.apply_chat_template(messages, gen, tokenize=False)
+        assert tok.apply_chat_template(messages, gen, False, chat_template="llama3") == real
+
+
+def _sft(typed_images: int = 1) -> Conversation:
+    return Conversation(
+        id="rec-7",
+        images=[Image.new("RGB", (8, 8))] * typed_images,
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "<image>\nWhat is in the picture?"},
+            {"role": "assistant", "content": "A small blue cube."},
+            {"role": "user", "content": "What colour is the ball?"},
+            {"role": "assistant", "content": "green"},
+        ],
+    )
+
+
+def test_loss_mask_is_assistant_content_and_end_of_turn(case) -> None:
+    name, ours, hf = case
+    out = tokenize_conversation(_sft(), ours, num_image_tokens=3)
+    targets = [i for i, m in zip(out.input_ids, out.target_mask) if m]
+    others = [i for i, m in zip(out.input_ids, out.target_mask) if not m]
+    end = "</s>" if name == "llava" else ours.eos_token  # llava-hf's: EOS added by training
+    learned = ours.decode(targets, skip_special_tokens=False)
+    assert learned.replace(" ", "").replace("\n", "") == f"Asmallbluecube.{end}green{end}"
+    rest = ours.decode(others, skip_special_tokens=False)
+    for scaffold in ("Be brief.", "What is in the picture?", "What colour is the ball?"):
+        assert scaffold in rest
+    assert "cube" not in rest and "green" not in rest
+    assert out.input_ids.count(ours.image_id) == 3
+    start, stop = out.image_spans[0]
+    assert not any(out.target_mask[start:stop])
+    # Apart from the training-time EOS, the sample is the template's rendering.
+    typed = CASES[name][5]
+    messages = [
+        {"role": m["role"], "content": _content(m["content"].replace("<image>\n", ""), typed)}
+        for m in _sft().messages
+    ]
+    messages[1]["content"] = _content("What is in the picture?", typed, images=1)
+    if not typed:
+        messages[1]["content"] = "<image>\nWhat is in the picture?"
+    rendered = hf.apply_chat_template(messages, tokenize=False)
+    one_slot = [*out.input_ids[:start], ours.image_id, *out.input_ids[stop:]]
+    text = ours.decode(one_slot, skip_special_tokens=False)
+    if name == "llava":
+        text = text.replace("</s>", "")
+    if ours.bos_token and not rendered.startswith(ours.bos_token):
+        text = text.removeprefix(ours.bos_token)
+    assert text == rendered
+
+
+def test_template_saved_and_loaded(tmp_path: Path) -> None:
+    tok = Tokenizer.from_file(_tokenizer_dir(tmp_path / "tok", "llava"))  # chat_template.json
+    assert tok.chat_template == _template("llava")
+    tok.save(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == _template("llava")
+    assert Tokenizer.from_file(tmp_path / "saved").chat_template == _template("llava")
+    # chat_template.jinja wins over the config; several named templates load as a dict.
+    (tmp_path / "saved" / "chat_template.jinja").write_text("{{ 'x' }}")
+    assert Tokenizer.from_file(tmp_path / "saved").chat_template == "{{ 'x' }}"
+    config["chat_template"] = [
+        {"name": "default", "template": "A"},
+        {"name": "rag", "template": "B"},
+    ]
+    (tmp_path / "saved" / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "saved" / "chat_template.jinja").unlink()
+    assert load_chat_template(tmp_path / "saved") == {"default": "A", "rag": "B"}
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m.pop(2), "roles do not alternate"),
+        (lambda m: m[1].update(role="gpt"), "starts with the assistant"),
+        (lambda m: m[2].update(content="  "), "empty assistant turn"),
+        (lambda m: m[3].update(content="<image> again"), "2 <image> tags in the messages but 1"),
+    ],
+)
+def test_bad_conversations_name_the_record(case, edit, message: str) -> None:
+    _, ours, _ = case
+    conv = _sft()
+    edit(conv.messages)
+    with pytest.raises(ValueError, match=rf"conversation 'rec-7'.*{message}"):
+        tokenize_conversation(conv, ours, num_image_tokens=3)
+
+
+def test_template_that_raises_is_a_value_error(tmp_path: Path) -> None:
+    tok = Tokenizer.from_file(_tokenizer_dir(tmp_path / "tok", "qwen2"))
+    tok.chat_template = "{{ raise_exception('only one turn') }}"
+    with pytest.raises(ValueError, match="'rec-7': the chat template failed: only one turn"):
+        tokenize_conversation(_sft(), tok, num_image_tokens=3)
+
+
+def test_loader_skips_and_counts_bad_conversations(tmp_path: Path, caplog) -> None:
+    from mm1.config import SourceConfig
+    from mm1.data.images import ImageProcessor
+    from mm1.data.loader import LoaderSettings, PackedDataset
+
+    good = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "green"}]}
+    bad = {"conversations": [{"from": "gpt", "value": "green"}, {"from": "human", "value": "Hi"}]}
+    records = [{"id": f"r{i}", **(bad if i == 3 else good)} for i in range(8)]
+    (tmp_path / "sft.json").write_text(json.dumps(records))
+    tok = Tokenizer.from_file(_tokenizer_dir(tmp_path / "tok", "qwen2"))
+    source = SourceConfig(format="llava", path=str(tmp_path / "sft.json"))
+    settings = LoaderSettings([source], seq_len=64, micro_batch_size=1, num_image_tokens=2)
+    settings.max_error_rate = 1.0
+    ds = PackedDataset(settings, tok, ImageProcessor.clip(16))
+    batch = next(iter(ds))
+    stats = ds.read_stats()
+    # Epochs repeat the 8 records: r3, and only r3, is skipped each time it comes.
+    assert set(stats.skipped) == {"untokenizable"}
+    assert (
+        stats.skipped["untokenizable"] * 7
+        <= stats.records
+        <= stats.skipped["untokenizable"] * 7 + 7
+    )
+    assert "conversation 'r3': starts with the assistant" in caplog.text
+    # The Qwen2 template (the tokenizer's own) wrote the sample: <|im_end|> is learned.
+    assert tok.token_to_id("<|im_end|>") in batch.labels.tolist()[0]
+
+
+def test_data_chat_template_option(tmp_path: Path) -> None:
+    from mm1.config import ConfigError, DataConfig, ModelConfig, SourceConfig
+    from mm1.data.world import prepare_data
+
+    (tmp_path / "sft.json").write_text("[]")
+    (tmp_path / "mine.jinja").write_text("{{ messages[0]['content'] }}")
+    source = SourceConfig(format="llava", path=str(tmp_path / "sft.json"))
+    tok_dir = str(_tokenizer_dir(tmp_path / "tok", "llava"))
+
+    def prepared(value: str) -> Tokenizer:
+        data = DataConfig(tokenizer=tok_dir, sources=[source], chat_template=value)
+        return prepare_data(data, ModelConfig()).tokenizer
+
+    assert prepared("").chat_template == _template("llava")  # the tokenizer's own
+    assert prepared("vicuna_v1").chat_template == BUILTIN_TEMPLATES["vicuna_v1"]
+    assert prepared(str(tmp_path / "mine.jinja")).chat_template.startswith("{{ messages")
+    with pytest.raises(ConfigError, match="data.chat_template: 'zephyr' is neither a built-in"):
+        prepared("zephyr")
+    with pytest.raises(ConfigError, match=r"data.chat_template='chatml' needs .*<\|im_start\|>"):
+        prepared("chatml")
