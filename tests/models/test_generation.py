@@ -3,13 +3,11 @@ stops, left padding, per-row KV caches, and step-wise decoding of a changing set
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
 from mm1.models.decoder import Decoder, KVCache
-from mm1.models.generation import DecodeBatch, generate, left_pad
+from mm1.models.generation import DecodeBatch, Sampling, generate, left_pad
 from mm1.models.mllm import MM1
 from tests.models.test_models import tiny_model_config
 
@@ -181,8 +179,8 @@ def test_generate_is_a_decode_batch_run_to_the_end() -> None:
     want = generate(
         model, prompts, max_new_tokens=5, do_sample=True, generator=torch.Generator().manual_seed(4)
     )
-    batch = DecodeBatch(model, 3, 8, generator=torch.Generator().manual_seed(4))
-    batch.sampling = dataclasses.replace(batch.sampling, do_sample=True)
+    seeded = torch.Generator().manual_seed(4)
+    batch = DecodeBatch(model, 3, 8, sampling=Sampling(do_sample=True), generator=seeded)
     ids = batch.prefill(prompts)
     got: list[list[int]] = [[] for _ in prompts]
     for _ in range(5):
