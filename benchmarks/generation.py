@@ -52,13 +52,11 @@ def prompts_and_images(world, tok, num_image_tokens: int, n: int):
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    longest = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), longest), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, longest - len(p) :] = torch.tensor(p)
-        mask[i, longest - len(p) :] = 1
-    return ids, mask
+    """Input ids and attention mask of HF's left-padded batch: mm1's own padding."""
+    from mm1.models.generation import left_pad as mm1_left_pad
+
+    batch = mm1_left_pad(prompts, pad_id)
+    return batch.input_ids, batch.document_ids
 
 
 def run(
@@ -66,6 +64,7 @@ def run(
 ) -> dict[str, Any]:
     from benchmarks.models import build_mm1, llava_from_mm1, quiet_transformers, small_config
     from mm1.data.tokenizer import Tokenizer
+    from mm1.models.generation import generate
 
     threads = set_threads()
     quiet_transformers()
@@ -82,8 +81,8 @@ def run(
         ids, mask = left_pad(prompts, tok.pad_id)
 
         def ours(prompts=prompts, pixels=pixels):
-            return model.generate(
-                prompts, pixels, max_new_tokens=new_tokens, pad_token_id=tok.pad_id
+            return generate(
+                model, prompts, pixels, max_new_tokens=new_tokens, pad_token_id=tok.pad_id
             )
 
         def theirs(ids=ids, mask=mask, pixels=pixels):

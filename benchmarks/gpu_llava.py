@@ -110,6 +110,7 @@ def first_divergence(a: list[list[int]], b: list[list[int]]) -> list[int | None]
 
 def generation(model, llava, cfg, device, dtype, batches, new_tokens: int, rounds: int) -> list:
     from benchmarks.generation import left_pad
+    from mm1.models.generation import generate
 
     results = []
     all_prompts, all_pixels = prompts(cfg, max(batches))
@@ -119,7 +120,7 @@ def generation(model, llava, cfg, device, dtype, batches, new_tokens: int, round
         ids, mask = ids.to(device), mask.to(device)
 
         def ours(ps=ps, px=px):
-            return model.generate(ps, px, max_new_tokens=new_tokens, pad_token_id=0)
+            return generate(model, ps, px, max_new_tokens=new_tokens, pad_token_id=0)
 
         def theirs(ids=ids, mask=mask, px=px):
             out = llava.generate(

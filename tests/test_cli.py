@@ -16,6 +16,7 @@ from PIL import Image
 from mm1 import cli
 from mm1.data.sources import decode_image
 from mm1.eval.tasks import TaskSpec
+from mm1.models import generation
 from mm1.pretrained import Pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,7 +193,9 @@ def test_generate_stops_at_a_special_token_stop(run, pretrained, capsys) -> None
     assert steps[-1] == tok.endofchunk_id  # generation ended there instead of running on
 
 
-def test_generate_decodes_transparency_as_training_does(run, pretrained, tmp_path) -> None:
+def test_generate_decodes_transparency_as_training_does(
+    run, pretrained, tmp_path, monkeypatch
+) -> None:
     # A transparent PNG whose hidden colour is red: training and eval composite it onto white
     # (`decode_image`); a plain convert("RGB") would show the red.
     rgba = np.zeros((40, 40, 4), np.uint8)
@@ -201,13 +204,13 @@ def test_generate_decodes_transparency_as_training_does(run, pretrained, tmp_pat
     path = tmp_path / "transparent.png"
     Image.fromarray(rgba, "RGBA").save(path)
     seen: list[torch.Tensor] = []
-    real = pretrained.model.generate
+    real = generation.generate
 
-    def spy(prompts: list, pixel_values: torch.Tensor | None = None, **kw: object) -> list:
+    def spy(model, prompts: list, pixel_values: torch.Tensor | None = None, **kw: object) -> list:
         seen.append(pixel_values)
-        return real(prompts, pixel_values, **kw)
+        return real(model, prompts, pixel_values, **kw)
 
-    pretrained.model.generate = spy
+    monkeypatch.setattr(generation, "generate", spy)
     args = ["generate", str(run), "--image", str(path), "--prompt", "<image>Output:"]
     assert cli.main([*args, "--max-new-tokens", "1"]) == 0
     expected = pretrained.processor([decode_image(path.read_bytes())])

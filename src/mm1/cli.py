@@ -273,6 +273,7 @@ def _load_images(paths: list[str]) -> list[Image.Image]:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from mm1.data.tokenizer import IMAGE_TOKEN, tokenize_prompt
+    from mm1.models.generation import generate
     from mm1.pretrained import load_pretrained
 
     tags, n = args.prompt.count(IMAGE_TOKEN), len(args.image or [])
@@ -288,7 +289,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     )
     pixels = p.processor(images) if images else None
     stop_ids, text_stops = _split_stops(args.stop or [], p.tokenizer)
-    out = p.model.generate(
+    out = generate(
+        p.model,
         [ids],
         pixels,
         max_new_tokens=args.max_new_tokens,

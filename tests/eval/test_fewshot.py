@@ -15,11 +15,13 @@ import torch
 from mm1.config import ConnectorConfig, DecoderConfig, EvalConfig, ModelConfig, VisionConfig
 from mm1.data.images import ImageProcessor
 from mm1.data.tokenizer import Tokenizer
+from mm1.eval import fewshot
 from mm1.eval.demos import random_demos, rices_rank, shuffled_images
 from mm1.eval.fewshot import FewShotEvaluator, evaluate
 from mm1.eval.metrics import caption_scores, cider, ptb_tokenize_corpus, vqa_accuracy_corpus
 from mm1.eval.prompts import PromptTemplates, build_prompt, postprocess
 from mm1.eval.tasks import CaptionTask, Example, Task, TaskSpec, VQATask, load_task
+from mm1.models.generation import generate, generate_beam
 from mm1.models.mllm import MM1
 
 Q = 4  # image tokens per image of the tiny model
@@ -278,10 +280,10 @@ def test_evaluate_structure_and_scores_match_the_metrics(
 
 
 def _feed(tok: Tokenizer, texts: list[str]):
-    """A stand-in for MM1.generate that answers `texts` in order, then <|endofchunk|>."""
+    """A stand-in for `generate` that answers `texts` in order, then <|endofchunk|>."""
     answers = iter(texts)
 
-    def fake_generate(prompts, pixel_values=None, **kwargs):
+    def fake_generate(model, prompts, pixel_values=None, **kwargs):
         assert pixel_values.shape[0] * Q == sum(p.count(tok.image_id) for p in prompts)
         out = []
         for _ in prompts:
@@ -301,7 +303,7 @@ def test_perfect_captions_score_the_cider_of_the_references(
 ) -> None:
     task = tasks["synth_coco"]
     queries = task.query[:10]
-    monkeypatch.setattr(model, "generate", _feed(tok, [" " + q.target for q in queries]))
+    monkeypatch.setattr(fewshot, "generate", _feed(tok, [" " + q.target for q in queries]))
     r = evaluate(
         model,
         tok,
@@ -333,7 +335,7 @@ def test_vqa_answers_are_post_processed_before_scoring(
     # OpenFlamingo's cuts: a new example started without <|endofchunk|>, "Short answer", ", "
     tails = ("Question:what", " Short answer: no", ", and more")
     answers = [f" {q.target}{tails[i % 3]}" for i, q in enumerate(queries)]
-    monkeypatch.setattr(model, "generate", _feed(tok, answers))
+    monkeypatch.setattr(fewshot, "generate", _feed(tok, answers))
     r = evaluate(
         model,
         tok,
@@ -425,7 +427,7 @@ def test_beam_search_in_evaluate(
 
 
 # ---------------------------------------------------------------------------------------------
-# Beam search (MM1.generate_beam)
+# Beam search (`generate_beam`)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -441,13 +443,13 @@ def test_generate_beam_with_one_beam_is_greedy(tok: Tokenizer) -> None:
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 48, (n,), generator=gen).tolist() for n in (5, 9, 3)]
     for eos in ([], [7, 11, 23]):
-        greedy = m.generate(prompts, max_new_tokens=8, eos_token_id=eos)
+        greedy = generate(m, prompts, max_new_tokens=8, eos_token_id=eos)
         for lp in (1.0, 0.0, -1.0):
-            beam = m.generate_beam(
-                prompts, num_beams=1, max_new_tokens=8, eos_token_id=eos, length_penalty=lp
+            beam = generate_beam(
+                m, prompts, num_beams=1, max_new_tokens=8, eos_token_id=eos, length_penalty=lp
             )
             assert beam == greedy
-    assert m.generate_beam(prompts, max_new_tokens=0) == [[], [], []]
+    assert generate_beam(m, prompts, max_new_tokens=0) == [[], [], []]
 
 
 @pytest.mark.parametrize("length_penalty", [0.0, 1.0])
@@ -456,7 +458,8 @@ def test_generate_beam_matches_exhaustive_search(tok: Tokenizer, length_penalty:
     m = tiny_model(tok, seed=3, vocab=vocab, init_std=0.5)
     prompts = [[0, 1, 3], [4, 4], [1]]
     # vocab beams over 2 steps cover every sequence: beam search = exhaustive search
-    beams = m.generate_beam(
+    beams = generate_beam(
+        m,
         prompts,
         num_beams=vocab,
         max_new_tokens=steps,
@@ -475,8 +478,13 @@ def test_generate_beam_matches_exhaustive_search(tok: Tokenizer, length_penalty:
         assert score(got) == pytest.approx(score(best), abs=1e-5)
         assert got == best or math.isclose(score(got), score(best), abs_tol=1e-5)
     # fewer beams on the same problem can only do as well or worse, never better
-    small = m.generate_beam(
-        prompts, num_beams=2, max_new_tokens=steps, eos_token_id=eos, length_penalty=length_penalty
+    small = generate_beam(
+        m,
+        prompts,
+        num_beams=2,
+        max_new_tokens=steps,
+        eos_token_id=eos,
+        length_penalty=length_penalty,
     )
     for prompt, got, best in zip(prompts, small, beams):
         s_small = _sequence_logprob(m, prompt, got) / len(got) ** length_penalty
@@ -489,8 +497,8 @@ def test_generate_beam_deeper_exhaustive(tok: Tokenizer) -> None:
     m = tiny_model(tok, seed=5, vocab=vocab, init_std=0.5)
     prompt = [0, 2]
     # vocab**2 beams keep every 2-token prefix, so the best 3-token sequence is always found
-    (got,) = m.generate_beam(
-        [prompt], num_beams=vocab**2, max_new_tokens=steps, eos_token_id=eos, length_penalty=1.0
+    (got,) = generate_beam(
+        m, [prompt], num_beams=vocab**2, max_new_tokens=steps, eos_token_id=eos, length_penalty=1.0
     )
     seqs = []
     for n in range(1, steps + 1):
@@ -540,8 +548,8 @@ def test_generate_beam_matches_a_reference_beam_search(tok: Tokenizer) -> None:
     prompts = [torch.randint(0, vocab - 1, (n,), generator=gen).tolist() for n in range(1, 7)]
     ended_early = 0
     for k, lp in [(2, 1.0), (3, 0.5), (2, 0.0), (3, -1.0)]:
-        got = m.generate_beam(
-            prompts, num_beams=k, max_new_tokens=steps, eos_token_id=eos, length_penalty=lp
+        got = generate_beam(
+            m, prompts, num_beams=k, max_new_tokens=steps, eos_token_id=eos, length_penalty=lp
         )
         want = [_reference_beam(m, p, k, steps, eos, lp) for p in prompts]
         assert got == want, (k, lp)
@@ -563,11 +571,11 @@ def test_a_task_can_set_its_own_answer_length(
     asked: list[int] = []
     feed = _feed(tok, ["red"] * 8)
 
-    def spy(prompts, pixel_values=None, **kwargs):
+    def spy(model, prompts, pixel_values=None, **kwargs):
         asked.append(kwargs["max_new_tokens"])
-        return feed(prompts, pixel_values, **kwargs)
+        return feed(model, prompts, pixel_values, **kwargs)
 
-    monkeypatch.setattr(model, "generate", spy)
+    monkeypatch.setattr(fewshot, "generate", spy)
     long_vqa = dataclasses.replace(tasks["synth_vqa"], name="long_vqa", max_new_tokens=10)
     r = evaluate(
         model,

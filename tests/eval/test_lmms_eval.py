@@ -23,6 +23,7 @@ from mm1.config import ConnectorConfig, DecoderConfig, ModelConfig, VisionConfig
 from mm1.data.images import ImageProcessor
 from mm1.data.tokenizer import Tokenizer
 from mm1.eval.prompts import encode_prompt
+from mm1.models.generation import generate
 from mm1.models.mllm import MM1
 from mm1.pretrained import load_pretrained, save_pretrained
 
@@ -231,7 +232,8 @@ def test_lmms_eval_cli_runs_mm1_on_a_local_task(
 
         with Image.open(doc["image_path"]) as im:
             pixels = loaded.processor([im.convert("RGB")])
-        (new,) = model.generate(
+        (new,) = generate(
+            model,
             [ids],
             pixels,
             max_new_tokens=5,
@@ -304,7 +306,8 @@ def test_generate_until_is_batched_generate(lmm, world: Path) -> None:
         context, kwargs = req.args[0], req.args[1]
         ids, pixels = lmm.prompt(context, visual(docs[req.args[3]]))
         assert ids.count(tok.image_id) == model.num_image_tokens and ids[0] == tok.bos_id
-        (new,) = model.generate(
+        (new,) = generate(
+            model,
             [ids],
             pixels,
             max_new_tokens=kwargs["max_new_tokens"],
@@ -355,7 +358,7 @@ def test_loglikelihood(lmm, world: Path) -> None:
         )
     # the greedy continuation is recognised as greedy
     ids, pixels = lmm.prompt("Question:" + docs[0]["question"], visual(docs[0]))
-    (new,) = model.generate([ids], pixels, max_new_tokens=3)
+    (new,) = generate(model, [ids], pixels, max_new_tokens=3)
     text = tok.decode(new)
     if (
         encode_prompt(tok, "<image>Question:" + docs[0]["question"] + text, model.num_image_tokens)[

@@ -298,45 +298,6 @@ def test_text_only_training_step_still_gives_encoder_gradients() -> None:
     assert torch.count_nonzero(model.vision.patch_embed.weight.grad) == 0
 
 
-@pytest.mark.parametrize("sample", [False, True])
-def test_generate_with_and_without_cache_agree(sample: bool) -> None:
-    torch.manual_seed(0)
-    model = MM1(tiny_model_config("avgpool", tie_embeddings=True)).eval()
-    img, q = model.image_token_id, model.num_image_tokens
-    prompts = [[1, 2] + [img] * q + [3, 4] + [img] * q + [5], [6] + [img] * q + [7]]
-    pixels = torch.randn(3, 3, 32, 32)
-    kw = dict(max_new_tokens=8, do_sample=sample, temperature=1.5, top_k=20, top_p=0.9)
-    cached = model.generate(prompts, pixels, generator=torch.Generator().manual_seed(3), **kw)
-    plain = model.generate(
-        prompts, pixels, use_cache=False, generator=torch.Generator().manual_seed(3), **kw
-    )
-    assert cached == plain
-    assert all(len(s) == 8 for s in cached)
-    # a prompt alone gives the same continuation as inside a left-padded batch (greedy)
-    if not sample:
-        alone = model.generate([prompts[1]], pixels[2:], max_new_tokens=8)
-        assert alone[0] == cached[1]
-
-
-def test_generate_stops_at_eos_and_stop_strings() -> None:
-    torch.manual_seed(0)
-    model = MM1(tiny_model_config("avgpool")).eval()
-    prompt = [[1, 2, 3]]
-    free = model.generate(prompt, max_new_tokens=6)[0]
-    eos = model.generate(prompt, max_new_tokens=6, eos_token_id=free[2])[0]
-    assert eos == free[: free.index(free[2]) + 1]
-
-    class Chars:
-        def decode(self, ids: list[int]) -> str:
-            return "".join(chr(97 + i % 26) for i in ids)
-
-    stop = Chars().decode(free[1:3])
-    out = model.generate(prompt, max_new_tokens=6, stop_strings=[stop], tokenizer=Chars())[0]
-    assert out == free[:3]
-    with pytest.raises(ValueError, match="tokenizer"):
-        model.generate(prompt, stop_strings=["x"])
-
-
 def test_kv_cache_decoding_matches_full_forward() -> None:
     torch.manual_seed(0)
     cfg = tiny_model_config(qk_norm=True, qkv_bias=True).decoder

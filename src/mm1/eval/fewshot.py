@@ -49,6 +49,7 @@ from mm1.eval.prompts import (
     postprocess,
 )
 from mm1.eval.tasks import Example, Task, load_tasks
+from mm1.models.generation import generate, generate_beam
 from mm1.models.mllm import MM1
 
 DEFAULT_MAX_NEW_TOKENS = {"caption": 20, "vqa": 5}
@@ -274,7 +275,8 @@ class FewShotEvaluator:
             "tokenizer": self.tokenizer,
         }
         if self.num_beams > 1:
-            outs = self.model.generate_beam(
+            outs = generate_beam(
+                self.model,
                 ids,
                 pixel_values,
                 num_beams=self.num_beams,
@@ -282,7 +284,7 @@ class FewShotEvaluator:
                 **common,
             )
         else:
-            outs = self.model.generate(ids, pixel_values, **common)
+            outs = generate(self.model, ids, pixel_values, **common)
         cuts = [*self.text_stops, *new_example_markers(self.templates, kind)]
         results = []
         for out in outs:

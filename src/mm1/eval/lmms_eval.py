@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from mm1.data.tokenizer import IMAGE_TOKEN
 from mm1.eval.prompts import encode_prompt
+from mm1.models.generation import generate, generate_beam
 from mm1.pretrained import load_pretrained
 
 MODEL_ID = "mm1"
@@ -190,9 +191,10 @@ class MM1LMM(lmms):
             "tokenizer": self.tokenizer,
         }
         if num_beams > 1 and not do_sample:
-            outs = self.model.generate_beam(ids, pixel_values, num_beams=num_beams, **common)
+            outs = generate_beam(self.model, ids, pixel_values, num_beams=num_beams, **common)
         else:
-            outs = self.model.generate(
+            outs = generate(
+                self.model,
                 ids,
                 pixel_values,
                 do_sample=do_sample,

@@ -7,6 +7,7 @@ Parameter names follow transformers' Llama so checkpoints map one to one.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -69,8 +70,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Preallocated keys and values per layer, plus the document id of every cached slot (so
-    left padding is simply another document that real tokens never attend to)."""
+    """Preallocated keys and values per layer, the document id of every cached slot (so left
+    padding is simply another document that real tokens never attend to) and each row's length.
+
+    Rows are independent sequences with their own lengths, so sequences of different ages can
+    share one cache (continuous batching). A forward runs on every row, or on some through
+    `select`; a row's new tokens go to the slots after its length, and a query sees only its own
+    row's slots up to its own (causal), so whatever a freed row held before is never read.
+    """
 
     def __init__(
         self,
@@ -85,29 +92,110 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.layers)]
         self.doc = torch.zeros(batch, max_len, dtype=torch.long, device=device)
         self.max_len = max_len
-        self.length = 0
+        self.lengths = [0] * batch  # on the host: slots are chosen without a device sync
+        self._rows: list[int] | None = None  # the rows a forward runs on; None: all, in order
+        # Set by `begin` for the forward under way: each row's first new slot (int: shared),
+        # the key length, and for gathered rows the (n, 1) row and (n, t) slot indices.
+        self._offset: int | torch.Tensor = 0
+        self._end = 0
+        self._index: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def batch(self) -> int:
+        return len(self.lengths)
+
+    def select(self, rows: Sequence[int]) -> KVCache:
+        """A view for one forward over `rows` (in that order). It shares this cache's storage
+        and lengths, so what the forward writes lands here; make a new view after `reorder`."""
+        view = copy.copy(self)
+        if list(rows) != list(range(self.batch)):  # all rows in order: plain slices, no gathers
+            view._rows = list(rows)
+        return view
+
+    def reset(self, rows: Sequence[int]) -> None:
+        """Empty `rows`: the next sequence in each starts at slot 0."""
+        for r in rows:
+            self.lengths[r] = 0
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Make row r a copy of row index[r] (beam search: beams continue other beams' prefixes);
+        the cache becomes len(index) rows."""
+        self.k = [k.index_select(0, index) for k in self.k]
+        self.v = [v.index_select(0, index) for v in self.v]
+        self.doc = self.doc.index_select(0, index)
+        self.lengths = [self.lengths[i] for i in index.tolist()]
+
+    def begin(self, t: int) -> tuple[int | torch.Tensor, int]:
+        """Start a forward of `t` new tokens per active row. Returns each row's first new slot
+        (an int when the rows share it, else a (n,) tensor) and the key length attended over
+        (the longest row's)."""
+        rows = self._rows if self._rows is not None else range(self.batch)
+        lengths = [self.lengths[r] for r in rows]
+        self._end = max(lengths) + t
+        if self._end > self.max_len:
+            raise ValueError(f"KV cache full: {self._end} slots needed, {self.max_len} allocated")
+        device = self.doc.device
+        shared = len(set(lengths)) == 1
+        self._offset = lengths[0] if shared else torch.tensor(lengths, device=device)
+        self._index = None
+        if self._rows is not None or not shared:
+            row_index = torch.tensor(list(rows), device=device)[:, None]
+            first = torch.tensor(lengths, device=device)[:, None]
+            self._index = (row_index, first + torch.arange(t, device=device))
+        return self._offset, self._end
+
+    def update_doc(self, doc_q: torch.Tensor) -> torch.Tensor:
+        """Record the new tokens' document ids; returns the active rows' ids of every key slot."""
+        if self._index is None:
+            o = self._offset
+            self.doc[:, o : o + doc_q.shape[1]] = doc_q
+            return self.doc[:, : self._end]
+        rows, slots = self._index
+        self.doc[rows, slots] = doc_q
+        return self.doc[rows[:, 0], : self._end]
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + k.shape[2]
-        self.k[layer][:, :, self.length : end] = k
-        self.v[layer][:, :, self.length : end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        """Store the new keys and values (n, H, t, D); returns the active rows' keys and values
+        of every slot up to the key length."""
+        end = self._end
+        if self._index is None:
+            o = self._offset
+            self.k[layer][:, :, o : o + k.shape[2]] = k
+            self.v[layer][:, :, o : o + k.shape[2]] = v
+            return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        rows, slots = self._index  # indexing (B, H, L, D) with them gives (n, t, H, D)
+        self.k[layer][rows, :, slots] = k.transpose(1, 2)
+        self.v[layer][rows, :, slots] = v.transpose(1, 2)
+        return self.k[layer][rows[:, 0], :, :end], self.v[layer][rows[:, 0], :, :end]
+
+    def advance(self, t: int) -> None:
+        """End the forward: the active rows hold `t` more tokens."""
+        for r in self._rows if self._rows is not None else range(self.batch):
+            self.lengths[r] += t
 
 
 def attention_mask(
-    doc_q: torch.Tensor, doc_k: torch.Tensor, offset: int = 0, window: int = 0
+    doc_q: torch.Tensor,
+    doc_k: torch.Tensor,
+    offset: int | torch.Tensor = 0,
+    window: int = 0,
 ) -> torch.Tensor:
     """Boolean (B, 1, Tq, Tk) mask: causal, within one document, optionally a sliding window.
-    Query i sits at slot offset + i of the key sequence."""
+    Query i of row b sits at slot offset + i of the key sequence (`offset`: one for all rows,
+    or a (B,) tensor, one per row)."""
     tq, tk = doc_q.shape[1], doc_k.shape[1]
-    q_slot = torch.arange(offset, offset + tq, device=doc_q.device)[:, None]
-    k_slot = torch.arange(tk, device=doc_q.device)[None, :]
+    device = doc_q.device
+    if isinstance(offset, int):
+        q_slot = torch.arange(offset, offset + tq, device=device)[None, :, None]
+    else:
+        q_slot = offset[:, None, None] + torch.arange(tq, device=device)[None, :, None]
+    k_slot = torch.arange(tk, device=device)[None, None, :]
     allowed = k_slot <= q_slot
     if window:
         allowed = allowed & (q_slot - k_slot < window)
-    return (allowed[None] & (doc_q[:, :, None] == doc_k[:, None, :]))[:, None]
+    return (allowed & (doc_q[:, :, None] == doc_k[:, None, :]))[:, None]
 
 
 def document_block_mask(doc: torch.Tensor, window: int = 0) -> BlockMask:
@@ -373,19 +461,19 @@ class Decoder(nn.Module):
     ) -> torch.Tensor:
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         b, t = x.shape[:2]
-        offset = cache.length if cache is not None else 0
+        offset, end = cache.begin(t) if cache is not None else (0, t)
         if position_ids is None:
-            position_ids = torch.arange(offset, offset + t, device=x.device).expand(b, t)
+            start = offset if isinstance(offset, int) else offset[:, None]
+            position_ids = (torch.arange(t, device=x.device) + start).expand(b, t)
         mask = None
-        window = self.cfg.sliding_window if self.cfg.sliding_window < offset + t else 0
+        window = self.cfg.sliding_window if self.cfg.sliding_window < end else 0
         if cache is not None:
             doc_q = (
                 document_ids
                 if document_ids is not None
                 else torch.zeros(b, t, dtype=torch.long, device=x.device)
             )
-            cache.doc[:, offset : offset + t] = doc_q
-            mask = attention_mask(doc_q, cache.doc[:, : offset + t], offset, window)
+            mask = attention_mask(doc_q, cache.update_doc(doc_q), offset, window)
         elif document_ids is not None or window:
             doc = document_ids if document_ids is not None else torch.zeros_like(position_ids)
             if self.cfg.attention == "flex":
@@ -400,7 +488,7 @@ class Decoder(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:
-            cache.length += t
+            cache.advance(t)
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)
 

@@ -1,0 +1,190 @@
+"""Generation (models/generation.py): greedy and sampled decoding with and without the KV cache,
+stops, left padding, per-row KV caches, and step-wise decoding of a changing set of sequences."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mm1.models.decoder import Decoder, KVCache
+from mm1.models.generation import DecodeBatch, Sampling, generate, left_pad
+from mm1.models.mllm import MM1
+from tests.models.test_models import tiny_model_config
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_generate_with_and_without_cache_agree(sample: bool) -> None:
+    torch.manual_seed(0)
+    model = MM1(tiny_model_config("avgpool", tie_embeddings=True)).eval()
+    img, q = model.image_token_id, model.num_image_tokens
+    prompts = [[1, 2] + [img] * q + [3, 4] + [img] * q + [5], [6] + [img] * q + [7]]
+    pixels = torch.randn(3, 3, 32, 32)
+    kw = dict(max_new_tokens=8, do_sample=sample, temperature=1.5, top_k=20, top_p=0.9)
+    cached = generate(model, prompts, pixels, generator=torch.Generator().manual_seed(3), **kw)
+    plain = generate(
+        model, prompts, pixels, use_cache=False, generator=torch.Generator().manual_seed(3), **kw
+    )
+    assert cached == plain
+    assert all(len(s) == 8 for s in cached)
+    # a prompt alone gives the same continuation as inside a left-padded batch (greedy)
+    if not sample:
+        alone = generate(model, [prompts[1]], pixels[2:], max_new_tokens=8)
+        assert alone[0] == cached[1]
+
+
+def test_generate_stops_at_eos_and_stop_strings() -> None:
+    torch.manual_seed(0)
+    model = MM1(tiny_model_config("avgpool")).eval()
+    prompt = [[1, 2, 3]]
+    free = generate(model, prompt, max_new_tokens=6)[0]
+    eos = generate(model, prompt, max_new_tokens=6, eos_token_id=free[2])[0]
+    assert eos == free[: free.index(free[2]) + 1]
+
+    class Chars:
+        def decode(self, ids: list[int]) -> str:
+            return "".join(chr(97 + i % 26) for i in ids)
+
+    stop = Chars().decode(free[1:3])
+    out = generate(model, prompt, max_new_tokens=6, stop_strings=[stop], tokenizer=Chars())[0]
+    assert out == free[:3]
+    with pytest.raises(ValueError, match="tokenizer"):
+        generate(model, prompt, stop_strings=["x"])
+
+
+def test_left_pad_right_aligns_prompts_as_documents() -> None:
+    batch = left_pad([[5, 6, 7], [8]], pad_token_id=9)
+    assert batch.input_ids.tolist() == [[5, 6, 7], [9, 9, 8]]
+    assert batch.document_ids.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert batch.position_ids.tolist() == [[0, 1, 2], [0, 0, 0]]
+
+
+def test_kv_cache_reorder_copies_rows() -> None:
+    """`reorder` equals copying each row's keys, values, document ids and length by hand."""
+    cfg = tiny_model_config().decoder
+    cache = KVCache(cfg, 3, 6, "cpu", torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    for x in [*cache.k, *cache.v]:
+        x.copy_(torch.randn(x.shape, generator=gen))
+    cache.doc.copy_(torch.randint(0, 3, cache.doc.shape, generator=gen))
+    cache.lengths = [4, 2, 5]
+    index = torch.tensor([2, 0, 0, 1])
+    want_k = [torch.stack([k[i] for i in index.tolist()]) for k in cache.k]
+    want_v = [torch.stack([v[i] for i in index.tolist()]) for v in cache.v]
+    want_doc = torch.stack([cache.doc[i] for i in index.tolist()])
+    cache.reorder(index)
+    for got, want in zip([*cache.k, *cache.v, cache.doc], [*want_k, *want_v, want_doc]):
+        assert torch.equal(got, want)
+    assert cache.lengths == [5, 4, 4, 2] and cache.batch == 4
+
+
+def test_kv_cache_rows_of_different_lengths_decode_like_full_forwards() -> None:
+    """Rows at different lengths, stepped in a changing order and subset, give each sequence's
+    full-forward logits; a row refilled from slot 0 ignores what it held before."""
+    torch.manual_seed(0)
+    cfg = tiny_model_config(qk_norm=True).decoder
+    dec = Decoder(cfg).eval()
+    seqs = [torch.randint(0, 64, (n,)).tolist() for n in (9, 7, 8)]
+    cache = KVCache(cfg, 2, 10, "cpu", torch.float32)
+    got: dict[int, list[torch.Tensor]] = {0: [], 1: [], 2: []}
+    with torch.no_grad():
+        # seq 0 prefilled 5 tokens in row 1, seq 1 prefilled 2 tokens in row 0
+        got[0].append(dec(torch.tensor([seqs[0][:5]]), cache=cache.select([1])))
+        got[1].append(dec(torch.tensor([seqs[1][:2]]), cache=cache.select([0])))
+        for i in range(4):  # both step together, listed in the other order
+            step = torch.tensor([[seqs[0][5 + i]], [seqs[1][2 + i]]])
+            out = dec(step, cache=cache.select([1, 0]))
+            got[0].append(out[:1])
+            got[1].append(out[1:])
+        cache.reset([0])  # seq 1 leaves; seq 2 takes its row
+        got[2].append(dec(torch.tensor([seqs[2][:3]]), cache=cache.select([0])))
+        for i in range(5):
+            got[2].append(dec(torch.tensor([[seqs[2][3 + i]]]), cache=cache.select([0])))
+        full = [dec(torch.tensor([s])) for s in seqs]
+    for s in range(3):
+        pieces = torch.cat(got[s], 1)
+        n = pieces.shape[1]
+        torch.testing.assert_close(pieces, full[s][:, :n], atol=1e-5, rtol=1e-5)
+    assert cache.lengths == [8, 9]
+
+
+@pytest.mark.parametrize("decoder", [{}, {"sliding_window": 6}])
+def test_step_wise_decoding_with_joins_and_leaves_equals_generate_alone(decoder: dict) -> None:
+    """Three prompts (two with images): A and B join first, C after two steps; B leaves after
+    three tokens and D takes its freed row. Every sequence's greedy tokens are what `generate`
+    gives it alone."""
+    torch.manual_seed(1)
+    model = MM1(tiny_model_config("avgpool", **decoder)).eval()
+    img, q = model.image_token_id, model.num_image_tokens
+    pixels = torch.randn(4, 3, 32, 32)
+    prompts = {
+        "A": ([1, 2] + [img] * q + [3, 4] + [img] * q + [5], pixels[:2]),
+        "B": ([6, 7, 8], None),
+        "C": ([9] + [img] * q + [10, 11, 12, 13], pixels[2:3]),
+        "D": ([14] + [img] * q + [15], pixels[3:]),
+    }
+    steps = 7
+    alone = {
+        name: generate(model, [ids], px, max_new_tokens=steps)[0]
+        for name, (ids, px) in prompts.items()
+    }
+    batch = DecodeBatch(model, max_batch=3, max_len=40)
+    a, b = batch.prefill([prompts["A"][0], prompts["B"][0]], pixels[:2])
+    names = {a: "A", b: "B"}
+    got: dict[str, list[int]] = {n: [] for n in prompts}
+    for i in range(steps + 3):
+        if i == 2:
+            (c,) = batch.prefill([prompts["C"][0]], prompts["C"][1])
+            names[c] = "C"
+        if i == 3:
+            batch.release(b)
+            assert batch.free_rows == 1
+            (d,) = batch.prefill([prompts["D"][0]], prompts["D"][1])
+            names[d] = "D"
+        for sid, tok in batch.step().items():
+            got[names[sid]].append(tok)
+        for sid in batch.active:
+            if len(got[names[sid]]) == steps:
+                batch.release(sid)
+    assert got["B"] == alone["B"][:3]
+    for name in "ACD":
+        assert got[name] == alone[name], name
+    assert batch.active == [] and batch.free_rows == 3
+
+
+def test_decode_batch_errors() -> None:
+    model = MM1(tiny_model_config()).eval()
+    batch = DecodeBatch(model, max_batch=2, max_len=5)
+    with pytest.raises(ValueError, match="3 prompts but 2 free cache rows"):
+        batch.prefill([[1], [2], [3]])
+    with pytest.raises(ValueError, match="at least one token"):
+        batch.prefill([[]])
+    with pytest.raises(KeyError, match="no current sequence 7"):
+        batch.release(7)
+    (s,) = batch.prefill([[1, 2, 3, 4]])
+    batch.step()
+    batch.step()  # feeds the 5th token: the cache is full
+    for _ in range(2):  # a failed step changes nothing
+        with pytest.raises(ValueError, match="KV cache full: 6 slots needed, 5 allocated"):
+            batch.step()
+    batch.release(s)
+    assert batch.step() == {} and batch.free_rows == 2
+
+
+def test_generate_is_a_decode_batch_run_to_the_end() -> None:
+    """Sampling included: all prompts joining at once and none leaving draws what `generate`
+    draws from the same generator."""
+    torch.manual_seed(2)
+    model = MM1(tiny_model_config()).eval()
+    prompts = [[1, 2, 3], [4], [5, 6]]
+    want = generate(
+        model, prompts, max_new_tokens=5, do_sample=True, generator=torch.Generator().manual_seed(4)
+    )
+    seeded = torch.Generator().manual_seed(4)
+    batch = DecodeBatch(model, 3, 8, sampling=Sampling(do_sample=True), generator=seeded)
+    ids = batch.prefill(prompts)
+    got: list[list[int]] = [[] for _ in prompts]
+    for _ in range(5):
+        chosen = batch.step()
+        for i, sid in enumerate(ids):
+            got[i].append(chosen[sid])
+    assert got == want
