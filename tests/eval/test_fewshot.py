@@ -641,7 +641,7 @@ def test_a_corrupt_image_stops_with_its_path_or_scores_empty(
     # opt-in: the query showing it scores as an empty prediction; the others are generated
     # (perfect captions), and CIDEr's document frequencies still count all six images
     others = [q for i, q in enumerate(queries) if i != 2]
-    monkeypatch.setattr(model, "generate", _feed(tok, [" " + q.target for q in others] * 9))
+    monkeypatch.setattr(fewshot, "generate", _feed(tok, [" " + q.target for q in others] * 9))
     r = evaluate(
         model,
         tok,
