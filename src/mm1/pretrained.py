@@ -24,6 +24,7 @@ from mm1.config import ModelConfig, model_config_from_dict, to_dict
 from mm1.data.images import ImageProcessor
 from mm1.data.prompt_format import load_prompt_format, save_prompt_format
 from mm1.data.tokenizer import Tokenizer
+from mm1.models.family import family_spec
 from mm1.models.mllm import MM1
 
 WEIGHTS = "model.safetensors"
@@ -93,15 +94,16 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pre
     if _is_export(path):
         cfg = load_model_config(path)
         cfg.vision.init = cfg.decoder.init = None
+        family = family_spec(cfg.family)
         with torch.device("meta"):
-            model = MM1(cfg)
+            model = family.model(cfg)
         state = load_file(str(path / WEIGHTS))
         if cfg.decoder.tie_embeddings:
             state["decoder.lm_head.weight"] = state["decoder.embed_tokens.weight"]
         model.load_state_dict(state, assign=True, strict=True)
         if cfg.decoder.tie_embeddings:
             model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
-        model.decoder.inv_freq = _rope(cfg)
+        family.init_buffers(model)  # no checkpoint holds them: computed where the weights are
         tok_dir, proc_dir = path, path
     elif (path / "checkpoints").is_dir() and (path / MODEL_CONFIG).is_file():
         model = _load_run(path)
@@ -121,12 +123,6 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pre
     )
 
 
-def _rope(cfg: ModelConfig) -> torch.Tensor:
-    from mm1.models.decoder import rope_inv_freq
-
-    return rope_inv_freq(cfg.decoder)
-
-
 def _load_run(run_dir: Path) -> MM1:
     """The model of a run's newest complete checkpoint, on one process (DCP reshards)."""
     from mm1.train.checkpoint import latest_checkpoint, load_model_weights
@@ -136,6 +132,6 @@ def _load_run(run_dir: Path) -> MM1:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint under checkpoints/")
     cfg = load_model_config(run_dir)
     cfg.vision.init = cfg.decoder.init = None
-    model = MM1(cfg)
+    model = family_spec(cfg.family).model(cfg)
     load_model_weights(ckpt, model)
     return model

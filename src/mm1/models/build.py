@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from mm1.config import ModelConfig, validate_model
+from mm1.models.family import family_spec
 from mm1.models.mllm import MM1
 
 
@@ -16,9 +17,8 @@ def resolve_config(
 ) -> ModelConfig:
     """The architecture actually built: a starting point's shapes replace the config's, the
     vocabulary is the tokenizer's (`vocab_size`) and the image placeholder its `<image>` id."""
-    from mm1.models import hf  # deferred: only needed with HF starting points
-
     cfg = copy.deepcopy(cfg)
+    hf = family_spec(cfg.family).hf()  # imported here: only needed with HF starting points
     if cfg.vision.init:
         init = cfg.vision.init
         cfg.vision = hf.vision_config_from_hf(init, cfg.vision.feature_layer, cfg.vision.image_size)
@@ -43,8 +43,7 @@ def starting_point_state_dict(
     pre-trained vocabulary is resized to `cfg.decoder.vocab_size`, and rows past its size and
     of `new_token_ids` (the tokenizer's `added_ids`) start at the mean of the trained rows
     (tied heads stay tied)."""
-    from mm1.models import hf
-
+    hf = family_spec(cfg.family).hf()
     state: dict[str, torch.Tensor] = {}
     if cfg.vision.init:
         encoder = hf.vision_encoder_from_hf(
@@ -75,10 +74,11 @@ def build_model(
     `new_token_ids` (the tokenizer's `added_ids`) get fresh embedding rows (see there).
     """
     cfg = resolve_config(cfg, vocab_size, image_token_id)
+    family = family_spec(cfg.family)
     if meta:
         with torch.device("meta"):
-            return MM1(cfg)
-    model = MM1(cfg)
+            return family.model(cfg)
+    model = family.model(cfg)
     state = starting_point_state_dict(cfg, new_token_ids)
     if state:
         missing, unexpected = model.load_state_dict(state, strict=False)
