@@ -42,7 +42,7 @@ def tiny_model(tok: Tokenizer, image_size: int, dim: int, layers: int, tokens: i
             mlp_dim=128,
             act="gelu",
         ),
-        connector=ConnectorConfig(type="avgpool", num_tokens=tokens, hidden=64, depth=1),
+        connector=ConnectorConfig(type="avgpool", num_tokens=tokens),
         decoder=DecoderConfig(
             vocab_size=tok.vocab_size,
             dim=dim,

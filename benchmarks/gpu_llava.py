@@ -42,12 +42,13 @@ ROOT = Path(__file__).resolve().parent.parent
 def side_by_side_config(smoke: bool):
     """The ablation model with LLaVA's 2-layer MLP projector (the small model for the smoke)."""
     from benchmarks.models import small_config
-    from mm1.config import ConnectorConfig, validate_model
+    from mm1.config import validate_model
+    from mm1.models.connectors import MLPConnectorConfig
 
     if smoke:
         return small_config(512, 511, image_size=64, max_seq_len=4096)
     cfg = model_config(False)
-    cfg.connector = ConnectorConfig(type="mlp", num_tokens=0, mlp_depth=2)
+    cfg.connector = MLPConnectorConfig(num_tokens=0, mlp_depth=2)
     validate_model(cfg)
     return cfg
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from mm1.config import ConnectorConfig, DecoderConfig, ModelConfig, VisionConfig, validate_model
+from mm1.config import DecoderConfig, ModelConfig, VisionConfig, validate_model
+from mm1.models.connectors import MLPConnectorConfig
 
 
 def small_config(
@@ -38,7 +39,7 @@ def small_config(
             act="gelu",
             feature_layer=-1,
         ),
-        connector=ConnectorConfig(type="mlp", num_tokens=0, mlp_depth=2),
+        connector=MLPConnectorConfig(num_tokens=0, mlp_depth=2),
         decoder=DecoderConfig(
             vocab_size=vocab_size,
             dim=256,

@@ -48,7 +48,9 @@ def cmd_info(args: argparse.Namespace) -> None:
         ("decoder (all)", s.decoder),
         ("  of which embeddings", s.embeddings),
         ("  of which non-embedding", s.decoder - s.embeddings),
+        ("  active per token", s.active),
         ("total", s.total),
+        ("total active per token", s.total - s.decoder + s.active),
     ):
         table.add_row(name, f"{n:,} ({_human(n)})", f"{100 * n / s.total:.1f}%")
     console.print(table)
@@ -67,8 +69,8 @@ def cmd_info(args: argparse.Namespace) -> None:
         f"training FLOPs per token with {k} images per sequence: {_human(s.flops_per_token(k))}"
     )
     console.print(
-        f"MM1 peak learning rate for N = {_human(s.decoder)} decoder parameters "
-        f"(embeddings counted): {mm1_peak_lr(s.decoder):.3g}"
+        f"MM1 peak learning rate for N = {_human(s.active)} active decoder parameters "
+        f"(embeddings counted): {mm1_peak_lr(s.active):.3g}"
     )
 
 

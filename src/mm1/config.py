@@ -2,14 +2,16 @@
 
 OmegaConf structured configs do the parsing and type checking (an unknown key or a value of the
 wrong type is rejected with the full dotted key); `validate` adds the semantic checks that types
-cannot express, each naming its key. This module imports nothing of mm1.
+cannot express, each naming its key. Connectors, FFNs and model families are looked up in their
+registries (`mm1.registry`), which import the modules that register them on first use; this
+module imports nothing of mm1 but the registry.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -17,6 +19,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from mm1.registry import CONNECTORS, FAMILIES, FFNS, Registry
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +37,8 @@ VISION_VARIANTS = ("clip", "siglip")
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh", "silu")
 DEMO_SELECTIONS = ("random", "rices")
 BAD_IMAGE_POLICIES = ("error", "empty")
-CONNECTOR_TYPES = ("linear", "mlp", "avgpool", "attnpool", "c_abstractor")
-POOLING_CONNECTORS = ("avgpool", "c_abstractor")
-FFN_TYPES = ("swiglu",)
 ATTENTION_BACKENDS = ("auto", "sdpa", "varlen", "flex")
 ROPE_TYPES = ("default", "linear", "llama3")
-MODEL_FAMILIES = ("mm1",)
 
 
 @dataclass
@@ -75,17 +75,30 @@ class VisionConfig:
 
 @dataclass
 class ConnectorConfig:
-    """The vision-language connector: (B, N, Dv) patch features -> (B, Q, D_llm) image tokens."""
+    """The vision-language connector: (B, N, Dv) patch features -> (B, Q, D_llm) image tokens.
+
+    The options every connector has; each registered type extends it with its own (e.g.
+    `mm1.models.connectors.CAbstractorConfig`) and validates them (`validate`)."""
 
     type: str = "c_abstractor"
     # Q, the number of image tokens per image. 0 = as many as the encoder gives patches (the
     # only choice for linear / mlp, which map patch to token).
     num_tokens: int = 144
-    hidden: int = 1024  # c_abstractor: width of the RegNet stages
-    depth: int = 3  # c_abstractor: RegNet blocks per stage
-    mlp_depth: int = 2  # mlp, and c_abstractor's readout: number of Linear layers
-    heads: int = 8  # attnpool: attention heads
-    layer_norm: bool = False  # c_abstractor: LayerNorm on the input features
+
+    def validate(self, key: str, model: ModelConfig) -> None:
+        if self.num_tokens < 0:
+            raise ConfigError(f"{key}.num_tokens={self.num_tokens} must be >= 0")
+
+
+@dataclass
+class FFNConfig:
+    """The decoder block's feed-forward module; each registered type extends it with its own
+    options (`decoder.ffn: {type: swiglu}`; the string `swiglu` means the same)."""
+
+    type: str = "swiglu"
+
+    def validate(self, key: str, model: ModelConfig) -> None:
+        pass
 
 
 @dataclass
@@ -108,7 +121,9 @@ class DecoderConfig:
     kv_heads: int = 16
     head_dim: int = 0  # 0 = dim // heads
     ffn_dim: int = 5632
-    ffn: str = "swiglu"  # the FFN module; swappable (MoE later)
+    # The FFN module: a registered type's FFNConfig, written as a mapping ({type: swiglu, ...})
+    # or just the type's name; parsed into the type's dataclass by `resolve_components`.
+    ffn: Any = field(default_factory=lambda: {"type": "swiglu"})
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
@@ -128,12 +143,26 @@ class DecoderConfig:
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.dim // self.heads
 
+    @property
+    def ffn_type(self) -> str:
+        """The FFN's registered name, parsed or not."""
+        f = self.ffn
+        return (
+            f
+            if isinstance(f, str)
+            else f.get("type", "swiglu")
+            if isinstance(f, Mapping)
+            else f.type
+        )
+
 
 @dataclass
 class ModelConfig:
-    family: str = "mm1"
+    family: str = "mm1"  # a registered model family (`mm1.models.family`)
     vision: VisionConfig = field(default_factory=VisionConfig)
-    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    # A registered type's ConnectorConfig ({type: ..., its options}); parsed into the type's
+    # dataclass by `resolve_components`.
+    connector: Any = field(default_factory=lambda: {"type": "c_abstractor"})
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     # Token id of the image placeholder slots in input_ids; -1 = the last id of the vocabulary
     # (where the tokenizer's added `<image>` lands); set from the tokenizer by the data side.
@@ -146,6 +175,7 @@ class ModelConfig:
 
     @property
     def num_image_tokens(self) -> int:
+        resolve_components(self)
         return self.connector.num_tokens or self.vision.num_patches
 
 
@@ -271,6 +301,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_nonfinite_in_a_row: int = 5  # consecutive skipped (non-finite) steps before aborting
     tensorboard: bool = True
+    # Weight of each auxiliary loss the model emits, by name (e.g. {router_balance: 0.01}); a
+    # loss without a weight here stops the run at its first step. Dense models emit none.
+    aux_loss_weights: dict[str, float] = field(default_factory=dict)
     wandb: str = "off"  # off | offline | online (online falls back to offline without a key)
     progress: bool = True
     seed: int = 0
@@ -316,9 +349,72 @@ def _positive(key: str, value: float) -> None:
         raise ConfigError(f"{key}={value} must be positive")
 
 
+def parse_component(registry: Registry, key: str, raw: Any, base: type) -> Any:
+    """The typed options of a registered part, from its name, a mapping (`type` and the type's
+    options) or a config dataclass; `base` is the kind's common dataclass (ConnectorConfig,
+    FFNConfig), used for a type registered without options of its own.
+
+    Keys that another registered type of the kind declares are ignored, so the flat keys of
+    older configs (every connector option side by side) and a type switched by an override
+    still read; a key no type declares is an error naming it."""
+    if isinstance(raw, str):
+        raw = {"type": raw}
+    elif dataclasses.is_dataclass(raw) and not isinstance(raw, type):
+        raw = {f.name: getattr(raw, f.name) for f in dataclasses.fields(raw)}
+    elif isinstance(raw, DictConfig):
+        raw = OmegaConf.to_container(raw, resolve=True)
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{key}={raw!r} must be a {registry.kind} name or a mapping with a type")
+    name = raw.get("type", base.type)
+    entry = registry.get(name) if isinstance(name, str) else None
+    if entry is None:
+        raise ConfigError(
+            f"{key}.type={name!r} is not a registered {registry.kind}; {registry.registered()}"
+        )
+    cls = entry.config or base
+    own = {f.name for f in dataclasses.fields(cls)}
+    others = {f.name for c in registry.configs() for f in dataclasses.fields(c)}
+    unknown = sorted(set(raw) - own - others)
+    if unknown:
+        raise ConfigError(
+            f"{key}.{unknown[0]} is not an option of {registry.kind} {name!r} "
+            f"(its options: {', '.join(sorted(own))})"
+        )
+    try:
+        node = OmegaConf.merge(
+            OmegaConf.structured(cls), {k: v for k, v in raw.items() if k in own}
+        )
+        return OmegaConf.to_object(node)
+    except OmegaConfBaseException as err:
+        sub = getattr(err, "full_key", None)
+        msg = str(err).splitlines()[0]
+        raise ConfigError(f"{key}.{sub}: {msg}" if sub else f"{key}: {msg}") from None
+
+
+def resolve_components(m: ModelConfig, prefix: str = "model") -> ModelConfig:
+    """Parse `m.connector` and `m.decoder.ffn` into their types' dataclasses, in place
+    (idempotent: a parsed config is kept as it is)."""
+    for registry, holder, key, base in (
+        (CONNECTORS, m, "connector", ConnectorConfig),
+        (FFNS, m.decoder, "decoder.ffn", FFNConfig),
+    ):
+        attr = key.rsplit(".", 1)[-1]
+        raw = getattr(holder, attr)
+        entry = registry.get(raw.type) if isinstance(raw, base) else None
+        if entry is None or type(raw) is not (entry.config or base):
+            setattr(holder, attr, parse_component(registry, f"{prefix}.{key}", raw, base))
+    return m
+
+
 def validate_model(m: ModelConfig, prefix: str = "model") -> None:
-    v, c, d = m.vision, m.connector, m.decoder
-    _choice(f"{prefix}.family", m.family, MODEL_FAMILIES)
+    """Checks of the model section; parses the connector and FFN options first
+    (`resolve_components`), then lets each validate its own."""
+    v, d = m.vision, m.decoder
+    if FAMILIES.get(m.family) is None:
+        raise ConfigError(
+            f"{prefix}.family={m.family!r} is not a registered model family; "
+            f"{FAMILIES.registered()}"
+        )
     _choice(f"{prefix}.vision.variant", v.variant, VISION_VARIANTS)
     _choice(f"{prefix}.vision.act", v.act, ACTIVATIONS)
     for k in ("image_size", "patch_size", "width", "layers", "heads", "mlp_dim"):
@@ -336,41 +432,9 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
             f"{v.layers + 1} hidden states (-{v.layers + 1}..{v.layers})"
         )
 
-    _choice(f"{prefix}.connector.type", c.type, CONNECTOR_TYPES)
-    n = v.num_patches
-    q = c.num_tokens
-    if q < 0:
-        raise ConfigError(f"{prefix}.connector.num_tokens={q} must be >= 0")
-    if c.type in ("linear", "mlp") and q not in (0, n):
-        raise ConfigError(
-            f"{prefix}.connector.num_tokens={q}: connector '{c.type}' maps each of the "
-            f"{n} patches to one token; set num_tokens to 0 or {n}"
-        )
-    if c.type in POOLING_CONNECTORS:
-        side = math.isqrt(q or n)
-        if side * side != (q or n):
-            raise ConfigError(
-                f"{prefix}.connector.num_tokens={q} is not a perfect square: connector "
-                f"'{c.type}' pools the patch grid to a sqrt(Q) x sqrt(Q) grid (e.g. 64, 144)"
-            )
-        if side > v.grid:
-            raise ConfigError(
-                f"{prefix}.connector.num_tokens={q} needs a {side}x{side} grid but the encoder "
-                f"only has {v.grid}x{v.grid} patches"
-            )
-    if c.type == "attnpool":
-        _positive(f"{prefix}.connector.num_tokens", q)
-        if v.width % c.heads:
-            raise ConfigError(
-                f"{prefix}.connector.heads={c.heads} does not divide vision.width={v.width}"
-            )
-    if c.mlp_depth < 1:
-        raise ConfigError(f"{prefix}.connector.mlp_depth={c.mlp_depth} must be >= 1")
-    if c.depth < 0:
-        raise ConfigError(f"{prefix}.connector.depth={c.depth} must be >= 0")
-    _positive(f"{prefix}.connector.hidden", c.hidden)
-
-    _choice(f"{prefix}.decoder.ffn", d.ffn, FFN_TYPES)
+    resolve_components(m, prefix)
+    m.connector.validate(f"{prefix}.connector", m)
+    d.ffn.validate(f"{prefix}.decoder.ffn", m)
     _choice(f"{prefix}.decoder.attention", d.attention, ATTENTION_BACKENDS)
     _choice(f"{prefix}.decoder.rope_scaling.type", d.rope_scaling.type, ROPE_TYPES)
     for k in ("vocab_size", "dim", "layers", "heads", "kv_heads", "ffn_dim", "max_seq_len"):
@@ -497,6 +561,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"train.optim.grad_clip={t.optim.grad_clip} must be >= 0 (0 = no clipping)"
         )
+    for name, w in t.aux_loss_weights.items():
+        if not w >= 0:
+            raise ConfigError(f"train.aux_loss_weights.{name}={w} must be >= 0")
     if not 0 <= t.optim.min_lr_ratio <= 1:
         raise ConfigError(f"train.optim.min_lr_ratio={t.optim.min_lr_ratio} must be in [0, 1]")
     validate_eval(cfg.eval)

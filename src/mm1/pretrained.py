@@ -33,7 +33,7 @@ from mm1.config import ModelConfig, to_dict
 from mm1.data.images import ImageProcessor
 from mm1.data.prompt_format import load_prompt_format, save_prompt_format
 from mm1.data.tokenizer import Tokenizer
-from mm1.models.decoder import rope_inv_freq
+from mm1.models.family import family_spec
 from mm1.models.mllm import MM1
 
 WEIGHTS = EXPORT_WEIGHTS
@@ -94,15 +94,16 @@ def model_from_saved(saved: SavedModel) -> MM1:
     """An MM1 holding a saved model's weights (built on the meta device, weights assigned)."""
     cfg = saved.config
     cfg.vision.init = cfg.decoder.init = None
+    family = family_spec(cfg.family)
     with torch.device("meta"):
-        model = MM1(cfg)
+        model = family.model(cfg)
     state = dict(saved.state)
     if cfg.decoder.tie_embeddings:
         state["decoder.lm_head.weight"] = state["decoder.embed_tokens.weight"]
     model.load_state_dict(state, assign=True, strict=True)
     if cfg.decoder.tie_embeddings:
         model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
-    model.decoder.inv_freq = rope_inv_freq(cfg.decoder)  # a non-persistent buffer
+    family.init_buffers(model)  # no checkpoint holds them: computed where the weights are
     return model
 
 

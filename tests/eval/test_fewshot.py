@@ -50,7 +50,7 @@ def tiny_model(
         vision=VisionConfig(
             image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_dim=64, act="gelu"
         ),
-        connector=ConnectorConfig(type="avgpool", num_tokens=Q, hidden=32, depth=1),
+        connector=ConnectorConfig(type="avgpool", num_tokens=Q),
         decoder=DecoderConfig(
             vocab_size=vocab or tok.vocab_size,
             dim=32,

@@ -161,7 +161,7 @@ def test_report_of_a_real_evaluation(
         vision=VisionConfig(
             image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_dim=64, act="gelu"
         ),
-        connector=ConnectorConfig(type="avgpool", num_tokens=4, hidden=32, depth=1),
+        connector=ConnectorConfig(type="avgpool", num_tokens=4),
         decoder=DecoderConfig(
             vocab_size=tok.vocab_size, dim=32, layers=2, heads=4, kv_heads=2, ffn_dim=64
         ),

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from mm1.batch import IGNORE_INDEX
-from mm1.config import ConnectorConfig, DecoderConfig, ModelConfig, VisionConfig, validate_model
+from mm1.config import DecoderConfig, ModelConfig, VisionConfig, validate_model
 from mm1.models import decoder as decoder_module
-from mm1.models.connectors import CONNECTORS, build_connector
+from mm1.models.connectors import CONNECTORS, CAbstractorConfig, build_connector
 from mm1.models.decoder import Decoder, KVCache
 from mm1.models.mllm import MM1
 from mm1.models.vision import VisionTransformer
@@ -23,7 +23,7 @@ def tiny_model_config(connector: str = "avgpool", **decoder) -> ModelConfig:
         vision=VisionConfig(
             image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_dim=64, act="gelu"
         ),
-        connector=ConnectorConfig(type=connector, num_tokens=q, hidden=32, depth=1, heads=2),
+        connector={"type": connector, "num_tokens": q, "hidden": 32, "depth": 1, "heads": 2},
         decoder=DecoderConfig(
             vocab_size=64,
             dim=32,
@@ -81,7 +81,7 @@ def test_connector_shapes(connector: str) -> None:
 
 
 def test_c_abstractor_structure() -> None:
-    cfg = ConnectorConfig(type="c_abstractor", num_tokens=4, hidden=24, depth=2)
+    cfg = CAbstractorConfig(num_tokens=4, hidden=24, depth=2)
     m = build_connector(cfg, 16, 4, 40)
     assert len(m.s1) == 2 and len(m.s2) == 2
     first = m.s1[0]
@@ -95,7 +95,7 @@ def test_c_abstractor_structure() -> None:
     norms = [x for x in m.modules() if isinstance(x, torch.nn.LayerNorm)]
     assert norms and all(x.eps == 1e-5 for x in norms)
     # depth 0: pool + MLP on the raw features
-    m0 = build_connector(ConnectorConfig(type="c_abstractor", num_tokens=4, depth=0), 16, 4, 40)
+    m0 = build_connector(CAbstractorConfig(num_tokens=4, depth=0), 16, 4, 40)
     assert len(m0.s1) == 0 and m0.readout[0].in_features == 16
 
 

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from mm1.config import InitConfig, ModelConfig, validate_model
+from mm1.models.family import family_spec
 from mm1.models.mllm import MM1
 from mm1.models.starting_point import expected_shapes, hf_source, starting_state, with_deprecated
 
@@ -27,8 +28,7 @@ def resolve_config(
     cfg.vision.init = cfg.decoder.init = None
     vision_hf, decoder_hf = hf_source(init, "vision"), hf_source(init, "decoder")
     if vision_hf or decoder_hf:
-        from mm1.models import hf  # deferred: only needed with HF starting points
-
+        hf = family_spec(cfg.family).hf()  # imported here: only needed with HF starting points
         if vision_hf:
             feature_layer, size = cfg.vision.feature_layer, cfg.vision.image_size
             cfg.vision = hf.vision_config_from_hf(vision_hf, feature_layer, size)
@@ -76,8 +76,8 @@ def build_model(
     cfg = resolve_config(cfg, vocab_size, image_token_id, init)
     if meta:
         with torch.device("meta"):
-            return MM1(cfg)
-    model = MM1(cfg)
+            return family_spec(cfg.family).model(cfg)
+    model = family_spec(cfg.family).model(cfg)
     if load_weights:
         state = starting_point_state_dict(model, init, new_token_ids)
         if state:

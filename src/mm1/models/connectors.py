@@ -1,22 +1,27 @@
 """Vision-language connectors: patch features (B, N, Dv) -> image tokens (B, Q, D_llm).
 
-Each connector is registered by name (`model.connector.type`); MM1's ablation found the type
-matters little and the number of tokens a lot, so all take Q from the config.
+Each connector is registered by name (`model.connector.type`) with the dataclass of its options,
+which also validates them; MM1's ablation found the type matters little and the number of tokens
+a lot, so all take Q from the config.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mm1.config import ConnectorConfig
+from mm1.config import ConfigError, ConnectorConfig, parse_component
 from mm1.models.layers import LayerNorm2d, init_weights, is_perfect_square
+from mm1.registry import CONNECTORS
 
-CONNECTORS: dict[str, type[nn.Module]] = {}
+if TYPE_CHECKING:
+    from mm1.config import ModelConfig
 
 # Epsilons as honeybee runs on the timm it pins (0.9.8): its prenorm is timm's LayerNorm (1e-6),
 # but the blocks pass LayerNorm2d through ConvNormAct -> get_norm_act_layer, which swaps it for
@@ -25,24 +30,21 @@ _PRENORM_EPS = 1e-6
 _BLOCK_EPS = 1e-5
 
 
-def register(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
-    def wrap(cls: type[nn.Module]) -> type[nn.Module]:
-        CONNECTORS[name] = cls
-        return cls
-
-    return wrap
+def register(
+    name: str, config: type[ConnectorConfig] = ConnectorConfig
+) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator: the connector `name`, built as `cls(cfg, vision_width, grid, out_dim)`
+    from its options `config` (a ConnectorConfig subclass; `validate` checks them)."""
+    return CONNECTORS.register(name, config)
 
 
 def build_connector(
-    cfg: ConnectorConfig, vision_width: int, grid: int, out_dim: int, init_std: float = 0.02
+    cfg: ConnectorConfig | dict, vision_width: int, grid: int, out_dim: int, init_std: float = 0.02
 ) -> nn.Module:
     """The connector named by `cfg.type` for a grid x grid patch map of width `vision_width`,
     initialised as `MM1.init_weights` does (truncated normal of std `init_std`)."""
-    if cfg.type not in CONNECTORS:
-        raise ValueError(
-            f"model.connector.type={cfg.type!r} is not one of {', '.join(sorted(CONNECTORS))}"
-        )
-    module = CONNECTORS[cfg.type](cfg, vision_width, grid, out_dim)
+    cfg = parse_component(CONNECTORS, "model.connector", cfg, ConnectorConfig)
+    module = CONNECTORS[cfg.type].value(cfg, vision_width, grid, out_dim)
     init_weights(module, init_std)
     if hasattr(module, "reset_parameters"):
         module.reset_parameters()
@@ -69,6 +71,96 @@ def _pooled_side(cfg: ConnectorConfig, grid: int) -> int:
     return math.isqrt(q)
 
 
+def _check_per_patch(cfg: ConnectorConfig, key: str, model: ModelConfig) -> None:
+    n = model.vision.num_patches
+    if cfg.num_tokens not in (0, n):
+        raise ConfigError(
+            f"{key}.num_tokens={cfg.num_tokens}: connector '{cfg.type}' maps each of the "
+            f"{n} patches to one token; set num_tokens to 0 or {n}"
+        )
+
+
+def _check_pooled(cfg: ConnectorConfig, key: str, model: ModelConfig) -> None:
+    q, grid = cfg.num_tokens, model.vision.grid
+    side = math.isqrt(q or grid * grid)
+    if side * side != (q or grid * grid):
+        raise ConfigError(
+            f"{key}.num_tokens={q} is not a perfect square: connector "
+            f"'{cfg.type}' pools the patch grid to a sqrt(Q) x sqrt(Q) grid (e.g. 64, 144)"
+        )
+    if side > grid:
+        raise ConfigError(
+            f"{key}.num_tokens={q} needs a {side}x{side} grid but the encoder "
+            f"only has {grid}x{grid} patches"
+        )
+
+
+def _check_mlp_depth(key: str, mlp_depth: int) -> None:
+    if mlp_depth < 1:
+        raise ConfigError(f"{key}.mlp_depth={mlp_depth} must be >= 1")
+
+
+@dataclass
+class LinearConnectorConfig(ConnectorConfig):
+    type: str = "linear"
+
+    def validate(self, key: str, model: ModelConfig) -> None:
+        super().validate(key, model)
+        _check_per_patch(self, key, model)
+
+
+@dataclass
+class MLPConnectorConfig(ConnectorConfig):
+    type: str = "mlp"
+    mlp_depth: int = 2  # number of Linear layers
+
+    def validate(self, key: str, model: ModelConfig) -> None:
+        super().validate(key, model)
+        _check_per_patch(self, key, model)
+        _check_mlp_depth(key, self.mlp_depth)
+
+
+@dataclass
+class AvgPoolConnectorConfig(ConnectorConfig):
+    type: str = "avgpool"
+
+    def validate(self, key: str, model: ModelConfig) -> None:
+        super().validate(key, model)
+        _check_pooled(self, key, model)
+
+
+@dataclass
+class AttnPoolConnectorConfig(ConnectorConfig):
+    type: str = "attnpool"
+    heads: int = 8  # attention heads
+
+    def validate(self, key: str, model: ModelConfig) -> None:
+        super().validate(key, model)
+        if self.num_tokens <= 0:
+            raise ConfigError(f"{key}.num_tokens={self.num_tokens} must be positive")
+        width = model.vision.width
+        if self.heads <= 0 or width % self.heads:
+            raise ConfigError(f"{key}.heads={self.heads} does not divide vision.width={width}")
+
+
+@dataclass
+class CAbstractorConfig(ConnectorConfig):
+    type: str = "c_abstractor"
+    hidden: int = 1024  # width of the RegNet stages
+    depth: int = 3  # RegNet blocks per stage
+    mlp_depth: int = 2  # readout: number of Linear layers
+    layer_norm: bool = False  # LayerNorm on the input features
+
+    def validate(self, key: str, model: ModelConfig) -> None:
+        super().validate(key, model)
+        _check_pooled(self, key, model)
+        _check_mlp_depth(key, self.mlp_depth)
+        if self.depth < 0:
+            raise ConfigError(f"{key}.depth={self.depth} must be >= 0")
+        if self.hidden <= 0:
+            raise ConfigError(f"{key}.hidden={self.hidden} must be positive")
+
+
 def _to_grid(x: torch.Tensor, grid: int) -> torch.Tensor:
     """(B, N, C) -> (B, C, grid, grid)."""
     b, n, c = x.shape
@@ -77,11 +169,13 @@ def _to_grid(x: torch.Tensor, grid: int) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, c, grid, grid)
 
 
-@register("linear")
+@register("linear", LinearConnectorConfig)
 class LinearConnector(nn.Module):
     """One linear map per patch (Q = N)."""
 
-    def __init__(self, cfg: ConnectorConfig, vision_width: int, grid: int, out_dim: int) -> None:
+    def __init__(
+        self, cfg: LinearConnectorConfig, vision_width: int, grid: int, out_dim: int
+    ) -> None:
         super().__init__()
         self.num_tokens = grid * grid
         self.proj = nn.Linear(vision_width, out_dim)
@@ -90,11 +184,11 @@ class LinearConnector(nn.Module):
         return self.proj(x)
 
 
-@register("mlp")
+@register("mlp", MLPConnectorConfig)
 class MLPConnector(nn.Module):
     """LLaVA-1.5's projector: Linear-GELU-Linear per patch (Q = N)."""
 
-    def __init__(self, cfg: ConnectorConfig, vision_width: int, grid: int, out_dim: int) -> None:
+    def __init__(self, cfg: MLPConnectorConfig, vision_width: int, grid: int, out_dim: int) -> None:
         super().__init__()
         self.num_tokens = grid * grid
         self.proj = mlp([vision_width] + [out_dim] * cfg.mlp_depth, nn.GELU)
@@ -103,11 +197,13 @@ class MLPConnector(nn.Module):
         return self.proj(x)
 
 
-@register("avgpool")
+@register("avgpool", AvgPoolConnectorConfig)
 class AvgPoolConnector(nn.Module):
     """Average-pool the patch grid to sqrt(Q) x sqrt(Q), then a linear map."""
 
-    def __init__(self, cfg: ConnectorConfig, vision_width: int, grid: int, out_dim: int) -> None:
+    def __init__(
+        self, cfg: AvgPoolConnectorConfig, vision_width: int, grid: int, out_dim: int
+    ) -> None:
         super().__init__()
         self.grid, self.side = grid, _pooled_side(cfg, grid)
         self.num_tokens = self.side**2
@@ -118,11 +214,13 @@ class AvgPoolConnector(nn.Module):
         return self.proj(pooled.flatten(2).transpose(1, 2))
 
 
-@register("attnpool")
+@register("attnpool", AttnPoolConnectorConfig)
 class AttnPoolConnector(nn.Module):
     """Q learned queries cross-attend to the patch features (the Perceiver / Q-Former family)."""
 
-    def __init__(self, cfg: ConnectorConfig, vision_width: int, grid: int, out_dim: int) -> None:
+    def __init__(
+        self, cfg: AttnPoolConnectorConfig, vision_width: int, grid: int, out_dim: int
+    ) -> None:
         super().__init__()
         if cfg.num_tokens <= 0:
             raise ValueError("model.connector.num_tokens must be > 0 for 'attnpool'")
@@ -210,7 +308,7 @@ def regnet_stage(depth: int, in_ch: int, out_ch: int) -> nn.Sequential:
     )
 
 
-@register("c_abstractor")
+@register("c_abstractor", CAbstractorConfig)
 class CAbstractor(nn.Module):
     """Honeybee's C-Abstractor, as MM1 uses it.
 
@@ -219,7 +317,7 @@ class CAbstractor(nn.Module):
     With depth 0 it is pool + MLP on the raw features.
     """
 
-    def __init__(self, cfg: ConnectorConfig, vision_width: int, grid: int, out_dim: int) -> None:
+    def __init__(self, cfg: CAbstractorConfig, vision_width: int, grid: int, out_dim: int) -> None:
         super().__init__()
         self.grid, self.side = grid, _pooled_side(cfg, grid)
         self.num_tokens = self.side**2

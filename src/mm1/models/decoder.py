@@ -1,5 +1,9 @@
 """A Llama-style decoder: RMSNorm, RoPE, grouped-query attention, a swappable FFN, KV cache.
 
+The FFN is a registered part (`FFNS`, `model.decoder.ffn.type`); an FFN may return auxiliary
+losses by name beside its output (`(out, {name: loss})`, e.g. a router's load balance), which
+the decoder sums over its blocks into the `aux_losses` mapping a caller passes.
+
 Packed sequences: `document_ids` keep attention inside each document and `position_ids` restart
 per document, so a packed row gives the same logits as its documents run one by one.
 Parameter names follow transformers' Llama so checkpoints map one to one.
@@ -9,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,8 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from mm1.config import DecoderConfig
+from mm1.config import DecoderConfig, FFNConfig, parse_component
 from mm1.models.layers import RMSNorm, init_weights
+from mm1.registry import FFNS
 
 # ---------------------------------------------------------------------------------------------
 # Rotary position embeddings
@@ -395,17 +400,28 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-# The FFN is chosen by name (`model.decoder.ffn`) so a mixture of experts can replace it.
-FFNS: dict[str, Callable[[DecoderConfig], nn.Module]] = {"swiglu": SwiGLU}
+@dataclass
+class SwiGLUConfig(FFNConfig):
+    type: str = "swiglu"  # no options of its own: the width is `decoder.ffn_dim`
+
+
+# An FFN is built as `builder(decoder_cfg, layer_index)` (the index lets a type vary by depth,
+# e.g. experts every other block); its options are `decoder_cfg.ffn`.
+@FFNS.register("swiglu", SwiGLUConfig)
+def swiglu(cfg: DecoderConfig, layer: int) -> nn.Module:
+    return SwiGLU(cfg)
+
+
+AuxLosses = dict[str, torch.Tensor]
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, cfg: DecoderConfig) -> None:
+    def __init__(self, cfg: DecoderConfig, layer: int = 0) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = FFNS[cfg.ffn](cfg)
+        self.mlp = FFNS[cfg.ffn.type].value(cfg, layer)
 
     def forward(
         self,
@@ -415,9 +431,14 @@ class DecoderBlock(nn.Module):
         mask: AttentionMask,
         cache: KVCache | None = None,
         layer: int = 0,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, AuxLosses]:
+        """The block's output and its FFN's auxiliary losses (empty for a dense FFN)."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        out = self.mlp(self.post_attention_layernorm(x))
+        aux: AuxLosses = {}
+        if isinstance(out, tuple):
+            out, aux = out
+        return x + out, aux
 
 
 class Decoder(nn.Module):
@@ -425,9 +446,10 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: DecoderConfig, init_std: float = 0.02) -> None:
         super().__init__()
+        cfg.ffn = parse_component(FFNS, "model.decoder.ffn", cfg.ffn, FFNConfig)
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.layers))
+        self.layers = nn.ModuleList(DecoderBlock(cfg, i) for i in range(cfg.layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
@@ -443,8 +465,18 @@ class Decoder(nn.Module):
     def init_weights(self) -> None:
         """Initialise every weight in place (also sharded ones, after `to_empty`)."""
         init_weights(self, self.init_std)
-        if self.inv_freq.device.type != "meta":
-            self.inv_freq.copy_(rope_inv_freq(self.cfg).to(self.inv_freq.device))
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Compute the non-persistent buffers (RoPE inverse frequencies), which no state dict
+        holds: after `to_empty`, or after weights were assigned to a model built on the meta
+        device. They go where the weights are; on a model still all on meta, nothing to do."""
+        device = self.inv_freq.device
+        if device.type == "meta":
+            device = self.embed_tokens.weight.device
+        if device.type != "meta":
+            self.inv_freq = rope_inv_freq(self.cfg).to(device)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
@@ -458,7 +490,10 @@ class Decoder(nn.Module):
         document_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_hidden: bool = False,
+        aux_losses: AuxLosses | None = None,
     ) -> torch.Tensor:
+        """Logits (or the final hidden states with `return_hidden`); the blocks' auxiliary
+        losses are summed over blocks into `aux_losses` by name when a mapping is given."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         b, t = x.shape[:2]
         offset, end = cache.begin(t) if cache is not None else (0, t)
@@ -486,7 +521,10 @@ class Decoder(nn.Module):
             mask = additive_mask(mask, x)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i)
+            x, aux = layer(x, cos, sin, mask, cache, i)
+            if aux_losses is not None:
+                for name, value in aux.items():
+                    aux_losses[name] = aux_losses[name] + value if name in aux_losses else value
         if cache is not None:
             cache.advance(t)
         x = self.norm(x)

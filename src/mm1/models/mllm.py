@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mm1.batch import IGNORE_INDEX
-from mm1.config import ModelConfig
+from mm1.config import ModelConfig, resolve_components
 from mm1.models.connectors import build_connector
 from mm1.models.decoder import Decoder
 from mm1.models.layers import init_weights
@@ -24,6 +24,9 @@ class MM1Output:
     loss_sum: torch.Tensor | None = None  # summed cross-entropy over the label tokens
     num_label_tokens: int = 0
     token_loss: torch.Tensor | None = None  # (B, T) cross-entropy per position, 0 where unlabelled
+    # The blocks' auxiliary losses by name (e.g. a router's load balance), unweighted and
+    # normalised like `loss` (see `MM1.forward`); empty for a dense model.
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _multi_rank() -> bool:
@@ -33,7 +36,7 @@ def _multi_rank() -> bool:
 class MM1(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg = resolve_components(cfg)
         self.vision = VisionTransformer(cfg.vision)
         self.connector = build_connector(
             cfg.connector, cfg.vision.width, cfg.vision.grid, cfg.decoder.dim, cfg.init_std
@@ -49,6 +52,12 @@ class MM1(nn.Module):
         if hasattr(self.connector, "reset_parameters"):
             self.connector.reset_parameters()
         self.decoder.init_weights()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Compute the non-persistent buffers, which no checkpoint holds, where the weights are:
+        after `to_empty`, or after a meta-built model got its weights by assignment."""
+        self.decoder.init_buffers()
 
     @property
     def image_token_id(self) -> int:
@@ -104,19 +113,25 @@ class MM1(nn.Module):
         positions (image slots and prompts carry no target), and the full (B, T, vocab) logits
         are returned only when `return_logits=True`: at a real vocabulary they are the largest
         activation of the step.
+
+        Auxiliary losses (means over this batch, summed over blocks) are normalised like the
+        cross-entropy: scaled by this batch's share of the step's label tokens, so their sum
+        over micro-batches and ranks is the label-weighted mean, whatever the accumulation.
         """
         embeds = self.embed(input_ids, pixel_values)
         if return_logits is None:
             return_logits = labels is None
+        aux: dict[str, torch.Tensor] = {}
         hidden = self.decoder(
             inputs_embeds=embeds,
             position_ids=position_ids,
             document_ids=document_ids,
             return_hidden=True,
+            aux_losses=aux,
         )
         logits = self.decoder.lm_head(hidden) if return_logits else None
         if labels is None:
-            return MM1Output(logits)
+            return MM1Output(logits, aux_losses=aux)
         labelled = labels != IGNORE_INDEX
         if logits is not None:
             label_logits = logits[labelled]
@@ -127,4 +142,6 @@ class MM1(nn.Module):
         loss_sum = per_label.sum()
         n = per_label.numel()
         denom = num_label_tokens if num_label_tokens is not None else n
-        return MM1Output(logits, loss_sum / max(denom, 1), loss_sum, n, token_loss)
+        share = n / max(denom, 1)
+        aux = {k: v * share for k, v in aux.items()}
+        return MM1Output(logits, loss_sum / max(denom, 1), loss_sum, n, token_loss, aux)

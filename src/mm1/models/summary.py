@@ -8,24 +8,38 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mm1.config import ModelConfig
+from mm1.models.family import family_spec
 from mm1.models.mllm import MM1
 
 
 def build_meta(cfg: ModelConfig) -> MM1:
     """The model with every tensor on the meta device: shapes only, nothing allocated."""
     with torch.device("meta"):
-        return MM1(cfg)
+        return family_spec(cfg.family).model(cfg)
 
 
 def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def active_parameters(module: torch.nn.Module) -> int:
+    """Parameters that act on each token: all of them, less what submodules declare idle per
+    token through an `inactive_parameters() -> int` method (e.g. the experts a router does not
+    choose). Equal to the parameter count for a dense model."""
+    idle = sum(
+        m.inactive_parameters() for m in module.modules() if hasattr(m, "inactive_parameters")
+    )
+    return _count(module) - idle
+
+
 @dataclass
 class ModelSummary:
     vision: int
     connector: int
-    decoder: int  # all decoder parameters, embeddings included (the N of the MM1 lr law)
+    decoder: int  # all decoder parameters, embeddings included
+    # decoder parameters acting on each token (= decoder when dense): the N of the MM1 lr law
+    # and of the FLOPs
+    active: int
     embeddings: int  # input embedding table (+ the output head when untied)
     decoder_flops_per_token: float  # training (fwd + bwd) FLOPs per decoder token
     image_flops: float  # training FLOPs of encoder + connector per image
@@ -44,9 +58,9 @@ class ModelSummary:
 def summarize(cfg: ModelConfig, seq_len: int | None = None) -> ModelSummary:
     """Parameters per component and training FLOPs.
 
-    Decoder FLOPs per token follow torchtitan / PaLM: 6 N' + 12 L d T, where N' excludes the
-    input embedding table (a lookup, not a matmul) but keeps the output head, and T is the
-    sequence length. Encoder and connector FLOPs are counted exactly (torch's FLOP counter on
+    Decoder FLOPs per token follow torchtitan / PaLM: 6 N' + 12 L d T, where N' counts the
+    active parameters (`active_parameters`) without the input embedding table (a lookup, not a
+    matmul) but with the output head, and T is the sequence length. Encoder and connector FLOPs are counted exactly (torch's FLOP counter on
     the meta device, forward x 3 for training).
     """
     model = build_meta(cfg)
@@ -55,7 +69,8 @@ def summarize(cfg: ModelConfig, seq_len: int | None = None) -> ModelSummary:
     emb = model.decoder.embed_tokens.weight.numel()
     head = 0 if d.tie_embeddings else model.decoder.lm_head.weight.numel()
     decoder = _count(model.decoder)
-    matmul_params = decoder - emb + (emb if d.tie_embeddings else 0)
+    active = active_parameters(model.decoder)
+    matmul_params = active - emb + (emb if d.tie_embeddings else 0)
     attn = 12 * d.layers * d.heads * d.resolved_head_dim * t
     size = cfg.vision.image_size
     with FlopCounterMode(display=False) as counter:
@@ -64,6 +79,7 @@ def summarize(cfg: ModelConfig, seq_len: int | None = None) -> ModelSummary:
         vision=_count(model.vision),
         connector=_count(model.connector),
         decoder=decoder,
+        active=active,
         embeddings=emb + head,
         decoder_flops_per_token=6 * matmul_params + attn,
         image_flops=3 * counter.get_total_flops(),

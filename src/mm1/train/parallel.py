@@ -1,7 +1,8 @@
 """Process groups, devices and the one `parallelize` function applied to any model.
 
 Order as in torchtitan: activation checkpointing and compile per block, then FSDP2 per block
-(decoder and ViT blocks), then the root; or DDP around the whole model.
+(the blocks the model family's spec names: decoder and ViT blocks for MM1), then the root; or
+DDP around the whole model.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 from mm1.config import TrainConfig
+from mm1.models.family import ModelFamily, family_of
 
 
 @dataclass
@@ -65,21 +67,22 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
 
 
 def block_lists(model: nn.Module) -> list[nn.ModuleList]:
-    """The transformer-block lists of the encoder and the decoder."""
-    found = []
-    for part in (getattr(model, "vision", None), getattr(model, "decoder", None)):
-        blocks = getattr(part, "blocks", None) or getattr(part, "layers", None)
-        if isinstance(blocks, nn.ModuleList):
-            found.append(blocks)
-    return found
+    """The transformer-block lists of a model, as its family's spec names them."""
+    return family_of(model).blocks(model)
 
 
-def parallelize(model: nn.Module, cfg: TrainConfig, d: Dist) -> nn.Module:
-    """Apply activation checkpointing, compile and FSDP2 / DDP as configured.
+def parallelize(
+    model: nn.Module, cfg: TrainConfig, d: Dist, family: ModelFamily | None = None
+) -> nn.Module:
+    """Apply activation checkpointing, compile and FSDP2 / DDP as configured, per block of
+    the model's family spec (`family`, default: the one `model.cfg.family` names).
 
     A model built on the meta device (FSDP only) is sharded first, then each rank allocates and
-    initialises its own shards (`model.init_weights()`), so no rank ever holds the full model."""
-    for blocks in block_lists(model):
+    initialises its own shards (`model.init_weights()`, which also computes the buffers), so no
+    rank ever holds the full model."""
+    family = family or family_of(model)
+    units = family.blocks(model)
+    for blocks in units:
         for i in range(len(blocks)):
             if cfg.activation_checkpointing:
                 blocks[i] = checkpoint_wrapper(blocks[i], preserve_rng_state=False)
@@ -104,7 +107,7 @@ def parallelize(model: nn.Module, cfg: TrainConfig, d: Dist) -> nn.Module:
     if dtype is not None:
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     kw = {"mp_policy": mp} if mp is not None else {}
-    for blocks in block_lists(model):
+    for blocks in units:
         for block in blocks:
             fully_shard(block, **kw)
     fully_shard(model, **kw)

@@ -2,12 +2,15 @@
 
 Loss normalisation (DESIGN.md): every micro-batch's summed cross-entropy is divided by the
 number of label tokens of the whole step (all micro-batches, all ranks), so gradient
-accumulation and world size do not change the loss or the gradient.
+accumulation and world size do not change the loss or the gradient. The model's auxiliary
+losses come normalised the same way (`MM1.forward`); each is weighted by
+`train.aux_loss_weights` and added to the loss that is backpropagated, and logged on its own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import signal
@@ -37,6 +40,7 @@ from mm1.data.world import prepare_data
 from mm1.models.build import build_model, starting_point_state_dict
 from mm1.models.mllm import MM1
 from mm1.models.starting_point import describe as describe_start
+from mm1.models.summary import active_parameters
 from mm1.train import checkpoint as ckpt
 from mm1.train.logging import MetricsLogger, read_metrics
 from mm1.train.optim import build_optimizer, mm1_peak_lr
@@ -70,6 +74,8 @@ class StepResult:
     images: int
     grad_norm: float
     skipped: bool
+    aux: dict[str, float] = dataclasses.field(default_factory=dict)  # unweighted, by name
+    objective: float | None = None  # loss + weighted aux losses (None without aux losses)
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -138,7 +144,8 @@ class Trainer:
         )
         self.model_cfg = model.cfg
         self._freeze(model)
-        self.num_decoder_params = sum(p.numel() for p in model.decoder.parameters())
+        # Parameters acting on each token (all of them for a dense decoder): the law's N.
+        self.num_decoder_params = active_parameters(model.decoder)
         self.peak_lr = cfg.train.optim.lr or mm1_peak_lr(self.num_decoder_params)
         self.model = parallelize(model, cfg.train, d)
         if sharded and starting and has_starting_weights(init):
@@ -210,6 +217,7 @@ class Trainer:
 
         old = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
         deprecated_keys_in_dict(old)  # type: ignore[arg-type]  # a run saved before train.init
+        old = _current_shape(old)  # type: ignore[arg-type]  # a run saved before the registries
         changed = _meaningful(config_diff(old, to_dict(self.cfg)))  # type: ignore[arg-type]
         if changed and not self.force:
             raise ConfigError(
@@ -338,17 +346,28 @@ class Trainer:
         n_src = len(SOURCE_KINDS)
         # [loss_sum, per-source loss sums..., per-source label counts...]
         sums = torch.zeros(1 + 2 * n_src, device=d.device)
+        aux_sums: dict[str, torch.Tensor] = {}
         dtype = autocast_dtype(self.cfg.train, d.device)
         for i, batch in enumerate(micro):
             batch = batch.to(d.device, non_blocking=True)
             last = i == len(micro) - 1
             with self._sync(last), _autocast(d.device, dtype):
                 out = model(**batch.model_inputs(), num_label_tokens=max(total_labels, 1))
+            objective = out.loss
+            for name, value in out.aux_losses.items():
+                objective = objective + self._aux_weight(name) * value
+                aux_sums[name] = aux_sums.get(name, 0.0) + value.detach().float()
             # DDP / FSDP average gradients over ranks; the loss is already a global mean
-            (out.loss * d.world_size).backward()
+            (objective * d.world_size).backward()
             sums += _source_sums(out.token_loss.detach(), batch, n_src)
         d.all_reduce_sum(sums)
         loss = float(sums[0]) / max(total_labels, 1)
+        aux, total = {}, None
+        if aux_sums:  # every rank runs the same model, so the same names in the same order
+            names = sorted(aux_sums)
+            reduced = d.all_reduce_sum(torch.stack([aux_sums[k] for k in names]).reshape(-1))
+            aux = dict(zip(names, reduced.tolist()))
+            total = loss + sum(self._aux_weight(k) * v for k, v in aux.items())
         per_source = {
             k: float(sums[1 + j] / sums[1 + n_src + j])
             for j, k in enumerate(SOURCE_KINDS)
@@ -361,14 +380,26 @@ class Trainer:
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         grad_norm = float(grad_norm)
-        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        finite = [loss, grad_norm, *aux.values()]
+        skipped = not all(math.isfinite(v) for v in finite)
         if not skipped:
             self.optimizer.step()
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         tokens = sum(int((b.source_ids >= 0).sum()) for b in micro)  # non-padding tokens
         images = sum(0 if b.pixel_values is None else b.pixel_values.shape[0] for b in micro)
-        return StepResult(loss, per_source, total_labels, tokens, images, grad_norm, skipped)
+        return StepResult(
+            loss, per_source, total_labels, tokens, images, grad_norm, skipped, aux, total
+        )
+
+    def _aux_weight(self, name: str) -> float:
+        weights = self.cfg.train.aux_loss_weights
+        if name not in weights:
+            raise ConfigError(
+                f"train.aux_loss_weights.{name} is not set, but the model emits the auxiliary "
+                f"loss {name!r}: give it a weight (0 logs it without training on it)"
+            )
+        return weights[name]
 
     @contextlib.contextmanager
     def _sync(self, last: bool):
@@ -404,6 +435,8 @@ class Trainer:
         m: dict[str, Any] = {
             "loss": r.loss,
             **{f"loss_{k}": v for k, v in r.per_source.items()},
+            **{f"aux_loss_{k}": v for k, v in r.aux.items()},
+            **({"loss_total": r.objective} if r.objective is not None else {}),
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": r.grad_norm,
             "tokens_per_s": tokens_per_s,
@@ -442,6 +475,19 @@ class Trainer:
         """True on every rank once any rank got SIGTERM / SIGINT (ranks stop at the same step)."""
         flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0], device=self.d.device)
         return bool(self.d.all_reduce_sum(flag).item() > 0)
+
+
+def _current_shape(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved run config with its model section in today's shape (older runs wrote every
+    connector option side by side and the FFN as a name), so an unchanged run still resumes."""
+    from mm1.config import model_config_from_dict
+
+    model = saved.get("model")
+    if isinstance(model, dict):
+        # Unreadable today: compared as written, so the changed keys are reported.
+        with contextlib.suppress(ConfigError):
+            saved = {**saved, "model": to_dict(model_config_from_dict(model))}
+    return saved
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):

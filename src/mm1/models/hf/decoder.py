@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from mm1.config import ROPE_TYPES, DecoderConfig, RopeScalingConfig
-from mm1.models.decoder import Decoder, rope_inv_freq
+from mm1.models.decoder import Decoder
 from mm1.models.hf.checkpoint import (
     KEY_MAPS,
     PathLike,
@@ -147,7 +147,7 @@ def decoder_from_hf(path: PathLike, *, dtype: torch.dtype | None = torch.float32
     load_into(model, state, KEY_MAPS["decoder"], decoder_ignored(cfg), {}, dtype, str(d))
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight  # assign=True replaced the embedding
-    model.inv_freq = rope_inv_freq(cfg)  # non-persistent buffer, still on the meta device
+    model.init_buffers()  # non-persistent: still on the meta device after the assignment
     return model
 
 
@@ -158,8 +158,8 @@ def decoder_config_to_hf(cfg: DecoderConfig, model_type: str = "llama") -> dict[
         raise ValueError(f"model_type {model_type!r} is not one of {', '.join(DECODER_TYPES)}")
     if cfg.qk_norm:
         raise ValueError(f"{model_type} has no q/k norm (decoder.qk_norm)")
-    if cfg.ffn != "swiglu":
-        raise ValueError(f"{model_type} has a SwiGLU FFN, not {cfg.ffn!r}")
+    if cfg.ffn_type != "swiglu":
+        raise ValueError(f"{model_type} has a SwiGLU FFN, not {cfg.ffn_type!r}")
     if cfg.qkv_bias and model_type != "qwen2":
         raise ValueError(f"{model_type} has no q/k/v-only biases (decoder.qkv_bias); use qwen2")
     if cfg.sliding_window and model_type == "llama":
