@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mm1.config import ConnectorConfig
-from mm1.models.connectors import build_connector, se_width
+from mm1.models.connectors import CAbstractorConfig, build_connector, se_width
 
 
 class RefLayerNormAct2d(nn.LayerNorm):
@@ -156,7 +155,7 @@ def test_c_abstractor_equals_honeybee_reference(
             if isinstance(m, nn.LayerNorm):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.normal_(0, 0.1)
-    cfg = ConnectorConfig(
+    cfg = CAbstractorConfig(
         type="c_abstractor", num_tokens=q, hidden=hidden, depth=depth, layer_norm=True
     )
     ours = build_connector(cfg, dv, grid, 20).double()
@@ -177,7 +176,7 @@ def test_se_width_follows_timm() -> None:
 
 
 def test_block_norms_use_timm_norm_act_eps() -> None:
-    cfg = ConnectorConfig(type="c_abstractor", num_tokens=4, hidden=24, depth=2, layer_norm=True)
+    cfg = CAbstractorConfig(type="c_abstractor", num_tokens=4, hidden=24, depth=2, layer_norm=True)
     m = build_connector(cfg, 16, 4, 40)
     block_norms = [x for x in m.modules() if type(x).__name__ == "LayerNorm2d"]
     assert len(block_norms) == 4 * 3 + 1  # conv1..3 per block, one projecting shortcut
