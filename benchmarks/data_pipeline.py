@@ -26,11 +26,12 @@ from benchmarks.common import Timer, ensure_world, print_table, set_threads, wri
 def loader_images_per_s(world, tok, size: int, min_images: int) -> dict[str, Any]:
     from mm1.data.images import ImageProcessor
     from mm1.data.loader import LoaderSettings, build_loader
+    from mm1.data.prompt_format import PromptFormat
     from mm1.data.world import world_sources
 
     sources, _ = world_sources(world)
     settings = LoaderSettings(
-        sources=sources, seq_len=4096, micro_batch_size=1, num_image_tokens=144
+        sources=sources, seq_len=4096, micro_batch_size=1, prompt_format=PromptFormat(144)
     )
     loader = iter(build_loader(settings, tok, ImageProcessor.clip(size), num_workers=0))
     next(loader)  # warm-up: opening shards, first buffer fill
@@ -94,11 +95,12 @@ def packing(
     from benchmarks.train_step import document_stream
     from mm1.data.loader import LoaderSettings, packing_stats
     from mm1.data.packing import split_document
+    from mm1.data.prompt_format import PromptFormat
     from mm1.data.world import world_sources
 
     sources, _ = world_sources(world)
     settings = LoaderSettings(
-        sources=sources, seq_len=seq_len, micro_batch_size=1, num_image_tokens=q
+        sources=sources, seq_len=seq_len, micro_batch_size=1, prompt_format=PromptFormat(q)
     )
     with Timer() as t:
         stats = packing_stats(settings, tok, num_sequences)

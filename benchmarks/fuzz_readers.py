@@ -1159,6 +1159,7 @@ def _data_stats(t: Target, tokenizer_dir: str) -> dict[str, Any]:
     from mm1.config import SourceConfig
     from mm1.data.catalog import check_sources
     from mm1.data.loader import LoaderSettings, packing_stats
+    from mm1.data.prompt_format import PromptFormat
     from mm1.data.sources import DataError
     from mm1.data.tokenizer import Tokenizer
 
@@ -1166,7 +1167,7 @@ def _data_stats(t: Target, tokenizer_dir: str) -> dict[str, Any]:
         sources=[SourceConfig(format=t.format, path=str(t.path))],
         seq_len=64,
         micro_batch_size=1,
-        num_image_tokens=4,
+        prompt_format=PromptFormat(4),
     )
     try:
         check_sources(settings.sources)  # as prepare_data does before building a model

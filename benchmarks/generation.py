@@ -37,6 +37,7 @@ def prompts_and_images(world, tok, num_image_tokens: int, n: int):
     from PIL import Image
 
     from mm1.data.images import ImageProcessor
+    from mm1.data.prompt_format import PromptFormat
     from mm1.data.tokenizer import tokenize_prompt
 
     val = world.eval["val"]
@@ -44,7 +45,7 @@ def prompts_and_images(world, tok, num_image_tokens: int, n: int):
     files = [im["file_name"] for im in captions["images"]][:n]
     images = [Image.open(world.root / val["image_dir"] / f).convert("RGB") for f in files]
     prompts = [
-        tokenize_prompt(PROMPTS[i % len(PROMPTS)], [images[i]], tok, num_image_tokens)
+        tokenize_prompt(PROMPTS[i % len(PROMPTS)], [images[i]], tok, PromptFormat(num_image_tokens))
         for i in range(n)
     ]
     pixels = ImageProcessor.clip(world.image_size)(images)

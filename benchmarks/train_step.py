@@ -66,6 +66,7 @@ VARIANTS = ("mm1_packed", "llava_plain", "llava_grouped")
 def document_stream(world, tok, num_image_tokens: int, num_docs: int, seed: int = 0) -> list:
     """The first `num_docs` tokenized documents of the world's training mixture (slot 0)."""
     from mm1.data.mixture import Mixture, SourceStream
+    from mm1.data.prompt_format import PromptFormat
     from mm1.data.tokenizer import tokenize_document
     from mm1.data.world import world_sources
 
@@ -75,7 +76,7 @@ def document_stream(world, tok, num_image_tokens: int, num_docs: int, seed: int 
     docs = []
     while len(docs) < num_docs:
         _, record = mixture.next()
-        doc = tokenize_document(record, tok, num_image_tokens)
+        doc = tokenize_document(record, tok, PromptFormat(num_image_tokens))
         if len(doc.input_ids) >= 2:
             docs.append(doc)
     return docs

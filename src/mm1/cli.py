@@ -195,12 +195,14 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
     import json
 
     from mm1.data.loader import LoaderSettings, packing_stats
+    from mm1.data.prompt_format import PromptFormat
     from mm1.data.world import prepare_data
 
     cfg = load_config(args.config, args.overrides)
     data = prepare_data(cfg.data, cfg.model, init=cfg.train.init)
     q = cfg.model.num_image_tokens
-    settings = LoaderSettings.from_config(cfg.data, data.sources, q)
+    fmt = PromptFormat.from_config(cfg.data, q)
+    settings = LoaderSettings.from_config(cfg.data, data.sources, fmt)
     stats = packing_stats(settings, data.tokenizer, args.sequences, progress=not args.json)
     if args.json:
         print(json.dumps(stats, indent=1))
@@ -232,7 +234,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
     p = load_pretrained(args.source)
     if args.export:
-        out = save_pretrained(p.model, p.tokenizer, p.processor, args.export, p.image_boundaries)
+        out = save_pretrained(p.model, p.tokenizer, p.processor, args.export, p.prompt_format)
         console.print(f"exported {args.source} -> {out}")
     if args.to_hf:
         from mm1.models.hf import save_decoder_hf, save_vision_hf
@@ -274,7 +276,7 @@ def _load_images(paths: list[str]) -> list[Image.Image]:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from mm1.data.tokenizer import IMAGE_TOKEN, tokenize_prompt
+    from mm1.data.tokenizer import IMAGE_TOKEN, tokenize_chat_prompt, tokenize_prompt
     from mm1.models.generation import generate
     from mm1.pretrained import load_pretrained
 
@@ -286,11 +288,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
         )
     p = load_pretrained(args.model)
     images = _load_images(args.image)
-    ids = tokenize_prompt(
-        args.prompt, images, p.tokenizer, p.model.num_image_tokens, p.image_boundaries
-    )
-    pixels = p.processor(images) if images else None
+    # Written as the model was trained: its image slots, boundaries and chat template.
+    fmt = p.prompt_format
+    if args.chat:
+        user = [{"role": "user", "content": args.prompt}]
+        ids = tokenize_chat_prompt(user, images, p.tokenizer, fmt)
+    else:
+        ids = tokenize_prompt(args.prompt, images, p.tokenizer, fmt)
+    pixels = fmt.pixel_values(p.processor, images) if images else None
     stop_ids, text_stops = _split_stops(args.stop or [], p.tokenizer)
+    if args.chat:  # the assistant's turn ends at the template's end-of-turn token
+        turn_ends = _split_stops(list(p.tokenizer.end_of_turn_tokens()), p.tokenizer)[0]
+        stop_ids += [t for t in turn_ends if t not in stop_ids]
     out = generate(
         p.model,
         [ids],
@@ -361,7 +370,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         e,
         tasks=tasks,
         world=world,
-        image_boundaries=p.image_boundaries,  # prompts written as the model was trained
+        prompt_format=p.prompt_format,  # prompts written as the model was trained
         name=args.name or model_dir.name,
     )
     results["settings"] = {**settings, "eval": {**to_dict(e), "tasks": tasks}}
@@ -527,6 +536,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--stop", action="append", default=None)
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="the prompt is a user turn, written by the model's chat template (as in SFT)",
+    )
     return parser
 
 

@@ -65,7 +65,7 @@ def evaluate_models(cfg: Config, run_dir: Path) -> dict[str, dict[str, Any]]:
             trained.processor,
             replace(cfg.eval, shuffle_images=shuffle),
             world=cfg.data.world,
-            image_boundaries=trained.image_boundaries,
+            prompt_format=trained.prompt_format,
             name=name,
         )
     return results

@@ -6,8 +6,9 @@ Exported layout:
     model.json                 the ModelConfig the weights belong to
     tokenizer.json, mm1_tokenizer.json, tokenizer_config.json   the tokenizer with our specials
     preprocessor_config.json   the image preprocessing
-    prompt_format.json         how images were written into training sequences
-                               ({"image_boundaries": ...}); prompts must be written the same way
+    prompt_format.json         how images and turns were written into training sequences (image
+                               slots, boundaries, the chat template's choice: `PromptFormat`);
+                               prompts must be written the same way
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from mm1.checkpoint import (
 )
 from mm1.config import ModelConfig, to_dict
 from mm1.data.images import ImageProcessor
-from mm1.data.prompt_format import load_prompt_format, save_prompt_format
+from mm1.data.prompt_format import PromptFormat, load_prompt_format
 from mm1.data.tokenizer import Tokenizer
 from mm1.models.family import family_spec
 from mm1.models.mllm import MM1
@@ -45,12 +46,17 @@ class Pretrained:
     tokenizer: Tokenizer
     processor: ImageProcessor
     source: Path
-    # Images wrapped in <img> ... </img> as in training (`data.image_boundaries`).
-    image_boundaries: bool = False
+    # How the model was trained to see images and turns: prompts are written through it.
+    prompt_format: PromptFormat
 
     @property
     def cfg(self) -> ModelConfig:
         return self.model.cfg
+
+    @property
+    def image_boundaries(self) -> bool:
+        """Images wrapped in <img> ... </img> as in training (`data.image_boundaries`)."""
+        return self.prompt_format.image_boundaries
 
 
 def save_pretrained(
@@ -58,9 +64,17 @@ def save_pretrained(
     tokenizer: Tokenizer,
     processor: ImageProcessor,
     out_dir: str | Path,
-    image_boundaries: bool = False,
+    prompt_format: PromptFormat | None = None,
 ) -> Path:
-    """Write the exported layout; loadable with `load_pretrained`."""
+    """Write the exported layout; loadable with `load_pretrained`. `prompt_format` is how the
+    model was trained (a `Pretrained`'s own); None: its image slots, no boundaries, the
+    tokenizer's chat template."""
+    prompt_format = prompt_format or PromptFormat(model.num_image_tokens)
+    if prompt_format.image_tokens != model.num_image_tokens:
+        raise ValueError(
+            f"the prompt format writes {prompt_format.image_tokens} slots per image but the "
+            f"model fills {model.num_image_tokens}"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -75,7 +89,7 @@ def save_pretrained(
     (out / MODEL_CONFIG).write_text(json.dumps(cfg, indent=1) + "\n")
     tokenizer.save(out)
     processor.save_pretrained(out)
-    save_prompt_format(out, image_boundaries)
+    prompt_format.save(out)
     return out
 
 
@@ -128,5 +142,5 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pre
         Tokenizer.from_file(tok_dir),
         ImageProcessor.from_pretrained(tok_dir),
         path,
-        load_prompt_format(tok_dir),
+        load_prompt_format(tok_dir, model.num_image_tokens),
     )

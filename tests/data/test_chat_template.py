@@ -13,6 +13,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from mm1.data.chat_template import BUILTIN_TEMPLATES, load_chat_template
 from mm1.data.document import Conversation
+from mm1.data.prompt_format import PromptFormat
 from mm1.data.tokenizer import IMAGE_TOKEN, Tokenizer, tokenize_conversation
 
 transformers = pytest.importorskip("transformers")
@@ -187,7 +188,7 @@ def _sft(typed_images: int = 1) -> Conversation:
 
 def test_loss_mask_is_assistant_content_and_end_of_turn(case) -> None:
     name, ours, hf = case
-    out = tokenize_conversation(_sft(), ours, num_image_tokens=3)
+    out = tokenize_conversation(_sft(), ours, PromptFormat(3))
     targets = [i for i, m in zip(out.input_ids, out.target_mask) if m]
     others = [i for i, m in zip(out.input_ids, out.target_mask) if not m]
     end = "</s>" if name == "llava" else ours.eos_token  # llava-hf's: EOS added by training
@@ -252,14 +253,14 @@ def test_bad_conversations_name_the_record(case, edit, message: str) -> None:
     conv = _sft()
     edit(conv.messages)
     with pytest.raises(ValueError, match=rf"conversation 'rec-7'.*{message}"):
-        tokenize_conversation(conv, ours, num_image_tokens=3)
+        tokenize_conversation(conv, ours, PromptFormat(3))
 
 
 def test_template_that_raises_is_a_value_error(tmp_path: Path) -> None:
     tok = Tokenizer.from_file(_tokenizer_dir(tmp_path / "tok", "qwen2"))
     tok.chat_template = "{{ raise_exception('only one turn') }}"
     with pytest.raises(ValueError, match="'rec-7': the chat template failed: only one turn"):
-        tokenize_conversation(_sft(), tok, num_image_tokens=3)
+        tokenize_conversation(_sft(), tok, PromptFormat(3))
 
 
 def test_loader_skips_and_counts_bad_conversations(tmp_path: Path, caplog) -> None:
@@ -273,7 +274,9 @@ def test_loader_skips_and_counts_bad_conversations(tmp_path: Path, caplog) -> No
     (tmp_path / "sft.json").write_text(json.dumps(records))
     tok = Tokenizer.from_file(_tokenizer_dir(tmp_path / "tok", "qwen2"))
     source = SourceConfig(format="llava", path=str(tmp_path / "sft.json"))
-    settings = LoaderSettings([source], seq_len=64, micro_batch_size=1, num_image_tokens=2)
+    settings = LoaderSettings(
+        [source], seq_len=64, micro_batch_size=1, prompt_format=PromptFormat(2)
+    )
     settings.max_error_rate = 1.0
     ds = PackedDataset(settings, tok, ImageProcessor.clip(16))
     batch = next(iter(ds))

@@ -15,6 +15,7 @@ from PIL import Image, JpegImagePlugin
 
 from mm1.config import ConfigError, SourceConfig, load_config
 from mm1.data.loader import LoaderSettings, packing_stats
+from mm1.data.prompt_format import PromptFormat
 from mm1.data.sources import ReadStats, read_llava, read_wds_shard
 from mm1.data.sources.decode import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -105,7 +106,7 @@ def test_the_loader_applies_the_configured_cap(tmp_path: Path) -> None:
         sources=[SourceConfig(format="llava", path=str(tmp_path / "l.jsonl"), kind="sft")],
         seq_len=32,
         micro_batch_size=1,
-        num_image_tokens=4,
+        prompt_format=PromptFormat(4),
         max_image_pixels=80_000,
     )
     stats = packing_stats(settings, Tokenizer.from_file(_qwen_like(tmp_path / "tok")), 2)

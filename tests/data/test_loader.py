@@ -11,6 +11,7 @@ from mm1.config import SourceConfig
 from mm1.data.images import ImageProcessor
 from mm1.data.loader import LoaderSettings, PackedDataset, build_loader, packing_stats
 from mm1.data.mixture import SourceStream
+from mm1.data.prompt_format import PromptFormat
 from mm1.data.sources import DataError, ReadStats
 from mm1.data.synthetic import write_world
 from mm1.data.tokenizer import Tokenizer
@@ -31,7 +32,7 @@ def tok(world):
 def settings(world, **kw) -> LoaderSettings:
     train, _ = world_sources(world)
     base = LoaderSettings(
-        sources=train, seq_len=128, micro_batch_size=2, num_image_tokens=4, pack_buffer=8
+        sources=train, seq_len=128, micro_batch_size=2, prompt_format=PromptFormat(4), pack_buffer=8
     )
     return dataclasses.replace(base, **kw)
 
@@ -168,7 +169,9 @@ def test_epochs_are_reshuffled(world) -> None:
 
 
 def test_packing_statistics_hold_the_mixture(world, tok) -> None:
-    s = settings(world, seq_len=512, micro_batch_size=1, num_image_tokens=24, pack_buffer=32)
+    s = settings(
+        world, seq_len=512, micro_batch_size=1, prompt_format=PromptFormat(24), pack_buffer=32
+    )
     stats = packing_stats(s, tok, 120)
     assert stats["packing_efficiency"] >= 0.95
     assert stats["images_dropped"] == 0

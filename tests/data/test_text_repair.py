@@ -18,6 +18,7 @@ from PIL import Image
 
 from mm1.config import SourceConfig
 from mm1.data.loader import LoaderSettings, packing_stats
+from mm1.data.prompt_format import PromptFormat
 from mm1.data.sources import (
     ReadStats,
     read_coco_captions,
@@ -228,7 +229,7 @@ def test_data_stats_survive_a_lone_surrogate(tmp_path: Path) -> None:
         sources=[SourceConfig(format="text", path=str(path), kind="text")],
         seq_len=32,
         micro_batch_size=1,
-        num_image_tokens=4,
+        prompt_format=PromptFormat(4),
     )
     stats = packing_stats(settings, tok, 5)
     assert stats["read"]["repaired"]["lone_surrogate"] > 0

@@ -11,6 +11,7 @@ from PIL import Image
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from mm1.data.document import Conversation, Document
+from mm1.data.prompt_format import PromptFormat
 from mm1.data.tokenizer import (
     BOI_TOKEN,
     ENDOFCHUNK_TOKEN,
@@ -206,14 +207,14 @@ def test_encode_equals_transformers(tmp_path: Path, dirs: dict[str, Path]) -> No
 def test_text_document_is_bos_text_eos(llama: Tokenizer, qwen: Tokenizer) -> None:
     text = "The quick brown fox."
     doc = Document("t1", "text", [text])
-    out = tokenize_document(doc, llama, num_image_tokens=4)
+    out = tokenize_document(doc, llama, PromptFormat(4))
     assert out.input_ids == [llama.bos_id, *llama.encode(text), llama.eos_id]
     assert out.target_mask == [False] + [True] * (len(out) - 1)
     assert (out.id, out.source, out.images, out.image_spans) == ("t1", "text", [], [])
     # Qwen2-like: no BOS, nothing inserted; add_bos / add_eos switch them off.
-    out = tokenize_document(doc, qwen, num_image_tokens=4)
+    out = tokenize_document(doc, qwen, PromptFormat(4))
     assert out.input_ids == [*qwen.encode(text), qwen.eos_id]
-    out = tokenize_document(doc, llama, 4, add_bos=False, add_eos=False)
+    out = tokenize_document(doc, llama, PromptFormat(4), add_bos=False, add_eos=False)
     assert out.input_ids == llama.encode(text)
 
 
@@ -222,7 +223,7 @@ def test_image_slots_spans_and_masks(llama: Tokenizer, boundaries: bool) -> None
     q = 5
     images = [_image(), Image.new("RGB", (4, 4))]
     parts = ["Intro text.", images[0], "A cat sits.", images[1]]
-    out = tokenize_document(Document("d", "interleaved", parts), llama, q, boundaries)
+    out = tokenize_document(Document("d", "interleaved", parts), llama, PromptFormat(q, boundaries))
     assert out.images == images
     assert out.input_ids.count(llama.image_id) == 2 * q
     assert len(out.image_spans) == 2
@@ -250,13 +251,17 @@ def test_generation_prompt_writes_images_as_training_does(
     llama: Tokenizer, boundaries: bool
 ) -> None:
     image = _image()
-    prompt = tokenize_prompt("<image>A cat", [image], llama, 3, boundaries)
-    doc = tokenize_document(Document("d", "captions", [image, "A cat"]), llama, 3, boundaries)
+    prompt = tokenize_prompt("<image>A cat", [image], llama, PromptFormat(3, boundaries))
+    doc = tokenize_document(
+        Document("d", "captions", [image, "A cat"]), llama, PromptFormat(3, boundaries)
+    )
     assert prompt == doc.input_ids[:-1]  # the training document without its EOS
 
 
 def test_labels_shift(qwen: Tokenizer) -> None:
-    out = tokenize_document(Document("c", "captions", [_image(), "a red cube"]), qwen, 3, True)
+    out = tokenize_document(
+        Document("c", "captions", [_image(), "a red cube"]), qwen, PromptFormat(3, True)
+    )
     labels = out.labels()
     assert len(labels) == len(out)
     for t in range(len(out) - 1):
@@ -275,7 +280,7 @@ def test_labels_shift(qwen: Tokenizer) -> None:
 def test_document_with_literal_image_tag_is_refused(llama: Tokenizer) -> None:
     doc = Document("web-7", "interleaved", ["see <image> here", _image()])
     with pytest.raises(ValueError, match=r"web-7.*literal '<image>'"):
-        tokenize_document(doc, llama, 4)
+        tokenize_document(doc, llama, PromptFormat(4))
 
 
 # -- conversations ------------------------------------------------------------------------------
@@ -300,7 +305,7 @@ def test_conversation_targets_are_assistant_turns(
     which: str, template: str, request: pytest.FixtureRequest
 ) -> None:
     qwen = request.getfixturevalue(which)
-    out = tokenize_conversation(_conv(), qwen, num_image_tokens=3, template=template)
+    out = tokenize_conversation(_conv(), qwen, PromptFormat(3, chat_template=template))
     targets = [i for i, m in zip(out.input_ids, out.target_mask) if m]
     others = [i for i, m in zip(out.input_ids, out.target_mask) if not m]
     assert targets.count(qwen.eos_id) == 2  # the EOS ending each assistant turn
@@ -314,7 +319,7 @@ def test_conversation_targets_are_assistant_turns(
 def test_conversation_text_follows_the_template(qwen: Tokenizer, llama: Tokenizer) -> None:
     conv = _conv(images=0)
     conv.messages[0]["content"] = "What is in the picture?"
-    out = tokenize_conversation(conv, qwen, 3, template="vicuna_v1")
+    out = tokenize_conversation(conv, qwen, PromptFormat(3, chat_template="vicuna_v1"))
     system = (
         "A chat between a curious human and an artificial intelligence assistant. The assistant "
         "gives helpful, detailed, and polite answers to the human's questions."
@@ -326,7 +331,7 @@ def test_conversation_text_follows_the_template(qwen: Tokenizer, llama: Tokenize
     assert qwen.decode(out.input_ids, skip_special_tokens=False) == text
     # One encode call of the whole text, as an HF pipeline would tokenize it.
     assert out.input_ids == qwen.encode(text)
-    plain = tokenize_conversation(conv, llama, 3, template="plain")
+    plain = tokenize_conversation(conv, llama, PromptFormat(3, chat_template="plain"))
     assert plain.input_ids[0] == llama.bos_id
     plain_text = (
         "User: What is in the picture?\nAssistant: A small blue cube.</s>"
@@ -335,7 +340,7 @@ def test_conversation_text_follows_the_template(qwen: Tokenizer, llama: Tokenize
     assert plain.input_ids[1:] == llama.encode(plain_text)
     # The generation prompt ends at "Assistant:"; the answer (with its space) is the target.
     prompt = qwen.encode("User: What is in the picture?\nAssistant:")
-    out = tokenize_conversation(conv, qwen, 3)
+    out = tokenize_conversation(conv, qwen, PromptFormat(3))
     assert out.input_ids[: len(prompt)] == prompt
     assert not any(out.target_mask[: len(prompt)]) and out.target_mask[len(prompt)]
     # A system message replaces the template's default; custom templates work.
@@ -346,12 +351,12 @@ def test_conversation_text_follows_the_template(qwen: Tokenizer, llama: Tokenize
         "{% else %}{{ 'A:' + m['content'] + eos_token }}{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}{{ 'A:' }}{% endif %}"
     )
-    out = tokenize_conversation(conv, qwen, 3, template=custom)
+    out = tokenize_conversation(conv, qwen, PromptFormat(3, chat_template=custom))
     assert qwen.decode(out.input_ids, skip_special_tokens=False).startswith("Be brief.\nQ: What")
 
 
 def test_conversation_image_boundaries_not_targets_in_user_turn(qwen: Tokenizer) -> None:
-    out = tokenize_conversation(_conv(), qwen, 2, image_boundaries=True)
+    out = tokenize_conversation(_conv(), qwen, PromptFormat(2, image_boundaries=True))
     start, end = out.image_spans[0]
     assert out.input_ids[start:end] == [qwen.boi_id, qwen.image_id, qwen.image_id, qwen.eoi_id]
     assert out.target_mask[start:end] == [False] * 4
@@ -359,15 +364,15 @@ def test_conversation_image_boundaries_not_targets_in_user_turn(qwen: Tokenizer)
 
 def test_conversation_errors(qwen: Tokenizer) -> None:
     with pytest.raises(ValueError, match=r"'sft-1': 1 <image> tags in the messages but 2 images"):
-        tokenize_conversation(_conv(images=2), qwen, 3)
+        tokenize_conversation(_conv(images=2), qwen, PromptFormat(3))
     with pytest.raises(ValueError, match=r"'sft-1': 1 <image> tags .* but 0 images"):
-        tokenize_conversation(_conv(images=0), qwen, 3)
+        tokenize_conversation(_conv(images=0), qwen, PromptFormat(3))
     with pytest.raises(ValueError, match="unknown chat template 'zephyr'"):
-        tokenize_conversation(_conv(), qwen, 3, template="zephyr")
+        tokenize_conversation(_conv(), qwen, PromptFormat(3, chat_template="zephyr"))
     conv = _conv()
     conv.messages[1]["role"] = "robot"
     with pytest.raises(ValueError, match="unknown role 'robot'"):
-        tokenize_conversation(conv, qwen, 3)
+        tokenize_conversation(conv, qwen, PromptFormat(3))
     conv.messages = conv.messages[:1]
     with pytest.raises(ValueError, match="no assistant turn"):
-        tokenize_conversation(conv, qwen, 3)
+        tokenize_conversation(conv, qwen, PromptFormat(3))

@@ -14,6 +14,7 @@ from mm1 import cli
 from mm1.config import SourceConfig, load_config
 from mm1.data.catalog import check_sources
 from mm1.data.loader import LoaderSettings, build_loader
+from mm1.data.prompt_format import PromptFormat
 from mm1.data.sources import DataError
 from mm1.data.tokenizer import Tokenizer
 from tests.data.test_tokenizer import _qwen_like
@@ -29,7 +30,7 @@ def _settings(path: Path | str) -> LoaderSettings:
         sources=[SourceConfig(format="text", path=str(path), kind="text")],
         seq_len=32,
         micro_batch_size=1,
-        num_image_tokens=4,
+        prompt_format=PromptFormat(4),
     )
 
 

@@ -14,6 +14,7 @@ import torch
 
 from mm1.config import ConnectorConfig, DecoderConfig, EvalConfig, ModelConfig, VisionConfig
 from mm1.data.images import ImageProcessor
+from mm1.data.prompt_format import PromptFormat
 from mm1.data.tokenizer import Tokenizer
 from mm1.eval import fewshot
 from mm1.eval.demos import random_demos, rices_rank, shuffled_images
@@ -96,7 +97,7 @@ def ex(
 def test_caption_prompt_token_by_token(tok: Tokenizer) -> None:
     demos = [ex(1, target="a red circle."), ex(2, target="two blue squares")]
     query = ex(3)
-    p = build_prompt(tok, Q, "caption", demos, query)
+    p = build_prompt(tok, PromptFormat(Q), "caption", demos, query)
     assert p.text == (
         "<image>Output:a red circle.<|endofchunk|>\n<image>Output:two blue squares<|endofchunk|>\n"
         "<image>Output:"
@@ -124,7 +125,7 @@ def test_caption_prompt_token_by_token(tok: Tokenizer) -> None:
 def test_vqa_prompt_and_text_only_demos(tok: Tokenizer) -> None:
     demos = [ex(1, "What color is it?", "red"), ex(2, "How many?", "2")]
     query = ex(3, "What shape?")
-    p = build_prompt(tok, Q, "vqa", demos, query, query_image=Path("/other.jpg"))
+    p = build_prompt(tok, PromptFormat(Q), "vqa", demos, query, query_image=Path("/other.jpg"))
     assert p.text == (
         "<image>Question:What color is it? Short answer:red<|endofchunk|>\n"
         "<image>Question:How many? Short answer:2<|endofchunk|>\n"
@@ -133,7 +134,7 @@ def test_vqa_prompt_and_text_only_demos(tok: Tokenizer) -> None:
     assert p.input_ids.count(tok.image_id) == 3 * Q
     assert p.images[-1] == Path("/other.jpg")  # the shuffled control replaces the query image
     # zero-shot: the demonstrations lose their images, the query keeps its own
-    z = build_prompt(tok, Q, "vqa", demos, query, text_only_demos=True)
+    z = build_prompt(tok, PromptFormat(Q), "vqa", demos, query, text_only_demos=True)
     assert z.text == (
         "Question:What color is it? Short answer:red<|endofchunk|>\n"
         "Question:How many? Short answer:2<|endofchunk|>\n"
@@ -143,7 +144,7 @@ def test_vqa_prompt_and_text_only_demos(tok: Tokenizer) -> None:
     assert z.input_ids[: len(ids)] == ids
     assert z.input_ids.count(tok.image_id) == Q and z.images == [Path("/img/3.jpg")]
     # image boundaries wrap each image's slots
-    b = build_prompt(tok, Q, "vqa", [], query, image_boundaries=True)
+    b = build_prompt(tok, PromptFormat(Q, image_boundaries=True), "vqa", [], query)
     assert b.input_ids[:7] == [tok.bos_id, tok.boi_id, *[tok.image_id] * Q, tok.eoi_id]
     with pytest.raises(ValueError, match="exactly one"):
         PromptTemplates(caption="<image>Output:")

@@ -226,7 +226,7 @@ def test_lmms_eval_cli_runs_mm1_on_a_local_task(
     tok, model = loaded.tokenizer, loaded.model
     for doc, sample in zip(docs, samples):
         ids = encode_prompt(
-            tok, "<image>Question:" + doc["question"] + " Short answer:", model.num_image_tokens
+            tok, "<image>Question:" + doc["question"] + " Short answer:", loaded.prompt_format
         )
         from PIL import Image
 
@@ -342,8 +342,8 @@ def test_loglikelihood(lmm, world: Path) -> None:
     for req, (loss, greedy) in zip(reqs, got):
         doc = docs[req.args[3]]
         # the trailing space moves to the continuation (lm-evaluation-harness convention)
-        ctx = encode_prompt(tok, "<image>" + req.args[0].rstrip(" "), model.num_image_tokens)
-        whole = encode_prompt(tok, "<image>" + req.args[0] + "red", model.num_image_tokens)
+        ctx = encode_prompt(tok, "<image>" + req.args[0].rstrip(" "), lmm.prompt_format)
+        whole = encode_prompt(tok, "<image>" + req.args[0] + "red", lmm.prompt_format)
         assert whole[: len(ctx)] == ctx
         cont = whole[len(ctx) :]
         ids = torch.tensor([whole])
@@ -361,7 +361,7 @@ def test_loglikelihood(lmm, world: Path) -> None:
     (new,) = generate(model, [ids], pixels, max_new_tokens=3)
     text = tok.decode(new)
     if (
-        encode_prompt(tok, "<image>Question:" + docs[0]["question"] + text, model.num_image_tokens)[
+        encode_prompt(tok, "<image>Question:" + docs[0]["question"] + text, lmm.prompt_format)[
             len(ids) :
         ]
         == new

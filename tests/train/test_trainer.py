@@ -134,7 +134,7 @@ def test_metrics_and_artifacts(tmp_path, world) -> None:
     from mm1.pretrained import load_pretrained, save_pretrained
 
     p = load_pretrained(run)
-    out = save_pretrained(p.model, p.tokenizer, p.processor, tmp_path / "export", True)
+    out = save_pretrained(p.model, p.tokenizer, p.processor, tmp_path / "export", p.prompt_format)
     weights, beside = out / "model.safetensors", out / "model.json"
     assert weights.stat().st_mode & 0o777 == beside.stat().st_mode & 0o777  # not 0600
     q = load_pretrained(out)

@@ -24,6 +24,7 @@ from mm1.data.document import Conversation
 from mm1.data.images import ImageProcessor
 from mm1.data.mixture import Mixture, Record, SourceStream
 from mm1.data.packing import Packer, PackStats, Piece, collate, slice_document, split_document
+from mm1.data.prompt_format import PromptFormat
 from mm1.data.sources import DataError, ReadStats, check_error_rate, warn_skip
 from mm1.data.sources.decode import DEFAULT_MAX_IMAGE_PIXELS, set_max_image_pixels
 from mm1.data.tokenizer import (
@@ -42,14 +43,13 @@ class LoaderSettings:
     sources: list[SourceConfig]
     seq_len: int
     micro_batch_size: int
-    num_image_tokens: int
+    # Image slots, boundaries and the chat template (None: the tokenizer's, where
+    # `data.chat_template` is set, else plain): how records become tokens.
+    prompt_format: PromptFormat
     max_images_per_seq: int = 16
-    image_boundaries: bool = False
     pack_buffer: int = 32
     max_error_rate: float = 0.01
     seed: int = 0
-    # None: the tokenizer's template (`data.chat_template` is set on it), else plain.
-    chat_template: str | None = None
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
     @classmethod
@@ -57,16 +57,15 @@ class LoaderSettings:
         cls,
         data: DataConfig,
         sources: list[SourceConfig],
-        num_image_tokens: int,
+        prompt_format: PromptFormat,
         micro_batch_size: int = 1,
     ) -> LoaderSettings:
         return cls(
             sources=list(sources),
             seq_len=data.seq_len,
             micro_batch_size=micro_batch_size,
-            num_image_tokens=num_image_tokens,
+            prompt_format=prompt_format,
             max_images_per_seq=data.max_images_per_seq,
-            image_boundaries=data.image_boundaries,
             pack_buffer=data.pack_buffer,
             max_error_rate=data.max_error_rate,
             seed=data.seed,
@@ -116,14 +115,8 @@ class PackedDataset(IterableDataset):
 
     def tokenize(self, record: Record) -> TokenizedDocument:
         if isinstance(record, Conversation):
-            return tokenize_conversation(
-                record,
-                self.tok,
-                self.s.num_image_tokens,
-                self.s.chat_template,
-                self.s.image_boundaries,
-            )
-        return tokenize_document(record, self.tok, self.s.num_image_tokens, self.s.image_boundaries)
+            return tokenize_conversation(record, self.tok, self.s.prompt_format)
+        return tokenize_document(record, self.tok, self.s.prompt_format)
 
     def _fill(self) -> None:
         assert self._mixture is not None and self._packer is not None
@@ -167,7 +160,8 @@ class PackedDataset(IterableDataset):
                 self._fill()
                 sequences.append(self._packer.next_sequence())
             images = [im for seq in sequences for p in seq for im in p.doc.images]
-            pixels = self.processor(images) if images else None
+            fmt = self.s.prompt_format
+            pixels = fmt.pixel_values(self.processor, images) if images else None
             yield collate(sequences, self.s.seq_len, self.tok.pad_id, self.source_index, pixels)
 
     # -- state -----------------------------------------------------------------------------------
@@ -292,7 +286,7 @@ def packing_stats(
     out = ds._packer.stats.to_dict()
     out["read"] = ds.read_stats().to_dict()
     out["seq_len"] = settings.seq_len
-    out["num_image_tokens"] = settings.num_image_tokens
+    out["num_image_tokens"] = settings.prompt_format.image_tokens
     total = sum(s.weight for s in settings.sources) or 1.0
     weights: dict[str, float] = {}
     for s in settings.sources:

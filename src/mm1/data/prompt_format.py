@@ -1,34 +1,164 @@
-"""How images are written into a model's token sequences, saved with the model so that prompts at
+"""How images and turns become tokens: one object, saved with the model, so that prompts at
 evaluation and generation are written the way the model was trained.
 
+`PromptFormat` holds
+- `image_tokens` (Q): the slots one encoder input (one crop) fills (`model.connector.num_tokens`);
+- `crops(image)` / `slots(image)`: how many encoder inputs an image becomes and how many slots it
+  takes (`crops x Q`). Today every image is one crop; a layout (tiling) overrides `crops` and
+  `pixel_values` together, so the slots written and the pixel rows given always agree;
+- `image_boundaries`: each image's slots between `<img>` and `</img>` (`data.image_boundaries`);
+- `chat_template`: None for the tokenizer's own template (`plain` when it has none), else a
+  built-in name, one of the tokenizer's named templates, or a jinja source. The template text
+  itself stays where transformers keeps it, in the tokenizer directory's tokenizer_config.json
+  (`data.chat_template` is set on the tokenizer and saved there), so the format refers to it.
+
 `prompt_format.json` sits next to the tokenizer (an exported directory, a run's tokenizer/):
-{"image_boundaries": bool} (`data.image_boundaries`: image slots between `<img>` and `</img>`).
+{"version": 2, "image_layout": "single", "image_tokens": Q, "image_boundaries": bool,
+"chat_template": null}. Older directories still load: version 1 held only {"image_boundaries"};
+before that a run directory's config.yaml says `data.image_boundaries`; Q then comes from the
+model.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from mm1.config import DataConfig
+    from mm1.data.images import ImageProcessor
 
 PROMPT_FORMAT = "prompt_format.json"
+FORMAT_VERSION = 2
 
 
-def save_prompt_format(directory: str | Path, image_boundaries: bool) -> None:
-    path = Path(directory) / PROMPT_FORMAT
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"image_boundaries": bool(image_boundaries)}) + "\n")
+@dataclass(frozen=True)
+class PromptFormat:
+    """Image slots, image boundaries and the chat template of one model (see the module)."""
+
+    image_tokens: int
+    image_boundaries: bool = False
+    chat_template: str | None = None
+
+    # Saved as `image_layout`; a subclass that crops differently registers its own name.
+    layout: ClassVar[str] = "single"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image_tokens, bool) or not isinstance(self.image_tokens, int):
+            raise ValueError(f"image_tokens must be an int, got {self.image_tokens!r}")
+        if self.image_tokens < 1:
+            raise ValueError(f"image_tokens must be positive, got {self.image_tokens}")
+        if self.chat_template is not None and not isinstance(self.chat_template, str):
+            raise ValueError(f"chat_template must be a string or None, got {self.chat_template!r}")
+
+    @classmethod
+    def from_config(cls, data: DataConfig, image_tokens: int) -> PromptFormat:
+        """The format a run trains with: the model's Q and `data.image_boundaries`; the chat
+        template is the tokenizer's (`data.chat_template` is set on the tokenizer)."""
+        return cls(image_tokens, image_boundaries=bool(data.image_boundaries))
+
+    # -- images ----------------------------------------------------------------------------------
+
+    def crops(self, image: Image.Image) -> int:
+        """Encoder inputs `image` becomes (rows of `pixel_values`): one, the whole image."""
+        return 1
+
+    def slots(self, image: Image.Image) -> int:
+        """Image slots `image` takes in a token sequence (boundary tokens not counted)."""
+        return self.crops(image) * self.image_tokens
+
+    def pixel_values(self, processor: ImageProcessor, images: list[Image.Image]) -> torch.Tensor:
+        """(sum of crops, 3, H, W): each image's crops in order, as its slots are written."""
+        pixels = processor(images)
+        expected = sum(self.crops(image) for image in images)
+        if pixels.shape[0] != expected:
+            raise ValueError(
+                f"the image processor gave {pixels.shape[0]} crops for {len(images)} images; "
+                f"the prompt format ({self.layout}) writes slots for {expected}"
+            )
+        return pixels
+
+    # -- turns -----------------------------------------------------------------------------------
+
+    def template_choice(self, tokenizer_template: Any) -> str | None:
+        """The `chat_template` argument for `select_template` given the tokenizer's own
+        template(s): ours, else the tokenizer's, else `plain`."""
+        if self.chat_template is None and tokenizer_template is None:
+            return "plain"
+        return self.chat_template
+
+    # -- files -----------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": FORMAT_VERSION, "image_layout": self.layout, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = PROMPT_FORMAT) -> PromptFormat:
+        layout = data.get("image_layout", PromptFormat.layout)
+        if layout not in LAYOUTS:
+            raise ValueError(
+                f"{where}: unknown image_layout {layout!r}; known: {', '.join(sorted(LAYOUTS))}"
+            )
+        if int(data.get("version", 1)) > FORMAT_VERSION:
+            raise ValueError(f"{where}: version {data['version']} is newer than this mm1 reads")
+        unknown = set(data) - {"version", "image_layout", *(f.name for f in fields(cls))}
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
+        try:
+            return LAYOUTS[layout](
+                image_tokens=data["image_tokens"],
+                image_boundaries=bool(data.get("image_boundaries", False)),
+                chat_template=data.get("chat_template"),
+            )
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"{where}: {err}") from None
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / PROMPT_FORMAT
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
 
 
-def load_prompt_format(directory: Path) -> bool:
-    """`image_boundaries` of a model directory; False for directories written before
-    prompt_format.json existed (a run directory's config.yaml is read then)."""
+# Prompt-format classes by `image_layout` name (what `load_prompt_format` can read back).
+LAYOUTS: dict[str, type[PromptFormat]] = {PromptFormat.layout: PromptFormat}
+
+
+def register_layout(cls: type[PromptFormat]) -> type[PromptFormat]:
+    """Make a PromptFormat subclass loadable under its `layout` name."""
+    LAYOUTS[cls.layout] = cls
+    return cls
+
+
+def load_prompt_format(directory: str | Path, image_tokens: int) -> PromptFormat:
+    """The prompt format saved in a model directory (an export, a run's tokenizer/).
+
+    `image_tokens` is the model's Q: it fills in for directories written before the format
+    recorded it, and a saved value that disagrees with it is an error. Directories without
+    prompt_format.json: a run's config.yaml gives `data.image_boundaries`, an export has none.
+    """
+    directory = Path(directory)
     path = directory / PROMPT_FORMAT
     if path.is_file():
-        return bool(json.loads(path.read_text()).get("image_boundaries", False))
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: not a JSON object")
+        saved = data.setdefault("image_tokens", image_tokens)  # version 1: image_boundaries only
+        if saved != image_tokens:
+            raise ValueError(
+                f"{path}: image_tokens {saved} but the model fills {image_tokens} slots per image"
+            )
+        return PromptFormat.from_dict(data, str(path))
+    boundaries = False
     config = directory.parent / "config.yaml"  # <run>/tokenizer -> <run>/config.yaml
     if directory.name == "tokenizer" and config.is_file():
         import yaml
 
         data = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
-        return bool(data.get("image_boundaries", False))
-    return False
+        boundaries = bool(data.get("image_boundaries", False))
+    return PromptFormat(image_tokens, image_boundaries=boundaries)

@@ -10,7 +10,8 @@ slot). Saving and loading keeps every id.
 Tokenization builds ONE string per sample, with `<image>` where each image goes, and encodes it in
 one call: this is exactly what HF processors do (`tokenizer(prompt_with_<image>)`), so the text
 tokens around images are the ones an HF pipeline would give. Each `<image>` token is then
-expanded to `num_image_tokens` slots (wrapped in `<img>` … `</img>` with `image_boundaries`).
+expanded to its image's slots, as the model's `PromptFormat` says (`fmt.slots(image)`, wrapped in
+`<img>` … `</img>` with `fmt.image_boundaries`); the format also names the chat template.
 
 Target-mask conventions (`target_mask[t]` = "token t is a valid prediction target"):
 - text tokens and EOS are targets; BOS never is (nothing precedes it);
@@ -52,6 +53,7 @@ from mm1.data.chat_template import (
     uses_typed_parts,
 )
 from mm1.data.document import Conversation, Document
+from mm1.data.prompt_format import PromptFormat
 from mm1.data.sources.unicode import repair_text
 
 IMAGE_TOKEN = "<image>"
@@ -334,8 +336,7 @@ _ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "ass
 def tokenize_document(
     doc: Document,
     tok: Tokenizer,
-    num_image_tokens: int,
-    image_boundaries: bool = False,
+    fmt: PromptFormat,
     add_bos: bool = True,
     add_eos: bool = True,
 ) -> TokenizedDocument:
@@ -354,7 +355,7 @@ def tokenize_document(
             text += part
         else:
             raise TypeError(f"document {doc.id!r}: part of type {type(part).__name__}")
-    out = _expand(tok, text, [(0, len(text))], images, num_image_tokens, image_boundaries, add_bos)
+    out = _expand(tok, text, [(0, len(text))], images, fmt, add_bos)
     if add_eos:
         out.input_ids.append(tok.eos_id)
         out.target_mask.append(True)
@@ -363,14 +364,10 @@ def tokenize_document(
 
 
 def tokenize_prompt(
-    text: str,
-    images: list[Image.Image],
-    tok: Tokenizer,
-    num_image_tokens: int,
-    image_boundaries: bool = False,
+    text: str, images: list[Image.Image], tok: Tokenizer, fmt: PromptFormat
 ) -> list[int]:
     """Prompt ids for generation: BOS, then `text` with each `<image>` tag expanded to the
-    next image's slots (between `<img>` and `</img>` with `image_boundaries`, as in training);
+    next image's slots (between `<img>` and `</img>` with boundaries, as in training);
     no EOS. The tag count must equal the number of images."""
     chunks = text.split(IMAGE_TOKEN)
     if len(chunks) - 1 != len(images):
@@ -381,22 +378,18 @@ def tokenize_prompt(
     for image, chunk in zip(images, chunks[1:]):
         parts += [image, chunk]
     doc = Document(id="prompt", source="prompt", parts=[p for p in parts if p != ""])
-    return tokenize_document(doc, tok, num_image_tokens, image_boundaries, add_eos=False).input_ids
+    return tokenize_document(doc, tok, fmt, add_eos=False).input_ids
 
 
 def tokenize_conversation(
-    conv: Conversation,
-    tok: Tokenizer,
-    num_image_tokens: int,
-    template: str | None = None,
-    image_boundaries: bool = False,
-    add_bos: bool = True,
+    conv: Conversation, tok: Tokenizer, fmt: PromptFormat, add_bos: bool = True
 ) -> TokenizedDocument:
-    """Tokenize an SFT conversation through a chat template: only the assistant turns' content
-    and the end-of-turn token after each are targets (see `chat_template.training_text`).
+    """Tokenize an SFT conversation through the format's chat template: only the assistant
+    turns' content and the end-of-turn token after each are targets (see
+    `chat_template.training_text`).
 
-    `template`: a built-in name, a jinja source, or None for the tokenizer's own template
-    (`plain` when it has none). Roles `human` / `gpt` are read as user / assistant. For a
+    `fmt.chat_template`: a built-in name, a jinja source, or None for the tokenizer's own
+    template (`plain` when it has none). Roles `human` / `gpt` are read as user / assistant. For a
     template that reads typed parts (llava-hf's), each message's `<image>` tags become
     {"type": "image"} parts and the text between them {"type": "text"} parts (stripped); the
     rendered text must then hold one `<image>` per image. BOS is added unless the template
@@ -405,14 +398,7 @@ def tokenize_conversation(
     """
     where = f"conversation {conv.id!r}"
     messages = _checked_messages(conv, where)
-    if template is None and tok.chat_template is None:
-        template = "plain"
-    name, source = select_template(tok.chat_template, template)
-    missing = [t for t in BUILTIN_TOKENS.get(name, ()) if tok.token_to_id(t) is None]
-    if missing:
-        raise ValueError(f"chat template {name!r} needs the special tokens {missing}")
-    if uses_typed_parts(source):
-        messages = [{**m, "content": _typed_parts(m["content"])} for m in messages]
+    source, messages = _template_and_messages(tok, fmt, messages)
     try:
         text, regions, _ = training_text(
             source, messages, tok.template_variables, tok.end_of_turn_tokens(), tok.eos_token
@@ -427,9 +413,44 @@ def tokenize_conversation(
             f"{len(conv.images)} images"
         )
     add_bos = add_bos and not (tok.bos_token and text.startswith(tok.bos_token))
-    out = _expand(tok, text, regions, conv.images, num_image_tokens, image_boundaries, add_bos)
+    out = _expand(tok, text, regions, conv.images, fmt, add_bos)
     out.source, out.id = conv.source, conv.id
     return out
+
+
+def tokenize_chat_prompt(
+    messages: list[dict[str, Any]], images: list[Image.Image], tok: Tokenizer, fmt: PromptFormat
+) -> list[int]:
+    """Prompt ids for generation in a chat: `messages` (role and text content with `<image>`
+    tags, ending with a user turn) rendered by the format's chat template with the generation
+    prompt, BOS unless the template writes it, each `<image>` expanded as in training."""
+    tags = sum(str(m.get("content", "")).count(IMAGE_TOKEN) for m in messages)
+    if tags != len(images):
+        raise ValueError(f"the messages have {tags} {IMAGE_TOKEN} tags but {len(images)} images")
+    messages = [{**m, "role": _ROLES.get(m.get("role"), m.get("role"))} for m in messages]
+    source, messages = _template_and_messages(tok, fmt, messages)
+    text, _ = render(source, messages, True, tok.template_variables)
+    if text.count(IMAGE_TOKEN) != len(images):
+        raise ValueError(
+            f"the chat template wrote {text.count(IMAGE_TOKEN)} {IMAGE_TOKEN} tags for "
+            f"{len(images)} images"
+        )
+    add_bos = not (tok.bos_token and text.startswith(tok.bos_token))
+    return _expand(tok, text, [], images, fmt, add_bos).input_ids
+
+
+def _template_and_messages(
+    tok: Tokenizer, fmt: PromptFormat, messages: list[dict[str, Any]]
+) -> tuple[str, list[dict[str, Any]]]:
+    """The format's template source (its special tokens checked), and the messages as it reads
+    them: for a template of typed parts (llava-hf's), `<image>` tags become image parts."""
+    name, source = select_template(tok.chat_template, fmt.template_choice(tok.chat_template))
+    missing = [t for t in BUILTIN_TOKENS.get(name, ()) if tok.token_to_id(t) is None]
+    if missing:
+        raise ValueError(f"chat template {name!r} needs the special tokens {missing}")
+    if uses_typed_parts(source):
+        messages = [{**m, "content": _typed_parts(m["content"])} for m in messages]
+    return source, messages
 
 
 def _checked_messages(conv: Conversation, where: str) -> list[dict[str, Any]]:
@@ -481,13 +502,11 @@ def _expand(
     text: str,
     regions: list[tuple[int, int]],
     images: list[Image.Image],
-    num_image_tokens: int,
-    image_boundaries: bool,
+    fmt: PromptFormat,
     add_bos: bool,
 ) -> TokenizedDocument:
-    """Encode `text` in one call, mark targets by the character `regions`, expand `<image>`."""
-    if images and num_image_tokens < 1:
-        raise ValueError(f"num_image_tokens must be positive, got {num_image_tokens}")
+    """Encode `text` in one call, mark targets by the character `regions`, expand the k-th
+    `<image>` to `fmt.slots(images[k])` slots."""
     ids: list[int] = []
     mask: list[bool] = []
     spans: list[tuple[int, int]] = []
@@ -502,12 +521,13 @@ def _expand(
             mask.append(in_region)
             continue
         start = len(ids)
-        if image_boundaries:
+        if fmt.image_boundaries:
             ids.append(tok.boi_id)
             mask.append(in_region)
-        ids += [image_id] * num_image_tokens
-        mask += [False] * num_image_tokens
-        if image_boundaries:
+        n = fmt.slots(images[len(spans)]) if len(spans) < len(images) else fmt.image_tokens
+        ids += [image_id] * n
+        mask += [False] * n
+        if fmt.image_boundaries:
             ids.append(tok.eoi_id)
             mask.append(False)
         spans.append((start, len(ids)))

@@ -37,6 +37,7 @@ from PIL import Image
 
 from mm1.config import BAD_IMAGE_POLICIES, DEMO_SELECTIONS, EvalConfig, validate_eval
 from mm1.data.images import ImageProcessor
+from mm1.data.prompt_format import PromptFormat
 from mm1.data.sources.base import IMAGE_ERRORS, DataError
 from mm1.data.tokenizer import Tokenizer
 from mm1.eval.demos import random_demos, rices_rank, shuffled_images
@@ -154,7 +155,7 @@ class FewShotEvaluator:
         stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS,
         batch_size: int = 8,
         shuffle_images: bool = False,
-        image_boundaries: bool = False,
+        prompt_format: PromptFormat | None = None,
         keep_prompts: bool = False,
         bad_images: str = "error",
     ) -> None:
@@ -192,7 +193,13 @@ class FewShotEvaluator:
                 self.text_stops.append(s)
         self.batch_size = batch_size
         self.shuffle_images = shuffle_images
-        self.image_boundaries = image_boundaries
+        # As the model was trained (`Pretrained.prompt_format`); None: its slots, no boundaries.
+        self.prompt_format = prompt_format or PromptFormat(model.num_image_tokens)
+        if self.prompt_format.image_tokens != model.num_image_tokens:
+            raise ValueError(
+                f"the prompt format writes {self.prompt_format.image_tokens} slots per image "
+                f"but the model fills {model.num_image_tokens}"
+            )
         self.keep_prompts = keep_prompts
         self.pixels = _PixelCache(processor)
         self._features: dict[Path, torch.Tensor] = {}
@@ -311,14 +318,13 @@ class FewShotEvaluator:
         prompts = [
             build_prompt(
                 self.tokenizer,
-                self.model.num_image_tokens,
+                self.prompt_format,
                 task.kind,
                 d,
                 q,
                 templates=self.templates,
                 text_only_demos=text_demos > 0 and shots == 0,
                 query_image=img,
-                image_boundaries=self.image_boundaries,
             )
             for q, img, d in zip(queries, shown, demos)
         ]
@@ -380,7 +386,7 @@ def evaluate(
     tasks: Sequence[str | Task | Any] | None = None,
     world: str | Path | None = None,
     templates: PromptTemplates | None = None,
-    image_boundaries: bool = False,
+    prompt_format: PromptFormat | None = None,
     stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS,
     keep_prompts: bool = False,
     progress: bool = True,
@@ -394,8 +400,9 @@ def evaluate(
     `demo_selection="rices"` demonstrations do not depend on the seed, so only the first seed
     runs. `max_examples` evaluates only the first N queries of each task (and says so in the
     results: `subset`, `num_queries`); CIDEr is then computed over exactly those. `num_beams=1`
-    is greedy decoding, 3 is OpenFlamingo's beam search. `image_boundaries` must match how the
-    model was trained (`data.image_boundaries`). An image that cannot be decoded stops the
+    is greedy decoding, 3 is OpenFlamingo's beam search. `prompt_format` must be how the
+    model was trained (`Pretrained.prompt_format`: its image slots and boundaries; None: the
+    model's slots without boundaries). An image that cannot be decoded stops the
     evaluation with `EvalImageError` naming it, unless `bad_images="empty"`: then every query
     whose prompt shows it scores as an empty prediction (`bad_images` and `empty_predictions`
     in the results say which and how many).
@@ -424,7 +431,7 @@ def evaluate(
         stop_strings=stop_strings,
         batch_size=cfg.batch_size,
         shuffle_images=cfg.shuffle_images,
-        image_boundaries=image_boundaries,
+        prompt_format=prompt_format,
         keep_prompts=keep_prompts,
         bad_images=cfg.bad_images,
     )
@@ -490,8 +497,9 @@ def evaluate(
             "batch_size": cfg.batch_size,
             "max_examples": max_examples,
             "shuffle_images": cfg.shuffle_images,
-            "image_boundaries": image_boundaries,
+            "image_boundaries": evaluator.prompt_format.image_boundaries,
             "num_image_tokens": model.num_image_tokens,
+            "prompt_format": evaluator.prompt_format.to_dict(),
             "std": "population standard deviation over seeds (ddof=0)",
             "bad_images": cfg.bad_images,
         },

@@ -12,12 +12,16 @@ Or pass an instance to `lmms_eval.evaluator.simple_evaluate(model=MM1LMM(pretrai
 Prompts: lmms-eval hands a context string and the document's visuals. When the context holds
 `<image>` tags there must be one per visual; otherwise one `<image>` per visual is put in front of
 the context (OpenFlamingo-style, the way mm1 models see images in pre-training). The text is then
-tokenized like training documents (BOS, `<image>` -> the model's image slots).
+tokenized through the model's prompt format like training documents (BOS, `<image>` -> the
+image's slots, with `<img>` … `</img>` when the model was trained so); with `chat=true` the
+context is a user turn written by the model's chat template with its generation prompt (for
+models fine-tuned on conversations).
 
 Model arguments (`--model_args key=value,...`): `pretrained` (required), `device` (default cuda
 when available), `batch_size`, `max_new_tokens` (default 32, when a task's generation_kwargs do
 not set one), `num_beams` (default 1 = greedy), `image_boundaries` (default: as the model was trained,
-from its prompt_format.json; true wraps image slots in `<img>` … `</img>`), `dtype` (float32, bfloat16, float16).
+from its prompt_format.json; true wraps image slots in `<img>` … `</img>`), `chat` (default
+false), `dtype` (float32, bfloat16, float16).
 
 Only images are handled (no video or audio). This module imports lmms_eval, so import it only
 where lmms-eval is installed.
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -35,8 +40,7 @@ from lmms_eval.api.model import lmms
 from PIL import Image
 from tqdm import tqdm
 
-from mm1.data.tokenizer import IMAGE_TOKEN
-from mm1.eval.prompts import encode_prompt
+from mm1.data.tokenizer import IMAGE_TOKEN, tokenize_chat_prompt, tokenize_prompt
 from mm1.models.generation import generate, generate_beam
 from mm1.pretrained import load_pretrained
 
@@ -113,6 +117,7 @@ class MM1LMM(lmms):
         max_new_tokens: int | str = 32,
         num_beams: int | str = 1,
         image_boundaries: bool | str | None = None,
+        chat: bool | str = False,
         dtype: str = "float32",
         **kwargs: Any,
     ) -> None:
@@ -131,11 +136,17 @@ class MM1LMM(lmms):
         self.batch_size_per_gpu = int(batch_size) if str(batch_size).isdigit() else 1
         self.max_new_tokens = int(max_new_tokens)
         self.num_beams = int(num_beams)
-        # Default: as the model was trained (its prompt_format.json).
-        self.image_boundaries = (
-            loaded.image_boundaries if image_boundaries is None else _as_bool(image_boundaries)
-        )
+        # As the model was trained (its prompt_format.json), unless overridden here.
+        self.prompt_format = loaded.prompt_format
+        if image_boundaries is not None:
+            boundaries = _as_bool(image_boundaries)
+            self.prompt_format = replace(self.prompt_format, image_boundaries=boundaries)
+        self.chat = _as_bool(chat)
         self.stop_ids = sorted({self.tokenizer.eos_id, self.tokenizer.endofchunk_id})
+
+    @property
+    def image_boundaries(self) -> bool:
+        return self.prompt_format.image_boundaries
 
     @property
     def batch_size(self) -> int:
@@ -158,13 +169,17 @@ class MM1LMM(lmms):
             context = IMAGE_TOKEN * len(images) + context
         elif tags != len(images):
             raise ValueError(f"the context has {tags} {IMAGE_TOKEN} tags but {len(images)} images")
-        ids = encode_prompt(
-            self.tokenizer, context, self.model.num_image_tokens, self.image_boundaries
-        )
+        fmt = self.prompt_format
+        if self.chat:
+            user = [{"role": "user", "content": context}]
+            ids = tokenize_chat_prompt(user, images, self.tokenizer, fmt)
+        else:
+            ids = tokenize_prompt(context, images, self.tokenizer, fmt)
         if not images:
             return ids, None
         weight = self.model.vision.patch_embed.weight
-        pixels = self.processor(images).to(device=weight.device, dtype=weight.dtype)
+        pixels = fmt.pixel_values(self.processor, images)
+        pixels = pixels.to(device=weight.device, dtype=weight.dtype)
         return ids, pixels
 
     # -- generation -----------------------------------------------------------------------------
@@ -300,8 +315,12 @@ class MM1LMM(lmms):
         spaces = len(context) - len(context.rstrip(" "))
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
-        whole, pixels = self.prompt(context + continuation, visuals)
-        ctx, _ = self.prompt(context, visuals)
+        if self.chat:  # the continuation is the assistant's answer, after the generation prompt
+            ctx, pixels = self.prompt(context, visuals)
+            whole = ctx + self.tokenizer.encode(continuation)
+        else:
+            whole, pixels = self.prompt(context + continuation, visuals)
+            ctx, _ = self.prompt(context, visuals)
         if whole[: len(ctx)] != ctx:  # the tokenizer merged across the boundary
             whole = ctx + self.tokenizer.encode(continuation)
         if not ctx:  # no BOS and an empty context: condition on EOS (a document boundary)

@@ -5,7 +5,8 @@ post-processing of generations (OpenFlamingo's protocol, REFERENCE §1).
   `<image>Question:{question} Short answer:{answer}<|endofchunk|>`; the query is the template cut
   right before its answer field (`<image>Output:`). The text is tokenized the way training
   documents are (`tokenize_document`: one encode call, BOS first, each `<image>` expanded to the
-  model's `num_image_tokens` image slots).
+  image slots of the model's `PromptFormat`, with its boundaries). Few-shot prompts are
+  pre-training style: the chat template is not used.
 - Demonstrations are each followed by a newline, captions stripped, as OpenFlamingo writes them
   (`open_flamingo/eval/evaluate.py`); generation stops at `<|endofchunk|>` (and EOS).
 - Post-processing (OpenFlamingo's): the text is cut at the first stop string and at the start of
@@ -24,6 +25,7 @@ from pathlib import Path
 from PIL import Image
 
 from mm1.data.document import Document
+from mm1.data.prompt_format import PromptFormat
 from mm1.data.tokenizer import ENDOFCHUNK_TOKEN, IMAGE_TOKEN, Tokenizer, tokenize_document
 from mm1.eval.tasks import Example
 
@@ -32,7 +34,8 @@ VQA_TEMPLATE = "<image>Question:{question} Short answer:{answer}<|endofchunk|>"
 DEFAULT_STOP_STRINGS = (ENDOFCHUNK_TOKEN,)
 DEMO_SEPARATOR = "\n"  # after every demonstration, as OpenFlamingo joins them
 _ANSWER_FIELD = {"caption": "{caption}", "vqa": "{answer}"}
-# Any PIL image will do to mark where an image goes when only the token ids are wanted.
+# Marks where an image goes when only the token ids are wanted (the single-crop format's slot
+# count does not depend on the image; a layout whose count does must be given the images).
 _SLOT = Image.new("RGB", (1, 1))
 
 
@@ -89,26 +92,32 @@ class Prompt:
 
 
 def encode_prompt(
-    tokenizer: Tokenizer, text: str, num_image_tokens: int, image_boundaries: bool = False
+    tokenizer: Tokenizer,
+    text: str,
+    fmt: PromptFormat,
+    images: Sequence[Image.Image] | None = None,
 ) -> list[int]:
     """Token ids of a prompt whose images are marked by `<image>`: BOS, the text encoded in one
-    call, each `<image>` expanded to `num_image_tokens` image slots (as training documents)."""
+    call, each `<image>` expanded to its image's slots as `fmt` writes them (as training
+    documents). Without `images`, a placeholder stands for each."""
+    pieces = text.split(IMAGE_TOKEN)
+    if images is not None and len(images) != len(pieces) - 1:
+        raise ValueError(
+            f"the prompt has {len(pieces) - 1} {IMAGE_TOKEN} tags for {len(images)} images"
+        )
     parts: list[str | Image.Image] = []
-    for i, piece in enumerate(text.split(IMAGE_TOKEN)):
+    for i, piece in enumerate(pieces):
         if i:
-            parts.append(_SLOT)
+            parts.append(_SLOT if images is None else images[i - 1])
         if piece:
             parts.append(piece)
     doc = Document(id="prompt", source="eval", parts=parts)
-    out = tokenize_document(
-        doc, tokenizer, num_image_tokens, image_boundaries=image_boundaries, add_eos=False
-    )
-    return out.input_ids
+    return tokenize_document(doc, tokenizer, fmt, add_eos=False).input_ids
 
 
 def build_prompt(
     tokenizer: Tokenizer,
-    num_image_tokens: int,
+    fmt: PromptFormat,
     kind: str,
     demos: Sequence[Example],
     query: Example,
@@ -116,7 +125,6 @@ def build_prompt(
     templates: PromptTemplates | None = None,
     text_only_demos: bool = False,
     query_image: Path | None = None,
-    image_boundaries: bool = False,
 ) -> Prompt:
     """Demonstrations then the query, tokenized; `query_image` replaces the query's own image
     (the shuffled-image control)."""
@@ -128,7 +136,7 @@ def build_prompt(
     text += format_query(template, kind, query)
     images = [] if text_only_demos else [d.image for d in demos]
     images.append(query.image if query_image is None else query_image)
-    ids = encode_prompt(tokenizer, text, num_image_tokens, image_boundaries)
+    ids = encode_prompt(tokenizer, text, fmt)
     return Prompt(text, ids, images)
 
 

@@ -35,7 +35,7 @@ from mm1.config import (
     to_yaml,
 )
 from mm1.data.loader import LoaderSettings, PackedDataset, build_loader
-from mm1.data.prompt_format import save_prompt_format
+from mm1.data.prompt_format import PromptFormat
 from mm1.data.world import prepare_data
 from mm1.models.build import build_model, starting_point_state_dict
 from mm1.models.mllm import MM1
@@ -175,7 +175,7 @@ class Trainer:
             (self.run_dir / "model.json").write_text(model_json)
             tok.save(self.run_dir / "tokenizer")
             self.data.processor.save_pretrained(self.run_dir / "tokenizer")
-            save_prompt_format(self.run_dir / "tokenizer", cfg.data.image_boundaries)
+            self.prompt_format.save(self.run_dir / "tokenizer")
             if self.started_from is not None:
                 record = {"sources": self.started_from}
                 (self.run_dir / START_FILE).write_text(json.dumps(record, indent=1) + "\n")
@@ -193,8 +193,12 @@ class Trainer:
         set_model_state_dict(self.model, state, options=options)
 
     def _loader_settings(self, sources: list[SourceConfig], micro_batch: int) -> LoaderSettings:
-        q = self.raw_model.num_image_tokens
-        return LoaderSettings.from_config(self.cfg.data, sources, q, micro_batch)
+        return LoaderSettings.from_config(self.cfg.data, sources, self.prompt_format, micro_batch)
+
+    @property
+    def prompt_format(self) -> PromptFormat:
+        """How this run writes images and turns into tokens (saved with its tokenizer)."""
+        return PromptFormat.from_config(self.cfg.data, self.raw_model.num_image_tokens)
 
     @property
     def raw_model(self) -> MM1:
