@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -218,6 +219,44 @@ def test_generate_decodes_transparency_as_training_does(
     with Image.open(path) as im:
         alpha_dropped = pretrained.processor([im.convert("RGB")])
     assert not torch.equal(expected, alpha_dropped)  # the check can tell the two apart
+
+
+def test_generate_writes_prompts_as_the_model_was_trained(
+    run, pretrained, tmp_path, monkeypatch
+) -> None:
+    # A model trained with image boundaries and the vicuna_v1 template (data.chat_template sets
+    # the tokenizer's, which the run's tokenizer directory saves): `--chat` prompts through both.
+    from mm1.data.chat_template import BUILTIN_TEMPLATES
+
+    fmt = replace(pretrained.prompt_format, image_boundaries=True)
+    monkeypatch.setattr(pretrained, "prompt_format", fmt)
+    monkeypatch.setattr(pretrained.tokenizer, "chat_template", BUILTIN_TEMPLATES["vicuna_v1"])
+    tok = pretrained.tokenizer
+    path = tmp_path / "red.png"
+    Image.new("RGB", (40, 40), "red").save(path)
+    seen: list[list[int]] = []
+    real = generation.generate
+
+    def spy(model, prompts: list, pixel_values: torch.Tensor | None = None, **kw: object) -> list:
+        seen.append(prompts[0])
+        return real(model, prompts, pixel_values, **kw)
+
+    monkeypatch.setattr(generation, "generate", spy)
+    args = ["generate", str(run), "--image", str(path), "--max-new-tokens", "1"]
+    assert cli.main([*args, "--prompt", "<image>What colour?", "--chat"]) == 0
+    assert cli.main([*args, "--prompt", "<image>Output:"]) == 0
+    chat, plain = seen
+    q = pretrained.model.num_image_tokens
+    for ids in seen:
+        start = ids.index(tok.boi_id)
+        assert ids[start : start + q + 2] == [tok.boi_id, *[tok.image_id] * q, tok.eoi_id]
+    text = tok.decode(chat)
+    assert (
+        text.startswith("A chat between")
+        and "USER:" in text
+        and text.rstrip().endswith("ASSISTANT:")
+    )
+    assert "USER:" not in tok.decode(plain)  # without --chat the prompt is the text itself
 
 
 def _vqa_task(world: Path, name: str, support: bool) -> dict:

@@ -395,3 +395,36 @@ def test_generate_until_multi_round(lmm, world: Path) -> None:
     assert (
         [s[0] for s in seen] == [1, 2] and seen[1][1] == list(rounds) and seen[1][2] == {"round": 1}
     )
+
+
+@needs_lmms_eval
+def test_prompts_follow_the_saved_prompt_format(exported: Path, tmp_path: Path) -> None:
+    # An export trained with image boundaries and vicuna_v1: `chat=true` writes the context as
+    # a user turn of that template, and the boundaries follow the saved format by default.
+    import shutil
+
+    from PIL import Image
+
+    from mm1.data.prompt_format import PromptFormat
+    from mm1.data.tokenizer import tokenize_chat_prompt, tokenize_prompt
+    from mm1.eval.lmms_eval import MM1LMM
+
+    model_dir = tmp_path / "export"
+    shutil.copytree(exported, model_dir)
+    fmt = PromptFormat(4, image_boundaries=True, chat_template="vicuna_v1")
+    fmt.save(model_dir)
+    image = Image.new("RGB", (32, 32), "red")
+    lmm = MM1LMM(pretrained=str(model_dir), device="cpu", chat="true")
+    assert lmm.prompt_format == fmt and lmm.image_boundaries
+    ids, pixels = lmm.prompt("What colour?", [image])
+    user = [{"role": "user", "content": "<image>What colour?"}]
+    assert ids == tokenize_chat_prompt(user, [image], lmm.tokenizer, fmt)
+    assert lmm.tokenizer.boi_id in ids and "ASSISTANT:" in lmm.tokenizer.decode(ids)
+    assert pixels is not None and pixels.shape[0] == 1
+    # the continuation is scored after the generation prompt
+    _, n, _ = lmm.score_continuation("What colour?", " red", [image])
+    assert n == len(lmm.tokenizer.encode(" red"))
+    plain = MM1LMM(pretrained=str(model_dir), device="cpu", image_boundaries="false")
+    assert plain.prompt("What colour?", [image])[0] == tokenize_prompt(
+        "<image>What colour?", [image], plain.tokenizer, PromptFormat(4, chat_template="vicuna_v1")
+    )

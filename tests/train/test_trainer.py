@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from mm1.data.prompt_format import PromptFormat
 from mm1.data.synthetic import write_world
 from mm1.train.logging import read_metrics
 
@@ -142,8 +143,13 @@ def test_metrics_and_artifacts(tmp_path, world) -> None:
     torch.testing.assert_close(p.model(ids).logits, q.model(ids).logits)
     # prompts are written as the model was trained: <img> ... </img> here
     assert p.image_boundaries and q.image_boundaries
-    (run / "tokenizer" / "prompt_format.json").unlink()  # a run from before the file existed
-    assert load_pretrained(run).image_boundaries  # read from its config.yaml
+    trained = PromptFormat(p.model.num_image_tokens, image_boundaries=True)
+    assert p.prompt_format == q.prompt_format == trained  # saved whole with the run and export
+    saved = run / "tokenizer" / "prompt_format.json"
+    saved.write_text('{"image_boundaries": true}\n')  # the file's first layout
+    assert load_pretrained(run).prompt_format == trained
+    saved.unlink()  # a run from before the file existed
+    assert load_pretrained(run).prompt_format == trained  # read from its config.yaml
 
     # a changed model refuses to resume, naming the key; --force overrides
     bad = run_cli(

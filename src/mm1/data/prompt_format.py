@@ -4,8 +4,9 @@ evaluation and generation are written the way the model was trained.
 `PromptFormat` holds
 - `image_tokens` (Q): the slots one encoder input (one crop) fills (`model.connector.num_tokens`);
 - `crops(image)` / `slots(image)`: how many encoder inputs an image becomes and how many slots it
-  takes (`crops x Q`). Today every image is one crop; a layout (tiling) overrides `crops` and
-  `pixel_values` together, so the slots written and the pixel rows given always agree;
+  takes (`crops x Q`); `crop(image)` makes those inputs and `pixel_values` runs the image
+  processor on them, checking the count. Today every image is one crop, itself; a layout
+  (tiling) overrides `crops` and `crop` together, so slots written and pixel rows given agree;
 - `image_boundaries`: each image's slots between `<img>` and `</img>` (`data.image_boundaries`);
 - `chat_template`: None for the tokenizer's own template (`plain` when it has none), else a
   built-in name, one of the tokenizer's named templates, or a jinja source. The template text
@@ -72,9 +73,13 @@ class PromptFormat:
         """Image slots `image` takes in a token sequence (boundary tokens not counted)."""
         return self.crops(image) * self.image_tokens
 
+    def crop(self, image: Image.Image) -> list[Image.Image]:
+        """The `crops(image)` images the processor turns into pixel rows: the image itself."""
+        return [image]
+
     def pixel_values(self, processor: ImageProcessor, images: list[Image.Image]) -> torch.Tensor:
         """(sum of crops, 3, H, W): each image's crops in order, as its slots are written."""
-        pixels = processor(images)
+        pixels = processor([piece for image in images for piece in self.crop(image)])
         expected = sum(self.crops(image) for image in images)
         if pixels.shape[0] != expected:
             raise ValueError(
