@@ -209,7 +209,7 @@ def test_text_document_is_bos_text_eos(llama: Tokenizer, qwen: Tokenizer) -> Non
     out = tokenize_document(doc, llama, num_image_tokens=4)
     assert out.input_ids == [llama.bos_id, *llama.encode(text), llama.eos_id]
     assert out.target_mask == [False] + [True] * (len(out) - 1)
-    assert (out.id, out.source, out.images, out.image_spans) == ("t1", "text", [], [])
+    assert (out.id, out.kind, out.images, out.image_spans) == ("t1", "text", [], [])
     # Qwen2-like: no BOS, nothing inserted; add_bos / add_eos switch them off.
     out = tokenize_document(doc, qwen, num_image_tokens=4)
     assert out.input_ids == [*qwen.encode(text), qwen.eos_id]
@@ -308,7 +308,7 @@ def test_conversation_targets_are_assistant_turns(
     assert "cube" not in qwen.decode(others) and "picture" in qwen.decode(others)
     assert out.input_ids.count(qwen.image_id) == 3 and len(out.image_spans) == 1
     assert out.input_ids[-1] == qwen.eos_id and out.target_mask[-1]
-    assert out.source == "sft" and out.id == "sft-1"
+    assert out.kind == "sft" and out.id == "sft-1"
 
 
 def test_conversation_text_follows_the_template(qwen: Tokenizer, llama: Tokenizer) -> None:

@@ -167,6 +167,17 @@ def test_attention_backend_is_not_a_change_of_meaning() -> None:
     assert _meaningful(keys) == ["model.decoder.layers", "data.seq_len"]
 
 
+def test_sources_saved_before_they_had_names_are_not_a_changed_config() -> None:
+    from mm1.config import load_config, to_dict
+    from mm1.train.trainer import _current_shape, config_diff
+
+    cfg = load_config(None, ["data.sources=[{format: wds, path: a}]"])
+    saved = to_dict(cfg)
+    del saved["data"]["sources"][0]["name"]  # as runs wrote it before source names
+    assert config_diff(saved, to_dict(cfg)) == ["data.sources"]
+    assert config_diff(_current_shape(saved), to_dict(cfg)) == []
+
+
 def test_weight_decay_shrinks_weights_by_lr_times_point_one() -> None:
     from mm1.config import OptimConfig
     from mm1.train.optim import build_optimizer, lr_factor
@@ -213,46 +224,6 @@ def test_3b_preset_builds_on_meta_without_allocating() -> None:
     assert 2.8e9 < s.decoder < 3.3e9
     assert 0.6e9 < s.vision < 0.7e9  # ViT-H/14
     assert s.image_tokens == 144
-
-
-def test_config_rejects_unknown_keys_and_bad_values(tmp_path) -> None:
-    from mm1.config import ConfigError, load_config
-
-    with pytest.raises(ConfigError, match="model.conector"):
-        load_config(None, ["model.conector.type=mlp"])
-    with pytest.raises(ConfigError, match="model.decoder.dim"):
-        load_config(None, ["model.decoder.dim=wide"])
-    with pytest.raises(ConfigError, match=r"model\.connector\.num_tokens=99"):
-        load_config(None, ["model.connector.num_tokens=99"])
-    with pytest.raises(ConfigError, match="train.parallel"):
-        load_config(None, ["train.parallel=zero3"])
-    with pytest.raises(ConfigError, match=r"train\.optim\.grad_clip=-1"):
-        load_config(None, ["train.optim.grad_clip=-1"])
-    assert load_config(None, ["train.optim.grad_clip=0"]).train.optim.grad_clip == 0  # no clip
-    # every reader's format is accepted; image_root only where a format has image paths
-    coco = load_config(None, ["data.sources=[{format: coco, path: c.json, image_root: imgs}]"])
-    assert coco.data.sources[0].resolved_kind == "captions"
-    with pytest.raises(ConfigError, match=r"data\.sources\[1\]\.pth .*not a source key"):
-        load_config(None, ["data.sources=[{format: wds, path: a}, {format: text, pth: b}]"])
-    with pytest.raises(ConfigError, match=r"data\.sources\[0\]\.image_root.*wds"):
-        load_config(None, ["data.sources=[{format: wds, path: s.tar, image_root: imgs}]"])
-    # one image with boundaries is <img> + Q slots + </img>
-    q = ["model.connector.num_tokens=16", "data.image_boundaries=true"]
-    assert load_config(None, [*q, "data.seq_len=19"]).data.seq_len == 19
-    with pytest.raises(ConfigError, match="cannot hold one image of 18 tokens"):
-        load_config(None, [*q, "data.seq_len=18"])
-
-    bad = tmp_path / "x.yaml"
-    bad.write_text(json.dumps({"train": {"stepz": 3}}))
-    with pytest.raises(ConfigError, match="train.stepz"):
-        load_config(bad)
-
-
-def test_config_formats_are_the_readers_formats() -> None:
-    from mm1.config import FORMAT_KINDS, SOURCE_FORMATS
-    from mm1.data.sources import FORMATS, READERS
-
-    assert set(SOURCE_FORMATS) == set(FORMATS) == set(READERS) == set(FORMAT_KINDS)
 
 
 def test_sigterm_saves_exits_143_and_the_next_run_resumes(tmp_path, world) -> None:
@@ -482,23 +453,25 @@ def test_two_process_fsdp_loads_hf_starting_points_into_the_shards(tmp_path, wor
     )
 
 
-def test_per_source_sums_match_masked_sums() -> None:
+def test_per_kind_and_per_dataset_sums_match_masked_sums() -> None:
     from mm1.batch import IGNORE_INDEX, Batch
-    from mm1.train.trainer import _source_sums
+    from mm1.train.trainer import _step_sums
 
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 9, (2, 12), generator=g)
     labels[:, ::3] = IGNORE_INDEX
-    src = torch.randint(-1, 4, (2, 12), generator=g)  # -1: padding
+    kinds = torch.randint(-1, 4, (2, 12), generator=g)  # -1: padding
+    datasets = torch.randint(-1, 3, (2, 12), generator=g)
     zeros = torch.zeros_like(labels)
-    batch = Batch(labels, labels, zeros, zeros, source_ids=src)
+    batch = Batch(labels, labels, zeros, zeros, kind_ids=kinds, dataset_ids=datasets)
     token_loss = torch.rand(2, 12, generator=g)
-    got = _source_sums(token_loss, batch, 4)
-    assert got[0] == token_loss.sum()
-    for j in range(4):
-        m = (labels != IGNORE_INDEX) & (src == j)
-        torch.testing.assert_close(got[1 + j], token_loss[m].sum())
-        assert got[5 + j] == m.sum()
+    got = _step_sums(token_loss, batch, 4, 3)
+    assert got.shape == (1 + 2 * 4 + 2 * 3,) and got[0] == token_loss.sum()
+    for ids, n, at in ((kinds, 4, 1), (datasets, 3, 9)):
+        for j in range(n):
+            m = (labels != IGNORE_INDEX) & (ids == j)
+            torch.testing.assert_close(got[at + j], token_loss[m].sum())
+            assert got[at + n + j] == m.sum()
 
 
 def test_tensorboard_hides_the_steps_a_resume_logs_again(tmp_path) -> None:
@@ -550,3 +523,52 @@ def test_a_run_restarted_before_its_first_checkpoint_logs_each_step_once(
     events = EventAccumulator(str(run / "tensorboard"), purge_orphaned_data=False)
     events.Reload()
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
+
+
+def test_two_sources_log_per_dataset_losses_that_average_to_the_step_loss(
+    tmp_path, world, monkeypatch
+) -> None:
+    """Two caption datasets (one kind): each gets `loss_ds_<name>` in metrics.jsonl and
+    TensorBoard, and their label-weighted mean is the step's loss."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mm1.batch import IGNORE_INDEX
+    from mm1.config import load_config
+    from mm1.train.trainer import Trainer
+
+    run = tmp_path / "run"
+    sources = (
+        f"data.sources=[{{format: wds, path: {world / 'captions'}, name: alt}},"
+        f" {{format: wds, path: {world / 'captions_vecap'}, weight: 2}}]"
+    )
+    cfg = load_config(
+        tiny_config(tmp_path, world, parallel="none", val_every=0, steps=3, tensorboard=True),
+        [f"train.run_dir={run}", "train.save_every=100", sources],
+    )
+    counts: list[list[int]] = []  # label tokens per dataset, per step
+    real_step = Trainer.train_step
+
+    def counting(self, micro):
+        labelled = [(b.labels != IGNORE_INDEX) & (b.dataset_ids >= 0) for b in micro]
+        ids = [b.dataset_ids[m] for b, m in zip(micro, labelled, strict=True)]
+        counts.append([sum(int((x == i).sum()) for x in ids) for i in range(2)])
+        return real_step(self, micro)
+
+    monkeypatch.setattr(Trainer, "train_step", counting)
+    trainer = Trainer(cfg)
+    trainer.fit()
+    assert trainer.dataset_names == ["alt", "captions_vecap"]  # the second from its path
+    records = [r for r in read_metrics(run) if "loss" in r]
+    assert len(records) == len(counts) == 3
+    for r, (n_alt, n_vecap) in zip(records, counts, strict=True):
+        assert n_alt > 0 and n_vecap > 0
+        assert r["loss_ds_alt"] != r["loss_ds_captions_vecap"]
+        mean = (r["loss_ds_alt"] * n_alt + r["loss_ds_captions_vecap"] * n_vecap) / (
+            n_alt + n_vecap
+        )
+        assert mean == pytest.approx(r["loss"], rel=1e-5)
+        assert r["loss_captions"] == pytest.approx(r["loss"], rel=1e-5)  # one kind: all of it
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss_ds_alt")] == [1, 2, 3]

@@ -344,7 +344,7 @@ def _sample_summary(
     else:
         text, n_images = _render_parts(rec.parts), rec.num_images
         plain = "".join(p for p in rec.parts if isinstance(p, str))
-    out = {"id": rec.id, "source": rec.source, "images": n_images, "text": _clip(text)}
+    out = {"id": rec.id, "kind": rec.kind, "images": n_images, "text": _clip(text)}
     if count_tokens is not None:
         out["text_tokens"] = count_tokens(plain.replace(IMAGE_TAG, ""))
     return out

@@ -99,7 +99,7 @@ def encode_prompt(
             parts.append(_SLOT)
         if piece:
             parts.append(piece)
-    doc = Document(id="prompt", source="eval", parts=parts)
+    doc = Document(id="prompt", kind="eval", parts=parts)
     out = tokenize_document(
         doc, tokenizer, num_image_tokens, image_boundaries=image_boundaries, add_eos=False
     )
