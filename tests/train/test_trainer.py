@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from mm1.data.synthetic import write_world
 from mm1.train.logging import read_metrics
@@ -27,41 +26,6 @@ def world(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("world")
     write_world(root, seed=0, size="tiny")
     return root
-
-
-def tiny_config(tmp: Path, world: Path, **train) -> Path:
-    cfg = {
-        "model": {
-            "vision": {
-                "image_size": 32,
-                "patch_size": 8,
-                "width": 32,
-                "layers": 1,
-                "heads": 2,
-                "mlp_dim": 64,
-            },
-            "connector": {"type": "avgpool", "num_tokens": 4},
-            "decoder": {"dim": 32, "layers": 2, "heads": 4, "kv_heads": 2, "ffn_dim": 64},
-        },
-        "data": {"world": str(world), "seq_len": 64, "num_workers": 0},
-        "train": {
-            "steps": 6,
-            "batch_size": 4,
-            "micro_batch_size": 2,
-            "log_every": 1,
-            "val_every": 3,
-            "val_batches": 1,
-            "save_every": 2,
-            "parallel": "fsdp",
-            "tensorboard": False,
-            "progress": False,
-            "optim": {"lr": 1e-3, "warmup_steps": 2},
-            **train,
-        },
-    }
-    path = tmp / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def run_cli(args: list[str], nproc: int = 1, **kw) -> subprocess.Popen:
@@ -95,7 +59,9 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_sigkill_and_resume_gives_bit_identical_losses(tmp_path, world, nproc: int) -> None:
+def test_sigkill_and_resume_gives_bit_identical_losses(
+    tmp_path, world, nproc: int, tiny_config
+) -> None:
     cfg = tiny_config(tmp_path, world)
     full, broken = tmp_path / "full", tmp_path / "broken"
     finish(run_cli(["train", str(cfg), f"train.run_dir={full}"], nproc))
@@ -118,7 +84,7 @@ def test_sigkill_and_resume_gives_bit_identical_losses(tmp_path, world, nproc: i
     assert len(val) == 2  # steps 3 and 6, once each
 
 
-def test_metrics_and_artifacts(tmp_path, world) -> None:
+def test_metrics_and_artifacts(tmp_path, world, tiny_config) -> None:
     cfg = tiny_config(tmp_path, world, steps=2, save_every=2, parallel="none")
     run = tmp_path / "run"
     boundaries = "data.image_boundaries=true"
@@ -226,7 +192,7 @@ def test_3b_preset_builds_on_meta_without_allocating() -> None:
     assert s.image_tokens == 144
 
 
-def test_sigterm_saves_exits_143_and_the_next_run_resumes(tmp_path, world) -> None:
+def test_sigterm_saves_exits_143_and_the_next_run_resumes(tmp_path, world, tiny_config) -> None:
     cfg = tiny_config(tmp_path, world, steps=10_000, save_every=10_000, parallel="none")
     run = tmp_path / "run"
     p = run_cli(["train", str(cfg), f"train.run_dir={run}"])
@@ -252,7 +218,7 @@ def test_sigterm_saves_exits_143_and_the_next_run_resumes(tmp_path, world) -> No
 
 
 def test_nonfinite_losses_are_skipped_then_abort_naming_the_step(
-    tmp_path, world, monkeypatch
+    tmp_path, world, monkeypatch, tiny_config
 ) -> None:
     from mm1.config import load_config
     from mm1.models import mllm
@@ -287,7 +253,9 @@ def test_nonfinite_losses_are_skipped_then_abort_naming_the_step(
         again.fit()
 
 
-def test_training_from_hf_starting_points(tmp_path, world) -> None:
+def test_training_from_hf_starting_points(
+    tmp_path, world, make_hf_checkpoints, tiny_config
+) -> None:
     """train.init.vision / .decoder take HF checkpoint directories; the tokenizer comes from
     the decoder's directory, gets mm1's special tokens, and the embeddings are resized to it."""
     from mm1.config import load_config
@@ -323,7 +291,7 @@ def test_training_from_hf_starting_points(tmp_path, world) -> None:
     assert result["step"] == 2 and math.isfinite(result["loss"])
 
 
-def test_activation_checkpointing_gives_the_same_losses(tmp_path, world) -> None:
+def test_activation_checkpointing_gives_the_same_losses(tmp_path, world, tiny_config) -> None:
     from mm1.config import load_config
     from mm1.train.trainer import Trainer
 
@@ -340,7 +308,7 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, world) -> None
         assert out[True][step] == pytest.approx(out[False][step], rel=1e-5)
 
 
-def test_two_process_ddp_training(tmp_path, world) -> None:
+def test_two_process_ddp_training(tmp_path, world, tiny_config) -> None:
     cfg = tiny_config(tmp_path, world, steps=2, save_every=2, parallel="ddp", val_every=0)
     run = tmp_path / "ddp"
     finish(run_cli(["train", str(cfg), f"train.run_dir={run}"], nproc=2))
@@ -353,7 +321,7 @@ def read_meta_world(path: Path) -> int:
     return json.loads((path / "meta.json").read_text())["world_size"]
 
 
-def test_alignment_stage_trains_the_connector_alone(tmp_path, world) -> None:
+def test_alignment_stage_trains_the_connector_alone(tmp_path, world, tiny_config) -> None:
     from mm1.config import load_config
     from mm1.train.trainer import Trainer
 
@@ -374,12 +342,10 @@ def test_alignment_stage_trains_the_connector_alone(tmp_path, world) -> None:
     assert changed == {"connector"}
 
 
-def test_vision_lr_multiplier_and_no_decay_on_norms() -> None:
+def test_vision_lr_multiplier_and_no_decay_on_norms(tiny_model_config) -> None:
     from mm1.config import OptimConfig
     from mm1.models.mllm import MM1
     from mm1.train.optim import build_optimizer
-
-    from ..models.test_models import tiny_model_config
 
     model = MM1(tiny_model_config())
     opt, _ = build_optimizer(model, OptimConfig(vision_lr_mult=0.1, weight_decay=0.1), 1e-3, 10)
@@ -390,43 +356,9 @@ def test_vision_lr_multiplier_and_no_decay_on_norms() -> None:
         assert (g["weight_decay"] > 0) == (p.ndim >= 2 and "pos_embed" not in name), name
 
 
-def make_hf_checkpoints(tmp_path: Path, world: Path):
-    """A tiny Llama (with the world's tokenizer.json beside it) and a tiny CLIP vision tower,
-    written by transformers' save_pretrained."""
-    transformers = pytest.importorskip("transformers")
-    import tokenizers
-
-    dec_dir, vis_dir = tmp_path / "llama", tmp_path / "clip"
-    vocab = tokenizers.Tokenizer.from_file(str(world / "tokenizer.json")).get_vocab_size()
-    torch.manual_seed(0)
-    llama = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=False,
-        )
-    )
-    llama.save_pretrained(dec_dir)
-    (dec_dir / "tokenizer.json").write_text((world / "tokenizer.json").read_text())
-    clip = transformers.CLIPVisionModel(
-        transformers.CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        )
-    )
-    clip.save_pretrained(vis_dir)
-    return dec_dir, vis_dir, llama, clip
-
-
-def test_two_process_fsdp_loads_hf_starting_points_into_the_shards(tmp_path, world) -> None:
+def test_two_process_fsdp_loads_hf_starting_points_into_the_shards(
+    tmp_path, world, make_hf_checkpoints, tiny_config
+) -> None:
     """Sharded runs build on the meta device; rank 0 reads the HF weights and broadcasts them."""
     from mm1.pretrained import load_pretrained
 
@@ -495,7 +427,7 @@ def test_tensorboard_hides_the_steps_a_resume_logs_again(tmp_path) -> None:
 
 
 def test_a_run_restarted_before_its_first_checkpoint_logs_each_step_once(
-    tmp_path, world, monkeypatch
+    tmp_path, world, monkeypatch, tiny_config
 ) -> None:
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -526,7 +458,7 @@ def test_a_run_restarted_before_its_first_checkpoint_logs_each_step_once(
 
 
 def test_two_sources_log_per_dataset_losses_that_average_to_the_step_loss(
-    tmp_path, world, monkeypatch
+    tmp_path, world, monkeypatch, tiny_config
 ) -> None:
     """Two caption datasets (one kind): each gets `loss_ds_<name>` in metrics.jsonl and
     TensorBoard, and their label-weighted mean is the step's loss."""
