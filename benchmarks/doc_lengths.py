@@ -50,7 +50,7 @@ def write(num_docs: int, path: Path = PATH) -> Path:
     payload = {
         "about": "document layouts of the default world's training mixture (45/45/10), "
         "first documents of stream slot 0, seed 0; int = text tokens, 'I' = one image",
-        "documents": [{"kind": d.source, "layout": layout(d)} for d in docs],
+        "documents": [{"kind": d.kind, "layout": layout(d)} for d in docs],
     }
     path.write_text(json.dumps(payload, separators=(",", ":")) + "\n")
     return path

@@ -82,11 +82,11 @@ def test_committed_layouts_rebuild_the_tokenized_documents(bench, tmp_path) -> N
     rebuilt = doc_lengths.documents(5, tok.vocab_size, tok.image_id, path=path)
     assert len(rebuilt) == 40 and any(d.images for d in rebuilt)
     for a, b in zip(direct, rebuilt):
-        assert (len(a), a.image_spans, a.target_mask, a.source) == (
+        assert (len(a), a.image_spans, a.target_mask, a.kind) == (
             len(b),
             b.image_spans,
             b.target_mask,
-            b.source,
+            b.kind,
         )
         image = [t == tok.image_id for t in b.input_ids]
         assert image == [t == tok.image_id for t in a.input_ids]

@@ -1,13 +1,15 @@
-"""Config mistakes are one line naming the key or the file as the user wrote it."""
+"""The config: mistakes are one line naming the key or the file as the user wrote it; values
+are checked before anything is built."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from mm1 import cli
-from mm1.config import ConfigError, load_config
+from mm1.config import ConfigError, SourceConfig, load_config, source_names
 
 
 @pytest.mark.parametrize("betas", ["[0.9]", "[0.9,0.95,0.99]"])
@@ -53,3 +55,76 @@ def test_missing_config_is_named_as_typed(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(ConfigError) as err:
         load_config("child.yaml")
     assert str(err.value) == "config file not found: models/none.yaml ('extends' of child.yaml)"
+
+
+def test_config_rejects_unknown_keys_and_bad_values(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="model.conector"):
+        load_config(None, ["model.conector.type=mlp"])
+    with pytest.raises(ConfigError, match="model.decoder.dim"):
+        load_config(None, ["model.decoder.dim=wide"])
+    with pytest.raises(ConfigError, match=r"model\.connector\.num_tokens=99"):
+        load_config(None, ["model.connector.num_tokens=99"])
+    with pytest.raises(ConfigError, match="train.parallel"):
+        load_config(None, ["train.parallel=zero3"])
+    with pytest.raises(ConfigError, match=r"train\.optim\.grad_clip=-1"):
+        load_config(None, ["train.optim.grad_clip=-1"])
+    assert load_config(None, ["train.optim.grad_clip=0"]).train.optim.grad_clip == 0  # no clip
+    # every reader's format is accepted; image_root only where a format has image paths
+    coco = load_config(None, ["data.sources=[{format: coco, path: c.json, image_root: imgs}]"])
+    assert coco.data.sources[0].resolved_kind == "captions"
+    with pytest.raises(ConfigError, match=r"data\.sources\[1\]\.pth .*not a source key"):
+        load_config(None, ["data.sources=[{format: wds, path: a}, {format: text, pth: b}]"])
+    with pytest.raises(ConfigError, match=r"data\.sources\[0\]\.image_root.*wds"):
+        load_config(None, ["data.sources=[{format: wds, path: s.tar, image_root: imgs}]"])
+    # one image with boundaries is <img> + Q slots + </img>
+    q = ["model.connector.num_tokens=16", "data.image_boundaries=true"]
+    assert load_config(None, [*q, "data.seq_len=19"]).data.seq_len == 19
+    with pytest.raises(ConfigError, match="cannot hold one image of 18 tokens"):
+        load_config(None, [*q, "data.seq_len=18"])
+
+    bad = tmp_path / "x.yaml"
+    bad.write_text(json.dumps({"train": {"stepz": 3}}))
+    with pytest.raises(ConfigError, match="train.stepz"):
+        load_config(bad)
+
+
+def test_config_formats_are_the_readers_formats() -> None:
+    from mm1.config import FORMAT_KINDS, SOURCE_FORMATS
+    from mm1.data.sources import FORMATS, READERS
+
+    assert set(SOURCE_FORMATS) == set(FORMATS) == set(READERS) == set(FORMAT_KINDS)
+
+
+def test_sources_are_named_uniquely_from_their_paths_or_by_the_config() -> None:
+    def named(*specs: tuple[str, str]) -> list[str]:
+        return source_names([SourceConfig(format="wds", path=p, name=n) for p, n in specs])
+
+    assert named(("data/cc3m/{00000..00009}.tar", ""), ("data/laion/*.tar", "")) == [
+        "cc3m",
+        "laion",
+    ]
+    assert named(("d/llava_v1.5_665k.json", ""), ("d/text.jsonl.gz", ""), ("/", "")) == [
+        "llava_v1.5_665k",
+        "text",
+        "source2",
+    ]
+    # a derived name never takes a given one, nor another derived one; no stem: the index
+    assert named(("a/x.tar", ""), ("b/x.tar", "x"), ("c/x", ""), ("*", "")) == [
+        "x_0",
+        "x",
+        "x_2",
+        "source3",
+    ]
+
+
+def test_source_names_are_validated() -> None:
+    two = "data.sources=[{format: wds, path: a, name: %s}, {format: wds, path: b, name: %s}]"
+    assert load_config(None, [two % ("web", "re-cap.v2")]).data.sources[1].name == "re-cap.v2"
+    with pytest.raises(
+        ConfigError, match=r"^data\.sources\[1\]\.name='web' is also data\.sources\[0\]"
+    ):
+        load_config(None, [two % ("web", "web")])
+    with pytest.raises(ConfigError, match=r"^data\.sources\[0\]\.name='a b' may hold only"):
+        load_config(None, [two % ("'a b'", "c")])
+    with pytest.raises(ConfigError, match=r"^data\.val_sources\[0\]\.name='x/y'"):
+        load_config(None, ["data.val_sources=[{format: coco, path: c.json, name: x/y}]"])

@@ -110,13 +110,11 @@ def test_mm1_eval_overrides_are_one_line_errors(report: Path, capsys) -> None:
 
 
 def test_mm1_eval_corrupt_image_is_one_line_or_scored_empty(
-    report: Path, tmp_path: Path, capsys
+    report: Path, tmp_path: Path, capsys, truncated_jpeg
 ) -> None:
     import shutil
 
     import yaml
-
-    from tests.eval.test_fewshot import truncated_jpeg
 
     run, world = report.parent, report.parent.parent / "world"
     images = tmp_path / "images"

@@ -20,8 +20,11 @@ class Batch:
     document_ids  (B, T) long: attention stays causal inside a document; padding is its own;
                   a document's tokens are contiguous in its row (a run of one id).
     pixel_values  (N, 3, H, W): every image of the batch in slot order, or None.
-    source_ids    (B, T) long: which mixture source each token came from (-1 for padding), for
-                  per-source losses; optional.
+    kind_ids      (B, T) long: the kind of each token's document (its index in
+                  `config.SOURCE_KINDS`: captions, interleaved, text, sft; -1 for padding), for
+                  per-kind losses; optional.
+    dataset_ids   (B, T) long: the source (dataset) each token came from (its index in
+                  `data.sources`; -1 for padding), for per-dataset losses; optional.
     """
 
     input_ids: torch.Tensor
@@ -29,7 +32,8 @@ class Batch:
     position_ids: torch.Tensor
     document_ids: torch.Tensor
     pixel_values: torch.Tensor | None = None
-    source_ids: torch.Tensor | None = None
+    kind_ids: torch.Tensor | None = None
+    dataset_ids: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         values = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -208,7 +208,7 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
         print(json.dumps(stats, indent=1))
         return
     table = Table(title=f"{args.sequences} sequences of {cfg.data.seq_len} tokens, Q={q}")
-    table.add_column("source")
+    table.add_column("kind")
     table.add_column("target", justify="right")
     table.add_column("realised (documents)", justify="right")
     table.add_column("tokens", justify="right")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -191,6 +192,9 @@ class SourceConfig:
     format: str = MISSING  # wds | obelics | mmc4 | text | llava | llava_yaml | coco (captions)
     path: str = MISSING  # a file, a directory of shards, or a glob
     weight: float = 1.0
+    # The dataset's name in per-dataset losses (`loss_ds_<name>`); empty = from the path
+    # (`source_names`). Letters, digits, `_`, `-`, `.`; unique among the sources.
+    name: str = ""
     # captions | interleaved | text | sft: how documents are packed and whose loss they count
     # in; empty = from the format (wds: captions, obelics / mmc4: interleaved, llava: sft).
     kind: str = ""
@@ -203,6 +207,40 @@ class SourceConfig:
     def resolved_kind(self) -> str:
         return self.kind or FORMAT_KINDS[self.format]
 
+
+def source_names(sources: Sequence[SourceConfig]) -> list[str]:
+    """Each source's dataset name: its `name`, else the stem of the last path component that
+    is not a pattern (`data/cc3m/{00000..00009}.tar` -> `cc3m`), else `source{i}`; a derived
+    name already taken gets `_{i}` appended, so the names are unique."""
+    taken = {s.name for s in sources if s.name}
+    names: list[str] = []
+    for i, s in enumerate(sources):
+        name = s.name
+        if not name:
+            name = _path_stem(s.path) or f"source{i}"
+            while name in taken:
+                name = f"{name}_{i}"
+        taken.add(name)
+        names.append(name)
+    return names
+
+
+_DATA_SUFFIXES = (".json", ".jsonl", ".gz", ".tar", ".parquet", ".yaml", ".yml", ".txt", ".zst")
+
+
+def _path_stem(path: str) -> str:
+    for part in reversed(Path(path).parts):
+        if any(c in part for c in "*?[{"):
+            continue
+        while Path(part).suffix.lower() in _DATA_SUFFIXES:
+            part = part[: -len(Path(part).suffix)]
+        stem = re.sub(r"[^A-Za-z0-9_.-]", "_", part).strip("._")
+        if stem:
+            return stem
+    return ""
+
+
+_SOURCE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 # Must match mm1.data.sources.FORMATS (the readers); a test checks that they agree.
 SOURCE_FORMATS = ("wds", "obelics", "mmc4", "text", "llava", "llava_yaml", "coco")
@@ -517,8 +555,20 @@ def validate(cfg: Config) -> None:
     if d.world_text_scale < 0:
         raise ConfigError(f"data.world_text_scale={d.world_text_scale} must be >= 0")
     for key, sources in (("data.sources", d.sources), ("data.val_sources", d.val_sources)):
+        named: dict[str, int] = {}
         for i, s in enumerate(sources):
             _choice(f"{key}[{i}].format", s.format, SOURCE_FORMATS)
+            if s.name and not _SOURCE_NAME.fullmatch(s.name):
+                raise ConfigError(
+                    f"{key}[{i}].name={s.name!r} may hold only letters, digits, '_', '-' and '.'"
+                )
+            if s.name in named:
+                raise ConfigError(
+                    f"{key}[{i}].name={s.name!r} is also {key}[{named[s.name]}]'s name: "
+                    "source names must be unique"
+                )
+            if s.name:
+                named[s.name] = i
             if s.kind:
                 _choice(f"{key}[{i}].kind", s.kind, SOURCE_KINDS)
             if s.weight < 0:

@@ -112,6 +112,56 @@ def test_brace_ranges_are_detected_from_their_first_shard(tmp_path):
         detect_format(str(tmp_path / "u-{0..3}.jsonl"))
 
 
+def test_shard_lists_expand_as_webdataset_expands_them(tmp_path):
+    """Zero-padded ranges, several braces, lists: the shards webdataset would read, in order."""
+    expand_urls = pytest.importorskip("webdataset.shardlists").expand_urls
+
+    for pattern in (
+        "s-{000..009}.tar",
+        "s-{8..11}.tar",
+        "s-{08..11}.tar",
+        "s-{7..010}.tar",
+        "{a,b}/s-{0..1}-{00..02}.tar",
+        "plain.tar",
+    ):
+        assert catalog.expand_braces(pattern) == expand_urls(pattern), pattern
+    assert catalog.expand_braces("s-{000..002}.tar") == ["s-000.tar", "s-001.tar", "s-002.tar"]
+    assert catalog.expand_braces("odd{name.tar") == ["odd{name.tar"]  # unbalanced: literal
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        for i in range(3):
+            (tmp_path / d / f"s-{i:03d}.tar").write_bytes(b"")
+    got = list_shards(str(tmp_path / "{a,b}" / "s-{000..001}.tar"), "wds")
+    assert [f"{x.parent.name}/{x.name}" for x in got] == [
+        "a/s-000.tar",
+        "a/s-001.tar",
+        "b/s-000.tar",
+        "b/s-001.tar",
+    ]
+
+
+@pytest.mark.parametrize(
+    "url", ["pipe:curl -s http://x/s-{000..009}.tar", "pipe:touch {marker}", "https://x/s.tar"]
+)
+def test_pipe_and_remote_urls_are_refused_naming_the_key(tmp_path, url, capsys):
+    """WebDataset runs `pipe:` URLs as shell commands; sources are local files only."""
+    from mm1.config import SourceConfig
+
+    marker = tmp_path / "ran"
+    url = url.replace("{marker}", str(marker))
+    reason = "pipe: URLs run shell commands" if url.startswith("pipe:") else "remote URLs"
+    with pytest.raises(DataError, match=reason):
+        list_shards(url, "wds")
+    with pytest.raises(DataError, match=reason):
+        detect_format(url)
+    with pytest.raises(DataError, match=rf"^data\.sources\[0\]\.path: .*{reason}"):
+        catalog.check_sources([SourceConfig(format="wds", path=url)])
+    assert cli.main(["data", "inspect", url]) != 0
+    out = capsys.readouterr().out
+    assert reason in out and len(out.strip().splitlines()) == 1, out
+    assert not marker.exists()  # nothing was run
+
+
 def test_unknown_format_is_a_data_error_naming_the_known_ones(tmp_path):
     (tmp_path / "t.jsonl").write_text('{"text": "a"}\n')
     for call in (

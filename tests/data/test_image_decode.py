@@ -24,7 +24,6 @@ from mm1.data.sources.decode import (
     set_max_image_pixels,
 )
 from mm1.data.tokenizer import Tokenizer
-from tests.data.test_tokenizer import _qwen_like
 
 
 @pytest.fixture(autouse=True)
@@ -96,7 +95,7 @@ def test_oversize_images_are_counted_by_the_readers(tmp_path: Path) -> None:
     assert stats.to_dict()["oversize_images"] == 1
 
 
-def test_the_loader_applies_the_configured_cap(tmp_path: Path) -> None:
+def test_the_loader_applies_the_configured_cap(tmp_path: Path, qwen_like) -> None:
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "big.jpg").write_bytes(_encoded(640, 480))
     turns = [{"from": "human", "value": "<image>hi"}, {"from": "gpt", "value": "a cat"}]
@@ -109,7 +108,7 @@ def test_the_loader_applies_the_configured_cap(tmp_path: Path) -> None:
         prompt_format=PromptFormat(4),
         max_image_pixels=80_000,
     )
-    stats = packing_stats(settings, Tokenizer.from_file(_qwen_like(tmp_path / "tok")), 2)
+    stats = packing_stats(settings, Tokenizer.from_file(qwen_like(tmp_path / "tok")), 2)
     assert stats["read"]["oversize_images"] >= 1 and max_image_pixels() == 80_000
 
 

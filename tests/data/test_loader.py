@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from mm1.config import SourceConfig
+from mm1.config import SOURCE_KINDS, SourceConfig
 from mm1.data.images import ImageProcessor
 from mm1.data.loader import LoaderSettings, PackedDataset, build_loader, packing_stats
 from mm1.data.mixture import SourceStream
@@ -48,7 +48,7 @@ def take(loader, n: int) -> list:
 def assert_same(a, b) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        for f in ("input_ids", "labels", "position_ids", "document_ids", "source_ids"):
+        for f in ("input_ids", "labels", "position_ids", "document_ids", "kind_ids", "dataset_ids"):
             assert torch.equal(getattr(x, f), getattr(y, f)), f
         assert (x.pixel_values is None) == (y.pixel_values is None)
         if x.pixel_values is not None:
@@ -66,6 +66,13 @@ def test_batches_follow_the_contract(world, tok) -> None:
         doc, pos = batch.document_ids[row], batch.position_ids[row]
         starts = torch.nonzero(torch.diff(doc)).flatten() + 1
         assert (pos[starts] == 0).all()
+    # every token's dataset is a source of that token's kind; padding has neither
+    sources = settings(world).sources
+    kinds, datasets = batch.kind_ids, batch.dataset_ids
+    assert torch.equal(kinds < 0, datasets < 0)
+    for i, s in enumerate(sources):
+        assert (kinds[datasets == i] == SOURCE_KINDS.index(s.resolved_kind)).all()
+    assert len(datasets.unique()) > 2  # several datasets in one batch
 
 
 def dataset_states(state: dict) -> list[dict]:
@@ -196,5 +203,5 @@ def test_sft_sources_pack_assistant_only_labels(world, tok, fmt: str) -> None:
     )
     (batch,) = take(build_loader(settings(world, sources=[spec], seq_len=256), tok, PROC), 1)
     labelled = batch.labels != -100
-    assert 0 < int(labelled.sum()) < int((batch.source_ids >= 0).sum())  # only assistant turns
-    assert (batch.source_ids[batch.source_ids >= 0] == 3).all()  # the sft kind
+    assert 0 < int(labelled.sum()) < int((batch.kind_ids >= 0).sum())  # only assistant turns
+    assert (batch.kind_ids[batch.kind_ids >= 0] == 3).all()  # the sft kind

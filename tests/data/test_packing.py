@@ -16,7 +16,7 @@ IMG = 99
 Q = 6
 
 
-def make_doc(source: str, layout: list[int | str], doc_id: str, q: int = Q) -> TokenizedDocument:
+def make_doc(kind: str, layout: list[int | str], doc_id: str, q: int = Q) -> TokenizedDocument:
     """layout: ints are runs of text tokens, "i" an image block of q slots."""
     ids: list[int] = [1]  # BOS
     spans, images = [], []
@@ -29,7 +29,7 @@ def make_doc(source: str, layout: list[int | str], doc_id: str, q: int = Q) -> T
             ids += [10 + (len(ids) + k) % 50 for k in range(part)]
     ids.append(2)  # EOS
     mask = [t != IMG and t != 1 for t in ids]
-    return TokenizedDocument(ids, mask, images, source, doc_id, spans)
+    return TokenizedDocument(ids, mask, images, kind, doc_id, spans)
 
 
 def random_doc(rng: random.Random, k: int) -> TokenizedDocument:
@@ -110,10 +110,10 @@ def test_collate_labels_positions_documents() -> None:
     a = make_doc("text", [4], "a")
     b = make_doc("captions", ["i", 3], "b")
     packer = Packer(seq_len=24, max_images=4)
-    packer.add(a)
-    packer.add(b)
+    packer.add(a, (1, 0, 0))  # (source index, shard, record): from data.sources[1]
+    packer.add(b, (0, 5, 7))
     seq = packer.next_sequence()
-    batch = collate([seq], 24, pad_id=0, source_index={"text": 2, "captions": 1})
+    batch = collate([seq], 24, pad_id=0, kind_index={"text": 2, "captions": 1})
     n_a, n_b = len(a.input_ids), len(b.input_ids)
     assert batch.input_ids[0, :n_a].tolist() == a.input_ids
     assert batch.labels[0, : n_a - 1].tolist() == a.input_ids[1:]
@@ -124,7 +124,10 @@ def test_collate_labels_positions_documents() -> None:
     assert (batch.labels[0, n_a + n_b :] == IGNORE_INDEX).all()
     # image slots are never targets
     assert not ((batch.labels == IMG).any())
-    assert batch.source_ids[0, :n_a].unique().tolist() == [2]
+    # each token's kind and dataset; padding has neither
+    expected = [2] * n_a + [1] * n_b + [-1] * (24 - n_a - n_b)
+    assert batch.kind_ids[0].tolist() == expected
+    assert batch.dataset_ids[0].tolist() == [1] * n_a + [0] * n_b + [-1] * (24 - n_a - n_b)
 
 
 def test_filler_cut_resumes_where_it_stopped() -> None:

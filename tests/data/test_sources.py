@@ -78,10 +78,10 @@ def _wds_members(n: int) -> list[tuple[str, bytes]]:
 def test_wds_reads_samples(tmp_path):
     _write_tar(tmp_path / "00000.tar", _wds_members(5))
     stats = ReadStats()
-    docs = list(read_wds_shard(tmp_path / "00000.tar", stats=stats, source="cap"))
+    docs = list(read_wds_shard(tmp_path / "00000.tar", stats=stats, kind="cap"))
     assert [d.id for d in docs] == [f"{i:09d}" for i in range(5)]
     assert [_widths(d.parts) for d in docs] == [[10 + i, f"caption {i}"] for i in range(5)]
-    assert all(d.source == "cap" and d.parts[0].mode == "RGB" for d in docs)
+    assert all(d.kind == "cap" and d.parts[0].mode == "RGB" for d in docs)
     assert docs[3].meta["url"] == "http://x/3.jpg" and docs[3].meta["__index__"] == 3
     assert stats.records == 5 and stats.images == 5 and stats.skipped == {}
 
@@ -194,7 +194,7 @@ def test_obelics_with_image_bytes(tmp_path):
     ]
     _obelics(tmp_path / "o.parquet", rows)
     stats = ReadStats()
-    docs = list(read_obelics_parquet(tmp_path / "o.parquet", stats=stats, source="il"))
+    docs = list(read_obelics_parquet(tmp_path / "o.parquet", stats=stats, kind="il"))
     assert [_widths(d.parts) for d in docs] == [
         ["Intro.", 11, "About it."],
         [12, 13, "Two images."],
@@ -202,7 +202,7 @@ def test_obelics_with_image_bytes(tmp_path):
     ]
     assert [d.meta["__index__"] for d in docs] == [0, 1, 5]
     assert docs[1].meta["general_metadata"] == {"url": "http://doc/1"}
-    assert docs[0].source == "il" and docs[0].id == "o.parquet:0"
+    assert docs[0].kind == "il" and docs[0].id == "o.parquet:0"
     assert stats.skipped == {"empty_document": 1, "malformed_record": 1, "corrupt_image": 1}
     assert stats.images == 3
     # drop_bad_images keeps the document without its corrupt image.
@@ -371,8 +371,8 @@ def test_text_jsonl_parquet_and_gzip(tmp_path):
         pa.table({"text": ["p0", None, "p2", "p3"]}), tmp_path / "t.parquet", row_group_size=2
     )
     stats = ReadStats()
-    docs = list(read_text(tmp_path / "t.parquet", stats=stats, source="txt"))
-    assert [d.parts[0] for d in docs] == ["p0", "p2", "p3"] and docs[0].source == "txt"
+    docs = list(read_text(tmp_path / "t.parquet", stats=stats, kind="txt"))
+    assert [d.parts[0] for d in docs] == ["p0", "p2", "p3"] and docs[0].kind == "txt"
     assert stats.skipped == {"empty_document": 1}
     assert [d.parts[0] for d in read_text(tmp_path / "t.parquet", start=3)] == ["p3"]
 
@@ -524,7 +524,7 @@ def test_llava_json(llava_dir):
     assert [m["role"] for m in untagged] == ["system", "user", "assistant", "user", "assistant"]
     assert untagged[1]["content"] == "<image>\nDescribe." and untagged[3]["content"] == "More?"
     assert [im.width for im in by_id["multi"].images] == [51, 52]
-    assert by_id["text"].images == [] and by_id["text"].source == "sft"
+    assert by_id["text"].images == [] and by_id["text"].kind == "sft"
     assert stats.skipped == {"image_count_mismatch": 2, "missing_image": 1, "malformed_record": 1}
     assert stats.records == 4 and stats.images == 4
     assert [c.id for c in read_llava(llava_dir / "data.json", llava_dir / "imgs", start=2)][:1] == [

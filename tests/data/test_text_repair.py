@@ -32,7 +32,6 @@ from mm1.data.sources import (
 )
 from mm1.data.sources.unicode import repair_value
 from mm1.data.tokenizer import Tokenizer
-from tests.data.test_tokenizer import _qwen_like
 
 SURROGATE = "\ud800"  # what json.loads makes of the escape "\ud800"
 BAD_BYTES = b"caf\xe9 \xed\xa0\x80"  # latin-1 byte, then a surrogate encoded as UTF-8 (CESU)
@@ -219,10 +218,10 @@ def test_wds_captions(tmp_path: Path) -> None:
     assert stats.repaired == {"invalid_utf8": 2, "lone_surrogate": 1}
 
 
-def test_data_stats_survive_a_lone_surrogate(tmp_path: Path) -> None:
+def test_data_stats_survive_a_lone_surrogate(tmp_path: Path, qwen_like) -> None:
     """`mm1 data stats` tokenizes what the readers give: it used to die with `TypeError:
     TextInputSequence must be str` from the HF tokenizer."""
-    tok = Tokenizer.from_file(_qwen_like(tmp_path / "tok"))
+    tok = Tokenizer.from_file(qwen_like(tmp_path / "tok"))
     path = tmp_path / "t.jsonl"
     path.write_text("".join(json.dumps({"text": f"cat {i} {SURROGATE}"}) + "\n" for i in range(50)))
     settings = LoaderSettings(
@@ -236,6 +235,6 @@ def test_data_stats_survive_a_lone_surrogate(tmp_path: Path) -> None:
     assert stats["read"]["skipped"] == {}
 
 
-def test_tokenizer_encodes_a_lone_surrogate(tmp_path: Path) -> None:
-    tok = Tokenizer.from_file(_qwen_like(tmp_path / "tok"))
+def test_tokenizer_encodes_a_lone_surrogate(tmp_path: Path, qwen_like) -> None:
+    tok = Tokenizer.from_file(qwen_like(tmp_path / "tok"))
     assert tok.encode(f"a {SURROGATE}") == tok.encode("a \ufffd")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import tokenizers
 from PIL import Image
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import models
 
 from mm1.data.document import Conversation, Document
 from mm1.data.prompt_format import PromptFormat
@@ -25,69 +25,18 @@ from mm1.data.tokenizer import (
     tokenize_prompt,
 )
 
-CORPUS = [
-    "A cat sits on a red mat.",
-    "Two dogs play in the snow, and one dog barks!",
-    "User: what is in the picture? Assistant: a small blue cube.",
-    "The quick brown fox jumps over the lazy dog 42 times.",
-    "Question: what colour is the ball? Short answer: green",
-] * 4
 TEXTS = [
     "A cat sits on a red mat.",
     "  two   spaces and UPPER case, digits 1234 and unseen zqxj!",
     "Output: a dog.<|endofchunk|>",
     "",
 ]
-ALPHABET = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,!?:'")
-
-
-def _llama_like(d: Path) -> Path:
-    """SentencePiece-style BPE (Metaspace) with <unk>/<s>/</s> and a tokenizer_config.json."""
-    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    trainer = trainers.BpeTrainer(
-        vocab_size=150,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=ALPHABET,
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
-    )
-    d.mkdir()
-    tok.save(str(d / "tokenizer.json"))
-    bos = {"content": "<s>", "lstrip": False, "normalized": False, "special": True}
-    cfg = {"bos_token": bos, "eos_token": "</s>", "pad_token": None, "add_bos_token": True}
-    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
-    return d
-
-
-def _qwen_like(d: Path, config: bool = True) -> Path:
-    """Byte-level BPE without BOS; <|endoftext|> is EOS and pad, as in Qwen2."""
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    d.mkdir()
-    tok.save(str(d / "tokenizer.json"))
-    if config:
-        cfg = {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
-        (d / "tokenizer_config.json").write_text(json.dumps(cfg))
-    return d
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def dirs(tmp_path_factory: pytest.TempPathFactory, llama_like, qwen_like) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tok")
-    return {"llama": _llama_like(root / "llama"), "qwen": _qwen_like(root / "qwen")}
+    return {"llama": llama_like(root / "llama"), "qwen": qwen_like(root / "qwen")}
 
 
 @pytest.fixture(scope="module")
@@ -134,12 +83,12 @@ def test_bos_eos_pad_resolution(llama: Tokenizer, qwen: Tokenizer) -> None:
     assert qwen.pad_id == qwen.eos_id == 0
 
 
-def test_names_guessed_without_config_and_missing_eos(tmp_path: Path) -> None:
-    bare = Tokenizer.from_file(_qwen_like(tmp_path / "bare", config=False) / "tokenizer.json")
+def test_names_guessed_without_config_and_missing_eos(tmp_path: Path, qwen_like) -> None:
+    bare = Tokenizer.from_file(qwen_like(tmp_path / "bare", config=False) / "tokenizer.json")
     assert bare.bos_id is None and bare.eos_token == "<|endoftext|>"
     assert bare.pad_token == PAD_TOKEN
     # special_tokens_map.json is read too.
-    d = _qwen_like(tmp_path / "map", config=False)
+    d = qwen_like(tmp_path / "map", config=False)
     (d / "special_tokens_map.json").write_text(json.dumps({"eos_token": {"content": "<|im_end|>"}}))
     assert Tokenizer.from_file(d).eos_token == "<|im_end|>"
     # No config and no usual EOS name: a clear error.
@@ -210,7 +159,7 @@ def test_text_document_is_bos_text_eos(llama: Tokenizer, qwen: Tokenizer) -> Non
     out = tokenize_document(doc, llama, PromptFormat(4))
     assert out.input_ids == [llama.bos_id, *llama.encode(text), llama.eos_id]
     assert out.target_mask == [False] + [True] * (len(out) - 1)
-    assert (out.id, out.source, out.images, out.image_spans) == ("t1", "text", [], [])
+    assert (out.id, out.kind, out.images, out.image_spans) == ("t1", "text", [], [])
     # Qwen2-like: no BOS, nothing inserted; add_bos / add_eos switch them off.
     out = tokenize_document(doc, qwen, PromptFormat(4))
     assert out.input_ids == [*qwen.encode(text), qwen.eos_id]
@@ -313,7 +262,7 @@ def test_conversation_targets_are_assistant_turns(
     assert "cube" not in qwen.decode(others) and "picture" in qwen.decode(others)
     assert out.input_ids.count(qwen.image_id) == 3 and len(out.image_spans) == 1
     assert out.input_ids[-1] == qwen.eos_id and out.target_mask[-1]
-    assert out.source == "sft" and out.id == "sft-1"
+    assert out.kind == "sft" and out.id == "sft-1"
 
 
 def test_conversation_text_follows_the_template(qwen: Tokenizer, llama: Tokenizer) -> None:

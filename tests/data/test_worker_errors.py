@@ -17,12 +17,11 @@ from mm1.data.loader import LoaderSettings, build_loader
 from mm1.data.prompt_format import PromptFormat
 from mm1.data.sources import DataError
 from mm1.data.tokenizer import Tokenizer
-from tests.data.test_tokenizer import _qwen_like
 
 
 @pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory) -> Path:
-    return _qwen_like(tmp_path_factory.mktemp("tok") / "tok")
+def tok_dir(tmp_path_factory, qwen_like) -> Path:
+    return qwen_like(tmp_path_factory.mktemp("tok") / "tok")
 
 
 def _settings(path: Path | str) -> LoaderSettings:

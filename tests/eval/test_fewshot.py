@@ -604,19 +604,6 @@ def test_a_task_can_set_its_own_answer_length(
 # ---------------------------------------------------------------------------------------------
 
 
-def truncated_jpeg(path: Path, like: Path) -> Path:
-    """A JPEG of the image at `like`, cut in half (PIL: "image file is truncated")."""
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    with Image.open(like) as im:
-        im.convert("RGB").save(buf, "JPEG")
-    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
-    return path
-
-
 def test_a_corrupt_image_stops_with_its_path_or_scores_empty(
     model: MM1,
     tok: Tokenizer,
@@ -624,6 +611,7 @@ def test_a_corrupt_image_stops_with_its_path_or_scores_empty(
     tasks: dict[str, Task],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    truncated_jpeg,
 ) -> None:
     from mm1.eval.fewshot import EvalImageError
 
@@ -674,7 +662,12 @@ def test_a_corrupt_image_stops_with_its_path_or_scores_empty(
 
 
 def test_a_corrupt_support_image_with_rices(
-    model: MM1, tok: Tokenizer, proc: ImageProcessor, tasks: dict[str, Task], tmp_path: Path
+    model: MM1,
+    tok: Tokenizer,
+    proc: ImageProcessor,
+    tasks: dict[str, Task],
+    tmp_path: Path,
+    truncated_jpeg,
 ) -> None:
     from mm1.eval.fewshot import EvalImageError
 

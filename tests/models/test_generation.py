@@ -9,11 +9,10 @@ import torch
 from mm1.models.decoder import Decoder, KVCache
 from mm1.models.generation import DecodeBatch, Sampling, generate, left_pad
 from mm1.models.mllm import MM1
-from tests.models.test_models import tiny_model_config
 
 
 @pytest.mark.parametrize("sample", [False, True])
-def test_generate_with_and_without_cache_agree(sample: bool) -> None:
+def test_generate_with_and_without_cache_agree(sample: bool, tiny_model_config) -> None:
     torch.manual_seed(0)
     model = MM1(tiny_model_config("avgpool", tie_embeddings=True)).eval()
     img, q = model.image_token_id, model.num_image_tokens
@@ -32,7 +31,7 @@ def test_generate_with_and_without_cache_agree(sample: bool) -> None:
         assert alone[0] == cached[1]
 
 
-def test_generate_stops_at_eos_and_stop_strings() -> None:
+def test_generate_stops_at_eos_and_stop_strings(tiny_model_config) -> None:
     torch.manual_seed(0)
     model = MM1(tiny_model_config("avgpool")).eval()
     prompt = [[1, 2, 3]]
@@ -58,7 +57,7 @@ def test_left_pad_right_aligns_prompts_as_documents() -> None:
     assert batch.position_ids.tolist() == [[0, 1, 2], [0, 0, 0]]
 
 
-def test_kv_cache_reorder_copies_rows() -> None:
+def test_kv_cache_reorder_copies_rows(tiny_model_config) -> None:
     """`reorder` equals copying each row's keys, values, document ids and length by hand."""
     cfg = tiny_model_config().decoder
     cache = KVCache(cfg, 3, 6, "cpu", torch.float32)
@@ -77,7 +76,7 @@ def test_kv_cache_reorder_copies_rows() -> None:
     assert cache.lengths == [5, 4, 4, 2] and cache.batch == 4
 
 
-def test_kv_cache_rows_of_different_lengths_decode_like_full_forwards() -> None:
+def test_kv_cache_rows_of_different_lengths_decode_like_full_forwards(tiny_model_config) -> None:
     """Rows at different lengths, stepped in a changing order and subset, give each sequence's
     full-forward logits; a row refilled from slot 0 ignores what it held before."""
     torch.manual_seed(0)
@@ -108,7 +107,9 @@ def test_kv_cache_rows_of_different_lengths_decode_like_full_forwards() -> None:
 
 
 @pytest.mark.parametrize("decoder", [{}, {"sliding_window": 6}])
-def test_step_wise_decoding_with_joins_and_leaves_equals_generate_alone(decoder: dict) -> None:
+def test_step_wise_decoding_with_joins_and_leaves_equals_generate_alone(
+    decoder: dict, tiny_model_config
+) -> None:
     """Three prompts (two with images): A and B join first, C after two steps; B leaves after
     three tokens and D takes its freed row. Every sequence's greedy tokens are what `generate`
     gives it alone."""
@@ -151,7 +152,7 @@ def test_step_wise_decoding_with_joins_and_leaves_equals_generate_alone(decoder:
     assert batch.active == [] and batch.free_rows == 3
 
 
-def test_decode_batch_errors() -> None:
+def test_decode_batch_errors(tiny_model_config) -> None:
     model = MM1(tiny_model_config()).eval()
     batch = DecodeBatch(model, max_batch=2, max_len=5)
     with pytest.raises(ValueError, match="3 prompts but 2 free cache rows"):
@@ -170,7 +171,7 @@ def test_decode_batch_errors() -> None:
     assert batch.step() == {} and batch.free_rows == 2
 
 
-def test_generate_is_a_decode_batch_run_to_the_end() -> None:
+def test_generate_is_a_decode_batch_run_to_the_end(tiny_model_config) -> None:
     """Sampling included: all prompts joining at once and none leaving draws what `generate`
     draws from the same generator."""
     torch.manual_seed(2)

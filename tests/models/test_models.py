@@ -9,34 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from mm1.batch import IGNORE_INDEX
-from mm1.config import DecoderConfig, ModelConfig, VisionConfig, validate_model
+from mm1.config import VisionConfig
 from mm1.models import decoder as decoder_module
 from mm1.models.connectors import CONNECTORS, CAbstractorConfig, build_connector
 from mm1.models.decoder import Decoder, KVCache
 from mm1.models.mllm import MM1
 from mm1.models.vision import VisionTransformer
-
-
-def tiny_model_config(connector: str = "avgpool", **decoder) -> ModelConfig:
-    q = 0 if connector in ("linear", "mlp") else 4
-    cfg = ModelConfig(
-        vision=VisionConfig(
-            image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_dim=64, act="gelu"
-        ),
-        connector={"type": connector, "num_tokens": q, "hidden": 32, "depth": 1, "heads": 2},
-        decoder=DecoderConfig(
-            vocab_size=64,
-            dim=32,
-            layers=2,
-            heads=4,
-            kv_heads=2,
-            ffn_dim=64,
-            max_seq_len=256,
-            **decoder,
-        ),
-    )
-    validate_model(cfg)
-    return cfg
 
 
 def make_doc(model: MM1, text: list[int], n_images: int, gen: torch.Generator):
@@ -71,7 +49,7 @@ def pack(docs, total: int, pad_id: int = 0):
 
 
 @pytest.mark.parametrize("connector", sorted(CONNECTORS))
-def test_connector_shapes(connector: str) -> None:
+def test_connector_shapes(connector: str, tiny_model_config) -> None:
     cfg = tiny_model_config(connector)
     grid = cfg.vision.grid
     module = build_connector(cfg.connector, 32, grid, 48)
@@ -100,7 +78,7 @@ def test_c_abstractor_structure() -> None:
 
 
 @pytest.mark.parametrize("connector", sorted(CONNECTORS))
-def test_each_connector_overfits_a_tiny_batch(connector: str) -> None:
+def test_each_connector_overfits_a_tiny_batch(connector: str, tiny_model_config) -> None:
     torch.manual_seed(0)
     model = MM1(tiny_model_config(connector))
     gen = torch.Generator().manual_seed(0)
@@ -147,7 +125,7 @@ def test_position_embedding_resize_keeps_values_at_same_size_and_interpolates() 
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "varlen"])
-def test_packed_equals_documents_alone_logits_and_loss(attention: str) -> None:
+def test_packed_equals_documents_alone_logits_and_loss(attention: str, tiny_model_config) -> None:
     torch.manual_seed(0)
     model = MM1(tiny_model_config("c_abstractor")).eval()
     model.decoder.cfg.attention = attention
@@ -174,7 +152,7 @@ def test_packed_equals_documents_alone_logits_and_loss(attention: str) -> None:
     assert packed.loss.item() == pytest.approx(loss_sum / n, rel=1e-5)
 
 
-def test_varlen_single_document_rows_and_one_token_documents() -> None:
+def test_varlen_single_document_rows_and_one_token_documents(tiny_model_config) -> None:
     torch.manual_seed(0)
     cfg = tiny_model_config().decoder
     sdpa = Decoder(dataclasses.replace(cfg, attention="sdpa"))
@@ -205,7 +183,7 @@ def test_document_grouping_scales_to_thousands_of_documents() -> None:
     assert len(groups.shapes) <= 8
 
 
-def test_auto_attention_keeps_the_dense_mask_for_short_rows(monkeypatch) -> None:
+def test_auto_attention_keeps_the_dense_mask_for_short_rows(monkeypatch, tiny_model_config) -> None:
     monkeypatch.setattr(decoder_module, "VARLEN_MIN_LEN", 25)
     monkeypatch.setattr(decoder_module, "document_groups", lambda d: pytest.fail("grouped"))
     model = Decoder(dataclasses.replace(tiny_model_config().decoder, attention="auto"))
@@ -213,7 +191,7 @@ def test_auto_attention_keeps_the_dense_mask_for_short_rows(monkeypatch) -> None
     assert model(torch.randint(0, 64, (1, 24)), document_ids=doc).shape[:2] == (1, 24)
 
 
-def test_loss_on_labelled_positions_equals_cross_entropy_of_full_logits() -> None:
+def test_loss_on_labelled_positions_equals_cross_entropy_of_full_logits(tiny_model_config) -> None:
     """The head runs only where a label is; loss, per-token loss and every gradient equal
     the plain cross-entropy of the full logits."""
     torch.manual_seed(0)
@@ -242,7 +220,7 @@ def test_loss_on_labelled_positions_equals_cross_entropy_of_full_logits() -> Non
             torch.testing.assert_close(grads[k], p.grad, msg=k)
 
 
-def test_gradient_accumulation_equals_one_big_batch() -> None:
+def test_gradient_accumulation_equals_one_big_batch(tiny_model_config) -> None:
     torch.manual_seed(0)
     model = MM1(tiny_model_config("avgpool"))
     gen = torch.Generator().manual_seed(2)
@@ -264,7 +242,7 @@ def test_gradient_accumulation_equals_one_big_batch() -> None:
         torch.testing.assert_close(accumulated[n], p.grad, atol=1e-6, rtol=1e-4, msg=n)
 
 
-def test_eager_and_sharded_initialisation_draw_the_same_distributions() -> None:
+def test_eager_and_sharded_initialisation_draw_the_same_distributions(tiny_model_config) -> None:
     """Built directly (`parallel: none` / DDP) or on meta then `init_weights` (FSDP), every
     weight matrix gets the same init std, `model.init_std` included."""
     cfg = dataclasses.replace(tiny_model_config("c_abstractor"), init_std=0.2)
@@ -280,7 +258,7 @@ def test_eager_and_sharded_initialisation_draw_the_same_distributions() -> None:
             assert p.std().item() == pytest.approx(late[name].std().item(), rel=0.25), name
 
 
-def test_image_count_mismatch_is_an_error() -> None:
+def test_image_count_mismatch_is_an_error(tiny_model_config) -> None:
     model = MM1(tiny_model_config("avgpool"))
     img, q = model.image_token_id, model.num_image_tokens
     ids = torch.tensor([[1] + [img] * q + [2]])
@@ -290,7 +268,7 @@ def test_image_count_mismatch_is_an_error() -> None:
         model(torch.tensor([[1, img, img, img]]), pixel_values=torch.randn(1, 3, 32, 32))
 
 
-def test_text_only_training_step_still_gives_encoder_gradients() -> None:
+def test_text_only_training_step_still_gives_encoder_gradients(tiny_model_config) -> None:
     model = MM1(tiny_model_config("avgpool")).train()
     ids = torch.tensor([[1, 2, 3, 4]])
     model(ids, labels=ids).loss.backward()
@@ -298,7 +276,7 @@ def test_text_only_training_step_still_gives_encoder_gradients() -> None:
     assert torch.count_nonzero(model.vision.patch_embed.weight.grad) == 0
 
 
-def test_kv_cache_decoding_matches_full_forward() -> None:
+def test_kv_cache_decoding_matches_full_forward(tiny_model_config) -> None:
     torch.manual_seed(0)
     cfg = tiny_model_config(qk_norm=True, qkv_bias=True).decoder
     dec = Decoder(cfg).eval()
@@ -311,7 +289,7 @@ def test_kv_cache_decoding_matches_full_forward() -> None:
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_sliding_window_limits_attention() -> None:
+def test_sliding_window_limits_attention(tiny_model_config) -> None:
     torch.manual_seed(0)
     cfg = dataclasses.replace(tiny_model_config().decoder, sliding_window=4)
     dec = Decoder(cfg).eval()
@@ -325,7 +303,7 @@ def test_sliding_window_limits_attention() -> None:
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_resize_token_embeddings(tied: bool) -> None:
+def test_resize_token_embeddings(tied: bool, tiny_model_config) -> None:
     torch.manual_seed(0)
     dec = Decoder(tiny_model_config(tie_embeddings=tied).decoder)
     old = dec.embed_tokens.weight.detach().clone()
@@ -341,7 +319,7 @@ def test_resize_token_embeddings(tied: bool) -> None:
     assert dec.lm_head.weight.device.type == "cpu"
 
 
-def test_resize_into_a_padded_vocabulary_gives_added_tokens_fresh_rows() -> None:
+def test_resize_into_a_padded_vocabulary_gives_added_tokens_fresh_rows(tiny_model_config) -> None:
     """A checkpoint's vocabulary padded past its tokenizer (64 rows, 56 tokens): mm1's added
     specials land on untrained padding rows (ids 56, 57), which must start at the mean of the
     trained rows; the unused padding past the new size is cut and not averaged in."""
@@ -363,7 +341,7 @@ def test_resize_into_a_padded_vocabulary_gives_added_tokens_fresh_rows() -> None
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("window", [0, 5])
-def test_flex_attention_equals_sdpa_on_packed_documents(window: int) -> None:
+def test_flex_attention_equals_sdpa_on_packed_documents(window: int, tiny_model_config) -> None:
     """FlexAttention with a document block mask gives SDPA's logits (forward only: torch has no
     FlexAttention backward on CPU; the GPU benchmark trains through it)."""
     torch.manual_seed(0)
@@ -385,7 +363,7 @@ def test_flex_attention_equals_sdpa_on_packed_documents(window: int) -> None:
     ("attention", "call_cost"), [("varlen", 0), ("varlen", 40), ("varlen", 4096), ("auto", 0)]
 )
 def test_varlen_attention_equals_sdpa_logits_and_gradients(
-    monkeypatch, attention: str, call_cost: int
+    monkeypatch, attention: str, call_cost: int, tiny_model_config
 ) -> None:
     """Free calls give one group per document length; a small call cost merges close
     lengths (padding inside a group); the default puts these short documents in one group.
@@ -424,7 +402,7 @@ def test_varlen_attention_equals_sdpa_logits_and_gradients(
         torch.testing.assert_close(outs[1][1][k], grad, atol=1e-6, rtol=1e-4, msg=k)
 
 
-def test_compiled_blocks_with_grouped_attention_equal_eager() -> None:
+def test_compiled_blocks_with_grouped_attention_equal_eager(tiny_model_config) -> None:
     """`train.compile` compiles each block; grouped attention (data-dependent shapes) runs
     eagerly inside it through a graph break, and the results stay those of the eager model."""
     torch.manual_seed(0)

@@ -11,14 +11,6 @@ from mm1.models import state_transforms as st
 from mm1.models.mllm import MM1
 from mm1.models.starting_point import expected_shapes
 
-from .test_models import tiny_model_config as _base_config
-
-
-def tiny_model_config(vocab_size: int = 64, ffn_dim: int = 64, **decoder):
-    cfg = _base_config(**decoder)
-    cfg.decoder.vocab_size, cfg.decoder.ffn_dim = vocab_size, ffn_dim
-    return cfg
-
 
 def _ctx(model: MM1, **kw) -> st.LoadContext:
     return st.LoadContext(
@@ -30,7 +22,7 @@ def _ctx(model: MM1, **kw) -> st.LoadContext:
     )
 
 
-def _pair(vocab_from: int = 64, vocab_to: int = 64, **decoder):
+def _pair(tiny_model_config, vocab_from: int = 64, vocab_to: int = 64, **decoder):
     torch.manual_seed(0)
     src = MM1(tiny_model_config(vocab_size=vocab_from, **decoder))
     dst = MM1(tiny_model_config(vocab_size=vocab_to, **decoder))
@@ -38,8 +30,8 @@ def _pair(vocab_from: int = 64, vocab_to: int = 64, **decoder):
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_vocabulary_resize_puts_new_rows_at_the_mean(tied: bool) -> None:
-    src, dst = _pair(64, 70, tie_embeddings=tied)
+def test_vocabulary_resize_puts_new_rows_at_the_mean(tied: bool, tiny_model_config) -> None:
+    src, dst = _pair(tiny_model_config, 64, 70, tie_embeddings=tied)
     state = {k: v.clone() for k, v in src.state_dict().items()}
     if tied:
         del state["decoder.lm_head.weight"]  # saved once, as exports and runs do
@@ -59,7 +51,7 @@ def test_vocabulary_resize_puts_new_rows_at_the_mean(tied: bool) -> None:
     torch.testing.assert_close(out["decoder.embed_tokens.weight"][3], old[rest].mean(0))
 
 
-def test_position_embeddings_are_interpolated_to_the_model_grid() -> None:
+def test_position_embeddings_are_interpolated_to_the_model_grid(tiny_model_config) -> None:
     from mm1.models.vision import interpolate_pos_embed
 
     torch.manual_seed(0)
@@ -73,7 +65,7 @@ def test_position_embeddings_are_interpolated_to_the_model_grid() -> None:
     torch.testing.assert_close(out["vision.pos_embed"], want)
 
 
-def test_a_shape_mismatch_names_the_first_differing_parameter() -> None:
+def test_a_shape_mismatch_names_the_first_differing_parameter(tiny_model_config) -> None:
     torch.manual_seed(0)
     src = MM1(tiny_model_config(ffn_dim=48))
     dst = MM1(tiny_model_config(ffn_dim=64))
@@ -95,7 +87,9 @@ def test_a_shape_mismatch_names_the_first_differing_parameter() -> None:
         st.apply_chain(state, _ctx(dst))
 
 
-def test_a_registered_transform_runs_after_the_built_in_ones_before_the_check() -> None:
+def test_a_registered_transform_runs_after_the_built_in_ones_before_the_check(
+    tiny_model_config,
+) -> None:
     """The hook upcycling will use: a transform registered at the end sees the resized
     vocabulary and may reshape what the check would otherwise refuse (here: FFNs twice as
     wide, each weight repeated along its hidden axis)."""

@@ -14,8 +14,6 @@ import torch
 
 from mm1.config import ConfigError, load_config
 
-from .test_trainer import make_hf_checkpoints, tiny_config
-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
@@ -40,7 +38,7 @@ def _logits(model: torch.nn.Module, batch) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def source_run(tmp_path_factory, world) -> Path:
+def source_run(tmp_path_factory, world, tiny_config) -> Path:
     """A tiny run trained for 2 steps (its weights are no longer the random init)."""
     tmp = tmp_path_factory.mktemp("source")
     cfg = tiny_config(tmp, world, steps=2, save_every=2, parallel="none", val_every=0)
@@ -54,6 +52,7 @@ def test_a_run_started_from_a_run_has_its_logits_at_step_0(
     world,
     source_run,
     point_at,
+    tiny_config,
 ) -> None:
     from mm1.pretrained import load_pretrained, save_pretrained
 
@@ -79,7 +78,7 @@ def test_a_run_started_from_a_run_has_its_logits_at_step_0(
     assert Path(entry["path"]) == expected.resolve()
 
 
-def test_one_part_from_a_run_the_others_random(tmp_path, world, source_run) -> None:
+def test_one_part_from_a_run_the_others_random(tmp_path, world, source_run, tiny_config) -> None:
     """`train.init.connector` alone: the connector equals the source's, the rest is not."""
     from mm1.pretrained import load_pretrained
 
@@ -97,6 +96,7 @@ def test_architecture_mismatch_names_the_first_differing_parameter(
     tmp_path,
     world,
     source_run,
+    tiny_config,
 ) -> None:
     cfg = tiny_config(tmp_path, world, steps=4, parallel="none", val_every=0)
     trainer = _trainer(
@@ -113,6 +113,7 @@ def test_a_larger_image_size_interpolates_the_position_embeddings(
     tmp_path,
     world,
     source_run,
+    tiny_config,
 ) -> None:
     """Starting at 48 px from a 32 px run: the encoder's (CLS + 4x4 -> 6x6) and the avgpool
     connector's grids are interpolated, everything else is copied."""
@@ -132,7 +133,9 @@ def test_a_larger_image_size_interpolates_the_position_embeddings(
     assert all(torch.equal(got[k], src[k]) for k in src if k != "vision.pos_embed")
 
 
-def test_deprecated_model_init_keys_still_work_and_warn(tmp_path, world, caplog) -> None:
+def test_deprecated_model_init_keys_still_work_and_warn(
+    tmp_path, world, caplog, make_hf_checkpoints, tiny_config
+) -> None:
     import mm1.config as config
 
     dec_dir, vis_dir, llama, clip = make_hf_checkpoints(tmp_path, world)
@@ -170,6 +173,8 @@ def test_deprecated_model_init_keys_still_work_and_warn(tmp_path, world, caplog)
 def test_a_resumed_run_started_from_deprecated_keys_is_not_a_changed_config(
     tmp_path,
     world,
+    make_hf_checkpoints,
+    tiny_config,
 ) -> None:
     """A run whose config.yaml still names model.decoder.init resumes with the same keys."""
     import yaml
@@ -187,7 +192,9 @@ def test_a_resumed_run_started_from_deprecated_keys_is_not_a_changed_config(
     assert result["steps_run"] == 1
 
 
-def test_an_hf_directory_cannot_start_every_part(tmp_path, world) -> None:
+def test_an_hf_directory_cannot_start_every_part(
+    tmp_path, world, make_hf_checkpoints, tiny_config
+) -> None:
     dec_dir, _, _, _ = make_hf_checkpoints(tmp_path, world)
     cfg = tiny_config(tmp_path, world, steps=1, parallel="none", val_every=0)
     with pytest.raises(ConfigError, match="train.init.weights=.* is an HF checkpoint"):

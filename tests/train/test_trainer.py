@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from mm1.data.prompt_format import PromptFormat
 from mm1.data.synthetic import write_world
@@ -28,41 +27,6 @@ def world(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("world")
     write_world(root, seed=0, size="tiny")
     return root
-
-
-def tiny_config(tmp: Path, world: Path, **train) -> Path:
-    cfg = {
-        "model": {
-            "vision": {
-                "image_size": 32,
-                "patch_size": 8,
-                "width": 32,
-                "layers": 1,
-                "heads": 2,
-                "mlp_dim": 64,
-            },
-            "connector": {"type": "avgpool", "num_tokens": 4},
-            "decoder": {"dim": 32, "layers": 2, "heads": 4, "kv_heads": 2, "ffn_dim": 64},
-        },
-        "data": {"world": str(world), "seq_len": 64, "num_workers": 0},
-        "train": {
-            "steps": 6,
-            "batch_size": 4,
-            "micro_batch_size": 2,
-            "log_every": 1,
-            "val_every": 3,
-            "val_batches": 1,
-            "save_every": 2,
-            "parallel": "fsdp",
-            "tensorboard": False,
-            "progress": False,
-            "optim": {"lr": 1e-3, "warmup_steps": 2},
-            **train,
-        },
-    }
-    path = tmp / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def run_cli(args: list[str], nproc: int = 1, **kw) -> subprocess.Popen:
@@ -96,7 +60,9 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_sigkill_and_resume_gives_bit_identical_losses(tmp_path, world, nproc: int) -> None:
+def test_sigkill_and_resume_gives_bit_identical_losses(
+    tmp_path, world, nproc: int, tiny_config
+) -> None:
     cfg = tiny_config(tmp_path, world)
     full, broken = tmp_path / "full", tmp_path / "broken"
     finish(run_cli(["train", str(cfg), f"train.run_dir={full}"], nproc))
@@ -119,7 +85,7 @@ def test_sigkill_and_resume_gives_bit_identical_losses(tmp_path, world, nproc: i
     assert len(val) == 2  # steps 3 and 6, once each
 
 
-def test_metrics_and_artifacts(tmp_path, world) -> None:
+def test_metrics_and_artifacts(tmp_path, world, tiny_config) -> None:
     cfg = tiny_config(tmp_path, world, steps=2, save_every=2, parallel="none")
     run = tmp_path / "run"
     boundaries = "data.image_boundaries=true"
@@ -173,6 +139,17 @@ def test_attention_backend_is_not_a_change_of_meaning() -> None:
     assert _meaningful(keys) == ["model.decoder.layers", "data.seq_len"]
 
 
+def test_sources_saved_before_they_had_names_are_not_a_changed_config() -> None:
+    from mm1.config import load_config, to_dict
+    from mm1.train.trainer import _current_shape, config_diff
+
+    cfg = load_config(None, ["data.sources=[{format: wds, path: a}]"])
+    saved = to_dict(cfg)
+    del saved["data"]["sources"][0]["name"]  # as runs wrote it before source names
+    assert config_diff(saved, to_dict(cfg)) == ["data.sources"]
+    assert config_diff(_current_shape(saved), to_dict(cfg)) == []
+
+
 def test_weight_decay_shrinks_weights_by_lr_times_point_one() -> None:
     from mm1.config import OptimConfig
     from mm1.train.optim import build_optimizer, lr_factor
@@ -221,47 +198,7 @@ def test_3b_preset_builds_on_meta_without_allocating() -> None:
     assert s.image_tokens == 144
 
 
-def test_config_rejects_unknown_keys_and_bad_values(tmp_path) -> None:
-    from mm1.config import ConfigError, load_config
-
-    with pytest.raises(ConfigError, match="model.conector"):
-        load_config(None, ["model.conector.type=mlp"])
-    with pytest.raises(ConfigError, match="model.decoder.dim"):
-        load_config(None, ["model.decoder.dim=wide"])
-    with pytest.raises(ConfigError, match=r"model\.connector\.num_tokens=99"):
-        load_config(None, ["model.connector.num_tokens=99"])
-    with pytest.raises(ConfigError, match="train.parallel"):
-        load_config(None, ["train.parallel=zero3"])
-    with pytest.raises(ConfigError, match=r"train\.optim\.grad_clip=-1"):
-        load_config(None, ["train.optim.grad_clip=-1"])
-    assert load_config(None, ["train.optim.grad_clip=0"]).train.optim.grad_clip == 0  # no clip
-    # every reader's format is accepted; image_root only where a format has image paths
-    coco = load_config(None, ["data.sources=[{format: coco, path: c.json, image_root: imgs}]"])
-    assert coco.data.sources[0].resolved_kind == "captions"
-    with pytest.raises(ConfigError, match=r"data\.sources\[1\]\.pth .*not a source key"):
-        load_config(None, ["data.sources=[{format: wds, path: a}, {format: text, pth: b}]"])
-    with pytest.raises(ConfigError, match=r"data\.sources\[0\]\.image_root.*wds"):
-        load_config(None, ["data.sources=[{format: wds, path: s.tar, image_root: imgs}]"])
-    # one image with boundaries is <img> + Q slots + </img>
-    q = ["model.connector.num_tokens=16", "data.image_boundaries=true"]
-    assert load_config(None, [*q, "data.seq_len=19"]).data.seq_len == 19
-    with pytest.raises(ConfigError, match="cannot hold one image of 18 tokens"):
-        load_config(None, [*q, "data.seq_len=18"])
-
-    bad = tmp_path / "x.yaml"
-    bad.write_text(json.dumps({"train": {"stepz": 3}}))
-    with pytest.raises(ConfigError, match="train.stepz"):
-        load_config(bad)
-
-
-def test_config_formats_are_the_readers_formats() -> None:
-    from mm1.config import FORMAT_KINDS, SOURCE_FORMATS
-    from mm1.data.sources import FORMATS, READERS
-
-    assert set(SOURCE_FORMATS) == set(FORMATS) == set(READERS) == set(FORMAT_KINDS)
-
-
-def test_sigterm_saves_exits_143_and_the_next_run_resumes(tmp_path, world) -> None:
+def test_sigterm_saves_exits_143_and_the_next_run_resumes(tmp_path, world, tiny_config) -> None:
     cfg = tiny_config(tmp_path, world, steps=10_000, save_every=10_000, parallel="none")
     run = tmp_path / "run"
     p = run_cli(["train", str(cfg), f"train.run_dir={run}"])
@@ -287,7 +224,7 @@ def test_sigterm_saves_exits_143_and_the_next_run_resumes(tmp_path, world) -> No
 
 
 def test_nonfinite_losses_are_skipped_then_abort_naming_the_step(
-    tmp_path, world, monkeypatch
+    tmp_path, world, monkeypatch, tiny_config
 ) -> None:
     from mm1.config import load_config
     from mm1.models import mllm
@@ -322,7 +259,9 @@ def test_nonfinite_losses_are_skipped_then_abort_naming_the_step(
         again.fit()
 
 
-def test_training_from_hf_starting_points(tmp_path, world) -> None:
+def test_training_from_hf_starting_points(
+    tmp_path, world, make_hf_checkpoints, tiny_config
+) -> None:
     """train.init.vision / .decoder take HF checkpoint directories; the tokenizer comes from
     the decoder's directory, gets mm1's special tokens, and the embeddings are resized to it."""
     from mm1.config import load_config
@@ -358,7 +297,7 @@ def test_training_from_hf_starting_points(tmp_path, world) -> None:
     assert result["step"] == 2 and math.isfinite(result["loss"])
 
 
-def test_activation_checkpointing_gives_the_same_losses(tmp_path, world) -> None:
+def test_activation_checkpointing_gives_the_same_losses(tmp_path, world, tiny_config) -> None:
     from mm1.config import load_config
     from mm1.train.trainer import Trainer
 
@@ -375,7 +314,7 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, world) -> None
         assert out[True][step] == pytest.approx(out[False][step], rel=1e-5)
 
 
-def test_two_process_ddp_training(tmp_path, world) -> None:
+def test_two_process_ddp_training(tmp_path, world, tiny_config) -> None:
     cfg = tiny_config(tmp_path, world, steps=2, save_every=2, parallel="ddp", val_every=0)
     run = tmp_path / "ddp"
     finish(run_cli(["train", str(cfg), f"train.run_dir={run}"], nproc=2))
@@ -388,7 +327,7 @@ def read_meta_world(path: Path) -> int:
     return json.loads((path / "meta.json").read_text())["world_size"]
 
 
-def test_alignment_stage_trains_the_connector_alone(tmp_path, world) -> None:
+def test_alignment_stage_trains_the_connector_alone(tmp_path, world, tiny_config) -> None:
     from mm1.config import load_config
     from mm1.train.trainer import Trainer
 
@@ -409,12 +348,10 @@ def test_alignment_stage_trains_the_connector_alone(tmp_path, world) -> None:
     assert changed == {"connector"}
 
 
-def test_vision_lr_multiplier_and_no_decay_on_norms() -> None:
+def test_vision_lr_multiplier_and_no_decay_on_norms(tiny_model_config) -> None:
     from mm1.config import OptimConfig
     from mm1.models.mllm import MM1
     from mm1.train.optim import build_optimizer
-
-    from ..models.test_models import tiny_model_config
 
     model = MM1(tiny_model_config())
     opt, _ = build_optimizer(model, OptimConfig(vision_lr_mult=0.1, weight_decay=0.1), 1e-3, 10)
@@ -425,43 +362,9 @@ def test_vision_lr_multiplier_and_no_decay_on_norms() -> None:
         assert (g["weight_decay"] > 0) == (p.ndim >= 2 and "pos_embed" not in name), name
 
 
-def make_hf_checkpoints(tmp_path: Path, world: Path):
-    """A tiny Llama (with the world's tokenizer.json beside it) and a tiny CLIP vision tower,
-    written by transformers' save_pretrained."""
-    transformers = pytest.importorskip("transformers")
-    import tokenizers
-
-    dec_dir, vis_dir = tmp_path / "llama", tmp_path / "clip"
-    vocab = tokenizers.Tokenizer.from_file(str(world / "tokenizer.json")).get_vocab_size()
-    torch.manual_seed(0)
-    llama = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=False,
-        )
-    )
-    llama.save_pretrained(dec_dir)
-    (dec_dir / "tokenizer.json").write_text((world / "tokenizer.json").read_text())
-    clip = transformers.CLIPVisionModel(
-        transformers.CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        )
-    )
-    clip.save_pretrained(vis_dir)
-    return dec_dir, vis_dir, llama, clip
-
-
-def test_two_process_fsdp_loads_hf_starting_points_into_the_shards(tmp_path, world) -> None:
+def test_two_process_fsdp_loads_hf_starting_points_into_the_shards(
+    tmp_path, world, make_hf_checkpoints, tiny_config
+) -> None:
     """Sharded runs build on the meta device; rank 0 reads the HF weights and broadcasts them."""
     from mm1.pretrained import load_pretrained
 
@@ -488,23 +391,25 @@ def test_two_process_fsdp_loads_hf_starting_points_into_the_shards(tmp_path, wor
     )
 
 
-def test_per_source_sums_match_masked_sums() -> None:
+def test_per_kind_and_per_dataset_sums_match_masked_sums() -> None:
     from mm1.batch import IGNORE_INDEX, Batch
-    from mm1.train.trainer import _source_sums
+    from mm1.train.trainer import _step_sums
 
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 9, (2, 12), generator=g)
     labels[:, ::3] = IGNORE_INDEX
-    src = torch.randint(-1, 4, (2, 12), generator=g)  # -1: padding
+    kinds = torch.randint(-1, 4, (2, 12), generator=g)  # -1: padding
+    datasets = torch.randint(-1, 3, (2, 12), generator=g)
     zeros = torch.zeros_like(labels)
-    batch = Batch(labels, labels, zeros, zeros, source_ids=src)
+    batch = Batch(labels, labels, zeros, zeros, kind_ids=kinds, dataset_ids=datasets)
     token_loss = torch.rand(2, 12, generator=g)
-    got = _source_sums(token_loss, batch, 4)
-    assert got[0] == token_loss.sum()
-    for j in range(4):
-        m = (labels != IGNORE_INDEX) & (src == j)
-        torch.testing.assert_close(got[1 + j], token_loss[m].sum())
-        assert got[5 + j] == m.sum()
+    got = _step_sums(token_loss, batch, 4, 3)
+    assert got.shape == (1 + 2 * 4 + 2 * 3,) and got[0] == token_loss.sum()
+    for ids, n, at in ((kinds, 4, 1), (datasets, 3, 9)):
+        for j in range(n):
+            m = (labels != IGNORE_INDEX) & (ids == j)
+            torch.testing.assert_close(got[at + j], token_loss[m].sum())
+            assert got[at + n + j] == m.sum()
 
 
 def test_tensorboard_hides_the_steps_a_resume_logs_again(tmp_path) -> None:
@@ -528,7 +433,7 @@ def test_tensorboard_hides_the_steps_a_resume_logs_again(tmp_path) -> None:
 
 
 def test_a_run_restarted_before_its_first_checkpoint_logs_each_step_once(
-    tmp_path, world, monkeypatch
+    tmp_path, world, monkeypatch, tiny_config
 ) -> None:
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -556,3 +461,52 @@ def test_a_run_restarted_before_its_first_checkpoint_logs_each_step_once(
     events = EventAccumulator(str(run / "tensorboard"), purge_orphaned_data=False)
     events.Reload()
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
+
+
+def test_two_sources_log_per_dataset_losses_that_average_to_the_step_loss(
+    tmp_path, world, monkeypatch, tiny_config
+) -> None:
+    """Two caption datasets (one kind): each gets `loss_ds_<name>` in metrics.jsonl and
+    TensorBoard, and their label-weighted mean is the step's loss."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mm1.batch import IGNORE_INDEX
+    from mm1.config import load_config
+    from mm1.train.trainer import Trainer
+
+    run = tmp_path / "run"
+    sources = (
+        f"data.sources=[{{format: wds, path: {world / 'captions'}, name: alt}},"
+        f" {{format: wds, path: {world / 'captions_vecap'}, weight: 2}}]"
+    )
+    cfg = load_config(
+        tiny_config(tmp_path, world, parallel="none", val_every=0, steps=3, tensorboard=True),
+        [f"train.run_dir={run}", "train.save_every=100", sources],
+    )
+    counts: list[list[int]] = []  # label tokens per dataset, per step
+    real_step = Trainer.train_step
+
+    def counting(self, micro):
+        labelled = [(b.labels != IGNORE_INDEX) & (b.dataset_ids >= 0) for b in micro]
+        ids = [b.dataset_ids[m] for b, m in zip(micro, labelled, strict=True)]
+        counts.append([sum(int((x == i).sum()) for x in ids) for i in range(2)])
+        return real_step(self, micro)
+
+    monkeypatch.setattr(Trainer, "train_step", counting)
+    trainer = Trainer(cfg)
+    trainer.fit()
+    assert trainer.dataset_names == ["alt", "captions_vecap"]  # the second from its path
+    records = [r for r in read_metrics(run) if "loss" in r]
+    assert len(records) == len(counts) == 3
+    for r, (n_alt, n_vecap) in zip(records, counts, strict=True):
+        assert n_alt > 0 and n_vecap > 0
+        assert r["loss_ds_alt"] != r["loss_ds_captions_vecap"]
+        mean = (r["loss_ds_alt"] * n_alt + r["loss_ds_captions_vecap"] * n_vecap) / (
+            n_alt + n_vecap
+        )
+        assert mean == pytest.approx(r["loss"], rel=1e-5)
+        assert r["loss_captions"] == pytest.approx(r["loss"], rel=1e-5)  # one kind: all of it
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss_ds_alt")] == [1, 2, 3]

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from braceexpand import UnbalancedBracesError, braceexpand
 from PIL import Image
 
 from mm1.config import SourceConfig
@@ -37,17 +38,29 @@ def _natural_key(path: Path) -> list[Any]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
 
 
-def _brace_expand(pattern: str) -> list[str]:
-    """Expand WebDataset-style numeric ranges: `shard-{000..009}.tar` (zero padding kept)."""
-    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
-    if m is None:
+def expand_braces(pattern: str) -> list[str]:
+    """A shard list as WebDataset names it, expanded as WebDataset expands it (braceexpand):
+    ranges keep zero padding (`{000..009}`, padded to the wider end as bash does), lists
+    (`{a,b}`) and several braces per path expand, backslashes are kept; a path whose braces do
+    not balance is taken as written."""
+    try:
+        return list(braceexpand(pattern, escape=False))
+    except UnbalancedBracesError:
         return [pattern]
-    lo, hi = m.group(1), m.group(2)
-    width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
-    out = []
-    for i in range(int(lo), int(hi) + 1):
-        out += _brace_expand(pattern[: m.start()] + str(i).zfill(width) + pattern[m.end() :])
-    return out
+
+
+def refuse_urls(path: str) -> None:
+    """Sources are local files. `pipe:` URLs (WebDataset runs them as shell commands) and
+    remote URLs are refused with a one-line error."""
+    if path.startswith("pipe:"):
+        raise DataError(
+            f"{path}: pipe: URLs run shell commands and are not supported; "
+            "write the shards to local files and name those"
+        )
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path):
+        raise DataError(
+            f"{path}: remote URLs are not read; download the shards and name the local files"
+        )
 
 
 def _has_ext(path: Path, exts: tuple[str, ...]) -> bool:
@@ -67,11 +80,12 @@ def list_shards(path_or_glob: str | Path, fmt: str) -> list[Path]:
 
     Accepts a file, a directory (its files with the format's extensions; searched recursively
     when there are none at the top), a glob (`data/*.tar`, `**` allowed) or a WebDataset brace
-    range (`shards/{00000..00009}.tar`)."""
+    range (`shards/{00000..00009}.tar`, see `expand_braces`); not a URL (`refuse_urls`)."""
     check_format(fmt)
+    refuse_urls(str(path_or_glob))
     exts = SHARD_EXTS[fmt]
     found: set[Path] = set()
-    for pattern in _brace_expand(str(path_or_glob)):
+    for pattern in expand_braces(str(path_or_glob)):
         p = Path(pattern)
         if globlib.has_magic(pattern):
             found.update(
@@ -213,10 +227,11 @@ def detect_format(path: str | Path) -> str:
 
     Raises `FileNotFoundError` for a path (or a glob) that names nothing and
     `UnknownFormatError` (a `DataError`) when the format cannot be told."""
+    refuse_urls(str(path))
     p = Path(path)
     magic = globlib.has_magic(str(path))
     if not magic and not p.exists():
-        expanded = _brace_expand(str(path))
+        expanded = expand_braces(str(path))
         if expanded != [str(path)]:  # `shards/{000..009}.tar`: detect from the first shard
             return detect_format(expanded[0])
         raise FileNotFoundError(f"{path}: no such file or directory")
@@ -305,12 +320,13 @@ def inspect_source(
     summarised source by source. With `count_tokens` (e.g. a tokenizer's `len(encode(text))`)
     each sample also gets `text_tokens`, counted on its full text. `reader_kwargs` go to the
     reader (e.g. `image_folder`)."""
+    refuse_urls(str(path))
     p = Path(path)
     if fmt is None and p.is_dir() and (p / "world.json").is_file():
         return _inspect_world(p, n, count_tokens)
     if fmt is not None:
         check_format(fmt)
-    fmt = fmt or detect_format(p)
+    fmt = fmt or detect_format(path)
     shards = [p] if fmt == "llava_yaml" else list_shards(path, fmt)
     records = sum(count_records(s, fmt) for s in shards)
     stats = ReadStats()
@@ -344,7 +360,7 @@ def _sample_summary(
     else:
         text, n_images = _render_parts(rec.parts), rec.num_images
         plain = "".join(p for p in rec.parts if isinstance(p, str))
-    out = {"id": rec.id, "source": rec.source, "images": n_images, "text": _clip(text)}
+    out = {"id": rec.id, "kind": rec.kind, "images": n_images, "text": _clip(text)}
     if count_tokens is not None:
         out["text_tokens"] = count_tokens(plain.replace(IMAGE_TAG, ""))
     return out

@@ -16,7 +16,7 @@ class Document:
     """
 
     id: str
-    source: str
+    kind: str  # captions | interleaved | text | sft (how it is packed, whose loss it counts in)
     parts: list[str | Image.Image]
     meta: dict = field(default_factory=dict)
 
@@ -41,5 +41,5 @@ class Conversation:
     id: str
     images: list[Image.Image]
     messages: list[dict[str, str]]
-    source: str = "sft"
+    kind: str = "sft"
     meta: dict = field(default_factory=dict)

@@ -92,7 +92,7 @@ class PackedDataset(IterableDataset):
         self._state: dict[str, Any] | None = None
         self._mixture: Mixture | None = None
         self._packer: Packer | None = None
-        self.source_index = {kind: i for i, kind in enumerate(SOURCE_KINDS)}
+        self.kind_index = {kind: i for i, kind in enumerate(SOURCE_KINDS)}
 
     # -- per-slot pipeline ---------------------------------------------------------------------
 
@@ -162,7 +162,7 @@ class PackedDataset(IterableDataset):
             images = [im for seq in sequences for p in seq for im in p.doc.images]
             fmt = self.s.prompt_format
             pixels = fmt.pixel_values(self.processor, images) if images else None
-            yield collate(sequences, self.s.seq_len, self.tok.pad_id, self.source_index, pixels)
+            yield collate(sequences, self.s.seq_len, self.tok.pad_id, self.kind_index, pixels)
 
     # -- state -----------------------------------------------------------------------------------
 

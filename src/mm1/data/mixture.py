@@ -88,7 +88,7 @@ class SourceStream:
         """Records of a shard from raw index `start`, with their raw indices."""
         fmt, root = self.spec.format, self.spec.image_root
         kind = self.spec.resolved_kind
-        kwargs: dict[str, Any] = {"start": start, "stats": self.stats, "source": kind}
+        kwargs: dict[str, Any] = {"start": start, "stats": self.stats, "kind": kind}
         if root is not None:
             kwargs[_IMAGE_ROOT_ARG.get(fmt, "image_root")] = Path(root)
         if self.spec.allow_absolute_paths:

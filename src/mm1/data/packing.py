@@ -19,8 +19,8 @@ import torch
 from mm1.batch import IGNORE_INDEX, Batch
 from mm1.data.tokenizer import TokenizedDocument
 
-# Sources whose documents may be cut anywhere outside an image (to fill a sequence's tail).
-FILLER_SOURCES = ("text", "interleaved")
+# Kinds whose documents may be cut anywhere outside an image (to fill a sequence's tail).
+FILLER_KINDS = ("text", "interleaved")
 
 
 @dataclass
@@ -28,7 +28,8 @@ class Piece:
     """A contiguous slice of a tokenized document, packed as a document of its own.
 
     `ref` identifies where it came from (the loader uses it to rebuild the buffer on resume):
-    (source index, shard index, record index, piece index, tokens already consumed).
+    (source index, shard index, record index, piece index, tokens already consumed). The source
+    index is the dataset (`data.sources[i]`) the piece's tokens count in.
     """
 
     doc: TokenizedDocument
@@ -47,6 +48,11 @@ class Piece:
     def num_images(self) -> int:
         return len(self.doc.images)
 
+    @property
+    def dataset(self) -> int:
+        """Index of the source (dataset) the piece came from; -1 when not known."""
+        return self.ref[0] if self.ref else -1
+
 
 def slice_document(doc: TokenizedDocument, start: int, end: int) -> TokenizedDocument:
     """Tokens [start, end) of a document with the images whose slot blocks lie inside."""
@@ -58,7 +64,7 @@ def slice_document(doc: TokenizedDocument, start: int, end: int) -> TokenizedDoc
         input_ids=doc.input_ids[start:end],
         target_mask=doc.target_mask[start:end],
         images=[doc.images[i] for i in keep],
-        source=doc.source,
+        kind=doc.kind,
         id=doc.id,
         image_spans=[(doc.image_spans[i][0] - start, doc.image_spans[i][1] - start) for i in keep],
     )
@@ -78,9 +84,7 @@ def drop_images(doc: TokenizedDocument, keep: int) -> TokenizedDocument:
         last = b
     ids += doc.input_ids[last:]
     mask += doc.target_mask[last:]
-    return TokenizedDocument(
-        ids, mask, doc.images[:keep], doc.source, doc.id, doc.image_spans[:keep]
-    )
+    return TokenizedDocument(ids, mask, doc.images[:keep], doc.kind, doc.id, doc.image_spans[:keep])
 
 
 def cut_points(doc: TokenizedDocument, anywhere: bool) -> list[int]:
@@ -114,7 +118,7 @@ def split_document(
     if n > seq_len:
         # Text and interleaved documents may be cut anywhere outside an image; others (caption
         # pairs, conversations) at image edges first, anywhere outside an image as a fallback.
-        preferred = cut_points(doc, anywhere=doc.source in FILLER_SOURCES)
+        preferred = cut_points(doc, anywhere=doc.kind in FILLER_KINDS)
         fallback = cut_points(doc, anywhere=True)
         start = 0
         while n - start > seq_len:
@@ -141,7 +145,9 @@ class PackStats:
     sequences: int = 0
     tokens: int = 0  # non-padding tokens emitted
     padding: int = 0
-    documents: dict[str, int] = field(default_factory=dict)  # per source, counted once each
+    # Both per kind, documents counted once each; `tokens_per_source` keeps its name because
+    # saved loader states and `mm1 data stats` use it.
+    documents: dict[str, int] = field(default_factory=dict)
     tokens_per_source: dict[str, int] = field(default_factory=dict)
     images: int = 0
     images_dropped: int = 0
@@ -234,7 +240,7 @@ class Packer:
             if p.key in seen:  # only the oldest piece of a document may be cut
                 continue
             seen.add(p.key)
-            if p.doc.source not in FILLER_SOURCES:
+            if p.doc.kind not in FILLER_KINDS:
                 continue
             cuts = cut_points(p.doc, anywhere=True)
             k = bisect.bisect_right(cuts, room) - 1
@@ -259,26 +265,29 @@ class Packer:
         for p in chosen:
             s.tokens += len(p)
             s.images += p.num_images
-            s.tokens_per_source[p.doc.source] = s.tokens_per_source.get(p.doc.source, 0) + len(p)
+            s.tokens_per_source[p.doc.kind] = s.tokens_per_source.get(p.doc.kind, 0) + len(p)
             if p.first:
-                s.documents[p.doc.source] = s.documents.get(p.doc.source, 0) + 1
+                s.documents[p.doc.kind] = s.documents.get(p.doc.kind, 0) + 1
 
 
 def collate(
     sequences: Sequence[list[Piece]],
     seq_len: int,
     pad_id: int,
-    source_index: dict[str, int] | None = None,
+    kind_index: dict[str, int] | None = None,
     pixel_values: torch.Tensor | None = None,
 ) -> Batch:
     """Packed sequences -> the Batch contract. Labels never cross a piece; padding is one more
-    document per row; `pixel_values` must hold the images of all pieces in order."""
+    document per row; `pixel_values` must hold the images of all pieces in order. Kind ids
+    follow `kind_index` (-1 without it), dataset ids the pieces' source index; both are -1
+    on padding."""
     b = len(sequences)
     ids = torch.full((b, seq_len), pad_id, dtype=torch.long)
     labels = torch.full((b, seq_len), IGNORE_INDEX, dtype=torch.long)
     pos = torch.zeros((b, seq_len), dtype=torch.long)
     doc_ids = torch.zeros((b, seq_len), dtype=torch.long)
-    src = torch.full((b, seq_len), -1, dtype=torch.long)
+    kinds = torch.full((b, seq_len), -1, dtype=torch.long)
+    datasets = torch.full((b, seq_len), -1, dtype=torch.long)
     for row, pieces in enumerate(sequences):
         t = 0
         for d, p in enumerate(pieces):
@@ -287,9 +296,10 @@ def collate(
             labels[row, t : t + n] = torch.tensor(p.doc.labels())
             pos[row, t : t + n] = torch.arange(n)
             doc_ids[row, t : t + n] = d
-            if source_index is not None:
-                src[row, t : t + n] = source_index.get(p.doc.source, -1)
+            if kind_index is not None:
+                kinds[row, t : t + n] = kind_index.get(p.doc.kind, -1)
+            datasets[row, t : t + n] = p.dataset
             t += n
         doc_ids[row, t:] = len(pieces)
         pos[row, t:] = torch.arange(seq_len - t)
-    return Batch(ids, labels, pos, doc_ids, pixel_values, src)
+    return Batch(ids, labels, pos, doc_ids, pixel_values, kind_ids=kinds, dataset_ids=datasets)

@@ -315,7 +315,7 @@ class TokenizedDocument:
     input_ids: list[int]
     target_mask: list[bool]
     images: list[Image.Image]
-    source: str
+    kind: str
     id: str
     image_spans: list[tuple[int, int]] = field(default_factory=list)
 
@@ -349,7 +349,7 @@ def tokenize_document(
         elif isinstance(part, str):
             if IMAGE_TOKEN in part:
                 raise ValueError(
-                    f"document {doc.id!r} ({doc.source}): a text part contains the literal "
+                    f"document {doc.id!r} ({doc.kind}): a text part contains the literal "
                     f"{IMAGE_TOKEN!r}; images belong in Document.parts as PIL images"
                 )
             text += part
@@ -359,7 +359,7 @@ def tokenize_document(
     if add_eos:
         out.input_ids.append(tok.eos_id)
         out.target_mask.append(True)
-    out.source, out.id = doc.source, doc.id
+    out.kind, out.id = doc.kind, doc.id
     return out
 
 
@@ -377,7 +377,7 @@ def tokenize_prompt(
     parts: list[str | Image.Image] = [chunks[0]]
     for image, chunk in zip(images, chunks[1:]):
         parts += [image, chunk]
-    doc = Document(id="prompt", source="prompt", parts=[p for p in parts if p != ""])
+    doc = Document(id="prompt", kind="prompt", parts=[p for p in parts if p != ""])
     return tokenize_document(doc, tok, fmt, add_eos=False).input_ids
 
 
@@ -414,7 +414,7 @@ def tokenize_conversation(
         )
     add_bos = add_bos and not (tok.bos_token and text.startswith(tok.bos_token))
     out = _expand(tok, text, regions, conv.images, fmt, add_bos)
-    out.source, out.id = conv.source, conv.id
+    out.kind, out.id = conv.kind, conv.id
     return out
 
 
@@ -533,4 +533,4 @@ def _expand(
         spans.append((start, len(ids)))
     if len(spans) != len(images):  # only if the tokenizer failed to keep <image> whole
         raise ValueError(f"found {len(spans)} image tokens for {len(images)} images")
-    return TokenizedDocument(ids, mask, list(images), source="", id="", image_spans=spans)
+    return TokenizedDocument(ids, mask, list(images), kind="", id="", image_spans=spans)

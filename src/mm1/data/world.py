@@ -53,7 +53,9 @@ def ensure_world(
 
 
 def world_sources(world: WorldManifest) -> tuple[list[SourceConfig], list[SourceConfig]]:
-    """Training sources with the MM1 mixture, and the held-out caption split for validation."""
+    """Training sources with the MM1 mixture, and the held-out caption split for validation;
+    each named after its part of the world (`WORLD_MIXTURE`), so per-dataset losses keep their
+    keys across runs."""
     train = []
     for name, weight in WORLD_MIXTURE:
         src = world.sources[name]
@@ -64,6 +66,7 @@ def world_sources(world: WorldManifest) -> tuple[list[SourceConfig], list[Source
                 format=src["format"],
                 path=str(folder),
                 weight=weight,
+                name=name,
                 kind=src["kind"],
                 image_root=str(world.root / image_dir) if image_dir else None,
             )
@@ -73,6 +76,7 @@ def world_sources(world: WorldManifest) -> tuple[list[SourceConfig], list[Source
         SourceConfig(
             format="coco",
             path=str(world.root / val["coco_captions"]),
+            name="val",
             kind="captions",
             image_root=str(world.root / val["image_dir"]),
         )

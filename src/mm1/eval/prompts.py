@@ -111,7 +111,7 @@ def encode_prompt(
             parts.append(_SLOT if images is None else images[i - 1])
         if piece:
             parts.append(piece)
-    doc = Document(id="prompt", source="eval", parts=parts)
+    doc = Document(id="prompt", kind="eval", parts=parts)
     return tokenize_document(doc, tokenizer, fmt, add_eos=False).input_ids
 
 

@@ -15,6 +15,7 @@ import json
 import math
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from mm1.config import (
     apply_deprecated_keys,
     deprecated_keys_in_dict,
     has_starting_weights,
+    source_names,
     to_dict,
     to_yaml,
 )
@@ -68,7 +70,7 @@ class NonFiniteLossError(RuntimeError):
 @dataclass
 class StepResult:
     loss: float
-    per_source: dict[str, float]
+    per_kind: dict[str, float]  # logged as loss_<kind>
     label_tokens: int
     tokens: int
     images: int
@@ -76,6 +78,7 @@ class StepResult:
     skipped: bool
     aux: dict[str, float] = dataclasses.field(default_factory=dict)  # unweighted, by name
     objective: float | None = None  # loss + weighted aux losses (None without aux losses)
+    per_dataset: dict[str, float] = dataclasses.field(default_factory=dict)  # loss_ds_<name>
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -161,6 +164,7 @@ class Trainer:
             )
         self.accum = per_rank // cfg.train.micro_batch_size
         settings = self._loader_settings(self.data.sources, cfg.train.micro_batch_size)
+        self.dataset_names = source_names(self.data.sources)  # batches' dataset_ids index these
         self.loader = build_loader(
             settings, tok, self.data.processor, d.rank, d.world_size, cfg.data.num_workers
         )
@@ -347,9 +351,10 @@ class Trainer:
         model.train()
         counts = torch.tensor([float(b.num_label_tokens) for b in micro]).sum().reshape(1)
         total_labels = int(d.all_reduce_sum(counts.to(d.device)).item())
-        n_src = len(SOURCE_KINDS)
-        # [loss_sum, per-source loss sums..., per-source label counts...]
-        sums = torch.zeros(1 + 2 * n_src, device=d.device)
+        names = self.dataset_names
+        n_kind, n_ds = len(SOURCE_KINDS), len(names)
+        # [loss_sum, per-kind loss sums, per-kind label counts, the same per dataset]
+        sums = torch.zeros(1 + 2 * (n_kind + n_ds), device=d.device)
         aux_sums: dict[str, torch.Tensor] = {}
         dtype = autocast_dtype(self.cfg.train, d.device)
         for i, batch in enumerate(micro):
@@ -363,7 +368,7 @@ class Trainer:
                 aux_sums[name] = aux_sums.get(name, 0.0) + value.detach().float()
             # DDP / FSDP average gradients over ranks; the loss is already a global mean
             (objective * d.world_size).backward()
-            sums += _source_sums(out.token_loss.detach(), batch, n_src)
+            sums += _step_sums(out.token_loss.detach(), batch, n_kind, n_ds)
         d.all_reduce_sum(sums)
         loss = float(sums[0]) / max(total_labels, 1)
         aux, total = {}, None
@@ -372,11 +377,8 @@ class Trainer:
             reduced = d.all_reduce_sum(torch.stack([aux_sums[k] for k in names]).reshape(-1))
             aux = dict(zip(names, reduced.tolist()))
             total = loss + sum(self._aux_weight(k) * v for k, v in aux.items())
-        per_source = {
-            k: float(sums[1 + j] / sums[1 + n_src + j])
-            for j, k in enumerate(SOURCE_KINDS)
-            if sums[1 + n_src + j] > 0
-        }
+        per_kind = _group_means(sums[1 : 1 + 2 * n_kind], SOURCE_KINDS)
+        per_dataset = _group_means(sums[1 + 2 * n_kind :], names)
         params = [p for p in model.parameters() if p.grad is not None]
         # grad_clip 0 = no clipping (the norm is still computed, for the log)
         clip = self.cfg.train.optim.grad_clip or math.inf
@@ -390,10 +392,19 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        tokens = sum(int((b.source_ids >= 0).sum()) for b in micro)  # non-padding tokens
+        tokens = sum(int((b.kind_ids >= 0).sum()) for b in micro)  # non-padding tokens
         images = sum(0 if b.pixel_values is None else b.pixel_values.shape[0] for b in micro)
         return StepResult(
-            loss, per_source, total_labels, tokens, images, grad_norm, skipped, aux, total
+            loss,
+            per_kind,
+            total_labels,
+            tokens,
+            images,
+            grad_norm,
+            skipped,
+            aux,
+            total,
+            per_dataset,
         )
 
     def _aux_weight(self, name: str) -> float:
@@ -438,7 +449,8 @@ class Trainer:
         tokens_per_s = window["tokens"] * world / elapsed
         m: dict[str, Any] = {
             "loss": r.loss,
-            **{f"loss_{k}": v for k, v in r.per_source.items()},
+            **{f"loss_{k}": v for k, v in r.per_kind.items()},
+            **{f"loss_ds_{k}": v for k, v in r.per_dataset.items()},
             **{f"aux_loss_{k}": v for k, v in r.aux.items()},
             **({"loss_total": r.objective} if r.objective is not None else {}),
             "lr": self.scheduler.get_last_lr()[0],
@@ -482,8 +494,9 @@ class Trainer:
 
 
 def _current_shape(saved: dict[str, Any]) -> dict[str, Any]:
-    """A saved run config with its model section in today's shape (older runs wrote every
-    connector option side by side and the FFN as a name), so an unchanged run still resumes."""
+    """A saved run config in today's shape, so an unchanged run still resumes: its model section
+    read anew (older runs wrote every connector option side by side and the FFN as a name), and
+    source keys added since (`name`) at their defaults."""
     from mm1.config import model_config_from_dict
 
     model = saved.get("model")
@@ -491,6 +504,18 @@ def _current_shape(saved: dict[str, Any]) -> dict[str, Any]:
         # Unreadable today: compared as written, so the changed keys are reported.
         with contextlib.suppress(ConfigError):
             saved = {**saved, "model": to_dict(model_config_from_dict(model))}
+    data = saved.get("data")
+    if isinstance(data, dict):
+        defaults = {"name": SourceConfig.name}
+        data = {
+            **data,
+            **{
+                k: [{**defaults, **s} if isinstance(s, dict) else s for s in data[k]]
+                for k in ("sources", "val_sources")
+                if isinstance(data.get(k), list)
+            },
+        }
+        saved = {**saved, "data": data}
     return saved
 
 
@@ -500,20 +525,40 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def _source_sums(token_loss: torch.Tensor, batch: Batch, n_src: int) -> torch.Tensor:
+def _step_sums(token_loss: torch.Tensor, batch: Batch, n_kind: int, n_ds: int) -> torch.Tensor:
+    """[loss sum, then per kind and per dataset: loss sums by group, label counts by group]."""
     labelled = batch.labels != IGNORE_INDEX
-    out = torch.zeros(1 + 2 * n_src, device=token_loss.device)
-    out[0] = token_loss.sum()
-    if batch.source_ids is not None:
-        # One scatter per sum, no boolean indexing: no host sync per source on a GPU.
-        src = batch.source_ids.to(token_loss.device)
-        bins = torch.where(labelled & (src >= 0), src, n_src).flatten()  # n_src: not counted
-        loss = torch.zeros(n_src + 1, device=token_loss.device)
-        loss.scatter_add_(0, bins, token_loss.detach().float().flatten())
-        count = torch.zeros(n_src + 1, device=token_loss.device)
-        count.scatter_add_(0, bins, torch.ones(bins.shape, device=token_loss.device))
-        out[1 : 1 + n_src], out[1 + n_src :] = loss[:n_src], count[:n_src]
+    return torch.cat(
+        [
+            token_loss.sum().float().reshape(1),
+            _group_sums(token_loss, labelled, batch.kind_ids, n_kind),
+            _group_sums(token_loss, labelled, batch.dataset_ids, n_ds),
+        ]
+    )
+
+
+def _group_sums(
+    token_loss: torch.Tensor, labelled: torch.Tensor, ids: torch.Tensor | None, n: int
+) -> torch.Tensor:
+    """Loss sums of the labelled tokens of groups 0..n-1, then their label counts (2n)."""
+    out = torch.zeros(2 * n, device=token_loss.device)
+    if ids is None or n == 0:
+        return out
+    # One scatter per sum, no boolean indexing: no host sync per group on a GPU.
+    ids = ids.to(token_loss.device)
+    bins = torch.where(labelled & (ids >= 0), ids, n).flatten()  # n: not counted
+    loss = torch.zeros(n + 1, device=token_loss.device)
+    loss.scatter_add_(0, bins, token_loss.detach().float().flatten())
+    count = torch.zeros(n + 1, device=token_loss.device)
+    count.scatter_add_(0, bins, torch.ones(bins.shape, device=token_loss.device))
+    out[:n], out[n:] = loss[:n], count[:n]
     return out
+
+
+def _group_means(sums: torch.Tensor, names: Sequence[str]) -> dict[str, float]:
+    """Mean loss per named group from `_group_sums`' layout; groups without labels left out."""
+    n = len(names)
+    return {k: float(sums[j] / sums[n + j]) for j, k in enumerate(names) if sums[n + j] > 0}
 
 
 def _loader_counts(state: dict[str, Any]) -> dict[str, int]:

@@ -58,7 +58,7 @@ def read_obelics_parquet(
     start: int = 0,
     stats: ReadStats | None = None,
     image_root: Path | str | None = None,
-    source: str = "interleaved",
+    kind: str = "interleaved",
     *,
     drop_bad_images: bool = False,
     allow_absolute_paths: bool = False,
@@ -128,7 +128,7 @@ def read_obelics_parquet(
         }
         stats.records += 1
         count_images(stats, parts)
-        yield Document(id=f"{path.name}:{index}", source=source, parts=parts, meta=meta)
+        yield Document(id=f"{path.name}:{index}", kind=kind, parts=parts, meta=meta)
 
 
 def read_mmc4_jsonl(
@@ -136,7 +136,7 @@ def read_mmc4_jsonl(
     start: int = 0,
     stats: ReadStats | None = None,
     image_dir: Path | str | None = None,
-    source: str = "interleaved",
+    kind: str = "interleaved",
     *,
     image_position: str = "before",
     drop_bad_images: bool = False,
@@ -213,4 +213,4 @@ def read_mmc4_jsonl(
         meta.update({"__shard__": str(path), "__index__": index})
         stats.records += 1
         count_images(stats, parts)
-        yield Document(id=f"{path.name}:{index}", source=source, parts=parts, meta=meta)
+        yield Document(id=f"{path.name}:{index}", kind=kind, parts=parts, meta=meta)

@@ -64,7 +64,7 @@ def _llava_conversation(
     path: Path,
     image_folder: Path,
     stats: ReadStats,
-    source: str,
+    kind: str,
     allow_outside: bool = False,
 ) -> Conversation | None:
     where = f"{path}: record {index}"
@@ -123,7 +123,7 @@ def _llava_conversation(
         id=str(conv_id) if conv_id is not None else f"{path.name}:{index}",
         images=images,
         messages=messages,
-        source=source,
+        kind=kind,
         meta=meta,
     )
 
@@ -134,7 +134,7 @@ def read_llava(
     stats: ReadStats | None = None,
     *,
     start: int = 0,
-    source: str = "sft",
+    kind: str = "sft",
     allow_absolute_paths: bool = False,
 ) -> Iterator[Conversation]:
     """Read LLaVA SFT data: a JSON list (.json) or one record per line (.jsonl).
@@ -153,7 +153,7 @@ def read_llava(
     stats = ReadStats() if stats is None else stats
     folder = Path(image_folder) if image_folder is not None else default_image_dir(path)
     for index, rec in _llava_records(path, stats, start):
-        conv = _llava_conversation(rec, index, path, folder, stats, source, allow_absolute_paths)
+        conv = _llava_conversation(rec, index, path, folder, stats, kind, allow_absolute_paths)
         if conv is not None:
             yield conv
 
@@ -248,7 +248,7 @@ def read_llava_yaml(
     *,
     start: int = 0,
     image_folder: str | Path | None = None,
-    source: str = "sft",
+    kind: str = "sft",
     allow_absolute_paths: bool = False,
 ) -> Iterator[Conversation]:
     """Read every dataset of a LLaVA-NeXT data YAML, applying its `sampling_strategy`.
@@ -283,7 +283,7 @@ def read_llava_yaml(
                 ds["json_path"],
                 ds["image_folder"],
                 stats,
-                source,
+                kind,
                 allow_absolute_paths,
             )
             if conv is not None:

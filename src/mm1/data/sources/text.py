@@ -30,7 +30,7 @@ def read_text(
     start: int = 0,
     stats: ReadStats | None = None,
     field: str = "text",
-    source: str = "text",
+    kind: str = "text",
 ) -> Iterator[Document]:
     """Read text-only documents from jsonl (.jsonl, .jsonl.gz) or parquet (by extension).
 
@@ -53,7 +53,7 @@ def read_text(
         stats.records += 1
         yield Document(
             id=str(doc_id) if doc_id is not None else f"{path.name}:{index}",
-            source=source,
+            kind=kind,
             parts=[text],
             meta=meta,
         )
@@ -116,7 +116,7 @@ def read_coco_captions(
     start: int = 0,
     stats: ReadStats | None = None,
     image_root: Path | str | None = None,
-    source: str = "captions",
+    kind: str = "captions",
     allow_absolute_paths: bool = False,
 ) -> Iterator[Document]:
     """Caption pairs from a COCO-captions JSON (COCO, NoCaps, TextCaps layout): one
@@ -156,4 +156,4 @@ def read_coco_captions(
         count_images(stats, [image])
         meta = {k: v for k, v in im.items()}
         meta.update({"captions": caps, "__shard__": str(path), "__index__": index})
-        yield Document(id=str(im["id"]), source=source, parts=[image, caption], meta=meta)
+        yield Document(id=str(im["id"]), kind=kind, parts=[image, caption], meta=meta)

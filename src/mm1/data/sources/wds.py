@@ -77,7 +77,7 @@ def read_wds_shard(
     path: str | Path,
     start: int = 0,
     stats: ReadStats | None = None,
-    source: str = "captions",
+    kind: str = "captions",
 ) -> Iterator[Document]:
     """Read an img2dataset WebDataset tar shard: one `Document([image, caption])` per sample.
 
@@ -106,7 +106,7 @@ def read_wds_shard(
                 return
             if index < start:
                 continue
-            doc = _wds_sample(tf, path, key, members, index, stats, source)
+            doc = _wds_sample(tf, path, key, members, index, stats, kind)
             if doc is not None:
                 yield doc
 
@@ -118,7 +118,7 @@ def _wds_sample(
     members: dict[str, tarfile.TarInfo],
     index: int,
     stats: ReadStats,
-    source: str,
+    kind: str,
 ) -> Document | None:
     where = f"{path}:{key}"
 
@@ -165,4 +165,4 @@ def _wds_sample(
     meta.update({"__key__": key, "__shard__": str(path), "__index__": index})
     stats.records += 1
     count_images(stats, [image])
-    return Document(id=key, source=source, parts=[image, caption.strip()], meta=meta)
+    return Document(id=key, kind=kind, parts=[image, caption.strip()], meta=meta)

@@ -1,0 +1,57 @@
+"""Builders the tests of several modules share, as fixtures (no test module imports another)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from mm1.config import DecoderConfig, ModelConfig, VisionConfig, validate_model
+
+
+def _tiny_model_config(connector: str = "avgpool", **decoder) -> ModelConfig:
+    q = 0 if connector in ("linear", "mlp") else 4
+    cfg = ModelConfig(
+        vision=VisionConfig(
+            image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_dim=64, act="gelu"
+        ),
+        connector={"type": connector, "num_tokens": q, "hidden": 32, "depth": 1, "heads": 2},
+        decoder=DecoderConfig(
+            **{
+                "vocab_size": 64,
+                "dim": 32,
+                "layers": 2,
+                "heads": 4,
+                "kv_heads": 2,
+                "ffn_dim": 64,
+                "max_seq_len": 256,
+                **decoder,
+            }
+        ),
+    )
+    validate_model(cfg)
+    return cfg
+
+
+def _truncated_jpeg(path: Path, like: Path) -> Path:
+    """A JPEG of the image at `like`, cut in half (PIL: "image file is truncated")."""
+    buf = io.BytesIO()
+    with Image.open(like) as im:
+        im.convert("RGB").save(buf, "JPEG")
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_config() -> Callable[..., ModelConfig]:
+    """`tiny_model_config(connector="avgpool", **decoder_options)`: a validated tiny model."""
+    return _tiny_model_config
+
+
+@pytest.fixture(scope="session")
+def truncated_jpeg() -> Callable[[Path, Path], Path]:
+    """`truncated_jpeg(path, like)`: writes a JPEG of `like` cut in half to `path`."""
+    return _truncated_jpeg

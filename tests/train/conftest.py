@@ -1,0 +1,94 @@
+"""Builders the training tests share, as fixtures: a tiny run config over a synthetic world, and
+tiny HF checkpoints to start from."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+
+def _tiny_config(tmp: Path, world: Path, **train) -> Path:
+    cfg = {
+        "model": {
+            "vision": {
+                "image_size": 32,
+                "patch_size": 8,
+                "width": 32,
+                "layers": 1,
+                "heads": 2,
+                "mlp_dim": 64,
+            },
+            "connector": {"type": "avgpool", "num_tokens": 4},
+            "decoder": {"dim": 32, "layers": 2, "heads": 4, "kv_heads": 2, "ffn_dim": 64},
+        },
+        "data": {"world": str(world), "seq_len": 64, "num_workers": 0},
+        "train": {
+            "steps": 6,
+            "batch_size": 4,
+            "micro_batch_size": 2,
+            "log_every": 1,
+            "val_every": 3,
+            "val_batches": 1,
+            "save_every": 2,
+            "parallel": "fsdp",
+            "tensorboard": False,
+            "progress": False,
+            "optim": {"lr": 1e-3, "warmup_steps": 2},
+            **train,
+        },
+    }
+    path = tmp / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _make_hf_checkpoints(tmp_path: Path, world: Path):
+    """A tiny Llama (with the world's tokenizer.json beside it) and a tiny CLIP vision tower,
+    written by transformers' save_pretrained."""
+    transformers = pytest.importorskip("transformers")
+    import tokenizers
+
+    dec_dir, vis_dir = tmp_path / "llama", tmp_path / "clip"
+    vocab = tokenizers.Tokenizer.from_file(str(world / "tokenizer.json")).get_vocab_size()
+    torch.manual_seed(0)
+    llama = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        )
+    )
+    llama.save_pretrained(dec_dir)
+    (dec_dir / "tokenizer.json").write_text((world / "tokenizer.json").read_text())
+    clip = transformers.CLIPVisionModel(
+        transformers.CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        )
+    )
+    clip.save_pretrained(vis_dir)
+    return dec_dir, vis_dir, llama, clip
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> Callable[..., Path]:
+    """`tiny_config(tmp, world, **train_options)`: writes a tiny run config, returns its path."""
+    return _tiny_config
+
+
+@pytest.fixture(scope="session")
+def make_hf_checkpoints() -> Callable[[Path, Path], tuple]:
+    """`make_hf_checkpoints(tmp, world)`: tiny Llama and CLIP directories (and the models)."""
+    return _make_hf_checkpoints
