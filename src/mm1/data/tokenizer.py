@@ -432,6 +432,37 @@ def tokenize_conversation(
     return out
 
 
+def tokenize_chat_prompt(
+    messages: list[dict[str, Any]],
+    images: list[Image.Image],
+    tok: Tokenizer,
+    num_image_tokens: int,
+    template: str | None = None,
+    image_boundaries: bool = False,
+) -> list[int]:
+    """Prompt ids for the assistant's next turn: `messages` (roles system / user / assistant,
+    string content with an `<image>` tag where each image goes) rendered through a chat template
+    with its generation prompt, then written as `tokenize_conversation` writes training samples:
+    tags as typed parts for templates that read them, BOS unless the template writes it, each
+    `<image>` expanded to the next image's slots. `template` as in `tokenize_conversation`."""
+    if template is None and tok.chat_template is None:
+        template = "plain"
+    name, source = select_template(tok.chat_template, template)
+    missing = [t for t in BUILTIN_TOKENS.get(name, ()) if tok.token_to_id(t) is None]
+    if missing:
+        raise ValueError(f"chat template {name!r} needs the special tokens {missing}")
+    if uses_typed_parts(source):
+        messages = [{**m, "content": _typed_parts(m["content"])} for m in messages]
+    text, _ = render(source, messages, True, tok.template_variables)
+    if text.count(IMAGE_TOKEN) != len(images):
+        raise ValueError(
+            f"the chat template wrote {text.count(IMAGE_TOKEN)} {IMAGE_TOKEN} tags for "
+            f"{len(images)} images"
+        )
+    add_bos = not (tok.bos_token and text.startswith(tok.bos_token))
+    return _expand(tok, text, [], images, num_image_tokens, image_boundaries, add_bos).input_ids
+
+
 def _checked_messages(conv: Conversation, where: str) -> list[dict[str, Any]]:
     """Messages with canonical roles, or a ValueError: an optional system message first, then
     user and assistant turns alternating from the user, no empty assistant turn, at least one
