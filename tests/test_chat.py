@@ -365,3 +365,21 @@ def test_streamed_text_holds_back_split_characters(pretrained) -> None:
     stream = TextStream(tok)
     pieces = [stream.push(i) for i in ids] + [stream.flush()]
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+
+
+def test_a_long_conversation_is_told_to_reset(pretrained) -> None:
+    limit = pretrained.model.cfg.decoder.max_seq_len
+    template = resolve_chat_template(pretrained.tokenizer, None)
+    session = ChatSession(pretrained, template, ChatSettings(max_new_tokens=MAX_NEW))
+    answer = session.reply("Hello.", [], lambda piece: None)
+    prompt = session.prompt_ids(session.messages[:1], [])
+    assert session.length == len(prompt) + len(answer.tokens)
+    assert session.context_notice() is None
+    session.length = limit - 10  # as if the conversation had grown that long
+    assert f"{limit} tokens: /reset" in session.context_notice()
+    session.reset()
+    assert session.context_notice() is None and not session.messages
+    # a large --max-new-tokens alone says nothing
+    large = ChatSession(pretrained, template, ChatSettings(max_new_tokens=10 * limit))
+    large.length = len(prompt)
+    assert large.context_notice() is None

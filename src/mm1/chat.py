@@ -258,17 +258,18 @@ class ChatSession:
         rest = stream.flush()
         if rest:
             on_text(rest)
-        text = p.tokenizer.decode(stream.tokens)  # what was printed, barring a decoder that
-        # rewrites earlier text as tokens arrive
-        self.messages[:] = [*messages, {"role": "assistant", "content": text}]
+        # What was printed, unless the decoder rewrote earlier text as tokens arrived.
+        said = p.tokenizer.decode(stream.tokens)
+        self.messages[:] = [*messages, {"role": "assistant", "content": said}]
         self.images[:] = all_images
         self.length = len(prompt) + len(stream.tokens)
-        return Answer(text, list(stream.tokens), stopped)
+        return Answer(said, list(stream.tokens), stopped)
 
     def context_notice(self) -> str | None:
         """A note once the next turn may outgrow the length the model was configured for."""
         limit = self.pretrained.model.cfg.decoder.max_seq_len
-        if self.length + self.settings.max_new_tokens <= limit:
+        # room for a next answer, but not all of a large --max-new-tokens
+        if self.length + min(self.settings.max_new_tokens, limit // 4) <= limit:
             return None
         return f"(the conversation nears the model's {limit} tokens: /reset starts over)"
 
