@@ -383,3 +383,24 @@ def test_a_long_conversation_is_told_to_reset(pretrained) -> None:
     large = ChatSession(pretrained, template, ChatSettings(max_new_tokens=10 * limit))
     large.length = len(prompt)
     assert large.context_notice() is None
+
+
+def test_typed_part_templates_get_image_parts(pretrained, images, tmp_path, prompts) -> None:
+    # llava-hf's template (a processor's, verbatim) reads content as typed parts: the chat's
+    # `<image>` tags become {"type": "image"} parts, as in training.
+    saved = (
+        ROOT / "tests" / "data" / "chat_templates" / "llava-hf--llava-1.5-7b-hf.chat_template.json"
+    )
+    source = json.loads(saved.read_text())["chat_template"]
+    (tmp_path / "llava.jinja").write_text(source)
+    tok = pretrained.tokenizer
+    template = resolve_chat_template(tok, str(tmp_path / "llava.jinja"))
+    session = ChatSession(pretrained, template, ChatSettings(max_new_tokens=2))
+    pic = decode_image(images[0].read_bytes())
+    session.reply("What is it?", [pic], lambda piece: None)
+    parts = [{"type": "image"}, {"type": "text", "text": "What is it?"}]
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": parts}], True, tokenize=False, chat_template=source
+    )
+    assert text.count("<image>") == 1
+    assert prompts == [tokenize_prompt(text, [pic], tok, pretrained.model.num_image_tokens)]
