@@ -321,6 +321,34 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(text)
 
 
+def cmd_chat(args: argparse.Namespace) -> int | None:
+    from mm1.chat import (
+        ChatSession,
+        ChatSettings,
+        answer_once,
+        message_images,
+        resolve_chat_template,
+        run_interactive,
+    )
+    from mm1.pretrained import load_pretrained
+
+    if args.image and args.message is None:
+        raise ConfigError("--image goes with --message (interactively: /image PATH)")
+    settings = ChatSettings(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    settings.validate()
+    # A script's mistakes (a missing image, a tag count) are reported before the model loads.
+    images = None if args.message is None else message_images(args.message, args.image)
+    p = load_pretrained(args.model, args.device)
+    template = resolve_chat_template(p.tokenizer, args.chat_template)
+    if template.notice:
+        print(f"note: {template.notice}", file=sys.stderr)
+    session = ChatSession(p, template, settings)
+    if images is None:
+        run_interactive(session)
+        return None
+    return 130 if answer_once(session, args.message, images).stopped else None
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from mm1.config import to_dict
     from mm1.eval.fewshot import evaluate
@@ -541,6 +569,24 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the prompt is a user turn, written by the model's chat template (as in SFT)",
     )
+
+    p = add("chat", cmd_chat, "chat with a model in the terminal (/image PATH attaches images)")
+    p.add_argument("model", help="a run directory or an exported directory")
+    p.add_argument("--message", default=None, help="answer this one message, print, and exit")
+    p.add_argument(
+        "--image", action="append", default=[], help="with --message; at its <image> tags or first"
+    )
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="a built-in (plain, vicuna_v1, chatml, llama3), a .jinja file, or one of the "
+        "tokenizer's named templates (default: the model's own, else plain)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="for reproducible sampling")
+    p.add_argument("--device", default="cpu")
     return parser
 
 
