@@ -66,7 +66,7 @@ class LoaderSettings:
             micro_batch_size=micro_batch_size,
             num_image_tokens=num_image_tokens,
             max_images_per_seq=data.max_images_per_seq,
-            image_boundaries=data.image_boundaries,
+            image_boundaries=bool(data.image_boundaries),
             pack_buffer=data.pack_buffer,
             max_error_rate=data.max_error_rate,
             seed=data.seed,
