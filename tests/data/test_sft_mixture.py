@@ -91,6 +91,12 @@ def _specs(d: Path) -> list[SourceConfig]:
 
 def test_sharegpt_jsonl_is_read_as_text_only_conversations(sft_dir, tok) -> None:
     assert detect_format(sft_dir / "text.jsonl") == "llava"
+    records = [json.loads(line) for line in (sft_dir / "text.jsonl").read_text().splitlines()]
+    (sft_dir / "text.json").write_text(json.dumps(records))  # ShareGPT dumps are JSON lists too
+    assert detect_format(sft_dir / "text.json") == "llava"
+    assert [c.messages for c in read_llava(sft_dir / "text.json")] == [
+        c.messages for c in read_llava(sft_dir / "text.jsonl")
+    ]
     convs = list(read_llava(sft_dir / "text.jsonl"))
     assert len(convs) == 5 and all(not c.images for c in convs)
     assert [m["role"] for m in convs[2].messages] == ["system", "user", "assistant"]
