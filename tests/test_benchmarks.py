@@ -120,3 +120,16 @@ def test_gpu_side_by_side_runs_on_the_cpu(bench, tmp_path) -> None:
         "vs_llava_plain",
     }
     assert [s["status"] for s in saved] == ["partial"] * 5
+
+
+def test_sft_memory_benchmark_parses_each_json_once_per_worker(bench, tmp_path) -> None:
+    """Two loader workers over one JSON list: one parse in each worker, none in the loader's
+    process; the JSONL copy is streamed (no parse)."""
+    from benchmarks import sft_memory
+
+    js, jl = sft_memory.write_data(tmp_path / "sft", records=300)
+    assert js.read_text().count('"id"') == len(jl.read_text().splitlines()) == 300
+    out = sft_memory.measure(js, batches=3, workers=2, uncached=False)
+    assert out["parses_per_process"] == [1, 1]
+    assert len(out["peak_rss_per_process_mib"]) == 3 and out["peak_pss_tree_mib"] > 0
+    assert sft_memory.measure(jl, batches=3, workers=2, uncached=False)["parses_per_process"] == []

@@ -269,7 +269,10 @@ class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
     seq_len: int = 2048
     max_images_per_seq: int = 16
-    image_boundaries: bool = False
+    # Image slots between <img> and </img>. None (the default): as the starting point was
+    # trained (the prompt format saved with train.init.decoder / .weights; a resumed run keeps
+    # its own), False without one. The trainer resolves it before anything reads it.
+    image_boundaries: bool | None = None
     val_sources: list[SourceConfig] = field(default_factory=list)  # default: the world's
     num_workers: int = 0
     pack_buffer: int = 32  # pieces the packer chooses from when filling a sequence
@@ -585,7 +588,7 @@ def validate(cfg: Config) -> None:
                 )
     if d.sources and sum(s.weight for s in d.sources) <= 0:
         raise ConfigError("data.sources: the weights sum to zero")
-    n_img = cfg.model.num_image_tokens + 2 * d.image_boundaries  # <img> slots </img>
+    n_img = cfg.model.num_image_tokens + 2 * bool(d.image_boundaries)  # <img> slots </img>
     if n_img >= d.seq_len:
         raise ConfigError(
             f"data.seq_len={d.seq_len} cannot hold one image of {n_img} tokens "

@@ -159,11 +159,22 @@ def load_prompt_format(directory: str | Path, image_tokens: int) -> PromptFormat
                 f"{path}: image_tokens {saved} but the model fills {image_tokens} slots per image"
             )
         return PromptFormat.from_dict(data, str(path))
-    boundaries = False
+    return PromptFormat(image_tokens, image_boundaries=saved_image_boundaries(directory))
+
+
+def saved_image_boundaries(directory: str | Path) -> bool:
+    """Whether a model directory's images were written between `<img>` and `</img>`, whatever
+    its number of image tokens (a later stage may change that): prompt_format.json, else a
+    run's config.yaml, else False (an export written before the format existed)."""
+    directory = Path(directory)
+    path = directory / PROMPT_FORMAT
+    if path.is_file():
+        data = json.loads(path.read_text())
+        return bool(isinstance(data, dict) and data.get("image_boundaries", False))
     config = directory.parent / "config.yaml"  # <run>/tokenizer -> <run>/config.yaml
     if directory.name == "tokenizer" and config.is_file():
         import yaml
 
         data = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
-        boundaries = bool(data.get("image_boundaries", False))
-    return PromptFormat(image_tokens, image_boundaries=boundaries)
+        return bool(data.get("image_boundaries", False))
+    return False

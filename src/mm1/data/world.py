@@ -10,6 +10,7 @@ from mm1.config import ConfigError, DataConfig, InitConfig, ModelConfig, SourceC
 from mm1.data.catalog import check_sources
 from mm1.data.chat_template import BUILTIN_TOKENS, template_from_option
 from mm1.data.images import PREPROCESSOR_CONFIG, ImageProcessor
+from mm1.data.prompt_format import saved_image_boundaries
 from mm1.data.synthetic import WorldManifest, write_world
 from mm1.data.tokenizer import Tokenizer
 
@@ -94,6 +95,21 @@ def saved_tokenizer_dir(path: str | Path) -> Path:
     if (p / "meta.json").is_file() and (p.parent.parent / "tokenizer").is_dir():
         return p.parent.parent / "tokenizer"
     return p
+
+
+def carried_image_boundaries(
+    data: DataConfig, init: InitConfig, run_dir: str | Path, resuming: bool
+) -> bool:
+    """`data.image_boundaries`, resolved: the value set, else the prompt format the model was
+    trained with, so a stage (SFT after pre-training) writes images as its starting point did.
+    That is the run's own when `resuming`, else that of the decoder's starting point
+    (`train.init.decoder`, else `train.init.weights`; an HF checkpoint has none: False)."""
+    if data.image_boundaries is not None:
+        return bool(data.image_boundaries)
+    if resuming:
+        return saved_image_boundaries(Path(run_dir) / "tokenizer")
+    start = init.decoder or init.weights
+    return saved_image_boundaries(saved_tokenizer_dir(start)) if start else False
 
 
 def image_processor_for(model: ModelConfig, init: InitConfig | None = None) -> ImageProcessor:

@@ -38,7 +38,7 @@ from mm1.config import (
 )
 from mm1.data.loader import LoaderSettings, PackedDataset, build_loader
 from mm1.data.prompt_format import PromptFormat
-from mm1.data.world import prepare_data
+from mm1.data.world import carried_image_boundaries, prepare_data
 from mm1.models.build import build_model, starting_point_state_dict
 from mm1.models.mllm import MM1
 from mm1.models.starting_point import describe as describe_start
@@ -126,6 +126,11 @@ class Trainer:
             )
         torch.manual_seed(cfg.train.seed)
         apply_deprecated_keys(cfg)  # a Config built in code has not been through load_config
+        resuming = ckpt.latest_checkpoint(self.run_dir) is not None
+        # A stage writes images as its starting point was trained to read them.
+        cfg.data.image_boundaries = carried_image_boundaries(
+            cfg.data, cfg.train.init, self.run_dir, resuming
+        )
         self._check_config_change()
         init = cfg.train.init
         self.data = prepare_data(cfg.data, cfg.model, d.is_main, d.barrier, init)

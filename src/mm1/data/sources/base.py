@@ -5,6 +5,7 @@ rate-limited warnings, image decoding, and iteration over parquet rows and JSONL
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import logging
@@ -407,6 +408,46 @@ def load_json_file(path: Path) -> tuple[Any, bool]:
         return json.loads(raw), has_escaped_bytes(raw)
     except RecursionError:
         raise ValueError("nested too deeply") from None
+
+
+# Whole-file JSON parsed in this process, by resolved path: (fingerprint, parsed, invalid).
+_PARSED_JSON: dict[str, tuple[tuple[Any, ...], Any, bool]] = {}
+# Below this size a file's fingerprint includes a hash of its bytes: a small file rewritten in
+# place at the same size within the filesystem's timestamp tick (a few ms) is still noticed.
+# Writing a larger file takes longer than a tick, so its size and times tell a rewrite.
+_HASH_BELOW = 64 << 20
+
+
+def _fingerprint(path: Path, st: os.stat_result) -> tuple[Any, ...]:
+    fp: tuple[Any, ...] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if st.st_size < _HASH_BELOW:
+        fp += (hashlib.blake2b(path.read_bytes(), digest_size=16).digest(),)
+    return fp
+
+
+def load_json_file_once(path: Path) -> tuple[Any, bool]:
+    """`load_json_file`, parsed once per process while the file is unchanged. A data slot opens
+    its file at every epoch and re-reads buffered records on a resume, and a record count
+    parses it too; an SFT file of a gigabyte (LLaVA-665k) must not be parsed for each. The
+    parsed value is shared: callers must not modify it. Every file read stays cached for the
+    process's life (a mixture keeps reading all of its files)."""
+    try:
+        fp = _fingerprint(path, path.stat())
+    except OSError:
+        return load_json_file(path)  # raises as it always did (missing, a directory, a loop)
+    key = str(path.resolve())
+    hit = _PARSED_JSON.get(key)
+    if hit is not None and hit[0] == fp:
+        return hit[1], hit[2]
+    _PARSED_JSON.pop(key, None)  # a changed file: drop the old value before parsing the new
+    data, invalid = load_json_file(path)
+    _PARSED_JSON[key] = (fp, data, invalid)
+    return data, invalid
+
+
+def clear_json_cache() -> None:
+    """Forget every parsed file (tests; a caller that knows its files are done with)."""
+    _PARSED_JSON.clear()
 
 
 def jsonl_records(path: Path, start: int, stats: ReadStats) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -18,7 +18,7 @@ from mm1.data.sources.base import (
     default_image_dir,
     image_from_path,
     jsonl_records,
-    load_json_file,
+    load_json_file_once,
     repair_record,
     resolve_image_path,
     skip_record,
@@ -43,7 +43,7 @@ def _llava_records(
         yield from jsonl_records(path, start, stats)
         return
     try:
-        data, invalid_bytes = load_json_file(path)
+        data, invalid_bytes = load_json_file_once(path)
     except ValueError as e:
         raise DataError(f"{path}: not valid JSON ({e}); LLaVA data is a JSON list") from None
     if not isinstance(data, list):
