@@ -55,3 +55,28 @@ def tiny_model_config() -> Callable[..., ModelConfig]:
 def truncated_jpeg() -> Callable[[Path, Path], Path]:
     """`truncated_jpeg(path, like)`: writes a JPEG of `like` cut in half to `path`."""
     return _truncated_jpeg
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tiny_train_args(run_dir: Path) -> list[str]:
+    """`mm1 train` of the tiny run: 3 steps on the demo preset, its world next to the run."""
+    return [
+        "train",
+        str(ROOT / "configs" / "demo.yaml"),
+        f"data.world={run_dir.parent / 'world'}",
+        f"train.run_dir={run_dir}",
+        "train.steps=3",
+        "train.save_every=3",
+        "train.val_every=0",
+        "train.tensorboard=false",
+        "train.progress=false",
+        "data.num_workers=0",
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_train_args() -> Callable[[Path], list[str]]:
+    """`tiny_train_args(run_dir)`: the `mm1 train` arguments of the CLI tests' tiny run."""
+    return _tiny_train_args

@@ -37,12 +37,12 @@ MAX_NEW = 12
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    from tests.test_cli import _train_args, mm1
+def run(tmp_path_factory, tiny_train_args) -> Path:
+    from mm1 import cli
 
     tmp = tmp_path_factory.mktemp("chat")
-    mm1("data", "synth", "--out", str(tmp / "world"), "--size", "tiny")
-    mm1(*_train_args(tmp / "run"))
+    assert cli.main(["data", "synth", "--out", str(tmp / "world"), "--size", "tiny"]) == 0
+    assert cli.main(tiny_train_args(tmp / "run")) == 0
     return tmp / "run"
 
 

@@ -40,29 +40,13 @@ def mm1(*args: str, timeout: float = 300) -> str:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
+def run(tmp_path_factory, tiny_train_args) -> Path:
     tmp = tmp_path_factory.mktemp("cli")
     world = tmp / "world"
     mm1("data", "synth", "--out", str(world), "--size", "tiny")
     run_dir = tmp / "run"
-    mm1(*_train_args(run_dir))
+    mm1(*tiny_train_args(run_dir))
     return run_dir
-
-
-def _train_args(run_dir: Path) -> list[str]:
-    """`mm1 train` of the tiny run: 3 steps on the demo preset, its world next to the run."""
-    return [
-        "train",
-        str(ROOT / "configs" / "demo.yaml"),
-        f"data.world={run_dir.parent / 'world'}",
-        f"train.run_dir={run_dir}",
-        "train.steps=3",
-        "train.save_every=3",
-        "train.val_every=0",
-        "train.tensorboard=false",
-        "train.progress=false",
-        "data.num_workers=0",
-    ]
 
 
 def test_info_reports_components() -> None:
@@ -322,8 +306,8 @@ def test_info_counts_the_model_training_builds(run, capsys) -> None:
     assert f"vocabulary: {trained.cfg.decoder.vocab_size:,} (the tokenizer of the world" in out
 
 
-def test_training_a_finished_run_says_so(run, capsys) -> None:
-    assert cli.main(_train_args(run)) == 0
+def test_training_a_finished_run_says_so(run, capsys, tiny_train_args) -> None:
+    assert cli.main(tiny_train_args(run)) == 0
     assert "already at step 3 (train.steps)" in capsys.readouterr().out
 
 

@@ -15,8 +15,6 @@ from mm1.data.prompt_format import saved_image_boundaries
 from mm1.data.tokenizer import Tokenizer
 from mm1.train.optim import lr_factor
 
-from .test_trainer import tiny_config
-
 LR, WARMUP, SFT_STEPS = 1e-3, 2, 3
 
 
@@ -36,7 +34,7 @@ def _trainer(cfg_path: Path, run: Path, *overrides: str):
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, world) -> Path:
+def pretrained(tmp_path_factory, world, tiny_config) -> Path:
     """A 32 px run pre-trained for 4 steps with image boundaries and the vicuna template (its
     schedule is past warmup)."""
     tmp = tmp_path_factory.mktemp("pretrain")
@@ -45,7 +43,7 @@ def pretrained(tmp_path_factory, world) -> Path:
     return tmp / "run"
 
 
-def _sft_config(tmp: Path, world: Path) -> Path:
+def _sft_config(tmp: Path, world: Path, tiny_config) -> Path:
     """The SFT stage: 48 px, the world's conversations, nothing about the prompt format."""
     path = tiny_config(tmp, world, steps=SFT_STEPS, save_every=2, parallel="none", val_every=0)
     cfg = yaml.safe_load(path.read_text())
@@ -59,9 +57,13 @@ def _sft_config(tmp: Path, world: Path) -> Path:
     return path
 
 
-def test_an_sft_stage_starts_fresh_from_a_pretrained_run(tmp_path, world, pretrained) -> None:
+def test_an_sft_stage_starts_fresh_from_a_pretrained_run(
+    tmp_path, world, pretrained, tiny_config
+) -> None:
     run = tmp_path / "sft"
-    trainer = _trainer(_sft_config(tmp_path, world), run, f"train.init.weights={pretrained}")
+    trainer = _trainer(
+        _sft_config(tmp_path, world, tiny_config), run, f"train.init.weights={pretrained}"
+    )
     trainer.setup()
     # a fresh optimizer and schedule: step 0, no moments, warmup from its start
     assert trainer.step == 0 and not trainer.optimizer.state
@@ -73,7 +75,7 @@ def test_an_sft_stage_starts_fresh_from_a_pretrained_run(tmp_path, world, pretra
     assert source_tok.chat_template is not None
     assert trainer.data.tokenizer.chat_template == source_tok.chat_template
     assert trainer.cfg.data.image_boundaries is True
-    assert trainer.loader.dataset.s.image_boundaries is True
+    assert trainer.loader.dataset.s.prompt_format.image_boundaries is True
     assert saved_image_boundaries(run / "tokenizer") is True
     assert Tokenizer.from_file(run / "tokenizer").chat_template == source_tok.chat_template
     assert yaml.safe_load((run / "config.yaml").read_text())["data"]["image_boundaries"] is True
@@ -95,11 +97,13 @@ def test_an_sft_stage_starts_fresh_from_a_pretrained_run(tmp_path, world, pretra
     assert json.loads((run / "init.json").read_text())["sources"][0]["step"] == 4
 
 
-def test_a_resumed_sft_stage_keeps_its_own_prompt_format(tmp_path, world, pretrained) -> None:
+def test_a_resumed_sft_stage_keeps_its_own_prompt_format(
+    tmp_path, world, pretrained, tiny_config
+) -> None:
     """Resuming reads no starting point: the run's own prompt format, and the config (with the
     prompt format unset, as it was) is not a changed one."""
     run = tmp_path / "sft"
-    cfg = _sft_config(tmp_path, world)
+    cfg = _sft_config(tmp_path, world, tiny_config)
     first = _trainer(cfg, run, f"train.init.weights={pretrained}", "train.steps=2")
     first.fit()
     resumed = _trainer(cfg, run, f"train.init.weights={pretrained}", "train.steps=3")
@@ -107,9 +111,11 @@ def test_a_resumed_sft_stage_keeps_its_own_prompt_format(tmp_path, world, pretra
     assert resumed.step == 2 and resumed.cfg.data.image_boundaries is True
 
 
-def test_a_set_prompt_format_wins_over_the_carried_one(tmp_path, world, pretrained) -> None:
+def test_a_set_prompt_format_wins_over_the_carried_one(
+    tmp_path, world, pretrained, tiny_config
+) -> None:
     trainer = _trainer(
-        _sft_config(tmp_path, world),
+        _sft_config(tmp_path, world, tiny_config),
         tmp_path / "sft",
         f"train.init.weights={pretrained}",
         "data.image_boundaries=false",
@@ -119,7 +125,7 @@ def test_a_set_prompt_format_wins_over_the_carried_one(tmp_path, world, pretrain
     assert saved_image_boundaries(tmp_path / "sft" / "tokenizer") is False
 
 
-def test_a_run_from_scratch_writes_no_image_boundaries(tmp_path, world) -> None:
+def test_a_run_from_scratch_writes_no_image_boundaries(tmp_path, world, tiny_config) -> None:
     cfg = tiny_config(tmp_path, world, steps=1, parallel="none", val_every=0)
     trainer = _trainer(cfg, tmp_path / "run")
     trainer.setup()
