@@ -307,6 +307,7 @@ class MM1LMM(lmms):
             )
         return results
 
+    @torch.no_grad()
     def score_continuation(
         self, context: str, continuation: str, visuals: Any = None
     ) -> tuple[float, int, bool]:
