@@ -188,6 +188,23 @@ def first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
+def load_plain(data: io.BytesIO, where: object, what: str, allowed: list[Any] | None = None) -> Any:
+    """`torch.load` of a checkpoint entry, weights-only (plus the `allowed` globals): anything
+    else it names is refused with a `CheckpointError` naming `where` and the entry `what`."""
+    try:
+        with torch.serialization.safe_globals(allowed or []):
+            return torch.load(data, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{where}: refused the entry {what!r}: it holds more than plain data "
+            f"({first_line(err)}); it was tampered with or not written by mm1"
+        ) from None
+    except Exception as err:  # truncated or corrupt
+        raise CheckpointError(
+            f"{where}: could not read the entry {what!r} ({first_line(err)})"
+        ) from None
+
+
 def _metadata_globals() -> dict[tuple[str, str], Any]:
     """The classes and functions a DCP ``.metadata`` pickle may name, by (module, name)."""
     allowed: list[Any] = [
@@ -282,17 +299,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             raise CheckpointError(
                 f"{where}: {fqn!r} is stored as pickled bytes where a tensor belongs; refused"
             )
-        try:
-            obj = torch.load(value, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise CheckpointError(
-                f"{where}: refused the entry {fqn!r}: it holds more than plain data "
-                f"({first_line(err)})"
-            ) from None
-        except Exception as err:  # truncated or corrupt
-            raise CheckpointError(
-                f"{where}: could not read the entry {fqn!r} ({first_line(err)})"
-            ) from None
+        obj = load_plain(value, where, fqn)
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[fqn], obj)
         else:

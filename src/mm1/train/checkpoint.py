@@ -65,7 +65,6 @@ import io
 import json
 import logging
 import os
-import pickle
 import random
 import shutil
 import time
@@ -96,6 +95,7 @@ from mm1.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_model_weights,
+    load_plain,
     read_meta,
 )
 from mm1.checkpoint import REPLACED as _REPLACED
@@ -104,7 +104,6 @@ from mm1.checkpoint import TMP_PREFIX as _TMP_PREFIX
 from mm1.checkpoint import checkpoints_root as _checkpoints_root
 from mm1.checkpoint import dcp_quietly as _dcp_quietly
 from mm1.checkpoint import dist_info as _dist_info
-from mm1.checkpoint import first_line as _first_line
 from mm1.checkpoint import orphaned_replacements as _orphaned_replacements
 from mm1.checkpoint import safe_dcp_load as _dcp_load
 
@@ -211,18 +210,7 @@ def _unpack(blob: Any, what: str, path: Path) -> Any:
         raise CheckpointError(
             f"{path}: checkpoint entry {what!r} is malformed ({type(blob).__name__})"
         )
-    try:
-        with torch.serialization.safe_globals(_rank_state_globals()):
-            return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{path}: refused checkpoint entry {what!r}: it holds more than plain data "
-            f"({_first_line(err)}); it was tampered with or not written by mm1"
-        ) from None
-    except Exception as err:  # truncated or corrupt
-        raise CheckpointError(
-            f"{path}: could not read checkpoint entry {what!r} ({_first_line(err)})"
-        ) from None
+    return load_plain(io.BytesIO(blob), path, what, _rank_state_globals())
 
 
 def _optimizers(optimizer: torch.optim.Optimizer | None) -> tuple[torch.optim.Optimizer, ...]:
