@@ -60,6 +60,21 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return batch.input_ids, batch.document_ids
 
 
+def hf_greedy(llava, ids, mask, pixels, new_tokens: int, pad_id: int) -> list[list[int]]:
+    """transformers' greedy `generate` of exactly `new_tokens` new tokens per prompt (no EOS)."""
+    out = llava.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        pixel_values=pixels,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=pad_id,
+        eos_token_id=None,
+    )
+    return out[:, ids.shape[1] :].tolist()
+
+
 def run(
     batch_sizes: tuple[int, ...] = (1, 4), new_tokens: int = 48, rounds: int = 5
 ) -> dict[str, Any]:
@@ -87,17 +102,7 @@ def run(
             )
 
         def theirs(ids=ids, mask=mask, pixels=pixels):
-            out = llava.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                pixel_values=pixels,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                pad_token_id=tok.pad_id,
-                eos_token_id=None,
-            )
-            return out[:, ids.shape[1] :].tolist()
+            return hf_greedy(llava, ids, mask, pixels, new_tokens, tok.pad_id)
 
         with torch.inference_mode():
             a, h = ours(), theirs()  # warm-up, and the tokens to compare

@@ -110,7 +110,7 @@ def first_divergence(a: list[list[int]], b: list[list[int]]) -> list[int | None]
 
 
 def generation(model, llava, cfg, device, dtype, batches, new_tokens: int, rounds: int) -> list:
-    from benchmarks.generation import left_pad
+    from benchmarks.generation import hf_greedy, left_pad
     from mm1.models.generation import generate
 
     results = []
@@ -124,17 +124,7 @@ def generation(model, llava, cfg, device, dtype, batches, new_tokens: int, round
             return generate(model, ps, px, max_new_tokens=new_tokens, pad_token_id=0)
 
         def theirs(ids=ids, mask=mask, px=px):
-            out = llava.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                pixel_values=px,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                pad_token_id=0,
-                eos_token_id=None,
-            )
-            return out[:, ids.shape[1] :].tolist()
+            return hf_greedy(llava, ids, mask, px, new_tokens, 0)
 
         with torch.inference_mode():
             a, h = ours(), theirs()  # warm-up, and the tokens compared

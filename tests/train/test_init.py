@@ -136,10 +136,10 @@ def test_a_larger_image_size_interpolates_the_position_embeddings(
 def test_deprecated_model_init_keys_still_work_and_warn(
     tmp_path, world, caplog, make_hf_checkpoints, tiny_config
 ) -> None:
-    import mm1.config as config
+    from mm1.config import validation
 
     dec_dir, vis_dir, llama, clip = make_hf_checkpoints(tmp_path, world)
-    config._DEPRECATION_WARNED.clear()
+    validation._DEPRECATION_WARNED.clear()  # warned once per process
     cfg_path = tiny_config(tmp_path, world, steps=1, parallel="none", val_every=0)
     with caplog.at_level(logging.WARNING, logger="mm1.config"):
         cfg = load_config(

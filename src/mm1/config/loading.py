@@ -1,0 +1,180 @@
+"""Reading configs: YAML files with `extends`, dotted command-line overrides, OmegaConf errors
+turned into one line naming the key; and writing them back (`to_dict`, `to_yaml`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mm1.config.schema import (
+    Config,
+    ConfigError,
+    EvalConfig,
+    ModelConfig,
+    SourceConfig,
+)
+from mm1.config.validation import (
+    apply_deprecated_keys,
+    validate,
+    validate_eval,
+    validate_model,
+)
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+EXTENDS_KEY = "extends"  # a YAML may build on others: `extends: [models/mm1_3b.yaml]`
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = (), shown: str | None = None) -> DictConfig:
+    # Messages name the file as the user wrote it (`shown`), not its resolved symlink target;
+    # resolving is only for cycle detection and for `extends` relative to the real file.
+    shown = shown or str(path)
+    real = path.resolve()
+    if real in seen:
+        raise ConfigError(f"{shown}: circular '{EXTENDS_KEY}'")
+    if not real.is_file():
+        raise ConfigError(f"config file not found: {shown}")
+    try:
+        raw = OmegaConf.load(real)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{shown}: not valid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"{shown}: the top level must be a mapping of sections")
+    parents = raw.pop(EXTENDS_KEY, None) or []
+    if isinstance(parents, str):
+        parents = [parents]
+    merged = OmegaConf.create({})
+    for parent in parents:
+        label = f"{parent} ('{EXTENDS_KEY}' of {shown})"
+        merged = OmegaConf.merge(merged, _read_yaml(real.parent / parent, (*seen, real), label))
+    return OmegaConf.merge(merged, raw)
+
+
+def _check_fixed_tuples(raw: Any, schema: type, where: str, prefix: str = "") -> None:
+    """Name the key of a fixed-length tuple given the wrong number of values
+    (`train.optim.betas=[0.9]`): OmegaConf reports that without any key."""
+    if not isinstance(raw, dict):
+        return
+    hints = get_type_hints(schema)
+    for f in fields(schema):
+        value, hint, key = raw.get(f.name), hints[f.name], f"{prefix}{f.name}"
+        if is_dataclass(hint):
+            _check_fixed_tuples(value, hint, where, f"{key}.")  # type: ignore[arg-type]
+        elif get_origin(hint) is tuple and Ellipsis not in get_args(hint):
+            n = len(get_args(hint))
+            if isinstance(value, list) and len(value) != n:
+                example = list(f.default) if isinstance(f.default, tuple) else None
+                raise ConfigError(
+                    f"{key}={value} ({where}): needs exactly {n} values"
+                    + (f", e.g. {example}" if example else "")
+                )
+
+
+def _check_source_keys(raw: DictConfig, where: str) -> None:
+    """Name a misspelt key of a source entry with its list position (`data.sources[0].pth`):
+    OmegaConf reports list elements without their path."""
+    known = set(SourceConfig.__dataclass_fields__)
+    data = raw.get("data") if isinstance(raw, DictConfig) else None
+    for key in ("sources", "val_sources"):
+        entries = data.get(key) if isinstance(data, DictConfig) else None
+        for i, entry in enumerate(entries if isinstance(entries, ListConfig) else []):
+            bad = sorted(set(entry) - known) if isinstance(entry, DictConfig) else []
+            if bad:
+                raise ConfigError(
+                    f"data.{key}[{i}].{bad[0]} ({where}): not a source key; known: "
+                    f"{', '.join(sorted(known))}"
+                )
+
+
+def _friendly(err: OmegaConfBaseException) -> ConfigError:
+    key = getattr(err, "full_key", None)
+    msg = str(err).splitlines()[0]
+    return ConfigError(f"{key}: {msg}" if key else msg)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (with `extends`), apply `section.key=value` overrides, validate."""
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = schema
+        if path is not None:
+            raw = _read_yaml(Path(path))
+            _check_source_keys(raw, str(path))
+            _check_fixed_tuples(OmegaConf.to_container(raw), Config, str(path))
+            merged = OmegaConf.merge(merged, raw)
+        if overrides:
+            for o in overrides:
+                if "=" not in o:
+                    raise ConfigError(f"override {o!r} is not of the form section.key=value")
+            dotlist = OmegaConf.from_dotlist(list(overrides))
+            _check_source_keys(dotlist, "the command line")
+            _check_fixed_tuples(OmegaConf.to_container(dotlist), Config, "the command line")
+            merged = OmegaConf.merge(merged, dotlist)
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        raise _friendly(err) from None
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:  # e.g. a mapping where the schema has a list
+        where = f"{path}: " if path is not None else ""
+        hint = "a list written as a mapping? data.sources is a list: - {format: ..., path: ...}"
+        raise ConfigError(f"{where}{err} ({hint})") from None
+    apply_deprecated_keys(cfg)
+    validate(cfg)
+    return cfg
+
+
+def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    """Build and validate a ModelConfig from a plain dict (e.g. an exported config.json)."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.create(d))
+        m: ModelConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        raise _friendly(err) from None
+    validate_model(m)
+    return m
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain, YAML/JSON-serialisable dict of any config dataclass."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def load_eval_config(saved: str | Path | None = None, overrides: Sequence[str] = ()) -> EvalConfig:
+    """The `eval` section of a run's saved config (the defaults without one), then `eval.*`
+    overrides; validated. `mm1 eval RUN` scores a run with the settings its own report used."""
+    bad = [o for o in overrides if "=" not in o or not o.startswith("eval.")]
+    if bad:
+        known = ", ".join(EvalConfig.__dataclass_fields__)
+        raise ConfigError(f"override {bad[0]!r}: give eval.KEY=VALUE, KEY one of {known}")
+    merged = OmegaConf.structured(Config)
+    if saved is not None:
+        try:
+            raw = OmegaConf.load(saved)
+            section = raw.get("eval") if isinstance(raw, DictConfig) else None
+            if section is not None:
+                merged = OmegaConf.merge(merged, {"eval": section})
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{saved}: not valid YAML: {' '.join(str(err).split())}") from None
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{_friendly(err)} ({saved})") from None
+    try:
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        e: EvalConfig = OmegaConf.to_object(merged.eval)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{_friendly(err)} (the command line)") from None
+    validate_eval(e)
+    return e

@@ -1,0 +1,362 @@
+"""The config dataclasses of every section of a run: models, data, training, evaluation."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or invalid; the message names the key."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+
+VISION_VARIANTS = ("clip", "siglip")
+ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh", "silu")
+DEMO_SELECTIONS = ("random", "rices")
+BAD_IMAGE_POLICIES = ("error", "empty")
+ATTENTION_BACKENDS = ("auto", "sdpa", "varlen", "flex")
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
+class VisionConfig:
+    """A ViT image encoder (CLIP or SigLIP layout)."""
+
+    variant: str = "clip"
+    image_size: int = 336
+    patch_size: int = 14
+    width: int = 1024
+    layers: int = 24
+    heads: int = 16
+    mlp_dim: int = 4096
+    act: str = "quick_gelu"
+    norm_eps: float = 1e-5
+    # Index into the encoder's hidden states as transformers counts them: 0 = embeddings,
+    # i = output of block i, -1 = last block (before the final norm), -2 = LLaVA's choice.
+    feature_layer: int = -1
+    # Deprecated: train.init.vision (read from here with a warning, see `apply_deprecated_keys`).
+    init: str | None = None
+
+    @property
+    def cls_token(self) -> bool:
+        return self.variant == "clip"
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+
+@dataclass
+class ConnectorConfig:
+    """The vision-language connector: (B, N, Dv) patch features -> (B, Q, D_llm) image tokens.
+
+    The options every connector has; each registered type extends it with its own (e.g.
+    `mm1.models.connectors.CAbstractorConfig`) and validates them (`validate`)."""
+
+    type: str = "c_abstractor"
+    # Q, the number of image tokens per image. 0 = as many as the encoder gives patches (the
+    # only choice for linear / mlp, which map patch to token).
+    num_tokens: int = 144
+
+    def validate(self, key: str, model: ModelConfig) -> None:
+        if self.num_tokens < 0:
+            raise ConfigError(f"{key}.num_tokens={self.num_tokens} must be >= 0")
+
+
+@dataclass
+class FFNConfig:
+    """The decoder block's feed-forward module; each registered type extends it with its own
+    options (`decoder.ffn: {type: swiglu}`; the string `swiglu` means the same)."""
+
+    type: str = "swiglu"
+
+    def validate(self, key: str, model: ModelConfig) -> None:
+        pass
+
+
+@dataclass
+class RopeScalingConfig:
+    type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass
+class DecoderConfig:
+    """A Llama-style decoder LLM."""
+
+    vocab_size: int = 32000
+    dim: int = 2048
+    layers: int = 24
+    heads: int = 16
+    kv_heads: int = 16
+    head_dim: int = 0  # 0 = dim // heads
+    ffn_dim: int = 5632
+    # The FFN module: a registered type's FFNConfig, written as a mapping ({type: swiglu, ...})
+    # or just the type's name; parsed into the type's dataclass by `resolve_components`.
+    ffn: Any = field(default_factory=lambda: {"type": "swiglu"})
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    max_seq_len: int = 4096
+    qk_norm: bool = False
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+    sliding_window: int = 0  # 0 = full causal attention (Mistral checkpoints may set it)
+    # sdpa: scaled_dot_product_attention with a dense document mask (any device); varlen: causal
+    # SDPA over documents grouped by length (no score across documents is computed); flex:
+    # FlexAttention with a document block mask (compiled on GPU); auto: varlen for rows of at
+    # least `VARLEN_MIN_LEN` tokens, sdpa for shorter ones (where the dense mask costs less).
+    attention: str = "auto"
+    init: str | None = None  # deprecated: train.init.decoder (see `apply_deprecated_keys`)
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.dim // self.heads
+
+    @property
+    def ffn_type(self) -> str:
+        """The FFN's registered name, parsed or not."""
+        f = self.ffn
+        return (
+            f
+            if isinstance(f, str)
+            else f.get("type", "swiglu")
+            if isinstance(f, Mapping)
+            else f.type
+        )
+
+
+@dataclass
+class ModelConfig:
+    family: str = "mm1"  # a registered model family (`mm1.models.family`)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    # A registered type's ConnectorConfig ({type: ..., its options}); parsed into the type's
+    # dataclass by `resolve_components`.
+    connector: Any = field(default_factory=lambda: {"type": "c_abstractor"})
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    # Token id of the image placeholder slots in input_ids; -1 = the last id of the vocabulary
+    # (where the tokenizer's added `<image>` lands); set from the tokenizer by the data side.
+    image_token_id: int = -1
+    init_std: float = 0.02
+
+    @property
+    def resolved_image_token_id(self) -> int:
+        return self.image_token_id if self.image_token_id >= 0 else self.decoder.vocab_size - 1
+
+    @property
+    def num_image_tokens(self) -> int:
+        from mm1.config.validation import resolve_components  # validation imports this module
+
+        resolve_components(self)
+        return self.connector.num_tokens or self.vision.num_patches
+
+
+# ---------------------------------------------------------------------------------------------
+# Data, training, evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SourceConfig:
+    """One data source of the mixture."""
+
+    format: str = MISSING  # wds | obelics | mmc4 | text | llava | llava_yaml | coco (captions)
+    path: str = MISSING  # a file, a directory of shards, or a glob
+    weight: float = 1.0
+    # The dataset's name in per-dataset losses (`loss_ds_<name>`); empty = from the path
+    # (`source_names`). Letters, digits, `_`, `-`, `.`; unique among the sources.
+    name: str = ""
+    # captions | interleaved | text | sft: how documents are packed and whose loss they count
+    # in; empty = from the format (wds: captions, obelics / mmc4: interleaved, llava: sft).
+    kind: str = ""
+    image_root: str | None = None  # local image folder (obelics paths, mmc4, llava)
+    # Read record image paths that leave image_root (absolute, or climbing out with `..`);
+    # off, such records are skipped and counted (`absolute_path`, `path_outside_root`).
+    allow_absolute_paths: bool = False
+
+    @property
+    def resolved_kind(self) -> str:
+        return self.kind or FORMAT_KINDS[self.format]
+
+
+def source_names(sources: Sequence[SourceConfig]) -> list[str]:
+    """Each source's dataset name: its `name`, else the stem of the last path component that
+    is not a pattern (`data/cc3m/{00000..00009}.tar` -> `cc3m`), else `source{i}`; a derived
+    name already taken gets `_{i}` appended, so the names are unique."""
+    taken = {s.name for s in sources if s.name}
+    names: list[str] = []
+    for i, s in enumerate(sources):
+        name = s.name
+        if not name:
+            name = _path_stem(s.path) or f"source{i}"
+            while name in taken:
+                name = f"{name}_{i}"
+        taken.add(name)
+        names.append(name)
+    return names
+
+
+_DATA_SUFFIXES = (".json", ".jsonl", ".gz", ".tar", ".parquet", ".yaml", ".yml", ".txt", ".zst")
+
+
+def _path_stem(path: str) -> str:
+    for part in reversed(Path(path).parts):
+        if any(c in part for c in "*?[{"):
+            continue
+        while Path(part).suffix.lower() in _DATA_SUFFIXES:
+            part = part[: -len(Path(part).suffix)]
+        stem = re.sub(r"[^A-Za-z0-9_.-]", "_", part).strip("._")
+        if stem:
+            return stem
+    return ""
+
+
+SOURCE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+# Must match mm1.data.sources.FORMATS (the readers); a test checks that they agree.
+SOURCE_FORMATS = ("wds", "obelics", "mmc4", "text", "llava", "llava_yaml", "coco")
+FORMAT_KINDS = {
+    "wds": "captions",
+    "coco": "captions",
+    "obelics": "interleaved",
+    "mmc4": "interleaved",
+    "text": "text",
+    "llava": "sft",
+    "llava_yaml": "sft",
+}
+SOURCE_KINDS = ("captions", "interleaved", "text", "sft")
+# Formats whose images are files next to (or under a folder named by) `image_root`; wds shards
+# and text sources carry no image paths.
+IMAGE_ROOT_FORMATS = ("obelics", "mmc4", "llava", "llava_yaml", "coco")
+
+
+@dataclass
+class DataConfig:
+    world: str = "data/world"  # the synthetic world's directory (written if absent)
+    world_size: str = "tiny"
+    world_seed: int = 0
+    world_text_scale: float = 1.0  # text around images: 1 web-like, 0 compact (see write_world)
+    tokenizer: str | None = None  # tokenizer.json (or a dir); default: the world's
+    sources: list[SourceConfig] = field(default_factory=list)
+    seq_len: int = 2048
+    max_images_per_seq: int = 16
+    # Image slots between <img> and </img>. None (the default): as the starting point was
+    # trained (the prompt format saved with train.init.decoder / .weights; a resumed run keeps
+    # its own), False without one. The trainer resolves it before anything reads it.
+    image_boundaries: bool | None = None
+    val_sources: list[SourceConfig] = field(default_factory=list)  # default: the world's
+    num_workers: int = 0
+    pack_buffer: int = 32  # pieces the packer chooses from when filling a sequence
+    max_error_rate: float = 0.01
+    seed: int = 0
+    # Decoded pixels per image (0 = no cap): above it a JPEG is decoded at 1/2, 1/4 or 1/8
+    # scale and anything still larger is reduced; images within it decode exactly.
+    max_image_pixels: int = 4096 * 4096
+    # How SFT conversations are written: "" = the tokenizer's chat template (plain if it has
+    # none), a built-in (plain, vicuna_v1, chatml, llama3) or a .jinja file; saved with the run.
+    chat_template: str = ""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.0  # 0 = the MM1 peak-lr law for the decoder's size
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int = 2000
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    vision_lr_mult: float = 1.0
+
+
+@dataclass
+class InitConfig:
+    """Where a run's starting weights come from (the architecture stays in `model`).
+
+    `weights` is a run directory (its newest checkpoint), one of its checkpoints
+    (RUN/checkpoints/step_N) or an exported directory: every part of the model starts from it.
+    `vision`, `decoder` and `connector` override one part each: an HF checkpoint directory
+    (CLIP / SigLIP for vision, Llama / Qwen2 / Mistral for the decoder; its architecture replaces
+    the config's) or an mm1 run / export (its part of the model; the config's architecture, the
+    weights adapted by the loading chain: position embeddings, vocabulary). Parts named nowhere
+    start from random. A resumed run ignores all of this: it continues from its own checkpoint.
+    """
+
+    weights: str | None = None
+    vision: str | None = None
+    connector: str | None = None
+    decoder: str | None = None
+
+
+INIT_PARTS = ("vision", "connector", "decoder")
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    init: InitConfig = field(default_factory=InitConfig)
+    steps: int = 200000
+    batch_size: int = 512  # sequences per optimizer step, over all ranks
+    micro_batch_size: int = 1
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train_vision: bool = True
+    train_connector: bool = True
+    train_decoder: bool = True
+    parallel: str = "fsdp"  # fsdp | ddp | none
+    dtype: str = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
+    activation_checkpointing: bool = False
+    compile: bool = False
+    log_every: int = 10
+    val_every: int = 500  # 0 = no held-out validation
+    val_batches: int = 4
+    save_every: int = 1000
+    keep_checkpoints: int = 3
+    max_nonfinite_in_a_row: int = 5  # consecutive skipped (non-finite) steps before aborting
+    tensorboard: bool = True
+    # Weight of each auxiliary loss the model emits, by name (e.g. {router_balance: 0.01}); a
+    # loss without a weight here stops the run at its first step. Dense models emit none.
+    aux_loss_weights: dict[str, float] = field(default_factory=dict)
+    wandb: str = "off"  # off | offline | online (online falls back to offline without a key)
+    progress: bool = True
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=lambda: ["synth_coco", "synth_vqa"])
+    shots: list[int] = field(default_factory=lambda: [0, 4, 8])
+    seeds: int = 3
+    max_new_tokens: int = 20  # captions; VQA answers take 5
+    num_beams: int = 1  # 1 = greedy; 3 = OpenFlamingo's beam search
+    batch_size: int = 8
+    max_examples: int = 0  # 0 = every query of each task; N = the first N (reported as a subset)
+    vqa_max_new_tokens: int = 5  # answers are short (OpenFlamingo's VQA setting)
+    length_penalty: float = 0.0  # beam hypotheses scored by summed log-probs (OpenFlamingo)
+    demo_selection: str = "random"  # or "rices": demonstrations retrieved by image similarity
+    zero_shot_text_demos: bool = True  # OpenFlamingo's 0-shot: two text-only demonstrations
+    shuffle_images: bool = False  # control: every query shown another query's image
+    bad_images: str = "error"  # or "empty": queries showing an undecodable image score empty
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

@@ -1,0 +1,297 @@
+"""Semantic checks that types cannot express, each naming its key; registered components
+(connectors, FFNs, families) are parsed and validated by their own option dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mm1.config.schema import (
+    ACTIVATIONS,
+    ATTENTION_BACKENDS,
+    BAD_IMAGE_POLICIES,
+    DEMO_SELECTIONS,
+    IMAGE_ROOT_FORMATS,
+    INIT_PARTS,
+    ROPE_TYPES,
+    SOURCE_FORMATS,
+    SOURCE_KINDS,
+    SOURCE_NAME,
+    VISION_VARIANTS,
+    Config,
+    ConfigError,
+    ConnectorConfig,
+    EvalConfig,
+    FFNConfig,
+    InitConfig,
+    ModelConfig,
+)
+from mm1.registry import CONNECTORS, FAMILIES, FFNS, Registry
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key}={value} must be positive")
+
+
+def parse_component(registry: Registry, key: str, raw: Any, base: type) -> Any:
+    """The typed options of a registered part, from its name, a mapping (`type` and the type's
+    options) or a config dataclass; `base` is the kind's common dataclass (ConnectorConfig,
+    FFNConfig), used for a type registered without options of its own.
+
+    Keys that another registered type of the kind declares are ignored, so the flat keys of
+    older configs (every connector option side by side) and a type switched by an override
+    still read; a key no type declares is an error naming it."""
+    if isinstance(raw, str):
+        raw = {"type": raw}
+    elif dataclasses.is_dataclass(raw) and not isinstance(raw, type):
+        raw = {f.name: getattr(raw, f.name) for f in dataclasses.fields(raw)}
+    elif isinstance(raw, DictConfig):
+        raw = OmegaConf.to_container(raw, resolve=True)
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{key}={raw!r} must be a {registry.kind} name or a mapping with a type")
+    name = raw.get("type", base.type)
+    entry = registry.get(name) if isinstance(name, str) else None
+    if entry is None:
+        raise ConfigError(
+            f"{key}.type={name!r} is not a registered {registry.kind}; {registry.registered()}"
+        )
+    cls = entry.config or base
+    own = {f.name for f in dataclasses.fields(cls)}
+    others = {f.name for c in registry.configs() for f in dataclasses.fields(c)}
+    unknown = sorted(set(raw) - own - others)
+    if unknown:
+        raise ConfigError(
+            f"{key}.{unknown[0]} is not an option of {registry.kind} {name!r} "
+            f"(its options: {', '.join(sorted(own))})"
+        )
+    try:
+        node = OmegaConf.merge(
+            OmegaConf.structured(cls), {k: v for k, v in raw.items() if k in own}
+        )
+        return OmegaConf.to_object(node)
+    except OmegaConfBaseException as err:
+        sub = getattr(err, "full_key", None)
+        msg = str(err).splitlines()[0]
+        raise ConfigError(f"{key}.{sub}: {msg}" if sub else f"{key}: {msg}") from None
+
+
+def resolve_components(m: ModelConfig, prefix: str = "model") -> ModelConfig:
+    """Parse `m.connector` and `m.decoder.ffn` into their types' dataclasses, in place
+    (idempotent: a parsed config is kept as it is)."""
+    for registry, holder, key, base in (
+        (CONNECTORS, m, "connector", ConnectorConfig),
+        (FFNS, m.decoder, "decoder.ffn", FFNConfig),
+    ):
+        attr = key.rsplit(".", 1)[-1]
+        raw = getattr(holder, attr)
+        entry = registry.get(raw.type) if isinstance(raw, base) else None
+        if entry is None or type(raw) is not (entry.config or base):
+            setattr(holder, attr, parse_component(registry, f"{prefix}.{key}", raw, base))
+    return m
+
+
+def validate_model(m: ModelConfig, prefix: str = "model") -> None:
+    """Checks of the model section; parses the connector and FFN options first
+    (`resolve_components`), then lets each validate its own."""
+    v, d = m.vision, m.decoder
+    if FAMILIES.get(m.family) is None:
+        raise ConfigError(
+            f"{prefix}.family={m.family!r} is not a registered model family; "
+            f"{FAMILIES.registered()}"
+        )
+    _choice(f"{prefix}.vision.variant", v.variant, VISION_VARIANTS)
+    _choice(f"{prefix}.vision.act", v.act, ACTIVATIONS)
+    for k in ("image_size", "patch_size", "width", "layers", "heads", "mlp_dim"):
+        _positive(f"{prefix}.vision.{k}", getattr(v, k))
+    if v.image_size % v.patch_size:
+        raise ConfigError(
+            f"{prefix}.vision.image_size={v.image_size} is not a multiple of "
+            f"{prefix}.vision.patch_size={v.patch_size}"
+        )
+    if v.width % v.heads:
+        raise ConfigError(f"{prefix}.vision.width={v.width} is not divisible by heads={v.heads}")
+    if not -(v.layers + 1) <= v.feature_layer <= v.layers:
+        raise ConfigError(
+            f"{prefix}.vision.feature_layer={v.feature_layer} is outside the encoder's "
+            f"{v.layers + 1} hidden states (-{v.layers + 1}..{v.layers})"
+        )
+
+    resolve_components(m, prefix)
+    m.connector.validate(f"{prefix}.connector", m)
+    d.ffn.validate(f"{prefix}.decoder.ffn", m)
+    _choice(f"{prefix}.decoder.attention", d.attention, ATTENTION_BACKENDS)
+    _choice(f"{prefix}.decoder.rope_scaling.type", d.rope_scaling.type, ROPE_TYPES)
+    for k in ("vocab_size", "dim", "layers", "heads", "kv_heads", "ffn_dim", "max_seq_len"):
+        _positive(f"{prefix}.decoder.{k}", getattr(d, k))
+    if d.heads % d.kv_heads:
+        raise ConfigError(
+            f"{prefix}.decoder.heads={d.heads} is not a multiple of kv_heads={d.kv_heads}"
+        )
+    if not d.head_dim and d.dim % d.heads:
+        raise ConfigError(f"{prefix}.decoder.dim={d.dim} is not divisible by heads={d.heads}")
+    if d.resolved_head_dim % 2:
+        raise ConfigError(f"{prefix}.decoder.head_dim must be even for rotary embeddings")
+    if m.image_token_id >= d.vocab_size:
+        raise ConfigError(
+            f"{prefix}.image_token_id={m.image_token_id} is outside the vocabulary "
+            f"(decoder.vocab_size={d.vocab_size})"
+        )
+
+
+_DEPRECATION_WARNED: set[str] = set()
+
+
+def apply_deprecated_keys(cfg: Config) -> Config:
+    """Move the starting weights still named in the architecture (`model.vision.init`,
+    `model.decoder.init`) to `train.init`, with a warning (once per key); in place, idempotent.
+    Both set to different directories is an error."""
+    for part in ("vision", "decoder"):
+        section = getattr(cfg.model, part)
+        old = section.init
+        if not old:
+            continue
+        new = getattr(cfg.train.init, part)
+        if new is not None and new != old:
+            raise ConfigError(
+                f"model.{part}.init={old} and train.init.{part}={new} disagree: keep "
+                f"train.init.{part} (model.{part}.init is deprecated)"
+            )
+        if part not in _DEPRECATION_WARNED:
+            _DEPRECATION_WARNED.add(part)
+            log.warning(
+                "model.%s.init is deprecated: starting weights are train.init.%s (read as that)",
+                part,
+                part,
+            )
+        setattr(cfg.train.init, part, old)
+        section.init = None
+    return cfg
+
+
+def deprecated_keys_in_dict(d: dict[str, Any]) -> dict[str, Any]:
+    """`apply_deprecated_keys` on a plain config dict (a saved config.yaml, maybe written before
+    `train.init` existed); in place, silent."""
+    train = d.setdefault("train", {})
+    init = train.setdefault("init", {})
+    for k in ("weights", *INIT_PARTS):
+        init.setdefault(k, None)
+    for part in ("vision", "decoder"):
+        section = d.get("model", {}).get(part, {})
+        if section.get("init"):
+            init[part] = init[part] or section["init"]
+            section["init"] = None
+    return d
+
+
+def has_starting_weights(init: InitConfig) -> bool:
+    return any(getattr(init, k) for k in ("weights", *INIT_PARTS))
+
+
+def validate(cfg: Config) -> None:
+    """Semantic checks across the whole config; raises ConfigError naming the key."""
+    validate_model(cfg.model)
+    d, t = cfg.data, cfg.train
+    _positive("data.seq_len", d.seq_len)
+    _positive("data.max_images_per_seq", d.max_images_per_seq)
+    if not 0.0 <= d.max_error_rate <= 1.0:
+        raise ConfigError(f"data.max_error_rate={d.max_error_rate} must be within [0, 1]")
+    if d.max_image_pixels < 0:
+        raise ConfigError(f"data.max_image_pixels={d.max_image_pixels} must be >= 0 (0 = no cap)")
+    _choice("data.world_size", d.world_size, ("tiny", "small", "medium"))
+    if d.world_text_scale < 0:
+        raise ConfigError(f"data.world_text_scale={d.world_text_scale} must be >= 0")
+    for key, sources in (("data.sources", d.sources), ("data.val_sources", d.val_sources)):
+        named: dict[str, int] = {}
+        for i, s in enumerate(sources):
+            _choice(f"{key}[{i}].format", s.format, SOURCE_FORMATS)
+            if s.name and not SOURCE_NAME.fullmatch(s.name):
+                raise ConfigError(
+                    f"{key}[{i}].name={s.name!r} may hold only letters, digits, '_', '-' and '.'"
+                )
+            if s.name in named:
+                raise ConfigError(
+                    f"{key}[{i}].name={s.name!r} is also {key}[{named[s.name]}]'s name: "
+                    "source names must be unique"
+                )
+            if s.name:
+                named[s.name] = i
+            if s.kind:
+                _choice(f"{key}[{i}].kind", s.kind, SOURCE_KINDS)
+            if s.weight < 0:
+                raise ConfigError(f"{key}[{i}].weight={s.weight} must be >= 0")
+            if s.image_root is not None and s.format not in IMAGE_ROOT_FORMATS:
+                raise ConfigError(
+                    f"{key}[{i}].image_root is set, but the {s.format} format has no image "
+                    f"paths to resolve (image_root applies to {', '.join(IMAGE_ROOT_FORMATS)})"
+                )
+            if s.allow_absolute_paths and s.format not in IMAGE_ROOT_FORMATS:
+                raise ConfigError(
+                    f"{key}[{i}].allow_absolute_paths is set, but the {s.format} format has no "
+                    f"image paths (it applies to {', '.join(IMAGE_ROOT_FORMATS)})"
+                )
+    if d.sources and sum(s.weight for s in d.sources) <= 0:
+        raise ConfigError("data.sources: the weights sum to zero")
+    n_img = cfg.model.num_image_tokens + 2 * bool(d.image_boundaries)  # <img> slots </img>
+    if n_img >= d.seq_len:
+        raise ConfigError(
+            f"data.seq_len={d.seq_len} cannot hold one image of {n_img} tokens "
+            "(model.connector.num_tokens, data.image_boundaries)"
+        )
+    for k in ("weights", *INIT_PARTS):
+        value = getattr(t.init, k)
+        if value is not None and not value.strip():
+            raise ConfigError(f"train.init.{k} is empty: name a directory, or leave it unset")
+    _choice("train.parallel", t.parallel, ("fsdp", "ddp", "none"))
+    _choice("train.dtype", t.dtype, ("auto", "float32", "bfloat16"))
+    _choice("train.wandb", t.wandb, ("off", "offline", "online"))
+    for k in ("steps", "batch_size", "micro_batch_size", "log_every", "save_every"):
+        _positive(f"train.{k}", getattr(t, k))
+    if t.batch_size % t.micro_batch_size:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} is not a multiple of "
+            f"train.micro_batch_size={t.micro_batch_size}"
+        )
+    if t.optim.lr < 0:
+        raise ConfigError(f"train.optim.lr={t.optim.lr} must be >= 0 (0 = the MM1 law)")
+    if not t.optim.grad_clip >= 0:
+        raise ConfigError(
+            f"train.optim.grad_clip={t.optim.grad_clip} must be >= 0 (0 = no clipping)"
+        )
+    for name, w in t.aux_loss_weights.items():
+        if not w >= 0:
+            raise ConfigError(f"train.aux_loss_weights.{name}={w} must be >= 0")
+    if not 0 <= t.optim.min_lr_ratio <= 1:
+        raise ConfigError(f"train.optim.min_lr_ratio={t.optim.min_lr_ratio} must be in [0, 1]")
+    validate_eval(cfg.eval)
+
+
+def validate_eval(e: EvalConfig) -> None:
+    if not e.shots:
+        raise ConfigError("eval.shots is empty: give shot counts like [0, 4, 8]")
+    for i, s in enumerate(e.shots):
+        if s < 0:
+            raise ConfigError(f"eval.shots[{i}]={s} must be >= 0")
+    for k in ("seeds", "max_new_tokens", "vqa_max_new_tokens", "num_beams", "batch_size"):
+        _positive(f"eval.{k}", getattr(e, k))
+    _choice("eval.demo_selection", e.demo_selection, DEMO_SELECTIONS)
+    _choice("eval.bad_images", e.bad_images, BAD_IMAGE_POLICIES)
+    if e.max_examples < 0:
+        raise ConfigError(f"eval.max_examples={e.max_examples} must be >= 0 (0 = every query)")
