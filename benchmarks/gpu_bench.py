@@ -145,12 +145,7 @@ def train_variant(args, compile_blocks: bool, attention: str = "auto") -> dict[s
     times.sort()
     median = times[len(times) // 2]
     if args.profile:
-        profile_steps(
-            step,
-            device,
-            Path(args.out)
-            / f"profile_{'flex' if attention == 'flex' else 'compile' if compile_blocks else 'eager'}.txt",
-        )
+        profile_steps(step, device, Path(args.out) / f"profile_{args.variant}.txt")
     tokens = args.micro_batch * seq_len
     s = summarize(cfg, seq_len)
     # Attention FLOPs where attention really runs: within each packed document (the
@@ -332,6 +327,7 @@ def main() -> None:
     out_dir = Path(
         args.out or ROOT / "benchmarks" / "results" / ("gpu-smoke" if args.cpu_smoke else "gpu")
     )
+    args.out = str(out_dir)  # the profile table goes beside the JSON
     if args.variant == "flex" and args.cpu_smoke:
         payload = {
             "status": "skipped",
