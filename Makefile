@@ -31,6 +31,13 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 install-eval: $(VENV)/.installed-eval
 
+# The chat page's test drives Debian's chromium through its chromedriver (CI runs as root);
+# it fails, not skips, without them.
+$(VENV)/.installed-browser: $(BIN)/python
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq chromium chromium-driver; }
+	touch $@
+
 demo: $(VENV)/.installed
 	$(BIN)/mm1 demo
 
@@ -42,7 +49,7 @@ format: $(VENV)/.installed-dev
 	$(BIN)/ruff check --fix src tests benchmarks
 	$(BIN)/ruff format src tests benchmarks
 
-test: lint $(VENV)/.installed-eval
+test: lint $(VENV)/.installed-eval $(VENV)/.installed-browser
 	$(BIN)/python -m pytest
 
 bench: $(VENV)/.installed-dev

@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mm1.config import Config, ConfigError, EvalConfig, ModelConfig, load_config
+from mm1.serve import add_arguments as serve_arguments
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -349,6 +350,12 @@ def cmd_chat(args: argparse.Namespace) -> int | None:
     return 130 if answer_once(session, args.message, images).stopped else None
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from mm1.serve import run
+
+    run(args)
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from mm1.config import to_dict
     from mm1.eval.fewshot import evaluate
@@ -587,6 +594,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="for reproducible sampling")
     p.add_argument("--device", default="cpu")
+
+    p = add("serve", cmd_serve, "an OpenAI-compatible chat API and a chat page for a model")
+    serve_arguments(p)
     return parser
 
 

@@ -145,6 +145,9 @@ class _Sequence:
     row: int  # its cache row
     position: int  # position of the next token it feeds
     token: int | None = None  # the token chosen last step, fed at the next one
+    # Its own way of choosing tokens (a server's per-request settings); None: the batch's.
+    sampling: Sampling | None = None
+    generator: torch.Generator | None = None
 
 
 class DecodeBatch:
@@ -192,11 +195,22 @@ class DecodeBatch:
 
     @torch.no_grad()
     def prefill(
-        self, prompts: Sequence[Sequence[int]], pixel_values: torch.Tensor | None = None
+        self,
+        prompts: Sequence[Sequence[int]],
+        pixel_values: torch.Tensor | None = None,
+        *,
+        sampling: Sequence[Sampling | None] | None = None,
+        generators: Sequence[torch.Generator | None] | None = None,
     ) -> list[int]:
         """Add sequences (token ids with image slots expanded; their images in slot order);
-        returns their ids. Their first tokens come with the next `step`."""
+        returns their ids. Their first tokens come with the next `step`. `sampling` and
+        `generators` give each prompt its own way of choosing tokens (None: the batch's); a
+        sequence with its own generator draws the same tokens whatever runs beside it."""
         _check_prompts(prompts, (), None)
+        sampling = list(sampling) if sampling is not None else [None] * len(prompts)
+        generators = list(generators) if generators is not None else [None] * len(prompts)
+        if not len(sampling) == len(generators) == len(prompts):
+            raise ValueError("sampling and generators need one entry per prompt")
         if len(prompts) > len(self._free):
             raise ValueError(f"{len(prompts)} prompts but {len(self._free)} free cache rows")
         rows, self._free = self._free[: len(prompts)], self._free[len(prompts) :]
@@ -205,8 +219,8 @@ class DecodeBatch:
         logits, _, _ = _prefill(self.model, prompts, pixel_values, self.pad_token_id, view)
         ids = list(range(self._next_id, self._next_id + len(prompts)))
         self._next_id += len(prompts)
-        for sid, row, p in zip(ids, rows, prompts):
-            self._seqs[sid] = _Sequence(row, position=len(p))
+        for sid, row, p, how, gen in zip(ids, rows, prompts, sampling, generators):
+            self._seqs[sid] = _Sequence(row, position=len(p), sampling=how, generator=gen)
         self._pending.append((ids, logits))
         return ids
 
@@ -219,7 +233,7 @@ class DecodeBatch:
         if feed:
             self._pending.append((feed, self._decode(feed)))
         order = self.active
-        chosen = next_token(self._take_logits(order), self.sampling, self.generator)
+        chosen = self._choose(self._take_logits(order), [self._seqs[sid] for sid in order])
         tokens = chosen.tolist()  # one device-to-host copy per step, not one per sequence
         for sid, tok in zip(order, tokens):
             self._seqs[sid].token = tok
@@ -246,6 +260,23 @@ class DecodeBatch:
             s.position += 1
             s.token = None
         return logits
+
+    def _choose(self, logits: torch.Tensor, seqs: list[_Sequence]) -> torch.Tensor:
+        """The next token of each row of `logits`: the batch's choice for every sequence without
+        settings of its own (one call), each other row chosen alone with its own generator."""
+        own = [i for i, s in enumerate(seqs) if s.sampling is not None or s.generator is not None]
+        if not own:
+            return next_token(logits, self.sampling, self.generator)
+        chosen = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
+        shared = [i for i in range(len(seqs)) if i not in set(own)]
+        if shared:
+            index = torch.tensor(shared, device=logits.device)
+            chosen[index] = next_token(logits[index], self.sampling, self.generator)
+        for i in own:
+            s = seqs[i]
+            how, gen = s.sampling or self.sampling, s.generator or self.generator
+            chosen[i] = next_token(logits[i : i + 1], how, gen)[0]
+        return chosen
 
     def _take_logits(self, order: list[int]) -> torch.Tensor:
         """The pending logits of the sequences in `order`, as one (n, vocab) batch."""

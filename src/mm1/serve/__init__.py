@@ -1,0 +1,97 @@
+"""`mm1 serve CHECKPOINT`: an OpenAI-compatible chat server with a chat page (`mm1[serve]`).
+
+The web stack (FastAPI, uvicorn) is imported only when a server starts, so the rest of mm1 runs
+without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mm1.config import ConfigError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a run directory or an exported directory")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="the address to listen on (default: loopback)"
+    )
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--model-name",
+        default=None,
+        help="the name clients ask for (default: the directory's name)",
+    )
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="a built-in (plain, vicuna_v1, chatml, llama3), a .jinja file, or one of the "
+        "tokenizer's named templates (default: the model's own, else plain)",
+    )
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    p.add_argument(
+        "--max-waiting", type=int, default=64, help="requests queued beyond those (then HTTP 429)"
+    )
+    p.add_argument(
+        "--request-timeout", type=float, default=600.0, help="seconds a request may take in all"
+    )
+    p.add_argument(
+        "--image-dir",
+        default=None,
+        help="allow image_url parts naming local files under this folder (default: data URLs only)",
+    )
+    p.add_argument("--max-image-mb", type=float, default=20.0, help="the largest image accepted")
+    p.add_argument("--device", default="cpu")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    if args.max_batch < 1:
+        raise ConfigError(f"--max-batch must be at least 1, got {args.max_batch}")
+    if args.max_waiting < 0:
+        raise ConfigError(f"--max-waiting must be >= 0, got {args.max_waiting}")
+    if args.request_timeout <= 0:
+        raise ConfigError(f"--request-timeout must be > 0, got {args.request_timeout}")
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be in 0..65535, got {args.port}")
+    if args.image_dir is not None and not Path(args.image_dir).is_dir():
+        raise ConfigError(f"--image-dir: no folder {args.image_dir}")
+
+
+def run(args: argparse.Namespace) -> None:
+    """Load the model and serve until interrupted."""
+    check_arguments(args)
+    try:
+        import uvicorn
+
+        from mm1.serve.app import create_app
+    except ImportError as err:
+        raise ConfigError(
+            f"mm1 serve needs the web stack: pip install 'mm1[serve]' ({err})"
+        ) from None
+    from mm1.chat import resolve_chat_template
+    from mm1.pretrained import load_pretrained
+    from mm1.serve.engine import Engine
+    from mm1.serve.protocol import ServeOptions
+
+    p = load_pretrained(args.model, args.device)
+    template = resolve_chat_template(p.tokenizer, args.chat_template)
+    if template.notice:
+        print(f"note: {template.notice}", file=sys.stderr)
+    opts = ServeOptions(
+        model_name=args.model_name or Path(args.model).resolve().name,
+        chat_template=template.source,
+        image_dir=Path(args.image_dir) if args.image_dir else None,
+        max_image_bytes=int(args.max_image_mb * 2**20),
+        request_timeout=args.request_timeout,
+    )
+    engine = Engine(p.model, p.tokenizer, max_batch=args.max_batch, max_waiting=args.max_waiting)
+    app = create_app(p, engine, opts)
+    print(
+        f"serving {opts.model_name!r} (chat template: {template.name}) on "
+        f"http://{args.host}:{args.port}/ — the chat page is at /, the API at /v1",
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

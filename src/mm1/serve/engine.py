@@ -1,0 +1,290 @@
+"""Continuous batching: requests join and leave one running `DecodeBatch` at step boundaries.
+
+One thread owns the model. Each loop it drops the requests that ended, were cancelled (a client
+that went away) or ran out of time, prefills the waiting requests that fit in the free cache
+rows (together, in one forward), and decodes one token for every running request. So a long
+answer never holds up a short one behind it, as vLLM schedules. Greedy requests take the
+argmax of their own logits row, so a request's greedy answer does not depend on what runs beside
+it (up to float rounding across batch shapes, which a trained model's margins absorb).
+
+Text reaches the caller through `on_event`, called from the engine's thread: pieces of the
+answer as they become final (never a piece of a stop string, never half a character), then one
+`done` or `error` event.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from mm1.data.tokenizer import Tokenizer
+from mm1.models.generation import DecodeBatch, Sampling
+from mm1.models.mllm import MM1
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its bound: the caller should retry later (HTTP 429)."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One completion: the prompt's ids (image slots expanded) and its images' pixels."""
+
+    prompt: list[int]
+    pixel_values: torch.Tensor | None
+    max_new_tokens: int
+    sampling: Sampling = field(default_factory=Sampling)
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    timeout: float | None = None  # seconds from submission to the last token
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str  # "text" | "done" | "error"
+    text: str = ""
+    finish_reason: str | None = None  # done: "stop" | "length"
+    code: str | None = None  # error: "timeout" | "internal_error"
+
+
+@dataclass
+class Handle:
+    """A submitted request: its counts so far, and `cancel` for a caller that gave up."""
+
+    request: Request
+    on_event: Callable[[Event], None]
+    submitted: float = field(default_factory=time.monotonic)
+    completion_tokens: int = 0
+    first_token_at: float | None = None
+    _cancelled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.request.prompt)
+
+    def cancel(self) -> None:
+        """Free the request's slot at the next step boundary; no further events."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def expired(self, now: float) -> bool:
+        t = self.request.timeout
+        return t is not None and now - self.submitted > t
+
+
+class _Answer:
+    """The text of one running request: decodes its tokens, holds back what may still turn
+    out to be a stop string or an incomplete character, and knows when the answer ends."""
+
+    def __init__(self, handle: Handle, tokenizer: Tokenizer, stop_ids: set[int]) -> None:
+        self.handle, self.tokenizer, self.stop_ids = handle, tokenizer, stop_ids
+        self.tokens: list[int] = []
+        self.sent = ""
+
+    def take(self, token: int) -> str | None:
+        """Add a token; the finish reason once the answer has ended, else None."""
+        h = self.handle
+        h.completion_tokens += 1
+        if h.first_token_at is None:
+            h.first_token_at = time.monotonic()
+        if token in self.stop_ids:
+            self._send(self.tokenizer.decode(self.tokens))
+            return "stop"
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        stops = [i for i in (text.find(s) for s in h.request.stop) if i >= 0]
+        if stops:
+            self._send(text[: min(stops)])
+            return "stop"
+        if len(self.tokens) >= h.request.max_new_tokens:
+            self._send(text)
+            return "length"
+        self._send(text[: len(text) - self._held_back(text)])
+        return None
+
+    def _held_back(self, text: str) -> int:
+        """How many trailing characters may still change: an incomplete character, or the start
+        of a stop string."""
+        if text.endswith("\ufffd"):
+            return len(text)
+        held = 0
+        for s in self.handle.request.stop:
+            for n in range(min(len(s) - 1, len(text)), held, -1):
+                if text.endswith(s[:n]):
+                    held = n
+                    break
+        return held
+
+    def _send(self, text: str) -> None:
+        # A decoder may rewrite earlier text as tokens arrive; what was sent stays sent.
+        if len(text) > len(self.sent) and text.startswith(self.sent):
+            piece, self.sent = text[len(self.sent) :], text
+            self.handle.on_event(Event("text", piece))
+
+
+class Engine:
+    """Serves `model` with up to `max_batch` requests decoding together and `max_waiting`
+    queued behind them; contexts up to `context` tokens (prompt plus answer)."""
+
+    def __init__(
+        self,
+        model: MM1,
+        tokenizer: Tokenizer,
+        *,
+        max_batch: int = 8,
+        max_waiting: int = 64,
+        context: int | None = None,
+    ) -> None:
+        if max_batch < 1 or max_waiting < 0:
+            raise ValueError("max_batch must be >= 1 and max_waiting >= 0")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_waiting = max_batch, max_waiting
+        self.context = context or model.cfg.decoder.max_seq_len
+        ends = (tokenizer.token_to_id(t) for t in tokenizer.end_of_turn_tokens())
+        self.stop_ids = {tokenizer.eos_id, *(i for i in ends if i is not None)}
+        self._batch = self._new_batch()
+        self._waiting: deque[Handle] = deque()
+        self._running: dict[int, _Answer] = {}
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0  # decode steps run (for tests and metrics)
+        self.max_running = 0  # the most requests that ran together
+
+    def _new_batch(self) -> DecodeBatch:
+        return DecodeBatch(
+            self.model, self.max_batch, self.context, pad_token_id=self.tokenizer.pad_id
+        )
+
+    # -- the caller's side --------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="mm1-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def submit(self, request: Request, on_event: Callable[[Event], None]) -> Handle:
+        """Queue a request; QueueFull when `max_waiting` requests already wait."""
+        if len(request.prompt) + request.max_new_tokens > self.context:
+            raise ValueError(
+                f"{len(request.prompt)} prompt tokens plus {request.max_new_tokens} new tokens "
+                f"exceed the context of {self.context}"
+            )
+        handle = Handle(request, on_event)
+        with self._wake:
+            if len(self._waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting")
+            self._waiting.append(handle)
+            self._wake.notify()
+        return handle
+
+    @property
+    def load(self) -> dict[str, int]:
+        return {"running": len(self._running), "waiting": len(self._waiting)}
+
+    # -- the engine's thread ------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self._waiting and not self._running:
+                    self._wake.wait()
+                if self._stopping:
+                    break
+            self._drop_ended()
+            self._admit()
+            if self._running:
+                self._step()
+        for answer in list(self._running.values()):
+            answer.handle.on_event(Event("error", "the server is shutting down", code="shutdown"))
+
+    def _drop_ended(self) -> None:
+        """Release cancelled and timed-out requests, running or still waiting."""
+        now = time.monotonic()
+        with self._wake:
+            waiting = list(self._waiting)
+            self._waiting = deque(h for h in waiting if not (h.cancelled or h.expired(now)))
+        for h in waiting:
+            if not h.cancelled and h.expired(now):
+                h.on_event(Event("error", "the request timed out in the queue", code="timeout"))
+        for sid, answer in list(self._running.items()):
+            h = answer.handle
+            if h.cancelled or h.expired(now):
+                self._release(sid)
+                if not h.cancelled:
+                    h.on_event(Event("error", "the request timed out", code="timeout"))
+
+    def _admit(self) -> None:
+        admitted: list[Handle] = []
+        with self._wake:  # (cancelled and expired ones were dropped just before)
+            while self._waiting and len(admitted) < self._batch.free_rows:
+                admitted.append(self._waiting.popleft())
+        if not admitted:
+            return
+        pixels = [h.request.pixel_values for h in admitted if h.request.pixel_values is not None]
+        device = self.model.decoder.embed_tokens.weight.device
+        generators = [
+            torch.Generator(device).manual_seed(h.request.seed)
+            if h.request.seed is not None and h.request.sampling.do_sample
+            else None
+            for h in admitted
+        ]
+        try:
+            ids = self._batch.prefill(
+                [h.request.prompt for h in admitted],
+                torch.cat(pixels).to(device) if pixels else None,
+                # greedy rows share one argmax over the batch; sampled rows draw on their own
+                sampling=[
+                    h.request.sampling if h.request.sampling.do_sample else None for h in admitted
+                ],
+                generators=generators,
+            )
+        except Exception as err:  # e.g. out of memory: these requests fail, the server goes on
+            for h in admitted:
+                h.on_event(Event("error", f"prefill failed: {err}", code="internal_error"))
+            return
+        for sid, h in zip(ids, admitted):
+            self._running[sid] = _Answer(h, self.tokenizer, self.stop_ids)
+        self.max_running = max(self.max_running, len(self._running))
+
+    def _step(self) -> None:
+        try:
+            chosen = self._batch.step()
+        except Exception as err:  # every running request fails; a fresh cache for the next
+            for answer in self._running.values():
+                answer.handle.on_event(
+                    Event("error", f"decoding failed: {err}", code="internal_error")
+                )
+            self._running.clear()
+            self._batch = self._new_batch()
+            return
+        self.steps += 1
+        for sid, token in chosen.items():
+            answer = self._running[sid]
+            if answer.handle.cancelled:
+                continue  # dropped at the next boundary
+            reason = answer.take(token)
+            if reason is not None:
+                self._release(sid)
+                answer.handle.on_event(Event("done", finish_reason=reason))
+
+    def _release(self, sid: int) -> None:
+        self._running.pop(sid)
+        self._batch.release(sid)

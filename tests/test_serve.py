@@ -1,0 +1,424 @@
+"""`mm1 serve` on a tiny trained run: the official `openai` client against a running server, the
+engine's continuous batching against requests run alone, bad input while a load runs, and the
+chat page driven in a real headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from mm1 import cli
+from mm1.chat import resolve_chat_template
+from mm1.data.sources import decode_image
+from mm1.data.tokenizer import tokenize_prompt
+from mm1.models import generation
+from mm1.pretrained import Pretrained, load_pretrained
+from mm1.serve.app import create_app, serving_in_thread
+from mm1.serve.engine import Engine, Event, QueueFull, Request
+from mm1.serve.protocol import ServeOptions
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    world = tmp_path_factory.mktemp("serve") / "world"
+    assert cli.main(["data", "synth", "--out", str(world), "--size", "tiny"]) == 0
+    return world
+
+
+@pytest.fixture(scope="module")
+def run(world, tiny_train_args) -> Path:
+    """The tiny run, trained 3 steps. MM1_SERVE_MODEL=DIR runs these tests on another model,
+    e.g. the demo's SFT run, whose margins no float rounding flips."""
+    if os.environ.get("MM1_SERVE_MODEL"):
+        return Path(os.environ["MM1_SERVE_MODEL"])
+    assert cli.main(tiny_train_args(world.parent / "run")) == 0
+    return world.parent / "run"
+
+
+@pytest.fixture(scope="module")
+def pretrained(run) -> Pretrained:
+    return load_pretrained(run)
+
+
+@pytest.fixture(scope="module")
+def images(world) -> list[Path]:
+    return sorted((world / "eval" / "val" / "images").iterdir())[:4]
+
+
+def data_url(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def options(p: Pretrained, **kw) -> ServeOptions:
+    template = resolve_chat_template(p.tokenizer, None)
+    return ServeOptions(model_name=MODEL, chat_template=template.source, **kw)
+
+
+@contextlib.contextmanager
+def serving(p: Pretrained, engine_kw: dict | None = None, **opts) -> Iterator[tuple[str, Engine]]:
+    """A server on a free loopback port in this process, for the length of the block."""
+    engine = Engine(p.model, p.tokenizer, **{"max_batch": 4, **(engine_kw or {})})
+    with serving_in_thread(create_app(p, engine, options(p, **opts))) as url:
+        yield url, engine
+
+
+@pytest.fixture(scope="module")
+def server(pretrained) -> Iterator[str]:
+    with serving(pretrained) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def slow(p: Pretrained, seconds: float = 0.02) -> Iterator[None]:
+    """Every decoder forward takes at least `seconds`: answers long enough to act on midway."""
+    hook = p.model.decoder.register_forward_pre_hook(lambda *_: time.sleep(seconds))
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
+def reference(
+    p: Pretrained, text: str, image_paths: list[Path], max_new: int
+) -> tuple[str, int, int]:
+    """(answer, prompt tokens, completion tokens) by another road: the template's text with
+    `<image>` tags, written with the images' slots, greedy `generate`, cut at the stop token."""
+    tok = p.tokenizer
+    content = "\n".join(["<image>"] * len(image_paths) + [text])
+    template = resolve_chat_template(tok, None).source
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": content}],
+        add_generation_prompt=True,
+        tokenize=False,
+        chat_template=template,
+    )
+    pics = [decode_image(path.read_bytes()) for path in image_paths]
+    ids = tokenize_prompt(prompt, pics, tok, p.prompt_format)
+    stops = [tok.eos_id, *(tok.token_to_id(t) for t in tok.end_of_turn_tokens())]
+    out = generation.generate(
+        p.model,
+        [ids],
+        p.processor(pics) if pics else None,
+        max_new_tokens=max_new,
+        eos_token_id=stops,
+        pad_token_id=tok.pad_id,
+    )[0]
+    n = len(out)
+    out = out[: next((i for i, t in enumerate(out) if t in stops), len(out))]
+    return tok.decode(out), len(ids), n
+
+
+def user(text: str, image_paths: list[Path]) -> list[dict]:
+    parts = [{"type": "image_url", "image_url": {"url": data_url(i)}} for i in image_paths]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+
+
+def test_openai_client_plain_and_streaming_with_an_image(server, pretrained, images) -> None:
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    assert [m.id for m in client.models.list()] == [MODEL]
+    want, prompt_tokens, completion_tokens = reference(pretrained, "Describe it.", images[:1], 16)
+    got = client.chat.completions.create(
+        model=MODEL, messages=user("Describe it.", images[:1]), max_tokens=16, temperature=0
+    )
+    assert got.choices[0].message.content == want
+    assert got.choices[0].finish_reason in ("stop", "length")
+    assert got.usage.prompt_tokens == prompt_tokens
+    assert got.usage.completion_tokens == completion_tokens
+    assert got.usage.total_tokens == prompt_tokens + completion_tokens
+
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=user("Describe it.", images[:1]),
+        max_tokens=16,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) >= 2  # streamed
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage.completion_tokens == completion_tokens
+    assert httpx.get(f"{server}/health").json()["status"] == "ok"
+
+
+def test_stop_strings_and_seeded_sampling(server, pretrained, images) -> None:
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    want, _, _ = reference(pretrained, "What is it?", images[1:2], 24)
+    assert len(want) > 6, want
+    stop = want[len(want) // 2 : len(want) // 2 + 3]
+    got = client.chat.completions.create(
+        model=MODEL,
+        messages=user("What is it?", images[1:2]),
+        max_tokens=24,
+        temperature=0,
+        stop=[stop],
+    )
+    assert got.choices[0].message.content == want[: want.find(stop)]
+    assert got.choices[0].finish_reason == "stop"
+
+    def sample(seed: int) -> str:
+        r = client.chat.completions.create(
+            model=MODEL,
+            messages=user("Hello.", []),
+            max_tokens=12,
+            temperature=1.5,
+            top_p=0.9,
+            seed=seed,
+        )
+        return r.choices[0].message.content
+
+    assert sample(7) == sample(7)
+    assert len({sample(s) for s in range(4)}) > 1  # sampling does sample
+
+
+def collect(engine: Engine, request: Request) -> tuple[threading.Event, list[Event]]:
+    done, events = threading.Event(), []
+
+    def on_event(ev: Event) -> None:
+        events.append(ev)
+        if ev.kind != "text":
+            done.set()
+
+    engine.submit(request, on_event)
+    return done, events
+
+
+def text_of(events: list[Event]) -> str:
+    assert events[-1].kind == "done", events[-1]
+    return "".join(e.text for e in events if e.kind == "text")
+
+
+def engine_requests(p: Pretrained, images: list[Path]) -> list[Request]:
+    """Prompts of several lengths, with 0-2 images each."""
+    from mm1.serve.protocol import parse_chat_request
+
+    asks = [
+        ("Describe it.", images[:1]),
+        ("Hello, who are you?", []),
+        ("Compare them.", images[1:3]),
+        ("What colour is the shape in the picture on the left?", images[3:4]),
+        ("Count.", images[2:3]),
+        ("Tell me about shapes and colours, please.", []),
+    ]
+    opts = options(p)
+    out = []
+    for text, pics in asks:
+        body = {"model": MODEL, "messages": user(text, pics), "max_tokens": 20, "temperature": 0}
+        out.append(parse_chat_request(body, p, opts, p.model.cfg.decoder.max_seq_len).request)
+    return out
+
+
+def test_greedy_answers_do_not_depend_on_what_runs_beside_them(pretrained, images) -> None:
+    """Requests joining a running batch midway (and waiting for a free row) answer exactly as
+    they do alone."""
+    requests = engine_requests(pretrained, images)
+    engine = Engine(pretrained.model, pretrained.tokenizer, max_batch=4).start()
+    try:
+        alone = []
+        for r in requests:
+            done, events = collect(engine, r)
+            assert done.wait(60)
+            alone.append(text_of(events))
+        assert engine.max_running == 1
+        assert len(set(alone)) > 1, "every prompt gives the same answer: a mix-up would not show"
+        with slow(pretrained):
+            first = [collect(engine, r) for r in requests[:3]]
+            time.sleep(0.1)  # they are decoding now; the rest join midway, two wait for a row
+            rest = [collect(engine, r) for r in requests[3:]]
+            for done, _ in first + rest:
+                assert done.wait(60)
+        assert engine.max_running == 4
+        assert [text_of(events) for _, events in first + rest] == alone
+    finally:
+        engine.stop()
+
+
+def test_queue_bound_timeout_and_cancel_free_their_rows(pretrained, images) -> None:
+    requests = engine_requests(pretrained, images)
+    long = Request(requests[0].prompt, requests[0].pixel_values, max_new_tokens=200)
+    engine = Engine(pretrained.model, pretrained.tokenizer, max_batch=1, max_waiting=1).start()
+    try:
+        with slow(pretrained):
+            done, _ = collect(engine, long)
+            deadline = time.monotonic() + 10
+            while not engine._running and time.monotonic() < deadline:
+                time.sleep(0.01)
+            (answer,) = engine._running.values()
+            queued = Request(requests[1].prompt, None, max_new_tokens=5, timeout=0.3)
+            timed_done, timed = collect(engine, queued)  # waits behind the long one
+            with pytest.raises(QueueFull):
+                engine.submit(requests[2], lambda ev: None)
+            assert timed_done.wait(5), "a request that timed out in the queue was not told"
+            assert [e.code for e in timed] == ["timeout"]
+            assert engine.load == {"running": 1, "waiting": 0}
+            answer.handle.cancel()  # the long request's client went away
+            deadline = time.monotonic() + 5
+            while engine.load["running"] and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert engine.load == {"running": 0, "waiting": 0}
+            assert not done.is_set()  # a cancelled request gets no more events
+            assert answer.handle.completion_tokens < 200
+    finally:
+        engine.stop()
+
+
+def test_a_client_that_disconnects_frees_its_slot(pretrained, images) -> None:
+    with serving(pretrained) as (url, engine), slow(pretrained, 0.05):
+        body = {
+            "model": MODEL,
+            "messages": user("Describe it.", images[:1]),
+            "max_tokens": 200,
+            "stream": True,
+        }
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            while '"content": ""' in next(lines) or not engine.load["running"]:
+                pass  # until the answer's first text: the request is decoding
+            assert engine.load["running"] == 1
+        deadline = time.monotonic() + 10
+        while engine.load["running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.load == {"running": 0, "waiting": 0}
+        assert engine.steps < 200
+
+
+BAD = [
+    ("{not json", 400, None),
+    ({"messages": [{"role": "user", "content": "hi"}]}, 400, None),  # no model
+    ({"model": "other", "messages": [{"role": "user", "content": "hi"}]}, 404, "model_not_found"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, None),
+    (
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi " * 2000}]},
+        400,
+        "context_length_exceeded",
+    ),
+    (
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 9},
+        400,
+        None,
+    ),
+    ({"model": MODEL, "messages": []}, 400, None),
+]
+
+
+def image_body(url: str) -> dict:
+    part = {"type": "image_url", "image_url": {"url": url}}
+    return {"model": MODEL, "messages": [{"role": "user", "content": [part]}]}
+
+
+def test_bad_input_is_an_openai_error_and_the_load_goes_on(pretrained, images, tmp_path) -> None:
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    shutil.copy(images[0], allowed / "ok.png")
+    outside = tmp_path / "outside.png"
+    shutil.copy(images[0], outside)
+    not_image = base64.b64encode(b"plain text, not pixels").decode()
+    bad = [
+        *BAD,
+        (image_body(f"data:image/png;base64,{not_image}"), 400, None),
+        (image_body(f"data:text/plain;base64,{not_image}"), 400, None),
+        (image_body(data_url(images[0]).replace(",", "," + "AAAA" * 40000, 1)), 413, None),
+        (image_body(f"file://{outside}"), 403, None),
+        (image_body(str(allowed / ".." / "outside.png")), 403, None),
+        (image_body("https://example.com/cat.png"), 400, None),
+    ]
+    with serving(pretrained, image_dir=allowed, max_image_bytes=100_000) as (url, _):
+        load_body = {
+            "model": MODEL,
+            "messages": user("Describe it.", images[:1]),
+            "max_tokens": 40,
+            "temperature": 0,
+        }
+        want, _, _ = reference(pretrained, "Describe it.", images[:1], 40)
+        results: list[str] = []
+
+        def load() -> None:
+            r = httpx.post(f"{url}/v1/chat/completions", json=load_body, timeout=120)
+            results.append(r.json()["choices"][0]["message"]["content"])
+
+        with slow(pretrained, 0.01):
+            workers = [threading.Thread(target=load) for _ in range(3)]
+            for w in workers:
+                w.start()
+            for body, status, code in bad:
+                content = body if isinstance(body, str) else json.dumps(body)
+                r = httpx.post(f"{url}/v1/chat/completions", content=content, timeout=30)
+                assert r.status_code == status, body if isinstance(body, str) else r.text
+                error = r.json()["error"]
+                assert error["message"] and error["type"]
+                assert code is None or error["code"] == code
+            allowed_file = {**image_body(f"file://{allowed}/ok.png"), "max_tokens": 8}
+            ok = httpx.post(f"{url}/v1/chat/completions", json=allowed_file, timeout=60)
+            assert ok.status_code == 200
+            for w in workers:
+                w.join(120)
+        assert results == [want] * 3
+
+
+def test_serve_cli_checks_its_options(run, capsys) -> None:
+    assert cli.main(["serve", str(run), "--max-batch", "0"]) == 2
+    out = capsys.readouterr()
+    assert "--max-batch must be at least 1" in out.out + out.err
+
+
+def chromium():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1100,800",
+    ):
+        opts.add_argument(arg)
+    opts.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    driver = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+    return webdriver.Chrome(service=Service(driver), options=opts)
+
+
+def test_chat_page_in_a_real_browser(server, pretrained, images, tmp_path) -> None:
+    """Upload an image, ask, and read the streamed answer on the page (no skip: a browser that
+    cannot start fails the test)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    want, _, _ = reference(pretrained, "Describe it.", images[:1], 128)
+    driver = chromium()
+    try:
+        driver.get(server + "/")
+        WebDriverWait(driver, 20).until(lambda d: d.find_element(By.ID, "model").text == MODEL)
+        driver.find_element(By.ID, "file").send_keys(str(images[0]))
+        WebDriverWait(driver, 10).until(
+            lambda d: d.find_elements(By.CSS_SELECTOR, ".pending-image")
+        )
+        driver.find_element(By.ID, "text").send_keys("Describe it.")
+        driver.find_element(By.ID, "send").click()
+        answer = WebDriverWait(driver, 60).until(
+            lambda d: d.find_element(By.CSS_SELECTOR, ".turn.assistant[data-done='true'] .content")
+        )
+        assert answer.text == want.strip()
+        assert driver.find_elements(By.CSS_SELECTOR, ".turn.user img")  # the image is shown
+        shot = Path(os.environ.get("MM1_SERVE_SCREENSHOT", tmp_path / "chat.png"))
+        driver.save_screenshot(str(shot))
+        assert shot.stat().st_size > 0
+    finally:
+        driver.quit()
