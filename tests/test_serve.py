@@ -415,7 +415,7 @@ def test_chat_page_in_a_real_browser(server, pretrained, images, tmp_path) -> No
         answer = WebDriverWait(driver, 60).until(
             lambda d: d.find_element(By.CSS_SELECTOR, ".turn.assistant[data-done='true'] .content")
         )
-        assert answer.text == want.strip()
+        assert answer.text.strip() == want.strip()
         assert driver.find_elements(By.CSS_SELECTOR, ".turn.user img")  # the image is shown
         shot = Path(os.environ.get("MM1_SERVE_SCREENSHOT", tmp_path / "chat.png"))
         driver.save_screenshot(str(shot))

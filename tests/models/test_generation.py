@@ -189,3 +189,32 @@ def test_generate_is_a_decode_batch_run_to_the_end(tiny_model_config) -> None:
         for i, sid in enumerate(ids):
             got[i].append(chosen[sid])
     assert got == want
+
+
+def test_a_sequence_with_its_own_generator_samples_the_same_beside_others(
+    tiny_model_config,
+) -> None:
+    """A server's request: its own sampling settings and seeded generator draw the same tokens
+    alone and beside a greedy sequence and another sampled one; the greedy one stays greedy."""
+    torch.manual_seed(3)
+    model = MM1(tiny_model_config()).eval()
+    hot = Sampling(do_sample=True, temperature=1.3, top_p=0.9)
+
+    def run(prompts: list[list[int]], sampling: list, seeds: list) -> list[list[int]]:
+        batch = DecodeBatch(model, 3, 16)
+        gens = [None if s is None else torch.Generator().manual_seed(s) for s in seeds]
+        ids = batch.prefill(prompts, sampling=sampling, generators=gens)
+        out: list[list[int]] = [[] for _ in prompts]
+        for _ in range(8):
+            chosen = batch.step()
+            for i, sid in enumerate(ids):
+                out[i].append(chosen[sid])
+        return out
+
+    (alone,) = run([[1, 2, 3]], [hot], [11])
+    together = run([[7], [1, 2, 3], [4, 5]], [None, hot, Sampling(do_sample=True)], [None, 11, 5])
+    assert together[1] == alone
+    assert together[0] == generate(model, [[7]], max_new_tokens=8)[0]
+    assert run([[1, 2, 3]], [hot], [12])[0] != alone  # the seed matters
+    with pytest.raises(ValueError, match="one entry per prompt"):
+        DecodeBatch(model, 2, 8).prefill([[1], [2]], sampling=[hot])
