@@ -9,6 +9,10 @@ import contextlib
 import json
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -369,6 +373,37 @@ def test_bad_input_is_an_openai_error_and_the_load_goes_on(pretrained, images, t
             for w in workers:
                 w.join(120)
         assert results == [want] * 3
+
+
+def test_mm1_serve_from_the_command_line(run, images) -> None:
+    """The real command in its own process: it starts, answers, and stops on SIGINT."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(cli.__file__).parents[1])}
+    argv = [sys.executable, "-m", "mm1.cli", "serve", str(run), "--port", str(port)]
+    argv += ["--model-name", "m", "--image-dir", str(images[0].parent)]
+    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "mm1 serve did not come up"
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            time.sleep(0.2)
+        body = image_body(str(images[0]))  # a local file: allowed under --image-dir
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            json={**body, "model": "m", "max_tokens": 4},
+            timeout=60,
+        )
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    assert "serving 'm'" in proc.stderr.read()
 
 
 def test_serve_cli_checks_its_options(run, capsys) -> None:
