@@ -466,6 +466,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.out, overrides=args.overrides)
 
 
+def cmd_ablate(args: argparse.Namespace) -> int | None:
+    from mm1.ablate.command import ablate, dry_run
+
+    if args.dry_run:
+        dry_run(args.grid, args.out)
+        return None
+    ablate(args.grid, args.out, jobs=args.jobs, force=args.force)
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mm1",
@@ -587,6 +597,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="for reproducible sampling")
     p.add_argument("--device", default="cpu")
+
+    p = add("ablate", cmd_ablate, "train and evaluate a grid of configs into a study's tables")
+    p.add_argument("grid", help="the grid YAML (base config, axes or cells, seeds)")
+    p.add_argument("--out", default=None, help="study directory (default: runs/ablations/STUDY)")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and their cost")
+    p.add_argument("--jobs", type=int, default=1, help="cells in parallel, CPUs split between")
+    p.add_argument("--force", action="store_true", help="run in a study dir of another grid")
     return parser
 
 
