@@ -114,3 +114,27 @@ def test_study_dir_of_another_grid_refused_unless_forced(tmp_path) -> None:
         check_study_dir(other, study, force=False, log=print)
     check_study_dir(other, study, force=True, log=print)
     assert json.loads((study / "grid.json").read_text())["fingerprint"] == first.fingerprint()
+
+
+@pytest.mark.parametrize("name", ["connectors", "mixtures", "text_only", "recaption"])
+def test_preset_studies_fit_the_issue_budget(name, tmp_path) -> None:
+    from mm1.ablate.command import dry_run
+
+    grid = load_grid(ROOT / "configs" / "studies" / f"{name}.yaml")
+    assert len(grid.cells) <= 16 and len(grid.seeds) >= 2
+    for cell in grid.cells:
+        cfg = grid.cell_config(cell, tmp_path)
+        assert cfg.train.steps >= 800
+        # the demo's tokens per step, so the steps mean what the demo's do
+        assert cfg.train.batch_size * cfg.data.seq_len == 8 * 256
+        assert cfg.eval.shots == [0, 4, 8]
+    if name == "connectors":  # one dry run: each builds every cell's model to count FLOPs
+        lines = dry_run(grid.path, tmp_path / "study", log=lambda _: None)
+        assert len(lines) == len(grid.cells) + 2 and "estimated time left" in lines[-1]
+
+
+def test_recaptioner_config_loads() -> None:
+    from mm1.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "studies" / "recaptioner.yaml")
+    assert cfg.data.sources[0].name == "clean_subset" and cfg.train.steps >= 800

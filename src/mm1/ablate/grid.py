@@ -15,7 +15,7 @@ trains (every cell's config loads and validates; no two cells share a config).
       - {model.connector.type: avgpool}
       - {label: clean, set: {data.sources: [...]}}
     eval: {suites: [fewshot], overrides: {eval.max_examples: 64}}
-    table: {layout: fig4, group_by: model.connector.type}
+    table: {layout: fig4, group_by: model.connector.type, columns: [...]}  # columns: shown axes
 """
 
 from __future__ import annotations
@@ -217,7 +217,19 @@ def load_grid(path: str | Path) -> Grid:
         dict(table) if isinstance(table, dict) else {},
     )
     _check_cells(grid)
+    _check_table(grid)
     return grid
+
+
+def _check_table(grid: Grid) -> None:
+    """`table.columns` / `table.group_by` must name settings the cells have."""
+    names = {a for c in grid.cells for a in c.settings}
+    columns = grid.table.get("columns")
+    if columns is not None and (not isinstance(columns, list) or not columns):
+        raise _err(grid.path, "table.columns: give a list of axis names")
+    for key in [*(columns or []), *([grid.table["group_by"]] if "group_by" in grid.table else [])]:
+        if key not in names:
+            raise _err(grid.path, f"table: {key!r} is no axis; axes: {', '.join(sorted(names))}")
 
 
 def _check_cells(grid: Grid) -> None:

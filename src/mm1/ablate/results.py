@@ -90,8 +90,10 @@ def _tasks(results: dict[str, Any]) -> list[str]:
 
 
 def _axis_names(results: dict[str, Any]) -> list[str]:
-    """The settings' names in order (explicit cells may each set other keys)."""
-    return list(dict.fromkeys(a for c in results["configs"] for a in c["settings"]))
+    """The settings shown: `table.columns`, else every name in order (explicit cells may each
+    set other keys)."""
+    shown = results["table"].get("columns")
+    return shown or list(dict.fromkeys(a for c in results["configs"] for a in c["settings"]))
 
 
 def _setting(c: dict[str, Any], axis: str) -> str:

@@ -187,8 +187,10 @@ def prepare_worlds(plans: list[CellPlan], log: Log) -> None:
 
     seen = set()
     for p in plans:
-        d = p.cfg.data
-        if p.status != "done" and not d.sources and d.world not in seen:
+        d, init = p.cfg.data, p.cfg.train.init
+        # as `prepare_data` decides: the world's sources, or its tokenizer
+        needs_world = not d.sources or not (d.tokenizer or init.decoder or init.weights)
+        if p.status != "done" and needs_world and d.world not in seen:
             seen.add(d.world)
             ensure_world(d)
 
