@@ -30,10 +30,9 @@ from typing import Any
 
 import yaml
 
+from mm1.ablate.cell import SUITES
 from mm1.config import Config, ConfigError, load_config, to_dict
 
-# Per-cell evaluation suites (`evaluate_cell`); `fewshot` is the run's own eval section.
-KNOWN_SUITES = ("fewshot",)
 TABLE_LAYOUTS = ("plain", "table1", "fig4", "fig5")
 _GRID_KEYS = ("study", "base", "seeds", "axes", "cells", "eval", "table")
 SEED_KEYS = ("train.seed", "data.seed")
@@ -180,9 +179,9 @@ def load_grid(path: str | Path) -> Grid:
     ev = raw.get("eval") or {}
     suites = ev.get("suites") if isinstance(ev, dict) else None
     if suites is not None and (
-        not isinstance(suites, list) or not suites or any(s not in KNOWN_SUITES for s in suites)
+        not isinstance(suites, list) or not suites or any(s not in SUITES for s in suites)
     ):
-        raise _err(path, f"eval.suites={suites!r}: give a list from {', '.join(KNOWN_SUITES)}")
+        raise _err(path, f"eval.suites={suites!r}: give a list from {', '.join(SUITES)}")
     # Evaluation settings go into every cell's config: `mm1 eval RUN` repeats them.
     eval_overrides = dict(ev.get("overrides") or {}) if isinstance(ev, dict) else {}
     bad = [k for k in eval_overrides if not k.startswith("eval.")]
