@@ -138,3 +138,37 @@ def test_recaptioner_config_loads() -> None:
 
     cfg = load_config(ROOT / "configs" / "studies" / "recaptioner.yaml")
     assert cfg.data.sources[0].name == "clean_subset" and cfg.train.steps >= 800
+
+
+@pytest.mark.parametrize(
+    ("prepare", "names"),
+    [
+        ({"steps": 1}, "give a list"),
+        ([{"download": {}}], r"prepare\[0\]\.download"),
+        ([{"recaption": {"checkpoint": "r", "in": "a"}}], "out is missing"),
+        ([{"caption_splits": {"world": "w", "share": 0.1}}], "share is not an option"),
+        ([{"train": {"config": "nowhere.yaml"}}], r"prepare\[0\]\.train: config file not found"),
+        (
+            [{"train": {"config": str(ROOT / "configs/demo.yaml"), "overrides": {"train.x": 1}}}],
+            r"prepare\[0\]\.train: train\.x",
+        ),
+    ],
+)
+def test_bad_prepare_steps_rejected(tmp_path, prepare, names) -> None:
+    with pytest.raises(ConfigError, match=names):
+        load_grid(_grid(tmp_path, axes={"train.steps": [5]}, prepare=prepare))
+
+
+def test_prepare_steps_parsed_and_in_the_fingerprint(tmp_path) -> None:
+    steps = [
+        {"caption_splits": {"world": "w", "fraction": 0.1}},
+        {"train": {"config": str(ROOT / "configs/studies/recaptioner.yaml")}},
+    ]
+    body = {"axes": {"train.steps": [5]}}
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    grid = load_grid(_grid(tmp_path / "a" / "b", **body, prepare=steps))
+    assert [s.kind for s in grid.prepare] == ["caption_splits", "train"]
+    assert grid.prepare[1].train_config().train.run_dir == "runs/ablations/recaptioner"
+    assert grid.prepare[0].describe() == "caption splits of w (fraction 0.1)"
+    plain = load_grid(_grid(tmp_path, **body))
+    assert plain.fingerprint() != grid.fingerprint()

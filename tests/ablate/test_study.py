@@ -5,6 +5,7 @@ recorded while the study goes on, the seq_len check, the dry run."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,7 @@ def study(tmp_path_factory) -> tuple[Path, Path, list[str]]:
             {"label": "missing", "set": {"data.sources": [{"format": "wds", "path": "nowhere"}]}},
         ],
         table={"layout": "fig4", "group_by": "model.connector.type"},
+        prepare=[{"caption_splits": {"world": str(tmp / "world"), "fraction": 0.25}}],
     )
     log: list[str] = []
     ablate(grid, tmp / "study", log=log.append)
@@ -98,6 +100,8 @@ def test_cells_trained_evaluated_and_reported(study) -> None:
     assert "| avgpool | - |" in report and "| - | missing |" in report
     assert cells[2].id in report
     assert (study_dir / "tiny.png").stat().st_size > 0
+    # the prepare step ran once the world was there
+    assert (study_dir.parent / "world" / "captions_clean_subset" / "00000.tar").is_file()
 
 
 def test_finished_cells_never_rerun(study, monkeypatch) -> None:
@@ -114,6 +118,7 @@ def test_finished_cells_never_rerun(study, monkeypatch) -> None:
     # only the failed cell is tried again
     assert ran == [load_grid(grid).cells[2].id]
     assert any("2 done, 1 to run" in line for line in log)
+    assert any(line.startswith("prepare 1/1") and "done already" in line for line in log)
 
 
 def test_interrupted_cell_resumes_from_its_checkpoint(study) -> None:
@@ -136,7 +141,8 @@ def test_dry_run_lists_cells_with_measured_cost(study) -> None:
     cells = load_grid(grid).cells
     for cell in cells:
         assert any(line.strip().startswith(cell.id) for line in lines)
-    assert "done" in lines[1] and "failed" in lines[3]
+    assert "prepare 1: caption splits" in lines[1] and "[done]" in lines[1]
+    assert "done" in lines[2] and "failed" in lines[4]
     assert "measured on 2 finished cell(s)" in lines[-1]
 
 
@@ -170,3 +176,29 @@ def test_cli_rejects_a_bad_grid(tmp_path, capsys) -> None:
     grid = _write(tmp_path / "grid.yaml", tmp_path / "world", axes={"model.connector.tpye": [1]})
     assert cli.main(["ablate", str(grid), "--dry-run"]) == 2
     assert "model.connector.tpye" in capsys.readouterr().out
+
+
+def test_thread_shares_split_the_cpus() -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    shares = runner._thread_shares(len(cpus))
+    assert sorted(c for share in shares for c in share) == cpus  # one each, all used
+    assert runner._thread_shares(1) == [cpus]
+    assert all(len(s) == 1 for s in runner._thread_shares(2 * len(cpus)))  # more jobs: shared
+
+
+def test_force_moves_a_changed_cell_aside(tmp_path, study) -> None:
+    _, study_dir, _ = study
+    world = study_dir.parent / "world"
+    grid = load_grid(_write(tmp_path / "g.yaml", world, cells=[{"train.steps": 3}]))
+    other = tmp_path / "o"
+    other.mkdir()
+    # another grid wrote the study, and its cell with this id ran another config
+    old = load_grid(_write(other / "g.yaml", world, cells=[{"train.steps": 3}, {"train.steps": 4}]))
+    study = tmp_path / "study"
+    runner.write_study_file(old, study)
+    cell_dir = study / grid.cells[0].id
+    cell_dir.mkdir()
+    (cell_dir / "cell.json").write_text(json.dumps({"status": "done", "config_hash": "other"}))
+    runner.check_study_dir(grid, study, force=True, log=lambda _: None)
+    assert not cell_dir.exists()
+    assert [p.name.split(".")[0] for p in (study / ".replaced").iterdir()] == [grid.cells[0].id]

@@ -30,6 +30,9 @@ def dry_run(grid_path: str | Path, out: str | Path | None = None, log: Log = pri
     from mm1.ablate.prompt_check import seq_len_warning
 
     lines = [f"study {grid.study} -> {study_dir}: {len(plans)} cells ({len(grid.seeds)} seeds)"]
+    for i, step in enumerate(grid.prepare, 1):
+        status = "done" if step.done() else "pending"
+        lines.append(f"  prepare {i}: {step.describe()} [{status}]")
     for p in plans:
         t = p.cfg.train
         left = f"{t.steps - p.step}/{t.steps} steps" if p.status != "done" else "-"

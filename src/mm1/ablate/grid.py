@@ -15,6 +15,7 @@ trains (every cell's config loads and validates; no two cells share a config).
       - {model.connector.type: avgpool}
       - {label: clean, set: {data.sources: [...]}}
     eval: {suites: [fewshot], overrides: {eval.max_examples: 64}}
+    prepare: [{caption_splits: {...}}, {train: {...}}, {recaption: {...}}]  # see prepare.py
     table: {layout: fig4, group_by: model.connector.type, columns: [...]}  # columns: shown axes
 """
 
@@ -31,10 +32,11 @@ from typing import Any
 import yaml
 
 from mm1.ablate.cell import SUITES
+from mm1.ablate.prepare import PrepareStep, parse_prepare
 from mm1.config import Config, ConfigError, load_config, to_dict
 
 TABLE_LAYOUTS = ("plain", "table1", "fig4", "fig5")
-_GRID_KEYS = ("study", "base", "seeds", "axes", "cells", "eval", "table")
+_GRID_KEYS = ("study", "base", "seeds", "axes", "cells", "eval", "table", "prepare")
 SEED_KEYS = ("train.seed", "data.seed")
 
 
@@ -64,6 +66,7 @@ class Grid:
     cells: list[Cell]
     suites: list[str] | None  # None: the run's own eval section
     table: dict[str, Any] = field(default_factory=dict)
+    prepare: list[PrepareStep] = field(default_factory=list)  # before the cells (prepare.py)
 
     def base_args(self) -> list[str]:
         return [f"{k}={json.dumps(v)}" for k, v in self.base_overrides.items()]
@@ -79,6 +82,7 @@ class Grid:
         base["train"].pop("run_dir", None)
         record = {"base": base, "cells": [[c.id, c.delta] for c in self.cells]}
         record["suites"] = self.suites
+        record["prepare"] = [[p.kind, p.options] for p in self.prepare]
         blob = json.dumps(record, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -214,6 +218,7 @@ def load_grid(path: str | Path) -> Grid:
         cells,
         suites,
         dict(table) if isinstance(table, dict) else {},
+        parse_prepare(raw.get("prepare"), path),
     )
     _check_cells(grid)
     _check_table(grid)

@@ -233,6 +233,10 @@ def run_study(
     todo = [p for p in plans if p.status != "done"]
     log(f"{grid.study}: {len(plans)} cells, {len(plans) - len(todo)} done, {len(todo)} to run")
     prepare_worlds(todo, log)
+    if todo:
+        from mm1.ablate.prepare import run_prepare
+
+        run_prepare(grid.prepare, log)
     from mm1.ablate.prompt_check import seq_len_warning
 
     for p in plans:
