@@ -472,8 +472,7 @@ def cmd_ablate(args: argparse.Namespace) -> int | None:
     if args.dry_run:
         dry_run(args.grid, args.out)
         return None
-    ablate(args.grid, args.out, jobs=args.jobs, force=args.force)
-    return None
+    return ablate(args.grid, args.out, jobs=args.jobs, force=args.force) or None
 
 
 def cmd_recaption(args: argparse.Namespace) -> None:

@@ -69,7 +69,7 @@ def study(tmp_path_factory) -> tuple[Path, Path, list[str]]:
         prepare=[{"caption_splits": {"world": str(tmp / "world"), "fraction": 0.25}}],
     )
     log: list[str] = []
-    ablate(grid, tmp / "study", log=log.append)
+    assert ablate(grid, tmp / "study", log=log.append) == 1  # one cell failed
     return grid, tmp / "study", log
 
 

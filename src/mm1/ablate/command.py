@@ -58,16 +58,25 @@ def ablate(
     jobs: int = 1,
     force: bool = False,
     log: Log = print,
-) -> Path:
-    """Run the study's unfinished cells, then write ablation.json and report.md; returns the
-    report's path."""
+) -> int:
+    """Run the study's unfinished cells, then write ablation.json and report.md (also when
+    stopped by Ctrl-C). Returns an exit status: 0 when every cell is done, 1 when a cell
+    failed, 130 when the study was stopped (run it again to resume)."""
     grid = load_grid(grid_path)
     study_dir = Path(out) if out else DEFAULT_ROOT / grid.study
-    records = run_study(grid, study_dir, jobs=jobs, force=force, log=log)
+    try:
+        records = run_study(grid, study_dir, jobs=jobs, force=force, log=log)
+    except KeyboardInterrupt:
+        if (study_dir / "grid.json").is_file():
+            write_report(study_dir)
+        log(f"stopped; run the same command again to resume ({study_dir})")
+        return 130
     report = write_report(study_dir)
+    statuses = [r.get("status", "pending") for r in records]
     failed = [r["id"] for r in records if r.get("status") == "failed"]
-    done = sum(r.get("status") == "done" for r in records)
-    log(f"{done}/{len(records)} cells done; report: {report}")
+    log(f"{statuses.count('done')}/{len(records)} cells done; report: {report}")
     if failed:
-        log(f"failed cells (see their cell.json): {', '.join(failed)}")
-    return report
+        log(f"failed cells (their errors are in cell.json and the report): {', '.join(failed)}")
+    if any(s in ("interrupted", "pending", "resume", "running") for s in statuses):
+        return 130
+    return 1 if failed else 0

@@ -11,7 +11,7 @@ from mm1.data.prompt_format import PromptFormat
 from mm1.data.synthetic import WorldManifest
 from mm1.data.tokenizer import Tokenizer
 from mm1.eval.prompts import PromptTemplates, build_prompt, format_demo
-from mm1.eval.tasks import SYNTHETIC_TASKS, Task, load_task
+from mm1.eval.tasks import SYNTHETIC_TASKS, Example, Task, load_task
 
 
 def _longest(task: Task, tok: Tokenizer, fmt: PromptFormat, shots: int) -> int:
@@ -19,7 +19,7 @@ def _longest(task: Task, tok: Tokenizer, fmt: PromptFormat, shots: int) -> int:
     upper bound on any prompt the evaluation draws (the answer's room not counted)."""
     template = PromptTemplates().get(task.kind)
 
-    def size(e) -> int:
+    def size(e: Example) -> int:
         return len(tok.encode(format_demo(template, task.kind, e, with_image=False)))
 
     demos = sorted(task.support or [], key=size, reverse=True)[:shots]

@@ -100,13 +100,16 @@ def _setting(c: dict[str, Any], axis: str) -> str:
     return c["settings"].get(axis, "-")  # "-": the base config's value
 
 
+def _seeds_done(config: dict[str, Any]) -> int:
+    return sum(s["status"] == "done" for s in config["seeds"].values())
+
+
 def tables(results: dict[str, Any]) -> list[str]:
     """The markdown tables: the layout's main table (average over tasks per shot count), the
     per-task scores, and the losses."""
     layout = results["table"].get("layout", "plain")
     axes = _axis_names(results)
     shots = _shots(results)
-    done = lambda c: sum(s["status"] == "done" for s in c["seeds"].values())  # noqa: E731
     head = [a.split(".")[-1] for a in axes]
     lines = [f"### {LAYOUT_TITLES[layout]}", ""]
     cols = [*head, *(f"{k}-shot avg" for k in shots), "seeds done"]
@@ -114,7 +117,7 @@ def tables(results: dict[str, Any]) -> list[str]:
     for c in results["configs"]:
         row = [_setting(c, a) for a in axes]
         row += [_pm(c["metrics"].get(f"average/{k}")) for k in shots]
-        row.append(f"{done(c)}/{len(c['seeds'])}")
+        row.append(f"{_seeds_done(c)}/{len(c['seeds'])}")
         lines.append("| " + " | ".join(row) + " |")
     for task in _tasks(results):
         lines += ["", f"### {task}", ""]

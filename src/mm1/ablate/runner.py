@@ -202,7 +202,8 @@ def _thread_shares(jobs: int) -> list[list[int]]:
     return [[cpus[(i * per + j) % len(cpus)] for j in range(per)] for i in range(jobs)]
 
 
-def _cell_record(grid: Grid, plan: CellPlan) -> dict[str, Any]:
+def cell_record(grid: Grid, plan: CellPlan) -> dict[str, Any]:
+    """What cell.json says of a cell before it runs: who it is, in which study, which config."""
     c = plan.cell
     return {
         "id": c.id,
@@ -247,7 +248,7 @@ def run_study(
         for i, p in enumerate(todo, 1):
             what = "resuming from step " + str(p.step) if p.step else "training"
             log(f"[{i}/{len(todo)}] {p.cell.id}: {what} ({p.cell.label}, seed {p.cell.seed})")
-            rec = run_cell(p.cfg, _cell_record(grid, p), grid.suites)
+            rec = run_cell(p.cfg, cell_record(grid, p), grid.suites)
             _report(rec, log)
             if rec["status"] == "interrupted":
                 log("stopped: run the same command again to resume")
@@ -302,7 +303,7 @@ def _run_parallel(grid: Grid, study_dir: Path, todo: list[CellPlan], jobs: int, 
 
                 tail = (plan.run_dir / CELL_LOG).read_text()[-2000:]
                 rec = {
-                    **_cell_record(grid, plan),
+                    **cell_record(grid, plan),
                     "status": "failed",
                     "error": f"worker exited with code {proc.returncode}",
                     "traceback": tail,

@@ -17,13 +17,13 @@ def main(argv: list[str]) -> int:
 
     from mm1.ablate.cell import run_cell
     from mm1.ablate.grid import load_grid
-    from mm1.ablate.runner import _cell_record, plan_study
+    from mm1.ablate.runner import cell_record, plan_study
 
     if cpus:
         torch.set_num_threads(len(cpus))
     grid = load_grid(grid_path)
     plan = next(p for p in plan_study(grid, Path(study_dir)) if p.cell.id == cell_id)
-    record = run_cell(plan.cfg, _cell_record(grid, plan), grid.suites)
+    record = run_cell(plan.cfg, cell_record(grid, plan), grid.suites)
     return 0 if record["status"] == "done" else 1
 
 
