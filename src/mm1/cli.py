@@ -473,6 +473,33 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.out, overrides=args.overrides)
 
 
+def cmd_ablate(args: argparse.Namespace) -> int | None:
+    from mm1.ablate.command import ablate, dry_run
+
+    if args.dry_run:
+        dry_run(args.grid, args.out)
+        return None
+    return ablate(args.grid, args.out, jobs=args.jobs, force=args.force) or None
+
+
+def cmd_recaption(args: argparse.Namespace) -> None:
+    from mm1.recaption import RecaptionSettings, recaption
+
+    settings = RecaptionSettings(args.batch_size, args.max_new_tokens, args.fuse)
+    record = recaption(args.checkpoint, args.inputs, args.out, settings)
+    n = sum(c["recaptioned"] for c in record["shards"].values())
+    console.print(f"{len(record['shards'])} shards, {n} captions generated -> {args.out}")
+
+
+def cmd_data_caption_splits(args: argparse.Namespace) -> None:
+    import json
+
+    from mm1.data.caption_splits import write_caption_splits
+
+    r = write_caption_splits(args.world, args.fraction, args.seed)
+    console.print(json.dumps({k: v for k, v in r.items() if not isinstance(v, dict)}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mm1",
@@ -597,6 +624,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("serve", cmd_serve, "an OpenAI-compatible chat API and a chat page for a model")
     serve_arguments(p)
+
+    p = add("ablate", cmd_ablate, "train and evaluate a grid of configs into a study's tables")
+    p.add_argument("grid", help="the grid YAML (base config, axes or cells, seeds)")
+    p.add_argument("--out", default=None, help="study directory (default: runs/ablations/STUDY)")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and their cost")
+    p.add_argument("--jobs", type=int, default=1, help="cells in parallel, CPUs split between")
+    p.add_argument("--force", action="store_true", help="run in a study dir of another grid")
+
+    p = add("recaption", cmd_recaption, "caption WebDataset shards with a trained model")
+    p.add_argument("checkpoint", help="a run directory or an exported directory")
+    p.add_argument("--in", dest="inputs", required=True, help="a folder of .tar shards or a glob")
+    p.add_argument("--out", required=True, help="folder for the new shards (same names)")
+    p.add_argument("--fuse", action="store_true", help="caption = generated + original alt-text")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p = add(
+        "caption-splits",
+        cmd_data_caption_splits,
+        "clean-caption splits of a world's alt-text images (re-captioning study)",
+        dsub,
+    )
+    p.add_argument("world")
+    p.add_argument("--fraction", type=float, default=0.05, help="share in the clean subset")
+    p.add_argument("--seed", type=int, default=0)
     return parser
 
 

@@ -1,0 +1,144 @@
+"""One cell of a study: train its run (resuming from its checkpoint), then evaluate it, and
+record the outcome in `RUN/cell.json` (status running / done / failed, metrics, timings).
+
+Evaluation is a list of suites, each a function of the run directory (`SUITES`): `fewshot` is
+what `mm1 eval RUN` does with the run's own `eval` section (0/4/8-shot captioning and VQA on the
+run's world); more suites register here by name."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from mm1.config import Config, load_eval_config
+
+CELL_FILE = "cell.json"
+EVAL_DIR = "eval"
+# A suite: (run dir, eval.* overrides) -> flat metrics {"synth_coco/4": 91.2, ...}.
+Suite = Callable[[Path, Sequence[str]], dict[str, float]]
+
+
+def fewshot_suite(run_dir: Path, overrides: Sequence[str]) -> dict[str, float]:
+    """`mm1 eval RUN` with the run's own eval section (then `overrides`): the scores per task
+    and shot count (mean over the eval's demonstration seeds), report in RUN/eval."""
+    import yaml
+
+    from mm1.eval.fewshot import evaluate
+    from mm1.eval.report import write_report
+    from mm1.pretrained import load_pretrained
+
+    saved = run_dir / "config.yaml"
+    e = load_eval_config(saved, list(overrides))
+    world = (yaml.safe_load(saved.read_text()).get("data") or {}).get("world", "data/world")
+    p = load_pretrained(run_dir)
+    results = evaluate(
+        p.model,
+        p.tokenizer,
+        p.processor,
+        e,
+        world=world,
+        prompt_format=p.prompt_format,
+        progress=False,
+        name=run_dir.name,
+    )
+    write_report(results, run_dir / EVAL_DIR)
+    metrics = {}
+    for task, entry in results["tasks"].items():
+        for k, s in entry["shots"].items():
+            metrics[f"{task}/{k}"] = float(s["mean"])
+    for k, v in results["average"].items():
+        if k != "overall":
+            metrics[f"average/{k}"] = float(v)
+    return metrics
+
+
+SUITES: dict[str, Suite] = {"fewshot": fewshot_suite}
+
+
+def evaluate_cell(
+    run_dir: Path, suites: Sequence[str] | None, overrides: Sequence[str] = ()
+) -> dict[str, float]:
+    """The cell's metrics from each suite (None: `fewshot`, the run's own eval section), plus
+    its last logged training losses and held-out loss."""
+    from mm1.train.logging import read_metrics
+
+    metrics: dict[str, float] = {}
+    for name in suites or ["fewshot"]:
+        metrics.update(SUITES[name](run_dir, overrides))
+    logged = read_metrics(run_dir)
+    train = [r for r in logged if "loss" in r]
+    if train:
+        last = train[-1]
+        for key in [k for k in last if k == "loss" or k.startswith("loss_")]:
+            metrics[f"train/{key}"] = float(last[key])
+    val = [r["val_loss"] for r in logged if "val_loss" in r]
+    if val:
+        metrics["val/loss"] = float(val[-1])
+    return {k: v for k, v in metrics.items() if math.isfinite(v)}
+
+
+def read_cell(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / CELL_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}
+
+
+def write_cell(run_dir: Path, record: dict[str, Any]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / (CELL_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    tmp.replace(run_dir / CELL_FILE)
+
+
+def run_cell(
+    cfg: Config,
+    record: dict[str, Any],
+    suites: Sequence[str] | None,
+) -> dict[str, Any]:
+    """Train (or resume) the cell's run and evaluate it; the outcome, also in RUN/cell.json:
+    `status` done with `metrics`, failed with `error` (recorded, not raised), or interrupted
+    (a signal stopped training after saving: the next sitting resumes it)."""
+    from mm1.train.trainer import Trainer
+
+    run_dir = Path(cfg.train.run_dir)
+    record = {**record, "status": "running", "pid": os.getpid(), "started": time.time()}
+    write_cell(run_dir, record)
+    try:
+        t0 = time.perf_counter()
+        result = Trainer(cfg).fit()
+        train_s = time.perf_counter() - t0
+        if result["stopped_by"]:
+            record.update(status="interrupted", steps=result["step"])
+            record.pop("pid", None)
+            write_cell(run_dir, record)
+            return record
+        t1 = time.perf_counter()
+        metrics = evaluate_cell(run_dir, suites)
+        record.update(
+            status="done",
+            metrics=metrics,
+            steps=result["step"],
+            train_seconds=train_s,
+            eval_seconds=time.perf_counter() - t1,
+            trained_steps_this_sitting=result["steps_run"],
+        )
+    except Exception as err:  # a failed cell is recorded and the study goes on
+        record.update(
+            status="failed",
+            error=f"{type(err).__name__}: {err}",
+            traceback=traceback.format_exc(limit=8),
+        )
+    record.pop("pid", None)
+    record["finished"] = time.time()
+    write_cell(run_dir, record)
+    return record

@@ -1,0 +1,58 @@
+"""Does a cell's training sequence length cover its longest evaluation prompt? A model never
+trained on sequences as long as its few-shot prompts is evaluated out of its training
+distribution (issue 17, item 5), so the runner warns, naming the cell."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mm1.config import Config
+from mm1.data.prompt_format import PromptFormat
+from mm1.data.synthetic import WorldManifest
+from mm1.data.tokenizer import Tokenizer
+from mm1.eval.prompts import PromptTemplates, build_prompt, format_demo
+from mm1.eval.tasks import SYNTHETIC_TASKS, Example, Task, load_task
+
+
+def _longest(task: Task, tok: Tokenizer, fmt: PromptFormat, shots: int) -> int:
+    """Tokens of the prompt with the `shots` longest demonstrations and the longest query: an
+    upper bound on any prompt the evaluation draws (the answer's room not counted)."""
+    template = PromptTemplates().get(task.kind)
+
+    def size(e: Example) -> int:
+        return len(tok.encode(format_demo(template, task.kind, e, with_image=False)))
+
+    demos = sorted(task.support or [], key=size, reverse=True)[:shots]
+    query = max(task.query, key=size)
+    return len(build_prompt(tok, fmt, task.kind, demos, query).input_ids)
+
+
+def longest_eval_prompt(cfg: Config) -> dict[str, int]:
+    """Tokens of the longest few-shot prompt of each synthetic task the cell evaluates, at its
+    largest shot count; empty when the world is not written yet (checked again when it is)."""
+    world = Path(cfg.data.world)
+    if not (world / "world.json").is_file() or cfg.data.tokenizer:
+        return {}
+    tok = Tokenizer.from_file(WorldManifest.load(world).tokenizer_path)
+    fmt = PromptFormat(cfg.model.num_image_tokens, bool(cfg.data.image_boundaries))
+    shots = max(cfg.eval.shots)
+    out = {}
+    for name in cfg.eval.tasks:
+        if name in SYNTHETIC_TASKS:
+            out[name] = _longest(load_task(name, world=world), tok, fmt, shots)
+    return out
+
+
+def seq_len_warning(cell_id: str, cfg: Config) -> str | None:
+    """A one-line warning naming the cell when its seq_len is shorter than a prompt it will be
+    evaluated on, else None."""
+    lengths = longest_eval_prompt(cfg)
+    over = {t: n for t, n in lengths.items() if n > cfg.data.seq_len}
+    if not over:
+        return None
+    worst = max(over, key=over.get)  # type: ignore[arg-type]
+    return (
+        f"cell {cell_id}: data.seq_len={cfg.data.seq_len} is shorter than its longest "
+        f"{max(cfg.eval.shots)}-shot {worst} prompt ({over[worst]} tokens): the evaluation "
+        "runs past anything the model was trained on; raise data.seq_len"
+    )

@@ -1,0 +1,313 @@
+"""Running a study: its directory, which cells are finished, what the rest will cost, and the
+cells themselves, one after another in this process or as `--jobs N` worker processes each
+pinned to its share of the CPUs.
+
+    STUDY/grid.json        the grid that wrote the study (its fingerprint); another is refused
+    STUDY/<cell id>/       the cell's run directory (checkpoints, metrics.jsonl, config.yaml),
+                           cell.json (status, metrics, timings or the error), eval/, cell.log
+    STUDY/ablation.json, report.md, *.png   the results (`mm1.ablate.results`)
+
+A cell whose cell.json says done is never re-run; any other resumes from its newest checkpoint
+(the trainer's exact resume), so a study can be stopped and continued in several sittings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mm1.ablate.cell import read_cell, run_cell
+from mm1.ablate.grid import Cell, Grid
+from mm1.checkpoint import latest_checkpoint, step_of
+from mm1.config import Config, ConfigError, to_dict
+
+STUDY_FILE = "grid.json"
+CELL_LOG = "cell.log"
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class CellPlan:
+    cell: Cell
+    cfg: Config
+    status: str  # done | pending | resume | failed | interrupted
+    step: int  # newest checkpoint's step (0: none)
+    config_hash: str
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.train.run_dir)
+
+    @property
+    def tokens(self) -> int:
+        """Sequence tokens the rest of its training reads."""
+        t = self.cfg.train
+        return max(0, t.steps - self.step) * t.batch_size * self.cfg.data.seq_len
+
+
+def config_hash(cfg: Config) -> str:
+    d = to_dict(cfg)
+    d["train"].pop("run_dir", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def plan_study(grid: Grid, study_dir: Path) -> list[CellPlan]:
+    plans = []
+    for cell in grid.cells:
+        cfg = grid.cell_config(cell, study_dir)
+        run_dir = Path(cfg.train.run_dir)
+        record = read_cell(run_dir)
+        ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+        step = (step_of(ckpt) or 0) if ckpt is not None else 0
+        status = record.get("status", "pending")
+        if status == "running" or (status == "pending" and step):
+            status = "resume"  # a sitting that ended without recording (killed)
+        plans.append(CellPlan(cell, cfg, status, step, config_hash(cfg)))
+    return plans
+
+
+def check_study_dir(grid: Grid, study_dir: Path, force: bool, log: Log) -> None:
+    """Refuse a study directory another grid wrote, unless `force`; with `force`, a cell whose
+    config changed under the same id is moved aside (STUDY/.replaced/) and trained anew."""
+    path = study_dir / STUDY_FILE
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("fingerprint") != grid.fingerprint():
+            if not force:
+                raise ConfigError(
+                    f"{study_dir} was written by another grid ({old.get('grid')}, fingerprint "
+                    f"{old.get('fingerprint')}; this one is {grid.fingerprint()}): use another "
+                    "study directory, or --force to run this grid there"
+                )
+            log(f"--force: {study_dir} was written by another grid; reusing unchanged cells")
+            for plan in plan_study(grid, study_dir):
+                rec = read_cell(plan.run_dir)
+                if plan.run_dir.exists() and rec.get("config_hash") != plan.config_hash:
+                    aside = study_dir / ".replaced" / f"{plan.cell.id}.{int(time.time())}"
+                    aside.parent.mkdir(exist_ok=True)
+                    shutil.move(str(plan.run_dir), aside)
+                    log(f"  {plan.cell.id}: its config changed; old run moved to {aside}")
+
+
+def write_study_file(grid: Grid, study_dir: Path) -> None:
+    study_dir.mkdir(parents=True, exist_ok=True)
+    record = {
+        "study": grid.study,
+        "grid": str(grid.path),
+        "fingerprint": grid.fingerprint(),
+        "base_config": str(grid.base_config),
+        "base_overrides": grid.base_overrides,
+        "seeds": grid.seeds,
+        "axes": grid.axes,
+        "suites": grid.suites,
+        "table": grid.table,
+        "cells": [
+            {"id": c.id, "label": c.label, "settings": c.settings, "seed": c.seed, "delta": c.delta}
+            for c in grid.cells
+        ],
+    }
+    (study_dir / STUDY_FILE).write_text(json.dumps(record, indent=1) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost
+# ---------------------------------------------------------------------------------------------
+
+
+def _flops_per_step(cfg: Config) -> float:
+    """Training FLOPs of one step with every sequence at the image cap (an upper bound)."""
+    from mm1.models.build import resolve_config
+    from mm1.models.summary import summarize
+
+    s = summarize(resolve_config(cfg.model, init=cfg.train.init), cfg.data.seq_len)
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    return s.flops_per_token(cfg.data.max_images_per_seq) * tokens
+
+
+def _matmul_rate() -> float:
+    """FLOP/s of a float32 matmul on this machine's threads now (a ceiling for training)."""
+    import torch
+
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    a @ b
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 0.3:
+        a @ b
+        n += 1
+    return 2 * 512**3 * n / (time.perf_counter() - t0)
+
+
+def estimate(plans: list[CellPlan]) -> tuple[dict[str, float], str]:
+    """Seconds each unfinished cell should take, and how that was estimated: from the
+    finished cells' measured seconds per FLOP (training and evaluation), else from the FLOPs at
+    this machine's matmul rate (a lower bound: a tiny model runs far below it)."""
+    measured = []
+    for p in plans:
+        rec = read_cell(p.run_dir)
+        if p.status == "done" and rec.get("train_seconds") and rec.get("steps"):
+            seconds = rec["train_seconds"] + rec.get("eval_seconds", 0.0)
+            measured.append(seconds / (_flops_per_step(p.cfg) * rec["steps"]))
+    if measured:
+        per_flop = sum(measured) / len(measured)
+        how = f"measured on {len(measured)} finished cell(s), training + evaluation"
+    else:
+        rate = _matmul_rate()
+        per_flop = 1 / rate
+        how = (
+            f"training FLOPs at this machine's matmul rate ({rate / 1e9:.0f} GFLOP/s): a lower "
+            "bound, evaluation not included; refined once a cell has finished"
+        )
+    out = {}
+    for p in plans:
+        if p.status != "done":
+            steps = max(0, p.cfg.train.steps - p.step)
+            out[p.cell.id] = _flops_per_step(p.cfg) * steps * per_flop
+    return out, how
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+
+
+def prepare_worlds(plans: list[CellPlan], log: Log) -> None:
+    """Write each synthetic world the cells read, once, before any cell starts (parallel
+    cells would otherwise race to write it)."""
+    from mm1.data.world import ensure_world
+
+    seen = set()
+    for p in plans:
+        d, init = p.cfg.data, p.cfg.train.init
+        # as `prepare_data` decides: the world's sources, or its tokenizer
+        needs_world = not d.sources or not (d.tokenizer or init.decoder or init.weights)
+        if p.status != "done" and needs_world and d.world not in seen:
+            seen.add(d.world)
+            ensure_world(d)
+
+
+def _thread_shares(jobs: int) -> list[list[int]]:
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    cpus = cpus or list(range(os.cpu_count() or 1))
+    per = max(1, len(cpus) // jobs)  # more jobs than CPUs: they share
+    return [[cpus[(i * per + j) % len(cpus)] for j in range(per)] for i in range(jobs)]
+
+
+def cell_record(grid: Grid, plan: CellPlan) -> dict[str, Any]:
+    """What cell.json says of a cell before it runs: who it is, in which study, which config."""
+    c = plan.cell
+    return {
+        "id": c.id,
+        "label": c.label,
+        "settings": c.settings,
+        "seed": c.seed,
+        "delta": c.delta,
+        "config_hash": plan.config_hash,
+        "study": grid.study,
+    }
+
+
+def run_study(
+    grid: Grid,
+    study_dir: str | Path,
+    *,
+    jobs: int = 1,
+    force: bool = False,
+    log: Log = print,
+) -> list[dict[str, Any]]:
+    """Train and evaluate every unfinished cell; returns every cell's record (cell.json)."""
+    study_dir = Path(study_dir)
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: give 1 or more")
+    check_study_dir(grid, study_dir, force, log)
+    write_study_file(grid, study_dir)
+    plans = plan_study(grid, study_dir)
+    todo = [p for p in plans if p.status != "done"]
+    log(f"{grid.study}: {len(plans)} cells, {len(plans) - len(todo)} done, {len(todo)} to run")
+    prepare_worlds(todo, log)
+    if todo:
+        from mm1.ablate.prepare import run_prepare
+
+        run_prepare(grid.prepare, log)
+    from mm1.ablate.prompt_check import seq_len_warning
+
+    for p in plans:
+        warning = seq_len_warning(p.cell.id, p.cfg)
+        if warning:
+            log(f"warning: {warning}")
+    if jobs == 1:
+        for i, p in enumerate(todo, 1):
+            what = "resuming from step " + str(p.step) if p.step else "training"
+            log(f"[{i}/{len(todo)}] {p.cell.id}: {what} ({p.cell.label}, seed {p.cell.seed})")
+            rec = run_cell(p.cfg, cell_record(grid, p), grid.suites)
+            _report(rec, log)
+            if rec["status"] == "interrupted":
+                log("stopped: run the same command again to resume")
+                break
+    else:
+        _run_parallel(grid, study_dir, todo, jobs, log)
+    return [read_cell(p.run_dir) for p in plans]
+
+
+def _report(rec: dict[str, Any], log: Log) -> None:
+    if rec["status"] == "done":
+        log(f"  done in {rec['train_seconds'] + rec['eval_seconds']:.0f}s")
+    elif rec["status"] == "failed":
+        log(f"  FAILED: {rec['error']}")
+
+
+def _run_parallel(grid: Grid, study_dir: Path, todo: list[CellPlan], jobs: int, log: Log) -> None:
+    """Each cell in its own process (`python -m mm1.ablate.worker`), at most `jobs` at a time,
+    each pinned to its share of the CPUs with as many torch threads."""
+    shares = _thread_shares(jobs)
+    free = list(range(jobs))
+    running: dict[int, tuple[subprocess.Popen, CellPlan, Any]] = {}
+    queue = list(todo)
+    while queue or running:
+        while queue and free:
+            slot, plan = free.pop(0), queue.pop(0)
+            cpus = shares[slot]
+            env = {**os.environ, "MM1_CELL_CPUS": ",".join(map(str, cpus))}
+            for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+                env[var] = str(len(cpus))
+            plan.run_dir.mkdir(parents=True, exist_ok=True)
+            out = open(plan.run_dir / CELL_LOG, "a")  # noqa: SIM115 - closed when it ends
+            cmd = [sys.executable, "-m", "mm1.ablate.worker", str(grid.path), str(study_dir)]
+            proc = subprocess.Popen(
+                [*cmd, plan.cell.id],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+            running[slot] = (proc, plan, out)
+            log(f"{plan.cell.id}: started on CPUs {cpus} (log: {plan.run_dir / CELL_LOG})")
+        time.sleep(0.5)
+        for slot, (proc, plan, out) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            out.close()
+            del running[slot]
+            free.append(slot)
+            rec = read_cell(plan.run_dir)
+            if rec.get("status") not in ("done", "failed", "interrupted"):
+                from mm1.ablate.cell import write_cell
+
+                tail = (plan.run_dir / CELL_LOG).read_text()[-2000:]
+                rec = {
+                    **cell_record(grid, plan),
+                    "status": "failed",
+                    "error": f"worker exited with code {proc.returncode}",
+                    "traceback": tail,
+                }
+                write_cell(plan.run_dir, rec)
+            log(f"{plan.cell.id}: {rec['status']}")
+            _report(rec, log)

@@ -1,0 +1,174 @@
+"""Grid files: expansion into cells, and bad input rejected before anything trains."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mm1.ablate.grid import load_grid
+from mm1.ablate.runner import check_study_dir, write_study_file
+from mm1.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _grid(tmp_path: Path, **body) -> Path:
+    doc = {"study": "s", "base": {"config": str(ROOT / "configs" / "demo.yaml")}, **body}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_product_grid_with_seeds_and_named_axis(tmp_path) -> None:
+    mixtures = [
+        {"label": "caps", "set": {"data.max_images_per_seq": 8}},
+        {"label": "docs", "set": {"data.max_images_per_seq": 4, "data.seq_len": 512}},
+    ]
+    grid = load_grid(
+        _grid(
+            tmp_path,
+            seeds=[0, 1],
+            axes={"model.connector.num_tokens": [16, 4], "mixture": mixtures},
+        )
+    )
+    assert len(grid.cells) == 2 * 2 * 2
+    assert len({c.id for c in grid.cells}) == 8
+    first, last = grid.cells[0], grid.cells[-1]
+    # the first axis is outermost, seeds innermost
+    assert first.delta == {
+        "model.connector.num_tokens": 16,
+        "data.max_images_per_seq": 8,
+        "train.seed": 0,
+        "data.seed": 0,
+    }
+    assert last.settings == {"model.connector.num_tokens": "4", "mixture": "docs"}
+    assert last.seed == 1 and last.delta["data.seq_len"] == 512
+    cfg = grid.cell_config(last, tmp_path / "study")
+    assert cfg.model.connector.num_tokens == 4 and cfg.data.max_images_per_seq == 4
+    assert cfg.train.seed == 1 and cfg.data.seed == 1
+    assert Path(cfg.train.run_dir) == tmp_path / "study" / last.id
+
+
+def test_explicit_cells(tmp_path) -> None:
+    grid = load_grid(
+        _grid(
+            tmp_path,
+            cells=[
+                {"model.connector.type": "attnpool"},
+                {"label": "short", "set": {"data.seq_len": 128}},
+            ],
+        )
+    )
+    assert [c.seed for c in grid.cells] == [0, 0]
+    assert grid.cells[1].settings == {"cell": "short"}
+    assert grid.cell_config(grid.cells[0], tmp_path).model.connector.type == "attnpool"
+
+
+@pytest.mark.parametrize(
+    ("body", "names"),
+    [
+        ({"axes": {"model.connector.typo": [1, 2]}}, "model.connector.typo"),
+        ({"axes": {"train.nosuchkey": [1]}}, "train.nosuchkey"),
+        ({"axes": {"train.steps": [10, "many"]}}, "train.steps"),
+        ({"axes": {}}, "empty grid"),
+        ({"cells": []}, "empty grid"),
+        ({}, "empty grid"),
+        ({"axes": {"train.steps": []}}, "axes.train.steps"),
+        ({"axes": {"train.seed": [1, 2]}}, "train.seed"),
+        ({"axes": {"train.steps": [5]}, "seeds": [0, 0]}, "seeds"),
+        ({"axes": {"train.steps": [5]}, "eval": {"suites": ["nope"]}}, "eval.suites"),
+        ({"axes": {"train.steps": [5]}, "colour": 1}, "colour"),
+    ],
+)
+def test_bad_grids_rejected_naming_the_key(tmp_path, body, names) -> None:
+    with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
+        load_grid(_grid(tmp_path, **body))
+
+
+def test_wrong_type_names_the_cell(tmp_path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_grid(_grid(tmp_path, axes={"train.steps": [10, "many"]}))
+    assert "cell many-s0-" in str(err.value) and "train.steps" in str(err.value)
+
+
+def test_duplicate_cells_rejected_even_when_written_differently(tmp_path) -> None:
+    # demo.yaml's connector is avgpool already: the first cell is the base config
+    body = {"cells": [{"model.connector.type": "avgpool"}, {"data.seq_len": 256}]}
+    with pytest.raises(ConfigError, match="same config"):
+        load_grid(_grid(tmp_path, **body))
+    with pytest.raises(ConfigError, match="same config"):
+        load_grid(_grid(tmp_path, axes={"train.steps": [5, 5]}))
+
+
+def test_study_dir_of_another_grid_refused_unless_forced(tmp_path) -> None:
+    study = tmp_path / "study"
+    first = load_grid(_grid(tmp_path, axes={"train.steps": [5, 6]}))
+    write_study_file(first, study)
+    check_study_dir(first, study, force=False, log=print)  # the same grid: fine
+    (tmp_path / "b").mkdir()
+    other = load_grid(_grid(tmp_path / "b", axes={"train.steps": [5, 7]}))
+    with pytest.raises(ConfigError, match="another grid.*--force"):
+        check_study_dir(other, study, force=False, log=print)
+    check_study_dir(other, study, force=True, log=print)
+    assert json.loads((study / "grid.json").read_text())["fingerprint"] == first.fingerprint()
+
+
+@pytest.mark.parametrize("name", ["connectors", "mixtures", "text_only", "recaption"])
+def test_preset_studies_fit_the_issue_budget(name, tmp_path) -> None:
+    from mm1.ablate.command import dry_run
+
+    grid = load_grid(ROOT / "configs" / "studies" / f"{name}.yaml")
+    assert len(grid.cells) <= 16 and len(grid.seeds) >= 2
+    for cell in grid.cells:
+        cfg = grid.cell_config(cell, tmp_path)
+        assert cfg.train.steps >= 800
+        # the demo's tokens per step, so the steps mean what the demo's do
+        assert cfg.train.batch_size * cfg.data.seq_len == 8 * 256
+        assert cfg.eval.shots == [0, 4, 8]
+    if name == "connectors":  # one dry run: each builds every cell's model to count FLOPs
+        lines = dry_run(grid.path, tmp_path / "study", log=lambda _: None)
+        assert len(lines) == len(grid.cells) + 2 and "estimated time left" in lines[-1]
+
+
+def test_recaptioner_config_loads() -> None:
+    from mm1.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "studies" / "recaptioner.yaml")
+    assert cfg.data.sources[0].name == "clean_subset" and cfg.train.steps >= 800
+
+
+@pytest.mark.parametrize(
+    ("prepare", "names"),
+    [
+        ({"steps": 1}, "give a list"),
+        ([{"download": {}}], r"prepare\[0\]\.download"),
+        ([{"recaption": {"checkpoint": "r", "in": "a"}}], "out is missing"),
+        ([{"caption_splits": {"world": "w", "share": 0.1}}], "share is not an option"),
+        ([{"train": {"config": "nowhere.yaml"}}], r"prepare\[0\]\.train: config file not found"),
+        (
+            [{"train": {"config": str(ROOT / "configs/demo.yaml"), "overrides": {"train.x": 1}}}],
+            r"prepare\[0\]\.train: train\.x",
+        ),
+    ],
+)
+def test_bad_prepare_steps_rejected(tmp_path, prepare, names) -> None:
+    with pytest.raises(ConfigError, match=names):
+        load_grid(_grid(tmp_path, axes={"train.steps": [5]}, prepare=prepare))
+
+
+def test_prepare_steps_parsed_and_in_the_fingerprint(tmp_path) -> None:
+    steps = [
+        {"caption_splits": {"world": "w", "fraction": 0.1}},
+        {"train": {"config": str(ROOT / "configs/studies/recaptioner.yaml")}},
+    ]
+    body = {"axes": {"train.steps": [5]}}
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    grid = load_grid(_grid(tmp_path / "a" / "b", **body, prepare=steps))
+    assert [s.kind for s in grid.prepare] == ["caption_splits", "train"]
+    assert grid.prepare[1].train_config().train.run_dir == "runs/ablations/recaptioner"
+    assert grid.prepare[0].describe() == "caption splits of w (fraction 0.1)"
+    plain = load_grid(_grid(tmp_path, **body))
+    assert plain.fingerprint() != grid.fingerprint()

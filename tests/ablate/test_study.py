@@ -1,0 +1,204 @@
+"""`mm1 ablate` end to end at tiny size: cells trained and evaluated into their run
+directories, results and report written, finished cells never re-run, a failing cell
+recorded while the study goes on, the seq_len check, the dry run."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mm1 import cli
+from mm1.ablate import runner
+from mm1.ablate.command import ablate, dry_run
+from mm1.ablate.grid import load_grid
+from mm1.ablate.prompt_check import longest_eval_prompt, seq_len_warning
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = {
+    "data.world_size": "tiny",
+    "data.num_workers": 0,
+    "train.steps": 2,
+    "train.batch_size": 2,
+    "train.micro_batch_size": 2,
+    "train.save_every": 1,
+    "train.log_every": 1,
+    "train.val_every": 0,
+    "train.tensorboard": False,
+    "train.progress": False,
+}
+EVAL = {
+    "eval.shots": [0, 2],
+    "eval.seeds": 1,
+    "eval.max_examples": 2,
+    "eval.max_new_tokens": 4,
+    "eval.vqa_max_new_tokens": 2,
+}
+
+
+def _write(path: Path, world: Path, **body) -> Path:
+    doc = {
+        "study": "tiny",
+        "base": {
+            "config": str(ROOT / "configs" / "demo.yaml"),
+            "overrides": {"data.world": str(world), **TINY},
+        },
+        "eval": {"overrides": EVAL},
+        **body,
+    }
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> tuple[Path, Path, list[str]]:
+    """Three cells: two train and evaluate, one names data that does not exist."""
+    tmp = tmp_path_factory.mktemp("ablate")
+    grid = _write(
+        tmp / "grid.yaml",
+        tmp / "world",
+        cells=[
+            {"model.connector.type": "avgpool"},
+            {"model.connector.type": "attnpool"},
+            {"label": "missing", "set": {"data.sources": [{"format": "wds", "path": "nowhere"}]}},
+        ],
+        table={"layout": "fig4", "group_by": "model.connector.type"},
+        prepare=[{"caption_splits": {"world": str(tmp / "world"), "fraction": 0.25}}],
+    )
+    log: list[str] = []
+    assert ablate(grid, tmp / "study", log=log.append) == 1  # one cell failed
+    return grid, tmp / "study", log
+
+
+def test_cells_trained_evaluated_and_reported(study) -> None:
+    grid, study_dir, _ = study
+    cells = load_grid(grid).cells
+    records = [json.loads((study_dir / c.id / "cell.json").read_text()) for c in cells]
+    assert [r["status"] for r in records] == ["done", "done", "failed"]
+    for cell, rec in zip(cells[:2], records[:2], strict=True):
+        run = study_dir / cell.id
+        saved = yaml.safe_load((run / "config.yaml").read_text())
+        assert saved["model"]["connector"]["type"] == cell.delta["model.connector.type"]
+        assert saved["eval"]["max_examples"] == 2  # the grid's eval settings are the run's
+        assert rec["steps"] == 2 and (run / "checkpoints").is_dir()
+        assert set(rec["metrics"]) >= {"synth_coco/0", "synth_vqa/2", "average/2", "train/loss"}
+        assert (run / "eval" / "results.json").is_file()  # as `mm1 eval RUN` writes it
+    # the failed cell's error names what was wrong; the cells after it still ran
+    assert "nowhere" in records[2]["error"]
+    results = json.loads((study_dir / "ablation.json").read_text())
+    by_label = {c["label"]: c for c in results["configs"]}
+    avg = by_label["type=avgpool"]
+    score = avg["seeds"]["0"]["metrics"]["synth_coco/0"]
+    assert avg["metrics"]["synth_coco/0"] == {"mean": score, "std": 0.0, "n": 1, "values": [score]}
+    assert results["failed"][0]["cell"] == cells[2].id
+    report = (study_dir / "report.md").read_text()
+    # explicit cells set different keys: "-" is the base config's value
+    assert "| type | cell | 0-shot avg | 2-shot avg | seeds done |" in report
+    assert "| avgpool | - |" in report and "| - | missing |" in report
+    assert cells[2].id in report
+    assert (study_dir / "tiny.png").stat().st_size > 0
+    # the prepare step ran once the world was there
+    assert (study_dir.parent / "world" / "captions_clean_subset" / "00000.tar").is_file()
+
+
+def test_finished_cells_never_rerun(study, monkeypatch) -> None:
+    grid, study_dir, _ = study
+    ran: list[str] = []
+
+    def fake_run_cell(cfg, record, suites):
+        ran.append(record["id"])
+        return {**record, "status": "failed", "error": "retried"}
+
+    monkeypatch.setattr(runner, "run_cell", fake_run_cell)
+    log: list[str] = []
+    runner.run_study(load_grid(grid), study_dir, log=log.append)
+    # only the failed cell is tried again
+    assert ran == [load_grid(grid).cells[2].id]
+    assert any("2 done, 1 to run" in line for line in log)
+    assert any(line.startswith("prepare 1/1") and "done already" in line for line in log)
+
+
+def test_interrupted_cell_resumes_from_its_checkpoint(study) -> None:
+    grid, study_dir, _ = study
+    g = load_grid(grid)
+    cell = g.cells[0]
+    rec_path = study_dir / cell.id / "cell.json"
+    saved = rec_path.read_text()
+    try:  # a sitting killed while training: the record still says running
+        rec_path.write_text(json.dumps({**json.loads(saved), "status": "running"}))
+        plan = runner.plan_study(g, study_dir)[0]
+        assert plan.status == "resume" and plan.step == 2
+    finally:
+        rec_path.write_text(saved)
+
+
+def test_dry_run_lists_cells_with_measured_cost(study) -> None:
+    grid, study_dir, _ = study
+    lines = dry_run(grid, study_dir, log=lambda _: None)
+    cells = load_grid(grid).cells
+    for cell in cells:
+        assert any(line.strip().startswith(cell.id) for line in lines)
+    assert "prepare 1: caption splits" in lines[1] and "[done]" in lines[1]
+    assert "done" in lines[2] and "failed" in lines[4]
+    assert "measured on 2 finished cell(s)" in lines[-1]
+
+
+def test_seq_len_shorter_than_the_longest_prompt_warned(study) -> None:
+    grid, study_dir, _ = study
+    g = load_grid(grid)
+    cfg = g.cell_config(g.cells[0], study_dir)
+    lengths = longest_eval_prompt(cfg)
+    # 2-shot prompts: three images of 16 slots each, plus text
+    assert set(lengths) == {"synth_coco", "synth_vqa"} and min(lengths.values()) > 3 * 16
+    assert seq_len_warning("c", cfg) is None
+    cfg.data.seq_len = min(lengths.values()) - 1
+    warning = seq_len_warning("c7", cfg)
+    assert warning is not None and warning.startswith("cell c7: data.seq_len=")
+
+
+def test_parallel_failures_recorded(tmp_path, study) -> None:
+    _, study_dir, _ = study
+    bad = {"data.sources": [{"format": "wds", "path": "nowhere"}]}
+    grid = _write(
+        tmp_path / "grid.yaml",
+        study_dir.parent / "world",
+        cells=[{"label": "a", "set": bad}, {"label": "b", "set": {**bad, "data.seq_len": 128}}],
+    )
+    records = runner.run_study(load_grid(grid), tmp_path / "study", jobs=2, log=lambda _: None)
+    assert [r["status"] for r in records] == ["failed", "failed"]
+    assert all("nowhere" in r["error"] for r in records)
+
+
+def test_cli_rejects_a_bad_grid(tmp_path, capsys) -> None:
+    grid = _write(tmp_path / "grid.yaml", tmp_path / "world", axes={"model.connector.tpye": [1]})
+    assert cli.main(["ablate", str(grid), "--dry-run"]) == 2
+    assert "model.connector.tpye" in capsys.readouterr().out
+
+
+def test_thread_shares_split_the_cpus() -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    shares = runner._thread_shares(len(cpus))
+    assert sorted(c for share in shares for c in share) == cpus  # one each, all used
+    assert runner._thread_shares(1) == [cpus]
+    assert all(len(s) == 1 for s in runner._thread_shares(2 * len(cpus)))  # more jobs: shared
+
+
+def test_force_moves_a_changed_cell_aside(tmp_path, study) -> None:
+    _, study_dir, _ = study
+    world = study_dir.parent / "world"
+    grid = load_grid(_write(tmp_path / "g.yaml", world, cells=[{"train.steps": 3}]))
+    other = tmp_path / "o"
+    other.mkdir()
+    # another grid wrote the study, and its cell with this id ran another config
+    old = load_grid(_write(other / "g.yaml", world, cells=[{"train.steps": 3}, {"train.steps": 4}]))
+    study = tmp_path / "study"
+    runner.write_study_file(old, study)
+    cell_dir = study / grid.cells[0].id
+    cell_dir.mkdir()
+    (cell_dir / "cell.json").write_text(json.dumps({"status": "done", "config_hash": "other"}))
+    runner.check_study_dir(grid, study, force=True, log=lambda _: None)
+    assert not cell_dir.exists()
+    assert [p.name.split(".")[0] for p in (study / ".replaced").iterdir()] == [grid.cells[0].id]
