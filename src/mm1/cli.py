@@ -201,7 +201,7 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     data = prepare_data(cfg.data, cfg.model, init=cfg.train.init)
     q = cfg.model.num_image_tokens
-    fmt = PromptFormat.from_config(cfg.data, q)
+    fmt = PromptFormat.from_config(cfg.data, q, cfg.model)
     settings = LoaderSettings.from_config(cfg.data, data.sources, fmt)
     stats = packing_stats(settings, data.tokenizer, args.sequences, progress=not args.json)
     if args.json:
@@ -222,7 +222,8 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
     console.print(table)
     console.print(
         f"packing efficiency {100 * stats['packing_efficiency']:.2f}%  |  images "
-        f"{stats['images']:,}, dropped by the cap {stats['images_dropped']} "
+        f"{stats['images']:,} ({stats['tokens_per_image']:.1f} tokens each), dropped by the cap "
+        f"{stats['images_dropped']} "
         f"({100 * stats['images_dropped_fraction']:.2f}%)  |  documents cut "
         f"{stats['pieces_cut']}  |  records skipped {sum(stats['read']['skipped'].values())}"
         f"  |  text repaired {sum(stats['read']['repaired'].values())}"

@@ -14,7 +14,9 @@ The steps and their exact arithmetic follow that backend:
 5. rescale in float64 (`x * 1/255`), cast to float32;
 6. normalise in float32: `(x - mean) / std`.
 
-Only PIL, numpy and torch are used (no torchvision, no transformers).
+Only PIL, numpy and torch are used (no torchvision, no transformers). The tiling arithmetic of
+the high-resolution layouts (`select_best_resolution`, LLaVA-NeXT's) lives in `mm1.tiling`,
+shared with the model, and is importable from here.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+
+from mm1.tiling import select_best_resolution as select_best_resolution  # public here
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -226,7 +230,14 @@ class ImageProcessor:
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """One image → (3, H, W) float32 array."""
-        image = self._to_rgb(image)
+        pixels = self.resized_pixels(image)
+        # Each output value depends only on its channel and uint8 input value: look it up.
+        table = _value_table(self.rescale_factor, self.image_mean, self.image_std)
+        return table[_CHANNELS, np.ascontiguousarray(pixels)]
+
+    def resized_pixels(self, image: Image.Image) -> np.ndarray:
+        """One image → (3, H, W) uint8 after RGB conversion, squaring, resize and crop."""
+        image = self.to_rgb(image)
         if self.pad_to_square:
             image = self._expand_to_square(image)
         if self.shortest_edge is not None or self.size is not None:
@@ -236,9 +247,18 @@ class ImageProcessor:
         pixels = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)  # CHW, like transformers
         if self.crop_size is not None:
             pixels = _center_crop(pixels, self.crop_size)
-        # Each output value depends only on its channel and uint8 input value: look it up.
-        table = _value_table(self.rescale_factor, self.image_mean, self.image_std)
-        return table[_CHANNELS, np.ascontiguousarray(pixels)]
+        return pixels
+
+    def scaled(self, factor: int) -> ImageProcessor:
+        """The same processing at `factor` times the output size (MM1's high-resolution view)."""
+        return replace(
+            self,
+            shortest_edge=self.shortest_edge * factor if self.shortest_edge else None,
+            size=(self.size[0] * factor, self.size[1] * factor) if self.size else None,
+            crop_size=(
+                (self.crop_size[0] * factor, self.crop_size[1] * factor) if self.crop_size else None
+            ),
+        )
 
     def resize_output_size(self, height: int, width: int) -> tuple[int, int]:
         """(H, W) after resizing an image of (height, width)."""
@@ -254,7 +274,8 @@ class ImageProcessor:
             return new_long, self.shortest_edge
         return self.shortest_edge, new_long
 
-    def _to_rgb(self, image: Image.Image) -> Image.Image:
+    def to_rgb(self, image: Image.Image) -> Image.Image:
+        """Three channels, transparency onto white (see the class)."""
         if not self.do_convert_rgb:
             return image if image.mode == "RGB" else image.convert("RGB")
         has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
