@@ -297,6 +297,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     else:
         ids = tokenize_prompt(args.prompt, images, p.tokenizer, fmt)
     pixels = fmt.pixel_values(p.processor, images) if images else None
+    crops, sizes = fmt.image_info(images) if images else (None, None)
     stop_ids, text_stops = _split_stops(args.stop or [], p.tokenizer)
     if args.chat:  # the assistant's turn ends at the template's end-of-turn token
         turn_ends = _split_stops(list(p.tokenizer.end_of_turn_tokens()), p.tokenizer)[0]
@@ -313,6 +314,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         pad_token_id=p.tokenizer.pad_id,
         stop_strings=text_stops,
         tokenizer=p.tokenizer,
+        image_crops=crops,
+        image_sizes=sizes,
     )[0]
     # generate keeps the token it stopped at: cut at a special stop (text stops are cut below).
     out = out[: next((i for i, t in enumerate(out) if t in stop_ids), len(out))]

@@ -380,6 +380,9 @@ class EvalConfig:
     zero_shot_text_demos: bool = True  # OpenFlamingo's 0-shot: two text-only demonstrations
     shuffle_images: bool = False  # control: every query shown another query's image
     bad_images: str = "error"  # or "empty": queries showing an undecodable image score empty
+    # A tiled image layout: only a prompt's last N images are tiled, the rest `single` (MM1's
+    # many-shot prompts); 0 = every image.
+    high_res_last: int = 0
 
 
 @dataclass

@@ -342,5 +342,7 @@ def validate_eval(e: EvalConfig) -> None:
         _positive(f"eval.{k}", getattr(e, k))
     _choice("eval.demo_selection", e.demo_selection, DEMO_SELECTIONS)
     _choice("eval.bad_images", e.bad_images, BAD_IMAGE_POLICIES)
+    if e.high_res_last < 0:
+        raise ConfigError(f"eval.high_res_last={e.high_res_last} must be >= 0 (0 = every image)")
     if e.max_examples < 0:
         raise ConfigError(f"eval.max_examples={e.max_examples} must be >= 0 (0 = every query)")
