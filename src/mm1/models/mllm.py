@@ -96,14 +96,17 @@ class MM1(nn.Module):
         chunk = self.cfg.image_layout.encoder_chunk
         if not chunk:
             return self.connector(self.vision(pixel_values))
-        pieces = [self.connector(self.vision(part)) for part in pixel_values.split(chunk)]
-        if _multi_rank():
-            calls = torch.tensor([len(pieces)], device=pixel_values.device)
+        parts = pixel_values.split(chunk)
+        extra = 0
+        if _multi_rank():  # agreed before any call: the calls' collectives must line up
+            calls = torch.tensor([len(parts)], device=pixel_values.device)
             dist.all_reduce(calls, op=dist.ReduceOp.MAX)
-            blank = pixel_values.new_zeros(1, *pixel_values.shape[1:])
-            for _ in range(int(calls) - len(pieces)):
-                dummy = self.connector(self.vision(blank)).sum()
-                pieces[-1] = pieces[-1] + 0.0 * dummy.to(pieces[-1].dtype)
+            extra = int(calls) - len(parts)
+        pieces = [self.connector(self.vision(part)) for part in parts]
+        blank = pixel_values.new_zeros(1, *pixel_values.shape[1:])
+        for _ in range(extra):
+            dummy = self.connector(self.vision(blank)).sum()
+            pieces[-1] = pieces[-1] + 0.0 * dummy.to(pieces[-1].dtype)
         return torch.cat(pieces)
 
     def image_token_counts(
