@@ -238,14 +238,9 @@ def cmd_convert(args: argparse.Namespace) -> None:
         out = save_pretrained(p.model, p.tokenizer, p.processor, args.export, p.prompt_format)
         console.print(f"exported {args.source} -> {out}")
     if args.to_hf:
-        from mm1.models.hf import save_decoder_hf, save_vision_hf
+        from mm1.hf_export import save_hf
 
-        out = Path(args.to_hf)
-        save_decoder_hf(p.model.decoder, out / "decoder", model_type=args.hf_type)
-        p.tokenizer.save(out / "decoder")
-        save_vision_hf(p.model.vision, out / "vision")
-        p.processor.save_pretrained(out / "vision")
-        console.print(f"wrote transformers checkpoints to {out}/decoder and {out}/vision")
+        console.print(save_hf(p, args.to_hf, args.hf_type)[1])
     if not args.export and not args.to_hf:
         raise ConfigError("convert: give --export DIR and/or --to-hf DIR")
 
@@ -525,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("convert", cmd_convert, "export a run for inference, or write transformers checkpoints")
     p.add_argument("source", help="a run directory or an exported directory")
     p.add_argument("--export", default=None, help="write safetensors + config + tokenizer here")
-    p.add_argument("--to-hf", default=None, help="write decoder/ and vision/ HF checkpoints here")
+    p.add_argument("--to-hf", default=None, help="transformers dir (LLaVA for mlp connectors)")
     p.add_argument("--hf-type", default="llama", choices=("llama", "qwen2", "mistral"))
 
     p = add("eval", cmd_eval, "few-shot captioning / VQA evaluation with reports")

@@ -45,6 +45,13 @@ PREPROCESSOR_CONFIG = "preprocessor_config.json"
 # (torchvision) and "Pil" variants read the same config, so one set of defaults serves all three.
 _CLIP_TYPES = ("CLIPImageProcessor", "CLIPImageProcessorFast", "CLIPImageProcessorPil")
 _CLIP_TYPES += ("CLIPFeatureExtractor",)
+# LLaVA's processors read CLIP's keys; LLaVA-1.5's `do_pad` is its expand-to-square (LLaVA-NeXT's
+# `do_pad` pads a batch's crop counts, nothing of one image's pixels).
+_LLAVA_TYPES = tuple(
+    f"{k}{v}"
+    for k in ("LlavaImageProcessor", "LlavaNextImageProcessor")
+    for v in ("", "Fast", "Pil")
+)
 _SIGLIP_TYPES = ("SiglipImageProcessor", "SiglipImageProcessorFast", "SiglipImageProcessorPil")
 
 
@@ -122,14 +129,14 @@ class ImageProcessor:
             )
         cfg = json.loads(file.read_text())
         kind = cfg.get("image_processor_type") or cfg.get("feature_extractor_type")
-        if kind in _CLIP_TYPES:
+        if kind in _CLIP_TYPES or kind in _LLAVA_TYPES:
             base = cls.clip(224)
         elif kind in _SIGLIP_TYPES:
             base = cls.siglip(224)
         else:
             raise ValueError(
                 f"{file}: unsupported image_processor_type {kind!r}; "
-                f"supported: {', '.join(_CLIP_TYPES + _SIGLIP_TYPES)}"
+                f"supported: {', '.join(_CLIP_TYPES + _LLAVA_TYPES + _SIGLIP_TYPES)}"
             )
 
         resize: dict[str, Any] = {}
@@ -166,7 +173,10 @@ class ImageProcessor:
             image_std=std,
             resample=int(cfg.get("resample", base.resample)),
             do_convert_rgb=bool(cfg.get("do_convert_rgb", True)),
-            pad_to_square=bool(cfg.get("pad_to_square", False)),
+            pad_to_square=bool(
+                cfg.get("pad_to_square", False)
+                or (str(kind).startswith("LlavaImageProcessor") and cfg.get("do_pad", False))
+            ),
         )
         return replace(proc, **overrides)
 

@@ -1,0 +1,174 @@
+"""LLaVA / LLaVA-NeXT directories out (`mm1 convert --to-hf`) and in (`train.init.weights`):
+transformers loads the export whole, its processor writes our ids and pixels, and its model
+gives our logits and greedy tokens on images of several sizes; the directory read back as a
+starting point gives the same model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mm1.config import (
+    DataConfig,
+    DecoderConfig,
+    ImageLayoutConfig,
+    InitConfig,
+    ModelConfig,
+    VisionConfig,
+    validate_model,
+)
+from mm1.data.images import ImageProcessor
+from mm1.data.prompt_format import PromptFormat
+from mm1.data.tokenizer import Tokenizer, tokenize_prompt
+from mm1.data.world import image_processor_for
+from mm1.hf_export import save_hf
+from mm1.models.build import build_model
+from mm1.models.generation import generate
+from mm1.models.hf.llava import llava_model_type
+from mm1.models.mllm import MM1
+from mm1.pretrained import Pretrained
+
+transformers = pytest.importorskip("transformers")
+
+SIZES = [(32, 32), (50, 77), (120, 40), (7, 300), (300, 2)]
+PROMPT = "<image>Output:"
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    from mm1.data.synthetic import write_world
+
+    root = tmp_path_factory.getbasetemp() / "eval_world_tiny"
+    if not (root / "world.json").exists():
+        write_world(root, seed=0, size="tiny")
+    return Tokenizer.from_file(root / "tokenizer.json")
+
+
+def _config(tok: Tokenizer, layout: str, variant: str = "clip") -> ModelConfig:
+    cfg = ModelConfig(
+        vision=VisionConfig(
+            variant=variant,
+            image_size=32,
+            patch_size=8,
+            width=32,
+            layers=3,
+            heads=2,
+            mlp_dim=64,
+            act="quick_gelu" if variant == "clip" else "gelu_tanh",
+            feature_layer=-2,
+        ),
+        connector={"type": "mlp", "num_tokens": 0},
+        decoder=DecoderConfig(
+            vocab_size=tok.vocab_size, dim=32, layers=2, heads=4, kv_heads=2, ffn_dim=64
+        ),
+        image_token_id=tok.image_id,
+        image_layout=ImageLayoutConfig(type=layout, grid=[1, 3] if layout == "anyres" else None),
+    )
+    validate_model(cfg)
+    return cfg
+
+
+def _export(tok: Tokenizer, layout: str, variant: str, out: Path) -> tuple[MM1, PromptFormat]:
+    cfg = _config(tok, layout, variant)
+    torch.manual_seed(0)
+    model = MM1(cfg).eval()
+    proc = ImageProcessor.clip(32) if variant == "clip" else ImageProcessor.siglip(32)
+    fmt = PromptFormat.from_config(DataConfig(image_boundaries=False), model.num_image_tokens, cfg)
+    save_hf(Pretrained(model, tok, proc, out, fmt), out)
+    return model, fmt
+
+
+def _image(w: int, h: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize(
+    ("layout", "variant"), [("single", "clip"), ("anyres", "clip"), ("single", "siglip")]
+)
+def test_export_runs_in_transformers_as_in_mm1(
+    tmp_path: Path, tok: Tokenizer, layout: str, variant: str
+) -> None:
+    model, fmt = _export(tok, layout, variant, tmp_path)
+    cls = {
+        "single": transformers.LlavaForConditionalGeneration,
+        "anyres": transformers.LlavaNextForConditionalGeneration,
+    }[layout]
+    hf, info = cls.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info.values()), info
+    hf = hf.eval()
+    processor = transformers.AutoProcessor.from_pretrained(tmp_path)
+    ours_proc = ImageProcessor.clip(32) if variant == "clip" else ImageProcessor.siglip(32)
+    for i, (w, h) in enumerate(SIZES):
+        image = _image(w, h, i)
+        enc = processor(images=image, text=PROMPT, return_tensors="pt")
+        ids = tokenize_prompt(PROMPT, [image], tok, fmt)
+        assert enc["input_ids"][0].tolist() == ids, (w, h)
+        pixels = fmt.pixel_values(ours_proc, [image])
+        crops, sizes = fmt.image_info([image])
+        hf_pixels = enc["pixel_values"][0] if layout == "anyres" else enc["pixel_values"]
+        assert torch.equal(pixels, hf_pixels), (w, h)
+        with torch.no_grad():
+            ours = model(torch.tensor([ids]), pixel_values=pixels, image_sizes=sizes).logits
+            theirs = hf(**enc).logits
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+        greedy = hf.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_id)
+        mine = generate(
+            model, [ids], pixels, max_new_tokens=6, image_crops=crops, image_sizes=sizes
+        )
+        assert greedy[0, len(ids) :].tolist() == mine[0], (w, h)
+
+
+@pytest.mark.parametrize("layout", ["single", "anyres"])
+def test_a_llava_directory_is_a_starting_point(tmp_path: Path, tok: Tokenizer, layout: str) -> None:
+    exported, fmt = _export(tok, layout, "clip", tmp_path / "hf")
+    # another architecture in the config: the LLaVA directory's replaces it
+    cfg = _config(tok, "single")
+    cfg.connector = {"type": "avgpool", "num_tokens": 4}
+    init = InitConfig(weights=str(tmp_path / "hf"))
+    model = build_model(cfg, tok.vocab_size, tok.image_id, init=init).eval()
+    assert model.cfg.image_layout.type == layout and model.cfg.connector.type == "mlp"
+    for k, v in exported.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    processor = image_processor_for(model.cfg, init)
+    assert processor == ImageProcessor.clip(32)
+    image = _image(70, 30, 0)
+    ids = torch.tensor([tokenize_prompt(PROMPT, [image], tok, fmt)])
+    pixels, (crops, sizes) = fmt.pixel_values(processor, [image]), fmt.image_info([image])
+    with torch.no_grad():
+        got = model(ids, pixel_values=pixels, image_crops=crops, image_sizes=sizes).logits
+        want = exported(ids, pixel_values=pixels, image_crops=crops, image_sizes=sizes).logits
+    assert torch.equal(got, want)
+
+
+def test_anyres_stage_from_a_single_layout_model_starts_a_fresh_newline(
+    tmp_path: Path, tok: Tokenizer
+) -> None:
+    """MM1 moves to high resolution after pre-training: an anyres model started from a
+    single-layout export takes every weight, and its newline starts fresh."""
+    from mm1.pretrained import save_pretrained
+
+    torch.manual_seed(0)
+    single = MM1(_config(tok, "single")).eval()
+    save_pretrained(single, tok, ImageProcessor.clip(32), tmp_path / "export")
+    init = InitConfig(weights=str(tmp_path / "export"))
+    model = build_model(_config(tok, "anyres"), tok.vocab_size, tok.image_id, init=init)
+    assert model.image_newline is not None and torch.isfinite(model.image_newline).all()
+    for k, v in single.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_other_connectors_and_layouts_say_why_they_are_not_llava(tok: Tokenizer) -> None:
+    cfg = _config(tok, "single")
+    cfg.connector = {"type": "avgpool", "num_tokens": 4}
+    validate_model(cfg)
+    with pytest.raises(ValueError, match="connector is 'avgpool'"):
+        llava_model_type(cfg)
+    cfg = _config(tok, "single")
+    cfg.image_layout = ImageLayoutConfig(type="mm1")
+    with pytest.raises(ValueError, match="image_layout.type='mm1'"):
+        llava_model_type(cfg)
