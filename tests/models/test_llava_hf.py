@@ -172,3 +172,35 @@ def test_other_connectors_and_layouts_say_why_they_are_not_llava(tok: Tokenizer)
     cfg.image_layout = ImageLayoutConfig(type="mm1")
     with pytest.raises(ValueError, match="image_layout.type='mm1'"):
         llava_model_type(cfg)
+
+
+def test_large_models_are_written_in_shards_with_an_index(tmp_path: Path, tok: Tokenizer) -> None:
+    from mm1.models.hf.llava import save_llava_hf
+
+    model, fmt = _export(tok, "anyres", "clip", tmp_path / "one")
+    save_llava_hf(model, tmp_path / "one", max_shard_bytes=20_000)
+    files = sorted(p.name for p in (tmp_path / "one").glob("model*.safetensors*"))
+    assert "model.safetensors" not in files and "model.safetensors.index.json" in files
+    assert len(files) > 3  # the index and several shards
+    hf = transformers.LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "one").eval()
+    image = _image(40, 90, 1)
+    enc = transformers.AutoProcessor.from_pretrained(tmp_path / "one")(
+        images=image, text=PROMPT, return_tensors="pt"
+    )
+    _, sizes = fmt.image_info([image])
+    pixels = enc["pixel_values"][0]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            hf(**enc).logits,
+            model(enc["input_ids"], pixel_values=pixels, image_sizes=sizes).logits,
+            rtol=1e-4,
+            atol=1e-5,
+        )
+    back = build_model(
+        _config(tok, "anyres"),
+        tok.vocab_size,
+        tok.image_id,
+        init=InitConfig(weights=str(tmp_path / "one")),
+    )
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
