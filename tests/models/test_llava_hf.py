@@ -204,3 +204,17 @@ def test_large_models_are_written_in_shards_with_an_index(tmp_path: Path, tok: T
     )
     for k, v in model.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
+
+
+def test_llava_hf_hub_key_layout_reads_the_same(tmp_path: Path, tok: Tokenizer) -> None:
+    """llava-hf's Hub checkpoints keep the encoder under `vision_tower.vision_model.`."""
+    from safetensors.torch import load_file, save_file
+
+    model, _ = _export(tok, "anyres", "clip", tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    hub = {k.replace("vision_tower.", "vision_tower.vision_model.", 1): v for k, v in state.items()}
+    save_file(hub, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    init = InitConfig(weights=str(tmp_path))
+    back = build_model(_config(tok, "single"), tok.vocab_size, tok.image_id, init=init)
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
