@@ -4,8 +4,9 @@ A model with LLaVA's projector (`mlp` connector) becomes one directory that tran
 whole: `LlavaForConditionalGeneration` (layout `single`) or `LlavaNextForConditionalGeneration`
 (`anyres`), with the processor `AutoProcessor.from_pretrained` builds (tokenizer, image
 processor, chat template; `models/hf/llava.py` writes the weights). Other connectors have no
-transformers class: the decoder and the encoder are written as `decoder/` and `vision/`, and
-the connector is named as left out, never dropped silently.
+transformers class: the whole model is written as transformers custom code
+(`models/hf/custom.py`, loaded with `trust_remote_code=True`), and the decoder and the encoder
+alone as `decoder/` and `vision/`, as before.
 """
 
 from __future__ import annotations
@@ -30,11 +31,21 @@ def save_hf(p: Pretrained, out_dir: str | Path, decoder_type: str = "llama") -> 
     try:
         model_type = llava_model_type(p.cfg)
     except ValueError as why:
+        from mm1.models.hf.custom import save_custom_hf
+
+        save_custom_hf(p.model, out, decoder_type)
+        p.tokenizer.save(out)
+        _add_bos_on_encode(p, out)
+        p.processor.save_pretrained(out)
         save_decoder_hf(p.model.decoder, out / "decoder", model_type=decoder_type)
         p.tokenizer.save(out / "decoder")
         save_vision_hf(p.model.vision, out / "vision")
         p.processor.save_pretrained(out / "vision")
-        return out, (f"wrote {out}/decoder and {out}/vision; the connector is NOT exported ({why})")
+        return out, (
+            f"wrote {out} as transformers custom code (not LLaVA: {why}; load it with "
+            "AutoModel.from_pretrained(..., trust_remote_code=True)), and the decoder and the "
+            f"encoder alone as {out}/decoder and {out}/vision"
+        )
     if p.processor.pad_to_square:
         raise ValueError(
             "--to-hf: the image processor pads to a square (LLaVA-1.5's expand-to-square), "
