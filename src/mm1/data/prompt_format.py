@@ -4,9 +4,13 @@ evaluation and generation are written the way the model was trained.
 `PromptFormat` holds
 - `image_tokens` (Q): the slots one encoder input (one crop) fills (`model.connector.num_tokens`);
 - `crops(image)` / `slots(image)`: how many encoder inputs an image becomes and how many slots it
-  takes (`crops x Q`); `crop(image)` makes those inputs and `pixel_values` runs the image
-  processor on them, checking the count. Today every image is one crop, itself; a layout
-  (tiling) overrides `crops` and `crop` together, so slots written and pixel rows given agree;
+  takes, from its size alone (`crops_for_size` / `slots_for_size`); `crop(image, processor)`
+  makes those inputs and `pixel_values` runs the image processor on them, checking the count;
+  `image_info` gives the per-image crop counts and sizes the model needs beside the pixels.
+  Here (`single`) every image is one crop, itself, Q slots; the tiled layouts (`mm1`,
+  `anyres`, `dynamic`, `mm1.data.layouts`) override `crops_for_size` (and `slots_for_size`)
+  and `crop` together, so slots written and pixel rows given agree. `high_res=False` writes
+  an image in the single form whatever the layout (few-shot context images);
 - `image_boundaries`: each image's slots between `<img>` and `</img>` (`data.image_boundaries`);
 - `chat_template`: None for the tokenizer's own template (`plain` when it has none), else a
   built-in name, one of the tokenizer's named templates, or a jinja source. The template text
@@ -15,7 +19,8 @@ evaluation and generation are written the way the model was trained.
 
 `prompt_format.json` sits next to the tokenizer (an exported directory, a run's tokenizer/):
 {"version": 2, "image_layout": "single", "image_tokens": Q, "image_boundaries": bool,
-"chat_template": null}. Older directories still load: version 1 held only {"image_boundaries"};
+"chat_template": null}, plus a tiled layout's own keys (`crop_size`, `pinpoints`, `grid`,
+`min_tiles`, `max_tiles`, `overview`). Older directories still load: version 1 held only {"image_boundaries"};
 before that a run directory's config.yaml says `data.image_boundaries`; Q then comes from the
 model.
 """
