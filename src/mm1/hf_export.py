@@ -46,11 +46,6 @@ def save_hf(p: Pretrained, out_dir: str | Path, decoder_type: str = "llama") -> 
             "AutoModel.from_pretrained(..., trust_remote_code=True)), and the decoder and the "
             f"encoder alone as {out}/decoder and {out}/vision"
         )
-    if p.processor.pad_to_square:
-        raise ValueError(
-            "--to-hf: the image processor pads to a square (LLaVA-1.5's expand-to-square), "
-            "which this export does not write yet"
-        )
     if p.prompt_format.image_boundaries:
         raise ValueError(
             "--to-hf: the model was trained with <img> </img> around its image slots, which "
@@ -86,6 +81,9 @@ def _save_processor(p: Pretrained, out: Path, model_type: str) -> None:
     pre.pop("pad_to_square", None)
     pre["image_processor_type"] = IMAGE_PROCESSOR_TYPES[model_type]
     pre["processor_class"] = PROCESSOR_CLASSES[model_type]
+    if model_type == "llava" and p.processor.pad_to_square:
+        # LLaVA-1.5's expand-to-square is LlavaImageProcessor's do_pad (pixel-equal, tested).
+        pre["image_processor_type"], pre["do_pad"] = "LlavaImageProcessor", True
     if model_type == "llava_next":
         from mm1.models.hf.llava import llava_config_to_hf
 

@@ -5,6 +5,7 @@ starting point gives the same model."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -72,11 +73,14 @@ def _config(tok: Tokenizer, layout: str, variant: str = "clip") -> ModelConfig:
     return cfg
 
 
-def _export(tok: Tokenizer, layout: str, variant: str, out: Path) -> tuple[MM1, PromptFormat]:
+def _export(
+    tok: Tokenizer, layout: str, variant: str, out: Path, pad: bool = False
+) -> tuple[MM1, PromptFormat]:
     cfg = _config(tok, layout, variant)
     torch.manual_seed(0)
     model = MM1(cfg).eval()
     proc = ImageProcessor.clip(32) if variant == "clip" else ImageProcessor.siglip(32)
+    proc = replace(proc, pad_to_square=pad)
     fmt = PromptFormat.from_config(DataConfig(image_boundaries=False), model.num_image_tokens, cfg)
     save_hf(Pretrained(model, tok, proc, out, fmt), out)
     return model, fmt
@@ -88,12 +92,15 @@ def _image(w: int, h: int, seed: int) -> Image.Image:
 
 
 @pytest.mark.parametrize(
-    ("layout", "variant"), [("single", "clip"), ("anyres", "clip"), ("single", "siglip")]
+    ("layout", "variant"),
+    [("single", "clip"), ("anyres", "clip"), ("single", "siglip"), ("single", "clip_pad")],
 )
 def test_export_runs_in_transformers_as_in_mm1(
     tmp_path: Path, tok: Tokenizer, layout: str, variant: str
 ) -> None:
-    model, fmt = _export(tok, layout, variant, tmp_path)
+    pad = variant == "clip_pad"  # LLaVA-1.5's expand-to-square
+    variant = variant.removesuffix("_pad")
+    model, fmt = _export(tok, layout, variant, tmp_path, pad)
     cls = {
         "single": transformers.LlavaForConditionalGeneration,
         "anyres": transformers.LlavaNextForConditionalGeneration,
@@ -103,6 +110,7 @@ def test_export_runs_in_transformers_as_in_mm1(
     hf = hf.eval()
     processor = transformers.AutoProcessor.from_pretrained(tmp_path)
     ours_proc = ImageProcessor.clip(32) if variant == "clip" else ImageProcessor.siglip(32)
+    ours_proc = replace(ours_proc, pad_to_square=pad)
     for i, (w, h) in enumerate(SIZES):
         image = _image(w, h, i)
         enc = processor(images=image, text=PROMPT, return_tensors="pt")
