@@ -226,3 +226,28 @@ def test_llava_hf_hub_key_layout_reads_the_same(tmp_path: Path, tok: Tokenizer) 
     back = build_model(_config(tok, "single"), tok.vocab_size, tok.image_id, init=init)
     for k, v in model.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
+
+
+def test_a_llava_start_at_another_image_size_keeps_its_canvases_in_crops(
+    tmp_path: Path, tok: Tokenizer
+) -> None:
+    from mm1.models.vision import interpolate_pos_embed
+
+    exported, _ = _export(tok, "anyres", "clip", tmp_path)
+    cfg = _config(tok, "single")
+    cfg.vision.image_size = 48  # the config's size wins, as for an HF encoder
+    model = build_model(cfg, tok.vocab_size, tok.image_id, init=InitConfig(weights=str(tmp_path)))
+    assert model.cfg.vision.image_size == 48 and model.cfg.image_layout.type == "anyres"
+    ours = sorted(map(tuple, model.cfg.image_layout.pinpoints))
+    theirs = sorted((w * 48 // 32, h * 48 // 32) for w, h in _canvases(exported))
+    assert ours == theirs
+    want = interpolate_pos_embed(exported.vision.pos_embed.detach(), 6, True)
+    assert torch.equal(model.vision.pos_embed.detach(), want)
+    assert torch.equal(model.image_newline, exported.image_newline)
+
+
+def _canvases(model: MM1) -> list[tuple[int, int]]:
+    from mm1.tiling import canvas_candidates
+
+    lay = model.cfg.image_layout
+    return canvas_candidates(model.cfg.vision.image_size, lay.pinpoints, lay.grid)

@@ -36,7 +36,7 @@ def resolve_config(
     if llava:
         from mm1.models.hf.llava import llava_model_config_from_hf
 
-        theirs = llava_model_config_from_hf(llava)
+        theirs = llava_model_config_from_hf(llava, image_size=cfg.vision.image_size)
         theirs.decoder.attention = cfg.decoder.attention  # how attention is computed stays ours
         theirs.image_layout.encoder_chunk = cfg.image_layout.encoder_chunk
         cfg.vision, cfg.connector, cfg.decoder = theirs.vision, theirs.connector, theirs.decoder
