@@ -67,9 +67,9 @@ def prompts(monkeypatch) -> list[list[int]]:
     seen: list[list[int]] = []
     real = generation.DecodeBatch.prefill
 
-    def spy(self, batch, pixel_values=None):
+    def spy(self, batch, *images):
         seen.extend(list(p) for p in batch)
-        return real(self, batch, pixel_values)
+        return real(self, batch, *images)
 
     monkeypatch.setattr(generation.DecodeBatch, "prefill", spy)
     return seen
@@ -263,10 +263,10 @@ import json, sys
 from mm1 import cli
 from mm1.models import generation
 real = generation.DecodeBatch.prefill
-def spy(self, prompts, pixel_values=None):
+def spy(self, prompts, *images):
     with open(sys.argv[1], "a") as f:
         f.write(json.dumps([list(p) for p in prompts]) + "\\n")
-    return real(self, prompts, pixel_values)
+    return real(self, prompts, *images)
 generation.DecodeBatch.prefill = spy
 sys.exit(cli.main(sys.argv[2:]))
 """

@@ -190,6 +190,41 @@ def test_stop_strings_and_seeded_sampling(server, pretrained, images) -> None:
     assert len({sample(s) for s in range(4)}) > 1  # sampling does sample
 
 
+def test_tiled_images_answer_as_mm1_chat_does(world, tiny_train_args, images) -> None:
+    """A model with the `anyres` layout (tiles of each image's own canvas): two requests with
+    images of different sizes, batched, answer as `mm1 chat` answers each alone."""
+    from PIL import Image
+
+    from mm1.chat import ChatSession, ChatSettings
+
+    run = world.parent / "run_anyres"
+    assert cli.main([*tiny_train_args(run), "model.image_layout.type=anyres"]) == 0
+    p = load_pretrained(run)
+    wide = world.parent / "wide.png"
+    Image.open(images[0]).resize((150, 60)).save(wide)
+    asks = [("Describe it.", [wide]), ("What is in both?", [images[1], wide])]
+    want = []
+    for text, pics in asks:
+        session = ChatSession(p, resolve_chat_template(p.tokenizer, None), ChatSettings(12))
+        loaded = [decode_image(path.read_bytes()) for path in pics]
+        want.append(session.reply(text, loaded, lambda _: None).text)
+    with serving(p) as (url, _), slow(p, 0.01):
+        got: list[str] = ["", ""]
+
+        def ask(i: int) -> None:
+            body = {"model": MODEL, "messages": user(*asks[i]), "max_tokens": 12, "temperature": 0}
+            got[i] = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()[
+                "choices"
+            ][0]["message"]["content"]
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    assert got == want
+
+
 def collect(engine: Engine, request: Request) -> tuple[threading.Event, list[Event]]:
     done, events = threading.Event(), []
 

@@ -19,7 +19,12 @@ class Batch:
     position_ids  (B, T) long: restart at 0 for every packed document.
     document_ids  (B, T) long: attention stays causal inside a document; padding is its own;
                   a document's tokens are contiguous in its row (a run of one id).
-    pixel_values  (N, 3, H, W): every image of the batch in slot order, or None.
+    pixel_values  (C, 3, H, W): every crop of every image of the batch in slot order (one crop
+                  per image in the `single` layout), or None.
+    image_crops   (N,) long: each image's number of crops (rows of pixel_values); optional
+                  (None: one per image).
+    image_sizes   (N, 2) long: each image's original (height, width), which the anyres layout
+                  needs to unpad its grid; optional.
     kind_ids      (B, T) long: the kind of each token's document (its index in
                   `config.SOURCE_KINDS`: captions, interleaved, text, sft; -1 for padding), for
                   per-kind losses; optional.
@@ -34,6 +39,8 @@ class Batch:
     pixel_values: torch.Tensor | None = None
     kind_ids: torch.Tensor | None = None
     dataset_ids: torch.Tensor | None = None
+    image_crops: torch.Tensor | None = None
+    image_sizes: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -52,6 +59,8 @@ class Batch:
             "position_ids": self.position_ids,
             "document_ids": self.document_ids,
             "pixel_values": self.pixel_values,
+            "image_crops": self.image_crops,
+            "image_sizes": self.image_sizes,
         }
 
     @property

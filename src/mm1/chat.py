@@ -141,9 +141,12 @@ def stream_tokens(
     sampling: Sampling = GREEDY,
     generator: torch.Generator | None = None,
     pad_token_id: int = 0,
+    image_crops: torch.Tensor | None = None,
+    image_sizes: torch.Tensor | None = None,
 ) -> Iterator[int]:
     """The new tokens of one prompt, one per step, ending before a stop id (never yielded) or
-    after `max_new_tokens`. Greedy, these are `generate`'s tokens up to its stop token."""
+    after `max_new_tokens`. Greedy, these are `generate`'s tokens up to its stop token.
+    `image_crops` / `image_sizes`: per image, as in `Batch` (tiled layouts)."""
     if max_new_tokens <= 0:
         return
     batch = DecodeBatch(
@@ -154,7 +157,7 @@ def stream_tokens(
         generator=generator,
         pad_token_id=pad_token_id,
     )
-    (seq,) = batch.prefill([prompt], pixel_values)
+    (seq,) = batch.prefill([prompt], pixel_values, image_crops, image_sizes)
     for _ in range(max_new_tokens):
         token = batch.step()[seq]
         if token in stop_ids:
@@ -230,8 +233,10 @@ class ChatSession:
         prompt = self.prompt_ids(messages, all_images)
         p, s = self.pretrained, self.settings
         device = p.model.decoder.embed_tokens.weight.device
-        pixels = p.prompt_format.pixel_values(p.processor, all_images) if all_images else None
-        pixels = pixels.to(device) if pixels is not None else None
+        pixels = crops = sizes = None
+        if all_images:
+            pixels = p.prompt_format.pixel_values(p.processor, all_images).to(device)
+            crops, sizes = p.prompt_format.image_info(all_images)
         sampling = Sampling(s.temperature > 0, s.temperature, top_p=s.top_p)
         stream = TextStream(p.tokenizer)
         stopped = False
@@ -245,6 +250,8 @@ class ChatSession:
                 sampling=sampling,
                 generator=self.generator,
                 pad_token_id=p.tokenizer.pad_id,
+                image_crops=crops,
+                image_sizes=sizes,
             ):
                 piece = stream.push(token)
                 if piece:

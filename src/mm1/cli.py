@@ -202,7 +202,7 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     data = prepare_data(cfg.data, cfg.model, init=cfg.train.init)
     q = cfg.model.num_image_tokens
-    fmt = PromptFormat.from_config(cfg.data, q)
+    fmt = PromptFormat.from_config(cfg.data, q, cfg.model)
     settings = LoaderSettings.from_config(cfg.data, data.sources, fmt)
     stats = packing_stats(settings, data.tokenizer, args.sequences, progress=not args.json)
     if args.json:
@@ -223,7 +223,8 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
     console.print(table)
     console.print(
         f"packing efficiency {100 * stats['packing_efficiency']:.2f}%  |  images "
-        f"{stats['images']:,}, dropped by the cap {stats['images_dropped']} "
+        f"{stats['images']:,} ({stats['tokens_per_image']:.1f} tokens each), dropped by the cap "
+        f"{stats['images_dropped']} "
         f"({100 * stats['images_dropped_fraction']:.2f}%)  |  documents cut "
         f"{stats['pieces_cut']}  |  records skipped {sum(stats['read']['skipped'].values())}"
         f"  |  text repaired {sum(stats['read']['repaired'].values())}"
@@ -238,14 +239,9 @@ def cmd_convert(args: argparse.Namespace) -> None:
         out = save_pretrained(p.model, p.tokenizer, p.processor, args.export, p.prompt_format)
         console.print(f"exported {args.source} -> {out}")
     if args.to_hf:
-        from mm1.models.hf import save_decoder_hf, save_vision_hf
+        from mm1.hf_export import save_hf
 
-        out = Path(args.to_hf)
-        save_decoder_hf(p.model.decoder, out / "decoder", model_type=args.hf_type)
-        p.tokenizer.save(out / "decoder")
-        save_vision_hf(p.model.vision, out / "vision")
-        p.processor.save_pretrained(out / "vision")
-        console.print(f"wrote transformers checkpoints to {out}/decoder and {out}/vision")
+        console.print(save_hf(p, args.to_hf, args.hf_type)[1])
     if not args.export and not args.to_hf:
         raise ConfigError("convert: give --export DIR and/or --to-hf DIR")
 
@@ -297,6 +293,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     else:
         ids = tokenize_prompt(args.prompt, images, p.tokenizer, fmt)
     pixels = fmt.pixel_values(p.processor, images) if images else None
+    crops, sizes = fmt.image_info(images) if images else (None, None)
     stop_ids, text_stops = _split_stops(args.stop or [], p.tokenizer)
     if args.chat:  # the assistant's turn ends at the template's end-of-turn token
         turn_ends = _split_stops(list(p.tokenizer.end_of_turn_tokens()), p.tokenizer)[0]
@@ -313,6 +310,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         pad_token_id=p.tokenizer.pad_id,
         stop_strings=text_stops,
         tokenizer=p.tokenizer,
+        image_crops=crops,
+        image_sizes=sizes,
     )[0]
     # generate keeps the token it stopped at: cut at a special stop (text stops are cut below).
     out = out[: next((i for i, t in enumerate(out) if t in stop_ids), len(out))]
@@ -555,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("convert", cmd_convert, "export a run for inference, or write transformers checkpoints")
     p.add_argument("source", help="a run directory or an exported directory")
     p.add_argument("--export", default=None, help="write safetensors + config + tokenizer here")
-    p.add_argument("--to-hf", default=None, help="write decoder/ and vision/ HF checkpoints here")
+    p.add_argument("--to-hf", default=None, help="transformers dir (LLaVA for mlp connectors)")
     p.add_argument("--hf-type", default="llama", choices=("llama", "qwen2", "mistral"))
 
     p = add("eval", cmd_eval, "few-shot captioning / VQA evaluation with reports")

@@ -73,11 +73,13 @@ class WideTwoCrops(PromptFormat):
 
     layout = "test_wide_two_crops"
 
-    def crops(self, image: Image.Image) -> int:
-        return 2 if image.width > image.height else 1
+    def crops_for_size(self, size: tuple[int, int]) -> int:
+        return 2 if size[0] > size[1] else 1
 
-    def crop(self, image: Image.Image) -> list[Image.Image]:
-        if self.crops(image) == 1:
+    def crop(
+        self, image: Image.Image, processor: object = None, high_res: bool = True
+    ) -> list[Image.Image]:
+        if self.crops(image, high_res) == 1:
             return [image]
         w, h = image.size
         return [image.crop((0, 0, w // 2, h)), image.crop((w // 2, 0, w, h))]
@@ -124,7 +126,8 @@ def test_old_layouts_load_with_the_same_format(tmp_path: Path) -> None:
     ("content", "error"),
     [
         ({"image_tokens": 9}, "image_tokens 9 but the model fills 4"),
-        ({"image_layout": "anyres"}, "unknown image_layout 'anyres'"),
+        ({"image_layout": "mosaic"}, "unknown image_layout 'mosaic'"),
+        ({"image_layout": "anyres", "image_tokens": 4}, "anyres layout needs crop_size"),
         ({"version": 3}, "version 3 is newer"),
         ({"image_slots": 4}, r"unknown keys \['image_slots'\]"),
         ({"chat_template": 3}, "chat_template must be a string"),
@@ -227,7 +230,7 @@ def test_a_layout_with_more_crops_flows_to_the_model(
                 batch.pixel_values)  # fmt: skip
     assert torch.isfinite(out.loss)
     # a processor that does not crop as the format writes is caught where pixels are made
-    monkeypatch.setattr(WideTwoCrops, "crop", lambda self, image: [image])
+    monkeypatch.setattr(WideTwoCrops, "crop", lambda self, image, *args: [image])
     with pytest.raises(ValueError, match="gave 2 crops for 2 images; .* writes slots for 3"):
         fmt.pixel_values(processor, [wide, square])
     assert LAYOUTS[fmt.layout] is WideTwoCrops

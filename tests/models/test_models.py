@@ -262,7 +262,7 @@ def test_image_count_mismatch_is_an_error(tiny_model_config) -> None:
     model = MM1(tiny_model_config("avgpool"))
     img, q = model.image_token_id, model.num_image_tokens
     ids = torch.tensor([[1] + [img] * q + [2]])
-    with pytest.raises(ValueError, match=r"hold 4 image slots but 2 images"):
+    with pytest.raises(ValueError, match=r"hold 4 image slots but the 2 crops given make 8"):
         model(ids, pixel_values=torch.randn(2, 3, 32, 32))
     with pytest.raises(ValueError, match=r"hold 3 image slots"):
         model(torch.tensor([[1, img, img, img]]), pixel_values=torch.randn(1, 3, 32, 32))

@@ -142,6 +142,33 @@ class DecoderConfig:
         )
 
 
+IMAGE_LAYOUTS = ("single", "mm1", "anyres", "dynamic")
+OVERVIEW_PLACES = ("first", "last")
+
+
+@dataclass
+class ImageLayoutConfig:
+    """How an image becomes encoder inputs (crops of `vision.image_size`) and image tokens.
+
+    single: the image is one crop (Q tokens). mm1: the image at twice the crop size cut into
+    2 x 2 crops, after the overview at crop size (5Q). anyres (LLaVA-NeXT): the base image,
+    then the tiles of the canvas `select_best_resolution` picks, assembled into one unpadded
+    grid with a learned newline token after each row. dynamic (InternVL / MM1.5): the grid of
+    min..max tiles closest to the image's aspect ratio, with an overview when it has more than
+    one tile."""
+
+    type: str = "single"
+    # anyres canvases as [width, height] px; or `grid: [lo, hi]`, every (i x j) crops with
+    # lo <= i, j <= hi; neither: LLaVA-NeXT v1.6's five canvases at this crop size.
+    pinpoints: list[list[int]] | None = None
+    grid: list[int] | None = None
+    min_tiles: int = 1  # dynamic
+    max_tiles: int = 6  # dynamic
+    overview: str = "last"  # dynamic: the overview crop before ("first") or after the tiles
+    # Crops per encoder call (0 = all of a batch's crops at once): bounds activation memory.
+    encoder_chunk: int = 0
+
+
 @dataclass
 class ModelConfig:
     family: str = "mm1"  # a registered model family (`mm1.models.family`)
@@ -154,6 +181,7 @@ class ModelConfig:
     # (where the tokenizer's added `<image>` lands); set from the tokenizer by the data side.
     image_token_id: int = -1
     init_std: float = 0.02
+    image_layout: ImageLayoutConfig = field(default_factory=ImageLayoutConfig)
 
     @property
     def resolved_image_token_id(self) -> int:
@@ -352,6 +380,9 @@ class EvalConfig:
     zero_shot_text_demos: bool = True  # OpenFlamingo's 0-shot: two text-only demonstrations
     shuffle_images: bool = False  # control: every query shown another query's image
     bad_images: str = "error"  # or "empty": queries showing an undecodable image score empty
+    # A tiled image layout: only a prompt's last N images are tiled, the rest `single` (MM1's
+    # many-shot prompts); 0 = every image.
+    high_res_last: int = 0
 
 
 @dataclass

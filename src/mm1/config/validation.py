@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,8 +17,10 @@ from mm1.config.schema import (
     ATTENTION_BACKENDS,
     BAD_IMAGE_POLICIES,
     DEMO_SELECTIONS,
+    IMAGE_LAYOUTS,
     IMAGE_ROOT_FORMATS,
     INIT_PARTS,
+    OVERVIEW_PLACES,
     ROPE_TYPES,
     SOURCE_FORMATS,
     SOURCE_KINDS,
@@ -32,6 +35,7 @@ from mm1.config.schema import (
     ModelConfig,
 )
 from mm1.registry import CONNECTORS, FAMILIES, FFNS, Registry
+from mm1.tiling import canvas_candidates  # stdlib-only arithmetic
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +158,51 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
             f"{prefix}.image_token_id={m.image_token_id} is outside the vocabulary "
             f"(decoder.vocab_size={d.vocab_size})"
         )
+    validate_image_layout(m, prefix)
+
+
+def validate_image_layout(m: ModelConfig, prefix: str = "model") -> None:
+    """Checks of `model.image_layout` against the encoder and the connector."""
+    lay, key = m.image_layout, f"{prefix}.image_layout"
+    _choice(f"{key}.type", lay.type, IMAGE_LAYOUTS)
+    _choice(f"{key}.overview", lay.overview, OVERVIEW_PLACES)
+    if lay.encoder_chunk < 0:
+        raise ConfigError(f"{key}.encoder_chunk={lay.encoder_chunk} must be >= 0 (0 = all)")
+    if not 1 <= lay.min_tiles <= lay.max_tiles:
+        raise ConfigError(
+            f"{key}.min_tiles={lay.min_tiles} and max_tiles={lay.max_tiles} need "
+            "1 <= min_tiles <= max_tiles"
+        )
+    crop = m.vision.image_size
+    for i, pair in enumerate(lay.pinpoints or []):
+        if len(pair) != 2 or any(v < crop or v % crop for v in pair):
+            raise ConfigError(
+                f"{key}.pinpoints[{i}]={list(pair)} must be [width, height], each a multiple "
+                f"of model.vision.image_size={crop}"
+            )
+    if lay.grid is not None and (len(lay.grid) != 2 or not 1 <= lay.grid[0] <= lay.grid[1]):
+        raise ConfigError(f"{key}.grid={lay.grid} must be [lo, hi] with 1 <= lo <= hi")
+    q = m.num_image_tokens
+    if lay.type == "anyres" and math.isqrt(q) ** 2 != q:
+        raise ConfigError(
+            f"{key}.type=anyres assembles each crop's tokens as a square grid, but "
+            f"{prefix}.connector gives {q} tokens per crop"
+        )
+
+
+def max_image_tokens(m: ModelConfig) -> int:
+    """The most image tokens one image can take under `m.image_layout` (boundaries apart)."""
+    lay, q = m.image_layout, m.num_image_tokens
+    if lay.type == "mm1":
+        return 5 * q
+    if lay.type == "dynamic":
+        return (lay.max_tiles + (lay.max_tiles > 1)) * q
+    if lay.type == "anyres":
+        side = math.isqrt(q)
+        canvases = canvas_candidates(m.vision.image_size, lay.pinpoints, lay.grid)
+        crop = m.vision.image_size
+        return q + max((h // crop) * side * ((w // crop) * side + 1) for w, h in canvases)
+    return q
 
 
 _DEPRECATION_WARNED: set[str] = set()
@@ -249,11 +298,11 @@ def validate(cfg: Config) -> None:
                 )
     if d.sources and sum(s.weight for s in d.sources) <= 0:
         raise ConfigError("data.sources: the weights sum to zero")
-    n_img = cfg.model.num_image_tokens + 2 * bool(d.image_boundaries)  # <img> slots </img>
+    n_img = max_image_tokens(cfg.model) + 2 * bool(d.image_boundaries)  # <img> slots </img>
     if n_img >= d.seq_len:
         raise ConfigError(
             f"data.seq_len={d.seq_len} cannot hold one image of {n_img} tokens "
-            "(model.connector.num_tokens, data.image_boundaries)"
+            "(model.connector.num_tokens, model.image_layout, data.image_boundaries)"
         )
     for k in ("weights", *INIT_PARTS):
         value = getattr(t.init, k)
@@ -293,5 +342,7 @@ def validate_eval(e: EvalConfig) -> None:
         _positive(f"eval.{k}", getattr(e, k))
     _choice("eval.demo_selection", e.demo_selection, DEMO_SELECTIONS)
     _choice("eval.bad_images", e.bad_images, BAD_IMAGE_POLICIES)
+    if e.high_res_last < 0:
+        raise ConfigError(f"eval.high_res_last={e.high_res_last} must be >= 0 (0 = every image)")
     if e.max_examples < 0:
         raise ConfigError(f"eval.max_examples={e.max_examples} must be >= 0 (0 = every query)")

@@ -14,7 +14,9 @@ The steps and their exact arithmetic follow that backend:
 5. rescale in float64 (`x * 1/255`), cast to float32;
 6. normalise in float32: `(x - mean) / std`.
 
-Only PIL, numpy and torch are used (no torchvision, no transformers).
+Only PIL, numpy and torch are used (no torchvision, no transformers). The tiling arithmetic of
+the high-resolution layouts (`select_best_resolution`, LLaVA-NeXT's) lives in `mm1.tiling`,
+shared with the model, and is importable from here.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mm1.tiling import select_best_resolution as select_best_resolution  # public here
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
@@ -41,6 +45,13 @@ PREPROCESSOR_CONFIG = "preprocessor_config.json"
 # (torchvision) and "Pil" variants read the same config, so one set of defaults serves all three.
 _CLIP_TYPES = ("CLIPImageProcessor", "CLIPImageProcessorFast", "CLIPImageProcessorPil")
 _CLIP_TYPES += ("CLIPFeatureExtractor",)
+# LLaVA's processors read CLIP's keys; LLaVA-1.5's `do_pad` is its expand-to-square (LLaVA-NeXT's
+# `do_pad` pads a batch's crop counts, nothing of one image's pixels).
+_LLAVA_TYPES = tuple(
+    f"{k}{v}"
+    for k in ("LlavaImageProcessor", "LlavaNextImageProcessor")
+    for v in ("", "Fast", "Pil")
+)
 _SIGLIP_TYPES = ("SiglipImageProcessor", "SiglipImageProcessorFast", "SiglipImageProcessorPil")
 
 
@@ -118,14 +129,14 @@ class ImageProcessor:
             )
         cfg = json.loads(file.read_text())
         kind = cfg.get("image_processor_type") or cfg.get("feature_extractor_type")
-        if kind in _CLIP_TYPES:
+        if kind in _CLIP_TYPES or kind in _LLAVA_TYPES:
             base = cls.clip(224)
         elif kind in _SIGLIP_TYPES:
             base = cls.siglip(224)
         else:
             raise ValueError(
                 f"{file}: unsupported image_processor_type {kind!r}; "
-                f"supported: {', '.join(_CLIP_TYPES + _SIGLIP_TYPES)}"
+                f"supported: {', '.join(_CLIP_TYPES + _LLAVA_TYPES + _SIGLIP_TYPES)}"
             )
 
         resize: dict[str, Any] = {}
@@ -162,7 +173,10 @@ class ImageProcessor:
             image_std=std,
             resample=int(cfg.get("resample", base.resample)),
             do_convert_rgb=bool(cfg.get("do_convert_rgb", True)),
-            pad_to_square=bool(cfg.get("pad_to_square", False)),
+            pad_to_square=bool(
+                cfg.get("pad_to_square", False)
+                or (str(kind).startswith("LlavaImageProcessor") and cfg.get("do_pad", False))
+            ),
         )
         return replace(proc, **overrides)
 
@@ -226,7 +240,14 @@ class ImageProcessor:
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """One image → (3, H, W) float32 array."""
-        image = self._to_rgb(image)
+        pixels = self.resized_pixels(image)
+        # Each output value depends only on its channel and uint8 input value: look it up.
+        table = _value_table(self.rescale_factor, self.image_mean, self.image_std)
+        return table[_CHANNELS, np.ascontiguousarray(pixels)]
+
+    def resized_pixels(self, image: Image.Image) -> np.ndarray:
+        """One image → (3, H, W) uint8 after RGB conversion, squaring, resize and crop."""
+        image = self.to_rgb(image)
         if self.pad_to_square:
             image = self._expand_to_square(image)
         if self.shortest_edge is not None or self.size is not None:
@@ -236,9 +257,18 @@ class ImageProcessor:
         pixels = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)  # CHW, like transformers
         if self.crop_size is not None:
             pixels = _center_crop(pixels, self.crop_size)
-        # Each output value depends only on its channel and uint8 input value: look it up.
-        table = _value_table(self.rescale_factor, self.image_mean, self.image_std)
-        return table[_CHANNELS, np.ascontiguousarray(pixels)]
+        return pixels
+
+    def scaled(self, factor: int) -> ImageProcessor:
+        """The same processing at `factor` times the output size (MM1's high-resolution view)."""
+        return replace(
+            self,
+            shortest_edge=self.shortest_edge * factor if self.shortest_edge else None,
+            size=(self.size[0] * factor, self.size[1] * factor) if self.size else None,
+            crop_size=(
+                (self.crop_size[0] * factor, self.crop_size[1] * factor) if self.crop_size else None
+            ),
+        )
 
     def resize_output_size(self, height: int, width: int) -> tuple[int, int]:
         """(H, W) after resizing an image of (height, width)."""
@@ -254,7 +284,8 @@ class ImageProcessor:
             return new_long, self.shortest_edge
         return self.shortest_edge, new_long
 
-    def _to_rgb(self, image: Image.Image) -> Image.Image:
+    def to_rgb(self, image: Image.Image) -> Image.Image:
+        """Three channels, transparency onto white (see the class)."""
         if not self.do_convert_rgb:
             return image if image.mode == "RGB" else image.convert("RGB")
         has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None

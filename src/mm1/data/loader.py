@@ -161,8 +161,13 @@ class PackedDataset(IterableDataset):
                 sequences.append(self._packer.next_sequence())
             images = [im for seq in sequences for p in seq for im in p.doc.images]
             fmt = self.s.prompt_format
-            pixels = fmt.pixel_values(self.processor, images) if images else None
-            yield collate(sequences, self.s.seq_len, self.tok.pad_id, self.kind_index, pixels)
+            pixels = crops = sizes = None
+            if images:
+                pixels = fmt.pixel_values(self.processor, images)
+                crops, sizes = fmt.image_info(images)
+            yield collate(
+                sequences, self.s.seq_len, self.tok.pad_id, self.kind_index, pixels, crops, sizes
+            )
 
     # -- state -----------------------------------------------------------------------------------
 

@@ -151,6 +151,9 @@ class PackStats:
     tokens_per_source: dict[str, int] = field(default_factory=dict)
     images: int = 0
     images_dropped: int = 0
+    # Tokens of the images kept (their slot blocks, boundary tokens included): a tiled layout
+    # gives images different counts, so `tokens_per_image` is the mean.
+    image_tokens: int = 0
     pieces_cut: int = 0  # documents cut across sequences (length or tail filling)
 
     @classmethod
@@ -160,6 +163,7 @@ class PackStats:
             documents=dict(d["documents"]),
             tokens_per_source=dict(d["tokens_per_source"]),
             pieces_cut=d["pieces_cut"],
+            image_tokens=d.get("image_tokens", 0),  # loader states saved before it existed
         )
 
     @property
@@ -181,6 +185,8 @@ class PackStats:
             "images_dropped": self.images_dropped,
             "images_dropped_fraction": self.images_dropped
             / max(1, self.images + self.images_dropped),
+            "image_tokens": self.image_tokens,
+            "tokens_per_image": self.image_tokens / max(1, self.images),
             "pieces_cut": self.pieces_cut,
         }
 
@@ -265,6 +271,7 @@ class Packer:
         for p in chosen:
             s.tokens += len(p)
             s.images += p.num_images
+            s.image_tokens += sum(b - a for a, b in p.doc.image_spans)
             s.tokens_per_source[p.doc.kind] = s.tokens_per_source.get(p.doc.kind, 0) + len(p)
             if p.first:
                 s.documents[p.doc.kind] = s.documents.get(p.doc.kind, 0) + 1
@@ -276,9 +283,12 @@ def collate(
     pad_id: int,
     kind_index: dict[str, int] | None = None,
     pixel_values: torch.Tensor | None = None,
+    image_crops: torch.Tensor | None = None,
+    image_sizes: torch.Tensor | None = None,
 ) -> Batch:
     """Packed sequences -> the Batch contract. Labels never cross a piece; padding is one more
-    document per row; `pixel_values` must hold the images of all pieces in order. Kind ids
+    document per row; `pixel_values` must hold the crops of all pieces' images in order
+    (`image_crops` per image, `image_sizes` their original (height, width)). Kind ids
     follow `kind_index` (-1 without it), dataset ids the pieces' source index; both are -1
     on padding."""
     b = len(sequences)
@@ -302,4 +312,14 @@ def collate(
             t += n
         doc_ids[row, t:] = len(pieces)
         pos[row, t:] = torch.arange(seq_len - t)
-    return Batch(ids, labels, pos, doc_ids, pixel_values, kind_ids=kinds, dataset_ids=datasets)
+    return Batch(
+        ids,
+        labels,
+        pos,
+        doc_ids,
+        pixel_values,
+        kind_ids=kinds,
+        dataset_ids=datasets,
+        image_crops=image_crops,
+        image_sizes=image_sizes,
+    )

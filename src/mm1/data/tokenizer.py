@@ -32,6 +32,7 @@ from LLaVA-style data, mark images with `<image>` tags; their count must equal `
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -364,11 +365,16 @@ def tokenize_document(
 
 
 def tokenize_prompt(
-    text: str, images: list[Image.Image], tok: Tokenizer, fmt: PromptFormat
+    text: str,
+    images: list[Image.Image],
+    tok: Tokenizer,
+    fmt: PromptFormat,
+    high_res: Sequence[bool] | None = None,
 ) -> list[int]:
     """Prompt ids for generation: BOS, then `text` with each `<image>` tag expanded to the
     next image's slots (between `<img>` and `</img>` with boundaries, as in training);
-    no EOS. The tag count must equal the number of images."""
+    no EOS. The tag count must equal the number of images. `high_res[k]` False writes image
+    k in the `single` form (few-shot prompts keep only their last images high-res)."""
     chunks = text.split(IMAGE_TOKEN)
     if len(chunks) - 1 != len(images):
         raise ValueError(
@@ -378,7 +384,9 @@ def tokenize_prompt(
     for image, chunk in zip(images, chunks[1:]):
         parts += [image, chunk]
     doc = Document(id="prompt", kind="prompt", parts=[p for p in parts if p != ""])
-    return tokenize_document(doc, tok, fmt, add_eos=False).input_ids
+    if high_res is None:
+        return tokenize_document(doc, tok, fmt, add_eos=False).input_ids
+    return _expand(tok, text, [], images, fmt, True, high_res).input_ids
 
 
 def tokenize_conversation(
@@ -504,9 +512,13 @@ def _expand(
     images: list[Image.Image],
     fmt: PromptFormat,
     add_bos: bool,
+    high_res: Sequence[bool] | None = None,
 ) -> TokenizedDocument:
     """Encode `text` in one call, mark targets by the character `regions`, expand the k-th
-    `<image>` to `fmt.slots(images[k])` slots."""
+    `<image>` to `fmt.slots(images[k], high_res[k])` slots."""
+    flags = [True] * len(images) if high_res is None else list(high_res)
+    if len(flags) != len(images):
+        raise ValueError(f"high_res has {len(flags)} flags for {len(images)} images")
     ids: list[int] = []
     mask: list[bool] = []
     spans: list[tuple[int, int]] = []
@@ -524,7 +536,8 @@ def _expand(
         if fmt.image_boundaries:
             ids.append(tok.boi_id)
             mask.append(in_region)
-        n = fmt.slots(images[len(spans)]) if len(spans) < len(images) else fmt.image_tokens
+        k = len(spans)
+        n = fmt.slots(images[k], flags[k]) if k < len(images) else fmt.image_tokens
         ids += [image_id] * n
         mask += [False] * n
         if fmt.image_boundaries:

@@ -96,6 +96,35 @@ class _PixelCache:
         return pixels
 
 
+class _CropCache:
+    """A tiled layout's crops of an image (and its (height, width)) by path and form (tiled or
+    `single`), least recently used dropped first."""
+
+    def __init__(self, processor: ImageProcessor, fmt: PromptFormat, size: int = 256) -> None:
+        self.processor, self.fmt, self.size = processor, fmt, size
+        self._items: OrderedDict[tuple[Path, bool], tuple[torch.Tensor, tuple[int, int]]]
+        self._items = OrderedDict()
+
+    def __call__(self, path: Path, high_res: bool) -> tuple[torch.Tensor, tuple[int, int]]:
+        key = (path, high_res)
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        try:
+            with Image.open(path) as im:
+                im.load()
+                item = (
+                    self.fmt.pixel_values(self.processor, [im], [high_res]),
+                    (im.height, im.width),
+                )
+        except IMAGE_ERRORS as err:
+            raise EvalImageError(path, err) from None
+        self._items[key] = item
+        if len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return item
+
+
 @torch.no_grad()
 def image_embeddings(
     model: MM1,
@@ -158,6 +187,7 @@ class FewShotEvaluator:
         prompt_format: PromptFormat | None = None,
         keep_prompts: bool = False,
         bad_images: str = "error",
+        high_res_last: int = 0,
     ) -> None:
         if tokenizer.image_id != model.image_token_id:
             raise ValueError(
@@ -201,7 +231,12 @@ class FewShotEvaluator:
                 f"but the model fills {model.num_image_tokens}"
             )
         self.keep_prompts = keep_prompts
-        self.pixels = _PixelCache(processor)
+        self.pixels = _PixelCache(processor)  # the single view (RICES features, decoding)
+        # A tiled layout: each image's crops, tiled for a prompt's last `high_res_last` images.
+        self.tiled = self.prompt_format.layout != PromptFormat.layout
+        self.high_res_last = high_res_last
+        self.crops = _CropCache(processor, self.prompt_format)
+        self._sizes: dict[Path, tuple[int, int]] = {}
         self._features: dict[Path, torch.Tensor] = {}
         # "error": a corrupt image stops the evaluation (skipping it would change CIDEr's
         # document frequencies for every other image); "empty": queries that show it score as
@@ -221,6 +256,16 @@ class FewShotEvaluator:
             self.bad[path] = err.detail
             return True
         return False
+
+    def image_size(self, path: Path) -> tuple[int, int]:
+        """(width, height) of an image; (1, 1) for an undecodable one (its queries score empty
+        without being shown)."""
+        if path not in self._sizes:
+            if self.is_bad(path):
+                return (1, 1)
+            with Image.open(path) as im:
+                self._sizes[path] = im.size
+        return self._sizes[path]
 
     # -- demonstrations -------------------------------------------------------------------------
 
@@ -272,9 +317,21 @@ class FewShotEvaluator:
         `max_new_tokens` (a task's own limit) overrides the evaluator's for the kind."""
         device, dtype = _device_dtype(self.model)
         paths = [p for prompt in prompts for p in prompt.images]
-        pixel_values = torch.stack([self.pixels(p) for p in paths]).to(device=device, dtype=dtype)
+        extra: dict[str, Any] = {}
+        if self.tiled:
+            flags = [
+                hi for prompt in prompts for hi in prompt.high_res or [True] * len(prompt.images)
+            ]
+            items = [self.crops(p, hi) for p, hi in zip(paths, flags)]
+            pixel_values = torch.cat([px for px, _ in items]).to(device=device, dtype=dtype)
+            extra["image_crops"] = torch.tensor([px.shape[0] for px, _ in items])
+            extra["image_sizes"] = torch.tensor([hw for _, hw in items]).reshape(-1, 2)
+        else:
+            pixels = [self.pixels(p) for p in paths]
+            pixel_values = torch.stack(pixels).to(device=device, dtype=dtype)
         ids = [p.input_ids for p in prompts]
         common = {
+            **extra,
             "max_new_tokens": max_new_tokens or self.max_new_tokens[kind],
             "eos_token_id": sorted(self.stop_ids),
             "pad_token_id": self.tokenizer.pad_id,
@@ -325,6 +382,8 @@ class FewShotEvaluator:
                 templates=self.templates,
                 text_only_demos=text_demos > 0 and shots == 0,
                 query_image=img,
+                image_size=self.image_size if self.tiled else None,
+                high_res_last=self.high_res_last,
             )
             for q, img, d in zip(queries, shown, demos)
         ]
@@ -434,6 +493,7 @@ def evaluate(
         prompt_format=prompt_format,
         keep_prompts=keep_prompts,
         bad_images=cfg.bad_images,
+        high_res_last=cfg.high_res_last,
     )
     loaded = load_tasks(list(cfg.tasks if tasks is None else tasks), world=world)
     names = [t.name for t in loaded]

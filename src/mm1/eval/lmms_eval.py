@@ -162,7 +162,14 @@ class MM1LMM(lmms):
         return self.task_dict[task][split][doc_id]
 
     def prompt(self, context: str, visuals: Any) -> tuple[list[int], torch.Tensor | None]:
-        """Token ids (image slots expanded) and pixel values of one request."""
+        """Token ids (image slots expanded) and pixel values (every crop) of one request."""
+        ids, pixels, _ = self._request(context, visuals)
+        return ids, pixels
+
+    def _request(
+        self, context: str, visuals: Any
+    ) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
+        """`prompt`, and the images' sizes (height, width; the anyres layout needs them)."""
         images = _flatten_visuals(visuals)
         tags = context.count(IMAGE_TOKEN)
         if tags == 0:
@@ -176,16 +183,18 @@ class MM1LMM(lmms):
         else:
             ids = tokenize_prompt(context, images, self.tokenizer, fmt)
         if not images:
-            return ids, None
+            return ids, None, None
         weight = self.model.vision.patch_embed.weight
         pixels = fmt.pixel_values(self.processor, images)
         pixels = pixels.to(device=weight.device, dtype=weight.dtype)
-        return ids, pixels
+        return ids, pixels, fmt.image_info(images)[1]
 
     # -- generation -----------------------------------------------------------------------------
 
     def _generate(
-        self, prompts: Sequence[tuple[list[int], torch.Tensor | None]], gen_kwargs: dict[str, Any]
+        self,
+        prompts: Sequence[tuple[list[int], torch.Tensor | None, torch.Tensor | None]],
+        gen_kwargs: dict[str, Any],
     ) -> list[str]:
         kwargs = dict(gen_kwargs or {})
         until = kwargs.pop("until", None) or []
@@ -195,10 +204,12 @@ class MM1LMM(lmms):
         temperature = float(kwargs.get("temperature") or 0.0)
         do_sample = _as_bool(kwargs.get("do_sample", False)) and temperature > 0
         num_beams = int(kwargs.get("num_beams") or self.num_beams)
-        pixels = [p for _, p in prompts if p is not None]
+        pixels = [p for _, p, _ in prompts if p is not None]
         pixel_values = torch.cat(pixels) if pixels else None
-        ids = [i for i, _ in prompts]
+        sizes = [s for _, _, s in prompts if s is not None]
+        ids = [i for i, _, _ in prompts]
         common = {
+            "image_sizes": torch.cat(sizes) if sizes else None,
             "max_new_tokens": max_new,
             "eos_token_id": self.stop_ids,
             "pad_token_id": self.tokenizer.pad_id,
@@ -241,7 +252,7 @@ class MM1LMM(lmms):
                 for i in batch:
                     context, _, doc_to_visual, doc_id, task, split = requests[i].args
                     prompts.append(
-                        self.prompt(context, doc_to_visual(self._doc(task, split, doc_id)))
+                        self._request(context, doc_to_visual(self._doc(task, split, doc_id)))
                     )
                 gen_kwargs = requests[batch[0]].args[1]
                 for i, text in zip(batch, self._generate(prompts, gen_kwargs)):
@@ -275,7 +286,7 @@ class MM1LMM(lmms):
                     if terminal:
                         break
                 outputs.append(
-                    self._generate([self.prompt(context, visuals)], gen_kwargs)[0].strip()
+                    self._generate([self._request(context, visuals)], gen_kwargs)[0].strip()
                 )
             results.append(tuple(outputs))
         return results
@@ -317,11 +328,11 @@ class MM1LMM(lmms):
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
         if self.chat:  # the continuation is the assistant's answer, after the generation prompt
-            ctx, pixels = self.prompt(context, visuals)
+            ctx, pixels, sizes = self._request(context, visuals)
             whole = ctx + self.tokenizer.encode(continuation)
         else:
-            whole, pixels = self.prompt(context + continuation, visuals)
-            ctx, _ = self.prompt(context, visuals)
+            whole, pixels, sizes = self._request(context + continuation, visuals)
+            ctx, _, _ = self._request(context, visuals)
         if whole[: len(ctx)] != ctx:  # the tokenizer merged across the boundary
             whole = ctx + self.tokenizer.encode(continuation)
         if not ctx:  # no BOS and an empty context: condition on EOS (a document boundary)
@@ -330,7 +341,8 @@ class MM1LMM(lmms):
         if n_cont <= 0:
             return 0.0, 0, True
         ids = torch.tensor([whole], device=self.model.decoder.embed_tokens.weight.device)
-        logits = self.model(ids, pixel_values=pixels).logits[0, len(ctx) - 1 : -1].float()
+        out = self.model(ids, pixel_values=pixels, image_sizes=sizes)
+        logits = out.logits[0, len(ctx) - 1 : -1].float()
         target = ids[0, len(ctx) :]
         total = float(logits.log_softmax(-1).gather(-1, target[:, None]).sum())
         greedy = bool((logits.argmax(-1) == target).all())

@@ -18,7 +18,7 @@ post-processing of generations (OpenFlamingo's protocol, REFERENCE §1).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +26,13 @@ from PIL import Image
 
 from mm1.data.document import Document
 from mm1.data.prompt_format import PromptFormat
-from mm1.data.tokenizer import ENDOFCHUNK_TOKEN, IMAGE_TOKEN, Tokenizer, tokenize_document
+from mm1.data.tokenizer import (
+    ENDOFCHUNK_TOKEN,
+    IMAGE_TOKEN,
+    Tokenizer,
+    tokenize_document,
+    tokenize_prompt,
+)
 from mm1.eval.tasks import Example
 
 CAPTION_TEMPLATE = "<image>Output:{caption}<|endofchunk|>"
@@ -89,6 +95,15 @@ class Prompt:
     text: str
     input_ids: list[int]
     images: list[Path]
+    # Per image, whether it is written in the model's high-resolution layout (None: all are);
+    # a tiled layout's few-shot prompts keep only their last images high-res.
+    high_res: list[bool] | None = None
+
+
+def high_res_flags(n_images: int, last: int) -> list[bool]:
+    """Which of a prompt's `n_images` images keep the high-resolution layout: the last `last`
+    (0: all), the others take the `single` form (MM1's many-shot prompts)."""
+    return [last == 0 or i >= n_images - last for i in range(n_images)]
 
 
 def encode_prompt(
@@ -125,9 +140,13 @@ def build_prompt(
     templates: PromptTemplates | None = None,
     text_only_demos: bool = False,
     query_image: Path | None = None,
+    image_size: Callable[[Path], tuple[int, int]] | None = None,
+    high_res_last: int = 0,
 ) -> Prompt:
     """Demonstrations then the query, tokenized; `query_image` replaces the query's own image
-    (the shuffled-image control)."""
+    (the shuffled-image control). A tiled layout's slots depend on each image's size:
+    `image_size(path)` gives it (width, height), and only the last `high_res_last` images
+    (0: all) are tiled, the others written in the `single` form."""
     templates = templates or PromptTemplates()
     template = templates.get(kind)
     text = "".join(
@@ -136,8 +155,13 @@ def build_prompt(
     text += format_query(template, kind, query)
     images = [] if text_only_demos else [d.image for d in demos]
     images.append(query.image if query_image is None else query_image)
-    ids = encode_prompt(tokenizer, text, fmt)
-    return Prompt(text, ids, images)
+    if image_size is None:
+        return Prompt(text, encode_prompt(tokenizer, text, fmt), images)
+    flags = high_res_flags(len(images), high_res_last)
+    # Blank stand-ins of the right sizes: slots depend on the size alone.
+    stand_ins = [Image.new("L", image_size(p)) for p in images]
+    ids = tokenize_prompt(text, stand_ins, tokenizer, fmt, flags)
+    return Prompt(text, ids, images, flags)
 
 
 def postprocess(text: str, kind: str, stops: Sequence[str] = DEFAULT_STOP_STRINGS) -> str:

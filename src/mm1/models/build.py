@@ -10,7 +10,13 @@ import torch
 from mm1.config import InitConfig, ModelConfig, validate_model
 from mm1.models.family import family_spec
 from mm1.models.mllm import MM1
-from mm1.models.starting_point import expected_shapes, hf_source, starting_state, with_deprecated
+from mm1.models.starting_point import (
+    expected_shapes,
+    hf_source,
+    llava_source,
+    starting_state,
+    with_deprecated,
+)
 
 
 def resolve_config(
@@ -26,6 +32,15 @@ def resolve_config(
     init = with_deprecated(cfg, init)
     cfg = copy.deepcopy(cfg)
     cfg.vision.init = cfg.decoder.init = None
+    llava = llava_source(init)
+    if llava:
+        from mm1.models.hf.llava import llava_model_config_from_hf
+
+        theirs = llava_model_config_from_hf(llava, image_size=cfg.vision.image_size)
+        theirs.decoder.attention = cfg.decoder.attention  # how attention is computed stays ours
+        theirs.image_layout.encoder_chunk = cfg.image_layout.encoder_chunk
+        cfg.vision, cfg.connector, cfg.decoder = theirs.vision, theirs.connector, theirs.decoder
+        cfg.image_layout = theirs.image_layout
     vision_hf, decoder_hf = hf_source(init, "vision"), hf_source(init, "decoder")
     if vision_hf or decoder_hf:
         hf = family_spec(cfg.family).hf()  # imported here: only needed with HF starting points

@@ -113,11 +113,13 @@ def _prefill(
     pixel_values: torch.Tensor | None,
     pad_token_id: int,
     cache: KVCache | None,
+    image_crops: torch.Tensor | None = None,
+    image_sizes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, LeftPadded, torch.Tensor]:
     """Run the left-padded prompts; (next-token logits (B, vocab) in fp32, the padded batch,
     its input embeddings)."""
     batch = left_pad(prompts, pad_token_id, _device(model))
-    embeds = model.embed(batch.input_ids, pixel_values)
+    embeds = model.embed(batch.input_ids, pixel_values, image_crops, image_sizes)
     logits = model.decoder(
         inputs_embeds=embeds,
         position_ids=batch.position_ids,
@@ -198,14 +200,17 @@ class DecodeBatch:
         self,
         prompts: Sequence[Sequence[int]],
         pixel_values: torch.Tensor | None = None,
+        image_crops: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
         *,
         sampling: Sequence[Sampling | None] | None = None,
         generators: Sequence[torch.Generator | None] | None = None,
     ) -> list[int]:
-        """Add sequences (token ids with image slots expanded; their images in slot order);
-        returns their ids. Their first tokens come with the next `step`. `sampling` and
-        `generators` give each prompt its own way of choosing tokens (None: the batch's); a
-        sequence with its own generator draws the same tokens whatever runs beside it."""
+        """Add sequences (token ids with image slots expanded; their images' crops in slot
+        order, with `image_crops` / `image_sizes` per image as in `Batch`); returns their ids.
+        Their first tokens come with the next `step`. `sampling` and `generators` give each
+        prompt its own way of choosing tokens (None: the batch's); a sequence with its own
+        generator draws the same tokens whatever runs beside it."""
         _check_prompts(prompts, (), None)
         sampling = list(sampling) if sampling is not None else [None] * len(prompts)
         generators = list(generators) if generators is not None else [None] * len(prompts)
@@ -216,7 +221,9 @@ class DecodeBatch:
         rows, self._free = self._free[: len(prompts)], self._free[len(prompts) :]
         self.cache.reset(rows)
         view = self.cache.select(rows)
-        logits, _, _ = _prefill(self.model, prompts, pixel_values, self.pad_token_id, view)
+        logits, _, _ = _prefill(
+            self.model, prompts, pixel_values, self.pad_token_id, view, image_crops, image_sizes
+        )
         ids = list(range(self._next_id, self._next_id + len(prompts)))
         self._next_id += len(prompts)
         for sid, row, p, how, gen in zip(ids, rows, prompts, sampling, generators):
@@ -301,10 +308,15 @@ class _Recompute:
         self.model, self.sampling, self.generator = model, sampling, generator
 
     def prefill(
-        self, prompts: Sequence[Sequence[int]], pixel_values: torch.Tensor | None, pad: int
+        self,
+        prompts: Sequence[Sequence[int]],
+        pixel_values: torch.Tensor | None,
+        pad: int,
+        image_crops: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
     ) -> list[int]:
         batch = left_pad(prompts, pad, _device(self.model))
-        self.embeds = self.model.embed(batch.input_ids, pixel_values)
+        self.embeds = self.model.embed(batch.input_ids, pixel_values, image_crops, image_sizes)
         self.doc, self.pos = batch.document_ids, batch.position_ids
         self.chosen: torch.Tensor | None = None
         return list(range(len(prompts)))
@@ -340,11 +352,14 @@ def generate(
     tokenizer: Detokenizer | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    image_crops: torch.Tensor | None = None,
+    image_sizes: torch.Tensor | None = None,
 ) -> list[list[int]]:
     """Continue each prompt; returns the new tokens of each.
 
-    `prompts` are token ids with image slots already expanded; `pixel_values` holds the images of
-    all prompts in slot order. A sequence ends at an EOS id or once its decoded text contains one
+    `prompts` are token ids with image slots already expanded; `pixel_values` holds the crops of
+    all prompts' images in slot order (`image_crops` / `image_sizes` per image, as in `Batch`;
+    the anyres layout needs the sizes). A sequence ends at an EOS id or once its decoded text contains one
     of `stop_strings` (the tokens up to and including that point are kept; needs `tokenizer`).
     Ended sequences keep decoding until all have ended, so a sampled batch draws the same random
     numbers whichever sequences end early.
@@ -364,10 +379,10 @@ def generate(
             generator=generator,
             pad_token_id=pad_token_id,
         )
-        seqs = batch.prefill(prompts, pixel_values)
+        seqs = batch.prefill(prompts, pixel_values, image_crops, image_sizes)
     else:
         batch = _Recompute(model, sampling, generator)
-        seqs = batch.prefill(prompts, pixel_values, pad_token_id)
+        seqs = batch.prefill(prompts, pixel_values, pad_token_id, image_crops, image_sizes)
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     for _ in range(max_new_tokens):
@@ -396,6 +411,8 @@ def generate_beam(
     pad_token_id: int = 0,
     stop_strings: Sequence[str] = (),
     tokenizer: Detokenizer | None = None,
+    image_crops: torch.Tensor | None = None,
+    image_sizes: torch.Tensor | None = None,
 ) -> list[list[int]]:
     """Beam search (KV cache); returns the new tokens of each prompt's best hypothesis.
 
@@ -415,7 +432,9 @@ def generate_beam(
     b, k, longest = len(prompts), num_beams, max(len(p) for p in prompts)
     dtype = model.decoder.embed_tokens.weight.dtype
     cache = KVCache(model.cfg.decoder, b, longest + max_new_tokens, device, dtype)
-    logits, batch, _ = _prefill(model, prompts, pixel_values, pad_token_id, cache)
+    logits, batch, _ = _prefill(
+        model, prompts, pixel_values, pad_token_id, cache, image_crops, image_sizes
+    )
     rows = torch.arange(b, device=device).repeat_interleave(k)
     cache.reorder(rows)  # every prompt's prefix, once per beam
     logprobs = logits.log_softmax(-1)[rows]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +16,7 @@ from mm1.models.connectors import build_connector
 from mm1.models.decoder import Decoder
 from mm1.models.layers import init_weights
 from mm1.models.vision import VisionTransformer
+from mm1.tiling import anyres_grid, anyres_tokens, canvas_candidates, unpadded_rows_cols
 
 
 @dataclass
@@ -42,6 +44,19 @@ class MM1(nn.Module):
             cfg.connector, cfg.vision.width, cfg.vision.grid, cfg.decoder.dim, cfg.init_std
         )
         self.decoder = Decoder(cfg.decoder, cfg.init_std)
+        # anyres: the learned token after each row of an image's tile grid (LLaVA-NeXT's).
+        self.image_newline = (
+            nn.Parameter(torch.empty(cfg.decoder.dim))
+            if cfg.image_layout.type == "anyres"
+            else None
+        )
+        if self.image_newline is not None:
+            self._reset_newline()
+
+    @torch.no_grad()
+    def _reset_newline(self) -> None:
+        # LLaVA-NeXT's initialisation: normal with std 1 / sqrt(hidden size).
+        nn.init.normal_(self.image_newline, std=1 / math.sqrt(self.cfg.decoder.dim))
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -52,6 +67,8 @@ class MM1(nn.Module):
         if hasattr(self.connector, "reset_parameters"):
             self.connector.reset_parameters()
         self.decoder.init_weights()
+        if self.image_newline is not None:
+            self._reset_newline()
 
     @torch.no_grad()
     def init_buffers(self) -> None:
@@ -65,34 +82,157 @@ class MM1(nn.Module):
 
     @property
     def num_image_tokens(self) -> int:
+        """Q, the tokens of one crop (one encoder input)."""
         return self.connector.num_tokens
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) -> (N, Q, D_llm)."""
-        return self.connector(self.vision(pixel_values))
+        """(N, 3, H, W) crops -> (N, Q, D_llm), the encoder and connector run on at most
+        `model.image_layout.encoder_chunk` crops at a time (0: all at once).
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with every image's Q slots replaced by its image tokens."""
+        With several ranks, every rank runs the encoder as many times as the rank with the
+        most chunks (extra calls on a blank crop, with zero weight): FSDP all-gathers the
+        encoder's weights at each call, so ranks holding different numbers of crops would
+        otherwise issue different collectives and hang."""
+        chunk = self.cfg.image_layout.encoder_chunk
+        if not chunk:
+            return self.connector(self.vision(pixel_values))
+        parts = pixel_values.split(chunk)
+        extra = 0
+        if _multi_rank():  # agreed before any call: the calls' collectives must line up
+            calls = torch.tensor([len(parts)], device=pixel_values.device)
+            dist.all_reduce(calls, op=dist.ReduceOp.MAX)
+            extra = int(calls) - len(parts)
+        pieces = [self.connector(self.vision(part)) for part in parts]
+        blank = pixel_values.new_zeros(1, *pixel_values.shape[1:])
+        for _ in range(extra):
+            dummy = self.connector(self.vision(blank)).sum()
+            pieces[-1] = pieces[-1] + 0.0 * dummy.to(pieces[-1].dtype)
+        return torch.cat(pieces)
+
+    def image_token_counts(
+        self, image_crops: torch.Tensor, image_sizes: torch.Tensor | None
+    ) -> list[int]:
+        """Image tokens of each image, from its crop count and (anyres) original size; the
+        data side's `PromptFormat.slots` gives the same numbers (tested)."""
+        q = self.num_image_tokens
+        if self.cfg.image_layout.type != "anyres":
+            return [int(c) * q for c in image_crops.tolist()]
+        if image_sizes is None:
+            raise ValueError("the anyres layout needs image_sizes (height, width) per image")
+        side, crop = math.isqrt(q), self.cfg.vision.image_size
+        canvases = canvas_candidates(
+            crop, self.cfg.image_layout.pinpoints, self.cfg.image_layout.grid
+        )
+        out = []
+        for crops, (h, w) in zip(image_crops.tolist(), image_sizes.tolist()):
+            if crops == 1:  # the single form (few-shot context images)
+                out.append(q)
+                continue
+            rows, cols = anyres_grid((w, h), crop, canvases)
+            if crops != 1 + rows * cols:
+                raise ValueError(
+                    f"an image of {w}x{h} px has {crops} crops, but anyres cuts it into "
+                    f"1 + {rows}x{cols}"
+                )
+            out.append(anyres_tokens((w, h), rows, cols, side))
+        return out
+
+    def _anyres_tokens(self, feats: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """One image's (crops, Q, D) features -> its tokens: the base crop's, then the tiles'
+        as one grid, padding removed, a newline after each row (LLaVA-NeXT's packing)."""
+        base, tiles = feats[0], feats[1:]
+        side, crop = math.isqrt(feats.shape[1]), self.cfg.vision.image_size
+        canvases = canvas_candidates(
+            crop, self.cfg.image_layout.pinpoints, self.cfg.image_layout.grid
+        )
+        rows, cols = anyres_grid((width, height), crop, canvases)
+        d = feats.shape[-1]
+        grid = tiles.reshape(rows, cols, side, side, d).permute(4, 0, 2, 1, 3)
+        grid = grid.reshape(d, rows * side, cols * side)
+        r0, r1, c0, c1 = unpadded_rows_cols((width, height), rows * side, cols * side)
+        grid = grid[:, r0:r1, c0:c1]
+        newline = self.image_newline[:, None, None].expand(d, r1 - r0, 1).to(grid.dtype)
+        grid = torch.cat([grid, newline], dim=-1).flatten(1, 2).transpose(0, 1)
+        return torch.cat([base, grid], dim=0)
+
+    def image_tokens(
+        self,
+        pixel_values: torch.Tensor,
+        image_crops: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """All images' tokens in slot order, (sum of tokens, D_llm). Each crop gives Q tokens
+        in order (single, mm1, dynamic); an anyres image's crops are assembled into its grid."""
+        feats = self.image_features(pixel_values)
+        if self.cfg.image_layout.type != "anyres":
+            return feats.reshape(-1, feats.shape[-1])
+        if image_crops is None:
+            if image_sizes is None:
+                raise ValueError("the anyres layout needs image_sizes (height, width) per image")
+            image_crops = self._anyres_crops(image_sizes)
+        if int(image_crops.sum()) != feats.shape[0]:
+            raise ValueError(
+                f"image_crops add up to {int(image_crops.sum())} crops but "
+                f"{feats.shape[0]} were given"
+            )
+        out, used_newline = [], False
+        sizes = image_sizes.tolist() if image_sizes is not None else [None] * len(image_crops)
+        for image, size in zip(feats.split(image_crops.tolist()), sizes):
+            if image.shape[0] == 1:
+                out.append(image[0])
+            else:
+                out.append(self._anyres_tokens(image, *size))
+                used_newline = True
+        tokens = torch.cat(out)
+        if not used_newline:  # every parameter takes part (DDP / FSDP gradients)
+            tokens = tokens + 0.0 * self.image_newline.sum().to(tokens.dtype)
+        return tokens
+
+    def _anyres_crops(self, image_sizes: torch.Tensor) -> torch.Tensor:
+        crop = self.cfg.vision.image_size
+        canvases = canvas_candidates(
+            crop, self.cfg.image_layout.pinpoints, self.cfg.image_layout.grid
+        )
+        grids = [anyres_grid((w, h), crop, canvases) for h, w in image_sizes.tolist()]
+        return torch.tensor([1 + r * c for r, c in grids], dtype=torch.long)
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        image_crops: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with every image's slots replaced by its image tokens.
+
+        `pixel_values` holds every crop of every image in slot order; `image_crops` (N,) and
+        `image_sizes` (N, 2: height, width) say which crops are whose and are needed only by
+        the anyres layout (its crop count, when absent, follows from the size)."""
         embeds = self.decoder.embed(input_ids)
         slots = input_ids == self.image_token_id
         n_slots = int(slots.sum())
-        n_images = 0 if pixel_values is None else pixel_values.shape[0]
-        q = self.num_image_tokens
-        if n_slots != n_images * q:
-            raise ValueError(
-                f"input_ids hold {n_slots} image slots but {n_images} images x {q} tokens = "
-                f"{n_images * q} image tokens were given"
-            )
-        if n_images:
-            feats = self.image_features(pixel_values).to(embeds.dtype)
-            embeds = embeds.masked_scatter(slots[..., None], feats.reshape(-1, feats.shape[-1]))
+        n_crops = 0 if pixel_values is None else pixel_values.shape[0]
+        if n_crops:
+            feats = self.image_tokens(pixel_values, image_crops, image_sizes).to(embeds.dtype)
+            if n_slots != feats.shape[0]:
+                raise ValueError(
+                    f"input_ids hold {n_slots} image slots but the {n_crops} crops given make "
+                    f"{feats.shape[0]} image tokens ({self.cfg.image_layout.type} layout, "
+                    f"{self.num_image_tokens} per crop)"
+                )
+            embeds = embeds.masked_scatter(slots[..., None], feats)
+        elif n_slots:
+            raise ValueError(f"input_ids hold {n_slots} image slots but no image was given")
         elif (self.training and torch.is_grad_enabled()) or _multi_rank():
             # A text-only batch still runs the encoder once (on a blank image, with zero
             # weight), so every rank calls the same collectives: DDP's gradient buckets in
             # training, FSDP's parameter all-gathers in every forward (validation included).
             size = self.cfg.vision.image_size
             blank = embeds.new_zeros(1, 3, size, size)
-            embeds = embeds + 0.0 * self.image_features(blank).sum().to(embeds.dtype)
+            unused = self.image_features(blank).sum()
+            if self.image_newline is not None:
+                unused = unused + self.image_newline.sum()
+            embeds = embeds + 0.0 * unused.to(embeds.dtype)
         return embeds
 
     def forward(
@@ -104,6 +244,8 @@ class MM1(nn.Module):
         pixel_values: torch.Tensor | None = None,
         num_label_tokens: int | None = None,
         return_logits: bool | None = None,
+        image_crops: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
     ) -> MM1Output:
         """Logits, and with `labels` the cross-entropy over the label tokens.
 
@@ -118,7 +260,7 @@ class MM1(nn.Module):
         cross-entropy: scaled by this batch's share of the step's label tokens, so their sum
         over micro-batches and ranks is the label-weighted mean, whatever the accumulation.
         """
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed(input_ids, pixel_values, image_crops, image_sizes)
         if return_logits is None:
             return_logits = labels is None
         aux: dict[str, torch.Tensor] = {}

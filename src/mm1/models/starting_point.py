@@ -39,7 +39,8 @@ class Source:
 
     @property
     def kind(self) -> str:
-        """hf | run | checkpoint | export"""
+        """hf | llava | run | checkpoint | export (llava: a transformers LLaVA / LLaVA-NeXT
+        directory, which gives every part)"""
         return source_kind(self.path, self.key)
 
 
@@ -52,7 +53,9 @@ def source_kind(path: str | os.PathLike[str], key: str) -> str:
     if is_checkpoint(p):
         return "checkpoint"
     if (p / "config.json").is_file():
-        return "hf"
+        from mm1.models.hf.llava import is_llava_config
+
+        return "llava" if is_llava_config(p) else "hf"
     raise ConfigError(
         f"{key}={path}: not an mm1 run directory, checkpoint (RUN/checkpoints/step_N) or export, "
         "nor an HF checkpoint directory"
@@ -98,6 +101,13 @@ def sources(init: InitConfig) -> list[Source]:
                     "run or export"
                 )
     return out
+
+
+def llava_source(init: InitConfig) -> str | None:
+    """The transformers LLaVA directory the model starts from (its architecture, layout
+    included, replaces the config's), if `train.init.weights` names one."""
+    w = init.weights
+    return w if w and source_kind(w, "train.init.weights") == "llava" else None
 
 
 def hf_source(init: InitConfig, part: str) -> str | None:
@@ -163,6 +173,15 @@ def starting_state(
                 ignore = hf.decoder_ignored(cfg.decoder)
                 ctx_kw["hf"] = HFPart(part, hf.KEY_MAPS["decoder"], ignore)
                 ctx_kw["new_token_ids"] = tuple(new_token_ids)
+        elif s.kind == "llava":
+            from mm1.models.hf.llava import llava_state_to_ours
+
+            raw = llava_state_to_ours(hf.load_hf_state_dict(s.path), cfg)
+            raw = {
+                k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True)
+                for k, v in raw.items()
+            }
+            ctx_kw["new_token_ids"] = tuple(new_token_ids)
         else:
             saved = read_model_weights(s.path)
             raw = saved.state

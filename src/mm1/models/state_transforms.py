@@ -87,8 +87,15 @@ def apply_chain(state: StateDict, ctx: LoadContext) -> StateDict:
     return state
 
 
+# Parameters outside the three parts' modules, by the part they belong to.
+_PART_OF = {"image_newline": "connector"}
+# Parameters a source may lack: a layout's own (anyres' newline, when a stage moves from the
+# single layout to anyres); they keep their fresh initialisation.
+_MAY_BE_NEW = ("image_newline",)
+
+
 def _part(key: str) -> str:
-    return key.split(".", 1)[0]
+    return _PART_OF.get(key, key.split(".", 1)[0])
 
 
 def hf_keys(state: StateDict, ctx: LoadContext) -> StateDict:
@@ -146,6 +153,9 @@ def fit_check(state: StateDict, ctx: LoadContext) -> None:
     """One line naming the first parameter that does not fit."""
     expected = {k: s for k, s in ctx.expected.items() if _part(k) in ctx.parts}
     for key in expected:
+        if key not in state and key in _MAY_BE_NEW:
+            ctx.notes.append(f"{key} is new (not in the source): freshly initialised")
+            continue
         if key not in state:
             raise ValueError(f"{ctx.source}: has no {key} (the model's parts {ctx.parts})")
         if tuple(state[key].shape) != tuple(expected[key]):

@@ -36,12 +36,15 @@ class Request:
     """One completion: the prompt's ids (image slots expanded) and its images' pixels."""
 
     prompt: list[int]
-    pixel_values: torch.Tensor | None
+    pixel_values: torch.Tensor | None  # every crop of its images, in slot order
     max_new_tokens: int
     sampling: Sampling = field(default_factory=Sampling)
     seed: int | None = None
     stop: tuple[str, ...] = ()
     timeout: float | None = None  # seconds from submission to the last token
+    # Per image, as in `Batch`: its crop count and original (height, width) (tiled layouts).
+    image_crops: torch.Tensor | None = None
+    image_sizes: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -238,7 +241,7 @@ class Engine:
                 admitted.append(self._waiting.popleft())
         if not admitted:
             return
-        pixels = [h.request.pixel_values for h in admitted if h.request.pixel_values is not None]
+        with_images = [h.request for h in admitted if h.request.pixel_values is not None]
         device = self.model.decoder.embed_tokens.weight.device
         generators = [
             torch.Generator(device).manual_seed(h.request.seed)
@@ -249,7 +252,7 @@ class Engine:
         try:
             ids = self._batch.prefill(
                 [h.request.prompt for h in admitted],
-                torch.cat(pixels).to(device) if pixels else None,
+                *_images(with_images, device),
                 # greedy rows share one argmax over the batch; sampled rows draw on their own
                 sampling=[
                     h.request.sampling if h.request.sampling.do_sample else None for h in admitted
@@ -288,3 +291,17 @@ class Engine:
     def _release(self, sid: int) -> None:
         self._running.pop(sid)
         self._batch.release(sid)
+
+
+def _images(
+    requests: list[Request], device: torch.device
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The pixels, crop counts and sizes of the requests' images, concatenated in order."""
+    if not requests:
+        return None, None, None
+    pixels = torch.cat([r.pixel_values for r in requests]).to(device)
+    if any(r.image_crops is None for r in requests):
+        return pixels, None, None
+    crops = torch.cat([r.image_crops for r in requests]).to(device)
+    sizes = torch.cat([r.image_sizes for r in requests]).to(device)
+    return pixels, crops, sizes

@@ -122,9 +122,10 @@ def parse_chat_request(
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise bad("stream_options must be an object", "stream_options")
-    pixels = None
+    pixels = crops = sizes = None
     if images:
         pixels = pretrained.prompt_format.pixel_values(pretrained.processor, images)
+        crops, sizes = pretrained.prompt_format.image_info(images)
     request = Request(
         prompt=prompt,
         pixel_values=pixels,
@@ -133,6 +134,8 @@ def parse_chat_request(
         seed=seed,
         stop=_stops(body.get("stop")),
         timeout=opts.request_timeout,
+        image_crops=crops,
+        image_sizes=sizes,
     )
     return ChatRequest(request, stream, bool(stream_options.get("include_usage", False)))
 

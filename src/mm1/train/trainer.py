@@ -207,7 +207,8 @@ class Trainer:
     @property
     def prompt_format(self) -> PromptFormat:
         """How this run writes images and turns into tokens (saved with its tokenizer)."""
-        return PromptFormat.from_config(self.cfg.data, self.raw_model.num_image_tokens)
+        q = self.raw_model.num_image_tokens
+        return PromptFormat.from_config(self.cfg.data, q, self.raw_model.cfg)
 
     @property
     def raw_model(self) -> MM1:
@@ -398,7 +399,7 @@ class Trainer:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         tokens = sum(int((b.kind_ids >= 0).sum()) for b in micro)  # non-padding tokens
-        images = sum(0 if b.pixel_values is None else b.pixel_values.shape[0] for b in micro)
+        images = sum(_num_images(b) for b in micro)
         return StepResult(
             loss,
             per_kind,
@@ -594,3 +595,10 @@ def _truncate_metrics(run_dir: Path, step: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     tmp.replace(path)
+
+
+def _num_images(batch: Batch) -> int:
+    """Images of a batch (not crops: a tiled image is several rows of pixel_values)."""
+    if batch.image_crops is not None:
+        return len(batch.image_crops)
+    return 0 if batch.pixel_values is None else batch.pixel_values.shape[0]

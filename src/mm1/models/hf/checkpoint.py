@@ -78,14 +78,45 @@ def read_weights(f: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+# transformers' default shard size for save_pretrained ("5GB").
+MAX_SHARD_BYTES = 5 * 10**9
+
+
 def write_checkpoint(
-    out_dir: PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor]
+    out_dir: PathLike,
+    config: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> Path:
+    """config.json and the weights: one model.safetensors, or above `max_shard_bytes` the
+    shards `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json` (the layout
+    transformers writes and reads; tensors in key order, a shard closed before it would pass
+    the limit)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    sizes = {k: v.numel() * v.element_size() for k, v in tensors.items()}
+    shards: list[list[str]] = [[]]
+    used = 0
+    for k in sorted(tensors):
+        if shards[-1] and used + sizes[k] > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(k)
+        used += sizes[k]
+    for stale in out.glob("model*.safetensors*"):  # an earlier export's other layout
+        stale.unlink()
     # transformers refuses safetensors files whose metadata lacks format=pt.
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    if len(shards) == 1:
+        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, keys in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file({k: tensors[k] for k in keys}, out / name, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(keys, name))
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
 

@@ -1,0 +1,103 @@
+"""`mm1 convert --to-hf`: a trained model as transformers directories.
+
+A model with LLaVA's projector (`mlp` connector) becomes one directory that transformers loads
+whole: `LlavaForConditionalGeneration` (layout `single`) or `LlavaNextForConditionalGeneration`
+(`anyres`), with the processor `AutoProcessor.from_pretrained` builds (tokenizer, image
+processor, chat template; `models/hf/llava.py` writes the weights). Other connectors have no
+transformers class: the whole model is written as transformers custom code
+(`models/hf/custom.py`, loaded with `trust_remote_code=True`), and the decoder and the encoder
+alone as `decoder/` and `vision/`, as before.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mm1.data.images import PREPROCESSOR_CONFIG
+from mm1.data.tokenizer import IMAGE_TOKEN
+from mm1.pretrained import Pretrained
+
+PROCESSOR_CLASSES = {"llava": "LlavaProcessor", "llava_next": "LlavaNextProcessor"}
+IMAGE_PROCESSOR_TYPES = {"llava": "CLIPImageProcessor", "llava_next": "LlavaNextImageProcessor"}
+
+
+def save_hf(p: Pretrained, out_dir: str | Path, decoder_type: str = "llama") -> tuple[Path, str]:
+    """Write `p` for transformers; (the directory, a one-line account of what was written)."""
+    from mm1.models.hf import save_decoder_hf, save_vision_hf
+    from mm1.models.hf.llava import llava_model_type, save_llava_hf
+
+    out = Path(out_dir)
+    try:
+        model_type = llava_model_type(p.cfg)
+    except ValueError as why:
+        from mm1.models.hf.custom import save_custom_hf
+
+        save_custom_hf(p.model, out, decoder_type)
+        p.tokenizer.save(out)
+        _add_bos_on_encode(p, out)
+        p.processor.save_pretrained(out)
+        save_decoder_hf(p.model.decoder, out / "decoder", model_type=decoder_type)
+        p.tokenizer.save(out / "decoder")
+        save_vision_hf(p.model.vision, out / "vision")
+        p.processor.save_pretrained(out / "vision")
+        return out, (
+            f"wrote {out} as transformers custom code (not LLaVA: {why}; load it with "
+            "AutoModel.from_pretrained(..., trust_remote_code=True)), and the decoder and the "
+            f"encoder alone as {out}/decoder and {out}/vision"
+        )
+    if p.prompt_format.image_boundaries:
+        raise ValueError(
+            "--to-hf: the model was trained with <img> </img> around its image slots, which "
+            "transformers' LLaVA processors do not write"
+        )
+    save_llava_hf(p.model, out, decoder_type)
+    p.tokenizer.save(out)
+    _add_bos_on_encode(p, out)
+    _save_processor(p, out, model_type)
+    return out, f"wrote {out} ({model_type}: {PROCESSOR_CLASSES[model_type]} + model)"
+
+
+def _add_bos_on_encode(p: Pretrained, out: Path) -> None:
+    """mm1 writes BOS itself (it encodes without special tokens); transformers' processor
+    encodes with them, so the exported tokenizer.json adds BOS the way Llama's does."""
+    bos, bos_id = p.tokenizer.bos_token, p.tokenizer.bos_id
+    if bos is None or bos_id is None:
+        return
+    import tokenizers
+
+    tok = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+    )
+    tok.save(str(out / "tokenizer.json"))
+
+
+def _save_processor(p: Pretrained, out: Path, model_type: str) -> None:
+    cfg = p.cfg
+    p.processor.save_pretrained(out)
+    path = out / PREPROCESSOR_CONFIG
+    pre = json.loads(path.read_text())
+    pre.pop("pad_to_square", None)
+    pre["image_processor_type"] = IMAGE_PROCESSOR_TYPES[model_type]
+    pre["processor_class"] = PROCESSOR_CLASSES[model_type]
+    if model_type == "llava" and p.processor.pad_to_square:
+        # LLaVA-1.5's expand-to-square is LlavaImageProcessor's do_pad (pixel-equal, tested).
+        pre["image_processor_type"], pre["do_pad"] = "LlavaImageProcessor", True
+    if model_type == "llava_next":
+        from mm1.models.hf.llava import llava_config_to_hf
+
+        pre["image_grid_pinpoints"] = llava_config_to_hf(cfg)["image_grid_pinpoints"]
+        pre["do_pad"] = True
+    path.write_text(json.dumps(pre, indent=2) + "\n")
+    processor = {
+        "processor_class": PROCESSOR_CLASSES[model_type],
+        "image_token": IMAGE_TOKEN,
+        "patch_size": cfg.vision.patch_size,
+        "vision_feature_select_strategy": "default" if cfg.vision.cls_token else "full",
+        "num_additional_image_tokens": int(cfg.vision.cls_token),
+    }
+    (out / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    template = p.tokenizer.chat_template
+    if isinstance(template, str):
+        (out / "chat_template.jinja").write_text(template)
