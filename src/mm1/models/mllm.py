@@ -104,6 +104,7 @@ class MM1(nn.Module):
         pixel_values: torch.Tensor | None = None,
         num_label_tokens: int | None = None,
         return_logits: bool | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> MM1Output:
         """Logits, and with `labels` the cross-entropy over the label tokens.
 
@@ -117,6 +118,8 @@ class MM1(nn.Module):
         Auxiliary losses (means over this batch, summed over blocks) are normalised like the
         cross-entropy: scaled by this batch's share of the step's label tokens, so their sum
         over micro-batches and ranks is the label-weighted mean, whatever the accumulation.
+        `token_mask` (B, T) marks the tokens a MoE router's statistics count (the non-padding
+        ones, image slots included); None counts every token.
         """
         embeds = self.embed(input_ids, pixel_values)
         if return_logits is None:
@@ -128,6 +131,7 @@ class MM1(nn.Module):
             document_ids=document_ids,
             return_hidden=True,
             aux_losses=aux,
+            token_mask=token_mask,
         )
         logits = self.decoder.lm_head(hidden) if return_logits else None
         if labels is None:

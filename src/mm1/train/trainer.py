@@ -366,7 +366,11 @@ class Trainer:
             batch = batch.to(d.device, non_blocking=True)
             last = i == len(micro) - 1
             with self._sync(last), _autocast(d.device, dtype):
-                out = model(**batch.model_inputs(), num_label_tokens=max(total_labels, 1))
+                out = model(
+                    **batch.model_inputs(),
+                    num_label_tokens=max(total_labels, 1),
+                    token_mask=None if batch.kind_ids is None else batch.kind_ids >= 0,
+                )
             objective = out.loss
             for name, value in out.aux_losses.items():
                 objective = objective + self._aux_weight(name) * value
