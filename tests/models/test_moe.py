@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,9 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 from mm1.config import ConfigError, DecoderConfig, load_config
 from mm1.models.decoder import Decoder, SwiGLU
 from mm1.models.moe import MoE, MoEConfig, balance_loss, route, sparse_layers, z_loss
+from mm1.models.summary import active_parameters, summarize
+
+PRESETS = Path(__file__).resolve().parents[2] / "configs" / "models"
 
 
 def _cfg(**moe: object) -> DecoderConfig:
@@ -178,8 +182,6 @@ def test_layout_follows_qwen3_moe_and_aux_losses_average_over_layers() -> None:
 
 
 def test_active_parameters_count_k_of_e_experts() -> None:
-    from mm1.models.summary import active_parameters
-
     cfg = _cfg(experts=8, top_k=2, every=2)
     dec = Decoder(cfg)
     per_expert = 3 * 32 * 48
@@ -200,3 +202,22 @@ def test_bad_moe_options_are_one_line_errors(override: str, message: str) -> Non
     base = ["model.decoder.layers=4", "model.decoder.ffn.type=moe"]
     with pytest.raises(ConfigError, match=message):
         load_config(None, [*base, override])
+
+
+@pytest.mark.parametrize(
+    ("preset", "experts", "every", "paper", "off_by"),
+    [("mm1_3b_moe", 64, 2, 64e9, 0.01), ("mm1_7b_moe", 32, 4, 47e9, 0.15)],
+)
+def test_presets_count_their_experts_and_land_near_the_paper(
+    preset: str, experts: int, every: int, paper: float, off_by: float
+) -> None:
+    moe_cfg = load_config(str(PRESETS / f"{preset}.yaml"), []).model
+    dense_cfg = load_config(str(PRESETS / f"{preset.removesuffix('_moe')}.yaml"), []).model
+    moe, dense = summarize(moe_cfg), summarize(dense_cfg)
+    d = moe_cfg.decoder
+    assert sparse_layers(d) == list(range(every - 1, d.layers, every))
+    sparse, per_expert, router = d.layers // every, 3 * d.dim * d.ffn_dim, experts * d.dim
+    # each sparse layer: E experts in place of one FFN, plus the router; two experts act
+    assert moe.total == dense.total + sparse * ((experts - 1) * per_expert + router)
+    assert moe.active == dense.decoder + sparse * (per_expert + router)
+    assert abs(moe.total / paper - 1) < off_by
