@@ -296,12 +296,16 @@ class InitConfig:
     the config's) or an mm1 run / export (its part of the model; the config's architecture, the
     weights adapted by the loading chain: position embeddings, vocabulary). Parts named nowhere
     start from random. A resumed run ignores all of this: it continues from its own checkpoint.
+    A dense decoder started into a MoE `model.decoder.ffn` is upcycled on the fly (each expert a
+    copy of its layer's FFN, a small random router; `mm1.models.upcycle`).
     """
 
     weights: str | None = None
     vision: str | None = None
     connector: str | None = None
     decoder: str | None = None
+    upcycle_noise: float = 0.0  # relative Gaussian noise on upcycled experts (0: exact copies)
+    upcycle_seed: int = 0  # the upcycled routers' random stream
 
 
 INIT_PARTS = ("vision", "connector", "decoder")

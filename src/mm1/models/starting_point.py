@@ -23,6 +23,7 @@ from mm1.checkpoint import (
 )
 from mm1.config import INIT_PARTS, ConfigError, InitConfig, ModelConfig
 from mm1.models.state_transforms import HFPart, LoadContext, apply_chain
+from mm1.models.upcycle import UpcycleOptions
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,8 @@ def starting_state(
             parts=s.parts,
             expected=expected,
             cls_token=cfg.vision.cls_token,
+            model=cfg,
+            upcycle=UpcycleOptions(init.upcycle_noise, init.upcycle_seed),
             **ctx_kw,
         )
         try:

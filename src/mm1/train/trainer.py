@@ -58,7 +58,7 @@ MEANING_KEYS = (
     "train.seed",
     "train.init",
 )
-IMPLEMENTATION_KEYS = ("model.decoder.attention",)
+IMPLEMENTATION_KEYS = ("model.decoder.attention", "model.decoder.ffn.expert_matmul")
 H100_BF16_PEAK = 989e12
 START_FILE = "init.json"  # where a run started: {"sources": [{path, kind, step, parts}]}
 
