@@ -221,3 +221,22 @@ def test_presets_count_their_experts_and_land_near_the_paper(
     assert moe.total == dense.total + sparse * ((experts - 1) * per_expert + router)
     assert moe.active == dense.decoder + sparse * (per_expert + router)
     assert abs(moe.total / paper - 1) < off_by
+
+
+def test_the_token_mask_leaves_padding_out_of_the_router_statistics() -> None:
+    cfg = _cfg(every=1)
+    cfg.layers = 1
+    torch.manual_seed(0)
+    dec = Decoder(cfg)
+    ids = torch.randint(0, 64, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[1, 6:] = False  # a padded tail
+    logits = []
+    dec.layers[0].mlp.gate.register_forward_hook(lambda m, i, o: logits.append(o))
+    aux: dict[str, torch.Tensor] = {}
+    dec(ids, aux_losses=aux, token_mask=mask)
+    r = route(logits[0], 2, True)
+    flat = mask.reshape(-1)
+    torch.testing.assert_close(aux["router_balance"], balance_loss(r, 4, flat))
+    torch.testing.assert_close(aux["router_z"], z_loss(r, flat))
+    assert not torch.allclose(aux["router_z"], z_loss(r))

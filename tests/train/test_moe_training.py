@@ -137,3 +137,78 @@ def test_bad_upcycling_requests_name_the_option(tmp_path, dense_run) -> None:
     moe = upcycle(dense_run, tmp_path / "moe", experts=4)
     with pytest.raises(ConfigError, match="is already a MoE model"):
         upcycle(moe, tmp_path / "d", experts=4)
+
+
+def test_moe_training_logs_aux_losses_and_expert_load(tmp_path, world, tiny_config) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mm1.train.logging import read_metrics
+
+    cfg = tiny_config(tmp_path, world, steps=2, parallel="none", val_every=0, tensorboard=True)
+    run = tmp_path / "run"
+    _trainer(cfg, run, *MOE, "model.decoder.ffn.every=2").fit()
+    rows = [r for r in read_metrics(run) if "loss" in r]
+    assert len(rows) == 2
+    for r in rows:
+        b, z = r["aux_loss_router_balance"], r["aux_loss_router_z"]
+        assert b > 0 and z > 0
+        assert r["loss_total"] == pytest.approx(r["loss"] + 0.01 * b + 0.001 * z)
+        shares = r["expert_load_l1"]  # every=2 over 2 layers: layer 1 only
+        assert "expert_load_l0" not in r and len(shares) == 4
+        assert sum(shares) == pytest.approx(1.0)
+        assert r["expert_load_min_l1"] == pytest.approx(min(shares), abs=1e-6)
+        assert r["expert_load_max_l1"] == pytest.approx(max(shares), abs=1e-6)
+        assert min(shares) <= 0.25 <= max(shares)
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"expert_load_min_l1", "expert_load_max_l1", "aux_loss_router_balance"} <= set(tags)
+
+
+def _cli(args: list[str], nproc: int) -> str:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    dist_run = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    p = subprocess.run(
+        [sys.executable, *dist_run, "-m", "mm1.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    return p.stdout + p.stderr
+
+
+def test_two_process_fsdp_moe_run_resumes_bit_exactly(tmp_path, world, tiny_config) -> None:
+    """2 gloo processes, FSDP2 (experts sharded with their block): a run resumed from its
+    step-2 checkpoint logs the very losses, aux losses and expert loads of the uninterrupted
+    run."""
+    import shutil
+
+    from mm1.checkpoint import read_model_weights
+    from mm1.train.logging import read_metrics
+
+    cfg = tiny_config(tmp_path, world, steps=4, save_every=2, parallel="fsdp", val_every=0)
+    full = tmp_path / "full"
+    _cli(["train", str(cfg), f"train.run_dir={full}", *MOE], nproc=2)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_4")
+    out = _cli(["train", str(cfg), f"train.run_dir={resumed}", *MOE], nproc=2)
+    assert "resumed from" in out
+
+    def logged(run: Path) -> dict[int, dict]:
+        keep = ("loss", "aux_loss_router_balance", "aux_loss_router_z", "expert_load_l0")
+        return {r["step"]: {k: r[k] for k in keep} for r in read_metrics(run) if "loss" in r}
+
+    want = logged(full)
+    assert sorted(want) == [1, 2, 3, 4]
+    assert logged(resumed) == want  # bit-exact on CPU
+    a, b = read_model_weights(full).state, read_model_weights(resumed).state
+    key = "decoder.layers.1.mlp.experts.gate_up_proj"
+    assert a[key].shape[0] == 4 and all(torch.equal(a[k], b[k]) for k in a)

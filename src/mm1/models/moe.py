@@ -131,12 +131,12 @@ class Experts(nn.Module):
             g, u = F.grouped_mm(x, gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
             return F.grouped_mm(F.silu(g) * u, down.transpose(1, 2), offs=offs)
         outs = []
+        # An expert without tokens still runs (on zero rows): every weight stays in the graph
+        # with a zero gradient, as in the grouped path (DDP expects a gradient for each).
         for e, xe in enumerate(x.split(counts.tolist())):
-            if xe.shape[0] == 0:
-                continue
             g, u = F.linear(xe, gate_up[e]).chunk(2, dim=-1)
             outs.append(F.linear(F.silu(g) * u, down[e]))
-        return torch.cat(outs) if outs else x.new_zeros(0, self.dim)
+        return torch.cat(outs)
 
 
 @dataclass
@@ -194,18 +194,15 @@ class MoE(nn.Module):
             moe.experts, cfg.dim, moe.expert_dim or cfg.ffn_dim, moe.expert_matmul
         )
         self.sparse_count = sparse_count  # aux losses are divided by it: a mean over layers
-        # Tokens routed to each expert since the last `take_load` (training only), for the log.
-        self.load: torch.Tensor | None = None
+        # Assignments per expert in the last training forward (routed tokens only), for the log.
+        # Overwritten, not summed: a checkpointed block's recomputation in the backward pass
+        # repeats the same forward, so the trainer reads it after each forward.
+        self.last_load: torch.Tensor | None = None
 
     def inactive_parameters(self) -> int:
         """The unchosen experts' parameters, idle for each token."""
         per_expert = self.experts.gate_up_proj[0].numel() + self.experts.down_proj[0].numel()
         return (self.num_experts - self.top_k) * per_expert
-
-    def take_load(self) -> torch.Tensor | None:
-        """Assignments per expert counted since the last call (None if none), and reset."""
-        load, self.load = self.load, None
-        return load
 
     def forward(
         self, x: torch.Tensor, token_mask: torch.Tensor | None = None
@@ -223,8 +220,7 @@ class MoE(nn.Module):
         y = torch.zeros(h.shape, dtype=out.dtype, device=h.device).index_add_(0, token, out)
         if self.training:
             routed = r.experts if mask is None else r.experts[mask]
-            n = torch.bincount(routed.reshape(-1), minlength=self.num_experts).detach()
-            self.load = n if self.load is None else self.load + n
+            self.last_load = torch.bincount(routed.reshape(-1), minlength=self.num_experts)
         aux = {
             "router_balance": balance_loss(r, self.num_experts, mask) / self.sparse_count,
             "router_z": z_loss(r, mask) / self.sparse_count,
