@@ -531,7 +531,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="a run directory or an exported directory")
     p.add_argument("--export", default=None, help="write safetensors + config + tokenizer here")
     p.add_argument("--to-hf", default=None, help="write decoder/ and vision/ HF checkpoints here")
-    p.add_argument("--hf-type", default="llama", choices=("llama", "qwen2", "mistral"))
+    p.add_argument(
+        "--hf-type",
+        default=None,
+        choices=("llama", "qwen2", "mistral", "mixtral", "qwen3_moe"),
+        help="default: llama for a dense decoder, the family a MoE one fits",
+    )
 
     p = add("upcycle", cmd_upcycle, "a dense run or export -> a MoE export (sparse upcycling)")
     p.add_argument("source", help="a dense run directory or an exported directory")

@@ -160,7 +160,7 @@ def starting_state(
                 )
                 ctx_kw["hf"] = HFPart(part, hf.KEY_MAPS[variant], hf.vision_ignored(depth))
             else:
-                raw = hf.load_hf_state_dict(s.path)
+                raw = hf.decoder_hf_state(s.path)
                 ignore = hf.decoder_ignored(cfg.decoder)
                 ctx_kw["hf"] = HFPart(part, hf.KEY_MAPS["decoder"], ignore)
                 ctx_kw["new_token_ids"] = tuple(new_token_ids)
