@@ -13,7 +13,8 @@ process (each keeps its best time):
   on `loop_tokens` tokens and scaled linearly to the full count (its cost is linear in tokens).
 
 Weights and their gradients of E experts take 24 x E x dim x ffn bytes (fp32): 2.2 GB at E=8
-and 17.7 GB at E=64 at the ablation width; `--dim` / `--ffn` run narrower layers.
+and 17.7 GB at E=64 at the ablation width; `--dim` / `--ffn` run narrower layers. The grouped
+and per-expert variants share one set of weights.
 """
 
 from __future__ import annotations
@@ -35,13 +36,10 @@ def _layers(dim: int, ffn: int, experts: int, top_k: int) -> dict[str, torch.nn.
     torch.manual_seed(0)
     cfg = DecoderConfig(dim=dim, ffn_dim=ffn, layers=1, heads=1, kv_heads=1)
     out: dict[str, torch.nn.Module] = {}
-    for name, matmul in (("moe_grouped", "auto"), ("moe_per_expert", "loop")):
-        moe = MoEConfig(experts=experts, top_k=top_k, expert_matmul=matmul)
-        layer = MoE(cfg, moe)
-        layer.experts.init_parameters(0.02)
-        torch.nn.init.normal_(layer.gate.weight, std=0.02)
-        out[name] = layer
-    out["moe_per_expert"].load_state_dict(out["moe_grouped"].state_dict())
+    layer = MoE(cfg, MoEConfig(experts=experts, top_k=top_k))
+    layer.experts.init_parameters(0.02)
+    torch.nn.init.normal_(layer.gate.weight, std=0.02)
+    out["moe"] = layer
     out["dense"] = SwiGLU(DecoderConfig(dim=dim, ffn_dim=top_k * ffn, layers=1, heads=1))
     return out
 
@@ -60,6 +58,16 @@ def _token_loop(layer: MoE, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows)
 
 
+def _moe(layer: MoE, matmul: str):
+    """The layer with its experts run as `matmul` (one set of weights for both paths)."""
+
+    def fn(x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        layer.experts.matmul = matmul
+        return layer(x)
+
+    return fn
+
+
 def _step(fn, x: torch.Tensor) -> float:
     x = x.detach().requires_grad_()
     start = time.perf_counter()
@@ -74,13 +82,14 @@ def measure(
 ) -> dict[str, Any]:
     layers = _layers(dim, ffn, experts, top_k)
     x = torch.randn(tokens, dim, generator=torch.Generator().manual_seed(1))
-    moe = layers["moe_grouped"]
+    moe = layers["moe"]
+    grouped, per_expert = _moe(moe, "auto"), _moe(moe, "loop")
     with torch.no_grad():  # the paths compute the same function
-        diff = (moe(x[:256])[0] - layers["moe_per_expert"](x[:256])[0]).abs().max().item()
-        diff_loop = (moe(x[:16])[0] - _token_loop(moe, x[:16])).abs().max().item()
+        diff = (grouped(x[:256])[0] - per_expert(x[:256])[0]).abs().max().item()
+        diff_loop = (grouped(x[:16])[0] - _token_loop(moe, x[:16])).abs().max().item()
     fns = {
-        "moe_grouped": layers["moe_grouped"],
-        "moe_per_expert": layers["moe_per_expert"],
+        "moe_grouped": grouped,
+        "moe_per_expert": per_expert,
         "dense": layers["dense"],
         "token_loop": lambda h: _token_loop(moe, h),
     }

@@ -240,3 +240,24 @@ def test_the_token_mask_leaves_padding_out_of_the_router_statistics() -> None:
     torch.testing.assert_close(aux["router_balance"], balance_loss(r, 4, flat))
     torch.testing.assert_close(aux["router_z"], z_loss(r, flat))
     assert not torch.allclose(aux["router_z"], z_loss(r))
+
+
+def test_expert_load_is_each_forward_once_under_activation_checkpointing() -> None:
+    """A checkpointed block runs its forward again in the backward pass; the load read after a
+    micro-batch's forward (as the trainer reads it) is that forward's assignments alone."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from mm1.train.expert_load import last_expert_loads
+
+    torch.manual_seed(0)
+    dec = Decoder(_cfg(every=2)).train()
+    for i, block in enumerate(dec.layers):
+        dec.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+    for seed in (0, 1):
+        ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(seed))
+        mask = torch.ones(2, 9, dtype=torch.bool)
+        mask[0, 7:] = False  # two padding tokens are not counted
+        dec(ids, token_mask=mask).sum().backward()
+        loads = last_expert_loads(dec)
+        assert sorted(loads) == [1, 3]
+        assert all(load.sum().item() == 16 * 2 for load in loads.values())
