@@ -135,3 +135,16 @@ def test_sft_memory_benchmark_parses_each_json_once_per_worker(bench, tmp_path) 
     # certain to be seen (the figures themselves are the benchmark's, not this test's).
     assert out["peak_rss_per_process_mib"] and out["peak_rss_tree_mib"] > 0
     assert sft_memory.measure(jl, batches=3, workers=2, uncached=False)["parses_per_process"] == []
+
+
+def test_moe_layer_benchmark_compares_the_same_function(bench) -> None:
+    from benchmarks import moe_layer
+
+    out = moe_layer.run(dim=32, ffn=64, tokens=64, experts=(4,), rounds=1, loop_tokens=8)
+    (r,) = out["results"]
+    assert r["max_difference_grouped_vs_per_expert"] < 1e-5
+    assert r["max_difference_grouped_vs_token_loop"] < 1e-5
+    # the dense comparison has the experts' active parameters (the router is the MoE's own)
+    assert r["active_parameters_moe"] == r["parameters_dense"] + 32 * 4
+    assert set(r["seconds"]) == {"moe_grouped", "moe_per_expert", "dense", "token_loop"}
+    assert (bench.RESULTS / "moe_layer.json").exists()

@@ -246,6 +246,15 @@ def cmd_convert(args: argparse.Namespace) -> None:
         raise ConfigError("convert: give --export DIR and/or --to-hf DIR")
 
 
+def cmd_upcycle(args: argparse.Namespace) -> None:
+    from mm1.upcycling import upcycle
+
+    out = upcycle(
+        args.source, args.out, args.experts, args.every, args.top_k, args.noise, args.seed
+    )
+    console.print(f"upcycled {args.source} -> {out} ({args.experts} experts every {args.every})")
+
+
 def _split_stops(stops: list[str], tokenizer: Tokenizer) -> tuple[list[int], list[str]]:
     """(token ids, text stops) of `--stop` values. A stop that is exactly a special token
     (e.g. `<|endofchunk|>`) must stop by id: decoding skips special tokens, so it never shows
@@ -555,7 +564,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="a run directory or an exported directory")
     p.add_argument("--export", default=None, help="write safetensors + config + tokenizer here")
     p.add_argument("--to-hf", default=None, help="transformers dir (LLaVA for mlp connectors)")
-    p.add_argument("--hf-type", default="llama", choices=("llama", "qwen2", "mistral"))
+    p.add_argument(
+        "--hf-type",
+        default=None,
+        choices=("llama", "qwen2", "mistral", "mixtral", "qwen3_moe"),
+        help="default: llama for a dense decoder, the family a MoE one fits",
+    )
+
+    p = add("upcycle", cmd_upcycle, "a dense run or export -> a MoE export (sparse upcycling)")
+    p.add_argument("source", help="a dense run directory or an exported directory")
+    p.add_argument("--experts", type=int, required=True)
+    p.add_argument("--every", type=int, default=1, help="experts in layers i: (i + 1) %% k == 0")
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--noise", type=float, default=0.0, help="relative noise on the experts")
+    p.add_argument("--seed", type=int, default=0, help="the router's random stream")
+    p.add_argument("--out", required=True)
 
     p = add("eval", cmd_eval, "few-shot captioning / VQA evaluation with reports")
     p.add_argument("model", help="a run directory or an exported directory")

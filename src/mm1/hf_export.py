@@ -22,7 +22,9 @@ PROCESSOR_CLASSES = {"llava": "LlavaProcessor", "llava_next": "LlavaNextProcesso
 IMAGE_PROCESSOR_TYPES = {"llava": "CLIPImageProcessor", "llava_next": "LlavaNextImageProcessor"}
 
 
-def save_hf(p: Pretrained, out_dir: str | Path, decoder_type: str = "llama") -> tuple[Path, str]:
+def save_hf(
+    p: Pretrained, out_dir: str | Path, decoder_type: str | None = None
+) -> tuple[Path, str]:
     """Write `p` for transformers; (the directory, a one-line account of what was written)."""
     from mm1.models.hf import save_decoder_hf, save_vision_hf
     from mm1.models.hf.llava import llava_model_type, save_llava_hf

@@ -24,12 +24,12 @@ class Entry:
 
 
 class Registry:
-    """Names -> entries of one kind of part; `provider` is the module that registers the
-    built-in entries, imported on the first lookup."""
+    """Names -> entries of one kind of part; `provider` is the module (or modules) that register
+    the built-in entries, imported on the first lookup."""
 
-    def __init__(self, kind: str, provider: str) -> None:
+    def __init__(self, kind: str, provider: str | tuple[str, ...]) -> None:
         self.kind = kind
-        self.provider = provider
+        self.providers = (provider,) if isinstance(provider, str) else provider
         self._entries: dict[str, Entry] = {}
         self._loaded = False
 
@@ -50,7 +50,8 @@ class Registry:
     def _load(self) -> None:
         if not self._loaded:
             self._loaded = True
-            importlib.import_module(self.provider)
+            for module in self.providers:
+                importlib.import_module(module)
 
     def get(self, name: str) -> Entry | None:
         self._load()
@@ -81,5 +82,5 @@ class Registry:
 
 
 CONNECTORS = Registry("connector", "mm1.models.connectors")
-FFNS = Registry("ffn", "mm1.models.decoder")
+FFNS = Registry("ffn", ("mm1.models.decoder", "mm1.models.moe"))
 FAMILIES = Registry("model family", "mm1.models.family")

@@ -104,8 +104,10 @@ def test_an_unknown_type_names_the_key_and_lists_the_registered_names(scaled_con
     assert message.startswith("model.connector.type='perceiver' is not a registered connector")
     assert message.endswith("registered: " + ", ".join(sorted(CONNECTORS)))
     assert "test_scaled" in message and "c_abstractor" in message
-    with pytest.raises(ConfigError, match=r"^model\.decoder\.ffn\.type='moe' .*registered: swiglu"):
-        load_config(None, [*TINY, "model.decoder.ffn=moe"])
+    with pytest.raises(
+        ConfigError, match=r"^model\.decoder\.ffn\.type='soft_moe' .*registered: moe, swiglu"
+    ):
+        load_config(None, [*TINY, "model.decoder.ffn=soft_moe"])
     with pytest.raises(ConfigError, match=r"^model\.family='fuyu' .*registered: mm1$"):
         load_config(None, [*TINY, "model.family=fuyu"])
 

@@ -1,6 +1,6 @@
 """The starting-weights chain: vocabulary resize at the mean, position-embedding interpolation,
-one-line errors naming the first parameter that does not fit, and the registration hook where
-upcycling will plug in."""
+one-line errors naming the first parameter that does not fit, and the registration hook (where
+upcycling plugs in: tests/train/test_moe_training.py)."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def test_a_shape_mismatch_names_the_first_differing_parameter(tiny_model_config)
 def test_a_registered_transform_runs_after_the_built_in_ones_before_the_check(
     tiny_model_config,
 ) -> None:
-    """The hook upcycling will use: a transform registered at the end sees the resized
+    """The hook upcycling uses: a transform registered at the end sees the resized
     vocabulary and may reshape what the check would otherwise refuse (here: FFNs twice as
     wide, each weight repeated along its hidden axis)."""
     torch.manual_seed(0)
@@ -109,7 +109,7 @@ def test_a_registered_transform_runs_after_the_built_in_ones_before_the_check(
         st.apply_chain(dict(src.state_dict()), _ctx(wide))
     st.register_state_transform("test_widen", widen)
     try:
-        assert list(st.STATE_TRANSFORMS)[-2:] == ["vocabulary", "test_widen"]
+        assert list(st.STATE_TRANSFORMS)[-3:] == ["vocabulary", "upcycle", "test_widen"]
         out = st.apply_chain(dict(src.state_dict()), _ctx(wide))
     finally:
         del st.STATE_TRANSFORMS["test_widen"]

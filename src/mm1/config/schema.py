@@ -324,12 +324,16 @@ class InitConfig:
     the config's) or an mm1 run / export (its part of the model; the config's architecture, the
     weights adapted by the loading chain: position embeddings, vocabulary). Parts named nowhere
     start from random. A resumed run ignores all of this: it continues from its own checkpoint.
+    A dense decoder started into a MoE `model.decoder.ffn` is upcycled on the fly (each expert a
+    copy of its layer's FFN, a small random router; `mm1.models.upcycle`).
     """
 
     weights: str | None = None
     vision: str | None = None
     connector: str | None = None
     decoder: str | None = None
+    upcycle_noise: float = 0.0  # relative Gaussian noise on upcycled experts (0: exact copies)
+    upcycle_seed: int = 0  # the upcycled routers' random stream
 
 
 INIT_PARTS = ("vision", "connector", "decoder")
@@ -357,9 +361,12 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_nonfinite_in_a_row: int = 5  # consecutive skipped (non-finite) steps before aborting
     tensorboard: bool = True
-    # Weight of each auxiliary loss the model emits, by name (e.g. {router_balance: 0.01}); a
-    # loss without a weight here stops the run at its first step. Dense models emit none.
-    aux_loss_weights: dict[str, float] = field(default_factory=dict)
+    # Weight of each auxiliary loss the model emits, by name; a loss without a weight here
+    # stops the run at its first step. Dense models emit none; a MoE decoder emits the router's
+    # load balance and z-loss (defaults: MM1's 0.01 and 0.001, from a secondary source).
+    aux_loss_weights: dict[str, float] = field(
+        default_factory=lambda: {"router_balance": 0.01, "router_z": 0.001}
+    )
     wandb: str = "off"  # off | offline | online (online falls back to offline without a key)
     progress: bool = True
     seed: int = 0

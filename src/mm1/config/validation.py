@@ -242,6 +242,8 @@ def deprecated_keys_in_dict(d: dict[str, Any]) -> dict[str, Any]:
     init = train.setdefault("init", {})
     for k in ("weights", *INIT_PARTS):
         init.setdefault(k, None)
+    for k in ("upcycle_noise", "upcycle_seed"):  # saved before upcycling existed
+        init.setdefault(k, getattr(InitConfig, k))
     for part in ("vision", "decoder"):
         section = d.get("model", {}).get(part, {})
         if section.get("init"):
@@ -324,6 +326,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"train.optim.grad_clip={t.optim.grad_clip} must be >= 0 (0 = no clipping)"
         )
+    if not t.init.upcycle_noise >= 0:
+        raise ConfigError(f"train.init.upcycle_noise={t.init.upcycle_noise} must be >= 0")
     for name, w in t.aux_loss_weights.items():
         if not w >= 0:
             raise ConfigError(f"train.aux_loss_weights.{name}={w} must be >= 0")

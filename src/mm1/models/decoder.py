@@ -431,10 +431,14 @@ class DecoderBlock(nn.Module):
         mask: AttentionMask,
         cache: KVCache | None = None,
         layer: int = 0,
+        token_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, AuxLosses]:
-        """The block's output and its FFN's auxiliary losses (empty for a dense FFN)."""
+        """The block's output and its FFN's auxiliary losses (empty for a dense FFN). An FFN
+        that routes tokens (`routes_tokens`) also gets `token_mask`, the tokens its routing
+        statistics count (None: all)."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
-        out = self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        out = self.mlp(h, token_mask) if getattr(self.mlp, "routes_tokens", False) else self.mlp(h)
         aux: AuxLosses = {}
         if isinstance(out, tuple):
             out, aux = out
@@ -491,9 +495,11 @@ class Decoder(nn.Module):
         cache: KVCache | None = None,
         return_hidden: bool = False,
         aux_losses: AuxLosses | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (or the final hidden states with `return_hidden`); the blocks' auxiliary
-        losses are summed over blocks into `aux_losses` by name when a mapping is given."""
+        losses are summed over blocks into `aux_losses` by name when a mapping is given.
+        `token_mask` (B, T) marks the tokens a router's statistics count (not padding)."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         b, t = x.shape[:2]
         offset, end = cache.begin(t) if cache is not None else (0, t)
@@ -521,7 +527,7 @@ class Decoder(nn.Module):
             mask = additive_mask(mask, x)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids)
         for i, layer in enumerate(self.layers):
-            x, aux = layer(x, cos, sin, mask, cache, i)
+            x, aux = layer(x, cos, sin, mask, cache, i, token_mask)
             if aux_losses is not None:
                 for name, value in aux.items():
                     aux_losses[name] = aux_losses[name] + value if name in aux_losses else value

@@ -69,6 +69,8 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, RMSNorm):
             m.reset_parameters()
+        elif hasattr(m, "init_parameters"):  # modules holding raw parameters (MoE experts)
+            m.init_parameters(std)
 
 
 def is_perfect_square(n: int) -> bool:

@@ -246,6 +246,7 @@ class MM1(nn.Module):
         return_logits: bool | None = None,
         image_crops: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> MM1Output:
         """Logits, and with `labels` the cross-entropy over the label tokens.
 
@@ -259,6 +260,8 @@ class MM1(nn.Module):
         Auxiliary losses (means over this batch, summed over blocks) are normalised like the
         cross-entropy: scaled by this batch's share of the step's label tokens, so their sum
         over micro-batches and ranks is the label-weighted mean, whatever the accumulation.
+        `token_mask` (B, T) marks the tokens a MoE router's statistics count (the non-padding
+        ones, image slots included); None counts every token.
         """
         embeds = self.embed(input_ids, pixel_values, image_crops, image_sizes)
         if return_logits is None:
@@ -270,6 +273,7 @@ class MM1(nn.Module):
             document_ids=document_ids,
             return_hidden=True,
             aux_losses=aux,
+            token_mask=token_mask,
         )
         logits = self.decoder.lm_head(hidden) if return_logits else None
         if labels is None:

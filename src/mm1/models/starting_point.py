@@ -23,6 +23,7 @@ from mm1.checkpoint import (
 )
 from mm1.config import INIT_PARTS, ConfigError, InitConfig, ModelConfig
 from mm1.models.state_transforms import HFPart, LoadContext, apply_chain
+from mm1.models.upcycle import UpcycleOptions
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ def starting_state(
                 )
                 ctx_kw["hf"] = HFPart(part, hf.KEY_MAPS[variant], hf.vision_ignored(depth))
             else:
-                raw = hf.load_hf_state_dict(s.path)
+                raw = hf.decoder_hf_state(s.path)
                 ignore = hf.decoder_ignored(cfg.decoder)
                 ctx_kw["hf"] = HFPart(part, hf.KEY_MAPS["decoder"], ignore)
                 ctx_kw["new_token_ids"] = tuple(new_token_ids)
@@ -190,6 +191,8 @@ def starting_state(
             parts=s.parts,
             expected=expected,
             cls_token=cfg.vision.cls_token,
+            model=cfg,
+            upcycle=UpcycleOptions(init.upcycle_noise, init.upcycle_seed),
             **ctx_kw,
         )
         try:

@@ -12,8 +12,10 @@ registered transform, in order, maps it closer to the model being built:
                            and the rows of tokens new to an HF tokenizer, start at the mean of
                            the trained rows.
 
-Dense-to-MoE upcycling plugs in with `register_state_transform` (after ``vocabulary``): copy a
-dense FFN's weights into each expert of the model's MoE layer. `fit_check` ends the chain: a
+5. ``upcycle``            a dense FFN's weights copied into each expert of the model's MoE
+                           layer, a small random router beside them (`mm1.models.upcycle`).
+
+Other transforms plug in with `register_state_transform`. `fit_check` ends the chain: a
 key missing or left over, or a shape no transform resolved, is a one-line error naming the
 first such parameter.
 """
@@ -26,8 +28,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mm1.config import ModelConfig
 from mm1.models.decoder import resize_vocab_rows
 from mm1.models.hf.checkpoint import KeyMap, to_our_keys
+from mm1.models.upcycle import UpcycleOptions, upcycle_dense_ffns
 from mm1.models.vision import interpolate_pos_embed
 
 StateDict = dict[str, torch.Tensor]
@@ -54,6 +58,8 @@ class LoadContext:
     new_token_ids: tuple[int, ...] = ()
     cls_token: bool = True  # the encoder's position embeddings begin with a CLS row
     notes: list[str] = field(default_factory=list)  # what the chain changed, for the log
+    model: ModelConfig | None = None  # the (resolved) config of the model being filled
+    upcycle: UpcycleOptions = field(default_factory=UpcycleOptions)  # dense -> MoE options
 
 
 StateTransform = Callable[[StateDict, LoadContext], StateDict]
@@ -173,5 +179,6 @@ for _name, _fn in (
     ("parts", parts),
     ("position_embeddings", position_embeddings),
     ("vocabulary", vocabulary),
+    ("upcycle", upcycle_dense_ffns),
 ):
     register_state_transform(_name, _fn)

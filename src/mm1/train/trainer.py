@@ -44,6 +44,7 @@ from mm1.models.mllm import MM1
 from mm1.models.starting_point import describe as describe_start
 from mm1.models.summary import active_parameters
 from mm1.train import checkpoint as ckpt
+from mm1.train.expert_load import add_loads, last_expert_loads, load_fractions, load_metrics
 from mm1.train.logging import MetricsLogger, read_metrics
 from mm1.train.optim import build_optimizer, mm1_peak_lr
 from mm1.train.parallel import Dist, autocast_dtype, init_distributed, parallelize
@@ -58,7 +59,7 @@ MEANING_KEYS = (
     "train.seed",
     "train.init",
 )
-IMPLEMENTATION_KEYS = ("model.decoder.attention",)
+IMPLEMENTATION_KEYS = ("model.decoder.attention", "model.decoder.ffn.expert_matmul")
 H100_BF16_PEAK = 989e12
 START_FILE = "init.json"  # where a run started: {"sources": [{path, kind, step, parts}]}
 
@@ -79,6 +80,7 @@ class StepResult:
     aux: dict[str, float] = dataclasses.field(default_factory=dict)  # unweighted, by name
     objective: float | None = None  # loss + weighted aux losses (None without aux losses)
     per_dataset: dict[str, float] = dataclasses.field(default_factory=dict)  # loss_ds_<name>
+    expert_load: dict[int, list[float]] = dataclasses.field(default_factory=dict)  # MoE layers
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -362,12 +364,18 @@ class Trainer:
         # [loss_sum, per-kind loss sums, per-kind label counts, the same per dataset]
         sums = torch.zeros(1 + 2 * (n_kind + n_ds), device=d.device)
         aux_sums: dict[str, torch.Tensor] = {}
+        loads: dict[int, torch.Tensor] = {}
         dtype = autocast_dtype(self.cfg.train, d.device)
         for i, batch in enumerate(micro):
             batch = batch.to(d.device, non_blocking=True)
             last = i == len(micro) - 1
             with self._sync(last), _autocast(d.device, dtype):
-                out = model(**batch.model_inputs(), num_label_tokens=max(total_labels, 1))
+                out = model(
+                    **batch.model_inputs(),
+                    num_label_tokens=max(total_labels, 1),
+                    token_mask=None if batch.kind_ids is None else batch.kind_ids >= 0,
+                )
+            add_loads(loads, last_expert_loads(model))  # before backward may recompute
             objective = out.loss
             for name, value in out.aux_losses.items():
                 objective = objective + self._aux_weight(name) * value
@@ -411,6 +419,7 @@ class Trainer:
             aux,
             total,
             per_dataset,
+            load_fractions(loads, d.all_reduce_sum),
         )
 
     def _aux_weight(self, name: str) -> float:
@@ -459,6 +468,7 @@ class Trainer:
             **{f"loss_ds_{k}": v for k, v in r.per_dataset.items()},
             **{f"aux_loss_{k}": v for k, v in r.aux.items()},
             **({"loss_total": r.objective} if r.objective is not None else {}),
+            **load_metrics(r.expert_load),
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": r.grad_norm,
             "tokens_per_s": tokens_per_s,

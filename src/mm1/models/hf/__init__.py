@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints in and out: CLIP / SigLIP image encoders, Llama / Qwen2 / Mistral decoders.
+"""Hugging Face checkpoints in and out: CLIP / SigLIP image encoders, Llama / Qwen2 / Mistral
+decoders, Mixtral / Qwen3-MoE MoE decoders.
 
 transformers is an optional dependency, so nothing here imports it: `config.json` is read with
 json and the weights with safetensors, or with `torch.load(weights_only=True)` for
@@ -22,6 +23,7 @@ from mm1.models.hf.decoder import (
     decoder_config_from_hf,
     decoder_config_to_hf,
     decoder_from_hf,
+    decoder_hf_state,
     decoder_ignored,
     save_decoder_hf,
 )
@@ -43,6 +45,7 @@ __all__ = [
     "decoder_config_from_hf",
     "decoder_config_to_hf",
     "decoder_from_hf",
+    "decoder_hf_state",
     "decoder_ignored",
     "load_hf_state_dict",
     "read_hf_config",

@@ -1,4 +1,5 @@
-"""Llama / Qwen2 / Mistral decoders: configs and weights from and to HF checkpoints."""
+"""Llama / Qwen2 / Mistral decoders and Mixtral / Qwen3-MoE MoE decoders: configs and weights
+from and to HF checkpoints (the MoE specifics in `mm1.models.hf.moe`)."""
 
 from __future__ import annotations
 
@@ -21,15 +22,33 @@ from mm1.models.hf.checkpoint import (
     read_hf_config,
     write_checkpoint,
 )
+from mm1.models.hf.moe import (
+    MOE_TYPES,
+    UNSUPPORTED_MOE,
+    fuse_experts,
+    moe_config_to_hf,
+    moe_from_hf,
+    moe_type_for,
+    split_experts,
+)
+from mm1.models.moe import MoEConfig
 
-DECODER_TYPES = ("llama", "qwen2", "mistral")
+DECODER_TYPES = ("llama", "qwen2", "mistral", *MOE_TYPES)
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "mistral": "MistralForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 # transformers' class defaults for max_position_embeddings.
-_MAX_POSITIONS = {"llama": 2048, "qwen2": 32768, "mistral": 131072}
+_MAX_POSITIONS = {
+    "llama": 2048,
+    "qwen2": 32768,
+    "mistral": 131072,
+    "mixtral": 131072,
+    "qwen3_moe": 32768,
+}
 
 
 def _rope_from_hf(hf: Mapping[str, Any], max_pos: int) -> tuple[float, RopeScalingConfig]:
@@ -65,6 +84,8 @@ def _rope_from_hf(hf: Mapping[str, Any], max_pos: int) -> tuple[float, RopeScali
 def _sliding_window_from_hf(hf: Mapping[str, Any], model_type: str, layers: int) -> int:
     if model_type == "mistral":
         return int(hf.get("sliding_window", 4096) or 0)  # null = full attention
+    if model_type == "mixtral":
+        return int(hf.get("sliding_window") or 0)
     if model_type != "qwen2" or not hf.get("use_sliding_window", False):
         return 0  # Qwen2 ignores its sliding_window unless use_sliding_window is set
     window = hf.get("sliding_window", 4096)
@@ -85,12 +106,15 @@ def _sliding_window_from_hf(hf: Mapping[str, Any], model_type: str, layers: int)
 
 
 def decoder_config_from_hf(path_or_dict: PathLike | Mapping[str, Any]) -> DecoderConfig:
-    """Our DecoderConfig for a Llama / Qwen2 / Mistral config (transformers 4 or 5 layout).
+    """Our DecoderConfig for a Llama / Qwen2 / Mistral / Mixtral / Qwen3-MoE config
+    (transformers 4 or 5 layout).
 
     `init` is left unset: the config describes the architecture only.
     """
     hf = read_hf_config(path_or_dict)
     mt = hf.get("model_type")
+    if mt in UNSUPPORTED_MOE:
+        raise ValueError(f"unsupported decoder model_type {mt!r}: {UNSUPPORTED_MOE[mt]}")
     if mt not in DECODER_TYPES:
         raise ValueError(
             f"unsupported decoder model_type {mt!r}; supported: {', '.join(DECODER_TYPES)}"
@@ -102,11 +126,13 @@ def decoder_config_from_hf(path_or_dict: PathLike | Mapping[str, Any]) -> Decode
     if mt == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
         # Llama's attention_bias also puts a bias on o_proj, which our decoder does not have.
         raise ValueError("Llama attention_bias / mlp_bias are not supported by mm1's decoder")
+    if mt == "qwen3_moe" and hf.get("attention_bias"):
+        raise ValueError("attention_bias=true: Qwen3-MoE's o_proj bias is not supported")
     heads = int(need(hf, "num_attention_heads", what))
     layers = int(need(hf, "num_hidden_layers", what))
     max_pos = int(hf.get("max_position_embeddings") or _MAX_POSITIONS[mt])
     theta, scaling = _rope_from_hf(hf, max_pos)
-    return DecoderConfig(
+    cfg = DecoderConfig(
         vocab_size=int(need(hf, "vocab_size", what)),
         dim=int(need(hf, "hidden_size", what)),
         layers=layers,
@@ -121,7 +147,20 @@ def decoder_config_from_hf(path_or_dict: PathLike | Mapping[str, Any]) -> Decode
         qkv_bias=mt == "qwen2",  # Qwen2 always has q/k/v biases (and no o_proj bias)
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         sliding_window=_sliding_window_from_hf(hf, mt, layers),
+        qk_norm=mt == "qwen3_moe",
     )
+    if mt in MOE_TYPES:
+        cfg.ffn = moe_from_hf(hf, mt, layers)
+    return cfg
+
+
+def decoder_hf_state(path: PathLike) -> dict[str, torch.Tensor]:
+    """A decoder checkpoint's tensors (checkpoint names), a MoE's experts fused into our layout."""
+    d = checkpoint_dir(path)
+    state = load_hf_state_dict(d)
+    if read_hf_config(d).get("model_type") in MOE_TYPES:
+        state = fuse_experts(state, str(d))
+    return state
 
 
 def decoder_ignored(cfg: DecoderConfig) -> Callable[[str], bool]:
@@ -140,7 +179,7 @@ def decoder_from_hf(path: PathLike, *, dtype: torch.dtype | None = torch.float32
     `dtype` casts floating weights (None keeps the checkpoint's)."""
     d = checkpoint_dir(path)
     cfg = decoder_config_from_hf(d)
-    state = load_hf_state_dict(d)
+    state = decoder_hf_state(d)
     with torch.device("meta"):
         model = Decoder(cfg)
 
@@ -156,9 +195,10 @@ def decoder_config_to_hf(cfg: DecoderConfig, model_type: str = "llama") -> dict[
     family cannot express."""
     if model_type not in DECODER_TYPES:
         raise ValueError(f"model_type {model_type!r} is not one of {', '.join(DECODER_TYPES)}")
-    if cfg.qk_norm:
+    moe = moe_config_to_hf(cfg, model_type) if model_type in MOE_TYPES else {}
+    if cfg.qk_norm and model_type != "qwen3_moe":
         raise ValueError(f"{model_type} has no q/k norm (decoder.qk_norm)")
-    if cfg.ffn_type != "swiglu":
+    if cfg.ffn_type != "swiglu" and not moe:
         raise ValueError(f"{model_type} has a SwiGLU FFN, not {cfg.ffn_type!r}")
     if cfg.qkv_bias and model_type != "qwen2":
         raise ValueError(f"{model_type} has no q/k/v-only biases (decoder.qkv_bias); use qwen2")
@@ -194,7 +234,9 @@ def decoder_config_to_hf(cfg: DecoderConfig, model_type: str = "llama") -> dict[
         else {k: v for k, v in rope.items() if k != "rope_theta"},
     }
     window = cfg.sliding_window or None
-    if model_type == "llama":
+    if moe:
+        hf.update(moe)
+    elif model_type == "llama":
         hf.update(attention_bias=False, mlp_bias=False)
     elif model_type == "mistral":
         hf["sliding_window"] = window
@@ -209,14 +251,17 @@ def decoder_config_to_hf(cfg: DecoderConfig, model_type: str = "llama") -> dict[
     return hf
 
 
-def save_decoder_hf(decoder: Decoder, out_dir: PathLike, model_type: str = "llama") -> Path:
+def save_decoder_hf(decoder: Decoder, out_dir: PathLike, model_type: str | None = None) -> Path:
     """Write a (plain, unsharded) Decoder as a transformers `model_type` checkpoint
     (config.json + model.safetensors) that AutoModelForCausalLM loads with equal logits.
+    None: llama for a dense decoder, the family a MoE one fits (`moe_type_for`).
 
     A tied head is not written (transformers re-ties it). Written as qwen2, a decoder without
     q/k/v biases gets zero biases, since Qwen2 always has them.
     """
     cfg = decoder.cfg
+    if model_type is None:
+        model_type = moe_type_for(cfg) if isinstance(cfg.ffn, MoEConfig) else "llama"
     hf = decoder_config_to_hf(cfg, model_type)
     hf["dtype"] = str(decoder.embed_tokens.weight.dtype).removeprefix("torch.")
     state = dict(decoder.state_dict())
@@ -230,4 +275,7 @@ def save_decoder_hf(decoder: Decoder, out_dir: PathLike, model_type: str = "llam
                     proj.out_features
                 )
     keymap = KEY_MAPS["decoder"]
-    return write_checkpoint(out_dir, hf, {keymap.to_hf(k): v for k, v in state.items()})
+    tensors = {keymap.to_hf(k): v for k, v in state.items()}
+    if model_type in MOE_TYPES:
+        tensors = split_experts(tensors, model_type)
+    return write_checkpoint(out_dir, hf, tensors)

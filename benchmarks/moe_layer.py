@@ -1,0 +1,178 @@
+"""MoE layer: forward + backward of mm1's dropless MoE FFN against a dense SwiGLU of the same
+active parameters and against a loop over tokens, on CPU.
+
+At the ablation preset's decoder width and FFN size by default (dim 2048, ffn 5632), 4,096
+tokens, top-2, for each number of experts asked. Variants, interleaved round by round in one
+process (each keeps its best time):
+
+- `moe_grouped`: `MoE` with `expert_matmul: auto` (tokens sorted by expert, `grouped_mm`);
+- `moe_per_expert`: the same layer with one matmul per expert over its contiguous tokens;
+- `dense`: a SwiGLU of width top_k x ffn, so the same expert parameters act on each token
+  (the router's dim x E more are the MoE's own);
+- `token_loop`: the definition run token by token (each token through its k experts), timed
+  on `loop_tokens` tokens and scaled linearly to the full count (its cost is linear in tokens).
+
+Weights and their gradients of E experts take 24 x E x dim x ffn bytes (fp32): 2.2 GB at E=8
+and 17.7 GB at E=64 at the ablation width; `--dim` / `--ffn` run narrower layers. The grouped
+and per-expert variants share one set of weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import emit, print_table, ratio, set_threads, write_result
+from mm1.config import DecoderConfig
+from mm1.models.decoder import SwiGLU
+from mm1.models.moe import MoE, MoEConfig, route
+
+
+def _layers(dim: int, ffn: int, experts: int, top_k: int) -> dict[str, torch.nn.Module]:
+    torch.manual_seed(0)
+    cfg = DecoderConfig(dim=dim, ffn_dim=ffn, layers=1, heads=1, kv_heads=1)
+    out: dict[str, torch.nn.Module] = {}
+    layer = MoE(cfg, MoEConfig(experts=experts, top_k=top_k))
+    layer.experts.init_parameters(0.02)
+    torch.nn.init.normal_(layer.gate.weight, std=0.02)
+    out["moe"] = layer
+    out["dense"] = SwiGLU(DecoderConfig(dim=dim, ffn_dim=top_k * ffn, layers=1, heads=1))
+    return out
+
+
+def _token_loop(layer: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Each token through its k experts, one token at a time."""
+    r = route(layer.gate(x), layer.top_k, layer.norm_topk_prob)
+    gate_up, down = layer.experts.gate_up_proj, layer.experts.down_proj
+    rows = []
+    for t in range(x.shape[0]):
+        acc = x.new_zeros(x.shape[1])
+        for w, e in zip(r.weights[t], r.experts[t].tolist()):
+            g, u = F.linear(x[t], gate_up[e]).chunk(2)
+            acc = acc + w * F.linear(F.silu(g) * u, down[e])
+        rows.append(acc)
+    return torch.stack(rows)
+
+
+def _moe(layer: MoE, matmul: str):
+    """The layer with its experts run as `matmul` (one set of weights for both paths)."""
+
+    def fn(x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        layer.experts.matmul = matmul
+        return layer(x)
+
+    return fn
+
+
+def _step(fn, x: torch.Tensor) -> float:
+    x = x.detach().requires_grad_()
+    start = time.perf_counter()
+    out = fn(x)
+    out = out[0] if isinstance(out, tuple) else out
+    out.backward(torch.ones_like(out))
+    return time.perf_counter() - start
+
+
+def measure(
+    dim: int, ffn: int, tokens: int, experts: int, top_k: int, rounds: int, loop_tokens: int
+) -> dict[str, Any]:
+    layers = _layers(dim, ffn, experts, top_k)
+    x = torch.randn(tokens, dim, generator=torch.Generator().manual_seed(1))
+    moe = layers["moe"]
+    grouped, per_expert = _moe(moe, "auto"), _moe(moe, "loop")
+    with torch.no_grad():  # the paths compute the same function
+        diff = (grouped(x[:256])[0] - per_expert(x[:256])[0]).abs().max().item()
+        diff_loop = (grouped(x[:16])[0] - _token_loop(moe, x[:16])).abs().max().item()
+    fns = {
+        "moe_grouped": grouped,
+        "moe_per_expert": per_expert,
+        "dense": layers["dense"],
+        "token_loop": lambda h: _token_loop(moe, h),
+    }
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds + 1):  # the first round warms up and counts too (best of all)
+        for name, fn in fns.items():
+            for m in layers.values():
+                m.zero_grad(set_to_none=True)
+            h = x[:loop_tokens] if name == "token_loop" else x
+            seconds = _step(fn, h)
+            if name == "token_loop":
+                seconds *= tokens / loop_tokens
+            best[name] = min(best[name], seconds)
+    active_moe = 2 * 3 * dim * ffn + dim * experts
+    return {
+        "experts": experts,
+        "seconds": best,
+        "moe_over_dense": ratio(best["moe_grouped"], best["dense"]),
+        "per_expert_over_grouped": ratio(best["moe_per_expert"], best["moe_grouped"]),
+        "token_loop_over_moe": ratio(best["token_loop"], best["moe_grouped"]),
+        "active_parameters_moe": active_moe,
+        "parameters_dense": 3 * dim * top_k * ffn,
+        "max_difference_grouped_vs_per_expert": diff,
+        "max_difference_grouped_vs_token_loop": diff_loop,
+    }
+
+
+def run(
+    dim: int = 2048,
+    ffn: int = 5632,
+    tokens: int = 4096,
+    experts: tuple[int, ...] = (8, 64),
+    top_k: int = 2,
+    rounds: int = 2,
+    loop_tokens: int = 32,
+    name: str = "moe_layer",
+) -> dict[str, Any]:
+    threads = set_threads()
+    results = [measure(dim, ffn, tokens, e, top_k, rounds, loop_tokens) for e in experts]
+    settings = {
+        "dim": dim,
+        "ffn": ffn,
+        "tokens": tokens,
+        "top_k": top_k,
+        "rounds": rounds,
+        "loop_tokens": loop_tokens,
+        "threads": threads,
+        "grouped_mm": hasattr(F, "grouped_mm"),
+    }
+    out = {"settings": settings, "results": results}
+    write_result(name, out)
+    print_table(
+        f"MoE layer fwd+bwd, {tokens} tokens, dim {dim}, ffn {ffn}, top-{top_k} (best seconds)",
+        ["E", "moe grouped", "moe per expert", "dense", "token loop", "moe / dense"],
+        [
+            [
+                r["experts"],
+                r["seconds"]["moe_grouped"],
+                r["seconds"]["moe_per_expert"],
+                r["seconds"]["dense"],
+                r["seconds"]["token_loop"],
+                r["moe_over_dense"],
+            ]
+            for r in results
+        ],
+    )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dim", type=int, default=2048)
+    ap.add_argument("--ffn", type=int, default=5632)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--experts", type=int, nargs="+", default=[8, 64])
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--loop-tokens", type=int, default=32)
+    ap.add_argument("--name", default="moe_layer", help="benchmarks/results/NAME.json")
+    a = ap.parse_args()
+    out = run(a.dim, a.ffn, a.tokens, tuple(a.experts), a.top_k, a.rounds, a.loop_tokens, a.name)
+    emit({"results": out["results"]})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""`mm1 upcycle`: a dense run or export -> an exported MoE model (sparse upcycling).
+
+The MoE model is the dense one with `model.decoder.ffn` switched to `moe`; its weights come
+through the same starting-weights chain as `train.init` (`mm1.models.upcycle`), so the export
+equals the dense model at initialisation and starts `mm1 train` like any export.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from mm1.config import ConfigError, validate_model
+from mm1.models.family import family_spec
+from mm1.models.moe import MoEConfig
+from mm1.models.starting_point import expected_shapes
+from mm1.models.state_transforms import LoadContext, apply_chain
+from mm1.models.upcycle import UpcycleOptions
+from mm1.pretrained import load_pretrained, save_pretrained
+
+
+def upcycle(
+    source: str | Path,
+    out: str | Path,
+    experts: int,
+    every: int = 1,
+    top_k: int = 2,
+    noise: float = 0.0,
+    seed: int = 0,
+) -> Path:
+    """Write to `out` the MoE export of the dense run / export `source`: `experts` experts in
+    the decoder layers i with (i + 1) % every == 0, top-`top_k` routing renormalised."""
+    if experts < 2:
+        raise ConfigError(f"--experts={experts} must be >= 2")
+    if not 1 <= top_k <= experts:
+        raise ConfigError(f"--top-k={top_k} must be in 1..--experts={experts}")
+    if noise < 0:
+        raise ConfigError(f"--noise={noise} must be >= 0")
+    dense = load_pretrained(source)
+    cfg = copy.deepcopy(dense.cfg)
+    if isinstance(cfg.decoder.ffn, MoEConfig):
+        raise ConfigError(
+            f"{source} is already a MoE model (model.decoder.ffn.type=moe, "
+            f"{cfg.decoder.ffn.experts} experts): upcycling starts from a dense one"
+        )
+    if not 1 <= every <= cfg.decoder.layers:
+        raise ConfigError(
+            f"--every={every} leaves no sparse layer among the decoder's "
+            f"{cfg.decoder.layers} layers (1..{cfg.decoder.layers})"
+        )
+    cfg.decoder.ffn = MoEConfig(experts=experts, top_k=top_k, every=every)
+    validate_model(cfg)
+    family = family_spec(cfg.family)
+    with torch.device("meta"):
+        model = family.model(cfg)
+    state = dict(dense.model.state_dict())
+    if cfg.decoder.tie_embeddings:
+        state.pop("decoder.lm_head.weight", None)  # the embedding, as in exports
+    ctx = LoadContext(
+        source=str(source),
+        parts=("vision", "connector", "decoder"),
+        expected=expected_shapes(model),
+        cls_token=cfg.vision.cls_token,
+        model=cfg,
+        upcycle=UpcycleOptions(noise, seed),
+    )
+    state = apply_chain(state, ctx)
+    if cfg.decoder.tie_embeddings:
+        state["decoder.lm_head.weight"] = state["decoder.embed_tokens.weight"]
+    model.load_state_dict(state, assign=True, strict=True)
+    if cfg.decoder.tie_embeddings:
+        model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
+    family.init_buffers(model)
+    return save_pretrained(model, dense.tokenizer, dense.processor, out, dense.prompt_format)
