@@ -368,3 +368,31 @@ def test_a_tampered_run_directory_is_refused_without_running_code(run, tmp_path,
         out = capsys.readouterr().out
         assert "Traceback" not in out and not marker.exists()
         assert out.splitlines()[0].startswith(f"error: {index}: refused to load")
+
+
+def test_eval_sft_suite_end_to_end(run, tmp_path) -> None:
+    """`mm1 eval RUN --suite sft`: the world gains the suite's files (its own stay as they
+    were), the pre-trained run is prompted few-shot, `--suite-mode chat` zero-shot through the
+    template, and the report holds the paper-style table and the plot."""
+    world = run.parent / "world"
+    own = {p: p.read_bytes() for p in (world / "eval" / "val").glob("*.json")}
+    out = tmp_path / "suite"
+    common = ("--seeds", "2", "--max-examples", "3")
+    printed = mm1("eval", str(run), "--suite", "sft", *common, "--out", str(out))
+    assert (world / "eval" / "sft" / "suite.yaml").is_file()
+    assert {p: p.read_bytes() for p in own} == own
+    runs = json.loads((out / "suite.json").read_text())
+    model, prior = runs
+    assert model["mode"] == "few-shot (4 shots)" and prior["name"].startswith("prior")
+    assert set(model["tasks"]) == {"sft_vqav2", "sft_textvqa", "sft_pope", "sft_multi", "sft_bench"}
+    pope = model["tasks"]["sft_pope"]
+    assert pope["metric"] == "F1" and len(pope["metrics"]["accuracy"]["scores"]) == 2
+    assert set(pope["metrics"]) == {"F1", "accuracy", "precision", "recall", "yes_ratio"}
+    assert all(len(r["demos"]) == 4 for r in model["predictions"]["sft_vqav2"]["0"])
+    assert "| Model | VQAv2 (VQA accuracy) | TextVQA" in (out / "suite.md").read_text()
+    assert (out / "suite.png").stat().st_size > 0 and "POPE (F1)" in printed
+
+    mm1("eval", str(run), "--suite", "sft", "--suite-mode", "chat", *common, "--out", str(out))
+    chat = json.loads((out / "suite.json").read_text())[0]
+    assert chat["mode"] == "chat (zero-shot)"
+    assert all(r["demos"] == [] for r in chat["predictions"]["sft_pope"]["0"])

@@ -350,6 +350,8 @@ def cmd_chat(args: argparse.Namespace) -> int | None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    if args.suite:
+        return cmd_eval_suite(args)
     from mm1.config import to_dict
     from mm1.eval.fewshot import evaluate
     from mm1.eval.report import write_report
@@ -406,6 +408,20 @@ def cmd_eval(args: argparse.Namespace) -> None:
     files = write_report(results, out)
     console.print(Path(files["markdown"]).read_text().split("\n\n###")[0])
     console.print(f"results: {files['json']}  table: {files['markdown']}  plot: {files['plot']}")
+
+
+def cmd_eval_suite(args: argparse.Namespace) -> None:
+    from mm1.eval.suite import run_suite
+    from mm1.pretrained import load_pretrained
+
+    world = args.world or _run_world(Path(args.model))
+    s = args.seeds if args.seeds is not None else 3
+    kw = {"mode": args.suite_mode, "seeds": s, "max_examples": args.max_examples or 0}
+    kw["shuffle_images"] = args.shuffle_images
+    p = load_pretrained(args.model)
+    r = run_suite(p, args.model, args.suite, world=world, name=args.name, out=args.out, **kw)
+    console.print(Path(r["files"]["markdown"]).read_text().split("\n\n## ")[0])
+    console.print(f"results: {r['files']['json']}  plot: {r['files']['plot']}")
 
 
 # `mm1 eval`'s own folder: `eval/` holds the demo's evaluation, which its report links to.
@@ -552,8 +568,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="eval.bad_images: an undecodable image stops (error, the default), or its "
         "queries score as empty predictions",
     )
+    p.add_argument("--suite", default=None, help="sft (the world's SFT suite) or a suite file")
+    p.add_argument("--suite-mode", default="auto", choices=("auto", "chat", "fewshot"))
     p.add_argument("--name", default=None)
-    p.add_argument("--out", default=None, help=f"default: MODEL/{EVAL_OUT}")
+    p.add_argument("--out", default=None, help=f"default: MODEL/{EVAL_OUT} (suite: eval-suite)")
     p.add_argument("overrides", nargs="*", help="eval.KEY=VALUE (e.g. eval.max_new_tokens=40)")
 
     p = add("generate", cmd_generate, "continue a prompt with images (`<image>` marks each)")
