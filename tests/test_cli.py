@@ -396,3 +396,33 @@ def test_eval_sft_suite_end_to_end(run, tmp_path) -> None:
     chat = json.loads((out / "suite.json").read_text())[0]
     assert chat["mode"] == "chat (zero-shot)"
     assert all(r["demos"] == [] for r in chat["predictions"]["sft_pope"]["0"])
+
+
+def test_sft_demo_at_toy_scale(run, tmp_path) -> None:
+    """The demo's SFT stage: fine-tune the tiny run on its world's conversations, the suite
+    for three runs and the prior, three example conversations, and a report naming them."""
+    from mm1.demo_sft import RUNS, run_sft_demo
+
+    overrides = [
+        "train.steps=2",
+        "train.save_every=2",
+        "train.tensorboard=false",
+        "train.progress=false",
+        "data.num_workers=0",
+    ]
+    report = run_sft_demo(run, tmp_path / "sft", overrides, seeds=1, examples=2)
+    text = report.read_text()
+    assert all(f"| {name} (" in text for name in RUNS)
+    assert "prior (most frequent answer)" in text and "SFT > PT beyond spread" in text
+    assert text.count("**Conversation") == 3 and text.count("> **assistant:**") == 5
+    runs = json.loads((tmp_path / "sft" / "eval-suite" / "suite.json").read_text())
+    assert [r["mode"] for r in runs[:3]] == [
+        "few-shot (4 shots)",
+        "chat (zero-shot)",
+        "chat (zero-shot)",
+    ]
+    shuffled = runs[2]["predictions"]["sft_pope"]["0"]
+    shown = [r["images"] for r in runs[1]["predictions"]["sft_pope"]["0"]]
+    assert [r["images"] for r in shuffled] == shown[1:] + shown[:1]  # the control's rotation
+    pics = sorted((tmp_path / "sft" / "examples").iterdir())
+    assert 4 <= len(pics) <= 5 and all(f'src="examples/{p.name}"' in text for p in pics)
