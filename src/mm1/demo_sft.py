@@ -199,8 +199,9 @@ def write_sft_report(
         "# mm1 demo: supervised fine-tuning",
         "",
         f"The pre-trained demo model fine-tuned on the synthetic world's conversations "
-        f"(`configs/demo_sft.yaml`) for {records[-1]['step'] if records else 0} steps in "
-        f"{train_s / 60:.1f} min (loss {records[0]['loss']:.2f} at step {records[0]['step']}, "
+        f"(`configs/demo_sft.yaml`) for {records[-1]['step']} steps "
+        + (f"in {train_s / 60:.1f} min " if train_s > 5 else "(a finished run, reused) ")
+        + f"(loss {records[0]['loss']:.2f} at step {records[0]['step']}, "
         f"{records[-1]['loss']:.2f} at the end), then the SFT evaluation suite in "
         f"{eval_s / 60:.1f} min."
         if records

@@ -261,3 +261,13 @@ def test_prompts_chat_zero_shot_and_pretrained_few_shot(world, tmp_path) -> None
     text = few.text("vqa", vqa.query[0], demos)
     assert text.count("<|endofchunk|>") == 4 and text.endswith("Short answer:")
     assert all(f"Short answer:{d.target}<|endofchunk|>" in text for d in demos)
+
+
+def test_readme_suite_file_example_is_valid() -> None:
+    from mm1.eval.tasks import TaskSpec
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("`--suite FILE` runs your own files", 1)[1]
+    block = block.split("```yaml\n", 1)[1].split("```", 1)[0]
+    specs = [TaskSpec.from_dict(d) for d in yaml.safe_load(block)]
+    assert [s.kind for s in specs] == ["vqa", "pope", "multi", "long"]
