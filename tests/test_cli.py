@@ -383,7 +383,7 @@ def test_eval_sft_suite_end_to_end(run, tmp_path) -> None:
     assert {p: p.read_bytes() for p in own} == own
     runs = json.loads((out / "suite.json").read_text())
     model, prior = runs
-    assert model["mode"] == "few-shot (4 shots)" and prior["name"].startswith("prior")
+    assert model["mode"] == "4-shot" and prior["name"].startswith("prior")
     assert set(model["tasks"]) == {"sft_vqav2", "sft_textvqa", "sft_pope", "sft_multi", "sft_bench"}
     pope = model["tasks"]["sft_pope"]
     assert pope["metric"] == "F1" and len(pope["metrics"]["accuracy"]["scores"]) == 2
@@ -394,7 +394,7 @@ def test_eval_sft_suite_end_to_end(run, tmp_path) -> None:
 
     mm1("eval", str(run), "--suite", "sft", "--suite-mode", "chat", *common, "--out", str(out))
     chat = json.loads((out / "suite.json").read_text())[0]
-    assert chat["mode"] == "chat (zero-shot)"
+    assert chat["mode"] == "chat, 0-shot"
     assert all(r["demos"] == [] for r in chat["predictions"]["sft_pope"]["0"])
 
 
@@ -417,9 +417,9 @@ def test_sft_demo_at_toy_scale(run, tmp_path) -> None:
     assert text.count("**Conversation") == 3 and text.count("> **assistant:**") == 5
     runs = json.loads((tmp_path / "sft" / "eval-suite" / "suite.json").read_text())
     assert [r["mode"] for r in runs[:3]] == [
-        "few-shot (4 shots)",
-        "chat (zero-shot)",
-        "chat (zero-shot)",
+        "4-shot",
+        "chat, 0-shot",
+        "chat, 0-shot",
     ]
     shuffled = runs[2]["predictions"]["sft_pope"]["0"]
     shown = [r["images"] for r in runs[1]["predictions"]["sft_pope"]["0"]]

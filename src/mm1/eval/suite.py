@@ -13,10 +13,10 @@ Prompting depends on the model:
   `<image>Question:{q} Short answer:{a}<|endofchunk|>` (`Answer:` for long answers; one `<image>`
   per picture), stopping at `<|endofchunk|>`.
 
-Seeds: with `max_examples` N below a task's size, each seed scores its own random sample of N
-queries (and, few-shot, its own demonstrations); the spread over seeds then includes sampling
-error. With every query (`max_examples=0`) a zero-shot greedy evaluation is the same for every
-seed. Greedy decoding throughout. `shuffle_images` is the control: each query is shown the
+Seeds, as in the few-shot evaluation (`mm1.eval.fewshot`): every seed scores the same queries
+(all, or the first `max_examples`) and draws its own demonstrations, so a zero-shot greedy
+evaluation is the same for every seed (it runs once and counts for each). Greedy decoding
+throughout. `shuffle_images` is the control: each query is shown the
 images of another query of the sample (a fixed rotation; same text, wrong pictures).
 """
 
@@ -107,11 +107,9 @@ class SuitePrompter:
         return cut.split("Question:", 1)[0].strip()
 
 
-def _sample(task: SuiteTask, n: int, seed: int) -> list[SuiteExample]:
-    if not n or n >= len(task.query):
-        return list(task.query)
-    rng = random.Random(f"suite|{task.name}|{seed}")
-    return sorted(rng.sample(task.query, n), key=task.query.index)
+def _queries(task: SuiteTask, n: int) -> list[SuiteExample]:
+    """The queries scored: all, or the first `n` (as `evaluate`'s `max_examples`)."""
+    return task.query[:n] if n else list(task.query)
 
 
 def _demos(task: SuiteTask, query: SuiteExample, k: int, seed: int) -> list[SuiteExample]:
@@ -162,7 +160,7 @@ def evaluate_suite(
 
     results: dict[str, Any] = {
         "name": name,
-        "mode": "chat (zero-shot)" if chat else f"few-shot ({prompter.shots} shots)",
+        "mode": "chat, 0-shot" if chat else f"{prompter.shots}-shot",
         "shots": prompter.shots,
         "config": {
             "seeds": list(range(seeds)),
@@ -181,8 +179,11 @@ def evaluate_suite(
             budget = MAX_NEW_TOKENS["short" if task.kind in SHORT_KINDS else "long"]
             per_seed: list[dict[str, float]] = []
             records_by_seed: dict[str, list[dict[str, Any]]] = {}
+            queries = _queries(task, max_examples)
             for seed in range(seeds):
-                queries = _sample(task, max_examples, seed)
+                if seed > 0 and prompter.shots == 0:  # nothing depends on the seed
+                    per_seed.append(per_seed[0])  # (its predictions are seed 0's)
+                    continue
                 shown = [q.images for q in queries]
                 if shuffle_images and len(queries) > 1:
                     shown = shown[1:] + shown[:1]
@@ -238,7 +239,7 @@ def evaluate_suite(
                 "metrics": metrics,
                 "mean": metrics[task.metric]["mean"],
                 "std": metrics[task.metric]["std"],
-                "num_queries": len(_sample(task, max_examples, 0)),
+                "num_queries": len(queries),
                 "total_queries": len(task.query),
             }
             results["predictions"][task.name] = records_by_seed
@@ -254,12 +255,12 @@ def _rest(q: SuiteExample) -> tuple[str, tuple[str, ...], str, str | None]:
 
 def prior_scores(tasks: Sequence[SuiteTask], max_examples: int = 0) -> dict[str, Any]:
     """The text-only baseline: every query answered with the support split's most frequent
-    answer (POPE: always "yes"), scored on the first seed's sample. No model involved."""
+    answer (POPE: always "yes"), scored on the same queries. No model involved."""
     from collections import Counter
 
     out: dict[str, Any] = {"name": "prior (most frequent answer)", "tasks": {}}
     for task in tasks:
-        queries = _sample(task, max_examples, 0)
+        queries = _queries(task, max_examples)
         pool = task.support or task.query
         if task.kind == "pope":
             guess = "yes"
