@@ -39,6 +39,14 @@ def _world_of(run_dir: Path) -> Path:
     return Path(data.get("world") or "data/world")
 
 
+def _last_step(run_dir: Path) -> int:
+    from mm1.train.logging import read_metrics
+
+    if not (run_dir / "metrics.jsonl").is_file():
+        return 0
+    return max((int(r["step"]) for r in read_metrics(run_dir) if "step" in r), default=0)
+
+
 def run_sft_demo(
     pretrained_dir: str | Path = "runs/demo",
     out_dir: str | Path | None = None,
@@ -59,9 +67,10 @@ def run_sft_demo(
     # the conversations of the pre-trained model's own world
     source = replace(cfg.data.sources[0], path=str(world / "sft" / "llava.json"))
     cfg.data.sources = [source]
+    finished = _last_step(out) >= cfg.train.steps
     t0 = time.perf_counter()
     Trainer(cfg).fit()
-    train_s = time.perf_counter() - t0
+    train_s = 0.0 if finished else time.perf_counter() - t0  # 0: a finished run, reused
 
     t1 = time.perf_counter()
     tasks = load_suite(ensure_sft_eval(world))
@@ -114,17 +123,25 @@ def evaluate_runs(
 # ---------------------------------------------------------------------------------------------
 
 
-def _conversation_plan(tasks: Sequence[SuiteTask]) -> list[tuple[list[Path], list[str]]]:
+def _conversation_plan(tasks: Sequence[SuiteTask]) -> list[tuple[list[Path], list[str], str]]:
     """Three held-out conversations: a description and a follow-up question, reading a sign,
-    and a question over two pictures."""
+    and a question over two pictures; with the true answer to each first question."""
     by_name = {t.name: t for t in tasks}
     bench = next(e for e in by_name["sft_bench"].query if e.category == "detail")
     text = by_name["sft_textvqa"].query[0]
     multi = next(e for e in by_name["sft_multi"].query if "most" in e.question)
     return [
-        (list(bench.images), ["Describe this image in detail.", "How many objects are there?"]),
-        (list(text.images), [text.question, "Please transcribe all the text in the picture."]),
-        (list(multi.images), [multi.question]),
+        (
+            list(bench.images),
+            ["Describe this image in detail.", "How many objects are there?"],
+            bench.references[0],
+        ),
+        (
+            list(text.images),
+            [text.question, "Please transcribe all the text in the picture."],
+            text.target,
+        ),
+        (list(multi.images), [multi.question], multi.target),
     ]
 
 
@@ -135,7 +152,7 @@ def example_conversations(
     out_dir.mkdir(parents=True, exist_ok=True)
     template = resolve_chat_template(sft.tokenizer, None)
     conversations = []
-    for paths, questions in _conversation_plan(tasks):
+    for paths, questions, truth in _conversation_plan(tasks):
         session = ChatSession(sft, template, ChatSettings(max_new_tokens=60))
         images = [load_image(p) for p in paths]
         turns = []
@@ -146,7 +163,7 @@ def example_conversations(
         for p in paths:
             shutil.copyfile(p, out_dir / p.name)
             copies.append(f"{out_dir.name}/{p.name}")
-        conversations.append({"images": copies, "turns": turns})
+        conversations.append({"images": copies, "turns": turns, "truth": truth})
     return conversations
 
 
@@ -200,7 +217,7 @@ def write_sft_report(
         "",
         f"The pre-trained demo model fine-tuned on the synthetic world's conversations "
         f"(`configs/demo_sft.yaml`) for {records[-1]['step']} steps "
-        + (f"in {train_s / 60:.1f} min " if train_s > 5 else "(a finished run, reused) ")
+        + (f"in {train_s / 60:.1f} min " if train_s else "(a finished run, reused) ")
         + f"(loss {records[0]['loss']:.2f} at step {records[0]['step']}, "
         f"{records[-1]['loss']:.2f} at the end), then the SFT evaluation suite in "
         f"{eval_s / 60:.1f} min."
@@ -237,7 +254,10 @@ def write_sft_report(
     ]
     for i, conv in enumerate(conversations, 1):
         pics = " ".join(f'<img src="{p}" width="128">' for p in conv["images"])
-        lines += [f"**Conversation {i}** {pics}", ""]
+        lines += [
+            f"**Conversation {i}** {pics} (true answer to the first question: {conv['truth']})",
+            "",
+        ]
         for turn in conv["turns"]:
             lines += [f"> **user:** {turn['user']}  ", f"> **assistant:** {turn['assistant']}", ""]
     lines.append("Details and predictions: [eval-suite/suite.md](eval-suite/suite.md).")
