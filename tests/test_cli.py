@@ -401,7 +401,7 @@ def test_eval_sft_suite_end_to_end(run, tmp_path) -> None:
 def test_sft_demo_at_toy_scale(run, tmp_path) -> None:
     """The demo's SFT stage: fine-tune the tiny run on its world's conversations, the suite
     for three runs and the prior, three example conversations, and a report naming them."""
-    from mm1.demo_sft import RUNS, run_sft_demo
+    from mm1.demo_sft import RUNS, add_to_demo_report, run_sft_demo
 
     overrides = [
         "train.steps=2",
@@ -426,3 +426,12 @@ def test_sft_demo_at_toy_scale(run, tmp_path) -> None:
     assert [r["images"] for r in shuffled] == shown[1:] + shown[:1]  # the control's rotation
     pics = sorted((tmp_path / "sft" / "examples").iterdir())
     assert 4 <= len(pics) <= 5 and all(f'src="examples/{p.name}"' in text for p in pics)
+    # `mm1 demo` appends it to the pre-training report, links pointing into the SFT run
+    demo_report = tmp_path / "demo" / "report.md"
+    demo_report.parent.mkdir()
+    demo_report.write_text("# mm1 demo report\n\nscores\n")
+    add_to_demo_report(demo_report, report)
+    merged = demo_report.read_text()
+    assert merged.startswith("# mm1 demo report\n\nscores\n\n# Supervised fine-tuning (sft)")
+    assert all(f'src="../sft/examples/{p.name}"' in merged for p in pics)
+    assert "(../sft/eval-suite/suite.png)" in merged and "(eval-suite/" not in merged

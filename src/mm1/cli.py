@@ -479,11 +479,11 @@ def _run_world(model_dir: Path) -> str:
 def cmd_demo(args: argparse.Namespace) -> None:
     from mm1.demo import run_demo
 
-    run_demo(args.out, overrides=args.overrides)
-    if args.sft:
-        from mm1.demo_sft import run_sft_demo
+    report = run_demo(args.out, overrides=args.overrides)
+    if not args.no_sft:
+        from mm1.demo_sft import add_to_demo_report, run_sft_demo
 
-        run_sft_demo(args.out)
+        add_to_demo_report(report, run_sft_demo(args.out))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -505,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("demo", cmd_demo, "the end-to-end demo on the built-in synthetic world")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--sft", action="store_true", help="then fine-tune it: OUT_sft/report.md")
+    p.add_argument("--no-sft", action="store_true", help="skip the SFT stage (OUT_sft)")
     p.add_argument("overrides", nargs="*", help="section.key=value")
 
     p = add("train", cmd_train, "pre-train (or continue) a run; resumes from its run_dir")

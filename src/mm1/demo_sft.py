@@ -1,4 +1,4 @@
-"""The demo's SFT stage: fine-tune the pre-trained demo model on the synthetic world's
+"""The demo's SFT stage (`mm1 demo` runs it after pre-training): fine-tune the pre-trained demo model on the synthetic world's
 conversations (`configs/demo_sft.yaml`), run the SFT evaluation suite on the pre-trained model
 (few-shot), the SFT model (zero-shot, through its chat template) and the SFT model shown other
 queries' images (the control), show three example conversations, and write a report."""
@@ -264,3 +264,16 @@ def write_sft_report(
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report
+
+
+def add_to_demo_report(demo_report: Path, sft_report: Path) -> Path:
+    """Append the SFT report to the demo's, its links made relative to the demo's folder."""
+    rel = Path("..") / sft_report.parent.name
+    body = sft_report.read_text().split("\n", 1)[1]
+    for folder in ("eval-suite/", "examples/"):
+        body = body.replace(f"({folder}", f"({rel}/{folder}").replace(
+            f'src="{folder}', f'src="{rel}/{folder}'
+        )
+    text = demo_report.read_text().rstrip("\n")
+    demo_report.write_text(f"{text}\n\n# Supervised fine-tuning ({sft_report.parent.name})\n{body}")
+    return demo_report
