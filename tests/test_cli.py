@@ -368,3 +368,70 @@ def test_a_tampered_run_directory_is_refused_without_running_code(run, tmp_path,
         out = capsys.readouterr().out
         assert "Traceback" not in out and not marker.exists()
         assert out.splitlines()[0].startswith(f"error: {index}: refused to load")
+
+
+def test_eval_sft_suite_end_to_end(run, tmp_path) -> None:
+    """`mm1 eval RUN --suite sft`: the world gains the suite's files (its own stay as they
+    were), the pre-trained run is prompted few-shot, `--suite-mode chat` zero-shot through the
+    template, and the report holds the paper-style table and the plot."""
+    world = run.parent / "world"
+    own = {p: p.read_bytes() for p in (world / "eval" / "val").glob("*.json")}
+    out = tmp_path / "suite"
+    common = ("--seeds", "2", "--max-examples", "3")
+    printed = mm1("eval", str(run), "--suite", "sft", *common, "--out", str(out))
+    assert (world / "eval" / "sft" / "suite.yaml").is_file()
+    assert {p: p.read_bytes() for p in own} == own
+    runs = json.loads((out / "suite.json").read_text())
+    model, prior = runs
+    assert model["mode"] == "4-shot" and prior["name"].startswith("prior")
+    assert set(model["tasks"]) == {"sft_vqav2", "sft_textvqa", "sft_pope", "sft_multi", "sft_bench"}
+    pope = model["tasks"]["sft_pope"]
+    assert pope["metric"] == "F1" and len(pope["metrics"]["accuracy"]["scores"]) == 2
+    assert set(pope["metrics"]) == {"F1", "accuracy", "precision", "recall", "yes_ratio"}
+    assert all(len(r["demos"]) == 4 for r in model["predictions"]["sft_vqav2"]["0"])
+    assert "| Model | VQAv2 (VQA accuracy) | TextVQA" in (out / "suite.md").read_text()
+    assert (out / "suite.png").stat().st_size > 0 and "POPE (F1)" in printed
+
+    mm1("eval", str(run), "--suite", "sft", "--suite-mode", "chat", *common, "--out", str(out))
+    chat = json.loads((out / "suite.json").read_text())[0]
+    assert chat["mode"] == "chat, 0-shot"
+    assert all(r["demos"] == [] for r in chat["predictions"]["sft_pope"]["0"])
+
+
+def test_sft_demo_at_toy_scale(run, tmp_path) -> None:
+    """The demo's SFT stage: fine-tune the tiny run on its world's conversations, the suite
+    for three runs and the prior, three example conversations, and a report naming them."""
+    from mm1.demo_sft import RUNS, add_to_demo_report, run_sft_demo
+
+    overrides = [
+        "train.steps=2",
+        "train.save_every=2",
+        "train.tensorboard=false",
+        "train.progress=false",
+        "data.num_workers=0",
+    ]
+    report = run_sft_demo(run, tmp_path / "sft", overrides, seeds=1, examples=2)
+    text = report.read_text()
+    assert all(f"| {name} (" in text for name in RUNS)
+    assert "prior (most frequent answer)" in text and "SFT > PT beyond spread" in text
+    assert text.count("**Conversation") == 3 and text.count("> **assistant:**") == 5
+    runs = json.loads((tmp_path / "sft" / "eval-suite" / "suite.json").read_text())
+    assert [r["mode"] for r in runs[:3]] == [
+        "4-shot",
+        "chat, 0-shot",
+        "chat, 0-shot",
+    ]
+    shuffled = runs[2]["predictions"]["sft_pope"]["0"]
+    shown = [r["images"] for r in runs[1]["predictions"]["sft_pope"]["0"]]
+    assert [r["images"] for r in shuffled] == shown[1:] + shown[:1]  # the control's rotation
+    pics = sorted((tmp_path / "sft" / "examples").iterdir())
+    assert 4 <= len(pics) <= 5 and all(f'src="examples/{p.name}"' in text for p in pics)
+    # `mm1 demo` appends it to the pre-training report, links pointing into the SFT run
+    demo_report = tmp_path / "demo" / "report.md"
+    demo_report.parent.mkdir()
+    demo_report.write_text("# mm1 demo report\n\nscores\n")
+    add_to_demo_report(demo_report, report)
+    merged = demo_report.read_text()
+    assert merged.startswith("# mm1 demo report\n\nscores\n\n# Supervised fine-tuning (sft)")
+    assert all(f'src="../sft/examples/{p.name}"' in merged for p in pics)
+    assert "(../sft/eval-suite/suite.png)" in merged and "(eval-suite/" not in merged

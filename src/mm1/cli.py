@@ -365,6 +365,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    if args.suite:
+        return cmd_eval_suite(args)
     from mm1.config import to_dict
     from mm1.eval.fewshot import evaluate
     from mm1.eval.report import write_report
@@ -423,6 +425,20 @@ def cmd_eval(args: argparse.Namespace) -> None:
     console.print(f"results: {files['json']}  table: {files['markdown']}  plot: {files['plot']}")
 
 
+def cmd_eval_suite(args: argparse.Namespace) -> None:
+    from mm1.eval.suite import run_suite
+    from mm1.pretrained import load_pretrained
+
+    world = args.world or _run_world(Path(args.model))
+    s = args.seeds if args.seeds is not None else 3
+    kw = {"mode": args.suite_mode, "seeds": s, "max_examples": args.max_examples or 0}
+    kw["shuffle_images"] = args.shuffle_images
+    p = load_pretrained(args.model)
+    r = run_suite(p, args.model, args.suite, world=world, name=args.name, out=args.out, **kw)
+    console.print(Path(r["files"]["markdown"]).read_text().split("\n\n## ")[0])
+    console.print(f"results: {r['files']['json']}  plot: {r['files']['plot']}")
+
+
 # `mm1 eval`'s own folder: `eval/` holds the demo's evaluation, which its report links to.
 EVAL_OUT = "eval-cli"
 
@@ -478,7 +494,11 @@ def _run_world(model_dir: Path) -> str:
 def cmd_demo(args: argparse.Namespace) -> None:
     from mm1.demo import run_demo
 
-    run_demo(args.out, overrides=args.overrides)
+    report = run_demo(args.out, overrides=args.overrides)
+    if not args.no_sft:
+        from mm1.demo_sft import add_to_demo_report, run_sft_demo
+
+        add_to_demo_report(report, run_sft_demo(args.out))
 
 
 def cmd_ablate(args: argparse.Namespace) -> int | None:
@@ -527,6 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("demo", cmd_demo, "the end-to-end demo on the built-in synthetic world")
     p.add_argument("--out", default="runs/demo")
+    p.add_argument("--no-sft", action="store_true", help="skip the SFT stage (OUT_sft)")
     p.add_argument("overrides", nargs="*", help="section.key=value")
 
     p = add("train", cmd_train, "pre-train (or continue) a run; resumes from its run_dir")
@@ -608,8 +629,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="eval.bad_images: an undecodable image stops (error, the default), or its "
         "queries score as empty predictions",
     )
+    p.add_argument("--suite", default=None, help="sft (the world's SFT suite) or a suite file")
+    p.add_argument("--suite-mode", default="auto", choices=("auto", "chat", "fewshot"))
     p.add_argument("--name", default=None)
-    p.add_argument("--out", default=None, help=f"default: MODEL/{EVAL_OUT}")
+    p.add_argument("--out", default=None, help=f"default: MODEL/{EVAL_OUT} (suite: eval-suite)")
     p.add_argument("overrides", nargs="*", help="eval.KEY=VALUE (e.g. eval.max_new_tokens=40)")
 
     p = add("generate", cmd_generate, "continue a prompt with images (`<image>` marks each)")

@@ -40,6 +40,16 @@ from mm1.config import ConfigError
 from mm1.eval.metrics import cider, ptb_tokenize_corpus, vqa_accuracy_corpus
 
 TASK_KINDS = ("caption", "vqa")
+# The SFT suite's kinds (`mm1.eval.suite_tasks`): POPE yes/no, multi-image VQA, long answers.
+SUITE_KINDS = ("pope", "multi", "long")
+# The files each kind's splits need.
+_NEEDS = {
+    "caption": ("captions",),
+    "vqa": ("questions", "annotations"),
+    "multi": ("questions", "annotations"),
+    "pope": ("questions",),
+    "long": ("questions", "references"),
+}
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
 
@@ -64,12 +74,15 @@ class Example:
 @dataclass(frozen=True)
 class SplitFiles:
     """The files of one split. Captions: `captions` (COCO captions JSON). VQA: `questions` and
-    `annotations` (VQAv2 JSONs). Both: `image_dir`."""
+    `annotations` (VQAv2 JSONs). SFT suite kinds: `questions` (POPE jsonl; LLaVA-Bench
+    questions jsonl; VQAv2 with `images` lists) and `annotations` or `references` (LLaVA-Bench
+    style jsonl of reference answers). All: `image_dir`."""
 
     image_dir: str | Path
     captions: str | Path | None = None
     questions: str | Path | None = None
     annotations: str | Path | None = None
+    references: str | Path | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], root: str | Path | None = None) -> SplitFiles:
@@ -77,7 +90,7 @@ class SplitFiles:
         if unknown:
             raise ValueError(
                 f"unknown split keys {sorted(unknown)}; expected image_dir, "
-                "captions, questions, annotations"
+                "captions, questions, annotations, references"
             )
         return cls(**{k: _rooted(v, root) for k, v in d.items()})
 
@@ -100,23 +113,21 @@ class TaskSpec:
     max_new_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in TASK_KINDS:
+        if self.kind not in TASK_KINDS + SUITE_KINDS:
             raise ValueError(
-                f"task {self.name!r}: kind must be one of {TASK_KINDS}, got {self.kind!r}"
+                f"task {self.name!r}: kind must be one of {TASK_KINDS + SUITE_KINDS}, "
+                f"got {self.kind!r}"
             )
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"task {self.name!r}: max_new_tokens must be >= 1")
         for split_name, split in (("query", self.query), ("support", self.support)):
             if split is None:
                 continue
-            if self.kind == "caption" and split.captions is None:
+            missing = [k for k in _NEEDS[self.kind] if getattr(split, k) is None]
+            if missing:
                 raise ValueError(
-                    f"caption task {self.name!r}: the {split_name} split needs `captions`"
-                )
-            if self.kind == "vqa" and (split.questions is None or split.annotations is None):
-                raise ValueError(
-                    f"VQA task {self.name!r}: the {split_name} split needs `questions` and "
-                    "`annotations`"
+                    f"{self.kind} task {self.name!r}: the {split_name} split needs "
+                    + " and ".join(f"`{k}`" for k in _NEEDS[self.kind])
                 )
 
     @classmethod
@@ -137,6 +148,12 @@ class TaskSpec:
         )
 
     def load(self) -> Task:
+        """The loaded task; the SFT suite's kinds load with `mm1.eval.suite_tasks`."""
+        if self.kind in SUITE_KINDS:
+            raise ValueError(
+                f"task {self.name!r} is an SFT-suite task ({self.kind}): evaluate it with "
+                "`mm1 eval RUN --suite FILE` (mm1.eval.suite)"
+            )
         cls = CaptionTask if self.kind == "caption" else VQATask
         return cls.from_spec(self)
 
