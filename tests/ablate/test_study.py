@@ -104,6 +104,20 @@ def test_cells_trained_evaluated_and_reported(study) -> None:
     assert (study_dir.parent / "world" / "captions_clean_subset" / "00000.tar").is_file()
 
 
+def test_a_cell_can_be_scored_by_the_sft_suite(study) -> None:
+    """The `sft` suite as a cell runs it: `mm1 eval RUN --suite sft` with the grid's eval
+    settings, every task's metrics under `sft/`."""
+    from mm1.ablate.cell import SUITES
+
+    grid, study_dir, _ = study
+    run = study_dir / load_grid(grid).cells[0].id
+    metrics = SUITES["sft"](run, [f"{k}={v}" for k, v in EVAL.items()])
+    tasks = {key.split("/")[1] for key in metrics}
+    assert len(tasks) == 5 and all(key.startswith("sft/") for key in metrics)
+    assert all(v >= 0 for v in metrics.values())
+    assert (run / "eval-suite").is_dir()
+
+
 def test_finished_cells_never_rerun(study, monkeypatch) -> None:
     grid, study_dir, _ = study
     ran: list[str] = []

@@ -3,7 +3,7 @@ record the outcome in `RUN/cell.json` (status running / done / failed, metrics, 
 
 Evaluation is a list of suites, each a function of the run directory (`SUITES`): `fewshot` is
 what `mm1 eval RUN` does with the run's own `eval` section (0/4/8-shot captioning and VQA on the
-run's world); more suites register here by name."""
+run's world), `sft` what `mm1 eval RUN --suite sft` does; more suites register here by name."""
 
 from __future__ import annotations
 
@@ -58,7 +58,36 @@ def fewshot_suite(run_dir: Path, overrides: Sequence[str]) -> dict[str, float]:
     return metrics
 
 
-SUITES: dict[str, Suite] = {"fewshot": fewshot_suite}
+def sft_suite(run_dir: Path, overrides: Sequence[str]) -> dict[str, float]:
+    """`mm1 eval RUN --suite sft` on the run's world (chat models zero-shot, pre-trained ones
+    few-shot): every metric of every task (mean over seeds), report in RUN/eval-suite. The
+    run's eval section (then `overrides`) gives the seeds, the query cap and the batch size."""
+    import yaml
+
+    from mm1.eval.suite import run_suite
+    from mm1.pretrained import load_pretrained
+
+    saved = run_dir / "config.yaml"
+    e = load_eval_config(saved, list(overrides))
+    world = (yaml.safe_load(saved.read_text()).get("data") or {}).get("world", "data/world")
+    results = run_suite(
+        load_pretrained(run_dir),
+        run_dir,
+        "sft",
+        world=world,
+        seeds=e.seeds,
+        max_examples=e.max_examples,
+        batch_size=e.batch_size,
+        name=run_dir.name,
+    )
+    return {
+        f"sft/{task}/{metric}": float(m["mean"])
+        for task, entry in results["tasks"].items()
+        for metric, m in entry["metrics"].items()
+    }
+
+
+SUITES: dict[str, Suite] = {"fewshot": fewshot_suite, "sft": sft_suite}
 
 
 def evaluate_cell(
