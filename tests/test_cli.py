@@ -336,7 +336,7 @@ def test_user_mistakes_are_one_line_errors(run, tmp_path, capsys, monkeypatch) -
     def broken(args) -> None:
         raise ValueError("boom")
 
-    monkeypatch.setattr(cli, "cmd_info", broken)
+    monkeypatch.setattr("mm1.cli.run.cmd_info", broken)
     assert "error: boom" in fails("info", "x.yaml", code=1)
     monkeypatch.setenv("MM1_TRACEBACK", "1")
     with pytest.raises(ValueError, match="boom"):

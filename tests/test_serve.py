@@ -22,6 +22,7 @@ import httpx
 import openai
 import pytest
 
+import mm1
 from mm1 import cli
 from mm1.chat import resolve_chat_template
 from mm1.data.sources import decode_image
@@ -415,7 +416,7 @@ def test_mm1_serve_from_the_command_line(run, images) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(Path(cli.__file__).parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(mm1.__file__).parents[1])}
     argv = [sys.executable, "-m", "mm1.cli", "serve", str(run), "--port", str(port)]
     argv += ["--model-name", "m", "--image-dir", str(images[0].parent)]
     proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)

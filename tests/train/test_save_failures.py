@@ -99,7 +99,7 @@ def test_the_cli_prints_a_full_disk_as_one_line(monkeypatch, capsys) -> None:
     def full(args) -> None:
         raise DiskFullError(errno.ENOSPC, "no space left on device while saving step 3 to x")
 
-    monkeypatch.setattr(cli, "cmd_info", full)
+    monkeypatch.setattr("mm1.cli.run.cmd_info", full)
     assert cli.main(["info", "x.yaml"]) == 1
     out = capsys.readouterr().out
     assert out.strip() == "error: no space left on device while saving step 3 to x"

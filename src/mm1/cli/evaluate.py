@@ -1,0 +1,171 @@
+"""`mm1 eval`: few-shot evaluation of a run or an export, or an evaluation suite (`--suite`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mm1.cli.common import Add, console
+from mm1.config import ConfigError, EvalConfig
+
+# `mm1 eval`'s own folder: `eval/` holds the demo's evaluation, which its report links to.
+EVAL_OUT = "eval-cli"
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    if args.suite:
+        return cmd_eval_suite(args)
+    from mm1.config import to_dict
+    from mm1.eval.fewshot import evaluate
+    from mm1.eval.report import write_report
+    from mm1.eval.tasks import SYNTHETIC_TASKS, TASKS, register_task_file
+    from mm1.pretrained import load_pretrained
+
+    model_dir = Path(args.model)
+    e, settings = _eval_settings(model_dir, args)
+    shots = e.shots
+    # With a task file and no tasks named (--tasks or eval.tasks=...), only its tasks run.
+    named = bool(args.tasks) or any(o.startswith("eval.tasks=") for o in args.overrides)
+    tasks = list(e.tasks) if named or not args.task_file else []
+    if args.task_file:
+        tasks += [t for t in register_task_file(args.task_file) if t not in tasks]
+    unknown = [t for t in tasks if t not in TASKS and t not in SYNTHETIC_TASKS]
+    if unknown:
+        known = ", ".join(sorted(set(TASKS) | set(SYNTHETIC_TASKS)))
+        raise ConfigError(
+            f"--tasks: unknown {', '.join(unknown)}; known: {known}; describe your own tasks "
+            "with --task-file"
+        )
+    # Few-shot needs demonstrations: fail before loading anything, with the fix in the message
+    # (evaluate would only raise a bare ValueError once the model and the tasks are loaded).
+    few = [k for k in shots if k > 0]
+    for name in tasks:
+        spec = None if name in SYNTHETIC_TASKS else TASKS.get(name)
+        if few and spec is not None and spec.support is None:
+            where = f" in {args.task_file}" if args.task_file else ""
+            raise ConfigError(
+                f"task {name!r} has no support split to draw {few[0]}-shot demonstrations "
+                f"from: add a `support:` split to it{where} (same keys as `query:`), "
+                "or evaluate it zero-shot only with --shots 0"
+            )
+    world = args.world or _run_world(model_dir)
+    synthetic = [t for t in tasks if t in SYNTHETIC_TASKS]
+    if synthetic and not (Path(world) / "world.json").is_file():
+        raise ConfigError(
+            f"{', '.join(synthetic)} need the synthetic world the model was trained on; none at "
+            f"{world}: pass --world DIR, or evaluate your own tasks with --task-file"
+        )
+    p = load_pretrained(model_dir)
+    results = evaluate(
+        p.model,
+        p.tokenizer,
+        p.processor,
+        e,
+        tasks=tasks,
+        world=world,
+        prompt_format=p.prompt_format,  # prompts written as the model was trained
+        name=args.name or model_dir.name,
+    )
+    results["settings"] = {**settings, "eval": {**to_dict(e), "tasks": tasks}}
+    out = Path(args.out or model_dir / EVAL_OUT)
+    files = write_report(results, out)
+    console.print(Path(files["markdown"]).read_text().split("\n\n###")[0])
+    console.print(f"results: {files['json']}  table: {files['markdown']}  plot: {files['plot']}")
+
+
+def cmd_eval_suite(args: argparse.Namespace) -> None:
+    from mm1.eval.suite import run_suite
+    from mm1.pretrained import load_pretrained
+
+    world = args.world or _run_world(Path(args.model))
+    s = args.seeds if args.seeds is not None else 3
+    kw = {"mode": args.suite_mode, "seeds": s, "max_examples": args.max_examples or 0}
+    kw["shuffle_images"] = args.shuffle_images
+    p = load_pretrained(args.model)
+    r = run_suite(p, args.model, args.suite, world=world, name=args.name, out=args.out, **kw)
+    console.print(Path(r["files"]["markdown"]).read_text().split("\n\n## ")[0])
+    console.print(f"results: {r['files']['json']}  plot: {r['files']['plot']}")
+
+
+def _eval_settings(model_dir: Path, args: argparse.Namespace) -> tuple[EvalConfig, dict]:
+    """The run's own `eval` section (its saved config.yaml; the defaults for an export), then
+    `eval.*` overrides, then the flags; and a record of where they came from."""
+    from dataclasses import replace
+
+    from mm1.config import load_eval_config, validate_eval
+
+    saved = model_dir / "config.yaml"
+    e = load_eval_config(saved if saved.is_file() else None, args.overrides)
+    flags: dict[str, object] = {}
+    if args.shots is not None:
+        try:
+            flags["shots"] = [int(s) for s in args.shots.split(",")]
+        except ValueError:
+            raise ConfigError(f"--shots {args.shots!r}: give shot counts like 0,4,8") from None
+    if args.tasks:
+        flags["tasks"] = [t for t in args.tasks.split(",") if t]
+    for flag, key in (
+        ("seeds", "seeds"),
+        ("beams", "num_beams"),
+        ("batch_size", "batch_size"),
+        ("max_examples", "max_examples"),
+        ("bad_images", "bad_images"),
+    ):
+        if getattr(args, flag) is not None:
+            flags[key] = getattr(args, flag)
+    if args.rices:
+        flags["demo_selection"] = "rices"
+    if args.shuffle_images:
+        flags["shuffle_images"] = True
+    e = replace(e, **flags)  # type: ignore[arg-type]
+    validate_eval(e)
+    source = str(saved) if saved.is_file() else f"defaults (no config.yaml in {model_dir})"
+    return e, {"from": source, "overrides": list(args.overrides), "flags": flags}
+
+
+def _run_world(model_dir: Path) -> str:
+    """The synthetic world a run trained on (its saved config), else the default location."""
+    saved = model_dir / "config.yaml"
+    if saved.is_file():
+        import yaml
+
+        world = ((yaml.safe_load(saved.read_text()) or {}).get("data") or {}).get("world")
+        if world:
+            return str(world)
+    return "data/world"
+
+
+def register(add: Add) -> None:
+    p = add("eval", cmd_eval, "few-shot captioning / VQA evaluation with reports")
+    p.add_argument("model", help="a run directory or an exported directory")
+    p.add_argument(
+        "--tasks", default=None, help="comma-separated names (default: the run's eval.tasks)"
+    )
+    p.add_argument("--task-file", default=None, help="YAML list of task specs (real data paths)")
+    p.add_argument(
+        "--world", default=None, help="synthetic world for synth_* (default: the run's own)"
+    )
+    # Unset flags keep the run's own eval settings (its config.yaml `eval` section).
+    p.add_argument("--shots", default=None, help="e.g. 0,4,8 (eval.shots)")
+    p.add_argument("--seeds", type=int, default=None, help="eval.seeds")
+    p.add_argument("--beams", type=int, default=None, help="1 = greedy; 3 = OpenFlamingo's")
+    p.add_argument(
+        "--rices", action="store_true", help="eval.demo_selection=rices: nearest by image"
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="eval.batch_size")
+    p.add_argument("--max-examples", type=int, default=None, help="0 = every query")
+    p.add_argument(
+        "--shuffle-images", action="store_true", help="eval.shuffle_images: wrong-image control"
+    )
+    p.add_argument(
+        "--bad-images",
+        default=None,
+        choices=("error", "empty"),
+        help="eval.bad_images: an undecodable image stops (error, the default), or its "
+        "queries score as empty predictions",
+    )
+    p.add_argument("--suite", default=None, help="sft (the world's SFT suite) or a suite file")
+    p.add_argument("--suite-mode", default="auto", choices=("auto", "chat", "fewshot"))
+    p.add_argument("--name", default=None)
+    p.add_argument("--out", default=None, help=f"default: MODEL/{EVAL_OUT} (suite: eval-suite)")
+    p.add_argument("overrides", nargs="*", help="eval.KEY=VALUE (e.g. eval.max_new_tokens=40)")

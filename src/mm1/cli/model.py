@@ -1,0 +1,207 @@
+"""Using a trained model: `mm1 convert`, `mm1 upcycle`, `mm1 generate`, `mm1 chat`, `mm1 serve`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mm1.cli.common import Add, console
+from mm1.config import ConfigError
+from mm1.serve import add_arguments as serve_arguments
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from mm1.data.tokenizer import Tokenizer
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from mm1.pretrained import load_pretrained, save_pretrained
+
+    p = load_pretrained(args.source)
+    if args.export:
+        out = save_pretrained(p.model, p.tokenizer, p.processor, args.export, p.prompt_format)
+        console.print(f"exported {args.source} -> {out}")
+    if args.to_hf:
+        from mm1.hf_export import save_hf
+
+        console.print(save_hf(p, args.to_hf, args.hf_type)[1])
+    if not args.export and not args.to_hf:
+        raise ConfigError("convert: give --export DIR and/or --to-hf DIR")
+
+
+def cmd_upcycle(args: argparse.Namespace) -> None:
+    from mm1.upcycling import upcycle
+
+    out = upcycle(
+        args.source, args.out, args.experts, args.every, args.top_k, args.noise, args.seed
+    )
+    console.print(f"upcycled {args.source} -> {out} ({args.experts} experts every {args.every})")
+
+
+def _split_stops(stops: list[str], tokenizer: Tokenizer) -> tuple[list[int], list[str]]:
+    """(token ids, text stops) of `--stop` values. A stop that is exactly a special token
+    (e.g. `<|endofchunk|>`) must stop by id: decoding skips special tokens, so it never shows
+    up in the text a stop string is matched against (as in `FewShotEvaluator`)."""
+    ids: list[int] = []
+    texts: list[str] = []
+    for stop in stops:
+        tid = tokenizer.token_to_id(stop)
+        if tid is not None and tokenizer.decode([tid]) == "":
+            ids.append(tid)
+        else:
+            texts.append(stop)
+    return ids, texts
+
+
+def _load_images(paths: list[str]) -> list[Image.Image]:
+    """Images decoded as training and evaluation decode them (transparency onto white)."""
+    from mm1.data.sources import DataError
+    from mm1.data.sources.base import BadImage, image_from_path
+
+    try:
+        return [image_from_path(Path(path)) for path in paths]
+    except BadImage as err:
+        raise DataError(f"--image: {err.detail}") from None
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from mm1.data.tokenizer import IMAGE_TOKEN, tokenize_chat_prompt, tokenize_prompt
+    from mm1.models.generation import generate
+    from mm1.pretrained import load_pretrained
+
+    tags, n = args.prompt.count(IMAGE_TOKEN), len(args.image or [])
+    if tags != n:
+        raise ConfigError(
+            f"--prompt has {tags} {IMAGE_TOKEN} tag(s) but {n} --image given: put one "
+            f"{IMAGE_TOKEN} where each image goes, e.g. --prompt '{IMAGE_TOKEN}Output:'"
+        )
+    p = load_pretrained(args.model)
+    images = _load_images(args.image)
+    # Written as the model was trained: its image slots, boundaries and chat template.
+    fmt = p.prompt_format
+    if args.chat:
+        user = [{"role": "user", "content": args.prompt}]
+        ids = tokenize_chat_prompt(user, images, p.tokenizer, fmt)
+    else:
+        ids = tokenize_prompt(args.prompt, images, p.tokenizer, fmt)
+    pixels = fmt.pixel_values(p.processor, images) if images else None
+    crops, sizes = fmt.image_info(images) if images else (None, None)
+    stop_ids, text_stops = _split_stops(args.stop or [], p.tokenizer)
+    if args.chat:  # the assistant's turn ends at the template's end-of-turn token
+        turn_ends = _split_stops(list(p.tokenizer.end_of_turn_tokens()), p.tokenizer)[0]
+        stop_ids += [t for t in turn_ends if t not in stop_ids]
+    out = generate(
+        p.model,
+        [ids],
+        pixels,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.temperature > 0,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        eos_token_id=[p.tokenizer.eos_id, *stop_ids],
+        pad_token_id=p.tokenizer.pad_id,
+        stop_strings=text_stops,
+        tokenizer=p.tokenizer,
+        image_crops=crops,
+        image_sizes=sizes,
+    )[0]
+    # generate keeps the token it stopped at: cut at a special stop (text stops are cut below).
+    out = out[: next((i for i, t in enumerate(out) if t in stop_ids), len(out))]
+    text = p.tokenizer.decode(out)
+    for stop in text_stops:
+        text = text.split(stop)[0]
+    print(text)
+
+
+def cmd_chat(args: argparse.Namespace) -> int | None:
+    from mm1.chat import (
+        ChatSession,
+        ChatSettings,
+        answer_once,
+        message_images,
+        resolve_chat_template,
+        run_interactive,
+    )
+    from mm1.pretrained import load_pretrained
+
+    if args.image and args.message is None:
+        raise ConfigError("--image goes with --message (interactively: /image PATH)")
+    settings = ChatSettings(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    settings.validate()
+    # A script's mistakes (a missing image, a tag count) are reported before the model loads.
+    images = None if args.message is None else message_images(args.message, args.image)
+    p = load_pretrained(args.model, args.device)
+    template = resolve_chat_template(p.tokenizer, args.chat_template)
+    if template.notice:
+        print(f"note: {template.notice}", file=sys.stderr)
+    session = ChatSession(p, template, settings)
+    if images is None:
+        run_interactive(session)
+        return None
+    return 130 if answer_once(session, args.message, images).stopped else None
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from mm1.serve import run
+
+    run(args)
+
+
+def register(add: Add) -> None:
+    p = add("convert", cmd_convert, "export a run for inference, or write transformers checkpoints")
+    p.add_argument("source", help="a run directory or an exported directory")
+    p.add_argument("--export", default=None, help="write safetensors + config + tokenizer here")
+    p.add_argument("--to-hf", default=None, help="transformers dir (LLaVA for mlp connectors)")
+    p.add_argument(
+        "--hf-type",
+        default=None,
+        choices=("llama", "qwen2", "mistral", "mixtral", "qwen3_moe"),
+        help="default: llama for a dense decoder, the family a MoE one fits",
+    )
+
+    p = add("upcycle", cmd_upcycle, "a dense run or export -> a MoE export (sparse upcycling)")
+    p.add_argument("source", help="a dense run directory or an exported directory")
+    p.add_argument("--experts", type=int, required=True)
+    p.add_argument("--every", type=int, default=1, help="experts in layers i: (i + 1) %% k == 0")
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--noise", type=float, default=0.0, help="relative noise on the experts")
+    p.add_argument("--seed", type=int, default=0, help="the router's random stream")
+    p.add_argument("--out", required=True)
+
+    p = add("generate", cmd_generate, "continue a prompt with images (`<image>` marks each)")
+    p.add_argument("model", help="a run directory or an exported directory")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--image", action="append", default=[])
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=None)
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="the prompt is a user turn, written by the model's chat template (as in SFT)",
+    )
+
+    p = add("chat", cmd_chat, "chat with a model in the terminal (/image PATH attaches images)")
+    p.add_argument("model", help="a run directory or an exported directory")
+    p.add_argument("--message", default=None, help="answer this one message, print, and exit")
+    p.add_argument(
+        "--image", action="append", default=[], help="with --message; at its <image> tags or first"
+    )
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="a built-in (plain, vicuna_v1, chatml, llama3), a .jinja file, or one of the "
+        "tokenizer's named templates (default: the model's own, else plain)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="for reproducible sampling")
+    p.add_argument("--device", default="cpu")
+
+    p = add("serve", cmd_serve, "an OpenAI-compatible chat API and a chat page for a model")
+    serve_arguments(p)

@@ -1,0 +1,173 @@
+"""`mm1 demo`, `mm1 train`, `mm1 info` and `mm1 ablate`: runs and what they cost."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from rich.table import Table
+
+from mm1.cli.common import Add, console
+from mm1.config import Config, ModelConfig, load_config
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from mm1.models.summary import summarize
+    from mm1.train.optim import mm1_peak_lr
+
+    cfg = load_config(args.config, args.overrides)
+    model_cfg, vocab_from = _built_model_config(cfg)
+    s = summarize(model_cfg, args.seq_len or model_cfg.decoder.max_seq_len)
+    table = Table(title=f"{args.config}  (built on the meta device: no weights allocated)")
+    table.add_column("component")
+    table.add_column("parameters", justify="right")
+    table.add_column("share", justify="right")
+    for name, n in (
+        ("vision encoder", s.vision),
+        ("connector", s.connector),
+        ("decoder (all)", s.decoder),
+        ("  of which embeddings", s.embeddings),
+        ("  of which non-embedding", s.decoder - s.embeddings),
+        ("  active per token", s.active),
+        ("total", s.total),
+        ("total active per token", s.total - s.decoder + s.active),
+    ):
+        table.add_row(name, f"{n:,} ({_human(n)})", f"{100 * n / s.total:.1f}%")
+    console.print(table)
+    console.print(f"vocabulary: {model_cfg.decoder.vocab_size:,} ({vocab_from})")
+    m = model_cfg
+    console.print(
+        f"image: {m.vision.image_size}px / patch {m.vision.patch_size} = "
+        f"{m.vision.num_patches} patches -> {m.connector.type} -> {s.image_tokens} image tokens"
+    )
+    console.print(
+        f"training FLOPs per decoder token (seq {s.seq_len}): {_human(s.decoder_flops_per_token)}"
+    )
+    console.print(f"training FLOPs per image (encoder + connector): {_human(s.image_flops)}")
+    k = cfg.data.max_images_per_seq
+    console.print(
+        f"training FLOPs per token with {k} images per sequence: {_human(s.flops_per_token(k))}"
+    )
+    console.print(
+        f"MM1 peak learning rate for N = {_human(s.active)} active decoder parameters "
+        f"(embeddings counted): {mm1_peak_lr(s.active):.3g}"
+    )
+
+
+def _built_model_config(cfg: Config) -> tuple[ModelConfig, str]:
+    """The architecture training would build: HF starting points' shapes and the tokenizer's
+    vocabulary (without writing a synthetic world), and where the vocabulary comes from."""
+    from mm1.data.synthetic import WorldManifest
+    from mm1.data.tokenizer import Tokenizer
+    from mm1.data.world import saved_tokenizer_dir
+    from mm1.models.build import resolve_config
+
+    world = Path(cfg.data.world)
+    init = cfg.train.init
+    tok_init = init.decoder or init.weights
+    tok_path = cfg.data.tokenizer or (saved_tokenizer_dir(tok_init) if tok_init else None)
+    if tok_path:
+        where = str(tok_path)
+    elif (world / "world.json").is_file():
+        tok_path, where = WorldManifest.load(world).tokenizer_path, f"the world at {world}"
+    else:
+        how = f"the config; training sets it from the synthetic world's tokenizer ({world})"
+        return resolve_config(cfg.model, init=init), how
+    tok = Tokenizer.from_file(tok_path)
+    resolved = resolve_config(cfg.model, tok.vocab_size, tok.image_id, init)
+    return resolved, f"the tokenizer of {where}"
+
+
+def cmd_train(args: argparse.Namespace) -> int | None:
+    from mm1.train.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    result = Trainer(cfg, force=args.force).fit()
+    if result["stopped_by"]:
+        # Not a success: a job script must see that training did not finish (128 + signal, as
+        # the shell reports a process killed by it; every rank exits so under torchrun).
+        if os.environ.get("RANK", "0") == "0":
+            _print_stopped(args, cfg, result)
+        return 128 + result["stopped_by"]
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, one summary line
+        return None
+    if result["steps_run"] == 0:
+        console.print(
+            f"{cfg.train.run_dir} is already at step {result['step']} (train.steps): nothing to "
+            "train; raise train.steps to go on"
+        )
+        return
+    console.print(f"done: step {result['step']}, loss {result['loss']:.4f} -> {cfg.train.run_dir}")
+    return None
+
+
+def _print_stopped(args: argparse.Namespace, cfg: Config, result: dict) -> None:
+    import shlex
+    import signal
+
+    name = signal.Signals(result["stopped_by"]).name
+    train = ["train", args.config, *args.overrides, *(["--force"] if args.force else [])]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if world == 1:
+        command = shlex.join(["mm1", *train])
+    else:  # the same world size: per-rank state is not remapped
+        launch = ["torchrun", f"--nproc_per_node={local}", "-m", "mm1.cli"]
+        nodes = f" on each of {world // local} nodes" if world != local else ""
+        command = shlex.join([*launch, *train]) + nodes
+    console.print(
+        f"stopped early by {name} at step {result['step']} of {cfg.train.steps} (checkpoint "
+        f"saved in {cfg.train.run_dir}); resume with {command}",
+        soft_wrap=True,
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from mm1.demo import run_demo
+
+    report = run_demo(args.out, overrides=args.overrides)
+    if not args.no_sft:
+        from mm1.demo_sft import add_to_demo_report, run_sft_demo
+
+        add_to_demo_report(report, run_sft_demo(args.out))
+
+
+def cmd_ablate(args: argparse.Namespace) -> int | None:
+    from mm1.ablate.command import ablate, dry_run
+
+    if args.dry_run:
+        dry_run(args.grid, args.out)
+        return None
+    return ablate(args.grid, args.out, jobs=args.jobs, force=args.force) or None
+
+
+def register(add: Add) -> None:
+    p = add("demo", cmd_demo, "the end-to-end demo on the built-in synthetic world")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--no-sft", action="store_true", help="skip the SFT stage (OUT_sft)")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+
+    p = add("train", cmd_train, "pre-train (or continue) a run; resumes from its run_dir")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("--force", action="store_true", help="resume even if the config changed")
+
+    p = add("info", cmd_info, "parameters, FLOPs and the MM1 peak lr of a model config")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("--seq-len", type=int, default=0)
+
+    p = add("ablate", cmd_ablate, "train and evaluate a grid of configs into a study's tables")
+    p.add_argument("grid", help="the grid YAML (base config, axes or cells, seeds)")
+    p.add_argument("--out", default=None, help="study directory (default: runs/ablations/STUDY)")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and their cost")
+    p.add_argument("--jobs", type=int, default=1, help="cells in parallel, CPUs split between")
+    p.add_argument("--force", action="store_true", help="run in a study dir of another grid")
