@@ -64,5 +64,12 @@ class Batch:
         }
 
     @property
+    def num_images(self) -> int:
+        """Images, not crops: a tiled image is several rows of pixel_values."""
+        if self.image_crops is not None:
+            return len(self.image_crops)
+        return 0 if self.pixel_values is None else self.pixel_values.shape[0]
+
+    @property
     def num_label_tokens(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,9 +38,9 @@ from PIL import Image
 from mm1.config import BAD_IMAGE_POLICIES, DEMO_SELECTIONS, EvalConfig, validate_eval
 from mm1.data.images import ImageProcessor
 from mm1.data.prompt_format import PromptFormat
-from mm1.data.sources.base import IMAGE_ERRORS, DataError
 from mm1.data.tokenizer import Tokenizer
 from mm1.eval.demos import random_demos, rices_rank, shuffled_images
+from mm1.eval.images import CropCache, EvalImageError, PixelCache
 from mm1.eval.prompts import (
     DEFAULT_STOP_STRINGS,
     Prompt,
@@ -57,72 +57,9 @@ DEFAULT_MAX_NEW_TOKENS = {"caption": 20, "vqa": 5}
 ZERO_SHOT_TEXT_DEMOS = 2  # OpenFlamingo's "effective" number of shots for zero-shot
 
 
-class EvalImageError(DataError):
-    """An image of an evaluation task cannot be decoded; the message names the file."""
-
-    def __init__(self, path: Path, err: BaseException) -> None:
-        self.path, self.detail = path, f"{type(err).__name__}: {err}"
-        super().__init__(
-            f"{path}: cannot decode this evaluation image ({self.detail}); replace the file, or "
-            "score the queries that show it as empty predictions (`mm1 eval --bad-images empty`)"
-        )
-
-
 # ---------------------------------------------------------------------------------------------
 # The evaluator
 # ---------------------------------------------------------------------------------------------
-
-
-class _PixelCache:
-    """Preprocessed images by path, least recently used dropped first."""
-
-    def __init__(self, processor: ImageProcessor, size: int = 512) -> None:
-        self.processor, self.size = processor, size
-        self._items: OrderedDict[Path, torch.Tensor] = OrderedDict()
-
-    def __call__(self, path: Path) -> torch.Tensor:
-        if path in self._items:
-            self._items.move_to_end(path)
-            return self._items[path]
-        try:
-            with Image.open(path) as im:
-                im.load()
-                pixels = self.processor([im])[0]
-        except IMAGE_ERRORS as err:  # PIL names no file (e.g. "Truncated File Read")
-            raise EvalImageError(path, err) from None
-        self._items[path] = pixels
-        if len(self._items) > self.size:
-            self._items.popitem(last=False)
-        return pixels
-
-
-class _CropCache:
-    """A tiled layout's crops of an image (and its (height, width)) by path and form (tiled or
-    `single`), least recently used dropped first."""
-
-    def __init__(self, processor: ImageProcessor, fmt: PromptFormat, size: int = 256) -> None:
-        self.processor, self.fmt, self.size = processor, fmt, size
-        self._items: OrderedDict[tuple[Path, bool], tuple[torch.Tensor, tuple[int, int]]]
-        self._items = OrderedDict()
-
-    def __call__(self, path: Path, high_res: bool) -> tuple[torch.Tensor, tuple[int, int]]:
-        key = (path, high_res)
-        if key in self._items:
-            self._items.move_to_end(key)
-            return self._items[key]
-        try:
-            with Image.open(path) as im:
-                im.load()
-                item = (
-                    self.fmt.pixel_values(self.processor, [im], [high_res]),
-                    (im.height, im.width),
-                )
-        except IMAGE_ERRORS as err:
-            raise EvalImageError(path, err) from None
-        self._items[key] = item
-        if len(self._items) > self.size:
-            self._items.popitem(last=False)
-        return item
 
 
 @torch.no_grad()
@@ -231,11 +168,11 @@ class FewShotEvaluator:
                 f"but the model fills {model.num_image_tokens}"
             )
         self.keep_prompts = keep_prompts
-        self.pixels = _PixelCache(processor)  # the single view (RICES features, decoding)
+        self.pixels = PixelCache(processor)  # the single view (RICES features, decoding)
         # A tiled layout: each image's crops, tiled for a prompt's last `high_res_last` images.
         self.tiled = self.prompt_format.layout != PromptFormat.layout
         self.high_res_last = high_res_last
-        self.crops = _CropCache(processor, self.prompt_format)
+        self.crops = CropCache(processor, self.prompt_format)
         self._sizes: dict[Path, tuple[int, int]] = {}
         self._features: dict[Path, torch.Tensor] = {}
         # "error": a corrupt image stops the evaluation (skipping it would change CIDEr's

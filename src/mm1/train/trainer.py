@@ -45,7 +45,7 @@ from mm1.models.starting_point import describe as describe_start
 from mm1.models.summary import active_parameters
 from mm1.train import checkpoint as ckpt
 from mm1.train.expert_load import add_loads, last_expert_loads, load_fractions, load_metrics
-from mm1.train.logging import MetricsLogger, read_metrics
+from mm1.train.logging import MetricsLogger, truncate_metrics
 from mm1.train.optim import build_optimizer, mm1_peak_lr
 from mm1.train.parallel import Dist, autocast_dtype, init_distributed, parallelize
 
@@ -266,7 +266,7 @@ class Trainer:
         self.loader.load_state_dict(loaded.rank_state["loader"])
         self.step = loaded.step
         if self.d.is_main:
-            _truncate_metrics(self.run_dir, self.step)
+            truncate_metrics(self.run_dir, self.step)
             print(f"resumed from {path} at step {self.step}", flush=True)
 
     def save(self) -> Path:
@@ -407,7 +407,7 @@ class Trainer:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         tokens = sum(int((b.kind_ids >= 0).sum()) for b in micro)  # non-padding tokens
-        images = sum(_num_images(b) for b in micro)
+        images = sum(b.num_images for b in micro)
         return StepResult(
             loss,
             per_kind,
@@ -594,21 +594,3 @@ def _loader_counts(state: dict[str, Any]) -> dict[str, int]:
 
     walk(state)
     return {"skipped_records": skipped, "images_dropped": dropped}
-
-
-def _truncate_metrics(run_dir: Path, step: int) -> None:
-    """Drop records logged after the checkpoint we resume from (they will be logged again)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return
-    kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    tmp.replace(path)
-
-
-def _num_images(batch: Batch) -> int:
-    """Images of a batch (not crops: a tiled image is several rows of pixel_values)."""
-    if batch.image_crops is not None:
-        return len(batch.image_crops)
-    return 0 if batch.pixel_values is None else batch.pixel_values.shape[0]
