@@ -13,11 +13,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mm1.chat import ChatSession, ChatSettings, load_image, resolve_chat_template
 from mm1.config import load_config
 from mm1.data.sft_eval import ensure_sft_eval
+from mm1.data.world import run_world
 from mm1.eval.suite import evaluate_suite, prior_scores
 from mm1.eval.suite_report import TITLES, detail_table, suite_table, write_suite_report
 from mm1.eval.suite_tasks import SuiteTask, load_suite
@@ -32,11 +31,6 @@ RUNS = ("pre-trained", "SFT", "SFT, shuffled images")
 
 def sft_config_path() -> Path:
     return Path(str(resources.files("mm1") / "configs" / SFT_CONFIG))
-
-
-def _world_of(run_dir: Path) -> Path:
-    data = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("data") or {}
-    return Path(data.get("world") or "data/world")
 
 
 def _last_step(run_dir: Path) -> int:
@@ -59,7 +53,7 @@ def run_sft_demo(
     of `examples` queries per task, write `out_dir/report.md`."""
     pre = Path(pretrained_dir)
     out = Path(out_dir or pre.parent / f"{pre.name}_sft")
-    world = _world_of(pre)
+    world = Path(run_world(pre))
     cfg = load_config(
         sft_config_path(),
         [f"train.run_dir={out}", f"train.init.weights={pre}", f"data.world={world}", *overrides],

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mm1.config import Config, load_eval_config
+from mm1.data.world import run_world
 
 CELL_FILE = "cell.json"
 EVAL_DIR = "eval"
@@ -27,15 +28,13 @@ Suite = Callable[[Path, Sequence[str]], dict[str, float]]
 def fewshot_suite(run_dir: Path, overrides: Sequence[str]) -> dict[str, float]:
     """`mm1 eval RUN` with the run's own eval section (then `overrides`): the scores per task
     and shot count (mean over the eval's demonstration seeds), report in RUN/eval."""
-    import yaml
-
     from mm1.eval.fewshot import evaluate
     from mm1.eval.report import write_report
     from mm1.pretrained import load_pretrained
 
     saved = run_dir / "config.yaml"
     e = load_eval_config(saved, list(overrides))
-    world = (yaml.safe_load(saved.read_text()).get("data") or {}).get("world", "data/world")
+    world = run_world(run_dir)
     p = load_pretrained(run_dir)
     results = evaluate(
         p.model,
@@ -62,14 +61,12 @@ def sft_suite(run_dir: Path, overrides: Sequence[str]) -> dict[str, float]:
     """`mm1 eval RUN --suite sft` on the run's world (chat models zero-shot, pre-trained ones
     few-shot): every metric of every task (mean over seeds), report in RUN/eval-suite. The
     run's eval section (then `overrides`) gives the seeds, the query cap and the batch size."""
-    import yaml
-
     from mm1.eval.suite import run_suite
     from mm1.pretrained import load_pretrained
 
     saved = run_dir / "config.yaml"
     e = load_eval_config(saved, list(overrides))
-    world = (yaml.safe_load(saved.read_text()).get("data") or {}).get("world", "data/world")
+    world = run_world(run_dir)
     results = run_suite(
         load_pretrained(run_dir),
         run_dir,

@@ -16,6 +16,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.suite:
         return cmd_eval_suite(args)
     from mm1.config import to_dict
+    from mm1.data.world import run_world
     from mm1.eval.fewshot import evaluate
     from mm1.eval.report import write_report
     from mm1.eval.tasks import SYNTHETIC_TASKS, TASKS, register_task_file
@@ -48,7 +49,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                 f"from: add a `support:` split to it{where} (same keys as `query:`), "
                 "or evaluate it zero-shot only with --shots 0"
             )
-    world = args.world or _run_world(model_dir)
+    world = args.world or run_world(model_dir)
     synthetic = [t for t in tasks if t in SYNTHETIC_TASKS]
     if synthetic and not (Path(world) / "world.json").is_file():
         raise ConfigError(
@@ -74,10 +75,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_suite(args: argparse.Namespace) -> None:
+    from mm1.data.world import run_world
     from mm1.eval.suite import run_suite
     from mm1.pretrained import load_pretrained
 
-    world = args.world or _run_world(Path(args.model))
+    world = args.world or run_world(Path(args.model))
     s = args.seeds if args.seeds is not None else 3
     kw = {"mode": args.suite_mode, "seeds": s, "max_examples": args.max_examples or 0}
     kw["shuffle_images"] = args.shuffle_images
@@ -121,18 +123,6 @@ def _eval_settings(model_dir: Path, args: argparse.Namespace) -> tuple[EvalConfi
     validate_eval(e)
     source = str(saved) if saved.is_file() else f"defaults (no config.yaml in {model_dir})"
     return e, {"from": source, "overrides": list(args.overrides), "flags": flags}
-
-
-def _run_world(model_dir: Path) -> str:
-    """The synthetic world a run trained on (its saved config), else the default location."""
-    saved = model_dir / "config.yaml"
-    if saved.is_file():
-        import yaml
-
-        world = ((yaml.safe_load(saved.read_text()) or {}).get("data") or {}).get("world")
-        if world:
-            return str(world)
-    return "data/world"
 
 
 def register(add: Add) -> None:

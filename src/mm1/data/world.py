@@ -185,3 +185,16 @@ def _set_chat_template(tok: Tokenizer, value: str) -> None:
             "tokenizer does not have"
         )
     tok.chat_template = source
+
+
+def run_world(model_dir: str | Path) -> str:
+    """The synthetic world a run trained on (`data.world` in its saved config.yaml), else the
+    default location (an export has no config)."""
+    import yaml
+
+    saved = Path(model_dir) / "config.yaml"
+    if saved.is_file():
+        world = ((yaml.safe_load(saved.read_text()) or {}).get("data") or {}).get("world")
+        if world:
+            return str(world)
+    return "data/world"
