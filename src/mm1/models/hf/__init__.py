@@ -7,8 +7,9 @@ json and the weights with safetensors, or with `torch.load(weights_only=True)` f
 Each family has one key table (`KEY_MAPS`); read forwards it loads a checkpoint, read backwards it
 writes ours out. Files and key tables are in `checkpoint`; the families in `vision` and
 `decoder`; whole models in `llava` (LLaVA / LLaVA-NeXT) and `custom` (transformers custom code,
-the model file in `remote/`), imported on use. Loading is strict: apart from the tensors we leave out on purpose (listed in a
-debug log), a missing or unexpected key or a shape mismatch is an error that names the keys.
+the model file in `remote/`), imported on use. Loading is strict: apart from the tensors we
+leave out on purpose (listed in a debug log), a missing or unexpected key or a shape mismatch
+is an error that names the keys.
 """
 
 from __future__ import annotations
