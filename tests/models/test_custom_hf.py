@@ -65,7 +65,7 @@ def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
     return Tokenizer.from_file(root / "tokenizer.json")
 
 
-def _model(tok: Tokenizer, connector: str, layout: str, variant: str) -> MM1:
+def _model(tok: Tokenizer, connector: str, layout: str, variant: str, tie: bool = False) -> MM1:
     cfg = ModelConfig(
         vision=VisionConfig(
             variant=variant,
@@ -86,7 +86,13 @@ def _model(tok: Tokenizer, connector: str, layout: str, variant: str) -> MM1:
             "layer_norm": True,
         },
         decoder=DecoderConfig(
-            vocab_size=tok.vocab_size, dim=32, layers=2, heads=4, kv_heads=2, ffn_dim=64
+            vocab_size=tok.vocab_size,
+            dim=32,
+            layers=2,
+            heads=4,
+            kv_heads=2,
+            ffn_dim=64,
+            tie_embeddings=tie,
         ),
         image_token_id=tok.image_id,
         image_layout=ImageLayoutConfig(type=layout, max_tiles=4),
@@ -141,3 +147,23 @@ def test_anyres_without_the_mlp_connector_is_refused(tmp_path: Path, tok: Tokeni
     p = Pretrained(model, tok, ImageProcessor.clip(32), tmp_path, fmt)
     with pytest.raises(ValueError, match="anyres layout runs in transformers as LLaVA-NeXT"):
         save_hf(p, tmp_path / "hf")
+
+
+def test_a_tied_head_is_written_as_its_own_tensor(tmp_path: Path, tok: Tokenizer) -> None:
+    """safetensors refuses tensors sharing storage: a tied decoder's head is written as a copy,
+    and the custom-code model gives our logits."""
+    from transformers import AutoModel
+
+    model = _model(tok, "avgpool", "single", "clip", tie=True)
+    assert model.decoder.lm_head.weight is model.decoder.embed_tokens.weight
+    fmt = PromptFormat.from_config(DataConfig(image_boundaries=False), 4, model.cfg)
+    proc = ImageProcessor.clip(32)
+    save_hf(Pretrained(model, tok, proc, tmp_path, fmt), tmp_path)
+    hf = AutoModel.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    ids = torch.tensor([tokenize_prompt("<image>Output:", [image], tok, fmt)])
+    pixels = fmt.pixel_values(proc, [image])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            hf(ids, pixel_values=pixels).logits, model(ids, pixel_values=pixels).logits
+        )

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from mm1.models.hf.llava import llava_model_type
 from PIL import Image
 
 from mm1.config import (
@@ -30,6 +29,7 @@ from mm1.data.world import image_processor_for
 from mm1.hf_export import save_hf
 from mm1.models.build import build_model
 from mm1.models.generation import generate
+from mm1.models.hf.llava import llava_model_type
 from mm1.models.mllm import MM1
 from mm1.pretrained import Pretrained
 
@@ -251,3 +251,36 @@ def _canvases(model: MM1) -> list[tuple[int, int]]:
 
     lay = model.cfg.image_layout
     return canvas_candidates(model.cfg.vision.image_size, lay.pinpoints, lay.grid)
+
+
+@pytest.mark.parametrize("decoder", ["tied", "mixtral", "qwen3_moe"])
+def test_tied_and_moe_decoders_go_out_and_back(
+    tmp_path: Path, tok: Tokenizer, decoder: str
+) -> None:
+    """A tied head (not written; transformers re-ties it) and MoE text models (per-expert
+    weights, fused again on the way back) give transformers' logits and read back unchanged."""
+    cfg = _config(tok, "single")
+    cfg.decoder.tie_embeddings = decoder == "tied"
+    if decoder != "tied":
+        cfg.decoder.qk_norm = decoder == "qwen3_moe"
+        cfg.decoder.ffn = {"type": "moe", "experts": 4, "top_k": 2, "norm_topk_prob": True}
+    validate_model(cfg)
+    torch.manual_seed(0)
+    model = MM1(cfg).eval()
+    fmt = PromptFormat.from_config(DataConfig(image_boundaries=False), model.num_image_tokens, cfg)
+    save_hf(Pretrained(model, tok, ImageProcessor.clip(32), tmp_path, fmt), tmp_path)
+    text = transformers.AutoConfig.from_pretrained(tmp_path).text_config
+    assert text.model_type == {"tied": "llama"}.get(decoder, decoder)
+    hf, info = transformers.LlavaForConditionalGeneration.from_pretrained(
+        tmp_path, output_loading_info=True
+    )
+    assert not any(info.values()), info
+    image = _image(50, 30, 2)
+    ids = torch.tensor([tokenize_prompt(PROMPT, [image], tok, fmt)])
+    pixels = fmt.pixel_values(ImageProcessor.clip(32), [image])
+    with torch.no_grad():
+        theirs = hf.eval()(input_ids=ids, pixel_values=pixels).logits
+        torch.testing.assert_close(model(ids, pixel_values=pixels).logits, theirs)
+    back = build_model(cfg, tok.vocab_size, tok.image_id, init=InitConfig(weights=str(tmp_path)))
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k

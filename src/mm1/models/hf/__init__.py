@@ -6,8 +6,10 @@ json and the weights with safetensors, or with `torch.load(weights_only=True)` f
 `pytorch_model.bin` (that unpickler only rebuilds tensors and containers; it never runs code).
 Each family has one key table (`KEY_MAPS`); read forwards it loads a checkpoint, read backwards it
 writes ours out. Files and key tables are in `checkpoint`; the families in `vision` and
-`decoder`. Loading is strict: apart from the tensors we leave out on purpose (listed in a
-debug log), a missing or unexpected key or a shape mismatch is an error that names the keys.
+`decoder`; whole models in `llava` (LLaVA / LLaVA-NeXT) and `custom` (transformers custom code,
+the model file in `remote/`), imported on use. Loading is strict: apart from the tensors we
+leave out on purpose (listed in a debug log), a missing or unexpected key or a shape mismatch
+is an error that names the keys.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from mm1.models.hf.decoder import (
     decoder_from_hf,
     decoder_hf_state,
     decoder_ignored,
+    decoder_to_hf,
     save_decoder_hf,
 )
 from mm1.models.hf.vision import (
@@ -35,6 +38,7 @@ from mm1.models.hf.vision import (
     vision_encoder_from_hf,
     vision_hf_state,
     vision_ignored,
+    vision_state_to_hf,
 )
 
 __all__ = [
@@ -47,6 +51,7 @@ __all__ = [
     "decoder_from_hf",
     "decoder_hf_state",
     "decoder_ignored",
+    "decoder_to_hf",
     "load_hf_state_dict",
     "read_hf_config",
     "save_decoder_hf",
@@ -56,4 +61,5 @@ __all__ = [
     "vision_encoder_from_hf",
     "vision_hf_state",
     "vision_ignored",
+    "vision_state_to_hf",
 ]

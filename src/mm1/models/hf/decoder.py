@@ -259,11 +259,20 @@ def save_decoder_hf(decoder: Decoder, out_dir: PathLike, model_type: str | None 
     A tied head is not written (transformers re-ties it). Written as qwen2, a decoder without
     q/k/v biases gets zero biases, since Qwen2 always has them.
     """
+    hf, tensors = decoder_to_hf(decoder, model_type)
+    hf["dtype"] = str(decoder.embed_tokens.weight.dtype).removeprefix("torch.")
+    return write_checkpoint(out_dir, hf, tensors)
+
+
+def decoder_to_hf(
+    decoder: Decoder, model_type: str | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config dict, tensors under checkpoint names) of `decoder` as a transformers
+    `model_type` causal LM, as `save_decoder_hf` writes them (None: its default family)."""
     cfg = decoder.cfg
     if model_type is None:
         model_type = moe_type_for(cfg) if isinstance(cfg.ffn, MoEConfig) else "llama"
     hf = decoder_config_to_hf(cfg, model_type)
-    hf["dtype"] = str(decoder.embed_tokens.weight.dtype).removeprefix("torch.")
     state = dict(decoder.state_dict())
     if cfg.tie_embeddings:
         state.pop("lm_head.weight")
@@ -278,4 +287,4 @@ def save_decoder_hf(decoder: Decoder, out_dir: PathLike, model_type: str | None 
     tensors = {keymap.to_hf(k): v for k, v in state.items()}
     if model_type in MOE_TYPES:
         tensors = split_experts(tensors, model_type)
-    return write_checkpoint(out_dir, hf, tensors)
+    return hf, tensors

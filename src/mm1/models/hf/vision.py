@@ -208,13 +208,19 @@ def save_vision_hf(encoder: VisionTransformer, out_dir: PathLike) -> Path:
     features, not those of the original checkpoint. SigLIP is written with
     `vision_use_head=false`, so no pooling head is needed.
     """
-    cfg = encoder.cfg
-    hf = vision_config_to_hf(cfg, len(encoder.blocks))
+    hf = vision_config_to_hf(encoder.cfg, len(encoder.blocks))
     hf["dtype"] = str(encoder.pos_embed.dtype).removeprefix("torch.")
+    return write_checkpoint(out_dir, hf, vision_state_to_hf(encoder))
+
+
+def vision_state_to_hf(encoder: VisionTransformer) -> dict[str, torch.Tensor]:
+    """`encoder`'s tensors under CLIPVisionModel / SiglipVisionModel names (`vision_model.`
+    prefix), with the identity `post_layernorm` `save_vision_hf` describes."""
+    cfg = encoder.cfg
     state = dict(encoder.state_dict())
     state["pos_embed"] = state["pos_embed"][0]
     ref = encoder.pos_embed
     state["post_layernorm.weight"] = torch.ones(cfg.width, dtype=ref.dtype)
     state["post_layernorm.bias"] = torch.zeros(cfg.width, dtype=ref.dtype)
     keymap = KEY_MAPS[cfg.variant]
-    return write_checkpoint(out_dir, hf, {keymap.to_hf(k): v for k, v in state.items()})
+    return {keymap.to_hf(k): v for k, v in state.items()}
