@@ -89,7 +89,8 @@ class TiledFormat(PromptFormat):
         return pieces
 
     def cut(self, image: Image.Image, processor: ImageProcessor) -> list[Image.Image]:
-        raise NotImplementedError
+        """The crops of `image`, in slot order: each layout below says how it cuts."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how it cuts crops")
 
 
 @register_layout
