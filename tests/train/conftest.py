@@ -92,3 +92,26 @@ def tiny_config() -> Callable[..., Path]:
 def make_hf_checkpoints() -> Callable[[Path, Path], tuple]:
     """`make_hf_checkpoints(tmp, world)`: tiny Llama and CLIP directories (and the models)."""
     return _make_hf_checkpoints
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """The tiny synthetic world (seed 0), written once per test module."""
+    from mm1.data.synthetic import write_world
+
+    root = tmp_path_factory.mktemp("world")
+    write_world(root, seed=0, size="tiny")
+    return root
+
+
+def _make_trainer(cfg_path: Path, run: Path, *overrides: str):
+    from mm1.config import load_config
+    from mm1.train.trainer import Trainer
+
+    return Trainer(load_config(cfg_path, [f"train.run_dir={run}", *overrides]))
+
+
+@pytest.fixture(scope="session")
+def make_trainer() -> Callable[..., object]:
+    """`make_trainer(config_path, run_dir, *overrides)`: a Trainer for that run."""
+    return _make_trainer

@@ -15,22 +15,6 @@ import torch
 from mm1.config import ConfigError, load_config
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    from mm1.data.synthetic import write_world
-
-    root = tmp_path_factory.mktemp("world")
-    write_world(root, seed=0, size="tiny")
-    return root
-
-
-def _trainer(cfg_path: Path, run: Path, *overrides: str):
-    from mm1.train.trainer import Trainer
-
-    cfg = load_config(cfg_path, [f"train.run_dir={run}", *overrides])
-    return Trainer(cfg)
-
-
 def _logits(model: torch.nn.Module, batch) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
@@ -38,16 +22,17 @@ def _logits(model: torch.nn.Module, batch) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def source_run(tmp_path_factory, world, tiny_config) -> Path:
+def source_run(make_trainer, tmp_path_factory, world, tiny_config) -> Path:
     """A tiny run trained for 2 steps (its weights are no longer the random init)."""
     tmp = tmp_path_factory.mktemp("source")
     cfg = tiny_config(tmp, world, steps=2, save_every=2, parallel="none", val_every=0)
-    _trainer(cfg, tmp / "run").fit()
+    make_trainer(cfg, tmp / "run").fit()
     return tmp / "run"
 
 
 @pytest.mark.parametrize("point_at", ["run", "checkpoint", "export"])
 def test_a_run_started_from_a_run_has_its_logits_at_step_0(
+    make_trainer,
     tmp_path,
     world,
     source_run,
@@ -65,7 +50,7 @@ def test_a_run_started_from_a_run_has_its_logits_at_step_0(
     if point_at == "export":
         save_pretrained(src.model, src.tokenizer, src.processor, path)
     cfg = tiny_config(tmp_path, world, steps=4, parallel="none", val_every=0)
-    trainer = _trainer(cfg, tmp_path / "run", f"train.init.weights={path}", "train.seed=7")
+    trainer = make_trainer(cfg, tmp_path / "run", f"train.init.weights={path}", "train.seed=7")
     trainer.setup()
     batch = next(iter(trainer.loader))
     torch.testing.assert_close(_logits(trainer.model, batch), _logits(src.model, batch))
@@ -78,13 +63,15 @@ def test_a_run_started_from_a_run_has_its_logits_at_step_0(
     assert Path(entry["path"]) == expected.resolve()
 
 
-def test_one_part_from_a_run_the_others_random(tmp_path, world, source_run, tiny_config) -> None:
+def test_one_part_from_a_run_the_others_random(
+    make_trainer, tmp_path, world, source_run, tiny_config
+) -> None:
     """`train.init.connector` alone: the connector equals the source's, the rest is not."""
     from mm1.pretrained import load_pretrained
 
     src = load_pretrained(source_run).model.state_dict()
     cfg = tiny_config(tmp_path, world, steps=4, parallel="none", val_every=0)
-    trainer = _trainer(cfg, tmp_path / "run", f"train.init.connector={source_run}")
+    trainer = make_trainer(cfg, tmp_path / "run", f"train.init.connector={source_run}")
     trainer.setup()
     got = trainer.model.state_dict()
     for k, v in got.items():
@@ -93,13 +80,14 @@ def test_one_part_from_a_run_the_others_random(tmp_path, world, source_run, tiny
 
 
 def test_architecture_mismatch_names_the_first_differing_parameter(
+    make_trainer,
     tmp_path,
     world,
     source_run,
     tiny_config,
 ) -> None:
     cfg = tiny_config(tmp_path, world, steps=4, parallel="none", val_every=0)
-    trainer = _trainer(
+    trainer = make_trainer(
         cfg, tmp_path / "run", f"train.init.weights={source_run}", "model.decoder.ffn_dim=96"
     )
     with pytest.raises(ValueError) as err:
@@ -110,6 +98,7 @@ def test_architecture_mismatch_names_the_first_differing_parameter(
 
 
 def test_a_larger_image_size_interpolates_the_position_embeddings(
+    make_trainer,
     tmp_path,
     world,
     source_run,
@@ -122,7 +111,7 @@ def test_a_larger_image_size_interpolates_the_position_embeddings(
 
     src = load_pretrained(source_run).model.state_dict()
     cfg = tiny_config(tmp_path, world, steps=4, parallel="none", val_every=0)
-    trainer = _trainer(
+    trainer = make_trainer(
         cfg, tmp_path / "run", f"train.init.weights={source_run}", "model.vision.image_size=48"
     )
     trainer.setup()
@@ -134,7 +123,7 @@ def test_a_larger_image_size_interpolates_the_position_embeddings(
 
 
 def test_deprecated_model_init_keys_still_work_and_warn(
-    tmp_path, world, caplog, make_hf_checkpoints, tiny_config
+    make_trainer, tmp_path, world, caplog, make_hf_checkpoints, tiny_config
 ) -> None:
     from mm1.config import validation
 
@@ -151,7 +140,7 @@ def test_deprecated_model_init_keys_still_work_and_warn(
     assert cfg.train.init.vision == str(vis_dir) and cfg.train.init.decoder == str(dec_dir)
     assert cfg.model.vision.init is None and cfg.model.decoder.init is None
 
-    trainer = _trainer(
+    trainer = make_trainer(
         cfg_path, tmp_path / "run", f"model.vision.init={vis_dir}", f"model.decoder.init={dec_dir}"
     )
     trainer.setup()
@@ -171,6 +160,7 @@ def test_deprecated_model_init_keys_still_work_and_warn(
 
 
 def test_a_resumed_run_started_from_deprecated_keys_is_not_a_changed_config(
+    make_trainer,
     tmp_path,
     world,
     make_hf_checkpoints,
@@ -182,25 +172,25 @@ def test_a_resumed_run_started_from_deprecated_keys_is_not_a_changed_config(
     dec_dir, _, _, _ = make_hf_checkpoints(tmp_path, world)
     cfg_path = tiny_config(tmp_path, world, steps=1, save_every=1, parallel="none", val_every=0)
     run = tmp_path / "run"
-    _trainer(cfg_path, run, f"model.decoder.init={dec_dir}").fit()
+    make_trainer(cfg_path, run, f"model.decoder.init={dec_dir}").fit()
     # As written before train.init existed: the key in the model section, no train.init.
     saved = yaml.safe_load((run / "config.yaml").read_text())
     saved["model"]["decoder"]["init"] = str(dec_dir)
     del saved["train"]["init"]
     (run / "config.yaml").write_text(yaml.safe_dump(saved))
-    result = _trainer(cfg_path, run, f"model.decoder.init={dec_dir}", "train.steps=2").fit()
+    result = make_trainer(cfg_path, run, f"model.decoder.init={dec_dir}", "train.steps=2").fit()
     assert result["steps_run"] == 1
 
 
 def test_an_hf_directory_cannot_start_every_part(
-    tmp_path, world, make_hf_checkpoints, tiny_config
+    make_trainer, tmp_path, world, make_hf_checkpoints, tiny_config
 ) -> None:
     dec_dir, _, _, _ = make_hf_checkpoints(tmp_path, world)
     cfg = tiny_config(tmp_path, world, steps=1, parallel="none", val_every=0)
     with pytest.raises(ConfigError, match="train.init.weights=.* is an HF checkpoint"):
-        _trainer(cfg, tmp_path / "run", f"train.init.weights={dec_dir}").setup()
+        make_trainer(cfg, tmp_path / "run", f"train.init.weights={dec_dir}").setup()
     with pytest.raises(ConfigError, match="train.init.connector=.* not an mm1 run"):
-        _trainer(cfg, tmp_path / "r2", f"train.init.connector={tmp_path / 'nowhere'}").setup()
+        make_trainer(cfg, tmp_path / "r2", f"train.init.connector={tmp_path / 'nowhere'}").setup()
 
 
 @pytest.mark.parametrize("module", ["mm1.pretrained", "mm1.eval.fewshot", "mm1.checkpoint"])

@@ -9,33 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from mm1.config import ConfigError, load_config
+from mm1.config import ConfigError
 from mm1.models.moe import MoE
 
 MOE = ["model.decoder.ffn.type=moe", "model.decoder.ffn.experts=4", "model.decoder.ffn.every=1"]
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    from mm1.data.synthetic import write_world
-
-    root = tmp_path_factory.mktemp("world")
-    write_world(root, seed=0, size="tiny")
-    return root
-
-
-def _trainer(cfg_path: Path, run: Path, *overrides: str):
-    from mm1.train.trainer import Trainer
-
-    return Trainer(load_config(cfg_path, [f"train.run_dir={run}", *overrides]))
-
-
-@pytest.fixture(scope="module")
-def dense_run(tmp_path_factory, world, tiny_config) -> Path:
+def dense_run(make_trainer, tmp_path_factory, world, tiny_config) -> Path:
     """A tiny dense run trained for 2 steps (its FFNs are no longer the random init)."""
     tmp = tmp_path_factory.mktemp("dense")
     cfg = tiny_config(tmp, world, steps=2, save_every=2, parallel="none", val_every=0)
-    _trainer(cfg, tmp / "run").fit()
+    make_trainer(cfg, tmp / "run").fit()
     return tmp / "run"
 
 
@@ -101,20 +86,20 @@ def test_upcycled_export_equals_the_dense_model_and_uses_every_expert(tmp_path, 
 
 
 def test_train_init_from_a_dense_run_upcycles_on_the_fly(
-    tmp_path, world, dense_run, tiny_config
+    make_trainer, tmp_path, world, dense_run, tiny_config
 ) -> None:
     from mm1.pretrained import load_pretrained
 
     dense = load_pretrained(dense_run).model
     cfg = tiny_config(tmp_path, world, steps=4, parallel="none", val_every=0)
-    trainer = _trainer(cfg, tmp_path / "run", *MOE, f"train.init.weights={dense_run}")
+    trainer = make_trainer(cfg, tmp_path / "run", *MOE, f"train.init.weights={dense_run}")
     trainer.setup()
     inputs = _inputs(dense)
     torch.testing.assert_close(
         _logits(trainer.model, inputs), _logits(dense, inputs), atol=1e-5, rtol=0
     )
     # unnormalised top-k is refused: its output at initialisation is not the dense one
-    bad = _trainer(
+    bad = make_trainer(
         cfg,
         tmp_path / "bad",
         *MOE,
@@ -139,7 +124,9 @@ def test_bad_upcycling_requests_name_the_option(tmp_path, dense_run) -> None:
         upcycle(moe, tmp_path / "d", experts=4)
 
 
-def test_moe_training_logs_aux_losses_and_expert_load(tmp_path, world, tiny_config) -> None:
+def test_moe_training_logs_aux_losses_and_expert_load(
+    make_trainer, tmp_path, world, tiny_config
+) -> None:
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -147,7 +134,7 @@ def test_moe_training_logs_aux_losses_and_expert_load(tmp_path, world, tiny_conf
 
     cfg = tiny_config(tmp_path, world, steps=2, parallel="none", val_every=0, tensorboard=True)
     run = tmp_path / "run"
-    _trainer(cfg, run, *MOE, "model.decoder.ffn.every=2").fit()
+    make_trainer(cfg, run, *MOE, "model.decoder.ffn.every=2").fit()
     rows = [r for r in read_metrics(run) if "loss" in r]
     assert len(rows) == 2
     for r in rows:

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mm1.config import load_config
 from mm1.data.prompt_format import saved_image_boundaries
 from mm1.data.tokenizer import Tokenizer
 from mm1.train.optim import lr_factor
@@ -19,27 +18,14 @@ LR, WARMUP, SFT_STEPS = 1e-3, 2, 3
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    from mm1.data.synthetic import write_world
-
-    root = tmp_path_factory.mktemp("world")
-    write_world(root, seed=0, size="tiny")
-    return root
-
-
-def _trainer(cfg_path: Path, run: Path, *overrides: str):
-    from mm1.train.trainer import Trainer
-
-    return Trainer(load_config(cfg_path, [f"train.run_dir={run}", *overrides]))
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, world, tiny_config) -> Path:
+def pretrained(make_trainer, tmp_path_factory, world, tiny_config) -> Path:
     """A 32 px run pre-trained for 4 steps with image boundaries and the vicuna template (its
     schedule is past warmup)."""
     tmp = tmp_path_factory.mktemp("pretrain")
     cfg = tiny_config(tmp, world, steps=4, save_every=4, parallel="none", val_every=0)
-    _trainer(cfg, tmp / "run", "data.image_boundaries=true", "data.chat_template=vicuna_v1").fit()
+    make_trainer(
+        cfg, tmp / "run", "data.image_boundaries=true", "data.chat_template=vicuna_v1"
+    ).fit()
     return tmp / "run"
 
 
@@ -58,10 +44,10 @@ def _sft_config(tmp: Path, world: Path, tiny_config) -> Path:
 
 
 def test_an_sft_stage_starts_fresh_from_a_pretrained_run(
-    tmp_path, world, pretrained, tiny_config
+    make_trainer, tmp_path, world, pretrained, tiny_config
 ) -> None:
     run = tmp_path / "sft"
-    trainer = _trainer(
+    trainer = make_trainer(
         _sft_config(tmp_path, world, tiny_config), run, f"train.init.weights={pretrained}"
     )
     trainer.setup()
@@ -98,23 +84,23 @@ def test_an_sft_stage_starts_fresh_from_a_pretrained_run(
 
 
 def test_a_resumed_sft_stage_keeps_its_own_prompt_format(
-    tmp_path, world, pretrained, tiny_config
+    make_trainer, tmp_path, world, pretrained, tiny_config
 ) -> None:
     """Resuming reads no starting point: the run's own prompt format, and the config (with the
     prompt format unset, as it was) is not a changed one."""
     run = tmp_path / "sft"
     cfg = _sft_config(tmp_path, world, tiny_config)
-    first = _trainer(cfg, run, f"train.init.weights={pretrained}", "train.steps=2")
+    first = make_trainer(cfg, run, f"train.init.weights={pretrained}", "train.steps=2")
     first.fit()
-    resumed = _trainer(cfg, run, f"train.init.weights={pretrained}", "train.steps=3")
+    resumed = make_trainer(cfg, run, f"train.init.weights={pretrained}", "train.steps=3")
     resumed.setup()
     assert resumed.step == 2 and resumed.cfg.data.image_boundaries is True
 
 
 def test_a_set_prompt_format_wins_over_the_carried_one(
-    tmp_path, world, pretrained, tiny_config
+    make_trainer, tmp_path, world, pretrained, tiny_config
 ) -> None:
-    trainer = _trainer(
+    trainer = make_trainer(
         _sft_config(tmp_path, world, tiny_config),
         tmp_path / "sft",
         f"train.init.weights={pretrained}",
@@ -125,8 +111,10 @@ def test_a_set_prompt_format_wins_over_the_carried_one(
     assert saved_image_boundaries(tmp_path / "sft" / "tokenizer") is False
 
 
-def test_a_run_from_scratch_writes_no_image_boundaries(tmp_path, world, tiny_config) -> None:
+def test_a_run_from_scratch_writes_no_image_boundaries(
+    make_trainer, tmp_path, world, tiny_config
+) -> None:
     cfg = tiny_config(tmp_path, world, steps=1, parallel="none", val_every=0)
-    trainer = _trainer(cfg, tmp_path / "run")
+    trainer = make_trainer(cfg, tmp_path / "run")
     trainer.setup()
     assert trainer.cfg.data.image_boundaries is False
