@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -80,3 +81,42 @@ def _tiny_train_args(run_dir: Path) -> list[str]:
 def tiny_train_args() -> Callable[[Path], list[str]]:
     """`tiny_train_args(run_dir)`: the `mm1 train` arguments of the CLI tests' tiny run."""
     return _tiny_train_args
+
+
+def _greedy_chat_answer(
+    p: Any, content: str, image_paths: list[Path], template: str, max_new: int
+) -> tuple[str, int, int]:
+    """A chat answer by another road than `mm1 chat` / `mm1 serve`: the template's text with
+    `<image>` tags, written as a generation prompt with the images' slots, greedy `generate`
+    cut at its stop token. (answer, prompt tokens, tokens generated including the stop)."""
+    from mm1.data.sources import decode_image
+    from mm1.data.tokenizer import tokenize_prompt
+    from mm1.models import generation
+
+    tok = p.tokenizer
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": content}],
+        add_generation_prompt=True,
+        tokenize=False,
+        chat_template=template,
+    )
+    pics = [decode_image(path.read_bytes()) for path in image_paths]
+    ids = tokenize_prompt(text, pics, tok, p.prompt_format)
+    stops = [tok.eos_id, *(tok.token_to_id(t) for t in tok.end_of_turn_tokens())]
+    out = generation.generate(
+        p.model,
+        [ids],
+        p.processor(pics) if pics else None,
+        max_new_tokens=max_new,
+        eos_token_id=stops,
+        pad_token_id=tok.pad_id,
+    )[0]
+    n = len(out)
+    out = out[: next((i for i, t in enumerate(out) if t in stops), len(out))]
+    return tok.decode(out), len(ids), n
+
+
+@pytest.fixture(scope="session")
+def greedy_chat_answer() -> Callable[..., tuple[str, int, int]]:
+    """`greedy_chat_answer(pretrained, content, image_paths, template_source, max_new)`."""
+    return _greedy_chat_answer

@@ -75,28 +75,17 @@ def prompts(monkeypatch) -> list[list[int]]:
     return seen
 
 
-def reference_answer(p: Pretrained, content: str, image_paths: list[Path], template: str) -> str:
-    """The answer by another road: the template's text with `<image>` tags, written as a
-    generation prompt with the images' slots, `generate` (greedy) cut at its stop token."""
-    tok = p.tokenizer
-    messages = [{"role": "user", "content": content}]
-    text = tok.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=False, chat_template=template
-    )
-    pics = [decode_image(path.read_bytes()) for path in image_paths]
-    ids = tokenize_prompt(text, pics, tok, p.prompt_format)
-    stops = [tok.eos_id, *(tok.token_to_id(t) for t in tok.end_of_turn_tokens())]
-    out = generation.generate(
-        p.model,
-        [ids],
-        p.processor(pics) if pics else None,
-        max_new_tokens=MAX_NEW,
-        eos_token_id=stops,
-        pad_token_id=tok.pad_id,
-    )[0]
-    out = out[: next((i for i, t in enumerate(out) if t in stops), len(out))]
-    assert out, "the model stopped at once: nothing to compare"
-    return tok.decode(out)
+@pytest.fixture
+def reference_answer(pretrained, greedy_chat_answer):
+    """`reference_answer(content, image_paths, template)`: the greedy answer by another road
+    (conftest's `greedy_chat_answer`), never empty."""
+
+    def answer(content: str, image_paths: list[Path], template: str) -> str:
+        text = greedy_chat_answer(pretrained, content, image_paths, template, MAX_NEW)[0]
+        assert text, "the model stopped at once: nothing to compare"
+        return text
+
+    return answer
 
 
 def chat(*args: str) -> list[str]:
@@ -112,13 +101,13 @@ def chat(*args: str) -> list[str]:
     ],
 )
 def test_message_prints_what_generate_gives(
-    run, pretrained, images, capsys, message, n_images, content
+    reference_answer, run, pretrained, images, capsys, message, n_images, content
 ) -> None:
     paths = images[:n_images]
     args = [str(run), "--message", message, *(a for p in paths for a in ("--image", str(p)))]
     assert cli.main(chat(*args)) == 0
     captured = capsys.readouterr()
-    assert captured.out == reference_answer(pretrained, content, paths, "plain") + "\n"
+    assert captured.out == reference_answer(content, paths, "plain") + "\n"
     # the run was trained with the plain fallback, so it saved no template: said once, on stderr
     assert captured.err.count("no chat template") == 1 and "'plain'" in captured.err
 
@@ -272,7 +261,9 @@ sys.exit(cli.main(sys.argv[2:]))
 """
 
 
-def test_interactive_chat_through_a_terminal(run, pretrained, images, tmp_path, capsys) -> None:
+def test_interactive_chat_through_a_terminal(
+    reference_answer, run, pretrained, images, tmp_path, capsys
+) -> None:
     log = tmp_path / "prompts.jsonl"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONIOENCODING": "utf-8"}
     argv = [sys.executable, "-c", _CHILD, str(log), *chat(str(run))]
@@ -303,8 +294,8 @@ def test_interactive_chat_through_a_terminal(run, pretrained, images, tmp_path, 
     args = ["--message", "Describe it.", "--image", str(images[0])]
     assert cli.main(chat(str(run), *args)) == 0
     assert first + "\n" == capsys.readouterr().out
-    assert first == reference_answer(pretrained, "<image>\nDescribe it.", images[:1], "plain")
-    assert third == reference_answer(pretrained, "Describe it.", [], "plain")  # after /reset
+    assert first == reference_answer("<image>\nDescribe it.", images[:1], "plain")
+    assert third == reference_answer("Describe it.", [], "plain")  # after /reset
 
     # turn 2's prompt is the whole conversation (turn 1, its answer and its image) ...
     prompts = [json.loads(line)[0] for line in log.read_text().splitlines()]

@@ -26,8 +26,6 @@ import mm1
 from mm1 import cli
 from mm1.chat import resolve_chat_template
 from mm1.data.sources import decode_image
-from mm1.data.tokenizer import tokenize_prompt
-from mm1.models import generation
 from mm1.pretrained import Pretrained, load_pretrained
 from mm1.serve.app import create_app, serving_in_thread
 from mm1.serve.engine import Engine, Event, QueueFull, Request
@@ -96,34 +94,17 @@ def slow(p: Pretrained, seconds: float = 0.02) -> Iterator[None]:
         hook.remove()
 
 
-def reference(
-    p: Pretrained, text: str, image_paths: list[Path], max_new: int
-) -> tuple[str, int, int]:
-    """(answer, prompt tokens, completion tokens) by another road: the template's text with
-    `<image>` tags, written with the images' slots, greedy `generate`, cut at the stop token."""
-    tok = p.tokenizer
-    content = "\n".join(["<image>"] * len(image_paths) + [text])
-    template = resolve_chat_template(tok, None).source
-    prompt = tok.apply_chat_template(
-        [{"role": "user", "content": content}],
-        add_generation_prompt=True,
-        tokenize=False,
-        chat_template=template,
-    )
-    pics = [decode_image(path.read_bytes()) for path in image_paths]
-    ids = tokenize_prompt(prompt, pics, tok, p.prompt_format)
-    stops = [tok.eos_id, *(tok.token_to_id(t) for t in tok.end_of_turn_tokens())]
-    out = generation.generate(
-        p.model,
-        [ids],
-        p.processor(pics) if pics else None,
-        max_new_tokens=max_new,
-        eos_token_id=stops,
-        pad_token_id=tok.pad_id,
-    )[0]
-    n = len(out)
-    out = out[: next((i for i, t in enumerate(out) if t in stops), len(out))]
-    return tok.decode(out), len(ids), n
+@pytest.fixture
+def reference(greedy_chat_answer):
+    """`reference(pretrained, text, image_paths, max_new)`: (answer, prompt tokens, completion
+    tokens) by another road, the images first as the page and `user` put them."""
+
+    def answer(p: Pretrained, text: str, image_paths: list[Path], max_new: int):
+        content = "\n".join(["<image>"] * len(image_paths) + [text])
+        template = resolve_chat_template(p.tokenizer, None).source
+        return greedy_chat_answer(p, content, image_paths, template, max_new)
+
+    return answer
 
 
 def user(text: str, image_paths: list[Path]) -> list[dict]:
@@ -131,7 +112,9 @@ def user(text: str, image_paths: list[Path]) -> list[dict]:
     return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
 
 
-def test_openai_client_plain_and_streaming_with_an_image(server, pretrained, images) -> None:
+def test_openai_client_plain_and_streaming_with_an_image(
+    reference, server, pretrained, images
+) -> None:
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
     assert [m.id for m in client.models.list()] == [MODEL]
     want, prompt_tokens, completion_tokens = reference(pretrained, "Describe it.", images[:1], 16)
@@ -161,7 +144,7 @@ def test_openai_client_plain_and_streaming_with_an_image(server, pretrained, ima
     assert httpx.get(f"{server}/health").json()["status"] == "ok"
 
 
-def test_stop_strings_and_seeded_sampling(server, pretrained, images) -> None:
+def test_stop_strings_and_seeded_sampling(reference, server, pretrained, images) -> None:
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
     want, _, _ = reference(pretrained, "What is it?", images[1:2], 24)
     assert len(want) > 6, want
@@ -362,7 +345,9 @@ def image_body(url: str) -> dict:
     return {"model": MODEL, "messages": [{"role": "user", "content": [part]}]}
 
 
-def test_bad_input_is_an_openai_error_and_the_load_goes_on(pretrained, images, tmp_path) -> None:
+def test_bad_input_is_an_openai_error_and_the_load_goes_on(
+    reference, pretrained, images, tmp_path
+) -> None:
     allowed = tmp_path / "allowed"
     allowed.mkdir()
     shutil.copy(images[0], allowed / "ok.png")
@@ -466,7 +451,7 @@ def chromium():
     return webdriver.Chrome(service=Service(driver), options=opts)
 
 
-def test_chat_page_in_a_real_browser(server, pretrained, images, tmp_path) -> None:
+def test_chat_page_in_a_real_browser(reference, server, pretrained, images, tmp_path) -> None:
     """Upload an image, ask, and read the streamed answer on the page (no skip: a browser that
     cannot start fails the test)."""
     from selenium.webdriver.common.by import By

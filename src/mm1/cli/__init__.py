@@ -14,10 +14,11 @@ from collections.abc import Callable
 
 from rich.markup import escape
 
-from mm1.cli import data, evaluate, model, run
-from mm1.cli.common import console
-from mm1.cli.evaluate import EVAL_OUT
 from mm1.config import ConfigError
+
+from . import data, evaluate, model, run
+from .common import console
+from .evaluate import EVAL_OUT
 
 __all__ = ["EVAL_OUT", "build_parser", "main"]
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from mm1.cli import main
+from . import main
 
 sys.exit(main())

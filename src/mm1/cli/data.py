@@ -7,8 +7,9 @@ from pathlib import Path
 
 from rich.table import Table
 
-from mm1.cli.common import Add, console
 from mm1.config import load_config
+
+from .common import Add, console
 
 
 def cmd_data_synth(args: argparse.Namespace) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mm1.cli.common import Add, console
 from mm1.config import ConfigError, EvalConfig
+
+from .common import Add, console
 
 # `mm1 eval`'s own folder: `eval/` holds the demo's evaluation, which its report links to.
 EVAL_OUT = "eval-cli"

@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mm1.cli.common import Add, console
 from mm1.config import ConfigError
 from mm1.serve import add_arguments as serve_arguments
+
+from .common import Add, console
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from rich.table import Table
 
-from mm1.cli.common import Add, console
 from mm1.config import Config, ModelConfig, load_config
+
+from .common import Add, console
 
 
 def _human(n: float) -> str:

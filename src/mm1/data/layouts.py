@@ -23,6 +23,7 @@ but the last images of a many-shot prompt; the model tells it apart by its one c
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -53,7 +54,7 @@ def _tiles(image: Image.Image, crop: int) -> list[Image.Image]:
 
 
 @dataclass(frozen=True)
-class TiledFormat(PromptFormat):
+class TiledFormat(PromptFormat, ABC):
     """A layout with several crops per image; `crop_size` is the encoder's input side."""
 
     crop_size: int = 0
@@ -88,9 +89,9 @@ class TiledFormat(PromptFormat):
             )
         return pieces
 
+    @abstractmethod
     def cut(self, image: Image.Image, processor: ImageProcessor) -> list[Image.Image]:
         """The crops of `image`, in slot order: each layout below says how it cuts."""
-        raise NotImplementedError(f"{type(self).__name__} does not say how it cuts crops")
 
 
 @register_layout
