@@ -6,7 +6,10 @@ whole: `LlavaForConditionalGeneration` (layout `single`) or `LlavaNextForConditi
 processor, chat template; `models/hf/llava.py` writes the weights). Other connectors have no
 transformers class: the whole model is written as transformers custom code
 (`models/hf/custom.py`, loaded with `trust_remote_code=True`), and the decoder and the encoder
-alone as `decoder/` and `vision/`, as before.
+alone as `decoder/` and `vision/`, as before. So is a LLaVA-shaped model (layout `single`)
+whose MoE decoder fits neither Mixtral nor Qwen3-MoE: LLaVA's text model must be a
+transformers class, and that decoder is custom code too (`mm1_moe`); with layout `anyres`
+(LLaVA-NeXT only) it is refused.
 """
 
 from __future__ import annotations
@@ -26,27 +29,30 @@ def save_hf(
     p: Pretrained, out_dir: str | Path, decoder_type: str | None = None
 ) -> tuple[Path, str]:
     """Write `p` for transformers; (the directory, a one-line account of what was written)."""
-    from mm1.models.hf import save_decoder_hf, save_vision_hf
+    from mm1.models.hf.custom_moe import CUSTOM_MOE_TYPE
+    from mm1.models.hf.decoder import default_decoder_type
     from mm1.models.hf.llava import llava_model_type, save_llava_hf
+    from mm1.models.hf.moe import moe_type_for
 
     out = Path(out_dir)
     try:
         model_type = llava_model_type(p.cfg)
     except ValueError as why:
-        from mm1.models.hf.custom import save_custom_hf
-
-        save_custom_hf(p.model, out, decoder_type)
-        p.tokenizer.save(out)
-        _add_bos_on_encode(p, out)
-        p.processor.save_pretrained(out)
-        save_decoder_hf(p.model.decoder, out / "decoder", model_type=decoder_type)
-        p.tokenizer.save(out / "decoder")
-        save_vision_hf(p.model.vision, out / "vision")
-        p.processor.save_pretrained(out / "vision")
-        return out, (
-            f"wrote {out} as transformers custom code (not LLaVA: {why}; load it with "
-            "AutoModel.from_pretrained(..., trust_remote_code=True)), and the decoder and the "
-            f"encoder alone as {out}/decoder and {out}/vision"
+        return _save_custom(p, out, decoder_type, str(why))
+    text_cfg = p.model.decoder.cfg
+    if (decoder_type or default_decoder_type(text_cfg)) == CUSTOM_MOE_TYPE:
+        try:
+            moe_type_for(text_cfg)
+            why = f"--hf-type {CUSTOM_MOE_TYPE} is custom code"
+        except ValueError as err:
+            why = str(err)
+        if model_type == "llava_next":
+            raise ValueError(
+                "--to-hf: the anyres layout runs in transformers only as LLaVA-NeXT, whose text "
+                f"model must be a transformers class, and {why} (model.decoder.ffn, qk_norm)"
+            )
+        return _save_custom(
+            p, out, decoder_type, f"LLaVA's text model is a transformers class: {why}"
         )
     if p.prompt_format.image_boundaries:
         raise ValueError(
@@ -58,6 +64,25 @@ def save_hf(
     _add_bos_on_encode(p, out)
     _save_processor(p, out, model_type)
     return out, f"wrote {out} ({model_type}: {PROCESSOR_CLASSES[model_type]} + model)"
+
+
+def _save_custom(p: Pretrained, out: Path, decoder_type: str | None, why: str) -> tuple[Path, str]:
+    from mm1.models.hf import save_decoder_hf, save_vision_hf
+    from mm1.models.hf.custom import save_custom_hf
+
+    save_custom_hf(p.model, out, decoder_type)
+    p.tokenizer.save(out)
+    _add_bos_on_encode(p, out)
+    p.processor.save_pretrained(out)
+    save_decoder_hf(p.model.decoder, out / "decoder", model_type=decoder_type)
+    p.tokenizer.save(out / "decoder")
+    save_vision_hf(p.model.vision, out / "vision")
+    p.processor.save_pretrained(out / "vision")
+    return out, (
+        f"wrote {out} as transformers custom code (not LLaVA: {why}; load it with "
+        "AutoModel.from_pretrained(..., trust_remote_code=True)), and the decoder and the "
+        f"encoder alone as {out}/decoder and {out}/vision"
+    )
 
 
 def _add_bos_on_encode(p: Pretrained, out: Path) -> None:

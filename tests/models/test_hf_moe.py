@@ -153,7 +153,11 @@ def test_unsupported_moe_checkpoints_name_the_key(config: dict, message: str) ->
         decoder_config_from_hf({**base, **config})
 
 
-def test_a_moe_decoder_that_fits_no_family_is_refused(tmp_path: Path) -> None:
+def test_a_moe_decoder_that_fits_no_family_is_refused_as_one(tmp_path: Path) -> None:
+    """Named families it does not fit are errors; by default it goes out as custom code
+    (`mm1_moe`, tests/models/test_custom_moe_hf.py)."""
+    from mm1.models.hf.moe import moe_type_for
+
     torch.manual_seed(0)
     theirs = _randomised(_qwen3_moe())
     theirs.save_pretrained(tmp_path / "hf")
@@ -162,6 +166,10 @@ def test_a_moe_decoder_that_fits_no_family_is_refused(tmp_path: Path) -> None:
         save_decoder_hf(ours, tmp_path / "out", "mixtral")
     ours.cfg.qk_norm = False  # sparse every 2nd layer and no q/k norm: neither family
     with pytest.raises(ValueError, match="fits neither Mixtral"):
-        save_decoder_hf(ours, tmp_path / "out")
+        moe_type_for(ours.cfg)
+    with pytest.raises(ValueError, match="qwen3_moe needs q/k norm"):
+        save_decoder_hf(ours, tmp_path / "out", "qwen3_moe")
     with pytest.raises(ValueError, match="llama has a SwiGLU FFN, not 'moe'"):
         save_decoder_hf(ours, tmp_path / "out", "llama")
+    save_decoder_hf(ours, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "mm1_moe"

@@ -159,8 +159,8 @@ def register(add: Add) -> None:
     p.add_argument(
         "--hf-type",
         default=None,
-        choices=("llama", "qwen2", "mistral", "mixtral", "qwen3_moe"),
-        help="default: llama for a dense decoder, the family a MoE one fits",
+        choices=("llama", "qwen2", "mistral", "mixtral", "qwen3_moe", "mm1_moe"),
+        help="default: llama for a dense decoder, the family a MoE one fits, else mm1_moe",
     )
 
     p = add("upcycle", cmd_upcycle, "a dense run or export -> a MoE export (sparse upcycling)")

@@ -5,7 +5,9 @@ linear) written as transformers custom code: config.json with `auto_map` pointin
 
 The weights: the encoder as transformers' CLIP / SigLIP vision model cut at its feature layer
 (`vision_tower.`), the connector under our names (`connector.`), the decoder as the
-`text_config` causal LM (`language_model.`). The config's `connector` holds the connector's
+`text_config` causal LM (`language_model.`): a transformers class, or for a MoE decoder that
+fits neither Mixtral nor Qwen3-MoE our `mm1_moe` (`modeling_mm1_moe.py`, copied too, which
+`modeling_mm1.py` imports). The config's `connector` holds the connector's
 options with Q resolved; `image_layout` is a record of how images become crops (the processor
 side is mm1's; the remote model takes the crops in slot order).
 """
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mm1.models.hf.checkpoint import KEY_MAPS, MAX_SHARD_BYTES, PathLike, write_checkpoint
+from mm1.models.hf.custom_moe import copy_moe_code
 from mm1.models.hf.decoder import decoder_to_hf
 from mm1.models.hf.vision import vision_config_to_hf, vision_state_to_hf
 from mm1.models.mllm import MM1
@@ -71,9 +74,10 @@ def save_custom_hf(
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> Path:
     """Write `model` as a transformers custom-code directory: config.json, the weights
-    (sharded with an index above `max_shard_bytes`) and `modeling_mm1.py`. `decoder_type`:
-    the text model's family (None: llama for a dense decoder, the MoE family it fits
-    otherwise). The anyres layout is refused: it is LLaVA-NeXT's, exported as such."""
+    (sharded with an index above `max_shard_bytes`), `modeling_mm1.py` and
+    `modeling_mm1_moe.py`. `decoder_type`: the text model's family (None: llama for a dense
+    decoder, the MoE family it fits otherwise, else `mm1_moe`). The anyres layout is refused:
+    it is LLaVA-NeXT's, exported as such."""
     hf = custom_config_to_hf(model, decoder_type)
     _, decoder_tensors = decoder_to_hf(model.decoder, decoder_type)
     tensors = {f"language_model.{k}": v for k, v in decoder_tensors.items()}
@@ -87,4 +91,5 @@ def save_custom_hf(
     tensors.update({f"connector.{k}": v for k, v in model.connector.state_dict().items()})
     out = write_checkpoint(out_dir, hf, tensors, max_shard_bytes)
     shutil.copyfile(REMOTE_CODE, out / REMOTE_CODE.name)
+    copy_moe_code(out)  # imported by modeling_mm1.py, whatever the text model
     return out

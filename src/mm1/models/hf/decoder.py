@@ -1,5 +1,6 @@
 """Llama / Qwen2 / Mistral decoders and Mixtral / Qwen3-MoE MoE decoders: configs and weights
-from and to HF checkpoints (the MoE specifics in `mm1.models.hf.moe`)."""
+from and to HF checkpoints (the MoE specifics in `mm1.models.hf.moe`); MoE decoders that fit
+neither family as transformers custom code (`mm1_moe`, `mm1.models.hf.custom_moe`)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,12 @@ from mm1.models.hf.checkpoint import (
     read_hf_config,
     write_checkpoint,
 )
+from mm1.models.hf.custom_moe import (
+    CUSTOM_MOE_TYPE,
+    copy_moe_code,
+    custom_moe_config_from_hf,
+    custom_moe_config_to_hf,
+)
 from mm1.models.hf.moe import (
     MOE_TYPES,
     UNSUPPORTED_MOE,
@@ -33,13 +40,14 @@ from mm1.models.hf.moe import (
 )
 from mm1.models.moe import MoEConfig
 
-DECODER_TYPES = ("llama", "qwen2", "mistral", *MOE_TYPES)
+DECODER_TYPES = ("llama", "qwen2", "mistral", *MOE_TYPES, CUSTOM_MOE_TYPE)
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "mistral": "MistralForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    CUSTOM_MOE_TYPE: "MM1MoeForCausalLM",
 }
 # transformers' class defaults for max_position_embeddings.
 _MAX_POSITIONS = {
@@ -107,7 +115,7 @@ def _sliding_window_from_hf(hf: Mapping[str, Any], model_type: str, layers: int)
 
 def decoder_config_from_hf(path_or_dict: PathLike | Mapping[str, Any]) -> DecoderConfig:
     """Our DecoderConfig for a Llama / Qwen2 / Mistral / Mixtral / Qwen3-MoE config
-    (transformers 4 or 5 layout).
+    (transformers 4 or 5 layout), or an `mm1_moe` custom-code one (ours).
 
     `init` is left unset: the config describes the architecture only.
     """
@@ -119,6 +127,8 @@ def decoder_config_from_hf(path_or_dict: PathLike | Mapping[str, Any]) -> Decode
         raise ValueError(
             f"unsupported decoder model_type {mt!r}; supported: {', '.join(DECODER_TYPES)}"
         )
+    if mt == CUSTOM_MOE_TYPE:
+        return custom_moe_config_from_hf(hf)
     what = f"{mt} config"
     act = hf.get("hidden_act", "silu")
     if act != "silu":
@@ -195,6 +205,8 @@ def decoder_config_to_hf(cfg: DecoderConfig, model_type: str = "llama") -> dict[
     family cannot express."""
     if model_type not in DECODER_TYPES:
         raise ValueError(f"model_type {model_type!r} is not one of {', '.join(DECODER_TYPES)}")
+    if model_type == CUSTOM_MOE_TYPE:
+        return custom_moe_config_to_hf(cfg)
     moe = moe_config_to_hf(cfg, model_type) if model_type in MOE_TYPES else {}
     if cfg.qk_norm and model_type != "qwen3_moe":
         raise ValueError(f"{model_type} has no q/k norm (decoder.qk_norm)")
@@ -254,24 +266,39 @@ def decoder_config_to_hf(cfg: DecoderConfig, model_type: str = "llama") -> dict[
 def save_decoder_hf(decoder: Decoder, out_dir: PathLike, model_type: str | None = None) -> Path:
     """Write a (plain, unsharded) Decoder as a transformers `model_type` checkpoint
     (config.json + model.safetensors) that AutoModelForCausalLM loads with equal logits.
-    None: llama for a dense decoder, the family a MoE one fits (`moe_type_for`).
+    None: `default_decoder_type`. `mm1_moe` is custom code: `modeling_mm1_moe.py` is written
+    beside it (load with trust_remote_code=True).
 
     A tied head is not written (transformers re-ties it). Written as qwen2, a decoder without
     q/k/v biases gets zero biases, since Qwen2 always has them.
     """
     hf, tensors = decoder_to_hf(decoder, model_type)
     hf["dtype"] = str(decoder.embed_tokens.weight.dtype).removeprefix("torch.")
-    return write_checkpoint(out_dir, hf, tensors)
+    out = write_checkpoint(out_dir, hf, tensors)
+    if hf["model_type"] == CUSTOM_MOE_TYPE:
+        copy_moe_code(out)
+    return out
+
+
+def default_decoder_type(cfg: DecoderConfig) -> str:
+    """llama for a dense decoder; for a MoE one the family it fits exactly (`moe_type_for`),
+    else `mm1_moe` (custom code)."""
+    if not isinstance(cfg.ffn, MoEConfig):
+        return "llama"
+    try:
+        return moe_type_for(cfg)
+    except ValueError:
+        return CUSTOM_MOE_TYPE
 
 
 def decoder_to_hf(
     decoder: Decoder, model_type: str | None = None
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(config dict, tensors under checkpoint names) of `decoder` as a transformers
-    `model_type` causal LM, as `save_decoder_hf` writes them (None: its default family)."""
+    `model_type` causal LM, as `save_decoder_hf` writes them (None: `default_decoder_type`)."""
     cfg = decoder.cfg
     if model_type is None:
-        model_type = moe_type_for(cfg) if isinstance(cfg.ffn, MoEConfig) else "llama"
+        model_type = default_decoder_type(cfg)
     hf = decoder_config_to_hf(cfg, model_type)
     state = dict(decoder.state_dict())
     if cfg.tie_embeddings:

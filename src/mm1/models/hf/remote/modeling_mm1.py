@@ -5,7 +5,8 @@ Written by `mm1 convert --to-hf` next to config.json; loaded with
 transformers only. The encoder is transformers' CLIP / SigLIP vision model cut at mm1's feature
 layer, the decoder transformers' causal LM of `text_config`; the connectors are written out here
 with mm1's arithmetic. Image slots (`image_token_id`) in `input_ids` take the connector's
-tokens of `pixel_values`' crops, in order.
+tokens of `pixel_values`' crops, in order. A MoE decoder that fits no transformers class is
+`modeling_mm1_moe.py`'s (`text_config.model_type: mm1_moe`), written beside this file.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .modeling_mm1_moe import MM1MoeConfig, MM1MoeForCausalLM
 
 # Honeybee's epsilons on the timm it pins (see mm1.models.connectors).
 _PRENORM_EPS = 1e-6
@@ -47,7 +50,10 @@ class MM1Config(PretrainedConfig):
             if isinstance(value, PretrainedConfig):
                 return value
             value = dict(value or {"model_type": default_type})
-            return AutoConfig.for_model(value.pop("model_type", default_type), **value)
+            kind = value.pop("model_type", default_type)
+            if kind == MM1MoeConfig.model_type:  # ours: not registered with AutoConfig
+                return MM1MoeConfig(**value)
+            return AutoConfig.for_model(kind, **value)
 
         self.vision_config = sub(vision_config, "clip_vision_model")
         self.text_config = sub(text_config, "llama")
@@ -212,7 +218,10 @@ class MM1ForConditionalGeneration(PreTrainedModel):
         self.connector = CONNECTORS[config.connector["type"]](
             config.connector, v.hidden_size, grid, t.hidden_size
         )
-        self.language_model = AutoModelForCausalLM.from_config(t)
+        if isinstance(t, MM1MoeConfig):
+            self.language_model = MM1MoeForCausalLM(t)
+        else:
+            self.language_model = AutoModelForCausalLM.from_config(t)
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
