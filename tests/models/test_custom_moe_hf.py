@@ -254,3 +254,28 @@ def _config_json(tmp_path: Path) -> str:
     torch.manual_seed(0)
     out = save_decoder_hf(Decoder(_decoder_cfg("every2")), tmp_path / "cfg")
     return (out / "config.json").read_text()
+
+
+def test_left_padded_batches_generate_as_each_prompt_alone(tmp_path: Path) -> None:
+    """transformers pads a batch on the left: the remote decoder masks the padding and counts
+    positions from each row's first token, so every row continues as its prompt alone does in
+    mm1."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    decoder = Decoder(_decoder_cfg("every3_qknorm_window")).eval()
+    _randomise(decoder)
+    save_decoder_hf(decoder, tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, VOCAB, (n,), generator=g) for n in (11, 6)]
+    ids = torch.zeros(2, 11, dtype=torch.long)
+    mask = torch.zeros(2, 11, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, 11 - len(p) :], mask[row, 11 - len(p) :] = p, 1
+    with torch.no_grad():
+        new = hf.generate(
+            ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0
+        )
+    for row, p in enumerate(prompts):
+        assert new[row, 11:].tolist() == _greedy(decoder, p[None], 4), row
