@@ -49,7 +49,7 @@ def save_hf(
         if model_type == "llava_next":
             raise ValueError(
                 "--to-hf: the anyres layout runs in transformers only as LLaVA-NeXT, whose text "
-                f"model must be a transformers class, and {why} (model.decoder.ffn, qk_norm)"
+                f"model must be a transformers class, and {why} (model.decoder.ffn / qk_norm)"
             )
         return _save_custom(
             p, out, decoder_type, f"LLaVA's text model is a transformers class: {why}"

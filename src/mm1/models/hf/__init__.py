@@ -1,5 +1,6 @@
 """Hugging Face checkpoints in and out: CLIP / SigLIP image encoders, Llama / Qwen2 / Mistral
-decoders, Mixtral / Qwen3-MoE MoE decoders.
+decoders, Mixtral / Qwen3-MoE MoE decoders (other MoE layouts out and back as our custom code,
+`custom_moe`).
 
 transformers is an optional dependency, so nothing here imports it: `config.json` is read with
 json and the weights with safetensors, or with `torch.load(weights_only=True)` for
