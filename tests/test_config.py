@@ -128,3 +128,15 @@ def test_source_names_are_validated() -> None:
         load_config(None, [two % ("'a b'", "c")])
     with pytest.raises(ConfigError, match=r"^data\.val_sources\[0\]\.name='x/y'"):
         load_config(None, ["data.val_sources=[{format: coco, path: c.json, name: x/y}]"])
+
+
+def test_world_image_size_is_checked_against_the_world(tmp_path: Path) -> None:
+    from mm1.data.world import ensure_world
+
+    with pytest.raises(ConfigError, match=r"^data\.world_image_size=16 must be at least 32"):
+        load_config(None, ["data.world_image_size=16"])
+    cfg = load_config(None, [f"data.world={tmp_path / 'w'}", "data.world_image_size=48"])
+    assert ensure_world(cfg.data).image_size == 48  # written at the size asked for
+    cfg = load_config(None, [f"data.world={tmp_path / 'w'}"])
+    with pytest.raises(ConfigError, match=r"^data\.world_image_size=64, but the world .* 48 px"):
+        ensure_world(cfg.data)

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import random
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -93,8 +94,9 @@ def test_deterministic_per_seed(world, tmp_path):
     shard_files = {k for k in first if "/images/" not in k}
     assert shard_files <= other.keys()  # same layout (image folders differ with the content)
     differing = [k for k in shard_files if first[k] != other[k]]
-    for name in m.sources:
-        assert any(k.startswith(name + "/") for k in differing), name
+    for name, src in m.sources.items():
+        folder = str(Path(src["shards"][0]).parent)
+        assert any(k.startswith(folder + "/") for k in differing), name
     assert "tokenizer.json" in differing
     # Re-writing a world directory replaces it completely.
     write_world(tmp_path / "same", seed=1, size="tiny")
@@ -121,6 +123,7 @@ def test_layout_and_manifest(world):
         "interleaved_mmc4": "mmc4",
         "text": "text",
         "sft": "llava",
+        "sft_tasks": "llava",
     }
     assert {k: v["format"] for k, v in m.sources.items()} == expected_format
     assert list_shards(m.root / "captions", "wds") == m.shards("captions")
@@ -178,7 +181,7 @@ def _train_images_and_scenes(m: WorldManifest) -> tuple[set[str], set[str]]:
     for d in _read_all(m, "interleaved_mmc4")[0]:
         pixels.update(_pixel_hash(im) for im in d.images)
         sigs.update(Scene.from_dict(x["scene"]).signature() for x in d.meta["image_info"])
-    for c in _read_all(m, "sft")[0]:
+    for c in _read_all(m, "sft")[0] + _read_all(m, "sft_tasks")[0]:
         pixels.update(_pixel_hash(im) for im in c.images)
         sigs.update(Scene.from_dict(x).signature() for x in c.meta.get("scenes", []))
     return pixels, sigs
@@ -349,3 +352,55 @@ def test_writers_report_progress_within_their_stage(tmp_path):
         ticks: list[float] = []
         write(ticks.append)
         assert len(ticks) > 1 and ticks == sorted(ticks) and ticks[-1] == 1.0
+
+
+def test_sft_task_questions_agree_with_their_scenes(world):
+    """The short-answer SFT questions (sft/tasks/) are true of the scenes they show: a yes and a
+    no per presence image, the picture with the most objects or the total count, the written
+    text; every question in the SFT suite's prompt form."""
+    m, _ = world
+    records = json.loads((m.root / "sft/tasks/llava.json").read_text())
+    assert len(records) == m.sources["sft_tasks"]["records"] == 64
+    assert {r["kind"] for r in records} == {"presence", "multi_image", "reading"}
+    for conv in _read_all(m, "sft_tasks")[0]:
+        assert len(conv.images) == len(conv.meta["scenes"])
+    for r in records:
+        scenes = [Scene.from_dict(x) for x in r["scenes"]]
+        turns = r["conversations"]
+        questions, answers = [t["value"] for t in turns[::2]], [t["value"] for t in turns[1::2]]
+        assert all(
+            q.endswith("\nAnswer the question using a single word or phrase.") for q in questions
+        )
+        assert questions[0].count("<image>") == len(scenes)
+        if r["kind"] == "presence":
+            shown = {(o.color, o.shape) for o in scenes[0].objects}
+            assert sorted(answers) == ["No", "Yes"]
+            for q, a in zip(questions, answers):
+                words = q.split(" in the image?")[0].split()
+                assert ((words[-2], words[-1]) in shown) == (a == "Yes"), (q, a, shown)
+        elif r["kind"] == "multi_image":
+            counts = [sc.count for sc in scenes]
+            if "most" in questions[0]:
+                assert answers == [("First", "Second", "Third")[counts.index(max(counts))]]
+                assert counts.count(max(counts)) == 1
+            else:
+                assert answers == [str(sum(counts))]
+        else:
+            assert answers == [scenes[0].text]
+
+
+def test_sft_task_questions_are_added_to_an_older_world(world, tmp_path):
+    """A world written before sft/tasks existed gains the same files, and nothing else changes."""
+    from mm1.data.sft_tasks import ensure_sft_tasks
+
+    m, _ = world
+    older = tmp_path / "older"
+    shutil.copytree(m.root, older)
+    shutil.rmtree(older / "sft/tasks")
+    before = _tree_hashes(older)
+    path = ensure_sft_tasks(older)
+    after = _tree_hashes(older)
+    added = {k: v for k, v in after.items() if k not in before}
+    assert {k: after[k] for k in before} == before
+    assert added == {k: v for k, v in _tree_hashes(m.root).items() if k.startswith("sft/tasks/")}
+    assert path == older / "sft/tasks/llava.json"

@@ -280,6 +280,7 @@ class DataConfig:
     world_size: str = "tiny"
     world_seed: int = 0
     world_text_scale: float = 1.0  # text around images: 1 web-like, 0 compact (see write_world)
+    world_image_size: int = 64  # pixels a side the world's images are drawn at
     tokenizer: str | None = None  # tokenizer.json (or a dir); default: the world's
     sources: list[SourceConfig] = field(default_factory=list)
     seq_len: int = 2048

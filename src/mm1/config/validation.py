@@ -269,6 +269,8 @@ def validate(cfg: Config) -> None:
     _choice("data.world_size", d.world_size, ("tiny", "small", "medium"))
     if d.world_text_scale < 0:
         raise ConfigError(f"data.world_text_scale={d.world_text_scale} must be >= 0")
+    if d.world_image_size < 32:
+        raise ConfigError(f"data.world_image_size={d.world_image_size} must be at least 32 pixels")
     for key, sources in (("data.sources", d.sources), ("data.val_sources", d.val_sources)):
         named: dict[str, int] = {}
         for i, s in enumerate(sources):

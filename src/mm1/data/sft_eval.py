@@ -34,7 +34,7 @@ from mm1.data.scenes import (
     scene_questions,
     vqa_answers,
 )
-from mm1.data.scenes.scene import capitalized, count_word
+from mm1.data.scenes.scene import capitalized, count_word, with_article
 from mm1.data.synthetic_writers import jpeg, world_rng
 
 SUITE_DIR = "eval/sft"
@@ -42,6 +42,7 @@ SUITE_FILE = "suite.yaml"
 # (queries, demonstrations) per task, by world size.
 SUITE_SIZES = {"tiny": (24, 12), "small": (200, 100), "medium": (400, 200)}
 ORDINALS = ("first", "second", "third")
+POPE_CATEGORIES = ("random", "popular", "adversarial")
 BENCH_PROMPTS = (
     "Describe this image in detail.",
     "What do you see in this picture? Describe it.",
@@ -113,37 +114,55 @@ def _short_vqa(w: _Writer, task: str, split: str, n: int, base: int, text_rich: 
     }
 
 
+def popular_pairs(scenes: list[Scene]) -> list[tuple[str, str]]:
+    """(colour, shape) pairs by how often `scenes` show them, most frequent first (POPE's
+    "popular" negatives)."""
+    frequency = Counter((o.color, o.shape) for sc in scenes for o in sc.objects)
+    return [pair for pair, _ in frequency.most_common()]
+
+
+def presence_pair(
+    scene: Scene, category: str, popular: list[tuple[str, str]], rng: random.Random
+) -> list[tuple[tuple[str, str], str]]:
+    """POPE's two questions about `scene`, in random order: ((colour, shape), "yes") for an
+    object it shows, ((colour, shape), "no") for one it does not, drawn at random, among the
+    most frequent (`popular`), or sharing the colour or shape of a shown object (adversarial)."""
+    shown = {(o.color, o.shape) for o in scene.objects}
+    absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in shown]
+    if category == "popular":
+        negative = next(p for p in popular if p not in shown)
+    elif category == "adversarial":
+        near = [(c, s) for c, s in absent if any(c == a or s == b for a, b in shown)]
+        negative = rng.choice(near or absent)
+    else:
+        negative = rng.choice(absent)
+    positive = rng.choice(sorted(shown))
+    pair = [(positive, "yes"), (negative, "no")]
+    rng.shuffle(pair)
+    return pair
+
+
+def presence_question(color: str, shape: str) -> str:
+    return f"Is there {with_article(color)} {color} {shape} in the image?"
+
+
 def _pope(w: _Writer, split: str, n: int, base: int) -> dict:
     """POPE: per scene one question about an object it shows (yes) and one about an object it
-    does not (no), the absent object drawn at random, among the split's most frequent objects
-    (popular), or sharing the colour or shape of a shown object (adversarial), in turn."""
+    does not (no), the three kinds of negatives in turn (`presence_pair`)."""
     scenes = [sample_scene(w.rng("pope", split, i), split, text_rich=False) for i in range(n)]
-    frequency = Counter((o.color, o.shape) for sc in scenes for o in sc.objects)
-    popular = [pair for pair, _ in frequency.most_common()]
+    popular = popular_pairs(scenes)
     records = []
     for i, scene in enumerate(scenes):
         rng = w.rng("pope_questions", split, i)
         image_id = base + i + 1
         fname = w.image(scene, f"pope_{split}_{image_id:08d}.jpg")
-        shown = {(o.color, o.shape) for o in scene.objects}
-        category = ("random", "popular", "adversarial")[i % 3]
-        absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in shown]
-        if category == "popular":
-            negative = next(p for p in popular if p not in shown)
-        elif category == "adversarial":
-            near = [(c, s) for c, s in absent if any(c == a or s == b for a, b in shown)]
-            negative = rng.choice(near or absent)
-        else:
-            negative = rng.choice(absent)
-        positive = rng.choice(sorted(shown))
-        pair = [(positive, "yes"), (negative, "no")]
-        rng.shuffle(pair)
-        for k, ((color, shape), label) in enumerate(pair):
+        category = POPE_CATEGORIES[i % 3]
+        for k, ((color, shape), label) in enumerate(presence_pair(scene, category, popular, rng)):
             records.append(
                 {
                     "question_id": image_id * 10 + k,
                     "image": fname,
-                    "text": f"Is there a {color} {shape} in the image?",
+                    "text": presence_question(color, shape),
                     "label": label,
                     "category": category,
                 }
@@ -151,29 +170,37 @@ def _pope(w: _Writer, split: str, n: int, base: int) -> dict:
     return {"questions": w.write(split, "pope.jsonl", records)}
 
 
+def multi_image_question(
+    rng: random.Random, split: str, most: bool
+) -> tuple[list[Scene], str, str, str]:
+    """Two or three scenes and a short-answer question over them: which picture has the most
+    objects (`most`; the scenes are drawn until one picture has strictly the most), or how many
+    objects they show together. Returns (scenes, question, answer, VQA answer type)."""
+    k = rng.randint(2, 3)
+    while True:
+        scenes = [sample_scene(rng, split, text_rich=False) for _ in range(k)]
+        counts = [sc.count for sc in scenes]
+        if not most or counts.count(max(counts)) == 1:
+            break
+    if most:
+        best = ORDINALS[counts.index(max(counts))]
+        return scenes, "Which picture has the most objects?", best, "other"
+    total = sum(counts)
+    return scenes, "How many objects are there in all the pictures together?", str(total), "number"
+
+
 def _multi(w: _Writer, split: str, n: int, base: int) -> dict:
     """Two or three pictures per question: which has the most objects, or how many in all."""
     questions, anns = [], []
     for i in range(n):
         rng = w.rng("multi", split, i)
-        k = rng.randint(2, 3)
-        while True:
-            scenes = [sample_scene(rng, split, text_rich=False) for _ in range(k)]
-            counts = [sc.count for sc in scenes]
-            if i % 2 == 1 or counts.count(max(counts)) == 1:
-                break  # "most objects" needs a single answer
+        scenes, question, answer, kind = multi_image_question(rng, split, most=i % 2 == 0)
         qid = base + i + 1
         files = [w.image(sc, f"multi_{split}_{qid:08d}_{j}.jpg") for j, sc in enumerate(scenes)]
-        if i % 2 == 0:
-            question = "Which picture has the most objects?"
-            best = ORDINALS[counts.index(max(counts))]
-            answers = [best] * 8 + [f"the {best} one", f"{best} picture"]
-            kind = "other"
+        if kind == "other":
+            answers = [answer] * 8 + [f"the {answer} one", f"{answer} picture"]
         else:
-            question = "How many objects are there in all the pictures together?"
-            total = sum(counts)
-            answers = [str(total)] * 8 + [count_word(total), f"{total} objects"]
-            kind = "number"
+            answers = [answer] * 8 + [count_word(int(answer)), f"{answer} objects"]
         rng.shuffle(answers)
         questions.append(
             {"image_id": qid, "images": files, "question": question, "question_id": qid}

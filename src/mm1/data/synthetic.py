@@ -17,6 +17,7 @@ the same readers as real data (`mm1.data.sources`):
     interleaved_mmc4/00000.jsonl …      MMC4-style jsonl + interleaved_mmc4/images/
     text/00000.jsonl …                  text-only documents (`text` field)
     sft/llava.json, sft/images/         LLaVA SFT conversations (+ sft/datasets.yaml, LLaVA-NeXT)
+    sft/tasks/llava.json, .../images/   short-answer SFT questions in the SFT suite's forms
     eval/{val,support}/images/          held-out evaluation images (disjoint scenes)
     eval/{val,support}/captions.json    COCO-captions format, 5 references per image
     eval/{val,support}/vqa_questions.json, vqa_annotations.json   VQAv2 format, 10 answers
@@ -54,6 +55,7 @@ from mm1.data.scenes import (
     WORDS,
     WORLD_FORMAT_VERSION,
 )
+from mm1.data.sft_tasks import write_sft_tasks
 from mm1.data.synthetic_writers import (
     PRESETS,
     Tick,
@@ -230,6 +232,8 @@ def write_world(
         ),
         "text": lambda tick: write_text(root, seed, preset, texts, text_scale, tick),
         "sft": lambda tick: write_sft(root, seed, preset, image_size, texts, tick),
+        # not given `texts`: the tokenizer, like every file of worlds before it, is unchanged
+        "sft_tasks": lambda tick: write_sft_tasks(root, seed, size, image_size),
         "eval/val": lambda tick: write_eval(
             root, "val", preset.val_images, seed, preset, image_size, tick
         ),

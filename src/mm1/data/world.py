@@ -47,10 +47,17 @@ def ensure_world(
             seed=data.world_seed,
             size=data.world_size,
             text_scale=data.world_text_scale,
+            image_size=data.world_image_size,
             progress=True,
         )
     barrier()
-    return WorldManifest.load(root)
+    world = WorldManifest.load(root)
+    if world.image_size != data.world_image_size:
+        raise ConfigError(
+            f"data.world_image_size={data.world_image_size}, but the world at {root} was drawn "
+            f"at {world.image_size} px: set it to {world.image_size} or choose another data.world"
+        )
+    return world
 
 
 def world_sources(world: WorldManifest) -> tuple[list[SourceConfig], list[SourceConfig]]:
