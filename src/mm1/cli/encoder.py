@@ -1,0 +1,40 @@
+"""`mm1 train-encoder` and `mm1 eval-encoder`: image-encoder pre-training (CLIP / AIM) and its
+evaluation."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from .common import Add, console
+
+
+def cmd_train_encoder(args: argparse.Namespace) -> int | None:
+    from mm1.config.encoder import load_encoder_config
+    from mm1.train.encoder_trainer import train_encoder
+
+    cfg = load_encoder_config(args.config, args.overrides)
+    result = train_encoder(cfg, force=args.force)
+    if result["stopped_by"]:
+        if os.environ.get("RANK", "0") == "0":
+            console.print(
+                f"stopped early at step {result['step']} of {cfg.train.steps} (checkpoint saved "
+                f"in {cfg.train.run_dir}); run the same command to resume"
+            )
+        return 128 + result["stopped_by"]
+    if os.environ.get("RANK", "0") == "0":
+        console.print(
+            f"done: step {result['step']}, loss {result['loss']:.4f} -> {cfg.train.run_dir}"
+        )
+    return None
+
+
+def register(add: Add) -> None:
+    p = add(
+        "train-encoder",
+        cmd_train_encoder,
+        "pre-train an image encoder (encoder.objective: clip | aim) on caption pairs; resumes",
+    )
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("--force", action="store_true", help="resume even if the config changed")

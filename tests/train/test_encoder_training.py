@@ -1,0 +1,192 @@
+"""Encoder pre-training: AIM's targets and masks on known inputs, the encoder config's one-line
+errors, and exact resume of an encoder run (CLIP and AIM) through the trainer."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mm1.config import ConfigError, ModelConfig, VisionConfig
+from mm1.config.encoder import AIMObjectiveConfig, load_encoder_config
+from mm1.models.aim import (
+    AIMModel,
+    normalised_patches,
+    patchify,
+    prefix_causal_mask,
+    sample_prefix,
+    target_mask,
+)
+from mm1.train.encoder_trainer import EncoderTrainer
+
+
+def test_patchify_orders_patches_as_the_vit_and_pixels_row_column_channel() -> None:
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    p = patchify(x, 2)
+    assert p.shape == (2, 4, 12)
+    # patch 1 is the top-right one: rows 0-1, columns 2-3; its pixels row by row, RGB each
+    want = [x[1, c, r, col] for r in (0, 1) for col in (2, 3) for c in range(3)]
+    assert p[1, 1].tolist() == torch.stack(want).tolist()
+    # the ViT's patch order is its conv output flattened row-major
+    conv = torch.nn.Conv2d(3, 1, 2, 2, bias=False)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, 0, 1, 0] = 1.0  # picks channel 0, row 1, column 0 of each patch
+    assert conv(x).flatten(2)[:, 0].tolist() == p[:, :, 6].tolist()
+
+
+def test_targets_are_normalised_per_patch() -> None:
+    patches = torch.tensor([[[1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 5.0, 5.0]]])
+    t = normalised_patches(patches, eps=1e-6)
+    expect = [(v - 2.5) / math.sqrt(1.25 + 1e-6) for v in (1, 2, 3, 4)]
+    assert t[0, 0].tolist() == pytest.approx(expect)
+    assert t[0, 1].tolist() == [0.0] * 4  # a flat patch: zeros, not a division by zero
+
+
+def test_prefix_causal_mask_and_the_counted_targets() -> None:
+    prefix = torch.tensor([2])
+    got = prefix_causal_mask(prefix, num_patches=4, cls=True)[0, 0].int().tolist()
+    # tokens: CLS, p0..p3; CLS, p0, p1 are the prefix (bidirectional); p2, p3 causal
+    assert got == [
+        [1, 1, 1, 0, 0],
+        [1, 1, 1, 0, 0],
+        [1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 0],
+        [1, 1, 1, 1, 1],
+    ]
+    assert prefix_causal_mask(prefix, 4, cls=False)[0, 0, 0].int().tolist() == [1, 1, 0, 0]
+    # predictions of patches 1, 2, 3 (made at 0, 1, 2): only patches 2, 3 are after the prefix
+    assert target_mask(prefix, 4).tolist() == [[False, True, True]]
+
+
+def _tiny_aim() -> AIMModel:
+    vision = VisionConfig(image_size=16, patch_size=4, width=16, layers=2, heads=2, mlp_dim=32)
+    torch.manual_seed(0)
+    return AIMModel(ModelConfig(vision=vision), AIMObjectiveConfig(head_dim=16))
+
+
+def test_aim_loss_predicts_the_next_patch_after_the_prefix_only() -> None:
+    model = _tiny_aim()
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    loss = model(x, generator=torch.Generator().manual_seed(5)).loss
+    prefix = sample_prefix(3, 16, 1, torch.Generator().manual_seed(5))
+    feats = model.vision(x, prefix_causal_mask(prefix, 16, cls=True))
+    target = normalised_patches(patchify(x, 4))
+    per_image = []
+    for b in range(3):
+        errs = [
+            (model.pixel_head(feats[b, t - 1]) - target[b, t]).pow(2).mean()
+            for t in range(int(prefix[b]), 16)
+        ]
+        per_image.append(torch.stack(errs).mean())
+    assert loss.item() == pytest.approx(torch.stack(per_image).mean().item(), rel=1e-5)
+
+
+def test_aim_features_before_a_patch_do_not_see_it() -> None:
+    model = _tiny_aim()
+    x = torch.randn(1, 3, 16, 16)
+    prefix = torch.tensor([5])
+    mask = prefix_causal_mask(prefix, 16, cls=True)
+    y = x.clone()
+    y[..., 12:, 12:] += 1.0  # the last patch
+    a, b = model.vision(x, mask), model.vision(y, mask)
+    torch.testing.assert_close(a[:, :15], b[:, :15])
+    assert not torch.allclose(a[:, 15], b[:, 15])
+    # MM1 runs it bidirectionally: without the mask every patch sees the last one
+    assert not torch.allclose(model.vision(x)[:, 0], model.vision(y)[:, 0])
+
+
+def _encoder_config(tmp: Path, world: Path, objective: str, **train) -> Path:
+    cfg = {
+        "model": {
+            "vision": {
+                "image_size": 32,
+                "patch_size": 8,
+                "width": 32,
+                "layers": 1,
+                "heads": 2,
+                "mlp_dim": 64,
+            },
+            "connector": {"type": "avgpool", "num_tokens": 4},  # MM1's, when it reads this ViT
+        },
+        "data": {"world": str(world), "num_workers": 0},
+        "encoder": {
+            "objective": objective,
+            "text": {"width": 32, "layers": 1, "heads": 2, "mlp_dim": 64, "max_len": 24},
+            "clip": {"embed_dim": 16},
+            "aim": {"head_dim": 32},
+        },
+        "train": {
+            "run_dir": str(tmp / f"run_{objective}"),
+            "steps": 4,
+            "batch_size": 8,
+            "micro_batch_size": 4,
+            "log_every": 1,
+            "val_every": 2,
+            "val_batches": 1,
+            "save_every": 2,
+            "parallel": "none",
+            "tensorboard": False,
+            "progress": False,
+            "optim": {"lr": 1e-3, "warmup_steps": 2},
+            **train,
+        },
+    }
+    path = tmp / f"{objective}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _losses(run: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+@pytest.mark.parametrize("objective", ["clip", "aim"])
+def test_encoder_run_resumes_exactly(tmp_path: Path, world: Path, objective: str) -> None:
+    cfg = _encoder_config(tmp_path, world, objective)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    EncoderTrainer(load_encoder_config(cfg, [f"train.run_dir={straight}"])).fit()
+    first = EncoderTrainer(load_encoder_config(cfg, [f"train.run_dir={split}", "train.steps=2"]))
+    assert first.fit()["step"] == 2
+    EncoderTrainer(load_encoder_config(cfg, [f"train.run_dir={split}"])).fit()
+    assert _losses(split) == _losses(straight)
+    assert len(_losses(straight)) == 4
+    # a changed objective option is refused on resume
+    with pytest.raises(ConfigError, match="encoder.aim.head_dim"):
+        EncoderTrainer(
+            load_encoder_config(cfg, [f"train.run_dir={split}", "encoder.aim.head_dim=8"])
+        ).setup()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["train.micro_batch_size=1", "train.batch_size=2"], "train.micro_batch_size=1"),
+        (["model.vision.image_size=30"], "model.vision.image_size=30"),
+        (["encoder.text.proj_in=48"], "encoder.text.proj_in=48"),
+        (["encoder.objective=mae"], "encoder.objective='mae'"),
+        (["encoder.aim.min_prefix=16"], "encoder.aim.min_prefix=16"),
+    ],
+)
+def test_bad_encoder_configs_name_the_key(tmp_path: Path, overrides, key) -> None:
+    cfg = _encoder_config(tmp_path, tmp_path / "world", "clip")
+    with pytest.raises(ConfigError) as err:
+        load_encoder_config(cfg, overrides)
+    assert str(err.value).startswith(key) and "\n" not in str(err.value)
+
+
+def test_clip_refuses_sources_without_caption_pairs(tmp_path: Path, world: Path) -> None:
+    cfg = _encoder_config(tmp_path, world, "clip")
+    text = world / "text"
+    with pytest.raises(ConfigError, match=r"^data.sources\[0\].kind='text'"):
+        load_encoder_config(cfg, [f"data.sources=[{{format: text, path: {text}}}]"])
+    # AIM reads images: a text-only source is refused too, interleaved documents are not
+    with pytest.raises(ConfigError, match=r"^data.sources\[0\].kind='text'"):
+        load_encoder_config(
+            cfg, ["encoder.objective=aim", f"data.sources=[{{format: text, path: {text}}}]"]
+        )
