@@ -190,3 +190,67 @@ def test_clip_refuses_sources_without_caption_pairs(tmp_path: Path, world: Path)
         load_encoder_config(
             cfg, ["encoder.objective=aim", f"data.sources=[{{format: text, path: {text}}}]"]
         )
+
+
+@pytest.mark.parametrize("objective", ["clip", "aim"])
+def test_a_trained_encoder_starts_mm1_at_another_resolution(
+    tmp_path: Path, world: Path, objective: str, tiny_config, make_trainer
+) -> None:
+    from mm1.checkpoint import read_model_weights
+    from mm1.models.vision import interpolate_pos_embed
+
+    enc = tmp_path / "encoder"
+    cfg = _encoder_config(tmp_path, world, objective, steps=2, val_every=0)
+    EncoderTrainer(load_encoder_config(cfg, [f"train.run_dir={enc}"])).fit()
+    saved = read_model_weights(enc).state
+    # MM1 at 48 px: a 6 x 6 patch grid where the encoder was trained on 4 x 4
+    mm1_cfg = tiny_config(tmp_path, world, parallel="none", steps=1, val_every=0)
+    trainer = make_trainer(
+        mm1_cfg, tmp_path / "mm1", f"train.init.vision={enc}", "model.vision.image_size=48"
+    )
+    trainer.setup()
+    vision = trainer.raw_model.vision.state_dict()
+    for key, value in saved.items():
+        if key.startswith("vision.") and key != "vision.pos_embed":
+            torch.testing.assert_close(vision[key.removeprefix("vision.")], value)
+    want = interpolate_pos_embed(saved["vision.pos_embed"], 6, has_cls=True)
+    assert vision["pos_embed"].shape == (1, 37, 32)
+    torch.testing.assert_close(vision["pos_embed"], want)
+    assert trainer.data.processor.output_size == (48, 48)
+    micro = [next(iter(trainer.loader)) for _ in range(trainer.accum)]
+    assert math.isfinite(trainer.train_step(micro).loss)
+
+
+def test_a_clip_encoder_exports_to_transformers_clip_vision_model(
+    tmp_path: Path, world: Path
+) -> None:
+    transformers = pytest.importorskip("transformers")
+    from mm1 import cli
+    from mm1.models.encoders import load_encoder_run
+
+    enc = tmp_path / "encoder"
+    cfg = _encoder_config(tmp_path, world, "clip", steps=1, val_every=0, save_every=1)
+    EncoderTrainer(load_encoder_config(cfg, [f"train.run_dir={enc}"])).fit()
+    assert cli.main(["export-encoder", str(enc), str(tmp_path / "hf")]) == 0
+    _, ours = load_encoder_run(enc)
+    theirs = transformers.CLIPVisionModel.from_pretrained(tmp_path / "hf").eval()
+    assert (tmp_path / "hf" / "preprocessor_config.json").is_file()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = ours.vision(x)
+        got = theirs(pixel_values=x, output_hidden_states=True).hidden_states[-1][:, 1:]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_encoder_blocks_past_the_feature_layer_are_dropped_on_loading() -> None:
+    from mm1.models.state_transforms import LoadContext, apply_chain
+
+    t = torch.ones(2)
+    state = {"vision.blocks.0.b": t, "vision.blocks.1.b": t, "vision.blocks.10.b": t}
+    ctx = LoadContext("enc", ("vision",), {"vision.blocks.0.b": torch.Size([2])})
+    assert list(apply_chain(dict(state), ctx)) == ["vision.blocks.0.b"]
+    assert ctx.notes == ["vision blocks from 1 on dropped (past the feature layer)"]
+    # a block the model has but the source lacks is still an error
+    ctx = LoadContext("enc", ("vision",), {f"vision.blocks.{i}.b": torch.Size([2]) for i in (0, 2)})
+    with pytest.raises(ValueError, match="has no vision.blocks.2.b"):
+        apply_chain({"vision.blocks.0.b": t, "vision.blocks.1.b": t}, ctx)

@@ -1,5 +1,5 @@
-"""`mm1 train-encoder` and `mm1 eval-encoder`: image-encoder pre-training (CLIP / AIM) and its
-evaluation."""
+"""`mm1 train-encoder`, `mm1 eval-encoder` and `mm1 export-encoder`: image-encoder pre-training
+(CLIP / AIM), its evaluation, and its ViT for transformers."""
 
 from __future__ import annotations
 
@@ -29,6 +29,13 @@ def cmd_train_encoder(args: argparse.Namespace) -> int | None:
     return None
 
 
+def cmd_export_encoder(args: argparse.Namespace) -> None:
+    from mm1.encoder_export import export_encoder_hf
+
+    out = export_encoder_hf(args.run, args.out)
+    console.print(f"wrote {out} (transformers CLIPVisionModel / SiglipVisionModel layout)")
+
+
 def register(add: Add) -> None:
     p = add(
         "train-encoder",
@@ -38,3 +45,11 @@ def register(add: Add) -> None:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.add_argument("--force", action="store_true", help="resume even if the config changed")
+
+    p = add(
+        "export-encoder",
+        cmd_export_encoder,
+        "write an encoder run's ViT as a transformers CLIPVisionModel directory",
+    )
+    p.add_argument("run", help="an encoder run directory (or one of its checkpoints)")
+    p.add_argument("out", help="the directory to write")

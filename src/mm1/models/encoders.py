@@ -4,6 +4,7 @@ lists `parallelize` shards / checkpoints for it."""
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 from torch import nn
 
@@ -35,3 +36,26 @@ ENCODER_FAMILY = ModelFamily(
     _blocks,
     lambda model: None,
 )
+
+
+def load_encoder_run(path: str | Path) -> tuple[EncoderRunConfig, EncoderModel]:
+    """An encoder run (its newest checkpoint) or one of its checkpoints, as the model it
+    trained (eval mode, CPU, float32), with its saved config."""
+    from mm1.checkpoint import is_checkpoint, read_model_weights
+    from mm1.config.encoder import load_encoder_config
+
+    p = Path(path)
+    run = p.parent.parent if is_checkpoint(p) else p
+    saved_cfg = run / "config.yaml"
+    if not saved_cfg.is_file():
+        raise FileNotFoundError(f"{run} is not an encoder run directory (no config.yaml)")
+    cfg = load_encoder_config(saved_cfg)
+    state = read_model_weights(p).state
+    vocab = state["text.embed_tokens.weight"].shape[0] if "text.embed_tokens.weight" in state else 1
+    model = build_encoder_model(cfg, vocab)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        raise ValueError(f"{p}: not a {cfg.encoder.objective} encoder run ({first})") from None
+    return cfg, model.eval()
