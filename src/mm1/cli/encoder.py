@@ -36,6 +36,27 @@ def cmd_export_encoder(args: argparse.Namespace) -> None:
     console.print(f"wrote {out} (transformers CLIPVisionModel / SiglipVisionModel layout)")
 
 
+def cmd_eval_encoder(args: argparse.Namespace) -> None:
+    from mm1.eval.encoders import evaluate_encoder_run
+
+    result, out = evaluate_encoder_run(
+        args.run, args.world, args.out, args.untrained_seed, tuple(range(args.probe_seeds))
+    )
+    zs = result.get("zero_shot")
+    if zs:
+        line = ", ".join(
+            f"{k} {v['accuracy']:.3f} (chance {v['chance']:.3f})" for k, v in zs.items()
+        )
+        console.print(f"zero-shot: {line}")
+        r = result["retrieval"]
+        console.print(
+            f"retrieval text->image R@1 {r['text_to_image_r1']:.3f} (chance "
+            f"{r['text_to_image_r1_chance']:.3f}), image->text R@1 {r['image_to_text_r1']:.3f}"
+        )
+    console.print(f"linear probe mean accuracy {result['linear_probe']['mean']['accuracy']:.3f}")
+    console.print(f"wrote {out}")
+
+
 def register(add: Add) -> None:
     p = add(
         "train-encoder",
@@ -53,3 +74,19 @@ def register(add: Add) -> None:
     )
     p.add_argument("run", help="an encoder run directory (or one of its checkpoints)")
     p.add_argument("out", help="the directory to write")
+
+    p = add(
+        "eval-encoder",
+        cmd_eval_encoder,
+        "score an encoder run on the world's held-out scenes: zero-shot, retrieval, linear probe",
+    )
+    p.add_argument("run", help="an encoder run directory (or one of its checkpoints)")
+    p.add_argument("--world", default=None, help="the synthetic world (default: the run's)")
+    p.add_argument("--out", default=None, help="output directory (default: RUN/eval)")
+    p.add_argument(
+        "--untrained-seed",
+        type=int,
+        default=None,
+        help="score a freshly initialised encoder of the run's architecture (a baseline)",
+    )
+    p.add_argument("--probe-seeds", type=int, default=3, help="linear-probe train/test splits")
