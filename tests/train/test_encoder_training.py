@@ -254,3 +254,52 @@ def test_encoder_blocks_past_the_feature_layer_are_dropped_on_loading() -> None:
     ctx = LoadContext("enc", ("vision",), {f"vision.blocks.{i}.b": torch.Size([2]) for i in (0, 2)})
     with pytest.raises(ValueError, match="has no vision.blocks.2.b"):
         apply_chain({"vision.blocks.0.b": t, "vision.blocks.1.b": t}, ctx)
+
+
+def _hf_text_model(tmp: Path, world: Path, width: int = 32) -> Path:
+    transformers = pytest.importorskip("transformers")
+    import tokenizers
+
+    tok = tokenizers.Tokenizer.from_file(str(world / "tokenizer.json"))
+    vocab = tok.get_vocab_size()
+    torch.manual_seed(0)
+    cfg = transformers.CLIPTextConfig(
+        vocab_size=vocab + 8,  # room for the tokens mm1's tokenizer adds
+        hidden_size=width,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+        bos_token_id=tok.token_to_id("<s>"),
+        eos_token_id=tok.token_to_id("</s>"),
+        pad_token_id=tok.token_to_id("<pad>"),
+    )
+    out = tmp / "hf_text"
+    transformers.CLIPTextModel(cfg).save_pretrained(out)
+    (out / "tokenizer.json").write_text((world / "tokenizer.json").read_text())
+    return out
+
+
+def test_an_hf_text_tower_trains_and_reads_each_caption_at_its_eos(
+    tmp_path: Path, world: Path
+) -> None:
+    from mm1.config.encoder import TextTowerConfig
+    from mm1.models.encoders import load_encoder_run
+    from mm1.models.hf_text import HFTextTower
+
+    hf = _hf_text_model(tmp_path, world)
+    tower = HFTextTower(TextTowerConfig(width=32, max_len=8, hf=str(hf))).eval()
+    ids = torch.tensor([[5, 6, 7, 9, 0, 0, 0, 0], [5, 8, 9, 10, 11, 12, 13, 9]])
+    lengths = torch.tensor([4, 8])
+    with torch.no_grad():
+        got = tower(ids, lengths)
+        for row in range(2):
+            alone = tower.model(input_ids=ids[row : row + 1, : lengths[row]]).last_hidden_state
+            torch.testing.assert_close(got[row], alone[0, -1])
+    cfg = _encoder_config(tmp_path, world, "clip", steps=2, val_every=0)
+    over = [f"encoder.text.hf={hf}", "encoder.text.max_len=24", f"train.run_dir={tmp_path / 'r'}"]
+    EncoderTrainer(load_encoder_config(cfg, over)).fit()
+    _, model = load_encoder_run(tmp_path / "r")
+    assert isinstance(model.text, HFTextTower)
+    with pytest.raises(ConfigError, match=r"^encoder.text.width=48 does not match the hidden size"):
+        load_encoder_config(cfg, [*over, "encoder.text.width=48"])

@@ -32,6 +32,10 @@ class TextTowerConfig:
     # The width the text projection reads: 0 = `width`. Set it to declare the projection's
     # input explicitly (a tower loaded elsewhere); it must equal `width`.
     proj_in: int = 0
+    # An HF CLIP text model directory (CLIPTextModel, or a CLIPModel's text half, with its
+    # tokenizer.json): the tower starts from it and its tokenizer is the run's; the shape keys
+    # above are then its own, and `width` must equal its hidden size. None: from scratch.
+    hf: str | None = None
 
 
 @dataclass
@@ -99,6 +103,8 @@ def validate_encoder(cfg: EncoderRunConfig) -> None:
             f"encoder.text.proj_in={t.proj_in} does not match encoder.text.width={t.width}: "
             "the text projection reads the tower's output"
         )
+    if t.hf is not None:
+        _check_hf_text(t)
     if e.clip.embed_dim <= 0:
         raise ConfigError(f"encoder.clip.embed_dim={e.clip.embed_dim} must be positive")
     if not e.clip.logit_scale_max > 1.0:
@@ -133,3 +139,24 @@ def validate_encoder(cfg: EncoderRunConfig) -> None:
                     f"{key}[{i}].kind={s.resolved_kind!r} ({s.path}): encoder.objective="
                     f"{e.objective} trains on {what} (kinds: {', '.join(allowed)})"
                 )
+
+
+def _check_hf_text(t: TextTowerConfig) -> None:
+    import json
+
+    path = Path(t.hf or "")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"encoder.text.hf={t.hf}: no HF checkpoint (config.json) there")
+    raw = json.loads((path / "config.json").read_text())
+    hf = raw.get("text_config") or raw
+    if hf.get("hidden_size") != t.width:
+        raise ConfigError(
+            f"encoder.text.width={t.width} does not match the hidden size {hf.get('hidden_size')} "
+            f"of encoder.text.hf={t.hf}: the text projection reads the tower's output"
+        )
+    limit = hf.get("max_position_embeddings", t.max_len)
+    if t.max_len > limit:
+        raise ConfigError(
+            f"encoder.text.max_len={t.max_len} exceeds the {limit} positions of "
+            f"encoder.text.hf={t.hf}"
+        )

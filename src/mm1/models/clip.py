@@ -70,15 +70,21 @@ class CLIPModel(nn.Module):
     gathered = True  # the loss is the global batch's on every rank (see contrastive.py)
 
     def __init__(
-        self, model: ModelConfig, text: TextTowerConfig, clip: CLIPObjectiveConfig, vocab: int
+        self,
+        model: ModelConfig,
+        text: TextTowerConfig,
+        clip: CLIPObjectiveConfig,
+        vocab: int,
+        text_tower: nn.Module | None = None,
     ) -> None:
+        """`text_tower`: a tower built elsewhere (`HFTextTower`), else `TextTransformer`."""
         super().__init__()
         self.cfg = model
         self.clip_cfg = clip
         w, e = model.vision.width, clip.embed_dim
         self.vision = VisionTransformer(model.vision)
         self.image_proj = nn.Sequential(nn.LayerNorm(w), nn.Linear(w, e, bias=False))
-        self.text = TextTransformer(text, vocab)
+        self.text = text_tower if text_tower is not None else TextTransformer(text, vocab)
         self.text_proj = nn.Linear(text.proj_in or text.width, e, bias=False)
         init_weights(self.image_proj)
         init_weights(self.text_proj)

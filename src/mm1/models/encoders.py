@@ -16,10 +16,19 @@ from mm1.models.family import ModelFamily
 EncoderModel = CLIPModel | AIMModel
 
 
-def build_encoder_model(cfg: EncoderRunConfig, vocab_size: int) -> EncoderModel:
+def build_encoder_model(
+    cfg: EncoderRunConfig, vocab_size: int, load_weights: bool = True
+) -> EncoderModel:
+    """The objective's model, freshly initialised; an HF text tower (`encoder.text.hf`) starts
+    from its checkpoint when `load_weights`."""
     e = cfg.encoder
     if e.objective == "clip":
-        return CLIPModel(cfg.model, e.text, e.clip, vocab_size)
+        tower = None
+        if e.text.hf is not None:
+            from mm1.models.hf_text import HFTextTower
+
+            tower = HFTextTower(e.text, load_weights)
+        return CLIPModel(cfg.model, e.text, e.clip, vocab_size, tower)
     return AIMModel(cfg.model, e.aim)
 
 
@@ -52,7 +61,7 @@ def load_encoder_run(path: str | Path) -> tuple[EncoderRunConfig, EncoderModel]:
     cfg = load_encoder_config(saved_cfg)
     state = read_model_weights(p).state
     vocab = state["text.embed_tokens.weight"].shape[0] if "text.embed_tokens.weight" in state else 1
-    model = build_encoder_model(cfg, vocab)
+    model = build_encoder_model(cfg, vocab, load_weights=False)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

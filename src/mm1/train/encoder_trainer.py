@@ -61,8 +61,14 @@ class EncoderTrainer(Trainer):
         kinds = CLIP_SOURCE_KINDS if objective == "clip" else AIM_SOURCE_KINDS
         if not cfg.data.sources:  # the world's mixture: its caption pairs only
             self.data.sources = [s for s in self.data.sources if s.resolved_kind in kinds]
+        if cfg.encoder.text.hf is not None:  # the HF text tower reads its own tokens
+            from mm1.data.tokenizer import Tokenizer
+
+            self.data.tokenizer = Tokenizer.from_file(cfg.encoder.text.hf)
         tok = self.data.tokenizer
-        model = build_encoder_model(cfg, tok.vocab_size)
+        # A resumed run reads its weights from its checkpoint, not the HF tower's directory.
+        starting = ckpt.latest_checkpoint(self.run_dir) is None
+        model = build_encoder_model(cfg, tok.vocab_size, load_weights=starting)
         self.model_cfg = cfg.model
         self.peak_lr = cfg.train.optim.lr
         self.model = parallelize(model, cfg.train, d, family=ENCODER_FAMILY)
