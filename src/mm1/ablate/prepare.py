@@ -6,10 +6,12 @@ skipped when already done (so a study resumes across sittings like its cells).
       - train: {config: recaptioner.yaml, overrides: {train.steps: 1200}}   # relative to the grid
       - recaption: {checkpoint: runs/ablations/recaptioner, in: data/world-demo/captions,
                     out: data/world-demo/captions_recap, batch_size: 32, max_new_tokens: 40}
+      - train_encoder: {config: ../encoder_clip.yaml, overrides: {train.run_dir: runs/x}}
 
 `caption_splits` writes the world's clean-caption subset and ceiling (`mm1 data
 caption-splits`), `train` is `mm1 train CONFIG overrides` (a finished run trains nothing, an
-interrupted one resumes), `recaption` is `mm1 recaption` (finished shards are kept).
+interrupted one resumes), `recaption` is `mm1 recaption` (finished shards are kept),
+`train_encoder` is `mm1 train-encoder CONFIG overrides` (an encoder the cells start from).
 """
 
 from __future__ import annotations
@@ -22,15 +24,18 @@ from typing import Any
 
 from mm1.config import ConfigError, load_config
 
-STEP_KINDS = ("caption_splits", "train", "recaption")
+STEP_KINDS = ("caption_splits", "train", "recaption", "train_encoder")
+_TRAINING = ("train", "train_encoder")
 _OPTIONS = {
     "caption_splits": {"world", "fraction", "seed"},
     "train": {"config", "overrides"},
+    "train_encoder": {"config", "overrides"},
     "recaption": {"checkpoint", "in", "out", "batch_size", "max_new_tokens", "fuse"},
 }
 _REQUIRED = {
     "caption_splits": {"world"},
     "train": {"config"},
+    "train_encoder": {"config"},
     "recaption": {"checkpoint", "in", "out"},
 }
 
@@ -45,12 +50,16 @@ class PrepareStep:
         o = self.options
         if self.kind == "caption_splits":
             return f"caption splits of {o['world']} (fraction {o.get('fraction', 0.05)})"
-        if self.kind == "train":
-            return f"train {o['config']} -> {self.train_config().train.run_dir}"
+        if self.kind in _TRAINING:
+            return f"{self.kind} {o['config']} -> {self.train_config().train.run_dir}"
         return f"recaption {o['in']} with {o['checkpoint']} -> {o['out']}"
 
     def train_config(self):
         extra = [f"{k}={json.dumps(v)}" for k, v in (self.options.get("overrides") or {}).items()]
+        if self.kind == "train_encoder":
+            from mm1.config.encoder import load_encoder_config
+
+            return load_encoder_config(self.root / self.options["config"], extra)
         return load_config(self.root / self.options["config"], extra)
 
     def done(self) -> bool:
@@ -61,7 +70,7 @@ class PrepareStep:
         if self.kind == "caption_splits":
             record = Path(o["world"]) / SPLITS_FILE
             return record.is_file() and (Path(o["world"]) / CLEAN_ALL).is_dir()
-        if self.kind == "train":
+        if self.kind in _TRAINING:
             cfg = self.train_config()
             ckpt = latest_checkpoint(cfg.train.run_dir)
             return ckpt is not None and (step_of(ckpt) or 0) >= cfg.train.steps
@@ -79,10 +88,12 @@ class PrepareStep:
             from mm1.data.caption_splits import write_caption_splits
 
             write_caption_splits(o["world"], o.get("fraction", 0.05), o.get("seed", 0))
-        elif self.kind == "train":
+        elif self.kind in _TRAINING:
+            from mm1.train.encoder_trainer import EncoderTrainer
             from mm1.train.trainer import Trainer
 
-            result = Trainer(self.train_config()).fit()
+            trainer = EncoderTrainer if self.kind == "train_encoder" else Trainer
+            result = trainer(self.train_config()).fit()
             if result["stopped_by"]:
                 raise KeyboardInterrupt(f"{self.describe()}: stopped at step {result['step']}")
         else:
@@ -115,11 +126,11 @@ def parse_prepare(raw: Any, grid_path: Path) -> list[PrepareStep]:
             known = ", ".join(sorted(_OPTIONS[kind]))
             raise ConfigError(f"{grid_path}: prepare[{i}].{kind}: {what} (options: {known})")
         step = PrepareStep(kind, options, grid_path.parent)
-        if kind == "train":
+        if kind in _TRAINING:
             try:
                 step.train_config()
             except ConfigError as err:
-                raise ConfigError(f"{grid_path}: prepare[{i}].train: {err}") from None
+                raise ConfigError(f"{grid_path}: prepare[{i}].{kind}: {err}") from None
         steps.append(step)
     return steps
 

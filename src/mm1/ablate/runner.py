@@ -13,6 +13,7 @@ A cell whose cell.json says done is never re-run; any other resumes from its new
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -28,7 +29,7 @@ from typing import Any
 from mm1.ablate.cell import read_cell, run_cell
 from mm1.ablate.grid import Cell, Grid
 from mm1.checkpoint import latest_checkpoint, step_of
-from mm1.config import Config, ConfigError, to_dict
+from mm1.config import INIT_PARTS, Config, ConfigError, to_dict
 
 STUDY_FILE = "grid.json"
 CELL_LOG = "cell.log"
@@ -129,9 +130,18 @@ def _flops_per_step(cfg: Config) -> float:
     from mm1.models.build import resolve_config
     from mm1.models.summary import summarize
 
-    s = summarize(resolve_config(cfg.model, init=cfg.train.init), cfg.data.seq_len)
+    # A starting point a `prepare` step has yet to write: the config's architecture.
+    init = dataclasses.replace(
+        cfg.train.init,
+        **{k: None for k in ("weights", *INIT_PARTS) if not _exists(getattr(cfg.train.init, k))},
+    )
+    s = summarize(resolve_config(cfg.model, init=init), cfg.data.seq_len)
     tokens = cfg.train.batch_size * cfg.data.seq_len
     return s.flops_per_token(cfg.data.max_images_per_seq) * tokens
+
+
+def _exists(path: str | None) -> bool:
+    return path is not None and Path(path).exists()
 
 
 def _matmul_rate() -> float:

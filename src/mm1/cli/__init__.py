@@ -2,7 +2,7 @@
 
 Each module here holds a group of commands with their parser entries (`register`): run.py (demo,
 train, info, ablate), data.py (data ..., recaption), model.py (convert, upcycle, generate, chat,
-serve), evaluate.py (eval).
+serve), evaluate.py (eval), encoder.py (train-encoder, eval-encoder).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from rich.markup import escape
 
 from mm1.config import ConfigError
 
-from . import data, evaluate, model, run
+from . import data, encoder, evaluate, model, run
 from .common import console
 from .evaluate import EVAL_OUT
 
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         return p
 
-    for group in (run, data, model, evaluate):
+    for group in (run, data, model, evaluate, encoder):
         group.register(add)
     return parser
 

@@ -100,15 +100,20 @@ def _friendly(err: OmegaConfBaseException) -> ConfigError:
     return ConfigError(f"{key}: {msg}" if key else msg)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (with `extends`), apply `section.key=value` overrides, validate."""
-    schema = OmegaConf.structured(Config)
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    schema_type: type[Config] = Config,
+) -> Config:
+    """Load a YAML config (with `extends`), apply `section.key=value` overrides, validate.
+    `schema_type` is Config or an extension of it with sections of its own (an encoder run's)."""
+    schema = OmegaConf.structured(schema_type)
     try:
         merged = schema
         if path is not None:
             raw = _read_yaml(Path(path))
             _check_source_keys(raw, str(path))
-            _check_fixed_tuples(OmegaConf.to_container(raw), Config, str(path))
+            _check_fixed_tuples(OmegaConf.to_container(raw), schema_type, str(path))
             merged = OmegaConf.merge(merged, raw)
         if overrides:
             for o in overrides:
@@ -116,7 +121,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                     raise ConfigError(f"override {o!r} is not of the form section.key=value")
             dotlist = OmegaConf.from_dotlist(list(overrides))
             _check_source_keys(dotlist, "the command line")
-            _check_fixed_tuples(OmegaConf.to_container(dotlist), Config, "the command line")
+            _check_fixed_tuples(OmegaConf.to_container(dotlist), schema_type, "the command line")
             merged = OmegaConf.merge(merged, dotlist)
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as err:

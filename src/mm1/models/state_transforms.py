@@ -6,6 +6,8 @@ registered transform, in order, maps it closer to the model being built:
 1. ``hf_keys``             an HF checkpoint's names -> ours (`mm1.models.hf` key tables), the
                            tensors we leave out on purpose dropped, floats copied to float32;
 2. ``parts``               only the parts taken from this source (`train.init`);
+   ``vision_depth``        an mm1 source's encoder blocks past the model's feature layer
+                           dropped (an encoder pre-trained whole, read at `feature_layer` -2);
 3. ``position_embeddings`` the encoder's and the connector's position embeddings interpolated
                            (bicubic) to the model's patch grid (another image size);
 4. ``vocabulary``          embedding / head rows resized to the model's vocabulary: new rows,
@@ -119,6 +121,19 @@ def parts(state: StateDict, ctx: LoadContext) -> StateDict:
     return {k: v for k, v in state.items() if _part(k) in ctx.parts}
 
 
+def vision_depth(state: StateDict, ctx: LoadContext) -> StateDict:
+    """Drop the source's encoder blocks the model does not build (it stops at its feature
+    layer); an HF source's are left out by its key map already."""
+    if ctx.hf is not None or "vision" not in ctx.parts:
+        return state
+    blocks = [int(k.split(".")[2]) for k in ctx.expected if k.startswith("vision.blocks.")]
+    depth = 1 + max(blocks, default=-1)
+    extra = [k for k in state if k.startswith("vision.blocks.") and int(k.split(".")[2]) >= depth]
+    if extra:
+        ctx.notes.append(f"vision blocks from {depth} on dropped (past the feature layer)")
+    return {k: v for k, v in state.items() if k not in set(extra)}
+
+
 # Position embeddings over the encoder's patch grid, and whether they may lead with a CLS row.
 _POSITION_KEYS = {"vision.pos_embed": True, "connector.pos_embed": False}
 
@@ -177,6 +192,7 @@ def fit_check(state: StateDict, ctx: LoadContext) -> None:
 for _name, _fn in (
     ("hf_keys", hf_keys),
     ("parts", parts),
+    ("vision_depth", vision_depth),
     ("position_embeddings", position_embeddings),
     ("vocabulary", vocabulary),
     ("upcycle", upcycle_dense_ffns),

@@ -29,13 +29,13 @@ class ViTAttention(nn.Module):
         self.v_proj = nn.Linear(width, width)
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = (
             p(x).view(b, n, self.heads, d // self.heads).transpose(1, 2)
             for p in (self.q_proj, self.k_proj, self.v_proj)
         )
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -53,8 +53,9 @@ class ViTBlock(nn.Module):
             nn.Linear(cfg.mlp_dim, cfg.width),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask`: (B or 1, 1, N, N) booleans, True where a token may attend (None: all)."""
+        x = x + self.self_attn(self.layer_norm1(x), mask)
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -94,7 +95,11 @@ class VisionTransformer(nn.Module):
         if self.cls_token is not None:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, pixel_values: torch.Tensor, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Patch features; `attn_mask` (B, 1, T, T) over the T tokens (CLS first, if any),
+        True where attention is allowed: AIM's prefix-causal pre-training. MM1 passes none."""
         size = self.cfg.image_size
         if pixel_values.shape[-2:] != (size, size):
             raise ValueError(
@@ -109,7 +114,7 @@ class VisionTransformer(nn.Module):
         if self.pre_norm is not None:
             x = self.pre_norm(x)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, attn_mask)
         return x[:, 1:] if self.cls_token is not None else x
 
     @torch.no_grad()

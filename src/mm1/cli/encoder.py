@@ -1,0 +1,92 @@
+"""`mm1 train-encoder`, `mm1 eval-encoder` and `mm1 export-encoder`: image-encoder pre-training
+(CLIP / AIM), its evaluation, and its ViT for transformers."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from .common import Add, console
+
+
+def cmd_train_encoder(args: argparse.Namespace) -> int | None:
+    from mm1.config.encoder import load_encoder_config
+    from mm1.train.encoder_trainer import train_encoder
+
+    cfg = load_encoder_config(args.config, args.overrides)
+    result = train_encoder(cfg, force=args.force)
+    if result["stopped_by"]:
+        if os.environ.get("RANK", "0") == "0":
+            console.print(
+                f"stopped early at step {result['step']} of {cfg.train.steps} (checkpoint saved "
+                f"in {cfg.train.run_dir}); run the same command to resume"
+            )
+        return 128 + result["stopped_by"]
+    if os.environ.get("RANK", "0") == "0":
+        console.print(
+            f"done: step {result['step']}, loss {result['loss']:.4f} -> {cfg.train.run_dir}"
+        )
+    return None
+
+
+def cmd_export_encoder(args: argparse.Namespace) -> None:
+    from mm1.encoder_export import export_encoder_hf
+
+    out = export_encoder_hf(args.run, args.out)
+    console.print(f"wrote {out} (transformers CLIPVisionModel / SiglipVisionModel layout)")
+
+
+def cmd_eval_encoder(args: argparse.Namespace) -> None:
+    from mm1.eval.encoders import evaluate_encoder_run
+
+    result, out = evaluate_encoder_run(
+        args.run, args.world, args.out, args.untrained_seed, tuple(range(args.probe_seeds))
+    )
+    zs = result.get("zero_shot")
+    if zs:
+        line = ", ".join(
+            f"{k} {v['accuracy']:.3f} (chance {v['chance']:.3f})" for k, v in zs.items()
+        )
+        console.print(f"zero-shot: {line}")
+        r = result["retrieval"]
+        console.print(
+            f"retrieval text->image R@1 {r['text_to_image_r1']:.3f} (chance "
+            f"{r['text_to_image_r1_chance']:.3f}), image->text R@1 {r['image_to_text_r1']:.3f}"
+        )
+    console.print(f"linear probe mean accuracy {result['linear_probe']['mean']['accuracy']:.3f}")
+    console.print(f"wrote {out}")
+
+
+def register(add: Add) -> None:
+    p = add(
+        "train-encoder",
+        cmd_train_encoder,
+        "pre-train an image encoder (encoder.objective: clip | aim) on caption pairs; resumes",
+    )
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("--force", action="store_true", help="resume even if the config changed")
+
+    p = add(
+        "export-encoder",
+        cmd_export_encoder,
+        "write an encoder run's ViT as a transformers CLIPVisionModel directory",
+    )
+    p.add_argument("run", help="an encoder run directory (or one of its checkpoints)")
+    p.add_argument("out", help="the directory to write")
+
+    p = add(
+        "eval-encoder",
+        cmd_eval_encoder,
+        "score an encoder run on the world's held-out scenes: zero-shot, retrieval, linear probe",
+    )
+    p.add_argument("run", help="an encoder run directory (or one of its checkpoints)")
+    p.add_argument("--world", default=None, help="the synthetic world (default: the run's)")
+    p.add_argument("--out", default=None, help="output directory (default: RUN/eval)")
+    p.add_argument(
+        "--untrained-seed",
+        type=int,
+        default=None,
+        help="score a freshly initialised encoder of the run's architecture (a baseline)",
+    )
+    p.add_argument("--probe-seeds", type=int, default=3, help="linear-probe train/test splits")

@@ -1,0 +1,160 @@
+"""Image-caption pairs for encoder pre-training: the same sources, mixture and resumable
+cursors as the MM1 loader (`mm1.data.mixture`), each record one (image, caption) pair instead of
+packed tokens. A checkpoint stores the mixture's state; nothing is buffered, so a resume
+continues at the very next record."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from mm1.config import SourceConfig
+from mm1.data.document import Conversation, Document
+from mm1.data.images import ImageProcessor
+from mm1.data.loader import Loader
+from mm1.data.mixture import Mixture, SourceStream
+from mm1.data.sources import DataError
+from mm1.data.sources.decode import set_max_image_pixels
+from mm1.data.tokenizer import Tokenizer
+
+
+@dataclass
+class PairBatch:
+    pixel_values: torch.Tensor  # (B, 3, H, W)
+    input_ids: torch.Tensor  # (B, L) captions, EOS-terminated, padded after
+    lengths: torch.Tensor  # (B,) tokens of each caption, EOS included
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> PairBatch:
+        return PairBatch(
+            *(t.to(device, non_blocking=non_blocking) for t in (self.pixel_values, self.input_ids)),
+            self.lengths.to(device, non_blocking=non_blocking),
+        )
+
+    def __len__(self) -> int:
+        return self.pixel_values.shape[0]
+
+
+def caption_ids(tok: Tokenizer, text: str, max_len: int) -> list[int]:
+    """[BOS] caption EOS, the caption cut so that the whole fits in `max_len` tokens."""
+    head = [] if tok.bos_id is None else [tok.bos_id]
+    body = tok.encode(text)[: max(0, max_len - len(head) - 1)]
+    return [*head, *body, tok.eos_id]
+
+
+def record_pair(record: Document | Conversation) -> tuple[Any, str]:
+    """The first image of a record and its text (a caption pair's caption)."""
+    if isinstance(record, Conversation):
+        text = " ".join(m["content"].replace("<image>", "") for m in record.messages)
+        return (record.images[0] if record.images else None), text.strip()
+    images = record.images
+    text = " ".join(p for p in record.parts if isinstance(p, str)).strip()
+    return (images[0] if images else None), text
+
+
+@dataclass
+class PairSettings:
+    sources: list[SourceConfig]
+    batch_size: int
+    max_len: int
+    needs_text: bool  # CLIP: a record without a caption is an error; AIM reads images only
+    seed: int = 0
+    max_error_rate: float = 0.01
+    max_image_pixels: int = 4096 * 4096
+
+
+class CaptionPairDataset(IterableDataset):
+    """Endless batches of (image, caption) pairs for one rank; each loader worker is a slot."""
+
+    def __init__(
+        self,
+        settings: PairSettings,
+        tokenizer: Tokenizer,
+        processor: ImageProcessor,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.s, self.tok, self.processor = settings, tokenizer, processor
+        self.rank, self.world_size = rank, world_size
+        self.num_workers = max(num_workers, 1)
+        self._state: dict[str, Any] | None = None
+        self._mixture: Mixture | None = None
+
+    def _slot(self) -> int:
+        info = get_worker_info()
+        return self.rank * self.num_workers + (info.id if info is not None else 0)
+
+    def _build(self) -> Mixture:
+        set_max_image_pixels(self.s.max_image_pixels)
+        slot, num_slots = self._slot(), self.world_size * self.num_workers
+        streams = [
+            SourceStream(i, spec, slot, num_slots, self.s.seed, self.s.max_error_rate)
+            for i, spec in enumerate(self.s.sources)
+        ]
+        self._mixture = Mixture(streams, self.s.seed, slot)
+        if self._state is not None:
+            if self._state.get("slot", slot) != slot:
+                raise RuntimeError(
+                    f"loader state of slot {self._state['slot']} given to slot {slot}: the "
+                    "number of ranks or workers changed since the checkpoint"
+                )
+            self._mixture.load_state_dict(self._state["mixture"])
+        return self._mixture
+
+    def _next_pair(self, mixture: Mixture) -> tuple[Any, str]:
+        while True:
+            (src, _, _), record = mixture.next()
+            image, text = record_pair(record)
+            where = f"data.sources[{src}] ({self.s.sources[src].path}), record {record.id}"
+            if self.s.needs_text and not text:
+                raise DataError(f"{where}: no caption text; CLIP trains on image-caption pairs")
+            if image is None:
+                if self.s.needs_text:
+                    raise DataError(f"{where}: no image; CLIP trains on image-caption pairs")
+                mixture.streams[src].stats.skip("no_image")
+                continue
+            return image, text
+
+    def __iter__(self) -> Iterator[PairBatch]:
+        mixture = self._build()
+        while True:
+            pairs = [self._next_pair(mixture) for _ in range(self.s.batch_size)]
+            ids = [caption_ids(self.tok, text, self.s.max_len) for _, text in pairs]
+            tokens = torch.full((len(ids), self.s.max_len), self.tok.pad_id, dtype=torch.long)
+            for i, row in enumerate(ids):
+                tokens[i, : len(row)] = torch.tensor(row)
+            pixels = self.processor([image for image, _ in pairs])
+            yield PairBatch(pixels, tokens, torch.tensor([len(r) for r in ids]))
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._mixture is None:
+            return dict(self._state) if self._state is not None else {}
+        return {"slot": self._slot(), "mixture": self._mixture.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._state = state or None
+        self._mixture = None
+
+
+def build_pair_loader(
+    settings: PairSettings,
+    tokenizer: Tokenizer,
+    processor: ImageProcessor,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+) -> Loader:
+    dataset = CaptionPairDataset(settings, tokenizer, processor, rank, world_size, num_workers)
+    return Loader(
+        dataset,
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=2 if num_workers > 0 else None,
+        pin_memory=torch.cuda.is_available(),
+    )

@@ -1,0 +1,24 @@
+"""`mm1 export-encoder`: the ViT of an encoder run as a transformers CLIPVisionModel (or
+SiglipVisionModel) directory, with the run's image preprocessing beside it."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from mm1.data.images import PREPROCESSOR_CONFIG
+
+
+def export_encoder_hf(run: str | Path, out_dir: str | Path) -> Path:
+    """Write the run's `model.vision` with `save_vision_hf` (its feature layer's blocks; the
+    written `hidden_states[-1]`, CLS row dropped, equals what MM1's connector reads)."""
+    from mm1.data.world import saved_tokenizer_dir
+    from mm1.models.encoders import load_encoder_run
+    from mm1.models.hf import save_vision_hf
+
+    _, model = load_encoder_run(run)
+    out = save_vision_hf(model.vision, out_dir)
+    processor = saved_tokenizer_dir(run) / PREPROCESSOR_CONFIG
+    if processor.is_file():
+        shutil.copyfile(processor, Path(out) / PREPROCESSOR_CONFIG)
+    return Path(out)

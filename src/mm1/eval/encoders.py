@@ -1,0 +1,324 @@
+"""Scores of a pre-trained image encoder on the world's held-out scenes (the `val` and `support`
+evaluation splits, which no training source holds): for CLIP, zero-shot classification of the
+colour, shape and number of the shapes (class embeddings from prompt ensembles) and image-text
+retrieval recall@1/5/10; for every encoder, linear probes on the frozen patch features MM1 reads
+(their mean over patches), fit on part of the scenes and scored on the rest."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from mm1.data.caption_pairs import caption_ids
+from mm1.data.images import ImageProcessor
+from mm1.data.scenes.scene import BACKGROUNDS, COLORS, SHAPES, count_word, plural
+from mm1.data.tokenizer import Tokenizer
+from mm1.eval.linear_probe import probe_accuracy
+from mm1.models.clip import CLIPModel
+
+SPLITS = ("val", "support")
+RECALL_AT = (1, 5, 10)
+PROBE_TRAIN_FRACTION = 0.7
+
+
+@dataclass
+class HeldOutScenes:
+    paths: list[Path]
+    scenes: list[dict[str, Any]]  # each image's scene: objects (color, shape, ...), background
+    captions: list[list[str]]  # each image's reference captions
+
+
+def held_out_scenes(world: str | Path) -> HeldOutScenes:
+    root = Path(world)
+    manifest = json.loads((root / "world.json").read_text())
+    out = HeldOutScenes([], [], [])
+    for split in SPLITS:
+        info = manifest["eval"][split]
+        coco = json.loads((root / info["coco_captions"]).read_text())
+        caps: dict[int, list[str]] = {}
+        for a in coco["annotations"]:
+            caps.setdefault(a["image_id"], []).append(a["caption"])
+        for im in coco["images"]:
+            out.paths.append(root / info["image_dir"] / im["file_name"])
+            out.scenes.append(im["scene"])
+            out.captions.append(caps.get(im["id"], []))
+    return out
+
+
+@dataclass
+class ZeroShotTask:
+    """Scenes `rows` with labels over `classes`; each class's prompts (an ensemble)."""
+
+    name: str
+    rows: list[int]
+    labels: list[int]
+    classes: list[str]
+    prompts: list[list[str]]
+
+
+def _single(scenes: Sequence[dict[str, Any]], attr: str) -> tuple[list[int], list[str]]:
+    """Scenes whose objects all share one value of `attr`, and that value."""
+    rows, values = [], []
+    for i, s in enumerate(scenes):
+        found = {o[attr] for o in s["objects"]}
+        if len(found) == 1:
+            rows.append(i)
+            values.append(found.pop())
+    return rows, values
+
+
+def zero_shot_tasks(scenes: Sequence[dict[str, Any]]) -> list[ZeroShotTask]:
+    colours, shapes = list(COLORS), list(SHAPES)
+    rows, values = _single(scenes, "color")
+    colour = ZeroShotTask(
+        "colour",
+        rows,
+        [colours.index(v) for v in values],
+        colours,
+        [[f"a {c} {s}" for s in shapes] + [f"{c} shapes"] for c in colours],
+    )
+    rows, values = _single(scenes, "shape")
+    shape = ZeroShotTask(
+        "shape",
+        rows,
+        [shapes.index(v) for v in values],
+        shapes,
+        [[f"a {c} {s}" for c in colours] + [s] for s in shapes],
+    )
+    counts = sorted({s["count"] for s in scenes if s["count"] > 0})
+    rows = [i for i, s in enumerate(scenes) if s["count"] > 0]
+
+    def count_prompts(n: int) -> list[str]:
+        shapes_n = plural(n, "shape")
+        return [
+            *(f"{count_word(n)} {shapes_n} on a {bg} background" for bg in BACKGROUNDS),
+            *(f"{n} {shapes_n} on {bg}" for bg in BACKGROUNDS),
+            f"pic of {n} {shapes_n}",
+        ]
+
+    count = ZeroShotTask(
+        "count",
+        rows,
+        [counts.index(scenes[i]["count"]) for i in rows],
+        [str(n) for n in counts],
+        [count_prompts(n) for n in counts],
+    )
+    return [colour, shape, count]
+
+
+# Linear-probe targets: a label per scene (None: the scene is left out of that probe).
+PROBE_TARGETS: dict[str, Callable[[dict[str, Any]], str | None]] = {
+    "count": lambda s: str(s["count"]),
+    "background": lambda s: s["background"],
+    "first_colour": lambda s: s["objects"][0]["color"] if s["objects"] else None,
+    "first_shape": lambda s: s["objects"][0]["shape"] if s["objects"] else None,
+}
+
+
+@torch.no_grad()
+def _batched(fn: Callable[..., torch.Tensor], n: int, batch: int, *arrays: Any) -> torch.Tensor:
+    return torch.cat([fn(*(a[i : i + batch] for a in arrays)) for i in range(0, n, batch)])
+
+
+def image_pixels(paths: Sequence[Path], processor: ImageProcessor) -> torch.Tensor:
+    images = []
+    for p in paths:
+        with Image.open(p) as im:
+            images.append(im.convert("RGB"))
+    return processor(images)
+
+
+def text_embeddings(
+    model: CLIPModel, tok: Tokenizer, texts: Sequence[str], batch: int = 256
+) -> torch.Tensor:
+    """L2-normalised joint-space embeddings of `texts`."""
+    max_len = model.text.cfg.max_len
+    rows = [caption_ids(tok, t, max_len) for t in texts]
+    ids = torch.full((len(rows), max_len), tok.pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+    lengths = torch.tensor([len(r) for r in rows])
+    return F.normalize(_batched(model.encode_text, len(rows), batch, ids, lengths), dim=-1)
+
+
+def zero_shot_accuracy(
+    model: CLIPModel, tok: Tokenizer, image_emb: torch.Tensor, task: ZeroShotTask
+) -> dict[str, float]:
+    """Accuracy of the nearest class embedding (the normalised mean of its prompts'), with
+    chance (1 / classes) and the majority class's share for comparison."""
+    classes = torch.stack(
+        [F.normalize(text_embeddings(model, tok, p).mean(0), dim=-1) for p in task.prompts]
+    )
+    pred = (image_emb[task.rows] @ classes.t()).argmax(1)
+    labels = torch.tensor(task.labels)
+    majority = max(task.labels.count(c) for c in set(task.labels)) / len(task.labels)
+    return {
+        "accuracy": float((pred == labels).float().mean()),
+        "chance": 1 / len(task.classes),
+        "majority": majority,
+        "images": len(task.rows),
+    }
+
+
+def retrieval_recall(
+    image_emb: torch.Tensor, caption_emb: torch.Tensor, owner: Sequence[int]
+) -> dict[str, float]:
+    """Recall@k both ways: image->text hits when any of the image's captions ranks in the top k;
+    text->image when the caption's image does. Chance R@k is k / images for text->image."""
+    sim = image_emb @ caption_emb.t()  # (images, captions)
+    owner_t = torch.tensor(owner)
+    out: dict[str, float] = {}
+    for k in RECALL_AT:
+        top_caps = sim.topk(min(k, sim.shape[1]), dim=1).indices  # (images, k)
+        hits = (owner_t[top_caps] == torch.arange(sim.shape[0])[:, None]).any(1)
+        out[f"image_to_text_r{k}"] = float(hits.float().mean())
+        top_imgs = sim.t().topk(min(k, sim.shape[0]), dim=1).indices  # (captions, k)
+        out[f"text_to_image_r{k}"] = float((top_imgs == owner_t[:, None]).any(1).float().mean())
+        out[f"text_to_image_r{k}_chance"] = min(1.0, k / sim.shape[0])
+    return out
+
+
+def linear_probes(
+    features: torch.Tensor, scenes: Sequence[dict[str, Any]], seeds: Sequence[int]
+) -> dict[str, dict[str, Any]]:
+    """Per target: probe accuracy on the held-out 30% of the scenes, for each split seed, their
+    mean and standard deviation, and the majority class's share."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, label_of in PROBE_TARGETS.items():
+        labelled = [(i, label_of(s)) for i, s in enumerate(scenes)]
+        labelled = [(i, v) for i, v in labelled if v is not None]
+        classes = sorted({v for _, v in labelled})
+        rows = np.array([i for i, _ in labelled])
+        y = torch.tensor([classes.index(v) for _, v in labelled])
+        accs = []
+        for seed in seeds:
+            perm = np.random.default_rng([seed, 0x9B0BE]).permutation(len(rows))
+            cut = int(PROBE_TRAIN_FRACTION * len(rows))
+            tr, te = perm[:cut], perm[cut:]
+            accs.append(
+                probe_accuracy(features[rows[tr]], y[tr], features[rows[te]], y[te], len(classes))
+            )
+        counts = [int((y == c).sum()) for c in range(len(classes))]
+        out[name] = {
+            "accuracy": statistics.mean(accs),
+            "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "per_seed": accs,
+            "majority": max(counts) / len(y),
+            "classes": len(classes),
+        }
+    out["mean"] = {"accuracy": statistics.mean(v["accuracy"] for v in out.values())}
+    return out
+
+
+@torch.no_grad()
+def evaluate_encoder(
+    model: torch.nn.Module,
+    tok: Tokenizer,
+    processor: ImageProcessor,
+    world: str | Path,
+    probe_seeds: Sequence[int] = (0, 1, 2),
+    batch: int = 128,
+) -> dict[str, Any]:
+    """Every score this module defines for `model` (a CLIPModel or AIMModel in eval mode)."""
+    held = held_out_scenes(world)
+    pixels = image_pixels(held.paths, processor)
+    features = _batched(lambda x: model.vision(x).mean(1), len(pixels), batch, pixels)
+    result: dict[str, Any] = {
+        "images": len(held.paths),
+        "linear_probe": linear_probes(features, held.scenes, probe_seeds),
+    }
+    if isinstance(model, CLIPModel):
+        image_emb = F.normalize(_batched(model.encode_image, len(pixels), batch, pixels), dim=-1)
+        result["zero_shot"] = {
+            t.name: zero_shot_accuracy(model, tok, image_emb, t)
+            for t in zero_shot_tasks(held.scenes)
+        }
+        captions = [c for caps in held.captions for c in caps]
+        owner = [i for i, caps in enumerate(held.captions) for _ in caps]
+        result["retrieval"] = retrieval_recall(
+            image_emb, text_embeddings(model, tok, captions), owner
+        )
+    return result
+
+
+def encoder_report(result: dict[str, Any], title: str) -> str:
+    """The scores as markdown tables."""
+    lines = [f"# {title}", "", f"{result['images']} held-out scenes (world val + support).", ""]
+    if "zero_shot" in result:
+        lines += [
+            "## Zero-shot classification",
+            "",
+            "| task | accuracy | chance | majority | images |",
+        ]
+        lines += ["|---|---|---|---|---|"]
+        for name, r in result["zero_shot"].items():
+            lines.append(
+                f"| {name} | {r['accuracy']:.3f} | {r['chance']:.3f} | {r['majority']:.3f} | "
+                f"{r['images']} |"
+            )
+        r = result["retrieval"]
+        lines += ["", "## Retrieval", "", "| direction | R@1 | R@5 | R@10 |", "|---|---|---|---|"]
+        for d in ("image_to_text", "text_to_image"):
+            lines.append(
+                f"| {d} | " + " | ".join(f"{r[f'{d}_r{k}']:.3f}" for k in RECALL_AT) + " |"
+            )
+        chance = " | ".join(f"{r[f'text_to_image_r{k}_chance']:.3f}" for k in RECALL_AT)
+        lines.append(f"| text_to_image chance | {chance} |")
+    lines += ["", "## Linear probe (mean patch features)", ""]
+    lines += [
+        "| target | accuracy | std over splits | majority | classes |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in result["linear_probe"].items():
+        if name == "mean":
+            continue
+        lines.append(
+            f"| {name} | {r['accuracy']:.3f} | {r['std']:.3f} | {r['majority']:.3f} | "
+            f"{r['classes']} |"
+        )
+    lines.append(f"| mean | {result['linear_probe']['mean']['accuracy']:.3f} | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_encoder_run(
+    run: str | Path,
+    world: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    untrained_seed: int | None = None,
+    probe_seeds: Sequence[int] = (0, 1, 2),
+) -> tuple[dict[str, Any], Path]:
+    """Score an encoder run (or, with `untrained_seed`, a freshly initialised model of its
+    architecture: the random-encoder baseline) on its world's held-out scenes; writes
+    `encoder_eval.json` and `encoder_eval.md` to `out_dir` (default RUN/eval). Returns the
+    scores and the directory."""
+    from mm1.data.world import run_world, saved_tokenizer_dir
+    from mm1.models.encoders import build_encoder_model, load_encoder_run
+
+    cfg, model = load_encoder_run(run)
+    tok_dir = saved_tokenizer_dir(Path(run))
+    tok = Tokenizer.from_file(tok_dir)
+    processor = ImageProcessor.from_pretrained(tok_dir)
+    what = f"encoder run {run} ({cfg.encoder.objective})"
+    if untrained_seed is not None:
+        torch.manual_seed(untrained_seed)
+        model = build_encoder_model(cfg, tok.vocab_size).eval()
+        what = f"untrained {cfg.encoder.objective} encoder (seed {untrained_seed}) of {run}"
+    world = Path(world or run_world(run))
+    if not (world / "world.json").is_file():
+        raise FileNotFoundError(f"{world}: no synthetic world (world.json) to evaluate on")
+    result = {"encoder": what, **evaluate_encoder(model, tok, processor, world, probe_seeds)}
+    suffix = "" if untrained_seed is None else f"_untrained{untrained_seed}"
+    out = Path(out_dir) if out_dir is not None else Path(run) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"encoder_eval{suffix}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"encoder_eval{suffix}.md").write_text(encoder_report(result, what))
+    return result, out

@@ -1,0 +1,230 @@
+"""The trainer for image-encoder pre-training (`mm1 train-encoder`): `Trainer`'s loop,
+checkpoints (DCP, exact resume), logging, signals and parallelism, with the encoder objective's
+set-up and step in place of MM1's (the seam: `setup`, `train_step`, `validation_loss` and
+`_metrics` are the methods the loop calls).
+
+Loss normalisation: a gathered (contrastive) loss is already the global batch's on every rank
+and its gradient reaches the parameters only through the rank's own features, so it is
+backpropagated times the world size, which DDP / FSDP's averaging over ranks cancels
+(`mm1.models.contrastive`). A per-rank loss (AIM) is a mean over the rank's images, all ranks
+holding equally many: the averaging over ranks gives the global mean. Micro-batches of an
+accumulated step each weigh 1 / accum (each is its own contrastive batch).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mm1.config import ConfigError, to_dict, to_yaml
+from mm1.config.encoder import AIM_SOURCE_KINDS, CLIP_SOURCE_KINDS, EncoderRunConfig
+from mm1.data.caption_pairs import CaptionPairDataset, PairBatch, PairSettings, build_pair_loader
+from mm1.data.world import prepare_data
+from mm1.models.encoders import ENCODER_FAMILY, build_encoder_model
+from mm1.train import checkpoint as ckpt
+from mm1.train.optim import build_optimizer
+from mm1.train.parallel import autocast_dtype, parallelize
+from mm1.train.trainer import StepResult, Trainer, _autocast, config_diff
+
+VAL_SEED = 1234  # a fixed held-out sample, the same for every run
+
+
+class EncoderTrainer(Trainer):
+    cfg: EncoderRunConfig
+
+    def setup(self) -> None:
+        cfg, d = self.cfg, self.d
+        if d.enabled and cfg.train.parallel == "none":
+            raise ConfigError(
+                f"train.parallel=none with {d.world_size} processes would train {d.world_size} "
+                "unsynchronised copies: use train.parallel=fsdp or ddp"
+            )
+        init = cfg.train.init
+        if init.weights or init.vision or init.connector or init.decoder:
+            raise ConfigError(
+                "train.init: an encoder run starts from random weights (train.init is for MM1 "
+                "runs, which may start their model.vision from an encoder run)"
+            )
+        if not cfg.train.optim.lr:
+            raise ConfigError(
+                "train.optim.lr=0 picks MM1's decoder learning-rate law, which does not apply "
+                "to encoder pre-training: set train.optim.lr"
+            )
+        torch.manual_seed(cfg.train.seed)
+        self._check_config_change()
+        self.data = prepare_data(cfg.data, cfg.model, d.is_main, d.barrier, init)
+        objective = cfg.encoder.objective
+        kinds = CLIP_SOURCE_KINDS if objective == "clip" else AIM_SOURCE_KINDS
+        if not cfg.data.sources:  # the world's mixture: its caption pairs only
+            self.data.sources = [s for s in self.data.sources if s.resolved_kind in kinds]
+        if cfg.encoder.text.hf is not None:  # the HF text tower reads its own tokens
+            from mm1.data.tokenizer import Tokenizer
+
+            self.data.tokenizer = Tokenizer.from_file(cfg.encoder.text.hf)
+        tok = self.data.tokenizer
+        # A resumed run reads its weights from its checkpoint, not the HF tower's directory.
+        starting = ckpt.latest_checkpoint(self.run_dir) is None
+        model = build_encoder_model(cfg, tok.vocab_size, load_weights=starting)
+        self.model_cfg = cfg.model
+        self.peak_lr = cfg.train.optim.lr
+        self.model = parallelize(model, cfg.train, d, family=ENCODER_FAMILY)
+        self.optimizer, self.scheduler = build_optimizer(
+            self.model, cfg.train.optim, self.peak_lr, cfg.train.steps
+        )
+        per_rank = cfg.train.batch_size // d.world_size
+        if per_rank * d.world_size != cfg.train.batch_size or per_rank % cfg.train.micro_batch_size:
+            raise ConfigError(
+                f"train.batch_size={cfg.train.batch_size} must split evenly into "
+                f"{d.world_size} ranks x train.micro_batch_size={cfg.train.micro_batch_size}"
+            )
+        self.accum = per_rank // cfg.train.micro_batch_size
+        self.loader = build_pair_loader(
+            self._pair_settings(self.data.sources, cfg.data.seed),
+            tok,
+            self.data.processor,
+            d.rank,
+            d.world_size,
+            cfg.data.num_workers,
+        )
+        self.val_batches = self._validation_batches()
+        self.step = 0
+        self.counters = {"nonfinite_steps": 0, "nonfinite_in_a_row": 0}
+        self._resume()
+        if d.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            import json
+
+            (self.run_dir / "model.json").write_text(json.dumps(to_dict(cfg.model), indent=1))
+            tok.save(self.run_dir / "tokenizer")
+            self.data.processor.save_pretrained(self.run_dir / "tokenizer")
+        d.barrier()
+
+    def _pair_settings(self, sources: list, seed: int) -> PairSettings:
+        cfg = self.cfg
+        return PairSettings(
+            sources=list(sources),
+            batch_size=cfg.train.micro_batch_size,
+            max_len=cfg.encoder.text.max_len,
+            needs_text=cfg.encoder.objective == "clip",
+            seed=seed,
+            max_error_rate=cfg.data.max_error_rate,
+            max_image_pixels=cfg.data.max_image_pixels,
+        )
+
+    def _validation_batches(self) -> list[PairBatch]:  # type: ignore[override]
+        if not self.cfg.train.val_every or not self.data.val_sources:
+            return []
+        settings = self._pair_settings(self.data.val_sources, VAL_SEED)
+        ds = CaptionPairDataset(
+            settings, self.data.tokenizer, self.data.processor, self.d.rank, self.d.world_size
+        )
+        it = iter(ds)
+        return [next(it) for _ in range(self.cfg.train.val_batches)]
+
+    def _check_config_change(self) -> None:
+        super()._check_config_change()
+        saved = self.run_dir / "config.yaml"
+        if not saved.exists() or ckpt.latest_checkpoint(self.run_dir) is None:
+            return
+        from omegaconf import OmegaConf
+
+        old = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+        old_enc = old.get("encoder", {}) if isinstance(old, dict) else {}
+        changed = config_diff(old_enc, to_dict(self.cfg.encoder), "encoder.")  # type: ignore[arg-type]
+        if changed and not self.force:
+            raise ConfigError(
+                f"{self.run_dir} holds a run whose config differs in {', '.join(changed)}; "
+                "resuming would change its meaning. Use a new train.run_dir, or --force."
+            )
+
+    def _generator(self, micro: int) -> torch.Generator:
+        """The objective's random stream of one micro-batch (AIM's prefix lengths), a function
+        of (seed, step, rank, micro-batch): a resumed run draws what the first run would."""
+        seq = np.random.SeedSequence([self.cfg.train.seed, self.step, self.d.rank, micro])
+        return torch.Generator().manual_seed(int(seq.generate_state(1)[0]))
+
+    def train_step(self, micro: list[PairBatch]) -> StepResult:  # type: ignore[override]
+        d, model = self.d, self.model
+        model.train()
+        gathered = self.raw_model.gathered
+        scale = (d.world_size if gathered else 1) / len(micro)
+        dtype = autocast_dtype(self.cfg.train, d.device)
+        loss_sum = torch.zeros((), device=d.device)
+        logged: dict[str, float] = {}
+        for i, batch in enumerate(micro):
+            batch = batch.to(d.device, non_blocking=True)
+            with self._sync(i == len(micro) - 1), _autocast(d.device, dtype):
+                out = model(batch.pixel_values, batch.input_ids, batch.lengths, self._generator(i))
+            (out.loss * scale).backward()
+            loss_sum += out.loss.detach().float()
+            for k, v in out.metrics.items():
+                logged[k] = logged.get(k, 0.0) + v / len(micro)
+        if not gathered:  # per-rank means: their mean over ranks
+            d.all_reduce_sum(loss_sum)
+            loss_sum /= d.world_size
+        loss = float(loss_sum) / len(micro)
+        params = [p for p in model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            params, self.cfg.train.optim.grad_clip or math.inf
+        )
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if not skipped:
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        images = sum(len(b) for b in micro)
+        tokens = sum(int(b.lengths.sum()) for b in micro)
+        return StepResult(loss, {}, tokens, tokens, images, grad_norm, skipped, logged)
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        self.model.eval()
+        gathered = self.raw_model.gathered
+        dtype = autocast_dtype(self.cfg.train, self.d.device)
+        total = torch.zeros((), device=self.d.device)
+        for i, batch in enumerate(self.val_batches):
+            batch = batch.to(self.d.device)
+            gen = torch.Generator().manual_seed(VAL_SEED + 7919 * self.d.rank + i)
+            with _autocast(self.d.device, dtype):
+                out = self.model(batch.pixel_values, batch.input_ids, batch.lengths, gen)
+            total += out.loss.float()
+        if not gathered:
+            self.d.all_reduce_sum(total)
+            total /= self.d.world_size
+        self.model.train()
+        return float(total) / max(1, len(self.val_batches))
+
+    def _metrics(self, r: StepResult, window: dict[str, float]) -> dict[str, Any]:
+        import time
+
+        elapsed = max(time.perf_counter() - window["t"], 1e-9)
+        world = self.d.world_size
+        return {
+            "loss": r.loss,
+            **r.aux,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": r.grad_norm,
+            "images_per_s": window["images"] * world / elapsed,
+            "data_wait": window["wait"] / elapsed,
+            "nonfinite_steps": self.counters["nonfinite_steps"],
+        }
+
+
+def train_encoder(cfg: EncoderRunConfig, force: bool = False) -> dict[str, Any]:
+    """Train an encoder run to `train.steps` (resuming from its run_dir); `Trainer.fit`'s result."""
+    return EncoderTrainer(cfg, force=force).fit()
+
+
+def encoder_run_config(run_dir: str | Path) -> EncoderRunConfig:
+    """The saved config of an encoder run."""
+    from mm1.config.encoder import load_encoder_config
+
+    return load_encoder_config(Path(run_dir) / "config.yaml")
