@@ -132,6 +132,8 @@ def run_condition(
     if with_loss:
         nlls = [caption_nll(ev, p, q.target) for p, q in zip(prompts, queries)]
         out["caption_nll"] = sum(a * n for a, n in nlls) / sum(n for _, n in nlls)
+        # per query: (prompt tokens, mean NLL, caption tokens), to split by position
+        out["per_query"] = [[len(p.input_ids), a, n] for p, (a, n) in zip(prompts, nlls)]
     if not with_generation:
         return out
     preds: dict[str, str] = {}
