@@ -1,8 +1,8 @@
 """How many images a trained model ever saw in one attention context (docs/ablations.md, "The
 demo's few-shot curve").
 
-`python -m benchmarks.context_images RUN_DIR [--world DIR] [--sequences N]` packs the first N
-training sequences of a run exactly as its loader does (same config, world, tokenizer, seed)
+`python -m benchmarks.context_images RUN_DIR [--world DIR] [--sequences N] [KEY=VALUE ...]`
+packs the first N training sequences of a run exactly as its loader does (same config, world, tokenizer, seed)
 and counts, per attention context (one packed piece: `document_ids` keep attention inside it),
 its tokens, its images, its image->text pairs (an image followed by text before the next image
 or the end), the pairs in the few-shot caption format (`<image>Output:`), and the
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,9 @@ def summarize(counts: Iterable[ContextCounts]) -> dict[str, Any]:
                 sum(c.images for c in with_images) / len(with_images) if with_images else 0.0
             ),
             "max_tokens": max(c.tokens for c in cs),
+            "tokens_quantiles": {
+                q: sorted(c.tokens for c in cs)[int(q * (len(cs) - 1))] for q in (0.5, 0.9, 0.99)
+            },
             "mean_tokens": sum(c.tokens for c in cs) / len(cs),
             "output_pairs": sum(c.output_pairs for c in cs),
             "contexts_with_output_pairs_ge2": sum(c.output_pairs >= 2 for c in cs),
@@ -79,16 +82,19 @@ def summarize(counts: Iterable[ContextCounts]) -> dict[str, Any]:
     return out
 
 
-def packed_contexts(run: Path, world: Path | None, sequences: int) -> list[ContextCounts]:
-    """The first `sequences` packed training rows of a run, one `ContextCounts` per piece."""
+def packed_contexts(
+    run: Path, world: Path | None, sequences: int, overrides: Sequence[str] = ()
+) -> list[ContextCounts]:
+    """The first `sequences` packed training rows of a run (its config changed by
+    `overrides`, e.g. data.seq_len=512), one `ContextCounts` per piece."""
     from mm1.config.loading import load_config
     from mm1.data.loader import LoaderSettings, PackedDataset
     from mm1.data.prompt_format import PromptFormat
     from mm1.data.tokenizer import ENDOFCHUNK_TOKEN
     from mm1.data.world import prepare_data
 
-    overrides = [f"data.world={world}"] if world is not None else []
-    cfg = load_config(run / "config.yaml", overrides)
+    changes = [f"data.world={world}"] if world is not None else []
+    cfg = load_config(run / "config.yaml", [*changes, *overrides])
     data = prepare_data(cfg.data, cfg.model, init=cfg.train.init)
     fmt = PromptFormat.from_config(cfg.data, cfg.model.num_image_tokens, cfg.model)
     settings = replace(LoaderSettings.from_config(cfg.data, data.sources, fmt), micro_batch_size=1)
@@ -110,8 +116,9 @@ def main() -> None:
     ap.add_argument("run", type=Path)
     ap.add_argument("--world", type=Path, default=None, help="the run's world, if moved")
     ap.add_argument("--sequences", type=int, default=2000)
-    args = ap.parse_args()
-    stats = summarize(packed_contexts(args.run, args.world, args.sequences))
+    ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.seq_len=512")
+    args = ap.parse_intermixed_args()
+    stats = summarize(packed_contexts(args.run, args.world, args.sequences, args.overrides))
     print(json.dumps({"sequences": args.sequences, "by_kind": stats}, indent=1))
 
 
