@@ -34,11 +34,17 @@ def test_beyond_context_names_only_runs_past_seq_len() -> None:
     assert beyond_context(_results(), 256) == ["cap 8-shot"]
     assert beyond_context(_results(), 255) == ["cap 8-shot", "vqa 4-shot"]
     assert beyond_context(_results(), 512) == []
+    # 8 shots show 9 images: past a 6-image limit even when the tokens fit
+    assert beyond_context(_results(), 512, max_images=6) == ["cap 8-shot"]
+    assert beyond_context(_results(), 512, max_images=9) == []
 
 
 def test_table_orders_shots_and_flags_the_overflow() -> None:
     lines = prompt_length_table(_results(), 256)
     rows = [line for line in lines[2:]]
     assert [r.split(" | ")[1] for r in rows] == ["0_plain", "4", "8", "4"]
-    assert rows[2].startswith("| cap | 8 | 9 | 333 | 380 | **no** (+124)")
+    assert rows[2] == "| cap | 8 | 9 | 333 | 380 | **no** (+124 tokens) |"
     assert rows[1].endswith("| yes |")
+    both = prompt_length_table(_results(), 256, max_images=4)
+    assert both[4] == "| cap | 8 | 9 | 333 | 380 | **no** (+124 tokens, +5 images) |"
+    assert both[3] == "| cap | 4 | 5 | 160 | 170 | **no** (+1 images) |"

@@ -218,20 +218,20 @@ def write_demo_report(
 
 def _context_note(results: dict[str, Any], seq_len: int) -> list[str]:
     """The prompts' lengths against the training context, and which scores lie beyond it."""
-    over = beyond_context(results, seq_len)
+    over = beyond_context(results, seq_len, MAX_DOC_IMAGES)
     lines = [
-        f"Prompt lengths against the training context ({seq_len}-token rows; each image takes "
-        f"its slots). The world's documents put at most {MAX_DOC_IMAGES} images in one "
-        'attention context (docs/ablations.md, "The demo\'s few-shot curve").',
+        f"Prompt lengths against the training context: {seq_len}-token rows, and at most "
+        f"{MAX_DOC_IMAGES} images in one attention context (the world's documents; "
+        'docs/ablations.md, "The demo\'s few-shot curve").',
         "",
-        *prompt_length_table(results, seq_len),
+        *prompt_length_table(results, seq_len, MAX_DOC_IMAGES),
         "",
     ]
     if over:
         lines += [
-            f"**Beyond the training context:** {', '.join(over)}. These prompts are longer than "
-            "any sequence the model was trained on and show more images than any training "
-            "document; their scores measure the model out of its training distribution.",
+            f"**Beyond the training context:** {', '.join(over)}. These prompts are longer, or "
+            "show more images, than anything the model attended over in training; their scores "
+            "measure the model out of its training distribution.",
             "",
         ]
     return lines

@@ -1,7 +1,7 @@
 """How long an evaluation's few-shot prompts were against the context the model was trained on.
 
-A prompt longer than the training sequence (or with more images than any training document)
-is evaluated out of the training distribution: reports say so next to the scores, from the
+A prompt longer than the training sequence, or with more images than any training document, is
+evaluated out of the training distribution: reports say so next to the scores, from the
 `prompt_tokens` every evaluation record keeps (docs/ablations.md, "The demo's few-shot curve").
 """
 
@@ -27,30 +27,52 @@ def _shot_key(shots: str) -> tuple[int, str]:
     return (int(head) if head.isdigit() else 1 << 30, shots)
 
 
-def prompt_length_table(results: dict[str, Any], seq_len: int) -> list[str]:
+def _images(shots: str) -> int | None:
+    """Images in a prompt of this run: the demonstrations' and the query's (0-shot text
+    demonstrations show none)."""
+    head = shots.split("_", 1)[0]
+    return int(head) + 1 if head.isdigit() else None
+
+
+def _excess(longest: int, images: int | None, seq_len: int, max_images: int | None) -> list[str]:
+    out = []
+    if longest > seq_len:
+        out.append(f"+{longest - seq_len} tokens")
+    if max_images is not None and images is not None and images > max_images:
+        out.append(f"+{images - max_images} images")
+    return out
+
+
+def prompt_length_table(
+    results: dict[str, Any], seq_len: int, max_images: int | None = None
+) -> list[str]:
     """Markdown lines: per task and shot count, the prompts' mean and longest length in tokens,
-    their images, and whether the longest fits the `seq_len`-token training context."""
-    lengths = prompt_lengths(results)
+    their images, and whether they fit the training context (`seq_len` tokens and, when given,
+    `max_images` images)."""
     lines = [
-        f"| task | shots | images per prompt | prompt tokens (mean) | longest | "
-        f"within the {seq_len}-token training context |",
+        "| task | shots | images per prompt | prompt tokens (mean) | longest | "
+        "within the training context |",
         "|---|---:|---:|---:|---:|---|",
     ]
-    for task, by_shots in lengths.items():
+    for task, by_shots in prompt_lengths(results).items():
         for shots in sorted(by_shots, key=_shot_key):
             mean, longest = by_shots[shots]
-            head = shots.split("_", 1)[0]
-            images = int(head) + 1 if head.isdigit() else "?"
-            fits = "yes" if longest <= seq_len else f"**no** (+{longest - seq_len})"
-            lines.append(f"| {task} | {shots} | {images} | {mean:.0f} | {longest} | {fits} |")
+            images = _images(shots)
+            excess = _excess(longest, images, seq_len, max_images)
+            fits = f"**no** ({', '.join(excess)})" if excess else "yes"
+            shown = "?" if images is None else images
+            lines.append(f"| {task} | {shots} | {shown} | {mean:.0f} | {longest} | {fits} |")
     return lines
 
 
-def beyond_context(results: dict[str, Any], seq_len: int) -> list[str]:
-    """ "task k-shot" for each run whose longest prompt exceeds `seq_len` tokens."""
+def beyond_context(
+    results: dict[str, Any], seq_len: int, max_images: int | None = None
+) -> list[str]:
+    """ "task k-shot" for each run whose longest prompt exceeds `seq_len` tokens or shows more
+    than `max_images` images."""
     return [
         f"{task} {shots}-shot"
         for task, by_shots in prompt_lengths(results).items()
         for shots in sorted(by_shots, key=_shot_key)
-        if by_shots[shots][1] > seq_len
+        if _excess(by_shots[shots][1], _images(shots), seq_len, max_images)
     ]
