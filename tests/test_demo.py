@@ -46,6 +46,10 @@ def test_demo_writes_a_complete_report(report: Path) -> None:
         assert run in text
     assert (report.parent / "loss.png").stat().st_size > 0
     assert (report.parent / "eval" / "results.json").exists()
+    # the prompts' lengths against the 256-token training rows: 2 shots show 3 images and fit
+    assert "256-token rows, and at most 6 images" in text
+    assert "| synth_coco | 2 | 3 |" in text and "| synth_vqa | 0_plain | 1 |" in text
+    assert "Beyond the training context" not in text
 
 
 def test_mm1_eval_reproduces_the_demo_report(report: Path, capsys) -> None:

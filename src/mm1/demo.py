@@ -15,7 +15,9 @@ from typing import Any
 import torch
 
 from mm1.config import Config, load_config
+from mm1.data.scenes.documents import MAX_DOC_IMAGES
 from mm1.eval.fewshot import evaluate
+from mm1.eval.prompt_lengths import beyond_context, prompt_length_table
 from mm1.eval.report import write_report
 from mm1.models.mllm import MM1
 from mm1.pretrained import load_pretrained
@@ -191,6 +193,7 @@ def write_demo_report(
         "",
         *_main_table(Path(files["markdown"]).read_text()),
         "",
+        *_context_note(results["trained"], cfg.data.seq_len),
         f"Per-run details, with example predictions: [eval/results.md](eval/"
         f"{Path(files['markdown']).name}).",
         "",
@@ -211,6 +214,27 @@ def write_demo_report(
     report = run_dir / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report
+
+
+def _context_note(results: dict[str, Any], seq_len: int) -> list[str]:
+    """The prompts' lengths against the training context, and which scores lie beyond it."""
+    over = beyond_context(results, seq_len, MAX_DOC_IMAGES)
+    lines = [
+        f"Prompt lengths against the training context: {seq_len}-token rows, and at most "
+        f"{MAX_DOC_IMAGES} images in one attention context (the world's documents; "
+        'docs/ablations.md, "The demo\'s few-shot curve").',
+        "",
+        *prompt_length_table(results, seq_len, MAX_DOC_IMAGES),
+        "",
+    ]
+    if over:
+        lines += [
+            f"**Beyond the training context:** {', '.join(over)}. These prompts are longer, or "
+            "show more images, than anything the model attended over in training; their scores "
+            "measure the model out of its training distribution.",
+            "",
+        ]
+    return lines
 
 
 def _main_table(markdown: str) -> list[str]:

@@ -30,6 +30,8 @@ from mm1.data.scenes.scene import (
 # ----------------------------------------------------------------------------------------------
 
 Part = str | Scene
+# The most images an interleaved document shows (so the most a training context ever holds).
+MAX_DOC_IMAGES = 6
 
 
 def _qa_format(rng: random.Random) -> Callable[[QA], str]:
@@ -195,7 +197,7 @@ def interleaved_document(
     paragraph of about 20 x text_scale sentences each (long-tailed), as real interleaved
     documents carry far more text than images (OBELICS: hundreds of text tokens per image)."""
     doc_type = rng.choices(list(_DOC_TYPES), weights=[w for _, w in _DOC_TYPES.values()])[0]
-    k = rng.randint(2, 3) if doc_type == "comparison" else rng.randint(2, 6)
+    k = rng.randint(2, 3) if doc_type == "comparison" else rng.randint(2, MAX_DOC_IMAGES)
     if doc_type == "text_reading":
         scenes = [sample_scene(rng, split, text_rich=True) for _ in range(k)]
     else:
