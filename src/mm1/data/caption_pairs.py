@@ -15,7 +15,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from mm1.config import SourceConfig
 from mm1.data.document import Conversation, Document
 from mm1.data.images import ImageProcessor
-from mm1.data.loader import Loader
+from mm1.data.loader import Loader, loader_of
 from mm1.data.mixture import Mixture, SourceStream
 from mm1.data.sources import DataError
 from mm1.data.sources.decode import set_max_image_pixels
@@ -150,11 +150,4 @@ def build_pair_loader(
     num_workers: int = 0,
 ) -> Loader:
     dataset = CaptionPairDataset(settings, tokenizer, processor, rank, world_size, num_workers)
-    return Loader(
-        dataset,
-        batch_size=None,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        prefetch_factor=2 if num_workers > 0 else None,
-        pin_memory=torch.cuda.is_available(),
-    )
+    return loader_of(dataset, num_workers)

@@ -260,6 +260,11 @@ def build_loader(
     num_workers: int = 0,
 ) -> Loader:
     dataset = PackedDataset(settings, tokenizer, processor, rank, world_size, num_workers)
+    return loader_of(dataset, num_workers)
+
+
+def loader_of(dataset: torch.utils.data.IterableDataset, num_workers: int) -> Loader:
+    """The DataLoader over a dataset that yields whole batches, with `num_workers` workers."""
     return Loader(
         dataset,
         batch_size=None,

@@ -27,7 +27,7 @@ from mm1.data.world import prepare_data
 from mm1.models.encoders import ENCODER_FAMILY, build_encoder_model
 from mm1.train import checkpoint as ckpt
 from mm1.train.optim import build_optimizer
-from mm1.train.parallel import autocast_dtype, parallelize
+from mm1.train.parallel import accumulation_steps, autocast_dtype, parallelize
 from mm1.train.trainer import StepResult, Trainer, _autocast, config_diff
 
 VAL_SEED = 1234  # a fixed held-out sample, the same for every run
@@ -75,13 +75,7 @@ class EncoderTrainer(Trainer):
         self.optimizer, self.scheduler = build_optimizer(
             self.model, cfg.train.optim, self.peak_lr, cfg.train.steps
         )
-        per_rank = cfg.train.batch_size // d.world_size
-        if per_rank * d.world_size != cfg.train.batch_size or per_rank % cfg.train.micro_batch_size:
-            raise ConfigError(
-                f"train.batch_size={cfg.train.batch_size} must split evenly into "
-                f"{d.world_size} ranks x train.micro_batch_size={cfg.train.micro_batch_size}"
-            )
-        self.accum = per_rank // cfg.train.micro_batch_size
+        self.accum = accumulation_steps(cfg.train, d.world_size)
         self.loader = build_pair_loader(
             self._pair_settings(self.data.sources, cfg.data.seed),
             tok,

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-from mm1.config import TrainConfig
+from mm1.config import ConfigError, TrainConfig
 from mm1.models.family import ModelFamily, family_of
 
 
@@ -57,6 +57,17 @@ def init_distributed() -> Dist:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Dist(rank, world, local, device)
+
+
+def accumulation_steps(train: TrainConfig, world_size: int) -> int:
+    """Micro-batches per optimizer step on each rank: the global batch split over the ranks."""
+    per_rank = train.batch_size // world_size
+    if per_rank * world_size != train.batch_size or per_rank % train.micro_batch_size:
+        raise ConfigError(
+            f"train.batch_size={train.batch_size} must split evenly into "
+            f"{world_size} ranks x train.micro_batch_size={train.micro_batch_size}"
+        )
+    return per_rank // train.micro_batch_size
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:

@@ -47,7 +47,13 @@ from mm1.train import checkpoint as ckpt
 from mm1.train.expert_load import add_loads, last_expert_loads, load_fractions, load_metrics
 from mm1.train.logging import MetricsLogger, truncate_metrics
 from mm1.train.optim import build_optimizer, mm1_peak_lr
-from mm1.train.parallel import Dist, autocast_dtype, init_distributed, parallelize
+from mm1.train.parallel import (
+    Dist,
+    accumulation_steps,
+    autocast_dtype,
+    init_distributed,
+    parallelize,
+)
 
 # Config keys whose change would change what a resumed run means, and keys under them that only
 # change how the same function is computed (a resumed run may switch them freely).
@@ -163,13 +169,7 @@ class Trainer:
         self.optimizer, self.scheduler = build_optimizer(
             self.model, cfg.train.optim, self.peak_lr, cfg.train.steps
         )
-        per_rank = cfg.train.batch_size // d.world_size
-        if per_rank * d.world_size != cfg.train.batch_size or per_rank % cfg.train.micro_batch_size:
-            raise ConfigError(
-                f"train.batch_size={cfg.train.batch_size} must split evenly into "
-                f"{d.world_size} ranks x train.micro_batch_size={cfg.train.micro_batch_size}"
-            )
-        self.accum = per_rank // cfg.train.micro_batch_size
+        self.accum = accumulation_steps(cfg.train, d.world_size)
         settings = self._loader_settings(self.data.sources, cfg.train.micro_batch_size)
         self.dataset_names = source_names(self.data.sources)  # batches' dataset_ids index these
         self.loader = build_loader(
