@@ -19,7 +19,7 @@ from mm1.data.synthetic import train_world_tokenizer
 from mm1.data.tokenizer import Tokenizer
 from mm1.eval.metrics import pope_answer, pope_scores
 from mm1.eval.suite import SHORT_SUFFIX, SuitePrompter, _demos, prior_scores
-from mm1.eval.suite_tasks import load_suite
+from mm1.eval.suite_tasks import SuiteExample, SuiteTask, load_suite
 
 # --------------------------------------------------------------------------------------------
 # POPE
@@ -54,6 +54,29 @@ def test_pope_scores_hand_computed() -> None:
     p, r = 2 / 3, 2 / 4
     assert s["f1"] == pytest.approx(100 * 2 * p * r / (p + r))  # 57.14...
     assert s["yes_ratio"] == pytest.approx(100 * 3 / 8)
+
+
+def test_pope_task_reports_accuracy_per_category() -> None:
+    """POPE's kinds of negatives scored apart, beside the pooled metrics."""
+    rows = [  # (id, label, category, prediction)
+        ("1", "yes", "random", "Yes"),
+        ("2", "no", "random", "No"),
+        ("3", "yes", "adversarial", "Yes"),
+        ("4", "no", "adversarial", "Yes"),
+        ("5", "no", "adversarial", "Yes"),
+        ("6", "yes", "popular", "No"),
+    ]
+    examples = [SuiteExample(i, (), "q", (label,), label, cat) for i, label, cat, _ in rows]
+    task = SuiteTask("pope", "pope", examples)
+    scores, per = task.score({i: p for i, _, _, p in rows}, examples)
+    assert scores["accuracy"] == pytest.approx(100 * 3 / 6)
+    assert scores["accuracy_random"] == 100.0
+    assert scores["accuracy_adversarial"] == pytest.approx(100 / 3)
+    assert scores["accuracy_popular"] == 0.0
+    assert per == {"1": 100.0, "2": 100.0, "3": 100.0, "4": 0.0, "5": 0.0, "6": 0.0}
+    plain = [SuiteExample(e.id, (), "q", e.references, e.target) for e in examples]
+    pooled, _ = task.score({i: p for i, _, _, p in rows}, plain)
+    assert not [k for k in pooled if k.startswith("accuracy_")]
 
 
 def test_pope_scores_edge_cases() -> None:

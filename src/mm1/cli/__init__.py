@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import sys
 from collections.abc import Callable
 
 from rich.markup import escape
@@ -54,6 +55,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    finished = False
+    try:
+        code = _run(args)
+        finished = code not in (1, 2)  # not an error that may have stopped only this rank
+        return code
+    finally:
+        if "torch.distributed" in sys.modules:  # a command that may have started a group
+            from mm1.train.parallel import shutdown_distributed
+
+            shutdown_distributed(finished)
+
+
+def _run(args: argparse.Namespace) -> int:
     from mm1.data.sources import DataError
 
     try:

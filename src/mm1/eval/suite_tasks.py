@@ -9,7 +9,8 @@ by a `TaskSpec` (`mm1.eval.tasks`) in a task file (YAML list; paths relative to 
   order with `images: [file, ...]`. Scored by VQA accuracy.
 - `pope` (POPE): `questions` is POPE's jsonl, one {"question_id", "image", "text", "label":
   "yes"|"no"} per line (optional "category": random / popular / adversarial). Scored by F1
-  (headline), accuracy, precision, recall and yes-ratio (`mm1.eval.metrics.pope_scores`).
+  (headline), accuracy, precision, recall and yes-ratio (`mm1.eval.metrics.pope_scores`), and
+  the accuracy per category (`accuracy_random`, ...) where the lines name one.
 - `long` (LLaVA-Bench style): `questions` is LLaVA-Bench's questions jsonl ({"question_id",
   "image", "text", "category"}), `references` a jsonl of {"question_id", "text"}, one line per
   reference answer (several lines per question allowed). Scored by CIDEr (headline) and ROUGE-L,
@@ -85,6 +86,14 @@ class SuiteTask:
             from mm1.eval.metrics import pope_answer
 
             per = {k: 100.0 * (pope_answer(preds[k]) == labels[k]) for k in labels}
+            # POPE reports each kind of negative apart: random ones can be told by colour
+            # alone, adversarial ones need the binding of colour and shape.
+            by_category: dict[str, list[float]] = {}
+            for e in examples:
+                if e.category:
+                    by_category.setdefault(e.category, []).append(per[e.id])
+            for category, values in by_category.items():
+                scores[f"accuracy_{category}"] = sum(values) / len(values)
             return {"F1": scores.pop("f1"), **scores}, per
         tok_refs = ptb_tokenize_corpus(refs)
         tok_cands = {k: v[0] for k, v in ptb_tokenize_corpus({k: [preds[k]] for k in refs}).items()}

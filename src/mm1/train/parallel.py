@@ -59,6 +59,19 @@ def init_distributed() -> Dist:
     return Dist(rank, world, local, device)
 
 
+def shutdown_distributed(finished: bool) -> None:
+    """Destroy the process group, if any, before the interpreter exits: a gloo group left to the
+    interpreter's finalisation can abort the process (SIGABRT, "terminate called without an
+    active exception") after a run that finished. After a command that `finished`, every rank
+    first waits for the others, so none closes its connections while a peer still uses them;
+    after an error it does not (a peer may never arrive)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def accumulation_steps(train: TrainConfig, world_size: int) -> int:
     """Micro-batches per optimizer step on each rank: the global batch split over the ranks."""
     per_rank = train.batch_size // world_size
