@@ -15,7 +15,7 @@ from mm1 import cli
 from mm1.ablate import runner
 from mm1.ablate.command import ablate, dry_run
 from mm1.ablate.grid import load_grid
-from mm1.ablate.prompt_check import longest_eval_prompt, seq_len_warning
+from mm1.ablate.prompt_check import context_warning, longest_eval_prompt
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {
@@ -160,17 +160,23 @@ def test_dry_run_lists_cells_with_measured_cost(study) -> None:
     assert "measured on 2 finished cell(s)" in lines[-1]
 
 
-def test_seq_len_shorter_than_the_longest_prompt_warned(study) -> None:
+def test_prompts_beyond_the_training_context_warned(study) -> None:
     grid, study_dir, _ = study
     g = load_grid(grid)
     cfg = g.cell_config(g.cells[0], study_dir)
     lengths = longest_eval_prompt(cfg)
     # 2-shot prompts: three images of 16 slots each, plus text
     assert set(lengths) == {"synth_coco", "synth_vqa"} and min(lengths.values()) > 3 * 16
-    assert seq_len_warning("c", cfg) is None
+    assert context_warning("c", cfg) is None
     cfg.data.seq_len = min(lengths.values()) - 1
-    warning = seq_len_warning("c7", cfg)
+    warning = context_warning("c7", cfg)
     assert warning is not None and warning.startswith("cell c7: data.seq_len=")
+    assert "images" not in warning
+    # 8-shot prompts show 9 images: more than any world document (6), whatever the seq_len
+    cfg.data.seq_len, cfg.eval.shots = 4096, [0, 8]
+    warning = context_warning("c8", cfg)
+    assert warning is not None and "shorter" not in warning
+    assert "8-shot prompts show 9 images, more than any training document" in warning
 
 
 def test_parallel_failures_recorded(tmp_path, study) -> None:

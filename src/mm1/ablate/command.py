@@ -27,7 +27,7 @@ def dry_run(grid_path: str | Path, out: str | Path | None = None, log: Log = pri
         check_study_dir(grid, study_dir, force=False, log=log)
     plans = plan_study(grid, study_dir)
     seconds, how = estimate(plans)
-    from mm1.ablate.prompt_check import seq_len_warning
+    from mm1.ablate.prompt_check import context_warning
 
     lines = [f"study {grid.study} -> {study_dir}: {len(plans)} cells ({len(grid.seeds)} seeds)"]
     for i, step in enumerate(grid.prepare, 1):
@@ -41,7 +41,7 @@ def dry_run(grid_path: str | Path, out: str | Path | None = None, log: Log = pri
             f"  {p.cell.id:<40} {p.status:<11} {left:>14}, {p.tokens / 1e6:.1f}M tokens{cost}"
             f"  [{p.cell.label}, seed {p.cell.seed}]"
         )
-        warning = seq_len_warning(p.cell.id, p.cfg)
+        warning = context_warning(p.cell.id, p.cfg)
         if warning:
             lines.append(f"  warning: {warning}")
     total = sum(seconds.values())

@@ -1,6 +1,9 @@
-"""Does a cell's training sequence length cover its longest evaluation prompt? A model never
-trained on sequences as long as its few-shot prompts is evaluated out of its training
-distribution (issue 17, item 5), so the runner warns, naming the cell."""
+"""Does a cell's training context cover its longest evaluation prompt? A model never trained on
+sequences as long as its few-shot prompts, or on documents with as many images, is evaluated out
+of its training distribution (issue 17, item 5), so the runner warns, naming the cell.
+
+Packed rows mask attention between documents, so on the synthetic world the training context
+is one document: at most `data.seq_len` tokens and the world's `MAX_DOC_IMAGES` images."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from pathlib import Path
 
 from mm1.config import Config
 from mm1.data.prompt_format import PromptFormat
+from mm1.data.scenes.documents import MAX_DOC_IMAGES
 from mm1.data.synthetic import WorldManifest
 from mm1.data.tokenizer import Tokenizer
 from mm1.eval.prompts import PromptTemplates, build_prompt, format_demo
@@ -43,16 +47,30 @@ def longest_eval_prompt(cfg: Config) -> dict[str, int]:
     return out
 
 
-def seq_len_warning(cell_id: str, cfg: Config) -> str | None:
-    """A one-line warning naming the cell when its seq_len is shorter than a prompt it will be
-    evaluated on, else None."""
+def context_warning(cell_id: str, cfg: Config) -> str | None:
+    """A one-line warning naming the cell when a prompt it will be evaluated on is longer than
+    its `data.seq_len`, or (trained on the world's own mixture) shows more images than a world
+    document: its largest shot count's demonstrations and the query. Else None."""
     lengths = longest_eval_prompt(cfg)
-    over = {t: n for t, n in lengths.items() if n > cfg.data.seq_len}
-    if not over:
+    if not lengths:
         return None
-    worst = max(over, key=over.get)  # type: ignore[arg-type]
+    shots = max(cfg.eval.shots)
+    problems = []
+    over = {t: n for t, n in lengths.items() if n > cfg.data.seq_len}
+    if over:
+        worst = max(over, key=over.get)  # type: ignore[arg-type]
+        problems.append(
+            f"data.seq_len={cfg.data.seq_len} is shorter than its longest {shots}-shot {worst} "
+            f"prompt ({over[worst]} tokens)"
+        )
+    if not cfg.data.sources and shots + 1 > MAX_DOC_IMAGES:  # trained on the world's mixture
+        problems.append(
+            f"its {shots}-shot prompts show {shots + 1} images, more than any training document "
+            f"of the world ({MAX_DOC_IMAGES})"
+        )
+    if not problems:
+        return None
     return (
-        f"cell {cell_id}: data.seq_len={cfg.data.seq_len} is shorter than its longest "
-        f"{max(cfg.eval.shots)}-shot {worst} prompt ({over[worst]} tokens): the evaluation "
-        "runs past anything the model was trained on; raise data.seq_len"
+        f"cell {cell_id}: {'; '.join(problems)}: the evaluation runs past anything the model "
+        "attended over in training (raise data.seq_len, or lower eval.shots)"
     )

@@ -248,10 +248,10 @@ def run_study(
         from mm1.ablate.prepare import run_prepare
 
         run_prepare(grid.prepare, log)
-    from mm1.ablate.prompt_check import seq_len_warning
+    from mm1.ablate.prompt_check import context_warning
 
     for p in plans:
-        warning = seq_len_warning(p.cell.id, p.cfg)
+        warning = context_warning(p.cell.id, p.cfg)
         if warning:
             log(f"warning: {warning}")
     if jobs == 1:
