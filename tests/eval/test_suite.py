@@ -79,6 +79,28 @@ def test_pope_task_reports_accuracy_per_category() -> None:
     assert not [k for k in pooled if k.startswith("accuracy_")]
 
 
+def test_vqa_task_reports_accuracy_per_answer_type() -> None:
+    """The official VQA evaluation's per-answer-type accuracy: the mean of the per-question
+    accuracies (min(#matching answers / 3, 1) averaged over the 10 leave-one-out subsets) of
+    each type, x100, rounded to 2 decimals."""
+    ten = lambda a, k, b: (a,) * k + (b,) * (10 - k)  # noqa: E731
+    rows = [  # (id, answers, answer type, prediction)
+        ("1", ten("yes", 10, "no"), "yes/no", "Yes"),  # 1
+        ("2", ten("yes", 2, "no"), "yes/no", "yes"),  # 2 of 10 say yes: 0.6
+        ("3", ten("3", 10, "4"), "number", "three"),  # "three" is normalised to "3": 1
+        ("4", ten("red", 1, "blue"), "other", "red"),  # 0.3
+        ("5", ten("red", 10, "blue"), "other", "green"),  # 0
+    ]
+    examples = [SuiteExample(i, (), "q", refs, refs[0], t) for i, refs, t, _ in rows]
+    task = SuiteTask("vqa", "vqa", examples)
+    scores, per = task.score({i: p for i, _, _, p in rows}, examples)
+    assert per == pytest.approx({"1": 100.0, "2": 60.0, "3": 100.0, "4": 30.0, "5": 0.0})
+    assert scores["VQA accuracy"] == 58.0
+    assert scores["accuracy_yes/no"] == 80.0
+    assert scores["accuracy_number"] == 100.0
+    assert scores["accuracy_other"] == 15.0
+
+
 def test_pope_scores_edge_cases() -> None:
     labels = {"a": "yes", "b": "no"}
     always_no = pope_scores({"a": "no", "b": "no"}, labels)

@@ -6,7 +6,8 @@ by a `TaskSpec` (`mm1.eval.tasks`) in a task file (YAML list; paths relative to 
 - `vqa` (VQAv2 / TextVQA): VQAv2 `questions` + `annotations` JSONs and `image_dir`, as
   `mm1.eval.tasks.load_vqa` reads them. Scored by VQA accuracy.
 - `multi` (multi-image questions): the same two JSONs, each question naming its pictures in
-  order with `images: [file, ...]`. Scored by VQA accuracy.
+  order with `images: [file, ...]`. Scored by VQA accuracy (and, for both VQA kinds, the
+  accuracy per `answer_type` of the annotations, as the official evaluation reports it).
 - `pope` (POPE): `questions` is POPE's jsonl, one {"question_id", "image", "text", "label":
   "yes"|"no"} per line (optional "category": random / popular / adversarial). Scored by F1
   (headline), accuracy, precision, recall and yes-ratio (`mm1.eval.metrics.pope_scores`), and
@@ -79,7 +80,11 @@ class SuiteTask:
         if self.kind in ("vqa", "multi"):
             normed = {k: vqa_normalize(v) for k, v in preds.items()}
             overall, per = vqa_accuracy_corpus(normed, refs)
-            return {self.metric: overall}, {k: 100.0 * v for k, v in per.items()}
+            # The official VQA evaluation's accuracy per answer type, rounded as it rounds.
+            by_type = _by_category(examples, per)
+            scores = {self.metric: overall}
+            scores.update({f"accuracy_{t}": round(100 * v, 2) for t, v in by_type.items()})
+            return scores, {k: 100.0 * v for k, v in per.items()}
         if self.kind == "pope":
             labels = {k: v[0] for k, v in refs.items()}
             scores = pope_scores(preds, labels)
@@ -88,18 +93,24 @@ class SuiteTask:
             per = {k: 100.0 * (pope_answer(preds[k]) == labels[k]) for k in labels}
             # POPE reports each kind of negative apart: random ones can be told by colour
             # alone, adversarial ones need the binding of colour and shape.
-            by_category: dict[str, list[float]] = {}
-            for e in examples:
-                if e.category:
-                    by_category.setdefault(e.category, []).append(per[e.id])
-            for category, values in by_category.items():
-                scores[f"accuracy_{category}"] = sum(values) / len(values)
+            for category, value in _by_category(examples, per).items():
+                scores[f"accuracy_{category}"] = value
             return {"F1": scores.pop("f1"), **scores}, per
         tok_refs = ptb_tokenize_corpus(refs)
         tok_cands = {k: v[0] for k, v in ptb_tokenize_corpus({k: [preds[k]] for k in refs}).items()}
         c, per_c = cider(tok_refs, tok_cands)
         r, _ = rouge_l(tok_refs, tok_cands)
         return {"CIDEr": 100.0 * c, "ROUGE-L": 100.0 * r}, {k: 100.0 * v for k, v in per_c.items()}
+
+
+def _by_category(examples: Sequence[SuiteExample], per: Mapping[str, float]) -> dict[str, float]:
+    """The mean of `per` over the examples of each category, in order of first appearance;
+    empty when no example has one."""
+    groups: dict[str, list[float]] = {}
+    for e in examples:
+        if e.category:
+            groups.setdefault(e.category, []).append(per[e.id])
+    return {c: sum(v) / len(v) for c, v in groups.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +154,7 @@ def _load_split(spec: TaskSpec, split: SplitFiles, what: str) -> list[SuiteExamp
     image_dir = Path(split.image_dir)
     if spec.kind == "vqa":
         return [
-            SuiteExample(e.id, (e.image,), e.question or "", e.references, e.target)
+            SuiteExample(e.id, (e.image,), e.question or "", e.references, e.target, e.answer_type)
             for e in load_vqa(split.questions, split.annotations, image_dir, what)
         ]
     if spec.kind == "multi":
@@ -203,7 +214,8 @@ def _load_multi(split: SplitFiles, image_dir: Path, what: str) -> list[SuiteExam
         answers = tuple(str(a["answer"]) for a in by_qid[qid]["answers"])
         target = str(by_qid[qid].get("multiple_choice_answer") or answers[0])
         images = tuple(image_dir / name for name in q["images"])
-        out.append(SuiteExample(qid, images, str(q["question"]), answers, target))
+        kind = by_qid[qid].get("answer_type")
+        out.append(SuiteExample(qid, images, str(q["question"]), answers, target, kind))
     return out
 
 

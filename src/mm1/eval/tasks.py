@@ -69,6 +69,7 @@ class Example:
     references: tuple[str, ...]
     target: str
     question: str | None = None
+    answer_type: str | None = None  # VQA's "yes/no" / "number" / "other", where annotated
 
 
 @dataclass(frozen=True)
@@ -428,7 +429,15 @@ def load_vqa(
             raise ValueError(f"task {task!r}: question {qid} has no answers")
         target = answers[0]  # the answer a demonstration shows: OpenFlamingo's answers[0]
         examples.append(
-            Example(qid, image_id, path, tuple(answers), str(target), question=str(q["question"]))
+            Example(
+                qid,
+                image_id,
+                path,
+                tuple(answers),
+                str(target),
+                question=str(q["question"]),
+                answer_type=ann.get("answer_type"),
+            )
         )
     if missing:
         images = {e.image for e in examples}
