@@ -20,6 +20,7 @@ and per-expert variants share one set of weights.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from typing import Any
 
@@ -138,6 +139,10 @@ def run(
         "loop_tokens": loop_tokens,
         "threads": threads,
         "grouped_mm": hasattr(F, "grouped_mm"),
+        # The host allocator decides whether the experts' large gradient buffers are fresh
+        # pages (faulted in every step: glibc's default) or reused (section 9).
+        "ld_preload": os.environ.get("LD_PRELOAD", ""),
+        "malloc_conf": os.environ.get("MALLOC_CONF", ""),
     }
     out = {"settings": settings, "results": results}
     write_result(name, out)
