@@ -15,18 +15,19 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from mm1.batch import Batch
 from mm1.config import SOURCE_KINDS, ConfigError, DataConfig, SourceConfig
 from mm1.data.document import Conversation
 from mm1.data.images import ImageProcessor
-from mm1.data.mixture import Mixture, Record, SourceStream
+from mm1.data.mixture import Record, SourceStream
 from mm1.data.packing import Packer, PackStats, Piece, collate, slice_document, split_document
 from mm1.data.prompt_format import PromptFormat
+from mm1.data.sharded import ShardedDataset
 from mm1.data.sources import DataError, ReadStats, check_error_rate, warn_skip
-from mm1.data.sources.decode import DEFAULT_MAX_IMAGE_PIXELS, set_max_image_pixels
+from mm1.data.sources.decode import DEFAULT_MAX_IMAGE_PIXELS
 from mm1.data.tokenizer import (
     TokenizedDocument,
     Tokenizer,
@@ -73,8 +74,10 @@ class LoaderSettings:
         )
 
 
-class PackedDataset(IterableDataset):
+class PackedDataset(ShardedDataset):
     """Endless packed batches for one rank; each loader worker is its own slot."""
+
+    s: LoaderSettings
 
     def __init__(
         self,
@@ -85,33 +88,17 @@ class PackedDataset(IterableDataset):
         world_size: int = 1,
         num_workers: int = 0,
     ) -> None:
-        super().__init__()
-        self.s, self.tok, self.processor = settings, tokenizer, processor
-        self.rank, self.world_size = rank, world_size
-        self.num_workers = max(num_workers, 1)
-        self._state: dict[str, Any] | None = None
-        self._mixture: Mixture | None = None
+        super().__init__(settings, tokenizer, processor, rank, world_size, num_workers)
         self._packer: Packer | None = None
         self.kind_index = {kind: i for i, kind in enumerate(SOURCE_KINDS)}
 
     # -- per-slot pipeline ---------------------------------------------------------------------
 
-    def _slot(self) -> int:
-        info = get_worker_info()
-        worker = info.id if info is not None else 0
-        return self.rank * self.num_workers + worker
-
     def _build(self) -> None:
-        set_max_image_pixels(self.s.max_image_pixels)  # process-wide: set in each worker
-        slot, num_slots = self._slot(), self.world_size * self.num_workers
-        streams = [
-            SourceStream(i, spec, slot, num_slots, self.s.seed, self.s.max_error_rate)
-            for i, spec in enumerate(self.s.sources)
-        ]
-        self._mixture = Mixture(streams, self.s.seed, slot)
+        self._open_mixture()
         self._packer = Packer(self.s.seq_len, self.s.max_images_per_seq, self.s.pack_buffer)
         if self._state is not None:
-            self._restore(self._state)
+            self._restore_buffer(self._state)
 
     def tokenize(self, record: Record) -> TokenizedDocument:
         if isinstance(record, Conversation):
@@ -171,28 +158,20 @@ class PackedDataset(IterableDataset):
 
     # -- state -----------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
-        if self._mixture is None or self._packer is None:
-            return dict(self._state) if self._state is not None else {}
+    def _extra_state(self) -> dict[str, Any]:
+        assert self._packer is not None
         return {
-            "slot": self._slot(),
-            "mixture": self._mixture.state_dict(),
             "buffer": [list(p.ref) for p in self._packer.buffer],
             "pack_stats": self._packer.stats.to_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._state = state or None
-        self._mixture = self._packer = None
+        super().load_state_dict(state)
+        self._packer = None
 
-    def _restore(self, state: dict[str, Any]) -> None:
+    def _restore_buffer(self, state: dict[str, Any]) -> None:
+        """The packer as it was: its stats, and its buffered pieces re-read from their records."""
         assert self._mixture is not None and self._packer is not None
-        if state.get("slot", self._slot()) != self._slot():
-            raise RuntimeError(
-                f"loader state of slot {state['slot']} given to slot {self._slot()}: the number "
-                "of ranks or workers changed since the checkpoint"
-            )
-        self._mixture.load_state_dict(state["mixture"])
         self._packer.stats = PackStats.from_dict(state["pack_stats"])
         cache: dict[tuple[int, int, int], list[TokenizedDocument]] = {}
         for src, shard, record, piece, used in state["buffer"]:
@@ -206,13 +185,6 @@ class PackedDataset(IterableDataset):
             self._packer.restore(
                 Piece(p, (src, shard, record, piece, used), first=not used and piece == 0)
             )
-
-    def read_stats(self) -> ReadStats:
-        total = ReadStats()
-        if self._mixture is not None:
-            for s in self._mixture.streams:
-                total.merge(s.stats)
-        return total
 
 
 def _reread(stream: SourceStream, shard: int, record: int) -> Record:
