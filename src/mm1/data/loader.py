@@ -247,6 +247,26 @@ def loader_of(dataset: torch.utils.data.IterableDataset, num_workers: int) -> Lo
     )
 
 
+def loader_counts(state: dict[str, Any]) -> dict[str, int]:
+    """Skipped records and dropped images, summed over the `PackedDataset` states in a loader
+    state (one per worker snapshot, or the single-process loader's one)."""
+    skipped = dropped = 0
+
+    def walk(node: Any) -> None:
+        nonlocal skipped, dropped
+        if isinstance(node, dict):
+            if "mixture" in node and "pack_stats" in node:
+                for s in node["mixture"]["sources"]:
+                    skipped += sum(s["stats"]["skipped"].values())
+                dropped += node["pack_stats"]["images_dropped"]
+                return
+            for v in node.values():
+                walk(v)
+
+    walk(state)
+    return {"skipped_records": skipped, "images_dropped": dropped}
+
+
 def packing_stats(
     settings: LoaderSettings,
     tokenizer: Tokenizer,
