@@ -1,16 +1,18 @@
 """The slot skeleton both training datasets share (`mm1.data.sharded`): the state format that
-checkpoints hold, exact resume of caption pairs across loader workers, and a state refused by
-another slot."""
+checkpoints hold, exact resume of caption pairs across loader workers, a state refused by
+another slot, and data errors of either dataset one line in a loader worker."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from mm1.config import SourceConfig
 from mm1.data.caption_pairs import CaptionPairDataset, PairSettings, build_pair_loader
 from mm1.data.images import ImageProcessor
 from mm1.data.loader import LoaderSettings, PackedDataset
 from mm1.data.prompt_format import PromptFormat
+from mm1.data.sources import DataError
 from mm1.data.synthetic import write_world
 from mm1.data.tokenizer import Tokenizer
 from mm1.data.world import world_sources
@@ -92,3 +94,13 @@ def test_caption_pairs_resume_exactly(world, tok, workers: int) -> None:
         assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.lengths, b.lengths)
         assert torch.equal(a.pixel_values, b.pixel_values)
     assert not torch.equal(full[0].input_ids, full[3].input_ids)  # the batches differ
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_caption_pair_data_error_is_one_line_in_a_worker(world, tok, workers: int) -> None:
+    text_only = [SourceConfig(format="text", path=str(world.root / "text"), kind="text")]
+    s = PairSettings(sources=text_only, batch_size=2, max_len=8, needs_text=True)
+    with pytest.raises(DataError) as err:
+        next(iter(build_pair_loader(s, tok, PROC, num_workers=workers)))
+    assert str(err.value).endswith("no image; CLIP trains on image-caption pairs")
+    assert "\n" not in str(err.value)

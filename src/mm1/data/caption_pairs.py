@@ -84,7 +84,7 @@ class CaptionPairDataset(ShardedDataset):
                 continue
             return image, text
 
-    def __iter__(self) -> Iterator[PairBatch]:
+    def _batches(self) -> Iterator[PairBatch]:
         mixture = self._open_mixture()
         while True:
             pairs = [self._next_pair(mixture) for _ in range(self.s.batch_size)]

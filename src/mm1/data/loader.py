@@ -15,18 +15,17 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from torch.utils.data import get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from mm1.batch import Batch
-from mm1.config import SOURCE_KINDS, ConfigError, DataConfig, SourceConfig
+from mm1.config import SOURCE_KINDS, DataConfig, SourceConfig
 from mm1.data.document import Conversation
 from mm1.data.images import ImageProcessor
 from mm1.data.mixture import Record, SourceStream
 from mm1.data.packing import Packer, PackStats, Piece, collate, slice_document, split_document
 from mm1.data.prompt_format import PromptFormat
-from mm1.data.sharded import ShardedDataset
-from mm1.data.sources import DataError, ReadStats, check_error_rate, warn_skip
+from mm1.data.sharded import ShardedDataset, WorkerError
+from mm1.data.sources import ReadStats, check_error_rate, warn_skip
 from mm1.data.sources.decode import DEFAULT_MAX_IMAGE_PIXELS
 from mm1.data.tokenizer import (
     TokenizedDocument,
@@ -127,17 +126,6 @@ class PackedDataset(ShardedDataset):
         for stream in self._mixture.streams:
             check_error_rate(stream.stats, self.s.max_error_rate, stream.spec.path, min_seen=100)
 
-    def __iter__(self):
-        if get_worker_info() is None:
-            yield from self._batches()
-            return
-        try:
-            yield from self._batches()
-        except ONE_LINE_ERRORS as err:
-            # Raised here, torch would re-raise it in the main process as a new exception
-            # whose message is "Caught X in DataLoader worker process 0" and the traceback.
-            yield WorkerError(err)
-
     def _batches(self) -> Iterator[Batch]:
         self._build()
         assert self._packer is not None
@@ -197,20 +185,9 @@ def _reread(stream: SourceStream, shard: int, record: int) -> Record:
         stream.stats = live
 
 
-# Errors the CLI reports as one line: a worker hands them over as they are (`WorkerError`).
-ONE_LINE_ERRORS = (DataError, ConfigError, FileNotFoundError)
-
-
-@dataclass
-class WorkerError:
-    """An error raised in a loader worker, sent to the main process as a batch would be."""
-
-    error: BaseException
-
-
 class Loader(StatefulDataLoader):
-    """`StatefulDataLoader` that raises a worker's `ONE_LINE_ERRORS` in the main process as the
-    same exception (type and message) the single-process loader raises."""
+    """`StatefulDataLoader` that raises a worker's `sharded.ONE_LINE_ERRORS` in the main
+    process as the same exception (type and message) the single-process loader raises."""
 
     def __iter__(self) -> Iterator[Batch]:
         return _raising(super().__iter__())

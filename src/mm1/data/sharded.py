@@ -1,6 +1,7 @@
 """The skeleton of the training datasets (`PackedDataset`, `CaptionPairDataset`): endless batches
 for one rank, each DataLoader worker its own slot reading its share of every source through a
-`Mixture`, and the slot's resumable state.
+`Mixture`, the slot's resumable state, and errors of a loader worker handed to the main
+process as they are (`WorkerError`).
 
 A slot's state is `{"slot", "mixture", **extra}`: the slot index (a state given to another slot
 is refused), the mixture's cursors and generator, and whatever the subclass buffers
@@ -8,16 +9,29 @@ is refused), the mixture's cursors and generator, and whatever the subclass buff
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mm1.config import SourceConfig
+from mm1.config import ConfigError, SourceConfig
 from mm1.data.images import ImageProcessor
 from mm1.data.mixture import Mixture, SourceStream
-from mm1.data.sources import ReadStats
+from mm1.data.sources import DataError, ReadStats
 from mm1.data.sources.decode import set_max_image_pixels
 from mm1.data.tokenizer import Tokenizer
+
+# Errors the CLI reports as one line: a worker hands them over as they are (`WorkerError`).
+ONE_LINE_ERRORS = (DataError, ConfigError, FileNotFoundError)
+
+
+@dataclass
+class WorkerError:
+    """An error raised in a loader worker, sent to the main process as a batch would be (the
+    loader, `mm1.data.loader.Loader`, raises it there)."""
+
+    error: BaseException
 
 
 class MixtureSettings(Protocol):
@@ -30,8 +44,9 @@ class MixtureSettings(Protocol):
 
 
 class ShardedDataset(IterableDataset):
-    """One rank's endless batches over (rank, worker) slots; subclasses build their pipeline on
-    `_open_mixture` and add what they buffer to the state with `_extra_state`."""
+    """One rank's endless batches over (rank, worker) slots; subclasses yield them from
+    `_batches`, build their pipeline on `_open_mixture` and add what they buffer to the state
+    with `_extra_state`."""
 
     def __init__(
         self,
@@ -48,6 +63,21 @@ class ShardedDataset(IterableDataset):
         self.num_workers = max(num_workers, 1)
         self._state: dict[str, Any] | None = None  # to restore when the slot's mixture opens
         self._mixture: Mixture | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        if get_worker_info() is None:
+            yield from self._batches()
+            return
+        try:
+            yield from self._batches()
+        except ONE_LINE_ERRORS as err:
+            # Raised here, torch would re-raise it in the main process as a new exception
+            # whose message is "Caught X in DataLoader worker process 0" and the traceback.
+            yield WorkerError(err)
+
+    def _batches(self) -> Iterator[Any]:
+        """This slot's batches, endless."""
+        raise NotImplementedError
 
     def _slot(self) -> int:
         info = get_worker_info()
