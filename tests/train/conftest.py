@@ -1,5 +1,5 @@
-"""Builders the training tests share, as fixtures: a tiny run config over a synthetic world, and
-tiny HF checkpoints to start from."""
+"""Builders the training tests share, as fixtures: a tiny run config over a synthetic world,
+tiny HF checkpoints to start from, and `mm1` run under torchrun."""
 
 from __future__ import annotations
 
@@ -102,6 +102,32 @@ def world(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("world")
     write_world(root, seed=0, size="tiny")
     return root
+
+
+def _torchrun_cli(args: list[str], nproc: int) -> str:
+    """`mm1 <args>` under torchrun with `nproc` processes (one thread each); its output. A
+    failed run fails the test with the output's tail."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    dist_run = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    p = subprocess.run(
+        [sys.executable, *dist_run, "-m", "mm1.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    return p.stdout + p.stderr
+
+
+@pytest.fixture(scope="session")
+def torchrun_cli() -> Callable[[list[str], int], str]:
+    """`torchrun_cli(args, nproc)`: runs `mm1 <args>` under torchrun, returns its output."""
+    return _torchrun_cli
 
 
 def _make_trainer(cfg_path: Path, run: Path, *overrides: str):

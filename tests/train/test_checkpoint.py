@@ -152,6 +152,50 @@ def test_save_before_first_step_does_not_change_training(tmp_path: Path) -> None
     assert _train(model2, opt2, None, 3) == reference
 
 
+class Scaled(nn.Module):
+    """A linear map times a learned scale of shape `shape` (a scalar: as CLIP saved it once)."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.scale = nn.Parameter(torch.full(shape, 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.lin(x)
+
+
+def test_a_saved_scalar_loads_into_a_one_element_parameter(tmp_path: Path) -> None:
+    """A checkpoint of a scalar parameter resumes a model whose parameter has one element
+    (CLIP's logit scale gained a dimension for FSDP2): the weights, the optimizer's moments and
+    the next steps are the scalar run's."""
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+
+    def steps(model: nn.Module, opt: torch.optim.Optimizer, n: int) -> list[float]:
+        out = []
+        for _ in range(n):
+            opt.zero_grad()
+            loss = model(x).square().mean()
+            loss.backward()
+            opt.step()
+            out.append(loss.item())
+        return out
+
+    torch.manual_seed(0)
+    old = Scaled(())
+    old_opt = torch.optim.AdamW(old.parameters(), lr=0.1)
+    steps(old, old_opt, 2)
+    path = save_checkpoint(tmp_path, 2, old, old_opt)
+    want = steps(old, old_opt, 2)
+    new = Scaled((1,))
+    new_opt = torch.optim.AdamW(new.parameters(), lr=0.1)
+    steps(new, new_opt, 1)  # its own optimizer state, overwritten by the load
+    load_checkpoint(path, new, new_opt)
+    assert new.scale.shape == (1,)
+    assert steps(new, new_opt, 2) == want
+    assert new.scale.item() == old.scale.item()
+    assert new_opt.state[new.scale]["exp_avg"].shape == (1,)
+
+
 def test_rng_helpers_round_trip() -> None:
     state = capture_rng_state()
     before = _rng_probe()

@@ -157,3 +157,13 @@ def test_logit_scale_is_learned_and_clamped_at_100() -> None:
     assert model.logit_scale.grad.abs() == 0  # beyond the clamp: no gradient pushes it further
     clone = copy.deepcopy(model)
     assert float(clone.scale().detach()) == pytest.approx(100.0, rel=1e-5)
+
+
+def test_a_clip_state_saved_with_a_scalar_logit_scale_still_loads() -> None:
+    model = _tiny_clip()
+    assert model.logit_scale.shape == (1,)  # FSDP2 refuses 0-d parameters
+    old = {k: v.clone() for k, v in model.state_dict().items()}
+    old["logit_scale"] = torch.tensor(1.5)  # as runs saved it before
+    fresh = _tiny_clip()
+    fresh.load_state_dict(old, strict=True)
+    assert fresh.logit_scale.tolist() == [1.5]

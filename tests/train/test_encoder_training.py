@@ -303,3 +303,44 @@ def test_an_hf_text_tower_trains_and_reads_each_caption_at_its_eos(
     assert isinstance(model.text, HFTextTower)
     with pytest.raises(ConfigError, match=r"^encoder.text.width=48 does not match the hidden size"):
         load_encoder_config(cfg, [*over, "encoder.text.width=48"])
+
+
+def test_two_process_clip_run_gathers_both_ranks_and_resumes_exactly(
+    tmp_path: Path, world: Path, torchrun_cli
+) -> None:
+    """`mm1 train-encoder` under torchrun, 2 gloo processes, FSDP2: step 1's loss is the
+    contrastive loss of one model on both ranks' batches joined, and a run resumed from its
+    step-2 checkpoint logs the uninterrupted run's losses."""
+    import shutil
+
+    from mm1.data.caption_pairs import CaptionPairDataset
+
+    cfg = _encoder_config(tmp_path, world, "clip", parallel="fsdp", val_every=0, batch_size=8)
+    full = tmp_path / "full"
+    torchrun_cli(["train-encoder", str(cfg), f"train.run_dir={full}"], nproc=2)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_4")
+    out = torchrun_cli(["train-encoder", str(cfg), f"train.run_dir={resumed}"], nproc=2)
+    assert "resumed from" in out
+    want = _losses(full)
+    assert [s for s, _ in want] == [1, 2, 3, 4]
+    assert _losses(resumed) == want
+    # The same initial model in this process, on rank 0's and rank 1's first batches joined.
+    one = EncoderTrainer(
+        load_encoder_config(cfg, [f"train.run_dir={tmp_path / 'one'}", "train.parallel=none"])
+    )
+    one.setup()
+    settings = one._pair_settings(one.data.sources, one.cfg.data.seed)
+    tok, proc = one.data.tokenizer, one.data.processor
+    firsts = [next(iter(CaptionPairDataset(settings, tok, proc, r, 2))) for r in range(2)]
+    assert not torch.equal(firsts[0].input_ids, firsts[1].input_ids)  # the ranks read apart
+    with torch.no_grad():
+        joined = one.raw_model(
+            *(torch.cat([getattr(b, k) for b in firsts]) for k in ("pixel_values", "input_ids")),
+            torch.cat([b.lengths for b in firsts]),
+            torch.Generator(),
+        )
+        rank0_alone = one.raw_model(firsts[0].pixel_values, firsts[0].input_ids, firsts[0].lengths)
+    assert want[0][1] == pytest.approx(joined.loss.item(), rel=1e-5)
+    assert want[0][1] != pytest.approx(rank0_alone.loss.item(), rel=1e-3)

@@ -153,25 +153,9 @@ def test_moe_training_logs_aux_losses_and_expert_load(
     assert {"expert_load_min_l1", "expert_load_max_l1", "aux_loss_router_balance"} <= set(tags)
 
 
-def _cli(args: list[str], nproc: int) -> str:
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    dist_run = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    p = subprocess.run(
-        [sys.executable, *dist_run, "-m", "mm1.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
-    return p.stdout + p.stderr
-
-
-def test_two_process_fsdp_moe_run_resumes_bit_exactly(tmp_path, world, tiny_config) -> None:
+def test_two_process_fsdp_moe_run_resumes_bit_exactly(
+    tmp_path, world, tiny_config, torchrun_cli
+) -> None:
     """2 gloo processes, FSDP2 (experts sharded with their block): a run resumed from its
     step-2 checkpoint logs the very losses, aux losses and expert loads of the uninterrupted
     run."""
@@ -182,11 +166,11 @@ def test_two_process_fsdp_moe_run_resumes_bit_exactly(tmp_path, world, tiny_conf
 
     cfg = tiny_config(tmp_path, world, steps=4, save_every=2, parallel="fsdp", val_every=0)
     full = tmp_path / "full"
-    _cli(["train", str(cfg), f"train.run_dir={full}", *MOE], nproc=2)
+    torchrun_cli(["train", str(cfg), f"train.run_dir={full}", *MOE], nproc=2)
     resumed = tmp_path / "resumed"
     shutil.copytree(full, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_4")
-    out = _cli(["train", str(cfg), f"train.run_dir={resumed}", *MOE], nproc=2)
+    out = torchrun_cli(["train", str(cfg), f"train.run_dir={resumed}", *MOE], nproc=2)
     assert "resumed from" in out
 
     def logged(run: Path) -> dict[int, dict]:

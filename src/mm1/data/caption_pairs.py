@@ -10,15 +10,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
 
 from mm1.config import SourceConfig
 from mm1.data.document import Conversation, Document
 from mm1.data.images import ImageProcessor
 from mm1.data.loader import Loader, loader_of
-from mm1.data.mixture import Mixture, SourceStream
+from mm1.data.mixture import Mixture
+from mm1.data.sharded import ShardedDataset
 from mm1.data.sources import DataError
-from mm1.data.sources.decode import set_max_image_pixels
 from mm1.data.tokenizer import Tokenizer
 
 
@@ -66,45 +65,10 @@ class PairSettings:
     max_image_pixels: int = 4096 * 4096
 
 
-class CaptionPairDataset(IterableDataset):
+class CaptionPairDataset(ShardedDataset):
     """Endless batches of (image, caption) pairs for one rank; each loader worker is a slot."""
 
-    def __init__(
-        self,
-        settings: PairSettings,
-        tokenizer: Tokenizer,
-        processor: ImageProcessor,
-        rank: int = 0,
-        world_size: int = 1,
-        num_workers: int = 0,
-    ) -> None:
-        super().__init__()
-        self.s, self.tok, self.processor = settings, tokenizer, processor
-        self.rank, self.world_size = rank, world_size
-        self.num_workers = max(num_workers, 1)
-        self._state: dict[str, Any] | None = None
-        self._mixture: Mixture | None = None
-
-    def _slot(self) -> int:
-        info = get_worker_info()
-        return self.rank * self.num_workers + (info.id if info is not None else 0)
-
-    def _build(self) -> Mixture:
-        set_max_image_pixels(self.s.max_image_pixels)
-        slot, num_slots = self._slot(), self.world_size * self.num_workers
-        streams = [
-            SourceStream(i, spec, slot, num_slots, self.s.seed, self.s.max_error_rate)
-            for i, spec in enumerate(self.s.sources)
-        ]
-        self._mixture = Mixture(streams, self.s.seed, slot)
-        if self._state is not None:
-            if self._state.get("slot", slot) != slot:
-                raise RuntimeError(
-                    f"loader state of slot {self._state['slot']} given to slot {slot}: the "
-                    "number of ranks or workers changed since the checkpoint"
-                )
-            self._mixture.load_state_dict(self._state["mixture"])
-        return self._mixture
+    s: PairSettings
 
     def _next_pair(self, mixture: Mixture) -> tuple[Any, str]:
         while True:
@@ -120,8 +84,8 @@ class CaptionPairDataset(IterableDataset):
                 continue
             return image, text
 
-    def __iter__(self) -> Iterator[PairBatch]:
-        mixture = self._build()
+    def _batches(self) -> Iterator[PairBatch]:
+        mixture = self._open_mixture()
         while True:
             pairs = [self._next_pair(mixture) for _ in range(self.s.batch_size)]
             ids = [caption_ids(self.tok, text, self.s.max_len) for _, text in pairs]
@@ -130,15 +94,6 @@ class CaptionPairDataset(IterableDataset):
                 tokens[i, : len(row)] = torch.tensor(row)
             pixels = self.processor([image for image, _ in pairs])
             yield PairBatch(pixels, tokens, torch.tensor([len(r) for r in ids]))
-
-    def state_dict(self) -> dict[str, Any]:
-        if self._mixture is None:
-            return dict(self._state) if self._state is not None else {}
-        return {"slot": self._slot(), "mixture": self._mixture.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._state = state or None
-        self._mixture = None
 
 
 def build_pair_loader(

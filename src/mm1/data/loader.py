@@ -15,18 +15,18 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from mm1.batch import Batch
-from mm1.config import SOURCE_KINDS, ConfigError, DataConfig, SourceConfig
+from mm1.config import SOURCE_KINDS, DataConfig, SourceConfig
 from mm1.data.document import Conversation
 from mm1.data.images import ImageProcessor
-from mm1.data.mixture import Mixture, Record, SourceStream
+from mm1.data.mixture import Record, SourceStream
 from mm1.data.packing import Packer, PackStats, Piece, collate, slice_document, split_document
 from mm1.data.prompt_format import PromptFormat
-from mm1.data.sources import DataError, ReadStats, check_error_rate, warn_skip
-from mm1.data.sources.decode import DEFAULT_MAX_IMAGE_PIXELS, set_max_image_pixels
+from mm1.data.sharded import ShardedDataset, WorkerError
+from mm1.data.sources import ReadStats, check_error_rate, warn_skip
+from mm1.data.sources.decode import DEFAULT_MAX_IMAGE_PIXELS
 from mm1.data.tokenizer import (
     TokenizedDocument,
     Tokenizer,
@@ -73,8 +73,10 @@ class LoaderSettings:
         )
 
 
-class PackedDataset(IterableDataset):
+class PackedDataset(ShardedDataset):
     """Endless packed batches for one rank; each loader worker is its own slot."""
+
+    s: LoaderSettings
 
     def __init__(
         self,
@@ -85,33 +87,17 @@ class PackedDataset(IterableDataset):
         world_size: int = 1,
         num_workers: int = 0,
     ) -> None:
-        super().__init__()
-        self.s, self.tok, self.processor = settings, tokenizer, processor
-        self.rank, self.world_size = rank, world_size
-        self.num_workers = max(num_workers, 1)
-        self._state: dict[str, Any] | None = None
-        self._mixture: Mixture | None = None
+        super().__init__(settings, tokenizer, processor, rank, world_size, num_workers)
         self._packer: Packer | None = None
         self.kind_index = {kind: i for i, kind in enumerate(SOURCE_KINDS)}
 
     # -- per-slot pipeline ---------------------------------------------------------------------
 
-    def _slot(self) -> int:
-        info = get_worker_info()
-        worker = info.id if info is not None else 0
-        return self.rank * self.num_workers + worker
-
     def _build(self) -> None:
-        set_max_image_pixels(self.s.max_image_pixels)  # process-wide: set in each worker
-        slot, num_slots = self._slot(), self.world_size * self.num_workers
-        streams = [
-            SourceStream(i, spec, slot, num_slots, self.s.seed, self.s.max_error_rate)
-            for i, spec in enumerate(self.s.sources)
-        ]
-        self._mixture = Mixture(streams, self.s.seed, slot)
+        self._open_mixture()
         self._packer = Packer(self.s.seq_len, self.s.max_images_per_seq, self.s.pack_buffer)
         if self._state is not None:
-            self._restore(self._state)
+            self._restore_buffer(self._state)
 
     def tokenize(self, record: Record) -> TokenizedDocument:
         if isinstance(record, Conversation):
@@ -140,17 +126,6 @@ class PackedDataset(IterableDataset):
         for stream in self._mixture.streams:
             check_error_rate(stream.stats, self.s.max_error_rate, stream.spec.path, min_seen=100)
 
-    def __iter__(self):
-        if get_worker_info() is None:
-            yield from self._batches()
-            return
-        try:
-            yield from self._batches()
-        except ONE_LINE_ERRORS as err:
-            # Raised here, torch would re-raise it in the main process as a new exception
-            # whose message is "Caught X in DataLoader worker process 0" and the traceback.
-            yield WorkerError(err)
-
     def _batches(self) -> Iterator[Batch]:
         self._build()
         assert self._packer is not None
@@ -171,28 +146,20 @@ class PackedDataset(IterableDataset):
 
     # -- state -----------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
-        if self._mixture is None or self._packer is None:
-            return dict(self._state) if self._state is not None else {}
+    def _extra_state(self) -> dict[str, Any]:
+        assert self._packer is not None
         return {
-            "slot": self._slot(),
-            "mixture": self._mixture.state_dict(),
             "buffer": [list(p.ref) for p in self._packer.buffer],
             "pack_stats": self._packer.stats.to_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._state = state or None
-        self._mixture = self._packer = None
+        super().load_state_dict(state)
+        self._packer = None
 
-    def _restore(self, state: dict[str, Any]) -> None:
+    def _restore_buffer(self, state: dict[str, Any]) -> None:
+        """The packer as it was: its stats, and its buffered pieces re-read from their records."""
         assert self._mixture is not None and self._packer is not None
-        if state.get("slot", self._slot()) != self._slot():
-            raise RuntimeError(
-                f"loader state of slot {state['slot']} given to slot {self._slot()}: the number "
-                "of ranks or workers changed since the checkpoint"
-            )
-        self._mixture.load_state_dict(state["mixture"])
         self._packer.stats = PackStats.from_dict(state["pack_stats"])
         cache: dict[tuple[int, int, int], list[TokenizedDocument]] = {}
         for src, shard, record, piece, used in state["buffer"]:
@@ -207,13 +174,6 @@ class PackedDataset(IterableDataset):
                 Piece(p, (src, shard, record, piece, used), first=not used and piece == 0)
             )
 
-    def read_stats(self) -> ReadStats:
-        total = ReadStats()
-        if self._mixture is not None:
-            for s in self._mixture.streams:
-                total.merge(s.stats)
-        return total
-
 
 def _reread(stream: SourceStream, shard: int, record: int) -> Record:
     """Re-read a buffered record into a throwaway `ReadStats`: the restored stats already count
@@ -225,20 +185,9 @@ def _reread(stream: SourceStream, shard: int, record: int) -> Record:
         stream.stats = live
 
 
-# Errors the CLI reports as one line: a worker hands them over as they are (`WorkerError`).
-ONE_LINE_ERRORS = (DataError, ConfigError, FileNotFoundError)
-
-
-@dataclass
-class WorkerError:
-    """An error raised in a loader worker, sent to the main process as a batch would be."""
-
-    error: BaseException
-
-
 class Loader(StatefulDataLoader):
-    """`StatefulDataLoader` that raises a worker's `ONE_LINE_ERRORS` in the main process as the
-    same exception (type and message) the single-process loader raises."""
+    """`StatefulDataLoader` that raises a worker's `sharded.ONE_LINE_ERRORS` in the main
+    process as the same exception (type and message) the single-process loader raises."""
 
     def __iter__(self) -> Iterator[Batch]:
         return _raising(super().__iter__())
@@ -273,6 +222,26 @@ def loader_of(dataset: torch.utils.data.IterableDataset, num_workers: int) -> Lo
         prefetch_factor=2 if num_workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
     )
+
+
+def loader_counts(state: dict[str, Any]) -> dict[str, int]:
+    """Skipped records and dropped images, summed over the `PackedDataset` states in a loader
+    state (one per worker snapshot, or the single-process loader's one)."""
+    skipped = dropped = 0
+
+    def walk(node: Any) -> None:
+        nonlocal skipped, dropped
+        if isinstance(node, dict):
+            if "mixture" in node and "pack_stats" in node:
+                for s in node["mixture"]["sources"]:
+                    skipped += sum(s["stats"]["skipped"].values())
+                dropped += node["pack_stats"]["images_dropped"]
+                return
+            for v in node.values():
+                walk(v)
+
+    walk(state)
+    return {"skipped_records": skipped, "images_dropped": dropped}
 
 
 def packing_stats(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -88,7 +89,9 @@ class CLIPModel(nn.Module):
         self.text_proj = nn.Linear(text.proj_in or text.width, e, bias=False)
         init_weights(self.image_proj)
         init_weights(self.text_proj)
-        self.logit_scale = nn.Parameter(torch.tensor(float(clip.logit_scale_init)))
+        # One element, not a scalar: FSDP2 shards parameters on dim 0 and refuses 0-d ones.
+        self.logit_scale = nn.Parameter(torch.tensor([float(clip.logit_scale_init)]))
+        self.register_load_state_dict_pre_hook(_scalar_logit_scale)
 
     def scale(self) -> torch.Tensor:
         """exp(t), clamped at `logit_scale_max` as CLIP clamps it (no gradient beyond)."""
@@ -112,3 +115,10 @@ class CLIPModel(nn.Module):
         scale = self.scale()
         loss = gathered_clip_loss(image, text, scale)
         return EncoderOutput(loss, {"logit_scale": float(scale.detach())})
+
+
+def _scalar_logit_scale(module: nn.Module, state: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Runs saved before the scale had one dimension hold it as a scalar: read it as one."""
+    key = prefix + "logit_scale"
+    if key in state and state[key].ndim == 0:
+        state[key] = state[key].reshape(1)

@@ -527,7 +527,10 @@ def load_checkpoint(
     state: dict[str, Any] = {"model": model_sd, "global": None, "rank_state": {key: None}}
     if optimizer is not None:
         state["optim"] = optim_sd
+    swapped = _saved_scalars_into_views(state, path)
     _dcp_load(state, path, distributed)
+    for container, k, template in swapped:
+        container[k] = template
     set_state_dict(
         model,
         _optimizers(optimizer),
@@ -551,3 +554,25 @@ def load_checkpoint(
         rank_state=mine["user"] if mine["user"] is not None else {},
         meta=meta,
     )
+
+
+def _saved_scalars_into_views(state: dict[str, Any], path: Path) -> list[tuple[dict, str, Any]]:
+    """Where the checkpoint holds a scalar and the template one element (CLIP's logit scale and
+    its optimizer state, saved before the scale had a dimension), DCP loads into a 0-d view of
+    the template instead; the (container, key, template) entries put the templates back."""
+    saved = SafeFileSystemReader(path).read_metadata().state_dict_metadata
+    scalars = {k for k, info in saved.items() if getattr(info, "size", None) == torch.Size([])}
+    swapped: list[tuple[dict, str, Any]] = []
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict):
+                walk(v, key + ".")
+            elif key in scalars and type(v) in (torch.Tensor, nn.Parameter) and v.shape == (1,):
+                swapped.append((node, k, v))  # not a DTensor: no sharded run saved a scalar
+
+    walk(state, "")
+    for container, k, template in swapped:
+        container[k] = template.view(())
+    return swapped

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mm1.config import ConfigError, to_dict, to_yaml
+from mm1.config import ConfigError, to_dict
 from mm1.config.encoder import AIM_SOURCE_KINDS, CLIP_SOURCE_KINDS, EncoderRunConfig
 from mm1.data.caption_pairs import CaptionPairDataset, PairBatch, PairSettings, build_pair_loader
 from mm1.data.world import prepare_data
@@ -84,19 +84,10 @@ class EncoderTrainer(Trainer):
             d.world_size,
             cfg.data.num_workers,
         )
-        self.val_batches = self._validation_batches()
-        self.step = 0
-        self.counters = {"nonfinite_steps": 0, "nonfinite_in_a_row": 0}
-        self._resume()
-        if d.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-            import json
+        self._start_run()
 
-            (self.run_dir / "model.json").write_text(json.dumps(to_dict(cfg.model), indent=1))
-            tok.save(self.run_dir / "tokenizer")
-            self.data.processor.save_pretrained(self.run_dir / "tokenizer")
-        d.barrier()
+    def _write_run_files(self) -> None:
+        """Nothing beyond `Trainer`'s: an encoder run has no prompt format and no starting point."""
 
     def _pair_settings(self, sources: list, seed: int) -> PairSettings:
         cfg = self.cfg

@@ -36,7 +36,7 @@ from mm1.config import (
     to_dict,
     to_yaml,
 )
-from mm1.data.loader import LoaderSettings, PackedDataset, build_loader
+from mm1.data.loader import LoaderSettings, PackedDataset, build_loader, loader_counts
 from mm1.data.prompt_format import PromptFormat
 from mm1.data.world import carried_image_boundaries, prepare_data
 from mm1.models.build import build_model, starting_point_state_dict
@@ -175,22 +175,30 @@ class Trainer:
         self.loader = build_loader(
             settings, tok, self.data.processor, d.rank, d.world_size, cfg.data.num_workers
         )
+        self._start_run()
+
+    def _start_run(self) -> None:
+        """The end of every trainer's `setup` (model, optimizer, loader built): validation
+        batches, the resume from the latest checkpoint, the run directory's files (rank 0)."""
         self.val_batches = self._validation_batches()
         self.step = 0
         self.counters = {"nonfinite_steps": 0, "nonfinite_in_a_row": 0}
         self._resume()
-        if d.is_main:
+        if self.d.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-            model_json = json.dumps(to_dict(self.model_cfg), indent=1)
-            (self.run_dir / "model.json").write_text(model_json)
-            tok.save(self.run_dir / "tokenizer")
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+            (self.run_dir / "model.json").write_text(json.dumps(to_dict(self.model_cfg), indent=1))
+            self.data.tokenizer.save(self.run_dir / "tokenizer")
             self.data.processor.save_pretrained(self.run_dir / "tokenizer")
-            self.prompt_format.save(self.run_dir / "tokenizer")
-            if self.started_from is not None:
-                record = {"sources": self.started_from}
-                (self.run_dir / START_FILE).write_text(json.dumps(record, indent=1) + "\n")
-        d.barrier()
+            self._write_run_files()
+        self.d.barrier()
+
+    def _write_run_files(self) -> None:
+        """What an MM1 run adds to its run directory: its prompt format, where it started."""
+        self.prompt_format.save(self.run_dir / "tokenizer")
+        if self.started_from is not None:
+            record = {"sources": self.started_from}
+            (self.run_dir / START_FILE).write_text(json.dumps(record, indent=1) + "\n")
 
     def _load_starting_points(self) -> None:
         """Starting weights into the shards: rank 0 reads them, every rank receives its shards
@@ -475,7 +483,7 @@ class Trainer:
             "images_per_s": window["images"] * world / elapsed,
             "data_wait": window["wait"] / elapsed,
             "nonfinite_steps": self.counters["nonfinite_steps"],
-            **_loader_counts(self.loader.state_dict()),
+            **loader_counts(self.loader.state_dict()),
         }
         if self.d.device.type == "cuda":
             from mm1.models.summary import summarize
@@ -575,22 +583,3 @@ def _group_means(sums: torch.Tensor, names: Sequence[str]) -> dict[str, float]:
     """Mean loss per named group from `_group_sums`' layout; groups without labels left out."""
     n = len(names)
     return {k: float(sums[j] / sums[n + j]) for j, k in enumerate(names) if sums[n + j] > 0}
-
-
-def _loader_counts(state: dict[str, Any]) -> dict[str, int]:
-    """Skipped records and dropped images, summed over the loader's worker snapshots."""
-    skipped = dropped = 0
-
-    def walk(node: Any) -> None:
-        nonlocal skipped, dropped
-        if isinstance(node, dict):
-            if "mixture" in node and "pack_stats" in node:
-                for s in node["mixture"]["sources"]:
-                    skipped += sum(s["stats"]["skipped"].values())
-                dropped += node["pack_stats"]["images_dropped"]
-                return
-            for v in node.values():
-                walk(v)
-
-    walk(state)
-    return {"skipped_records": skipped, "images_dropped": dropped}

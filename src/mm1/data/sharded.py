@@ -1,0 +1,124 @@
+"""The skeleton of the training datasets (`PackedDataset`, `CaptionPairDataset`): endless batches
+for one rank, each DataLoader worker its own slot reading its share of every source through a
+`Mixture`, the slot's resumable state, and errors of a loader worker handed to the main
+process as they are (`WorkerError`).
+
+A slot's state is `{"slot", "mixture", **extra}`: the slot index (a state given to another slot
+is refused), the mixture's cursors and generator, and whatever the subclass buffers
+(`_extra_state`). Checkpoints hold these keys: they must keep their names."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from torch.utils.data import IterableDataset, get_worker_info
+
+from mm1.config import ConfigError, SourceConfig
+from mm1.data.images import ImageProcessor
+from mm1.data.mixture import Mixture, SourceStream
+from mm1.data.sources import DataError, ReadStats
+from mm1.data.sources.decode import set_max_image_pixels
+from mm1.data.tokenizer import Tokenizer
+
+# Errors the CLI reports as one line: a worker hands them over as they are (`WorkerError`).
+ONE_LINE_ERRORS = (DataError, ConfigError, FileNotFoundError)
+
+
+@dataclass
+class WorkerError:
+    """An error raised in a loader worker, sent to the main process as a batch would be (the
+    loader, `mm1.data.loader.Loader`, raises it there)."""
+
+    error: BaseException
+
+
+class MixtureSettings(Protocol):
+    """What every slot's mixture is built from (both datasets' settings have these fields)."""
+
+    sources: list[SourceConfig]
+    seed: int
+    max_error_rate: float
+    max_image_pixels: int
+
+
+class ShardedDataset(IterableDataset):
+    """One rank's endless batches over (rank, worker) slots; subclasses yield them from
+    `_batches`, build their pipeline on `_open_mixture` and add what they buffer to the state
+    with `_extra_state`."""
+
+    def __init__(
+        self,
+        settings: MixtureSettings,
+        tokenizer: Tokenizer,
+        processor: ImageProcessor,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.s, self.tok, self.processor = settings, tokenizer, processor
+        self.rank, self.world_size = rank, world_size
+        self.num_workers = max(num_workers, 1)
+        self._state: dict[str, Any] | None = None  # to restore when the slot's mixture opens
+        self._mixture: Mixture | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        if get_worker_info() is None:
+            yield from self._batches()
+            return
+        try:
+            yield from self._batches()
+        except ONE_LINE_ERRORS as err:
+            # Raised here, torch would re-raise it in the main process as a new exception
+            # whose message is "Caught X in DataLoader worker process 0" and the traceback.
+            yield WorkerError(err)
+
+    def _batches(self) -> Iterator[Any]:
+        """This slot's batches, endless."""
+        raise NotImplementedError
+
+    def _slot(self) -> int:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        return self.rank * self.num_workers + worker
+
+    def _open_mixture(self) -> Mixture:
+        """This slot's mixture, at the loaded state's cursors if a state was loaded."""
+        set_max_image_pixels(self.s.max_image_pixels)  # process-wide: set in each worker
+        slot, num_slots = self._slot(), self.world_size * self.num_workers
+        streams = [
+            SourceStream(i, spec, slot, num_slots, self.s.seed, self.s.max_error_rate)
+            for i, spec in enumerate(self.s.sources)
+        ]
+        self._mixture = Mixture(streams, self.s.seed, slot)
+        if self._state is not None:
+            if self._state.get("slot", slot) != slot:
+                raise RuntimeError(
+                    f"loader state of slot {self._state['slot']} given to slot {slot}: the "
+                    "number of ranks or workers changed since the checkpoint"
+                )
+            self._mixture.load_state_dict(self._state["mixture"])
+        return self._mixture
+
+    def _extra_state(self) -> dict[str, Any]:
+        """The subclass's part of the slot's state (called once the mixture is open)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._mixture is None:  # not started: the state loaded, as it was loaded
+            return dict(self._state) if self._state is not None else {}
+        return {"slot": self._slot(), "mixture": self._mixture.state_dict(), **self._extra_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._state = state or None
+        self._mixture = None
+
+    def read_stats(self) -> ReadStats:
+        """Records read, skipped and failed by this slot, all sources together."""
+        total = ReadStats()
+        if self._mixture is not None:
+            for s in self._mixture.streams:
+                total.merge(s.stats)
+        return total
