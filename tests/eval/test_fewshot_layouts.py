@@ -107,3 +107,27 @@ def test_high_res_flags() -> None:
     assert high_res_flags(3, 0) == [True] * 3
     assert high_res_flags(3, 2) == [False, True, True]
     assert high_res_flags(1, 4) == [True]
+
+
+def test_sft_suite_runs_a_tiled_layout_batched_as_alone(world: Path) -> None:
+    """The SFT suite gives a tiled model each image's crop count and size: anyres prompts with
+    one and with several pictures are answered, and a batch answers as each query alone."""
+    from mm1.data.sft_eval import ensure_sft_eval
+    from mm1.eval.suite import evaluate_suite
+    from mm1.eval.suite_tasks import load_suite
+
+    ensure_sft_eval(world)
+    tasks = [t for t in load_suite(world / "eval" / "sft" / "suite.yaml") if t.kind == "multi"]
+    tok = Tokenizer.from_file(world / "tokenizer.json")
+    model = _anyres_model(tok)
+    fmt = PromptFormat.from_config(DataConfig(), model.num_image_tokens, model.cfg)
+    proc = ImageProcessor.clip(16)
+    common = {"chat": False, "shots": 1, "seeds": 1, "max_examples": 3}
+    batched = evaluate_suite(model, tok, proc, fmt, tasks, batch_size=3, **common)
+    alone = evaluate_suite(model, tok, proc, fmt, tasks, batch_size=1, **common)
+    records = batched["predictions"]["sft_multi"]["0"]
+    assert [r["prediction"] for r in records] == [
+        r["prediction"] for r in alone["predictions"]["sft_multi"]["0"]
+    ]
+    image = Image.open(tasks[0].query[0].images[0]).convert("RGB")
+    assert fmt.crops(image) > 1  # the pictures really are tiled

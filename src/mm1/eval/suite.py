@@ -192,7 +192,7 @@ def evaluate_suite(
                 records = []
                 for b in range(0, len(queries), batch_size):
                     batch = list(range(b, min(b + batch_size, len(queries))))
-                    ids, pixels = [], []
+                    ids, pixels, crops, sizes = [], [], [], []
                     for i in batch:
                         # the query's text, shown its (or, in the control, another's) pictures
                         q = SuiteExample(queries[i].id, shown[i], *_rest(queries[i]))
@@ -201,10 +201,16 @@ def evaluate_suite(
                         pics += [load(p) for p in shown[i]]
                         ids.append(prompter.ids(text, pics))
                         pixels.append(fmt.pixel_values(processor, pics))
+                        if pics:  # a tiled layout assembles each image from these
+                            n, hw = fmt.image_info(pics)
+                            crops.append(n)
+                            sizes.append(hw)
                     outs = generate(
                         model,
                         ids,
                         torch.cat(pixels).to(device),
+                        image_crops=torch.cat(crops) if crops else None,
+                        image_sizes=torch.cat(sizes) if sizes else None,
                         max_new_tokens=budget,
                         eos_token_id=sorted(prompter.stop_ids),
                         pad_token_id=tokenizer.pad_id,
