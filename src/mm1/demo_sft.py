@@ -233,8 +233,8 @@ def write_sft_report(
         "",
         suite_table(runs),
         "",
-        "Every metric (POPE: accuracy, precision, recall, F1, yes-ratio; LLaVA-Bench: CIDEr, "
-        "ROUGE-L):",
+        "Every metric (VQA tasks: accuracy per answer type too; POPE: accuracy, precision, "
+        "recall, F1, yes-ratio and accuracy per kind of negative; LLaVA-Bench: CIDEr, ROUGE-L):",
         "",
         detail_table(runs),
         "",
