@@ -9,6 +9,7 @@ is refused), the mixture's cursors and generator, and whatever the subclass buff
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -75,9 +76,9 @@ class ShardedDataset(IterableDataset):
             # whose message is "Caught X in DataLoader worker process 0" and the traceback.
             yield WorkerError(err)
 
+    @abstractmethod
     def _batches(self) -> Iterator[Any]:
         """This slot's batches, endless."""
-        raise NotImplementedError
 
     def _slot(self) -> int:
         info = get_worker_info()
