@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -13,8 +17,9 @@ import yaml
 
 from mm1 import cli
 from mm1.ablate import runner
+from mm1.ablate.cell import read_cell
 from mm1.ablate.command import ablate, dry_run
-from mm1.ablate.grid import load_grid
+from mm1.ablate.grid import Grid, load_grid
 from mm1.ablate.prompt_check import context_warning, longest_eval_prompt
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -222,3 +227,60 @@ def test_force_moves_a_changed_cell_aside(tmp_path, study) -> None:
     runner.check_study_dir(grid, study, force=True, log=lambda _: None)
     assert not cell_dir.exists()
     assert [p.name.split(".")[0] for p in (study / ".replaced").iterdir()] == [grid.cells[0].id]
+
+
+# A stand-in for `python -m mm1.ablate.worker GRID STUDY CELL_ID`: records its cell as
+# interrupted at once (FAKE_CELL=interrupt) or only once SIGINT arrives (FAKE_CELL=wait).
+FAKE_WORKER = """
+import json, os, signal, sys, time
+from pathlib import Path
+cell = Path(sys.argv[2]) / sys.argv[3]
+def record(*_):
+    (cell / "cell.json").write_text(json.dumps({"id": sys.argv[3], "status": "interrupted"}))
+    sys.exit(1)
+if os.environ["FAKE_CELL"] == "interrupt":
+    record()
+signal.signal(signal.SIGINT, record)
+(cell / "started").touch()
+time.sleep(60)
+"""
+
+
+def _fake_study(tmp_path: Path, monkeypatch, mode: str, cells: int) -> Grid:
+    script = tmp_path / "fake_worker.py"
+    script.write_text(FAKE_WORKER)
+    monkeypatch.setattr(runner, "WORKER", [sys.executable, str(script)])
+    monkeypatch.setenv("FAKE_CELL", mode)
+    return load_grid(
+        _write(
+            tmp_path / "grid.yaml",
+            tmp_path / "world",
+            axes={"train.steps": list(range(3, 3 + cells))},
+        )
+    )
+
+
+def test_an_interrupted_parallel_cell_stops_the_study(tmp_path, monkeypatch) -> None:
+    grid = _fake_study(tmp_path, monkeypatch, "interrupt", cells=4)
+    records = runner.run_study(grid, tmp_path / "study", jobs=2, log=lambda _: None)
+    # the first two were started together; once one reported itself interrupted, no other began
+    assert [r.get("status") for r in records] == ["interrupted", "interrupted", None, None]
+
+
+def test_sigterm_reaches_the_parallel_cells(tmp_path, monkeypatch) -> None:
+    grid = _fake_study(tmp_path, monkeypatch, "wait", cells=3)
+    study_dir = tmp_path / "study"
+
+    def terminate_when_started() -> None:
+        started = [study_dir / c.id / "started" for c in grid.cells[:2]]
+        while not all(p.exists() for p in started):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate_when_started, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_study(grid, study_dir, jobs=2, log=lambda _: None)
+    # both running cells were told to stop and recorded it; the third never started
+    statuses = [read_cell(study_dir / c.id).get("status") for c in grid.cells]
+    assert statuses == ["interrupted", "interrupted", None]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

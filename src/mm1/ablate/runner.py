@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -275,49 +276,91 @@ def _report(rec: dict[str, Any], log: Log) -> None:
         log(f"  FAILED: {rec['error']}")
 
 
+# a cell's process: `python -m mm1.ablate.worker GRID STUDY CELL_ID`
+WORKER = [sys.executable, "-m", "mm1.ablate.worker"]
+
+
 def _run_parallel(grid: Grid, study_dir: Path, todo: list[CellPlan], jobs: int, log: Log) -> None:
     """Each cell in its own process (`python -m mm1.ablate.worker`), at most `jobs` at a time,
-    each pinned to its share of the CPUs with as many torch threads."""
+    each pinned to its share of the CPUs with as many torch threads.
+
+    A cell that reports itself interrupted stops the study: no further cell starts. Ctrl-C or
+    SIGTERM here is passed on to the running cells as SIGINT, so each saves its checkpoint, and
+    raised as KeyboardInterrupt once they have exited."""
     shares = _thread_shares(jobs)
     free = list(range(jobs))
     running: dict[int, tuple[subprocess.Popen, CellPlan, Any]] = {}
     queue = list(todo)
-    while queue or running:
-        while queue and free:
-            slot, plan = free.pop(0), queue.pop(0)
-            cpus = shares[slot]
-            env = {**os.environ, "MM1_CELL_CPUS": ",".join(map(str, cpus))}
-            for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-                env[var] = str(len(cpus))
-            plan.run_dir.mkdir(parents=True, exist_ok=True)
-            out = open(plan.run_dir / CELL_LOG, "a")  # noqa: SIM115 - closed when it ends
-            cmd = [sys.executable, "-m", "mm1.ablate.worker", str(grid.path), str(study_dir)]
-            proc = subprocess.Popen(
-                [*cmd, plan.cell.id],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-            running[slot] = (proc, plan, out)
-            log(f"{plan.cell.id}: started on CPUs {cpus} (log: {plan.run_dir / CELL_LOG})")
-        time.sleep(0.5)
-        for slot, (proc, plan, out) in list(running.items()):
+    old_term = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        while queue or running:
+            while queue and free:
+                slot, plan = free.pop(0), queue.pop(0)
+                running[slot] = _start_worker(grid, study_dir, plan, shares[slot], log)
+            time.sleep(0.5)
+            for slot, (proc, plan, out) in list(running.items()):
+                if proc.poll() is not None:
+                    del running[slot]
+                    free.append(slot)
+                    rec = _finish_worker(grid, proc, plan, out, log)
+                    if rec["status"] == "interrupted" and queue:
+                        log("a cell was interrupted: no further cell starts")
+                        queue.clear()
+    except KeyboardInterrupt:
+        for proc, plan, _ in running.values():
             if proc.poll() is None:
-                continue
-            out.close()
-            del running[slot]
-            free.append(slot)
-            rec = read_cell(plan.run_dir)
-            if rec.get("status") not in ("done", "failed", "interrupted"):
-                from mm1.ablate.cell import write_cell
+                log(f"{plan.cell.id}: stopping (it saves its checkpoint)")
+                proc.send_signal(signal.SIGINT)
+        for proc, plan, out in running.values():
+            proc.wait()
+            _finish_worker(grid, proc, plan, out, log)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
 
-                tail = (plan.run_dir / CELL_LOG).read_text()[-2000:]
-                rec = {
-                    **cell_record(grid, plan),
-                    "status": "failed",
-                    "error": f"worker exited with code {proc.returncode}",
-                    "traceback": tail,
-                }
-                write_cell(plan.run_dir, rec)
-            log(f"{plan.cell.id}: {rec['status']}")
-            _report(rec, log)
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _start_worker(
+    grid: Grid, study_dir: Path, plan: CellPlan, cpus: list[int], log: Log
+) -> tuple[subprocess.Popen, CellPlan, Any]:
+    env = {**os.environ, "MM1_CELL_CPUS": ",".join(map(str, cpus))}
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(len(cpus))
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    out = open(plan.run_dir / CELL_LOG, "a")  # noqa: SIM115 - closed when it ends
+    proc = subprocess.Popen(
+        [*WORKER, str(grid.path), str(study_dir), plan.cell.id],
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        # the worker's own SIGINT handling, even where this process was started ignoring it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    log(f"{plan.cell.id}: started on CPUs {cpus} (log: {plan.run_dir / CELL_LOG})")
+    return proc, plan, out
+
+
+def _finish_worker(
+    grid: Grid, proc: subprocess.Popen, plan: CellPlan, out: Any, log: Log
+) -> dict[str, Any]:
+    """The ended worker's record; one that ended without writing its outcome is failed."""
+    out.close()
+    rec = read_cell(plan.run_dir)
+    if rec.get("status") not in ("done", "failed", "interrupted"):
+        from mm1.ablate.cell import write_cell
+
+        tail = (plan.run_dir / CELL_LOG).read_text()[-2000:]
+        rec = {
+            **cell_record(grid, plan),
+            "status": "failed",
+            "error": f"worker exited with code {proc.returncode}",
+            "traceback": tail,
+        }
+        write_cell(plan.run_dir, rec)
+    log(f"{plan.cell.id}: {rec['status']}")
+    _report(rec, log)
+    return rec
