@@ -90,6 +90,7 @@ def test_cells_trained_evaluated_and_reported(study) -> None:
         assert saved["eval"]["max_examples"] == 2  # the grid's eval settings are the run's
         assert rec["steps"] == 2 and (run / "checkpoints").is_dir()
         assert set(rec["metrics"]) >= {"synth_coco/0", "synth_vqa/2", "average/2", "train/loss"}
+        assert 0 < rec["metrics"]["train/fill"] <= 1
         assert (run / "eval" / "results.json").is_file()  # as `mm1 eval RUN` writes it
     # the failed cell's error names what was wrong; the cells after it still ran
     assert "nowhere" in records[2]["error"]

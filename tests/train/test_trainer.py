@@ -93,6 +93,11 @@ def test_metrics_and_artifacts(tmp_path, world, tiny_config) -> None:
     records = [r for r in read_metrics(run) if "loss" in r]
     for key in ("step", "loss", "lr", "tokens_per_s", "images_per_s", "grad_norm", "data_wait"):
         assert key in records[-1], key
+    # the rows' non-padding share; a cap of one image per row ends rows early, so fills less
+    capped = tmp_path / "capped"
+    finish(run_cli(["train", str(cfg), f"train.run_dir={capped}", "data.max_images_per_seq=1"]))
+    fill = [r["fill"] for r in read_metrics(capped) if "fill" in r][-1]
+    assert 0 < fill < records[-1]["fill"] <= 1
     assert any(k.startswith("loss_") for k in records[-1])
     assert (run / "config.yaml").exists() and (run / "model.json").exists()
     assert (run / "checkpoints" / "step_2" / "meta.json").exists()

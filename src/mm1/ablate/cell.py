@@ -91,7 +91,7 @@ def evaluate_cell(
     run_dir: Path, suites: Sequence[str] | None, overrides: Sequence[str] = ()
 ) -> dict[str, float]:
     """The cell's metrics from each suite (None: `fewshot`, the run's own eval section), plus
-    its last logged training losses and held-out loss."""
+    its last logged training losses, held-out loss and the rows' mean fill."""
     from mm1.train.logging import read_metrics
 
     metrics: dict[str, float] = {}
@@ -103,6 +103,9 @@ def evaluate_cell(
         last = train[-1]
         for key in [k for k in last if k == "loss" or k.startswith("loss_")]:
             metrics[f"train/{key}"] = float(last[key])
+    fills = [r["fill"] for r in train if "fill" in r]
+    if fills:  # the rows' non-padding share over the whole run
+        metrics["train/fill"] = sum(fills) / len(fills)
     val = [r["val_loss"] for r in logged if "val_loss" in r]
     if val:
         metrics["val/loss"] = float(val[-1])

@@ -127,12 +127,15 @@ def tables(results: dict[str, Any]) -> list[str]:
             row = [_setting(c, a) for a in axes]
             row += [_pm(c["metrics"].get(f"{task}/{k}")) for k in shots]
             lines.append("| " + " | ".join(row) + " |")
-    # Per-kind and held-out losses; the per-dataset ones stay in ablation.json.
+    # Per-kind and held-out losses (the per-dataset ones stay in ablation.json), and row fill.
     loss_keys = sorted(
         {k for c in results["configs"] for k in c["metrics"] if "loss" in k and "_ds_" not in k}
     )
+    if any("train/fill" in c["metrics"] for c in results["configs"]):
+        loss_keys.append("train/fill")
     if loss_keys:
-        lines += ["", "### Losses (last logged training step; held-out captions)", ""]
+        title = "Losses (last logged training step; held-out captions); fill: the rows' mean"
+        lines += ["", f"### {title} non-padding share", ""]
         cols = [*head, *loss_keys]
         lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for c in results["configs"]:

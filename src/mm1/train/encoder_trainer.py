@@ -167,7 +167,8 @@ class EncoderTrainer(Trainer):
         self.optimizer.zero_grad(set_to_none=True)
         images = sum(len(b) for b in micro)
         tokens = sum(int(b.lengths.sum()) for b in micro)
-        return StepResult(loss, {}, tokens, tokens, images, grad_norm, skipped, logged)
+        slots = sum(b.input_ids.numel() for b in micro)  # the captions padded to the longest
+        return StepResult(loss, {}, tokens, tokens, slots, images, grad_norm, skipped, logged)
 
     @torch.no_grad()
     def validation_loss(self) -> float:

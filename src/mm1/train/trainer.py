@@ -79,7 +79,8 @@ class StepResult:
     loss: float
     per_kind: dict[str, float]  # logged as loss_<kind>
     label_tokens: int
-    tokens: int
+    tokens: int  # non-padding tokens
+    slots: int  # token positions of the rows, padding included
     images: int
     grad_norm: float
     skipped: bool
@@ -87,6 +88,11 @@ class StepResult:
     objective: float | None = None  # loss + weighted aux losses (None without aux losses)
     per_dataset: dict[str, float] = dataclasses.field(default_factory=dict)  # loss_ds_<name>
     expert_load: dict[int, list[float]] = dataclasses.field(default_factory=dict)  # MoE layers
+
+
+def _new_window() -> dict[str, float]:
+    """The running sums behind one logged step's throughput figures."""
+    return {"t": time.perf_counter(), "wait": 0.0, "tokens": 0, "images": 0, "slots": 0}
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -310,7 +316,7 @@ class Trainer:
         )
         self._install_signal_handlers()
         data_iter = iter(self.loader)
-        window = {"t": time.perf_counter(), "wait": 0.0, "tokens": 0, "images": 0}
+        window = _new_window()
         last: StepResult | None = None
         stopped_by: int | None = None
         try:
@@ -322,6 +328,7 @@ class Trainer:
                 self.step += 1
                 window["tokens"] += last.tokens
                 window["images"] += last.images
+                window["slots"] += last.slots
                 # The streak is a counter, so it is checkpointed: a resume does not reset it.
                 streak = self.counters["nonfinite_in_a_row"] + 1 if last.skipped else 0
                 self.counters["nonfinite_in_a_row"] = streak
@@ -335,7 +342,7 @@ class Trainer:
                 logger.advance(self.step, f"loss {last.loss:.4f}")
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     logger.log(self.step, self._metrics(last, window))
-                    window = {"t": time.perf_counter(), "wait": 0.0, "tokens": 0, "images": 0}
+                    window = _new_window()
                 if self.val_batches and self.step % cfg.val_every == 0:
                     logger.log(self.step, {"val_loss": self.validation_loss()})
                 stop = self._stop_requested()
@@ -421,6 +428,7 @@ class Trainer:
             per_kind,
             total_labels,
             tokens,
+            sum(b.kind_ids.numel() for b in micro),
             images,
             grad_norm,
             skipped,
@@ -482,6 +490,8 @@ class Trainer:
             "tokens_per_s": tokens_per_s,
             "images_per_s": window["images"] * world / elapsed,
             "data_wait": window["wait"] / elapsed,
+            # the rows' non-padding share: low when the rows end early (e.g. at the image cap)
+            "fill": window["tokens"] / max(1, window["slots"]),
             "nonfinite_steps": self.counters["nonfinite_steps"],
             **loader_counts(self.loader.state_dict()),
         }
