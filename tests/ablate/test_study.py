@@ -285,3 +285,13 @@ def test_sigterm_reaches_the_parallel_cells(tmp_path, monkeypatch) -> None:
     statuses = [read_cell(study_dir / c.id).get("status") for c in grid.cells]
     assert statuses == ["interrupted", "interrupted", None]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_cell_with_mostly_padded_rows_is_warned() -> None:
+    log: list[str] = []
+    rec = {"id": "c1", "status": "done", "train_seconds": 1.0, "eval_seconds": 1.0}
+    runner._report({**rec, "metrics": {"train/fill": 0.45}}, log.append)
+    assert any("c1: its rows were 55% padding" in line for line in log)
+    log.clear()
+    runner._report({**rec, "metrics": {"train/fill": 0.97}}, log.append)
+    assert not any("warning" in line for line in log)

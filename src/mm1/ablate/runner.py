@@ -269,9 +269,20 @@ def run_study(
     return [read_cell(p.run_dir) for p in plans]
 
 
+# below this mean fill a cell's rows were mostly cut short: its steps saw less data than planned
+LOW_FILL = 0.75
+
+
 def _report(rec: dict[str, Any], log: Log) -> None:
     if rec["status"] == "done":
         log(f"  done in {rec['train_seconds'] + rec['eval_seconds']:.0f}s")
+        fill = rec.get("metrics", {}).get("train/fill")
+        if fill is not None and fill < LOW_FILL:
+            log(
+                f"  warning: {rec['id']}: its rows were {1 - fill:.0%} padding (train/fill "
+                f"{fill:.2f}), so each step read less data than data.seq_len x "
+                "train.batch_size: its rows end early (e.g. at data.max_images_per_seq images)"
+            )
     elif rec["status"] == "failed":
         log(f"  FAILED: {rec['error']}")
 
