@@ -165,6 +165,12 @@ def plot(results: dict[str, Any], out_png: Path) -> Path | None:
     for c in configs:
         groups.setdefault(_setting(c, group_by) if group_by else "", []).append(c)
     width = 0.8 / max(len(g) for g in groups.values())
+
+    def hue(c: dict[str, Any]) -> str:  # the settings besides the group: "num_tokens=16, ..."
+        return ", ".join(f"{a.split('.')[-1]}={_setting(c, a)}" for a in axes if a != group_by)
+
+    # one colour per combination of the other settings, the same in every group
+    colours = {h: i for i, h in enumerate(dict.fromkeys(hue(c) for c in configs))}
     fig, panels = plt.subplots(1, len(shots), figsize=(4 * len(shots) + 1, 4), squeeze=False)
     for ax, k in zip(panels[0], shots, strict=True):
         for gi, members in enumerate(groups.values()):
@@ -172,15 +178,15 @@ def plot(results: dict[str, Any], out_png: Path) -> Path | None:
                 stat = c["metrics"].get(f"average/{k}")
                 if not stat:
                     continue
-                rest = [_setting(c, a) for a in axes if a != group_by]
+                h = hue(c)
                 ax.bar(
                     gi + (j - (len(members) - 1) / 2) * width,
                     stat["mean"],
                     width * 0.9,
                     yerr=stat["std"],
                     capsize=3,
-                    color=f"C{j if rest else gi}",
-                    label=(", ".join(rest) or None) if gi == 0 or not group_by else None,
+                    color=f"C{colours[h] if h else gi}",
+                    label=h or None,
                 )
         ax.set_xticks(range(len(groups)), list(groups) if group_by else [""] * len(groups))
         ax.set_title(f"{k}-shot")
