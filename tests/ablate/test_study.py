@@ -295,3 +295,21 @@ def test_a_cell_with_mostly_padded_rows_is_warned() -> None:
     log.clear()
     runner._report({**rec, "metrics": {"train/fill": 0.97}}, log.append)
     assert not any("warning" in line for line in log)
+
+
+def test_study_controls_score_each_done_cell_with_shuffled_images(study) -> None:
+    from benchmarks.study_controls import CONTROL_DIR, collect, table
+
+    _, study_dir, _ = study
+    rows = collect(study_dir, max_examples=8)
+    assert set(rows) == {"type=avgpool", "type=attnpool"}  # the failed cell is left out
+    for row in rows.values():
+        assert set(row) == {"synth_coco", "synth_coco shuffled", "synth_vqa", "synth_vqa shuffled"}
+        assert all(len(v) == 1 for v in row.values())
+    cell = load_grid(study[0]).cells[0]
+    saved = json.loads((study_dir / cell.id / CONTROL_DIR / "results.json").read_text())
+    assert saved["config"]["shuffle_images"] is True and saved["config"]["shots"] == [0]
+    assert rows["type=avgpool"]["synth_vqa"] == [
+        read_cell(study_dir / cell.id)["metrics"]["synth_vqa/0"]
+    ]
+    assert "| type=avgpool | 1 |" in table(rows)
