@@ -14,7 +14,6 @@ import argparse
 import json
 import statistics
 from pathlib import Path
-from typing import Any
 
 from mm1 import cli
 from mm1.ablate.cell import read_cell
@@ -72,7 +71,7 @@ def main() -> None:
     ap.add_argument("--max-examples", type=int, default=64, help="queries per task")
     ap.add_argument("--json", type=Path, help="also write the per-seed scores here")
     args = ap.parse_args()
-    rows: Any = collect(args.study, args.max_examples)
+    rows = collect(args.study, args.max_examples)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
     print(table(rows))

@@ -134,8 +134,8 @@ def tables(results: dict[str, Any]) -> list[str]:
     if any("train/fill" in c["metrics"] for c in results["configs"]):
         loss_keys.append("train/fill")
     if loss_keys:
-        title = "Losses (last logged training step; held-out captions); fill: the rows' mean"
-        lines += ["", f"### {title} non-padding share", ""]
+        title = "Losses (last logged training step; held-out captions), mean row fill"
+        lines += ["", f"### {title}", ""]
         cols = [*head, *loss_keys]
         lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for c in results["configs"]:

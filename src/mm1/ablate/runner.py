@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -302,8 +303,11 @@ def _run_parallel(grid: Grid, study_dir: Path, todo: list[CellPlan], jobs: int, 
     free = list(range(jobs))
     running: dict[int, tuple[subprocess.Popen, CellPlan, Any]] = {}
     queue = list(todo)
+    # SIGTERM handlers can only be set from the main thread; elsewhere SIGTERM keeps its action
+    main_thread = threading.current_thread() is threading.main_thread()
     old_term = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    if main_thread:
+        signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         while queue or running:
             while queue and free:
@@ -328,7 +332,8 @@ def _run_parallel(grid: Grid, study_dir: Path, todo: list[CellPlan], jobs: int, 
             _finish_worker(grid, proc, plan, out, log)
         raise
     finally:
-        signal.signal(signal.SIGTERM, old_term)
+        if main_thread:
+            signal.signal(signal.SIGTERM, old_term)
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
