@@ -1,17 +1,21 @@
 """Peak memory of the SFT loader on a LLaVA-665k-sized file, with 2 loader workers.
 
 Writes a LLaVA JSON list of `--records` conversations (665,000 by default, ~1 KB of JSON each
-like LLaVA-1.5's llava_v1_5_mix665k.json: one image, 1-4 question/answer rounds) and the same
-records as JSONL, into `--dir` (default /tmp/mm1_sft_bench), pointing at a few small JPEGs. For
-each variant a fresh child process builds `build_loader(..., num_workers=2)` over the file and
-takes `--batches` batches, while this process samples the child's process tree (the loader
-process and its workers) every 0.25 s: peak RSS summed over the tree, and peak PSS (shared
-pages counted once, in shares), with the peak of each process. Variants:
+like LLaVA-1.5's llava_v1_5_mix665k.json: one image, 1-4 question/answer rounds), the same list
+gzipped and the same records as JSONL, into `--dir` (default /tmp/mm1_sft_bench), pointing at a
+few small JPEGs. For each variant a fresh child process builds `build_loader(...,
+num_workers=2)` over the file and takes `--batches` batches, while this process samples the
+child's process tree (the loader process and its workers) every 0.25 s: peak RSS summed over
+the tree, and peak PSS (shared pages counted once, in shares), with the peak of each process.
+Variants:
 
-  json     the whole-file JSON, parsed once per process (the cache)
-  jsonl    the same records, one per line: read as a stream
-  json_uncached   (--uncached) the JSON parsed at every open, as before the cache: the same
-                  peak, more parses (the count of parses per worker is reported)
+  json      the JSON list, indexed once per process (each element's byte span) and each
+            record parsed when it is read (`JsonList`): the reader's way for a .json file
+  json_gz   the same list gzipped: it cannot be seeked, so it is parsed whole, once per process
+            (the reader's way before the index, for every .json)
+  jsonl     the same records, one per line: read as a stream
+
+The "builds" column counts index builds (json) or whole-file parses (json_gz) per process.
 
     python -m benchmarks.sft_memory                   # 665k records, 2 workers
     python -m benchmarks.sft_memory --records 20000   # quick
@@ -20,10 +24,12 @@ pages counted once, in shares), with the peak of each process. Variants:
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -88,17 +94,19 @@ def _sentence(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
 
 
-def write_data(d: Path, records: int, seed: int = 0) -> tuple[Path, Path]:
-    """`sft.json` (a list) and `sft.jsonl` with the same records, and images/0..7.jpg."""
+def write_data(d: Path, records: int, seed: int = 0) -> tuple[Path, Path, Path]:
+    """`sft.json` (a list), `sft.json.gz` and `sft.jsonl` with the same records, and
+    images/0..7.jpg."""
     from PIL import Image
 
     d.mkdir(parents=True, exist_ok=True)
     (d / "images").mkdir(exist_ok=True)
     for i in range(8):
         Image.new("RGB", (64, 48), (30 * i, 255 - 30 * i, 90)).save(d / "images" / f"{i}.jpg")
-    js, jl = d / "sft.json", d / "sft.jsonl"
-    if js.exists() and jl.exists() and json.loads((d / "meta.json").read_text()) == records:
-        return js, jl
+    js, gz, jl = d / "sft.json", d / "sft.json.gz", d / "sft.jsonl"
+    meta = d / "meta.json"
+    if meta.exists() and json.loads(meta.read_text()) == records and gz.exists():
+        return js, gz, jl
     rng = random.Random(seed)
     # A pool of texts keeps writing fast; records still differ (pool choices and ids).
     questions = [_sentence(rng, rng.randint(6, 14)) + "?" for _ in range(2000)]
@@ -119,18 +127,19 @@ def write_data(d: Path, records: int, seed: int = 0) -> tuple[Path, Path]:
             fj.write(("," if i else "") + line)
             fl.write(line + "\n")
         fj.write("]")
-    (d / "meta.json").write_text(json.dumps(records))
-    return js, jl
+    with js.open("rb") as src, gzip.open(gz, "wb", compresslevel=1) as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    meta.write_text(json.dumps(records))
+    return js, gz, jl
 
 
-def child(path: str, batches: int, workers: int, uncached: bool) -> None:
+def child(path: str, batches: int, workers: int) -> None:
     """The measured process: a loader over `path` with `workers` workers, `batches` batches."""
     from mm1.config import SourceConfig
-    from mm1.data import catalog
     from mm1.data.images import ImageProcessor
     from mm1.data.loader import LoaderSettings, build_loader
     from mm1.data.prompt_format import PromptFormat
-    from mm1.data.sources import base, llava
+    from mm1.data.sources import base
     from mm1.data.synthetic import write_world
     from mm1.data.tokenizer import Tokenizer
 
@@ -138,16 +147,18 @@ def child(path: str, batches: int, workers: int, uncached: bool) -> None:
     if not (world / "world.json").exists():
         write_world(world, seed=0, size="tiny")
     tok = Tokenizer.from_file(world / "tokenizer.json")
-    real = base.load_json_file
+    parse, index = base.load_json_file, base.JsonList
 
-    def counted(p: Path) -> tuple[Any, bool]:
-        print(f"PARSE {os.getpid()}", file=sys.stderr, flush=True)
-        return real(p)
+    def parsed(p: Path) -> tuple[Any, bool]:
+        print(f"BUILD {os.getpid()}", file=sys.stderr, flush=True)
+        return parse(p)
 
-    base.load_json_file = counted  # type: ignore[assignment]  # counts parses (forked workers too)
-    if uncached:
-        llava.load_json_file_once = counted  # type: ignore[assignment]
-        catalog.load_json_file_once = counted  # type: ignore[assignment]
+    def indexed(p: Path) -> Any:
+        print(f"BUILD {os.getpid()}", file=sys.stderr, flush=True)
+        return index(p)
+
+    # counted in this process and in the forked workers
+    base.load_json_file, base.JsonList = parsed, indexed  # type: ignore[assignment, misc]
     spec = SourceConfig(format="llava", path=path)
     settings = LoaderSettings(
         sources=[spec],
@@ -166,12 +177,11 @@ def child(path: str, batches: int, workers: int, uncached: bool) -> None:
     print(json.dumps({"first_batch_s": first, "seconds": time.perf_counter() - start}))
 
 
-def measure(path: Path, batches: int, workers: int, uncached: bool) -> dict[str, Any]:
+def measure(path: Path, batches: int, workers: int) -> dict[str, Any]:
     import psutil
 
     cmd = [sys.executable, "-m", "benchmarks.sft_memory", "--child", str(path)]
     cmd += ["--batches", str(batches), "--workers", str(workers)]
-    cmd += ["--uncached"] if uncached else []
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -206,9 +216,9 @@ def measure(path: Path, batches: int, workers: int, uncached: bool) -> dict[str,
     thread.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
-    parses: dict[str, int] = {}
-    for pid in re.findall(r"PARSE (\d+)", err):  # a worker's warning may share the line
-        parses[pid] = parses.get(pid, 0) + 1
+    builds: dict[str, int] = {}
+    for pid in re.findall(r"BUILD (\d+)", err):  # a worker's warning may share the line
+        builds[pid] = builds.get(pid, 0) + 1
     result = json.loads([x for x in out.splitlines() if x.startswith("{")][-1])
     mib = 1 << 20
     return {
@@ -216,7 +226,7 @@ def measure(path: Path, batches: int, workers: int, uncached: bool) -> dict[str,
         "peak_rss_tree_mib": peak["rss"] / mib,
         "peak_pss_tree_mib": peak["pss"] / mib,
         "peak_rss_per_process_mib": sorted((v / mib for v in per_process.values()), reverse=True),
-        "parses_per_process": sorted(parses.values(), reverse=True),
+        "builds_per_process": sorted(builds.values(), reverse=True),
     }
 
 
@@ -226,19 +236,15 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path("/tmp/mm1_sft_bench"))
     ap.add_argument("--batches", type=int, default=20)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--uncached", action="store_true", help="also measure without the cache")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.batches, args.workers, args.uncached)
+        child(args.child, args.batches, args.workers)
         return
-    js, jl = write_data(args.dir, args.records)
-    variants = [("json", js, False), ("jsonl", jl, False)]
-    if args.uncached:
-        variants.append(("json_uncached", js, True))
+    js, gz, jl = write_data(args.dir, args.records)
     rows, results = [], {}
-    for name, path, uncached in variants:
-        r = measure(path, args.batches, args.workers, uncached)
+    for name, path in (("json", js), ("json_gz", gz), ("jsonl", jl)):
+        r = measure(path, args.batches, args.workers)
         results[name] = r
         rows.append(
             [
@@ -246,14 +252,14 @@ def main() -> None:
                 r["peak_rss_tree_mib"],
                 r["peak_pss_tree_mib"],
                 ", ".join(f"{v:.0f}" for v in r["peak_rss_per_process_mib"]),
-                ", ".join(map(str, r["parses_per_process"])) or "0",
+                ", ".join(map(str, r["builds_per_process"])) or "0",
                 r["first_batch_s"],
             ]
         )
     size = js.stat().st_size / (1 << 20)
     print_table(
         f"SFT loader, {args.records:,} records ({size:,.0f} MiB JSON), {args.workers} workers",
-        ["variant", "peak RSS MiB", "peak PSS MiB", "RSS per process", "parses", "1st batch s"],
+        ["variant", "peak RSS MiB", "peak PSS MiB", "RSS per process", "builds", "1st batch s"],
         rows,
     )
     write_result(

@@ -76,7 +76,9 @@ def test_jsonl_deep_nesting_is_a_malformed_line(tmp_path: Path, gz: bool) -> Non
 
 def test_llava_and_coco_deep_nesting(tmp_path: Path) -> None:
     (tmp_path / "deep.json").write_text(DEEP)
-    with pytest.raises(DataError, match=r"deep\.json: not valid JSON \(nested too deeply\)"):
+    with pytest.raises(
+        DataError, match=r"deep\.json: not valid JSON \(nested too deeply at byte 1\)"
+    ):
         list(read_llava(tmp_path / "deep.json"))
     recs = [_llava(0), {**_llava(1), "x": _nested(900)}]
     (tmp_path / "l.json").write_text(json.dumps(recs))

@@ -4,6 +4,7 @@ process however many data slots and epochs read it."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from collections import Counter
@@ -139,24 +140,33 @@ def test_multi_image_conversations_reach_the_batch_in_order(sft_dir, tok) -> Non
         torch.testing.assert_close(batch.pixel_values[k + 1], green)
 
 
-def test_a_json_file_is_parsed_once_per_process(sft_dir, monkeypatch) -> None:
-    """Two data slots, each over two epochs, a record count and a re-read: one parse."""
+@pytest.mark.parametrize("name", ["a.json", "a.json.gz"])
+def test_a_json_file_is_read_once_per_process(sft_dir, monkeypatch, name) -> None:
+    """Two data slots, each over two epochs, a record count and a re-read: one index build for
+    a plain JSON list (records parsed as read), one whole-file parse for a gzipped one."""
+    if name.endswith(".gz"):
+        (sft_dir / name).write_bytes(gzip.compress((sft_dir / "a.json").read_bytes()))
     base.clear_json_cache()
-    parses: list[Path] = []
-    real = base.load_json_file
+    builds: list[Path] = []
+    parse, index = base.load_json_file, base.JsonList
 
-    def counting(path: Path):
-        parses.append(path)
-        return real(path)
+    def parsed(path: Path):
+        builds.append(path)
+        return parse(path)
 
-    monkeypatch.setattr(base, "load_json_file", counting)
-    spec = SourceConfig(format="llava", path=str(sft_dir / "a.json"))
+    def indexed(path: Path):
+        builds.append(path)
+        return index(path)
+
+    monkeypatch.setattr(base, "load_json_file", parsed)
+    monkeypatch.setattr(base, "JsonList", indexed)
+    spec = SourceConfig(format="llava", path=str(sft_dir / name))
     slots = [SourceStream(0, spec, slot, 2, seed=0) for slot in range(2)]
     seen = [[slot.next()[2].id for _ in range(6)] for slot in slots]  # 3 records each: 2 epochs
     assert sorted(set(seen[0]) | set(seen[1])) == [f"a{i}" for i in range(6)]
     assert slots[1].read_at(0, 4).id == "a4"
-    assert count_records(sft_dir / "a.json", "llava") == 6
-    assert parses == [sft_dir / "a.json"]
+    assert count_records(sft_dir / name, "llava") == 6
+    assert builds == [sft_dir / name]
 
 
 def test_a_changed_file_is_parsed_again(sft_dir) -> None:

@@ -28,8 +28,8 @@ from mm1.data.sources import (
     ReadStats,
     llava_yaml_datasets,
 )
-from mm1.data.sources.base import UnknownFormatError, is_parquet, load_json_file_once, open_text
-from mm1.data.sources.llava import sample_indices
+from mm1.data.sources.base import UnknownFormatError, is_parquet, open_text
+from mm1.data.sources.llava import count_llava_records, sample_indices
 from mm1.data.sources.text import coco_entries
 from mm1.data.sources.wds import split_key
 
@@ -166,8 +166,7 @@ def count_records(path: str | Path, fmt: str) -> int:
         with open_text(path) as f:
             return sum(1 for line in f if line.strip())
     if fmt == "llava":
-        data, _ = load_json_file_once(path)  # the parse the reader then uses (once per process)
-        return len(data) if isinstance(data, list) else 0
+        return count_llava_records(path)  # the index the reader then uses (once per process)
     if fmt == "coco":
         return len(coco_entries(path))
     if fmt == "llava_yaml":

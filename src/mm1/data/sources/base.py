@@ -20,6 +20,7 @@ from typing import Any
 from PIL import Image
 
 from mm1.data.sources.decode import IMAGE_ERRORS, decode_image, is_oversize
+from mm1.data.sources.json_list import JsonList
 from mm1.data.sources.unicode import has_escaped_bytes, repair_value
 
 logger = logging.getLogger(__name__)
@@ -445,9 +446,38 @@ def load_json_file_once(path: Path) -> tuple[Any, bool]:
     return data, invalid
 
 
+# JSON lists indexed in this process, by resolved path: (fingerprint, index).
+_INDEXED_JSON: dict[str, tuple[tuple[Any, ...], JsonList]] = {}
+
+
+def json_list_once(path: Path) -> JsonList:
+    """The file's `JsonList` (each element's byte span), built once per process while the file
+    is unchanged: a data slot opens its file at every epoch, a resume re-reads records, and a
+    record count reads it too. Raises as `JsonList` does, `DataError` when it cannot be read
+    (a directory, a symlink loop); a missing file raises FileNotFoundError."""
+    try:
+        fp = _fingerprint(path, path.stat())
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise DataError(f"{str(path)[:300]}: cannot read: {e.strerror or e}") from None
+    key = str(path.resolve())
+    hit = _INDEXED_JSON.get(key)
+    if hit is not None and hit[0] == fp:
+        return hit[1]
+    _INDEXED_JSON.pop(key, None)
+    try:
+        index = JsonList(path)
+    except IsADirectoryError as e:
+        raise DataError(f"{str(path)[:300]}: cannot read: {e.strerror or e}") from None
+    _INDEXED_JSON[key] = (fp, index)
+    return index
+
+
 def clear_json_cache() -> None:
-    """Forget every parsed file (tests; a caller that knows its files are done with)."""
+    """Forget every parsed or indexed file (tests; a caller that knows its files are done with)."""
     _PARSED_JSON.clear()
+    _INDEXED_JSON.clear()
 
 
 def jsonl_records(path: Path, start: int, stats: ReadStats) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,16 @@ from mm1.data.sources.base import (
     count_images,
     default_image_dir,
     image_from_path,
+    json_list_once,
     jsonl_records,
     load_json_file_once,
+    open_text,
     repair_record,
     resolve_image_path,
     skip_record,
     too_deep,
 )
+from mm1.data.sources.json_list import JsonList, NotAList
 
 _ROLES = {
     "human": "user",
@@ -35,27 +39,77 @@ _ROLES = {
 
 
 def _llava_records(
-    path: Path, stats: ReadStats, start: int = 0
+    path: Path, stats: ReadStats, start: int = 0, stop: int | None = None
 ) -> Iterator[tuple[int, dict[str, Any]]]:
     """(index, record) from `start` on; bad records before `start` were counted when first read
-    and are not counted again on a resume."""
-    if path.name.lower().endswith((".jsonl", ".jsonl.gz")):
+    and are not counted again on a resume. A plain .json list is indexed once per process and
+    its records parsed as they are read (`JsonList`); a gzipped one is parsed whole."""
+    name = path.name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz")):
         yield from jsonl_records(path, start, stats)
         return
+    if name.endswith(".gz"):
+        items: Iterable[tuple[int, Any, bool]] = _parsed_list(path, start, stop)
+    else:
+        items = _json_list(path).records(start, stop)
+    for index, rec, invalid_bytes in items:
+        where = f"{path}: record {index}"
+        if not isinstance(rec, dict) or too_deep(rec):
+            skip_record(stats, "malformed_record", where, "not a JSON object of sane depth")
+            continue
+        yield index, repair_record(stats, rec, where, invalid_bytes)
+
+
+def _json_list(path: Path) -> JsonList:
+    try:
+        return json_list_once(path)
+    except NotAList:
+        raise DataError(f"{path}: LLaVA data must be a JSON list") from None
+    except ValueError as e:
+        raise DataError(f"{path}: not valid JSON ({e}); LLaVA data is a JSON list") from None
+
+
+def _parsed_list(path: Path, start: int, stop: int | None) -> Iterator[tuple[int, Any, bool]]:
     try:
         data, invalid_bytes = load_json_file_once(path)
     except ValueError as e:
         raise DataError(f"{path}: not valid JSON ({e}); LLaVA data is a JSON list") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: LLaVA data must be a JSON list, got {type(data).__name__}")
-    for index, rec in enumerate(data):
-        if index < start:
-            continue
-        where = f"{path}: record {index}"
-        if not isinstance(rec, dict) or too_deep(rec):
-            skip_record(stats, "malformed_record", where, "not a JSON object of sane depth")
-            continue
-        yield index, repair_record(stats, rec, where, invalid_bytes)
+    for index in range(start, len(data) if stop is None else min(stop, len(data))):
+        yield index, data[index], invalid_bytes
+
+
+def count_llava_records(path: Path) -> int:
+    """Records of a LLaVA file: a JSON list's elements, a JSONL file's non-blank lines."""
+    name = path.name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        with open_text(path) as f:
+            return sum(1 for line in f if line.strip())
+    if name.endswith(".gz"):
+        data, _ = load_json_file_once(path)
+        return len(data) if isinstance(data, list) else 0
+    return len(_json_list(path))
+
+
+def _selected_records(
+    path: Path, indices: list[int], stats: ReadStats
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(index, record) for the sorted record `indices` only: read one by one from a plain JSON
+    list's index, else picked out of one pass from the first (bad records on the way are
+    counted, as a full read counts them)."""
+    if not indices:
+        return
+    if not path.name.lower().endswith((".jsonl", ".gz")):
+        for k in indices:
+            yield from _llava_records(path, stats, k, stop=k + 1)
+        return
+    wanted = set(indices)
+    for index, rec in _llava_records(path, stats, indices[0]):
+        if index > indices[-1]:
+            return
+        if index in wanted:
+            yield index, rec
 
 
 def _llava_conversation(
@@ -259,40 +313,34 @@ def read_llava_yaml(
             image_folder: images             # optional (mm1 extension)
 
     `random:` is deterministic for a given `seed` (LLaVA-NeXT shuffles with the global RNG); the
-    chosen records keep their file order. Records are selected among the file's parseable records
-    (as LLaVA-NeXT counts loaded records), then converted (bad ones skipped and counted).
+    chosen records keep their file order. Records are selected among all of the file's records (a
+    JSON list's elements, a JSONL file's non-blank lines: what LLaVA-NeXT loads), then read and
+    converted (bad ones skipped and counted); a plain JSON list reads only the chosen ones.
     Each conversation's meta gets `dataset` (the json path as written in the YAML) and
     `__record__` (its index in that file); `__index__` is its position in the sequence of all
     selected records of the YAML, which is what `start` skips (without loading images) and what
     `count_records(yaml, "llava_yaml")` counts.
     """
     stats = ReadStats() if stats is None else stats
-    position = 0
+    position = 0  # records selected from the datasets before this one
     for i, ds in enumerate(llava_yaml_datasets(yaml_path, image_folder)):
-        records = list(_llava_records(ds["json_path"], ReadStats() if position < start else stats))
+        path = ds["json_path"]
         rng = random.Random(f"{seed}/{i}/{ds['json_path_as_written']}")
         where = f"{yaml_path}: dataset {ds['json_path_as_written']}"
-        for k in sample_indices(len(records), ds["sampling_strategy"], rng, where):
-            position += 1
-            if position <= start:
-                continue
-            index, rec = records[k]
+        chosen = sample_indices(count_llava_records(path), ds["sampling_strategy"], rng, where)
+        resumed = min(len(chosen), max(0, start - position))  # chosen before the resume point
+        for index, rec in _selected_records(path, chosen[resumed:], stats):
             conv = _llava_conversation(
-                rec,
-                index,
-                ds["json_path"],
-                ds["image_folder"],
-                stats,
-                kind,
-                allow_absolute_paths,
+                rec, index, path, ds["image_folder"], stats, kind, allow_absolute_paths
             )
             if conv is not None:
                 conv.meta.update(
                     {
                         "dataset": ds["json_path_as_written"],
                         "__record__": index,
-                        "__index__": position - 1,
+                        "__index__": position + bisect.bisect_left(chosen, index),
                         "__shard__": str(yaml_path),
                     }
                 )
                 yield conv
+        position += len(chosen)
