@@ -174,3 +174,41 @@ def test_prepare_steps_parsed_and_in_the_fingerprint(tmp_path) -> None:
     assert grid.prepare[0].describe() == "caption splits of w (fraction 0.1)"
     plain = load_grid(_grid(tmp_path, **body))
     assert plain.fingerprint() != grid.fingerprint()
+
+
+def _finished_cell(run_dir: Path, cfg, train_seconds: float, steps: int) -> None:
+    from mm1.config import to_yaml
+
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    rec = {"status": "done", "train_seconds": train_seconds, "steps": steps, "eval_seconds": 0.0}
+    (run_dir / "cell.json").write_text(json.dumps(rec))
+
+
+def test_estimate_uses_finished_cells_of_the_studies_beside_it(tmp_path) -> None:
+    """A study with no finished cell is timed by the cells other studies finished on this
+    machine (seconds per training FLOP); its own finished cells take over once there are any."""
+    from mm1.ablate.runner import _flops_per_step, estimate, plan_study
+
+    grid = load_grid(_grid(tmp_path, axes={"model.connector.num_tokens": [16, 4]}))
+    studies = tmp_path / "studies"
+    other_cfg = grid.cell_config(grid.cells[0], studies / "other")
+    _finished_cell(studies / "other" / "c", other_cfg, train_seconds=50.0, steps=10)
+    per_flop = 50.0 / (_flops_per_step(other_cfg) * 10)
+
+    plans = plan_study(grid, studies / "mine")
+    seconds, how = estimate(plans)
+    assert "1 finished cell(s) of other studies" in how
+    for p in plans:
+        expected = _flops_per_step(p.cfg) * p.cfg.train.steps * per_flop
+        assert seconds[p.cell.id] == pytest.approx(expected)
+
+    done = plans[0]
+    _finished_cell(done.run_dir, done.cfg, train_seconds=200.0, steps=done.cfg.train.steps)
+    plans = plan_study(grid, studies / "mine")
+    seconds, how = estimate(plans)
+    assert how.startswith("measured on 1 finished cell(s), training")
+    (pending,) = seconds
+    assert seconds[pending] == pytest.approx(
+        200.0 * _flops_per_step(plans[1].cfg) / _flops_per_step(done.cfg)
+    )

@@ -31,7 +31,7 @@ from typing import Any
 from mm1.ablate.cell import read_cell, run_cell
 from mm1.ablate.grid import Cell, Grid
 from mm1.checkpoint import latest_checkpoint, step_of
-from mm1.config import INIT_PARTS, Config, ConfigError, to_dict
+from mm1.config import INIT_PARTS, Config, ConfigError, load_config, to_dict
 
 STUDY_FILE = "grid.json"
 CELL_LOG = "cell.log"
@@ -159,25 +159,50 @@ def _matmul_rate() -> float:
     return 2 * 512**3 * n / (time.perf_counter() - t0)
 
 
+def _seconds_per_flop(run_dir: Path, cfg: Config | None = None) -> float | None:
+    """A finished cell's measured seconds (training and evaluation) per training FLOP, from its
+    cell.json and its config (`cfg`, else its saved config.yaml); None if it has none."""
+    rec = read_cell(run_dir)
+    steps = rec.get("trained_steps_this_sitting") or rec.get("steps")
+    if rec.get("status") != "done" or not rec.get("train_seconds") or not steps:
+        return None
+    if cfg is None:
+        try:
+            cfg = load_config(run_dir / "config.yaml")
+        except (OSError, ValueError, ConfigError):
+            return None
+    train_steps = max(1, rec.get("steps") or steps)
+    # evaluation once per cell, shared out over the steps trained in this sitting
+    seconds = rec["train_seconds"] + rec.get("eval_seconds", 0.0) * steps / train_steps
+    return seconds / (_flops_per_step(cfg) * steps)
+
+
 def estimate(plans: list[CellPlan]) -> tuple[dict[str, float], str]:
-    """Seconds each unfinished cell should take, and how that was estimated: from the
-    finished cells' measured seconds per FLOP (training and evaluation), else from the FLOPs at
-    this machine's matmul rate (a lower bound: a tiny model runs far below it)."""
-    measured = []
-    for p in plans:
-        rec = read_cell(p.run_dir)
-        if p.status == "done" and rec.get("train_seconds") and rec.get("steps"):
-            seconds = rec["train_seconds"] + rec.get("eval_seconds", 0.0)
-            measured.append(seconds / (_flops_per_step(p.cfg) * rec["steps"]))
+    """Seconds each unfinished cell should take, and how that was estimated: from this study's
+    finished cells' measured seconds per FLOP (training and evaluation), else from the finished
+    cells of the other studies beside it (same parent directory), else from the FLOPs at this
+    machine's matmul rate (a rough guess: a tiny model runs far below the rate, the FLOPs are
+    counted at the image cap, and other jobs lower the rate measured)."""
+    measured = [r for p in plans if (r := _seconds_per_flop(p.run_dir, p.cfg)) is not None]
+    how = f"measured on {len(measured)} finished cell(s), training + evaluation"
+    if not measured and plans:
+        study_dir = plans[0].run_dir.parent
+        others = sorted(
+            d.parent for d in study_dir.parent.glob("*/*/cell.json") if d.parent.parent != study_dir
+        )
+        measured = [r for d in others if (r := _seconds_per_flop(d)) is not None]
+        how = (
+            f"measured on {len(measured)} finished cell(s) of other studies in "
+            f"{study_dir.parent}, training + evaluation; refined once a cell of this one finishes"
+        )
     if measured:
         per_flop = sum(measured) / len(measured)
-        how = f"measured on {len(measured)} finished cell(s), training + evaluation"
     else:
         rate = _matmul_rate()
         per_flop = 1 / rate
         how = (
-            f"training FLOPs at this machine's matmul rate ({rate / 1e9:.0f} GFLOP/s): a lower "
-            "bound, evaluation not included; refined once a cell has finished"
+            f"training FLOPs at this machine's matmul rate now ({rate / 1e9:.0f} GFLOP/s): a "
+            "rough guess, evaluation not included; refined once a cell has finished"
         )
     out = {}
     for p in plans:
