@@ -313,3 +313,40 @@ def test_study_controls_score_each_done_cell_with_shuffled_images(study) -> None
         read_cell(study_dir / cell.id)["metrics"]["synth_vqa/0"]
     ]
     assert "| type=avgpool | 1 |" in table(rows)
+
+
+def test_a_cell_another_study_finished_is_copied_not_trained(study, monkeypatch) -> None:
+    """A study beside one that finished a cell with the same config and suites takes that
+    cell's run and results instead of training it again (the mixtures' 100/0/0 is text-only's
+    captions cell); another suite or another config is trained."""
+    from mm1.ablate.cell import finished_twin
+    from mm1.train import trainer
+
+    grid, study_dir, _ = study
+    twin = study_dir / load_grid(grid).cells[0].id
+    other = _write(
+        study_dir.parent / "grid2.yaml",
+        study_dir.parent / "world",
+        study="tiny2",
+        cells=[{"model.connector.type": "avgpool"}],
+    )
+
+    def no_training(cfg):
+        raise AssertionError(f"{cfg.train.run_dir} was trained")
+
+    monkeypatch.setattr(trainer, "Trainer", no_training)
+    log: list[str] = []
+    (rec,) = runner.run_study(load_grid(other), study_dir.parent / "study2", log=log.append)
+    run = study_dir.parent / "study2" / load_grid(other).cells[0].id
+    assert rec["status"] == "done" and rec["reused_from"] == str(twin)
+    assert rec["metrics"] == read_cell(twin)["metrics"] and rec["study"] == "tiny2"
+    assert any("copied" in line for line in log)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["train"]["run_dir"] == str(run)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == sorted(
+        p.name for p in (twin / "checkpoints").iterdir()
+    )
+    assert not list(run.parent.glob(".reuse-*"))
+    # not a twin: other suites, or another config
+    assert finished_twin(run.parent / "new", rec["config_hash"], ["fewshot"]) is None
+    assert finished_twin(run.parent / "new", "another-config", None) is None

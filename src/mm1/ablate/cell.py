@@ -129,6 +129,59 @@ def write_cell(run_dir: Path, record: dict[str, Any]) -> None:
     tmp.replace(run_dir / CELL_FILE)
 
 
+# what a study directory records of its grid (runner.STUDY_FILE)
+GRID_FILE = "grid.json"
+
+
+def finished_twin(run_dir: Path, config_hash: str, suites: Sequence[str] | None) -> Path | None:
+    """A cell another study beside this one (STUDY/../OTHER/CELL) finished with the same config
+    and the same evaluation suites: its results are this cell's. Studies share cells (MM1's
+    ablations share their baseline): the mixtures' 100/0/0 is text-only's captions cell."""
+    study = run_dir.parent
+    for path in sorted(study.parent.glob(f"*/*/{CELL_FILE}")):
+        twin = path.parent
+        if twin.parent == study:
+            continue
+        rec = read_cell(twin)
+        if rec.get("status") != "done" or rec.get("config_hash") != config_hash:
+            continue
+        try:
+            grid = json.loads((twin.parent / GRID_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if grid.get("suites") == (list(suites) if suites is not None else None):
+            return twin
+    return None
+
+
+def reuse_cell(cfg: Config, record: dict[str, Any], twin: Path) -> dict[str, Any]:
+    """Copy a finished twin's run (checkpoints, logs, evaluations) into this cell's run dir and
+    record its results as this cell's, with `reused_from`. The copy goes to a scratch directory
+    first, so a cut-off copy leaves no half checkpoint in the run dir."""
+    import shutil
+
+    from mm1.config import to_yaml
+
+    run_dir = Path(cfg.train.run_dir)
+    scratch = run_dir.parent / f".reuse-{run_dir.name}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    shutil.copytree(twin, scratch, ignore=shutil.ignore_patterns(CELL_FILE, "cell.log"))
+    (scratch / "config.yaml").write_text(to_yaml(cfg))  # the same config, this run dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for entry in scratch.iterdir():
+        target = run_dir / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        entry.replace(target)
+    scratch.rmdir()
+    done = read_cell(twin)
+    keep = ("metrics", "steps", "train_seconds", "eval_seconds", "trained_steps_this_sitting")
+    record = {**record, **{k: done[k] for k in keep if k in done}}
+    record.update(status="done", reused_from=str(twin), finished=time.time())
+    write_cell(run_dir, record)
+    return record
+
+
 def run_cell(
     cfg: Config,
     record: dict[str, Any],
@@ -136,10 +189,16 @@ def run_cell(
 ) -> dict[str, Any]:
     """Train (or resume) the cell's run and evaluate it; the outcome, also in RUN/cell.json:
     `status` done with `metrics`, failed with `error` (recorded, not raised), or interrupted
-    (a signal stopped training after saving: the next sitting resumes it)."""
+    (a signal stopped training after saving: the next sitting resumes it). A cell not started
+    whose twin another study finished (`finished_twin`) is copied from it, not trained."""
+    from mm1.checkpoint import latest_checkpoint
     from mm1.train.trainer import Trainer
 
     run_dir = Path(cfg.train.run_dir)
+    if not run_dir.is_dir() or latest_checkpoint(run_dir) is None:
+        twin = finished_twin(run_dir, record.get("config_hash", ""), suites)
+        if twin is not None:
+            return reuse_cell(cfg, record, twin)
     record = {**record, "status": "running", "pid": os.getpid(), "started": time.time()}
     write_cell(run_dir, record)
     try:

@@ -28,12 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mm1.ablate.cell import read_cell, run_cell
+from mm1.ablate.cell import GRID_FILE, read_cell, run_cell
 from mm1.ablate.grid import Cell, Grid
 from mm1.checkpoint import latest_checkpoint, step_of
 from mm1.config import INIT_PARTS, Config, ConfigError, load_config, to_dict
 
-STUDY_FILE = "grid.json"
+STUDY_FILE = GRID_FILE
 CELL_LOG = "cell.log"
 
 Log = Callable[[str], None]
@@ -300,7 +300,9 @@ LOW_FILL = 0.75
 
 
 def _report(rec: dict[str, Any], log: Log) -> None:
-    if rec["status"] == "done":
+    if rec.get("reused_from"):
+        log(f"  done: the same config and suites finished in {rec['reused_from']}, copied")
+    elif rec["status"] == "done":
         log(f"  done in {rec['train_seconds'] + rec['eval_seconds']:.0f}s")
         fill = rec.get("metrics", {}).get("train/fill")
         if fill is not None and fill < LOW_FILL:
