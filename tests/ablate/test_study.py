@@ -335,6 +335,8 @@ def test_a_cell_another_study_finished_is_copied_not_trained(study, monkeypatch)
         raise AssertionError(f"{cfg.train.run_dir} was trained")
 
     monkeypatch.setattr(trainer, "Trainer", no_training)
+    (plan,) = runner.plan_study(load_grid(other), study_dir.parent / "study2")
+    assert plan.status == "copy"
     log: list[str] = []
     (rec,) = runner.run_study(load_grid(other), study_dir.parent / "study2", log=log.append)
     run = study_dir.parent / "study2" / load_grid(other).cells[0].id

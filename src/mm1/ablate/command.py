@@ -35,10 +35,11 @@ def dry_run(grid_path: str | Path, out: str | Path | None = None, log: Log = pri
         lines.append(f"  prepare {i}: {step.describe()} [{status}]")
     for p in plans:
         t = p.cfg.train
-        left = f"{t.steps - p.step}/{t.steps} steps" if p.status != "done" else "-"
+        left = f"{t.steps - p.step}/{t.steps} steps" if p.status not in ("done", "copy") else "-"
         cost = f", ~{_duration(seconds[p.cell.id])}" if p.cell.id in seconds else ""
+        tokens = p.tokens if p.status != "copy" else 0  # a finished twin is copied
         lines.append(
-            f"  {p.cell.id:<40} {p.status:<11} {left:>14}, {p.tokens / 1e6:.1f}M tokens{cost}"
+            f"  {p.cell.id:<40} {p.status:<11} {left:>14}, {tokens / 1e6:.1f}M tokens{cost}"
             f"  [{p.cell.label}, seed {p.cell.seed}]"
         )
         warning = context_warning(p.cell.id, p.cfg)

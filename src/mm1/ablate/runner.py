@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mm1.ablate.cell import GRID_FILE, read_cell, run_cell
+from mm1.ablate.cell import GRID_FILE, finished_twin, read_cell, run_cell
 from mm1.ablate.grid import Cell, Grid
 from mm1.checkpoint import latest_checkpoint, step_of
 from mm1.config import INIT_PARTS, Config, ConfigError, load_config, to_dict
@@ -43,7 +43,7 @@ Log = Callable[[str], None]
 class CellPlan:
     cell: Cell
     cfg: Config
-    status: str  # done | pending | resume | failed | interrupted
+    status: str  # done | pending | resume | failed | interrupted | copy
     step: int  # newest checkpoint's step (0: none)
     config_hash: str
 
@@ -75,7 +75,10 @@ def plan_study(grid: Grid, study_dir: Path) -> list[CellPlan]:
         status = record.get("status", "pending")
         if status == "running" or (status == "pending" and step):
             status = "resume"  # a sitting that ended without recording (killed)
-        plans.append(CellPlan(cell, cfg, status, step, config_hash(cfg)))
+        digest = config_hash(cfg)
+        if status == "pending" and finished_twin(run_dir, digest, grid.suites) is not None:
+            status = "copy"  # another study finished the same cell: `run_cell` copies it
+        plans.append(CellPlan(cell, cfg, status, step, digest))
     return plans
 
 
@@ -206,7 +209,7 @@ def estimate(plans: list[CellPlan]) -> tuple[dict[str, float], str]:
         )
     out = {}
     for p in plans:
-        if p.status != "done":
+        if p.status not in ("done", "copy"):
             steps = max(0, p.cfg.train.steps - p.step)
             out[p.cell.id] = _flops_per_step(p.cfg) * steps * per_flop
     return out, how
@@ -283,7 +286,8 @@ def run_study(
             log(f"warning: {warning}")
     if jobs == 1:
         for i, p in enumerate(todo, 1):
-            what = "resuming from step " + str(p.step) if p.step else "training"
+            what = f"resuming from step {p.step}" if p.step else "training"
+            what = "copying a finished twin" if p.status == "copy" else what
             log(f"[{i}/{len(todo)}] {p.cell.id}: {what} ({p.cell.label}, seed {p.cell.seed})")
             rec = run_cell(p.cfg, cell_record(grid, p), grid.suites)
             _report(rec, log)
