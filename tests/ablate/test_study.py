@@ -352,3 +352,9 @@ def test_a_cell_another_study_finished_is_copied_not_trained(study, monkeypatch)
     # not a twin: other suites, or another config
     assert finished_twin(run.parent / "new", rec["config_hash"], ["fewshot"]) is None
     assert finished_twin(run.parent / "new", "another-config", None) is None
+    aside = twin / "checkpoints-aside"  # a twin whose weights are gone is no twin
+    (twin / "checkpoints").rename(aside)
+    try:
+        assert finished_twin(run.parent / "new", rec["config_hash"], None) is None
+    finally:
+        aside.rename(twin / "checkpoints")

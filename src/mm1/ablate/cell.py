@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from mm1.checkpoint import latest_checkpoint
 from mm1.config import Config, load_eval_config
 from mm1.data.world import run_world
 
@@ -145,6 +146,8 @@ def finished_twin(run_dir: Path, config_hash: str, suites: Sequence[str] | None)
         rec = read_cell(twin)
         if rec.get("status") != "done" or rec.get("config_hash") != config_hash:
             continue
+        if latest_checkpoint(twin) is None:  # its weights were deleted: nothing to copy
+            continue
         try:
             grid = json.loads((twin.parent / GRID_FILE).read_text())
         except (OSError, ValueError):
@@ -191,7 +194,6 @@ def run_cell(
     `status` done with `metrics`, failed with `error` (recorded, not raised), or interrupted
     (a signal stopped training after saving: the next sitting resumes it). A cell not started
     whose twin another study finished (`finished_twin`) is copied from it, not trained."""
-    from mm1.checkpoint import latest_checkpoint
     from mm1.train.trainer import Trainer
 
     run_dir = Path(cfg.train.run_dir)
