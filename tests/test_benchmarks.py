@@ -4,6 +4,7 @@ the same tokens). Speed itself is never asserted here."""
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 import pytest
@@ -122,19 +123,21 @@ def test_gpu_side_by_side_runs_on_the_cpu(bench, tmp_path) -> None:
     assert [s["status"] for s in saved] == ["partial"] * 5
 
 
-def test_sft_memory_benchmark_parses_each_json_once_per_worker(bench, tmp_path) -> None:
-    """Two loader workers over one JSON list: one parse in each worker, none in the loader's
-    process; the JSONL copy is streamed (no parse)."""
+def test_sft_memory_benchmark_builds_each_file_once_per_worker(bench, tmp_path) -> None:
+    """Two loader workers over one JSON list: one index build in each worker, none in the
+    loader's process; the gzipped copy is parsed once in each; the JSONL copy is streamed."""
     from benchmarks import sft_memory
 
-    js, jl = sft_memory.write_data(tmp_path / "sft", records=300)
+    js, gz, jl = sft_memory.write_data(tmp_path / "sft", records=300)
     assert js.read_text().count('"id"') == len(jl.read_text().splitlines()) == 300
-    out = sft_memory.measure(js, batches=3, workers=2, uncached=False)
-    assert out["parses_per_process"] == [1, 1]
+    assert gzip.decompress(gz.read_bytes()) == js.read_bytes()
+    out = sft_memory.measure(js, batches=3, workers=2)
+    assert out["builds_per_process"] == [1, 1]
     # Memory is sampled every 0.25 s, so short-lived workers may be missed: only the parent is
     # certain to be seen (the figures themselves are the benchmark's, not this test's).
     assert out["peak_rss_per_process_mib"] and out["peak_rss_tree_mib"] > 0
-    assert sft_memory.measure(jl, batches=3, workers=2, uncached=False)["parses_per_process"] == []
+    assert sft_memory.measure(gz, batches=3, workers=2)["builds_per_process"] == [1, 1]
+    assert sft_memory.measure(jl, batches=3, workers=2)["builds_per_process"] == []
 
 
 def test_moe_layer_benchmark_compares_the_same_function(bench) -> None:
