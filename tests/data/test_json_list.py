@@ -61,7 +61,7 @@ def test_every_element_equals_the_whole_parse(tmp_path: Path, chunk: int, text: 
         lo, hi = items.span(i)
         assert json.loads(raw[lo:hi]) == value  # the span is exactly the element's bytes
     assert [(i, v) for i, v, _ in items.records(5)] == list(enumerate(expected))[5:]
-    assert [i for i, _, _ in items.records(2, 4)] == [2, 3]
+    assert [(i, v) for i, v, _ in items.records_at([7, 2])] == [(7, expected[7]), (2, expected[2])]
 
 
 @pytest.mark.parametrize("text", ["[]", "[ ]", " [\n] \n", "[1]", '["x"]'])

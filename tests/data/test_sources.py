@@ -602,6 +602,32 @@ def test_llava_yaml_random_is_seeded(tmp_path):
     ]
 
 
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_llava_yaml_parses_only_the_chosen_records(tmp_path, monkeypatch, suffix):
+    """`random:30%` of a plain JSON list parses 3 of its 10 records (the index's spans); a JSONL
+    file is read through from the first chosen line. The same records either way, the same
+    positions on a resume."""
+    from mm1.data.sources import json_list
+
+    y = _yaml_fixture(tmp_path, "random:30%")
+    if suffix == ".jsonl":
+        recs = json.loads((tmp_path / "sub" / "ten.json").read_text())
+        (tmp_path / "sub" / "ten.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        y.write_text(y.read_text().replace("ten.json", "ten.jsonl"))
+    parsed: list[int] = []
+    read = json_list.JsonList._read
+
+    def counting(self, f, i):
+        parsed.append(i)
+        return read(self, f, i)
+
+    monkeypatch.setattr(json_list.JsonList, "_read", counting)
+    convs = list(read_llava_yaml(y, seed=3))
+    assert len(convs) == 3 and [c.meta["__index__"] for c in convs] == [0, 1, 2]
+    assert parsed == ([c.meta["__record__"] for c in convs] if suffix == ".json" else [])
+    assert [c.id for c in read_llava_yaml(y, seed=3, start=2)] == [convs[2].id]
+
+
 def test_llava_yaml_image_folder_and_errors(llava_dir):
     (llava_dir / "d.yaml").write_text(
         "datasets:\n  - json_path: data.json\n    sampling_strategy: first:1\n    image_folder: imgs\n"

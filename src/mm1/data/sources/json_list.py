@@ -14,7 +14,7 @@ import codecs
 import json
 import re
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +55,14 @@ class JsonList:
         with open(self.path, "rb") as f:
             return self._read(f, i)
 
-    def records(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, Any, bool]]:
-        """(index, element, invalid bytes) for indices [start, stop), the file opened once."""
+    def records(self, start: int = 0) -> Iterator[tuple[int, Any, bool]]:
+        """(index, element, invalid bytes) from `start` on, the file opened once."""
+        return self.records_at(range(start, len(self)))
+
+    def records_at(self, indices: Iterable[int]) -> Iterator[tuple[int, Any, bool]]:
+        """(index, element, invalid bytes) for each of `indices`, the file opened once."""
         with open(self.path, "rb") as f:
-            for i in range(start, len(self) if stop is None else min(stop, len(self))):
+            for i in indices:
                 value, invalid = self._read(f, i)
                 yield i, value, invalid
 

@@ -39,25 +39,44 @@ _ROLES = {
 
 
 def _llava_records(
-    path: Path, stats: ReadStats, start: int = 0, stop: int | None = None
+    path: Path, stats: ReadStats, start: int = 0, only: list[int] | None = None
 ) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(index, record) from `start` on; bad records before `start` were counted when first read
-    and are not counted again on a resume. A plain .json list is indexed once per process and
-    its records parsed as they are read (`JsonList`); a gzipped one is parsed whole."""
+    """(index, record) from `start` on, or for the sorted record indices `only`; bad records
+    before `start` were counted when first read and are not counted again on a resume. A plain
+    .json list is indexed once per process and only the records asked for are parsed
+    (`JsonList`); a gzipped one is parsed whole, and a JSONL file is read through from the
+    first index asked for (bad records on the way are counted, as a full read counts them)."""
     name = path.name.lower()
+    if only is not None:
+        if not only:
+            return
+        start = only[0]
     if name.endswith((".jsonl", ".jsonl.gz")):
-        yield from jsonl_records(path, start, stats)
+        lines = jsonl_records(path, start, stats)
+        yield from lines if only is None else _picked(lines, only)
         return
     if name.endswith(".gz"):
-        items: Iterable[tuple[int, Any, bool]] = _parsed_list(path, start, stop)
+        items: Iterable[tuple[int, Any, bool]] = _parsed_list(path, start)
+        items = items if only is None else _picked(items, only)
     else:
-        items = _json_list(path).records(start, stop)
-    for index, rec, invalid_bytes in items:
-        where = f"{path}: record {index}"
+        index = _json_list(path)
+        items = index.records_at(range(start, len(index)) if only is None else only)
+    for i, rec, invalid_bytes in items:
+        where = f"{path}: record {i}"
         if not isinstance(rec, dict) or too_deep(rec):
             skip_record(stats, "malformed_record", where, "not a JSON object of sane depth")
             continue
-        yield index, repair_record(stats, rec, where, invalid_bytes)
+        yield i, repair_record(stats, rec, where, invalid_bytes)
+
+
+def _picked(items: Iterable[tuple[Any, ...]], only: list[int]) -> Iterator[Any]:
+    """The items (index first) whose index is in the sorted `only`, stopping after the last."""
+    wanted = set(only)
+    for item in items:
+        if item[0] > only[-1]:
+            return
+        if item[0] in wanted:
+            yield item
 
 
 def _json_list(path: Path) -> JsonList:
@@ -69,14 +88,14 @@ def _json_list(path: Path) -> JsonList:
         raise DataError(f"{path}: not valid JSON ({e}); LLaVA data is a JSON list") from None
 
 
-def _parsed_list(path: Path, start: int, stop: int | None) -> Iterator[tuple[int, Any, bool]]:
+def _parsed_list(path: Path, start: int) -> Iterator[tuple[int, Any, bool]]:
     try:
         data, invalid_bytes = load_json_file_once(path)
     except ValueError as e:
         raise DataError(f"{path}: not valid JSON ({e}); LLaVA data is a JSON list") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: LLaVA data must be a JSON list, got {type(data).__name__}")
-    for index in range(start, len(data) if stop is None else min(stop, len(data))):
+    for index in range(start, len(data)):
         yield index, data[index], invalid_bytes
 
 
@@ -90,26 +109,6 @@ def count_llava_records(path: Path) -> int:
         data, _ = load_json_file_once(path)
         return len(data) if isinstance(data, list) else 0
     return len(_json_list(path))
-
-
-def _selected_records(
-    path: Path, indices: list[int], stats: ReadStats
-) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(index, record) for the sorted record `indices` only: read one by one from a plain JSON
-    list's index, else picked out of one pass from the first (bad records on the way are
-    counted, as a full read counts them)."""
-    if not indices:
-        return
-    if not path.name.lower().endswith((".jsonl", ".gz")):
-        for k in indices:
-            yield from _llava_records(path, stats, k, stop=k + 1)
-        return
-    wanted = set(indices)
-    for index, rec in _llava_records(path, stats, indices[0]):
-        if index > indices[-1]:
-            return
-        if index in wanted:
-            yield index, rec
 
 
 def _llava_conversation(
@@ -329,7 +328,7 @@ def read_llava_yaml(
         where = f"{yaml_path}: dataset {ds['json_path_as_written']}"
         chosen = sample_indices(count_llava_records(path), ds["sampling_strategy"], rng, where)
         resumed = min(len(chosen), max(0, start - position))  # chosen before the resume point
-        for index, rec in _selected_records(path, chosen[resumed:], stats):
+        for index, rec in _llava_records(path, stats, only=chosen[resumed:]):
             conv = _llava_conversation(
                 rec, index, path, ds["image_folder"], stats, kind, allow_absolute_paths
             )
