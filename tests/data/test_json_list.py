@@ -131,3 +131,12 @@ def test_the_text_held_stays_about_a_chunk(tmp_path: Path, monkeypatch) -> None:
     assert len(JsonList(path)) == len(elements)
     assert path.stat().st_size > 50_000 and len(held) > 500
     assert max(held) <= 2 * 64 + 502
+
+
+def test_an_element_rewritten_after_indexing_reads_as_none(tmp_path: Path) -> None:
+    path = tmp_path / "l.json"
+    path.write_text('[{"a": 1}, {"b": 2}]')
+    items = JsonList(path)
+    path.write_text('[{"a": 1}, {"b": 2')  # cut short after indexing
+    assert items.read(0) == ({"a": 1}, False)
+    assert items.read(1) == (None, False)

@@ -32,12 +32,14 @@ class NotAList(ValueError):
 
 
 class JsonList:
-    """The elements of the JSON list in `path`, by index: `len`, `read(i)`, `records(start)`.
+    """The elements of the JSON list in `path`, by index: `len`, `read(i)`, `records(start)`,
+    `records_at(indices)`.
 
     Raises ValueError (with the position) when the file is not valid JSON, `NotAList` when its
-    top level is not a list, and OSError when it cannot be read. `read` re-parses one element's
-    bytes; text that is not UTF-8 comes back with lone surrogates, as `open_text` gives it, and
-    `invalid_bytes(i)` says so for the caller's repair."""
+    top level is not a list, and OSError when it cannot be read. Reading re-parses one element's
+    bytes: text that is not UTF-8 comes back with lone surrogates, as `open_text` gives it, with
+    a flag for the caller's repair; an element whose bytes no longer parse (the file was
+    rewritten after it was indexed) comes back as None, which no reader takes for a record."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -70,7 +72,10 @@ class JsonList:
         lo, hi = self.span(i)
         f.seek(lo)
         text, invalid = decode_utf8(f.read(hi - lo))
-        return json.loads(text), invalid
+        try:
+            return json.loads(text), invalid
+        except (ValueError, RecursionError):
+            return None, invalid
 
     def _scan(self) -> None:
         with open(self.path, "rb") as f:
