@@ -203,6 +203,16 @@ def test_estimate_uses_finished_cells_of_the_studies_beside_it(tmp_path) -> None
         expected = _flops_per_step(p.cfg) * p.cfg.train.steps * per_flop
         assert seconds[p.cell.id] == pytest.approx(expected)
 
+    # two cells at a time take half the time of one after the other
+    from mm1.ablate.command import dry_run
+
+    def left(jobs: int) -> float:
+        last = dry_run(grid.path, studies / "mine", log=lambda _: None, jobs=jobs)[-1]
+        value, unit = last.split("estimated time left: ")[1].split(" (")[0].split()
+        return float(value) * {"s": 1, "min": 60, "h": 3600}[unit]
+
+    assert left(2) == pytest.approx(left(1) / 2, rel=0.05)
+
     done = plans[0]
     _finished_cell(done.run_dir, done.cfg, train_seconds=200.0, steps=done.cfg.train.steps)
     plans = plan_study(grid, studies / "mine")

@@ -18,9 +18,11 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
-def dry_run(grid_path: str | Path, out: str | Path | None = None, log: Log = print) -> list[str]:
-    """The cells (id, settings, status, steps, tokens) and the estimated time of the rest;
-    nothing is trained or written."""
+def dry_run(
+    grid_path: str | Path, out: str | Path | None = None, log: Log = print, jobs: int = 1
+) -> list[str]:
+    """The cells (id, settings, status, steps, tokens) and the estimated time of the rest, as
+    `jobs` cells at a time would take it; nothing is trained or written."""
     grid = load_grid(grid_path)
     study_dir = Path(out) if out else DEFAULT_ROOT / grid.study
     if study_dir.exists():
@@ -46,6 +48,9 @@ def dry_run(grid_path: str | Path, out: str | Path | None = None, log: Log = pri
         if warning:
             lines.append(f"  warning: {warning}")
     total = sum(seconds.values())
+    if jobs > 1:  # cells in turn over `jobs` processes; each cell's own time as measured
+        total /= min(jobs, max(1, len(seconds)))
+        how += f"; {jobs} cells at a time"
     lines.append(f"estimated time left: {_duration(total)} ({how})")
     for line in lines:
         log(line)

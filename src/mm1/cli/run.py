@@ -145,7 +145,7 @@ def cmd_ablate(args: argparse.Namespace) -> int | None:
     from mm1.ablate.command import ablate, dry_run
 
     if args.dry_run:
-        dry_run(args.grid, args.out)
+        dry_run(args.grid, args.out, jobs=args.jobs)
         return None
     return ablate(args.grid, args.out, jobs=args.jobs, force=args.force) or None
 
