@@ -162,7 +162,7 @@ def count_records(path: str | Path, fmt: str) -> int:
         import pyarrow.parquet as pq
 
         return pq.ParquetFile(path).metadata.num_rows
-    if fmt in ("mmc4", "text") or (fmt == "llava" and path.name.lower().endswith(".jsonl")):
+    if fmt in ("mmc4", "text"):
         with open_text(path) as f:
             return sum(1 for line in f if line.strip())
     if fmt == "llava":
