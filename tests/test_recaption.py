@@ -4,7 +4,9 @@ shard; and the world's clean-caption splits (new files only)."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -109,3 +111,48 @@ def test_fuse_keeps_both(world, model_dir, tmp_path) -> None:
 def test_recaption_refuses_writing_over_its_input(world, model_dir) -> None:
     with pytest.raises(ValueError, match="new directory"):
         rc.recaption(model_dir, world / "captions", world / "captions", progress=False)
+
+
+def test_caption_quality_scores_sources_against_the_scene(world, tmp_path) -> None:
+    from benchmarks import caption_quality as cq
+
+    write_caption_splits(world, fraction=0.25, seed=3)
+    scene = {
+        "objects": [{"color": "dark red", "shape": "circle"}, {"color": "blue", "shape": "star"}]
+    }
+    assert cq.named_share("A red square and a blue star.", scene, "color") == 1.0
+    assert cq.named_share("A red square and a blue star.", scene, "shape") == 0.5
+    out = tmp_path / "q.json"
+    argv = [
+        f"alt={world / 'captions'}",
+        f"clean={world / CLEAN_ALL}",
+        "--reference",
+        str(world / CLEAN_ALL),
+        "--skip-subset",
+        "0.25",
+        "--subset-seed",
+        "3",
+        "--json",
+        str(out),
+    ]
+    assert cq.main(argv) == 0
+    got = json.loads(out.read_text())
+    assert 150 < got["captions"] < 220  # 256 less the quarter the re-captioner would train on
+    clean, alt = got["scores"]["clean"], got["scores"]["alt"]
+    assert clean["cider_vs_clean"] == pytest.approx(1000.0) and clean["bleu4_vs_clean"] > 99.9
+    assert clean["object_recall"] > 0.8 > alt["object_recall"]
+    assert alt["cider_vs_clean"] < 100 and alt["colour_recall"] < clean["colour_recall"]
+    # the same key over another picture is refused, not scored against the wrong scene
+    shard = sorted((world / CLEAN_ALL).glob("*.tar"))[0]
+    other = tmp_path / "other.tar"
+    with tarfile.open(shard) as src, tarfile.open(other, "w") as dst:
+        for m in src:
+            data = src.extractfile(m).read()
+            if m.name.endswith(".json"):
+                meta = json.loads(data)
+                meta["scene"]["objects"] = []
+                data = json.dumps(meta).encode()
+            m.size = len(data)
+            dst.addfile(m, io.BytesIO(data))
+    with pytest.raises(SystemExit, match="another scene"):
+        cq.main([f"other={other}", "--reference", str(world / CLEAN_ALL)])
