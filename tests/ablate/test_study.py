@@ -313,6 +313,30 @@ def test_study_controls_score_each_done_cell_with_shuffled_images(study) -> None
         read_cell(study_dir / cell.id)["metrics"]["synth_vqa/0"]
     ]
     assert "| type=avgpool | 1 |" in table(rows)
+    with_world = collect(study_dir, max_examples=8, world=study_dir.parent / "world")
+    for row in with_world.values():
+        assert {"objects named", "colours named", "shapes named"} <= set(row)
+        assert all(0 <= v[0] <= 100 for v in row.values())
+
+
+def test_caption_grounding_counts_what_the_captions_name(tmp_path) -> None:
+    from benchmarks.study_controls import caption_grounding
+
+    scenes = {
+        "1": {"objects": [{"color": "red", "shape": "circle"}, {"color": "blue", "shape": "star"}]},
+        "2": {"objects": [{"color": "green", "shape": "square"}]},
+    }
+    preds = [
+        {"id": 1, "prediction": "a large red circle and a small blue square."},  # 1 of 2 objects
+        {"id": 2, "prediction": "a square."},
+    ]
+    out = tmp_path / "eval" / "results.json"
+    out.parent.mkdir()
+    out.write_text(json.dumps({"predictions": {"synth_coco": {"0": {"0": preds}}}}))
+    got = caption_grounding(tmp_path, scenes)
+    assert got == pytest.approx(
+        {"objects named": 25.0, "colours named": 50.0, "shapes named": 75.0}
+    )
 
 
 def test_a_cell_another_study_finished_is_copied_not_trained(study, monkeypatch) -> None:
