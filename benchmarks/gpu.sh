@@ -6,7 +6,9 @@
 #   bash benchmarks/gpu.sh --cpu-smoke  # the same code path on the CPU, tiny shapes
 #
 # Variants: attention (micro-benchmark), eager / flex / compile (FSDP2 training step, MFU) from
-# gpu_bench.py, and llava (mm1 against transformers' LLaVA, same weights) from gpu_llava.py.
+# gpu_bench.py, llava (mm1 against transformers' LLaVA, same weights) from gpu_llava.py, and moe
+# (the MoE layer against a dense SwiGLU of the same active parameters, bf16, E = 8 and 64, at
+# the ablation width) from moe_layer.py.
 #
 # Each variant runs under its own `timeout` and writes benchmarks/results/gpu/<variant>.json
 # (gpu-smoke/ with --cpu-smoke) as soon as it finishes; a variant that fails or runs out of
@@ -25,7 +27,7 @@ if [[ "${1:-}" == "--cpu-smoke" ]]; then
 fi
 EXTRA=("$@")
 # VARIANTS="eager llava" bash benchmarks/gpu.sh reruns only those.
-VARIANTS=${VARIANTS:-attention eager flex compile llava}
+VARIANTS=${VARIANTS:-attention eager flex compile llava moe}
 if [[ ${#SMOKE[@]} -gt 0 ]]; then
   OUT=${OUT_DIR:-benchmarks/results/gpu-smoke}
 else
@@ -78,13 +80,15 @@ run eager 70 "${TORCHRUN[@]}" $BENCH eager
 run flex 70 "${TORCHRUN[@]}" $BENCH flex
 run compile 110 "${TORCHRUN[@]}" $BENCH compile
 run llava 240 "$PY" benchmarks/gpu_llava.py
+if [[ ${#SMOKE[@]} -gt 0 ]]; then MOE_ARGS=(); else MOE_ARGS=(--device cuda --dtype bf16); fi
+run moe 90 "$PY" -m benchmarks.moe_layer ${MOE_ARGS[@]+"${MOE_ARGS[@]}"}
 
 "$PY" - "$OUT" <<'EOF'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 print(f"{'variant':<10} {'status':<16} {'tokens/s':>10} {'MFU dec':>8} {'MFU all':>8} "
       f"{'all(row)':>8} {'mem GiB':>8}")
-for v in ("eager", "compile", "flex", "attention", "llava"):
+for v in ("eager", "compile", "flex", "attention", "llava", "moe"):
     f = out / f"{v}.json"
     if not f.exists():
         continue
@@ -96,6 +100,11 @@ for v in ("eager", "compile", "flex", "attention", "llava"):
         print("           generate mm1/HF " + ", ".join(
             f"b{k} {r:.2f}x" for k, r in s["generation_ratio"].items())
             + f"; fp32 tokens identical: {s['fp32_tokens_identical']}")
+        continue
+    if v == "moe" and d.get("status") == "ok":
+        print("moe        moe/dense " + ", ".join(
+            f"E={r['experts']} {r['moe_over_dense']:.2f}x (grouped_mm: {r['grouped_mm_used']})"
+            for r in d["results"]))
         continue
     if v == "attention" and d.get("status") == "ok":
         flex = d.get("flex_document_ms")

@@ -1,5 +1,6 @@
 """MoE layer: forward + backward of mm1's dropless MoE FFN against a dense SwiGLU of the same
-active parameters and against a loop over tokens, on CPU.
+active parameters and against a loop over tokens, on CPU, or on a GPU (`--device cuda --dtype
+bf16`: the `moe` variant of benchmarks/gpu.sh, where `grouped_mm` is a real grouped kernel).
 
 At the ablation preset's decoder width and FFN size by default (dim 2048, ffn 5632), 4,096
 tokens, top-2, for each number of experts asked. Variants, interleaved round by round in one
@@ -20,17 +21,19 @@ and per-expert variants share one set of weights.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import emit, print_table, ratio, set_threads, write_result
+from benchmarks.common import emit, environment, print_table, ratio, set_threads, write_result
 from mm1.config import DecoderConfig
 from mm1.models.decoder import SwiGLU
-from mm1.models.moe import MoE, MoEConfig, route
+from mm1.models.moe import MoE, MoEConfig, grouped_mm_supported, route
 
 
 def _layers(dim: int, ffn: int, experts: int, top_k: int) -> dict[str, torch.nn.Module]:
@@ -69,20 +72,36 @@ def _moe(layer: MoE, matmul: str):
     return fn
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _step(fn, x: torch.Tensor) -> float:
     x = x.detach().requires_grad_()
+    _sync(x.device)
     start = time.perf_counter()
     out = fn(x)
     out = out[0] if isinstance(out, tuple) else out
     out.backward(torch.ones_like(out))
+    _sync(x.device)
     return time.perf_counter() - start
 
 
 def measure(
-    dim: int, ffn: int, tokens: int, experts: int, top_k: int, rounds: int, loop_tokens: int
+    dim: int,
+    ffn: int,
+    tokens: int,
+    experts: int,
+    top_k: int,
+    rounds: int,
+    loop_tokens: int,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
-    layers = _layers(dim, ffn, experts, top_k)
-    x = torch.randn(tokens, dim, generator=torch.Generator().manual_seed(1))
+    with torch.device(device):  # built where it runs: E=64 is 9 GB of fp32 weights to init
+        layers = {k: m.to(dtype) for k, m in _layers(dim, ffn, experts, top_k).items()}
+    x = torch.randn(tokens, dim, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     moe = layers["moe"]
     grouped, per_expert = _moe(moe, "auto"), _moe(moe, "loop")
     with torch.no_grad():  # the paths compute the same function
@@ -105,8 +124,10 @@ def measure(
                 seconds *= tokens / loop_tokens
             best[name] = min(best[name], seconds)
     active_moe = 2 * 3 * dim * ffn + dim * experts
+    e = moe.experts
     return {
         "experts": experts,
+        "grouped_mm_used": grouped_mm_supported(x, e.gate_up_proj, e.down_proj),
         "seconds": best,
         "moe_over_dense": ratio(best["moe_grouped"], best["dense"]),
         "per_expert_over_grouped": ratio(best["moe_per_expert"], best["moe_grouped"]),
@@ -127,10 +148,19 @@ def run(
     rounds: int = 2,
     loop_tokens: int = 32,
     name: str = "moe_layer",
+    device: str = "cpu",
+    dtype: str = "fp32",
+    out_dir: str | None = None,
 ) -> dict[str, Any]:
     threads = set_threads()
-    results = [measure(dim, ffn, tokens, e, top_k, rounds, loop_tokens) for e in experts]
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    results = [
+        measure(dim, ffn, tokens, e, top_k, rounds, loop_tokens, device, torch_dtype)
+        for e in experts
+    ]
     settings = {
+        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
+        "dtype": dtype,
         "dim": dim,
         "ffn": ffn,
         "tokens": tokens,
@@ -145,7 +175,13 @@ def run(
         "malloc_conf": os.environ.get("MALLOC_CONF", ""),
     }
     out = {"settings": settings, "results": results}
-    write_result(name, out)
+    if out_dir:  # the GPU script's layout: OUT/moe.json
+        path = Path(out_dir) / "moe.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"variant": "moe", "status": "ok", "environment": environment(), **out}
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+    else:
+        write_result(name, out)
     print_table(
         f"MoE layer fwd+bwd, {tokens} tokens, dim {dim}, ffn {ffn}, top-{top_k} (best seconds)",
         ["E", "moe grouped", "moe per expert", "dense", "token loop", "moe / dense"],
@@ -174,8 +210,27 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--loop-tokens", type=int, default=32)
     ap.add_argument("--name", default="moe_layer", help="benchmarks/results/NAME.json")
-    a = ap.parse_args()
-    out = run(a.dim, a.ffn, a.tokens, tuple(a.experts), a.top_k, a.rounds, a.loop_tokens, a.name)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--out", help="write OUT/moe.json (benchmarks/gpu.sh) instead")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU")
+    a, _ = ap.parse_known_args()  # gpu.sh passes the same extra flags to every variant
+    if a.cpu_smoke:
+        a.dim, a.ffn, a.tokens, a.experts, a.rounds, a.loop_tokens = 64, 128, 256, [4, 8], 1, 4
+        a.device, a.dtype = "cpu", "fp32"
+    out = run(
+        a.dim,
+        a.ffn,
+        a.tokens,
+        tuple(a.experts),
+        a.top_k,
+        a.rounds,
+        a.loop_tokens,
+        a.name,
+        a.device,
+        a.dtype,
+        a.out,
+    )
     emit({"results": out["results"]})
 
 

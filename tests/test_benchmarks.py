@@ -5,6 +5,7 @@ the same tokens). Speed itself is never asserted here."""
 from __future__ import annotations
 
 import gzip
+import json
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,25 @@ def test_moe_layer_benchmark_compares_the_same_function(bench) -> None:
     assert r["active_parameters_moe"] == r["parameters_dense"] + 32 * 4
     assert set(r["seconds"]) == {"moe_grouped", "moe_per_expert", "dense", "token_loop"}
     assert (bench.RESULTS / "moe_layer.json").exists()
+
+
+def test_moe_layer_benchmark_in_the_gpu_scripts_layout(bench, tmp_path) -> None:
+    """gpu.sh's `moe` variant: OUT/moe.json with a status, in bf16 where asked (here on the
+    CPU), the same function on every path."""
+    from benchmarks import moe_layer
+
+    out = moe_layer.run(
+        dim=32,
+        ffn=64,
+        tokens=64,
+        experts=(4,),
+        rounds=1,
+        loop_tokens=8,
+        dtype="bf16",
+        out_dir=str(tmp_path),
+    )
+    saved = json.loads((tmp_path / "moe.json").read_text())
+    assert saved["variant"] == "moe" and saved["status"] == "ok"
+    assert saved["settings"]["dtype"] == "bf16" and saved["results"] == out["results"]
+    (r,) = saved["results"]
+    assert r["max_difference_grouped_vs_per_expert"] < 1e-2  # bf16

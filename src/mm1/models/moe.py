@@ -77,7 +77,7 @@ def sparse_layers(cfg: DecoderConfig) -> list[int]:
     return [i for i in range(cfg.layers) if is_sparse_layer(i, cfg.ffn.every)]
 
 
-def _grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether grouped_mm takes these operands: CPU (fp32 / bf16) or CUDA with SM >= 8.0 (bf16),
     one dtype, and every row stride a multiple of 16 bytes."""
     if not hasattr(F, "grouped_mm"):
@@ -119,7 +119,7 @@ class Experts(nn.Module):
             x, gate_up, down = x.to(dtype), gate_up.to(dtype), down.to(dtype)
         else:
             gate_up, down = gate_up.to(x.dtype), down.to(x.dtype)
-        grouped = self.matmul != "loop" and _grouped_mm_supported(x, gate_up, down)
+        grouped = self.matmul != "loop" and grouped_mm_supported(x, gate_up, down)
         if self.matmul == "grouped" and not grouped:
             raise RuntimeError(
                 f"model.decoder.ffn.expert_matmul=grouped, but grouped_mm does not support "
