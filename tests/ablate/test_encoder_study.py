@@ -24,9 +24,10 @@ def test_encoder_study_preset_pretrains_each_encoder_once(tmp_path: Path) -> Non
     runs = [c.train.run_dir for c in encoders]
     assert len(set(runs)) == len(runs) == 4
     assert {c.encoder.objective for c in encoders} == {"clip", "aim"}
-    # docs/ablations/encoders was measured with CLIP encoders of contrastive batch 64: the study
-    # keeps that batch whatever the CLIP preset's own (512) is.
-    assert {c.train.micro_batch_size for c in encoders if c.encoder.objective == "clip"} == {64}
+    # docs/ablations/encoders was measured with CLIP encoders of contrastive batch 64 trained 400
+    # steps: the study keeps them whatever the CLIP preset's own (512, 1,200 steps) is.
+    clip = [c.train for c in encoders if c.encoder.objective == "clip"]
+    assert {(t.micro_batch_size, t.steps) for t in clip} == {(64, 400)}
     starts = {c.train.init.vision for c in configs}
     assert starts == {None, *runs}  # every encoder is used, and random init besides
     for cfg in configs:
