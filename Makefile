@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # A CPU build of torch; GPU users: `make install TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128"`.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test lint format install install-dev install-eval bench clean
+.PHONY: demo demo-sft test lint format install install-dev install-eval bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ $(VENV)/.installed-browser: $(BIN)/python
 
 demo: $(VENV)/.installed
 	$(BIN)/mm1 demo
+
+# The demo, then its SFT stage (about 21 minutes more; reuses a finished runs/demo).
+demo-sft: $(VENV)/.installed
+	$(BIN)/mm1 demo --sft
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests benchmarks

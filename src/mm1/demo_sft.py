@@ -16,7 +16,7 @@ from typing import Any
 from mm1.chat import ChatSession, ChatSettings, load_image, resolve_chat_template
 from mm1.config import load_config
 from mm1.data.sft_eval import ensure_sft_eval
-from mm1.data.sft_tasks import ensure_sft_tasks
+from mm1.data.sft_tasks import ensure_sft_presence, ensure_sft_tasks
 from mm1.data.world import run_world
 from mm1.eval.suite import evaluate_suite, prior_scores
 from mm1.eval.suite_report import TITLES, detail_table, suite_table, write_suite_report
@@ -60,7 +60,11 @@ def run_sft_demo(
         [f"train.run_dir={out}", f"train.init.weights={pre}", f"data.world={world}", *overrides],
     )
     # the conversations of the pre-trained model's own world
-    paths = {"conversations": world / "sft" / "llava.json", "tasks": ensure_sft_tasks(world)}
+    paths = {
+        "conversations": world / "sft" / "llava.json",
+        "tasks": ensure_sft_tasks(world),
+        "presence": ensure_sft_presence(world),
+    }
     cfg.data.sources = [replace(s, path=str(paths[s.name])) for s in cfg.data.sources]
     finished = _last_step(out) >= cfg.train.steps
     t0 = time.perf_counter()

@@ -124,6 +124,7 @@ def test_layout_and_manifest(world):
         "text": "text",
         "sft": "llava",
         "sft_tasks": "llava",
+        "sft_presence": "llava",
     }
     assert {k: v["format"] for k, v in m.sources.items()} == expected_format
     assert list_shards(m.root / "captions", "wds") == m.shards("captions")
@@ -181,7 +182,8 @@ def _train_images_and_scenes(m: WorldManifest) -> tuple[set[str], set[str]]:
     for d in _read_all(m, "interleaved_mmc4")[0]:
         pixels.update(_pixel_hash(im) for im in d.images)
         sigs.update(Scene.from_dict(x["scene"]).signature() for x in d.meta["image_info"])
-    for c in _read_all(m, "sft")[0] + _read_all(m, "sft_tasks")[0]:
+    sft = [c for name in ("sft", "sft_tasks", "sft_presence") for c in _read_all(m, name)[0]]
+    for c in sft:
         pixels.update(_pixel_hash(im) for im in c.images)
         sigs.update(Scene.from_dict(x).signature() for x in c.meta.get("scenes", []))
     return pixels, sigs
@@ -389,18 +391,48 @@ def test_sft_task_questions_agree_with_their_scenes(world):
             assert answers == [scenes[0].text]
 
 
-def test_sft_task_questions_are_added_to_an_older_world(world, tmp_path):
-    """A world written before sft/tasks existed gains the same files, and nothing else changes."""
-    from mm1.data.sft_tasks import ensure_sft_tasks
+def test_presence_questions_are_answered_by_the_picture_alone(world):
+    """sft/presence/: two questions per training scene, each answer true of the scene and
+    decided by its own coin (no yes-no pairing to deduce the second answer from), random and
+    adversarial negatives only."""
+    m, _ = world
+    records = json.loads((m.root / "sft/presence/llava.json").read_text())
+    assert len(records) == m.sources["sft_presence"]["records"] == 64
+    pairs, negatives = Counter(), Counter()
+    for r in records:
+        (scene,) = [Scene.from_dict(x) for x in r["scenes"]]
+        shown = {(o.color, o.shape) for o in scene.objects}
+        turns = r["conversations"]
+        assert turns[0]["value"].startswith("<image>\n") and len(turns) == 4
+        answers = []
+        for q, a in zip(turns[::2], turns[1::2]):
+            assert q["value"].endswith("\nAnswer the question using a single word or phrase.")
+            words = q["value"].split(" in the image?")[0].split()
+            asked = (words[-2], words[-1])
+            assert (asked in shown) == (a["value"] == "Yes"), (q, a, shown)
+            if a["value"] == "No":  # an adversarial negative shares a colour or shape
+                near = any(asked[0] == c or asked[1] == s for c, s in shown)
+                negatives["near" if near else "far"] += 1
+            answers.append(a["value"])
+        pairs[tuple(answers)] += 1
+    assert len(pairs) == 4 and min(pairs.values()) >= 6  # yes/yes and no/no happen too
+    assert negatives["near"] > negatives["far"] > 0
+
+
+@pytest.mark.parametrize("name", ["tasks", "presence"])
+def test_sft_task_questions_are_added_to_an_older_world(world, tmp_path, name):
+    """A world written before sft/tasks (sft/presence) existed gains the same files, and nothing
+    else changes."""
+    from mm1.data import sft_tasks
 
     m, _ = world
     older = tmp_path / "older"
     shutil.copytree(m.root, older)
-    shutil.rmtree(older / "sft/tasks")
+    shutil.rmtree(older / "sft" / name)
     before = _tree_hashes(older)
-    path = ensure_sft_tasks(older)
+    path = getattr(sft_tasks, f"ensure_sft_{name}")(older)
     after = _tree_hashes(older)
     added = {k: v for k, v in after.items() if k not in before}
     assert {k: after[k] for k in before} == before
-    assert added == {k: v for k, v in _tree_hashes(m.root).items() if k.startswith("sft/tasks/")}
-    assert path == older / "sft/tasks/llava.json"
+    assert added == {k: v for k, v in _tree_hashes(m.root).items() if k.startswith(f"sft/{name}/")}
+    assert path == older / f"sft/{name}/llava.json"

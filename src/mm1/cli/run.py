@@ -135,7 +135,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from mm1.demo import run_demo
 
     report = run_demo(args.out, overrides=args.overrides)
-    if not args.no_sft:
+    if args.sft:
         from mm1.demo_sft import add_to_demo_report, run_sft_demo
 
         add_to_demo_report(report, run_sft_demo(args.out))
@@ -153,7 +153,11 @@ def cmd_ablate(args: argparse.Namespace) -> int | None:
 def register(add: Add) -> None:
     p = add("demo", cmd_demo, "the end-to-end demo on the built-in synthetic world")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--no-sft", action="store_true", help="skip the SFT stage (OUT_sft)")
+    p.add_argument(
+        "--sft",
+        action="store_true",
+        help="then fine-tune the result on the world's conversations (OUT_sft, 21 more minutes)",
+    )
     p.add_argument("overrides", nargs="*", help="section.key=value")
 
     p = add("train", cmd_train, "pre-train (or continue) a run; resumes from its run_dir")

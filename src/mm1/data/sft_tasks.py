@@ -2,11 +2,16 @@
 suite's tasks, on training scenes, as LLaVA-1.5's mixture holds VQAv2, GQA, OCR-VQA and
 TextCaps training questions with the same "single word or phrase" prompt its evaluation uses.
 
-    sft/tasks/llava.json, sft/tasks/images/
+    sft/tasks/llava.json, sft/tasks/images/        three kinds, below
+    sft/presence/llava.json, sft/presence/images/  object presence, answers independent
 
-Three kinds: object presence (POPE's question, a yes and a no per image), questions over two or three pictures (which has the most objects, how many in all),
-and reading the written text. Written from their own RNG stream (`world_rng(seed, "sft_tasks",
-i)`) and never fed to the world's tokenizer, so adding them leaves every other file of a world
+The tasks file holds three kinds: object presence (POPE's question, a yes and a no per image),
+questions over two or three pictures (which has the most objects, how many in all), and reading
+the written text. Its paired presence answers give the second away once the first is known, so
+a model can fit them without looking; the presence file asks two questions per scene, each
+answer decided by its own coin, so only the picture tells it (docs/sft.md, runs G to K). Both
+are written from their own RNG streams (`world_rng(seed, "sft_tasks" | "sft_presence", i)`) and
+never fed to the world's tokenizer, so adding them leaves every other file of a world
 byte-identical.
 
 Presence negatives are POPE's random and adversarial ones, never its popular ones: those repeat
@@ -19,6 +24,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +34,11 @@ from mm1.data.sft_eval import multi_image_question, presence_pair, presence_ques
 from mm1.data.synthetic_writers import jpeg, world_rng
 
 TASKS_DIR = "sft/tasks"
+PRESENCE_DIR = "sft/presence"
 TASKS_FILE = "llava.json"
 SIZES = {"tiny": 64, "small": 3000, "medium": 6000}
+PRESENCE_SIZES = {"tiny": 64, "small": 6000, "medium": 12000}
+PRESENCE_QUESTIONS = 2
 KINDS = ("presence", "multi_image", "reading")
 WEIGHTS = (40, 30, 30)
 SHORT_SUFFIX = "Answer the question using a single word or phrase."
@@ -62,19 +71,36 @@ def tasks_path(world: str | Path) -> Path:
     return Path(world) / TASKS_DIR / TASKS_FILE
 
 
-def write_sft_tasks(
-    world: str | Path, seed: int, size: str = "small", image_size: int = 64
+def presence_path(world: str | Path) -> Path:
+    return Path(world) / PRESENCE_DIR / TASKS_FILE
+
+
+def _presence_conversation(rng: random.Random) -> tuple[list[Scene], list[tuple[str, str]]]:
+    """One training scene and two presence questions about it, each answer "yes" (an object it
+    shows) or "no" (an absent one, random or adversarial) by its own coin."""
+    scene = sample_scene(rng, "train", text_rich=False)
+    turns = []
+    for _ in range(PRESENCE_QUESTIONS):
+        category = TRAIN_NEGATIVES[rng.random() < 0.5]
+        by_label = {label: cs for cs, label in presence_pair(scene, category, [], rng)}
+        label = "yes" if rng.random() < 0.5 else "no"
+        turns.append((presence_question(*by_label[label]), capitalized(label)))
+    return [scene], turns
+
+
+def _write_records(
+    out: Path,
+    n: int,
+    conversation: Callable[[int], tuple[str, list[Scene], list[tuple[str, str]]]],
+    prefix: str,
+    image_size: int,
 ) -> dict[str, Any]:
-    """Write the conversations under `world/sft/tasks` and return their manifest entry (the
-    shape of the world's other sources)."""
-    out = Path(world) / TASKS_DIR
+    """Write `n` records `conversation(i) = (kind, scenes, [(question, answer)])` as LLaVA JSON
+    under `out` (the images beside it) and return the world-manifest entry."""
     (out / "images").mkdir(parents=True, exist_ok=True)
-    n = SIZES.get(size, SIZES["small"])
     records, kinds, n_images = [], Counter(), 0
     for i in range(n):
-        rng = world_rng(seed, "sft_tasks", i)
-        kind = rng.choices(KINDS, weights=WEIGHTS)[0]
-        scenes, qa_pairs = _conversation(kind, i, rng)
+        kind, scenes, qa_pairs = conversation(i)
         files = []
         for j, sc in enumerate(scenes):
             fname = f"{i:06d}_{j}.jpg"
@@ -85,7 +111,7 @@ def write_sft_tasks(
         for k, (q, a) in enumerate(qa_pairs):
             question = _short(q, len(files)) if k == 0 else f"{q}\n{SHORT_SUFFIX}"
             turns += [{"from": "human", "value": question}, {"from": "gpt", "value": a}]
-        rec: dict[str, Any] = {"id": f"world-sft-task-{i:06d}"}
+        rec: dict[str, Any] = {"id": f"{prefix}-{i:06d}"}
         rec["image"] = files[0] if len(files) == 1 else files
         rec["conversations"] = turns
         rec["kind"] = kind
@@ -96,25 +122,63 @@ def write_sft_tasks(
     tmp = path.with_suffix(".tmp")  # the file's presence marks a complete set
     tmp.write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n")
     tmp.replace(path)
+    rel = out.relative_to(out.parent.parent).as_posix()
     return {
         "kind": "sft",
         "format": "llava",
-        "shards": [f"{TASKS_DIR}/{TASKS_FILE}"],
-        "image_folder": f"{TASKS_DIR}/images",
+        "shards": [f"{rel}/{TASKS_FILE}"],
+        "image_folder": f"{rel}/images",
         "records": n,
         "images": n_images,
         "conversation_kinds": dict(sorted(kinds.items())),
     }
 
 
-def ensure_sft_tasks(world: str | Path) -> Path:
-    """The conversations file of `world`, written first if the world has none yet (a world
-    written before they existed; its other files are not touched)."""
+def write_sft_tasks(
+    world: str | Path, seed: int, size: str = "small", image_size: int = 64
+) -> dict[str, Any]:
+    """Write the conversations under `world/sft/tasks` and return their manifest entry (the
+    shape of the world's other sources)."""
+
+    def conversation(i: int) -> tuple[str, list[Scene], list[tuple[str, str]]]:
+        rng = world_rng(seed, "sft_tasks", i)
+        kind = rng.choices(KINDS, weights=WEIGHTS)[0]
+        return (kind, *_conversation(kind, i, rng))
+
+    n = SIZES.get(size, SIZES["small"])
+    return _write_records(Path(world) / TASKS_DIR, n, conversation, "world-sft-task", image_size)
+
+
+def write_sft_presence(
+    world: str | Path, seed: int, size: str = "small", image_size: int = 64
+) -> dict[str, Any]:
+    """Write the presence conversations under `world/sft/presence` and return their manifest
+    entry."""
+
+    def conversation(i: int) -> tuple[str, list[Scene], list[tuple[str, str]]]:
+        return ("presence", *_presence_conversation(world_rng(seed, "sft_presence", i)))
+
+    n = PRESENCE_SIZES.get(size, PRESENCE_SIZES["small"])
+    out = Path(world) / PRESENCE_DIR
+    return _write_records(out, n, conversation, "world-sft-presence", image_size)
+
+
+def _ensure(path: Path, world: str | Path, write: Callable[..., dict[str, Any]]) -> Path:
     from mm1.data.synthetic import WorldManifest
 
-    path = tasks_path(world)
     if not path.is_file():
         m = WorldManifest.load(world)
         print(f"writing the benchmark-style SFT conversations to {path.parent} ...", flush=True)
-        write_sft_tasks(world, m.seed, m.size, m.image_size)
+        write(world, m.seed, m.size, m.image_size)
     return path
+
+
+def ensure_sft_tasks(world: str | Path) -> Path:
+    """The conversations file of `world`, written first if the world has none yet (a world
+    written before they existed; its other files are not touched)."""
+    return _ensure(tasks_path(world), world, write_sft_tasks)
+
+
+def ensure_sft_presence(world: str | Path) -> Path:
+    """The presence conversations of `world`, written first if the world has none yet."""
+    return _ensure(presence_path(world), world, write_sft_presence)

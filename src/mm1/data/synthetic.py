@@ -18,6 +18,7 @@ the same readers as real data (`mm1.data.sources`):
     text/00000.jsonl …                  text-only documents (`text` field)
     sft/llava.json, sft/images/         LLaVA SFT conversations (+ sft/datasets.yaml, LLaVA-NeXT)
     sft/tasks/llava.json, .../images/   short-answer SFT questions in the SFT suite's forms
+    sft/presence/llava.json, …          object-presence questions, each answer by its own coin
     eval/{val,support}/images/          held-out evaluation images (disjoint scenes)
     eval/{val,support}/captions.json    COCO-captions format, 5 references per image
     eval/{val,support}/vqa_questions.json, vqa_annotations.json   VQAv2 format, 10 answers
@@ -55,7 +56,7 @@ from mm1.data.scenes import (
     WORDS,
     WORLD_FORMAT_VERSION,
 )
-from mm1.data.sft_tasks import write_sft_tasks
+from mm1.data.sft_tasks import write_sft_presence, write_sft_tasks
 from mm1.data.synthetic_writers import (
     PRESETS,
     Tick,
@@ -234,6 +235,7 @@ def write_world(
         "sft": lambda tick: write_sft(root, seed, preset, image_size, texts, tick),
         # not given `texts`: the tokenizer, like every file of worlds before it, is unchanged
         "sft_tasks": lambda tick: write_sft_tasks(root, seed, size, image_size),
+        "sft_presence": lambda tick: write_sft_presence(root, seed, size, image_size),
         "eval/val": lambda tick: write_eval(
             root, "val", preset.val_images, seed, preset, image_size, tick
         ),
