@@ -1,7 +1,8 @@
-"""The demo's SFT stage (`mm1 demo` runs it after pre-training): fine-tune the pre-trained demo model on the synthetic world's
-conversations (`configs/demo_sft.yaml`), run the SFT evaluation suite on the pre-trained model
-(few-shot), the SFT model (zero-shot, through its chat template) and the SFT model shown other
-queries' images (the control), show three example conversations, and write a report."""
+"""The demo's SFT stage (`mm1 demo --sft` runs it after pre-training): fine-tune the pre-trained
+demo model on the synthetic world's conversations (`configs/demo_sft.yaml`), run the SFT
+evaluation suite on the pre-trained model (few-shot), the SFT model (zero-shot, through its chat
+template) and the SFT model shown other queries' images (the control), show three example
+conversations, and write a report."""
 
 from __future__ import annotations
 
