@@ -27,4 +27,5 @@ def test_a_zero_byte_tar_is_one_warning_line(tmp_path: Path, caplog) -> None:
 def test_writing_a_world_reports_each_stage_off_a_terminal(tmp_path: Path, capsys) -> None:
     write_world(tmp_path / "w", size="tiny", progress=True)
     err = capsys.readouterr().err
-    assert "synthetic world: captions (1/10" in err and "synthetic world: tokenizer (10/10" in err
+    assert "synthetic world: captions (1/11" in err and "synthetic world: tokenizer (11/11" in err
+    assert "synthetic world: sft_presence (8/11" in err
