@@ -11,7 +11,9 @@ process (each keeps its best time):
 - `dense`: a SwiGLU of width top_k x ffn, so the same expert parameters act on each token
   (the router's dim x E more are the MoE's own);
 - `token_loop`: the definition run token by token (each token through its k experts), timed
-  on `loop_tokens` tokens and scaled linearly to the full count (its cost is linear in tokens).
+  on `loop_tokens` tokens and scaled linearly to the full count (its cost is linear in tokens);
+  `--loop-tokens 0` leaves it out (its backward indexes one expert at a time, and each index
+  makes a zero-filled gradient the size of all experts: too much memory at E=64 and full width).
 
 Weights and their gradients of E experts take 24 x E x dim x ffn bytes (fp32): 2.2 GB at E=8
 and 17.7 GB at E=64 at the ablation width; `--dim` / `--ffn` run narrower layers. The grouped
@@ -113,7 +115,9 @@ def measure(
         "dense": layers["dense"],
         "token_loop": lambda h: _token_loop(moe, h),
     }
-    best = dict.fromkeys(fns, float("inf"))
+    if loop_tokens <= 0:
+        del fns["token_loop"]
+    best: dict[str, float | None] = dict.fromkeys(fns, float("inf"))
     for _ in range(rounds + 1):  # the first round warms up and counts too (best of all)
         for name, fn in fns.items():
             for m in layers.values():
@@ -123,6 +127,7 @@ def measure(
             if name == "token_loop":
                 seconds *= tokens / loop_tokens
             best[name] = min(best[name], seconds)
+    best.setdefault("token_loop", None)
     active_moe = 2 * 3 * dim * ffn + dim * experts
     e = moe.experts
     return {
@@ -131,7 +136,9 @@ def measure(
         "seconds": best,
         "moe_over_dense": ratio(best["moe_grouped"], best["dense"]),
         "per_expert_over_grouped": ratio(best["moe_per_expert"], best["moe_grouped"]),
-        "token_loop_over_moe": ratio(best["token_loop"], best["moe_grouped"]),
+        "token_loop_over_moe": ratio(best["token_loop"], best["moe_grouped"])
+        if loop_tokens > 0
+        else None,
         "active_parameters_moe": active_moe,
         "parameters_dense": 3 * dim * top_k * ffn,
         "max_difference_grouped_vs_per_expert": diff,

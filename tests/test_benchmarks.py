@@ -151,7 +151,14 @@ def test_moe_layer_benchmark_compares_the_same_function(bench) -> None:
     # the dense comparison has the experts' active parameters (the router is the MoE's own)
     assert r["active_parameters_moe"] == r["parameters_dense"] + 32 * 4
     assert set(r["seconds"]) == {"moe_grouped", "moe_per_expert", "dense", "token_loop"}
+    assert all(v > 0 for v in r["seconds"].values()) and r["token_loop_over_moe"] > 0
     assert (bench.RESULTS / "moe_layer.json").exists()
+    # --loop-tokens 0 (E=64 at full width): the token loop is left out, the rest measured
+    (r,) = moe_layer.run(dim=32, ffn=64, tokens=64, experts=(4,), rounds=1, loop_tokens=0)[
+        "results"
+    ]
+    assert r["seconds"]["token_loop"] is None and r["token_loop_over_moe"] is None
+    assert r["moe_over_dense"] > 0 and r["seconds"]["moe_per_expert"] > 0
 
 
 def test_moe_layer_benchmark_in_the_gpu_scripts_layout(bench, tmp_path) -> None:
