@@ -89,14 +89,16 @@ def _presence_conversation(rng: random.Random) -> tuple[list[Scene], list[tuple[
 
 
 def _write_records(
-    out: Path,
+    world: str | Path,
+    rel: str,
     n: int,
     conversation: Callable[[int], tuple[str, list[Scene], list[tuple[str, str]]]],
     prefix: str,
     image_size: int,
 ) -> dict[str, Any]:
     """Write `n` records `conversation(i) = (kind, scenes, [(question, answer)])` as LLaVA JSON
-    under `out` (the images beside it) and return the world-manifest entry."""
+    under `world/rel` (the images beside it) and return the world-manifest entry."""
+    out = Path(world) / rel
     (out / "images").mkdir(parents=True, exist_ok=True)
     records, kinds, n_images = [], Counter(), 0
     for i in range(n):
@@ -122,7 +124,6 @@ def _write_records(
     tmp = path.with_suffix(".tmp")  # the file's presence marks a complete set
     tmp.write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n")
     tmp.replace(path)
-    rel = out.relative_to(out.parent.parent).as_posix()
     return {
         "kind": "sft",
         "format": "llava",
@@ -146,7 +147,7 @@ def write_sft_tasks(
         return (kind, *_conversation(kind, i, rng))
 
     n = SIZES.get(size, SIZES["small"])
-    return _write_records(Path(world) / TASKS_DIR, n, conversation, "world-sft-task", image_size)
+    return _write_records(world, TASKS_DIR, n, conversation, "world-sft-task", image_size)
 
 
 def write_sft_presence(
@@ -159,8 +160,7 @@ def write_sft_presence(
         return ("presence", *_presence_conversation(world_rng(seed, "sft_presence", i)))
 
     n = PRESENCE_SIZES.get(size, PRESENCE_SIZES["small"])
-    out = Path(world) / PRESENCE_DIR
-    return _write_records(out, n, conversation, "world-sft-presence", image_size)
+    return _write_records(world, PRESENCE_DIR, n, conversation, "world-sft-presence", image_size)
 
 
 def _ensure(path: Path, world: str | Path, write: Callable[..., dict[str, Any]]) -> Path:
