@@ -167,7 +167,10 @@ def ensure_world(image_size: int = 64, size: str = "tiny", seed: int = 0, text_s
     return synthetic.WorldManifest.load(root)
 
 
-def ratio(a: float, b: float) -> float:
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b; None where either was not measured, nan where b is 0."""
+    if a is None or b is None:
+        return None
     return a / b if b else float("nan")
 
 

@@ -11,13 +11,15 @@ process (each keeps its best time):
 - `dense`: a SwiGLU of width top_k x ffn, so the same expert parameters act on each token
   (the router's dim x E more are the MoE's own);
 - `token_loop`: the definition run token by token (each token through its k experts), timed
-  on `loop_tokens` tokens and scaled linearly to the full count (its cost is linear in tokens);
-  `--loop-tokens 0` leaves it out (its backward indexes one expert at a time, and each index
-  makes a zero-filled gradient the size of all experts: too much memory at E=64 and full width).
+  on `loop_tokens` tokens and scaled linearly to the full count (its cost is linear in tokens).
 
-Weights and their gradients of E experts take 24 x E x dim x ffn bytes (fp32): 2.2 GB at E=8
-and 17.7 GB at E=64 at the ablation width; `--dim` / `--ffn` run narrower layers. The grouped
-and per-expert variants share one set of weights.
+`--variants` runs a subset. Weights and their gradients of E experts take 24 x E x dim x ffn
+bytes (fp32): 2.2 GB at E=8 and 17.7 GB at E=64 at the ablation width, and the grouped layer
+peaks at 18.3 GB there. The other two MoE paths need more: the per-expert backward stacks E
+per-expert gradients (twice the experts' gradient bytes at once), and each index of the token
+loop's backward zero-fills a gradient the size of all experts. So E=64 at full width on a
+23 GB machine runs as `--variants moe_grouped dense`. `--dim` / `--ffn` run narrower layers.
+The grouped and per-expert variants share one set of weights.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,8 @@ from benchmarks.common import emit, environment, print_table, ratio, set_threads
 from mm1.config import DecoderConfig
 from mm1.models.decoder import SwiGLU
 from mm1.models.moe import MoE, MoEConfig, grouped_mm_supported, route
+
+VARIANTS = ("moe_grouped", "moe_per_expert", "dense", "token_loop")
 
 
 def _layers(dim: int, ffn: int, experts: int, top_k: int) -> dict[str, torch.nn.Module]:
@@ -82,15 +87,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _step(fn, x: torch.Tensor) -> float:
+def _step(fn, x: torch.Tensor) -> tuple[float, float, float]:
+    """Wall, user CPU and system CPU seconds of one forward + backward."""
     x = x.detach().requires_grad_()
     _sync(x.device)
-    start = time.perf_counter()
+    before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     out = fn(x)
     out = out[0] if isinstance(out, tuple) else out
     out.backward(torch.ones_like(out))
     _sync(x.device)
-    return time.perf_counter() - start
+    wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+    return wall, after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
 
 
 def measure(
@@ -103,6 +110,7 @@ def measure(
     loop_tokens: int,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
+    variants: tuple[str, ...] = VARIANTS,
 ) -> dict[str, Any]:
     with torch.device(device):  # built where it runs: E=64 is 9 GB of fp32 weights to init
         layers = {k: m.to(dtype) for k, m in _layers(dim, ffn, experts, top_k).items()}
@@ -118,30 +126,36 @@ def measure(
         "dense": layers["dense"],
         "token_loop": lambda h: _token_loop(moe, h),
     }
-    if loop_tokens <= 0:
-        del fns["token_loop"]
+    fns = {name: fn for name, fn in fns.items() if name in variants}
     best: dict[str, float | None] = dict.fromkeys(fns, float("inf"))
+    user: dict[str, float | None] = {}  # CPU seconds of each variant's best round
+    system: dict[str, float | None] = {}
     for _ in range(rounds + 1):  # the first round warms up and counts too (best of all)
         for name, fn in fns.items():
             for m in layers.values():
                 m.zero_grad(set_to_none=True)
             h = x[:loop_tokens] if name == "token_loop" else x
-            seconds = _step(fn, h)
-            if name == "token_loop":
-                seconds *= tokens / loop_tokens
-            best[name] = min(best[name], seconds)
-    best.setdefault("token_loop", None)
+            scale = tokens / loop_tokens if name == "token_loop" else 1.0
+            wall, cpu_user, cpu_system = (scale * t for t in _step(fn, h))
+            if wall < best[name]:
+                best[name], user[name], system[name] = wall, cpu_user, cpu_system
+    for name in VARIANTS:  # left out: None, and so is every ratio it enters
+        for table in (best, user, system):
+            table.setdefault(name, None)
     active_moe = 2 * 3 * dim * ffn + dim * experts
     e = moe.experts
     return {
         "experts": experts,
         "grouped_mm_used": grouped_mm_supported(x, e.gate_up_proj, e.down_proj),
         "seconds": best,
+        # On the CPU with one thread, user time is the arithmetic and system time mostly the
+        # kernel's work on fresh pages (the expert gradients are new memory every step).
+        "cpu_user_seconds": user,
+        "cpu_system_seconds": system,
         "moe_over_dense": ratio(best["moe_grouped"], best["dense"]),
+        "moe_over_dense_user_cpu": ratio(user["moe_grouped"], user["dense"]),
         "per_expert_over_grouped": ratio(best["moe_per_expert"], best["moe_grouped"]),
-        "token_loop_over_moe": ratio(best["token_loop"], best["moe_grouped"])
-        if loop_tokens > 0
-        else None,
+        "token_loop_over_moe": ratio(best["token_loop"], best["moe_grouped"]),
         "active_parameters_moe": active_moe,
         "parameters_dense": 3 * dim * top_k * ffn,
         "max_difference_grouped_vs_per_expert": diff,
@@ -161,11 +175,17 @@ def run(
     device: str = "cpu",
     dtype: str = "fp32",
     out_dir: str | None = None,
+    variants: tuple[str, ...] = VARIANTS,
 ) -> dict[str, Any]:
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"--variants: unknown {sorted(unknown)}; choose from {VARIANTS}")
+    if "token_loop" in variants and loop_tokens <= 0:
+        raise ValueError("--loop-tokens must be positive when the token_loop variant runs")
     threads = set_threads()
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     results = [
-        measure(dim, ffn, tokens, e, top_k, rounds, loop_tokens, device, torch_dtype)
+        measure(dim, ffn, tokens, e, top_k, rounds, loop_tokens, device, torch_dtype, variants)
         for e in experts
     ]
     settings = {
@@ -177,6 +197,7 @@ def run(
         "top_k": top_k,
         "rounds": rounds,
         "loop_tokens": loop_tokens,
+        "variants": list(variants),
         "threads": threads,
         "grouped_mm": hasattr(F, "grouped_mm"),
         # The host allocator decides whether the experts' large gradient buffers are fresh
@@ -219,6 +240,9 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--loop-tokens", type=int, default=32)
+    ap.add_argument(
+        "--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="a subset"
+    )
     ap.add_argument("--name", default="moe_layer", help="benchmarks/results/NAME.json")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
@@ -240,6 +264,7 @@ def main() -> None:
         a.device,
         a.dtype,
         a.out,
+        tuple(a.variants),
     )
     emit({"results": out["results"]})
 

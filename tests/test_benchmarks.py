@@ -152,13 +152,21 @@ def test_moe_layer_benchmark_compares_the_same_function(bench) -> None:
     assert r["active_parameters_moe"] == r["parameters_dense"] + 32 * 4
     assert set(r["seconds"]) == {"moe_grouped", "moe_per_expert", "dense", "token_loop"}
     assert all(v > 0 for v in r["seconds"].values()) and r["token_loop_over_moe"] > 0
+    # CPU seconds of each variant's best round (tick-grained: 0 is possible at this size)
+    assert set(r["cpu_user_seconds"]) == set(r["cpu_system_seconds"]) == set(r["seconds"])
+    assert all(v >= 0 for v in r["cpu_user_seconds"].values())
+    assert "moe_over_dense_user_cpu" in r
     assert (bench.RESULTS / "moe_layer.json").exists()
-    # --loop-tokens 0 (E=64 at full width): the token loop is left out, the rest measured
-    (r,) = moe_layer.run(dim=32, ffn=64, tokens=64, experts=(4,), rounds=1, loop_tokens=0)[
-        "results"
-    ]
+    # E=64 at full width runs as `--variants moe_grouped dense`: the rest is left out
+    out = moe_layer.run(
+        dim=32, ffn=64, tokens=64, experts=(4,), rounds=1, variants=("moe_grouped", "dense")
+    )
+    (r,) = out["results"]
     assert r["seconds"]["token_loop"] is None and r["token_loop_over_moe"] is None
-    assert r["moe_over_dense"] > 0 and r["seconds"]["moe_per_expert"] > 0
+    assert r["seconds"]["moe_per_expert"] is None and r["per_expert_over_grouped"] is None
+    assert r["moe_over_dense"] > 0 and out["settings"]["variants"] == ["moe_grouped", "dense"]
+    with pytest.raises(ValueError, match="--loop-tokens"):
+        moe_layer.run(dim=32, ffn=64, tokens=64, experts=(4,), rounds=1, loop_tokens=0)
 
 
 def test_moe_layer_benchmark_in_the_gpu_scripts_layout(bench, tmp_path) -> None:
