@@ -85,6 +85,29 @@ def test_grouped_and_per_expert_agree_in_outputs_and_gradients(monkeypatch) -> N
     assert grads_g[-1][3].abs().sum() == 0  # the idle expert's down_proj got no gradient
 
 
+@pytest.mark.parametrize("frozen", ["experts", "input"])
+def test_per_expert_backward_skips_what_needs_no_gradient(frozen: str) -> None:
+    """The per-expert path's hand-written backward with frozen experts or a frozen input,
+    in bf16 autocast: the gradients that are asked for equal the grouped path's."""
+    x = torch.randn(2, 9, 32)
+    grads = []
+    for matmul in ("grouped", "loop"):
+        layer = _layer(expert_matmul=matmul)
+        if frozen == "experts":
+            layer.experts.requires_grad_(False)
+        xi = x.clone().requires_grad_(frozen != "input")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = layer(xi)
+        out.float().pow(2).sum().backward()
+        assert (layer.experts.down_proj.grad is None) == (frozen == "experts")
+        asked = [p.grad for p in layer.parameters() if p.requires_grad]
+        grads.append(asked + ([xi.grad] if xi.requires_grad else []))
+    assert len(grads[0]) == len(grads[1]) >= 1
+    for grouped, loop in zip(*grads):  # bf16 products round differently: compare in norm
+        assert grouped.dtype == loop.dtype and grouped.shape == loop.shape
+        assert (grouped - loop).float().norm() <= 1e-2 * grouped.float().norm()
+
+
 def test_unaligned_widths_fall_back_to_per_expert_matmuls(monkeypatch) -> None:
     calls = []
     real = F.grouped_mm

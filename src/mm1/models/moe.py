@@ -20,6 +20,7 @@ divided by their number; the decoder sums over blocks):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -130,16 +131,62 @@ class Experts(nn.Module):
             offs = counts.cumsum(0).to(torch.int32)
             g, u = F.grouped_mm(x, gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
             return F.grouped_mm(F.silu(g) * u, down.transpose(1, 2), offs=offs)
-        outs = []
-        # An expert without tokens still runs (on zero rows): every weight stays in the graph
-        # with a zero gradient, as in the grouped path (DDP expects a gradient for each).
-        # unbind, not gate_up[e]: each index's backward would zero-fill a full-size gradient
-        # (E of them: 26x slower at E=64, docs/benchmarks.md); unbind's stacks them once.
-        pairs = zip(gate_up.unbind(0), down.unbind(0), x.split(counts.tolist()))
-        for w_gate_up, w_down, xe in pairs:
-            g, u = F.linear(xe, w_gate_up).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(g) * u, w_down))
+        return _PerExpert.apply(x, gate_up, down, counts.tolist())
+
+
+class _PerExpert(torch.autograd.Function):
+    """The experts as one matmul each over their contiguous tokens, with a hand-written
+    backward that writes every expert's weight gradient into one (E, ...) buffer. Autograd
+    over per-expert slices cannot: indexing `gate_up[e]` zero-fills a full-size gradient per
+    expert (26x slower at E=64), and `unbind` stacks E separate gradients, so the experts'
+    gradient bytes are held twice at once (the grouped path's peak plus 2.2 GB at E=64, half
+    width; docs/benchmarks.md section 9). An expert without tokens gets a zero gradient, as
+    in the grouped path (DDP expects a gradient for every weight)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: list[int]
+    ) -> torch.Tensor:
+        gate_ups, outs = [], []
+        for e, xe in enumerate(x.split(counts)):
+            gate_ups.append(F.linear(xe, gate_up[e]))
+            g, u = gate_ups[-1].chunk(2, dim=-1)
+            outs.append(F.linear(F.silu(g) * u, down[e]))
+        ctx.counts = counts
+        ctx.save_for_backward(x, gate_up, down, torch.cat(gate_ups))
         return torch.cat(outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, gate_up, down, gate_up_out = ctx.saved_tensors
+        need_x, need_gate_up, need_down = ctx.needs_input_grad[:3]
+        grad_out = grad_out.to(x.dtype)
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_gate_up = torch.empty_like(gate_up) if need_gate_up else None
+        grad_down = torch.empty_like(down) if need_down else None
+        start = 0
+        for e, n in enumerate(ctx.counts):
+            rows = slice(start, start + n)
+            start += n
+            if n == 0:  # no tokens: a zero weight gradient, no input rows
+                for grad in (grad_gate_up, grad_down):
+                    if grad is not None:
+                        grad[e].zero_()
+                continue
+            g, u = gate_up_out[rows].chunk(2, dim=-1)
+            sig = torch.sigmoid(g)
+            silu = g * sig
+            if grad_down is not None:
+                torch.mm(grad_out[rows].T, silu * u, out=grad_down[e])
+            grad_h = grad_out[rows] @ down[e]
+            grad_g = grad_h * u * sig * (1 + g * (1 - sig))  # d silu(g) / dg
+            grad_gate_up_out = torch.cat([grad_g, grad_h * silu], dim=-1)
+            if grad_gate_up is not None:
+                torch.mm(grad_gate_up_out.T, x[rows], out=grad_gate_up[e])
+            if grad_x is not None:
+                torch.mm(grad_gate_up_out, gate_up[e], out=grad_x[rows])
+        return grad_x, grad_gate_up, grad_down, None
 
 
 @dataclass
