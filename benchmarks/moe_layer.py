@@ -14,11 +14,11 @@ process (each keeps its best time):
   on `loop_tokens` tokens and scaled linearly to the full count (its cost is linear in tokens).
 
 `--variants` runs a subset. Weights and their gradients of E experts take 24 x E x dim x ffn
-bytes (fp32): 2.2 GB at E=8 and 17.7 GB at E=64 at the ablation width; the grouped layer
-peaks at 18.3 GB there, and the per-expert one fits beside it on a 23 GB machine. The token loop needs more: each index of its
-backward zero-fills a gradient the size of all experts. So E=64 at full width on a 23 GB
-machine runs as `--variants moe_grouped moe_per_expert dense`. `--dim` / `--ffn` run narrower
-layers. The grouped and per-expert variants share one set of weights.
+bytes (fp32): 2.2 GB at E=8 and 17.7 GB at E=64 at the ablation width, where the grouped
+layer peaks at 18.3 GB and the per-expert one also runs on a 23 GB machine. The token loop
+needs more: each index of its backward zero-fills a gradient the size of all experts. So E=64
+at full width there runs as `--variants moe_grouped moe_per_expert dense`. `--dim` / `--ffn`
+run narrower layers. The grouped and per-expert variants share one set of weights.
 """
 
 from __future__ import annotations
