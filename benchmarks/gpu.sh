@@ -6,9 +6,10 @@
 #   bash benchmarks/gpu.sh --cpu-smoke  # the same code path on the CPU, tiny shapes
 #
 # Variants: attention (micro-benchmark), eager / flex / compile (FSDP2 training step, MFU) from
-# gpu_bench.py, llava (mm1 against transformers' LLaVA, same weights) from gpu_llava.py, and moe
+# gpu_bench.py, llava (mm1 against transformers' LLaVA, same weights) from gpu_llava.py, moe
 # (the MoE layer against a dense SwiGLU of the same active parameters, bf16, E = 8 and 64, at
-# the ablation width) from moe_layer.py.
+# the ablation width) from moe_layer.py, and decode (bf16 generation with mm1's compiled,
+# CUDA-graph decode step against mm1 eager and transformers) from gpu_llava.py --decode.
 #
 # Each variant runs under its own `timeout` and writes benchmarks/results/gpu/<variant>.json
 # (gpu-smoke/ with --cpu-smoke) as soon as it finishes; a variant that fails or runs out of
@@ -27,7 +28,7 @@ if [[ "${1:-}" == "--cpu-smoke" ]]; then
 fi
 EXTRA=("$@")
 # VARIANTS="eager llava" bash benchmarks/gpu.sh reruns only those.
-VARIANTS=${VARIANTS:-attention eager flex compile llava moe}
+VARIANTS=${VARIANTS:-attention eager flex compile llava moe decode}
 if [[ ${#SMOKE[@]} -gt 0 ]]; then
   OUT=${OUT_DIR:-benchmarks/results/gpu-smoke}
 else
@@ -80,6 +81,7 @@ run eager 70 "${TORCHRUN[@]}" $BENCH eager
 run flex 70 "${TORCHRUN[@]}" $BENCH flex
 run compile 110 "${TORCHRUN[@]}" $BENCH compile
 run llava 240 "$PY" benchmarks/gpu_llava.py
+run decode 150 "$PY" benchmarks/gpu_llava.py --decode
 if [[ ${#SMOKE[@]} -gt 0 ]]; then MOE_ARGS=(); else MOE_ARGS=(--device cuda --dtype bf16); fi
 run moe 90 "$PY" -m benchmarks.moe_layer ${MOE_ARGS[@]+"${MOE_ARGS[@]}"}
 
@@ -88,7 +90,7 @@ import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 print(f"{'variant':<10} {'status':<16} {'tokens/s':>10} {'MFU dec':>8} {'MFU all':>8} "
       f"{'all(row)':>8} {'mem GiB':>8}")
-for v in ("eager", "compile", "flex", "attention", "llava", "moe"):
+for v in ("eager", "compile", "flex", "attention", "llava", "moe", "decode"):
     f = out / f"{v}.json"
     if not f.exists():
         continue
@@ -100,6 +102,11 @@ for v in ("eager", "compile", "flex", "attention", "llava", "moe"):
         print("           generate mm1/HF " + ", ".join(
             f"b{k} {r:.2f}x" for k, r in s["generation_ratio"].items())
             + f"; fp32 tokens identical: {s['fp32_tokens_identical']}")
+        continue
+    if v == "decode" and d.get("generation"):
+        print(f"decode     {d.get('status', '?')}: " + ", ".join(
+            f"b{g['batch']} compiled/HF {g['compiled_ratio']:.2f}x, eager/HF {g['ratio']:.2f}x "
+            f"(compile {g['compiled_warmup_s']:.0f} s)" for g in d["generation"]))
         continue
     if v == "moe" and d.get("status") == "ok":
         print("moe        moe/dense " + ", ".join(

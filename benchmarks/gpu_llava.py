@@ -20,8 +20,14 @@ loads them into LLaVA, and both must give the same logits (fp32) before anything
   Effective tokens/s = real (non-padding) tokens over the estimated time of a full pass, from a
   stratified sample of steps (`benchmarks.train_step.strata`), best of `rounds` per step.
 
+`--decode` measures only bf16 generation with mm1's compiled decode step (`generate(...,
+compile=True)`: fixed shapes, `reduce-overhead`, one CUDA graph per step) beside mm1 eager and
+transformers, batch 1 then batch 8, saving after each; its compilation happens in the warm-up
+call and is reported, not timed.
+
 `--cpu-smoke` runs the same path on the CPU with the small benchmark model (fp32 throughout).
-Run by `benchmarks/gpu.sh` (variant `llava`); writes `<out>/llava.json`.
+Run by `benchmarks/gpu.sh` (variants `llava` and `decode`); writes `<out>/llava.json` (or
+`<out>/decode.json`).
 """
 
 from __future__ import annotations
@@ -109,7 +115,20 @@ def first_divergence(a: list[list[int]], b: list[list[int]]) -> list[int | None]
     return out
 
 
-def generation(model, llava, cfg, device, dtype, batches, new_tokens: int, rounds: int) -> list:
+def generation(
+    model,
+    llava,
+    cfg,
+    device,
+    dtype,
+    batches,
+    new_tokens: int,
+    rounds: int,
+    compiled: bool = False,
+    saved=None,
+) -> list:
+    """mm1 against HF per batch size (and mm1 compiled with `compiled`); `saved(results)` is
+    called after each batch size."""
     from benchmarks.generation import hf_greedy, left_pad
     from mm1.models.generation import generate
 
@@ -120,37 +139,57 @@ def generation(model, llava, cfg, device, dtype, batches, new_tokens: int, round
         ids, mask = left_pad(ps, 0)
         ids, mask = ids.to(device), mask.to(device)
 
-        def ours(ps=ps, px=px):
-            return generate(model, ps, px, max_new_tokens=new_tokens, pad_token_id=0)
+        def ours(ps=ps, px=px, compile=False):
+            return generate(
+                model, ps, px, max_new_tokens=new_tokens, pad_token_id=0, compile=compile
+            )
 
         def theirs(ids=ids, mask=mask, px=px):
             return hf_greedy(llava, ids, mask, px, new_tokens, 0)
 
+        contenders = {"mm1": ours, "hf": theirs}
+        if compiled:
+            contenders["compiled"] = lambda ps=ps, px=px: ours(ps, px, compile=True)
         with torch.inference_mode():
-            a, h = ours(), theirs()  # warm-up, and the tokens compared
-            best = {"mm1": float("inf"), "hf": float("inf")}
+            first, warmup = {}, {}
+            for name, fn in contenders.items():  # warm-up (compilation), and the tokens compared
+                sync(device)
+                t0 = time.perf_counter()
+                first[name] = fn()
+                sync(device)
+                warmup[name] = time.perf_counter() - t0
+            best = dict.fromkeys(contenders, float("inf"))
             for _ in range(rounds):
-                for name, fn in (("mm1", ours), ("hf", theirs)):
+                for name, fn in contenders.items():
                     sync(device)
                     t0 = time.perf_counter()
                     fn()
                     sync(device)
                     best[name] = min(best[name], time.perf_counter() - t0)
-        div = first_divergence(a, h)
+        a, h = first["mm1"], first["hf"]
         same = sum(x == y for ra, rh in zip(a, h) for x, y in zip(ra, rh))
-        results.append(
-            {
-                "dtype": str(dtype).removeprefix("torch."),
-                "batch": b,
-                "new_tokens": new_tokens,
-                "mm1_tokens_per_s": b * new_tokens / best["mm1"],
-                "hf_tokens_per_s": b * new_tokens / best["hf"],
-                "ratio": best["hf"] / best["mm1"],
-                "identical_tokens": same / max(1, sum(len(r) for r in h)),
-                "first_divergence": div,
+        row = {
+            "dtype": str(dtype).removeprefix("torch."),
+            "batch": b,
+            "new_tokens": new_tokens,
+            "mm1_tokens_per_s": b * new_tokens / best["mm1"],
+            "hf_tokens_per_s": b * new_tokens / best["hf"],
+            "ratio": best["hf"] / best["mm1"],
+            "identical_tokens": same / max(1, sum(len(r) for r in h)),
+            "first_divergence": first_divergence(a, h),
+        }
+        if compiled:
+            row |= {
+                "compiled_tokens_per_s": b * new_tokens / best["compiled"],
+                "compiled_ratio": best["hf"] / best["compiled"],
+                "compiled_over_eager": best["mm1"] / best["compiled"],
+                "compiled_warmup_s": warmup["compiled"],
+                "compiled_first_divergence_from_eager": first_divergence(a, first["compiled"]),
             }
-        )
-        print(json.dumps(results[-1]), flush=True)
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        if saved is not None:
+            saved(results)
     return results
 
 
@@ -290,6 +329,31 @@ def run(args, save) -> dict[str, Any]:
     done("build, convert, logits")
 
     batches = (1, 8) if not smoke else (1, 2)
+    if args.decode:
+        dtype = torch.float32 if smoke else torch.bfloat16
+        model.to(dtype)
+        llava.to(dtype)
+        out["generation"] = generation(
+            model,
+            llava,
+            cfg,
+            device,
+            dtype,
+            batches,
+            args.new_tokens,
+            args.rounds,
+            compiled=True,
+            saved=lambda rows: save(out | {"generation": list(rows)}),
+        )
+        out["summary"] = {
+            "compiled_ratio": {str(g["batch"]): g["compiled_ratio"] for g in out["generation"]},
+            "compiled_over_eager": {
+                str(g["batch"]): g["compiled_over_eager"] for g in out["generation"]
+            },
+            "generation_target": 1.0,
+        }
+        out["status"] = "ok"
+        return out
     gen = out["generation"]
     gen += generation(model, llava, cfg, device, torch.float32, batches, args.new_tokens, 1)
     if not smoke:
@@ -361,6 +425,7 @@ def main() -> None:
     ap.add_argument("--strata", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--decode", action="store_true", help="only bf16 generation, compiled too")
     args, _ = ap.parse_known_args()  # gpu.sh passes the same extra flags to every variant
     if args.cpu_smoke:
         torch.set_num_threads(1)
@@ -369,7 +434,8 @@ def main() -> None:
     out = Path(
         args.out or ROOT / "benchmarks" / "results" / ("gpu-smoke" if args.cpu_smoke else "gpu")
     )
-    write(out, "llava", run(args, lambda payload: write(out, "llava", payload, quiet=True)))
+    name = "decode" if args.decode else "llava"
+    write(out, name, run(args, lambda payload: write(out, name, payload, quiet=True)))
 
 
 if __name__ == "__main__":

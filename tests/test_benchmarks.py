@@ -47,6 +47,7 @@ def test_generation_benchmark_emits_the_same_tokens_as_transformers(bench) -> No
 
     out = generation.run(batch_sizes=(2,), new_tokens=6, rounds=1)
     assert out["summary"]["all_tokens_identical"]
+    assert out["summary"]["compiled_tokens_identical"]  # the compiled decode step: same tokens
     assert out["results"][0]["mm1_lengths"] == [6, 6]
 
 
@@ -110,7 +111,14 @@ def test_gpu_side_by_side_runs_on_the_cpu(bench, tmp_path) -> None:
     from benchmarks import gpu_llava
 
     args = argparse.Namespace(
-        cpu_smoke=True, seq_len=256, llava_batch=2, num_docs=8, strata=1, rounds=1, new_tokens=4
+        cpu_smoke=True,
+        seq_len=256,
+        llava_batch=2,
+        num_docs=8,
+        strata=1,
+        rounds=1,
+        new_tokens=4,
+        decode=False,
     )
     saved = []
     out = gpu_llava.run(args, lambda payload: saved.append(dict(payload)))
@@ -122,6 +130,21 @@ def test_gpu_side_by_side_runs_on_the_cpu(bench, tmp_path) -> None:
         "vs_llava_plain",
     }
     assert [s["status"] for s in saved] == ["partial"] * 5
+
+    # gpu.sh's `decode` variant: generation only, mm1 compiled beside mm1 eager and HF, saved
+    # after each batch size; in fp32 the compiled tokens are eager mm1's, which are HF's.
+    saved.clear()
+    out = gpu_llava.run(
+        argparse.Namespace(**{**vars(args), "decode": True}),
+        lambda payload: saved.append(dict(payload)),
+    )
+    assert out["status"] == "ok" and out["training"] == {}
+    assert [g["batch"] for g in out["generation"]] == [1, 2]
+    for g in out["generation"]:
+        assert g["identical_tokens"] == 1.0
+        assert g["compiled_first_divergence_from_eager"] == [None] * g["batch"]
+        assert g["compiled_ratio"] > 0 and g["compiled_warmup_s"] > 0
+    assert [len(s["generation"]) for s in saved if "generation" in s][-2:] == [1, 2]
 
 
 def test_sft_memory_benchmark_builds_each_file_once_per_worker(bench, tmp_path) -> None:

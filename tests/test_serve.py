@@ -271,6 +271,33 @@ def test_greedy_answers_do_not_depend_on_what_runs_beside_them(pretrained, image
         engine.stop()
 
 
+def test_a_compiled_engine_answers_as_the_eager_one(pretrained, images) -> None:
+    """`mm1 serve --compile`: every step runs all rows at one shape; six requests at once (four
+    decode, two wait and join as rows free) answer as each does alone on the eager engine."""
+    requests = engine_requests(pretrained, images)
+    eager = Engine(pretrained.model, pretrained.tokenizer, max_batch=4).start()
+    try:
+        alone = []
+        for r in requests:
+            done, events = collect(eager, r)
+            assert done.wait(60)
+            alone.append(text_of(events))
+    finally:
+        eager.stop()
+    engine = Engine(pretrained.model, pretrained.tokenizer, max_batch=4, compile=True)
+    assert engine._batch._compiled is not None
+    assert engine.steps == 0 and engine._batch.free_rows == 4  # the warm-up left nothing
+    engine.start()
+    try:
+        answers = [collect(engine, r) for r in requests]
+        for done, _ in answers:
+            assert done.wait(120)
+        assert engine.max_running == 4
+        assert [text_of(events) for _, events in answers] == alone
+    finally:
+        engine.stop()
+
+
 def test_queue_bound_timeout_and_cancel_free_their_rows(pretrained, images) -> None:
     requests = engine_requests(pretrained, images)
     long = Request(requests[0].prompt, requests[0].pixel_values, max_new_tokens=200)
@@ -397,13 +424,14 @@ def test_bad_input_is_an_openai_error_and_the_load_goes_on(
 
 
 def test_mm1_serve_from_the_command_line(run, images) -> None:
-    """The real command in its own process: it starts, answers, and stops on SIGINT."""
+    """The real command in its own process (its decode step compiled): it starts, answers, and
+    stops on SIGINT."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(Path(mm1.__file__).parents[1])}
     argv = [sys.executable, "-m", "mm1.cli", "serve", str(run), "--port", str(port)]
-    argv += ["--model-name", "m", "--image-dir", str(images[0].parent)]
+    argv += ["--model-name", "m", "--image-dir", str(images[0].parent), "--compile"]
     proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120

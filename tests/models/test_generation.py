@@ -106,13 +106,17 @@ def test_kv_cache_rows_of_different_lengths_decode_like_full_forwards(tiny_model
     assert cache.lengths == [8, 9]
 
 
+@pytest.mark.parametrize("compile", [False, True])
 @pytest.mark.parametrize("decoder", [{}, {"sliding_window": 6}])
 def test_step_wise_decoding_with_joins_and_leaves_equals_generate_alone(
-    decoder: dict, tiny_model_config
+    decoder: dict, compile: bool, tiny_model_config
 ) -> None:
     """Three prompts (two with images): A and B join first, C after two steps; B leaves after
     three tokens and D takes its freed row. Every sequence's greedy tokens are what `generate`
-    gives it alone."""
+    gives it alone. Compiled, every step runs all three rows, fed or not, and a row with nothing
+    to feed (free, or joined but not yet fed) writes only to the scratch slot: after each step
+    the keys, values and document ids of every current sequence's slots are the eager batch's,
+    run beside it through the same joins and leaves."""
     torch.manual_seed(1)
     model = MM1(tiny_model_config("avgpool", **decoder)).eval()
     img, q = model.image_token_id, model.num_image_tokens
@@ -128,24 +132,47 @@ def test_step_wise_decoding_with_joins_and_leaves_equals_generate_alone(
         name: generate(model, [ids], px, max_new_tokens=steps)[0]
         for name, (ids, px) in prompts.items()
     }
-    batch = DecodeBatch(model, max_batch=3, max_len=40)
-    a, b = batch.prefill([prompts["A"][0], prompts["B"][0]], pixels[:2])
+    batch = DecodeBatch(model, max_batch=3, max_len=40, compile=compile)
+    twin = DecodeBatch(model, max_batch=3, max_len=40) if compile else None
+    both = [batch] if twin is None else [batch, twin]
+
+    def prefill(*args) -> list[int]:
+        ids = [x.prefill(*args) for x in both]
+        assert ids[0] == ids[-1]
+        return ids[0]
+
+    a, b = prefill([prompts["A"][0], prompts["B"][0]], pixels[:2])
     names = {a: "A", b: "B"}
     got: dict[str, list[int]] = {n: [] for n in prompts}
     for i in range(steps + 3):
         if i == 2:
-            (c,) = batch.prefill([prompts["C"][0]], prompts["C"][1])
+            (c,) = prefill([prompts["C"][0]], prompts["C"][1])
             names[c] = "C"
         if i == 3:
-            batch.release(b)
+            for x in both:
+                x.release(b)
             assert batch.free_rows == 1
-            (d,) = batch.prefill([prompts["D"][0]], prompts["D"][1])
+            (d,) = prefill([prompts["D"][0]], prompts["D"][1])
             names[d] = "D"
-        for sid, tok in batch.step().items():
+        chosen = [x.step() for x in both]
+        assert chosen[0] == chosen[-1]
+        for sid, tok in chosen[0].items():
             got[names[sid]].append(tok)
+        if twin is not None:
+            for sid in batch.active:
+                row = batch._seqs[sid].row
+                n = batch.cache.lengths[row]
+                assert n == twin.cache.lengths[row]
+                for mine, theirs in [
+                    *zip(batch.cache.k, twin.cache.k),
+                    *zip(batch.cache.v, twin.cache.v),
+                ]:
+                    torch.testing.assert_close(mine[row, :, :n], theirs[row, :, :n])
+                assert torch.equal(batch.cache.doc[row, :n], twin.cache.doc[row, :n])
         for sid in batch.active:
             if len(got[names[sid]]) == steps:
-                batch.release(sid)
+                for x in both:
+                    x.release(sid)
     assert got["B"] == alone["B"][:3]
     for name in "ACD":
         assert got[name] == alone[name], name
@@ -169,6 +196,51 @@ def test_decode_batch_errors(tiny_model_config) -> None:
             batch.step()
     batch.release(s)
     assert batch.step() == {} and batch.free_rows == 2
+
+
+def test_compiled_decode_reuses_its_cache_and_graph(tiny_model_config) -> None:
+    """Compiled generation: the same tokens as eager; a second call whose length falls in the
+    same bucket borrows the first call's cache and replays its graph (no new compilation); a
+    call under inference_mode borrows it too; a full cache is an error that changes nothing."""
+    from torch._dynamo.utils import counters
+
+    from mm1.models import compiled_decode
+
+    torch.manual_seed(5)
+    model = MM1(tiny_model_config()).eval()
+    prompts = [[1, 2, 3, 4, 5, 6], [7, 8]]
+    graphs = counters["stats"]["unique_graphs"]
+    assert generate(model, prompts, max_new_tokens=9, compile=True) == generate(
+        model, prompts, max_new_tokens=9
+    )
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+    (pooled,) = compiled_decode._free[model][(2, 64, "cpu", torch.float32)]
+    longer = [[9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [19]]
+    assert generate(model, longer, max_new_tokens=20, compile=True) == generate(
+        model, longer, max_new_tokens=20
+    )
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+    assert compiled_decode._free[model][(2, 64, "cpu", torch.float32)] == [pooled]
+    with torch.inference_mode():  # the pooled cache serves inside inference_mode too
+        assert generate(model, longer, max_new_tokens=20, compile=True) == generate(
+            model, longer, max_new_tokens=20
+        )
+    assert compiled_decode._free[model][(2, 64, "cpu", torch.float32)] == [pooled]
+
+    batch = DecodeBatch(model, max_batch=2, max_len=10, compile=True)  # 64 slots: the bucket
+    assert batch.cache is pooled
+    (s,) = batch.prefill([[1 + i % 10 for i in range(63)]])
+    batch.step()
+    batch.step()  # feeds the 64th token: the cache is full
+    for _ in range(2):
+        with pytest.raises(ValueError, match="KV cache full: 65 slots needed, 64 allocated"):
+            batch.step()
+    assert batch.cache.lengths == [64, 0]
+    batch.release(s)
+    compiled_decode.release_caches(model)
+    assert model not in compiled_decode._free
+    with pytest.raises(ValueError, match="needs use_cache=True"):
+        generate(model, prompts, compile=True, use_cache=False)
 
 
 def test_generate_is_a_decode_batch_run_to_the_end(tiny_model_config) -> None:

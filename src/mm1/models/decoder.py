@@ -82,6 +82,10 @@ class KVCache:
     share one cache (continuous batching). A forward runs on every row, or on some through
     `select`; a row's new tokens go to the slots after its length, and a query sees only its own
     row's slots up to its own (causal), so whatever a freed row held before is never read.
+
+    With `scratch`, the storage has one slot more than `max_len`: a fixed-shape decode step
+    (`SlotView`) runs every row, and a row with no token to feed writes there, where no query
+    ever looks (every real query sits at a slot below `max_len`).
     """
 
     def __init__(
@@ -91,11 +95,13 @@ class KVCache:
         max_len: int,
         device: torch.device | str,
         dtype: torch.dtype,
+        scratch: bool = False,
     ) -> None:
-        shape = (batch, cfg.kv_heads, max_len, cfg.resolved_head_dim)
+        slots = max_len + 1 if scratch else max_len
+        shape = (batch, cfg.kv_heads, slots, cfg.resolved_head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.layers)]
-        self.doc = torch.zeros(batch, max_len, dtype=torch.long, device=device)
+        self.doc = torch.zeros(batch, slots, dtype=torch.long, device=device)
         self.max_len = max_len
         self.lengths = [0] * batch  # on the host: slots are chosen without a device sync
         self._rows: list[int] | None = None  # the rows a forward runs on; None: all, in order
@@ -179,6 +185,44 @@ class KVCache:
         """End the forward: the active rows hold `t` more tokens."""
         for r in self._rows if self._rows is not None else range(self.batch):
             self.lengths[r] += t
+
+
+class SlotView:
+    """A KV cache's storage as a fixed-shape decode step sees it: one new token in every row,
+    written at that row's slot in `slots` (B,), attending over the whole storage, masked by slot
+    and document. Nothing here reads host state or changes shape, so the step compiles once and
+    a CUDA graph can replay it; the caller keeps the cache's lengths on the host and points a
+    row with nothing to feed at the scratch slot (`KVCache(scratch=True)`)."""
+
+    def __init__(
+        self,
+        k: Sequence[torch.Tensor],
+        v: Sequence[torch.Tensor],
+        doc: torch.Tensor,
+        slots: torch.Tensor,
+    ) -> None:
+        self.k, self.v, self.doc, self.slots = k, v, doc, slots
+        self.rows = torch.arange(slots.shape[0], device=slots.device)
+
+    def begin(self, t: int) -> tuple[torch.Tensor, int]:
+        if t != 1:
+            raise ValueError(f"a fixed-shape decode step feeds one token per row, not {t}")
+        return self.slots, self.doc.shape[1]
+
+    def update_doc(self, doc_q: torch.Tensor) -> torch.Tensor:
+        self.doc[self.rows, self.slots] = doc_q[:, 0]
+        return self.doc
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # (B, H, L, D) indexed by (B,) rows and (B,) slots around a slice is (B, H, D).
+        self.k[layer][self.rows, :, self.slots] = k[:, :, 0]
+        self.v[layer][self.rows, :, self.slots] = v[:, :, 0]
+        return self.k[layer], self.v[layer]
+
+    def advance(self, t: int) -> None:
+        """Nothing: the caller advances the lengths of the rows that fed a token."""
 
 
 def attention_mask(
@@ -365,7 +409,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: AttentionMask,
-        cache: KVCache | None = None,
+        cache: KVCache | SlotView | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
         b, t, _ = x.shape
@@ -429,7 +473,7 @@ class DecoderBlock(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: AttentionMask,
-        cache: KVCache | None = None,
+        cache: KVCache | SlotView | None = None,
         layer: int = 0,
         token_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, AuxLosses]:
@@ -492,7 +536,7 @@ class Decoder(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | SlotView | None = None,
         return_hidden: bool = False,
         aux_losses: AuxLosses | None = None,
         token_mask: torch.Tensor | None = None,

@@ -79,12 +79,14 @@ def sparse_layers(cfg: DecoderConfig) -> list[int]:
 
 
 def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether grouped_mm takes these operands: CPU (fp32 / bf16) or CUDA with SM >= 8.0 (bf16),
-    one dtype, and every row stride a multiple of 16 bytes."""
+    """Whether grouped_mm takes these operands: CPU (fp32 / bf16; bf16 under torch.compile) or
+    CUDA with SM >= 8.0 (bf16), one dtype, and every row stride a multiple of 16 bytes."""
     if not hasattr(F, "grouped_mm"):
         return False
     if x.device.type == "cpu":
         dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
+        if torch.compiler.is_compiling():  # the kernel takes fp32; what compile traces, bf16 only
+            dtypes = (torch.bfloat16,)
     elif x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 8:
         dtypes = (torch.bfloat16,)
     else:

@@ -44,6 +44,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-image-mb", type=float, default=20.0, help="the largest image accepted")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the decode step at one fixed shape (a CUDA graph on GPU) before serving",
+    )
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -86,7 +91,13 @@ def run(args: argparse.Namespace) -> None:
         max_image_bytes=int(args.max_image_mb * 2**20),
         request_timeout=args.request_timeout,
     )
-    engine = Engine(p.model, p.tokenizer, max_batch=args.max_batch, max_waiting=args.max_waiting)
+    engine = Engine(
+        p.model,
+        p.tokenizer,
+        max_batch=args.max_batch,
+        max_waiting=args.max_waiting,
+        compile=args.compile,
+    )
     app = create_app(p, engine, opts)
     print(
         f"serving {opts.model_name!r} (chat template: {template.name}) on "

@@ -135,7 +135,9 @@ class _Answer:
 
 class Engine:
     """Serves `model` with up to `max_batch` requests decoding together and `max_waiting`
-    queued behind them; contexts up to `context` tokens (prompt plus answer)."""
+    queued behind them; contexts up to `context` tokens (prompt plus answer). With `compile`,
+    decode steps run compiled at one fixed shape (`DecodeBatch`), compiled here, before the
+    first request."""
 
     def __init__(
         self,
@@ -145,15 +147,22 @@ class Engine:
         max_batch: int = 8,
         max_waiting: int = 64,
         context: int | None = None,
+        compile: bool = False,
     ) -> None:
         if max_batch < 1 or max_waiting < 0:
             raise ValueError("max_batch must be >= 1 and max_waiting >= 0")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.context = context or model.cfg.decoder.max_seq_len
+        self.compile = compile
         ends = (tokenizer.token_to_id(t) for t in tokenizer.end_of_turn_tokens())
         self.stop_ids = {tokenizer.eos_id, *(i for i in ends if i is not None)}
         self._batch = self._new_batch()
+        if compile:  # one prompt, two steps: the second feeds a token, which compiles the step
+            (warm,) = self._batch.prefill([[tokenizer.eos_id]])
+            self._batch.step()
+            self._batch.step()
+            self._batch.release(warm)
         self._waiting: deque[Handle] = deque()
         self._running: dict[int, _Answer] = {}
         self._wake = threading.Condition()
@@ -164,7 +173,11 @@ class Engine:
 
     def _new_batch(self) -> DecodeBatch:
         return DecodeBatch(
-            self.model, self.max_batch, self.context, pad_token_id=self.tokenizer.pad_id
+            self.model,
+            self.max_batch,
+            self.context,
+            pad_token_id=self.tokenizer.pad_id,
+            compile=self.compile,
         )
 
     # -- the caller's side --------------------------------------------------------------------

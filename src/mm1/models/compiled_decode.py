@@ -1,0 +1,132 @@
+"""The decode step at fixed shapes, compiled: on CUDA captured as a CUDA graph.
+
+Batch-1 decoding of a 1B model is bound by Python and kernel launches, not by the GPU
+(docs/benchmarks.md section 5: about 25 ms per token where the weights take 0.6 ms to read).
+A step that always runs every cache row over the whole cache storage has one shape, so
+`torch.compile` builds it once (`reduce-overhead` on CUDA: replayed as one CUDA graph) and
+the host only fills in tokens, positions and slots. A row with nothing to feed writes to the
+cache's scratch slot, which no query reads.
+
+The caches live in a pool kept with their model: the next `generate` of the same batch size and
+length bucket borrows the same storage, so the CUDA graph recorded over it is replayed rather
+than recorded again.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+
+import torch
+
+from mm1.models.decoder import KVCache, SlotView
+from mm1.models.mllm import MM1
+
+# Cache lengths are rounded up to a multiple of this, so prompts of similar lengths share one
+# compiled step; the extra slots cost attention over masked keys, nothing else.
+LENGTH_BUCKET = 64
+
+
+def _step(
+    model: MM1,
+    k: list[torch.Tensor],
+    v: list[torch.Tensor],
+    doc: torch.Tensor,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+) -> torch.Tensor:
+    """One token per row ((B, 1) tokens and positions, (B,) slots); (B, vocab) fp32 logits."""
+    logits = model.decoder(
+        inputs_embeds=model.decoder.embed(tokens),
+        position_ids=positions,
+        document_ids=torch.ones_like(positions),
+        cache=SlotView(k, v, doc, slots),
+    )
+    return logits[:, -1].float()
+
+
+_compiled: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def _compiled_step(device: torch.device) -> Callable[..., torch.Tensor]:
+    """One compiled step per device type: dynamo keeps a graph per shape under it."""
+    if device.type not in _compiled:
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        _compiled[device.type] = torch.compile(_step, mode=mode, dynamic=False)
+    return _compiled[device.type]
+
+
+# model -> {(batch, max_len, device, dtype): caches not in use}
+_free: weakref.WeakKeyDictionary[MM1, dict[tuple, list[KVCache]]] = weakref.WeakKeyDictionary()
+
+
+def _give_back(model_ref: weakref.ref[MM1], key: tuple, cache: KVCache) -> None:
+    model = model_ref()
+    if model is not None:
+        _free.setdefault(model, {}).setdefault(key, []).append(cache)
+
+
+def release_caches(model: MM1) -> None:
+    """Free the pooled decode caches of `model` (those not in use)."""
+    _free.pop(model, None)
+
+
+class CompiledDecode:
+    """A KV cache of `batch` rows and at least `max_len` slots, and the compiled step over it.
+
+    `cache` is an ordinary `KVCache` (prefill fills it through `select`); calling this object
+    runs the fixed-shape step for some of its rows and advances their lengths."""
+
+    def __init__(self, model: MM1, batch: int, max_len: int) -> None:
+        weight = model.decoder.embed_tokens.weight
+        max_len = -(-max_len // LENGTH_BUCKET) * LENGTH_BUCKET
+        key = (batch, max_len, str(weight.device), weight.dtype)
+        pooled = _free.get(model, {}).get(key)
+        if pooled:
+            self.cache = pooled.pop()
+            self.cache.reset(range(batch))
+        else:
+            # Normal tensors even under inference_mode: a pooled cache may serve both.
+            with torch.inference_mode(False):
+                self.cache = KVCache(
+                    model.cfg.decoder, batch, max_len, weight.device, weight.dtype, scratch=True
+                )
+            if weight.is_cuda:  # CUDA graphs may write into these: their addresses never change
+                for t in [*self.cache.k, *self.cache.v, self.cache.doc]:
+                    torch._dynamo.mark_static_address(t, guard=False)
+        self.model = model
+        self._fn = _compiled_step(weight.device)
+        weakref.finalize(self, _give_back, weakref.ref(model), key, self.cache)
+
+    def __call__(
+        self, rows: Sequence[int], tokens: torch.Tensor, positions: Sequence[int]
+    ) -> torch.Tensor:
+        """Feed `tokens` (n,) at `positions` to cache `rows`; their (n, vocab) fp32 logits."""
+        cache = self.cache
+        longest = max(cache.lengths[r] for r in rows) + 1
+        if longest > cache.max_len:
+            raise ValueError(f"KV cache full: {longest} slots needed, {cache.max_len} allocated")
+        device = cache.doc.device
+        slots = [cache.max_len] * cache.batch  # rows without a token write to the scratch slot
+        pos = [0] * cache.batch
+        for r, p in zip(rows, positions):
+            slots[r], pos[r] = cache.lengths[r], p
+        index = torch.tensor(list(rows), device=device)
+        feed = torch.zeros(cache.batch, dtype=torch.long, device=device)
+        feed.index_copy_(0, index, tokens.to(device=device, dtype=torch.long))
+        if device.type == "cuda":  # the previous step's outputs are no longer read
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = self._fn(
+            self.model,
+            cache.k,
+            cache.v,
+            cache.doc,
+            feed[:, None],
+            torch.tensor(pos, device=device)[:, None],
+            torch.tensor(slots, device=device),
+        )
+        for r in rows:
+            cache.lengths[r] += 1
+        # A copy: a CUDA graph's output buffer is overwritten by the next replay.
+        return logits.index_select(0, index)
