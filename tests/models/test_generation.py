@@ -227,15 +227,16 @@ def test_compiled_decode_reuses_its_cache_and_graph(tiny_model_config) -> None:
         )
     assert compiled_decode._free[model][(2, 64, "cpu", torch.float32)] == [pooled]
 
-    batch = DecodeBatch(model, max_batch=2, max_len=10, compile=True)  # 64 slots: the bucket
-    assert batch.cache is pooled
-    (s,) = batch.prefill([[1 + i % 10 for i in range(63)]])
+    # 64 slots in the bucket: 63 usable, one scratch
+    batch = DecodeBatch(model, max_batch=2, max_len=10, compile=True)
+    assert batch.cache is pooled and batch.cache.k[0].shape[2] == 64
+    (s,) = batch.prefill([[1 + i % 10 for i in range(62)]])
     batch.step()
-    batch.step()  # feeds the 64th token: the cache is full
+    batch.step()  # feeds the 63rd token: the cache is full
     for _ in range(2):
-        with pytest.raises(ValueError, match="KV cache full: 65 slots needed, 64 allocated"):
+        with pytest.raises(ValueError, match="KV cache full: 64 slots needed, 63 allocated"):
             batch.step()
-    assert batch.cache.lengths == [64, 0]
+    assert batch.cache.lengths == [63, 0]
     batch.release(s)
     compiled_decode.release_caches(model)
     assert model not in compiled_decode._free

@@ -56,15 +56,17 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     finished = False
+    code = 1
     try:
         code = _run(args)
         finished = code not in (1, 2)  # not an error that may have stopped only this rank
         return code
     finally:
         if "torch.distributed" in sys.modules:  # a command that may have started a group
-            from mm1.train.parallel import shutdown_distributed
+            from mm1.train.parallel import exit_now, shutdown_distributed
 
-            shutdown_distributed(finished)
+            if shutdown_distributed(finished) and finished:
+                exit_now(code)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -22,9 +22,23 @@ import torch
 from mm1.models.decoder import KVCache, SlotView
 from mm1.models.mllm import MM1
 
-# Cache lengths are rounded up to a multiple of this, so prompts of similar lengths share one
-# compiled step; the extra slots cost attention over masked keys, nothing else.
+# Cache storage (max_len plus the scratch slot) is rounded up to a multiple of this, so prompts
+# of similar lengths share one compiled step and attention kernels see aligned key lengths; the
+# extra slots cost attention over masked keys, nothing else.
 LENGTH_BUCKET = 64
+
+
+def decode_logits(
+    model: MM1, cache: KVCache | SlotView, tokens: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """Feed one token per cache row ((n, 1) tokens at (n, 1) positions); (n, vocab) fp32 logits."""
+    logits = model.decoder(
+        inputs_embeds=model.decoder.embed(tokens),
+        position_ids=positions,
+        document_ids=torch.ones_like(positions),
+        cache=cache,
+    )
+    return logits[:, -1].float()
 
 
 def _step(
@@ -36,14 +50,8 @@ def _step(
     positions: torch.Tensor,
     slots: torch.Tensor,
 ) -> torch.Tensor:
-    """One token per row ((B, 1) tokens and positions, (B,) slots); (B, vocab) fp32 logits."""
-    logits = model.decoder(
-        inputs_embeds=model.decoder.embed(tokens),
-        position_ids=positions,
-        document_ids=torch.ones_like(positions),
-        cache=SlotView(k, v, doc, slots),
-    )
-    return logits[:, -1].float()
+    """The compiled function: every row at once ((B, 1) tokens and positions, (B,) slots)."""
+    return decode_logits(model, SlotView(k, v, doc, slots), tokens, positions)
 
 
 _compiled: dict[str, Callable[..., torch.Tensor]] = {}
@@ -57,7 +65,7 @@ def _compiled_step(device: torch.device) -> Callable[..., torch.Tensor]:
     return _compiled[device.type]
 
 
-# model -> {(batch, max_len, device, dtype): caches not in use}
+# model -> {(batch, storage slots, device, dtype): caches not in use}
 _free: weakref.WeakKeyDictionary[MM1, dict[tuple, list[KVCache]]] = weakref.WeakKeyDictionary()
 
 
@@ -73,15 +81,16 @@ def release_caches(model: MM1) -> None:
 
 
 class CompiledDecode:
-    """A KV cache of `batch` rows and at least `max_len` slots, and the compiled step over it.
+    """A KV cache of `batch` rows and at least `max_len` slots (storage: a multiple of
+    `LENGTH_BUCKET`, the scratch slot included), and the compiled step over it.
 
     `cache` is an ordinary `KVCache` (prefill fills it through `select`); calling this object
     runs the fixed-shape step for some of its rows and advances their lengths."""
 
     def __init__(self, model: MM1, batch: int, max_len: int) -> None:
         weight = model.decoder.embed_tokens.weight
-        max_len = -(-max_len // LENGTH_BUCKET) * LENGTH_BUCKET
-        key = (batch, max_len, str(weight.device), weight.dtype)
+        slots = -(-(max_len + 1) // LENGTH_BUCKET) * LENGTH_BUCKET
+        key = (batch, slots, str(weight.device), weight.dtype)
         pooled = _free.get(model, {}).get(key)
         if pooled:
             self.cache = pooled.pop()
@@ -90,7 +99,7 @@ class CompiledDecode:
             # Normal tensors even under inference_mode: a pooled cache may serve both.
             with torch.inference_mode(False):
                 self.cache = KVCache(
-                    model.cfg.decoder, batch, max_len, weight.device, weight.dtype, scratch=True
+                    model.cfg.decoder, batch, slots - 1, weight.device, weight.dtype, scratch=True
                 )
             if weight.is_cuda:  # CUDA graphs may write into these: their addresses never change
                 for t in [*self.cache.k, *self.cache.v, self.cache.doc]:

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from mm1.models.compiled_decode import CompiledDecode
+from mm1.models.compiled_decode import CompiledDecode, decode_logits
 from mm1.models.decoder import KVCache
 from mm1.models.mllm import MM1
 
@@ -128,19 +128,6 @@ def _prefill(
         cache=cache,
     )
     return logits[:, -1].float(), batch, embeds
-
-
-def _decode(
-    model: MM1, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor
-) -> torch.Tensor:
-    """Feed one token per cache row ((n, 1) tokens at (n, 1) positions); (n, vocab) fp32 logits."""
-    logits = model.decoder(
-        inputs_embeds=model.decoder.embed(tokens),
-        position_ids=positions,
-        document_ids=torch.ones_like(positions),
-        cache=cache,
-    )
-    return logits[:, -1].float()
 
 
 @dataclass
@@ -275,7 +262,8 @@ class DecodeBatch:
             logits = self._compiled(rows, tokens, [s.position for s in seqs])
         else:
             positions = torch.tensor([[s.position] for s in seqs], device=device)
-            logits = _decode(self.model, self.cache.select(rows), tokens[:, None], positions)
+            view = self.cache.select(rows)
+            logits = decode_logits(self.model, view, tokens[:, None], positions)
         for s in seqs:  # only now: a failed forward (a full cache) leaves the state as it was
             s.position += 1
             s.token = None
@@ -513,6 +501,6 @@ def generate_beam(
             break
         cache.reorder(torch.tensor(new_rows, device=device))
         tokens = torch.tensor(new_tokens, device=device)[:, None]
-        logprobs = _decode(model, cache, tokens, next_pos).log_softmax(-1)
+        logprobs = decode_logits(model, cache, tokens, next_pos).log_softmax(-1)
         next_pos = next_pos + 1
     return [ended[i][0][1] if ended[i] else [] for i in range(b)]
