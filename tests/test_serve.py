@@ -246,17 +246,23 @@ def engine_requests(p: Pretrained, images: list[Path]) -> list[Request]:
     return out
 
 
+def answers_one_at_a_time(engine: Engine, requests: list[Request]) -> list[str]:
+    """Each request's answer with nothing running beside it."""
+    alone = []
+    for r in requests:
+        done, events = collect(engine, r)
+        assert done.wait(60)
+        alone.append(text_of(events))
+    return alone
+
+
 def test_greedy_answers_do_not_depend_on_what_runs_beside_them(pretrained, images) -> None:
     """Requests joining a running batch midway (and waiting for a free row) answer exactly as
     they do alone."""
     requests = engine_requests(pretrained, images)
     engine = Engine(pretrained.model, pretrained.tokenizer, max_batch=4).start()
     try:
-        alone = []
-        for r in requests:
-            done, events = collect(engine, r)
-            assert done.wait(60)
-            alone.append(text_of(events))
+        alone = answers_one_at_a_time(engine, requests)
         assert engine.max_running == 1
         assert len(set(alone)) > 1, "every prompt gives the same answer: a mix-up would not show"
         with slow(pretrained):
@@ -277,11 +283,7 @@ def test_a_compiled_engine_answers_as_the_eager_one(pretrained, images) -> None:
     requests = engine_requests(pretrained, images)
     eager = Engine(pretrained.model, pretrained.tokenizer, max_batch=4).start()
     try:
-        alone = []
-        for r in requests:
-            done, events = collect(eager, r)
-            assert done.wait(60)
-            alone.append(text_of(events))
+        alone = answers_one_at_a_time(eager, requests)
     finally:
         eager.stop()
     engine = Engine(pretrained.model, pretrained.tokenizer, max_batch=4, compile=True)
