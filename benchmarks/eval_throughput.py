@@ -7,6 +7,11 @@ speed-up, and how many predictions agree between batch sizes (greedy decoding of
 batch should give the unbatched answers).
 
     python -m benchmarks.eval_throughput --out runs/bench/eval_throughput.json
+    python -m benchmarks.eval_throughput --compile   # each batch size also with eval.compile
+
+With `--compile` every batch size runs again with its decode steps compiled (`eval.compile`;
+the compilation happens in the warm-up), and its predictions are compared with the same batch
+size's eager ones.
 
 Runs in well under a minute on 2 CPU cores (writing the tiny world takes ~2-4 s of it).
 """
@@ -70,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--layers", type=int, default=2, help="decoder layers")
     ap.add_argument("--image-tokens", type=int, default=4)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--compile", action="store_true", help="also run each batch size compiled")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args(argv)
     if args.threads:
@@ -88,30 +94,41 @@ def main(argv: list[str] | None = None) -> dict:
         queries = task.query[: args.examples]
 
         rows, predictions = [], {}
-        for bs in batch_sizes:
-            ev = FewShotEvaluator(model, tok, proc, batch_size=bs)
+        settings = [(bs, False) for bs in batch_sizes]
+        settings += [(bs, True) for bs in batch_sizes] if args.compile else []
+        for bs, compiled in settings:
+            ev = FewShotEvaluator(model, tok, proc, batch_size=bs, compile=compiled)
+            start = time.perf_counter()
             ev.run(task, queries[: max(bs, 4)], args.shots, seed=0, key=str(args.shots))  # warm-up
+            warmup = time.perf_counter() - start
             start = time.perf_counter()
             out = ev.run(task, queries, args.shots, seed=0, key=str(args.shots))
             seconds = time.perf_counter() - start
-            predictions[bs] = [r["prediction"] for r in out["records"]]
+            predictions[bs, compiled] = [r["prediction"] for r in out["records"]]
             prompt_tokens = [r["prompt_tokens"] for r in out["records"]]
             rows.append(
                 {
                     "batch_size": bs,
+                    "compile": compiled,
                     "seconds": seconds,
+                    "warmup_seconds": warmup,
                     "examples_per_s": len(queries) / seconds,
                     "vqa_accuracy": out["score"],
                 }
             )
 
+    def same(a: list[str], b: list[str]) -> float:
+        return sum(x == y for x, y in zip(a, b)) / len(queries)
+
     base = rows[0]
     for r in rows:
         r["speedup_vs_first"] = r["examples_per_s"] / base["examples_per_s"]
-        same = sum(
-            a == b for a, b in zip(predictions[r["batch_size"]], predictions[base["batch_size"]])
-        )
-        r["same_predictions_as_first"] = same / len(queries)
+        mine = predictions[r["batch_size"], r["compile"]]
+        r["same_predictions_as_first"] = same(mine, predictions[base["batch_size"], False])
+        if r["compile"]:
+            eager = next(e for e in rows if e["batch_size"] == r["batch_size"] and not e["compile"])
+            r["speedup_vs_eager"] = r["examples_per_s"] / eager["examples_per_s"]
+            r["same_predictions_as_eager"] = same(mine, predictions[r["batch_size"], False])
     result = {
         "benchmark": "eval_throughput",
         "task": "synth_vqa (synthetic world, tiny)",
@@ -150,16 +167,20 @@ def _print_table(result: dict) -> None:
         f"(prompts of {result['prompt_tokens_mean']:.0f} tokens on average), "
         f"{result['torch_threads']} torch threads"
     )
-    for col in ("batch size", "seconds", "examples/s", "speed-up", "same predictions", "VQA acc"):
+    cols = ("batch size", "seconds", "examples/s", "speed-up", "same predictions", "VQA acc")
+    for col in (*cols, "compiled / eager", "same as eager"):
         table.add_column(col, justify="right")
     for r in result["results"]:
+        compiled = r["compile"]
         table.add_row(
-            str(r["batch_size"]),
+            f"{r['batch_size']}{' compiled' if compiled else ''}",
             f"{r['seconds']:.2f}",
             f"{r['examples_per_s']:.1f}",
             f"{r['speedup_vs_first']:.2f}x",
             f"{100 * r['same_predictions_as_first']:.0f}%",
             f"{r['vqa_accuracy']:.2f}",
+            f"{r['speedup_vs_eager']:.2f}x" if compiled else "-",
+            f"{100 * r['same_predictions_as_eager']:.0f}%" if compiled else "-",
         )
     Console().print(table)
 

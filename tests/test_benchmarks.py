@@ -212,3 +212,22 @@ def test_moe_layer_benchmark_in_the_gpu_scripts_layout(bench, tmp_path) -> None:
     assert saved["settings"]["dtype"] == "bf16" and saved["results"] == out["results"]
     (r,) = saved["results"]
     assert r["max_difference_grouped_vs_per_expert"] < 1e-2  # bf16
+
+
+def test_eval_throughput_benchmark_compiled_predicts_as_eager(bench) -> None:
+    """`eval_throughput --compile`: each batch size again with eval.compile, the same
+    predictions as eager decoding at that batch size."""
+    from benchmarks import eval_throughput
+
+    out = eval_throughput.main(
+        ["--examples", "4", "--shots", "2", "--batch-sizes", "1,2", "--compile"]
+    )
+    rows = out["results"]
+    assert [(r["batch_size"], r["compile"]) for r in rows] == [
+        (1, False),
+        (2, False),
+        (1, True),
+        (2, True),
+    ]
+    for r in rows[2:]:
+        assert r["same_predictions_as_eager"] == 1.0 and r["speedup_vs_eager"] > 0

@@ -391,6 +391,23 @@ def test_evaluate_errors(
         evaluate(other, tok, proc, EvalConfig(shots=[0]), tasks=[no_support], progress=False)
 
 
+def test_compiled_greedy_eval_predicts_what_eager_does(
+    model: MM1, tok: Tokenizer, proc: ImageProcessor, world: Path
+) -> None:
+    """`eval.compile=true`: every prediction as eager greedy decoding gives (batches of 5 and
+    3, 0- and 4-shot prompts: several shapes through one compiled step); beam search refuses."""
+    from mm1.config import ConfigError
+
+    def run(cfg: EvalConfig) -> dict:
+        r = evaluate(model, tok, proc, cfg, tasks=["synth_vqa"], world=world, progress=False)
+        return r["predictions"]["synth_vqa"]
+
+    cfg = EvalConfig(shots=[0, 4], seeds=1, max_examples=8, batch_size=5)
+    assert run(dataclasses.replace(cfg, compile=True)) == run(cfg)
+    with pytest.raises(ConfigError, match="eval.compile compiles greedy decoding"):
+        run(dataclasses.replace(cfg, compile=True, num_beams=3))
+
+
 def test_beam_search_in_evaluate(
     model: MM1, tok: Tokenizer, proc: ImageProcessor, world: Path
 ) -> None:

@@ -201,29 +201,38 @@ def test_decode_batch_errors(tiny_model_config) -> None:
 def test_compiled_decode_reuses_its_cache_and_graph(tiny_model_config) -> None:
     """Compiled generation: the same tokens as eager; a second call whose length falls in the
     same bucket borrows the first call's cache and replays its graph (no new compilation); a
-    call under inference_mode borrows it too; a full cache is an error that changes nothing."""
+    new length bucket, then a new batch size, compile once each (the size becomes symbolic),
+    after which further buckets compile nothing; a call under inference_mode borrows the
+    pooled cache too; a full cache is an error that changes nothing."""
     from torch._dynamo.utils import counters
 
     from mm1.models import compiled_decode
 
     torch.manual_seed(5)
     model = MM1(tiny_model_config()).eval()
-    prompts = [[1, 2, 3, 4, 5, 6], [7, 8]]
-    graphs = counters["stats"]["unique_graphs"]
-    assert generate(model, prompts, max_new_tokens=9, compile=True) == generate(
-        model, prompts, max_new_tokens=9
-    )
-    assert counters["stats"]["unique_graphs"] == graphs + 1
+    torch._dynamo.reset()  # what other tests compiled (and made dynamic) starts afresh
+
+    def compiles(prompts: list[list[int]], new: int) -> int:
+        """Checks compiled == eager tokens; returns the graphs the call compiled."""
+        before = counters["stats"]["unique_graphs"]
+        want = generate(model, prompts, max_new_tokens=new)
+        assert generate(model, prompts, max_new_tokens=new, compile=True) == want
+        return counters["stats"]["unique_graphs"] - before
+
+    def prompt(n: int) -> list[int]:
+        return [1 + (i * 7) % 10 for i in range(n)]
+
+    assert compiles([prompt(6), prompt(2)], 9) == 1
     (pooled,) = compiled_decode._free[model][(2, 64, "cpu", torch.float32)]
-    longer = [[9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [19]]
-    assert generate(model, longer, max_new_tokens=20, compile=True) == generate(
-        model, longer, max_new_tokens=20
-    )
-    assert counters["stats"]["unique_graphs"] == graphs + 1
+    assert compiles([prompt(10), prompt(1)], 20) == 0  # 31 slots: the same 64-slot bucket
     assert compiled_decode._free[model][(2, 64, "cpu", torch.float32)] == [pooled]
+    assert compiles([prompt(100), prompt(3)], 4) == 1  # 128 slots: the length turns symbolic
+    assert compiles([prompt(150), prompt(3)], 4) == 0  # 192 slots
+    assert compiles([prompt(5), prompt(3), prompt(7)], 4) == 1  # batch 3: symbolic too
+    assert compiles([prompt(120), prompt(3), prompt(7)], 4) == 0
     with torch.inference_mode():  # the pooled cache serves inside inference_mode too
-        assert generate(model, longer, max_new_tokens=20, compile=True) == generate(
-            model, longer, max_new_tokens=20
+        assert generate(model, [prompt(10), prompt(1)], max_new_tokens=20, compile=True) == (
+            generate(model, [prompt(10), prompt(1)], max_new_tokens=20)
         )
     assert compiled_decode._free[model][(2, 64, "cpu", torch.float32)] == [pooled]
 
@@ -241,7 +250,7 @@ def test_compiled_decode_reuses_its_cache_and_graph(tiny_model_config) -> None:
     compiled_decode.release_caches(model)
     assert model not in compiled_decode._free
     with pytest.raises(ValueError, match="needs use_cache=True"):
-        generate(model, prompts, compile=True, use_cache=False)
+        generate(model, [prompt(3)], compile=True, use_cache=False)
 
 
 def test_generate_is_a_decode_batch_run_to_the_end(tiny_model_config) -> None:

@@ -380,6 +380,9 @@ class EvalConfig:
     seeds: int = 3
     max_new_tokens: int = 20  # captions; VQA answers take 5
     num_beams: int = 1  # 1 = greedy; 3 = OpenFlamingo's beam search
+    # Greedy decode steps compiled at fixed shapes (models/compiled_decode.py; CUDA graphs on
+    # GPU): the same predictions up to floating-point rounding, after a compile of a few steps.
+    compile: bool = False
     batch_size: int = 8
     max_examples: int = 0  # 0 = every query of each task; N = the first N (reported as a subset)
     vqa_max_new_tokens: int = 5  # answers are short (OpenFlamingo's VQA setting)

@@ -346,6 +346,11 @@ def validate_eval(e: EvalConfig) -> None:
             raise ConfigError(f"eval.shots[{i}]={s} must be >= 0")
     for k in ("seeds", "max_new_tokens", "vqa_max_new_tokens", "num_beams", "batch_size"):
         _positive(f"eval.{k}", getattr(e, k))
+    if e.compile and e.num_beams > 1:
+        raise ConfigError(
+            f"eval.compile compiles greedy decoding, but eval.num_beams={e.num_beams} runs beam "
+            "search: set eval.num_beams=1 or eval.compile=false"
+        )
     _choice("eval.demo_selection", e.demo_selection, DEMO_SELECTIONS)
     _choice("eval.bad_images", e.bad_images, BAD_IMAGE_POLICIES)
     if e.high_res_last < 0:

@@ -12,7 +12,8 @@ and demonstration selection are unpublished.
   demonstrations with their images removed; the plain zero-shot score (query only) is reported
   alongside as `zero_shot_plain`.
 - Decoding: greedy (`num_beams=1`) or beam search (`num_beams=3` is OpenFlamingo's); at most 20
-  new tokens for captions and 5 for VQA; stops at `<|endofchunk|>` or EOS.
+  new tokens for captions and 5 for VQA; stops at `<|endofchunk|>` or EOS. Greedy decoding
+  can run its decode steps compiled (`compile`, `eval.compile`).
 - Post-processing: OpenFlamingo's cuts (stop string, new example; VQA also at
   "Question|Answer|Short" and ", "), stripped (`mm1.eval.prompts`).
 - Scores: CIDEr-D ×100 (PTB-tokenized, over exactly the queries evaluated) and VQA accuracy ×100,
@@ -125,6 +126,7 @@ class FewShotEvaluator:
         keep_prompts: bool = False,
         bad_images: str = "error",
         high_res_last: int = 0,
+        compile: bool = False,
     ) -> None:
         if tokenizer.image_id != model.image_token_id:
             raise ValueError(
@@ -137,6 +139,9 @@ class FewShotEvaluator:
             )
         if batch_size < 1 or num_beams < 1:
             raise ValueError("batch_size and num_beams must be >= 1")
+        if compile and num_beams > 1:
+            raise ValueError("compile applies to greedy decoding (num_beams=1)")
+        self.compile = compile
         if bad_images not in BAD_IMAGE_POLICIES:
             raise ValueError(f"bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r}")
         self.model, self.tokenizer, self.processor = model, tokenizer, processor
@@ -285,7 +290,7 @@ class FewShotEvaluator:
                 **common,
             )
         else:
-            outs = generate(self.model, ids, pixel_values, **common)
+            outs = generate(self.model, ids, pixel_values, compile=self.compile, **common)
         cuts = [*self.text_stops, *new_example_markers(self.templates, kind)]
         results = []
         for out in outs:
@@ -431,6 +436,7 @@ def evaluate(
         keep_prompts=keep_prompts,
         bad_images=cfg.bad_images,
         high_res_last=cfg.high_res_last,
+        compile=cfg.compile,
     )
     loaded = load_tasks(list(cfg.tasks if tasks is None else tasks), world=world)
     names = [t.name for t in loaded]

@@ -2,10 +2,13 @@
 
 Batch-1 decoding of a 1B model is bound by Python and kernel launches, not by the GPU
 (docs/benchmarks.md section 5: about 25 ms per token where the weights take 0.6 ms to read).
-A step that always runs every cache row over the whole cache storage has one shape, so
-`torch.compile` builds it once (`reduce-overhead` on CUDA: replayed as one CUDA graph) and
-the host only fills in tokens, positions and slots. A row with nothing to feed writes to the
-cache's scratch slot, which no query reads.
+A step that always runs every cache row over the whole cache storage keeps one shape for as
+long as its cache lives, so `torch.compile` traces it once (`reduce-overhead` on CUDA: each
+shape is recorded as one CUDA graph and replayed) and the host only fills in tokens, positions
+and slots. A row with nothing to feed writes to the cache's scratch slot, which no query reads.
+A second batch size or cache length compiles once more with that size symbolic (dynamo's
+automatic dynamic shapes), after which new sizes reuse that graph: evaluation's varying
+prompt lengths cost two or three compilations in all, not one per length.
 
 The caches live in a pool kept with their model: the next `generate` of the same batch size and
 length bucket borrows the same storage, so the CUDA graph recorded over it is replayed rather
@@ -58,10 +61,10 @@ _compiled: dict[str, Callable[..., torch.Tensor]] = {}
 
 
 def _compiled_step(device: torch.device) -> Callable[..., torch.Tensor]:
-    """One compiled step per device type: dynamo keeps a graph per shape under it."""
+    """One compiled step per device type; dynamo keeps its graphs (static, then dynamic)."""
     if device.type not in _compiled:
         mode = "reduce-overhead" if device.type == "cuda" else None
-        _compiled[device.type] = torch.compile(_step, mode=mode, dynamic=False)
+        _compiled[device.type] = torch.compile(_step, mode=mode)
     return _compiled[device.type]
 
 
