@@ -3,8 +3,8 @@
 Both settings evaluate the same queries with the same demonstrations (random, seed 0) in the same
 process, after a short warm-up, with a tiny randomly initialised model (no training needed: the
 cost of evaluation does not depend on the weights). Reports examples/s per batch size, the
-speed-up, and how many predictions agree between batch sizes (greedy decoding of a left-padded
-batch should give the unbatched answers).
+speed-up, and how many predictions (the raw decoded texts) agree between batch sizes (greedy
+decoding of a left-padded batch should give the unbatched answers).
 
     python -m benchmarks.eval_throughput --out runs/bench/eval_throughput.json
     python -m benchmarks.eval_throughput --compile   # each batch size also with eval.compile
@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
             start = time.perf_counter()
             out = ev.run(task, queries, args.shots, seed=0, key=str(args.shots))
             seconds = time.perf_counter() - start
-            predictions[bs, compiled] = [r["prediction"] for r in out["records"]]
+            # the raw decoded text: an untrained model's post-processed answers are mostly empty
+            predictions[bs, compiled] = [r["raw"] for r in out["records"]]
             prompt_tokens = [r["prompt_tokens"] for r in out["records"]]
             rows.append(
                 {

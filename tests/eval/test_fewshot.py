@@ -403,7 +403,10 @@ def test_compiled_greedy_eval_predicts_what_eager_does(
         return r["predictions"]["synth_vqa"]
 
     cfg = EvalConfig(shots=[0, 4], seeds=1, max_examples=8, batch_size=5)
-    assert run(dataclasses.replace(cfg, compile=True)) == run(cfg)
+    eager = run(cfg)
+    raw = {x["raw"] for cells in eager.values() for recs in cells.values() for x in recs}
+    assert len(raw) > 4, "the decoded texts hardly differ: a mix-up would not show"
+    assert run(dataclasses.replace(cfg, compile=True)) == eager
     with pytest.raises(ConfigError, match="eval.compile compiles greedy decoding"):
         run(dataclasses.replace(cfg, compile=True, num_beams=3))
 
