@@ -81,7 +81,7 @@ run eager 70 "${TORCHRUN[@]}" $BENCH eager
 run flex 70 "${TORCHRUN[@]}" $BENCH flex
 run compile 110 "${TORCHRUN[@]}" $BENCH compile
 run llava 240 "$PY" benchmarks/gpu_llava.py
-run decode 150 "$PY" benchmarks/gpu_llava.py --decode
+run decode 180 "$PY" benchmarks/gpu_llava.py --decode
 if [[ ${#SMOKE[@]} -gt 0 ]]; then MOE_ARGS=(); else MOE_ARGS=(--device cuda --dtype bf16); fi
 run moe 90 "$PY" -m benchmarks.moe_layer ${MOE_ARGS[@]+"${MOE_ARGS[@]}"}
 
