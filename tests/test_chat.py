@@ -112,6 +112,22 @@ def test_message_prints_what_generate_gives(
     assert captured.err.count("no chat template") == 1 and "'plain'" in captured.err
 
 
+def test_compiled_chat_prints_what_generate_gives(
+    reference_answer, run, pretrained, images, capsys, monkeypatch
+) -> None:
+    """`mm1 chat --compile`: every decode step runs compiled, and the answer is the same."""
+    from mm1.models.compiled_decode import CompiledDecode
+
+    steps = []
+    step = CompiledDecode.__call__
+    monkeypatch.setattr(CompiledDecode, "__call__", lambda *a: steps.append(1) or step(*a))
+    args = [str(run), "--message", "Describe it.", "--image", str(images[0]), "--compile"]
+    assert cli.main(chat(*args)) == 0
+    want = reference_answer("<image>\nDescribe it.", images[:1], "plain")
+    assert want and capsys.readouterr().out == want + "\n"
+    assert len(steps) >= len(pretrained.tokenizer.encode(want)) - 1
+
+
 def test_templates_the_model_or_the_option_names(
     run, pretrained, tmp_path, capsys, prompts
 ) -> None:

@@ -143,10 +143,12 @@ def stream_tokens(
     pad_token_id: int = 0,
     image_crops: torch.Tensor | None = None,
     image_sizes: torch.Tensor | None = None,
+    compile: bool = False,
 ) -> Iterator[int]:
     """The new tokens of one prompt, one per step, ending before a stop id (never yielded) or
     after `max_new_tokens`. Greedy, these are `generate`'s tokens up to its stop token.
-    `image_crops` / `image_sizes`: per image, as in `Batch` (tiled layouts)."""
+    `image_crops` / `image_sizes`: per image, as in `Batch` (tiled layouts); `compile`: the
+    decode steps compiled (`DecodeBatch`)."""
     if max_new_tokens <= 0:
         return
     batch = DecodeBatch(
@@ -156,6 +158,7 @@ def stream_tokens(
         sampling=sampling,
         generator=generator,
         pad_token_id=pad_token_id,
+        compile=compile,
     )
     (seq,) = batch.prefill([prompt], pixel_values, image_crops, image_sizes)
     for _ in range(max_new_tokens):
@@ -171,6 +174,7 @@ class ChatSettings:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     seed: int | None = None
+    compile: bool = False  # decode steps compiled at fixed shapes (a CUDA graph on GPU)
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -252,6 +256,7 @@ class ChatSession:
                 pad_token_id=p.tokenizer.pad_id,
                 image_crops=crops,
                 image_sizes=sizes,
+                compile=s.compile,
             ):
                 piece = stream.push(token)
                 if piece:

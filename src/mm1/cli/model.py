@@ -130,7 +130,9 @@ def cmd_chat(args: argparse.Namespace) -> int | None:
 
     if args.image and args.message is None:
         raise ConfigError("--image goes with --message (interactively: /image PATH)")
-    settings = ChatSettings(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    settings = ChatSettings(
+        args.max_new_tokens, args.temperature, args.top_p, args.seed, compile=args.compile
+    )
     settings.validate()
     # A script's mistakes (a missing image, a tag count) are reported before the model loads.
     images = None if args.message is None else message_images(args.message, args.image)
@@ -203,6 +205,12 @@ def register(add: Add) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="for reproducible sampling")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the decode step at fixed shapes (a CUDA graph per step on GPU): the first "
+        "answer waits for the compilation",
+    )
 
     p = add("serve", cmd_serve, "an OpenAI-compatible chat API and a chat page for a model")
     serve_arguments(p)
