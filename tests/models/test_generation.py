@@ -106,17 +106,18 @@ def test_kv_cache_rows_of_different_lengths_decode_like_full_forwards(tiny_model
     assert cache.lengths == [8, 9]
 
 
-@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize(("compile", "max_len"), [(False, 40), (True, 40), (True, 200)])
 @pytest.mark.parametrize("decoder", [{}, {"sliding_window": 6}])
 def test_step_wise_decoding_with_joins_and_leaves_equals_generate_alone(
-    decoder: dict, compile: bool, tiny_model_config
+    decoder: dict, compile: bool, max_len: int, tiny_model_config
 ) -> None:
     """Three prompts (two with images): A and B join first, C after two steps; B leaves after
     three tokens and D takes its freed row. Every sequence's greedy tokens are what `generate`
     gives it alone. Compiled, every step runs all three rows, fed or not, and a row with nothing
     to feed (free, or joined but not yet fed) writes only to the scratch slot: after each step
     the keys, values and document ids of every current sequence's slots are the eager batch's,
-    run beside it through the same joins and leaves."""
+    run beside it through the same joins and leaves. With 200 slots (256 in storage) a step
+    attends over the first 64 only, and the scratch slot lies beyond them."""
     torch.manual_seed(1)
     model = MM1(tiny_model_config("avgpool", **decoder)).eval()
     img, q = model.image_token_id, model.num_image_tokens
@@ -132,8 +133,8 @@ def test_step_wise_decoding_with_joins_and_leaves_equals_generate_alone(
         name: generate(model, [ids], px, max_new_tokens=steps)[0]
         for name, (ids, px) in prompts.items()
     }
-    batch = DecodeBatch(model, max_batch=3, max_len=40, compile=compile)
-    twin = DecodeBatch(model, max_batch=3, max_len=40) if compile else None
+    batch = DecodeBatch(model, max_batch=3, max_len=max_len, compile=compile)
+    twin = DecodeBatch(model, max_batch=3, max_len=max_len) if compile else None
     both = [batch] if twin is None else [batch, twin]
 
     def prefill(*args) -> list[int]:

@@ -32,13 +32,18 @@ LENGTH_BUCKET = 64
 
 
 def decode_logits(
-    model: MM1, cache: KVCache | SlotView, tokens: torch.Tensor, positions: torch.Tensor
+    model: MM1,
+    cache: KVCache | SlotView,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Feed one token per cache row ((n, 1) tokens at (n, 1) positions); (n, vocab) fp32 logits."""
+    """Feed one token per cache row ((n, 1) tokens at (n, 1) positions, of document 1 unless
+    `document_ids` says otherwise); (n, vocab) fp32 logits."""
     logits = model.decoder(
         inputs_embeds=model.decoder.embed(tokens),
         position_ids=positions,
-        document_ids=torch.ones_like(positions),
+        document_ids=torch.ones_like(positions) if document_ids is None else document_ids,
         cache=cache,
     )
     return logits[:, -1].float()
@@ -52,9 +57,16 @@ def _step(
     tokens: torch.Tensor,
     positions: torch.Tensor,
     slots: torch.Tensor,
+    fed: torch.Tensor,
+    end: int,
 ) -> torch.Tensor:
-    """The compiled function: every row at once ((B, 1) tokens and positions, (B,) slots)."""
-    return decode_logits(model, SlotView(k, v, doc, slots), tokens, positions)
+    """The compiled function: every row at once ((B, 1) tokens, positions and `fed` flags,
+    (B,) slots), attending over the first `end` slots. A fed token is of document 1; a row with
+    nothing to feed takes its slot 0's document, so its query (at the scratch slot, which may
+    lie beyond `end`) always sees a key and its discarded output is never NaN."""
+    document_ids = torch.where(fed, 1, doc[:, :1])
+    view = SlotView(k, v, doc, slots, end)
+    return decode_logits(model, view, tokens, positions, document_ids)
 
 
 _compiled: dict[str, Callable[..., torch.Tensor]] = {}
@@ -122,11 +134,15 @@ class CompiledDecode:
         device = cache.doc.device
         slots = [cache.max_len] * cache.batch  # rows without a token write to the scratch slot
         pos = [0] * cache.batch
+        fed = [False] * cache.batch
         for r, p in zip(rows, positions):
-            slots[r], pos[r] = cache.lengths[r], p
+            slots[r], pos[r], fed[r] = cache.lengths[r], p, True
         index = torch.tensor(list(rows), device=device)
         feed = torch.zeros(cache.batch, dtype=torch.long, device=device)
         feed.index_copy_(0, index, tokens.to(device=device, dtype=torch.long))
+        # Keys up to the bucket holding every fed row's new slot: a long cache (a server's
+        # whole context) costs attention only over what its rows hold.
+        end = min(-(-longest // LENGTH_BUCKET) * LENGTH_BUCKET, cache.k[0].shape[2])
         if device.type == "cuda":  # the previous step's outputs are no longer read
             torch.compiler.cudagraph_mark_step_begin()
         logits = self._fn(
@@ -137,6 +153,8 @@ class CompiledDecode:
             feed[:, None],
             torch.tensor(pos, device=device)[:, None],
             torch.tensor(slots, device=device),
+            torch.tensor(fed, device=device)[:, None],
+            end,
         )
         for r in rows:
             cache.lengths[r] += 1

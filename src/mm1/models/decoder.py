@@ -189,10 +189,11 @@ class KVCache:
 
 class SlotView:
     """A KV cache's storage as a fixed-shape decode step sees it: one new token in every row,
-    written at that row's slot in `slots` (B,), attending over the whole storage, masked by slot
-    and document. Nothing here reads host state or changes shape, so the step compiles once and
-    a CUDA graph can replay it; the caller keeps the cache's lengths on the host and points a
-    row with nothing to feed at the scratch slot (`KVCache(scratch=True)`)."""
+    written at that row's slot in `slots` (B,), attending over the first `end` slots of every
+    row, masked by slot and document. Nothing here reads host state, so the step compiles once
+    (`end` varies by whole buckets and becomes a symbolic size) and a CUDA graph can replay it;
+    the caller keeps the cache's lengths on the host and points a row with nothing to feed at
+    the scratch slot (`KVCache(scratch=True)`), beyond `end` or not."""
 
     def __init__(
         self,
@@ -200,18 +201,19 @@ class SlotView:
         v: Sequence[torch.Tensor],
         doc: torch.Tensor,
         slots: torch.Tensor,
+        end: int,
     ) -> None:
-        self.k, self.v, self.doc, self.slots = k, v, doc, slots
+        self.k, self.v, self.doc, self.slots, self.end = k, v, doc, slots, end
         self.rows = torch.arange(slots.shape[0], device=slots.device)
 
     def begin(self, t: int) -> tuple[torch.Tensor, int]:
         if t != 1:
             raise ValueError(f"a fixed-shape decode step feeds one token per row, not {t}")
-        return self.slots, self.doc.shape[1]
+        return self.slots, self.end
 
     def update_doc(self, doc_q: torch.Tensor) -> torch.Tensor:
         self.doc[self.rows, self.slots] = doc_q[:, 0]
-        return self.doc
+        return self.doc[:, : self.end]
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
@@ -219,7 +221,7 @@ class SlotView:
         # (B, H, L, D) indexed by (B,) rows and (B,) slots around a slice is (B, H, D).
         self.k[layer][self.rows, :, self.slots] = k[:, :, 0]
         self.v[layer][self.rows, :, self.slots] = v[:, :, 0]
-        return self.k[layer], self.v[layer]
+        return self.k[layer][:, :, : self.end], self.v[layer][:, :, : self.end]
 
     def advance(self, t: int) -> None:
         """Nothing: the caller advances the lengths of the rows that fed a token."""
