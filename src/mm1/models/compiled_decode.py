@@ -2,10 +2,10 @@
 
 Batch-1 decoding of a 1B model is bound by Python and kernel launches, not by the GPU
 (docs/benchmarks.md section 5: about 25 ms per token where the weights take 0.6 ms to read).
-A step that always runs every cache row over the whole cache storage keeps one shape for as
-long as its cache lives, so `torch.compile` traces it once (`reduce-overhead` on CUDA: each
-shape is recorded as one CUDA graph and replayed) and the host only fills in tokens, positions
-and slots. A row with nothing to feed writes to the cache's scratch slot, which no query reads.
+A step that always runs every cache row, over the keys up to the 64-slot bucket holding the
+rows' new slots, changes shape only by whole buckets, so `torch.compile` traces it once
+(`reduce-overhead` on CUDA: each shape is recorded as one CUDA graph and replayed) and the host
+only fills in tokens, positions and slots. A row with nothing to feed writes to the cache's scratch slot, which no query reads.
 A second batch size or cache length compiles once more with that size symbolic (dynamo's
 automatic dynamic shapes), after which new sizes reuse that graph: evaluation's varying
 prompt lengths cost two or three compilations in all, not one per length.
