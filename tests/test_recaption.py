@@ -78,6 +78,9 @@ def test_recaption_writes_readable_shards_resumably(world, model_dir, tmp_path, 
     stats = ReadStats()
     docs = list(read_wds_shard(out / "00001.tar", stats=stats))
     assert len(docs) == len(originals) and not stats.skipped
+    images = [originals[doc.id].parts[0] for doc in docs[:6]]
+    compiled = rc.caption_images(p, images, 6, compile=True)  # `mm1 recaption --compile`
+    assert compiled == rc.caption_images(p, images, 6) and any(compiled)
     for doc in docs[:6]:
         orig = originals[doc.id]
         # the model's own caption of this image, generated alone (batching changes nothing)

@@ -40,6 +40,7 @@ class RecaptionSettings:
     batch_size: int = 32
     max_new_tokens: int = 40
     fuse: bool = False
+    compile: bool = False  # decode steps compiled at fixed shapes (a CUDA graph on GPU)
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -63,8 +64,11 @@ def input_shards(spec: str | Path) -> list[Path]:
 
 
 @torch.inference_mode()
-def caption_images(p: Pretrained, images: Sequence[Image.Image], max_new_tokens: int) -> list[str]:
-    """Greedy captions of `images`, one batched generation."""
+def caption_images(
+    p: Pretrained, images: Sequence[Image.Image], max_new_tokens: int, compile: bool = False
+) -> list[str]:
+    """Greedy captions of `images`, one batched generation (its decode steps compiled with
+    `compile`)."""
     fmt, tok = p.prompt_format, p.tokenizer
     prompts = [tokenize_prompt(IMAGE_TOKEN, [im], tok, fmt) for im in images]
     pixels = fmt.pixel_values(p.processor, list(images))
@@ -79,6 +83,7 @@ def caption_images(p: Pretrained, images: Sequence[Image.Image], max_new_tokens:
         max_new_tokens=max_new_tokens,
         eos_token_id=stops,
         pad_token_id=tok.pad_id,
+        compile=compile,
     )
     captions = []
     for out in outs:
@@ -113,7 +118,9 @@ def recaption_shard(
         batch = samples[start : start + settings.batch_size]
         decoded = [_image(group, f"{shard}:{key}") for key, group in batch]
         images = [d[1] for d in decoded if d is not None]
-        captions = iter(caption_images(p, images, settings.max_new_tokens) if images else [])
+        captions = iter(
+            caption_images(p, images, settings.max_new_tokens, settings.compile) if images else []
+        )
         for (key, group), d in zip(batch, decoded, strict=True):
             if d is None:
                 members += [(f"{key}.{ext}", data) for ext, data in group.items()]

@@ -112,7 +112,7 @@ def cmd_data_caption_splits(args: argparse.Namespace) -> None:
 def cmd_recaption(args: argparse.Namespace) -> None:
     from mm1.recaption import RecaptionSettings, recaption
 
-    settings = RecaptionSettings(args.batch_size, args.max_new_tokens, args.fuse)
+    settings = RecaptionSettings(args.batch_size, args.max_new_tokens, args.fuse, args.compile)
     record = recaption(args.checkpoint, args.inputs, args.out, settings)
     n = sum(c["recaptioned"] for c in record["shards"].values())
     console.print(f"{len(record['shards'])} shards, {n} captions generated -> {args.out}")
@@ -156,3 +156,8 @@ def register(add: Add) -> None:
     p.add_argument("--fuse", action="store_true", help="caption = generated + original alt-text")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the decode step at fixed shapes (a CUDA graph per step on GPU)",
+    )
