@@ -398,6 +398,23 @@ def test_eval_sft_suite_end_to_end(run, tmp_path) -> None:
     chat = json.loads((out / "suite.json").read_text())[0]
     assert chat["mode"] == "chat, 0-shot"
     assert all(r["demos"] == [] for r in chat["predictions"]["sft_pope"]["0"])
+    # `--compile`: the decode steps compiled, every prediction the same
+    compiled = tmp_path / "compiled"
+    mm1(
+        "eval",
+        str(run),
+        "--suite",
+        "sft",
+        "--suite-mode",
+        "chat",
+        *common,
+        "--compile",
+        "--out",
+        str(compiled),
+    )
+    assert (
+        json.loads((compiled / "suite.json").read_text())[0]["predictions"] == chat["predictions"]
+    )
 
 
 def test_sft_demo_at_toy_scale(run, tmp_path) -> None:

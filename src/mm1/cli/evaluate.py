@@ -84,6 +84,7 @@ def cmd_eval_suite(args: argparse.Namespace) -> None:
     s = args.seeds if args.seeds is not None else 3
     kw = {"mode": args.suite_mode, "seeds": s, "max_examples": args.max_examples or 0}
     kw["shuffle_images"] = args.shuffle_images
+    kw["compile"] = args.compile
     p = load_pretrained(args.model)
     r = run_suite(p, args.model, args.suite, world=world, name=args.name, out=args.out, **kw)
     console.print(Path(r["files"]["markdown"]).read_text().split("\n\n## ")[0])
@@ -120,6 +121,8 @@ def _eval_settings(model_dir: Path, args: argparse.Namespace) -> tuple[EvalConfi
         flags["demo_selection"] = "rices"
     if args.shuffle_images:
         flags["shuffle_images"] = True
+    if args.compile:
+        flags["compile"] = True
     e = replace(e, **flags)  # type: ignore[arg-type]
     validate_eval(e)
     source = str(saved) if saved.is_file() else f"defaults (no config.yaml in {model_dir})"
@@ -147,6 +150,11 @@ def register(add: Add) -> None:
     p.add_argument("--max-examples", type=int, default=None, help="0 = every query")
     p.add_argument(
         "--shuffle-images", action="store_true", help="eval.shuffle_images: wrong-image control"
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="eval.compile: greedy decoding's steps compiled at fixed shapes (CUDA graphs on GPU)",
     )
     p.add_argument(
         "--bad-images",

@@ -144,9 +144,11 @@ def evaluate_suite(
     shots: int = FEWSHOT_SHOTS,
     batch_size: int = 16,
     name: str = "mm1",
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Scores of `model` on each task per seed (0..seeds-1), with mean and population standard
-    deviation, and every prediction. JSON-serialisable."""
+    deviation, and every prediction. JSON-serialisable. `compile`: greedy decoding's steps
+    compiled (`generate`)."""
     prompter = SuitePrompter(tokenizer, fmt, chat, shots)
     device = model.decoder.embed_tokens.weight.device
     was_training = model.training
@@ -214,6 +216,7 @@ def evaluate_suite(
                         max_new_tokens=budget,
                         eos_token_id=sorted(prompter.stop_ids),
                         pad_token_id=tokenizer.pad_id,
+                        compile=compile,
                     )
                     for i, prompt, out in zip(batch, ids, outs):
                         q = queries[i]
@@ -306,6 +309,7 @@ def run_suite(
     batch_size: int = 16,
     name: str | None = None,
     out: str | Path | None = None,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """`mm1 eval MODEL --suite SUITE` on the model `loaded` from `model_dir`: SUITE is `sft`
     (the synthetic world's suite, written into `world` when missing) or a suite file; `mode`
@@ -345,6 +349,7 @@ def run_suite(
         shuffle_images=shuffle_images,
         batch_size=batch_size,
         name=name or Path(model_dir).name,
+        compile=compile,
     )
     results["suite"] = str(suite_path)
     out_dir = Path(out or Path(model_dir) / "eval-suite")
