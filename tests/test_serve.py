@@ -278,9 +278,18 @@ def test_greedy_answers_do_not_depend_on_what_runs_beside_them(pretrained, image
 
 
 def test_a_compiled_engine_answers_as_the_eager_one(pretrained, images) -> None:
-    """`mm1 serve --compile`: every step runs all rows at one shape; six requests at once (four
-    decode, two wait and join as rows free) answer as each does alone on the eager engine."""
+    """`mm1 serve --compile`: every step runs all rows at fixed shapes; seven requests at once
+    (four decode, three wait and join as rows free) answer as each does alone on the eager
+    engine, and nothing compiles after the warm-up."""
+    from torch._dynamo.utils import counters
+
+    from mm1.serve.protocol import parse_chat_request
+
     requests = engine_requests(pretrained, images)
+    text = "Tell me about the shapes and the colours in this world. " * 6  # past 64 tokens
+    body = {"model": MODEL, "messages": user(text, []), "max_tokens": 20, "temperature": 0}
+    limit = pretrained.model.cfg.decoder.max_seq_len
+    requests.append(parse_chat_request(body, pretrained, options(pretrained), limit).request)
     eager = Engine(pretrained.model, pretrained.tokenizer, max_batch=4).start()
     try:
         alone = answers_one_at_a_time(eager, requests)
@@ -289,6 +298,7 @@ def test_a_compiled_engine_answers_as_the_eager_one(pretrained, images) -> None:
     engine = Engine(pretrained.model, pretrained.tokenizer, max_batch=4, compile=True)
     assert engine._batch._compiled is not None
     assert engine.steps == 0 and engine._batch.free_rows == 4  # the warm-up left nothing
+    graphs = counters["stats"]["unique_graphs"]
     engine.start()
     try:
         answers = [collect(engine, r) for r in requests]
@@ -296,6 +306,9 @@ def test_a_compiled_engine_answers_as_the_eager_one(pretrained, images) -> None:
             assert done.wait(120)
         assert engine.max_running == 4
         assert [text_of(events) for _, events in answers] == alone
+        # the warm-up compiled everything: a prompt past the first key bucket compiles nothing
+        assert len(requests[-1].prompt) > 64
+        assert counters["stats"]["unique_graphs"] == graphs
     finally:
         engine.stop()
 

@@ -47,7 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="compile the decode step at one fixed shape (a CUDA graph on GPU) before serving",
+        help="compile the decode step at fixed shapes (a CUDA graph per step on GPU) before "
+        "serving",
     )
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mm1.data.tokenizer import Tokenizer
+from mm1.models.compiled_decode import LENGTH_BUCKET
 from mm1.models.generation import DecodeBatch, Sampling
 from mm1.models.mllm import MM1
 
@@ -136,7 +137,7 @@ class _Answer:
 class Engine:
     """Serves `model` with up to `max_batch` requests decoding together and `max_waiting`
     queued behind them; contexts up to `context` tokens (prompt plus answer). With `compile`,
-    decode steps run compiled at one fixed shape (`DecodeBatch`), compiled here, before the
+    decode steps run compiled at fixed shapes (`DecodeBatch`), compiled here, before the
     first request."""
 
     def __init__(
@@ -158,11 +159,8 @@ class Engine:
         ends = (tokenizer.token_to_id(t) for t in tokenizer.end_of_turn_tokens())
         self.stop_ids = {tokenizer.eos_id, *(i for i in ends if i is not None)}
         self._batch = self._new_batch()
-        if compile:  # one prompt, two steps: the second feeds a token, which compiles the step
-            (warm,) = self._batch.prefill([[tokenizer.eos_id]])
-            self._batch.step()
-            self._batch.step()
-            self._batch.release(warm)
+        if compile:
+            self._warm_up()
         self._waiting: deque[Handle] = deque()
         self._running: dict[int, _Answer] = {}
         self._wake = threading.Condition()
@@ -170,6 +168,18 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.steps = 0  # decode steps run (for tests and metrics)
         self.max_running = 0  # the most requests that ran together
+
+    def _warm_up(self) -> None:
+        """Compile the decode step now, not during a request: a prompt whose fed token falls in
+        the first key bucket compiles the step, one in the second bucket compiles it with the
+        key length symbolic, which every later length reuses (`compiled_decode`)."""
+        for length in (1, LENGTH_BUCKET):
+            if length + 2 > self.context:
+                break
+            (warm,) = self._batch.prefill([[self.tokenizer.eos_id] * length])
+            self._batch.step()
+            self._batch.step()  # feeds a token: the compiled step runs
+            self._batch.release(warm)
 
     def _new_batch(self) -> DecodeBatch:
         return DecodeBatch(
