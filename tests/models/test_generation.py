@@ -178,6 +178,9 @@ def test_step_wise_decoding_with_joins_and_leaves_equals_generate_alone(
     for name in "ACD":
         assert got[name] == alone[name], name
     assert batch.active == [] and batch.free_rows == 3
+    # Nothing anywhere in the storage is NaN, scratch slots included: a step over the whole
+    # storage reads every slot, and a masked NaN value still poisons the weighted sum.
+    assert not any(t.isnan().any() for t in [*batch.cache.k, *batch.cache.v])
 
 
 def test_decode_batch_errors(tiny_model_config) -> None:

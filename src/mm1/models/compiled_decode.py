@@ -61,11 +61,14 @@ def _step(
     end: int,
 ) -> torch.Tensor:
     """The compiled function: every row at once ((B, 1) tokens, positions and `fed` flags,
-    (B,) slots), attending over the first `end` slots. A fed token is of document 1; a row with
-    nothing to feed takes its slot 0's document, so its query (at the scratch slot, which may
-    lie beyond `end`) always sees a key and its discarded output is never NaN."""
+    (B,) slots), attending over the first `end` slots. A fed token is of document 1 and queries
+    at its slot. A row with nothing to feed writes to the scratch slot but queries at slot 0
+    with slot 0's document, so it always sees a key (a sliding window included): its output,
+    discarded, is finite, and so is what it writes. That matters: a step whose `end` covers
+    the scratch slot reads it, masked, and a masked NaN would still poison the weighted sum."""
     document_ids = torch.where(fed, 1, doc[:, :1])
-    view = SlotView(k, v, doc, slots, end)
+    query = torch.where(fed[:, 0], slots, 0)
+    view = SlotView(k, v, doc, slots, end, query)
     return decode_logits(model, view, tokens, positions, document_ids)
 
 

@@ -190,10 +190,11 @@ class KVCache:
 class SlotView:
     """A KV cache's storage as a fixed-shape decode step sees it: one new token in every row,
     written at that row's slot in `slots` (B,), attending over the first `end` slots of every
-    row, masked by slot and document. Nothing here reads host state, so the step compiles once
-    (`end` varies by whole buckets and becomes a symbolic size) and a CUDA graph can replay it;
-    the caller keeps the cache's lengths on the host and points a row with nothing to feed at
-    the scratch slot (`KVCache(scratch=True)`), beyond `end` or not."""
+    row as a query at its slot in `query` (default: `slots`), masked by slot and document.
+    Nothing here reads host state, so the step compiles once (`end` varies by whole buckets and
+    becomes a symbolic size) and a CUDA graph can replay it; the caller keeps the cache's
+    lengths on the host and points a row with nothing to feed at the scratch slot
+    (`KVCache(scratch=True)`), beyond `end` or not."""
 
     def __init__(
         self,
@@ -202,14 +203,16 @@ class SlotView:
         doc: torch.Tensor,
         slots: torch.Tensor,
         end: int,
+        query: torch.Tensor | None = None,
     ) -> None:
         self.k, self.v, self.doc, self.slots, self.end = k, v, doc, slots, end
+        self.query = slots if query is None else query
         self.rows = torch.arange(slots.shape[0], device=slots.device)
 
     def begin(self, t: int) -> tuple[torch.Tensor, int]:
         if t != 1:
             raise ValueError(f"a fixed-shape decode step feeds one token per row, not {t}")
-        return self.slots, self.end
+        return self.query, self.end
 
     def update_doc(self, doc_q: torch.Tensor) -> torch.Tensor:
         self.doc[self.rows, self.slots] = doc_q[:, 0]
