@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mm1.models.decoder import Decoder, KVCache
+from mm1.models.decoder import Decoder
 from mm1.models.generation import DecodeBatch, Sampling, generate, left_pad
+from mm1.models.kv_cache import KVCache
 from mm1.models.mllm import MM1
 
 

@@ -12,7 +12,8 @@ from mm1.batch import IGNORE_INDEX
 from mm1.config import VisionConfig
 from mm1.models import decoder as decoder_module
 from mm1.models.connectors import CONNECTORS, CAbstractorConfig, build_connector
-from mm1.models.decoder import Decoder, KVCache
+from mm1.models.decoder import Decoder
+from mm1.models.kv_cache import KVCache
 from mm1.models.mllm import MM1
 from mm1.models.vision import VisionTransformer
 

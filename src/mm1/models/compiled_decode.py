@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from mm1.models.decoder import KVCache, SlotView
+from mm1.models.kv_cache import KVCache, SlotView
 from mm1.models.mllm import MM1
 
 # Cache storage (max_len plus the scratch slot) is rounded up to a multiple of this, so prompts
@@ -140,7 +140,10 @@ class CompiledDecode:
         fed = [False] * cache.batch
         for r, p in zip(rows, positions):
             slots[r], pos[r], fed[r] = cache.lengths[r], p, True
-        index = torch.tensor(list(rows), device=device)
+        # One host-to-device copy for everything the host decides: rows, slots, positions, flags.
+        padded = [*rows, *[0] * (cache.batch - len(rows))]
+        host = torch.tensor([padded, slots, pos, fed], device=device)
+        index, write, at, flags = host[0, : len(rows)], host[1], host[2], host[3].bool()
         feed = torch.zeros(cache.batch, dtype=torch.long, device=device)
         feed.index_copy_(0, index, tokens.to(device=device, dtype=torch.long))
         # Keys up to the bucket holding every fed row's new slot: a long cache (a server's
@@ -154,9 +157,9 @@ class CompiledDecode:
             cache.v,
             cache.doc,
             feed[:, None],
-            torch.tensor(pos, device=device)[:, None],
-            torch.tensor(slots, device=device),
-            torch.tensor(fed, device=device)[:, None],
+            at[:, None],
+            write,
+            flags[:, None],
             end,
         )
         for r in rows:

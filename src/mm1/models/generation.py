@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 
 from mm1.models.compiled_decode import CompiledDecode, decode_logits
-from mm1.models.decoder import KVCache
+from mm1.models.kv_cache import KVCache
 from mm1.models.mllm import MM1
 
 
