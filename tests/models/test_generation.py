@@ -258,6 +258,64 @@ def test_compiled_decode_reuses_its_cache_and_graph(tiny_model_config) -> None:
         generate(model, [prompt(3)], compile=True, use_cache=False)
 
 
+def test_compiled_step_is_one_cuda_graph_trees_accept(monkeypatch, tiny_model_config) -> None:
+    """The GPU path's acceptance, checked on the CPU: the step compiled as on CUDA
+    (`reduce-overhead`, caches at static addresses), with inductor told not to turn CUDA graphs
+    off for the CPU and its hand-over to cudagraph trees replaced by a recorder. Every graph
+    must pass inductor's own tests, mutate only static inputs (cudagraph trees skip a graph that
+    writes into any other input), and leave only the host's few bytes per row (tokens,
+    positions, slots, flags) to copy in before each replay: no weight, no cache. Inductor
+    internals, so a torch upgrade may have to update this test; torch 2.11 (the GPU machine's)
+    and 2.13 give the same result."""
+    import torch._inductor.cudagraph_utils as cudagraph_utils
+    import torch._inductor.output_code as output_code
+
+    from mm1.models import compiled_decode
+
+    graphs: list[dict] = []
+
+    def record(example_inputs, compiled_graph, cudagraphs, constants, device_index) -> None:
+        static = set(compiled_graph.fx_kwargs["static_input_idxs"] or ())
+        graphs.append(
+            {
+                "fail": compiled_graph.cudagraph_info.cudagraph_fail_reasons,
+                "mutated": set(compiled_graph.mutated_input_idxs),
+                "static": static,
+                "copied": [
+                    tuple(t.shape)
+                    for i, t in enumerate(example_inputs)
+                    if isinstance(t, torch.Tensor) and i not in static
+                ],
+            }
+        )
+        cudagraphs.value = False  # then run the compiled code as it is, on the CPU
+
+    monkeypatch.setattr(cudagraph_utils, "check_lowering_disable_cudagraph", lambda _: None)
+    monkeypatch.setattr(output_code, "cudagraph_post_compile", record)
+    monkeypatch.setattr(output_code, "cudagraph_partition_post_compile", record)
+    monkeypatch.setattr(compiled_decode, "replays_cuda_graphs", lambda device: True)
+    monkeypatch.setattr(compiled_decode, "_compiled", {})
+    torch._dynamo.reset()
+    torch.manual_seed(6)
+    model = MM1(tiny_model_config()).eval()
+    short, long = [1 + i % 10 for i in range(6)], [1 + (i * 7) % 10 for i in range(100)]
+    try:
+        with torch.inference_mode():
+            for prompts in ([short], [long, short]):  # the second: batch and length symbolic
+                want = generate(model, prompts, max_new_tokens=5)
+                assert generate(model, prompts, max_new_tokens=5, compile=True) == want
+    finally:
+        compiled_decode.release_caches(model)
+        torch._dynamo.reset()
+    assert len(graphs) == 2
+    for graph in graphs:
+        assert graph["fail"] == []
+        assert len(graph["mutated"]) == 1 + 2 * model.cfg.decoder.layers  # doc, k and v
+        assert graph["mutated"] <= graph["static"]
+        assert len(graph["copied"]) == 4
+        assert all(shape[1:] in [(), (1,)] for shape in graph["copied"])
+
+
 def test_generate_is_a_decode_batch_run_to_the_end(tiny_model_config) -> None:
     """Sampling included: all prompts joining at once and none leaving draws what `generate`
     draws from the same generator."""

@@ -72,13 +72,20 @@ def _step(
     return decode_logits(model, view, tokens, positions, document_ids)
 
 
+def replays_cuda_graphs(device: torch.device) -> bool:
+    """Whether the step is compiled in `reduce-overhead` mode on `device`: recorded as CUDA
+    graphs, with the caches at static addresses. One switch, so a test can check on the CPU
+    that cudagraph trees would accept the step."""
+    return device.type == "cuda"
+
+
 _compiled: dict[str, Callable[..., torch.Tensor]] = {}
 
 
 def _compiled_step(device: torch.device) -> Callable[..., torch.Tensor]:
     """One compiled step per device type; dynamo keeps its graphs (static, then dynamic)."""
     if device.type not in _compiled:
-        mode = "reduce-overhead" if device.type == "cuda" else None
+        mode = "reduce-overhead" if replays_cuda_graphs(device) else None
         _compiled[device.type] = torch.compile(_step, mode=mode)
     return _compiled[device.type]
 
@@ -119,7 +126,7 @@ class CompiledDecode:
                 self.cache = KVCache(
                     model.cfg.decoder, batch, slots - 1, weight.device, weight.dtype, scratch=True
                 )
-            if weight.is_cuda:  # CUDA graphs may write into these: their addresses never change
+            if replays_cuda_graphs(weight.device):  # graphs write into these: fixed addresses
                 for t in [*self.cache.k, *self.cache.v, self.cache.doc]:
                     torch._dynamo.mark_static_address(t, guard=False)
         self.model = model
@@ -149,7 +156,7 @@ class CompiledDecode:
         # Keys up to the bucket holding every fed row's new slot: a long cache (a server's
         # whole context) costs attention only over what its rows hold.
         end = min(-(-longest // LENGTH_BUCKET) * LENGTH_BUCKET, cache.k[0].shape[2])
-        if device.type == "cuda":  # the previous step's outputs are no longer read
+        if replays_cuda_graphs(device):  # the previous step's outputs are no longer read
             torch.compiler.cudagraph_mark_step_begin()
         logits = self._fn(
             self.model,
