@@ -63,6 +63,42 @@ def model_config(smoke: bool):
     return cfg
 
 
+# Peak memory of the eager variant on the H200 (2026-12-04), 4,096-token rows with 14 images:
+# 39.2 GiB at 1 row, 59.1 GiB at 2, so about 19.3 GiB fixed (weights, gradients, AdamW state)
+# and 19.9 GiB per row; compile and flex took less.
+FIXED_GIB, ROW_GIB_AT_4096 = 19.3, 19.9
+
+
+def rows_that_fit(total_gib: float, seq_len: int, most: int = 4) -> int:
+    """The most packed rows (up to `most`) whose predicted peak stays within 90% of a device of
+    `total_gib`: 4 on an H200 (141 GB), 2 on an H100 (80 GB), where 4 rows would need 99 GiB."""
+    per_row = ROW_GIB_AT_4096 * seq_len / 4096
+    fits = [rows for rows in range(1, most + 1) if FIXED_GIB + per_row * rows <= 0.9 * total_gib]
+    return max(fits, default=1)
+
+
+def train_with_fallback(args, **variant: Any) -> dict[str, Any]:
+    """`train_variant`, at half the rows after running out of memory (down to one row): the
+    prediction behind the default micro-batch is from one device, and a variant that dies
+    measures nothing."""
+    import torch.distributed as dist
+
+    too_many: list[int] = []
+    while True:
+        try:
+            return train_variant(args, **variant) | {"micro_batch_out_of_memory": too_many}
+        except torch.OutOfMemoryError:
+            if args.micro_batch == 1:
+                raise
+            too_many.append(args.micro_batch)
+        # Outside the handler: the failed attempt's model and optimizer are garbage by now.
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        torch.cuda.empty_cache()
+        print(f"out of memory at micro-batch {too_many[-1]}; trying half", flush=True)
+        args.micro_batch //= 2
+
+
 def train_variant(args, compile_blocks: bool, attention: str = "auto") -> dict[str, Any]:
     import torch.distributed as dist
 
@@ -90,6 +126,9 @@ def train_variant(args, compile_blocks: bool, attention: str = "auto") -> dict[s
     cfg.decoder.attention = attention
     seq_len = args.seq_len or (256 if smoke else 4096)
     images = args.images_per_seq if not smoke else 2
+    if args.micro_batch == 0:  # the default: what the device holds
+        total = 0.0 if smoke else torch.cuda.get_device_properties(device).total_memory / 2**30
+        args.micro_batch = 4 if smoke else rows_that_fit(total, seq_len)
     tcfg = TrainConfig(
         parallel="fsdp",
         dtype="float32" if smoke else "bfloat16",
@@ -239,12 +278,13 @@ def attention_variant(args) -> dict[str, Any]:
     t = args.seq_len or (256 if smoke else 4096)
     doc_len = min(args.doc_len, t)
     dtype = torch.float32 if smoke else torch.bfloat16
+    batch = args.micro_batch or 1  # one row, as in the first GPU run, unless asked
     g = torch.Generator(device="cpu").manual_seed(0)
     q, k, v = (
-        torch.randn(args.micro_batch, heads, t, hd, generator=g).to(device, dtype).requires_grad_()
+        torch.randn(batch, heads, t, hd, generator=g).to(device, dtype).requires_grad_()
         for _ in range(3)
     )
-    doc = (torch.arange(t, device=device) // doc_len).expand(args.micro_batch, t)
+    doc = (torch.arange(t, device=device) // doc_len).expand(batch, t)
     mask = additive_mask(attention_mask(doc, doc), q)
 
     def timed(fn, reps: int) -> float:
@@ -272,7 +312,7 @@ def attention_variant(args) -> dict[str, Any]:
     reps = 3 if smoke else 20
     out: dict[str, Any] = {
         "status": "ok",
-        "shape": {"batch": args.micro_batch, "heads": heads, "head_dim": hd, "seq_len": t},
+        "shape": {"batch": batch, "heads": heads, "head_dim": hd, "seq_len": t},
         "doc_len": doc_len,
         "dtype": str(dtype),
         "sdpa_dense_mask_ms": 1000 * timed(run_sdpa_mask, reps),
@@ -314,8 +354,15 @@ def main() -> None:
         help="images per packed row (the default world packs 13.7 per 4096 tokens at 144)",
     )
     ap.add_argument("--doc-len", type=int, default=512, help="tokens per packed document")
-    # 4 rows: the first GPU run (2026-12-04) used 1 and was bound by per-step fixed costs.
-    ap.add_argument("--micro-batch", type=int, default=4)
+    # Default: as many rows as the device holds, up to 4 (`rows_that_fit`); the first GPU run
+    # (2026-12-04) used 1 and was bound by per-step fixed costs.
+    ap.add_argument(
+        "--micro-batch",
+        type=int,
+        default=0,
+        help="packed rows per step (training variants; default: up to 4, as memory allows) or "
+        "batch of the attention variant (default 1)",
+    )
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--activation-checkpointing", action="store_true")
@@ -334,11 +381,11 @@ def main() -> None:
             "reason": "torch has no FlexAttention backward on CPU; this variant needs a GPU",
         }
     elif args.variant == "flex":
-        payload = train_variant(args, compile_blocks=False, attention="flex")
+        payload = train_with_fallback(args, compile_blocks=False, attention="flex")
     elif args.variant == "attention":
         payload = attention_variant(args)
     else:
-        payload = train_variant(args, compile_blocks=args.variant == "compile")
+        payload = train_with_fallback(args, compile_blocks=args.variant == "compile")
     payload["command"] = " ".join([Path(sys.executable).name, *sys.argv])
     write(out_dir, args.variant, payload)
 

@@ -198,6 +198,18 @@ def generation(
 # ---------------------------------------------------------------------------------------------
 
 
+def samples_that_fit(total_gib: float, most: int = 8) -> int:
+    """LLaVA samples per step for a device of `total_gib`: the largest power of two, up to
+    `most`, at 30 GiB fixed (weights, gradients, AdamW state) and 8 GiB per 2,048-token sample
+    within 90% of the device. On the H200 (2026-12-04) LLaVA-1.5's 16 per step ran out of its
+    140 GiB, so a sample takes more than 6.9 GiB; mm1's rows took 5.1 GiB each above 29 GiB.
+    That gives 8 on an H200 and 4 on an H100 (80 GB)."""
+    batch = 1
+    while batch * 2 <= most and 30 + 8 * batch * 2 <= 0.9 * total_gib:
+        batch *= 2
+    return batch
+
+
 def training_data(cfg, seq_len: int, llava_batch: int, num_docs: int) -> dict[str, Any]:
     from benchmarks.doc_lengths import documents
     from benchmarks.train_step import llava_batches, packed_batches, samples
@@ -374,6 +386,10 @@ def run(args, save) -> dict[str, Any]:
     }
     done("generation")
 
+    if args.llava_batch == 0:  # the default: what the device holds
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30 if not smoke else 0
+        args.llava_batch = 8 if smoke else samples_that_fit(total)
+        out["llava_batch"] = args.llava_batch
     data = training_data(cfg, seq_len, args.llava_batch, args.num_docs)
     out["mm1_rows"], out["documents"] = data["rows"], data["documents"]
     llava.to("cpu")
@@ -417,9 +433,10 @@ def main() -> None:
     ap.add_argument(
         "--llava-batch",
         type=int,
-        default=8,
-        help="samples per LLaVA step (LLaVA-1.5's per-device 16 does not fit one H200 without "
-        "gradient checkpointing at this model size: measured out of memory)",
+        default=0,
+        help="samples per LLaVA step; default: 8 on an H200, 4 on an H100 (`samples_that_fit`; "
+        "LLaVA-1.5's per-device 16 does not fit one H200 without gradient checkpointing at "
+        "this model size: measured out of memory)",
     )
     ap.add_argument("--num-docs", type=int, default=600)
     ap.add_argument("--strata", type=int, default=6)

@@ -103,6 +103,20 @@ def test_document_attention_length_weights_documents_by_their_tokens(bench) -> N
     assert document_attention_length(rows) == pytest.approx((9 + 25 + 64) / 16)
 
 
+def test_gpu_batch_defaults_fit_the_lent_devices(bench) -> None:
+    """The GPU scripts size their batches by the device's memory (`total_memory` in GiB of an
+    H200 and an H100): 4 training rows of 4,096 tokens on the H200 (measured 39.2 GiB at 1 row
+    and 59.1 at 2 there) but 2 on the H100, where 4 would need about 99 GiB; LLaVA 8 samples
+    per step on the H200 and 4 on the H100."""
+    from benchmarks.gpu_bench import rows_that_fit
+    from benchmarks.gpu_llava import samples_that_fit
+
+    h200, h100 = 139.8, 79.2
+    assert [rows_that_fit(h200, 4096), rows_that_fit(h100, 4096)] == [4, 2]
+    assert rows_that_fit(h100, 2048) == 4 and rows_that_fit(20, 4096) == 1
+    assert [samples_that_fit(h200), samples_that_fit(h100), samples_that_fit(40)] == [8, 4, 1]
+
+
 def test_gpu_side_by_side_runs_on_the_cpu(bench, tmp_path) -> None:
     """`gpu_llava.py --cpu-smoke`: same logits, identical fp32 tokens, the same real tokens in
     every training variant, and a partial result saved after each phase."""
@@ -113,7 +127,7 @@ def test_gpu_side_by_side_runs_on_the_cpu(bench, tmp_path) -> None:
     args = argparse.Namespace(
         cpu_smoke=True,
         seq_len=256,
-        llava_batch=2,
+        llava_batch=0,  # the default: 8 on the CPU smoke
         num_docs=8,
         strata=1,
         rounds=1,
@@ -122,7 +136,7 @@ def test_gpu_side_by_side_runs_on_the_cpu(bench, tmp_path) -> None:
     )
     saved = []
     out = gpu_llava.run(args, lambda payload: saved.append(dict(payload)))
-    assert out["max_fp32_logit_difference"] < 1e-4
+    assert out["max_fp32_logit_difference"] < 1e-4 and out["llava_batch"] == 8
     assert out["summary"]["fp32_tokens_identical"]
     assert len({v["tokens"] for v in out["training"].values()}) == 1
     assert set(out["summary"]["train_tokens_per_s_ratio"]) == {
