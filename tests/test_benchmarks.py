@@ -117,6 +117,37 @@ def test_gpu_batch_defaults_fit_the_lent_devices(bench) -> None:
     assert [samples_that_fit(h200), samples_that_fit(h100), samples_that_fit(40)] == [8, 4, 1]
 
 
+def test_gpu_training_variant_halves_its_rows_after_running_out_of_memory(
+    bench, monkeypatch
+) -> None:
+    import argparse
+
+    import torch
+    from benchmarks import gpu_bench
+
+    tried, fits = [], 1
+
+    def train_variant(args, **variant) -> dict:
+        tried.append(args.micro_batch)
+        if args.micro_batch > fits:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return {"status": "ok", "micro_batch": args.micro_batch, **variant}
+
+    monkeypatch.setattr(gpu_bench, "train_variant", train_variant)
+    out = gpu_bench.train_with_fallback(argparse.Namespace(micro_batch=4), compile_blocks=False)
+    assert tried == [4, 2, 1]
+    assert out == {
+        "status": "ok",
+        "micro_batch": 1,
+        "compile_blocks": False,
+        "micro_batch_out_of_memory": [4, 2],
+    }
+    fits = 0
+    with pytest.raises(torch.OutOfMemoryError):  # nothing left to halve
+        gpu_bench.train_with_fallback(argparse.Namespace(micro_batch=2), compile_blocks=False)
+    assert tried[3:] == [2, 1]
+
+
 def test_gpu_side_by_side_runs_on_the_cpu(bench, tmp_path) -> None:
     """`gpu_llava.py --cpu-smoke`: same logits, identical fp32 tokens, the same real tokens in
     every training variant, and a partial result saved after each phase."""
