@@ -342,6 +342,7 @@ def run(args, save) -> dict[str, Any]:
 
     batches = (1, 8) if not smoke else (1, 2)
     if args.decode:
+        del out["llava_batch"]  # no training here
         dtype = torch.float32 if smoke else torch.bfloat16
         model.to(dtype)
         llava.to(dtype)
