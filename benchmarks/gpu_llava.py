@@ -20,6 +20,9 @@ loads them into LLaVA, and both must give the same logits (fp32) before anything
   Effective tokens/s = real (non-padding) tokens over the estimated time of a full pass, from a
   stratified sample of steps (`benchmarks.train_step.strata`), best of `rounds` per step.
 
+Training runs first, since its ratio is the figure still missing from the GPU runs; both
+models then get back the weights they shared, checked by the fp32 logits again, for generation.
+
 `--decode` measures only bf16 generation with mm1's compiled decode step (`generate(...,
 compile=True)`: fixed shapes, `reduce-overhead`, one CUDA graph per step) beside mm1 eager and
 transformers, batch 1 then batch 8, saving after each; its compilation happens in the warm-up
@@ -367,26 +370,13 @@ def run(args, save) -> dict[str, Any]:
         }
         out["status"] = "ok"
         return out
-    gen = out["generation"]
-    gen += generation(model, llava, cfg, device, torch.float32, batches, args.new_tokens, 1)
-    if not smoke:
-        model.to(torch.bfloat16)
-        llava.to(torch.bfloat16)
-        gen += generation(
-            model, llava, cfg, device, torch.bfloat16, batches, args.new_tokens, args.rounds
-        )
-        model.float()
-        llava.float()
-    bf16 = [g for g in gen if g["dtype"] == ("bfloat16" if not smoke else "float32")]
-    out["summary"] = {
-        "generation_ratio": {str(g["batch"]): g["ratio"] for g in bf16},
-        "generation_target": 1.0,
-        "fp32_tokens_identical": all(
-            g["identical_tokens"] == 1.0 for g in gen if g["dtype"] == "float32"
-        ),
-    }
-    done("generation")
-
+    # Training first: its ratio is the figure no GPU run has measured yet. The weights both
+    # models start from are kept on the host and put back for generation, which needs them
+    # equal.
+    start = [
+        {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
+        for net in (model, llava)
+    ]
     if args.llava_batch == 0:  # the default: what the device holds
         total = torch.cuda.get_device_properties(device).total_memory / 2**30 if not smoke else 0
         args.llava_batch = 8 if smoke else samples_that_fit(total)
@@ -413,15 +403,42 @@ def run(args, save) -> dict[str, Any]:
             torch.cuda.empty_cache()
             out["training"][name] = {"status": "out of memory", "error": str(err)[:300]}
         done(f"training {name}")
-
     train = out["training"]
     m = train.get("mm1_packed", {})
-    out["summary"]["train_tokens_per_s_ratio"] = {
-        f"vs_{n}": m["tokens_per_s"] / r["tokens_per_s"]
-        for n, r in train.items()
-        if n != "mm1_packed" and "tokens_per_s" in r and "tokens_per_s" in m
+    out["summary"] = {
+        "train_tokens_per_s_ratio": {
+            f"vs_{n}": m["tokens_per_s"] / r["tokens_per_s"]
+            for n, r in train.items()
+            if n != "mm1_packed" and "tokens_per_s" in r and "tokens_per_s" in m
+        },
+        "train_target": 1.3,
     }
-    out["summary"]["train_target"] = 1.3
+
+    for net, state in zip((model, llava), start):
+        net.load_state_dict(state)
+        net.to(device).eval()
+    del start
+    diff = max_logit_difference(model, llava, cfg, device)
+    out["max_fp32_logit_difference_after_training"] = diff
+    if diff > 1e-3:
+        raise RuntimeError(f"the weights were not put back (fp32 logit difference {diff:.3g})")
+    gen = out["generation"]
+    gen += generation(model, llava, cfg, device, torch.float32, batches, args.new_tokens, 1)
+    if not smoke:
+        model.to(torch.bfloat16)
+        llava.to(torch.bfloat16)
+        gen += generation(
+            model, llava, cfg, device, torch.bfloat16, batches, args.new_tokens, args.rounds
+        )
+    bf16 = [g for g in gen if g["dtype"] == ("bfloat16" if not smoke else "float32")]
+    out["summary"] |= {
+        "generation_ratio": {str(g["batch"]): g["ratio"] for g in bf16},
+        "generation_target": 1.0,
+        "fp32_tokens_identical": all(
+            g["identical_tokens"] == 1.0 for g in gen if g["dtype"] == "float32"
+        ),
+    }
+    done("generation")
     out["status"] = "ok"
     return out
 

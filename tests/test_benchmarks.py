@@ -168,6 +168,8 @@ def test_gpu_side_by_side_runs_on_the_cpu(bench, tmp_path) -> None:
     saved = []
     out = gpu_llava.run(args, lambda payload: saved.append(dict(payload)))
     assert out["max_fp32_logit_difference"] < 1e-4 and out["llava_batch"] == 8
+    # training ran first; generation starts again from the weights both models shared
+    assert out["max_fp32_logit_difference_after_training"] < 1e-4
     assert out["summary"]["fp32_tokens_identical"]
     assert len({v["tokens"] for v in out["training"].values()}) == 1
     assert set(out["summary"]["train_tokens_per_s_ratio"]) == {
