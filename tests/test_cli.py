@@ -98,7 +98,20 @@ def test_convert_generate_and_eval(run, tmp_path) -> None:
         "--max-new-tokens",
         "4",
     )
-    assert isinstance(out, str)
+    # the exported model's greedy continuation, as the Python API gives it
+    from mm1.data.sources.base import image_from_path
+    from mm1.data.tokenizer import tokenize_prompt
+    from mm1.pretrained import load_pretrained
+
+    p = load_pretrained(export)
+    pil = image_from_path(image)
+    ids = tokenize_prompt("<image>Output:", [pil], p.tokenizer, p.prompt_format)
+    pixels = p.prompt_format.pixel_values(p.processor, [pil])
+    tok = p.tokenizer
+    new_ids = generation.generate(
+        p.model, [ids], pixels, max_new_tokens=4, eos_token_id=[tok.eos_id], pad_token_id=tok.pad_id
+    )[0]
+    assert out == tok.decode(new_ids) + "\n" and out.strip()
 
     out_dir = tmp_path / "eval"
     # the run's own world is found from its saved config: no --world needed

@@ -141,7 +141,7 @@ def test_finished_cells_never_rerun(study, monkeypatch) -> None:
     assert any(line.startswith("prepare 1/1") and "done already" in line for line in log)
 
 
-def test_interrupted_cell_resumes_from_its_checkpoint(study) -> None:
+def test_interrupted_cell_is_planned_to_resume_from_its_checkpoint(study) -> None:
     grid, study_dir, _ = study
     g = load_grid(grid)
     cell = g.cells[0]

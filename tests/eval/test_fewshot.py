@@ -412,39 +412,34 @@ def test_compiled_greedy_eval_predicts_what_eager_does(
 
 
 def test_beam_search_in_evaluate(
-    model: MM1, tok: Tokenizer, proc: ImageProcessor, world: Path
+    model: MM1,
+    tok: Tokenizer,
+    proc: ImageProcessor,
+    world: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    greedy = evaluate(
-        model,
-        tok,
-        proc,
-        EvalConfig(shots=[2], seeds=1, max_examples=6),
-        tasks=["synth_coco"],
-        world=world,
-        progress=False,
-    )
-    beam1 = evaluate(
-        model,
-        tok,
-        proc,
-        EvalConfig(shots=[2], seeds=1, max_examples=6, num_beams=1),
-        tasks=["synth_coco"],
-        world=world,
-        progress=False,
-    )
-    beam3 = evaluate(
-        model,
-        tok,
-        proc,
-        EvalConfig(shots=[2], seeds=1, max_examples=6, num_beams=3),
-        tasks=["synth_coco"],
-        world=world,
-        progress=False,
-    )
+    calls: list[tuple[dict, list[list[int]]]] = []
+
+    def spy(*args: object, **kwargs: object) -> list[list[int]]:
+        outs = generate_beam(*args, **kwargs)
+        calls.append((kwargs, outs))
+        return outs
+
+    monkeypatch.setattr(fewshot, "generate_beam", spy)
+
+    def run(num_beams: int) -> dict:
+        cfg = EvalConfig(shots=[2], seeds=1, max_examples=6, num_beams=num_beams)
+        return evaluate(model, tok, proc, cfg, tasks=["synth_coco"], world=world, progress=False)
+
+    greedy = run(1)
+    assert calls == [], "one beam is greedy decoding, not a beam search"
+    beam3 = run(3)
     assert beam3["config"]["decoding"] == "beam search (3 beams)"
-    g = [x["prediction"] for x in greedy["predictions"]["synth_coco"]["2"]["0"]]
-    assert g == [x["prediction"] for x in beam1["predictions"]["synth_coco"]["2"]["0"]]
-    assert len(beam3["predictions"]["synth_coco"]["2"]["0"]) == 6
+    assert calls and all(kwargs["num_beams"] == 3 for kwargs, _ in calls)
+    # the predictions are the beam search's own outputs, in order
+    raw = [tok.decode(out, skip_special_tokens=False) for _, outs in calls for out in outs]
+    assert [x["raw"] for x in beam3["predictions"]["synth_coco"]["2"]["0"]] == raw
+    assert len(raw) == len(greedy["predictions"]["synth_coco"]["2"]["0"]) == 6
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from mm1.models.hf import (
     vision_encoder_from_hf,
 )
 from mm1.models.vision import VisionTransformer
+from tests.models.helpers import perturb
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -40,14 +41,6 @@ T = 80  # longer than the llama3 test's original_max_position_embeddings (64) an
 
 def close(ours: torch.Tensor, ref: torch.Tensor) -> None:
     torch.testing.assert_close(ours, ref, atol=ATOL, rtol=RTOL)
-
-
-@torch.no_grad()
-def perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------

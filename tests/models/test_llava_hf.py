@@ -32,6 +32,7 @@ from mm1.models.generation import generate
 from mm1.models.hf.llava import llava_model_type
 from mm1.models.mllm import MM1
 from mm1.pretrained import Pretrained
+from tests.models.helpers import perturb
 
 transformers = pytest.importorskip("transformers")
 
@@ -78,7 +79,7 @@ def _export(
 ) -> tuple[MM1, PromptFormat]:
     cfg = _config(tok, layout, variant)
     torch.manual_seed(0)
-    model = MM1(cfg).eval()
+    model = perturb(MM1(cfg))  # away from the init's zeros and ones, so every weight matters
     proc = ImageProcessor.clip(32) if variant == "clip" else ImageProcessor.siglip(32)
     proc = replace(proc, pad_to_square=pad)
     fmt = PromptFormat.from_config(DataConfig(image_boundaries=False), model.num_image_tokens, cfg)
@@ -161,7 +162,7 @@ def test_anyres_stage_from_a_single_layout_model_starts_a_fresh_newline(
     from mm1.pretrained import save_pretrained
 
     torch.manual_seed(0)
-    single = MM1(_config(tok, "single")).eval()
+    single = perturb(MM1(_config(tok, "single")))
     save_pretrained(single, tok, ImageProcessor.clip(32), tmp_path / "export")
     init = InitConfig(weights=str(tmp_path / "export"))
     model = build_model(_config(tok, "anyres"), tok.vocab_size, tok.image_id, init=init)
@@ -266,7 +267,7 @@ def test_tied_and_moe_decoders_go_out_and_back(
         cfg.decoder.ffn = {"type": "moe", "experts": 4, "top_k": 2, "norm_topk_prob": True}
     validate_model(cfg)
     torch.manual_seed(0)
-    model = MM1(cfg).eval()
+    model = perturb(MM1(cfg))
     fmt = PromptFormat.from_config(DataConfig(image_boundaries=False), model.num_image_tokens, cfg)
     save_hf(Pretrained(model, tok, ImageProcessor.clip(32), tmp_path, fmt), tmp_path)
     text = transformers.AutoConfig.from_pretrained(tmp_path).text_config

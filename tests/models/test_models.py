@@ -116,12 +116,23 @@ def test_vision_encoder_layout(variant: str) -> None:
 
 
 def test_position_embedding_resize_keeps_values_at_same_size_and_interpolates() -> None:
+    clip = pytest.importorskip("transformers.models.clip.modeling_clip")
     cfg = VisionConfig(image_size=32, patch_size=8, width=16, layers=1, heads=2, mlp_dim=32)
+    torch.manual_seed(0)
     enc = VisionTransformer(cfg)
     before = enc.pos_embed.detach().clone()
+    enc.resize_position_embeddings(32)
+    assert torch.equal(enc.pos_embed, before)
     enc.resize_position_embeddings(64)
     assert enc.pos_embed.shape == (1, 1 + 64, 16)
-    assert torch.equal(enc.pos_embed[:, 0], before[:, 0])  # CLS untouched
+    # transformers' CLIP interpolates the same table the same way
+    ref = clip.CLIPVisionEmbeddings(
+        clip.CLIPVisionConfig(hidden_size=16, num_attention_heads=2, image_size=32, patch_size=8)
+    )
+    with torch.no_grad():
+        ref.position_embedding.weight.copy_(before[0])
+        want = ref.interpolate_pos_encoding(torch.zeros(1, 65, 16), 64, 64)
+    torch.testing.assert_close(enc.pos_embed.detach(), want)
     assert enc(torch.randn(1, 3, 64, 64)).shape == (1, 64, 16)
 
 

@@ -186,21 +186,26 @@ def test_layout_follows_qwen3_moe_and_aux_losses_average_over_layers() -> None:
     dec = Decoder(cfg)
     kinds = [type(b.mlp).__name__ for b in dec.layers]
     assert kinds == ["SwiGLU", "MoE", "SwiGLU", "MoE"]
+    for block in dec.layers:
+        if isinstance(block.mlp, MoE):  # routers that differ, so the layers' losses differ
+            block.mlp.gate.weight.data.normal_(0, 0.5)
     ids = torch.randint(0, 64, (2, 10))
     aux: dict[str, torch.Tensor] = {}
-    dec(ids, aux_losses=aux)
-    per_layer = []
+    gate_logits: list[torch.Tensor] = []
     hooks = [
-        b.mlp.register_forward_hook(lambda m, i, o: per_layer.append(o[1]))
+        b.mlp.gate.register_forward_hook(lambda m, i, o: gate_logits.append(o))
         for b in dec.layers
         if isinstance(b.mlp, MoE)
     ]
-    dec(ids)
+    dec(ids, aux_losses=aux)
     for h in hooks:
         h.remove()
-    # each layer's own loss, undoing its 1 / (sparse layers) share, averaged
-    mean = sum(p["router_balance"] * 2 for p in per_layer) / 2
-    torch.testing.assert_close(aux["router_balance"], mean)
+    # each sparse layer's losses from its own router logits, then the mean over layers
+    routes = [route(logits, 2, True) for logits in gate_logits]
+    balance = [balance_loss(r, 4) for r in routes]
+    assert len(balance) == 2 and not torch.isclose(balance[0], balance[1])
+    torch.testing.assert_close(aux["router_balance"], (balance[0] + balance[1]) / 2)
+    torch.testing.assert_close(aux["router_z"], sum(z_loss(r) for r in routes) / 2)
     assert aux["router_z"] > 0
 
 

@@ -256,7 +256,7 @@ def test_nonfinite_losses_are_skipped_then_abort_naming_the_step(
         trainer.fit()
     assert trainer.counters["nonfinite_steps"] == 3
     records = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
-    assert records[0]["loss"] == pytest.approx(records[0]["loss"])  # step 1 finite
+    assert math.isfinite(records[0]["loss"])  # step 1
     assert records[-1]["nonfinite_steps"] >= 1
     # Resumed from step 2 (one bad step into the streak), the streak goes on where it was.
     again = Trainer(cfg)
