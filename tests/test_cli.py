@@ -55,6 +55,19 @@ def test_info_reports_components() -> None:
         assert word in out
 
 
+def test_info_counts_each_layouts_crops_and_tokens(capsys) -> None:
+    preset = str(ROOT / "configs" / "models" / "mm1_3b.yaml")  # 378 px crops, 144 tokens each
+    lines = {}
+    for layout in ("single", "mm1", "anyres"):
+        assert cli.main(["info", preset, f"model.image_layout.type={layout}"]) in (0, None)
+        out = capsys.readouterr().out
+        lines[layout] = next(x for x in out.splitlines() if x.startswith("image layout"))
+    assert lines["single"].endswith(": 1 crop(s) of 378px -> 144 image tokens per image")
+    assert lines["mm1"].endswith(": 5 crop(s) of 378px -> 720 image tokens per image")
+    # LLaVA-NeXT's canvases: the base image and 2 or 4 tiles, with a newline after each row
+    assert lines["anyres"].endswith(": 3-5 crop(s) of 378px -> 300-744 image tokens per image")
+
+
 def test_data_inspect_and_stats(run) -> None:
     world = run.parent / "world"
     out = mm1("data", "inspect", str(world / "captions"), "--format", "wds", "-n", "2")
@@ -339,6 +352,14 @@ def test_user_mistakes_are_one_line_errors(run, tmp_path, capsys, monkeypatch) -
     assert "tasks.yaml: task 1:" in fails(
         "eval", str(run), "--task-file", str(tmp_path / "tasks.yaml")
     )
+    task = _vqa_task(run.parent / "world", "t", True)
+    task["qeury"] = task.pop("query")
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump([task]))
+    assert "typo.yaml: task 1: unknown key(s) ['qeury']; missing key(s) ['query']; the keys" in (
+        fails("eval", str(run), "--task-file", str(tmp_path / "typo.yaml"))
+    )
+    out = fails("eval", str(run), "--task-file", str(tmp_path / "nope.yaml"))
+    assert out == f"error: task file {tmp_path / 'nope.yaml'} does not exist"
     (tmp_path / "bad.yaml").write_text("train:\n  steps: [1\n")
     assert "not valid YAML" in fails("info", str(tmp_path / "bad.yaml"))
     (tmp_path / "map.yaml").write_text("data:\n  sources: {format: wds, path: x}\n")

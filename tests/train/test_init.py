@@ -97,6 +97,22 @@ def test_architecture_mismatch_names_the_first_differing_parameter(
     assert "decoder.layers.0.mlp.gate_proj.weight is (64, 32) there but (96, 32)" in msg
 
 
+def test_a_mismatch_in_a_part_several_keys_name_points_at_each_key(
+    make_trainer, tmp_path, world, source_run, tiny_config
+) -> None:
+    """The connector changes type while `weights` still names the run the encoder and decoder
+    come from: the one source is named by both keys, and the error names both."""
+    cfg = tiny_config(tmp_path, world, steps=4, parallel="none", val_every=0)
+    overrides = [f"train.init.{k}={source_run}" for k in ("weights", "vision", "decoder")]
+    mlp = ["model.connector.type=mlp", "model.connector.num_tokens=0"]
+    trainer = make_trainer(cfg, tmp_path / "run", *overrides, *mlp)
+    with pytest.raises(ValueError) as err:
+        trainer.setup()
+    msg = str(err.value)
+    assert msg.startswith("train.init.vision / train.init.weights / train.init.decoder: ")
+    assert "has no connector.proj.0.weight" in msg
+
+
 def test_a_larger_image_size_interpolates_the_position_embeddings(
     make_trainer,
     tmp_path,

@@ -203,27 +203,39 @@ def test_3b_preset_builds_on_meta_without_allocating() -> None:
     assert s.image_tokens == 144
 
 
-def test_sigterm_saves_exits_143_and_the_next_run_resumes(tmp_path, world, tiny_config) -> None:
+@pytest.mark.parametrize("to", ["process", "group"])
+def test_sigterm_saves_exits_143_and_the_next_run_resumes(
+    tmp_path, world, tiny_config, to: str
+) -> None:
+    """SIGTERM to the trainer alone, or to its whole process group with its data worker (as
+    torchrun and schedulers send it): the worker leaves the signal to the trainer, which
+    saves and exits 143."""
     cfg = tiny_config(tmp_path, world, steps=10_000, save_every=10_000, parallel="none")
     run = tmp_path / "run"
-    p = run_cli(["train", str(cfg), f"train.run_dir={run}"])
+    p = run_cli(
+        ["train", str(cfg), f"train.run_dir={run}", "data.num_workers=1"], start_new_session=True
+    )
     deadline = time.time() + 120
     while time.time() < deadline and len(losses(run)) < 2:
         time.sleep(0.05)
     assert losses(run), p.communicate()[0][-3000:]
-    p.send_signal(signal.SIGTERM)
+    if to == "group":
+        os.killpg(p.pid, signal.SIGTERM)
+    else:
+        p.send_signal(signal.SIGTERM)
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 128 + signal.SIGTERM == 143, out[-3000:]
-    assert "done:" not in out
+    assert "done:" not in out and "Traceback" not in out
     saved = sorted((run / "checkpoints").glob("step_*/meta.json"))
     assert len(saved) == 1
     step = int(saved[0].parent.name.split("_")[1])
     assert step == max(losses(run))
     line = " ".join(out.split())
     assert f"stopped early by SIGTERM at step {step} of 10000" in line
-    assert f"resume with mm1 train {cfg} train.run_dir={run}" in line
+    assert f"resume with mm1 train {cfg} train.run_dir={run} data.num_workers=1" in line
 
-    out = finish(run_cli(["train", str(cfg), f"train.run_dir={run}", f"train.steps={step + 2}"]))
+    more = [f"train.run_dir={run}", "data.num_workers=1", f"train.steps={step + 2}"]
+    out = finish(run_cli(["train", str(cfg), *more]))
     assert f"resumed from {run / 'checkpoints' / f'step_{step}'} at step {step}" in out
     assert f"done: step {step + 2}" in out
 

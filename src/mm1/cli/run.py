@@ -49,18 +49,46 @@ def cmd_info(args: argparse.Namespace) -> None:
         f"image: {m.vision.image_size}px / patch {m.vision.patch_size} = "
         f"{m.vision.num_patches} patches -> {m.connector.type} -> {s.image_tokens} image tokens"
     )
+    crops, slots = _layout_ranges(cfg, m, s.image_tokens)
+    console.print(
+        f"image layout {m.image_layout.type}: {_span(crops)} crop(s) of {m.vision.image_size}px "
+        f"-> {_span(slots)} image tokens per image"
+    )
     console.print(
         f"training FLOPs per decoder token (seq {s.seq_len}): {_human(s.decoder_flops_per_token)}"
     )
-    console.print(f"training FLOPs per image (encoder + connector): {_human(s.image_flops)}")
+    console.print(f"training FLOPs per crop (encoder + connector): {_human(s.image_flops)}")
     k = cfg.data.max_images_per_seq
+    most = "" if crops[0] == crops[1] else "at most "
     console.print(
-        f"training FLOPs per token with {k} images per sequence: {_human(s.flops_per_token(k))}"
+        f"training FLOPs per token with {k} images per sequence: {most}"
+        f"{_human(s.flops_per_token(k * crops[1]))}"
     )
     console.print(
         f"MM1 peak learning rate for N = {_human(s.active)} active decoder parameters "
         f"(embeddings counted): {mm1_peak_lr(s.active):.3g}"
     )
+
+
+def _layout_ranges(
+    cfg: Config, model_cfg: ModelConfig, image_tokens: int
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(fewest, most) crops and image tokens per image under the model's image layout, over
+    images from one crop to 4 x 4 crops and aspect ratios from 1:6 to 6:1."""
+    from mm1.data.prompt_format import PromptFormat
+
+    fmt = PromptFormat.from_config(cfg.data, image_tokens, model_cfg)
+    side = model_cfg.vision.image_size
+    shapes = [(1, 1), (2, 2), (4, 4), (2, 1), (1, 2), (4, 3), (3, 4), (6, 1), (1, 6)]
+    sizes = [(side * w, side * h) for w, h in shapes]
+    crops = [fmt.crops_for_size(size) for size in sizes]
+    slots = [fmt.slots_for_size(size) for size in sizes]
+    return (min(crops), max(crops)), (min(slots), max(slots))
+
+
+def _span(lo_hi: tuple[int, int]) -> str:
+    lo, hi = lo_hi
+    return f"{lo:,}" if lo == hi else f"{lo:,}-{hi:,}"
 
 
 def _built_model_config(cfg: Config) -> tuple[ModelConfig, str]:

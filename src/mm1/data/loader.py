@@ -9,6 +9,7 @@ buffered records (nothing already emitted is read again).
 
 from __future__ import annotations
 
+import signal
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -221,7 +222,16 @@ def loader_of(dataset: torch.utils.data.IterableDataset, num_workers: int) -> Lo
         persistent_workers=num_workers > 0,
         prefetch_factor=2 if num_workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
+        worker_init_fn=leave_stop_signals_to_the_trainer,
     )
+
+
+def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """A data worker ignores SIGTERM and SIGINT. torchrun, schedulers and Ctrl-C signal the
+    whole process group; a worker killed by them would fail the step before the trainer could
+    save. The trainer stops at the step's end, and its workers are shut down with the loader."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def loader_counts(state: dict[str, Any]) -> dict[str, int]:

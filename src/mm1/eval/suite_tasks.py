@@ -30,8 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mm1.config import ConfigError
 from mm1.eval.metrics import (
     cider,
@@ -41,7 +39,7 @@ from mm1.eval.metrics import (
     vqa_accuracy_corpus,
     vqa_normalize,
 )
-from mm1.eval.tasks import SUITE_KINDS, SplitFiles, TaskSpec, load_vqa
+from mm1.eval.tasks import SUITE_KINDS, SplitFiles, TaskSpec, load_vqa, read_task_specs
 
 SHORT_KINDS = ("vqa", "pope", "multi")  # answered with a word or phrase
 HEADLINE = {"vqa": "VQA accuracy", "multi": "VQA accuracy", "pope": "F1", "long": "CIDEr"}
@@ -235,22 +233,7 @@ def load_suite_task(spec: TaskSpec) -> SuiteTask:
 def load_suite(path: str | Path) -> list[SuiteTask]:
     """Every task of a suite file (a YAML list of `TaskSpec` dicts, paths relative to it).
     Mistakes in the file are one-line `ConfigError`s naming it and the task's position."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"suite file {path} does not exist")
-    try:
-        entries = yaml.safe_load(path.read_text()) or []
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
-    if not isinstance(entries, list) or not entries:
-        raise ConfigError(f"{path}: a suite file is a YAML list of tasks (- name: ...)")
-    specs = []
-    for i, d in enumerate(entries):
-        try:
-            specs.append(TaskSpec.from_dict(d, root=path.parent))
-        except (ValueError, KeyError, TypeError) as err:
-            msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-            raise ConfigError(f"{path}: task {i + 1}: {msg}") from None
+    specs = read_task_specs(path, "suite file")
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: task names must be distinct, got {names}")

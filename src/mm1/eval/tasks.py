@@ -139,6 +139,15 @@ class TaskSpec:
           "query": {"captions": "captions_val2014.json", "image_dir": "val2014"},
           "support": {"captions": "captions_train2014.json", "image_dir": "train2014"}}`
         """
+        if not isinstance(d, Mapping):
+            raise ValueError(f"a task is a mapping of keys (name, kind, query, ...), got {d!r}")
+        keys = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(keys))
+        missing = [k for k in ("name", "kind", "query") if k not in d]
+        if unknown or missing:
+            problems = [f"unknown key(s) {unknown}"] if unknown else []
+            problems += [f"missing key(s) {missing}"] if missing else []
+            raise ValueError(f"{'; '.join(problems)}; the keys are {', '.join(keys)}")
         d = dict(d)
         query = SplitFiles.from_dict(d.pop("query"), root)
         support = d.pop("support", None)
@@ -469,26 +478,33 @@ def register_task(spec: TaskSpec | Mapping[str, Any], *, overwrite: bool = False
     return spec
 
 
-def register_task_file(path: str | Path) -> list[str]:
-    """Register every task of a YAML task file (a list of `TaskSpec` dicts, paths relative to
-    the file), replacing tasks of the same name; returns their names in file order. Mistakes are
-    one-line `ConfigError`s naming the file and the task's position."""
+def read_task_specs(path: str | Path, what: str = "task file") -> list[TaskSpec]:
+    """The `TaskSpec`s of a YAML list of task dicts (paths relative to the file). Mistakes are
+    one-line `ConfigError`s naming the file and the task's position; a missing file is a
+    `FileNotFoundError` naming it."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
     try:
         entries = yaml.safe_load(path.read_text()) or []
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
-    if not isinstance(entries, list):
-        raise ConfigError(f"{path}: a task file is a YAML list of tasks (- name: ...)")
-    names = []
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{path}: a {what} is a YAML list of tasks (- name: ...)")
+    specs = []
     for i, d in enumerate(entries):
         try:
-            spec = register_task(TaskSpec.from_dict(d, root=path.parent), overwrite=True)
+            specs.append(TaskSpec.from_dict(d, root=path.parent))
         except (ValueError, KeyError, TypeError) as err:
             msg = err.args[0] if isinstance(err, KeyError) and err.args else err
             raise ConfigError(f"{path}: task {i + 1}: {msg}") from None
-        names.append(spec.name)
-    return names
+    return specs
+
+
+def register_task_file(path: str | Path) -> list[str]:
+    """Register every task of a YAML task file (`read_task_specs`), replacing tasks of the same
+    name; returns their names in file order."""
+    return [register_task(spec, overwrite=True).name for spec in read_task_specs(path)]
 
 
 def synthetic_task_specs(world: str | Path) -> dict[str, TaskSpec]:

@@ -36,7 +36,7 @@ class Source:
 
     path: str
     parts: tuple[str, ...]
-    key: str  # the config key that named it (train.init.weights / train.init.<part>)
+    key: str  # the config key(s) that named it (train.init.weights / train.init.<part>)
 
     @property
     def kind(self) -> str:
@@ -79,7 +79,7 @@ def sources(init: InitConfig) -> list[Source]:
     """The directories to read, each once, with the parts it gives (a part's own key wins over
     `weights`). An HF checkpoint of a part other than vision / decoder is refused."""
     by_path: dict[str, list[str]] = {}
-    keys: dict[str, str] = {}
+    keys: dict[str, list[str]] = {}
     for part in INIT_PARTS:
         own = getattr(init, part)
         path = own or init.weights
@@ -87,8 +87,9 @@ def sources(init: InitConfig) -> list[Source]:
             continue
         key = f"train.init.{part}" if own else "train.init.weights"
         by_path.setdefault(path, []).append(part)
-        keys.setdefault(path, key)
-    out = [Source(path, tuple(ps), keys[path]) for path, ps in by_path.items()]
+        if key not in keys.setdefault(path, []):
+            keys[path].append(key)  # every key naming it, so an error points at each
+    out = [Source(path, tuple(ps), " / ".join(keys[path])) for path, ps in by_path.items()]
     for s in out:
         if s.kind == "hf":
             if s.parts == ("vision", "connector", "decoder") or len(s.parts) != 1:
