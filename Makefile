@@ -53,8 +53,11 @@ format: $(VENV)/.installed-dev
 	$(BIN)/ruff check --fix src tests benchmarks
 	$(BIN)/ruff format src tests benchmarks
 
+# One process per core of a 2-core machine; each test file stays in one process (its fixtures
+# are built once). `make test TEST_WORKERS=0` runs the suite in this process.
+TEST_WORKERS ?= 2
 test: lint $(VENV)/.installed-eval $(VENV)/.installed-browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python -m benchmarks.run_cpu
