@@ -324,6 +324,33 @@ def test_generate_until_is_batched_generate(lmm, world: Path) -> None:
 
 
 @needs_lmms_eval
+def test_compiled_generate_until_answers_as_eager(lmm, exported: Path, world: Path) -> None:
+    from mm1.eval.lmms_eval import MM1LMM
+
+    docs = _local_docs(world, 3)
+
+    def visual(doc):
+        from PIL import Image
+
+        return [Image.open(doc["image_path"]).convert("RGB")]
+
+    kwargs = {"until": ["\n"], "max_new_tokens": 5}
+    reqs = [
+        _request(("Question:" + d["question"] + " Short answer:", kwargs, visual, i, "t", "test"))
+        for i, d in enumerate(docs)
+    ]
+    args = f"pretrained={exported},max_new_tokens=6,compile=true"
+    compiled = MM1LMM.create_from_arg_string(args, {"batch_size": 2, "device": "cpu"})
+    for m in (lmm, compiled):
+        m.task_dict = {"t": {"test": docs}}
+    eager = lmm.generate_until(reqs)
+    assert len(set(eager)) == 3, "answers that hardly differ would hide a mix-up"
+    assert compiled.generate_until(reqs) == eager
+    with pytest.raises(ValueError, match="compile=true compiles greedy / sampled decoding"):
+        MM1LMM(pretrained=str(exported), device="cpu", compile="true", num_beams=3)
+
+
+@needs_lmms_eval
 def test_loglikelihood(lmm, world: Path) -> None:
     docs = _local_docs(world, 2)
     lmm.task_dict = {"t": {"test": docs}}

@@ -21,7 +21,8 @@ Model arguments (`--model_args key=value,...`): `pretrained` (required), `device
 when available), `batch_size`, `max_new_tokens` (default 32, when a task's generation_kwargs do
 not set one), `num_beams` (default 1 = greedy), `image_boundaries` (default: as the model was trained,
 from its prompt_format.json; true wraps image slots in `<img>` … `</img>`), `chat` (default
-false), `dtype` (float32, bfloat16, float16).
+false), `dtype` (float32, bfloat16, float16), `compile` (default false; true compiles the decode
+step at fixed shapes, one CUDA graph per step on a GPU, for greedy or sampled decoding).
 
 Only images are handled (no video or audio). This module imports lmms_eval, so import it only
 where lmms-eval is installed.
@@ -119,6 +120,7 @@ class MM1LMM(lmms):
         image_boundaries: bool | str | None = None,
         chat: bool | str = False,
         dtype: str = "float32",
+        compile: bool | str = False,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -142,6 +144,11 @@ class MM1LMM(lmms):
             boundaries = _as_bool(image_boundaries)
             self.prompt_format = replace(self.prompt_format, image_boundaries=boundaries)
         self.chat = _as_bool(chat)
+        # The decode step compiled at fixed shapes (a CUDA graph per step on a GPU): worth its
+        # compile time over a whole benchmark; greedy and sampled decoding, not beam search.
+        self.compile = _as_bool(compile)
+        if self.compile and self.num_beams > 1:
+            raise ValueError("MM1LMM: compile=true compiles greedy / sampled decoding: num_beams=1")
         self.stop_ids = sorted({self.tokenizer.eos_id, self.tokenizer.endofchunk_id})
 
     @property
@@ -217,6 +224,8 @@ class MM1LMM(lmms):
             "tokenizer": self.tokenizer,
         }
         if num_beams > 1 and not do_sample:
+            if self.compile:
+                raise ValueError("MM1LMM: compile=true does not run beam search (num_beams > 1)")
             outs = generate_beam(self.model, ids, pixel_values, num_beams=num_beams, **common)
         else:
             outs = generate(
@@ -226,6 +235,7 @@ class MM1LMM(lmms):
                 do_sample=do_sample,
                 temperature=temperature or 1.0,
                 top_p=float(kwargs.get("top_p") or 1.0),
+                compile=self.compile,
                 **common,
             )
         texts = []
