@@ -379,6 +379,13 @@ BAD = [
         None,
     ),
     ({"model": MODEL, "messages": []}, 400, None),
+    # seeds beyond torch's range: one such request used to stop the engine's thread
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "seed": 2**64}, 400, None),
+    (
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "seed": -(2**63) - 1},
+        400,
+        None,
+    ),
 ]
 
 

@@ -266,13 +266,13 @@ class Engine:
             return
         with_images = [h.request for h in admitted if h.request.pixel_values is not None]
         device = self.model.decoder.embed_tokens.weight.device
-        generators = [
-            torch.Generator(device).manual_seed(h.request.seed)
-            if h.request.seed is not None and h.request.sampling.do_sample
-            else None
-            for h in admitted
-        ]
-        try:
+        try:  # nothing a request holds may stop the engine's thread
+            generators = [
+                torch.Generator(device).manual_seed(h.request.seed)
+                if h.request.seed is not None and h.request.sampling.do_sample
+                else None
+                for h in admitted
+            ]
             ids = self._batch.prefill(
                 [h.request.prompt for h in admitted],
                 *_images(with_images, device),

@@ -114,8 +114,10 @@ def parse_chat_request(
     if top_p == 0:
         raise bad("top_p must be greater than 0", "top_p")
     seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise bad("seed must be an integer", "seed")
+    if seed is not None and (
+        not isinstance(seed, int) or isinstance(seed, bool) or not -(2**63) <= seed < 2**64
+    ):
+        raise bad("seed must be an integer in [-2**63, 2**64)", "seed")  # torch's seed range
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise bad("stream must be a boolean", "stream")
