@@ -69,6 +69,14 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"train\.optim\.grad_clip=-1"):
         load_config(None, ["train.optim.grad_clip=-1"])
     assert load_config(None, ["train.optim.grad_clip=0"]).train.optim.grad_clip == 0  # no clip
+    # checked at load, not at the first save or the first batch
+    with pytest.raises(ConfigError, match=r"^train\.keep_checkpoints=0 must be positive"):
+        load_config(None, ["train.keep_checkpoints=0"])
+    with pytest.raises(ConfigError, match=r"^data\.pack_buffer=0 must be positive"):
+        load_config(None, ["data.pack_buffer=0"])
+    for weight in (".nan", ".inf", "-1"):
+        with pytest.raises(ConfigError, match=r"^data\.sources\[0\]\.weight=.* a finite number"):
+            load_config(None, [f"data.sources=[{{format: wds, path: a, weight: {weight}}}]"])
     # every reader's format is accepted; image_root only where a format has image paths
     coco = load_config(None, ["data.sources=[{format: coco, path: c.json, image_root: imgs}]"])
     assert coco.data.sources[0].resolved_kind == "captions"

@@ -262,6 +262,7 @@ def validate(cfg: Config) -> None:
     d, t = cfg.data, cfg.train
     _positive("data.seq_len", d.seq_len)
     _positive("data.max_images_per_seq", d.max_images_per_seq)
+    _positive("data.pack_buffer", d.pack_buffer)
     if not 0.0 <= d.max_error_rate <= 1.0:
         raise ConfigError(f"data.max_error_rate={d.max_error_rate} must be within [0, 1]")
     if d.max_image_pixels < 0:
@@ -288,8 +289,8 @@ def validate(cfg: Config) -> None:
                 named[s.name] = i
             if s.kind:
                 _choice(f"{key}[{i}].kind", s.kind, SOURCE_KINDS)
-            if s.weight < 0:
-                raise ConfigError(f"{key}[{i}].weight={s.weight} must be >= 0")
+            if not (math.isfinite(s.weight) and s.weight >= 0):
+                raise ConfigError(f"{key}[{i}].weight={s.weight} must be a finite number >= 0")
             if s.image_root is not None and s.format not in IMAGE_ROOT_FORMATS:
                 raise ConfigError(
                     f"{key}[{i}].image_root is set, but the {s.format} format has no image "
@@ -315,7 +316,14 @@ def validate(cfg: Config) -> None:
     _choice("train.parallel", t.parallel, ("fsdp", "ddp", "none"))
     _choice("train.dtype", t.dtype, ("auto", "float32", "bfloat16"))
     _choice("train.wandb", t.wandb, ("off", "offline", "online"))
-    for k in ("steps", "batch_size", "micro_batch_size", "log_every", "save_every"):
+    for k in (
+        "steps",
+        "batch_size",
+        "micro_batch_size",
+        "log_every",
+        "save_every",
+        "keep_checkpoints",
+    ):
         _positive(f"train.{k}", getattr(t, k))
     if t.batch_size % t.micro_batch_size:
         raise ConfigError(
