@@ -239,6 +239,16 @@ def test_sigterm_saves_exits_143_and_the_next_run_resumes(
     assert f"resumed from {run / 'checkpoints' / f'step_{step}'} at step {step}" in out
     assert f"done: step {step + 2}" in out
 
+    # the loader's position is per worker: another worker count is refused, even under --force
+    from mm1.config import ConfigError, load_config
+    from mm1.train.trainer import Trainer
+
+    other = load_config(cfg, [f"train.run_dir={run}", "data.num_workers=2", "train.steps=99"])
+    with pytest.raises(
+        ConfigError, match=r"^data\.num_workers=2: .* saved with data\.num_workers=1"
+    ):
+        Trainer(other, force=True).fit()
+
 
 def test_nonfinite_losses_are_skipped_then_abort_naming_the_step(
     tmp_path, world, monkeypatch, tiny_config

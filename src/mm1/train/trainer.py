@@ -274,6 +274,16 @@ class Trainer:
         path = ckpt.latest_checkpoint(self.run_dir)
         if path is None:
             return
+        # The loader's position is one cursor per worker: it cannot move to another count, not
+        # even under --force (torchdata fails deep inside, with the workers left running).
+        saved = ckpt.read_meta(path).get("config", {}).get("data", {}).get("num_workers")
+        now = self.cfg.data.num_workers
+        if saved is not None and saved != now:
+            raise ConfigError(
+                f"data.num_workers={now}: {path} was saved with data.num_workers={saved}, and "
+                "the data loader's position is kept per worker; resume with "
+                f"data.num_workers={saved}"
+            )
         loaded = ckpt.load_checkpoint(path, self.model, self.optimizer)
         self.scheduler.load_state_dict(loaded.extra["scheduler"])
         self.counters = {**self.counters, **loaded.extra.get("counters", {})}
@@ -315,11 +325,11 @@ class Trainer:
             progress=cfg.progress,
         )
         self._install_signal_handlers()
-        data_iter = iter(self.loader)
         window = _new_window()
         last: StepResult | None = None
         stopped_by: int | None = None
         try:
+            data_iter = iter(self.loader)  # in the try: a failure here restores the handlers
             while self.step < cfg.steps:
                 t0 = time.perf_counter()
                 micro = [next(data_iter) for _ in range(self.accum)]
