@@ -249,6 +249,13 @@ class Trainer:
         deprecated_keys_in_dict(old)  # type: ignore[arg-type]  # a run saved before train.init
         old = _current_shape(old)  # type: ignore[arg-type]  # a run saved before the registries
         changed = _meaningful(config_diff(old, to_dict(self.cfg)))  # type: ignore[arg-type]
+        if "data.num_workers" in changed:  # not even under --force: torchdata would fail deep
+            was = old["data"]["num_workers"]  # type: ignore[index]
+            raise ConfigError(
+                f"data.num_workers={self.cfg.data.num_workers}: {self.run_dir} was saved with "
+                f"data.num_workers={was}, and the data loader's position is kept per worker; "
+                f"resume with data.num_workers={was}"
+            )
         if changed and not self.force:
             raise ConfigError(
                 f"{self.run_dir} holds a run whose config differs in {', '.join(changed)}; "
@@ -274,16 +281,6 @@ class Trainer:
         path = ckpt.latest_checkpoint(self.run_dir)
         if path is None:
             return
-        # The loader's position is one cursor per worker: it cannot move to another count, not
-        # even under --force (torchdata fails deep inside, with the workers left running).
-        saved = ckpt.read_meta(path).get("config", {}).get("data", {}).get("num_workers")
-        now = self.cfg.data.num_workers
-        if saved is not None and saved != now:
-            raise ConfigError(
-                f"data.num_workers={now}: {path} was saved with data.num_workers={saved}, and "
-                "the data loader's position is kept per worker; resume with "
-                f"data.num_workers={saved}"
-            )
         loaded = ckpt.load_checkpoint(path, self.model, self.optimizer)
         self.scheduler.load_state_dict(loaded.extra["scheduler"])
         self.counters = {**self.counters, **loaded.extra.get("counters", {})}
