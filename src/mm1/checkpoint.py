@@ -399,17 +399,37 @@ def read_model_weights(path: str | os.PathLike[str]) -> SavedModel:
         state = {k: v.clone() for k, v in load_file(str(p / EXPORT_WEIGHTS)).items()}
         return SavedModel(cfg, state, p, None)
     if is_run(p):
-        ckpt = latest_checkpoint(p)
-        if ckpt is None:
-            raise FileNotFoundError(f"{p} has no complete checkpoint under {CHECKPOINTS_DIR}/")
-        run = p
-    elif is_checkpoint(p):
-        ckpt, run = p, p.parent.parent
-    else:
-        raise FileNotFoundError(
-            f"{p} is neither an exported model ({EXPORT_WEIGHTS} + {MODEL_CONFIG}), a run "
-            f"directory with {CHECKPOINTS_DIR}/, nor one of its {CHECKPOINTS_DIR}/step_N"
-        )
+        return _read_newest(p)
+    if is_checkpoint(p):
+        return _read_checkpoint(p, p.parent.parent)
+    raise FileNotFoundError(
+        f"{p} is neither an exported model ({EXPORT_WEIGHTS} + {MODEL_CONFIG}), a run "
+        f"directory with {CHECKPOINTS_DIR}/, nor one of its {CHECKPOINTS_DIR}/step_N"
+    )
+
+
+def _read_newest(run: Path, tries: int = 5) -> SavedModel:
+    """The run's newest checkpoint, which may be training on: a save deletes the checkpoints
+    beyond `keep` once its own is complete, perhaps the one being read. A read that fails while
+    a newer checkpoint has appeared reads that one instead."""
+    for _ in range(tries - 1):
+        ckpt = _newest_checkpoint(run)
+        try:
+            return _read_checkpoint(ckpt, run)
+        except (OSError, CheckpointError):
+            if latest_checkpoint(run) in (None, ckpt):
+                raise  # not overtaken by a save: a real failure
+    return _read_checkpoint(_newest_checkpoint(run), run)
+
+
+def _newest_checkpoint(run: Path) -> Path:
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run} has no complete checkpoint under {CHECKPOINTS_DIR}/")
+    return ckpt
+
+
+def _read_checkpoint(ckpt: Path, run: Path) -> SavedModel:
     cfg = read_model_config(run)
     step = int(read_meta(ckpt)["step"])
     state = _read_dcp_model(ckpt)

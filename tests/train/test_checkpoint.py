@@ -419,3 +419,40 @@ def test_world_size_recorded_in_meta_is_checked(tmp_path: Path) -> None:
     (path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"saved by 4 process\(es\).*world size 1"):
         load_checkpoint(path, model, opt)
+
+
+def test_reading_a_run_whose_save_deletes_the_checkpoint_being_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model_config
+) -> None:
+    """A run read while it trains (`keep_checkpoints=1`): the save of step 4 completes and
+    deletes step 2 in the middle of the read of step 2. The read then takes step 4; a failure
+    that no newer checkpoint explains still raises."""
+    import shutil
+
+    import mm1.checkpoint as reading
+    from mm1.config import to_dict
+
+    run = tmp_path / "run"
+    model, opt, _ = _make(0)
+    for step in (2, 4):
+        save_checkpoint(run, step, model, opt, keep=2)
+    (run / "model.json").write_text(json.dumps(to_dict(tiny_model_config())))
+    later = tmp_path / "step_4"
+    (run / "checkpoints" / "step_4").rename(later)  # not yet saved when the read starts
+    real = reading._read_dcp_model
+
+    def read_while_saving(path: Path) -> dict[str, torch.Tensor]:
+        if path.name == "step_2":  # step 4 completes, then the save prunes step 2
+            later.rename(run / "checkpoints" / "step_4")
+            shutil.rmtree(path)
+        return real(path)
+
+    monkeypatch.setattr(reading, "_read_dcp_model", read_while_saving)
+    saved = reading.read_model_weights(run)
+    assert saved.step == 4 and saved.path.name == "step_4"
+    assert torch.equal(saved.state["embed.weight"], model.embed.weight)
+    # The newest checkpoint itself unreadable: raised, not retried around.
+    monkeypatch.setattr(reading, "_read_dcp_model", real)
+    (run / "checkpoints" / "step_4" / "__0_0.distcp").write_bytes(b"")
+    with pytest.raises(reading.CheckpointError):
+        reading.read_model_weights(run)

@@ -44,6 +44,7 @@ from mm1.models.mllm import MM1
 from mm1.models.starting_point import describe as describe_start
 from mm1.models.summary import active_parameters
 from mm1.train import checkpoint as ckpt
+from mm1.train import run_lock
 from mm1.train.expert_load import add_loads, last_expert_loads, load_fractions, load_metrics
 from mm1.train.logging import MetricsLogger, truncate_metrics
 from mm1.train.optim import build_optimizer, mm1_peak_lr
@@ -307,7 +308,12 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to `train.steps`; returns the final step, the last step's loss (nan when no
         step ran: the run was already complete), the steps this call ran, and `stopped_by`:
-        the signal number that stopped it early (after saving), else None."""
+        the signal number that stopped it early (after saving), else None. The run directory
+        is locked throughout: a second trainer on it is refused (`run_lock`)."""
+        with run_lock.held(self.run_dir, self.d):
+            return self._fit()
+
+    def _fit(self) -> dict[str, Any]:
         self.setup()
         cfg, d = self.cfg.train, self.d
         start = self.step

@@ -1,0 +1,94 @@
+"""The run directory: one trainer at a time, and a run directory that cannot be written is a
+one-line error before anything is built."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from mm1.config import ConfigError
+from mm1.train import run_lock
+from mm1.train.trainer import Trainer
+
+# Holds the lock on argv[1] in another process until its stdin closes.
+HOLDER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from mm1.train.run_lock import claim
+    claim(Path(sys.argv[1]))
+    print("held", flush=True)
+    sys.stdin.read()
+    """
+)
+
+
+def _refuse_setup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The refusal must come before any of the set-up (data, model) runs."""
+
+    def setup(self: Trainer) -> None:
+        raise AssertionError("setup ran")
+
+    monkeypatch.setattr(Trainer, "setup", setup)
+
+
+def test_a_second_trainer_on_a_run_directory_is_refused_until_the_first_ends(
+    tmp_path: Path, world: Path, tiny_config, make_trainer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(run)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        trainer = make_trainer(tiny_config(tmp_path, world), run)
+        with monkeypatch.context() as m:
+            _refuse_setup(m)
+            with pytest.raises(ConfigError) as err:
+                trainer.fit()
+        msg = str(err.value)
+        assert msg.startswith(f"train.run_dir={run}: another process (pid {holder.pid})"), msg
+        assert "\n" not in msg
+    finally:
+        holder.communicate("")  # the holder exits: the kernel drops its lock
+    # No stale lock after the holder has gone (however it ended): the run trains.
+    result = make_trainer(tiny_config(tmp_path, world), run, "train.steps=2").fit()
+    assert result["step"] == 2
+    assert (run / "checkpoints" / "step_2").is_dir()
+
+
+def test_trainers_one_after_another_in_one_process_do_not_refuse_each_other(
+    tmp_path: Path,
+) -> None:
+    run = tmp_path / "run"
+    first = run_lock.claim(run)
+    second = run_lock.claim(run)  # a POSIX lock belongs to the process
+    for fd in (first, second):
+        os.close(fd)
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "too long a name"])
+def test_a_run_directory_that_cannot_be_written_is_one_line_before_the_set_up(
+    where: str, tmp_path: Path, world: Path, tiny_config, make_trainer, monkeypatch
+) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    run = {
+        "a file": afile,
+        "under a file": afile / "run",
+        "too long a name": tmp_path / ("r" * 300),
+    }[where]
+    _refuse_setup(monkeypatch)
+    with pytest.raises(ConfigError) as err:
+        make_trainer(tiny_config(tmp_path, world), run).fit()
+    msg = str(err.value)
+    assert msg.startswith(f"train.run_dir={run}: cannot write there ("), msg
+    assert "\n" not in msg
