@@ -85,6 +85,73 @@ def test_refuses_to_write_into_a_foreign_directory(tmp_path):
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
+def test_an_interrupted_write_is_written_again_and_comes_out_whole(world, tmp_path, monkeypatch):
+    import mm1.data.synthetic as synthetic
+
+    m, _ = world
+    root = tmp_path / "w"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C during the mmc4 stage, after three sources
+
+    with monkeypatch.context() as patch:
+        patch.setattr(synthetic, "write_mmc4", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            write_world(root, seed=0, size="tiny")
+    assert (root / "interleaved").is_dir() and not (root / "world.json").exists()
+    # The next run recognises its own partial world (before: "refusing to write" into it).
+    write_world(root, seed=0, size="tiny")
+    assert _tree_hashes(root) == _tree_hashes(m.root)
+    assert not (root / synthetic.WRITING_MARK).exists()
+
+
+# Another process writing the world at argv[1]: it holds the write lock until its stdin
+# closes, then puts a whole world (argv[2]'s) there.
+WRITER = """
+import shutil, sys
+from pathlib import Path
+from mm1.data.synthetic import WRITING_MARK, _writing
+root = Path(sys.argv[1])
+with _writing(root):
+    print("writing", flush=True)
+    sys.stdin.read()
+    shutil.copytree(sys.argv[2], root, dirs_exist_ok=True)
+    (root / WRITING_MARK).unlink()
+"""
+
+
+def test_a_second_writer_waits_for_the_first_and_keeps_its_world(world, tmp_path):
+    import subprocess
+    import sys
+    import threading
+
+    m, _ = world
+    root = tmp_path / "w"
+    first = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(root), str(m.root)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert first.stdout is not None and first.stdout.readline().strip() == "writing"
+    (root / "text").mkdir()
+    (root / "text" / "being-written").write_text("the first writer's")
+    result: list[WorldManifest] = []
+    second = threading.Thread(
+        target=lambda: result.append(write_world(root, seed=0, size="tiny", keep_existing=True))
+    )
+    second.start()
+    second.join(timeout=2.0)
+    assert second.is_alive(), "the second writer did not wait"
+    assert (root / "text" / "being-written").exists(), "the second writer cleared the first's"
+    first.communicate("")
+    second.join(timeout=60)
+    assert result and result[0].root == root
+    # It kept the world the first one wrote (a rewrite would have cleared `text/` first).
+    assert (root / "text" / "being-written").exists()
+    assert json.loads((root / "world.json").read_text()) == m.to_dict()
+
+
 def test_deterministic_per_seed(world, tmp_path):
     m, _ = world
     first = _tree_hashes(m.root)

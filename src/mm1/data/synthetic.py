@@ -30,11 +30,14 @@ split they write (`scene_split`). Files are byte-identical for the same seed and
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,7 +115,11 @@ _OWNED = (
     "eval",
     "tokenizer.json",
     "world.json",
+    "world.json.tmp",
 )
+# Present while a world is written (removed once `world.json` is): a directory holding it is an
+# interrupted world of ours, rewritten rather than refused.
+WRITING_MARK = ".writing"
 
 
 @dataclass
@@ -156,20 +163,51 @@ class WorldManifest:
         return cls(root=p.parent, **data)
 
 
-def _prepare_dir(root: Path) -> None:
-    if root.exists() and any(root.iterdir()):
-        if not (root / "world.json").exists():
-            raise FileExistsError(
-                f"{root} exists, is not empty and holds no world.json: refusing to write a "
-                "synthetic world into it (choose an empty or new directory)"
-            )
-        for name in _OWNED:
-            p = root / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+def _refuse_foreign(root: Path) -> None:
+    """Refuse a non-empty `root` that is neither a world (`world.json`) nor one whose writing
+    was interrupted (`WRITING_MARK`): it holds something of the user's."""
+    ours = (root / "world.json").exists() or (root / WRITING_MARK).exists()
+    if root.exists() and any(root.iterdir()) and not ours:
+        raise FileExistsError(
+            f"{root} exists, is not empty and holds no world.json: refusing to write a "
+            "synthetic world into it (choose an empty or new directory)"
+        )
+
+
+@contextlib.contextmanager
+def _writing(root: Path) -> Iterator[None]:
+    """Hold the world's write lock: an exclusive `lockf` on `WRITING_MARK`, so a second process
+    writing the same world waits for the first rather than deleting its files. The kernel drops
+    the lock with the process, so an interrupted write leaves the mark but no lock."""
     root.mkdir(parents=True, exist_ok=True)
+    mark = root / WRITING_MARK
+    while True:
+        left_behind = mark.exists()
+        fd = os.open(mark, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if left_behind:
+                print(f"{root}: an earlier write was interrupted; writing again", file=sys.stderr)
+        except OSError:
+            print(f"waiting for another process writing the world at {root} ...", file=sys.stderr)
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(mark).st_ino == os.fstat(fd).st_ino:
+                break
+        os.close(fd)  # the writer waited for removed its mark when done: lock the path anew
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def _clear(root: Path) -> None:
+    for name in _OWNED:
+        p = root / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
 
 
 def _vocabulary() -> dict[str, Any]:
@@ -195,6 +233,7 @@ def write_world(
     vocab_size: int = 1024,
     text_scale: float = 1.0,
     progress: bool = False,
+    keep_existing: bool = False,
 ) -> WorldManifest:
     """Write the synthetic world of `size` ("tiny", "small" or "medium") to `out_dir`.
 
@@ -204,8 +243,9 @@ def write_world(
     documents (more images per token: faster visual learning in a CPU demo).
 
     Deterministic: the same arguments give byte-identical files. `progress` shows a bar.
-    `out_dir` must be new, empty, or a previous world (whose files are replaced). `world.json` is
-    written last, so its presence means the world is complete.
+    `out_dir` must be new, empty, a previous world (whose files are replaced, or kept with
+    `keep_existing`) or one whose writing was interrupted. `world.json` is written last, so its
+    presence means the world is complete; one process writes a world at a time.
     """
     if size not in PRESETS:
         raise ValueError(f"unknown world size {size!r}: expected one of {', '.join(SIZE_NAMES)}")
@@ -213,9 +253,28 @@ def write_world(
         raise ValueError(f"image_size must be at least 32 pixels, got {image_size}")
     if text_scale < 0:
         raise ValueError(f"text_scale must be >= 0, got {text_scale}")
-    preset = PRESETS[size]
     root = Path(out_dir)
-    _prepare_dir(root)
+    _refuse_foreign(root)
+    with _writing(root):
+        if keep_existing and (root / "world.json").exists():  # written while this one waited
+            return WorldManifest.load(root)
+        _clear(root)
+        manifest = _write_files(root, seed, size, image_size, vocab_size, text_scale, progress)
+        (root / WRITING_MARK).unlink()
+    return manifest
+
+
+def _write_files(
+    root: Path,
+    seed: int,
+    size: str,
+    image_size: int,
+    vocab_size: int,
+    text_scale: float,
+    progress: bool,
+) -> WorldManifest:
+    """Every file of the world into the empty `root`, `world.json` last."""
+    preset = PRESETS[size]
     texts: list[str] = []
     # Each stage takes a `tick(fraction)` callback, so the bar moves within a stage too.
     stages: dict[str, Callable[[Tick], dict[str, Any]]] = {
@@ -286,7 +345,8 @@ def write_world(
         eval=evals,
         vocabulary=_vocabulary(),
     )
-    (root / "world.json").write_text(
-        json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n"
-    )
+    # Atomically: an interrupted write must not leave a world.json that claims a whole world.
+    tmp = root / "world.json.tmp"
+    tmp.write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n")
+    tmp.replace(root / "world.json")
     return manifest

@@ -49,6 +49,7 @@ def ensure_world(
             text_scale=data.world_text_scale,
             image_size=data.world_image_size,
             progress=True,
+            keep_existing=True,  # another run may have written it meanwhile
         )
     barrier()
     world = WorldManifest.load(root)
