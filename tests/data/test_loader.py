@@ -10,7 +10,7 @@ import torch
 from mm1.config import SOURCE_KINDS, SourceConfig
 from mm1.data.images import ImageProcessor
 from mm1.data.loader import LoaderSettings, PackedDataset, build_loader, packing_stats
-from mm1.data.mixture import SourceStream
+from mm1.data.mixture import Cursor, SourceStream
 from mm1.data.prompt_format import PromptFormat
 from mm1.data.sources import DataError, ReadStats
 from mm1.data.synthetic import write_world
@@ -127,6 +127,69 @@ def test_restoring_keeps_the_saved_read_counts(world, tok) -> None:
     restored._build()
     assert restored.read_stats() == saved
     assert restored.state_dict()["mixture"] == state["mixture"]
+
+
+def test_resuming_over_changed_files_is_refused_or_restarts_that_source(
+    world, tok, tmp_path, caplog
+) -> None:
+    """A source whose files changed since the checkpoint: the saved cursor would index another
+    file list. Refused by default; with `resume_changed_sources` (`--force`) that source starts
+    its next epoch and its buffered records are dropped; the others resume as saved."""
+    import shutil
+
+    from mm1.data.synthetic import WorldManifest
+
+    copy = WorldManifest.load(shutil.copytree(world.root, tmp_path / "w"))
+    ds = PackedDataset(settings(copy), tok, PROC)
+    it = iter(ds)
+    for _ in range(5):
+        next(it)
+    state = ds.state_dict()
+    # Moved elsewhere, unchanged: not a change (names are kept relative to their folder).
+    moved = WorldManifest.load(shutil.copytree(copy.root, tmp_path / "moved"))
+    same = PackedDataset(settings(moved), tok, PROC)
+    same.load_state_dict(state)
+    assert_same([next(iter(same))], [next(it)])
+
+    x = state["buffer"][0][0]  # a source with records in the packing buffer
+    source = settings(copy).sources[x]
+    shards = ds._mixture.streams[x].shards
+    assert len(shards) > 1
+    shards[-1].unlink()
+    restored = PackedDataset(settings(copy), tok, PROC)
+    restored.load_state_dict(state)
+    then_now = rf"\({len(shards)} file\(s\) then, {len(shards) - 1} now\)"
+    with pytest.raises(DataError, match=rf"{source.path} changed since the checkpoint {then_now}"):
+        next(iter(restored))
+
+    forced = PackedDataset(settings(copy, resume_changed_sources=True), tok, PROC)
+    forced.load_state_dict(state)
+    forced._build()
+    assert "changed since the checkpoint" in caplog.text
+    for i, (saved, now) in enumerate(zip(state["mixture"]["sources"], forced._mixture.streams)):
+        assert now.changed == (i == x)
+        restart = dataclasses.asdict(Cursor(epoch=saved["cursor"]["epoch"] + 1))
+        assert now.state_dict()["cursor"] == (restart if i == x else saved["cursor"])
+    assert [list(p.ref) for p in forced._packer.buffer] == [r for r in state["buffer"] if r[0] != x]
+    next(iter(forced))  # and it trains on
+
+
+def test_a_source_files_fingerprint_sees_sizes_and_not_where_they_are(tmp_path) -> None:
+    from mm1.data.mixture import files_fingerprint
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+        for name in ("0.jsonl", "1.jsonl"):
+            (d / name).write_text("{}\n")
+    first = files_fingerprint(sorted(a.iterdir()))
+    assert files_fingerprint(sorted(b.iterdir())) == first
+    (b / "1.jsonl").write_text("{}\n{}\n")
+    assert files_fingerprint(sorted(b.iterdir())) != first
+    sized = files_fingerprint(sorted(b.iterdir()))
+    (b / "1.jsonl").rename(b / "2.jsonl")
+    renamed = files_fingerprint(sorted(b.iterdir()))
+    assert renamed["count"] == 2 and renamed != sized
 
 
 def test_two_ranks_read_different_data_and_resume_exactly(world, tok) -> None:

@@ -65,7 +65,11 @@ def register(add: Add) -> None:
     )
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="section.key=value")
-    p.add_argument("--force", action="store_true", help="resume even if the config changed")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="resume even if the config or a data source's files changed",
+    )
 
     p = add(
         "export-encoder",

@@ -191,7 +191,11 @@ def register(add: Add) -> None:
     p = add("train", cmd_train, "pre-train (or continue) a run; resumes from its run_dir")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="section.key=value")
-    p.add_argument("--force", action="store_true", help="resume even if the config changed")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="resume even if the config or a data source's files changed",
+    )
 
     p = add("info", cmd_info, "parameters, FLOPs and the MM1 peak lr of a model config")
     p.add_argument("config")

@@ -63,6 +63,7 @@ class PairSettings:
     seed: int = 0
     max_error_rate: float = 0.01
     max_image_pixels: int = 4096 * 4096
+    resume_changed_sources: bool = False  # `mm1 train-encoder --force`
 
 
 class CaptionPairDataset(ShardedDataset):

@@ -52,6 +52,7 @@ class LoaderSettings:
     max_error_rate: float = 0.01
     seed: int = 0
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    resume_changed_sources: bool = False  # `mm1 train --force`
 
     @classmethod
     def from_config(
@@ -164,6 +165,8 @@ class PackedDataset(ShardedDataset):
         self._packer.stats = PackStats.from_dict(state["pack_stats"])
         cache: dict[tuple[int, int, int], list[TokenizedDocument]] = {}
         for src, shard, record, piece, used in state["buffer"]:
+            if self._mixture.streams[src].changed:  # its saved indices mean other records now
+                continue
             key = (src, shard, record)
             if key not in cache:
                 doc = self.tokenize(_reread(self._mixture.streams[src], shard, record))

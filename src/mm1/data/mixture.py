@@ -10,6 +10,9 @@ the source of every next document by weight from a seeded generator whose state 
 from __future__ import annotations
 
 import glob
+import hashlib
+import logging
+import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +26,7 @@ from mm1.data.document import Conversation, Document
 from mm1.data.sources import READERS, DataError, ReadStats, check_error_rate
 
 Record = Document | Conversation
+logger = logging.getLogger(__name__)
 
 # The keyword under which each reader takes its local image folder.
 _IMAGE_ROOT_ARG = {"mmc4": "image_dir", "llava": "image_folder", "llava_yaml": "image_folder"}
@@ -49,11 +53,15 @@ class SourceStream:
         num_slots: int,
         seed: int,
         max_error_rate: float = 1.0,
+        resume_changed: bool = False,
     ) -> None:
         self.index, self.spec = index, spec
         self.max_error_rate = max_error_rate
+        self.resume_changed = resume_changed
+        self.changed = False  # set when a loaded state's files differ (and resume_changed)
         self.slot, self.num_slots, self.seed = slot, num_slots, seed
         self.shards = _resolve_shards(spec)
+        self.files = files_fingerprint(self.shards)
         self.cursor = Cursor()
         self.stats = ReadStats()
         self._iter: Iterator[tuple[int, Record]] | None = None
@@ -132,19 +140,53 @@ class SourceStream:
         """Re-read one record (to rebuild the packing buffer after a resume)."""
         item = next(self._open(shard, record), None)
         if item is None or item[0] != record:
-            raise RuntimeError(
+            raise DataError(
                 f"cannot re-read record {record} of {self.shards[shard]}: the source changed "
                 "since the checkpoint"
             )
         return item[1]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"cursor": asdict(self.cursor), "stats": self.stats.to_dict()}
+        return {"cursor": asdict(self.cursor), "stats": self.stats.to_dict(), "files": self.files}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.cursor = Cursor(**state["cursor"])
         self.stats = ReadStats.from_dict(state["stats"])
         self._iter = None
+        saved = state.get("files")  # absent from checkpoints before 2026-12-06
+        if saved is None or saved == self.files:
+            return
+        # The cursor indexes the saved file list: in another list it would re-read some records
+        # and skip others, silently.
+        then, now = saved["count"], self.files["count"]
+        what = f"{then} file(s) then, {now} now" if then != now else "their names or sizes differ"
+        if not self.resume_changed:
+            raise DataError(
+                f"data source {self.spec.path} changed since the checkpoint ({what}): the saved "
+                "position would re-read some records and skip others. Restore its files, or "
+                "resume with --force to start its next epoch over the files as they are now"
+            )
+        logger.warning(
+            "data source %s changed since the checkpoint (%s): starting its next epoch",
+            self.spec.path,
+            what,
+        )
+        self.cursor = Cursor(epoch=self.cursor.epoch + 1)
+        self.changed = True
+
+
+def files_fingerprint(shards: list[Path]) -> dict[str, Any]:
+    """What identifies a source's files: their count, and a digest of their names (relative to
+    their common folder, so the data may move) and sizes."""
+    base = os.path.commonpath([str(p.parent) for p in shards])
+    digest = hashlib.sha256()
+    for p in shards:
+        try:
+            size = p.stat().st_size
+        except OSError:
+            size = -1
+        digest.update(f"{os.path.relpath(p, base)}\t{size}\n".encode())
+    return {"count": len(shards), "digest": digest.hexdigest()[:16]}
 
 
 def _resolve_shards(spec: SourceConfig) -> list[Path]:

@@ -42,6 +42,7 @@ class MixtureSettings(Protocol):
     seed: int
     max_error_rate: float
     max_image_pixels: int
+    resume_changed_sources: bool  # a resume over changed files restarts them (see SourceStream)
 
 
 class ShardedDataset(IterableDataset):
@@ -90,7 +91,15 @@ class ShardedDataset(IterableDataset):
         set_max_image_pixels(self.s.max_image_pixels)  # process-wide: set in each worker
         slot, num_slots = self._slot(), self.world_size * self.num_workers
         streams = [
-            SourceStream(i, spec, slot, num_slots, self.s.seed, self.s.max_error_rate)
+            SourceStream(
+                i,
+                spec,
+                slot,
+                num_slots,
+                self.s.seed,
+                self.s.max_error_rate,
+                self.s.resume_changed_sources,
+            )
             for i, spec in enumerate(self.s.sources)
         ]
         self._mixture = Mixture(streams, self.s.seed, slot)

@@ -99,6 +99,7 @@ class EncoderTrainer(Trainer):
             seed=seed,
             max_error_rate=cfg.data.max_error_rate,
             max_image_pixels=cfg.data.max_image_pixels,
+            resume_changed_sources=self.force,
         )
 
     def _validation_batches(self) -> list[PairBatch]:  # type: ignore[override]

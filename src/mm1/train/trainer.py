@@ -219,7 +219,11 @@ class Trainer:
         set_model_state_dict(self.model, state, options=options)
 
     def _loader_settings(self, sources: list[SourceConfig], micro_batch: int) -> LoaderSettings:
-        return LoaderSettings.from_config(self.cfg.data, sources, self.prompt_format, micro_batch)
+        settings = LoaderSettings.from_config(
+            self.cfg.data, sources, self.prompt_format, micro_batch
+        )
+        settings.resume_changed_sources = self.force
+        return settings
 
     @property
     def prompt_format(self) -> PromptFormat:
