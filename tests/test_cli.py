@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -403,6 +404,163 @@ def test_a_tampered_run_directory_is_refused_without_running_code(run, tmp_path,
         out = capsys.readouterr().out
         assert "Traceback" not in out and not marker.exists()
         assert out.splitlines()[0].startswith(f"error: {index}: refused to load")
+
+
+def _one_line(capsys, argv: list[str], code: int) -> str:
+    """`mm1 ARGV` in this process: its exit status and its single output line."""
+    assert cli.main(argv) == code
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
+    assert "Traceback" not in out and len(out.strip().splitlines()) == 1, out
+    return " ".join(out.split())
+
+
+def test_convert_and_upcycle_refuse_output_dirs_holding_something_else(
+    run, tmp_path, capsys
+) -> None:
+    """An export written into a run directory would be loaded instead of its checkpoints from
+    then on; other non-empty directories are not overwritten either. Refused before loading;
+    writing over an earlier output of the same kind goes on as before."""
+    import shutil
+
+    from mm1.checkpoint import is_export
+    from mm1.config import ConfigError
+    from mm1.pretrained import load_pretrained, save_pretrained
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    before = sorted(p.relative_to(copy) for p in copy.rglob("*"))
+    in_run = "a training run directory (checkpoints/ inside); writing a model there would shadow"
+    for argv in (
+        ["convert", str(copy), "--export", str(copy)],
+        ["convert", str(copy), "--to-hf", str(copy)],
+        ["upcycle", str(copy), "--experts", "2", "--out", str(copy)],
+    ):
+        out = _one_line(capsys, argv, 2)
+        assert out.startswith(f"config error: {argv[-2]} {copy}: {in_run}"), out
+    assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == before
+    assert not is_export(copy)
+    p = load_pretrained(copy)
+    with pytest.raises(ConfigError, match=r"out_dir .*: a training run directory"):
+        save_pretrained(p.model, p.tokenizer, p.processor, copy, p.prompt_format)
+    assert not is_export(copy)
+
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("mine\n")
+    for option, what in (("--export", "an mm1 export"), ("--to-hf", "a transformers directory")):
+        out = _one_line(capsys, ["convert", str(copy), option, str(other)], 2)
+        assert out == (
+            f"config error: {option} {other}: the directory holds other files and is not "
+            f"{what}{' (config.json)' if option == '--to-hf' else ''}; give a new or empty "
+            "directory (or remove it first)"
+        )
+    out = _one_line(capsys, ["upcycle", str(copy), "--experts", "2", "--out", str(other)], 2)
+    assert out.startswith(f"config error: --out {other}: the directory holds other files")
+    assert [p.name for p in other.iterdir()] == ["todo.txt"]
+
+    # Again over the earlier output: a normal workflow, still allowed.
+    export, hf = tmp_path / "export", tmp_path / "hf"
+    for _ in range(2):
+        assert cli.main(["convert", str(copy), "--export", str(export), "--to-hf", str(hf)]) == 0
+    assert cli.main(["upcycle", str(copy), "--experts", "2", "--out", str(export)]) == 0
+    capsys.readouterr()
+    out = _one_line(capsys, ["convert", str(export), "--export", str(export)], 2)
+    assert out == (
+        f"config error: --export {export}: that is the source model itself; give another directory"
+    )
+
+
+def test_eval_checks_its_output_directory_before_loading_the_model(
+    run, tmp_path, capsys, monkeypatch
+) -> None:
+    """Scoring takes minutes: an output directory that cannot be written is reported first."""
+    import shutil
+
+    from mm1 import pretrained
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output directory was checked")
+
+    monkeypatch.setattr(pretrained, "load_pretrained", no_loading)
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    (copy / cli.EVAL_OUT).write_text("in the way\n")  # root too cannot make a directory here
+    out = _one_line(capsys, ["eval", str(copy)], 2)
+    assert out == (
+        f"config error: the results directory {copy / cli.EVAL_OUT}: cannot write there (a "
+        "file, not a directory): pass --out DIR to write elsewhere"
+    )
+    under_file = copy / cli.EVAL_OUT / "sub"
+    for extra in ([], ["--suite", "sft"]):
+        out = _one_line(capsys, ["eval", str(copy), *extra, "--out", str(under_file)], 2)
+        assert out == (
+            f"config error: --out {under_file}: cannot write there (Not a directory): give a "
+            "directory you can write to"
+        )
+    if os.geteuid() != 0:  # root ignores permissions
+        (copy / cli.EVAL_OUT).unlink()
+        copy.chmod(0o555)
+        try:
+            out = _one_line(capsys, ["eval", str(copy)], 2)
+        finally:
+            copy.chmod(0o755)
+        assert "cannot write there (Permission denied): pass --out DIR" in out
+
+
+def test_the_users_file_system_errors_are_one_line(tmp_path, capsys, monkeypatch) -> None:
+    import errno
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    out = _one_line(capsys, ["data", "synth", "--out", str(blocker / "world")], 1)
+    assert out == f"error: {blocker / 'world'}: Not a directory"
+
+    for code in (errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENAMETOOLONG):
+
+        def fail(args, code=code) -> None:
+            raise OSError(code, os.strerror(code), "/some/path")
+
+        monkeypatch.setattr("mm1.cli.run.cmd_info", fail)
+        out = _one_line(capsys, ["info", "x.yaml"], 1)
+        assert out == f"error: /some/path: {os.strerror(code)}"
+
+
+def test_ctrl_c_before_a_command_handles_it_is_exit_130_without_traceback(
+    capsys, monkeypatch
+) -> None:
+    def interrupted(args) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("mm1.cli.run.cmd_info", interrupted)
+    try:
+        code = cli.main(["info", "x.yaml"])
+    except KeyboardInterrupt:  # not let through: pytest would take it for the user's Ctrl-C
+        pytest.fail("the KeyboardInterrupt went through `main`")
+    out = capsys.readouterr()
+    assert (code, out.out, out.err) == (130, "", "mm1: interrupted\n")
+    # Interrupted while importing torch: torch.distributed half-made, and importing more of
+    # torch fails (here: mm1.train.parallel, which imports it). No group to close: 130 still.
+    import types
+
+    monkeypatch.setitem(sys.modules, "torch.distributed", types.ModuleType("torch.distributed"))
+    monkeypatch.setitem(sys.modules, "mm1.train.parallel", None)
+    assert cli.main(["info", "x.yaml"]) == 130
+    assert capsys.readouterr().err == "mm1: interrupted\n"
+    # The console script imports mm1.cli before `main` runs: nothing slow loads there, so a
+    # Ctrl-C while starting lands in `main`.
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, mm1.cli; print(sorted(set(sys.modules) & "
+            "{'torch', 'rich', 'omegaconf', 'mm1.config', 'mm1.cli.run'}))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert loaded.strip() == "[]"
 
 
 def test_eval_sft_suite_end_to_end(run, tmp_path) -> None:

@@ -483,6 +483,21 @@ def test_serve_cli_checks_its_options(run, capsys) -> None:
     assert "--max-batch must be at least 1" in out.out + out.err
 
 
+def test_serve_refuses_a_taken_port_before_loading_the_model(tmp_path, capsys) -> None:
+    """The port is bound before the model loads (no model at all here): a taken one is a
+    one-line error naming --port, and nothing claims to be serving."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.main(["serve", str(tmp_path / "no-model"), "--port", str(port)]) == 2
+    out = capsys.readouterr()
+    assert out.out + out.err == (
+        f"config error: --port {port}: 127.0.0.1:{port} is already in use (another server?): "
+        "stop it or pick another --port\n"
+    )
+
+
 def chromium():
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service

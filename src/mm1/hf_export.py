@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mm1.data.images import PREPROCESSOR_CONFIG
 from mm1.data.tokenizer import IMAGE_TOKEN
-from mm1.pretrained import Pretrained
+from mm1.pretrained import Pretrained, refuse_run_dir
 
 PROCESSOR_CLASSES = {"llava": "LlavaProcessor", "llava_next": "LlavaNextProcessor"}
 IMAGE_PROCESSOR_TYPES = {"llava": "CLIPImageProcessor", "llava_next": "LlavaNextImageProcessor"}
@@ -35,6 +35,7 @@ def save_hf(
     from mm1.models.hf.moe import moe_type_for
 
     out = Path(out_dir)
+    refuse_run_dir(out, "out_dir")  # its model.safetensors would shadow the run's checkpoints
     try:
         model_type = llava_model_type(p.cfg)
     except ValueError as why:

@@ -17,11 +17,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import save_file
 
 from mm1.checkpoint import (
+    CHECKPOINTS_DIR,
     EXPORT_WEIGHTS,
     MODEL_CONFIG,
     SavedModel,
@@ -30,7 +32,7 @@ from mm1.checkpoint import (
     read_model_config,
     read_model_weights,
 )
-from mm1.config import ModelConfig, to_dict
+from mm1.config import ConfigError, ModelConfig, to_dict
 from mm1.data.images import ImageProcessor
 from mm1.data.prompt_format import PromptFormat, load_prompt_format
 from mm1.data.tokenizer import Tokenizer
@@ -76,6 +78,7 @@ def save_pretrained(
             f"model fills {model.num_image_tokens}"
         )
     out = Path(out_dir)
+    refuse_run_dir(out, "out_dir")
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if model.cfg.decoder.tie_embeddings:
@@ -91,6 +94,46 @@ def save_pretrained(
     processor.save_pretrained(out)
     prompt_format.save(out)
     return out
+
+
+def check_output_dir(
+    out: str | Path,
+    option: str,
+    kind: Literal["export", "hf"] = "export",
+    source: str | Path | None = None,
+) -> Path:
+    """Refuse, before anything is loaded, an output directory whose files a write would clobber
+    or shadow: a training run directory, the `source` itself, or a non-empty directory holding
+    something other than an earlier output of this `kind` (an mm1 export, or a transformers
+    directory: config.json), which is rewritten in place as usual. `option` names it in errors."""
+    out = Path(out)
+    refuse_run_dir(out, option)
+    if source is not None and out.resolve() == Path(source).resolve():
+        raise ConfigError(
+            f"{option} {out}: that is the source model itself; give another directory"
+        )
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{option} {out}: is a file, not a directory; give a directory")
+    earlier = is_export(out) if kind == "export" else (out / "config.json").is_file()
+    if out.is_dir() and not earlier and any(out.iterdir()):
+        what = "an mm1 export" if kind == "export" else "a transformers directory (config.json)"
+        raise ConfigError(
+            f"{option} {out}: the directory holds other files and is not {what}; give a new or "
+            "empty directory (or remove it first)"
+        )
+    return out
+
+
+def refuse_run_dir(out: str | Path, option: str) -> None:
+    """Refuse a training run directory as the place to write a model (`option` names it)."""
+    # Loading checks for an export before a run: model weights written into a run directory
+    # would be read instead of its newest checkpoint from then on.
+    out = Path(out)
+    if (out / CHECKPOINTS_DIR).is_dir():
+        raise ConfigError(
+            f"{option} {out}: a training run directory ({CHECKPOINTS_DIR}/ inside); writing a "
+            "model there would shadow its checkpoints: give another directory"
+        )
 
 
 def _readable_like_other_files(path: Path) -> None:

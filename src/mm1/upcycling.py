@@ -18,7 +18,7 @@ from mm1.models.moe import MoEConfig
 from mm1.models.starting_point import expected_shapes
 from mm1.models.state_transforms import LoadContext, apply_chain
 from mm1.models.upcycle import UpcycleOptions
-from mm1.pretrained import load_pretrained, save_pretrained
+from mm1.pretrained import check_output_dir, load_pretrained, save_pretrained
 
 
 def upcycle(
@@ -38,6 +38,7 @@ def upcycle(
         raise ConfigError(f"--top-k={top_k} must be in 1..--experts={experts}")
     if noise < 0:
         raise ConfigError(f"--noise={noise} must be >= 0")
+    check_output_dir(out, "--out", "export", source)  # before the (slow) load
     dense = load_pretrained(source)
     cfg = copy.deepcopy(dense.cfg)
     if isinstance(cfg.decoder.ffn, MoEConfig):

@@ -13,18 +13,35 @@ import os
 import sys
 from collections.abc import Callable
 
-from rich.markup import escape
-
-from mm1.config import ConfigError
-
-from . import data, encoder, evaluate, model, run
-from .common import console
-from .evaluate import EVAL_OUT
+# Only the standard library at import: the console script imports this module before `main`
+# runs, and a Ctrl-C during an import here could not be caught (the rest loads inside `main`).
 
 __all__ = ["EVAL_OUT", "build_parser", "main"]
 
+# Errors from the user's own paths and disk, theirs to fix: one line, no traceback.
+USER_OS_ERRORS = (
+    errno.ENOSPC,  # disk full
+    errno.EDQUOT,  # quota
+    errno.EACCES,  # permission denied
+    errno.EPERM,
+    errno.EROFS,  # read-only file system
+    errno.ENOTDIR,  # a path through a regular file
+    errno.EISDIR,  # a directory where a file goes
+    errno.ENAMETOOLONG,
+)
+
+
+def __getattr__(name: str) -> object:
+    if name == "EVAL_OUT":  # loaded on use, as the command modules are
+        from .evaluate import EVAL_OUT
+
+        return EVAL_OUT
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import data, encoder, evaluate, model, run
+
     parser = argparse.ArgumentParser(
         prog="mm1",
         description="Pre-train, fine-tune and evaluate multimodal LLMs the way Apple's MM1 does.",
@@ -47,6 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `mm1` command; returns its exit status."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # A Ctrl-C no command handled itself (while starting: imports, loading a model) is the
+        # user's wish, not a failure: no traceback; 130 as for a process ended by SIGINT.
+        print("mm1: interrupted", file=sys.stderr, flush=True)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     # Overrides may come after options (`mm1 data stats cfg.yaml --json data.seq_len=4096`).
     args, extra = parser.parse_known_args(argv)
@@ -62,15 +90,28 @@ def main(argv: list[str] | None = None) -> int:
         finished = code not in (1, 2)  # not an error that may have stopped only this rank
         return code
     finally:
-        if "torch.distributed" in sys.modules:  # a command that may have started a group
+        if _group_started():  # a command started a process group
             from mm1.train.parallel import exit_now, shutdown_distributed
 
             if shutdown_distributed(finished) and finished:
                 exit_now(code)
 
 
+def _group_started() -> bool:
+    """Whether this process holds a torch.distributed group, without importing torch: a Ctrl-C
+    while torch was being imported leaves it half-made, and importing more of it then fails."""
+    dist = sys.modules.get("torch.distributed")
+    try:
+        return dist is not None and bool(dist.is_available() and dist.is_initialized())
+    except AttributeError:  # half-imported: no group was ever started
+        return False
+
+
 def _run(args: argparse.Namespace) -> int:
+    from mm1.config import ConfigError
     from mm1.data.sources import DataError
+
+    from .common import console
 
     try:
         code = args.fn(args)
@@ -81,9 +122,9 @@ def _run(args: argparse.Namespace) -> int:
         _print_error("error", err)
         return 2
     except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if err.errno not in USER_OS_ERRORS:
             raise
-        _print_error("error", err)  # a full disk is the user's to fix: no traceback
+        _print_error("error", _os_error_message(err))
         return 1
     except (ValueError, KeyError, TypeError) as err:
         # Mostly input the checks above did not classify (a task file's contents, a prompt):
@@ -96,7 +137,19 @@ def _run(args: argparse.Namespace) -> int:
     return code or 0
 
 
+def _os_error_message(err: OSError) -> str:
+    """`PATH: Permission denied` rather than `[Errno 13] Permission denied: 'PATH'`."""
+    if err.filename is None or not err.strerror:
+        return str(err)  # e.g. a full disk's own sentence
+    where = f"{err.filename} -> {err.filename2}" if err.filename2 is not None else err.filename
+    return f"{where}: {err.strerror}"
+
+
 def _print_error(label: str, err: object) -> None:
+    from rich.markup import escape
+
+    from .common import console
+
     # One line however long (no wrapping at the console width); the message is plain text, so
     # brackets in it (paths, lists) must not be read as rich markup.
     console.print(f"[bold red]{label}:[/] {escape(str(err))}", soft_wrap=True)

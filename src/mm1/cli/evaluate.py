@@ -11,6 +11,7 @@ from .common import Add, console
 
 # `mm1 eval`'s own folder: `eval/` holds the demo's evaluation, which its report links to.
 EVAL_OUT = "eval-cli"
+SUITE_OUT = "eval-suite"  # `mm1 eval --suite`'s (run_suite's default)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -57,6 +58,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
             f"{', '.join(synthetic)} need the synthetic world the model was trained on; none at "
             f"{world}: pass --world DIR, or evaluate your own tasks with --task-file"
         )
+    out = Path(args.out or model_dir / EVAL_OUT)
+    _check_writable(out, args.out is not None)
     p = load_pretrained(model_dir)
     results = evaluate(
         p.model,
@@ -69,7 +72,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
         name=args.name or model_dir.name,
     )
     results["settings"] = {**settings, "eval": {**to_dict(e), "tasks": tasks}}
-    out = Path(args.out or model_dir / EVAL_OUT)
     files = write_report(results, out)
     console.print(Path(files["markdown"]).read_text().split("\n\n###")[0])
     console.print(f"results: {files['json']}  table: {files['markdown']}  plot: {files['plot']}")
@@ -85,10 +87,28 @@ def cmd_eval_suite(args: argparse.Namespace) -> None:
     kw = {"mode": args.suite_mode, "seeds": s, "max_examples": args.max_examples or 0}
     kw["shuffle_images"] = args.shuffle_images
     kw["compile"] = args.compile
+    out = Path(args.out or Path(args.model) / SUITE_OUT)
+    _check_writable(out, args.out is not None)
     p = load_pretrained(args.model)
-    r = run_suite(p, args.model, args.suite, world=world, name=args.name, out=args.out, **kw)
+    r = run_suite(p, args.model, args.suite, world=world, name=args.name, out=out, **kw)
     console.print(Path(r["files"]["markdown"]).read_text().split("\n\n## ")[0])
     console.print(f"results: {r['files']['json']}  plot: {r['files']['plot']}")
+
+
+def _check_writable(out: Path, given: bool) -> None:
+    """Fail before the model loads and every task is scored (minutes), not when the results
+    are written: the output directory is created if need be and a file written into it."""
+    import tempfile
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        why = "a file, not a directory" if out.is_file() else err.strerror or str(err)
+        fix = "give a directory you can write to" if given else "pass --out DIR to write elsewhere"
+        where = f"--out {out}" if given else f"the results directory {out}"
+        raise ConfigError(f"{where}: cannot write there ({why}): {fix}") from None
 
 
 def _eval_settings(model_dir: Path, args: argparse.Namespace) -> tuple[EvalConfig, dict]:

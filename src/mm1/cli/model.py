@@ -19,8 +19,20 @@ if TYPE_CHECKING:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from mm1.pretrained import load_pretrained, save_pretrained
+    from mm1.pretrained import check_output_dir, load_pretrained, save_pretrained
 
+    if not args.export and not args.to_hf:
+        raise ConfigError("convert: give --export DIR and/or --to-hf DIR")
+    # Refused before the model loads: a write there would clobber or shadow something else.
+    if args.export:
+        check_output_dir(args.export, "--export", "export", args.source)
+    if args.to_hf:
+        check_output_dir(args.to_hf, "--to-hf", "hf", args.source)
+    if args.export and args.to_hf and Path(args.export).resolve() == Path(args.to_hf).resolve():
+        raise ConfigError(
+            f"--export and --to-hf are both {args.export}: both write model.safetensors; give "
+            "two directories"
+        )
     p = load_pretrained(args.source)
     if args.export:
         out = save_pretrained(p.model, p.tokenizer, p.processor, args.export, p.prompt_format)
@@ -29,8 +41,6 @@ def cmd_convert(args: argparse.Namespace) -> None:
         from mm1.hf_export import save_hf
 
         console.print(save_hf(p, args.to_hf, args.hf_type)[1])
-    if not args.export and not args.to_hf:
-        raise ConfigError("convert: give --export DIR and/or --to-hf DIR")
 
 
 def cmd_upcycle(args: argparse.Namespace) -> None:
@@ -147,10 +157,10 @@ def cmd_chat(args: argparse.Namespace) -> int | None:
     return 130 if answer_once(session, args.message, images).stopped else None
 
 
-def cmd_serve(args: argparse.Namespace) -> None:
+def cmd_serve(args: argparse.Namespace) -> int | None:
     from mm1.serve import run
 
-    run(args)
+    return run(args)
 
 
 def register(add: Add) -> None:

@@ -7,10 +7,16 @@ without it.
 from __future__ import annotations
 
 import argparse
+import errno
+import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mm1.config import ConfigError
+
+if TYPE_CHECKING:
+    import uvicorn
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -65,7 +71,33 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ConfigError(f"--image-dir: no folder {args.image_dir}")
 
 
-def run(args: argparse.Namespace) -> None:
+def bind_port(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (not yet listening: connections are refused until the
+    server listens), or a one-line error naming --port or --host."""
+    # As uvicorn binds: IPv6 for an address with a colon, SO_REUSEADDR (a port in TIME_WAIT
+    # after a restart is free; one being listened on is not).
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        why = err.strerror or str(err)
+        if err.errno == errno.EADDRINUSE:
+            raise ConfigError(
+                f"--port {port}: {host}:{port} is already in use (another server?): stop it or "
+                "pick another --port"
+            ) from None
+        if err.errno == errno.EACCES:
+            raise ConfigError(
+                f"--port {port}: not allowed to listen there ({why}; ports below 1024 need "
+                "privileges): pick another --port"
+            ) from None
+        raise ConfigError(f"--host {host}: cannot listen there ({why})") from None
+    return sock
+
+
+def run(args: argparse.Namespace) -> int | None:
     """Load the model and serve until interrupted."""
     check_arguments(args)
     try:
@@ -81,29 +113,55 @@ def run(args: argparse.Namespace) -> None:
     from mm1.serve.engine import Engine
     from mm1.serve.protocol import ServeOptions
 
-    p = load_pretrained(args.model, args.device)
-    template = resolve_chat_template(p.tokenizer, args.chat_template)
-    if template.notice:
-        print(f"note: {template.notice}", file=sys.stderr)
-    opts = ServeOptions(
-        model_name=args.model_name or Path(args.model).resolve().name,
-        chat_template=template.source,
-        image_dir=Path(args.image_dir) if args.image_dir else None,
-        max_image_bytes=int(args.max_image_mb * 2**20),
-        request_timeout=args.request_timeout,
-    )
-    engine = Engine(
-        p.model,
-        p.tokenizer,
-        max_batch=args.max_batch,
-        max_waiting=args.max_waiting,
-        compile=args.compile,
-    )
-    app = create_app(p, engine, opts)
-    print(
-        f"serving {opts.model_name!r} (chat template: {template.name}) on "
-        f"http://{args.host}:{args.port}/ — the chat page is at /, the API at /v1",
-        file=sys.stderr,
-        flush=True,
-    )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # The port first: taken or not allowed is known at once, not after the model has loaded.
+    sock = bind_port(args.host, args.port)
+    try:
+        p = load_pretrained(args.model, args.device)
+        template = resolve_chat_template(p.tokenizer, args.chat_template)
+        if template.notice:
+            print(f"note: {template.notice}", file=sys.stderr)
+        opts = ServeOptions(
+            model_name=args.model_name or Path(args.model).resolve().name,
+            chat_template=template.source,
+            image_dir=Path(args.image_dir) if args.image_dir else None,
+            max_image_bytes=int(args.max_image_mb * 2**20),
+            request_timeout=args.request_timeout,
+        )
+        engine = Engine(
+            p.model,
+            p.tokenizer,
+            max_batch=args.max_batch,
+            max_waiting=args.max_waiting,
+            compile=args.compile,
+        )
+        app = create_app(p, engine, opts)
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        banner = (
+            f"serving {opts.model_name!r} (chat template: {template.name}) on "
+            f"http://{host}:{sock.getsockname()[1]}/ — the chat page is at /, the API at /v1"
+        )
+        # Not started (the app's start-up failed; uvicorn logged why): exit 1, as uvicorn.run.
+        return None if serve_on(uvicorn.Config(app, log_level="warning"), sock, banner) else 1
+    finally:
+        sock.close()
+
+
+def serve_on(config: uvicorn.Config, sock: socket.socket, banner: str) -> bool:
+    """Serve on the bound `sock` until stopped, printing `banner` once listening; whether the
+    server started."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:  # listening: only now is "serving" true
+                print(banner, file=sys.stderr, flush=True)
+
+    server = Server(config)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        # uvicorn shuts down on Ctrl-C, then raises it again: a normal stop once serving.
+        if not server.started:
+            raise
+    return server.started
