@@ -213,6 +213,29 @@ def test_utf8_bom_is_left_out(tmp_path: Path, suffix: str) -> None:
     assert stats.skipped == {}
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be"])  # LE with its BOM; BE, BOM added
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".jsonl.gz", "coco.json", "text.jsonl"])
+def test_utf16_files_are_refused_saying_so(tmp_path: Path, suffix: str, encoding: str) -> None:
+    """Read as UTF-8 they were malformed_json on every line, or "not valid JSON" for the
+    whole file; neither said why."""
+    if suffix == "coco.json":
+        text = json.dumps({"images": [], "annotations": []})
+    elif suffix == "text.jsonl":
+        text = json.dumps({"text": "a document"}) + "\n"
+    else:
+        recs = [_llava(0), _llava(1)]
+        text = (
+            json.dumps(recs) if suffix == ".json" else "".join(json.dumps(r) + "\n" for r in recs)
+        )
+    data = ("\ufeff" if encoding.endswith("be") else "") + text
+    raw = data.encode(encoding)
+    path = tmp_path / f"l{suffix}"
+    path.write_bytes(gzip.compress(raw) if suffix.endswith(".gz") else raw)
+    read = {"coco.json": read_coco_captions, "text.jsonl": read_text}.get(suffix, read_llava)
+    with pytest.raises(DataError, match=r"UTF-16 text .*iconv -f UTF-16 -t UTF-8"):
+        list(read(path, stats=ReadStats()))
+
+
 def test_fuzz_harness_runs(tmp_path: Path) -> None:
     """The harness itself, at a tiny size: named cases of one kind plus a few random ones."""
     from benchmarks.fuzz_readers import main

@@ -90,5 +90,6 @@ def test_a_run_directory_that_cannot_be_written_is_one_line_before_the_set_up(
     with pytest.raises(ConfigError) as err:
         make_trainer(tiny_config(tmp_path, world), run).fit()
     msg = str(err.value)
-    assert msg.startswith(f"train.run_dir={run}: cannot write there ("), msg
+    why = {"a file": "a file, not a directory", "under a file": "Not a directory"}
+    assert msg.startswith(f"train.run_dir={run}: cannot write there ({why.get(where, '')}"), msg
     assert "\n" not in msg

@@ -31,9 +31,11 @@ def claim(run_dir: Path) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:  # a file, under a file, read-only, a name too long ...
+        why = err.strerror or str(err)
+        if err.errno == errno.EEXIST:  # mkdir of a path that is a file
+            why = "a file, not a directory"
         raise ConfigError(
-            f"train.run_dir={run_dir}: cannot write there ({err.strerror or err}); "
-            "choose a writable directory"
+            f"train.run_dir={run_dir}: cannot write there ({why}); choose a writable directory"
         ) from None
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

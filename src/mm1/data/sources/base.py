@@ -366,10 +366,22 @@ def _decode_strings(value: Any, t: Any) -> Any:
 def open_text(path: Path) -> io.TextIOBase:
     """A UTF-8 text stream (a leading BOM, as Windows tools write, left out); bytes that are not
     UTF-8 come as lone surrogates (surrogateescape), which `repair_record` counts as
-    `invalid_utf8` and replaces."""
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8-sig", errors="surrogateescape")  # type: ignore[return-value]
-    return open(path, encoding="utf-8-sig", errors="surrogateescape")  # type: ignore[return-value]
+    `invalid_utf8` and replaces. A UTF-16 file is refused (`refuse_utf16`)."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        refuse_utf16(f.read(2), path)
+    return opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape")  # type: ignore[return-value]
+
+
+def refuse_utf16(head: bytes, path: Path) -> None:
+    """A `DataError` for a file that starts with a UTF-16 byte-order mark (as Windows tools
+    save "Unicode" text): read as UTF-8, every line or the whole file would be malformed JSON,
+    and the message would not say why."""
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise DataError(
+            f"{str(path)[:300]}: UTF-16 text (it starts with a UTF-16 byte-order mark); mm1 "
+            "reads UTF-8: convert it, e.g. iconv -f UTF-16 -t UTF-8 IN > OUT"
+        )
 
 
 # Deeper JSON is no real record; python's parser (and any recursive walk) would hit the
@@ -467,6 +479,8 @@ def json_list_once(path: Path) -> JsonList:
         return hit[1]
     _INDEXED_JSON.pop(key, None)
     try:
+        with open(path, "rb") as f:
+            refuse_utf16(f.read(2), path)
         index = JsonList(path)
     except IsADirectoryError as e:
         raise DataError(f"{str(path)[:300]}: cannot read: {e.strerror or e}") from None
