@@ -174,6 +174,28 @@ def test_resuming_over_changed_files_is_refused_or_restarts_that_source(
     next(iter(forced))  # and it trains on
 
 
+def test_a_refused_resume_in_a_loader_worker_is_the_same_one_line_error(world, tok, tmp_path):
+    """The worker's error is raised in the main process; the worker, asked for its state after
+    the error, gives the loaded one (it had a half-built pipeline: an AssertionError)."""
+    import shutil
+
+    from mm1.data.synthetic import WorldManifest
+
+    copy = WorldManifest.load(shutil.copytree(world.root, tmp_path / "w"))
+    loader = build_loader(settings(copy), tok, PROC, num_workers=1)
+    take(loader, 2)
+    state = loader.state_dict()
+    del loader
+    for shard in sorted((copy.root / "text").iterdir())[1:]:
+        shard.unlink()
+    resumed = build_loader(settings(copy), tok, PROC, num_workers=1)
+    resumed.load_state_dict(state)
+    with pytest.raises(
+        DataError, match=r"text changed since the checkpoint \(4 file\(s\) then, 1 now"
+    ):
+        take(resumed, 1)
+
+
 def test_a_source_files_fingerprint_sees_sizes_and_not_where_they_are(tmp_path) -> None:
     from mm1.data.mixture import files_fingerprint
 

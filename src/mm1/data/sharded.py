@@ -102,15 +102,18 @@ class ShardedDataset(IterableDataset):
             )
             for i, spec in enumerate(self.s.sources)
         ]
-        self._mixture = Mixture(streams, self.s.seed, slot)
+        mixture = Mixture(streams, self.s.seed, slot)
         if self._state is not None:
             if self._state.get("slot", slot) != slot:
                 raise RuntimeError(
                     f"loader state of slot {self._state['slot']} given to slot {slot}: the "
                     "number of ranks or workers changed since the checkpoint"
                 )
-            self._mixture.load_state_dict(self._state["mixture"])
-        return self._mixture
+            mixture.load_state_dict(self._state["mixture"])
+        # Kept only once whole: a worker whose state was refused still reports a state (the
+        # loaded one) after its error, and a half-built pipeline has none.
+        self._mixture = mixture
+        return mixture
 
     def _extra_state(self) -> dict[str, Any]:
         """The subclass's part of the slot's state (called once the mixture is open)."""
