@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -537,3 +538,40 @@ def test_two_sources_log_per_dataset_losses_that_average_to_the_step_loss(
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("loss_ds_alt")] == [1, 2, 3]
+
+
+def test_changed_optimizer_settings_apply_from_the_resumed_step(
+    tmp_path, world, tiny_config, make_trainer, capsys
+) -> None:
+    """Loading a checkpoint restores its optimizer settings: a changed `train.optim.lr` or
+    weight decay was written into the run's config.yaml but not used. They now apply from the
+    resumed step, said in one line; an unchanged resume says nothing (and stays bit-exact:
+    `test_sigkill_and_resume_gives_bit_identical_losses`)."""
+    from mm1.train.optim import lr_factor
+
+    cfg = tiny_config(tmp_path, world, steps=4, save_every=2, parallel="none")
+    run = tmp_path / "run"
+    make_trainer(cfg, run).fit()
+    shutil.rmtree(run / "checkpoints" / "step_4")
+    capsys.readouterr()
+    same = make_trainer(cfg, run)
+    same.setup()
+    assert "train.optim changed" not in capsys.readouterr().out
+    saved_lrs = [g["lr"] for g in same.optimizer.param_groups]
+
+    changed = make_trainer(cfg, run, "train.optim.lr=0.01", "train.optim.weight_decay=0.5")
+    changed.setup()
+    out = capsys.readouterr().out
+    assert (
+        "train.optim changed since the checkpoint: lr 0.001 -> 0.01, weight_decay 0.1 -> 0.5" in out
+    )
+    step = changed.scheduler.last_epoch
+    assert step == 2
+    for group, before in zip(changed.optimizer.param_groups, saved_lrs, strict=True):
+        assert group["lr"] == pytest.approx(0.01 * group["lr_mult"] * lr_factor(2, 2, 4, 0.1))
+        assert group["lr"] == pytest.approx(10 * before)
+        assert group["weight_decay"] in (0.0, 0.5)
+    assert {g["weight_decay"] for g in changed.optimizer.param_groups} == {0.0, 0.5}
+    changed.fit()
+    lrs = {r["step"]: r["lr"] for r in read_metrics(run) if "lr" in r}
+    assert lrs[4] == pytest.approx(0.01 * lr_factor(4, 2, 4, 0.1))

@@ -71,3 +71,50 @@ def build_optimizer(
         opt, lambda step: lr_factor(step, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
     )
     return opt, sched
+
+
+# The settings a resume takes from the config rather than from the checkpoint.
+HYPERPARAMETERS = ("lr_mult", "weight_decay", "betas", "eps")
+
+
+def hyperparameters(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR
+) -> list[dict]:
+    """Each parameter group's settings as the config gives them (read before a resume)."""
+    return [
+        {"base_lr": base, **{k: g[k] for k in HYPERPARAMETERS if k in g}}
+        for g, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True)
+    ]
+
+
+def reapply_hyperparameters(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    settings: list[dict],
+) -> list[str]:
+    """Put the config's settings (`hyperparameters`, read before the checkpoint loaded) back
+    into a resumed optimizer and schedule: loading restores the saved ones, so a changed
+    `train.optim.lr` (or weight decay, betas, eps, vision multiplier) would be written into the
+    run's config yet not used. The lr of the coming step is recomputed at the resumed step, the
+    same arithmetic the schedule uses, so an unchanged run resumes bit for bit. Returns what
+    changed, e.g. ["lr 0.001 -> 0.01"]."""
+    changes: dict[str, str] = {}
+    for i, (group, want) in enumerate(zip(optimizer.param_groups, settings, strict=True)):
+        saved_base = scheduler.base_lrs[i]
+        if saved_base != want["base_lr"] and "lr" not in changes:
+            changes["lr"] = f"lr {saved_base:g} -> {want['base_lr']:g}"
+        for key in HYPERPARAMETERS:
+            if key not in want:
+                continue
+            saved = group.get(key)
+            if saved is not None and _plain(saved) != _plain(want[key]) and key not in changes:
+                changes[key] = f"{key} {_plain(saved)} -> {_plain(want[key])}"
+            group[key] = want[key]
+        scheduler.base_lrs[i] = group["initial_lr"] = want["base_lr"]
+        group["lr"] = want["base_lr"] * scheduler.lr_lambdas[i](scheduler.last_epoch)
+    return list(changes.values())
+
+
+def _plain(value: object) -> object:
+    """Betas come back from a checkpoint as a list or a tuple: compare them as lists."""
+    return list(value) if isinstance(value, (list, tuple)) else value

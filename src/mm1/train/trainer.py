@@ -47,7 +47,12 @@ from mm1.train import checkpoint as ckpt
 from mm1.train import run_lock
 from mm1.train.expert_load import add_loads, last_expert_loads, load_fractions, load_metrics
 from mm1.train.logging import MetricsLogger, truncate_metrics
-from mm1.train.optim import build_optimizer, mm1_peak_lr
+from mm1.train.optim import (
+    build_optimizer,
+    hyperparameters,
+    mm1_peak_lr,
+    reapply_hyperparameters,
+)
 from mm1.train.parallel import (
     Dist,
     accumulation_steps,
@@ -286,8 +291,12 @@ class Trainer:
         path = ckpt.latest_checkpoint(self.run_dir)
         if path is None:
             return
+        configured = hyperparameters(self.optimizer, self.scheduler)
         loaded = ckpt.load_checkpoint(path, self.model, self.optimizer)
         self.scheduler.load_state_dict(loaded.extra["scheduler"])
+        changed = reapply_hyperparameters(self.optimizer, self.scheduler, configured)
+        if changed and self.d.is_main:
+            print(f"train.optim changed since the checkpoint: {', '.join(changed)}", flush=True)
         self.counters = {**self.counters, **loaded.extra.get("counters", {})}
         self.loader.load_state_dict(loaded.rank_state["loader"])
         self.step = loaded.step
