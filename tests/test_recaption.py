@@ -6,13 +6,16 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 
+from mm1 import cli
 from mm1 import recaption as rc
+from mm1.config import ConfigError
 from mm1.data.caption_splits import CLEAN_ALL, CLEAN_SUBSET, write_caption_splits
 from mm1.data.images import ImageProcessor
 from mm1.data.sources import ReadStats
@@ -49,6 +52,27 @@ def model_dir(world, tiny_model_config) -> Path:
     out = world.parent / "model"
     save_pretrained(MM1(cfg).eval(), tok, ImageProcessor.clip(32), out)
     return out
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(world, model_dir, tiny_model_config) -> Path:
+    """Another model of the same shape (other weights): captions of its own."""
+    tok = Tokenizer.from_file(world / "tokenizer.json")
+    cfg = tiny_model_config()
+    cfg.decoder.vocab_size, cfg.image_token_id = tok.vocab_size, tok.image_id
+    torch.manual_seed(1)
+    out = world.parent / "other_model"
+    save_pretrained(MM1(cfg).eval(), tok, ImageProcessor.clip(32), out)
+    return out
+
+
+def _one_line(capsys, argv: list[str], code: int) -> str:
+    """`mm1 ARGV` in this process: its exit status and its single output line."""
+    assert cli.main(argv) == code
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
+    assert "Traceback" not in out and len(out.strip().splitlines()) == 1, out
+    return " ".join(out.split())
 
 
 def test_caption_splits_add_files_only(world) -> None:
@@ -97,9 +121,15 @@ def test_recaption_writes_readable_shards_resumably(world, model_dir, tmp_path, 
     monkeypatch.setattr(
         rc, "recaption_shard", lambda p, shard, *a: seen.append(shard.name) or real(p, shard, *a)
     )
-    rc.recaption(model_dir, src, out, settings, progress=False)
+    again = rc.recaption(model_dir, src, out, settings, progress=False)
     assert seen == ["00002.tar"]
-    assert json.loads((out / rc.MANIFEST).read_text())["shards"]["00002.tar"]["recaptioned"] > 0
+    made = json.loads((out / rc.MANIFEST).read_text())["shards"]["00002.tar"]["recaptioned"]
+    assert made > 0
+    # only what this call generated is counted as generated
+    assert again["this_run"] == {"shards": 1, "captions": made, "already_done": 3}
+    finished = rc.recaption(model_dir, src, out, settings, progress=False)
+    assert seen == ["00002.tar"]
+    assert finished["this_run"] == {"shards": 0, "captions": 0, "already_done": 4}
 
 
 def test_fuse_keeps_both(world, model_dir, tmp_path) -> None:
@@ -114,6 +144,105 @@ def test_fuse_keeps_both(world, model_dir, tmp_path) -> None:
 def test_recaption_refuses_writing_over_its_input(world, model_dir) -> None:
     with pytest.raises(ValueError, match="new directory"):
         rc.recaption(model_dir, world / "captions", world / "captions", progress=False)
+
+
+def test_rerun_resumes_only_the_same_settings(world, model_dir, other_model_dir, tmp_path):
+    src, out = world / "captions", tmp_path / "recap"
+    settings = rc.RecaptionSettings(batch_size=16, max_new_tokens=3)
+    real = rc.recaption_shard
+
+    def interrupted(p, shard, *a):  # the run stops while writing its third shard
+        if shard.name == "00002.tar":
+            raise KeyboardInterrupt
+        return real(p, shard, *a)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rc, "recaption_shard", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            rc.recaption(model_dir, src, out, settings, progress=False)
+    before = _hashes(out)
+    assert {"00000.tar", "00001.tar", rc.MANIFEST} <= set(before)
+    # another model, other settings or other inputs would mix two kinds of shards: refused,
+    # naming what differs, and nothing in --out is touched
+    fused = rc.RecaptionSettings(batch_size=16, max_new_tokens=3, fuse=True)
+    longer = rc.RecaptionSettings(batch_size=16, max_new_tokens=5)
+    refused = [
+        (other_model_dir, src, settings, r"other settings \(model .*model \(export \w+\), now "),
+        (model_dir, src, fused, r"\(fuse false, now true\); give a new --out"),
+        (model_dir, src, longer, r"\(max_new_tokens 3, now 5\)"),
+        (model_dir, src / "00003.tar", settings, r"\(input_shards 4 shards from .*, now 1 shards"),
+    ]
+    for model, inputs, s, message in refused:
+        with pytest.raises(ConfigError, match=message):
+            rc.recaption(model, inputs, out, s, progress=False)
+    assert _hashes(out) == before
+    # the same settings resume: the two missing shards, counted as this run's alone
+    record = rc.recaption(model_dir, src, out, settings, progress=False)
+    assert record["this_run"]["shards"] == 2 and record["this_run"]["already_done"] == 2
+    assert {k: _hashes(out)[k] for k in ("00000.tar", "00001.tar")} == {
+        k: before[k] for k in ("00000.tar", "00001.tar")
+    }
+    # a finished --out is refused to another model too (it did nothing, yet said it had)
+    with pytest.raises(ConfigError, match="holds shards made with other settings"):
+        rc.recaption(other_model_dir, src, out, settings, progress=False)
+    # a non-empty folder without a run's record is not taken for one
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "00000.tar").write_bytes((src / "00000.tar").read_bytes())
+    with pytest.raises(ConfigError, match="holds no recaption.json recording the settings"):
+        rc.recaption(model_dir, src, stray, settings, progress=False)
+
+
+def test_model_identity_tells_models_apart(model_dir, other_model_dir, tmp_path) -> None:
+    # an export by a fingerprint of its files; the same files elsewhere differ only by path
+    a, b = rc.model_identity(model_dir), rc.model_identity(other_model_dir)
+    assert a["export_sha256"] != b["export_sha256"]
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in model_dir.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    assert rc.model_identity(copy)["export_sha256"] == a["export_sha256"]
+    # a run directory by the step of its newest complete checkpoint (the one loaded)
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_5").mkdir(parents=True)
+    (run / "model.json").write_text("{}")
+    (run / "checkpoints" / "step_5" / "meta.json").write_text("{}")
+    assert rc.model_identity(run) == {"path": str(run.resolve()), "step": 5}
+    (run / "checkpoints" / "step_9").mkdir()  # incomplete: not loaded, not counted
+    assert rc.model_identity(run)["step"] == 5
+    (run / "checkpoints" / "step_9" / "meta.json").write_text("{}")
+    assert rc.model_identity(run)["step"] == 9
+
+
+def test_duplicate_shard_names_are_refused(world, model_dir, tmp_path) -> None:
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "00000.tar").write_bytes((world / "captions/00000.tar").read_bytes())
+    out = tmp_path / "out"
+    message = (
+        f"--in {tmp_path}/*/*.tar: two shards named 00000.tar ({tmp_path}/a/00000.tar and "
+        f"{tmp_path}/b/00000.tar) would both be written to --out as 00000.tar"
+    )
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        rc.recaption(model_dir, f"{tmp_path}/*/*.tar", out, progress=False)
+    assert not out.exists()
+
+
+def test_recaption_mistakes_are_one_line_and_leave_no_out(world, model_dir, tmp_path, capsys):
+    src, out = str(world / "captions" / "00000.tar"), tmp_path / "out"
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    line = _one_line(capsys, ["recaption", str(model_dir), "--in", src, "--out", str(a_file)], 2)
+    assert line == f"config error: --out {a_file}: is a file, not a directory; give a directory"
+    tok = world / "tokenizer.json"
+    line = _one_line(capsys, ["recaption", str(model_dir), "--in", str(tok), "--out", str(out)], 2)
+    assert line.startswith(f"config error: --in {tok}: not a readable tar shard (")
+    missing = tmp_path / "no_model"
+    line = _one_line(capsys, ["recaption", str(missing), "--in", src, "--out", str(out)], 2)
+    assert line == f"config error: checkpoint {missing}: does not exist"
+    line = _one_line(capsys, ["recaption", str(world), "--in", src, "--out", str(out)], 2)
+    assert line.startswith(f"config error: checkpoint {world}: neither an exported model")
+    assert not out.exists()  # nothing made before the inputs and the model were checked
 
 
 def test_caption_quality_scores_sources_against_the_scene(world, tmp_path) -> None:

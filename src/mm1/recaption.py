@@ -4,19 +4,26 @@ out, the web alt-text kept beside it).
 
 Each input shard becomes the output shard of the same name, written whole to a temporary file
 and renamed, so a finished shard is never redone and an interrupted run resumes at the first
-missing one. A sample keeps its image bytes and json; its `.txt` (and the json's `caption`)
-becomes the generated caption, or with `fuse` the generated caption followed by the original
-one (an empty generation keeps the original); the json gains `original_caption`,
-`generated_caption`, `caption_style` and `recaptioned_by`. Captions are generated greedily in batches, prompted as the model saw
-captions in pre-training (the image, then the text to its end-of-sequence token).
+missing one. What decides the captions (the model and its checkpoint step or export
+fingerprint, fuse, max_new_tokens, decoding, the input shards) is recorded in the manifest
+before the first shard is written; a rerun into a non-empty --out resumes only when they are
+the same, and is refused otherwise (shards made two ways must never share one folder).
+
+A sample keeps its image bytes and json; its `.txt` (and the json's `caption`) becomes the
+generated caption, or with `fuse` the generated caption followed by the original one (an empty
+generation keeps the original); the json gains `original_caption`, `generated_caption`,
+`caption_style` and `recaptioned_by`. Captions are generated greedily in batches, prompted as
+the model saw captions in pre-training (the image, then the text to its end-of-sequence token).
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
 import tarfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +33,16 @@ import torch
 from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from mm1.checkpoint import (
+    CHECKPOINTS_DIR,
+    EXPORT_WEIGHTS,
+    MODEL_CONFIG,
+    is_export,
+    is_run,
+    latest_checkpoint,
+    step_of,
+)
+from mm1.config import ConfigError
 from mm1.data.caption_splits import tar_samples
 from mm1.data.sources.base import IMAGE_EXTS, BadImage, image_from_bytes
 from mm1.data.tokenizer import ENDOFCHUNK_TOKEN, IMAGE_TOKEN, tokenize_prompt
@@ -33,6 +50,18 @@ from mm1.models.generation import generate
 from mm1.pretrained import Pretrained, load_pretrained
 
 MANIFEST = "recaption.json"
+# The manifest keys that decide the captions: a rerun resumes only where all of them match.
+RUN_KEYS = ("model", "fuse", "max_new_tokens", "decoding", "input_shards")
+# Export files hashed whole into its fingerprint (small; the weights are sampled: see below).
+_EXPORT_SMALL_FILES = (
+    MODEL_CONFIG,
+    "tokenizer.json",
+    "mm1_tokenizer.json",
+    "tokenizer_config.json",
+    "preprocessor_config.json",
+    "prompt_format.json",
+)
+_SAMPLE_BYTES = 4 << 20
 
 
 @dataclass
@@ -44,9 +73,9 @@ class RecaptionSettings:
 
     def validate(self) -> None:
         if self.batch_size < 1:
-            raise ValueError(f"--batch-size {self.batch_size}: give 1 or more")
+            raise ConfigError(f"--batch-size {self.batch_size}: give 1 or more")
         if self.max_new_tokens < 1:
-            raise ValueError(f"--max-new-tokens {self.max_new_tokens}: give 1 or more")
+            raise ConfigError(f"--max-new-tokens {self.max_new_tokens}: give 1 or more")
 
 
 def input_shards(spec: str | Path) -> list[Path]:
@@ -61,6 +90,115 @@ def input_shards(spec: str | Path) -> list[Path]:
     if not found:
         raise FileNotFoundError(f"--in {spec}: no .tar shards there")
     return found
+
+
+def _check_distinct_names(spec: str | Path, shards: list[Path]) -> None:
+    """Each input shard is written to --out under its own file name: two of one name (a glob
+    over several folders) would overwrite each other."""
+    seen: dict[str, Path] = {}
+    for s in shards:
+        if s.name in seen:
+            raise ConfigError(
+                f"--in {spec}: two shards named {s.name} ({seen[s.name]} and {s}) would both be "
+                f"written to --out as {s.name}; give shards with distinct file names"
+            )
+        seen[s.name] = s
+
+
+def model_identity(checkpoint: str | Path) -> dict[str, Any]:
+    """What tells this model's captions from another's, without loading it: its resolved path
+    and, for a run directory, the step of its newest complete checkpoint (the one loaded), or,
+    for an export, a fingerprint of its files. ConfigError when it is not a model."""
+    p = Path(checkpoint)
+    if not p.exists():
+        raise ConfigError(f"checkpoint {p}: does not exist")
+    if is_export(p):
+        h = hashlib.sha256()
+        weights = p / EXPORT_WEIGHTS
+        size = weights.stat().st_size
+        h.update(str(size).encode())
+        # Hashing multi-GB weights whole would add minutes to every start: the head (the
+        # safetensors header: names, shapes, offsets, then the first tensors) and the tail
+        # with the size tell two exports apart; the small files are hashed whole.
+        with open(weights, "rb") as f:
+            h.update(f.read(_SAMPLE_BYTES))
+            f.seek(max(size - _SAMPLE_BYTES, 0))
+            h.update(f.read(_SAMPLE_BYTES))
+        for name in _EXPORT_SMALL_FILES:
+            if (p / name).is_file():
+                h.update(name.encode() + b"\0" + (p / name).read_bytes())
+        return {"path": str(p.resolve()), "export_sha256": h.hexdigest()[:16]}
+    if is_run(p):
+        ckpt = latest_checkpoint(p)
+        if ckpt is None:
+            raise ConfigError(
+                f"checkpoint {p}: a run directory without a complete checkpoint under "
+                f"{CHECKPOINTS_DIR}/"
+            )
+        return {"path": str(p.resolve()), "step": step_of(ckpt)}
+    raise ConfigError(
+        f"checkpoint {p}: neither an exported model ({EXPORT_WEIGHTS} + {MODEL_CONFIG}) nor a "
+        f"run directory with {CHECKPOINTS_DIR}/"
+    )
+
+
+def _describe(key: str, value: Any) -> str:
+    if key == "model" and isinstance(value, dict):
+        which = (
+            f"step {value['step']}" if "step" in value else f"export {value.get('export_sha256')}"
+        )
+        return f"{value.get('path')} ({which})"
+    if key == "input_shards" and isinstance(value, list):
+        return f"{len(value)} shards from {value[0] if value else '-'}"
+    return json.dumps(value)
+
+
+def _check_resumable(out: Path, manifest_path: Path, run: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of a non-empty --out when it records a run of these same settings (to
+    resume); ConfigError otherwise, naming what differs. {} for an absent or empty --out."""
+    if not out.exists():
+        return {}
+    if not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file, not a directory; give a directory")
+    if not any(out.iterdir()):
+        return {}
+    fresh = "give a new --out (or remove this one to start over)"
+    try:
+        old = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    except (ValueError, UnicodeDecodeError):
+        old = None
+    if not isinstance(old, dict) or any(k not in old for k in RUN_KEYS):
+        raise ConfigError(
+            f"--out {out}: not empty and holds no {MANIFEST} recording the settings of a "
+            f"recaption run, so its files cannot be resumed; {fresh}"
+        )
+    diffs = [
+        f"{k} {_describe(k, old[k])}, now {_describe(k, run[k])}"
+        for k in RUN_KEYS
+        if old[k] != run[k]
+    ]
+    if diffs:
+        raise ConfigError(
+            f"--out {out}: holds shards made with other settings ({'; '.join(diffs)}); {fresh}"
+        )
+    return old
+
+
+def _count_samples(shard: Path) -> int:
+    """The shard's sample count; ConfigError when it is not a readable tar (checked for every
+    shard to do before the model loads, so a bad --in costs no load and no half-made --out)."""
+    try:
+        return sum(1 for _ in tar_samples(shard))
+    except (tarfile.TarError, EOFError, zlib.error) as err:
+        why = (str(err).splitlines() or [type(err).__name__])[0].rstrip(":")
+        raise ConfigError(f"--in {shard}: not a readable tar shard ({why})") from None
+
+
+def _write_json(path: Path, record: dict[str, Any]) -> None:
+    # Atomic: an interrupted write must not lose the settings a resume is checked against.
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
 
 
 @torch.inference_mode()
@@ -172,31 +310,46 @@ def recaption(
     *,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Re-caption every shard of `inputs` into `out_dir` (skipping shards already written);
-    returns and writes `out_dir/recaption.json` (settings, counts per shard)."""
+    """Re-caption every shard of `inputs` into `out_dir` (resuming a run of the same settings
+    there, refusing one of others); returns and writes `out_dir/recaption.json` (settings,
+    counts per shard). The returned record also holds `this_run`: what this call generated
+    (`shards`, `captions`, `already_done`), not written to the manifest.
+
+    Everything the user gave is checked, and the model loaded, before --out is created."""
     settings = settings or RecaptionSettings()
     settings.validate()
+    model = model_identity(checkpoint)
     shards = input_shards(inputs)
+    _check_distinct_names(inputs, shards)
     out = Path(out_dir)
     if any(out.resolve() == s.parent.resolve() for s in shards):
-        raise ValueError(f"--out {out_dir} is where the input shards are: give a new directory")
-    out.mkdir(parents=True, exist_ok=True)
+        raise ConfigError(f"--out {out_dir} is where the input shards are: give a new directory")
     manifest_path = out / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    done = manifest.get("shards", {})
-    todo = [s for s in shards if not (out / s.name).is_file()]
-    record = {
+    record: dict[str, Any] = {
         "checkpoint": str(checkpoint),
+        "model": model,
         "inputs": str(inputs),
+        "input_shards": [str(s.resolve()) for s in shards],
         "fuse": settings.fuse,
         "max_new_tokens": settings.max_new_tokens,
         "decoding": "greedy",
-        "shards": done,
+        "shards": {},
     }
+    old = _check_resumable(out, manifest_path, record)
+    # Done: written and counted in the manifest (a shard renamed into place just before an
+    # interruption, its counts unrecorded, is redone: the same settings write the same shard).
+    done = {
+        name: counts for name, counts in old.get("shards", {}).items() if (out / name).is_file()
+    }
+    record["shards"] = done
+    todo = [s for s in shards if s.name not in done]
+    this_run = {"shards": 0, "captions": 0, "already_done": len(shards) - len(todo)}
     if not todo:
-        return record
+        return {**record, "this_run": this_run}
+    total = sum(_count_samples(s) for s in todo)
     p = load_pretrained(checkpoint)
-    total = sum(sum(1 for _ in tar_samples(s)) for s in todo)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(manifest_path, record)  # the settings, before any shard
     with Progress(
         TextColumn("[bold]recaption {task.description}"),
         BarColumn(),
@@ -216,5 +369,7 @@ def recaption(
                 lambda n: bar.advance(task, n),
             )
             done[shard.name] = counts
-            manifest_path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-    return record
+            _write_json(manifest_path, record)
+            this_run["shards"] += 1
+            this_run["captions"] += counts["recaptioned"]
+    return {**record, "this_run": this_run}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from mm1.config import load_config
+from mm1.config import ConfigError, load_config
 
 from .common import Add, console
 
@@ -48,11 +48,17 @@ def cmd_data_inspect(args: argparse.Namespace) -> None:
     from mm1.data.catalog import inspect_source
     from mm1.data.tokenizer import Tokenizer
 
+    if args.n < 1:  # 0 or fewer samples would print a summary of nothing
+        raise ConfigError(f"-n {args.n}: give 1 or more samples to show")
     world_tok = Path(args.path) / "tokenizer.json"
     tok_path = args.tokenizer or (world_tok if world_tok.is_file() else None)
     count = None
     if tok_path:
-        tok = Tokenizer.from_file(tok_path)
+        try:
+            tok = Tokenizer.from_file(tok_path)
+        except ValueError as err:  # not a tokenizer: one line naming the option and the file
+            msg = str(err) if str(err).startswith(str(tok_path)) else f"{tok_path}: {err}"
+            raise ConfigError(f"--tokenizer {msg}" if args.tokenizer else msg) from None
 
         def count(text: str) -> int:
             return len(tok.encode(text))
@@ -68,6 +74,8 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
     from mm1.data.prompt_format import PromptFormat
     from mm1.data.world import prepare_data
 
+    if args.sequences < 1:  # statistics of no sequences are all zeros, not an answer
+        raise ConfigError(f"--sequences {args.sequences}: give 1 or more")
     cfg = load_config(args.config, args.overrides)
     data = prepare_data(cfg.data, cfg.model, init=cfg.train.init)
     q = cfg.model.num_image_tokens
@@ -114,8 +122,13 @@ def cmd_recaption(args: argparse.Namespace) -> None:
 
     settings = RecaptionSettings(args.batch_size, args.max_new_tokens, args.fuse, args.compile)
     record = recaption(args.checkpoint, args.inputs, args.out, settings)
-    n = sum(c["recaptioned"] for c in record["shards"].values())
-    console.print(f"{len(record['shards'])} shards, {n} captions generated -> {args.out}")
+    # Only what this call generated: shards a resumed run finished earlier are counted apart.
+    now = record["this_run"]
+    earlier = f" ({now['already_done']} already done)" if now["already_done"] else ""
+    console.print(
+        f"{len(record['shards'])} shards{earlier}, {now['captions']} captions generated "
+        f"-> {args.out}"
+    )
 
 
 def register(add: Add) -> None:

@@ -132,7 +132,11 @@ class Tokenizer:
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"no tokenizer.json at {path}")
-        tok = tokenizers.Tokenizer.from_file(str(file))
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(file))
+        except Exception as err:  # the library raises a bare Exception for any bad file
+            why = (str(err).splitlines() or [type(err).__name__])[0]
+            raise ValueError(f"{file}: not a tokenizers tokenizer.json ({why})") from None
         configs = []
         for name in (MM1_TOKENIZER_CONFIG, "tokenizer_config.json", "special_tokens_map.json"):
             cfg_file = file.parent / name
