@@ -222,3 +222,105 @@ def test_estimate_uses_finished_cells_of_the_studies_beside_it(tmp_path) -> None
     assert seconds[pending] == pytest.approx(
         200.0 * _flops_per_step(plans[1].cfg) / _flops_per_step(done.cfg)
     )
+
+
+def test_cells_whose_short_labels_collide_get_longer_labels(tmp_path) -> None:
+    """The report groups seeds by label: two configurations never share one."""
+    cells = [
+        {"model.vision.layers": 1},
+        {"model.decoder.layers": 1},
+        {"model.decoder.layers": 3},
+        {"data.seq_len": 128},
+    ]
+    grid = load_grid(_grid(tmp_path, cells=cells))
+    labels = [c.label for c in grid.cells]
+    # only the colliding labels grow; the others keep the short form
+    assert labels == ["vision.layers=1", "decoder.layers=1", "layers=3", "seq_len=128"]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            {
+                "cells": [
+                    {"label": "small", "set": {"data.seq_len": 128}},
+                    {"label": "small", "set": {"data.seq_len": 512}},
+                ]
+            },
+            "cells[0] and cells[1]: both are labelled 'small' but set different values; "
+            "give each its own label",
+        ),
+        (
+            {
+                "axes": {
+                    "mix": [
+                        {"label": "small", "set": {"data.seq_len": 128}},
+                        {"label": "small", "set": {"data.seq_len": 512}},
+                    ]
+                }
+            },
+            "axes.mix[0] and axes.mix[1]: both are labelled 'small' but set different values; "
+            "give each its own label",
+        ),
+    ],
+)
+def test_one_label_for_two_configurations_refused(tmp_path, body, message) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_grid(_grid(tmp_path, **body))
+    assert str(err.value) == f"{tmp_path / 'grid.yaml'}: {message}"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            {"base": {"config": str(ROOT / "configs" / "demo.yaml"), "overide": {}}},
+            "base.overide: not a key of base; known: config, overrides",
+        ),
+        ({"eval": {"overides": {}}}, "eval.overides: not a key of eval; known: suites, overrides"),
+        ({"eval": ["fewshot"]}, "eval: give a mapping (suites, overrides), not a list"),
+        ({"eval": {"overrides": ["eval.seeds=1"]}}, "eval.overrides: give a mapping"),
+        (
+            {"table": {"layot": "fig4"}},
+            "table.layot: not a key of table; known: layout, group_by, columns",
+        ),
+        ({"study": "../../escape"}, "study='../../escape': give a plain name"),
+        ({"study": "/tmp/abs"}, "study='/tmp/abs': give a plain name"),
+    ],
+)
+def test_nested_typos_and_bad_study_names_refused(tmp_path, body, message) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_grid(_grid(tmp_path, axes={"train.steps": [5]}, **body))
+    assert str(err.value).startswith(f"{tmp_path / 'grid.yaml'}: {message}")
+    assert "\n" not in str(err.value)
+
+
+def test_a_sitting_that_trained_no_step_is_no_measurement(tmp_path) -> None:
+    """A cell stopped while evaluating and resumed trains 0 steps in its last sitting: its
+    seconds are no measure of training (they would be spread over all its steps)."""
+    from mm1.ablate.runner import estimate, plan_study
+
+    grid = load_grid(_grid(tmp_path, axes={"model.connector.num_tokens": [16, 4]}))
+    plans = plan_study(grid, tmp_path / "studies" / "mine")
+    done = plans[0]
+    _finished_cell(done.run_dir, done.cfg, train_seconds=0.4, steps=done.cfg.train.steps)
+    rec = json.loads((done.run_dir / "cell.json").read_text())
+    rec["trained_steps_this_sitting"] = 0
+    (done.run_dir / "cell.json").write_text(json.dumps(rec))
+    _, how = estimate(plan_study(grid, tmp_path / "studies" / "mine"))
+    assert how.startswith("training FLOPs at this machine's matmul rate")
+
+
+def test_an_unreadable_study_file_is_named(tmp_path) -> None:
+    study = tmp_path / "study"
+    grid = load_grid(_grid(tmp_path, axes={"train.steps": [5, 6]}))
+    write_study_file(grid, study)
+    path = study / "grid.json"
+    path.write_text(path.read_text()[:40])  # cut short
+    with pytest.raises(ConfigError) as err:
+        check_study_dir(grid, study, force=False, log=print)
+    message = str(err.value)
+    assert message.startswith(f"{path}: not valid JSON (") and "\n" not in message
+    assert message.endswith("use --force to run this grid there, or another study directory")
+    check_study_dir(grid, study, force=True, log=lambda _: None)  # --force: run it there

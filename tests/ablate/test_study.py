@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -230,18 +231,26 @@ def test_force_moves_a_changed_cell_aside(tmp_path, study) -> None:
     assert [p.name.split(".")[0] for p in (study / ".replaced").iterdir()] == [grid.cells[0].id]
 
 
-# A stand-in for `python -m mm1.ablate.worker GRID STUDY CELL_ID`: records its cell as
-# interrupted at once (FAKE_CELL=interrupt) or only once SIGINT arrives (FAKE_CELL=wait).
+# A stand-in for `python -m mm1.ablate.worker SPEC STUDY CELL_ID`: records its cell as
+# interrupted at once (FAKE_CELL=interrupt) or only once SIGINT arrives (FAKE_CELL=wait); or
+# records it running and, on SIGINT, dies of KeyboardInterrupt (FAKE_CELL=running, as a cell
+# stopped while evaluating) or exits 130 (FAKE_CELL=exit130, as the worker does then).
 FAKE_WORKER = """
 import json, os, signal, sys, time
 from pathlib import Path
 cell = Path(sys.argv[2]) / sys.argv[3]
+mode = os.environ["FAKE_CELL"]
 def record(*_):
     (cell / "cell.json").write_text(json.dumps({"id": sys.argv[3], "status": "interrupted"}))
     sys.exit(1)
-if os.environ["FAKE_CELL"] == "interrupt":
+if mode == "interrupt":
     record()
-signal.signal(signal.SIGINT, record)
+if mode in ("running", "exit130"):
+    (cell / "cell.json").write_text(json.dumps({"id": sys.argv[3], "status": "running"}))
+if mode == "wait":
+    signal.signal(signal.SIGINT, record)
+if mode == "exit130":
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 (cell / "started").touch()
 time.sleep(60)
 """
@@ -285,6 +294,176 @@ def test_sigterm_reaches_the_parallel_cells(tmp_path, monkeypatch) -> None:
     statuses = [read_cell(study_dir / c.id).get("status") for c in grid.cells]
     assert statuses == ["interrupted", "interrupted", None]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+@pytest.mark.parametrize("mode", ["running", "exit130"])
+def test_a_parallel_cell_stopped_outside_training_resumes_not_fails(
+    tmp_path, monkeypatch, mode
+) -> None:
+    """Ctrl-C while a worker evaluates: its cell stays running (as with --jobs 1) and the next
+    sitting resumes it; it is not recorded as failed."""
+    grid = _fake_study(tmp_path, monkeypatch, mode, cells=3)
+    study_dir = tmp_path / "study"
+
+    def terminate_when_started() -> None:
+        started = [study_dir / c.id / "started" for c in grid.cells[:2]]
+        while not all(p.exists() for p in started):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate_when_started, daemon=True).start()
+    log: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_study(grid, study_dir, jobs=2, log=log.append)
+    statuses = [read_cell(study_dir / c.id).get("status") for c in grid.cells]
+    assert statuses == ["running", "running", None]
+    assert not any("FAILED" in line for line in log)
+    plans = runner.plan_study(grid, study_dir)
+    assert [p.status for p in plans] == ["resume", "resume", "pending"]
+
+
+# `python -m mm1.ablate.worker` with its cell's training replaced: records what it was given
+# (the steps of its config) as done; the first to start renames the grid file away.
+SPEC_WORKER = """
+import json, os, sys
+from pathlib import Path
+import mm1.ablate.cell
+from mm1.ablate import worker
+grid = Path(os.environ["GRID_FILE"])
+if grid.exists():
+    grid.rename(grid.with_suffix(".old"))
+def run_cell(cfg, record, suites):
+    rec = {**record, "status": "done", "steps": cfg.train.steps, "train_seconds": 0.0}
+    rec["eval_seconds"] = 0.0
+    mm1.ablate.cell.write_cell(Path(cfg.train.run_dir), rec)
+    return rec
+mm1.ablate.cell.run_cell = run_cell
+sys.exit(worker.main(sys.argv[1:]))
+"""
+
+
+def test_workers_run_the_grid_as_it_was_when_the_run_started(tmp_path, monkeypatch) -> None:
+    script = tmp_path / "spec_worker.py"
+    script.write_text(SPEC_WORKER)
+    monkeypatch.setattr(runner, "WORKER", [sys.executable, str(script)])
+    path = _write(tmp_path / "grid.yaml", tmp_path / "world", axes={"train.steps": [3, 4, 5]})
+    monkeypatch.setenv("GRID_FILE", str(path))
+    grid = load_grid(path)
+    records = runner.run_study(grid, tmp_path / "study", jobs=2, log=lambda _: None)
+    assert not path.exists()  # renamed by the first worker, before the third cell started
+    assert [r["status"] for r in records] == ["done"] * 3
+    assert [r["steps"] for r in records] == [3, 4, 5]
+    assert [r["label"] for r in records] == [c.label for c in grid.cells]
+
+
+# Holds the study lock as a second `mm1 ablate` would, until killed.
+STUDY_HOLDER = """
+import sys, time
+from pathlib import Path
+from mm1.ablate.runner import lock_study
+lock_study(Path(sys.argv[1]))
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_second_ablate_on_the_same_study_is_refused(tmp_path, monkeypatch) -> None:
+    from mm1.config import ConfigError
+
+    grid = _fake_study(tmp_path, monkeypatch, "interrupt", cells=1)
+    study_dir = tmp_path / "study"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", STUDY_HOLDER, str(study_dir)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        with pytest.raises(ConfigError) as err:
+            runner.run_study(grid, study_dir, jobs=2, log=lambda _: None)
+        assert str(err.value) == (
+            f"--out {study_dir}: another mm1 ablate (pid {holder.pid}) is running this study; "
+            "wait for it to finish or stop it, or choose another --out"
+        )
+        assert not (study_dir / grid.cells[0].id).exists()  # nothing ran
+    finally:
+        holder.kill()
+        holder.wait()
+    # the lock is not a cell's run-dir lock; once its holder is gone the study runs
+    assert runner.STUDY_LOCK != ".lock"
+    runner.run_study(grid, study_dir, jobs=2, log=lambda _: None)
+    assert read_cell(study_dir / grid.cells[0].id)["status"] == "interrupted"
+
+
+# A runner-like parent: starts one cell's worker as the runner does (its training replaced by a
+# long sleep), prints the worker's pid, and waits to be killed.
+ORPHAN_PARENT = """
+import sys, time
+from pathlib import Path
+from mm1.ablate import runner
+from mm1.ablate.grid import load_grid
+grid, study = load_grid(sys.argv[1]), Path(sys.argv[2])
+runner.WORKER = [sys.executable, sys.argv[3]]
+plan = runner.plan_study(grid, study)[0]
+proc, _, _ = runner._start_worker(runner.write_spec(grid, study, plan), study, plan, [0], print)
+print(proc.pid, flush=True)
+time.sleep(60)
+"""
+SLEEPY_WORKER = """
+import sys, time
+from pathlib import Path
+import mm1.ablate.cell
+from mm1.ablate import worker
+def run_cell(cfg, record, suites):
+    (Path(cfg.train.run_dir) / "started").touch()
+    time.sleep(60)
+mm1.ablate.cell.run_cell = run_cell
+sys.exit(worker.main(sys.argv[1:]))
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # a zombie has ended; whoever adopted it has yet to reap it
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_end_when_the_runner_is_killed(tmp_path) -> None:
+    worker_script = tmp_path / "sleepy_worker.py"
+    worker_script.write_text(SLEEPY_WORKER)
+    path = _write(tmp_path / "grid.yaml", tmp_path / "world", axes={"train.steps": [3]})
+    study_dir = tmp_path / "study"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", ORPHAN_PARENT, str(path), str(study_dir), str(worker_script)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    pid = _worker_pid(parent)
+    try:
+        started = study_dir / load_grid(path).cells[0].id / "started"
+        deadline = time.monotonic() + 30
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert started.exists()
+        parent.kill()  # SIGKILL: no handler of the runner's runs
+        parent.wait()
+        deadline = time.monotonic() + 5
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(pid)
+    finally:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _worker_pid(proc: subprocess.Popen[str]) -> int:
+    """The worker's pid: the parent's first line that is a number (after `_start_worker`'s log)."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.strip().isdigit():
+            return int(line)
+    raise AssertionError("the parent printed no worker pid")
 
 
 def test_a_cell_with_mostly_padded_rows_is_warned() -> None:

@@ -2,7 +2,7 @@
 of cells), seeds as an axis; read from YAML, expanded into cells and checked before anything
 trains (every cell's config loads and validates; no two cells share a config).
 
-    study: connectors                  # the study's name (its directory and report title)
+    study: connectors                  # the study's name (its directory and report title), plain
     base:
       config: ../demo.yaml             # relative to this file
       overrides: {train.steps: 800}    # dotted keys, applied to every cell
@@ -37,6 +37,12 @@ from mm1.config import Config, ConfigError, load_config, to_dict
 
 TABLE_LAYOUTS = ("plain", "table1", "fig4", "fig5")
 _GRID_KEYS = ("study", "base", "seeds", "axes", "cells", "eval", "table", "prepare")
+# the keys each mapping section takes: a typo there would otherwise be silently ignored
+_SECTION_KEYS = {
+    "base": ("config", "overrides"),
+    "eval": ("suites", "overrides"),
+    "table": ("layout", "group_by", "columns"),
+}
 SEED_KEYS = ("train.seed", "data.seed")
 
 
@@ -96,14 +102,23 @@ def _choices(path: Path, axis: str, values: Any) -> list[tuple[str, dict[str, An
     `{label, set}` mapping sets its own keys."""
     if not isinstance(values, list) or not values:
         raise _err(path, f"axes.{axis}: give a non-empty list of values")
-    out = []
+    out: list[tuple[str, dict[str, Any]]] = []
     for v in values:
         if isinstance(v, dict):
             if set(v) != {"label", "set"} or not isinstance(v["set"], dict) or not v["set"]:
                 raise _err(path, f"axes.{axis}: a mapping value needs exactly `label` and `set`")
-            out.append((str(v["label"]), dict(v["set"])))
+            choice = (str(v["label"]), dict(v["set"]))
         else:
-            out.append((_show(v), {axis: v}))
+            choice = (_show(v), {axis: v})
+        # one label for two different settings would merge their results in the report
+        twin = next((i for i, (lbl, sets) in enumerate(out) if lbl == choice[0]), None)
+        if twin is not None and out[twin][1] != choice[1]:
+            raise _err(
+                path,
+                f"axes.{axis}[{twin}] and axes.{axis}[{len(out)}]: both are labelled "
+                f"{choice[0]!r} but set different values; give each its own label",
+            )
+        out.append(choice)
     return out
 
 
@@ -125,6 +140,87 @@ def _explicit(path: Path, cells: Any) -> list[tuple[dict[str, str], dict[str, An
     return out
 
 
+def _short(key: str, depth: int) -> str:
+    """The key's last `depth` dotted parts (`model.vision.layers`, 1: `layers`)."""
+    return ".".join(key.split(".")[-depth:])
+
+
+def _labels(
+    path: Path, combos: list[tuple[dict[str, str], dict[str, Any]]], listed: bool
+) -> list[str]:
+    """Each configuration's label: `key=value` with each key's last part, lengthened (more of
+    the dotted key) only where two configurations would otherwise share a label, since the
+    report groups seeds by label. Two configurations whose labels stay the same are refused."""
+    depth = [dict.fromkeys(settings, 1) for settings, _ in combos]
+
+    def render(i: int) -> str:
+        return ", ".join(f"{_short(k, depth[i][k])}={v}" for k, v in combos[i][0].items())
+
+    def clashes() -> list[list[int]]:
+        by_label: dict[str, list[int]] = {}
+        for i in range(len(combos)):
+            by_label.setdefault(render(i), []).append(i)
+        # configurations with the same delta are one config: `_check_cells` refuses those
+        return [g for g in by_label.values() if len({_canon(combos[i][1]) for i in g}) > 1]
+
+    while True:
+        grown = False
+        for group in clashes():
+            shown: dict[str, set[str]] = {}
+            for i in group:
+                for k in combos[i][0]:
+                    shown.setdefault(_short(k, depth[i][k]), set()).add(k)
+            for i in group:
+                for k in combos[i][0]:
+                    ambiguous = len(shown[_short(k, depth[i][k])]) > 1
+                    if ambiguous and depth[i][k] < len(k.split(".")):
+                        depth[i][k] += 1
+                        grown = True
+        if not grown:
+            break
+    for group in clashes():
+        a, b = group[:2]
+        # an explicit `{label, set}` cell's settings are {"cell": label}: name its label
+        label = combos[a][0]["cell"] if list(combos[a][0]) == ["cell"] else render(a)
+        where = f"cells[{a}] and cells[{b}]" if listed else f"configurations {a} and {b}"
+        raise _err(
+            path,
+            f"{where}: both are labelled {label!r} but set different values; give each its "
+            "own label",
+        )
+    return [render(i) for i in range(len(combos))]
+
+
+def _canon(delta: dict[str, Any]) -> str:
+    return json.dumps(delta, sort_keys=True, default=str)
+
+
+def _section(path: Path, raw: dict[str, Any], name: str) -> dict[str, Any]:
+    """A mapping section (base, eval, table), its keys checked against `_SECTION_KEYS`."""
+    value = raw.get(name)
+    if value is None:
+        return {}
+    known = _SECTION_KEYS[name]
+    if not isinstance(value, dict):
+        raise _err(path, f"{name}: give a mapping ({', '.join(known)}), not {_kind(value)}")
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise _err(path, f"{name}.{unknown[0]}: not a key of {name}; known: {', '.join(known)}")
+    return value
+
+
+def _kind(value: Any) -> str:
+    return {list: "a list", str: "a string", bool: "a boolean"}.get(type(value), repr(value))
+
+
+def _study_name(path: Path, raw: dict[str, Any]) -> str:
+    """The study's name: its directory under runs/ablations, so one plain name."""
+    study = str(raw.get("study") or path.stem)
+    if "/" in study or "\\" in study or study in (".", "..") or study.startswith("~"):
+        raise _err(path, f"study={study!r}: give a plain name (no path separator, not . or ..)")
+    return study
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")[:48] or "base"
 
@@ -144,8 +240,8 @@ def load_grid(path: str | Path) -> Grid:
     unknown = sorted(set(raw) - set(_GRID_KEYS))
     if unknown:
         raise _err(path, f"{unknown[0]}: not a grid key; known: {', '.join(_GRID_KEYS)}")
-    base = raw.get("base") or {}
-    if not isinstance(base, dict) or not base.get("config"):
+    base = _section(path, raw, "base")
+    if not base.get("config"):
         raise _err(path, "base.config: name the base config file (relative to the grid)")
     base_overrides = base.get("overrides") or {}
     if not isinstance(base_overrides, dict):
@@ -180,29 +276,33 @@ def load_grid(path: str | Path) -> Grid:
         if any(key in d for _, d in combos) or key in base_overrides:
             raise _err(path, f"{key}: seeds are the `seeds` axis, not an override")
 
-    ev = raw.get("eval") or {}
-    suites = ev.get("suites") if isinstance(ev, dict) else None
+    ev = _section(path, raw, "eval")
+    suites = ev.get("suites")
     if suites is not None and (
         not isinstance(suites, list) or not suites or any(s not in SUITES for s in suites)
     ):
         raise _err(path, f"eval.suites={suites!r}: give a list from {', '.join(SUITES)}")
     # Evaluation settings go into every cell's config: `mm1 eval RUN` repeats them.
-    eval_overrides = dict(ev.get("overrides") or {}) if isinstance(ev, dict) else {}
+    eval_overrides = ev.get("overrides") or {}
+    if not isinstance(eval_overrides, dict):
+        raise _err(path, "eval.overrides: give a mapping of eval.key: value")
+    eval_overrides = dict(eval_overrides)
     bad = [k for k in eval_overrides if not k.startswith("eval.")]
     if bad:
         raise _err(path, f"eval.overrides.{bad[0]}: only eval.* keys")
     clash = sorted(set(eval_overrides) & set(base_overrides))
     if clash:
         raise _err(path, f"{clash[0]}: set both in base.overrides and eval.overrides")
-    table = raw.get("table") or {}
-    layout = table.get("layout", "plain") if isinstance(table, dict) else None
+    table = _section(path, raw, "table")
+    layout = table.get("layout", "plain")
     if layout not in TABLE_LAYOUTS:
         raise _err(path, f"table.layout={layout!r}: one of {', '.join(TABLE_LAYOUTS)}")
 
-    study = str(raw.get("study") or path.stem)
+    study = _study_name(path, raw)
     cells: list[Cell] = []
-    for settings, delta in combos:
-        label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in settings.items())
+    for (settings, delta), label in zip(
+        combos, _labels(path, combos, listed=axes is None), strict=True
+    ):
         digest = hashlib.sha256(json.dumps(delta, sort_keys=True).encode()).hexdigest()[:6]
         for seed in seeds:
             full = {**delta, **dict.fromkeys(SEED_KEYS, seed)}
@@ -217,7 +317,7 @@ def load_grid(path: str | Path) -> Grid:
         dict(axes) if axes else {"cell": [s["cell"] for s, _ in combos if "cell" in s]},
         cells,
         suites,
-        dict(table) if isinstance(table, dict) else {},
+        dict(table),
         parse_prepare(raw.get("prepare"), path),
     )
     _check_cells(grid)

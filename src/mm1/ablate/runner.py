@@ -6,6 +6,8 @@ pinned to its share of the CPUs.
     STUDY/<cell id>/       the cell's run directory (checkpoints, metrics.jsonl, config.yaml),
                            cell.json (status, metrics, timings or the error), eval/, cell.log
     STUDY/ablation.json, report.md, *.png   the results (`mm1.ablate.results`)
+    STUDY/.ablate.lock     held by the `mm1 ablate` running the study: a second one is refused
+    STUDY/.cells/          each `--jobs N` worker's cell as the run started (config, record)
 
 A cell whose cell.json says done is never re-run; any other resumes from its newest checkpoint
 (the trainer's exact resume), so a study can be stopped and continued in several sittings.
@@ -30,11 +32,17 @@ from typing import Any
 
 from mm1.ablate.cell import GRID_FILE, finished_twin, read_cell, run_cell
 from mm1.ablate.grid import Cell, Grid
+from mm1.ablate.worker import PARENT_ENV
 from mm1.checkpoint import latest_checkpoint, step_of
-from mm1.config import INIT_PARTS, Config, ConfigError, load_config, to_dict
+from mm1.config import INIT_PARTS, Config, ConfigError, load_config, to_dict, to_yaml
 
 STUDY_FILE = GRID_FILE
 CELL_LOG = "cell.log"
+# not `.lock`: that is each cell's run-dir lock, held by its (worker) trainer
+STUDY_LOCK = ".ablate.lock"
+SPEC_DIR = ".cells"
+# a worker's exit codes that mean a signal stopped it (128 + SIGINT / SIGTERM, or killed by one)
+STOPPED_CODES = (130, 143, -signal.SIGINT, -signal.SIGTERM)
 
 Log = Callable[[str], None]
 
@@ -87,7 +95,17 @@ def check_study_dir(grid: Grid, study_dir: Path, force: bool, log: Log) -> None:
     config changed under the same id is moved aside (STUDY/.replaced/) and trained anew."""
     path = study_dir / STUDY_FILE
     if path.is_file():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except ValueError as err:  # cut short (a full disk, a kill while written), edited
+            if not force:
+                raise ConfigError(
+                    f"{path}: not valid JSON ({err}); use --force to run this grid there, or "
+                    "another study directory"
+                ) from None
+            old = {}
+        if not isinstance(old, dict):
+            old = {}
         if old.get("fingerprint") != grid.fingerprint():
             if not force:
                 raise ConfigError(
@@ -166,7 +184,9 @@ def _seconds_per_flop(run_dir: Path, cfg: Config | None = None) -> float | None:
     """A finished cell's measured seconds (training and evaluation) per training FLOP, from its
     cell.json and its config (`cfg`, else its saved config.yaml); None if it has none."""
     rec = read_cell(run_dir)
-    steps = rec.get("trained_steps_this_sitting") or rec.get("steps")
+    # the last sitting's seconds are for the steps it trained: a sitting that only evaluated
+    # (resumed after its training ended) measured no training; older records lack the count
+    steps = rec.get("trained_steps_this_sitting", rec.get("steps"))
     if rec.get("status") != "done" or not rec.get("train_seconds") or not steps:
         return None
     if cfg is None:
@@ -268,6 +288,31 @@ def run_study(
     study_dir = Path(study_dir)
     if jobs < 1:
         raise ConfigError(f"--jobs {jobs}: give 1 or more")
+    lock = lock_study(study_dir)
+    try:
+        return _run_study(grid, study_dir, jobs, force, log)
+    finally:
+        os.close(lock)  # closing drops the lock
+
+
+def lock_study(study_dir: Path) -> int:
+    """Lock the study for this process (the kernel drops it however the process ends); the
+    lock file's descriptor. A second `mm1 ablate` on the same study is refused: each would
+    meet the other's cells' run-dir locks and record those cells as failed."""
+    from mm1.train.run_lock import claim
+
+    return claim(
+        study_dir,
+        name=f"--out {study_dir}",
+        lock_file=STUDY_LOCK,
+        busy="another mm1 ablate{holder} is running this study; wait for it to finish or stop "
+        "it, or choose another --out",
+    )
+
+
+def _run_study(
+    grid: Grid, study_dir: Path, jobs: int, force: bool, log: Log
+) -> list[dict[str, Any]]:
     check_study_dir(grid, study_dir, force, log)
     write_study_file(grid, study_dir)
     plans = plan_study(grid, study_dir)
@@ -319,8 +364,22 @@ def _report(rec: dict[str, Any], log: Log) -> None:
         log(f"  FAILED: {rec['error']}")
 
 
-# a cell's process: `python -m mm1.ablate.worker GRID STUDY CELL_ID`
+# a cell's process: `python -m mm1.ablate.worker SPEC STUDY CELL_ID` (SPEC: `write_spec`)
 WORKER = [sys.executable, "-m", "mm1.ablate.worker"]
+
+
+def write_spec(grid: Grid, study_dir: Path, plan: CellPlan) -> Path:
+    """The cell as this run planned it (STUDY/.cells/ID.json: its config, written beside as
+    ID.yaml, its record and the suites), for its worker: the worker never re-reads the grid
+    file, which may have been edited, renamed or deleted since the run started."""
+    spec_dir = study_dir / SPEC_DIR
+    spec_dir.mkdir(parents=True, exist_ok=True)
+    config = spec_dir / f"{plan.cell.id}.yaml"
+    config.write_text(to_yaml(plan.cfg))
+    spec = {"config": str(config), "record": cell_record(grid, plan), "suites": grid.suites}
+    path = spec_dir / f"{plan.cell.id}.json"
+    path.write_text(json.dumps(spec, indent=1) + "\n")
+    return path
 
 
 def _run_parallel(grid: Grid, study_dir: Path, todo: list[CellPlan], jobs: int, log: Log) -> None:
@@ -334,6 +393,8 @@ def _run_parallel(grid: Grid, study_dir: Path, todo: list[CellPlan], jobs: int, 
     free = list(range(jobs))
     running: dict[int, tuple[subprocess.Popen, CellPlan, Any]] = {}
     queue = list(todo)
+    # every cell's spec now, from the grid as loaded when the run started
+    specs = {p.cell.id: write_spec(grid, study_dir, p) for p in todo}
     # SIGTERM handlers can only be set from the main thread; elsewhere SIGTERM keeps its action
     main_thread = threading.current_thread() is threading.main_thread()
     old_term = signal.getsignal(signal.SIGTERM)
@@ -343,7 +404,8 @@ def _run_parallel(grid: Grid, study_dir: Path, todo: list[CellPlan], jobs: int, 
         while queue or running:
             while queue and free:
                 slot, plan = free.pop(0), queue.pop(0)
-                running[slot] = _start_worker(grid, study_dir, plan, shares[slot], log)
+                spec = specs[plan.cell.id]
+                running[slot] = _start_worker(spec, study_dir, plan, shares[slot], log)
             time.sleep(0.5)
             for slot, (proc, plan, out) in list(running.items()):
                 if proc.poll() is not None:
@@ -372,15 +434,15 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 
 def _start_worker(
-    grid: Grid, study_dir: Path, plan: CellPlan, cpus: list[int], log: Log
+    spec: Path, study_dir: Path, plan: CellPlan, cpus: list[int], log: Log
 ) -> tuple[subprocess.Popen, CellPlan, Any]:
-    env = {**os.environ, "MM1_CELL_CPUS": ",".join(map(str, cpus))}
+    env = {**os.environ, "MM1_CELL_CPUS": ",".join(map(str, cpus)), PARENT_ENV: str(os.getpid())}
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(len(cpus))
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     out = open(plan.run_dir / CELL_LOG, "a")  # noqa: SIM115 - closed when it ends
     proc = subprocess.Popen(
-        [*WORKER, str(grid.path), str(study_dir), plan.cell.id],
+        [*WORKER, str(spec), str(study_dir), plan.cell.id],
         env=env,
         stdout=out,
         stderr=subprocess.STDOUT,
@@ -394,10 +456,16 @@ def _start_worker(
 def _finish_worker(
     grid: Grid, proc: subprocess.Popen, plan: CellPlan, out: Any, log: Log
 ) -> dict[str, Any]:
-    """The ended worker's record; one that ended without writing its outcome is failed."""
+    """The ended worker's record; one that ended without writing its outcome is failed, unless
+    a signal stopped it (Ctrl-C, SIGTERM, e.g. during evaluation): that cell is left as it is
+    (running) and resumes next time, as with --jobs 1, and is reported interrupted."""
     out.close()
     rec = read_cell(plan.run_dir)
-    if rec.get("status") not in ("done", "failed", "interrupted"):
+    unrecorded = rec.get("status") not in ("done", "failed", "interrupted")
+    if unrecorded and proc.returncode in STOPPED_CODES:
+        # cell.json keeps `running`: the next sitting plans it as `resume`
+        rec = {**cell_record(grid, plan), **rec, "status": "interrupted"}
+    elif unrecorded:
         from mm1.ablate.cell import write_cell
 
         tail = (plan.run_dir / CELL_LOG).read_text()[-2000:]

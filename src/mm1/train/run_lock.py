@@ -24,18 +24,30 @@ from mm1.train.parallel import Dist
 LOCK_FILE = ".lock"
 
 
-def claim(run_dir: Path) -> int:
+# the trainer's message when another process holds the run dir (`{holder}`: " (pid N)")
+TRAINING = (
+    "another process{holder} is training in it; wait for it to finish or stop it, or choose "
+    "another train.run_dir"
+)
+
+
+def claim(
+    run_dir: Path, *, name: str | None = None, lock_file: str = LOCK_FILE, busy: str = TRAINING
+) -> int:
     """Create `run_dir` if needed and lock it; the open lock file's descriptor. Raises a
-    `ConfigError` naming `train.run_dir` when it cannot be written or another process holds it."""
+    `ConfigError` naming `train.run_dir` when it cannot be written or another process holds it.
+    Other users (`mm1 ablate`'s study lock) name their own setting (`name`, e.g. "--out DIR"),
+    lock file and `busy` message (`{holder}`: " (pid N)" of the process holding it)."""
+    where = name if name is not None else f"train.run_dir={run_dir}"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(run_dir / lock_file, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:  # a file, under a file, read-only, a name too long ...
         why = err.strerror or str(err)
         if err.errno == errno.EEXIST:  # mkdir of a path that is a file
             why = "a file, not a directory"
         raise ConfigError(
-            f"train.run_dir={run_dir}: cannot write there ({why}); choose a writable directory"
+            f"{where}: cannot write there ({why}); choose a writable directory"
         ) from None
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -44,10 +56,7 @@ def claim(run_dir: Path) -> int:
         os.close(fd)
         if err.errno not in (errno.EACCES, errno.EAGAIN):
             raise
-        raise ConfigError(
-            f"train.run_dir={run_dir}: another process{holder} is training in it; wait for it "
-            "to finish or stop it, or choose another train.run_dir"
-        ) from None
+        raise ConfigError(f"{where}: {busy.format(holder=holder)}") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
