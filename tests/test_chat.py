@@ -411,3 +411,42 @@ def test_typed_part_templates_get_image_parts(pretrained, images, tmp_path, prom
     )
     assert text.count("<image>") == 1
     assert prompts == [tokenize_prompt(text, [pic], tok, pretrained.prompt_format)]
+
+
+@pytest.mark.parametrize(
+    "extra, named",
+    [
+        (
+            ["--temperature", "nan"],
+            "--temperature must be a finite number >= 0 (0: greedy), got nan",
+        ),
+        (
+            ["--temperature", "inf"],
+            "--temperature must be a finite number >= 0 (0: greedy), got inf",
+        ),
+        (["--top-p", "nan"], "--top-p must be in (0, 1], got nan"),
+    ],
+)
+def test_non_finite_sampling_flags_are_refused(run, capsys, extra, named) -> None:
+    # NaN passes `< 0` and would sample from NaN logits; refused before the model loads
+    assert cli.main(chat(str(run), "--message", "Hi.", *extra)) == 2
+    assert " ".join(capsys.readouterr().out.split()) == f"config error: {named}"
+
+
+def test_a_message_longer_than_the_context_is_refused(run, pretrained, capsys) -> None:
+    limit = pretrained.model.cfg.decoder.max_seq_len
+    assert cli.main(chat(str(run), "--message", "red " * limit)) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.startswith("config error: the prompt takes ") and out.endswith(
+        f"tokens, more than the model's context of {limit} leaves room for an answer"
+    )
+
+
+def test_an_unusable_device_is_one_line(run, capsys) -> None:
+    cases = [("banana", "--device banana: not a device; give cpu, cuda or cuda:N")]
+    if not torch.cuda.is_available():  # CPU-only torch: "Torch not compiled with CUDA enabled"
+        cases.append(("cuda", "--device cuda: not usable here ("))
+    for device, named in cases:
+        assert cli.main(chat(str(run), "--message", "Hi.", "--device", device)) == 2
+        out = " ".join(capsys.readouterr().out.split())
+        assert out.startswith(f"config error: {named}") and "Traceback" not in out, out

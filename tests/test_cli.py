@@ -647,3 +647,111 @@ def test_sft_demo_at_toy_scale(run, tmp_path) -> None:
     assert merged.startswith("# mm1 demo report\n\nscores\n\n# Supervised fine-tuning (sft)")
     assert all(f'src="../sft/examples/{p.name}"' in merged for p in pics)
     assert "(../sft/eval-suite/suite.png)" in merged and "(eval-suite/" not in merged
+
+
+def _fails(capsys, *args: str, code: int = 2) -> str:
+    """`mm1 ARGS` in process: exits `code` with one line (no traceback); that line."""
+    assert cli.main(list(args)) == code
+    out = capsys.readouterr().out
+    assert "Traceback" not in out and len([x for x in out.splitlines() if x.strip()]) >= 1
+    return " ".join(out.split())
+
+
+def test_a_task_file_cannot_shadow_a_synthetic_task(run, tmp_path, capsys) -> None:
+    # a user task named synth_vqa would be silently replaced by the world's built-in one
+    task_file = tmp_path / "tasks.yaml"
+    task_file.write_text(yaml.safe_dump([_vqa_task(run.parent / "world", "synth_vqa", True)]))
+    out = _fails(capsys, "eval", str(run), "--task-file", str(task_file), "--out", str(tmp_path))
+    assert out == (
+        f"config error: {task_file}: task 'synth_vqa': that name is reserved for a built-in "
+        "synthetic task (synth_coco, synth_vqa); rename it"
+    )
+
+
+@pytest.mark.parametrize(
+    "extra, named",
+    [
+        (("--shots", "0"), "--shots does not apply to --suite"),
+        (("--beams", "3"), "--beams does not apply to --suite"),
+        (("--tasks", "synth_vqa"), "--tasks does not apply to --suite"),
+        (("--task-file", "t.yaml"), "--task-file does not apply to --suite"),
+        (("--bad-images", "empty"), "--bad-images does not apply to --suite"),
+        (("--rices",), "--rices does not apply to --suite"),
+        (("eval.max_new_tokens=1",), "eval.max_new_tokens=1: --suite takes no eval.* overrides"),
+        (("eval.bogus=3",), "eval.bogus=3: --suite takes no eval.* overrides"),
+        (("--seeds", "0"), "--seeds 0 must be >= 1"),
+        (("--seeds", "-1"), "--seeds -1 must be >= 1"),
+        (("--batch-size", "0"), "--batch-size 0 must be >= 1"),
+        (("--max-examples", "-1"), "--max-examples -1 must be >= 0 (0 = every query)"),
+    ],
+)
+def test_eval_suite_refuses_what_it_would_ignore(run, tmp_path, capsys, extra, named) -> None:
+    out = _fails(capsys, "eval", str(run), "--suite", "sft", "--out", str(tmp_path), *extra)
+    assert out.startswith("config error: ") and named in out
+    assert "eval.max_new_tokens" in named or "must be" in named or "--suite-mode, --seeds" in out
+
+
+def test_run_suite_checks_seeds_and_max_examples(run) -> None:
+    from mm1.config import ConfigError
+    from mm1.eval.suite import run_suite
+
+    for kw, msg in (({"seeds": 0}, "--seeds 0"), ({"max_examples": -1}, "--max-examples -1")):
+        with pytest.raises(ConfigError, match=msg):
+            run_suite(None, run, "sft", world=run.parent / "world", **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--top-p", "0", "--temperature", "1"), "--top-p must be in (0, 1], got 0.0"),
+        (("--top-p", "-1", "--temperature", "1"), "--top-p must be in (0, 1], got -1.0"),
+        (("--max-new-tokens", "0"), "--max-new-tokens must be at least 1, got 0"),
+        (("--max-new-tokens", "-5"), "--max-new-tokens must be at least 1, got -5"),
+        (
+            ("--temperature", "-1"),
+            "--temperature must be a finite number >= 0 (0: greedy), got -1.0",
+        ),
+        (
+            ("--temperature", "nan"),
+            "--temperature must be a finite number >= 0 (0: greedy), got nan",
+        ),
+        (("--stop", ""), "--stop must not be empty: give the text that ends the answer"),
+    ],
+)
+def test_generate_checks_its_sampling_flags(run, capsys, extra, message) -> None:
+    out = _fails(capsys, "generate", str(run), "--prompt", "Hi", *extra)
+    assert out == f"config error: {message}"
+
+
+def test_generate_refuses_a_prompt_longer_than_the_context(run, pretrained, capsys) -> None:
+    limit = pretrained.model.cfg.decoder.max_seq_len
+    out = _fails(capsys, "generate", str(run), "--prompt", "red " * limit)
+    assert out.startswith("config error: the prompt takes ") and out.endswith(
+        f"tokens, more than the model's context of {limit} leaves room for an answer"
+    )
+
+
+def test_a_run_without_a_checkpoint_says_so(run, tmp_path, capsys) -> None:
+    young = tmp_path / "young"
+    (young / "checkpoints").mkdir(parents=True)  # training started, nothing saved yet
+    for name in ("model.json", "config.yaml"):
+        (young / name).write_bytes((run / name).read_bytes())
+    out = _fails(capsys, "generate", str(young), "--prompt", "Hi")
+    assert out == f"error: {young} has no checkpoint yet (training has not saved one)"
+
+
+def test_info_names_the_command_for_other_yaml_files(capsys) -> None:
+    clip = ROOT / "configs" / "encoder_clip.yaml"
+    assert _fails(capsys, "info", str(clip)) == (
+        f"config error: {clip}: an encoder config: train it with mm1 train-encoder {clip} "
+        "(mm1 info summarises MM1 configs)"
+    )
+    grid = ROOT / "configs" / "studies" / "connectors.yaml"
+    assert _fails(capsys, "info", str(grid)) == (
+        f"config error: {grid}: a study grid: list its cells and their cost with mm1 ablate "
+        f"{grid} --dry-run (mm1 info summarises MM1 configs)"
+    )
+    preset = str(ROOT / "configs" / "models" / "mm1_3b.yaml")
+    assert _fails(capsys, "info", preset, "--seq-len", "-5") == (
+        "config error: --seq-len -5 must be positive (0: the model's max_seq_len)"
+    )

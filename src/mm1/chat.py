@@ -10,8 +10,9 @@ tokenizer's end-of-turn tokens, which are never printed.
 
 from __future__ import annotations
 
+import math
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -25,7 +26,7 @@ from mm1.data.chat_template import BUILTIN_TEMPLATES, BUILTIN_TOKENS, select_tem
 from mm1.data.sources import DataError
 from mm1.data.sources.base import BadImage, image_from_path
 from mm1.data.tokenizer import IMAGE_TOKEN, Tokenizer, tokenize_chat_prompt
-from mm1.models.generation import DecodeBatch, Sampling
+from mm1.models.generation import DecodeBatch, Sampling, check_prompt_fits
 from mm1.models.mllm import MM1
 from mm1.pretrained import Pretrained
 
@@ -177,12 +178,25 @@ class ChatSettings:
     compile: bool = False  # decode steps compiled at fixed shapes (a CUDA graph on GPU)
 
     def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ConfigError(f"--temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
+        check_sampling(self.max_new_tokens, self.temperature, self.top_p)
+
+
+def check_sampling(
+    max_new_tokens: int, temperature: float, top_p: float, stops: Sequence[str] = ()
+) -> None:
+    """The decoding flags of `mm1 chat` and `mm1 generate`, checked before the model loads:
+    NaN passes every comparison (a NaN temperature would sample from NaN logits), top_p 0
+    keeps no token, and an empty stop string matches everywhere."""
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(
+            f"--temperature must be a finite number >= 0 (0: greedy), got {temperature}"
+        )
+    if not 0 < top_p <= 1:  # also refuses NaN
+        raise ConfigError(f"--top-p must be in (0, 1], got {top_p}")
+    if any(stop == "" for stop in stops):
+        raise ConfigError("--stop must not be empty: give the text that ends the answer")
 
 
 @dataclass
@@ -236,6 +250,7 @@ class ChatSession:
         messages, all_images = [*self.messages, message], [*self.images, *images]
         prompt = self.prompt_ids(messages, all_images)
         p, s = self.pretrained, self.settings
+        check_prompt_fits(len(prompt), p.model.cfg.decoder.max_seq_len)  # as serve refuses it
         device = p.model.decoder.embed_tokens.weight.device
         pixels = crops = sizes = None
         if all_images:

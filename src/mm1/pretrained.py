@@ -27,8 +27,10 @@ from mm1.checkpoint import (
     EXPORT_WEIGHTS,
     MODEL_CONFIG,
     SavedModel,
+    is_checkpoint,
     is_export,
     is_run,
+    latest_checkpoint,
     read_model_config,
     read_model_weights,
 )
@@ -164,15 +166,61 @@ def model_from_saved(saved: SavedModel) -> MM1:
     return model
 
 
+def refuse_encoder_run(path: str | Path) -> None:
+    """Refuse an image-encoder run (`mm1 train-encoder`; or one of its checkpoints) where an
+    MM1 model is expected: its weights are no MLLM, and loading them would fail listing
+    hundreds of state_dict keys. Such a run's saved config.yaml has an `encoder` section."""
+    import yaml
+
+    p = Path(path)
+    run = p.parent.parent if is_checkpoint(p) else p
+    saved = run / "config.yaml"
+    if not saved.is_file():
+        return
+    try:
+        data = yaml.safe_load(saved.read_text())
+    except yaml.YAMLError:
+        return  # not this check's to report: loading says what is wrong
+    if isinstance(data, dict) and "encoder" in data:
+        raise ConfigError(
+            f"{path} is an image-encoder run (mm1 train-encoder), not an MM1 model; use it as "
+            "train.init.vision or evaluate it with mm1 eval-encoder"
+        )
+
+
+def check_device(device: str | torch.device, option: str = "--device") -> torch.device:
+    """`device` parsed and usable by this torch, else one line naming `option` (rather than
+    torch's traceback once the weights are read: "Torch not compiled with CUDA enabled")."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"{option} {device}: not a device; give cpu, cuda or cuda:N") from None
+    try:
+        torch.empty(0, device=dev)  # initialises the backend: fails if it is absent
+    except (RuntimeError, AssertionError) as err:
+        # torch's first sentence: some backends append a long list of dispatch keys
+        why = (str(err).strip() or type(err).__name__).splitlines()[0].split(". ")[0]
+        raise ConfigError(f"{option} {device}: not usable here ({why}); use {option} cpu") from None
+    return dev
+
+
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
     """An exported directory, or a run directory (its newest complete checkpoint)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
+    refuse_encoder_run(path)
+    check_device(device)
     if is_export(path):
         tok_dir = path
-    elif is_run(path):
+    elif is_run(path) and latest_checkpoint(path) is not None:
         tok_dir = path / "tokenizer"
+    elif (path / CHECKPOINTS_DIR).is_dir() or (
+        (path / MODEL_CONFIG).is_file() and (path / "config.yaml").is_file()
+    ):
+        # a run directory whose training has not saved yet (no checkpoints/, or none complete);
+        # an export has no config.yaml, so a half-written one still gets the message below
+        raise FileNotFoundError(f"{path} has no checkpoint yet (training has not saved one)")
     else:
         raise FileNotFoundError(
             f"{path} is neither an exported model ({WEIGHTS} + {MODEL_CONFIG}) nor a run "

@@ -62,7 +62,7 @@ def test_linear_probe_reaches_the_optimum_and_separates_separable_classes() -> N
     assert probe_accuracy(x[:200], noise[:200], x[200:], noise[200:], 3) < 0.6
 
 
-def test_eval_encoder_cli_scores_a_clip_run(tmp_path: Path) -> None:
+def test_eval_encoder_cli_scores_a_clip_run(tmp_path: Path, monkeypatch, capsys) -> None:
     from mm1 import cli
     from mm1.data.synthetic import write_world
 
@@ -93,3 +93,34 @@ def test_eval_encoder_cli_scores_a_clip_run(tmp_path: Path) -> None:
     assert "| colour |" in (run / "eval" / "encoder_eval.md").read_text()
     assert cli.main(["eval-encoder", str(run), "--untrained-seed", "0", "--probe-seeds", "2"]) == 0
     assert (run / "eval" / "encoder_eval_untrained0.json").is_file()
+    assert result["world"] == str(tiny_world.resolve())  # which world it scored on
+
+    # A checkpoint finds its run's world from anywhere (not ./data/world), and its scores go
+    # to the run's eval folder, which outlives the checkpoint's rotation.
+    elsewhere = tmp_path / "elsewhere"
+    write_world(elsewhere / "data" / "world", seed=1, size="tiny")
+    monkeypatch.chdir(elsewhere)
+    step = run / "checkpoints" / "step_1"
+    assert cli.main(["eval-encoder", str(step), "--probe-seeds", "1"]) == 0
+    result = json.loads((run / "eval" / "step_1" / "encoder_eval.json").read_text())
+    assert result["world"] == str(tiny_world.resolve()) and not (step / "eval").exists()
+
+    # An encoder run where an MM1 model is expected: one line, not hundreds of state_dict keys.
+    capsys.readouterr()
+    refused = (
+        f"config error: {run} is an image-encoder run (mm1 train-encoder), not an MM1 model; "
+        "use it as train.init.vision or evaluate it with mm1 eval-encoder"
+    )
+    for argv in (
+        ["generate", str(run), "--prompt", "x"],
+        ["chat", str(run), "--message", "x"],
+        ["eval", str(run), "--out", str(tmp_path / "e")],
+        ["eval", str(run), "--suite", "sft", "--out", str(tmp_path / "e")],
+    ):
+        assert cli.main(argv) == 2, argv
+        assert " ".join(capsys.readouterr().out.split()) == refused, argv
+    assert not (tmp_path / "e").exists()  # refused before anything was written
+
+    assert cli.main(["eval-encoder", str(run), "--probe-seeds", "0"]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert out == "config error: --probe-seeds 0 must be >= 1 (linear-probe splits)"

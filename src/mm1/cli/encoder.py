@@ -37,8 +37,11 @@ def cmd_export_encoder(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_encoder(args: argparse.Namespace) -> None:
+    from mm1.config import ConfigError
     from mm1.eval.encoders import evaluate_encoder_run
 
+    if args.probe_seeds < 1:  # before the model loads
+        raise ConfigError(f"--probe-seeds {args.probe_seeds} must be >= 1 (linear-probe splits)")
     result, out = evaluate_encoder_run(
         args.run, args.world, args.out, args.untrained_seed, tuple(range(args.probe_seeds))
     )
@@ -86,7 +89,9 @@ def register(add: Add) -> None:
     )
     p.add_argument("run", help="an encoder run directory (or one of its checkpoints)")
     p.add_argument("--world", default=None, help="the synthetic world (default: the run's)")
-    p.add_argument("--out", default=None, help="output directory (default: RUN/eval)")
+    p.add_argument(
+        "--out", default=None, help="output directory (default: RUN/eval; RUN/eval/step_N)"
+    )
     p.add_argument(
         "--untrained-seed",
         type=int,

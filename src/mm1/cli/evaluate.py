@@ -15,6 +15,10 @@ SUITE_OUT = "eval-suite"  # `mm1 eval --suite`'s (run_suite's default)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from mm1.pretrained import refuse_encoder_run
+
+    # first: an encoder run would otherwise get an output folder and fail only on loading
+    refuse_encoder_run(args.model)
     if args.suite:
         return cmd_eval_suite(args)
     from mm1.config import to_dict
@@ -82,17 +86,58 @@ def cmd_eval_suite(args: argparse.Namespace) -> None:
     from mm1.eval.suite import run_suite
     from mm1.pretrained import load_pretrained
 
+    _check_suite_args(args)  # before anything loads: the suite takes few of eval's options
     world = args.world or run_world(Path(args.model))
     s = args.seeds if args.seeds is not None else 3
     kw = {"mode": args.suite_mode, "seeds": s, "max_examples": args.max_examples or 0}
     kw["shuffle_images"] = args.shuffle_images
     kw["compile"] = args.compile
+    if args.batch_size is not None:
+        kw["batch_size"] = args.batch_size
     out = Path(args.out or Path(args.model) / SUITE_OUT)
     _check_writable(out, args.out is not None)
     p = load_pretrained(args.model)
     r = run_suite(p, args.model, args.suite, world=world, name=args.name, out=out, **kw)
     console.print(Path(r["files"]["markdown"]).read_text().split("\n\n## ")[0])
     console.print(f"results: {r['files']['json']}  plot: {r['files']['plot']}")
+
+
+# What `--suite` takes; every other flag of `mm1 eval` configures the few-shot evaluation.
+SUITE_FLAGS = "--suite-mode, --seeds, --max-examples, --batch-size, --shuffle-images, --compile, "
+SUITE_FLAGS += "--world, --name, --out"
+
+
+def _check_suite_args(args: argparse.Namespace) -> None:
+    """The suite fixes its own prompts, shots and decoding: a flag or override it would ignore
+    is refused (one line naming it) rather than silently dropped; the ones it takes are
+    checked as plain `mm1 eval` checks them."""
+    ignored = {
+        "--shots": args.shots is not None,
+        "--beams": args.beams is not None,
+        "--tasks": bool(args.tasks),
+        "--task-file": args.task_file is not None,
+        "--bad-images": args.bad_images is not None,
+        "--rices": args.rices,
+    }
+    for flag, given in ignored.items():
+        if given:
+            raise ConfigError(
+                f"{flag} does not apply to --suite (the suite fixes its tasks, prompts and "
+                f"greedy decoding); --suite takes {SUITE_FLAGS}"
+            )
+    if args.overrides:
+        raise ConfigError(
+            f"{args.overrides[0]}: --suite takes no eval.* overrides (the suite fixes its "
+            f"tasks, prompts and greedy decoding); it takes {SUITE_FLAGS}"
+        )
+    for flag, value, low in (
+        ("--seeds", args.seeds, 1),
+        ("--batch-size", args.batch_size, 1),
+        ("--max-examples", args.max_examples, 0),
+    ):
+        if value is not None and value < low:
+            zero = " (0 = every query)" if low == 0 else ""
+            raise ConfigError(f"{flag} {value} must be >= {low}{zero}")
 
 
 def _check_writable(out: Path, given: bool) -> None:

@@ -79,10 +79,13 @@ def _load_images(paths: list[str]) -> list[Image.Image]:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from mm1.chat import check_sampling
     from mm1.data.tokenizer import IMAGE_TOKEN, tokenize_chat_prompt, tokenize_prompt
-    from mm1.models.generation import generate
+    from mm1.models.generation import check_prompt_fits, generate
     from mm1.pretrained import load_pretrained
 
+    # the same checks as `mm1 chat`, before the model loads
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.stop or ())
     tags, n = args.prompt.count(IMAGE_TOKEN), len(args.image or [])
     if tags != n:
         raise ConfigError(
@@ -98,6 +101,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         ids = tokenize_chat_prompt(user, images, p.tokenizer, fmt)
     else:
         ids = tokenize_prompt(args.prompt, images, p.tokenizer, fmt)
+    check_prompt_fits(len(ids), p.model.cfg.decoder.max_seq_len)  # as serve refuses it
     pixels = fmt.pixel_values(p.processor, images) if images else None
     crops, sizes = fmt.image_info(images) if images else (None, None)
     stop_ids, text_stops = _split_stops(args.stop or [], p.tokenizer)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from mm1.config import Config, ModelConfig, load_config
+from mm1.config import Config, ConfigError, ModelConfig, load_config
 
 from .common import Add, console
 
@@ -24,6 +24,9 @@ def cmd_info(args: argparse.Namespace) -> None:
     from mm1.models.summary import summarize
     from mm1.train.optim import mm1_peak_lr
 
+    if args.seq_len < 0:  # would print negative FLOPs
+        raise ConfigError(f"--seq-len {args.seq_len} must be positive (0: the model's max_seq_len)")
+    _refuse_other_yaml(args.config)
     cfg = load_config(args.config, args.overrides)
     model_cfg, vocab_from = _built_model_config(cfg)
     s = summarize(model_cfg, args.seq_len or model_cfg.decoder.max_seq_len)
@@ -68,6 +71,29 @@ def cmd_info(args: argparse.Namespace) -> None:
         f"MM1 peak learning rate for N = {_human(s.active)} active decoder parameters "
         f"(embeddings counted): {mm1_peak_lr(s.active):.3g}"
     )
+
+
+def _refuse_other_yaml(path: str) -> None:
+    """The repository's other YAML files (an encoder config, a study grid) name the command
+    that takes them, rather than failing as an MM1 config ("Key 'encoder' not in 'Config'")."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return  # load_config reports it
+    if not isinstance(raw, dict):
+        return
+    if "encoder" in raw:
+        raise ConfigError(
+            f"{path}: an encoder config: train it with mm1 train-encoder {path} "
+            "(mm1 info summarises MM1 configs)"
+        )
+    if "study" in raw:
+        raise ConfigError(
+            f"{path}: a study grid: list its cells and their cost with mm1 ablate {path} "
+            "--dry-run (mm1 info summarises MM1 configs)"
+        )
 
 
 def _layout_ranges(

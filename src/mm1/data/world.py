@@ -197,10 +197,15 @@ def _set_chat_template(tok: Tokenizer, value: str) -> None:
 
 def run_world(model_dir: str | Path) -> str:
     """The synthetic world a run trained on (`data.world` in its saved config.yaml), else the
-    default location (an export has no config)."""
+    default location (an export has no config). For one of a run's `checkpoints/step_N` it is
+    the run's: the checkpoint has no config.yaml of its own, and falling back to the default
+    would silently score on whatever world the current directory holds."""
     import yaml
 
-    saved = Path(model_dir) / "config.yaml"
+    from mm1.checkpoint import is_checkpoint
+
+    p = Path(model_dir)
+    saved = (p.parent.parent if is_checkpoint(p) else p) / "config.yaml"
     if saved.is_file():
         world = ((yaml.safe_load(saved.read_text()) or {}).get("data") or {}).get("world")
         if world:

@@ -298,11 +298,16 @@ def evaluate_encoder_run(
 ) -> tuple[dict[str, Any], Path]:
     """Score an encoder run (or, with `untrained_seed`, a freshly initialised model of its
     architecture: the random-encoder baseline) on its world's held-out scenes; writes
-    `encoder_eval.json` and `encoder_eval.md` to `out_dir` (default RUN/eval). Returns the
+    `encoder_eval.json` and `encoder_eval.md` to `out_dir` (default RUN/eval; for a checkpoint
+    RUN/eval/step_N: the checkpoint's own folder is deleted when it rotates out). Returns the
     scores and the directory."""
+    from mm1.checkpoint import is_checkpoint
+    from mm1.config import ConfigError
     from mm1.data.world import run_world, saved_tokenizer_dir
     from mm1.models.encoders import build_encoder_model, load_encoder_run
 
+    if not probe_seeds:  # the probe's mean over no splits is undefined
+        raise ConfigError("--probe-seeds must be >= 1 (linear-probe train/test splits)")
     cfg, model = load_encoder_run(run)
     tok_dir = saved_tokenizer_dir(Path(run))
     tok = Tokenizer.from_file(tok_dir)
@@ -315,9 +320,13 @@ def evaluate_encoder_run(
     world = Path(world or run_world(run))
     if not (world / "world.json").is_file():
         raise FileNotFoundError(f"{world}: no synthetic world (world.json) to evaluate on")
-    result = {"encoder": what, **evaluate_encoder(model, tok, processor, world, probe_seeds)}
+    scores = evaluate_encoder(model, tok, processor, world, probe_seeds)
+    # which world was scored on: the default follows the run's config, so say where it led
+    result = {"encoder": what, "world": str(world.resolve()), **scores}
     suffix = "" if untrained_seed is None else f"_untrained{untrained_seed}"
-    out = Path(out_dir) if out_dir is not None else Path(run) / "eval"
+    p = Path(run)
+    default = p.parent.parent / "eval" / p.name if is_checkpoint(p) else p / "eval"
+    out = Path(out_dir) if out_dir is not None else default
     out.mkdir(parents=True, exist_ok=True)
     (out / f"encoder_eval{suffix}.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / f"encoder_eval{suffix}.md").write_text(encoder_report(result, what))

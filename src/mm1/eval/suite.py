@@ -321,6 +321,14 @@ def run_suite(
 
     if mode not in MODES:
         raise ConfigError(f"--suite-mode must be one of {', '.join(MODES)}, got {mode!r}")
+    # Checked here too for API callers: seeds=0 would index an empty list of scores, and a
+    # negative max_examples would slice off the last queries.
+    if seeds < 1:
+        raise ConfigError(f"--seeds {seeds} must be >= 1")
+    if max_examples < 0:
+        raise ConfigError(f"--max-examples {max_examples} must be >= 0 (0 = every query)")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size} must be >= 1")
     if suite == "sft":
         if world is None or not (Path(world) / "world.json").is_file():
             raise ConfigError(

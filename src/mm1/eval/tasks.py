@@ -503,8 +503,16 @@ def read_task_specs(path: str | Path, what: str = "task file") -> list[TaskSpec]
 
 def register_task_file(path: str | Path) -> list[str]:
     """Register every task of a YAML task file (`read_task_specs`), replacing tasks of the same
-    name; returns their names in file order."""
-    return [register_task(spec, overwrite=True).name for spec in read_task_specs(path)]
+    name; returns their names in file order. The synthetic names are reserved: evaluation
+    builds those from the world, so a user task of that name would silently not run."""
+    specs = read_task_specs(path)
+    for spec in specs:
+        if spec.name in SYNTHETIC_TASKS:
+            raise ConfigError(
+                f"{path}: task {spec.name!r}: that name is reserved for a built-in synthetic "
+                f"task ({', '.join(SYNTHETIC_TASKS)}); rename it"
+            )
+    return [register_task(spec, overwrite=True).name for spec in specs]
 
 
 def synthetic_task_specs(world: str | Path) -> dict[str, TaskSpec]:

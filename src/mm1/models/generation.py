@@ -16,9 +16,23 @@ from typing import Protocol
 
 import torch
 
+from mm1.config import ConfigError
 from mm1.models.compiled_decode import CompiledDecode, decode_logits
 from mm1.models.kv_cache import KVCache
 from mm1.models.mllm import MM1
+
+
+def check_prompt_fits(prompt_tokens: int, context: int) -> int:
+    """The room `context` (the model's max_seq_len) leaves after a prompt of `prompt_tokens`;
+    a prompt that leaves none is refused, in the words `mm1 serve` uses (its 4xx
+    context_length_exceeded), rather than decoded at positions the model never trained on."""
+    room = context - prompt_tokens
+    if room < 1:
+        raise ConfigError(
+            f"the prompt takes {prompt_tokens} tokens, more than the model's context of "
+            f"{context} leaves room for an answer"
+        )
+    return room
 
 
 class Detokenizer(Protocol):
