@@ -20,6 +20,7 @@ from mm1.data.sources import decode_image
 from mm1.eval.tasks import TaskSpec
 from mm1.models import generation
 from mm1.pretrained import Pretrained
+from tests.cli_helpers import one_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -406,15 +407,6 @@ def test_a_tampered_run_directory_is_refused_without_running_code(run, tmp_path,
         assert out.splitlines()[0].startswith(f"error: {index}: refused to load")
 
 
-def _one_line(capsys, argv: list[str], code: int) -> str:
-    """`mm1 ARGV` in this process: its exit status and its single output line."""
-    assert cli.main(argv) == code
-    captured = capsys.readouterr()
-    out = captured.out + captured.err
-    assert "Traceback" not in out and len(out.strip().splitlines()) == 1, out
-    return " ".join(out.split())
-
-
 def test_convert_and_upcycle_refuse_output_dirs_holding_something_else(
     run, tmp_path, capsys
 ) -> None:
@@ -436,7 +428,7 @@ def test_convert_and_upcycle_refuse_output_dirs_holding_something_else(
         ["convert", str(copy), "--to-hf", str(copy)],
         ["upcycle", str(copy), "--experts", "2", "--out", str(copy)],
     ):
-        out = _one_line(capsys, argv, 2)
+        out = one_line(capsys, argv, 2)
         assert out.startswith(f"config error: {argv[-2]} {copy}: {in_run}"), out
     assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == before
     assert not is_export(copy)
@@ -449,13 +441,13 @@ def test_convert_and_upcycle_refuse_output_dirs_holding_something_else(
     other.mkdir()
     (other / "todo.txt").write_text("mine\n")
     for option, what in (("--export", "an mm1 export"), ("--to-hf", "a transformers directory")):
-        out = _one_line(capsys, ["convert", str(copy), option, str(other)], 2)
+        out = one_line(capsys, ["convert", str(copy), option, str(other)], 2)
         assert out == (
             f"config error: {option} {other}: the directory holds other files and is not "
             f"{what}{' (config.json)' if option == '--to-hf' else ''}; give a new or empty "
             "directory (or remove it first)"
         )
-    out = _one_line(capsys, ["upcycle", str(copy), "--experts", "2", "--out", str(other)], 2)
+    out = one_line(capsys, ["upcycle", str(copy), "--experts", "2", "--out", str(other)], 2)
     assert out.startswith(f"config error: --out {other}: the directory holds other files")
     assert [p.name for p in other.iterdir()] == ["todo.txt"]
 
@@ -465,7 +457,7 @@ def test_convert_and_upcycle_refuse_output_dirs_holding_something_else(
         assert cli.main(["convert", str(copy), "--export", str(export), "--to-hf", str(hf)]) == 0
     assert cli.main(["upcycle", str(copy), "--experts", "2", "--out", str(export)]) == 0
     capsys.readouterr()
-    out = _one_line(capsys, ["convert", str(export), "--export", str(export)], 2)
+    out = one_line(capsys, ["convert", str(export), "--export", str(export)], 2)
     assert out == (
         f"config error: --export {export}: that is the source model itself; give another directory"
     )
@@ -486,14 +478,14 @@ def test_eval_checks_its_output_directory_before_loading_the_model(
     copy = tmp_path / "run"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints"))
     (copy / cli.EVAL_OUT).write_text("in the way\n")  # root too cannot make a directory here
-    out = _one_line(capsys, ["eval", str(copy)], 2)
+    out = one_line(capsys, ["eval", str(copy)], 2)
     assert out == (
         f"config error: the results directory {copy / cli.EVAL_OUT}: cannot write there (a "
         "file, not a directory): pass --out DIR to write elsewhere"
     )
     under_file = copy / cli.EVAL_OUT / "sub"
     for extra in ([], ["--suite", "sft"]):
-        out = _one_line(capsys, ["eval", str(copy), *extra, "--out", str(under_file)], 2)
+        out = one_line(capsys, ["eval", str(copy), *extra, "--out", str(under_file)], 2)
         assert out == (
             f"config error: --out {under_file}: cannot write there (Not a directory): give a "
             "directory you can write to"
@@ -502,18 +494,18 @@ def test_eval_checks_its_output_directory_before_loading_the_model(
         (copy / cli.EVAL_OUT).unlink()
         copy.chmod(0o555)
         try:
-            out = _one_line(capsys, ["eval", str(copy)], 2)
+            out = one_line(capsys, ["eval", str(copy)], 2)
         finally:
             copy.chmod(0o755)
         assert "cannot write there (Permission denied): pass --out DIR" in out
 
 
-def test_the_users_file_system_errors_are_one_line(tmp_path, capsys, monkeypatch) -> None:
+def test_the_users_file_system_errors_areone_line(tmp_path, capsys, monkeypatch) -> None:
     import errno
 
     blocker = tmp_path / "file"
     blocker.write_text("")
-    out = _one_line(capsys, ["data", "synth", "--out", str(blocker / "world")], 1)
+    out = one_line(capsys, ["data", "synth", "--out", str(blocker / "world")], 1)
     assert out == f"error: {blocker / 'world'}: Not a directory"
 
     for code in (errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENAMETOOLONG):
@@ -522,7 +514,7 @@ def test_the_users_file_system_errors_are_one_line(tmp_path, capsys, monkeypatch
             raise OSError(code, os.strerror(code), "/some/path")
 
         monkeypatch.setattr("mm1.cli.run.cmd_info", fail)
-        out = _one_line(capsys, ["info", "x.yaml"], 1)
+        out = one_line(capsys, ["info", "x.yaml"], 1)
         assert out == f"error: /some/path: {os.strerror(code)}"
 
 

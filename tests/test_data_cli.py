@@ -6,16 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mm1 import cli
-
-
-def _one_line(capsys, argv: list[str], code: int) -> str:
-    """`mm1 ARGV` in this process: its exit status and its single output line."""
-    assert cli.main(argv) == code
-    captured = capsys.readouterr()
-    out = captured.out + captured.err
-    assert "Traceback" not in out and len(out.strip().splitlines()) == 1, out
-    return " ".join(out.split())
+from tests.cli_helpers import one_line
 
 
 @pytest.fixture
@@ -28,7 +19,7 @@ def source(tmp_path: Path) -> Path:
 def test_inspect_refuses_a_json_that_is_not_a_tokenizer(source, tmp_path, capsys) -> None:
     not_tok = tmp_path / "config.json"
     not_tok.write_text('{"model": "not a tokenizer"}\n')
-    line = _one_line(capsys, ["data", "inspect", str(source), "--tokenizer", str(not_tok)], 2)
+    line = one_line(capsys, ["data", "inspect", str(source), "--tokenizer", str(not_tok)], 2)
     assert line.startswith(
         f"config error: --tokenizer {not_tok}: not a tokenizers tokenizer.json ("
     ), line
@@ -36,7 +27,7 @@ def test_inspect_refuses_a_json_that_is_not_a_tokenizer(source, tmp_path, capsys
 
 @pytest.mark.parametrize("n", ["0", "-3"])
 def test_inspect_refuses_no_samples(source, capsys, n) -> None:
-    line = _one_line(capsys, ["data", "inspect", str(source), "-n", n], 2)
+    line = one_line(capsys, ["data", "inspect", str(source), "-n", n], 2)
     assert line == f"config error: -n {n}: give 1 or more samples to show"
 
 
@@ -44,5 +35,5 @@ def test_inspect_refuses_no_samples(source, capsys, n) -> None:
 def test_stats_refuses_no_sequences(tmp_path, capsys, sequences) -> None:
     # refused before the config is read: the path need not even exist
     argv = ["data", "stats", str(tmp_path / "cfg.yaml"), "--sequences", sequences]
-    line = _one_line(capsys, argv, 2)
+    line = one_line(capsys, argv, 2)
     assert line == f"config error: --sequences {sequences}: give 1 or more"

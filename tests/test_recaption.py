@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from mm1 import cli
 from mm1 import recaption as rc
 from mm1.config import ConfigError
 from mm1.data.caption_splits import CLEAN_ALL, CLEAN_SUBSET, write_caption_splits
@@ -24,6 +23,7 @@ from mm1.data.synthetic import write_world
 from mm1.data.tokenizer import Tokenizer
 from mm1.models.mllm import MM1
 from mm1.pretrained import load_pretrained, save_pretrained
+from tests.cli_helpers import one_line
 
 
 def _hashes(root: Path) -> dict[str, str]:
@@ -41,38 +41,28 @@ def world(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def model_dir(world, tiny_model_config) -> Path:
-    """An untrained tiny model with the world's tokenizer, exported (the weights do not matter:
-    the captions are checked against the same model's own generations)."""
+def _untrained_model(world: Path, tiny_model_config, seed: int, name: str) -> Path:
+    """An untrained tiny model with the world's tokenizer, exported under `name`."""
     tok = Tokenizer.from_file(world / "tokenizer.json")
     cfg = tiny_model_config()
     cfg.decoder.vocab_size, cfg.image_token_id = tok.vocab_size, tok.image_id
-    torch.manual_seed(0)
-    out = world.parent / "model"
+    torch.manual_seed(seed)
+    out = world.parent / name
     save_pretrained(MM1(cfg).eval(), tok, ImageProcessor.clip(32), out)
     return out
+
+
+@pytest.fixture(scope="module")
+def model_dir(world, tiny_model_config) -> Path:
+    """The weights do not matter: the captions are checked against the same model's own
+    generations."""
+    return _untrained_model(world, tiny_model_config, 0, "model")
 
 
 @pytest.fixture(scope="module")
 def other_model_dir(world, model_dir, tiny_model_config) -> Path:
     """Another model of the same shape (other weights): captions of its own."""
-    tok = Tokenizer.from_file(world / "tokenizer.json")
-    cfg = tiny_model_config()
-    cfg.decoder.vocab_size, cfg.image_token_id = tok.vocab_size, tok.image_id
-    torch.manual_seed(1)
-    out = world.parent / "other_model"
-    save_pretrained(MM1(cfg).eval(), tok, ImageProcessor.clip(32), out)
-    return out
-
-
-def _one_line(capsys, argv: list[str], code: int) -> str:
-    """`mm1 ARGV` in this process: its exit status and its single output line."""
-    assert cli.main(argv) == code
-    captured = capsys.readouterr()
-    out = captured.out + captured.err
-    assert "Traceback" not in out and len(out.strip().splitlines()) == 1, out
-    return " ".join(out.split())
+    return _untrained_model(world, tiny_model_config, 1, "other_model")
 
 
 def test_caption_splits_add_files_only(world) -> None:
@@ -232,15 +222,15 @@ def test_recaption_mistakes_are_one_line_and_leave_no_out(world, model_dir, tmp_
     src, out = str(world / "captions" / "00000.tar"), tmp_path / "out"
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
-    line = _one_line(capsys, ["recaption", str(model_dir), "--in", src, "--out", str(a_file)], 2)
+    line = one_line(capsys, ["recaption", str(model_dir), "--in", src, "--out", str(a_file)], 2)
     assert line == f"config error: --out {a_file}: is a file, not a directory; give a directory"
     tok = world / "tokenizer.json"
-    line = _one_line(capsys, ["recaption", str(model_dir), "--in", str(tok), "--out", str(out)], 2)
+    line = one_line(capsys, ["recaption", str(model_dir), "--in", str(tok), "--out", str(out)], 2)
     assert line.startswith(f"config error: --in {tok}: not a readable tar shard (")
     missing = tmp_path / "no_model"
-    line = _one_line(capsys, ["recaption", str(missing), "--in", src, "--out", str(out)], 2)
+    line = one_line(capsys, ["recaption", str(missing), "--in", src, "--out", str(out)], 2)
     assert line == f"config error: checkpoint {missing}: does not exist"
-    line = _one_line(capsys, ["recaption", str(world), "--in", src, "--out", str(out)], 2)
+    line = one_line(capsys, ["recaption", str(world), "--in", src, "--out", str(out)], 2)
     assert line.startswith(f"config error: checkpoint {world}: neither an exported model")
     assert not out.exists()  # nothing made before the inputs and the model were checked
 

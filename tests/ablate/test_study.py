@@ -277,17 +277,23 @@ def test_an_interrupted_parallel_cell_stops_the_study(tmp_path, monkeypatch) -> 
     assert [r.get("status") for r in records] == ["interrupted", "interrupted", None, None]
 
 
-def test_sigterm_reaches_the_parallel_cells(tmp_path, monkeypatch) -> None:
-    grid = _fake_study(tmp_path, monkeypatch, "wait", cells=3)
-    study_dir = tmp_path / "study"
+def _terminate_once_started(study_dir, cells) -> None:
+    """SIGTERM to this process (the runner) once every one of `cells` has started."""
 
-    def terminate_when_started() -> None:
-        started = [study_dir / c.id / "started" for c in grid.cells[:2]]
+    def terminate() -> None:
+        started = [study_dir / c.id / "started" for c in cells]
         while not all(p.exists() for p in started):
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    threading.Thread(target=terminate_when_started, daemon=True).start()
+    threading.Thread(target=terminate, daemon=True).start()
+
+
+def test_sigterm_reaches_the_parallel_cells(tmp_path, monkeypatch) -> None:
+    grid = _fake_study(tmp_path, monkeypatch, "wait", cells=3)
+    study_dir = tmp_path / "study"
+
+    _terminate_once_started(study_dir, grid.cells[:2])
     with pytest.raises(KeyboardInterrupt):
         runner.run_study(grid, study_dir, jobs=2, log=lambda _: None)
     # both running cells were told to stop and recorded it; the third never started
@@ -305,13 +311,7 @@ def test_a_parallel_cell_stopped_outside_training_resumes_not_fails(
     grid = _fake_study(tmp_path, monkeypatch, mode, cells=3)
     study_dir = tmp_path / "study"
 
-    def terminate_when_started() -> None:
-        started = [study_dir / c.id / "started" for c in grid.cells[:2]]
-        while not all(p.exists() for p in started):
-            time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=terminate_when_started, daemon=True).start()
+    _terminate_once_started(study_dir, grid.cells[:2])
     log: list[str] = []
     with pytest.raises(KeyboardInterrupt):
         runner.run_study(grid, study_dir, jobs=2, log=log.append)
