@@ -147,6 +147,33 @@ def test_convert_generate_and_eval(run, tmp_path) -> None:
     assert (out_dir / "results.md").exists() and (out_dir / "scores_vs_shots.png").exists()
 
 
+def test_a_checkpoint_of_a_run_is_a_model_too(run, tmp_path) -> None:
+    """`RUN/checkpoints/step_N` loads with its run's tokenizer and prompt format (the same model
+    as the run when it is the newest); `mm1 eval` on it reads the run's eval settings and
+    writes into the run, since the checkpoint is deleted once newer ones replace it."""
+    import shutil
+
+    from mm1.checkpoint import latest_checkpoint
+    from mm1.pretrained import load_pretrained
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    ckpt = latest_checkpoint(copy)
+    assert ckpt is not None
+    whole, one = load_pretrained(copy), load_pretrained(ckpt)
+    assert one.prompt_format == whole.prompt_format
+    one_state = one.model.state_dict()
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(value, one_state[key]), key
+    world = run.parent / "world"
+    argv = ["eval", str(ckpt), "--shots", "0", "--seeds", "1", "--max-examples", "2"]
+    assert cli.main([*argv, "--world", str(world)]) == 0
+    results = json.loads((copy / "eval-cli" / ckpt.name / "results.json").read_text())
+    assert results["settings"]["from"] == str(copy / "config.yaml")
+    assert results["name"] == f"run/{ckpt.name}"
+    assert not (ckpt / "eval-cli").exists()
+
+
 def mm1_fails(*args: str, timeout: float = 300) -> str:
     """Run `mm1` expecting a clean failure: non-zero exit and no traceback; stdout + stderr."""
     p = _run(args, timeout)

@@ -205,7 +205,8 @@ def check_device(device: str | torch.device, option: str = "--device") -> torch.
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
-    """An exported directory, or a run directory (its newest complete checkpoint)."""
+    """An exported directory, a run directory (its newest complete checkpoint), or one of a
+    run's checkpoints (`RUN/checkpoints/step_N`, read with the run's tokenizer)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
@@ -215,6 +216,8 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pre
         tok_dir = path
     elif is_run(path) and latest_checkpoint(path) is not None:
         tok_dir = path / "tokenizer"
+    elif is_checkpoint(path):
+        tok_dir = path.parent.parent / "tokenizer"
     elif (path / CHECKPOINTS_DIR).is_dir() or (
         (path / MODEL_CONFIG).is_file() and (path / "config.yaml").is_file()
     ):
@@ -223,8 +226,8 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pre
         raise FileNotFoundError(f"{path} has no checkpoint yet (training has not saved one)")
     else:
         raise FileNotFoundError(
-            f"{path} is neither an exported model ({WEIGHTS} + {MODEL_CONFIG}) nor a run "
-            "directory with checkpoints/"
+            f"{path} is neither an exported model ({WEIGHTS} + {MODEL_CONFIG}), a run "
+            "directory with checkpoints/, nor one of its checkpoints/step_N"
         )
     model = model_from_saved(read_model_weights(path))
     model.to(device).eval()

@@ -37,6 +37,7 @@ from mm1.checkpoint import (
     CHECKPOINTS_DIR,
     EXPORT_WEIGHTS,
     MODEL_CONFIG,
+    is_checkpoint,
     is_export,
     is_run,
     latest_checkpoint,
@@ -136,6 +137,8 @@ def model_identity(checkpoint: str | Path) -> dict[str, Any]:
                 f"{CHECKPOINTS_DIR}/"
             )
         return {"path": str(p.resolve()), "step": step_of(ckpt)}
+    if is_checkpoint(p):  # one of a run's checkpoints: its step is in its name
+        return {"path": str(p.resolve()), "step": step_of(p)}
     raise ConfigError(
         f"checkpoint {p}: neither an exported model ({EXPORT_WEIGHTS} + {MODEL_CONFIG}) nor a "
         f"run directory with {CHECKPOINTS_DIR}/"

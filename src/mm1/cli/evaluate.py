@@ -29,7 +29,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from mm1.pretrained import load_pretrained
 
     model_dir = Path(args.model)
-    e, settings = _eval_settings(model_dir, args)
+    e, settings = _eval_settings(_run_of(model_dir), args)
     shots = e.shots
     # With a task file and no tasks named (--tasks or eval.tasks=...), only its tasks run.
     named = bool(args.tasks) or any(o.startswith("eval.tasks=") for o in args.overrides)
@@ -62,7 +62,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             f"{', '.join(synthetic)} need the synthetic world the model was trained on; none at "
             f"{world}: pass --world DIR, or evaluate your own tasks with --task-file"
         )
-    out = Path(args.out or model_dir / EVAL_OUT)
+    out = Path(args.out or _default_out(model_dir, EVAL_OUT))
     _check_writable(out, args.out is not None)
     p = load_pretrained(model_dir)
     results = evaluate(
@@ -73,7 +73,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         tasks=tasks,
         world=world,
         prompt_format=p.prompt_format,  # prompts written as the model was trained
-        name=args.name or model_dir.name,
+        name=args.name or _model_name(model_dir),
     )
     results["settings"] = {**settings, "eval": {**to_dict(e), "tasks": tasks}}
     files = write_report(results, out)
@@ -94,12 +94,33 @@ def cmd_eval_suite(args: argparse.Namespace) -> None:
     kw["compile"] = args.compile
     if args.batch_size is not None:
         kw["batch_size"] = args.batch_size
-    out = Path(args.out or Path(args.model) / SUITE_OUT)
+    model = Path(args.model)
+    out = Path(args.out or _default_out(model, SUITE_OUT))
     _check_writable(out, args.out is not None)
-    p = load_pretrained(args.model)
-    r = run_suite(p, args.model, args.suite, world=world, name=args.name, out=out, **kw)
+    p = load_pretrained(model)
+    name = args.name or _model_name(model)
+    r = run_suite(p, _run_of(model), args.suite, world=world, name=name, out=out, **kw)
     console.print(Path(r["files"]["markdown"]).read_text().split("\n\n## ")[0])
     console.print(f"results: {r['files']['json']}  plot: {r['files']['plot']}")
+
+
+def _run_of(model: Path) -> Path:
+    """Where a model's config.yaml is: a checkpoint's (`RUN/checkpoints/step_N`) is its run's."""
+    from mm1.checkpoint import is_checkpoint
+
+    return model.parent.parent if is_checkpoint(model) else model
+
+
+def _default_out(model: Path, folder: str) -> Path:
+    """Results beside the model; a checkpoint's in its run (`RUN/FOLDER/step_N`), since the
+    checkpoint itself is deleted once newer ones replace it."""
+    run = _run_of(model)
+    return run / folder / model.name if run != model else model / folder
+
+
+def _model_name(model: Path) -> str:
+    run = _run_of(model)
+    return f"{run.name}/{model.name}" if run != model else model.name
 
 
 # What `--suite` takes; every other flag of `mm1 eval` configures the few-shot evaluation.
