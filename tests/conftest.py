@@ -120,3 +120,12 @@ def _greedy_chat_answer(
 def greedy_chat_answer() -> Callable[..., tuple[str, int, int]]:
     """`greedy_chat_answer(pretrained, content, image_paths, template_source, max_new)`."""
     return _greedy_chat_answer
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warning_counts() -> None:
+    """Data warnings are rate-limited per reason and process: a test that checks one must not
+    depend on how many other tests (in the same pytest worker) logged it before."""
+    from mm1.data.sources.base import reset_warning_counts
+
+    reset_warning_counts()

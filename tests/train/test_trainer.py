@@ -139,21 +139,21 @@ def test_metrics_and_artifacts(tmp_path, world, tiny_config) -> None:
 
 
 def test_attention_backend_is_not_a_change_of_meaning() -> None:
-    from mm1.train.trainer import _meaningful
+    from mm1.train.config_change import meaningful
 
     keys = ["model.decoder.attention", "model.decoder.layers", "train.log_every", "data.seq_len"]
-    assert _meaningful(keys) == ["model.decoder.layers", "data.seq_len"]
+    assert meaningful(keys) == ["model.decoder.layers", "data.seq_len"]
 
 
 def test_sources_saved_before_they_had_names_are_not_a_changed_config() -> None:
     from mm1.config import load_config, to_dict
-    from mm1.train.trainer import _current_shape, config_diff
+    from mm1.train.config_change import config_diff, current_shape
 
     cfg = load_config(None, ["data.sources=[{format: wds, path: a}]"])
     saved = to_dict(cfg)
     del saved["data"]["sources"][0]["name"]  # as runs wrote it before source names
     assert config_diff(saved, to_dict(cfg)) == ["data.sources"]
-    assert config_diff(_current_shape(saved), to_dict(cfg)) == []
+    assert config_diff(current_shape(saved), to_dict(cfg)) == []
 
 
 def test_weight_decay_shrinks_weights_by_lr_times_point_one() -> None:

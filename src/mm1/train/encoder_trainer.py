@@ -26,9 +26,10 @@ from mm1.data.caption_pairs import CaptionPairDataset, PairBatch, PairSettings, 
 from mm1.data.world import prepare_data
 from mm1.models.encoders import ENCODER_FAMILY, build_encoder_model
 from mm1.train import checkpoint as ckpt
+from mm1.train.config_change import config_diff, refuse_changes, saved_run_config
 from mm1.train.optim import build_optimizer
 from mm1.train.parallel import accumulation_steps, autocast_dtype, parallelize
-from mm1.train.trainer import StepResult, Trainer, _autocast, config_diff
+from mm1.train.trainer import StepResult, Trainer, _autocast
 
 VAL_SEED = 1234  # a fixed held-out sample, the same for every run
 
@@ -114,19 +115,11 @@ class EncoderTrainer(Trainer):
 
     def _check_config_change(self) -> None:
         super()._check_config_change()
-        saved = self.run_dir / "config.yaml"
-        if not saved.exists() or ckpt.latest_checkpoint(self.run_dir) is None:
-            return
-        from omegaconf import OmegaConf
-
-        old = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
-        old_enc = old.get("encoder", {}) if isinstance(old, dict) else {}
-        changed = config_diff(old_enc, to_dict(self.cfg.encoder), "encoder.")  # type: ignore[arg-type]
-        if changed and not self.force:
-            raise ConfigError(
-                f"{self.run_dir} holds a run whose config differs in {', '.join(changed)}; "
-                "resuming would change its meaning. Use a new train.run_dir, or --force."
-            )
+        old = saved_run_config(self.run_dir)
+        if old is not None:
+            new = to_dict(self.cfg.encoder)
+            changed = config_diff(old.get("encoder", {}), new, "encoder.")  # type: ignore[arg-type]
+            refuse_changes(self.run_dir, changed, self.force)
 
     def _generator(self, micro: int) -> torch.Generator:
         """The objective's random stream of one micro-batch (AIM's prefix lengths), a function

@@ -30,7 +30,6 @@ from mm1.config import (
     ConfigError,
     SourceConfig,
     apply_deprecated_keys,
-    deprecated_keys_in_dict,
     has_starting_weights,
     source_names,
     to_dict,
@@ -45,6 +44,7 @@ from mm1.models.starting_point import describe as describe_start
 from mm1.models.summary import active_parameters
 from mm1.train import checkpoint as ckpt
 from mm1.train import run_lock
+from mm1.train.config_change import check_resumed_config
 from mm1.train.expert_load import add_loads, last_expert_loads, load_fractions, load_metrics
 from mm1.train.logging import MetricsLogger, truncate_metrics
 from mm1.train.optim import (
@@ -61,17 +61,6 @@ from mm1.train.parallel import (
     parallelize,
 )
 
-# Config keys whose change would change what a resumed run means, and keys under them that only
-# change how the same function is computed (a resumed run may switch them freely).
-MEANING_KEYS = (
-    "model",
-    "data",
-    "train.batch_size",
-    "train.micro_batch_size",
-    "train.seed",
-    "train.init",
-)
-IMPLEMENTATION_KEYS = ("model.decoder.attention", "model.decoder.ffn.expert_matmul")
 H100_BF16_PEAK = 989e12
 START_FILE = "init.json"  # where a run started: {"sources": [{path, kind, step, parts}]}
 
@@ -99,27 +88,6 @@ class StepResult:
 def _new_window() -> dict[str, float]:
     """The running sums behind one logged step's throughput figures."""
     return {"t": time.perf_counter(), "wait": 0.0, "tokens": 0, "images": 0, "slots": 0}
-
-
-def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested config dicts."""
-    keys = sorted(set(old) | set(new))
-    out: list[str] = []
-    for k in keys:
-        path = f"{prefix}{k}"
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_diff(a, b, path + ".")
-        elif a != b:
-            out.append(path)
-    return out
-
-
-def _meaningful(keys: list[str]) -> list[str]:
-    def under(key: str, prefixes: tuple[str, ...]) -> bool:
-        return any(key == m or key.startswith(m + ".") for m in prefixes)
-
-    return [k for k in keys if under(k, MEANING_KEYS) and not under(k, IMPLEMENTATION_KEYS)]
 
 
 class Trainer:
@@ -250,27 +218,7 @@ class Trainer:
         model.decoder.requires_grad_(t.train_decoder)
 
     def _check_config_change(self) -> None:
-        saved = self.run_dir / "config.yaml"
-        if not saved.exists() or ckpt.latest_checkpoint(self.run_dir) is None:
-            return
-        from omegaconf import OmegaConf
-
-        old = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
-        deprecated_keys_in_dict(old)  # type: ignore[arg-type]  # a run saved before train.init
-        old = _current_shape(old)  # type: ignore[arg-type]  # a run saved before the registries
-        changed = _meaningful(config_diff(old, to_dict(self.cfg)))  # type: ignore[arg-type]
-        if "data.num_workers" in changed:  # not even under --force: torchdata would fail deep
-            was = old["data"]["num_workers"]  # type: ignore[index]
-            raise ConfigError(
-                f"data.num_workers={self.cfg.data.num_workers}: {self.run_dir} was saved with "
-                f"data.num_workers={was}, and the data loader's position is kept per worker; "
-                f"resume with data.num_workers={was}"
-            )
-        if changed and not self.force:
-            raise ConfigError(
-                f"{self.run_dir} holds a run whose config differs in {', '.join(changed)}; "
-                "resuming would change its meaning. Use a new train.run_dir, or --force."
-            )
+        check_resumed_config(self.run_dir, self.cfg, self.force)
 
     def _validation_batches(self) -> list[Batch]:
         if not self.cfg.train.val_every:
@@ -551,32 +499,6 @@ class Trainer:
         """True on every rank once any rank got SIGTERM / SIGINT (ranks stop at the same step)."""
         flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0], device=self.d.device)
         return bool(self.d.all_reduce_sum(flag).item() > 0)
-
-
-def _current_shape(saved: dict[str, Any]) -> dict[str, Any]:
-    """A saved run config in today's shape, so an unchanged run still resumes: its model section
-    read anew (older runs wrote every connector option side by side and the FFN as a name), and
-    source keys added since (`name`) at their defaults."""
-    from mm1.config import model_config_from_dict
-
-    model = saved.get("model")
-    if isinstance(model, dict):
-        # Unreadable today: compared as written, so the changed keys are reported.
-        with contextlib.suppress(ConfigError):
-            saved = {**saved, "model": to_dict(model_config_from_dict(model))}
-    data = saved.get("data")
-    if isinstance(data, dict):
-        defaults = {"name": SourceConfig.name}
-        data = {
-            **data,
-            **{
-                k: [{**defaults, **s} if isinstance(s, dict) else s for s in data[k]]
-                for k in ("sources", "val_sources")
-                if isinstance(data.get(k), list)
-            },
-        }
-        saved = {**saved, "data": data}
-    return saved
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
