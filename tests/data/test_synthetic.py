@@ -503,3 +503,17 @@ def test_sft_task_questions_are_added_to_an_older_world(world, tmp_path, name):
     assert {k: after[k] for k in before} == before
     assert added == {k: v for k, v in _tree_hashes(m.root).items() if k.startswith(f"sft/{name}/")}
     assert path == older / f"sft/{name}/llava.json"
+
+
+def test_a_world_is_written_where_the_file_system_has_no_locks(world, tmp_path, monkeypatch):
+    import errno
+
+    import mm1.data.synthetic as synthetic
+
+    def no_locks(fd: int, cmd: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(synthetic.fcntl, "lockf", no_locks)
+    m, _ = world
+    write_world(tmp_path / "w", seed=0, size="tiny")
+    assert _tree_hashes(tmp_path / "w") == _tree_hashes(m.root)

@@ -93,3 +93,19 @@ def test_a_run_directory_that_cannot_be_written_is_one_line_before_the_set_up(
     why = {"a file": "a file, not a directory", "under a file": "Not a directory"}
     assert msg.startswith(f"train.run_dir={run}: cannot write there ({why.get(where, '')}"), msg
     assert "\n" not in msg
+
+
+def test_a_file_system_without_locks_trains_unlocked_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """Some NFS and Lustre mounts have no POSIX locks (lockf: ENOLCK): every run there would
+    fail, so the lock is skipped, said once."""
+    import errno
+
+    def no_locks(fd: int, cmd: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(run_lock.fcntl, "lockf", no_locks)
+    fd = run_lock.claim(tmp_path / "run")
+    os.close(fd)
+    assert "has no file locks (No locks available)" in caplog.text

@@ -31,6 +31,7 @@ split they write (`scene_split`). Files are byte-identical for the same seed and
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -120,6 +121,8 @@ _OWNED = (
 # Present while a world is written (removed once `world.json` is): a directory holding it is an
 # interrupted world of ours, rewritten rather than refused.
 WRITING_MARK = ".writing"
+# lockf on a file system without POSIX locks (some NFS / Lustre mounts): write unguarded there
+LOCKS_UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
 @dataclass
@@ -188,7 +191,9 @@ def _writing(root: Path) -> Iterator[None]:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if left_behind:
                 print(f"{root}: an earlier write was interrupted; writing again", file=sys.stderr)
-        except OSError:
+        except OSError as err:
+            if err.errno in LOCKS_UNSUPPORTED:  # no file locks here: write unguarded
+                break
             print(f"waiting for another process writing the world at {root} ...", file=sys.stderr)
             fcntl.lockf(fd, fcntl.LOCK_EX)
         with contextlib.suppress(FileNotFoundError):

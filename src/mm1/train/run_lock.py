@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,10 @@ from mm1.config import ConfigError
 from mm1.train.parallel import Dist
 
 LOCK_FILE = ".lock"
+# What lockf raises on a file system without POSIX locks (some NFS and Lustre mounts): the
+# lock is then skipped with a warning rather than failing every run there.
+LOCKS_UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
+log = logging.getLogger(__name__)
 
 
 # the trainer's message when another process holds the run dir (`{holder}`: " (pid N)")
@@ -52,6 +57,14 @@ def claim(
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
+        if err.errno in LOCKS_UNSUPPORTED:
+            log.warning(
+                "%s: this file system has no file locks (%s): a second process on it "
+                "would not be refused",
+                where,
+                err.strerror or err,
+            )
+            return fd
         holder = _read_holder(fd)
         os.close(fd)
         if err.errno not in (errno.EACCES, errno.EAGAIN):
