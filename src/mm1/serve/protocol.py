@@ -20,9 +20,10 @@ from urllib.parse import unquote, urlparse
 import jinja2
 from PIL import Image
 
+from mm1.config import ConfigError
 from mm1.data.sources.base import BadImage, image_from_bytes
 from mm1.data.tokenizer import IMAGE_TOKEN, tokenize_chat_prompt
-from mm1.models.generation import Sampling
+from mm1.models.generation import Sampling, check_prompt_fits
 from mm1.pretrained import Pretrained
 from mm1.serve.engine import Request
 
@@ -100,14 +101,10 @@ def parse_chat_request(
         raise bad(f"only n=1 is supported, got {n!r}", "n")
     messages, images = _messages(body.get("messages"), opts)
     prompt = _prompt(messages, images, pretrained, opts)
-    room = context - len(prompt)
-    if room < 1:
-        raise bad(
-            f"the prompt takes {len(prompt)} tokens, more than the model's context of {context} "
-            "leaves room for an answer",
-            "messages",
-            "context_length_exceeded",
-        )
+    try:
+        room = check_prompt_fits(len(prompt), context)  # as generate and chat refuse it
+    except ConfigError as err:
+        raise bad(str(err), "messages", "context_length_exceeded") from None
     max_tokens = _max_tokens(body, room, len(prompt), context)
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
