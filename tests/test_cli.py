@@ -710,6 +710,12 @@ def test_eval_suite_refuses_what_it_would_ignore(run, tmp_path, capsys, extra, n
     assert "eval.max_new_tokens" in named or "must be" in named or "--suite-mode, --seeds" in out
 
 
+def test_suite_mode_without_suite_is_refused(run, tmp_path, capsys) -> None:
+    # it would be ignored: plain `mm1 eval` prompts as the run's eval section says
+    out = _fails(capsys, "eval", str(run), "--suite-mode", "chat", "--out", str(tmp_path))
+    assert out == "config error: --suite-mode applies only with --suite (sft or a suite file)"
+
+
 def test_run_suite_checks_seeds_and_max_examples(run) -> None:
     from mm1.config import ConfigError
     from mm1.eval.suite import run_suite

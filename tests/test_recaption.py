@@ -166,8 +166,19 @@ def test_rerun_resumes_only_the_same_settings(world, model_dir, other_model_dir,
         with pytest.raises(ConfigError, match=message):
             rc.recaption(model, inputs, out, s, progress=False)
     assert _hashes(out) == before
+    assert not rc.is_complete(model_dir, src, out, settings)  # an ablation prepare step: run it
     # the same settings resume: the two missing shards, counted as this run's alone
     record = rc.recaption(model_dir, src, out, settings, progress=False)
+    # done: for these settings only (a prepare step's check; by file names alone it was done
+    # for any model)
+    assert rc.is_complete(model_dir, src, out, settings)
+    for model, inputs, s, _ in refused:
+        assert not rc.is_complete(model, inputs, out, s)
+    from mm1.ablate.prepare import PrepareStep
+
+    step = {"checkpoint": str(model_dir), "in": str(src), "out": str(out), "max_new_tokens": 3}
+    assert PrepareStep("recaption", step).done()
+    assert not PrepareStep("recaption", {**step, "max_new_tokens": 5}).done()
     assert record["this_run"]["shards"] == 2 and record["this_run"]["already_done"] == 2
     assert {k: _hashes(out)[k] for k in ("00000.tar", "00001.tar")} == {
         k: before[k] for k in ("00000.tar", "00001.tar")
@@ -181,6 +192,7 @@ def test_rerun_resumes_only_the_same_settings(world, model_dir, other_model_dir,
     (stray / "00000.tar").write_bytes((src / "00000.tar").read_bytes())
     with pytest.raises(ConfigError, match="holds no recaption.json recording the settings"):
         rc.recaption(model_dir, src, stray, settings, progress=False)
+    assert not rc.is_complete(model_dir, src / "00000.tar", stray, settings)
 
 
 def test_model_identity_tells_models_apart(model_dir, other_model_dir, tmp_path) -> None:

@@ -305,6 +305,57 @@ def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
     tmp.replace(path)
 
 
+def _run_record(
+    checkpoint: str | Path, inputs: str | Path, out: Path, settings: RecaptionSettings
+) -> tuple[list[Path], dict[str, Any]]:
+    """The input shards, checked, and the manifest of a run with these settings (no shard done
+    yet). ConfigError / FileNotFoundError for a model or inputs that cannot be used."""
+    model = model_identity(checkpoint)
+    shards = input_shards(inputs)
+    _check_distinct_names(inputs, shards)
+    if any(out.resolve() == s.parent.resolve() for s in shards):
+        raise ConfigError(f"--out {out} is where the input shards are: give a new directory")
+    record: dict[str, Any] = {
+        "checkpoint": str(checkpoint),
+        "model": model,
+        "inputs": str(inputs),
+        "input_shards": [str(s.resolve()) for s in shards],
+        "fuse": settings.fuse,
+        "max_new_tokens": settings.max_new_tokens,
+        "decoding": "greedy",
+        "shards": {},
+    }
+    return shards, record
+
+
+def _done_shards(manifest: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The shards done: written and counted in the manifest (a shard renamed into place just
+    before an interruption, its counts unrecorded, is redone: the same settings write the same
+    shard)."""
+    shards = manifest.get("shards", {})
+    return {name: counts for name, counts in shards.items() if (out / name).is_file()}
+
+
+def is_complete(
+    checkpoint: str | Path,
+    inputs: str | Path,
+    out_dir: str | Path,
+    settings: RecaptionSettings | None = None,
+) -> bool:
+    """Whether `recaption` with these arguments has nothing left to do: `out_dir` records a run
+    of the same model and settings over the same inputs, with every shard done. False where it
+    would refuse or fail (it then says why)."""
+    settings = settings or RecaptionSettings()
+    out = Path(out_dir)
+    try:
+        shards, record = _run_record(checkpoint, inputs, out, settings)
+        old = _check_resumable(out, out / MANIFEST, record)
+    except (ConfigError, FileNotFoundError):
+        return False
+    done = _done_shards(old, out)
+    return bool(old) and all(s.name in done for s in shards)
+
+
 def recaption(
     checkpoint: str | Path,
     inputs: str | Path,
@@ -321,29 +372,11 @@ def recaption(
     Everything the user gave is checked, and the model loaded, before --out is created."""
     settings = settings or RecaptionSettings()
     settings.validate()
-    model = model_identity(checkpoint)
-    shards = input_shards(inputs)
-    _check_distinct_names(inputs, shards)
     out = Path(out_dir)
-    if any(out.resolve() == s.parent.resolve() for s in shards):
-        raise ConfigError(f"--out {out_dir} is where the input shards are: give a new directory")
     manifest_path = out / MANIFEST
-    record: dict[str, Any] = {
-        "checkpoint": str(checkpoint),
-        "model": model,
-        "inputs": str(inputs),
-        "input_shards": [str(s.resolve()) for s in shards],
-        "fuse": settings.fuse,
-        "max_new_tokens": settings.max_new_tokens,
-        "decoding": "greedy",
-        "shards": {},
-    }
+    shards, record = _run_record(checkpoint, inputs, out, settings)
     old = _check_resumable(out, manifest_path, record)
-    # Done: written and counted in the manifest (a shard renamed into place just before an
-    # interruption, its counts unrecorded, is redone: the same settings write the same shard).
-    done = {
-        name: counts for name, counts in old.get("shards", {}).items() if (out / name).is_file()
-    }
+    done = _done_shards(old, out)
     record["shards"] = done
     todo = [s for s in shards if s.name not in done]
     this_run = {"shards": 0, "captions": 0, "already_done": len(shards) - len(todo)}

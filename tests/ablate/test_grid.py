@@ -212,6 +212,8 @@ def test_estimate_uses_finished_cells_of_the_studies_beside_it(tmp_path) -> None
         return float(value) * {"s": 1, "min": 60, "h": 3600}[unit]
 
     assert left(2) == pytest.approx(left(1) / 2, rel=0.05)
+    with pytest.raises(ConfigError, match="--jobs 0: give 1 or more"):  # as without --dry-run
+        left(0)
 
     done = plans[0]
     _finished_cell(done.run_dir, done.cfg, train_seconds=200.0, steps=done.cfg.train.steps)

@@ -175,9 +175,13 @@ def test_resuming_over_changed_files_is_refused_or_restarts_that_source(
 
 
 def test_a_refused_resume_in_a_loader_worker_is_the_same_one_line_error(world, tok, tmp_path):
-    """The worker's error is raised in the main process; the worker, asked for its state after
-    the error, gives the loaded one (it had a half-built pipeline: an AssertionError)."""
+    """The loader refuses the state as it loads, in the main process, before any worker reads
+    (so a trainer reports no resume first). Each worker checks again when its state loads: that
+    error is raised in the main process as the same one line; the worker, asked for its state
+    after it, gives the loaded one (it had a half-built pipeline: an AssertionError)."""
     import shutil
+
+    from torchdata.stateful_dataloader import StatefulDataLoader
 
     from mm1.data.synthetic import WorldManifest
 
@@ -188,11 +192,13 @@ def test_a_refused_resume_in_a_loader_worker_is_the_same_one_line_error(world, t
     del loader
     for shard in sorted((copy.root / "text").iterdir())[1:]:
         shard.unlink()
+    refused = r"text changed since the checkpoint \(4 file\(s\) then, 1 now"
     resumed = build_loader(settings(copy), tok, PROC, num_workers=1)
-    resumed.load_state_dict(state)
-    with pytest.raises(
-        DataError, match=r"text changed since the checkpoint \(4 file\(s\) then, 1 now"
-    ):
+    with pytest.raises(DataError, match=refused):
+        resumed.load_state_dict(state)
+    build_loader(settings(copy, resume_changed_sources=True), tok, PROC).load_state_dict(state)
+    StatefulDataLoader.load_state_dict(resumed, state)  # past the up-front check: the worker's
+    with pytest.raises(DataError, match=refused):
         take(resumed, 1)
 
 

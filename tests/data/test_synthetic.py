@@ -120,7 +120,16 @@ with _writing(root):
 """
 
 
-def test_a_second_writer_waits_for_the_first_and_keeps_its_world(world, tmp_path):
+@pytest.mark.parametrize(
+    "keep_existing, seed, kept",
+    [(True, 0, True), (False, 0, True), (False, 1, False)],
+    ids=["a-run-keeps-it", "synth-same-settings-keeps-it", "synth-other-settings-rewrites"],
+)
+def test_a_second_writer_waits_for_the_first_and_keeps_its_world(
+    world, tmp_path, keep_existing, seed, kept
+):
+    """A training run (`keep_existing`) uses the world written while it waited; `mm1 data synth`
+    keeps it too when it asked for the same settings (the same bytes), else writes its own."""
     import subprocess
     import sys
     import threading
@@ -138,7 +147,9 @@ def test_a_second_writer_waits_for_the_first_and_keeps_its_world(world, tmp_path
     (root / "text" / "being-written").write_text("the first writer's")
     result: list[WorldManifest] = []
     second = threading.Thread(
-        target=lambda: result.append(write_world(root, seed=0, size="tiny", keep_existing=True))
+        target=lambda: result.append(
+            write_world(root, seed=seed, size="tiny", keep_existing=keep_existing)
+        )
     )
     second.start()
     second.join(timeout=2.0)
@@ -146,10 +157,10 @@ def test_a_second_writer_waits_for_the_first_and_keeps_its_world(world, tmp_path
     assert (root / "text" / "being-written").exists(), "the second writer cleared the first's"
     first.communicate("")
     second.join(timeout=60)
-    assert result and result[0].root == root
-    # It kept the world the first one wrote (a rewrite would have cleared `text/` first).
-    assert (root / "text" / "being-written").exists()
-    assert json.loads((root / "world.json").read_text()) == m.to_dict()
+    assert result and result[0].root == root and result[0].seed == seed
+    # Kept: the world the first one wrote (a rewrite would have cleared `text/` first).
+    assert (root / "text" / "being-written").exists() == kept
+    assert (json.loads((root / "world.json").read_text()) == m.to_dict()) == kept
 
 
 def test_deterministic_per_seed(world, tmp_path):

@@ -540,6 +540,30 @@ def test_two_sources_log_per_dataset_losses_that_average_to_the_step_loss(
     assert [e.step for e in events.Scalars("loss_ds_alt")] == [1, 2, 3]
 
 
+def test_a_resume_over_changed_data_is_refused_before_it_is_reported(
+    tmp_path, world, tiny_config, make_trainer, capsys
+) -> None:
+    """The loader checks each source's files as the checkpoint's state loads, in the main
+    process: the refusal is the only line, with no "resumed from" before it."""
+    from mm1.data.sources import DataError
+
+    copy = shutil.copytree(world, tmp_path / "world")
+    cfg = tiny_config(tmp_path, copy, steps=2, save_every=2, parallel="none")
+    run = tmp_path / "run"
+    make_trainer(cfg, run).fit()
+    shards = sorted((copy / "text").iterdir())
+    shards[-1].unlink()
+    capsys.readouterr()
+    with pytest.raises(DataError, match=rf"text changed since the checkpoint \({len(shards)} file"):
+        make_trainer(cfg, run).setup()
+    assert "resumed from" not in capsys.readouterr().out
+    from mm1.config import load_config
+    from mm1.train.trainer import Trainer
+
+    forced = Trainer(load_config(cfg, [f"train.run_dir={run}", "train.steps=3"]), force=True)
+    assert forced.fit()["step"] == 3  # --force: that source starts its next epoch
+
+
 def test_changed_optimizer_settings_apply_from_the_resumed_step(
     tmp_path, world, tiny_config, make_trainer, capsys
 ) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mm1.ablate.grid import load_grid
 from mm1.ablate.results import write_report
-from mm1.ablate.runner import Log, check_study_dir, estimate, plan_study, run_study
+from mm1.ablate.runner import Log, check_jobs, check_study_dir, estimate, plan_study, run_study
 
 DEFAULT_ROOT = Path("runs/ablations")
 
@@ -23,6 +23,7 @@ def dry_run(
 ) -> list[str]:
     """The cells (id, settings, status, steps, tokens) and the estimated time of the rest, as
     `jobs` cells at a time would take it; nothing is trained or written."""
+    check_jobs(jobs)
     grid = load_grid(grid_path)
     study_dir = Path(out) if out else DEFAULT_ROOT / grid.study
     if study_dir.exists():

@@ -74,13 +74,11 @@ class PrepareStep:
             cfg = self.train_config()
             ckpt = latest_checkpoint(cfg.train.run_dir)
             return ckpt is not None and (step_of(ckpt) or 0) >= cfg.train.steps
-        from mm1.recaption import input_shards
+        from mm1.recaption import is_complete
 
-        try:
-            shards = input_shards(o["in"])
-        except FileNotFoundError:
-            return False
-        return all((Path(o["out"]) / s.name).is_file() for s in shards)
+        # Done only as `mm1 recaption` would see it: its manifest records this model and these
+        # settings, every shard counted (a file of the same name from another run is not done).
+        return is_complete(o["checkpoint"], o["in"], o["out"], self._recaption_settings())
 
     def run(self, log: Callable[[str], None]) -> None:
         o = self.options
@@ -97,12 +95,17 @@ class PrepareStep:
             if result["stopped_by"]:
                 raise KeyboardInterrupt(f"{self.describe()}: stopped at step {result['step']}")
         else:
-            from mm1.recaption import RecaptionSettings, recaption
+            from mm1.recaption import recaption
 
-            settings = RecaptionSettings(
-                o.get("batch_size", 32), o.get("max_new_tokens", 40), o.get("fuse", False)
-            )
-            recaption(o["checkpoint"], o["in"], o["out"], settings)
+            recaption(o["checkpoint"], o["in"], o["out"], self._recaption_settings())
+
+    def _recaption_settings(self):
+        from mm1.recaption import RecaptionSettings
+
+        o = self.options
+        return RecaptionSettings(
+            o.get("batch_size", 32), o.get("max_new_tokens", 40), o.get("fuse", False)
+        )
 
 
 def parse_prepare(raw: Any, grid_path: Path) -> list[PrepareStep]:

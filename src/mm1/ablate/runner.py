@@ -286,13 +286,17 @@ def run_study(
 ) -> list[dict[str, Any]]:
     """Train and evaluate every unfinished cell; returns every cell's record (cell.json)."""
     study_dir = Path(study_dir)
-    if jobs < 1:
-        raise ConfigError(f"--jobs {jobs}: give 1 or more")
+    check_jobs(jobs)
     lock = lock_study(study_dir)
     try:
         return _run_study(grid, study_dir, jobs, force, log)
     finally:
         os.close(lock)  # closing drops the lock
+
+
+def check_jobs(jobs: int) -> None:
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: give 1 or more")
 
 
 def lock_study(study_dir: Path) -> int:

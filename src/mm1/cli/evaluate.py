@@ -21,6 +21,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     refuse_encoder_run(args.model)
     if args.suite:
         return cmd_eval_suite(args)
+    if args.suite_mode is not None:
+        raise ConfigError("--suite-mode applies only with --suite (sft or a suite file)")
     from mm1.config import to_dict
     from mm1.data.world import run_world
     from mm1.eval.fewshot import evaluate
@@ -89,7 +91,7 @@ def cmd_eval_suite(args: argparse.Namespace) -> None:
     _check_suite_args(args)  # before anything loads: the suite takes few of eval's options
     world = args.world or run_world(Path(args.model))
     s = args.seeds if args.seeds is not None else 3
-    kw = {"mode": args.suite_mode, "seeds": s, "max_examples": args.max_examples or 0}
+    kw = {"mode": args.suite_mode or "auto", "seeds": s, "max_examples": args.max_examples or 0}
     kw["shuffle_images"] = args.shuffle_images
     kw["compile"] = args.compile
     if args.batch_size is not None:
@@ -250,7 +252,12 @@ def register(add: Add) -> None:
         "queries score as empty predictions",
     )
     p.add_argument("--suite", default=None, help="sft (the world's SFT suite) or a suite file")
-    p.add_argument("--suite-mode", default="auto", choices=("auto", "chat", "fewshot"))
+    p.add_argument(
+        "--suite-mode",
+        default=None,  # unset, so that one given without --suite can be refused
+        choices=("auto", "chat", "fewshot"),
+        help="with --suite: how to prompt (default auto: chat for a fine-tuned model)",
+    )
     p.add_argument("--name", default=None)
     p.add_argument("--out", default=None, help=f"default: MODEL/{EVAL_OUT} (suite: eval-suite)")
     p.add_argument("overrides", nargs="*", help="eval.KEY=VALUE (e.g. eval.max_new_tokens=40)")

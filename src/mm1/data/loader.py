@@ -25,7 +25,7 @@ from mm1.data.images import ImageProcessor
 from mm1.data.mixture import Record, SourceStream
 from mm1.data.packing import Packer, PackStats, Piece, collate, slice_document, split_document
 from mm1.data.prompt_format import PromptFormat
-from mm1.data.sharded import ShardedDataset, WorkerError
+from mm1.data.sharded import ShardedDataset, WorkerError, check_saved_sources, slot_states
 from mm1.data.sources import ReadStats, check_error_rate, warn_skip
 from mm1.data.sources.decode import DEFAULT_MAX_IMAGE_PIXELS
 from mm1.data.tokenizer import (
@@ -196,6 +196,11 @@ class Loader(StatefulDataLoader):
     def __iter__(self) -> Iterator[Batch]:
         return _raising(super().__iter__())
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if isinstance(self.dataset, ShardedDataset):  # before any worker starts reading
+            check_saved_sources(state_dict, self.dataset.s)
+        super().load_state_dict(state_dict)
+
 
 def _raising(batches: Iterator[Any]) -> Iterator[Batch]:
     for batch in batches:
@@ -241,19 +246,11 @@ def loader_counts(state: dict[str, Any]) -> dict[str, int]:
     """Skipped records and dropped images, summed over the `PackedDataset` states in a loader
     state (one per worker snapshot, or the single-process loader's one)."""
     skipped = dropped = 0
-
-    def walk(node: Any) -> None:
-        nonlocal skipped, dropped
-        if isinstance(node, dict):
-            if "mixture" in node and "pack_stats" in node:
-                for s in node["mixture"]["sources"]:
-                    skipped += sum(s["stats"]["skipped"].values())
-                dropped += node["pack_stats"]["images_dropped"]
-                return
-            for v in node.values():
-                walk(v)
-
-    walk(state)
+    for slot in slot_states(state):
+        if "pack_stats" in slot:
+            for s in slot["mixture"]["sources"]:
+                skipped += sum(s["stats"]["skipped"].values())
+            dropped += slot["pack_stats"]["images_dropped"]
     return {"skipped_records": skipped, "images_dropped": dropped}
 
 

@@ -45,6 +45,31 @@ class MixtureSettings(Protocol):
     resume_changed_sources: bool  # a resume over changed files restarts them (see SourceStream)
 
 
+def slot_states(state: Any) -> Iterator[dict[str, Any]]:
+    """The slot states in a loader state: one per worker snapshot, or the single-process
+    loader's one (torchdata nests them; a slot's state is the dict holding "mixture")."""
+    if isinstance(state, dict):
+        if "mixture" in state:
+            yield state
+            return
+        for v in state.values():
+            yield from slot_states(v)
+
+
+def check_saved_sources(state: dict[str, Any], settings: MixtureSettings) -> None:
+    """Refuse a resume over changed source files in the main process, as the state is loaded:
+    each slot makes the same check when its state loads, but only once it first reads, after
+    the trainer has reported the resume. With `resume_changed_sources` the slots restart them."""
+    if settings.resume_changed_sources:
+        return
+    saved = next(slot_states(state), None)
+    if saved is None:
+        return
+    # Every slot sees each source's whole file list, so one slot's record of it is enough.
+    for i, (spec, st) in enumerate(zip(settings.sources, saved["mixture"]["sources"])):
+        SourceStream(i, spec, 0, 1, settings.seed).load_state_dict(st)
+
+
 class ShardedDataset(IterableDataset):
     """One rank's endless batches over (rank, worker) slots; subclasses yield them from
     `_batches`, build their pipeline on `_open_mixture` and add what they buffer to the state

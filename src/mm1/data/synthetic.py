@@ -178,12 +178,14 @@ def _refuse_foreign(root: Path) -> None:
 
 
 @contextlib.contextmanager
-def _writing(root: Path) -> Iterator[None]:
+def _writing(root: Path) -> Iterator[bool]:
     """Hold the world's write lock: an exclusive `lockf` on `WRITING_MARK`, so a second process
     writing the same world waits for the first rather than deleting its files. The kernel drops
-    the lock with the process, so an interrupted write leaves the mark but no lock."""
+    the lock with the process, so an interrupted write leaves the mark but no lock. Yields
+    whether it waited for another writer."""
     root.mkdir(parents=True, exist_ok=True)
     mark = root / WRITING_MARK
+    waited = False
     while True:
         left_behind = mark.exists()
         fd = os.open(mark, os.O_RDWR | os.O_CREAT, 0o644)
@@ -196,12 +198,13 @@ def _writing(root: Path) -> Iterator[None]:
                 break
             print(f"waiting for another process writing the world at {root} ...", file=sys.stderr)
             fcntl.lockf(fd, fcntl.LOCK_EX)
+            waited = True
         with contextlib.suppress(FileNotFoundError):
             if os.stat(mark).st_ino == os.fstat(fd).st_ino:
                 break
         os.close(fd)  # the writer waited for removed its mark when done: lock the path anew
     try:
-        yield
+        yield waited
     finally:
         os.close(fd)
 
@@ -250,7 +253,8 @@ def write_world(
     Deterministic: the same arguments give byte-identical files. `progress` shows a bar.
     `out_dir` must be new, empty, a previous world (whose files are replaced, or kept with
     `keep_existing`) or one whose writing was interrupted. `world.json` is written last, so its
-    presence means the world is complete; one process writes a world at a time.
+    presence means the world is complete; one process writes a world at a time, and one that
+    waited for another keeps the world it wrote if it was asked for the same settings.
     """
     if size not in PRESETS:
         raise ValueError(f"unknown world size {size!r}: expected one of {', '.join(SIZE_NAMES)}")
@@ -260,13 +264,25 @@ def write_world(
         raise ValueError(f"text_scale must be >= 0, got {text_scale}")
     root = Path(out_dir)
     _refuse_foreign(root)
-    with _writing(root):
-        if keep_existing and (root / "world.json").exists():  # written while this one waited
-            return WorldManifest.load(root)
+    with _writing(root) as waited:
+        done = (root / "world.json").exists()
+        if done and (keep_existing or waited):  # written while this one waited, or kept
+            m = WorldManifest.load(root)
+            asked = (seed, size, image_size, text_scale, vocab_size)
+            if keep_existing or _settings(m) == asked:  # deterministic: the same files
+                return m
         _clear(root)
         manifest = _write_files(root, seed, size, image_size, vocab_size, text_scale, progress)
         (root / WRITING_MARK).unlink()
     return manifest
+
+
+def _settings(m: WorldManifest) -> tuple[int, str, int, float, int]:
+    """The arguments of `write_world` a world was written with (they fix its every byte)."""
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(m.tokenizer_path)).get_vocab_size()
+    return m.seed, m.size, m.image_size, m.text_scale, vocab
 
 
 def _write_files(

@@ -241,12 +241,12 @@ class Trainer:
             return
         configured = hyperparameters(self.optimizer, self.scheduler)
         loaded = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        self.loader.load_state_dict(loaded.rank_state["loader"])  # first: it may refuse
         self.scheduler.load_state_dict(loaded.extra["scheduler"])
         changed = reapply_hyperparameters(self.optimizer, self.scheduler, configured)
         if changed and self.d.is_main:
             print(f"train.optim changed since the checkpoint: {', '.join(changed)}", flush=True)
         self.counters = {**self.counters, **loaded.extra.get("counters", {})}
-        self.loader.load_state_dict(loaded.rank_state["loader"])
         self.step = loaded.step
         if self.d.is_main:
             truncate_metrics(self.run_dir, self.step)
