@@ -27,8 +27,13 @@ if [[ "${1:-}" == "--cpu-smoke" ]]; then
   shift
 fi
 EXTRA=("$@")
-# VARIANTS="eager llava" bash benchmarks/gpu.sh reruns only those.
-VARIANTS=${VARIANTS:-attention eager flex compile llava moe decode}
+# VARIANTS="llava eager" bash benchmarks/gpu.sh runs only those, in that order: put first what
+# matters most, since a device allowance that runs out keeps only the variants that finished.
+KNOWN="attention eager flex compile llava decode moe"
+VARIANTS=${VARIANTS:-$KNOWN}
+for v in $VARIANTS; do
+  if [[ " $KNOWN " != *" $v "* ]]; then echo "unknown variant $v (known: $KNOWN)"; exit 2; fi
+done
 if [[ ${#SMOKE[@]} -gt 0 ]]; then
   OUT=${OUT_DIR:-benchmarks/results/gpu-smoke}
 else
@@ -60,7 +65,6 @@ EOF
 run() {  # variant, time limit in seconds, launcher and script with its arguments...
   local variant=$1 limit=$2
   shift 2
-  if [[ " $VARIANTS " != *" $variant "* ]]; then return; fi
   echo "=== $variant (limit ${limit}s)"
   rm -f "$OUT/$variant.json"
   # ${a[@]+"${a[@]}"}: empty arrays are safe under `set -u` on bash < 4.4 too
@@ -76,14 +80,17 @@ run() {  # variant, time limit in seconds, launcher and script with its argument
 
 TORCHRUN=("$PY" -m torch.distributed.run --standalone --nproc_per_node 1)
 BENCH=benchmarks/gpu_bench.py
-run attention 40 "$PY" $BENCH attention
-run eager 70 "${TORCHRUN[@]}" $BENCH eager
-run flex 70 "${TORCHRUN[@]}" $BENCH flex
-run compile 110 "${TORCHRUN[@]}" $BENCH compile
-run llava 240 "$PY" benchmarks/gpu_llava.py
-run decode 180 "$PY" benchmarks/gpu_llava.py --decode
 if [[ ${#SMOKE[@]} -gt 0 ]]; then MOE_ARGS=(); else MOE_ARGS=(--device cuda --dtype bf16); fi
-run moe 90 "$PY" -m benchmarks.moe_layer ${MOE_ARGS[@]+"${MOE_ARGS[@]}"}
+for variant in $VARIANTS; do
+  case $variant in
+    attention) run attention 40 "$PY" $BENCH attention ;;
+    eager | flex) run "$variant" 70 "${TORCHRUN[@]}" $BENCH "$variant" ;;
+    compile) run compile 110 "${TORCHRUN[@]}" $BENCH compile ;;
+    llava) run llava 240 "$PY" benchmarks/gpu_llava.py ;;
+    decode) run decode 180 "$PY" benchmarks/gpu_llava.py --decode ;;
+    moe) run moe 90 "$PY" -m benchmarks.moe_layer ${MOE_ARGS[@]+"${MOE_ARGS[@]}"} ;;
+  esac
+done
 
 "$PY" - "$OUT" <<'EOF'
 import json, pathlib, sys
