@@ -134,10 +134,15 @@ def test_moe_training_logs_aux_losses_and_expert_load(
 
     cfg = tiny_config(tmp_path, world, steps=2, parallel="none", val_every=0, tensorboard=True)
     run = tmp_path / "run"
-    make_trainer(cfg, run, *MOE, "model.decoder.ffn.every=2").fit()
+    trainer = make_trainer(cfg, run, *MOE, "model.decoder.ffn.every=2")
+    trainer.fit()
     rows = [r for r in read_metrics(run) if "loss" in r]
     assert len(rows) == 2
+    per_source = {f"loss_ds_{name}" for name in trainer.dataset_names}
     for r in rows:
+        # per-source losses under the sources' names (they were split by the aux losses' names)
+        logged = {k for k in r if k.startswith("loss_ds_")}
+        assert logged and logged <= per_source, logged
         b, z = r["aux_loss_router_balance"], r["aux_loss_router_z"]
         assert b > 0 and z > 0
         assert r["loss_total"] == pytest.approx(r["loss"] + 0.01 * b + 0.001 * z)

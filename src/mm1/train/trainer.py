@@ -348,8 +348,7 @@ class Trainer:
         model.train()
         counts = torch.tensor([float(b.num_label_tokens) for b in micro]).sum().reshape(1)
         total_labels = int(d.all_reduce_sum(counts.to(d.device)).item())
-        names = self.dataset_names
-        n_kind, n_ds = len(SOURCE_KINDS), len(names)
+        n_kind, n_ds = len(SOURCE_KINDS), len(self.dataset_names)
         # [loss_sum, per-kind loss sums, per-kind label counts, the same per dataset]
         sums = torch.zeros(1 + 2 * (n_kind + n_ds), device=d.device)
         aux_sums: dict[str, torch.Tensor] = {}
@@ -376,12 +375,12 @@ class Trainer:
         loss = float(sums[0]) / max(total_labels, 1)
         aux, total = {}, None
         if aux_sums:  # every rank runs the same model, so the same names in the same order
-            names = sorted(aux_sums)
-            reduced = d.all_reduce_sum(torch.stack([aux_sums[k] for k in names]).reshape(-1))
-            aux = dict(zip(names, reduced.tolist()))
+            aux_names = sorted(aux_sums)
+            reduced = d.all_reduce_sum(torch.stack([aux_sums[k] for k in aux_names]).reshape(-1))
+            aux = dict(zip(aux_names, reduced.tolist()))
             total = loss + sum(self._aux_weight(k) * v for k, v in aux.items())
         per_kind = _group_means(sums[1 : 1 + 2 * n_kind], SOURCE_KINDS)
-        per_dataset = _group_means(sums[1 + 2 * n_kind :], names)
+        per_dataset = _group_means(sums[1 + 2 * n_kind :], self.dataset_names)
         params = [p for p in model.parameters() if p.grad is not None]
         # grad_clip 0 = no clipping (the norm is still computed, for the log)
         clip = self.cfg.train.optim.grad_clip or math.inf
