@@ -8,6 +8,7 @@ equals the dense model at initialisation and starts `mm1 train` like any export.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import torch
@@ -36,8 +37,8 @@ def upcycle(
         raise ConfigError(f"--experts={experts} must be >= 2")
     if not 1 <= top_k <= experts:
         raise ConfigError(f"--top-k={top_k} must be in 1..--experts={experts}")
-    if noise < 0:
-        raise ConfigError(f"--noise={noise} must be >= 0")
+    if not (math.isfinite(noise) and noise >= 0):  # nan or inf would fill the experts with nan
+        raise ConfigError(f"--noise={noise} must be a finite number >= 0")
     check_output_dir(out, "--out", "export", source)  # before the (slow) load
     dense = load_pretrained(source)
     cfg = copy.deepcopy(dense.cfg)

@@ -115,6 +115,16 @@ def test_an_aux_loss_reaches_the_step_loss_and_the_log(tmp_path, world, probe_ff
 
     with pytest.raises(ConfigError, match=r"train\.aux_loss_weights\.probe is not set"):
         _train(tmp_path, world, "unweighted", *probe)
+    # a weight for a loss the model does not emit is a typo (the one meant kept its default);
+    # the built-in names, unused here, are not
+    typo = "train.aux_loss_weights={probe: 1.0, prbe: 0.5}"
+    with pytest.raises(ConfigError, match=r"aux_loss_weights\.prbe: the model emits no .*probe"):
+        _train(tmp_path, world, "typo", *probe, typo)
+    for bad in ("inf", "nan", "-1"):
+        with pytest.raises(
+            ConfigError, match=rf"router_z={bad}(\.0)? must be a finite number >= 0"
+        ):
+            load_config(None, [f"train.aux_loss_weights.router_z={bad}"])
 
 
 def test_aux_losses_are_normalised_like_the_cross_entropy(probe_ffn) -> None:

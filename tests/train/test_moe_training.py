@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mm1.config import ConfigError
+from mm1.config import ConfigError, load_config
 from mm1.models.moe import MoE
 
 MOE = ["model.decoder.ffn.type=moe", "model.decoder.ffn.experts=4", "model.decoder.ffn.every=1"]
@@ -117,6 +117,11 @@ def test_bad_upcycling_requests_name_the_option(tmp_path, dense_run) -> None:
         upcycle(dense_run, tmp_path / "a", experts=1)
     with pytest.raises(ConfigError, match=r"^--top-k=5 must be in 1\.\.--experts=4$"):
         upcycle(dense_run, tmp_path / "b", experts=4, top_k=5)
+    for noise in (-1.0, float("nan"), float("inf")):  # nan / inf filled every expert with nan
+        with pytest.raises(ConfigError, match=r"must be a finite number >= 0$"):
+            upcycle(dense_run, tmp_path / "n", experts=4, noise=noise)
+    with pytest.raises(ConfigError, match=r"upcycle_noise=inf must be a finite number >= 0"):
+        load_config(None, ["train.init.upcycle_noise=inf"])
     with pytest.raises(ConfigError, match=r"^--every=3 leaves no sparse layer"):
         upcycle(dense_run, tmp_path / "c", experts=4, every=3)
     moe = upcycle(dense_run, tmp_path / "moe", experts=4)

@@ -283,8 +283,34 @@ def test_nonfinite_losses_are_skipped_then_abort_naming_the_step(
     assert records[-1]["nonfinite_steps"] >= 1
     # Resumed from step 2 (one bad step into the streak), the streak goes on where it was.
     again = Trainer(cfg)
-    with pytest.raises(NonFiniteLossError, match="step 4"):
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at step 4"):
         again.fit()
+
+
+def test_skipped_steps_end_as_one_line(tmp_path, world, monkeypatch, tiny_config, capsys) -> None:
+    """`mm1 train`: steps skipped for a non-finite loss are named in the `done:` line; a run
+    that stops for them is one error line, exit 1 (it was a traceback)."""
+    from mm1.models import mllm
+    from tests.cli_helpers import one_line
+
+    cfg = tiny_config(tmp_path, world, parallel="none", val_every=0, max_nonfinite_in_a_row=3)
+    real_forward = mllm.MM1.forward
+
+    def poisoned(self, *args, **kwargs):
+        out = real_forward(self, *args, **kwargs)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(mllm.MM1, "forward", poisoned)
+    from mm1 import cli
+
+    args = ["train", str(cfg), "train.progress=false"]
+    assert cli.main([*args, f"train.run_dir={tmp_path / 'short'}", "train.steps=2"]) == 0
+    done = " ".join(capsys.readouterr().out.split())
+    assert done.endswith("(2 step(s) skipped: non-finite loss or gradient)"), done
+    stopped = one_line(capsys, [*args, f"train.run_dir={tmp_path / 'long'}"], 1)
+    start = "error: non-finite gradient norm at step 3 for 3 steps in a row (each skipped;"
+    assert stopped.startswith(start), stopped
 
 
 def test_training_from_hf_starting_points(

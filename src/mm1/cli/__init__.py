@@ -110,6 +110,7 @@ def _group_started() -> bool:
 def _run(args: argparse.Namespace) -> int:
     from mm1.config import ConfigError
     from mm1.data.sources import DataError
+    from mm1.train.errors import TrainingError
 
     from .common import console
 
@@ -121,6 +122,9 @@ def _run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, DataError) as err:
         _print_error("error", err)
         return 2
+    except TrainingError as err:  # a run that cannot go on (non-finite losses, out of memory)
+        _print_error("error", err)
+        return 1
     except OSError as err:
         if err.errno not in USER_OS_ERRORS:
             raise

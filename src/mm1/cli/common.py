@@ -21,3 +21,10 @@ class Add(Protocol):
         help: str,
         on: argparse._SubParsersAction | None = None,
     ) -> argparse.ArgumentParser: ...
+
+
+def skipped_note(result: dict) -> str:
+    """The end of a finished run's `done:` line: the steps skipped for a non-finite loss or
+    gradient, if any (their updates were not applied)."""
+    n = result.get("skipped_steps", 0)
+    return f" ({n} step(s) skipped: non-finite loss or gradient)" if n else ""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .common import Add, console
+from .common import Add, console, skipped_note
 
 
 def cmd_train_encoder(args: argparse.Namespace) -> int | None:
@@ -25,6 +25,7 @@ def cmd_train_encoder(args: argparse.Namespace) -> int | None:
     if os.environ.get("RANK", "0") == "0":
         console.print(
             f"done: step {result['step']}, loss {result['loss']:.4f} -> {cfg.train.run_dir}"
+            + skipped_note(result)
         )
     return None
 

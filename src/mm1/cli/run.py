@@ -10,7 +10,7 @@ from rich.table import Table
 
 from mm1.config import Config, ConfigError, ModelConfig, load_config
 
-from .common import Add, console
+from .common import Add, console, skipped_note
 
 
 def _human(n: float) -> str:
@@ -160,7 +160,8 @@ def cmd_train(args: argparse.Namespace) -> int | None:
             "train; raise train.steps to go on"
         )
         return
-    console.print(f"done: step {result['step']}, loss {result['loss']:.4f} -> {cfg.train.run_dir}")
+    done = f"done: step {result['step']}, loss {result['loss']:.4f} -> {cfg.train.run_dir}"
+    console.print(done + skipped_note(result))
     return None
 
 

@@ -25,6 +25,9 @@ DEMO_SELECTIONS = ("random", "rices")
 BAD_IMAGE_POLICIES = ("error", "empty")
 ATTENTION_BACKENDS = ("auto", "sdpa", "varlen", "flex")
 ROPE_TYPES = ("default", "linear", "llama3")
+# The built-in auxiliary losses (a MoE decoder's router losses, `mm1.models.moe`), weighted by
+# `train.aux_loss_weights`; a registered FFN may emit others.
+AUX_LOSSES = ("router_balance", "router_z")
 
 
 @dataclass
@@ -366,7 +369,7 @@ class TrainConfig:
     # stops the run at its first step. Dense models emit none; a MoE decoder emits the router's
     # load balance and z-loss (defaults: MM1's 0.01 and 0.001, from a secondary source).
     aux_loss_weights: dict[str, float] = field(
-        default_factory=lambda: {"router_balance": 0.01, "router_z": 0.001}
+        default_factory=lambda: dict(zip(AUX_LOSSES, (0.01, 0.001), strict=True))
     )
     wandb: str = "off"  # off | offline | online (online falls back to offline without a key)
     progress: bool = True

@@ -336,11 +336,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"train.optim.grad_clip={t.optim.grad_clip} must be >= 0 (0 = no clipping)"
         )
-    if not t.init.upcycle_noise >= 0:
-        raise ConfigError(f"train.init.upcycle_noise={t.init.upcycle_noise} must be >= 0")
+    if not (math.isfinite(t.init.upcycle_noise) and t.init.upcycle_noise >= 0):
+        raise ConfigError(
+            f"train.init.upcycle_noise={t.init.upcycle_noise} must be a finite number >= 0"
+        )
     for name, w in t.aux_loss_weights.items():
-        if not w >= 0:
-            raise ConfigError(f"train.aux_loss_weights.{name}={w} must be >= 0")
+        if not (math.isfinite(w) and w >= 0):
+            raise ConfigError(f"train.aux_loss_weights.{name}={w} must be a finite number >= 0")
     if not 0 <= t.optim.min_lr_ratio <= 1:
         raise ConfigError(f"train.optim.min_lr_ratio={t.optim.min_lr_ratio} must be in [0, 1]")
     validate_eval(cfg.eval)

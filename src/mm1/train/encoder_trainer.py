@@ -29,7 +29,7 @@ from mm1.train import checkpoint as ckpt
 from mm1.train.config_change import config_diff, refuse_changes, saved_run_config
 from mm1.train.optim import build_optimizer
 from mm1.train.parallel import accumulation_steps, autocast_dtype, parallelize
-from mm1.train.trainer import StepResult, Trainer, _autocast
+from mm1.train.trainer import StepResult, Trainer, _autocast, nonfinite_part
 
 VAL_SEED = 1234  # a fixed held-out sample, the same for every run
 
@@ -154,7 +154,8 @@ class EncoderTrainer(Trainer):
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         grad_norm = float(grad_norm)
-        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        nonfinite = nonfinite_part(loss, grad_norm)
+        skipped = bool(nonfinite)
         if not skipped:
             self.optimizer.step()
             self.scheduler.step()
@@ -162,7 +163,9 @@ class EncoderTrainer(Trainer):
         images = sum(len(b) for b in micro)
         tokens = sum(int(b.lengths.sum()) for b in micro)
         slots = sum(b.input_ids.numel() for b in micro)  # the captions padded to the longest
-        return StepResult(loss, {}, tokens, tokens, slots, images, grad_norm, skipped, logged)
+        return StepResult(
+            loss, {}, tokens, tokens, slots, images, grad_norm, skipped, logged, nonfinite=nonfinite
+        )
 
     @torch.no_grad()
     def validation_loss(self) -> float:

@@ -35,6 +35,7 @@ from mm1.config import (
     to_dict,
     to_yaml,
 )
+from mm1.config.schema import AUX_LOSSES
 from mm1.data.loader import LoaderSettings, PackedDataset, build_loader, loader_counts
 from mm1.data.prompt_format import PromptFormat
 from mm1.data.world import carried_image_boundaries, prepare_data
@@ -45,6 +46,7 @@ from mm1.models.summary import active_parameters
 from mm1.train import checkpoint as ckpt
 from mm1.train import run_lock
 from mm1.train.config_change import check_resumed_config
+from mm1.train.errors import NonFiniteLossError, TrainingError
 from mm1.train.expert_load import add_loads, last_expert_loads, load_fractions, load_metrics
 from mm1.train.logging import MetricsLogger, truncate_metrics
 from mm1.train.optim import (
@@ -65,10 +67,6 @@ H100_BF16_PEAK = 989e12
 START_FILE = "init.json"  # where a run started: {"sources": [{path, kind, step, parts}]}
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
 @dataclass
 class StepResult:
     loss: float
@@ -83,6 +81,14 @@ class StepResult:
     objective: float | None = None  # loss + weighted aux losses (None without aux losses)
     per_dataset: dict[str, float] = dataclasses.field(default_factory=dict)  # loss_ds_<name>
     expert_load: dict[int, list[float]] = dataclasses.field(default_factory=dict)  # MoE layers
+    nonfinite: str = ""  # what was not finite, when skipped ("loss", "gradient norm", ...)
+
+
+def nonfinite_part(loss: float, grad_norm: float, aux: dict[str, float] | None = None) -> str:
+    """What of a step is not finite ("" when all is): the step is then skipped."""
+    parts = {"loss": loss, **{f"auxiliary loss {k}": v for k, v in (aux or {}).items()}}
+    parts["gradient norm"] = grad_norm
+    return next((name for name, v in parts.items() if not math.isfinite(v)), "")
 
 
 def _new_window() -> dict[str, float]:
@@ -310,8 +316,9 @@ class Trainer:
                     self.counters["nonfinite_steps"] += 1
                     if streak >= cfg.max_nonfinite_in_a_row:
                         raise NonFiniteLossError(
-                            f"non-finite loss at step {self.step} for {streak} steps "
-                            "in a row: lower train.optim.lr, check the data, or use float32"
+                            f"non-finite {last.nonfinite} at step {self.step} for {streak} "
+                            "steps in a row (each skipped; the last checkpoint is intact): "
+                            "lower train.optim.lr, check the data, or use float32"
                         )
                 logger.advance(self.step, f"loss {last.loss:.4f}")
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
@@ -327,7 +334,7 @@ class Trainer:
                     stopped_by = self._stop_signal or signal.SIGTERM  # another rank's signal
                     break
         except torch.OutOfMemoryError as err:
-            raise RuntimeError(
+            raise TrainingError(
                 "out of memory: lower train.micro_batch_size (raising gradient accumulation), "
                 "set train.activation_checkpointing=true, lower data.seq_len or "
                 "data.max_images_per_seq, or shard with train.parallel=fsdp on more GPUs"
@@ -339,6 +346,7 @@ class Trainer:
             "step": self.step,
             "loss": last.loss if last else math.nan,
             "steps_run": self.step - start,
+            "skipped_steps": self.counters["nonfinite_steps"],  # the run's, resumes included
             # A signal at the last step stopped nothing: the run is complete.
             "stopped_by": int(stopped_by) if stopped_by and self.step < cfg.steps else None,
         }
@@ -376,6 +384,7 @@ class Trainer:
         aux, total = {}, None
         if aux_sums:  # every rank runs the same model, so the same names in the same order
             aux_names = sorted(aux_sums)
+            self._check_aux_weights(aux_names)
             reduced = d.all_reduce_sum(torch.stack([aux_sums[k] for k in aux_names]).reshape(-1))
             aux = dict(zip(aux_names, reduced.tolist()))
             total = loss + sum(self._aux_weight(k) * v for k, v in aux.items())
@@ -388,8 +397,8 @@ class Trainer:
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         grad_norm = float(grad_norm)
-        finite = [loss, grad_norm, *aux.values()]
-        skipped = not all(math.isfinite(v) for v in finite)
+        nonfinite = nonfinite_part(loss, grad_norm, aux)
+        skipped = bool(nonfinite)
         if not skipped:
             self.optimizer.step()
             self.scheduler.step()
@@ -409,7 +418,19 @@ class Trainer:
             total,
             per_dataset,
             load_fractions(loads, d.all_reduce_sum),
+            nonfinite,
         )
+
+    def _check_aux_weights(self, emitted: list[str]) -> None:
+        """A weight set for an auxiliary loss the model does not emit is a typo (the weight
+        meant keeps its default, silently); the built-in names may go unused (a registered
+        FFN emitting its own losses)."""
+        unused = set(self.cfg.train.aux_loss_weights) - set(emitted) - set(AUX_LOSSES)
+        if unused:
+            raise ConfigError(
+                f"train.aux_loss_weights.{sorted(unused)[0]}: the model emits no auxiliary loss "
+                f"of that name (it emits {', '.join(emitted)})"
+            )
 
     def _aux_weight(self, name: str) -> float:
         weights = self.cfg.train.aux_loss_weights
