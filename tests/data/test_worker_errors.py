@@ -98,3 +98,45 @@ def test_train_reports_a_missing_source_before_building_the_model(
     out = capsys.readouterr().out
     assert "data.sources[0].path" in out and "missing" in out
     assert len(out.strip().splitlines()) == 1
+
+
+def test_a_run_whose_loader_worker_fails_exits(tok_dir, tmp_path) -> None:
+    """`mm1 train` with a loader worker and a source of bad records: the one-line error, then
+    the process exits. It hung: the persistent worker, which ignores SIGTERM so that the
+    trainer can save first, outlived the run, and the interpreter waited for it at exit."""
+    import os
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{broken\n" * 300)
+    tiny = {"dim": 32, "layers": 1, "heads": 4, "kv_heads": 2, "ffn_dim": 64}
+    vision = {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "heads": 2}
+    cfg = {
+        "model": {
+            "vision": {**vision, "mlp_dim": 64},
+            "connector": {"type": "avgpool", "num_tokens": 4},
+            "decoder": tiny,
+        },
+        "data": {
+            "tokenizer": str(tok_dir),
+            "sources": [{"format": "text", "path": str(bad)}],
+            "seq_len": 32,
+            "num_workers": 1,
+        },
+        "train": {"run_dir": str(tmp_path / "run"), "parallel": "none", "steps": 2},
+        "eval": {"tasks": []},
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps(cfg))
+    load_config(path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "mm1.cli", "train", str(path), "train.progress=false"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "bad.jsonl" in done.stdout and "max_error_rate" in done.stdout

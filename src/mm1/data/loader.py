@@ -201,6 +201,15 @@ class Loader(StatefulDataLoader):
             check_saved_sources(state_dict, self.dataset.s)
         super().load_state_dict(state_dict)
 
+    def close(self) -> None:
+        """Stop the worker processes now. Persistent workers otherwise live as long as the
+        loader, and an interpreter that exits with them alive waits for them forever: they
+        ignore the SIGTERM it sends (`leave_stop_signals_to_the_trainer`)."""
+        it = self._iterator
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self._iterator = None
+
 
 def _raising(batches: Iterator[Any]) -> Iterator[Batch]:
     for batch in batches:

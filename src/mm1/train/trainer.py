@@ -341,6 +341,7 @@ class Trainer:
             ) from err
         finally:
             logger.close()
+            self.loader.close()  # its workers, however the loop ended
             self._restore_signal_handlers()
         return {
             "step": self.step,
