@@ -283,14 +283,40 @@ def test_loader_skips_and_counts_bad_conversations(tmp_path: Path, caplog) -> No
     stats = ds.read_stats()
     # Epochs repeat the 8 records: r3, and only r3, is skipped each time it comes.
     assert set(stats.skipped) == {"untokenizable"}
-    assert (
-        stats.skipped["untokenizable"] * 7
-        <= stats.records
-        <= stats.skipped["untokenizable"] * 7 + 7
-    )
+    k = stats.skipped["untokenizable"]  # passes that reached r3; records counts the 7 others
+    assert 7 * (k - 1) + 3 <= stats.records <= 7 * k + 3
     assert "conversation 'r3': starts with the assistant" in caplog.text
     # The Qwen2 template (the tokenizer's own) wrote the sample: <|im_end|> is learned.
     assert tok.token_to_id("<|im_end|>") in batch.labels.tolist()[0]
+
+
+@pytest.mark.parametrize("max_error_rate", [0.01, 0.5, 1.0])
+def test_a_source_of_unusable_conversations_stops(tmp_path: Path, max_error_rate: float) -> None:
+    """Records the reader read but the tokenizer refused count once, as skipped (they were also
+    counted as read: the rate of an all-bad source could not pass 50%, and at a higher
+    `data.max_error_rate` the loader read it forever); a whole pass with no usable record
+    stops whatever the rate allows."""
+    from mm1.config import SourceConfig
+    from mm1.data.images import ImageProcessor
+    from mm1.data.loader import LoaderSettings, PackedDataset
+    from mm1.data.sources import DataError
+
+    bad = {"conversations": [{"from": "gpt", "value": "green"}, {"from": "human", "value": "Hi"}]}
+    (tmp_path / "sft.json").write_text(json.dumps([{"id": f"r{i}", **bad} for i in range(3)]))
+    tok = Tokenizer.from_file(_tokenizer_dir(tmp_path / "tok", "qwen2"))
+    source = SourceConfig(format="llava", path=str(tmp_path / "sft.json"))
+    settings = LoaderSettings(
+        [source], seq_len=64, micro_batch_size=1, prompt_format=PromptFormat(2)
+    )
+    settings.max_error_rate = max_error_rate
+    ds = PackedDataset(settings, tok, ImageProcessor.clip(16))
+    expected = (  # judged as the third record is read: it was "2 of 5" (the two counted twice)
+        r"2 of 3 records were skipped \(66\.7%; untokenizable=2\)"
+        if max_error_rate == 0.01
+        else r"a whole pass over its records gave no usable document \(\d+ skipped: untokenizable="
+    )
+    with pytest.raises(DataError, match=expected):
+        next(iter(ds))
 
 
 def test_data_chat_template_option(tmp_path: Path) -> None:

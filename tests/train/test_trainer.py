@@ -625,3 +625,18 @@ def test_changed_optimizer_settings_apply_from_the_resumed_step(
     changed.fit()
     lrs = {r["step"]: r["lr"] for r in read_metrics(run) if "lr" in r}
     assert lrs[4] == pytest.approx(0.01 * lr_factor(4, 2, 4, 0.1))
+
+
+def test_a_second_stop_signal_stops_at_once(tmp_path, world, tiny_config, make_trainer) -> None:
+    """The first SIGTERM / SIGINT asks for a save at the step's end; a second one, while that
+    step never ends (a data wait, a hung collective), stops at once, the last checkpoint kept."""
+    trainer = make_trainer(tiny_config(tmp_path, world, parallel="none"), tmp_path / "run")
+    trainer._install_signal_handlers()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert trainer._stop_signal == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt, match="stopped without saving"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs between bytecodes: here at the latest
+    finally:
+        trainer._restore_signal_handlers()

@@ -81,8 +81,9 @@ class CaptionPairDataset(ShardedDataset):
             if image is None:
                 if self.s.needs_text:
                     raise DataError(f"{where}: no image; CLIP trains on image-caption pairs")
-                mixture.streams[src].stats.skip("no_image")
+                mixture.streams[src].reject("no_image")  # a text-only document (AIM)
                 continue
+            mixture.streams[src].used()
             return image, text
 
     def _batches(self) -> Iterator[PairBatch]:

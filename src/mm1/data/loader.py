@@ -110,16 +110,17 @@ class PackedDataset(ShardedDataset):
         assert self._mixture is not None and self._packer is not None
         while self._packer.wants_more():
             ref, record = self._mixture.next()
+            stream = self._mixture.streams[ref[0]]
             try:
                 doc = self.tokenize(record)
             except ValueError as err:  # e.g. an image-tag count that does not match
-                stream = self._mixture.streams[ref[0]]
-                stream.stats.skip("untokenizable")
                 warn_skip("untokenizable", record.id, str(err))
+                stream.reject("untokenizable")
                 continue
             if len(doc.input_ids) < 2:
-                self._mixture.streams[ref[0]].stats.skip("empty_document")
+                stream.reject("empty_document")
                 continue
+            stream.used()
             self._packer.add(doc, ref)
         self._check_errors()
 

@@ -64,6 +64,7 @@ class SourceStream:
         self.files = files_fingerprint(self.shards)
         self.cursor = Cursor()
         self.stats = ReadStats()
+        self._used_epoch = 0  # the epoch of the last record the pipeline used (see `reject`)
         self._iter: Iterator[tuple[int, Record]] | None = None
         self._ranges: dict[int, tuple[int, int]] = {}
 
@@ -136,6 +137,24 @@ class SourceStream:
             check_error_rate(self.stats, self.max_error_rate, self.spec.path, min_seen=100)
             return shard, raw, record
 
+    def used(self) -> None:
+        """The pipeline used the record `next` gave last."""
+        self._used_epoch = self.cursor.epoch
+
+    def reject(self, reason: str) -> None:
+        """The pipeline could not use the record `next` gave last (untokenizable, empty): it
+        counts as skipped instead of read, so the error rate sees it once. A whole pass over
+        this slot's share with no record used is a `DataError`: the loader would otherwise
+        read it forever, whatever `data.max_error_rate` allows."""
+        self.stats.records -= 1
+        self.stats.skip(reason)
+        if self.cursor.epoch >= self._used_epoch + 2:
+            reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.stats.skipped.items()))
+            raise DataError(
+                f"data source {self.spec.path}: a whole pass over its records gave no usable "
+                f"document ({self.stats.num_skipped} skipped: {reasons})"
+            )
+
     def read_at(self, shard: int, record: int) -> Record:
         """Re-read one record (to rebuild the packing buffer after a resume)."""
         item = next(self._open(shard, record), None)
@@ -152,6 +171,7 @@ class SourceStream:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.cursor = Cursor(**state["cursor"])
         self.stats = ReadStats.from_dict(state["stats"])
+        self._used_epoch = self.cursor.epoch
         self._iter = None
         saved = state.get("files")  # absent from checkpoints before 2026-12-06
         if saved is None or saved == self.files:

@@ -505,6 +505,9 @@ class Trainer:
 
     def _install_signal_handlers(self) -> None:
         def handler(signum: int, frame: object) -> None:
+            if self._stop_signal is not None:  # a second signal: the step never ended (a
+                # data wait, a hung collective); stop now, the last checkpoint kept
+                raise KeyboardInterrupt(f"signal {signum} again: stopped without saving")
             self._stop_signal = signum
 
         self._old_handlers = {}
