@@ -290,6 +290,38 @@ def test_loader_skips_and_counts_bad_conversations(tmp_path: Path, caplog) -> No
     assert tok.token_to_id("<|im_end|>") in batch.labels.tolist()[0]
 
 
+def test_a_conversation_longer_than_a_sequence_keeps_its_head(tmp_path: Path) -> None:
+    """Truncated, counted, never split: its tail would train answers without their question
+    (and, with an image, without the image)."""
+    from mm1.config import SourceConfig
+    from mm1.data.images import ImageProcessor
+    from mm1.data.loader import LoaderSettings, PackedDataset, loader_counts
+
+    answer = " ".join(["green"] * 200)
+    conv = [{"from": "human", "value": "Colour?"}, {"from": "gpt", "value": answer}]
+    (tmp_path / "sft.json").write_text(json.dumps([{"id": "long", "conversations": conv}]))
+    tok = Tokenizer.from_file(_tokenizer_dir(tmp_path / "tok", "qwen2"))
+    source = SourceConfig(format="llava", path=str(tmp_path / "sft.json"))
+    settings = LoaderSettings(
+        [source], seq_len=64, micro_batch_size=1, prompt_format=PromptFormat(2)
+    )
+    ds = PackedDataset(settings, tok, ImageProcessor.clip(16))
+    batch = next(iter(ds))
+    first = tokenize_conversation(
+        Conversation(
+            "long",
+            [],
+            [{"role": "user", "content": "Colour?"}, {"role": "assistant", "content": answer}],
+        ),
+        tok,
+        PromptFormat(2),
+    )
+    # every row is the conversation's first 64 tokens: its head, again and again
+    assert batch.input_ids[0].tolist() == first.input_ids[:64]
+    counts = loader_counts(ds.state_dict())
+    assert counts["truncated_documents"] >= 1 and counts["skipped_records"] == 0
+
+
 @pytest.mark.parametrize("max_error_rate", [0.01, 0.5, 1.0])
 def test_a_source_of_unusable_conversations_stops(tmp_path: Path, max_error_rate: float) -> None:
     """Records the reader read but the tokenizer refused count once, as skipped (they were also

@@ -59,11 +59,34 @@ def test_split_never_cuts_an_image_and_caps_length() -> None:
         assert p.input_ids.count(IMG) == Q * len(p.images)
 
 
-def test_caption_pairs_are_cut_at_the_image_edge() -> None:
-    doc = make_doc("captions", ["i", 20], "c")
+@pytest.mark.parametrize("kind", ["captions", "sft"])
+def test_caption_pairs_and_conversations_keep_their_head(kind: str) -> None:
+    """Longer than a sequence, they lose their tail (as LLaVA truncates): they were cut at the
+    image's edge, and the caption or the answers then trained in a piece without the image."""
+    doc = make_doc(kind, ["i", 20], "c")
     pieces, _ = split_document(doc, seq_len=10, max_images=4)
-    assert len(pieces[0].input_ids) == 1 + Q  # BOS + image, cut at the image's end
+    assert len(pieces) == 1
+    assert pieces[0].input_ids == doc.input_ids[:10] and len(pieces[0].images) == 1
     assert cut_points(doc, anywhere=False) == [1, 1 + Q]
+    packer = Packer(seq_len=10, max_images=4)
+    packer.add(doc)
+    assert (packer.stats.truncated, packer.stats.tokens_truncated) == (1, len(doc) - 10)
+
+
+def test_a_conversation_that_cannot_be_truncated_usefully_is_unfit() -> None:
+    from mm1.data.packing import UnfitDocument
+
+    doc = make_doc("sft", [2, "i", 20], "c")
+    doc.target_mask = [i >= 10 for i in range(len(doc.input_ids))]  # the answer from token 10
+    with pytest.raises(UnfitDocument, match="nothing to learn within data.seq_len=8") as err:
+        split_document(doc, seq_len=8, max_images=4)
+    assert err.value.reason == "too_long"
+    many = make_doc("sft", ["i", "i", "i", 2], "m")
+    with pytest.raises(UnfitDocument, match="has 3 images, more than") as err:
+        split_document(many, seq_len=100, max_images=2)
+    assert err.value.reason == "too_many_images"
+    _, dropped = split_document(make_doc("interleaved", ["i", "i", "i", 2], "x"), 100, 2)
+    assert dropped == 1  # an interleaved document keeps its first images
 
 
 def test_images_over_the_cap_are_dropped_with_their_slots() -> None:

@@ -103,7 +103,7 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
         f"{stats['images']:,} ({stats['tokens_per_image']:.1f} tokens each), dropped by the cap "
         f"{stats['images_dropped']} "
         f"({100 * stats['images_dropped_fraction']:.2f}%)  |  documents cut "
-        f"{stats['pieces_cut']}  |  records skipped {sum(stats['read']['skipped'].values())}"
+        f"{stats['pieces_cut']}, truncated {stats['truncated']}  |  records skipped {sum(stats['read']['skipped'].values())}"
         f"  |  text repaired {sum(stats['read']['repaired'].values())}"
     )
 

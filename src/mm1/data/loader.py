@@ -23,7 +23,15 @@ from mm1.config import SOURCE_KINDS, DataConfig, SourceConfig
 from mm1.data.document import Conversation
 from mm1.data.images import ImageProcessor
 from mm1.data.mixture import Record, SourceStream
-from mm1.data.packing import Packer, PackStats, Piece, collate, slice_document, split_document
+from mm1.data.packing import (
+    Packer,
+    PackStats,
+    Piece,
+    UnfitDocument,
+    collate,
+    slice_document,
+    split_document,
+)
 from mm1.data.prompt_format import PromptFormat
 from mm1.data.sharded import ShardedDataset, WorkerError, check_saved_sources, slot_states
 from mm1.data.sources import ReadStats, check_error_rate, warn_skip
@@ -120,8 +128,13 @@ class PackedDataset(ShardedDataset):
             if len(doc.input_ids) < 2:
                 stream.reject("empty_document")
                 continue
+            try:
+                self._packer.add(doc, ref)
+            except UnfitDocument as err:  # e.g. a conversation's answer past data.seq_len
+                warn_skip(err.reason, record.id, str(err))
+                stream.reject(err.reason)
+                continue
             stream.used()
-            self._packer.add(doc, ref)
         self._check_errors()
 
     def _check_errors(self) -> None:
@@ -253,15 +266,16 @@ def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
 
 
 def loader_counts(state: dict[str, Any]) -> dict[str, int]:
-    """Skipped records and dropped images, summed over the `PackedDataset` states in a loader
-    state (one per worker snapshot, or the single-process loader's one)."""
-    skipped = dropped = 0
+    """Skipped records, dropped images and truncated documents, summed over the `PackedDataset`
+    states in a loader state (one per worker snapshot, or the single-process loader's one)."""
+    skipped = dropped = truncated = 0
     for slot in slot_states(state):
         if "pack_stats" in slot:
             for s in slot["mixture"]["sources"]:
                 skipped += sum(s["stats"]["skipped"].values())
             dropped += slot["pack_stats"]["images_dropped"]
-    return {"skipped_records": skipped, "images_dropped": dropped}
+            truncated += slot["pack_stats"].get("truncated", 0)
+    return {"skipped_records": skipped, "images_dropped": dropped, "truncated_documents": truncated}
 
 
 def packing_stats(

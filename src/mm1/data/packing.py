@@ -1,9 +1,12 @@
 """Packing tokenized documents into fixed-length sequences with document boundaries.
 
-A document longer than the sequence is cut into pieces at text/image boundaries (never inside
-an image's slot block); a piece with more images than the per-sequence cap keeps the first ones
-and drops the rest with their placeholders (counted). Pieces are packed first-fit from a small
-buffer, and the gap left at the end of a sequence is filled with the head of a text or
+A text or interleaved document longer than the sequence is cut into pieces at text/image
+boundaries (never inside an image's slot block); a piece with more images than the
+per-sequence cap keeps the first ones and drops the rest with their placeholders (counted).
+A caption pair or a conversation longer than the sequence keeps its head and loses its tail
+(counted), as LLaVA truncates at its maximum length: a later piece of it would train the
+caption or the answers without the image they are about. Pieces are packed first-fit from a
+small buffer, and the gap left at the end of a sequence is filled with the head of a text or
 interleaved piece cut to size, so padding stays rare without dropping anything.
 """
 
@@ -19,8 +22,17 @@ import torch
 from mm1.batch import IGNORE_INDEX, Batch
 from mm1.data.tokenizer import TokenizedDocument
 
-# Kinds whose documents may be cut anywhere outside an image (to fill a sequence's tail).
+# Kinds whose documents may be cut anywhere outside an image (to fill a sequence's tail); the
+# others (caption pairs, conversations) are truncated to one sequence instead.
 FILLER_KINDS = ("text", "interleaved")
+
+
+class UnfitDocument(ValueError):
+    """A document that cannot be packed usefully; `reason` is what the loader counts it as."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -109,24 +121,22 @@ def _last_cut(cuts: list[int], start: int, seq_len: int) -> int | None:
 def split_document(
     doc: TokenizedDocument, seq_len: int, max_images: int
 ) -> tuple[list[TokenizedDocument], int]:
-    """Cut a document into pieces of at most `seq_len` tokens and `max_images` images.
+    """Cut a document into pieces of at most `seq_len` tokens and `max_images` images (a
+    caption pair or a conversation: its head, see `truncate`).
 
     Returns the pieces and the number of images dropped by the cap.
     """
     n = len(doc.input_ids)
     pieces: list[TokenizedDocument] = []
-    if n > seq_len:
-        # Text and interleaved documents may be cut anywhere outside an image; others (caption
-        # pairs, conversations) at image edges first, anywhere outside an image as a fallback.
-        preferred = cut_points(doc, anywhere=doc.kind in FILLER_KINDS)
-        fallback = cut_points(doc, anywhere=True)
+    if doc.kind not in FILLER_KINDS:
+        pieces = [truncate(doc, seq_len, max_images)]
+    elif n > seq_len:
+        cuts = cut_points(doc, anywhere=True)
         start = 0
         while n - start > seq_len:
-            cut = _last_cut(preferred, start, seq_len) or _last_cut(fallback, start, seq_len)
+            cut = _last_cut(cuts, start, seq_len)
             if cut is None:
-                raise ValueError(
-                    f"document {doc.id!r} has an image block longer than seq_len={seq_len}"
-                )
+                raise _image_too_long(doc, seq_len)
             pieces.append(slice_document(doc, start, cut))
             start = cut
         pieces.append(slice_document(doc, start, n))
@@ -138,6 +148,38 @@ def split_document(
             dropped += len(p.images) - max_images
             pieces[i] = drop_images(p, max_images)
     return pieces, dropped
+
+
+def truncate(doc: TokenizedDocument, seq_len: int, max_images: int) -> TokenizedDocument:
+    """A caption pair's or a conversation's first `seq_len` tokens, cut outside an image.
+    `UnfitDocument` when what is left has nothing to learn (every target in the tail), and for
+    a conversation with more images than `max_images`: dropping some would leave its questions
+    about images it does not show."""
+    if doc.kind == "sft" and len(doc.images) > max_images:
+        raise UnfitDocument(
+            "too_many_images",
+            f"conversation {doc.id!r} has {len(doc.images)} images, more than "
+            f"data.max_images_per_seq={max_images}",
+        )
+    if len(doc.input_ids) <= seq_len:
+        return doc
+    cut = _last_cut(cut_points(doc, anywhere=True), 0, seq_len)
+    if cut is None:
+        raise _image_too_long(doc, seq_len)
+    head = slice_document(doc, 0, cut)
+    if not any(head.target_mask[1:]):
+        raise UnfitDocument(
+            "too_long",
+            f"document {doc.id!r}: nothing to learn within data.seq_len={seq_len} tokens "
+            f"(it has {len(doc.input_ids)}; its first target comes later)",
+        )
+    return head
+
+
+def _image_too_long(doc: TokenizedDocument, seq_len: int) -> UnfitDocument:
+    return UnfitDocument(
+        "too_long", f"document {doc.id!r} has an image block longer than seq_len={seq_len}"
+    )
 
 
 @dataclass
@@ -155,6 +197,8 @@ class PackStats:
     # gives images different counts, so `tokens_per_image` is the mean.
     image_tokens: int = 0
     pieces_cut: int = 0  # documents cut across sequences (length or tail filling)
+    truncated: int = 0  # caption pairs and conversations longer than a sequence: tails dropped
+    tokens_truncated: int = 0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PackStats:
@@ -163,7 +207,10 @@ class PackStats:
             documents=dict(d["documents"]),
             tokens_per_source=dict(d["tokens_per_source"]),
             pieces_cut=d["pieces_cut"],
-            image_tokens=d.get("image_tokens", 0),  # loader states saved before it existed
+            # loader states saved before these existed
+            image_tokens=d.get("image_tokens", 0),
+            truncated=d.get("truncated", 0),
+            tokens_truncated=d.get("tokens_truncated", 0),
         )
 
     @property
@@ -188,6 +235,8 @@ class PackStats:
             "image_tokens": self.image_tokens,
             "tokens_per_image": self.image_tokens / max(1, self.images),
             "pieces_cut": self.pieces_cut,
+            "truncated": self.truncated,
+            "tokens_truncated": self.tokens_truncated,
         }
 
 
@@ -208,6 +257,9 @@ class Packer:
     def add(self, doc: TokenizedDocument, ref: tuple[int, ...] = ()) -> None:
         pieces, dropped = split_document(doc, self.seq_len, self.max_images)
         self.stats.images_dropped += dropped
+        if doc.kind not in FILLER_KINDS and len(pieces[0]) < len(doc):
+            self.stats.truncated += 1
+            self.stats.tokens_truncated += len(doc) - len(pieces[0])
         for i, p in enumerate(pieces):
             self.buffer.append(Piece(p, (*ref, i, 0), first=i == 0))
 
