@@ -35,7 +35,7 @@ from mm1.checkpoint import (
     read_model_weights,
 )
 from mm1.config import ConfigError, ModelConfig, to_dict
-from mm1.data.images import ImageProcessor
+from mm1.data.images import PREPROCESSOR_CONFIG, ImageProcessor
 from mm1.data.prompt_format import PromptFormat, load_prompt_format
 from mm1.data.tokenizer import Tokenizer
 from mm1.models.family import family_spec
@@ -98,16 +98,41 @@ def save_pretrained(
     return out
 
 
+# What `mm1 export-encoder` writes: a transformers vision tower and its image preprocessing.
+VISION_MODEL_TYPES = ("clip_vision_model", "siglip_vision_model")
+
+
+def is_vision_export(path: str | Path) -> bool:
+    """A directory holding exactly a transformers CLIPVisionModel / SiglipVisionModel export:
+    config.json (of such a model), its weights (one file or shards with their index) and
+    perhaps preprocessor_config.json, nothing else."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    names = {f.name for f in p.iterdir()}
+    weights = {n for n in names if n.startswith("model") and ".safetensors" in n}
+    if "config.json" not in names or not weights:
+        return False
+    if names - weights - {"config.json", PREPROCESSOR_CONFIG}:
+        return False
+    try:
+        config = json.loads((p / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("model_type") in VISION_MODEL_TYPES
+
+
 def check_output_dir(
     out: str | Path,
     option: str,
-    kind: Literal["export", "hf"] = "export",
+    kind: Literal["export", "hf", "hf_vision"] = "export",
     source: str | Path | None = None,
 ) -> Path:
     """Refuse, before anything is loaded, an output directory whose files a write would clobber
     or shadow: a training run directory, the `source` itself, or a non-empty directory holding
-    something other than an earlier output of this `kind` (an mm1 export, or a transformers
-    directory: config.json), which is rewritten in place as usual. `option` names it in errors."""
+    something other than an earlier output of this `kind` (an mm1 export, a transformers
+    directory: config.json, or exactly a transformers vision tower: `is_vision_export`), which
+    is rewritten in place as usual. `option` names it in errors."""
     out = Path(out)
     refuse_run_dir(out, option)
     if source is not None and out.resolve() == Path(source).resolve():
@@ -116,9 +141,17 @@ def check_output_dir(
         )
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{option} {out}: is a file, not a directory; give a directory")
-    earlier = is_export(out) if kind == "export" else (out / "config.json").is_file()
+    earlier = {
+        "export": is_export,
+        "hf": lambda p: (p / "config.json").is_file(),
+        "hf_vision": is_vision_export,
+    }[kind](out)
     if out.is_dir() and not earlier and any(out.iterdir()):
-        what = "an mm1 export" if kind == "export" else "a transformers directory (config.json)"
+        what = {
+            "export": "an mm1 export",
+            "hf": "a transformers directory (config.json)",
+            "hf_vision": "an earlier export of a transformers vision model",
+        }[kind]
         raise ConfigError(
             f"{option} {out}: the directory holds other files and is not {what}; give a new or "
             "empty directory (or remove it first)"
@@ -166,25 +199,49 @@ def model_from_saved(saved: SavedModel) -> MM1:
     return model
 
 
-def refuse_encoder_run(path: str | Path) -> None:
-    """Refuse an image-encoder run (`mm1 train-encoder`; or one of its checkpoints) where an
-    MM1 model is expected: its weights are no MLLM, and loading them would fail listing
-    hundreds of state_dict keys. Such a run's saved config.yaml has an `encoder` section."""
+def saved_run_kind(path: str | Path) -> Literal["encoder", "mm1"] | None:
+    """Which trainer wrote the run `path` is (or whose checkpoint it is): "encoder" (`mm1
+    train-encoder`: its saved config.yaml has an `encoder` section), "mm1" (`mm1 train`), or
+    None where no readable config.yaml says."""
     import yaml
 
     p = Path(path)
     run = p.parent.parent if is_checkpoint(p) else p
     saved = run / "config.yaml"
     if not saved.is_file():
-        return
+        return None
     try:
         data = yaml.safe_load(saved.read_text())
     except yaml.YAMLError:
-        return  # not this check's to report: loading says what is wrong
-    if isinstance(data, dict) and "encoder" in data:
+        return None  # not this check's to report: loading says what is wrong
+    if not isinstance(data, dict):
+        return None
+    return "encoder" if "encoder" in data else "mm1"
+
+
+def refuse_encoder_run(path: str | Path) -> None:
+    """Refuse an image-encoder run (`mm1 train-encoder`; or one of its checkpoints) where an
+    MM1 model is expected: its weights are no MLLM, and loading them would fail listing
+    hundreds of state_dict keys. Such a run's saved config.yaml has an `encoder` section."""
+    if saved_run_kind(path) == "encoder":
         raise ConfigError(
             f"{path} is an image-encoder run (mm1 train-encoder), not an MM1 model; use it as "
             "train.init.vision or evaluate it with mm1 eval-encoder"
+        )
+
+
+def refuse_mm1_run(path: str | Path) -> None:
+    """The reverse of `refuse_encoder_run`: an MM1 run (`mm1 train`) or export where an
+    image-encoder run is expected (eval-encoder, export-encoder), whose loading would fail as
+    "not a clip encoder run" with a state_dict error."""
+    kind = saved_run_kind(path)
+    if kind == "mm1":
+        raise ConfigError(
+            f"{path} is an MM1 model run (mm1 train), not an image-encoder run (mm1 train-encoder)"
+        )
+    if kind is None and is_export(path):
+        raise ConfigError(
+            f"{path} is an exported MM1 model, not an image-encoder run (mm1 train-encoder)"
         )
 
 

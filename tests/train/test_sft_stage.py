@@ -89,13 +89,28 @@ def test_a_resumed_sft_stage_keeps_its_own_prompt_format(
 ) -> None:
     """Resuming reads no starting point: the run's own prompt format, and the config (with the
     prompt format unset, as it was) is not a changed one."""
-    run = tmp_path / "sft"
+    import shutil
+
+    run, start = tmp_path / "sft", shutil.copytree(pretrained, tmp_path / "pre")
     cfg = _sft_config(tmp_path, world, tiny_config)
-    first = make_trainer(cfg, run, f"train.init.weights={pretrained}", "train.steps=2")
+    first = make_trainer(cfg, run, f"train.init.weights={start}", "train.steps=2")
     first.fit()
-    resumed = make_trainer(cfg, run, f"train.init.weights={pretrained}", "train.steps=3")
+    saved = {p.name: p.read_bytes() for p in (run / "tokenizer").iterdir()}
+    template = first.data.tokenizer.chat_template
+    # The starting point's template changes (an updated snapshot): the run keeps its own; it
+    # read and saved the new one, silently, and trained on with it.
+    edited = Tokenizer.from_file(start / "tokenizer")
+    edited.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    edited.save(start / "tokenizer")
+    resumed = make_trainer(cfg, run, f"train.init.weights={start}", "train.steps=3")
     resumed.setup()
     assert resumed.step == 2 and resumed.cfg.data.image_boundaries is True
+    assert resumed.data.tokenizer.chat_template == template
+    assert {p.name: p.read_bytes() for p in (run / "tokenizer").iterdir()} == saved
+    # ... or is deleted once the stage has begun: it resumes (it failed: no tokenizer.json)
+    shutil.rmtree(start)
+    gone = make_trainer(cfg, run, f"train.init.weights={start}", "train.steps=3")
+    assert gone.fit()["step"] == 3
 
 
 def test_a_set_prompt_format_wins_over_the_carried_one(

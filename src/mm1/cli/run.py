@@ -122,21 +122,20 @@ def _built_model_config(cfg: Config) -> tuple[ModelConfig, str]:
     vocabulary (without writing a synthetic world), and where the vocabulary comes from."""
     from mm1.data.synthetic import WorldManifest
     from mm1.data.tokenizer import Tokenizer
-    from mm1.data.world import saved_tokenizer_dir
+    from mm1.data.world import configured_tokenizer, read_tokenizer
     from mm1.models.build import resolve_config
 
     world = Path(cfg.data.world)
     init = cfg.train.init
-    tok_init = init.decoder or init.weights
-    tok_path = cfg.data.tokenizer or (saved_tokenizer_dir(tok_init) if tok_init else None)
-    if tok_path:
-        where = str(tok_path)
+    configured = configured_tokenizer(cfg.data, init)
+    if configured is not None:
+        tok, where = read_tokenizer(*configured), str(configured[0])
     elif (world / "world.json").is_file():
-        tok_path, where = WorldManifest.load(world).tokenizer_path, f"the world at {world}"
+        tok = Tokenizer.from_file(WorldManifest.load(world).tokenizer_path)
+        where = f"the world at {world}"
     else:
         how = f"the config; training sets it from the synthetic world's tokenizer ({world})"
         return resolve_config(cfg.model, init=init), how
-    tok = Tokenizer.from_file(tok_path)
     resolved = resolve_config(cfg.model, tok.vocab_size, tok.image_id, init)
     return resolved, f"the tokenizer of {where}"
 

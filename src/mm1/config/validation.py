@@ -55,14 +55,39 @@ def _positive(key: str, value: float) -> None:
         raise ConfigError(f"{key}={value} must be positive")
 
 
+def _non_negative(key: str, value: float, zero: str = "") -> None:
+    """`zero` says what 0 means for the key (e.g. "0 = no cap"), shown in the message."""
+    if value < 0:
+        raise ConfigError(f"{key}={value} must be >= 0" + (f" ({zero})" if zero else ""))
+
+
+def _check_finite(value: Any, key: str) -> None:
+    """Every float in a config (dataclass fields, nested sections, lists, tuples and mappings of
+    them) must be finite: nan or inf passes a `< 0` check, then trains the weights to NaN (an
+    lr) or fails deep in torch without the key. No float of the config gives inf a meaning."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            _check_finite(getattr(value, f.name), f"{key}.{f.name}" if key else f.name)
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            _check_finite(v, f"{key}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{key}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}={value} must be a finite number")
+
+
 def parse_component(registry: Registry, key: str, raw: Any, base: type) -> Any:
     """The typed options of a registered part, from its name, a mapping (`type` and the type's
     options) or a config dataclass; `base` is the kind's common dataclass (ConnectorConfig,
     FFNConfig), used for a type registered without options of its own.
 
-    Keys that another registered type of the kind declares are ignored, so the flat keys of
-    older configs (every connector option side by side) and a type switched by an override
-    still read; a key no type declares is an error naming it."""
+    Keys that another registered type of the kind declares are ignored with a warning (once
+    per key and value), so the flat keys of older configs (every connector option side by
+    side) and a type switched by an override still read, yet a key meant for a type not chosen
+    (`ffn.experts` without `ffn.type=moe`) is not dropped silently; a key no type declares is
+    an error naming it."""
     if isinstance(raw, str):
         raw = {"type": raw}
     elif dataclasses.is_dataclass(raw) and not isinstance(raw, type):
@@ -86,6 +111,7 @@ def parse_component(registry: Registry, key: str, raw: Any, base: type) -> Any:
             f"{key}.{unknown[0]} is not an option of {registry.kind} {name!r} "
             f"(its options: {', '.join(sorted(own))})"
         )
+    _warn_other_types(registry, key, raw, name, own)
     try:
         node = OmegaConf.merge(
             OmegaConf.structured(cls), {k: v for k, v in raw.items() if k in own}
@@ -95,6 +121,31 @@ def parse_component(registry: Registry, key: str, raw: Any, base: type) -> Any:
         sub = getattr(err, "full_key", None)
         msg = str(err).splitlines()[0]
         raise ConfigError(f"{key}.{sub}: {msg}" if sub else f"{key}: {msg}") from None
+
+
+_IGNORED_WARNED: set[str] = set()
+
+
+def _warn_other_types(
+    registry: Registry, key: str, raw: Mapping[str, Any], name: str, own: set[str]
+) -> None:
+    """Warn about each key of `raw` that only other types than `name` declare. A warning, not
+    an error: a type switched by an override (`model.connector.type=avgpool` over a parent
+    YAML's c_abstractor options) legitimately leaves the other type's keys behind."""
+    for k in sorted(set(raw) - own):
+        owners = [
+            n
+            for n in registry.names()
+            if (c := registry[n].config) is not None
+            and k in {f.name for f in dataclasses.fields(c)}
+        ]
+        msg = (
+            f"{key}.{k}={raw[k]} is ignored: {key}.type is {name} "
+            f"(set {key}.type={' or '.join(owners)} to use it)"
+        )
+        if msg not in _IGNORED_WARNED:  # configs are re-parsed (ablation cells): warn once
+            _IGNORED_WARNED.add(msg)
+            log.warning("%s", msg)
 
 
 def resolve_components(m: ModelConfig, prefix: str = "model") -> ModelConfig:
@@ -145,6 +196,16 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
     _choice(f"{prefix}.decoder.rope_scaling.type", d.rope_scaling.type, ROPE_TYPES)
     for k in ("vocab_size", "dim", "layers", "heads", "kv_heads", "ffn_dim", "max_seq_len"):
         _positive(f"{prefix}.decoder.{k}", getattr(d, k))
+    _non_negative(f"{prefix}.decoder.head_dim", d.head_dim, "0 = dim // heads")
+    _non_negative(f"{prefix}.decoder.sliding_window", d.sliding_window, "0 = full attention")
+    rs = d.rope_scaling
+    if rs.type != "default":  # the scaled types divide by these (the default reads none)
+        _positive(f"{prefix}.decoder.rope_scaling.factor", rs.factor)
+    if rs.type == "llama3":
+        _positive(
+            f"{prefix}.decoder.rope_scaling.original_max_position_embeddings",
+            rs.original_max_position_embeddings,
+        )
     if d.heads % d.kv_heads:
         raise ConfigError(
             f"{prefix}.decoder.heads={d.heads} is not a multiple of kv_heads={d.kv_heads}"
@@ -159,6 +220,7 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
             f"(decoder.vocab_size={d.vocab_size})"
         )
     validate_image_layout(m, prefix)
+    _check_finite(m, prefix)
 
 
 def validate_image_layout(m: ModelConfig, prefix: str = "model") -> None:
@@ -166,8 +228,7 @@ def validate_image_layout(m: ModelConfig, prefix: str = "model") -> None:
     lay, key = m.image_layout, f"{prefix}.image_layout"
     _choice(f"{key}.type", lay.type, IMAGE_LAYOUTS)
     _choice(f"{key}.overview", lay.overview, OVERVIEW_PLACES)
-    if lay.encoder_chunk < 0:
-        raise ConfigError(f"{key}.encoder_chunk={lay.encoder_chunk} must be >= 0 (0 = all)")
+    _non_negative(f"{key}.encoder_chunk", lay.encoder_chunk, "0 = all")
     if not 1 <= lay.min_tiles <= lay.max_tiles:
         raise ConfigError(
             f"{key}.min_tiles={lay.min_tiles} and max_tiles={lay.max_tiles} need "
@@ -265,11 +326,11 @@ def validate(cfg: Config) -> None:
     _positive("data.pack_buffer", d.pack_buffer)
     if not 0.0 <= d.max_error_rate <= 1.0:
         raise ConfigError(f"data.max_error_rate={d.max_error_rate} must be within [0, 1]")
-    if d.max_image_pixels < 0:
-        raise ConfigError(f"data.max_image_pixels={d.max_image_pixels} must be >= 0 (0 = no cap)")
+    _non_negative("data.max_image_pixels", d.max_image_pixels, "0 = no cap")
+    # torch's DataLoader refuses a negative count, but deep in training and without the key
+    _non_negative("data.num_workers", d.num_workers)
     _choice("data.world_size", d.world_size, ("tiny", "small", "medium"))
-    if d.world_text_scale < 0:
-        raise ConfigError(f"data.world_text_scale={d.world_text_scale} must be >= 0")
+    _non_negative("data.world_text_scale", d.world_text_scale)
     if d.world_image_size < 32:
         raise ConfigError(f"data.world_image_size={d.world_image_size} must be at least 32 pixels")
     for key, sources in (("data.sources", d.sources), ("data.val_sources", d.val_sources)):
@@ -323,8 +384,14 @@ def validate(cfg: Config) -> None:
         "log_every",
         "save_every",
         "keep_checkpoints",
+        # 0 would abort at the first skipped step all the same: not "never abort"
+        "max_nonfinite_in_a_row",
     ):
         _positive(f"train.{k}", getattr(t, k))
+    # `step % val_every == 0` is true at every step for a negative value
+    _non_negative("train.val_every", t.val_every, "0 = no validation")
+    _non_negative("train.val_batches", t.val_batches)
+    _non_negative("train.optim.warmup_steps", t.optim.warmup_steps, "0 = no warmup")
     if t.batch_size % t.micro_batch_size:
         raise ConfigError(
             f"train.batch_size={t.batch_size} is not a multiple of "
@@ -346,14 +413,16 @@ def validate(cfg: Config) -> None:
     if not 0 <= t.optim.min_lr_ratio <= 1:
         raise ConfigError(f"train.optim.min_lr_ratio={t.optim.min_lr_ratio} must be in [0, 1]")
     validate_eval(cfg.eval)
+    # Last, so that the specific checks above keep their messages; the whole tree, so that a
+    # section of an extended schema (an encoder run's `encoder`) is covered too.
+    _check_finite(cfg, "")
 
 
 def validate_eval(e: EvalConfig) -> None:
     if not e.shots:
         raise ConfigError("eval.shots is empty: give shot counts like [0, 4, 8]")
     for i, s in enumerate(e.shots):
-        if s < 0:
-            raise ConfigError(f"eval.shots[{i}]={s} must be >= 0")
+        _non_negative(f"eval.shots[{i}]", s)
     for k in ("seeds", "max_new_tokens", "vqa_max_new_tokens", "num_beams", "batch_size"):
         _positive(f"eval.{k}", getattr(e, k))
     if e.compile and e.num_beams > 1:
@@ -363,7 +432,6 @@ def validate_eval(e: EvalConfig) -> None:
         )
     _choice("eval.demo_selection", e.demo_selection, DEMO_SELECTIONS)
     _choice("eval.bad_images", e.bad_images, BAD_IMAGE_POLICIES)
-    if e.high_res_last < 0:
-        raise ConfigError(f"eval.high_res_last={e.high_res_last} must be >= 0 (0 = every image)")
-    if e.max_examples < 0:
-        raise ConfigError(f"eval.max_examples={e.max_examples} must be >= 0 (0 = every query)")
+    _non_negative("eval.high_res_last", e.high_res_last, "0 = every image")
+    _non_negative("eval.max_examples", e.max_examples, "0 = every query")
+    _check_finite(e, "eval")

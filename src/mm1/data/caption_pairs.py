@@ -5,6 +5,7 @@ continues at the very next record."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -15,10 +16,12 @@ from mm1.config import SourceConfig
 from mm1.data.document import Conversation, Document
 from mm1.data.images import ImageProcessor
 from mm1.data.loader import Loader, loader_of
-from mm1.data.mixture import Mixture
+from mm1.data.mixture import Cursor, Mixture
 from mm1.data.sharded import ShardedDataset
 from mm1.data.sources import DataError
 from mm1.data.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -71,9 +74,11 @@ class CaptionPairDataset(ShardedDataset):
 
     s: PairSettings
 
-    def _next_pair(self, mixture: Mixture) -> tuple[Any, str]:
+    def _next_pair(self, mixture: Mixture) -> tuple[Any, str, tuple[int, int, int]]:
+        """The next (image, caption) and where its record is: (source, shard, record)."""
         while True:
-            (src, _, _), record = mixture.next()
+            where_read, record = mixture.next()
+            src = where_read[0]
             image, text = record_pair(record)
             where = f"data.sources[{src}] ({self.s.sources[src].path}), record {record.id}"
             if self.s.needs_text and not text:
@@ -84,12 +89,37 @@ class CaptionPairDataset(ShardedDataset):
                 mixture.streams[src].reject("no_image")  # a text-only document (AIM)
                 continue
             mixture.streams[src].used()
-            return image, text
+            return image, text, where_read
+
+    def _warn_repeats(self, read: list[tuple[int, int, int]]) -> None:
+        """Say so when the slot's first contrastive batch holds a record twice: from the
+        sources' start, that means a source's share of this slot has fewer pairs than the batch
+        draws from it, so every batch repeats pairs, and CLIP's loss takes the copies for
+        negatives of each other. (Counting records up front is not cheap for every format.)"""
+        distinct = len(set(read))
+        if distinct == len(read):
+            return
+        paths = ", ".join(sorted({str(self.s.sources[src].path) for src, _, _ in read}))
+        logger.warning(
+            "a contrastive batch of %d pairs (train.micro_batch_size) holds only %d "
+            "distinct image-caption pairs of %s on this loader slot: pairs repeat in every "
+            "batch and CLIP's loss takes the copies for negatives; lower "
+            "train.micro_batch_size or add pairs",
+            len(read),
+            distinct,
+            paths,
+        )
 
     def _batches(self) -> Iterator[PairBatch]:
         mixture = self._open_mixture()
+        # At the sources' start (not a resume, whose first batch may straddle an epoch's end).
+        check = self.s.needs_text and all(st.cursor == Cursor() for st in mixture.streams)
         while True:
-            pairs = [self._next_pair(mixture) for _ in range(self.s.batch_size)]
+            read = [self._next_pair(mixture) for _ in range(self.s.batch_size)]
+            if check:
+                self._warn_repeats([w for _, _, w in read])
+                check = False
+            pairs = [(image, text) for image, text, _ in read]
             ids = [caption_ids(self.tok, text, self.s.max_len) for _, text in pairs]
             tokens = torch.full((len(ids), self.s.max_len), self.tok.pad_id, dtype=torch.long)
             for i, row in enumerate(ids):

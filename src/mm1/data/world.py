@@ -120,12 +120,15 @@ def carried_image_boundaries(
     return saved_image_boundaries(saved_tokenizer_dir(start)) if start else False
 
 
-def image_processor_for(model: ModelConfig, init: InitConfig | None = None) -> ImageProcessor:
-    """The preprocessing of the encoder's starting point (`train.init.vision`, else
-    `train.init.weights`) at our image size, or the variant's defaults."""
+def image_processor_for(
+    model: ModelConfig, init: InitConfig | None = None, saved: Path | None = None
+) -> ImageProcessor:
+    """The preprocessing saved in `saved` (a resumed run's own), else that of the encoder's
+    starting point (`train.init.vision`, else `train.init.weights`), at our image size, or
+    the variant's defaults."""
     size = model.vision.image_size
     init_dir = (init.vision or init.weights) if init is not None else model.vision.init
-    src = saved_tokenizer_dir(init_dir) if init_dir else None
+    src = saved or (saved_tokenizer_dir(init_dir) if init_dir else None)
     if src is not None and (src / PREPROCESSOR_CONFIG).exists():
         base = ImageProcessor.from_pretrained(src)
         if base.shortest_edge is not None:
@@ -142,17 +145,23 @@ def prepare_data(
     is_main: bool = True,
     barrier: Callable[[], None] = lambda: None,
     init: InitConfig | None = None,
+    resumed: str | Path | None = None,
 ) -> PreparedData:
     """Tokenizer, image processor and sources of a run; every source is checked to name data
     (`check_sources`), so a wrong path fails here, before a model is built. The tokenizer is
     `data.tokenizer`, else the decoder's starting point's (`train.init.decoder`, else
-    `train.init.weights`), else the synthetic world's."""
+    `train.init.weights`), else the synthetic world's. A `resumed` run directory's own
+    (`RUN/tokenizer`, saved when it started) comes first: its ids and template are the ones it
+    trained with, whatever became of its starting point since (edited, updated or deleted)."""
     world = None
     sources, val_sources = list(data.sources), list(data.val_sources)
     if init is None:
         init = InitConfig(vision=model.vision.init, decoder=model.decoder.init)
-    tok_init = init.decoder or init.weights
-    needs_world = not sources or (not data.tokenizer and not tok_init)
+    own = Path(resumed) / "tokenizer" if resumed is not None else None
+    if own is not None and not (own / "tokenizer.json").is_file():
+        own = None  # saved before its first checkpoint: always there for a resumable run
+    configured = configured_tokenizer(data, init) if own is None else None
+    needs_world = not sources or (own is None and configured is None)
     if needs_world:
         world = ensure_world(data, is_main, barrier)
         default_train, default_val = world_sources(world)
@@ -161,23 +170,45 @@ def prepare_data(
             val_sources = default_val
     check_sources(sources)
     check_sources(val_sources, "data.val_sources")
-    if data.tokenizer:
-        tok_path = Path(data.tokenizer)
-    elif tok_init:
-        tok_path = saved_tokenizer_dir(tok_init)
+    if own is not None:
+        tokenizer = Tokenizer.from_file(own)
+    elif configured is not None:
+        tokenizer = read_tokenizer(*configured)
     else:
         assert world is not None
-        tok_path = world.tokenizer_path
-    tokenizer = Tokenizer.from_file(tok_path)
+        tokenizer = Tokenizer.from_file(world.tokenizer_path)
     if data.chat_template:
         _set_chat_template(tokenizer, data.chat_template)
     return PreparedData(
         tokenizer=tokenizer,
-        processor=image_processor_for(model, init),
+        processor=image_processor_for(model, init, own),
         sources=sources,
         val_sources=val_sources,
         world=world,
     )
+
+
+def configured_tokenizer(data: DataConfig, init: InitConfig) -> tuple[Path, str] | None:
+    """Where the configured tokenizer is, and the option that names it: `data.tokenizer`, else
+    the decoder's starting point's (`train.init.decoder`, else `train.init.weights`); None for
+    the synthetic world's."""
+    if data.tokenizer:
+        return Path(data.tokenizer), f"data.tokenizer={data.tokenizer}"
+    start = init.decoder or init.weights
+    if start:
+        which = "train.init.decoder" if init.decoder else "train.init.weights"
+        return saved_tokenizer_dir(start), f"{which}={start}"
+    return None
+
+
+def read_tokenizer(path: Path, option: str) -> Tokenizer:
+    """The tokenizer at `path`, which `option` names; a missing one is a config error naming
+    it (e.g. an SFT config whose pre-trained run has not been trained yet)."""
+    try:
+        return Tokenizer.from_file(path)
+    except FileNotFoundError:
+        hint = "" if option.startswith("data.") else " (not trained yet? or set data.tokenizer)"
+        raise ConfigError(f"{option}: no tokenizer.json there{hint}") from None
 
 
 def _set_chat_template(tok: Tokenizer, value: str) -> None:

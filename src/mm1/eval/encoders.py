@@ -305,9 +305,18 @@ def evaluate_encoder_run(
     from mm1.config import ConfigError
     from mm1.data.world import run_world, saved_tokenizer_dir
     from mm1.models.encoders import build_encoder_model, load_encoder_run
+    from mm1.pretrained import refuse_mm1_run
 
     if not probe_seeds:  # the probe's mean over no splits is undefined
         raise ConfigError("--probe-seeds must be >= 1 (linear-probe train/test splits)")
+    refuse_mm1_run(run)  # else: "not a clip encoder run" and a state_dict error
+    p = Path(run)
+    default = p.parent.parent / "eval" / p.name if is_checkpoint(p) else p / "eval"
+    out = Path(out_dir) if out_dir is not None else default
+    # Before the model loads and every score is computed, not when the results are written.
+    if out.exists() and not out.is_dir():
+        where = "--out" if out_dir is not None else "the results directory"
+        raise ConfigError(f"{where} {out}: is a file, not a directory; give a directory")
     cfg, model = load_encoder_run(run)
     tok_dir = saved_tokenizer_dir(Path(run))
     tok = Tokenizer.from_file(tok_dir)
@@ -324,9 +333,6 @@ def evaluate_encoder_run(
     # which world was scored on: the default follows the run's config, so say where it led
     result = {"encoder": what, "world": str(world.resolve()), **scores}
     suffix = "" if untrained_seed is None else f"_untrained{untrained_seed}"
-    p = Path(run)
-    default = p.parent.parent / "eval" / p.name if is_checkpoint(p) else p / "eval"
-    out = Path(out_dir) if out_dir is not None else default
     out.mkdir(parents=True, exist_ok=True)
     (out / f"encoder_eval{suffix}.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / f"encoder_eval{suffix}.md").write_text(encoder_report(result, what))

@@ -1,9 +1,11 @@
 """What a resume may change: a run's saved config against the one it is resumed with.
 
 Keys that change what the run means (the model, the data, batch sizes, seed, starting point)
-are refused unless `--force`; keys under them that only change how the same function is
-computed (the attention kernel, the expert matmul) may change freely; everything else (steps,
-logging, the optimizer's settings, which a resume re-applies) is not compared.
+are refused unless `--force`; those that set the model's parameters (`MODEL_KEYS`), and a run
+of the other trainer (MM1 / image encoder), are refused even then: the checkpoint could not
+load. Keys under them that only change how the same function is computed (the attention
+kernel, the expert matmul) may change freely; everything else (steps, logging, the optimizer's
+settings, which a resume re-applies) is not compared.
 """
 
 from __future__ import annotations
@@ -30,6 +32,55 @@ MEANING_KEYS = (
     "train.init",
 )
 IMPLEMENTATION_KEYS = ("model.decoder.attention", "model.decoder.ffn.expert_matmul")
+# Keys that set the model's parameters (their names or shapes): a checkpoint cannot load into
+# another such model, so not even `--force` lets a resume change them. Not the vocabulary (the
+# tokenizer's, `data.tokenizer`) nor activations, norms' eps or RoPE, which a forced resume
+# may change (a context extension).
+MODEL_KEYS = (
+    "model.family",
+    *(
+        f"model.vision.{k}"
+        for k in (
+            "variant",
+            "image_size",
+            "patch_size",
+            "width",
+            "layers",
+            "heads",
+            "mlp_dim",
+            "feature_layer",  # only the blocks up to it exist
+        )
+    ),
+    "model.connector",
+    *(
+        f"model.decoder.{k}"
+        for k in (
+            "dim",
+            "layers",
+            "heads",
+            "kv_heads",
+            "head_dim",
+            "ffn_dim",
+            "ffn.type",
+            "ffn.experts",
+            "ffn.every",
+            "ffn.expert_dim",
+            "qk_norm",
+            "qkv_bias",
+            "tie_embeddings",
+        )
+    ),
+    "encoder.objective",
+)
+# An encoder run's objective-specific parts: only the objective's own count.
+ENCODER_MODEL_KEYS = {
+    "clip": (
+        *(f"encoder.text.{k}" for k in ("width", "layers", "heads", "mlp_dim", "max_len")),
+        "encoder.text.hf",  # whether set: an HF tower's parameters are named its way
+        "encoder.clip.embed_dim",
+    ),
+    "aim": ("encoder.aim.head_dim", "encoder.aim.head_layers"),
+}
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -46,13 +97,13 @@ def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> l
     return out
 
 
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == m or key.startswith(m + ".") for m in prefixes)
+
+
 def meaningful(keys: list[str]) -> list[str]:
     """The keys among `keys` whose change would change what a resumed run means."""
-
-    def under(key: str, prefixes: tuple[str, ...]) -> bool:
-        return any(key == m or key.startswith(m + ".") for m in prefixes)
-
-    return [k for k in keys if under(k, MEANING_KEYS) and not under(k, IMPLEMENTATION_KEYS)]
+    return [k for k in keys if _under(k, MEANING_KEYS) and not _under(k, IMPLEMENTATION_KEYS)]
 
 
 def saved_run_config(run_dir: Path) -> dict[str, Any] | None:
@@ -66,6 +117,60 @@ def saved_run_config(run_dir: Path) -> dict[str, Any] | None:
     return old if isinstance(old, dict) else None  # type: ignore[return-value]
 
 
+def _value(config: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else None  # type: ignore[assignment]
+    return config
+
+
+def model_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) for each changed key that sets the model's parameters
+    (`MODEL_KEYS`; for an encoder run also its objective's own, `ENCODER_MODEL_KEYS`)."""
+    keys = list(MODEL_KEYS)
+    if "encoder" in old and _value(old, "encoder.objective") == _value(new, "encoder.objective"):
+        keys += ENCODER_MODEL_KEYS.get(str(_value(new, "encoder.objective")), ())
+    out = []
+    for key in [k for k in config_diff(old, new) if _under(k, tuple(keys))]:
+        a, b = _value(old, key), _value(new, key)
+        if key == "encoder.text.hf" and (a is None) == (b is None):
+            continue  # another path to a tower: its shapes are checked when it loads
+        out.append((key, a, b))
+    return out
+
+
+def refuse_model_change(
+    run_dir: Path, old: dict[str, Any], new: dict[str, Any], force: bool
+) -> None:
+    """Refuse, even with `force`, a resume whose model differs from the checkpoint's: its
+    weights could not load (DCP's "Missing key in checkpoint state_dict", which reads as a
+    corrupt checkpoint)."""
+    changes = model_changes(old, new)
+    if not changes:
+        return
+    what = "; ".join(f"the checkpoint's {k} is {a}, the config's {b}" for k, a, b in changes)
+    head = "--force cannot change the model" if force else f"{run_dir} holds another model"
+    raise ConfigError(f"{head}: {what}; resume with the same model or choose a new train.run_dir")
+
+
+def refuse_other_run_kind(run_dir: Path, old: dict[str, Any], cfg: Config) -> None:
+    """Refuse resuming an image-encoder run (its saved config has an `encoder` section) with
+    `mm1 train`, or an MM1 run with `mm1 train-encoder`: one model's checkpoint is no start for
+    the other, and listing their differing keys would not say so."""
+    from mm1.config.encoder import EncoderRunConfig
+
+    encoder_run, encoder_config = "encoder" in old, isinstance(cfg, EncoderRunConfig)
+    if encoder_run == encoder_config:
+        return
+    mm1, encoder = "an MM1 model run (mm1 train)", "an image-encoder run (mm1 train-encoder)"
+    it, other, command = (
+        (encoder, mm1, "mm1 train-encoder") if encoder_run else (mm1, encoder, "mm1 train")
+    )
+    raise ConfigError(
+        f"train.run_dir={run_dir} is {it}, not {other}: resume it with {command}, or choose a "
+        "new train.run_dir"
+    )
+
+
 def refuse_changes(run_dir: Path, changed: list[str], force: bool) -> None:
     if changed and not force:
         raise ConfigError(
@@ -76,13 +181,16 @@ def refuse_changes(run_dir: Path, changed: list[str], force: bool) -> None:
 
 def check_resumed_config(run_dir: Path, cfg: Config, force: bool) -> None:
     """Refuse resuming `run_dir` with a config whose meaning differs from its saved one (unless
-    `force`), and a changed loader worker count in any case."""
+    `force`), and in any case a run of the other trainer (MM1 / image encoder), another model
+    (an encoder run's `encoder` section included) or a changed loader worker count."""
     old = saved_run_config(run_dir)
     if old is None:
         return
+    refuse_other_run_kind(run_dir, old, cfg)
     deprecated_keys_in_dict(old)  # a run saved before train.init
     old = current_shape(old)  # a run saved before the registries
-    changed = meaningful(config_diff(old, to_dict(cfg)))
+    new = to_dict(cfg)
+    changed = meaningful(config_diff(old, new))
     if "data.num_workers" in changed:  # not even under --force: torchdata would fail deep
         was = old["data"]["num_workers"]
         raise ConfigError(
@@ -90,6 +198,7 @@ def check_resumed_config(run_dir: Path, cfg: Config, force: bool) -> None:
             f"data.num_workers={was}, and the data loader's position is kept per worker; "
             f"resume with data.num_workers={was}"
         )
+    refuse_model_change(run_dir, old, new, force)  # before the keys --force may change
     refuse_changes(run_dir, changed, force)
 
 

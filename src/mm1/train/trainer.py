@@ -24,10 +24,13 @@ import torch
 from torch import nn
 
 from mm1.batch import IGNORE_INDEX, Batch
+from mm1.checkpoint import MODEL_CONFIG, read_model_config
 from mm1.config import (
     SOURCE_KINDS,
     Config,
     ConfigError,
+    InitConfig,
+    ModelConfig,
     SourceConfig,
     apply_deprecated_keys,
     has_starting_weights,
@@ -84,6 +87,15 @@ class StepResult:
     nonfinite: str = ""  # what was not finite, when skipped ("loss", "gradient norm", ...)
 
 
+def own_model_config(configured: ModelConfig, run_dir: Path) -> ModelConfig:
+    """A resumed run's architecture (its `model.json`), computed as configured now: attention's
+    backend and the encoder's chunking are not part of the weights (as for a starting point)."""
+    own = read_model_config(run_dir)
+    own.decoder.attention = configured.decoder.attention
+    own.image_layout.encoder_chunk = configured.image_layout.encoder_chunk
+    return own
+
+
 def nonfinite_part(loss: float, grad_norm: float, aux: dict[str, float] | None = None) -> str:
     """What of a step is not finite ("" when all is): the step is then skipped."""
     parts = {"loss": loss, **{f"auxiliary loss {k}": v for k, v in (aux or {}).items()}}
@@ -127,7 +139,8 @@ class Trainer:
         )
         self._check_config_change()
         init = cfg.train.init
-        self.data = prepare_data(cfg.data, cfg.model, d.is_main, d.barrier, init)
+        own = self.run_dir if resuming else None  # a resumed run reads its own tokenizer
+        self.data = prepare_data(cfg.data, cfg.model, d.is_main, d.barrier, init, own)
         tok = self.data.tokenizer
         # Sharded FSDP runs build on the meta device: no rank ever holds the full model.
         sharded = d.enabled and cfg.train.parallel == "fsdp"
@@ -135,13 +148,18 @@ class Trainer:
         starting = ckpt.latest_checkpoint(self.run_dir) is None
         # Every rank checks the sources, before building (a bad path fails everywhere, early).
         self.started_from = describe_start(init) if starting else None
+        model_cfg, build_init = cfg.model, init
+        if not starting and (self.run_dir / MODEL_CONFIG).is_file():
+            # Its own architecture, as resolved when it started: a starting point whose shapes
+            # it took (an HF or LLaVA checkpoint) may have changed or be gone since.
+            model_cfg, build_init = own_model_config(cfg.model, self.run_dir), InitConfig()
         model = build_model(
-            cfg.model,
+            model_cfg,
             tok.vocab_size,
             tok.image_id,
             meta=sharded,
             new_token_ids=tok.added_ids,
-            init=init,
+            init=build_init,
             load_weights=starting,
         )
         self.model_cfg = model.cfg
