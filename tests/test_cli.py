@@ -434,6 +434,29 @@ def test_a_tampered_run_directory_is_refused_without_running_code(run, tmp_path,
         assert out.splitlines()[0].startswith(f"error: {index}: refused to load")
 
 
+def test_a_full_disk_while_exporting_is_one_line_and_leaves_nothing(
+    run, tmp_path, capsys, monkeypatch
+) -> None:
+    """safetensors reports a full disk as an error of its own, without a path: it was a
+    traceback, and the half-written directory was left to be loaded later."""
+    import safetensors.torch
+
+    def full(*args, **kwargs):  # what safetensors raises on ENOSPC
+        raise safetensors.SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr("mm1.pretrained.save_file", full)
+    for argv, out in (
+        (["convert", str(run), "--export"], tmp_path / "export"),
+        (["convert", str(run), "--to-hf"], tmp_path / "hf"),
+        (["upcycle", str(run), "--experts", "2", "--out"], tmp_path / "moe"),
+    ):
+        assert one_line(capsys, [*argv, str(out)], 1) == f"error: {out}: No space left on device"
+        assert not out.exists()
+
+
 def test_convert_and_upcycle_refuse_output_dirs_holding_something_else(
     run, tmp_path, capsys
 ) -> None:

@@ -15,7 +15,7 @@ def export_encoder_hf(run: str | Path, out_dir: str | Path) -> Path:
     from mm1.data.world import saved_tokenizer_dir
     from mm1.models.encoders import load_encoder_run
     from mm1.models.hf import save_vision_hf
-    from mm1.pretrained import check_output_dir, refuse_mm1_run
+    from mm1.pretrained import check_output_dir, refuse_mm1_run, writing_export
 
     # Before loading: an MM1 run fails to load as an encoder with a state_dict error, and OUT
     # must not be a run (its checkpoints would be shadowed), the source, or unrelated files;
@@ -23,8 +23,9 @@ def export_encoder_hf(run: str | Path, out_dir: str | Path) -> Path:
     refuse_mm1_run(run)
     check_output_dir(out_dir, "OUT", kind="hf_vision", source=run)
     _, model = load_encoder_run(run)
-    out = save_vision_hf(model.vision, out_dir)
-    processor = saved_tokenizer_dir(run) / PREPROCESSOR_CONFIG
-    if processor.is_file():
-        shutil.copyfile(processor, Path(out) / PREPROCESSOR_CONFIG)
+    with writing_export(Path(out_dir)):
+        out = save_vision_hf(model.vision, out_dir)
+        processor = saved_tokenizer_dir(run) / PREPROCESSOR_CONFIG
+        if processor.is_file():
+            shutil.copyfile(processor, Path(out) / PREPROCESSOR_CONFIG)
     return Path(out)

@@ -13,8 +13,12 @@ Exported layout:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -81,21 +85,40 @@ def save_pretrained(
         )
     out = Path(out_dir)
     refuse_run_dir(out, "out_dir")
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if model.cfg.decoder.tie_embeddings:
-        state.pop("decoder.lm_head.weight", None)  # the same tensor as the embedding
-    tmp = out / (WEIGHTS + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", "mm1": "1"})
-    _readable_like_other_files(tmp)
-    tmp.replace(out / WEIGHTS)
-    cfg = to_dict(model.cfg)
-    cfg["vision"]["init"] = cfg["decoder"]["init"] = None  # the weights are here now
-    (out / MODEL_CONFIG).write_text(json.dumps(cfg, indent=1) + "\n")
-    tokenizer.save(out)
-    processor.save_pretrained(out)
-    prompt_format.save(out)
+    with writing_export(out):
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        if model.cfg.decoder.tie_embeddings:
+            state.pop("decoder.lm_head.weight", None)  # the same tensor as the embedding
+        tmp = out / (WEIGHTS + ".tmp")
+        save_file(state, str(tmp), metadata={"format": "pt", "mm1": "1"})
+        _readable_like_other_files(tmp)
+        tmp.replace(out / WEIGHTS)
+        cfg = to_dict(model.cfg)
+        cfg["vision"]["init"] = cfg["decoder"]["init"] = None  # the weights are here now
+        (out / MODEL_CONFIG).write_text(json.dumps(cfg, indent=1) + "\n")
+        tokenizer.save(out)
+        processor.save_pretrained(out)
+        prompt_format.save(out)
     return out
+
+
+@contextlib.contextmanager
+def writing_export(out: Path) -> Iterator[None]:
+    """Write an export (ours, transformers', a vision tower) into `out`. A write that fails or
+    is interrupted removes the directory if this call made it, rather than leave half an
+    export to be loaded later; a full disk, which safetensors reports as an error of its own
+    without a path, is the `OSError` naming `out` (one line from the CLI)."""
+    made = not out.exists()
+    try:
+        yield
+    except BaseException as err:
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
+        full = isinstance(err, OSError) and err.errno == errno.ENOSPC
+        if full or "os error 28" in str(err) or "No space left on device" in str(err):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out)) from None
+        raise
 
 
 # What `mm1 export-encoder` writes: a transformers vision tower and its image preprocessing.

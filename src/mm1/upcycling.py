@@ -7,8 +7,10 @@ equals the dense model at initialisation and starts `mm1 train` like any export.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -20,6 +22,27 @@ from mm1.models.starting_point import expected_shapes
 from mm1.models.state_transforms import LoadContext, apply_chain
 from mm1.models.upcycle import UpcycleOptions
 from mm1.pretrained import check_output_dir, load_pretrained, save_pretrained
+
+
+def _check_room(out: str | Path, size: int, experts: int) -> None:
+    """Refuse, before the experts are made, an export larger than the memory it is built in or
+    the disk it is written to (an extra zero in --experts: an allocator traceback, or a disk
+    filled)."""
+    where = Path(out).absolute()
+    while not where.exists():
+        where = where.parent
+    room = {"disk": shutil.disk_usage(where).free}
+    with contextlib.suppress(OSError, ValueError, StopIteration):  # Linux's: elsewhere unchecked
+        lines = Path("/proc/meminfo").read_text().splitlines()
+        available = next(x for x in lines if x.startswith("MemAvailable:"))
+        room["memory"] = int(available.split()[1]) * 1024  # reclaimable cache included
+    for what, free in room.items():
+        if size > free:
+            raise ConfigError(
+                f"--experts={experts}: the MoE export takes about {size / 2**30:.1f} GiB, more "
+                f"than the {free / 2**30:.1f} GiB of free {what}"
+                + (f" at {where}" if what == "disk" else "")
+            )
 
 
 def upcycle(
@@ -57,6 +80,7 @@ def upcycle(
     family = family_spec(cfg.family)
     with torch.device("meta"):
         model = family.model(cfg)
+    _check_room(out, sum(p.numel() * p.element_size() for p in model.parameters()), experts)
     state = dict(dense.model.state_dict())
     if cfg.decoder.tie_embeddings:
         state.pop("decoder.lm_head.weight", None)  # the embedding, as in exports

@@ -117,6 +117,10 @@ def test_bad_upcycling_requests_name_the_option(tmp_path, dense_run) -> None:
         upcycle(dense_run, tmp_path / "a", experts=1)
     with pytest.raises(ConfigError, match=r"^--top-k=5 must be in 1\.\.--experts=4$"):
         upcycle(dense_run, tmp_path / "b", experts=4, top_k=5)
+    # an extra zero or three: refused before the experts are made (an allocator traceback)
+    with pytest.raises(ConfigError, match=r"^--experts=1000000000: the MoE export takes about"):
+        upcycle(dense_run, tmp_path / "huge", experts=10**9)
+    assert not (tmp_path / "huge").exists()
     for noise in (-1.0, float("nan"), float("inf")):  # nan / inf filled every expert with nan
         with pytest.raises(ConfigError, match=r"must be a finite number >= 0$"):
             upcycle(dense_run, tmp_path / "n", experts=4, noise=noise)

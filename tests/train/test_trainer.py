@@ -486,6 +486,25 @@ def test_tensorboard_hides_the_steps_a_resume_logs_again(tmp_path) -> None:
     assert got == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 105.0), (6, 106.0), (7, 107.0)]
 
 
+def test_a_fresh_start_over_logged_steps_says_so(tmp_path, capsys) -> None:
+    """A run directory whose checkpoints were deleted (or never written) starts at step 0 and
+    replaces its metrics: said in one line (it was silent over 32 logged steps)."""
+    from mm1.train.logging import MetricsLogger
+
+    MetricsLogger(tmp_path, 10, progress=False, tensorboard=False).close()
+    assert capsys.readouterr().out == ""  # nothing logged before: nothing to say
+    first = MetricsLogger(tmp_path, 40, progress=False, tensorboard=False)
+    for step in range(1, 33):
+        first.log(step, {"loss": 1.0})
+    first.close()
+    MetricsLogger(tmp_path, 40, progress=False, tensorboard=False).close()
+    out = " ".join(capsys.readouterr().out.split())
+    assert out == (
+        f"{tmp_path}: no complete checkpoint, so training starts at step 0; the metrics an "
+        "earlier attempt logged (to step 32) are replaced"
+    )
+
+
 def test_a_run_restarted_before_its_first_checkpoint_logs_each_step_once(
     tmp_path, world, monkeypatch, tiny_config
 ) -> None:

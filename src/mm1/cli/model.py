@@ -39,8 +39,10 @@ def cmd_convert(args: argparse.Namespace) -> None:
         console.print(f"exported {args.source} -> {out}")
     if args.to_hf:
         from mm1.hf_export import save_hf
+        from mm1.pretrained import writing_export
 
-        console.print(save_hf(p, args.to_hf, args.hf_type)[1])
+        with writing_export(Path(args.to_hf)):
+            console.print(save_hf(p, args.to_hf, args.hf_type)[1])
 
 
 def cmd_upcycle(args: argparse.Namespace) -> None:

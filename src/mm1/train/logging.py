@@ -52,6 +52,13 @@ class MetricsLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fresh = not start_step
         if fresh:  # a run from scratch (e.g. after a crash before any checkpoint): no old records
+            last = _last_logged_step(self.run_dir / "metrics.jsonl")
+            if last:  # said, not done silently: its checkpoints may have been deleted by hand
+                print(
+                    f"{self.run_dir}: no complete checkpoint, so training starts at step 0; "
+                    f"the metrics an earlier attempt logged (to step {last}) are replaced",
+                    flush=True,
+                )
             _remove_tensorboard_events(self.run_dir / "tensorboard")
         mode = "w" if fresh else "a"
         self._jsonl = open(self.run_dir / "metrics.jsonl", mode, buffering=1)  # noqa: SIM115
@@ -114,6 +121,20 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _last_logged_step(path: Path) -> int:
+    """The step of the last record in a metrics file (0 for none or an unreadable one)."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return 0
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return 0
 
 
 def _remove_tensorboard_events(directory: Path) -> None:
