@@ -10,18 +10,13 @@ import pytest
 import torch
 import yaml
 
+from tests.train.run_configs import TINY_VISION
+
 
 def _tiny_config(tmp: Path, world: Path, **train) -> Path:
     cfg = {
         "model": {
-            "vision": {
-                "image_size": 32,
-                "patch_size": 8,
-                "width": 32,
-                "layers": 1,
-                "heads": 2,
-                "mlp_dim": 64,
-            },
+            "vision": dict(TINY_VISION),
             "connector": {"type": "avgpool", "num_tokens": 4},
             "decoder": {"dim": 32, "layers": 2, "heads": 4, "kv_heads": 2, "ffn_dim": 64},
         },

@@ -10,56 +10,19 @@ import logging
 from pathlib import Path
 
 import pytest
-import yaml
 
 from mm1 import cli
 from tests.cli_helpers import one_line
-
-
-def _encoder_config(tmp: Path, world: Path, objective: str = "clip", **train) -> Path:
-    cfg = {
-        "model": {
-            "vision": {
-                "image_size": 32,
-                "patch_size": 8,
-                "width": 32,
-                "layers": 1,
-                "heads": 2,
-                "mlp_dim": 64,
-            },
-            "connector": {"type": "avgpool", "num_tokens": 4},
-        },
-        "data": {"world": str(world), "num_workers": 0},
-        "encoder": {
-            "objective": objective,
-            "text": {"width": 32, "layers": 1, "heads": 2, "mlp_dim": 64, "max_len": 24},
-            "clip": {"embed_dim": 16},
-            "aim": {"head_dim": 32},
-        },
-        "train": {
-            "run_dir": str(tmp / "enc"),
-            "steps": 1,
-            "batch_size": 4,
-            "micro_batch_size": 4,
-            "val_every": 0,
-            "save_every": 1,
-            "parallel": "none",
-            "tensorboard": False,
-            "progress": False,
-            "optim": {"lr": 1e-3, "warmup_steps": 1},
-            **train,
-        },
-    }
-    path = tmp / f"encoder_{objective}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+from tests.train.run_configs import encoder_config
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, world: Path, tiny_config) -> dict[str, Path]:
     """A one-step CLIP encoder run and a one-step MM1 run (with their configs)."""
     tmp = tmp_path_factory.mktemp("runs")
-    enc_cfg = _encoder_config(tmp, world)
+    enc_cfg = encoder_config(
+        tmp, world, run_dir=str(tmp / "enc"), steps=1, batch_size=4, val_every=0, save_every=1
+    )
     assert cli.main(["train-encoder", str(enc_cfg)]) == 0
     mm1_cfg = tiny_config(tmp, world, steps=1, save_every=1, val_every=0, parallel="none")
     mm1 = tmp / "mm1"
@@ -223,7 +186,7 @@ def test_a_contrastive_batch_larger_than_its_source_warns_at_start(
         for member in src.getmembers():
             if int(member.name.split(".")[0]) < 3:  # three image-caption pairs
                 dst.addfile(member, src.extractfile(member))
-    cfg = _encoder_config(tmp_path, world)
+    cfg = encoder_config(tmp_path, world, batch_size=4, val_every=0)
     source = f"data.sources=[{{format: wds, path: {small}}}]"
     argv = ["train.steps=1", "train.micro_batch_size=16"]
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from mm1.config import ConfigError, ModelConfig, VisionConfig
 from mm1.config.encoder import AIMObjectiveConfig, load_encoder_config
@@ -22,6 +21,7 @@ from mm1.models.aim import (
     target_mask,
 )
 from mm1.train.encoder_trainer import EncoderTrainer
+from tests.train.run_configs import encoder_config
 
 
 def test_patchify_orders_patches_as_the_vit_and_pixels_row_column_channel() -> None:
@@ -100,47 +100,6 @@ def test_aim_features_before_a_patch_do_not_see_it() -> None:
     assert not torch.allclose(model.vision(x)[:, 0], model.vision(y)[:, 0])
 
 
-def _encoder_config(tmp: Path, world: Path, objective: str, **train) -> Path:
-    cfg = {
-        "model": {
-            "vision": {
-                "image_size": 32,
-                "patch_size": 8,
-                "width": 32,
-                "layers": 1,
-                "heads": 2,
-                "mlp_dim": 64,
-            },
-            "connector": {"type": "avgpool", "num_tokens": 4},  # MM1's, when it reads this ViT
-        },
-        "data": {"world": str(world), "num_workers": 0},
-        "encoder": {
-            "objective": objective,
-            "text": {"width": 32, "layers": 1, "heads": 2, "mlp_dim": 64, "max_len": 24},
-            "clip": {"embed_dim": 16},
-            "aim": {"head_dim": 32},
-        },
-        "train": {
-            "run_dir": str(tmp / f"run_{objective}"),
-            "steps": 4,
-            "batch_size": 8,
-            "micro_batch_size": 4,
-            "log_every": 1,
-            "val_every": 2,
-            "val_batches": 1,
-            "save_every": 2,
-            "parallel": "none",
-            "tensorboard": False,
-            "progress": False,
-            "optim": {"lr": 1e-3, "warmup_steps": 2},
-            **train,
-        },
-    }
-    path = tmp / f"{objective}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
 def _losses(run: Path) -> list[tuple[int, float]]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
@@ -148,7 +107,7 @@ def _losses(run: Path) -> list[tuple[int, float]]:
 
 @pytest.mark.parametrize("objective", ["clip", "aim"])
 def test_encoder_run_resumes_exactly(tmp_path: Path, world: Path, objective: str) -> None:
-    cfg = _encoder_config(tmp_path, world, objective)
+    cfg = encoder_config(tmp_path, world, objective)
     straight, split = tmp_path / "straight", tmp_path / "split"
     EncoderTrainer(load_encoder_config(cfg, [f"train.run_dir={straight}"])).fit()
     first = EncoderTrainer(load_encoder_config(cfg, [f"train.run_dir={split}", "train.steps=2"]))
@@ -174,14 +133,14 @@ def test_encoder_run_resumes_exactly(tmp_path: Path, world: Path, objective: str
     ],
 )
 def test_bad_encoder_configs_name_the_key(tmp_path: Path, overrides, key) -> None:
-    cfg = _encoder_config(tmp_path, tmp_path / "world", "clip")
+    cfg = encoder_config(tmp_path, tmp_path / "world", "clip")
     with pytest.raises(ConfigError) as err:
         load_encoder_config(cfg, overrides)
     assert str(err.value).startswith(key) and "\n" not in str(err.value)
 
 
 def test_clip_refuses_sources_without_caption_pairs(tmp_path: Path, world: Path) -> None:
-    cfg = _encoder_config(tmp_path, world, "clip")
+    cfg = encoder_config(tmp_path, world, "clip")
     text = world / "text"
     with pytest.raises(ConfigError, match=r"^data.sources\[0\].kind='text'"):
         load_encoder_config(cfg, [f"data.sources=[{{format: text, path: {text}}}]"])
@@ -200,7 +159,7 @@ def test_a_trained_encoder_starts_mm1_at_another_resolution(
     from mm1.models.vision import interpolate_pos_embed
 
     enc = tmp_path / "encoder"
-    cfg = _encoder_config(tmp_path, world, objective, steps=2, val_every=0)
+    cfg = encoder_config(tmp_path, world, objective, steps=2, val_every=0)
     EncoderTrainer(load_encoder_config(cfg, [f"train.run_dir={enc}"])).fit()
     saved = read_model_weights(enc).state
     # MM1 at 48 px: a 6 x 6 patch grid where the encoder was trained on 4 x 4
@@ -229,7 +188,7 @@ def test_a_clip_encoder_exports_to_transformers_clip_vision_model(
     from mm1.models.encoders import load_encoder_run
 
     enc = tmp_path / "encoder"
-    cfg = _encoder_config(tmp_path, world, "clip", steps=1, val_every=0, save_every=1)
+    cfg = encoder_config(tmp_path, world, "clip", steps=1, val_every=0, save_every=1)
     EncoderTrainer(load_encoder_config(cfg, [f"train.run_dir={enc}"])).fit()
     assert cli.main(["export-encoder", str(enc), str(tmp_path / "hf")]) == 0
     _, ours = load_encoder_run(enc)
@@ -296,7 +255,7 @@ def test_an_hf_text_tower_trains_and_reads_each_caption_at_its_eos(
         for row in range(2):
             alone = tower.model(input_ids=ids[row : row + 1, : lengths[row]]).last_hidden_state
             torch.testing.assert_close(got[row], alone[0, -1])
-    cfg = _encoder_config(tmp_path, world, "clip", steps=2, val_every=0)
+    cfg = encoder_config(tmp_path, world, "clip", steps=2, val_every=0)
     over = [f"encoder.text.hf={hf}", "encoder.text.max_len=24", f"train.run_dir={tmp_path / 'r'}"]
     EncoderTrainer(load_encoder_config(cfg, over)).fit()
     _, model = load_encoder_run(tmp_path / "r")
@@ -315,7 +274,7 @@ def test_two_process_clip_run_gathers_both_ranks_and_resumes_exactly(
 
     from mm1.data.caption_pairs import CaptionPairDataset
 
-    cfg = _encoder_config(tmp_path, world, "clip", parallel="fsdp", val_every=0, batch_size=8)
+    cfg = encoder_config(tmp_path, world, "clip", parallel="fsdp", val_every=0, batch_size=8)
     full = tmp_path / "full"
     torchrun_cli(["train-encoder", str(cfg), f"train.run_dir={full}"], nproc=2)
     resumed = tmp_path / "resumed"

@@ -1,0 +1,53 @@
+"""Tiny run configs the training tests write: the ViT they share, and an image-encoder run's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+# A 32 px ViT of one block: the vision tower of every tiny config here.
+TINY_VISION = {
+    "image_size": 32,
+    "patch_size": 8,
+    "width": 32,
+    "layers": 1,
+    "heads": 2,
+    "mlp_dim": 64,
+}
+
+
+def encoder_config(tmp: Path, world: Path, objective: str = "clip", **train) -> Path:
+    """A tiny image-encoder run config (`mm1 train-encoder`) over a synthetic world; `train`
+    options override its `train` section. Written to TMP/OBJECTIVE.yaml; returns the path."""
+    cfg = {
+        "model": {
+            "vision": dict(TINY_VISION),
+            "connector": {"type": "avgpool", "num_tokens": 4},  # MM1's, when it reads this ViT
+        },
+        "data": {"world": str(world), "num_workers": 0},
+        "encoder": {
+            "objective": objective,
+            "text": {"width": 32, "layers": 1, "heads": 2, "mlp_dim": 64, "max_len": 24},
+            "clip": {"embed_dim": 16},
+            "aim": {"head_dim": 32},
+        },
+        "train": {
+            "run_dir": str(tmp / f"run_{objective}"),
+            "steps": 4,
+            "batch_size": 8,
+            "micro_batch_size": 4,
+            "log_every": 1,
+            "val_every": 2,
+            "val_batches": 1,
+            "save_every": 2,
+            "parallel": "none",
+            "tensorboard": False,
+            "progress": False,
+            "optim": {"lr": 1e-3, "warmup_steps": 2},
+            **train,
+        },
+    }
+    path = tmp / f"{objective}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
