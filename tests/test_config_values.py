@@ -178,14 +178,19 @@ def test_info_names_the_key_of_a_missing_starting_point(tmp_path: Path, capsys) 
     missing = tmp_path / "runs" / "mm1_3b"
     argv = ["info", str(CONFIGS / "sft.yaml"), f"train.init.weights={missing}"]
     assert one_line(capsys, argv, 2) == (
-        f"config error: train.init.weights={missing}: no tokenizer.json there "
-        "(not trained yet? or set data.tokenizer)"
+        f"config error: train.init.weights={missing}: does not exist (not trained yet?)"
+    )
+    missing.mkdir(parents=True)  # there, but with no tokenizer (an HF directory without one)
+    assert one_line(capsys, argv, 2) == (
+        f"config error: train.init.weights={missing}: has no tokenizer.json (give one with "
+        "data.tokenizer)"
     )
     argv = ["info", TINY, f"train.init.decoder={missing}"]
     assert one_line(capsys, argv, 2).startswith(f"config error: train.init.decoder={missing}: ")
     argv = ["info", TINY, f"data.tokenizer={missing}"]
-    assert one_line(capsys, argv, 2) == (
-        f"config error: data.tokenizer={missing}: no tokenizer.json there"
+    assert (
+        one_line(capsys, argv, 2)
+        == f"config error: data.tokenizer={missing}: has no tokenizer.json"
     )
     assert cli.main(["info", TINY]) in (0, None)
 

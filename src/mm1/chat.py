@@ -22,7 +22,12 @@ import torch
 from PIL import Image
 
 from mm1.config import ConfigError
-from mm1.data.chat_template import BUILTIN_TEMPLATES, BUILTIN_TOKENS, select_template
+from mm1.data.chat_template import (
+    BUILTIN_TEMPLATES,
+    BUILTIN_TOKENS,
+    check_template,
+    select_template,
+)
 from mm1.data.sources import DataError
 from mm1.data.sources.base import BadImage, image_from_path
 from mm1.data.tokenizer import IMAGE_TOKEN, Tokenizer, tokenize_chat_prompt
@@ -59,10 +64,12 @@ def resolve_chat_template(tok: Tokenizer, option: str | None) -> ChatTemplate:
             )
             return _checked(tok, ChatTemplate("plain", BUILTIN_TEMPLATES["plain"], notice))
         name, source = select_template(tok.chat_template, None)
-        return _checked(tok, ChatTemplate(name, source))
+        where = f"the model's tokenizer's chat template ({name})"
+        return _checked(tok, ChatTemplate(name, source), where)
     path = Path(option).expanduser()
     if path.is_file():
-        return _checked(tok, ChatTemplate(path.name, path.read_text(encoding="utf-8")))
+        template = ChatTemplate(path.name, path.read_text(encoding="utf-8"))
+        return _checked(tok, template, f"--chat-template {option}")
     if option.endswith(".jinja") or "/" in option:
         raise ConfigError(f"--chat-template: no file {option}")
     try:
@@ -72,13 +79,18 @@ def resolve_chat_template(tok: Tokenizer, option: str | None) -> ChatTemplate:
     return _checked(tok, ChatTemplate(name, source))
 
 
-def _checked(tok: Tokenizer, template: ChatTemplate) -> ChatTemplate:
+def _checked(tok: Tokenizer, template: ChatTemplate, where: str | None = None) -> ChatTemplate:
+    """`template` once its special tokens are known to the tokenizer and it renders a tiny chat:
+    else a ConfigError naming `where` it came from (`--chat-template NAME` by default), raised
+    at start-up rather than on every request."""
+    where = where or f"--chat-template {template.name}"
     missing = [t for t in BUILTIN_TOKENS.get(template.name, ()) if tok.token_to_id(t) is None]
     if missing:
-        raise ConfigError(
-            f"--chat-template {template.name}: the model's tokenizer lacks its special tokens "
-            f"{missing}"
-        )
+        raise ConfigError(f"{where}: the model's tokenizer lacks its special tokens {missing}")
+    try:
+        check_template(template.source, tok.template_variables)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
     return template
 
 

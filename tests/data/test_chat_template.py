@@ -11,7 +11,12 @@ import tokenizers
 from PIL import Image
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from mm1.data.chat_template import BUILTIN_TEMPLATES, load_chat_template
+from mm1.data.chat_template import (
+    BUILTIN_TEMPLATES,
+    BUILTIN_TOKENS,
+    check_template,
+    load_chat_template,
+)
 from mm1.data.document import Conversation
 from mm1.data.prompt_format import PromptFormat
 from mm1.data.tokenizer import IMAGE_TOKEN, Tokenizer, tokenize_conversation
@@ -356,7 +361,7 @@ def test_data_chat_template_option(tmp_path: Path) -> None:
     from mm1.data.world import prepare_data
 
     (tmp_path / "sft.json").write_text("[]")
-    (tmp_path / "mine.jinja").write_text("{{ messages[0]['content'] }}")
+    (tmp_path / "mine.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     source = SourceConfig(format="llava", path=str(tmp_path / "sft.json"))
     tok_dir = str(_tokenizer_dir(tmp_path / "tok", "llava"))
 
@@ -366,8 +371,91 @@ def test_data_chat_template_option(tmp_path: Path) -> None:
 
     assert prepared("").chat_template == _template("llava")  # the tokenizer's own
     assert prepared("vicuna_v1").chat_template == BUILTIN_TEMPLATES["vicuna_v1"]
-    assert prepared(str(tmp_path / "mine.jinja")).chat_template.startswith("{{ messages")
+    assert prepared(str(tmp_path / "mine.jinja")).chat_template.startswith("{% for m in")
     with pytest.raises(ConfigError, match="data.chat_template: 'zephyr' is neither a built-in"):
         prepared("zephyr")
     with pytest.raises(ConfigError, match=r"data.chat_template='chatml' needs .*<\|im_start\|>"):
         prepared("chatml")
+
+
+BROKEN_TEMPLATES = {
+    # name -> (jinja source, what the error says)
+    "unbalanced_for": (
+        "{% for m in messages %}{{ m['content'] }}",
+        "syntax error at line 1: Unexpected end of template",
+    ),
+    "stray_braces": (
+        "{% for m in messages %}\n{{ m['content'] } }}{% endfor %}",
+        "syntax error at line 2: unexpected '}'",
+    ),
+    "raises": ("{{ raise_exception('no chats here') }}", "fails to render .*no chats here"),
+    "undefined": (
+        "{{ messages[0].content.nope.deeper }}",
+        "fails to render .*has no attribute 'nope'",
+    ),
+    "no_answer": (
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}"
+        "{% endfor %}",
+        "cannot be trained on: .*does not write the assistant's content",
+    ),
+    "empty_marks": (
+        "{% for m in messages %}{{ m['content'] }}{% generation %}{% endgeneration %}{% endfor %}",
+        "does not write the assistant's answer",
+    ),
+}
+
+
+@pytest.mark.parametrize("broken", list(BROKEN_TEMPLATES))
+def test_a_data_chat_template_that_cannot_render_is_a_config_error(
+    tmp_path: Path, broken: str
+) -> None:
+    # Chosen, it is tried once: not every record skipped as untokenizable, blaming the data.
+    from mm1.config import ConfigError, DataConfig, ModelConfig, SourceConfig
+    from mm1.data.world import prepare_data
+
+    source_text, message = BROKEN_TEMPLATES[broken]
+    (tmp_path / "sft.json").write_text("[]")
+    path = tmp_path / "broken.jinja"
+    path.write_text(source_text)
+    data = DataConfig(
+        tokenizer=str(_tokenizer_dir(tmp_path / "tok", "qwen2")),
+        sources=[SourceConfig(format="llava", path=str(tmp_path / "sft.json"))],
+        chat_template=str(path),
+    )
+    with pytest.raises(ConfigError, match=rf"^data.chat_template={path}: it .*{message}") as err:
+        prepare_data(data, ModelConfig())
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("broken", ["unbalanced_for", "stray_braces", "raises", "undefined"])
+def test_a_chat_template_that_cannot_render_is_refused_at_start(
+    tmp_path: Path, broken: str
+) -> None:
+    # `mm1 serve` and `mm1 chat` resolve their template here before loading the model.
+    from mm1.chat import resolve_chat_template
+    from mm1.config import ConfigError
+
+    source_text, message = BROKEN_TEMPLATES[broken]
+    tok = Tokenizer.from_file(_tokenizer_dir(tmp_path / "tok", "qwen2"))
+    path = tmp_path / "broken.jinja"
+    path.write_text(source_text)
+    with pytest.raises(ConfigError, match=rf"^--chat-template {path}: it .*{message}"):
+        resolve_chat_template(tok, str(path))
+    tok.chat_template = source_text  # the tokenizer's own
+    with pytest.raises(ConfigError, match=rf"^the model's tokenizer's chat template .*{message}"):
+        resolve_chat_template(tok, None)
+    # A chat only renders: a template that never writes the answer still serves.
+    answerless = BROKEN_TEMPLATES["no_answer"][0]
+    path.write_text(answerless)
+    assert resolve_chat_template(tok, str(path)).source == answerless
+
+
+def test_builtin_and_real_templates_pass_the_check(case) -> None:
+    name, ours, _ = case
+    training = (ours.end_of_turn_tokens(), ours.eos_token)
+    check_template(_template(name), ours.template_variables, training)
+    check_template(_template(name), ours.template_variables)
+    for builtin, source in BUILTIN_TEMPLATES.items():
+        if all(ours.token_to_id(t) is not None for t in BUILTIN_TOKENS.get(builtin, ())):
+            check_template(source, ours.template_variables, training)
+            check_template(source, ours.template_variables)

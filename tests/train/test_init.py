@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -205,11 +206,95 @@ def test_an_hf_directory_cannot_start_every_part(
     cfg = tiny_config(tmp_path, world, steps=1, parallel="none", val_every=0)
     with pytest.raises(ConfigError, match="train.init.weights=.* is an HF checkpoint"):
         make_trainer(cfg, tmp_path / "run", f"train.init.weights={dec_dir}").setup()
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="train.init.connector=.* not an mm1 run"):
-        make_trainer(cfg, tmp_path / "r2", f"train.init.connector={tmp_path / 'nowhere'}").setup()
+        make_trainer(cfg, tmp_path / "r2", f"train.init.connector={tmp_path / 'empty'}").setup()
 
 
 @pytest.mark.parametrize("module", ["mm1.pretrained", "mm1.eval.fewshot", "mm1.checkpoint"])
 def test_loading_for_inference_does_not_import_training(module: str) -> None:
     code = f"import {module}, sys; assert not any(m.startswith('mm1.train') for m in sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory, world: Path, make_hf_checkpoints) -> dict[str, Path]:
+    """A tiny Llama directory and broken copies of it (weights, config.json, model type)."""
+    import shutil
+
+    tmp = tmp_path_factory.mktemp("hf")
+    dec_dir, _, _, _ = make_hf_checkpoints(tmp, world)
+    out = {}
+    for name in ("truncated", "random", "bad_json", "onevision"):
+        out[name] = shutil.copytree(dec_dir, tmp / name)
+    with open(out["truncated"] / "model.safetensors", "r+b") as f:
+        f.truncate(100_000)  # a download cut short
+    (out["random"] / "model.safetensors").write_bytes(random.Random(0).randbytes(300_000))
+    (out["bad_json"] / "config.json").write_text("{'model_type': 'llama'}")
+    config = json.loads((dec_dir / "config.json").read_text())
+    (out["onevision"] / "config.json").write_text(
+        json.dumps(config | {"model_type": "llava_onevision"})
+    )
+    return out
+
+
+@pytest.mark.parametrize(
+    "broken, key, says",
+    [
+        ("truncated", "decoder", "{d}/model.safetensors is not a readable safetensors file ("),
+        ("random", "decoder", "{d}/model.safetensors is not a readable safetensors file ("),
+        ("bad_json", "weights", "{d}/config.json is not valid JSON (Expecting property name"),
+        ("bad_json", "decoder", "{d}/config.json is not valid JSON (Expecting property name"),
+        ("onevision", "weights", "is a llava_onevision model, which mm1 does not read (it reads"),
+    ],
+)
+def test_a_broken_hf_starting_point_is_one_line_naming_the_option_and_file(
+    capsys, tmp_path, world, hf_dirs, tiny_config, broken: str, key: str, says: str
+) -> None:
+    from tests.cli_helpers import one_line
+
+    d = hf_dirs[broken]
+    cfg = tiny_config(tmp_path, world, steps=1, parallel="none", val_every=0)
+    argv = ["train", str(cfg), f"train.run_dir={tmp_path / 'run'}", f"train.init.{key}={d}"]
+    line = one_line(capsys, argv, 2)
+    assert line.startswith(f"config error: train.init.{key}={d}"), line
+    assert says.format(d=d) in line, line
+    assert "name it as train.init.vision" not in line  # not the advice for one part
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_missing_starting_point_says_it_does_not_exist(
+    make_trainer, tmp_path, world, tiny_config
+) -> None:
+    cfg = tiny_config(tmp_path, world, steps=1, parallel="none", val_every=0)
+    nowhere = tmp_path / "nowhere"
+    with pytest.raises(ConfigError, match=rf"^train.init.vision={nowhere} does not exist$"):
+        make_trainer(cfg, tmp_path / "run", f"train.init.vision={nowhere}").setup()
+
+
+def test_an_encoder_run_as_train_init_weights_says_to_use_it_as_vision(
+    capsys, tmp_path, world, tiny_config
+) -> None:
+    from mm1 import cli
+    from tests.cli_helpers import one_line
+    from tests.train.run_configs import encoder_config
+
+    enc = tmp_path / "enc"
+    enc_cfg = encoder_config(
+        tmp_path, world, run_dir=str(enc), steps=1, batch_size=4, val_every=0, save_every=1
+    )
+    assert cli.main(["train-encoder", str(enc_cfg)]) == 0
+    capsys.readouterr()
+    (tmp_path / "mm1").mkdir()
+    cfg = tiny_config(tmp_path / "mm1", world, steps=1, parallel="none", val_every=0)
+    for start in (enc, enc / "checkpoints" / "step_1"):
+        argv = [
+            "train",
+            str(cfg),
+            f"train.run_dir={tmp_path / 'run'}",
+            f"train.init.weights={start}",
+        ]
+        assert one_line(capsys, argv, 2) == (
+            f"config error: train.init.weights={start} is an image-encoder run "
+            "(mm1 train-encoder): use it as train.init.vision"
+        )

@@ -347,6 +347,49 @@ def render(
 
 # -- training targets ---------------------------------------------------------------------------
 
+# The tiny conversation a chosen template is tried on (`check_template`).
+SAMPLE_QUESTION = "What colour is the sky?"
+SAMPLE_ANSWER = "The sky is blue."
+
+
+def check_template(
+    source: str,
+    variables: dict[str, str],
+    training: tuple[tuple[str, ...], str] | None = None,
+) -> None:
+    """Render `source` once on a tiny conversation (a user question, an assistant answer), so
+    that a template that cannot render fails when it is chosen rather than on every record or
+    request. With `training` (the tokenizer's end-of-turn tokens and EOS) the rendering is
+    training's (`training_text`), and the answer must be in a learned region. A ValueError
+    says what is wrong (with jinja's message)."""
+    try:
+        compile_template(source)
+    except jinja2.TemplateSyntaxError as err:
+        raise ValueError(f"it has a syntax error at line {err.lineno}: {err.message}") from None
+
+    def content(text: str) -> str | list[dict[str, str]]:
+        # As `tokenize_conversation` hands an `<image>`-free text to a typed-parts template.
+        return [{"type": "text", "text": text}] if uses_typed_parts(source) else text
+
+    user = {"role": "user", "content": content(SAMPLE_QUESTION)}
+    messages = [user, {"role": "assistant", "content": content(SAMPLE_ANSWER)}]
+    try:
+        if training is None:  # what a chat renders: its first turn, and a later one
+            render(source, messages[:1], True, variables)
+            render(source, [*messages, user], True, variables)
+            return
+        text, regions, _ = training_text(source, messages, variables, *training)
+    except Exception as err:  # a template is a program: any failure (TemplateError, ...) is its
+        # training_text's own ValueError: the answer is not written where it can be found.
+        located = training is not None and type(err) is ValueError
+        what = "it cannot be trained on" if located else "it fails to render a conversation"
+        raise ValueError(f"{what}: {err}") from None
+    if not any(SAMPLE_ANSWER in text[s:e] for s, e in regions):
+        raise ValueError(
+            "it does not write the assistant's answer, so a conversation has nothing to learn"
+        )
+
+
 _TYPE_KEY = re.compile(r"""\[\s*['"]type['"]\s*\]|\.type\b|['"]type['"]""")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mm1.config import ConfigError, DataConfig, InitConfig, ModelConfig, SourceConfig
 from mm1.data.catalog import check_sources
-from mm1.data.chat_template import BUILTIN_TOKENS, template_from_option
+from mm1.data.chat_template import BUILTIN_TOKENS, check_template, template_from_option
 from mm1.data.images import PREPROCESSOR_CONFIG, ImageProcessor
 from mm1.data.prompt_format import saved_image_boundaries
 from mm1.data.synthetic import WorldManifest, write_world
@@ -207,8 +207,12 @@ def read_tokenizer(path: Path, option: str) -> Tokenizer:
     try:
         return Tokenizer.from_file(path)
     except FileNotFoundError:
-        hint = "" if option.startswith("data.") else " (not trained yet? or set data.tokenizer)"
-        raise ConfigError(f"{option}: no tokenizer.json there{hint}") from None
+        start = not option.startswith("data.")  # a starting point's: a run, an HF directory
+        if not path.exists():
+            why = "does not exist" + (" (not trained yet?)" if start else "")
+        else:
+            why = "has no tokenizer.json" + (" (give one with data.tokenizer)" if start else "")
+        raise ConfigError(f"{option}: {why}") from None
 
 
 def _set_chat_template(tok: Tokenizer, value: str) -> None:
@@ -223,6 +227,12 @@ def _set_chat_template(tok: Tokenizer, value: str) -> None:
             f"data.chat_template={value!r} needs the special tokens {missing}, which the "
             "tokenizer does not have"
         )
+    # Tried now: a template that cannot render (or never writes the answer) would otherwise
+    # skip every record as untokenizable, and the run would blame the data.
+    try:
+        check_template(source, tok.template_variables, (tok.end_of_turn_tokens(), tok.eos_token))
+    except ValueError as err:
+        raise ConfigError(f"data.chat_template={value}: {err}") from None
     tok.chat_template = source
 
 

@@ -47,6 +47,8 @@ class Source:
 
 def source_kind(path: str | os.PathLike[str], key: str) -> str:
     p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{key}={path} does not exist")
     if is_export(p):
         return "export"
     if is_run(p):
@@ -56,7 +58,10 @@ def source_kind(path: str | os.PathLike[str], key: str) -> str:
     if (p / "config.json").is_file():
         from mm1.models.hf.llava import is_llava_config
 
-        return "llava" if is_llava_config(p) else "hf"
+        try:
+            return "llava" if is_llava_config(p) else "hf"
+        except ValueError as err:  # config.json unreadable: its error names the file
+            raise ConfigError(f"{key}={path}: {err}") from None
     raise ConfigError(
         f"{key}={path}: not an mm1 run directory, checkpoint (RUN/checkpoints/step_N) or export, "
         "nor an HF checkpoint directory"
@@ -91,8 +96,11 @@ def sources(init: InitConfig) -> list[Source]:
             keys[path].append(key)  # every key naming it, so an error points at each
     out = [Source(path, tuple(ps), " / ".join(keys[path])) for path, ps in by_path.items()]
     for s in out:
+        if s.kind in ("run", "checkpoint") and s.parts != ("vision",):
+            _refuse_encoder_run(s)
         if s.kind == "hf":
             if s.parts == ("vision", "connector", "decoder") or len(s.parts) != 1:
+                _refuse_unread_model_type(s)
                 raise ConfigError(
                     f"{s.key}={s.path} is an HF checkpoint: it can start one part, so name it "
                     "as train.init.vision or train.init.decoder"
@@ -103,6 +111,40 @@ def sources(init: InitConfig) -> list[Source]:
                     "run or export"
                 )
     return out
+
+
+def _refuse_encoder_run(s: Source) -> None:
+    """An image-encoder run (`mm1 train-encoder`) gives an encoder only: named for more, its
+    weights would fail as missing connector and decoder keys, after the model was built."""
+    from mm1.pretrained import saved_run_kind  # deferred: mm1.pretrained builds models
+
+    if saved_run_kind(s.path) == "encoder":
+        raise ConfigError(
+            f"{s.key}={s.path} is an image-encoder run (mm1 train-encoder): use it as "
+            "train.init.vision"
+        )
+
+
+def _refuse_unread_model_type(s: Source) -> None:
+    """An HF directory of a model type no converter reads (e.g. llava_onevision): saying that
+    beats advising to name it as a part it cannot start either."""
+    from mm1.models.hf.checkpoint import read_hf_config
+    from mm1.models.hf.decoder import DECODER_TYPES
+    from mm1.models.hf.llava import _ARCHITECTURES as LLAVA_TYPES
+    from mm1.models.hf.vision import _TWO_TOWER_TYPES, VISION_TYPES
+
+    read = {
+        "train.init.weights": tuple(LLAVA_TYPES),
+        "train.init.vision": (*VISION_TYPES, *_TWO_TOWER_TYPES),
+        "train.init.decoder": DECODER_TYPES,
+    }
+    model_type = read_hf_config(s.path).get("model_type")
+    if any(model_type in types for types in read.values()):
+        return
+    listed = "; ".join(f"{', '.join(types)} as {key}" for key, types in read.items())
+    raise ConfigError(
+        f"{s.key}={s.path} is a {model_type} model, which mm1 does not read (it reads {listed})"
+    )
 
 
 def llava_source(init: InitConfig) -> str | None:
@@ -156,37 +198,14 @@ def starting_state(
     """The starting weights of every part `init` names, shaped for a model of (resolved) `cfg`
     whose parameter shapes are `expected`. `new_token_ids` (the tokenizer's `added_ids`: tokens
     new to an HF tokenizer) start at the mean embedding row."""
-    from mm1.models import hf  # deferred: only needed with HF starting points
+    from mm1.models.hf.checkpoint import UnreadableWeights
 
     state: dict[str, torch.Tensor] = {}
     for s in sources(init):
-        ctx_kw: dict[str, Any] = {}
-        if s.kind == "hf":
-            part = s.parts[0]
-            if part == "vision":
-                variant, raw = hf.vision_hf_state(s.path)
-                depth = 1 + max(
-                    (int(k.split(".")[2]) for k in expected if k.startswith("vision.blocks.")),
-                    default=-1,
-                )
-                ctx_kw["hf"] = HFPart(part, hf.KEY_MAPS[variant], hf.vision_ignored(depth))
-            else:
-                raw = hf.decoder_hf_state(s.path)
-                ignore = hf.decoder_ignored(cfg.decoder)
-                ctx_kw["hf"] = HFPart(part, hf.KEY_MAPS["decoder"], ignore)
-                ctx_kw["new_token_ids"] = tuple(new_token_ids)
-        elif s.kind == "llava":
-            from mm1.models.hf.llava import llava_state_to_ours
-
-            raw = llava_state_to_ours(hf.load_hf_state_dict(s.path), cfg)
-            raw = {
-                k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True)
-                for k, v in raw.items()
-            }
-            ctx_kw["new_token_ids"] = tuple(new_token_ids)
-        else:
-            saved = read_model_weights(s.path)
-            raw = saved.state
+        try:
+            raw, ctx_kw = _read_source(s, cfg, expected, new_token_ids)
+        except UnreadableWeights as err:  # a truncated or corrupt file: name the option
+            raise ConfigError(f"{s.key}={s.path}: {err}") from None
         ctx = LoadContext(
             source=s.path,
             parts=s.parts,
@@ -202,3 +221,39 @@ def starting_state(
             raise ValueError(f"{s.key}: {err}") from None
         log.info("%s from %s%s", ", ".join(s.parts), s.path, "".join(f"; {n}" for n in ctx.notes))
     return state
+
+
+def _read_source(
+    s: Source, cfg: ModelConfig, expected: dict[str, torch.Size], new_token_ids: Sequence[int]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A source's weights as read (before the transform chain), and what its LoadContext adds."""
+    from mm1.models import hf  # deferred: only needed with HF starting points
+
+    ctx_kw: dict[str, Any] = {}
+    if s.kind == "hf":
+        part = s.parts[0]
+        if part == "vision":
+            variant, raw = hf.vision_hf_state(s.path)
+            depth = 1 + max(
+                (int(k.split(".")[2]) for k in expected if k.startswith("vision.blocks.")),
+                default=-1,
+            )
+            ctx_kw["hf"] = HFPart(part, hf.KEY_MAPS[variant], hf.vision_ignored(depth))
+        else:
+            raw = hf.decoder_hf_state(s.path)
+            ignore = hf.decoder_ignored(cfg.decoder)
+            ctx_kw["hf"] = HFPart(part, hf.KEY_MAPS["decoder"], ignore)
+            ctx_kw["new_token_ids"] = tuple(new_token_ids)
+    elif s.kind == "llava":
+        from mm1.models.hf.llava import llava_state_to_ours
+
+        raw = llava_state_to_ours(hf.load_hf_state_dict(s.path), cfg)
+        raw = {
+            k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True)
+            for k, v in raw.items()
+        }
+        ctx_kw["new_token_ids"] = tuple(new_token_ids)
+    else:
+        saved = read_model_weights(s.path)
+        raw = saved.state
+    return raw, ctx_kw

@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -45,7 +47,10 @@ def read_hf_config(path_or_dict: PathLike | Mapping[str, Any]) -> dict[str, Any]
     f = p / CONFIG_NAME if p.is_dir() else p
     if not f.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} at {p}")
-    return json.loads(f.read_text())
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except ValueError as err:  # JSON or UTF-8: json's message alone names no file
+        raise ValueError(f"{f} is not valid JSON ({err})") from None
 
 
 def load_hf_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
@@ -68,11 +73,23 @@ def load_hf_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
+class UnreadableWeights(ValueError):
+    """A weights file that cannot be read (truncated, corrupt); the message names the file."""
+
+
 def read_weights(f: Path) -> dict[str, torch.Tensor]:
     if f.suffix == ".safetensors":
-        return load_file(f)
-    # weights_only=True: never unpickle arbitrary objects (or run the code they would carry).
-    obj = torch.load(f, map_location="cpu", weights_only=True)
+        try:
+            return load_file(f)
+        except SafetensorError as err:  # e.g. a truncated download: "incomplete metadata, ..."
+            why = str(err).removeprefix("Error while deserializing header: ")
+            raise UnreadableWeights(f"{f} is not a readable safetensors file ({why})") from None
+    try:
+        # weights_only=True: never unpickle arbitrary objects (or run the code they would carry).
+        obj = torch.load(f, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as err:
+        why = (str(err).splitlines() or [type(err).__name__])[0]
+        raise UnreadableWeights(f"{f} is not a readable PyTorch weights file ({why})") from None
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{f} does not hold a flat state dict of tensors")
     return obj
