@@ -4,8 +4,10 @@ chat page driven in a real headless Chromium."""
 
 from __future__ import annotations
 
+import argparse
 import base64
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -19,17 +21,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import openai
 import pytest
+from PIL import Image
 
 import mm1
 from mm1 import cli
 from mm1.chat import resolve_chat_template
 from mm1.data.sources import decode_image
 from mm1.pretrained import Pretrained, load_pretrained
+from mm1.serve import add_arguments as serve_arguments
 from mm1.serve.app import create_app, serving_in_thread
 from mm1.serve.engine import Engine, Event, QueueFull, Request
-from mm1.serve.protocol import ServeOptions
+from mm1.serve.protocol import MAX_IMAGE_PIXELS, APIError, ServeOptions, load_image_url
 
 MODEL = "tiny"
 
@@ -543,3 +548,50 @@ def test_chat_page_in_a_real_browser(reference, server, pretrained, images, tmp_
         assert shot.stat().st_size > 0
     finally:
         driver.quit()
+
+
+def png_url(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_an_image_is_bounded_in_pixels_not_only_bytes(server) -> None:
+    """A 291 kB black 10000x10000 PNG (a 300 MB bitmap) and a 164 kB gray 13000x13000 one pass
+    --max-image-mb: they are refused from their headers, 400 naming the limit, before decoding.
+    A 24 Mpx photo still works (reduced to the cap as the training readers reduce it)."""
+    for mode, side in (("RGB", 10000), ("L", 13000)):
+        body = image_body(png_url(Image.new(mode, (side, side))))
+        r = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["code"] == "image_too_large" and error["param"] == "messages[0].content[0]"
+        assert (
+            f"{side}x{side} ({side * side} pixels), over the {MAX_IMAGE_PIXELS}-pixel limit"
+            in (error["message"])
+        )
+        assert "--max-image-pixels" in error["message"]
+    photo = {**image_body(png_url(Image.new("RGB", (6000, 4000), (90, 120, 30)))), "max_tokens": 1}
+    r = httpx.post(f"{server}/v1/chat/completions", json=photo, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def test_the_pixel_limit_is_an_option_and_deep_images_are_scaled(pretrained) -> None:
+    small = options(pretrained, max_image_pixels=1000)
+    url = png_url(Image.new("RGB", (40, 25)))
+    assert load_image_url(url, small).size == (40, 25)  # exactly at the limit
+    with pytest.raises(APIError, match="over the 1000-pixel limit") as err:
+        load_image_url(png_url(Image.new("RGB", (41, 25))), small)
+    assert err.value.status == 400 and err.value.code == "image_too_large"
+    # A 16-bit PNG decodes as the readers decode it: scaled to 8 bits, not clipped to white.
+    deep = Image.fromarray(np.full((8, 8), 32896, dtype=np.uint16))  # 128 * 257
+    assert np.asarray(load_image_url(png_url(deep), options(pretrained))).max() == 128
+    parser = argparse.ArgumentParser()
+    serve_arguments(parser)
+    assert parser.parse_args(["run"]).max_image_pixels == MAX_IMAGE_PIXELS
+
+
+def test_serve_cli_checks_the_pixel_limit(run, capsys) -> None:
+    assert cli.main(["serve", str(run), "--max-image-pixels", "-1"]) == 2
+    out = capsys.readouterr()
+    assert "--max-image-pixels must be >= 0 (0 = no limit), got -1" in out.out + out.err

@@ -1,5 +1,6 @@
 """Image decoding: the pixel cap (reduced JPEG decoding above it only, exact below it, the
-header's size kept, oversize images counted) and errors that name the file and the format."""
+header's size kept, oversize images counted), bombs refused from the header, images over 8 bits
+scaled to 8, and errors that name the file and the format."""
 
 from __future__ import annotations
 
@@ -11,16 +12,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, JpegImagePlugin
+from PIL import Image, ImageFile, JpegImagePlugin
 
 from mm1.config import ConfigError, SourceConfig, load_config
 from mm1.data.loader import LoaderSettings, packing_stats
 from mm1.data.prompt_format import PromptFormat
 from mm1.data.sources import ReadStats, read_llava, read_wds_shard
+from mm1.data.sources.base import BadImage, image_from_bytes, image_from_path
 from mm1.data.sources.decode import (
     DEFAULT_MAX_IMAGE_PIXELS,
+    OversizeImage,
     decode_image,
     max_image_pixels,
+    reader_pixel_limit,
     set_max_image_pixels,
 )
 from mm1.data.tokenizer import Tokenizer
@@ -139,3 +143,109 @@ def test_bytes_that_are_no_image_are_named(tmp_path: Path, caplog) -> None:
     assert "s.tar:0.jpg: not a readable image: expected JPEG, the bytes are an HTML page" in (
         caplog.text
     )
+
+
+def _png(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_undraftable_bombs_are_refused_from_the_header(tmp_path: Path, monkeypatch) -> None:
+    """A black PNG of a few hundred kB can declare a 300 MB bitmap: over 4x the cap (at least
+    8192x8192) it is refused unread and skipped as `oversize_image`; at the limit it decodes."""
+    limit = 4 * DEFAULT_MAX_IMAGE_PIXELS
+    assert reader_pixel_limit("PNG") == limit == 8192 * 8192 and reader_pixel_limit("JPEG") == 0
+    set_max_image_pixels(80_000)  # a small cap: the limit stays at the default cap's
+    assert reader_pixel_limit("PNG") == limit
+    set_max_image_pixels(20_000_000)
+    assert reader_pixel_limit("WEBP") == 80_000_000
+    set_max_image_pixels(0)  # no cap: no limit but PIL's
+    assert reader_pixel_limit("PNG") == 0
+    set_max_image_pixels(DEFAULT_MAX_IMAGE_PIXELS)
+
+    bomb = _png(Image.new("L", (8193, 8192)))
+    loads = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda *a: loads.append(a))
+    with pytest.raises(OversizeImage, match=r"b\.png: the image is 8193x8192 \(67117056 pixels"):
+        decode_image(bomb, "b.png")
+    with pytest.raises(BadImage) as err:
+        image_from_bytes(bomb, "b.png")
+    assert err.value.reason == "oversize_image" and loads == []
+    monkeypatch.undo()
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "bomb.png").write_bytes(bomb)
+    (tmp_path / "images" / "ok.png").write_bytes(_png(Image.new("L", (8192, 8192))))
+    recs = [
+        {"image": name, "conversations": [{"from": "human", "value": "<image>hi"}]}
+        for name in ("bomb.png", "ok.png")
+    ]
+    (tmp_path / "l.json").write_text(json.dumps(recs))
+    stats = ReadStats()
+    convs = list(read_llava(tmp_path / "l.json", stats=stats))
+    assert [c.images[0].size for c in convs] == [(4096, 4096)]
+    assert stats.skipped == {"oversize_image": 1} and stats.oversize_images == 1
+
+
+def test_jpegs_over_the_limit_are_still_drafted() -> None:
+    im = decode_image(_png(Image.new("L", (8200, 8200)), "JPEG"))
+    assert im.size == (2050, 2050) and im.info["original_size"] == (8200, 8200)
+
+
+def test_a_callers_limit_refuses_any_format() -> None:
+    data = _encoded(300, 200)  # a JPEG, drafted by the readers' rule
+    assert decode_image(data, max_pixels=60_000).size == (300, 200)
+    with pytest.raises(OversizeImage, match="over the 59999-pixel limit"):
+        decode_image(data, max_pixels=59_999)
+    assert decode_image(data, max_pixels=0).size == (300, 200)  # 0: no limit
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_reducing_before_converting_gives_the_same_pixels(mode: str) -> None:
+    data = _png(Image.open(io.BytesIO(_encoded(400, 300, "PNG"))).convert(mode))
+    set_max_image_pixels(10_000)
+    with Image.open(io.BytesIO(data)) as ref:
+        expected = ref.convert("RGB").reduce(4)
+    assert np.array_equal(np.asarray(decode_image(data)), np.asarray(expected))
+
+
+def _gray(image: Image.Image) -> np.ndarray:
+    """The one channel of a decoded image, checking it is gray RGB."""
+    a = np.asarray(image)
+    assert image.mode == "RGB" and (a == a[..., :1]).all()
+    return a[..., 0]
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path: Path) -> None:
+    """PIL's convert clips 16-bit values at 255 (a 16-bit photo turns white): 65535 is white."""
+    values = np.arange(0, 65536, 257, dtype=np.uint16).reshape(16, 16)  # 0..65535
+    values[0, :4] = [1, 128, 129, 65534]  # rounding: 1/257 -> 0, 128 -> 0, 129 -> 1, 65534 -> 255
+    expected = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    expected[0, :4] = [0, 0, 1, 255]
+    for fmt in ("PNG", "TIFF"):
+        data = _png(Image.fromarray(values), fmt)
+        assert Image.open(io.BytesIO(data)).mode == "I;16"
+        assert np.array_equal(_gray(decode_image(data)), expected), fmt
+    (tmp_path / "deep.png").write_bytes(_png(Image.fromarray(values)))  # as `mm1 generate --image`
+    assert np.array_equal(_gray(image_from_path(tmp_path / "deep.png")), expected)
+    # 32-bit int (mode I): 16-bit values are scaled as 16-bit, any other range min-max.
+    wide = Image.fromarray(values.astype(np.int32))
+    assert np.array_equal(_gray(decode_image(_png(wide, "TIFF"))), expected)
+    signed = Image.fromarray(np.array([[-1000, 0], [500, 1000]], dtype=np.int32))
+    assert _gray(decode_image(_png(signed, "TIFF"))).tolist() == [[0, 128], [191, 255]]
+
+
+def test_float_images_are_scaled_by_their_range() -> None:
+    """Mode F: 0..1 is intensity (a 0-1 image no longer decodes all black), 0..255 is kept,
+    any other range is min-max scaled; NaN reads as 0."""
+
+    def decoded(rows: list[list[float]]) -> list[list[int]]:
+        data = _png(Image.fromarray(np.array(rows, dtype=np.float32)), "TIFF")
+        assert Image.open(io.BytesIO(data)).mode == "F"
+        return _gray(decode_image(data)).tolist()
+
+    assert decoded([[0.0, 0.25], [0.5, 1.0]]) == [[0, 64], [128, 255]]
+    assert decoded([[0.0, 2.0], [127.6, 255.0]]) == [[0, 2], [128, 255]]
+    assert decoded([[-1.0, 0.0], [1.0, 3.0]]) == [[0, 64], [128, 255]]
+    assert decoded([[float("nan"), 0.5], [1.0, 0.0]]) == [[0, 128], [255, 0]]

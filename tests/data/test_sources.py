@@ -89,8 +89,8 @@ def test_wds_reads_samples(tmp_path):
 def test_wds_start_skips_without_decoding(tmp_path, monkeypatch):
     _write_tar(tmp_path / "s.tar", _wds_members(6))
     decoded = []
-    real = wds.decode_image
-    monkeypatch.setattr(wds, "decode_image", lambda *a: decoded.append(1) or real(*a))
+    real = wds.image_from_bytes
+    monkeypatch.setattr(wds, "image_from_bytes", lambda *a: decoded.append(1) or real(*a))
     docs = list(read_wds_shard(tmp_path / "s.tar", start=4))
     assert [d.meta["__index__"] for d in docs] == [4, 5]
     assert [d.parts[1] for d in docs] == ["caption 4", "caption 5"]

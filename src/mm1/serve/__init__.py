@@ -49,6 +49,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="allow image_url parts naming local files under this folder (default: data URLs only)",
     )
     p.add_argument("--max-image-mb", type=float, default=20.0, help="the largest image accepted")
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=8192 * 8192,  # protocol.MAX_IMAGE_PIXELS, not imported: it pulls in PIL
+        help="the most pixels an image's header may declare (default: 8192x8192; 0 = no limit): "
+        "a small PNG can decode to gigabytes",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--compile",
@@ -67,6 +74,10 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ConfigError(f"--request-timeout must be > 0, got {args.request_timeout}")
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_image_pixels < 0:
+        raise ConfigError(
+            f"--max-image-pixels must be >= 0 (0 = no limit), got {args.max_image_pixels}"
+        )
     if args.image_dir is not None and not Path(args.image_dir).is_dir():
         raise ConfigError(f"--image-dir: no folder {args.image_dir}")
 
@@ -125,6 +136,7 @@ def run(args: argparse.Namespace) -> int | None:
             chat_template=template.source,
             image_dir=Path(args.image_dir) if args.image_dir else None,
             max_image_bytes=int(args.max_image_mb * 2**20),
+            max_image_pixels=args.max_image_pixels,
             request_timeout=args.request_timeout,
         )
         engine = Engine(

@@ -5,6 +5,9 @@ Messages carry text and `image_url` parts; an image is a base64 data URL, or a l
 written by the model's chat template with its generation prompt, the images by the model's own
 preprocessing, as `mm1 chat` writes them. Every refusal is an `APIError` with OpenAI's error
 body and the HTTP status OpenAI uses for it.
+
+An image's bytes are bounded (`max_image_bytes`) and so are its pixels (`max_image_pixels`,
+read from the header before decoding): a 300 kB PNG can declare a 10000 x 10000 bitmap.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,7 @@ from PIL import Image
 
 from mm1.config import ConfigError
 from mm1.data.sources.base import BadImage, image_from_bytes
+from mm1.data.sources.decode import DEFAULT_MAX_IMAGE_PIXELS, OVERSIZE_FACTOR
 from mm1.data.tokenizer import IMAGE_TOKEN, tokenize_chat_prompt
 from mm1.models.generation import Sampling, check_prompt_fits
 from mm1.pretrained import Pretrained
@@ -32,6 +37,12 @@ MAX_STOPS = 4  # as OpenAI
 _DATA_URL = re.compile(
     r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*),(?P<data>.*)", re.S
 )
+# 8192 x 8192 (67 Mpx), the readers' limit at the default cap: a 24 Mpx photo, a 50 Mpx phone
+# photo and a 61 Mpx camera's pass (reduced to the cap as the readers reduce them).
+MAX_IMAGE_PIXELS = OVERSIZE_FACTOR * DEFAULT_MAX_IMAGE_PIXELS
+# Images decoded at once: one at the pixel limit takes ~0.4 GB (RGB) to ~1 GB (RGBA) while
+# decoding, and requests are parsed in a thread pool of 40, so unbounded that is 40 GB.
+_DECODE_SLOTS = threading.BoundedSemaphore(2)
 
 
 class APIError(Exception):
@@ -70,6 +81,7 @@ class ServeOptions:
     chat_template: str  # jinja source the prompts are written with
     image_dir: Path | None = None  # local images allowed under here; None: data URLs only
     max_image_bytes: int = 20 * 2**20
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # per image, from its header; 0 = no limit
     request_timeout: float | None = 600.0
 
 
@@ -258,7 +270,7 @@ def load_image_url(url: str, opts: ServeOptions, where: str = "image_url") -> Im
         raise bad(f"{where}: no image file {path}", where)
     if resolved.stat().st_size > opts.max_image_bytes:
         raise _too_large(where, opts)
-    return _decoded(resolved.read_bytes(), where, str(path))
+    return _decoded(resolved.read_bytes(), where, str(path), opts)
 
 
 def _data_url_image(url: str, opts: ServeOptions, where: str) -> Image.Image:
@@ -273,7 +285,7 @@ def _data_url_image(url: str, opts: ServeOptions, where: str) -> Image.Image:
         data = base64.b64decode(m["data"], validate=True)
     except (binascii.Error, ValueError):
         raise bad(f"{where}: the data URL is not valid base64", where) from None
-    return _decoded(data, where, "data URL")
+    return _decoded(data, where, "data URL", opts)
 
 
 def _too_large(where: str, opts: ServeOptions) -> APIError:
@@ -282,10 +294,17 @@ def _too_large(where: str, opts: ServeOptions) -> APIError:
     )
 
 
-def _decoded(data: bytes, where: str, name: str) -> Image.Image:
+def _decoded(data: bytes, where: str, name: str, opts: ServeOptions) -> Image.Image:
     try:
-        return image_from_bytes(data, name)
+        with _DECODE_SLOTS:
+            return image_from_bytes(data, name, opts.max_image_pixels)
     except BadImage as err:
+        if err.reason == "oversize_image":
+            raise bad(
+                f"{where}: {err.detail} (this server's --max-image-pixels); send a smaller image",
+                where,
+                "image_too_large",
+            ) from None
         raise bad(f"{where}: not a readable image ({err.detail})", where) from None
 
 

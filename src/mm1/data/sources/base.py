@@ -19,7 +19,7 @@ from typing import Any
 
 from PIL import Image
 
-from mm1.data.sources.decode import IMAGE_ERRORS, decode_image, is_oversize
+from mm1.data.sources.decode import IMAGE_ERRORS, OversizeImage, decode_image, is_oversize
 from mm1.data.sources.json_list import JsonList
 from mm1.data.sources.unicode import has_escaped_bytes, repair_value
 
@@ -199,6 +199,11 @@ class BadImage(Exception):
         self.detail = detail
 
 
+def _image_error_reason(err: Exception) -> str:
+    """The skip reason of an image that failed to decode: refused for its size, or corrupt."""
+    return "oversize_image" if isinstance(err, OversizeImage) else "corrupt_image"
+
+
 def image_from_path(path: Path) -> Image.Image:
     try:
         found = path.is_file()
@@ -210,7 +215,8 @@ def image_from_path(path: Path) -> Image.Image:
         return load_image_file(path)
     except IMAGE_ERRORS as e:
         detail = str(e)
-        raise BadImage("corrupt_image", detail if str(path) in detail else f"{path}: {e}") from None
+        reason = _image_error_reason(e)
+        raise BadImage(reason, detail if str(path) in detail else f"{path}: {e}") from None
 
 
 def resolve_image_path(root: Path, name: str, allow_outside: bool = False) -> Path:
@@ -239,12 +245,13 @@ def resolve_image_path(root: Path, name: str, allow_outside: bool = False) -> Pa
     return root / norm
 
 
-def image_from_bytes(data: bytes, name: str = "") -> Image.Image:
-    """Decode image bytes held in a record; `name` (the file and position) goes into errors."""
+def image_from_bytes(data: bytes, name: str = "", max_pixels: int | None = None) -> Image.Image:
+    """Decode image bytes held in a record; `name` (the file and position) goes into errors.
+    `max_pixels`: as `decode_image`'s (None: the readers' limit)."""
     try:
-        return decode_image(bytes(data), name)
+        return decode_image(bytes(data), name, max_pixels)
     except IMAGE_ERRORS as e:
-        raise BadImage("corrupt_image", str(e)) from None
+        raise BadImage(_image_error_reason(e), str(e)) from None
 
 
 def count_images(stats: ReadStats, images: Iterable[Any]) -> None:

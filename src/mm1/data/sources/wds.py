@@ -11,11 +11,11 @@ from typing import Any
 from mm1.data.document import Document
 from mm1.data.sources.base import (
     CAPTION_EXTS,
-    IMAGE_ERRORS,
     IMAGE_EXTS,
+    BadImage,
     ReadStats,
     count_images,
-    decode_image,
+    image_from_bytes,
     repair_record,
     skip_record,
     too_deep,
@@ -158,9 +158,9 @@ def _wds_sample(
         skip_record(stats, "truncated_tar", where, str(e))
         return None
     try:
-        image = decode_image(data, f"{path}:{image_member.name}")
-    except IMAGE_ERRORS as e:
-        skip_record(stats, "corrupt_image", where, str(e))
+        image = image_from_bytes(data, f"{path}:{image_member.name}")
+    except BadImage as e:  # corrupt, or refused for its size from the header
+        skip_record(stats, e.reason, where, e.detail)
         return None
     meta.update({"__key__": key, "__shard__": str(path), "__index__": index})
     stats.records += 1
