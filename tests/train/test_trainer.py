@@ -505,6 +505,47 @@ def test_a_fresh_start_over_logged_steps_says_so(tmp_path, capsys) -> None:
     )
 
 
+def test_a_full_disk_while_logging_names_the_file(tmp_path) -> None:
+    """metrics.jsonl's write error names no file, and TensorBoard's writer thread printed its
+    own traceback: both are one error naming where (the CLI prints it in one line)."""
+    import errno
+    import threading
+
+    pytest.importorskip("tensorboard")
+    from mm1.train.logging import MetricsLogger
+
+    class Full:
+        name = str(tmp_path / "metrics.jsonl")
+
+        def write(self, text: str) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self) -> None:
+            pass
+
+    logger = MetricsLogger(tmp_path, 10, progress=False, tensorboard=False)
+    logger._jsonl = Full()
+    with pytest.raises(OSError, match="metrics.jsonl") as err:
+        logger.log(1, {"loss": 1.0})
+    assert err.value.errno == errno.ENOSPC and err.value.filename == Full.name
+    logger.close()
+
+    hook = threading.excepthook
+    logger = MetricsLogger(tmp_path, 10, progress=False, tensorboard=True)
+
+    def writer() -> None:  # as TensorBoard's event-writer thread fails on a full disk
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    thread.join()
+    with pytest.raises(OSError) as err:
+        logger.log(2, {"loss": 1.0})
+    assert err.value.filename == str(tmp_path / "tensorboard")
+    logger.close()
+    assert threading.excepthook is hook
+
+
 def test_a_run_restarted_before_its_first_checkpoint_logs_each_step_once(
     tmp_path, world, monkeypatch, tiny_config
 ) -> None:

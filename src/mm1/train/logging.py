@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,12 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
+            # The writer's thread reports a full disk as a thread traceback of its own: kept
+            # here instead, and raised by the next `log` as one error naming the folder.
+            self._thread_error: OSError | None = None
+            self._old_hook = threading.excepthook
+            threading.excepthook = self._writer_thread_error
+
             # A resumed run logs its steps after `start_step` again: TensorBoard hides the
             # first attempt's events from there on (metrics.jsonl is truncated the same way).
             purge = start_step + 1 if start_step else None
@@ -87,11 +94,23 @@ class MetricsLogger:
             self._progress.update(self._task, completed=start_step)
             self._progress.start()
 
+    def _writer_thread_error(self, args: threading.ExceptHookArgs) -> None:
+        if isinstance(args.exc_value, OSError):
+            self._thread_error = args.exc_value
+        else:
+            self._old_hook(args)
+
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        error = getattr(self, "_thread_error", None)
+        if error is not None:
+            raise OSError(error.errno, error.strerror, str(self.run_dir / "tensorboard"))
         record = {"step": step, **{k: _finite(v) for k, v in metrics.items()}}
-        self._jsonl.write(json.dumps(record) + "\n")
+        try:
+            self._jsonl.write(json.dumps(record) + "\n")
+        except OSError as err:  # a write's error names no file: name it (a full disk, a quota)
+            raise OSError(err.errno, err.strerror, self._jsonl.name) from None
         scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
         if self._tb is not None:
             for k, v in scalars.items():
@@ -114,13 +133,17 @@ class MetricsLogger:
     def close(self) -> None:
         if not self.enabled:
             return
-        if self._progress is not None:
-            self._progress.stop()
-        self._jsonl.close()
-        if self._tb is not None:
-            self._tb.close()
-        if self._wandb is not None:
-            self._wandb.finish()
+        try:
+            if self._progress is not None:
+                self._progress.stop()
+            self._jsonl.close()
+            if self._tb is not None:
+                self._tb.close()
+            if self._wandb is not None:
+                self._wandb.finish()
+        finally:
+            if self._tb is not None:
+                threading.excepthook = self._old_hook
 
 
 def _last_logged_step(path: Path) -> int:
