@@ -39,10 +39,13 @@ def _check_room(out: str | Path, size: int, experts: int) -> None:
     for what, free in room.items():
         if size > free:
             raise ConfigError(
-                f"--experts={experts}: the MoE export takes about {size / 2**30:.1f} GiB, more "
-                f"than the {free / 2**30:.1f} GiB of free {what}"
-                + (f" at {where}" if what == "disk" else "")
+                f"--experts={experts}: the MoE export takes about {_size(size)}, more than the "
+                f"{_size(free)} of free {what}" + (f" at {where}" if what == "disk" else "")
             )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def upcycle(

@@ -542,7 +542,20 @@ def test_a_full_disk_while_logging_names_the_file(tmp_path) -> None:
     with pytest.raises(OSError) as err:
         logger.log(2, {"loss": 1.0})
     assert err.value.filename == str(tmp_path / "tensorboard")
-    logger.close()
+    # ... and TensorBoard re-raises its writer's error from the next call, naming no file
+    logger._thread_error = None
+
+    def full(*args) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    logger._tb.add_scalar = full
+    with pytest.raises(OSError) as err:
+        logger.log(3, {"loss": 1.0})
+    assert (err.value.errno, err.value.filename) == (errno.ENOSPC, str(tmp_path / "tensorboard"))
+    real_close, logger._tb.close = logger._tb.close, full
+    with pytest.raises(OSError, match="tensorboard"):
+        logger.close()
+    real_close()
     assert threading.excepthook is hook
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +96,15 @@ class MetricsLogger:
             self._progress.update(self._task, completed=start_step)
             self._progress.start()
 
+    @contextlib.contextmanager
+    def _naming_tensorboard(self) -> Iterator[None]:
+        """TensorBoard re-raises its writer's error (a full disk) from the next call, naming no
+        file: name its folder."""
+        try:
+            yield
+        except OSError as err:
+            raise _named(err, self.run_dir / "tensorboard") from None
+
     def _writer_thread_error(self, args: threading.ExceptHookArgs) -> None:
         if isinstance(args.exc_value, OSError):
             self._thread_error = args.exc_value
@@ -105,16 +116,17 @@ class MetricsLogger:
             return
         error = getattr(self, "_thread_error", None)
         if error is not None:
-            raise OSError(error.errno, error.strerror, str(self.run_dir / "tensorboard"))
+            raise _named(error, self.run_dir / "tensorboard")
         record = {"step": step, **{k: _finite(v) for k, v in metrics.items()}}
         try:
             self._jsonl.write(json.dumps(record) + "\n")
         except OSError as err:  # a write's error names no file: name it (a full disk, a quota)
-            raise OSError(err.errno, err.strerror, self._jsonl.name) from None
+            raise _named(err, Path(self._jsonl.name)) from None
         scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
         if self._tb is not None:
-            for k, v in scalars.items():
-                self._tb.add_scalar(k, v, step)
+            with self._naming_tensorboard():
+                for k, v in scalars.items():
+                    self._tb.add_scalar(k, v, step)
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
 
@@ -138,12 +150,18 @@ class MetricsLogger:
                 self._progress.stop()
             self._jsonl.close()
             if self._tb is not None:
-                self._tb.close()
+                with self._naming_tensorboard():
+                    self._tb.close()
             if self._wandb is not None:
                 self._wandb.finish()
         finally:
             if self._tb is not None:
                 threading.excepthook = self._old_hook
+
+
+def _named(err: OSError, path: Path) -> OSError:
+    """`err` naming `path` (the CLI prints `PATH: reason` in one line)."""
+    return OSError(err.errno, err.strerror or str(err), str(path))
 
 
 def _last_logged_step(path: Path) -> int:
