@@ -24,7 +24,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -379,6 +379,26 @@ def is_checkpoint(path: str | os.PathLike[str]) -> bool:
     """A complete ``step_N`` directory inside a run directory."""
     p = Path(path)
     return (p / META_FILE).is_file() and is_run(p.parent.parent)
+
+
+def saved_run_kind(path: str | os.PathLike[str]) -> Literal["encoder", "mm1"] | None:
+    """Which trainer wrote the run `path` is (or whose checkpoint it is): "encoder" (`mm1
+    train-encoder`: its saved config.yaml has an `encoder` section), "mm1" (`mm1 train`), or
+    None where no readable config.yaml says."""
+    import yaml
+
+    p = Path(path)
+    run = p.parent.parent if is_checkpoint(p) else p
+    saved = run / "config.yaml"
+    if not saved.is_file():
+        return None
+    try:
+        data = yaml.safe_load(saved.read_text())
+    except yaml.YAMLError:
+        return None  # not this check's to report: loading says what is wrong
+    if not isinstance(data, dict):
+        return None
+    return "encoder" if "encoder" in data else "mm1"
 
 
 def read_model_config(path: str | os.PathLike[str]) -> ModelConfig:

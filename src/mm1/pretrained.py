@@ -37,6 +37,7 @@ from mm1.checkpoint import (
     latest_checkpoint,
     read_model_config,
     read_model_weights,
+    saved_run_kind,
 )
 from mm1.config import ConfigError, ModelConfig, to_dict
 from mm1.data.images import PREPROCESSOR_CONFIG, ImageProcessor
@@ -220,26 +221,6 @@ def model_from_saved(saved: SavedModel) -> MM1:
         model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
     family.init_buffers(model)  # no checkpoint holds them: computed where the weights are
     return model
-
-
-def saved_run_kind(path: str | Path) -> Literal["encoder", "mm1"] | None:
-    """Which trainer wrote the run `path` is (or whose checkpoint it is): "encoder" (`mm1
-    train-encoder`: its saved config.yaml has an `encoder` section), "mm1" (`mm1 train`), or
-    None where no readable config.yaml says."""
-    import yaml
-
-    p = Path(path)
-    run = p.parent.parent if is_checkpoint(p) else p
-    saved = run / "config.yaml"
-    if not saved.is_file():
-        return None
-    try:
-        data = yaml.safe_load(saved.read_text())
-    except yaml.YAMLError:
-        return None  # not this check's to report: loading says what is wrong
-    if not isinstance(data, dict):
-        return None
-    return "encoder" if "encoder" in data else "mm1"
 
 
 def refuse_encoder_run(path: str | Path) -> None:

@@ -20,6 +20,7 @@ from mm1.checkpoint import (
     latest_checkpoint,
     read_meta,
     read_model_weights,
+    saved_run_kind,
 )
 from mm1.config import INIT_PARTS, ConfigError, InitConfig, ModelConfig
 from mm1.models.state_transforms import HFPart, LoadContext, apply_chain
@@ -116,8 +117,6 @@ def sources(init: InitConfig) -> list[Source]:
 def _refuse_encoder_run(s: Source) -> None:
     """An image-encoder run (`mm1 train-encoder`) gives an encoder only: named for more, its
     weights would fail as missing connector and decoder keys, after the model was built."""
-    from mm1.pretrained import saved_run_kind  # deferred: mm1.pretrained builds models
-
     if saved_run_kind(s.path) == "encoder":
         raise ConfigError(
             f"{s.key}={s.path} is an image-encoder run (mm1 train-encoder): use it as "
