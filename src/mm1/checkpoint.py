@@ -55,6 +55,7 @@ __all__ = [
     "SafeFileSystemReader",
     "SafeLoadPlanner",
     "SavedModel",
+    "foreign_entries",
     "is_export",
     "latest_checkpoint",
     "list_checkpoints",
@@ -118,7 +119,15 @@ def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
     return [found[step] for step in sorted(found)]
 
 
-REPLACED = "replaced_"
+def foreign_entries(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """Entries of ``RUN/checkpoints/`` named like a checkpoint (``step_N``) that are not one: a
+    file, or a directory without ``meta.json``. mm1 never leaves one (a save is renamed into
+    place complete), and a save of step N would replace it, so training refuses to start."""
+    root = checkpoints_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if step_of(p) is not None]
+    return sorted((p for p in found if not (p / META_FILE).is_file()), key=step_of)
 
 
 def orphaned_replacements(root: Path) -> list[tuple[int, Path]]:

@@ -301,6 +301,26 @@ def test_bad_arguments(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "checkpoints" / "step_1", model, opt)
 
 
+@pytest.mark.parametrize("kind", ["file", "directory"])
+def test_a_users_entry_named_like_a_checkpoint_is_never_replaced(tmp_path: Path, kind: str) -> None:
+    model, opt, _ = _make(0)
+    save_checkpoint(tmp_path, 1, model, opt)
+    entry = tmp_path / "checkpoints" / "step_2"
+    if kind == "file":
+        entry.write_text("my notes")
+    else:
+        entry.mkdir()
+        (entry / "notes.txt").write_text("my notes")
+    assert ckpt.foreign_entries(tmp_path) == [entry]
+    with pytest.raises(ckpt.CheckpointError, match=r"step_2 is named like a checkpoint"):
+        save_checkpoint(tmp_path, 2, model, opt)
+    kept = entry.read_text() if kind == "file" else (entry / "notes.txt").read_text()
+    assert kept == "my notes"
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_1"]
+    save_checkpoint(tmp_path, 3, model, opt)  # other steps still save
+    assert ckpt.foreign_entries(tmp_path) == [entry]
+
+
 # ---------------------------------------------------------------------------------------------
 # 2 gloo processes
 

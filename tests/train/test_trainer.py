@@ -639,6 +639,21 @@ def test_two_sources_log_per_dataset_losses_that_average_to_the_step_loss(
     assert [e.step for e in events.Scalars("loss_ds_alt")] == [1, 2, 3]
 
 
+def test_a_users_file_named_like_a_checkpoint_is_refused_before_training(
+    tmp_path, world, tiny_config, make_trainer
+) -> None:
+    """A save of step 2 would replace it: the run refuses to start, naming it."""
+    from mm1.train.checkpoint import CheckpointError
+
+    cfg = tiny_config(tmp_path, world, steps=2, save_every=2, parallel="none")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "step_2").write_text("my notes")
+    with pytest.raises(CheckpointError, match=r"checkpoints/step_2 is named like a checkpoint"):
+        make_trainer(cfg, run).setup()
+    assert (run / "checkpoints" / "step_2").read_text() == "my notes"
+
+
 def test_a_resume_over_changed_data_is_refused_before_it_is_reported(
     tmp_path, world, tiny_config, make_trainer, capsys
 ) -> None:

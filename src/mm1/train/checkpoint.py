@@ -92,11 +92,13 @@ from mm1.checkpoint import (
     CheckpointError,
     SafeFileSystemReader,
     SafeLoadPlanner,
+    foreign_entries,
     latest_checkpoint,
     list_checkpoints,
     load_model_weights,
     load_plain,
     read_meta,
+    step_of,
 )
 from mm1.checkpoint import REPLACED as _REPLACED
 from mm1.checkpoint import SD_OPTIONS as _SD_OPTIONS
@@ -116,6 +118,8 @@ __all__ = [
     "SafeFileSystemReader",
     "SafeLoadPlanner",
     "capture_rng_state",
+    "foreign_entries",
+    "foreign_entry_message",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
@@ -243,6 +247,14 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def foreign_entry_message(path: Path) -> str:
+    what = "a directory without " + META_FILE if path.is_dir() else "not a directory"
+    return (
+        f"{path} is named like a checkpoint but is not one ({what}): saving step "
+        f"{step_of(path)} would replace it; move it out of {path.parent}"
+    )
 
 
 def _remove_leftovers(root: Path) -> None:
@@ -421,6 +433,8 @@ def save_checkpoint(
         if rank == 0:
             root.mkdir(parents=True, exist_ok=True)
             _remove_leftovers(root)
+            if final in foreign_entries(run_dir):
+                raise CheckpointError(foreign_entry_message(final))
             tmp.mkdir()
         had_state = _optimizer_has_state(optimizer)
         model_sd, optim_sd = get_state_dict(model, _optimizers(optimizer), options=_SD_OPTIONS)

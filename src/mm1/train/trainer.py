@@ -242,6 +242,9 @@ class Trainer:
         model.decoder.requires_grad_(t.train_decoder)
 
     def _check_config_change(self) -> None:
+        foreign = ckpt.foreign_entries(self.run_dir)
+        if foreign:
+            raise ckpt.CheckpointError(ckpt.foreign_entry_message(foreign[0]))
         check_resumed_config(self.run_dir, self.cfg, self.force)
 
     def _validation_batches(self) -> list[Batch]:
