@@ -64,7 +64,9 @@ class SourceStream:
         self.files = files_fingerprint(self.shards)
         self.cursor = Cursor()
         self.stats = ReadStats()
-        self._used_epoch = 0  # the epoch of the last record the pipeline used (see `reject`)
+        # The epoch of the last record the pipeline used (see `reject`); none yet, so epoch 0
+        # read to its end is already a whole pass without one.
+        self._used_epoch = -1
         self._iter: Iterator[tuple[int, Record]] | None = None
         self._ranges: dict[int, tuple[int, int]] = {}
 
