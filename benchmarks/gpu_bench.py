@@ -35,7 +35,6 @@ from typing import Any
 
 import torch
 
-H100_BF16_FLOPS = 989e12
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "src" / "mm1" / "configs" / "models"
 
@@ -106,6 +105,7 @@ def train_variant(args, compile_blocks: bool, attention: str = "auto") -> dict[s
     from mm1.config import OptimConfig, TrainConfig
     from mm1.models.mllm import MM1
     from mm1.models.summary import summarize
+    from mm1.train.hardware import H100_SXM_BF16_PEAK, bf16_peak_flops
     from mm1.train.optim import build_optimizer
     from mm1.train.parallel import Dist, parallelize
 
@@ -224,12 +224,16 @@ def train_variant(args, compile_blocks: bool, attention: str = "auto") -> dict[s
         "flops_per_token_decoder": s.decoder_flops_per_token,
         "flops_per_token_with_encoder": s.flops_per_token(images),
         "document_attention_length": doc_len,
-        "mfu_decoder_only": doc_attention * tok_s / H100_BF16_FLOPS,
-        "mfu_with_encoder": (doc_attention + image_share) * tok_s / H100_BF16_FLOPS,
-        "mfu_decoder_only_row_attention": flops_dec / H100_BF16_FLOPS,
-        "mfu_with_encoder_row_attention": flops_all / H100_BF16_FLOPS,
+        "mfu_decoder_only": doc_attention * tok_s / H100_SXM_BF16_PEAK,
+        "mfu_with_encoder": (doc_attention + image_share) * tok_s / H100_SXM_BF16_PEAK,
+        "mfu_decoder_only_row_attention": flops_dec / H100_SXM_BF16_PEAK,
+        "mfu_with_encoder_row_attention": flops_all / H100_SXM_BF16_PEAK,
         "peak_memory_gib": (
             torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        ),
+        # MFU above is against the SXM parts' 989 TFLOP/s whatever the card; this card's own:
+        "device_bf16_peak_flops": (
+            bf16_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
         ),
     }
     dist.destroy_process_group()

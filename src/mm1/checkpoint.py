@@ -44,7 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from mm1.config import ModelConfig, model_config_from_dict
+from mm1.config import ConfigError, ModelConfig, model_config_from_dict
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -63,6 +63,9 @@ __all__ = [
     "read_meta",
     "read_model_config",
     "read_model_weights",
+    "refuse_encoder_run",
+    "refuse_mm1_run",
+    "saved_run_kind",
 ]
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -408,6 +411,32 @@ def saved_run_kind(path: str | os.PathLike[str]) -> Literal["encoder", "mm1"] | 
     if not isinstance(data, dict):
         return None
     return "encoder" if "encoder" in data else "mm1"
+
+
+def refuse_encoder_run(path: str | Path) -> None:
+    """Refuse an image-encoder run (`mm1 train-encoder`; or one of its checkpoints) where an
+    MM1 model is expected: its weights are no MLLM, and loading them would fail listing
+    hundreds of state_dict keys. Such a run's saved config.yaml has an `encoder` section."""
+    if saved_run_kind(path) == "encoder":
+        raise ConfigError(
+            f"{path} is an image-encoder run (mm1 train-encoder), not an MM1 model; use it as "
+            "train.init.vision or evaluate it with mm1 eval-encoder"
+        )
+
+
+def refuse_mm1_run(path: str | Path) -> None:
+    """The reverse of `refuse_encoder_run`: an MM1 run (`mm1 train`) or export where an
+    image-encoder run is expected (eval-encoder, export-encoder), whose loading would fail as
+    "not a clip encoder run" with a state_dict error."""
+    kind = saved_run_kind(path)
+    if kind == "mm1":
+        raise ConfigError(
+            f"{path} is an MM1 model run (mm1 train), not an image-encoder run (mm1 train-encoder)"
+        )
+    if kind is None and is_export(path):
+        raise ConfigError(
+            f"{path} is an exported MM1 model, not an image-encoder run (mm1 train-encoder)"
+        )
 
 
 def read_model_config(path: str | os.PathLike[str]) -> ModelConfig:

@@ -12,10 +12,11 @@ from mm1.data.images import PREPROCESSOR_CONFIG
 def export_encoder_hf(run: str | Path, out_dir: str | Path) -> Path:
     """Write the run's `model.vision` with `save_vision_hf` (its feature layer's blocks; the
     written `hidden_states[-1]`, CLS row dropped, equals what MM1's connector reads)."""
+    from mm1.checkpoint import refuse_mm1_run
     from mm1.data.world import saved_tokenizer_dir
     from mm1.models.encoders import load_encoder_run
     from mm1.models.hf import save_vision_hf
-    from mm1.pretrained import check_output_dir, refuse_mm1_run, writing_export
+    from mm1.pretrained import check_output_dir, writing_export
 
     # Before loading: an MM1 run fails to load as an encoder with a state_dict error, and OUT
     # must not be a run (its checkpoints would be shadowed), the source, or unrelated files;

@@ -37,7 +37,7 @@ from mm1.checkpoint import (
     latest_checkpoint,
     read_model_config,
     read_model_weights,
-    saved_run_kind,
+    refuse_encoder_run,
 )
 from mm1.config import ConfigError, ModelConfig, to_dict
 from mm1.data.images import PREPROCESSOR_CONFIG, ImageProcessor
@@ -45,8 +45,6 @@ from mm1.data.prompt_format import PromptFormat, load_prompt_format
 from mm1.data.tokenizer import Tokenizer
 from mm1.models.family import family_spec
 from mm1.models.mllm import MM1
-
-WEIGHTS = EXPORT_WEIGHTS
 
 
 @dataclass
@@ -91,10 +89,10 @@ def save_pretrained(
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         if model.cfg.decoder.tie_embeddings:
             state.pop("decoder.lm_head.weight", None)  # the same tensor as the embedding
-        tmp = out / (WEIGHTS + ".tmp")
+        tmp = out / (EXPORT_WEIGHTS + ".tmp")
         save_file(state, str(tmp), metadata={"format": "pt", "mm1": "1"})
         _readable_like_other_files(tmp)
-        tmp.replace(out / WEIGHTS)
+        tmp.replace(out / EXPORT_WEIGHTS)
         cfg = to_dict(model.cfg)
         cfg["vision"]["init"] = cfg["decoder"]["init"] = None  # the weights are here now
         (out / MODEL_CONFIG).write_text(json.dumps(cfg, indent=1) + "\n")
@@ -223,32 +221,6 @@ def model_from_saved(saved: SavedModel) -> MM1:
     return model
 
 
-def refuse_encoder_run(path: str | Path) -> None:
-    """Refuse an image-encoder run (`mm1 train-encoder`; or one of its checkpoints) where an
-    MM1 model is expected: its weights are no MLLM, and loading them would fail listing
-    hundreds of state_dict keys. Such a run's saved config.yaml has an `encoder` section."""
-    if saved_run_kind(path) == "encoder":
-        raise ConfigError(
-            f"{path} is an image-encoder run (mm1 train-encoder), not an MM1 model; use it as "
-            "train.init.vision or evaluate it with mm1 eval-encoder"
-        )
-
-
-def refuse_mm1_run(path: str | Path) -> None:
-    """The reverse of `refuse_encoder_run`: an MM1 run (`mm1 train`) or export where an
-    image-encoder run is expected (eval-encoder, export-encoder), whose loading would fail as
-    "not a clip encoder run" with a state_dict error."""
-    kind = saved_run_kind(path)
-    if kind == "mm1":
-        raise ConfigError(
-            f"{path} is an MM1 model run (mm1 train), not an image-encoder run (mm1 train-encoder)"
-        )
-    if kind is None and is_export(path):
-        raise ConfigError(
-            f"{path} is an exported MM1 model, not an image-encoder run (mm1 train-encoder)"
-        )
-
-
 def check_device(device: str | torch.device, option: str = "--device") -> torch.device:
     """`device` parsed and usable by this torch, else one line naming `option` (rather than
     torch's traceback once the weights are read: "Torch not compiled with CUDA enabled")."""
@@ -287,7 +259,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pre
         raise FileNotFoundError(f"{path} has no checkpoint yet (training has not saved one)")
     else:
         raise FileNotFoundError(
-            f"{path} is neither an exported model ({WEIGHTS} + {MODEL_CONFIG}), a run "
+            f"{path} is neither an exported model ({EXPORT_WEIGHTS} + {MODEL_CONFIG}), a run "
             "directory with checkpoints/, nor one of its checkpoints/step_N"
         )
     model = model_from_saved(read_model_weights(path))

@@ -15,7 +15,7 @@ SUITE_OUT = "eval-suite"  # `mm1 eval --suite`'s (run_suite's default)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from mm1.pretrained import refuse_encoder_run
+    from mm1.checkpoint import refuse_encoder_run
 
     # first: an encoder run would otherwise get an output folder and fail only on loading
     refuse_encoder_run(args.model)

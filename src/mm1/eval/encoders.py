@@ -301,11 +301,10 @@ def evaluate_encoder_run(
     `encoder_eval.json` and `encoder_eval.md` to `out_dir` (default RUN/eval; for a checkpoint
     RUN/eval/step_N: the checkpoint's own folder is deleted when it rotates out). Returns the
     scores and the directory."""
-    from mm1.checkpoint import is_checkpoint
+    from mm1.checkpoint import is_checkpoint, refuse_mm1_run
     from mm1.config import ConfigError
     from mm1.data.world import run_world, saved_tokenizer_dir
     from mm1.models.encoders import build_encoder_model, load_encoder_run
-    from mm1.pretrained import refuse_mm1_run
 
     if not probe_seeds:  # the probe's mean over no splits is undefined
         raise ConfigError("--probe-seeds must be >= 1 (linear-probe train/test splits)")

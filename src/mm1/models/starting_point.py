@@ -129,12 +129,12 @@ def _refuse_unread_model_type(s: Source) -> None:
     beats advising to name it as a part it cannot start either."""
     from mm1.models.hf.checkpoint import read_hf_config
     from mm1.models.hf.decoder import DECODER_TYPES
-    from mm1.models.hf.llava import _ARCHITECTURES as LLAVA_TYPES
-    from mm1.models.hf.vision import _TWO_TOWER_TYPES, VISION_TYPES
+    from mm1.models.hf.llava import LLAVA_ARCHITECTURES
+    from mm1.models.hf.vision import TWO_TOWER_TYPES, VISION_TYPES
 
     read = {
-        "train.init.weights": tuple(LLAVA_TYPES),
-        "train.init.vision": (*VISION_TYPES, *_TWO_TOWER_TYPES),
+        "train.init.weights": tuple(LLAVA_ARCHITECTURES),
+        "train.init.vision": (*VISION_TYPES, *TWO_TOWER_TYPES),
         "train.init.decoder": DECODER_TYPES,
     }
     model_type = read_hf_config(s.path).get("model_type")

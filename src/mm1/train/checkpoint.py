@@ -89,25 +89,25 @@ from mm1.checkpoint import (
     CHECKPOINTS_DIR,
     FORMAT_VERSION,
     META_FILE,
+    REPLACED,
+    SD_OPTIONS,
+    TMP_PREFIX,
     CheckpointError,
     SafeFileSystemReader,
     SafeLoadPlanner,
+    checkpoints_root,
+    dcp_quietly,
+    dist_info,
     foreign_entries,
     latest_checkpoint,
     list_checkpoints,
     load_model_weights,
     load_plain,
+    orphaned_replacements,
     read_meta,
+    safe_dcp_load,
     step_of,
 )
-from mm1.checkpoint import REPLACED as _REPLACED
-from mm1.checkpoint import SD_OPTIONS as _SD_OPTIONS
-from mm1.checkpoint import TMP_PREFIX as _TMP_PREFIX
-from mm1.checkpoint import checkpoints_root as _checkpoints_root
-from mm1.checkpoint import dcp_quietly as _dcp_quietly
-from mm1.checkpoint import dist_info as _dist_info
-from mm1.checkpoint import orphaned_replacements as _orphaned_replacements
-from mm1.checkpoint import safe_dcp_load as _dcp_load
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -186,7 +186,7 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 
 def _all_ok(exc: BaseException | None, what: str) -> None:
     """Collective (also a barrier): raise on every rank if any rank reports an exception."""
-    _, world, distributed = _dist_info()
+    _, world, distributed = dist_info()
     if not distributed:
         if exc is not None:
             raise exc
@@ -258,11 +258,11 @@ def foreign_entry_message(path: Path) -> str:
 
 
 def _remove_leftovers(root: Path) -> None:
-    for step, p in _orphaned_replacements(root):  # the only complete copy of its step: keep it
+    for step, p in orphaned_replacements(root):  # the only complete copy of its step: keep it
         log.info("restoring %s, set aside by an interrupted save", p)
         _atomic_rename(p, root / f"step_{step}")
     for p in root.iterdir():
-        if p.name.startswith(_TMP_PREFIX):
+        if p.name.startswith(TMP_PREFIX):
             log.info("removing leftover %s of an interrupted checkpoint save", p)
             _remove(p)
 
@@ -282,7 +282,7 @@ def _prune(root: Path, run_dir: Path, keep: int, newest: Path) -> None:
     doomed = others[: max(len(others) - (keep - 1), 0)]
     for p in doomed:
         # Rename first so a crash mid-delete never leaves a partial step_N with its meta.json.
-        trash = root / f"{_TMP_PREFIX}delete_{p.name}"
+        trash = root / f"{TMP_PREFIX}delete_{p.name}"
         _remove(trash)
         _atomic_rename(p, trash)
         _remove(trash)
@@ -420,10 +420,10 @@ def save_checkpoint(
     json.dumps(user_meta)  # fail early (on every rank) if it is not JSON-serialisable
 
     run_dir = Path(run_dir)
-    root = _checkpoints_root(run_dir)
+    root = checkpoints_root(run_dir)
     final = root / f"step_{step}"
-    tmp = root / f"{_TMP_PREFIX}step_{step}"
-    rank, world, distributed = _dist_info()
+    tmp = root / f"{TMP_PREFIX}step_{step}"
+    rank, world, distributed = dist_info()
     rng = capture_rng_state()
 
     # 1. Rank 0 clears leftovers of crashed saves; every rank builds its state dict.
@@ -437,7 +437,7 @@ def save_checkpoint(
                 raise CheckpointError(foreign_entry_message(final))
             tmp.mkdir()
         had_state = _optimizer_has_state(optimizer)
-        model_sd, optim_sd = get_state_dict(model, _optimizers(optimizer), options=_SD_OPTIONS)
+        model_sd, optim_sd = get_state_dict(model, _optimizers(optimizer), options=SD_OPTIONS)
         if optimizer is not None and not had_state:
             # get_state_dict initialises an untouched optimizer with a zero-lr step (AdamW's
             # step count becomes 1), which would change how the run continues: undo it, and
@@ -465,7 +465,7 @@ def save_checkpoint(
     # 2. Every rank writes its shards (DCP propagates a failure on one rank to all).
     needed = _size_estimate(state, world)
     try:
-        _dcp_quietly(dcp.save, state, checkpoint_id=tmp, no_dist=not distributed)
+        dcp_quietly(dcp.save, state, checkpoint_id=tmp, no_dist=not distributed)
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
         raise _failed_save(e, step, final, tmp, needed, rank) from None
     del state
@@ -490,7 +490,7 @@ def save_checkpoint(
             _fsync_dir(tmp)
             replaced = None
             if final.exists():
-                replaced = root / f"{_TMP_PREFIX}{_REPLACED}{final.name}"
+                replaced = root / f"{TMP_PREFIX}{REPLACED}{final.name}"
                 _remove(replaced)
                 _atomic_rename(final, replaced)
             _atomic_rename(tmp, final)
@@ -521,7 +521,7 @@ def load_checkpoint(
     with the same `path`. The world size must equal the one that saved it."""
     path = Path(path)
     meta = read_meta(path)
-    rank, world, distributed = _dist_info()
+    rank, world, distributed = dist_info()
     saved_world = meta.get("world_size")
     if saved_world != world:
         raise ValueError(
@@ -536,13 +536,13 @@ def load_checkpoint(
         )
 
     # Templates: DCP loads tensors in place into these (this rank's shards of them).
-    model_sd, optim_sd = get_state_dict(model, _optimizers(optimizer), options=_SD_OPTIONS)
+    model_sd, optim_sd = get_state_dict(model, _optimizers(optimizer), options=SD_OPTIONS)
     key = str(rank)
     state: dict[str, Any] = {"model": model_sd, "global": None, "rank_state": {key: None}}
     if optimizer is not None:
         state["optim"] = optim_sd
     swapped = _saved_scalars_into_views(state, path)
-    _dcp_load(state, path, distributed)
+    safe_dcp_load(state, path, distributed)
     for container, k, template in swapped:
         container[k] = template
     set_state_dict(
@@ -550,7 +550,7 @@ def load_checkpoint(
         _optimizers(optimizer),
         model_state_dict=state["model"],
         optim_state_dict=state.get("optim", {}),
-        options=_SD_OPTIONS,
+        options=SD_OPTIONS,
     )
 
     glob = _unpack(state["global"], "global", path)

@@ -14,7 +14,6 @@ accumulated step each weigh 1 / accum (each is its own contrastive batch).
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,10 +27,8 @@ from mm1.models.encoders import ENCODER_FAMILY, build_encoder_model
 from mm1.train import checkpoint as ckpt
 from mm1.train.config_change import config_diff, refuse_changes, saved_run_config
 from mm1.train.optim import build_optimizer
-from mm1.train.parallel import accumulation_steps, autocast_dtype, parallelize
-from mm1.train.trainer import StepResult, Trainer, _autocast, nonfinite_part
-
-VAL_SEED = 1234  # a fixed held-out sample, the same for every run
+from mm1.train.parallel import accumulation_steps, autocast, autocast_dtype, parallelize
+from mm1.train.trainer import VAL_SEED, StepResult, Trainer, nonfinite_part
 
 
 class EncoderTrainer(Trainer):
@@ -137,7 +134,7 @@ class EncoderTrainer(Trainer):
         logged: dict[str, float] = {}
         for i, batch in enumerate(micro):
             batch = batch.to(d.device, non_blocking=True)
-            with self._sync(i == len(micro) - 1), _autocast(d.device, dtype):
+            with self._sync(i == len(micro) - 1), autocast(d.device, dtype):
                 out = model(batch.pixel_values, batch.input_ids, batch.lengths, self._generator(i))
             (out.loss * scale).backward()
             loss_sum += out.loss.detach().float()
@@ -164,7 +161,15 @@ class EncoderTrainer(Trainer):
         tokens = sum(int(b.lengths.sum()) for b in micro)
         slots = sum(b.input_ids.numel() for b in micro)  # the captions padded to the longest
         return StepResult(
-            loss, {}, tokens, tokens, slots, images, grad_norm, skipped, logged, nonfinite=nonfinite
+            loss=loss,
+            per_kind={},
+            tokens=tokens,
+            slots=slots,
+            images=images,
+            grad_norm=grad_norm,
+            skipped=skipped,
+            nonfinite=nonfinite,
+            metrics=logged,
         )
 
     @torch.no_grad()
@@ -176,7 +181,7 @@ class EncoderTrainer(Trainer):
         for i, batch in enumerate(self.val_batches):
             batch = batch.to(self.d.device)
             gen = torch.Generator().manual_seed(VAL_SEED + 7919 * self.d.rank + i)
-            with _autocast(self.d.device, dtype):
+            with autocast(self.d.device, dtype):
                 out = self.model(batch.pixel_values, batch.input_ids, batch.lengths, gen)
             total += out.loss.float()
         if not gathered:
@@ -192,7 +197,7 @@ class EncoderTrainer(Trainer):
         world = self.d.world_size
         return {
             "loss": r.loss,
-            **r.aux,
+            **r.metrics,
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": r.grad_norm,
             "images_per_s": window["images"] * world / elapsed,
@@ -204,10 +209,3 @@ class EncoderTrainer(Trainer):
 def train_encoder(cfg: EncoderRunConfig, force: bool = False) -> dict[str, Any]:
     """Train an encoder run to `train.steps` (resuming from its run_dir); `Trainer.fit`'s result."""
     return EncoderTrainer(cfg, force=force).fit()
-
-
-def encoder_run_config(run_dir: str | Path) -> EncoderRunConfig:
-    """The saved config of an encoder run."""
-    from mm1.config.encoder import load_encoder_config
-
-    return load_encoder_config(Path(run_dir) / "config.yaml")

@@ -7,6 +7,7 @@ DDP around the whole model.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass, field
@@ -104,6 +105,15 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     if cfg.dtype == "float32" or (cfg.dtype == "auto" and device.type != "cuda"):
         return None
     return torch.bfloat16
+
+
+def autocast(
+    device: torch.device, dtype: torch.dtype | None
+) -> contextlib.AbstractContextManager[object]:
+    """Autocast to `dtype` on `device`, or nothing when `dtype` is None (fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def block_lists(model: nn.Module) -> list[nn.ModuleList]:

@@ -51,6 +51,7 @@ from mm1.train import run_lock
 from mm1.train.config_change import check_resumed_config
 from mm1.train.errors import NonFiniteLossError, TrainingError
 from mm1.train.expert_load import add_loads, last_expert_loads, load_fractions, load_metrics
+from mm1.train.hardware import bf16_peak_flops
 from mm1.train.logging import MetricsLogger, truncate_metrics
 from mm1.train.optim import (
     build_optimizer,
@@ -61,12 +62,13 @@ from mm1.train.optim import (
 from mm1.train.parallel import (
     Dist,
     accumulation_steps,
+    autocast,
     autocast_dtype,
     init_distributed,
     parallelize,
 )
 
-H100_BF16_PEAK = 989e12
+VAL_SEED = 1234  # a fixed held-out sample, the same for every run
 START_FILE = "init.json"  # where a run started: {"sources": [{path, kind, step, parts}]}
 
 
@@ -74,7 +76,6 @@ START_FILE = "init.json"  # where a run started: {"sources": [{path, kind, step,
 class StepResult:
     loss: float
     per_kind: dict[str, float]  # logged as loss_<kind>
-    label_tokens: int
     tokens: int  # non-padding tokens
     slots: int  # token positions of the rows, padding included
     images: int
@@ -85,6 +86,7 @@ class StepResult:
     per_dataset: dict[str, float] = dataclasses.field(default_factory=dict)  # loss_ds_<name>
     expert_load: dict[int, list[float]] = dataclasses.field(default_factory=dict)  # MoE layers
     nonfinite: str = ""  # what was not finite, when skipped ("loss", "gradient norm", ...)
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # other scalars, by name
 
 
 def own_model_config(configured: ModelConfig, run_dir: Path) -> ModelConfig:
@@ -255,7 +257,7 @@ class Trainer:
                 print("no validation: data.sources is set without data.val_sources", flush=True)
             return []
         settings = self._loader_settings(self.data.val_sources, self.cfg.train.micro_batch_size)
-        settings.seed = 1234  # a fixed held-out sample, the same for every run
+        settings.seed = VAL_SEED
         ds = PackedDataset(
             settings, self.data.tokenizer, self.data.processor, self.d.rank, self.d.world_size
         )
@@ -376,7 +378,8 @@ class Trainer:
     def train_step(self, micro: list[Batch]) -> StepResult:
         d, model = self.d, self.model
         model.train()
-        counts = torch.tensor([float(b.num_label_tokens) for b in micro]).sum().reshape(1)
+        counts = torch.tensor([b.num_label_tokens for b in micro], dtype=torch.long).sum()
+        counts = counts.reshape(1)  # int64: a float32 count is exact only up to 2**24
         total_labels = int(d.all_reduce_sum(counts.to(d.device)).item())
         n_kind, n_ds = len(SOURCE_KINDS), len(self.dataset_names)
         # [loss_sum, per-kind loss sums, per-kind label counts, the same per dataset]
@@ -387,7 +390,7 @@ class Trainer:
         for i, batch in enumerate(micro):
             batch = batch.to(d.device, non_blocking=True)
             last = i == len(micro) - 1
-            with self._sync(last), _autocast(d.device, dtype):
+            with self._sync(last), autocast(d.device, dtype):
                 out = model(
                     **batch.model_inputs(),
                     num_label_tokens=max(total_labels, 1),
@@ -428,19 +431,18 @@ class Trainer:
         tokens = sum(int((b.kind_ids >= 0).sum()) for b in micro)  # non-padding tokens
         images = sum(b.num_images for b in micro)
         return StepResult(
-            loss,
-            per_kind,
-            total_labels,
-            tokens,
-            sum(b.kind_ids.numel() for b in micro),
-            images,
-            grad_norm,
-            skipped,
-            aux,
-            total,
-            per_dataset,
-            load_fractions(loads, d.all_reduce_sum),
-            nonfinite,
+            loss=loss,
+            per_kind=per_kind,
+            tokens=tokens,
+            slots=sum(b.kind_ids.numel() for b in micro),
+            images=images,
+            grad_norm=grad_norm,
+            skipped=skipped,
+            aux=aux,
+            objective=total,
+            per_dataset=per_dataset,
+            expert_load=load_fractions(loads, d.all_reduce_sum),
+            nonfinite=nonfinite,
         )
 
     def _check_aux_weights(self, emitted: list[str]) -> None:
@@ -482,7 +484,7 @@ class Trainer:
         sums = torch.zeros(2, device=self.d.device)
         for batch in self.val_batches:
             batch = batch.to(self.d.device)
-            with _autocast(self.d.device, dtype):
+            with autocast(self.d.device, dtype):
                 out = self.model(**batch.model_inputs())
             loss_sum = out.loss_sum.float()
             sums += torch.stack([loss_sum, loss_sum.new_tensor(float(out.num_label_tokens))])
@@ -501,6 +503,7 @@ class Trainer:
             **{f"aux_loss_{k}": v for k, v in r.aux.items()},
             **({"loss_total": r.objective} if r.objective is not None else {}),
             **load_metrics(r.expert_load),
+            **r.metrics,
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": r.grad_norm,
             "tokens_per_s": tokens_per_s,
@@ -518,7 +521,9 @@ class Trainer:
                 self._summary = summarize(self.model_cfg, self.cfg.data.seq_len)
             images_per_seq = window["images"] / max(1, window["tokens"]) * self.cfg.data.seq_len
             flops = self._summary.flops_per_token(images_per_seq) * tokens_per_s
-            m["mfu"] = flops / (H100_BF16_PEAK * world)
+            peak = bf16_peak_flops(torch.cuda.get_device_name(self.d.device))
+            if peak and autocast_dtype(self.cfg.train, self.d.device) == torch.bfloat16:
+                m["mfu"] = flops / (peak * world)  # not against a bf16 peak in fp32, or unknown
             m["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         return m
 
@@ -544,12 +549,6 @@ class Trainer:
         """True on every rank once any rank got SIGTERM / SIGINT (ranks stop at the same step)."""
         flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0], device=self.d.device)
         return bool(self.d.all_reduce_sum(flag).item() > 0)
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def _step_sums(token_loss: torch.Tensor, batch: Batch, n_kind: int, n_ds: int) -> torch.Tensor:

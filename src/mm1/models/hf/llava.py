@@ -42,7 +42,7 @@ from mm1.models.vision import resolve_feature_layer
 from mm1.tiling import canvas_candidates
 
 LLAVA_TYPES = {"single": "llava", "anyres": "llava_next"}
-_ARCHITECTURES = {
+LLAVA_ARCHITECTURES = {
     "llava": "LlavaForConditionalGeneration",
     "llava_next": "LlavaNextForConditionalGeneration",
 }
@@ -106,7 +106,7 @@ def llava_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     model_type = llava_model_type(cfg)
     v = cfg.vision
     hf: dict[str, Any] = {
-        "architectures": [_ARCHITECTURES[model_type]],
+        "architectures": [LLAVA_ARCHITECTURES[model_type]],
         "model_type": model_type,
         "vision_config": vision_config_to_hf(v, _kept_layers(cfg)),
         "vision_feature_layer": -1,  # the encoder is written cut at its feature layer
@@ -154,14 +154,14 @@ def save_llava_hf(
 
 def is_llava_config(path: PathLike) -> bool:
     """Whether the directory's config.json is a LLaVA / LLaVA-NeXT model's."""
-    return read_hf_config(path).get("model_type") in _ARCHITECTURES
+    return read_hf_config(path).get("model_type") in LLAVA_ARCHITECTURES
 
 
 def _llava_section(hf: Mapping[str, Any]) -> dict[str, Any]:
     """The config with transformers' defaults filled in, checked for what we can build."""
     mt = hf.get("model_type")
-    if mt not in _ARCHITECTURES:
-        raise ValueError(f"model_type {mt!r} is not a LLaVA one ({', '.join(_ARCHITECTURES)})")
+    if mt not in LLAVA_ARCHITECTURES:
+        raise ValueError(f"model_type {mt!r} is not a LLaVA one ({', '.join(LLAVA_ARCHITECTURES)})")
     out = {**_LLAVA_DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}
     if "image_token_id" in hf and hf["image_token_id"] is not None:
         out["image_token_index"] = hf["image_token_id"]  # transformers 5's name for it
@@ -278,6 +278,7 @@ def llava_state_to_ours(
 
 
 __all__ = [
+    "LLAVA_ARCHITECTURES",
     "LLAVA_TYPES",
     "is_llava_config",
     "llava_config_to_hf",

@@ -27,7 +27,7 @@ _WARNED_SIZES: set[tuple[int, int]] = set()
 
 VISION_TYPES = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
 # Two-tower checkpoints (CLIPModel, SiglipModel): the image tower's config is `vision_config`.
-_TWO_TOWER_TYPES = {"clip": "clip", "siglip": "siglip"}
+TWO_TOWER_TYPES = {"clip": "clip", "siglip": "siglip"}
 # transformers' class defaults, for configs that leave a key out.
 _VISION_DEFAULTS: dict[str, dict[str, Any]] = {
     "clip": {
@@ -66,9 +66,9 @@ def _vision_section(hf: Mapping[str, Any]) -> tuple[str, dict[str, Any], bool]:
     mt = hf.get("model_type")
     if mt in VISION_TYPES:
         return VISION_TYPES[mt], dict(hf), False
-    if mt in _TWO_TOWER_TYPES:
-        return _TWO_TOWER_TYPES[mt], dict(hf.get("vision_config") or {}), True
-    supported = ", ".join([*VISION_TYPES, *_TWO_TOWER_TYPES])
+    if mt in TWO_TOWER_TYPES:
+        return TWO_TOWER_TYPES[mt], dict(hf.get("vision_config") or {}), True
+    supported = ", ".join([*VISION_TYPES, *TWO_TOWER_TYPES])
     raise ValueError(f"unsupported vision model_type {mt!r}; supported: {supported}")
 
 
