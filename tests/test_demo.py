@@ -157,3 +157,35 @@ def test_object_recall_needs_colour_and_shape_together() -> None:
     assert object_recall("a red square and a blue circle", scene) == 0.0
     assert object_recall("a red big circle", scene) == 0.5
     assert object_recall("", scene) == 0.0
+
+
+def test_a_demo_stopped_by_a_signal_stops_before_evaluating(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """SIGTERM during the demo's training saves and stops the demo with 128 + signal, instead of
+    evaluating and reporting a half-trained model; the line says how to resume."""
+    import mm1.demo
+
+    class Stopped:
+        def __init__(self, cfg) -> None:
+            self.cfg = cfg
+
+        def fit(self) -> dict:
+            return {"stopped_by": 15, "step": 2, "steps_run": 2}
+
+    def no_eval(*args, **kwargs):
+        raise AssertionError("evaluated a run stopped by a signal")
+
+    monkeypatch.setattr(mm1.demo, "Trainer", Stopped)
+    monkeypatch.setattr(mm1.demo, "evaluate_models", no_eval)
+    out = tmp_path / "demo"
+    code = cli.main(["demo", "--out", str(out), "--sft", "train.steps=5", "--sft-override=x.y=1"])
+    assert code == 143
+    line = " ".join(capsys.readouterr().out.split())
+    assert f"stopped early by SIGTERM at step 2 of 5 (checkpoint saved in {out})" in line
+    assert f"resume with mm1 demo --out {out} --sft train.steps=5 --sft-override=x.y=1" in line
+
+
+def test_sft_overrides_need_the_sft_stage(tmp_path: Path, capsys) -> None:
+    assert cli.main(["demo", "--out", str(tmp_path), "--sft-override=train.steps=5"]) == 2
+    assert "--sft-override is for the SFT stage: give it with --sft" in capsys.readouterr().out

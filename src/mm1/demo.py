@@ -21,6 +21,7 @@ from mm1.eval.prompt_lengths import beyond_context, prompt_length_table
 from mm1.eval.report import write_report
 from mm1.models.mllm import MM1
 from mm1.pretrained import load_pretrained
+from mm1.train.errors import stop_if_signalled
 from mm1.train.logging import read_metrics
 from mm1.train.trainer import Trainer
 
@@ -36,7 +37,7 @@ def run_demo(out_dir: str | Path = "runs/demo", overrides: Sequence[str] = ()) -
     out = Path(out_dir)
     cfg = load_config(demo_config_path(), [f"train.run_dir={out}", *overrides])
     t0 = time.perf_counter()
-    Trainer(cfg).fit()
+    stop_if_signalled(Trainer(cfg).fit(), cfg.train.steps, out)
     train_s = time.perf_counter() - t0
 
     t1 = time.perf_counter()

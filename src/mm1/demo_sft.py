@@ -23,6 +23,7 @@ from mm1.eval.suite import evaluate_suite, prior_scores
 from mm1.eval.suite_report import TITLES, detail_table, suite_table, write_suite_report
 from mm1.eval.suite_tasks import SuiteTask, load_suite
 from mm1.pretrained import Pretrained, load_pretrained
+from mm1.train.errors import stop_if_signalled
 from mm1.train.trainer import Trainer
 
 SFT_CONFIG = "demo_sft.yaml"
@@ -69,7 +70,7 @@ def run_sft_demo(
     cfg.data.sources = [replace(s, path=str(paths[s.name])) for s in cfg.data.sources]
     finished = _last_step(out) >= cfg.train.steps
     t0 = time.perf_counter()
-    Trainer(cfg).fit()
+    stop_if_signalled(Trainer(cfg).fit(), cfg.train.steps, out)
     train_s = 0.0 if finished else time.perf_counter() - t0  # 0: a finished run, reused
 
     t1 = time.perf_counter()

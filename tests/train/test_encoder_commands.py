@@ -206,3 +206,12 @@ def test_a_contrastive_batch_larger_than_its_source_warns_at_start(
     # the world's 256 pairs fill it; AIM (no negatives) is not warned
     assert warnings("world", "train.batch_size=16") == []
     assert warnings("aim", source, "train.batch_size=16", "encoder.objective=aim") == []
+    # a validation source smaller than the batch gives a smaller batch of distinct pairs
+    val = [f"data.val_sources=[{{format: wds, path: {small}}}]", "train.val_every=1"]
+    more = [f"train.run_dir={tmp_path / 'val'}", *argv, "train.batch_size=16", *val]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        trainer = EncoderTrainer(load_encoder_config(cfg, more))
+        trainer.fit()
+    assert not [r for r in caplog.records if "contrastive batch" in r.getMessage()]
+    assert [len(b) for b in trainer.val_batches] == [3]

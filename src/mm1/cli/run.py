@@ -185,14 +185,32 @@ def _print_stopped(args: argparse.Namespace, cfg: Config, result: dict) -> None:
     )
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
+def cmd_demo(args: argparse.Namespace) -> int | None:
     from mm1.demo import run_demo
+    from mm1.train.errors import StoppedBySignal
 
-    report = run_demo(args.out, overrides=args.overrides)
-    if args.sft:
-        from mm1.demo_sft import add_to_demo_report, run_sft_demo
+    if args.sft_overrides and not args.sft:
+        raise ConfigError("--sft-override is for the SFT stage: give it with --sft")
+    try:
+        report = run_demo(args.out, overrides=args.overrides)
+        if args.sft:
+            from mm1.demo_sft import add_to_demo_report, run_sft_demo
 
-        add_to_demo_report(report, run_sft_demo(args.out))
+            sft = run_sft_demo(args.out, overrides=args.sft_overrides or ())
+            add_to_demo_report(report, sft)
+    except StoppedBySignal as stop:  # saved: rerunning the same command resumes that stage
+        import shlex
+        import signal
+
+        again = ["mm1", "demo", "--out", args.out, *(["--sft"] if args.sft else [])]
+        again += [*args.overrides, *(f"--sft-override={o}" for o in args.sft_overrides or ())]
+        console.print(
+            f"stopped early by {signal.Signals(stop.signum).name} at step {stop.step} of "
+            f"{stop.steps} (checkpoint saved in {stop.run_dir}); resume with {shlex.join(again)}",
+            soft_wrap=True,
+        )
+        return 128 + stop.signum
+    return None
 
 
 def cmd_ablate(args: argparse.Namespace) -> int | None:
@@ -212,7 +230,16 @@ def register(add: Add) -> None:
         action="store_true",
         help="then fine-tune the result on the world's conversations (OUT_sft, 21 more minutes)",
     )
-    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument(
+        "--sft-override",
+        dest="sft_overrides",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a section.key=value for the SFT stage (repeatable; with --sft)",
+    )
+    p.add_argument(
+        "overrides", nargs="*", help="section.key=value for pre-training (not the SFT stage)"
+    )
 
     p = add("train", cmd_train, "pre-train (or continue) a run; resumes from its run_dir")
     p.add_argument("config")

@@ -39,6 +39,10 @@ class PairBatch:
     def __len__(self) -> int:
         return self.pixel_values.shape[0]
 
+    def head(self, n: int) -> PairBatch:
+        """The first `n` pairs."""
+        return PairBatch(self.pixel_values[:n], self.input_ids[:n], self.lengths[:n])
+
 
 def caption_ids(tok: Tokenizer, text: str, max_len: int) -> list[int]:
     """[BOS] caption EOS, the caption cut so that the whole fits in `max_len` tokens."""
@@ -67,6 +71,9 @@ class PairSettings:
     max_error_rate: float = 0.01
     max_image_pixels: int = 4096 * 4096
     resume_changed_sources: bool = False  # `mm1 train-encoder --force`
+    # Each pair at most once per batch (validation): a source smaller than the batch gives a
+    # smaller batch, rather than copies that CLIP's loss would take for negatives.
+    distinct: bool = False
 
 
 class CaptionPairDataset(ShardedDataset):
@@ -116,7 +123,9 @@ class CaptionPairDataset(ShardedDataset):
         check = self.s.needs_text and all(st.cursor == Cursor() for st in mixture.streams)
         while True:
             read = [self._next_pair(mixture) for _ in range(self.s.batch_size)]
-            if check:
+            if self.s.distinct:
+                read = list({where: (image, text, where) for image, text, where in read}.values())
+            elif check:
                 self._warn_repeats([w for _, _, w in read])
                 check = False
             pairs = [(image, text) for image, text, _ in read]

@@ -104,11 +104,17 @@ class EncoderTrainer(Trainer):
         if not self.cfg.train.val_every or not self.data.val_sources:
             return []
         settings = self._pair_settings(self.data.val_sources, VAL_SEED)
+        settings.distinct = True
         ds = CaptionPairDataset(
             settings, self.data.tokenizer, self.data.processor, self.d.rank, self.d.world_size
         )
         it = iter(ds)
-        return [next(it) for _ in range(self.cfg.train.val_batches)]
+        batches = [next(it) for _ in range(self.cfg.train.val_batches)]
+        if self.d.enabled:  # a gathered loss needs batches of one size on every rank
+            sizes = torch.tensor([len(b) for b in batches], device=self.d.device)
+            torch.distributed.all_reduce(sizes, op=torch.distributed.ReduceOp.MIN)
+            batches = [b.head(int(n)) for b, n in zip(batches, sizes.tolist(), strict=True)]
+        return batches
 
     def _check_config_change(self) -> None:
         super()._check_config_change()

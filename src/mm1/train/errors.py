@@ -10,3 +10,18 @@ class TrainingError(RuntimeError):
 
 class NonFiniteLossError(TrainingError):
     """Too many steps in a row had a non-finite loss or gradient (each was skipped)."""
+
+
+class StoppedBySignal(Exception):
+    """A stage of a longer command (the demo) was stopped by SIGTERM / SIGINT after saving:
+    the command stops too, instead of evaluating a half-trained model."""
+
+    def __init__(self, signum: int, step: int, steps: int, run_dir: str) -> None:
+        super().__init__(f"signal {signum} at step {step} of {steps} in {run_dir}")
+        self.signum, self.step, self.steps, self.run_dir = signum, step, steps, run_dir
+
+
+def stop_if_signalled(result: dict, steps: int, run_dir: object) -> None:
+    """Raise `StoppedBySignal` when `Trainer.fit`'s `result` says a signal stopped it."""
+    if result.get("stopped_by"):
+        raise StoppedBySignal(int(result["stopped_by"]), int(result["step"]), steps, str(run_dir))

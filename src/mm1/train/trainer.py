@@ -15,7 +15,7 @@ import json
 import math
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -466,7 +466,7 @@ class Trainer:
         return weights[name]
 
     @contextlib.contextmanager
-    def _sync(self, last: bool):
+    def _sync(self, last: bool) -> Iterator[None]:
         """Skip the gradient all-reduce on all but the last micro-batch."""
         m = self.model
         if isinstance(m, nn.parallel.DistributedDataParallel) and not last:
