@@ -59,7 +59,11 @@ def test_mm1_eval_reproduces_the_demo_report(report: Path, capsys) -> None:
     demo_json = run / "eval" / "results.json"
     before = demo_json.read_bytes()
     assert cli.main(["eval", str(run)]) == 0
-    capsys.readouterr()
+    printed = capsys.readouterr().out.splitlines()
+    # piped (80 columns): the table's lines print whole, as in results.md, never broken
+    table = (run / cli.EVAL_OUT / "results.md").read_text().split("\n\n###")[0]
+    rows = [line for line in table.splitlines() if line.startswith("|")]
+    assert rows and max(map(len, rows)) > 80 and set(rows) <= set(printed)
     assert demo_json.read_bytes() == before  # the folder the report links to is untouched
     ours = json.loads((run / cli.EVAL_OUT / "results.json").read_text())
     trained = json.loads(before)["trained"]

@@ -8,7 +8,9 @@ from typing import Protocol
 
 from rich.console import Console
 
-console = Console()
+# soft_wrap: long lines (Markdown tables, commands to copy) are never broken by inserted newlines,
+# which piped output (80 columns) would otherwise get.
+console = Console(soft_wrap=True)
 
 
 class Add(Protocol):

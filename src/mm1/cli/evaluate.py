@@ -79,7 +79,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     )
     results["settings"] = {**settings, "eval": {**to_dict(e), "tasks": tasks}}
     files = write_report(results, out)
-    console.print(Path(files["markdown"]).read_text().split("\n\n###")[0])
+    console.print(Path(files["markdown"]).read_text().split("\n\n###")[0], markup=False)
     console.print(f"results: {files['json']}  table: {files['markdown']}  plot: {files['plot']}")
 
 
@@ -102,7 +102,7 @@ def cmd_eval_suite(args: argparse.Namespace) -> None:
     p = load_pretrained(model)
     name = args.name or _model_name(model)
     r = run_suite(p, _run_of(model), args.suite, world=world, name=name, out=out, **kw)
-    console.print(Path(r["files"]["markdown"]).read_text().split("\n\n## ")[0])
+    console.print(Path(r["files"]["markdown"]).read_text().split("\n\n## ")[0], markup=False)
     console.print(f"results: {r['files']['json']}  plot: {r['files']['plot']}")
 
 
