@@ -12,6 +12,8 @@ from rich.console import Console
 # which piped output (80 columns) would otherwise get.
 console = Console(soft_wrap=True)
 
+MODEL_HELP = "a run directory, one of its checkpoints (RUN/checkpoints/step_N), or an export"
+
 
 class Add(Protocol):
     """`add(name, fn, help, on=subparsers)`: a (sub)command running `fn(args)`; its parser."""

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from mm1.config import ConfigError, load_config
 
-from .common import Add, console
+from .common import MODEL_HELP, Add, console
 
 
 def cmd_data_synth(args: argparse.Namespace) -> None:
@@ -163,8 +163,10 @@ def register(add: Add) -> None:
     p.add_argument("--seed", type=int, default=0)
 
     p = add("recaption", cmd_recaption, "caption WebDataset shards with a trained model")
-    p.add_argument("checkpoint", help="a run directory or an exported directory")
-    p.add_argument("--in", dest="inputs", required=True, help="a folder of .tar shards or a glob")
+    p.add_argument("checkpoint", help=MODEL_HELP)
+    p.add_argument(
+        "--in", dest="inputs", required=True, help="a .tar shard, a folder of them, or a glob"
+    )
     p.add_argument("--out", required=True, help="folder for the new shards (same names)")
     p.add_argument("--fuse", action="store_true", help="caption = generated + original alt-text")
     p.add_argument("--batch-size", type=int, default=32)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mm1.config import ConfigError, EvalConfig
 
-from .common import Add, console
+from .common import MODEL_HELP, Add, console
 
 # `mm1 eval`'s own folder: `eval/` holds the demo's evaluation, which its report links to.
 EVAL_OUT = "eval-cli"
@@ -219,7 +219,7 @@ def _eval_settings(model_dir: Path, args: argparse.Namespace) -> tuple[EvalConfi
 
 def register(add: Add) -> None:
     p = add("eval", cmd_eval, "few-shot captioning / VQA evaluation with reports")
-    p.add_argument("model", help="a run directory or an exported directory")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument(
         "--tasks", default=None, help="comma-separated names (default: the run's eval.tasks)"
     )

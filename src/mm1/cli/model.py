@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from mm1.config import ConfigError
 from mm1.serve import add_arguments as serve_arguments
 
-from .common import Add, console
+from .common import MODEL_HELP, Add, console
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -171,7 +171,7 @@ def cmd_serve(args: argparse.Namespace) -> int | None:
 
 def register(add: Add) -> None:
     p = add("convert", cmd_convert, "export a run for inference, or write transformers checkpoints")
-    p.add_argument("source", help="a run directory or an exported directory")
+    p.add_argument("source", help=MODEL_HELP)
     p.add_argument("--export", default=None, help="write safetensors + config + tokenizer here")
     p.add_argument("--to-hf", default=None, help="transformers dir (LLaVA for mlp connectors)")
     p.add_argument(
@@ -182,7 +182,7 @@ def register(add: Add) -> None:
     )
 
     p = add("upcycle", cmd_upcycle, "a dense run or export -> a MoE export (sparse upcycling)")
-    p.add_argument("source", help="a dense run directory or an exported directory")
+    p.add_argument("source", help=f"dense: {MODEL_HELP}")
     p.add_argument("--experts", type=int, required=True)
     p.add_argument("--every", type=int, default=1, help="experts in layers i: (i + 1) %% k == 0")
     p.add_argument("--top-k", type=int, default=2)
@@ -191,7 +191,7 @@ def register(add: Add) -> None:
     p.add_argument("--out", required=True)
 
     p = add("generate", cmd_generate, "continue a prompt with images (`<image>` marks each)")
-    p.add_argument("model", help="a run directory or an exported directory")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--prompt", required=True)
     p.add_argument("--image", action="append", default=[])
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -205,7 +205,7 @@ def register(add: Add) -> None:
     )
 
     p = add("chat", cmd_chat, "chat with a model in the terminal (/image PATH attaches images)")
-    p.add_argument("model", help="a run directory or an exported directory")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--message", default=None, help="answer this one message, print, and exit")
     p.add_argument(
         "--image", action="append", default=[], help="with --message; at its <image> tags or first"

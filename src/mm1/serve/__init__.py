@@ -20,7 +20,10 @@ if TYPE_CHECKING:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a run directory or an exported directory")
+    p.add_argument(
+        "model",
+        help="a run directory, one of its checkpoints (RUN/checkpoints/step_N), or an export",
+    )
     p.add_argument(
         "--host", default="127.0.0.1", help="the address to listen on (default: loopback)"
     )
