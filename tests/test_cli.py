@@ -683,6 +683,16 @@ def test_sft_demo_at_toy_scale(run, tmp_path) -> None:
         "chat, 0-shot",
         "chat, 0-shot",
     ]
+    # the world's tokenizer has no chat template: the run saves the plain one it trained with,
+    # so chat and serve use it without a notice
+    from mm1.chat import resolve_chat_template
+    from mm1.data.chat_template import BUILTIN_TEMPLATES
+    from mm1.data.tokenizer import Tokenizer
+
+    saved = Tokenizer.from_file(tmp_path / "sft" / "tokenizer")
+    assert saved.chat_template == BUILTIN_TEMPLATES["plain"]
+    assert resolve_chat_template(saved, None).notice is None
+    assert Tokenizer.from_file(run / "tokenizer").chat_template is None  # pre-training: none
     shuffled = runs[2]["predictions"]["sft_pope"]["0"]
     shown = [r["images"] for r in runs[1]["predictions"]["sft_pope"]["0"]]
     assert [r["images"] for r in shuffled] == shown[1:] + shown[:1]  # the control's rotation

@@ -8,7 +8,12 @@ from pathlib import Path
 
 from mm1.config import ConfigError, DataConfig, InitConfig, ModelConfig, SourceConfig
 from mm1.data.catalog import check_sources
-from mm1.data.chat_template import BUILTIN_TOKENS, check_template, template_from_option
+from mm1.data.chat_template import (
+    BUILTIN_TEMPLATES,
+    BUILTIN_TOKENS,
+    check_template,
+    template_from_option,
+)
 from mm1.data.images import PREPROCESSOR_CONFIG, ImageProcessor
 from mm1.data.prompt_format import saved_image_boundaries
 from mm1.data.synthetic import WorldManifest, write_world
@@ -179,6 +184,10 @@ def prepare_data(
         tokenizer = Tokenizer.from_file(world.tokenizer_path)
     if data.chat_template:
         _set_chat_template(tokenizer, data.chat_template)
+    elif tokenizer.chat_template is None and any(s.resolved_kind == "sft" for s in sources):
+        # Conversations are then written with the built-in plain template: the run's tokenizer
+        # saves it, so chat, serve and HF exports write turns as the model learned them.
+        tokenizer.chat_template = BUILTIN_TEMPLATES["plain"]
     return PreparedData(
         tokenizer=tokenizer,
         processor=image_processor_for(model, init, own),
