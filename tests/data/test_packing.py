@@ -202,3 +202,21 @@ def test_collated_batch_trains_like_documents_alone() -> None:
         total += out.loss_sum.item()
         n += out.num_label_tokens
     assert packed.loss.item() == pytest.approx(total / n, rel=1e-5)
+
+
+def test_padding_of_sequences_the_image_cap_closed_is_counted() -> None:
+    """Caption pairs of cheap images fill the image cap long before the length: that padding
+    is the cap's (`mm1 data stats` says so); text-only sequences have none of it."""
+    captions = [make_doc("captions", ["i", 4], f"c{k}", q=2) for k in range(40)]
+    packer = Packer(seq_len=64, max_images=2, buffer_size=8)
+    for d in captions[:8]:
+        packer.add(d)
+    packer.next_sequence()
+    s = packer.stats
+    assert s.padding > 30 and s.padding_image_cap == s.padding
+    text = Packer(seq_len=64, max_images=2, buffer_size=8)
+    text.add(make_doc("captions", [20], "t0"))  # no image: room left, image slots too
+    text.next_sequence()
+    assert text.stats.padding > 0 and text.stats.padding_image_cap == 0
+    restored = type(s).from_dict(s.to_dict())
+    assert restored.padding_image_cap == s.padding_image_cap

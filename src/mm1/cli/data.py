@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from mm1.config import ConfigError, load_config
+from mm1.config import Config, ConfigError, load_config
 
 from .common import MODEL_HELP, Add, console
 
@@ -67,6 +67,17 @@ def cmd_data_inspect(args: argparse.Namespace) -> None:
     console.print_json(json.dumps(info, default=str))
 
 
+def _image_cap_note(stats: dict, cfg: Config) -> str:
+    """Why padding is high, when the image cap closed the sequences that hold most of it."""
+    padding, capped = stats["padding"], stats.get("padding_image_cap", 0)
+    if not padding or capped < padding / 2:
+        return ""
+    return (
+        f" ({100 * capped / padding:.0f}% of the padding in sequences closed by "
+        f"data.max_images_per_seq={cfg.data.max_images_per_seq}, not by their length)"
+    )
+
+
 def cmd_data_stats(args: argparse.Namespace) -> None:
     import json
 
@@ -99,7 +110,8 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
         )
     console.print(table)
     console.print(
-        f"packing efficiency {100 * stats['packing_efficiency']:.2f}%  |  images "
+        f"packing efficiency {100 * stats['packing_efficiency']:.2f}%{_image_cap_note(stats, cfg)}"
+        f"  |  images "
         f"{stats['images']:,} ({stats['tokens_per_image']:.1f} tokens each), dropped by the cap "
         f"{stats['images_dropped']} "
         f"({100 * stats['images_dropped_fraction']:.2f}%)  |  documents cut "

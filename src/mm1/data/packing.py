@@ -199,6 +199,9 @@ class PackStats:
     pieces_cut: int = 0  # documents cut across sequences (length or tail filling)
     truncated: int = 0  # caption pairs and conversations longer than a sequence: tails dropped
     tokens_truncated: int = 0
+    # Padding of the sequences the image cap closed (no image slot left, room left): where
+    # images cost few tokens, `max_images` rather than `seq_len` bounds a sequence.
+    padding_image_cap: int = 0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PackStats:
@@ -211,6 +214,7 @@ class PackStats:
             image_tokens=d.get("image_tokens", 0),
             truncated=d.get("truncated", 0),
             tokens_truncated=d.get("tokens_truncated", 0),
+            padding_image_cap=d.get("padding_image_cap", 0),
         )
 
     @property
@@ -237,6 +241,7 @@ class PackStats:
             "pieces_cut": self.pieces_cut,
             "truncated": self.truncated,
             "tokens_truncated": self.tokens_truncated,
+            "padding_image_cap": self.padding_image_cap,
         }
 
 
@@ -290,6 +295,8 @@ class Packer:
         if not chosen:
             raise RuntimeError("the packing buffer is empty")
         self._count(chosen, room)
+        if images == 0 and self.max_images > 0:
+            self.stats.padding_image_cap += room
         return chosen
 
     def _cut_filler(self, room: int, images: int) -> Piece | None:
