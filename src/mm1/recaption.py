@@ -47,6 +47,7 @@ from mm1.config import ConfigError
 from mm1.data.caption_splits import tar_samples
 from mm1.data.sources.base import IMAGE_EXTS, BadImage, image_from_bytes
 from mm1.data.tokenizer import ENDOFCHUNK_TOKEN, IMAGE_TOKEN, tokenize_prompt
+from mm1.fs import atomic_write_text
 from mm1.models.generation import generate
 from mm1.pretrained import Pretrained, load_pretrained
 
@@ -199,9 +200,7 @@ def _count_samples(shard: Path) -> int:
 
 def _write_json(path: Path, record: dict[str, Any]) -> None:
     # Atomic: an interrupted write must not lose the settings a resume is checked against.
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
 @torch.inference_mode()

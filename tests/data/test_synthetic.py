@@ -99,9 +99,13 @@ def test_an_interrupted_write_is_written_again_and_comes_out_whole(world, tmp_pa
         with pytest.raises(KeyboardInterrupt):
             write_world(root, seed=0, size="tiny")
     assert (root / "interleaved").is_dir() and not (root / "world.json").exists()
+    # what a process killed while writing world.json leaves (`mm1.fs.atomic_write_text`)
+    leftover = root / ".world.json.999.dead.tmp"
+    leftover.write_text("{")
     # The next run recognises its own partial world (before: "refusing to write" into it).
     write_world(root, seed=0, size="tiny")
     assert _tree_hashes(root) == _tree_hashes(m.root)
+    assert not leftover.exists()
     assert not (root / synthetic.WRITING_MARK).exists()
 
 

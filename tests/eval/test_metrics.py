@@ -23,6 +23,7 @@ from mm1.eval.metrics import (
     caption_scores,
     cider,
     extract_choice,
+    mean_std,
     multiple_choice_accuracy,
     ptb_tokenize,
     ptb_tokenize_corpus,
@@ -555,3 +556,10 @@ def test_multiple_choice_accuracy():
     assert multiple_choice_accuracy("Z", "Z") is True  # no options: letters A-Z
     with pytest.raises(ValueError):
         multiple_choice_accuracy("B", "a horse", OPTIONS)
+
+
+def test_mean_std():
+    assert mean_std([3.0]) == (3.0, 0.0)
+    assert mean_std([1.0, 3.0]) == (2.0, 1.0)  # the population (not sample) deviation
+    mean, std = mean_std([2, 4, 4, 4, 5, 5, 7, 9])
+    assert (mean, std) == (5.0, 2.0)

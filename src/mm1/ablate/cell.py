@@ -19,6 +19,7 @@ from typing import Any
 from mm1.checkpoint import latest_checkpoint
 from mm1.config import Config, load_eval_config
 from mm1.data.world import run_world
+from mm1.fs import atomic_write_text
 
 CELL_FILE = "cell.json"
 EVAL_DIR = "eval"
@@ -125,9 +126,7 @@ def read_cell(run_dir: Path) -> dict[str, Any]:
 
 def write_cell(run_dir: Path, record: dict[str, Any]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / (CELL_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-    tmp.replace(run_dir / CELL_FILE)
+    atomic_write_text(run_dir / CELL_FILE, json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
 # what a study directory records of its grid (runner.STUDY_FILE)

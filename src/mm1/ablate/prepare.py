@@ -20,9 +20,12 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mm1.config import ConfigError, load_config
+from mm1.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from mm1.recaption import RecaptionSettings
 
 STEP_KINDS = ("caption_splits", "train", "recaption", "train_encoder")
 _TRAINING = ("train", "train_encoder")
@@ -54,7 +57,8 @@ class PrepareStep:
             return f"{self.kind} {o['config']} -> {self.train_config().train.run_dir}"
         return f"recaption {o['in']} with {o['checkpoint']} -> {o['out']}"
 
-    def train_config(self):
+    def train_config(self) -> Config:
+        """The step's run config: an `EncoderRunConfig` for `train_encoder`."""
         extra = [f"{k}={json.dumps(v)}" for k, v in (self.options.get("overrides") or {}).items()]
         if self.kind == "train_encoder":
             from mm1.config.encoder import load_encoder_config
@@ -80,7 +84,7 @@ class PrepareStep:
         # settings, every shard counted (a file of the same name from another run is not done).
         return is_complete(o["checkpoint"], o["in"], o["out"], self._recaption_settings())
 
-    def run(self, log: Callable[[str], None]) -> None:
+    def run(self) -> None:
         o = self.options
         if self.kind == "caption_splits":
             from mm1.data.caption_splits import write_caption_splits
@@ -99,7 +103,7 @@ class PrepareStep:
 
             recaption(o["checkpoint"], o["in"], o["out"], self._recaption_settings())
 
-    def _recaption_settings(self):
+    def _recaption_settings(self) -> RecaptionSettings:
         from mm1.recaption import RecaptionSettings
 
         o = self.options
@@ -144,4 +148,4 @@ def run_prepare(steps: list[PrepareStep], log: Callable[[str], None]) -> None:
             log(f"prepare {i}/{len(steps)}: {step.describe()}: done already")
             continue
         log(f"prepare {i}/{len(steps)}: {step.describe()}")
-        step.run(log)
+        step.run()

@@ -24,7 +24,7 @@ def _longest(task: Task, tok: Tokenizer, fmt: PromptFormat, shots: int) -> int:
     template = PromptTemplates().get(task.kind)
 
     def size(e: Example) -> int:
-        return len(tok.encode(format_demo(template, task.kind, e, with_image=False)))
+        return len(tok.encode(format_demo(template, e, with_image=False)))
 
     demos = sorted(task.support or [], key=size, reverse=True)[:shots]
     query = max(task.query, key=size)

@@ -240,9 +240,9 @@ def estimate(plans: list[CellPlan]) -> tuple[dict[str, float], str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def prepare_worlds(plans: list[CellPlan], log: Log) -> None:
+def prepare_worlds(plans: list[CellPlan]) -> None:
     """Write each synthetic world the cells read, once, before any cell starts (parallel
-    cells would otherwise race to write it)."""
+    cells would otherwise race to write it). `ensure_world` prints its own progress."""
     from mm1.data.world import ensure_world
 
     seen = set()
@@ -322,7 +322,7 @@ def _run_study(
     plans = plan_study(grid, study_dir)
     todo = [p for p in plans if p.status != "done"]
     log(f"{grid.study}: {len(plans)} cells, {len(plans) - len(todo)} done, {len(todo)} to run")
-    prepare_worlds(todo, log)
+    prepare_worlds(todo)
     if todo:
         from mm1.ablate.prepare import run_prepare
 

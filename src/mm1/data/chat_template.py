@@ -184,8 +184,9 @@ def template_config_value(template: ChatTemplateSource) -> str | list[dict[str, 
 
 
 class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}…{% endgeneration %}`: renders its body; while `spans` is set (a list on
-    the environment), records the body's (start, end) in the output so far."""
+    """`{% generation %}…{% endgeneration %}`: renders its body; while the environment's
+    `mm1_tracker` is set (a `(blocks, spans)` pair: the output blocks generated so far and a list
+    of spans), appends the body's (start, end) in the output to `spans`."""
 
     tags: ClassVar[set[str]] = {"generation"}
 

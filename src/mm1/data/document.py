@@ -6,6 +6,16 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+# A message's role as written by LLaVA-style data (or already canonical) -> its canonical role
+# in `Conversation.messages`.
+ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+
 
 @dataclass
 class Document:

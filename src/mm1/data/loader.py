@@ -35,6 +35,7 @@ from mm1.data.packing import (
 from mm1.data.prompt_format import PromptFormat
 from mm1.data.sharded import ShardedDataset, WorkerError, check_saved_sources, slot_states
 from mm1.data.sources import ReadStats, check_error_rate, warn_skip
+from mm1.data.sources.base import MIN_SEEN_RECORDS
 from mm1.data.sources.decode import DEFAULT_MAX_IMAGE_PIXELS
 from mm1.data.tokenizer import (
     TokenizedDocument,
@@ -140,7 +141,9 @@ class PackedDataset(ShardedDataset):
     def _check_errors(self) -> None:
         assert self._mixture is not None
         for stream in self._mixture.streams:
-            check_error_rate(stream.stats, self.s.max_error_rate, stream.spec.path, min_seen=100)
+            check_error_rate(
+                stream.stats, self.s.max_error_rate, stream.spec.path, min_seen=MIN_SEEN_RECORDS
+            )
 
     def _batches(self) -> Iterator[Batch]:
         self._build()

@@ -24,6 +24,7 @@ from mm1.config import SourceConfig
 from mm1.data.catalog import count_records, list_shards
 from mm1.data.document import Conversation, Document
 from mm1.data.sources import READERS, DataError, ReadStats, check_error_rate
+from mm1.data.sources.base import MIN_SEEN_RECORDS
 
 Record = Document | Conversation
 logger = logging.getLogger(__name__)
@@ -128,7 +129,9 @@ class SourceStream:
                 self._iter = self._open(shard, lo + self.cursor.record)
             item = next(self._iter, None)
             if item is None or (hi >= 0 and item[0] >= hi):
-                check_error_rate(self.stats, self.max_error_rate, self.spec.path, min_seen=100)
+                check_error_rate(
+                    self.stats, self.max_error_rate, self.spec.path, min_seen=MIN_SEEN_RECORDS
+                )
                 self.cursor.shard_pos += 1
                 self.cursor.record = 0
                 self._iter = None
@@ -136,7 +139,9 @@ class SourceStream:
             raw, record = item
             self.cursor.record = raw + 1 - lo
             empty_passes = 0
-            check_error_rate(self.stats, self.max_error_rate, self.spec.path, min_seen=100)
+            check_error_rate(
+                self.stats, self.max_error_rate, self.spec.path, min_seen=MIN_SEEN_RECORDS
+            )
             return shard, raw, record
 
     def used(self) -> None:

@@ -29,9 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from mm1.data.scenes import Scene, render_scene, sample_scene, scene_questions
+from mm1.data.scenes.documents import SHORT_SUFFIX
 from mm1.data.scenes.scene import capitalized
 from mm1.data.sft_eval import multi_image_question, presence_pair, presence_question
 from mm1.data.synthetic_writers import jpeg, world_rng
+from mm1.fs import atomic_write_text
 
 TASKS_DIR = "sft/tasks"
 PRESENCE_DIR = "sft/presence"
@@ -41,7 +43,6 @@ PRESENCE_SIZES = {"tiny": 64, "small": 6000, "medium": 12000}
 PRESENCE_QUESTIONS = 2
 KINDS = ("presence", "multi_image", "reading")
 WEIGHTS = (40, 30, 30)
-SHORT_SUFFIX = "Answer the question using a single word or phrase."
 TRAIN_NEGATIVES = ("random", "adversarial")
 
 
@@ -121,9 +122,8 @@ def _write_records(
         records.append(rec)
         kinds[kind] += 1
     path = out / TASKS_FILE
-    tmp = path.with_suffix(".tmp")  # the file's presence marks a complete set
-    tmp.write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    # atomically: the file's presence marks a complete set
+    atomic_write_text(path, json.dumps(records, indent=1, ensure_ascii=False) + "\n")
     return {
         "kind": "sft",
         "format": "llava",

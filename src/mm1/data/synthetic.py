@@ -31,7 +31,6 @@ split they write (`scene_split`). Files are byte-identical for the same seed and
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import os
@@ -71,6 +70,7 @@ from mm1.data.synthetic_writers import (
     write_sft,
     write_text,
 )
+from mm1.fs import LOCKS_UNSUPPORTED, atomic_write_text, temp_files
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizer
@@ -116,13 +116,11 @@ _OWNED = (
     "eval",
     "tokenizer.json",
     "world.json",
-    "world.json.tmp",
+    "world.json.tmp",  # what earlier versions wrote world.json through
 )
 # Present while a world is written (removed once `world.json` is): a directory holding it is an
 # interrupted world of ours, rewritten rather than refused.
 WRITING_MARK = ".writing"
-# lockf on a file system without POSIX locks (some NFS / Lustre mounts): write unguarded there
-LOCKS_UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
 @dataclass
@@ -216,6 +214,8 @@ def _clear(root: Path) -> None:
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
+    for p in temp_files(root / "world.json"):  # left by a write killed midway
+        p.unlink()
 
 
 def _vocabulary() -> dict[str, Any]:
@@ -367,7 +367,7 @@ def _write_files(
         vocabulary=_vocabulary(),
     )
     # Atomically: an interrupted write must not leave a world.json that claims a whole world.
-    tmp = root / "world.json.tmp"
-    tmp.write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n")
-    tmp.replace(root / "world.json")
+    atomic_write_text(
+        root / "world.json", json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n"
+    )
     return manifest

@@ -53,7 +53,7 @@ from mm1.data.chat_template import (
     training_text,
     uses_typed_parts,
 )
-from mm1.data.document import Conversation, Document
+from mm1.data.document import ROLES, Conversation, Document
 from mm1.data.prompt_format import PromptFormat
 from mm1.data.sources.unicode import repair_text
 
@@ -335,9 +335,6 @@ class TokenizedDocument:
         return [*out, IGNORE_INDEX] if ids else []
 
 
-_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
-
-
 def tokenize_document(
     doc: Document,
     tok: Tokenizer,
@@ -439,7 +436,7 @@ def tokenize_chat_prompt(
     tags = sum(str(m.get("content", "")).count(IMAGE_TOKEN) for m in messages)
     if tags != len(images):
         raise ValueError(f"the messages have {tags} {IMAGE_TOKEN} tags but {len(images)} images")
-    messages = [{**m, "role": _ROLES.get(m.get("role"), m.get("role"))} for m in messages]
+    messages = [{**m, "role": ROLES.get(m.get("role"), m.get("role"))} for m in messages]
     source, messages = _template_and_messages(tok, fmt, messages)
     text, _ = render(source, messages, True, tok.template_variables)
     if text.count(IMAGE_TOKEN) != len(images):
@@ -476,7 +473,7 @@ def _checked_messages(conv: Conversation, where: str) -> list[dict[str, Any]]:
         )
     messages = []
     for i, m in enumerate(conv.messages):
-        role = _ROLES.get(m.get("role"), "system" if m.get("role") == "system" else None)
+        role = ROLES.get(m.get("role"))
         if role is None:
             raise ValueError(f"{where}: unknown role {m.get('role')!r}")
         if not isinstance(m.get("content"), str):

@@ -25,7 +25,6 @@ and demonstration selection are unpublished.
 
 from __future__ import annotations
 
-import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -42,6 +41,7 @@ from mm1.data.prompt_format import PromptFormat
 from mm1.data.tokenizer import Tokenizer
 from mm1.eval.demos import random_demos, rices_rank, shuffled_images
 from mm1.eval.images import CropCache, EvalImageError, PixelCache
+from mm1.eval.metrics import mean_std
 from mm1.eval.prompts import (
     DEFAULT_STOP_STRINGS,
     Prompt,
@@ -373,11 +373,6 @@ class FewShotEvaluator:
         return [mapping[q.id] for q in queries]
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
-
-
 def evaluate(
     model: MM1,
     tokenizer: Tokenizer,
@@ -536,7 +531,7 @@ def evaluate(
             else:  # plain zero-shot is the 0-shot score when there are no text demonstrations
                 per_seed = {str(s): outcomes[(task.name, "0_plain")][None] for s in run_seeds[:1]}
             scores = [per_seed[s]["score"] for s in per_seed]
-            mean, std = _mean_std(scores)
+            mean, std = mean_std(scores)
             entry["shots"][key] = {
                 "scores": scores,
                 "seeds": [int(s) for s in per_seed],

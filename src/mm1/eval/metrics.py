@@ -32,6 +32,7 @@ __all__ = [
     "caption_scores",
     "cider",
     "extract_choice",
+    "mean_std",
     "multiple_choice_accuracy",
     "pope_answer",
     "pope_scores",
@@ -45,6 +46,14 @@ __all__ = [
 ]
 
 K = TypeVar("K", bound=Hashable)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and population standard deviation of `values` (at least one): the spread of a
+    score over seeds or demonstration draws."""
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+
 
 # =================================================================================================
 # Caption metrics: CIDEr-D, BLEU, ROUGE-L (pycocoevalcap semantics, on tokenized text)

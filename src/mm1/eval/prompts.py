@@ -67,7 +67,7 @@ class PromptTemplates:
         return getattr(self, kind)
 
 
-def format_demo(template: str, kind: str, example: Example, with_image: bool = True) -> str:
+def format_demo(template: str, example: Example, with_image: bool = True) -> str:
     """A demonstration: the template filled with the example's question and answer."""
     target = example.target.strip()
     text = template.format(question=example.question or "", caption=target, answer=target)
@@ -149,9 +149,7 @@ def build_prompt(
     (0: all) are tiled, the others written in the `single` form."""
     templates = templates or PromptTemplates()
     template = templates.get(kind)
-    text = "".join(
-        format_demo(template, kind, d, not text_only_demos) + DEMO_SEPARATOR for d in demos
-    )
+    text = "".join(format_demo(template, d, not text_only_demos) + DEMO_SEPARATOR for d in demos)
     text += format_query(template, kind, query)
     images = [] if text_only_demos else [d.image for d in demos]
     images.append(query.image if query_image is None else query_image)

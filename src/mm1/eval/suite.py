@@ -22,7 +22,6 @@ images of another query of the sample (a fixed rotation; same text, wrong pictur
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Sequence
@@ -33,14 +32,15 @@ import torch
 from PIL import Image
 
 from mm1.data.prompt_format import PromptFormat
+from mm1.data.scenes.documents import SHORT_SUFFIX
 from mm1.data.sources.base import image_from_path
 from mm1.data.tokenizer import IMAGE_TOKEN, Tokenizer, tokenize_chat_prompt
+from mm1.eval.metrics import mean_std
 from mm1.eval.prompts import encode_prompt, postprocess
 from mm1.eval.suite_tasks import SHORT_KINDS, SuiteExample, SuiteTask, load_suite
 from mm1.models.generation import generate
 from mm1.models.mllm import MM1
 
-SHORT_SUFFIX = "Answer the question using a single word or phrase."
 FEWSHOT_SHOTS = 4
 MAX_NEW_TOKENS = {"short": 10, "long": 60}
 MODES = ("auto", "chat", "fewshot")
@@ -122,11 +122,6 @@ def _demos(task: SuiteTask, query: SuiteExample, k: int, seed: int) -> list[Suit
             f"{len(pool)}; add a `support:` split (or prompt the model as a chat model)"
         )
     return random.Random(f"suite|{task.name}|{seed}|{query.id}").sample(pool, k)
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
 
 
 @torch.no_grad()
@@ -240,7 +235,7 @@ def evaluate_suite(
             metrics = {}
             for m in per_seed[0]:
                 values = [s[m] for s in per_seed]
-                mean, std = _mean_std(values)
+                mean, std = mean_std(values)
                 metrics[m] = {"scores": values, "mean": mean, "std": std}
             results["tasks"][task.name] = {
                 "kind": task.kind,

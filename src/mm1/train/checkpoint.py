@@ -83,8 +83,6 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 import mm1
-
-# Reading lives below training and inference (`mm1.checkpoint`); re-exported for callers here.
 from mm1.checkpoint import (
     CHECKPOINTS_DIR,
     FORMAT_VERSION,
@@ -108,6 +106,9 @@ from mm1.checkpoint import (
     safe_dcp_load,
     step_of,
 )
+
+# Reading lives below training and inference (`mm1.checkpoint`); re-exported for callers here.
+from mm1.fs import fsync_dir
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -223,19 +224,6 @@ def _optimizers(optimizer: torch.optim.Optimizer | None) -> tuple[torch.optim.Op
 
 def _optimizer_has_state(optimizer: torch.optim.Optimizer | None) -> bool:
     return optimizer is not None and len(optimizer.state) > 0
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _atomic_rename(src: Path, dst: Path) -> None:
@@ -487,14 +475,14 @@ def save_checkpoint(
                 **user_meta,
             }
             _write_meta(tmp, doc)
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             replaced = None
             if final.exists():
                 replaced = root / f"{TMP_PREFIX}{REPLACED}{final.name}"
                 _remove(replaced)
                 _atomic_rename(final, replaced)
             _atomic_rename(tmp, final)
-            _fsync_dir(root)
+            fsync_dir(root)
             if replaced is not None:
                 _remove(replaced)
         except Exception as e:

@@ -21,6 +21,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from mm1.fs import atomic_write_text
+
 
 def _finite(v: Any) -> Any:
     return None if isinstance(v, float) and not math.isfinite(v) else v
@@ -217,6 +219,4 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     if not path.exists():
         return
     kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    tmp.replace(path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))

@@ -20,12 +20,10 @@ from pathlib import Path
 import torch
 
 from mm1.config import ConfigError
+from mm1.fs import LOCKS_UNSUPPORTED
 from mm1.train.parallel import Dist
 
 LOCK_FILE = ".lock"
-# What lockf raises on a file system without POSIX locks (some NFS and Lustre mounts): the
-# lock is then skipped with a warning rather than failing every run there.
-LOCKS_UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 log = logging.getLogger(__name__)
 
 

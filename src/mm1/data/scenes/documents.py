@@ -320,7 +320,9 @@ def text_document(rng: random.Random, text_scale: float = 0.0) -> tuple[list[str
 
 # --- SFT conversations ----------------------------------------------------------------------
 
-_SHORT_SUFFIX = "Answer the question using a single word or phrase."
+# LLaVA-1.5's short-answer prompt: the SFT data, the SFT tasks and the evaluation suite all use
+# this one string, so a model is asked at evaluation exactly as it was trained.
+SHORT_SUFFIX = "Answer the question using a single word or phrase."
 _CAPTION_PROMPTS = (
     "Provide a brief description of the given image.",
     "Describe the image concisely.",
@@ -357,7 +359,7 @@ def sft_conversation(rng: random.Random) -> tuple[str, list[Scene], list[dict[st
             qa_pairs = []
             for qa in qas:
                 if kind == "short" or (kind == "multi_turn" and rng.random() < 0.5):
-                    qa_pairs.append((f"{qa.question}\n{_SHORT_SUFFIX}", capitalized(qa.answer)))
+                    qa_pairs.append((f"{qa.question}\n{SHORT_SUFFIX}", capitalized(qa.answer)))
                 else:
                     qa_pairs.append((qa.question, qa.long))
         for i, (q, a) in enumerate(qa_pairs):

@@ -113,6 +113,11 @@ class ReadStats:
         )
 
 
+# Records a streaming reader sees before `check_error_rate` judges its rate (tiny samples are
+# noisy); the loader and the mixture pass it while a source is still being read.
+MIN_SEEN_RECORDS = 100
+
+
 def check_error_rate(
     stats: ReadStats, max_error_rate: float, source: str, min_seen: int = 0
 ) -> None:
@@ -124,9 +129,9 @@ def check_error_rate(
     first record is not a 100% error rate). Before then the check still fails as soon as more
     records were skipped than `max_error_rate` allows in `min_seen` records, since the verdict at
     `min_seen` is then already certain. So a small source, or a short run, that never reaches
-    `min_seen` records is still checked: with the defaults (1%, `min_seen=100`) two bad records
-    abort. Callers at the end of a whole pass over a source can pass `min_seen=0` to judge the
-    rate of that pass however small it is.
+    `min_seen` records is still checked: with a 1% rate and `min_seen=MIN_SEEN_RECORDS` (100, what
+    the streaming readers pass) two bad records abort. The default `min_seen=0` judges the rate
+    however few records were seen, as callers at the end of a whole pass over a source want.
     """
     if stats.seen == 0:
         return

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from mm1.data.document import Conversation
+from mm1.data.document import ROLES, Conversation
 from mm1.data.sources.base import (
     IMAGE_TAG,
     BadImage,
@@ -28,14 +28,6 @@ from mm1.data.sources.base import (
     too_deep,
 )
 from mm1.data.sources.json_list import JsonList, NotAList
-
-_ROLES = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "system": "system",
-}
 
 
 def _llava_records(
@@ -129,7 +121,7 @@ def _llava_conversation(
     for turn in turns:
         role = value = None
         if isinstance(turn, dict):
-            role = _ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
+            role = ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
             value = turn.get("value", turn.get("content"))
         if role is None or not isinstance(value, str):
             skip_record(stats, "malformed_record", where, f"bad turn {turn!r:.200}")
