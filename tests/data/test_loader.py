@@ -296,3 +296,36 @@ def test_sft_sources_pack_assistant_only_labels(world, tok, fmt: str) -> None:
     labelled = batch.labels != -100
     assert 0 < int(labelled.sum()) < int((batch.kind_ids >= 0).sum())  # only assistant turns
     assert (batch.kind_ids[batch.kind_ids >= 0] == 3).all()  # the sft kind
+
+
+EXITS = """
+import sys
+from mm1.data.loader import build_loader
+from mm1.data.synthetic import WorldManifest
+from mm1.data.tokenizer import Tokenizer
+from tests.data.test_loader import PROC, settings, take
+
+world = WorldManifest.load(sys.argv[1])
+tok = Tokenizer.from_file(world.tokenizer_path)
+LOADER = build_loader(settings(world), tok, PROC, num_workers=1)  # alive at exit, not closed
+take(LOADER, 1)
+print("read", flush=True)
+"""
+
+
+def test_an_interpreter_exits_with_a_loader_never_closed(world) -> None:
+    """Workers ignore SIGTERM (the trainer saves first), which is how multiprocessing stops
+    daemonic children at exit: a script ending with a live loader waited for them forever."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    p = subprocess.run(
+        [sys.executable, "-c", EXITS, str(world.root)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 0 and p.stdout == "read\n", p.stderr[-2000:]

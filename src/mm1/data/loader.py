@@ -9,8 +9,10 @@ buffered records (nothing already emitted is read again).
 
 from __future__ import annotations
 
+import atexit
 import signal
 import warnings
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -211,7 +213,9 @@ class Loader(StatefulDataLoader):
     process as the same exception (type and message) the single-process loader raises."""
 
     def __iter__(self) -> Iterator[Batch]:
-        return _raising(super().__iter__())
+        batches = super().__iter__()
+        _WORKERS.update(getattr(batches, "_workers", ()))
+        return _raising(batches)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if isinstance(self.dataset, ShardedDataset):  # before any worker starts reading
@@ -226,6 +230,22 @@ class Loader(StatefulDataLoader):
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
         self._iterator = None
+
+
+# Every loader's worker processes. They ignore SIGTERM, which is how multiprocessing stops
+# daemonic children at exit (and how torch stops a worker that does not leave in time): an
+# interpreter exiting with one still alive (a loader not closed, or one whose worker did not
+# take its shutdown) would wait for it forever. This handler, registered after
+# multiprocessing's (atexit runs the last registered first), kills them before.
+_WORKERS: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_workers_left() -> None:
+    for worker in list(_WORKERS):
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=5)
 
 
 def _raising(batches: Iterator[Any]) -> Iterator[Batch]:
