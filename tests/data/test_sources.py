@@ -658,6 +658,12 @@ def test_read_stats_and_error_rate_check():
     with pytest.raises(DataError, match=r"'web-captions'.*3 of 12.*corrupt_image=2"):
         check_error_rate(a, 0.2, "web-captions")
     check_error_rate(a, 0.2, "web-captions", min_seen=100)  # too early to judge
+    with pytest.raises(DataError, match="Fix or remove the bad shards, or raise data.max_error"):
+        check_error_rate(a, 0.2, "web-captions")
+    # skips the config causes: the message names the setting, not the data
+    long = ReadStats(records=6, skipped={"too_long": 3, "corrupt_image": 1})
+    with pytest.raises(DataError, match=r"Most were too_long: raise data.seq_len \(an image's"):
+        check_error_rate(long, 0.01, "sft")
 
 
 def test_list_shards_and_count_records(tmp_path):

@@ -141,12 +141,27 @@ def check_error_rate(
     elif stats.error_rate <= max_error_rate:
         return
     reasons = ", ".join(f"{k}={v}" for k, v in sorted(stats.skipped.items()))
+    most = max(stats.skipped, key=lambda k: stats.skipped[k])
+    fix = (
+        f"Most were {most}: {CONFIG_REMEDIES[most]}"
+        if most in CONFIG_REMEDIES
+        else "Fix or remove the bad shards"
+    )
     raise DataError(
         f"data source {source!r}: {stats.num_skipped} of {stats.seen} records were skipped "
         f"({stats.error_rate:.1%}; {reasons}), more than data.max_error_rate={max_error_rate:g} "
-        f"({max_error_rate:.1%}) allows. Fix or remove the bad shards, or raise "
-        "data.max_error_rate in the config (a fraction of the records read)."
+        f"({max_error_rate:.1%}) allows. {fix}, or raise data.max_error_rate in the config (a "
+        "fraction of the records read)."
     )
+
+
+# Skips that the config causes rather than the data: the setting that admits such records.
+CONFIG_REMEDIES = {
+    "too_long": "raise data.seq_len (an image's token block, or a conversation's first answer, "
+    "does not fit in it; a high-resolution layout takes more tokens per image)",
+    "too_many_images": "raise data.max_images_per_seq",
+    "oversize_image": "raise data.max_image_pixels",
+}
 
 
 _WARN_FIRST = 5
