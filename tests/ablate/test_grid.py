@@ -193,8 +193,9 @@ def test_estimate_uses_finished_cells_of_the_studies_beside_it(tmp_path) -> None
     grid = load_grid(_grid(tmp_path, axes={"model.connector.num_tokens": [16, 4]}))
     studies = tmp_path / "studies"
     other_cfg = grid.cell_config(grid.cells[0], studies / "other")
-    _finished_cell(studies / "other" / "c", other_cfg, train_seconds=50.0, steps=10)
-    per_flop = 50.0 / (_flops_per_step(other_cfg) * 10)
+    steps = other_cfg.train.steps
+    _finished_cell(studies / "other" / "c", other_cfg, train_seconds=50.0, steps=steps)
+    per_flop = 50.0 / (_flops_per_step(other_cfg) * steps)
 
     plans = plan_study(grid, studies / "mine")
     seconds, how = estimate(plans)
@@ -214,6 +215,16 @@ def test_estimate_uses_finished_cells_of_the_studies_beside_it(tmp_path) -> None
     assert left(2) == pytest.approx(left(1) / 2, rel=0.05)
     with pytest.raises(ConfigError, match="--jobs 0: give 1 or more"):  # as without --dry-run
         left(0)
+
+    # a few-step cell of a test study is mostly start-up: it does not time this one
+    tiny_cfg = grid.cell_config(grid.cells[0], studies / "tiny")
+    tiny_cfg.train.steps = 1
+    _finished_cell(studies / "tiny" / "c", tiny_cfg, train_seconds=500.0, steps=1)
+    again, how = estimate(plans)
+    assert (
+        "1 finished cell(s) of other studies" in how and "(1 much smaller cell(s) left out)" in how
+    )
+    assert again == seconds
 
     done = plans[0]
     _finished_cell(done.run_dir, done.cfg, train_seconds=200.0, steps=done.cfg.train.steps)

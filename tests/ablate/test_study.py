@@ -4,6 +4,7 @@ recorded while the study goes on, the seq_len check, the dry run."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -21,7 +22,7 @@ from mm1.ablate import runner
 from mm1.ablate.cell import read_cell
 from mm1.ablate.command import ablate, dry_run
 from mm1.ablate.grid import Grid, load_grid
-from mm1.ablate.prompt_check import context_warning, longest_eval_prompt
+from mm1.ablate.prompt_check import context_warnings, longest_eval_prompt
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {
@@ -174,16 +175,23 @@ def test_prompts_beyond_the_training_context_warned(study) -> None:
     lengths = longest_eval_prompt(cfg)
     # 2-shot prompts: three images of 16 slots each, plus text
     assert set(lengths) == {"synth_coco", "synth_vqa"} and min(lengths.values()) > 3 * 16
-    assert context_warning("c", cfg) is None
-    cfg.data.seq_len = min(lengths.values()) - 1
-    warning = context_warning("c7", cfg)
-    assert warning is not None and warning.startswith("cell c7: data.seq_len=")
-    assert "images" not in warning
+    assert context_warnings([("c", cfg)]) == []
+    short = copy.deepcopy(cfg)
+    short.data.seq_len = min(lengths.values()) - 1
+    [warning] = context_warnings([("c6", cfg), ("c7", short)])
+    assert warning.startswith("cell c7: data.seq_len=") and "images" not in warning
     # 8-shot prompts show 9 images: more than any world document (6), whatever the seq_len
-    cfg.data.seq_len, cfg.eval.shots = 4096, [0, 8]
-    warning = context_warning("c8", cfg)
-    assert warning is not None and "shorter" not in warning
+    many = copy.deepcopy(cfg)
+    many.data.seq_len, many.eval.shots = 4096, [0, 8]
+    [warning] = context_warnings([("c8", many)])
+    assert "shorter" not in warning
     assert "8-shot prompts show 9 images, more than any training document" in warning
+    # cells sharing a problem share one line
+    assert [w.split(":")[0] for w in context_warnings([("a", many), ("b", many)])] == [
+        "all 2 cells"
+    ]
+    both = context_warnings([("a", many), ("b", many), ("c", cfg)])
+    assert [w.split(":")[0] for w in both] == ["2 cells (a, b)"]
 
 
 def test_parallel_failures_recorded(tmp_path, study) -> None:

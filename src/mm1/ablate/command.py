@@ -30,7 +30,7 @@ def dry_run(
         check_study_dir(grid, study_dir, force=False, log=log)
     plans = plan_study(grid, study_dir)
     seconds, how = estimate(plans)
-    from mm1.ablate.prompt_check import context_warning
+    from mm1.ablate.prompt_check import context_warnings
 
     lines = [f"study {grid.study} -> {study_dir}: {len(plans)} cells ({len(grid.seeds)} seeds)"]
     for i, step in enumerate(grid.prepare, 1):
@@ -45,9 +45,7 @@ def dry_run(
             f"  {p.cell.id:<40} {p.status:<11} {left:>14}, {tokens / 1e6:.1f}M tokens{cost}"
             f"  [{p.cell.label}, seed {p.cell.seed}]"
         )
-        warning = context_warning(p.cell.id, p.cfg)
-        if warning:
-            lines.append(f"  warning: {warning}")
+    lines += [f"  warning: {w}" for w in context_warnings([(p.cell.id, p.cfg) for p in plans])]
     total = sum(seconds.values())
     if jobs > 1:  # cells in turn over `jobs` processes; each cell's own time as measured
         total /= min(jobs, max(1, len(seconds)))

@@ -7,6 +7,7 @@ is one document: at most `data.seq_len` tokens and the world's `MAX_DOC_IMAGES` 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from mm1.config import Config
@@ -47,10 +48,10 @@ def longest_eval_prompt(cfg: Config) -> dict[str, int]:
     return out
 
 
-def context_warning(cell_id: str, cfg: Config) -> str | None:
-    """A one-line warning naming the cell when a prompt it will be evaluated on is longer than
-    its `data.seq_len`, or (trained on the world's own mixture) shows more images than a world
-    document: its largest shot count's demonstrations and the query. Else None."""
+def context_problem(cfg: Config) -> str | None:
+    """What runs past the training context when a cell is evaluated: a prompt longer than its
+    `data.seq_len`, or (trained on the world's own mixture) more images than a world document
+    (its largest shot count's demonstrations and the query); None if nothing does."""
     lengths = longest_eval_prompt(cfg)
     if not lengths:
         return None
@@ -71,6 +72,26 @@ def context_warning(cell_id: str, cfg: Config) -> str | None:
     if not problems:
         return None
     return (
-        f"cell {cell_id}: {'; '.join(problems)}: the evaluation runs past anything the model "
-        "attended over in training (raise data.seq_len, or lower eval.shots)"
+        f"{'; '.join(problems)}: the evaluation runs past anything the model attended over in "
+        "training (raise data.seq_len, or lower eval.shots)"
     )
+
+
+def context_warnings(cells: Sequence[tuple[str, Config]]) -> list[str]:
+    """One line per distinct `context_problem` of the (cell id, config) pairs, naming its cells
+    (a study's grid usually shares one eval section: one line, not one per cell)."""
+    by_problem: dict[str, list[str]] = {}
+    for cell_id, cfg in cells:
+        problem = context_problem(cfg)
+        if problem:
+            by_problem.setdefault(problem, []).append(cell_id)
+    lines = []
+    for problem, ids in by_problem.items():
+        if len(ids) == 1:
+            who = f"cell {ids[0]}"
+        elif len(ids) == len(cells):
+            who = f"all {len(ids)} cells"
+        else:
+            who = f"{len(ids)} cells ({', '.join(ids)})"
+        lines.append(f"{who}: {problem}")
+    return lines

@@ -180,9 +180,10 @@ def _matmul_rate() -> float:
     return 2 * 512**3 * n / (time.perf_counter() - t0)
 
 
-def _seconds_per_flop(run_dir: Path, cfg: Config | None = None) -> float | None:
-    """A finished cell's measured seconds (training and evaluation) per training FLOP, from its
-    cell.json and its config (`cfg`, else its saved config.yaml); None if it has none."""
+def _measured(run_dir: Path, cfg: Config | None = None) -> tuple[float, float] | None:
+    """A finished cell's measured seconds (training and evaluation) per training FLOP, and the
+    training FLOPs they were measured on, from its cell.json and its config (`cfg`, else its
+    saved config.yaml); None if it has none."""
     rec = read_cell(run_dir)
     # the last sitting's seconds are for the steps it trained: a sitting that only evaluated
     # (resumed after its training ended) measured no training; older records lack the count
@@ -197,7 +198,14 @@ def _seconds_per_flop(run_dir: Path, cfg: Config | None = None) -> float | None:
     train_steps = max(1, rec.get("steps") or steps)
     # evaluation once per cell, shared out over the steps trained in this sitting
     seconds = rec["train_seconds"] + rec.get("eval_seconds", 0.0) * steps / train_steps
-    return seconds / (_flops_per_step(cfg) * steps)
+    flops = _flops_per_step(cfg) * steps
+    return seconds / flops, flops
+
+
+# A cell of another study times this one only if it trained at least this share of the FLOPs
+# of this study's smallest cell: a few-step test cell's seconds are mostly start-up and
+# evaluation, which per training FLOP would inflate the estimate many times over.
+SIMILAR_SCALE = 0.1
 
 
 def estimate(plans: list[CellPlan]) -> tuple[dict[str, float], str]:
@@ -206,17 +214,23 @@ def estimate(plans: list[CellPlan]) -> tuple[dict[str, float], str]:
     cells of the other studies beside it (same parent directory), else from the FLOPs at this
     machine's matmul rate (a rough guess: a tiny model runs far below the rate, the FLOPs are
     counted at the image cap, and other jobs lower the rate measured)."""
-    measured = [r for p in plans if (r := _seconds_per_flop(p.run_dir, p.cfg)) is not None]
+    measured = [m[0] for p in plans if (m := _measured(p.run_dir, p.cfg)) is not None]
     how = f"measured on {len(measured)} finished cell(s), training + evaluation"
+    note = ""
     if not measured and plans:
         study_dir = plans[0].run_dir.parent
         others = sorted(
             d.parent for d in study_dir.parent.glob("*/*/cell.json") if d.parent.parent != study_dir
         )
-        measured = [r for d in others if (r := _seconds_per_flop(d)) is not None]
+        found = [m for d in others if (m := _measured(d)) is not None]
+        smallest = min(_flops_per_step(p.cfg) * p.cfg.train.steps for p in plans)
+        measured = [per_flop for per_flop, flops in found if flops >= SIMILAR_SCALE * smallest]
+        ignored = len(found) - len(measured)
+        note = f" ({ignored} much smaller cell(s) left out)" if ignored else ""
         how = (
             f"measured on {len(measured)} finished cell(s) of other studies in "
-            f"{study_dir.parent}, training + evaluation; refined once a cell of this one finishes"
+            f"{study_dir.parent}{note}, training + evaluation; refined once a cell of this one "
+            "finishes"
         )
     if measured:
         per_flop = sum(measured) / len(measured)
@@ -225,7 +239,7 @@ def estimate(plans: list[CellPlan]) -> tuple[dict[str, float], str]:
         per_flop = 1 / rate
         how = (
             f"training FLOPs at this machine's matmul rate now ({rate / 1e9:.0f} GFLOP/s): a "
-            "rough guess, evaluation not included; refined once a cell has finished"
+            f"rough guess, evaluation not included; refined once a cell has finished{note}"
         )
     out = {}
     for p in plans:
@@ -327,12 +341,10 @@ def _run_study(
         from mm1.ablate.prepare import run_prepare
 
         run_prepare(grid.prepare, log)
-    from mm1.ablate.prompt_check import context_warning
+    from mm1.ablate.prompt_check import context_warnings
 
-    for p in plans:
-        warning = context_warning(p.cell.id, p.cfg)
-        if warning:
-            log(f"warning: {warning}")
+    for warning in context_warnings([(p.cell.id, p.cfg) for p in plans]):
+        log(f"warning: {warning}")
     if jobs == 1:
         for i, p in enumerate(todo, 1):
             what = f"resuming from step {p.step}" if p.step else "training"
