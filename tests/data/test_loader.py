@@ -300,15 +300,19 @@ def test_sft_sources_pack_assistant_only_labels(world, tok, fmt: str) -> None:
 
 EXITS = """
 import sys
-from mm1.data.loader import build_loader
+from mm1.data.images import ImageProcessor
+from mm1.data.loader import LoaderSettings, build_loader
+from mm1.data.prompt_format import PromptFormat
 from mm1.data.synthetic import WorldManifest
 from mm1.data.tokenizer import Tokenizer
-from tests.data.test_loader import PROC, settings, take
+from mm1.data.world import world_sources
 
 world = WorldManifest.load(sys.argv[1])
+train, _ = world_sources(world)
+settings = LoaderSettings(train, seq_len=128, micro_batch_size=2, prompt_format=PromptFormat(4))
 tok = Tokenizer.from_file(world.tokenizer_path)
-LOADER = build_loader(settings(world), tok, PROC, num_workers=1)  # alive at exit, not closed
-take(LOADER, 1)
+LOADER = build_loader(settings, tok, ImageProcessor.clip(16), num_workers=1)  # never closed
+next(iter(LOADER))
 print("read", flush=True)
 """
 
@@ -318,12 +322,9 @@ def test_an_interpreter_exits_with_a_loader_never_closed(world) -> None:
     daemonic children at exit: a script ending with a live loader waited for them forever."""
     import subprocess
     import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[2]
     p = subprocess.run(
         [sys.executable, "-c", EXITS, str(world.root)],
-        cwd=root,
         capture_output=True,
         text=True,
         timeout=120,
