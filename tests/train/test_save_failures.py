@@ -42,7 +42,7 @@ def _check_refused(err: pytest.ExceptionInfo, run: Path) -> None:
     msg = str(err.value)
     final = run / "checkpoints" / "step_2"
     assert msg.startswith(f"no space left on device while saving step 2 to {final} (needs about ")
-    assert " MB)" in msg and "kept step_1" in msg and "\n" not in msg
+    assert " MiB)" in msg and "kept step_1" in msg and "\n" not in msg
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_1"]  # no .tmp_step_2
 
 

@@ -369,7 +369,7 @@ def _failed_save(
     return DiskFullError(
         errno.ENOSPC,
         f"no space left on device while saving step {step} to {final} (needs about "
-        f"{max(needed / 2**20, 0.1):.1f} MB); removed the partial {tmp.name}, {after}",
+        f"{max(needed / 2**20, 0.1):.1f} MiB); removed the partial {tmp.name}, {after}",
     )
 
 

@@ -186,7 +186,7 @@ def _remove_tensorboard_events(directory: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def _start_wandb(mode: str, run_dir: Path, config: dict[str, Any] | None):
+def _start_wandb(mode: str, run_dir: Path, config: dict[str, Any] | None) -> Any:  # wandb.Run
     try:
         import wandb
     except ImportError as err:
