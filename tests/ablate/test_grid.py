@@ -225,6 +225,15 @@ def test_estimate_uses_finished_cells_of_the_studies_beside_it(tmp_path) -> None
         "1 finished cell(s) of other studies" in how and "(1 much smaller cell(s) left out)" in how
     )
     assert again == seconds
+    # a full-size cell resumed near its end: its last sitting is short, the cell is not
+    resumed_cfg = grid.cell_config(grid.cells[0], studies / "resumed")
+    resumed = studies / "resumed" / "c"
+    _finished_cell(resumed, resumed_cfg, train_seconds=5.0, steps=resumed_cfg.train.steps)
+    rec = json.loads((resumed / "cell.json").read_text())
+    rec["trained_steps_this_sitting"] = 10
+    (resumed / "cell.json").write_text(json.dumps(rec))
+    _, how = estimate(plans)
+    assert "2 finished cell(s) of other studies" in how and "(1 much smaller" in how
 
     done = plans[0]
     _finished_cell(done.run_dir, done.cfg, train_seconds=200.0, steps=done.cfg.train.steps)

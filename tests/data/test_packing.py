@@ -220,3 +220,15 @@ def test_padding_of_sequences_the_image_cap_closed_is_counted() -> None:
     assert text.stats.padding > 0 and text.stats.padding_image_cap == 0
     restored = type(s).from_dict(s.to_dict())
     assert restored.padding_image_cap == s.padding_image_cap
+
+
+def test_a_filler_cut_that_takes_the_last_image_slot_counts_as_the_caps() -> None:
+    """A caption pair leaves 16 tokens and one image slot; the interleaved document cut to fill
+    them takes that slot (its head ends before its second image): the 5 tokens left are the
+    image cap's padding."""
+    packer = Packer(seq_len=64, max_images=2, buffer_size=8)
+    packer.add(make_doc("captions", ["i", 40], "a"))  # 48 tokens, 1 image
+    packer.add(make_doc("interleaved", [2, "i", 2, "i", 30], "b"))  # 48 tokens, 2 images
+    seq = packer.next_sequence()
+    assert [p.doc.id for p in seq] == ["a", "b"] and sum(p.num_images for p in seq) == 2
+    assert packer.stats.padding == 5 and packer.stats.padding_image_cap == 5

@@ -181,9 +181,9 @@ def _matmul_rate() -> float:
 
 
 def _measured(run_dir: Path, cfg: Config | None = None) -> tuple[float, float] | None:
-    """A finished cell's measured seconds (training and evaluation) per training FLOP, and the
-    training FLOPs they were measured on, from its cell.json and its config (`cfg`, else its
-    saved config.yaml); None if it has none."""
+    """A finished cell's measured seconds (training and evaluation) per training FLOP (of its
+    last sitting), and its training FLOPs (all its steps: what says how large a cell it is),
+    from its cell.json and its config (`cfg`, else its saved config.yaml); None if it has none."""
     rec = read_cell(run_dir)
     # the last sitting's seconds are for the steps it trained: a sitting that only evaluated
     # (resumed after its training ended) measured no training; older records lack the count
@@ -198,8 +198,8 @@ def _measured(run_dir: Path, cfg: Config | None = None) -> tuple[float, float] |
     train_steps = max(1, rec.get("steps") or steps)
     # evaluation once per cell, shared out over the steps trained in this sitting
     seconds = rec["train_seconds"] + rec.get("eval_seconds", 0.0) * steps / train_steps
-    flops = _flops_per_step(cfg) * steps
-    return seconds / flops, flops
+    per_step = _flops_per_step(cfg)
+    return seconds / (per_step * steps), per_step * train_steps  # the cell's whole training
 
 
 # A cell of another study times this one only if it trained at least this share of the FLOPs

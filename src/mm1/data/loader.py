@@ -10,6 +10,8 @@ buffered records (nothing already emitted is read again).
 from __future__ import annotations
 
 import atexit
+import contextlib
+import os
 import signal
 import warnings
 import weakref
@@ -214,7 +216,7 @@ class Loader(StatefulDataLoader):
 
     def __iter__(self) -> Iterator[Batch]:
         batches = super().__iter__()
-        _WORKERS.update(getattr(batches, "_workers", ()))
+        _WORKERS.update(dict.fromkeys(getattr(batches, "_workers", ()), os.getpid()))
         return _raising(batches)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -232,20 +234,31 @@ class Loader(StatefulDataLoader):
         self._iterator = None
 
 
-# Every loader's worker processes. They ignore SIGTERM, which is how multiprocessing stops
-# daemonic children at exit (and how torch stops a worker that does not leave in time): an
-# interpreter exiting with one still alive (a loader not closed, or one whose worker did not
-# take its shutdown) would wait for it forever. This handler, registered after
-# multiprocessing's (atexit runs the last registered first), kills them before.
-_WORKERS: weakref.WeakSet[Any] = weakref.WeakSet()
+# Every loader's worker processes, with the pid of the process that started them. They ignore
+# SIGTERM, which is how multiprocessing stops daemonic children at exit (and how torch stops a
+# worker that does not leave in time): an interpreter exiting with one still alive (a loader not
+# closed, or one whose worker did not take its shutdown) would wait for it forever. This
+# handler, registered after multiprocessing's (atexit runs the last registered first), kills
+# them before.
+_WORKERS: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
 
 @atexit.register
 def _kill_workers_left() -> None:
-    for worker in list(_WORKERS):
-        if worker.is_alive():
-            worker.kill()
-            worker.join(timeout=5)
+    me = os.getpid()
+    workers = [w for w, parent in list(_WORKERS.items()) if parent == me and w.is_alive()]
+    if not workers:
+        return
+    # torch's SIGCHLD handler raises for a killed worker still registered with it, which would
+    # end this handler at the first kill and leave the others alive.
+    with contextlib.suppress(ValueError):  # not the main thread
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for w in workers:
+        with contextlib.suppress(OSError):
+            w.kill()
+    for w in workers:
+        with contextlib.suppress(Exception):
+            w.join(timeout=5)
 
 
 def _raising(batches: Iterator[Any]) -> Iterator[Batch]:

@@ -65,9 +65,10 @@ class SourceStream:
         self.files = files_fingerprint(self.shards)
         self.cursor = Cursor()
         self.stats = ReadStats()
-        # The epoch of the last record the pipeline used (see `reject`); none yet, so epoch 0
-        # read to its end is already a whole pass without one.
-        self._used_epoch = -1
+        # The epoch of the last record the pipeline used (see `reject`). Counted from 0 even
+        # before one is used: a slot's share of a sharded source changes with each epoch's
+        # shuffle, so epoch 0's share may be all bad shards while epoch 1's is not.
+        self._used_epoch = 0
         self._iter: Iterator[tuple[int, Record]] | None = None
         self._ranges: dict[int, tuple[int, int]] = {}
 

@@ -292,6 +292,7 @@ class Packer:
             if head is not None:
                 chosen.append(head)
                 room -= len(head)
+                images -= head.num_images
         if not chosen:
             raise RuntimeError("the packing buffer is empty")
         self._count(chosen, room)
