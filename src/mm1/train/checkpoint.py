@@ -421,7 +421,7 @@ def save_checkpoint(
         if rank == 0:
             root.mkdir(parents=True, exist_ok=True)
             _remove_leftovers(root)
-            if final in foreign_entries(run_dir):
+            if final.exists() and not (final / META_FILE).is_file():  # not one mm1 wrote
                 raise CheckpointError(foreign_entry_message(final))
             tmp.mkdir()
         had_state = _optimizer_has_state(optimizer)
