@@ -346,3 +346,29 @@ def test_an_unreadable_study_file_is_named(tmp_path) -> None:
     assert message.startswith(f"{path}: not valid JSON (") and "\n" not in message
     assert message.endswith("use --force to run this grid there, or another study directory")
     check_study_dir(grid, study, force=True, log=lambda _: None)  # --force: run it there
+
+
+def test_fingerprints_hold_what_a_config_says_beyond_the_defaults() -> None:
+    """A study's fingerprint and its cells' hashes see only values off the schema's defaults:
+    a key added to the schema later (at its default) leaves a study written before it
+    resumable, while any value set, a source's included, still tells two configs apart."""
+    from mm1.ablate.runner import config_hash
+    from mm1.config import config_identity, load_config
+    from mm1.config.encoder import EncoderRunConfig
+
+    cfg = load_config(None, ["data.sources=[{format: wds, path: a}]", "train.steps=7"])
+    assert config_identity(cfg) == {
+        "data": {"sources": [{"format": "wds", "path": "a"}]},
+        "train": {"steps": 7},
+    }
+    moved = load_config(None, ["data.sources=[{format: wds, path: a}]", "train.steps=7"])
+    moved.train.run_dir = "elsewhere"
+    assert config_hash(moved) == config_hash(cfg)
+    for change in ("train.steps=8", "data.sources=[{format: wds, path: a, weight: 2}]"):
+        other = load_config(
+            None, ["data.sources=[{format: wds, path: a}]", "train.steps=7", change]
+        )
+        assert config_hash(other) != config_hash(cfg), change
+    mlp = load_config(None, ["model.connector.type=mlp", "model.connector.num_tokens=0"])
+    assert config_identity(mlp)["model"]["connector"]["type"] == "mlp"
+    assert config_identity(EncoderRunConfig()) == {}

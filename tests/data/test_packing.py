@@ -9,7 +9,17 @@ import torch
 from PIL import Image
 
 from mm1.batch import IGNORE_INDEX
-from mm1.data.packing import Packer, collate, cut_points, drop_images, split_document
+from mm1.data.packing import (
+    Packer,
+    PackStats,
+    UnfitDocument,
+    _last_cut,
+    collate,
+    cut_points,
+    drop_images,
+    slice_document,
+    split_document,
+)
 from mm1.data.tokenizer import TokenizedDocument
 
 IMG = 99
@@ -232,3 +242,134 @@ def test_a_filler_cut_that_takes_the_last_image_slot_counts_as_the_caps() -> Non
     seq = packer.next_sequence()
     assert [p.doc.id for p in seq] == ["a", "b"] and sum(p.num_images for p in seq) == 2
     assert packer.stats.padding == 5 and packer.stats.padding_image_cap == 5
+
+
+def test_a_cut_inside_an_image_block_is_refused() -> None:
+    doc = make_doc("interleaved", [2, "i", 2], "x")  # the image's slots are tokens 3..8
+    assert slice_document(doc, 0, 3).input_ids == doc.input_ids[:3]
+    with pytest.raises(ValueError, match="splits an image"):
+        slice_document(doc, 0, 5)  # the end inside the image
+    with pytest.raises(ValueError, match="splits an image"):
+        slice_document(doc, 5, len(doc.input_ids))  # the start inside it
+
+
+def test_an_image_block_longer_than_a_sequence_after_the_first_piece_is_unfit() -> None:
+    doc = make_doc("interleaved", [5, "i", 2], "x", q=10)  # image slots 6..15, 19 tokens
+    cuts = cut_points(doc, anywhere=True)
+    assert _last_cut(cuts, 6, 8) is None  # no cut in (6, 14]: the image is in the way
+    assert _last_cut(cuts, 0, 8) == 6
+    with pytest.raises(UnfitDocument, match="image block longer than seq_len=8") as err:
+        split_document(doc, seq_len=8, max_images=4)
+    assert err.value.reason == "too_long"
+
+
+def test_split_makes_as_few_pieces_as_the_length_allows() -> None:
+    """A document of exactly two sequences is two full pieces, not three."""
+    pieces, _ = split_document(make_doc("text", [38], "t"), seq_len=20, max_images=4)
+    assert [len(p.input_ids) for p in pieces] == [20, 20]
+    pieces, _ = split_document(make_doc("text", [28], "t"), seq_len=20, max_images=4)
+    assert [len(p.input_ids) for p in pieces] == [20, 10]
+
+
+def test_every_image_over_the_cap_is_counted_as_dropped() -> None:
+    doc = make_doc("interleaved", [2, "i", "i", "i", "i", 2], "x")
+    pieces, dropped = split_document(doc, seq_len=100, max_images=1)
+    assert dropped == 3 and len(pieces[0].images) == 1
+    packer = Packer(seq_len=100, max_images=1)
+    packer.add(doc)
+    assert packer.stats.images_dropped == 3
+
+
+def test_truncation_limits_are_exact() -> None:
+    # a conversation with as many images as the cap is kept whole
+    sft = make_doc("sft", ["i", "i", 4], "s")
+    assert split_document(sft, seq_len=100, max_images=2)[0] == [sft]
+    # a caption pair that fits is not truncated
+    packer = Packer(seq_len=20, max_images=2)
+    packer.add(make_doc("captions", ["i", 5], "c"))
+    assert (packer.stats.truncated, packer.stats.tokens_truncated) == (0, 0)
+    # a head whose only target is its first token has nothing to learn: no token predicts it
+    doc = make_doc("sft", [20], "h")
+    doc.target_mask = [i == 0 or i >= 15 for i in range(len(doc.input_ids))]
+    with pytest.raises(UnfitDocument, match="nothing to learn"):
+        split_document(doc, seq_len=8, max_images=2)
+
+
+def test_first_fit_takes_a_piece_that_fills_the_room_exactly() -> None:
+    packer = Packer(seq_len=20, max_images=2)
+    packer.add(make_doc("captions", [18], "c"))  # 20 tokens
+    assert [len(p) for p in packer.next_sequence()] == [20]
+    packer.add(make_doc("text", [8], "a"))
+    packer.add(make_doc("text", [8], "b"))
+    assert [len(p) for p in packer.next_sequence()] == [10, 10]
+    assert packer.stats.padding == 0 and packer.stats.pieces_cut == 0
+
+
+def test_tail_filling_cuts_only_text_and_interleaved_and_never_below_min_fill() -> None:
+    # a room of exactly min_fill is filled
+    packer = Packer(seq_len=20, max_images=2, min_fill=4)
+    packer.add(make_doc("captions", ["i", 8], "c"))  # 16 tokens
+    packer.add(make_doc("text", [30], "t"))
+    assert [len(p) for p in packer.next_sequence()] == [16, 4]
+    # caption pairs and conversations are never cut to fill a tail
+    for kind in ("captions", "sft"):
+        packer = Packer(seq_len=20, max_images=2, min_fill=2)
+        packer.add(make_doc(kind, [10], "a"))  # 12 tokens
+        packer.add(make_doc(kind, [10], "b"))
+        assert [p.doc.id for p in packer.next_sequence()] == ["a"]
+        assert packer.stats.padding == 8 and packer.stats.pieces_cut == 0
+    # a head shorter than min_fill (the image comes too early) is not cut off
+    packer = Packer(seq_len=26, max_images=2, min_fill=8)
+    packer.add(make_doc("captions", [14], "c"))  # 16 tokens: room 10
+    packer.add(make_doc("interleaved", [2, "i", 2], "x", q=10))  # cuts 1..3, then 13..15
+    assert [p.doc.id for p in packer.next_sequence()] == ["c"]
+    assert packer.stats.padding == 10 and packer.stats.pieces_cut == 0
+
+
+def test_a_piece_cut_twice_records_every_token_already_used() -> None:
+    """The loader rebuilds a buffered piece on resume as its tokens from `ref[-1]` on."""
+    packer = Packer(seq_len=20, max_images=2, min_fill=2)
+    packer.add(make_doc("captions", ["i", 8], "c1"), (0, 0, 0))  # 16 tokens
+    packer.add(make_doc("captions", ["i", 8], "c2"), (0, 0, 1))
+    text = make_doc("text", [18], "t")  # 20 tokens: one piece
+    packer.add(text, (1, 0, 5))
+    assert [len(p) for p in packer.next_sequence()] == [16, 4]
+    assert [len(p) for p in packer.next_sequence()] == [16, 4]
+    (rest,) = packer.buffer
+    assert rest.ref == (1, 0, 5, 0, 8) and not rest.first
+    assert rest.doc.input_ids == slice_document(text, rest.ref[-1], 20).input_ids
+
+
+def test_statistics_add_up_and_survive_a_round_trip() -> None:
+    packer = Packer(seq_len=32, max_images=2, min_fill=4)
+    packer.add(make_doc("interleaved", [2, "i", 2, "i", 2, "i", 2], "x"), (0, 0, 0))
+    packer.add(make_doc("captions", ["i", 40], "c"), (1, 0, 0))  # truncated
+    packer.add(make_doc("text", [50], "t"), (2, 0, 0))
+    while packer.buffer:
+        packer.next_sequence()
+    s = packer.stats
+    assert s.images == 3 and s.images_dropped == 1 and s.truncated == 1
+    assert s.image_tokens == Q * s.images
+    assert sum(s.tokens_per_source.values()) == s.tokens
+    assert s.tokens_per_source["text"] == 52
+    d = s.to_dict()
+    assert d["images_dropped_fraction"] == pytest.approx(1 / 4)
+    assert d["tokens_per_image"] == Q
+    assert PackStats.from_dict(d) == s
+
+
+def test_text_only_packing_has_no_image_cap_padding() -> None:
+    packer = Packer(seq_len=64, max_images=0)
+    packer.add(make_doc("text", [20], "t"))
+    packer.next_sequence()
+    assert packer.stats.padding == 42 and packer.stats.padding_image_cap == 0
+
+
+def test_positions_restart_at_every_document_padding_included() -> None:
+    packer = Packer(seq_len=24, max_images=4)
+    packer.add(make_doc("text", [4], "a"))
+    packer.add(make_doc("captions", ["i", 3], "b"))
+    batch = collate([packer.next_sequence()], 24, pad_id=0)
+    docs, pos = batch.document_ids[0].tolist(), batch.position_ids[0].tolist()
+    expected = [t - docs.index(d) for t, d in enumerate(docs)]
+    assert docs[-1] == 2 and pos == expected

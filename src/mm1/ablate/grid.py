@@ -33,7 +33,7 @@ import yaml
 
 from mm1.ablate.cell import SUITES
 from mm1.ablate.prepare import PrepareStep, parse_prepare
-from mm1.config import Config, ConfigError, load_config, to_dict
+from mm1.config import Config, ConfigError, config_identity, load_config, to_dict
 
 TABLE_LAYOUTS = ("plain", "table1", "fig4", "fig5")
 _GRID_KEYS = ("study", "base", "seeds", "axes", "cells", "eval", "table", "prepare")
@@ -84,8 +84,7 @@ class Grid:
 
     def fingerprint(self) -> str:
         """What the study's results mean: the base config as resolved and every cell's delta."""
-        base = to_dict(load_config(self.base_config, self.base_args()))
-        base["train"].pop("run_dir", None)
+        base = config_identity(load_config(self.base_config, self.base_args()))
         record = {"base": base, "cells": [[c.id, c.delta] for c in self.cells]}
         record["suites"] = self.suites
         record["prepare"] = [[p.kind, p.options] for p in self.prepare]

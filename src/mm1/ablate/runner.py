@@ -34,7 +34,14 @@ from mm1.ablate.cell import GRID_FILE, finished_twin, read_cell, run_cell
 from mm1.ablate.grid import Cell, Grid
 from mm1.ablate.worker import PARENT_ENV
 from mm1.checkpoint import latest_checkpoint, step_of
-from mm1.config import INIT_PARTS, Config, ConfigError, load_config, to_dict, to_yaml
+from mm1.config import (
+    INIT_PARTS,
+    Config,
+    ConfigError,
+    config_identity,
+    load_config,
+    to_yaml,
+)
 
 STUDY_FILE = GRID_FILE
 CELL_LOG = "cell.log"
@@ -67,8 +74,7 @@ class CellPlan:
 
 
 def config_hash(cfg: Config) -> str:
-    d = to_dict(cfg)
-    d["train"].pop("run_dir", None)
+    d = config_identity(cfg)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -12,6 +12,7 @@ public name is importable from `mm1.config`.
 
 from mm1.config.loading import (
     EXTENDS_KEY,
+    config_identity,
     load_config,
     load_eval_config,
     model_config_from_dict,
@@ -93,6 +94,7 @@ __all__ = [
     "TrainConfig",
     "VisionConfig",
     "apply_deprecated_keys",
+    "config_identity",
     "deprecated_keys_in_dict",
     "has_starting_weights",
     "load_config",

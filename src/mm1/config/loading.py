@@ -21,6 +21,7 @@ from mm1.config.schema import (
 )
 from mm1.config.validation import (
     apply_deprecated_keys,
+    resolve_components,
     validate,
     validate_eval,
     validate_model,
@@ -151,6 +152,41 @@ def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A plain, YAML/JSON-serialisable dict of any config dataclass."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def config_identity(cfg: Any) -> dict[str, Any]:
+    """What a config says beyond the schema's defaults (`to_dict` without the values equal to
+    them; sources each against a source's defaults), without `train.run_dir`: the part that
+    names a run's meaning in fingerprints. A key added to the schema later, at its default,
+    leaves it unchanged, so a study written before the key still resumes as it was."""
+    d = to_dict(cfg)
+    d.get("train", {}).pop("run_dir", None)
+    default = type(cfg)()
+    resolve_components(default.model)  # the default connector and FFN as their own types
+    return _beyond(d, to_dict(default))
+
+
+# A list of config dataclasses holds its elements' own defaults; these are the lists.
+_ELEMENT_DEFAULTS = {"sources": SourceConfig, "val_sources": SourceConfig}
+
+
+def _beyond(value: dict[str, Any], default: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, v in value.items():
+        d = default.get(key, _ABSENT)
+        if isinstance(v, dict) and isinstance(d, dict):
+            v = _beyond(v, d)
+            if v:
+                out[key] = v
+        elif isinstance(v, list) and key in _ELEMENT_DEFAULTS and v != d:
+            element = to_dict(_ELEMENT_DEFAULTS[key])
+            out[key] = [_beyond(x, element) if isinstance(x, dict) else x for x in v]
+        elif v != d:
+            out[key] = v
+    return out
+
+
+_ABSENT = object()
 
 
 def to_yaml(cfg: Any) -> str:

@@ -300,6 +300,11 @@ class DataConfig:
     # Decoded pixels per image (0 = no cap): above it a JPEG is decoded at 1/2, 1/4 or 1/8
     # scale and anything still larger is reduced; images within it decode exactly.
     max_image_pixels: int = 4096 * 4096
+    # Characters of text per record (0 = no cap): a longer record is skipped and counted
+    # (`too_long_text`) rather than tokenized whole, which costs the tokenizer ~170 bytes per
+    # character (a 256 MB gzip-bombed line would take tens of GB). 4M characters is ~0.7 GB and
+    # ~3 s, far beyond a web document; a corpus of whole books may need more.
+    max_text_chars: int = 4_000_000
     # How SFT conversations are written: "" = the tokenizer's chat template (plain if it has
     # none), a built-in (plain, vicuna_v1, chatml, llama3) or a .jinja file; saved with the run.
     chat_template: str = ""

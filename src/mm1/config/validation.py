@@ -327,6 +327,7 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= d.max_error_rate <= 1.0:
         raise ConfigError(f"data.max_error_rate={d.max_error_rate} must be within [0, 1]")
     _non_negative("data.max_image_pixels", d.max_image_pixels, "0 = no cap")
+    _non_negative("data.max_text_chars", d.max_text_chars, "0 = no cap")
     # torch's DataLoader refuses a negative count, but deep in training and without the key
     _non_negative("data.num_workers", d.num_workers)
     _choice("data.world_size", d.world_size, ("tiny", "small", "medium"))

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from mm1.config import SourceConfig
+from mm1.config import DataConfig, SourceConfig
 from mm1.data.document import Conversation, Document
 from mm1.data.images import ImageProcessor
 from mm1.data.loader import Loader, loader_of
@@ -70,6 +70,7 @@ class PairSettings:
     seed: int = 0
     max_error_rate: float = 0.01
     max_image_pixels: int = 4096 * 4096
+    max_text_chars: int = DataConfig.max_text_chars
     resume_changed_sources: bool = False  # `mm1 train-encoder --force`
     # Each pair at most once per batch (validation): a source smaller than the batch gives a
     # smaller batch, rather than copies that CLIP's loss would take for negatives.
@@ -86,6 +87,8 @@ class CaptionPairDataset(ShardedDataset):
         while True:
             where_read, record = mixture.next()
             src = where_read[0]
+            if self._too_much_text(record, mixture.streams[src]):
+                continue
             image, text = record_pair(record)
             where = f"data.sources[{src}] ({self.s.sources[src].path}), record {record.id}"
             if self.s.needs_text and not text:

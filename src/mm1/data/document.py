@@ -38,6 +38,11 @@ class Document:
     def num_images(self) -> int:
         return sum(isinstance(p, Image.Image) for p in self.parts)
 
+    @property
+    def text_chars(self) -> int:
+        """Characters of text, what tokenizing it costs (`data.max_text_chars`)."""
+        return sum(len(p) for p in self.parts if isinstance(p, str))
+
 
 @dataclass
 class Conversation:
@@ -53,3 +58,8 @@ class Conversation:
     messages: list[dict[str, str]]
     kind: str = "sft"
     meta: dict = field(default_factory=dict)
+
+    @property
+    def text_chars(self) -> int:
+        """Characters of text in its messages (`data.max_text_chars`)."""
+        return sum(len(c) for m in self.messages if isinstance(c := m.get("content"), str))

@@ -65,6 +65,7 @@ class LoaderSettings:
     max_error_rate: float = 0.01
     seed: int = 0
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_text_chars: int = DataConfig.max_text_chars
     resume_changed_sources: bool = False  # `mm1 train --force`
 
     @classmethod
@@ -85,6 +86,7 @@ class LoaderSettings:
             max_error_rate=data.max_error_rate,
             seed=data.seed,
             max_image_pixels=data.max_image_pixels,
+            max_text_chars=data.max_text_chars,
         )
 
 
@@ -124,6 +126,8 @@ class PackedDataset(ShardedDataset):
         while self._packer.wants_more():
             ref, record = self._mixture.next()
             stream = self._mixture.streams[ref[0]]
+            if self._too_much_text(record, stream):
+                continue
             try:
                 doc = self.tokenize(record)
             except ValueError as err:  # e.g. an image-tag count that does not match

@@ -17,9 +17,10 @@ from typing import Any, Protocol
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mm1.config import ConfigError, SourceConfig
+from mm1.data.document import Conversation, Document
 from mm1.data.images import ImageProcessor
 from mm1.data.mixture import Mixture, SourceStream
-from mm1.data.sources import DataError, ReadStats
+from mm1.data.sources import DataError, ReadStats, warn_skip
 from mm1.data.sources.decode import set_max_image_pixels
 from mm1.data.tokenizer import Tokenizer
 
@@ -42,6 +43,7 @@ class MixtureSettings(Protocol):
     seed: int
     max_error_rate: float
     max_image_pixels: int
+    max_text_chars: int
     resume_changed_sources: bool  # a resume over changed files restarts them (see SourceStream)
 
 
@@ -105,6 +107,16 @@ class ShardedDataset(IterableDataset):
     @abstractmethod
     def _batches(self) -> Iterator[Any]:
         """This slot's batches, endless."""
+
+    def _too_much_text(self, record: Document | Conversation, stream: SourceStream) -> bool:
+        """Skip, counted, a record with more text than `data.max_text_chars`: the tokenizer
+        would take it whole, at ~170 bytes of memory per character."""
+        cap, chars = self.s.max_text_chars, record.text_chars
+        if not cap or chars <= cap:
+            return False
+        warn_skip("too_long_text", record.id, f"{chars:,} characters of text")
+        stream.reject("too_long_text")
+        return True
 
     def _slot(self) -> int:
         info = get_worker_info()

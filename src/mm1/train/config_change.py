@@ -18,6 +18,7 @@ from mm1.checkpoint import latest_checkpoint
 from mm1.config import (
     Config,
     ConfigError,
+    DataConfig,
     SourceConfig,
     deprecated_keys_in_dict,
     to_dict,
@@ -205,7 +206,7 @@ def check_resumed_config(run_dir: Path, cfg: Config, force: bool) -> None:
 def current_shape(saved: dict[str, Any]) -> dict[str, Any]:
     """A saved run config in today's shape, so an unchanged run still resumes: its model section
     read anew (older runs wrote every connector option side by side and the FFN as a name), and
-    source keys added since (`name`) at their defaults."""
+    data and source keys added since (`max_text_chars`, `name`) at their defaults."""
     from mm1.config import model_config_from_dict
 
     model = saved.get("model")
@@ -217,6 +218,7 @@ def current_shape(saved: dict[str, Any]) -> dict[str, Any]:
     if isinstance(data, dict):
         defaults = {"name": SourceConfig.name}
         data = {
+            "max_text_chars": DataConfig.max_text_chars,  # runs saved before the key
             **data,
             **{
                 k: [{**defaults, **s} if isinstance(s, dict) else s for s in data[k]]

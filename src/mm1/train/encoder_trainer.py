@@ -97,6 +97,7 @@ class EncoderTrainer(Trainer):
             seed=seed,
             max_error_rate=cfg.data.max_error_rate,
             max_image_pixels=cfg.data.max_image_pixels,
+            max_text_chars=cfg.data.max_text_chars,
             resume_changed_sources=self.force,
         )
 

@@ -161,6 +161,7 @@ CONFIG_REMEDIES = {
     "does not fit in it; a high-resolution layout takes more tokens per image)",
     "too_many_images": "raise data.max_images_per_seq",
     "oversize_image": "raise data.max_image_pixels",
+    "too_long_text": "raise data.max_text_chars",
 }
 
 

@@ -1,0 +1,95 @@
+"""`data.max_text_chars`: a record with more text than the cap is skipped and counted before
+the tokenizer sees it (a gzip-bombed line would otherwise cost it tens of GB)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mm1.config import ConfigError, DataConfig, SourceConfig, load_config, to_dict
+from mm1.data.caption_pairs import CaptionPairDataset, PairSettings
+from mm1.data.document import Conversation, Document
+from mm1.data.images import ImageProcessor
+from mm1.data.loader import LoaderSettings, packing_stats
+from mm1.data.prompt_format import PromptFormat
+from mm1.data.sources import DataError
+from mm1.data.synthetic import write_world
+from mm1.data.tokenizer import Tokenizer
+from mm1.data.world import world_sources
+from mm1.train.config_change import config_diff, current_shape
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return write_world(tmp_path_factory.mktemp("world"), seed=0, size="tiny")
+
+
+@pytest.fixture(scope="module")
+def tok(world):
+    return Tokenizer.from_file(world.tokenizer_path)
+
+
+def _text_source(path, texts: list[str]) -> list[SourceConfig]:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return [SourceConfig(format="text", path=str(path), kind="text")]
+
+
+def _stats(tok, sources, cap: int, error_rate: float = 0.01) -> dict:
+    s = LoaderSettings(sources, 64, 1, PromptFormat(4), max_text_chars=cap)
+    s.max_error_rate = error_rate
+    return packing_stats(s, tok, 12)
+
+
+def test_text_over_the_cap_is_skipped_unread_by_the_tokenizer(tok, tmp_path, monkeypatch):
+    texts = [f"a red cube number {i} sits on the mat." for i in range(40)]
+    texts[7] = "zebra " * 200  # 1,200 characters
+    sources = _text_source(tmp_path / "t.jsonl", texts)
+    seen: list[int] = []
+    encode = Tokenizer._encode_with_offsets
+    monkeypatch.setattr(
+        Tokenizer, "_encode_with_offsets", lambda self, t: seen.append(len(t)) or encode(self, t)
+    )
+    capped = _stats(tok, sources, cap=1000, error_rate=0.5)  # 1 of 40
+    assert set(capped["read"]["skipped"]) == {"too_long_text"}
+    assert max(seen) < 100  # the long record never reached the tokenizer
+    seen.clear()
+    assert _stats(tok, sources, cap=0)["read"]["skipped"] == {}  # 0: no cap
+    assert max(seen) >= 1200
+
+
+def test_a_source_of_long_texts_names_the_setting_to_raise(tok, tmp_path):
+    sources = _text_source(tmp_path / "long.jsonl", ["word " * 50] * 10)
+    with pytest.raises(DataError, match=r"too_long_text=\d+.*raise data\.max_text_chars"):
+        _stats(tok, sources, cap=100)
+    assert _stats(tok, sources, cap=250)["read"]["skipped"] == {}  # at the cap: kept
+
+
+def test_caption_pairs_skip_captions_over_the_cap(world, tok):
+    train, _ = world_sources(world)
+    captions = [s for s in train if s.resolved_kind == "captions"]
+    base = {"sources": captions, "batch_size": 4, "max_len": 16, "needs_text": True}
+    ds = CaptionPairDataset(PairSettings(**base), tok, ImageProcessor.clip(16))
+    next(iter(ds))  # the world's captions fit the default cap
+    ds = CaptionPairDataset(PairSettings(**base, max_text_chars=5), tok, ImageProcessor.clip(16))
+    with pytest.raises(DataError, match=r"too_long_text.*raise data\.max_text_chars"):
+        next(iter(ds))
+
+
+def test_text_chars_counts_what_the_tokenizer_would_read() -> None:
+    doc = Document("d", "interleaved", ["ab", object(), "cde"])  # type: ignore[list-item]
+    assert doc.text_chars == 5
+    conv = Conversation(
+        "c", [], [{"role": "user", "content": "<image>hi"}, {"role": "assistant", "content": 3}]
+    )
+    assert conv.text_chars == 9  # a non-text content is refused later, as untokenizable
+
+
+def test_the_cap_is_validated_and_old_runs_resume_at_the_default() -> None:
+    with pytest.raises(ConfigError, match="data.max_text_chars=-1"):
+        load_config(None, ["data.max_text_chars=-1"])
+    cfg = load_config(None, [])
+    saved = to_dict(cfg)
+    del saved["data"]["max_text_chars"]  # as runs wrote it before the key
+    assert config_diff(current_shape(saved), to_dict(cfg)) == []
+    assert cfg.data.max_text_chars == DataConfig.max_text_chars
