@@ -728,3 +728,31 @@ def test_a_second_stop_signal_stops_at_once(tmp_path, world, tiny_config, make_t
             time.sleep(1)  # the handler runs between bytecodes: here at the latest
     finally:
         trainer._restore_signal_handlers()
+
+
+def test_a_changed_micro_batch_is_refused_with_what_it_changes_and_forced_trains_alike(
+    tmp_path, world, tiny_config, make_trainer
+) -> None:
+    """A resume at another `train.micro_batch_size` (a bigger GPU) reads the same rows into
+    each step (one loader process), so under --force its losses match the uninterrupted run's
+    to float rounding; the refusal says that only the validation rows change with it."""
+    from mm1.config import ConfigError, load_config
+    from mm1.train.trainer import Trainer
+
+    cfg = tiny_config(tmp_path, world, steps=4, save_every=2, parallel="none", val_every=0)
+    straight = tmp_path / "straight"
+    make_trainer(cfg, straight).fit()
+    run = tmp_path / "run"
+    make_trainer(cfg, run, "train.steps=2").fit()
+    with pytest.raises(ConfigError, match=r"micro_batch_size only splits .* validation rows"):
+        make_trainer(cfg, run, "train.micro_batch_size=4").setup()
+    args = [f"train.run_dir={run}", "train.micro_batch_size=4"]
+    Trainer(load_config(cfg, args), force=True).fit()
+
+    def losses(r):
+        return {m["step"]: m["loss"] for m in read_metrics(r) if "loss" in m}
+
+    resumed, expected = losses(run), losses(straight)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step

@@ -172,11 +172,24 @@ def refuse_other_run_kind(run_dir: Path, old: dict[str, Any], cfg: Config) -> No
     )
 
 
-def refuse_changes(run_dir: Path, changed: list[str], force: bool) -> None:
+# What a changed key alters, where that is less than the run's meaning (said in the refusal).
+CHANGE_NOTES = {
+    "train.micro_batch_size": "train.micro_batch_size only splits each step's batch differently "
+    "for an MM1 run (with data.num_workers > 1 the workers' rows also interleave differently), "
+    "but its validation rows (train.val_batches x train.micro_batch_size) change with it, so "
+    "val_loss before and after the resume is measured on other rows",
+}
+
+
+def refuse_changes(run_dir: Path, changed: list[str], force: bool, encoder: bool = False) -> None:
+    """Refuse a resume whose meaning changed (`changed`: the meaningful keys) unless `force`.
+    An encoder run's micro-batch is its contrastive batch: no note softens that change."""
     if changed and not force:
+        notes = [] if encoder else [CHANGE_NOTES[k] for k in changed if k in CHANGE_NOTES]
+        said = "".join(f" ({n})" for n in notes)
         raise ConfigError(
             f"{run_dir} holds a run whose config differs in {', '.join(changed)}; "
-            "resuming would change its meaning. Use a new train.run_dir, or --force."
+            f"resuming would change its meaning{said}. Use a new train.run_dir, or --force."
         )
 
 
@@ -200,7 +213,7 @@ def check_resumed_config(run_dir: Path, cfg: Config, force: bool) -> None:
             f"resume with data.num_workers={was}"
         )
     refuse_model_change(run_dir, old, new, force)  # before the keys --force may change
-    refuse_changes(run_dir, changed, force)
+    refuse_changes(run_dir, changed, force, encoder="encoder" in old)
 
 
 def current_shape(saved: dict[str, Any]) -> dict[str, Any]:
