@@ -22,6 +22,7 @@ import pathlib
 import pickle
 import re
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +49,7 @@ from mm1.config import ConfigError, ModelConfig, model_config_from_dict
 
 __all__ = [
     "CHECKPOINTS_DIR",
+    "CHECKSUMS",
     "EXPORT_WEIGHTS",
     "META_FILE",
     "MODEL_CONFIG",
@@ -55,6 +57,8 @@ __all__ = [
     "SafeFileSystemReader",
     "SafeLoadPlanner",
     "SavedModel",
+    "checksum_share",
+    "file_checksum",
     "foreign_entries",
     "is_export",
     "latest_checkpoint",
@@ -66,6 +70,7 @@ __all__ = [
     "refuse_encoder_run",
     "refuse_mm1_run",
     "saved_run_kind",
+    "verify_checksums",
 ]
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -73,6 +78,10 @@ META_FILE = "meta.json"
 FORMAT_VERSION = 1
 EXPORT_WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "model.json"  # in exports and run directories
+
+# meta.json's record of every file the save wrote: {name: {"size": bytes, "crc32": hex}}. DCP
+# checks none of its data: a flipped bit in a tensor would load silently.
+CHECKSUMS = "checksums"
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TMP_PREFIX = ".tmp_"
@@ -325,8 +334,10 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
 
 def safe_dcp_load(state: dict[str, Any], path: Path, distributed: bool) -> None:
-    """`dcp.load` through the safe reader and planner; a refusal surfaces as its own one-line
-    `CheckpointError` rather than inside DCP's multi-rank traceback dump."""
+    """`dcp.load` through the safe reader and planner, after the checkpoint's files were checked
+    against their checksums; a refusal surfaces as its own one-line `CheckpointError` rather
+    than inside DCP's multi-rank traceback dump."""
+    verify_checksums(path, distributed)
     reader = SafeFileSystemReader(path)
     reader.read_metadata()  # refused here, before DCP (which logs and retries a failed read)
     try:
@@ -346,6 +357,69 @@ def safe_dcp_load(state: dict[str, Any], path: Path, distributed: bool) -> None:
         # A truncated or corrupt data file: one line, not DCP's per-rank traceback dump.
         why = first_line(inner[0]) if inner else "unknown error"
         raise CheckpointError(f"{path}: could not read the checkpoint ({why})") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# Checksums
+
+_READ_CHUNK = 16 << 20
+
+
+def file_checksum(path: Path) -> dict[str, Any]:
+    """A file's size and CRC-32 (read in chunks: ~3.6 GB/s on one core here)."""
+    crc = size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_READ_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+    return {"size": size, "crc32": f"{crc:08x}"}
+
+
+def checksum_share(directory: Path, names: list[str], rank: int, world: int) -> dict[str, Any]:
+    """Checksums of this rank's share of `names` (every `world`-th, in sorted order): the
+    ranks of a save or a load read the files in parallel, each once."""
+    return {n: file_checksum(directory / n) for n in sorted(names)[rank::world]}
+
+
+def verify_checksums(path: Path, distributed: bool) -> None:
+    """Refuse a checkpoint whose files differ from what its save recorded in meta.json (a
+    bit flipped on disk, a file cut short or replaced in a copy); collective when `distributed`
+    (the ranks share the reading and all raise if any finds damage). A checkpoint saved before
+    checksums were recorded is read unchecked."""
+    sums = read_meta(path).get(CHECKSUMS)
+    if not isinstance(sums, dict):
+        return
+    rank, world, _ = dist_info() if distributed else (0, 1, False)
+    problem = None
+    for name in sorted(sums)[rank::world]:
+        problem = _damage(path / name, sums[name])
+        if problem:
+            break
+    if distributed:
+        found: list[str | None] = [None] * world
+        dist.all_gather_object(found, problem)
+        problem = next((p for p in found if p), None)
+    if problem:
+        raise CheckpointError(
+            f"{path} is damaged: {problem}. Its weights cannot be trusted; to resume a run from "
+            "the checkpoint before it, move this one out of checkpoints/"
+        )
+
+
+def _damage(file: Path, saved: Any) -> str | None:
+    """What differs between `file` and its saved checksum; None if nothing does."""
+    if not (isinstance(saved, dict) and isinstance(saved.get("size"), int)):
+        return f"{META_FILE} records no usable checksum for {file.name}"
+    try:
+        size = file.stat().st_size
+        if size != saved["size"]:
+            return f"{file.name} has {size:,} bytes, {saved['size']:,} when saved"
+        crc = file_checksum(file)["crc32"]
+    except OSError as err:
+        return f"{file.name}: {err.strerror or err}"
+    if crc != saved.get("crc32"):
+        return f"{file.name} changed since it was saved (CRC-32 {crc}, {saved.get('crc32')} saved)"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,11 @@
 """Loading a run directory never runs code it carries: a crafted `.metadata`, a crafted DCP byte
-item and crafted rank state are each refused with one line naming the file."""
+item and crafted rank state are each refused with one line naming the file. A file changed after
+its save (a flipped bit, a cut) is refused by the checksums in meta.json; the crafted-file cases
+drop those (an attacker rewrites meta.json too), so the safe reader itself is what they test."""
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -54,10 +57,18 @@ def _loads(path: Path) -> list:
     return [lambda: load_checkpoint(path, model, opt), lambda: load_model_weights(path, model)]
 
 
+def _unchecked(path: Path) -> None:
+    """meta.json without its checksums: a crafted checkpoint's, or one saved before them."""
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["checksums"]
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
 def test_a_crafted_metadata_pickle_is_refused_without_running(tmp_path: Path) -> None:
     path = _saved(tmp_path)
     marker = tmp_path / "pwned"
     (path / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    _unchecked(path)
     for load in _loads(path):  # resume / eval, convert, generate
         with pytest.raises(CheckpointError) as err:
             load()
@@ -103,6 +114,7 @@ def _tamper_index(path: Path, edit) -> None:
     metadata = pickle.loads((path / ".metadata").read_bytes())
     edit(metadata)
     (path / ".metadata").write_bytes(pickle.dumps(metadata))
+    _unchecked(path)
 
 
 def test_an_index_that_turns_a_tensor_into_bytes_is_refused(tmp_path: Path) -> None:
@@ -146,6 +158,7 @@ def test_a_truncated_data_file_or_bad_meta_json_is_one_line(tmp_path: Path) -> N
     path = _saved(tmp_path)
     data = path / "__0_0.distcp"
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    _unchecked(path)  # DCP's own read fails
     model, opt = _make()
     with pytest.raises(CheckpointError, match="could not read") as err:
         load_checkpoint(path, model, opt)
@@ -153,3 +166,33 @@ def test_a_truncated_data_file_or_bad_meta_json_is_one_line(tmp_path: Path) -> N
     (path / "meta.json").write_text("{oops")
     with pytest.raises(CheckpointError, match="meta.json: not valid JSON"):
         load_model_weights(path, model)
+
+
+def test_files_changed_since_the_save_are_refused_by_their_checksums(tmp_path: Path) -> None:
+    """DCP checks nothing it reads: 64 flipped bytes in a tensor file loaded silently. The save
+    records every file's size and CRC-32 in meta.json and every load checks them first."""
+    path = _saved(tmp_path)
+    meta = json.loads((path / "meta.json").read_text())
+    assert set(meta["checksums"]) == {p.name for p in path.iterdir()} - {"meta.json"}
+    data = path / "__0_0.distcp"
+    good = data.read_bytes()
+    middle = len(good) // 2
+    data.write_bytes(
+        good[:middle] + bytes(b ^ 0xFF for b in good[middle : middle + 64]) + good[middle + 64 :]
+    )
+    model, opt = _make()
+    loads = _loads(path)  # resume; eval, convert, generate
+    for load in loads:
+        with pytest.raises(CheckpointError, match=r"__0_0\.distcp changed since it was saved"):
+            load()
+    data.write_bytes(good[:middle])
+    with pytest.raises(CheckpointError, match=rf"is damaged: __0_0\.distcp has {middle:,} bytes"):
+        load_checkpoint(path, model, opt)
+    data.write_bytes(good)
+    for load in loads:
+        load()
+    marker = tmp_path / "pwned"  # a crafted index is refused unread while the checksums stand
+    (path / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(CheckpointError, match=r"\.metadata has \d+ bytes|\.metadata changed"):
+        load_model_weights(path, model)
+    assert not marker.exists()

@@ -84,6 +84,11 @@ def test_sigkill_and_resume_gives_bit_identical_losses(
     assert losses(broken) == reference  # bit-identical on CPU
     val = [r["val_loss"] for r in read_metrics(broken) if "val_loss" in r]
     assert len(val) == 2  # steps 3 and 6, once each
+    # every rank's files are in the checksums the resume checked (each rank a share)
+    step_4 = marker.parent
+    sums = json.loads(marker.read_text())["checksums"]
+    assert set(sums) == {p.name for p in step_4.iterdir()} - {"meta.json"}
+    assert sum(n.endswith(".distcp") for n in sums) >= nproc
 
 
 def test_metrics_and_artifacts(tmp_path, world, tiny_config) -> None:

@@ -85,6 +85,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 import mm1
 from mm1.checkpoint import (
     CHECKPOINTS_DIR,
+    CHECKSUMS,
     FORMAT_VERSION,
     META_FILE,
     REPLACED,
@@ -94,6 +95,7 @@ from mm1.checkpoint import (
     SafeFileSystemReader,
     SafeLoadPlanner,
     checkpoints_root,
+    checksum_share,
     dcp_quietly,
     dist_info,
     foreign_entries,
@@ -133,7 +135,16 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _RESERVED_META = frozenset(
-    {"format_version", "step", "world_size", "time", "unix_time", "mm1_version", "torch_version"}
+    {
+        "format_version",
+        "step",
+        "world_size",
+        "time",
+        "unix_time",
+        "mm1_version",
+        "torch_version",
+        CHECKSUMS,
+    }
 )
 
 
@@ -458,6 +469,7 @@ def save_checkpoint(
         raise _failed_save(e, step, final, tmp, needed, rank) from None
     del state
     _barrier()
+    sums = _checksums(tmp, rank, world, distributed)
 
     # 3. Rank 0 completes it: meta.json, then the atomic rename; then prunes old ones.
     error = None
@@ -472,6 +484,7 @@ def save_checkpoint(
                 "unix_time": now,
                 "mm1_version": mm1.__version__,
                 "torch_version": torch.__version__,
+                CHECKSUMS: sums,
                 **user_meta,
             }
             _write_meta(tmp, doc)
@@ -497,6 +510,26 @@ def save_checkpoint(
     restore_rng_state(rng)  # saving must not change what the run draws next
     log.info("saved checkpoint %s", final)
     return final
+
+
+def _checksums(tmp: Path, rank: int, world: int, distributed: bool) -> dict[str, Any]:
+    """Every written file's checksum for meta.json (collective: each rank reads a share back,
+    mostly from the page cache); rank 0's list of the files, so that all ranks split one list."""
+    names = [sorted(p.name for p in tmp.iterdir() if p.is_file())] if rank == 0 else [None]
+    if distributed:
+        dist.broadcast_object_list(names, src=0)
+    error: Exception | None = None
+    share: dict[str, Any] = {}
+    try:
+        share = checksum_share(tmp, names[0] or [], rank, world)
+    except OSError as e:
+        error = e
+    _all_ok(error, f"save to {tmp} (checksums)")
+    shares = [share]
+    if distributed:
+        shares = [{}] * world
+        dist.all_gather_object(shares, share)
+    return dict(sorted((name, s) for part in shares for name, s in part.items()))
 
 
 def load_checkpoint(
