@@ -80,6 +80,9 @@ def test_non_finite_lr_through_the_cli_is_one_config_error(capsys) -> None:
         ("train.val_batches=-1", "train.val_batches=-1 must be >= 0"),
         ("train.optim.warmup_steps=-5", "train.optim.warmup_steps=-5 must be >= 0 (0 = no warmup)"),
         ("data.num_workers=-1", "data.num_workers=-1 must be >= 0"),
+        ("data.max_text_chars=-1", "data.max_text_chars=-1 must be >= 0 (0 = no cap)"),
+        ("train.profile_at=-1", "train.profile_at=-1 must be >= 0 (0 = no profiling)"),
+        ("train.profile_steps=0", "train.profile_steps=0 must be positive"),
         ("train.max_nonfinite_in_a_row=0", "train.max_nonfinite_in_a_row=0 must be positive"),
         (
             "model.decoder.head_dim=-64",

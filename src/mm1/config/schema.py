@@ -370,6 +370,10 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_nonfinite_in_a_row: int = 5  # consecutive skipped (non-finite) steps before aborting
     tensorboard: bool = True
+    # torch.profiler over steps profile_at .. profile_at + profile_steps - 1 (0 = off): a
+    # Chrome trace and an operator table per rank in RUN/profile/ (train/profiling.py).
+    profile_at: int = 0
+    profile_steps: int = 2
     # Weight of each auxiliary loss the model emits, by name; a loss without a weight here
     # stops the run at its first step. Dense models emit none; a MoE decoder emits the router's
     # load balance and z-loss (defaults: MM1's 0.01 and 0.001, from a secondary source).

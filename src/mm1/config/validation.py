@@ -385,6 +385,7 @@ def validate(cfg: Config) -> None:
         "log_every",
         "save_every",
         "keep_checkpoints",
+        "profile_steps",
         # 0 would abort at the first skipped step all the same: not "never abort"
         "max_nonfinite_in_a_row",
     ):
@@ -392,6 +393,7 @@ def validate(cfg: Config) -> None:
     # `step % val_every == 0` is true at every step for a negative value
     _non_negative("train.val_every", t.val_every, "0 = no validation")
     _non_negative("train.val_batches", t.val_batches)
+    _non_negative("train.profile_at", t.profile_at, "0 = no profiling")
     _non_negative("train.optim.warmup_steps", t.optim.warmup_steps, "0 = no warmup")
     if t.batch_size % t.micro_batch_size:
         raise ConfigError(

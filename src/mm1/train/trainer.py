@@ -67,6 +67,7 @@ from mm1.train.parallel import (
     init_distributed,
     parallelize,
 )
+from mm1.train.profiling import StepProfiler
 
 VAL_SEED = 1234  # a fixed held-out sample, the same for every run
 START_FILE = "init.json"  # where a run started: {"sources": [{path, kind, step, parts}]}
@@ -318,17 +319,24 @@ class Trainer:
             progress=cfg.progress,
         )
         self._install_signal_handlers()
+        profiler = StepProfiler(self.run_dir, cfg.profile_at, cfg.profile_steps, d.rank, d.device)
         window = _new_window()
         last: StepResult | None = None
         stopped_by: int | None = None
         try:
             data_iter = iter(self.loader)  # in the try: a failure here restores the handlers
             while self.step < cfg.steps:
+                profiler.begin(self.step + 1)
                 t0 = time.perf_counter()
                 micro = [next(data_iter) for _ in range(self.accum)]
                 window["wait"] += time.perf_counter() - t0
                 last = self.train_step(micro)
                 self.step += 1
+                if (trace := profiler.end()) is not None:
+                    logger.print(
+                        f"profiled {profiler.steps}: {trace} (a Chrome trace: "
+                        "ui.perfetto.dev) and an operator table beside it, per rank"
+                    )
                 window["tokens"] += last.tokens
                 window["images"] += last.images
                 window["slots"] += last.slots
@@ -363,6 +371,7 @@ class Trainer:
                 "data.max_images_per_seq, or shard with train.parallel=fsdp on more GPUs"
             ) from err
         finally:
+            profiler.close()
             logger.close()
             self.loader.close()  # its workers, however the loop ended
             self._restore_signal_handlers()
