@@ -424,11 +424,29 @@ def test_two_processes_each_rank_gets_its_own_state(two_rank_runs: Path, kind: s
         assert got["losses"] == want["losses"]  # weights, optimizer state, RNG: bit-exact
 
 
-def test_world_size_mismatch_is_a_clear_error(two_rank_runs: Path) -> None:
-    model, opt, _ = _make(0)
+def test_world_size_mismatch_is_a_clear_error_or_resharded(two_rank_runs: Path) -> None:
+    """Another number of processes is refused, naming --force; with `reshard` the 2-rank FSDP2
+    checkpoint loads into one plain process: the weights of the saved model (rank 0's loss on
+    its probe batch, to float rounding) and the whole optimizer state (AdamW at step 2, its
+    moments full-sized), without the ranks' own states."""
+    torch.manual_seed(7)
+    model = TinyLM()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)  # as the run's
     path = latest_checkpoint(two_rank_runs / "fsdp")
-    with pytest.raises(ValueError, match=r"saved by 2 process\(es\).*world size 1"):
+    with pytest.raises(ValueError, match=r"saved by 2 process\(es\).*world size 1.*--force"):
         load_checkpoint(path, model, opt)
+    loaded = load_checkpoint(path, model, opt, reshard=True)
+    assert loaded.resharded and loaded.rank_state == {} and loaded.step == 2
+    assert loaded.extra == {"tokens": 42}
+    saved = torch.load(two_rank_runs / "fsdp" / "save_rank0.pt", weights_only=False)
+    fixed = torch.randint(VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    with torch.no_grad():
+        assert _loss(model, fixed).item() == pytest.approx(saved["eval_loss"], rel=1e-6)
+    for p in model.parameters():
+        state = opt.state[p]
+        assert int(state["step"]) == 2 and state["exp_avg"].shape == p.shape
+        assert state["exp_avg_sq"].abs().sum() > 0
 
 
 def test_world_size_recorded_in_meta_is_checked(tmp_path: Path) -> None:

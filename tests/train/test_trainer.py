@@ -788,3 +788,26 @@ def test_a_profiled_window_writes_a_trace_and_a_table_and_trains_alike(
     # a window the run does not reach, or resumes past, writes nothing
     make_trainer(cfg, tmp_path / "late", "train.profile_at=9").fit()
     assert not (tmp_path / "late" / "profile").exists()
+
+
+def test_a_run_resumes_on_another_number_of_processes_with_force(
+    tmp_path, world, tiny_config
+) -> None:
+    """2 FSDP processes to step 2, then one: refused, naming --force; with it the model,
+    optimizer and schedule are resharded and the data restarts in a new shuffle, which later
+    resumes keep (a run stopped at step 3 and resumed ends as the one that went on to 4)."""
+    cfg = tiny_config(tmp_path, world, steps=4, save_every=2, val_every=0)
+    two = tmp_path / "two"
+    finish(run_cli(["train", str(cfg), f"train.run_dir={two}", "train.steps=2"], nproc=2))
+    p = run_cli(["train", str(cfg), f"train.run_dir={two}"])
+    out, _ = p.communicate(timeout=240)
+    assert p.returncode != 0 and "saved by 2 process(es)" in out and "--force" in out, out
+    stopped = tmp_path / "stopped"
+    shutil.copytree(two, stopped)
+    out = finish(run_cli(["train", "--force", str(cfg), f"train.run_dir={two}"]))
+    assert "the model, optimizer and schedule were resharded" in out
+    assert "data.seed + 1" in out and "done: step 4" in out
+    finish(run_cli(["train", "--force", str(cfg), f"train.run_dir={stopped}", "train.steps=3"]))
+    finish(run_cli(["train", str(cfg), f"train.run_dir={stopped}"]))  # no --force: same world
+    assert losses(stopped) == losses(two)  # steps 1-2 on two processes, 3-4 on one
+    assert sorted(losses(two)) == [1, 2, 3, 4]

@@ -157,6 +157,9 @@ class LoadedCheckpoint:
     extra: dict[str, Any] = field(default_factory=dict)  # global state, as passed to save
     rank_state: dict[str, Any] = field(default_factory=dict)  # this rank's own state
     meta: dict[str, Any] = field(default_factory=dict)  # the whole meta.json
+    # Saved by another number of processes and loaded with `reshard=True`: the model and the
+    # optimizer were resharded; no rank state (empty) and no RNG state was restored.
+    resharded: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,19 +539,25 @@ def load_checkpoint(
     path: str | os.PathLike[str],
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
+    reshard: bool = False,
 ) -> LoadedCheckpoint:
     """Load a complete checkpoint into `model` and `optimizer` (already wrapped/sharded as when
     saved, any FSDP2 mesh) and restore this rank's RNG states. Collective: call it on every rank
-    with the same `path`. The world size must equal the one that saved it."""
+    with the same `path`. The world size must equal the one that saved it, unless `reshard`:
+    then the model and optimizer are resharded onto this world (DCP reads any layout) and the
+    per-rank states, which belong to ranks that no longer exist, are left out (`resharded`)."""
     path = Path(path)
     meta = read_meta(path)
     rank, world, distributed = dist_info()
     saved_world = meta.get("world_size")
-    if saved_world != world:
+    resharded = saved_world != world
+    if resharded and not (reshard and isinstance(saved_world, int) and saved_world > 0):
         raise ValueError(
             f"checkpoint {path} was saved by {saved_world} process(es) but this run has world "
             f"size {world}: the per-rank states (data-loader positions, RNG states) cannot be "
-            f"remapped; resume with {saved_world} process(es)"
+            f"remapped; resume with {saved_world} process(es), or with --force to continue on "
+            f"{world}: the model, optimizer and schedule resume, the data restarts in a new "
+            "shuffle (records may repeat)"
         )
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(
@@ -558,7 +567,9 @@ def load_checkpoint(
 
     # Templates: DCP loads tensors in place into these (this rank's shards of them).
     model_sd, optim_sd = get_state_dict(model, _optimizers(optimizer), options=SD_OPTIONS)
-    key = str(rank)
+    # Resharded, every rank reads rank 0's state for what all ranks share (whether the
+    # optimizer had stepped), and uses none of its own (loader positions, RNG).
+    key = "0" if resharded else str(rank)
     state: dict[str, Any] = {"model": model_sd, "global": None, "rank_state": {key: None}}
     if optimizer is not None:
         state["optim"] = optim_sd
@@ -576,18 +587,20 @@ def load_checkpoint(
 
     glob = _unpack(state["global"], "global", path)
     mine = _unpack(state["rank_state"][key], f"rank_state.{key}", path)
-    if mine["rank"] != rank:
-        raise ValueError(f"rank {rank} got the state of rank {mine['rank']} from {path}")
+    if mine["rank"] != int(key):
+        raise ValueError(f"rank {key} got the state of rank {mine['rank']} from {path}")
     if optimizer is not None and not mine["optimizer_has_state"]:
         optimizer.state.clear()  # it had not stepped yet when saved (see save_checkpoint)
-    restore_rng_state(mine["rng"])
+    if not resharded:
+        restore_rng_state(mine["rng"])
     log.info("loaded checkpoint %s (step %d)", path, glob["step"])
     return LoadedCheckpoint(
         path=path,
         step=int(glob["step"]),
         extra=glob["extra"] if glob["extra"] is not None else {},
-        rank_state=mine["user"] if mine["user"] is not None else {},
+        rank_state=mine["user"] if mine["user"] is not None and not resharded else {},
         meta=meta,
+        resharded=resharded,
     )
 
 

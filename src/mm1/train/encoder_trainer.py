@@ -22,6 +22,7 @@ import torch
 from mm1.config import ConfigError, to_dict
 from mm1.config.encoder import AIM_SOURCE_KINDS, CLIP_SOURCE_KINDS, EncoderRunConfig
 from mm1.data.caption_pairs import CaptionPairDataset, PairBatch, PairSettings, build_pair_loader
+from mm1.data.loader import Loader
 from mm1.data.world import prepare_data
 from mm1.models.encoders import ENCODER_FAMILY, build_encoder_model
 from mm1.train import checkpoint as ckpt
@@ -74,15 +75,19 @@ class EncoderTrainer(Trainer):
             self.model, cfg.train.optim, self.peak_lr, cfg.train.steps
         )
         self.accum = accumulation_steps(cfg.train, d.world_size)
-        self.loader = build_pair_loader(
-            self._pair_settings(self.data.sources, cfg.data.seed),
-            tok,
+        self.loader = self._build_loader(cfg.data.seed)
+        self._start_run()
+
+    def _build_loader(self, seed: int) -> Loader:
+        d = self.d
+        return build_pair_loader(
+            self._pair_settings(self.data.sources, seed),
+            self.data.tokenizer,
             self.data.processor,
             d.rank,
             d.world_size,
-            cfg.data.num_workers,
+            self.cfg.data.num_workers,
         )
-        self._start_run()
 
     def _write_run_files(self) -> None:
         """Nothing beyond `Trainer`'s: an encoder run has no prompt format and no starting point."""

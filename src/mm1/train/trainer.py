@@ -39,7 +39,13 @@ from mm1.config import (
     to_yaml,
 )
 from mm1.config.schema import AUX_LOSSES
-from mm1.data.loader import LoaderSettings, PackedDataset, build_loader, loader_counts
+from mm1.data.loader import (
+    Loader,
+    LoaderSettings,
+    PackedDataset,
+    build_loader,
+    loader_counts,
+)
 from mm1.data.prompt_format import PromptFormat
 from mm1.data.world import carried_image_boundaries, prepare_data
 from mm1.models.build import build_model, starting_point_state_dict
@@ -177,12 +183,24 @@ class Trainer:
             self.model, cfg.train.optim, self.peak_lr, cfg.train.steps
         )
         self.accum = accumulation_steps(cfg.train, d.world_size)
-        settings = self._loader_settings(self.data.sources, cfg.train.micro_batch_size)
         self.dataset_names = source_names(self.data.sources)  # batches' dataset_ids index these
-        self.loader = build_loader(
-            settings, tok, self.data.processor, d.rank, d.world_size, cfg.data.num_workers
-        )
+        self.loader = self._build_loader(cfg.data.seed)
         self._start_run()
+
+    def _build_loader(self, seed: int) -> Loader:
+        """This rank's training loader, its sources shuffled by `seed`: `data.seed`, plus one
+        for each resume of the run onto another number of processes (`_resume`)."""
+        settings = self._loader_settings(self.data.sources, self.cfg.train.micro_batch_size)
+        settings.seed = seed
+        d = self.d
+        return build_loader(
+            settings,
+            self.data.tokenizer,
+            self.data.processor,
+            d.rank,
+            d.world_size,
+            self.cfg.data.num_workers,
+        )
 
     def _start_run(self) -> None:
         """The end of every trainer's `setup` (model, optimizer, loader built): validation
@@ -270,17 +288,33 @@ class Trainer:
         if path is None:
             return
         configured = hyperparameters(self.optimizer, self.scheduler)
-        loaded = ckpt.load_checkpoint(path, self.model, self.optimizer)
-        self.loader.load_state_dict(loaded.rank_state["loader"])  # first: it may refuse
+        # --force resumes a checkpoint of another number of processes: resharded (see below)
+        loaded = ckpt.load_checkpoint(path, self.model, self.optimizer, reshard=self.force)
+        counters = loaded.extra.get("counters", {})
+        reshuffles = int(counters.get("data_reshuffles", 0)) + loaded.resharded
+        if reshuffles:  # the loader reads the shuffle the run has read since its last reshard
+            self.loader.close()
+            self.loader = self._build_loader(self.cfg.data.seed + reshuffles)
+        if not loaded.resharded:  # a resharded run's loader positions were other ranks'
+            self.loader.load_state_dict(loaded.rank_state["loader"])  # first: it may refuse
         self.scheduler.load_state_dict(loaded.extra["scheduler"])
         changed = reapply_hyperparameters(self.optimizer, self.scheduler, configured)
         if changed and self.d.is_main:
             print(f"train.optim changed since the checkpoint: {', '.join(changed)}", flush=True)
-        self.counters = {**self.counters, **loaded.extra.get("counters", {})}
+        self.counters = {**self.counters, **counters, "data_reshuffles": reshuffles}
         self.step = loaded.step
         if self.d.is_main:
             truncate_metrics(self.run_dir, self.step)
             print(f"resumed from {path} at step {self.step}", flush=True)
+            if loaded.resharded:
+                print(
+                    f"--force: the checkpoint was saved by {loaded.meta['world_size']} "
+                    f"process(es), this run has {self.d.world_size}: the model, optimizer and "
+                    "schedule were resharded; the data restarts in a new shuffle (data.seed + "
+                    f"{reshuffles}), so records may repeat, and the validation rows are this "
+                    "number of processes' own",
+                    flush=True,
+                )
 
     def save(self) -> Path:
         return ckpt.save_checkpoint(
