@@ -1,5 +1,6 @@
-"""Tokenizer directories the data tests share, built as fixtures: small BPE tokenizers trained
-on a fixed corpus, laid out like Llama's and Qwen2's."""
+"""What the data tests share, built as fixtures: the tiny synthetic world and its tokenizer
+(once per module), and small BPE tokenizers trained on a fixed corpus, laid out like Llama's
+and Qwen2's."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from pathlib import Path
 import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+from mm1.data.synthetic import WorldManifest, write_world
+from mm1.data.tokenizer import Tokenizer
 
 CORPUS = [
     "A cat sits on a red mat.",
@@ -74,3 +78,14 @@ def llama_like() -> Callable[[Path], Path]:
 def qwen_like() -> Callable[..., Path]:
     """`qwen_like(dir, config=True)`: writes a Qwen2-style tokenizer directory at `dir`."""
     return _qwen_like
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> WorldManifest:
+    """The tiny synthetic world (seed 0)."""
+    return write_world(tmp_path_factory.mktemp("world"), seed=0, size="tiny")
+
+
+@pytest.fixture(scope="module")
+def tok(world: WorldManifest) -> Tokenizer:
+    return Tokenizer.from_file(world.tokenizer_path)

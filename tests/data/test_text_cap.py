@@ -14,20 +14,9 @@ from mm1.data.images import ImageProcessor
 from mm1.data.loader import LoaderSettings, packing_stats
 from mm1.data.prompt_format import PromptFormat
 from mm1.data.sources import DataError
-from mm1.data.synthetic import write_world
 from mm1.data.tokenizer import Tokenizer
 from mm1.data.world import world_sources
 from mm1.train.config_change import config_diff, current_shape
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return write_world(tmp_path_factory.mktemp("world"), seed=0, size="tiny")
-
-
-@pytest.fixture(scope="module")
-def tok(world):
-    return Tokenizer.from_file(world.tokenizer_path)
 
 
 def _text_source(path, texts: list[str]) -> list[SourceConfig]:
