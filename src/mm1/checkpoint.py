@@ -21,6 +21,7 @@ import os
 import pathlib
 import pickle
 import re
+import stat
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -298,9 +299,14 @@ class SafeFileSystemReader(FileSystemReader):
             raise CheckpointError(f"{path}: not a DCP checkpoint index ({type(metadata).__name__})")
         for info in metadata.storage_data.values():
             name = getattr(info, "relative_path", None)
-            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            if not _inside(name):
                 raise CheckpointError(f"{path}: refers to data outside the checkpoint ({name!r})")
         return metadata
+
+
+def _inside(name: object) -> bool:
+    """Whether a file name a checkpoint's own index gives stays inside the checkpoint."""
+    return isinstance(name, str) and Path(name).name == name and name not in ("", ".", "..")
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
@@ -334,10 +340,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
 
 def safe_dcp_load(state: dict[str, Any], path: Path, distributed: bool) -> None:
-    """`dcp.load` through the safe reader and planner, after the checkpoint's files were checked
-    against their checksums; a refusal surfaces as its own one-line `CheckpointError` rather
-    than inside DCP's multi-rank traceback dump."""
-    verify_checksums(path, distributed)
+    """`dcp.load` through the safe reader and planner; a refusal surfaces as its own one-line
+    `CheckpointError` rather than inside DCP's multi-rank traceback dump."""
     reader = SafeFileSystemReader(path)
     reader.read_metadata()  # refused here, before DCP (which logs and retries a failed read)
     try:
@@ -365,11 +369,13 @@ def safe_dcp_load(state: dict[str, Any], path: Path, distributed: bool) -> None:
 _READ_CHUNK = 16 << 20
 
 
-def file_checksum(path: Path) -> dict[str, Any]:
-    """A file's size and CRC-32 (read in chunks: ~3.6 GB/s on one core here)."""
+def file_checksum(path: Path, limit: int | None = None) -> dict[str, Any]:
+    """A file's size and CRC-32 (read in chunks: ~3.6 GB/s on one core here), reading at most
+    `limit` bytes (what its record says it holds, plus one: a file that grew is told apart
+    without reading on forever)."""
     crc = size = 0
     with open(path, "rb") as f:
-        while chunk := f.read(_READ_CHUNK):
+        while chunk := f.read(_READ_CHUNK if limit is None else min(_READ_CHUNK, limit - size)):
             crc = zlib.crc32(chunk, crc)
             size += len(chunk)
     return {"size": size, "crc32": f"{crc:08x}"}
@@ -385,16 +391,18 @@ def verify_checksums(path: Path, distributed: bool) -> None:
     """Refuse a checkpoint whose files differ from what its save recorded in meta.json (a
     bit flipped on disk, a file cut short or replaced in a copy); collective when `distributed`
     (the ranks share the reading and all raise if any finds damage). A checkpoint saved before
-    checksums were recorded is read unchecked."""
+    checksums were recorded is read unchecked. Names must be plain files of the checkpoint:
+    meta.json is as open to tampering as the rest."""
     sums = read_meta(path).get(CHECKSUMS)
     if not isinstance(sums, dict):
         return
     rank, world, _ = dist_info() if distributed else (0, 1, False)
-    problem = None
-    for name in sorted(sums)[rank::world]:
-        problem = _damage(path / name, sums[name])
-        if problem:
-            break
+    problem = next((f"{META_FILE} names {n!r}" for n in sums if not _inside(n)), None)
+    if problem is None:
+        for name in sorted(sums)[rank::world]:
+            problem = _damage(path / name, sums[name])
+            if problem:
+                break
     if distributed:
         found: list[str | None] = [None] * world
         dist.all_gather_object(found, problem)
@@ -411,14 +419,16 @@ def _damage(file: Path, saved: Any) -> str | None:
     if not (isinstance(saved, dict) and isinstance(saved.get("size"), int)):
         return f"{META_FILE} records no usable checksum for {file.name}"
     try:
-        size = file.stat().st_size
-        if size != saved["size"]:
-            return f"{file.name} has {size:,} bytes, {saved['size']:,} when saved"
-        crc = file_checksum(file)["crc32"]
+        st = file.stat()
+        if not stat.S_ISREG(st.st_mode):
+            return f"{file.name} is not a regular file"
+        if st.st_size != saved["size"]:
+            return f"{file.name} has {st.st_size:,} bytes, {saved['size']:,} when saved"
+        got = file_checksum(file, limit=saved["size"] + 1)
     except OSError as err:
         return f"{file.name}: {err.strerror or err}"
-    if crc != saved.get("crc32"):
-        return f"{file.name} changed since it was saved (CRC-32 {crc}, {saved.get('crc32')} saved)"
+    if got != {"size": saved["size"], "crc32": saved.get("crc32")}:
+        return f"{file.name} changed since it was saved (CRC-32 {got['crc32']}, {saved.get('crc32')} saved)"
     return None
 
 

@@ -74,7 +74,7 @@ def test_text_chars_counts_what_the_tokenizer_would_read() -> None:
     assert conv.text_chars == 9  # a non-text content is refused later, as untokenizable
 
 
-def test_the_cap_is_validated_and_old_runs_resume_at_the_default() -> None:
+def test_the_cap_is_validated_and_old_runs_resume_with_any() -> None:
     with pytest.raises(ConfigError, match="data.max_text_chars=-1"):
         load_config(None, ["data.max_text_chars=-1"])
     cfg = load_config(None, [])
@@ -82,3 +82,6 @@ def test_the_cap_is_validated_and_old_runs_resume_at_the_default() -> None:
     del saved["data"]["max_text_chars"]  # as runs wrote it before the key
     assert config_diff(current_shape(saved), to_dict(cfg)) == []
     assert cfg.data.max_text_chars == DataConfig.max_text_chars
+    # such a run never chose a cap: it may resume with none (its old behaviour) or any other
+    uncapped = to_dict(load_config(None, ["data.max_text_chars=0"]))
+    assert config_diff(current_shape(saved, uncapped), uncapped) == []

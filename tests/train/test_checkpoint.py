@@ -388,8 +388,27 @@ def _dist_worker(rank: int, world: int, root: str, phase: str) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(root: Path, phase: str, timeout: float = 120.0) -> None:
-    ctx = mp.spawn(_dist_worker, args=(2, str(root), phase), nprocs=2, join=False)
+def _verify_worker(rank: int, world: int, root: str, phase: str) -> None:
+    """Both ranks check a checkpoint whose damage only one of them reads (`phase` names the
+    damaged file); each writes what it raised."""
+    from mm1.checkpoint import verify_checksums
+
+    store = Path(root) / f"store_{phase}"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        try:
+            verify_checksums(Path(root) / "damaged", distributed=True)
+            result = "ok"
+        except ckpt.CheckpointError as err:
+            result = str(err)
+        (Path(root) / f"verify_{phase}_rank{rank}.txt").write_text(result)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(root: Path, phase: str, timeout: float = 120.0, worker=None) -> None:
+    worker = worker or _dist_worker
+    ctx = mp.spawn(worker, args=(2, str(root), phase), nprocs=2, join=False)
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
@@ -425,7 +444,7 @@ def test_two_processes_each_rank_gets_its_own_state(two_rank_runs: Path, kind: s
 
 
 def test_world_size_mismatch_is_a_clear_error_or_resharded(two_rank_runs: Path) -> None:
-    """Another number of processes is refused, naming --force; with `reshard` the 2-rank FSDP2
+    """Another number of processes is refused, naming --reshard; with `reshard` the 2-rank FSDP2
     checkpoint loads into one plain process: the weights of the saved model (rank 0's loss on
     its probe batch, to float rounding) and the whole optimizer state (AdamW at step 2, its
     moments full-sized), without the ranks' own states."""
@@ -433,7 +452,7 @@ def test_world_size_mismatch_is_a_clear_error_or_resharded(two_rank_runs: Path) 
     model = TinyLM()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)  # as the run's
     path = latest_checkpoint(two_rank_runs / "fsdp")
-    with pytest.raises(ValueError, match=r"saved by 2 process\(es\).*world size 1.*--force"):
+    with pytest.raises(ValueError, match=r"saved by 2 process\(es\).*world size 1.*--reshard"):
         load_checkpoint(path, model, opt)
     loaded = load_checkpoint(path, model, opt, reshard=True)
     assert loaded.resharded and loaded.rank_state == {} and loaded.step == 2
@@ -494,3 +513,23 @@ def test_reading_a_run_whose_save_deletes_the_checkpoint_being_read(
     (run / "checkpoints" / "step_4" / "__0_0.distcp").write_bytes(b"")
     with pytest.raises(reading.CheckpointError):
         reading.read_model_weights(run)
+
+
+def test_damage_one_rank_finds_fails_the_load_on_every_rank(
+    two_rank_runs: Path, tmp_path: Path
+) -> None:
+    """The ranks split the files (sorted: .metadata and __1_0 for rank 0, __0_0 for rank 1);
+    damage only rank 1 reads is refused on rank 0 too, rather than rank 0 going on into a load
+    that rank 1 never joins."""
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(latest_checkpoint(two_rank_runs / "fsdp"), damaged)
+    data = damaged / "__0_0.distcp"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    _spawn(tmp_path, "one_flip", worker=_verify_worker)
+    for rank in (0, 1):
+        said = (tmp_path / f"verify_one_flip_rank{rank}.txt").read_text()
+        assert "is damaged: __0_0.distcp changed since it was saved" in said, rank

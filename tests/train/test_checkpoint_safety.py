@@ -169,30 +169,48 @@ def test_a_truncated_data_file_or_bad_meta_json_is_one_line(tmp_path: Path) -> N
 
 
 def test_files_changed_since_the_save_are_refused_by_their_checksums(tmp_path: Path) -> None:
-    """DCP checks nothing it reads: 64 flipped bytes in a tensor file loaded silently. The save
-    records every file's size and CRC-32 in meta.json and every load checks them first."""
+    """DCP checks nothing it reads: 64 flipped bytes in a tensor file resumed silently. The save
+    records every file's size and CRC-32 in meta.json and a resume checks them first, its index
+    included (model-only reads do not: they would read three times their bytes for it)."""
     path = _saved(tmp_path)
     meta = json.loads((path / "meta.json").read_text())
     assert set(meta["checksums"]) == {p.name for p in path.iterdir()} - {"meta.json"}
     data = path / "__0_0.distcp"
     good = data.read_bytes()
     middle = len(good) // 2
-    data.write_bytes(
-        good[:middle] + bytes(b ^ 0xFF for b in good[middle : middle + 64]) + good[middle + 64 :]
-    )
+    flipped = bytes(b ^ 0xFF for b in good[middle : middle + 64])
+    data.write_bytes(good[:middle] + flipped + good[middle + 64 :])
     model, opt = _make()
-    loads = _loads(path)  # resume; eval, convert, generate
-    for load in loads:
-        with pytest.raises(CheckpointError, match=r"__0_0\.distcp changed since it was saved"):
-            load()
+    with pytest.raises(CheckpointError, match=r"is damaged: __0_0\.distcp changed since it was"):
+        load_checkpoint(path, model, opt)
     data.write_bytes(good[:middle])
     with pytest.raises(CheckpointError, match=rf"is damaged: __0_0\.distcp has {middle:,} bytes"):
         load_checkpoint(path, model, opt)
     data.write_bytes(good)
-    for load in loads:
-        load()
+    load_checkpoint(path, model, opt)
     marker = tmp_path / "pwned"  # a crafted index is refused unread while the checksums stand
+    index = (path / ".metadata").read_bytes()
     (path / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
-    with pytest.raises(CheckpointError, match=r"\.metadata has \d+ bytes|\.metadata changed"):
-        load_model_weights(path, model)
+    with pytest.raises(CheckpointError, match=r"is damaged: \.metadata (has \d+ bytes|changed)"):
+        load_checkpoint(path, model, opt)
     assert not marker.exists()
+    (path / ".metadata").write_bytes(index)
+
+
+@pytest.mark.parametrize("name", ["../../outside", "/dev/zero", "fifo"])
+def test_checksums_read_only_the_checkpoints_own_regular_files(tmp_path: Path, name: str) -> None:
+    """meta.json is as open to tampering as the rest: a name outside the checkpoint, or a file
+    that never ends (a device, a FIFO), is refused without being read."""
+    import os
+
+    path = _saved(tmp_path)
+    (tmp_path / "outside").write_bytes(b"x")
+    if name == "fifo":
+        os.mkfifo(path / "fifo")
+    meta = json.loads((path / "meta.json").read_text())
+    meta["checksums"][name] = {"size": 0, "crc32": "00000000"}
+    (path / "meta.json").write_text(json.dumps(meta))
+    model, opt = _make()
+    want = "is not a regular file" if name == "fifo" else f"meta.json names {name!r}"
+    with pytest.raises(CheckpointError, match=want):
+        load_checkpoint(path, model, opt)

@@ -754,9 +754,6 @@ def test_a_changed_micro_batch_is_refused_with_what_it_changes_and_forced_trains
     args = [f"train.run_dir={run}", "train.micro_batch_size=4"]
     Trainer(load_config(cfg, args), force=True).fit()
 
-    def losses(r):
-        return {m["step"]: m["loss"] for m in read_metrics(r) if "loss" in m}
-
     resumed, expected = losses(run), losses(straight)
     assert sorted(resumed) == [1, 2, 3, 4]
     for step in (3, 4):
@@ -767,7 +764,7 @@ def test_a_profiled_window_writes_a_trace_and_a_table_and_trains_alike(
     tmp_path, world, tiny_config, make_trainer, capsys
 ) -> None:
     """`train.profile_at=2 train.profile_steps=2`: torch.profiler over steps 2-3 (step 1 its
-    unrecorded warm-up), a Chrome trace holding those steps' operators and a table by self
+    unrecorded warm-up), a Chrome trace holding those two steps' operators and a table by self
     time, and losses bit-identical to an unprofiled run's."""
     cfg = tiny_config(tmp_path, world, steps=4, save_every=4, parallel="none", val_every=0)
     plain, profiled = tmp_path / "plain", tmp_path / "profiled"
@@ -779,35 +776,97 @@ def test_a_profiled_window_writes_a_trace_and_a_table_and_trains_alike(
     events = json.loads((out / "rank0.json").read_text())["traceEvents"]
     names = {e.get("name") for e in events}
     assert {"aten::mm", "aten::scaled_dot_product_attention"} & names
+    assert sorted(n for n in names if str(n).startswith("ProfilerStep")) == [
+        "ProfilerStep#1",
+        "ProfilerStep#2",
+    ]
     assert "Self CPU" in (out / "rank0.txt").read_text()
-
-    def losses(r):
-        return [m["loss"] for m in read_metrics(r) if "loss" in m]
-
     assert losses(profiled) == losses(plain)
-    # a window the run does not reach, or resumes past, writes nothing
-    make_trainer(cfg, tmp_path / "late", "train.profile_at=9").fit()
-    assert not (tmp_path / "late" / "profile").exists()
 
 
-def test_a_run_resumes_on_another_number_of_processes_with_force(
+@pytest.mark.parametrize(
+    ("settings", "steps", "written"),
+    [
+        (["train.profile_at=1", "train.profile_steps=1"], 4, "steps_1-1"),  # no warm-up step
+        (["train.profile_at=3", "train.profile_steps=5"], 4, "steps_3-7"),  # cut short at 4
+        (["train.profile_at=9"], 4, None),  # never reached
+    ],
+)
+def test_profile_windows_at_the_edges(
+    tmp_path, world, tiny_config, make_trainer, settings, steps: int, written
+) -> None:
+    """The first step (no warm-up), a window the run's end cuts short (written as far as it
+    got), one the run never reaches; each trace holds the steps it names, and only those."""
+    cfg = tiny_config(tmp_path, world, steps=steps, save_every=4, parallel="none", val_every=0)
+    run = tmp_path / "run"
+    make_trainer(cfg, run, *settings).fit()
+    if written is None:
+        assert not (run / "profile").exists()
+        return
+    events = json.loads((run / "profile" / written / "rank0.json").read_text())["traceEvents"]
+    profiled = {e["name"] for e in events if str(e.get("name", "")).startswith("ProfilerStep")}
+    # steps 3-4 of the cut-short window, and the end of the loop after them (its last save)
+    expected = (
+        {"ProfilerStep#0"} if written == "steps_1-1" else {"ProfilerStep#1", "ProfilerStep#2"}
+    )
+    assert expected <= profiled <= expected | {"ProfilerStep#3"}
+    assert {"aten::mm", "aten::addmm"} & {e.get("name") for e in events}
+
+
+def test_a_profile_resumed_past_or_unwritable_leaves_training_alone(
+    tmp_path, world, tiny_config, make_trainer, caplog
+) -> None:
+    """A resume past the window's start profiles nothing; a window that cannot be written (its
+    folder is a file) is a warning, and the run trains on to the same losses."""
+    cfg = tiny_config(tmp_path, world, steps=4, save_every=2, parallel="none", val_every=0)
+    run = tmp_path / "run"
+    make_trainer(cfg, run, "train.steps=2").fit()
+    make_trainer(cfg, run, "train.profile_at=2").fit()
+    assert not (run / "profile").exists()
+    blocked = tmp_path / "blocked"
+    (blocked / "profile").mkdir(parents=True)
+    (blocked / "profile" / "steps_2-3").write_text("not a folder")
+    make_trainer(cfg, blocked, "train.profile_at=2").fit()
+    assert "profiling steps 2-3 failed, training goes on" in caplog.text
+    assert losses(blocked) == losses(run)
+
+
+def test_a_run_resumes_on_another_number_of_processes_with_reshard(
     tmp_path, world, tiny_config
 ) -> None:
-    """2 FSDP processes to step 2, then one: refused, naming --force; with it the model,
-    optimizer and schedule are resharded and the data restarts in a new shuffle, which later
-    resumes keep (a run stopped at step 3 and resumed ends as the one that went on to 4)."""
+    """2 FSDP processes to step 2, then one: refused, naming --reshard (--force is not it);
+    with it the model, optimizer and schedule are resharded and the data restarts in a new
+    shuffle, which later resumes keep (a run stopped at step 3 and resumed ends as the one that
+    went on to 4)."""
     cfg = tiny_config(tmp_path, world, steps=4, save_every=2, val_every=0)
     two = tmp_path / "two"
     finish(run_cli(["train", str(cfg), f"train.run_dir={two}", "train.steps=2"], nproc=2))
     p = run_cli(["train", str(cfg), f"train.run_dir={two}"])
     out, _ = p.communicate(timeout=240)
-    assert p.returncode != 0 and "saved by 2 process(es)" in out and "--force" in out, out
+    assert p.returncode != 0 and "saved by 2 process(es)" in out and "--reshard" in out, out
+    p = run_cli(["train", "--force", str(cfg), f"train.run_dir={two}"])
+    out, _ = p.communicate(timeout=240)
+    assert p.returncode != 0 and "--reshard to continue on 1" in out, out
     stopped = tmp_path / "stopped"
     shutil.copytree(two, stopped)
-    out = finish(run_cli(["train", "--force", str(cfg), f"train.run_dir={two}"]))
+    out = finish(run_cli(["train", "--reshard", str(cfg), f"train.run_dir={two}"]))
     assert "the model, optimizer and schedule were resharded" in out
     assert "data.seed + 1" in out and "done: step 4" in out
-    finish(run_cli(["train", "--force", str(cfg), f"train.run_dir={stopped}", "train.steps=3"]))
-    finish(run_cli(["train", str(cfg), f"train.run_dir={stopped}"]))  # no --force: same world
+    finish(run_cli(["train", "--reshard", str(cfg), f"train.run_dir={stopped}", "train.steps=3"]))
+    finish(run_cli(["train", str(cfg), f"train.run_dir={stopped}"]))  # the same world now
     assert losses(stopped) == losses(two)  # steps 1-2 on two processes, 3-4 on one
     assert sorted(losses(two)) == [1, 2, 3, 4]
+
+
+def test_the_micro_batch_note_is_for_mm1_runs_only() -> None:
+    """An encoder run's micro-batch is its contrastive batch: its refusal says no more than
+    that the meaning changed."""
+    from mm1.config import ConfigError
+    from mm1.train.config_change import refuse_changes
+
+    with pytest.raises(ConfigError, match="only splits each step's batch"):
+        refuse_changes(Path("run"), ["train.micro_batch_size"], force=False)
+    with pytest.raises(ConfigError, match="would change its meaning") as err:
+        refuse_changes(Path("run"), ["train.micro_batch_size"], force=False, encoder=True)
+    assert "only splits" not in str(err.value)
+    refuse_changes(Path("run"), ["train.micro_batch_size"], force=True)  # --force: allowed

@@ -13,6 +13,10 @@ from rich.console import Console
 console = Console(soft_wrap=True)
 
 MODEL_HELP = "a run directory, one of its checkpoints (RUN/checkpoints/step_N), or an export"
+RESHARD_HELP = (
+    "resume a checkpoint saved by another number of processes: model and optimizer resharded, "
+    "the data restarted in a new shuffle (records may repeat)"
+)
 
 
 class Add(Protocol):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .common import Add, console, skipped_note
+from .common import RESHARD_HELP, Add, console, skipped_note
 
 
 def cmd_train_encoder(args: argparse.Namespace) -> int | None:
@@ -14,7 +14,7 @@ def cmd_train_encoder(args: argparse.Namespace) -> int | None:
     from mm1.train.encoder_trainer import train_encoder
 
     cfg = load_encoder_config(args.config, args.overrides)
-    result = train_encoder(cfg, force=args.force)
+    result = train_encoder(cfg, force=args.force, reshard=args.reshard)
     if result["stopped_by"]:
         if os.environ.get("RANK", "0") == "0":
             console.print(
@@ -74,6 +74,7 @@ def register(add: Add) -> None:
         action="store_true",
         help="resume even if the config or a data source's files changed",
     )
+    p.add_argument("--reshard", action="store_true", help=RESHARD_HELP)
 
     p = add(
         "export-encoder",

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from mm1.config import Config, ConfigError, ModelConfig, load_config
 
-from .common import Add, console, skipped_note
+from .common import RESHARD_HELP, Add, console, skipped_note
 
 
 def _human(n: float) -> str:
@@ -144,7 +144,7 @@ def cmd_train(args: argparse.Namespace) -> int | None:
     from mm1.train.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
-    result = Trainer(cfg, force=args.force).fit()
+    result = Trainer(cfg, force=args.force, reshard=args.reshard).fit()
     if result["stopped_by"]:
         # Not a success: a job script must see that training did not finish (128 + signal, as
         # the shell reports a process killed by it; every rank exits so under torchrun).
@@ -249,6 +249,7 @@ def register(add: Add) -> None:
         action="store_true",
         help="resume even if the config or a data source's files changed",
     )
+    p.add_argument("--reshard", action="store_true", help=RESHARD_HELP)
 
     p = add("info", cmd_info, "parameters, FLOPs and the MM1 peak lr of a model config")
     p.add_argument("config")

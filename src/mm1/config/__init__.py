@@ -11,6 +11,7 @@ public name is importable from `mm1.config`.
 """
 
 from mm1.config.loading import (
+    ADDED_KEYS,
     EXTENDS_KEY,
     config_identity,
     load_config,
@@ -64,6 +65,7 @@ from mm1.config.validation import (
 
 __all__ = [
     "ACTIVATIONS",
+    "ADDED_KEYS",
     "ATTENTION_BACKENDS",
     "BAD_IMAGE_POLICIES",
     "DEMO_SELECTIONS",

@@ -15,13 +15,14 @@ from omegaconf.errors import OmegaConfBaseException
 from mm1.config.schema import (
     Config,
     ConfigError,
+    DataConfig,
     EvalConfig,
     ModelConfig,
     SourceConfig,
+    TrainConfig,
 )
 from mm1.config.validation import (
     apply_deprecated_keys,
-    resolve_components,
     validate,
     validate_eval,
     validate_model,
@@ -154,39 +155,28 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
 
 
+# Keys added to the schema after configs were saved with it: "section.key" -> its default.
+# At that default a key is left out of `config_identity`, so a study written before it keeps
+# its fingerprint and its cells their hashes; a run saved before it resumes with whatever the
+# config now says (`train.config_change.current_shape`).
+ADDED_KEYS: dict[str, Any] = {
+    "data.max_text_chars": DataConfig.max_text_chars,
+    "train.profile_at": TrainConfig.profile_at,
+    "train.profile_steps": TrainConfig.profile_steps,
+}
+
+
 def config_identity(cfg: Any) -> dict[str, Any]:
-    """What a config says beyond the schema's defaults (`to_dict` without the values equal to
-    them; sources each against a source's defaults), without `train.run_dir`: the part that
-    names a run's meaning in fingerprints. A key added to the schema later, at its default,
-    leaves it unchanged, so a study written before the key still resumes as it was."""
+    """A config as fingerprints hash it: `to_dict` without `train.run_dir`, and without the
+    keys added since studies were written (`ADDED_KEYS`) where they hold their defaults. Every
+    other value counts, defaults included: a changed default changes what a run means."""
     d = to_dict(cfg)
     d.get("train", {}).pop("run_dir", None)
-    default = type(cfg)()
-    resolve_components(default.model)  # the default connector and FFN as their own types
-    return _beyond(d, to_dict(default))
-
-
-# A list of config dataclasses holds its elements' own defaults; these are the lists.
-_ELEMENT_DEFAULTS = {"sources": SourceConfig, "val_sources": SourceConfig}
-
-
-def _beyond(value: dict[str, Any], default: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, v in value.items():
-        d = default.get(key, _ABSENT)
-        if isinstance(v, dict) and isinstance(d, dict):
-            v = _beyond(v, d)
-            if v:
-                out[key] = v
-        elif isinstance(v, list) and key in _ELEMENT_DEFAULTS and v != d:
-            element = to_dict(_ELEMENT_DEFAULTS[key])
-            out[key] = [_beyond(x, element) if isinstance(x, dict) else x for x in v]
-        elif v != d:
-            out[key] = v
-    return out
-
-
-_ABSENT = object()
+    for key, default in ADDED_KEYS.items():
+        section, name = key.split(".")
+        if name in d.get(section, {}) and d[section][name] == default:
+            del d[section][name]
+    return d
 
 
 def to_yaml(cfg: Any) -> str:

@@ -107,6 +107,7 @@ from mm1.checkpoint import (
     read_meta,
     safe_dcp_load,
     step_of,
+    verify_checksums,
 )
 
 # Reading lives below training and inference (`mm1.checkpoint`); re-exported for callers here.
@@ -517,22 +518,38 @@ def save_checkpoint(
 
 def _checksums(tmp: Path, rank: int, world: int, distributed: bool) -> dict[str, Any]:
     """Every written file's checksum for meta.json (collective: each rank reads a share back,
-    mostly from the page cache); rank 0's list of the files, so that all ranks split one list."""
-    names = [sorted(p.name for p in tmp.iterdir() if p.is_file())] if rank == 0 else [None]
-    if distributed:
-        dist.broadcast_object_list(names, src=0)
+    mostly from the page cache), over rank 0's list of the files. A failure on any rank fails
+    the save on all, the partial directory removed."""
     error: Exception | None = None
-    share: dict[str, Any] = {}
+    names: list[Any] = [None]
     try:
-        share = checksum_share(tmp, names[0] or [], rank, world)
+        if rank == 0:
+            names = [sorted(p.name for p in tmp.iterdir() if p.is_file())]
     except OSError as e:
         error = e
-    _all_ok(error, f"save to {tmp} (checksums)")
+    _checksum_step_ok(error, tmp, rank)
+    if distributed:
+        dist.broadcast_object_list(names, src=0)
+    share: dict[str, Any] = {}
+    try:
+        share = checksum_share(tmp, names[0], rank, world)
+    except OSError as e:
+        error = e
+    _checksum_step_ok(error, tmp, rank)
     shares = [share]
     if distributed:
         shares = [{}] * world
         dist.all_gather_object(shares, share)
     return dict(sorted((name, s) for part in shares for name, s in part.items()))
+
+
+def _checksum_step_ok(error: Exception | None, tmp: Path, rank: int) -> None:
+    try:
+        _all_ok(error, f"save to {tmp} (checksums)")
+    except BaseException:
+        if rank == 0:
+            _remove(tmp)
+        raise
 
 
 def load_checkpoint(
@@ -555,7 +572,7 @@ def load_checkpoint(
         raise ValueError(
             f"checkpoint {path} was saved by {saved_world} process(es) but this run has world "
             f"size {world}: the per-rank states (data-loader positions, RNG states) cannot be "
-            f"remapped; resume with {saved_world} process(es), or with --force to continue on "
+            f"remapped; resume with {saved_world} process(es), or with --reshard to continue on "
             f"{world}: the model, optimizer and schedule resume, the data restarts in a new "
             "shuffle (records may repeat)"
         )
@@ -564,6 +581,11 @@ def load_checkpoint(
             f"checkpoint {path} has format_version={meta.get('format_version')}, "
             f"this code reads {FORMAT_VERSION}"
         )
+
+    # Before anything of it is read (its index included): every file as its save recorded it.
+    # Only here, where every byte is read anyway and the ranks share the check: model-only
+    # reads (eval, serve, convert, train.init) would read three times their bytes for it.
+    verify_checksums(path, distributed)
 
     # Templates: DCP loads tensors in place into these (this rank's shards of them).
     model_sd, optim_sd = get_state_dict(model, _optimizers(optimizer), options=SD_OPTIONS)

@@ -16,9 +16,9 @@ from typing import Any
 
 from mm1.checkpoint import latest_checkpoint
 from mm1.config import (
+    ADDED_KEYS,
     Config,
     ConfigError,
-    DataConfig,
     SourceConfig,
     deprecated_keys_in_dict,
     to_dict,
@@ -202,8 +202,8 @@ def check_resumed_config(run_dir: Path, cfg: Config, force: bool) -> None:
         return
     refuse_other_run_kind(run_dir, old, cfg)
     deprecated_keys_in_dict(old)  # a run saved before train.init
-    old = current_shape(old)  # a run saved before the registries
     new = to_dict(cfg)
+    old = current_shape(old, new)  # a run saved before the registries, or before a key
     changed = meaningful(config_diff(old, new))
     if "data.num_workers" in changed:  # not even under --force: torchdata would fail deep
         was = old["data"]["num_workers"]
@@ -216,10 +216,11 @@ def check_resumed_config(run_dir: Path, cfg: Config, force: bool) -> None:
     refuse_changes(run_dir, changed, force, encoder="encoder" in old)
 
 
-def current_shape(saved: dict[str, Any]) -> dict[str, Any]:
+def current_shape(saved: dict[str, Any], new: dict[str, Any] | None = None) -> dict[str, Any]:
     """A saved run config in today's shape, so an unchanged run still resumes: its model section
-    read anew (older runs wrote every connector option side by side and the FFN as a name), and
-    data and source keys added since (`max_text_chars`, `name`) at their defaults."""
+    read anew (older runs wrote every connector option side by side and the FFN as a name),
+    sources' `name` at its default, and each key added since it was saved (`ADDED_KEYS`) as the
+    config `new` it resumes with has it (its default without one): the run never chose one."""
     from mm1.config import model_config_from_dict
 
     model = saved.get("model")
@@ -227,11 +228,17 @@ def current_shape(saved: dict[str, Any]) -> dict[str, Any]:
         # Unreadable today: compared as written, so the changed keys are reported.
         with contextlib.suppress(ConfigError):
             saved = {**saved, "model": to_dict(model_config_from_dict(model))}
+    saved = dict(saved)
+    for key, default in ADDED_KEYS.items():
+        section, name = key.split(".")
+        part = saved.get(section)
+        if isinstance(part, dict) and name not in part:
+            now = (new or {}).get(section, {})
+            saved[section] = {**part, name: now.get(name, default)}
     data = saved.get("data")
     if isinstance(data, dict):
         defaults = {"name": SourceConfig.name}
         data = {
-            "max_text_chars": DataConfig.max_text_chars,  # runs saved before the key
             **data,
             **{
                 k: [{**defaults, **s} if isinstance(s, dict) else s for s in data[k]]

@@ -218,6 +218,8 @@ class EncoderTrainer(Trainer):
         }
 
 
-def train_encoder(cfg: EncoderRunConfig, force: bool = False) -> dict[str, Any]:
+def train_encoder(
+    cfg: EncoderRunConfig, force: bool = False, reshard: bool = False
+) -> dict[str, Any]:
     """Train an encoder run to `train.steps` (resuming from its run_dir); `Trainer.fit`'s result."""
-    return EncoderTrainer(cfg, force=force).fit()
+    return EncoderTrainer(cfg, force=force, reshard=reshard).fit()

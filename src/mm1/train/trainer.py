@@ -118,9 +118,12 @@ def _new_window() -> dict[str, float]:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, *, force: bool = False) -> None:
+    def __init__(self, cfg: Config, *, force: bool = False, reshard: bool = False) -> None:
+        """`force`: resume although the config's meaning or a source's files changed; `reshard`:
+        resume a checkpoint of another number of processes (`mm1 train --force / --reshard`)."""
         self.cfg = cfg
         self.force = force
+        self.reshard = reshard
         self.d: Dist = init_distributed()
         self.run_dir = Path(cfg.train.run_dir)
         self._stop_signal: int | None = None
@@ -288,8 +291,8 @@ class Trainer:
         if path is None:
             return
         configured = hyperparameters(self.optimizer, self.scheduler)
-        # --force resumes a checkpoint of another number of processes: resharded (see below)
-        loaded = ckpt.load_checkpoint(path, self.model, self.optimizer, reshard=self.force)
+        # --reshard: a checkpoint of another number of processes, resharded (see below)
+        loaded = ckpt.load_checkpoint(path, self.model, self.optimizer, reshard=self.reshard)
         counters = loaded.extra.get("counters", {})
         reshuffles = int(counters.get("data_reshuffles", 0)) + loaded.resharded
         if reshuffles:  # the loader reads the shuffle the run has read since its last reshard
@@ -308,7 +311,7 @@ class Trainer:
             print(f"resumed from {path} at step {self.step}", flush=True)
             if loaded.resharded:
                 print(
-                    f"--force: the checkpoint was saved by {loaded.meta['world_size']} "
+                    f"--reshard: the checkpoint was saved by {loaded.meta['world_size']} "
                     f"process(es), this run has {self.d.world_size}: the model, optimizer and "
                     "schedule were resharded; the data restarts in a new shuffle (data.seed + "
                     f"{reshuffles}), so records may repeat, and the validation rows are this "
@@ -405,10 +408,11 @@ class Trainer:
                 "data.max_images_per_seq, or shard with train.parallel=fsdp on more GPUs"
             ) from err
         finally:
-            profiler.close()
             logger.close()
             self.loader.close()  # its workers, however the loop ended
             self._restore_signal_handlers()
+            if (trace := profiler.close()) is not None and d.is_main:
+                print(f"profiled {profiler.steps}, cut short: {trace}", flush=True)
         return {
             "step": self.step,
             "loss": last.loss if last else math.nan,
