@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -10,23 +11,10 @@ import torch
 from mm1.config import SOURCE_KINDS, SourceConfig
 from mm1.data.images import ImageProcessor
 from mm1.data.loader import LoaderSettings, PackedDataset, build_loader, packing_stats
-from mm1.data.mixture import Cursor, SourceStream
+from mm1.data.mixture import Cursor, Mixture, SourceStream
 from mm1.data.prompt_format import PromptFormat
 from mm1.data.sources import DataError, ReadStats
-from mm1.data.synthetic import write_world
-from mm1.data.tokenizer import Tokenizer
 from mm1.data.world import world_sources
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    return write_world(root, seed=0, size="tiny")
-
-
-@pytest.fixture(scope="module")
-def tok(world):
-    return Tokenizer.from_file(world.tokenizer_path)
 
 
 def settings(world, **kw) -> LoaderSettings:
@@ -331,3 +319,87 @@ def test_an_interpreter_exits_with_a_loader_never_closed(world) -> None:
     )
     assert p.returncode == 0 and p.stdout == "read\n", p.stderr[-2000:]
     assert "Exception ignored" not in p.stderr, p.stderr[-2000:]  # every worker was killed
+
+
+def _text_spec(world) -> SourceConfig:
+    return SourceConfig(
+        format="text", path=str(world.root / world.sources["text"]["shards"][0]).rsplit("/", 1)[0]
+    )
+
+
+def _one_epoch(stream: SourceStream) -> list[tuple[int, int]]:
+    seen = []
+    while True:
+        shard, raw, _ = stream.next()
+        if stream.cursor.epoch > 0:
+            return seen
+        seen.append((shard, raw))
+
+
+@pytest.mark.parametrize("num_slots", [1, 3])
+def test_a_slot_dealt_several_shards_reads_each_from_its_start(world, num_slots: int) -> None:
+    """4 shards: one slot reads all of them, or slot 0 of 3 two of them, in an epoch."""
+    spec = _text_spec(world)
+    seen = [
+        rec
+        for slot in range(num_slots)
+        for rec in _one_epoch(SourceStream(0, spec, slot, num_slots, seed=0))
+    ]
+    assert len(seen) == len(set(seen)) == world.sources["text"]["records"]
+
+
+def test_as_many_shards_as_slots_deals_out_whole_shards(world) -> None:
+    spec = _text_spec(world)
+    streams = [SourceStream(0, spec, slot, 4, seed=0) for slot in range(4)]
+    assert all(s.shard_level and len(s.epoch_order(0)) == 1 for s in streams)
+    assert sorted(s.epoch_order(0)[0] for s in streams) == [0, 1, 2, 3]
+    assert streams[0].record_range(streams[0].epoch_order(0)[0]) == (0, -1)  # the whole shard
+    five = SourceStream(0, spec, 4, 5, seed=0)  # more slots than shards: record ranges
+    assert not five.shard_level and len(five.epoch_order(0)) == 4
+
+
+def test_a_slot_whose_share_is_empty_stops_after_one_pass(tmp_path) -> None:
+    """One record and two slots: slot 1 reads it, slot 0 has nothing and says so after one whole
+    pass over its (empty) share instead of reading forever."""
+    record = {
+        "id": "r0",
+        "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}],
+    }
+    (tmp_path / "sft.json").write_text(json.dumps([record]))
+    spec = SourceConfig(format="llava", path=str(tmp_path / "sft.json"))
+    assert SourceStream(0, spec, 1, 2, seed=0).next()[:2] == (0, 0)
+    empty = SourceStream(0, spec, 0, 2, seed=0)
+    with pytest.raises(DataError, match="yields no readable records for loader slot 0 of 2"):
+        empty.next()
+    assert empty.cursor.epoch == 1
+
+
+def test_a_resumed_stream_counts_whole_passes_from_its_saved_epoch(world) -> None:
+    """Restored at epoch 3, one rejected record is not "a whole pass with no usable document"."""
+    spec = _text_spec(world)
+    stream = SourceStream(0, spec, 0, 1, seed=0)
+    state = stream.state_dict()
+    state["cursor"] = {"epoch": 3, "shard_pos": 0, "record": 0}
+    resumed = SourceStream(0, spec, 0, 1, seed=0)
+    resumed.load_state_dict(state)
+    resumed.next()
+    resumed.reject("untokenizable")  # raises on a stream that forgot its epoch
+    assert resumed.stats.skipped == {"untokenizable": 1}
+
+
+def test_a_state_saved_before_file_fingerprints_loads(world) -> None:
+    spec = _text_spec(world)
+    stream = SourceStream(0, spec, 0, 1, seed=0)
+    for _ in range(3):
+        stream.next()
+    state = stream.state_dict()
+    del state["files"]
+    resumed = SourceStream(0, spec, 0, 1, seed=0)
+    resumed.load_state_dict(state)
+    assert resumed.cursor == stream.cursor and not resumed.changed
+
+
+def test_mixture_weights_summing_to_zero_are_refused(world) -> None:
+    spec = dataclasses.replace(_text_spec(world), weight=0.0)
+    with pytest.raises(ValueError, match="sum to zero"):
+        Mixture([SourceStream(0, spec, 0, 1, seed=0)], seed=0, slot=0)

@@ -179,6 +179,14 @@ def test_candidates_may_be_pycocoevalcap_style_lists():
     assert score == pytest.approx(3.046959324927448, abs=1e-12)
 
 
+def test_a_candidate_list_must_hold_exactly_one_caption():
+    for metric in (cider, bleu, rouge_l):
+        with pytest.raises(ValueError, match="must be one caption, got 2"):
+            metric(CHECK_REFS, {1: ["a man", "a horse"], 2: CHECK_CANDS[2]})
+        with pytest.raises(ValueError, match="must be one caption, got 0"):
+            metric(CHECK_REFS, {1: [], 2: CHECK_CANDS[2]})
+
+
 # ------------------------------------------------------------------------------------------------
 # PTB tokenizer
 # ------------------------------------------------------------------------------------------------
@@ -437,6 +445,15 @@ def test_vqa_accuracy_more_cases():
     assert vqa_accuracy("dont", ["don't"] * 4 + ["no"] * 6) == 1.0
     assert vqa_accuracy("one", ["1"] * 3 + ["2"] * 7) == pytest.approx((3 * (2 / 3) + 7 * 1.0) / 10)
     assert vqa_accuracy("", ["yes", "no"]) == 0.0
+
+
+def test_vqa_tabs_and_newlines_inside_answers_are_spaces_before_the_gate():
+    # The official evaluator replaces "\n" and "\t" by spaces in the prediction and every
+    # answer BEFORE it checks whether the answers are all identical.
+    assert vqa_accuracy("big\tdog", ["big dog"] * 10) == 1.0
+    assert vqa_accuracy("big dog", ["big\ndog"] * 10) == 1.0
+    # these answers are identical once tabs are spaces: no normalisation, so "Big" misses
+    assert vqa_accuracy("Big dog", ["big\tdog"] * 5 + ["big dog"] * 5) == 0.0
 
 
 def test_vqa_accuracy_errors():

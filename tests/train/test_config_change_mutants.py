@@ -1,0 +1,98 @@
+"""What a resume may change (`mm1.train.config_change`), checked on saved run directories
+written here (a config.yaml and an empty complete checkpoint) without training: keys that change
+the run's meaning are refused unless forced, the model's shape and the worker count even then,
+and a saved config in an older shape still resumes unchanged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mm1.checkpoint import META_FILE, checkpoints_root
+from mm1.config import ConfigError, load_config, to_dict, to_yaml
+from mm1.train.config_change import (
+    check_resumed_config,
+    config_diff,
+    current_shape,
+    model_changes,
+)
+
+SOURCES = "data.sources=[{format: wds, path: a}]"
+
+
+def saved_run(tmp_path: Path, overrides: list[str], checkpoint: bool = True) -> Path:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(to_yaml(load_config(None, [SOURCES, *overrides])))
+    if checkpoint:
+        step = checkpoints_root(run) / "step_2"
+        step.mkdir(parents=True)
+        (step / META_FILE).write_text("{}")
+    return run
+
+
+def resume(run: Path, overrides: list[str], force: bool = False) -> None:
+    check_resumed_config(run, load_config(None, [SOURCES, *overrides]), force)
+
+
+def test_a_changed_meaning_is_refused_unless_forced(tmp_path) -> None:
+    run = saved_run(tmp_path, ["train.seed=0", "train.steps=10"])
+    resume(run, ["train.seed=0", "train.steps=20"])  # steps are not compared
+    with pytest.raises(ConfigError, match=r"config differs in train\.seed; .* or --force"):
+        resume(run, ["train.seed=1"])
+    resume(run, ["train.seed=1"], force=True)
+
+
+def test_a_changed_worker_count_is_refused_even_when_forced(tmp_path) -> None:
+    run = saved_run(tmp_path, ["data.num_workers=1"])
+    with pytest.raises(
+        ConfigError, match=r"^data\.num_workers=2: .* saved with data\.num_workers=1"
+    ):
+        resume(run, ["data.num_workers=2"], force=True)
+
+
+def test_a_run_without_a_checkpoint_is_not_compared(tmp_path) -> None:
+    """A run that stopped before its first save has nothing to resume: it starts over."""
+    run = saved_run(tmp_path, ["train.seed=0"], checkpoint=False)
+    resume(run, ["train.seed=1"])
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["model.vision.feature_layer=-2", "model.connector.num_tokens=64", "model.decoder.layers=3"],
+)
+def test_keys_that_shape_the_parameters_are_refused_even_when_forced(tmp_path, change) -> None:
+    run = saved_run(tmp_path, [])
+    key = change.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"--force cannot change the model: .*'s {key} is"):
+        resume(run, [change], force=True)
+
+
+def test_config_diff_sees_keys_on_either_side_and_sections_replaced() -> None:
+    old = {"a": {"b": 1, "c": 2}, "d": 1}
+    assert config_diff(old, {"a": None, "d": 1}) == ["a"]
+    assert config_diff(old, {"a": {"b": 1, "c": 2}, "d": 1, "e": 0}) == ["e"]
+    assert config_diff(old, {"a": {"b": 1}, "d": 1}) == ["a.c"]
+
+
+def test_an_hf_text_tower_counts_as_a_model_change_only_when_set_or_unset() -> None:
+    old = {"encoder": {"objective": "clip", "text": {"hf": None, "width": 32}}}
+    moved = {"encoder": {"objective": "clip", "text": {"hf": "/towers/b", "width": 32}}}
+    assert model_changes(old, moved) == [("encoder.text.hf", None, "/towers/b")]
+    elsewhere = {"encoder": {"objective": "clip", "text": {"hf": "/towers/c", "width": 32}}}
+    assert model_changes(moved, elsewhere) == []  # its shapes are checked when it loads
+
+
+def test_a_config_saved_in_an_older_shape_is_unchanged() -> None:
+    cfg = load_config(
+        None,
+        [
+            "data.sources=[{format: wds, path: a, name: cc3m}]",
+            "data.val_sources=[{format: wds, path: v}]",
+        ],
+    )
+    saved = to_dict(cfg)
+    del saved["data"]["val_sources"][0]["name"]  # written before sources had names
+    del saved["model"]["connector"]["layer_norm"]  # written before the option existed
+    assert config_diff(current_shape(saved), to_dict(cfg)) == []
