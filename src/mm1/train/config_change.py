@@ -193,10 +193,11 @@ def refuse_changes(run_dir: Path, changed: list[str], force: bool, encoder: bool
         )
 
 
-def check_resumed_config(run_dir: Path, cfg: Config, force: bool) -> None:
+def check_resumed_config(run_dir: Path, cfg: Config, force: bool, resharding: bool = False) -> None:
     """Refuse resuming `run_dir` with a config whose meaning differs from its saved one (unless
     `force`), and in any case a run of the other trainer (MM1 / image encoder), another model
-    (an encoder run's `encoder` section included) or a changed loader worker count."""
+    (an encoder run's `encoder` section included) or a changed loader worker count (except
+    `resharding`: onto another number of processes, no loader position is restored)."""
     old = saved_run_config(run_dir)
     if old is None:
         return
@@ -205,6 +206,8 @@ def check_resumed_config(run_dir: Path, cfg: Config, force: bool) -> None:
     new = to_dict(cfg)
     old = current_shape(old, new)  # a run saved before the registries, or before a key
     changed = meaningful(config_diff(old, new))
+    if resharding:  # the loaders start afresh in a new shuffle: any worker count will do
+        changed = [k for k in changed if k != "data.num_workers"]
     if "data.num_workers" in changed:  # not even under --force: torchdata would fail deep
         was = old["data"]["num_workers"]
         raise ConfigError(

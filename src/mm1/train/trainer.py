@@ -269,7 +269,14 @@ class Trainer:
         foreign = ckpt.foreign_entries(self.run_dir)
         if foreign:
             raise ckpt.CheckpointError(ckpt.foreign_entry_message(foreign[0]))
-        check_resumed_config(self.run_dir, self.cfg, self.force)
+        check_resumed_config(self.run_dir, self.cfg, self.force, self._resharding())
+
+    def _resharding(self) -> bool:
+        """Whether this start resumes, under --reshard, a checkpoint of another world size."""
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if not self.reshard or latest is None:
+            return False
+        return ckpt.read_meta(latest).get("world_size") != self.d.world_size
 
     def _validation_batches(self) -> list[Batch]:
         if not self.cfg.train.val_every:
