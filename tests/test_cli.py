@@ -424,6 +424,14 @@ def test_a_tampered_run_directory_is_refused_without_running_code(run, tmp_path,
     index = copy / "checkpoints" / "step_3" / ".metadata"
     marker = tmp_path / "pwned"
     index.write_bytes(pickle.dumps(_Payload(marker)))
+    args = ["convert", str(copy), "--export", str(tmp_path / "out")]
+    assert cli.main(args) == 1  # the checksums see the change first, and read nothing of it
+    out = capsys.readouterr().out
+    assert "step_3 is damaged: .metadata" in out and not marker.exists()
+    # an attacker rewrites meta.json too: the safe reader refuses the index without running it
+    meta = json.loads((index.parent / "meta.json").read_text())
+    del meta["checksums"]
+    (index.parent / "meta.json").write_text(json.dumps(meta))
     for args in (
         ["convert", str(copy), "--export", str(tmp_path / "out")],
         ["generate", str(copy), "--prompt", "a"],

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
 
+import mm1.checkpoint as reading
 import mm1.train.checkpoint as ckpt
 from mm1.train.checkpoint import (
     CheckpointError,
@@ -170,8 +171,8 @@ def test_a_truncated_data_file_or_bad_meta_json_is_one_line(tmp_path: Path) -> N
 
 def test_files_changed_since_the_save_are_refused_by_their_checksums(tmp_path: Path) -> None:
     """DCP checks nothing it reads: 64 flipped bytes in a tensor file resumed silently. The save
-    records every file's size and CRC-32 in meta.json and a resume checks them first, its index
-    included (model-only reads do not: they would read three times their bytes for it)."""
+    records every file's size and CRC-32 in meta.json and every read checks them first, its
+    index included: a resume, and the model-only reads of eval, serve, convert and train.init."""
     path = _saved(tmp_path)
     meta = json.loads((path / "meta.json").read_text())
     assert set(meta["checksums"]) == {p.name for p in path.iterdir()} - {"meta.json"}
@@ -181,8 +182,11 @@ def test_files_changed_since_the_save_are_refused_by_their_checksums(tmp_path: P
     flipped = bytes(b ^ 0xFF for b in good[middle : middle + 64])
     data.write_bytes(good[:middle] + flipped + good[middle + 64 :])
     model, opt = _make()
-    with pytest.raises(CheckpointError, match=r"is damaged: __0_0\.distcp changed since it was"):
-        load_checkpoint(path, model, opt)
+    for load in _loads(path):  # resume; the model alone
+        with pytest.raises(CheckpointError, match=r"is damaged: __0_0\.distcp changed since it"):
+            load()
+    with pytest.raises(CheckpointError, match=r"is damaged: __0_0\.distcp changed since it"):
+        reading._read_dcp_model(path)  # eval, serve, convert, train.init: whole tensors
     data.write_bytes(good[:middle])
     with pytest.raises(CheckpointError, match=rf"is damaged: __0_0\.distcp has {middle:,} bytes"):
         load_checkpoint(path, model, opt)

@@ -736,7 +736,7 @@ def test_a_second_stop_signal_stops_at_once(tmp_path, world, tiny_config, make_t
 
 
 def test_a_changed_micro_batch_is_refused_with_what_it_changes_and_forced_trains_alike(
-    tmp_path, world, tiny_config, make_trainer
+    tmp_path, world, tiny_config, make_trainer, capsys
 ) -> None:
     """A resume at another `train.micro_batch_size` (a bigger GPU) reads the same rows into
     each step (one loader process), so under --force its losses match the uninterrupted run's
@@ -752,7 +752,9 @@ def test_a_changed_micro_batch_is_refused_with_what_it_changes_and_forced_trains
     with pytest.raises(ConfigError, match=r"micro_batch_size only splits .* validation rows"):
         make_trainer(cfg, run, "train.micro_batch_size=4").setup()
     args = [f"train.run_dir={run}", "train.micro_batch_size=4"]
+    capsys.readouterr()
     Trainer(load_config(cfg, args), force=True).fit()
+    assert "--force: resuming with train.micro_batch_size 2 -> 4" in capsys.readouterr().out
 
     resumed, expected = losses(run), losses(straight)
     assert sorted(resumed) == [1, 2, 3, 4]
@@ -788,7 +790,7 @@ def test_a_profiled_window_writes_a_trace_and_a_table_and_trains_alike(
     ("settings", "steps", "written"),
     [
         (["train.profile_at=1", "train.profile_steps=1"], 4, "steps_1-1"),  # no warm-up step
-        (["train.profile_at=3", "train.profile_steps=5"], 4, "steps_3-7"),  # cut short at 4
+        (["train.profile_at=3", "train.profile_steps=5"], 4, "steps_3-4"),  # cut short at 4
         (["train.profile_at=9"], 4, None),  # never reached
     ],
 )
@@ -805,30 +807,44 @@ def test_profile_windows_at_the_edges(
         return
     events = json.loads((run / "profile" / written / "rank0.json").read_text())["traceEvents"]
     profiled = {e["name"] for e in events if str(e.get("name", "")).startswith("ProfilerStep")}
-    # steps 3-4 of the cut-short window, and the end of the loop after them (its last save)
     expected = (
         {"ProfilerStep#0"} if written == "steps_1-1" else {"ProfilerStep#1", "ProfilerStep#2"}
     )
-    assert expected <= profiled <= expected | {"ProfilerStep#3"}
+    assert profiled == expected
     assert {"aten::mm", "aten::addmm"} & {e.get("name") for e in events}
 
 
-def test_a_profile_resumed_past_or_unwritable_leaves_training_alone(
-    tmp_path, world, tiny_config, make_trainer, caplog
+def test_a_profile_resumed_past_at_or_unwritable_leaves_training_alone(
+    tmp_path, world, tiny_config, make_trainer, caplog, capsys
 ) -> None:
-    """A resume past the window's start profiles nothing; a window that cannot be written (its
-    folder is a file) is a warning, and the run trains on to the same losses."""
+    """A resume past the window's start profiles nothing and says so; one right at its start
+    profiles it (without the warm-up step, which ran before); a window that cannot be written
+    (its folder is a file) is a warning, and the run trains on to the same losses; a window a
+    signal stops is not written (a long trace would hold up the exit for minutes)."""
     cfg = tiny_config(tmp_path, world, steps=4, save_every=2, parallel="none", val_every=0)
     run = tmp_path / "run"
     make_trainer(cfg, run, "train.steps=2").fit()
+    at_start = tmp_path / "at_start"
+    shutil.copytree(run, at_start)
+    capsys.readouterr()
     make_trainer(cfg, run, "train.profile_at=2").fit()
     assert not (run / "profile").exists()
+    said = "train.profile_at=2: steps 2-3 not profiled: the run resumed at step 2, past its start"
+    assert said in capsys.readouterr().out
+    make_trainer(cfg, at_start, "train.profile_at=3").fit()
+    assert (at_start / "profile" / "steps_3-4" / "rank0.json").is_file()
     blocked = tmp_path / "blocked"
     (blocked / "profile").mkdir(parents=True)
     (blocked / "profile" / "steps_2-3").write_text("not a folder")
     make_trainer(cfg, blocked, "train.profile_at=2").fit()
     assert "profiling steps 2-3 failed, training goes on" in caplog.text
     assert losses(blocked) == losses(run)
+    stopped = make_trainer(cfg, tmp_path / "stopped", "train.profile_at=2")
+    stopped._stop_requested = lambda: stopped.step >= 2  # a SIGTERM in step 2
+    capsys.readouterr()
+    assert stopped.fit()["stopped_by"] is not None
+    assert not (tmp_path / "stopped" / "profile").exists()
+    assert "not profiled: a signal stopped the run inside it" in capsys.readouterr().out
 
 
 def test_a_run_resumes_on_another_number_of_processes_with_reshard(

@@ -348,6 +348,10 @@ class InitConfig:
 INIT_PARTS = ("vision", "connector", "decoder")
 
 
+# A trace takes tens of MB per step of a real model, and minutes to write.
+PROFILE_MAX_STEPS = 20
+
+
 @dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
@@ -371,7 +375,8 @@ class TrainConfig:
     max_nonfinite_in_a_row: int = 5  # consecutive skipped (non-finite) steps before aborting
     tensorboard: bool = True
     # torch.profiler over steps profile_at .. profile_at + profile_steps - 1 (0 = off): a
-    # Chrome trace and an operator table per rank in RUN/profile/ (train/profiling.py).
+    # Chrome trace and an operator table per rank in RUN/profile/ (train/profiling.py); at
+    # most PROFILE_MAX_STEPS steps.
     profile_at: int = 0
     profile_steps: int = 2
     # Weight of each auxiliary loss the model emits, by name; a loss without a weight here

@@ -21,6 +21,7 @@ from mm1.config.schema import (
     IMAGE_ROOT_FORMATS,
     INIT_PARTS,
     OVERVIEW_PLACES,
+    PROFILE_MAX_STEPS,
     ROPE_TYPES,
     SOURCE_FORMATS,
     SOURCE_KINDS,
@@ -394,6 +395,11 @@ def validate(cfg: Config) -> None:
     _non_negative("train.val_every", t.val_every, "0 = no validation")
     _non_negative("train.val_batches", t.val_batches)
     _non_negative("train.profile_at", t.profile_at, "0 = no profiling")
+    if t.profile_steps > PROFILE_MAX_STEPS:
+        raise ConfigError(
+            f"train.profile_steps={t.profile_steps}: at most {PROFILE_MAX_STEPS} (a trace takes "
+            "tens of MB per step of a real model, and minutes to write)"
+        )
     _non_negative("train.optim.warmup_steps", t.optim.warmup_steps, "0 = no warmup")
     if t.batch_size % t.micro_batch_size:
         raise ConfigError(

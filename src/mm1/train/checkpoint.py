@@ -583,8 +583,6 @@ def load_checkpoint(
         )
 
     # Before anything of it is read (its index included): every file as its save recorded it.
-    # Only here, where every byte is read anyway and the ranks share the check: model-only
-    # reads (eval, serve, convert, train.init) would read three times their bytes for it.
     verify_checksums(path, distributed)
 
     # Templates: DCP loads tensors in place into these (this rank's shards of them).

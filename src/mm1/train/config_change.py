@@ -193,14 +193,17 @@ def refuse_changes(run_dir: Path, changed: list[str], force: bool, encoder: bool
         )
 
 
-def check_resumed_config(run_dir: Path, cfg: Config, force: bool, resharding: bool = False) -> None:
+def check_resumed_config(
+    run_dir: Path, cfg: Config, force: bool, resharding: bool = False
+) -> list[str]:
     """Refuse resuming `run_dir` with a config whose meaning differs from its saved one (unless
     `force`), and in any case a run of the other trainer (MM1 / image encoder), another model
     (an encoder run's `encoder` section included) or a changed loader worker count (except
-    `resharding`: onto another number of processes, no loader position is restored)."""
+    `resharding`: onto another number of processes, no loader position is restored). Returns
+    what `force` let change, `key old -> new` each, for the log."""
     old = saved_run_config(run_dir)
     if old is None:
-        return
+        return []
     refuse_other_run_kind(run_dir, old, cfg)
     deprecated_keys_in_dict(old)  # a run saved before train.init
     new = to_dict(cfg)
@@ -217,6 +220,12 @@ def check_resumed_config(run_dir: Path, cfg: Config, force: bool, resharding: bo
         )
     refuse_model_change(run_dir, old, new, force)  # before the keys --force may change
     refuse_changes(run_dir, changed, force, encoder="encoder" in old)
+    return [f"{k} {_short(_value(old, k))} -> {_short(_value(new, k))}" for k in changed]
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = str(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def current_shape(saved: dict[str, Any], new: dict[str, Any] | None = None) -> dict[str, Any]:

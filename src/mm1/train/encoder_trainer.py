@@ -129,6 +129,8 @@ class EncoderTrainer(Trainer):
             new = to_dict(self.cfg.encoder)
             changed = config_diff(old.get("encoder", {}), new, "encoder.")  # type: ignore[arg-type]
             refuse_changes(self.run_dir, changed, self.force)
+            if changed and self.d.is_main:
+                print(f"--force: resuming with a changed {', '.join(changed)}", flush=True)
 
     def _generator(self, micro: int) -> torch.Generator:
         """The objective's random stream of one micro-batch (AIM's prefix lengths), a function

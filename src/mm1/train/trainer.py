@@ -269,7 +269,9 @@ class Trainer:
         foreign = ckpt.foreign_entries(self.run_dir)
         if foreign:
             raise ckpt.CheckpointError(ckpt.foreign_entry_message(foreign[0]))
-        check_resumed_config(self.run_dir, self.cfg, self.force, self._resharding())
+        forced = check_resumed_config(self.run_dir, self.cfg, self.force, self._resharding())
+        if forced and self.d.is_main:
+            print(f"--force: resuming with {'; '.join(forced)}", flush=True)
 
     def _resharding(self) -> bool:
         """Whether this start resumes, under --reshard, a checkpoint of another world size."""
@@ -371,16 +373,13 @@ class Trainer:
             data_iter = iter(self.loader)  # in the try: a failure here restores the handlers
             while self.step < cfg.steps:
                 profiler.begin(self.step + 1)
+                if (line := profiler.report()) is not None:
+                    logger.print(line)
                 t0 = time.perf_counter()
                 micro = [next(data_iter) for _ in range(self.accum)]
                 window["wait"] += time.perf_counter() - t0
                 last = self.train_step(micro)
                 self.step += 1
-                if (trace := profiler.end()) is not None:
-                    logger.print(
-                        f"profiled {profiler.steps}: {trace} (a Chrome trace: "
-                        "ui.perfetto.dev) and an operator table beside it, per rank"
-                    )
                 window["tokens"] += last.tokens
                 window["images"] += last.images
                 window["slots"] += last.slots
@@ -418,8 +417,9 @@ class Trainer:
             logger.close()
             self.loader.close()  # its workers, however the loop ended
             self._restore_signal_handlers()
-            if (trace := profiler.close()) is not None and d.is_main:
-                print(f"profiled {profiler.steps}, cut short: {trace}", flush=True)
+            profiler.close(stopped_by_signal=stopped_by is not None)
+            if (line := profiler.report()) is not None and d.is_main:
+                print(line, flush=True)
         return {
             "step": self.step,
             "loss": last.loss if last else math.nan,
