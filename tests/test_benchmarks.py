@@ -256,7 +256,9 @@ def test_moe_layer_benchmark_in_the_gpu_scripts_layout(bench, tmp_path) -> None:
     )
     saved = json.loads((tmp_path / "moe.json").read_text())
     assert saved["variant"] == "moe" and saved["status"] == "ok"
-    assert saved["settings"]["dtype"] == "bf16" and saved["results"] == out["results"]
+    assert saved["settings"]["dtype"] == "bf16"
+    # as JSON: a ratio over a CPU time too short to register is nan, which equals nothing
+    assert json.dumps(saved["results"]) == json.dumps(out["results"])
     (r,) = saved["results"]
     assert r["max_difference_grouped_vs_per_expert"] < 1e-2  # bf16
 
