@@ -9,7 +9,6 @@ the source of every next document by weight from a seeded generator whose state 
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import logging
 import os
@@ -61,7 +60,7 @@ class SourceStream:
         self.resume_changed = resume_changed
         self.changed = False  # set when a loaded state's files differ (and resume_changed)
         self.slot, self.num_slots, self.seed = slot, num_slots, seed
-        self.shards = _resolve_shards(spec)
+        self.shards = list_shards(spec.path, spec.format)
         self.files = files_fingerprint(self.shards)
         self.cursor = Cursor()
         self.stats = ReadStats()
@@ -215,15 +214,6 @@ def files_fingerprint(shards: list[Path]) -> dict[str, Any]:
             size = -1
         digest.update(f"{os.path.relpath(p, base)}\t{size}\n".encode())
     return {"count": len(shards), "digest": digest.hexdigest()[:16]}
-
-
-def _resolve_shards(spec: SourceConfig) -> list[Path]:
-    shards = list_shards(spec.path, spec.format)
-    if not shards and any(c in spec.path for c in "*?["):
-        shards = sorted(Path(p) for p in glob.glob(spec.path))
-    if not shards:
-        raise FileNotFoundError(f"data source: no {spec.format} files found at {spec.path}")
-    return shards
 
 
 class Mixture:
