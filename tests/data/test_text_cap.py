@@ -11,7 +11,7 @@ from mm1.config import ConfigError, DataConfig, SourceConfig, load_config, to_di
 from mm1.data.caption_pairs import CaptionPairDataset, PairSettings
 from mm1.data.document import Conversation, Document
 from mm1.data.images import ImageProcessor
-from mm1.data.loader import LoaderSettings, packing_stats
+from mm1.data.loader import LoaderSettings, PackedDataset, loader_counts, packing_stats
 from mm1.data.prompt_format import PromptFormat
 from mm1.data.sources import DataError
 from mm1.data.tokenizer import Tokenizer
@@ -45,6 +45,22 @@ def test_text_over_the_cap_is_skipped_unread_by_the_tokenizer(tok, tmp_path, mon
     seen.clear()
     assert _stats(tok, sources, cap=0)["read"]["skipped"] == {}  # 0: no cap
     assert max(seen) >= 1200
+
+
+def test_the_training_metrics_count_skips_by_reason(tok, tmp_path):
+    """metrics.jsonl's `skipped_records` (all reasons) comes with one count per reason."""
+    texts = [f"a red cube number {i} sits on the mat." for i in range(40)]
+    texts[3] = "zebra " * 200
+    sources = _text_source(tmp_path / "t.jsonl", texts)
+    s = LoaderSettings(sources, 64, 1, PromptFormat(4), max_text_chars=1000)
+    s.max_error_rate = 0.5
+    ds = PackedDataset(s, tok, ImageProcessor.clip(16))
+    it = iter(ds)
+    for _ in range(12):  # past the long record
+        next(it)
+    counts = loader_counts(ds.state_dict())
+    assert counts["skipped_too_long_text"] == counts["skipped_records"] >= 1
+    assert not any(k.startswith("skipped_") and v == 0 for k, v in counts.items())
 
 
 def test_a_source_of_long_texts_names_the_setting_to_raise(tok, tmp_path):

@@ -15,6 +15,7 @@ import os
 import signal
 import warnings
 import weakref
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -306,16 +307,23 @@ def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
 
 
 def loader_counts(state: dict[str, Any]) -> dict[str, int]:
-    """Skipped records, dropped images and truncated documents, summed over the `PackedDataset`
-    states in a loader state (one per worker snapshot, or the single-process loader's one)."""
-    skipped = dropped = truncated = 0
+    """Skipped records (in all, and `skipped_<reason>` for each reason seen), dropped images and
+    truncated documents, summed over the `PackedDataset` states in a loader state (one per
+    worker snapshot, or the single-process loader's one)."""
+    reasons: Counter[str] = Counter()
+    dropped = truncated = 0
     for slot in slot_states(state):
         if "pack_stats" in slot:
             for s in slot["mixture"]["sources"]:
-                skipped += sum(s["stats"]["skipped"].values())
+                reasons.update(s["stats"]["skipped"])
             dropped += slot["pack_stats"]["images_dropped"]
             truncated += slot["pack_stats"].get("truncated", 0)
-    return {"skipped_records": skipped, "images_dropped": dropped, "truncated_documents": truncated}
+    return {
+        "skipped_records": sum(reasons.values()),
+        "images_dropped": dropped,
+        "truncated_documents": truncated,
+        **{f"skipped_{reason}": n for reason, n in sorted(reasons.items()) if n},
+    }
 
 
 def packing_stats(
