@@ -21,11 +21,7 @@ import os
 import pathlib
 import pickle
 import re
-import stat
 import warnings
-import zlib
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from mm1.checksums import find_damage, plain_name
 from mm1.config import ConfigError, ModelConfig, model_config_from_dict
 
 __all__ = [
@@ -60,8 +57,6 @@ __all__ = [
     "SafeFileSystemReader",
     "SafeLoadPlanner",
     "SavedModel",
-    "checksum_share",
-    "file_checksum",
     "foreign_entries",
     "is_export",
     "latest_checkpoint",
@@ -301,14 +296,9 @@ class SafeFileSystemReader(FileSystemReader):
             raise CheckpointError(f"{path}: not a DCP checkpoint index ({type(metadata).__name__})")
         for info in metadata.storage_data.values():
             name = getattr(info, "relative_path", None)
-            if not _inside(name):
+            if not plain_name(name):
                 raise CheckpointError(f"{path}: refers to data outside the checkpoint ({name!r})")
         return metadata
-
-
-def _inside(name: object) -> bool:
-    """Whether a file name a checkpoint's own index gives stays inside the checkpoint."""
-    return isinstance(name, str) and Path(name).name == name and name not in ("", ".", "..")
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
@@ -368,53 +358,17 @@ def safe_dcp_load(state: dict[str, Any], path: Path, distributed: bool) -> None:
 # ---------------------------------------------------------------------------------------------
 # Checksums
 
-_READ_CHUNK = 16 << 20
-_CHECKSUM_THREADS = min(8, os.cpu_count() or 1)
-
-
-def file_checksum(path: Path, limit: int | None = None) -> dict[str, Any]:
-    """A file's size and CRC-32 (read in chunks: ~3.6 GB/s per core here), reading at most
-    `limit` bytes (what its record says it holds, plus one: a file that grew is told apart
-    without reading on forever)."""
-    crc = size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_READ_CHUNK if limit is None else min(_READ_CHUNK, limit - size)):
-            crc = zlib.crc32(chunk, crc)
-            size += len(chunk)
-    return {"size": size, "crc32": f"{crc:08x}"}
-
-
-def _threaded(fn: Callable[[str], Any], names: list[str]) -> list[Any]:
-    """`fn` over `names` on a few threads: CRC-32 releases the GIL, so a rank's files are read
-    and summed on several cores at once."""
-    if len(names) <= 1:
-        return [fn(n) for n in names]
-    with ThreadPoolExecutor(min(len(names), _CHECKSUM_THREADS)) as pool:
-        return list(pool.map(fn, names))
-
-
-def checksum_share(directory: Path, names: list[str], rank: int, world: int) -> dict[str, Any]:
-    """Checksums of this rank's share of `names` (every `world`-th, in sorted order): the
-    ranks of a save or a load read the files in parallel, each once."""
-    share = sorted(names)[rank::world]
-    return dict(zip(share, _threaded(lambda n: file_checksum(directory / n), share), strict=True))
-
 
 def verify_checksums(path: Path, distributed: bool) -> None:
     """Refuse a checkpoint whose files differ from what its save recorded in meta.json (a
     bit flipped on disk, a file cut short or replaced in a copy); collective when `distributed`
     (the ranks share the reading and all raise if any finds damage). A checkpoint saved before
-    checksums were recorded is read unchecked. Names must be plain files of the checkpoint:
-    meta.json is as open to tampering as the rest."""
+    checksums were recorded is read unchecked."""
     sums = read_meta(path).get(CHECKSUMS)
     if not isinstance(sums, dict):
         return
     rank, world, _ = dist_info() if distributed else (0, 1, False)
-    problem = next((f"{META_FILE} names {n!r}" for n in sums if not _inside(n)), None)
-    if problem is None:
-        share = sorted(sums)[rank::world]
-        found_here = _threaded(lambda n: _damage(path / n, sums[n]), share)
-        problem = next((p for p in found_here if p), None)
+    problem = find_damage(path, sums, rank, world)
     if distributed:
         found: list[str | None] = [None] * world
         dist.all_gather_object(found, problem)
@@ -424,24 +378,6 @@ def verify_checksums(path: Path, distributed: bool) -> None:
             f"{path} is damaged: {problem}. Its weights cannot be trusted; to resume a run from "
             "the checkpoint before it, move this one out of checkpoints/"
         )
-
-
-def _damage(file: Path, saved: Any) -> str | None:
-    """What differs between `file` and its saved checksum; None if nothing does."""
-    if not (isinstance(saved, dict) and isinstance(saved.get("size"), int)):
-        return f"{META_FILE} records no usable checksum for {file.name}"
-    try:
-        st = file.stat()
-        if not stat.S_ISREG(st.st_mode):
-            return f"{file.name} is not a regular file"
-        if st.st_size != saved["size"]:
-            return f"{file.name} has {st.st_size:,} bytes, {saved['size']:,} when saved"
-        got = file_checksum(file, limit=saved["size"] + 1)
-    except OSError as err:
-        return f"{file.name}: {err.strerror or err}"
-    if got != {"size": saved["size"], "crc32": saved.get("crc32")}:
-        return f"{file.name} changed since it was saved (CRC-32 {got['crc32']}, {saved.get('crc32')} saved)"
-    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -215,6 +215,6 @@ def test_checksums_read_only_the_checkpoints_own_regular_files(tmp_path: Path, n
     meta["checksums"][name] = {"size": 0, "crc32": "00000000"}
     (path / "meta.json").write_text(json.dumps(meta))
     model, opt = _make()
-    want = "is not a regular file" if name == "fifo" else f"meta.json names {name!r}"
+    want = "is not a regular file" if name == "fifo" else f"its checksums name {name!r}"
     with pytest.raises(CheckpointError, match=want):
         load_checkpoint(path, model, opt)

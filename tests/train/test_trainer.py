@@ -452,7 +452,7 @@ def test_two_process_fsdp_loads_hf_starting_points_into_the_shards(
 
 def test_per_kind_and_per_dataset_sums_match_masked_sums() -> None:
     from mm1.batch import IGNORE_INDEX, Batch
-    from mm1.train.trainer import _step_sums
+    from mm1.train.loss_groups import step_sums
 
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 9, (2, 12), generator=g)
@@ -462,7 +462,7 @@ def test_per_kind_and_per_dataset_sums_match_masked_sums() -> None:
     zeros = torch.zeros_like(labels)
     batch = Batch(labels, labels, zeros, zeros, kind_ids=kinds, dataset_ids=datasets)
     token_loss = torch.rand(2, 12, generator=g)
-    got = _step_sums(token_loss, batch, 4, 3)
+    got = step_sums(token_loss, batch, 4, 3)
     assert got.shape == (1 + 2 * 4 + 2 * 3,) and got[0] == token_loss.sum()
     for ids, n, at in ((kinds, 4, 1), (datasets, 3, 9)):
         for j in range(n):

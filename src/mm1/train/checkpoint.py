@@ -83,6 +83,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 import mm1
+
+# Reading lives below training and inference (`mm1.checkpoint`); re-exported for callers here.
 from mm1.checkpoint import (
     CHECKPOINTS_DIR,
     CHECKSUMS,
@@ -95,7 +97,6 @@ from mm1.checkpoint import (
     SafeFileSystemReader,
     SafeLoadPlanner,
     checkpoints_root,
-    checksum_share,
     dcp_quietly,
     dist_info,
     foreign_entries,
@@ -109,9 +110,9 @@ from mm1.checkpoint import (
     step_of,
     verify_checksums,
 )
-
-# Reading lives below training and inference (`mm1.checkpoint`); re-exported for callers here.
+from mm1.checksums import checksum_share
 from mm1.fs import fsync_dir
+from mm1.train.disk_space import DiskFullError, is_disk_full, size_estimate
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -308,71 +309,12 @@ def _rank_state_globals() -> list[Any]:
     ]
 
 
-class DiskFullError(OSError):
-    """A save that ran out of disk space (its partial directory already removed)."""
-
-    def __str__(self) -> str:
-        return str(self.strerror)  # the sentence alone, without "[Errno 28]"
-
-
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
-_ITEM_OVERHEAD = 1600  # bytes DCP adds per stored value (a zip archive each, and its index entry)
-
-
-def _size_estimate(state: Mapping[str, Any], world: int) -> int:
-    """Bytes the whole checkpoint will take, from this rank's state: sharded tensors (DTensor)
-    count once per rank, everything else once (DCP writes replicated values from one rank)."""
-    total = 0
-
-    def walk(node: Any) -> None:
-        nonlocal total
-        if isinstance(node, Mapping):
-            for v in node.values():
-                walk(v)
-            return
-        copies = world if hasattr(node, "to_local") else 1
-        size = 0
-        if isinstance(node, torch.Tensor):
-            local = node.to_local() if copies > 1 else node
-            size = local.numel() * local.element_size()
-        elif isinstance(node, bytes):
-            size = len(node)
-        total += copies * (size + _ITEM_OVERHEAD)
-
-    walk(state)
-    return total
-
-
-def _is_disk_full(exc: BaseException, where: Path, needed: int) -> bool:
-    """An ENOSPC anywhere in the exception (DCP wraps each rank's), or a disk that cannot hold
-    the checkpoint: torch's zip writer turns a failed write into 'unexpected pos', losing the
-    errno."""
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in _DISK_FULL:
-            return True
-        if isinstance(e, CheckpointException):
-            todo += [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
-        todo += [e.__cause__, e.__context__]
-    try:
-        return shutil.disk_usage(where).free < needed
-    except OSError:
-        return False
-
-
 def _failed_save(
     exc: BaseException, step: int, final: Path, tmp: Path, needed: int, rank: int
 ) -> BaseException:
     """Clean up after a failed save and return the error to raise: rank 0 removes the partial
     directory (so it does not hold on to the space); the complete checkpoints stay."""
-    full = _is_disk_full(exc, tmp.parent if tmp.parent.exists() else final.parent, needed)
+    full = is_disk_full(exc, tmp.parent if tmp.parent.exists() else final.parent, needed)
     if rank == 0:
         _remove(tmp)
     if not full:
@@ -466,7 +408,7 @@ def save_checkpoint(
     _all_ok(error, f"save to {tmp} (preparing)")
 
     # 2. Every rank writes its shards (DCP propagates a failure on one rank to all).
-    needed = _size_estimate(state, world)
+    needed = size_estimate(state, world)
     try:
         dcp_quietly(dcp.save, state, checkpoint_id=tmp, no_dist=not distributed)
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException

@@ -14,11 +14,12 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from mm1.checkpoint import latest_checkpoint
+from mm1.checkpoint import latest_checkpoint, read_model_config
 from mm1.config import (
     ADDED_KEYS,
     Config,
     ConfigError,
+    ModelConfig,
     SourceConfig,
     deprecated_keys_in_dict,
     to_dict,
@@ -260,3 +261,12 @@ def current_shape(saved: dict[str, Any], new: dict[str, Any] | None = None) -> d
         }
         saved = {**saved, "data": data}
     return saved
+
+
+def own_model_config(configured: ModelConfig, run_dir: Path) -> ModelConfig:
+    """A resumed run's architecture (its `model.json`), computed as configured now: attention's
+    backend and the encoder's chunking are not part of the weights (as for a starting point)."""
+    own = read_model_config(run_dir)
+    own.decoder.attention = configured.decoder.attention
+    own.image_layout.encoder_chunk = configured.image_layout.encoder_chunk
+    return own

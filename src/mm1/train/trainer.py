@@ -15,7 +15,7 @@ import json
 import math
 import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,14 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from mm1.batch import IGNORE_INDEX, Batch
-from mm1.checkpoint import MODEL_CONFIG, read_model_config
+from mm1.batch import Batch
+from mm1.checkpoint import MODEL_CONFIG
 from mm1.config import (
     SOURCE_KINDS,
     Config,
     ConfigError,
     InitConfig,
-    ModelConfig,
     SourceConfig,
     apply_deprecated_keys,
     has_starting_weights,
@@ -54,11 +53,12 @@ from mm1.models.starting_point import describe as describe_start
 from mm1.models.summary import active_parameters
 from mm1.train import checkpoint as ckpt
 from mm1.train import run_lock
-from mm1.train.config_change import check_resumed_config
+from mm1.train.config_change import check_resumed_config, own_model_config
 from mm1.train.errors import NonFiniteLossError, TrainingError
 from mm1.train.expert_load import add_loads, last_expert_loads, load_fractions, load_metrics
 from mm1.train.hardware import bf16_peak_flops
 from mm1.train.logging import MetricsLogger, truncate_metrics
+from mm1.train.loss_groups import group_means, step_sums
 from mm1.train.optim import (
     build_optimizer,
     hyperparameters,
@@ -94,15 +94,6 @@ class StepResult:
     expert_load: dict[int, list[float]] = dataclasses.field(default_factory=dict)  # MoE layers
     nonfinite: str = ""  # what was not finite, when skipped ("loss", "gradient norm", ...)
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # other scalars, by name
-
-
-def own_model_config(configured: ModelConfig, run_dir: Path) -> ModelConfig:
-    """A resumed run's architecture (its `model.json`), computed as configured now: attention's
-    backend and the encoder's chunking are not part of the weights (as for a starting point)."""
-    own = read_model_config(run_dir)
-    own.decoder.attention = configured.decoder.attention
-    own.image_layout.encoder_chunk = configured.image_layout.encoder_chunk
-    return own
 
 
 def nonfinite_part(loss: float, grad_norm: float, aux: dict[str, float] | None = None) -> str:
@@ -457,7 +448,7 @@ class Trainer:
                 aux_sums[name] = aux_sums.get(name, 0.0) + value.detach().float()
             # DDP / FSDP average gradients over ranks; the loss is already a global mean
             (objective * d.world_size).backward()
-            sums += _step_sums(out.token_loss.detach(), batch, n_kind, n_ds)
+            sums += step_sums(out.token_loss.detach(), batch, n_kind, n_ds)
         d.all_reduce_sum(sums)
         loss = float(sums[0]) / max(total_labels, 1)
         aux, total = {}, None
@@ -467,8 +458,8 @@ class Trainer:
             reduced = d.all_reduce_sum(torch.stack([aux_sums[k] for k in aux_names]).reshape(-1))
             aux = dict(zip(aux_names, reduced.tolist()))
             total = loss + sum(self._aux_weight(k) * v for k, v in aux.items())
-        per_kind = _group_means(sums[1 : 1 + 2 * n_kind], SOURCE_KINDS)
-        per_dataset = _group_means(sums[1 + 2 * n_kind :], self.dataset_names)
+        per_kind = group_means(sums[1 : 1 + 2 * n_kind], SOURCE_KINDS)
+        per_dataset = group_means(sums[1 + 2 * n_kind :], self.dataset_names)
         params = [p for p in model.parameters() if p.grad is not None]
         # grad_clip 0 = no clipping (the norm is still computed, for the log)
         clip = self.cfg.train.optim.grad_clip or math.inf
@@ -603,39 +594,3 @@ class Trainer:
         """True on every rank once any rank got SIGTERM / SIGINT (ranks stop at the same step)."""
         flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0], device=self.d.device)
         return bool(self.d.all_reduce_sum(flag).item() > 0)
-
-
-def _step_sums(token_loss: torch.Tensor, batch: Batch, n_kind: int, n_ds: int) -> torch.Tensor:
-    """[loss sum, then per kind and per dataset: loss sums by group, label counts by group]."""
-    labelled = batch.labels != IGNORE_INDEX
-    return torch.cat(
-        [
-            token_loss.sum().float().reshape(1),
-            _group_sums(token_loss, labelled, batch.kind_ids, n_kind),
-            _group_sums(token_loss, labelled, batch.dataset_ids, n_ds),
-        ]
-    )
-
-
-def _group_sums(
-    token_loss: torch.Tensor, labelled: torch.Tensor, ids: torch.Tensor | None, n: int
-) -> torch.Tensor:
-    """Loss sums of the labelled tokens of groups 0..n-1, then their label counts (2n)."""
-    out = torch.zeros(2 * n, device=token_loss.device)
-    if ids is None or n == 0:
-        return out
-    # One scatter per sum, no boolean indexing: no host sync per group on a GPU.
-    ids = ids.to(token_loss.device)
-    bins = torch.where(labelled & (ids >= 0), ids, n).flatten()  # n: not counted
-    loss = torch.zeros(n + 1, device=token_loss.device)
-    loss.scatter_add_(0, bins, token_loss.detach().float().flatten())
-    count = torch.zeros(n + 1, device=token_loss.device)
-    count.scatter_add_(0, bins, torch.ones(bins.shape, device=token_loss.device))
-    out[:n], out[n:] = loss[:n], count[:n]
-    return out
-
-
-def _group_means(sums: torch.Tensor, names: Sequence[str]) -> dict[str, float]:
-    """Mean loss per named group from `_group_sums`' layout; groups without labels left out."""
-    n = len(names)
-    return {k: float(sums[j] / sums[n + j]) for j, k in enumerate(names) if sums[n + j] > 0}
