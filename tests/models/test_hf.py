@@ -208,6 +208,7 @@ DECODER = dict(
 CLASSES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
     "mistral": ("MistralConfig", "MistralForCausalLM"),
 }
 LLAMA3 = {
@@ -255,6 +256,12 @@ DECODER_CASES = {
         dict(use_sliding_window=True, sliding_window=5, max_window_layers=0),
     ),
     "mistral-gqa-sliding": ("mistral", dict(sliding_window=5)),
+    # Qwen3Config's default head_dim (128) is not hidden / heads: set it as its checkpoints do.
+    "qwen3-gqa-tied": ("qwen3", dict(head_dim=32, tie_word_embeddings=True)),
+    "qwen3-sliding": (
+        "qwen3",
+        dict(head_dim=16, use_sliding_window=True, sliding_window=5, max_window_layers=0),
+    ),
 }
 
 
@@ -271,6 +278,7 @@ def test_decoder_matches_transformers(tmp_path, case):
         assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")
         assert ours.lm_head.weight is ours.embed_tokens.weight
     assert cfg.qkv_bias == (model_type == "qwen2")
+    assert cfg.qk_norm == (model_type == "qwen3")
     ids = token_ids()
     close(our_logits(ours, ids), hf_logits(model, ids))
 
@@ -402,7 +410,7 @@ def test_unsupported_configs(tmp_path):
     with pytest.raises(ValueError, match="dynamic"):
         decoder_config_from_hf(v4)
     transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"'gpt2'.*llama, qwen2, mistral"):
+    with pytest.raises(ValueError, match=r"'gpt2'.*llama, qwen2, qwen3, mistral"):
         decoder_from_hf(tmp_path)
     gelu = hf_config("llama", hidden_act="gelu").to_dict()
     with pytest.raises(ValueError, match="hidden_act"):
@@ -490,6 +498,7 @@ ROUND_TRIPS = {
     "qwen2": DecoderConfig(qkv_bias=True, head_dim=32, sliding_window=6),
     "qwen2-no-bias": DecoderConfig(rope_theta=50000.0),
     "mistral": DecoderConfig(sliding_window=5, rope_scaling=RopeScalingConfig("linear", 2.0)),
+    "qwen3": DecoderConfig(qk_norm=True, head_dim=32, tie_embeddings=True, sliding_window=6),
 }
 
 
@@ -526,8 +535,43 @@ def test_save_decoder_hf_rejects_what_the_family_lacks(tmp_path):
         save_decoder_hf(Decoder(DecoderConfig(**_tiny(), sliding_window=4)), tmp_path, "llama")
     with pytest.raises(ValueError, match="gpt2"):
         save_decoder_hf(Decoder(DecoderConfig(**_tiny())), tmp_path, "gpt2")
+    with pytest.raises(ValueError, match="q/k norm.*use qwen3"):
+        save_decoder_hf(Decoder(DecoderConfig(**_tiny(), qk_norm=True)), tmp_path, "qwen2")
+    with pytest.raises(ValueError, match="qwen3 always has a q/k norm"):
+        save_decoder_hf(Decoder(DecoderConfig(**_tiny())), tmp_path, "qwen3")
+    with pytest.raises(ValueError, match="qkv_bias"):
+        both = DecoderConfig(**_tiny(), qk_norm=True, qkv_bias=True)
+        save_decoder_hf(Decoder(both), tmp_path)  # no transformers family has both
     assert not Path(tmp_path / "config.json").exists()
 
 
 def _tiny() -> dict:
     return dict(vocab_size=64, dim=32, layers=1, heads=4, kv_heads=2, ffn_dim=48, max_seq_len=64)
+
+
+@pytest.mark.parametrize(
+    ("over", "family"),
+    [
+        ({}, "llama"),
+        ({"qkv_bias": True}, "qwen2"),
+        ({"qk_norm": True}, "qwen3"),
+        ({"qk_norm": True, "sliding_window": 4}, "qwen3"),
+        ({"sliding_window": 4}, "mistral"),
+    ],
+)
+def test_a_dense_decoder_is_written_as_the_family_that_expresses_it(tmp_path, over, family):
+    """Without a type named, a q/k norm, q/k/v biases or a sliding window choose the family
+    that has them (each of these was an error under the old default, llama)."""
+    torch.manual_seed(0)
+    ours = perturb(Decoder(DecoderConfig(**_tiny(), **over)))
+    save_decoder_hf(ours, tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(model).__name__ == CLASSES[family][1]
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    close(our_logits(ours, ids), hf_logits(model, ids))
+
+
+def test_qwen3_attention_bias_is_refused(tmp_path):
+    """Qwen3's attention_bias also biases o_proj, which mm1's decoder does not have."""
+    with pytest.raises(ValueError, match="attention_bias=true: qwen3's o_proj"):
+        decoder_config_from_hf(hf_config("qwen3", head_dim=16, attention_bias=True).to_dict())

@@ -254,16 +254,17 @@ def _canvases(model: MM1) -> list[tuple[int, int]]:
     return canvas_candidates(model.cfg.vision.image_size, lay.pinpoints, lay.grid)
 
 
-@pytest.mark.parametrize("decoder", ["tied", "mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("decoder", ["tied", "qwen3", "mixtral", "qwen3_moe"])
 def test_tied_and_moe_decoders_go_out_and_back(
     tmp_path: Path, tok: Tokenizer, decoder: str
 ) -> None:
-    """A tied head (not written; transformers re-ties it) and MoE text models (per-expert
-    weights, fused again on the way back) give transformers' logits and read back unchanged."""
+    """A tied head (not written; transformers re-ties it), a dense decoder with a q/k norm
+    (Qwen3) and MoE text models (per-expert weights, fused again on the way back) give
+    transformers' logits and read back unchanged."""
     cfg = _config(tok, "single")
     cfg.decoder.tie_embeddings = decoder == "tied"
-    if decoder != "tied":
-        cfg.decoder.qk_norm = decoder == "qwen3_moe"
+    cfg.decoder.qk_norm = decoder in ("qwen3", "qwen3_moe")
+    if decoder in ("mixtral", "qwen3_moe"):
         cfg.decoder.ffn = {"type": "moe", "experts": 4, "top_k": 2, "norm_topk_prob": True}
     validate_model(cfg)
     torch.manual_seed(0)

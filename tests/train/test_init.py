@@ -298,3 +298,49 @@ def test_an_encoder_run_as_train_init_weights_says_to_use_it_as_vision(
             f"config error: train.init.weights={start} is an image-encoder run "
             "(mm1 train-encoder): use it as train.init.vision"
         )
+
+
+def test_a_qwen3_decoder_trains_from_the_cli_and_goes_out_as_llava(
+    tmp_path, world, tiny_config
+) -> None:
+    """A Qwen3 checkpoint (q/k norm, tied head) as `train.init.decoder`: the run keeps its
+    architecture, trains, and `mm1 convert --to-hf` writes a LLaVA whose Qwen3 text model
+    gives mm1's logits."""
+    transformers = pytest.importorskip("transformers")
+    import tokenizers
+
+    from mm1 import cli
+    from mm1.pretrained import load_pretrained
+
+    dec = tmp_path / "qwen3"
+    vocab = tokenizers.Tokenizer.from_file(str(world / "tokenizer.json")).get_vocab_size()
+    torch.manual_seed(0)
+    qwen3 = transformers.Qwen3ForCausalLM(
+        transformers.Qwen3Config(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            tie_word_embeddings=True,
+        )
+    )
+    qwen3.save_pretrained(dec)
+    (dec / "tokenizer.json").write_text((world / "tokenizer.json").read_text())
+    run, hf_dir = tmp_path / "run", tmp_path / "hf"
+    cfg = tiny_config(tmp_path, world, steps=2, save_every=2, parallel="none", val_every=0)
+    args = ["train", str(cfg), f"train.run_dir={run}", f"train.init.decoder={dec}"]
+    args += ["model.connector.type=mlp", "model.connector.num_tokens=0"]
+    args += ["data.image_boundaries=false"]
+    assert cli.main(args) == 0
+    p = load_pretrained(run)
+    d = p.model.decoder.cfg
+    assert (d.qk_norm, d.tie_embeddings, d.resolved_head_dim) == (True, True, 16)
+    assert cli.main(["convert", str(run), "--to-hf", str(hf_dir)]) == 0
+    llava = transformers.LlavaForConditionalGeneration.from_pretrained(hf_dir).eval()
+    assert llava.config.text_config.model_type == "qwen3"
+    ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(p.model(ids).logits, llava(input_ids=ids).logits)

@@ -1,4 +1,4 @@
-"""Llama / Qwen2 / Mistral decoders and Mixtral / Qwen3-MoE MoE decoders: configs and weights
+"""Llama / Qwen2 / Qwen3 / Mistral decoders and Mixtral / Qwen3-MoE MoE decoders: configs and weights
 from and to HF checkpoints (the MoE specifics in `mm1.models.hf.moe`); MoE decoders that fit
 neither family as transformers custom code (`mm1_moe`, `mm1.models.hf.custom_moe`)."""
 
@@ -40,10 +40,11 @@ from mm1.models.hf.moe import (
 )
 from mm1.models.moe import MoEConfig
 
-DECODER_TYPES = ("llama", "qwen2", "mistral", *MOE_TYPES, CUSTOM_MOE_TYPE)
+DECODER_TYPES = ("llama", "qwen2", "qwen3", "mistral", *MOE_TYPES, CUSTOM_MOE_TYPE)
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
     "mistral": "MistralForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
@@ -53,6 +54,7 @@ _ARCHITECTURES = {
 _MAX_POSITIONS = {
     "llama": 2048,
     "qwen2": 32768,
+    "qwen3": 32768,
     "mistral": 131072,
     "mixtral": 131072,
     "qwen3_moe": 32768,
@@ -94,8 +96,8 @@ def _sliding_window_from_hf(hf: Mapping[str, Any], model_type: str, layers: int)
         return int(hf.get("sliding_window", 4096) or 0)  # null = full attention
     if model_type == "mixtral":
         return int(hf.get("sliding_window") or 0)
-    if model_type != "qwen2" or not hf.get("use_sliding_window", False):
-        return 0  # Qwen2 ignores its sliding_window unless use_sliding_window is set
+    if model_type not in ("qwen2", "qwen3") or not hf.get("use_sliding_window", False):
+        return 0  # Qwen2 / Qwen3 ignore their sliding_window unless use_sliding_window is set
     window = hf.get("sliding_window", 4096)
     # transformers slides the window on layers >= max_window_layers (or as layer_types says).
     types = hf.get("layer_types") or [
@@ -107,14 +109,14 @@ def _sliding_window_from_hf(hf: Mapping[str, Any], model_type: str, layers: int)
         return 0
     if sliding != len(types):
         raise ValueError(
-            f"this Qwen2 config slides the attention window on {sliding} of {len(types)} layers "
+            f"this {model_type} config slides the attention window on {sliding} of {len(types)} layers "
             "(max_window_layers / layer_types); mm1's decoder uses one window for every layer"
         )
     return int(window or 0)
 
 
 def decoder_config_from_hf(path_or_dict: PathLike | Mapping[str, Any]) -> DecoderConfig:
-    """Our DecoderConfig for a Llama / Qwen2 / Mistral / Mixtral / Qwen3-MoE config
+    """Our DecoderConfig for a Llama / Qwen2 / Qwen3 / Mistral / Mixtral / Qwen3-MoE config
     (transformers 4 or 5 layout), or an `mm1_moe` custom-code one (ours).
 
     `init` is left unset: the config describes the architecture only.
@@ -136,8 +138,9 @@ def decoder_config_from_hf(path_or_dict: PathLike | Mapping[str, Any]) -> Decode
     if mt == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
         # Llama's attention_bias also puts a bias on o_proj, which our decoder does not have.
         raise ValueError("Llama attention_bias / mlp_bias are not supported by mm1's decoder")
-    if mt == "qwen3_moe" and hf.get("attention_bias"):
-        raise ValueError("attention_bias=true: Qwen3-MoE's o_proj bias is not supported")
+    if mt in ("qwen3", "qwen3_moe") and hf.get("attention_bias"):
+        # Qwen3's attention_bias puts a bias on o_proj too, which our decoder does not have.
+        raise ValueError(f"attention_bias=true: {mt}'s o_proj bias is not supported")
     heads = int(need(hf, "num_attention_heads", what))
     layers = int(need(hf, "num_hidden_layers", what))
     max_pos = int(hf.get("max_position_embeddings") or _MAX_POSITIONS[mt])
@@ -157,7 +160,7 @@ def decoder_config_from_hf(path_or_dict: PathLike | Mapping[str, Any]) -> Decode
         qkv_bias=mt == "qwen2",  # Qwen2 always has q/k/v biases (and no o_proj bias)
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         sliding_window=_sliding_window_from_hf(hf, mt, layers),
-        qk_norm=mt == "qwen3_moe",
+        qk_norm=mt in ("qwen3", "qwen3_moe"),
     )
     if mt in MOE_TYPES:
         cfg.ffn = moe_from_hf(hf, mt, layers)
@@ -184,7 +187,7 @@ def decoder_ignored(cfg: DecoderConfig) -> Callable[[str], bool]:
 
 
 def decoder_from_hf(path: PathLike, *, dtype: torch.dtype | None = torch.float32) -> Decoder:
-    """A Decoder with a Llama / Qwen2 / Mistral checkpoint's weights; its logits on input ids
+    """A Decoder with a Llama / Qwen2 / Qwen3 / Mistral checkpoint's weights; its logits on input ids
     (B, T) equal transformers' AutoModelForCausalLM. A tied checkpoint may omit lm_head.weight.
     `dtype` casts floating weights (None keeps the checkpoint's)."""
     d = checkpoint_dir(path)
@@ -208,8 +211,10 @@ def decoder_config_to_hf(cfg: DecoderConfig, model_type: str = "llama") -> dict[
     if model_type == CUSTOM_MOE_TYPE:
         return custom_moe_config_to_hf(cfg)
     moe = moe_config_to_hf(cfg, model_type) if model_type in MOE_TYPES else {}
-    if cfg.qk_norm and model_type != "qwen3_moe":
-        raise ValueError(f"{model_type} has no q/k norm (decoder.qk_norm)")
+    if cfg.qk_norm and model_type not in ("qwen3", "qwen3_moe"):
+        raise ValueError(f"{model_type} has no q/k norm (decoder.qk_norm); use qwen3")
+    if not cfg.qk_norm and model_type == "qwen3":
+        raise ValueError("qwen3 always has a q/k norm; decoder.qk_norm is false: use llama")
     if cfg.ffn_type != "swiglu" and not moe:
         raise ValueError(f"{model_type} has a SwiGLU FFN, not {cfg.ffn_type!r}")
     if cfg.qkv_bias and model_type != "qwen2":
@@ -254,6 +259,8 @@ def decoder_config_to_hf(cfg: DecoderConfig, model_type: str = "llama") -> dict[
         hf["sliding_window"] = window
     else:
         kind = "sliding_attention" if window else "full_attention"
+        if model_type == "qwen3":
+            hf["attention_bias"] = False
         hf.update(
             use_sliding_window=window is not None,
             sliding_window=window,
@@ -281,10 +288,15 @@ def save_decoder_hf(decoder: Decoder, out_dir: PathLike, model_type: str | None 
 
 
 def default_decoder_type(cfg: DecoderConfig) -> str:
-    """llama for a dense decoder; for a MoE one the family it fits exactly (`moe_type_for`),
-    else `mm1_moe` (custom code)."""
+    """For a dense decoder the family that expresses it: qwen3 with a q/k norm, qwen2 with
+    q/k/v biases, mistral with a sliding window, else llama; for a MoE one the family it fits
+    exactly (`moe_type_for`), else `mm1_moe` (custom code)."""
     if not isinstance(cfg.ffn, MoEConfig):
-        return "llama"
+        if cfg.qk_norm:
+            return "qwen3"
+        if cfg.qkv_bias:
+            return "qwen2"
+        return "mistral" if cfg.sliding_window else "llama"
     try:
         return moe_type_for(cfg)
     except ValueError:
