@@ -147,6 +147,21 @@ def test_convert_generate_and_eval(run, tmp_path) -> None:
     assert (out_dir / "results.md").exists() and (out_dir / "scores_vs_shots.png").exists()
 
 
+def test_an_exports_results_go_outside_it(run, tmp_path, monkeypatch) -> None:
+    """An export is a model to hand on (and may be read-only): `mm1 eval EXPORT` without
+    --out writes to runs/eval-cli/NAME in the current directory, not into the export."""
+    export = tmp_path / "export"
+    assert cli.main(["convert", str(run), "--export", str(export)]) == 0
+    before = sorted(p.name for p in export.iterdir())
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    argv = ["eval", str(export), "--shots", "0", "--seeds", "1", "--max-examples", "2"]
+    assert cli.main([*argv, "--world", str(run.parent / "world")]) == 0
+    assert sorted(p.name for p in export.iterdir()) == before
+    assert (work / "runs" / "eval-cli" / "export" / "results.json").is_file()
+
+
 def test_a_checkpoint_of_a_run_is_a_model_too(run, tmp_path) -> None:
     """`RUN/checkpoints/step_N` loads with its run's tokenizer and prompt format (the same model
     as the run when it is the newest); `mm1 eval` on it reads the run's eval settings and

@@ -114,10 +114,16 @@ def _run_of(model: Path) -> Path:
 
 
 def _default_out(model: Path, folder: str) -> Path:
-    """Results beside the model; a checkpoint's in its run (`RUN/FOLDER/step_N`), since the
-    checkpoint itself is deleted once newer ones replace it."""
+    """A run's results in the run (`RUN/FOLDER`); a checkpoint's in its run
+    (`RUN/FOLDER/step_N`), since the checkpoint itself is deleted once newer ones replace it;
+    an export's in `runs/FOLDER/NAME` here, since an export is a model to hand on (to a hub, to
+    `mm1 serve`) and may be read-only."""
+    from mm1.checkpoint import is_export
+
     run = _run_of(model)
-    return run / folder / model.name if run != model else model / folder
+    if run != model:
+        return run / folder / model.name
+    return Path("runs") / folder / model.resolve().name if is_export(model) else model / folder
 
 
 def _model_name(model: Path) -> str:
