@@ -129,3 +129,14 @@ def _fresh_warning_counts() -> None:
     from mm1.data.sources.base import reset_warning_counts
 
     reset_warning_counts()
+
+
+@pytest.fixture(autouse=True)
+def _default_read_caps() -> None:
+    """The readers' caps are process-wide (each loader sets them in its workers): a test that
+    ran a loader with small caps must not leave them to the next test."""
+    from mm1.data.sources.base import DEFAULT_MAX_TEXT_CHARS, set_max_text_chars
+    from mm1.data.sources.decode import DEFAULT_MAX_IMAGE_PIXELS, set_max_image_pixels
+
+    set_max_text_chars(DEFAULT_MAX_TEXT_CHARS)
+    set_max_image_pixels(DEFAULT_MAX_IMAGE_PIXELS)

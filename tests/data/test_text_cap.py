@@ -101,3 +101,32 @@ def test_the_cap_is_validated_and_old_runs_resume_with_any() -> None:
     # such a run never chose a cap: it may resume with none (its old behaviour) or any other
     uncapped = to_dict(load_config(None, ["data.max_text_chars=0"]))
     assert config_diff(current_shape(saved, uncapped), uncapped) == []
+
+
+def test_a_wds_text_member_too_large_for_the_cap_is_skipped_unread(tmp_path, monkeypatch):
+    """A caption or json member with more than 4 bytes per character of the cap cannot hold
+    text the cap admits: it is skipped from its tar header, never read into memory."""
+    from mm1.data.sources import wds
+    from mm1.data.sources.base import DEFAULT_MAX_TEXT_CHARS, ReadStats, set_max_text_chars
+    from tests.data.test_sources import _wds_members, _write_tar
+
+    assert DataConfig().max_text_chars == DEFAULT_MAX_TEXT_CHARS
+    members = _wds_members(4)
+    members[1] = (members[1][0], b"x" * 4001)  # sample 0's caption: over 4 x 1,000 bytes
+    members[4] = (members[4][0], b"y" * 4000)  # sample 1's: at most 4,000 chars, read
+    _write_tar(tmp_path / "s.tar", members)
+    read_sizes: list[int] = []
+    real = wds.tarfile.TarFile.extractfile
+
+    def extractfile(self, member):
+        read_sizes.append(member.size)
+        return real(self, member)
+
+    monkeypatch.setattr(wds.tarfile.TarFile, "extractfile", extractfile)
+    set_max_text_chars(1000)
+    stats = ReadStats()
+    docs = list(wds.read_wds_shard(tmp_path / "s.tar", stats=stats))
+    assert [d.id for d in docs] == [f"{i:09d}" for i in (1, 2, 3)] and 4001 not in read_sizes
+    assert stats.skipped == {"too_long_text": 1}  # sample 1 is skipped later, by the loader
+    set_max_text_chars(0)  # no cap: read as before
+    assert len(list(wds.read_wds_shard(tmp_path / "s.tar"))) == 4

@@ -21,6 +21,7 @@ from mm1.data.document import Conversation, Document
 from mm1.data.images import ImageProcessor
 from mm1.data.mixture import Mixture, SourceStream
 from mm1.data.sources import DataError, ReadStats, warn_skip
+from mm1.data.sources.base import set_max_text_chars
 from mm1.data.sources.decode import set_max_image_pixels
 from mm1.data.tokenizer import Tokenizer
 
@@ -126,6 +127,7 @@ class ShardedDataset(IterableDataset):
     def _open_mixture(self) -> Mixture:
         """This slot's mixture, at the loaded state's cursors if a state was loaded."""
         set_max_image_pixels(self.s.max_image_pixels)  # process-wide: set in each worker
+        set_max_text_chars(self.s.max_text_chars)
         slot, num_slots = self._slot(), self.world_size * self.num_workers
         streams = [
             SourceStream(

@@ -155,6 +155,26 @@ def check_error_rate(
     )
 
 
+# The text cap (`data.max_text_chars`), process-wide like the pixel cap: the loader sets it in
+# each worker. Readers use it to skip, unread, a member that must hold more text than that.
+DEFAULT_MAX_TEXT_CHARS = 4_000_000
+_max_text_chars = DEFAULT_MAX_TEXT_CHARS
+
+
+def set_max_text_chars(n: int) -> None:
+    """Cap on a record's characters of text (0 = no cap)."""
+    global _max_text_chars
+    if n < 0:
+        raise ValueError(f"max_text_chars={n} must be >= 0 (0 = no cap)")
+    _max_text_chars = int(n)
+
+
+def over_text_cap(num_bytes: int) -> bool:
+    """Whether `num_bytes` of UTF-8 surely hold more characters than the text cap: a character
+    takes at most 4 bytes, so only text the cap would skip anyway is skipped unread."""
+    return bool(_max_text_chars) and num_bytes > 4 * _max_text_chars
+
+
 # Skips that the config causes rather than the data: the setting that admits such records.
 CONFIG_REMEDIES = {
     "too_long": "raise data.seq_len (an image's token block, or a conversation's first answer, "

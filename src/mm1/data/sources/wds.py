@@ -16,6 +16,7 @@ from mm1.data.sources.base import (
     ReadStats,
     count_images,
     image_from_bytes,
+    over_text_cap,
     repair_record,
     skip_record,
     too_deep,
@@ -126,6 +127,13 @@ def _wds_sample(
         f = tf.extractfile(m)
         return f.read() if f is not None else b""
 
+    # A text member too large for the text cap is not read (a 256 MB caption would be read
+    # whole, then skipped); tar headers give each member's size.
+    huge = [m for e, m in members.items() if e in ("json", *CAPTION_EXTS) and over_text_cap(m.size)]
+    if huge:
+        detail = f"{huge[0].name}: {huge[0].size:,} bytes of text"
+        skip_record(stats, "too_long_text", where, detail)
+        return None
     try:
         meta: dict[str, Any] = {}
         invalid = False  # some text member held bytes that are not UTF-8
