@@ -55,6 +55,11 @@ def test_missing_config_is_named_as_typed(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(ConfigError) as err:
         load_config("child.yaml")
     assert str(err.value) == "config file not found: models/none.yaml ('extends' of child.yaml)"
+    # `extends` that names no file: one line naming the key, not a traceback from the merge
+    for value in ("3", "[models/tiny.yaml, 3]", "{a: 1}"):
+        Path("child.yaml").write_text(f"extends: {value}\n")
+        with pytest.raises(ConfigError, match=r"^child\.yaml: 'extends' must be a config file"):
+            load_config("child.yaml")
 
 
 def test_config_rejects_unknown_keys_and_bad_values(tmp_path) -> None:

@@ -152,6 +152,9 @@ def test_a_llava_directory_is_a_starting_point(tmp_path: Path, tok: Tokenizer, l
         got = model(ids, pixel_values=pixels, image_crops=crops, image_sizes=sizes).logits
         want = exported(ids, pixel_values=pixels, image_crops=crops, image_sizes=sizes).logits
     assert torch.equal(got, want)
+    if layout == "anyres":  # a grid is laid out by the image's size: crops alone are refused
+        with pytest.raises(ValueError, match="anyres layout needs image_sizes"):
+            model(ids, pixel_values=pixels, image_crops=crops)
 
 
 def test_anyres_stage_from_a_single_layout_model_starts_a_fresh_newline(

@@ -53,6 +53,10 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = (), shown: str | None = None
     parents = raw.pop(EXTENDS_KEY, None) or []
     if isinstance(parents, str):
         parents = [parents]
+    if not isinstance(parents, (list, ListConfig)) or not all(isinstance(p, str) for p in parents):
+        raise ConfigError(
+            f"{shown}: '{EXTENDS_KEY}' must be a config file or a list of them, not {parents!r}"
+        )
     merged = OmegaConf.create({})
     for parent in parents:
         label = f"{parent} ('{EXTENDS_KEY}' of {shown})"

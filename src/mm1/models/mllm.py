@@ -180,6 +180,8 @@ class MM1(nn.Module):
         for image, size in zip(feats.split(image_crops.tolist()), sizes):
             if image.shape[0] == 1:
                 out.append(image[0])
+            elif size is None:  # the grid's layout comes from the image's size
+                raise ValueError("the anyres layout needs image_sizes (height, width) per image")
             else:
                 out.append(self._anyres_tokens(image, *size))
                 used_newline = True

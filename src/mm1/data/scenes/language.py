@@ -76,7 +76,8 @@ def detailed_caption(scene: Scene, template: int = 0, rng: random.Random | None 
     if template == 2:
         return f"a picture of {content}, on a {scene.background} background."
     if template == 3:
-        start = rng.choice(("there is", "an image of", "this picture shows", "a drawing of"))
+        openers = ("there is", "an image of", "this picture shows", "a drawing of")
+        start = openers[0] if rng is None else rng.choice(openers)
         return f"{start} {content}."
     if template == 4:
         if n == 0:
