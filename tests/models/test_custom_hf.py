@@ -52,6 +52,7 @@ CASES = [
     ("attnpool", "single", "clip"),
     ("avgpool", "dynamic", "siglip"),
     ("linear", "single", "clip"),
+    ("pixel_shuffle", "single", "siglip"),
 ]
 
 

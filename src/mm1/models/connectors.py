@@ -51,13 +51,13 @@ def build_connector(
     return module
 
 
-def mlp(dims: list[int], act: type[nn.Module]) -> nn.Sequential:
+def mlp(dims: list[int], act: type[nn.Module], bias: bool = True) -> nn.Sequential:
     """Linear layers through `dims` with `act` between them (none after the last)."""
     layers: list[nn.Module] = []
     for i in range(len(dims) - 1):
         if i:
             layers.append(act())
-        layers.append(nn.Linear(dims[i], dims[i + 1]))
+        layers.append(nn.Linear(dims[i], dims[i + 1], bias=bias))
     return nn.Sequential(*layers)
 
 
@@ -161,6 +161,25 @@ class CAbstractorConfig(ConnectorConfig):
             raise ConfigError(f"{key}.hidden={self.hidden} must be positive")
 
 
+@dataclass
+class PixelShuffleConnectorConfig(ConnectorConfig):
+    type: str = "pixel_shuffle"
+    mlp_depth: int = 1  # number of Linear layers (GELU between); Idefics3 / SmolVLM use 1
+    bias: bool = False  # biases on the Linear layers (Idefics3 / SmolVLM have none)
+
+    def validate(self, key: str, model: ModelConfig) -> None:
+        super().validate(key, model)
+        _check_pooled(self, key, model)
+        _check_mlp_depth(key, self.mlp_depth)
+        grid, side = model.vision.grid, math.isqrt(self.num_tokens or model.vision.num_patches)
+        if grid % side:
+            raise ConfigError(
+                f"{key}.num_tokens={self.num_tokens}: connector 'pixel_shuffle' folds r x r "
+                f"patches into one token, so sqrt(Q)={side} must divide the {grid}x{grid} patch "
+                "grid (e.g. Q = (grid / 2)^2 for r = 2)"
+            )
+
+
 def _to_grid(x: torch.Tensor, grid: int) -> torch.Tensor:
     """(B, N, C) -> (B, C, grid, grid)."""
     b, n, c = x.shape
@@ -195,6 +214,31 @@ class MLPConnector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)
+
+
+@register("pixel_shuffle", PixelShuffleConnectorConfig)
+class PixelShuffleConnector(nn.Module):
+    """Space-to-depth (Idefics3, SmolVLM, nanoVLM): each r x r block of patches becomes one
+    token of r^2 times the width, features ordered (row in block, column in block, channel),
+    tokens in row-major order; then Linear layers. Q = (grid / r)^2; nothing is pooled away."""
+
+    def __init__(
+        self, cfg: PixelShuffleConnectorConfig, vision_width: int, grid: int, out_dim: int
+    ) -> None:
+        super().__init__()
+        self.grid, self.side = grid, _pooled_side(cfg, grid)
+        self.scale = grid // self.side
+        self.num_tokens = self.side**2
+        dims = [vision_width * self.scale**2] + [out_dim] * cfg.mlp_depth
+        self.proj = mlp(dims, nn.GELU, cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        if n != self.grid * self.grid:
+            raise ValueError(f"expected {self.grid}x{self.grid} patch features, got {n}")
+        s, r = self.side, self.scale
+        blocks = x.view(b, s, r, s, r, c).permute(0, 1, 3, 2, 4, 5)
+        return self.proj(blocks.reshape(b, s * s, r * r * c))
 
 
 @register("avgpool", AvgPoolConnectorConfig)

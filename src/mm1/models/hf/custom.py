@@ -1,5 +1,5 @@
 """Models whose connector transformers has no class for (C-Abstractor, attnpool, avgpool,
-linear) written as transformers custom code: config.json with `auto_map` pointing at
+pixel_shuffle, linear) written as transformers custom code: config.json with `auto_map` pointing at
 `modeling_mm1.py` (copied from `models/hf/remote/`, torch and transformers only), loaded with
 `AutoModel.from_pretrained(dir, trust_remote_code=True)`.
 

@@ -63,12 +63,12 @@ class MM1Config(PretrainedConfig):
         super().__init__(**kwargs)
 
 
-def _mlp(dims: list[int], act: type[nn.Module]) -> nn.Sequential:
+def _mlp(dims: list[int], act: type[nn.Module], bias: bool = True) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(len(dims) - 1):
         if i:
             layers.append(act())
-        layers.append(nn.Linear(dims[i], dims[i + 1]))
+        layers.append(nn.Linear(dims[i], dims[i + 1], bias=bias))
     return nn.Sequential(*layers)
 
 
@@ -101,6 +101,22 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)
+
+
+class PixelShuffle(nn.Module):
+    def __init__(self, cfg: dict, width: int, grid: int, out: int) -> None:
+        super().__init__()
+        self.grid, self.side = grid, math.isqrt(int(cfg.get("num_tokens") or grid * grid))
+        self.scale = grid // self.side
+        dims = [width * self.scale**2] + [out] * int(cfg.get("mlp_depth", 1))
+        self.proj = _mlp(dims, nn.GELU, bool(cfg.get("bias", False)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # each r x r block of patches -> one token, features (row in block, column, channel)
+        b, _, c = x.shape
+        s, r = self.side, self.scale
+        blocks = x.view(b, s, r, s, r, c).permute(0, 1, 3, 2, 4, 5)
+        return self.proj(blocks.reshape(b, s * s, r * r * c))
 
 
 class AvgPool(nn.Module):
@@ -202,7 +218,7 @@ class CAbstractor(nn.Module):
 
 
 CONNECTORS = {"linear": Linear, "mlp": MLP, "avgpool": AvgPool, "attnpool": AttnPool}
-CONNECTORS["c_abstractor"] = CAbstractor
+CONNECTORS.update(c_abstractor=CAbstractor, pixel_shuffle=PixelShuffle)
 
 
 class MM1ForConditionalGeneration(PreTrainedModel):
