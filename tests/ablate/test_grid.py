@@ -116,7 +116,9 @@ def test_study_dir_of_another_grid_refused_unless_forced(tmp_path) -> None:
     assert json.loads((study / "grid.json").read_text())["fingerprint"] == first.fingerprint()
 
 
-@pytest.mark.parametrize("name", ["connectors", "pixel_shuffle", "mixtures", "text_only", "recaption"])
+@pytest.mark.parametrize(
+    "name", ["connectors", "pixel_shuffle", "mixtures", "text_only", "recaption"]
+)
 def test_preset_studies_fit_the_issue_budget(name, tmp_path) -> None:
     from mm1.ablate.command import dry_run
 
