@@ -147,7 +147,7 @@ def test_convert_generate_and_eval(run, tmp_path) -> None:
     assert (out_dir / "results.md").exists() and (out_dir / "scores_vs_shots.png").exists()
 
 
-def test_an_exports_results_go_outside_it(run, tmp_path, monkeypatch) -> None:
+def test_an_exports_results_go_outside_it(run, tmp_path, monkeypatch, capsys) -> None:
     """An export is a model to hand on (and may be read-only): `mm1 eval EXPORT` without
     --out writes to runs/eval-cli/NAME in the current directory, not into the export."""
     export = tmp_path / "export"
@@ -157,9 +157,15 @@ def test_an_exports_results_go_outside_it(run, tmp_path, monkeypatch) -> None:
     work.mkdir()
     monkeypatch.chdir(work)
     argv = ["eval", str(export), "--shots", "0", "--seeds", "1", "--max-examples", "2"]
-    assert cli.main([*argv, "--world", str(run.parent / "world")]) == 0
+    argv += ["--world", str(run.parent / "world")]
+    assert cli.main(argv) == 0
     assert sorted(p.name for p in export.iterdir()) == before
-    assert (work / "runs" / "eval-cli" / "export" / "results.json").is_file()
+    (out,) = (work / "runs" / "eval-cli").iterdir()  # export-HASH: exports named alike differ
+    assert out.name.startswith("export-") and (out / "results.json").is_file()
+    capsys.readouterr()
+    monkeypatch.chdir(export)  # from inside the export, the default would be inside it
+    assert one_line(capsys, argv, 2).startswith(f"config error: {export} is an export and")
+    assert sorted(p.name for p in export.iterdir()) == before
 
 
 def test_a_checkpoint_of_a_run_is_a_model_too(run, tmp_path) -> None:

@@ -53,6 +53,7 @@ CASES = [
     ("avgpool", "dynamic", "siglip"),
     ("linear", "single", "clip"),
     ("pixel_shuffle", "single", "siglip"),
+    ("pixel_shuffle", "dynamic", "clip"),  # CLS dropped before the blocks are stacked
 ]
 
 

@@ -539,9 +539,10 @@ def test_save_decoder_hf_rejects_what_the_family_lacks(tmp_path):
         save_decoder_hf(Decoder(DecoderConfig(**_tiny(), qk_norm=True)), tmp_path, "qwen2")
     with pytest.raises(ValueError, match="qwen3 always has a q/k norm"):
         save_decoder_hf(Decoder(DecoderConfig(**_tiny())), tmp_path, "qwen3")
-    with pytest.raises(ValueError, match="qkv_bias"):
-        both = DecoderConfig(**_tiny(), qk_norm=True, qkv_bias=True)
-        save_decoder_hf(Decoder(both), tmp_path)  # no transformers family has both
+    both = Decoder(DecoderConfig(**_tiny(), qk_norm=True, qkv_bias=True))
+    for family in (None, "qwen2", "qwen3"):  # one message, whichever family is asked for
+        with pytest.raises(ValueError, match="no transformers decoder family has both"):
+            save_decoder_hf(both, tmp_path, family)
     assert not Path(tmp_path / "config.json").exists()
 
 
@@ -569,6 +570,18 @@ def test_a_dense_decoder_is_written_as_the_family_that_expresses_it(tmp_path, ov
     assert type(model).__name__ == CLASSES[family][1]
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
     close(our_logits(ours, ids), hf_logits(model, ids))
+
+
+def test_a_qwen3_config_without_head_dim_has_transformers_default():
+    """Qwen3Config's head_dim defaults to 128, not hidden / heads: a config saved as a diff
+    against the defaults (as transformers 4 writes a LLaVA text_config) leaves it out."""
+    raw = hf_config("qwen3").to_dict()
+    del raw["head_dim"]
+    assert transformers.Qwen3Config(**raw).head_dim == 128
+    assert decoder_config_from_hf(raw).resolved_head_dim == 128
+    moe = transformers.Qwen3MoeConfig(**{**DECODER, "head_dim": None}).to_dict()
+    moe.pop("head_dim", None)  # Qwen3-MoE's attention falls back to hidden / heads
+    assert decoder_config_from_hf(moe).resolved_head_dim == 64 // 4
 
 
 def test_qwen3_attention_bias_is_refused(tmp_path):

@@ -116,19 +116,33 @@ def _run_of(model: Path) -> Path:
 def _default_out(model: Path, folder: str) -> Path:
     """A run's results in the run (`RUN/FOLDER`); a checkpoint's in its run
     (`RUN/FOLDER/step_N`), since the checkpoint itself is deleted once newer ones replace it;
-    an export's in `runs/FOLDER/NAME` here, since an export is a model to hand on (to a hub, to
+    an export's in `runs/FOLDER/NAME-HASH` here (HASH of its resolved path, so two exports
+    named alike do not share a folder), since an export is a model to hand on (to a hub, to
     `mm1 serve`) and may be read-only."""
+    import hashlib
+
     from mm1.checkpoint import is_export
 
     run = _run_of(model)
     if run != model:
         return run / folder / model.name
-    return Path("runs") / folder / model.resolve().name if is_export(model) else model / folder
+    if not is_export(model):
+        return model / folder
+    real = model.resolve()
+    tag = hashlib.blake2b(str(real).encode(), digest_size=4).hexdigest()
+    out = Path("runs") / folder / f"{real.name}-{tag}"
+    if out.resolve().is_relative_to(real):
+        raise ConfigError(
+            f"{model} is an export and the current directory is inside it: pass --out DIR, so "
+            "the results do not go into the export"
+        )
+    return out
 
 
 def _model_name(model: Path) -> str:
     run = _run_of(model)
-    return f"{run.name}/{model.name}" if run != model else model.name
+    name = model.resolve().name  # `.` has no name of its own
+    return f"{run.resolve().name}/{name}" if run != model else name
 
 
 # What `--suite` takes; every other flag of `mm1 eval` configures the few-shot evaluation.

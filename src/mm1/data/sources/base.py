@@ -170,8 +170,9 @@ def set_max_text_chars(n: int) -> None:
 
 
 def over_text_cap(num_bytes: int) -> bool:
-    """Whether `num_bytes` of UTF-8 surely hold more characters than the text cap: a character
-    takes at most 4 bytes, so only text the cap would skip anyway is skipped unread."""
+    """Whether `num_bytes` of UTF-8 text hold more characters than the text cap: a character
+    takes at most 4 bytes (an undecodable byte is one character), so such text is over the
+    cap unless stripping its leading and trailing whitespace brings it under."""
     return bool(_max_text_chars) and num_bytes > 4 * _max_text_chars
 
 

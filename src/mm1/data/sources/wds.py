@@ -127,11 +127,12 @@ def _wds_sample(
         f = tf.extractfile(m)
         return f.read() if f is not None else b""
 
-    # A text member too large for the text cap is not read (a 256 MB caption would be read
-    # whole, then skipped); tar headers give each member's size.
-    huge = [m for e, m in members.items() if e in ("json", *CAPTION_EXTS) and over_text_cap(m.size)]
-    if huge:
-        detail = f"{huge[0].name}: {huge[0].size:,} bytes of text"
+    # A caption member too large for the text cap is not read (a 256 MB caption would be read
+    # whole, then skipped); its tar header gives its size. Only the caption the sample uses
+    # counts: the json holds metadata too, which the cap does not count.
+    caption_member = next((members[e] for e in CAPTION_EXTS if e in members), None)
+    if caption_member is not None and over_text_cap(caption_member.size):
+        detail = f"{caption_member.name}: {caption_member.size:,} bytes of caption"
         skip_record(stats, "too_long_text", where, detail)
         return None
     try:

@@ -75,8 +75,8 @@ def save_custom_hf(
 ) -> Path:
     """Write `model` as a transformers custom-code directory: config.json, the weights
     (sharded with an index above `max_shard_bytes`), `modeling_mm1.py` and
-    `modeling_mm1_moe.py`. `decoder_type`: the text model's family (None: llama for a dense
-    decoder, the MoE family it fits otherwise, else `mm1_moe`). The anyres layout is refused:
+    `modeling_mm1_moe.py`. `decoder_type`: the text model's family (None: `default_decoder_type`,
+    the family that expresses the decoder, else `mm1_moe`). The anyres layout is refused:
     it is LLaVA-NeXT's, exported as such."""
     hf = custom_config_to_hf(model, decoder_type)
     _, decoder_tensors = decoder_to_hf(model.decoder, decoder_type)

@@ -151,7 +151,9 @@ def decoder_config_from_hf(path_or_dict: PathLike | Mapping[str, Any]) -> Decode
         layers=layers,
         heads=heads,
         kv_heads=int(hf.get("num_key_value_heads") or heads),
-        head_dim=int(hf.get("head_dim") or 0),
+        # Qwen3Config defaults head_dim to 128 (a config saved as a diff leaves it out); the
+        # others, Qwen3-MoE included, default it to hidden / heads (0 here).
+        head_dim=int(hf.get("head_dim") or (128 if mt == "qwen3" else 0)),
         ffn_dim=int(need(hf, "intermediate_size", what)),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
@@ -211,6 +213,11 @@ def decoder_config_to_hf(cfg: DecoderConfig, model_type: str = "llama") -> dict[
     if model_type == CUSTOM_MOE_TYPE:
         return custom_moe_config_to_hf(cfg)
     moe = moe_config_to_hf(cfg, model_type) if model_type in MOE_TYPES else {}
+    if cfg.qk_norm and cfg.qkv_bias and not moe:
+        raise ValueError(
+            "no transformers decoder family has both a q/k norm and q/k/v biases "
+            "(decoder.qk_norm, decoder.qkv_bias)"
+        )
     if cfg.qk_norm and model_type not in ("qwen3", "qwen3_moe"):
         raise ValueError(f"{model_type} has no q/k norm (decoder.qk_norm); use qwen3")
     if not cfg.qk_norm and model_type == "qwen3":

@@ -133,8 +133,8 @@ def save_llava_hf(
 ) -> Path:
     """Write `model` (mlp connector, layout single / anyres) as a transformers LLaVA /
     LLaVA-NeXT directory: config.json and the weights (sharded with an index above
-    `max_shard_bytes`). `decoder_type`: the text model's family (None: llama for a dense
-    decoder, the MoE family it fits otherwise)."""
+    `max_shard_bytes`). `decoder_type`: the text model's family (None: `default_decoder_type`,
+    the family that expresses the decoder)."""
     hf = llava_config_to_hf(model.cfg)
     text, decoder_tensors = decoder_to_hf(model.decoder, decoder_type)
     hf["text_config"] = text
