@@ -166,7 +166,7 @@ def test_keys_of_another_type_are_warned_about(caplog) -> None:
         load_config(TINY, ["model.connector.mlp_depth=3"])  # tiny's connector is avgpool
     assert [r.getMessage() for r in caplog.records] == [
         "model.connector.mlp_depth=3 is ignored: model.connector.type is avgpool "
-        "(set model.connector.type=c_abstractor or mlp to use it)"
+        "(set model.connector.type=c_abstractor or mlp or pixel_shuffle to use it)"
     ]
     # a key no type declares is still an error; the chosen type's own keys warn about nothing
     _refused(["model.decoder.ffn.bogus=8"], r"^model\.decoder\.ffn\.bogus is not an option")
