@@ -41,28 +41,37 @@ def _tiny_config(tmp: Path, world: Path, **train) -> Path:
     return path
 
 
+def _make_hf_decoder(out: Path, world: Path, family: str = "Llama", **config):
+    """A tiny transformers `{family}ForCausalLM` over the world's vocabulary, written by
+    save_pretrained with the world's tokenizer.json beside it; the model."""
+    transformers = pytest.importorskip("transformers")
+    import tokenizers
+
+    vocab = tokenizers.Tokenizer.from_file(str(world / "tokenizer.json")).get_vocab_size()
+    torch.manual_seed(0)
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    hf_config = getattr(transformers, f"{family}Config")(
+        vocab_size=vocab, num_key_value_heads=2, **shape, **config
+    )
+    model = getattr(transformers, f"{family}ForCausalLM")(hf_config)
+    model.save_pretrained(out)
+    (out / "tokenizer.json").write_text((world / "tokenizer.json").read_text())
+    return model
+
+
+@pytest.fixture(scope="session")
+def make_hf_decoder() -> Callable[..., torch.nn.Module]:
+    """`make_hf_decoder(out, world, family="Llama", **config)`: a tiny HF causal LM on disk."""
+    return _make_hf_decoder
+
+
 def _make_hf_checkpoints(tmp_path: Path, world: Path):
     """A tiny Llama (with the world's tokenizer.json beside it) and a tiny CLIP vision tower,
     written by transformers' save_pretrained."""
     transformers = pytest.importorskip("transformers")
-    import tokenizers
 
     dec_dir, vis_dir = tmp_path / "llama", tmp_path / "clip"
-    vocab = tokenizers.Tokenizer.from_file(str(world / "tokenizer.json")).get_vocab_size()
-    torch.manual_seed(0)
-    llama = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=False,
-        )
-    )
-    llama.save_pretrained(dec_dir)
-    (dec_dir / "tokenizer.json").write_text((world / "tokenizer.json").read_text())
+    llama = _make_hf_decoder(dec_dir, world, tie_word_embeddings=False)
     clip = transformers.CLIPVisionModel(
         transformers.CLIPVisionConfig(
             hidden_size=32,

@@ -301,34 +301,19 @@ def test_an_encoder_run_as_train_init_weights_says_to_use_it_as_vision(
 
 
 def test_a_qwen3_decoder_trains_from_the_cli_and_goes_out_as_llava(
-    tmp_path, world, tiny_config
+    tmp_path, world, tiny_config, make_hf_decoder
 ) -> None:
     """A Qwen3 checkpoint (q/k norm, tied head) as `train.init.decoder`: the run keeps its
     architecture, trains, and `mm1 convert --to-hf` writes a LLaVA whose Qwen3 text model
     gives mm1's logits."""
     transformers = pytest.importorskip("transformers")
-    import tokenizers
 
     from mm1 import cli
     from mm1.pretrained import load_pretrained
 
     dec = tmp_path / "qwen3"
-    vocab = tokenizers.Tokenizer.from_file(str(world / "tokenizer.json")).get_vocab_size()
-    torch.manual_seed(0)
-    qwen3 = transformers.Qwen3ForCausalLM(
-        transformers.Qwen3Config(
-            vocab_size=vocab,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            tie_word_embeddings=True,
-        )
-    )
-    qwen3.save_pretrained(dec)
-    (dec / "tokenizer.json").write_text((world / "tokenizer.json").read_text())
+    qwen3 = make_hf_decoder(dec, world, "Qwen3", head_dim=16, tie_word_embeddings=True)
+    vocab = qwen3.config.vocab_size
     run, hf_dir = tmp_path / "run", tmp_path / "hf"
     cfg = tiny_config(tmp_path, world, steps=2, save_every=2, parallel="none", val_every=0)
     args = ["train", str(cfg), f"train.run_dir={run}", f"train.init.decoder={dec}"]
