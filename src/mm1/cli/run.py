@@ -21,6 +21,7 @@ def _human(n: float) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
+    from mm1.models.family import family_spec
     from mm1.models.summary import summarize
     from mm1.train.optim import mm1_peak_lr
 
@@ -50,7 +51,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     m = model_cfg
     console.print(
         f"image: {m.vision.image_size}px / patch {m.vision.patch_size} = "
-        f"{m.vision.num_patches} patches -> {m.connector.type} -> {s.image_tokens} image tokens"
+        f"{m.vision.num_patches} patches, {family_spec(m.family).describe(m)} -> "
+        f"{s.image_tokens} image tokens"
     )
     crops, slots = _layout_ranges(cfg, m, s.image_tokens)
     console.print(

@@ -192,10 +192,10 @@ class ModelConfig:
 
     @property
     def num_image_tokens(self) -> int:
-        from mm1.config.validation import resolve_components  # validation imports this module
+        """Q, the image tokens of one crop, as the family counts them (`mm1.models.family`)."""
+        from mm1.config.validation import family_of_config  # validation imports this module
 
-        resolve_components(self)
-        return self.connector.num_tokens or self.vision.num_patches
+        return family_of_config(self).num_image_tokens(self)
 
 
 # ---------------------------------------------------------------------------------------------

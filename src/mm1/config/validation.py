@@ -164,15 +164,24 @@ def resolve_components(m: ModelConfig, prefix: str = "model") -> ModelConfig:
     return m
 
 
-def validate_model(m: ModelConfig, prefix: str = "model") -> None:
-    """Checks of the model section; parses the connector and FFN options first
-    (`resolve_components`), then lets each validate its own."""
-    v, d = m.vision, m.decoder
-    if FAMILIES.get(m.family) is None:
+def family_of_config(m: ModelConfig, prefix: str = "model") -> Any:
+    """The `mm1.models.family.ModelFamily` that `m.family` names, with `m`'s components
+    resolved (its hooks read them)."""
+    entry = FAMILIES.get(m.family)
+    if entry is None:
         raise ConfigError(
             f"{prefix}.family={m.family!r} is not a registered model family; "
             f"{FAMILIES.registered()}"
         )
+    resolve_components(m, prefix)
+    return entry.value
+
+
+def validate_model(m: ModelConfig, prefix: str = "model") -> None:
+    """Checks of the model section; parses the connector and FFN options first
+    (`resolve_components`), then lets each validate its own."""
+    v, d = m.vision, m.decoder
+    family = family_of_config(m, prefix)
     _choice(f"{prefix}.vision.variant", v.variant, VISION_VARIANTS)
     _choice(f"{prefix}.vision.act", v.act, ACTIVATIONS)
     for k in ("image_size", "patch_size", "width", "layers", "heads", "mlp_dim"):
@@ -191,7 +200,7 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
         )
 
     resolve_components(m, prefix)
-    m.connector.validate(f"{prefix}.connector", m)
+    family.validate(m, prefix)
     d.ffn.validate(f"{prefix}.decoder.ffn", m)
     _choice(f"{prefix}.decoder.attention", d.attention, ATTENTION_BACKENDS)
     _choice(f"{prefix}.decoder.rope_scaling.type", d.rope_scaling.type, ROPE_TYPES)

@@ -91,7 +91,7 @@ def image_embeddings(
 
 
 def _device_dtype(model: MM1) -> tuple[torch.device, torch.dtype]:
-    w = model.vision.patch_embed.weight
+    w = next(model.parameters())  # every family has weights where it computes
     return w.device, w.dtype
 
 

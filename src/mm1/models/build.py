@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mm1.config import InitConfig, ModelConfig, validate_model
+from mm1.config import ConfigError, InitConfig, ModelConfig, validate_model
 from mm1.models.family import family_spec
 from mm1.models.mllm import MM1
 from mm1.models.starting_point import (
@@ -32,6 +32,7 @@ def resolve_config(
     init = with_deprecated(cfg, init)
     cfg = copy.deepcopy(cfg)
     cfg.vision.init = cfg.decoder.init = None
+    _refuse_missing_encoder(cfg, init)
     llava = llava_source(init)
     if llava:
         from mm1.models.hf.llava import llava_model_config_from_hf
@@ -58,6 +59,22 @@ def resolve_config(
         cfg.image_token_id = image_token_id
     validate_model(cfg)
     return cfg
+
+
+def _refuse_missing_encoder(cfg: ModelConfig, init: InitConfig) -> None:
+    if family_spec(cfg.family).has_encoder:
+        return
+    if init.vision:
+        raise ConfigError(
+            f"train.init.vision={init.vision}: model.family={cfg.family} has no image encoder "
+            "to start"
+        )
+    if llava_source(init):
+        raise ConfigError(
+            f"train.init.weights={init.weights} is a LLaVA checkpoint, whose image encoder "
+            f"model.family={cfg.family} does not have (start its decoder with "
+            "train.init.decoder)"
+        )
 
 
 def starting_point_state_dict(

@@ -1,8 +1,9 @@
 """Model families: what the rest of mm1 needs to know about a family of models, in one spec.
 
-`model.family` names a registered spec; building, HF conversion, sharding and materialisation
-ask the spec instead of assuming MM1's class or guessing its attribute names. MM1 is the one
-family today; others (Fuyu-like, Emu2, ...) register their own spec beside their model.
+`model.family` names a registered spec; building, HF conversion, sharding, materialisation
+and the config's checks ask the spec instead of assuming MM1's class or guessing its attribute
+names. Each family registers its spec beside its model: `mm1` here, `fuyu` in
+`mm1.models.fuyu`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from types import ModuleType
 
 from torch import nn
 
+from mm1.config import ModelConfig
 from mm1.models.mllm import MM1
 from mm1.registry import FAMILIES
 
@@ -31,6 +33,17 @@ class ModelFamily:
     # Computes the non-persistent buffers (which no checkpoint holds) after `to_empty` or a
     # meta-device load by assignment.
     init_buffers: Callable[[nn.Module], None]
+    # Image tokens per crop from the (component-resolved) config, before any model is built:
+    # the data side writes that many slots per image.
+    num_image_tokens: Callable[[ModelConfig], int]
+    # The family's own checks of a component-resolved `model` section (prefix, e.g. "model"),
+    # raising ConfigError naming the key.
+    validate: Callable[[ModelConfig, str], None]
+    # How an image becomes tokens, in a few words (`mm1 info`).
+    describe: Callable[[ModelConfig], str]
+    # Whether the family has an image encoder (`model.vision`'s transformer): starting points
+    # and exports of the encoder need one.
+    has_encoder: bool = True
 
 
 def family_spec(name: str) -> ModelFamily:
@@ -48,7 +61,8 @@ def family_of(model: nn.Module) -> ModelFamily:
     return family_spec(model.cfg.family)
 
 
-def _mm1_hf() -> ModuleType:
+def mm1_hf() -> ModuleType:
+    """mm1's HF adapters (decoders, encoders, LLaVA)."""
     return importlib.import_module("mm1.models.hf")
 
 
@@ -60,6 +74,28 @@ def _mm1_init_buffers(model: nn.Module) -> None:
     model.init_buffers()
 
 
+def _mm1_num_image_tokens(cfg: ModelConfig) -> int:
+    return cfg.connector.num_tokens or cfg.vision.num_patches
+
+
+def _mm1_validate(cfg: ModelConfig, prefix: str) -> None:
+    cfg.connector.validate(f"{prefix}.connector", cfg)
+
+
+def _mm1_describe(cfg: ModelConfig) -> str:
+    v = cfg.vision
+    return f"{v.variant} ViT ({v.layers} blocks) -> {cfg.connector.type}"
+
+
 MM1_FAMILY = FAMILIES.register("mm1")(
-    ModelFamily("mm1", MM1, _mm1_hf, _mm1_blocks, _mm1_init_buffers)
+    ModelFamily(
+        "mm1",
+        MM1,
+        mm1_hf,
+        _mm1_blocks,
+        _mm1_init_buffers,
+        num_image_tokens=_mm1_num_image_tokens,
+        validate=_mm1_validate,
+        describe=_mm1_describe,
+    )
 )

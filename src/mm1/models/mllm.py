@@ -1,4 +1,5 @@
-"""The MM1 model: image encoder -> connector -> image tokens written into the decoder's input."""
+"""Multimodal LLMs with image slots in the decoder's input (`MLLM`), and the MM1 model:
+image encoder -> connector -> image tokens written into those slots."""
 
 from __future__ import annotations
 
@@ -35,40 +36,28 @@ def _multi_rank() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-class MM1(nn.Module):
+class MLLM(nn.Module):
+    """A decoder LLM whose image slots in `input_ids` are filled with image tokens: what every
+    `model.family` shares (embedding, the loss, buffers). A family says how pixels become image
+    tokens: `num_image_tokens`, `image_tokens`, and the `vision` and `connector` parts that
+    `image_features` runs (`train.train_vision` / `train_connector` freeze them)."""
+
+    vision: nn.Module
+    connector: nn.Module
+    decoder: Decoder
+    image_newline: nn.Parameter | None  # a learned token some layouts write after image rows
+
     def __init__(self, cfg: ModelConfig) -> None:
+        # The parts are built by each family, image side first: the order fixes the random
+        # initialisation a seed gives and the checkpoint's key order.
         super().__init__()
         self.cfg = resolve_components(cfg)
-        self.vision = VisionTransformer(cfg.vision)
-        self.connector = build_connector(
-            cfg.connector, cfg.vision.width, cfg.vision.grid, cfg.decoder.dim, cfg.init_std
-        )
-        self.decoder = Decoder(cfg.decoder, cfg.init_std)
-        # anyres: the learned token after each row of an image's tile grid (LLaVA-NeXT's).
-        self.image_newline = (
-            nn.Parameter(torch.empty(cfg.decoder.dim))
-            if cfg.image_layout.type == "anyres"
-            else None
-        )
-        if self.image_newline is not None:
-            self._reset_newline()
-
-    @torch.no_grad()
-    def _reset_newline(self) -> None:
-        # LLaVA-NeXT's initialisation: normal with std 1 / sqrt(hidden size).
-        nn.init.normal_(self.image_newline, std=1 / math.sqrt(self.cfg.decoder.dim))
 
     @torch.no_grad()
     def init_weights(self) -> None:
         """Initialise every weight in place: used after `to_empty` when the model was built on
         the meta device and sharded before any weight existed."""
-        self.vision.reset_parameters()
-        init_weights(self.connector, self.cfg.init_std)
-        if hasattr(self.connector, "reset_parameters"):
-            self.connector.reset_parameters()
-        self.decoder.init_weights()
-        if self.image_newline is not None:
-            self._reset_newline()
+        raise NotImplementedError
 
     @torch.no_grad()
     def init_buffers(self) -> None:
@@ -83,7 +72,16 @@ class MM1(nn.Module):
     @property
     def num_image_tokens(self) -> int:
         """Q, the tokens of one crop (one encoder input)."""
-        return self.connector.num_tokens
+        raise NotImplementedError
+
+    def image_tokens(
+        self,
+        pixel_values: torch.Tensor,
+        image_crops: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """All images' tokens in slot order, (sum of tokens, D_llm)."""
+        raise NotImplementedError
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) crops -> (N, Q, D_llm), the encoder and connector run on at most
@@ -108,95 +106,6 @@ class MM1(nn.Module):
             dummy = self.connector(self.vision(blank)).sum()
             pieces[-1] = pieces[-1] + 0.0 * dummy.to(pieces[-1].dtype)
         return torch.cat(pieces)
-
-    def image_token_counts(
-        self, image_crops: torch.Tensor, image_sizes: torch.Tensor | None
-    ) -> list[int]:
-        """Image tokens of each image, from its crop count and (anyres) original size; the
-        data side's `PromptFormat.slots` gives the same numbers (tested)."""
-        q = self.num_image_tokens
-        if self.cfg.image_layout.type != "anyres":
-            return [int(c) * q for c in image_crops.tolist()]
-        if image_sizes is None:
-            raise ValueError("the anyres layout needs image_sizes (height, width) per image")
-        side, crop = math.isqrt(q), self.cfg.vision.image_size
-        canvases = canvas_candidates(
-            crop, self.cfg.image_layout.pinpoints, self.cfg.image_layout.grid
-        )
-        out = []
-        for crops, (h, w) in zip(image_crops.tolist(), image_sizes.tolist()):
-            if crops == 1:  # the single form (few-shot context images)
-                out.append(q)
-                continue
-            rows, cols = anyres_grid((w, h), crop, canvases)
-            if crops != 1 + rows * cols:
-                raise ValueError(
-                    f"an image of {w}x{h} px has {crops} crops, but anyres cuts it into "
-                    f"1 + {rows}x{cols}"
-                )
-            out.append(anyres_tokens((w, h), rows, cols, side))
-        return out
-
-    def _anyres_tokens(self, feats: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """One image's (crops, Q, D) features -> its tokens: the base crop's, then the tiles'
-        as one grid, padding removed, a newline after each row (LLaVA-NeXT's packing)."""
-        base, tiles = feats[0], feats[1:]
-        side, crop = math.isqrt(feats.shape[1]), self.cfg.vision.image_size
-        canvases = canvas_candidates(
-            crop, self.cfg.image_layout.pinpoints, self.cfg.image_layout.grid
-        )
-        rows, cols = anyres_grid((width, height), crop, canvases)
-        d = feats.shape[-1]
-        grid = tiles.reshape(rows, cols, side, side, d).permute(4, 0, 2, 1, 3)
-        grid = grid.reshape(d, rows * side, cols * side)
-        r0, r1, c0, c1 = unpadded_rows_cols((width, height), rows * side, cols * side)
-        grid = grid[:, r0:r1, c0:c1]
-        newline = self.image_newline[:, None, None].expand(d, r1 - r0, 1).to(grid.dtype)
-        grid = torch.cat([grid, newline], dim=-1).flatten(1, 2).transpose(0, 1)
-        return torch.cat([base, grid], dim=0)
-
-    def image_tokens(
-        self,
-        pixel_values: torch.Tensor,
-        image_crops: torch.Tensor | None = None,
-        image_sizes: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """All images' tokens in slot order, (sum of tokens, D_llm). Each crop gives Q tokens
-        in order (single, mm1, dynamic); an anyres image's crops are assembled into its grid."""
-        feats = self.image_features(pixel_values)
-        if self.cfg.image_layout.type != "anyres":
-            return feats.reshape(-1, feats.shape[-1])
-        if image_crops is None:
-            if image_sizes is None:
-                raise ValueError("the anyres layout needs image_sizes (height, width) per image")
-            image_crops = self._anyres_crops(image_sizes)
-        if int(image_crops.sum()) != feats.shape[0]:
-            raise ValueError(
-                f"image_crops add up to {int(image_crops.sum())} crops but "
-                f"{feats.shape[0]} were given"
-            )
-        out, used_newline = [], False
-        sizes = image_sizes.tolist() if image_sizes is not None else [None] * len(image_crops)
-        for image, size in zip(feats.split(image_crops.tolist()), sizes):
-            if image.shape[0] == 1:
-                out.append(image[0])
-            elif size is None:  # the grid's layout comes from the image's size
-                raise ValueError("the anyres layout needs image_sizes (height, width) per image")
-            else:
-                out.append(self._anyres_tokens(image, *size))
-                used_newline = True
-        tokens = torch.cat(out)
-        if not used_newline:  # every parameter takes part (DDP / FSDP gradients)
-            tokens = tokens + 0.0 * self.image_newline.sum().to(tokens.dtype)
-        return tokens
-
-    def _anyres_crops(self, image_sizes: torch.Tensor) -> torch.Tensor:
-        crop = self.cfg.vision.image_size
-        canvases = canvas_candidates(
-            crop, self.cfg.image_layout.pinpoints, self.cfg.image_layout.grid
-        )
-        grids = [anyres_grid((w, h), crop, canvases) for h, w in image_sizes.tolist()]
-        return torch.tensor([1 + r * c for r, c in grids], dtype=torch.long)
 
     def embed(
         self,
@@ -293,3 +202,131 @@ class MM1(nn.Module):
         share = n / max(denom, 1)
         aux = {k: v * share for k, v in aux.items()}
         return MM1Output(logits, loss_sum / max(denom, 1), loss_sum, n, token_loss, aux)
+
+
+class MM1(MLLM):
+    """MM1: image encoder (a ViT) -> connector -> image tokens written into the decoder's input."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.vision = VisionTransformer(cfg.vision)
+        self.connector = build_connector(
+            cfg.connector, cfg.vision.width, cfg.vision.grid, cfg.decoder.dim, cfg.init_std
+        )
+        self.decoder = Decoder(cfg.decoder, cfg.init_std)
+        # anyres: the learned token after each row of an image's tile grid (LLaVA-NeXT's).
+        self.image_newline = (
+            nn.Parameter(torch.empty(cfg.decoder.dim))
+            if cfg.image_layout.type == "anyres"
+            else None
+        )
+        if self.image_newline is not None:
+            self._reset_newline()
+
+    @torch.no_grad()
+    def _reset_newline(self) -> None:
+        # LLaVA-NeXT's initialisation: normal with std 1 / sqrt(hidden size).
+        nn.init.normal_(self.image_newline, std=1 / math.sqrt(self.cfg.decoder.dim))
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        self.vision.reset_parameters()
+        init_weights(self.connector, self.cfg.init_std)
+        if hasattr(self.connector, "reset_parameters"):
+            self.connector.reset_parameters()
+        self.decoder.init_weights()
+        if self.image_newline is not None:
+            self._reset_newline()
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.connector.num_tokens
+
+    def image_token_counts(
+        self, image_crops: torch.Tensor, image_sizes: torch.Tensor | None
+    ) -> list[int]:
+        """Image tokens of each image, from its crop count and (anyres) original size; the
+        data side's `PromptFormat.slots` gives the same numbers (tested)."""
+        q = self.num_image_tokens
+        if self.cfg.image_layout.type != "anyres":
+            return [int(c) * q for c in image_crops.tolist()]
+        if image_sizes is None:
+            raise ValueError("the anyres layout needs image_sizes (height, width) per image")
+        side, crop = math.isqrt(q), self.cfg.vision.image_size
+        canvases = canvas_candidates(
+            crop, self.cfg.image_layout.pinpoints, self.cfg.image_layout.grid
+        )
+        out = []
+        for crops, (h, w) in zip(image_crops.tolist(), image_sizes.tolist()):
+            if crops == 1:  # the single form (few-shot context images)
+                out.append(q)
+                continue
+            rows, cols = anyres_grid((w, h), crop, canvases)
+            if crops != 1 + rows * cols:
+                raise ValueError(
+                    f"an image of {w}x{h} px has {crops} crops, but anyres cuts it into "
+                    f"1 + {rows}x{cols}"
+                )
+            out.append(anyres_tokens((w, h), rows, cols, side))
+        return out
+
+    def _anyres_tokens(self, feats: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """One image's (crops, Q, D) features -> its tokens: the base crop's, then the tiles'
+        as one grid, padding removed, a newline after each row (LLaVA-NeXT's packing)."""
+        base, tiles = feats[0], feats[1:]
+        side, crop = math.isqrt(feats.shape[1]), self.cfg.vision.image_size
+        canvases = canvas_candidates(
+            crop, self.cfg.image_layout.pinpoints, self.cfg.image_layout.grid
+        )
+        rows, cols = anyres_grid((width, height), crop, canvases)
+        d = feats.shape[-1]
+        grid = tiles.reshape(rows, cols, side, side, d).permute(4, 0, 2, 1, 3)
+        grid = grid.reshape(d, rows * side, cols * side)
+        r0, r1, c0, c1 = unpadded_rows_cols((width, height), rows * side, cols * side)
+        grid = grid[:, r0:r1, c0:c1]
+        newline = self.image_newline[:, None, None].expand(d, r1 - r0, 1).to(grid.dtype)
+        grid = torch.cat([grid, newline], dim=-1).flatten(1, 2).transpose(0, 1)
+        return torch.cat([base, grid], dim=0)
+
+    def image_tokens(
+        self,
+        pixel_values: torch.Tensor,
+        image_crops: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """All images' tokens in slot order, (sum of tokens, D_llm). Each crop gives Q tokens
+        in order (single, mm1, dynamic); an anyres image's crops are assembled into its grid."""
+        feats = self.image_features(pixel_values)
+        if self.cfg.image_layout.type != "anyres":
+            return feats.reshape(-1, feats.shape[-1])
+        if image_crops is None:
+            if image_sizes is None:
+                raise ValueError("the anyres layout needs image_sizes (height, width) per image")
+            image_crops = self._anyres_crops(image_sizes)
+        if int(image_crops.sum()) != feats.shape[0]:
+            raise ValueError(
+                f"image_crops add up to {int(image_crops.sum())} crops but "
+                f"{feats.shape[0]} were given"
+            )
+        out, used_newline = [], False
+        sizes = image_sizes.tolist() if image_sizes is not None else [None] * len(image_crops)
+        for image, size in zip(feats.split(image_crops.tolist()), sizes):
+            if image.shape[0] == 1:
+                out.append(image[0])
+            elif size is None:  # the grid's layout comes from the image's size
+                raise ValueError("the anyres layout needs image_sizes (height, width) per image")
+            else:
+                out.append(self._anyres_tokens(image, *size))
+                used_newline = True
+        tokens = torch.cat(out)
+        if not used_newline:  # every parameter takes part (DDP / FSDP gradients)
+            tokens = tokens + 0.0 * self.image_newline.sum().to(tokens.dtype)
+        return tokens
+
+    def _anyres_crops(self, image_sizes: torch.Tensor) -> torch.Tensor:
+        crop = self.cfg.vision.image_size
+        canvases = canvas_candidates(
+            crop, self.cfg.image_layout.pinpoints, self.cfg.image_layout.grid
+        )
+        grids = [anyres_grid((w, h), crop, canvases) for h, w in image_sizes.tolist()]
+        return torch.tensor([1 + r * c for r, c in grids], dtype=torch.long)

@@ -1,0 +1,121 @@
+"""A Fuyu-style model (`model.family: fuyu`): no image encoder. Each image's raw patches are
+flattened and projected by one Linear layer into the decoder's width, row by row, with a
+newline token after each row of patches (Adept's Fuyu-8B; transformers' `FuyuForCausalLM`).
+
+The decoder is mm1's (Llama-style, the same switches as MM1's); Fuyu-8B's own is Persimmon's
+(LayerNorm, squared ReLU, partial rotary), which mm1 does not build. Images are resized to
+`model.vision.image_size` square (the `single` layout); Fuyu's processor instead keeps each
+image's aspect ratio and pads it to a multiple of the patch. The newline is a learned vector
+(written where the image's slots end a row), where Fuyu-8B uses a vocabulary token's embedding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mm1.config import ConfigError, ModelConfig
+from mm1.models.decoder import Decoder
+from mm1.models.family import ModelFamily, mm1_hf
+from mm1.models.layers import init_weights
+from mm1.models.mllm import MLLM
+from mm1.registry import FAMILIES
+
+
+class Patchify(nn.Module):
+    """(N, C, H, W) images -> (N, rows x cols, p x p x C) patches, row by row, each flattened in
+    (y, x, channel) order: the order of transformers' `FuyuImageProcessor.patchify_image`."""
+
+    def __init__(self, patch_size: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = pixels.shape
+        p = self.patch_size
+        patches = pixels.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+        return patches.reshape(n, (h // p) * (w // p), p * p * c)
+
+
+class Fuyu(MLLM):
+    """Patches -> Linear -> image tokens, a newline after each row; then mm1's decoder."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        v = cfg.vision
+        self.grid = v.grid
+        self.vision = Patchify(v.patch_size)  # no weights: Fuyu has no image encoder
+        # Fuyu's `vision_embed_tokens`: the one learned map from pixels to the decoder.
+        self.connector = nn.Linear(3 * v.patch_size**2, cfg.decoder.dim)
+        self.decoder = Decoder(cfg.decoder, cfg.init_std)
+        self.image_newline = nn.Parameter(torch.empty(cfg.decoder.dim))
+        self._reset_image_parts()
+
+    @torch.no_grad()
+    def _reset_image_parts(self) -> None:
+        init_weights(self.connector, self.cfg.init_std)
+        nn.init.normal_(self.image_newline, std=1 / math.sqrt(self.cfg.decoder.dim))
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        self._reset_image_parts()
+        self.decoder.init_weights()
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.grid * (self.grid + 1)
+
+    def image_tokens(
+        self,
+        pixel_values: torch.Tensor,
+        image_crops: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Each image's rows of projected patches, a newline after each row, in slot order."""
+        feats = self.image_features(pixel_values)
+        n, _, d = feats.shape
+        rows = feats.reshape(n, self.grid, self.grid, d)
+        newline = self.image_newline.to(feats.dtype).expand(n, self.grid, 1, d)
+        return torch.cat([rows, newline], dim=2).reshape(-1, d)
+
+
+def _num_image_tokens(cfg: ModelConfig) -> int:
+    return cfg.vision.grid * (cfg.vision.grid + 1)
+
+
+def _validate(cfg: ModelConfig, prefix: str) -> None:
+    if cfg.image_layout.type != "single":
+        raise ConfigError(
+            f"{prefix}.image_layout.type={cfg.image_layout.type}: model.family=fuyu takes each "
+            "image whole at model.vision.image_size (layout single); its tokens are the "
+            "image's patches, not crops of an encoder"
+        )
+
+
+def _describe(cfg: ModelConfig) -> str:
+    return "no encoder: each patch's pixels -> Linear, a newline token after each row"
+
+
+def _blocks(model: nn.Module) -> list[nn.ModuleList]:
+    return [model.decoder.layers]
+
+
+def _init_buffers(model: nn.Module) -> None:
+    model.init_buffers()
+
+
+FUYU_FAMILY = FAMILIES.register("fuyu")(
+    ModelFamily(
+        "fuyu",
+        Fuyu,
+        mm1_hf,
+        _blocks,
+        _init_buffers,
+        num_image_tokens=_num_image_tokens,
+        validate=_validate,
+        describe=_describe,
+        has_encoder=False,
+    )
+)

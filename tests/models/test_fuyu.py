@@ -1,0 +1,135 @@
+"""The fuyu family (no image encoder: patches -> Linear -> decoder, a newline after each row)
+against transformers' Fuyu: its processor's patch order, and `FuyuForCausalLM` with the same
+weights (mm1's decoder as its text model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mm1.config import ConfigError, DecoderConfig, ModelConfig, VisionConfig, validate_model
+from mm1.models.family import family_spec
+from mm1.models.fuyu import Fuyu, Patchify
+from mm1.models.hf.fuyu import fuyu_to_hf, hf_input_ids, image_newline_id
+from tests.models.helpers import perturb
+
+transformers = pytest.importorskip("transformers")
+
+
+def _config(patch: int = 8, **decoder: object) -> ModelConfig:
+    dec = {"vocab_size": 96, "dim": 48, "layers": 2, "heads": 4, "kv_heads": 2, "ffn_dim": 64}
+    dec.update(decoder)
+    return ModelConfig(
+        family="fuyu",
+        vision=VisionConfig(image_size=32, patch_size=patch),
+        decoder=DecoderConfig(**dec),  # type: ignore[arg-type]
+    )
+
+
+def test_patch_order_is_fuyus_processor() -> None:
+    # The PIL processor (numpy): the torch one needs torchvision, which does not import here.
+    from transformers.image_utils import SizeDict
+    from transformers.models.fuyu.image_processing_pil_fuyu import FuyuImageProcessorPil
+
+    x = torch.randn(2, 3, 24, 36, generator=torch.Generator().manual_seed(0))
+    size = SizeDict(height=6, width=6)
+    theirs = FuyuImageProcessorPil().patchify_image(x.numpy(), patch_size=size)
+    torch.testing.assert_close(Patchify(6)(x), torch.from_numpy(theirs), rtol=0, atol=0)
+
+
+def _ids_with_images(model: Fuyu, rows: int, length: int, starts: list[list[int]]) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, model.image_token_id, (rows, length), generator=g)
+    q = model.num_image_tokens
+    for r, row in enumerate(starts):
+        for s in row:
+            ids[r, s : s + q] = model.image_token_id
+    return ids
+
+
+@pytest.mark.parametrize(
+    ("patch", "decoder"),
+    [(8, {}), (16, {"tie_embeddings": True}), (8, {"qk_norm": True, "head_dim": 16})],
+)
+def test_logits_equal_transformers_fuyu(patch: int, decoder: dict[str, object]) -> None:
+    torch.manual_seed(0)
+    cfg = _config(patch, **decoder)
+    validate_model(cfg)
+    model = perturb(Fuyu(cfg))
+    assert model.num_image_tokens == cfg.num_image_tokens == (32 // patch) * (32 // patch + 1)
+    hf_cfg, tensors = fuyu_to_hf(model)
+    theirs = transformers.FuyuForCausalLM(transformers.FuyuConfig(**hf_cfg)).eval()
+    missing, unexpected = theirs.load_state_dict(tensors, strict=False)
+    assert not unexpected
+    assert set(missing) == ({"lm_head.weight"} if cfg.decoder.tie_embeddings else set())
+    if cfg.decoder.tie_embeddings:
+        assert theirs.lm_head.weight.data_ptr() == theirs.get_input_embeddings().weight.data_ptr()
+    q = model.num_image_tokens
+    ids = _ids_with_images(model, 2, 2 * q + 12, [[3, q + 6], [5]])  # 3 images, row 1 has one
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    theirs_ids = hf_input_ids(model, ids)
+    newline = image_newline_id(model)
+    assert int((theirs_ids == newline).sum()) == 3 * model.grid
+    assert int((theirs_ids == model.image_token_id).sum()) == 3 * model.grid**2
+    with torch.no_grad():
+        ours = model(ids, pixel_values=pixels).logits
+        hf_patches = Patchify(patch)(pixels)
+        ref = theirs(input_ids=theirs_ids, pixel_values=hf_patches[None].flatten(1, 2)).logits
+    torch.testing.assert_close(ours, ref[..., : cfg.decoder.vocab_size], rtol=1e-5, atol=1e-5)
+
+
+def test_images_change_the_logits_and_every_image_parameter_learns() -> None:
+    torch.manual_seed(0)
+    model = Fuyu(_config())
+    q = model.num_image_tokens
+    ids = _ids_with_images(model, 1, q + 8, [[2]])
+    a, b = torch.randn(2, 1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    out = model(ids, labels=ids.masked_fill(ids == model.image_token_id, -100), pixel_values=a)
+    out.loss.backward()
+    for name in ("connector.weight", "connector.bias", "image_newline"):
+        assert model.get_parameter(name).grad.abs().sum() > 0, name
+    with torch.no_grad():
+        after = ids[0] != model.image_token_id
+        la = model(ids, pixel_values=a).logits[0, -1]
+        lb = model(ids, pixel_values=b).logits[0, -1]
+    assert after[-1] and not torch.allclose(la, lb)
+
+
+def test_a_text_only_training_batch_still_touches_the_image_parameters() -> None:
+    """DDP / FSDP need every parameter in the graph, as MM1's blank-image path ensures."""
+    model = Fuyu(_config()).train()
+    ids = torch.randint(0, 90, (1, 10))
+    model(ids, labels=ids).loss.backward()
+    assert model.connector.weight.grad is not None and model.image_newline.grad is not None
+
+
+def test_config_counts_and_checks() -> None:
+    cfg = _config(16)
+    validate_model(cfg)  # the default connector (c_abstractor, 144 tokens) is not the family's
+    assert cfg.num_image_tokens == 2 * 3
+    cfg.image_layout.type = "anyres"
+    with pytest.raises(ConfigError, match="model.image_layout.type=anyres: model.family=fuyu"):
+        validate_model(cfg)
+    spec = family_spec("fuyu")
+    model = Fuyu(_config())
+    assert not spec.has_encoder and sum(p.numel() for p in model.vision.parameters()) == 0
+    assert [list(b) for b in spec.blocks(model)] == [list(model.decoder.layers)]
+
+
+def test_meta_build_then_init_weights_matches_a_fresh_build_in_kind() -> None:
+    with torch.device("meta"):
+        model = Fuyu(_config())
+    model.to_empty(device="cpu")
+    model.init_weights()
+    model.init_buffers()
+    assert torch.isfinite(model.image_newline).all() and model.connector.bias.abs().sum() == 0
+    ids = torch.randint(0, 90, (1, 10))
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def test_train_init_vision_is_refused(tmp_path) -> None:
+    from mm1.config import InitConfig
+    from mm1.models.build import build_model
+
+    with pytest.raises(ConfigError, match="train.init.vision=.*has no image encoder"):
+        build_model(_config(), init=InitConfig(vision=str(tmp_path)))
