@@ -70,6 +70,19 @@ def test_info_counts_each_layouts_crops_and_tokens(capsys) -> None:
     assert lines["anyres"].endswith(": 3-5 crop(s) of 378px -> 300-744 image tokens per image")
 
 
+def test_info_of_a_fuyu_model_counts_its_patches_and_newlines(capsys) -> None:
+    preset = str(ROOT / "configs" / "models" / "tiny.yaml")  # 64 px
+    args = ["info", preset, "model.family=fuyu", "model.vision.patch_size=16"]
+    assert cli.main(args) in (0, None)
+    out = capsys.readouterr().out
+    assert "16 patches, no encoder: each patch's pixels -> Linear" in out
+    assert "-> 20 image tokens" in out  # 4 rows of 4 patches and a newline
+    vision = next(x for x in out.splitlines() if "vision encoder" in x)
+    assert " 0 (0) " in vision
+    # p x p x 3 -> dim, with a bias: the one image weight (and the newline, a parameter apart)
+    assert "147,648" in next(x for x in out.splitlines() if "connector" in x)
+
+
 def test_data_inspect_and_stats(run) -> None:
     world = run.parent / "world"
     out = mm1("data", "inspect", str(world / "captions"), "--format", "wds", "-n", "2")

@@ -3,7 +3,8 @@
 A model with LLaVA's projector (`mlp` connector) becomes one directory that transformers loads
 whole: `LlavaForConditionalGeneration` (layout `single`) or `LlavaNextForConditionalGeneration`
 (`anyres`), with the processor `AutoProcessor.from_pretrained` builds (tokenizer, image
-processor, chat template; `models/hf/llava.py` writes the weights). Other connectors have no
+processor, chat template; `models/hf/llava.py` writes the weights). A `model.family: fuyu`
+model becomes `FuyuForCausalLM` (`models/hf/fuyu.py`). Other connectors have no
 transformers class: the whole model is written as transformers custom code
 (`models/hf/custom.py`, loaded with `trust_remote_code=True`), and the decoder and the encoder
 alone as `decoder/` and `vision/`, as before. So is a LLaVA-shaped model (layout `single`)
@@ -36,6 +37,8 @@ def save_hf(
 
     out = Path(out_dir)
     refuse_run_dir(out, "out_dir")  # its model.safetensors would shadow the run's checkpoints
+    if p.cfg.family == "fuyu":
+        return _save_fuyu(p, out, decoder_type)
     try:
         model_type = llava_model_type(p.cfg)
     except ValueError as why:
@@ -84,6 +87,56 @@ def _save_custom(p: Pretrained, out: Path, decoder_type: str | None, why: str) -
         "AutoModel.from_pretrained(..., trust_remote_code=True)), and the decoder and the "
         f"encoder alone as {out}/decoder and {out}/vision"
     )
+
+
+def _save_fuyu(p: Pretrained, out: Path, decoder_type: str | None) -> tuple[Path, str]:
+    from mm1.models.hf import save_decoder_hf
+    from mm1.models.hf.checkpoint import write_checkpoint
+    from mm1.models.hf.fuyu import NEWLINE_TOKEN, fuyu_to_hf, image_newline_id
+
+    hf, tensors = fuyu_to_hf(p.model, decoder_type)
+    hf["dtype"] = str(p.model.decoder.embed_tokens.weight.dtype).removeprefix("torch.")
+    write_checkpoint(out, hf, tensors)
+    newline = image_newline_id(p.model)
+    tok = p.tokenizer
+    generation = {"suppress_tokens": [newline]}  # an image-row marker, never generated text
+    generation.update(
+        {
+            k: v
+            for k, v in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id))
+            if v is not None
+        }
+    )
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    tok.save(out)
+    _add_bos_on_encode(p, out)
+    _add_token(out, NEWLINE_TOKEN, newline)
+    p.processor.save_pretrained(out)
+    save_decoder_hf(p.model.decoder, out / "decoder", model_type=decoder_type)
+    tok.save(out / "decoder")
+    return out, (
+        f"wrote {out} (FuyuForCausalLM, the text model {hf['text_config']['model_type']}; "
+        f"{NEWLINE_TOKEN} is token {newline}. transformers' FuyuProcessor is not written: it "
+        "pads images to 1080 x 1920 px and reads Fuyu-8B's vocabulary; build inputs as "
+        "mm1.models.hf.fuyu.hf_input_ids does), and the decoder alone as "
+        f"{out}/decoder"
+    )
+
+
+def _add_token(out: Path, token: str, token_id: int) -> None:
+    """Add `token` as a special token to the exported tokenizer.json, where it gets `token_id`
+    (the next id: the model's vocabulary is the tokenizer's, plus this row)."""
+    import tokenizers
+
+    path = out / "tokenizer.json"
+    tok = tokenizers.Tokenizer.from_file(str(path))
+    if tok.get_vocab_size(with_added_tokens=True) != token_id:
+        raise ValueError(
+            f"the tokenizer has {tok.get_vocab_size(with_added_tokens=True)} tokens, the "
+            f"model {token_id}: {token} would not get id {token_id}"
+        )
+    tok.add_special_tokens([tokenizers.AddedToken(token, special=True, normalized=False)])
+    tok.save(str(path))
 
 
 def _add_bos_on_encode(p: Pretrained, out: Path) -> None:

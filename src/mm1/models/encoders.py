@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from typing import NoReturn
 
 from torch import nn
 
@@ -37,6 +38,10 @@ def _blocks(model: nn.Module) -> list[nn.ModuleList]:
     return [model.vision.blocks, *([text.blocks] if text is not None else [])]
 
 
+def _not_an_mllm(*args: object) -> NoReturn:
+    raise TypeError("an encoder run has no image slots: the encoder spec is no model.family")
+
+
 # Not registered as a `model.family` (an encoder run is no MLLM): handed to `parallelize`.
 ENCODER_FAMILY = ModelFamily(
     "encoder",
@@ -44,6 +49,9 @@ ENCODER_FAMILY = ModelFamily(
     lambda: importlib.import_module("mm1.models.hf"),
     _blocks,
     lambda model: None,
+    num_image_tokens=_not_an_mllm,
+    validate=_not_an_mllm,
+    describe=_not_an_mllm,
 )
 
 

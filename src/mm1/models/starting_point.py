@@ -254,5 +254,12 @@ def _read_source(
         ctx_kw["new_token_ids"] = tuple(new_token_ids)
     else:
         saved = read_model_weights(s.path)
+        image_parts = [p for p in s.parts if p != "decoder"]
+        if image_parts and saved.config.family != cfg.family:
+            raise ConfigError(
+                f"{s.key}={s.path} is a model.family={saved.config.family} model and this one "
+                f"is {cfg.family}: of its {', '.join(s.parts)} only the decoder carries over "
+                f"from one family to another (train.init.decoder={s.path})"
+            )
         raw = saved.state
     return raw, ctx_kw

@@ -20,6 +20,8 @@ from mm1.models.hf.decoder import decoder_to_hf
 if TYPE_CHECKING:
     from mm1.models.fuyu import Fuyu
 
+NEWLINE_TOKEN = "|NEWLINE|"  # Fuyu-8B's name for it
+
 
 def image_newline_id(model: Fuyu) -> int:
     """The id of the newline token in the HF vocabulary (one past mm1's)."""

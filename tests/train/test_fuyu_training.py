@@ -1,0 +1,93 @@
+"""`model.family: fuyu` end to end from the CLI: training (one process, and FSDP2 on two that
+resumes bit-exactly), few-shot evaluation, and `mm1 convert --to-hf` as transformers'
+`FuyuForCausalLM`, whose logits and greedy tokens are mm1's."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+FUYU = ["model.family=fuyu", "model.vision.patch_size=16"]  # 32 px: 2 x 2 patches, 6 tokens
+
+
+def test_a_fuyu_run_trains_evaluates_and_goes_out_as_transformers_fuyu(
+    tmp_path, world, tiny_config
+) -> None:
+    transformers = pytest.importorskip("transformers")
+
+    from mm1 import cli
+    from mm1.models.fuyu import Fuyu, Patchify
+    from mm1.models.generation import generate
+    from mm1.models.hf.fuyu import hf_input_ids
+    from mm1.pretrained import load_pretrained
+
+    run, hf_dir = tmp_path / "run", tmp_path / "hf"
+    cfg = tiny_config(tmp_path, world, steps=2, save_every=2, parallel="none", val_every=2)
+    assert cli.main(["train", str(cfg), f"train.run_dir={run}", *FUYU]) == 0
+    p = load_pretrained(run)
+    model = p.model.eval()
+    assert isinstance(model, Fuyu) and model.num_image_tokens == 6
+    assert p.prompt_format.image_tokens == 6
+    shots = ["eval.shots=[0]", "eval.seeds=1", "eval.max_examples=4", "eval.max_new_tokens=3"]
+    assert cli.main(["eval", str(run), *shots]) == 0
+    results = json.loads((run / "eval-cli" / "results.json").read_text())
+    assert results  # the scores themselves are an untrained model's
+
+    assert cli.main(["convert", str(run), "--to-hf", str(hf_dir)]) == 0
+    theirs = transformers.FuyuForCausalLM.from_pretrained(hf_dir).eval()
+    newline = model.cfg.decoder.vocab_size
+    assert theirs.generation_config.suppress_tokens == [newline]
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    assert tok.convert_tokens_to_ids("|NEWLINE|") == newline
+    q = model.num_image_tokens
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, 200, (1, q + 9), generator=g)
+    prompt[0, 2 : 2 + q] = model.image_token_id
+    pixels = torch.randn(1, 3, 32, 32, generator=g)
+    patches = Patchify(16)(pixels)
+    with torch.no_grad():
+        ours = model(prompt, pixel_values=pixels).logits
+        ref = theirs(input_ids=hf_input_ids(model, prompt), pixel_values=patches).logits
+        torch.testing.assert_close(ours, ref[..., :newline], rtol=1e-5, atol=1e-5)
+        new = generate(model, prompt.tolist(), pixels, max_new_tokens=6, eos_token_id=[])
+        out = theirs.generate(
+            input_ids=hf_input_ids(model, prompt),
+            pixel_values=patches,
+            max_new_tokens=6,
+            do_sample=False,
+            eos_token_id=None,
+        )
+    assert out[0, prompt.shape[1] :].tolist() == new[0]
+
+
+def test_two_process_fsdp_fuyu_run_resumes_bit_exactly(
+    tmp_path: Path, world, tiny_config, torchrun_cli
+) -> None:
+    """2 gloo processes, FSDP2 over the decoder's blocks (fuyu has no encoder blocks): a run
+    resumed from its step-2 checkpoint logs the losses of the uninterrupted run and ends with
+    its weights."""
+    from mm1.checkpoint import read_model_weights
+    from mm1.train.logging import read_metrics
+
+    cfg = tiny_config(tmp_path, world, steps=4, save_every=2, parallel="fsdp", val_every=0)
+    full = tmp_path / "full"
+    torchrun_cli(["train", str(cfg), f"train.run_dir={full}", *FUYU], nproc=2)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_4")
+    out = torchrun_cli(["train", str(cfg), f"train.run_dir={resumed}", *FUYU], nproc=2)
+    assert "resumed from" in out
+
+    def logged(run: Path) -> dict[int, float]:
+        return {r["step"]: r["loss"] for r in read_metrics(run) if "loss" in r}
+
+    assert sorted(logged(full)) == [1, 2, 3, 4]
+    assert logged(resumed) == logged(full)  # bit-exact on CPU
+    a, b = read_model_weights(full).state, read_model_weights(resumed).state
+    assert "image_newline" in a and "connector.weight" in a
+    assert not any(k.startswith("vision.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
