@@ -79,8 +79,8 @@ def test_info_of_a_fuyu_model_counts_its_patches_and_newlines(capsys) -> None:
     assert "-> 20 image tokens" in out  # 4 rows of 4 patches and a newline
     vision = next(x for x in out.splitlines() if "vision encoder" in x)
     assert " 0 (0) " in vision
-    # p x p x 3 -> dim, with a bias: the one image weight (and the newline, a parameter apart)
-    assert "147,648" in next(x for x in out.splitlines() if "connector" in x)
+    # p x p x 3 -> dim with a bias, the one image weight, and the newline: 768 x 192 + 2 x 192
+    assert "147,840" in next(x for x in out.splitlines() if "connector" in x)
 
 
 def test_data_inspect_and_stats(run) -> None:

@@ -32,7 +32,7 @@ from mm1.data.sources import DataError
 from mm1.data.sources.base import BadImage, image_from_path
 from mm1.data.tokenizer import IMAGE_TOKEN, Tokenizer, tokenize_chat_prompt
 from mm1.models.generation import DecodeBatch, Sampling, check_prompt_fits
-from mm1.models.mllm import MM1
+from mm1.models.mllm import MLLM
 from mm1.pretrained import Pretrained
 
 HELP = """\
@@ -145,7 +145,7 @@ class TextStream:
 
 
 def stream_tokens(
-    model: MM1,
+    model: MLLM,
     prompt: list[int],
     pixel_values: torch.Tensor | None,
     *,

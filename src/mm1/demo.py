@@ -19,7 +19,7 @@ from mm1.data.scenes.documents import MAX_DOC_IMAGES
 from mm1.eval.fewshot import evaluate
 from mm1.eval.prompt_lengths import beyond_context, prompt_length_table
 from mm1.eval.report import write_report
-from mm1.models.mllm import MM1
+from mm1.models.family import family_of
 from mm1.pretrained import load_pretrained
 from mm1.train.errors import stop_if_signalled
 from mm1.train.logging import read_metrics
@@ -53,7 +53,7 @@ def evaluate_models(cfg: Config, run_dir: Path) -> dict[str, dict[str, Any]]:
     and of the trained model shown other queries' images (the shuffled-image control)."""
     trained = load_pretrained(run_dir)
     torch.manual_seed(cfg.train.seed)  # the trainer's seed: the very weights training started from
-    untrained = MM1(trained.model.cfg).eval()
+    untrained = family_of(trained.model).model(trained.model.cfg).eval()
     runs = {
         "trained": (trained.model, False),
         "untrained": (untrained, False),

@@ -44,12 +44,12 @@ from mm1.data.images import PREPROCESSOR_CONFIG, ImageProcessor
 from mm1.data.prompt_format import PromptFormat, load_prompt_format
 from mm1.data.tokenizer import Tokenizer
 from mm1.models.family import family_spec
-from mm1.models.mllm import MM1
+from mm1.models.mllm import MLLM
 
 
 @dataclass
 class Pretrained:
-    model: MM1
+    model: MLLM
     tokenizer: Tokenizer
     processor: ImageProcessor
     source: Path
@@ -67,7 +67,7 @@ class Pretrained:
 
 
 def save_pretrained(
-    model: MM1,
+    model: MLLM,
     tokenizer: Tokenizer,
     processor: ImageProcessor,
     out_dir: str | Path,
@@ -204,7 +204,7 @@ def load_model_config(path: str | Path) -> ModelConfig:
     return read_model_config(path)
 
 
-def model_from_saved(saved: SavedModel) -> MM1:
+def model_from_saved(saved: SavedModel) -> MLLM:
     """An MM1 holding a saved model's weights (built on the meta device, weights assigned)."""
     cfg = saved.config
     cfg.vision.init = cfg.decoder.init = None

@@ -37,6 +37,41 @@ def test_patch_order_is_fuyus_processor() -> None:
     torch.testing.assert_close(Patchify(6)(x), torch.from_numpy(theirs), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("patch", [8, 16])
+def test_image_tokens_are_laid_out_as_fuyus_processor_writes_them(patch: int) -> None:
+    """Placeholders row by row, a newline after each row: mm1's slots, as the HF model reads
+    them (`hf_input_ids`), equal the ids transformers' Fuyu processor writes for the image."""
+    from transformers.models.fuyu.image_processing_pil_fuyu import FuyuImageProcessorPil
+
+    model = Fuyu(_config(patch))
+    placeholder, newline = model.image_token_id, image_newline_id(model)
+    image = torch.zeros(1, 1, 3, 32, 32)
+    size = torch.tensor([[32]])
+    theirs = FuyuImageProcessorPil().preprocess_with_tokenizer_info(
+        image,
+        torch.ones(1, 1, 1),
+        size,
+        size,
+        placeholder,
+        newline,
+        True,
+        {"height": patch, "width": patch},
+    )["image_input_ids"][0][0]
+    slots = torch.full((1, model.num_image_tokens), placeholder)
+    assert hf_input_ids(model, slots)[0].tolist() == theirs.tolist()
+
+
+@torch.no_grad()
+def test_each_row_of_patches_ends_with_the_newline_vector() -> None:
+    model = Fuyu(_config(16))  # 2 x 2 patches: tokens p00 p01 NL p10 p11 NL
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    tokens = model.image_tokens(pixels)
+    patches = model.connector(Patchify(16)(pixels))[0]
+    assert tokens.shape == (6, 48)
+    for i, want in enumerate([patches[0], patches[1], None, patches[2], patches[3], None]):
+        torch.testing.assert_close(tokens[i], model.image_newline if want is None else want)
+
+
 def _ids_with_images(model: Fuyu, rows: int, length: int, starts: list[list[int]]) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, model.image_token_id, (rows, length), generator=g)
@@ -107,6 +142,12 @@ def test_config_counts_and_checks() -> None:
     cfg = _config(16)
     validate_model(cfg)  # the default connector (c_abstractor, 144 tokens) is not the family's
     assert cfg.num_image_tokens == 2 * 3
+    cfg.vision.width, cfg.vision.heads = 30, 4  # a ViT's keys: fuyu has none to check
+    validate_model(cfg)
+    cfg.vision.patch_size = 12
+    with pytest.raises(ConfigError, match="image_size=32 is not a multiple of .*patch_size=12"):
+        validate_model(cfg)
+    cfg.vision.patch_size = 16
     cfg.image_layout.type = "anyres"
     with pytest.raises(ConfigError, match="model.image_layout.type=anyres: model.family=fuyu"):
         validate_model(cfg)

@@ -34,6 +34,7 @@ from mm1.config.schema import (
     FFNConfig,
     InitConfig,
     ModelConfig,
+    VisionConfig,
 )
 from mm1.registry import CONNECTORS, FAMILIES, FFNS, Registry
 from mm1.tiling import canvas_candidates  # stdlib-only arithmetic
@@ -177,20 +178,10 @@ def family_of_config(m: ModelConfig, prefix: str = "model") -> Any:
     return entry.value
 
 
-def validate_model(m: ModelConfig, prefix: str = "model") -> None:
-    """Checks of the model section; parses the connector and FFN options first
-    (`resolve_components`), then lets each validate its own."""
-    v, d = m.vision, m.decoder
-    family = family_of_config(m, prefix)
-    _choice(f"{prefix}.vision.variant", v.variant, VISION_VARIANTS)
+def _validate_encoder(v: VisionConfig, prefix: str) -> None:
     _choice(f"{prefix}.vision.act", v.act, ACTIVATIONS)
-    for k in ("image_size", "patch_size", "width", "layers", "heads", "mlp_dim"):
+    for k in ("width", "layers", "heads", "mlp_dim"):
         _positive(f"{prefix}.vision.{k}", getattr(v, k))
-    if v.image_size % v.patch_size:
-        raise ConfigError(
-            f"{prefix}.vision.image_size={v.image_size} is not a multiple of "
-            f"{prefix}.vision.patch_size={v.patch_size}"
-        )
     if v.width % v.heads:
         raise ConfigError(f"{prefix}.vision.width={v.width} is not divisible by heads={v.heads}")
     if not -(v.layers + 1) <= v.feature_layer <= v.layers:
@@ -199,7 +190,22 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
             f"{v.layers + 1} hidden states (-{v.layers + 1}..{v.layers})"
         )
 
-    resolve_components(m, prefix)
+
+def validate_model(m: ModelConfig, prefix: str = "model") -> None:
+    """Checks of the model section; parses the connector and FFN options first
+    (`resolve_components`), then lets each validate its own."""
+    v, d = m.vision, m.decoder
+    family = family_of_config(m, prefix)
+    _choice(f"{prefix}.vision.variant", v.variant, VISION_VARIANTS)
+    for k in ("image_size", "patch_size"):
+        _positive(f"{prefix}.vision.{k}", getattr(v, k))
+    if v.image_size % v.patch_size:
+        raise ConfigError(
+            f"{prefix}.vision.image_size={v.image_size} is not a multiple of "
+            f"{prefix}.vision.patch_size={v.patch_size}"
+        )
+    if family.has_encoder:  # fuyu reads only the image and patch sizes of model.vision
+        _validate_encoder(v, prefix)
     family.validate(m, prefix)
     d.ffn.validate(f"{prefix}.decoder.ffn", m)
     _choice(f"{prefix}.decoder.attention", d.attention, ATTENTION_BACKENDS)
@@ -379,7 +385,8 @@ def validate(cfg: Config) -> None:
     if n_img >= d.seq_len:
         raise ConfigError(
             f"data.seq_len={d.seq_len} cannot hold one image of {n_img} tokens "
-            "(model.connector.num_tokens, model.image_layout, data.image_boundaries)"
+            "(the image tokens: model.connector.num_tokens, or model.vision.patch_size for "
+            "fuyu; model.image_layout, data.image_boundaries)"
         )
     for k in ("weights", *INIT_PARTS):
         value = getattr(t.init, k)

@@ -25,6 +25,7 @@ and demonstration selection are unpublished.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -51,8 +52,11 @@ from mm1.eval.prompts import (
     postprocess,
 )
 from mm1.eval.tasks import Example, Task, load_tasks
+from mm1.models.family import family_of
 from mm1.models.generation import generate, generate_beam
-from mm1.models.mllm import MM1
+from mm1.models.mllm import MLLM
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = {"caption": 20, "vqa": 5}
 ZERO_SHOT_TEXT_DEMOS = 2  # OpenFlamingo's "effective" number of shots for zero-shot
@@ -65,7 +69,7 @@ ZERO_SHOT_TEXT_DEMOS = 2  # OpenFlamingo's "effective" number of shots for zero-
 
 @torch.no_grad()
 def image_embeddings(
-    model: MM1,
+    model: MLLM,
     pixels: Callable[[Path], torch.Tensor],
     paths: Sequence[Path],
     batch_size: int = 32,
@@ -90,7 +94,7 @@ def image_embeddings(
     return torch.nn.functional.normalize(torch.cat(feats), dim=-1)
 
 
-def _device_dtype(model: MM1) -> tuple[torch.device, torch.dtype]:
+def _device_dtype(model: MLLM) -> tuple[torch.device, torch.dtype]:
     w = next(model.parameters())  # every family has weights where it computes
     return w.device, w.dtype
 
@@ -110,7 +114,7 @@ class FewShotEvaluator:
 
     def __init__(
         self,
-        model: MM1,
+        model: MLLM,
         tokenizer: Tokenizer,
         processor: ImageProcessor,
         *,
@@ -374,7 +378,7 @@ class FewShotEvaluator:
 
 
 def evaluate(
-    model: MM1,
+    model: MLLM,
     tokenizer: Tokenizer,
     processor: ImageProcessor,
     cfg: EvalConfig | None = None,
@@ -415,6 +419,13 @@ def evaluate(
     shots = sorted(set(int(s) for s in cfg.shots))
     max_examples = cfg.max_examples or None
     demo_selection, zero_shot_text_demos = cfg.demo_selection, cfg.zero_shot_text_demos
+    if demo_selection == "rices" and not family_of(model).has_encoder:
+        log.warning(
+            "eval.demo_selection=rices ranks demonstrations by the mean of the model's image "
+            "tokens; model.family=%s has no image encoder, so that is a linear map of the "
+            "image's mean patch (its colours), not of what it shows",
+            model.cfg.family,
+        )
     evaluator = FewShotEvaluator(
         model,
         tokenizer,

@@ -191,7 +191,7 @@ class MM1LMM(lmms):
             ids = tokenize_prompt(context, images, self.tokenizer, fmt)
         if not images:
             return ids, None, None
-        weight = self.model.vision.patch_embed.weight
+        weight = next(self.model.parameters())  # where (and how) the model computes
         pixels = fmt.pixel_values(self.processor, images)
         pixels = pixels.to(device=weight.device, dtype=weight.dtype)
         return ids, pixels, fmt.image_info(images)[1]

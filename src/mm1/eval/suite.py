@@ -39,7 +39,7 @@ from mm1.eval.metrics import mean_std
 from mm1.eval.prompts import encode_prompt, postprocess
 from mm1.eval.suite_tasks import SHORT_KINDS, SuiteExample, SuiteTask, load_suite
 from mm1.models.generation import generate
-from mm1.models.mllm import MM1
+from mm1.models.mllm import MLLM
 
 FEWSHOT_SHOTS = 4
 MAX_NEW_TOKENS = {"short": 10, "long": 60}
@@ -126,7 +126,7 @@ def _demos(task: SuiteTask, query: SuiteExample, k: int, seed: int) -> list[Suit
 
 @torch.no_grad()
 def evaluate_suite(
-    model: MM1,
+    model: MLLM,
     tokenizer: Tokenizer,
     processor: Any,
     fmt: PromptFormat,
@@ -285,7 +285,7 @@ def prior_scores(tasks: Sequence[SuiteTask], max_examples: int = 0) -> dict[str,
 class LoadedModel(Protocol):
     """What `mm1.pretrained.load_pretrained` returns, as far as the suite needs it."""
 
-    model: MM1
+    model: MLLM
     tokenizer: Tokenizer
     processor: Any
     prompt_format: PromptFormat

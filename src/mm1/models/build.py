@@ -9,7 +9,7 @@ import torch
 
 from mm1.config import ConfigError, InitConfig, ModelConfig, validate_model
 from mm1.models.family import family_spec
-from mm1.models.mllm import MM1
+from mm1.models.mllm import MLLM
 from mm1.models.starting_point import (
     expected_shapes,
     hf_source,
@@ -78,7 +78,7 @@ def _refuse_missing_encoder(cfg: ModelConfig, init: InitConfig) -> None:
 
 
 def starting_point_state_dict(
-    model: MM1, init: InitConfig | None, new_token_ids: Sequence[int] = ()
+    model: MLLM, init: InitConfig | None, new_token_ids: Sequence[int] = ()
 ) -> dict[str, torch.Tensor]:
     """The starting weights `init` names, shaped for `model` (any device, the meta device too):
     see `mm1.models.starting_point.starting_state`."""
@@ -95,7 +95,7 @@ def build_model(
     new_token_ids: Sequence[int] = (),
     init: InitConfig | None = None,
     load_weights: bool = True,
-) -> MM1:
+) -> MLLM:
     """The model of `cfg` (see `resolve_config`) holding the starting weights of `init`.
 
     With `meta` the model is built on the meta device, without weights: for sharded

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from mm1.models.kv_cache import KVCache, SlotView
-from mm1.models.mllm import MM1
+from mm1.models.mllm import MLLM
 
 # Cache storage (max_len plus the scratch slot) is rounded up to a multiple of this, so prompts
 # of similar lengths share one compiled step and attention kernels see aligned key lengths; the
@@ -32,7 +32,7 @@ LENGTH_BUCKET = 64
 
 
 def decode_logits(
-    model: MM1,
+    model: MLLM,
     cache: KVCache | SlotView,
     tokens: torch.Tensor,
     positions: torch.Tensor,
@@ -50,7 +50,7 @@ def decode_logits(
 
 
 def _step(
-    model: MM1,
+    model: MLLM,
     k: list[torch.Tensor],
     v: list[torch.Tensor],
     doc: torch.Tensor,
@@ -91,16 +91,16 @@ def _compiled_step(device: torch.device) -> Callable[..., torch.Tensor]:
 
 
 # model -> {(batch, storage slots, device, dtype): caches not in use}
-_free: weakref.WeakKeyDictionary[MM1, dict[tuple, list[KVCache]]] = weakref.WeakKeyDictionary()
+_free: weakref.WeakKeyDictionary[MLLM, dict[tuple, list[KVCache]]] = weakref.WeakKeyDictionary()
 
 
-def _give_back(model_ref: weakref.ref[MM1], key: tuple, cache: KVCache) -> None:
+def _give_back(model_ref: weakref.ref[MLLM], key: tuple, cache: KVCache) -> None:
     model = model_ref()
     if model is not None:
         _free.setdefault(model, {}).setdefault(key, []).append(cache)
 
 
-def release_caches(model: MM1) -> None:
+def release_caches(model: MLLM) -> None:
     """Free the pooled decode caches of `model` (those not in use)."""
     _free.pop(model, None)
 
@@ -112,7 +112,7 @@ class CompiledDecode:
     `cache` is an ordinary `KVCache` (prefill fills it through `select`); calling this object
     runs the fixed-shape step for some of its rows and advances their lengths."""
 
-    def __init__(self, model: MM1, batch: int, max_len: int) -> None:
+    def __init__(self, model: MLLM, batch: int, max_len: int) -> None:
         weight = model.decoder.embed_tokens.weight
         slots = -(-(max_len + 1) // LENGTH_BUCKET) * LENGTH_BUCKET
         key = (batch, slots, str(weight.device), weight.dtype)

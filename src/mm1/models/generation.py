@@ -19,7 +19,7 @@ import torch
 from mm1.config import ConfigError
 from mm1.models.compiled_decode import CompiledDecode, decode_logits
 from mm1.models.kv_cache import KVCache
-from mm1.models.mllm import MM1
+from mm1.models.mllm import MLLM
 
 
 def check_prompt_fits(prompt_tokens: int, context: int) -> int:
@@ -118,12 +118,12 @@ def _eos_ids(eos_token_id: int | Sequence[int] | None) -> set[int]:
     return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
 
 
-def _device(model: MM1) -> torch.device:
+def _device(model: MLLM) -> torch.device:
     return model.decoder.embed_tokens.weight.device
 
 
 def _prefill(
-    model: MM1,
+    model: MLLM,
     prompts: Sequence[Sequence[int]],
     pixel_values: torch.Tensor | None,
     pad_token_id: int,
@@ -170,7 +170,7 @@ class DecodeBatch:
 
     def __init__(
         self,
-        model: MM1,
+        model: MLLM,
         max_batch: int,
         max_len: int,
         *,
@@ -319,7 +319,7 @@ class _Recompute:
     """`DecodeBatch`'s prefill and step without a KV cache: every step runs the whole sequence
     again. A reference for the cached path (tests), not for use."""
 
-    def __init__(self, model: MM1, sampling: Sampling, generator: torch.Generator | None) -> None:
+    def __init__(self, model: MLLM, sampling: Sampling, generator: torch.Generator | None) -> None:
         self.model, self.sampling, self.generator = model, sampling, generator
 
     def prefill(
@@ -352,7 +352,7 @@ class _Recompute:
 
 @torch.no_grad()
 def generate(
-    model: MM1,
+    model: MLLM,
     prompts: Sequence[Sequence[int]],
     pixel_values: torch.Tensor | None = None,
     *,
@@ -420,7 +420,7 @@ def generate(
 
 @torch.no_grad()
 def generate_beam(
-    model: MM1,
+    model: MLLM,
     prompts: Sequence[Sequence[int]],
     pixel_values: torch.Tensor | None = None,
     *,

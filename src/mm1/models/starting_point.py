@@ -258,8 +258,8 @@ def _read_source(
         if image_parts and saved.config.family != cfg.family:
             raise ConfigError(
                 f"{s.key}={s.path} is a model.family={saved.config.family} model and this one "
-                f"is {cfg.family}: of its {', '.join(s.parts)} only the decoder carries over "
-                f"from one family to another (train.init.decoder={s.path})"
+                f"is {cfg.family}: only a decoder carries over from one family to another "
+                f"(train.init.decoder={s.path})"
             )
         raw = saved.state
     return raw, ctx_kw

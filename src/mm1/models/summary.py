@@ -9,10 +9,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mm1.config import ModelConfig
 from mm1.models.family import family_spec
-from mm1.models.mllm import MM1
+from mm1.models.mllm import MLLM
 
 
-def build_meta(cfg: ModelConfig) -> MM1:
+def build_meta(cfg: ModelConfig) -> MLLM:
     """The model with every tensor on the meta device: shapes only, nothing allocated."""
     with torch.device("meta"):
         return family_spec(cfg.family).model(cfg)
@@ -72,12 +72,14 @@ def summarize(cfg: ModelConfig, seq_len: int | None = None) -> ModelSummary:
     active = active_parameters(model.decoder)
     matmul_params = active - emb + (emb if d.tie_embeddings else 0)
     attn = 12 * d.layers * d.heads * d.resolved_head_dim * t
+    newline = 0 if model.image_newline is None else model.image_newline.numel()
     size = cfg.vision.image_size
     with FlopCounterMode(display=False) as counter:
         model.image_features(torch.empty(1, 3, size, size, device="meta"))
     return ModelSummary(
         vision=_count(model.vision),
-        connector=_count(model.connector),
+        # the learned newline (anyres, fuyu) is the connector's, as a starting point counts it
+        connector=_count(model.connector) + newline,
         decoder=decoder,
         active=active,
         embeddings=emb + head,

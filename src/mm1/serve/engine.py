@@ -25,7 +25,7 @@ import torch
 from mm1.data.tokenizer import Tokenizer
 from mm1.models.compiled_decode import LENGTH_BUCKET
 from mm1.models.generation import DecodeBatch, Sampling
-from mm1.models.mllm import MM1
+from mm1.models.mllm import MLLM
 
 
 class QueueFull(RuntimeError):
@@ -142,7 +142,7 @@ class Engine:
 
     def __init__(
         self,
-        model: MM1,
+        model: MLLM,
         tokenizer: Tokenizer,
         *,
         max_batch: int = 8,

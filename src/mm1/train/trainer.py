@@ -48,7 +48,7 @@ from mm1.data.loader import (
 from mm1.data.prompt_format import PromptFormat
 from mm1.data.world import carried_image_boundaries, prepare_data
 from mm1.models.build import build_model, starting_point_state_dict
-from mm1.models.mllm import MM1
+from mm1.models.mllm import MLLM
 from mm1.models.starting_point import describe as describe_start
 from mm1.models.summary import active_parameters
 from mm1.train import checkpoint as ckpt
@@ -244,13 +244,13 @@ class Trainer:
         return PromptFormat.from_config(self.cfg.data, q, self.raw_model.cfg)
 
     @property
-    def raw_model(self) -> MM1:
+    def raw_model(self) -> MLLM:
         m = self.model if hasattr(self, "model") else None
         if m is None:
             raise RuntimeError("setup() first")
         return m.module if isinstance(m, nn.parallel.DistributedDataParallel) else m
 
-    def _freeze(self, model: MM1) -> None:
+    def _freeze(self, model: MLLM) -> None:
         t = self.cfg.train
         for part, on in ((model.vision, t.train_vision), (model.connector, t.train_connector)):
             part.requires_grad_(on)
