@@ -5,7 +5,6 @@ resumes bit-exactly), few-shot evaluation, and `mm1 convert --to-hf` as transfor
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -65,7 +64,7 @@ def test_a_fuyu_run_trains_evaluates_and_goes_out_as_transformers_fuyu(
 
 
 def test_two_process_fsdp_fuyu_run_resumes_bit_exactly(
-    tmp_path: Path, world, tiny_config, torchrun_cli
+    tmp_path: Path, world, tiny_config, two_process_run_and_resume
 ) -> None:
     """2 gloo processes, FSDP2 over the decoder's blocks (fuyu has no encoder blocks): a run
     resumed from its step-2 checkpoint logs the losses of the uninterrupted run and ends with
@@ -74,13 +73,7 @@ def test_two_process_fsdp_fuyu_run_resumes_bit_exactly(
     from mm1.train.logging import read_metrics
 
     cfg = tiny_config(tmp_path, world, steps=4, save_every=2, parallel="fsdp", val_every=0)
-    full = tmp_path / "full"
-    torchrun_cli(["train", str(cfg), f"train.run_dir={full}", *FUYU], nproc=2)
-    resumed = tmp_path / "resumed"
-    shutil.copytree(full, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_4")
-    out = torchrun_cli(["train", str(cfg), f"train.run_dir={resumed}", *FUYU], nproc=2)
-    assert "resumed from" in out
+    full, resumed = two_process_run_and_resume(tmp_path, cfg, FUYU)
 
     def logged(run: Path) -> dict[int, float]:
         return {r["step"]: r["loss"] for r in read_metrics(run) if "loss" in r}

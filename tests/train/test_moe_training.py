@@ -168,24 +168,17 @@ def test_moe_training_logs_aux_losses_and_expert_load(
 
 
 def test_two_process_fsdp_moe_run_resumes_bit_exactly(
-    tmp_path, world, tiny_config, torchrun_cli
+    tmp_path, world, tiny_config, two_process_run_and_resume
 ) -> None:
     """2 gloo processes, FSDP2 (experts sharded with their block): a run resumed from its
     step-2 checkpoint logs the very losses, aux losses and expert loads of the uninterrupted
     run."""
-    import shutil
 
     from mm1.checkpoint import read_model_weights
     from mm1.train.logging import read_metrics
 
     cfg = tiny_config(tmp_path, world, steps=4, save_every=2, parallel="fsdp", val_every=0)
-    full = tmp_path / "full"
-    torchrun_cli(["train", str(cfg), f"train.run_dir={full}", *MOE], nproc=2)
-    resumed = tmp_path / "resumed"
-    shutil.copytree(full, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_4")
-    out = torchrun_cli(["train", str(cfg), f"train.run_dir={resumed}", *MOE], nproc=2)
-    assert "resumed from" in out
+    full, resumed = two_process_run_and_resume(tmp_path, cfg, MOE)
 
     def logged(run: Path) -> dict[int, dict]:
         keep = ("loss", "aux_loss_router_balance", "aux_loss_router_z", "expert_load_l0")
