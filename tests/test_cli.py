@@ -70,6 +70,32 @@ def test_info_counts_each_layouts_crops_and_tokens(capsys) -> None:
     assert lines["anyres"].endswith(": 3-5 crop(s) of 378px -> 300-744 image tokens per image")
 
 
+def test_data_stats_shows_a_source_over_the_error_rate_then_fails(run, tmp_path, capsys) -> None:
+    """The statistics are what one reads to see why a source is bad: they are printed whole,
+    then the error training would stop with (exit 2); --json carries it as a key."""
+    lines = [
+        "{not json" if i % 10 == 3 else json.dumps({"text": f"a red cube and a blue ball {i}"})
+        for i in range(300)
+    ]
+    (tmp_path / "t.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        f"extends: {ROOT / 'configs' / 'demo.yaml'}\n"
+        f"data: {{world: {run.parent / 'world'}, sources: [{{format: text, path: {tmp_path / 't.jsonl'}}}]}}\n"
+    )
+    argv = ["data", "stats", str(cfg), "--sequences", "20"]
+    assert cli.main(argv) == 2
+    out = capsys.readouterr().out
+    assert "packing efficiency" in out and "records skipped" in out
+    error = out.strip().splitlines()[-1]
+    assert error.startswith(f"error: data source '{tmp_path / 't.jsonl'}': ")
+    assert "malformed_json=" in error and "data.max_error_rate=0.01" in error
+    assert cli.main([*argv, "--json"]) == 2
+    stats = json.loads(capsys.readouterr().out)
+    assert len(stats["error_rate_exceeded"]) == 1 and stats["read"]["skipped"]["malformed_json"]
+    assert cli.main([*argv, "data.max_error_rate=0.5"]) in (0, None)
+
+
 def test_info_of_a_fuyu_model_counts_its_patches_and_newlines(capsys) -> None:
     preset = str(ROOT / "configs" / "models" / "tiny.yaml")  # 64 px
     args = ["info", preset, "model.family=fuyu", "model.vision.patch_size=16"]

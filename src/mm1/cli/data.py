@@ -8,6 +8,7 @@ from pathlib import Path
 from rich.table import Table
 
 from mm1.config import Config, ConfigError, load_config
+from mm1.data.sources import DataError
 
 from .common import MODEL_HELP, Add, console
 
@@ -78,7 +79,7 @@ def _image_cap_note(stats: dict, cfg: Config) -> str:
     )
 
 
-def cmd_data_stats(args: argparse.Namespace) -> None:
+def cmd_data_stats(args: argparse.Namespace) -> int | None:
     import json
 
     from mm1.data.loader import LoaderSettings, packing_stats
@@ -92,10 +93,12 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
     q = cfg.model.num_image_tokens
     fmt = PromptFormat.from_config(cfg.data, q, cfg.model)
     settings = LoaderSettings.from_config(cfg.data, data.sources, fmt)
-    stats = packing_stats(settings, data.tokenizer, args.sequences, progress=not args.json)
+    stats = packing_stats(
+        settings, data.tokenizer, args.sequences, progress=not args.json, read_past_error_rate=True
+    )
     if args.json:
         print(json.dumps(stats, indent=1))
-        return
+        return 2 if stats["error_rate_exceeded"] else None  # the JSON names the sources
     table = Table(title=f"{args.sequences} sequences of {cfg.data.seq_len} tokens, Q={q}")
     table.add_column("kind")
     table.add_column("target", justify="right")
@@ -118,6 +121,10 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
         f"{stats['pieces_cut']}, truncated {stats['truncated']}  |  records skipped {sum(stats['read']['skipped'].values())}"
         f"  |  text repaired {sum(stats['read']['repaired'].values())}"
     )
+    over = stats["error_rate_exceeded"]
+    if over:  # after the table: it is what one looks at to see why
+        more = f" (and {len(over) - 1} more source(s) over the rate)" if len(over) > 1 else ""
+        raise DataError(over[0] + more)
 
 
 def cmd_data_caption_splits(args: argparse.Namespace) -> None:

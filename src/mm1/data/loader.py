@@ -39,7 +39,7 @@ from mm1.data.packing import (
 )
 from mm1.data.prompt_format import PromptFormat
 from mm1.data.sharded import ShardedDataset, WorkerError, check_saved_sources, slot_states
-from mm1.data.sources import ReadStats, check_error_rate, warn_skip
+from mm1.data.sources import DataError, ReadStats, check_error_rate, warn_skip
 from mm1.data.sources.base import MIN_SEEN_RECORDS
 from mm1.data.sources.decode import DEFAULT_MAX_IMAGE_PIXELS
 from mm1.data.tokenizer import (
@@ -331,21 +331,36 @@ def packing_stats(
     tokenizer: Tokenizer,
     num_sequences: int,
     progress: bool = False,
+    read_past_error_rate: bool = False,
 ) -> dict[str, Any]:
     """Mixture, packing and reading statistics of the first `num_sequences` sequences of one
-    slot (images are read but not preprocessed)."""
+    slot (images are read but not preprocessed).
+
+    A source with more bad records than `max_error_rate` stops it with training's `DataError`,
+    unless `read_past_error_rate` (`mm1 data stats`: the statistics are what one reads to see
+    why a source is bad); `error_rate_exceeded` then lists that error's message for each such
+    source."""
     from rich.progress import track
 
-    settings = replace(settings, micro_batch_size=1)
+    limit = settings.max_error_rate
+    settings = replace(
+        settings, micro_batch_size=1, max_error_rate=1.0 if read_past_error_rate else limit
+    )
     ds = PackedDataset(settings, tokenizer, processor=None)  # type: ignore[arg-type]
     ds._build()
-    assert ds._packer is not None
+    assert ds._packer is not None and ds._mixture is not None
     steps = range(num_sequences)
     for _ in track(steps, description="packing", disable=not progress):
         ds._fill()
         ds._packer.next_sequence()
     out = ds._packer.stats.to_dict()
     out["read"] = ds.read_stats().to_dict()
+    out["error_rate_exceeded"] = []
+    for stream in ds._mixture.streams:
+        try:
+            check_error_rate(stream.stats, limit, stream.spec.path, min_seen=MIN_SEEN_RECORDS)
+        except DataError as err:
+            out["error_rate_exceeded"].append(str(err))
     out["seq_len"] = settings.seq_len
     out["num_image_tokens"] = settings.prompt_format.image_tokens
     total = sum(s.weight for s in settings.sources) or 1.0
