@@ -117,8 +117,8 @@ def _save_fuyu(p: Pretrained, out: Path, decoder_type: str | None) -> tuple[Path
     return out, (
         f"wrote {out} (FuyuForCausalLM, the text model {hf['text_config']['model_type']}; "
         f"{NEWLINE_TOKEN} is token {newline}. transformers' FuyuProcessor is not written: it "
-        "pads images to 1080 x 1920 px and reads Fuyu-8B's vocabulary; build inputs as "
-        "mm1.models.hf.fuyu.hf_input_ids does), and the decoder alone as "
+        "reads Fuyu-8B's vocabulary; build inputs as mm1.models.hf.fuyu.hf_input_ids and "
+        "hf_pixel_values do), and the decoder alone as "
         f"{out}/decoder"
     )
 

@@ -6,7 +6,8 @@ Sizes here are (width, height) unless a name says `_hw`. The LLaVA-NeXT ("anyres
 transformers' to the pixel and the token: `select_best_resolution`, the aspect-preserving resize
 (`get_patch_output_size`), the centred pad (`divmod(missing, 2)`, the extra pixel after), and
 the unpadding of the feature grid (`unpad_image` / the processor's `_get_unpadded_features`).
-The `dynamic` grid choice is InternVL's `find_closest_aspect_ratio`, tie rule included.
+The `dynamic` grid choice is InternVL's `find_closest_aspect_ratio`, tie rule included. The
+`fuyu` canvas is transformers' Fuyu processor's: shrink to fit (never enlarge), pad right and below.
 """
 
 from __future__ import annotations
@@ -122,3 +123,23 @@ def dynamic_grid(original_size: Size, min_tiles: int, max_tiles: int, crop: int)
         elif diff == best_diff and width * height > 0.5 * crop * crop * cols * rows:
             best = (cols, rows)
     return best[1], best[0]
+
+
+def fuyu_fit(original_size: Size, canvas: int) -> Size:
+    """(width, height) of an image of `original_size` on Fuyu's `canvas` x `canvas` canvas:
+    unchanged when it fits, else shrunk to fit with its aspect kept, each side truncated
+    (transformers' `FuyuImageProcessor.resize`)."""
+    width, height = int(original_size[0]), int(original_size[1])
+    if width < 1 or height < 1:
+        raise ValueError(f"image size {original_size} must be positive")
+    if width <= canvas and height <= canvas:
+        return width, height
+    scale = min(canvas / height, canvas / width)
+    return int(width * scale), int(height * scale)
+
+
+def fuyu_grid(original_size: Size, canvas: int, patch: int) -> tuple[int, int]:
+    """(rows, cols) of the patches that cover an image of `original_size` on Fuyu's canvas (a
+    patch partly over the padding counts; the patches wholly over it are left out)."""
+    width, height = fuyu_fit(original_size, canvas)
+    return math.ceil(height / patch), math.ceil(width / patch)

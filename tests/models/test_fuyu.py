@@ -4,13 +4,15 @@ weights (mm1's decoder as its text model)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from mm1.config import ConfigError, DecoderConfig, ModelConfig, VisionConfig, validate_model
 from mm1.models.family import family_spec
 from mm1.models.fuyu import Fuyu, Patchify
-from mm1.models.hf.fuyu import fuyu_to_hf, hf_input_ids, image_newline_id
+from mm1.models.hf.fuyu import fuyu_to_hf, hf_input_ids, hf_pixel_values, image_newline_id
 from tests.models.helpers import perturb
 
 transformers = pytest.importorskip("transformers")
@@ -174,3 +176,137 @@ def test_train_init_vision_is_refused(tmp_path) -> None:
 
     with pytest.raises(ConfigError, match="train.init.vision=.*has no image encoder"):
         build_model(_config(), init=InitConfig(vision=str(tmp_path)))
+
+
+# -- the fuyu layout: Fuyu's canvas (aspect kept, padded), tokens only where the image is -----
+
+SIZES = [(50, 30), (20, 40), (64, 64), (100, 37), (16, 16), (32, 32), (33, 7), (9, 70)]
+
+
+def _fuyu_layout(patch: int = 8, **decoder: object) -> ModelConfig:
+    cfg = _config(patch, **decoder)
+    cfg.image_layout.type = "fuyu"
+    validate_model(cfg)
+    return cfg
+
+
+def _noise_image(w: int, h: int, seed: int):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _theirs(images: list, patch: int = 8) -> tuple[list[torch.Tensor], list, list]:
+    """transformers' Fuyu processor on a 32 px canvas: each image's padded pixels, its image
+    ids (placeholder 7, newline 9: to be compared as a pattern) and its patches."""
+    from transformers.models.fuyu.image_processing_pil_fuyu import FuyuImageProcessorPil
+
+    size = {"height": patch, "width": patch}
+    proc = FuyuImageProcessorPil(size={"height": 32, "width": 32}, patch_size=size)
+    pixels, ids, patches = [], [], []
+    for im in images:
+        out = proc(images=[[im]])
+        canvas = torch.as_tensor(out["images"][0][0])
+        h, w = out["image_unpadded_heights"][0][0], out["image_unpadded_widths"][0][0]
+        info = proc.preprocess_with_tokenizer_info(
+            canvas[None, None],
+            torch.ones(1, 1, 1),
+            torch.tensor([[h]]),
+            torch.tensor([[w]]),
+            7,
+            9,
+            True,
+            size,
+        )
+        pixels.append(canvas)
+        ids.append(info["image_input_ids"][0][0])
+        patches.append(info["image_patches"][0][0])
+    return pixels, ids, patches
+
+
+@pytest.mark.parametrize("patch", [8, 16])
+def test_fuyu_layout_pixels_slots_and_patches_are_fuyus_processor(patch: int) -> None:
+    from mm1.data.images import ImageProcessor
+    from mm1.data.prompt_format import PromptFormat
+
+    cfg = _fuyu_layout(patch)
+    model = Fuyu(cfg)
+    fmt = PromptFormat.from_config(
+        SimpleNamespace(image_boundaries=False), model.num_image_tokens, cfg
+    )  # type: ignore[arg-type]
+    assert fmt.layout == "fuyu"
+    images = [_noise_image(w, h, i) for i, (w, h) in enumerate(SIZES)]
+    pixels = fmt.pixel_values(ImageProcessor.siglip(32), images)
+    _, sizes = fmt.image_info(images)
+    their_pixels, their_ids, their_patches = _theirs(images, patch)
+    torch.testing.assert_close(pixels, torch.stack(their_pixels), rtol=0, atol=1e-6)
+    slots = [fmt.slots(im) for im in images]
+    assert slots == [len(i) for i in their_ids]
+    assert max(slots) <= model.num_image_tokens and min(slots) < model.num_image_tokens
+    flat = torch.full((1, sum(slots)), model.image_token_id)
+    newline = image_newline_id(model)
+    want = torch.cat(their_ids).masked_fill(torch.cat(their_ids) == 9, newline)
+    want = want.masked_fill(want == 7, model.image_token_id)
+    assert hf_input_ids(model, flat, sizes)[0].tolist() == want.tolist()
+    theirs = torch.cat(their_patches)[None]
+    torch.testing.assert_close(hf_pixel_values(model, pixels, sizes), theirs, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        assert model.image_tokens(pixels, None, sizes).shape[0] == sum(slots)
+
+
+def test_fuyu_layout_logits_equal_transformers_fuyu_on_its_processors_inputs() -> None:
+    """Two rows, three images of different shapes: mm1 from its own pixels and slots, the HF
+    model from its processor's patches and ids."""
+    from mm1.data.images import ImageProcessor
+    from mm1.data.layouts import FuyuFormat
+
+    torch.manual_seed(0)
+    cfg = _fuyu_layout(8)
+    model = perturb(Fuyu(cfg))
+    hf_cfg, tensors = fuyu_to_hf(model)
+    theirs = transformers.FuyuForCausalLM(transformers.FuyuConfig(**hf_cfg)).eval()
+    theirs.load_state_dict(tensors, strict=False)
+    fmt = FuyuFormat(model.num_image_tokens, canvas=32, patch_size=8)
+    images = [_noise_image(w, h, i) for i, (w, h) in enumerate([(50, 30), (9, 70), (40, 40)])]
+    pixels = fmt.pixel_values(ImageProcessor.siglip(32), images)
+    _, sizes = fmt.image_info(images)
+    _, their_ids, their_patches = _theirs(images)
+    g = torch.Generator().manual_seed(5)
+    text = [torch.randint(1, 90, (n,), generator=g) for n in (3, 4, 2, 5)]
+    slot = [torch.full((fmt.slots(im),), model.image_token_id) for im in images]
+    ours_rows = [
+        torch.cat([text[0], slot[0], text[1], slot[1]]),
+        torch.cat([text[2], slot[2], text[3]]),
+    ]
+    newline = image_newline_id(model)
+    hf_img = [
+        i.long().masked_fill(i == 9, newline).masked_fill(i == 7, model.image_token_id)
+        for i in their_ids
+    ]
+    their_rows = [
+        torch.cat([text[0], hf_img[0], text[1], hf_img[1]]),
+        torch.cat([text[2], hf_img[2], text[3]]),
+    ]
+    length = max(len(r) for r in ours_rows)
+    pad = lambda r: torch.cat([r, torch.ones(length - len(r), dtype=torch.long)])  # noqa: E731
+    ids = torch.stack([pad(r) for r in ours_rows])
+    hf_ids = torch.stack([pad(r) for r in their_rows])
+    assert torch.equal(hf_input_ids(model, ids, sizes), hf_ids)
+    with torch.no_grad():
+        ours = model(ids, pixel_values=pixels, image_sizes=sizes).logits
+        ref = theirs(input_ids=hf_ids, pixel_values=torch.cat(their_patches)[None]).logits
+    torch.testing.assert_close(ours, ref[..., : cfg.decoder.vocab_size], rtol=1e-5, atol=1e-5)
+
+
+def test_fuyu_layout_needs_the_fuyu_family_and_sizes() -> None:
+    cfg = _config()
+    cfg.family, cfg.image_layout.type = "mm1", "fuyu"
+    cfg.vision = VisionConfig(image_size=32, patch_size=8, width=32, layers=1, heads=2, mlp_dim=64)
+    cfg.connector = {"type": "avgpool", "num_tokens": 4}
+    with pytest.raises(ConfigError, match="image_layout.type=fuyu: .*needs model.family=fuyu"):
+        validate_model(cfg)
+    model = Fuyu(_fuyu_layout())
+    with pytest.raises(ValueError, match="fuyu layout needs image_sizes"):
+        model.image_tokens(torch.zeros(1, 3, 32, 32))

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-FUYU = ["model.family=fuyu", "model.vision.patch_size=16"]  # 32 px: 2 x 2 patches, 6 tokens
+# 32 px canvas: at most 2 x 2 patches and 2 newlines, 6 tokens
+FUYU = ["model.family=fuyu", "model.vision.patch_size=16", "model.image_layout.type=fuyu"]
 
 
 def test_a_fuyu_run_trains_evaluates_and_goes_out_as_transformers_fuyu(
@@ -19,9 +20,9 @@ def test_a_fuyu_run_trains_evaluates_and_goes_out_as_transformers_fuyu(
     transformers = pytest.importorskip("transformers")
 
     from mm1 import cli
-    from mm1.models.fuyu import Fuyu, Patchify
+    from mm1.models.fuyu import Fuyu
     from mm1.models.generation import generate
-    from mm1.models.hf.fuyu import hf_input_ids
+    from mm1.models.hf.fuyu import hf_input_ids, hf_pixel_values
     from mm1.pretrained import load_pretrained
 
     run, hf_dir = tmp_path / "run", tmp_path / "hf"
@@ -30,7 +31,7 @@ def test_a_fuyu_run_trains_evaluates_and_goes_out_as_transformers_fuyu(
     p = load_pretrained(run)
     model = p.model.eval()
     assert isinstance(model, Fuyu) and model.num_image_tokens == 6
-    assert p.prompt_format.image_tokens == 6
+    assert p.prompt_format.image_tokens == 6 and p.prompt_format.layout == "fuyu"
     shots = ["eval.shots=[0]", "eval.seeds=1", "eval.max_examples=4", "eval.max_new_tokens=3"]
     assert cli.main(["eval", str(run), *shots]) == 0
     results = json.loads((run / "eval-cli" / "results.json").read_text())
@@ -42,19 +43,24 @@ def test_a_fuyu_run_trains_evaluates_and_goes_out_as_transformers_fuyu(
     assert theirs.generation_config.suppress_tokens == [newline]
     tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
     assert tok.convert_tokens_to_ids("|NEWLINE|") == newline
-    q = model.num_image_tokens
+    # a 32 x 12 px image on the 32 px canvas: one row of 2 patches and its newline
+    sizes = torch.tensor([[12, 32]])
+    q = 3
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, 200, (1, q + 9), generator=g)
     prompt[0, 2 : 2 + q] = model.image_token_id
     pixels = torch.randn(1, 3, 32, 32, generator=g)
-    patches = Patchify(16)(pixels)
+    hf_ids, patches = hf_input_ids(model, prompt, sizes), hf_pixel_values(model, pixels, sizes)
+    assert patches.shape == (1, 2, 16 * 16 * 3)
     with torch.no_grad():
-        ours = model(prompt, pixel_values=pixels).logits
-        ref = theirs(input_ids=hf_input_ids(model, prompt), pixel_values=patches).logits
+        ours = model(prompt, pixel_values=pixels, image_sizes=sizes).logits
+        ref = theirs(input_ids=hf_ids, pixel_values=patches).logits
         torch.testing.assert_close(ours, ref[..., :newline], rtol=1e-5, atol=1e-5)
-        new = generate(model, prompt.tolist(), pixels, max_new_tokens=6, eos_token_id=[])
+        new = generate(
+            model, prompt.tolist(), pixels, max_new_tokens=6, eos_token_id=[], image_sizes=sizes
+        )
         out = theirs.generate(
-            input_ids=hf_input_ids(model, prompt),
+            input_ids=hf_ids,
             pixel_values=patches,
             max_new_tokens=6,
             do_sample=False,

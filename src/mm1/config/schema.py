@@ -145,7 +145,7 @@ class DecoderConfig:
         )
 
 
-IMAGE_LAYOUTS = ("single", "mm1", "anyres", "dynamic")
+IMAGE_LAYOUTS = ("single", "mm1", "anyres", "dynamic", "fuyu")
 OVERVIEW_PLACES = ("first", "last")
 
 
@@ -158,7 +158,8 @@ class ImageLayoutConfig:
     then the tiles of the canvas `select_best_resolution` picks, assembled into one unpadded
     grid with a learned newline token after each row. dynamic (InternVL / MM1.5): the grid of
     min..max tiles closest to the image's aspect ratio, with an overview when it has more than
-    one tile."""
+    one tile. fuyu (`model.family: fuyu` only): Fuyu's canvas, the image kept whole on it (shrunk
+    to fit, padded), its tokens only the patches that cover it."""
 
     type: str = "single"
     # anyres canvases as [width, height] px; or `grid: [lo, hi]`, every (i x j) crops with

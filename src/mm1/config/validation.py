@@ -279,7 +279,7 @@ def max_image_tokens(m: ModelConfig) -> int:
         canvases = canvas_candidates(m.vision.image_size, lay.pinpoints, lay.grid)
         crop = m.vision.image_size
         return q + max((h // crop) * side * ((w // crop) * side + 1) for w, h in canvases)
-    return q
+    return q  # single, and fuyu: the whole canvas at most
 
 
 _DEPRECATION_WARNED: set[str] = set()

@@ -16,6 +16,9 @@ sizes for every layout).
   closest to its aspect ratio, cut row by row, with the overview (a plain resize to the crop
   size) first or last when there is more than one tile: (tiles [+ 1]) x Q tokens.
 
+- `fuyu` (`model.family: fuyu`): the image on Fuyu's padded canvas, one crop, its tokens the
+  patches that cover it with a newline after each row (`FuyuFormat`).
+
 `high_res=False` gives an image the `single` form (one crop, Q tokens), as MM1 does for all
 but the last images of a many-shot prompt; the model tells it apart by its one crop.
 """
@@ -36,11 +39,13 @@ from mm1.tiling import (
     canvas_candidates,
     dynamic_grid,
     fit_size,
+    fuyu_fit,
+    fuyu_grid,
     pad_offset,
 )
 
 if TYPE_CHECKING:
-    from mm1.config import ImageLayoutConfig
+    from mm1.config import ImageLayoutConfig, ModelConfig
     from mm1.data.images import ImageProcessor
 
 
@@ -65,6 +70,11 @@ class TiledFormat(PromptFormat, ABC):
             raise ValueError(f"crop_size must be an int, got {self.crop_size!r}")
         if self.crop_size < 1:
             raise ValueError(f"the {self.layout} layout needs crop_size (the encoder's input px)")
+
+    @classmethod
+    def from_model(cls, base: PromptFormat, model: ModelConfig) -> TiledFormat:
+        """The format of `model`'s layout over `base` (Q, boundaries, template)."""
+        return cls.from_layout(base, model.image_layout, model.vision.image_size)
 
     @classmethod
     def from_layout(
@@ -213,3 +223,58 @@ class DynamicFormat(TiledFormat):
             return tiles
         overview = image.resize((c, c), resample=processor.resample)
         return [overview, *tiles] if self.overview == "first" else [*tiles, overview]
+
+
+@register_layout
+@dataclass(frozen=True)
+class FuyuFormat(PromptFormat):
+    """Fuyu's canvas (`model.family: fuyu` only): the image shrunk to fit `canvas` x `canvas`
+    px if larger (aspect kept, never enlarged), placed top left and padded right and below with
+    the value 1 (of 255, as transformers' Fuyu processor pads before rescaling). Its tokens are
+    the patches that cover the image, row by row, a newline after each row: rows x (cols + 1)
+    slots, `image_tokens` (the whole canvas) at most. One crop per image, whatever `high_res`:
+    the image's size alone sets its tokens, on the data side and in the model."""
+
+    layout: ClassVar[str] = "fuyu"
+    canvas: int = 0
+    patch_size: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("canvas", "patch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"the fuyu layout needs a positive int {name}, got {value!r}")
+        if self.canvas % self.patch_size:
+            raise ValueError(f"canvas {self.canvas} is not a multiple of patch {self.patch_size}")
+
+    @classmethod
+    def from_model(cls, base: PromptFormat, model: ModelConfig) -> FuyuFormat:
+        v = model.vision
+        return cls(
+            base.image_tokens, base.image_boundaries, base.chat_template, v.image_size, v.patch_size
+        )
+
+    def grid_for_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        return fuyu_grid(size, self.canvas, self.patch_size)
+
+    def slots_for_size(self, size: tuple[int, int]) -> int:
+        rows, cols = self.grid_for_size(size)
+        return rows * (cols + 1)
+
+    def crops(self, image: Image.Image, high_res: bool = True) -> int:
+        return 1
+
+    def slots(self, image: Image.Image, high_res: bool = True) -> int:
+        return self.slots_for_size(image.size)
+
+    def crop(
+        self, image: Image.Image, processor: ImageProcessor | None = None, high_res: bool = True
+    ) -> list[Image.Image]:
+        image = image.convert("RGB") if processor is None else processor.to_rgb(image)
+        fitted = fuyu_fit(image.size, self.canvas)
+        if fitted != image.size:  # Fuyu's processor resamples bilinearly
+            image = image.resize(fitted, resample=Image.Resampling.BILINEAR)
+        canvas = Image.new("RGB", (self.canvas, self.canvas), (1, 1, 1))
+        canvas.paste(image, (0, 0))
+        return [canvas]

@@ -75,7 +75,7 @@ class PromptFormat:
             return base
         _register_builtin_layouts()
         layout = LAYOUTS[model.image_layout.type]
-        return layout.from_layout(base, model.image_layout, model.vision.image_size)  # type: ignore[attr-defined]
+        return layout.from_model(base, model)  # type: ignore[attr-defined]
 
     # -- images ----------------------------------------------------------------------------------
 

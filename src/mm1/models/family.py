@@ -15,7 +15,7 @@ from types import ModuleType
 
 from torch import nn
 
-from mm1.config import ModelConfig
+from mm1.config import ConfigError, ModelConfig
 from mm1.models.mllm import MM1
 from mm1.registry import FAMILIES
 
@@ -80,6 +80,11 @@ def _mm1_num_image_tokens(cfg: ModelConfig) -> int:
 
 def _mm1_validate(cfg: ModelConfig, prefix: str) -> None:
     cfg.connector.validate(f"{prefix}.connector", cfg)
+    if cfg.image_layout.type == "fuyu":
+        raise ConfigError(
+            f"{prefix}.image_layout.type=fuyu: Fuyu's canvas gives each patch its own token, "
+            "which needs model.family=fuyu (an encoder's connector makes a fixed number)"
+        )
 
 
 def _mm1_describe(cfg: ModelConfig) -> str:

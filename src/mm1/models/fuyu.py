@@ -3,10 +3,12 @@ flattened and projected by one Linear layer into the decoder's width, row by row
 newline token after each row of patches (Adept's Fuyu-8B; transformers' `FuyuForCausalLM`).
 
 The decoder is mm1's (Llama-style, the same switches as MM1's); Fuyu-8B's own is Persimmon's
-(LayerNorm, squared ReLU, partial rotary), which mm1 does not build. Images are resized to
-`model.vision.image_size` square (the `single` layout); Fuyu's processor instead keeps each
-image's aspect ratio and pads it to a multiple of the patch. The newline is a learned vector
-(written where the image's slots end a row), where Fuyu-8B uses a vocabulary token's embedding.
+(LayerNorm, squared ReLU, partial rotary), which mm1 does not build. With the `fuyu` image
+layout each image lies on Fuyu's canvas (`model.vision.image_size` square: shrunk to fit with
+its aspect kept, padded right and below, as transformers' Fuyu processor does) and only the
+patches that cover it become tokens; with `single` every image is resized to the square and
+gives the whole grid. The newline is a learned vector (written where the image's slots end a
+row), where Fuyu-8B uses a vocabulary token's embedding.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from mm1.models.family import ModelFamily, mm1_hf
 from mm1.models.layers import init_weights
 from mm1.models.mllm import MLLM
 from mm1.registry import FAMILIES
+from mm1.tiling import fuyu_grid
+
+LAYOUTS = ("fuyu", "single")  # the image layouts a fuyu model reads
 
 
 class Patchify(nn.Module):
@@ -73,12 +78,25 @@ class Fuyu(MLLM):
         image_crops: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Each image's rows of projected patches, a newline after each row, in slot order."""
+        """Each image's rows of projected patches, a newline after each row, in slot order;
+        on Fuyu's canvas (layout fuyu) only the patches that cover the image, from its original
+        size (`image_sizes`, (height, width) per image)."""
         feats = self.image_features(pixel_values)
         n, _, d = feats.shape
-        rows = feats.reshape(n, self.grid, self.grid, d)
-        newline = self.image_newline.to(feats.dtype).expand(n, self.grid, 1, d)
-        return torch.cat([rows, newline], dim=2).reshape(-1, d)
+        g = self.grid
+        grid = feats.reshape(n, g, g, d)
+        newline = self.image_newline.to(feats.dtype)
+        if self.cfg.image_layout.type != "fuyu":
+            return torch.cat([grid, newline.expand(n, g, 1, d)], dim=2).reshape(-1, d)
+        if image_sizes is None or len(image_sizes) != n:
+            raise ValueError("the fuyu layout needs image_sizes (height, width) for every image")
+        size, patch = self.cfg.vision.image_size, self.cfg.vision.patch_size
+        out = []
+        for image, (h, w) in zip(grid, image_sizes.tolist()):
+            rows, cols = fuyu_grid((w, h), size, patch)
+            kept = image[:rows, :cols]
+            out.append(torch.cat([kept, newline.expand(rows, 1, d)], dim=1).reshape(-1, d))
+        return torch.cat(out)
 
 
 def _num_image_tokens(cfg: ModelConfig) -> int:
@@ -86,11 +104,11 @@ def _num_image_tokens(cfg: ModelConfig) -> int:
 
 
 def _validate(cfg: ModelConfig, prefix: str) -> None:
-    if cfg.image_layout.type != "single":
+    if cfg.image_layout.type not in LAYOUTS:
         raise ConfigError(
             f"{prefix}.image_layout.type={cfg.image_layout.type}: model.family=fuyu takes each "
-            "image whole at model.vision.image_size (layout single); its tokens are the "
-            "image's patches, not crops of an encoder"
+            "image whole, on Fuyu's padded canvas (fuyu) or resized to the square (single); "
+            "its tokens are the image's patches, not crops of an encoder"
         )
 
 

@@ -6,7 +6,7 @@ row of patches with a vocabulary token (`|NEWLINE|`); mm1 learns that vector on 
 becomes one more vocabulary row, id `vocab_size` (`image_newline_id`; its output-head row is
 zero when the head is untied, the vector itself when tied). The logits over mm1's vocabulary
 are mm1's. Inputs for the HF model are mm1's with that id written at each row's end
-(`hf_input_ids`).
+(`hf_input_ids`) and the pixels as patches (`hf_pixel_values`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mm1.models.hf.decoder import decoder_to_hf
+from mm1.tiling import fuyu_grid
 
 if TYPE_CHECKING:
     from mm1.models.fuyu import Fuyu
@@ -66,15 +67,53 @@ def fuyu_to_hf(
     return hf, out
 
 
-def hf_input_ids(model: Fuyu, input_ids: torch.Tensor) -> torch.Tensor:
+def _grids(model: Fuyu, n: int, image_sizes: torch.Tensor | None) -> list[tuple[int, int]]:
+    """(rows, cols) of patches of each of `n` images, as the model reads them."""
+    g = model.grid
+    if model.cfg.image_layout.type != "fuyu":
+        return [(g, g)] * n
+    if image_sizes is None or len(image_sizes) != n:
+        raise ValueError("the fuyu layout needs image_sizes (height, width) for every image")
+    v = model.cfg.vision
+    return [fuyu_grid((w, h), v.image_size, v.patch_size) for h, w in image_sizes.tolist()]
+
+
+def hf_input_ids(
+    model: Fuyu, input_ids: torch.Tensor, image_sizes: torch.Tensor | None = None
+) -> torch.Tensor:
     """mm1's `input_ids` with the newline id at the end of each row of every image's slots
-    (the slots of an image are consecutive, grid x (grid + 1) of them)."""
+    (an image's slots are consecutive: rows x (cols + 1), `image_sizes` giving each image's
+    rows and cols on Fuyu's canvas)."""
     out = input_ids.clone()
     flat = out.view(-1)
     slots = (flat == model.image_token_id).nonzero().squeeze(-1)
-    q, g = model.num_image_tokens, model.grid
-    if slots.numel() % q:
-        raise ValueError(f"{slots.numel()} image slots are not a whole number of images of {q}")
-    rows = slots.view(-1, g, g + 1)
-    flat[rows[..., -1].reshape(-1)] = image_newline_id(model)
+    n = (
+        int(image_sizes.shape[0])
+        if image_sizes is not None
+        else slots.numel() // max(model.num_image_tokens, 1)
+    )
+    grids = _grids(model, n, image_sizes)
+    if slots.numel() != sum(r * (c + 1) for r, c in grids):
+        raise ValueError(f"{slots.numel()} image slots are not those of the {n} images")
+    start = 0
+    for rows, cols in grids:
+        ends = slots[start : start + rows * (cols + 1)].view(rows, cols + 1)[:, -1]
+        flat[ends] = image_newline_id(model)
+        start += rows * (cols + 1)
     return out
+
+
+def hf_pixel_values(
+    model: Fuyu, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None
+) -> torch.Tensor:
+    """mm1's (N, 3, H, W) pixels as `FuyuForCausalLM` takes them: (1, patches, p x p x 3), each
+    image's patches that have tokens, row by row, in slot order."""
+    from mm1.models.fuyu import Patchify
+
+    p = model.cfg.vision.patch_size
+    grids = _grids(model, pixel_values.shape[0], image_sizes)
+    parts = [
+        Patchify(p)(image[None, :, : rows * p, : cols * p])[0]
+        for image, (rows, cols) in zip(pixel_values, grids)
+    ]
+    return torch.cat(parts)[None]
