@@ -290,3 +290,35 @@ def test_caption_quality_scores_sources_against_the_scene(world, tmp_path) -> No
             dst.addfile(m, io.BytesIO(data))
     with pytest.raises(SystemExit, match="another scene"):
         cq.main([f"other={other}", "--reference", str(world / CLEAN_ALL)])
+
+
+def test_a_fuyu_layout_model_captions_images_of_any_shape(world) -> None:
+    """Each image's own size sets its tokens (Fuyu's canvas): captions of a batch of three
+    shapes are each image's caption alone, and run through the same slots `generate` reads."""
+    from PIL import Image
+
+    from mm1.config import DecoderConfig, ModelConfig, VisionConfig
+    from mm1.models.fuyu import Fuyu
+
+    tok = Tokenizer.from_file(world / "tokenizer.json")
+    cfg = ModelConfig(
+        family="fuyu",
+        vision=VisionConfig(image_size=32, patch_size=8),
+        decoder=DecoderConfig(
+            vocab_size=tok.vocab_size, dim=32, layers=2, heads=4, kv_heads=2, ffn_dim=64
+        ),
+        image_token_id=tok.image_id,
+        init_std=0.2,
+    )
+    cfg.image_layout.type = "fuyu"
+    torch.manual_seed(0)
+    out = world.parent / "fuyu_model"
+    save_pretrained(Fuyu(cfg).eval(), tok, ImageProcessor.siglip(32), out)
+    p = load_pretrained(out)
+    assert p.prompt_format.layout == "fuyu"
+    images = [
+        Image.new("RGB", size, color)
+        for size, color in (((50, 30), "red"), ((9, 70), "blue"), ((32, 32), "green"))
+    ]
+    together = rc.caption_images(p, images, 5)
+    assert together == [rc.caption_images(p, [im], 5)[0] for im in images]

@@ -39,7 +39,7 @@ from mm1.checkpoint import (
     read_model_weights,
     refuse_encoder_run,
 )
-from mm1.config import ConfigError, ModelConfig, to_dict
+from mm1.config import ConfigError, DataConfig, ModelConfig, to_dict
 from mm1.data.images import PREPROCESSOR_CONFIG, ImageProcessor
 from mm1.data.prompt_format import PromptFormat, load_prompt_format
 from mm1.data.tokenizer import Tokenizer
@@ -74,9 +74,11 @@ def save_pretrained(
     prompt_format: PromptFormat | None = None,
 ) -> Path:
     """Write the exported layout; loadable with `load_pretrained`. `prompt_format` is how the
-    model was trained (a `Pretrained`'s own); None: its image slots, no boundaries, the
-    tokenizer's chat template."""
-    prompt_format = prompt_format or PromptFormat(model.num_image_tokens)
+    model was trained (a `Pretrained`'s own); None: its image slots in its own image layout, no
+    boundaries, the tokenizer's chat template."""
+    if prompt_format is None:
+        no_boundaries = DataConfig(image_boundaries=False)
+        prompt_format = PromptFormat.from_config(no_boundaries, model.num_image_tokens, model.cfg)
     if prompt_format.image_tokens != model.num_image_tokens:
         raise ValueError(
             f"the prompt format writes {prompt_format.image_tokens} slots per image but the "

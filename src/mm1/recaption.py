@@ -212,6 +212,7 @@ def caption_images(
     fmt, tok = p.prompt_format, p.tokenizer
     prompts = [tokenize_prompt(IMAGE_TOKEN, [im], tok, fmt) for im in images]
     pixels = fmt.pixel_values(p.processor, list(images))
+    crops, sizes = fmt.image_info(list(images))  # a tiled or fuyu layout reads them
     stops = [tok.eos_id]
     chunk_end = tok.token_to_id(ENDOFCHUNK_TOKEN)
     if chunk_end is not None:
@@ -223,6 +224,8 @@ def caption_images(
         max_new_tokens=max_new_tokens,
         eos_token_id=stops,
         pad_token_id=tok.pad_id,
+        image_crops=crops,
+        image_sizes=sizes,
         compile=compile,
     )
     captions = []

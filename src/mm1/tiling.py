@@ -128,14 +128,15 @@ def dynamic_grid(original_size: Size, min_tiles: int, max_tiles: int, crop: int)
 def fuyu_fit(original_size: Size, canvas: int) -> Size:
     """(width, height) of an image of `original_size` on Fuyu's `canvas` x `canvas` canvas:
     unchanged when it fits, else shrunk to fit with its aspect kept, each side truncated
-    (transformers' `FuyuImageProcessor.resize`)."""
+    (transformers' `FuyuImageProcessor.resize`), but never below 1 px (transformers would
+    make a 1 x 1000 image 0 px wide on a 32 px canvas)."""
     width, height = int(original_size[0]), int(original_size[1])
     if width < 1 or height < 1:
         raise ValueError(f"image size {original_size} must be positive")
     if width <= canvas and height <= canvas:
         return width, height
     scale = min(canvas / height, canvas / width)
-    return int(width * scale), int(height * scale)
+    return max(1, int(width * scale)), max(1, int(height * scale))
 
 
 def fuyu_grid(original_size: Size, canvas: int, patch: int) -> tuple[int, int]:

@@ -300,6 +300,20 @@ def test_fuyu_layout_logits_equal_transformers_fuyu_on_its_processors_inputs() -
     torch.testing.assert_close(ours, ref[..., : cfg.decoder.vocab_size], rtol=1e-5, atol=1e-5)
 
 
+def test_a_sliver_of_an_image_keeps_one_patch() -> None:
+    from mm1.data.images import ImageProcessor
+    from mm1.data.layouts import FuyuFormat
+    from mm1.tiling import fuyu_fit, fuyu_grid
+
+    assert fuyu_fit((1, 1000), 32) == (1, 32) and fuyu_grid((1, 1000), 32, 8) == (4, 1)
+    assert fuyu_fit((1000, 1), 32) == (32, 1) and fuyu_grid((1000, 1), 32, 8) == (1, 4)
+    assert fuyu_fit((33, 1), 32) == (32, 1) and fuyu_fit((1, 33), 32) == (1, 32)
+    fmt = FuyuFormat(20, canvas=32, patch_size=8)
+    image = _noise_image(1000, 1, 0)
+    assert fmt.pixel_values(ImageProcessor.siglip(32), [image]).shape == (1, 3, 32, 32)
+    assert fmt.slots(image) == 5
+
+
 def test_fuyu_layout_needs_the_fuyu_family_and_sizes() -> None:
     cfg = _config()
     cfg.family, cfg.image_layout.type = "mm1", "fuyu"
