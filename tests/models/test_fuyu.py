@@ -324,3 +324,15 @@ def test_fuyu_layout_needs_the_fuyu_family_and_sizes() -> None:
     model = Fuyu(_fuyu_layout())
     with pytest.raises(ValueError, match="fuyu layout needs image_sizes"):
         model.image_tokens(torch.zeros(1, 3, 32, 32))
+
+
+def test_rices_warns_that_without_an_encoder_it_ranks_by_colour(caplog, tiny_model_config) -> None:
+    from mm1.eval.demos import warn_if_rices_is_weak
+    from mm1.models.mllm import MM1
+
+    with caplog.at_level("WARNING", logger="mm1.eval.demos"):
+        warn_if_rices_is_weak(MM1(tiny_model_config()), "rices")
+        warn_if_rices_is_weak(Fuyu(_config()), "random")
+        assert not caplog.records
+        warn_if_rices_is_weak(Fuyu(_config()), "rices")
+    assert "model.family=fuyu has no image encoder" in caplog.text

@@ -5,6 +5,7 @@ image."""
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -13,6 +14,8 @@ from pathlib import Path
 import torch
 
 from mm1.eval.tasks import Example
+
+log = logging.getLogger(__name__)
 
 
 def random_demos(
@@ -92,3 +95,17 @@ def shuffled_images(queries: Sequence[Example], seed: int = 0) -> dict[str, Path
     random.Random(f"shuffle|{seed}").shuffle(distinct)
     moved = {p: distinct[(i + 1) % len(distinct)] for i, p in enumerate(distinct)}
     return {q.id: moved[q.image] for q in queries}
+
+
+def warn_if_rices_is_weak(model: torch.nn.Module, demo_selection: str) -> None:
+    """RICES ranks demonstrations by the mean of the model's image tokens: without an image
+    encoder (`model.family: fuyu`) that is a linear map of the image's mean patch (its colours),
+    not of what it shows. Warned, not refused: the method is well defined, only weak."""
+    from mm1.models.family import family_of
+
+    if demo_selection == "rices" and not family_of(model).has_encoder:
+        log.warning(
+            "eval.demo_selection=rices: model.family=%s has no image encoder, so demonstrations "
+            "are ranked by a linear map of each image's mean patch (its colours)",
+            model.cfg.family,
+        )

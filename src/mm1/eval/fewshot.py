@@ -25,7 +25,6 @@ and demonstration selection are unpublished.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -40,7 +39,7 @@ from mm1.config import BAD_IMAGE_POLICIES, DEMO_SELECTIONS, EvalConfig, validate
 from mm1.data.images import ImageProcessor
 from mm1.data.prompt_format import PromptFormat
 from mm1.data.tokenizer import Tokenizer
-from mm1.eval.demos import random_demos, rices_rank, shuffled_images
+from mm1.eval.demos import random_demos, rices_rank, shuffled_images, warn_if_rices_is_weak
 from mm1.eval.images import CropCache, EvalImageError, PixelCache
 from mm1.eval.metrics import mean_std
 from mm1.eval.prompts import (
@@ -52,11 +51,8 @@ from mm1.eval.prompts import (
     postprocess,
 )
 from mm1.eval.tasks import Example, Task, load_tasks
-from mm1.models.family import family_of
 from mm1.models.generation import generate, generate_beam
 from mm1.models.mllm import MLLM
-
-log = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = {"caption": 20, "vqa": 5}
 ZERO_SHOT_TEXT_DEMOS = 2  # OpenFlamingo's "effective" number of shots for zero-shot
@@ -95,8 +91,7 @@ def image_embeddings(
 
 
 def _device_dtype(model: MLLM) -> tuple[torch.device, torch.dtype]:
-    w = next(model.parameters())  # every family has weights where it computes
-    return w.device, w.dtype
+    return next(model.parameters()).device, next(model.parameters()).dtype  # any family
 
 
 @dataclass
@@ -419,13 +414,7 @@ def evaluate(
     shots = sorted(set(int(s) for s in cfg.shots))
     max_examples = cfg.max_examples or None
     demo_selection, zero_shot_text_demos = cfg.demo_selection, cfg.zero_shot_text_demos
-    if demo_selection == "rices" and not family_of(model).has_encoder:
-        log.warning(
-            "eval.demo_selection=rices ranks demonstrations by the mean of the model's image "
-            "tokens; model.family=%s has no image encoder, so that is a linear map of the "
-            "image's mean patch (its colours), not of what it shows",
-            model.cfg.family,
-        )
+    warn_if_rices_is_weak(model, demo_selection)
     evaluator = FewShotEvaluator(
         model,
         tokenizer,
