@@ -4,6 +4,7 @@ image encoder -> connector -> image tokens written into those slots."""
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
@@ -36,7 +37,7 @@ def _multi_rank() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-class MLLM(nn.Module):
+class MLLM(nn.Module, ABC):
     """A decoder LLM whose image slots in `input_ids` are filled with image tokens: what every
     `model.family` shares (embedding, the loss, buffers). A family says how pixels become image
     tokens: `num_image_tokens`, `image_tokens`, and the `vision` and `connector` parts that
@@ -53,11 +54,10 @@ class MLLM(nn.Module):
         super().__init__()
         self.cfg = resolve_components(cfg)
 
-    @torch.no_grad()
+    @abstractmethod
     def init_weights(self) -> None:
-        """Initialise every weight in place: used after `to_empty` when the model was built on
-        the meta device and sharded before any weight existed."""
-        raise NotImplementedError
+        """Initialise every weight in place (under `torch.no_grad`): used after `to_empty` when
+        the model was built on the meta device and sharded before any weight existed."""
 
     @torch.no_grad()
     def init_buffers(self) -> None:
@@ -70,10 +70,11 @@ class MLLM(nn.Module):
         return self.cfg.resolved_image_token_id
 
     @property
+    @abstractmethod
     def num_image_tokens(self) -> int:
         """Q, the tokens of one crop (one encoder input)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def image_tokens(
         self,
         pixel_values: torch.Tensor,
@@ -81,7 +82,6 @@ class MLLM(nn.Module):
         image_sizes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """All images' tokens in slot order, (sum of tokens, D_llm)."""
-        raise NotImplementedError
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) crops -> (N, Q, D_llm), the encoder and connector run on at most
