@@ -125,21 +125,31 @@ def dynamic_grid(original_size: Size, min_tiles: int, max_tiles: int, crop: int)
     return best[1], best[0]
 
 
-def fuyu_fit(original_size: Size, canvas: int) -> Size:
-    """(width, height) of an image of `original_size` on Fuyu's `canvas` x `canvas` canvas:
-    unchanged when it fits, else shrunk to fit with its aspect kept, each side truncated
-    (transformers' `FuyuImageProcessor.resize`), but never below 1 px (transformers would
-    make a 1 x 1000 image 0 px wide on a 32 px canvas)."""
+def fuyu_canvas(canvas: Sequence[int] | None, image_size: int) -> tuple[int, int]:
+    """(height, width) px of Fuyu's canvas: `model.image_layout.canvas` ([height, width]), else
+    the `model.vision.image_size` square."""
+    if canvas is None:
+        return image_size, image_size
+    height, width = canvas
+    return int(height), int(width)
+
+
+def fuyu_fit(original_size: Size, canvas: int | tuple[int, int]) -> Size:
+    """(width, height) of an image of `original_size` on Fuyu's canvas ((height, width) px, or
+    one side of a square): unchanged when it fits, else shrunk to fit with its aspect kept, each
+    side truncated (transformers' `FuyuImageProcessor.resize`), but never below 1 px
+    (transformers would make a 1 x 1000 image 0 px wide on a 32 px canvas)."""
+    ch, cw = (canvas, canvas) if isinstance(canvas, int) else canvas
     width, height = int(original_size[0]), int(original_size[1])
     if width < 1 or height < 1:
         raise ValueError(f"image size {original_size} must be positive")
-    if width <= canvas and height <= canvas:
+    if width <= cw and height <= ch:
         return width, height
-    scale = min(canvas / height, canvas / width)
+    scale = min(ch / height, cw / width)
     return max(1, int(width * scale)), max(1, int(height * scale))
 
 
-def fuyu_grid(original_size: Size, canvas: int, patch: int) -> tuple[int, int]:
+def fuyu_grid(original_size: Size, canvas: int | tuple[int, int], patch: int) -> tuple[int, int]:
     """(rows, cols) of the patches that cover an image of `original_size` on Fuyu's canvas (a
     patch partly over the padding counts; the patches wholly over it are left out)."""
     width, height = fuyu_fit(original_size, canvas)

@@ -4,6 +4,7 @@ weights (mm1's decoder as its text model)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -106,8 +107,8 @@ def test_logits_equal_transformers_fuyu(patch: int, decoder: dict[str, object]) 
     pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     theirs_ids = hf_input_ids(model, ids)
     newline = image_newline_id(model)
-    assert int((theirs_ids == newline).sum()) == 3 * model.grid
-    assert int((theirs_ids == model.image_token_id).sum()) == 3 * model.grid**2
+    assert int((theirs_ids == newline).sum()) == 3 * model.rows
+    assert int((theirs_ids == model.image_token_id).sum()) == 3 * model.rows * model.cols
     with torch.no_grad():
         ours = model(ids, pixel_values=pixels).logits
         hf_patches = Patchify(patch)(pixels)
@@ -183,9 +184,10 @@ def test_train_init_vision_is_refused(tmp_path) -> None:
 SIZES = [(50, 30), (20, 40), (64, 64), (100, 37), (16, 16), (32, 32), (33, 7), (9, 70)]
 
 
-def _fuyu_layout(patch: int = 8, **decoder: object) -> ModelConfig:
+def _fuyu_layout(patch: int = 8, canvas: list[int] | None = None, **decoder: object) -> ModelConfig:
     cfg = _config(patch, **decoder)
     cfg.image_layout.type = "fuyu"
+    cfg.image_layout.canvas = canvas
     validate_model(cfg)
     return cfg
 
@@ -198,13 +200,17 @@ def _noise_image(w: int, h: int, seed: int):
     return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
-def _theirs(images: list, patch: int = 8) -> tuple[list[torch.Tensor], list, list]:
-    """transformers' Fuyu processor on a 32 px canvas: each image's padded pixels, its image
-    ids (placeholder 7, newline 9: to be compared as a pattern) and its patches."""
+def _theirs(
+    images: list, patch: int = 8, canvas: tuple[int, int] = (32, 32)
+) -> tuple[list[torch.Tensor], list, list]:
+    """transformers' Fuyu processor on a (height, width) canvas (32 px square by default): each
+    image's padded pixels, its image ids (placeholder 7, newline 9: to be compared as a pattern)
+    and its patches."""
     from transformers.models.fuyu.image_processing_pil_fuyu import FuyuImageProcessorPil
 
     size = {"height": patch, "width": patch}
-    proc = FuyuImageProcessorPil(size={"height": 32, "width": 32}, patch_size=size)
+    target = {"height": canvas[0], "width": canvas[1]}
+    proc = FuyuImageProcessorPil(size=target, patch_size=size)
     pixels, ids, patches = [], [], []
     for im in images:
         out = proc(images=[[im]])
@@ -226,21 +232,29 @@ def _theirs(images: list, patch: int = 8) -> tuple[list[torch.Tensor], list, lis
     return pixels, ids, patches
 
 
-@pytest.mark.parametrize("patch", [8, 16])
-def test_fuyu_layout_pixels_slots_and_patches_are_fuyus_processor(patch: int) -> None:
+@pytest.mark.parametrize(
+    ("patch", "canvas"), [(8, None), (16, None), (8, [32, 48]), (16, [48, 32])]
+)
+def test_fuyu_layout_pixels_slots_and_patches_are_fuyus_processor(
+    patch: int, canvas: list[int] | None
+) -> None:
     from mm1.data.images import ImageProcessor
     from mm1.data.prompt_format import PromptFormat
+    from mm1.data.world import image_processor_for
 
-    cfg = _fuyu_layout(patch)
+    cfg = _fuyu_layout(patch, canvas)
     model = Fuyu(cfg)
     fmt = PromptFormat.from_config(
         SimpleNamespace(image_boundaries=False), model.num_image_tokens, cfg
     )  # type: ignore[arg-type]
     assert fmt.layout == "fuyu"
     images = [_noise_image(w, h, i) for i, (w, h) in enumerate(SIZES)]
-    pixels = fmt.pixel_values(ImageProcessor.siglip(32), images)
+    # The processor a run builds for the fuyu layout resizes nothing; Fuyu normalises as SigLIP.
+    processor = image_processor_for(cfg)
+    assert processor.size is processor.shortest_edge is processor.crop_size is None
+    pixels = fmt.pixel_values(replace(ImageProcessor.siglip(), size=None), images)
     _, sizes = fmt.image_info(images)
-    their_pixels, their_ids, their_patches = _theirs(images, patch)
+    their_pixels, their_ids, their_patches = _theirs(images, patch, model.canvas)
     torch.testing.assert_close(pixels, torch.stack(their_pixels), rtol=0, atol=1e-6)
     slots = [fmt.slots(im) for im in images]
     assert slots == [len(i) for i in their_ids]

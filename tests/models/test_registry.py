@@ -105,7 +105,7 @@ def test_an_unknown_type_names_the_key_and_lists_the_registered_names(scaled_con
     assert message.endswith("registered: " + ", ".join(sorted(CONNECTORS)))
     assert "test_scaled" in message and "c_abstractor" in message
     with pytest.raises(
-        ConfigError, match=r"^model\.decoder\.ffn\.type='soft_moe' .*registered: moe, swiglu"
+        ConfigError, match=r"^model\.decoder\.ffn\.type='soft_moe' .*registered: mlp, moe, swiglu"
     ):
         load_config(None, [*TINY, "model.decoder.ffn=soft_moe"])
     with pytest.raises(ConfigError, match=r"^model\.family='emu2' .*registered: fuyu, mm1$"):

@@ -20,11 +20,12 @@ class ConfigError(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 VISION_VARIANTS = ("clip", "siglip")
-ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh", "silu")
+ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh", "silu", "relu", "relu2")
 DEMO_SELECTIONS = ("random", "rices")
 BAD_IMAGE_POLICIES = ("error", "empty")
 ATTENTION_BACKENDS = ("auto", "sdpa", "varlen", "flex")
 ROPE_TYPES = ("default", "linear", "llama3")
+NORM_TYPES = ("rms", "layer")
 # The built-in auxiliary losses (a MoE decoder's router losses, `mm1.models.moe`), weighted by
 # `train.aux_loss_weights`; a registered FFN may emit others.
 AUX_LOSSES = ("router_balance", "router_z")
@@ -119,6 +120,11 @@ class DecoderConfig:
     max_seq_len: int = 4096
     qk_norm: bool = False
     qkv_bias: bool = False
+    o_bias: bool = False  # a bias on the attention's output projection too (Persimmon)
+    # rms: RMSNorm (Llama); layer: LayerNorm with a bias (Persimmon). The q/k norm is the same kind.
+    norm: str = "rms"
+    # The share of each head's dimensions that RoPE rotates (the first ones; Persimmon: 0.5).
+    rope_fraction: float = 1.0
     tie_embeddings: bool = False
     sliding_window: int = 0  # 0 = full causal attention (Mistral checkpoints may set it)
     # sdpa: scaled_dot_product_attention with a dense document mask (any device); varlen: causal
@@ -131,6 +137,11 @@ class DecoderConfig:
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.dim // self.heads
+
+    @property
+    def rope_dim(self) -> int:
+        """The dimensions of each head that RoPE rotates (transformers' `rotary_ndims`)."""
+        return int(self.resolved_head_dim * self.rope_fraction)
 
     @property
     def ffn_type(self) -> str:
@@ -169,6 +180,9 @@ class ImageLayoutConfig:
     min_tiles: int = 1  # dynamic
     max_tiles: int = 6  # dynamic
     overview: str = "last"  # dynamic: the overview crop before ("first") or after the tiles
+    # fuyu: Fuyu's canvas as [height, width] px (Fuyu-8B: [1080, 1920]); none = the square of
+    # model.vision.image_size.
+    canvas: list[int] | None = None
     # Crops per encoder call (0 = all of a batch's crops at once): bounds activation memory.
     encoder_chunk: int = 0
 

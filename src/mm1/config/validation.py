@@ -20,6 +20,7 @@ from mm1.config.schema import (
     IMAGE_LAYOUTS,
     IMAGE_ROOT_FORMATS,
     INIT_PARTS,
+    NORM_TYPES,
     OVERVIEW_PLACES,
     PROFILE_MAX_STEPS,
     ROPE_TYPES,
@@ -210,6 +211,7 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
     d.ffn.validate(f"{prefix}.decoder.ffn", m)
     _choice(f"{prefix}.decoder.attention", d.attention, ATTENTION_BACKENDS)
     _choice(f"{prefix}.decoder.rope_scaling.type", d.rope_scaling.type, ROPE_TYPES)
+    _choice(f"{prefix}.decoder.norm", d.norm, NORM_TYPES)
     for k in ("vocab_size", "dim", "layers", "heads", "kv_heads", "ffn_dim", "max_seq_len"):
         _positive(f"{prefix}.decoder.{k}", getattr(d, k))
     _non_negative(f"{prefix}.decoder.head_dim", d.head_dim, "0 = dim // heads")
@@ -230,6 +232,12 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
         raise ConfigError(f"{prefix}.decoder.dim={d.dim} is not divisible by heads={d.heads}")
     if d.resolved_head_dim % 2:
         raise ConfigError(f"{prefix}.decoder.head_dim must be even for rotary embeddings")
+    if not 0 < d.rope_fraction <= 1 or d.rope_dim < 2 or d.rope_dim % 2:
+        raise ConfigError(
+            f"{prefix}.decoder.rope_fraction={d.rope_fraction} must be in (0, 1] and rotate an "
+            f"even number (>= 2) of the head's {d.resolved_head_dim} dimensions "
+            f"(it rotates {d.rope_dim})"
+        )
     if m.image_token_id >= d.vocab_size:
         raise ConfigError(
             f"{prefix}.image_token_id={m.image_token_id} is outside the vocabulary "
@@ -250,6 +258,21 @@ def validate_image_layout(m: ModelConfig, prefix: str = "model") -> None:
             f"{key}.min_tiles={lay.min_tiles} and max_tiles={lay.max_tiles} need "
             "1 <= min_tiles <= max_tiles"
         )
+    if lay.canvas is not None:
+        if lay.type != "fuyu":
+            raise ConfigError(
+                f"{key}.canvas is Fuyu's canvas, which only the fuyu layout reads "
+                f"({key}.type={lay.type})"
+            )
+        p = m.vision.patch_size
+        sides = list(lay.canvas)
+        if len(sides) != 2 or any(
+            isinstance(v, bool) or not isinstance(v, int) or v < p or v % p for v in sides
+        ):
+            raise ConfigError(
+                f"{key}.canvas={sides} must be [height, width] px, each a positive multiple of "
+                f"model.vision.patch_size={p}"
+            )
     crop = m.vision.image_size
     for i, pair in enumerate(lay.pinpoints or []):
         if len(pair) != 2 or any(v < crop or v % crop for v in pair):

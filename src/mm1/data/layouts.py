@@ -39,6 +39,7 @@ from mm1.tiling import (
     canvas_candidates,
     dynamic_grid,
     fit_size,
+    fuyu_canvas,
     fuyu_fit,
     fuyu_grid,
     pad_offset,
@@ -228,31 +229,40 @@ class DynamicFormat(TiledFormat):
 @register_layout
 @dataclass(frozen=True)
 class FuyuFormat(PromptFormat):
-    """Fuyu's canvas (`model.family: fuyu` only): the image shrunk to fit `canvas` x `canvas`
-    px if larger (aspect kept, never enlarged), placed top left and padded right and below with
+    """Fuyu's canvas (`model.family: fuyu` only): the image shrunk to fit the `canvas`
+    ((height, width) px; an int is a square) if larger (aspect kept, never enlarged), placed
+    top left and padded right and below with
     the value 1 (of 255, as transformers' Fuyu processor pads before rescaling). Its tokens are
     the patches that cover the image, row by row, a newline after each row: rows x (cols + 1)
     slots, `image_tokens` (the whole canvas) at most. One crop per image, whatever `high_res`:
     the image's size alone sets its tokens, on the data side and in the model."""
 
     layout: ClassVar[str] = "fuyu"
-    canvas: int = 0
+    canvas: int | tuple[int, int] = 0
     patch_size: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("canvas", "patch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"the fuyu layout needs a positive int {name}, got {value!r}")
-        if self.canvas % self.patch_size:
-            raise ValueError(f"canvas {self.canvas} is not a multiple of patch {self.patch_size}")
+        canvas = self.canvas
+        sides = [canvas, canvas] if isinstance(canvas, int) else list(canvas)
+        for name, value in (("canvas", sides), ("patch_size", [self.patch_size])):
+            if len(value) != (2 if name == "canvas" else 1) or any(
+                isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value
+            ):
+                raise ValueError(
+                    f"the fuyu layout needs a positive int {name}"
+                    f"{' (or [height, width])' if name == 'canvas' else ''}, got {getattr(self, name)!r}"
+                )
+        if any(side % self.patch_size for side in sides):
+            raise ValueError(f"canvas {canvas} is not a multiple of patch {self.patch_size}")
+        object.__setattr__(self, "canvas", (sides[0], sides[1]))  # (height, width)
 
     @classmethod
     def from_model(cls, base: PromptFormat, model: ModelConfig) -> FuyuFormat:
         v = model.vision
+        canvas = fuyu_canvas(model.image_layout.canvas, v.image_size)
         return cls(
-            base.image_tokens, base.image_boundaries, base.chat_template, v.image_size, v.patch_size
+            base.image_tokens, base.image_boundaries, base.chat_template, canvas, v.patch_size
         )
 
     def grid_for_size(self, size: tuple[int, int]) -> tuple[int, int]:
@@ -275,6 +285,7 @@ class FuyuFormat(PromptFormat):
         fitted = fuyu_fit(image.size, self.canvas)
         if fitted != image.size:  # Fuyu's processor resamples bilinearly
             image = image.resize(fitted, resample=Image.Resampling.BILINEAR)
-        canvas = Image.new("RGB", (self.canvas, self.canvas), (1, 1, 1))
+        height, width = self.canvas
+        canvas = Image.new("RGB", (width, height), (1, 1, 1))
         canvas.paste(image, (0, 0))
         return [canvas]

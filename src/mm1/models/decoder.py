@@ -1,5 +1,7 @@
 """A Llama-style decoder: RMSNorm, RoPE, grouped-query attention, a swappable FFN; it reads and
-writes a KV cache (`kv_cache.py`) when generating.
+writes a KV cache (`kv_cache.py`) when generating. Persimmon's variations are switches of the
+same blocks: LayerNorm (`norm: layer`), partial rotary (`rope_fraction`), an output-projection
+bias (`o_bias`) and an ungated squared-ReLU FFN (`ffn: {type: mlp}`).
 
 The FFN is a registered part (`FFNS`, `model.decoder.ffn.type`); an FFN may return auxiliary
 losses by name beside its output (`(out, {name: loss})`, e.g. a router's load balance), which
@@ -21,9 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from mm1.config import DecoderConfig, FFNConfig, parse_component
+from mm1.config import (
+    ACTIVATIONS,
+    ConfigError,
+    DecoderConfig,
+    FFNConfig,
+    ModelConfig,
+    parse_component,
+)
 from mm1.models.kv_cache import KVCache, SlotView
-from mm1.models.layers import RMSNorm, init_weights
+from mm1.models.layers import activation, init_weights, norm_layer
 from mm1.registry import FFNS
 
 # ---------------------------------------------------------------------------------------------
@@ -32,8 +41,9 @@ from mm1.registry import FFNS
 
 
 def rope_inv_freq(cfg: DecoderConfig) -> torch.Tensor:
-    """Inverse frequencies, with the checkpoint's rope scaling applied."""
-    hd = cfg.resolved_head_dim
+    """Inverse frequencies of the rotated dimensions (`rope_dim`), with the checkpoint's rope
+    scaling applied."""
+    hd = cfg.rope_dim
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
     rs = cfg.rope_scaling
     if rs.type == "default":
@@ -64,10 +74,14 @@ def rope_cos_sin(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, hd); rotate-half convention of the Llama reference."""
+    """x (B, H, T, hd); rotate-half convention of the Llama reference. With partial rotary
+    (cos narrower than hd) only the first dimensions turn, the rest pass (Persimmon)."""
     cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    r = cos.shape[-1]
+    rot = x[..., :r]
+    x1, x2 = rot.chunk(2, dim=-1)
+    out = rot * cos + torch.cat([-x2, x1], dim=-1) * sin
+    return out if r == x.shape[-1] else torch.cat([out, x[..., r:]], dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,9 +263,9 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(cfg.dim, cfg.heads * self.hd, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.dim, cfg.kv_heads * self.hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * self.hd, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.heads * self.hd, cfg.dim, bias=False)
-        self.q_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
+        self.o_proj = nn.Linear(cfg.heads * self.hd, cfg.dim, bias=cfg.o_bias)
+        self.q_norm = norm_layer(cfg.norm, self.hd, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = norm_layer(cfg.norm, self.hd, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(
         self,
@@ -306,15 +320,46 @@ def swiglu(cfg: DecoderConfig, layer: int) -> nn.Module:
     return SwiGLU(cfg)
 
 
+@dataclass
+class MLPConfig(FFNConfig):
+    """An ungated FFN, up -> activation -> down (Persimmon: squared ReLU, with biases)."""
+
+    type: str = "mlp"
+    activation: str = "relu2"  # one of `mm1.config.ACTIVATIONS`
+    bias: bool = True
+
+    def validate(self, key: str, model: ModelConfig) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(
+                f"{key}.activation={self.activation!r} is not one of {', '.join(ACTIVATIONS)}"
+            )
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DecoderConfig, opts: MLPConfig) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=opts.bias)
+        self.act = activation(opts.activation)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=opts.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+@FFNS.register("mlp", MLPConfig)
+def mlp(cfg: DecoderConfig, layer: int) -> nn.Module:
+    return MLP(cfg, cfg.ffn)
+
+
 AuxLosses = dict[str, torch.Tensor]
 
 
 class DecoderBlock(nn.Module):
     def __init__(self, cfg: DecoderConfig, layer: int = 0) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.input_layernorm = norm_layer(cfg.norm, cfg.dim, cfg.norm_eps)
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.post_attention_layernorm = norm_layer(cfg.norm, cfg.dim, cfg.norm_eps)
         self.mlp = FFNS[cfg.ffn.type].value(cfg, layer)
 
     def forward(
@@ -348,7 +393,7 @@ class Decoder(nn.Module):
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(DecoderBlock(cfg, i) for i in range(cfg.layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = norm_layer(cfg.norm, cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.init_std = init_std

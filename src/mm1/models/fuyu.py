@@ -24,7 +24,7 @@ from mm1.models.family import ModelFamily, mm1_hf
 from mm1.models.layers import init_weights
 from mm1.models.mllm import MLLM
 from mm1.registry import FAMILIES
-from mm1.tiling import fuyu_grid
+from mm1.tiling import fuyu_canvas, fuyu_grid
 
 LAYOUTS = ("fuyu", "single")  # the image layouts a fuyu model reads
 
@@ -50,7 +50,8 @@ class Fuyu(MLLM):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
         v = cfg.vision
-        self.grid = v.grid
+        self.canvas = fuyu_canvas(cfg.image_layout.canvas, v.image_size)  # (height, width)
+        self.rows, self.cols = (side // v.patch_size for side in self.canvas)
         self.vision = Patchify(v.patch_size)  # no weights: Fuyu has no image encoder
         # Fuyu's `vision_embed_tokens`: the one learned map from pixels to the decoder.
         self.connector = nn.Linear(3 * v.patch_size**2, cfg.decoder.dim)
@@ -70,7 +71,7 @@ class Fuyu(MLLM):
 
     @property
     def num_image_tokens(self) -> int:
-        return self.grid * (self.grid + 1)
+        return self.rows * (self.cols + 1)
 
     def image_tokens(
         self,
@@ -83,24 +84,25 @@ class Fuyu(MLLM):
         size (`image_sizes`, (height, width) per image)."""
         feats = self.image_features(pixel_values)
         n, _, d = feats.shape
-        g = self.grid
-        grid = feats.reshape(n, g, g, d)
+        grid = feats.reshape(n, self.rows, self.cols, d)
         newline = self.image_newline.to(feats.dtype)
         if self.cfg.image_layout.type != "fuyu":
-            return torch.cat([grid, newline.expand(n, g, 1, d)], dim=2).reshape(-1, d)
+            return torch.cat([grid, newline.expand(n, self.rows, 1, d)], dim=2).reshape(-1, d)
         if image_sizes is None or len(image_sizes) != n:
             raise ValueError("the fuyu layout needs image_sizes (height, width) for every image")
-        size, patch = self.cfg.vision.image_size, self.cfg.vision.patch_size
+        patch = self.cfg.vision.patch_size
         out = []
         for image, (h, w) in zip(grid, image_sizes.tolist()):
-            rows, cols = fuyu_grid((w, h), size, patch)
+            rows, cols = fuyu_grid((w, h), self.canvas, patch)
             kept = image[:rows, :cols]
             out.append(torch.cat([kept, newline.expand(rows, 1, d)], dim=1).reshape(-1, d))
         return torch.cat(out)
 
 
 def _num_image_tokens(cfg: ModelConfig) -> int:
-    return cfg.vision.grid * (cfg.vision.grid + 1)
+    height, width = fuyu_canvas(cfg.image_layout.canvas, cfg.vision.image_size)
+    p = cfg.vision.patch_size
+    return (height // p) * (width // p + 1)
 
 
 def _validate(cfg: ModelConfig, prefix: str) -> None:

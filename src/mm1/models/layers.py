@@ -16,7 +16,18 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+class SquaredReLU(nn.Module):
+    """relu(x)^2 (Primer; Persimmon's `relu2`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
+
+
 def activation(name: str) -> nn.Module:
+    if name == "relu2":
+        return SquaredReLU()
+    if name == "relu":
+        return nn.ReLU()
     if name == "quick_gelu":
         return QuickGELU()
     if name == "gelu":
@@ -44,6 +55,15 @@ class RMSNorm(nn.Module):
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
+
+
+def norm_layer(kind: str, dim: int, eps: float) -> nn.Module:
+    """`rms` (RMSNorm) or `layer` (LayerNorm with a bias), as `model.decoder.norm` names."""
+    if kind == "rms":
+        return RMSNorm(dim, eps)
+    if kind == "layer":
+        return nn.LayerNorm(dim, eps=eps)
+    raise ValueError(f"unknown norm {kind!r}")
 
 
 class LayerNorm2d(nn.LayerNorm):

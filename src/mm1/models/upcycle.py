@@ -47,6 +47,17 @@ def upcycle_dense_ffns(state: StateDict, ctx: LoadContext) -> StateDict:
     layers = [
         int(m.group(1)) for k in ctx.expected if (m := _EXPERTS_KEY.match(k)) and k not in state
     ]
+    ungated = [
+        i
+        for i in layers
+        if f"decoder.layers.{i}.mlp.up_proj.weight" in state
+        and f"decoder.layers.{i}.mlp.gate_proj.weight" not in state
+    ]
+    if ungated:
+        raise ValueError(
+            f"decoder layers {ungated} start from an ungated FFN (model.decoder.ffn.type=mlp, "
+            "Persimmon's): mm1's experts are SwiGLU, so it cannot be upcycled into them"
+        )
     layers = [i for i in layers if f"decoder.layers.{i}.mlp.gate_proj.weight" in state]
     if not layers:
         return state

@@ -1,5 +1,6 @@
-"""Llama / Qwen2 / Qwen3 / Mistral decoders and Mixtral / Qwen3-MoE MoE decoders: configs and weights
-from and to HF checkpoints (the MoE specifics in `mm1.models.hf.moe`); MoE decoders that fit
+"""Llama / Qwen2 / Qwen3 / Mistral / Persimmon decoders and Mixtral / Qwen3-MoE MoE decoders:
+configs and weights from and to HF checkpoints (the MoE specifics in `mm1.models.hf.moe`,
+Persimmon's in `mm1.models.hf.persimmon`); MoE decoders that fit
 neither family as transformers custom code (`mm1_moe`, `mm1.models.hf.custom_moe`)."""
 
 from __future__ import annotations
@@ -38,14 +39,21 @@ from mm1.models.hf.moe import (
     moe_type_for,
     split_experts,
 )
+from mm1.models.hf.persimmon import (
+    persimmon_config_from_hf,
+    persimmon_config_to_hf,
+    persimmon_state_from_hf,
+    persimmon_state_to_hf,
+)
 from mm1.models.moe import MoEConfig
 
-DECODER_TYPES = ("llama", "qwen2", "qwen3", "mistral", *MOE_TYPES, CUSTOM_MOE_TYPE)
+DECODER_TYPES = ("llama", "qwen2", "qwen3", "mistral", "persimmon", *MOE_TYPES, CUSTOM_MOE_TYPE)
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "mistral": "MistralForCausalLM",
+    "persimmon": "PersimmonForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     CUSTOM_MOE_TYPE: "MM1MoeForCausalLM",
@@ -56,12 +64,15 @@ _MAX_POSITIONS = {
     "qwen2": 32768,
     "qwen3": 32768,
     "mistral": 131072,
+    "persimmon": 16384,
     "mixtral": 131072,
     "qwen3_moe": 32768,
 }
 
 
-def _rope_from_hf(hf: Mapping[str, Any], max_pos: int) -> tuple[float, RopeScalingConfig]:
+def _rope_from_hf(
+    hf: Mapping[str, Any], max_pos: int, partial: bool = False
+) -> tuple[float, RopeScalingConfig]:
     """(rope_theta, scaling). transformers 4 keeps `rope_theta` at the top level and the scaling
     in `rope_scaling` (null when none, the type under `rope_type` or `type`); transformers 5
     folds both into `rope_parameters`. As in transformers 5, a non-null `rope_scaling` wins and
@@ -76,9 +87,9 @@ def _rope_from_hf(hf: Mapping[str, Any], max_pos: int) -> tuple[float, RopeScali
             f"rope scaling type {kind!r} is not supported (mm1's decoder implements "
             f"{', '.join(ROPE_TYPES)})"
         )
-    partial = rp.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-    if float(partial) != 1.0:
-        raise ValueError(f"partial_rotary_factor={partial} is not supported")
+    fraction = rp.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if float(fraction) != 1.0 and not partial:  # persimmon reads it (`rope_fraction`)
+        raise ValueError(f"partial_rotary_factor={fraction} is not supported")
     scaling = RopeScalingConfig(type=kind)
     if kind != "default":
         scaling.factor = float(need(rp, "factor", f"rope scaling {kind!r}"))
@@ -131,6 +142,10 @@ def decoder_config_from_hf(path_or_dict: PathLike | Mapping[str, Any]) -> Decode
         )
     if mt == CUSTOM_MOE_TYPE:
         return custom_moe_config_from_hf(hf)
+    if mt == "persimmon":
+        max_pos = int(hf.get("max_position_embeddings") or _MAX_POSITIONS[mt])
+        theta, scaling = _rope_from_hf(hf, max_pos, partial=True)
+        return persimmon_config_from_hf(hf, need, theta, scaling)
     what = f"{mt} config"
     act = hf.get("hidden_act", "silu")
     if act != "silu":
@@ -173,8 +188,11 @@ def decoder_hf_state(path: PathLike) -> dict[str, torch.Tensor]:
     """A decoder checkpoint's tensors (checkpoint names), a MoE's experts fused into our layout."""
     d = checkpoint_dir(path)
     state = load_hf_state_dict(d)
-    if read_hf_config(d).get("model_type") in MOE_TYPES:
+    hf = read_hf_config(d)
+    if hf.get("model_type") in MOE_TYPES:
         state = fuse_experts(state, str(d))
+    if hf.get("model_type") == "persimmon":
+        state = persimmon_state_from_hf(state, int(need(hf, "num_attention_heads", str(d))))
     return state
 
 
@@ -210,6 +228,23 @@ def decoder_config_to_hf(cfg: DecoderConfig, model_type: str = "llama") -> dict[
     family cannot express."""
     if model_type not in DECODER_TYPES:
         raise ValueError(f"model_type {model_type!r} is not one of {', '.join(DECODER_TYPES)}")
+    if model_type == "persimmon":
+        return persimmon_config_to_hf(cfg)
+    persimmon_only = [
+        key
+        for key, used in (
+            ("decoder.norm=layer", cfg.norm != "rms"),
+            ("decoder.o_bias", cfg.o_bias),
+            ("decoder.rope_fraction", cfg.rope_fraction != 1.0),
+            ("decoder.ffn.type=mlp", cfg.ffn_type == "mlp"),
+        )
+        if used
+    ]
+    if persimmon_only:
+        raise ValueError(
+            f"{model_type} has no {', '.join(persimmon_only)}; of transformers' decoders "
+            "persimmon has them"
+        )
     if model_type == CUSTOM_MOE_TYPE:
         return custom_moe_config_to_hf(cfg)
     moe = moe_config_to_hf(cfg, model_type) if model_type in MOE_TYPES else {}
@@ -299,6 +334,8 @@ def default_decoder_type(cfg: DecoderConfig) -> str:
     q/k/v biases, mistral with a sliding window, else llama; for a MoE one the family it fits
     exactly (`moe_type_for`), else `mm1_moe` (custom code)."""
     if not isinstance(cfg.ffn, MoEConfig):
+        if cfg.norm == "layer" or cfg.ffn_type == "mlp" or cfg.o_bias or cfg.rope_fraction != 1:
+            return "persimmon"  # its config error says what else it needs
         if cfg.qk_norm:
             return "qwen3"
         if cfg.qkv_bias:
@@ -333,4 +370,6 @@ def decoder_to_hf(
     tensors = {keymap.to_hf(k): v for k, v in state.items()}
     if model_type in MOE_TYPES:
         tensors = split_experts(tensors, model_type)
+    if model_type == "persimmon":
+        tensors = persimmon_state_to_hf(tensors, cfg.heads)
     return hf, tensors

@@ -69,13 +69,12 @@ def fuyu_to_hf(
 
 def _grids(model: Fuyu, n: int, image_sizes: torch.Tensor | None) -> list[tuple[int, int]]:
     """(rows, cols) of patches of each of `n` images, as the model reads them."""
-    g = model.grid
     if model.cfg.image_layout.type != "fuyu":
-        return [(g, g)] * n
+        return [(model.rows, model.cols)] * n
     if image_sizes is None or len(image_sizes) != n:
         raise ValueError("the fuyu layout needs image_sizes (height, width) for every image")
-    v = model.cfg.vision
-    return [fuyu_grid((w, h), v.image_size, v.patch_size) for h, w in image_sizes.tolist()]
+    p = model.cfg.vision.patch_size
+    return [fuyu_grid((w, h), model.canvas, p) for h, w in image_sizes.tolist()]
 
 
 def hf_input_ids(
