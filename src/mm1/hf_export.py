@@ -92,7 +92,13 @@ def _save_custom(p: Pretrained, out: Path, decoder_type: str | None, why: str) -
 def _save_fuyu(p: Pretrained, out: Path, decoder_type: str | None) -> tuple[Path, str]:
     from mm1.models.hf import save_decoder_hf
     from mm1.models.hf.checkpoint import write_checkpoint
-    from mm1.models.hf.fuyu import NEWLINE_TOKEN, fuyu_to_hf, image_newline_id
+    from mm1.models.hf.fuyu import (
+        IMAGE_NEWLINE_TOKEN,
+        NEWLINE_TOKEN,
+        fuyu_processor_config,
+        fuyu_to_hf,
+        image_newline_id,
+    )
 
     hf, tensors = fuyu_to_hf(p.model, decoder_type)
     hf["dtype"] = str(p.model.decoder.embed_tokens.weight.dtype).removeprefix("torch.")
@@ -110,15 +116,20 @@ def _save_fuyu(p: Pretrained, out: Path, decoder_type: str | None) -> tuple[Path
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     tok.save(out)
     _add_bos_on_encode(p, out)
-    _add_token(out, NEWLINE_TOKEN, newline)
-    p.processor.save_pretrained(out)
+    # A model read from Fuyu-8B's directory has |NEWLINE| in its vocabulary already (a text
+    # token by now, its row trained apart from the newline vector): the new row gets its own name.
+    name = NEWLINE_TOKEN if tok.token_to_id(NEWLINE_TOKEN) is None else IMAGE_NEWLINE_TOKEN
+    _add_token(out, name, newline)
+    processor = fuyu_processor_config(p.model, p.processor)
+    (out / PREPROCESSOR_CONFIG).write_text(json.dumps(processor, indent=2) + "\n")
     save_decoder_hf(p.model.decoder, out / "decoder", model_type=decoder_type)
     tok.save(out / "decoder")
     return out, (
         f"wrote {out} (FuyuForCausalLM, the text model {hf['text_config']['model_type']}; "
-        f"{NEWLINE_TOKEN} is token {newline}. transformers' FuyuProcessor is not written: it "
-        "reads Fuyu-8B's vocabulary; build inputs as mm1.models.hf.fuyu.hf_input_ids and "
-        "hf_pixel_values do), and the decoder alone as "
+        f"{name} is token {newline}; its FuyuImageProcessor gives mm1's pixels. "
+        "transformers' FuyuProcessor is not written: it reads Fuyu-8B's vocabulary; build "
+        "inputs as mm1.models.hf.fuyu.hf_input_ids and hf_pixel_values do), and the decoder "
+        "alone as "
         f"{out}/decoder"
     )
 

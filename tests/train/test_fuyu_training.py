@@ -90,3 +90,75 @@ def test_two_process_fsdp_fuyu_run_resumes_bit_exactly(
     assert "image_newline" in a and "connector.weight" in a
     assert not any(k.startswith("vision.") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fuyu_8b_shaped_directory_trains_and_goes_back_out_as_itself(
+    tmp_path, world, tiny_config
+) -> None:
+    """A FuyuForCausalLM directory with Fuyu-8B's architecture (Persimmon text model, a 24 x 40
+    canvas, |NEWLINE| in its vocabulary) as `train.init.weights`: the run takes its
+    architecture, tokenizer and image processor, trains, and `--to-hf` writes it back as
+    FuyuForCausalLM with a Persimmon text model whose logits and greedy tokens are mm1's; that
+    directory read again gives mm1's logits."""
+    transformers = pytest.importorskip("transformers")
+
+    from mm1 import cli
+    from mm1.config import InitConfig, ModelConfig
+    from mm1.models.build import build_model
+    from mm1.models.generation import generate
+    from mm1.models.hf.fuyu import IMAGE_NEWLINE_TOKEN, hf_input_ids, hf_pixel_values
+    from mm1.pretrained import load_pretrained
+    from tests.models.test_fuyu_hf import CANVAS, NEWLINE, write_fuyu
+
+    fuyu_dir, run, hf_dir = tmp_path / "fuyu", tmp_path / "run", tmp_path / "hf"
+    fuyu_dir.mkdir()
+    write_fuyu(fuyu_dir)
+    cfg = tiny_config(tmp_path, world, steps=2, save_every=2, parallel="none", val_every=0)
+    assert (
+        cli.main(["train", str(cfg), f"train.run_dir={run}", f"train.init.weights={fuyu_dir}"]) == 0
+    )
+    p = load_pretrained(run)
+    model = p.model.eval()
+    m = model.cfg
+    assert (m.family, m.image_layout.type, m.image_layout.canvas) == ("fuyu", "fuyu", list(CANVAS))
+    assert (m.decoder.norm, m.decoder.ffn_type) == ("layer", "mlp")
+    assert p.processor.image_mean == (0.5,) * 3 and p.processor.size is None  # Fuyu's
+    assert p.tokenizer.token_to_id("|NEWLINE|") == NEWLINE  # the directory's tokenizer
+
+    assert cli.main(["convert", str(run), "--to-hf", str(hf_dir)]) == 0
+    theirs = transformers.FuyuForCausalLM.from_pretrained(hf_dir).eval()
+    assert theirs.config.text_config.model_type == "persimmon"
+    newline = m.decoder.vocab_size
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    assert tok.convert_tokens_to_ids(IMAGE_NEWLINE_TOKEN) == newline  # |NEWLINE| was taken
+    # a 40 x 13 px image on the 24 x 40 canvas: 2 rows of 5 patches, each with its newline
+    sizes = torch.tensor([[13, 40]])
+    q = 12
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(5, 60, (1, q + 9), generator=g)
+    prompt[0, 2 : 2 + q] = model.image_token_id
+    pixels = torch.randn(1, 3, *CANVAS, generator=g)
+    hf_ids, patches = hf_input_ids(model, prompt, sizes), hf_pixel_values(model, pixels, sizes)
+    assert patches.shape == (1, 10, 8 * 8 * 3)
+    with torch.no_grad():
+        ours = model(prompt, pixel_values=pixels, image_sizes=sizes).logits
+        ref = theirs(input_ids=hf_ids, pixel_values=patches).logits
+        torch.testing.assert_close(ours, ref[..., :newline], rtol=1e-5, atol=1e-5)
+        new = generate(
+            model, prompt.tolist(), pixels, max_new_tokens=6, eos_token_id=[], image_sizes=sizes
+        )
+        out = theirs.generate(
+            input_ids=hf_ids,
+            pixel_values=patches,
+            max_new_tokens=6,
+            do_sample=False,
+            eos_token_id=None,
+            suppress_tokens=None,
+        )
+    assert out[0, prompt.shape[1] :].tolist() == new[0]
+    # ... and that directory read back is mm1's model again (one more vocabulary row).
+    back = build_model(ModelConfig(), init=InitConfig(weights=str(hf_dir))).eval()
+    assert back.cfg.image_layout.canvas == list(CANVAS)
+    with torch.no_grad():
+        again = back(prompt, pixel_values=pixels, image_sizes=sizes).logits
+    torch.testing.assert_close(again[..., :newline], ours, rtol=1e-5, atol=1e-5)

@@ -53,6 +53,9 @@ _LLAVA_TYPES = tuple(
     for v in ("", "Fast", "Pil")
 )
 _SIGLIP_TYPES = ("SiglipImageProcessor", "SiglipImageProcessorFast", "SiglipImageProcessorPil")
+# Fuyu's processor fits each image to its canvas itself: mm1's fuyu layout does that, so only
+# its rescaling and normalisation are read.
+_FUYU_TYPES = ("FuyuImageProcessor", "FuyuImageProcessorFast", "FuyuImageProcessorPil")
 
 
 @dataclass(frozen=True)
@@ -133,14 +136,16 @@ class ImageProcessor:
             base = cls.clip(224)
         elif kind in _SIGLIP_TYPES:
             base = cls.siglip(224)
+        elif kind in _FUYU_TYPES:
+            base = replace(cls.siglip(224), size=None)
         else:
             raise ValueError(
-                f"{file}: unsupported image_processor_type {kind!r}; "
-                f"supported: {', '.join(_CLIP_TYPES + _LLAVA_TYPES + _SIGLIP_TYPES)}"
+                f"{file}: unsupported image_processor_type {kind!r}; supported: "
+                f"{', '.join(_CLIP_TYPES + _LLAVA_TYPES + _SIGLIP_TYPES + _FUYU_TYPES)}"
             )
 
         resize: dict[str, Any] = {}
-        if cfg.get("do_resize", True) is False:
+        if kind in _FUYU_TYPES or cfg.get("do_resize", True) is False:
             resize = {"shortest_edge": None, "size": None}
         elif cfg.get("size") is not None:
             resize = _parse_size(cfg["size"], bool(cfg.get("default_to_square", False)), file)

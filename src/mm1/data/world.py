@@ -136,7 +136,9 @@ def image_processor_for(
     src = saved or (saved_tokenizer_dir(init_dir) if init_dir else None)
     if src is not None and (src / PREPROCESSOR_CONFIG).exists():
         base = ImageProcessor.from_pretrained(src)
-        if model.image_layout.type == "fuyu":  # the layout fits each image to the canvas
+        # The fuyu layout fits each image to its canvas; a source that resizes nothing (Fuyu's
+        # processor, a fuyu run's) starts a model whose layout is that.
+        if model.image_layout.type == "fuyu" or base.size is base.shortest_edge is None:
             return replace(base, shortest_edge=None, size=None, crop_size=None)
         if base.shortest_edge is not None:
             return ImageProcessor.from_pretrained(src, shortest_edge=size, crop_size=(size, size))

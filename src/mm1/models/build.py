@@ -12,6 +12,7 @@ from mm1.models.family import family_spec
 from mm1.models.mllm import MLLM
 from mm1.models.starting_point import (
     expected_shapes,
+    fuyu_source,
     hf_source,
     llava_source,
     starting_state,
@@ -42,6 +43,13 @@ def resolve_config(
         theirs.image_layout.encoder_chunk = cfg.image_layout.encoder_chunk
         cfg.vision, cfg.connector, cfg.decoder = theirs.vision, theirs.connector, theirs.decoder
         cfg.image_layout = theirs.image_layout
+    fuyu = fuyu_source(init)
+    if fuyu:
+        from mm1.models.hf.fuyu import fuyu_model_config_from_hf
+
+        attention = cfg.decoder.attention  # how attention is computed stays ours
+        cfg = fuyu_model_config_from_hf(fuyu, cfg)
+        cfg.decoder.attention = attention
     vision_hf, decoder_hf = hf_source(init, "vision"), hf_source(init, "decoder")
     if vision_hf or decoder_hf:
         hf = family_spec(cfg.family).hf()  # imported here: only needed with HF starting points

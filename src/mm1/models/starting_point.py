@@ -41,8 +41,8 @@ class Source:
 
     @property
     def kind(self) -> str:
-        """hf | llava | run | checkpoint | export (llava: a transformers LLaVA / LLaVA-NeXT
-        directory, which gives every part)"""
+        """hf | llava | fuyu | run | checkpoint | export (llava / fuyu: a transformers LLaVA /
+        LLaVA-NeXT / FuyuForCausalLM directory, which gives every part)"""
         return source_kind(self.path, self.key)
 
 
@@ -57,10 +57,11 @@ def source_kind(path: str | os.PathLike[str], key: str) -> str:
     if is_checkpoint(p):
         return "checkpoint"
     if (p / "config.json").is_file():
+        from mm1.models.hf.fuyu import is_fuyu_config
         from mm1.models.hf.llava import is_llava_config
 
         try:
-            return "llava" if is_llava_config(p) else "hf"
+            return "llava" if is_llava_config(p) else "fuyu" if is_fuyu_config(p) else "hf"
         except ValueError as err:  # config.json unreadable: its error names the file
             raise ConfigError(f"{key}={path}: {err}") from None
     raise ConfigError(
@@ -99,6 +100,11 @@ def sources(init: InitConfig) -> list[Source]:
     for s in out:
         if s.kind in ("run", "checkpoint") and s.parts != ("vision",):
             _refuse_encoder_run(s)
+        if s.kind == "fuyu" and s.parts != INIT_PARTS:
+            raise ConfigError(
+                f"{s.key}={s.path} is a FuyuForCausalLM checkpoint: it starts the whole model "
+                "(its architecture included) as train.init.weights, with no other train.init key"
+            )
         if s.kind == "hf":
             if s.parts == ("vision", "connector", "decoder") or len(s.parts) != 1:
                 _refuse_unread_model_type(s)
@@ -133,7 +139,7 @@ def _refuse_unread_model_type(s: Source) -> None:
     from mm1.models.hf.vision import TWO_TOWER_TYPES, VISION_TYPES
 
     read = {
-        "train.init.weights": tuple(LLAVA_ARCHITECTURES),
+        "train.init.weights": (*LLAVA_ARCHITECTURES, "fuyu"),
         "train.init.vision": (*VISION_TYPES, *TWO_TOWER_TYPES),
         "train.init.decoder": DECODER_TYPES,
     }
@@ -151,6 +157,13 @@ def llava_source(init: InitConfig) -> str | None:
     included, replaces the config's), if `train.init.weights` names one."""
     w = init.weights
     return w if w and source_kind(w, "train.init.weights") == "llava" else None
+
+
+def fuyu_source(init: InitConfig) -> str | None:
+    """The transformers FuyuForCausalLM directory the model starts from (its architecture
+    replaces the config's: `model.family: fuyu`), if `train.init.weights` names one."""
+    w = init.weights
+    return w if w and source_kind(w, "train.init.weights") == "fuyu" else None
 
 
 def hf_source(init: InitConfig, part: str) -> str | None:
@@ -243,10 +256,15 @@ def _read_source(
             ignore = hf.decoder_ignored(cfg.decoder)
             ctx_kw["hf"] = HFPart(part, hf.KEY_MAPS["decoder"], ignore)
             ctx_kw["new_token_ids"] = tuple(new_token_ids)
-    elif s.kind == "llava":
+    elif s.kind in ("llava", "fuyu"):
+        from mm1.models.hf.fuyu import fuyu_state_to_ours
         from mm1.models.hf.llava import llava_state_to_ours
 
-        raw = llava_state_to_ours(hf.load_hf_state_dict(s.path), cfg)
+        read = hf.load_hf_state_dict(s.path)
+        if s.kind == "fuyu":
+            raw = fuyu_state_to_ours(s.path, read)
+        else:
+            raw = llava_state_to_ours(read, cfg)
         raw = {
             k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True)
             for k, v in raw.items()

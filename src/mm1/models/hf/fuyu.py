@@ -7,21 +7,36 @@ becomes one more vocabulary row, id `vocab_size` (`image_newline_id`; its output
 zero when the head is untied, the vector itself when tied). The logits over mm1's vocabulary
 are mm1's. Inputs for the HF model are mm1's with that id written at each row's end
 (`hf_input_ids`) and the pixels as patches (`hf_pixel_values`).
+
+Read back (`train.init.weights`: a `FuyuForCausalLM` directory, Fuyu-8B's or one mm1 wrote),
+the directory gives the architecture: the text model (Persimmon for Fuyu-8B, any decoder
+family mm1 reads), the patch size, Fuyu's canvas from its image processor's `size`, and the
+newline vector from the embedding row of the tokenizer's `|NEWLINE|`.
 """
 
 from __future__ import annotations
 
+import copy
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mm1.models.hf.decoder import decoder_to_hf
+from mm1.config import ModelConfig
+from mm1.data.images import PREPROCESSOR_CONFIG
+from mm1.models.hf.checkpoint import KEY_MAPS, PathLike, read_hf_config
+from mm1.models.hf.decoder import decoder_config_from_hf, decoder_ignored, decoder_to_hf
+from mm1.models.hf.moe import MOE_TYPES, fuse_experts
+from mm1.models.hf.persimmon import persimmon_state_from_hf
 from mm1.tiling import fuyu_grid
 
 if TYPE_CHECKING:
+    from mm1.data.images import ImageProcessor
     from mm1.models.fuyu import Fuyu
 
 NEWLINE_TOKEN = "|NEWLINE|"  # Fuyu-8B's name for it
+IMAGE_NEWLINE_TOKEN = "|IMAGE_NEWLINE|"  # the name when the vocabulary has |NEWLINE| already
 
 
 def image_newline_id(model: Fuyu) -> int:
@@ -78,11 +93,16 @@ def _grids(model: Fuyu, n: int, image_sizes: torch.Tensor | None) -> list[tuple[
 
 
 def hf_input_ids(
-    model: Fuyu, input_ids: torch.Tensor, image_sizes: torch.Tensor | None = None
+    model: Fuyu,
+    input_ids: torch.Tensor,
+    image_sizes: torch.Tensor | None = None,
+    newline_id: int | None = None,
 ) -> torch.Tensor:
     """mm1's `input_ids` with the newline id at the end of each row of every image's slots
     (an image's slots are consecutive: rows x (cols + 1), `image_sizes` giving each image's
-    rows and cols on Fuyu's canvas)."""
+    rows and cols on Fuyu's canvas). `newline_id`: the HF vocabulary's newline token; None
+    is the row mm1's export adds (`image_newline_id`); a model read from Fuyu-8B's directory
+    still equals it at its own `|NEWLINE|` id (`newline_token_id`) until it is trained."""
     out = input_ids.clone()
     flat = out.view(-1)
     slots = (flat == model.image_token_id).nonzero().squeeze(-1)
@@ -97,7 +117,7 @@ def hf_input_ids(
     start = 0
     for rows, cols in grids:
         ends = slots[start : start + rows * (cols + 1)].view(rows, cols + 1)[:, -1]
-        flat[ends] = image_newline_id(model)
+        flat[ends] = image_newline_id(model) if newline_id is None else newline_id
         start += rows * (cols + 1)
     return out
 
@@ -116,3 +136,146 @@ def hf_pixel_values(
         for image, (rows, cols) in zip(pixel_values, grids)
     ]
     return torch.cat(parts)[None]
+
+
+# transformers 4's FuyuConfig kept the text model's keys at the top level (`text_config` absent).
+_TOP_LEVEL_TEXT_KEYS = (
+    "vocab_size",
+    "max_position_embeddings",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "hidden_act",
+    "layer_norm_eps",
+    "qk_layernorm",
+    "partial_rotary_factor",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "tie_word_embeddings",
+)
+FUYU_PROCESSOR_TYPES = ("FuyuImageProcessor", "FuyuImageProcessorFast", "FuyuImageProcessorPil")
+
+
+def fuyu_processor_config(model: Fuyu, processor: ImageProcessor) -> dict[str, Any]:
+    """transformers' Fuyu image processor config giving `model`'s pixels: its canvas, patch
+    size and padding (1 of 255, bilinear), and `processor`'s rescaling and normalisation."""
+    height, width = model.canvas
+    p = model.cfg.vision.patch_size
+    mean, std, rescale = processor.image_mean, processor.image_std, processor.rescale_factor
+    return {
+        "image_processor_type": "FuyuImageProcessor",
+        "do_resize": True,
+        "size": {"height": height, "width": width},
+        "resample": 2,  # bilinear, as FuyuFormat resizes
+        "do_pad": True,
+        "padding_value": 1.0,
+        "padding_mode": "constant",
+        "do_rescale": rescale is not None,
+        "rescale_factor": rescale if rescale is not None else 1 / 255,
+        "do_normalize": mean is not None,
+        "image_mean": list(mean) if mean is not None else 0.5,
+        "image_std": list(std) if std is not None else 0.5,
+        "patch_size": {"height": p, "width": p},
+    }
+
+
+def is_fuyu_config(path: PathLike) -> bool:
+    return read_hf_config(path).get("model_type") == "fuyu"
+
+
+def fuyu_text_config(hf: dict[str, Any]) -> dict[str, Any]:
+    """The text model's config of a FuyuConfig dict (Persimmon unless it names another)."""
+    text = hf.get("text_config")
+    if text is None:
+        text = {k: hf[k] for k in _TOP_LEVEL_TEXT_KEYS if k in hf}
+    # mm1 writes the tie at the top level (FuyuForCausalLM ties there); a text config may too.
+    return {
+        "model_type": "persimmon",
+        "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        **text,
+    }
+
+
+def fuyu_canvas_from_hf(path: PathLike) -> list[int] | None:
+    """Fuyu's canvas [height, width] from the directory's Fuyu image processor (`size`), or
+    None (no such file: the square of the config's image_size)."""
+    f = Path(path) / PREPROCESSOR_CONFIG
+    if not f.is_file():
+        return None
+    cfg = json.loads(f.read_text())
+    size = cfg.get("size") or {}
+    if cfg.get("image_processor_type") not in FUYU_PROCESSOR_TYPES or "height" not in size:
+        return None
+    return [int(size["height"]), int(size["width"])]
+
+
+def fuyu_model_config_from_hf(path: PathLike, base: ModelConfig | None = None) -> ModelConfig:
+    """The model a FuyuForCausalLM directory holds, as a `model.family: fuyu` config (`base`'s
+    other settings kept): its text model, patch size, canvas and image placeholder."""
+    hf = read_hf_config(path)
+    cfg = copy.deepcopy(base) if base is not None else ModelConfig()
+    cfg.family = "fuyu"
+    cfg.decoder = decoder_config_from_hf(fuyu_text_config(hf))
+    patch = int(hf.get("patch_size") or 30)
+    canvas = fuyu_canvas_from_hf(path)
+    size = int(hf.get("image_size") or 300)
+    cfg.vision.patch_size = patch
+    # image_size is the square the `single` layout resizes to; Fuyu's canvas is the layout's.
+    cfg.vision.image_size = size if size % patch == 0 else (canvas or [patch])[0]
+    cfg.image_layout.type = "fuyu"
+    cfg.image_layout.canvas = canvas
+    cfg.image_token_id = int(hf.get("image_token_id", 71011))
+    return cfg
+
+
+def newline_token_id(path: PathLike) -> int:
+    """The id of `|NEWLINE|` in the directory's tokenizer.json: the token whose embedding
+    Fuyu writes after each row of patches."""
+    import tokenizers
+
+    f = Path(path) / "tokenizer.json"
+    token = None
+    if f.is_file():  # mm1's export of a model read from Fuyu-8B names its row apart
+        tok = tokenizers.Tokenizer.from_file(str(f))
+        token = tok.token_to_id(IMAGE_NEWLINE_TOKEN)
+        token = tok.token_to_id(NEWLINE_TOKEN) if token is None else token
+    if token is None:
+        raise ValueError(
+            f"{path}: Fuyu ends each row of patches with the {NEWLINE_TOKEN} token, and no "
+            "tokenizer.json there has it"
+        )
+    return int(token)
+
+
+def fuyu_state_to_ours(path: PathLike, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A FuyuForCausalLM checkpoint's tensors (transformers 5 or 4 names) under the fuyu
+    family's names: `connector.` (vision_embed_tokens), `decoder.` (the text model and the
+    head) and `image_newline` (the `|NEWLINE|` embedding row)."""
+    hf = read_hf_config(path)
+    text = fuyu_text_config(hf)
+    decoder: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.removeprefix("model.").startswith("vision_embed_tokens."):
+            out["connector." + key.removeprefix("model.").split(".", 1)[1]] = value
+        elif key in ("lm_head.weight", "language_model.lm_head.weight"):
+            decoder["lm_head.weight"] = value
+        elif key.startswith(("model.language_model.", "language_model.model.")):
+            decoder["model." + key.split(".", 2)[2]] = value
+        else:
+            raise ValueError(f"{path}: unexpected FuyuForCausalLM tensor {key!r}")
+    if text["model_type"] == "persimmon":
+        decoder = persimmon_state_from_hf(decoder, int(text["num_attention_heads"]))
+    elif text["model_type"] in MOE_TYPES:
+        decoder = fuse_experts(decoder, str(path))
+    ignore = decoder_ignored(decoder_config_from_hf(text))
+    keymap = KEY_MAPS["decoder"]
+    for key, value in decoder.items():
+        ours = keymap.to_ours(key)
+        if not ignore(ours):
+            out["decoder." + ours] = value
+    embed = out["decoder.embed_tokens.weight"]
+    out["image_newline"] = embed[newline_token_id(path)].clone()
+    return out

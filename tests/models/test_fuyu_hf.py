@@ -1,0 +1,158 @@
+"""A transformers `FuyuForCausalLM` directory as a starting point (`train.init.weights`): Fuyu-8B's
+own architecture (a Persimmon text model, a rectangular canvas, `|NEWLINE|` in the vocabulary),
+built tiny here, read into a `model.family: fuyu` model whose logits and greedy tokens are
+transformers' on its processor's inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mm1.config import ConfigError, InitConfig, ModelConfig
+from mm1.models.build import build_model
+from mm1.models.hf.fuyu import NEWLINE_TOKEN, hf_input_ids, hf_pixel_values
+from tests.models.helpers import perturb
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+PATCH, CANVAS = 8, (24, 40)  # (height, width): wider than high, as Fuyu-8B's 1080 x 1920
+WORDS = ["<unk>", "<s>", "|ENDOFTEXT|", "|SPEAKER|", NEWLINE_TOKEN] + [f"w{i}" for i in range(59)]
+SPEAKER, NEWLINE = WORDS.index("|SPEAKER|"), WORDS.index(NEWLINE_TOKEN)
+
+
+def write_tokenizer(out: Path) -> None:
+    """A word-level tokenizer with Fuyu-8B's special names (BOS <s>, EOS |ENDOFTEXT|)."""
+    import tokenizers
+
+    tok = tokenizers.Tokenizer(
+        tokenizers.models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>")
+    )
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(out / "tokenizer.json"))
+    special = {"bos_token": "<s>", "eos_token": "|ENDOFTEXT|", "unk_token": "<unk>"}
+    (out / "tokenizer_config.json").write_text(json.dumps(special))
+
+
+def write_fuyu(out: Path, seed: int = 0, **text: object) -> transformers.FuyuForCausalLM:
+    """A tiny Fuyu-8B: Persimmon text model, |NEWLINE| and |SPEAKER| in its vocabulary, its
+    image processor's canvas CANVAS."""
+    torch.manual_seed(seed)
+    text_config = dict(
+        vocab_size=len(WORDS),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        rope_theta=25000.0,
+        partial_rotary_factor=0.5,
+        **text,
+    )
+    config = transformers.FuyuConfig(
+        text_config=text_config, patch_size=PATCH, image_size=CANVAS[0], image_token_id=SPEAKER
+    )
+    model = perturb(transformers.FuyuForCausalLM(config), seed)
+    model.save_pretrained(out)
+    write_tokenizer(out)
+    from transformers.models.fuyu.image_processing_pil_fuyu import FuyuImageProcessorPil
+
+    size = {"height": CANVAS[0], "width": CANVAS[1]}
+    FuyuImageProcessorPil(size=size, patch_size={"height": PATCH, "width": PATCH}).save_pretrained(
+        out
+    )
+    return model
+
+
+def _noise_image(w: int, h: int, seed: int):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _read(out: Path):
+    """The fuyu model mm1 builds from the directory (its own vocabulary: no tokenizer given)."""
+    return build_model(ModelConfig(), init=InitConfig(weights=str(out))).eval()
+
+
+@pytest.mark.parametrize("text", [{}, {"qk_layernorm": False, "hidden_act": "gelu"}])
+def test_a_fuyu_directory_gives_the_architecture_and_the_weights(tmp_path, text):
+    theirs = write_fuyu(tmp_path, **text).eval()
+    model = _read(tmp_path)
+    cfg = model.cfg
+    assert cfg.family == "fuyu" and cfg.image_layout.type == "fuyu"
+    assert cfg.image_layout.canvas == list(CANVAS) and cfg.vision.patch_size == PATCH
+    d = cfg.decoder
+    assert (d.norm, d.rope_fraction, d.ffn_type, d.vocab_size) == ("layer", 0.5, "mlp", len(WORDS))
+    assert model.num_image_tokens == (24 // 8) * (40 // 8 + 1)
+    emb = theirs.get_input_embeddings().weight
+    torch.testing.assert_close(model.image_newline.data, emb[NEWLINE].data, rtol=0, atol=0)
+
+    from mm1.data.images import ImageProcessor
+    from mm1.data.layouts import FuyuFormat
+
+    # Three images of different shapes, the widest shrunk to the canvas; two rows.
+    images = [_noise_image(w, h, i) for i, (w, h) in enumerate([(50, 30), (9, 70), (40, 24)])]
+    fmt = FuyuFormat(model.num_image_tokens, canvas=CANVAS, patch_size=PATCH)
+    processor = ImageProcessor.from_pretrained(tmp_path)  # Fuyu's: no resize, mean / std 0.5
+    assert processor.size is processor.shortest_edge is None and processor.image_mean == (0.5,) * 3
+    pixels = fmt.pixel_values(processor, images)
+    _, sizes = fmt.image_info(images)
+    g = torch.Generator().manual_seed(5)
+    text_ids = [torch.randint(5, len(WORDS), (n,), generator=g) for n in (3, 4, 2, 5)]
+    slot = [torch.full((fmt.slots(im),), model.image_token_id) for im in images]
+    rows = [
+        torch.cat([text_ids[0], slot[0], text_ids[1], slot[1]]),
+        torch.cat([text_ids[2], slot[2], text_ids[3]]),
+    ]
+    length = max(len(r) for r in rows)
+    ids = torch.stack([torch.cat([r, torch.full((length - len(r),), 5)]) for r in rows])
+    # The HF model reads the directory's own ids: |SPEAKER| slots, |NEWLINE| row ends.
+    hf_ids = hf_input_ids(model, ids, sizes, newline_id=NEWLINE)
+    assert int((hf_ids == NEWLINE).sum()) == sum(fmt.grid_for_size(im.size)[0] for im in images)
+    hf_pixels = hf_pixel_values(model, pixels, sizes)
+    their_proc = _their_patches(tmp_path, images)
+    torch.testing.assert_close(hf_pixels, their_proc, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        ours = model(ids, pixel_values=pixels, image_sizes=sizes).logits
+        ref = theirs(input_ids=hf_ids, pixel_values=hf_pixels).logits
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def _their_patches(path: Path, images: list) -> torch.Tensor:
+    """transformers' Fuyu image processor, read from the directory: each image's patches that
+    carry tokens, in order (1, patches, p x p x 3)."""
+    from transformers.models.fuyu.image_processing_pil_fuyu import FuyuImageProcessorPil
+
+    proc = FuyuImageProcessorPil.from_pretrained(path)
+    parts = []
+    for im in images:
+        out = proc(images=[[im]])
+        canvas = torch.as_tensor(out["images"][0][0])
+        h, w = out["image_unpadded_heights"][0][0], out["image_unpadded_widths"][0][0]
+        info = proc.preprocess_with_tokenizer_info(
+            canvas[None, None],
+            torch.ones(1, 1, 1),
+            torch.tensor([[h]]),
+            torch.tensor([[w]]),
+            SPEAKER,
+            NEWLINE,
+            True,
+        )
+        parts.append(info["image_patches"][0][0])
+    return torch.cat(parts)[None]
+
+
+def test_a_fuyu_directory_starts_the_whole_model_only(tmp_path):
+    write_fuyu(tmp_path)
+    with pytest.raises(ConfigError, match="FuyuForCausalLM checkpoint: it starts the whole"):
+        build_model(ModelConfig(), init=InitConfig(decoder=str(tmp_path)))
+    (tmp_path / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match=r"\|NEWLINE\| token, and no tokenizer.json"):
+        _read(tmp_path)
