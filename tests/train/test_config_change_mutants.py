@@ -60,13 +60,39 @@ def test_a_run_without_a_checkpoint_is_not_compared(tmp_path) -> None:
 
 @pytest.mark.parametrize(
     "change",
-    ["model.vision.feature_layer=-2", "model.connector.num_tokens=64", "model.decoder.layers=3"],
+    [
+        "model.vision.feature_layer=-2",
+        "model.connector.num_tokens=64",
+        "model.decoder.layers=3",
+        "model.decoder.norm=layer",
+        "model.decoder.o_bias=true",
+    ],
 )
 def test_keys_that_shape_the_parameters_are_refused_even_when_forced(tmp_path, change) -> None:
     run = saved_run(tmp_path, [])
     key = change.split("=")[0]
     with pytest.raises(ConfigError, match=rf"--force cannot change the model: .*'s {key} is"):
         resume(run, [change], force=True)
+
+
+FUYU = ["model.family=fuyu", "model.vision.patch_size=16", "model.image_layout.type=fuyu"]
+
+
+@pytest.mark.parametrize(
+    "change", ["model.vision.width=512", "model.vision.layers=4", "model.connector.num_tokens=64"]
+)
+def test_a_fuyu_run_resumes_whatever_its_unused_encoder_keys_say(tmp_path, change) -> None:
+    """fuyu builds no encoder and no connector of those options: their keys mean nothing to
+    it, so a resume may change them, forced or not; its patch size still shapes the Linear."""
+    run = saved_run(tmp_path, FUYU)
+    resume(run, [*FUYU, change])
+    with pytest.raises(ConfigError, match=r"--force cannot change the model: .*patch_size"):
+        resume(run, [*FUYU[:2], "model.vision.patch_size=8", FUYU[2]], force=True)
+    # an MM1 run's same change is its model's
+    (tmp_path / "mm1").mkdir()
+    mm1 = saved_run(tmp_path / "mm1", [])
+    with pytest.raises(ConfigError, match="--force cannot change the model"):
+        resume(mm1, [change], force=True)
 
 
 def test_config_diff_sees_keys_on_either_side_and_sections_replaced() -> None:

@@ -67,12 +67,22 @@ MODEL_KEYS = (
             "ffn.experts",
             "ffn.every",
             "ffn.expert_dim",
+            "ffn.bias",
             "qk_norm",
             "qkv_bias",
+            "o_bias",
+            "norm",  # LayerNorm has a bias, RMSNorm none
             "tie_embeddings",
         )
     ),
     "encoder.objective",
+)
+# What a family without an image encoder (fuyu) does not build: its parameters are the
+# patches' Linear (set by the patch size alone) and the decoder's.
+ENCODER_ONLY_KEYS = (
+    *(f"model.vision.{k}" for k in ("variant", "width", "layers", "heads", "mlp_dim")),
+    "model.vision.feature_layer",
+    "model.connector",
 )
 # An encoder run's objective-specific parts: only the objective's own count.
 ENCODER_MODEL_KEYS = {
@@ -131,13 +141,26 @@ def model_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, A
     keys = list(MODEL_KEYS)
     if "encoder" in old and _value(old, "encoder.objective") == _value(new, "encoder.objective"):
         keys += ENCODER_MODEL_KEYS.get(str(_value(new, "encoder.objective")), ())
+    unused = unused_keys(old, new)
     out = []
     for key in [k for k in config_diff(old, new) if _under(k, tuple(keys))]:
+        if _under(key, unused):
+            continue
         a, b = _value(old, key), _value(new, key)
         if key == "encoder.text.hf" and (a is None) == (b is None):
             continue  # another path to a tower: its shapes are checked when it loads
         out.append((key, a, b))
     return out
+
+
+def unused_keys(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, ...]:
+    """Model keys the run's family does not read (a fuyu run's encoder and connector), which
+    a resume may change freely; none when the family itself changes."""
+    from mm1.registry import FAMILIES
+
+    family = _value(new, "model.family")
+    entry = FAMILIES.get(str(family)) if family == _value(old, "model.family") else None
+    return ENCODER_ONLY_KEYS if entry is not None and not entry.value.has_encoder else ()
 
 
 def refuse_model_change(
@@ -209,7 +232,8 @@ def check_resumed_config(
     deprecated_keys_in_dict(old)  # a run saved before train.init
     new = to_dict(cfg)
     old = current_shape(old, new)  # a run saved before the registries, or before a key
-    changed = meaningful(config_diff(old, new))
+    unused = unused_keys(old, new)
+    changed = [k for k in meaningful(config_diff(old, new)) if not _under(k, unused)]
     if resharding:  # the loaders start afresh in a new shuffle: any worker count will do
         changed = [k for k in changed if k != "data.num_workers"]
     if "data.num_workers" in changed:  # not even under --force: torchdata would fail deep
