@@ -73,6 +73,11 @@ def upcycle(
             f"{source} is already a MoE model (model.decoder.ffn.type=moe, "
             f"{cfg.decoder.ffn.experts} experts): upcycling starts from a dense one"
         )
+    if cfg.decoder.ffn_type != "swiglu":
+        raise ConfigError(
+            f"{source}'s FFN is model.decoder.ffn.type={cfg.decoder.ffn_type} (ungated, "
+            "Persimmon's): mm1's experts are SwiGLU, so they cannot start as copies of it"
+        )
     if not 1 <= every <= cfg.decoder.layers:
         raise ConfigError(
             f"--every={every} leaves no sparse layer among the decoder's "

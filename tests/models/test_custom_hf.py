@@ -54,7 +54,18 @@ CASES = [
     ("linear", "single", "clip"),
     ("pixel_shuffle", "single", "siglip"),
     ("pixel_shuffle", "dynamic", "clip"),  # CLS dropped before the blocks are stacked
+    ("avgpool", "single", "persimmon"),  # Fuyu-8B's decoder as the text model (CLIP encoder)
 ]
+# The decoder switches of a Persimmon text model (`models/hf/persimmon.py`).
+PERSIMMON = dict(
+    kv_heads=4,
+    norm="layer",
+    rope_fraction=0.5,
+    qk_norm=True,
+    qkv_bias=True,
+    o_bias=True,
+    ffn={"type": "mlp", "activation": "relu2"},
+)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +79,8 @@ def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
 
 
 def _model(tok: Tokenizer, connector: str, layout: str, variant: str, tie: bool = False) -> MM1:
+    decoder = PERSIMMON if variant == "persimmon" else {}
+    variant = "clip" if variant == "persimmon" else variant
     cfg = ModelConfig(
         vision=VisionConfig(
             variant=variant,
@@ -92,9 +105,9 @@ def _model(tok: Tokenizer, connector: str, layout: str, variant: str, tie: bool 
             dim=32,
             layers=2,
             heads=4,
-            kv_heads=2,
             ffn_dim=64,
             tie_embeddings=tie,
+            **{"kv_heads": 2, **decoder},
         ),
         image_token_id=tok.image_id,
         image_layout=ImageLayoutConfig(type=layout, max_tiles=4),
@@ -113,7 +126,7 @@ def test_custom_code_export_runs_without_mm1(tmp_path: Path, tok: Tokenizer) -> 
     expected = {}
     for i, (connector, layout, variant) in enumerate(CASES):
         model = _model(tok, connector, layout, variant)
-        proc = ImageProcessor.clip(32) if variant == "clip" else ImageProcessor.siglip(32)
+        proc = ImageProcessor.siglip(32) if variant == "siglip" else ImageProcessor.clip(32)
         data = DataConfig(image_boundaries=False)
         fmt = PromptFormat.from_config(data, model.num_image_tokens, model.cfg)
         out = tmp_path / f"{connector}_{layout}"

@@ -133,6 +133,40 @@ def test_bad_upcycling_requests_name_the_option(tmp_path, dense_run) -> None:
         upcycle(moe, tmp_path / "d", experts=4)
 
 
+def test_an_ungated_ffn_is_not_upcycled(tmp_path, world) -> None:
+    """Persimmon's FFN (up, squared ReLU, down) has no gate: SwiGLU experts cannot start as
+    copies of it, which both ways to upcycle say (before, the train.init path failed on
+    missing expert keys)."""
+    from mm1.config import DecoderConfig, InitConfig, ModelConfig, VisionConfig
+    from mm1.data.images import ImageProcessor
+    from mm1.data.tokenizer import Tokenizer
+    from mm1.models.build import build_model
+    from mm1.models.fuyu import Fuyu
+    from mm1.models.moe import MoEConfig
+    from mm1.pretrained import save_pretrained
+    from mm1.upcycling import upcycle
+
+    tok = Tokenizer.from_file(world / "tokenizer.json")
+    dec = dict(vocab_size=tok.vocab_size, dim=32, layers=2, heads=4, kv_heads=4, ffn_dim=64)
+    cfg = ModelConfig(
+        family="fuyu",
+        vision=VisionConfig(image_size=32, patch_size=16),
+        decoder=DecoderConfig(**dec, ffn={"type": "mlp", "activation": "relu2"}),
+        image_token_id=tok.image_id,
+    )
+    out = save_pretrained(Fuyu(cfg), tok, ImageProcessor.siglip(32), tmp_path / "dense")
+    with pytest.raises(ConfigError, match=r"model\.decoder\.ffn\.type=mlp \(ungated"):
+        upcycle(out, tmp_path / "moe", experts=4)
+    moe = ModelConfig(
+        family="fuyu",
+        vision=VisionConfig(image_size=32, patch_size=16),
+        decoder=DecoderConfig(**dec, ffn=MoEConfig(experts=4)),
+        image_token_id=tok.image_id,
+    )
+    with pytest.raises(ValueError, match=r"ungated FFN \(model\.decoder\.ffn\.type=mlp"):
+        build_model(moe, init=InitConfig(weights=str(out)))
+
+
 def test_moe_training_logs_aux_losses_and_expert_load(
     make_trainer, tmp_path, world, tiny_config
 ) -> None:
