@@ -71,5 +71,12 @@ class Batch:
         return 0 if self.pixel_values is None else self.pixel_values.shape[0]
 
     @property
+    def num_real_tokens(self) -> int:
+        """Tokens that are not padding: where `kind_ids` says so (-1 is padding), else all."""
+        if self.kind_ids is None:
+            return self.input_ids.numel()
+        return int((self.kind_ids >= 0).sum())
+
+    @property
     def num_label_tokens(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())

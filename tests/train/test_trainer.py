@@ -407,6 +407,29 @@ def test_alignment_stage_trains_the_connector_alone(tmp_path, world, tiny_config
     assert changed == {"connector"}
 
 
+def test_a_batch_without_its_optional_groups_still_trains(tmp_path, world, tiny_config) -> None:
+    """`Batch.kind_ids` and `dataset_ids` are optional (a loader of one's own may leave them
+    out): the step then counts every token as real and logs no per-group loss."""
+    import dataclasses
+
+    from mm1.config import load_config
+    from mm1.train.trainer import Trainer
+
+    cfg = load_config(
+        tiny_config(tmp_path, world, steps=1, parallel="none", val_every=0),
+        [f"train.run_dir={tmp_path / 'bare'}"],
+    )
+    trainer = Trainer(cfg)
+    trainer.setup()
+    micro = [
+        dataclasses.replace(next(iter(trainer.loader)), kind_ids=None, dataset_ids=None)
+        for _ in range(trainer.accum)
+    ]
+    result = trainer.train_step(micro)
+    assert math.isfinite(result.loss) and not result.per_kind and not result.per_dataset
+    assert result.tokens == result.slots == sum(b.input_ids.numel() for b in micro)
+
+
 def test_vision_lr_multiplier_and_no_decay_on_norms(tiny_model_config) -> None:
     from mm1.config import OptimConfig
     from mm1.models.mllm import MM1

@@ -473,13 +473,13 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        tokens = sum(int((b.kind_ids >= 0).sum()) for b in micro)  # non-padding tokens
+        tokens = sum(b.num_real_tokens for b in micro)
         images = sum(b.num_images for b in micro)
         return StepResult(
             loss=loss,
             per_kind=per_kind,
             tokens=tokens,
-            slots=sum(b.kind_ids.numel() for b in micro),
+            slots=sum(b.input_ids.numel() for b in micro),
             images=images,
             grad_norm=grad_norm,
             skipped=skipped,
