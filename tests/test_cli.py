@@ -101,8 +101,13 @@ def test_info_of_a_fuyu_model_counts_its_patches_and_newlines(capsys) -> None:
     args = ["info", preset, "model.family=fuyu", "model.vision.patch_size=16"]
     assert cli.main(args) in (0, None)
     out = capsys.readouterr().out
-    assert "16 patches, no encoder: each patch's pixels -> Linear" in out
+    assert "no encoder: the square 64 x 64px / patch 16 = 4 x 4 patches, each patch's" in out
     assert "-> 20 image tokens" in out  # 4 rows of 4 patches and a newline
+    canvas = ["model.image_layout.type=fuyu", "model.image_layout.canvas=[32,64]"]
+    assert cli.main([*args, *canvas]) in (0, None)
+    out = capsys.readouterr().out
+    assert "no encoder: Fuyu's canvas 32 x 64px / patch 16 = 2 x 4 patches" in out
+    assert "-> 10 image tokens" in out and "1 crop(s) of 32 x 64px -> 4-10 image" in out
     vision = next(x for x in out.splitlines() if "vision encoder" in x)
     assert " 0 (0) " in vision
     # p x p x 3 -> dim with a bias, the one image weight, and the newline: 768 x 192 + 2 x 192

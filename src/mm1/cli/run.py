@@ -49,14 +49,18 @@ def cmd_info(args: argparse.Namespace) -> None:
     console.print(table)
     console.print(f"vocabulary: {model_cfg.decoder.vocab_size:,} ({vocab_from})")
     m = model_cfg
-    console.print(
-        f"image: {m.vision.image_size}px / patch {m.vision.patch_size} = "
-        f"{m.vision.num_patches} patches, {family_spec(m.family).describe(m)} -> "
-        f"{s.image_tokens} image tokens"
+    family = family_spec(m.family)
+    patches = (
+        f"{m.vision.image_size}px / patch {m.vision.patch_size} = {m.vision.num_patches} patches, "
+        if family.has_encoder
+        else ""  # the family's own description says how it cuts the image
     )
+    console.print(f"image: {patches}{family.describe(m)} -> {s.image_tokens} image tokens")
     crops, slots = _layout_ranges(cfg, m, s.image_tokens)
+    canvas = m.image_layout.canvas if m.image_layout.type == "fuyu" else None
+    px = f"{canvas[0]} x {canvas[1]}px" if canvas else f"{m.vision.image_size}px"
     console.print(
-        f"image layout {m.image_layout.type}: {_span(crops)} crop(s) of {m.vision.image_size}px "
+        f"image layout {m.image_layout.type}: {_span(crops)} crop(s) of {px} "
         f"-> {_span(slots)} image tokens per image"
     )
     console.print(

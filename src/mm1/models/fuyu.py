@@ -115,7 +115,14 @@ def _validate(cfg: ModelConfig, prefix: str) -> None:
 
 
 def _describe(cfg: ModelConfig) -> str:
-    return "no encoder: each patch's pixels -> Linear, a newline token after each row"
+    p = cfg.vision.patch_size
+    canvas = cfg.image_layout.canvas if cfg.image_layout.type == "fuyu" else None
+    height, width = fuyu_canvas(canvas, cfg.vision.image_size)
+    where = "Fuyu's canvas" if cfg.image_layout.type == "fuyu" else "the square"
+    return (
+        f"no encoder: {where} {height} x {width}px / patch {p} = {height // p} x {width // p} "
+        "patches, each patch's pixels -> Linear, a newline token after each row"
+    )
 
 
 def _blocks(model: nn.Module) -> list[nn.ModuleList]:
