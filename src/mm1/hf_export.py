@@ -120,13 +120,16 @@ def _save_fuyu(p: Pretrained, out: Path, decoder_type: str | None) -> tuple[Path
     # token by now, its row trained apart from the newline vector): the new row gets its own name.
     name = NEWLINE_TOKEN if tok.token_to_id(NEWLINE_TOKEN) is None else IMAGE_NEWLINE_TOKEN
     _add_token(out, name, newline)
-    processor = fuyu_processor_config(p.model, p.processor)
-    (out / PREPROCESSOR_CONFIG).write_text(json.dumps(processor, indent=2) + "\n")
+    if p.cfg.image_layout.type == "fuyu":  # Fuyu's processor places images as the layout does
+        processor = fuyu_processor_config(p.model, p.processor)
+        (out / PREPROCESSOR_CONFIG).write_text(json.dumps(processor, indent=2) + "\n")
+    else:  # `single`: every image resized to the square, as mm1's processor does
+        p.processor.save_pretrained(out)
     save_decoder_hf(p.model.decoder, out / "decoder", model_type=decoder_type)
     tok.save(out / "decoder")
     return out, (
         f"wrote {out} (FuyuForCausalLM, the text model {hf['text_config']['model_type']}; "
-        f"{name} is token {newline}; its FuyuImageProcessor gives mm1's pixels. "
+        f"{name} is token {newline}; its image processor gives mm1's pixels. "
         "transformers' FuyuProcessor is not written: it reads Fuyu-8B's vocabulary; build "
         "inputs as mm1.models.hf.fuyu.hf_input_ids and hf_pixel_values do), and the decoder "
         "alone as "

@@ -4,7 +4,6 @@ weights (mm1's decoder as its text model)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -238,7 +237,6 @@ def _theirs(
 def test_fuyu_layout_pixels_slots_and_patches_are_fuyus_processor(
     patch: int, canvas: list[int] | None
 ) -> None:
-    from mm1.data.images import ImageProcessor
     from mm1.data.prompt_format import PromptFormat
     from mm1.data.world import image_processor_for
 
@@ -249,10 +247,12 @@ def test_fuyu_layout_pixels_slots_and_patches_are_fuyus_processor(
     )  # type: ignore[arg-type]
     assert fmt.layout == "fuyu"
     images = [_noise_image(w, h, i) for i, (w, h) in enumerate(SIZES)]
-    # The processor a run builds for the fuyu layout resizes nothing; Fuyu normalises as SigLIP.
+    # A run's processor resizes to the square (Fuyu normalises as SigLIP); the layout places
+    # each image on the canvas itself and leaves that resize out.
+    cfg.vision.variant = "siglip"
     processor = image_processor_for(cfg)
-    assert processor.size is processor.shortest_edge is processor.crop_size is None
-    pixels = fmt.pixel_values(replace(ImageProcessor.siglip(), size=None), images)
+    assert processor.size == (32, 32)
+    pixels = fmt.pixel_values(processor, images)
     _, sizes = fmt.image_info(images)
     their_pixels, their_ids, their_patches = _theirs(images, patch, model.canvas)
     torch.testing.assert_close(pixels, torch.stack(their_pixels), rtol=0, atol=1e-6)
@@ -355,3 +355,13 @@ def test_rices_warns_that_without_an_encoder_it_ranks_by_colour(caplog, tiny_mod
         assert not warned()
         warn_if_rices_is_weak(fuyu, "rices")
     assert len(warned()) == 1 and "model.family=fuyu has no image encoder" in warned()[0]
+
+
+def test_flops_of_an_image_are_counted_on_the_canvas() -> None:
+    """One crop of the fuyu layout is the whole canvas: a 32 x 64 canvas is twice the work of
+    the 32 px square (`mm1 info`, MFU)."""
+    from mm1.models.summary import summarize
+
+    square, wide = _fuyu_layout(8), _fuyu_layout(8, [32, 64])
+    assert summarize(wide).image_flops == 2 * summarize(square).image_flops > 0
+    assert summarize(wide).image_tokens == 4 * (8 + 1)

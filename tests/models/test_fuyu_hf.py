@@ -38,9 +38,12 @@ def write_tokenizer(out: Path) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(special))
 
 
-def write_fuyu(out: Path, seed: int = 0, **text: object) -> transformers.FuyuForCausalLM:
+def write_fuyu(
+    out: Path, seed: int = 0, tie: bool = False, **text: object
+) -> transformers.FuyuForCausalLM:
     """A tiny Fuyu-8B: Persimmon text model, |NEWLINE| and |SPEAKER| in its vocabulary, its
-    image processor's canvas CANVAS."""
+    image processor's canvas CANVAS; `tie`: the head tied to the embedding (FuyuConfig's
+    top-level key, which transformers ties by)."""
     torch.manual_seed(seed)
     text_config = dict(
         vocab_size=len(WORDS),
@@ -54,7 +57,11 @@ def write_fuyu(out: Path, seed: int = 0, **text: object) -> transformers.FuyuFor
         **text,
     )
     config = transformers.FuyuConfig(
-        text_config=text_config, patch_size=PATCH, image_size=CANVAS[0], image_token_id=SPEAKER
+        text_config=text_config,
+        patch_size=PATCH,
+        image_size=CANVAS[0],
+        image_token_id=SPEAKER,
+        tie_word_embeddings=tie,
     )
     model = perturb(transformers.FuyuForCausalLM(config), seed)
     model.save_pretrained(out)
@@ -81,9 +88,15 @@ def _read(out: Path):
     return build_model(ModelConfig(), init=InitConfig(weights=str(out))).eval()
 
 
-@pytest.mark.parametrize("text", [{}, {"qk_layernorm": False, "hidden_act": "gelu"}])
+@pytest.mark.parametrize(
+    "text",
+    [{}, {"qk_layernorm": False, "hidden_act": "gelu_pytorch_tanh"}, {"tie": True}],
+    ids=["fuyu-8b", "no-qk-norm-gelu-tanh", "tied"],
+)
 def test_a_fuyu_directory_gives_the_architecture_and_the_weights(tmp_path, text):
     theirs = write_fuyu(tmp_path, **text).eval()
+    if text.get("tie"):  # transformers writes no head, and the text config says untied
+        assert "lm_head.weight" not in _saved_keys(tmp_path)
     model = _read(tmp_path)
     cfg = model.cfg
     assert cfg.family == "fuyu" and cfg.image_layout.type == "fuyu"
@@ -123,6 +136,34 @@ def test_a_fuyu_directory_gives_the_architecture_and_the_weights(tmp_path, text)
         ours = model(ids, pixel_values=pixels, image_sizes=sizes).logits
         ref = theirs(input_ids=hf_ids, pixel_values=hf_pixels).logits
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def _saved_keys(path: Path) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(path / "model.safetensors", "pt") as f:
+        return set(f.keys())
+
+
+def test_a_transformers_4_fuyu_config_reads_its_top_level_text_keys():
+    """transformers 4 saved `text_config` without the values equal to its Persimmon defaults
+    (rope_theta 25,000; transformers 5's is 10,000), which stay at the top level."""
+    from mm1.models.hf.decoder import decoder_config_from_hf
+    from mm1.models.hf.fuyu import fuyu_text_config
+
+    sizes = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2)
+    saved = {
+        "model_type": "fuyu",
+        "rope_theta": 25000.0,
+        "partial_rotary_factor": 0.5,
+        "vocab_size": 64,
+        "intermediate_size": 96,
+        "text_config": {"model_type": "persimmon", **sizes},
+    }
+    decoder = decoder_config_from_hf(fuyu_text_config(saved))
+    assert (decoder.rope_theta, decoder.rope_fraction, decoder.vocab_size) == (25000.0, 0.5, 64)
+    saved["text_config"]["rope_theta"] = 123.0  # the text config's own value wins
+    assert decoder_config_from_hf(fuyu_text_config(saved)).rope_theta == 123.0
 
 
 def _their_patches(path: Path, images: list) -> torch.Tensor:

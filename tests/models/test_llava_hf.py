@@ -257,18 +257,29 @@ def _canvases(model: MM1) -> list[tuple[int, int]]:
     return canvas_candidates(model.cfg.vision.image_size, lay.pinpoints, lay.grid)
 
 
-@pytest.mark.parametrize("decoder", ["tied", "qwen3", "mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("decoder", ["tied", "qwen3", "mixtral", "qwen3_moe", "persimmon"])
 def test_tied_and_moe_decoders_go_out_and_back(
     tmp_path: Path, tok: Tokenizer, decoder: str
 ) -> None:
     """A tied head (not written; transformers re-ties it), a dense decoder with a q/k norm
-    (Qwen3) and MoE text models (per-expert weights, fused again on the way back) give
-    transformers' logits and read back unchanged."""
+    (Qwen3), MoE text models (per-expert weights, fused again on the way back) and Persimmon
+    (q / k / v fused per head, split again) give transformers' logits and read back
+    unchanged."""
     cfg = _config(tok, "single")
     cfg.decoder.tie_embeddings = decoder == "tied"
-    cfg.decoder.qk_norm = decoder in ("qwen3", "qwen3_moe")
+    cfg.decoder.qk_norm = decoder in ("qwen3", "qwen3_moe", "persimmon")
     if decoder in ("mixtral", "qwen3_moe"):
         cfg.decoder.ffn = {"type": "moe", "experts": 4, "top_k": 2, "norm_topk_prob": True}
+    if decoder == "persimmon":
+        d = cfg.decoder
+        d.kv_heads, d.norm, d.rope_fraction, d.qkv_bias, d.o_bias = (
+            d.heads,
+            "layer",
+            0.5,
+            True,
+            True,
+        )
+        d.ffn = {"type": "mlp", "activation": "gelu_tanh"}  # written as gelu_pytorch_tanh
     validate_model(cfg)
     torch.manual_seed(0)
     model = perturb(MM1(cfg))

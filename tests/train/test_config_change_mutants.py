@@ -75,6 +75,17 @@ def test_keys_that_shape_the_parameters_are_refused_even_when_forced(tmp_path, c
         resume(run, [change], force=True)
 
 
+def test_an_mlp_ffns_bias_shapes_the_parameters(tmp_path) -> None:
+    run = saved_run(tmp_path, ["model.decoder.ffn={type: mlp}"])
+    resume(run, ["model.decoder.ffn={type: mlp, activation: gelu}"], force=True)  # no weights
+    with pytest.raises(
+        ConfigError,
+        match=r"--force cannot change the model: .*'s model\.decoder\.ffn\.bias is True, the "
+        r"config's False",
+    ):
+        resume(run, ["model.decoder.ffn={type: mlp, bias: false}"], force=True)
+
+
 FUYU = ["model.family=fuyu", "model.vision.patch_size=16", "model.image_layout.type=fuyu"]
 
 

@@ -122,7 +122,8 @@ def test_fuyu_8b_shaped_directory_trains_and_goes_back_out_as_itself(
     m = model.cfg
     assert (m.family, m.image_layout.type, m.image_layout.canvas) == ("fuyu", "fuyu", list(CANVAS))
     assert (m.decoder.norm, m.decoder.ffn_type) == ("layer", "mlp")
-    assert p.processor.image_mean == (0.5,) * 3 and p.processor.size is None  # Fuyu's
+    # Fuyu's normalisation, at the directory's square (the fuyu layout places images itself)
+    assert p.processor.image_mean == (0.5,) * 3 and p.processor.size == (CANVAS[0],) * 2
     assert p.tokenizer.token_to_id("|NEWLINE|") == NEWLINE  # the directory's tokenizer
 
     assert cli.main(["convert", str(run), "--to-hf", str(hf_dir)]) == 0

@@ -85,13 +85,18 @@ def cmd_data_stats(args: argparse.Namespace) -> int | None:
     from mm1.data.loader import LoaderSettings, packing_stats
     from mm1.data.prompt_format import PromptFormat
     from mm1.data.world import prepare_data
+    from mm1.models.build import resolve_config
 
     if args.sequences < 1:  # statistics of no sequences are all zeros, not an answer
         raise ConfigError(f"--sequences {args.sequences}: give 1 or more")
     cfg = load_config(args.config, args.overrides)
+    # The architecture a run would build: a starting point's (LLaVA-NeXT, Fuyu) may replace
+    # the configured layout, and with it each image's slots.
     data = prepare_data(cfg.data, cfg.model, init=cfg.train.init)
-    q = cfg.model.num_image_tokens
-    fmt = PromptFormat.from_config(cfg.data, q, cfg.model)
+    tok = data.tokenizer
+    model = resolve_config(cfg.model, tok.vocab_size, tok.image_id, cfg.train.init)
+    q = model.num_image_tokens
+    fmt = PromptFormat.from_config(cfg.data, q, model)
     settings = LoaderSettings.from_config(cfg.data, data.sources, fmt)
     stats = packing_stats(
         settings, data.tokenizer, args.sequences, progress=not args.json, read_past_error_rate=True

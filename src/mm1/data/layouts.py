@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, ClassVar
 
 from PIL import Image
@@ -46,6 +47,8 @@ from mm1.tiling import (
 )
 
 if TYPE_CHECKING:
+    import torch
+
     from mm1.config import ImageLayoutConfig, ModelConfig
     from mm1.data.images import ImageProcessor
 
@@ -277,6 +280,20 @@ class FuyuFormat(PromptFormat):
 
     def slots(self, image: Image.Image, high_res: bool = True) -> int:
         return self.slots_for_size(image.size)
+
+    def pixel_values(
+        self,
+        processor: ImageProcessor,
+        images: list[Image.Image],
+        high_res: Sequence[bool] | None = None,
+    ) -> torch.Tensor:
+        """The canvases, rescaled and normalised by `processor`: the layout fits each image to
+        the canvas itself, so whatever resizing, cropping or padding the processor would do
+        (a run's CLIP or SigLIP square, Fuyu-8B's 1080 x 1920 `size`) is left out."""
+        unsized = replace(
+            processor, shortest_edge=None, size=None, crop_size=None, pad_to_square=False
+        )
+        return super().pixel_values(unsized, images, high_res)
 
     def crop(
         self, image: Image.Image, processor: ImageProcessor | None = None, high_res: bool = True

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from mm1.config import ConfigError, DataConfig, InitConfig, ModelConfig, SourceConfig
@@ -136,21 +136,12 @@ def image_processor_for(
     src = saved or (saved_tokenizer_dir(init_dir) if init_dir else None)
     if src is not None and (src / PREPROCESSOR_CONFIG).exists():
         base = ImageProcessor.from_pretrained(src)
-        # The fuyu layout fits each image to its canvas; a source that resizes nothing (Fuyu's
-        # processor, a fuyu run's) starts a model whose layout is that.
-        if model.image_layout.type == "fuyu" or base.size is base.shortest_edge is None:
-            return replace(base, shortest_edge=None, size=None, crop_size=None)
         if base.shortest_edge is not None:
             return ImageProcessor.from_pretrained(src, shortest_edge=size, crop_size=(size, size))
         return ImageProcessor.from_pretrained(src, size=(size, size))
-    base = (
-        ImageProcessor.siglip(size)
-        if model.vision.variant == "siglip"
-        else ImageProcessor.clip(size)
-    )
-    if model.image_layout.type == "fuyu":
-        return replace(base, shortest_edge=None, size=None, crop_size=None)
-    return base
+    if model.vision.variant == "siglip":
+        return ImageProcessor.siglip(size)
+    return ImageProcessor.clip(size)
 
 
 def prepare_data(

@@ -2,13 +2,14 @@
 flattened and projected by one Linear layer into the decoder's width, row by row, with a
 newline token after each row of patches (Adept's Fuyu-8B; transformers' `FuyuForCausalLM`).
 
-The decoder is mm1's (Llama-style, the same switches as MM1's); Fuyu-8B's own is Persimmon's
-(LayerNorm, squared ReLU, partial rotary), which mm1 does not build. With the `fuyu` image
-layout each image lies on Fuyu's canvas (`model.vision.image_size` square: shrunk to fit with
-its aspect kept, padded right and below, as transformers' Fuyu processor does) and only the
-patches that cover it become tokens; with `single` every image is resized to the square and
-gives the whole grid. The newline is a learned vector (written where the image's slots end a
-row), where Fuyu-8B uses a vocabulary token's embedding.
+The decoder is mm1's, with any of its switches; Fuyu-8B's own, Persimmon (LayerNorm, squared
+ReLU, partial rotary), is one setting of them. With the `fuyu` image layout each image lies on
+Fuyu's canvas (`model.image_layout.canvas`, [height, width] px, else the `model.vision.image_size`
+square: shrunk to fit with its aspect kept, padded right and below, as transformers' Fuyu
+processor does) and only the patches that cover it become tokens; with `single` every image is
+resized to the square and gives the whole grid. The newline is a learned vector (written where
+the image's slots end a row); Fuyu-8B's is its `|NEWLINE|` token's embedding, which is where a
+model read from its directory starts it (`mm1.models.hf.fuyu`).
 """
 
 from __future__ import annotations

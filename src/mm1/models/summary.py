@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mm1.config import ModelConfig
 from mm1.models.family import family_spec
 from mm1.models.mllm import MLLM
+from mm1.tiling import fuyu_canvas
 
 
 def build_meta(cfg: ModelConfig) -> MLLM:
@@ -73,9 +74,11 @@ def summarize(cfg: ModelConfig, seq_len: int | None = None) -> ModelSummary:
     matmul_params = active - emb + (emb if d.tie_embeddings else 0)
     attn = 12 * d.layers * d.heads * d.resolved_head_dim * t
     newline = 0 if model.image_newline is None else model.image_newline.numel()
-    size = cfg.vision.image_size
+    height = width = cfg.vision.image_size
+    if cfg.image_layout.type == "fuyu":  # one crop: Fuyu's canvas, rectangular or not
+        height, width = fuyu_canvas(cfg.image_layout.canvas, cfg.vision.image_size)
     with FlopCounterMode(display=False) as counter:
-        model.image_features(torch.empty(1, 3, size, size, device="meta"))
+        model.image_features(torch.empty(1, 3, height, width, device="meta"))
     return ModelSummary(
         vision=_count(model.vision),
         # the learned newline (anyres, fuyu) is the connector's, as a starting point counts it

@@ -46,7 +46,7 @@ from mm1.data.loader import (
     loader_counts,
 )
 from mm1.data.prompt_format import PromptFormat
-from mm1.data.world import carried_image_boundaries, prepare_data
+from mm1.data.world import carried_image_boundaries, image_processor_for, prepare_data
 from mm1.models.build import build_model, starting_point_state_dict
 from mm1.models.mllm import MLLM
 from mm1.models.starting_point import describe as describe_start
@@ -166,6 +166,9 @@ class Trainer:
             load_weights=starting,
         )
         self.model_cfg = model.cfg
+        # Images are read for the architecture built: a starting point's (a Fuyu checkpoint's
+        # square for RICES, its normalisation) where it replaced the configured one.
+        self.data.processor = image_processor_for(model.cfg, init, own)
         self._freeze(model)
         # Parameters acting on each token (all of them for a dense decoder): the law's N.
         self.num_decoder_params = active_parameters(model.decoder)

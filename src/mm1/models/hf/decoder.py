@@ -241,10 +241,12 @@ def decoder_config_to_hf(cfg: DecoderConfig, model_type: str = "llama") -> dict[
         if used
     ]
     if persimmon_only:
-        raise ValueError(
-            f"{model_type} has no {', '.join(persimmon_only)}; of transformers' decoders "
-            "persimmon has them"
+        where = (
+            "no MoE family (nor mm1_moe) has them"
+            if isinstance(cfg.ffn, MoEConfig)
+            else "of transformers' decoders persimmon has them"
         )
+        raise ValueError(f"{model_type} has no {', '.join(persimmon_only)}; {where}")
     if model_type == CUSTOM_MOE_TYPE:
         return custom_moe_config_to_hf(cfg)
     moe = moe_config_to_hf(cfg, model_type) if model_type in MOE_TYPES else {}

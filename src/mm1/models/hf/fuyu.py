@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,8 @@ from mm1.tiling import fuyu_grid
 if TYPE_CHECKING:
     from mm1.data.images import ImageProcessor
     from mm1.models.fuyu import Fuyu
+
+log = logging.getLogger(__name__)
 
 NEWLINE_TOKEN = "|NEWLINE|"  # Fuyu-8B's name for it
 IMAGE_NEWLINE_TOKEN = "|IMAGE_NEWLINE|"  # the name when the vocabulary has |NEWLINE| already
@@ -186,16 +189,16 @@ def is_fuyu_config(path: PathLike) -> bool:
 
 
 def fuyu_text_config(hf: dict[str, Any]) -> dict[str, Any]:
-    """The text model's config of a FuyuConfig dict (Persimmon unless it names another)."""
-    text = hf.get("text_config")
-    if text is None:
-        text = {k: hf[k] for k in _TOP_LEVEL_TEXT_KEYS if k in hf}
-    # mm1 writes the tie at the top level (FuyuForCausalLM ties there); a text config may too.
-    return {
-        "model_type": "persimmon",
-        "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
-        **text,
-    }
+    """The text model's config of a FuyuConfig dict (Persimmon unless it names another).
+    transformers 4 kept the text keys at the top level, and saved `text_config` without the
+    values equal to its Persimmon defaults (rope_theta 25,000, where transformers 5's default
+    is 10,000): a key `text_config` lacks is read from the top level. The head is tied as the
+    top-level `tie_word_embeddings` says, as FuyuForCausalLM ties it."""
+    flat = {k: hf[k] for k in _TOP_LEVEL_TEXT_KEYS if k in hf}
+    text = {"model_type": "persimmon", **flat, **(hf.get("text_config") or {})}
+    if "tie_word_embeddings" in hf:
+        text["tie_word_embeddings"] = bool(hf["tie_word_embeddings"])
+    return text
 
 
 def fuyu_canvas_from_hf(path: PathLike) -> list[int] | None:
@@ -220,6 +223,13 @@ def fuyu_model_config_from_hf(path: PathLike, base: ModelConfig | None = None) -
     cfg.decoder = decoder_config_from_hf(fuyu_text_config(hf))
     patch = int(hf.get("patch_size") or 30)
     canvas = fuyu_canvas_from_hf(path)
+    if canvas is None and cfg.image_layout.canvas is not None:
+        canvas = list(cfg.image_layout.canvas)  # the directory does not say: the config's
+        log.warning(
+            "%s has no Fuyu image processor config: model.image_layout.canvas=%s is kept",
+            path,
+            canvas,
+        )
     size = int(hf.get("image_size") or 300)
     cfg.vision.patch_size = patch
     # image_size is the square the `single` layout resizes to; Fuyu's canvas is the layout's.
@@ -277,5 +287,11 @@ def fuyu_state_to_ours(path: PathLike, state: dict[str, torch.Tensor]) -> dict[s
         if not ignore(ours):
             out["decoder." + ours] = value
     embed = out["decoder.embed_tokens.weight"]
-    out["image_newline"] = embed[newline_token_id(path)].clone()
+    newline = newline_token_id(path)
+    if not 0 <= newline < embed.shape[0]:
+        raise ValueError(
+            f"{path}: {NEWLINE_TOKEN} is token {newline}, outside the model's "
+            f"{embed.shape[0]}-row embedding"
+        )
+    out["image_newline"] = embed[newline].clone()
     return out

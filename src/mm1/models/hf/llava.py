@@ -30,6 +30,7 @@ from mm1.models.hf.checkpoint import (
 )
 from mm1.models.hf.decoder import decoder_config_from_hf, decoder_ignored, decoder_to_hf
 from mm1.models.hf.moe import fuse_experts
+from mm1.models.hf.persimmon import persimmon_state_from_hf
 from mm1.models.hf.vision import (
     VISION_TYPES,
     vision_config_from_hf,
@@ -269,6 +270,8 @@ def llava_state_to_ours(
     decoder_state = groups["decoder"]
     if any(".experts." in k for k in decoder_state):
         decoder_state = fuse_experts(decoder_state, "language_model")
+    if any(".self_attn.query_key_value." in k for k in decoder_state):  # a Persimmon text model
+        decoder_state = persimmon_state_from_hf(decoder_state, cfg.decoder.heads)
     decoder, _ = to_our_keys(
         decoder_state, KEY_MAPS["decoder"], decoder_ignored(cfg.decoder), "language_model"
     )

@@ -28,6 +28,24 @@ _RENAMES = (
     ("model.final_layernorm.", "model.norm."),
 )
 _FUSED = ".self_attn.query_key_value."
+# transformers' activation names <-> mm1's (`mm1.config.ACTIVATIONS`).
+_ACT_FROM_HF = {
+    "relu2": "relu2",
+    "relu": "relu",
+    "gelu": "gelu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "silu": "silu",
+    "quick_gelu": "quick_gelu",
+}
+_ACT_TO_HF = {
+    "relu2": "relu2",
+    "relu": "relu",
+    "gelu": "gelu",
+    "gelu_tanh": "gelu_pytorch_tanh",
+    "silu": "silu",
+    "quick_gelu": "quick_gelu",
+}
 # transformers' PersimmonConfig defaults, for configs that leave a key out.
 _DEFAULTS: dict[str, Any] = {
     "hidden_act": "relu2",
@@ -48,7 +66,13 @@ def persimmon_config_from_hf(
     """Our DecoderConfig for a persimmon config.json (`theta` / `scaling` as the caller read
     them; `need(hf, key, what)` raises for a missing key)."""
     if scaling.type != "default":
-        raise ValueError(f"rope scaling {scaling.type!r} is not supported for persimmon")
+        raise ValueError(
+            f"rope_scaling / rope_parameters type {scaling.type!r}: mm1 reads persimmon "
+            "decoders without rope scaling"
+        )
+    act = str(_get(hf, "hidden_act"))
+    if act not in _ACT_FROM_HF:
+        raise ValueError(f"hidden_act={act!r}: mm1's mlp FFN has {', '.join(sorted(_ACT_FROM_HF))}")
     what = "persimmon config"
     dim = int(need(hf, "hidden_size", what))
     heads = int(need(hf, "num_attention_heads", what))
@@ -61,7 +85,7 @@ def persimmon_config_from_hf(
         heads=heads,
         kv_heads=heads,
         ffn_dim=int(need(hf, "intermediate_size", what)),
-        ffn={"type": "mlp", "activation": str(_get(hf, "hidden_act")), "bias": True},
+        ffn={"type": "mlp", "activation": _ACT_FROM_HF[act], "bias": True},
         norm="layer",
         norm_eps=float(_get(hf, "layer_norm_eps")),
         rope_theta=theta,
@@ -101,6 +125,9 @@ def persimmon_config_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
     why = persimmon_mismatch(cfg)
     if why:
         raise ValueError(why)
+    act = _ffn_option(cfg, "activation", "relu2")
+    if act not in _ACT_TO_HF:
+        raise ValueError(f"model.decoder.ffn.activation={act!r} has no transformers name")
     rope = {
         "rope_type": "default",
         "rope_theta": cfg.rope_theta,
@@ -114,7 +141,7 @@ def persimmon_config_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
         "intermediate_size": cfg.ffn_dim,
         "num_hidden_layers": cfg.layers,
         "num_attention_heads": cfg.heads,
-        "hidden_act": _ffn_option(cfg, "activation", "relu2"),
+        "hidden_act": _ACT_TO_HF[act],
         "max_position_embeddings": cfg.max_seq_len,
         "layer_norm_eps": cfg.norm_eps,
         "qk_layernorm": cfg.qk_norm,
