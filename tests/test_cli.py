@@ -894,3 +894,16 @@ def test_info_names_the_command_for_other_yaml_files(capsys) -> None:
     assert _fails(capsys, "info", preset, "--seq-len", "-5") == (
         "config error: --seq-len -5 must be positive (0: the model's max_seq_len)"
     )
+
+
+def test_hf_type_offers_every_decoder_family_mm1_writes() -> None:
+    """`mm1 convert --hf-type` lists its choices without importing torch; they are the decoder
+    families `models/hf/decoder.py` writes (persimmon was missing when it was added there)."""
+    from mm1.cli import build_parser
+    from mm1.models.hf.decoder import DECODER_TYPES
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    convert = sub.choices["convert"]
+    hf_type = next(a for a in convert._actions if a.dest == "hf_type")
+    assert sorted(hf_type.choices) == sorted(DECODER_TYPES)

@@ -149,6 +149,38 @@ def test_aux_losses_are_normalised_like_the_cross_entropy(probe_ffn) -> None:
     assert parts["probe"] > 0
 
 
+def test_the_output_z_loss_is_log_z_squared_and_trains_it_down(tmp_path, world) -> None:
+    """`train.z_loss`: log(Z)^2 of the head's softmax at each label token (PaLM's z-loss, which
+    Chameleon trains with), normalised like the cross-entropy; off, nothing is computed."""
+    torch.manual_seed(0)
+    model = MM1(load_config(None, TINY).model).eval()
+    ids = torch.randint(1, 60, (4, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.masked_fill(torch.arange(12) < 3, -100)  # a prompt carries no target
+    out = model(ids, labels=labels, z_loss=True, return_logits=True)
+    log_z = torch.logsumexp(out.logits.float(), dim=-1)[labels != -100]
+    torch.testing.assert_close(out.aux_losses["logit_z"], log_z.square().mean())
+    total = int((labels != -100).sum())
+    halves = [
+        model(ids[i : i + 2], labels=labels[i : i + 2], num_label_tokens=total, z_loss=True)
+        for i in (0, 2)
+    ]
+    torch.testing.assert_close(sum(h.aux_losses["logit_z"] for h in halves), log_z.square().mean())
+    assert "logit_z" not in model(ids, labels=labels).aux_losses
+
+    _, off = _train(tmp_path, world, "z_off")
+    _, on = _train(tmp_path, world, "z_on", "train.z_loss=1.0")
+    assert not any(k.startswith("aux_loss") for r in off for k in r)
+    assert on[0]["loss"] == off[0]["loss"]  # the same first forward
+    for r in on:
+        assert r["loss_total"] == pytest.approx(r["loss"] + r["aux_loss_logit_z"])
+    assert on[1]["aux_loss_logit_z"] < on[0]["aux_loss_logit_z"]  # trained down
+    assert on[1]["loss"] != off[1]["loss"]
+    with pytest.raises(ConfigError, match=r"train\.z_loss=-1(\.0)? must be a finite number"):
+        load_config(None, ["train.z_loss=-1"])
+    with pytest.raises(ConfigError, match=r"aux_loss_weights\.logit_z: .* train\.z_loss"):
+        load_config(None, ["train.aux_loss_weights.logit_z=0.1"])
+
+
 def test_active_parameters_drive_the_lr_law_and_the_flops(tmp_path, world, probe_ffn) -> None:
     dense_cfg = load_config(None, TINY).model
     probe_cfg = load_config(None, [*TINY, "model.decoder.ffn=test_probe"]).model

@@ -177,10 +177,19 @@ def register(add: Add) -> None:
     p.add_argument(
         "--hf-type",
         default=None,
-        choices=("llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen3_moe", "mm1_moe"),
-        help="default for a dense decoder: qwen3 with a q/k norm, qwen2 with q/k/v biases, "
-        "mistral with a sliding window, else llama; for a MoE one the family it fits, else "
-        "mm1_moe",
+        choices=(
+            "llama",
+            "qwen2",
+            "qwen3",
+            "mistral",
+            "persimmon",
+            "mixtral",
+            "qwen3_moe",
+            "mm1_moe",
+        ),
+        help="default for a dense decoder: persimmon with LayerNorm (Fuyu-8B's), qwen3 with a "
+        "q/k norm, qwen2 with q/k/v biases, mistral with a sliding window, else llama; for a MoE "
+        "one the family it fits, else mm1_moe",
     )
 
     p = add("upcycle", cmd_upcycle, "a dense run or export -> a MoE export (sparse upcycling)")

@@ -29,6 +29,7 @@ NORM_TYPES = ("rms", "layer")
 # The built-in auxiliary losses (a MoE decoder's router losses, `mm1.models.moe`), weighted by
 # `train.aux_loss_weights`; a registered FFN may emit others.
 AUX_LOSSES = ("router_balance", "router_z")
+LOGIT_Z = "logit_z"  # the output z-loss's name among the auxiliary losses (`train.z_loss`)
 
 
 @dataclass
@@ -400,6 +401,10 @@ class TrainConfig:
     aux_loss_weights: dict[str, float] = field(
         default_factory=lambda: dict(zip(AUX_LOSSES, (0.01, 0.001), strict=True))
     )
+    # The output z-loss's weight: log(Z)^2 of the head's softmax at each label token, averaged
+    # as the cross-entropy is, keeps the logits from drifting (PaLM: 1e-4; Chameleon trains
+    # with it). 0: not computed. Logged as `aux_loss_logit_z`.
+    z_loss: float = 0.0
     wandb: str = "off"  # off | offline | online (online falls back to offline without a key)
     progress: bool = True
     seed: int = 0

@@ -20,6 +20,7 @@ from mm1.config.schema import (
     IMAGE_LAYOUTS,
     IMAGE_ROOT_FORMATS,
     INIT_PARTS,
+    LOGIT_Z,
     NORM_TYPES,
     OVERVIEW_PLACES,
     PROFILE_MAX_STEPS,
@@ -458,6 +459,12 @@ def validate(cfg: Config) -> None:
     for name, w in t.aux_loss_weights.items():
         if not (math.isfinite(w) and w >= 0):
             raise ConfigError(f"train.aux_loss_weights.{name}={w} must be a finite number >= 0")
+    if not (math.isfinite(t.z_loss) and t.z_loss >= 0):
+        raise ConfigError(f"train.z_loss={t.z_loss} must be a finite number >= 0 (0 = off)")
+    if LOGIT_Z in t.aux_loss_weights:
+        raise ConfigError(
+            f"train.aux_loss_weights.{LOGIT_Z}: the output z-loss is weighted by train.z_loss"
+        )
     if not 0 <= t.optim.min_lr_ratio <= 1:
         raise ConfigError(f"train.optim.min_lr_ratio={t.optim.min_lr_ratio} must be in [0, 1]")
     validate_eval(cfg.eval)

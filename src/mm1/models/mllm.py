@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mm1.batch import IGNORE_INDEX
-from mm1.config import ModelConfig, resolve_components
+from mm1.config import LOGIT_Z, ModelConfig, resolve_components
 from mm1.models.connectors import build_connector
 from mm1.models.decoder import Decoder
 from mm1.models.layers import init_weights
@@ -158,6 +158,7 @@ class MLLM(nn.Module, ABC):
         image_crops: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
         token_mask: torch.Tensor | None = None,
+        z_loss: bool = False,
     ) -> MM1Output:
         """Logits, and with `labels` the cross-entropy over the label tokens.
 
@@ -172,7 +173,9 @@ class MLLM(nn.Module, ABC):
         cross-entropy: scaled by this batch's share of the step's label tokens, so their sum
         over micro-batches and ranks is the label-weighted mean, whatever the accumulation.
         `token_mask` (B, T) marks the tokens a MoE router's statistics count (the non-padding
-        ones, image slots included); None counts every token.
+        ones, image slots included); None counts every token. `z_loss` adds the output z-loss
+        (`logit_z`: log(Z)^2 of the head's softmax per label token) to the auxiliary losses,
+        summed and normalised as the cross-entropy is.
         """
         embeds = self.embed(input_ids, pixel_values, image_crops, image_sizes)
         if return_logits is None:
@@ -201,6 +204,9 @@ class MLLM(nn.Module, ABC):
         denom = num_label_tokens if num_label_tokens is not None else n
         share = n / max(denom, 1)
         aux = {k: v * share for k, v in aux.items()}
+        if z_loss:
+            log_z = torch.logsumexp(label_logits.float(), dim=-1)
+            aux[LOGIT_Z] = log_z.square().sum() / max(denom, 1)
         return MM1Output(logits, loss_sum / max(denom, 1), loss_sum, n, token_loss, aux)
 
 

@@ -37,7 +37,7 @@ from mm1.config import (
     to_dict,
     to_yaml,
 )
-from mm1.config.schema import AUX_LOSSES
+from mm1.config.schema import AUX_LOSSES, LOGIT_Z
 from mm1.data.loader import (
     Loader,
     LoaderSettings,
@@ -443,6 +443,7 @@ class Trainer:
                     **batch.model_inputs(),
                     num_label_tokens=max(total_labels, 1),
                     token_mask=None if batch.kind_ids is None else batch.kind_ids >= 0,
+                    z_loss=self.cfg.train.z_loss > 0,
                 )
             add_loads(loads, last_expert_loads(model))  # before backward may recompute
             objective = out.loss
@@ -505,6 +506,8 @@ class Trainer:
             )
 
     def _aux_weight(self, name: str) -> float:
+        if name == LOGIT_Z:
+            return self.cfg.train.z_loss
         weights = self.cfg.train.aux_loss_weights
         if name not in weights:
             raise ConfigError(
