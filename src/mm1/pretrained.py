@@ -240,13 +240,16 @@ def check_device(device: str | torch.device, option: str = "--device") -> torch.
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
-    """An exported directory, a run directory (its newest complete checkpoint), or one of a
-    run's checkpoints (`RUN/checkpoints/step_N`, read with the run's tokenizer)."""
+    """An exported directory, a run directory (its newest complete checkpoint), one of a run's
+    checkpoints (`RUN/checkpoints/step_N`, read with the run's tokenizer), or a transformers
+    LLaVA / LLaVA-NeXT / FuyuForCausalLM directory (`_load_hf_model`)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     refuse_encoder_run(path)
     check_device(device)
+    if not is_export(path) and _hf_model_kind(path) is not None:
+        return _load_hf_model(path, device)
     if is_export(path):
         tok_dir = path
     elif is_run(path) and latest_checkpoint(path) is not None:
@@ -262,7 +265,8 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pre
     else:
         raise FileNotFoundError(
             f"{path} is neither an exported model ({EXPORT_WEIGHTS} + {MODEL_CONFIG}), a run "
-            "directory with checkpoints/, nor one of its checkpoints/step_N"
+            "directory with checkpoints/, one of its checkpoints/step_N, nor a transformers "
+            "LLaVA / LLaVA-NeXT / Fuyu directory"
         )
     model = model_from_saved(read_model_weights(path))
     model.to(device).eval()
@@ -273,3 +277,42 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pre
         path,
         load_prompt_format(tok_dir, model.num_image_tokens),
     )
+
+
+def _hf_model_kind(path: Path) -> str | None:
+    """ "llava" or "fuyu" for a transformers directory of a whole model mm1 reads, else None."""
+    if not (path / "config.json").is_file():
+        return None
+    from mm1.models.starting_point import source_kind
+
+    kind = source_kind(path, str(path))
+    return kind if kind in ("llava", "fuyu") else None
+
+
+def _load_hf_model(path: Path, device: str | torch.device) -> Pretrained:
+    """A transformers LLaVA / LLaVA-NeXT / FuyuForCausalLM directory, read as a run starting
+    from it reads it (`train.init.weights`), at its own image size: its architecture and
+    weights, its tokenizer with mm1's special tokens added (their rows at the mean), its image
+    processor, and its image layout with no boundary tokens. Eval, generate, chat and serve
+    then take the directory itself."""
+    from mm1.config import InitConfig
+    from mm1.data.world import image_processor_for
+    from mm1.models.build import build_model
+
+    if not (path / "tokenizer.json").is_file():
+        raise FileNotFoundError(
+            f"{path} has no tokenizer.json: mm1 reads a model with its tokenizer"
+        )
+    init = InitConfig(weights=str(path))
+    base = ModelConfig()
+    if _hf_model_kind(path) == "llava":  # at its own crop size (another one interpolates)
+        from mm1.models.hf.llava import llava_model_config_from_hf
+
+        base.vision.image_size = llava_model_config_from_hf(path).vision.image_size
+    tok = Tokenizer.from_file(path)
+    model = build_model(base, tok.vocab_size, tok.image_id, new_token_ids=tok.added_ids, init=init)
+    model.to(device).eval()
+    fmt = PromptFormat.from_config(
+        DataConfig(image_boundaries=False), model.num_image_tokens, model.cfg
+    )
+    return Pretrained(model, tok, image_processor_for(model.cfg, init), path, fmt)

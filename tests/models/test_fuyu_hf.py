@@ -197,3 +197,31 @@ def test_a_fuyu_directory_starts_the_whole_model_only(tmp_path):
     (tmp_path / "tokenizer.json").unlink()
     with pytest.raises(ValueError, match=r"\|NEWLINE\| token, and no tokenizer.json"):
         _read(tmp_path)
+
+
+def test_a_fuyu_directory_is_a_model_for_generate(tmp_path, capsys):
+    """`load_pretrained` (so `mm1 eval / generate / chat / serve`) takes the directory as it
+    is: the weights a run would start from, Fuyu's layout and canvas, its tokenizer."""
+    from mm1 import cli
+    from mm1.pretrained import load_pretrained
+
+    write_fuyu(tmp_path / "fuyu")
+    p = load_pretrained(tmp_path / "fuyu")
+    assert p.prompt_format.layout == "fuyu" and p.prompt_format.canvas == CANVAS
+    assert (
+        p.tokenizer.token_to_id(NEWLINE_TOKEN) == NEWLINE and p.processor.image_mean == (0.5,) * 3
+    )
+    started = _read(tmp_path / "fuyu")
+    for k, v in started.state_dict().items():
+        if k.startswith("decoder.embed_tokens") or k.startswith("decoder.lm_head"):
+            v = v[: len(WORDS)]  # the run's tokenizer adds mm1's special tokens after these
+            assert torch.equal(p.model.state_dict()[k][: len(WORDS)], v), k
+        else:
+            assert torch.equal(p.model.state_dict()[k], v), k
+    _noise_image(50, 30, 0).save(tmp_path / "im.png")
+    argv = ["generate", str(tmp_path / "fuyu"), "--prompt", "<image>w1 w2"]
+    assert cli.main([*argv, "--image", str(tmp_path / "im.png"), "--max-new-tokens", "3"]) in (
+        0,
+        None,
+    )
+    assert capsys.readouterr().out.strip()

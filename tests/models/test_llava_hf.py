@@ -157,6 +157,30 @@ def test_a_llava_directory_is_a_starting_point(tmp_path: Path, tok: Tokenizer, l
             model(ids, pixel_values=pixels, image_crops=crops)
 
 
+@pytest.mark.parametrize("layout", ["single", "anyres"])
+def test_a_llava_directory_is_a_model_for_eval_generate_and_serve(
+    tmp_path: Path, tok: Tokenizer, layout: str
+) -> None:
+    """`load_pretrained` (so `mm1 eval / generate / chat / serve`) takes a LLaVA directory as
+    it is: its weights, its tokenizer, its processor, its layout's prompts, at its own crop
+    size; the ids and greedy tokens are the exported model's."""
+    from mm1.pretrained import load_pretrained
+
+    exported, fmt = _export(tok, layout, "clip", tmp_path)
+    p = load_pretrained(tmp_path)
+    # (LLaVA-NeXT's canvases come back as the list of pinpoints its grid gave)
+    assert p.prompt_format.layout == fmt.layout and p.processor == ImageProcessor.clip(32)
+    assert p.cfg.vision.image_size == 32 and p.cfg.image_layout.type == layout
+    for k, v in exported.state_dict().items():
+        assert torch.equal(p.model.state_dict()[k], v), k
+    image = _image(70, 30, 0)
+    ids = tokenize_prompt(PROMPT, [image], p.tokenizer, p.prompt_format)
+    assert ids == tokenize_prompt(PROMPT, [image], tok, fmt)
+    pixels, (crops, sizes) = fmt.pixel_values(p.processor, [image]), fmt.image_info([image])
+    kw = dict(max_new_tokens=5, image_crops=crops, image_sizes=sizes)
+    assert generate(p.model, [ids], pixels, **kw) == generate(exported, [ids], pixels, **kw)
+
+
 def test_anyres_stage_from_a_single_layout_model_starts_a_fresh_newline(
     tmp_path: Path, tok: Tokenizer
 ) -> None:

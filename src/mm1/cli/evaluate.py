@@ -116,9 +116,9 @@ def _run_of(model: Path) -> Path:
 def _default_out(model: Path, folder: str) -> Path:
     """A run's results in the run (`RUN/FOLDER`); a checkpoint's in its run
     (`RUN/FOLDER/step_N`), since the checkpoint itself is deleted once newer ones replace it;
-    an export's in `runs/FOLDER/NAME-HASH` here (HASH of its resolved path, so two exports
-    named alike do not share a folder), since an export is a model to hand on (to a hub, to
-    `mm1 serve`) and may be read-only."""
+    an export's, or a transformers directory's (LLaVA, Fuyu), in `runs/FOLDER/NAME-HASH` here
+    (HASH of its resolved path, so two exports named alike do not share a folder), since such
+    a model is one to hand on (to a hub, to `mm1 serve`) and may be read-only (a hub cache)."""
     import hashlib
 
     from mm1.checkpoint import is_export
@@ -126,15 +126,15 @@ def _default_out(model: Path, folder: str) -> Path:
     run = _run_of(model)
     if run != model:
         return run / folder / model.name
-    if not is_export(model):
+    if not is_export(model) and not (model / "config.json").is_file():
         return model / folder
     real = model.resolve()
     tag = hashlib.blake2b(str(real).encode(), digest_size=4).hexdigest()
     out = Path("runs") / folder / f"{real.name}-{tag}"
     if out.resolve().is_relative_to(real):
         raise ConfigError(
-            f"{model} is an export and the current directory is inside it: pass --out DIR, so "
-            "the results do not go into the export"
+            f"{model} is an export (or a transformers directory) and the current directory is "
+            "inside it: pass --out DIR, so the results do not go into the model's directory"
         )
     return out
 
