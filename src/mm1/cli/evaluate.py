@@ -133,8 +133,8 @@ def _default_out(model: Path, folder: str) -> Path:
     out = Path("runs") / folder / f"{real.name}-{tag}"
     if out.resolve().is_relative_to(real):
         raise ConfigError(
-            f"{model} is an export (or a transformers directory) and the current directory is "
-            "inside it: pass --out DIR, so the results do not go into the model's directory"
+            f"{model} is {'an export' if is_export(model) else 'a transformers model'} and the "
+            "current directory is inside it: pass --out DIR, so the results do not go into it"
         )
     return out
 
