@@ -285,7 +285,7 @@ def _hf_model_kind(path: Path) -> str | None:
         return None
     from mm1.models.starting_point import source_kind
 
-    kind = source_kind(path, str(path))
+    kind = source_kind(path, "the model")
     return kind if kind in ("llava", "fuyu") else None
 
 

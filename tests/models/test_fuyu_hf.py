@@ -225,3 +225,50 @@ def test_a_fuyu_directory_is_a_model_for_generate(tmp_path, capsys):
         None,
     )
     assert capsys.readouterr().out.strip()
+
+
+def test_a_single_layout_export_and_a_directory_without_a_processor_config(tmp_path, caplog):
+    """mm1's --to-hf of a fuyu model with the `single` layout writes mm1's own processor: read
+    back, the directory keeps `single` (each image resized to the square), with the exported
+    model's weights. A Fuyu directory with no processor config at all is read with Fuyu's
+    [-1, 1] normalisation and the config's canvas, and says so."""
+    import logging
+
+    from mm1.config import DecoderConfig, VisionConfig
+    from mm1.data.images import ImageProcessor
+    from mm1.data.tokenizer import Tokenizer
+    from mm1.hf_export import save_hf
+    from mm1.models.fuyu import Fuyu
+    from mm1.pretrained import Pretrained, load_pretrained
+
+    write_tokenizer(tmp_path)
+    tok = Tokenizer.from_file(tmp_path)
+    dec = dict(vocab_size=tok.vocab_size, dim=32, layers=2, heads=4, kv_heads=4, ffn_dim=64)
+    cfg = ModelConfig(
+        family="fuyu",
+        vision=VisionConfig(image_size=32, patch_size=8),
+        decoder=DecoderConfig(**dec),
+        image_token_id=tok.image_id,
+    )
+    torch.manual_seed(0)
+    model = perturb(Fuyu(cfg))
+    from mm1.config import DataConfig
+    from mm1.data.prompt_format import PromptFormat
+
+    fmt = PromptFormat.from_config(DataConfig(image_boundaries=False), model.num_image_tokens, cfg)
+    out = tmp_path / "hf"
+    save_hf(Pretrained(model, tok, ImageProcessor.siglip(32), out, fmt), out)
+    p = load_pretrained(out)
+    assert p.cfg.image_layout.type == "single" and p.prompt_format.layout == "single"
+    assert p.processor == ImageProcessor.siglip(32)
+    for k, v in model.state_dict().items():
+        assert torch.equal(p.model.state_dict()[k][: v.shape[0]], v), k
+
+    fuyu = tmp_path / "fuyu"
+    fuyu.mkdir()
+    write_fuyu(fuyu)
+    (fuyu / "preprocessor_config.json").unlink()
+    with caplog.at_level(logging.WARNING):
+        p = load_pretrained(fuyu)
+    assert "has no image processor config" in caplog.text
+    assert p.processor.image_mean == (0.5,) * 3 and p.cfg.image_layout.type == "fuyu"

@@ -407,6 +407,28 @@ def test_alignment_stage_trains_the_connector_alone(tmp_path, world, tiny_config
     assert changed == {"connector"}
 
 
+def test_a_resumed_run_reads_images_with_its_own_saved_processor(
+    tmp_path, world, tiny_config
+) -> None:
+    """The processor a run saved when it started (`RUN/tokenizer`) is the one it resumes with,
+    whatever its starting point or the defaults say now, and it stays as saved."""
+    import json
+
+    from mm1.config import load_config
+    from mm1.train.trainer import Trainer
+
+    path = tiny_config(tmp_path, world, steps=2, save_every=2, parallel="none", val_every=0)
+    run = tmp_path / "own_processor"
+    Trainer(load_config(path, [f"train.run_dir={run}"])).fit()
+    saved = run / "tokenizer" / "preprocessor_config.json"
+    edited = {**json.loads(saved.read_text()), "image_mean": [0.25, 0.25, 0.25]}
+    saved.write_text(json.dumps(edited))
+    trainer = Trainer(load_config(path, [f"train.run_dir={run}", "train.steps=4"]))
+    trainer.setup()
+    assert trainer.data.processor.image_mean == (0.25, 0.25, 0.25)
+    assert json.loads(saved.read_text())["image_mean"] == [0.25, 0.25, 0.25]
+
+
 def test_a_batch_without_its_optional_groups_still_trains(tmp_path, world, tiny_config) -> None:
     """`Batch.kind_ids` and `dataset_ids` are optional (a loader of one's own may leave them
     out): the step then counts every token as real and logs no per-group loss."""

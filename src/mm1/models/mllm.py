@@ -197,15 +197,20 @@ class MLLM(nn.Module, ABC):
             label_logits = logits[labelled]
         else:
             label_logits = self.decoder.lm_head(hidden[labelled])
-        per_label = F.cross_entropy(label_logits.float(), labels[labelled], reduction="none")
+        log_z = None
+        if z_loss:  # one log-softmax for both: the head's activations are not kept twice
+            logp = F.log_softmax(label_logits.float(), dim=-1)
+            per_label = -logp.gather(-1, labels[labelled][:, None]).squeeze(-1)
+            log_z = label_logits[:, 0].float() - logp[:, 0]  # log-softmax = logit - log Z
+        else:
+            per_label = F.cross_entropy(label_logits.float(), labels[labelled], reduction="none")
         token_loss = per_label.new_zeros(labels.shape).masked_scatter(labelled, per_label)
         loss_sum = per_label.sum()
         n = per_label.numel()
         denom = num_label_tokens if num_label_tokens is not None else n
         share = n / max(denom, 1)
         aux = {k: v * share for k, v in aux.items()}
-        if z_loss:
-            log_z = torch.logsumexp(label_logits.float(), dim=-1)
+        if log_z is not None:
             aux[LOGIT_Z] = log_z.square().sum() / max(denom, 1)
         return MM1Output(logits, loss_sum / max(denom, 1), loss_sum, n, token_loss, aux)
 

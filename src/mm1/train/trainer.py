@@ -166,9 +166,10 @@ class Trainer:
             load_weights=starting,
         )
         self.model_cfg = model.cfg
-        # Images are read for the architecture built: a starting point's (a Fuyu checkpoint's
-        # square for RICES, its normalisation) where it replaced the configured one.
-        self.data.processor = image_processor_for(model.cfg, init, own)
+        if starting:  # a resumed run reads its own saved processor (prepare_data)
+            # Images are read for the architecture built: a starting point's (a Fuyu
+            # checkpoint's square for RICES) where it replaced the configured one.
+            self.data.processor = image_processor_for(model.cfg, init)
         self._freeze(model)
         # Parameters acting on each token (all of them for a dense decoder): the law's N.
         self.num_decoder_params = active_parameters(model.decoder)

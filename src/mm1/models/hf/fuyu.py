@@ -222,20 +222,26 @@ def fuyu_model_config_from_hf(path: PathLike, base: ModelConfig | None = None) -
     cfg.family = "fuyu"
     cfg.decoder = decoder_config_from_hf(fuyu_text_config(hf))
     patch = int(hf.get("patch_size") or 30)
-    canvas = fuyu_canvas_from_hf(path)
-    if canvas is None and cfg.image_layout.canvas is not None:
-        canvas = list(cfg.image_layout.canvas)  # the directory does not say: the config's
+    canvas, layout = fuyu_canvas_from_hf(path), "fuyu"
+    if (Path(path) / PREPROCESSOR_CONFIG).is_file() and canvas is None:
+        # another processor: mm1's export of a `single`-layout model (images resized square)
+        layout = "single"
+    elif canvas is None:
+        canvas = cfg.image_layout.canvas  # the directory does not say: the config's
         log.warning(
-            "%s has no Fuyu image processor config: model.image_layout.canvas=%s is kept",
+            "%s has no image processor config: Fuyu's canvas is model.image_layout.canvas=%s "
+            "(none: the %s px square) and images are normalised to [-1, 1]",
             path,
             canvas,
+            hf.get("image_size") or 300,
         )
     size = int(hf.get("image_size") or 300)
     cfg.vision.patch_size = patch
     # image_size is the square the `single` layout resizes to; Fuyu's canvas is the layout's.
     cfg.vision.image_size = size if size % patch == 0 else (canvas or [patch])[0]
-    cfg.image_layout.type = "fuyu"
-    cfg.image_layout.canvas = canvas
+    cfg.vision.variant = "siglip"  # without a processor config: Fuyu's [-1, 1] normalisation
+    cfg.image_layout.type = layout
+    cfg.image_layout.canvas = list(canvas) if canvas is not None else None
     cfg.image_token_id = int(hf.get("image_token_id", 71011))
     return cfg
 
