@@ -15,6 +15,7 @@ from mm1.models.starting_point import (
     fuyu_source,
     hf_source,
     llava_source,
+    sources,
     starting_state,
     with_deprecated,
 )
@@ -31,6 +32,7 @@ def resolve_config(
     Starting points are `init` (the deprecated `cfg.vision.init` / `cfg.decoder.init` count
     too); the resolved config names none (they are not part of the architecture)."""
     init = with_deprecated(cfg, init)
+    sources(init)  # a starting point of the wrong kind is refused before anything is built
     cfg = copy.deepcopy(cfg)
     cfg.vision.init = cfg.decoder.init = None
     _refuse_missing_encoder(cfg, init)
