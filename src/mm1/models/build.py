@@ -32,10 +32,10 @@ def resolve_config(
     Starting points are `init` (the deprecated `cfg.vision.init` / `cfg.decoder.init` count
     too); the resolved config names none (they are not part of the architecture)."""
     init = with_deprecated(cfg, init)
-    sources(init)  # a starting point of the wrong kind is refused before anything is built
     cfg = copy.deepcopy(cfg)
     cfg.vision.init = cfg.decoder.init = None
     _refuse_missing_encoder(cfg, init)
+    sources(init)  # a starting point of the wrong kind is refused before anything is built
     llava = llava_source(init)
     if llava:
         from mm1.models.hf.llava import llava_model_config_from_hf
