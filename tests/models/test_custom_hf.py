@@ -29,6 +29,7 @@ from mm1.hf_export import save_hf
 from mm1.models.generation import generate
 from mm1.models.mllm import MM1
 from mm1.pretrained import Pretrained
+from tests.models.test_persimmon import SWITCHES
 
 pytest.importorskip("transformers")
 
@@ -56,16 +57,7 @@ CASES = [
     ("pixel_shuffle", "dynamic", "clip"),  # CLS dropped before the blocks are stacked
     ("avgpool", "single", "persimmon"),  # Fuyu-8B's decoder as the text model (CLIP encoder)
 ]
-# The decoder switches of a Persimmon text model (`models/hf/persimmon.py`).
-PERSIMMON = dict(
-    kv_heads=4,
-    norm="layer",
-    rope_fraction=0.5,
-    qk_norm=True,
-    qkv_bias=True,
-    o_bias=True,
-    ffn={"type": "mlp", "activation": "relu2"},
-)
+PERSIMMON = {"kv_heads": 4, **SWITCHES}  # a Persimmon text model (`models/hf/persimmon.py`)
 
 
 @pytest.fixture(scope="module")

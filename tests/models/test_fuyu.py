@@ -200,16 +200,16 @@ def _noise_image(w: int, h: int, seed: int):
 
 
 def _theirs(
-    images: list, patch: int = 8, canvas: tuple[int, int] = (32, 32)
+    images: list, patch: int = 8, canvas: tuple[int, int] = (32, 32), proc=None
 ) -> tuple[list[torch.Tensor], list, list]:
-    """transformers' Fuyu processor on a (height, width) canvas (32 px square by default): each
-    image's padded pixels, its image ids (placeholder 7, newline 9: to be compared as a pattern)
-    and its patches."""
+    """transformers' Fuyu processor (`proc`, else one on a (height, width) canvas, 32 px square
+    by default): each image's padded pixels, its image ids (placeholder 7, newline 9: to be
+    compared as a pattern) and its patches."""
     from transformers.models.fuyu.image_processing_pil_fuyu import FuyuImageProcessorPil
 
     size = {"height": patch, "width": patch}
     target = {"height": canvas[0], "width": canvas[1]}
-    proc = FuyuImageProcessorPil(size=target, patch_size=size)
+    proc = proc or FuyuImageProcessorPil(size=target, patch_size=size)
     pixels, ids, patches = [], [], []
     for im in images:
         out = proc(images=[[im]])

@@ -171,23 +171,10 @@ def _their_patches(path: Path, images: list) -> torch.Tensor:
     carry tokens, in order (1, patches, p x p x 3)."""
     from transformers.models.fuyu.image_processing_pil_fuyu import FuyuImageProcessorPil
 
-    proc = FuyuImageProcessorPil.from_pretrained(path)
-    parts = []
-    for im in images:
-        out = proc(images=[[im]])
-        canvas = torch.as_tensor(out["images"][0][0])
-        h, w = out["image_unpadded_heights"][0][0], out["image_unpadded_widths"][0][0]
-        info = proc.preprocess_with_tokenizer_info(
-            canvas[None, None],
-            torch.ones(1, 1, 1),
-            torch.tensor([[h]]),
-            torch.tensor([[w]]),
-            SPEAKER,
-            NEWLINE,
-            True,
-        )
-        parts.append(info["image_patches"][0][0])
-    return torch.cat(parts)[None]
+    from tests.models.test_fuyu import _theirs
+
+    patches = _theirs(images, PATCH, proc=FuyuImageProcessorPil.from_pretrained(path))[2]
+    return torch.cat(patches)[None]
 
 
 def test_a_fuyu_directory_starts_the_whole_model_only(tmp_path):

@@ -27,7 +27,15 @@ PERSIMMON = dict(
     max_position_embeddings=256,
     rope_theta=25000.0,
 )
-# The switches that make mm1's decoder Persimmon's.
+# The switches that make mm1's decoder Persimmon's (with kv_heads = heads).
+SWITCHES = dict(
+    norm="layer",
+    rope_fraction=0.5,
+    qk_norm=True,
+    qkv_bias=True,
+    o_bias=True,
+    ffn={"type": "mlp", "activation": "relu2"},
+)
 OURS = dict(
     vocab_size=128,
     dim=64,
@@ -36,13 +44,8 @@ OURS = dict(
     kv_heads=4,
     ffn_dim=96,
     max_seq_len=256,
-    norm="layer",
-    rope_fraction=0.5,
-    qk_norm=True,
-    qkv_bias=True,
-    o_bias=True,
-    ffn={"type": "mlp", "activation": "relu2"},
     rope_theta=25000.0,
+    **SWITCHES,
 )
 
 

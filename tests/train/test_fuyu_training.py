@@ -14,6 +14,34 @@ import torch
 FUYU = ["model.family=fuyu", "model.vision.patch_size=16", "model.image_layout.type=fuyu"]
 
 
+def same_as_transformers(model, theirs, prompt, pixels, sizes) -> torch.Tensor:
+    """mm1's logits over its vocabulary and 6 greedy tokens equal the FuyuForCausalLM
+    `theirs` on the same inputs (mm1's newline row written as the HF model reads it, and the
+    pixels as its patches, which are returned); the newline is not suppressed."""
+    from mm1.models.generation import generate
+    from mm1.models.hf.fuyu import hf_input_ids, hf_pixel_values
+
+    hf_ids, patches = hf_input_ids(model, prompt, sizes), hf_pixel_values(model, pixels, sizes)
+    vocab = model.cfg.decoder.vocab_size
+    with torch.no_grad():
+        ours = model(prompt, pixel_values=pixels, image_sizes=sizes).logits
+        ref = theirs(input_ids=hf_ids, pixel_values=patches).logits
+        torch.testing.assert_close(ours, ref[..., :vocab], rtol=1e-5, atol=1e-5)
+        new = generate(
+            model, prompt.tolist(), pixels, max_new_tokens=6, eos_token_id=[], image_sizes=sizes
+        )
+        out = theirs.generate(
+            input_ids=hf_ids,
+            pixel_values=patches,
+            max_new_tokens=6,
+            do_sample=False,
+            eos_token_id=None,
+            suppress_tokens=None,
+        )
+    assert out[0, prompt.shape[1] :].tolist() == new[0]
+    return patches
+
+
 def test_a_fuyu_run_trains_evaluates_and_goes_out_as_transformers_fuyu(
     tmp_path, world, tiny_config
 ) -> None:
@@ -21,8 +49,6 @@ def test_a_fuyu_run_trains_evaluates_and_goes_out_as_transformers_fuyu(
 
     from mm1 import cli
     from mm1.models.fuyu import Fuyu
-    from mm1.models.generation import generate
-    from mm1.models.hf.fuyu import hf_input_ids, hf_pixel_values
     from mm1.pretrained import load_pretrained
 
     run, hf_dir = tmp_path / "run", tmp_path / "hf"
@@ -50,23 +76,8 @@ def test_a_fuyu_run_trains_evaluates_and_goes_out_as_transformers_fuyu(
     prompt = torch.randint(3, 200, (1, q + 9), generator=g)
     prompt[0, 2 : 2 + q] = model.image_token_id
     pixels = torch.randn(1, 3, 32, 32, generator=g)
-    hf_ids, patches = hf_input_ids(model, prompt, sizes), hf_pixel_values(model, pixels, sizes)
+    patches = same_as_transformers(model, theirs, prompt, pixels, sizes)
     assert patches.shape == (1, 2, 16 * 16 * 3)
-    with torch.no_grad():
-        ours = model(prompt, pixel_values=pixels, image_sizes=sizes).logits
-        ref = theirs(input_ids=hf_ids, pixel_values=patches).logits
-        torch.testing.assert_close(ours, ref[..., :newline], rtol=1e-5, atol=1e-5)
-        new = generate(
-            model, prompt.tolist(), pixels, max_new_tokens=6, eos_token_id=[], image_sizes=sizes
-        )
-        out = theirs.generate(
-            input_ids=hf_ids,
-            pixel_values=patches,
-            max_new_tokens=6,
-            do_sample=False,
-            eos_token_id=None,
-        )
-    assert out[0, prompt.shape[1] :].tolist() == new[0]
 
 
 def test_two_process_fsdp_fuyu_run_resumes_bit_exactly(
@@ -105,8 +116,7 @@ def test_fuyu_8b_shaped_directory_trains_and_goes_back_out_as_itself(
     from mm1 import cli
     from mm1.config import InitConfig, ModelConfig
     from mm1.models.build import build_model
-    from mm1.models.generation import generate
-    from mm1.models.hf.fuyu import IMAGE_NEWLINE_TOKEN, hf_input_ids, hf_pixel_values
+    from mm1.models.hf.fuyu import IMAGE_NEWLINE_TOKEN
     from mm1.pretrained import load_pretrained
     from tests.models.test_fuyu_hf import CANVAS, NEWLINE, write_fuyu
 
@@ -139,24 +149,10 @@ def test_fuyu_8b_shaped_directory_trains_and_goes_back_out_as_itself(
     prompt = torch.randint(5, 60, (1, q + 9), generator=g)
     prompt[0, 2 : 2 + q] = model.image_token_id
     pixels = torch.randn(1, 3, *CANVAS, generator=g)
-    hf_ids, patches = hf_input_ids(model, prompt, sizes), hf_pixel_values(model, pixels, sizes)
+    patches = same_as_transformers(model, theirs, prompt, pixels, sizes)
     assert patches.shape == (1, 10, 8 * 8 * 3)
     with torch.no_grad():
         ours = model(prompt, pixel_values=pixels, image_sizes=sizes).logits
-        ref = theirs(input_ids=hf_ids, pixel_values=patches).logits
-        torch.testing.assert_close(ours, ref[..., :newline], rtol=1e-5, atol=1e-5)
-        new = generate(
-            model, prompt.tolist(), pixels, max_new_tokens=6, eos_token_id=[], image_sizes=sizes
-        )
-        out = theirs.generate(
-            input_ids=hf_ids,
-            pixel_values=patches,
-            max_new_tokens=6,
-            do_sample=False,
-            eos_token_id=None,
-            suppress_tokens=None,
-        )
-    assert out[0, prompt.shape[1] :].tolist() == new[0]
     # ... and that directory read back is mm1's model again (one more vocabulary row).
     back = build_model(ModelConfig(), init=InitConfig(weights=str(hf_dir))).eval()
     assert back.cfg.image_layout.canvas == list(CANVAS)
