@@ -205,6 +205,9 @@ def test_a_fuyu_directory_is_a_model_for_generate(tmp_path, capsys):
             assert torch.equal(p.model.state_dict()[k][: len(WORDS)], v), k
         else:
             assert torch.equal(p.model.state_dict()[k], v), k
+    write_fuyu(tmp_path / "tied", tie=True)
+    tied = load_pretrained(tmp_path / "tied").model
+    assert tied.decoder.lm_head.weight is tied.decoder.embed_tokens.weight
     _noise_image(50, 30, 0).save(tmp_path / "im.png")
     argv = ["generate", str(tmp_path / "fuyu"), "--prompt", "<image>w1 w2"]
     assert cli.main([*argv, "--image", str(tmp_path / "im.png"), "--max-new-tokens", "3"]) in (
