@@ -10,13 +10,12 @@ losses come normalised the same way (`MM1.forward`); each is weighted by
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -88,12 +87,12 @@ class StepResult:
     images: int
     grad_norm: float
     skipped: bool
-    aux: dict[str, float] = dataclasses.field(default_factory=dict)  # unweighted, by name
+    aux: dict[str, float] = field(default_factory=dict)  # unweighted, by name
     objective: float | None = None  # loss + weighted aux losses (None without aux losses)
-    per_dataset: dict[str, float] = dataclasses.field(default_factory=dict)  # loss_ds_<name>
-    expert_load: dict[int, list[float]] = dataclasses.field(default_factory=dict)  # MoE layers
+    per_dataset: dict[str, float] = field(default_factory=dict)  # loss_ds_<name>
+    expert_load: dict[int, list[float]] = field(default_factory=dict)  # MoE layers
     nonfinite: str = ""  # what was not finite, when skipped ("loss", "gradient norm", ...)
-    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # other scalars, by name
+    metrics: dict[str, float] = field(default_factory=dict)  # other scalars, by name
 
 
 def nonfinite_part(loss: float, grad_norm: float, aux: dict[str, float] | None = None) -> str:
@@ -166,9 +165,7 @@ class Trainer:
             load_weights=starting,
         )
         self.model_cfg = model.cfg
-        if starting:  # a resumed run reads its own saved processor (prepare_data)
-            # Images are read for the architecture built: a starting point's (a Fuyu
-            # checkpoint's square for RICES) where it replaced the configured one.
+        if starting:  # the built architecture's images (a resumed run keeps its saved ones)
             self.data.processor = image_processor_for(model.cfg, init)
         self._freeze(model)
         # Parameters acting on each token (all of them for a dense decoder): the law's N.
