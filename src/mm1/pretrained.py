@@ -248,8 +248,9 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pre
         raise FileNotFoundError(f"{path} does not exist")
     refuse_encoder_run(path)
     check_device(device)
-    if not is_export(path) and _hf_model_kind(path) is not None:
-        return _load_hf_model(path, device)
+    kind = None if is_export(path) else _hf_model_kind(path)
+    if kind is not None:
+        return _load_hf_model(path, kind, device)
     if is_export(path):
         tok_dir = path
     elif is_run(path) and latest_checkpoint(path) is not None:
@@ -289,7 +290,7 @@ def _hf_model_kind(path: Path) -> str | None:
     return kind if kind in ("llava", "fuyu") else None
 
 
-def _load_hf_model(path: Path, device: str | torch.device) -> Pretrained:
+def _load_hf_model(path: Path, kind: str, device: str | torch.device) -> Pretrained:
     """A transformers LLaVA / LLaVA-NeXT / FuyuForCausalLM directory, read as a run starting
     from it reads it (`train.init.weights`), at its own image size: its architecture and
     weights, its tokenizer with mm1's special tokens added (their rows at the mean), its image
@@ -305,7 +306,7 @@ def _load_hf_model(path: Path, device: str | torch.device) -> Pretrained:
         )
     init = InitConfig(weights=str(path))
     base = ModelConfig()
-    if _hf_model_kind(path) == "llava":  # at its own crop size (another one interpolates)
+    if kind == "llava":  # at its own crop size (another one interpolates)
         from mm1.models.hf.llava import llava_model_config_from_hf
 
         base.vision.image_size = llava_model_config_from_hf(path).vision.image_size
