@@ -83,4 +83,4 @@ class Registry:
 
 CONNECTORS = Registry("connector", "mm1.models.connectors")
 FFNS = Registry("ffn", ("mm1.models.decoder", "mm1.models.moe"))
-FAMILIES = Registry("model family", ("mm1.models.family", "mm1.models.fuyu"))
+FAMILIES = Registry("model family", ("mm1.models.family", "mm1.models.fuyu", "mm1.models.emu2"))

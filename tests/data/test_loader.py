@@ -403,3 +403,38 @@ def test_mixture_weights_summing_to_zero_are_refused(world) -> None:
     spec = dataclasses.replace(_text_spec(world), weight=0.0)
     with pytest.raises(ValueError, match="sum to zero"):
         Mixture([SourceStream(0, spec, 0, 1, seed=0)], seed=0, slot=0)
+
+
+def _caption_documents(batches: list, tok) -> list[list[int]]:
+    """The caption pairs' token ids (BOS dropped) in `batches`."""
+    captions = SOURCE_KINDS.index("captions")
+    docs = []
+    for b in batches:
+        for row in range(b.input_ids.shape[0]):
+            for d in b.document_ids[row].unique().tolist():
+                at = (b.document_ids[row] == d) & (b.kind_ids[row] == captions)
+                ids = b.input_ids[row][at].tolist()
+                docs += [ids[1:] if ids and ids[0] == tok.bos_id else ids] if ids else []
+    return docs
+
+
+def test_caption_first_writes_that_share_of_pairs_text_first_and_resumes(world, tok) -> None:
+    """data.caption_first: 0 writes every caption pair image first, 1 every one caption first;
+    at 0.5 both occur, and a resume (whose buffered records are read again) gives exactly the
+    batches of the uninterrupted run, as each record's draw is its own."""
+    for share, first_is_slot in ((0.0, {True}), (1.0, {False}), (0.5, {True, False})):
+        batches = take(build_loader(settings(world, caption_first=share), tok, PROC), 16)
+        docs = _caption_documents(batches, tok)
+        assert len(docs) >= 12
+        assert {d[0] == tok.image_id for d in docs} == first_is_slot, share
+    s = settings(world, caption_first=0.5)
+    full = take(build_loader(s, tok, PROC), 6)
+    loader = build_loader(s, tok, PROC)
+    it = iter(loader)
+    head = [next(it) for _ in range(3)]
+    state = loader.state_dict()
+    del it, loader
+    resumed = build_loader(s, tok, PROC)
+    resumed.load_state_dict(state)
+    it = iter(resumed)
+    assert_same(head + [next(it) for _ in range(3)], full)

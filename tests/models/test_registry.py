@@ -108,8 +108,10 @@ def test_an_unknown_type_names_the_key_and_lists_the_registered_names(scaled_con
         ConfigError, match=r"^model\.decoder\.ffn\.type='soft_moe' .*registered: mlp, moe, swiglu"
     ):
         load_config(None, [*TINY, "model.decoder.ffn=soft_moe"])
-    with pytest.raises(ConfigError, match=r"^model\.family='emu2' .*registered: fuyu, mm1$"):
-        load_config(None, [*TINY, "model.family=emu2"])
+    with pytest.raises(
+        ConfigError, match=r"^model\.family='chameleon' .*registered: emu2, fuyu, mm1$"
+    ):
+        load_config(None, [*TINY, "model.family=chameleon"])
 
 
 def test_a_key_no_type_declares_is_an_error_naming_it() -> None:

@@ -2,7 +2,7 @@
 
 Each module here holds a group of commands with their parser entries (`register`): run.py (demo,
 train, info, ablate), data.py (data ..., recaption), model.py (convert, upcycle, generate, chat,
-serve), evaluate.py (eval), encoder.py (train-encoder, eval-encoder, export-encoder).
+serve), evaluate.py (eval, eval-generation), encoder.py (train-encoder, eval-encoder, export-encoder).
 """
 
 from __future__ import annotations

@@ -106,6 +106,51 @@ def cmd_eval_suite(args: argparse.Namespace) -> None:
     console.print(f"results: {r['files']['json']}  plot: {r['files']['plot']}")
 
 
+def cmd_eval_generation(args: argparse.Namespace) -> None:
+    from mm1.checkpoint import refuse_encoder_run
+    from mm1.data.world import run_world
+    from mm1.eval.image_generation import (
+        coco_captioned_images,
+        evaluate_image_generation,
+        scored_pairs,
+        world_captioned_images,
+        write_results,
+    )
+    from mm1.pretrained import load_pretrained
+
+    refuse_encoder_run(args.model)
+    if (args.captions is None) != (args.image_dir is None):
+        raise ConfigError("--captions and --image-dir go together (a COCO captions file)")
+    if args.max_images < 0 or args.max_images == 1:
+        raise ConfigError(f"--max-images {args.max_images}: 0 (all) or at least 2")
+    model_dir = Path(args.model)
+    if args.captions is not None:
+        images = coco_captioned_images(args.captions, args.image_dir)
+        source = f"{args.captions} ({args.image_dir})"
+    else:
+        world = Path(args.world or run_world(model_dir))
+        if not (world / "world.json").is_file():
+            raise ConfigError(
+                f"no synthetic world at {world}: pass --world DIR, or --captions FILE "
+                "--image-dir DIR (COCO captions) for your own images"
+            )
+        images, source = world_captioned_images(world), f"the world at {world} (held out)"
+    images = scored_pairs(images, args.max_images)
+    out = Path(args.out or _default_out(model_dir, EVAL_OUT))
+    _check_writable(out, args.out is not None)
+    p = load_pretrained(model_dir)
+    result = evaluate_image_generation(p, images, args.batch_size)
+    result["source"] = source
+    path = write_results(result, out, f"Image generation: {_model_name(model_dir)}")
+    r = result["text_to_image"]
+    console.print(
+        f"text -> image R@1 {r['text_to_image_r1']:.3f} (chance "
+        f"{r['text_to_image_r1_chance']:.3f}), R@5 {r['text_to_image_r5']:.3f}; cosine own "
+        f"{result['cosine_own']:.3f} vs others {result['cosine_others']:.3f}"
+    )
+    console.print(f"results: {path}")
+
+
 def _run_of(model: Path) -> Path:
     """Where a model's config.yaml is: a checkpoint's (`RUN/checkpoints/step_N`) is its run's."""
     from mm1.checkpoint import is_checkpoint
@@ -281,3 +326,16 @@ def register(add: Add) -> None:
     p.add_argument("--name", default=None)
     p.add_argument("--out", default=None, help=f"default: MODEL/{EVAL_OUT} (suite: eval-suite)")
     p.add_argument("overrides", nargs="*", help="eval.KEY=VALUE (e.g. eval.max_new_tokens=40)")
+
+    p = add(
+        "eval-generation",
+        cmd_eval_generation,
+        "text-to-image scores of an emu2 model: generated image features retrieve their image",
+    )
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--world", default=None, help="synthetic world (default: the run's own)")
+    p.add_argument("--captions", default=None, help="a COCO captions file (your own images)")
+    p.add_argument("--image-dir", default=None, help="the images of --captions")
+    p.add_argument("--max-images", type=int, default=0, help="the first N images (0: all)")
+    p.add_argument("--batch-size", type=int, default=32, help="captions generated at once")
+    p.add_argument("--out", default=None, help=f"default: MODEL/{EVAL_OUT}")

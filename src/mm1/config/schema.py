@@ -26,9 +26,12 @@ BAD_IMAGE_POLICIES = ("error", "empty")
 ATTENTION_BACKENDS = ("auto", "sdpa", "varlen", "flex")
 ROPE_TYPES = ("default", "linear", "llama3")
 NORM_TYPES = ("rms", "layer")
-# The built-in auxiliary losses (a MoE decoder's router losses, `mm1.models.moe`), weighted by
+# The built-in auxiliary losses (a MoE decoder's router losses, `mm1.models.moe`; an emu2
+# model's regression of image features, `mm1.models.emu2`), weighted by
 # `train.aux_loss_weights`; a registered FFN may emit others.
-AUX_LOSSES = ("router_balance", "router_z")
+IMAGE_REGRESSION = "image_regression"
+AUX_LOSSES = ("router_balance", "router_z", IMAGE_REGRESSION)
+REGRESSION_LOSSES = ("l1", "mse")  # `model.regression_loss`
 LOGIT_Z = "logit_z"  # the output z-loss's name among the auxiliary losses (`train.z_loss`)
 
 
@@ -201,6 +204,9 @@ class ModelConfig:
     image_token_id: int = -1
     init_std: float = 0.02
     image_layout: ImageLayoutConfig = field(default_factory=ImageLayoutConfig)
+    # The loss on regressed image features, for a family that predicts them (emu2): l1 (the
+    # talk's) or mse (squared error), each a mean over the feature's channels.
+    regression_loss: str = "l1"
 
     @property
     def resolved_image_token_id(self) -> int:
@@ -321,6 +327,11 @@ class DataConfig:
     # character (a 256 MB gzip-bombed line would take tens of GB). 4M characters is ~0.7 GB and
     # ~3 s, far beyond a web document; a corpus of whole books may need more.
     max_text_chars: int = 4_000_000
+    # The share of caption pairs ([image, caption] records, kind captions) written caption
+    # first, [caption, image]: text before an image is what a model that generates images
+    # learns from (emu2's regression). Chosen per record by its id and data.seed, the same at
+    # every read (resume); 0: every pair image first, as MM1 trains.
+    caption_first: float = 0.0
     # How SFT conversations are written: "" = the tokenizer's chat template (plain if it has
     # none), a built-in (plain, vicuna_v1, chatml, llama3) or a .jinja file; saved with the run.
     chat_template: str = ""
@@ -397,9 +408,10 @@ class TrainConfig:
     profile_steps: int = 2
     # Weight of each auxiliary loss the model emits, by name; a loss without a weight here
     # stops the run at its first step. Dense models emit none; a MoE decoder emits the router's
-    # load balance and z-loss (defaults: MM1's 0.01 and 0.001, from a secondary source).
+    # load balance and z-loss (defaults: MM1's 0.01 and 0.001, from a secondary source); an
+    # emu2 model its image regression (default 1: text and image losses weigh alike).
     aux_loss_weights: dict[str, float] = field(
-        default_factory=lambda: dict(zip(AUX_LOSSES, (0.01, 0.001), strict=True))
+        default_factory=lambda: dict(zip(AUX_LOSSES, (0.01, 0.001, 1.0), strict=True))
     )
     # The output z-loss's weight: log(Z)^2 of the head's softmax at each label token, averaged
     # as the cross-entropy is, keeps the logits from drifting (PaLM: 1e-4; Chameleon trains

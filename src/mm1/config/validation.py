@@ -24,6 +24,7 @@ from mm1.config.schema import (
     NORM_TYPES,
     OVERVIEW_PLACES,
     PROFILE_MAX_STEPS,
+    REGRESSION_LOSSES,
     ROPE_TYPES,
     SOURCE_FORMATS,
     SOURCE_KINDS,
@@ -209,6 +210,12 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
     if family.has_encoder:  # fuyu reads only the image and patch sizes of model.vision
         _validate_encoder(v, prefix)
     family.validate(m, prefix)
+    _choice(f"{prefix}.regression_loss", m.regression_loss, REGRESSION_LOSSES)
+    if m.regression_loss != REGRESSION_LOSSES[0] and not family.image_loss:
+        raise ConfigError(
+            f"{prefix}.regression_loss={m.regression_loss}: model.family={m.family} regresses "
+            "no image features (model.family=emu2 does)"
+        )
     d.ffn.validate(f"{prefix}.decoder.ffn", m)
     _choice(f"{prefix}.decoder.attention", d.attention, ATTENTION_BACKENDS)
     _choice(f"{prefix}.decoder.rope_scaling.type", d.rope_scaling.type, ROPE_TYPES)
@@ -368,6 +375,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.max_error_rate={d.max_error_rate} must be within [0, 1]")
     _non_negative("data.max_image_pixels", d.max_image_pixels, "0 = no cap")
     _non_negative("data.max_text_chars", d.max_text_chars, "0 = no cap")
+    if not 0 <= d.caption_first <= 1:
+        raise ConfigError(f"data.caption_first={d.caption_first} must be a share in [0, 1]")
     # torch's DataLoader refuses a negative count, but deep in training and without the key
     _non_negative("data.num_workers", d.num_workers)
     _choice("data.world_size", d.world_size, ("tiny", "small", "medium"))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import random
+from dataclasses import dataclass, field, replace
 
 from PIL import Image
 
@@ -63,3 +64,17 @@ class Conversation:
     def text_chars(self) -> int:
         """Characters of text in its messages (`data.max_text_chars`)."""
         return sum(len(c) for m in self.messages if isinstance(c := m.get("content"), str))
+
+
+def caption_first(doc: Document, share: float, seed: int) -> Document:
+    """A caption pair ([image, caption], kind captions) written [caption, image] for `share` of
+    the pairs, drawn by its id and `seed`, so every read of a record draws the same
+    (`data.caption_first`); any other document as it is."""
+    parts = doc.parts
+    if share <= 0 or doc.kind != "captions" or len(parts) != 2:
+        return doc
+    if not (isinstance(parts[0], Image.Image) and isinstance(parts[1], str)):
+        return doc
+    if random.Random(f"{seed}:{doc.id}").random() >= share:
+        return doc
+    return replace(doc, parts=[parts[1], parts[0]])

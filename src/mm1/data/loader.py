@@ -25,7 +25,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from mm1.batch import Batch
 from mm1.config import SOURCE_KINDS, DataConfig, SourceConfig
-from mm1.data.document import Conversation
+from mm1.data.document import Conversation, caption_first
 from mm1.data.images import ImageProcessor
 from mm1.data.mixture import Record, SourceStream
 from mm1.data.packing import (
@@ -68,6 +68,7 @@ class LoaderSettings:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_text_chars: int = DataConfig.max_text_chars
     resume_changed_sources: bool = False  # `mm1 train --force`
+    caption_first: float = 0.0  # `data.caption_first`
 
     @classmethod
     def from_config(
@@ -88,6 +89,7 @@ class LoaderSettings:
             seed=data.seed,
             max_image_pixels=data.max_image_pixels,
             max_text_chars=data.max_text_chars,
+            caption_first=data.caption_first,
         )
 
 
@@ -120,6 +122,7 @@ class PackedDataset(ShardedDataset):
     def tokenize(self, record: Record) -> TokenizedDocument:
         if isinstance(record, Conversation):
             return tokenize_conversation(record, self.tok, self.s.prompt_format)
+        record = caption_first(record, self.s.caption_first, self.s.seed)
         return tokenize_document(record, self.tok, self.s.prompt_format)
 
     def _fill(self) -> None:

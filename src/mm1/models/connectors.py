@@ -253,9 +253,13 @@ class AvgPoolConnector(nn.Module):
         self.num_tokens = self.side**2
         self.proj = nn.Linear(vision_width, out_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, P, C) patch features -> (N, Q, C), the pooled features `proj` maps."""
         pooled = F.adaptive_avg_pool2d(_to_grid(x, self.grid), self.side)
-        return self.proj(pooled.flatten(2).transpose(1, 2))
+        return pooled.flatten(2).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.pool(x))
 
 
 @register("attnpool", AttnPoolConnectorConfig)

@@ -3,7 +3,7 @@
 `model.family` names a registered spec; building, HF conversion, sharding, materialisation
 and the config's checks ask the spec instead of assuming MM1's class or guessing its attribute
 names. Each family registers its spec beside its model: `mm1` here, `fuyu` in
-`mm1.models.fuyu`.
+`mm1.models.fuyu`, `emu2` in `mm1.models.emu2`.
 """
 
 from __future__ import annotations
@@ -44,6 +44,12 @@ class ModelFamily:
     # Whether the family has an image encoder (`model.vision`'s transformer): starting points
     # and exports of the encoder need one.
     has_encoder: bool = True
+    # Whether the family has a loss on its image slots (`MLLM.image_losses`; emu2's regression,
+    # whose form `model.regression_loss` sets).
+    image_loss: bool = False
+    # A family whose image encoder and connector this one's are, key for key (emu2: mm1's):
+    # starting points carry those parts over between the two.
+    image_parts_of: str = ""
 
 
 def family_spec(name: str) -> ModelFamily:
@@ -54,6 +60,11 @@ def family_spec(name: str) -> ModelFamily:
             f"model.family={name!r} is not a registered family; {FAMILIES.registered()}"
         )
     return entry.value
+
+
+def shares_image_parts(a: str, b: str) -> bool:
+    """Whether models of families `a` and `b` hold the same image encoder and connector."""
+    return a == b or family_spec(a).image_parts_of == b or family_spec(b).image_parts_of == a
 
 
 def family_of(model: nn.Module) -> ModelFamily:

@@ -93,19 +93,48 @@ class MLLM(nn.Module, ABC):
         otherwise issue different collectives and hang."""
         chunk = self.cfg.image_layout.encoder_chunk
         if not chunk:
-            return self.connector(self.vision(pixel_values))
+            return self.crop_features(pixel_values)
         parts = pixel_values.split(chunk)
         extra = 0
         if _multi_rank():  # agreed before any call: the calls' collectives must line up
             calls = torch.tensor([len(parts)], device=pixel_values.device)
             dist.all_reduce(calls, op=dist.ReduceOp.MAX)
             extra = int(calls) - len(parts)
-        pieces = [self.connector(self.vision(part)) for part in parts]
+        pieces = [self.crop_features(part) for part in parts]
         blank = pixel_values.new_zeros(1, *pixel_values.shape[1:])
         for _ in range(extra):
-            dummy = self.connector(self.vision(blank)).sum()
+            dummy = self.crop_features(blank).sum()
             pieces[-1] = pieces[-1] + 0.0 * dummy.to(pieces[-1].dtype)
         return torch.cat(pieces)
+
+    def crop_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(n, 3, H, W) crops -> what `image_features` returns for them: the connector's
+        tokens (a family with an image loss appends its targets, `image_tokens_and_targets`)."""
+        return self.connector(self.vision(pixels))
+
+    def image_tokens_and_targets(
+        self,
+        pixel_values: torch.Tensor,
+        image_crops: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`image_tokens`, and per image slot what a family's image loss regresses there
+        (None: the family has no image loss; `image_losses`)."""
+        return self.image_tokens(pixel_values, image_crops, image_sizes), None
+
+    def image_losses(
+        self,
+        hidden: torch.Tensor,
+        input_ids: torch.Tensor,
+        document_ids: torch.Tensor | None,
+        targets: torch.Tensor | None,
+        num_images: int | None,
+    ) -> dict[str, torch.Tensor]:
+        """A family's losses on the image slots, by name (added to the auxiliary losses), from
+        the decoder's final hidden states and `image_tokens_and_targets`' targets (None when
+        the batch has no image); `num_images` is the step's image count, the normaliser that
+        makes them independent of accumulation and world size. None here."""
+        return {}
 
     def embed(
         self,
@@ -119,12 +148,24 @@ class MLLM(nn.Module, ABC):
         `pixel_values` holds every crop of every image in slot order; `image_crops` (N,) and
         `image_sizes` (N, 2: height, width) say which crops are whose and are needed only by
         the anyres layout (its crop count, when absent, follows from the size)."""
+        return self._embed(input_ids, pixel_values, image_crops, image_sizes)[0]
+
+    def _embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        image_crops: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`embed`, and the image loss's targets (`image_tokens_and_targets`)."""
         embeds = self.decoder.embed(input_ids)
         slots = input_ids == self.image_token_id
         n_slots = int(slots.sum())
         n_crops = 0 if pixel_values is None else pixel_values.shape[0]
+        targets = None
         if n_crops:
-            feats = self.image_tokens(pixel_values, image_crops, image_sizes).to(embeds.dtype)
+            feats, targets = self.image_tokens_and_targets(pixel_values, image_crops, image_sizes)
+            feats = feats.to(embeds.dtype)
             if n_slots != feats.shape[0]:
                 raise ValueError(
                     f"input_ids hold {n_slots} image slots but the {n_crops} crops given make "
@@ -144,7 +185,7 @@ class MLLM(nn.Module, ABC):
             if self.image_newline is not None:
                 unused = unused + self.image_newline.sum()
             embeds = embeds + 0.0 * unused.to(embeds.dtype)
-        return embeds
+        return embeds, targets
 
     def forward(
         self,
@@ -159,6 +200,7 @@ class MLLM(nn.Module, ABC):
         image_sizes: torch.Tensor | None = None,
         token_mask: torch.Tensor | None = None,
         z_loss: bool = False,
+        num_images: int | None = None,
     ) -> MM1Output:
         """Logits, and with `labels` the cross-entropy over the label tokens.
 
@@ -175,9 +217,11 @@ class MLLM(nn.Module, ABC):
         `token_mask` (B, T) marks the tokens a MoE router's statistics count (the non-padding
         ones, image slots included); None counts every token. `z_loss` adds the output z-loss
         (`logit_z`: log(Z)^2 of the head's softmax per label token) to the auxiliary losses,
-        summed and normalised as the cross-entropy is.
+        summed and normalised as the cross-entropy is. A family's image losses
+        (`image_losses`) join them, normalised by `num_images`, the step's images (None: this
+        batch's).
         """
-        embeds = self.embed(input_ids, pixel_values, image_crops, image_sizes)
+        embeds, targets = self._embed(input_ids, pixel_values, image_crops, image_sizes)
         if return_logits is None:
             return_logits = labels is None
         aux: dict[str, torch.Tensor] = {}
@@ -212,6 +256,7 @@ class MLLM(nn.Module, ABC):
         aux = {k: v * share for k, v in aux.items()}
         if log_z is not None:
             aux[LOGIT_Z] = log_z.square().sum() / max(denom, 1)
+        aux.update(self.image_losses(hidden, input_ids, document_ids, targets, num_images))
         return MM1Output(logits, loss_sum / max(denom, 1), loss_sum, n, token_loss, aux)
 
 

@@ -23,6 +23,7 @@ from mm1.checkpoint import (
     saved_run_kind,
 )
 from mm1.config import INIT_PARTS, ConfigError, InitConfig, ModelConfig
+from mm1.models.family import shares_image_parts
 from mm1.models.state_transforms import HFPart, LoadContext, apply_chain
 from mm1.models.upcycle import UpcycleOptions
 
@@ -273,7 +274,7 @@ def _read_source(
     else:
         saved = read_model_weights(s.path)
         image_parts = [p for p in s.parts if p != "decoder"]
-        if image_parts and saved.config.family != cfg.family:
+        if image_parts and not shares_image_parts(saved.config.family, cfg.family):
             raise ConfigError(
                 f"{s.key}={s.path} is a model.family={saved.config.family} model and this one "
                 f"is {cfg.family}: only a decoder carries over from one family to another "

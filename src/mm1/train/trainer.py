@@ -424,9 +424,9 @@ class Trainer:
     def train_step(self, micro: list[Batch]) -> StepResult:
         d, model = self.d, self.model
         model.train()
-        counts = torch.tensor([b.num_label_tokens for b in micro], dtype=torch.long).sum()
-        counts = counts.reshape(1)  # int64: a float32 count is exact only up to 2**24
-        total_labels = int(d.all_reduce_sum(counts.to(d.device)).item())
+        # [label tokens, images] of the step: int64, as a float32 count is exact only to 2**24
+        counts = torch.tensor([[b.num_label_tokens, b.num_images] for b in micro]).sum(0)
+        total_labels, total_images = d.all_reduce_sum(counts.to(d.device)).tolist()
         n_kind, n_ds = len(SOURCE_KINDS), len(self.dataset_names)
         # [loss_sum, per-kind loss sums, per-kind label counts, the same per dataset]
         sums = torch.zeros(1 + 2 * (n_kind + n_ds), device=d.device)
@@ -442,6 +442,7 @@ class Trainer:
                     num_label_tokens=max(total_labels, 1),
                     token_mask=None if batch.kind_ids is None else batch.kind_ids >= 0,
                     z_loss=self.cfg.train.z_loss > 0,
+                    num_images=total_images,
                 )
             add_loads(loads, last_expert_loads(model))  # before backward may recompute
             objective = out.loss
@@ -535,8 +536,7 @@ class Trainer:
             batch = batch.to(self.d.device)
             with autocast(self.d.device, dtype):
                 out = self.model(**batch.model_inputs())
-            loss_sum = out.loss_sum.float()
-            sums += torch.stack([loss_sum, loss_sum.new_tensor(float(out.num_label_tokens))])
+            sums += torch.stack([out.loss_sum.float(), sums.new_tensor(out.num_label_tokens)])
         self.d.all_reduce_sum(sums)
         self.model.train()
         return float(sums[0] / sums[1].clamp(min=1))
