@@ -357,14 +357,15 @@ def test_fingerprints_leave_out_keys_added_since_at_their_defaults() -> None:
     before them keeps its fingerprint."""
     from mm1.ablate.runner import config_hash
     from mm1.config import ADDED_KEYS, config_identity, load_config, to_dict
+    from mm1.config.loading import key_holder
 
     cfg = load_config(None, ["train.steps=7"])
     ident = config_identity(cfg)
     full = to_dict(cfg)
     for key in ADDED_KEYS:
-        section, name = key.split(".")
-        assert name in full[section] and name not in ident[section], key
-        del full[section][name]
+        (in_full, name), (in_ident, _) = key_holder(full, key), key_holder(ident, key)
+        assert name in in_full and name not in in_ident, key
+        del in_full[name]
     del full["train"]["run_dir"]
     assert ident == full  # every other value, at its default or not
     moved = load_config(None, ["train.steps=7", "train.run_dir=elsewhere"])

@@ -124,6 +124,7 @@ def test_a_cell_can_be_scored_by_the_sft_suite(study) -> None:
     assert len(tasks) == 5 and all(key.startswith("sft/") for key in metrics)
     assert all(v >= 0 for v in metrics.values())
     assert (run / "eval-suite").is_dir()
+    assert SUITES["generation"](run, []) == {}  # an MM1 model generates no image features
 
 
 def test_finished_cells_never_rerun(study, monkeypatch) -> None:

@@ -191,3 +191,13 @@ def test_other_families_refuse_a_regression_loss() -> None:
 def test_info_describes_the_regression() -> None:
     text = family_spec("emu2").describe(_config())
     assert "avgpool to 4 features" in text and "regresses the next feature (l1)" in text
+
+
+def test_the_summary_counts_the_regression_head() -> None:
+    from mm1.models.summary import summarize
+
+    cfg = _config()
+    s, plain = summarize(cfg), summarize(_config("mm1"))
+    assert s.heads == 32 * 24 + 24 and plain.heads == 0
+    assert s.total == sum(p.numel() for p in _model().parameters())
+    assert s.image_flops == plain.image_flops + 6 * s.heads * Q  # once per image slot

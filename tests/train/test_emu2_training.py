@@ -58,6 +58,20 @@ def test_an_emu2_run_trains_both_losses_and_scores_its_generated_features(
     assert r["text_to_image_r1_chance"] == pytest.approx(1 / 12)
     assert 0 <= r["text_to_image_r1"] <= r["text_to_image_r5"] <= 1
     assert "| text -> image |" in (out / "image_generation.md").read_text()
+    assert len(result["examples"]) == 6 and len(result["examples"][0]["nearest"]) == 4
+    assert (out / "image_generation.png").stat().st_size > 0
+
+    # the same scores as a study's `generation` suite, and its table in a study's report
+    from mm1.ablate.cell import SUITES
+    from mm1.ablate.results import tables
+
+    metrics = SUITES["generation"](run, ["eval.max_examples=12"])
+    assert metrics["generation/r1"] == r["text_to_image_r1"]
+    assert set(metrics) >= {"generation/r1_chance", "generation/cosine_own", "generation/l1"}
+    stats = {k: {"mean": v, "std": 0.0, "n": 1} for k, v in metrics.items()}
+    config = {"settings": {"model.family": "emu2"}, "metrics": stats, "seeds": {}}
+    report = "\n".join(tables({"table": {}, "configs": [config]}))
+    assert "### generation" in report and "| family | r1 | r1_chance | r5 |" in report
 
 
 def test_eval_generation_refuses_a_model_that_generates_no_features(

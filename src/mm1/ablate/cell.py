@@ -3,7 +3,8 @@ record the outcome in `RUN/cell.json` (status running / done / failed, metrics, 
 
 Evaluation is a list of suites, each a function of the run directory (`SUITES`): `fewshot` is
 what `mm1 eval RUN` does with the run's own `eval` section (0/4/8-shot captioning and VQA on the
-run's world), `sft` what `mm1 eval RUN --suite sft` does; more suites register here by name."""
+run's world), `sft` what `mm1 eval RUN --suite sft` does, `generation` what `mm1
+eval-generation RUN` does; more suites register here by name."""
 
 from __future__ import annotations
 
@@ -86,7 +87,41 @@ def sft_suite(run_dir: Path, overrides: Sequence[str]) -> dict[str, float]:
     }
 
 
-SUITES: dict[str, Suite] = {"fewshot": fewshot_suite, "sft": sft_suite}
+def generation_suite(run_dir: Path, overrides: Sequence[str]) -> dict[str, float]:
+    """`mm1 eval-generation RUN` on the run's world for a model that generates image features
+    (emu2; other families have none to score: no metrics), the first `eval.max_examples`
+    held-out images (0: all): text-to-image recall@k with chance, cosines and l1 error, under
+    `generation/`; report in RUN/eval."""
+    from mm1.eval.image_generation import (
+        evaluate_image_generation,
+        scored_pairs,
+        world_captioned_images,
+        write_results,
+    )
+    from mm1.models.emu2 import Emu2
+    from mm1.pretrained import load_pretrained
+
+    p = load_pretrained(run_dir)
+    if not isinstance(p.model, Emu2):
+        return {}
+    e = load_eval_config(run_dir / "config.yaml", list(overrides))
+    images = scored_pairs(world_captioned_images(run_world(run_dir)), e.max_examples)
+    result = evaluate_image_generation(p, images, e.batch_size)
+    write_results(result, run_dir / EVAL_DIR, f"Image generation: {run_dir.name}")
+    metrics = {
+        f"generation/{k.removeprefix('text_to_image_')}": v
+        for k, v in result["text_to_image"].items()
+    }
+    for k in ("cosine_own", "cosine_others", "l1"):
+        metrics[f"generation/{k}"] = result[k]
+    return metrics
+
+
+SUITES: dict[str, Suite] = {
+    "fewshot": fewshot_suite,
+    "sft": sft_suite,
+    "generation": generation_suite,
+}
 
 
 def evaluate_cell(

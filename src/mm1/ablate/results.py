@@ -84,9 +84,27 @@ def _shots(results: dict[str, Any]) -> list[str]:
     return sorted({k.split("/")[1] for k in names if k.startswith("average/")}, key=int)
 
 
+def _per_shot(key: str) -> bool:
+    """A few-shot score: `task/shots`."""
+    parts = key.split("/")
+    return len(parts) == 2 and parts[1].isdigit()
+
+
 def _tasks(results: dict[str, Any]) -> list[str]:
-    names = {k.split("/")[0] for c in results["configs"] for k in c["metrics"] if "/" in k}
-    return sorted(names - {"average", "train", "val"})
+    names = {k.split("/")[0] for c in results["configs"] for k in c["metrics"] if _per_shot(k)}
+    return sorted(names - {"average"})
+
+
+def _other_scores(results: dict[str, Any]) -> dict[str, list[str]]:
+    """The other suites' scores by suite (`sft/...`, `generation/...`): their metric names."""
+    out: dict[str, list[str]] = {}
+    for c in results["configs"]:
+        for k in c["metrics"]:
+            suite, _, name = k.partition("/")
+            if name and not _per_shot(k) and suite not in ("train", "val", "average"):
+                out.setdefault(suite, [])
+                out[suite] += [name] if name not in out[suite] else []
+    return out
 
 
 def _axis_names(results: dict[str, Any]) -> list[str]:
@@ -126,6 +144,16 @@ def tables(results: dict[str, Any]) -> list[str]:
         for c in results["configs"]:
             row = [_setting(c, a) for a in axes]
             row += [_pm(c["metrics"].get(f"{task}/{k}")) for k in shots]
+            lines.append("| " + " | ".join(row) + " |")
+    for suite, names in _other_scores(results).items():
+        lines += ["", f"### {suite}", ""]
+        lines += [
+            "| " + " | ".join([*head, *names]) + " |",
+            "|" + "---|" * (len(head) + len(names)),
+        ]
+        for c in results["configs"]:
+            row = [_setting(c, a) for a in axes]
+            row += [_pm(c["metrics"].get(f"{suite}/{n}"), 3) for n in names]
             lines.append("| " + " | ".join(row) + " |")
     # Per-kind and held-out losses (the per-dataset ones stay in ablation.json), and row fill.
     loss_keys = sorted(

@@ -42,6 +42,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         ("  of which embeddings", s.embeddings),
         ("  of which non-embedding", s.decoder - s.embeddings),
         ("  active per token", s.active),
+        *((("image heads (regression)", s.heads),) if s.heads else ()),
         ("total", s.total),
         ("total active per token", s.total - s.decoder + s.active),
     ):
@@ -66,7 +67,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     console.print(
         f"training FLOPs per decoder token (seq {s.seq_len}): {_human(s.decoder_flops_per_token)}"
     )
-    console.print(f"training FLOPs per crop (encoder + connector): {_human(s.image_flops)}")
+    parts = "encoder + connector" + (" + image heads" if s.heads else "")
+    console.print(f"training FLOPs per crop ({parts}): {_human(s.image_flops)}")
     k = cfg.data.max_images_per_seq
     most = "" if crops[0] == crops[1] else "at most "
     console.print(

@@ -167,6 +167,9 @@ ADDED_KEYS: dict[str, Any] = {
     "data.max_text_chars": DataConfig.max_text_chars,
     "train.profile_at": TrainConfig.profile_at,
     "train.profile_steps": TrainConfig.profile_steps,
+    "data.caption_first": DataConfig.caption_first,
+    "model.regression_loss": "l1",
+    "train.aux_loss_weights.image_regression": 1.0,
 }
 
 
@@ -177,10 +180,19 @@ def config_identity(cfg: Any) -> dict[str, Any]:
     d = to_dict(cfg)
     d.get("train", {}).pop("run_dir", None)
     for key, default in ADDED_KEYS.items():
-        section, name = key.split(".")
-        if name in d.get(section, {}) and d[section][name] == default:
-            del d[section][name]
+        holder, name = key_holder(d, key)
+        if name in holder and holder[name] == default:
+            del holder[name]
     return d
+
+
+def key_holder(d: dict[str, Any], key: str) -> tuple[dict[str, Any], str]:
+    """The mapping of a nested dict that holds dotted `key`, and the key's last part (an empty
+    mapping where a section on the way is missing or not a mapping)."""
+    *path, name = key.split(".")
+    for part in path:
+        d = d.get(part) if isinstance(d.get(part), dict) else {}
+    return d, name
 
 
 def to_yaml(cfg: Any) -> str:

@@ -25,6 +25,8 @@ from mm1.models.emu2 import Emu2, generate_image_features
 from mm1.pretrained import Pretrained
 
 RESULTS = "image_generation.json"
+EXAMPLES = 6  # captions shown in the plot, with their nearest images
+NEAREST = 4
 
 
 @dataclass
@@ -96,6 +98,16 @@ def evaluate_image_generation(
     rows = torch.arange(len(owner))
     own = sim[rows, torch.tensor(owner)]
     others = (sim.sum(1) - own) / (sim.shape[1] - 1)
+    nearest = sim.topk(min(NEAREST, sim.shape[1]), dim=1).indices.tolist()
+    firsts = [owner.index(i) for i in sorted(set(owner))][:EXAMPLES]  # an image's first caption
+    examples = [
+        {
+            "caption": captions[j],
+            "image": str(images.paths[owner[j]]),
+            "nearest": [str(images.paths[i]) for i in nearest[j]],
+        }
+        for j in firsts
+    ]
     return {
         "images": len(images.paths),
         "captions": len(captions),
@@ -103,6 +115,7 @@ def evaluate_image_generation(
         "cosine_own": float(own.mean()),
         "cosine_others": float(others.mean()),
         "l1": float((generated - encoded[torch.tensor(owner)]).abs().mean()),
+        "examples": examples,
     }
 
 
@@ -125,14 +138,58 @@ def image_generation_report(result: dict[str, Any], title: str) -> str:
             f"Cosine of generated to encoded features (centred): own image {result['cosine_own']:.3f}, "
             f"other images {result['cosine_others']:.3f}; l1 error {result['l1']:.4f}.",
             "",
+            "Examples: each caption's own image and its generated features' nearest images in "
+            f"`{RESULTS.replace('.json', '.png')}`.",
+            "",
         ]
     )
 
 
+def plot_examples(result: dict[str, Any], out_png: Path) -> Path:
+    """Each example caption beside its own image and the images its generated features are
+    nearest to (framed green where that is its own)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    examples = result["examples"]
+    cols = 1 + max(len(e["nearest"]) for e in examples)
+    fig, axes = plt.subplots(
+        len(examples), cols, figsize=(1.6 * cols, 1.9 * len(examples)), squeeze=False
+    )
+    for row, e in zip(axes, examples):
+        for col, (ax, path) in enumerate(zip(row, [e["image"], *e["nearest"]])):
+            with Image.open(path) as im:
+                ax.imshow(im.convert("RGB"))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            hit = col > 0 and path == e["image"]
+            for spine in ax.spines.values():
+                spine.set_edgecolor("tab:green" if hit else "0.8")
+                spine.set_linewidth(3 if hit else 1)
+            ax.set_title("its image" if col == 0 else f"nearest {col}", fontsize=7)
+        row[0].set_ylabel(_wrapped(e["caption"]), fontsize=6, rotation=0, ha="right", va="center")
+    fig.suptitle("Generated features: nearest held-out images (green: the caption's own)")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def _wrapped(text: str, width: int = 28) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width)[:4])
+
+
 def write_results(result: dict[str, Any], out: Path, title: str) -> Path:
+    """`image_generation.json`, its markdown table and the examples' plot, in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULTS).write_text(json.dumps(result, indent=1) + "\n")
     (out / RESULTS.replace(".json", ".md")).write_text(image_generation_report(result, title))
+    if result.get("examples"):
+        plot_examples(result, out / RESULTS.replace(".json", ".png"))
     return out / RESULTS
 
 

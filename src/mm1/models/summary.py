@@ -43,13 +43,16 @@ class ModelSummary:
     active: int
     embeddings: int  # input embedding table (+ the output head when untied)
     decoder_flops_per_token: float  # training (fwd + bwd) FLOPs per decoder token
-    image_flops: float  # training FLOPs of encoder + connector per image
+    image_flops: float  # training FLOPs of encoder + connector (+ image heads) per image
     image_tokens: int
     seq_len: int
+    # Parameters of a family's own heads beside those parts (emu2's regression head), which run
+    # once per image slot; their training FLOPs are in `image_flops`.
+    heads: int = 0
 
     @property
     def total(self) -> int:
-        return self.vision + self.connector + self.decoder
+        return self.vision + self.connector + self.decoder + self.heads
 
     def flops_per_token(self, images_per_seq: float) -> float:
         """Training FLOPs per sequence token with `images_per_seq` images in each sequence."""
@@ -79,6 +82,7 @@ def summarize(cfg: ModelConfig, seq_len: int | None = None) -> ModelSummary:
         height, width = fuyu_canvas(cfg.image_layout.canvas, cfg.vision.image_size)
     with FlopCounterMode(display=False) as counter:
         model.image_features(torch.empty(1, 3, height, width, device="meta"))
+    heads = _count(model) - _count(model.vision) - _count(model.connector) - newline - decoder
     return ModelSummary(
         vision=_count(model.vision),
         # the learned newline (anyres, fuyu) is the connector's, as a starting point counts it
@@ -87,7 +91,8 @@ def summarize(cfg: ModelConfig, seq_len: int | None = None) -> ModelSummary:
         active=active,
         embeddings=emb + head,
         decoder_flops_per_token=6 * matmul_params + attn,
-        image_flops=3 * counter.get_total_flops(),
+        image_flops=3 * counter.get_total_flops() + 6 * heads * model.num_image_tokens,
         image_tokens=model.num_image_tokens,
         seq_len=t,
+        heads=heads,
     )

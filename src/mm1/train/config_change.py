@@ -11,6 +11,7 @@ settings, which a resume re-applies) is not compared.
 from __future__ import annotations
 
 import contextlib
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from mm1.config import (
     deprecated_keys_in_dict,
     to_dict,
 )
+from mm1.config.loading import key_holder
 
 MEANING_KEYS = (
     "model",
@@ -265,13 +267,12 @@ def current_shape(saved: dict[str, Any], new: dict[str, Any] | None = None) -> d
         # Unreadable today: compared as written, so the changed keys are reported.
         with contextlib.suppress(ConfigError):
             saved = {**saved, "model": to_dict(model_config_from_dict(model))}
-    saved = dict(saved)
+    saved = copy.deepcopy(saved)
     for key, default in ADDED_KEYS.items():
-        section, name = key.split(".")
-        part = saved.get(section)
-        if isinstance(part, dict) and name not in part:
-            now = (new or {}).get(section, {})
-            saved[section] = {**part, name: now.get(name, default)}
+        part, name = key_holder(saved, key)
+        if part and name not in part:
+            now, _ = key_holder(new or {}, key)
+            part[name] = now.get(name, default)
     data = saved.get("data")
     if isinstance(data, dict):
         defaults = {"name": SourceConfig.name}
