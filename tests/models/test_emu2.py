@@ -120,6 +120,23 @@ def test_the_understanding_path_is_mm1s() -> None:
     assert IMAGE_REGRESSION not in theirs.aux_losses
 
 
+def test_image_features_stay_tokens_and_targets_stay_fp32_under_autocast() -> None:
+    """Every other caller of `image_features` (RICES' image embeddings) gets the tokens MM1
+    would; the targets are the pooled features in fp32 even under bf16 autocast, chunked or
+    not."""
+    model = _model()
+    px = _batch()["pixel_values"]
+    with torch.no_grad():
+        assert model.image_features(px).shape == (4, Q, 32)
+        for chunk in (0, 3):
+            model.cfg.image_layout.encoder_chunk = chunk
+            with torch.autocast("cpu", torch.bfloat16):
+                tokens, targets = model.image_tokens_and_targets(px)
+                pooled = model.connector.pool(model.vision(px))
+            assert targets.dtype == torch.float32 and tokens.shape == (4 * Q, 32)
+            torch.testing.assert_close(targets, pooled.float().reshape(-1, 24), rtol=0, atol=0)
+
+
 def test_micro_batches_add_up_to_the_step() -> None:
     """Each row alone, normalised by the step's images, sums to the whole batch's loss."""
     model = _model()

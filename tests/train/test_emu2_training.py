@@ -113,6 +113,10 @@ def test_an_mm1_run_starts_an_emu2_model_and_back(tmp_path, world, tiny_config) 
     assert cli.main(["train", str(cfg), f"train.run_dir={back}", *start]) == 0
     again = [f"train.run_dir={tmp_path / 'again'}", f"train.init.weights={back}"]
     assert cli.main(["train", str(cfg), *again]) == 0
+    # an emu2 run starts another emu2 model with its head (a later stage keeps what it learned)
+    trained = read_model_weights(back).state
+    state = starting_state(InitConfig(weights=str(back)), model_cfg, expected_shapes(emu2))
+    assert all(torch.equal(state[k], trained[k]) for k in ("regress.weight", "regress.bias"))
 
 
 def test_two_process_fsdp_emu2_run_resumes_bit_exactly(

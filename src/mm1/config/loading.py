@@ -159,7 +159,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
 
 
-# Keys added to the schema after configs were saved with it: "section.key" -> its default.
+# Keys added to the schema after configs were saved with it: dotted key ("section.key", or
+# deeper into a mapping) -> its default.
 # At that default a key is left out of `config_identity`, so a study written before it keeps
 # its fingerprint and its cells their hashes; a run saved before it resumes with whatever the
 # config now says (`train.config_change.current_shape`).

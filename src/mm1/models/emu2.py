@@ -10,7 +10,8 @@ whose next token is an image slot that slot's pooled feature, the features Emu2'
 each a mean over the channels), is the auxiliary loss `image_regression`, weighted by
 `train.aux_loss_weights.image_regression` beside the text's cross-entropy. With
 `data.image_boundaries` an image's `<img>` predicts its first feature, as Emu2's [IMG] does;
-without, the token before the image (none when the image opens its document).
+without, the token before the image (in an image-first caption pair the BOS, which has nothing
+to condition on: the mean image is its best guess; no slot is regressed from another document).
 
 Generating an image is autoregression in feature space (`generate_image_features`): each
 predicted feature, projected as an encoded one is, is the next input. mm1 has no pixel decoder;
@@ -61,13 +62,13 @@ class Emu2(MM1):
         super().init_weights()
         init_weights(self.regress, self.cfg.init_std)
 
-    def crop_features(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _tokens_and_pooled(self, pixels: torch.Tensor) -> torch.Tensor:
         """Each crop's image tokens and, after them on the channel axis, the pooled features
-        they were projected from: the regression's targets (detached: a target, not a path
-        for gradients)."""
+        they were projected from (the regression's targets), both in fp32: one tensor, so the
+        encoder runs once, chunked as ever (`MLLM.chunked`)."""
         pooled = self.connector.pool(self.vision(pixels))
         tokens = self.connector.proj(pooled)
-        return torch.cat([tokens, pooled.detach().to(tokens.dtype)], dim=-1)
+        return torch.cat([tokens.float(), pooled.detach().float()], dim=-1)
 
     def image_tokens_and_targets(
         self,
@@ -75,17 +76,11 @@ class Emu2(MM1):
         image_crops: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = self.image_features(pixel_values)
-        tokens, targets = feats.split([self.cfg.decoder.dim, self.cfg.vision.width], dim=-1)
+        """The image tokens, and the pooled features they come from, fp32 and detached: a
+        target, not a path for gradients."""
+        both = self.chunked(pixel_values, self._tokens_and_pooled)
+        tokens, targets = both.split([self.cfg.decoder.dim, self.cfg.vision.width], dim=-1)
         return tokens.reshape(-1, tokens.shape[-1]), targets.reshape(-1, targets.shape[-1]).detach()
-
-    def image_tokens(
-        self,
-        pixel_values: torch.Tensor,
-        image_crops: torch.Tensor | None = None,
-        image_sizes: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return self.image_tokens_and_targets(pixel_values)[0]
 
     def image_losses(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -91,26 +92,28 @@ class MLLM(nn.Module, ABC):
         most chunks (extra calls on a blank crop, with zero weight): FSDP all-gathers the
         encoder's weights at each call, so ranks holding different numbers of crops would
         otherwise issue different collectives and hang."""
+        return self.chunked(pixel_values, lambda crops: self.connector(self.vision(crops)))
+
+    def chunked(
+        self, pixel_values: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """`encode` (crops -> one tensor per crop) on the crops, chunked as `image_features`
+        runs the encoder and connector."""
         chunk = self.cfg.image_layout.encoder_chunk
         if not chunk:
-            return self.crop_features(pixel_values)
+            return encode(pixel_values)
         parts = pixel_values.split(chunk)
         extra = 0
         if _multi_rank():  # agreed before any call: the calls' collectives must line up
             calls = torch.tensor([len(parts)], device=pixel_values.device)
             dist.all_reduce(calls, op=dist.ReduceOp.MAX)
             extra = int(calls) - len(parts)
-        pieces = [self.crop_features(part) for part in parts]
+        pieces = [encode(part) for part in parts]
         blank = pixel_values.new_zeros(1, *pixel_values.shape[1:])
         for _ in range(extra):
-            dummy = self.crop_features(blank).sum()
+            dummy = encode(blank).sum()
             pieces[-1] = pieces[-1] + 0.0 * dummy.to(pieces[-1].dtype)
         return torch.cat(pieces)
-
-    def crop_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(n, 3, H, W) crops -> what `image_features` returns for them: the connector's
-        tokens (a family with an image loss appends its targets, `image_tokens_and_targets`)."""
-        return self.connector(self.vision(pixels))
 
     def image_tokens_and_targets(
         self,

@@ -96,10 +96,13 @@ def apply_chain(state: StateDict, ctx: LoadContext) -> StateDict:
 
 
 # Parameters outside the three parts' modules, by the part they belong to.
-_PART_OF = {"image_newline": "connector"}
+# emu2's regression head reads the decoder's hidden states: it goes with the decoder.
+_HEADS = ("regress.weight", "regress.bias")
+_PART_OF = {"image_newline": "connector", **dict.fromkeys(_HEADS, "decoder")}
 # Parameters a source may lack: a layout's own (anyres' newline, when a stage moves from the
-# single layout to anyres); they keep their fresh initialisation.
-_MAY_BE_NEW = ("image_newline",)
+# single layout to anyres), a family's own heads (an emu2 model started from an MM1 run); they
+# keep their fresh initialisation.
+_MAY_BE_NEW = ("image_newline", *_HEADS)
 
 
 def _part(key: str) -> str:
@@ -118,7 +121,12 @@ def hf_keys(state: StateDict, ctx: LoadContext) -> StateDict:
 
 
 def parts(state: StateDict, ctx: LoadContext) -> StateDict:
-    return {k: v for k, v in state.items() if _part(k) in ctx.parts}
+    """The parts the model takes from this source; a family's heads the model lacks (an MM1
+    model started from an emu2 run) are left out, with a note."""
+    dropped = [k for k in _HEADS if k in state and k not in ctx.expected]
+    if dropped:
+        ctx.notes.append(f"{', '.join(dropped)} left out (the model has no such head)")
+    return {k: v for k, v in state.items() if _part(k) in ctx.parts and k not in dropped}
 
 
 def vision_depth(state: StateDict, ctx: LoadContext) -> StateDict:
