@@ -69,7 +69,8 @@ class Conversation:
 def caption_first(doc: Document, share: float, seed: int) -> Document:
     """A caption pair ([image, caption], kind captions) written [caption, image] for `share` of
     the pairs, drawn by its id and `seed`, so every read of a record draws the same
-    (`data.caption_first`); any other document as it is."""
+    (`data.caption_first`; two sources' records of the same id draw alike); any other document
+    as it is."""
     parts = doc.parts
     if share <= 0 or doc.kind != "captions" or len(parts) != 2:
         return doc
