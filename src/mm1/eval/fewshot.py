@@ -4,21 +4,19 @@ The protocol is OpenFlamingo's (REFERENCE §1), which is the de-facto open one; 
 and demonstration selection are unpublished.
 
 - Prompt: demonstrations then the query, each written with a template (`mm1.eval.prompts`).
-- Demonstrations (`mm1.eval.demos`) come from the task's support split: "random" (per query,
-  reproducible per seed) or "rices" (the support examples whose images are nearest to the query
-  image by cosine similarity of the model's own mean-pooled image tokens; most similar last, as
-  OpenFlamingo). A demonstration never shows the query's image.
+- Demonstrations (`mm1.eval.demos`) from the task's support split: "random" (per query and seed)
+  or "rices" (nearest to the query image by the cosine of the model's mean-pooled image tokens;
+  most similar last, as OpenFlamingo). A demonstration never shows the query's image.
 - Zero-shot: with `zero_shot_text_demos` (OpenFlamingo's default) the "0-shot" score uses two
   demonstrations with their images removed; the plain zero-shot score (query only) is reported
   alongside as `zero_shot_plain`.
 - Decoding: greedy (`num_beams=1`) or beam search (`num_beams=3` is OpenFlamingo's); at most 20
-  new tokens for captions and 5 for VQA; stops at `<|endofchunk|>` or EOS. Greedy decoding
-  can run its decode steps compiled (`compile`, `eval.compile`).
+  new tokens for captions and 5 for VQA; stops at `<|endofchunk|>`, EOS, or (trained with image
+  boundaries) `<img>`. Greedy decoding can run its decode steps compiled (`eval.compile`).
 - Post-processing: OpenFlamingo's cuts (stop string, new example; VQA also at
   "Question|Answer|Short" and ", "), stripped (`mm1.eval.prompts`).
-- Scores: CIDEr-D ×100 (PTB-tokenized, over exactly the queries evaluated) and VQA accuracy ×100,
-  per seed, with mean and standard deviation (population, ddof=0) over seeds, and the MM1-style
-  average over tasks per shot count (and over all shot counts).
+- Scores: CIDEr-D ×100 (PTB-tokenized, over exactly the queries evaluated) and VQA accuracy ×100
+  per seed, mean and std (ddof=0) over seeds, MM1's average over tasks per shot count (and all).
 - Control: `shuffle_images=True` gives each query another query's image (a fixed derangement of
   the query images; same text, wrong image). A model that uses the image scores lower.
 """
@@ -171,6 +169,8 @@ class FewShotEvaluator:
                 f"the prompt format writes {self.prompt_format.image_tokens} slots per image "
                 f"but the model fills {model.num_image_tokens}"
             )
+        if self.prompt_format.image_boundaries:  # an answer an image follows ends at <img>
+            self.stop_ids.add(tokenizer.boi_id)
         self.keep_prompts = keep_prompts
         self.pixels = PixelCache(processor)  # the single view (RICES features, decoding)
         # A tiled layout: each image's crops, tiled for a prompt's last `high_res_last` images.
