@@ -426,10 +426,8 @@ def is_checkpoint(path: str | os.PathLike[str]) -> bool:
     return (p / META_FILE).is_file() and is_run(p.parent.parent)
 
 
-def saved_run_kind(path: str | os.PathLike[str]) -> Literal["encoder", "mm1"] | None:
-    """Which trainer wrote the run `path` is (or whose checkpoint it is): "encoder" (`mm1
-    train-encoder`: its saved config.yaml has an `encoder` section), "mm1" (`mm1 train`), or
-    None where no readable config.yaml says."""
+def _saved_run_config(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The run's (or its checkpoint's run's) saved config.yaml as a dict, if readable."""
     import yaml
 
     p = Path(path)
@@ -441,9 +439,26 @@ def saved_run_kind(path: str | os.PathLike[str]) -> Literal["encoder", "mm1"] | 
         data = yaml.safe_load(saved.read_text())
     except yaml.YAMLError:
         return None  # not this check's to report: loading says what is wrong
-    if not isinstance(data, dict):
+    return data if isinstance(data, dict) else None
+
+
+def saved_run_kind(path: str | os.PathLike[str]) -> Literal["encoder", "mm1"] | None:
+    """Which trainer wrote the run `path` is (or whose checkpoint it is): "encoder" (`mm1
+    train-encoder`: its saved config.yaml has an `encoder` section), "mm1" (`mm1 train`), or
+    None where no readable config.yaml says."""
+    data = _saved_run_config(path)
+    if data is None:
         return None
     return "encoder" if "encoder" in data else "mm1"
+
+
+def encoder_objective(path: str | os.PathLike[str]) -> str | None:
+    """The `encoder.objective` of an encoder run (clip, aim, vq; clip when the run left it
+    at its default), None for any other directory."""
+    data = _saved_run_config(path)
+    if data is None or not isinstance(data.get("encoder"), dict):
+        return None
+    return str(data["encoder"].get("objective", "clip"))
 
 
 def refuse_encoder_run(path: str | Path) -> None:

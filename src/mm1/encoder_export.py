@@ -13,6 +13,7 @@ def export_encoder_hf(run: str | Path, out_dir: str | Path) -> Path:
     """Write the run's `model.vision` with `save_vision_hf` (its feature layer's blocks; the
     written `hidden_states[-1]`, CLS row dropped, equals what MM1's connector reads)."""
     from mm1.checkpoint import refuse_mm1_run
+    from mm1.config import ConfigError
     from mm1.data.world import saved_tokenizer_dir
     from mm1.models.encoders import load_encoder_run
     from mm1.models.hf import save_vision_hf
@@ -23,7 +24,12 @@ def export_encoder_hf(run: str | Path, out_dir: str | Path) -> Path:
     # an earlier export of a vision tower is rewritten in place.
     refuse_mm1_run(run)
     check_output_dir(out_dir, "OUT", kind="hf_vision", source=run)
-    _, model = load_encoder_run(run)
+    cfg, model = load_encoder_run(run)
+    if cfg.encoder.objective == "vq":
+        raise ConfigError(
+            f"{run} is a VQ tokenizer run: transformers has no model of its layout to export it "
+            "as (a chameleon model reads it with train.init.vision)"
+        )
     with writing_export(Path(out_dir)):
         out = save_vision_hf(model.vision, out_dir)
         processor = saved_tokenizer_dir(run) / PREPROCESSOR_CONFIG

@@ -83,4 +83,12 @@ class Registry:
 
 CONNECTORS = Registry("connector", "mm1.models.connectors")
 FFNS = Registry("ffn", ("mm1.models.decoder", "mm1.models.moe"))
-FAMILIES = Registry("model family", ("mm1.models.family", "mm1.models.fuyu", "mm1.models.emu2"))
+FAMILIES = Registry(
+    "model family",
+    (
+        "mm1.models.family",
+        "mm1.models.fuyu",
+        "mm1.models.emu2",
+        "mm1.models.chameleon",
+    ),
+)

@@ -18,9 +18,9 @@ from mm1.config import (
     VisionConfig,
     validate_model,
 )
-from mm1.models.emu2 import Emu2, generate_image_features, regressed_slots
+from mm1.models.emu2 import Emu2, generate_image_features
 from mm1.models.family import family_spec
-from mm1.models.mllm import MM1
+from mm1.models.mllm import MM1, predicted_slots
 
 VOCAB, IMG = 64, 63  # the image slot id: the vocabulary's last
 Q = 4  # image tokens: the 4 x 4 patch grid pooled to 2 x 2
@@ -100,7 +100,7 @@ def test_the_regression_loss_is_the_next_features_error_written_out(kind: str) -
         out = model(**b)
     torch.testing.assert_close(out.aux_losses[IMAGE_REGRESSION], _expected(model, b, kind))
     # the slot opening row 0's second document is not regressed (nothing of its own before it)
-    regressed = regressed_slots(b["input_ids"] == IMG, b["document_ids"])
+    regressed = predicted_slots(b["input_ids"] == IMG, b["document_ids"])
     assert int(regressed.sum()) == 4 * Q - 1
 
 

@@ -88,21 +88,22 @@ def sft_suite(run_dir: Path, overrides: Sequence[str]) -> dict[str, float]:
 
 
 def generation_suite(run_dir: Path, overrides: Sequence[str]) -> dict[str, float]:
-    """`mm1 eval-generation RUN` on the run's world for a model that generates image features
-    (emu2; other families have none to score: no metrics), the first `eval.max_examples`
-    held-out images (0: all): text-to-image recall@k with chance, cosines and l1 error, under
-    `generation/`; report in RUN/eval."""
+    """`mm1 eval-generation RUN` on the run's world for a model that generates images (emu2,
+    chameleon; other families have none to score: no metrics), the first `eval.max_examples`
+    held-out images (0: all): text-to-image recall@k with chance, cosines and the family's
+    error (l1, or the share of matching codes), under `generation/`; report in RUN/eval."""
     from mm1.eval.image_generation import (
         evaluate_image_generation,
         scored_pairs,
         world_captioned_images,
         write_results,
     )
+    from mm1.models.chameleon import Chameleon
     from mm1.models.emu2 import Emu2
     from mm1.pretrained import load_pretrained
 
     p = load_pretrained(run_dir)
-    if not isinstance(p.model, Emu2):
+    if not isinstance(p.model, (Emu2, Chameleon)):
         return {}
     e = load_eval_config(run_dir / "config.yaml", list(overrides))
     images = scored_pairs(world_captioned_images(run_world(run_dir)), e.max_examples)
@@ -112,8 +113,9 @@ def generation_suite(run_dir: Path, overrides: Sequence[str]) -> dict[str, float
         f"generation/{k.removeprefix('text_to_image_')}": v
         for k, v in result["text_to_image"].items()
     }
-    for k in ("cosine_own", "cosine_others", "l1"):
-        metrics[f"generation/{k}"] = result[k]
+    for k in ("cosine_own", "cosine_others", "l1", "code_match"):
+        if k in result:
+            metrics[f"generation/{k}"] = result[k]
     return metrics
 
 

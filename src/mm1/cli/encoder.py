@@ -1,5 +1,5 @@
 """`mm1 train-encoder`, `mm1 eval-encoder` and `mm1 export-encoder`: image-encoder pre-training
-(CLIP / AIM), its evaluation, and its ViT for transformers."""
+(CLIP / AIM, or a VQ image tokenizer), its evaluation, and its ViT for transformers."""
 
 from __future__ import annotations
 
@@ -57,6 +57,12 @@ def cmd_eval_encoder(args: argparse.Namespace) -> None:
             f"retrieval text->image R@1 {r['text_to_image_r1']:.3f} (chance "
             f"{r['text_to_image_r1_chance']:.3f}), image->text R@1 {r['image_to_text_r1']:.3f}"
         )
+    rec = result.get("reconstruction")
+    if rec:
+        console.print(
+            f"reconstruction mse {rec['mse']:.4f}, PSNR {rec['psnr']:.2f} dB, "
+            f"{rec['codes_used']} of {rec['codebook_size']} codes used"
+        )
     console.print(f"linear probe mean accuracy {result['linear_probe']['mean']['accuracy']:.3f}")
     console.print(f"wrote {out}")
 
@@ -65,7 +71,7 @@ def register(add: Add) -> None:
     p = add(
         "train-encoder",
         cmd_train_encoder,
-        "pre-train an image encoder (encoder.objective: clip | aim) on caption pairs; resumes",
+        "pre-train an image encoder (encoder.objective: clip | aim | vq) on caption pairs; resumes",
     )
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="section.key=value")

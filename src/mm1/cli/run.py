@@ -31,12 +31,13 @@ def cmd_info(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     model_cfg, vocab_from = _built_model_config(cfg)
     s = summarize(model_cfg, args.seq_len or model_cfg.decoder.max_seq_len)
+    tokenizer = family_spec(model_cfg.family).image_tokenizer
     table = Table(title=f"{args.config}  (built on the meta device: no weights allocated)")
     table.add_column("component")
     table.add_column("parameters", justify="right")
     table.add_column("share", justify="right")
     for name, n in (
-        ("vision encoder", s.vision),
+        ("image tokenizer (frozen)" if tokenizer else "vision encoder", s.vision),
         ("connector", s.connector),
         ("decoder (all)", s.decoder),
         ("  of which embeddings", s.embeddings),
@@ -48,7 +49,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     ):
         table.add_row(name, f"{n:,} ({_human(n)})", f"{100 * n / s.total:.1f}%")
     console.print(table)
-    console.print(f"vocabulary: {model_cfg.decoder.vocab_size:,} ({vocab_from})")
+    codes = f" + {model_cfg.vq.codebook_size:,} image codes" if tokenizer else ""
+    console.print(f"vocabulary: {model_cfg.decoder.vocab_size:,} ({vocab_from}){codes}")
     m = model_cfg
     family = family_spec(m.family)
     patches = (

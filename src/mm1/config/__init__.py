@@ -26,6 +26,7 @@ from mm1.config.schema import (
     BAD_IMAGE_POLICIES,
     DEMO_SELECTIONS,
     FORMAT_KINDS,
+    IMAGE_CODES,
     IMAGE_LAYOUTS,
     IMAGE_REGRESSION,
     IMAGE_ROOT_FORMATS,
@@ -54,6 +55,7 @@ from mm1.config.schema import (
     SourceConfig,
     TrainConfig,
     VisionConfig,
+    VQConfig,
     source_names,
 )
 from mm1.config.validation import (
@@ -75,6 +77,7 @@ __all__ = [
     "DEMO_SELECTIONS",
     "EXTENDS_KEY",
     "FORMAT_KINDS",
+    "IMAGE_CODES",
     "IMAGE_LAYOUTS",
     "IMAGE_REGRESSION",
     "IMAGE_ROOT_FORMATS",
@@ -102,6 +105,7 @@ __all__ = [
     "RopeScalingConfig",
     "SourceConfig",
     "TrainConfig",
+    "VQConfig",
     "VisionConfig",
     "apply_deprecated_keys",
     "config_identity",

@@ -1,6 +1,8 @@
 """The config of an image-encoder pre-training run (`mm1 train-encoder`): a run config plus an
-`encoder:` section naming the objective (CLIP or AIM) and its own parts. The ViT trained is
-`model.vision`, the very module MM1 uses, so the run is a `train.init.vision` starting point."""
+`encoder:` section naming the objective (CLIP, AIM or VQ) and its own parts. The ViT trained
+(CLIP, AIM) is `model.vision`, the very module MM1 uses; the VQ tokenizer trained is `model.vq`,
+the one a chameleon model reads images with. Either way the run is a `train.init.vision`
+starting point."""
 
 from __future__ import annotations
 
@@ -9,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mm1.config.loading import load_config
-from mm1.config.schema import ACTIVATIONS, Config, ConfigError
+from mm1.config.schema import ACTIVATIONS, Config, ConfigError, VQConfig
 
-ENCODER_OBJECTIVES = ("clip", "aim")
-# Source kinds whose records pair images with text (CLIP) / carry images at all (AIM).
+ENCODER_OBJECTIVES = ("clip", "aim", "vq")
+# Source kinds whose records pair images with text (CLIP) / carry images at all (AIM, VQ).
 CLIP_SOURCE_KINDS = ("captions",)
 AIM_SOURCE_KINDS = ("captions", "interleaved", "sft")
 
@@ -59,11 +61,25 @@ class AIMObjectiveConfig:
 
 
 @dataclass
+class VQObjectiveConfig:
+    """VQ: reconstruction (mean squared error) + beta x commitment loss, the codebook an EMA of
+    the outputs assigned to each code, dead codes restarted; the tokenizer's shape is
+    `model.vq`."""
+
+    beta: float = 0.25  # the commitment loss's weight (VQ-VAE's and SEED's 0.25)
+    decay: float = 0.99  # the codebook's EMA decay per step (VQ-VAE-2's)
+    # A code whose EMA count of assigned outputs (per step, over all ranks) falls below this
+    # restarts at a random output of the batch; 0 = never.
+    dead_below: float = 0.1
+
+
+@dataclass
 class EncoderConfig:
     objective: str = "clip"
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     clip: CLIPObjectiveConfig = field(default_factory=CLIPObjectiveConfig)
     aim: AIMObjectiveConfig = field(default_factory=AIMObjectiveConfig)
+    vq: VQObjectiveConfig = field(default_factory=VQObjectiveConfig)
 
 
 @dataclass
@@ -122,6 +138,14 @@ def validate_encoder(cfg: EncoderRunConfig) -> None:
             f"encoder.aim.min_prefix={a.min_prefix} must be within 1..{v.num_patches - 1} "
             f"(the encoder has {v.num_patches} patches)"
         )
+    if not (math.isfinite(e.vq.beta) and e.vq.beta >= 0):
+        raise ConfigError(f"encoder.vq.beta={e.vq.beta} must be a finite number >= 0")
+    if not 0 <= e.vq.decay < 1:
+        raise ConfigError(f"encoder.vq.decay={e.vq.decay} must be in [0, 1)")
+    if not (math.isfinite(e.vq.dead_below) and e.vq.dead_below >= 0):
+        raise ConfigError(f"encoder.vq.dead_below={e.vq.dead_below} must be a finite number >= 0")
+    if e.objective == "vq":
+        validate_vq(cfg.model.vq, cfg.model.vision.image_size, "model")
     if e.objective == "clip" and cfg.train.micro_batch_size < 2:
         raise ConfigError(
             f"train.micro_batch_size={cfg.train.micro_batch_size}: a contrastive loss needs at "
@@ -139,6 +163,20 @@ def validate_encoder(cfg: EncoderRunConfig) -> None:
                     f"{key}[{i}].kind={s.resolved_kind!r} ({s.path}): encoder.objective="
                     f"{e.objective} trains on {what} (kinds: {', '.join(allowed)})"
                 )
+
+
+def validate_vq(vq: VQConfig, image_size: int, prefix: str) -> None:
+    """`model.vq`'s shape against the image size it tokenizes."""
+    if not vq.channels or any(c <= 0 for c in vq.channels):
+        raise ConfigError(f"{prefix}.vq.channels={vq.channels} must be a non-empty list of widths")
+    for k in ("codebook_size", "code_dim"):
+        if getattr(vq, k) <= 0:
+            raise ConfigError(f"{prefix}.vq.{k}={getattr(vq, k)} must be positive")
+    if image_size % vq.downsample:
+        raise ConfigError(
+            f"{prefix}.vision.image_size={image_size} is not a multiple of the tokenizer's "
+            f"downsampling 2^len({prefix}.vq.channels) = {vq.downsample}"
+        )
 
 
 def _check_hf_text(t: TextTowerConfig) -> None:

@@ -171,6 +171,8 @@ ADDED_KEYS: dict[str, Any] = {
     "data.caption_first": DataConfig.caption_first,
     "model.regression_loss": "l1",
     "train.aux_loss_weights.image_regression": 1.0,
+    "train.aux_loss_weights.image_codes": 1.0,
+    "model.vq": {"channels": [32, 64, 128, 128], "codebook_size": 1024, "code_dim": 32},
 }
 
 

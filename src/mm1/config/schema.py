@@ -27,10 +27,12 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "varlen", "flex")
 ROPE_TYPES = ("default", "linear", "llama3")
 NORM_TYPES = ("rms", "layer")
 # The built-in auxiliary losses (a MoE decoder's router losses, `mm1.models.moe`; an emu2
-# model's regression of image features, `mm1.models.emu2`), weighted by
-# `train.aux_loss_weights`; a registered FFN may emit others.
+# model's regression of image features, `mm1.models.emu2`; a chameleon model's cross-entropy
+# on its image codes, `mm1.models.chameleon`), weighted by `train.aux_loss_weights`; a
+# registered FFN may emit others.
 IMAGE_REGRESSION = "image_regression"
-AUX_LOSSES = ("router_balance", "router_z", IMAGE_REGRESSION)
+IMAGE_CODES = "image_codes"
+AUX_LOSSES = ("router_balance", "router_z", IMAGE_REGRESSION, IMAGE_CODES)
 REGRESSION_LOSSES = ("l1", "mse")  # `model.regression_loss`
 LOGIT_Z = "logit_z"  # the output z-loss's name among the auxiliary losses (`train.z_loss`)
 
@@ -192,6 +194,24 @@ class ImageLayoutConfig:
 
 
 @dataclass
+class VQConfig:
+    """A VQ image tokenizer (`model.family: chameleon`; trained by `mm1 train-encoder` with
+    `encoder.objective: vq`): a convolutional encoder downsampling the image `2 ** len(channels)`
+    times, each cell's vector snapped to the nearest of `codebook_size` codes (one token each),
+    and a decoder mirroring the encoder from the codes back to pixels."""
+
+    # The width after each stride-2 stage of the encoder (the decoder's, reversed): four stages
+    # = 16x downsampling, Chameleon's (512 px -> 32 x 32 tokens).
+    channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])
+    codebook_size: int = 1024  # Chameleon's: 8192
+    code_dim: int = 32  # the width of a code (codes and encoder outputs are l2-normalised)
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** len(self.channels)
+
+
+@dataclass
 class ModelConfig:
     family: str = "mm1"  # a registered model family (`mm1.models.family`)
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -207,6 +227,8 @@ class ModelConfig:
     # The loss on regressed image features, for a family that predicts them (emu2): l1 (the
     # talk's) or mse (squared error), each a mean over the feature's channels.
     regression_loss: str = "l1"
+    # The VQ image tokenizer of a family that reads images as discrete codes (chameleon).
+    vq: VQConfig = field(default_factory=VQConfig)
 
     @property
     def resolved_image_token_id(self) -> int:
@@ -409,9 +431,10 @@ class TrainConfig:
     # Weight of each auxiliary loss the model emits, by name; a loss without a weight here
     # stops the run at its first step. Dense models emit none; a MoE decoder emits the router's
     # load balance and z-loss (defaults: MM1's 0.01 and 0.001, from a secondary source); an
-    # emu2 model its image regression (default 1: text and image losses weigh alike).
+    # emu2 model its image regression, a chameleon model its image codes' cross-entropy
+    # (defaults 1: text and image losses weigh alike).
     aux_loss_weights: dict[str, float] = field(
-        default_factory=lambda: dict(zip(AUX_LOSSES, (0.01, 0.001, 1.0), strict=True))
+        default_factory=lambda: dict(zip(AUX_LOSSES, (0.01, 0.001, 1.0, 1.0), strict=True))
     )
     # The output z-loss's weight: log(Z)^2 of the head's softmax at each label token, averaged
     # as the cross-entropy is, keeps the logits from drifting (PaLM: 1e-4; Chameleon trains

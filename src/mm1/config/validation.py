@@ -18,6 +18,7 @@ from mm1.config.schema import (
     BAD_IMAGE_POLICIES,
     DEMO_SELECTIONS,
     IMAGE_LAYOUTS,
+    IMAGE_REGRESSION,
     IMAGE_ROOT_FORMATS,
     INIT_PARTS,
     LOGIT_Z,
@@ -211,7 +212,7 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
         _validate_encoder(v, prefix)
     family.validate(m, prefix)
     _choice(f"{prefix}.regression_loss", m.regression_loss, REGRESSION_LOSSES)
-    if m.regression_loss != REGRESSION_LOSSES[0] and not family.image_loss:
+    if m.regression_loss != REGRESSION_LOSSES[0] and family.image_loss != IMAGE_REGRESSION:
         raise ConfigError(
             f"{prefix}.regression_loss={m.regression_loss}: model.family={m.family} regresses "
             "no image features (model.family=emu2 does)"

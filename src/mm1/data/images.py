@@ -264,6 +264,16 @@ class ImageProcessor:
             pixels = _center_crop(pixels, self.crop_size)
         return pixels
 
+    def unnormalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(..., 3, H, W) processed pixels back to [0, 1] intensities (clamped): the inverse of
+        the rescale and the normalisation, for showing or scoring a decoded image."""
+        x = pixels.float()
+        if self.image_mean is not None and self.image_std is not None:
+            shape = (3, 1, 1)
+            std = torch.tensor(self.image_std, device=x.device).reshape(shape)
+            x = x * std + torch.tensor(self.image_mean, device=x.device).reshape(shape)
+        return (x / (255 * (self.rescale_factor or 1.0))).clamp(0, 1)
+
     def scaled(self, factor: int) -> ImageProcessor:
         """The same processing at `factor` times the output size (MM1's high-resolution view)."""
         return replace(

@@ -24,6 +24,7 @@ from mm1.data.scenes.scene import BACKGROUNDS, COLORS, SHAPES, count_word, plura
 from mm1.data.tokenizer import Tokenizer
 from mm1.eval.linear_probe import probe_accuracy
 from mm1.models.clip import CLIPModel
+from mm1.models.vq import VQModel, VQTokenizer
 
 SPLITS = ("val", "support")
 RECALL_AT = (1, 5, 10)
@@ -228,14 +229,24 @@ def evaluate_encoder(
     probe_seeds: Sequence[int] = (0, 1, 2),
     batch: int = 128,
 ) -> dict[str, Any]:
-    """Every score this module defines for `model` (a CLIPModel or AIMModel in eval mode)."""
+    """Every score this module defines for `model` (a CLIPModel, AIMModel or VQModel in eval
+    mode). A VQ tokenizer's features are its codes' vectors (what the tokens carry), and its
+    reconstructions are scored too."""
     held = held_out_scenes(world)
     pixels = image_pixels(held.paths, processor)
-    features = _batched(lambda x: model.vision(x).mean(1), len(pixels), batch, pixels)
+    vq = isinstance(model, VQModel)
+    encode = (
+        (lambda x: model.vision.code_vectors(model.vision.encode(x)).mean(1))
+        if vq
+        else (lambda x: model.vision(x).mean(1))
+    )
+    features = _batched(encode, len(pixels), batch, pixels)
     result: dict[str, Any] = {
         "images": len(held.paths),
         "linear_probe": linear_probes(features, held.scenes, probe_seeds),
     }
+    if vq:
+        result["reconstruction"] = reconstruction_scores(model.vision, pixels, processor, batch)
     if isinstance(model, CLIPModel):
         image_emb = F.normalize(_batched(model.encode_image, len(pixels), batch, pixels), dim=-1)
         result["zero_shot"] = {
@@ -248,6 +259,28 @@ def evaluate_encoder(
             image_emb, text_embeddings(model, tok, captions), owner
         )
     return result
+
+
+@torch.no_grad()
+def reconstruction_scores(
+    vq: VQTokenizer, pixels: torch.Tensor, processor: ImageProcessor, batch: int = 128
+) -> dict[str, Any]:
+    """How well the images come back through their codes: the mean squared error in the
+    processor's normalised space (the training loss's), PSNR on 0-255 pixels, and how much of
+    the codebook the images use."""
+    codes = _batched(vq.encode, len(pixels), batch, pixels)
+    recon = _batched(vq.decode, len(codes), batch, codes)
+    mse = float((recon - pixels).square().mean())
+    err = (processor.unnormalize(recon) - processor.unnormalize(pixels)).square().mean()
+    counts = torch.bincount(codes.flatten(), minlength=vq.cfg.codebook_size).float()
+    p = counts[counts > 0] / counts.sum()
+    return {
+        "mse": mse,
+        "psnr": float(10 * torch.log10(1.0 / err.clamp_min(1e-12))),
+        "codes_used": int((counts > 0).sum()),
+        "codebook_size": vq.cfg.codebook_size,
+        "code_perplexity": float(torch.exp(-(p * p.log()).sum())),
+    }
 
 
 def encoder_report(result: dict[str, Any], title: str) -> str:
@@ -273,7 +306,18 @@ def encoder_report(result: dict[str, Any], title: str) -> str:
             )
         chance = " | ".join(f"{r[f'text_to_image_r{k}_chance']:.3f}" for k in RECALL_AT)
         lines.append(f"| text_to_image chance | {chance} |")
-    lines += ["", "## Linear probe (mean patch features)", ""]
+    if "reconstruction" in result:
+        r = result["reconstruction"]
+        lines += [
+            "## Reconstruction (through the codes)",
+            "",
+            "| mse (normalised pixels) | PSNR (dB, 0-255 pixels) | codes used | code perplexity |",
+            "|---|---|---|---|",
+            f"| {r['mse']:.4f} | {r['psnr']:.2f} | {r['codes_used']} of {r['codebook_size']} | "
+            f"{r['code_perplexity']:.1f} |",
+        ]
+    what = "mean code vectors" if "reconstruction" in result else "mean patch features"
+    lines += ["", f"## Linear probe ({what})", ""]
     lines += [
         "| target | accuracy | std over splits | majority | classes |",
         "|---|---|---|---|---|",

@@ -1,11 +1,18 @@
-"""Text-to-image scores of a model that generates image features (`model.family: emu2`): each
-held-out caption's generated features (`generate_image_features`, after the caption as training
-writes it caption first) retrieve among the held-out images' encoded features. mm1 has no pixel
-decoder (Emu2's is a diffusion model), so the features are scored where the regression put
-them, in the encoder's pooled space: recall@k against chance, the cosine of the generated
-features to their own image's against the other images', and the l1 error the talk trains on.
-A model that ignores its caption generates the same features for every caption and retrieves
-at chance. Cosines are taken on features centred on the scored images' mean."""
+"""Text-to-image scores of a model that generates images: each held-out caption's generated
+image (after the caption as training writes it caption first) retrieves among the held-out
+images, in the space the model generates in.
+
+- emu2 (`generate_image_features`): the encoder's pooled features, where the regression put
+  them (mm1 has no pixel decoder; Emu2's is a diffusion model); its error is the l1 the talk
+  trains on.
+- chameleon (`generate_image_codes`, greedy): the VQ tokenizer's code vectors of the image's
+  grid; its error is the share of codes that differ from the image's own, and the plot shows
+  the generated images, decoded to pixels by the tokenizer.
+
+Reported: recall@k against chance, and the cosine of each generated image to its own image
+against the other images. A model that ignores its caption generates the same image for every
+caption and retrieves at chance. Cosines are taken on representations centred on the scored
+images' mean."""
 
 from __future__ import annotations
 
@@ -21,12 +28,14 @@ from PIL import Image
 from mm1.config import ConfigError
 from mm1.data.tokenizer import IMAGE_TOKEN, tokenize_prompt
 from mm1.eval.encoders import held_out_scenes, image_pixels, retrieval_recall
+from mm1.models.chameleon import Chameleon, generate_image_codes
 from mm1.models.emu2 import Emu2, generate_image_features
 from mm1.pretrained import Pretrained
 
 RESULTS = "image_generation.json"
 EXAMPLES = 6  # captions shown in the plot, with their nearest images
 NEAREST = 4
+GENERATED = "generated_pixels"  # the examples' generated images (chameleon), not in the JSON
 
 
 @dataclass
@@ -57,39 +66,52 @@ def generation_prompt(p: Pretrained, caption: str) -> list[int]:
     return ids[: ids.index(p.tokenizer.image_id)]
 
 
+def _encoded_and_generated(
+    p: Pretrained, pixels: torch.Tensor, prompts: list[list[int]], batch: int
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """The images' representations, the captions' generated ones (same space, fp32), and the
+    family's own outputs (its error; chameleon: the generated codes)."""
+    model, pad = p.model, p.tokenizer.pad_id
+    device = model.decoder.embed_tokens.weight.device
+
+    def batched(fn: Any, items: Any) -> torch.Tensor:
+        return torch.cat([fn(items[i : i + batch]) for i in range(0, len(items), batch)])
+
+    if isinstance(model, Chameleon):
+        vq = model.vision
+        image_codes = batched(lambda x: vq.encode(x.to(device)), pixels)
+        codes = batched(lambda ps: generate_image_codes(model, ps, pad), prompts)
+        return (
+            vq.code_vectors(image_codes),
+            vq.code_vectors(codes),
+            {"codes": codes, "own": image_codes},
+        )
+    encoded = batched(lambda x: model.connector.pool(model.vision(x.to(device))).float(), pixels)
+    generated = batched(lambda ps: generate_image_features(model, ps, pad), prompts)
+    return encoded, generated, {}
+
+
 @torch.no_grad()
 def evaluate_image_generation(
     p: Pretrained, images: CaptionedImages, batch: int = 32
 ) -> dict[str, Any]:
-    """The scores of `p` (an emu2 model) on `images`: every caption generates features once."""
+    """The scores of `p` (an emu2 or chameleon model) on `images`: every caption generates
+    an image once."""
     model = p.model
-    if not isinstance(model, Emu2):
+    if not isinstance(model, (Emu2, Chameleon)):
         raise ConfigError(
-            f"model.family={p.cfg.family} generates no image features (model.family=emu2 does)"
+            f"model.family={p.cfg.family} generates no images (model.family=emu2 and chameleon do)"
         )
     if len(images.paths) < 2:
         raise ConfigError(f"{len(images.paths)} captioned image(s): retrieval needs at least 2")
     model.eval()
-    device = model.decoder.embed_tokens.weight.device
     pixels = image_pixels(images.paths, p.processor)
-    encoded = torch.cat(
-        [
-            model.connector.pool(model.vision(pixels[i : i + batch].to(device))).float()
-            for i in range(0, len(pixels), batch)
-        ]
-    )
     captions = [c for caps in images.captions for c in caps]
     owner = [i for i, caps in enumerate(images.captions) for _ in caps]
     prompts = [generation_prompt(p, c) for c in captions]
-    pad = p.tokenizer.pad_id
-    generated = torch.cat(
-        [
-            generate_image_features(model, prompts[i : i + batch], pad)
-            for i in range(0, len(prompts), batch)
-        ]
-    )
-    # Centred on the images' mean feature: the part every image shares would otherwise
-    # dominate each cosine, and a model that generates only that part would look close.
+    encoded, generated, extra = _encoded_and_generated(p, pixels, prompts, batch)
+    # Centred on the images' mean: the part every image shares would otherwise dominate each
+    # cosine, and a model that generates only that part would look close.
     mean = encoded.mean(0)
     image_emb = F.normalize((encoded - mean).flatten(1), dim=-1)
     generated_emb = F.normalize((generated - mean).flatten(1), dim=-1)
@@ -108,15 +130,23 @@ def evaluate_image_generation(
         }
         for j in firsts
     ]
-    return {
+    result: dict[str, Any] = {
         "images": len(images.paths),
         "captions": len(captions),
         "text_to_image": {k: v for k, v in recall.items() if k.startswith("text_to_image")},
         "cosine_own": float(own.mean()),
         "cosine_others": float(others.mean()),
-        "l1": float((generated - encoded[torch.tensor(owner)]).abs().mean()),
         "examples": examples,
     }
+    if "codes" in extra:
+        same = extra["codes"] == extra["own"][torch.tensor(owner)]
+        result["code_match"] = float(same.float().mean())
+        result["distinct_generations"] = len({tuple(c) for c in extra["codes"].tolist()})
+        decoded = model.vision.decode(extra["codes"][torch.tensor(firsts)].to(pixels.device))
+        result[GENERATED] = p.processor.unnormalize(decoded).cpu()
+    else:
+        result["l1"] = float((generated - encoded[torch.tensor(owner)]).abs().mean())
+    return result
 
 
 def image_generation_report(result: dict[str, Any], title: str) -> str:
@@ -128,21 +158,32 @@ def image_generation_report(result: dict[str, Any], title: str) -> str:
             f"# {title}",
             "",
             f"{result['captions']} captions of {result['images']} held-out images: each "
-            "caption's generated features retrieve among the images' encoded ones.",
+            "caption's generated image retrieves among the images (in the space it is "
+            "generated in: emu2's pooled features, chameleon's code vectors).",
             "",
             "| | " + " | ".join(f"R@{k}" for k in ks) + " |",
             "|---|" + "---|" * len(ks),
             "| text -> image | " + " | ".join(f"{r[f'text_to_image_r{k}']:.3f}" for k in ks) + " |",
             "| chance | " + " | ".join(f"{r[f'text_to_image_r{k}_chance']:.3f}" for k in ks) + " |",
             "",
-            f"Cosine of generated to encoded features (centred): own image {result['cosine_own']:.3f}, "
-            f"other images {result['cosine_others']:.3f}; l1 error {result['l1']:.4f}.",
+            f"Cosine of generated to encoded images (centred): own image {result['cosine_own']:.3f}, "
+            f"other images {result['cosine_others']:.3f}; {_error(result)}.",
             "",
-            "Examples: each caption's own image and its generated features' nearest images in "
-            f"`{RESULTS.replace('.json', '.png')}`.",
+            "Examples: each caption's own image"
+            + (", its generated image" if "code_match" in result else "")
+            + f" and the nearest images in `{RESULTS.replace('.json', '.png')}`.",
             "",
         ]
     )
+
+
+def _error(result: dict[str, Any]) -> str:
+    if "code_match" in result:
+        return (
+            f"{100 * result['code_match']:.1f}% of generated codes are the image's own; "
+            f"{result['distinct_generations']} distinct images from {result['captions']} captions"
+        )
+    return f"l1 error {result['l1']:.4f}"
 
 
 def plot_examples(result: dict[str, Any], out_png: Path) -> Path:
@@ -154,23 +195,30 @@ def plot_examples(result: dict[str, Any], out_png: Path) -> Path:
     import matplotlib.pyplot as plt
 
     examples = result["examples"]
-    cols = 1 + max(len(e["nearest"]) for e in examples)
+    generated = result.get(GENERATED)  # chameleon: the decoded images, one per example
+    lead = 1 + (generated is not None)
+    cols = lead + max(len(e["nearest"]) for e in examples)
     fig, axes = plt.subplots(
         len(examples), cols, figsize=(1.6 * cols, 1.9 * len(examples)), squeeze=False
     )
-    for row, e in zip(axes, examples):
-        for col, (ax, path) in enumerate(zip(row, [e["image"], *e["nearest"]])):
-            with Image.open(path) as im:
-                ax.imshow(im.convert("RGB"))
+    for i, (row, e) in enumerate(zip(axes, examples)):
+        shown = [e["image"], *([None] if generated is not None else []), *e["nearest"]]
+        for col, (ax, path) in enumerate(zip(row, shown)):
+            if path is None:
+                ax.imshow(generated[i].permute(1, 2, 0).numpy())
+            else:
+                with Image.open(path) as im:
+                    ax.imshow(im.convert("RGB"))
             ax.set_xticks([])
             ax.set_yticks([])
-            hit = col > 0 and path == e["image"]
+            hit = col >= lead and path == e["image"]
             for spine in ax.spines.values():
                 spine.set_edgecolor("tab:green" if hit else "0.8")
                 spine.set_linewidth(3 if hit else 1)
-            ax.set_title("its image" if col == 0 else f"nearest {col}", fontsize=7)
+            title = ("its image", "generated")[col] if col < lead else f"nearest {col - lead + 1}"
+            ax.set_title(title, fontsize=7)
         row[0].set_ylabel(_wrapped(e["caption"]), fontsize=6, rotation=0, ha="right", va="center")
-    fig.suptitle("Generated features: nearest held-out images (green: the caption's own)")
+    fig.suptitle("Generated images: nearest held-out images (green: the caption's own)")
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
@@ -186,7 +234,8 @@ def _wrapped(text: str, width: int = 28) -> str:
 def write_results(result: dict[str, Any], out: Path, title: str) -> Path:
     """`image_generation.json`, its markdown table and the examples' plot, in `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / RESULTS).write_text(json.dumps(result, indent=1) + "\n")
+    saved = {k: v for k, v in result.items() if k != GENERATED}
+    (out / RESULTS).write_text(json.dumps(saved, indent=1) + "\n")
     (out / RESULTS.replace(".json", ".md")).write_text(image_generation_report(result, title))
     if result.get("examples"):
         plot_examples(result, out / RESULTS.replace(".json", ".png"))

@@ -352,7 +352,7 @@ class MM1LMM(lmms):
             return 0.0, 0, True
         ids = torch.tensor([whole], device=self.model.decoder.embed_tokens.weight.device)
         out = self.model(ids, pixel_values=pixels, image_sizes=sizes)
-        logits = out.logits[0, len(ctx) - 1 : -1].float()
+        logits = self.model.text_logits(out.logits[0, len(ctx) - 1 : -1]).float()
         target = ids[0, len(ctx) :]
         total = float(logits.log_softmax(-1).gather(-1, target[:, None]).sum())
         greedy = bool((logits.argmax(-1) == target).all())

@@ -72,9 +72,10 @@ def resolve_config(
 
 
 def _refuse_missing_encoder(cfg: ModelConfig, init: InitConfig) -> None:
-    if family_spec(cfg.family).has_encoder:
+    family = family_spec(cfg.family)
+    if family.has_encoder:
         return
-    if init.vision:
+    if init.vision and not family.image_tokenizer:
         raise ConfigError(
             f"train.init.vision={init.vision}: model.family={cfg.family} has no image encoder "
             "to start"

@@ -46,7 +46,7 @@ def decode_logits(
         document_ids=torch.ones_like(positions) if document_ids is None else document_ids,
         cache=cache,
     )
-    return logits[:, -1].float()
+    return model.text_logits(logits[:, -1]).float()
 
 
 def _step(

@@ -30,23 +30,10 @@ from mm1.models.family import MM1_FAMILY, ModelFamily, mm1_hf
 from mm1.models.generation import left_pad
 from mm1.models.kv_cache import KVCache
 from mm1.models.layers import init_weights
-from mm1.models.mllm import MM1
+from mm1.models.mllm import MM1, predicted_slots, predicting_positions
 from mm1.registry import FAMILIES
 
 CONNECTOR = "avgpool"  # Emu2's: the pooled features are both the input and the target
-
-
-def regressed_slots(slots: torch.Tensor, document_ids: torch.Tensor | None) -> torch.Tensor:
-    """(B, T) bool: the image slots whose feature is regressed, those whose previous position
-    lies in the same document (the position that predicts it)."""
-    out = torch.zeros_like(slots)
-    same = (
-        document_ids[:, 1:] == document_ids[:, :-1]
-        if document_ids is not None
-        else torch.ones_like(slots[:, 1:])
-    )
-    out[:, 1:] = slots[:, 1:] & same
-    return out
 
 
 class Emu2(MM1):
@@ -98,9 +85,8 @@ class Emu2(MM1):
             return {IMAGE_REGRESSION: 0.0 * zero.float()}
         q = self.num_image_tokens
         slots = input_ids == self.image_token_id
-        regressed = regressed_slots(slots, document_ids)
-        source = torch.zeros_like(regressed)  # the position before each regressed slot
-        source[:, :-1] = regressed[:, 1:]
+        regressed = predicted_slots(slots, document_ids)
+        source = predicting_positions(regressed)
         error = self.regress(hidden[source]).float() - targets[regressed[slots]].float()
         per_slot = error.abs() if self.cfg.regression_loss == "l1" else error.square()
         images = num_images if num_images is not None else targets.shape[0] // q
@@ -176,7 +162,7 @@ EMU2_FAMILY = FAMILIES.register("emu2")(
         num_image_tokens=MM1_FAMILY.num_image_tokens,
         validate=_validate,
         describe=_describe,
-        image_loss=True,
+        image_loss=IMAGE_REGRESSION,
         image_parts_of="mm1",
     )
 )

@@ -1,4 +1,4 @@
-"""Building an encoder pre-training model (CLIP or AIM, `encoder.objective`) and the block
+"""Building an encoder pre-training model (CLIP, AIM or VQ, `encoder.objective`) and the block
 lists `parallelize` shards / checkpoints for it."""
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from mm1.config.encoder import EncoderRunConfig
 from mm1.models.aim import AIMModel
 from mm1.models.clip import CLIPModel
 from mm1.models.family import ModelFamily
+from mm1.models.vq import VQModel
 
-EncoderModel = CLIPModel | AIMModel
+EncoderModel = CLIPModel | AIMModel | VQModel
 
 
 def build_encoder_model(
@@ -30,10 +31,14 @@ def build_encoder_model(
 
             tower = HFTextTower(e.text, load_weights)
         return CLIPModel(cfg.model, e.text, e.clip, vocab_size, tower)
+    if e.objective == "vq":
+        return VQModel(cfg.model.vq, e.vq)
     return AIMModel(cfg.model, e.aim)
 
 
 def _blocks(model: nn.Module) -> list[nn.ModuleList]:
+    if isinstance(model, VQModel):  # a small convolutional net: one unit, the root
+        return []
     text = getattr(model, "text", None)
     return [model.vision.blocks, *([text.blocks] if text is not None else [])]
 

@@ -3,7 +3,7 @@
 `model.family` names a registered spec; building, HF conversion, sharding, materialisation
 and the config's checks ask the spec instead of assuming MM1's class or guessing its attribute
 names. Each family registers its spec beside its model: `mm1` here, `fuyu` in
-`mm1.models.fuyu`, `emu2` in `mm1.models.emu2`.
+`mm1.models.fuyu`, `emu2` in `mm1.models.emu2`, `chameleon` in `mm1.models.chameleon`.
 """
 
 from __future__ import annotations
@@ -44,9 +44,14 @@ class ModelFamily:
     # Whether the family has an image encoder (`model.vision`'s transformer): starting points
     # and exports of the encoder need one.
     has_encoder: bool = True
-    # Whether the family has a loss on its image slots (`MLLM.image_losses`; emu2's regression,
-    # whose form `model.regression_loss` sets).
-    image_loss: bool = False
+    # The auxiliary loss the family computes on its image slots (`MLLM.image_losses`), if any:
+    # emu2's `image_regression` (its form set by `model.regression_loss`), chameleon's
+    # `image_codes`.
+    image_loss: str = ""
+    # Whether `vision` is an image tokenizer trained apart (chameleon's VQ: `mm1 train-encoder`
+    # with `encoder.objective: vq`): `train.init.vision` starts it, and an MLLM run keeps it
+    # frozen whatever `train.train_vision` says (its codes are the targets).
+    image_tokenizer: bool = False
     # A family whose image encoder and connector this one's are, key for key (emu2: mm1's):
     # starting points carry those parts over between the two.
     image_parts_of: str = ""

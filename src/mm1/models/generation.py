@@ -141,7 +141,7 @@ def _prefill(
         document_ids=batch.document_ids,
         cache=cache,
     )
-    return logits[:, -1].float(), batch, embeds
+    return model.text_logits(logits[:, -1]).float(), batch, embeds
 
 
 @dataclass
@@ -345,7 +345,8 @@ class _Recompute:
             self.doc = torch.cat([self.doc, torch.ones_like(self.doc[:, -1:])], 1)
         logits = self.model.decoder(
             inputs_embeds=self.embeds, position_ids=self.pos, document_ids=self.doc
-        )[:, -1].float()
+        )[:, -1]
+        logits = self.model.text_logits(logits).float()
         self.chosen = next_token(logits, self.sampling, self.generator)
         return dict(enumerate(self.chosen.tolist()))
 

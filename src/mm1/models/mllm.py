@@ -38,6 +38,26 @@ def _multi_rank() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def predicted_slots(slots: torch.Tensor, document_ids: torch.Tensor | None) -> torch.Tensor:
+    """(B, T) bool: the image slots a family's image loss predicts, those whose previous
+    position lies in the same document (the position that predicts it)."""
+    out = torch.zeros_like(slots)
+    same = (
+        document_ids[:, 1:] == document_ids[:, :-1]
+        if document_ids is not None
+        else torch.ones_like(slots[:, 1:])
+    )
+    out[:, 1:] = slots[:, 1:] & same
+    return out
+
+
+def predicting_positions(predicted: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the position before each slot of `predicted` (whose output predicts it)."""
+    out = torch.zeros_like(predicted)
+    out[:, :-1] = predicted[:, 1:]
+    return out
+
+
 class MLLM(nn.Module, ABC):
     """A decoder LLM whose image slots in `input_ids` are filled with image tokens: what every
     `model.family` shares (embedding, the loss, buffers). A family says how pixels become image
@@ -138,6 +158,11 @@ class MLLM(nn.Module, ABC):
         the batch has no image); `num_images` is the step's image count, the normaliser that
         makes them independent of accumulation and world size. None here."""
         return {}
+
+    def text_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """`logits` (..., vocab) over the tokens text is written with: all of them here; a family
+        whose vocabulary also holds image codes (chameleon) leaves those out."""
+        return logits
 
     def embed(
         self,

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from mm1.checkpoint import (
+    encoder_objective,
     is_checkpoint,
     is_export,
     is_run,
@@ -23,7 +24,7 @@ from mm1.checkpoint import (
     saved_run_kind,
 )
 from mm1.config import INIT_PARTS, ConfigError, InitConfig, ModelConfig
-from mm1.models.family import shares_image_parts
+from mm1.models.family import family_spec, shares_image_parts
 from mm1.models.state_transforms import HFPart, LoadContext, apply_chain
 from mm1.models.upcycle import UpcycleOptions
 
@@ -153,6 +154,18 @@ def _refuse_unread_model_type(s: Source) -> None:
     )
 
 
+def _check_encoder_objective(s: Source, objective: str, cfg: ModelConfig) -> None:
+    """A VQ tokenizer run starts the tokenizer of a family that reads images as codes
+    (chameleon), a ViT run (CLIP, AIM) the encoder of any other family."""
+    tokenizer = family_spec(cfg.family).image_tokenizer
+    if tokenizer != (objective == "vq"):
+        needs = "a VQ tokenizer run (encoder.objective: vq)" if tokenizer else "a ViT run"
+        raise ConfigError(
+            f"{s.key}={s.path} is an encoder run of encoder.objective={objective}, and "
+            f"model.family={cfg.family} starts its model.vision from {needs}"
+        )
+
+
 def llava_source(init: InitConfig) -> str | None:
     """The transformers LLaVA directory the model starts from (its architecture, layout
     included, replaces the config's), if `train.init.weights` names one."""
@@ -274,7 +287,10 @@ def _read_source(
     else:
         saved = read_model_weights(s.path)
         image_parts = [p for p in s.parts if p != "decoder"]
-        if image_parts and not shares_image_parts(saved.config.family, cfg.family):
+        objective = encoder_objective(s.path)
+        if objective is not None:  # an encoder run: what it trained decides, not its family
+            _check_encoder_objective(s, objective, cfg)
+        elif image_parts and not shares_image_parts(saved.config.family, cfg.family):
             raise ConfigError(
                 f"{s.key}={s.path} is a model.family={saved.config.family} model and this one "
                 f"is {cfg.family}: only a decoder carries over from one family to another "

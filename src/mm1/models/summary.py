@@ -83,6 +83,8 @@ def summarize(cfg: ModelConfig, seq_len: int | None = None) -> ModelSummary:
     with FlopCounterMode(display=False) as counter:
         model.image_features(torch.empty(1, 3, height, width, device="meta"))
     heads = _count(model) - _count(model.vision) - _count(model.connector) - newline - decoder
+    # forward + backward (x 3); a frozen image tokenizer (chameleon's VQ) runs forward only
+    passes = 1 if family_spec(cfg.family).image_tokenizer else 3
     return ModelSummary(
         vision=_count(model.vision),
         # the learned newline (anyres, fuyu) is the connector's, as a starting point counts it
@@ -91,7 +93,7 @@ def summarize(cfg: ModelConfig, seq_len: int | None = None) -> ModelSummary:
         active=active,
         embeddings=emb + head,
         decoder_flops_per_token=6 * matmul_params + attn,
-        image_flops=3 * counter.get_total_flops() + 6 * heads * model.num_image_tokens,
+        image_flops=passes * counter.get_total_flops() + 6 * heads * model.num_image_tokens,
         image_tokens=model.num_image_tokens,
         seq_len=t,
         heads=heads,

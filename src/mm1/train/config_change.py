@@ -77,6 +77,7 @@ MODEL_KEYS = (
             "tie_embeddings",
         )
     ),
+    *(f"model.vq.{k}" for k in ("channels", "codebook_size", "code_dim")),
     "encoder.objective",
 )
 # What a family without an image encoder (fuyu) does not build: its parameters are the
@@ -156,13 +157,17 @@ def model_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, A
 
 
 def unused_keys(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, ...]:
-    """Model keys the run's family does not read (a fuyu run's encoder and connector), which
-    a resume may change freely; none when the family itself changes."""
+    """Model keys the run's family does not read (a fuyu run's encoder and connector, the VQ
+    tokenizer of any family but chameleon), which a resume may change freely; none when the
+    family itself changes."""
     from mm1.registry import FAMILIES
 
     family = _value(new, "model.family")
     entry = FAMILIES.get(str(family)) if family == _value(old, "model.family") else None
-    return ENCODER_ONLY_KEYS if entry is not None and not entry.value.has_encoder else ()
+    if entry is None:
+        return ()
+    unused = () if entry.value.has_encoder else ENCODER_ONLY_KEYS
+    return unused if entry.value.image_tokenizer else (*unused, "model.vq")
 
 
 def refuse_model_change(

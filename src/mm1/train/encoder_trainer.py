@@ -57,7 +57,7 @@ class EncoderTrainer(Trainer):
         self._check_config_change()
         self.data = prepare_data(cfg.data, cfg.model, d.is_main, d.barrier, init)
         objective = cfg.encoder.objective
-        kinds = CLIP_SOURCE_KINDS if objective == "clip" else AIM_SOURCE_KINDS
+        kinds = CLIP_SOURCE_KINDS if objective == "clip" else AIM_SOURCE_KINDS  # VQ: AIM's
         if not cfg.data.sources:  # the world's mixture: its caption pairs only
             self.data.sources = [s for s in self.data.sources if s.resolved_kind in kinds]
         if cfg.encoder.text.hf is not None:  # the HF text tower reads its own tokens
@@ -127,7 +127,9 @@ class EncoderTrainer(Trainer):
         old = saved_run_config(self.run_dir)
         if old is not None:
             new = to_dict(self.cfg.encoder)
-            changed = config_diff(old.get("encoder", {}), new, "encoder.")  # type: ignore[arg-type]
+            # An objective's section added since the run was saved: the run never chose one.
+            saved = {**{k: v for k, v in new.items() if k != "objective"}, **old.get("encoder", {})}
+            changed = config_diff(saved, new, "encoder.")  # type: ignore[arg-type]
             refuse_changes(self.run_dir, changed, self.force)
             if changed and self.d.is_main:
                 print(f"--force: resuming with a changed {', '.join(changed)}", flush=True)

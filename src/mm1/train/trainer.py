@@ -47,6 +47,7 @@ from mm1.data.loader import (
 from mm1.data.prompt_format import PromptFormat
 from mm1.data.world import carried_image_boundaries, image_processor_for, prepare_data
 from mm1.models.build import build_model, starting_point_state_dict
+from mm1.models.family import family_of
 from mm1.models.mllm import MLLM
 from mm1.models.starting_point import describe as describe_start
 from mm1.models.summary import active_parameters
@@ -253,8 +254,8 @@ class Trainer:
 
     def _freeze(self, model: MLLM) -> None:
         t = self.cfg.train
-        for part, on in ((model.vision, t.train_vision), (model.connector, t.train_connector)):
-            part.requires_grad_(on)
+        model.vision.requires_grad_(t.train_vision and not family_of(model).image_tokenizer)
+        model.connector.requires_grad_(t.train_connector)
         model.decoder.requires_grad_(t.train_decoder)
 
     def _check_config_change(self) -> None:

@@ -1,0 +1,197 @@
+"""A VQ image tokenizer (van den Oord et al., VQ-VAE; the tokenizer family of VQ-GAN, which
+Chameleon uses): a convolutional encoder downsamples the image 2^S times, each cell's vector is
+replaced by the nearest of K codes (its token), and a decoder mirrors the encoder from the codes
+back to pixels.
+
+Codes and encoder outputs are compared l2-normalised (cosine distance; ViT-VQGAN's choice).
+Training (`VQModel`, `mm1 train-encoder` with `encoder.objective: vq`) minimises the
+reconstruction's mean squared error plus the commitment loss beta ||z - sg(e)||^2, the gradient
+passing the quantiser straight through. The codebook is not learned by gradient but as each
+code's moving average of the encoder outputs assigned to it (VQ-VAE-2's EMA update, summed over
+ranks), and a code no output has come near for a while restarts at a random output of the batch
+(the dead-code restart of Jukebox / SoundStream): on the synthetic world a gradient-learned
+codebook collapsed to a handful of codes within 20 steps (10 of 1,024 in use). VQ-GAN's
+perceptual and adversarial losses are not used.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mm1.config import VQConfig
+from mm1.config.encoder import VQObjectiveConfig
+from mm1.models.clip import EncoderOutput
+
+
+def _groups(channels: int) -> int:
+    return next(g for g in (8, 4, 2, 1) if channels % g == 0)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> 3x3 conv, twice, plus the input."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.GroupNorm(_groups(channels), channels),
+            nn.SiLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.GroupNorm(_groups(channels), channels),
+            nn.SiLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.net(x)
+
+
+class VQTokenizer(nn.Module):
+    """Pixels (N, 3, H, W) -> codes (N, H/f * W/f), row by row; codes -> pixels."""
+
+    def __init__(self, cfg: VQConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        ch = cfg.channels
+        down: list[nn.Module] = [nn.Conv2d(3, ch[0], 3, padding=1)]
+        for c_in, c_out in zip([ch[0], *ch[:-1]], ch):
+            down += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), ResBlock(c_out)]
+        down += [
+            nn.GroupNorm(_groups(ch[-1]), ch[-1]),
+            nn.SiLU(),
+            nn.Conv2d(ch[-1], cfg.code_dim, 1),
+        ]
+        self.encoder = nn.Sequential(*down)
+        # The codebook and its moving averages are buffers: updated in `VQModel.forward`, saved
+        # with the weights, never touched by the optimiser.
+        k, d = cfg.codebook_size, cfg.code_dim
+        self.register_buffer("codes", torch.empty(k, d))
+        self.register_buffer("code_sum", torch.empty(k, d))  # EMA of the assigned outputs' sum
+        self.register_buffer("code_count", torch.empty(k))  # EMA of the assigned outputs' count
+        up: list[nn.Module] = [nn.Conv2d(cfg.code_dim, ch[-1], 3, padding=1)]
+        for c_in, c_out in zip(ch[::-1], [*ch[::-1][1:], ch[0]]):
+            up += [
+                ResBlock(c_in),
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(c_in, c_out, 3, padding=1),
+            ]
+        up += [nn.GroupNorm(_groups(ch[0]), ch[0]), nn.SiLU(), nn.Conv2d(ch[0], 3, 3, padding=1)]
+        self.decoder = nn.Sequential(*up)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                m.reset_parameters()
+            elif isinstance(m, nn.GroupNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.codes.copy_(F.normalize(torch.randn_like(self.codes), dim=-1))
+        self.code_sum.copy_(self.codes)
+        # Count 0: every code no output chose at the first training step restarts at an output
+        # of that batch (a data-dependent initialisation).
+        self.code_count.zero_()
+
+    def latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, h, w, code_dim): the encoder's l2-normalised vectors before quantisation."""
+        return F.normalize(self.encoder(pixels).permute(0, 2, 3, 1).float(), dim=-1)
+
+    def codes_of(self, z: torch.Tensor) -> torch.Tensor:
+        """The nearest code (largest cosine) of each normalised vector in `z` (..., code_dim)."""
+        return (z.flatten(0, -2) @ self.codes.float().t()).argmax(-1).reshape(z.shape[:-1])
+
+    def code_vectors(self, codes: torch.Tensor) -> torch.Tensor:
+        """(..., code_dim): the normalised vectors of `codes`."""
+        return F.embedding(codes, self.codes.float())
+
+    @torch.no_grad()
+    def update_codebook(
+        self,
+        z: torch.Tensor,
+        codes: torch.Tensor,
+        decay: float,
+        dead_below: float,
+        generator: torch.Generator | None,
+    ) -> int:
+        """One EMA step of the codebook towards the outputs `z` (n, d) assigned `codes` (n,),
+        counts and sums summed over ranks; then every code whose count fell below `dead_below`
+        restarts at a random row of `z` (rank 0's, broadcast). Returns the codes restarted."""
+        import torch.distributed as dist
+
+        k = self.codes.shape[0]
+        count = torch.bincount(codes, minlength=k).float()
+        total = torch.zeros_like(self.code_sum).index_add_(0, codes, z.float())
+        multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if multi:
+            dist.all_reduce(count)
+            dist.all_reduce(total)
+        self.code_count.mul_(decay).add_(count, alpha=1 - decay)
+        self.code_sum.mul_(decay).add_(total, alpha=1 - decay)
+        dead = self.code_count < dead_below
+        if dead.any():
+            pick = torch.randint(len(z), (int(dead.sum()),), generator=generator)
+            self.code_sum[dead] = z[pick.to(z.device)].float()
+            self.code_count[dead] = 1.0
+        if multi:  # every rank restarts the same codes (the counts agree): rank 0's rows
+            dist.broadcast(self.code_sum, 0)
+        self.codes.copy_(F.normalize(self.code_sum, dim=-1))
+        return int(dead.sum())
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, h * w) long: each image's codes, row by row."""
+        return self.codes_of(self.latents(pixels)).flatten(1)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """(N, h * w) codes -> (N, 3, H, W) pixels (in the processor's normalised space)."""
+        side = int(codes.shape[1] ** 0.5)
+        if side * side != codes.shape[1]:
+            raise ValueError(f"{codes.shape[1]} codes per image do not make a square grid")
+        z = self.code_vectors(codes).reshape(codes.shape[0], side, side, -1)
+        return self.decoder(z.permute(0, 3, 1, 2).to(self.decoder[0].weight.dtype))
+
+
+class VQModel(nn.Module):
+    """The tokenizer (`vision`, the name an MLLM's `train.init.vision` reads it under) and its
+    training: reconstruction + beta x commitment, and the codebook's EMA step in each training
+    forward."""
+
+    gathered = False  # the loss is this rank's mean (each image weighs the same on every rank)
+
+    def __init__(self, cfg: VQConfig, objective: VQObjectiveConfig) -> None:
+        super().__init__()
+        self.vision = VQTokenizer(cfg)
+        self.objective = objective
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> EncoderOutput:
+        vq, o = self.vision, self.objective
+        z = vq.latents(pixel_values)
+        codes = vq.codes_of(z.detach())
+        restarted = 0
+        if self.training and torch.is_grad_enabled():
+            flat = z.detach().flatten(0, -2)
+            restarted = vq.update_codebook(flat, codes.flatten(), o.decay, o.dead_below, generator)
+        e = vq.code_vectors(codes)
+        commitment = (z - e).square().sum(-1).mean()
+        quantised = z + (e - z).detach()  # straight through: the decoder's gradient reaches z
+        recon = vq.decoder(quantised.permute(0, 3, 1, 2).to(pixel_values.dtype))
+        reconstruction = (recon.float() - pixel_values.float()).square().mean()
+        loss = reconstruction + o.beta * commitment
+        counts = torch.bincount(codes.flatten(), minlength=vq.cfg.codebook_size).float()
+        p = counts[counts > 0] / counts.sum()
+        metrics = {
+            "reconstruction": float(reconstruction.detach()),
+            "commitment": float(commitment.detach()),
+            "codes_used": float((counts > 0).float().mean()),
+            "code_perplexity": float(torch.exp(-(p * p.log()).sum())),
+            "codes_restarted": float(restarted),
+        }
+        return EncoderOutput(loss, metrics)

@@ -1,0 +1,191 @@
+"""The chameleon family: a frozen VQ tokenizer's codes as tokens of one vocabulary with the
+text's, a cross-entropy on the image codes beside the text's. Checked against the loss written
+out by hand, against itself (accumulation; cached generation == a full forward on what it
+generated), and for what text generation may write (never an image code)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mm1.batch import IGNORE_INDEX
+from mm1.config import (
+    IMAGE_CODES,
+    ConfigError,
+    DecoderConfig,
+    ImageLayoutConfig,
+    ModelConfig,
+    VisionConfig,
+    VQConfig,
+    validate_model,
+)
+from mm1.models.chameleon import Chameleon, generate_image_codes
+from mm1.models.family import family_spec
+from mm1.models.generation import generate
+
+VOCAB, IMG, K = 64, 63, 12  # text vocabulary (the image slot id its last), codebook size
+Q = 4  # a 16-px image, 8x down: 2 x 2 codes
+
+
+def _config(**model: object) -> ModelConfig:
+    cfg = ModelConfig(
+        family="chameleon",
+        vision=VisionConfig(image_size=16, patch_size=8),
+        vq=VQConfig(channels=[8, 8, 8], codebook_size=K, code_dim=4),
+        decoder=DecoderConfig(
+            vocab_size=VOCAB, dim=32, layers=2, heads=4, kv_heads=2, ffn_dim=64, max_seq_len=64
+        ),
+        image_layout=ImageLayoutConfig(type="single"),
+        **model,  # type: ignore[arg-type]
+    )
+    validate_model(cfg)
+    return cfg
+
+
+def _model() -> Chameleon:
+    torch.manual_seed(0)
+    return family_spec("chameleon").model(_config()).eval()
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    """Two packed rows: row 0 a caption-first document (its last text token predicts the first
+    code) and an image-first one whose image opens the document (its first code has no
+    predecessor); row 1 one document with two images."""
+    s = [IMG] * Q
+    row0 = [5, 6, 7, *s, 2, *s, 8, 9, 2]
+    doc0 = [1] * 8 + [2] * (Q + 3)
+    row1 = [5, *s, 10, 11, *s, 12, 2]
+    row1 += [0] * (len(row0) - len(row1))
+    doc1 = [1] * (2 * Q + 5) + [0] * (len(row0) - 2 * Q - 5)
+    ids = torch.tensor([row0, row1])
+    labels = torch.roll(ids, -1, 1)
+    labels[(labels == IMG) | (ids == IMG)] = IGNORE_INDEX
+    labels[:, -1] = IGNORE_INDEX
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "document_ids": torch.tensor([doc0, doc1]),
+        "pixel_values": torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)),
+    }
+
+
+def test_the_vocabulary_holds_the_codes_after_the_text() -> None:
+    model = _model()
+    assert model.decoder.embed_tokens.weight.shape == (VOCAB + K, 32)
+    assert model.code_offset == VOCAB and model.num_image_tokens == Q
+    px = _batch()["pixel_values"]
+    ids = model.image_codes(px)
+    torch.testing.assert_close(ids, model.vision.encode(px) + VOCAB)
+    # an image's tokens are its codes' embeddings: the very rows the head scores them with
+    torch.testing.assert_close(model.image_features(px), model.decoder.embed(ids))
+    assert not any(p.requires_grad for p in model.vision.parameters())  # frozen
+
+
+def test_the_image_loss_is_each_codes_cross_entropy_written_out() -> None:
+    model = _model()
+    b = _batch()
+    with torch.no_grad():
+        out = model(**b, return_logits=True)
+    codes = model.image_codes(b["pixel_values"]).reshape(-1)
+    total, k, counted = torch.tensor(0.0), 0, 0
+    ids, doc = b["input_ids"], b["document_ids"]
+    for r in range(ids.shape[0]):
+        for t in range(ids.shape[1]):
+            if ids[r, t] != IMG:
+                continue
+            if t > 0 and doc[r, t - 1] == doc[r, t]:  # over the whole vocabulary
+                total += F.cross_entropy(out.logits[r, t - 1], codes[k])
+                counted += 1
+            k += 1
+    assert counted == 4 * Q - 1  # the image opening row 0's second document: its first code
+    torch.testing.assert_close(out.aux_losses[IMAGE_CODES], total / (4 * Q))
+    # the text's loss is the text's alone, as an MM1 model's
+    text = b["labels"] != IGNORE_INDEX
+    want = F.cross_entropy(out.logits[text], b["labels"][text])
+    torch.testing.assert_close(out.loss, want)
+
+
+def test_micro_batches_add_up_to_the_step() -> None:
+    model = _model()
+    b = _batch()
+    with torch.no_grad():
+        whole = model(**b).aux_losses[IMAGE_CODES]
+        parts = []
+        for rows, images in ((slice(0, 1), slice(0, 2)), (slice(1, 2), slice(2, 4))):
+            part = {k: v[rows] for k, v in b.items() if k != "pixel_values"}
+            out = model(**part, pixel_values=b["pixel_values"][images], num_images=4)
+            parts.append(out.aux_losses[IMAGE_CODES])
+    torch.testing.assert_close(sum(parts), whole)
+
+
+def test_training_reaches_the_code_embeddings_and_never_the_tokenizer() -> None:
+    model = _model().train()
+    out = model(**_batch())
+    (out.loss + out.aux_losses[IMAGE_CODES]).backward()
+    grad = model.decoder.embed_tokens.weight.grad
+    assert grad is not None and grad[VOCAB:].abs().sum() > 0
+    assert all(p.grad is None for p in model.vision.parameters())
+    text = {k: v[:1, :3] for k, v in _batch().items() if k != "pixel_values"}
+    assert model(**text).aux_losses[IMAGE_CODES].item() == 0.0
+
+
+def test_text_generation_never_writes_an_image_code() -> None:
+    """With the code rows scaled up, the full head's argmax is always a code; text generation
+    masks them out and writes text tokens only (the same as argmax over the text's logits)."""
+    model = _model()
+    with torch.no_grad():
+        model.decoder.embed_tokens.weight[VOCAB:] *= 50
+        if not model.cfg.decoder.tie_embeddings:
+            model.decoder.lm_head.weight[VOCAB:] *= 50
+        logits = model(torch.tensor([[1, 5, 6]])).logits
+    assert int(logits[0, -1].argmax()) >= VOCAB
+    assert model.text_logits(logits).shape[-1] == VOCAB
+    out = generate(model, [[1, 5, 6]], None, max_new_tokens=6, pad_token_id=0, eos_token_id=None)
+    assert all(0 <= t < VOCAB for t in out[0])
+
+
+def test_image_generation_equals_a_full_forward_on_what_it_generated() -> None:
+    """Cached, left-padded greedy generation of Q codes: a full forward over prompt + the codes
+    picks the same code at every step among the codes (text masked out)."""
+    model = _model()
+    prompts = [[1, 5, 6, 7], [1, 9]]
+    codes = generate_image_codes(model, prompts, pad_token_id=0)
+    assert codes.shape == (2, Q) and 0 <= int(codes.min()) and int(codes.max()) < K
+    for prompt, c in zip(prompts, codes):
+        ids = torch.tensor([prompt + (c[:-1] + VOCAB).tolist()])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(prompt) - 1 :, VOCAB:]
+        assert logits.argmax(-1).tolist() == c.tolist()
+    alone = generate_image_codes(model, prompts[1:], pad_token_id=0)
+    assert alone[0].tolist() == codes[1].tolist()
+    assert model.vision.decode(codes).shape == (2, 3, 16, 16)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"image_layout": ImageLayoutConfig(type="anyres")}, r"model\.image_layout\.type=anyres"),
+        ({"vq": VQConfig(channels=[8, 8, 8, 8, 8])}, r"not a multiple of .*= 32"),
+        ({"vq": VQConfig(channels=[])}, r"model\.vq\.channels=\[\]"),
+        ({"vq": VQConfig(codebook_size=0)}, r"model\.vq\.codebook_size=0 must be positive"),
+        ({"regression_loss": "mse"}, r"model\.regression_loss=mse: model\.family=chameleon"),
+    ],
+)
+def test_chameleon_refuses_what_it_cannot_read(change: dict, message: str) -> None:
+    cfg = _config()
+    for k, v in change.items():
+        setattr(cfg, k, v)
+    with pytest.raises(ConfigError, match=message):
+        validate_model(cfg)
+
+
+def test_the_summary_counts_the_tokenizer_forward_only_and_the_codes_rows() -> None:
+    from mm1.models.summary import summarize
+
+    s = summarize(_config())
+    model = _model()
+    assert s.total == sum(p.numel() for p in model.parameters())
+    assert s.embeddings == (VOCAB + K) * 32 * (1 if model.cfg.decoder.tie_embeddings else 2)
+    assert s.image_tokens == Q and s.heads == 0
+    assert "8x down, 12 codes" in family_spec("chameleon").describe(_config())
