@@ -151,7 +151,7 @@ def test_image_generation_equals_a_full_forward_on_what_it_generated() -> None:
     model = _model()
     prompts = [[1, 5, 6, 7], [1, 9]]
     codes = generate_image_codes(model, prompts, pad_token_id=0)
-    assert codes.shape == (2, Q) and 0 <= int(codes.min()) and int(codes.max()) < K
+    assert codes.shape == (2, Q) and int(codes.min()) >= 0 and int(codes.max()) < K
     for prompt, c in zip(prompts, codes):
         ids = torch.tensor([prompt + (c[:-1] + VOCAB).tolist()])
         with torch.no_grad():
