@@ -189,3 +189,12 @@ def test_the_summary_counts_the_tokenizer_forward_only_and_the_codes_rows() -> N
     assert s.embeddings == (VOCAB + K) * 32 * (1 if model.cfg.decoder.tie_embeddings else 2)
     assert s.image_tokens == Q and s.heads == 0
     assert "8x down, 12 codes" in family_spec("chameleon").describe(_config())
+
+
+def test_rices_warns_that_it_ranks_by_the_codes_embeddings(caplog) -> None:
+    from mm1.eval.demos import warn_if_rices_is_weak
+
+    with caplog.at_level("WARNING", logger="mm1.eval.demos"):
+        warn_if_rices_is_weak(_model(), "rices")
+    messages = [r.getMessage() for r in caplog.records if r.name == "mm1.eval.demos"]
+    assert len(messages) == 1 and "the mean embedding of each image's codes" in messages[0]

@@ -74,7 +74,7 @@ def test_an_emu2_run_trains_both_losses_and_scores_its_generated_features(
     assert "### generation" in report and "| family | r1 | r1_chance | r5 |" in report
 
 
-def test_eval_generation_refuses_a_model_that_generates_no_features(
+def test_eval_generation_refuses_a_model_that_generates_no_images(
     tmp_path, world, tiny_config, capsys
 ) -> None:
     from mm1 import cli
@@ -85,7 +85,7 @@ def test_eval_generation_refuses_a_model_that_generates_no_features(
     capsys.readouterr()
     assert cli.main(["eval-generation", str(run), "--out", str(tmp_path / "gen")]) != 0
     err = "".join(capsys.readouterr())
-    assert "model.family=mm1 generates no image features (model.family=emu2 does)" in err
+    assert "model.family=mm1 generates no images (model.family=emu2 and chameleon do)" in err
     assert cli.main(["eval-generation", str(run), "--captions", "c.json"]) != 0
     assert "--captions and --image-dir go together" in "".join(capsys.readouterr())
 

@@ -99,13 +99,20 @@ def shuffled_images(queries: Sequence[Example], seed: int = 0) -> dict[str, Path
 
 def warn_if_rices_is_weak(model: torch.nn.Module, demo_selection: str) -> None:
     """RICES ranks demonstrations by the mean of the model's image tokens: without an image
-    encoder (`model.family: fuyu`) that is a linear map of the image's mean patch (its colours),
-    not of what it shows. Warned, not refused: the method is well defined, only weak."""
+    encoder that is a linear map of the image's mean patch (`model.family: fuyu`: its colours)
+    or the mean of its codes' embeddings (chameleon), not of what it shows. Warned, not
+    refused: the method is well defined, only weak."""
     from mm1.models.family import family_of
 
     if demo_selection == "rices" and not family_of(model).has_encoder:
+        what = (
+            "the mean embedding of each image's codes"
+            if family_of(model).image_tokenizer
+            else "a linear map of each image's mean patch (its colours)"
+        )
         log.warning(
             "eval.demo_selection=rices: model.family=%s has no image encoder, so demonstrations "
-            "are ranked by a linear map of each image's mean patch (its colours)",
+            "are ranked by %s",
             model.cfg.family,
+            what,
         )
