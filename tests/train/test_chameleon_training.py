@@ -105,6 +105,16 @@ def test_a_chameleon_run_trains_the_codes_with_the_tokenizer_frozen_and_generate
     assert "of generated codes are the image's own" in (out / "image_generation.md").read_text()
     assert (out / "image_generation.png").stat().st_size > 0
 
+    # `mm1 generate-image`: sampled draws side by side, the same for the same seed
+    draws = [tmp_path / "a.png", tmp_path / "b.png"]
+    for path in draws:
+        args = ["generate-image", str(run), "--prompt", "a red circle", "--n", "3"]
+        assert cli.main([*args, "--temperature", "1", "--top-k", "8", "--out", str(path)]) == 0
+    from PIL import Image
+
+    with Image.open(draws[0]) as a, Image.open(draws[1]) as b:
+        assert a.size == (3 * 32, 32) and a.tobytes() == b.tobytes()
+
     from mm1.ablate.cell import SUITES
 
     metrics = SUITES["generation"](run, ["eval.max_examples=8"])
@@ -126,6 +136,8 @@ def test_starting_points_carry_the_decoder_over_and_refuse_the_wrong_encoder_run
     mm1_run = tmp_path / "mm1"
     cfg = tiny_config(tmp_path, world, steps=1, save_every=1, parallel="none", val_every=0)
     assert cli.main(["train", str(cfg), f"train.run_dir={mm1_run}"]) == 0
+    out = str(tmp_path / "x.png")
+    assert cli.main(["generate-image", str(mm1_run), "--prompt", "a", "--out", out]) != 0
     model_cfg = load_config(cfg, VQ).model
     saved = read_model_weights(mm1_run)
     vocab = saved.config.decoder.vocab_size

@@ -1,8 +1,9 @@
 """The `mm1` command: the one place that wires configs, data, models, training and evaluation.
 
 Each module here holds a group of commands with their parser entries (`register`): run.py (demo,
-train, info, ablate), data.py (data ..., recaption), model.py (convert, upcycle, generate, chat,
-serve), evaluate.py (eval, eval-generation), encoder.py (train-encoder, eval-encoder, export-encoder).
+train, info, ablate), data.py (data ..., recaption), model.py (convert, upcycle, generate,
+generate-image, chat, serve), evaluate.py (eval, eval-generation), encoder.py (train-encoder,
+eval-encoder, export-encoder).
 """
 
 from __future__ import annotations

@@ -133,6 +133,27 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(text)
 
 
+def cmd_generate_image(args: argparse.Namespace) -> None:
+    from PIL import Image
+
+    from mm1.eval.image_generation import generate_images
+    from mm1.models.generation import Sampling
+    from mm1.pretrained import load_pretrained
+
+    if args.temperature < 0 or args.top_k < 0:
+        raise ConfigError("--temperature and --top-k must be >= 0 (temperature 0: greedy)")
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise ConfigError(f"--out {out}: a .png file (the images side by side)")
+    sampling = Sampling(args.temperature > 0, args.temperature or 1.0, args.top_k)
+    p = load_pretrained(args.model)
+    images = generate_images(p, args.prompt, args.n, sampling, args.seed)
+    strip = (images.permute(2, 0, 3, 1).flatten(1, 2) * 255).round().byte().numpy()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(strip).save(out)
+    console.print(f"wrote {out} ({args.n} image(s) of {images.shape[-1]} px)")
+
+
 def cmd_chat(args: argparse.Namespace) -> int | None:
     from mm1.chat import (
         ChatSession,
@@ -214,6 +235,15 @@ def register(add: Add) -> None:
         action="store_true",
         help="the prompt is a user turn, written by the model's chat template (as in SFT)",
     )
+
+    p = add("generate-image", cmd_generate_image, "draw images of a caption (a chameleon model)")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--prompt", required=True, help="the caption, as training writes one")
+    p.add_argument("--out", required=True, help="a .png: the images side by side")
+    p.add_argument("--n", type=int, default=1, help="images to draw")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (n equal images)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest codes")
+    p.add_argument("--seed", type=int, default=0)
 
     p = add("chat", cmd_chat, "chat with a model in the terminal (/image PATH attaches images)")
     p.add_argument("model", help=MODEL_HELP)

@@ -30,6 +30,7 @@ from mm1.data.tokenizer import IMAGE_TOKEN, tokenize_prompt
 from mm1.eval.encoders import held_out_scenes, image_pixels, retrieval_recall
 from mm1.models.chameleon import Chameleon, generate_image_codes
 from mm1.models.emu2 import Emu2, generate_image_features
+from mm1.models.generation import Sampling
 from mm1.pretrained import Pretrained
 
 RESULTS = "image_generation.json"
@@ -64,6 +65,37 @@ def generation_prompt(p: Pretrained, caption: str) -> list[int]:
     blank = Image.new("RGB", (p.cfg.vision.image_size,) * 2)
     ids = tokenize_prompt(caption + IMAGE_TOKEN, [blank], p.tokenizer, p.prompt_format)
     return ids[: ids.index(p.tokenizer.image_id)]
+
+
+@torch.no_grad()
+def generate_images(
+    p: Pretrained,
+    caption: str,
+    n: int = 1,
+    sampling: Sampling | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """(n, 3, H, W) images in [0, 1] that a chameleon model generates after `caption` (written
+    as a caption-first pair is in training), its codes decoded to pixels by its tokenizer;
+    greedy unless `sampling` says otherwise (then n draws, from `seed`)."""
+    model = p.model
+    if not isinstance(model, Chameleon):
+        why = (
+            "emu2 generates image features, which mm1 has no pixel decoder for (mm1 "
+            "eval-generation scores them)"
+            if isinstance(model, Emu2)
+            else "it generates no images"
+        )
+        raise ConfigError(
+            f"model.family={p.cfg.family}: {why}; model.family=chameleon draws pixels"
+        )
+    if n < 1:
+        raise ConfigError(f"--n {n}: at least one image")
+    model.eval()
+    prompt = generation_prompt(p, caption)
+    generator = torch.Generator(model.decoder.embed_tokens.weight.device).manual_seed(seed)
+    codes = generate_image_codes(model, [prompt] * n, p.tokenizer.pad_id, sampling, generator)
+    return p.processor.unnormalize(model.vision.decode(codes)).cpu()
 
 
 def _encoded_and_generated(
