@@ -198,3 +198,19 @@ def test_rices_warns_that_it_ranks_by_the_codes_embeddings(caplog) -> None:
         warn_if_rices_is_weak(_model(), "rices")
     messages = [r.getMessage() for r in caplog.records if r.name == "mm1.eval.demos"]
     assert len(messages) == 1 and "the mean embedding of each image's codes" in messages[0]
+
+
+def test_code_rows_are_placed_by_offset_not_where_a_sources_padding_ends() -> None:
+    """A source with more rows than the text vocabulary (a padded transformers vocabulary)
+    gives its first V rows to the text; the K code rows start at the text rows' mean."""
+    from mm1.models.state_transforms import LoadContext, vocabulary
+
+    key = "decoder.embed_tokens.weight"
+    padded = torch.randn(VOCAB + 3, 32)
+    expected = {key: torch.Size([VOCAB + K, 32])}
+    ctx = LoadContext(source="src", parts=("decoder",), expected=expected, model=_config())
+    out = vocabulary({key: padded}, ctx)[key]
+    assert out.shape == (VOCAB + K, 32) and torch.equal(out[:VOCAB], padded[:VOCAB])
+    torch.testing.assert_close(out[VOCAB:], padded[:VOCAB].mean(0).expand(K, -1))
+    same = torch.randn(VOCAB + K, 32)  # a chameleon source of the model's shape: kept
+    assert torch.equal(vocabulary({key: same}, ctx)[key], same)

@@ -91,3 +91,21 @@ def test_a_fresh_codebook_starts_from_the_first_batch() -> None:
     restarted = model.vision.code_count == 1.0
     for row in model.vision.codes[restarted]:  # each restarted code is one of the outputs
         assert (z @ row).max() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_codes_do_not_depend_on_autocast() -> None:
+    """The codes a model trained under bf16 autocast reads are the ones it is evaluated with in
+    fp32: the tokenizer runs at its weights' precision whatever autocast is on."""
+    vq = _tokenizer()
+    pixels = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+    with torch.autocast("cpu", torch.bfloat16):
+        under = vq.encode(pixels)
+    assert torch.equal(under, vq.encode(pixels))
+
+
+def test_a_nonfinite_batch_leaves_the_codebook_alone() -> None:
+    vq = _tokenizer()
+    before = {k: v.clone() for k, v in vq.state_dict().items()}
+    z = torch.full((4, 4), float("nan"))
+    assert vq.update_codebook(z, torch.zeros(4, dtype=torch.long), 0.9, 0.1, None) == 0
+    assert all(torch.equal(before[k], v) for k, v in vq.state_dict().items())

@@ -160,6 +160,14 @@ def test_starting_points_carry_the_decoder_over_and_refuse_the_wrong_encoder_run
     EncoderTrainer(load_encoder_config(aim_cfg, [f"train.run_dir={aim}"])).fit()
     with pytest.raises(ConfigError, match=r"encoder\.objective=aim, and model\.family=chameleon"):
         starting_state(InitConfig(vision=str(aim)), model.cfg, expected_shapes(model))
+    # an HF vision tower is no tokenizer: refused before anything is built
+    from mm1.models.build import resolve_config
+
+    hf_vision = tmp_path / "hf_vision"
+    hf_vision.mkdir()
+    (hf_vision / "config.json").write_text('{"model_type": "clip_vision_model"}')
+    with pytest.raises(ConfigError, match=r"is a transformers vision model; model\.family=chame"):
+        resolve_config(model_cfg, vocab, init=InitConfig(vision=str(hf_vision)))
     with pytest.raises(ConfigError, match=r"encoder\.objective=vq, and model\.family=mm1"):
         plain = build_model(load_config(cfg).model, vocab, load_weights=False)
         starting_state(InitConfig(vision=str(tokenizer_run)), plain.cfg, expected_shapes(plain))

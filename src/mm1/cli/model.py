@@ -142,11 +142,13 @@ def cmd_generate_image(args: argparse.Namespace) -> None:
 
     if args.temperature < 0 or args.top_k < 0:
         raise ConfigError("--temperature and --top-k must be >= 0 (temperature 0: greedy)")
+    if args.top_k and not args.temperature:
+        raise ConfigError("--top-k samples, which needs --temperature > 0 (0 is greedy)")
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise ConfigError(f"--out {out}: a .png file (the images side by side)")
     sampling = Sampling(args.temperature > 0, args.temperature or 1.0, args.top_k)
-    p = load_pretrained(args.model)
+    p = load_pretrained(args.model, args.device)
     images = generate_images(p, args.prompt, args.n, sampling, args.seed)
     strip = (images.permute(2, 0, 3, 1).flatten(1, 2) * 255).round().byte().numpy()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -244,6 +246,7 @@ def register(add: Add) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (n equal images)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest codes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
 
     p = add("chat", cmd_chat, "chat with a model in the terminal (/image PATH attaches images)")
     p.add_argument("model", help=MODEL_HELP)

@@ -67,8 +67,8 @@ class VQObjectiveConfig:
     `model.vq`."""
 
     beta: float = 0.25  # the commitment loss's weight (VQ-VAE's and SEED's 0.25)
-    decay: float = 0.99  # the codebook's EMA decay per step (VQ-VAE-2's)
-    # A code whose EMA count of assigned outputs (per step, over all ranks) falls below this
+    decay: float = 0.99  # the codebook's EMA decay per update (one per micro-batch; VQ-VAE-2's)
+    # A code whose EMA count of assigned outputs (per update, over all ranks) falls below this
     # restarts at a random output of the batch; 0 = never.
     dead_below: float = 0.1
 

@@ -30,7 +30,7 @@ from mm1.data.tokenizer import IMAGE_TOKEN, tokenize_prompt
 from mm1.eval.encoders import held_out_scenes, image_pixels, retrieval_recall
 from mm1.models.chameleon import Chameleon, generate_image_codes
 from mm1.models.emu2 import Emu2, generate_image_features
-from mm1.models.generation import Sampling
+from mm1.models.generation import Sampling, check_prompt_fits
 from mm1.pretrained import Pretrained
 
 RESULTS = "image_generation.json"
@@ -93,6 +93,7 @@ def generate_images(
         raise ConfigError(f"--n {n}: at least one image")
     model.eval()
     prompt = generation_prompt(p, caption)
+    check_prompt_fits(len(prompt) + model.num_image_tokens - 1, model.cfg.decoder.max_seq_len)
     generator = torch.Generator(model.decoder.embed_tokens.weight.device).manual_seed(seed)
     codes = generate_image_codes(model, [prompt] * n, p.tokenizer.pad_id, sampling, generator)
     return p.processor.unnormalize(model.vision.decode(codes)).cpu()
@@ -174,7 +175,7 @@ def evaluate_image_generation(
         same = extra["codes"] == extra["own"][torch.tensor(owner)]
         result["code_match"] = float(same.float().mean())
         result["distinct_generations"] = len({tuple(c) for c in extra["codes"].tolist()})
-        decoded = model.vision.decode(extra["codes"][torch.tensor(firsts)].to(pixels.device))
+        decoded = model.vision.decode(extra["codes"][torch.tensor(firsts)])
         result[GENERATED] = p.processor.unnormalize(decoded).cpu()
     else:
         result["l1"] = float((generated - encoded[torch.tensor(owner)]).abs().mean())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -19,6 +20,8 @@ from mm1.models.starting_point import (
     starting_state,
     with_deprecated,
 )
+
+log = logging.getLogger(__name__)
 
 
 def resolve_config(
@@ -75,6 +78,12 @@ def _refuse_missing_encoder(cfg: ModelConfig, init: InitConfig) -> None:
     family = family_spec(cfg.family)
     if family.has_encoder:
         return
+    if family.image_tokenizer and init.vision and hf_source(init, "vision"):
+        raise ConfigError(
+            f"train.init.vision={init.vision} is a transformers vision model; "
+            f"model.family={cfg.family} reads images with a VQ tokenizer: a `mm1 "
+            "train-encoder` run with encoder.objective: vq"
+        )
     if init.vision and not family.image_tokenizer:
         raise ConfigError(
             f"train.init.vision={init.vision}: model.family={cfg.family} has no image encoder "
@@ -122,6 +131,12 @@ def build_model(
             return family_spec(cfg.family).model(cfg)
     model = family_spec(cfg.family).model(cfg)
     if load_weights:
+        if family_spec(cfg.family).image_tokenizer and not (init.vision or init.weights):
+            log.warning(
+                "model.family=%s with no train.init.vision: its image tokenizer is random and "
+                "frozen (train one with `mm1 train-encoder`, encoder.objective: vq)",
+                cfg.family,
+            )
         state = starting_point_state_dict(model, init, new_token_ids)
         if state:
             # strict=False: parts named nowhere keep their random init (the chain checked the

@@ -167,6 +167,12 @@ _VOCAB_KEYS = ("decoder.embed_tokens.weight", "decoder.lm_head.weight")
 
 
 def vocabulary(state: StateDict, ctx: LoadContext) -> StateDict:
+    """Rows resized to the model's vocabulary. A model whose vocabulary holds image codes after
+    the text's (chameleon: more rows than `decoder.vocab_size`) gets the source's text rows
+    resized to the text vocabulary, then the code rows at their mean, unless the source has
+    exactly the model's rows (a chameleon source of the same shape): a code is placed by its
+    offset, never by where a source's padding happened to end."""
+    text = ctx.model.decoder.vocab_size if ctx.model is not None else None
     for key in _VOCAB_KEYS:
         if key not in state or key not in ctx.expected:
             continue
@@ -174,7 +180,13 @@ def vocabulary(state: StateDict, ctx: LoadContext) -> StateDict:
         if t.ndim == 2 and t.shape[1] == ctx.expected[key][1]:
             if t.shape[0] != rows:
                 ctx.notes.append(f"{key} resized from {t.shape[0]} to {rows} rows")
-            state[key] = resize_vocab_rows(t, rows, ctx.new_token_ids)
+            if text is not None and rows > text and t.shape[0] != rows:
+                codes = rows - text
+                ctx.notes.append(f"{key}: its {codes} image-code rows are new")
+                t = resize_vocab_rows(t, text, ctx.new_token_ids)
+                state[key] = resize_vocab_rows(t, rows)
+            else:
+                state[key] = resize_vocab_rows(t, rows, ctx.new_token_ids)
     return state
 
 

@@ -16,6 +16,9 @@ perceptual and adversarial losses are not used.
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +26,13 @@ from torch import nn
 from mm1.config import VQConfig
 from mm1.config.encoder import VQObjectiveConfig
 from mm1.models.clip import EncoderOutput
+
+
+def _full_precision(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """Autocast off on `device` (nothing to turn off on the meta device)."""
+    if device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
 
 
 def _groups(channels: int) -> int:
@@ -99,8 +109,12 @@ class VQTokenizer(nn.Module):
         return F.normalize(self.encoder(pixels).permute(0, 2, 3, 1).float(), dim=-1)
 
     def codes_of(self, z: torch.Tensor) -> torch.Tensor:
-        """The nearest code (largest cosine) of each normalised vector in `z` (..., code_dim)."""
-        return (z.flatten(0, -2) @ self.codes.float().t()).argmax(-1).reshape(z.shape[:-1])
+        """The nearest code (largest cosine) of each normalised vector in `z` (..., code_dim),
+        scored in fp32 under any autocast: bf16 scores would flip near ties, so a model trained
+        under autocast would read other codes than it is evaluated with."""
+        with _full_precision(z.device):
+            scores = z.float().flatten(0, -2) @ self.codes.float().t()
+        return scores.argmax(-1).reshape(z.shape[:-1])
 
     def code_vectors(self, codes: torch.Tensor) -> torch.Tensor:
         """(..., code_dim): the normalised vectors of `codes`."""
@@ -120,10 +134,15 @@ class VQTokenizer(nn.Module):
         restarts at a random row of `z` (rank 0's, broadcast). Returns the codes restarted."""
         import torch.distributed as dist
 
+        multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        finite = torch.isfinite(z).all().float()
+        if multi:  # every rank skips together
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite:  # a step the trainer will skip must not poison the codebook for good
+            return 0
         k = self.codes.shape[0]
         count = torch.bincount(codes, minlength=k).float()
         total = torch.zeros_like(self.code_sum).index_add_(0, codes, z.float())
-        multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if multi:
             dist.all_reduce(count)
             dist.all_reduce(total)
@@ -141,12 +160,15 @@ class VQTokenizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(N, h * w) long: each image's codes, row by row."""
-        return self.codes_of(self.latents(pixels)).flatten(1)
+        """(N, h * w) long: each image's codes, row by row; computed at the weights' own
+        precision whatever autocast is on (the same codes in training and evaluation)."""
+        with _full_precision(pixels.device):
+            z = self.latents(pixels.to(self.decoder[0].weight.dtype))
+        return self.codes_of(z).flatten(1)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """(N, h * w) codes -> (N, 3, H, W) pixels (in the processor's normalised space)."""
-        side = int(codes.shape[1] ** 0.5)
+        side = math.isqrt(codes.shape[1])
         if side * side != codes.shape[1]:
             raise ValueError(f"{codes.shape[1]} codes per image do not make a square grid")
         z = self.code_vectors(codes).reshape(codes.shape[0], side, side, -1)

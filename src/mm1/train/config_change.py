@@ -158,14 +158,16 @@ def model_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, A
 
 def unused_keys(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, ...]:
     """Model keys the run's family does not read (a fuyu run's encoder and connector, the VQ
-    tokenizer of any family but chameleon), which a resume may change freely; none when the
-    family itself changes."""
+    tokenizer of any family but chameleon; a VQ tokenizer run's ViT and connector), which a
+    resume may change freely; none when the family itself changes."""
     from mm1.registry import FAMILIES
 
     family = _value(new, "model.family")
     entry = FAMILIES.get(str(family)) if family == _value(old, "model.family") else None
     if entry is None:
         return ()
+    if _value(old, "encoder.objective") == "vq":  # a tokenizer run trains model.vq alone
+        return ENCODER_ONLY_KEYS
     unused = () if entry.value.has_encoder else ENCODER_ONLY_KEYS
     return unused if entry.value.image_tokenizer else (*unused, "model.vq")
 
