@@ -121,6 +121,25 @@ def test_an_hf_text_tower_counts_as_a_model_change_only_when_set_or_unset() -> N
     assert model_changes(moved, elsewhere) == []  # its shapes are checked when it loads
 
 
+def test_the_vq_tokenizer_counts_where_it_is_built() -> None:
+    """`model.vq` sets the parameters of a VQ tokenizer run (whatever its model.family) and of
+    a chameleon model, and of no other model; a tokenizer run builds no ViT."""
+
+    def cfg(family: str, objective: str | None, book: int, width: int = 32) -> dict:
+        out: dict = {"model": {"family": family, "vq": {"codebook_size": book}}}
+        out["model"]["vision"] = {"width": width}
+        if objective:
+            out["encoder"] = {"objective": objective}
+        return out
+
+    book = ("model.vq.codebook_size", 16, 32)
+    assert model_changes(cfg("mm1", "vq", 16), cfg("mm1", "vq", 32)) == [book]
+    assert model_changes(cfg("mm1", "vq", 16, 32), cfg("mm1", "vq", 16, 64)) == []
+    assert model_changes(cfg("chameleon", None, 16), cfg("chameleon", None, 32)) == [book]
+    assert model_changes(cfg("mm1", None, 16), cfg("mm1", None, 32)) == []
+    assert model_changes(cfg("mm1", "aim", 16), cfg("mm1", "aim", 32)) == []
+
+
 def test_a_config_saved_in_an_older_shape_is_unchanged() -> None:
     cfg = load_config(
         None,
