@@ -23,6 +23,7 @@ from mm1.config import (
 from mm1.models.chameleon import Chameleon, generate_image_codes
 from mm1.models.family import family_spec
 from mm1.models.generation import generate
+from tests.models.family_batches import two_packed_rows
 
 VOCAB, IMG, K = 64, 63, 12  # text vocabulary (the image slot id its last), codebook size
 Q = 4  # a 16-px image, 8x down: 2 x 2 codes
@@ -49,25 +50,7 @@ def _model() -> Chameleon:
 
 
 def _batch() -> dict[str, torch.Tensor]:
-    """Two packed rows: row 0 a caption-first document (its last text token predicts the first
-    code) and an image-first one whose image opens the document (its first code has no
-    predecessor); row 1 one document with two images."""
-    s = [IMG] * Q
-    row0 = [5, 6, 7, *s, 2, *s, 8, 9, 2]
-    doc0 = [1] * 8 + [2] * (Q + 3)
-    row1 = [5, *s, 10, 11, *s, 12, 2]
-    row1 += [0] * (len(row0) - len(row1))
-    doc1 = [1] * (2 * Q + 5) + [0] * (len(row0) - 2 * Q - 5)
-    ids = torch.tensor([row0, row1])
-    labels = torch.roll(ids, -1, 1)
-    labels[(labels == IMG) | (ids == IMG)] = IGNORE_INDEX
-    labels[:, -1] = IGNORE_INDEX
-    return {
-        "input_ids": ids,
-        "labels": labels,
-        "document_ids": torch.tensor([doc0, doc1]),
-        "pixel_values": torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)),
-    }
+    return two_packed_rows(IMG, Q, 16)
 
 
 def test_the_vocabulary_holds_the_codes_after_the_text() -> None:

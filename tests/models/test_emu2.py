@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mm1.batch import IGNORE_INDEX
 from mm1.config import (
     IMAGE_REGRESSION,
     ConfigError,
@@ -21,6 +20,7 @@ from mm1.config import (
 from mm1.models.emu2 import Emu2, generate_image_features
 from mm1.models.family import family_spec
 from mm1.models.mllm import MM1, predicted_slots
+from tests.models.family_batches import two_packed_rows
 
 VOCAB, IMG = 64, 63  # the image slot id: the vocabulary's last
 Q = 4  # image tokens: the 4 x 4 patch grid pooled to 2 x 2
@@ -47,25 +47,7 @@ def _model(**model: object) -> Emu2:
 
 
 def _batch() -> dict[str, torch.Tensor]:
-    """Two packed rows: row 0 holds a caption-first document (<img>-less: its last text token
-    predicts the first feature) and an image-first one whose image opens the document (its
-    first slot has no predecessor); row 1 one document with two images."""
-    s = [IMG] * Q
-    row0 = [5, 6, 7, *s, 2, *s, 8, 9, 2]
-    doc0 = [1] * 8 + [2] * (Q + 3)
-    row1 = [5, *s, 10, 11, *s, 12, 2]
-    row1 += [0] * (len(row0) - len(row1))
-    doc1 = [1] * (2 * Q + 5) + [0] * (len(row0) - 2 * Q - 5)
-    ids = torch.tensor([row0, row1])
-    labels = torch.roll(ids, -1, 1)
-    labels[(labels == IMG) | (ids == IMG)] = IGNORE_INDEX
-    labels[:, -1] = IGNORE_INDEX
-    return {
-        "input_ids": ids,
-        "labels": labels,
-        "document_ids": torch.tensor([doc0, doc1]),
-        "pixel_values": torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)),
-    }
+    return two_packed_rows(IMG, Q, 32)
 
 
 def _expected(model: Emu2, b: dict[str, torch.Tensor], kind: str = "l1") -> torch.Tensor:

@@ -32,7 +32,7 @@ from torch import nn
 from mm1.config import IMAGE_CODES, ConfigError, ModelConfig
 from mm1.config.encoder import validate_vq
 from mm1.models.decoder import Decoder
-from mm1.models.family import ModelFamily, mm1_hf
+from mm1.models.family import MM1_FAMILY, ModelFamily, decoder_blocks, mm1_hf
 from mm1.models.generation import Sampling, left_pad, next_token
 from mm1.models.kv_cache import KVCache
 from mm1.models.mllm import MLLM, predicted_slots, predicting_positions
@@ -183,21 +183,13 @@ def _describe(cfg: ModelConfig) -> str:
     )
 
 
-def _blocks(model: nn.Module) -> list[nn.ModuleList]:
-    return [model.decoder.layers]
-
-
-def _init_buffers(model: nn.Module) -> None:
-    model.init_buffers()
-
-
 CHAMELEON_FAMILY = FAMILIES.register("chameleon")(
     ModelFamily(
         "chameleon",
         Chameleon,
         mm1_hf,
-        _blocks,
-        _init_buffers,
+        decoder_blocks,
+        MM1_FAMILY.init_buffers,  # the decoder's RoPE buffers
         num_image_tokens=_num_image_tokens,
         validate=_validate,
         describe=_describe,

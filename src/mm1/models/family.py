@@ -82,6 +82,11 @@ def mm1_hf() -> ModuleType:
     return importlib.import_module("mm1.models.hf")
 
 
+def decoder_blocks(model: nn.Module) -> list[nn.ModuleList]:
+    """The blocks of a family without an image encoder (fuyu, chameleon): the decoder's."""
+    return [model.decoder.layers]
+
+
 def _mm1_blocks(model: nn.Module) -> list[nn.ModuleList]:
     return [model.vision.blocks, model.decoder.layers]
 

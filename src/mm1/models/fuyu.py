@@ -21,7 +21,7 @@ from torch import nn
 
 from mm1.config import ConfigError, ModelConfig
 from mm1.models.decoder import Decoder
-from mm1.models.family import ModelFamily, mm1_hf
+from mm1.models.family import MM1_FAMILY, ModelFamily, decoder_blocks, mm1_hf
 from mm1.models.layers import init_weights
 from mm1.models.mllm import MLLM
 from mm1.registry import FAMILIES
@@ -126,21 +126,13 @@ def _describe(cfg: ModelConfig) -> str:
     )
 
 
-def _blocks(model: nn.Module) -> list[nn.ModuleList]:
-    return [model.decoder.layers]
-
-
-def _init_buffers(model: nn.Module) -> None:
-    model.init_buffers()
-
-
 FUYU_FAMILY = FAMILIES.register("fuyu")(
     ModelFamily(
         "fuyu",
         Fuyu,
         mm1_hf,
-        _blocks,
-        _init_buffers,
+        decoder_blocks,
+        MM1_FAMILY.init_buffers,  # the decoder's RoPE buffers
         num_image_tokens=_num_image_tokens,
         validate=_validate,
         describe=_describe,
