@@ -37,13 +37,7 @@ from mm1.config import (
     to_yaml,
 )
 from mm1.config.schema import AUX_LOSSES, LOGIT_Z
-from mm1.data.loader import (
-    Loader,
-    LoaderSettings,
-    PackedDataset,
-    build_loader,
-    loader_counts,
-)
+from mm1.data.loader import Loader, LoaderSettings, PackedDataset, build_loader, loader_counts
 from mm1.data.prompt_format import PromptFormat
 from mm1.data.world import carried_image_boundaries, image_processor_for, prepare_data
 from mm1.models.build import build_model, starting_point_state_dict
