@@ -10,7 +10,7 @@ passing the quantiser straight through. The codebook is not learned by gradient 
 code's moving average of the encoder outputs assigned to it (VQ-VAE-2's EMA update, summed over
 ranks), and a code no output has come near for a while restarts at a random output of the batch
 (the dead-code restart of Jukebox / SoundStream): on the synthetic world a gradient-learned
-codebook collapsed to a handful of codes within 20 steps (10 of 1,024 in use). VQ-GAN's
+codebook collapsed to a handful of codes within 20 steps (3 to 10 of 1,024 in use). VQ-GAN's
 perceptual and adversarial losses are not used.
 """
 
