@@ -103,6 +103,21 @@ def test_a_chameleon_run_trains_the_codes_with_the_tokenizer_frozen_and_generate
     assert 1 <= result["distinct_generations"] <= result["captions"]
     assert "l1" not in result and "generated_pixels" not in result
     assert "of generated codes are the image's own" in (out / "image_generation.md").read_text()
+    assert result["sampling"]["do_sample"] is False
+    sampled = tmp_path / "sampled"
+    args = ["eval-generation", str(run), "--max-images", "8", "--out", str(sampled)]
+    assert cli.main([*args, "--temperature", "1", "--top-k", "8", "--seed", "3"]) == 0
+    drawn = json.loads((sampled / "image_generation.json").read_text())
+    assert drawn["sampling"] == {
+        "do_sample": True,
+        "temperature": 1.0,
+        "top_k": 8,
+        "top_p": 1.0,
+        "seed": 3,
+    }
+    assert (
+        "sampled at temperature 1, top-k 8, seed 3" in (sampled / "image_generation.md").read_text()
+    )
     assert (out / "image_generation.png").stat().st_size > 0
 
     # `mm1 generate-image`: sampled draws side by side, the same for the same seed

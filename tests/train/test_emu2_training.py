@@ -88,6 +88,8 @@ def test_eval_generation_refuses_a_model_that_generates_no_images(
     assert "model.family=mm1 generates no images (model.family=emu2 and chameleon do)" in err
     assert cli.main(["eval-generation", str(run), "--captions", "c.json"]) != 0
     assert "--captions and --image-dir go together" in "".join(capsys.readouterr())
+    assert cli.main(["eval-generation", str(run), "--top-k", "5"]) != 0
+    assert "--top-k samples, which needs --temperature > 0" in "".join(capsys.readouterr())
 
 
 def test_an_mm1_run_starts_an_emu2_model_and_back(tmp_path, world, tiny_config) -> None:

@@ -116,6 +116,7 @@ def cmd_eval_generation(args: argparse.Namespace) -> None:
         world_captioned_images,
         write_results,
     )
+    from mm1.models.generation import Sampling
     from mm1.pretrained import load_pretrained
 
     refuse_encoder_run(args.model)
@@ -123,6 +124,11 @@ def cmd_eval_generation(args: argparse.Namespace) -> None:
         raise ConfigError("--captions and --image-dir go together (a COCO captions file)")
     if args.max_images < 0 or args.max_images == 1:
         raise ConfigError(f"--max-images {args.max_images}: 0 (all) or at least 2")
+    if args.temperature < 0 or args.top_k < 0 or (args.top_k and not args.temperature):
+        raise ConfigError(
+            f"--temperature {args.temperature} --top-k {args.top_k}: both >= 0, and --top-k "
+            "samples, which needs --temperature > 0 (0: greedy)"
+        )
     model_dir = Path(args.model)
     if args.captions is not None:
         images = coco_captioned_images(args.captions, args.image_dir)
@@ -139,7 +145,8 @@ def cmd_eval_generation(args: argparse.Namespace) -> None:
     out = Path(args.out or _default_out(model_dir, EVAL_OUT))
     _check_writable(out, args.out is not None)
     p = load_pretrained(model_dir)
-    result = evaluate_image_generation(p, images, args.batch_size)
+    sampling = Sampling(args.temperature > 0, args.temperature or 1.0, args.top_k)
+    result = evaluate_image_generation(p, images, args.batch_size, sampling, args.seed)
     result["source"] = source
     path = write_results(result, out, f"Image generation: {_model_name(model_dir)}")
     r = result["text_to_image"]
@@ -338,4 +345,12 @@ def register(add: Add) -> None:
     p.add_argument("--image-dir", default=None, help="the images of --captions")
     p.add_argument("--max-images", type=int, default=0, help="the first N images (0: all)")
     p.add_argument("--batch-size", type=int, default=32, help="captions generated at once")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="chameleon: sample the codes at this temperature (0: greedy)",
+    )
+    p.add_argument("--top-k", type=int, default=0, help="chameleon: among the k likeliest codes")
+    p.add_argument("--seed", type=int, default=0, help="chameleon: the sampling's seed")
     p.add_argument("--out", default=None, help=f"default: MODEL/{EVAL_OUT}")

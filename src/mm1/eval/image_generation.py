@@ -100,7 +100,12 @@ def generate_images(
 
 
 def _encoded_and_generated(
-    p: Pretrained, pixels: torch.Tensor, prompts: list[list[int]], batch: int
+    p: Pretrained,
+    pixels: torch.Tensor,
+    prompts: list[list[int]],
+    batch: int,
+    sampling: Sampling,
+    seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """The images' representations, the captions' generated ones (same space, fp32), and the
     family's own outputs (its error; chameleon: the generated codes)."""
@@ -113,7 +118,10 @@ def _encoded_and_generated(
     if isinstance(model, Chameleon):
         vq = model.vision
         image_codes = batched(lambda x: vq.encode(x.to(device)), pixels)
-        codes = batched(lambda ps: generate_image_codes(model, ps, pad), prompts)
+        generator = torch.Generator(device).manual_seed(seed)
+        codes = batched(
+            lambda ps: generate_image_codes(model, ps, pad, sampling, generator), prompts
+        )
         return (
             vq.code_vectors(image_codes),
             vq.code_vectors(codes),
@@ -126,11 +134,21 @@ def _encoded_and_generated(
 
 @torch.no_grad()
 def evaluate_image_generation(
-    p: Pretrained, images: CaptionedImages, batch: int = 32
+    p: Pretrained,
+    images: CaptionedImages,
+    batch: int = 32,
+    sampling: Sampling | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """The scores of `p` (an emu2 or chameleon model) on `images`: every caption generates
-    an image once."""
+    an image once (chameleon: greedy, or drawn as `sampling` says from `seed`)."""
     model = p.model
+    sampling = sampling or Sampling()
+    if sampling.do_sample and not isinstance(model, Chameleon):
+        raise ConfigError(
+            f"model.family={p.cfg.family}: sampling applies to chameleon's codes; emu2's "
+            "features are regressed, one per step"
+        )
     if not isinstance(model, (Emu2, Chameleon)):
         raise ConfigError(
             f"model.family={p.cfg.family} generates no images (model.family=emu2 and chameleon do)"
@@ -142,7 +160,7 @@ def evaluate_image_generation(
     captions = [c for caps in images.captions for c in caps]
     owner = [i for i, caps in enumerate(images.captions) for _ in caps]
     prompts = [generation_prompt(p, c) for c in captions]
-    encoded, generated, extra = _encoded_and_generated(p, pixels, prompts, batch)
+    encoded, generated, extra = _encoded_and_generated(p, pixels, prompts, batch, sampling, seed)
     # Centred on the images' mean: the part every image shares would otherwise dominate each
     # cosine, and a model that generates only that part would look close.
     mean = encoded.mean(0)
@@ -166,6 +184,7 @@ def evaluate_image_generation(
     result: dict[str, Any] = {
         "images": len(images.paths),
         "captions": len(captions),
+        "sampling": vars(sampling) | ({"seed": seed} if sampling.do_sample else {}),
         "text_to_image": {k: v for k, v in recall.items() if k.startswith("text_to_image")},
         "cosine_own": float(own.mean()),
         "cosine_others": float(others.mean()),
@@ -192,7 +211,8 @@ def image_generation_report(result: dict[str, Any], title: str) -> str:
             "",
             f"{result['captions']} captions of {result['images']} held-out images: each "
             "caption's generated image retrieves among the images (in the space it is "
-            "generated in: emu2's pooled features, chameleon's code vectors).",
+            "generated in: emu2's pooled features, chameleon's code vectors); "
+            f"{_how(result.get('sampling', {}))}.",
             "",
             "| | " + " | ".join(f"R@{k}" for k in ks) + " |",
             "|---|" + "---|" * len(ks),
@@ -208,6 +228,13 @@ def image_generation_report(result: dict[str, Any], title: str) -> str:
             "",
         ]
     )
+
+
+def _how(sampling: dict[str, Any]) -> str:
+    if not sampling.get("do_sample"):
+        return "greedy"
+    top_k = f", top-k {sampling['top_k']}" if sampling.get("top_k") else ""
+    return f"sampled at temperature {sampling['temperature']:g}{top_k}, seed {sampling['seed']}"
 
 
 def _error(result: dict[str, Any]) -> str:
