@@ -109,3 +109,15 @@ def test_a_nonfinite_batch_leaves_the_codebook_alone() -> None:
     z = torch.full((4, 4), float("nan"))
     assert vq.update_codebook(z, torch.zeros(4, dtype=torch.long), 0.9, 0.1, None) == 0
     assert all(torch.equal(before[k], v) for k, v in vq.state_dict().items())
+
+
+def test_a_cast_keeps_the_codebook_in_fp32_and_the_codes_unchanged() -> None:
+    """lmms-eval casts a whole model to bf16: the codebook's buffers keep their fp32 values, so
+    the codes of an image are the same as before (the convolutions run in bf16 alone)."""
+    vq = _tokenizer()
+    book = vq.codes.clone()
+    vq.to(torch.bfloat16)
+    assert vq.encoder[0].weight.dtype == torch.bfloat16
+    assert all(getattr(vq, n).dtype == torch.float32 for n in ("codes", "code_sum", "code_count"))
+    assert torch.equal(vq.codes, book)
+    assert vq.encode(torch.randn(2, 3, 16, 16)).shape == (2, 16)

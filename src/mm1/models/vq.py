@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,8 @@ from torch import nn
 from mm1.config import VQConfig
 from mm1.config.encoder import VQObjectiveConfig
 from mm1.models.clip import EncoderOutput
+
+CODEBOOK_BUFFERS = ("codes", "code_sum", "code_count")
 
 
 def _full_precision(device: torch.device) -> contextlib.AbstractContextManager[object]:
@@ -89,6 +92,20 @@ class VQTokenizer(nn.Module):
         up += [nn.GroupNorm(_groups(ch[0]), ch[0]), nn.SiLU(), nn.Conv2d(ch[0], 3, 3, padding=1)]
         self.decoder = nn.Sequential(*up)
         self.reset_parameters()
+
+    def _apply(
+        self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
+    ) -> VQTokenizer:
+        """Moves and casts keep the codebook's buffers in fp32 (their values and dtype): a
+        model cast to bf16 (lmms-eval's `dtype`) would otherwise round the codes and read other
+        codes than it was trained on."""
+        kept = {name: getattr(self, name) for name in CODEBOOK_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = getattr(self, name)
+            if new.dtype != old.dtype and new.device.type != "meta":
+                self._buffers[name] = old.to(new.device)
+        return self
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
