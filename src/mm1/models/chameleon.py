@@ -66,7 +66,7 @@ class Chameleon(MLLM):
 
     @property
     def num_image_tokens(self) -> int:
-        return (self.cfg.vision.image_size // self.cfg.vq.downsample) ** 2
+        return _num_image_tokens(self.cfg)
 
     def image_codes(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, Q) token ids of the crops' codes, at most `encoder_chunk` crops per call (the
