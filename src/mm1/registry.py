@@ -90,5 +90,6 @@ FAMILIES = Registry(
         "mm1.models.fuyu",
         "mm1.models.emu2",
         "mm1.models.chameleon",
+        "mm1.models.seed",
     ),
 )

@@ -1,8 +1,9 @@
 """The config of an image-encoder pre-training run (`mm1 train-encoder`): a run config plus an
-`encoder:` section naming the objective (CLIP, AIM or VQ) and its own parts. The ViT trained
-(CLIP, AIM) is `model.vision`, the very module MM1 uses; the VQ tokenizer trained is `model.vq`,
-the one a chameleon model reads images with. Either way the run is a `train.init.vision`
-starting point."""
+`encoder:` section naming the objective (CLIP, AIM, VQ or SEED) and its own parts. The ViT
+trained (CLIP, AIM) is `model.vision`, the very module MM1 uses; the VQ tokenizer trained is
+`model.vq`, the one a chameleon model reads images with; the SEED tokenizer trained is
+`model.seed`, over the frozen ViT and text tower of a CLIP run (`train.init.vision`), the one a
+seed model reads images with. Either way the run is a `train.init.vision` starting point."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mm1.config.loading import load_config
-from mm1.config.schema import ACTIVATIONS, Config, ConfigError, VQConfig
+from mm1.config.schema import ACTIVATIONS, Config, ConfigError, SEEDConfig, VQConfig
 
-ENCODER_OBJECTIVES = ("clip", "aim", "vq")
+ENCODER_OBJECTIVES = ("clip", "aim", "vq", "seed")
+# Objectives whose loss reads each image's caption (through the text tower).
+TEXT_OBJECTIVES = ("clip", "seed")
 # Source kinds whose records pair images with text (CLIP) / carry images at all (AIM, VQ).
 CLIP_SOURCE_KINDS = ("captions",)
 AIM_SOURCE_KINDS = ("captions", "interleaved", "sft")
@@ -64,7 +67,7 @@ class AIMObjectiveConfig:
 class VQObjectiveConfig:
     """VQ: reconstruction (mean squared error) + beta x commitment loss, the codebook an EMA of
     the outputs assigned to each code, dead codes restarted; the tokenizer's shape is
-    `model.vq`."""
+    `model.vq`. The quantiser of a SEED tokenizer (`encoder.objective: seed`) is set here too."""
 
     beta: float = 0.25  # the commitment loss's weight (VQ-VAE's and SEED's 0.25)
     decay: float = 0.99  # the codebook's EMA decay per update (one per micro-batch; VQ-VAE-2's)
@@ -146,19 +149,27 @@ def validate_encoder(cfg: EncoderRunConfig) -> None:
         raise ConfigError(f"encoder.vq.dead_below={e.vq.dead_below} must be a finite number >= 0")
     if e.objective == "vq":
         validate_vq(cfg.model.vq, cfg.model.vision.image_size, "model")
-    if e.objective == "clip" and cfg.train.micro_batch_size < 2:
+    if e.objective == "seed":
+        validate_seed(cfg.model.seed, "model")
+        if not cfg.train.init.vision:
+            raise ConfigError(
+                "train.init.vision is not set: encoder.objective=seed reads images with the "
+                "frozen ViT of a CLIP run and aligns with its frozen text tower (name the run, "
+                "e.g. train.init.vision=runs/encoder_clip)"
+            )
+    if e.objective in TEXT_OBJECTIVES and cfg.train.micro_batch_size < 2:
         raise ConfigError(
             f"train.micro_batch_size={cfg.train.micro_batch_size}: a contrastive loss needs at "
             "least 2 image-text pairs per rank and micro-batch (the others are the negatives)"
         )
-    allowed = CLIP_SOURCE_KINDS if e.objective == "clip" else AIM_SOURCE_KINDS
+    allowed = CLIP_SOURCE_KINDS if e.objective in TEXT_OBJECTIVES else AIM_SOURCE_KINDS
     for key, sources in (
         ("data.sources", cfg.data.sources),
         ("data.val_sources", cfg.data.val_sources),
     ):
         for i, s in enumerate(sources):
             if s.resolved_kind not in allowed:
-                what = "image-caption pairs" if e.objective == "clip" else "images"
+                what = "image-caption pairs" if e.objective in TEXT_OBJECTIVES else "images"
                 raise ConfigError(
                     f"{key}[{i}].kind={s.resolved_kind!r} ({s.path}): encoder.objective="
                     f"{e.objective} trains on {what} (kinds: {', '.join(allowed)})"
@@ -177,6 +188,13 @@ def validate_vq(vq: VQConfig, image_size: int, prefix: str) -> None:
             f"{prefix}.vision.image_size={image_size} is not a multiple of the tokenizer's "
             f"downsampling 2^len({prefix}.vq.channels) = {vq.downsample}"
         )
+
+
+def validate_seed(seed: SEEDConfig, prefix: str) -> None:
+    """`model.seed`'s sizes (the Q-Former and decoder take the ViT's width and heads)."""
+    for k in ("num_queries", "layers", "decoder_layers", "codebook_size", "code_dim", "embed_dim"):
+        if getattr(seed, k) <= 0:
+            raise ConfigError(f"{prefix}.seed.{k}={getattr(seed, k)} must be positive")
 
 
 def _check_hf_text(t: TextTowerConfig) -> None:

@@ -173,6 +173,14 @@ ADDED_KEYS: dict[str, Any] = {
     "train.aux_loss_weights.image_regression": 1.0,
     "train.aux_loss_weights.image_codes": 1.0,
     "model.vq": {"channels": [32, 64, 128, 128], "codebook_size": 1024, "code_dim": 32},
+    "model.seed": {
+        "num_queries": 32,
+        "layers": 2,
+        "decoder_layers": 2,
+        "codebook_size": 1024,
+        "code_dim": 32,
+        "embed_dim": 128,
+    },
 }
 
 

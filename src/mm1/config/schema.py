@@ -212,6 +212,25 @@ class VQConfig:
 
 
 @dataclass
+class SEEDConfig:
+    """A SEED image tokenizer (`model.family: seed`; Ge et al., "Planting a SEED of Vision in
+    Large Language Model", 2023; trained by `mm1 train-encoder` with `encoder.objective: seed`):
+    a causal Q-Former whose `num_queries` learned queries read the frozen ViT of `model.vision`,
+    each output projected to `code_dim`, snapped to the nearest of `codebook_size` codes (one
+    token each, in the queries' 1D causal order); a transformer of `decoder_layers` blocks
+    decodes the codes back to the causal embeddings and to a generation embedding in the CLIP
+    space of width `embed_dim` (SEED's, unCLIP's image embedding). The Q-Former and the decoder
+    are as wide as the ViT (its heads, MLP and activation)."""
+
+    num_queries: int = 32  # SEED's 32 tokens per image
+    layers: int = 2  # Q-Former blocks (causal self-attention, cross-attention to the ViT, MLP)
+    decoder_layers: int = 2
+    codebook_size: int = 1024  # SEED's: 8192
+    code_dim: int = 32  # SEED's low-dimensional codes (codes and projections l2-normalised)
+    embed_dim: int = 128  # the CLIP run's joint space (`encoder.clip.embed_dim`)
+
+
+@dataclass
 class ModelConfig:
     family: str = "mm1"  # a registered model family (`mm1.models.family`)
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -229,6 +248,8 @@ class ModelConfig:
     regression_loss: str = "l1"
     # The VQ image tokenizer of a family that reads images as discrete codes (chameleon).
     vq: VQConfig = field(default_factory=VQConfig)
+    # The SEED image tokenizer (a causal Q-Former's discrete codes) of `model.family: seed`.
+    seed: SEEDConfig = field(default_factory=SEEDConfig)
 
     @property
     def resolved_image_token_id(self) -> int:

@@ -76,20 +76,18 @@ def resolve_config(
 
 def _refuse_missing_encoder(cfg: ModelConfig, init: InitConfig) -> None:
     family = family_spec(cfg.family)
-    if family.has_encoder:
-        return
     if family.image_tokenizer and init.vision and hf_source(init, "vision"):
         raise ConfigError(
             f"train.init.vision={init.vision} is a transformers vision model; "
-            f"model.family={cfg.family} reads images with a VQ tokenizer: a `mm1 "
-            "train-encoder` run with encoder.objective: vq"
+            f"model.family={cfg.family} reads images with its own image tokenizer: a `mm1 "
+            f"train-encoder` run with encoder.objective: {family.image_tokenizer}"
         )
-    if init.vision and not family.image_tokenizer:
+    if init.vision and not (family.has_encoder or family.image_tokenizer):
         raise ConfigError(
             f"train.init.vision={init.vision}: model.family={cfg.family} has no image encoder "
             "to start"
         )
-    if llava_source(init):
+    if llava_source(init) and (family.image_tokenizer or not family.has_encoder):
         raise ConfigError(
             f"train.init.weights={init.weights} is a LLaVA checkpoint, whose image encoder "
             f"model.family={cfg.family} does not have (start its decoder with "
@@ -131,11 +129,13 @@ def build_model(
             return family_spec(cfg.family).model(cfg)
     model = family_spec(cfg.family).model(cfg)
     if load_weights:
-        if family_spec(cfg.family).image_tokenizer and not (init.vision or init.weights):
+        tokenizer = family_spec(cfg.family).image_tokenizer
+        if tokenizer and not (init.vision or init.weights):
             log.warning(
                 "model.family=%s with no train.init.vision: its image tokenizer is random and "
-                "frozen (train one with `mm1 train-encoder`, encoder.objective: vq)",
+                "frozen (train one with `mm1 train-encoder`, encoder.objective: %s)",
                 cfg.family,
+                tokenizer,
             )
         state = starting_point_state_dict(model, init, new_token_ids)
         if state:

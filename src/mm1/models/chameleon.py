@@ -36,7 +36,7 @@ from mm1.models.family import MM1_FAMILY, ModelFamily, decoder_blocks, mm1_hf
 from mm1.models.generation import Sampling, left_pad, next_token
 from mm1.models.kv_cache import KVCache
 from mm1.models.mllm import MLLM, predicted_slots, predicting_positions
-from mm1.models.vq import VQTokenizer
+from mm1.models.vq import EMACodebook, VQTokenizer
 from mm1.registry import FAMILIES
 
 
@@ -45,14 +45,18 @@ class Chameleon(MLLM):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
-        self.vision = VQTokenizer(self.cfg.vq)
-        self.vision.requires_grad_(False)  # trained on its own (`encoder.objective: vq`)
+        self.vision = self.build_tokenizer()
+        self.vision.requires_grad_(False)  # trained on its own (`mm1 train-encoder`)
         self.connector = nn.Identity()  # early fusion: the codes' embeddings are the tokens
-        vocab = self.cfg.decoder.vocab_size + self.cfg.vq.codebook_size
+        vocab = self.cfg.decoder.vocab_size + self.vision.codebook_size
         self.decoder = Decoder(
             dataclasses.replace(self.cfg.decoder, vocab_size=vocab), cfg.init_std
         )
         self.image_newline = None
+
+    def build_tokenizer(self) -> EMACodebook:
+        """The image tokenizer: an `EMACodebook` with `encode` (pixels -> codes) and `decode`."""
+        return VQTokenizer(self.cfg.vq)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -66,7 +70,7 @@ class Chameleon(MLLM):
 
     @property
     def num_image_tokens(self) -> int:
-        return _num_image_tokens(self.cfg)
+        return self.cfg.num_image_tokens  # the family's count
 
     def image_codes(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, Q) token ids of the crops' codes, at most `encoder_chunk` crops per call (the
@@ -132,7 +136,7 @@ def generate_image_codes(
     """(B, Q) codes (0 .. K - 1) of an image generated after each prompt (token ids; end a
     prompt with `<img>` when the model was trained with image boundaries), one per step with the
     text tokens masked out: greedy unless `sampling` says otherwise. `model.vision.decode`
-    turns them into pixels."""
+    turns them into pixels (chameleon) or generation embeddings (seed)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     sampling = sampling or Sampling()
@@ -195,6 +199,7 @@ CHAMELEON_FAMILY = FAMILIES.register("chameleon")(
         describe=_describe,
         has_encoder=False,
         image_loss=IMAGE_CODES,
-        image_tokenizer=True,
+        image_tokenizer="vq",
+        codebook_size=lambda cfg: cfg.vq.codebook_size,
     )
 )

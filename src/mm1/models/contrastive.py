@@ -59,3 +59,16 @@ def gathered_clip_loss(
     if world > 1:  # same value; a 1/world share of the scale's gradient per rank
         logit_scale = logit_scale.detach() + (logit_scale - logit_scale.detach()) / world
     return clip_loss(gather_with_local_grad(image), gather_with_local_grad(text), logit_scale)
+
+
+def global_mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean over ranks of a per-rank scalar mean `x` (every rank holding equally many
+    items), the same value on every rank, with a 1/world share of `x`'s gradient: what a
+    per-rank loss must be beside a gathered one, whose backward the trainer scales by the world
+    size (a single process returns `x` itself)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    world = dist.get_world_size()
+    total = x.detach().clone()
+    dist.all_reduce(total)
+    return x / world + (total - x.detach()) / world

@@ -3,7 +3,8 @@
 `model.family` names a registered spec; building, HF conversion, sharding, materialisation
 and the config's checks ask the spec instead of assuming MM1's class or guessing its attribute
 names. Each family registers its spec beside its model: `mm1` here, `fuyu` in
-`mm1.models.fuyu`, `emu2` in `mm1.models.emu2`, `chameleon` in `mm1.models.chameleon`.
+`mm1.models.fuyu`, `emu2` in `mm1.models.emu2`, `chameleon` in `mm1.models.chameleon`, `seed`
+in `mm1.models.seed`.
 """
 
 from __future__ import annotations
@@ -48,10 +49,13 @@ class ModelFamily:
     # emu2's `image_regression` (its form set by `model.regression_loss`), chameleon's
     # `image_codes`.
     image_loss: str = ""
-    # Whether `vision` is an image tokenizer trained apart (chameleon's VQ: `mm1 train-encoder`
-    # with `encoder.objective: vq`): `train.init.vision` starts it, and an MLLM run keeps it
-    # frozen whatever `train.train_vision` says (its codes are the targets).
-    image_tokenizer: bool = False
+    # The `encoder.objective` of the image tokenizer `vision` is, trained apart by `mm1
+    # train-encoder` (chameleon's `vq`, seed's `seed`), or "": `train.init.vision` starts it
+    # from such a run, and an MLLM run keeps it frozen whatever `train.train_vision` says (its
+    # codes are the targets).
+    image_tokenizer: str = ""
+    # The codes such a tokenizer adds to the decoder's vocabulary, from the config.
+    codebook_size: Callable[[ModelConfig], int] | None = None
     # A family whose image encoder and connector this one's are, key for key (emu2: mm1's):
     # starting points carry those parts over between the two.
     image_parts_of: str = ""
@@ -83,7 +87,8 @@ def mm1_hf() -> ModuleType:
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.ModuleList]:
-    """The blocks of a family without an image encoder (fuyu, chameleon): the decoder's."""
+    """The blocks of a family whose image side is not trained by gradient as blocks (fuyu's
+    Linear, chameleon's and seed's frozen tokenizers): the decoder's."""
     return [model.decoder.layers]
 
 

@@ -155,11 +155,17 @@ def _refuse_unread_model_type(s: Source) -> None:
 
 
 def _check_encoder_objective(s: Source, objective: str, cfg: ModelConfig) -> None:
-    """A VQ tokenizer run starts the tokenizer of a family that reads images as codes
-    (chameleon), a ViT run (CLIP, AIM) the encoder of any other family."""
+    """A tokenizer run starts the tokenizer of the family that reads images with one of its
+    kind (a VQ run chameleon's, a SEED run seed's), a ViT run (CLIP, AIM) the encoder of any
+    other family."""
     tokenizer = family_spec(cfg.family).image_tokenizer
-    if tokenizer != (objective == "vq"):
-        needs = "a VQ tokenizer run (encoder.objective: vq)" if tokenizer else "a ViT run"
+    fits = objective == tokenizer if tokenizer else objective in ("clip", "aim")
+    if not fits:
+        needs = (
+            f"a {tokenizer.upper()} tokenizer run (encoder.objective: {tokenizer})"
+            if tokenizer
+            else "a ViT run (encoder.objective: clip or aim)"
+        )
         raise ConfigError(
             f"{s.key}={s.path} is an encoder run of encoder.objective={objective}, and "
             f"model.family={cfg.family} starts its model.vision from {needs}"

@@ -29,12 +29,21 @@ class ViTAttention(nn.Module):
         self.v_proj = nn.Linear(width, width)
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Self-attention over `x` (B, N, width), or cross-attention from `x` to `context`
+        (B, M, width) when given (a Q-Former's queries reading the patches)."""
         b, n, d = x.shape
-        q, k, v = (
-            p(x).view(b, n, self.heads, d // self.heads).transpose(1, 2)
-            for p in (self.q_proj, self.k_proj, self.v_proj)
-        )
+        kv = x if context is None else context
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, t.shape[1], self.heads, d // self.heads).transpose(1, 2)
+
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(kv)), heads(self.v_proj(kv))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ from mm1.models.clip import EncoderOutput
 CODEBOOK_BUFFERS = ("codes", "code_sum", "code_count")
 
 
-def _full_precision(device: torch.device) -> contextlib.AbstractContextManager[object]:
+def full_precision(device: torch.device) -> contextlib.AbstractContextManager[object]:
     """Autocast off on `device` (nothing to turn off on the meta device)."""
     if device.type == "meta":
         return contextlib.nullcontext()
@@ -60,42 +61,23 @@ class ResBlock(nn.Module):
         return x + self.net(x)
 
 
-class VQTokenizer(nn.Module):
-    """Pixels (N, 3, H, W) -> codes (N, H/f * W/f), row by row; codes -> pixels."""
+class EMACodebook(nn.Module):
+    """K l2-normalised codes of width d, learned as each code's moving average of the vectors
+    assigned to it (not by gradient), in three fp32 buffers saved with the weights: the image
+    tokenizers' quantiser (VQ's, SEED's)."""
 
-    def __init__(self, cfg: VQConfig) -> None:
+    def __init__(self, codebook_size: int, code_dim: int) -> None:
         super().__init__()
-        self.cfg = cfg
-        ch = cfg.channels
-        down: list[nn.Module] = [nn.Conv2d(3, ch[0], 3, padding=1)]
-        for c_in, c_out in zip([ch[0], *ch[:-1]], ch):
-            down += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), ResBlock(c_out)]
-        down += [
-            nn.GroupNorm(_groups(ch[-1]), ch[-1]),
-            nn.SiLU(),
-            nn.Conv2d(ch[-1], cfg.code_dim, 1),
-        ]
-        self.encoder = nn.Sequential(*down)
-        # The codebook and its moving averages are buffers: updated in `VQModel.forward`, saved
-        # with the weights, never touched by the optimiser.
-        k, d = cfg.codebook_size, cfg.code_dim
+        # Buffers: updated in the training forward, saved with the weights, never touched by
+        # the optimiser.
+        k, d = codebook_size, code_dim
         self.register_buffer("codes", torch.empty(k, d))
         self.register_buffer("code_sum", torch.empty(k, d))  # EMA of the assigned outputs' sum
         self.register_buffer("code_count", torch.empty(k))  # EMA of the assigned outputs' count
-        up: list[nn.Module] = [nn.Conv2d(cfg.code_dim, ch[-1], 3, padding=1)]
-        for c_in, c_out in zip(ch[::-1], [*ch[::-1][1:], ch[0]]):
-            up += [
-                ResBlock(c_in),
-                nn.Upsample(scale_factor=2, mode="nearest"),
-                nn.Conv2d(c_in, c_out, 3, padding=1),
-            ]
-        up += [nn.GroupNorm(_groups(ch[0]), ch[0]), nn.SiLU(), nn.Conv2d(ch[0], 3, 3, padding=1)]
-        self.decoder = nn.Sequential(*up)
-        self.reset_parameters()
 
     def _apply(
         self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
-    ) -> VQTokenizer:
+    ) -> EMACodebook:
         """Moves and casts keep the codebook's buffers in fp32 (their values and dtype): a
         model cast to bf16 (lmms-eval's `dtype`) would otherwise round the codes and read other
         codes than it was trained on."""
@@ -108,28 +90,22 @@ class VQTokenizer(nn.Module):
         return self
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                m.reset_parameters()
-            elif isinstance(m, nn.GroupNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+    def reset_codebook(self) -> None:
         self.codes.copy_(F.normalize(torch.randn_like(self.codes), dim=-1))
         self.code_sum.copy_(self.codes)
         # Count 0: every code no output chose at the first training step restarts at an output
         # of that batch (a data-dependent initialisation).
         self.code_count.zero_()
 
-    def latents(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(N, h, w, code_dim): the encoder's l2-normalised vectors before quantisation."""
-        return F.normalize(self.encoder(pixels).permute(0, 2, 3, 1).float(), dim=-1)
+    @property
+    def codebook_size(self) -> int:
+        return self.codes.shape[0]
 
     def codes_of(self, z: torch.Tensor) -> torch.Tensor:
         """The nearest code (largest cosine) of each normalised vector in `z` (..., code_dim),
         scored in fp32 under any autocast: bf16 scores would flip near ties, so a model trained
         under autocast would read other codes than it is evaluated with."""
-        with _full_precision(z.device):
+        with full_precision(z.device):
             scores = z.float().flatten(0, -2) @ self.codes.float().t()
         return scores.argmax(-1).reshape(z.shape[:-1])
 
@@ -175,11 +151,90 @@ class VQTokenizer(nn.Module):
         self.codes.copy_(F.normalize(self.code_sum, dim=-1))
         return int(dead.sum())
 
+    def quantise(
+        self,
+        z: torch.Tensor,
+        objective: VQObjectiveConfig,
+        generator: torch.Generator | None,
+    ) -> Quantised:
+        """The training-side quantiser over normalised vectors `z` (..., code_dim): their
+        codes, the codebook's EMA step (in a training forward with gradients), the commitment
+        loss ||z - sg(e)||^2 and the straight-through vectors (e's values, z's gradient)."""
+        codes = self.codes_of(z.detach())
+        restarted = 0
+        if self.training and torch.is_grad_enabled():
+            flat = z.detach().flatten(0, -2)
+            restarted = self.update_codebook(
+                flat, codes.flatten(), objective.decay, objective.dead_below, generator
+            )
+        e = self.code_vectors(codes)
+        commitment = (z - e).square().sum(-1).mean()
+        return Quantised(codes, z + (e - z).detach(), commitment, restarted)
+
+    def usage(self, codes: torch.Tensor) -> dict[str, float]:
+        """The share of the codebook `codes` use and the perplexity of their distribution."""
+        counts = torch.bincount(codes.flatten(), minlength=self.codebook_size).float()
+        p = counts[counts > 0] / counts.sum()
+        return {
+            "codes_used": float((counts > 0).float().mean()),
+            "code_perplexity": float(torch.exp(-(p * p.log()).sum())),
+        }
+
+
+@dataclass
+class Quantised:
+    codes: torch.Tensor  # long, z's shape without its last dimension
+    vectors: torch.Tensor  # straight through: the codes' vectors forward, z's gradient backward
+    commitment: torch.Tensor
+    restarted: int  # codes restarted by this forward's EMA step
+
+
+class VQTokenizer(EMACodebook):
+    """Pixels (N, 3, H, W) -> codes (N, H/f * W/f), row by row; codes -> pixels."""
+
+    def __init__(self, cfg: VQConfig) -> None:
+        super().__init__(cfg.codebook_size, cfg.code_dim)
+        self.cfg = cfg
+        ch = cfg.channels
+        down: list[nn.Module] = [nn.Conv2d(3, ch[0], 3, padding=1)]
+        for c_in, c_out in zip([ch[0], *ch[:-1]], ch):
+            down += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), ResBlock(c_out)]
+        down += [
+            nn.GroupNorm(_groups(ch[-1]), ch[-1]),
+            nn.SiLU(),
+            nn.Conv2d(ch[-1], cfg.code_dim, 1),
+        ]
+        self.encoder = nn.Sequential(*down)
+        up: list[nn.Module] = [nn.Conv2d(cfg.code_dim, ch[-1], 3, padding=1)]
+        for c_in, c_out in zip(ch[::-1], [*ch[::-1][1:], ch[0]]):
+            up += [
+                ResBlock(c_in),
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(c_in, c_out, 3, padding=1),
+            ]
+        up += [nn.GroupNorm(_groups(ch[0]), ch[0]), nn.SiLU(), nn.Conv2d(ch[0], 3, 3, padding=1)]
+        self.decoder = nn.Sequential(*up)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                m.reset_parameters()
+            elif isinstance(m, nn.GroupNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.reset_codebook()
+
+    def latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, h, w, code_dim): the encoder's l2-normalised vectors before quantisation."""
+        return F.normalize(self.encoder(pixels).permute(0, 2, 3, 1).float(), dim=-1)
+
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N, h * w) long: each image's codes, row by row; computed at the weights' own
         precision whatever autocast is on (the same codes in training and evaluation)."""
-        with _full_precision(pixels.device):
+        with full_precision(pixels.device):
             z = self.latents(pixels.to(self.decoder[0].weight.dtype))
         return self.codes_of(z).flatten(1)
 
@@ -212,25 +267,14 @@ class VQModel(nn.Module):
         generator: torch.Generator | None = None,
     ) -> EncoderOutput:
         vq, o = self.vision, self.objective
-        z = vq.latents(pixel_values)
-        codes = vq.codes_of(z.detach())
-        restarted = 0
-        if self.training and torch.is_grad_enabled():
-            flat = z.detach().flatten(0, -2)
-            restarted = vq.update_codebook(flat, codes.flatten(), o.decay, o.dead_below, generator)
-        e = vq.code_vectors(codes)
-        commitment = (z - e).square().sum(-1).mean()
-        quantised = z + (e - z).detach()  # straight through: the decoder's gradient reaches z
-        recon = vq.decoder(quantised.permute(0, 3, 1, 2).to(pixel_values.dtype))
+        q = vq.quantise(vq.latents(pixel_values), o, generator)
+        recon = vq.decoder(q.vectors.permute(0, 3, 1, 2).to(pixel_values.dtype))
         reconstruction = (recon.float() - pixel_values.float()).square().mean()
-        loss = reconstruction + o.beta * commitment
-        counts = torch.bincount(codes.flatten(), minlength=vq.cfg.codebook_size).float()
-        p = counts[counts > 0] / counts.sum()
+        loss = reconstruction + o.beta * q.commitment
         metrics = {
             "reconstruction": float(reconstruction.detach()),
-            "commitment": float(commitment.detach()),
-            "codes_used": float((counts > 0).float().mean()),
-            "code_perplexity": float(torch.exp(-(p * p.log()).sum())),
-            "codes_restarted": float(restarted),
+            "commitment": float(q.commitment.detach()),
+            **vq.usage(q.codes),
+            "codes_restarted": float(q.restarted),
         }
         return EncoderOutput(loss, metrics)

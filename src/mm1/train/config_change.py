@@ -78,6 +78,11 @@ MODEL_KEYS = (
         )
     ),
     *(f"model.vq.{k}" for k in ("channels", "codebook_size", "code_dim")),
+    *(
+        f"model.seed.{k}"
+        for k in ("num_queries", "layers", "decoder_layers", "codebook_size", "code_dim")
+    ),
+    "model.seed.embed_dim",
     "encoder.objective",
 )
 # What a family without an image encoder (fuyu) does not build: its parameters are the
@@ -157,19 +162,27 @@ def model_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, A
 
 
 def unused_keys(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, ...]:
-    """Model keys the run's family does not read (a fuyu run's encoder and connector, the VQ
-    tokenizer of any family but chameleon; a VQ tokenizer run's ViT and connector), which a
-    resume may change freely; none when the family itself changes."""
+    """Model keys the run's family does not read (a fuyu run's encoder and connector, the
+    image tokenizers of the families that do not read with them; a VQ tokenizer run's ViT and
+    connector, a SEED tokenizer run's connector), which a resume may change freely; none when
+    the family itself changes."""
     from mm1.registry import FAMILIES
 
     family = _value(new, "model.family")
     entry = FAMILIES.get(str(family)) if family == _value(old, "model.family") else None
     if entry is None:
         return ()
-    if _value(old, "encoder.objective") == "vq":  # a tokenizer run trains model.vq alone
-        return ENCODER_ONLY_KEYS
-    unused = () if entry.value.has_encoder else ENCODER_ONLY_KEYS
-    return unused if entry.value.image_tokenizer else (*unused, "model.vq")
+    tokenizers = {"vq": "model.vq", "seed": "model.seed"}
+    objective = _value(old, "encoder.objective")
+    if objective in tokenizers:  # a tokenizer run trains its model.vq / model.seed alone
+        unused = ENCODER_ONLY_KEYS if objective == "vq" else ("model.connector",)
+        return (*unused, *(v for k, v in tokenizers.items() if k != objective))
+    spec = entry.value
+    unused = () if spec.has_encoder else ENCODER_ONLY_KEYS
+    if spec.image_tokenizer == "seed":  # the Q-Former's codes are the tokens: no connector
+        unused = ("model.connector",)
+    read = () if "encoder" in old else (tokenizers.get(spec.image_tokenizer),)
+    return (*unused, *(v for v in tokenizers.values() if v not in read))
 
 
 def refuse_model_change(

@@ -20,11 +20,16 @@ import numpy as np
 import torch
 
 from mm1.config import ConfigError, to_dict
-from mm1.config.encoder import AIM_SOURCE_KINDS, CLIP_SOURCE_KINDS, EncoderRunConfig
+from mm1.config.encoder import (
+    AIM_SOURCE_KINDS,
+    CLIP_SOURCE_KINDS,
+    TEXT_OBJECTIVES,
+    EncoderRunConfig,
+)
 from mm1.data.caption_pairs import CaptionPairDataset, PairBatch, PairSettings, build_pair_loader
 from mm1.data.loader import Loader
 from mm1.data.world import prepare_data
-from mm1.models.encoders import ENCODER_FAMILY, build_encoder_model
+from mm1.models.encoders import ENCODER_FAMILY, build_encoder_model, seed_start_state
 from mm1.train import checkpoint as ckpt
 from mm1.train.config_change import config_diff, refuse_changes, saved_run_config
 from mm1.train.optim import build_optimizer
@@ -43,10 +48,12 @@ class EncoderTrainer(Trainer):
                 "unsynchronised copies: use train.parallel=fsdp or ddp"
             )
         init = cfg.train.init
-        if init.weights or init.vision or init.connector or init.decoder:
+        seed = cfg.encoder.objective == "seed"  # its frozen towers: the CLIP run init.vision names
+        if init.weights or init.connector or init.decoder or (init.vision and not seed):
             raise ConfigError(
                 "train.init: an encoder run starts from random weights (train.init is for MM1 "
-                "runs, which may start their model.vision from an encoder run)"
+                "runs, which may start their model.vision from an encoder run; and for a SEED "
+                "tokenizer run, whose train.init.vision is its CLIP run)"
             )
         if not cfg.train.optim.lr:
             raise ConfigError(
@@ -55,9 +62,13 @@ class EncoderTrainer(Trainer):
             )
         torch.manual_seed(cfg.train.seed)
         self._check_config_change()
+        # A resumed run reads its weights from its checkpoint, not the HF tower's directory
+        # (nor, for SEED, the CLIP run's: read up front, so a bad one fails before the data).
+        starting = ckpt.latest_checkpoint(self.run_dir) is None
+        start_state = seed_start_state(cfg) if seed and starting else {}
         self.data = prepare_data(cfg.data, cfg.model, d.is_main, d.barrier, init)
         objective = cfg.encoder.objective
-        kinds = CLIP_SOURCE_KINDS if objective == "clip" else AIM_SOURCE_KINDS  # VQ: AIM's
+        kinds = CLIP_SOURCE_KINDS if objective in TEXT_OBJECTIVES else AIM_SOURCE_KINDS
         if not cfg.data.sources:  # the world's mixture: its caption pairs only
             self.data.sources = [s for s in self.data.sources if s.resolved_kind in kinds]
         if cfg.encoder.text.hf is not None:  # the HF text tower reads its own tokens
@@ -65,9 +76,9 @@ class EncoderTrainer(Trainer):
 
             self.data.tokenizer = Tokenizer.from_file(cfg.encoder.text.hf)
         tok = self.data.tokenizer
-        # A resumed run reads its weights from its checkpoint, not the HF tower's directory.
-        starting = ckpt.latest_checkpoint(self.run_dir) is None
         model = build_encoder_model(cfg, tok.vocab_size, load_weights=starting)
+        if start_state:
+            model.load_state_dict(start_state, strict=False)
         self.model_cfg = cfg.model
         self.peak_lr = cfg.train.optim.lr
         self.model = parallelize(model, cfg.train, d, family=ENCODER_FAMILY)
@@ -98,7 +109,7 @@ class EncoderTrainer(Trainer):
             sources=list(sources),
             batch_size=cfg.train.micro_batch_size,
             max_len=cfg.encoder.text.max_len,
-            needs_text=cfg.encoder.objective == "clip",
+            needs_text=cfg.encoder.objective in TEXT_OBJECTIVES,
             seed=seed,
             max_error_rate=cfg.data.max_error_rate,
             max_image_pixels=cfg.data.max_image_pixels,
