@@ -25,10 +25,11 @@ def export_encoder_hf(run: str | Path, out_dir: str | Path) -> Path:
     refuse_mm1_run(run)
     check_output_dir(out_dir, "OUT", kind="hf_vision", source=run)
     cfg, model = load_encoder_run(run)
-    if cfg.encoder.objective == "vq":
+    if cfg.encoder.objective in ("vq", "seed"):
+        reader = "chameleon" if cfg.encoder.objective == "vq" else "seed"
         raise ConfigError(
-            f"{run} is a VQ tokenizer run: transformers has no model of its layout to export it "
-            "as (a chameleon model reads it with train.init.vision)"
+            f"{run} is a {cfg.encoder.objective.upper()} tokenizer run: transformers has no model "
+            f"of its layout to export it as (a {reader} model reads it with train.init.vision)"
         )
     with writing_export(Path(out_dir)):
         out = save_vision_hf(model.vision, out_dir)

@@ -89,7 +89,7 @@ def sft_suite(run_dir: Path, overrides: Sequence[str]) -> dict[str, float]:
 
 def generation_suite(run_dir: Path, overrides: Sequence[str]) -> dict[str, float]:
     """`mm1 eval-generation RUN` on the run's world for a model that generates images (emu2,
-    chameleon; other families have none to score: no metrics), the first `eval.max_examples`
+    chameleon, seed; other families have none to score: no metrics), the first `eval.max_examples`
     held-out images (0: all): text-to-image recall@k with chance, cosines and the family's
     error (l1, or the share of matching codes), under `generation/`; report in RUN/eval."""
     from mm1.eval.image_generation import (

@@ -1,5 +1,5 @@
 """`mm1 train-encoder`, `mm1 eval-encoder` and `mm1 export-encoder`: image-encoder pre-training
-(CLIP / AIM, or a VQ image tokenizer), its evaluation, and its ViT for transformers."""
+(CLIP / AIM, or a VQ / SEED image tokenizer), its evaluation, and its ViT for transformers."""
 
 from __future__ import annotations
 
@@ -63,6 +63,13 @@ def cmd_eval_encoder(args: argparse.Namespace) -> None:
             f"reconstruction mse {rec['mse']:.4f}, PSNR {rec['psnr']:.2f} dB, "
             f"{rec['codes_used']} of {rec['codebook_size']} codes used"
         )
+    seed = result.get("seed")
+    if seed:
+        console.print(
+            f"through the codes: causal cosine {seed['causal_cosine']:.3f}, generation cosine "
+            f"{seed['generation_cosine']:.3f}, R@1 {seed['generation_r1']:.3f} (chance "
+            f"{seed['generation_r1_chance']:.3f}), {seed['codes_used']:.1%} of the codes used"
+        )
     console.print(f"linear probe mean accuracy {result['linear_probe']['mean']['accuracy']:.3f}")
     console.print(f"wrote {out}")
 
@@ -71,7 +78,7 @@ def register(add: Add) -> None:
     p = add(
         "train-encoder",
         cmd_train_encoder,
-        "pre-train an image encoder (encoder.objective: clip | aim | vq) on caption pairs; resumes",
+        "pre-train an image encoder (encoder.objective: clip | aim | vq | seed); resumes",
     )
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="section.key=value")

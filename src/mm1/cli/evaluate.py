@@ -349,8 +349,10 @@ def register(add: Add) -> None:
         "--temperature",
         type=float,
         default=0.0,
-        help="chameleon: sample the codes at this temperature (0: greedy)",
+        help="chameleon, seed: sample the codes at this temperature (0: greedy)",
     )
-    p.add_argument("--top-k", type=int, default=0, help="chameleon: among the k likeliest codes")
-    p.add_argument("--seed", type=int, default=0, help="chameleon: the sampling's seed")
+    p.add_argument(
+        "--top-k", type=int, default=0, help="chameleon, seed: among the k likeliest codes"
+    )
+    p.add_argument("--seed", type=int, default=0, help="chameleon, seed: the sampling's seed")
     p.add_argument("--out", default=None, help=f"default: MODEL/{EVAL_OUT}")

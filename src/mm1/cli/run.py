@@ -49,7 +49,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     ):
         table.add_row(name, f"{n:,} ({_human(n)})", f"{100 * n / s.total:.1f}%")
     console.print(table)
-    codes = f" + {model_cfg.vq.codebook_size:,} image codes" if tokenizer else ""
+    codebook = family_spec(model_cfg.family).codebook_size
+    codes = f" + {codebook(model_cfg):,} image codes" if codebook else ""
     console.print(f"vocabulary: {model_cfg.decoder.vocab_size:,} ({vocab_from}){codes}")
     m = model_cfg
     family = family_spec(m.family)

@@ -100,19 +100,20 @@ def shuffled_images(queries: Sequence[Example], seed: int = 0) -> dict[str, Path
 def warn_if_rices_is_weak(model: torch.nn.Module, demo_selection: str) -> None:
     """RICES ranks demonstrations by the mean of the model's image tokens: without an image
     encoder that is a linear map of the image's mean patch (`model.family: fuyu`: its colours)
-    or the mean of its codes' embeddings (chameleon), not of what it shows. Warned, not
+    or the mean of its codes' embeddings (chameleon, seed), not of what it shows. Warned, not
     refused: the method is well defined, only weak."""
     from mm1.models.family import family_of
 
-    if demo_selection == "rices" and not family_of(model).has_encoder:
+    family = family_of(model)
+    if demo_selection == "rices" and (family.image_tokenizer or not family.has_encoder):
         what = (
             "the mean embedding of each image's codes"
-            if family_of(model).image_tokenizer
+            if family.image_tokenizer
             else "a linear map of each image's mean patch (its colours)"
         )
         log.warning(
-            "eval.demo_selection=rices: model.family=%s has no image encoder, so demonstrations "
-            "are ranked by %s",
+            "eval.demo_selection=rices: model.family=%s has no continuous image features, so "
+            "demonstrations are ranked by %s",
             model.cfg.family,
             what,
         )

@@ -1,8 +1,10 @@
 """Scores of a pre-trained image encoder on the world's held-out scenes (the `val` and `support`
-evaluation splits, which no training source holds): for CLIP, zero-shot classification of the
-colour, shape and number of the shapes (class embeddings from prompt ensembles) and image-text
-retrieval recall@1/5/10; for every encoder, linear probes on the frozen patch features MM1 reads
-(their mean over patches), fit on part of the scenes and scored on the rest."""
+evaluation splits, which no training source holds): for CLIP (and SEED's final causal
+embedding), zero-shot classification of the colour, shape and number of the shapes (class
+embeddings from prompt ensembles) and image-text retrieval recall@1/5/10; for every encoder,
+linear probes on the frozen patch features MM1 reads (their mean over patches; a tokenizer's
+mean code vector), fit on part of the scenes and scored on the rest; for a tokenizer, what comes
+back through its codes (VQ: pixels; SEED: causal and generation embeddings)."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from mm1.data.scenes.scene import BACKGROUNDS, COLORS, SHAPES, count_word, plura
 from mm1.data.tokenizer import Tokenizer
 from mm1.eval.linear_probe import probe_accuracy
 from mm1.models.clip import CLIPModel
+from mm1.models.seed_tokenizer import SEEDModel, SEEDTokenizer
 from mm1.models.vq import VQModel, VQTokenizer
 
 SPLITS = ("val", "support")
@@ -229,15 +232,15 @@ def evaluate_encoder(
     probe_seeds: Sequence[int] = (0, 1, 2),
     batch: int = 128,
 ) -> dict[str, Any]:
-    """Every score this module defines for `model` (a CLIPModel, AIMModel or VQModel in eval
-    mode). A VQ tokenizer's features are its codes' vectors (what the tokens carry), and its
-    reconstructions are scored too."""
+    """Every score this module defines for `model` (a CLIPModel, AIMModel, VQModel or SEEDModel
+    in eval mode). A tokenizer's features are its codes' vectors (what the tokens carry), and
+    what comes back through them is scored too."""
     held = held_out_scenes(world)
     pixels = image_pixels(held.paths, processor)
-    vq = isinstance(model, VQModel)
+    tokenizer = isinstance(model, VQModel | SEEDModel)
     encode = (
         (lambda x: model.vision.code_vectors(model.vision.encode(x)).mean(1))
-        if vq
+        if tokenizer
         else (lambda x: model.vision(x).mean(1))
     )
     features = _batched(encode, len(pixels), batch, pixels)
@@ -245,9 +248,11 @@ def evaluate_encoder(
         "images": len(held.paths),
         "linear_probe": linear_probes(features, held.scenes, probe_seeds),
     }
-    if vq:
+    if isinstance(model, VQModel):
         result["reconstruction"] = reconstruction_scores(model.vision, pixels, processor, batch)
-    if isinstance(model, CLIPModel):
+    if isinstance(model, SEEDModel):
+        result["seed"] = seed_scores(model.vision, pixels, batch)
+    if isinstance(model, CLIPModel | SEEDModel):
         image_emb = F.normalize(_batched(model.encode_image, len(pixels), batch, pixels), dim=-1)
         result["zero_shot"] = {
             t.name: zero_shot_accuracy(model, tok, image_emb, t)
@@ -280,6 +285,46 @@ def reconstruction_scores(
         "codes_used": int((counts > 0).sum()),
         "codebook_size": vq.cfg.codebook_size,
         "code_perplexity": float(torch.exp(-(p * p.log()).sum())),
+    }
+
+
+@torch.no_grad()
+def seed_scores(tok: SEEDTokenizer, pixels: torch.Tensor, batch: int = 128) -> dict[str, Any]:
+    """What comes back through a SEED tokenizer's codes: the cosine of the decoded causal
+    embeddings to the Q-Former's own, the cosine of the generation embedding to the image's
+    CLIP embedding (its target), how often that generation embedding retrieves its own image's
+    CLIP embedding first among all the images' (centred on their mean, as eval-generation
+    scores), and how much of the codebook the images use."""
+
+    def scores(x: torch.Tensor) -> torch.Tensor:
+        features = tok.features(x)
+        causal = tok.causal_embeddings(features)
+        codes = tok.codes_of(tok.latents(causal))
+        decoded = tok.decode_vectors(tok.code_vectors(codes))
+        return torch.cat(
+            [
+                F.cosine_similarity(decoded, causal, dim=-1).mean(1, keepdim=True),
+                tok.generation_embedding(decoded),
+                tok.target_embedding(features),
+                codes.float(),
+            ],
+            dim=1,
+        )
+
+    out = _batched(scores, len(pixels), batch, pixels)
+    e = tok.cfg.embed_dim
+    generated, target = out[:, 1 : 1 + e], out[:, 1 + e : 1 + 2 * e]
+    codes = out[:, 1 + 2 * e :].long()
+    mean = target.mean(0)
+    sim = F.normalize(generated - mean, dim=-1) @ F.normalize(target - mean, dim=-1).t()
+    own = torch.arange(len(sim))
+    return {
+        "causal_cosine": float(out[:, 0].mean()),
+        "generation_cosine": float(F.cosine_similarity(generated, target, dim=-1).mean()),
+        "generation_r1": float((sim.argmax(1) == own).float().mean()),
+        "generation_r1_chance": 1 / len(sim),
+        **{k: v for k, v in tok.usage(codes).items()},
+        "codebook_size": tok.codebook_size,
     }
 
 
@@ -316,7 +361,22 @@ def encoder_report(result: dict[str, Any], title: str) -> str:
             f"| {r['mse']:.4f} | {r['psnr']:.2f} | {r['codes_used']} of {r['codebook_size']} | "
             f"{r['code_perplexity']:.1f} |",
         ]
-    what = "mean code vectors" if "reconstruction" in result else "mean patch features"
+    if "seed" in result:
+        r = result["seed"]
+        lines += [
+            "",
+            "## Through the codes (de-tokenized)",
+            "",
+            "| causal embeddings: cosine | generation embedding: cosine to CLIP's | its R@1 "
+            "among the images (chance) | codes used | code perplexity |",
+            "|---|---|---|---|---|",
+            f"| {r['causal_cosine']:.3f} | {r['generation_cosine']:.3f} | "
+            f"{r['generation_r1']:.3f} ({r['generation_r1_chance']:.3f}) | "
+            f"{r['codes_used'] * r['codebook_size']:.0f} of {r['codebook_size']} | "
+            f"{r['code_perplexity']:.1f} |",
+        ]
+    tokenizer = "reconstruction" in result or "seed" in result
+    what = "mean code vectors" if tokenizer else "mean patch features"
     lines += ["", f"## Linear probe ({what})", ""]
     lines += [
         "| target | accuracy | std over splits | majority | classes |",
@@ -367,7 +427,13 @@ def evaluate_encoder_run(
     what = f"encoder run {run} ({cfg.encoder.objective})"
     if untrained_seed is not None:
         torch.manual_seed(untrained_seed)
-        model = build_encoder_model(cfg, tok.vocab_size).eval()
+        fresh = build_encoder_model(cfg, tok.vocab_size).eval()
+        # What the run kept frozen (a SEED tokenizer's CLIP towers) it never trained: kept.
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+        fresh.load_state_dict(
+            {k: v for k, v in model.state_dict().items() if k in frozen}, strict=False
+        )
+        model = fresh
         what = f"untrained {cfg.encoder.objective} encoder (seed {untrained_seed}) of {run}"
     world = Path(world or run_world(run))
     if not (world / "world.json").is_file():

@@ -8,6 +8,10 @@ images, in the space the model generates in.
 - chameleon (`generate_image_codes`, greedy): the VQ tokenizer's code vectors of the image's
   grid; its error is the share of codes that differ from the image's own, and the plot shows
   the generated images, decoded to pixels by the tokenizer.
+- seed (`generate_image_codes`): the generated codes' generation embedding (the SEED tokenizer's
+  de-tokenizer) against each image's CLIP embedding, which the tokenizer was trained to
+  reproduce (SEED draws pixels from it with a diffusion model, which mm1 does not have); its
+  error is again the share of codes that differ from the image's own.
 
 Reported: recall@k against chance, and the cosine of each generated image to its own image
 against the other images. A model that ignores its caption generates the same image for every
@@ -31,6 +35,7 @@ from mm1.eval.encoders import held_out_scenes, image_pixels, retrieval_recall
 from mm1.models.chameleon import Chameleon, generate_image_codes
 from mm1.models.emu2 import Emu2, generate_image_features
 from mm1.models.generation import Sampling, check_prompt_fits
+from mm1.models.seed import SEED
 from mm1.pretrained import Pretrained
 
 RESULTS = "image_generation.json"
@@ -79,13 +84,14 @@ def generate_images(
     as a caption-first pair is in training), its codes decoded to pixels by its tokenizer;
     greedy unless `sampling` says otherwise (then n draws, from `seed`)."""
     model = p.model
-    if not isinstance(model, Chameleon):
-        why = (
-            "emu2 generates image features, which mm1 has no pixel decoder for (mm1 "
-            "eval-generation scores them)"
-            if isinstance(model, Emu2)
-            else "it generates no images"
-        )
+    if not isinstance(model, Chameleon) or isinstance(model, SEED):
+        why = "it generates no images"
+        if isinstance(model, Emu2 | SEED):
+            what = "image features" if isinstance(model, Emu2) else "CLIP image embeddings"
+            why = (
+                f"{p.cfg.family} generates {what}, which mm1 has no pixel decoder for (mm1 "
+                "eval-generation scores them)"
+            )
         raise ConfigError(
             f"model.family={p.cfg.family}: {why}; model.family=chameleon draws pixels"
         )
@@ -116,17 +122,17 @@ def _encoded_and_generated(
         return torch.cat([fn(items[i : i + batch]) for i in range(0, len(items), batch)])
 
     if isinstance(model, Chameleon):
-        vq = model.vision
-        image_codes = batched(lambda x: vq.encode(x.to(device)), pixels)
+        tok = model.vision
+        image_codes = batched(lambda x: tok.encode(x.to(device)), pixels)
         generator = torch.Generator(device).manual_seed(seed)
         codes = batched(
             lambda ps: generate_image_codes(model, ps, pad, sampling, generator), prompts
         )
-        return (
-            vq.code_vectors(image_codes),
-            vq.code_vectors(codes),
-            {"codes": codes, "own": image_codes},
-        )
+        extra = {"codes": codes, "own": image_codes}
+        if isinstance(model, SEED):  # generation embeddings against the images' CLIP ones
+            clip = batched(lambda x: tok.target_embedding(tok.features(x.to(device))), pixels)
+            return clip.float(), batched(tok.decode, codes).float(), extra
+        return tok.code_vectors(image_codes), tok.code_vectors(codes), extra
     encoded = batched(lambda x: model.connector.pool(model.vision(x.to(device))).float(), pixels)
     generated = batched(lambda ps: generate_image_features(model, ps, pad), prompts)
     return encoded, generated, {}
@@ -140,18 +146,20 @@ def evaluate_image_generation(
     sampling: Sampling | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """The scores of `p` (an emu2 or chameleon model) on `images`: every caption generates
-    an image once (chameleon: greedy, or drawn as `sampling` says from `seed`)."""
+    """The scores of `p` (an emu2, chameleon or seed model) on `images`: every caption
+    generates an image once (chameleon, seed: greedy, or drawn as `sampling` says from
+    `seed`)."""
     model = p.model
     sampling = sampling or Sampling()
     if sampling.do_sample and not isinstance(model, Chameleon):
         raise ConfigError(
-            f"model.family={p.cfg.family}: sampling applies to chameleon's codes; emu2's "
+            f"model.family={p.cfg.family}: sampling applies to chameleon's and seed's codes; emu2's "
             "features are regressed, one per step"
         )
     if not isinstance(model, (Emu2, Chameleon)):
         raise ConfigError(
-            f"model.family={p.cfg.family} generates no images (model.family=emu2 and chameleon do)"
+            f"model.family={p.cfg.family} generates no images (model.family=emu2, chameleon and "
+            "seed do)"
         )
     if len(images.paths) < 2:
         raise ConfigError(f"{len(images.paths)} captioned image(s): retrieval needs at least 2")
@@ -194,8 +202,9 @@ def evaluate_image_generation(
         same = extra["codes"] == extra["own"][torch.tensor(owner)]
         result["code_match"] = float(same.float().mean())
         result["distinct_generations"] = len({tuple(c) for c in extra["codes"].tolist()})
-        decoded = model.vision.decode(extra["codes"][torch.tensor(firsts)])
-        result[GENERATED] = p.processor.unnormalize(decoded).cpu()
+        if not isinstance(model, SEED):  # chameleon's codes decode to pixels
+            decoded = model.vision.decode(extra["codes"][torch.tensor(firsts)])
+            result[GENERATED] = p.processor.unnormalize(decoded).cpu()
     else:
         result["l1"] = float((generated - encoded[torch.tensor(owner)]).abs().mean())
     return result
@@ -211,7 +220,8 @@ def image_generation_report(result: dict[str, Any], title: str) -> str:
             "",
             f"{result['captions']} captions of {result['images']} held-out images: each "
             "caption's generated image retrieves among the images (in the space it is "
-            "generated in: emu2's pooled features, chameleon's code vectors); "
+            "generated in: emu2's pooled features, chameleon's code vectors, seed's generation "
+            "embeddings against the images' CLIP embeddings); "
             f"{_how(result.get('sampling', {}))}.",
             "",
             "| | " + " | ".join(f"R@{k}" for k in ks) + " |",
@@ -223,7 +233,7 @@ def image_generation_report(result: dict[str, Any], title: str) -> str:
             f"other images {result['cosine_others']:.3f}; {_error(result)}.",
             "",
             "Examples: each caption's own image"
-            + (", its generated image" if "code_match" in result else "")
+            + (", its generated image" if GENERATED in result else "")
             + f" and the nearest images in `{RESULTS.replace('.json', '.png')}`.",
             "",
         ]
