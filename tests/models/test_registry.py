@@ -109,9 +109,10 @@ def test_an_unknown_type_names_the_key_and_lists_the_registered_names(scaled_con
     ):
         load_config(None, [*TINY, "model.decoder.ffn=soft_moe"])
     with pytest.raises(
-        ConfigError, match=r"^model\.family='seed' .*registered: chameleon, emu2, fuyu, mm1$"
+        ConfigError,
+        match=r"^model\.family='chameleon_moe' .*registered: chameleon, emu2, fuyu, mm1, seed$",
     ):
-        load_config(None, [*TINY, "model.family=seed"])
+        load_config(None, [*TINY, "model.family=chameleon_moe"])
 
 
 def test_a_key_no_type_declares_is_an_error_naming_it() -> None:

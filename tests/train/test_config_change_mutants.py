@@ -140,6 +140,32 @@ def test_the_vq_tokenizer_counts_where_it_is_built() -> None:
     assert model_changes(cfg("mm1", "aim", 16), cfg("mm1", "aim", 32)) == []
 
 
+def test_the_seed_tokenizer_counts_where_it_is_built() -> None:
+    """`model.seed` sets the parameters of a SEED tokenizer run and of a seed model, and of no
+    other model; a SEED tokenizer run and a seed model read the ViT (frozen), not a connector,
+    nor `model.vq`."""
+
+    def cfg(family: str, objective: str | None, queries: int, **model: object) -> dict:
+        out: dict = {"model": {"family": family, "seed": {"num_queries": queries}, **model}}
+        if objective:
+            out["encoder"] = {"objective": objective}
+        return out
+
+    queries = ("model.seed.num_queries", 16, 32)
+    width = ("model.vision.width", 32, 64)
+    for family, objective in (("mm1", "seed"), ("seed", None)):
+        assert model_changes(cfg(family, objective, 16), cfg(family, objective, 32)) == [queries]
+        wider = [cfg(family, objective, 16, vision={"width": w}) for w in (32, 64)]
+        assert model_changes(*wider) == [width]
+        for unread in ({"connector": {"type": "mlp"}}, {"vq": {"code_dim": 8}}):
+            assert (
+                model_changes(cfg(family, objective, 16), cfg(family, objective, 16, **unread))
+                == []
+            )
+    for family, objective in (("mm1", None), ("mm1", "clip"), ("chameleon", None), ("mm1", "vq")):
+        assert model_changes(cfg(family, objective, 16), cfg(family, objective, 32)) == []
+
+
 def test_a_config_saved_in_an_older_shape_is_unchanged() -> None:
     cfg = load_config(
         None,

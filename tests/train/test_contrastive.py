@@ -1,6 +1,7 @@
 """CLIP's InfoNCE: against a direct per-pair computation, symmetric, and its gathered form over
 2 gloo ranks against one process on the joined batch (loss, feature gradients, and parameter
-gradients after DDP's averaging with the trainer's world-size factor)."""
+gradients after DDP's averaging with the trainer's world-size factor); the same for a SEED
+tokenizer, whose loss adds per-rank means (`global_mean`) to the gathered contrastive term."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from mm1.config import ModelConfig, VisionConfig
 from mm1.config.encoder import CLIPObjectiveConfig, TextTowerConfig
 from mm1.models.clip import CLIPModel
 from mm1.models.contrastive import clip_loss, gathered_clip_loss
+from tests.models.test_seed import _seed_model
 
 WORLD, LOCAL, DIM = 2, 3, 5
 
@@ -90,6 +92,14 @@ def _worker(rank: int, root: str) -> None:
         out = model(b["pixel_values"][rows], b["input_ids"][rows], b["lengths"][rows])
         (out.loss * WORLD).backward()
         grads = {k: p.grad.clone() for k, p in model.module.named_parameters()}
+        # 3. a SEED tokenizer (eval mode: its codebook stays put; gradients flow all the same)
+        seed = DistributedDataParallel(_seed_model().eval())
+        px = b["pixel_values"][rows]
+        seed_out = seed(px, b["input_ids"][rows].clamp(max=39), b["lengths"][rows])
+        (seed_out.loss * WORLD).backward()
+        seed_grads = {
+            k: p.grad.clone() for k, p in seed.module.named_parameters() if p.requires_grad
+        }
         torch.save(
             {
                 "loss": loss.item(),
@@ -98,6 +108,8 @@ def _worker(rank: int, root: str) -> None:
                 "scale_grad": scale.grad,
                 "model_loss": out.loss.item(),
                 "model_grads": grads,
+                "seed_loss": seed_out.loss.item(),
+                "seed_grads": seed_grads,
             },
             Path(root) / f"rank{rank}.pt",
         )
@@ -135,6 +147,18 @@ def test_gathered_loss_over_two_ranks_equals_one_process_on_the_joined_batch(tmp
         assert o["model_loss"] == pytest.approx(out.loss.item(), rel=1e-5)
         for k, p in model.named_parameters():
             torch.testing.assert_close(o["model_grads"][k], p.grad, rtol=1e-4, atol=1e-6, msg=k)
+
+    seed = _seed_model().eval()
+    out = seed(b["pixel_values"], b["input_ids"].clamp(max=39), b["lengths"])
+    out.loss.backward()
+    for o in got:
+        assert o["seed_loss"] == pytest.approx(out.loss.item(), rel=1e-5)
+        assert sorted(o["seed_grads"]) == sorted(
+            k for k, p in seed.named_parameters() if p.requires_grad
+        )
+        for k, g in o["seed_grads"].items():
+            p = dict(seed.named_parameters())[k]
+            torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6, msg=k)
 
 
 def test_logit_scale_is_learned_and_clamped_at_100() -> None:

@@ -99,21 +99,19 @@ def shuffled_images(queries: Sequence[Example], seed: int = 0) -> dict[str, Path
 
 def warn_if_rices_is_weak(model: torch.nn.Module, demo_selection: str) -> None:
     """RICES ranks demonstrations by the mean of the model's image tokens: without an image
-    encoder that is a linear map of the image's mean patch (`model.family: fuyu`: its colours)
-    or the mean of its codes' embeddings (chameleon, seed), not of what it shows. Warned, not
+    encoder that is a linear map of the image's mean patch (`model.family: fuyu`: its colours),
+    with an image tokenizer the mean of its codes' embeddings (chameleon, seed), not what the
+    image shows. Warned, not
     refused: the method is well defined, only weak."""
     from mm1.models.family import family_of
 
     family = family_of(model)
     if demo_selection == "rices" and (family.image_tokenizer or not family.has_encoder):
-        what = (
-            "the mean embedding of each image's codes"
+        why = (
+            "reads images as discrete codes, so demonstrations are ranked by the mean embedding "
+            "of each image's codes"
             if family.image_tokenizer
-            else "a linear map of each image's mean patch (its colours)"
+            else "has no image encoder, so demonstrations are ranked by a linear map of each "
+            "image's mean patch (its colours)"
         )
-        log.warning(
-            "eval.demo_selection=rices: model.family=%s has no continuous image features, so "
-            "demonstrations are ranked by %s",
-            model.cfg.family,
-            what,
-        )
+        log.warning("eval.demo_selection=rices: model.family=%s %s", model.cfg.family, why)
