@@ -453,7 +453,7 @@ def saved_run_kind(path: str | os.PathLike[str]) -> Literal["encoder", "mm1"] | 
 
 
 def encoder_objective(path: str | os.PathLike[str]) -> str | None:
-    """The `encoder.objective` of an encoder run (clip, aim, vq; clip when the run left it
+    """The `encoder.objective` of an encoder run (clip, aim, vq, seed; clip when the run left it
     at its default), None for any other directory."""
     data = _saved_run_config(path)
     if data is None or not isinstance(data.get("encoder"), dict):

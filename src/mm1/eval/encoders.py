@@ -393,6 +393,21 @@ def encoder_report(result: dict[str, Any], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def untrained_like(model: torch.nn.Module, cfg: Any, vocab_size: int, seed: int) -> torch.nn.Module:
+    """A freshly initialised model of `model`'s architecture (the random-encoder baseline, in
+    eval mode), keeping what `model` kept frozen and so never trained (a SEED tokenizer's CLIP
+    towers)."""
+    from mm1.models.encoders import build_encoder_model
+
+    torch.manual_seed(seed)
+    fresh = build_encoder_model(cfg, vocab_size).eval()
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    fresh.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if k in frozen}, strict=False
+    )
+    return fresh
+
+
 def evaluate_encoder_run(
     run: str | Path,
     world: str | Path | None = None,
@@ -408,7 +423,7 @@ def evaluate_encoder_run(
     from mm1.checkpoint import is_checkpoint, refuse_mm1_run
     from mm1.config import ConfigError
     from mm1.data.world import run_world, saved_tokenizer_dir
-    from mm1.models.encoders import build_encoder_model, load_encoder_run
+    from mm1.models.encoders import load_encoder_run
 
     if not probe_seeds:  # the probe's mean over no splits is undefined
         raise ConfigError("--probe-seeds must be >= 1 (linear-probe train/test splits)")
@@ -426,14 +441,7 @@ def evaluate_encoder_run(
     processor = ImageProcessor.from_pretrained(tok_dir)
     what = f"encoder run {run} ({cfg.encoder.objective})"
     if untrained_seed is not None:
-        torch.manual_seed(untrained_seed)
-        fresh = build_encoder_model(cfg, tok.vocab_size).eval()
-        # What the run kept frozen (a SEED tokenizer's CLIP towers) it never trained: kept.
-        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-        fresh.load_state_dict(
-            {k: v for k, v in model.state_dict().items() if k in frozen}, strict=False
-        )
-        model = fresh
+        model = untrained_like(model, cfg, tok.vocab_size, untrained_seed)
         what = f"untrained {cfg.encoder.objective} encoder (seed {untrained_seed}) of {run}"
     world = Path(world or run_world(run))
     if not (world / "world.json").is_file():

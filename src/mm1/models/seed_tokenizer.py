@@ -76,7 +76,7 @@ class SEEDTokenizer(EMACodebook):
         self.image_proj = nn.Sequential(nn.LayerNorm(w), nn.Linear(w, cfg.embed_dim, bias=False))
         self.queries = nn.Parameter(torch.zeros(1, q, w))
         self.context_norm = nn.LayerNorm(w, eps=vision.norm_eps)
-        self.blocks = nn.ModuleList(QFormerBlock(vision) for _ in range(cfg.layers))
+        self.qformer = nn.ModuleList(QFormerBlock(vision) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(w, eps=vision.norm_eps)
         self.to_code = nn.Linear(w, cfg.code_dim)
         self.from_code = nn.Linear(cfg.code_dim, w)
@@ -109,7 +109,7 @@ class SEEDTokenizer(EMACodebook):
         context = self.context_norm(features)
         x = self.queries.expand(features.shape[0], -1, -1).to(context.dtype)
         mask = causal_mask(x.shape[1], x.device)
-        for block in self.blocks:
+        for block in self.qformer:
             x = block(x, mask, context)
         return self.norm(x)
 

@@ -23,7 +23,7 @@ from mm1.checkpoint import (
     read_model_weights,
     saved_run_kind,
 )
-from mm1.config import INIT_PARTS, ConfigError, InitConfig, ModelConfig
+from mm1.config import INIT_PARTS, ConfigError, InitConfig, ModelConfig, to_dict
 from mm1.models.family import family_spec, shares_image_parts
 from mm1.models.state_transforms import HFPart, LoadContext, apply_chain
 from mm1.models.upcycle import UpcycleOptions
@@ -172,6 +172,25 @@ def _check_encoder_objective(s: Source, objective: str, cfg: ModelConfig) -> Non
         )
 
 
+# The sections that shape an image tokenizer of each kind, compared key for key: a
+# tokenizer read with other settings would give other codes (or drop its blocks).
+_TOKENIZER_SECTIONS = {"vq": ("vq",), "seed": ("vision", "seed")}
+
+
+def _check_tokenizer_config(
+    s: Source, objective: str, saved: ModelConfig, cfg: ModelConfig
+) -> None:
+    """A tokenizer run is read with the architecture it was trained with."""
+    for section in _TOKENIZER_SECTIONS.get(objective, ()):
+        theirs, ours = to_dict(getattr(saved, section)), to_dict(getattr(cfg, section))
+        for k in sorted(theirs):
+            if k != "init" and theirs[k] != ours.get(k):
+                raise ConfigError(
+                    f"model.{section}.{k}={ours.get(k)!r}, and the tokenizer run "
+                    f"{s.key}={s.path} has {theirs[k]!r}: a tokenizer is read as it was trained"
+                )
+
+
 def llava_source(init: InitConfig) -> str | None:
     """The transformers LLaVA directory the model starts from (its architecture, layout
     included, replaces the config's), if `train.init.weights` names one."""
@@ -296,6 +315,7 @@ def _read_source(
         objective = encoder_objective(s.path)
         if objective is not None:  # an encoder run: what it trained decides, not its family
             _check_encoder_objective(s, objective, cfg)
+            _check_tokenizer_config(s, objective, saved.config, cfg)
         elif image_parts and not shares_image_parts(saved.config.family, cfg.family):
             raise ConfigError(
                 f"{s.key}={s.path} is a model.family={saved.config.family} model and this one "

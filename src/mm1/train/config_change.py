@@ -92,14 +92,16 @@ ENCODER_ONLY_KEYS = (
     "model.vision.feature_layer",
     "model.connector",
 )
+TEXT_TOWER_KEYS = (
+    *(f"encoder.text.{k}" for k in ("width", "layers", "heads", "mlp_dim", "max_len")),
+    "encoder.text.hf",  # whether set: an HF tower's parameters are named its way
+)
 # An encoder run's objective-specific parts: only the objective's own count.
 ENCODER_MODEL_KEYS = {
-    "clip": (
-        *(f"encoder.text.{k}" for k in ("width", "layers", "heads", "mlp_dim", "max_len")),
-        "encoder.text.hf",  # whether set: an HF tower's parameters are named its way
-        "encoder.clip.embed_dim",
-    ),
+    "clip": (*TEXT_TOWER_KEYS, "encoder.clip.embed_dim"),
     "aim": ("encoder.aim.head_dim", "encoder.aim.head_layers"),
+    # SEED's text tower is its CLIP run's (frozen); its joint space is `model.seed.embed_dim`.
+    "seed": TEXT_TOWER_KEYS,
 }
 
 

@@ -66,7 +66,8 @@ class EncoderTrainer(Trainer):
         # (nor, for SEED, the CLIP run's: read up front, so a bad one fails before the data).
         starting = ckpt.latest_checkpoint(self.run_dir) is None
         start_state = seed_start_state(cfg) if seed and starting else {}
-        self.data = prepare_data(cfg.data, cfg.model, d.is_main, d.barrier, init)
+        own = None if starting else self.run_dir  # a resumed run reads its own tokenizer
+        self.data = prepare_data(cfg.data, cfg.model, d.is_main, d.barrier, init, own)
         objective = cfg.encoder.objective
         kinds = CLIP_SOURCE_KINDS if objective in TEXT_OBJECTIVES else AIM_SOURCE_KINDS
         if not cfg.data.sources:  # the world's mixture: its caption pairs only
@@ -75,10 +76,23 @@ class EncoderTrainer(Trainer):
             from mm1.data.tokenizer import Tokenizer
 
             self.data.tokenizer = Tokenizer.from_file(cfg.encoder.text.hf)
+        if start_state:  # the frozen text tower reads the ids of its CLIP run's tokenizer
+            from mm1.data.tokenizer import Tokenizer
+            from mm1.data.world import saved_tokenizer_dir
+
+            self.data.tokenizer = Tokenizer.from_file(saved_tokenizer_dir(init.vision))
         tok = self.data.tokenizer
         model = build_encoder_model(cfg, tok.vocab_size, load_weights=starting)
         if start_state:
-            model.load_state_dict(start_state, strict=False)
+            missing, unexpected = model.load_state_dict(start_state, strict=False)
+            trained = {n for n, p in model.named_parameters() if p.requires_grad}
+            buffers = {n for n, _ in model.named_buffers()}  # the codebook: trained here too
+            if unexpected or set(missing) != trained | buffers:
+                raise ValueError(
+                    f"train.init.vision={init.vision}: the CLIP run's towers do not fill the "
+                    f"SEED model's frozen parts (unexpected {unexpected}, missing "
+                    f"{sorted(set(missing) - trained - buffers)})"
+                )
         self.model_cfg = cfg.model
         self.peak_lr = cfg.train.optim.lr
         self.model = parallelize(model, cfg.train, d, family=ENCODER_FAMILY)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -160,7 +160,15 @@ def parallelize(
     for blocks in units:
         for block in blocks:
             fully_shard(block, **kw)
-    fully_shard(model, **kw)
+    root_kw = dict(kw)
+    if getattr(family, "image_tokenizer", ""):
+        # A frozen image tokenizer (chameleon, seed) stays out of FSDP, unsharded and in fp32,
+        # and the pixels reach it uncast: bf16 weights or pixels would flip codes near a tie, so
+        # training would read other codes than evaluation (in fp32) does.
+        root_kw["ignored_params"] = set(model.vision.parameters())
+        if mp is not None:
+            root_kw["mp_policy"] = replace(mp, cast_forward_inputs=False)
+    fully_shard(model, **root_kw)
     if on_meta:
         # Sharded before any weight existed: each rank allocates and initialises only its shards.
         model.to_empty(device=d.device)
