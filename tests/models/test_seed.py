@@ -95,6 +95,39 @@ def test_the_tokenizer_loss_is_its_four_terms_written_out() -> None:
     torch.testing.assert_close(tok.decode(codes), generated, rtol=1e-5, atol=1e-6)
 
 
+def test_the_gradients_are_the_written_out_losses_with_their_stop_gradients() -> None:
+    """The reconstruction's target and the commitment's codes carry no gradient, and the
+    decoder's gradient passes the quantiser straight through to the Q-Former."""
+    model = _seed_model().eval()
+    pixels, ids, lengths = _batch()
+    model(pixels, ids, lengths).loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    tok = model.vision
+    feats = tok.vit(pixels)
+    causal = tok.causal_embeddings(feats)
+    z = F.normalize(tok.to_code(causal), dim=-1)
+    e = tok.codes[(z.detach() @ tok.codes.t()).argmax(-1)]
+    decoded = tok.decode_vectors(z + (e - z).detach())
+    text = model.text_proj(model.text(ids, lengths))
+    loss = (
+        clip_loss(model.contrast_proj(causal[:, -1]), text, model.logit_scale.exp())
+        + (1 - F.cosine_similarity(decoded, causal.detach(), dim=-1)).mean()
+        + (
+            1
+            - F.cosine_similarity(
+                tok.generation_head(decoded.mean(1)), tok.image_proj(feats.mean(1)), dim=-1
+            )
+        ).mean()
+        + 0.25 * (z - e).square().sum(-1).mean()
+    )
+    loss.backward()
+    want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert sorted(got) == sorted(want)
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_the_clip_towers_stay_frozen_and_everything_else_learns() -> None:
     model = _seed_model().train()
     pixels, ids, lengths = _batch()

@@ -164,6 +164,11 @@ def test_the_seed_tokenizer_counts_where_it_is_built() -> None:
             )
     for family, objective in (("mm1", None), ("mm1", "clip"), ("chameleon", None), ("mm1", "vq")):
         assert model_changes(cfg(family, objective, 16), cfg(family, objective, 32)) == []
+    # a SEED run's text tower is its CLIP run's, in its checkpoint: a change is refused
+    tower = [cfg("mm1", "seed", 16), cfg("mm1", "seed", 16)]
+    tower[1]["encoder"]["text"] = {"width": 64}
+    tower[0]["encoder"]["text"] = {"width": 32}
+    assert model_changes(*tower) == [("encoder.text.width", 32, 64)]
 
 
 def test_a_config_saved_in_an_older_shape_is_unchanged() -> None:

@@ -94,10 +94,15 @@ def test_a_seed_tokenizer_run_keeps_its_clip_towers_resumes_exactly_and_is_score
     assert -1 <= seed["generation_cosine"] <= 1 and seed["generation_r1_chance"] > 0
     assert {"zero_shot", "retrieval", "linear_probe"} <= set(result)
     assert "## Through the codes (de-tokenized)" in (out / "encoder_eval.md").read_text()
-    untrained = ["eval-encoder", str(tokenizer_run), "--out", str(out), "--untrained-seed", "0"]
-    assert cli.main(untrained) == 0
-    baseline = json.loads((out / "encoder_eval_untrained0.json").read_text())
-    assert baseline["seed"]["generation_cosine"] != seed["generation_cosine"]
+    from mm1.eval.encoders import untrained_like
+    from mm1.models.encoders import load_encoder_run
+
+    run_cfg, trained = load_encoder_run(tokenizer_run)
+    fresh = untrained_like(trained, run_cfg, trained.text.embed_tokens.num_embeddings, 0)
+    before, after = trained.state_dict(), fresh.state_dict()
+    for k, v in before.items():  # the CLIP towers kept, the rest drawn afresh
+        kept = k.startswith(("vision.vit.", "vision.image_proj.", "text.", "text_proj."))
+        assert torch.equal(after[k], v) == kept or k == "vision.code_count", k
     capsys.readouterr()
     assert cli.main(["export-encoder", str(tokenizer_run), str(tokenizer_run.parent / "x")]) != 0
     assert "is a SEED tokenizer run" in "".join(capsys.readouterr())
@@ -171,6 +176,11 @@ def test_a_seed_run_trains_the_codes_with_the_tokenizer_frozen_and_scores_genera
     model = build_model(model_cfg, vocab, p.cfg.image_token_id, load_weights=False)
     with pytest.raises(ConfigError, match=r"encoder\.objective=clip, and model\.family=seed"):
         starting_state(InitConfig(vision=str(clip_run)), model.cfg, expected_shapes(model))
+    # a tokenizer is read as it was trained: another Q-Former depth or activation is refused
+    for change, key in (("model.seed.layers=2", "seed.layers=2"), ("model.vision.act=gelu", "vision.act")):
+        other = build_model(load_config(cfg, [*family, change]).model, vocab, load_weights=False)
+        with pytest.raises(ConfigError, match=rf"model\.{key}.*, and the tokenizer run"):
+            starting_state(InitConfig(vision=str(tokenizer_run)), other.cfg, expected_shapes(other))
     plain = build_model(load_config(cfg).model, vocab, load_weights=False)
     with pytest.raises(ConfigError, match=r"encoder\.objective=seed, and model\.family=mm1"):
         starting_state(InitConfig(vision=str(tokenizer_run)), plain.cfg, expected_shapes(plain))
