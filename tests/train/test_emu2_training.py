@@ -85,7 +85,7 @@ def test_eval_generation_refuses_a_model_that_generates_no_images(
     capsys.readouterr()
     assert cli.main(["eval-generation", str(run), "--out", str(tmp_path / "gen")]) != 0
     err = "".join(capsys.readouterr())
-    assert "model.family=mm1 generates no images (model.family=emu2 and chameleon do)" in err
+    assert "model.family=mm1 generates no images (model.family=emu2, chameleon and seed do)" in err
     assert cli.main(["eval-generation", str(run), "--captions", "c.json"]) != 0
     assert "--captions and --image-dir go together" in "".join(capsys.readouterr())
     assert cli.main(["eval-generation", str(run), "--top-k", "5"]) != 0

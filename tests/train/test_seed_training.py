@@ -177,7 +177,10 @@ def test_a_seed_run_trains_the_codes_with_the_tokenizer_frozen_and_scores_genera
     with pytest.raises(ConfigError, match=r"encoder\.objective=clip, and model\.family=seed"):
         starting_state(InitConfig(vision=str(clip_run)), model.cfg, expected_shapes(model))
     # a tokenizer is read as it was trained: another Q-Former depth or activation is refused
-    for change, key in (("model.seed.layers=2", "seed.layers=2"), ("model.vision.act=gelu", "vision.act")):
+    for change, key in (
+        ("model.seed.layers=2", "seed.layers=2"),
+        ("model.vision.act=gelu", "vision.act"),
+    ):
         other = build_model(load_config(cfg, [*family, change]).model, vocab, load_weights=False)
         with pytest.raises(ConfigError, match=rf"model\.{key}.*, and the tokenizer run"):
             starting_state(InitConfig(vision=str(tokenizer_run)), other.cfg, expected_shapes(other))

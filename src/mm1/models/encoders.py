@@ -87,8 +87,10 @@ def seed_start_state(cfg: EncoderRunConfig) -> dict[str, object]:
 
 
 def _blocks(model: nn.Module) -> list[nn.ModuleList]:
-    if isinstance(model, VQModel | SEEDModel):  # small and mostly frozen: one unit, the root
+    if isinstance(model, VQModel):  # a small convolutional net: one unit, the root
         return []
+    if isinstance(model, SEEDModel):  # the trained Q-Former's blocks; the frozen towers: root
+        return [model.vision.qformer]
     text = getattr(model, "text", None)
     return [model.vision.blocks, *([text.blocks] if text is not None else [])]
 
