@@ -1,4 +1,5 @@
-"""Tiny run configs the training tests write: the ViT they share, and an image-encoder run's."""
+"""Tiny run configs the training tests write (the ViT they share, and an image-encoder run's),
+and what a run logged, by step."""
 
 from __future__ import annotations
 
@@ -51,3 +52,10 @@ def encoder_config(tmp: Path, world: Path, objective: str = "clip", **train) -> 
     path = tmp / f"{objective}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def logged(run: Path, key: str) -> dict[int, float]:
+    """`key`'s value at each step of `run`'s metrics.jsonl that logged it."""
+    from mm1.train.logging import read_metrics
+
+    return {r["step"]: r[key] for r in read_metrics(run) if key in r}

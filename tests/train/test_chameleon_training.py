@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mm1.config import ConfigError
+from tests.train.run_configs import logged
 
 # A 32 px image, 16x down: 2 x 2 codes of a 16-code book.
 VQ = [
@@ -21,12 +22,6 @@ VQ = [
     "model.vq.codebook_size=16",
     "model.vq.code_dim=4",
 ]
-
-
-def _logged(run: Path, key: str) -> dict[int, float]:
-    from mm1.train.logging import read_metrics
-
-    return {r["step"]: r[key] for r in read_metrics(run) if key in r}
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +50,8 @@ def test_a_vq_tokenizer_run_resumes_exactly_and_is_scored(tokenizer_run: Path, c
     from mm1.checkpoint import read_model_weights
 
     split = tokenizer_run.parent / "split"
-    assert _logged(split, "loss") == _logged(tokenizer_run, "loss")
-    assert sorted(_logged(tokenizer_run, "codes_restarted")) == [1, 2, 3, 4]
+    assert logged(split, "loss") == logged(tokenizer_run, "loss")
+    assert sorted(logged(tokenizer_run, "codes_restarted")) == [1, 2, 3, 4]
     a, b = read_model_weights(tokenizer_run).state, read_model_weights(split).state
     assert all(torch.equal(a[k], b[k]) for k in a) and "vision.code_sum" in a
     out = tokenizer_run.parent / "eval"
@@ -83,8 +78,8 @@ def test_a_chameleon_run_trains_the_codes_with_the_tokenizer_frozen_and_generate
     start = [f"train.init.vision={tokenizer_run}", "data.caption_first=0.5"]
     # train.train_vision stays at its default (true): the tokenizer is frozen all the same
     assert cli.main(["train", str(cfg), f"train.run_dir={run}", *VQ, *start]) == 0
-    loss, aux = _logged(run, "loss"), _logged(run, "aux_loss_image_codes")
-    total = _logged(run, "loss_total")
+    loss, aux = logged(run, "loss"), logged(run, "aux_loss_image_codes")
+    total = logged(run, "loss_total")
     assert sorted(aux) == [1, 2] and all(v > 0 for v in aux.values())
     for step in (1, 2):  # weight 1 by default: the objective is their sum
         assert total[step] == pytest.approx(loss[step] + aux[step], rel=1e-6)
@@ -200,7 +195,7 @@ def test_two_process_fsdp_chameleon_run_resumes_bit_exactly(
     args = [*VQ, f"train.init.vision={tokenizer_run}", "data.image_boundaries=true"]
     full, resumed = two_process_run_and_resume(tmp_path, cfg, args)
     for key in ("loss", "aux_loss_image_codes"):
-        assert sorted(_logged(full, key)) == [1, 2, 3, 4]
-        assert _logged(resumed, key) == _logged(full, key)  # bit-exact on CPU
+        assert sorted(logged(full, key)) == [1, 2, 3, 4]
+        assert logged(resumed, key) == logged(full, key)  # bit-exact on CPU
     a, b = read_model_weights(full).state, read_model_weights(resumed).state
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -12,13 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.train.run_configs import logged
+
 EMU2 = ["model.family=emu2", "data.image_boundaries=true", "data.caption_first=0.5"]
-
-
-def _logged(run: Path, key: str) -> dict[int, float]:
-    from mm1.train.logging import read_metrics
-
-    return {r["step"]: r[key] for r in read_metrics(run) if key in r}
 
 
 def test_an_emu2_run_trains_both_losses_and_scores_its_generated_features(
@@ -34,8 +30,8 @@ def test_an_emu2_run_trains_both_losses_and_scores_its_generated_features(
     run = tmp_path / "run"
     cfg = tiny_config(tmp_path, world, steps=2, save_every=2, parallel="none", val_every=2)
     assert cli.main(["train", str(cfg), f"train.run_dir={run}", *EMU2]) == 0
-    loss, aux = _logged(run, "loss"), _logged(run, "aux_loss_image_regression")
-    total = _logged(run, "loss_total")
+    loss, aux = logged(run, "loss"), logged(run, "aux_loss_image_regression")
+    total = logged(run, "loss_total")
     assert sorted(aux) == [1, 2] and all(v > 0 for v in aux.values())
     for step in (1, 2):  # weight 1 by default: the objective is their sum
         assert total[step] == pytest.approx(loss[step] + aux[step], rel=1e-6)
@@ -132,8 +128,8 @@ def test_two_process_fsdp_emu2_run_resumes_bit_exactly(
     cfg = tiny_config(tmp_path, world, steps=4, save_every=2, parallel="fsdp", val_every=0)
     full, resumed = two_process_run_and_resume(tmp_path, cfg, EMU2)
     for key in ("loss", "aux_loss_image_regression"):
-        assert sorted(_logged(full, key)) == [1, 2, 3, 4]
-        assert _logged(resumed, key) == _logged(full, key)  # bit-exact on CPU
+        assert sorted(logged(full, key)) == [1, 2, 3, 4]
+        assert logged(resumed, key) == logged(full, key)  # bit-exact on CPU
     a, b = read_model_weights(full).state, read_model_weights(resumed).state
     assert "regress.weight" in a
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mm1.config import ConfigError
+from tests.train.run_configs import logged
 
 # 3 codes per image of a 16-code book, in the CLIP run's 16-wide space.
 SEED = [
@@ -23,12 +24,6 @@ SEED = [
     "model.seed.code_dim=4",
     "model.seed.embed_dim=16",
 ]
-
-
-def _logged(run: Path, key: str) -> dict[int, float]:
-    from mm1.train.logging import read_metrics
-
-    return {r["step"]: r[key] for r in read_metrics(run) if key in r}
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +70,8 @@ def test_a_seed_tokenizer_run_keeps_its_clip_towers_resumes_exactly_and_is_score
 
     split = tokenizer_run.parent / "split"
     for key in ("loss", "contrastive", "generation", "codes_restarted"):
-        assert sorted(_logged(tokenizer_run, key)) == [1, 2, 3, 4]
-        assert _logged(split, key) == _logged(tokenizer_run, key)
+        assert sorted(logged(tokenizer_run, key)) == [1, 2, 3, 4]
+        assert logged(split, key) == logged(tokenizer_run, key)
     a, b = read_model_weights(tokenizer_run).state, read_model_weights(split).state
     assert all(torch.equal(a[k], b[k]) for k in a) and "vision.code_sum" in a
     clip = read_model_weights(clip_run).state
@@ -146,8 +141,8 @@ def test_a_seed_run_trains_the_codes_with_the_tokenizer_frozen_and_scores_genera
     family = ["model.family=seed", *SEED]
     start = [f"train.init.vision={tokenizer_run}", "data.caption_first=0.5"]
     assert cli.main(["train", str(cfg), f"train.run_dir={run}", *family, *start]) == 0
-    loss, aux = _logged(run, "loss"), _logged(run, "aux_loss_image_codes")
-    total = _logged(run, "loss_total")
+    loss, aux = logged(run, "loss"), logged(run, "aux_loss_image_codes")
+    total = logged(run, "loss_total")
     assert sorted(aux) == [1, 2] and all(v > 0 for v in aux.values())
     for step in (1, 2):
         assert total[step] == pytest.approx(loss[step] + aux[step], rel=1e-6)
@@ -209,7 +204,7 @@ def test_two_process_fsdp_seed_tokenizer_run_resumes_bit_exactly(
     args = [f"train.init.vision={clip_run}", *SEED]
     full, resumed = two_process_run_and_resume(tmp_path, cfg, args, command="train-encoder")
     for key in ("loss", "generation"):
-        assert sorted(_logged(full, key)) == [1, 2, 3, 4]
-        assert _logged(resumed, key) == _logged(full, key)
+        assert sorted(logged(full, key)) == [1, 2, 3, 4]
+        assert logged(resumed, key) == logged(full, key)
     a, b = read_model_weights(full).state, read_model_weights(resumed).state
     assert all(torch.equal(a[k], b[k]) for k in a)

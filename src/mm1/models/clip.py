@@ -63,7 +63,40 @@ class TextTransformer(nn.Module):
         return x[torch.arange(x.shape[0], device=x.device), lengths - 1]
 
 
-class CLIPModel(nn.Module):
+class TextSide(nn.Module):
+    """The text side of a contrastive objective (CLIP's; SEED's first stage): a text tower, its
+    projection into the joint space, and the learned temperature."""
+
+    clip_cfg: CLIPObjectiveConfig
+    text: nn.Module
+    text_proj: nn.Linear
+    logit_scale: nn.Parameter
+
+    def build_text_side(
+        self,
+        text: TextTowerConfig,
+        clip: CLIPObjectiveConfig,
+        vocab: int,
+        embed_dim: int,
+        text_tower: nn.Module | None,
+    ) -> None:
+        """`text_tower`: a tower built elsewhere (`HFTextTower`), else `TextTransformer`. The
+        caller initialises `text_proj` (where, fixes what a seed draws for the other parts)."""
+        self.clip_cfg = clip
+        self.text = text_tower if text_tower is not None else TextTransformer(text, vocab)
+        self.text_proj = nn.Linear(text.proj_in or text.width, embed_dim, bias=False)
+        # One element, not a scalar: FSDP2 shards parameters on dim 0 and refuses 0-d ones.
+        self.logit_scale = nn.Parameter(torch.tensor([float(clip.logit_scale_init)]))
+
+    def scale(self) -> torch.Tensor:
+        """exp(t), clamped at `logit_scale_max` as CLIP clamps it (no gradient beyond)."""
+        return self.logit_scale.clamp(max=math.log(self.clip_cfg.logit_scale_max)).exp()
+
+    def encode_text(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.text_proj(self.text(input_ids, lengths))
+
+
+class CLIPModel(TextSide):
     """MM1's ViT (`vision`, as `model.vision` builds it) and a text tower trained contrastively.
     The image feature is the mean of the patch features MM1's connector reads (the ViT's
     `feature_layer` output), so what is trained is what MM1 uses; then LayerNorm + projection."""
@@ -81,27 +114,16 @@ class CLIPModel(nn.Module):
         """`text_tower`: a tower built elsewhere (`HFTextTower`), else `TextTransformer`."""
         super().__init__()
         self.cfg = model
-        self.clip_cfg = clip
         w, e = model.vision.width, clip.embed_dim
         self.vision = VisionTransformer(model.vision)
         self.image_proj = nn.Sequential(nn.LayerNorm(w), nn.Linear(w, e, bias=False))
-        self.text = text_tower if text_tower is not None else TextTransformer(text, vocab)
-        self.text_proj = nn.Linear(text.proj_in or text.width, e, bias=False)
+        self.build_text_side(text, clip, vocab, e, text_tower)
         init_weights(self.image_proj)
         init_weights(self.text_proj)
-        # One element, not a scalar: FSDP2 shards parameters on dim 0 and refuses 0-d ones.
-        self.logit_scale = nn.Parameter(torch.tensor([float(clip.logit_scale_init)]))
         self.register_load_state_dict_pre_hook(_scalar_logit_scale)
-
-    def scale(self) -> torch.Tensor:
-        """exp(t), clamped at `logit_scale_max` as CLIP clamps it (no gradient beyond)."""
-        return self.logit_scale.clamp(max=math.log(self.clip_cfg.logit_scale_max)).exp()
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.image_proj(self.vision(pixel_values).mean(dim=1))
-
-    def encode_text(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self.text_proj(self.text(input_ids, lengths))
 
     def forward(
         self,

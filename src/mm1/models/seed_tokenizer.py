@@ -31,15 +31,13 @@ carry the image.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mm1.config import ModelConfig, SEEDConfig, VisionConfig
 from mm1.config.encoder import CLIPObjectiveConfig, TextTowerConfig, VQObjectiveConfig
-from mm1.models.clip import EncoderOutput, TextTransformer, causal_mask
+from mm1.models.clip import EncoderOutput, TextSide, causal_mask
 from mm1.models.contrastive import gathered_clip_loss, global_mean
 from mm1.models.layers import init_weights
 from mm1.models.vision import VisionTransformer, ViTAttention, ViTBlock
@@ -147,7 +145,7 @@ class SEEDTokenizer(EMACodebook):
         return self.generation_embedding(self.decode_vectors(self.code_vectors(codes)))
 
 
-class SEEDModel(nn.Module):
+class SEEDModel(TextSide):
     """The tokenizer (`vision`, the name a seed model's `train.init.vision` reads it under),
     the CLIP run's frozen text tower and projection, and the trained contrastive projection of
     the final causal embedding with its temperature. `gathered`: every loss term is the global
@@ -167,29 +165,20 @@ class SEEDModel(nn.Module):
     ) -> None:
         super().__init__()
         self.cfg = model
-        self.clip_cfg = clip
         self.objective = objective
         e = model.seed.embed_dim
         self.vision = SEEDTokenizer(model.vision, model.seed)
-        self.text = text_tower if text_tower is not None else TextTransformer(text, vocab)
-        self.text_proj = nn.Linear(text.proj_in or text.width, e, bias=False)
+        self.build_text_side(text, clip, vocab, e, text_tower)
         self.contrast_proj = nn.Linear(model.vision.width, e, bias=False)
         init_weights(self.text_proj)
         init_weights(self.contrast_proj)
-        self.logit_scale = nn.Parameter(torch.tensor([float(clip.logit_scale_init)]))
         for frozen in (self.vision.vit, self.vision.image_proj, self.text, self.text_proj):
             frozen.requires_grad_(False)
-
-    def scale(self) -> torch.Tensor:
-        return self.logit_scale.clamp(max=math.log(self.clip_cfg.logit_scale_max)).exp()
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The contrastive embedding of the final causal embedding (`mm1 eval-encoder`)."""
         tok = self.vision
         return self.contrast_proj(tok.causal_embeddings(tok.features(pixel_values))[:, -1])
-
-    def encode_text(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self.text_proj(self.text(input_ids, lengths))
 
     def forward(
         self,
