@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import faulthandler
 import json
 import random
-import time
 import warnings
 from pathlib import Path
 
@@ -13,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -27,6 +24,7 @@ from mm1.train.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from tests.gloo import gloo_rank, spawn_ranks
 
 VOCAB, DIM, BATCH, SEQ = 32, 16, 4, 6
 
@@ -337,14 +335,9 @@ def _wrap(model: nn.Module, kind: str) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model)
 
 
-def _dist_worker(rank: int, world: int, root: str, phase: str) -> None:
-    faulthandler.enable()  # a stack trace if a worker dies
+def _dist_worker(rank: int, root: str, phase: str) -> None:
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module")  # Linear returns a view
-    torch.set_num_threads(1)
-    # A file store: no free port to find (and lose to another process) on a shared machine.
-    store = Path(root) / f"store_{phase}"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
+    with gloo_rank(rank, root, f"store_{phase}"):
         fixed = torch.randint(VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(rank))
         for kind in ("fsdp", "ddp"):
             run_dir = Path(root) / kind
@@ -384,37 +377,24 @@ def _dist_worker(rank: int, world: int, root: str, phase: str) -> None:
             result["losses"] = _train(model, opt, None, 2)
             torch.save(result, run_dir / f"{phase}_rank{rank}.pt")
             dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
-def _verify_worker(rank: int, world: int, root: str, phase: str) -> None:
+def _verify_worker(rank: int, root: str, phase: str) -> None:
     """Both ranks check a checkpoint whose damage only one of them reads (`phase` names the
     damaged file); each writes what it raised."""
     from mm1.checkpoint import verify_checksums
 
-    store = Path(root) / f"store_{phase}"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
+    with gloo_rank(rank, root, f"store_{phase}"):
         try:
             verify_checksums(Path(root) / "damaged", distributed=True)
             result = "ok"
         except ckpt.CheckpointError as err:
             result = str(err)
         (Path(root) / f"verify_{phase}_rank{rank}.txt").write_text(result)
-    finally:
-        dist.destroy_process_group()
 
 
-def _spawn(root: Path, phase: str, timeout: float = 120.0, worker=None) -> None:
-    worker = worker or _dist_worker
-    ctx = mp.spawn(worker, args=(2, str(root), phase), nprocs=2, join=False)
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"2-process {phase} did not finish in {timeout} s")
+def _spawn(root: Path, phase: str, worker=_dist_worker) -> None:
+    spawn_ranks(worker, root, phase, what=phase, store=f"store_{phase}")
 
 
 @pytest.fixture(scope="module")

@@ -6,23 +6,20 @@ tokenizer, whose loss adds per-rank means (`global_mean`) to the gathered contra
 from __future__ import annotations
 
 import copy
-import faulthandler
 import math
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from mm1.config import ModelConfig, VisionConfig
 from mm1.config.encoder import CLIPObjectiveConfig, TextTowerConfig
 from mm1.models.clip import CLIPModel
 from mm1.models.contrastive import clip_loss, gathered_clip_loss
+from tests.gloo import WORLD, gloo_rank, spawn_ranks
 from tests.models.test_seed import _seed_model
 
-WORLD, LOCAL, DIM = 2, 3, 5
+LOCAL, DIM = 3, 5
 
 
 def _direct_loss(image: torch.Tensor, text: torch.Tensor, scale: float) -> float:
@@ -71,12 +68,7 @@ def _joined_batch() -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, root: str) -> None:
-    faulthandler.enable()
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{Path(root) / 'store'}", rank=rank, world_size=WORLD
-    )
-    try:
+    with gloo_rank(rank, root):
         b = _joined_batch()
         rows = slice(rank * LOCAL, (rank + 1) * LOCAL)
         # 1. features: the gathered loss and the gradient of this rank's rows
@@ -113,18 +105,10 @@ def _worker(rank: int, root: str) -> None:
             },
             Path(root) / f"rank{rank}.pt",
         )
-    finally:
-        dist.destroy_process_group()
 
 
 def test_gathered_loss_over_two_ranks_equals_one_process_on_the_joined_batch(tmp_path) -> None:
-    ctx = mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("2-process contrastive loss did not finish in 120 s")
+    spawn_ranks(_worker, tmp_path, what="contrastive loss")
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     b = _joined_batch()
     image = b["feats"][0].clone().requires_grad_()

@@ -4,17 +4,14 @@ ranks' batches differ in whether they hold images (the encoder's all-gathers mus
 from __future__ import annotations
 
 import copy
-import faulthandler
-import time
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from mm1.config import ConnectorConfig, DecoderConfig, ModelConfig, TrainConfig, VisionConfig
+from tests.gloo import WORLD, gloo_rank, spawn_ranks
 
 IMAGE_SIZE = 32
 
@@ -39,41 +36,28 @@ def _batch(model, with_image: bool) -> dict[str, torch.Tensor | None]:
     return {"input_ids": ids, "labels": labels, "pixel_values": pixels}
 
 
-def _worker(rank: int, world: int, root: str) -> None:
-    faulthandler.enable()
+def _worker(rank: int, root: str) -> None:
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{Path(root) / 'store'}", rank=rank, world_size=world
-    )
-    try:
+    with gloo_rank(rank, root):
         from mm1.models.build import build_model
         from mm1.train.parallel import Dist, parallelize
 
         torch.manual_seed(0)  # the same weights on both ranks
         model = build_model(_config())
         reference = copy.deepcopy(model).eval()
-        sharded = parallelize(model, TrainConfig(parallel="fsdp"), Dist(rank, world, rank))
+        sharded = parallelize(model, TrainConfig(parallel="fsdp"), Dist(rank, WORLD, rank))
         sharded.eval()
         batch = _batch(reference, with_image=rank == 0)  # rank 1's batch is text only
         with torch.no_grad():
             got = sharded(**batch).loss.item()
             want = reference(**batch).loss.item()
         torch.save({"got": got, "want": want}, Path(root) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fsdp_validation_with_images_on_one_rank_only(tmp_path: Path) -> None:
     """Validation runs in eval mode without gradients; a text-only batch on one rank must still
     run the (sharded) encoder, or the ranks' all-gathers mismatch and the run hangs or dies."""
-    ctx = mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("2-process FSDP validation did not finish in 120 s")
+    spawn_ranks(_worker, tmp_path, what="FSDP validation")
     for rank in (0, 1):
         out = torch.load(tmp_path / f"rank{rank}.pt")
         assert out["got"] == pytest.approx(out["want"], rel=1e-5)

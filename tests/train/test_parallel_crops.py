@@ -5,15 +5,11 @@ numbers of crops (so of encoder calls) finishes with the reference's loss and gr
 from __future__ import annotations
 
 import copy
-import faulthandler
-import time
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from mm1.config import (
     ConnectorConfig,
@@ -23,6 +19,7 @@ from mm1.config import (
     TrainConfig,
     VisionConfig,
 )
+from tests.gloo import WORLD, gloo_rank, spawn_ranks
 
 IMAGE_SIZE = 16
 
@@ -66,28 +63,23 @@ def test_chunks_give_the_features_of_one_call() -> None:
     assert len(calls) == 3  # 3 + 3 + 1 crops
 
 
-def _worker(rank: int, world: int, root: str) -> None:
-    faulthandler.enable()
+def _worker(rank: int, root: str) -> None:
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{Path(root) / 'store'}", rank=rank, world_size=world
-    )
-    try:
+    with gloo_rank(rank, root):
         from mm1.models.build import build_model
         from mm1.train.parallel import Dist, parallelize
 
         torch.manual_seed(0)  # the same weights on both ranks
         model = build_model(_config(chunk=2))
         reference = copy.deepcopy(model).train()
-        sharded = parallelize(model, TrainConfig(parallel="fsdp"), Dist(rank, world, rank))
+        sharded = parallelize(model, TrainConfig(parallel="fsdp"), Dist(rank, WORLD, rank))
         sharded.train()
         # rank 0: 2 images = 10 crops = 5 encoder calls; rank 1: text only (1 blank call)
         batches = [_batch(reference, 2), _batch(reference, 0)]
         loss = sharded(**batches[rank]).loss
         loss.backward()
         for b in batches:  # the reference: both ranks' batches, gradients averaged
-            (reference(**b).loss / world).backward()
+            (reference(**b).loss / WORLD).backward()
         grads = {}
         for name, p in sharded.named_parameters():
             full = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
@@ -96,18 +88,10 @@ def _worker(rank: int, world: int, root: str) -> None:
             {"got": loss.item(), "want": reference(**batches[rank]).loss.item(), "grads": grads},
             Path(root) / f"rank{rank}.pt",
         )
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fsdp_step_with_different_crop_counts_per_rank(tmp_path: Path) -> None:
-    ctx = mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 150
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("2-process FSDP step with chunked crops did not finish in 150 s")
+    spawn_ranks(_worker, tmp_path, what="FSDP step with chunked crops", timeout=150)
     for rank in (0, 1):
         out = torch.load(tmp_path / f"rank{rank}.pt")
         assert out["got"] == pytest.approx(out["want"], rel=1e-5)
