@@ -12,8 +12,6 @@ wrong result fails the test at once."""
 from __future__ import annotations
 
 import faulthandler
-import os
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -24,6 +22,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from mm1.train.parallel import exit_now
 
 WORLD = 2
 STACK_AFTER_S = 90.0  # a rank still working then writes its stack (the spawner waits longer)
@@ -56,11 +56,7 @@ def gloo_rank(rank: int, root: str, store: str = "store") -> Iterator[None]:
     finally:
         dist.destroy_process_group()
     _file(Path(root), store, "done", rank).touch()
-    # As the CLI's ranks do (`exit_now`): a finished gloo rank left to the interpreter's
-    # finalisation can hang or abort.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_now(0)  # as the CLI's ranks end: the interpreter's finalisation can hang or abort
 
 
 def spawn_ranks(
