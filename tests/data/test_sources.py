@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import logging
 import tarfile
@@ -30,14 +29,7 @@ from mm1.data.sources import (
     reset_warning_counts,
     wds,
 )
-
-
-def _img(width: int, height: int = 8, fmt: str = "PNG", mode: str = "RGB") -> bytes:
-    """An image identified by its width (sizes survive any codec)."""
-    buf = io.BytesIO()
-    color = (width * 7 % 256, 40, 200) if mode == "RGB" else (200, 10, 10, 0)
-    Image.new(mode, (width, height), color).save(buf, format=fmt)
-    return buf.getvalue()
+from tests.data.shards import encoded_image, wds_members, write_tar
 
 
 def _widths(parts) -> list:
@@ -49,34 +41,8 @@ def _widths(parts) -> list:
 # ----------------------------------------------------------------------------------------------
 
 
-def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-
-
-def _wds_members(n: int) -> list[tuple[str, bytes]]:
-    members = []
-    for i in range(n):
-        key = f"{i:09d}"
-        meta = {
-            "url": f"http://x/{i}.jpg",
-            "caption": f"caption {i}",
-            "key": key,
-            "status": "success",
-        }
-        members += [
-            (f"{key}.jpg", _img(10 + i, fmt="JPEG")),
-            (f"{key}.txt", f"caption {i}".encode()),
-            (f"{key}.json", json.dumps(meta).encode()),
-        ]
-    return members
-
-
 def test_wds_reads_samples(tmp_path):
-    _write_tar(tmp_path / "00000.tar", _wds_members(5))
+    write_tar(tmp_path / "00000.tar", wds_members(5))
     stats = ReadStats()
     docs = list(read_wds_shard(tmp_path / "00000.tar", stats=stats, kind="cap"))
     assert [d.id for d in docs] == [f"{i:09d}" for i in range(5)]
@@ -87,7 +53,7 @@ def test_wds_reads_samples(tmp_path):
 
 
 def test_wds_start_skips_without_decoding(tmp_path, monkeypatch):
-    _write_tar(tmp_path / "s.tar", _wds_members(6))
+    write_tar(tmp_path / "s.tar", wds_members(6))
     decoded = []
     real = wds.image_from_bytes
     monkeypatch.setattr(wds, "image_from_bytes", lambda *a: decoded.append(1) or real(*a))
@@ -98,13 +64,16 @@ def test_wds_start_skips_without_decoding(tmp_path, monkeypatch):
 
 
 def test_wds_bad_samples_are_skipped_and_counted(tmp_path, caplog):
-    members = _wds_members(5)
+    members = wds_members(5)
     members[3] = ("000000001.jpg", b"\xff\xd8 not really a jpeg")  # corrupt image
     members = [m for m in members if m[0] != "000000002.txt"]  # missing caption, json has one
     members = [m for m in members if not m[0].startswith("000000004.")]
-    members += [("000000004.jpg", _img(14)), ("000000004.json", b"{}")]  # no caption at all
+    members += [
+        ("000000004.jpg", encoded_image(14)),
+        ("000000004.json", b"{}"),
+    ]  # no caption at all
     members += [("000000005.txt", b"caption without image")]
-    _write_tar(tmp_path / "bad.tar", members)
+    write_tar(tmp_path / "bad.tar", members)
     reset_warning_counts()
     stats = ReadStats()
     with caplog.at_level(logging.WARNING, logger="mm1.data.sources"):
@@ -119,7 +88,7 @@ def test_wds_bad_samples_are_skipped_and_counted(tmp_path, caplog):
 
 def test_wds_truncated_tar_keeps_the_samples_before_the_cut(tmp_path):
     path = tmp_path / "t.tar"
-    _write_tar(path, _wds_members(5))
+    write_tar(path, wds_members(5))
     with tarfile.open(path) as tf:
         jpg3 = tf.getmember("000000003.jpg")
         json2 = tf.getmember("000000002.json")
@@ -155,7 +124,7 @@ def test_warnings_are_rate_limited(tmp_path, caplog):
     members = []
     for i in range(40):
         members += [(f"{i:09d}.jpg", b"garbage"), (f"{i:09d}.txt", b"c")]
-    _write_tar(tmp_path / "g.tar", members)
+    write_tar(tmp_path / "g.tar", members)
     reset_warning_counts()
     stats = ReadStats()
     with caplog.at_level(logging.WARNING, logger="mm1.data.sources"):
@@ -185,10 +154,10 @@ def _obelics(path: Path, rows: list[tuple[list, list]], image_type=None, **kw) -
 
 def test_obelics_with_image_bytes(tmp_path):
     rows = [
-        ([None, _img(11), None], ["Intro.", None, "About it."]),
-        ([_img(12), _img(13), None], [None, None, "Two images."]),
+        ([None, encoded_image(11), None], ["Intro.", None, "About it."]),
+        ([encoded_image(12), encoded_image(13), None], [None, None, "Two images."]),
         ([None, None], ["", "   "]),  # empty document
-        ([_img(14), None], ["both set", "text"]),  # malformed position
+        ([encoded_image(14), None], ["both set", "text"]),  # malformed position
         ([b"corrupt", None], [None, "text"]),  # corrupt image
         ([None], ["Only text."]),
     ]
@@ -212,7 +181,7 @@ def test_obelics_with_image_bytes(tmp_path):
 
 
 def test_obelics_start_skips_row_groups(tmp_path):
-    rows = [([_img(10 + i)], [None]) for i in range(7)]
+    rows = [([encoded_image(10 + i)], [None]) for i in range(7)]
     _obelics(tmp_path / "rg.parquet", rows, row_group_size=2)
     assert pq.ParquetFile(tmp_path / "rg.parquet").num_row_groups == 4
     docs = list(read_obelics_parquet(tmp_path / "rg.parquet", start=5))
@@ -224,8 +193,8 @@ def test_obelics_start_skips_row_groups(tmp_path):
 
 def test_obelics_with_local_paths(tmp_path):
     (tmp_path / "imgs").mkdir()
-    (tmp_path / "imgs" / "a.png").write_bytes(_img(21))
-    (tmp_path / "abs.png").write_bytes(_img(22))
+    (tmp_path / "imgs" / "a.png").write_bytes(encoded_image(21))
+    (tmp_path / "abs.png").write_bytes(encoded_image(22))
     rows = [
         (["a.png", None, str(tmp_path / "abs.png")], [None, "between", None]),
         (["missing.png", None], [None, "text"]),
@@ -245,11 +214,11 @@ def test_obelics_with_local_paths(tmp_path):
 
 
 def test_obelics_hf_image_structs(tmp_path):
-    (tmp_path / "s.png").write_bytes(_img(31))
+    (tmp_path / "s.png").write_bytes(encoded_image(31))
     struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     rows = [
         (
-            [{"bytes": _img(30), "path": None}, {"bytes": None, "path": "s.png"}, None],
+            [{"bytes": encoded_image(30), "path": None}, {"bytes": None, "path": "s.png"}, None],
             [None, None, "t"],
         )
     ]
@@ -279,7 +248,7 @@ def test_obelics_non_string_texts_are_skipped_and_counted(tmp_path):
     ]:
         table = pa.table(
             {
-                "images": pa.array([[_img(10), None], [None]], type=pa.list_(pa.binary())),
+                "images": pa.array([[encoded_image(10), None], [None]], type=pa.list_(pa.binary())),
                 "texts": pa.array(texts, type=pa.list_(text_type)),
             }
         )
@@ -297,7 +266,7 @@ def test_obelics_non_string_texts_are_skipped_and_counted(tmp_path):
 def test_mmc4_image_placement(tmp_path):
     (tmp_path / "images").mkdir()
     for name, w in (("x.png", 41), ("y.png", 42), ("z.png", 43)):
-        (tmp_path / "images" / name).write_bytes(_img(w))
+        (tmp_path / "images" / name).write_bytes(encoded_image(w))
     rec = {
         "text_list": ["A.", "B.", "C."],
         "image_info": [
@@ -385,7 +354,7 @@ def test_text_jsonl_parquet_and_gzip(tmp_path):
 def _coco(tmp_path: Path, images: object, annotations: object) -> Path:
     (tmp_path / "images").mkdir(exist_ok=True)
     for i in range(4):
-        (tmp_path / "images" / f"{i}.png").write_bytes(_img(60 + i))
+        (tmp_path / "images" / f"{i}.png").write_bytes(encoded_image(60 + i))
     path = tmp_path / "captions.json"
     path.write_text(json.dumps({"images": images, "annotations": annotations}))
     return path
@@ -505,8 +474,8 @@ def _llava_records() -> list[dict]:
 @pytest.fixture
 def llava_dir(tmp_path) -> Path:
     (tmp_path / "imgs" / "sub").mkdir(parents=True)
-    (tmp_path / "imgs" / "a.png").write_bytes(_img(51))
-    (tmp_path / "imgs" / "sub" / "b.png").write_bytes(_img(52))
+    (tmp_path / "imgs" / "a.png").write_bytes(encoded_image(51))
+    (tmp_path / "imgs" / "sub" / "b.png").write_bytes(encoded_image(52))
     (tmp_path / "data.json").write_text(json.dumps(_llava_records()))
     return tmp_path
 
@@ -670,7 +639,7 @@ def test_list_shards_and_count_records(tmp_path):
     d = tmp_path / "shards"
     d.mkdir()
     for i in (10, 2, 0, 1):
-        _write_tar(d / f"part-{i}.tar", _wds_members(i + 1))
+        write_tar(d / f"part-{i}.tar", wds_members(i + 1))
     (d / "notes.txt").write_text("x")
     (d / "_tmp.tar").write_text("x")
     expected = [d / f"part-{i}.tar" for i in (0, 1, 2, 10)]
@@ -691,7 +660,7 @@ def test_list_shards_and_count_records(tmp_path):
 
 def test_detect_format_and_readers_registry(tmp_path, llava_dir):
     assert set(READERS) >= {"wds", "obelics", "mmc4", "text", "llava"}
-    _write_tar(tmp_path / "a.tar", _wds_members(1))
+    write_tar(tmp_path / "a.tar", wds_members(1))
     _obelics(tmp_path / "o.parquet", [([None], ["t"])])
     pq.write_table(pa.table({"text": ["x"]}), tmp_path / "t.parquet")
     (tmp_path / "m.jsonl").write_text(json.dumps({"text_list": [], "image_info": []}) + "\n")
@@ -713,8 +682,8 @@ def test_detect_format_and_readers_registry(tmp_path, llava_dir):
 def test_inspect_source(tmp_path, llava_dir):
     d = tmp_path / "caps"
     d.mkdir()
-    _write_tar(d / "00000.tar", _wds_members(3))
-    _write_tar(d / "00001.tar", _wds_members(2))
+    write_tar(d / "00000.tar", wds_members(3))
+    write_tar(d / "00001.tar", wds_members(2))
     info = inspect_source(d, n=4)
     assert info["format"] == "wds" and info["shards"] == 2 and info["records"] == 5
     assert [s["text"] for s in info["samples"]] == [

@@ -110,15 +110,15 @@ def test_a_wds_text_member_too_large_for_the_cap_is_skipped_unread(tmp_path, mon
     caption member the sample does not use."""
     from mm1.data.sources import wds
     from mm1.data.sources.base import DEFAULT_MAX_TEXT_CHARS, ReadStats, set_max_text_chars
-    from tests.data.test_sources import _wds_members, _write_tar
+    from tests.data.shards import wds_members, write_tar
 
     assert DataConfig().max_text_chars == DEFAULT_MAX_TEXT_CHARS
-    members = _wds_members(4)
+    members = wds_members(4)
     members[1] = (members[1][0], b"x" * 4001)  # sample 0's caption: over 4 x 1,000 bytes
     members[4] = (members[4][0], b"y" * 4000)  # sample 1's: at most 4,000 chars, read
     members[8] = (members[8][0], json.dumps({"exif": "z" * 5000}).encode())  # sample 2's json
     members.append(("000000003.caption", b"w" * 5000))  # unused: sample 3 has a .txt
-    _write_tar(tmp_path / "s.tar", members)
+    write_tar(tmp_path / "s.tar", members)
     read_sizes: list[int] = []
     real = wds.tarfile.TarFile.extractfile
 

@@ -4,6 +4,16 @@ from __future__ import annotations
 
 import torch
 
+# The switches that make mm1's decoder Persimmon's (with kv_heads = heads).
+PERSIMMON_SWITCHES = dict(
+    norm="layer",
+    rope_fraction=0.5,
+    qk_norm=True,
+    qkv_bias=True,
+    o_bias=True,
+    ffn={"type": "mlp", "activation": "relu2"},
+)
+
 
 @torch.no_grad()
 def perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:

@@ -29,7 +29,7 @@ from mm1.hf_export import save_hf
 from mm1.models.generation import generate
 from mm1.models.mllm import MM1
 from mm1.pretrained import Pretrained
-from tests.models.test_persimmon import SWITCHES
+from tests.models.helpers import PERSIMMON_SWITCHES
 
 pytest.importorskip("transformers")
 
@@ -57,7 +57,10 @@ CASES = [
     ("pixel_shuffle", "dynamic", "clip"),  # CLS dropped before the blocks are stacked
     ("avgpool", "single", "persimmon"),  # Fuyu-8B's decoder as the text model (CLIP encoder)
 ]
-PERSIMMON = {"kv_heads": 4, **SWITCHES}  # a Persimmon text model (`models/hf/persimmon.py`)
+PERSIMMON = {
+    "kv_heads": 4,
+    **PERSIMMON_SWITCHES,
+}  # a Persimmon text model (`models/hf/persimmon.py`)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from mm1.config import ConfigError, DecoderConfig, ModelConfig, VisionConfig, va
 from mm1.models.family import family_spec
 from mm1.models.fuyu import Fuyu, Patchify
 from mm1.models.hf.fuyu import fuyu_to_hf, hf_input_ids, hf_pixel_values, image_newline_id
+from tests.models.fuyu_files import processor_reference
 from tests.models.helpers import perturb
 
 transformers = pytest.importorskip("transformers")
@@ -199,38 +200,6 @@ def _noise_image(w: int, h: int, seed: int):
     return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
-def _theirs(
-    images: list, patch: int = 8, canvas: tuple[int, int] = (32, 32), proc=None
-) -> tuple[list[torch.Tensor], list, list]:
-    """transformers' Fuyu processor (`proc`, else one on a (height, width) canvas, 32 px square
-    by default): each image's padded pixels, its image ids (placeholder 7, newline 9: to be
-    compared as a pattern) and its patches."""
-    from transformers.models.fuyu.image_processing_pil_fuyu import FuyuImageProcessorPil
-
-    size = {"height": patch, "width": patch}
-    target = {"height": canvas[0], "width": canvas[1]}
-    proc = proc or FuyuImageProcessorPil(size=target, patch_size=size)
-    pixels, ids, patches = [], [], []
-    for im in images:
-        out = proc(images=[[im]])
-        canvas = torch.as_tensor(out["images"][0][0])
-        h, w = out["image_unpadded_heights"][0][0], out["image_unpadded_widths"][0][0]
-        info = proc.preprocess_with_tokenizer_info(
-            canvas[None, None],
-            torch.ones(1, 1, 1),
-            torch.tensor([[h]]),
-            torch.tensor([[w]]),
-            7,
-            9,
-            True,
-            size,
-        )
-        pixels.append(canvas)
-        ids.append(info["image_input_ids"][0][0])
-        patches.append(info["image_patches"][0][0])
-    return pixels, ids, patches
-
-
 @pytest.mark.parametrize(
     ("patch", "canvas"), [(8, None), (16, None), (8, [32, 48]), (16, [48, 32])]
 )
@@ -254,7 +223,7 @@ def test_fuyu_layout_pixels_slots_and_patches_are_fuyus_processor(
     assert processor.size == (32, 32)
     pixels = fmt.pixel_values(processor, images)
     _, sizes = fmt.image_info(images)
-    their_pixels, their_ids, their_patches = _theirs(images, patch, model.canvas)
+    their_pixels, their_ids, their_patches = processor_reference(images, patch, model.canvas)
     torch.testing.assert_close(pixels, torch.stack(their_pixels), rtol=0, atol=1e-6)
     slots = [fmt.slots(im) for im in images]
     assert slots == [len(i) for i in their_ids]
@@ -286,7 +255,7 @@ def test_fuyu_layout_logits_equal_transformers_fuyu_on_its_processors_inputs() -
     images = [_noise_image(w, h, i) for i, (w, h) in enumerate([(50, 30), (9, 70), (40, 40)])]
     pixels = fmt.pixel_values(ImageProcessor.siglip(32), images)
     _, sizes = fmt.image_info(images)
-    _, their_ids, their_patches = _theirs(images)
+    _, their_ids, their_patches = processor_reference(images)
     g = torch.Generator().manual_seed(5)
     text = [torch.randint(1, 90, (n,), generator=g) for n in (3, 4, 2, 5)]
     slot = [torch.full((fmt.slots(im),), model.image_token_id) for im in images]

@@ -1,11 +1,10 @@
 """A transformers `FuyuForCausalLM` directory as a starting point (`train.init.weights`): Fuyu-8B's
 own architecture (a Persimmon text model, a rectangular canvas, `|NEWLINE|` in the vocabulary),
-built tiny here, read into a `model.family: fuyu` model whose logits and greedy tokens are
+built tiny (tests/models/fuyu_files.py), read into a `model.family: fuyu` model whose logits and greedy tokens are
 transformers' on its processor's inputs."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -14,65 +13,20 @@ import torch
 from mm1.config import ConfigError, InitConfig, ModelConfig
 from mm1.models.build import build_model
 from mm1.models.hf.fuyu import NEWLINE_TOKEN, hf_input_ids, hf_pixel_values
+from tests.models.fuyu_files import (
+    CANVAS,
+    NEWLINE,
+    PATCH,
+    WORDS,
+    processor_reference,
+    write_fuyu,
+    write_tokenizer,
+)
 from tests.models.helpers import perturb
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
-
-PATCH, CANVAS = 8, (24, 40)  # (height, width): wider than high, as Fuyu-8B's 1080 x 1920
-WORDS = ["<unk>", "<s>", "|ENDOFTEXT|", "|SPEAKER|", NEWLINE_TOKEN] + [f"w{i}" for i in range(59)]
-SPEAKER, NEWLINE = WORDS.index("|SPEAKER|"), WORDS.index(NEWLINE_TOKEN)
-
-
-def write_tokenizer(out: Path) -> None:
-    """A word-level tokenizer with Fuyu-8B's special names (BOS <s>, EOS |ENDOFTEXT|)."""
-    import tokenizers
-
-    tok = tokenizers.Tokenizer(
-        tokenizers.models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>")
-    )
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tok.save(str(out / "tokenizer.json"))
-    special = {"bos_token": "<s>", "eos_token": "|ENDOFTEXT|", "unk_token": "<unk>"}
-    (out / "tokenizer_config.json").write_text(json.dumps(special))
-
-
-def write_fuyu(
-    out: Path, seed: int = 0, tie: bool = False, **text: object
-) -> transformers.FuyuForCausalLM:
-    """A tiny Fuyu-8B: Persimmon text model, |NEWLINE| and |SPEAKER| in its vocabulary, its
-    image processor's canvas CANVAS; `tie`: the head tied to the embedding (FuyuConfig's
-    top-level key, which transformers ties by)."""
-    torch.manual_seed(seed)
-    text_config = dict(
-        vocab_size=len(WORDS),
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=512,
-        rope_theta=25000.0,
-        partial_rotary_factor=0.5,
-        **text,
-    )
-    config = transformers.FuyuConfig(
-        text_config=text_config,
-        patch_size=PATCH,
-        image_size=CANVAS[0],
-        image_token_id=SPEAKER,
-        tie_word_embeddings=tie,
-    )
-    model = perturb(transformers.FuyuForCausalLM(config), seed)
-    model.save_pretrained(out)
-    write_tokenizer(out)
-    from transformers.models.fuyu.image_processing_pil_fuyu import FuyuImageProcessorPil
-
-    size = {"height": CANVAS[0], "width": CANVAS[1]}
-    FuyuImageProcessorPil(size=size, patch_size={"height": PATCH, "width": PATCH}).save_pretrained(
-        out
-    )
-    return model
 
 
 def _noise_image(w: int, h: int, seed: int):
@@ -171,9 +125,9 @@ def _their_patches(path: Path, images: list) -> torch.Tensor:
     carry tokens, in order (1, patches, p x p x 3)."""
     from transformers.models.fuyu.image_processing_pil_fuyu import FuyuImageProcessorPil
 
-    from tests.models.test_fuyu import _theirs
-
-    patches = _theirs(images, PATCH, proc=FuyuImageProcessorPil.from_pretrained(path))[2]
+    patches = processor_reference(images, PATCH, proc=FuyuImageProcessorPil.from_pretrained(path))[
+        2
+    ]
     return torch.cat(patches)[None]
 
 

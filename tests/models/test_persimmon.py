@@ -12,7 +12,7 @@ from mm1.config import ConfigError, DecoderConfig, ModelConfig, validate_model
 from mm1.models.decoder import Decoder
 from mm1.models.hf import decoder_config_from_hf, decoder_from_hf, save_decoder_hf
 from mm1.models.kv_cache import KVCache
-from tests.models.helpers import perturb
+from tests.models.helpers import PERSIMMON_SWITCHES, perturb
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -27,15 +27,6 @@ PERSIMMON = dict(
     max_position_embeddings=256,
     rope_theta=25000.0,
 )
-# The switches that make mm1's decoder Persimmon's (with kv_heads = heads).
-SWITCHES = dict(
-    norm="layer",
-    rope_fraction=0.5,
-    qk_norm=True,
-    qkv_bias=True,
-    o_bias=True,
-    ffn={"type": "mlp", "activation": "relu2"},
-)
 OURS = dict(
     vocab_size=128,
     dim=64,
@@ -45,7 +36,7 @@ OURS = dict(
     ffn_dim=96,
     max_seq_len=256,
     rope_theta=25000.0,
-    **SWITCHES,
+    **PERSIMMON_SWITCHES,
 )
 
 

@@ -19,23 +19,10 @@ from mm1.config import (
     VisionConfig,
     validate_model,
 )
-from mm1.config.encoder import CLIPObjectiveConfig, TextTowerConfig, VQObjectiveConfig
 from mm1.models.contrastive import clip_loss
 from mm1.models.family import family_spec
 from mm1.models.seed import SEED
-from mm1.models.seed_tokenizer import SEEDModel
-
-VOCAB, Q, K, E = 40, 5, 12, 8  # text vocabulary, queries (codes per image), codebook, CLIP space
-VISION = VisionConfig(image_size=16, patch_size=8, width=16, layers=1, heads=2, mlp_dim=32)
-SEED_CFG = SEEDConfig(num_queries=Q, layers=2, decoder_layers=1, codebook_size=K, code_dim=4,
-                      embed_dim=E)  # fmt: skip
-
-
-def _seed_model() -> SEEDModel:
-    torch.manual_seed(0)
-    text = TextTowerConfig(width=16, layers=1, heads=2, mlp_dim=32, max_len=6)
-    model_cfg = ModelConfig(vision=VISION, seed=SEED_CFG)
-    return SEEDModel(model_cfg, text, CLIPObjectiveConfig(embed_dim=E), VQObjectiveConfig(), VOCAB)
+from tests.models.seed_tiny import SEED_CFG, VISION, VOCAB, E, K, Q, seed_tokenizer_model
 
 
 def _batch(n: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -48,7 +35,7 @@ def _batch(n: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def test_query_i_reads_the_image_and_the_queries_before_it_only() -> None:
-    tok = _seed_model().vision.eval()
+    tok = seed_tokenizer_model().vision.eval()
     pixels = _batch()[0]
     features = tok.features(pixels)
     before = tok.causal_embeddings(features)
@@ -69,7 +56,7 @@ def test_the_tokenizer_loss_is_its_four_terms_written_out() -> None:
     """Eval mode (no codebook update): contrastive on the last causal embedding against the
     frozen text tower, 1 - cosine of the decoded causal embeddings, 1 - cosine of the generation
     embedding to CLIP's image embedding, and beta x commitment."""
-    model = _seed_model().eval()
+    model = seed_tokenizer_model().eval()
     pixels, ids, lengths = _batch()
     out = model(pixels, ids, lengths)
     tok = model.vision
@@ -98,7 +85,7 @@ def test_the_tokenizer_loss_is_its_four_terms_written_out() -> None:
 def test_the_gradients_are_the_written_out_losses_with_their_stop_gradients() -> None:
     """The reconstruction's target and the commitment's codes carry no gradient, and the
     decoder's gradient passes the quantiser straight through to the Q-Former."""
-    model = _seed_model().eval()
+    model = seed_tokenizer_model().eval()
     pixels, ids, lengths = _batch()
     model(pixels, ids, lengths).loss.backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -129,7 +116,7 @@ def test_the_gradients_are_the_written_out_losses_with_their_stop_gradients() ->
 
 
 def test_the_clip_towers_stay_frozen_and_everything_else_learns() -> None:
-    model = _seed_model().train()
+    model = seed_tokenizer_model().train()
     pixels, ids, lengths = _batch()
     before = model.vision.codes.clone()
     model(pixels, ids, lengths, torch.Generator().manual_seed(0)).loss.backward()

@@ -17,7 +17,7 @@ from mm1.config.encoder import CLIPObjectiveConfig, TextTowerConfig
 from mm1.models.clip import CLIPModel
 from mm1.models.contrastive import clip_loss, gathered_clip_loss
 from tests.gloo import WORLD, gloo_rank, spawn_ranks
-from tests.models.test_seed import _seed_model
+from tests.models.seed_tiny import seed_tokenizer_model
 
 LOCAL, DIM = 3, 5
 
@@ -85,7 +85,7 @@ def _worker(rank: int, root: str) -> None:
         (out.loss * WORLD).backward()
         grads = {k: p.grad.clone() for k, p in model.module.named_parameters()}
         # 3. a SEED tokenizer (eval mode: its codebook stays put; gradients flow all the same)
-        seed = DistributedDataParallel(_seed_model().eval())
+        seed = DistributedDataParallel(seed_tokenizer_model().eval())
         px = b["pixel_values"][rows]
         seed_out = seed(px, b["input_ids"][rows].clamp(max=39), b["lengths"][rows])
         (seed_out.loss * WORLD).backward()
@@ -132,7 +132,7 @@ def test_gathered_loss_over_two_ranks_equals_one_process_on_the_joined_batch(tmp
         for k, p in model.named_parameters():
             torch.testing.assert_close(o["model_grads"][k], p.grad, rtol=1e-4, atol=1e-6, msg=k)
 
-    seed = _seed_model().eval()
+    seed = seed_tokenizer_model().eval()
     out = seed(b["pixel_values"], b["input_ids"].clamp(max=39), b["lengths"])
     out.loss.backward()
     for o in got:

@@ -118,7 +118,7 @@ def test_fuyu_8b_shaped_directory_trains_and_goes_back_out_as_itself(
     from mm1.models.build import build_model
     from mm1.models.hf.fuyu import IMAGE_NEWLINE_TOKEN
     from mm1.pretrained import load_pretrained
-    from tests.models.test_fuyu_hf import CANVAS, NEWLINE, write_fuyu
+    from tests.models.fuyu_files import CANVAS, NEWLINE, write_fuyu
 
     fuyu_dir, run, hf_dir = tmp_path / "fuyu", tmp_path / "run", tmp_path / "hf"
     fuyu_dir.mkdir()
