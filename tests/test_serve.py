@@ -179,6 +179,24 @@ def test_stop_strings_and_seeded_sampling(reference, server, pretrained, images)
     assert len({sample(s) for s in range(4)}) > 1  # sampling does sample
 
 
+def test_a_reasoning_block_comes_as_reasoning_content(reference, pretrained, images) -> None:
+    """An engine for a template whose generation prompt opens a reasoning block: the tiny model
+    never closes it, so all of its greedy answer is reasoning, in `reasoning_content` (vLLM's
+    field) whole and streamed, and the content is empty."""
+    want, _, _ = reference(pretrained, "What is it?", images[:1], 12)
+    assert want.strip("\n")
+    with serving(pretrained, engine_kw={"reasoning": True}) as (url, _):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        ask = dict(model=MODEL, messages=user("What is it?", images[:1]), max_tokens=12)
+        message = client.chat.completions.create(**ask, temperature=0).choices[0].message
+        assert message.content == ""
+        assert message.model_extra["reasoning_content"] == want.strip("\n")
+        chunks = client.chat.completions.create(**ask, temperature=0, stream=True)
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) == want.strip("\n")
+    assert not "".join(d.content or "" for d in deltas)
+
+
 def test_tiled_images_answer_as_mm1_chat_does(world, tiny_train_args, images) -> None:
     """A model with the `anyres` layout (tiles of each image's own canvas): two requests with
     images of different sizes, batched, answer as `mm1 chat` answers each alone."""

@@ -20,6 +20,8 @@ from mm1.data.chat_template import (
 from mm1.data.document import Conversation
 from mm1.data.prompt_format import PromptFormat
 from mm1.data.tokenizer import IMAGE_TOKEN, Tokenizer, tokenize_conversation
+from mm1.eval.suite import SuitePrompter
+from mm1.reasoning import chat_reasoning, format_reasoning
 
 transformers = pytest.importorskip("transformers")
 
@@ -55,6 +57,14 @@ CASES = {
         "<|im_end|>",
         False,
     ),
+    "qwen3": (
+        "Qwen--Qwen3-0.6B.chat_template.jinja",
+        "chat_template.jinja",
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        None,
+        "<|im_end|>",
+        False,
+    ),
     "llava": (
         "llava-hf--llava-1.5-7b-hf.chat_template.json",
         "chat_template.json",
@@ -67,7 +77,12 @@ CASES = {
 
 
 def _template(name: str) -> str:
-    return json.loads((TEMPLATES / CASES[name][0]).read_text())["chat_template"]
+    file = TEMPLATES / CASES[name][0]
+    return (
+        file.read_text()
+        if file.suffix == ".jinja"
+        else json.loads(file.read_text())["chat_template"]
+    )
 
 
 def _tokenizer_dir(d: Path, name: str) -> Path:
@@ -84,6 +99,8 @@ def _tokenizer_dir(d: Path, name: str) -> Path:
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS, trainer)
+    if name == "qwen3":  # added tokens, not special ones, in Qwen3's tokenizer.json
+        tok.add_tokens(["<think>", "</think>"])
     d.mkdir(parents=True)
     tok.save(str(d / "tokenizer.json"))
     config = {"bos_token": bos, "eos_token": eos}
@@ -198,7 +215,10 @@ def test_loss_mask_is_assistant_content_and_end_of_turn(case) -> None:
     others = [i for i, m in zip(out.input_ids, out.target_mask) if not m]
     end = "</s>" if name == "llava" else ours.eos_token  # llava-hf's: EOS added by training
     learned = ours.decode(targets, skip_special_tokens=False)
-    assert learned.replace(" ", "").replace("\n", "") == f"Asmallbluecube.{end}green{end}"
+    # Qwen3's template writes an empty reasoning block in the turns after the last question
+    # only: the model learns to open its answer with it there (mm1.reasoning reads it back).
+    think = "<think></think>" if name == "qwen3" else ""
+    assert learned.replace(" ", "").replace("\n", "") == f"Asmallbluecube.{end}{think}green{end}"
     rest = ours.decode(others, skip_special_tokens=False)
     for scaffold in ("Be brief.", "What is in the picture?", "What colour is the ball?"):
         assert scaffold in rest
@@ -460,3 +480,32 @@ def test_builtin_and_real_templates_pass_the_check(case) -> None:
         if all(ours.token_to_id(t) is not None for t in BUILTIN_TOKENS.get(builtin, ())):
             check_template(source, ours.template_variables, training)
             check_template(source, ours.template_variables)
+
+
+def test_a_reasoning_template_is_told_apart_and_its_answers_read_after_the_block(case) -> None:
+    """Qwen3's template writes `<think>…</think>`: a chat model on it answers after that block,
+    and the SFT suite scores the text after it; the other templates' answers are read whole.
+    A template whose generation prompt opens the block (as Qwen3-2507's thinking models'; here
+    Qwen3's with that one change) leaves the model inside it."""
+    name, ours, _ = case
+    reasoning = chat_reasoning(_template(name), ours.template_variables)
+    assert reasoning is (False if name == "qwen3" else None)
+    fmt = PromptFormat(3)
+    assert format_reasoning(ours, fmt) is reasoning
+    answer = "<think>\n\n</think>\n\nyes\nA longer remark."
+    prompter = SuitePrompter(ours, fmt, chat=True)
+    got = prompter.answer("vqa", ours.encode(answer))
+    assert got == ("yes" if name == "qwen3" else "<think>")
+    if name == "qwen3":
+        prompt = "'<|im_start|>assistant\\n' }}\n    {%- if enable_thinking"
+        assert prompt in _template(name)
+        opening = _template(name).replace(prompt, prompt.replace("\\n'", "\\n<think>\\n'"))
+        assert chat_reasoning(opening, ours.template_variables) is True
+        ours.chat_template = opening
+        try:
+            thinking = SuitePrompter(ours, fmt, chat=True)
+            assert thinking.answer("caption", ours.encode("a cube\n</think>\n\nA red cube.")) == (
+                "A red cube."
+            )
+        finally:
+            ours.chat_template = _template(name)

@@ -44,6 +44,7 @@ from tqdm import tqdm
 from mm1.data.tokenizer import IMAGE_TOKEN, tokenize_chat_prompt, tokenize_prompt
 from mm1.models.generation import generate, generate_beam
 from mm1.pretrained import load_pretrained
+from mm1.reasoning import format_reasoning, split_reasoning
 
 MODEL_ID = "mm1"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -144,6 +145,8 @@ class MM1LMM(lmms):
             boundaries = _as_bool(image_boundaries)
             self.prompt_format = replace(self.prompt_format, image_boundaries=boundaries)
         self.chat = _as_bool(chat)
+        # Chat answers of a template that writes reasoning blocks: the text after the block.
+        self.reasoning = format_reasoning(self.tokenizer, self.prompt_format) if self.chat else None
         # The decode step compiled at fixed shapes (a CUDA graph per step on a GPU): worth its
         # compile time over a whole benchmark; greedy and sampled decoding, not beam search.
         self.compile = _as_bool(compile)
@@ -242,6 +245,8 @@ class MM1LMM(lmms):
         for out in outs:
             end = next((i for i, t in enumerate(out) if t in self.stop_ids), len(out))
             text = self.tokenizer.decode(out[:end])
+            if self.reasoning is not None:
+                text = split_reasoning(text, opened=self.reasoning)[1]
             for stop in until:
                 if stop:
                     text = text.split(stop, 1)[0]

@@ -40,6 +40,7 @@ from mm1.eval.prompts import encode_prompt, postprocess
 from mm1.eval.suite_tasks import SHORT_KINDS, SuiteExample, SuiteTask, load_suite
 from mm1.models.generation import generate
 from mm1.models.mllm import MLLM
+from mm1.reasoning import format_reasoning, split_reasoning
 
 FEWSHOT_SHOTS = 4
 MAX_NEW_TOKENS = {"short": 10, "long": 60}
@@ -71,6 +72,8 @@ class SuitePrompter:
         self.tokenizer, self.fmt, self.chat = tokenizer, fmt, chat
         self.shots = 0 if chat else shots
         tok = tokenizer
+        # A template that writes reasoning blocks (Qwen3's): the answer is what follows it.
+        self.reasoning = format_reasoning(tok, fmt) if chat else None
         if chat:
             ends = (tok.token_to_id(t) for t in tok.end_of_turn_tokens())
             self.stop_ids = {tok.eos_id, *(i for i in ends if i is not None)}
@@ -101,6 +104,8 @@ class SuitePrompter:
         end = next((i for i, t in enumerate(tokens) if t in self.stop_ids), len(tokens))
         text = self.tokenizer.decode(list(tokens[:end]))
         if self.chat:
+            if self.reasoning is not None:
+                text = split_reasoning(text, opened=self.reasoning)[1]
             text = text.strip()
             return text.split("\n", 1)[0].strip() if kind in SHORT_KINDS else text
         cut = postprocess(text, "vqa" if kind in SHORT_KINDS else "caption", ("<|endofchunk|>",))

@@ -124,6 +124,7 @@ def run(args: argparse.Namespace) -> int | None:
         ) from None
     from mm1.chat import resolve_chat_template
     from mm1.pretrained import load_pretrained
+    from mm1.reasoning import chat_reasoning
     from mm1.serve.engine import Engine
     from mm1.serve.protocol import ServeOptions
 
@@ -148,6 +149,7 @@ def run(args: argparse.Namespace) -> int | None:
             max_batch=args.max_batch,
             max_waiting=args.max_waiting,
             compile=args.compile,
+            reasoning=chat_reasoning(template.source, p.tokenizer.template_variables),
         )
         app = create_app(p, engine, opts)
         host = f"[{args.host}]" if ":" in args.host else args.host

@@ -106,6 +106,7 @@ class _Completion:
 
     async def whole(self, events: asyncio.Queue[Event], request: Request) -> JSONResponse:
         text: list[str] = []
+        reasoning: list[str] = []
         try:
             while True:
                 try:
@@ -117,6 +118,8 @@ class _Completion:
                     continue
                 if ev.kind == "text":
                     text.append(ev.text)
+                elif ev.kind == "reasoning":
+                    reasoning.append(ev.text)
                 elif ev.kind == "error":
                     raise _event_error(ev)
                 else:
@@ -124,6 +127,8 @@ class _Completion:
         finally:
             self.handle.cancel()  # no-op once done; frees the slot if the handler was cancelled
         message = {"role": "assistant", "content": "".join(text)}
+        if reasoning:  # vLLM's field for a reasoning block
+            message["reasoning_content"] = "".join(reasoning)
         choice = {
             "index": 0,
             "message": message,
@@ -164,6 +169,8 @@ class _Completion:
                 ev = await events.get()
                 if ev.kind == "text":
                     yield self._chunk({"content": ev.text})
+                elif ev.kind == "reasoning":
+                    yield self._chunk({"reasoning_content": ev.text})
                 elif ev.kind == "error":
                     yield f"data: {json.dumps(_event_error(ev).body())}\n\n"
                     break

@@ -9,7 +9,9 @@ it (up to float rounding across batch shapes, which a trained model's margins ab
 
 Text reaches the caller through `on_event`, called from the engine's thread: pieces of the
 answer as they become final (never a piece of a stop string, never half a character), then one
-`done` or `error` event.
+`done` or `error` event. A model whose chat template writes reasoning blocks (`<think>…</think>`)
+has its answer split as vLLM's reasoning parsers do (`mm1.reasoning`): the block's text comes
+as `reasoning` events, the answer after it as `text` events.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from mm1.data.tokenizer import Tokenizer
 from mm1.models.compiled_decode import LENGTH_BUCKET
 from mm1.models.generation import DecodeBatch, Sampling
 from mm1.models.mllm import MLLM
+from mm1.reasoning import ReasoningSplitter
 
 
 class QueueFull(RuntimeError):
@@ -50,7 +53,7 @@ class Request:
 
 @dataclass(frozen=True)
 class Event:
-    kind: str  # "text" | "done" | "error"
+    kind: str  # "text" | "reasoning" | "done" | "error"
     text: str = ""
     finish_reason: str | None = None  # done: "stop" | "length"
     code: str | None = None  # error: "timeout" | "internal_error"
@@ -86,12 +89,17 @@ class Handle:
 
 class _Answer:
     """The text of one running request: decodes its tokens, holds back what may still turn
-    out to be a stop string or an incomplete character, and knows when the answer ends."""
+    out to be a stop string or an incomplete character, and knows when the answer ends. With
+    `reasoning` (see `chat_reasoning`), the text is split into its reasoning block and the
+    answer proper."""
 
-    def __init__(self, handle: Handle, tokenizer: Tokenizer, stop_ids: set[int]) -> None:
+    def __init__(
+        self, handle: Handle, tokenizer: Tokenizer, stop_ids: set[int], reasoning: bool | None
+    ) -> None:
         self.handle, self.tokenizer, self.stop_ids = handle, tokenizer, stop_ids
         self.tokens: list[int] = []
         self.sent = ""
+        self.splitter = None if reasoning is None else ReasoningSplitter(opened=reasoning)
 
     def take(self, token: int) -> str | None:
         """Add a token; the finish reason once the answer has ended, else None."""
@@ -100,16 +108,16 @@ class _Answer:
         if h.first_token_at is None:
             h.first_token_at = time.monotonic()
         if token in self.stop_ids:
-            self._send(self.tokenizer.decode(self.tokens))
+            self._send(self.tokenizer.decode(self.tokens), final=True)
             return "stop"
         self.tokens.append(token)
         text = self.tokenizer.decode(self.tokens)
         stops = [i for i in (text.find(s) for s in h.request.stop) if i >= 0]
         if stops:
-            self._send(text[: min(stops)])
+            self._send(text[: min(stops)], final=True)
             return "stop"
         if len(self.tokens) >= h.request.max_new_tokens:
-            self._send(text)
+            self._send(text, final=True)
             return "length"
         self._send(text[: len(text) - self._held_back(text)])
         return None
@@ -127,18 +135,30 @@ class _Answer:
                     break
         return held
 
-    def _send(self, text: str) -> None:
+    def _send(self, text: str, final: bool = False) -> None:
         # A decoder may rewrite earlier text as tokens arrive; what was sent stays sent.
-        if len(text) > len(self.sent) and text.startswith(self.sent):
-            piece, self.sent = text[len(self.sent) :], text
-            self.handle.on_event(Event("text", piece))
+        if not text.startswith(self.sent):
+            text = self.sent
+        if self.splitter is None:
+            if len(text) > len(self.sent):
+                self.handle.on_event(Event("text", text[len(self.sent) :]))
+        else:
+            split = self.splitter.finish if final else self.splitter.push
+            reasoning, content = split(text)
+            if reasoning:
+                self.handle.on_event(Event("reasoning", reasoning))
+            if content:
+                self.handle.on_event(Event("text", content))
+        self.sent = text
 
 
 class Engine:
     """Serves `model` with up to `max_batch` requests decoding together and `max_waiting`
     queued behind them; contexts up to `context` tokens (prompt plus answer). With `compile`,
     decode steps run compiled at fixed shapes (`DecodeBatch`), compiled here, before the
-    first request."""
+    first request. `reasoning` (`mm1.reasoning.chat_reasoning` of the chat template): None for
+    answers as they are, else they are split into reasoning and content, True when the prompt
+    opened the reasoning block."""
 
     def __init__(
         self,
@@ -149,6 +169,7 @@ class Engine:
         max_waiting: int = 64,
         context: int | None = None,
         compile: bool = False,
+        reasoning: bool | None = None,
     ) -> None:
         if max_batch < 1 or max_waiting < 0:
             raise ValueError("max_batch must be >= 1 and max_waiting >= 0")
@@ -156,6 +177,7 @@ class Engine:
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.context = context or model.cfg.decoder.max_seq_len
         self.compile = compile
+        self.reasoning = reasoning
         ends = (tokenizer.token_to_id(t) for t in tokenizer.end_of_turn_tokens())
         self.stop_ids = {tokenizer.eos_id, *(i for i in ends if i is not None)}
         self._batch = self._new_batch()
@@ -287,7 +309,7 @@ class Engine:
                 h.on_event(Event("error", f"prefill failed: {err}", code="internal_error"))
             return
         for sid, h in zip(ids, admitted):
-            self._running[sid] = _Answer(h, self.tokenizer, self.stop_ids)
+            self._running[sid] = _Answer(h, self.tokenizer, self.stop_ids, self.reasoning)
         self.max_running = max(self.max_running, len(self._running))
 
     def _step(self) -> None:
