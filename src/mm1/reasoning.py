@@ -38,6 +38,16 @@ def format_reasoning(tokenizer: Tokenizer, fmt: PromptFormat) -> bool | None:
     return chat_reasoning(source, tokenizer.template_variables)
 
 
+def empty_block(opened: bool | None) -> str:
+    """What such a template writes before the answer of a turn without reasoning: an empty
+    block (its rest, after a prompt that opened it); nothing for a template without blocks.
+    The context an answer is scored in, as the model was trained to write it."""
+    if opened is None:
+        return ""
+    block = f"{OPEN}\n\n{CLOSE}\n\n"
+    return block[len(OPEN) + 1 :] if opened else block
+
+
 class ReasoningSplitter:
     """Splits a growing answer into reasoning and content pieces: `push` takes the whole text so
     far (each call's text extends the last one's) and returns the new (reasoning, content)

@@ -451,6 +451,24 @@ def test_prompts_follow_the_saved_prompt_format(exported: Path, tmp_path: Path) 
     # the continuation is scored after the generation prompt
     _, n, _ = lmm.score_continuation("What colour?", " red", [image])
     assert n == len(lmm.tokenizer.encode(" red"))
+    # A template that writes reasoning blocks (as Qwen3's, an empty one for a turn without
+    # reasoning): answers are read after the block, and scored after an empty one.
+    reasoning = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}"
+        "{{ 'A: <think>\\n\\n</think>\\n\\n' + m['content'] + eos_token }}"
+        "{% else %}{{ 'U: ' + m['content'] + '\\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'A: ' }}{% endif %}"
+    )
+    PromptFormat(4, chat_template=reasoning).save(model_dir)
+    thinking = MM1LMM(pretrained=str(model_dir), device="cpu", chat="true")
+    fed: list[list[int]] = []
+    hook = thinking.model.register_forward_pre_hook(lambda _, args: fed.append(args[0][0].tolist()))
+    _, n, _ = thinking.score_continuation("What colour?", " red", [image])
+    hook.remove()
+    block = thinking.tokenizer.encode("<think>\n\n</think>\n\n")
+    prompt = tokenize_chat_prompt(user, [image], thinking.tokenizer, thinking.prompt_format)
+    assert n == len(thinking.tokenizer.encode(" red"))
+    assert fed == [prompt + block + thinking.tokenizer.encode(" red")]
     plain = MM1LMM(pretrained=str(model_dir), device="cpu", image_boundaries="false")
     assert plain.prompt("What colour?", [image])[0] == tokenize_prompt(
         "<image>What colour?", [image], plain.tokenizer, PromptFormat(4, chat_template="vicuna_v1")

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from mm1.data.tokenizer import IMAGE_TOKEN, tokenize_chat_prompt, tokenize_prompt
 from mm1.models.generation import generate, generate_beam
 from mm1.pretrained import load_pretrained
-from mm1.reasoning import format_reasoning, split_reasoning
+from mm1.reasoning import empty_block, format_reasoning, split_reasoning
 
 MODEL_ID = "mm1"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -344,6 +344,7 @@ class MM1LMM(lmms):
             context, continuation = context[:-spaces], context[-spaces:] + continuation
         if self.chat:  # the continuation is the assistant's answer, after the generation prompt
             ctx, pixels, sizes = self._request(context, visuals)
+            ctx = ctx + self.tokenizer.encode(empty_block(self.reasoning))  # and no reasoning
             whole = ctx + self.tokenizer.encode(continuation)
         else:
             whole, pixels, sizes = self._request(context + continuation, visuals)
