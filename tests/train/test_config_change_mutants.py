@@ -183,3 +183,26 @@ def test_a_config_saved_in_an_older_shape_is_unchanged() -> None:
     del saved["data"]["val_sources"][0]["name"]  # written before sources had names
     del saved["model"]["connector"]["layer_norm"]  # written before the option existed
     assert config_diff(current_shape(saved), to_dict(cfg)) == []
+
+
+@pytest.mark.parametrize(
+    "key", ["train.train_vision", "train.train_connector", "train.train_decoder"]
+)
+def test_what_trains_cannot_change_on_a_resume(tmp_path, key) -> None:
+    """The optimizer's state and groups are the trained parts': a resume that froze or thawed
+    one crashed in the scheduler a few steps in, or failed to read the checkpoint. Refused even
+    when forced, pointing at a new stage; a family that never trains its image tokenizer reads
+    no train.train_vision."""
+    run = saved_run(tmp_path, [f"{key}=true"])
+    resume(run, [f"{key}=true"])
+    with pytest.raises(
+        ConfigError,
+        match=rf"cannot change what trains, not even with --force: the checkpoint's {key} is "
+        rf"True, the config's False .* train\.init\.weights={run}",
+    ):
+        resume(run, [f"{key}=false"], force=True)
+    (tmp_path / "chameleon").mkdir()
+    chameleon = ["model.family=chameleon", "model.image_layout.type=single"]
+    tokens = saved_run(tmp_path / "chameleon", [*chameleon, "train.train_vision=true"])
+    if key == "train.train_vision":
+        resume(tokens, [*chameleon, "train.train_vision=false"])

@@ -201,6 +201,33 @@ def refuse_model_change(
     raise ConfigError(f"{head}: {what}; resume with the same model or choose a new train.run_dir")
 
 
+# Which parts train: each trained parameter has optimizer state (and its parameter group) in
+# the checkpoint, so a resume that trains other parts could not load it.
+TRAINED_PARTS_KEYS = ("train.train_vision", "train.train_connector", "train.train_decoder")
+
+
+def refuse_trained_parts_change(run_dir: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """Refuse, even with `--force`, a resume that trains other parts than the checkpoint did
+    (its optimizer's state and groups are those parts'); a family whose image tokenizer is
+    always frozen reads no `train.train_vision`."""
+    from mm1.registry import FAMILIES
+
+    keys = list(TRAINED_PARTS_KEYS)
+    entry = FAMILIES.get(str(_value(new, "model.family")))
+    if entry is not None and entry.value.image_tokenizer:
+        keys.remove("train.train_vision")
+    changes = [(k, _value(old, k), _value(new, k)) for k in keys]
+    changes = [(k, a, b) for k, a, b in changes if a is not None and a != b]
+    if not changes:
+        return
+    what = "; ".join(f"the checkpoint's {k} is {a}, the config's {b}" for k, a, b in changes)
+    raise ConfigError(
+        f"a resume cannot change what trains, not even with --force: {what} (the optimizer's "
+        f"state is the trained parts'). Resume with the saved value, or start a new stage from "
+        f"this run: train.init.weights={run_dir} and a new train.run_dir"
+    )
+
+
 def refuse_other_run_kind(run_dir: Path, old: dict[str, Any], cfg: Config) -> None:
     """Refuse resuming an image-encoder run (its saved config has an `encoder` section) with
     `mm1 train`, or an MM1 run with `mm1 train-encoder`: one model's checkpoint is no start for
@@ -268,6 +295,7 @@ def check_resumed_config(
             f"resume with data.num_workers={was}"
         )
     refuse_model_change(run_dir, old, new, force)  # before the keys --force may change
+    refuse_trained_parts_change(run_dir, old, new)
     refuse_changes(run_dir, changed, force, encoder="encoder" in old)
     return [f"{k} {_short(_value(old, k))} -> {_short(_value(new, k))}" for k in changed]
 
