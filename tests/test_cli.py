@@ -376,6 +376,17 @@ def _vqa_task(world: Path, name: str, support: bool) -> dict:
     return {**task, "support": split("support")} if support else task
 
 
+@pytest.mark.parametrize("command", [["eval"], ["eval", "--suite", "sft"], ["eval-generation"]])
+def test_evaluating_a_path_that_holds_no_model_says_so(tmp_path, capsys, monkeypatch, command):
+    """A mistyped model path is said as such, before the synthetic world is looked for (its
+    absence beside the wrong path was the error a user got)."""
+    monkeypatch.chdir(tmp_path)
+    out = one_line(capsys, [command[0], "runs/mistyped", *command[1:]], 2)
+    assert out == "error: runs/mistyped does not exist"
+    out = one_line(capsys, [command[0], str(tmp_path), *command[1:]], 2)
+    assert out.startswith(f"error: {tmp_path} is neither an exported model")
+
+
 def test_eval_task_without_support_is_a_clean_error(run, tmp_path) -> None:
     task_file = tmp_path / "tasks.yaml"
     task_file.write_text(yaml.safe_dump([_vqa_task(run.parent / "world", "myvqa", False)]))

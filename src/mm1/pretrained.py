@@ -239,36 +239,45 @@ def check_device(device: str | torch.device, option: str = "--device") -> torch.
     return dev
 
 
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
-    """An exported directory, a run directory (its newest complete checkpoint), one of a run's
-    checkpoints (`RUN/checkpoints/step_N`, read with the run's tokenizer), or a transformers
-    LLaVA / LLaVA-NeXT / FuyuForCausalLM directory (`_load_hf_model`)."""
+def locate_model(path: str | Path) -> tuple[str | None, Path]:
+    """What `path` holds, checked before anything loads: (the transformers model kind, "llava"
+    or "fuyu", else None; the directory of its tokenizer). A path that holds no model is a
+    FileNotFoundError saying what it is instead."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     refuse_encoder_run(path)
-    check_device(device)
     kind = None if is_export(path) else _hf_model_kind(path)
     if kind is not None:
-        return _load_hf_model(path, kind, device)
+        return kind, path
     if is_export(path):
-        tok_dir = path
-    elif is_run(path) and latest_checkpoint(path) is not None:
-        tok_dir = path / "tokenizer"
-    elif is_checkpoint(path):
-        tok_dir = path.parent.parent / "tokenizer"
-    elif (path / CHECKPOINTS_DIR).is_dir() or (
+        return None, path
+    if is_run(path) and latest_checkpoint(path) is not None:
+        return None, path / "tokenizer"
+    if is_checkpoint(path):
+        return None, path.parent.parent / "tokenizer"
+    if (path / CHECKPOINTS_DIR).is_dir() or (
         (path / MODEL_CONFIG).is_file() and (path / "config.yaml").is_file()
     ):
         # a run directory whose training has not saved yet (no checkpoints/, or none complete);
         # an export has no config.yaml, so a half-written one still gets the message below
         raise FileNotFoundError(f"{path} has no checkpoint yet (training has not saved one)")
-    else:
-        raise FileNotFoundError(
-            f"{path} is neither an exported model ({EXPORT_WEIGHTS} + {MODEL_CONFIG}), a run "
-            "directory with checkpoints/, one of its checkpoints/step_N, nor a transformers "
-            "LLaVA / LLaVA-NeXT / Fuyu directory"
-        )
+    raise FileNotFoundError(
+        f"{path} is neither an exported model ({EXPORT_WEIGHTS} + {MODEL_CONFIG}), a run "
+        "directory with checkpoints/, one of its checkpoints/step_N, nor a transformers "
+        "LLaVA / LLaVA-NeXT / Fuyu directory"
+    )
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
+    """An exported directory, a run directory (its newest complete checkpoint), one of a run's
+    checkpoints (`RUN/checkpoints/step_N`, read with the run's tokenizer), or a transformers
+    LLaVA / LLaVA-NeXT / FuyuForCausalLM directory (`_load_hf_model`)."""
+    path = Path(path)
+    kind, tok_dir = locate_model(path)
+    check_device(device)
+    if kind is not None:
+        return _load_hf_model(path, kind, device)
     model = model_from_saved(read_model_weights(path))
     model.to(device).eval()
     return Pretrained(

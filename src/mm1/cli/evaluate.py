@@ -28,9 +28,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from mm1.eval.fewshot import evaluate
     from mm1.eval.report import write_report
     from mm1.eval.tasks import SYNTHETIC_TASKS, TASKS, register_task_file
-    from mm1.pretrained import load_pretrained
+    from mm1.pretrained import load_pretrained, locate_model
 
     model_dir = Path(args.model)
+    locate_model(model_dir)  # a mistyped path is said as such, not as a missing world
     e, settings = _eval_settings(_run_of(model_dir), args)
     shots = e.shots
     # With a task file and no tasks named (--tasks or eval.tasks=...), only its tasks run.
@@ -86,9 +87,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_eval_suite(args: argparse.Namespace) -> None:
     from mm1.data.world import run_world
     from mm1.eval.suite import run_suite
-    from mm1.pretrained import load_pretrained
+    from mm1.pretrained import load_pretrained, locate_model
 
     _check_suite_args(args)  # before anything loads: the suite takes few of eval's options
+    locate_model(args.model)
     world = args.world or run_world(Path(args.model))
     s = args.seeds if args.seeds is not None else 3
     kw = {"mode": args.suite_mode or "auto", "seeds": s, "max_examples": args.max_examples or 0}
@@ -117,7 +119,7 @@ def cmd_eval_generation(args: argparse.Namespace) -> None:
         write_results,
     )
     from mm1.models.generation import Sampling
-    from mm1.pretrained import load_pretrained
+    from mm1.pretrained import load_pretrained, locate_model
 
     refuse_encoder_run(args.model)
     if (args.captions is None) != (args.image_dir is None):
@@ -130,6 +132,7 @@ def cmd_eval_generation(args: argparse.Namespace) -> None:
             "samples, which needs --temperature > 0 (0: greedy)"
         )
     model_dir = Path(args.model)
+    locate_model(model_dir)
     if args.captions is not None:
         images = coco_captioned_images(args.captions, args.image_dir)
         source = f"{args.captions} ({args.image_dir})"
