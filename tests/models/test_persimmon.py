@@ -135,9 +135,9 @@ def test_what_other_families_or_persimmon_cannot_express_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"llama has no decoder.norm=layer.*persimmon"):
         save_decoder_hf(persimmonish, tmp_path, "llama")
     gqa = Decoder(DecoderConfig(**{**OURS, "kv_heads": 2}))
-    with pytest.raises(ValueError, match="persimmon needs kv_heads = heads"):
+    with pytest.raises(ValueError, match=r"persimmon needs model\.decoder\.kv_heads=4 \(= heads"):
         save_decoder_hf(gqa, tmp_path)
-    with pytest.raises(ValueError, match="persimmon needs decoder.norm=layer"):
+    with pytest.raises(ValueError, match="persimmon needs model.decoder.norm=layer"):
         save_decoder_hf(Decoder(DecoderConfig(**{**OURS, "norm": "rms"})), tmp_path)
     assert not (tmp_path / "config.json").exists()
 

@@ -107,11 +107,17 @@ def _ffn_option(cfg: DecoderConfig, name: str, default: Any) -> Any:
 def persimmon_mismatch(cfg: DecoderConfig) -> str | None:
     """What keeps `cfg` from being a Persimmon decoder (None: nothing)."""
     checks = (
-        (cfg.norm == "layer", "decoder.norm=layer"),
-        (cfg.kv_heads == cfg.heads, "kv_heads = heads (no grouped-query attention)"),
+        (cfg.norm == "layer", "model.decoder.norm=layer"),
+        (
+            cfg.kv_heads == cfg.heads,
+            f"model.decoder.kv_heads={cfg.heads} (= heads: no grouped-query attention)",
+        ),
         (not cfg.head_dim or cfg.head_dim * cfg.heads == cfg.dim, "head_dim = dim / heads"),
-        (cfg.qkv_bias and cfg.o_bias, "decoder.qkv_bias and decoder.o_bias"),
-        (cfg.ffn_type == "mlp" and _ffn_option(cfg, "bias", True), "ffn.type=mlp with biases"),
+        (cfg.qkv_bias and cfg.o_bias, "model.decoder.qkv_bias and o_bias"),
+        (
+            cfg.ffn_type == "mlp" and _ffn_option(cfg, "bias", True),
+            "model.decoder.ffn.type=mlp with biases",
+        ),
         (not cfg.sliding_window, "no sliding window"),
         (cfg.rope_scaling.type == "default", "no rope scaling"),
     )
