@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import replace
@@ -658,6 +659,37 @@ def test_the_users_file_system_errors_areone_line(tmp_path, capsys, monkeypatch)
         monkeypatch.setattr("mm1.cli.run.cmd_info", fail)
         out = one_line(capsys, ["info", "x.yaml"], 1)
         assert out == f"error: /some/path: {os.strerror(code)}"
+
+
+def test_a_second_stop_signal_says_nothing_was_saved_and_exits_as_that_signal(
+    capsys, monkeypatch
+) -> None:
+    """The trainer's first SIGTERM asks for a save at the step's end; a second one while the
+    step still runs stops at once: the message says nothing was saved (it was swallowed into
+    "interrupted") and the status is SIGTERM's 143 (it was Ctrl-C's 130)."""
+    from types import SimpleNamespace
+
+    from mm1.train.errors import StoppedAgain
+    from mm1.train.trainer import Trainer
+
+    trainer = SimpleNamespace(_stop_signal=None)
+    Trainer._install_signal_handlers(trainer)  # type: ignore[arg-type]
+    try:
+        handler = signal.getsignal(signal.SIGTERM)
+        handler(signal.SIGTERM, None)
+        assert trainer._stop_signal == signal.SIGTERM
+        with pytest.raises(StoppedAgain) as stopped:
+            handler(signal.SIGTERM, None)
+    finally:
+        Trainer._restore_signal_handlers(trainer)  # type: ignore[arg-type]
+
+    def again(args) -> None:
+        raise stopped.value
+
+    monkeypatch.setattr("mm1.cli.run.cmd_info", again)
+    assert cli.main(["info", "x.yaml"]) == 128 + signal.SIGTERM
+    said = "signal 15 again: stopped without saving (the last checkpoint is kept)"
+    assert capsys.readouterr().err == f"mm1: {said}\n"
 
 
 def test_ctrl_c_before_a_command_handles_it_is_exit_130_without_traceback(

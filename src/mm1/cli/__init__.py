@@ -68,11 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     """The `mm1` command; returns its exit status."""
     try:
         return _main(argv)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         # A Ctrl-C no command handled itself (while starting: imports, loading a model) is the
-        # user's wish, not a failure: no traceback; 130 as for a process ended by SIGINT.
-        print("mm1: interrupted", file=sys.stderr, flush=True)
-        return 130
+        # user's wish, not a failure: no traceback; 130 as for a process ended by SIGINT. A
+        # trainer stopped by a second signal says so, and exits as that signal would (143
+        # for SIGTERM).
+        print(f"mm1: {str(err) or 'interrupted'}", file=sys.stderr, flush=True)
+        return 128 + getattr(err, "signum", 2)
 
 
 def _main(argv: list[str] | None) -> int:

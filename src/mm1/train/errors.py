@@ -12,6 +12,17 @@ class NonFiniteLossError(TrainingError):
     """Too many steps in a row had a non-finite loss or gradient (each was skipped)."""
 
 
+class StoppedAgain(KeyboardInterrupt):
+    """A second SIGTERM / SIGINT while a step still runs (a data wait, a hung collective): the
+    run stops at once without saving, its last checkpoint kept; the CLI exits 128 + signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(
+            f"signal {signum} again: stopped without saving (the last checkpoint is kept)"
+        )
+        self.signum = signum
+
+
 class StoppedBySignal(Exception):
     """A stage of a longer command (the demo) was stopped by SIGTERM / SIGINT after saving:
     the command stops too, instead of evaluating a half-trained model."""

@@ -48,7 +48,7 @@ from mm1.models.summary import active_parameters
 from mm1.train import checkpoint as ckpt
 from mm1.train import run_lock
 from mm1.train.config_change import check_resumed_config, own_model_config
-from mm1.train.errors import NonFiniteLossError, TrainingError
+from mm1.train.errors import NonFiniteLossError, StoppedAgain, TrainingError
 from mm1.train.expert_load import add_loads, last_expert_loads, load_fractions, load_metrics
 from mm1.train.hardware import bf16_peak_flops
 from mm1.train.logging import MetricsLogger, truncate_metrics
@@ -577,7 +577,7 @@ class Trainer:
         def handler(signum: int, frame: object) -> None:
             if self._stop_signal is not None:  # a second signal: the step never ended (a
                 # data wait, a hung collective); stop now, the last checkpoint kept
-                raise KeyboardInterrupt(f"signal {signum} again: stopped without saving")
+                raise StoppedAgain(signum)
             self._stop_signal = signum
 
         self._old_handlers = {}
