@@ -137,3 +137,7 @@ def test_a_resume_reports_the_configs_own_changes() -> None:
     assert _resumed(cfg, cfg, 1e-3) == []  # betas saved as a list are the same betas
     # the lr as the config gives it, not a vision group's scaled one
     assert _resumed(cfg, cfg, 1e-2) == ["lr 0.001 -> 0.01"]
+    # a changed vision multiplier is said by its key, and the peak lr did not change
+    other = OptimConfig(warmup_steps=0, vision_lr_mult=0.5)
+    assert _resumed(cfg, other, 1e-3) == ["vision_lr_mult 0.1 -> 0.5"]
+    assert _resumed(cfg, other, 1e-2) == ["lr 0.001 -> 0.01", "vision_lr_mult 0.1 -> 0.5"]

@@ -75,6 +75,8 @@ def build_optimizer(
 
 # The settings a resume takes from the config rather than from the checkpoint.
 HYPERPARAMETERS = ("lr_mult", "weight_decay", "betas", "eps")
+# Their names in `train.optim`, where a group's differs.
+CONFIG_NAMES = {"lr_mult": "vision_lr_mult"}
 
 
 def hyperparameters(
@@ -100,19 +102,32 @@ def reapply_hyperparameters(
     changed, e.g. ["lr 0.001 -> 0.01"]."""
     changes: dict[str, str] = {}
     for i, (group, want) in enumerate(zip(optimizer.param_groups, settings, strict=True)):
-        saved_base = scheduler.base_lrs[i]
-        if saved_base != want["base_lr"] and "lr" not in changes:
-            changes["lr"] = f"lr {saved_base:g} -> {want['base_lr']:g}"
+        # The peak lr as the config gives it: a vision group's base is scaled by its multiplier.
+        saved_peak = _peak(scheduler.base_lrs[i], group.get("lr_mult"))
+        want_peak = _peak(want["base_lr"], want.get("lr_mult"))
+        if (
+            saved_peak is not None
+            and want_peak is not None
+            and not math.isclose(saved_peak, want_peak, rel_tol=1e-9)
+        ):
+            changes.setdefault("lr", f"lr {saved_peak:g} -> {want_peak:g}")
         for key in HYPERPARAMETERS:
             if key not in want:
                 continue
             saved = group.get(key)
             if saved is not None and _plain(saved) != _plain(want[key]) and key not in changes:
-                changes[key] = f"{key} {_plain(saved)} -> {_plain(want[key])}"
+                name = CONFIG_NAMES.get(key, key)
+                changes[key] = f"{name} {_plain(saved)} -> {_plain(want[key])}"
             group[key] = want[key]
         scheduler.base_lrs[i] = group["initial_lr"] = want["base_lr"]
         group["lr"] = want["base_lr"] * scheduler.lr_lambdas[i](scheduler.last_epoch)
     return list(changes.values())
+
+
+def _peak(base_lr: float, mult: object) -> float | None:
+    """A group's peak lr before its multiplier (None when a zero multiplier hides it)."""
+    m = 1.0 if mult is None else float(mult)  # type: ignore[arg-type]
+    return base_lr / m if m else None
 
 
 def _plain(value: object) -> object:
