@@ -177,3 +177,19 @@ def test_a_tied_head_is_written_as_its_own_tensor(tmp_path: Path, tok: Tokenizer
         torch.testing.assert_close(
             hf(ids, pixel_values=pixels).logits, model(ids, pixel_values=pixels).logits
         )
+
+
+def test_the_families_beside_mm1s_say_why_they_have_no_export() -> None:
+    """Every registered family but mm1 (custom code) and fuyu (FuyuForCausalLM) is refused
+    with its reason, not a bare "no export"."""
+    from types import SimpleNamespace
+
+    from mm1.models.hf.custom import NO_EXPORT, custom_config_to_hf
+    from mm1.registry import FAMILIES
+
+    assert set(NO_EXPORT) == set(FAMILIES) - {"mm1", "fuyu"}
+    for family, why in NO_EXPORT.items():
+        model = SimpleNamespace(cfg=ModelConfig(family=family))
+        with pytest.raises(ValueError, match=rf"family='{family}' has no transformers form \("):
+            custom_config_to_hf(model)  # type: ignore[arg-type]
+        assert why

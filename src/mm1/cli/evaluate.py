@@ -340,7 +340,8 @@ def register(add: Add) -> None:
     p = add(
         "eval-generation",
         cmd_eval_generation,
-        "text-to-image scores of an emu2 model: generated image features retrieve their image",
+        "text-to-image scores of an emu2, chameleon or seed model: each caption's generated image "
+        "(emu2: its features; chameleon, seed: its codes) retrieves its own among the others",
     )
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--world", default=None, help="synthetic world (default: the run's own)")

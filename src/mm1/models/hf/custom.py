@@ -34,6 +34,14 @@ AUTO_MAP = {
 }
 
 
+# Why the families beside mm1's (fuyu's goes out as FuyuForCausalLM) have no export.
+NO_EXPORT = {
+    "emu2": "its regression head, which writes image features, has no transformers class",
+    "chameleon": "its VQ image tokenizer is mm1's own, not transformers' Chameleon one",
+    "seed": "its SEED tokenizer (Q-Former and codebook) has no transformers class",
+}
+
+
 def custom_config_to_hf(model: MM1, decoder_type: str | None = None) -> dict[str, Any]:
     """config.json of `model` as the remote `MM1Config` (`text_config` from the decoder)."""
     cfg = model.cfg
@@ -46,7 +54,8 @@ def custom_config_to_hf(model: MM1, decoder_type: str | None = None) -> dict[str
             )
         raise ValueError(f"--to-hf: image_layout.type={layout!r} has no custom-code export")
     if cfg.family != "mm1":
-        raise ValueError(f"--to-hf: model.family={cfg.family!r} has no custom-code export")
+        why = NO_EXPORT.get(cfg.family, "the export writes mm1's own architecture only")
+        raise ValueError(f"--to-hf: model.family={cfg.family!r} has no transformers form ({why})")
     connector = dataclasses.asdict(cfg.connector)
     connector["num_tokens"] = model.num_image_tokens
     text, _ = decoder_to_hf(model.decoder, decoder_type)
