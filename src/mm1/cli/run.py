@@ -36,9 +36,19 @@ def cmd_info(args: argparse.Namespace) -> None:
     table.add_column("component")
     table.add_column("parameters", justify="right")
     table.add_column("share", justify="right")
+    has_encoder = family_spec(model_cfg.family).has_encoder
+    image_rows = (
+        (
+            ("image tokenizer (frozen)" if tokenizer else "vision encoder", s.vision),
+            ("connector", s.connector),
+        )
+        if has_encoder
+        else (
+            ("patches' Linear (no encoder)", s.vision + s.connector),
+        )  # fuyu: its only image part
+    )
     for name, n in (
-        ("image tokenizer (frozen)" if tokenizer else "vision encoder", s.vision),
-        ("connector", s.connector),
+        *image_rows,
         ("decoder (all)", s.decoder),
         ("  of which embeddings", s.embeddings),
         ("  of which non-embedding", s.decoder - s.embeddings),
