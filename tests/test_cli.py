@@ -110,6 +110,7 @@ def test_info_of_a_fuyu_model_counts_its_patches_and_newlines(capsys) -> None:
     assert "no encoder: Fuyu's canvas 32 x 64px / patch 16 = 2 x 4 patches" in out
     assert "-> 10 image tokens" in out and "1 crop(s) of 32 x 64px -> 4-10 image" in out
     assert "vision encoder" not in out and "connector" not in out  # it has neither
+    assert "training FLOPs per crop (patches' Linear)" in out
     # p x p x 3 -> dim with a bias, the one image weight, and the newline: 768 x 192 + 2 x 192
     assert "147,840" in next(x for x in out.splitlines() if "patches' Linear, newline" in x)
 

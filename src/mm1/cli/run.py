@@ -80,7 +80,9 @@ def cmd_info(args: argparse.Namespace) -> None:
     console.print(
         f"training FLOPs per decoder token (seq {s.seq_len}): {_human(s.decoder_flops_per_token)}"
     )
-    parts = "encoder + connector" + (" + image heads" if s.heads else "")
+    parts = ("encoder + connector" if has_encoder else "patches' Linear") + (
+        " + image heads" if s.heads else ""
+    )
     console.print(f"training FLOPs per crop ({parts}): {_human(s.image_flops)}")
     k = cfg.data.max_images_per_seq
     most = "" if crops[0] == crops[1] else "at most "
