@@ -44,7 +44,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         )
         if has_encoder
         else (
-            ("patches' Linear (no encoder)", s.vision + s.connector),
+            ("patches' Linear, newline (no encoder)", s.vision + s.connector),
         )  # fuyu: its only image part
     )
     for name, n in (
