@@ -109,3 +109,24 @@ def test_a_file_system_without_locks_trains_unlocked_with_a_warning(
     fd = run_lock.claim(tmp_path / "run")
     os.close(fd)
     assert "has no file locks (No locks available)" in caplog.text
+
+
+def test_a_run_that_fails_in_its_set_up_leaves_no_empty_run_directory(
+    tmp_path: Path, world: Path, tiny_config, make_trainer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A config error found in the set-up (a mistyped starting point) left an empty run
+    directory holding the lock file; one that existed before stays, as does anything written."""
+    cfg = tiny_config(tmp_path, world)
+
+    def setup(self: Trainer) -> None:
+        raise ConfigError("train.init.vision=runs/encoder_vqq does not exist")
+
+    monkeypatch.setattr(Trainer, "setup", setup)
+    run = tmp_path / "runs" / "new"
+    with pytest.raises(ConfigError):
+        make_trainer(cfg, run).fit()
+    assert not run.exists() and run.parent.is_dir()
+    run.mkdir()
+    with pytest.raises(ConfigError):
+        make_trainer(cfg, run).fit()
+    assert run.is_dir()

@@ -83,8 +83,14 @@ def _read_holder(fd: int) -> str:
 @contextlib.contextmanager
 def held(run_dir: Path, d: Dist) -> Iterator[None]:
     """`claim` on the main rank for the duration of the block; every rank raises if it failed
-    (rather than waiting at the next collective for a rank that has gone)."""
+    (rather than waiting at the next collective for a rank that has gone). A run directory the
+    claim created is removed again when the block fails before writing anything in it (a
+    config error found in the set-up leaves no empty run behind)."""
     fd, error = None, None
+    try:
+        created = not run_dir.exists()
+    except OSError:  # a name the file system refuses: the claim says so
+        created = False
     if d.is_main:
         try:
             fd = claim(run_dir)
@@ -95,8 +101,20 @@ def held(run_dir: Path, d: Dist) -> Iterator[None]:
         raise error
     if failed.item():
         raise ConfigError(f"train.run_dir={run_dir}: rank 0 could not claim it (see its error)")
+    failed = True
     try:
         yield
+        failed = False
     finally:
         if fd is not None:
             os.close(fd)  # closing drops the lock
+            if failed and created:
+                _remove_if_untouched(run_dir)
+
+
+def _remove_if_untouched(run_dir: Path) -> None:
+    """Remove `run_dir` if it holds only the lock file."""
+    with contextlib.suppress(OSError):
+        if [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:
+            (run_dir / LOCK_FILE).unlink()
+            run_dir.rmdir()
