@@ -619,7 +619,7 @@ def test_eval_checks_its_output_directory_before_loading_the_model(
 
     monkeypatch.setattr(pretrained, "load_pretrained", no_loading)
     copy = tmp_path / "run"
-    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns(cli.EVAL_OUT))
     (copy / cli.EVAL_OUT).write_text("in the way\n")  # root too cannot make a directory here
     out = one_line(capsys, ["eval", str(copy)], 2)
     assert out == (
