@@ -692,6 +692,16 @@ def test_a_second_stop_signal_says_nothing_was_saved_and_exits_as_that_signal(
     assert capsys.readouterr().err == f"mm1: {said}\n"
 
 
+def test_a_config_error_under_torchrun_is_said_by_the_first_rank_only(capsys, monkeypatch):
+    """Every rank reads the same config: its error was printed once per rank."""
+    argv = ["info", str(ROOT / "configs" / "models" / "tiny.yaml"), "model.decoder.layerz=2"]
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    assert one_line(capsys, argv, 2).startswith("config error: model.decoder.layerz")
+
+
 def test_ctrl_c_before_a_command_handles_it_is_exit_130_without_traceback(
     capsys, monkeypatch
 ) -> None:

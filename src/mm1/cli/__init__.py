@@ -120,7 +120,10 @@ def _run(args: argparse.Namespace) -> int:
     try:
         code = args.fn(args)
     except ConfigError as err:
-        _print_error("config error", err)
+        # Under torchrun every rank reads the same config and finds the same error: the first
+        # rank says it once (a rank's own error is a DataError or another, said by each).
+        if _launched_rank() == 0:
+            _print_error("config error", err)
         return 2
     except (FileNotFoundError, DataError) as err:
         _print_error("error", err)
@@ -142,6 +145,14 @@ def _run(args: argparse.Namespace) -> int:
         console.print("(MM1_TRACEBACK=1 shows the traceback)", style="dim")
         return 1
     return code or 0
+
+
+def _launched_rank() -> int:
+    """This process's rank as torchrun set it (0 when not launched by it)."""
+    try:
+        return int(os.environ.get("RANK") or 0)
+    except ValueError:
+        return 0
 
 
 def _os_error_message(err: OSError) -> str:
