@@ -182,7 +182,7 @@ def test_stop_strings_and_seeded_sampling(reference, server, pretrained, images)
 def test_a_reasoning_block_comes_as_reasoning_content(reference, pretrained, images) -> None:
     """An engine for a template whose generation prompt opens a reasoning block: the tiny model
     never closes it, so all of its greedy answer is reasoning, in `reasoning_content` (vLLM's
-    field) whole and streamed, and the content is empty."""
+    field) whole and streamed, and the content is empty; the chat page shows it apart."""
     want, _, _ = reference(pretrained, "What is it?", images[:1], 12)
     assert want.strip("\n")
     with serving(pretrained, engine_kw={"reasoning": True}) as (url, _):
@@ -195,6 +195,28 @@ def test_a_reasoning_block_comes_as_reasoning_content(reference, pretrained, ima
         deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) == want.strip("\n")
     assert not "".join(d.content or "" for d in deltas)
+    # the chat page shows the reasoning apart from the (here empty) answer
+    plain, _, _ = reference(pretrained, "What is it?", [], 12)
+    assert plain.strip("\n")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with serving(pretrained, engine_kw={"reasoning": True}) as (url, _):
+        driver = chromium()
+        try:
+            driver.get(url + "/")
+            WebDriverWait(driver, 20).until(lambda d: d.find_element(By.ID, "model").text == MODEL)
+            driver.find_element(By.ID, "max_tokens").clear()
+            driver.find_element(By.ID, "max_tokens").send_keys("12")
+            driver.find_element(By.ID, "text").send_keys("What is it?")
+            driver.find_element(By.ID, "send").click()
+            done = ".turn.assistant[data-done='true']"
+            WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, done))
+            thought = driver.find_element(By.CSS_SELECTOR, f"{done} .reasoning .thought")
+            assert thought.get_attribute("textContent") == plain.strip("\n")
+            assert driver.find_element(By.CSS_SELECTOR, f"{done} .content").text == ""
+        finally:
+            driver.quit()
 
 
 def test_tiled_images_answer_as_mm1_chat_does(world, tiny_train_args, images) -> None:
