@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -259,7 +260,7 @@ def collect(engine: Engine, request: Request) -> tuple[threading.Event, list[Eve
 
     def on_event(ev: Event) -> None:
         events.append(ev)
-        if ev.kind != "text":
+        if ev.kind in ("done", "error"):
             done.set()
 
     engine.submit(request, on_event)
@@ -383,6 +384,21 @@ def test_queue_bound_timeout_and_cancel_free_their_rows(pretrained, images) -> N
             assert engine.load == {"running": 0, "waiting": 0}
             assert not done.is_set()  # a cancelled request gets no more events
             assert answer.handle.completion_tokens < 200
+    finally:
+        engine.stop()
+
+
+def test_no_waiting_room_still_serves_the_free_rows(pretrained, images) -> None:
+    """`--max-waiting 0`: a request joins a free row, one beyond the rows is refused (every
+    request was refused, the idle server's included)."""
+    requests = engine_requests(pretrained, images)
+    engine = Engine(pretrained.model, pretrained.tokenizer, max_batch=1, max_waiting=0).start()
+    try:
+        with slow(pretrained):
+            done, events = collect(engine, dataclasses.replace(requests[0], max_new_tokens=40))
+            with pytest.raises(QueueFull, match="0 requests are already waiting"):
+                engine.submit(requests[1], lambda ev: None)
+            assert done.wait(60) and events[-1].kind == "done"
     finally:
         engine.stop()
 

@@ -229,7 +229,8 @@ class Engine:
             self._thread = None
 
     def submit(self, request: Request, on_event: Callable[[Event], None]) -> Handle:
-        """Queue a request; QueueFull when `max_waiting` requests already wait."""
+        """Queue a request; QueueFull when `max_waiting` requests already wait beyond the free
+        rows of the batch (those join it at the next step)."""
         if len(request.prompt) + request.max_new_tokens > self.context:
             raise ValueError(
                 f"{len(request.prompt)} prompt tokens plus {request.max_new_tokens} new tokens "
@@ -237,8 +238,9 @@ class Engine:
             )
         handle = Handle(request, on_event)
         with self._wake:
-            if len(self._waiting) >= self.max_waiting:
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting")
+            free = max(0, self.max_batch - len(self._running))
+            if len(self._waiting) >= self.max_waiting + free:
+                raise QueueFull(f"{len(self._waiting) - free} requests are already waiting")
             self._waiting.append(handle)
             self._wake.notify()
         return handle
