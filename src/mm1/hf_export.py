@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mm1.data.chat_template import with_parts_as_text
 from mm1.data.images import PREPROCESSOR_CONFIG
 from mm1.data.tokenizer import IMAGE_TOKEN
 from mm1.pretrained import Pretrained, refuse_run_dir
@@ -194,5 +195,5 @@ def _save_processor(p: Pretrained, out: Path, model_type: str) -> None:
     }
     (out / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
     template = p.tokenizer.chat_template
-    if isinstance(template, str):
-        (out / "chat_template.jinja").write_text(template)
+    if isinstance(template, str):  # AutoProcessor's, prompted with lists of content parts
+        (out / "chat_template.jinja").write_text(with_parts_as_text(template))

@@ -198,6 +198,35 @@ def test_anyres_stage_from_a_single_layout_model_starts_a_fresh_newline(
         assert torch.equal(model.state_dict()[k], v), k
 
 
+@pytest.mark.parametrize("template", ["plain", "vicuna_v1"])
+def test_the_exported_chat_template_takes_content_parts(
+    tmp_path: Path, tok: Tokenizer, template: str
+) -> None:
+    """AutoProcessor is prompted with lists of content parts, which mm1's string templates
+    could not add to a string (a TypeError): the export's template reads them as the text mm1
+    trained on, and mm1 reads the template back as it was."""
+    from mm1.data.chat_template import BUILTIN_TEMPLATES
+
+    source = BUILTIN_TEMPLATES[template]
+    tok.save(tmp_path / "tok")
+    trained = Tokenizer.from_file(tmp_path / "tok")
+    trained.chat_template = source
+    cfg = _config(trained, "single", "clip")
+    model = MM1(cfg)
+    fmt = PromptFormat.from_config(DataConfig(), model.num_image_tokens, cfg)
+    save_hf(Pretrained(model, trained, ImageProcessor.clip(32), tmp_path, fmt), tmp_path / "hf")
+    processor = transformers.AutoProcessor.from_pretrained(tmp_path / "hf")
+    as_text = [{"role": "user", "content": "<image>\nDescribe it."}]
+    as_parts = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}
+    ]
+    want = trained.apply_chat_template(as_text, add_generation_prompt=True, tokenize=False)
+    for messages in (as_parts, as_text):
+        got = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert got == want
+    assert Tokenizer.from_file(tmp_path / "hf").chat_template == source
+
+
 def test_other_connectors_and_layouts_say_why_they_are_not_llava(tok: Tokenizer) -> None:
     cfg = _config(tok, "single")
     cfg.connector = {"type": "avgpool", "num_tokens": 4}

@@ -146,8 +146,45 @@ def template_from_option(value: str) -> tuple[str, str]:
 # -- loading ------------------------------------------------------------------------------------
 
 
+# What an HF export puts before a template that reads a message's content as a string:
+# transformers' processors are prompted with content as a list of typed parts ({"type":
+# "image"}, {"type": "text", ...}), which such a template cannot add to a string. Each list
+# becomes the text mm1 trained on (an image as `<image>` and a line break, text as it is); mm1
+# reads the template back without it.
+PARTS_AS_TEXT = (
+    "{#- mm1: content given as a list of parts is read as text (an image: <image> and a line "
+    "break) -#}\n"
+    "{%- set ns = namespace(messages=[], text='') -%}\n"
+    "{%- for m in messages -%}\n"
+    "{%- if m['content'] is string -%}{%- set ns.messages = ns.messages + [m] -%}\n"
+    "{%- else -%}{%- set ns.text = '' -%}\n"
+    "{%- for part in m['content'] -%}\n"
+    "{%- if part['type'] == 'image' -%}{%- set ns.text = ns.text + '<image>\\n' -%}\n"
+    "{%- elif part['type'] == 'text' -%}{%- set ns.text = ns.text + part['text'] -%}{%- endif -%}\n"
+    "{%- endfor -%}\n"
+    "{%- set ns.messages = ns.messages + [{'role': m['role'], 'content': ns.text}] -%}\n"
+    "{%- endif -%}\n"
+    "{%- endfor -%}\n"
+    "{%- set messages = ns.messages -%}\n"
+    "{#- mm1: the template as trained -#}\n"
+)
+
+
+def with_parts_as_text(source: str) -> str:
+    """`source` for an HF export: it reads lists of content parts too (`PARTS_AS_TEXT`)."""
+    return source if uses_typed_parts(source) else PARTS_AS_TEXT + source
+
+
 def load_chat_template(directory: Path) -> ChatTemplateSource | None:
-    """The chat template(s) stored in a tokenizer directory, None when it has none."""
+    """The chat template(s) stored in a tokenizer directory, None when it has none (an HF
+    export's `PARTS_AS_TEXT` removed: the template as trained)."""
+    found = _stored_template(directory)
+    if isinstance(found, dict):
+        return {k: v.removeprefix(PARTS_AS_TEXT) for k, v in found.items()}
+    return found.removeprefix(PARTS_AS_TEXT) if found is not None else None
+
+
+def _stored_template(directory: Path) -> ChatTemplateSource | None:
     templates: dict[str, str] = {}
     if (directory / CHAT_TEMPLATE_FILE).is_file():
         templates["default"] = (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
