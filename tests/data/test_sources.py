@@ -697,3 +697,18 @@ def test_inspect_source(tmp_path, llava_dir):
     assert info["samples"][2]["text"] == (
         "user: <image 51x8> then <image 52x8>: which is wider?\nassistant: The second."
     )
+
+
+def test_a_jsonl_skip_names_the_line_and_the_record_the_readers_count(tmp_path, caplog):
+    """A JSONL reader's skips said `FILE:LINE` for bad JSON but "line record N" (N counting
+    records from 0, blank lines left out) for a bad record: a user opening line N found another
+    record. Each now says which it is."""
+    f = tmp_path / "docs.jsonl"
+    good = {"text_list": ["a"], "image_info": []}
+    lines = [json.dumps(good), "", "{not json", json.dumps({"text_list": "oops"})]
+    f.write_text("\n".join(lines) + "\n")
+    with caplog.at_level(logging.WARNING, logger="mm1.data.sources"):
+        docs = list(read_mmc4_jsonl(f, stats=ReadStats()))
+    assert len(docs) == 1
+    assert f"skipped {f}:3 (record 1): malformed_json" in caplog.text
+    assert f"skipped {f}: record 2: malformed_record" in caplog.text

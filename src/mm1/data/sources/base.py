@@ -556,20 +556,22 @@ def jsonl_records(path: Path, start: int, stats: ReadStats) -> Iterator[tuple[in
                 index += 1
                 if index < start:
                     continue
+                # the line for an editor, the record index as the readers count records
+                where = f"{path}:{lineno} (record {index})"
                 try:
                     obj = json.loads(line)
                 except (ValueError, RecursionError) as e:
                     why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
-                    skip_record(stats, "malformed_json", f"{path}:{lineno}", why)
+                    skip_record(stats, "malformed_json", where, why)
                     continue
                 if too_deep(obj):
                     why = f"nested deeper than {MAX_JSON_DEPTH} levels"
-                    skip_record(stats, "malformed_json", f"{path}:{lineno}", why)
+                    skip_record(stats, "malformed_json", where, why)
                     continue
                 if not isinstance(obj, dict):
-                    skip_record(stats, "malformed_record", f"{path}:{lineno}", "not a JSON object")
+                    skip_record(stats, "malformed_record", where, "not a JSON object")
                     continue
-                yield index, repair_record(stats, obj, f"{path}:{lineno}", has_escaped_bytes(line))
+                yield index, repair_record(stats, obj, where, has_escaped_bytes(line))
     except (EOFError, gzip.BadGzipFile, OSError, zlib.error) as e:  # zlib.error: a bad gzip body
         if isinstance(e, FileNotFoundError):
             raise

@@ -161,7 +161,7 @@ def read_mmc4_jsonl(
     stats = ReadStats() if stats is None else stats
     folder = Path(image_dir) if image_dir is not None else default_image_dir(path)
     for index, rec in jsonl_records(path, start, stats):
-        where = f"{path}: line record {index}"
+        where = f"{path}: record {index}"
         text_list = rec.get("text_list")
         infos = rec.get("image_info") or []
         if (
