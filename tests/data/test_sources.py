@@ -517,6 +517,17 @@ def test_llava_jsonl(llava_dir):
         assert convs and stats.skipped == {}, name
 
 
+def test_llava_conversations_of_another_type_are_malformed_not_empty(tmp_path, caplog):
+    """`"conversations": "oops"` was counted as an empty document ("no conversations")."""
+    recs = [{"id": "a", "conversations": "oops"}, {"id": "b", "conversations": []}]
+    (tmp_path / "c.json").write_text(json.dumps(recs))
+    stats = ReadStats()
+    with caplog.at_level(logging.WARNING, logger="mm1.data.sources"):
+        assert list(read_llava(tmp_path / "c.json", tmp_path, stats=stats)) == []
+    assert stats.skipped == {"malformed_record": 1, "empty_document": 1}
+    assert "`conversations` is a str, not a list" in caplog.text
+
+
 def test_llava_bad_json_file_raises(tmp_path):
     (tmp_path / "broken.json").write_text("[{")
     with pytest.raises(DataError, match=r"broken\.json"):

@@ -114,7 +114,11 @@ def _llava_conversation(
 ) -> Conversation | None:
     where = f"{path}: record {index}"
     turns = rec.get("conversations")
-    if not isinstance(turns, list) or not turns:
+    if turns is not None and not isinstance(turns, list):
+        what = type(turns).__name__
+        skip_record(stats, "malformed_record", where, f"`conversations` is a {what}, not a list")
+        return None
+    if not turns:
         skip_record(stats, "empty_document", where, "no conversations")
         return None
     messages: list[dict[str, str]] = []
