@@ -550,6 +550,20 @@ def test_a_full_disk_while_exporting_is_one_line_and_leaves_nothing(
         assert not out.exists()
 
 
+def test_what_transformers_cannot_express_is_a_config_error(run, tmp_path, capsys, monkeypatch):
+    """A model --to-hf cannot write (anyres with avgpool, Persimmon with grouped-query
+    attention) was said with "(MM1_TRACEBACK=1 shows the traceback)", as for a bug."""
+    import mm1.hf_export
+
+    def refuse(*args, **kwargs):
+        raise ValueError("persimmon needs model.decoder.kv_heads=6 (= heads)")
+
+    monkeypatch.setattr(mm1.hf_export, "save_hf", refuse)
+    out = one_line(capsys, ["convert", str(run), "--to-hf", str(tmp_path / "hf")], 2)
+    assert out == "config error: --to-hf: persimmon needs model.decoder.kv_heads=6 (= heads)"
+    assert not (tmp_path / "hf").exists()
+
+
 def test_convert_and_upcycle_refuse_output_dirs_holding_something_else(
     run, tmp_path, capsys
 ) -> None:

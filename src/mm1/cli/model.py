@@ -41,8 +41,12 @@ def cmd_convert(args: argparse.Namespace) -> None:
         from mm1.hf_export import save_hf
         from mm1.pretrained import writing_export
 
-        with writing_export(Path(args.to_hf)):
-            console.print(save_hf(p, args.to_hf, args.hf_type)[1])
+        try:
+            with writing_export(Path(args.to_hf)):
+                console.print(save_hf(p, args.to_hf, args.hf_type)[1])
+        except ValueError as err:  # what transformers cannot express: said, not a bug
+            why = str(err)
+            raise ConfigError(why if why.startswith("--to-hf") else f"--to-hf: {why}") from None
 
 
 def cmd_upcycle(args: argparse.Namespace) -> None:
