@@ -369,9 +369,34 @@ def test_a_slot_whose_share_is_empty_stops_after_one_pass(tmp_path) -> None:
     spec = SourceConfig(format="llava", path=str(tmp_path / "sft.json"))
     assert SourceStream(0, spec, 1, 2, seed=0).next()[:2] == (0, 0)
     empty = SourceStream(0, spec, 0, 2, seed=0)
-    with pytest.raises(DataError, match="yields no readable records for loader slot 0 of 2"):
+    with pytest.raises(
+        DataError, match="yields no readable records in the share of loader slot 0 of 2$"
+    ):
         empty.next()
     assert empty.cursor.epoch == 1
+
+
+def test_a_source_whose_every_record_is_bad_says_why(tmp_path) -> None:
+    """Every record skipped: the error names the reasons (it said only "no readable records
+    for loader slot 0 of 1", which `mm1 data stats` printed in place of its table's reasons)."""
+    records = [
+        {
+            "id": f"r{i}",
+            "image": f"missing{i}.jpg",
+            "conversations": [
+                {"from": "human", "value": "<image>\nHi"},
+                {"from": "gpt", "value": "Yo"},
+            ],
+        }
+        for i in range(3)
+    ]
+    (tmp_path / "sft.json").write_text(json.dumps(records))
+    spec = SourceConfig(format="llava", path=str(tmp_path / "sft.json"))
+    with pytest.raises(
+        DataError,
+        match=r"yields no readable records: every record was skipped \(missing_image; see",
+    ):
+        SourceStream(0, spec, 0, 1, seed=0).next()
 
 
 def test_a_resumed_stream_counts_whole_passes_from_its_saved_epoch(world) -> None:

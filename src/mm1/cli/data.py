@@ -79,6 +79,13 @@ def _image_cap_note(stats: dict, cfg: Config) -> str:
     )
 
 
+def _counts(by_reason: dict[str, int]) -> str:
+    """ "36 (missing_image=30, malformed_json=6)": a total and its reasons."""
+    total = sum(by_reason.values())
+    reasons = ", ".join(f"{k}={v}" for k, v in sorted(by_reason.items()) if v)
+    return f"{total} ({reasons})" if reasons else str(total)
+
+
 def cmd_data_stats(args: argparse.Namespace) -> int | None:
     import json
 
@@ -123,7 +130,8 @@ def cmd_data_stats(args: argparse.Namespace) -> int | None:
         f"{stats['images']:,} ({stats['tokens_per_image']:.1f} tokens each), dropped by the cap "
         f"{stats['images_dropped']} "
         f"({100 * stats['images_dropped_fraction']:.2f}%)  |  documents cut "
-        f"{stats['pieces_cut']}, truncated {stats['truncated']}  |  records skipped {sum(stats['read']['skipped'].values())}"
+        f"{stats['pieces_cut']}, truncated {stats['truncated']}  |  records skipped "
+        f"{_counts(stats['read']['skipped'])}"
         f"  |  text repaired {sum(stats['read']['repaired'].values())}"
     )
     over = stats["error_rate_exceeded"]

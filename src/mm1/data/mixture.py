@@ -115,9 +115,20 @@ class SourceStream:
             order = self.epoch_order(self.cursor.epoch)
             if self.cursor.shard_pos >= len(order):
                 if empty_passes:
+                    reasons = ", ".join(sorted(k for k, v in self.stats.skipped.items() if v))
+                    why = (
+                        f": every record was skipped ({reasons}; see the warnings)"
+                        if reasons
+                        else ""
+                    )
+                    share = (
+                        f" in the share of loader slot {self.slot} of {self.num_slots}"
+                        if self.num_slots > 1
+                        else ""
+                    )
                     raise DataError(
                         f"data source {self.spec.path} ({self.spec.format}) yields no readable "
-                        f"records for loader slot {self.slot} of {self.num_slots}"
+                        f"records{share}{why}"
                     )
                 empty_passes += 1
                 self.cursor = Cursor(epoch=self.cursor.epoch + 1)
