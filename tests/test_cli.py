@@ -802,6 +802,37 @@ def test_eval_sft_suite_end_to_end(run, tmp_path) -> None:
     )
 
 
+def test_suite_runs_and_their_controls_keep_their_own_results(run, monkeypatch) -> None:
+    """A suite file's run replaced `--suite sft`'s results in RUN/eval-suite, and so did the
+    shuffled-image control, whose row was named as the model's."""
+    from mm1.eval import suite as suite_module
+
+    seen: list[tuple[Path, str]] = []
+
+    def suite(p, run_dir, suite, *, world, name, out, **kw):
+        seen.append((out, name))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "suite.md").write_text("# suite\n")
+        return {
+            "files": {
+                k: str(out / f)
+                for k, f in (("markdown", "suite.md"), ("json", "s.json"), ("plot", "s.png"))
+            }
+        }
+
+    monkeypatch.setattr(suite_module, "run_suite", suite)
+    for extra in (
+        [],
+        ["--shuffle-images"],
+        ["--suite", str(run / "mine.yaml")],  # the last --suite counts
+        ["--shuffle-images", "--name", "control"],
+    ):
+        assert cli.main(["eval", str(run), "--suite", "sft", *extra]) in (0, None)
+    outs = [out.relative_to(run).as_posix() for out, _ in seen]
+    assert outs == ["eval-suite", "eval-suite-shuffled", "eval-suite-mine", "eval-suite-shuffled"]
+    assert [name for _, name in seen] == ["run", "run (shuffled images)", "run", "control"]
+
+
 def test_sft_demo_at_toy_scale(run, tmp_path) -> None:
     """The demo's SFT stage: fine-tune the tiny run on its world's conversations, the suite
     for three runs and the prior, three example conversations, and a report naming them."""

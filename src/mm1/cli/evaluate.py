@@ -99,10 +99,15 @@ def cmd_eval_suite(args: argparse.Namespace) -> None:
     if args.batch_size is not None:
         kw["batch_size"] = args.batch_size
     model = Path(args.model)
-    out = Path(args.out or _default_out(model, SUITE_OUT))
+    # One folder per suite and control, so a second run does not replace the first's results.
+    folder = SUITE_OUT if args.suite == "sft" else f"{SUITE_OUT}-{Path(args.suite).stem}"
+    folder += "-shuffled" if args.shuffle_images else ""
+    out = Path(args.out or _default_out(model, folder))
     _check_writable(out, args.out is not None)
     p = load_pretrained(model)
     name = args.name or _model_name(model)
+    if args.shuffle_images and not args.name:
+        name += " (shuffled images)"
     r = run_suite(p, _run_of(model), args.suite, world=world, name=name, out=out, **kw)
     console.print(Path(r["files"]["markdown"]).read_text().split("\n\n## ")[0], markup=False)
     console.print(f"results: {r['files']['json']}  plot: {r['files']['plot']}")
@@ -334,7 +339,11 @@ def register(add: Add) -> None:
         help="with --suite: how to prompt (default auto: chat for a fine-tuned model)",
     )
     p.add_argument("--name", default=None)
-    p.add_argument("--out", default=None, help=f"default: MODEL/{EVAL_OUT} (suite: eval-suite)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help=f"default: MODEL/{EVAL_OUT} (suite: eval-suite[-NAME][-shuffled])",
+    )
     p.add_argument("overrides", nargs="*", help="eval.KEY=VALUE (e.g. eval.max_new_tokens=40)")
 
     p = add(
