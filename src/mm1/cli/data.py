@@ -64,7 +64,20 @@ def cmd_data_inspect(args: argparse.Namespace) -> None:
         def count(text: str) -> int:
             return len(tok.encode(text))
 
-    info = inspect_source(args.path, args.format, args.n, count_tokens=count)
+    kwargs = {}
+    if args.image_root is not None:  # as a source's `image_root` in a config
+        from mm1.config.schema import IMAGE_ROOT_FORMATS
+        from mm1.data.catalog import detect_format
+        from mm1.data.mixture import IMAGE_ROOT_ARG
+
+        fmt = args.format or detect_format(args.path)
+        if fmt not in IMAGE_ROOT_FORMATS:
+            raise ConfigError(
+                f"--image-root: the {fmt} format has no image paths to resolve (it applies to "
+                f"{', '.join(IMAGE_ROOT_FORMATS)})"
+            )
+        kwargs[IMAGE_ROOT_ARG.get(fmt, "image_root")] = Path(args.image_root)
+    info = inspect_source(args.path, args.format, args.n, count_tokens=count, **kwargs)
     console.print_json(json.dumps(info, default=str))
 
 
@@ -179,6 +192,11 @@ def register(add: Add) -> None:
     p.add_argument("--format", default=None)
     p.add_argument("-n", type=int, default=3)
     p.add_argument("--tokenizer", default=None, help="tokenizer.json for token lengths")
+    p.add_argument(
+        "--image-root",
+        default=None,
+        help="the folder image paths are under (a source's image_root)",
+    )
     p = add("stats", cmd_data_stats, "mixture and packing statistics of a config", data)
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="section.key=value")

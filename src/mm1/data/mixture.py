@@ -29,7 +29,8 @@ Record = Document | Conversation
 logger = logging.getLogger(__name__)
 
 # The keyword under which each reader takes its local image folder.
-_IMAGE_ROOT_ARG = {"mmc4": "image_dir", "llava": "image_folder", "llava_yaml": "image_folder"}
+# The reader argument `image_root` goes to, where the reader names it otherwise.
+IMAGE_ROOT_ARG = {"mmc4": "image_dir", "llava": "image_folder", "llava_yaml": "image_folder"}
 
 
 @dataclass
@@ -102,7 +103,7 @@ class SourceStream:
         kind = self.spec.resolved_kind
         kwargs: dict[str, Any] = {"start": start, "stats": self.stats, "kind": kind}
         if root is not None:
-            kwargs[_IMAGE_ROOT_ARG.get(fmt, "image_root")] = Path(root)
+            kwargs[IMAGE_ROOT_ARG.get(fmt, "image_root")] = Path(root)
         if self.spec.allow_absolute_paths:
             kwargs["allow_absolute_paths"] = True
         for record in READERS[fmt](self.shards[shard], **kwargs):
