@@ -261,7 +261,7 @@ def register(add: Add) -> None:
     p.add_argument(
         "--chat-template",
         default=None,
-        help="a built-in (plain, vicuna_v1, chatml, llama3), a .jinja file, or one of the "
+        help="a built-in (plain, vicuna_v1 or its alias llava_v1, chatml, llama3), a .jinja file, or one of the "
         "tokenizer's named templates (default: the model's own, else plain)",
     )
     p.add_argument("--max-new-tokens", type=int, default=256)

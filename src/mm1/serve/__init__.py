@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--chat-template",
         default=None,
-        help="a built-in (plain, vicuna_v1, chatml, llama3), a .jinja file, or one of the "
+        help="a built-in (plain, vicuna_v1 or its alias llava_v1, chatml, llama3), a .jinja file, or one of the "
         "tokenizer's named templates (default: the model's own, else plain)",
     )
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
