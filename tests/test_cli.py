@@ -802,7 +802,14 @@ def test_eval_sft_suite_end_to_end(run, tmp_path) -> None:
     )
 
 
-def test_suite_runs_and_their_controls_keep_their_own_results(run, monkeypatch) -> None:
+def test_a_mistyped_suite_name_points_at_sft(run, capsys) -> None:
+    out = one_line(capsys, ["eval", str(run), "--suite", "sftt"], 2)
+    assert out == (
+        "config error: --suite sftt: no such suite file (the synthetic world's suite is --suite sft)"
+    )
+
+
+def test_suite_runs_and_their_controls_keep_their_own_results(run, tmp_path, monkeypatch):
     """A suite file's run replaced `--suite sft`'s results in RUN/eval-suite, and so did the
     shuffled-image control, whose row was named as the model's."""
     from mm1.eval import suite as suite_module
@@ -821,10 +828,12 @@ def test_suite_runs_and_their_controls_keep_their_own_results(run, monkeypatch) 
         }
 
     monkeypatch.setattr(suite_module, "run_suite", suite)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("[]\n")
     for extra in (
         [],
         ["--shuffle-images"],
-        ["--suite", str(run / "mine.yaml")],  # the last --suite counts
+        ["--suite", str(mine)],  # the last --suite counts
         ["--shuffle-images", "--name", "control"],
     ):
         assert cli.main(["eval", str(run), "--suite", "sft", *extra]) in (0, None)

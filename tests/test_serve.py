@@ -647,6 +647,17 @@ def test_the_pixel_limit_is_an_option_and_deep_images_are_scaled(pretrained) -> 
     assert parser.parse_args(["run"]).max_image_pixels == MAX_IMAGE_PIXELS
 
 
+def test_a_file_url_with_a_host_says_what_to_write(pretrained, tmp_path) -> None:
+    """`file://im1.jpg` parses as host "im1.jpg" and no path: it answered "no image file ."."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "im1.png")
+    opts = options(pretrained, image_dir=tmp_path)
+    with pytest.raises(APIError, match=r"file://im1\.png names a host \('im1\.png'\)") as err:
+        load_image_url("file://im1.png", opts)
+    assert err.value.status == 400 and "file:///ABSOLUTE/PATH" in str(err.value)
+    assert load_image_url(f"file://{tmp_path / 'im1.png'}", opts).size == (8, 8)
+    assert load_image_url("im1.png", opts).size == (8, 8)
+
+
 def test_serve_cli_checks_the_pixel_limit(run, capsys) -> None:
     assert cli.main(["serve", str(run), "--max-image-pixels", "-1"]) == 2
     out = capsys.readouterr()

@@ -214,6 +214,10 @@ def _check_suite_args(args: argparse.Namespace) -> None:
     """The suite fixes its own prompts, shots and decoding: a flag or override it would ignore
     is refused (one line naming it) rather than silently dropped; the ones it takes are
     checked as plain `mm1 eval` checks them."""
+    if args.suite != "sft" and not Path(args.suite).exists():
+        raise ConfigError(
+            f"--suite {args.suite}: no such suite file (the synthetic world's suite is --suite sft)"
+        )
     ignored = {
         "--shots": args.shots is not None,
         "--beams": args.beams is not None,

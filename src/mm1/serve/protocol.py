@@ -246,6 +246,14 @@ def load_image_url(url: str, opts: ServeOptions, where: str = "image_url") -> Im
         raise bad(f"{where}: this server fetches no remote images; send a data URL", where)
     if parsed.scheme not in ("", "file"):
         raise bad(f"{where}: unsupported image URL scheme {parsed.scheme!r}", where)
+    if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
+        # file://im1.jpg is host "im1.jpg" and no path: say what to write instead
+        raise bad(
+            f"{where}: {url} names a host ({parsed.netloc!r}), not a file: write "
+            f"file:///ABSOLUTE/PATH, or the path under the image folder ({parsed.netloc}"
+            f"{parsed.path})",
+            where,
+        )
     if opts.image_dir is None:
         raise APIError(
             403,
