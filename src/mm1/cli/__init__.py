@@ -115,14 +115,14 @@ def _run(args: argparse.Namespace) -> int:
     from mm1.data.sources import DataError
     from mm1.train.errors import TrainingError
 
-    from .common import console
+    from .common import console, first_rank
 
     try:
         code = args.fn(args)
     except ConfigError as err:
         # Under torchrun every rank reads the same config and finds the same error: the first
         # rank says it once (a rank's own error is a DataError or another, said by each).
-        if _launched_rank() == 0:
+        if first_rank():
             _print_error("config error", err)
         return 2
     except (FileNotFoundError, DataError) as err:
@@ -145,14 +145,6 @@ def _run(args: argparse.Namespace) -> int:
         console.print("(MM1_TRACEBACK=1 shows the traceback)", style="dim")
         return 1
     return code or 0
-
-
-def _launched_rank() -> int:
-    """This process's rank as torchrun set it (0 when not launched by it)."""
-    try:
-        return int(os.environ.get("RANK") or 0)
-    except ValueError:
-        return 0
 
 
 def _os_error_message(err: OSError) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from typing import Protocol
 
@@ -17,6 +18,12 @@ RESHARD_HELP = (
     "resume a checkpoint saved by another number of processes: model and optimizer resharded, "
     "the data restarted in a new shuffle (records may repeat)"
 )
+
+
+def first_rank() -> bool:
+    """Whether this process is torchrun's first rank, or was not launched by torchrun: the one
+    that prints what every rank would print alike."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 class Add(Protocol):

@@ -4,9 +4,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 
-from .common import RESHARD_HELP, Add, console, skipped_note
+from .common import RESHARD_HELP, Add, console, first_rank, skipped_note
 
 
 def cmd_train_encoder(args: argparse.Namespace) -> int | None:
@@ -16,13 +15,13 @@ def cmd_train_encoder(args: argparse.Namespace) -> int | None:
     cfg = load_encoder_config(args.config, args.overrides)
     result = train_encoder(cfg, force=args.force, reshard=args.reshard)
     if result["stopped_by"]:
-        if os.environ.get("RANK", "0") == "0":
+        if first_rank():
             console.print(
                 f"stopped early at step {result['step']} of {cfg.train.steps} (checkpoint saved "
                 f"in {cfg.train.run_dir}); run the same command to resume"
             )
         return 128 + result["stopped_by"]
-    if os.environ.get("RANK", "0") == "0":
+    if first_rank():
         console.print(
             f"done: step {result['step']}, loss {result['loss']:.4f} -> {cfg.train.run_dir}"
             + skipped_note(result)

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from mm1.config import Config, ConfigError, ModelConfig, load_config
 
-from .common import RESHARD_HELP, Add, console, skipped_note
+from .common import RESHARD_HELP, Add, console, first_rank, skipped_note
 
 
 def _human(n: float) -> str:
@@ -171,10 +171,10 @@ def cmd_train(args: argparse.Namespace) -> int | None:
     if result["stopped_by"]:
         # Not a success: a job script must see that training did not finish (128 + signal, as
         # the shell reports a process killed by it; every rank exits so under torchrun).
-        if os.environ.get("RANK", "0") == "0":
+        if first_rank():
             _print_stopped(args, cfg, result)
         return 128 + result["stopped_by"]
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, one summary line
+    if not first_rank():  # under torchrun, one summary line
         return None
     if result["steps_run"] == 0:
         console.print(

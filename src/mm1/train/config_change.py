@@ -187,6 +187,11 @@ def unused_keys(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, ...]:
     return (*unused, *(v for v in tokenizers.values() if v not in read))
 
 
+def _saved_against_config(changes: list[tuple[str, Any, Any]]) -> str:
+    """ "the checkpoint's KEY is A, the config's B; ..." for (key, saved, new) changes."""
+    return "; ".join(f"the checkpoint's {k} is {a}, the config's {b}" for k, a, b in changes)
+
+
 def refuse_model_change(
     run_dir: Path, old: dict[str, Any], new: dict[str, Any], force: bool
 ) -> None:
@@ -196,7 +201,7 @@ def refuse_model_change(
     changes = model_changes(old, new)
     if not changes:
         return
-    what = "; ".join(f"the checkpoint's {k} is {a}, the config's {b}" for k, a, b in changes)
+    what = _saved_against_config(changes)
     head = "--force cannot change the model" if force else f"{run_dir} holds another model"
     raise ConfigError(f"{head}: {what}; resume with the same model or choose a new train.run_dir")
 
@@ -220,7 +225,7 @@ def refuse_trained_parts_change(run_dir: Path, old: dict[str, Any], new: dict[st
     changes = [(k, a, b) for k, a, b in changes if a is not None and a != b]
     if not changes:
         return
-    what = "; ".join(f"the checkpoint's {k} is {a}, the config's {b}" for k, a, b in changes)
+    what = _saved_against_config(changes)
     raise ConfigError(
         f"a resume cannot change what trains, not even with --force: {what} (the optimizer's "
         f"state is the trained parts'). Resume with the saved value, or start a new stage from "
