@@ -194,6 +194,43 @@ def test_convert_generate_and_eval(run, tmp_path) -> None:
     assert (out_dir / "results.md").exists() and (out_dir / "scores_vs_shots.png").exists()
 
 
+def test_generate_and_eval_run_in_the_dtype_asked(run, tmp_path, capsys) -> None:
+    """`--dtype bf16`: the run's checkpoint read straight into bf16; `mm1 generate` prints that
+    model's greedy continuation, and `mm1 eval`'s results say where and in what precision its
+    figures were computed."""
+    from mm1.data.sources.base import image_from_path
+    from mm1.data.tokenizer import tokenize_prompt
+    from mm1.pretrained import load_pretrained
+
+    image = next((run.parent / "world" / "eval" / "val" / "images").iterdir())
+    prompt = ["--prompt", "<image>Output:", "--max-new-tokens", "4"]
+    assert cli.main(["generate", str(run), "--image", str(image), *prompt, "--dtype", "bf16"]) == 0
+    out = capsys.readouterr().out
+    p = load_pretrained(run, dtype="bfloat16")
+    assert {v.dtype for v in p.model.parameters()} == {torch.bfloat16}
+    pil = image_from_path(image)
+    ids = tokenize_prompt("<image>Output:", [pil], p.tokenizer, p.prompt_format)
+    pixels = p.prompt_format.pixel_values(p.processor, [pil])
+    tok = p.tokenizer
+    new_ids = generation.generate(
+        p.model, [ids], pixels, max_new_tokens=4, eos_token_id=[tok.eos_id], pad_token_id=tok.pad_id
+    )[0]
+    assert out == tok.decode(new_ids) + "\n"
+
+    shots = ["--shots", "0", "--seeds", "1", "--max-examples", "2", "--out", str(tmp_path / "e")]
+    assert cli.main(["eval", str(run), *shots, "--dtype", "bfloat16"]) == 0
+    capsys.readouterr()
+    results = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert results["settings"]["runtime"] == {"device": "cpu", "dtype": "bfloat16"}
+
+    flags = ["--image", str(image), *prompt]
+    line = one_line(capsys, ["generate", str(run), *flags, "--dtype", "float64"], 2)
+    assert "--dtype float64: not a dtype a model runs in; give float32, bfloat16" in line
+    line = one_line(capsys, ["eval", str(run), "--device", "cuda", "--out", str(tmp_path / "x")], 2)
+    assert line.startswith("config error: --device cuda: not usable here")
+    assert not (tmp_path / "x").exists()  # refused before anything was written
+
+
 def test_an_exports_results_go_outside_it(run, tmp_path, monkeypatch, capsys) -> None:
     """An export is a model to hand on (and may be read-only): `mm1 eval EXPORT` without
     --out writes to runs/eval-cli/NAME in the current directory, not into the export."""

@@ -515,6 +515,7 @@ def test_mm1_serve_from_the_command_line(run, images) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(mm1.__file__).parents[1])}
     argv = [sys.executable, "-m", "mm1.cli", "serve", str(run), "--port", str(port)]
     argv += ["--model-name", "m", "--image-dir", str(images[0].parent), "--compile"]
+    argv += ["--dtype", "bf16"]  # read straight into bf16; the image's pixels cast on entry
     proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -535,7 +536,7 @@ def test_mm1_serve_from_the_command_line(run, images) -> None:
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
-    assert "serving 'm'" in proc.stderr.read()
+    assert "serving 'm' (cpu, bfloat16; chat template:" in proc.stderr.read()
 
 
 def test_serve_cli_checks_its_options(run, capsys) -> None:

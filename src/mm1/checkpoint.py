@@ -492,26 +492,45 @@ def read_model_config(path: str | os.PathLike[str]) -> ModelConfig:
     return model_config_from_dict(json.loads((Path(path) / MODEL_CONFIG).read_text()))
 
 
-def read_model_weights(path: str | os.PathLike[str]) -> SavedModel:
+def read_model_weights(
+    path: str | os.PathLike[str], dtype: torch.dtype | None = None
+) -> SavedModel:
     """The model of an exported directory, a run directory (its newest complete checkpoint) or
     one checkpoint ``RUN/checkpoints/step_N``, read on this process alone (no collectives; any
-    saving world size)."""
+    saving world size). `dtype` (None: as saved) is the dtype the model will run in: floating
+    weights are read into it one at a time (`mm1.models.family.weight_dtype`), so an export
+    never exists in memory as a whole fp32 copy beside the one wanted."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist")
     if is_export(p):
         cfg = read_model_config(p)
         # Always a copy: load_file maps the file, which may be rewritten while the model lives.
-        state = {k: v.clone() for k, v in load_file(str(p / EXPORT_WEIGHTS)).items()}
+        mapped = load_file(str(p / EXPORT_WEIGHTS))
+        state = {k: v.to(_read_dtype(cfg, k, v, dtype), copy=True) for k, v in mapped.items()}
         return SavedModel(cfg, state, p, None)
     if is_run(p):
-        return _read_newest(p)
-    if is_checkpoint(p):
-        return _read_checkpoint(p, p.parent.parent)
-    raise FileNotFoundError(
-        f"{p} is neither an exported model ({EXPORT_WEIGHTS} + {MODEL_CONFIG}), a run "
-        f"directory with {CHECKPOINTS_DIR}/, nor one of its {CHECKPOINTS_DIR}/step_N"
-    )
+        saved = _read_newest(p)
+    elif is_checkpoint(p):
+        saved = _read_checkpoint(p, p.parent.parent)
+    else:
+        raise FileNotFoundError(
+            f"{p} is neither an exported model ({EXPORT_WEIGHTS} + {MODEL_CONFIG}), a run "
+            f"directory with {CHECKPOINTS_DIR}/, nor one of its {CHECKPOINTS_DIR}/step_N"
+        )
+    for k, v in saved.state.items():  # replaced one at a time: one fp32 tensor freed per cast
+        saved.state[k] = v.to(_read_dtype(saved.config, k, v, dtype))
+    return saved
+
+
+def _read_dtype(
+    cfg: ModelConfig, key: str, value: torch.Tensor, dtype: torch.dtype | None
+) -> torch.dtype:
+    if dtype is None or not value.is_floating_point():
+        return value.dtype
+    from mm1.models.family import weight_dtype  # deferred: the models import this module
+
+    return weight_dtype(cfg, key, dtype)
 
 
 def _read_newest(run: Path, tries: int = 5) -> SavedModel:

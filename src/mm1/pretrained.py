@@ -61,6 +61,12 @@ class Pretrained:
         return self.model.cfg
 
     @property
+    def runtime(self) -> dict[str, str]:
+        """Where and in what precision the model runs: evaluation results record it."""
+        weight = self.model.decoder.embed_tokens.weight
+        return {"device": str(weight.device), "dtype": str(weight.dtype).removeprefix("torch.")}
+
+    @property
     def image_boundaries(self) -> bool:
         """Images wrapped in <img> ... </img> as in training (`data.image_boundaries`)."""
         return self.prompt_format.image_boundaries
@@ -207,7 +213,9 @@ def load_model_config(path: str | Path) -> ModelConfig:
 
 
 def model_from_saved(saved: SavedModel) -> MLLM:
-    """An MM1 holding a saved model's weights (built on the meta device, weights assigned)."""
+    """An MM1 holding a saved model's weights (built on the meta device, weights assigned): its
+    parameters take the saved tensors' dtypes; the computed buffers (rotary frequencies) are
+    fp32, as transformers' models loaded in bf16 keep theirs."""
     cfg = saved.config
     cfg.vision.init = cfg.decoder.init = None
     family = family_spec(cfg.family)
@@ -237,6 +245,45 @@ def check_device(device: str | torch.device, option: str = "--device") -> torch.
         why = (str(err).strip() or type(err).__name__).splitlines()[0].split(". ")[0]
         raise ConfigError(f"{option} {device}: not usable here ({why}); use {option} cpu") from None
     return dev
+
+
+# `--dtype` values: torch's names and the short ones.
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def check_dtype(
+    dtype: str | torch.dtype, device: str | torch.device = "cpu", option: str = "--dtype"
+) -> torch.dtype:
+    """The dtype a model runs in (`DTYPES`' names), usable on `device`, else one line naming
+    `option`: a GPU without bf16 (before Ampere) is told to use float16."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ConfigError(
+                f"{option} {dtype}: not a dtype a model runs in; give float32, bfloat16 (bf16) or "
+                "float16 (fp16)"
+            )
+        dtype = DTYPES[dtype]
+    elif dtype not in DTYPES.values():
+        raise ConfigError(f"{option} {dtype}: give float32, bfloat16 or float16")
+    dev = torch.device(device)
+    if dtype == torch.bfloat16 and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"{option} bfloat16: this GPU has no bf16; use {option} float16")
+    return dtype
+
+
+def check_runtime(
+    device: str | torch.device, dtype: str | torch.dtype
+) -> tuple[torch.device, torch.dtype]:
+    """`--device` and `--dtype` checked together, before anything loads."""
+    dev = check_device(device)
+    return dev, check_dtype(dtype, dev)
 
 
 def locate_model(path: str | Path) -> tuple[str | None, Path]:
@@ -269,16 +316,24 @@ def locate_model(path: str | Path) -> tuple[str | None, Path]:
     )
 
 
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
+def load_pretrained(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = torch.float32,
+) -> Pretrained:
     """An exported directory, a run directory (its newest complete checkpoint), one of a run's
     checkpoints (`RUN/checkpoints/step_N`, read with the run's tokenizer), or a transformers
-    LLaVA / LLaVA-NeXT / FuyuForCausalLM directory (`_load_hf_model`)."""
+    LLaVA / LLaVA-NeXT / FuyuForCausalLM directory (`_load_hf_model`), for inference on
+    `device` in `dtype` (float32, bfloat16, float16: `DTYPES`). The weights are read straight
+    into `dtype`, with no whole copy in another; a frozen image tokenizer stays fp32
+    (`mm1.models.family.weight_dtype`), and pixels are cast to the image side's dtype as they
+    enter the model."""
     path = Path(path)
     kind, tok_dir = locate_model(path)
-    check_device(device)
+    device, dtype = check_runtime(device, dtype)
     if kind is not None:
-        return _load_hf_model(path, kind, device)
-    model = model_from_saved(read_model_weights(path))
+        return _load_hf_model(path, kind, device, dtype)
+    model = model_from_saved(read_model_weights(path, dtype))
     model.to(device).eval()
     return Pretrained(
         model,
@@ -299,7 +354,9 @@ def _hf_model_kind(path: Path) -> str | None:
     return kind if kind in ("llava", "fuyu") else None
 
 
-def _load_hf_model(path: Path, kind: str, device: str | torch.device) -> Pretrained:
+def _load_hf_model(
+    path: Path, kind: str, device: str | torch.device, dtype: torch.dtype
+) -> Pretrained:
     """A transformers LLaVA / LLaVA-NeXT / FuyuForCausalLM directory, read as a run starting
     from it reads it (`train.init.weights`), at its own image size: its architecture and
     weights, its tokenizer with mm1's special tokens added (their rows at the mean), its image
@@ -323,7 +380,7 @@ def _load_hf_model(path: Path, kind: str, device: str | torch.device) -> Pretrai
     # Built on the meta device and given the directory's weights: no random initialisation of
     # a model every weight of which is then replaced (minutes and twice the memory at 7B).
     shell = build_model(base, tok.vocab_size, tok.image_id, meta=True, init=init)
-    state = starting_point_state_dict(shell, init, tok.added_ids)
+    state = starting_point_state_dict(shell, init, tok.added_ids, dtype)
     if shell.cfg.decoder.tie_embeddings:
         state.pop("decoder.lm_head.weight", None)  # the embedding, as in a saved model
     model = model_from_saved(SavedModel(shell.cfg, state, path, None))

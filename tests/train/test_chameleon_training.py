@@ -124,6 +124,14 @@ def test_a_chameleon_run_trains_the_codes_with_the_tokenizer_frozen_and_generate
 
     with Image.open(draws[0]) as a, Image.open(draws[1]) as b:
         assert a.size == (3 * 32, 32) and a.tobytes() == b.tobytes()
+    # in bf16 (the tokenizer kept in fp32, `weight_dtype`): both commands run, and say so
+    low = tmp_path / "bf16"
+    args = ["eval-generation", str(run), "--max-images", "8", "--out", str(low), "--dtype", "bf16"]
+    assert cli.main(args) == 0
+    runtime = json.loads((low / "image_generation.json").read_text())["runtime"]
+    assert runtime == {"device": "cpu", "dtype": "bfloat16"}
+    args = ["generate-image", str(run), "--prompt", "a red circle", "--dtype", "bf16"]
+    assert cli.main([*args, "--out", str(tmp_path / "c.png")]) == 0
 
     from mm1.ablate.cell import SUITES
 

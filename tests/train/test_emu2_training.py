@@ -56,6 +56,12 @@ def test_an_emu2_run_trains_both_losses_and_scores_its_generated_features(
     assert "| text -> image |" in (out / "image_generation.md").read_text()
     assert len(result["examples"]) == 6 and len(result["examples"][0]["nearest"]) == 4
     assert (out / "image_generation.png").stat().st_size > 0
+    # in bf16: the regressed features scored as in fp32 (up to rounding), and said
+    low = tmp_path / "bf16"
+    assert cli.main([*args[:-1], str(low), "--dtype", "bf16"]) == 0
+    in_bf16 = json.loads((low / "image_generation.json").read_text())
+    assert in_bf16["runtime"] == {"device": "cpu", "dtype": "bfloat16"}
+    assert in_bf16["cosine_own"] == pytest.approx(result["cosine_own"], abs=0.05)
 
     # the same scores as a study's `generation` suite, and its table in a study's report
     from mm1.ablate.cell import SUITES

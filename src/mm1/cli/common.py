@@ -20,6 +20,17 @@ RESHARD_HELP = (
 )
 
 
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    """`--device` and `--dtype`: where, and in what precision, a command runs a loaded model."""
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        help="the weights' and activations' precision: float32 (default), bfloat16 (bf16; half "
+        "the memory, the usual choice on a GPU) or float16 (fp16); read straight into it",
+    )
+
+
 def first_rank() -> bool:
     """Whether this process is torchrun's first rank, or was not launched by torchrun: the one
     that prints what every rank would print alike."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mm1.config import ConfigError, EvalConfig
 
-from .common import MODEL_HELP, Add, console
+from .common import MODEL_HELP, Add, add_runtime_arguments, console
 
 # `mm1 eval`'s own folder: `eval/` holds the demo's evaluation, which its report links to.
 EVAL_OUT = "eval-cli"
@@ -28,10 +28,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from mm1.eval.fewshot import evaluate
     from mm1.eval.report import write_report
     from mm1.eval.tasks import SYNTHETIC_TASKS, TASKS, register_task_file
-    from mm1.pretrained import load_pretrained, locate_model
+    from mm1.pretrained import check_runtime, load_pretrained, locate_model
 
     model_dir = Path(args.model)
     locate_model(model_dir)  # a mistyped path is said as such, not as a missing world
+    check_runtime(args.device, args.dtype)
     e, settings = _eval_settings(_run_of(model_dir), args)
     shots = e.shots
     # With a task file and no tasks named (--tasks or eval.tasks=...), only its tasks run.
@@ -67,7 +68,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         )
     out = Path(args.out or _default_out(model_dir, EVAL_OUT))
     _check_writable(out, args.out is not None)
-    p = load_pretrained(model_dir)
+    p = load_pretrained(model_dir, args.device, args.dtype)
     results = evaluate(
         p.model,
         p.tokenizer,
@@ -79,6 +80,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         name=args.name or _model_name(model_dir),
     )
     results["settings"] = {**settings, "eval": {**to_dict(e), "tasks": tasks}}
+    results["settings"]["runtime"] = p.runtime
     files = write_report(results, out)
     console.print(Path(files["markdown"]).read_text().split("\n\n###")[0], markup=False)
     console.print(f"results: {files['json']}  table: {files['markdown']}  plot: {files['plot']}")
@@ -87,10 +89,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_eval_suite(args: argparse.Namespace) -> None:
     from mm1.data.world import run_world
     from mm1.eval.suite import run_suite
-    from mm1.pretrained import load_pretrained, locate_model
+    from mm1.pretrained import check_runtime, load_pretrained, locate_model
 
     _check_suite_args(args)  # before anything loads: the suite takes few of eval's options
     locate_model(args.model)
+    check_runtime(args.device, args.dtype)
     world = args.world or run_world(Path(args.model))
     s = args.seeds if args.seeds is not None else 3
     kw = {"mode": args.suite_mode or "auto", "seeds": s, "max_examples": args.max_examples or 0}
@@ -104,7 +107,7 @@ def cmd_eval_suite(args: argparse.Namespace) -> None:
     folder += "-shuffled" if args.shuffle_images else ""
     out = Path(args.out or _default_out(model, folder))
     _check_writable(out, args.out is not None)
-    p = load_pretrained(model)
+    p = load_pretrained(model, args.device, args.dtype)
     name = args.name or _model_name(model)
     if args.shuffle_images and not args.name:
         name += " (shuffled images)"
@@ -124,7 +127,7 @@ def cmd_eval_generation(args: argparse.Namespace) -> None:
         write_results,
     )
     from mm1.models.generation import Sampling
-    from mm1.pretrained import load_pretrained, locate_model
+    from mm1.pretrained import check_runtime, load_pretrained, locate_model
 
     refuse_encoder_run(args.model)
     if (args.captions is None) != (args.image_dir is None):
@@ -138,6 +141,7 @@ def cmd_eval_generation(args: argparse.Namespace) -> None:
         )
     model_dir = Path(args.model)
     locate_model(model_dir)
+    check_runtime(args.device, args.dtype)
     if args.captions is not None:
         images = coco_captioned_images(args.captions, args.image_dir)
         source = f"{args.captions} ({args.image_dir})"
@@ -152,10 +156,11 @@ def cmd_eval_generation(args: argparse.Namespace) -> None:
     images = scored_pairs(images, args.max_images)
     out = Path(args.out or _default_out(model_dir, EVAL_OUT))
     _check_writable(out, args.out is not None)
-    p = load_pretrained(model_dir)
+    p = load_pretrained(model_dir, args.device, args.dtype)
     sampling = Sampling(args.temperature > 0, args.temperature or 1.0, args.top_k)
     result = evaluate_image_generation(p, images, args.batch_size, sampling, args.seed)
     result["source"] = source
+    result["runtime"] = p.runtime
     path = write_results(result, out, f"Image generation: {_model_name(model_dir)}")
     r = result["text_to_image"]
     console.print(
@@ -348,6 +353,7 @@ def register(add: Add) -> None:
         default=None,
         help=f"default: MODEL/{EVAL_OUT} (suite: eval-suite[-NAME][-shuffled])",
     )
+    add_runtime_arguments(p)
     p.add_argument("overrides", nargs="*", help="eval.KEY=VALUE (e.g. eval.max_new_tokens=40)")
 
     p = add(
@@ -373,3 +379,4 @@ def register(add: Add) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="chameleon, seed: the sampling's seed")
     p.add_argument("--out", default=None, help=f"default: MODEL/{EVAL_OUT}")
+    add_runtime_arguments(p)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from mm1.config import ConfigError
 from mm1.serve import add_arguments as serve_arguments
 
-from .common import MODEL_HELP, Add, console
+from .common import MODEL_HELP, Add, add_runtime_arguments, console
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -98,7 +98,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             f"--prompt has {tags} {IMAGE_TOKEN} tag(s) but {n} --image given: put one "
             f"{IMAGE_TOKEN} where each image goes, e.g. --prompt '{IMAGE_TOKEN}Output:'"
         )
-    p = load_pretrained(args.model)
+    p = load_pretrained(args.model, args.device, args.dtype)
     images = _load_images(args.image)
     # Written as the model was trained: its image slots, boundaries and chat template.
     fmt = p.prompt_format
@@ -152,7 +152,7 @@ def cmd_generate_image(args: argparse.Namespace) -> None:
     if out.suffix.lower() != ".png":
         raise ConfigError(f"--out {out}: a .png file (the images side by side)")
     sampling = Sampling(args.temperature > 0, args.temperature or 1.0, args.top_k)
-    p = load_pretrained(args.model, args.device)
+    p = load_pretrained(args.model, args.device, args.dtype)
     images = generate_images(p, args.prompt, args.n, sampling, args.seed)
     strip = (images.permute(2, 0, 3, 1).flatten(1, 2) * 255).round().byte().numpy()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -179,7 +179,7 @@ def cmd_chat(args: argparse.Namespace) -> int | None:
     settings.validate()
     # A script's mistakes (a missing image, a tag count) are reported before the model loads.
     images = None if args.message is None else message_images(args.message, args.image)
-    p = load_pretrained(args.model, args.device)
+    p = load_pretrained(args.model, args.device, args.dtype)
     template = resolve_chat_template(p.tokenizer, args.chat_template)
     if template.notice:
         print(f"note: {template.notice}", file=sys.stderr)
@@ -241,6 +241,7 @@ def register(add: Add) -> None:
         action="store_true",
         help="the prompt is a user turn, written by the model's chat template (as in SFT)",
     )
+    add_runtime_arguments(p)
 
     p = add("generate-image", cmd_generate_image, "draw images of a caption (a chameleon model)")
     p.add_argument("model", help=MODEL_HELP)
@@ -250,7 +251,7 @@ def register(add: Add) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (n equal images)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest codes")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    add_runtime_arguments(p)
 
     p = add("chat", cmd_chat, "chat with a model in the terminal (/image PATH attaches images)")
     p.add_argument("model", help=MODEL_HELP)
@@ -268,7 +269,7 @@ def register(add: Add) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="for reproducible sampling")
-    p.add_argument("--device", default="cpu")
+    add_runtime_arguments(p)
     p.add_argument(
         "--compile",
         action="store_true",
@@ -278,3 +279,4 @@ def register(add: Add) -> None:
 
     p = add("serve", cmd_serve, "an OpenAI-compatible chat API and a chat page for a model")
     serve_arguments(p)
+    add_runtime_arguments(p)

@@ -360,6 +360,7 @@ def run_suite(
         compile=compile,
     )
     results["suite"] = str(suite_path)
+    results["runtime"] = p.runtime
     out_dir = Path(out or Path(model_dir) / "eval-suite")
     files = write_suite_report([results, prior_scores(tasks, max_examples)], out_dir)
     results["files"] = files

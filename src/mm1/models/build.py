@@ -96,12 +96,15 @@ def _refuse_missing_encoder(cfg: ModelConfig, init: InitConfig) -> None:
 
 
 def starting_point_state_dict(
-    model: MLLM, init: InitConfig | None, new_token_ids: Sequence[int] = ()
+    model: MLLM,
+    init: InitConfig | None,
+    new_token_ids: Sequence[int] = (),
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
     """The starting weights `init` names, shaped for `model` (any device, the meta device too):
     see `mm1.models.starting_point.starting_state`."""
     init = with_deprecated(model.cfg, init)
-    return starting_state(init, model.cfg, expected_shapes(model), new_token_ids)
+    return starting_state(init, model.cfg, expected_shapes(model), new_token_ids, dtype)
 
 
 def build_model(

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
+import torch
 from torch import nn
 
 from mm1.config import ConfigError, ModelConfig
@@ -74,6 +75,15 @@ def family_spec(name: str) -> ModelFamily:
 def shares_image_parts(a: str, b: str) -> bool:
     """Whether models of families `a` and `b` hold the same image encoder and connector."""
     return a == b or family_spec(a).image_parts_of == b or family_spec(b).image_parts_of == a
+
+
+def weight_dtype(cfg: ModelConfig, key: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the floating weight `key` of a `cfg` model is read in for a model that runs in
+    `dtype`: fp32 for a frozen image tokenizer's (chameleon's, seed's `vision.*`, codebook
+    included), as training keeps it, since bf16 would flip its codes near a tie; else `dtype`."""
+    if family_spec(cfg.family).image_tokenizer and key.startswith("vision."):
+        return torch.float32
+    return dtype
 
 
 def family_of(model: nn.Module) -> ModelFamily:

@@ -192,6 +192,11 @@ class MLLM(nn.Module, ABC):
         n_crops = 0 if pixel_values is None else pixel_values.shape[0]
         targets = None
         if n_crops:
+            # On the model's device, in the image side's dtype (a model loaded in bf16; a no-op
+            # in training, whose weights are fp32 under autocast or cast with the inputs by
+            # FSDP): its first weight's, as every family builds its image side first.
+            dtype = next(self.parameters()).dtype
+            pixel_values = pixel_values.to(device=embeds.device, dtype=dtype)
             feats, targets = self.image_tokens_and_targets(pixel_values, image_crops, image_sizes)
             feats = feats.to(embeds.dtype)
             if n_slots != feats.shape[0]:

@@ -245,16 +245,19 @@ def starting_state(
     cfg: ModelConfig,
     expected: dict[str, torch.Size],
     new_token_ids: Sequence[int] = (),
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
     """The starting weights of every part `init` names, shaped for a model of (resolved) `cfg`
     whose parameter shapes are `expected`. `new_token_ids` (the tokenizer's `added_ids`: tokens
-    new to an HF tokenizer) start at the mean embedding row."""
+    new to an HF tokenizer) start at the mean embedding row. A whole LLaVA / Fuyu directory's
+    floating weights are copied out of its files in `dtype` (fp32 for training; the dtype an
+    inference model runs in, so a bf16 checkpoint is never held as an fp32 copy)."""
     from mm1.models.hf.checkpoint import UnreadableWeights
 
     state: dict[str, torch.Tensor] = {}
     for s in sources(init):
         try:
-            raw, ctx_kw = _read_source(s, cfg, expected, new_token_ids)
+            raw, ctx_kw = _read_source(s, cfg, expected, new_token_ids, dtype)
         except UnreadableWeights as err:  # a truncated or corrupt file: name the option
             raise ConfigError(f"{s.key}={s.path}: {err}") from None
         ctx = LoadContext(
@@ -275,7 +278,11 @@ def starting_state(
 
 
 def _read_source(
-    s: Source, cfg: ModelConfig, expected: dict[str, torch.Size], new_token_ids: Sequence[int]
+    s: Source,
+    cfg: ModelConfig,
+    expected: dict[str, torch.Size],
+    new_token_ids: Sequence[int],
+    dtype: torch.dtype,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A source's weights as read (before the transform chain), and what its LoadContext adds."""
     from mm1.models import hf  # deferred: only needed with HF starting points
@@ -305,8 +312,7 @@ def _read_source(
         else:
             raw = llava_state_to_ours(read, cfg)
         raw = {
-            k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True)
-            for k, v in raw.items()
+            k: v.to(dtype if v.is_floating_point() else v.dtype, copy=True) for k, v in raw.items()
         }
         ctx_kw["new_token_ids"] = tuple(new_token_ids)
     else:

@@ -59,7 +59,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the most pixels an image's header may declare (default: 8192x8192; 0 = no limit): "
         "a small PNG can decode to gigabytes",
     )
-    p.add_argument("--device", default="cpu")
     p.add_argument(
         "--compile",
         action="store_true",
@@ -131,7 +130,7 @@ def run(args: argparse.Namespace) -> int | None:
     # The port first: taken or not allowed is known at once, not after the model has loaded.
     sock = bind_port(args.host, args.port)
     try:
-        p = load_pretrained(args.model, args.device)
+        p = load_pretrained(args.model, args.device, args.dtype)
         template = resolve_chat_template(p.tokenizer, args.chat_template)
         if template.notice:
             print(f"note: {template.notice}", file=sys.stderr)
@@ -154,7 +153,8 @@ def run(args: argparse.Namespace) -> int | None:
         app = create_app(p, engine, opts)
         host = f"[{args.host}]" if ":" in args.host else args.host
         banner = (
-            f"serving {opts.model_name!r} (chat template: {template.name}) on "
+            f"serving {opts.model_name!r} ({p.runtime['device']}, {p.runtime['dtype']}; chat "
+            f"template: {template.name}) on "
             f"http://{host}:{sock.getsockname()[1]}/ — the chat page is at /, the API at /v1"
         )
         # Not started (the app's start-up failed; uvicorn logged why): exit 1, as uvicorn.run.
