@@ -280,3 +280,24 @@ def test_eval_throughput_benchmark_compiled_predicts_as_eager(bench) -> None:
     ]
     for r in rows[2:]:
         assert r["same_predictions_as_eager"] == 1.0 and r["speedup_vs_eager"] > 0
+
+
+def test_load_memory_benchmark_reads_bf16_without_a_whole_fp32_copy(bench, tmp_path) -> None:
+    """`--dtype bf16` allocates the bf16 weights once (plus ~10 MiB of the load's own); the
+    way before it (load in fp32, then `.to(bf16)`) allocated the fp32 model first."""
+    from benchmarks import load_memory
+
+    paths = load_memory.write_models(tmp_path / "models", dim=384, layers=2, vision_layers=2)
+
+    def load(source: str, dtype: str, cast: str = "0") -> dict:
+        args = ["--child", str(paths[source]), dtype, cast]
+        return bench.run_child("benchmarks.load_memory", args)
+
+    before = load("llava_bf16", "float32", cast="1")
+    bf16 = load("llava_bf16", "bfloat16")
+    export = load("export_fp32", "bfloat16")  # an fp32 export: each tensor cast as it is read
+    weights = pytest.approx(bf16["weights_mib"], rel=1e-3)  # `.to` casts the rotary too
+    assert before["weights_mib"] == weights and export["weights_mib"] == weights
+    assert before["peak_anon_added_mib"] > 2 * bf16["weights_mib"]  # 97 MiB for 43
+    assert bf16["peak_anon_added_mib"] < 0.7 * before["peak_anon_added_mib"]  # 53
+    assert export["peak_anon_added_mib"] < 0.7 * before["peak_anon_added_mib"]  # 44
