@@ -226,8 +226,10 @@ def test_generate_and_eval_run_in_the_dtype_asked(run, tmp_path, capsys) -> None
     flags = ["--image", str(image), *prompt]
     line = one_line(capsys, ["generate", str(run), *flags, "--dtype", "float64"], 2)
     assert "--dtype float64: not a dtype a model runs in; give float32, bfloat16" in line
-    line = one_line(capsys, ["eval", str(run), "--device", "cuda", "--out", str(tmp_path / "x")], 2)
-    assert line.startswith("config error: --device cuda: not usable here")
+    line = one_line(
+        capsys, ["eval", str(run), "--device", "cuda:99", "--out", str(tmp_path / "x")], 2
+    )
+    assert line.startswith("config error: --device cuda:99: not usable here")
     assert not (tmp_path / "x").exists()  # refused before anything was written
 
 

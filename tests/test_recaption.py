@@ -156,7 +156,9 @@ def test_rerun_resumes_only_the_same_settings(world, model_dir, other_model_dir,
     # naming what differs, and nothing in --out is touched
     fused = rc.RecaptionSettings(batch_size=16, max_new_tokens=3, fuse=True)
     longer = rc.RecaptionSettings(batch_size=16, max_new_tokens=5)
+    in_bf16 = rc.RecaptionSettings(batch_size=16, max_new_tokens=3, dtype="bf16")
     refused = [
+        (model_dir, src, in_bf16, r"\(dtype float32, now bfloat16\)"),
         (other_model_dir, src, settings, r"other settings \(model .*model \(export \w+\), now "),
         (model_dir, src, fused, r"\(fuse false, now true\); give a new --out"),
         (model_dir, src, longer, r"\(max_new_tokens 3, now 5\)"),
@@ -167,6 +169,10 @@ def test_rerun_resumes_only_the_same_settings(world, model_dir, other_model_dir,
             rc.recaption(model, inputs, out, s, progress=False)
     assert _hashes(out) == before
     assert not rc.is_complete(model_dir, src, out, settings)  # an ablation prepare step: run it
+    # a manifest written before --dtype records none: its run was fp32, and resumes as such
+    manifest = json.loads((out / rc.MANIFEST).read_text())
+    del manifest["dtype"]
+    (out / rc.MANIFEST).write_text(json.dumps(manifest))
     # the same settings resume: the two missing shards, counted as this run's alone
     record = rc.recaption(model_dir, src, out, settings, progress=False)
     # done: for these settings only (a prepare step's check; by file names alone it was done
@@ -244,6 +250,8 @@ def test_recaption_mistakes_are_one_line_and_leave_no_out(world, model_dir, tmp_
     assert line == f"config error: checkpoint {missing}: does not exist"
     line = one_line(capsys, ["recaption", str(world), "--in", src, "--out", str(out)], 2)
     assert line.startswith(f"config error: checkpoint {world}: neither an exported model")
+    args = ["recaption", str(model_dir), "--in", src, "--out", str(out), "--dtype", "fp64"]
+    assert one_line(capsys, args, 2).startswith("config error: --dtype fp64: not a dtype")
     assert not out.exists()  # nothing made before the inputs and the model were checked
 
 

@@ -64,7 +64,7 @@ class Pretrained:
     def runtime(self) -> dict[str, str]:
         """Where and in what precision the model runs: evaluation results record it."""
         weight = self.model.decoder.embed_tokens.weight
-        return {"device": str(weight.device), "dtype": str(weight.dtype).removeprefix("torch.")}
+        return {"device": str(weight.device), "dtype": dtype_name(weight.dtype)}
 
     @property
     def image_boundaries(self) -> bool:
@@ -276,6 +276,11 @@ def check_dtype(
     if dtype == torch.bfloat16 and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"{option} bfloat16: this GPU has no bf16; use {option} float16")
     return dtype
+
+
+def dtype_name(dtype: str | torch.dtype) -> str:
+    """A dtype's torch name ("bfloat16" for "bf16"), as results and manifests record it."""
+    return str(check_dtype(dtype)).removeprefix("torch.")
 
 
 def check_runtime(

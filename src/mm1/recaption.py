@@ -49,11 +49,11 @@ from mm1.data.sources.base import IMAGE_EXTS, BadImage, image_from_bytes
 from mm1.data.tokenizer import ENDOFCHUNK_TOKEN, IMAGE_TOKEN, tokenize_prompt
 from mm1.fs import atomic_write_text
 from mm1.models.generation import generate
-from mm1.pretrained import Pretrained, load_pretrained
+from mm1.pretrained import Pretrained, check_dtype, check_runtime, dtype_name, load_pretrained
 
 MANIFEST = "recaption.json"
 # The manifest keys that decide the captions: a rerun resumes only where all of them match.
-RUN_KEYS = ("model", "fuse", "max_new_tokens", "decoding", "input_shards")
+RUN_KEYS = ("model", "fuse", "max_new_tokens", "decoding", "dtype", "input_shards")
 # Export files hashed whole into its fingerprint (small; the weights are sampled: see below).
 _EXPORT_SMALL_FILES = (
     MODEL_CONFIG,
@@ -72,12 +72,16 @@ class RecaptionSettings:
     max_new_tokens: int = 40
     fuse: bool = False
     compile: bool = False  # decode steps compiled at fixed shapes (a CUDA graph on GPU)
+    # The model's precision: part of the run's settings (a resume in another would mix
+    # captions of two models); the device is not.
+    dtype: str = "float32"
 
     def validate(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size {self.batch_size}: give 1 or more")
         if self.max_new_tokens < 1:
             raise ConfigError(f"--max-new-tokens {self.max_new_tokens}: give 1 or more")
+        check_dtype(self.dtype)
 
 
 def input_shards(spec: str | Path) -> list[Path]:
@@ -154,7 +158,7 @@ def _describe(key: str, value: Any) -> str:
         return f"{value.get('path')} ({which})"
     if key == "input_shards" and isinstance(value, list):
         return f"{len(value)} shards from {value[0] if value else '-'}"
-    return json.dumps(value)
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _check_resumable(out: Path, manifest_path: Path, run: dict[str, Any]) -> dict[str, Any]:
@@ -171,6 +175,8 @@ def _check_resumable(out: Path, manifest_path: Path, run: dict[str, Any]) -> dic
         old = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
     except (ValueError, UnicodeDecodeError):
         old = None
+    if isinstance(old, dict):
+        old.setdefault("dtype", "float32")  # manifests written before --dtype: fp32 runs
     if not isinstance(old, dict) or any(k not in old for k in RUN_KEYS):
         raise ConfigError(
             f"--out {out}: not empty and holds no {MANIFEST} recording the settings of a "
@@ -325,6 +331,7 @@ def _run_record(
         "fuse": settings.fuse,
         "max_new_tokens": settings.max_new_tokens,
         "decoding": "greedy",
+        "dtype": dtype_name(settings.dtype),
         "shards": {},
     }
     return shards, record
@@ -364,6 +371,7 @@ def recaption(
     out_dir: str | Path,
     settings: RecaptionSettings | None = None,
     *,
+    device: str = "cpu",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Re-caption every shard of `inputs` into `out_dir` (resuming a run of the same settings
@@ -374,6 +382,7 @@ def recaption(
     Everything the user gave is checked, and the model loaded, before --out is created."""
     settings = settings or RecaptionSettings()
     settings.validate()
+    check_runtime(device, settings.dtype)
     out = Path(out_dir)
     manifest_path = out / MANIFEST
     shards, record = _run_record(checkpoint, inputs, out, settings)
@@ -385,7 +394,7 @@ def recaption(
     if not todo:
         return {**record, "this_run": this_run}
     total = sum(_count_samples(s) for s in todo)
-    p = load_pretrained(checkpoint)
+    p = load_pretrained(checkpoint, device, settings.dtype)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(manifest_path, record)  # the settings, before any shard
     with Progress(

@@ -181,19 +181,25 @@ def test_a_llava_directory_is_a_model_for_eval_generate_and_serve(
     assert generate(p.model, [ids], pixels, **kw) == generate(exported, [ids], pixels, **kw)
 
 
-def test_a_llava_directory_in_bf16_is_transformers_in_bf16(tmp_path: Path, tok: Tokenizer) -> None:
-    """`load_pretrained(dtype=bfloat16)` (`--dtype bf16`) reads the directory as transformers'
-    `from_pretrained(dtype=bfloat16)` does: the weights rounded once, the rotary frequencies
-    kept in fp32 (a bf16 copy of them moves the logits by ~0.02). The same ops in the same
-    dtype: the logits are equal, not close, and so are the greedy tokens."""
+@pytest.mark.parametrize("layout", ["single", "anyres"])
+def test_a_llava_directory_in_bf16_is_transformers_in_bf16(
+    tmp_path: Path, tok: Tokenizer, layout: str
+) -> None:
+    """`load_pretrained(dtype=bfloat16)` (`--dtype bf16`) reads a LLaVA / LLaVA-NeXT directory
+    as transformers' `from_pretrained(dtype=bfloat16)` does: the weights rounded once, the
+    rotary frequencies kept in fp32 (a bf16 copy of them moves the logits by ~0.02). The same
+    ops in the same dtype: the logits are equal, not close, and so are the greedy tokens."""
     from mm1.pretrained import load_pretrained
 
-    _export(tok, "single", "clip", tmp_path)
+    _export(tok, layout, "clip", tmp_path)
     p = load_pretrained(tmp_path, dtype="bfloat16")
     assert p.model.decoder.embed_tokens.weight.dtype == torch.bfloat16
     assert p.runtime == {"device": "cpu", "dtype": "bfloat16"}
-    hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16)
-    hf = hf.eval()
+    cls = {
+        "single": transformers.LlavaForConditionalGeneration,
+        "anyres": transformers.LlavaNextForConditionalGeneration,
+    }[layout]
+    hf = cls.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
     processor = transformers.AutoProcessor.from_pretrained(tmp_path)
     for i, (w, h) in enumerate(SIZES[:3]):
         image = _image(w, h, i)
@@ -201,12 +207,14 @@ def test_a_llava_directory_in_bf16_is_transformers_in_bf16(tmp_path: Path, tok: 
         ids = enc["input_ids"][0].tolist()
         enc["pixel_values"] = enc["pixel_values"].to(torch.bfloat16)
         pixels = p.prompt_format.pixel_values(p.processor, [image])  # fp32: cast on entry
+        crops, sizes = p.prompt_format.image_info([image])
         with torch.no_grad():
-            ours = p.model(torch.tensor([ids]), pixel_values=pixels).logits
+            ours = p.model(torch.tensor([ids]), pixel_values=pixels, image_sizes=sizes).logits
             theirs = hf(**enc).logits
         assert ours.dtype == torch.bfloat16 and torch.equal(ours, theirs), (w, h)
         greedy = hf.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_id)
-        mine = generate(p.model, [ids], pixels, max_new_tokens=6)[0]
+        kw = dict(max_new_tokens=6, image_crops=crops, image_sizes=sizes)
+        mine = generate(p.model, [ids], pixels, **kw)[0]
         assert greedy[0, len(ids) :].tolist() == mine, (w, h)
 
 

@@ -10,7 +10,7 @@ from rich.table import Table
 from mm1.config import Config, ConfigError, load_config
 from mm1.data.sources import DataError
 
-from .common import MODEL_HELP, Add, console
+from .common import MODEL_HELP, Add, add_runtime_arguments, console
 
 
 def cmd_data_synth(args: argparse.Namespace) -> None:
@@ -165,8 +165,10 @@ def cmd_data_caption_splits(args: argparse.Namespace) -> None:
 def cmd_recaption(args: argparse.Namespace) -> None:
     from mm1.recaption import RecaptionSettings, recaption
 
-    settings = RecaptionSettings(args.batch_size, args.max_new_tokens, args.fuse, args.compile)
-    record = recaption(args.checkpoint, args.inputs, args.out, settings)
+    settings = RecaptionSettings(
+        args.batch_size, args.max_new_tokens, args.fuse, args.compile, args.dtype
+    )
+    record = recaption(args.checkpoint, args.inputs, args.out, settings, device=args.device)
     # Only what this call generated: shards a resumed run finished earlier are counted apart.
     now = record["this_run"]
     earlier = f" ({now['already_done']} already done)" if now["already_done"] else ""
@@ -226,3 +228,4 @@ def register(add: Add) -> None:
         action="store_true",
         help="compile the decode step at fixed shapes (a CUDA graph per step on GPU)",
     )
+    add_runtime_arguments(p)

@@ -212,7 +212,7 @@ def _model_name(model: Path) -> str:
 
 # What `--suite` takes; every other flag of `mm1 eval` configures the few-shot evaluation.
 SUITE_FLAGS = "--suite-mode, --seeds, --max-examples, --batch-size, --shuffle-images, --compile, "
-SUITE_FLAGS += "--world, --name, --out"
+SUITE_FLAGS += "--world, --name, --out, --device, --dtype"
 
 
 def _check_suite_args(args: argparse.Namespace) -> None:

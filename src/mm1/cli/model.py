@@ -279,4 +279,3 @@ def register(add: Add) -> None:
 
     p = add("serve", cmd_serve, "an OpenAI-compatible chat API and a chat page for a model")
     serve_arguments(p)
-    add_runtime_arguments(p)

@@ -355,7 +355,7 @@ def render(
     source: str,
     messages: list[dict[str, Any]],
     add_generation_prompt: bool,
-    variables: dict[str, str],
+    variables: Mapping[str, Any],
     track_generation: bool = False,
 ) -> tuple[str, list[tuple[int, int]]]:
     """The rendered text, and the character spans of `{% generation %}` blocks (tracked only

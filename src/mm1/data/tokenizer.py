@@ -32,7 +32,7 @@ from LLaVA-style data, mark images with `<image>` tags; their count must equal `
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -428,17 +428,23 @@ def tokenize_conversation(
 
 
 def tokenize_chat_prompt(
-    messages: list[dict[str, Any]], images: list[Image.Image], tok: Tokenizer, fmt: PromptFormat
+    messages: list[dict[str, Any]],
+    images: list[Image.Image],
+    tok: Tokenizer,
+    fmt: PromptFormat,
+    template_kwargs: Mapping[str, Any] | None = None,
 ) -> list[int]:
     """Prompt ids for generation in a chat: `messages` (role and text content with `<image>`
     tags, ending with a user turn) rendered by the format's chat template with the generation
-    prompt, BOS unless the template writes it, each `<image>` expanded as in training."""
+    prompt, BOS unless the template writes it, each `<image>` expanded as in training.
+    `template_kwargs` are extra template variables, as transformers' `apply_chat_template`
+    takes them (Qwen3's `enable_thinking`)."""
     tags = sum(str(m.get("content", "")).count(IMAGE_TOKEN) for m in messages)
     if tags != len(images):
         raise ValueError(f"the messages have {tags} {IMAGE_TOKEN} tags but {len(images)} images")
     messages = [{**m, "role": ROLES.get(m.get("role"), m.get("role"))} for m in messages]
     source, messages = _template_and_messages(tok, fmt, messages)
-    text, _ = render(source, messages, True, tok.template_variables)
+    text, _ = render(source, messages, True, {**tok.template_variables, **(template_kwargs or {})})
     if text.count(IMAGE_TOKEN) != len(images):
         raise ValueError(
             f"the chat template wrote {text.count(IMAGE_TOKEN)} {IMAGE_TOKEN} tags for "

@@ -169,6 +169,9 @@ def evaluate_image_generation(
     owner = [i for i, caps in enumerate(images.captions) for _ in caps]
     prompts = [generation_prompt(p, c) for c in captions]
     encoded, generated, extra = _encoded_and_generated(p, pixels, prompts, batch, sampling, seed)
+    # scored on the CPU (the recall's indices are built there), whatever device generated them
+    encoded, generated = encoded.cpu(), generated.cpu()
+    extra = {k: v.cpu() for k, v in extra.items()}
     # Centred on the images' mean: the part every image shares would otherwise dominate each
     # cosine, and a model that generates only that part would look close.
     mean = encoded.mean(0)
@@ -203,7 +206,8 @@ def evaluate_image_generation(
         result["code_match"] = float(same.float().mean())
         result["distinct_generations"] = len({tuple(c) for c in extra["codes"].tolist()})
         if not isinstance(model, SEED):  # chameleon's codes decode to pixels
-            decoded = model.vision.decode(extra["codes"][torch.tensor(firsts)])
+            device = model.decoder.embed_tokens.weight.device
+            decoded = model.vision.decode(extra["codes"][torch.tensor(firsts)].to(device))
             result[GENERATED] = p.processor.unnormalize(decoded).cpu()
     else:
         result["l1"] = float((generated - encoded[torch.tensor(owner)]).abs().mean())

@@ -21,8 +21,9 @@ Model arguments (`--model_args key=value,...`): `pretrained` (required), `device
 when available), `batch_size`, `max_new_tokens` (default 32, when a task's generation_kwargs do
 not set one), `num_beams` (default 1 = greedy), `image_boundaries` (default: as the model was trained,
 from its prompt_format.json; true wraps image slots in `<img>` … `</img>`), `chat` (default
-false), `dtype` (float32, bfloat16, float16; the weights are read straight into it), `compile` (default false; true compiles the decode
-step at fixed shapes, one CUDA graph per step on a GPU, for greedy or sampled decoding).
+false), `dtype` (float32, bfloat16, float16; the weights are read straight into it),
+`compile` (default false; true compiles the decode step at fixed shapes, one CUDA graph per
+step on a GPU, for greedy or sampled decoding).
 
 Only images are handled (no video or audio). This module imports lmms_eval, so import it only
 where lmms-eval is installed.
@@ -43,7 +44,7 @@ from tqdm import tqdm
 
 from mm1.data.tokenizer import IMAGE_TOKEN, tokenize_chat_prompt, tokenize_prompt
 from mm1.models.generation import generate, generate_beam
-from mm1.pretrained import check_dtype, load_pretrained
+from mm1.pretrained import check_device, check_dtype, load_pretrained
 from mm1.reasoning import empty_block, format_reasoning, split_reasoning
 
 MODEL_ID = "mm1"
@@ -129,7 +130,8 @@ class MM1LMM(lmms):
             raise ValueError(f"MM1LMM: unknown model_args {sorted(kwargs)}")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         # read straight into `dtype` (the rotary frequencies kept in fp32, as transformers does)
-        loaded = load_pretrained(pretrained, device, check_dtype(dtype, device, "MM1LMM: dtype"))
+        check_device(device, "device")  # errors name the model argument
+        loaded = load_pretrained(pretrained, device, check_dtype(dtype, device, "dtype"))
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.processor = loaded.processor

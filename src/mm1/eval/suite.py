@@ -294,6 +294,7 @@ class LoadedModel(Protocol):
     tokenizer: Tokenizer
     processor: Any
     prompt_format: PromptFormat
+    runtime: dict[str, str]  # where and in what precision it runs
 
 
 def run_suite(

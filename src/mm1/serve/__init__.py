@@ -65,6 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="compile the decode step at fixed shapes (a CUDA graph per step on GPU) before "
         "serving",
     )
+    from mm1.cli.common import add_runtime_arguments  # --device, --dtype: as every command's
+
+    add_runtime_arguments(p)
 
 
 def check_arguments(args: argparse.Namespace) -> None:
