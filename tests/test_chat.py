@@ -450,3 +450,23 @@ def test_an_unusable_device_is_one_line(run, capsys) -> None:
         assert cli.main(chat(str(run), "--message", "Hi.", "--device", device)) == 2
         out = " ".join(capsys.readouterr().out.split())
         assert out.startswith(f"config error: {named}") and "Traceback" not in out, out
+
+
+def test_template_kwargs_reach_the_template(run, pretrained, prompts, tmp_path, capsys) -> None:
+    """`--chat-template-kwargs` are the template's variables (Qwen3's `enable_thinking`), as
+    transformers' `apply_chat_template(**kwargs)` passes them."""
+    source = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% if think %} Let me think.{% endif %}{% endif %}"
+    )
+    (tmp_path / "t.jinja").write_text(source)
+    args = chat(str(run), "--message", "Hi.", "--chat-template", str(tmp_path / "t.jinja"))
+    assert cli.main([*args, "--chat-template-kwargs", '{"think": true}']) == 0
+    assert cli.main(args) == 0
+    capsys.readouterr()
+    tok = pretrained.tokenizer
+    thinking, plain = (tok.decode(p, skip_special_tokens=False) for p in prompts)
+    assert thinking.endswith("assistant: Let me think.") and plain.endswith("assistant:")
+    for value, named in [("x", "not JSON"), ("[1]", "a JSON object of template variables")]:
+        assert cli.main([*args, "--chat-template-kwargs", value]) == 2
+        assert f"config error: --chat-template-kwargs: {named}" in capsys.readouterr().out

@@ -186,7 +186,7 @@ def test_a_reasoning_block_comes_as_reasoning_content(reference, pretrained, ima
     field) whole and streamed, and the content is empty; the chat page shows it apart."""
     want, _, _ = reference(pretrained, "What is it?", images[:1], 12)
     assert want.strip("\n")
-    with serving(pretrained, engine_kw={"reasoning": True}) as (url, _):
+    with serving(pretrained, reasoning=True) as (url, _):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
         ask = dict(model=MODEL, messages=user("What is it?", images[:1]), max_tokens=12)
         message = client.chat.completions.create(**ask, temperature=0).choices[0].message
@@ -202,7 +202,7 @@ def test_a_reasoning_block_comes_as_reasoning_content(reference, pretrained, ima
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    with serving(pretrained, engine_kw={"reasoning": True}) as (url, _):
+    with serving(pretrained, reasoning=True) as (url, _):
         driver = chromium()
         try:
             driver.get(url + "/")
@@ -543,6 +543,9 @@ def test_serve_cli_checks_its_options(run, capsys) -> None:
     assert cli.main(["serve", str(run), "--max-batch", "0"]) == 2
     out = capsys.readouterr()
     assert "--max-batch must be at least 1" in out.out + out.err
+    assert cli.main(["serve", str(run), "--chat-template-kwargs", "[1]"]) == 2
+    out = capsys.readouterr()
+    assert "--chat-template-kwargs: a JSON object of template variables" in out.out + out.err
 
 
 def test_serve_refuses_a_taken_port_before_loading_the_model(tmp_path, capsys) -> None:
@@ -663,3 +666,32 @@ def test_serve_cli_checks_the_pixel_limit(run, capsys) -> None:
     assert cli.main(["serve", str(run), "--max-image-pixels", "-1"]) == 2
     out = capsys.readouterr()
     assert "--max-image-pixels must be >= 0 (0 = no limit), got -1" in out.out + out.err
+
+
+def test_chat_template_kwargs_per_request_over_the_servers(pretrained) -> None:
+    """vLLM's `chat_template_kwargs`: a request's template variables, over the server's
+    (`--chat-template-kwargs`), reach its prompt; whether that prompt opens a reasoning block
+    (so the answer starts inside it) is judged with them."""
+    from mm1.reasoning import chat_reasoning
+    from mm1.serve.protocol import parse_chat_request
+
+    source = (
+        "{% for m in messages %}{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}"
+        "A:{% if think %}<think>\n{% else %}<think></think>{% endif %}{% endif %}"
+    )
+    tok = pretrained.tokenizer
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+
+    def asked(server: dict, request: dict | None) -> tuple[str, bool | None]:
+        default = chat_reasoning(source, {**tok.template_variables, **server})
+        opts = ServeOptions(MODEL, source, template_kwargs=server, reasoning=default)
+        extra = {} if request is None else {"chat_template_kwargs": request}
+        r = parse_chat_request({**body, **extra}, pretrained, opts, 256).request
+        return tok.decode(r.prompt, skip_special_tokens=True), r.reasoning  # (no BOS)
+
+    assert asked({}, None) == ("Hi\nA:<think></think>", False)
+    assert asked({}, {"think": True}) == ("Hi\nA:<think>\n", True)
+    assert asked({"think": True}, None) == ("Hi\nA:<think>\n", True)
+    assert asked({"think": True}, {"think": False}) == ("Hi\nA:<think></think>", False)
+    with pytest.raises(APIError, match="chat_template_kwargs must be an object"):
+        asked({}, [1])  # type: ignore[arg-type]

@@ -188,6 +188,8 @@ class ChatSettings:
     top_p: float = 1.0
     seed: int | None = None
     compile: bool = False  # decode steps compiled at fixed shapes (a CUDA graph on GPU)
+    # Extra chat-template variables (`--chat-template-kwargs`: Qwen3's `enable_thinking`).
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         check_sampling(self.max_new_tokens, self.temperature, self.top_p)
@@ -231,6 +233,12 @@ class ChatSession:
     def __post_init__(self) -> None:
         self.settings.validate()
         tok = self.pretrained.tokenizer
+        if self.settings.template_kwargs:  # a variable that breaks the template: said now
+            variables = {**tok.template_variables, **self.settings.template_kwargs}
+            try:
+                check_template(self.template.source, variables)
+            except ValueError as err:
+                raise ConfigError(f"--chat-template-kwargs: {err}") from None
         ends = (tok.token_to_id(t) for t in tok.end_of_turn_tokens())
         self.stop_ids = {tok.eos_id, *(i for i in ends if i is not None)}
         self.length = 0  # tokens of the last prompt and its answer
@@ -250,7 +258,8 @@ class ChatSession:
         try:
             # The model's prompt format (slots, boundaries) with this session's template.
             fmt = replace(p.prompt_format, chat_template=self.template.source)
-            return tokenize_chat_prompt(messages, images, p.tokenizer, fmt)
+            kwargs = self.settings.template_kwargs
+            return tokenize_chat_prompt(messages, images, p.tokenizer, fmt, kwargs)
         except jinja2.TemplateError as err:
             raise ValueError(f"the chat template {self.template.name!r} failed: {err}") from None
 

@@ -19,7 +19,12 @@ from mm1.data.chat_template import (
 )
 from mm1.data.document import Conversation
 from mm1.data.prompt_format import PromptFormat
-from mm1.data.tokenizer import IMAGE_TOKEN, Tokenizer, tokenize_conversation
+from mm1.data.tokenizer import (
+    IMAGE_TOKEN,
+    Tokenizer,
+    tokenize_chat_prompt,
+    tokenize_conversation,
+)
 from mm1.eval.suite import SuitePrompter
 from mm1.reasoning import chat_reasoning, format_reasoning
 
@@ -509,3 +514,28 @@ def test_a_reasoning_template_is_told_apart_and_its_answers_read_after_the_block
             )
         finally:
             ours.chat_template = _template(name)
+
+
+def test_template_kwargs_are_transformers_apply_chat_template_kwargs(case) -> None:
+    """`--chat-template-kwargs '{"enable_thinking": false}'` (and a server request's
+    `chat_template_kwargs`): the prompt transformers writes with those keyword arguments. Qwen3's
+    then closes an empty reasoning block itself, so the model answers at once; templates
+    without the variable ignore it."""
+    name, ours, hf = case
+    question = [{"role": "user", "content": "How many dogs?"}]
+    off = {"enable_thinking": False}
+    fmt = PromptFormat(3)
+    ids = tokenize_chat_prompt(question, [], ours, fmt, off)
+    plain = tokenize_chat_prompt(question, [], ours, fmt)
+    typed = [{"type": "text", "text": "How many dogs?"}]  # as a typed-parts template reads it
+    messages = [{"role": "user", "content": typed}] if CASES[name][5] else question
+    want = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **off)
+    text = ours.decode(ids, skip_special_tokens=False)
+    assert text.removeprefix(ours.bos_token or "") == want.removeprefix(ours.bos_token or "")
+    if name == "qwen3":
+        assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        assert ids[: len(plain)] == plain and len(ids) > len(plain)
+        variables = {**ours.template_variables, **off}
+        assert chat_reasoning(_template(name), variables) is False  # an answer after a block
+    else:
+        assert ids == plain

@@ -10,7 +10,14 @@ from typing import TYPE_CHECKING
 from mm1.config import ConfigError
 from mm1.serve import add_arguments as serve_arguments
 
-from .common import MODEL_HELP, Add, add_runtime_arguments, console
+from .common import (
+    MODEL_HELP,
+    TEMPLATE_KWARGS_HELP,
+    Add,
+    add_runtime_arguments,
+    console,
+    template_kwargs,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -92,6 +99,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     # the same checks as `mm1 chat`, before the model loads
     check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.stop or ())
+    kwargs = template_kwargs(args.chat_template_kwargs)
+    if kwargs and not args.chat:
+        raise ConfigError("--chat-template-kwargs goes with --chat (the prompt as a user turn)")
     tags, n = args.prompt.count(IMAGE_TOKEN), len(args.image or [])
     if tags != n:
         raise ConfigError(
@@ -104,7 +114,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     fmt = p.prompt_format
     if args.chat:
         user = [{"role": "user", "content": args.prompt}]
-        ids = tokenize_chat_prompt(user, images, p.tokenizer, fmt)
+        ids = tokenize_chat_prompt(user, images, p.tokenizer, fmt, kwargs)
     else:
         ids = tokenize_prompt(args.prompt, images, p.tokenizer, fmt)
     check_prompt_fits(len(ids), p.model.cfg.decoder.max_seq_len)  # as serve refuses it
@@ -174,7 +184,12 @@ def cmd_chat(args: argparse.Namespace) -> int | None:
     if args.image and args.message is None:
         raise ConfigError("--image goes with --message (interactively: /image PATH)")
     settings = ChatSettings(
-        args.max_new_tokens, args.temperature, args.top_p, args.seed, compile=args.compile
+        args.max_new_tokens,
+        args.temperature,
+        args.top_p,
+        args.seed,
+        compile=args.compile,
+        template_kwargs=template_kwargs(args.chat_template_kwargs),
     )
     settings.validate()
     # A script's mistakes (a missing image, a tag count) are reported before the model loads.
@@ -241,6 +256,7 @@ def register(add: Add) -> None:
         action="store_true",
         help="the prompt is a user turn, written by the model's chat template (as in SFT)",
     )
+    p.add_argument("--chat-template-kwargs", default=None, help=TEMPLATE_KWARGS_HELP)
     add_runtime_arguments(p)
 
     p = add("generate-image", cmd_generate_image, "draw images of a caption (a chameleon model)")
@@ -269,6 +285,7 @@ def register(add: Add) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="for reproducible sampling")
+    p.add_argument("--chat-template-kwargs", default=None, help=TEMPLATE_KWARGS_HELP)
     add_runtime_arguments(p)
     p.add_argument(
         "--compile",

@@ -65,9 +65,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="compile the decode step at fixed shapes (a CUDA graph per step on GPU) before "
         "serving",
     )
-    from mm1.cli.common import add_runtime_arguments  # --device, --dtype: as every command's
+    from mm1.cli.common import TEMPLATE_KWARGS_HELP, add_runtime_arguments
 
-    add_runtime_arguments(p)
+    p.add_argument(
+        "--chat-template-kwargs",
+        default=None,
+        help=TEMPLATE_KWARGS_HELP + "; a request's chat_template_kwargs (vLLM's field) add to them",
+    )
+    add_runtime_arguments(p)  # --device, --dtype: as every command's
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -116,6 +121,9 @@ def bind_port(host: str, port: int) -> socket.socket:
 def run(args: argparse.Namespace) -> int | None:
     """Load the model and serve until interrupted."""
     check_arguments(args)
+    from mm1.cli.common import template_kwargs
+
+    kwargs = template_kwargs(args.chat_template_kwargs)
     try:
         import uvicorn
 
@@ -125,6 +133,7 @@ def run(args: argparse.Namespace) -> int | None:
             f"mm1 serve needs the web stack: pip install 'mm1[serve]' ({err})"
         ) from None
     from mm1.chat import resolve_chat_template
+    from mm1.data.chat_template import check_template
     from mm1.pretrained import load_pretrained
     from mm1.reasoning import chat_reasoning
     from mm1.serve.engine import Engine
@@ -137,6 +146,11 @@ def run(args: argparse.Namespace) -> int | None:
         template = resolve_chat_template(p.tokenizer, args.chat_template)
         if template.notice:
             print(f"note: {template.notice}", file=sys.stderr)
+        variables = {**p.tokenizer.template_variables, **kwargs}
+        try:  # a variable that breaks the template: said before serving
+            check_template(template.source, variables)
+        except ValueError as err:
+            raise ConfigError(f"--chat-template-kwargs: {err}") from None
         opts = ServeOptions(
             model_name=args.model_name or Path(args.model).resolve().name,
             chat_template=template.source,
@@ -144,6 +158,8 @@ def run(args: argparse.Namespace) -> int | None:
             max_image_bytes=int(args.max_image_mb * 2**20),
             max_image_pixels=args.max_image_pixels,
             request_timeout=args.request_timeout,
+            template_kwargs=kwargs,
+            reasoning=chat_reasoning(template.source, variables),
         )
         engine = Engine(
             p.model,
@@ -151,7 +167,6 @@ def run(args: argparse.Namespace) -> int | None:
             max_batch=args.max_batch,
             max_waiting=args.max_waiting,
             compile=args.compile,
-            reasoning=chat_reasoning(template.source, p.tokenizer.template_variables),
         )
         app = create_app(p, engine, opts)
         host = f"[{args.host}]" if ":" in args.host else args.host

@@ -49,6 +49,10 @@ class Request:
     # Per image, as in `Batch`: its crop count and original (height, width) (tiled layouts).
     image_crops: torch.Tensor | None = None
     image_sizes: torch.Tensor | None = None
+    # How its chat template writes reasoning blocks (`mm1.reasoning.chat_reasoning` with the
+    # request's template variables): None for an answer as it is, else split into reasoning
+    # and content, True when the prompt opened the block.
+    reasoning: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -156,9 +160,7 @@ class Engine:
     """Serves `model` with up to `max_batch` requests decoding together and `max_waiting`
     queued behind them; contexts up to `context` tokens (prompt plus answer). With `compile`,
     decode steps run compiled at fixed shapes (`DecodeBatch`), compiled here, before the
-    first request. `reasoning` (`mm1.reasoning.chat_reasoning` of the chat template): None for
-    answers as they are, else they are split into reasoning and content, True when the prompt
-    opened the reasoning block."""
+    first request. Each answer is read as its request's `reasoning` says."""
 
     def __init__(
         self,
@@ -169,7 +171,6 @@ class Engine:
         max_waiting: int = 64,
         context: int | None = None,
         compile: bool = False,
-        reasoning: bool | None = None,
     ) -> None:
         if max_batch < 1 or max_waiting < 0:
             raise ValueError("max_batch must be >= 1 and max_waiting >= 0")
@@ -177,7 +178,6 @@ class Engine:
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.context = context or model.cfg.decoder.max_seq_len
         self.compile = compile
-        self.reasoning = reasoning
         ends = (tokenizer.token_to_id(t) for t in tokenizer.end_of_turn_tokens())
         self.stop_ids = {tokenizer.eos_id, *(i for i in ends if i is not None)}
         self._batch = self._new_batch()
@@ -311,7 +311,7 @@ class Engine:
                 h.on_event(Event("error", f"prefill failed: {err}", code="internal_error"))
             return
         for sid, h in zip(ids, admitted):
-            self._running[sid] = _Answer(h, self.tokenizer, self.stop_ids, self.reasoning)
+            self._running[sid] = _Answer(h, self.tokenizer, self.stop_ids, h.request.reasoning)
         self.max_running = max(self.max_running, len(self._running))
 
     def _step(self) -> None:

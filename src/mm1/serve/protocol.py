@@ -16,7 +16,8 @@ import base64
 import binascii
 import re
 import threading
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -30,6 +31,7 @@ from mm1.data.sources.decode import DEFAULT_MAX_IMAGE_PIXELS, OVERSIZE_FACTOR
 from mm1.data.tokenizer import IMAGE_TOKEN, tokenize_chat_prompt
 from mm1.models.generation import Sampling, check_prompt_fits
 from mm1.pretrained import Pretrained
+from mm1.reasoning import chat_reasoning
 from mm1.serve.engine import Request
 
 ROLES = ("system", "user", "assistant")
@@ -83,6 +85,11 @@ class ServeOptions:
     max_image_bytes: int = 20 * 2**20
     max_image_pixels: int = MAX_IMAGE_PIXELS  # per image, from its header; 0 = no limit
     request_timeout: float | None = 600.0
+    # The template's extra variables (`--chat-template-kwargs`), which a request's
+    # `chat_template_kwargs` (vLLM's field) add to, and how answers written with them are
+    # read (`mm1.reasoning.chat_reasoning`).
+    template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    reasoning: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -112,7 +119,15 @@ def parse_chat_request(
     if n != 1:
         raise bad(f"only n=1 is supported, got {n!r}", "n")
     messages, images = _messages(body.get("messages"), opts)
-    prompt = _prompt(messages, images, pretrained, opts)
+    asked = body.get("chat_template_kwargs") or {}
+    if not isinstance(asked, dict):
+        raise bad("chat_template_kwargs must be an object", "chat_template_kwargs")
+    kwargs = {**opts.template_kwargs, **asked}
+    prompt = _prompt(messages, images, pretrained, opts, kwargs)
+    reasoning = opts.reasoning
+    if asked:  # the variables may change whether the prompt opens a reasoning block
+        variables = {**pretrained.tokenizer.template_variables, **kwargs}
+        reasoning = chat_reasoning(opts.chat_template, variables)
     try:
         room = check_prompt_fits(len(prompt), context)  # as generate and chat refuse it
     except ConfigError as err:
@@ -147,6 +162,7 @@ def parse_chat_request(
         timeout=opts.request_timeout,
         image_crops=crops,
         image_sizes=sizes,
+        reasoning=reasoning,
     )
     return ChatRequest(request, stream, bool(stream_options.get("include_usage", False)))
 
@@ -317,10 +333,14 @@ def _decoded(data: bytes, where: str, name: str, opts: ServeOptions) -> Image.Im
 
 
 def _prompt(
-    messages: list[dict[str, str]], images: list[Image.Image], p: Pretrained, opts: ServeOptions
+    messages: list[dict[str, str]],
+    images: list[Image.Image],
+    p: Pretrained,
+    opts: ServeOptions,
+    kwargs: Mapping[str, Any],
 ) -> list[int]:
     fmt = replace(p.prompt_format, chat_template=opts.chat_template)
     try:
-        return tokenize_chat_prompt(messages, images, p.tokenizer, fmt)
+        return tokenize_chat_prompt(messages, images, p.tokenizer, fmt, kwargs)
     except (ValueError, jinja2.TemplateError) as err:
         raise bad(f"the chat template refused the messages: {err}", "messages") from None
