@@ -22,7 +22,7 @@ from mm1.data.sources import decode_image
 from mm1.eval.tasks import TaskSpec
 from mm1.models import generation
 from mm1.pretrained import Pretrained
-from tests.cli_helpers import one_line
+from tests.cli_helpers import one_line, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -231,6 +231,52 @@ def test_generate_and_eval_run_in_the_dtype_asked(run, tmp_path, capsys) -> None
     )
     assert line.startswith("config error: --device cuda:99: not usable here")
     assert not (tmp_path / "x").exists()  # refused before anything was written
+
+
+def test_eval_under_torchrun_shares_the_batches_and_scores_what_one_process_does(
+    run, tmp_path
+) -> None:
+    """`torchrun --nproc_per_node 2 -m mm1.cli eval`: each rank generates every other batch (3
+    batches: 2 and 1), the outputs are gathered in order, and the first rank writes the one
+    report: the predictions and scores one process makes (both runs one thread a process)."""
+    args = ["eval", str(run), "--shots", "0,2", "--seeds", "1", "--max-examples", "6"]
+    args += ["--batch-size", "2"]
+    two = torchrun([*args, "--out", str(tmp_path / "two")], nproc=2)
+    torchrun([*args, "--out", str(tmp_path / "one")], nproc=1)
+    one_r, two_r = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert two_r["predictions"] == one_r["predictions"] and two_r["tasks"] == one_r["tasks"]
+    preds = [
+        r["raw"]
+        for runs in one_r["predictions"].values()
+        for rs in runs.values()
+        for recs in rs.values()
+        for r in recs
+    ]
+    assert len(preds) == 2 * 3 * 6 and len(set(preds)) > 1  # a mix-up of order would show
+    assert two_r["settings"]["runtime"]["processes"] == 2
+    assert two.count("# Few-shot evaluation") == 1  # the first rank reports
+    # the suite and eval-generation run in one process: said at once, by the first rank
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "mm1.cli",
+            "eval",
+            str(run),
+            "--suite",
+            "sft",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert p.returncode != 0
+    assert (p.stdout + p.stderr).count("mm1 eval --suite runs in one process") == 1
 
 
 def test_an_exports_results_go_outside_it(run, tmp_path, monkeypatch, capsys) -> None:

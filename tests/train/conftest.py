@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from tests.cli_helpers import torchrun
 from tests.train.run_configs import TINY_VISION
 
 
@@ -108,30 +109,10 @@ def world(tmp_path_factory) -> Path:
     return root
 
 
-def _torchrun_cli(args: list[str], nproc: int) -> str:
-    """`mm1 <args>` under torchrun with `nproc` processes (one thread each); its output. A
-    failed run fails the test with the output's tail."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    dist_run = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    p = subprocess.run(
-        [sys.executable, *dist_run, "-m", "mm1.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
-    return p.stdout + p.stderr
-
-
 @pytest.fixture(scope="session")
 def torchrun_cli() -> Callable[[list[str], int], str]:
     """`torchrun_cli(args, nproc)`: runs `mm1 <args>` under torchrun, returns its output."""
-    return _torchrun_cli
+    return torchrun
 
 
 def _two_process_run_and_resume(
@@ -143,10 +124,10 @@ def _two_process_run_and_resume(
     import shutil
 
     full, resumed = tmp / "full", tmp / "resumed"
-    _torchrun_cli([command, str(cfg), f"train.run_dir={full}", *args], nproc=2)
+    torchrun([command, str(cfg), f"train.run_dir={full}", *args], nproc=2)
     shutil.copytree(full, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_4")
-    out = _torchrun_cli([command, str(cfg), f"train.run_dir={resumed}", *args], nproc=2)
+    out = torchrun([command, str(cfg), f"train.run_dir={resumed}", *args], nproc=2)
     assert "resumed from" in out
     return full, resumed
 

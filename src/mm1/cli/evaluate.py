@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from mm1.config import ConfigError, EvalConfig
@@ -20,12 +21,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     # first: an encoder run would otherwise get an output folder and fail only on loading
     refuse_encoder_run(args.model)
     if args.suite:
+        _one_process("mm1 eval --suite")
         return cmd_eval_suite(args)
     if args.suite_mode is not None:
         raise ConfigError("--suite-mode applies only with --suite (sft or a suite file)")
     from mm1.config import to_dict
     from mm1.data.world import run_world
     from mm1.eval.fewshot import evaluate
+    from mm1.eval.ranks import join_ranks
     from mm1.eval.report import write_report
     from mm1.eval.tasks import SYNTHETIC_TASKS, TASKS, register_task_file
     from mm1.pretrained import check_runtime, load_pretrained, locate_model
@@ -68,7 +71,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         )
     out = Path(args.out or _default_out(model_dir, EVAL_OUT))
     _check_writable(out, args.out is not None)
-    p = load_pretrained(model_dir, args.device, args.dtype)
+    ranks, device = join_ranks(args.device)  # under torchrun: each rank a share of the batches
+    p = load_pretrained(model_dir, device, args.dtype)
     results = evaluate(
         p.model,
         p.tokenizer,
@@ -78,9 +82,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
         world=world,
         prompt_format=p.prompt_format,  # prompts written as the model was trained
         name=args.name or _model_name(model_dir),
+        ranks=ranks,
     )
+    if not ranks.is_main:
+        return None  # the same results on every rank: the first writes them
     results["settings"] = {**settings, "eval": {**to_dict(e), "tasks": tasks}}
-    results["settings"]["runtime"] = p.runtime
+    results["settings"]["runtime"] = {**p.runtime, "processes": ranks.world}
     files = write_report(results, out)
     console.print(Path(files["markdown"]).read_text().split("\n\n###")[0], markup=False)
     console.print(f"results: {files['json']}  table: {files['markdown']}  plot: {files['plot']}")
@@ -130,6 +137,7 @@ def cmd_eval_generation(args: argparse.Namespace) -> None:
     from mm1.pretrained import check_runtime, load_pretrained, locate_model
 
     refuse_encoder_run(args.model)
+    _one_process("mm1 eval-generation")
     if (args.captions is None) != (args.image_dir is None):
         raise ConfigError("--captions and --image-dir go together (a COCO captions file)")
     if args.max_images < 0 or args.max_images == 1:
@@ -169,6 +177,15 @@ def cmd_eval_generation(args: argparse.Namespace) -> None:
         f"{result['cosine_own']:.3f} vs others {result['cosine_others']:.3f}"
     )
     console.print(f"results: {path}")
+
+
+def _one_process(command: str) -> None:
+    """Only few-shot evaluation shares its work among torchrun's ranks."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            f"{command} runs in one process: start it without torchrun (few-shot `mm1 eval` "
+            "shares its batches among torchrun's ranks)"
+        )
 
 
 def _run_of(model: Path) -> Path:

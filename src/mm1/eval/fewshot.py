@@ -40,6 +40,7 @@ from mm1.data.tokenizer import Tokenizer
 from mm1.eval.demos import random_demos, rices_rank, shuffled_images, warn_if_rices_is_weak
 from mm1.eval.images import CropCache, EvalImageError, PixelCache
 from mm1.eval.metrics import mean_std
+from mm1.eval.progress import FewShotProgress
 from mm1.eval.prompts import (
     DEFAULT_STOP_STRINGS,
     Prompt,
@@ -48,6 +49,7 @@ from mm1.eval.prompts import (
     new_example_markers,
     postprocess,
 )
+from mm1.eval.ranks import EvalRanks, flatten
 from mm1.eval.tasks import Example, Task, load_tasks
 from mm1.models.generation import generate, generate_beam
 from mm1.models.mllm import MLLM
@@ -124,6 +126,7 @@ class FewShotEvaluator:
         bad_images: str = "error",
         high_res_last: int = 0,
         compile: bool = False,
+        ranks: EvalRanks | None = None,
     ) -> None:
         if tokenizer.image_id != model.image_token_id:
             raise ValueError(
@@ -138,7 +141,7 @@ class FewShotEvaluator:
             raise ValueError("batch_size and num_beams must be >= 1")
         if compile and num_beams > 1:
             raise ValueError("compile applies to greedy decoding (num_beams=1)")
-        self.compile = compile
+        self.compile, self.ranks = compile, ranks or EvalRanks()
         if bad_images not in BAD_IMAGE_POLICIES:
             raise ValueError(f"bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r}")
         self.model, self.tokenizer, self.processor = model, tokenizer, processor
@@ -328,17 +331,22 @@ class FewShotEvaluator:
             )
             for q, img, d in zip(queries, shown, demos)
         ]
-        outputs: list[tuple[str, str]] = []
-        bad_in: list[list[str]] = []  # per prompt, the undecodable images it shows
-        for start in range(0, len(prompts), self.batch_size):
-            batch = prompts[start : start + self.batch_size]
-            bad = [[str(p) for p in prompt.images if self.is_bad(p)] for prompt in batch]
-            good = [prompt for prompt, b in zip(batch, bad) if not b]
-            generated = iter(self.generate(good, task.kind, task.max_new_tokens) if good else [])
-            outputs += [("", "") if b else next(generated) for b in bad]
-            bad_in += bad
-            if advance is not None:
-                advance(len(batch))
+        # Per prompt: (raw, prediction) and the undecodable images it shows; this rank's
+        # batches, then every rank's (`EvalRanks`).
+        starts, own, error = range(0, len(prompts), self.batch_size), {}, None
+        try:
+            for b in self.ranks.mine(len(starts)):
+                batch = prompts[starts[b] : starts[b] + self.batch_size]
+                bad = [[str(p) for p in prompt.images if self.is_bad(p)] for prompt in batch]
+                good = [prompt for prompt, x in zip(batch, bad) if not x]
+                made = iter(self.generate(good, task.kind, task.max_new_tokens) if good else [])
+                own[b] = [(("", "") if x else next(made), x) for x in bad]
+                if advance is not None:
+                    advance(len(batch))
+        except Exception as err:  # raised on every rank, not only this one
+            error = err
+        done = flatten(self.ranks.gather(own, error), range(len(starts)))
+        outputs, bad_in = [out for out, _ in done], [x for _, x in done]
         predictions = {q.id: pred for q, (_, pred) in zip(queries, outputs)}
         score, per_example = task.score(predictions, queries)
         records = []
@@ -386,9 +394,11 @@ def evaluate(
     keep_prompts: bool = False,
     progress: bool = True,
     name: str | None = None,
+    ranks: EvalRanks | None = None,
 ) -> dict[str, Any]:
     """Few-shot scores of `model` under the protocol `cfg` (a config's `eval` section; the
-    defaults when None) at each shot count and seed.
+    defaults when None) at each shot count and seed; with `ranks`, this process's share of the
+    generation under torchrun (every rank returns the same results).
 
     `tasks` (names, `TaskSpec`s or loaded `Task`s) replaces `cfg.tasks`; the synthetic
     `synth_coco` / `synth_vqa` need `world`. Seeds are 0..cfg.seeds-1; with
@@ -432,6 +442,7 @@ def evaluate(
         bad_images=cfg.bad_images,
         high_res_last=cfg.high_res_last,
         compile=cfg.compile,
+        ranks=ranks,
     )
     loaded = load_tasks(list(cfg.tasks if tasks is None else tasks), world=world)
     names = [t.name for t in loaded]
@@ -451,13 +462,13 @@ def evaluate(
                 runs.append(_Run(task, 0, "0_plain", None))
 
     queries = {t.name: t.query[:max_examples] if max_examples else list(t.query) for t in loaded}
-    total = sum(len(queries[r.task.name]) for r in runs)
+    total = sum(evaluator.ranks.share(len(queries[r.task.name]), cfg.batch_size) for r in runs)
     was_training = model.training
     model.eval()
     start = time.perf_counter()
     outcomes: dict[tuple[str, str], dict[str | None, dict[str, Any]]] = {}
     try:
-        with _progress(progress, total) as advance_to:
+        with FewShotProgress(progress and evaluator.ranks.is_main, total) as advance_to:
             for r in runs:
                 label = f"{r.task.name} {r.key}-shot" + (
                     "" if r.seed is None else f" seed {r.seed}"
@@ -559,42 +570,3 @@ def evaluate(
     per_shot = [results["average"][str(k)] for k in shots]
     results["average"]["overall"] = sum(per_shot) / len(per_shot)
     return results
-
-
-class _progress:
-    """A rich progress bar over all generations (or nothing); yields advance(n, label)."""
-
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.enabled, self.total = enabled, total
-        self._bar: Any = None
-
-    def __enter__(self) -> Callable[[int, str], None]:
-        if not self.enabled:
-            return lambda n, label: None
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self._bar = Progress(
-            TextColumn("[bold]few-shot eval[/] {task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-        )
-        self._bar.start()
-        job = self._bar.add_task("", total=self.total)
-
-        def advance(n: int, label: str) -> None:
-            self._bar.update(job, advance=n, description=label)
-
-        return advance
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()
