@@ -43,6 +43,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mm1.data.tokenizer import IMAGE_TOKEN, tokenize_chat_prompt, tokenize_prompt
+from mm1.eval.ranks import rank_device
 from mm1.models.generation import generate, generate_beam
 from mm1.pretrained import check_device, check_dtype, load_pretrained
 from mm1.reasoning import empty_block, format_reasoning, split_reasoning
@@ -128,7 +129,8 @@ class MM1LMM(lmms):
         kwargs.pop("max_batch_size", None)  # lmms-eval passes it; batches here are fixed-size
         if kwargs:
             raise ValueError(f"MM1LMM: unknown model_args {sorted(kwargs)}")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # under torchrun / accelerate (lmms-eval shares the requests out): this rank's GPU
+        device = rank_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # read straight into `dtype` (the rotary frequencies kept in fp32, as transformers does)
         check_device(device, "device")  # errors name the model argument
         loaded = load_pretrained(pretrained, device, check_dtype(dtype, device, "dtype"))

@@ -51,15 +51,20 @@ class EvalRanks:
         return {b: out for part, _ in parts for b, out in part.items()}
 
 
+def rank_device(device: str) -> str:
+    """`cuda` as this process's own GPU under torchrun (`cuda:LOCAL_RANK`); else `device`."""
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return device
+
+
 def join_ranks(device: str) -> tuple[EvalRanks, str]:
     """This process's place under torchrun (a single process: rank 0 of 1), joining the group
-    on first use, and its device: `cuda` becomes this rank's GPU (`LOCAL_RANK`)."""
+    on first use, and its device (`rank_device`)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return EvalRanks(), device
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "cuda":
-        device = f"cuda:{local}"
+    device = rank_device(device)
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
     if not dist.is_initialized():
