@@ -221,7 +221,7 @@ def test_generate_and_eval_run_in_the_dtype_asked(run, tmp_path, capsys) -> None
     assert cli.main(["eval", str(run), *shots, "--dtype", "bfloat16"]) == 0
     capsys.readouterr()
     results = json.loads((tmp_path / "e" / "results.json").read_text())
-    assert results["settings"]["runtime"] == {"device": "cpu", "dtype": "bfloat16"}
+    assert results["settings"]["runtime"] == {"device": "cpu", "dtype": "bfloat16", "processes": 1}
 
     flags = ["--image", str(image), *prompt]
     line = one_line(capsys, ["generate", str(run), *flags, "--dtype", "float64"], 2)

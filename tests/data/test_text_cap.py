@@ -134,3 +134,45 @@ def test_a_wds_text_member_too_large_for_the_cap_is_skipped_unread(tmp_path, mon
     assert stats.skipped == {"too_long_text": 1}  # sample 1 is skipped later, by the loader
     set_max_text_chars(0)  # no cap: read as before
     assert len(list(wds.read_wds_shard(tmp_path / "s.tar"))) == 4
+
+
+def test_bounded_lines_drop_only_the_lines_over_the_bound() -> None:
+    import io
+
+    from mm1.data.sources.jsonl import bounded_lines
+
+    text = "abc\n" + "x" * 10 + "\n" + "y" * 11 + "\nlast" + "\n" + "z" * 11
+    got = list(bounded_lines(io.StringIO(text), 10))
+    assert got == ["abc\n", "x" * 10 + "\n", None, "last\n", None]
+    assert list(bounded_lines(io.StringIO(text), 0)) == io.StringIO(text).readlines()
+
+
+def test_a_jsonl_line_over_the_bound_is_skipped_without_holding_it(tmp_path) -> None:
+    """A JSON Lines line of more than 12 characters per character of the cap (JSON's most per
+    character of text) is counted as `too_long_text` and read through in chunks: a gzip bomb
+    of a 64 MB line (64 kB on disk) never exists as one string. Its neighbours are read, and
+    the record indices and the LLaVA record count still count it."""
+    import gzip
+    import tracemalloc
+
+    from mm1.data.sources.base import ReadStats, set_max_text_chars
+    from mm1.data.sources.jsonl import jsonl_records
+    from mm1.data.sources.llava import count_llava_records
+
+    path = tmp_path / "bomb.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(json.dumps({"text": "first"}) + "\n")
+        f.write('{"text": "' + "a" * (64 << 20) + '"}\n')
+        f.write(json.dumps({"text": "third"}) + "\n")
+    set_max_text_chars(1000)
+    stats = ReadStats()
+    tracemalloc.start()
+    try:
+        records = list(jsonl_records(path, 0, stats))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert records == [(0, {"text": "first"}), (2, {"text": "third"})]
+    assert stats.skipped == {"too_long_text": 1} and peak < 16 << 20  # the line: 64 MB
+    assert count_llava_records(path) == 3
+    assert list(jsonl_records(path, 2, ReadStats())) == [(2, {"text": "third"})]

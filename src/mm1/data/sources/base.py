@@ -10,7 +10,6 @@ import io
 import json
 import logging
 import os
-import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -174,6 +173,12 @@ def over_text_cap(num_bytes: int) -> bool:
     takes at most 4 bytes (an undecodable byte is one character), so such text is over the
     cap unless stripping its leading and trailing whitespace brings it under."""
     return bool(_max_text_chars) and num_bytes > 4 * _max_text_chars
+
+
+def json_line_limit() -> int:
+    """The longest JSON Lines line read (0: any): at most 12 characters per character of text
+    (`\\uXXXX` twice), so a longer one is over the text cap unless mostly other fields."""
+    return 12 * _max_text_chars
 
 
 # Skips that the config causes rather than the data: the setting that admits such records.
@@ -541,41 +546,6 @@ def clear_json_cache() -> None:
     """Forget every parsed or indexed file (tests; a caller that knows its files are done with)."""
     _PARSED_JSON.clear()
     _INDEXED_JSON.clear()
-
-
-def jsonl_records(path: Path, start: int, stats: ReadStats) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (record index, object) per non-blank line from `start` on; lines before `start` are
-    not parsed. Malformed lines are skipped and counted (`malformed_json`); text that is not valid
-    Unicode is repaired and counted (`invalid_utf8`, `lone_surrogate`)."""
-    index = -1
-    try:
-        with open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                index += 1
-                if index < start:
-                    continue
-                # the line for an editor, the record index as the readers count records
-                where = f"{path}:{lineno} (record {index})"
-                try:
-                    obj = json.loads(line)
-                except (ValueError, RecursionError) as e:
-                    why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
-                    skip_record(stats, "malformed_json", where, why)
-                    continue
-                if too_deep(obj):
-                    why = f"nested deeper than {MAX_JSON_DEPTH} levels"
-                    skip_record(stats, "malformed_json", where, why)
-                    continue
-                if not isinstance(obj, dict):
-                    skip_record(stats, "malformed_record", where, "not a JSON object")
-                    continue
-                yield index, repair_record(stats, obj, where, has_escaped_bytes(line))
-    except (EOFError, gzip.BadGzipFile, OSError, zlib.error) as e:  # zlib.error: a bad gzip body
-        if isinstance(e, FileNotFoundError):
-            raise
-        skip_record(stats, "corrupt_file", str(path), f"stopped reading: {e}")
 
 
 def is_parquet(path: Path) -> bool:

@@ -18,13 +18,13 @@ from mm1.data.sources.base import (
     default_image_dir,
     image_from_bytes,
     image_from_path,
-    jsonl_records,
     loads_maybe,
     parquet_rows,
     resolve_image_path,
     skip_record,
     warn_skip,
 )
+from mm1.data.sources.jsonl import jsonl_records
 
 
 def _obelics_image(

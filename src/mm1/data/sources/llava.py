@@ -18,8 +18,8 @@ from mm1.data.sources.base import (
     count_images,
     default_image_dir,
     image_from_path,
+    json_line_limit,
     json_list_once,
-    jsonl_records,
     load_json_file_once,
     open_text,
     repair_record,
@@ -28,6 +28,7 @@ from mm1.data.sources.base import (
     too_deep,
 )
 from mm1.data.sources.json_list import JsonList, NotAList
+from mm1.data.sources.jsonl import bounded_lines, jsonl_records
 
 
 def _llava_records(
@@ -95,8 +96,9 @@ def count_llava_records(path: Path) -> int:
     """Records of a LLaVA file: a JSON list's elements, a JSONL file's non-blank lines."""
     name = path.name.lower()
     if name.endswith((".jsonl", ".jsonl.gz")):
-        with open_text(path) as f:
-            return sum(1 for line in f if line.strip())
+        with open_text(path) as f:  # a line over the bound counts, unkept (`jsonl_records`)
+            lines = bounded_lines(f, json_line_limit())
+            return sum(1 for line in lines if line is None or line.strip())
     if name.endswith(".gz"):
         data, _ = load_json_file_once(path)
         return len(data) if isinstance(data, list) else 0

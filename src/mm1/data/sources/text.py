@@ -15,7 +15,6 @@ from mm1.data.sources.base import (
     default_image_dir,
     image_from_path,
     is_parquet,
-    jsonl_records,
     load_json_file,
     parquet_rows,
     repair_record,
@@ -23,6 +22,7 @@ from mm1.data.sources.base import (
     skip_record,
     too_deep,
 )
+from mm1.data.sources.jsonl import jsonl_records
 
 
 def read_text(
