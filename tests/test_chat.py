@@ -31,6 +31,7 @@ from mm1.data.sources import decode_image
 from mm1.data.tokenizer import tokenize_prompt
 from mm1.models import generation
 from mm1.pretrained import Pretrained
+from tests.cli_helpers import one_line
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_NEW = 12
@@ -470,3 +471,12 @@ def test_template_kwargs_reach_the_template(run, pretrained, prompts, tmp_path, 
     for value, named in [("x", "not JSON"), ("[1]", "a JSON object of template variables")]:
         assert cli.main([*args, "--chat-template-kwargs", value]) == 2
         assert f"config error: --chat-template-kwargs: {named}" in capsys.readouterr().out
+    # a template that refuses the variables: one line from `generate --chat` too
+    refusing = "{% if not think %}{{ raise_exception('thinking is off') }}{% endif %}" + source
+    tok.chat_template, own = refusing, tok.chat_template
+    try:
+        argv = ["generate", str(run), "--prompt", "Hi.", "--chat"]
+        line = one_line(capsys, [*argv, "--chat-template-kwargs", '{"think": false}'], 2)
+    finally:
+        tok.chat_template = own
+    assert line == "config error: --chat-template-kwargs: the chat template failed: thinking is off"

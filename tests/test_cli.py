@@ -255,28 +255,24 @@ def test_eval_under_torchrun_shares_the_batches_and_scores_what_one_process_does
     assert len(preds) == 2 * 3 * 6 and len(set(preds)) > 1  # a mix-up of order would show
     assert two_r["settings"]["runtime"]["processes"] == 2
     assert two.count("# Few-shot evaluation") == 1  # the first rank reports
-    # the suite and eval-generation run in one process: said at once, by the first rank
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "mm1.cli",
-            "eval",
-            str(run),
-            "--suite",
-            "sft",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert p.returncode != 0
-    assert (p.stdout + p.stderr).count("mm1 eval --suite runs in one process") == 1
+
+
+def test_commands_that_run_in_one_process_refuse_torchrun(run, capsys, monkeypatch) -> None:
+    """Under torchrun (`WORLD_SIZE` > 1) a command that would run whole on every rank, each
+    writing the same files, is refused at once; the first rank says so."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    line = one_line(capsys, ["eval", str(run), "--suite", "sft"], 2)
+    assert line.startswith("config error: mm1 eval --suite runs in one process")
+    for argv in (
+        ["generate", str(run), "--prompt", "hi"],
+        ["recaption", str(run), "--in", "x.tar", "--out", "y"],
+        ["eval-generation", str(run)],
+        ["serve", str(run)],
+    ):
+        line = one_line(capsys, argv, 2)
+        assert line.startswith(f"config error: mm1 {argv[0]} runs in one process"), line
+        assert "torchrun runs train, train-encoder, eval;" in line
 
 
 def test_an_exports_results_go_outside_it(run, tmp_path, monkeypatch, capsys) -> None:

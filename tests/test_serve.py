@@ -693,5 +693,6 @@ def test_chat_template_kwargs_per_request_over_the_servers(pretrained) -> None:
     assert asked({}, {"think": True}) == ("Hi\nA:<think>\n", True)
     assert asked({"think": True}, None) == ("Hi\nA:<think>\n", True)
     assert asked({"think": True}, {"think": False}) == ("Hi\nA:<think></think>", False)
-    with pytest.raises(APIError, match="chat_template_kwargs must be an object"):
-        asked({}, [1])  # type: ignore[arg-type]
+    for wrong in ([1], False, 0, "x"):
+        with pytest.raises(APIError, match="chat_template_kwargs must be an object"):
+            asked({}, wrong)  # type: ignore[arg-type]

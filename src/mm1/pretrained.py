@@ -238,6 +238,8 @@ def check_device(device: str | torch.device, option: str = "--device") -> torch.
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise ConfigError(f"{option} {device}: not a device; give cpu, cuda or cuda:N") from None
+    if dev.type == "meta":  # holds no values: nothing could run there
+        raise ConfigError(f"{option} {device}: not a device a model runs on; give cpu or cuda")
     try:
         torch.empty(0, device=dev)  # initialises the backend: fails if it is absent
     except (RuntimeError, AssertionError) as err:
@@ -264,12 +266,12 @@ def check_dtype(
     """The dtype a model runs in (`DTYPES`' names), usable on `device`, else one line naming
     `option`: a GPU without bf16 (before Ampere) is told to use float16."""
     if isinstance(dtype, str):
-        if dtype not in DTYPES:
+        if dtype.lower() not in DTYPES:
             raise ConfigError(
                 f"{option} {dtype}: not a dtype a model runs in; give float32, bfloat16 (bf16) or "
                 "float16 (fp16)"
             )
-        dtype = DTYPES[dtype]
+        dtype = DTYPES[dtype.lower()]
     elif dtype not in DTYPES.values():
         raise ConfigError(f"{option} {dtype}: give float32, bfloat16 or float16")
     dev = torch.device(device)

@@ -136,15 +136,18 @@ def test_a_wds_text_member_too_large_for_the_cap_is_skipped_unread(tmp_path, mon
     assert len(list(wds.read_wds_shard(tmp_path / "s.tar"))) == 4
 
 
-def test_bounded_lines_drop_only_the_lines_over_the_bound() -> None:
+@pytest.mark.parametrize("chunk", [1 << 20, 3, 1])
+def test_bounded_lines_drop_only_the_lines_over_the_bound(monkeypatch, chunk: int) -> None:
     import io
 
-    from mm1.data.sources.jsonl import bounded_lines
+    from mm1.data.sources import jsonl
 
-    text = "abc\n" + "x" * 10 + "\n" + "y" * 11 + "\nlast" + "\n" + "z" * 11
-    got = list(bounded_lines(io.StringIO(text), 10))
-    assert got == ["abc\n", "x" * 10 + "\n", None, "last\n", None]
-    assert list(bounded_lines(io.StringIO(text), 0)) == io.StringIO(text).readlines()
+    monkeypatch.setattr(jsonl, "CHUNK", chunk)  # lines read in one piece, or in several
+    text = "abc\n" + "x" * 10 + "\n" + "y" * 11 + "\nlast" + "\n\n" + "w" * 10 + "\n" + "z" * 11
+    got = list(jsonl.bounded_lines(io.StringIO(text), 10))
+    assert got == ["abc\n", "x" * 10 + "\n", None, "last\n", "\n", "w" * 10 + "\n", None]
+    assert list(jsonl.bounded_lines(io.StringIO("end" * 3), 10)) == ["endendend"]
+    assert list(jsonl.bounded_lines(io.StringIO(text), 0)) == io.StringIO(text).readlines()
 
 
 def test_a_jsonl_line_over_the_bound_is_skipped_without_holding_it(tmp_path) -> None:

@@ -133,4 +133,12 @@ def test_a_dtype_a_model_does_not_run_in_is_refused_naming_the_option(
 
 def test_short_names_are_the_dtypes() -> None:
     assert check_dtype("bf16") is torch.bfloat16 and check_dtype("fp16") is torch.float16
+    assert check_dtype("BF16") is torch.bfloat16 and check_dtype("Float32") is torch.float32
     assert check_dtype("float32") is torch.float32 and check_dtype(torch.bfloat16) is torch.bfloat16
+
+
+def test_the_meta_device_is_refused_naming_the_option() -> None:
+    from mm1.pretrained import check_device
+
+    with pytest.raises(ConfigError, match="--device meta: not a device a model runs on"):
+        check_device("meta")

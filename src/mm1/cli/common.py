@@ -16,7 +16,10 @@ from mm1.config import ConfigError
 # which piped output (80 columns) would otherwise get.
 console = Console(soft_wrap=True)
 
-MODEL_HELP = "a run directory, one of its checkpoints (RUN/checkpoints/step_N), or an export"
+MODEL_HELP = (
+    "a run directory, one of its checkpoints (RUN/checkpoints/step_N), an export, or a "
+    "transformers LLaVA / LLaVA-NeXT / Fuyu directory"
+)
 RESHARD_HELP = (
     "resume a checkpoint saved by another number of processes: model and optimizer resharded, "
     "the data restarted in a new shuffle (records may repeat)"

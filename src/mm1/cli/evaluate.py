@@ -137,7 +137,6 @@ def cmd_eval_generation(args: argparse.Namespace) -> None:
     from mm1.pretrained import check_runtime, load_pretrained, locate_model
 
     refuse_encoder_run(args.model)
-    _one_process("mm1 eval-generation")
     if (args.captions is None) != (args.image_dir is None):
         raise ConfigError("--captions and --image-dir go together (a COCO captions file)")
     if args.max_images < 0 or args.max_images == 1:
@@ -180,7 +179,8 @@ def cmd_eval_generation(args: argparse.Namespace) -> None:
 
 
 def _one_process(command: str) -> None:
-    """Only few-shot evaluation shares its work among torchrun's ranks."""
+    """Only few-shot evaluation shares its work among torchrun's ranks (other commands:
+    `mm1.cli.TORCHRUN_COMMANDS`)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(
             f"{command} runs in one process: start it without torchrun (few-shot `mm1 eval` "

@@ -92,6 +92,8 @@ def _load_images(paths: list[str]) -> list[Image.Image]:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    import jinja2
+
     from mm1.chat import check_sampling
     from mm1.data.tokenizer import IMAGE_TOKEN, tokenize_chat_prompt, tokenize_prompt
     from mm1.models.generation import check_prompt_fits, generate
@@ -114,7 +116,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     fmt = p.prompt_format
     if args.chat:
         user = [{"role": "user", "content": args.prompt}]
-        ids = tokenize_chat_prompt(user, images, p.tokenizer, fmt, kwargs)
+        try:
+            ids = tokenize_chat_prompt(user, images, p.tokenizer, fmt, kwargs)
+        except jinja2.TemplateError as err:  # as chat and serve say it
+            where = "--chat-template-kwargs" if kwargs else "--chat"
+            raise ConfigError(f"{where}: the chat template failed: {err}") from None
     else:
         ids = tokenize_prompt(args.prompt, images, p.tokenizer, fmt)
     check_prompt_fits(len(ids), p.model.cfg.decoder.max_seq_len)  # as serve refuses it

@@ -462,6 +462,7 @@ def evaluate(
                 runs.append(_Run(task, 0, "0_plain", None))
 
     queries = {t.name: t.query[:max_examples] if max_examples else list(t.query) for t in loaded}
+    generations = sum(len(queries[r.task.name]) for r in runs)  # by every rank together
     total = sum(evaluator.ranks.share(len(queries[r.task.name]), cfg.batch_size) for r in runs)
     was_training = model.training
     model.eval()
@@ -518,8 +519,8 @@ def evaluate(
         "predictions": {},
         "timing": {
             "seconds": seconds,
-            "generations": total,
-            "examples_per_s": total / seconds if seconds > 0 else None,
+            "generations": generations,
+            "examples_per_s": generations / seconds if seconds > 0 else None,
         },
     }
     for task in loaded:

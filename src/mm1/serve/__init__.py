@@ -22,12 +22,18 @@ if TYPE_CHECKING:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "model",
-        help="a run directory, one of its checkpoints (RUN/checkpoints/step_N), or an export",
+        help="a run directory, one of its checkpoints (RUN/checkpoints/step_N), an export, or a "
+        "transformers LLaVA / LLaVA-NeXT / Fuyu directory",
     )
     p.add_argument(
         "--host", default="127.0.0.1", help="the address to listen on (default: loopback)"
     )
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--port",
+        type=int,
+        default=8000,
+        help="default 8000; 0: a free port (the banner says which)",
+    )
     p.add_argument(
         "--model-name",
         default=None,

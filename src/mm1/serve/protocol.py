@@ -119,7 +119,8 @@ def parse_chat_request(
     if n != 1:
         raise bad(f"only n=1 is supported, got {n!r}", "n")
     messages, images = _messages(body.get("messages"), opts)
-    asked = body.get("chat_template_kwargs") or {}
+    asked = body.get("chat_template_kwargs")
+    asked = {} if asked is None else asked
     if not isinstance(asked, dict):
         raise bad("chat_template_kwargs must be an object", "chat_template_kwargs")
     kwargs = {**opts.template_kwargs, **asked}

@@ -27,15 +27,21 @@ CHUNK = 1 << 20  # characters read at a time through a line over the bound
 
 def bounded_lines(f: TextIO, limit: int) -> Iterator[str | None]:
     """Each line of `f` (with its newline), or None for a line of more than `limit` characters
-    (its newline not counted); 0: no bound."""
+    (its newline not counted); 0: no bound. A line is read in chunks: what is held at once is
+    at most about `limit` characters, whatever the line's length."""
     if not limit:
         yield from f
         return
-    while line := f.readline(limit + 1):
-        if len(line) <= limit or line.endswith("\n"):
-            yield line
+    while piece := f.readline(CHUNK):
+        parts, size = [piece], len(piece)
+        while not piece.endswith("\n") and size <= limit and (piece := f.readline(CHUNK)):
+            parts.append(piece)
+            size += len(piece)
+        if size - piece.endswith("\n") <= limit:
+            yield "".join(parts)
             continue
-        while (rest := f.readline(CHUNK)) and not rest.endswith("\n"):
+        parts.clear()  # over the bound: the rest is read through and dropped
+        while not piece.endswith("\n") and (piece := f.readline(CHUNK)):
             pass
         yield None
 
