@@ -54,7 +54,10 @@ def test_missing_config_is_named_as_typed(tmp_path: Path, monkeypatch) -> None:
     Path("child.yaml").write_text("extends: [models/none.yaml]\n")
     with pytest.raises(ConfigError) as err:
         load_config("child.yaml")
-    assert str(err.value) == "config file not found: models/none.yaml ('extends' of child.yaml)"
+    where = Path("models/none.yaml").resolve()  # relative to child.yaml's folder, the cwd here
+    assert str(err.value) == (
+        f"config file not found: models/none.yaml ('extends' of child.yaml); looked for at {where}"
+    )
     # `extends` that names no file: one line naming the key, not a traceback from the merge
     for value in ("3", "[models/tiny.yaml, 3]", "{a: 1}"):
         Path("child.yaml").write_text(f"extends: {value}\n")

@@ -43,7 +43,9 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = (), shown: str | None = None
     if real in seen:
         raise ConfigError(f"{shown}: circular '{EXTENDS_KEY}'")
     if not real.is_file():
-        raise ConfigError(f"config file not found: {shown}")
+        # an `extends` is relative to the file naming it (a copied config loses its parents)
+        where = "" if shown == str(path) else f"; looked for at {path}"
+        raise ConfigError(f"config file not found: {shown}{where}")
     try:
         raw = OmegaConf.load(real)
     except yaml.YAMLError as err:
