@@ -275,6 +275,32 @@ def test_commands_that_run_in_one_process_refuse_torchrun(run, capsys, monkeypat
         assert "torchrun runs train, train-encoder, eval;" in line
 
 
+def test_convert_writes_the_dtype_asked(run, tmp_path) -> None:
+    """`mm1 convert --dtype bf16`: the export and the transformers directories hold bf16
+    weights (half the bytes), which read back as the run reads in bf16; transformers loads the
+    decoder in bf16, as its config.json says."""
+    import transformers
+    from safetensors import safe_open
+
+    from mm1.pretrained import load_pretrained
+
+    e32, e16, hf = tmp_path / "e32", tmp_path / "e16", tmp_path / "hf"
+    assert cli.main(["convert", str(run), "--export", str(e32)]) == 0
+    argv = ["convert", str(run), "--export", str(e16), "--to-hf", str(hf), "--dtype", "bf16"]
+    assert cli.main(argv) == 0
+    with safe_open(e16 / "model.safetensors", "pt") as f:
+        names = list(f.keys())
+        assert {f.get_slice(k).get_dtype() for k in names} == {"BF16"}
+    size = {d: (d / "model.safetensors").stat().st_size for d in (e32, e16)}
+    assert size[e16] < 0.55 * size[e32]
+    low = load_pretrained(run, dtype="bf16").model.state_dict()
+    back = load_pretrained(e16, dtype="bf16").model.state_dict()
+    assert all(torch.equal(back[k], v) for k, v in low.items())
+    assert json.loads((hf / "decoder" / "config.json").read_text())["dtype"] == "bfloat16"
+    decoder = transformers.AutoModelForCausalLM.from_pretrained(hf / "decoder", dtype="auto")
+    assert decoder.dtype == torch.bfloat16
+
+
 def test_an_exports_results_go_outside_it(run, tmp_path, monkeypatch, capsys) -> None:
     """An export is a model to hand on (and may be read-only): `mm1 eval EXPORT` without
     --out writes to runs/eval-cli/NAME in the current directory, not into the export."""

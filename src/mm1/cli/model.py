@@ -40,7 +40,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
             f"--export and --to-hf are both {args.export}: both write model.safetensors; give "
             "two directories"
         )
-    p = load_pretrained(args.source)
+    p = load_pretrained(args.source, dtype=args.dtype)  # written in the dtype it is read in
     if args.export:
         out = save_pretrained(p.model, p.tokenizer, p.processor, args.export, p.prompt_format)
         console.print(f"exported {args.source} -> {out}")
@@ -238,6 +238,13 @@ def register(add: Add) -> None:
         help="default for a dense decoder: persimmon with LayerNorm (Fuyu-8B's), qwen3 with a "
         "q/k norm, qwen2 with q/k/v biases, mistral with a sliding window, else llama; for a MoE "
         "one the family it fits, else mm1_moe",
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        help="the weights' precision in what is written: float32 (default, as trained), "
+        "bfloat16 (bf16; half the size, as llava-hf publishes) or float16 (fp16); a frozen "
+        "image tokenizer stays float32",
     )
 
     p = add("upcycle", cmd_upcycle, "a dense run or export -> a MoE export (sparse upcycling)")
