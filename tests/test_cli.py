@@ -142,6 +142,22 @@ def test_data_inspect_and_stats(run) -> None:
     }
 
 
+def _greedy_output(p: Pretrained, image: Path) -> str:
+    """What `mm1 generate MODEL --image IMAGE --prompt '<image>Output:' --max-new-tokens 4`
+    prints, through the Python API."""
+    from mm1.data.sources.base import image_from_path
+    from mm1.data.tokenizer import tokenize_prompt
+
+    pil = image_from_path(image)
+    ids = tokenize_prompt("<image>Output:", [pil], p.tokenizer, p.prompt_format)
+    pixels = p.prompt_format.pixel_values(p.processor, [pil])
+    tok = p.tokenizer
+    new_ids = generation.generate(
+        p.model, [ids], pixels, max_new_tokens=4, eos_token_id=[tok.eos_id], pad_token_id=tok.pad_id
+    )[0]
+    return tok.decode(new_ids) + "\n"
+
+
 def test_convert_generate_and_eval(run, tmp_path) -> None:
     export = tmp_path / "export"
     mm1("convert", str(run), "--export", str(export), "--to-hf", str(tmp_path / "hf"))
@@ -161,19 +177,9 @@ def test_convert_generate_and_eval(run, tmp_path) -> None:
         "4",
     )
     # the exported model's greedy continuation, as the Python API gives it
-    from mm1.data.sources.base import image_from_path
-    from mm1.data.tokenizer import tokenize_prompt
     from mm1.pretrained import load_pretrained
 
-    p = load_pretrained(export)
-    pil = image_from_path(image)
-    ids = tokenize_prompt("<image>Output:", [pil], p.tokenizer, p.prompt_format)
-    pixels = p.prompt_format.pixel_values(p.processor, [pil])
-    tok = p.tokenizer
-    new_ids = generation.generate(
-        p.model, [ids], pixels, max_new_tokens=4, eos_token_id=[tok.eos_id], pad_token_id=tok.pad_id
-    )[0]
-    assert out == tok.decode(new_ids) + "\n" and out.strip()
+    assert out == _greedy_output(load_pretrained(export), image) and out.strip()
 
     out_dir = tmp_path / "eval"
     # the run's own world is found from its saved config: no --world needed
@@ -198,8 +204,6 @@ def test_generate_and_eval_run_in_the_dtype_asked(run, tmp_path, capsys) -> None
     """`--dtype bf16`: the run's checkpoint read straight into bf16; `mm1 generate` prints that
     model's greedy continuation, and `mm1 eval`'s results say where and in what precision its
     figures were computed."""
-    from mm1.data.sources.base import image_from_path
-    from mm1.data.tokenizer import tokenize_prompt
     from mm1.pretrained import load_pretrained
 
     image = next((run.parent / "world" / "eval" / "val" / "images").iterdir())
@@ -208,14 +212,7 @@ def test_generate_and_eval_run_in_the_dtype_asked(run, tmp_path, capsys) -> None
     out = capsys.readouterr().out
     p = load_pretrained(run, dtype="bfloat16")
     assert {v.dtype for v in p.model.parameters()} == {torch.bfloat16}
-    pil = image_from_path(image)
-    ids = tokenize_prompt("<image>Output:", [pil], p.tokenizer, p.prompt_format)
-    pixels = p.prompt_format.pixel_values(p.processor, [pil])
-    tok = p.tokenizer
-    new_ids = generation.generate(
-        p.model, [ids], pixels, max_new_tokens=4, eos_token_id=[tok.eos_id], pad_token_id=tok.pad_id
-    )[0]
-    assert out == tok.decode(new_ids) + "\n"
+    assert out == _greedy_output(p, image)
 
     shots = ["--shots", "0", "--seeds", "1", "--max-examples", "2", "--out", str(tmp_path / "e")]
     assert cli.main(["eval", str(run), *shots, "--dtype", "bfloat16"]) == 0
