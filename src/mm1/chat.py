@@ -94,6 +94,19 @@ def _checked(tok: Tokenizer, template: ChatTemplate, where: str | None = None) -
     return template
 
 
+def template_variables(
+    template: ChatTemplate, tok: Tokenizer, kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """The tokenizer's named tokens with `kwargs` (`--chat-template-kwargs`), once `template`
+    renders a tiny chat with them; else a ConfigError naming the option, at start-up."""
+    variables = {**tok.template_variables, **kwargs}
+    try:
+        check_template(template.source, variables)
+    except ValueError as err:
+        raise ConfigError(f"--chat-template-kwargs: {err}") from None
+    return variables
+
+
 def load_image(path: str | Path) -> Image.Image:
     """An image decoded as training decodes it; a DataError naming the file otherwise."""
     try:
@@ -234,11 +247,7 @@ class ChatSession:
         self.settings.validate()
         tok = self.pretrained.tokenizer
         if self.settings.template_kwargs:  # a variable that breaks the template: said now
-            variables = {**tok.template_variables, **self.settings.template_kwargs}
-            try:
-                check_template(self.template.source, variables)
-            except ValueError as err:
-                raise ConfigError(f"--chat-template-kwargs: {err}") from None
+            template_variables(self.template, tok, self.settings.template_kwargs)
         ends = (tok.token_to_id(t) for t in tok.end_of_turn_tokens())
         self.stop_ids = {tok.eos_id, *(i for i in ends if i is not None)}
         self.length = 0  # tokens of the last prompt and its answer

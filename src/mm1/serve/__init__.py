@@ -138,8 +138,7 @@ def run(args: argparse.Namespace) -> int | None:
         raise ConfigError(
             f"mm1 serve needs the web stack: pip install 'mm1[serve]' ({err})"
         ) from None
-    from mm1.chat import resolve_chat_template
-    from mm1.data.chat_template import check_template
+    from mm1.chat import resolve_chat_template, template_variables
     from mm1.pretrained import load_pretrained
     from mm1.reasoning import chat_reasoning
     from mm1.serve.engine import Engine
@@ -152,11 +151,7 @@ def run(args: argparse.Namespace) -> int | None:
         template = resolve_chat_template(p.tokenizer, args.chat_template)
         if template.notice:
             print(f"note: {template.notice}", file=sys.stderr)
-        variables = {**p.tokenizer.template_variables, **kwargs}
-        try:  # a variable that breaks the template: said before serving
-            check_template(template.source, variables)
-        except ValueError as err:
-            raise ConfigError(f"--chat-template-kwargs: {err}") from None
+        variables = template_variables(template, p.tokenizer, kwargs)  # checked before serving
         opts = ServeOptions(
             model_name=args.model_name or Path(args.model).resolve().name,
             chat_template=template.source,
