@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from rich.console import Console
-
-from mm1.config import ConfigError
 
 # soft_wrap: long lines (Markdown tables, commands to copy) are never broken by inserted newlines,
 # which piped output (80 columns) would otherwise get.
@@ -24,39 +21,6 @@ RESHARD_HELP = (
     "resume a checkpoint saved by another number of processes: model and optimizer resharded, "
     "the data restarted in a new shuffle (records may repeat)"
 )
-
-
-def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
-    """`--device` and `--dtype`: where, and in what precision, a command runs a loaded model."""
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    p.add_argument(
-        "--dtype",
-        default="float32",
-        help="the weights' and activations' precision: float32 (default), bfloat16 (bf16; half "
-        "the memory, the usual choice on a GPU) or float16 (fp16); read straight into it",
-    )
-
-
-TEMPLATE_KWARGS_HELP = (
-    "extra chat-template variables as a JSON object, as transformers' apply_chat_template takes "
-    """them: '{"enable_thinking": false}' turns Qwen3's reasoning off"""
-)
-
-
-def template_kwargs(value: str | None, option: str = "--chat-template-kwargs") -> dict[str, Any]:
-    """`--chat-template-kwargs`' JSON object (None: {}), or one line naming `option`."""
-    if value is None:
-        return {}
-    try:
-        kwargs = json.loads(value)
-    except ValueError as err:
-        raise ConfigError(
-            f"{option}: not JSON ({err}); give an object, e.g. "
-            """'{"enable_thinking": false}'"""
-        ) from None
-    if not isinstance(kwargs, dict):
-        raise ConfigError(f"{option}: a JSON object of template variables, not {value}")
-    return kwargs
 
 
 def first_rank() -> bool:

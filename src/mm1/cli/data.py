@@ -9,8 +9,9 @@ from rich.table import Table
 
 from mm1.config import Config, ConfigError, load_config
 from mm1.data.sources import DataError
+from mm1.inference_options import add_runtime_arguments
 
-from .common import MODEL_HELP, Add, add_runtime_arguments, console
+from .common import MODEL_HELP, Add, console
 
 
 def cmd_data_synth(args: argparse.Namespace) -> None:

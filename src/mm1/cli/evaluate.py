@@ -7,8 +7,9 @@ import os
 from pathlib import Path
 
 from mm1.config import ConfigError, EvalConfig
+from mm1.inference_options import add_runtime_arguments
 
-from .common import MODEL_HELP, Add, add_runtime_arguments, console
+from .common import MODEL_HELP, Add, console
 
 # `mm1 eval`'s own folder: `eval/` holds the demo's evaluation, which its report links to.
 EVAL_OUT = "eval-cli"

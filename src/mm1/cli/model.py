@@ -8,16 +8,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mm1.config import ConfigError
+from mm1.inference_options import TEMPLATE_KWARGS_HELP, add_runtime_arguments, template_kwargs
 from mm1.serve import add_arguments as serve_arguments
 
-from .common import (
-    MODEL_HELP,
-    TEMPLATE_KWARGS_HELP,
-    Add,
-    add_runtime_arguments,
-    console,
-    template_kwargs,
-)
+from .common import MODEL_HELP, Add, console
 
 if TYPE_CHECKING:
     from PIL import Image

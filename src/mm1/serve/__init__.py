@@ -71,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="compile the decode step at fixed shapes (a CUDA graph per step on GPU) before "
         "serving",
     )
-    from mm1.cli.common import TEMPLATE_KWARGS_HELP, add_runtime_arguments
+    from mm1.inference_options import TEMPLATE_KWARGS_HELP, add_runtime_arguments
 
     p.add_argument(
         "--chat-template-kwargs",
@@ -127,7 +127,7 @@ def bind_port(host: str, port: int) -> socket.socket:
 def run(args: argparse.Namespace) -> int | None:
     """Load the model and serve until interrupted."""
     check_arguments(args)
-    from mm1.cli.common import template_kwargs
+    from mm1.inference_options import template_kwargs
 
     kwargs = template_kwargs(args.chat_template_kwargs)
     try:
