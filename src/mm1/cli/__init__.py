@@ -115,10 +115,11 @@ def _run(args: argparse.Namespace) -> int:
     from mm1.data.sources import DataError
     from mm1.train.errors import TrainingError
 
-    from .common import console, first_rank
+    from .common import TORCHRUN_COMMANDS, console, first_rank, refuse_torchrun
 
     try:
-        _refuse_torchrun(args.command)
+        if args.command not in TORCHRUN_COMMANDS:
+            refuse_torchrun(f"mm1 {args.command}")
         code = args.fn(args)
     except ConfigError as err:
         # Under torchrun every rank reads the same config and finds the same error: the first
@@ -146,21 +147,6 @@ def _run(args: argparse.Namespace) -> int:
         console.print("(MM1_TRACEBACK=1 shows the traceback)", style="dim")
         return 1
     return code or 0
-
-
-# The commands that share their work among torchrun's ranks (few-shot eval its batches); any
-# other would run whole on every rank, each writing the same files.
-TORCHRUN_COMMANDS = ("train", "train-encoder", "eval")
-
-
-def _refuse_torchrun(command: str) -> None:
-    from mm1.config import ConfigError
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and command not in TORCHRUN_COMMANDS:
-        raise ConfigError(
-            f"mm1 {command} runs in one process: start it without torchrun (torchrun runs "
-            f"{', '.join(TORCHRUN_COMMANDS)}; eval shares its few-shot batches among the ranks)"
-        )
 
 
 def _os_error_message(err: OSError) -> str:

@@ -23,6 +23,22 @@ RESHARD_HELP = (
 )
 
 
+# The commands that share their work among torchrun's ranks (few-shot eval its batches); any
+# other would run whole on every rank, each writing the same files.
+TORCHRUN_COMMANDS = ("train", "train-encoder", "eval")
+
+
+def refuse_torchrun(what: str) -> None:
+    """A ConfigError under torchrun (`WORLD_SIZE` > 1) for `what`, which runs in one process."""
+    from mm1.config import ConfigError
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            f"{what} runs in one process: start it without torchrun (torchrun runs "
+            f"{', '.join(TORCHRUN_COMMANDS)}; eval shares its few-shot batches among the ranks)"
+        )
+
+
 def first_rank() -> bool:
     """Whether this process is torchrun's first rank, or was not launched by torchrun: the one
     that prints what every rank would print alike."""

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from mm1.config import ConfigError, EvalConfig
 from mm1.inference_options import add_runtime_arguments
 
-from .common import MODEL_HELP, Add, console
+from .common import MODEL_HELP, Add, console, refuse_torchrun
 
 # `mm1 eval`'s own folder: `eval/` holds the demo's evaluation, which its report links to.
 EVAL_OUT = "eval-cli"
@@ -22,7 +21,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     # first: an encoder run would otherwise get an output folder and fail only on loading
     refuse_encoder_run(args.model)
     if args.suite:
-        _one_process("mm1 eval --suite")
+        refuse_torchrun("mm1 eval --suite")  # few-shot eval alone shares its batches
         return cmd_eval_suite(args)
     if args.suite_mode is not None:
         raise ConfigError("--suite-mode applies only with --suite (sft or a suite file)")
@@ -177,16 +176,6 @@ def cmd_eval_generation(args: argparse.Namespace) -> None:
         f"{result['cosine_own']:.3f} vs others {result['cosine_others']:.3f}"
     )
     console.print(f"results: {path}")
-
-
-def _one_process(command: str) -> None:
-    """Only few-shot evaluation shares its work among torchrun's ranks (other commands:
-    `mm1.cli.TORCHRUN_COMMANDS`)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(
-            f"{command} runs in one process: start it without torchrun (few-shot `mm1 eval` "
-            "shares its batches among torchrun's ranks)"
-        )
 
 
 def _run_of(model: Path) -> Path:
