@@ -7,7 +7,8 @@ loads them into LLaVA, and both must give the same logits (fp32) before anything
 
 - generation: greedy, KV cache, no EOS, `new_tokens` per prompt, one image plus a short text
   per prompt, left padding; batch 1 and 8. In fp32 the tokens of both must be identical; in
-  bf16 (both models cast) the first divergence is reported. Tokens/s = generated tokens / wall
+  bf16 (each model as its library loads bf16: `cast_as_loaded`, rotary frequencies in fp32) the
+  first divergence is reported. Tokens/s = generated tokens / wall
   time of the whole call (prefill and image encoder included), best of `rounds`.
 - training: documents from the committed length distribution of the world's mixture
   (`benchmarks/doc_lengths.json`, 576 slots per image); mm1 packs them into rows of `seq_len`
@@ -309,7 +310,7 @@ def train_throughput(
 def run(args, save) -> dict[str, Any]:
     """Every phase; `save(payload)` is called after each, so a run stopped by its time limit
     still leaves what it measured."""
-    from benchmarks.models import build_mm1, llava_from_mm1, quiet_transformers
+    from benchmarks.models import build_mm1, cast_as_loaded, llava_from_mm1, quiet_transformers
 
     smoke = args.cpu_smoke
     device = torch.device("cpu" if smoke else "cuda")
@@ -347,8 +348,8 @@ def run(args, save) -> dict[str, Any]:
     if args.decode:
         del out["llava_batch"]  # no training here
         dtype = torch.float32 if smoke else torch.bfloat16
-        model.to(dtype)
-        llava.to(dtype)
+        cast_as_loaded(model, dtype)
+        cast_as_loaded(llava, dtype)
         out["generation"] = generation(
             model,
             llava,
@@ -425,8 +426,8 @@ def run(args, save) -> dict[str, Any]:
     gen = out["generation"]
     gen += generation(model, llava, cfg, device, torch.float32, batches, args.new_tokens, 1)
     if not smoke:
-        model.to(torch.bfloat16)
-        llava.to(torch.bfloat16)
+        cast_as_loaded(model, torch.bfloat16)
+        cast_as_loaded(llava, torch.bfloat16)
         gen += generation(
             model, llava, cfg, device, torch.bfloat16, batches, args.new_tokens, args.rounds
         )

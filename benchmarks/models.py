@@ -130,6 +130,30 @@ def llava_from_mm1(model):
     return llava
 
 
+def cast_as_loaded(net: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`net` in `dtype` as a load in `dtype` gives it: mm1's `load_pretrained(dtype=...)` and
+    transformers' `from_pretrained(dtype=...)`. Saved floating tensors (parameters, persistent
+    buffers) are cast; computed buffers (the rotary frequencies, in no state dict) stay fp32, as
+    both libraries compute them, and so does what mm1 keeps fp32 (`weight_dtype`: a frozen image
+    tokenizer). `net.to(dtype)` would round the rotary frequencies too: a model neither library
+    runs."""
+    from mm1.config import ModelConfig
+    from mm1.models.family import weight_dtype
+
+    cfg = getattr(net, "cfg", None)
+    for prefix, module in net.named_modules():
+        for name, t in list(module.named_parameters(recurse=False)) + [
+            (n, b)
+            for n, b in module.named_buffers(recurse=False)
+            if n not in module._non_persistent_buffers_set
+        ]:
+            key = f"{prefix}.{name}" if prefix else name
+            want = weight_dtype(cfg, key, dtype) if isinstance(cfg, ModelConfig) else dtype
+            if t.is_floating_point() and t.dtype != want:
+                t.data = t.data.to(want)
+    return net
+
+
 def compile_blocks(model: torch.nn.Module) -> None:
     """`torch.compile` every transformer block of the encoder and the decoder in place, the way
     mm1's trainer does with `train.compile=true` (and torchtitan per block); for transformers'

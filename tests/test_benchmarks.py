@@ -194,6 +194,39 @@ def test_gpu_side_by_side_runs_on_the_cpu(bench, tmp_path) -> None:
     assert [len(s["generation"]) for s in saved if "generation" in s][-2:] == [1, 2]
 
 
+def test_gpu_side_by_side_casts_each_model_as_its_library_loads_bf16(bench, tmp_path) -> None:
+    """`cast_as_loaded` (the bf16 generation of `gpu_llava.py`) gives LLaVA exactly what
+    transformers' `from_pretrained(dtype=bfloat16)` gives, and mm1 the same logits: rotary
+    frequencies stay fp32. `.to(bfloat16)`, which the script did before, rounds them too and
+    moves the logits."""
+    import copy
+
+    import torch
+    from benchmarks.models import build_mm1, cast_as_loaded, llava_from_mm1, small_config
+    from transformers import LlavaForConditionalGeneration
+
+    cfg = small_config(512, 511)
+    mm1 = build_mm1(cfg).eval()
+    llava = llava_from_mm1(mm1).eval()
+    llava.save_pretrained(tmp_path)
+    loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    rounded = copy.deepcopy(mm1).to(torch.bfloat16)
+    for net in (mm1, llava):
+        cast_as_loaded(net, torch.bfloat16)
+    assert mm1.decoder.embed_tokens.weight.dtype == torch.bfloat16
+    g = torch.Generator().manual_seed(1)
+    text = torch.randint(0, 510, (30,), generator=g)
+    ids = torch.cat([torch.full((cfg.num_image_tokens,), cfg.resolved_image_token_id), text])
+    px = torch.randn(1, 3, 64, 64, generator=g).to(torch.bfloat16)
+    with torch.no_grad():
+        ours = mm1(ids[None], pixel_values=px).logits
+        theirs = llava(input_ids=ids[None], pixel_values=px).logits
+        hf = loaded(input_ids=ids[None], pixel_values=px).logits
+        old = rounded(ids[None], pixel_values=px).logits
+    assert ours.dtype == torch.bfloat16 and torch.equal(theirs, hf) and torch.equal(ours, hf)
+    assert not torch.equal(old, ours)
+
+
 def test_sft_memory_benchmark_builds_each_file_once_per_worker(bench, tmp_path) -> None:
     """Two loader workers over one JSON list: one index build in each worker, none in the
     loader's process; the gzipped copy is parsed once in each; the JSONL copy is streamed."""
