@@ -145,6 +145,35 @@ def test_image_generation_equals_a_full_forward_on_what_it_generated() -> None:
     assert model.vision.decode(codes).shape == (2, 3, 16, 16)
 
 
+@pytest.mark.parametrize("guidance", [3.0, -0.5])
+def test_guided_generation_equals_guidance_written_out_over_full_forwards(guidance: float) -> None:
+    """Classifier-free guidance, cached and left-padded (the unconditional prompt shorter than
+    both captions): at every step the code is the argmax of u + g (c - u), c and u the code
+    logits of full forwards over each prompt and the codes so far."""
+    model = _model()
+    prompts, uncond = [[1, 5, 6, 7], [1, 9, 4]], [1]
+    codes = generate_image_codes(model, prompts, 0, guidance_scale=guidance, unconditional=uncond)
+    plain = generate_image_codes(model, prompts, 0)
+    assert not torch.equal(codes, plain)  # guidance changed something
+    for prompt, c in zip(prompts, codes):
+        fed = (c[:-1] + VOCAB).tolist()
+        with torch.no_grad():
+            cond = model(torch.tensor([prompt + fed])).logits[0, len(prompt) - 1 :, VOCAB:]
+            free = model(torch.tensor([uncond + fed])).logits[0, len(uncond) - 1 :, VOCAB:]
+        assert (free + guidance * (cond - free)).argmax(-1).tolist() == c.tolist()
+
+
+def test_guidance_one_is_the_prompt_alone_and_zero_the_unconditional_prompt_alone() -> None:
+    model = _model()
+    prompts, uncond = [[1, 5, 6, 7], [1, 9, 4]], [1]
+    plain = generate_image_codes(model, prompts, 0)
+    assert torch.equal(generate_image_codes(model, prompts, 0, unconditional=uncond), plain)
+    free = generate_image_codes(model, prompts, 0, guidance_scale=0.0, unconditional=uncond)
+    assert free.tolist() == generate_image_codes(model, [uncond] * 2, 0).tolist()
+    with pytest.raises(ValueError, match="unconditional prompt"):
+        generate_image_codes(model, prompts, 0, guidance_scale=2.0)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

@@ -70,6 +70,7 @@ def test_a_chameleon_run_trains_the_codes_with_the_tokenizer_frozen_and_generate
 ) -> None:
     from mm1 import cli
     from mm1.checkpoint import read_model_weights
+    from mm1.eval.image_generation import unconditional_prompt
     from mm1.models.chameleon import Chameleon
     from mm1.pretrained import load_pretrained
 
@@ -109,11 +110,23 @@ def test_a_chameleon_run_trains_the_codes_with_the_tokenizer_frozen_and_generate
         "top_k": 8,
         "top_p": 1.0,
         "seed": 3,
+        "guidance_scale": 1.0,
     }
     assert (
         "sampled at temperature 1, top-k 8, seed 3" in (sampled / "image_generation.md").read_text()
     )
     assert (out / "image_generation.png").stat().st_size > 0
+    # classifier-free guidance: away from what follows BOS alone (an image-first pair's start)
+    assert unconditional_prompt(p) == [p.tokenizer.bos_id]
+    guided = tmp_path / "guided"
+    args = ["eval-generation", str(run), "--max-images", "8", "--out", str(guided)]
+    assert cli.main([*args, "--guidance-scale", "3"]) == 0
+    assert json.loads((guided / "image_generation.json").read_text())["sampling"] == {
+        **result["sampling"],
+        "guidance_scale": 3.0,
+    }
+    assert "greedy, classifier-free guidance 3." in (guided / "image_generation.md").read_text()
+    assert cli.main([*args, "--guidance-scale", "nan"]) != 0
 
     # `mm1 generate-image`: sampled draws side by side, the same for the same seed
     draws = [tmp_path / "a.png", tmp_path / "b.png"]
@@ -131,7 +144,7 @@ def test_a_chameleon_run_trains_the_codes_with_the_tokenizer_frozen_and_generate
     runtime = json.loads((low / "image_generation.json").read_text())["runtime"]
     assert runtime == {"device": "cpu", "dtype": "bfloat16"}
     args = ["generate-image", str(run), "--prompt", "a red circle", "--dtype", "bf16"]
-    assert cli.main([*args, "--out", str(tmp_path / "c.png")]) == 0
+    assert cli.main([*args, "--out", str(tmp_path / "c.png"), "--guidance-scale", "3"]) == 0
 
     from mm1.ablate.cell import SUITES
 

@@ -62,6 +62,7 @@ def test_an_emu2_run_trains_both_losses_and_scores_its_generated_features(
     in_bf16 = json.loads((low / "image_generation.json").read_text())
     assert in_bf16["runtime"] == {"device": "cpu", "dtype": "bfloat16"}
     assert in_bf16["cosine_own"] == pytest.approx(result["cosine_own"], abs=0.05)
+    assert cli.main([*args, "--guidance-scale", "2"]) != 0  # features are regressed, not drawn
 
     # the same scores as a study's `generation` suite, and its table in a study's report
     from mm1.ablate.cell import SUITES
@@ -92,6 +93,8 @@ def test_eval_generation_refuses_a_model_that_generates_no_images(
     assert "--captions and --image-dir go together" in "".join(capsys.readouterr())
     assert cli.main(["eval-generation", str(run), "--top-k", "5"]) != 0
     assert "--top-k samples, which needs --temperature > 0" in "".join(capsys.readouterr())
+    assert cli.main(["eval-generation", str(run), "--guidance-scale", "inf"]) != 0
+    assert "--guidance-scale inf: a number (1: no guidance)" in "".join(capsys.readouterr())
 
 
 def test_an_mm1_run_starts_an_emu2_model_and_back(tmp_path, world, tiny_config) -> None:

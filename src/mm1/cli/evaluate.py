@@ -8,7 +8,14 @@ from pathlib import Path
 from mm1.config import ConfigError, EvalConfig
 from mm1.inference_options import add_runtime_arguments
 
-from .common import MODEL_HELP, Add, console, refuse_torchrun
+from .common import (
+    MODEL_HELP,
+    Add,
+    add_image_sampling_arguments,
+    console,
+    image_sampling,
+    refuse_torchrun,
+)
 
 # `mm1 eval`'s own folder: `eval/` holds the demo's evaluation, which its report links to.
 EVAL_OUT = "eval-cli"
@@ -133,7 +140,6 @@ def cmd_eval_generation(args: argparse.Namespace) -> None:
         world_captioned_images,
         write_results,
     )
-    from mm1.models.generation import Sampling
     from mm1.pretrained import check_runtime, load_pretrained, locate_model
 
     refuse_encoder_run(args.model)
@@ -141,11 +147,7 @@ def cmd_eval_generation(args: argparse.Namespace) -> None:
         raise ConfigError("--captions and --image-dir go together (a COCO captions file)")
     if args.max_images < 0 or args.max_images == 1:
         raise ConfigError(f"--max-images {args.max_images}: 0 (all) or at least 2")
-    if args.temperature < 0 or args.top_k < 0 or (args.top_k and not args.temperature):
-        raise ConfigError(
-            f"--temperature {args.temperature} --top-k {args.top_k}: both >= 0, and --top-k "
-            "samples, which needs --temperature > 0 (0: greedy)"
-        )
+    sampling, guidance_scale = image_sampling(args)
     model_dir = Path(args.model)
     locate_model(model_dir)
     check_runtime(args.device, args.dtype)
@@ -164,8 +166,9 @@ def cmd_eval_generation(args: argparse.Namespace) -> None:
     out = Path(args.out or _default_out(model_dir, EVAL_OUT))
     _check_writable(out, args.out is not None)
     p = load_pretrained(model_dir, args.device, args.dtype)
-    sampling = Sampling(args.temperature > 0, args.temperature or 1.0, args.top_k)
-    result = evaluate_image_generation(p, images, args.batch_size, sampling, args.seed)
+    result = evaluate_image_generation(
+        p, images, args.batch_size, sampling, args.seed, guidance_scale
+    )
     result["source"] = source
     result["runtime"] = p.runtime
     path = write_results(result, out, f"Image generation: {_model_name(model_dir)}")
@@ -375,15 +378,6 @@ def register(add: Add) -> None:
     p.add_argument("--image-dir", default=None, help="the images of --captions")
     p.add_argument("--max-images", type=int, default=0, help="the first N images (0: all)")
     p.add_argument("--batch-size", type=int, default=32, help="captions generated at once")
-    p.add_argument(
-        "--temperature",
-        type=float,
-        default=0.0,
-        help="chameleon, seed: sample the codes at this temperature (0: greedy)",
-    )
-    p.add_argument(
-        "--top-k", type=int, default=0, help="chameleon, seed: among the k likeliest codes"
-    )
-    p.add_argument("--seed", type=int, default=0, help="chameleon, seed: the sampling's seed")
+    add_image_sampling_arguments(p, "chameleon, seed")
     p.add_argument("--out", default=None, help=f"default: MODEL/{EVAL_OUT}")
     add_runtime_arguments(p)

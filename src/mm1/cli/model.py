@@ -11,7 +11,7 @@ from mm1.config import ConfigError
 from mm1.inference_options import TEMPLATE_KWARGS_HELP, add_runtime_arguments, template_kwargs
 from mm1.serve import add_arguments as serve_arguments
 
-from .common import MODEL_HELP, Add, console
+from .common import MODEL_HELP, Add, add_image_sampling_arguments, console, image_sampling
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -151,19 +151,14 @@ def cmd_generate_image(args: argparse.Namespace) -> None:
     from PIL import Image
 
     from mm1.eval.image_generation import generate_images
-    from mm1.models.generation import Sampling
     from mm1.pretrained import load_pretrained
 
-    if args.temperature < 0 or args.top_k < 0:
-        raise ConfigError("--temperature and --top-k must be >= 0 (temperature 0: greedy)")
-    if args.top_k and not args.temperature:
-        raise ConfigError("--top-k samples, which needs --temperature > 0 (0 is greedy)")
+    sampling, guidance_scale = image_sampling(args)
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise ConfigError(f"--out {out}: a .png file (the images side by side)")
-    sampling = Sampling(args.temperature > 0, args.temperature or 1.0, args.top_k)
     p = load_pretrained(args.model, args.device, args.dtype)
-    images = generate_images(p, args.prompt, args.n, sampling, args.seed)
+    images = generate_images(p, args.prompt, args.n, sampling, args.seed, guidance_scale)
     strip = (images.permute(2, 0, 3, 1).flatten(1, 2) * 255).round().byte().numpy()
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(strip).save(out)
@@ -270,10 +265,8 @@ def register(add: Add) -> None:
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--prompt", required=True, help="the caption, as training writes one")
     p.add_argument("--out", required=True, help="a .png: the images side by side")
-    p.add_argument("--n", type=int, default=1, help="images to draw")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (n equal images)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest codes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=1, help="images to draw (greedy: n equal images)")
+    add_image_sampling_arguments(p, "")
     add_runtime_arguments(p)
 
     p = add("chat", cmd_chat, "chat with a model in the terminal (/image PATH attaches images)")

@@ -72,6 +72,12 @@ def generation_prompt(p: Pretrained, caption: str) -> list[int]:
     return ids[: ids.index(p.tokenizer.image_id)]
 
 
+def unconditional_prompt(p: Pretrained) -> list[int]:
+    """What precedes an image with no caption before it (an image-first pair's start: BOS, and
+    `<img>` with boundaries): the prompt classifier-free guidance pushes away from."""
+    return generation_prompt(p, "")
+
+
 @torch.no_grad()
 def generate_images(
     p: Pretrained,
@@ -79,10 +85,12 @@ def generate_images(
     n: int = 1,
     sampling: Sampling | None = None,
     seed: int = 0,
+    guidance_scale: float = 1.0,
 ) -> torch.Tensor:
     """(n, 3, H, W) images in [0, 1] that a chameleon model generates after `caption` (written
     as a caption-first pair is in training), its codes decoded to pixels by its tokenizer;
-    greedy unless `sampling` says otherwise (then n draws, from `seed`)."""
+    greedy unless `sampling` says otherwise (then n draws, from `seed`), with classifier-free
+    guidance when `guidance_scale` != 1 (`unconditional_prompt`)."""
     model = p.model
     if not isinstance(model, Chameleon) or isinstance(model, SEED):
         why = "it generates no images"
@@ -101,7 +109,15 @@ def generate_images(
     prompt = generation_prompt(p, caption)
     check_prompt_fits(len(prompt) + model.num_image_tokens - 1, model.cfg.decoder.max_seq_len)
     generator = torch.Generator(model.decoder.embed_tokens.weight.device).manual_seed(seed)
-    codes = generate_image_codes(model, [prompt] * n, p.tokenizer.pad_id, sampling, generator)
+    codes = generate_image_codes(
+        model,
+        [prompt] * n,
+        p.tokenizer.pad_id,
+        sampling,
+        generator,
+        guidance_scale,
+        unconditional_prompt(p),
+    )
     return p.processor.unnormalize(model.vision.decode(codes)).cpu()
 
 
@@ -112,6 +128,7 @@ def _encoded_and_generated(
     batch: int,
     sampling: Sampling,
     seed: int,
+    guidance_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """The images' representations, the captions' generated ones (same space, fp32), and the
     family's own outputs (its error; chameleon: the generated codes)."""
@@ -125,8 +142,12 @@ def _encoded_and_generated(
         tok = model.vision
         image_codes = batched(lambda x: tok.encode(x.to(device)), pixels)
         generator = torch.Generator(device).manual_seed(seed)
+        uncond = unconditional_prompt(p)
         codes = batched(
-            lambda ps: generate_image_codes(model, ps, pad, sampling, generator), prompts
+            lambda ps: generate_image_codes(
+                model, ps, pad, sampling, generator, guidance_scale, uncond
+            ),
+            prompts,
         )
         extra = {"codes": codes, "own": image_codes}
         if isinstance(model, SEED):  # generation embeddings against the images' CLIP ones
@@ -145,16 +166,17 @@ def evaluate_image_generation(
     batch: int = 32,
     sampling: Sampling | None = None,
     seed: int = 0,
+    guidance_scale: float = 1.0,
 ) -> dict[str, Any]:
     """The scores of `p` (an emu2, chameleon or seed model) on `images`: every caption
     generates an image once (chameleon, seed: greedy, or drawn as `sampling` says from
-    `seed`)."""
+    `seed`; guided when `guidance_scale` != 1)."""
     model = p.model
     sampling = sampling or Sampling()
-    if sampling.do_sample and not isinstance(model, Chameleon):
+    if (sampling.do_sample or guidance_scale != 1.0) and not isinstance(model, Chameleon):
         raise ConfigError(
-            f"model.family={p.cfg.family}: sampling applies to chameleon's and seed's codes; emu2's "
-            "features are regressed, one per step"
+            f"model.family={p.cfg.family}: sampling and guidance apply to chameleon's and seed's "
+            "codes; emu2's features are regressed, one per step"
         )
     if not isinstance(model, (Emu2, Chameleon)):
         raise ConfigError(
@@ -168,7 +190,9 @@ def evaluate_image_generation(
     captions = [c for caps in images.captions for c in caps]
     owner = [i for i, caps in enumerate(images.captions) for _ in caps]
     prompts = [generation_prompt(p, c) for c in captions]
-    encoded, generated, extra = _encoded_and_generated(p, pixels, prompts, batch, sampling, seed)
+    encoded, generated, extra = _encoded_and_generated(
+        p, pixels, prompts, batch, sampling, seed, guidance_scale
+    )
     # scored on the CPU (the recall's indices are built there), whatever device generated them
     encoded, generated = encoded.cpu(), generated.cpu()
     extra = {k: v.cpu() for k, v in extra.items()}
@@ -195,7 +219,9 @@ def evaluate_image_generation(
     result: dict[str, Any] = {
         "images": len(images.paths),
         "captions": len(captions),
-        "sampling": vars(sampling) | ({"seed": seed} if sampling.do_sample else {}),
+        "sampling": vars(sampling)
+        | ({"seed": seed} if sampling.do_sample else {})
+        | ({"guidance_scale": guidance_scale} if isinstance(model, Chameleon) else {}),
         "text_to_image": {k: v for k, v in recall.items() if k.startswith("text_to_image")},
         "cosine_own": float(own.mean()),
         "cosine_others": float(others.mean()),
@@ -245,10 +271,13 @@ def image_generation_report(result: dict[str, Any], title: str) -> str:
 
 
 def _how(sampling: dict[str, Any]) -> str:
+    scale = sampling.get("guidance_scale", 1.0)
+    guided = f", classifier-free guidance {scale:g}" if scale != 1.0 else ""
     if not sampling.get("do_sample"):
-        return "greedy"
+        return "greedy" + guided
     top_k = f", top-k {sampling['top_k']}" if sampling.get("top_k") else ""
-    return f"sampled at temperature {sampling['temperature']:g}{top_k}, seed {sampling['seed']}"
+    how = f"sampled at temperature {sampling['temperature']:g}{top_k}"
+    return f"{how}{guided}, seed {sampling['seed']}"
 
 
 def _error(result: dict[str, Any]) -> str:

@@ -132,36 +132,62 @@ def generate_image_codes(
     pad_token_id: int = 0,
     sampling: Sampling | None = None,
     generator: torch.Generator | None = None,
+    guidance_scale: float = 1.0,
+    unconditional: Sequence[int] = (),
 ) -> torch.Tensor:
     """(B, Q) codes (0 .. K - 1) of an image generated after each prompt (token ids; end a
     prompt with `<img>` when the model was trained with image boundaries), one per step with the
     text tokens masked out: greedy unless `sampling` says otherwise. `model.vision.decode`
-    turns them into pixels (chameleon) or generation embeddings (seed)."""
+    turns them into pixels (chameleon) or generation embeddings (seed).
+
+    `guidance_scale` != 1 is classifier-free guidance (Ho & Salimans 2022; for image tokens,
+    Make-A-Scene and CM3leon): each step's code logits are `u + guidance_scale * (c - u)`, c after the
+    prompt and u after `unconditional` (the prompt of an image with no caption before it, as an
+    image-first pair starts), both fed the codes drawn so far; 0 draws unconditional images."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    guided = guidance_scale != 1.0
+    if guided and not unconditional:
+        raise ValueError("classifier-free guidance needs the unconditional prompt")
     sampling = sampling or Sampling()
     q, offset = model.num_image_tokens, model.code_offset
     weight = model.decoder.embed_tokens.weight
-    batch = left_pad(prompts, pad_token_id, weight.device)
+    rows = [*prompts, *[unconditional] * len(prompts)] if guided else prompts
+    batch = left_pad(rows, pad_token_id, weight.device)
     room = batch.input_ids.shape[1] + q - 1  # the last code is never fed back
-    cache = KVCache(model.decoder.cfg, len(prompts), room, weight.device, weight.dtype)
-    logits = model.decoder(
-        inputs_embeds=model.decoder.embed(batch.input_ids),
-        position_ids=batch.position_ids,
-        document_ids=batch.document_ids,
-        cache=cache,
-    )[:, -1]
+    cache = KVCache(model.decoder.cfg, len(rows), room, weight.device, weight.dtype)
+
+    def draw(logits: torch.Tensor) -> torch.Tensor:
+        scores = logits[:, -1, offset:].float()
+        if guided:
+            cond, uncond = scores.chunk(2)
+            scores = uncond + guidance_scale * (cond - uncond)
+        return next_token(scores, sampling, generator)
+
+    codes = [
+        draw(
+            model.decoder(
+                inputs_embeds=model.decoder.embed(batch.input_ids),
+                position_ids=batch.position_ids,
+                document_ids=batch.document_ids,
+                cache=cache,
+            )
+        )
+    ]
     position = batch.position_ids[:, -1:]
-    codes = [next_token(logits[:, offset:].float(), sampling, generator)]
     for _ in range(q - 1):
         position = position + 1
-        logits = model.decoder(
-            inputs_embeds=model.decoder.embed(codes[-1][:, None] + offset),
-            position_ids=position,
-            document_ids=torch.ones_like(position),
-            cache=cache,
-        )[:, -1]
-        codes.append(next_token(logits[:, offset:].float(), sampling, generator))
+        fed = codes[-1].repeat(2) if guided else codes[-1]  # each code to both halves
+        codes.append(
+            draw(
+                model.decoder(
+                    inputs_embeds=model.decoder.embed(fed[:, None] + offset),
+                    position_ids=position,
+                    document_ids=torch.ones_like(position),
+                    cache=cache,
+                )
+            )
+        )
     return torch.stack(codes, dim=1)
 
 
