@@ -152,6 +152,22 @@ def test_a_chameleon_run_trains_the_codes_with_the_tokenizer_frozen_and_generate
     assert metrics["generation/code_match"] == result["code_match"]
     assert "generation/l1" not in metrics
 
+    # `benchmarks.guidance_sweep` over a study whose one cell is this run: at scale 1 it scores
+    # what eval-generation did above
+    from benchmarks import guidance_sweep
+
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "grid.json").write_text(json.dumps({"cells": [{"id": "c", "label": "cham"}]}))
+    (study / "c").symlink_to(run)
+    (run / "cell.json").write_text(json.dumps({"status": "done"}))
+    rows = guidance_sweep.collect(study, [1.0, 2.0], max_images=8)
+    assert list(rows["cham"]) == ["greedy g1", "greedy g2", "sampled g1", "sampled g2"]
+    plain = rows["cham"]["greedy g1"][0]
+    assert plain["r1"] == result["text_to_image"]["text_to_image_r1"]
+    assert plain["cosine_own"] == result["cosine_own"]
+    assert "| cham | greedy | 2 | 1 |" in guidance_sweep.table(rows)
+
 
 def test_starting_points_carry_the_decoder_over_and_refuse_the_wrong_encoder_run(
     tmp_path, world, tiny_config, tokenizer_run
