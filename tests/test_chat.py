@@ -480,3 +480,96 @@ def test_template_kwargs_reach_the_template(run, pretrained, prompts, tmp_path, 
     finally:
         tok.chat_template = own
     assert line == "config error: --chat-template-kwargs: the chat template failed: thinking is off"
+
+
+# A template that writes reasoning blocks as Qwen3's does: earlier answers lose theirs, and with
+# `think` false the prompt holds an empty block, so the answer starts after it.
+THINKING = (
+    "{% for m in messages %}{{ m['role'] }}: "
+    "{% if m['role'] == 'assistant' %}{{ m['content'].split('</think>')[-1].lstrip() }}"
+    "{% else %}{{ m['content'] }}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:"
+    "{% if think is defined and not think %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def _forced(pretrained: Pretrained, text: str):
+    """An lm_head hook making the model write `text`, then its end of sequence, each answer."""
+    tok = pretrained.tokenizer
+    script = [*tok.encode(text), tok.eos_id]
+    assert tok.decode(script[:-1]) == text
+    steps: list[int] = []
+
+    def force(module, inputs, logits: torch.Tensor) -> torch.Tensor:
+        token = script[len(steps) % len(script)]
+        steps.append(token)
+        logits = logits.clone()
+        logits[:, -1] = -1e4
+        logits[:, -1, token] = 1e4
+        return logits
+
+    return pretrained.model.decoder.lm_head.register_forward_hook(force)
+
+
+def test_a_reasoning_block_is_shown_apart_from_the_answer_or_hidden(
+    run, pretrained, prompts, tmp_path, capsys
+) -> None:
+    """`mm1 chat` prints an answer's `<think>` block between 'Thinking...' and '...done
+    thinking.' (as `ollama run` does), or not with --hide-reasoning; the conversation keeps
+    the whole answer, which the template reads (dropping the block, as Qwen3's does)."""
+    (tmp_path / "think.jinja").write_text(THINKING)
+    args = chat(str(run), "--message", "Hi.", "--chat-template", str(tmp_path / "think.jinja"))
+    args += ["--max-new-tokens", "64"]  # room for the whole forced answer
+    said = "<think>\nlook at it\n</think>\n\nA red cube."
+    for extra, shown in [
+        ([], "Thinking...\nlook at it\n...done thinking.\n\nA red cube.\n"),
+        (["--hide-reasoning"], "A red cube.\n"),
+    ]:
+        handle = _forced(pretrained, said)
+        try:
+            assert cli.main([*args, *extra]) == 0
+        finally:
+            handle.remove()
+        assert capsys.readouterr().out == shown
+    # an empty block (the template's `think` off): nothing but the answer
+    handle = _forced(pretrained, "A red cube.")
+    try:
+        assert cli.main([*args, "--chat-template-kwargs", '{"think": false}']) == 0
+    finally:
+        handle.remove()
+    assert capsys.readouterr().out == "A red cube.\n"
+    assert pretrained.tokenizer.decode(prompts[-1]).endswith("assistant:<think>\n\n</think>\n\n")
+
+    # interactively: the same block per answer; the second prompt holds the first answer
+    # without its block
+    template = resolve_chat_template(pretrained.tokenizer, str(tmp_path / "think.jinja"))
+    session = ChatSession(pretrained, template, ChatSettings(max_new_tokens=64))
+    out = io.StringIO()
+    handle = _forced(pretrained, said)
+    try:
+        run_interactive(session, io.StringIO("Hi.\nAgain?\n"), out)
+    finally:
+        handle.remove()
+    assert out.getvalue().count("Thinking...\nlook at it\n...done thinking.\n\nA red cube.\n") == 2
+    assert session.messages[1]["content"] == said
+    second = pretrained.tokenizer.decode(prompts[-1])
+    assert "A red cube." in second and "look at it" not in second
+
+
+def test_reasoning_is_dimmed_on_a_terminal_and_closed_when_the_answer_ends_inside() -> None:
+    from mm1.chat import ReasoningDisplay
+
+    out: list[str] = []
+    shown = ReasoningDisplay(out.append, hide=False, tty=True)
+    shown.reasoning("hmm")
+    shown.end()  # out of tokens inside the block
+    dim, reset = ReasoningDisplay.DIM, ReasoningDisplay.RESET
+    assert (
+        "".join(out) == f"{dim}Thinking...\n{reset}{dim}hmm{reset}{dim}\n...done thinking.\n{reset}"
+    )
+    out.clear()
+    hidden = ReasoningDisplay(out.append, hide=True, tty=True)
+    hidden.reasoning("hmm")
+    hidden.text("yes")
+    hidden.end()
+    assert out == ["yes"]

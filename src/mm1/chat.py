@@ -34,6 +34,7 @@ from mm1.data.tokenizer import IMAGE_TOKEN, Tokenizer, tokenize_chat_prompt
 from mm1.models.generation import DecodeBatch, Sampling, check_prompt_fits
 from mm1.models.mllm import MLLM
 from mm1.pretrained import Pretrained
+from mm1.reasoning import ReasoningSplitter, chat_reasoning
 
 HELP = """\
 Type a message and press Enter; the answer is printed as it is written.
@@ -201,6 +202,8 @@ class ChatSettings:
     top_p: float = 1.0
     seed: int | None = None
     compile: bool = False  # decode steps compiled at fixed shapes (a CUDA graph on GPU)
+    # A reasoning block (`<think>…</think>`) is shown set apart from the answer, or not at all.
+    hide_reasoning: bool = False
     # Extra chat-template variables (`--chat-template-kwargs`: Qwen3's `enable_thinking`).
     template_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -246,8 +249,11 @@ class ChatSession:
     def __post_init__(self) -> None:
         self.settings.validate()
         tok = self.pretrained.tokenizer
+        variables = {**tok.template_variables, **self.settings.template_kwargs}
         if self.settings.template_kwargs:  # a variable that breaks the template: said now
-            template_variables(self.template, tok, self.settings.template_kwargs)
+            variables = template_variables(self.template, tok, self.settings.template_kwargs)
+        # Whether answers hold a reasoning block, and start inside it (`chat_reasoning`).
+        self.reasoning = chat_reasoning(self.template.source, variables)
         ends = (tok.token_to_id(t) for t in tok.end_of_turn_tokens())
         self.stop_ids = {tok.eos_id, *(i for i in ends if i is not None)}
         self.length = 0  # tokens of the last prompt and its answer
@@ -272,10 +278,19 @@ class ChatSession:
         except jinja2.TemplateError as err:
             raise ValueError(f"the chat template {self.template.name!r} failed: {err}") from None
 
-    def reply(self, text: str, images: list[Image.Image], on_text: Callable[[str], None]) -> Answer:
+    def reply(
+        self,
+        text: str,
+        images: list[Image.Image],
+        on_text: Callable[[str], None],
+        on_reasoning: Callable[[str], None] | None = None,
+    ) -> Answer:
         """Add a user message (`images` placed by `user_content`), answer it, passing the text
-        to `on_text` piece by piece, and keep both turns. Ctrl-C (KeyboardInterrupt) while the
-        answer is written ends it there; what was written stays in the conversation."""
+        to `on_text` piece by piece, and keep both turns. With `on_reasoning`, an answer's
+        reasoning block goes there and only the answer after it to `on_text` (split as
+        `mm1.reasoning` splits it; the conversation keeps the whole text, which the template
+        reads). Ctrl-C (KeyboardInterrupt) while the answer is written ends it there; what was
+        written stays in the conversation."""
         message = {"role": "user", "content": user_content(text, len(images))}
         messages, all_images = [*self.messages, message], [*self.images, *images]
         prompt = self.prompt_ids(messages, all_images)
@@ -288,6 +303,7 @@ class ChatSession:
             crops, sizes = p.prompt_format.image_info(all_images)
         sampling = Sampling(s.temperature > 0, s.temperature, top_p=s.top_p)
         stream = TextStream(p.tokenizer)
+        show = _Split(on_text, on_reasoning, self.reasoning)
         stopped = False
         try:
             for token in stream_tokens(
@@ -305,12 +321,10 @@ class ChatSession:
             ):
                 piece = stream.push(token)
                 if piece:
-                    on_text(piece)
+                    show.push(piece)
         except KeyboardInterrupt:
             stopped = True
-        rest = stream.flush()
-        if rest:
-            on_text(rest)
+        show.finish(stream.flush())
         # What was printed, unless the decoder rewrote earlier text as tokens arrived.
         said = p.tokenizer.decode(stream.tokens)
         self.messages[:] = [*messages, {"role": "assistant", "content": said}]
@@ -325,6 +339,73 @@ class ChatSession:
         if self.length + min(self.settings.max_new_tokens, limit // 4) <= limit:
             return None
         return f"(the conversation nears the model's {limit} tokens: /reset starts over)"
+
+
+class _Split:
+    """Streamed answer text to `on_text`, or, when answers hold a reasoning block (`opened` not
+    None) and `on_reasoning` is given, its reasoning there and the rest to `on_text`."""
+
+    def __init__(
+        self,
+        on_text: Callable[[str], None],
+        on_reasoning: Callable[[str], None] | None,
+        opened: bool | None,
+    ) -> None:
+        self.on_text, self.on_reasoning = on_text, on_reasoning
+        split = opened is not None and on_reasoning is not None
+        self.splitter = ReasoningSplitter(opened=bool(opened)) if split else None
+        self.text = ""
+
+    def push(self, piece: str, final: bool = False) -> None:
+        if self.splitter is None:
+            if piece:
+                self.on_text(piece)
+            return
+        self.text += piece
+        split = self.splitter.finish if final else self.splitter.push
+        reasoning, content = split(self.text)
+        if reasoning and self.on_reasoning is not None:
+            self.on_reasoning(reasoning)
+        if content:
+            self.on_text(content)
+
+    def finish(self, rest: str) -> None:
+        self.push(rest, final=True)
+
+
+class ReasoningDisplay:
+    """How `mm1 chat` prints a reasoning block: after a "Thinking..." line and before a
+    "...done thinking." one, dimmed on a terminal (as `ollama run` sets it apart), or not at
+    all with `hide`; the answer after it as it comes."""
+
+    DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+    def __init__(self, write: Callable[[str], None], hide: bool, tty: bool) -> None:
+        self.write, self.hide, self.tty = write, hide, tty
+        self.state = "none"  # -> "thinking" -> "done"
+
+    def reasoning(self, piece: str) -> None:
+        if self.hide:
+            return
+        if self.state == "none":
+            self.write(self._dim("Thinking...\n"))
+            self.state = "thinking"
+        self.write(self._dim(piece))
+
+    def text(self, piece: str) -> None:
+        if self.state == "thinking":
+            self.write(self._dim("\n...done thinking.\n\n"))
+        self.state = "done"
+        self.write(piece)
+
+    def end(self) -> None:
+        """An answer that ended inside its reasoning block still closes the block."""
+        if self.state == "thinking":
+            self.write(self._dim("\n...done thinking.\n"))
+        self.state = "none"
+
+    def _dim(self, text: str) -> str:
+        return f"{self.DIM}{text}{self.RESET}" if self.tty else text
 
 
 def message_images(message: str, image_paths: list[str]) -> list[Image.Image]:
@@ -346,10 +427,17 @@ def answer_once(
         out.write(piece)
         out.flush()
 
-    answer = session.reply(message, images, write)
+    shown = ReasoningDisplay(write, session.settings.hide_reasoning, _is_tty(out))
+    answer = session.reply(message, images, shown.text, shown.reasoning)
+    shown.end()
     out.write("\n")
     out.flush()
     return answer
+
+
+def _is_tty(out: TextIO) -> bool:
+    isatty = getattr(out, "isatty", None)
+    return bool(isatty and isatty())
 
 
 def run_interactive(
@@ -427,11 +515,16 @@ class _Interactive:
             self.say(f"error: {err}")
             return
         images, self.pending = self.pending, []
+        shown = ReasoningDisplay(
+            self.write, self.session.settings.hide_reasoning, _is_tty(self.out)
+        )
         try:
-            answer = self.session.reply(text, images, self.write)
+            answer = self.session.reply(text, images, shown.text, shown.reasoning)
         except ValueError as err:  # the template refused the conversation
             self.say(f"error: {err}")
             return
+        finally:
+            shown.end()
         self.say(" [stopped]" if answer.stopped else "")
         notice = self.session.context_notice()
         if notice:

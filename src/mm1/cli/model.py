@@ -185,6 +185,7 @@ def cmd_chat(args: argparse.Namespace) -> int | None:
         args.seed,
         compile=args.compile,
         template_kwargs=template_kwargs(args.chat_template_kwargs),
+        hide_reasoning=args.hide_reasoning,
     )
     settings.validate()
     # A script's mistakes (a missing image, a tag count) are reported before the model loads.
@@ -286,6 +287,12 @@ def register(add: Add) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="for reproducible sampling")
     p.add_argument("--chat-template-kwargs", default=None, help=TEMPLATE_KWARGS_HELP)
+    p.add_argument(
+        "--hide-reasoning",
+        action="store_true",
+        help="print only the answer after a reasoning block (<think>...</think>); by default "
+        "the block is shown between 'Thinking...' and '...done thinking.'",
+    )
     add_runtime_arguments(p)
     p.add_argument(
         "--compile",
