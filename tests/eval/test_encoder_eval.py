@@ -124,3 +124,27 @@ def test_eval_encoder_cli_scores_a_clip_run(tmp_path: Path, monkeypatch, capsys)
     assert cli.main(["eval-encoder", str(run), "--probe-seeds", "0"]) == 2
     out = " ".join(capsys.readouterr().out.split())
     assert out == "config error: --probe-seeds 0 must be >= 1 (linear-probe splits)"
+    assert cli.main(["eval-encoder", str(run), "--device", "meta"]) == 2
+    assert "--device meta" in capsys.readouterr().out
+
+
+def test_an_encoder_runs_where_placed_and_its_scores_come_back_in_fp32() -> None:
+    """`Placement.batched` (`eval-encoder --device --dtype`): the encoder's batches in its
+    dtype, what comes back fp32 on the CPU (codes stay integers), and bf16 features close to
+    fp32's."""
+    import torch
+
+    from mm1.eval.encoders import Placement
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    x = torch.randn(10, 8)
+    full = Placement().batched(net, 10, 3, x)
+    low = Placement(torch.device("cpu"), torch.bfloat16)
+    seen: list[torch.dtype] = []
+    half = low.batched(lambda a: seen.append(a.dtype) or net.bfloat16()(a), 10, 3, x)
+    assert seen == [torch.bfloat16] * 4 and half.dtype == torch.float32
+    cos = torch.nn.functional.cosine_similarity(full, half, dim=-1)
+    assert cos.min() > 0.99 and not torch.equal(full, half)
+    codes = low.batched(lambda a: a.argmax(-1), 10, 4, x)
+    assert codes.dtype == torch.long and torch.equal(codes, x.argmax(-1))

@@ -89,6 +89,14 @@ def test_a_seed_tokenizer_run_keeps_its_clip_towers_resumes_exactly_and_is_score
     assert -1 <= seed["generation_cosine"] <= 1 and seed["generation_r1_chance"] > 0
     assert {"zero_shot", "retrieval", "linear_probe"} <= set(result)
     assert "## Through the codes (de-tokenized)" in (out / "encoder_eval.md").read_text()
+    assert result["runtime"] == {"device": "cpu", "dtype": "float32"}
+    # in bf16 (`--dtype`): the codes come back exact, the scores near fp32's
+    low = tokenizer_run.parent / "eval-bf16"
+    assert cli.main(["eval-encoder", str(tokenizer_run), "--out", str(low), "--dtype", "bf16"]) == 0
+    in_bf16 = json.loads((low / "encoder_eval.json").read_text())
+    assert in_bf16["runtime"] == {"device": "cpu", "dtype": "bfloat16"}
+    assert in_bf16["seed"]["causal_cosine"] == pytest.approx(seed["causal_cosine"], abs=0.05)
+    assert 0 < in_bf16["seed"]["codes_used"] <= 1
     from mm1.eval.encoders import untrained_like
     from mm1.models.encoders import load_encoder_run
 

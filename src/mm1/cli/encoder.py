@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from mm1.inference_options import add_runtime_arguments
+
 from .common import RESHARD_HELP, Add, console, first_rank, skipped_note
 
 
@@ -42,8 +44,9 @@ def cmd_eval_encoder(args: argparse.Namespace) -> None:
 
     if args.probe_seeds < 1:  # before the model loads
         raise ConfigError(f"--probe-seeds {args.probe_seeds} must be >= 1 (linear-probe splits)")
+    seeds = tuple(range(args.probe_seeds))
     result, out = evaluate_encoder_run(
-        args.run, args.world, args.out, args.untrained_seed, tuple(range(args.probe_seeds))
+        args.run, args.world, args.out, args.untrained_seed, seeds, args.device, args.dtype
     )
     zs = result.get("zero_shot")
     if zs:
@@ -113,3 +116,4 @@ def register(add: Add) -> None:
         help="score a freshly initialised encoder of the run's architecture (a baseline)",
     )
     p.add_argument("--probe-seeds", type=int, default=3, help="linear-probe train/test splits")
+    add_runtime_arguments(p)

@@ -128,9 +128,35 @@ PROBE_TARGETS: dict[str, Callable[[dict[str, Any]], str | None]] = {
 }
 
 
-@torch.no_grad()
-def _batched(fn: Callable[..., torch.Tensor], n: int, batch: int, *arrays: Any) -> torch.Tensor:
-    return torch.cat([fn(*(a[i : i + batch] for a in arrays)) for i in range(0, n, batch)])
+_HOST = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an encoder runs (`mm1 eval-encoder --device --dtype`): its batches go to `device`,
+    floating ones in `dtype`; what comes back is on the CPU, floating in fp32, where every score
+    is computed."""
+
+    device: torch.device = _HOST
+    dtype: torch.dtype = torch.float32
+
+    @torch.no_grad()
+    def batched(
+        self, fn: Callable[..., torch.Tensor], n: int, batch: int, *arrays: torch.Tensor
+    ) -> torch.Tensor:
+        """`fn` over `batch`-sized slices of `arrays` (their first `n` rows), concatenated."""
+
+        def there(a: torch.Tensor) -> torch.Tensor:
+            return a.to(self.device, self.dtype if a.is_floating_point() else a.dtype)
+
+        def back(t: torch.Tensor) -> torch.Tensor:
+            return t.to("cpu", torch.float32 if t.is_floating_point() else t.dtype)
+
+        slices = range(0, n, batch)
+        return torch.cat([back(fn(*(there(a[i : i + batch]) for a in arrays))) for i in slices])
+
+
+CPU = Placement()
 
 
 def image_pixels(paths: Sequence[Path], processor: ImageProcessor) -> torch.Tensor:
@@ -142,7 +168,11 @@ def image_pixels(paths: Sequence[Path], processor: ImageProcessor) -> torch.Tens
 
 
 def text_embeddings(
-    model: CLIPModel, tok: Tokenizer, texts: Sequence[str], batch: int = 256
+    model: CLIPModel,
+    tok: Tokenizer,
+    texts: Sequence[str],
+    batch: int = 256,
+    on: Placement = CPU,
 ) -> torch.Tensor:
     """L2-normalised joint-space embeddings of `texts`."""
     max_len = model.text.cfg.max_len
@@ -151,16 +181,20 @@ def text_embeddings(
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r)
     lengths = torch.tensor([len(r) for r in rows])
-    return F.normalize(_batched(model.encode_text, len(rows), batch, ids, lengths), dim=-1)
+    return F.normalize(on.batched(model.encode_text, len(rows), batch, ids, lengths), dim=-1)
 
 
 def zero_shot_accuracy(
-    model: CLIPModel, tok: Tokenizer, image_emb: torch.Tensor, task: ZeroShotTask
+    model: CLIPModel,
+    tok: Tokenizer,
+    image_emb: torch.Tensor,
+    task: ZeroShotTask,
+    on: Placement = CPU,
 ) -> dict[str, float]:
     """Accuracy of the nearest class embedding (the normalised mean of its prompts'), with
     chance (1 / classes) and the majority class's share for comparison."""
     classes = torch.stack(
-        [F.normalize(text_embeddings(model, tok, p).mean(0), dim=-1) for p in task.prompts]
+        [F.normalize(text_embeddings(model, tok, p, on=on).mean(0), dim=-1) for p in task.prompts]
     )
     pred = (image_emb[task.rows] @ classes.t()).argmax(1)
     labels = torch.tensor(task.labels)
@@ -231,10 +265,11 @@ def evaluate_encoder(
     world: str | Path,
     probe_seeds: Sequence[int] = (0, 1, 2),
     batch: int = 128,
+    on: Placement = CPU,
 ) -> dict[str, Any]:
     """Every score this module defines for `model` (a CLIPModel, AIMModel, VQModel or SEEDModel
-    in eval mode). A tokenizer's features are its codes' vectors (what the tokens carry), and
-    what comes back through them is scored too."""
+    in eval mode, on `on`'s device in its dtype). A tokenizer's features are its codes' vectors
+    (what the tokens carry), and what comes back through them is scored too."""
     held = held_out_scenes(world)
     pixels = image_pixels(held.paths, processor)
     tokenizer = isinstance(model, VQModel | SEEDModel)
@@ -243,38 +278,43 @@ def evaluate_encoder(
         if tokenizer
         else (lambda x: model.vision(x).mean(1))
     )
-    features = _batched(encode, len(pixels), batch, pixels)
+    features = on.batched(encode, len(pixels), batch, pixels)
     result: dict[str, Any] = {
         "images": len(held.paths),
         "linear_probe": linear_probes(features, held.scenes, probe_seeds),
     }
     if isinstance(model, VQModel):
-        result["reconstruction"] = reconstruction_scores(model.vision, pixels, processor, batch)
+        result["reconstruction"] = reconstruction_scores(model.vision, pixels, processor, batch, on)
     if isinstance(model, SEEDModel):
-        result["seed"] = seed_scores(model.vision, pixels, batch)
+        result["seed"] = seed_scores(model.vision, pixels, batch, on)
     if isinstance(model, CLIPModel | SEEDModel):
-        image_emb = F.normalize(_batched(model.encode_image, len(pixels), batch, pixels), dim=-1)
+        image_emb = on.batched(model.encode_image, len(pixels), batch, pixels)
+        image_emb = F.normalize(image_emb, dim=-1)
         result["zero_shot"] = {
-            t.name: zero_shot_accuracy(model, tok, image_emb, t)
+            t.name: zero_shot_accuracy(model, tok, image_emb, t, on)
             for t in zero_shot_tasks(held.scenes)
         }
         captions = [c for caps in held.captions for c in caps]
         owner = [i for i, caps in enumerate(held.captions) for _ in caps]
         result["retrieval"] = retrieval_recall(
-            image_emb, text_embeddings(model, tok, captions), owner
+            image_emb, text_embeddings(model, tok, captions, on=on), owner
         )
     return result
 
 
 @torch.no_grad()
 def reconstruction_scores(
-    vq: VQTokenizer, pixels: torch.Tensor, processor: ImageProcessor, batch: int = 128
+    vq: VQTokenizer,
+    pixels: torch.Tensor,
+    processor: ImageProcessor,
+    batch: int = 128,
+    on: Placement = CPU,
 ) -> dict[str, Any]:
     """How well the images come back through their codes: the mean squared error in the
     processor's normalised space (the training loss's), PSNR on 0-255 pixels, and how much of
     the codebook the images use."""
-    codes = _batched(vq.encode, len(pixels), batch, pixels)
-    recon = _batched(vq.decode, len(codes), batch, codes)
+    codes = on.batched(vq.encode, len(pixels), batch, pixels)
+    recon = on.batched(vq.decode, len(codes), batch, codes)
     mse = float((recon - pixels).square().mean())
     err = (processor.unnormalize(recon) - processor.unnormalize(pixels)).square().mean()
     counts = torch.bincount(codes.flatten(), minlength=vq.cfg.codebook_size).float()
@@ -289,7 +329,9 @@ def reconstruction_scores(
 
 
 @torch.no_grad()
-def seed_scores(tok: SEEDTokenizer, pixels: torch.Tensor, batch: int = 128) -> dict[str, Any]:
+def seed_scores(
+    tok: SEEDTokenizer, pixels: torch.Tensor, batch: int = 128, on: Placement = CPU
+) -> dict[str, Any]:
     """What comes back through a SEED tokenizer's codes: the cosine of the decoded causal
     embeddings to the Q-Former's own, the cosine of the generation embedding to the image's
     CLIP embedding (its target), how often that generation embedding retrieves its own image's
@@ -306,12 +348,12 @@ def seed_scores(tok: SEEDTokenizer, pixels: torch.Tensor, batch: int = 128) -> d
                 F.cosine_similarity(decoded, causal, dim=-1).mean(1, keepdim=True),
                 tok.generation_embedding(decoded),
                 tok.target_embedding(features),
-                codes.float(),
+                codes.float(),  # exact in fp32 (bf16 would round codes above 256)
             ],
             dim=1,
         )
 
-    out = _batched(scores, len(pixels), batch, pixels)
+    out = on.batched(scores, len(pixels), batch, pixels)
     e = tok.cfg.embed_dim
     generated, target = out[:, 1 : 1 + e], out[:, 1 + e : 1 + 2 * e]
     codes = out[:, 1 + 2 * e :].long()
@@ -414,9 +456,12 @@ def evaluate_encoder_run(
     out_dir: str | Path | None = None,
     untrained_seed: int | None = None,
     probe_seeds: Sequence[int] = (0, 1, 2),
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = torch.float32,
 ) -> tuple[dict[str, Any], Path]:
     """Score an encoder run (or, with `untrained_seed`, a freshly initialised model of its
-    architecture: the random-encoder baseline) on its world's held-out scenes; writes
+    architecture: the random-encoder baseline) on its world's held-out scenes, run on `device`
+    in `dtype` (the scores computed on the CPU in fp32); writes
     `encoder_eval.json` and `encoder_eval.md` to `out_dir` (default RUN/eval; for a checkpoint
     RUN/eval/step_N: the checkpoint's own folder is deleted when it rotates out). Returns the
     scores and the directory."""
@@ -424,7 +469,9 @@ def evaluate_encoder_run(
     from mm1.config import ConfigError
     from mm1.data.world import run_world, saved_tokenizer_dir
     from mm1.models.encoders import load_encoder_run
+    from mm1.pretrained import check_runtime, dtype_name
 
+    on = Placement(*check_runtime(device, dtype))
     if not probe_seeds:  # the probe's mean over no splits is undefined
         raise ConfigError("--probe-seeds must be >= 1 (linear-probe train/test splits)")
     refuse_mm1_run(run)  # else: "not a clip encoder run" and a state_dict error
@@ -446,9 +493,11 @@ def evaluate_encoder_run(
     world = Path(world or run_world(run))
     if not (world / "world.json").is_file():
         raise FileNotFoundError(f"{world}: no synthetic world (world.json) to evaluate on")
-    scores = evaluate_encoder(model, tok, processor, world, probe_seeds)
+    model.to(on.device, on.dtype)
+    scores = evaluate_encoder(model, tok, processor, world, probe_seeds, on=on)
     # which world was scored on: the default follows the run's config, so say where it led
     result = {"encoder": what, "world": str(world.resolve()), **scores}
+    result["runtime"] = {"device": str(on.device), "dtype": dtype_name(on.dtype)}
     suffix = "" if untrained_seed is None else f"_untrained{untrained_seed}"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"encoder_eval{suffix}.json").write_text(json.dumps(result, indent=1) + "\n")
