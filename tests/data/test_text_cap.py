@@ -179,3 +179,55 @@ def test_a_jsonl_line_over_the_bound_is_skipped_without_holding_it(tmp_path) -> 
     assert stats.skipped == {"too_long_text": 1} and peak < 16 << 20  # the line: 64 MB
     assert count_llava_records(path) == 3
     assert list(jsonl_records(path, 2, ReadStats())) == [(2, {"text": "third"})]
+
+
+def test_a_parquet_row_over_the_cap_is_skipped_before_it_becomes_python(tmp_path, monkeypatch):
+    """A parquet row whose text column (a string, or OBELICS' list of strings) holds more than
+    4 bytes per character of the cap is counted as `too_long_text` from Arrow's lengths and
+    never converted to python strings; its neighbours are read with their own row indices,
+    and a resume from inside a batch still skips it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mm1.data.sources import base
+    from mm1.data.sources.base import ReadStats, set_max_text_chars
+    from mm1.data.sources.interleaved import read_obelics_parquet
+    from mm1.data.sources.text import read_text
+
+    texts = ["first", "a" * 4001, None, "é" * 1000, "last"]  # é: 2000 bytes, 1000 characters
+    pq.write_table(
+        pa.table({"text": texts, "id": list(range(5)), "note": ["z" * 9000] * 5}),
+        tmp_path / "t.parquet",
+    )
+    pq.write_table(
+        pa.table(
+            {
+                "images": [[None, None], [None, None], [None]],
+                "texts": [["ok", "fine"], ["b" * 2001, "c" * 2000], ["end"]],
+            }
+        ),
+        tmp_path / "o.parquet",
+    )
+    converted: list[int] = []
+    real = base._batch_dict
+
+    def spy(batch):
+        data, invalid = real(batch)
+        converted.extend(len(t or "") for t in data.get("text", []))
+        converted.extend(sum(len(t or "") for t in ts) for ts in data.get("texts", []))
+        return data, invalid
+
+    monkeypatch.setattr(base, "_batch_dict", spy)
+    set_max_text_chars(1000)
+    stats = ReadStats()
+    docs = list(read_text(tmp_path / "t.parquet", stats=stats))
+    assert [d.meta["__index__"] for d in docs] == [0, 3, 4]  # the other fields are not counted
+    assert stats.skipped == {"too_long_text": 1, "empty_document": 1} and max(converted) == 1000
+    assert [d.meta["__index__"] for d in read_text(tmp_path / "t.parquet", start=1)] == [3, 4]
+    converted.clear()
+    stats = ReadStats()
+    docs = list(read_obelics_parquet(tmp_path / "o.parquet", stats=stats))
+    assert [d.parts for d in docs] == [["ok", "fine"], ["end"]] and max(converted) == 6
+    assert stats.skipped == {"too_long_text": 1}
+    set_max_text_chars(0)  # no cap: every row converted, as before
+    assert len(list(read_text(tmp_path / "t.parquet"))) == 4

@@ -326,9 +326,12 @@ def parquet_rows(
     stats: ReadStats,
     required: tuple[str, ...],
     batch_size: int = 256,
+    text_columns: tuple[str, ...] = (),
 ) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (row index, {column: value}) from `start` on; whole row groups before `start` are
-    skipped without being read."""
+    skipped without being read. A row whose `text_columns` (strings, or lists of them) hold
+    more UTF-8 bytes than the text cap allows is skipped as `too_long_text` before its values
+    become python objects (a 256 MB string would take up to 1 GB as one)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -357,14 +360,46 @@ def parquet_rows(
                 if row <= start:
                     continue
                 offset = max(0, start - first)
-                data, invalid = _batch_dict(batch.slice(offset))
-                for k in range(batch.num_rows - offset):
+                rows = batch.slice(offset)
+                text_bytes = _text_bytes(rows, text_columns)
+                kept = [k for k in range(rows.num_rows) if not over_text_cap(text_bytes[k])]
+                for k in sorted(set(range(rows.num_rows)) - set(kept)):
+                    where, detail = f"{path}: row {first + offset + k}", f"{text_bytes[k]:,} bytes"
+                    skip_record(stats, "too_long_text", where, f"{detail} of text")
+                if len(kept) < rows.num_rows:
+                    rows = rows.take(pa.array(kept, pa.int64()))
+                data, invalid = _batch_dict(rows)
+                for j, k in enumerate(kept):
                     where = f"{path}: row {first + offset + k}"
-                    rec = repair_record(stats, {c: data[c][k] for c in cols}, where, invalid)
+                    rec = repair_record(stats, {c: data[c][j] for c in cols}, where, invalid)
                     yield first + offset + k, rec
             group_start += n
     except (pa.ArrowException, OSError) as e:
         skip_record(stats, "corrupt_file", str(path), f"stopped reading: {e}")
+
+
+def _text_bytes(batch: Any, columns: tuple[str, ...]) -> list[int]:
+    """Per row of an Arrow record batch, the UTF-8 bytes of its `columns` that hold strings or
+    lists of strings (nulls count 0), computed in Arrow without making python strings."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    total = np.zeros(batch.num_rows, dtype=np.int64)
+    strings = (pa.types.is_string, pa.types.is_large_string)
+    for name in columns:
+        if name not in batch.schema.names:
+            continue
+        col, kind = batch.column(name), batch.schema.field(name).type
+        if any(is_str(kind) for is_str in strings):
+            total += pc.binary_length(col).fill_null(0).to_numpy(zero_copy_only=False)
+        elif (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and any(
+            is_str(kind.value_type) for is_str in strings
+        ):
+            lengths = pc.binary_length(pc.list_flatten(col)).fill_null(0)
+            rows = pc.list_parent_indices(col).to_numpy(zero_copy_only=False)
+            np.add.at(total, rows, lengths.to_numpy(zero_copy_only=False))
+    return total.tolist()
 
 
 def _batch_dict(batch: Any) -> tuple[dict[str, list[Any]], bool]:

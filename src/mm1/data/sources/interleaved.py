@@ -79,7 +79,10 @@ def read_obelics_parquet(
     stats = ReadStats() if stats is None else stats
     root = Path(image_root) if image_root is not None else path.parent
     columns = ["images", "texts", "metadata", "general_metadata"]
-    for index, row in parquet_rows(path, columns, start, stats, required=("images", "texts")):
+    rows = parquet_rows(
+        path, columns, start, stats, required=("images", "texts"), text_columns=("texts",)
+    )
+    for index, row in rows:
         where = f"{path}: row {index}"
         images, texts = row.get("images"), row.get("texts")
         if not isinstance(images, list) or not isinstance(texts, list) or len(images) != len(texts):

@@ -39,7 +39,9 @@ def read_text(
     path = Path(path)
     stats = ReadStats() if stats is None else stats
     if is_parquet(path):
-        rows = parquet_rows(path, [field, "id"], start, stats, required=(field,))
+        rows = parquet_rows(
+            path, [field, "id"], start, stats, required=(field,), text_columns=(field,)
+        )
     else:
         rows = jsonl_records(path, start, stats)
     for index, rec in rows:
