@@ -555,9 +555,11 @@ def _newest_checkpoint(run: Path) -> Path:
 
 
 def _read_checkpoint(ckpt: Path, run: Path) -> SavedModel:
+    from mm1.models.lora import merge_lora  # deferred: the models import this module
+
     cfg = read_model_config(run)
     step = int(read_meta(ckpt)["step"])
-    state = _read_dcp_model(ckpt)
+    state = merge_lora(_read_dcp_model(ckpt))  # a LoRA run's adapters, in their weights
     if cfg.decoder.tie_embeddings:
         state.pop("decoder.lm_head.weight", None)  # the embedding, as in exports
     return SavedModel(cfg, state, ckpt, step)

@@ -109,6 +109,11 @@ def validate_encoder(cfg: EncoderRunConfig) -> None:
         raise ConfigError(
             f"encoder.objective={e.objective!r} is not one of {', '.join(ENCODER_OBJECTIVES)}"
         )
+    if cfg.train.lora.rank:
+        raise ConfigError(
+            f"train.lora.rank={cfg.train.lora.rank}: LoRA adapts an MM1 decoder (mm1 train); an "
+            "encoder run trains its encoder whole"
+        )
     t = e.text
     for k in ("width", "layers", "heads", "mlp_dim", "max_len"):
         if getattr(t, k) <= 0:

@@ -183,6 +183,12 @@ ADDED_KEYS: dict[str, Any] = {
         "code_dim": 32,
         "embed_dim": 128,
     },
+    "train.lora": {
+        "rank": 0,
+        "alpha": 16.0,
+        "dropout": 0.0,
+        "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    },
 }
 
 

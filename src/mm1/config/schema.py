@@ -392,6 +392,25 @@ class OptimConfig:
     vision_lr_mult: float = 1.0
 
 
+# The decoder layers LoRA adapters can sit on (`mm1.models.lora`).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA fine-tuning of the decoder (`rank` > 0): its `targets` linear layers in every block
+    get adapters s B A (s = alpha / rank), which train while the decoder's own weights stay
+    frozen; the vision encoder and the connector train as `train.train_vision` /
+    `train_connector` say (LLaVA's LoRA recipe trains the connector, not the encoder). The
+    run's checkpoints hold the adapters; whatever reads them for inference or as a starting
+    point gets the weights merged."""
+
+    rank: int = 0  # 0 = off (full fine-tuning of what trains)
+    alpha: float = 16.0
+    dropout: float = 0.0  # on the adapters' input (LLaVA: 0.05)
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+
 @dataclass
 class InitConfig:
     """Where a run's starting weights come from (the architecture stays in `model`).
@@ -433,6 +452,7 @@ class TrainConfig:
     train_vision: bool = True
     train_connector: bool = True
     train_decoder: bool = True
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     parallel: str = "fsdp"  # fsdp | ddp | none
     dtype: str = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
     activation_checkpointing: bool = False

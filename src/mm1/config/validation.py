@@ -22,6 +22,7 @@ from mm1.config.schema import (
     IMAGE_ROOT_FORMATS,
     INIT_PARTS,
     LOGIT_Z,
+    LORA_TARGETS,
     NORM_TYPES,
     OVERVIEW_PLACES,
     PROFILE_MAX_STEPS,
@@ -38,6 +39,7 @@ from mm1.config.schema import (
     FFNConfig,
     InitConfig,
     ModelConfig,
+    TrainConfig,
     VisionConfig,
 )
 from mm1.registry import CONNECTORS, FAMILIES, FFNS, Registry
@@ -477,10 +479,33 @@ def validate(cfg: Config) -> None:
         )
     if not 0 <= t.optim.min_lr_ratio <= 1:
         raise ConfigError(f"train.optim.min_lr_ratio={t.optim.min_lr_ratio} must be in [0, 1]")
+    _validate_lora(t)
     validate_eval(cfg.eval)
     # Last, so that the specific checks above keep their messages; the whole tree, so that a
     # section of an extended schema (an encoder run's `encoder`) is covered too.
     _check_finite(cfg, "")
+
+
+def _validate_lora(t: TrainConfig) -> None:
+    lora = t.lora
+    _non_negative("train.lora.rank", lora.rank, "0 = no LoRA")
+    if not lora.rank:
+        return
+    if not (math.isfinite(lora.alpha) and lora.alpha > 0):
+        raise ConfigError(f"train.lora.alpha={lora.alpha} must be a finite number > 0")
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"train.lora.dropout={lora.dropout} must be in [0, 1)")
+    unknown = [x for x in lora.targets if x not in LORA_TARGETS]
+    if unknown or not lora.targets:
+        raise ConfigError(
+            f"train.lora.targets={list(lora.targets)}: name some of {', '.join(LORA_TARGETS)} "
+            "(the decoder blocks' linear layers)"
+        )
+    if not t.train_decoder:
+        raise ConfigError(
+            "train.lora.rank > 0 trains the decoder through its adapters, and "
+            "train.train_decoder=false freezes the decoder: set one of them back"
+        )
 
 
 def validate_eval(e: EvalConfig) -> None:

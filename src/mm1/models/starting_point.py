@@ -230,10 +230,13 @@ def describe(init: InitConfig) -> list[dict[str, Any]]:
 
 
 def expected_shapes(model: torch.nn.Module) -> dict[str, torch.Size]:
-    """The model's state-dict shapes, a tied parameter under its first name only."""
+    """The model's state-dict shapes, a tied parameter under its first name only; not LoRA's
+    adapters, which start fresh (`mm1.models.lora`)."""
     out: dict[str, torch.Size] = {}
     seen: set[int] = set()
     for k, t in model.state_dict(keep_vars=True).items():
+        if ".lora." in k:
+            continue
         if id(t) not in seen:
             seen.add(id(t))
             out[k] = t.shape

@@ -207,8 +207,16 @@ def refuse_model_change(
 
 
 # Which parts train: each trained parameter has optimizer state (and its parameter group) in
-# the checkpoint, so a resume that trains other parts could not load it.
-TRAINED_PARTS_KEYS = ("train.train_vision", "train.train_connector", "train.train_decoder")
+# the checkpoint, so a resume that trains other parts could not load it. LoRA's adapters are
+# parameters of the checkpoint too (their shapes, and the scale they were trained under).
+TRAINED_PARTS_KEYS = (
+    "train.train_vision",
+    "train.train_connector",
+    "train.train_decoder",
+    "train.lora.rank",
+    "train.lora.alpha",
+    "train.lora.targets",
+)
 
 
 def refuse_trained_parts_change(run_dir: Path, old: dict[str, Any], new: dict[str, Any]) -> None:

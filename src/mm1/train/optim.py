@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from mm1.config import OptimConfig
+from mm1.config import OptimConfig, TrainConfig
 
 
 def mm1_peak_lr(num_params: int) -> float:
@@ -24,6 +24,20 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_trainable(model: nn.Module, t: TrainConfig) -> None:
+    """Which parts of an MM1 model train (`train.train_vision` / `train_connector` /
+    `train_decoder`); a frozen image tokenizer never does, and with LoRA (`train.lora.rank`)
+    only the decoder's adapters do."""
+    from mm1.models.family import family_of
+    from mm1.models.lora import LoRAAdapter
+
+    model.vision.requires_grad_(t.train_vision and not family_of(model).image_tokenizer)
+    model.connector.requires_grad_(t.train_connector)
+    model.decoder.requires_grad_(t.train_decoder and not t.lora.rank)
+    for adapter in (m for m in model.decoder.modules() if isinstance(m, LoRAAdapter)):
+        adapter.requires_grad_(True)
 
 
 def param_groups(

@@ -41,7 +41,7 @@ from mm1.data.loader import Loader, LoaderSettings, PackedDataset, build_loader,
 from mm1.data.prompt_format import PromptFormat
 from mm1.data.world import carried_image_boundaries, image_processor_for, prepare_data
 from mm1.models.build import build_model, starting_point_state_dict
-from mm1.models.family import family_of
+from mm1.models.lora import add_decoder_lora, lora_summary
 from mm1.models.mllm import MLLM
 from mm1.models.starting_point import describe as describe_start
 from mm1.models.summary import active_parameters
@@ -58,6 +58,7 @@ from mm1.train.optim import (
     hyperparameters,
     mm1_peak_lr,
     reapply_hyperparameters,
+    set_trainable,
 )
 from mm1.train.parallel import (
     Dist,
@@ -162,9 +163,12 @@ class Trainer:
         self.model_cfg = model.cfg
         if starting:  # the built architecture's images (a resumed run keeps its saved ones)
             self.data.processor = image_processor_for(model.cfg, init)
-        self._freeze(model)
         # Parameters acting on each token (all of them for a dense decoder): the law's N.
         self.num_decoder_params = active_parameters(model.decoder)
+        adapters = add_decoder_lora(model, cfg.train.lora) if cfg.train.lora.rank else 0
+        set_trainable(model, cfg.train)
+        if adapters and d.is_main:
+            print(lora_summary(model, adapters, cfg.train.lora), flush=True)
         self.peak_lr = cfg.train.optim.lr or mm1_peak_lr(self.num_decoder_params)
         self.model = parallelize(model, cfg.train, d)
         if sharded and starting and has_starting_weights(init):
@@ -245,12 +249,6 @@ class Trainer:
         if m is None:
             raise RuntimeError("setup() first")
         return m.module if isinstance(m, nn.parallel.DistributedDataParallel) else m
-
-    def _freeze(self, model: MLLM) -> None:
-        t = self.cfg.train
-        model.vision.requires_grad_(t.train_vision and not family_of(model).image_tokenizer)
-        model.connector.requires_grad_(t.train_connector)
-        model.decoder.requires_grad_(t.train_decoder)
 
     def _check_config_change(self) -> None:
         foreign = ckpt.foreign_entries(self.run_dir)
