@@ -4,7 +4,8 @@
 `python -m benchmarks.guidance_sweep STUDY_DIR [--scales 1 2 3 5] [--max-images 128]
 [--json OUT]` runs `mm1 eval-generation RUN --guidance-scale G` for every finished cell of a
 study that generates image codes (`model.family` chameleon or seed), greedy and sampled
-(temperature 1, seed 0), into RUN/eval-guidance/<decoding>-g<G> (skipped where it exists), and
+(temperature 1, seed 0), into RUN/eval-guidance/<decoding>-g<G>-n<max images> (skipped where it
+exists), and
 prints per configuration, decoding and scale the text-to-image recall against chance, the cosine
 of each generated image to its own image against the others, and the distinct images, as
 mean ± std over seeds (a markdown table).
@@ -28,7 +29,8 @@ MEASURES = ("r1", "r5", "r10", "cosine_own", "cosine_others", "distinct")
 
 def guided_scores(run_dir: Path, scale: float, decoding: str, max_images: int) -> dict[str, float]:
     """One `mm1 eval-generation` of `run_dir` at `scale`, evaluated once."""
-    out = run_dir / OUT_DIR / f"{decoding}-g{scale:g}" / "image_generation.json"
+    name = f"{decoding}-g{scale:g}-n{max_images}"  # a rerun with other images: other results
+    out = run_dir / OUT_DIR / name / "image_generation.json"
     if not out.is_file():
         args = ["eval-generation", str(run_dir), "--max-images", str(max_images)]
         args += ["--guidance-scale", str(scale), *DECODINGS[decoding], "--out", str(out.parent)]

@@ -573,3 +573,7 @@ def test_reasoning_is_dimmed_on_a_terminal_and_closed_when_the_answer_ends_insid
     hidden.text("yes")
     hidden.end()
     assert out == ["yes"]
+    out.clear()
+    hidden.reasoning("hmm")  # and no answer after it
+    hidden.end()
+    assert out == [f"{dim}(the answer ended inside its reasoning block){reset}"]

@@ -382,10 +382,11 @@ class ReasoningDisplay:
 
     def __init__(self, write: Callable[[str], None], hide: bool, tty: bool) -> None:
         self.write, self.hide, self.tty = write, hide, tty
-        self.state = "none"  # -> "thinking" -> "done"
+        self.state = "none"  # -> "thinking" (or "hidden") -> "done"
 
     def reasoning(self, piece: str) -> None:
         if self.hide:
+            self.state = "hidden" if self.state == "none" else self.state
             return
         if self.state == "none":
             self.write(self._dim("Thinking...\n"))
@@ -399,9 +400,12 @@ class ReasoningDisplay:
         self.write(piece)
 
     def end(self) -> None:
-        """An answer that ended inside its reasoning block still closes the block."""
+        """An answer that ended inside its reasoning block still closes the block; a hidden
+        one says that nothing came after it."""
         if self.state == "thinking":
             self.write(self._dim("\n...done thinking.\n"))
+        elif self.state == "hidden":
+            self.write(self._dim("(the answer ended inside its reasoning block)"))
         self.state = "none"
 
     def _dim(self, text: str) -> str:

@@ -11,14 +11,16 @@ from typing import Any
 from mm1.config import ConfigError
 
 
-def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
-    """`--device` and `--dtype`: where, and in what precision, a command runs a loaded model."""
+def add_runtime_arguments(p: argparse.ArgumentParser, read_into: bool = True) -> None:
+    """`--device` and `--dtype`: where, and in what precision, a command runs a loaded model
+    (`read_into`: its weights are read straight into the dtype, not cast after loading)."""
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    how = "; read straight into it" if read_into else "; the scores are computed in fp32"
     p.add_argument(
         "--dtype",
         default="float32",
         help="the weights' and activations' precision: float32 (default), bfloat16 (bf16; half "
-        "the memory, the usual choice on a GPU) or float16 (fp16); read straight into it",
+        f"the memory, the usual choice on a GPU) or float16 (fp16){how}",
     )
 
 

@@ -66,7 +66,7 @@ def test_a_vq_tokenizer_run_resumes_exactly_and_is_scored(tokenizer_run: Path, c
 
 
 def test_a_chameleon_run_trains_the_codes_with_the_tokenizer_frozen_and_generates(
-    tmp_path, world, tiny_config, tokenizer_run
+    tmp_path, world, tiny_config, tokenizer_run, monkeypatch
 ) -> None:
     from mm1 import cli
     from mm1.checkpoint import read_model_weights
@@ -118,6 +118,10 @@ def test_a_chameleon_run_trains_the_codes_with_the_tokenizer_frozen_and_generate
     assert (out / "image_generation.png").stat().st_size > 0
     # classifier-free guidance: away from what follows BOS alone (an image-first pair's start)
     assert unconditional_prompt(p) == [p.tokenizer.bos_id]
+    with monkeypatch.context() as patched:  # a tokenizer without BOS, and no boundaries
+        patched.setattr(type(p.tokenizer), "bos_id", property(lambda self: None))
+        with pytest.raises(ConfigError, match="no unconditional prediction to guide against"):
+            unconditional_prompt(p)
     guided = tmp_path / "guided"
     args = ["eval-generation", str(run), "--max-images", "8", "--out", str(guided)]
     assert cli.main([*args, "--guidance-scale", "3"]) == 0

@@ -95,6 +95,8 @@ def test_eval_generation_refuses_a_model_that_generates_no_images(
     assert "--top-k samples, which needs --temperature > 0" in "".join(capsys.readouterr())
     assert cli.main(["eval-generation", str(run), "--guidance-scale", "inf"]) != 0
     assert "--guidance-scale inf: a number (1: no guidance)" in "".join(capsys.readouterr())
+    assert cli.main(["eval-generation", str(run), "--guidance-scale", "2"]) != 0
+    assert "model.family=mm1 generates no images" in "".join(capsys.readouterr())
 
 
 def test_an_mm1_run_starts_an_emu2_model_and_back(tmp_path, world, tiny_config) -> None:

@@ -116,4 +116,4 @@ def register(add: Add) -> None:
         help="score a freshly initialised encoder of the run's architecture (a baseline)",
     )
     p.add_argument("--probe-seeds", type=int, default=3, help="linear-probe train/test splits")
-    add_runtime_arguments(p)
+    add_runtime_arguments(p, read_into=False)

@@ -377,7 +377,12 @@ def register(add: Add) -> None:
     p.add_argument("--captions", default=None, help="a COCO captions file (your own images)")
     p.add_argument("--image-dir", default=None, help="the images of --captions")
     p.add_argument("--max-images", type=int, default=0, help="the first N images (0: all)")
-    p.add_argument("--batch-size", type=int, default=32, help="captions generated at once")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="captions generated at once (twice as many rows with --guidance-scale)",
+    )
     add_image_sampling_arguments(p, "chameleon, seed")
     p.add_argument("--out", default=None, help=f"default: MODEL/{EVAL_OUT}")
     add_runtime_arguments(p)

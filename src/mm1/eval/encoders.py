@@ -372,7 +372,10 @@ def seed_scores(
 
 def encoder_report(result: dict[str, Any], title: str) -> str:
     """The scores as markdown tables."""
-    lines = [f"# {title}", "", f"{result['images']} held-out scenes (world val + support).", ""]
+    held = f"{result['images']} held-out scenes (world val + support)"
+    where = result.get("runtime")
+    ran = f"; the encoder ran on {where['device']} in {where['dtype']}" if where else ""
+    lines = [f"# {title}", "", f"{held}{ran}.", ""]
     if "zero_shot" in result:
         lines += [
             "## Zero-shot classification",

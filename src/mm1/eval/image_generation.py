@@ -74,8 +74,17 @@ def generation_prompt(p: Pretrained, caption: str) -> list[int]:
 
 def unconditional_prompt(p: Pretrained) -> list[int]:
     """What precedes an image with no caption before it (an image-first pair's start: BOS, and
-    `<img>` with boundaries): the prompt classifier-free guidance pushes away from."""
-    return generation_prompt(p, "")
+    `<img>` with boundaries): the prompt classifier-free guidance pushes away from. A model
+    with neither has nothing there, so no unconditional prediction of an image's first code
+    was ever trained: a ConfigError."""
+    prompt = generation_prompt(p, "")
+    if not prompt:
+        raise ConfigError(
+            "--guidance-scale: this model writes nothing before an image with no caption (its "
+            "tokenizer has no BOS and it was trained without image boundaries), so it has no "
+            "unconditional prediction to guide against; use --guidance-scale 1"
+        )
+    return prompt
 
 
 @torch.no_grad()
@@ -116,7 +125,7 @@ def generate_images(
         sampling,
         generator,
         guidance_scale,
-        unconditional_prompt(p),
+        unconditional_prompt(p) if guidance_scale != 1.0 else (),
     )
     return p.processor.unnormalize(model.vision.decode(codes)).cpu()
 
@@ -142,7 +151,7 @@ def _encoded_and_generated(
         tok = model.vision
         image_codes = batched(lambda x: tok.encode(x.to(device)), pixels)
         generator = torch.Generator(device).manual_seed(seed)
-        uncond = unconditional_prompt(p)
+        uncond = unconditional_prompt(p) if guidance_scale != 1.0 else ()
         codes = batched(
             lambda ps: generate_image_codes(
                 model, ps, pad, sampling, generator, guidance_scale, uncond
@@ -173,15 +182,15 @@ def evaluate_image_generation(
     `seed`; guided when `guidance_scale` != 1)."""
     model = p.model
     sampling = sampling or Sampling()
-    if (sampling.do_sample or guidance_scale != 1.0) and not isinstance(model, Chameleon):
-        raise ConfigError(
-            f"model.family={p.cfg.family}: sampling and guidance apply to chameleon's and seed's "
-            "codes; emu2's features are regressed, one per step"
-        )
     if not isinstance(model, (Emu2, Chameleon)):
         raise ConfigError(
             f"model.family={p.cfg.family} generates no images (model.family=emu2, chameleon and "
             "seed do)"
+        )
+    if (sampling.do_sample or guidance_scale != 1.0) and not isinstance(model, Chameleon):
+        raise ConfigError(
+            f"model.family={p.cfg.family}: sampling and guidance apply to chameleon's and seed's "
+            "codes; emu2's features are regressed, one per step"
         )
     if len(images.paths) < 2:
         raise ConfigError(f"{len(images.paths)} captioned image(s): retrieval needs at least 2")
