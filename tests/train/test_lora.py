@@ -63,6 +63,51 @@ def test_fresh_adapters_compute_the_base_model_and_merge_into_the_adapted_one() 
     assert add_lora(only_q.decoder, LoRAConfig(rank=2, targets=["q_proj", "down_proj"])) == 4
 
 
+def test_activation_checkpointing_recomputes_the_adapters_dropout_as_drawn() -> None:
+    """With LoRA's dropout on, a checkpointed block's recomputed forward draws the forward's
+    masks again: the gradients equal the unwrapped model's."""
+    from mm1.config import TrainConfig
+    from mm1.train.parallel import Dist, parallelize
+
+    lora = LoRAConfig(rank=4, alpha=8, dropout=0.5)
+    grads = []
+    for checkpointing in (False, True):
+        model = _model()
+        add_lora(model.decoder, lora)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, LoRAAdapter):
+                    m.b.normal_(std=0.5)
+        cfg = TrainConfig(parallel="none", activation_checkpointing=checkpointing, lora=lora)
+        model = parallelize(model, cfg, Dist()).train()
+        torch.manual_seed(3)
+        _logits_with_grad(model).square().mean().backward()
+        grads.append(model.decoder.layers[0].self_attn.q_proj.lora.a.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+def _logits_with_grad(model: MM1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.cat([torch.full((4,), 49), torch.randint(0, 49, (12,), generator=g)])[None]
+    size = model.cfg.vision.image_size
+    return model(ids, pixel_values=torch.randn(1, 3, size, size, generator=g)).logits
+
+
+def test_a_run_saved_before_lora_existed_cannot_resume_with_it(tmp_path: Path) -> None:
+    """An older run's config has no `train.lora`: it trained without adapters, so a resume
+    that turns them on is refused (its checkpoint has none), not read as if it had them."""
+    from mm1.config import load_config, to_dict
+    from mm1.train.config_change import current_shape, refuse_trained_parts_change
+
+    old = to_dict(load_config(None, []))
+    del old["train"]["lora"]
+    new = to_dict(load_config(None, ["train.lora.rank=16"]))
+    with pytest.raises(ConfigError, match=r"train\.lora\.rank"):
+        refuse_trained_parts_change(tmp_path, current_shape(old, new), new)
+    plain = to_dict(load_config(None, []))
+    refuse_trained_parts_change(tmp_path, current_shape(old, plain), plain)  # unchanged: fine
+
+
 def test_a_moe_decoders_experts_take_no_adapter() -> None:
     moe = _model(ffn={"type": "moe", "experts": 4, "top_k": 2})
     assert add_lora(moe.decoder, LoRAConfig(rank=2)) == 2 * 4  # q, k, v, o of each block
@@ -152,6 +197,8 @@ def test_two_process_fsdp_lora_run_starts_from_the_base_and_resumes_bit_exactly(
     assert logged(full, "loss")[1] == pytest.approx(logged(plain, "loss")[1], rel=1e-6)
     state = _read_dcp_model(full / "checkpoints" / "step_4")
     assert float(state["decoder.layers.1.mlp.down_proj.lora.scale"]) == 2.0  # after to_empty
+    a_rows = state["decoder.layers.0.self_attn.q_proj.lora.a"]  # each rank's shard of one draw
+    assert torch.linalg.matrix_rank(a_rows) == 4 and not torch.equal(a_rows[:2], a_rows[2:])
     assert sorted(logged(full, "loss")) == [1, 2, 3, 4]
     assert logged(resumed, "loss") == logged(full, "loss")  # bit-exact on CPU
     a, b = read_model_weights(full).state, read_model_weights(resumed).state

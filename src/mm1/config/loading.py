@@ -13,6 +13,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mm1.config.schema import (
+    LORA_TARGETS,
     Config,
     ConfigError,
     DataConfig,
@@ -187,7 +188,7 @@ ADDED_KEYS: dict[str, Any] = {
         "rank": 0,
         "alpha": 16.0,
         "dropout": 0.0,
-        "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "targets": list(LORA_TARGETS),
     },
 }
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 if TYPE_CHECKING:
     from mm1.config import LoRAConfig
@@ -44,8 +45,20 @@ class LoRAAdapter(nn.Module):
 
     @torch.no_grad()
     def init_parameters(self, std: float = 0.0) -> None:
-        """(Also after `to_empty` on a meta-built model: `layers.init_weights` calls it.)"""
-        nn.init.kaiming_uniform_(self.a, a=math.sqrt(5))
+        """(Also after `to_empty` on a meta-built model: `layers.init_weights` calls it.)
+
+        A is drawn whole by the first rank, which sends each rank its shard: drawn shard by
+        shard, an FSDP2-sharded A repeats rows across ranks on a CPU mesh (DTensor has no RNG
+        tracker there; the ranks' streams need not even agree), and with B at zero repeated
+        rows get equal updates forever, leaving rank / world_size."""
+        a = self.a
+        if isinstance(a, DTensor):
+            full = torch.empty(a.shape, device=a.to_local().device, dtype=a.dtype)
+            nn.init.kaiming_uniform_(full, a=math.sqrt(5))
+            mine = distribute_tensor(full, a.device_mesh, a.placements, src_data_rank=0)
+            a.to_local().copy_(mine.to_local())
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         nn.init.zeros_(self.b)
         self.scale.fill_(self.alpha / self.rank)
 
@@ -101,15 +114,23 @@ def add_decoder_lora(model: nn.Module, cfg: LoRAConfig) -> int:
     return adapted
 
 
-def lora_summary(model: nn.Module, adapters: int, cfg: LoRAConfig) -> str:
-    """A line on what trains: the adapters and the parameters that train, of all."""
+def lora_summary(model: nn.Module, adapters: int, cfg: LoRAConfig, new_tokens: int = 0) -> str:
+    """A line on what trains: the adapters and the parameters that train, of all; a warning
+    for `new_tokens` (the tokenizer's added tokens), whose embedding rows stay as they
+    started, the embeddings and the head being frozen."""
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    return (
+    line = (
         f"LoRA: {adapters} adapters (rank {cfg.rank}, alpha {cfg.alpha:g}) on "
         f"{', '.join(cfg.targets)}; {trained:,} of {total:,} parameters train "
         f"({trained / total:.2%})"
     )
+    if new_tokens:
+        line += (
+            f"\nwarning: {new_tokens} token(s) new to the tokenizer keep their starting embedding "
+            "(the mean row): LoRA freezes the embeddings and the head"
+        )
+    return line
 
 
 @torch.no_grad()

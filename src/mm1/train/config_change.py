@@ -206,6 +206,9 @@ def refuse_model_change(
     raise ConfigError(f"{head}: {what}; resume with the same model or choose a new train.run_dir")
 
 
+# Keys added since older runs were saved whose values add parameters (LoRA's adapters).
+ADDED_PARAMETER_KEYS = ("train.lora",)
+
 # Which parts train: each trained parameter has optimizer state (and its parameter group) in
 # the checkpoint, so a resume that trains other parts could not load it. LoRA's adapters are
 # parameters of the checkpoint too (their shapes, and the scale they were trained under).
@@ -335,7 +338,9 @@ def current_shape(saved: dict[str, Any], new: dict[str, Any] | None = None) -> d
         part, name = key_holder(saved, key)
         if part and name not in part:
             now, _ = key_holder(new or {}, key)
-            part[name] = now.get(name, default)
+            # A key that adds parameters was off in the run: its default, so turning it on at
+            # a resume is refused (the checkpoint has no such parameters).
+            part[name] = default if key in ADDED_PARAMETER_KEYS else now.get(name, default)
     data = saved.get("data")
     if isinstance(data, dict):
         defaults = {"name": SourceConfig.name}

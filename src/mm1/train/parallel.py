@@ -132,10 +132,13 @@ def parallelize(
     rank ever holds the full model."""
     family = family or family_of(model)
     units = family.blocks(model)
+    # The recomputed forward must draw LoRA's dropout masks again (the blocks have no other
+    # randomness); saving the RNG state costs a little per block, so only then.
+    keep_rng = cfg.lora.rank > 0 and cfg.lora.dropout > 0
     for blocks in units:
         for i in range(len(blocks)):
             if cfg.activation_checkpointing:
-                blocks[i] = checkpoint_wrapper(blocks[i], preserve_rng_state=False)
+                blocks[i] = checkpoint_wrapper(blocks[i], preserve_rng_state=keep_rng)
             if cfg.compile:
                 blocks[i] = torch.compile(blocks[i])
     on_meta = any(p.is_meta for p in model.parameters())

@@ -168,7 +168,7 @@ class Trainer:
         adapters = add_decoder_lora(model, cfg.train.lora) if cfg.train.lora.rank else 0
         set_trainable(model, cfg.train)
         if adapters and d.is_main:
-            print(lora_summary(model, adapters, cfg.train.lora), flush=True)
+            print(lora_summary(model, adapters, cfg.train.lora, len(tok.added_ids)), flush=True)
         self.peak_lr = cfg.train.optim.lr or mm1_peak_lr(self.num_decoder_params)
         self.model = parallelize(model, cfg.train, d)
         if sharded and starting and has_starting_weights(init):
