@@ -189,7 +189,9 @@ ADDED_KEYS: dict[str, Any] = {
         "alpha": 16.0,
         "dropout": 0.0,
         "targets": list(LORA_TARGETS),
+        "quantize": "none",
     },
+    "train.lora.quantize": "none",
 }
 
 

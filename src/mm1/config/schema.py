@@ -394,6 +394,8 @@ class OptimConfig:
 
 # The decoder layers LoRA adapters can sit on (`mm1.models.lora`).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# How the adapted layers' frozen weights are stored: as they are, or in NF4 (QLoRA).
+LORA_QUANTIZE = ("none", "nf4")
 
 
 @dataclass
@@ -403,12 +405,14 @@ class LoRAConfig:
     frozen; the vision encoder and the connector train as `train.train_vision` /
     `train_connector` say (LLaVA's LoRA recipe trains the connector, not the encoder). The
     run's checkpoints hold the adapters; whatever reads them for inference or as a starting
-    point gets the weights merged."""
+    point gets the weights merged. `quantize: nf4` is QLoRA: the adapted layers' frozen weights
+    are held in 4-bit NormalFloat (about 1/8 of fp32's memory; `pip install 'mm1[qlora]'`)."""
 
     rank: int = 0  # 0 = off (full fine-tuning of what trains)
     alpha: float = 16.0
     dropout: float = 0.0  # on the adapters' input (LLaVA: 0.05)
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    quantize: str = "none"  # none | nf4 (QLoRA: the targets' frozen weights in 4 bits)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from mm1.config.schema import (
     IMAGE_ROOT_FORMATS,
     INIT_PARTS,
     LOGIT_Z,
+    LORA_QUANTIZE,
     LORA_TARGETS,
     NORM_TYPES,
     OVERVIEW_PLACES,
@@ -489,7 +490,13 @@ def validate(cfg: Config) -> None:
 def _validate_lora(t: TrainConfig) -> None:
     lora = t.lora
     _non_negative("train.lora.rank", lora.rank, "0 = no LoRA")
+    _choice("train.lora.quantize", lora.quantize, LORA_QUANTIZE)
     if not lora.rank:
+        if lora.quantize != "none":
+            raise ConfigError(
+                f"train.lora.quantize={lora.quantize} quantizes the weights LoRA adapts, and "
+                "train.lora.rank=0 turns LoRA off: set a rank (e.g. 16)"
+            )
         return
     if not (math.isfinite(lora.alpha) and lora.alpha > 0):
         raise ConfigError(f"train.lora.alpha={lora.alpha} must be a finite number > 0")

@@ -8,6 +8,9 @@ The adapted layer keeps W's and b's state-dict keys (`...q_proj.weight`); the ad
 `...q_proj.lora.a`, `.lora.b` and `.lora.scale` (s, kept so a checkpoint merges on its own).
 Whatever reads a run's weights for inference or as a starting point gets them merged
 (`merge_lora`: W + s B A), so evaluation, serving and conversion see a plain model.
+
+QLoRA (`quantize="nf4"`): W is stored in 4-bit NormalFloat (`NF4LoRALinear`, its `nf4` buffers
+in place of `weight`) and the adapters train against that; merging dequantizes it first.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
+
+from mm1.models.nf4 import QUANTUM, NF4Weight, dequantize_state, quantizable
 
 if TYPE_CHECKING:
     from mm1.config import LoRAConfig
@@ -76,29 +81,58 @@ class LoRALinear(nn.Linear):
         return super().forward(x) + self.lora(x)
 
 
+class NF4LoRALinear(LoRALinear):
+    """QLoRA's layer: the frozen weight in NF4 (`nf4`, no `weight` parameter), dequantized to
+    the input's dtype for each product, forward and backward (torchao's `F.linear`)."""
+
+    nf4: NF4Weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.nf4.linear(x, self.bias) + self.lora(x)
+
+
 def add_lora(decoder: nn.Module, cfg: LoRAConfig) -> int:
     """Give every `cfg.targets` linear layer inside `decoder.layers` an adapter, in place (its
-    weight and bias the same parameters); the number adapted."""
-    adapted = 0
-    for parent in decoder.layers.modules():
-        for name, child in list(parent.named_children()):
-            if name not in cfg.targets or type(child) is not nn.Linear:
-                continue
-            layer = LoRALinear(
-                child.in_features, child.out_features, bias=child.bias is not None, device="meta"
+    weight and bias the same parameters, or with `cfg.quantize="nf4"` its weight quantized);
+    the number adapted. A ConfigError names a layer NF4 cannot quantize, before any changed."""
+    from mm1.config import ConfigError
+
+    nf4 = cfg.quantize == "nf4"
+    targets = [
+        (path, parent, name, child)
+        for path, parent in decoder.layers.named_modules()
+        for name, child in parent.named_children()
+        if name in cfg.targets and type(child) is nn.Linear
+    ]
+    for path, _, name, child in targets:
+        if nf4 and not quantizable(child.weight.shape):
+            raise ConfigError(
+                f"train.lora.quantize=nf4: layers.{path}.{name}'s weight "
+                f"{tuple(child.weight.shape)} is not a multiple of {QUANTUM:,} values "
+                "(blocks of 64, their scalers in blocks of 256); leave it out of "
+                "train.lora.targets or set train.lora.quantize=none"
             )
-            layer.weight, layer.bias = child.weight, child.bias
-            layer.lora = LoRAAdapter(
-                child.in_features,
-                child.out_features,
-                cfg.rank,
-                cfg.alpha,
-                cfg.dropout,
-                device=child.weight.device,
-            )
-            setattr(parent, name, layer)
-            adapted += 1
-    return adapted
+    for _, parent, name, child in targets:
+        kind = NF4LoRALinear if nf4 else LoRALinear
+        layer = kind(
+            child.in_features, child.out_features, bias=child.bias is not None, device="meta"
+        )
+        if nf4:
+            layer.register_parameter("weight", None)
+            layer.nf4 = NF4Weight(child.weight)
+        else:
+            layer.weight = child.weight
+        layer.bias = child.bias
+        layer.lora = LoRAAdapter(
+            child.in_features,
+            child.out_features,
+            cfg.rank,
+            cfg.alpha,
+            cfg.dropout,
+            device=child.weight.device,
+        )
+        setattr(parent, name, layer)
+    return len(targets)
 
 
 def add_decoder_lora(model: nn.Module, cfg: LoRAConfig) -> int:
@@ -118,13 +152,22 @@ def lora_summary(model: nn.Module, adapters: int, cfg: LoRAConfig, new_tokens: i
     """A line on what trains: the adapters and the parameters that train, of all; a warning
     for `new_tokens` (the tokenizer's added tokens), whose embedding rows stay as they
     started, the embeddings and the head being frozen."""
+    quantized = [m for m in model.modules() if isinstance(m, NF4Weight)]
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters()) + sum(int(m.shape.prod()) for m in quantized)
     line = (
         f"LoRA: {adapters} adapters (rank {cfg.rank}, alpha {cfg.alpha:g}) on "
         f"{', '.join(cfg.targets)}; {trained:,} of {total:,} parameters train "
         f"({trained / total:.2%})"
     )
+    if quantized:
+        stored = sum(b.nbytes for m in quantized for b in m.buffers())
+        dense = sum(int(m.shape.prod()) * m.levels.element_size() for m in quantized)
+        dtype = str(quantized[0].levels.dtype).removeprefix("torch.")
+        line += (
+            f"\nNF4: the adapted layers' frozen weights take {stored / 2**20:,.1f} MiB "
+            f"({dense / 2**20:,.1f} MiB in {dtype})"
+        )
     if new_tokens:
         line += (
             f"\nwarning: {new_tokens} token(s) new to the tokenizer keep their starting embedding "
@@ -136,7 +179,9 @@ def lora_summary(model: nn.Module, adapters: int, cfg: LoRAConfig, new_tokens: i
 @torch.no_grad()
 def merge_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`state` with each adapter folded into its layer's weight (W + s B A, in fp32, stored
-    in W's dtype) and its own keys gone: the plain model's state dict. In place."""
+    in W's dtype) and its own keys gone: the plain model's state dict, NF4 weights
+    dequantized (QLoRA). In place."""
+    dequantize_state(state)
     for key in [k for k in state if k.endswith(".lora.a")]:
         layer = key.removesuffix(".lora.a")
         a, b = state.pop(key), state.pop(f"{layer}.lora.b")

@@ -207,7 +207,7 @@ def refuse_model_change(
 
 
 # Keys added since older runs were saved whose values add parameters (LoRA's adapters).
-ADDED_PARAMETER_KEYS = ("train.lora",)
+ADDED_PARAMETER_KEYS = ("train.lora", "train.lora.quantize")
 
 # Which parts train: each trained parameter has optimizer state (and its parameter group) in
 # the checkpoint, so a resume that trains other parts could not load it. LoRA's adapters are
@@ -219,6 +219,7 @@ TRAINED_PARTS_KEYS = (
     "train.lora.rank",
     "train.lora.alpha",
     "train.lora.targets",
+    "train.lora.quantize",
 )
 
 

@@ -151,6 +151,17 @@ def parallelize(
     if cfg.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
+        from mm1.models.nf4 import NF4Weight
+
+        # NF4 weights (QLoRA) are frozen and quantized alike on every rank: DDP would otherwise
+        # broadcast them, as buffers, before every forward.
+        frozen = [
+            f"{path}.{name}"
+            for path, m in model.named_modules()
+            if isinstance(m, NF4Weight)
+            for name, _ in m.named_buffers()
+        ]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
         ids = [d.local_rank] if d.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -1,0 +1,189 @@
+"""QLoRA (`train.lora.quantize: nf4`): the adapted layers hold torchao's NF4 quantization of
+their weights, fresh adapters compute the model with those weights dequantized, a run trains
+the adapters against codes that never move and that its checkpoints keep exactly (a resume is
+bit-exact), and every reader gets the dequantized weights with the adapters merged."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from mm1.config import ConfigError, LoRAConfig, model_config_from_dict
+from mm1.models.lora import LoRAAdapter, NF4LoRALinear, add_lora, merge_lora
+from mm1.models.mllm import MM1
+from mm1.models.nf4 import NF4Weight, torchao_nf4
+from tests.train.run_configs import TINY_VISION, logged
+
+# The smallest decoder whose every target weight is a whole number of NF4 scaler blocks
+# (64 x 256 values): 128 x 128 attention projections, 128 x 256 MLP ones.
+SHAPE = {"dim": 128, "layers": 2, "heads": 4, "kv_heads": 4, "ffn_dim": 256}
+DIMS = [f"model.decoder.{k}={v}" for k, v in SHAPE.items()]
+QLORA = ["train.lora.rank=4", "train.lora.alpha=8", "train.lora.quantize=nf4"]
+
+
+def _model(**decoder: object) -> MM1:
+    cfg = model_config_from_dict(
+        {
+            "vision": TINY_VISION,
+            "connector": {"type": "avgpool", "num_tokens": 4},
+            "decoder": {"vocab_size": 50, **SHAPE, **decoder},
+            "image_token_id": 49,
+        }
+    )
+    torch.manual_seed(0)
+    return MM1(cfg).eval()
+
+
+def _logits(model: MM1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.cat([torch.full((4,), 49), torch.randint(0, 49, (12,), generator=g)])[None]
+    size = model.cfg.vision.image_size
+    with torch.no_grad():
+        return model(ids, pixel_values=torch.randn(1, 3, size, size, generator=g)).logits
+
+
+def test_nf4_layers_compute_the_dequantized_model_and_merge_into_the_adapted_one() -> None:
+    base = _model()
+    model = copy.deepcopy(base)
+    assert add_lora(model.decoder, LoRAConfig(rank=4, alpha=8, quantize="nf4")) == 2 * 7
+    layer = model.decoder.layers[0].self_attn.q_proj
+    assert isinstance(layer, NF4LoRALinear) and layer.weight is None
+    # torchao's quantization of the weight, stored as it made it
+    original = base.decoder.layers[0].self_attn.q_proj.weight
+    reference = torchao_nf4().to_nf4(original.detach(), 64, 256)
+    assert torch.equal(layer.nf4.codes, reference.quantized_data)
+    assert torch.equal(layer.nf4.scalers, reference.quantized_scalers)
+    dequantized = layer.nf4.tensor().get_original_weight()
+    assert torch.equal(dequantized, reference.get_original_weight())
+    error = (dequantized - original).norm() / original.norm()
+    assert 0.05 < error < 0.12  # 4 bits: about 9% of the weight's norm (0.092 measured)
+
+    # Fresh adapters: exactly the plain model holding the dequantized weights.
+    merged = merge_lora(dict(model.state_dict()))
+    assert set(merged) == set(base.state_dict())  # the plain model's keys
+    plain = copy.deepcopy(base)
+    plain.load_state_dict(merged)
+    assert torch.equal(_logits(model), _logits(plain))
+    assert not torch.allclose(_logits(model), _logits(base), atol=1e-4)  # 4 bits, not fp32
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRAAdapter):
+                m.b.normal_(std=0.5)
+    plain.load_state_dict(merge_lora(dict(model.state_dict())))
+    torch.testing.assert_close(_logits(plain), _logits(model), atol=1e-5, rtol=1e-5)
+    stored = sum(b.nbytes for m in model.modules() if isinstance(m, NF4Weight) for b in m.buffers())
+    assert stored < 0.14 * sum(
+        4 * int(m.shape.prod()) for m in model.modules() if isinstance(m, NF4Weight)
+    )
+
+
+def test_a_layer_nf4_cannot_block_is_named() -> None:
+    model = _model(kv_heads=2)  # k_proj and v_proj: 64 x 128 = 8,192 values
+    with pytest.raises(ConfigError, match=r"layers\.0\.self_attn\.k_proj's weight \(64, 128\)"):
+        add_lora(model.decoder, LoRAConfig(rank=4, quantize="nf4"))
+    assert add_lora(model.decoder, LoRAConfig(rank=4, quantize="nf4", targets=["q_proj"])) == 2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.lora.rank=4", "train.lora.quantize=int4"], r"train\.lora\.quantize='int4'"),
+        (["train.lora.quantize=nf4"], r"train\.lora\.rank=0 turns LoRA off"),
+    ],
+)
+def test_bad_quantize_settings_name_the_key(overrides: list[str], message: str) -> None:
+    from mm1.config import load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_fsdp_sharding_refuses_nf4_before_any_work(tmp_path: Path, world, tiny_config) -> None:
+    from mm1.config import load_config
+    from mm1.train.parallel import Dist
+    from mm1.train.trainer import Trainer
+
+    cfg = load_config(tiny_config(tmp_path, world), [*QLORA, f"train.run_dir={tmp_path / 'r'}"])
+    trainer = Trainer(cfg)
+    trainer.d = Dist(rank=0, world_size=2)  # as under torchrun: nothing distributed runs first
+    with pytest.raises(ConfigError, match=r"train\.lora\.quantize=nf4 runs in one process or"):
+        trainer.setup()
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_qlora_run_trains_its_adapters_over_fixed_codes_and_resumes_bit_exactly(
+    tmp_path: Path, world, tiny_config, capsys
+) -> None:
+    """From a trained run: the checkpoints hold the NF4 codes of the starting weights
+    (unchanged by training), a run resumed from step 2 ends as the uninterrupted one did, and
+    a reader gets the dequantized weights plus the adapters; a resume cannot turn NF4 off."""
+    import shutil
+
+    from mm1 import cli
+    from mm1.checkpoint import _read_dcp_model, read_model_weights
+
+    cfg = tiny_config(tmp_path, world, steps=4, save_every=2, parallel="none", val_every=0)
+    base, run, resumed = tmp_path / "base", tmp_path / "qlora", tmp_path / "resumed"
+    assert cli.main(["train", str(cfg), f"train.run_dir={base}", "train.steps=2", *DIMS]) == 0
+    start = [f"train.init.weights={base}", "train.train_vision=false", "train.optim.lr=0.05"]
+    capsys.readouterr()
+    assert cli.main(["train", str(cfg), f"train.run_dir={run}", *DIMS, *start, *QLORA]) == 0
+    out = capsys.readouterr().out
+    assert "NF4: the adapted layers' frozen weights take 0.2 MiB (1.2 MiB in float32)" in out
+
+    before = read_model_weights(base).state
+    key = "decoder.layers.1.mlp.down_proj"
+    codes = torchao_nf4().to_nf4(before[f"{key}.weight"], 64, 256)
+    for step in (2, 4):
+        saved = _read_dcp_model(run / "checkpoints" / f"step_{step}")
+        assert torch.equal(saved[f"{key}.nf4.codes"], codes.quantized_data)
+        assert torch.equal(saved[f"{key}.nf4.scalers"], codes.quantized_scalers)
+        assert f"{key}.weight" not in saved
+    after = read_model_weights(run).state
+    assert set(after) == set(before)
+    adapter = saved[f"{key}.lora.b"] @ saved[f"{key}.lora.a"] * 2.0
+    expected = codes.get_original_weight() + adapter
+    torch.testing.assert_close(after[f"{key}.weight"], expected, atol=1e-6, rtol=0)
+    for name, value in before.items():  # what is neither adapted nor the connector: unchanged
+        if not (".weight" in name and "_proj" in name) and not name.startswith("connector."):
+            assert torch.equal(after[name], value), name
+
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_4")
+    assert cli.main(["train", str(cfg), f"train.run_dir={resumed}", *DIMS, *start, *QLORA]) == 0
+    assert logged(resumed, "loss") == logged(run, "loss")
+    again = read_model_weights(resumed).state
+    assert all(torch.equal(after[k], again[k]) for k in after)
+    assert cli.main(["generate", str(run), "--prompt", "a red", "--max-new-tokens", "3"]) == 0
+    capsys.readouterr()
+    plain_lora = [*start, "train.lora.rank=4", "train.lora.alpha=8", "train.steps=6"]
+    assert cli.main(["train", str(cfg), f"train.run_dir={run}", *DIMS, *plain_lora]) == 2
+    assert "train.lora.quantize is nf4, the config's none" in capsys.readouterr().out
+
+
+def test_ddp_leaves_the_nf4_buffers_out_of_its_broadcasts(tmp_path: Path) -> None:
+    """Each rank quantized the same weights: broadcast as buffers before every forward, the
+    codes would cost half a byte per weight each step. DDP's other buffers it still syncs."""
+    import torch.distributed as dist
+
+    from mm1.config import TrainConfig
+    from mm1.train.parallel import Dist, parallelize
+
+    model = _model()
+    add_lora(model.decoder, LoRAConfig(rank=4, quantize="nf4"))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        ddp = parallelize(model, TrainConfig(parallel="ddp"), Dist(world_size=2))
+        ignored = {n for n in ddp.parameters_to_ignore if ".nf4." in n}
+        nf4 = {n for n, _ in model.named_buffers() if ".nf4." in n}
+        assert ignored == nf4 and len(nf4) == 2 * 7 * 6
+        assert "decoder.layers.0.self_attn.q_proj.lora.scale" not in ddp.parameters_to_ignore
+        out = ddp(torch.full((1, 8), 3), labels=torch.full((1, 8), 3))
+        out.loss.backward()
+    finally:
+        dist.destroy_process_group()
