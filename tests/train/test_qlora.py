@@ -14,13 +14,13 @@ import torch
 from mm1.config import ConfigError, LoRAConfig, model_config_from_dict
 from mm1.models.lora import LoRAAdapter, NF4LoRALinear, add_lora, merge_lora
 from mm1.models.mllm import MM1
-from mm1.models.nf4 import NF4Weight, torchao_nf4
+from mm1.models.nf4 import NF4Weight, dequantize_state, scaler_block_size, torchao_nf4
 from tests.train.run_configs import TINY_VISION, logged
 
-# The smallest decoder whose every target weight is a whole number of NF4 scaler blocks
-# (64 x 256 values): 128 x 128 attention projections, 128 x 256 MLP ones.
+# Every target weight a whole number of QLoRA's scaler blocks (64 x 256 values): 128 x 128
+# attention projections, 128 x 256 MLP ones. (The runs below use the tests' tiny decoder,
+# 32 wide, whose weights take smaller scaler blocks.)
 SHAPE = {"dim": 128, "layers": 2, "heads": 4, "kv_heads": 4, "ffn_dim": 256}
-DIMS = [f"model.decoder.{k}={v}" for k, v in SHAPE.items()]
 QLORA = ["train.lora.rank=4", "train.lora.alpha=8", "train.lora.quantize=nf4"]
 
 
@@ -80,11 +80,31 @@ def test_nf4_layers_compute_the_dequantized_model_and_merge_into_the_adapted_one
     )
 
 
-def test_a_layer_nf4_cannot_block_is_named() -> None:
-    model = _model(kv_heads=2)  # k_proj and v_proj: 64 x 128 = 8,192 values
-    with pytest.raises(ConfigError, match=r"layers\.0\.self_attn\.k_proj's weight \(64, 128\)"):
+def test_scalers_take_the_largest_whole_blocks_up_to_qloras_256() -> None:
+    """The demo's 192-wide decoder: 192 x 192 weights have 576 scalers, in blocks of 192 (256
+    would leave a part block, which torchao refuses); 192 x 512 ones 1,536, in blocks of 256."""
+    assert [scaler_block_size(n) for n in (192 * 192, 192 * 512, 64 * 192, 32 * 32)] == [
+        192,
+        256,
+        192,
+        16,
+    ]
+    w = torch.randn(192, 192)
+    layer = NF4Weight(w)
+    reference = torchao_nf4().to_nf4(w, 64, 192)
+    assert torch.equal(layer.tensor().get_original_weight(), reference.get_original_weight())
+    state = dequantize_state({f"q.nf4.{k}": v for k, v in layer.state_dict().items()})
+    assert list(state) == ["q.weight"]
+    assert torch.equal(state["q.weight"], reference.get_original_weight())
+
+
+def test_a_layer_nf4_cannot_block_is_named_and_nothing_changes() -> None:
+    model = _model(dim=36, heads=2, kv_heads=2, ffn_dim=64)  # q_proj: 36 x 36 = 1,296 values
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"layers\.0\.self_attn\.q_proj's weight \(36, 36\)"):
         add_lora(model.decoder, LoRAConfig(rank=4, quantize="nf4"))
-    assert add_lora(model.decoder, LoRAConfig(rank=4, quantize="nf4", targets=["q_proj"])) == 2
+    assert model.state_dict().keys() == before.keys()  # no layer replaced
+    assert add_lora(model.decoder, LoRAConfig(rank=4, quantize="nf4", targets=["up_proj"])) == 2
 
 
 @pytest.mark.parametrize(
@@ -127,16 +147,16 @@ def test_a_qlora_run_trains_its_adapters_over_fixed_codes_and_resumes_bit_exactl
 
     cfg = tiny_config(tmp_path, world, steps=4, save_every=2, parallel="none", val_every=0)
     base, run, resumed = tmp_path / "base", tmp_path / "qlora", tmp_path / "resumed"
-    assert cli.main(["train", str(cfg), f"train.run_dir={base}", "train.steps=2", *DIMS]) == 0
+    assert cli.main(["train", str(cfg), f"train.run_dir={base}", "train.steps=2"]) == 0
     start = [f"train.init.weights={base}", "train.train_vision=false", "train.optim.lr=0.05"]
     capsys.readouterr()
-    assert cli.main(["train", str(cfg), f"train.run_dir={run}", *DIMS, *start, *QLORA]) == 0
+    assert cli.main(["train", str(cfg), f"train.run_dir={run}", *start, *QLORA]) == 0
     out = capsys.readouterr().out
-    assert "NF4: the adapted layers' frozen weights take 0.2 MiB (1.2 MiB in float32)" in out
+    assert "NF4: the adapted layers' frozen weights take 0.01 MiB (0.07 MiB in float32)" in out
 
     before = read_model_weights(base).state
     key = "decoder.layers.1.mlp.down_proj"
-    codes = torchao_nf4().to_nf4(before[f"{key}.weight"], 64, 256)
+    codes = torchao_nf4().to_nf4(before[f"{key}.weight"], 64, 32)  # 32 x 64: 32 scalers
     for step in (2, 4):
         saved = _read_dcp_model(run / "checkpoints" / f"step_{step}")
         assert torch.equal(saved[f"{key}.nf4.codes"], codes.quantized_data)
@@ -153,14 +173,14 @@ def test_a_qlora_run_trains_its_adapters_over_fixed_codes_and_resumes_bit_exactl
 
     shutil.copytree(run, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_4")
-    assert cli.main(["train", str(cfg), f"train.run_dir={resumed}", *DIMS, *start, *QLORA]) == 0
+    assert cli.main(["train", str(cfg), f"train.run_dir={resumed}", *start, *QLORA]) == 0
     assert logged(resumed, "loss") == logged(run, "loss")
     again = read_model_weights(resumed).state
     assert all(torch.equal(after[k], again[k]) for k in after)
     assert cli.main(["generate", str(run), "--prompt", "a red", "--max-new-tokens", "3"]) == 0
     capsys.readouterr()
     plain_lora = [*start, "train.lora.rank=4", "train.lora.alpha=8", "train.steps=6"]
-    assert cli.main(["train", str(cfg), f"train.run_dir={run}", *DIMS, *plain_lora]) == 2
+    assert cli.main(["train", str(cfg), f"train.run_dir={run}", *plain_lora]) == 2
     assert "train.lora.quantize is nf4, the config's none" in capsys.readouterr().out
 
 

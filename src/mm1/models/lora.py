@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from mm1.models.nf4 import QUANTUM, NF4Weight, dequantize_state, quantizable
+from mm1.models.nf4 import BLOCK, NF4Weight, dequantize_state, quantizable
 
 if TYPE_CHECKING:
     from mm1.config import LoRAConfig
@@ -108,9 +108,8 @@ def add_lora(decoder: nn.Module, cfg: LoRAConfig) -> int:
         if nf4 and not quantizable(child.weight.shape):
             raise ConfigError(
                 f"train.lora.quantize=nf4: layers.{path}.{name}'s weight "
-                f"{tuple(child.weight.shape)} is not a multiple of {QUANTUM:,} values "
-                "(blocks of 64, their scalers in blocks of 256); leave it out of "
-                "train.lora.targets or set train.lora.quantize=none"
+                f"{tuple(child.weight.shape)} is not a multiple of {BLOCK} values (NF4's "
+                "blocks); leave it out of train.lora.targets or set train.lora.quantize=none"
             )
     for _, parent, name, child in targets:
         kind = NF4LoRALinear if nf4 else LoRALinear
@@ -165,8 +164,8 @@ def lora_summary(model: nn.Module, adapters: int, cfg: LoRAConfig, new_tokens: i
         dense = sum(int(m.shape.prod()) * m.levels.element_size() for m in quantized)
         dtype = str(quantized[0].levels.dtype).removeprefix("torch.")
         line += (
-            f"\nNF4: the adapted layers' frozen weights take {stored / 2**20:,.1f} MiB "
-            f"({dense / 2**20:,.1f} MiB in {dtype})"
+            f"\nNF4: the adapted layers' frozen weights take {stored / 2**20:,.2f} MiB "
+            f"({dense / 2**20:,.2f} MiB in {dtype})"
         )
     if new_tokens:
         line += (

@@ -20,10 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BLOCK = 64  # values per absmax scaler (QLoRA's)
-SCALER_BLOCK = 256  # scalers per int8 scale of the double quantization (QLoRA's)
-# A weight's size must be a whole number of scaler blocks.
-QUANTUM = BLOCK * SCALER_BLOCK
+BLOCK = 64  # values per absmax scaler (QLoRA's); a weight's size must be a multiple of it
+SCALER_BLOCK = 256  # scalers per int8 scale of the double quantization (QLoRA's), at most
 BUFFERS = ("codes", "scalers", "scaler_factors", "scaler_mean", "levels", "shape")
 
 
@@ -48,8 +46,16 @@ def torchao_nf4() -> Any:
 
 
 def quantizable(weight_shape: torch.Size | tuple[int, ...]) -> bool:
-    """Whether a weight of this shape splits into whole NF4 blocks and scaler blocks."""
-    return math.prod(weight_shape) % QUANTUM == 0
+    """Whether a weight of this shape splits into whole NF4 blocks."""
+    return math.prod(weight_shape) % BLOCK == 0
+
+
+def scaler_block_size(numel: int) -> int:
+    """Scalers per double-quantization block for a weight of `numel` values: QLoRA's 256 where
+    its scalers split into blocks of 256, else the largest number of them below that which
+    does (192 x 192 weights: 576 scalers, blocks of 192); torchao needs whole blocks."""
+    blocks = numel // BLOCK
+    return max(n for n in range(1, SCALER_BLOCK + 1) if blocks % n == 0)
 
 
 class NF4Weight(nn.Module):
@@ -58,7 +64,8 @@ class NF4Weight(nn.Module):
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
-        q = torchao_nf4().to_nf4(weight.detach().contiguous(), BLOCK, SCALER_BLOCK)
+        scalers = scaler_block_size(weight.numel())
+        q = torchao_nf4().to_nf4(weight.detach().contiguous(), BLOCK, scalers)
         self.register_buffer("codes", q.quantized_data)
         self.register_buffer("scalers", q.quantized_scalers)
         self.register_buffer("scaler_factors", q.quantization_factor)
@@ -88,11 +95,12 @@ def nf4_from_parts(parts: dict[str, torch.Tensor], shape: torch.Size | None = No
     shape = shape or torch.Size(parts["shape"].tolist())
     levels = parts["levels"]
     meta = nf4.SubclassTensorArgs(shape, (shape[1], 1), 0, levels.dtype, levels.device, False)
+    blocks = shape.numel() // BLOCK
     return nf4.NF4Tensor(
         meta,
         BLOCK,
-        shape.numel() // BLOCK,
-        SCALER_BLOCK,
+        blocks,
+        blocks // parts["scaler_factors"].numel(),  # one factor per block of scalers
         parts["scalers"],
         parts["scaler_factors"],
         parts["scaler_mean"],
