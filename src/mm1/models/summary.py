@@ -49,14 +49,52 @@ class ModelSummary:
     # Parameters of a family's own heads beside those parts (emu2's regression head), which run
     # once per image slot; their training FLOPs are in `image_flops`.
     heads: int = 0
+    # The parts of those FLOPs, for runs that freeze some parts (`flops_per_token`'s `trained`):
+    # the decoder's matmul parameters and attention FLOPs per token, and the forward FLOPs of the
+    # encoder and of the connector (with whatever else runs on an image) per image.
+    matmul_params: int = 0
+    attention_flops_per_token: float = 0.0
+    vision_forward_flops: float = 0.0
+    connector_forward_flops: float = 0.0
+    image_tokenizer: bool = False
 
     @property
     def total(self) -> int:
         return self.vision + self.connector + self.decoder + self.heads
 
-    def flops_per_token(self, images_per_seq: float) -> float:
-        """Training FLOPs per sequence token with `images_per_seq` images in each sequence."""
-        return self.decoder_flops_per_token + self.image_flops * images_per_seq / self.seq_len
+    def flops_per_token(self, images_per_seq: float, trained: Trained | None = None) -> float:
+        """Training FLOPs per sequence token with `images_per_seq` images in each sequence,
+        every part training, or the parts `trained` says: a frozen part computes no gradients
+        for its weights (2 FLOPs per weight and token fewer), and one with nothing trained
+        below it none for its input either (the encoder of a run that freezes it: forward
+        only). A frozen image tokenizer runs forward only either way. As the 6 N convention,
+        this counts norms' weights as matmuls' and a part's first input gradient, which
+        autograd skips where nothing below trains, as computed."""
+        if trained is None:
+            return self.decoder_flops_per_token + self.image_flops * images_per_seq / self.seq_len
+        m = self.matmul_params
+        # forward, the input gradients every trained part below the loss needs, the weights'
+        decoder = 4 * m + 2 * m * trained.decoder + self.attention_flops_per_token
+        decoder += 6 * trained.adapters
+        v, c = self.vision_forward_flops, self.connector_forward_flops
+        if self.image_tokenizer:
+            image = v + c
+        else:  # a part trains (3 F), passes gradients down to one that does (2 F), or neither
+            tv, tc = trained.vision, trained.connector
+            image = v * (1 + 2 * tv) + c * (1 + (tv or tc) + tc)
+        image += 6 * self.heads * self.image_tokens
+        return decoder + image * images_per_seq / self.seq_len
+
+
+@dataclass(frozen=True)
+class Trained:
+    """Which parts of a run train (`train.train_vision` / `train_connector` / `train_decoder`);
+    `adapters`: the LoRA parameters training in a frozen decoder."""
+
+    vision: bool = True
+    connector: bool = True
+    decoder: bool = True
+    adapters: int = 0
 
 
 def summarize(cfg: ModelConfig, seq_len: int | None = None) -> ModelSummary:
@@ -82,9 +120,14 @@ def summarize(cfg: ModelConfig, seq_len: int | None = None) -> ModelSummary:
         height, width = fuyu_canvas(cfg.image_layout.canvas, cfg.vision.image_size)
     with FlopCounterMode(display=False) as counter:
         model.image_features(torch.empty(1, 3, height, width, device="meta"))
+    image_forward = counter.get_total_flops()
+    # The encoder's share, counted under its class (fuyu's patchify does no FLOPs: none).
+    per_module = counter.get_flop_counts().get(type(model.vision).__name__, {})
+    vision_forward = sum(per_module.values())
     heads = _count(model) - _count(model.vision) - _count(model.connector) - newline - decoder
     # forward + backward (x 3); a frozen image tokenizer (chameleon's VQ) runs forward only
-    passes = 1 if family_spec(cfg.family).image_tokenizer else 3
+    tokenizer = bool(family_spec(cfg.family).image_tokenizer)
+    passes = 1 if tokenizer else 3
     return ModelSummary(
         vision=_count(model.vision),
         # the learned newline (anyres, fuyu) is the connector's, as a starting point counts it
@@ -93,8 +136,13 @@ def summarize(cfg: ModelConfig, seq_len: int | None = None) -> ModelSummary:
         active=active,
         embeddings=emb + head,
         decoder_flops_per_token=6 * matmul_params + attn,
-        image_flops=passes * counter.get_total_flops() + 6 * heads * model.num_image_tokens,
+        image_flops=passes * image_forward + 6 * heads * model.num_image_tokens,
         image_tokens=model.num_image_tokens,
         seq_len=t,
         heads=heads,
+        matmul_params=matmul_params,
+        attention_flops_per_token=attn,
+        vision_forward_flops=vision_forward,
+        connector_forward_flops=image_forward - vision_forward,
+        image_tokenizer=tokenizer,
     )

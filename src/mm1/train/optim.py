@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from mm1.config import OptimConfig, TrainConfig
+from mm1.models.summary import Trained
 
 
 def mm1_peak_lr(num_params: int) -> float:
@@ -38,6 +39,24 @@ def set_trainable(model: nn.Module, t: TrainConfig) -> None:
     model.decoder.requires_grad_(t.train_decoder and not t.lora.rank)
     for adapter in (m for m in model.decoder.modules() if isinstance(m, LoRAAdapter)):
         adapter.requires_grad_(True)
+
+
+def trained_parts(model: nn.Module, t: TrainConfig) -> Trained:
+    """What `set_trainable` trains, as training FLOPs count it (`ModelSummary.flops_per_token`)."""
+    from mm1.models.lora import LoRAAdapter
+
+    adapters = sum(
+        p.numel()
+        for m in model.decoder.modules()
+        if isinstance(m, LoRAAdapter)
+        for p in m.parameters()
+    )
+    return Trained(
+        vision=t.train_vision,
+        connector=t.train_connector,
+        decoder=t.train_decoder and not t.lora.rank,
+        adapters=adapters,
+    )
 
 
 def param_groups(

@@ -60,6 +60,7 @@ from mm1.train.optim import (
     mm1_peak_lr,
     reapply_hyperparameters,
     set_trainable,
+    trained_parts,
 )
 from mm1.train.parallel import (
     Dist,
@@ -570,8 +571,10 @@ class Trainer:
 
             if not hasattr(self, "_summary"):
                 self._summary = summarize(self.model_cfg, self.cfg.data.seq_len)
+                self._trained = trained_parts(self.raw_model, self.cfg.train)
             images_per_seq = window["images"] / max(1, window["tokens"]) * self.cfg.data.seq_len
-            flops = self._summary.flops_per_token(images_per_seq) * tokens_per_s
+            # the FLOPs of what trains: frozen weights take no gradients (LoRA, a frozen ViT)
+            flops = self._summary.flops_per_token(images_per_seq, self._trained) * tokens_per_s
             peak = bf16_peak_flops(torch.cuda.get_device_name(self.d.device))
             if peak and autocast_dtype(self.cfg.train, self.d.device) == torch.bfloat16:
                 m["mfu"] = flops / (peak * world)  # not against a bf16 peak in fp32, or unknown
