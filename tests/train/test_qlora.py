@@ -207,3 +207,40 @@ def test_ddp_leaves_the_nf4_buffers_out_of_its_broadcasts(tmp_path: Path) -> Non
         out.loss.backward()
     finally:
         dist.destroy_process_group()
+
+
+def test_biased_layers_keep_autocasts_dtype() -> None:
+    """Under bf16 autocast a biased NF4 layer returns bf16, as `nn.Linear` does (torchao adds
+    the fp32 bias after its product, which would promote q, k and v to fp32)."""
+    base = _model(qkv_bias=True, o_bias=True)
+    model = copy.deepcopy(base)
+    add_lora(model.decoder, LoRAConfig(rank=4, quantize="nf4"))
+    plain = copy.deepcopy(base)
+    plain.load_state_dict(merge_lora(dict(model.state_dict())))
+    x = torch.randn(2, 5, SHAPE["dim"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model.decoder.layers[0].self_attn.q_proj(x)
+        want = plain.decoder.layers[0].self_attn.q_proj(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, atol=0.02, rtol=0.02)
+
+
+def test_compile_with_checkpointing_compiles_the_blocks_inside_the_checkpoints() -> None:
+    """A checkpointed region compiles whole or not at all, and NF4's products break the graph:
+    QLoRA's blocks are compiled, then checkpointed (other runs: checkpointed, then compiled)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    from mm1.config import TrainConfig
+    from mm1.train.parallel import Dist, parallelize
+
+    for quantize, outer in (("nf4", CheckpointWrapper), ("none", torch._dynamo.OptimizedModule)):
+        model = _model()
+        lora = LoRAConfig(rank=4, quantize=quantize)
+        add_lora(model.decoder, lora)
+        train = TrainConfig(compile=True, activation_checkpointing=True, parallel="none", lora=lora)
+        parallelize(model, train, Dist())
+        block = model.decoder.layers[0]
+        assert isinstance(block, outer), quantize
+        inner = block._checkpoint_wrapped_module if quantize == "nf4" else block._orig_mod
+        assert isinstance(inner, (torch._dynamo.OptimizedModule, CheckpointWrapper))
+        assert type(inner) is not type(block)

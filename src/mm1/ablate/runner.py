@@ -166,6 +166,7 @@ def _flops_per_step(cfg: Config) -> float:
     )
     s = summarize(resolve_config(cfg.model, init=init), cfg.data.seq_len)
     tokens = cfg.train.batch_size * cfg.data.seq_len
+    # Every part counted as training (6 N), frozen or not: a study's budget stays one measure.
     return s.flops_per_token(cfg.data.max_images_per_seq) * tokens
 
 

@@ -27,7 +27,7 @@ BUFFERS = ("codes", "scalers", "scaler_factors", "scaler_mean", "levels", "shape
 
 def torchao_nf4() -> Any:
     """torchao's NF4 module, imported quietly (its GPU kernels fail to load on a CPU build and
-    say so; NF4 is plain torch); an ImportError naming the extra to install when it is absent."""
+    say so; NF4 is plain torch); a ConfigError naming the extra to install when it is absent."""
     try:
         quiet = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
         levels = [log.level for log in quiet]
@@ -39,7 +39,9 @@ def torchao_nf4() -> Any:
             for log, level in zip(quiet, levels):
                 log.setLevel(level)
     except ImportError as err:
-        raise ImportError(
+        from mm1.config import ConfigError
+
+        raise ConfigError(
             f"NF4 weights (train.lora.quantize=nf4) need torchao: pip install 'mm1[qlora]' ({err})"
         ) from err
     return nf4_tensor
@@ -82,8 +84,11 @@ class NF4Weight(nn.Module):
     # sizes, which NF4Tensor cannot take. The rest of the block still compiles.
     @torch.compiler.disable
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x W^T + b, W dequantized to x's dtype (torchao's `F.linear`, forward and backward)."""
-        return F.linear(x, self.tensor(), bias)
+        """x W^T + b, W dequantized to x's dtype (torchao's `F.linear`, forward and backward);
+        b added in the product's dtype, as autocast's linear does (torchao's would promote a
+        bf16 product to the fp32 bias's dtype)."""
+        y = F.linear(x, self.tensor())
+        return y if bias is None else y + bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.shape.tolist())}, dtype={self.levels.dtype}"

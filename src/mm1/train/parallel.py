@@ -135,11 +135,16 @@ def parallelize(
     # The recomputed forward must draw LoRA's dropout masks again (the blocks have no other
     # randomness); saving the RNG state costs a little per block, so only then.
     keep_rng = cfg.lora.rank > 0 and cfg.lora.dropout > 0
+    # A checkpointed region compiles whole or not at all, and NF4's products (QLoRA) stay
+    # outside the graphs: such blocks are compiled first, then checkpointed.
+    compile_first = cfg.lora.quantize == "nf4"
     for blocks in units:
         for i in range(len(blocks)):
+            if cfg.compile and compile_first:
+                blocks[i] = torch.compile(blocks[i])
             if cfg.activation_checkpointing:
                 blocks[i] = checkpoint_wrapper(blocks[i], preserve_rng_state=keep_rng)
-            if cfg.compile:
+            if cfg.compile and not compile_first:
                 blocks[i] = torch.compile(blocks[i])
     on_meta = any(p.is_meta for p in model.parameters())
     if on_meta and not (d.enabled and cfg.parallel == "fsdp"):
@@ -153,15 +158,17 @@ def parallelize(
 
         from mm1.models.nf4 import NF4Weight
 
-        # NF4 weights (QLoRA) are frozen and quantized alike on every rank: DDP would otherwise
-        # broadcast them, as buffers, before every forward.
-        frozen = [
-            f"{path}.{name}"
+        # NF4 weights (QLoRA) never change: sent from the first rank once here, not (as DDP
+        # does with buffers) before every forward.
+        frozen = {
+            f"{path}.{name}": b
             for path, m in model.named_modules()
             if isinstance(m, NF4Weight)
-            for name, _ in m.named_buffers()
-        ]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+            for name, b in m.named_buffers()
+        }
+        for b in frozen.values():
+            dist.broadcast(b, src=0)
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(frozen))
         ids = [d.local_rank] if d.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
