@@ -175,7 +175,7 @@ class Trainer:
             self.data.processor = image_processor_for(model.cfg, init)
         # Parameters acting on each token (all of them for a dense decoder): the law's N.
         self.num_decoder_params = active_parameters(model.decoder)
-        adapters = add_decoder_lora(model, cfg.train.lora) if cfg.train.lora.rank else 0
+        adapters = add_decoder_lora(model, cfg.train.lora, d.device) if cfg.train.lora.rank else 0
         set_trainable(model, cfg.train)
         if adapters and d.is_main:
             print(lora_summary(model, adapters, cfg.train.lora, len(tok.added_ids)), flush=True)
