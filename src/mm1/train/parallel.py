@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-from mm1.config import ConfigError, TrainConfig
+from mm1.config import Config, ConfigError, TrainConfig
 from mm1.models.family import ModelFamily, family_of
 
 
@@ -119,6 +119,30 @@ def autocast(
 def block_lists(model: nn.Module) -> list[nn.ModuleList]:
     """The transformer-block lists of a model, as its family's spec names them."""
     return family_of(model).blocks(model)
+
+
+def refuse_unsupported_placement(cfg: Config, d: Dist) -> None:
+    """What a run cannot do on these processes and devices, refused before any work."""
+    if d.enabled and cfg.train.parallel == "none":
+        raise ConfigError(
+            f"train.parallel=none with {d.world_size} processes would train {d.world_size} "
+            "unsynchronised copies: use train.parallel=fsdp or ddp"
+        )
+    if cfg.model.decoder.attention == "flex" and d.device.type != "cuda":
+        raise ConfigError(
+            "model.decoder.attention=flex needs a GPU to train (torch has no FlexAttention "
+            "backward on CPU); use model.decoder.attention=sdpa"
+        )
+    if cfg.train.lora.quantize == "nf4":
+        from mm1.models.nf4 import torchao_nf4
+
+        torchao_nf4()  # installed
+        if d.enabled and cfg.train.parallel == "fsdp":
+            raise ConfigError(
+                "train.lora.quantize=nf4 runs in one process or with train.parallel=ddp "
+                "(FSDP2 builds the model on the meta device, and the NF4 weights are "
+                "quantized from loaded ones): set train.parallel=ddp"
+            )
 
 
 def parallelize(

@@ -43,7 +43,6 @@ from mm1.data.world import carried_image_boundaries, image_processor_for, prepar
 from mm1.models.build import build_model, starting_point_state_dict
 from mm1.models.lora import add_decoder_lora, lora_summary
 from mm1.models.mllm import MLLM
-from mm1.models.nf4 import torchao_nf4
 from mm1.models.starting_point import describe as describe_start
 from mm1.models.summary import active_parameters
 from mm1.train import checkpoint as ckpt
@@ -69,6 +68,7 @@ from mm1.train.parallel import (
     autocast_dtype,
     init_distributed,
     parallelize,
+    refuse_unsupported_placement,
 )
 from mm1.train.profiling import StepProfiler
 
@@ -120,24 +120,7 @@ class Trainer:
 
     def setup(self) -> None:
         cfg, d = self.cfg, self.d
-        if d.enabled and cfg.train.parallel == "none":
-            raise ConfigError(
-                f"train.parallel=none with {d.world_size} processes would train {d.world_size} "
-                "unsynchronised copies: use train.parallel=fsdp or ddp"
-            )
-        if cfg.model.decoder.attention == "flex" and d.device.type != "cuda":
-            raise ConfigError(
-                "model.decoder.attention=flex needs a GPU to train (torch has no FlexAttention "
-                "backward on CPU); use model.decoder.attention=sdpa"
-            )
-        if cfg.train.lora.quantize == "nf4":
-            torchao_nf4()  # installed, before any work
-            if d.enabled and cfg.train.parallel == "fsdp":
-                raise ConfigError(
-                    "train.lora.quantize=nf4 runs in one process or with train.parallel=ddp "
-                    "(FSDP2 builds the model on the meta device, and the NF4 weights are "
-                    "quantized from loaded ones): set train.parallel=ddp"
-                )
+        refuse_unsupported_placement(cfg, d)
         torch.manual_seed(cfg.train.seed)
         apply_deprecated_keys(cfg)  # a Config built in code has not been through load_config
         resuming = ckpt.latest_checkpoint(self.run_dir) is not None
