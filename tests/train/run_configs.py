@@ -1,5 +1,5 @@
 """Tiny run configs the training tests write (the ViT they share, and an image-encoder run's),
-and what a run logged, by step."""
+what a run logged, by step, and a tiny MM1 model with the logits LoRA's tests compare."""
 
 from __future__ import annotations
 
@@ -16,6 +16,37 @@ TINY_VISION = {
     "heads": 2,
     "mlp_dim": 64,
 }
+
+
+def tiny_mm1(**decoder: object):
+    """A tiny MM1 (the ViT above, 4 pooled image tokens, a 50-token vocabulary whose last id is
+    the image's), seeded, in eval mode; `decoder` sets its decoder's shape."""
+    import torch
+
+    from mm1.config import model_config_from_dict
+    from mm1.models.mllm import MM1
+
+    cfg = model_config_from_dict(
+        {
+            "vision": TINY_VISION,
+            "connector": {"type": "avgpool", "num_tokens": 4},
+            "decoder": {"vocab_size": 50, **decoder},
+            "image_token_id": 49,
+        }
+    )
+    torch.manual_seed(0)
+    return MM1(cfg).eval()
+
+
+def tiny_mm1_logits(model):
+    """`tiny_mm1`'s logits on one fixed image and 12 fixed tokens after it."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.cat([torch.full((4,), 49), torch.randint(0, 49, (12,), generator=g)])[None]
+    size = model.cfg.vision.image_size
+    with torch.no_grad():
+        return model(ids, pixel_values=torch.randn(1, 3, size, size, generator=g)).logits
 
 
 def encoder_config(tmp: Path, world: Path, objective: str = "clip", **train) -> Path:

@@ -11,34 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from mm1.config import ConfigError, LoRAConfig, model_config_from_dict
+from mm1.config import ConfigError, LoRAConfig
 from mm1.models.lora import LoRAAdapter, LoRALinear, add_lora, merge_lora
 from mm1.models.mllm import MM1
-from tests.train.run_configs import TINY_VISION, logged
+from tests.train.run_configs import logged, tiny_mm1, tiny_mm1_logits
 
 LORA = ["train.lora.rank=4", "train.lora.alpha=8"]
 
 
 def _model(**decoder: object) -> MM1:
-    shape = {"vocab_size": 50, "dim": 32, "layers": 2, "heads": 4, "kv_heads": 2, "ffn_dim": 64}
-    cfg = model_config_from_dict(
-        {
-            "vision": TINY_VISION,
-            "connector": {"type": "avgpool", "num_tokens": 4},
-            "decoder": {**shape, **decoder},
-            "image_token_id": 49,
-        }
-    )
-    torch.manual_seed(0)
-    return MM1(cfg).eval()
-
-
-def _logits(model: MM1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1)
-    ids = torch.cat([torch.full((4,), 49), torch.randint(0, 49, (12,), generator=g)])[None]
-    size = model.cfg.vision.image_size
-    with torch.no_grad():
-        return model(ids, pixel_values=torch.randn(1, 3, size, size, generator=g)).logits
+    shape = {"dim": 32, "layers": 2, "heads": 4, "kv_heads": 2, "ffn_dim": 64}
+    return tiny_mm1(**{**shape, **decoder})
 
 
 def test_fresh_adapters_compute_the_base_model_and_merge_into_the_adapted_one() -> None:
@@ -47,18 +30,18 @@ def test_fresh_adapters_compute_the_base_model_and_merge_into_the_adapted_one() 
     assert add_lora(model.decoder, LoRAConfig(rank=4, alpha=8)) == 2 * 7  # every target, 2 blocks
     layer = model.decoder.layers[0].self_attn.q_proj
     assert isinstance(layer, LoRALinear) and float(layer.lora.scale) == 2.0
-    assert torch.equal(_logits(model), _logits(base))  # B starts at zero
+    assert torch.equal(tiny_mm1_logits(model), tiny_mm1_logits(base))  # B starts at zero
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, LoRAAdapter):
                 m.b.normal_(std=0.5)
-    adapted = _logits(model)
-    assert not torch.allclose(adapted, _logits(base), atol=1e-3)
+    adapted = tiny_mm1_logits(model)
+    assert not torch.allclose(adapted, tiny_mm1_logits(base), atol=1e-3)
     merged = merge_lora(dict(model.state_dict()))
     assert set(merged) == set(base.state_dict())  # the plain model's keys
     plain = copy.deepcopy(base)
     plain.load_state_dict(merged)
-    torch.testing.assert_close(_logits(plain), adapted, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tiny_mm1_logits(plain), adapted, atol=1e-5, rtol=1e-5)
     only_q = copy.deepcopy(base)
     assert add_lora(only_q.decoder, LoRAConfig(rank=2, targets=["q_proj", "down_proj"])) == 4
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mm1.config import ConfigError, LoRAConfig, model_config_from_dict
+from mm1.config import ConfigError, LoRAConfig
 from mm1.models.lora import LoRAAdapter, NF4LoRALinear, add_lora, merge_lora
 from mm1.models.mllm import MM1
 from mm1.models.nf4 import NF4Weight, dequantize_state, scaler_block_size, torchao_nf4
-from tests.train.run_configs import TINY_VISION, logged
+from tests.train.run_configs import logged, tiny_mm1, tiny_mm1_logits
 
 # Every target weight a whole number of QLoRA's scaler blocks (64 x 256 values): 128 x 128
 # attention projections, 128 x 256 MLP ones. (The runs below use the tests' tiny decoder,
@@ -25,24 +25,7 @@ QLORA = ["train.lora.rank=4", "train.lora.alpha=8", "train.lora.quantize=nf4"]
 
 
 def _model(**decoder: object) -> MM1:
-    cfg = model_config_from_dict(
-        {
-            "vision": TINY_VISION,
-            "connector": {"type": "avgpool", "num_tokens": 4},
-            "decoder": {"vocab_size": 50, **SHAPE, **decoder},
-            "image_token_id": 49,
-        }
-    )
-    torch.manual_seed(0)
-    return MM1(cfg).eval()
-
-
-def _logits(model: MM1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1)
-    ids = torch.cat([torch.full((4,), 49), torch.randint(0, 49, (12,), generator=g)])[None]
-    size = model.cfg.vision.image_size
-    with torch.no_grad():
-        return model(ids, pixel_values=torch.randn(1, 3, size, size, generator=g)).logits
+    return tiny_mm1(**{**SHAPE, **decoder})
 
 
 def test_nf4_layers_compute_the_dequantized_model_and_merge_into_the_adapted_one() -> None:
@@ -66,14 +49,16 @@ def test_nf4_layers_compute_the_dequantized_model_and_merge_into_the_adapted_one
     assert set(merged) == set(base.state_dict())  # the plain model's keys
     plain = copy.deepcopy(base)
     plain.load_state_dict(merged)
-    assert torch.equal(_logits(model), _logits(plain))
-    assert not torch.allclose(_logits(model), _logits(base), atol=1e-4)  # 4 bits, not fp32
+    assert torch.equal(tiny_mm1_logits(model), tiny_mm1_logits(plain))
+    assert not torch.allclose(
+        tiny_mm1_logits(model), tiny_mm1_logits(base), atol=1e-4
+    )  # 4 bits, not fp32
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, LoRAAdapter):
                 m.b.normal_(std=0.5)
     plain.load_state_dict(merge_lora(dict(model.state_dict())))
-    torch.testing.assert_close(_logits(plain), _logits(model), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tiny_mm1_logits(plain), tiny_mm1_logits(model), atol=1e-5, rtol=1e-5)
     stored = sum(b.nbytes for m in model.modules() if isinstance(m, NF4Weight) for b in m.buffers())
     assert stored < 0.14 * sum(
         4 * int(m.shape.prod()) for m in model.modules() if isinstance(m, NF4Weight)
