@@ -1,10 +1,11 @@
 """A frozen weight stored in 4-bit NormalFloat with double-quantized scalers, as QLoRA does
 (Dettmers et al., "QLoRA: Efficient Finetuning of Quantized LLMs", 2023): blocks of 64 values
-share one absmax scaler, and the scalers are themselves quantized to int8 in blocks of 256.
+share one absmax scaler, and the scalers are themselves quantized to int8 in blocks of (up to)
+256.
 torchao's `NF4Tensor` quantizes and computes (`F.linear` dequantizes it to the input's dtype,
 forward and backward); this module holds its parts as buffers, so a checkpoint saves the exact
 codes the run trained against (quantizing a dequantized weight again does not give them back),
-`.to()` moves them and DDP leaves them alone.
+`.to()` moves them, and DDP is told to leave them out of its broadcasts (`parallelize`).
 
 A run's readers get the weight dequantized (`dequantize_state`), in the dtype it was
 quantized from.
