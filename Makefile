@@ -54,9 +54,12 @@ format: $(VENV)/.installed-dev
 	$(BIN)/ruff format src tests benchmarks
 
 # One process per core of a 2-core machine; each test file stays in one process (its fixtures
-# are built once). `make test TEST_WORKERS=0` runs the suite in this process.
+# are built once). `make test TEST_WORKERS=0` runs the suite in this process. The sources are
+# compiled first: an editable install leaves that to the first import, which
+# PYTHONDONTWRITEBYTECODE turns off, and the tests start mm1 in hundreds of processes.
 TEST_WORKERS ?= 2
 test: lint $(VENV)/.installed-eval $(VENV)/.installed-browser
+	$(BIN)/python -m compileall -q src >/dev/null
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(VENV)/.installed-dev

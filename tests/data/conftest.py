@@ -12,7 +12,7 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from mm1.data.synthetic import WorldManifest, write_world
+from mm1.data.synthetic import WorldManifest
 from mm1.data.tokenizer import Tokenizer
 
 CORPUS = [
@@ -81,9 +81,9 @@ def qwen_like() -> Callable[..., Path]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> WorldManifest:
-    """The tiny synthetic world (seed 0)."""
-    return write_world(tmp_path_factory.mktemp("world"), seed=0, size="tiny")
+def world(tmp_path_factory, world_copy) -> WorldManifest:
+    """The tiny synthetic world (seed 0), a copy for each test module."""
+    return WorldManifest.load(world_copy(tmp_path_factory.mktemp("world")))
 
 
 @pytest.fixture(scope="module")

@@ -23,16 +23,14 @@ from mm1.data.mixture import Mixture, SourceStream
 from mm1.data.prompt_format import PromptFormat
 from mm1.data.sources import base
 from mm1.data.sources.llava import read_llava
-from mm1.data.synthetic import write_world
 from mm1.data.tokenizer import Tokenizer, tokenize_conversation
 
 COLORS = {"red.png": (255, 0, 0), "blue.png": (0, 0, 255), "green.png": (0, 255, 0)}
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> Tokenizer:
-    world = write_world(tmp_path_factory.mktemp("world"), seed=0, size="tiny")
-    return Tokenizer.from_file(world.tokenizer_path)
+def tok(tmp_path_factory, world_copy) -> Tokenizer:
+    return Tokenizer.from_file(world_copy(tmp_path_factory.mktemp("world")) / "tokenizer.json")
 
 
 @pytest.fixture()

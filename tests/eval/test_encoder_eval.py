@@ -62,12 +62,12 @@ def test_linear_probe_reaches_the_optimum_and_separates_separable_classes() -> N
     assert probe_accuracy(x[:200], noise[:200], x[200:], noise[200:], 3) < 0.6
 
 
-def test_eval_encoder_cli_scores_a_clip_run(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_eval_encoder_cli_scores_a_clip_run(
+    tmp_path: Path, monkeypatch, capsys, world_copy
+) -> None:
     from mm1 import cli
-    from mm1.data.synthetic import write_world
 
-    tiny_world = tmp_path / "world"
-    write_world(tiny_world, seed=0, size="tiny")
+    tiny_world = world_copy(tmp_path / "world")
 
     cfg = {
         "model": {
@@ -98,7 +98,7 @@ def test_eval_encoder_cli_scores_a_clip_run(tmp_path: Path, monkeypatch, capsys)
     # A checkpoint finds its run's world from anywhere (not ./data/world), and its scores go
     # to the run's eval folder, which outlives the checkpoint's rotation.
     elsewhere = tmp_path / "elsewhere"
-    write_world(elsewhere / "data" / "world", seed=1, size="tiny")
+    world_copy(elsewhere / "data" / "world", seed=1)
     monkeypatch.chdir(elsewhere)
     step = run / "checkpoints" / "step_1"
     assert cli.main(["eval-encoder", str(step), "--probe-seeds", "1"]) == 0

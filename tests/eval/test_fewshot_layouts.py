@@ -30,12 +30,10 @@ from mm1.models.mllm import MM1
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mm1.data.synthetic import write_world
-
+def world(tmp_path_factory: pytest.TempPathFactory, world_copy) -> Path:
     root = tmp_path_factory.getbasetemp() / "eval_world_tiny"
     if not (root / "world.json").exists():
-        write_world(root, seed=0, size="tiny")
+        world_copy(root)
     return root
 
 

@@ -24,12 +24,12 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, MM1, PromptFormat]:
-    from mm1.data.synthetic import write_world
-
+def exported(
+    tmp_path_factory: pytest.TempPathFactory, world_copy
+) -> tuple[Path, MM1, PromptFormat]:
     root = tmp_path_factory.getbasetemp() / "eval_world_tiny"
     if not (root / "world.json").exists():
-        write_world(root, seed=0, size="tiny")
+        world_copy(root)
     tok = Tokenizer.from_file(root / "tokenizer.json")
     cfg = ModelConfig(
         vision=VisionConfig(

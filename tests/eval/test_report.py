@@ -149,13 +149,11 @@ def test_compare_runs(tmp_path: Path) -> None:
 
 
 def test_report_of_a_real_evaluation(
-    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+    tmp_path_factory: pytest.TempPathFactory, world_copy, tmp_path: Path
 ) -> None:
-    from mm1.data.synthetic import write_world
-
     world = tmp_path_factory.getbasetemp() / "eval_world_tiny"
     if not (world / "world.json").exists():
-        write_world(world, seed=0, size="tiny")
+        world_copy(world)
     tok = Tokenizer.from_file(world / "tokenizer.json")
     cfg = ModelConfig(
         vision=VisionConfig(

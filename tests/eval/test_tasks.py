@@ -23,13 +23,11 @@ from mm1.eval.tasks import (
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def world(tmp_path_factory: pytest.TempPathFactory, world_copy) -> Path:
     """The tiny synthetic world, written once per session (shared by the eval test modules)."""
-    from mm1.data.synthetic import write_world
-
     root = tmp_path_factory.getbasetemp() / "eval_world_tiny"
     if not (root / "world.json").exists():
-        write_world(root, seed=0, size="tiny")
+        world_copy(root)
     return root
 
 

@@ -131,12 +131,10 @@ def _run_child(dirs: list[Path], cwd: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
-    from mm1.data.synthetic import write_world
-
+def tok(tmp_path_factory: pytest.TempPathFactory, world_copy) -> Tokenizer:
     root = tmp_path_factory.getbasetemp() / "eval_world_tiny"
     if not (root / "world.json").exists():
-        write_world(root, seed=0, size="tiny")
+        world_copy(root)
     return Tokenizer.from_file(root / "tokenizer.json")
 
 

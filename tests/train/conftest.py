@@ -100,13 +100,9 @@ def make_hf_checkpoints() -> Callable[[Path, Path], tuple]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    """The tiny synthetic world (seed 0), written once per test module."""
-    from mm1.data.synthetic import write_world
-
-    root = tmp_path_factory.mktemp("world")
-    write_world(root, seed=0, size="tiny")
-    return root
+def world(tmp_path_factory, world_copy) -> Path:
+    """The tiny synthetic world (seed 0), a copy for each test module."""
+    return world_copy(tmp_path_factory.mktemp("world"))
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from mm1.config import ConfigError, DecoderConfig, load_config
-from mm1.data.synthetic import write_world
 from mm1.models.decoder import SwiGLU, SwiGLUConfig
 from mm1.models.mllm import MM1
 from mm1.models.summary import active_parameters, summarize
@@ -47,13 +46,6 @@ def probe_ffn() -> Iterator[None]:
         yield
     finally:
         FFNS.unregister("test_probe")
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("world")
-    write_world(root, seed=0, size="tiny")
-    return root
 
 
 TINY = [

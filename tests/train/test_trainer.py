@@ -17,17 +17,9 @@ import pytest
 import torch
 
 from mm1.data.prompt_format import PromptFormat
-from mm1.data.synthetic import write_world
 from mm1.train.logging import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("world")
-    write_world(root, seed=0, size="tiny")
-    return root
 
 
 def run_cli(args: list[str], nproc: int = 1, **kw) -> subprocess.Popen:
@@ -893,32 +885,34 @@ def test_a_profile_resumed_past_at_or_unwritable_leaves_training_alone(
 
 
 def test_a_run_resumes_on_another_number_of_processes_with_reshard(
-    tmp_path, world, tiny_config
+    tmp_path, world, tiny_config, capsys
 ) -> None:
     """2 FSDP processes to step 2, then one: refused, naming --reshard (--force is not it);
     with it the model, optimizer and schedule are resharded and the data restarts in a new
     shuffle, which later resumes keep (a run stopped at step 3 and resumed ends as the one that
-    went on to 4)."""
+    went on to 4). The one-process runs run in this process."""
+    from mm1 import cli
+
     cfg = tiny_config(tmp_path, world, steps=4, save_every=2, val_every=0)
     two = tmp_path / "two"
     finish(run_cli(["train", str(cfg), f"train.run_dir={two}", "train.steps=2"], nproc=2))
-    p = run_cli(["train", str(cfg), f"train.run_dir={two}"])
-    out, _ = p.communicate(timeout=240)
-    assert p.returncode != 0 and "saved by 2 process(es)" in out and "--reshard" in out, out
-    p = run_cli(["train", "--force", str(cfg), f"train.run_dir={two}"])
-    out, _ = p.communicate(timeout=240)
-    assert p.returncode != 0 and "--reshard to continue on 1" in out, out
+    assert cli.main(["train", str(cfg), f"train.run_dir={two}"]) == 1
+    out = capsys.readouterr().out
+    assert "saved by 2 process(es)" in out and "--reshard" in out, out
+    assert cli.main(["train", "--force", str(cfg), f"train.run_dir={two}"]) == 1
+    assert "--reshard to continue on 1" in capsys.readouterr().out
     stopped = tmp_path / "stopped"
     shutil.copytree(two, stopped)
     # a new machine may have another core count: with no loader position restored, the data
     # worker count may change too
     workers = "data.num_workers=1"
-    out = finish(run_cli(["train", "--reshard", str(cfg), f"train.run_dir={two}", workers]))
+    assert cli.main(["train", "--reshard", str(cfg), f"train.run_dir={two}", workers]) == 0
+    out = capsys.readouterr().out
     assert "the model, optimizer and schedule were resharded" in out
     assert "data.seed + 1" in out and "done: step 4" in out
     args = ["train", "--reshard", str(cfg), f"train.run_dir={stopped}", "train.steps=3", workers]
-    finish(run_cli(args))
-    finish(run_cli(["train", str(cfg), f"train.run_dir={stopped}", workers]))  # the same world
+    assert cli.main(args) == 0
+    assert cli.main(["train", str(cfg), f"train.run_dir={stopped}", workers]) == 0  # same world
     assert losses(stopped) == losses(two)  # steps 1-2 on two processes, 3-4 on one
     assert sorted(losses(two)) == [1, 2, 3, 4]
 

@@ -24,6 +24,7 @@ from mm1.config.schema import (
 )
 from mm1.config.validation import (
     apply_deprecated_keys,
+    structured_schema,
     validate,
     validate_eval,
     validate_model,
@@ -116,7 +117,7 @@ def load_config(
 ) -> Config:
     """Load a YAML config (with `extends`), apply `section.key=value` overrides, validate.
     `schema_type` is Config or an extension of it with sections of its own (an encoder run's)."""
-    schema = OmegaConf.structured(schema_type)
+    schema = structured_schema(schema_type)
     try:
         merged = schema
         if path is not None:
@@ -149,7 +150,7 @@ def load_config(
 def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
     """Build and validate a ModelConfig from a plain dict (e.g. an exported config.json)."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.create(d))
+        merged = OmegaConf.merge(structured_schema(ModelConfig), OmegaConf.create(d))
         m: ModelConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
         raise _friendly(err) from None
@@ -228,7 +229,7 @@ def load_eval_config(saved: str | Path | None = None, overrides: Sequence[str] =
     if bad:
         known = ", ".join(EvalConfig.__dataclass_fields__)
         raise ConfigError(f"override {bad[0]!r}: give eval.KEY=VALUE, KEY one of {known}")
-    merged = OmegaConf.structured(Config)
+    merged = structured_schema(Config)
     if saved is not None:
         try:
             raw = OmegaConf.load(saved)

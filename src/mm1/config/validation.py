@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Mapping
@@ -45,6 +46,14 @@ from mm1.config.schema import (
 )
 from mm1.registry import CONNECTORS, FAMILIES, FFNS, Registry
 from mm1.tiling import canvas_candidates  # stdlib-only arithmetic
+
+
+@functools.cache
+def structured_schema(cls: type) -> DictConfig:
+    """The OmegaConf schema of a config dataclass, built once (about 20 ms for `Config`). Never
+    changed in place: `OmegaConf.merge` copies its first argument."""
+    return OmegaConf.structured(cls)
+
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +131,7 @@ def parse_component(registry: Registry, key: str, raw: Any, base: type) -> Any:
         )
     _warn_other_types(registry, key, raw, name, own)
     try:
-        node = OmegaConf.merge(
-            OmegaConf.structured(cls), {k: v for k, v in raw.items() if k in own}
-        )
+        node = OmegaConf.merge(structured_schema(cls), {k: v for k, v in raw.items() if k in own})
         return OmegaConf.to_object(node)
     except OmegaConfBaseException as err:
         sub = getattr(err, "full_key", None)
