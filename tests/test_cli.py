@@ -38,18 +38,28 @@ def _run(args: tuple[str, ...], timeout: float) -> subprocess.CompletedProcess:
 
 
 def mm1(*args: str, timeout: float = 300) -> str:
+    """`mm1 ARGS` in a new interpreter, as a user starts it; its standard output."""
     p = _run(args, timeout)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     return p.stdout
+
+
+def mm1_here(capsys, *args: str) -> str:
+    """`mm1 ARGS` in this process (no interpreter start-up, a few seconds each); its standard
+    output."""
+    code = cli.main(list(args))
+    captured = capsys.readouterr()
+    assert code == 0, (captured.out + captured.err)[-3000:]
+    return captured.out
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_train_args) -> Path:
     tmp = tmp_path_factory.mktemp("cli")
     world = tmp / "world"
-    mm1("data", "synth", "--out", str(world), "--size", "tiny")
+    assert cli.main(["data", "synth", "--out", str(world), "--size", "tiny"]) == 0
     run_dir = tmp / "run"
-    mm1(*tiny_train_args(run_dir))
+    assert cli.main(tiny_train_args(run_dir)) == 0
     return run_dir
 
 
@@ -117,15 +127,16 @@ def test_info_of_a_fuyu_model_counts_its_patches_and_newlines(capsys) -> None:
     assert "147,840" in next(x for x in out.splitlines() if "patches' Linear, newline" in x)
 
 
-def test_data_inspect_and_stats(run) -> None:
+def test_data_inspect_and_stats(run, capsys) -> None:
     world = run.parent / "world"
-    out = mm1("data", "inspect", str(world / "captions"), "--format", "wds", "-n", "2")
+    out = mm1_here(capsys, "data", "inspect", str(world / "captions"), "--format", "wds", "-n", "2")
     assert '"format": "wds"' in out
-    whole = json.loads(mm1("data", "inspect", str(world), "-n", "1"))
+    whole = json.loads(mm1_here(capsys, "data", "inspect", str(world), "-n", "1"))
     sample = whole["sources"]["text"]["samples"][0]
     assert sample["text_tokens"] > 0 and whole["sources"]["captions"]["records"] > 0
     stats = json.loads(
-        mm1(
+        mm1_here(
+            capsys,
             "data",
             "stats",
             str(ROOT / "configs" / "demo.yaml"),
@@ -158,15 +169,16 @@ def _greedy_output(p: Pretrained, image: Path) -> str:
     return tok.decode(new_ids) + "\n"
 
 
-def test_convert_generate_and_eval(run, tmp_path) -> None:
+def test_convert_generate_and_eval(run, tmp_path, capsys) -> None:
     export = tmp_path / "export"
-    mm1("convert", str(run), "--export", str(export), "--to-hf", str(tmp_path / "hf"))
+    mm1_here(capsys, "convert", str(run), "--export", str(export), "--to-hf", str(tmp_path / "hf"))
     assert (export / "model.safetensors").exists() and (export / "model.json").exists()
     assert (tmp_path / "hf" / "decoder" / "config.json").exists()
     assert (tmp_path / "hf" / "vision" / "config.json").exists()
 
     image = next((run.parent / "world" / "eval" / "val" / "images").iterdir())
-    out = mm1(
+    out = mm1_here(
+        capsys,
         "generate",
         str(export),
         "--image",
@@ -183,7 +195,8 @@ def test_convert_generate_and_eval(run, tmp_path) -> None:
 
     out_dir = tmp_path / "eval"
     # the run's own world is found from its saved config: no --world needed
-    mm1(
+    mm1_here(
+        capsys,
         "eval",
         str(run),
         "--shots",
@@ -494,7 +507,7 @@ def test_evaluating_a_path_that_holds_no_model_says_so(tmp_path, capsys, monkeyp
     assert out.startswith(f"error: {tmp_path} is neither an exported model")
 
 
-def test_eval_task_without_support_is_a_clean_error(run, tmp_path) -> None:
+def test_eval_task_without_support_is_a_clean_error(run, tmp_path, capsys) -> None:
     task_file = tmp_path / "tasks.yaml"
     task_file.write_text(yaml.safe_dump([_vqa_task(run.parent / "world", "myvqa", False)]))
     out = mm1_fails("eval", str(run), "--task-file", str(task_file), "--out", str(tmp_path / "e"))
@@ -503,7 +516,8 @@ def test_eval_task_without_support_is_a_clean_error(run, tmp_path) -> None:
     assert "config error" in out and "'myvqa'" in out and "no support split" in out
     assert "--shots 0" in out and "support:" in out and str(task_file) in out
     # the remedy it names works: zero-shot needs no demonstrations
-    mm1(
+    mm1_here(
+        capsys,
         "eval",
         str(run),
         "--task-file",
@@ -859,7 +873,7 @@ def test_ctrl_c_before_a_command_handles_it_is_exit_130_without_traceback(
     assert loaded.strip() == "[]"
 
 
-def test_eval_sft_suite_end_to_end(run, tmp_path) -> None:
+def test_eval_sft_suite_end_to_end(run, tmp_path, capsys) -> None:
     """`mm1 eval RUN --suite sft`: the world gains the suite's files (its own stay as they
     were), the pre-trained run is prompted few-shot, `--suite-mode chat` zero-shot through the
     template, and the report holds the paper-style table and the plot."""
@@ -867,7 +881,7 @@ def test_eval_sft_suite_end_to_end(run, tmp_path) -> None:
     own = {p: p.read_bytes() for p in (world / "eval" / "val").glob("*.json")}
     out = tmp_path / "suite"
     common = ("--seeds", "2", "--max-examples", "3")
-    printed = mm1("eval", str(run), "--suite", "sft", *common, "--out", str(out))
+    printed = mm1_here(capsys, "eval", str(run), "--suite", "sft", *common, "--out", str(out))
     assert (world / "eval" / "sft" / "suite.yaml").is_file()
     assert {p: p.read_bytes() for p in own} == own
     runs = json.loads((out / "suite.json").read_text())
@@ -885,24 +899,14 @@ def test_eval_sft_suite_end_to_end(run, tmp_path) -> None:
 
     # one seed from here on: the seeds' pooling is the few-shot run's to show
     common = ("--seeds", "1", "--max-examples", "3")
-    mm1("eval", str(run), "--suite", "sft", "--suite-mode", "chat", *common, "--out", str(out))
+    suite = ("--suite", "sft", "--suite-mode", "chat", *common)
+    mm1_here(capsys, "eval", str(run), *suite, "--out", str(out))
     chat = json.loads((out / "suite.json").read_text())[0]
     assert chat["mode"] == "chat, 0-shot"
     assert all(r["demos"] == [] for r in chat["predictions"]["sft_pope"]["0"])
     # `--compile`: the decode steps compiled, every prediction the same
     compiled = tmp_path / "compiled"
-    mm1(
-        "eval",
-        str(run),
-        "--suite",
-        "sft",
-        "--suite-mode",
-        "chat",
-        *common,
-        "--compile",
-        "--out",
-        str(compiled),
-    )
+    mm1_here(capsys, "eval", str(run), *suite, "--compile", "--out", str(compiled))
     assert (
         json.loads((compiled / "suite.json").read_text())[0]["predictions"] == chat["predictions"]
     )

@@ -4,6 +4,8 @@ another slot, and data errors of either dataset one line in a loader worker."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -88,7 +90,8 @@ def test_caption_pairs_resume_exactly(world, tok, workers: int) -> None:
 def test_a_caption_pair_data_error_is_one_line_in_a_worker(world, tok, workers: int) -> None:
     text_only = [SourceConfig(format="text", path=str(world.root / "text"), kind="text")]
     s = PairSettings(sources=text_only, batch_size=2, max_len=8, needs_text=True)
-    with pytest.raises(DataError) as err:
-        next(iter(build_pair_loader(s, tok, PROC, num_workers=workers)))
+    loader = build_pair_loader(s, tok, PROC, num_workers=workers)
+    with pytest.raises(DataError) as err, contextlib.closing(loader):  # not left to the GC
+        next(iter(loader))
     assert str(err.value).endswith("no image; CLIP trains on image-caption pairs")
     assert "\n" not in str(err.value)

@@ -4,6 +4,7 @@ names no data."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -38,7 +39,9 @@ def test_too_many_bad_records_is_one_line_in_a_worker(tok_dir, tmp_path, workers
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{broken\n" * 300)
     loader = build_loader(_settings(bad), Tokenizer.from_file(tok_dir), None, num_workers=workers)
-    with pytest.raises(DataError) as err:
+    # closed, not left to the garbage collector, which may finalize the worker's queue first
+    # and then wait 5 s for a worker that never got its stop
+    with pytest.raises(DataError) as err, contextlib.closing(loader):
         next(iter(loader))
     message = str(err.value)
     assert "bad.jsonl" in message and "max_error_rate" in message
@@ -49,7 +52,7 @@ def test_a_missing_shard_is_one_line_in_a_worker(tok_dir, tmp_path) -> None:
     loader = build_loader(
         _settings(tmp_path / "gone.jsonl"), Tokenizer.from_file(tok_dir), None, num_workers=1
     )
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(FileNotFoundError) as err, contextlib.closing(loader):
         next(iter(loader))
     assert "gone.jsonl" in str(err.value) and "\n" not in str(err.value)
 

@@ -83,17 +83,21 @@ def test_sigkill_and_resume_gives_bit_identical_losses(
     assert sum(n.endswith(".distcp") for n in sums) >= nproc
 
 
-def test_metrics_and_artifacts(tmp_path, world, tiny_config) -> None:
+def test_metrics_and_artifacts(tmp_path, world, tiny_config, capsys) -> None:
+    from mm1 import cli
+
     cfg = tiny_config(tmp_path, world, steps=2, save_every=2, parallel="none")
     run = tmp_path / "run"
     boundaries = "data.image_boundaries=true"
-    finish(run_cli(["train", str(cfg), f"train.run_dir={run}", boundaries]))
+    assert cli.main(["train", str(cfg), f"train.run_dir={run}", boundaries]) == 0
     records = [r for r in read_metrics(run) if "loss" in r]
     for key in ("step", "loss", "lr", "tokens_per_s", "images_per_s", "grad_norm", "data_wait"):
         assert key in records[-1], key
     # the rows' non-padding share; a cap of one image per row ends rows early, so fills less
     capped = tmp_path / "capped"
-    finish(run_cli(["train", str(cfg), f"train.run_dir={capped}", "data.max_images_per_seq=1"]))
+    assert (
+        cli.main(["train", str(cfg), f"train.run_dir={capped}", "data.max_images_per_seq=1"]) == 0
+    )
     fill = [r["fill"] for r in read_metrics(capped) if "fill" in r][-1]
     assert 0 < fill < records[-1]["fill"] <= 1
     assert any(k.startswith("loss_") for k in records[-1])
@@ -121,18 +125,10 @@ def test_metrics_and_artifacts(tmp_path, world, tiny_config) -> None:
     assert load_pretrained(run).prompt_format == trained  # read from its config.yaml
 
     # a changed model refuses to resume, naming the key; --force overrides
-    bad = run_cli(
-        [
-            "train",
-            str(cfg),
-            f"train.run_dir={run}",
-            boundaries,
-            "model.decoder.layers=3",
-            "train.steps=3",
-        ]
-    )
-    text, _ = bad.communicate(timeout=120)
-    assert bad.returncode != 0 and "model.decoder.layers" in text
+    capsys.readouterr()
+    changed = [boundaries, "model.decoder.layers=3", "train.steps=3"]
+    assert cli.main(["train", str(cfg), f"train.run_dir={run}", *changed]) != 0
+    assert "model.decoder.layers" in capsys.readouterr().out
 
 
 def test_attention_backend_is_not_a_change_of_meaning() -> None:
