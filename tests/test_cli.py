@@ -248,11 +248,17 @@ def test_eval_under_torchrun_shares_the_batches_and_scores_what_one_process_does
 ) -> None:
     """`torchrun --nproc_per_node 2 -m mm1.cli eval`: each rank generates every other batch (3
     batches: 2 and 1), the outputs are gathered in order, and the first rank writes the one
-    report: the predictions and scores one process makes (both runs one thread a process)."""
+    report: the predictions and scores one process (this one) makes, both on one thread a
+    process."""
     args = ["eval", str(run), "--shots", "0,2", "--seeds", "1", "--max-examples", "6"]
     args += ["--batch-size", "2"]
     two = torchrun([*args, "--out", str(tmp_path / "two")], nproc=2)
-    torchrun([*args, "--out", str(tmp_path / "one")], nproc=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main([*args, "--out", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
     one_r, two_r = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
     assert two_r["predictions"] == one_r["predictions"] and two_r["tasks"] == one_r["tasks"]
     preds = [
