@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -61,6 +62,20 @@ def truncated_jpeg() -> Callable[[Path, Path], Path]:
 
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under xdist, each worker's torch (and every process a test starts) gets its share of the
+    cores. torch's default, a thread per core in every worker, oversubscribes them: two
+    workers of two threads on two cores ran tests/models' files 2-4x slower than one thread
+    each, their OpenMP threads spinning in each other's way."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 def _copy_of_world(cache: Path, dest: Path, **settings: Any) -> Path:
