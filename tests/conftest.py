@@ -67,7 +67,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def pytest_configure(config: pytest.Config) -> None:
     """Under xdist, each worker's torch (and every process a test starts) gets its share of the
     cores. torch's default, a thread per core in every worker, oversubscribes them: two
-    workers of two threads on two cores ran tests/models' files 2-4x slower than one thread
+    workers of two threads on two cores ran tests/models' files 2-4.6x slower than one thread
     each, their OpenMP threads spinning in each other's way."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
