@@ -31,9 +31,7 @@ from mm1.models.mllm import MM1
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory, world_copy) -> Path:
-    root = tmp_path_factory.getbasetemp() / "eval_world_tiny"
-    if not (root / "world.json").exists():
-        world_copy(root)
+    root = world_copy(tmp_path_factory.mktemp("world"))
     return root
 
 

@@ -27,9 +27,7 @@ pytestmark = pytest.mark.skipif(
 def exported(
     tmp_path_factory: pytest.TempPathFactory, world_copy
 ) -> tuple[Path, MM1, PromptFormat]:
-    root = tmp_path_factory.getbasetemp() / "eval_world_tiny"
-    if not (root / "world.json").exists():
-        world_copy(root)
+    root = world_copy(tmp_path_factory.mktemp("world"))
     tok = Tokenizer.from_file(root / "tokenizer.json")
     cfg = ModelConfig(
         vision=VisionConfig(

@@ -151,9 +151,7 @@ def test_compare_runs(tmp_path: Path) -> None:
 def test_report_of_a_real_evaluation(
     tmp_path_factory: pytest.TempPathFactory, world_copy, tmp_path: Path
 ) -> None:
-    world = tmp_path_factory.getbasetemp() / "eval_world_tiny"
-    if not (world / "world.json").exists():
-        world_copy(world)
+    world = world_copy(tmp_path_factory.mktemp("world"))
     tok = Tokenizer.from_file(world / "tokenizer.json")
     cfg = ModelConfig(
         vision=VisionConfig(

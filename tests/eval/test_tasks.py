@@ -24,10 +24,8 @@ from mm1.eval.tasks import (
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory, world_copy) -> Path:
-    """The tiny synthetic world, written once per session (shared by the eval test modules)."""
-    root = tmp_path_factory.getbasetemp() / "eval_world_tiny"
-    if not (root / "world.json").exists():
-        world_copy(root)
+    """The tiny synthetic world (a copy of the session's)."""
+    root = world_copy(tmp_path_factory.mktemp("world"))
     return root
 
 

@@ -132,9 +132,7 @@ def _run_child(dirs: list[Path], cwd: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory: pytest.TempPathFactory, world_copy) -> Tokenizer:
-    root = tmp_path_factory.getbasetemp() / "eval_world_tiny"
-    if not (root / "world.json").exists():
-        world_copy(root)
+    root = world_copy(tmp_path_factory.mktemp("world"))
     return Tokenizer.from_file(root / "tokenizer.json")
 
 

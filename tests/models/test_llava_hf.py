@@ -42,9 +42,7 @@ PROMPT = "<image>Output:"
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory: pytest.TempPathFactory, world_copy) -> Tokenizer:
-    root = tmp_path_factory.getbasetemp() / "eval_world_tiny"
-    if not (root / "world.json").exists():
-        world_copy(root)
+    root = world_copy(tmp_path_factory.mktemp("world"))
     return Tokenizer.from_file(root / "tokenizer.json")
 
 
