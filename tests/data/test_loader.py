@@ -321,6 +321,23 @@ def test_an_interpreter_exits_with_a_loader_never_closed(world) -> None:
     assert "Exception ignored" not in p.stderr, p.stderr[-2000:]  # every worker was killed
 
 
+def test_a_loader_freed_by_the_cycle_collector_stops_its_workers(world, tok) -> None:
+    """A loader in a reference cycle (a failed one whose exception is kept, say) is freed by
+    the collector, which finalized its queues before the iterator: the stop messages were lost,
+    torch waited 5 s, and the worker, which ignores SIGTERM, lived on until the interpreter
+    exited."""
+    import gc
+
+    loader = build_loader(settings(world), tok, PROC, num_workers=1)
+    next(iter(loader))
+    workers = list(loader._iterator._workers)
+    cycle: dict = {"loader": loader}
+    cycle["self"] = cycle
+    del loader, cycle
+    gc.collect()
+    assert workers and not any(w.is_alive() for w in workers)
+
+
 def _text_spec(world) -> SourceConfig:
     return SourceConfig(
         format="text", path=str(world.root / world.sources["text"]["shards"][0]).rsplit("/", 1)[0]

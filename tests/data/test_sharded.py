@@ -91,7 +91,7 @@ def test_a_caption_pair_data_error_is_one_line_in_a_worker(world, tok, workers: 
     text_only = [SourceConfig(format="text", path=str(world.root / "text"), kind="text")]
     s = PairSettings(sources=text_only, batch_size=2, max_len=8, needs_text=True)
     loader = build_pair_loader(s, tok, PROC, num_workers=workers)
-    with pytest.raises(DataError) as err, contextlib.closing(loader):  # not left to the GC
+    with pytest.raises(DataError) as err, contextlib.closing(loader):
         next(iter(loader))
     assert str(err.value).endswith("no image; CLIP trains on image-caption pairs")
     assert "\n" not in str(err.value)

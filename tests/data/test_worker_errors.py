@@ -39,8 +39,6 @@ def test_too_many_bad_records_is_one_line_in_a_worker(tok_dir, tmp_path, workers
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{broken\n" * 300)
     loader = build_loader(_settings(bad), Tokenizer.from_file(tok_dir), None, num_workers=workers)
-    # closed, not left to the garbage collector, which may finalize the worker's queue first
-    # and then wait 5 s for a worker that never got its stop
     with pytest.raises(DataError) as err, contextlib.closing(loader):
         next(iter(loader))
     message = str(err.value)

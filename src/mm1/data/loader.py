@@ -225,6 +225,7 @@ class Loader(StatefulDataLoader):
     def __iter__(self) -> Iterator[Batch]:
         batches = super().__iter__()
         _WORKERS.update(dict.fromkeys(getattr(batches, "_workers", ()), os.getpid()))
+        _hold_queues(batches)
         return _raising(batches)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -267,6 +268,24 @@ def _kill_workers_left() -> None:
     for w in workers:
         with contextlib.suppress(Exception):
             w.join(timeout=5)
+
+
+# The queues of every live multi-process iterator, held from here until it is gone. A loader
+# left in a reference cycle (a failed one whose exception is kept, say) is freed by the cycle
+# collector, which calls weakref callbacks before `__del__` methods: the queues' own finalizers
+# would stop their feeder threads first, the iterator's shutdown messages would never reach the
+# workers, and torch would wait 5 s and then SIGTERM workers that ignore it. Held here, the
+# queues are not part of the garbage; a finalizer lets go of them once the iterator is freed.
+_QUEUES: dict[int, tuple[Any, ...]] = {}
+
+
+def _hold_queues(batches: Iterator[Any]) -> None:
+    key = id(batches)
+    queues = getattr(batches, "_index_queues", None)
+    if key in _QUEUES or queues is None:  # a persistent iterator reset, or no workers
+        return
+    _QUEUES[key] = (*queues, getattr(batches, "_worker_result_queue", None))
+    weakref.finalize(batches, _QUEUES.pop, key, None)
 
 
 def _raising(batches: Iterator[Any]) -> Iterator[Batch]:
