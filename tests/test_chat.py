@@ -443,6 +443,34 @@ def test_a_message_longer_than_the_context_is_refused(run, pretrained, capsys) -
     )
 
 
+def test_an_answer_stops_at_the_context(run, pretrained, monkeypatch, capsys) -> None:
+    """A prompt that fits leaves `context - prompt` tokens for the answer, whatever
+    --max-new-tokens asks: `mm1 chat` and `mm1 generate` decoded on past the positions the
+    model was made for (`mm1 serve` stopped there, finish_reason "length")."""
+    limit = pretrained.model.cfg.decoder.max_seq_len
+    template = resolve_chat_template(pretrained.tokenizer, None)
+    session = ChatSession(pretrained, template, ChatSettings(max_new_tokens=10 * limit))
+    session.stop_ids = set()  # no stop token: the answer runs to its limit
+    text = "red " * (limit - 30)
+    room = limit - len(session.prompt_ids([{"role": "user", "content": text}], []))
+    assert 0 < room < 40
+    answer = session.reply(text, [], lambda piece: None)
+    assert len(answer.tokens) == room and session.length == limit
+
+    asked = []
+
+    def recording(*args, **kw):
+        asked.append(kw["max_new_tokens"])
+        return [[]]
+
+    monkeypatch.setattr(generation, "generate", recording)
+    prompt = "red " * (limit - 8)
+    assert cli.main(["generate", str(run), "--prompt", prompt, "--max-new-tokens", "100"]) == 0
+    capsys.readouterr()
+    ids = tokenize_prompt(prompt, [], pretrained.tokenizer, pretrained.prompt_format)
+    assert asked == [limit - len(ids)] and 0 < asked[0] < 100
+
+
 def test_an_unusable_device_is_one_line(run, capsys) -> None:
     cases = [("banana", "--device banana: not a device; give cpu, cuda or cuda:N")]
     if not torch.cuda.is_available():  # CPU-only torch: "Torch not compiled with CUDA enabled"

@@ -150,6 +150,109 @@ def test_openai_client_plain_and_streaming_with_an_image(
     assert httpx.get(f"{server}/health").json()["status"] == "ok"
 
 
+def test_what_openai_clients_send_and_ask_is_answered(reference, server, pretrained) -> None:
+    """Null for a nullable field (n, stream), the developer role (OpenAI's newer system), the
+    defaults of options not supported, one model's card, and errors in OpenAI's body for routes
+    that do not exist (they had FastAPI's {"detail": ...})."""
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("other")
+    assert missing.value.body["code"] == "model_not_found"
+    want, _, _ = reference(pretrained, "hi", [], 6)
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    body = {"model": MODEL, "max_tokens": 6, "temperature": 0}
+    as_system = httpx.post(f"{server}/v1/chat/completions", json={**body, "messages": system})
+    defaults = {
+        "n": None,
+        "stream": None,
+        "stream_options": None,
+        "logprobs": False,
+        "frequency_penalty": 0,
+        "presence_penalty": 0.0,
+        "tool_choice": "none",
+        "tools": [],
+        "response_format": {"type": "text"},
+    }
+    for extra, messages in [
+        (defaults, [{"role": "user", "content": "hi"}]),
+        ({}, [{**system[0], "role": "developer"}, system[1]]),
+    ]:
+        r = httpx.post(
+            f"{server}/v1/chat/completions", json={**body, **extra, "messages": messages}
+        )
+        assert r.status_code == 200, r.text
+        got = r.json()["choices"][0]["message"]["content"]
+        assert got == (want if extra else as_system.json()["choices"][0]["message"]["content"])
+    for method, path, status in [
+        ("GET", "/v1/nothing", 404),
+        ("GET", "/v1/chat/completions", 405),
+        ("DELETE", "/v1/models", 405),
+    ]:
+        r = httpx.request(method, f"{server}{path}")
+        assert r.status_code == status
+        error = r.json()["error"]
+        assert error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_the_engine_outlives_failed_forwards(pretrained, images) -> None:
+    """A prefill or a decode step that raises (on a GPU: out of memory) fails its requests and
+    no others: a failed prefill kept its cache rows (each failure lost rows until no request
+    could join and the loop spun), and a failure to make a new cache after a failed step
+    ended the engine's thread (every later request waited forever)."""
+    requests = engine_requests(pretrained, images)
+    engine = Engine(pretrained.model, pretrained.tokenizer, max_batch=2).start()
+    want = answers_one_at_a_time(engine, requests[:2])
+    failing = {"on": False}
+
+    def fail(*_) -> None:
+        if failing["on"]:
+            raise RuntimeError("out of memory (simulated)")
+
+    hook = pretrained.model.decoder.register_forward_pre_hook(fail)
+    try:
+        failing["on"] = True
+        for _ in range(3):  # 2 rows: a lost row each time would leave none
+            done, events = collect(engine, requests[0])
+            assert done.wait(30) and events[-1].kind == "error"
+            assert events[-1].text.startswith("prefill failed: out of memory (simulated)")
+        failing["on"] = False
+        with slow(pretrained, 0.02):
+            done, events = collect(engine, dataclasses.replace(requests[0], max_new_tokens=200))
+            while not engine.steps or not events:
+                time.sleep(0.01)  # decoding
+            real = engine._new_batch
+            engine._new_batch = lambda: fail()  # and no memory for a new cache either
+            failing["on"] = True
+            assert done.wait(30) and events[-1].kind == "error"
+            assert events[-1].text.startswith("decoding failed: out of memory (simulated)")
+            refused, events = collect(engine, requests[1])
+            assert refused.wait(30) and events[-1].text.startswith("no KV cache: out of memory")
+        failing["on"] = False
+        engine._new_batch = real
+        assert answers_one_at_a_time(engine, requests[:2]) == want
+        assert engine.load == {"running": 0, "waiting": 0} and engine._thread.is_alive()
+    finally:
+        hook.remove()
+        engine.stop()
+
+
+def test_a_request_that_timed_out_is_not_retried(pretrained, images) -> None:
+    """408 is what OpenAI's SDKs retry; a request that ran out of --request-timeout would run
+    out of it again: the response says not to (x-should-retry: false)."""
+    with serving(pretrained, request_timeout=0.5) as (url, engine), slow(pretrained, 0.05):
+        body = {"model": MODEL, "messages": user("Describe it.", images[:1]), "max_tokens": 200}
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 408 and r.headers["x-should-retry"] == "false"
+        assert r.json()["error"]["code"] == "timeout"
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=2)
+        steps = engine.steps
+        with pytest.raises(openai.APIStatusError) as err:
+            client.chat.completions.create(**body)
+        assert err.value.status_code == 408
+        assert engine.steps - steps <= 0.5 / 0.05 + 2  # one attempt's steps, not three
+
+
 def test_stop_strings_and_seeded_sampling(reference, server, pretrained, images) -> None:
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
     want, _, _ = reference(pretrained, "What is it?", images[1:2], 24)
@@ -403,25 +506,34 @@ def test_no_waiting_room_still_serves_the_free_rows(pretrained, images) -> None:
         engine.stop()
 
 
-def test_a_client_that_disconnects_frees_its_slot(pretrained, images) -> None:
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_disconnects_frees_its_slot(reference, pretrained, images, stream) -> None:
+    """Streamed or not: a plain request's handler looked for a departed client only while no
+    token came, so its answer ran to the end (OpenAI's SDKs retry a timed-out request: each
+    retry added another whole answer)."""
+    _, _, full = reference(pretrained, "Describe it.", images[:1], 200)
     with serving(pretrained) as (url, engine), slow(pretrained, 0.05):
         body = {
             "model": MODEL,
             "messages": user("Describe it.", images[:1]),
             "max_tokens": 200,
-            "stream": True,
+            "stream": stream,
         }
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as r:
-            assert r.status_code == 200
-            lines = r.iter_lines()
-            while '"content": ""' in next(lines) or not engine.load["running"]:
-                pass  # until the answer's first text: the request is decoding
-            assert engine.load["running"] == 1
+        if stream:
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as r:
+                assert r.status_code == 200
+                lines = r.iter_lines()
+                while '"content": ""' in next(lines) or not engine.load["running"]:
+                    pass  # until the answer's first text: the request is decoding
+                assert engine.load["running"] == 1
+        else:
+            with pytest.raises(httpx.ReadTimeout):  # the client gives up after 1.5 s
+                httpx.post(f"{url}/v1/chat/completions", json=body, timeout=1.5)
         deadline = time.monotonic() + 10
         while engine.load["running"] and time.monotonic() < deadline:
             time.sleep(0.05)
         assert engine.load == {"running": 0, "waiting": 0}
-        assert engine.steps < 200
+        assert 0 < engine.steps < full  # 0.05 s a step: 1.5 s is ~30 of them
 
 
 BAD = [
@@ -445,6 +557,40 @@ BAD = [
     (
         {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "seed": -(2**63) - 1},
         400,
+        None,
+    ),
+    ("[" * 100_000 + "]" * 100_000, 400, None),  # json's RecursionError was a plain-text 500
+    (  # the template concatenates eos_token: a TypeError was a plain-text 500
+        {
+            "model": MODEL,
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "yo"},
+                {"role": "user", "content": "hi"},
+            ],
+            "chat_template_kwargs": {"eos_token": None},
+        },
+        400,
+        None,
+    ),
+    # options that change the answer's content or form, refused rather than ignored
+    *(
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **extra}, 400, None)
+        for extra in (
+            {"logprobs": True},
+            {"top_logprobs": 3},
+            {"tools": [{"type": "function", "function": {"name": "f"}}]},
+            {"tool_choice": "required"},
+            {"response_format": {"type": "json_object"}},
+            {"frequency_penalty": -7},
+            {"presence_penalty": 0.5},
+            {"logit_bias": {"5": 10}},
+            {"stream_options": {"include_usage": True}},  # without stream, as OpenAI
+        )
+    ),
+    (  # the body is bounded before it is read whole (this server's max_body_bytes)
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "x": "a" * 400_000},
+        413,
         None,
     ),
 ]
@@ -473,7 +619,9 @@ def test_bad_input_is_an_openai_error_and_the_load_goes_on(
         (image_body(str(allowed / ".." / "outside.png")), 403, None),
         (image_body("https://example.com/cat.png"), 400, None),
     ]
-    with serving(pretrained, image_dir=allowed, max_image_bytes=100_000) as (url, _):
+    with serving(
+        pretrained, image_dir=allowed, max_image_bytes=100_000, max_body_bytes=300_000
+    ) as (url, _):
         load_body = {
             "model": MODEL,
             "messages": user("Describe it.", images[:1]),
@@ -547,6 +695,9 @@ def test_serve_cli_checks_its_options(run, capsys) -> None:
     assert cli.main(["serve", str(run), "--chat-template-kwargs", "[1]"]) == 2
     out = capsys.readouterr()
     assert "--chat-template-kwargs: a JSON object of template variables" in out.out + out.err
+    assert cli.main(["serve", str(run), "--max-body-mb", "0"]) == 2
+    out = capsys.readouterr()
+    assert "--max-body-mb must be > 0, got 0.0" in out.out + out.err
 
 
 def test_serve_refuses_a_taken_port_before_loading_the_model(tmp_path, capsys) -> None:

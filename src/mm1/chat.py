@@ -295,7 +295,8 @@ class ChatSession:
         messages, all_images = [*self.messages, message], [*self.images, *images]
         prompt = self.prompt_ids(messages, all_images)
         p, s = self.pretrained, self.settings
-        check_prompt_fits(len(prompt), p.model.cfg.decoder.max_seq_len)  # as serve refuses it
+        # a prompt past the context is refused, as serve refuses it; the answer stops at it
+        room = check_prompt_fits(len(prompt), p.model.cfg.decoder.max_seq_len)
         device = p.model.decoder.embed_tokens.weight.device
         pixels = crops = sizes = None
         if all_images:
@@ -310,7 +311,7 @@ class ChatSession:
                 p.model,
                 prompt,
                 pixels,
-                max_new_tokens=s.max_new_tokens,
+                max_new_tokens=min(s.max_new_tokens, room),
                 stop_ids=self.stop_ids,
                 sampling=sampling,
                 generator=self.generator,

@@ -363,3 +363,38 @@ def test_a_sequence_with_its_own_generator_samples_the_same_beside_others(
     assert run([[1, 2, 3]], [hot], [12])[0] != alone  # the seed matters
     with pytest.raises(ValueError, match="one entry per prompt"):
         DecodeBatch(model, 2, 8).prefill([[1], [2]], sampling=[hot])
+
+
+def test_a_tiny_temperature_samples_the_argmax() -> None:
+    """Inside OpenAI's range, 1e-40 is greedy in effect: dividing the logits first overflowed
+    them to inf and the probabilities to NaN, and the sampling raised."""
+    from mm1.models.generation import next_token
+
+    logits = torch.randn(3, 50) * 20
+    logits[1, 7] = float("-inf")  # a masked token stays out
+    for t in (1e-40, 1e-30, 1e-8):
+        chosen = next_token(logits, Sampling(do_sample=True, temperature=t))
+        assert chosen.tolist() == logits.argmax(-1).tolist()
+
+
+def test_a_prefill_that_fails_keeps_its_rows_free(tiny_model_config) -> None:
+    """A failed prefill (on a GPU: out of memory) gave its rows away for good: a server's batch
+    lost a row at each failure, until no request could join."""
+    torch.manual_seed(0)
+    model = MM1(tiny_model_config()).eval()
+    batch = DecodeBatch(model, 2, 16)
+
+    def fail(*_) -> None:
+        raise RuntimeError("out of memory (simulated)")
+
+    hook = model.decoder.register_forward_pre_hook(fail)
+    for _ in range(3):
+        with pytest.raises(RuntimeError, match="simulated"):
+            batch.prefill([[1, 2, 3], [4, 5]])
+        assert batch.free_rows == 2
+    hook.remove()
+    ids = batch.prefill([[1, 2, 3], [4, 5]])
+    assert batch.free_rows == 0
+    chosen = batch.step()
+    assert list(chosen) == ids
+    assert [chosen[ids[0]]] == generate(model, [[1, 2, 3]], max_new_tokens=1)[0]

@@ -117,7 +117,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
             raise ConfigError(f"{where}: the chat template failed: {err}") from None
     else:
         ids = tokenize_prompt(args.prompt, images, p.tokenizer, fmt)
-    check_prompt_fits(len(ids), p.model.cfg.decoder.max_seq_len)  # as serve refuses it
+    # a prompt past the context is refused, as serve refuses it; the answer stops at it
+    room = check_prompt_fits(len(ids), p.model.cfg.decoder.max_seq_len)
     pixels = fmt.pixel_values(p.processor, images) if images else None
     crops, sizes = fmt.image_info(images) if images else (None, None)
     stop_ids, text_stops = _split_stops(args.stop or [], p.tokenizer)
@@ -128,7 +129,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         p.model,
         [ids],
         pixels,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=min(args.max_new_tokens, room),
         do_sample=args.temperature > 0,
         temperature=args.temperature,
         top_p=args.top_p,

@@ -80,7 +80,9 @@ def next_token(
     """(B, vocab) fp32 logits -> (B,) chosen token ids."""
     if not sampling.do_sample or sampling.temperature <= 0:
         return logits.argmax(-1)
-    logits = logits / sampling.temperature
+    # Shifted to a max of 0 first: a tiny temperature then sends the others to -inf (greedy),
+    # where dividing first overflows to inf and the softmax to NaN.
+    logits = (logits - logits.amax(-1, keepdim=True)) / sampling.temperature
     if sampling.top_k > 0:
         kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -229,12 +231,13 @@ class DecodeBatch:
             raise ValueError("sampling and generators need one entry per prompt")
         if len(prompts) > len(self._free):
             raise ValueError(f"{len(prompts)} prompts but {len(self._free)} free cache rows")
-        rows, self._free = self._free[: len(prompts)], self._free[len(prompts) :]
+        rows = self._free[: len(prompts)]
         self.cache.reset(rows)
         view = self.cache.select(rows)
         logits, _, _ = _prefill(
             self.model, prompts, pixel_values, self.pad_token_id, view, image_crops, image_sizes
         )
+        self._free = self._free[len(prompts) :]  # only now: a failed prefill keeps its rows free
         ids = list(range(self._next_id, self._next_id + len(prompts)))
         self._next_id += len(prompts)
         for sid, row, p, how, gen in zip(ids, rows, prompts, sampling, generators):

@@ -59,6 +59,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-image-mb", type=float, default=20.0, help="the largest image accepted")
     p.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=100.0,
+        help="the largest request body accepted, images included (base64: 4/3 of their bytes)",
+    )
+    p.add_argument(
         "--max-image-pixels",
         type=int,
         default=8192 * 8192,  # protocol.MAX_IMAGE_PIXELS, not imported: it pulls in PIL
@@ -86,6 +92,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ConfigError(f"--max-batch must be at least 1, got {args.max_batch}")
     if args.max_waiting < 0:
         raise ConfigError(f"--max-waiting must be >= 0, got {args.max_waiting}")
+    if args.max_body_mb <= 0:
+        raise ConfigError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
     if args.request_timeout <= 0:
         raise ConfigError(f"--request-timeout must be > 0, got {args.request_timeout}")
     if not 0 <= args.port <= 65535:
@@ -158,6 +166,7 @@ def run(args: argparse.Namespace) -> int | None:
             image_dir=Path(args.image_dir) if args.image_dir else None,
             max_image_bytes=int(args.max_image_mb * 2**20),
             max_image_pixels=args.max_image_pixels,
+            max_body_bytes=int(args.max_body_mb * 2**20),
             request_timeout=args.request_timeout,
             template_kwargs=kwargs,
             reasoning=chat_reasoning(template.source, variables),

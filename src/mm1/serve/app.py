@@ -22,10 +22,17 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mm1.pretrained import Pretrained
 from mm1.serve.engine import Engine, Event, Handle, QueueFull
-from mm1.serve.protocol import APIError, ChatRequest, ServeOptions, parse_chat_request
+from mm1.serve.protocol import (
+    APIError,
+    ChatRequest,
+    ServeOptions,
+    model_not_found,
+    parse_chat_request,
+)
 
 # Waiting on a non-streamed answer, a handler looks for a departed client this often (seconds).
 DISCONNECT_POLL = 0.25
@@ -47,16 +54,35 @@ def create_app(pretrained: Pretrained, engine: Engine, opts: ServeOptions) -> Fa
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, err: APIError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status)
+        return _error_response(err)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        # an unknown route or method, in OpenAI's error body rather than FastAPI's
+        kind = "invalid_request_error" if err.status_code < 500 else "server_error"
+        return _error_response(APIError(err.status_code, str(err.detail), type=kind))
+
+    @app.exception_handler(Exception)
+    async def server_error(_: Request, err: Exception) -> JSONResponse:
+        # a bug: the client still gets OpenAI's error body (the traceback goes to the log)
+        message = f"internal error: {type(err).__name__}: {err}"
+        return _error_response(APIError(500, message, type="server_error"))
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": opts.model_name, **engine.load}
 
+    card = {"id": opts.model_name, "object": "model", "created": created, "owned_by": "mm1"}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        card = {"id": opts.model_name, "object": "model", "created": created, "owned_by": "mm1"}
         return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict[str, Any]:
+        if model != opts.model_name:
+            raise model_not_found(model, opts.model_name)
+        return card
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
@@ -65,9 +91,11 @@ def create_app(pretrained: Pretrained, engine: Engine, opts: ServeOptions) -> Fa
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         try:
-            body = json.loads(await request.body())
+            body = json.loads(await _body(request, opts.max_body_bytes))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise APIError(400, f"the body is not valid JSON: {err}") from None
+        except RecursionError:
+            raise APIError(400, "the body's JSON is nested too deeply") from None
         parsed = await run_in_threadpool(parse_chat_request, body, pretrained, opts, engine.context)
         events: asyncio.Queue[Event] = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -107,14 +135,20 @@ class _Completion:
     async def whole(self, events: asyncio.Queue[Event], request: Request) -> JSONResponse:
         text: list[str] = []
         reasoning: list[str] = []
+        check_at = time.monotonic() + DISCONNECT_POLL
         try:
             while True:
                 try:
-                    ev = await asyncio.wait_for(events.get(), DISCONNECT_POLL)
+                    ev: Event | None = await asyncio.wait_for(events.get(), DISCONNECT_POLL)
                 except asyncio.TimeoutError:
+                    ev = None
+                # looked for while tokens flow too, or a departed client's answer runs to its end
+                if ev is None or time.monotonic() >= check_at:
                     if await request.is_disconnected():
                         self.handle.cancel()
                         return JSONResponse({}, status_code=499)
+                    check_at = time.monotonic() + DISCONNECT_POLL
+                if ev is None:
                     continue
                 if ev.kind == "text":
                     text.append(ev.text)
@@ -188,6 +222,31 @@ def _event_error(ev: Event) -> APIError:
     if ev.code == "timeout":
         return APIError(408, ev.text, type="timeout", code="timeout")
     return APIError(500, ev.text, type="server_error", code=ev.code)
+
+
+def _error_response(err: APIError) -> JSONResponse:
+    # OpenAI's SDKs retry a 408 (and 409, 429, 5xx) unless told not to: a request that ran out
+    # of the server's --request-timeout would only run out of it again.
+    headers = {"x-should-retry": "false"} if err.code == "timeout" else None
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The request's body, refused (413) past `limit` bytes before more of it is read."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _body_too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _body_too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _body_too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is over the {limit} byte limit (--max-body-mb)")
 
 
 @contextmanager

@@ -16,6 +16,7 @@ as `reasoning` events, the answer after it as `text` events.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -29,6 +30,8 @@ from mm1.models.compiled_decode import LENGTH_BUCKET
 from mm1.models.generation import DecodeBatch, Sampling
 from mm1.models.mllm import MLLM
 from mm1.reasoning import ReasoningSplitter
+
+log = logging.getLogger(__name__)
 
 
 class QueueFull(RuntimeError):
@@ -180,7 +183,7 @@ class Engine:
         self.compile = compile
         ends = (tokenizer.token_to_id(t) for t in tokenizer.end_of_turn_tokens())
         self.stop_ids = {tokenizer.eos_id, *(i for i in ends if i is not None)}
-        self._batch = self._new_batch()
+        self._batch: DecodeBatch | None = self._new_batch()
         if compile:
             self._warm_up()
         self._waiting: deque[Handle] = deque()
@@ -258,10 +261,14 @@ class Engine:
                     self._wake.wait()
                 if self._stopping:
                     break
-            self._drop_ended()
-            self._admit()
-            if self._running:
-                self._step()
+            try:
+                self._drop_ended()
+                self._admit()
+                if self._running:
+                    self._step()
+            except Exception as err:  # a bug must not leave every request waiting forever
+                log.exception("the engine's loop failed")
+                self._fail_running(f"the engine failed: {err}")
         for answer in list(self._running.values()):
             answer.handle.on_event(Event("error", "the server is shutting down", code="shutdown"))
 
@@ -283,11 +290,19 @@ class Engine:
 
     def _admit(self) -> None:
         admitted: list[Handle] = []
+        free = self.max_batch if self._batch is None else self._batch.free_rows
         with self._wake:  # (cancelled and expired ones were dropped just before)
-            while self._waiting and len(admitted) < self._batch.free_rows:
+            while self._waiting and len(admitted) < free:
                 admitted.append(self._waiting.popleft())
         if not admitted:
             return
+        if self._batch is None:  # the last failure left no cache: make one, or fail these
+            try:
+                self._batch = self._new_batch()
+            except Exception as err:
+                for h in admitted:
+                    h.on_event(Event("error", f"no KV cache: {err}", code="internal_error"))
+                return
         with_images = [h.request for h in admitted if h.request.pixel_values is not None]
         device = self.model.decoder.embed_tokens.weight.device
         try:  # nothing a request holds may stop the engine's thread
@@ -317,13 +332,8 @@ class Engine:
     def _step(self) -> None:
         try:
             chosen = self._batch.step()
-        except Exception as err:  # every running request fails; a fresh cache for the next
-            for answer in self._running.values():
-                answer.handle.on_event(
-                    Event("error", f"decoding failed: {err}", code="internal_error")
-                )
-            self._running.clear()
-            self._batch = self._new_batch()
+        except Exception as err:  # e.g. out of memory: every running request fails
+            self._fail_running(f"decoding failed: {err}")
             return
         self.steps += 1
         for sid, token in chosen.items():
@@ -334,6 +344,14 @@ class Engine:
             if reason is not None:
                 self._release(sid)
                 answer.handle.on_event(Event("done", finish_reason=reason))
+
+    def _fail_running(self, message: str) -> None:
+        """Fail every running request and drop the cache, whose rows may be half written; the
+        next admission makes a fresh one (the old one freed first: memory may be short)."""
+        for answer in self._running.values():
+            answer.handle.on_event(Event("error", message, code="internal_error"))
+        self._running.clear()
+        self._batch = None
 
     def _release(self, sid: int) -> None:
         self._running.pop(sid)

@@ -34,7 +34,7 @@ from mm1.pretrained import Pretrained
 from mm1.reasoning import chat_reasoning
 from mm1.serve.engine import Request
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newer system
 MAX_STOPS = 4  # as OpenAI
 _DATA_URL = re.compile(
     r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*),(?P<data>.*)", re.S
@@ -84,6 +84,7 @@ class ServeOptions:
     image_dir: Path | None = None  # local images allowed under here; None: data URLs only
     max_image_bytes: int = 20 * 2**20
     max_image_pixels: int = MAX_IMAGE_PIXELS  # per image, from its header; 0 = no limit
+    max_body_bytes: int = 100 * 2**20  # a request's JSON, images included (base64: 4/3 bytes)
     request_timeout: float | None = 600.0
     # The template's extra variables (`--chat-template-kwargs`), which a request's
     # `chat_template_kwargs` (vLLM's field) add to, and how answers written with them are
@@ -109,15 +110,11 @@ def parse_chat_request(
     if not isinstance(model, str) or not model:
         raise bad("you must provide a model parameter", "model")
     if model != opts.model_name:
-        raise APIError(
-            404,
-            f"the model {model!r} does not exist; this server serves {opts.model_name!r}",
-            param="model",
-            code="model_not_found",
-        )
-    n = body.get("n", 1)
-    if n != 1:
+        raise model_not_found(model, opts.model_name)
+    n = body.get("n")
+    if n not in (None, 1):
         raise bad(f"only n=1 is supported, got {n!r}", "n")
+    _refuse_unsupported(body)
     messages, images = _messages(body.get("messages"), opts)
     asked = body.get("chat_template_kwargs")
     asked = {} if asked is None else asked
@@ -143,10 +140,14 @@ def parse_chat_request(
         not isinstance(seed, int) or isinstance(seed, bool) or not -(2**63) <= seed < 2**64
     ):
         raise bad("seed must be an integer in [-2**63, 2**64)", "seed")  # torch's seed range
-    stream = body.get("stream", False)
+    stream = body.get("stream")
+    stream = False if stream is None else stream
     if not isinstance(stream, bool):
         raise bad("stream must be a boolean", "stream")
-    stream_options = body.get("stream_options") or {}
+    stream_options = body.get("stream_options")
+    if stream_options is not None and not stream:
+        raise bad("stream_options is only allowed when stream is true", "stream_options")
+    stream_options = stream_options or {}
     if not isinstance(stream_options, dict):
         raise bad("stream_options must be an object", "stream_options")
     pixels = crops = sizes = None
@@ -166,6 +167,37 @@ def parse_chat_request(
         reasoning=reasoning,
     )
     return ChatRequest(request, stream, bool(stream_options.get("include_usage", False)))
+
+
+def model_not_found(model: str, served: str) -> APIError:
+    return APIError(
+        404,
+        f"the model {model!r} does not exist; this server serves {served!r}",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def _refuse_unsupported(body: dict[str, Any]) -> None:
+    """Options that would change the answer or its form, refused rather than ignored (their
+    defaults, which clients often send, pass)."""
+    for key in ("frequency_penalty", "presence_penalty"):
+        if _number(body, key, 0.0, -2.0, 2.0) != 0:
+            raise bad(f"{key} is not supported by this server (only 0)", key)
+    unsupported = {
+        "logprobs": body.get("logprobs") not in (None, False),
+        "top_logprobs": body.get("top_logprobs") not in (None, 0),
+        "logit_bias": bool(body.get("logit_bias")),
+        "tools": bool(body.get("tools")),
+        "functions": bool(body.get("functions")),
+        "tool_choice": body.get("tool_choice") not in (None, "none", "auto"),
+        "response_format": body.get("response_format") not in (None, {"type": "text"}),
+        "audio": body.get("audio") is not None,
+        "modalities": body.get("modalities") not in (None, ["text"]),
+    }
+    for key, asked in unsupported.items():
+        if asked:
+            raise bad(f"{key} is not supported by this server", key)
 
 
 def _number(body: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
@@ -223,7 +255,9 @@ def _messages(raw: Any, opts: ServeOptions) -> tuple[list[dict[str, str]], list[
             text = _parts(content, where, images, opts, m["role"])
         else:
             raise bad(f"{where}: content must be a string or a list of parts", f"{where}.content")
-        messages.append({"role": m["role"], "content": text})
+        # the templates know system; OpenAI's developer role is its newer name
+        role = "system" if m["role"] == "developer" else m["role"]
+        messages.append({"role": role, "content": text})
     if messages[-1]["role"] != "user":
         raise bad("the last message must be the user's", "messages")
     return messages, images
@@ -343,5 +377,14 @@ def _prompt(
     fmt = replace(p.prompt_format, chat_template=opts.chat_template)
     try:
         return tokenize_chat_prompt(messages, images, p.tokenizer, fmt, kwargs)
-    except (ValueError, jinja2.TemplateError) as err:
+    # the messages and chat_template_kwargs are the client's: a template failing on them
+    # (a variable of the wrong type: TypeError, AttributeError...) is a bad request
+    except (
+        ValueError,
+        TypeError,
+        AttributeError,
+        KeyError,
+        IndexError,
+        jinja2.TemplateError,
+    ) as err:
         raise bad(f"the chat template refused the messages: {err}", "messages") from None
