@@ -1143,3 +1143,34 @@ def test_hf_type_offers_every_decoder_family_mm1_writes() -> None:
     convert = sub.choices["convert"]
     hf_type = next(a for a in convert._actions if a.dest == "hf_type")
     assert sorted(hf_type.choices) == sorted(DECODER_TYPES)
+
+
+def test_a_damaged_export_is_one_line_naming_the_file(run, tmp_path, capsys) -> None:
+    """An export cut short in a download, or with a side file emptied or edited, is one line
+    naming the file, exit 2, in every command that reads it (it was a 26-line SafetensorError
+    traceback, json's "Expecting value" naming no file, or torch listing every tensor)."""
+    import shutil
+
+    export = tmp_path / "export"
+    mm1_here(capsys, "convert", str(run), "--export", str(export))
+    cases = {
+        "model.safetensors": (b"\0" * 100, "model.safetensors is not a readable safetensors file"),
+        "prompt_format.json": (b"", "prompt_format.json is not valid JSON (Expecting value"),
+        "tokenizer_config.json": (b"{", "tokenizer_config.json is not valid JSON ("),
+        "model.json": (b"[1]", "model.json is not a model config (a JSON object)"),
+    }
+    model_json = json.loads((export / "model.json").read_text())
+    model_json["decoder"]["ffn_dim"] *= 2
+    edited = json.dumps(model_json).encode()
+    cases["model.json "] = (edited, "the weights are not those of the model its model.json")
+    for name, (content, said) in cases.items():
+        damaged = tmp_path / f"damaged-{name.strip()}"
+        shutil.copytree(export, damaged, dirs_exist_ok=True)
+        (damaged / name.strip()).write_bytes(content)
+        commands = [
+            ["generate", str(damaged), "--prompt", "hi"],
+            ["convert", str(damaged), "--to-hf", str(tmp_path / "hf")],
+        ]
+        for argv in commands:
+            line = one_line(capsys, argv, 2)
+            assert said in line and str(damaged) in line, line

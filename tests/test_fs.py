@@ -96,3 +96,29 @@ def test_locks_unsupported_is_shared():
 
     assert errno.ENOLCK in LOCKS_UNSUPPORTED
     assert synthetic.LOCKS_UNSUPPORTED is run_lock.LOCKS_UNSUPPORTED is LOCKS_UNSUPPORTED
+
+
+def test_a_full_disk_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A write that fails for want of space raises an OSError naming no file ("[Errno 28] No
+    space left on device"): the error names the file it was writing."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("old\n")
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fs.os, "fsync", full)
+    with pytest.raises(OSError) as err:
+        atomic_write_text(path, "new\n")
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(path)
+    assert path.read_text() == "old\n"
+
+
+def test_read_json_names_a_damaged_file(tmp_path: Path):
+    path = tmp_path / "model.json"
+    path.write_text('{"a": 1}')
+    assert fs.read_json(path) == {"a": 1}
+    for damaged in (b"", b'{"a": ', b"\xff\xfe"):
+        path.write_bytes(damaged)
+        with pytest.raises(fs.DamagedFile, match=rf"^{path} is not valid JSON \("):
+            fs.read_json(path)

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
@@ -46,6 +47,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from mm1.checksums import find_damage, plain_name
 from mm1.config import ConfigError, ModelConfig, model_config_from_dict
+from mm1.fs import DamagedFile, read_json
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -461,6 +463,31 @@ def encoder_objective(path: str | os.PathLike[str]) -> str | None:
     return str(data["encoder"].get("objective", "clip"))
 
 
+def refuse_as_run_dir(run_dir: str | Path, option: str = "train.run_dir") -> None:
+    """Refuse, as the directory a run writes, one whose model readers would take instead of the
+    run's (an export: a directory is read as one first), or one inside a run's checkpoints
+    (`RUN/checkpoints/step_N` is read as that run's checkpoint, not as a run)."""
+    p = Path(run_dir)
+    try:
+        export = (p / EXPORT_WEIGHTS).is_file()
+    except OSError:  # e.g. a name too long: the run's lock says it cannot write there
+        return
+    if export:
+        raise ConfigError(
+            f"{option}={p} holds an exported model ({EXPORT_WEIGHTS}): a run trained there "
+            "would be hidden behind it (readers take the export); give another directory"
+        )
+    inside = next(
+        (a for a in [p, *p.absolute().parents] if a.name == CHECKPOINTS_DIR and is_run(a.parent)),
+        None,
+    )
+    if inside is not None:
+        raise ConfigError(
+            f"{option}={p} is inside the run {inside.parent}'s {CHECKPOINTS_DIR}/, which only "
+            "that run writes; give another directory"
+        )
+
+
 def refuse_encoder_run(path: str | Path) -> None:
     """Refuse an image-encoder run (`mm1 train-encoder`; or one of its checkpoints) where an
     MM1 model is expected: its weights are no MLLM, and loading them would fail listing
@@ -489,7 +516,11 @@ def refuse_mm1_run(path: str | Path) -> None:
 
 def read_model_config(path: str | os.PathLike[str]) -> ModelConfig:
     """The ModelConfig (``model.json``) of an exported directory or a run directory."""
-    return model_config_from_dict(json.loads((Path(path) / MODEL_CONFIG).read_text()))
+    path = Path(path) / MODEL_CONFIG
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise DamagedFile(f"{path} is not a model config (a JSON object)")
+    return model_config_from_dict(data)
 
 
 def read_model_weights(
@@ -506,7 +537,13 @@ def read_model_weights(
     if is_export(p):
         cfg = read_model_config(p)
         # Always a copy: load_file maps the file, which may be rewritten while the model lives.
-        mapped = load_file(str(p / EXPORT_WEIGHTS))
+        try:
+            mapped = load_file(str(p / EXPORT_WEIGHTS))
+        except SafetensorError as err:  # e.g. a download cut short: "incomplete metadata, ..."
+            why = str(err).removeprefix("Error while deserializing header: ")
+            raise DamagedFile(
+                f"{p / EXPORT_WEIGHTS} is not a readable safetensors file ({why})"
+            ) from None
         state = {k: v.to(_read_dtype(cfg, k, v, dtype), copy=True) for k, v in mapped.items()}
         return SavedModel(cfg, state, p, None)
     if is_run(p):

@@ -5,15 +5,31 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import json
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
 # What lockf raises on a file system without POSIX locks (some NFS and Lustre mounts): callers
 # then skip the lock (write unguarded, or warn) rather than fail every run there.
 LOCKS_UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 
 _TEMP_SUFFIX = ".tmp"
+
+
+class DamagedFile(ValueError):
+    """A file mm1 reads (a model's JSON side files, its weights) that is empty, cut short or not
+    what its name says; the message names the file (the CLI: one line, exit 2)."""
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """The JSON value in `path`; a DamagedFile naming it when the file is not JSON (json's own
+    error names no file: `Expecting value: line 1 column 1 (char 0)`)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DamagedFile(f"{path} is not valid JSON ({err})") from None
 
 
 def _temp_prefix(path: Path) -> str:
@@ -40,9 +56,11 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(err, OSError) and err.filename is None:  # a full disk's write names none
+            raise OSError(err.errno, err.strerror, str(path)) from err
         raise
     fsync_dir(path.parent)
 

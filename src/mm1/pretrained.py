@@ -43,6 +43,7 @@ from mm1.config import ConfigError, DataConfig, ModelConfig, to_dict
 from mm1.data.images import PREPROCESSOR_CONFIG, ImageProcessor
 from mm1.data.prompt_format import PromptFormat, load_prompt_format
 from mm1.data.tokenizer import Tokenizer
+from mm1.fs import DamagedFile
 from mm1.models.family import family_spec
 from mm1.models.mllm import MLLM
 
@@ -212,6 +213,32 @@ def load_model_config(path: str | Path) -> ModelConfig:
     return read_model_config(path)
 
 
+def _check_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """A DamagedFile when the saved tensors are not the model's (names and shapes): its
+    model.json was changed or replaced. torch's own error lists every tensor, hundreds of
+    lines for a real model."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k]]
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    found = []
+    if wrong:
+        k = wrong[0]
+        found.append(
+            f"{len(wrong)} of other shapes ({k}: saved {tuple(state[k].shape)}, the config "
+            f"makes {tuple(expected[k])})"
+        )
+    if missing:
+        found.append(f"{len(missing)} missing ({missing[0]}...)")
+    if extra:
+        found.append(f"{len(extra)} the config does not make ({extra[0]}...)")
+    if found:
+        raise DamagedFile(
+            f"{path}: the weights are not those of the model its {MODEL_CONFIG} describes (was "
+            f"it changed or replaced?): tensors {'; '.join(found)}"
+        )
+
+
 def model_from_saved(saved: SavedModel) -> MLLM:
     """An MM1 holding a saved model's weights (built on the meta device, weights assigned): its
     parameters take the saved tensors' dtypes; the computed buffers (rotary frequencies) are
@@ -224,6 +251,7 @@ def model_from_saved(saved: SavedModel) -> MLLM:
     state = dict(saved.state)
     if cfg.decoder.tie_embeddings:
         state["decoder.lm_head.weight"] = state["decoder.embed_tokens.weight"]
+    _check_fits(model, state, saved.path)
     model.load_state_dict(state, assign=True, strict=True)
     if cfg.decoder.tie_embeddings:
         model.decoder.lm_head.weight = model.decoder.embed_tokens.weight

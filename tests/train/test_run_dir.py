@@ -130,3 +130,43 @@ def test_a_run_that_fails_in_its_set_up_leaves_no_empty_run_directory(
     with pytest.raises(ConfigError):
         make_trainer(cfg, run).fit()
     assert run.is_dir()
+
+
+def test_an_export_or_a_runs_checkpoints_is_refused_as_a_run_directory(
+    tmp_path: Path, world: Path, tiny_config, make_trainer
+) -> None:
+    """Readers take a directory holding model.safetensors as an export, and RUN/checkpoints/
+    step_N as that run's checkpoint: a run trained in either was silently never read (eval of
+    the directory scored the old export)."""
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "model.safetensors").write_bytes(b"")
+    (export / "model.json").write_text("{}")
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_4").mkdir(parents=True)
+    (run / "model.json").write_text("{}")
+    cfg = tiny_config(tmp_path, world)
+    cases = {
+        export: "holds an exported model (model.safetensors)",
+        run / "checkpoints" / "step_4": f"is inside the run {run}'s checkpoints/",
+        run / "checkpoints" / "new" / "deeper": f"is inside the run {run}'s checkpoints/",
+    }
+    for run_dir, why in cases.items():
+        with pytest.raises(ConfigError) as err:
+            make_trainer(cfg, run_dir)
+        assert str(err.value).startswith(f"train.run_dir={run_dir} {why}"), str(err.value)
+
+
+def test_a_run_whose_config_yaml_is_gone_still_refuses_another_model(
+    tmp_path: Path, world: Path, tiny_config, make_trainer
+) -> None:
+    """The resume checks read config.yaml; without it every one was skipped: the old model
+    trained on and the new dimension was written as the run's. The newest checkpoint's own
+    record of the config stands in."""
+    cfg, run = tiny_config(tmp_path, world, val_every=0), tmp_path / "run"
+    make_trainer(cfg, run, "train.steps=2").fit()
+    (run / "config.yaml").unlink()
+    with pytest.raises(ConfigError, match=r"holds another model: .*model\.decoder\.dim is 32"):
+        make_trainer(cfg, run, "train.steps=3", "model.decoder.dim=64").fit()
+    assert make_trainer(cfg, run, "train.steps=3").fit()["step"] == 3
+    assert (run / "config.yaml").is_file()

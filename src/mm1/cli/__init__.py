@@ -113,6 +113,7 @@ def _group_started() -> bool:
 def _run(args: argparse.Namespace) -> int:
     from mm1.config import ConfigError
     from mm1.data.sources import DataError
+    from mm1.fs import DamagedFile
     from mm1.train.errors import TrainingError
 
     from .common import TORCHRUN_COMMANDS, console, first_rank, refuse_torchrun
@@ -127,7 +128,7 @@ def _run(args: argparse.Namespace) -> int:
         if first_rank():
             _print_error("config error", err)
         return 2
-    except (FileNotFoundError, DataError) as err:
+    except (FileNotFoundError, DataError, DamagedFile) as err:
         _print_error("error", err)
         return 2
     except TrainingError as err:  # a run that cannot go on (non-finite losses, out of memory)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from mm1.config.loading import load_config
 from mm1.config.schema import ACTIVATIONS, Config, ConfigError, SEEDConfig, VQConfig
+from mm1.fs import read_json
 
 ENCODER_OBJECTIVES = ("clip", "aim", "vq", "seed")
 # Objectives whose loss reads each image's caption (through the text tower).
@@ -203,12 +204,11 @@ def validate_seed(seed: SEEDConfig, prefix: str) -> None:
 
 
 def _check_hf_text(t: TextTowerConfig) -> None:
-    import json
 
     path = Path(t.hf or "")
     if not (path / "config.json").is_file():
         raise ConfigError(f"encoder.text.hf={t.hf}: no HF checkpoint (config.json) there")
-    raw = json.loads((path / "config.json").read_text())
+    raw = read_json(path / "config.json")
     hf = raw.get("text_config") or raw
     if hf.get("hidden_size") != t.width:
         raise ConfigError(

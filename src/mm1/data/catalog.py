@@ -32,6 +32,7 @@ from mm1.data.sources.base import UnknownFormatError, is_parquet, open_text
 from mm1.data.sources.llava import count_llava_records, sample_indices
 from mm1.data.sources.text import coco_entries
 from mm1.data.sources.wds import split_key
+from mm1.fs import read_json
 
 
 def _natural_key(path: Path) -> list[Any]:
@@ -367,7 +368,7 @@ def _sample_summary(
 def _inspect_world(
     root: Path, n: int, count_tokens: Callable[[str], int] | None = None
 ) -> dict[str, Any]:
-    world = json.loads((root / "world.json").read_text())
+    world = read_json(root / "world.json")
     sources = {}
     for name, src in world["sources"].items():
         fmt = src["format"]

@@ -33,6 +33,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from mm1.fs import DamagedFile, read_json
+
 if TYPE_CHECKING:
     import torch
     from PIL import Image
@@ -211,9 +213,9 @@ def load_prompt_format(directory: str | Path, image_tokens: int) -> PromptFormat
     directory = Path(directory)
     path = directory / PROMPT_FORMAT
     if path.is_file():
-        data = json.loads(path.read_text())
+        data = read_json(path)
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: not a JSON object")
+            raise DamagedFile(f"{path}: not a JSON object")
         saved = data.setdefault("image_tokens", image_tokens)  # version 1: image_boundaries only
         if saved != image_tokens:
             raise ValueError(
@@ -230,7 +232,7 @@ def saved_image_boundaries(directory: str | Path) -> bool:
     directory = Path(directory)
     path = directory / PROMPT_FORMAT
     if path.is_file():
-        data = json.loads(path.read_text())
+        data = read_json(path)
         return bool(isinstance(data, dict) and data.get("image_boundaries", False))
     config = directory.parent / "config.yaml"  # <run>/tokenizer -> <run>/config.yaml
     if directory.name == "tokenizer" and config.is_file():

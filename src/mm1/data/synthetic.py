@@ -70,7 +70,7 @@ from mm1.data.synthetic_writers import (
     write_sft,
     write_text,
 )
-from mm1.fs import LOCKS_UNSUPPORTED, atomic_write_text, temp_files
+from mm1.fs import LOCKS_UNSUPPORTED, DamagedFile, atomic_write_text, read_json, temp_files
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizer
@@ -160,8 +160,14 @@ class WorldManifest:
         p = Path(path)
         if p.is_dir():
             p = p / "world.json"
-        data = json.loads(p.read_text())
-        return cls(root=p.parent, **data)
+        data = read_json(p)
+        try:
+            return cls(root=p.parent, **data)
+        except TypeError as err:  # not a mapping, or keys missing: not what `write_world` wrote
+            raise DamagedFile(
+                f"{p} is not a world manifest ({err}); `mm1 data synth --out {p.parent}` "
+                "writes the world again"
+            ) from None
 
 
 def _refuse_foreign(root: Path) -> None:

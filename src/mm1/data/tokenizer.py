@@ -56,6 +56,7 @@ from mm1.data.chat_template import (
 from mm1.data.document import ROLES, Conversation, Document
 from mm1.data.prompt_format import PromptFormat
 from mm1.data.sources.unicode import repair_text
+from mm1.fs import read_json
 
 IMAGE_TOKEN = "<image>"
 BOI_TOKEN = "<img>"
@@ -141,7 +142,7 @@ class Tokenizer:
         for name in (MM1_TOKENIZER_CONFIG, "tokenizer_config.json", "special_tokens_map.json"):
             cfg_file = file.parent / name
             if cfg_file.is_file():
-                configs.append(json.loads(cfg_file.read_text()))
+                configs.append(read_json(cfg_file))
         vocab = tok.get_vocab(with_added_tokens=True)
         found: dict[str, str | None] = {}
         for key, guesses in (("bos_token", _BOS_GUESSES), ("eos_token", _EOS_GUESSES)):

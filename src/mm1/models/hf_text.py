@@ -4,7 +4,6 @@ CLIPModel's text half) whose output at each caption's EOS is the text feature, a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +11,12 @@ import torch
 from torch import nn
 
 from mm1.config.encoder import TextTowerConfig
+from mm1.fs import read_json
 
 
 def hf_text_config(path: str | Path) -> dict[str, Any]:
     """The text config of an HF CLIP text model directory (a CLIPModel's `text_config`)."""
-    raw = json.loads((Path(path) / "config.json").read_text())
+    raw = read_json(Path(path) / "config.json")
     return raw.get("text_config") or raw
 
 

@@ -255,13 +255,13 @@ def starting_state(
     new to an HF tokenizer) start at the mean embedding row. A whole LLaVA / Fuyu directory's
     floating weights are copied out of its files in `dtype` (fp32 for training; the dtype an
     inference model runs in, so a bf16 checkpoint is never held as an fp32 copy)."""
-    from mm1.models.hf.checkpoint import UnreadableWeights
+    from mm1.fs import DamagedFile
 
     state: dict[str, torch.Tensor] = {}
     for s in sources(init):
         try:
             raw, ctx_kw = _read_source(s, cfg, expected, new_token_ids, dtype)
-        except UnreadableWeights as err:  # a truncated or corrupt file: name the option
+        except DamagedFile as err:  # a truncated or corrupt file: name the option
             raise ConfigError(f"{s.key}={s.path}: {err}") from None
         ctx = LoadContext(
             source=s.path,

@@ -15,7 +15,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from mm1.checkpoint import latest_checkpoint, read_model_config
+from mm1.checkpoint import latest_checkpoint, read_meta, read_model_config
 from mm1.config import (
     ADDED_KEYS,
     Config,
@@ -129,14 +129,22 @@ def meaningful(keys: list[str]) -> list[str]:
 
 
 def saved_run_config(run_dir: Path) -> dict[str, Any] | None:
-    """The saved config.yaml of a run that has a checkpoint to resume, else None."""
-    saved = run_dir / "config.yaml"
-    if not saved.exists() or latest_checkpoint(run_dir) is None:
+    """The saved config of a run that has a checkpoint to resume, else None: its config.yaml
+    (rewritten at each start, so a change --force let through is kept), or, that file gone
+    or emptied, the config its newest checkpoint was saved with (every resume check would
+    otherwise be skipped)."""
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
         return None
-    from omegaconf import OmegaConf
+    saved = run_dir / "config.yaml"
+    if saved.exists():
+        from omegaconf import OmegaConf
 
-    old = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
-    return old if isinstance(old, dict) else None  # type: ignore[return-value]
+        old = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+        if isinstance(old, dict):
+            return old  # type: ignore[return-value]
+    old = read_meta(latest).get("config")
+    return old if isinstance(old, dict) else None
 
 
 def _value(config: dict[str, Any], key: str) -> Any:

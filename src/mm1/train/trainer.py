@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from mm1.batch import Batch
-from mm1.checkpoint import MODEL_CONFIG
+from mm1.checkpoint import MODEL_CONFIG, refuse_as_run_dir
 from mm1.config import (
     SOURCE_KINDS,
     Config,
@@ -40,6 +40,7 @@ from mm1.config.schema import AUX_LOSSES, LOGIT_Z
 from mm1.data.loader import Loader, LoaderSettings, PackedDataset, build_loader, loader_counts
 from mm1.data.prompt_format import PromptFormat
 from mm1.data.world import carried_image_boundaries, image_processor_for, prepare_data
+from mm1.fs import atomic_write_text
 from mm1.models.build import build_model, starting_point_state_dict
 from mm1.models.lora import add_decoder_lora, lora_summary
 from mm1.models.mllm import MLLM
@@ -114,6 +115,7 @@ class Trainer:
         self.reshard = reshard
         self.d: Dist = init_distributed()
         self.run_dir = Path(cfg.train.run_dir)
+        refuse_as_run_dir(self.run_dir)
         self._stop_signal: int | None = None
 
     # -- set-up ----------------------------------------------------------------------------------
@@ -198,8 +200,10 @@ class Trainer:
         self._resume()
         if self.d.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
-            (self.run_dir / "model.json").write_text(json.dumps(to_dict(self.model_cfg), indent=1))
+            # atomically: a crash here must not leave the run's description empty
+            atomic_write_text(self.run_dir / "config.yaml", to_yaml(self.cfg))
+            model_json = json.dumps(to_dict(self.model_cfg), indent=1)
+            atomic_write_text(self.run_dir / MODEL_CONFIG, model_json)
             self.data.tokenizer.save(self.run_dir / "tokenizer")
             self.data.processor.save_pretrained(self.run_dir / "tokenizer")
             self._write_run_files()

@@ -18,6 +18,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mm1.fs import DamagedFile, read_json
+
 log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
@@ -47,10 +49,7 @@ def read_hf_config(path_or_dict: PathLike | Mapping[str, Any]) -> dict[str, Any]
     f = p / CONFIG_NAME if p.is_dir() else p
     if not f.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} at {p}")
-    try:
-        return json.loads(f.read_text(encoding="utf-8"))
-    except ValueError as err:  # JSON or UTF-8: json's message alone names no file
-        raise ValueError(f"{f} is not valid JSON ({err})") from None
+    return read_json(f)
 
 
 def load_hf_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
@@ -62,7 +61,7 @@ def load_hf_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{d}: no weights file (looked for {', '.join(WEIGHTS_NAMES)})")
     files = [d / name]
     if name.endswith(".index.json"):
-        weight_map: dict[str, str] = json.loads(files[0].read_text())["weight_map"]
+        weight_map: dict[str, str] = read_json(files[0])["weight_map"]
         files = [d / shard for shard in sorted(set(weight_map.values()))]
         absent = [f.name for f in files if not f.is_file()]
         if absent:
@@ -73,7 +72,7 @@ def load_hf_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-class UnreadableWeights(ValueError):
+class UnreadableWeights(DamagedFile):
     """A weights file that cannot be read (truncated, corrupt); the message names the file."""
 
 

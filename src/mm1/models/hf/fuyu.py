@@ -17,7 +17,6 @@ newline vector from the embedding row of the tokenizer's `|NEWLINE|`.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +25,7 @@ import torch
 
 from mm1.config import ModelConfig
 from mm1.data.images import PREPROCESSOR_CONFIG
+from mm1.fs import read_json
 from mm1.models.hf.checkpoint import KEY_MAPS, PathLike, read_hf_config
 from mm1.models.hf.decoder import decoder_config_from_hf, decoder_ignored, decoder_to_hf
 from mm1.models.hf.moe import MOE_TYPES, fuse_experts
@@ -207,7 +207,7 @@ def fuyu_canvas_from_hf(path: PathLike) -> list[int] | None:
     f = Path(path) / PREPROCESSOR_CONFIG
     if not f.is_file():
         return None
-    cfg = json.loads(f.read_text())
+    cfg = read_json(f)
     size = cfg.get("size") or {}
     if cfg.get("image_processor_type") not in FUYU_PROCESSOR_TYPES or "height" not in size:
         return None
