@@ -1174,3 +1174,12 @@ def test_a_damaged_export_is_one_line_naming_the_file(run, tmp_path, capsys) -> 
         for argv in commands:
             line = one_line(capsys, argv, 2)
             assert said in line and str(damaged) in line, line
+    # a run whose model.json is gone: it said "no checkpoint yet (training has not saved one)"
+    bare = tmp_path / "bare-run"
+    shutil.copytree(run, bare)
+    (bare / "model.json").unlink()
+    line = one_line(capsys, ["convert", str(bare), "--export", str(tmp_path / "x")], 2)
+    assert line == (
+        f"error: {bare} has checkpoints but no model.json (the run's model config): resuming the "
+        "run with `mm1 train` writes it again"
+    )

@@ -183,7 +183,12 @@ def test_info_names_the_key_of_a_missing_starting_point(tmp_path: Path, capsys) 
     assert one_line(capsys, argv, 2) == (
         f"config error: train.init.weights={missing}: does not exist (not trained yet?)"
     )
-    missing.mkdir(parents=True)  # there, but with no tokenizer (an HF directory without one)
+    missing.mkdir(parents=True)  # there, but holding no model (it said "no tokenizer.json")
+    assert one_line(capsys, argv, 2) == (
+        f"config error: train.init.weights={missing}: not an mm1 run directory, checkpoint "
+        "(RUN/checkpoints/step_N) or export, nor an HF checkpoint directory"
+    )
+    (missing / "config.json").write_text("{}")  # an HF directory without a tokenizer
     assert one_line(capsys, argv, 2) == (
         f"config error: train.init.weights={missing}: has no tokenizer.json (give one with "
         "data.tokenizer)"

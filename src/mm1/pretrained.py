@@ -338,6 +338,11 @@ def locate_model(path: str | Path) -> tuple[str | None, Path]:
         return None, path / "tokenizer"
     if is_checkpoint(path):
         return None, path.parent.parent / "tokenizer"
+    if latest_checkpoint(path) is not None:  # is_run wants model.json too
+        raise FileNotFoundError(
+            f"{path} has checkpoints but no {MODEL_CONFIG} (the run's model config): resuming "
+            "the run with `mm1 train` writes it again"
+        )
     if (path / CHECKPOINTS_DIR).is_dir() or (
         (path / MODEL_CONFIG).is_file() and (path / "config.yaml").is_file()
     ):

@@ -91,7 +91,7 @@ def test_architecture_mismatch_names_the_first_differing_parameter(
     trainer = make_trainer(
         cfg, tmp_path / "run", f"train.init.weights={source_run}", "model.decoder.ffn_dim=96"
     )
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ConfigError) as err:  # the config's mistake: exit 2, not 1
         trainer.setup()
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith("train.init.weights: ")
@@ -107,7 +107,7 @@ def test_a_mismatch_in_a_part_several_keys_name_points_at_each_key(
     overrides = [f"train.init.{k}={source_run}" for k in ("weights", "vision", "decoder")]
     mlp = ["model.connector.type=mlp", "model.connector.num_tokens=0"]
     trainer = make_trainer(cfg, tmp_path / "run", *overrides, *mlp)
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ConfigError) as err:
         trainer.setup()
     msg = str(err.value)
     assert msg.startswith("train.init.vision / train.init.weights / train.init.decoder: ")

@@ -205,7 +205,11 @@ def configured_tokenizer(data: DataConfig, init: InitConfig) -> tuple[Path, str]
         return Path(data.tokenizer), f"data.tokenizer={data.tokenizer}"
     start = init.decoder or init.weights
     if start:
+        from mm1.models.starting_point import source_kind
+
         which = "train.init.decoder" if init.decoder else "train.init.weights"
+        if Path(start).exists():  # one that holds no model says so, not "no tokenizer"
+            source_kind(start, which)
         return saved_tokenizer_dir(start), f"{which}={start}"
     return None
 

@@ -274,8 +274,8 @@ def starting_state(
         )
         try:
             state.update(apply_chain(dict(raw), ctx))
-        except ValueError as err:
-            raise ValueError(f"{s.key}: {err}") from None
+        except ValueError as err:  # the starting point does not fit the configured model
+            raise ConfigError(f"{s.key}: {err}") from None
         log.info("%s from %s%s", ", ".join(s.parts), s.path, "".join(f"; {n}" for n in ctx.notes))
     return state
 
