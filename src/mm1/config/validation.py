@@ -432,15 +432,6 @@ def validate(cfg: Config) -> None:
             "(the image tokens: model.connector.num_tokens, or model.vision.patch_size for "
             "fuyu; model.image_layout, data.image_boundaries)"
         )
-    context = cfg.model.decoder.max_seq_len
-    if d.seq_len > context and not (t.init.weights or t.init.decoder):  # (a start's may differ)
-        log.warning(
-            "data.seq_len=%d is longer than model.decoder.max_seq_len=%d: documents train at "
-            "positions the model's context does not hold, and generate, chat and serve refuse "
-            "prompts past it; raise model.decoder.max_seq_len or lower data.seq_len",
-            d.seq_len,
-            context,
-        )
     for k in ("weights", *INIT_PARTS):
         value = getattr(t.init, k)
         if value is not None and not value.strip():
