@@ -541,6 +541,50 @@ def test_eval_task_without_support_is_a_clean_error(run, tmp_path, capsys) -> No
     assert set(results["tasks"]) == {"myvqa"}
 
 
+def test_eval_input_mistakes_are_config_errors(run, tmp_path, capsys) -> None:
+    """Mistakes in what `mm1 eval` is given are one-line config errors naming the file, the
+    task's key or the option, before the model loads (not internal errors after it)."""
+    world = run.parent / "world"
+    base = ["eval", str(run), "--seeds", "1", "--max-examples", "2", "--out", str(tmp_path / "e")]
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(yaml.safe_dump([_vqa_task(world, "c", True)] * 2))
+    out = one_line(capsys, [*base, "--task-file", str(twice)], 2)
+    assert out.startswith(f"config error: {twice}: task names must be distinct"), out
+    wrong = tmp_path / "wrong.yaml"
+    task = {
+        "name": "c",
+        "kind": "caption",
+        "query": {
+            "captions": str(world / "eval" / "val" / "vqa_questions.json"),
+            "image_dir": str(world / "eval" / "val" / "images"),
+        },
+    }
+    wrong.write_text(yaml.safe_dump([task]))
+    out = one_line(capsys, [*base, "--task-file", str(wrong), "--shots", "0"], 2)
+    assert out.startswith("config error: task 'c': query.captions: "), out
+    assert "not a COCO captions file" in out
+    out = one_line(capsys, [*base, "--world", str(world), "--shots", "0,1000"], 2)
+    assert out.startswith("config error: --shots 0,1000: 1000-shot needs 1000 demonstrations"), out
+    assert "task 'synth_coco' has only 32" in out
+
+
+def test_generate_names_a_folder_and_a_missing_preprocessor_config(run, tmp_path, capsys) -> None:
+    """A folder given as an image is said to be one; a model without its
+    preprocessor_config.json is told how to get one from the command line."""
+    import shutil
+
+    out = one_line(
+        capsys, ["generate", str(run), "--image", str(tmp_path), "--prompt", "<image>x"], 2
+    )
+    assert out == f"error: --image: {tmp_path} is a directory, not an image file"
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "tokenizer" / "preprocessor_config.json").unlink()
+    out = one_line(capsys, ["generate", str(copy), "--prompt", "hi"], 2)
+    assert "no preprocessor_config.json at" in out and "mm1 convert RUN --export DIR" in out
+    assert "ImageProcessor" not in out  # Python advice is no help at the command line
+
+
 def test_readme_task_file_example_supports_the_default_shots() -> None:
     # `mm1 eval --task-file` runs 0,4,8 shots by default: every task of the README's example
     # needs a support split (and valid keys).

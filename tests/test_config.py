@@ -10,6 +10,7 @@ import pytest
 
 from mm1 import cli
 from mm1.config import ConfigError, SourceConfig, load_config, source_names
+from tests.cli_helpers import one_line
 
 
 @pytest.mark.parametrize("betas", ["[0.9]", "[0.9,0.95,0.99]"])
@@ -27,6 +28,44 @@ def test_tuple_error_through_the_cli_is_one_line(capsys) -> None:
     assert cli.main(["info", str(cli_config()), "train.optim.betas=[0.9]"]) == 2
     out = capsys.readouterr().out
     assert len(out.strip().splitlines()) == 1 and "train.optim.betas" in out, out
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("eval.shots.0=3", ("eval.shots is a list", "e.g. eval.shots=[3,4,8]")),
+        ("train.optim.betas.0=0.5", ("e.g. train.optim.betas=[0.5,0.95]",)),
+        ("data.sources.0.weight=2", ("data.sources is a list", "data.sources=[{...},...]")),
+        ("train.optim=5", ("train.optim is a mapping of keys, not 5",)),
+        ("model=5", ("model is a mapping of keys, not 5",)),
+        ("eval.shots=5", ("eval.shots is a list, not 5",)),
+    ],
+)
+def test_override_of_the_wrong_shape_names_the_override(
+    override: str, expected: tuple[str, ...], tmp_path: Path, capsys
+) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text("train:\n  steps: 3\n")  # no sources: the file is not to blame
+    out = one_line(capsys, ["info", str(path), override], 2)
+    assert out.startswith(f"config error: override {override}: "), out
+    assert all(part in out for part in expected), out
+    assert "t.yaml" not in out
+
+
+def test_yaml_value_of_the_wrong_shape_names_its_key(tmp_path: Path) -> None:
+    path = tmp_path / "m.yaml"
+    for text, expected in [
+        ("model: 5\n", "model is a mapping of keys, not 5"),
+        ("eval:\n  shots: {0: 3}\n", "eval.shots is a list, not a mapping"),
+        (
+            "data:\n  sources: {path: x}\n",
+            "data.sources is a list, not a mapping (entries: - {format",
+        ),
+    ]:
+        path.write_text(text)
+        with pytest.raises(ConfigError) as err:
+            load_config(path)
+        assert str(err.value).startswith(f"{path}: {expected}"), err.value
 
 
 def cli_config() -> Path:

@@ -7,8 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 import mm1.eval.tasks as tasks_mod
+from mm1.config import ConfigError
 from mm1.eval.metrics import caption_scores, vqa_accuracy_corpus
 from mm1.eval.tasks import (
     CaptionTask,
@@ -18,6 +20,7 @@ from mm1.eval.tasks import (
     load_task,
     register_synthetic_world,
     register_task,
+    register_task_file,
     synthetic_task_specs,
 )
 
@@ -127,6 +130,39 @@ def test_missing_vqa_images_fail_loudly(world: Path, tmp_path: Path) -> None:
     # counted per image (2 of the 64 images), and the questions they hold
     assert "2 of 64 images are missing" in msg and "(6 of 188 questions)" in msg
     assert "<image id 1>" in msg and "<image id 2>" in msg
+
+
+def test_a_file_of_the_wrong_kind_names_the_task_and_its_key(world: Path, tmp_path: Path) -> None:
+    """A task key naming another kind's file (or no JSON) is the spec's mistake: a one-line
+    ConfigError naming the task and the key, whichever split it is in."""
+    val, support = world / "eval/val", world / "eval/support"
+    with pytest.raises(ConfigError, match=r"^task 'c': query\.captions: .*not a COCO captions"):
+        CaptionTask.from_files("c", val / "vqa_questions.json", val / "images")
+    with pytest.raises(ConfigError, match=r"^task 'c': support\.captions: .*not a COCO captions"):
+        CaptionTask.from_files(
+            "c", val / "captions.json", val / "images", support / "vqa_annotations.json"
+        )
+    (tmp_path / "q.json").write_text("not json")
+    with pytest.raises(ConfigError, match=r"^task 'v': query\.questions: .*q\.json: not a JSON"):
+        VQATask.from_files("v", tmp_path / "q.json", val / "vqa_annotations.json", val / "images")
+    with pytest.raises(ConfigError, match=r"^task 'v': query\.annotations: .*not a VQAv2 annot"):
+        VQATask.from_files(
+            "v", val / "vqa_questions.json", val / "vqa_questions.json", val / "images"
+        )
+
+
+def test_a_task_file_naming_a_task_twice_is_refused(world: Path, tmp_path: Path) -> None:
+    val = world / "eval/val"
+    task = {
+        "name": "c",
+        "kind": "caption",
+        "query": {"captions": str(val / "captions.json"), "image_dir": str(val / "images")},
+    }
+    path = tmp_path / "tasks.yaml"
+    path.write_text(yaml.safe_dump([task, {**task, "name": "d"}, task]))
+    with pytest.raises(ConfigError) as err:
+        register_task_file(path)
+    assert str(err.value) == f"{path}: task names must be distinct; named more than once: c"
 
 
 def test_vqa_image_pattern_and_file_name_keys(world: Path, tmp_path: Path) -> None:

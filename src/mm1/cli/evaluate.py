@@ -34,10 +34,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise ConfigError("--suite-mode applies only with --suite (sft or a suite file)")
     from mm1.config import to_dict
     from mm1.data.world import run_world
-    from mm1.eval.fewshot import evaluate
+    from mm1.eval.fewshot import check_shots, evaluate
     from mm1.eval.ranks import join_ranks
     from mm1.eval.report import write_report
-    from mm1.eval.tasks import SYNTHETIC_TASKS, TASKS, register_task_file
+    from mm1.eval.tasks import SYNTHETIC_TASKS, TASKS, load_tasks, register_task_file
     from mm1.pretrained import check_runtime, load_pretrained, locate_model
 
     model_dir = Path(args.model)
@@ -78,6 +78,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
         )
     out = Path(args.out or _default_out(model_dir, EVAL_OUT))
     _check_writable(out, args.out is not None)
+    # The tasks load before the model: a mistake in their files, or more shots than their
+    # support splits hold, is said at once, naming the option that asked for them.
+    loaded = load_tasks(tasks, world=world)
+    given = f"--shots {args.shots}" if args.shots is not None else f"eval.shots={list(shots)}"
+    check_shots(loaded, shots, e.max_examples or None, given)
     ranks, device = join_ranks(args.device)  # under torchrun: each rank a share of the batches
     p = load_pretrained(model_dir, device, args.dtype)
     results = evaluate(
@@ -85,7 +90,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         p.tokenizer,
         p.processor,
         e,
-        tasks=tasks,
+        tasks=loaded,
         world=world,
         prompt_format=p.prompt_format,  # prompts written as the model was trained
         name=args.name or _model_name(model_dir),
@@ -152,7 +157,12 @@ def cmd_eval_generation(args: argparse.Namespace) -> None:
     locate_model(model_dir)
     check_runtime(args.device, args.dtype)
     if args.captions is not None:
-        images = coco_captioned_images(args.captions, args.image_dir)
+        from mm1.eval.tasks import WrongFileError
+
+        try:
+            images = coco_captioned_images(args.captions, args.image_dir)
+        except WrongFileError as err:  # e.g. a VQA questions file: the option's mistake
+            raise ConfigError(f"--captions: {err}") from None
         source = f"{args.captions} ({args.image_dir})"
     else:
         world = Path(args.world or run_world(model_dir))

@@ -88,6 +88,59 @@ def _check_fixed_tuples(raw: Any, schema: type, where: str, prefix: str = "") ->
                 )
 
 
+def _unoptional(hint: Any) -> Any:
+    """`X | None` -> X (None is left to OmegaConf to accept or refuse)."""
+    args = [a for a in get_args(hint) if a is not type(None)]
+    return args[0] if type(None) in get_args(hint) and len(args) == 1 else hint
+
+
+def _whole_list(key: str, index: dict[str, Any], current: Any) -> str:
+    """An example `key=[...]` for a list element override (`index`: position -> value): the list
+    as it stands with those elements replaced, where it holds plain values."""
+    plain = all(not isinstance(v, (dict, list)) for v in index.values())
+    if isinstance(current, (list, tuple)) and plain and all(int(i) < len(current) for i in index):
+        new = [index.get(str(i), v) for i, v in enumerate(current)]
+        return f"{key}=[{','.join(str(v) for v in new)}]"
+    return f"{key}=[{{...}},...]" if not plain else f"{key}=[...]"
+
+
+def _check_shapes(
+    raw: Any, schema: type, where: str, current: Any, dotted: bool, prefix: str = ""
+) -> None:
+    """Name the key of a value of the wrong shape (`train.optim=5`, `eval.shots.0=3`): OmegaConf
+    reports these without a key, or with the wrong one. `current`: the config `raw` merges into
+    (plain containers), for an example; `dotted`: `raw` is a command-line override."""
+    if not isinstance(raw, dict):
+        return
+    hints = get_type_hints(schema)
+    for f in fields(schema):
+        if raw.get(f.name) is None:
+            continue  # absent, or null: OmegaConf accepts or refuses that by itself
+        value, key = raw[f.name], f"{prefix}{f.name}"
+        hint = _unoptional(hints[f.name])
+        now = current.get(f.name) if isinstance(current, dict) else None
+        if is_dataclass(hint) or get_origin(hint) is dict:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: {key} is a mapping of keys, not {value!r}")
+            if is_dataclass(hint):
+                _check_shapes(value, hint, where, now, dotted, f"{key}.")  # type: ignore[arg-type]
+        elif get_origin(hint) in (list, tuple):
+            if dotted and isinstance(value, dict) and all(str(k).isdigit() for k in value):
+                # `key.0=v`: OmegaConf's dotlist makes a mapping {"0": v}, which no list takes
+                raise ConfigError(
+                    f"{where}: {key} is a list, and an override cannot set one element of it; "
+                    f"give the whole list, e.g. {_whole_list(key, value, now)}"
+                )
+            if not isinstance(value, list):
+                got = "a mapping" if isinstance(value, dict) else repr(value)
+                each = " (entries: - {format: ..., path: ...})" if key.endswith("sources") else ""
+                raise ConfigError(f"{where}: {key} is a list, not {got}{each}")
+            item = get_args(hint)[0] if get_args(hint) else None
+            for i, entry in enumerate(value if is_dataclass(item) else []):
+                if not isinstance(entry, dict):
+                    raise ConfigError(f"{where}: {key}[{i}] is a mapping of keys, not {entry!r}")
+
+
 def _check_source_keys(raw: DictConfig, where: str) -> None:
     """Name a misspelt key of a source entry with its list position (`data.sources[0].pth`):
     OmegaConf reports list elements without their path."""
@@ -118,33 +171,74 @@ def load_config(
     """Load a YAML config (with `extends`), apply `section.key=value` overrides, validate.
     `schema_type` is Config or an extension of it with sections of its own (an encoder run's)."""
     schema = structured_schema(schema_type)
-    try:
-        merged = schema
-        if path is not None:
+    merged = schema
+    if path is not None:
+        try:
             raw = _read_yaml(Path(path))
             _check_source_keys(raw, str(path))
-            _check_fixed_tuples(OmegaConf.to_container(raw), schema_type, str(path))
+            plain = OmegaConf.to_container(raw)
+            _check_shapes(plain, schema_type, str(path), None, dotted=False)
+            _check_fixed_tuples(plain, schema_type, str(path))
             merged = OmegaConf.merge(merged, raw)
-        if overrides:
-            for o in overrides:
-                if "=" not in o:
-                    raise ConfigError(f"override {o!r} is not of the form section.key=value")
+        except OmegaConfBaseException as err:
+            raise _friendly(err) from None
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as err:  # e.g. a mapping where the schema has a list
+            raise ConfigError(f"{path}: {err} (a list written as a mapping?)") from None
+    if overrides:
+        for o in overrides:
+            if "=" not in o:
+                raise ConfigError(f"override {o!r} is not of the form section.key=value")
+        try:
             dotlist = OmegaConf.from_dotlist(list(overrides))
             _check_source_keys(dotlist, "the command line")
             _check_fixed_tuples(OmegaConf.to_container(dotlist), schema_type, "the command line")
-            merged = OmegaConf.merge(merged, dotlist)
-        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    except OmegaConfBaseException as err:
-        raise _friendly(err) from None
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as err:  # e.g. a mapping where the schema has a list
-        where = f"{path}: " if path is not None else ""
-        hint = "a list written as a mapping? data.sources is a list: - {format: ..., path: ...}"
-        raise ConfigError(f"{where}{err} ({hint})") from None
+        except OmegaConfBaseException as err:
+            raise _friendly(err) from None
+        try:  # all at once: one merge (a merge copies the whole config)
+            cfg = _to_config(OmegaConf.merge(merged, dotlist))
+        except (OmegaConfBaseException, TypeError, ValueError) as err:
+            # again one at a time, which names the override that caused it
+            _name_the_override(merged, overrides, schema_type)
+            if isinstance(err, OmegaConfBaseException):
+                raise _friendly(err) from None
+            raise err if isinstance(err, ConfigError) else ConfigError(str(err)) from None
+    else:
+        cfg = _to_config(merged)
     apply_deprecated_keys(cfg)
     validate(cfg)
     return cfg
+
+
+def _to_config(merged: Any) -> Config:
+    try:
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise _friendly(err) from None
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+
+
+def _name_the_override(merged: Any, overrides: list[str], schema_type: type) -> None:
+    """Merge `overrides` into `merged` one at a time, checking each one's shape; a ConfigError
+    naming the first that fails (OmegaConf names the key only sometimes, and never the
+    override). Returns when none does on its own."""
+    for o in overrides:
+        try:
+            one = OmegaConf.from_dotlist([o])
+            current = OmegaConf.to_container(merged)
+            where = f"override {o}"
+            _check_shapes(OmegaConf.to_container(one), schema_type, where, current, True)
+            merged = OmegaConf.merge(merged, one)
+        except OmegaConfBaseException as err:
+            friendly = _friendly(err)
+            named = getattr(err, "full_key", None)
+            raise friendly if named else ConfigError(f"override {o}: {friendly}") from None
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"override {o}: {err}") from None
 
 
 def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:

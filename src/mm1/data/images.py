@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mm1.fs import read_json
 from mm1.tiling import select_best_resolution as select_best_resolution  # public here
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -127,10 +128,11 @@ class ImageProcessor:
         file = path / PREPROCESSOR_CONFIG if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(
-                f"no {PREPROCESSOR_CONFIG} at {path}; use ImageProcessor.clip(size) or "
-                ".siglip(size) for checkpoints without one"
+                f"no {PREPROCESSOR_CONFIG} at {path}, so how the model's images are resized "
+                "and normalised is unknown: export the model again (`mm1 convert RUN --export "
+                "DIR` writes one), or copy it in from the run's tokenizer/ folder"
             )
-        cfg = json.loads(file.read_text())
+        cfg = read_json(file)
         kind = cfg.get("image_processor_type") or cfg.get("feature_extractor_type")
         if kind in _CLIP_TYPES or kind in _LLAVA_TYPES:
             base = cls.clip(224)

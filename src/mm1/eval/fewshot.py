@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from mm1.config import BAD_IMAGE_POLICIES, DEMO_SELECTIONS, EvalConfig, validate_eval
+from mm1.config import BAD_IMAGE_POLICIES, DEMO_SELECTIONS, ConfigError, EvalConfig, validate_eval
 from mm1.data.images import ImageProcessor
 from mm1.data.prompt_format import PromptFormat
 from mm1.data.tokenizer import Tokenizer
@@ -380,6 +380,27 @@ class FewShotEvaluator:
         return [mapping[q.id] for q in queries]
 
 
+def check_shots(
+    tasks: Sequence[Task], shots: Sequence[int], max_examples: int | None, option: str
+) -> None:
+    """Refuse, before any generation, a shot count that some query of a task cannot get that
+    many demonstrations for (a demonstration never shows the query's image): a one-line
+    `ConfigError` naming `option`, how the user gave the shots (`--shots 1000`)."""
+    k = max(shots, default=0)
+    for task in tasks if k > 0 else []:
+        if not task.support:
+            continue  # no support split at all: `evaluate` says so
+        counts = Counter(s.image for s in task.support)
+        queries = task.query[:max_examples] if max_examples else task.query
+        fewest = len(task.support) - max((counts.get(q.image, 0) for q in queries), default=0)
+        if fewest < k:
+            raise ConfigError(
+                f"{option}: {k}-shot needs {k} demonstrations per query, but task {task.name!r} "
+                f"has only {fewest} in its support split (with images other than the query's); "
+                f"ask for at most {fewest}"
+            )
+
+
 def evaluate(
     model: MLLM,
     tokenizer: Tokenizer,
@@ -448,6 +469,7 @@ def evaluate(
     names = [t.name for t in loaded]
     if len(set(names)) != len(names):
         raise ValueError(f"task names must be distinct, got {names}")
+    check_shots(loaded, shots, max_examples, "eval.shots")
     run_seeds = seeds[:1] if demo_selection == "rices" else seeds
 
     runs: list[_Run] = []

@@ -29,7 +29,8 @@ from __future__ import annotations
 import json
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,25 @@ _NEEDS = {
     "long": ("questions", "references"),
 }
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+
+class WrongFileError(ValueError):
+    """A task's file that is not of the kind its key says (`captions:` naming a VQA questions
+    file); `key` is that key, for the task loader to name the spec's key (`query.captions`)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+@contextmanager
+def _split_files(spec: TaskSpec, split: str) -> Iterator[None]:
+    """A file of the wrong kind is a mistake in the task spec (the user's): a one-line
+    `ConfigError` naming the task and its key."""
+    try:
+        yield
+    except WrongFileError as err:
+        raise ConfigError(f"task {spec.name!r}: {split}.{err.key}: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -224,12 +244,14 @@ class CaptionTask(Task):
 
     @classmethod
     def from_spec(cls, spec: TaskSpec) -> CaptionTask:
-        query = load_coco_captions(spec.query.captions, spec.query.image_dir, spec.name)
+        with _split_files(spec, "query"):
+            query = load_coco_captions(spec.query.captions, spec.query.image_dir, spec.name)
         support = []
         if spec.support is not None:
-            support = load_coco_captions(
-                spec.support.captions, spec.support.image_dir, f"{spec.name} (support)"
-            )
+            with _split_files(spec, "support"):
+                support = load_coco_captions(
+                    spec.support.captions, spec.support.image_dir, f"{spec.name} (support)"
+                )
         return cls(spec.name, query, support, max_new_tokens=spec.max_new_tokens)
 
     def score(
@@ -282,17 +304,19 @@ class VQATask(Task):
     @classmethod
     def from_spec(cls, spec: TaskSpec) -> VQATask:
         q = spec.query
-        query = load_vqa(q.questions, q.annotations, q.image_dir, spec.name, spec.image_pattern)
+        with _split_files(spec, "query"):
+            query = load_vqa(q.questions, q.annotations, q.image_dir, spec.name, spec.image_pattern)
         support = []
         if spec.support is not None:
             s = spec.support
-            support = load_vqa(
-                s.questions,
-                s.annotations,
-                s.image_dir,
-                f"{spec.name} (support)",
-                spec.image_pattern,
-            )
+            with _split_files(spec, "support"):
+                support = load_vqa(
+                    s.questions,
+                    s.annotations,
+                    s.image_dir,
+                    f"{spec.name} (support)",
+                    spec.image_pattern,
+                )
         return cls(
             spec.name,
             query,
@@ -317,11 +341,15 @@ class VQATask(Task):
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_json(path: str | Path, what: str) -> Any:
+def _read_json(path: str | Path, what: str, key: str) -> Any:
+    """The JSON of a task's file; `key` names the file's role (`captions`) in errors."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{what}: {p} does not exist")
-    return json.loads(p.read_text())
+    try:
+        return json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise WrongFileError(key, f"{p}: not a JSON file ({err})") from None
 
 
 def _missing_error(
@@ -342,9 +370,11 @@ def load_coco_captions(
     order), in the order of the file's `images` list."""
     if captions is None:
         raise ValueError(f"task {task!r}: no captions file")
-    data = _read_json(captions, f"task {task!r}")
-    if "images" not in data or "annotations" not in data:
-        raise ValueError(f"{captions}: not a COCO captions file (needs `images` and `annotations`)")
+    data = _read_json(captions, f"task {task!r}", "captions")
+    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+        raise WrongFileError(
+            "captions", f"{captions}: not a COCO captions file (needs `images` and `annotations`)"
+        )
     refs: dict[str, list[str]] = {}
     for ann in data["annotations"]:
         refs.setdefault(str(ann["image_id"]), []).append(str(ann["caption"]))
@@ -400,12 +430,16 @@ def load_vqa(
     """One example per question that has an annotation, in the questions file's order."""
     if questions is None or annotations is None:
         raise ValueError(f"task {task!r}: VQA needs a questions and an annotations file")
-    qs = _read_json(questions, f"task {task!r}")
-    anns = _read_json(annotations, f"task {task!r}")
-    if "questions" not in qs:
-        raise ValueError(f"{questions}: not a VQAv2 questions file (needs `questions`)")
-    if "annotations" not in anns:
-        raise ValueError(f"{annotations}: not a VQAv2 annotations file (needs `annotations`)")
+    qs = _read_json(questions, f"task {task!r}", "questions")
+    anns = _read_json(annotations, f"task {task!r}", "annotations")
+    if not isinstance(qs, dict) or "questions" not in qs:
+        raise WrongFileError(
+            "questions", f"{questions}: not a VQAv2 questions file (needs `questions`)"
+        )
+    if not isinstance(anns, dict) or "annotations" not in anns:
+        raise WrongFileError(
+            "annotations", f"{annotations}: not a VQAv2 annotations file (needs `annotations`)"
+        )
     by_qid = {str(a["question_id"]): a for a in anns["annotations"]}
     image_dir = Path(image_dir)
     index: dict[str, Path] | None = None
@@ -506,6 +540,12 @@ def register_task_file(path: str | Path) -> list[str]:
     name; returns their names in file order. The synthetic names are reserved: evaluation
     builds those from the world, so a user task of that name would silently not run."""
     specs = read_task_specs(path)
+    names = [spec.name for spec in specs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # a later one would replace the earlier, and the evaluation refuse the pair
+        raise ConfigError(
+            f"{path}: task names must be distinct; named more than once: {', '.join(twice)}"
+        )
     for spec in specs:
         if spec.name in SYNTHETIC_TASKS:
             raise ConfigError(

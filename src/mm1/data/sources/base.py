@@ -257,7 +257,9 @@ def image_from_path(path: Path) -> Image.Image:
     except OSError as e:  # a name too long for the OS: python 3.11 raises instead of False
         raise BadImage("missing_image", f"cannot look up {str(path)[:200]}: {e.strerror}") from None
     if not found:
-        raise BadImage("missing_image", f"no file {path}")
+        # a folder given for an image (`--image DIR`) is not a missing file
+        what = f"{path} is a directory, not an image file" if path.is_dir() else f"no file {path}"
+        raise BadImage("missing_image", what)
     try:
         return load_image_file(path)
     except IMAGE_ERRORS as e:
