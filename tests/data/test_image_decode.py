@@ -249,3 +249,39 @@ def test_float_images_are_scaled_by_their_range() -> None:
     assert decoded([[0.0, 2.0], [127.6, 255.0]]) == [[0, 2], [128, 255]]
     assert decoded([[-1.0, 0.0], [1.0, 3.0]]) == [[0, 64], [128, 255]]
     assert decoded([[float("nan"), 0.5], [1.0, 0.0]]) == [[0, 128], [255, 0]]
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_an_exif_orientation_is_shown_upright_as_transformers_loads_it(tmp_path, fmt) -> None:
+    """A phone's portrait photo is stored sideways with an EXIF orientation; transformers'
+    `load_image` (and HF datasets) turn it upright. It was read lying down here."""
+    from transformers.image_utils import load_image
+
+    rng = np.random.default_rng(0)
+    stored = Image.fromarray(rng.integers(0, 255, (20, 40, 3), dtype=np.uint8))
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        path = tmp_path / f"o{orientation}.{fmt.lower()}"
+        stored.save(path, fmt, exif=exif)
+        got = decode_image(path.read_bytes(), path.name)
+        want = load_image(str(path))
+        assert got.size == want.size == ((40, 20) if orientation < 5 else (20, 40))
+        assert np.array_equal(np.asarray(got), np.asarray(want)), orientation
+        assert got.info["original_size"] == want.size
+
+
+def test_webdataset_images_in_any_format_pil_reads(tmp_path: Path) -> None:
+    """A .gif, .bmp or .tiff member is the sample's image, read as a .png one is; they were
+    skipped as `missing_image`."""
+    fmts = {"gif": "GIF", "bmp": "BMP", "tif": "TIFF", "tiff": "TIFF", "png": "PNG"}
+    with tarfile.open(tmp_path / "s.tar", "w") as tf:
+        for i, (ext, fmt) in enumerate(fmts.items()):
+            for name, data in ((f"{i}.{ext}", _encoded(16, 8, fmt)), (f"{i}.txt", b"a cap")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    stats = ReadStats()
+    records = list(read_wds_shard(tmp_path / "s.tar", stats=stats))
+    assert len(records) == len(fmts) and not stats.skipped
+    assert all(r.images[0].size == (16, 8) for r in records)

@@ -25,7 +25,8 @@ from mm1.data.sources.unicode import has_escaped_bytes, repair_value
 logger = logging.getLogger(__name__)
 
 IMAGE_TAG = "<image>"
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# what a WebDataset member may be named to hold the image (PIL decodes each of them)
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 CAPTION_EXTS = ("txt", "caption")
 
 

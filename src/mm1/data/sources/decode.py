@@ -138,6 +138,7 @@ def decode_image(data: bytes, name: str = "", max_pixels: int | None = None) -> 
         raise OSError(describe_unidentified(data, name)) from None
     with opened as im:
         original = im.size
+        orientation = im.getexif().get(EXIF_ORIENTATION, 1)
         limit = reader_pixel_limit(im.format) if max_pixels is None else max_pixels
         if limit and original[0] * original[1] > limit:
             raise OversizeImage(original, limit, name)
@@ -153,8 +154,28 @@ def decode_image(data: bytes, name: str = "", max_pixels: int | None = None) -> 
         out = _to_rgb(im.reduce(factor) if early else im)
     if factor > 1 and not early:
         out = out.reduce(factor)
+    turn = _UPRIGHT.get(orientation)
+    if turn is not None:  # a camera's EXIF orientation, shown upright as viewers show it
+        out = out.transpose(turn)
+        if orientation >= 5:  # turned a quarter: width and height swap
+            original = (original[1], original[0])
     out.info["original_size"] = original
     return out
+
+
+# EXIF's orientation tag, and the transposition that shows each value upright (its 1: as
+# stored). transformers' `load_image` and HF datasets' `Image` feature apply it too, so an
+# image reads here as it does there, and a phone's portrait photo is not read lying down.
+EXIF_ORIENTATION = 0x0112
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 _SIGNATURES = (
