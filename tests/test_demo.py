@@ -109,6 +109,7 @@ def test_mm1_eval_overrides_are_one_line_errors(report: Path, capsys) -> None:
     for bad, expected in (
         ("train.steps=3", "give eval.KEY=VALUE"),
         ("eval.shots=[-1]", "eval.shots[0]=-1 must be >= 0"),
+        ("eval.shots=[0,2,0]", "eval.shots[2]=0 is given twice: list each shot count once"),
         ("eval.seeds=x", "eval.seeds"),
         ("eval.nope=1", "eval.nope"),
     ):

@@ -527,6 +527,8 @@ def validate_eval(e: EvalConfig) -> None:
         raise ConfigError("eval.shots is empty: give shot counts like [0, 4, 8]")
     for i, s in enumerate(e.shots):
         _non_negative(f"eval.shots[{i}]", s)
+        if s in e.shots[:i]:  # the same scores twice, and a report table with a repeated row
+            raise ConfigError(f"eval.shots[{i}]={s} is given twice: list each shot count once")
     for k in ("seeds", "max_new_tokens", "vqa_max_new_tokens", "num_beams", "batch_size"):
         _positive(f"eval.{k}", getattr(e, k))
     if e.compile and e.num_beams > 1:
