@@ -330,3 +330,25 @@ def test_a_fuyu_layout_model_captions_images_of_any_shape(world) -> None:
     ]
     together = rc.caption_images(p, images, 5)
     assert together == [rc.caption_images(p, [im], 5)[0] for im in images]
+
+
+def test_a_caption_stops_at_the_models_context(world, model_dir, monkeypatch) -> None:
+    """`--max-new-tokens` past the context: the captions ran on past it (and a cache was sized
+    for every token asked), where generate, chat and serve stop at it."""
+    from mm1.data.sources import decode_image
+
+    p = load_pretrained(model_dir)
+    image = decode_image(next((world / "eval" / "val" / "images").iterdir()).read_bytes())
+    asked = []
+    real = rc.generate
+
+    def recording(*args, **kw):
+        asked.append(kw["max_new_tokens"])
+        return real(*args, **{**kw, "max_new_tokens": 1})
+
+    monkeypatch.setattr(rc, "generate", recording)
+    rc.caption_images(p, [image], 100_000)
+    prompt = rc.tokenize_prompt(rc.IMAGE_TOKEN, [image], p.tokenizer, p.prompt_format)
+    assert asked == [p.model.cfg.decoder.max_seq_len - len(prompt)]
+    rc.caption_images(p, [image], 5)
+    assert asked[-1] == 5

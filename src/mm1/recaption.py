@@ -48,7 +48,7 @@ from mm1.data.caption_splits import tar_samples
 from mm1.data.sources.base import IMAGE_EXTS, BadImage, image_from_bytes
 from mm1.data.tokenizer import ENDOFCHUNK_TOKEN, IMAGE_TOKEN, tokenize_prompt
 from mm1.fs import atomic_write_text
-from mm1.models.generation import generate
+from mm1.models.generation import check_prompt_fits, generate
 from mm1.pretrained import Pretrained, check_dtype, check_runtime, dtype_name, load_pretrained
 
 MANIFEST = "recaption.json"
@@ -223,11 +223,14 @@ def caption_images(
     chunk_end = tok.token_to_id(ENDOFCHUNK_TOKEN)
     if chunk_end is not None:
         stops.append(chunk_end)
+    # a caption stops at the model's context, as generate, chat and serve stop there (the cache
+    # was sized for every token asked: --max-new-tokens 100000 took minutes to start)
+    room = check_prompt_fits(max(map(len, prompts)), p.model.cfg.decoder.max_seq_len)
     outs = generate(
         p.model,
         prompts,
         pixels,
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=min(max_new_tokens, room),
         eos_token_id=stops,
         pad_token_id=tok.pad_id,
         image_crops=crops,

@@ -81,6 +81,9 @@ def test_explicit_cells(tmp_path) -> None:
         ({"axes": {"train.steps": [5]}, "seeds": [0, 0]}, "seeds"),
         ({"axes": {"train.steps": [5]}, "eval": {"suites": ["nope"]}}, "eval.suites"),
         ({"axes": {"train.steps": [5]}, "colour": 1}, "colour"),
+        # the runner places each cell: a run_dir was replaced unsaid, two cells trained alike
+        ({"axes": {"train.run_dir": ["/tmp/a", "/tmp/b"]}}, "train.run_dir: the runner puts"),
+        ({"cells": [{"train.run_dir": "/tmp/a"}, {"train.steps": 5}]}, "train.run_dir"),
     ],
 )
 def test_bad_grids_rejected_naming_the_key(tmp_path, body, names) -> None:
@@ -99,8 +102,8 @@ def test_duplicate_cells_rejected_even_when_written_differently(tmp_path) -> Non
     body = {"cells": [{"model.connector.type": "avgpool"}, {"data.seq_len": 256}]}
     with pytest.raises(ConfigError, match="same config"):
         load_grid(_grid(tmp_path, **body))
-    with pytest.raises(ConfigError, match="same config"):
-        load_grid(_grid(tmp_path, axes={"train.steps": [5, 5]}))
+    with pytest.raises(ConfigError, match=r"cell 5-s0-\w+ \(steps=5\) is listed twice"):
+        load_grid(_grid(tmp_path, axes={"train.steps": [5, 5]}))  # it named the one id twice
 
 
 def test_study_dir_of_another_grid_refused_unless_forced(tmp_path) -> None:

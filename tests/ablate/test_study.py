@@ -466,6 +466,20 @@ def test_workers_end_when_the_runner_is_killed(tmp_path) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def test_a_killed_runners_repeated_death_signals_are_one_sigterm(monkeypatch) -> None:
+    """The kernel signals a worker each time the runner's thread it belongs to exits and it
+    passes to another thread: a `kill -9` of the runner sent it SIGTERM twice or more, and the
+    trainer took the second for "stop again" (no save, a DCP traceback in cell.log)."""
+    from mm1.ablate import worker
+
+    raised: list[int] = []
+    monkeypatch.setattr(worker.signal, "raise_signal", raised.append)
+    monkeypatch.setattr(worker, "_told", False)
+    for _ in range(3):
+        worker._parent_died(worker.PARENT_DIED, None)
+    assert raised == [signal.SIGTERM]
+
+
 def _worker_pid(proc: subprocess.Popen[str]) -> int:
     """The worker's pid: the parent's first line that is a number (after `_start_worker`'s log)."""
     assert proc.stdout is not None

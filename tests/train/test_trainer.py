@@ -892,10 +892,12 @@ def test_a_run_resumes_on_another_number_of_processes_with_reshard(
     cfg = tiny_config(tmp_path, world, steps=4, save_every=2, val_every=0)
     two = tmp_path / "two"
     finish(run_cli(["train", str(cfg), f"train.run_dir={two}", "train.steps=2"], nproc=2))
-    assert cli.main(["train", str(cfg), f"train.run_dir={two}"]) == 1
+    # how the run was started: a config error, exit 2 (it was 1, with the traceback hint)
+    assert cli.main(["train", str(cfg), f"train.run_dir={two}"]) == 2
     out = capsys.readouterr().out
     assert "saved by 2 process(es)" in out and "--reshard" in out, out
-    assert cli.main(["train", "--force", str(cfg), f"train.run_dir={two}"]) == 1
+    assert "MM1_TRACEBACK" not in out
+    assert cli.main(["train", "--force", str(cfg), f"train.run_dir={two}"]) == 2
     assert "--reshard to continue on 1" in capsys.readouterr().out
     stopped = tmp_path / "stopped"
     shutil.copytree(two, stopped)

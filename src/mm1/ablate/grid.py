@@ -274,6 +274,10 @@ def load_grid(path: str | Path) -> Grid:
     for key in SEED_KEYS:
         if any(key in d for _, d in combos) or key in base_overrides:
             raise _err(path, f"{key}: seeds are the `seeds` axis, not an override")
+    if any("train.run_dir" in d for _, d in combos) or "train.run_dir" in base_overrides:
+        # each cell trains in STUDY/CELL_ID; a run_dir of its own was replaced, unsaid, and
+        # cells differing only in it trained the same config twice
+        raise _err(path, "train.run_dir: the runner puts each cell in the study's directory")
 
     ev = _section(path, raw, "eval")
     suites = ev.get("suites")
@@ -351,6 +355,8 @@ def _check_cells(grid: Grid) -> None:
         resolved = json.dumps(to_dict(cfg), sort_keys=True, default=str)
         twin = seen.get(resolved)
         if twin is not None:
+            if twin.id == cell.id:  # the same settings listed twice
+                raise _err(grid.path, f"cell {cell.id} ({cell.label}) is listed twice")
             raise _err(
                 grid.path, f"cells {twin.id} and {cell.id} have the same config ({cell.label})"
             )

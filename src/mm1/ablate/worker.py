@@ -21,19 +21,36 @@ PARENT_ENV = "MM1_ABLATE_PARENT"
 
 
 def die_with_parent(parent: int | None) -> None:
-    """Have the kernel send this process SIGTERM when its parent dies (Linux's prctl); then,
-    if the parent (`parent`, its pid as the runner passed it) is already gone, stop now.
-    Where prctl is missing (not Linux) nothing is done."""
+    """Have the kernel tell this process when its parent dies (Linux's prctl), which becomes
+    one SIGTERM (the trainer saves and stops); then, if the parent (`parent`, its pid as the
+    runner passed it) is already gone, stop now. Where prctl is missing (not Linux) nothing
+    is done."""
     if not sys.platform.startswith("linux"):
         return
+    # Not SIGTERM itself: the kernel signals a child each time the thread it belongs to exits
+    # and it passes to another of the runner's threads, so a killed runner sent it twice or
+    # more, and the trainer took the second for "stop again" and stopped mid-save.
+    signal.signal(PARENT_DIED, _parent_died)
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        if libc.prctl(PR_SET_PDEATHSIG, PARENT_DIED, 0, 0, 0) != 0:
             return
     except (OSError, AttributeError):
         return
     # the parent died before the request: the kernel will not tell us, so act as it would
     if parent is not None and os.getppid() != parent:
+        signal.raise_signal(PARENT_DIED)
+
+
+PARENT_DIED = signal.SIGUSR2
+_told = False
+
+
+def _parent_died(signum: int, frame: object) -> None:
+    """The first parent-death signal is a SIGTERM to this process; the repeats are not."""
+    global _told
+    if not _told:
+        _told = True
         signal.raise_signal(signal.SIGTERM)
 
 

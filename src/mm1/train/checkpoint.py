@@ -111,6 +111,7 @@ from mm1.checkpoint import (
     verify_checksums,
 )
 from mm1.checksums import checksum_share
+from mm1.config import ConfigError
 from mm1.fs import fsync_dir
 from mm1.train.disk_space import DiskFullError, is_disk_full, size_estimate
 
@@ -511,7 +512,7 @@ def load_checkpoint(
     saved_world = meta.get("world_size")
     resharded = saved_world != world
     if resharded and not (reshard and isinstance(saved_world, int) and saved_world > 0):
-        raise ValueError(
+        raise ConfigError(  # how the run was started: exit 2, as the CLI's other refusals
             f"checkpoint {path} was saved by {saved_world} process(es) but this run has world "
             f"size {world}: the per-rank states (data-loader positions, RNG states) cannot be "
             f"remapped; resume with {saved_world} process(es), or with --reshard to continue on "
