@@ -138,7 +138,6 @@ def decode_image(data: bytes, name: str = "", max_pixels: int | None = None) -> 
         raise OSError(describe_unidentified(data, name)) from None
     with opened as im:
         original = im.size
-        orientation = im.getexif().get(EXIF_ORIENTATION, 1)
         limit = reader_pixel_limit(im.format) if max_pixels is None else max_pixels
         if limit and original[0] * original[1] > limit:
             raise OversizeImage(original, limit, name)
@@ -146,6 +145,8 @@ def decode_image(data: bytes, name: str = "", max_pixels: int | None = None) -> 
             k = _draft_factor(*original, cap)
             im.draft(im.mode, (math.ceil(original[0] / k), math.ceil(original[1] / k)))
         im.load()
+        # after the load: a PNG's EXIF may follow its pixels, and reading it first decodes them
+        orientation = im.getexif().get(EXIF_ORIENTATION, 1)
         pixels = im.width * im.height
         factor = math.ceil(math.sqrt(pixels / cap)) if cap and pixels > cap else 1
         # L and RGB reduce to the same pixels before the conversion as after it (it works per
