@@ -190,6 +190,31 @@ def check_output_dir(
     return out
 
 
+def refuse_as_run_dir(run_dir: str | Path, option: str = "train.run_dir") -> None:
+    """Refuse, as the directory a run writes, one whose model readers would take instead of the
+    run's (an export: a directory is read as one first), or one inside a run's checkpoints
+    (`RUN/checkpoints/step_N` is read as that run's checkpoint, not as a run)."""
+    p = Path(run_dir)
+    try:
+        export = (p / EXPORT_WEIGHTS).is_file()
+    except OSError:  # e.g. a name too long: the run's lock says it cannot write there
+        return
+    if export:
+        raise ConfigError(
+            f"{option}={p} holds an exported model ({EXPORT_WEIGHTS}): a run trained there "
+            "would be hidden behind it (readers take the export); give another directory"
+        )
+    inside = next(
+        (a for a in [p, *p.absolute().parents] if a.name == CHECKPOINTS_DIR and is_run(a.parent)),
+        None,
+    )
+    if inside is not None:
+        raise ConfigError(
+            f"{option}={p} is inside the run {inside.parent}'s {CHECKPOINTS_DIR}/, which only "
+            "that run writes; give another directory"
+        )
+
+
 def refuse_run_dir(out: str | Path, option: str) -> None:
     """Refuse a training run directory as the place to write a model (`option` names it)."""
     # Loading checks for an export before a run: model weights written into a run directory

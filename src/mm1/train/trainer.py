@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from mm1.batch import Batch
-from mm1.checkpoint import MODEL_CONFIG, refuse_as_run_dir
+from mm1.checkpoint import MODEL_CONFIG
 from mm1.config import (
     SOURCE_KINDS,
     Config,
@@ -46,6 +46,7 @@ from mm1.models.lora import add_decoder_lora, lora_summary
 from mm1.models.mllm import MLLM
 from mm1.models.starting_point import describe as describe_start
 from mm1.models.summary import active_parameters
+from mm1.pretrained import refuse_as_run_dir
 from mm1.train import checkpoint as ckpt
 from mm1.train import run_lock
 from mm1.train.config_change import check_resumed_config, own_model_config
