@@ -308,6 +308,17 @@ def test_one_label_for_two_configurations_refused(tmp_path, body, message) -> No
         ({"eval": {"overides": {}}}, "eval.overides: not a key of eval; known: suites, overrides"),
         ({"eval": ["fewshot"]}, "eval: give a mapping (suites, overrides), not a list"),
         ({"eval": {"overrides": ["eval.seeds=1"]}}, "eval.overrides: give a mapping"),
+        # a bad key is blamed on the section that set it, not on the base config
+        ({"eval": {"overrides": {"eval.max_exampels": 4}}}, "eval.overrides: eval.max_exampels"),
+        (
+            {
+                "base": {
+                    "config": str(ROOT / "configs" / "demo.yaml"),
+                    "overrides": {"train.stpes": 4},
+                }
+            },
+            "base: train.stpes",
+        ),
         (
             {"table": {"layot": "fig4"}},
             "table.layot: not a key of table; known: layout, group_by, columns",

@@ -149,6 +149,15 @@ def test_a_file_of_the_wrong_kind_names_the_task_and_its_key(world: Path, tmp_pa
         VQATask.from_files(
             "v", val / "vqa_questions.json", val / "vqa_questions.json", val / "images"
         )
+    # a file with the right top-level key but another kind's records (COCO captions also hold
+    # `annotations`): the first record lacking a field is named, not a KeyError
+    with pytest.raises(ConfigError, match=r"query\.annotations: .*annotations\[0\] has no `qu"):
+        VQATask.from_files("v", val / "vqa_questions.json", val / "captions.json", val / "images")
+    coco = json.loads((val / "captions.json").read_text())
+    del coco["images"][3]["file_name"]
+    (tmp_path / "c.json").write_text(json.dumps(coco))
+    with pytest.raises(ConfigError, match=r"images\[3\] has no `file_name`\)$"):
+        CaptionTask.from_files("c", tmp_path / "c.json", val / "images")
 
 
 def test_a_task_file_naming_a_task_twice_is_refused(world: Path, tmp_path: Path) -> None:

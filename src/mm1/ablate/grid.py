@@ -57,8 +57,13 @@ class Cell:
     seed: int
 
     def overrides(self) -> list[str]:
-        """The delta as command-line overrides (`key=<JSON>`; JSON is YAML, lists included)."""
-        return [f"{k}={json.dumps(v)}" for k, v in self.delta.items()]
+        """The delta as command-line overrides."""
+        return _as_args(self.delta)
+
+
+def _as_args(overrides: dict[str, Any]) -> list[str]:
+    """Dotted overrides as command-line ones (`key=<JSON>`; JSON is YAML, lists included)."""
+    return [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
 
 
 @dataclass
@@ -75,7 +80,7 @@ class Grid:
     prepare: list[PrepareStep] = field(default_factory=list)  # before the cells (prepare.py)
 
     def base_args(self) -> list[str]:
-        return [f"{k}={json.dumps(v)}" for k, v in self.base_overrides.items()]
+        return _as_args(self.base_overrides)
 
     def cell_config(self, cell: Cell, study_dir: str | Path) -> Config:
         """The cell's full config: base, base overrides, the cell's delta, its run dir."""
@@ -296,6 +301,15 @@ def load_grid(path: str | Path) -> Grid:
     clash = sorted(set(eval_overrides) & set(base_overrides))
     if clash:
         raise _err(path, f"{clash[0]}: set both in base.overrides and eval.overrides")
+    # the base alone, then with the evaluation settings: an error names the section at fault
+    checks = [("base", base_overrides)]
+    if eval_overrides:
+        checks.append(("eval.overrides", {**base_overrides, **eval_overrides}))
+    for section, overrides in checks:
+        try:
+            load_config(base_config, _as_args(overrides))
+        except ConfigError as err:
+            raise _err(path, f"{section}: {err}") from None
     table = _section(path, raw, "table")
     layout = table.get("layout", "plain")
     if layout not in TABLE_LAYOUTS:
@@ -342,10 +356,6 @@ def _check_table(grid: Grid) -> None:
 def _check_cells(grid: Grid) -> None:
     """Load every cell's config (naming the cell on a bad key or value) and reject two cells
     whose resolved configs are the same."""
-    try:
-        load_config(grid.base_config, grid.base_args())
-    except ConfigError as err:
-        raise _err(grid.path, f"base: {err}") from None
     seen: dict[str, Cell] = {}
     for cell in grid.cells:
         try:

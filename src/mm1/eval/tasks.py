@@ -26,8 +26,6 @@ missing and names a few: an evaluation never silently scores a subset.
 
 from __future__ import annotations
 
-import json
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -39,6 +37,7 @@ import yaml
 
 from mm1.config import ConfigError
 from mm1.eval.metrics import cider, ptb_tokenize_corpus, vqa_accuracy_corpus
+from mm1.eval.task_files import Example, WrongFileError, load_coco_captions, load_vqa
 
 TASK_KINDS = ("caption", "vqa")
 # The SFT suite's kinds (`mm1.eval.suite_tasks`): POPE yes/no, multi-image VQA, long answers.
@@ -51,16 +50,6 @@ _NEEDS = {
     "pope": ("questions",),
     "long": ("questions", "references"),
 }
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
-
-
-class WrongFileError(ValueError):
-    """A task's file that is not of the kind its key says (`captions:` naming a VQA questions
-    file); `key` is that key, for the task loader to name the spec's key (`query.captions`)."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(message)
-        self.key = key
 
 
 @contextmanager
@@ -71,25 +60,6 @@ def _split_files(spec: TaskSpec, split: str) -> Iterator[None]:
         yield
     except WrongFileError as err:
         raise ConfigError(f"task {spec.name!r}: {split}.{err.key}: {err}") from None
-
-
-@dataclass(frozen=True)
-class Example:
-    """One query or demonstration.
-
-    `id` is the scoring key (the image id for captions, the question id for VQA), as a string.
-    `references` are the reference captions, or the (usually 10) VQA answers. `target` is the text a
-    demonstration shows as its answer: the first reference caption (as OpenFlamingo does), or the
-    VQA `multiple_choice_answer` (else the most common answer).
-    """
-
-    id: str
-    image_id: str
-    image: Path
-    references: tuple[str, ...]
-    target: str
-    question: str | None = None
-    answer_type: str | None = None  # VQA's "yes/no" / "number" / "other", where annotated
 
 
 @dataclass(frozen=True)
@@ -334,164 +304,6 @@ class VQATask(Task):
             {k: predictions[k] for k in answers}, answers, self.normalize
         )
         return overall, {k: 100.0 * v for k, v in per.items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# Readers
-# ---------------------------------------------------------------------------------------------
-
-
-def _read_json(path: str | Path, what: str, key: str) -> Any:
-    """The JSON of a task's file; `key` names the file's role (`captions`) in errors."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{what}: {p} does not exist")
-    try:
-        return json.loads(p.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise WrongFileError(key, f"{p}: not a JSON file ({err})") from None
-
-
-def _missing_error(
-    task: str, image_dir: Path, missing: list[str], total: int, affected: str = ""
-) -> FileNotFoundError:
-    shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-    return FileNotFoundError(
-        f"task {task!r}: {len(missing)} of {total} images are missing under {image_dir}"
-        f"{affected}: {shown}. Fix the image folder (or the annotations) rather than scoring a "
-        "subset."
-    )
-
-
-def load_coco_captions(
-    captions: str | Path | None, image_dir: str | Path, task: str
-) -> list[Example]:
-    """One example per image of a COCO captions file, references = all its captions (in file
-    order), in the order of the file's `images` list."""
-    if captions is None:
-        raise ValueError(f"task {task!r}: no captions file")
-    data = _read_json(captions, f"task {task!r}", "captions")
-    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-        raise WrongFileError(
-            "captions", f"{captions}: not a COCO captions file (needs `images` and `annotations`)"
-        )
-    refs: dict[str, list[str]] = {}
-    for ann in data["annotations"]:
-        refs.setdefault(str(ann["image_id"]), []).append(str(ann["caption"]))
-    image_dir = Path(image_dir)
-    examples, missing = [], []
-    for img in data["images"]:
-        image_id = str(img["id"])
-        if image_id not in refs:
-            continue  # an image without captions is not part of the caption benchmark
-        path = image_dir / img["file_name"]
-        if not path.is_file():
-            missing.append(img["file_name"])
-        examples.append(Example(image_id, image_id, path, tuple(refs[image_id]), refs[image_id][0]))
-    if missing:
-        raise _missing_error(task, image_dir, missing, len(examples))
-    if not examples:
-        raise ValueError(f"task {task!r}: {captions} has no captioned images")
-    return examples
-
-
-def _index_image_dir(image_dir: Path) -> dict[str, Path]:
-    """{image id (digits at the end of the file name, leading zeros dropped): path}."""
-    index: dict[str, Path] = {}
-    clashes: dict[str, list[str]] = {}
-    if not image_dir.is_dir():
-        return index
-    for p in sorted(image_dir.iterdir()):
-        if p.suffix.lower() not in _IMAGE_SUFFIXES:
-            continue
-        m = re.search(r"(\d+)$", p.stem)
-        if not m:
-            continue
-        key = str(int(m.group(1)))
-        if key in index:
-            clashes.setdefault(key, [index[key].name]).append(p.name)
-        index[key] = p
-    if clashes:
-        key, names = next(iter(clashes.items()))
-        raise ValueError(
-            f"{image_dir}: {len(clashes)} image ids match several files (e.g. id {key}: {names}); "
-            "set the task's image_pattern"
-        )
-    return index
-
-
-def load_vqa(
-    questions: str | Path | None,
-    annotations: str | Path | None,
-    image_dir: str | Path,
-    task: str,
-    image_pattern: str | None = None,
-) -> list[Example]:
-    """One example per question that has an annotation, in the questions file's order."""
-    if questions is None or annotations is None:
-        raise ValueError(f"task {task!r}: VQA needs a questions and an annotations file")
-    qs = _read_json(questions, f"task {task!r}", "questions")
-    anns = _read_json(annotations, f"task {task!r}", "annotations")
-    if not isinstance(qs, dict) or "questions" not in qs:
-        raise WrongFileError(
-            "questions", f"{questions}: not a VQAv2 questions file (needs `questions`)"
-        )
-    if not isinstance(anns, dict) or "annotations" not in anns:
-        raise WrongFileError(
-            "annotations", f"{annotations}: not a VQAv2 annotations file (needs `annotations`)"
-        )
-    by_qid = {str(a["question_id"]): a for a in anns["annotations"]}
-    image_dir = Path(image_dir)
-    index: dict[str, Path] | None = None
-    examples, missing = [], []
-    unannotated = 0
-    for q in qs["questions"]:
-        qid = str(q["question_id"])
-        ann = by_qid.get(qid)
-        if ann is None:
-            unannotated += 1
-            continue
-        image_id = str(q["image_id"])
-        name = q.get("file_name") or q.get("image") or q.get("image_path")
-        if name is not None:
-            path = image_dir / name
-        elif image_pattern is not None:
-            raw = q["image_id"]
-            path = image_dir / image_pattern.format(
-                image_id=int(raw) if str(raw).isdigit() else raw
-            )
-        else:
-            if index is None:
-                index = _index_image_dir(image_dir)
-            key = str(int(image_id)) if image_id.isdigit() else image_id
-            path = index.get(key, image_dir / f"<image id {image_id}>")
-        if not path.is_file():
-            missing.append(path.name)
-        answers = [str(a["answer"]) for a in ann["answers"]]
-        if not answers:
-            raise ValueError(f"task {task!r}: question {qid} has no answers")
-        target = answers[0]  # the answer a demonstration shows: OpenFlamingo's answers[0]
-        examples.append(
-            Example(
-                qid,
-                image_id,
-                path,
-                tuple(answers),
-                str(target),
-                question=str(q["question"]),
-                answer_type=ann.get("answer_type"),
-            )
-        )
-    if missing:
-        images = {e.image for e in examples}
-        affected = f" ({len(missing)} of {len(examples)} questions)"
-        raise _missing_error(task, image_dir, sorted(set(missing)), len(images), affected)
-    if not examples:
-        raise ValueError(
-            f"task {task!r}: no question of {questions} has an annotation in {annotations}"
-            + (f" ({unannotated} unannotated)" if unannotated else "")
-        )
-    return examples
 
 
 # ---------------------------------------------------------------------------------------------
