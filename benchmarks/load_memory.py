@@ -11,6 +11,9 @@ training saves it). Each variant loads in a fresh child process, which reports i
   llava_bf16 -> float32, .to(bf16)   the way to bf16 before `--dtype` (lmms-eval's adapter did it)
   export_fp32 -> float32 / bfloat16
 
+and the start of a training run from each (`build_model(..., init=train.init.weights)`, fp32),
+against the way before: the model built with random weights, then the starting ones copied in.
+
     python -m benchmarks.load_memory              # ~200M parameters
     python -m benchmarks.load_memory --layers 2   # quick
 """
@@ -23,8 +26,12 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from benchmarks.common import ensure_world, peak_rss_mib, print_table, run_child, write_result
+
+if TYPE_CHECKING:
+    import torch
 
 VARIANTS = [
     ("llava_bf16", "float32", False),
@@ -32,6 +39,11 @@ VARIANTS = [
     ("llava_bf16", "float32", True),
     ("export_fp32", "float32", False),
     ("export_fp32", "bfloat16", False),
+]
+# A training run's start (fp32): "train" as the trainer builds it, "train_random_init" the way
+# before (a randomly initialised model, the starting weights copied into it).
+TRAIN_STARTS = [
+    (s, mode) for s in ("llava_bf16", "export_fp32") for mode in ("train_random_init", "train")
 ]
 
 
@@ -90,10 +102,36 @@ def _status_mib(field: str) -> float:
     return float("nan")
 
 
-def child(path: str, dtype: str, cast_after: bool) -> None:
-    """The measured process: one load; its peak RSS, its peak anonymous RSS (sampled every
-    2 ms: the memory the load allocates, without the file's mapped pages, which the kernel can
-    drop) above what it held before, and the weights' bytes."""
+def _train_start(path: Path, random_init: bool) -> torch.nn.Module:
+    """A training run's model starting from `path` (`train.init.weights`), as the trainer
+    builds it; `random_init`: built with random weights first, the starting ones copied in."""
+    from mm1.config import InitConfig, ModelConfig
+    from mm1.data.tokenizer import Tokenizer
+    from mm1.models.build import build_model, starting_point_state_dict
+    from mm1.pretrained import load_model_config
+
+    tok = Tokenizer.from_file(path)
+    if (path / "model.json").is_file():  # an export: the run is configured as its model
+        base = load_model_config(path)
+    else:  # a LLaVA directory: its architecture, at its own image size
+        from mm1.models.hf.llava import llava_model_config_from_hf
+
+        base = ModelConfig()
+        base.vision.image_size = llava_model_config_from_hf(path).vision.image_size
+    init = InitConfig(weights=str(path))
+    args = (base, tok.vocab_size, tok.image_id)
+    if not random_init:
+        return build_model(*args, new_token_ids=tok.added_ids, init=init)
+    model = build_model(*args, new_token_ids=tok.added_ids, init=init, load_weights=False)
+    model.load_state_dict(starting_point_state_dict(model, init, tok.added_ids), strict=False)
+    return model
+
+
+def child(path: str, dtype: str, mode: str) -> None:
+    """The measured process: one load (`mode` 0), one load then a cast to bf16 (1), or a
+    training run's start (`train`, `train_random_init`); its peak RSS, its peak anonymous RSS
+    (sampled every 2 ms: the memory the load allocates, without the file's mapped pages, which
+    the kernel can drop) above what it held before, and the weights' bytes."""
     import threading
 
     import torch
@@ -113,17 +151,19 @@ def child(path: str, dtype: str, cast_after: bool) -> None:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     start = time.perf_counter()
-    if cast_after:
-        p = load_pretrained(path, dtype="float32")
-        p.model.to(torch.bfloat16)
+    if mode.startswith("train"):
+        model = _train_start(Path(path), random_init=mode == "train_random_init")
+    elif mode == "1":
+        model = load_pretrained(path, dtype="float32").model
+        model.to(torch.bfloat16)
     else:
-        p = load_pretrained(path, dtype=dtype)
+        model = load_pretrained(path, dtype=dtype).model
     seconds = time.perf_counter() - start
     done.set()
     sampler.join()
-    tensors = {id(t): t for t in [*p.model.parameters(), *p.model.buffers()]}
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     weights = sum(t.numel() * t.element_size() for t in tensors.values())
-    params = sum(t.numel() for t in p.model.parameters())
+    params = sum(t.numel() for t in model.parameters())
     print(
         json.dumps(
             {
@@ -146,31 +186,41 @@ def main() -> None:
     ap.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        path, dtype, cast = args.child
-        return child(path, dtype, cast == "1")
+        return child(*args.child)
     paths = write_models(Path(args.dir), args.dim, args.layers)
-    rows, results = [], []
+    rows = []
+
+    def measure(source: str, dtype: str, arg: str, name: str, **record: object) -> dict:
+        r = run_child("benchmarks.load_memory", ["--child", str(paths[source]), dtype, arg])
+        r.update(source=source, dtype=dtype, variant=name, **record)
+        r["anon_added_over_weights"] = r["peak_anon_added_mib"] / r["weights_mib"]
+        keys = ("weights_mib", "peak_anon_added_mib", "anon_added_over_weights", "peak_rss_mib")
+        rows.append([name, *(r[k] for k in keys), r["seconds"]])
+        return r
+
     baseline = run_child(
         "benchmarks.load_memory", ["--child", str(paths["export_fp32"]), "float32", "0"]
     )
-    for source, dtype, cast in VARIANTS:
-        r = run_child(
-            "benchmarks.load_memory", ["--child", str(paths[source]), dtype, "1" if cast else "0"]
+    results = [
+        measure(
+            source,
+            dtype,
+            "1" if cast else "0",
+            f"{source} -> {dtype}" + (", then .to(bf16)" if cast else ""),
+            cast_after=cast,
         )
-        name = f"{source} -> {dtype}" + (", then .to(bf16)" if cast else "")
-        r.update(source=source, dtype=dtype, cast_after=cast, variant=name)
-        r["anon_added_over_weights"] = r["peak_anon_added_mib"] / r["weights_mib"]
-        results.append(r)
-        rows.append(
-            [
-                name,
-                r["weights_mib"],
-                r["peak_anon_added_mib"],
-                r["anon_added_over_weights"],
-                r["peak_rss_mib"],
-                r["seconds"],
-            ]
+        for source, dtype, cast in VARIANTS
+    ]
+    starts = [
+        measure(
+            source,
+            "float32",
+            mode,
+            f"{source} -> training start" + (", random init first" if "random" in mode else ""),
+            mode=mode,
         )
+        for source, mode in TRAIN_STARTS
+    ]
     print_table(
         f"Loading a {results[0]['params'] / 1e6:.0f}M-parameter model (one child process each)",
         ["variant", "weights MiB", "peak alloc MiB", "alloc / weights", "peak RSS MiB", "s"],
@@ -178,7 +228,13 @@ def main() -> None:
     )
     path = write_result(
         "load_memory",
-        {"dim": args.dim, "layers": args.layers, "warm_up": baseline, "variants": results},
+        {
+            "dim": args.dim,
+            "layers": args.layers,
+            "warm_up": baseline,
+            "variants": results,
+            "training_starts": starts,
+        },
     )
     print(f"wrote {path}", file=sys.stderr)
 

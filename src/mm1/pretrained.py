@@ -44,6 +44,7 @@ from mm1.data.images import PREPROCESSOR_CONFIG, ImageProcessor
 from mm1.data.prompt_format import PromptFormat, load_prompt_format
 from mm1.data.tokenizer import Tokenizer
 from mm1.fs import DamagedFile
+from mm1.models.build import assign_weights
 from mm1.models.family import family_spec
 from mm1.models.mllm import MLLM
 
@@ -277,10 +278,7 @@ def model_from_saved(saved: SavedModel) -> MLLM:
     if cfg.decoder.tie_embeddings:
         state["decoder.lm_head.weight"] = state["decoder.embed_tokens.weight"]
     _check_fits(model, state, saved.path)
-    model.load_state_dict(state, assign=True, strict=True)
-    if cfg.decoder.tie_embeddings:
-        model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
-    family.init_buffers(model)  # no checkpoint holds them: computed where the weights are
+    assign_weights(model, state)
     return model
 
 

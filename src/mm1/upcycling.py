@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from mm1.config import ConfigError, validate_model
+from mm1.models.build import assign_weights
 from mm1.models.family import family_spec
 from mm1.models.moe import MoEConfig
 from mm1.models.starting_point import expected_shapes
@@ -100,11 +101,5 @@ def upcycle(
         model=cfg,
         upcycle=UpcycleOptions(noise, seed),
     )
-    state = apply_chain(state, ctx)
-    if cfg.decoder.tie_embeddings:
-        state["decoder.lm_head.weight"] = state["decoder.embed_tokens.weight"]
-    model.load_state_dict(state, assign=True, strict=True)
-    if cfg.decoder.tie_embeddings:
-        model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
-    family.init_buffers(model)
+    assign_weights(model, apply_chain(state, ctx))
     return save_pretrained(model, dense.tokenizer, dense.processor, out, dense.prompt_format)

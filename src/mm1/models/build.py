@@ -127,22 +127,70 @@ def build_model(
     """
     init = with_deprecated(cfg, init)
     cfg = resolve_config(cfg, vocab_size, image_token_id, init)
+    family = family_spec(cfg.family)
+    if not (meta or load_weights):
+        return family.model(cfg)
+    with torch.device("meta"):
+        shell = family.model(cfg)
     if meta:
-        with torch.device("meta"):
-            return family_spec(cfg.family).model(cfg)
-    model = family_spec(cfg.family).model(cfg)
-    if load_weights:
-        tokenizer = family_spec(cfg.family).image_tokenizer
-        if tokenizer and not (init.vision or init.weights):
-            log.warning(
-                "model.family=%s with no train.init.vision: its image tokenizer is random and "
-                "frozen (train one with `mm1 train-encoder`, encoder.objective: %s)",
-                cfg.family,
-                tokenizer,
-            )
-        state = starting_point_state_dict(model, init, new_token_ids)
-        if state:
-            # strict=False: parts named nowhere keep their random init (the chain checked the
-            # parts it loaded); a tied head is filled through its embedding.
-            model.load_state_dict(state, strict=False)
+        return shell
+    if family.image_tokenizer and not (init.vision or init.weights):
+        log.warning(
+            "model.family=%s with no train.init.vision: its image tokenizer is random and "
+            "frozen (train one with `mm1 train-encoder`, encoder.objective: %s)",
+            cfg.family,
+            family.image_tokenizer,
+        )
+    state = starting_point_state_dict(shell, init, new_token_ids)
+    if state and not _not_in(state, shell):
+        # Every weight given: the shell takes the starting tensors themselves, with no random
+        # initialisation to overwrite (minutes at 7B) and no second copy of the model in memory.
+        assign_weights(shell, _owned(state, shell))
+        return shell
+    model = family.model(cfg)
+    if state:
+        # strict=False: parts named nowhere keep their random init (the chain checked the
+        # parts it loaded); a tied head is filled through its embedding.
+        model.load_state_dict(state, strict=False)
     return model
+
+
+def _not_in(state: dict[str, torch.Tensor], model: MLLM) -> list[str]:
+    """The model's weights (persistent buffers too) that `state` does not give."""
+    names = [k for k in model.state_dict() if k not in state]
+    if model.cfg.decoder.tie_embeddings and "decoder.embed_tokens.weight" in state:
+        names = [k for k in names if k != "decoder.lm_head.weight"]
+    return names
+
+
+def _owned(state: dict[str, torch.Tensor], model: MLLM) -> dict[str, torch.Tensor]:
+    """`state` in the model's dtypes, each tensor holding its own memory: the chain may give
+    views (of a fused projection, an expert expanded from a dense FFN) or one tensor under two
+    names, which, once they are the parameters, the optimizer would update as one."""
+    want = {k: t.dtype for k, t in model.state_dict().items()}
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in state.items():
+        dtype = want.get(name, t.dtype)
+        whole = t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        ptr = t.untyped_storage().data_ptr()
+        if t.dtype != dtype:
+            t = t.to(dtype)
+        elif not whole or ptr in seen or not t.is_contiguous():
+            t = t.clone(memory_format=torch.contiguous_format)
+        seen.add(ptr)
+        out[name] = t
+    return out
+
+
+def assign_weights(model: MLLM, state: dict[str, torch.Tensor]) -> None:
+    """Give a model built on the meta device `state`'s tensors as its weights (assigned, not
+    copied; strict): a tied head shares the embedding, and the computed buffers, which no state
+    holds, are made where the weights are."""
+    tied = model.cfg.decoder.tie_embeddings
+    if tied:
+        state = {**state, "decoder.lm_head.weight": state["decoder.embed_tokens.weight"]}
+    model.load_state_dict(state, assign=True, strict=True)
+    if tied:
+        model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
+    family_spec(model.cfg.family).init_buffers(model)
