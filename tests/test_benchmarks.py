@@ -317,7 +317,8 @@ def test_eval_throughput_benchmark_compiled_predicts_as_eager(bench) -> None:
 
 def test_load_memory_benchmark_reads_bf16_without_a_whole_fp32_copy(bench, tmp_path) -> None:
     """`--dtype bf16` allocates the bf16 weights once (plus ~10 MiB of the load's own); the
-    way before it (load in fp32, then `.to(bf16)`) allocated the fp32 model first."""
+    way before it (load in fp32, then `.to(bf16)`) allocated the fp32 model first. A training
+    start holds its starting weights once."""
     from benchmarks import load_memory
 
     paths = load_memory.write_models(tmp_path / "models", dim=384, layers=2, vision_layers=2)
@@ -334,3 +335,13 @@ def test_load_memory_benchmark_reads_bf16_without_a_whole_fp32_copy(bench, tmp_p
     assert before["peak_anon_added_mib"] > 2 * bf16["weights_mib"]  # 97 MiB for 43
     assert bf16["peak_anon_added_mib"] < 0.7 * before["peak_anon_added_mib"]  # 53
     assert export["peak_anon_added_mib"] < 0.7 * before["peak_anon_added_mib"]  # 44
+    # a training run's start (fp32) from the LLaVA directory: the starting weights once,
+    # where a random model with them copied in held two copies
+    start, random_first = (
+        load("llava_bf16", "float32", "train"),
+        load("llava_bf16", "float32", "train_random_init"),
+    )
+    fp32 = pytest.approx(2 * bf16["weights_mib"], rel=1e-2)
+    assert start["weights_mib"] == random_first["weights_mib"] == fp32
+    assert random_first["peak_anon_added_mib"] > 1.8 * start["weights_mib"]
+    assert start["peak_anon_added_mib"] < 1.2 * start["weights_mib"]
