@@ -164,14 +164,17 @@ def _not_in(state: dict[str, torch.Tensor], model: MLLM) -> list[str]:
 
 
 def _owned(state: dict[str, torch.Tensor], model: MLLM) -> dict[str, torch.Tensor]:
-    """`state` in the model's dtypes, each tensor holding its own memory: the chain may give
-    views (of a fused projection, an expert expanded from a dense FFN) or one tensor under two
-    names, which, once they are the parameters, the optimizer would update as one."""
+    """The model's weights in `state`, in the model's dtypes, each holding its own memory: the
+    chain may give views (of a fused projection, an expert expanded from a dense FFN) or one
+    tensor under two names, which, once they are the parameters, the optimizer would update as
+    one."""
     want = {k: t.dtype for k, t in model.state_dict().items()}
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for name, t in state.items():
-        dtype = want.get(name, t.dtype)
+        if name not in want:
+            continue  # not this model's (copying into a random model ignored it too)
+        dtype = want[name]
         whole = t.untyped_storage().nbytes() == t.numel() * t.element_size()
         ptr = t.untyped_storage().data_ptr()
         if t.dtype != dtype:
