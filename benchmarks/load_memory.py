@@ -1,15 +1,17 @@
 """Peak memory and time of loading a model for inference (`load_pretrained(path, dtype=...)`).
 
-Writes two directories of one model (a CLIP ViT and a Llama decoder of `--dim` x `--layers`,
-~200M parameters by default) under `--dir` (default /tmp/mm1_load_bench): a transformers LLaVA
-directory stored in bf16, as LLaVA checkpoints are published, and an mm1 export (fp32, as
-training saves it). Each variant loads in a fresh child process, which reports its peak RSS
-(`VmHWM`: the file's mapped pages count while they are mapped) and the bytes its weights take:
+Writes three directories of one model (a CLIP ViT and a Llama decoder of `--dim` x `--layers`,
+~280M parameters by default) under `--dir` (default /tmp/mm1_load_bench): a transformers LLaVA
+directory stored in bf16, as LLaVA checkpoints are published, an mm1 export and a run
+directory with one DCP checkpoint (both fp32, as training saves them). Each variant loads in a
+fresh child process, which reports its peak RSS (`VmHWM`: the file's mapped pages count while
+they are mapped) and the bytes its weights take:
 
   llava_bf16 -> float32          the whole model as fp32 (what every load did before `--dtype`)
   llava_bf16 -> bfloat16         read straight into bf16
   llava_bf16 -> float32, .to(bf16)   the way to bf16 before `--dtype` (lmms-eval's adapter did it)
   export_fp32 -> float32 / bfloat16
+  run_fp32 -> float32 / bfloat16
 
 and the start of a training run from each (`build_model(..., init=train.init.weights)`, fp32),
 against the way before: the model built with random weights, then the starting ones copied in.
@@ -39,6 +41,8 @@ VARIANTS = [
     ("llava_bf16", "float32", True),
     ("export_fp32", "float32", False),
     ("export_fp32", "bfloat16", False),
+    ("run_fp32", "float32", False),
+    ("run_fp32", "bfloat16", False),
 ]
 # A training run's start (fp32): "train" as the trainer builds it, "train_random_init" the way
 # before (a randomly initialised model, the starting weights copied into it).
@@ -48,20 +52,33 @@ TRAIN_STARTS = [
 
 
 def write_models(d: Path, dim: int, layers: int, vision_layers: int = 12) -> dict[str, Path]:
-    """The LLaVA directory (bf16) and the mm1 export (fp32) of one randomly initialised model."""
+    """The LLaVA directory (bf16), the mm1 export (fp32) and a run directory holding one DCP
+    checkpoint (fp32, as training writes it) of one randomly initialised model."""
     import torch
 
-    from mm1.config import DataConfig, DecoderConfig, ModelConfig, VisionConfig, validate_model
+    from mm1.config import (
+        DataConfig,
+        DecoderConfig,
+        ModelConfig,
+        VisionConfig,
+        to_dict,
+        validate_model,
+    )
     from mm1.data.images import ImageProcessor
     from mm1.data.prompt_format import PromptFormat
     from mm1.data.tokenizer import Tokenizer
     from mm1.hf_export import save_hf
     from mm1.models.mllm import MM1
     from mm1.pretrained import Pretrained, save_pretrained
+    from mm1.train.checkpoint import save_checkpoint
 
-    paths = {"llava_bf16": d / "llava_bf16", "export_fp32": d / "export_fp32"}
+    paths = {
+        "llava_bf16": d / "llava_bf16",
+        "export_fp32": d / "export_fp32",
+        "run_fp32": d / "run",
+    }
     stamp = d / "models.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == [dim, layers, vision_layers]:
+    if stamp.exists() and json.loads(stamp.read_text()) == [dim, layers, vision_layers, "run"]:
         return paths
     shutil.rmtree(d, ignore_errors=True)
     world = ensure_world()
@@ -87,11 +104,17 @@ def write_models(d: Path, dim: int, layers: int, vision_layers: int = 12) -> dic
     fmt = PromptFormat.from_config(DataConfig(image_boundaries=False), model.num_image_tokens, cfg)
     proc = ImageProcessor.clip(224)
     save_pretrained(model, tok, proc, paths["export_fp32"], fmt)
+    run = paths["run_fp32"]
+    save_checkpoint(run, 1, model, None, keep=1)
+    (run / "model.json").write_text(json.dumps(to_dict(cfg)))
+    tok.save(run / "tokenizer")
+    proc.save_pretrained(run / "tokenizer")
+    fmt.save(run / "tokenizer")
     save_hf(
         Pretrained(model.to(torch.bfloat16), tok, proc, paths["llava_bf16"], fmt),
         paths["llava_bf16"],
     )
-    stamp.write_text(json.dumps([dim, layers, vision_layers]))
+    stamp.write_text(json.dumps([dim, layers, vision_layers, "run"]))
     return paths
 
 

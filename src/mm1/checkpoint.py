@@ -3,7 +3,7 @@ safely) and exported directories.
 
 A run directory keeps its checkpoints under ``RUN_DIR/checkpoints/step_N/`` (complete when it
 has ``meta.json``; see `mm1.train.checkpoint` for how they are written). Reading never runs code
-a checkpoint carries: every pickle in it is read with an allow-list (see "Safe loading"), and
+a checkpoint carries: every pickle in it is read with an allow-list (`mm1.safe_dcp`), and
 anything outside it is refused with a `CheckpointError` naming the file.
 
 An exported directory holds ``model.safetensors`` (a tied head stored once) and ``model.json``
@@ -15,39 +15,35 @@ without building a model: training starts from it (`train.init`), inference load
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import pathlib
-import pickle
 import re
-import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import metadata as _md
-from torch.distributed.checkpoint._traverse import set_element
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
     set_state_dict,
 )
 
-from mm1.checksums import find_damage, plain_name
+from mm1.checksums import find_damage
 from mm1.config import ConfigError, ModelConfig, model_config_from_dict
 from mm1.fs import DamagedFile, read_json
+from mm1.safe_dcp import (
+    CheckpointError,
+    SafeFileSystemReader,
+    SafeLoadPlanner,
+    safe_dcp_load,
+)
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -96,10 +92,6 @@ SD_OPTIONS = StateDictOptions(
     strict=True,
     flatten_optimizer_state_dict=True,
 )
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is refused: tampered with, truncated, or not written by this code."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,178 +175,6 @@ def dist_info() -> tuple[int, int, bool]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), True
     return 0, 1, False
-
-
-def dcp_quietly(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    # DCP warns on every call without a process group; that is the intended single-process use.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        return fn(*args, **kwargs)
-
-
-# ---------------------------------------------------------------------------------------------
-# Safe loading
-#
-# A checkpoint holds three kinds of pickle: DCP's ``.metadata`` index, the byte items DCP writes
-# for non-tensor values (optimizer hyper-parameters, our two blobs), and our blobs themselves.
-# Plain unpickling of any of them runs whatever code a crafted file names, so each is read with
-# an allow-list. ``.metadata`` is pickled with protocol 4, which torch's weights-only unpickler
-# cannot parse (FRAME, MEMOIZE, STACK_GLOBAL), so it goes through a `pickle.Unpickler` whose
-# `find_class` admits only DCP's metadata classes; the other two are torch.save (protocol 2) and
-# go through ``torch.load(weights_only=True)``.
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
-
-
-def load_plain(data: io.BytesIO, where: object, what: str, allowed: list[Any] | None = None) -> Any:
-    """`torch.load` of a checkpoint entry, weights-only (plus the `allowed` globals): anything
-    else it names is refused with a `CheckpointError` naming `where` and the entry `what`."""
-    try:
-        with torch.serialization.safe_globals(allowed or []):
-            return torch.load(data, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{where}: refused the entry {what!r}: it holds more than plain data "
-            f"({first_line(err)}); it was tampered with or not written by mm1"
-        ) from None
-    except Exception as err:  # truncated or corrupt
-        raise CheckpointError(
-            f"{where}: could not read the entry {what!r} ({first_line(err)})"
-        ) from None
-
-
-def _metadata_globals() -> dict[tuple[str, str], Any]:
-    """The classes and functions a DCP ``.metadata`` pickle may name, by (module, name)."""
-    allowed: list[Any] = [
-        _md.Metadata,
-        _md.MetadataIndex,
-        _md.TensorStorageMetadata,
-        _md.BytesStorageMetadata,
-        _md.ChunkStorageMetadata,
-        _md.TensorProperties,
-        _md.StorageMeta,
-        _md._MEM_FORMAT_ENCODING,
-        _StorageInfo,
-        torch.Size,
-        torch.serialization._get_layout,  # how torch.layout values pickle
-    ]
-    out = {(obj.__module__, obj.__qualname__): obj for obj in allowed}
-    # StorageMeta.checkpoint_id is the path the checkpoint was saved to.
-    for cls in (pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath):
-        out[(cls.__module__, cls.__qualname__)] = out[("pathlib", cls.__name__)] = cls
-    for name in dir(torch):  # dtypes pickle as the attribute of `torch` they are
-        if isinstance(getattr(torch, name, None), torch.dtype):
-            out[("torch", name)] = getattr(torch, name)
-    return out
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def __init__(self, file: Any) -> None:
-        super().__init__(file)
-        self._allowed = _metadata_globals()
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return self._allowed[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(f"it names {module}.{name}, not a DCP class") from None
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise pickle.UnpicklingError("it holds a persistent id")
-
-
-class SafeFileSystemReader(FileSystemReader):
-    """DCP's file-system reader, except that ``.metadata`` is unpickled with an allow-list of
-    DCP's own classes and may only point at data files inside the checkpoint directory."""
-
-    def __init__(self, path: str | os.PathLike[str], **kwargs: Any) -> None:
-        super().__init__(path, **kwargs)
-        self._metadata: dict[Any, _md.Metadata] = {}
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> _md.Metadata:
-        rank = kwargs.get("rank")
-        if rank not in self._metadata:
-            self._metadata[rank] = self._read_safely(Path(self._get_metadata_path(rank)))
-        metadata = self._metadata[rank]
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = _md.StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-    @staticmethod
-    def _read_safely(path: Path) -> _md.Metadata:
-        with open(path, "rb") as f:
-            try:
-                metadata = _MetadataUnpickler(f).load()
-            except Exception as err:
-                raise CheckpointError(
-                    f"{path}: refused to load checkpoint metadata ({first_line(err)}); "
-                    "it was not written by DCP or was tampered with"
-                ) from None
-        if not isinstance(metadata, _md.Metadata) or not isinstance(metadata.storage_data, dict):
-            raise CheckpointError(f"{path}: not a DCP checkpoint index ({type(metadata).__name__})")
-        for info in metadata.storage_data.values():
-            name = getattr(info, "relative_path", None)
-            if not plain_name(name):
-                raise CheckpointError(f"{path}: refers to data outside the checkpoint ({name!r})")
-        return metadata
-
-
-class SafeLoadPlanner(DefaultLoadPlanner):
-    """DCP's default load planner, except that byte items (non-tensor values) are unpickled
-    weights-only, and refused for keys the state being loaded holds as tensors: the metadata
-    decides which keys are read as bytes, so a tampered index could otherwise swap a tensor.
-    `root` (the checkpoint directory) names the data file in errors."""
-
-    def __init__(self, root: str | os.PathLike[str], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._root = Path(root)
-
-    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        fqn = read_item.dest_index.fqn
-        where = self._where(read_item)
-        if isinstance(self.state_dict.get(fqn), torch.Tensor):
-            raise CheckpointError(
-                f"{where}: {fqn!r} is stored as pickled bytes where a tensor belongs; refused"
-            )
-        obj = load_plain(value, where, fqn)
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[fqn], obj)
-        else:
-            self.state_dict[fqn] = obj
-
-    def _where(self, read_item: ReadItem) -> str:
-        """The data file an item comes from (the checkpoint directory when unknown)."""
-        storage = getattr(self.metadata, "storage_data", None) or {}
-        name = getattr(storage.get(read_item.storage_index), "relative_path", None)
-        return str(self._root / name) if name else str(self._root)
-
-
-def safe_dcp_load(state: dict[str, Any], path: Path, distributed: bool) -> None:
-    """`dcp.load` through the safe reader and planner; a refusal surfaces as its own one-line
-    `CheckpointError` rather than inside DCP's multi-rank traceback dump."""
-    reader = SafeFileSystemReader(path)
-    reader.read_metadata()  # refused here, before DCP (which logs and retries a failed read)
-    try:
-        dcp_quietly(
-            dcp.load,
-            state,
-            checkpoint_id=path,
-            storage_reader=reader,
-            planner=SafeLoadPlanner(path),
-            no_dist=not distributed,
-        )
-    except CheckpointException as exc:
-        inner = [f[0] if isinstance(f, tuple) else f for f in exc.failures.values()]
-        for e in inner:
-            if isinstance(e, CheckpointError):
-                raise CheckpointError(str(e)) from None
-        # A truncated or corrupt data file: one line, not DCP's per-rank traceback dump.
-        why = first_line(inner[0]) if inner else "unknown error"
-        raise CheckpointError(f"{path}: could not read the checkpoint ({why})") from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,44 +339,45 @@ def read_model_weights(
             raise DamagedFile(
                 f"{p / EXPORT_WEIGHTS} is not a readable safetensors file ({why})"
             ) from None
-        state = {k: v.to(_read_dtype(cfg, k, v, dtype), copy=True) for k, v in mapped.items()}
+        state = {k: v.to(_read_dtype(cfg, k, v.dtype, dtype), copy=True) for k, v in mapped.items()}
         return SavedModel(cfg, state, p, None)
     if is_run(p):
-        saved = _read_newest(p)
+        saved = _read_newest(p, dtype)
     elif is_checkpoint(p):
-        saved = _read_checkpoint(p, p.parent.parent)
+        saved = _read_checkpoint(p, p.parent.parent, dtype)
     else:
         raise FileNotFoundError(
             f"{p} is neither an exported model ({EXPORT_WEIGHTS} + {MODEL_CONFIG}), a run "
             f"directory with {CHECKPOINTS_DIR}/, nor one of its {CHECKPOINTS_DIR}/step_N"
         )
-    for k, v in saved.state.items():  # replaced one at a time: one fp32 tensor freed per cast
-        saved.state[k] = v.to(_read_dtype(saved.config, k, v, dtype))
+    for k, v in saved.state.items():  # the merged LoRA layers: one fp32 tensor freed per cast
+        saved.state[k] = v.to(_read_dtype(saved.config, k, v.dtype, dtype))
     return saved
 
 
 def _read_dtype(
-    cfg: ModelConfig, key: str, value: torch.Tensor, dtype: torch.dtype | None
+    cfg: ModelConfig, key: str, saved: torch.dtype, dtype: torch.dtype | None
 ) -> torch.dtype:
-    if dtype is None or not value.is_floating_point():
-        return value.dtype
+    """The dtype weight `key`, saved in `saved`, is read into for a model running in `dtype`."""
+    if dtype is None or not saved.is_floating_point:
+        return saved
     from mm1.models.family import weight_dtype  # deferred: the models import this module
 
     return weight_dtype(cfg, key, dtype)
 
 
-def _read_newest(run: Path, tries: int = 5) -> SavedModel:
+def _read_newest(run: Path, dtype: torch.dtype | None, tries: int = 5) -> SavedModel:
     """The run's newest checkpoint, which may be training on: a save deletes the checkpoints
     beyond `keep` once its own is complete, perhaps the one being read. A read that fails while
     a newer checkpoint has appeared reads that one instead."""
     for _ in range(tries - 1):
         ckpt = _newest_checkpoint(run)
         try:
-            return _read_checkpoint(ckpt, run)
+            return _read_checkpoint(ckpt, run, dtype)
         except (OSError, CheckpointError):
             if latest_checkpoint(run) in (None, ckpt):
                 raise  # not overtaken by a save: a real failure
-    return _read_checkpoint(_newest_checkpoint(run), run)
+    return _read_checkpoint(_newest_checkpoint(run), run, dtype)
 
 
 def _newest_checkpoint(run: Path) -> Path:
@@ -566,30 +387,44 @@ def _newest_checkpoint(run: Path) -> Path:
     return ckpt
 
 
-def _read_checkpoint(ckpt: Path, run: Path) -> SavedModel:
+def _read_checkpoint(ckpt: Path, run: Path, dtype: torch.dtype | None) -> SavedModel:
     from mm1.models.lora import merge_lora  # deferred: the models import this module
 
     cfg = read_model_config(run)
     step = int(read_meta(ckpt)["step"])
-    state = merge_lora(_read_dcp_model(ckpt))  # a LoRA run's adapters, in their weights
+
+    def read_as(key: str, saved: torch.dtype) -> torch.dtype:
+        return _read_dtype(cfg, key, saved, dtype)
+
+    state = merge_lora(_read_dcp_model(ckpt, read_as))  # a LoRA run's adapters, in its weights
     if cfg.decoder.tie_embeddings:
         state.pop("decoder.lm_head.weight", None)  # the embedding, as in exports
     return SavedModel(cfg, state, ckpt, step)
 
 
-def _read_dcp_model(path: Path) -> dict[str, torch.Tensor]:
+def _read_dcp_model(
+    path: Path, read_as: Callable[[str, torch.dtype], torch.dtype] | None = None
+) -> dict[str, torch.Tensor]:
     """The ``model.*`` tensors of a DCP checkpoint, whole, into CPU tensors shaped by its index,
     after its files were checked against their checksums (a damaged checkpoint is never
-    evaluated, served or exported)."""
+    evaluated, served or exported). `read_as(key, saved dtype)` gives the dtype each is read
+    into (cast piece by piece as DCP copies it in: a bf16 reader never holds the fp32 model);
+    the layers a LoRA run adapted keep theirs, for the merge to add the adapters in fp32."""
     verify_checksums(path, distributed=False)
     reader = SafeFileSystemReader(path)
     metadata = reader.read_metadata()
+    saved = {
+        key.removeprefix("model."): info
+        for key, info in metadata.state_dict_metadata.items()
+        if key.startswith("model.") and isinstance(info, _md.TensorStorageMetadata)
+    }
+    adapted = tuple(k.removesuffix("lora.a") for k in saved if k.endswith(".lora.a"))
     template: dict[str, torch.Tensor] = {}
-    for key, info in metadata.state_dict_metadata.items():
-        if key.startswith("model.") and isinstance(info, _md.TensorStorageMetadata):
-            template[key.removeprefix("model.")] = torch.empty(
-                info.size, dtype=info.properties.dtype
-            )
+    for key, info in saved.items():
+        dtype = info.properties.dtype
+        if read_as is not None and not key.startswith(adapted):
+            dtype = read_as(key, dtype)
+        template[key] = torch.empty(info.size, dtype=dtype)
     if not template:
         raise CheckpointError(f"{path}: holds no model weights")
     state: dict[str, Any] = {"model": template}

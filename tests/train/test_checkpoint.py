@@ -478,11 +478,11 @@ def test_reading_a_run_whose_save_deletes_the_checkpoint_being_read(
     (run / "checkpoints" / "step_4").rename(later)  # not yet saved when the read starts
     real = reading._read_dcp_model
 
-    def read_while_saving(path: Path) -> dict[str, torch.Tensor]:
+    def read_while_saving(path: Path, *args: object) -> dict[str, torch.Tensor]:
         if path.name == "step_2":  # step 4 completes, then the save prunes step 2
             later.rename(run / "checkpoints" / "step_4")
             shutil.rmtree(path)
-        return real(path)
+        return real(path, *args)
 
     monkeypatch.setattr(reading, "_read_dcp_model", read_while_saving)
     saved = reading.read_model_weights(run)

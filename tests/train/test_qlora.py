@@ -155,6 +155,12 @@ def test_a_qlora_run_trains_its_adapters_over_fixed_codes_and_resumes_bit_exactl
     for name, value in before.items():  # what is neither adapted nor the connector: unchanged
         if not (".weight" in name and "_proj" in name) and not name.startswith("connector."):
             assert torch.equal(after[name], value), name
+    # read for bf16 inference: cast as DCP reads each weight in, except the adapted layers,
+    # dequantized and merged in fp32 first; the same as the fp32 read cast
+    low = read_model_weights(run, torch.bfloat16).state
+    for name, value in after.items():
+        assert low[name].dtype == torch.bfloat16, name
+        assert torch.equal(low[name], value.to(torch.bfloat16)), name
 
     shutil.copytree(run, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_4")

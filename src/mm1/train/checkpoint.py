@@ -93,26 +93,28 @@ from mm1.checkpoint import (
     REPLACED,
     SD_OPTIONS,
     TMP_PREFIX,
-    CheckpointError,
-    SafeFileSystemReader,
-    SafeLoadPlanner,
     checkpoints_root,
-    dcp_quietly,
     dist_info,
     foreign_entries,
     latest_checkpoint,
     list_checkpoints,
     load_model_weights,
-    load_plain,
     orphaned_replacements,
     read_meta,
-    safe_dcp_load,
     step_of,
     verify_checksums,
 )
 from mm1.checksums import checksum_share
 from mm1.config import ConfigError
 from mm1.fs import fsync_dir
+from mm1.safe_dcp import (
+    CheckpointError,
+    SafeFileSystemReader,
+    SafeLoadPlanner,
+    dcp_quietly,
+    load_plain,
+    safe_dcp_load,
+)
 from mm1.train.disk_space import DiskFullError, is_disk_full, size_estimate
 
 __all__ = [
