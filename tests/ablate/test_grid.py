@@ -334,6 +334,23 @@ def test_nested_typos_and_bad_study_names_refused(tmp_path, body, message) -> No
     assert "\n" not in str(err.value)
 
 
+def test_eval_overrides_may_be_what_makes_the_base_valid(tmp_path) -> None:
+    """The cells run base + eval overrides, never the base alone: a base that beams with
+    `eval.compile` (refused alone) is a valid study when `eval.overrides` evaluate greedily."""
+    base = tmp_path / "beams.yaml"
+    base.write_text(
+        yaml.safe_dump({"extends": str(ROOT / "configs" / "demo.yaml"), "eval": {"num_beams": 3}})
+    )
+    body = {
+        "base": {"config": str(base), "overrides": {"eval.compile": True}},
+        "axes": {"train.steps": [5]},
+    }
+    with pytest.raises(ConfigError, match=r"grid\.yaml: base: eval\.compile"):
+        load_grid(_grid(tmp_path, **body))
+    grid = load_grid(_grid(tmp_path, **body, eval={"overrides": {"eval.num_beams": 1}}))
+    assert grid.cell_config(grid.cells[0], tmp_path / "study").eval.num_beams == 1
+
+
 def test_a_sitting_that_trained_no_step_is_no_measurement(tmp_path) -> None:
     """A cell stopped while evaluating and resumed trains 0 steps in its last sitting: its
     seconds are no measure of training (they would be spread over all its steps)."""

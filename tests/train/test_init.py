@@ -104,6 +104,31 @@ def test_a_start_given_every_weight_builds_no_random_model(source_run, tmp_path,
         torch.testing.assert_close(b, dict(before.named_buffers())[name], rtol=0, atol=0)
 
 
+def test_assigned_weights_are_contiguous_fp32_and_each_its_own(tiny_model_config) -> None:
+    """However a chain hands the tensors over (a transposed bf16 copy, a view of a fused
+    tensor, one tensor under two names), the parameters `build_model` assigns are contiguous,
+    in the model's dtype, and share no memory: the optimizer updates each alone."""
+    from mm1.models.build import _owned
+    from mm1.models.family import family_spec
+
+    cfg = tiny_model_config()
+    with torch.device("meta"):
+        shell = family_spec(cfg.family).model(cfg)
+    state = {k: torch.randn(v.shape) for k, v in shell.state_dict().items()}
+    wq, wk = "decoder.layers.0.self_attn.q_proj.weight", "decoder.layers.0.self_attn.k_proj.weight"
+    state[wq] = state[wq].t().contiguous().to(torch.bfloat16).t()  # transposed strides
+    fused = torch.cat([state[wk], state[wk]])
+    state[wk] = fused[: state[wk].shape[0]]  # a view of a larger tensor
+    down = "decoder.layers.1.mlp.down_proj.weight"
+    state["decoder.layers.0.mlp.down_proj.weight"] = state[down]  # one tensor, two names
+    got = _owned(state, shell)
+    assert got.keys() == state.keys()
+    assert all(t.dtype == torch.float32 and t.is_contiguous() for t in got.values())
+    assert torch.equal(got[wq], state[wq].float()) and torch.equal(got[wk], state[wk])
+    pointers = [t.untyped_storage().data_ptr() for t in got.values()]
+    assert len(set(pointers)) == len(pointers)
+
+
 def test_one_part_from_a_run_the_others_random(
     make_trainer, tmp_path, world, source_run, tiny_config
 ) -> None:

@@ -301,15 +301,19 @@ def load_grid(path: str | Path) -> Grid:
     clash = sorted(set(eval_overrides) & set(base_overrides))
     if clash:
         raise _err(path, f"{clash[0]}: set both in base.overrides and eval.overrides")
-    # the base alone, then with the evaluation settings: an error names the section at fault
-    checks = [("base", base_overrides)]
-    if eval_overrides:
-        checks.append(("eval.overrides", {**base_overrides, **eval_overrides}))
-    for section, overrides in checks:
-        try:
-            load_config(base_config, _as_args(overrides))
-        except ConfigError as err:
-            raise _err(path, f"{section}: {err}") from None
+    # The cells' common config; when it fails, the base alone says which section is at fault
+    # (the evaluation settings may also be what makes a base's eval section valid).
+    try:
+        load_config(base_config, _as_args({**base_overrides, **eval_overrides}))
+    except ConfigError as merged_err:
+        blame = f"base: {merged_err}"
+        if eval_overrides:
+            try:
+                load_config(base_config, _as_args(base_overrides))
+                blame = f"eval.overrides: {merged_err}"
+            except ConfigError as base_err:
+                blame = f"base: {base_err}"
+        raise _err(path, blame) from None
     table = _section(path, raw, "table")
     layout = table.get("layout", "plain")
     if layout not in TABLE_LAYOUTS:

@@ -178,7 +178,7 @@ def _owned(state: dict[str, torch.Tensor], model: MLLM) -> dict[str, torch.Tenso
         whole = t.untyped_storage().nbytes() == t.numel() * t.element_size()
         ptr = t.untyped_storage().data_ptr()
         if t.dtype != dtype:
-            t = t.to(dtype)
+            t = t.to(dtype, memory_format=torch.contiguous_format)
         elif not whole or ptr in seen or not t.is_contiguous():
             t = t.clone(memory_format=torch.contiguous_format)
         seen.add(ptr)
