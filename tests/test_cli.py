@@ -67,6 +67,10 @@ def test_info_reports_components() -> None:
     out = mm1("info", str(ROOT / "configs" / "models" / "mm1_3b.yaml"))
     for word in ("vision encoder", "connector", "decoder", "144 image tokens", "peak learning"):
         assert word in out
+    # the model states of a full run: fp32 weights, gradients as large, AdamW's two moments
+    line = next(x for x in out.splitlines() if x.startswith("model states in training:"))
+    weights = float(line.split("weights ")[1].split(" GiB")[0])
+    assert f"gradients {weights:.2f} GiB" in line and "activations not counted" in line
 
 
 def test_info_counts_each_layouts_crops_and_tokens(capsys) -> None:

@@ -21,9 +21,12 @@ def _human(n: float) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
+    import torch
+
     from mm1.models.family import family_spec
     from mm1.models.summary import summarize
     from mm1.train.optim import mm1_peak_lr
+    from mm1.train.state_memory import training_state_bytes
 
     if args.seq_len < 0:  # would print negative FLOPs
         raise ConfigError(f"--seq-len {args.seq_len} must be positive (0: the model's max_seq_len)")
@@ -94,6 +97,18 @@ def cmd_info(args: argparse.Namespace) -> None:
         f"MM1 peak learning rate for N = {_human(s.active)} active decoder parameters "
         f"(embeddings counted): {mm1_peak_lr(s.active):.3g}"
     )
+    with torch.device("meta"):
+        shell = family.model(model_cfg)
+    b = training_state_bytes(shell, cfg.train)
+    console.print(
+        f"model states in training: {_size(b.total)} = weights {_size(b.weights)} + gradients "
+        f"{_size(b.gradients)} + AdamW {_size(b.optimizer)} (what train.* trains; under FSDP2 "
+        "each of N processes holds about 1/N; activations not counted)"
+    )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _refuse_other_yaml(path: str) -> None:
