@@ -110,6 +110,29 @@ def test_train_init_from_a_dense_run_upcycles_on_the_fly(
         bad.setup()
 
 
+def test_a_moe_config_over_a_llava_directory_upcycles_it(
+    make_trainer, tmp_path, world, tiny_config
+) -> None:
+    """A transformers LLaVA directory gives the architecture, except a MoE FFN configured over
+    its dense decoder: upcycled as from a run (it was dropped without a word, training dense)."""
+    from mm1.hf_export import save_hf
+    from mm1.pretrained import load_pretrained
+
+    cfg = tiny_config(tmp_path, world, steps=1, parallel="none", val_every=0)
+    mlp = ["model.connector.type=mlp", "model.connector.num_tokens=16"]
+    make_trainer(cfg, tmp_path / "dense", *mlp).fit()
+    dense = load_pretrained(tmp_path / "dense")
+    save_hf(dense, tmp_path / "hf")
+    start = f"train.init.weights={tmp_path / 'hf'}"
+    trainer = make_trainer(cfg, tmp_path / "run", *mlp, *MOE, start)
+    trainer.setup()
+    assert all(isinstance(b.mlp, MoE) for b in trainer.raw_model.decoder.layers)
+    inputs = _inputs(dense.model)
+    torch.testing.assert_close(
+        _logits(trainer.model, inputs), _logits(dense.model, inputs), atol=1e-5, rtol=0
+    )
+
+
 def test_bad_upcycling_requests_name_the_option(tmp_path, dense_run) -> None:
     from mm1.upcycling import upcycle
 

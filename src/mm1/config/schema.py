@@ -427,7 +427,8 @@ class InitConfig:
     weights adapted by the loading chain: position embeddings, vocabulary). Parts named nowhere
     start from random. A resumed run ignores all of this: it continues from its own checkpoint.
     A dense decoder started into a MoE `model.decoder.ffn` is upcycled on the fly (each expert a
-    copy of its layer's FFN, a small random router; `mm1.models.upcycle`).
+    copy of its layer's FFN, a small random router; `mm1.models.upcycle`), an HF or LLaVA
+    directory's too: the configured MoE FFN is kept over its dense architecture.
     """
 
     weights: str | None = None

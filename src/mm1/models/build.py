@@ -37,6 +37,7 @@ def resolve_config(
     init = with_deprecated(cfg, init)
     cfg = copy.deepcopy(cfg)
     cfg.vision.init = cfg.decoder.init = None
+    configured_ffn, configured_type = cfg.decoder.ffn, cfg.decoder.ffn_type
     _refuse_missing_encoder(cfg, init)
     sources(init)  # a starting point of the wrong kind is refused before anything is built
     llava = llava_source(init)
@@ -66,6 +67,11 @@ def resolve_config(
             cfg.decoder = hf.decoder_config_from_hf(decoder_hf)
             # The checkpoint gives the architecture; how attention is computed stays the user's.
             cfg.decoder.attention = attention
+    moe_over_dense = configured_type == "moe" and cfg.decoder.ffn_type != "moe"
+    if (llava or decoder_hf) and moe_over_dense:
+        # A MoE FFN configured over a dense starting decoder: upcycled by the loading chain, as
+        # from a run (the checkpoint's dense FFN would otherwise replace it without a word).
+        cfg.decoder.ffn = configured_ffn
     if vocab_size is not None:
         cfg.decoder.vocab_size = vocab_size
     if image_token_id is not None:
