@@ -73,6 +73,30 @@ def test_info_reports_components() -> None:
     assert f"gradients {weights:.2f} GiB" in line and "activations not counted" in line
 
 
+def test_info_gives_what_each_training_process_holds(capsys) -> None:
+    """`--processes N`: FSDP2 shards the model states (the first process, holding ceil(rows / N)
+    rows of each weight, a little over 1/N); DDP gives each process all of them."""
+    preset = str(ROOT / "configs" / "models" / "mm1_3b.yaml")
+
+    def states(*args: str) -> float:
+        out = mm1_here(capsys, "info", preset, *args)
+        line = next(x for x in out.splitlines() if x.startswith("model states in training:"))
+        return float(line.split(": ")[1].split(" GiB")[0])
+
+    one, fsdp, ddp = (
+        states(),
+        states("--processes", "8"),
+        states("--processes", "8", "train.parallel=ddp"),
+    )
+    assert ddp == one and one / 8 <= fsdp < 1.01 * one / 8
+    for argv, message in (
+        (["--processes", "0"], "--processes 0 must be at least 1"),
+        (["--processes", "2", "train.parallel=none"], "train.parallel=none with 2 processes"),
+        (["--processes", "2", "train.lora.rank=4", "train.lora.quantize=nf4"], "nf4 runs in one"),
+    ):
+        assert message in one_line(capsys, ["info", preset, *argv], 2)
+
+
 def test_info_counts_each_layouts_crops_and_tokens(capsys) -> None:
     preset = str(ROOT / "configs" / "models" / "mm1_3b.yaml")  # 378 px crops, 144 tokens each
     lines = {}

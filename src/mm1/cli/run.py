@@ -26,12 +26,16 @@ def cmd_info(args: argparse.Namespace) -> None:
     from mm1.models.family import family_spec
     from mm1.models.summary import summarize
     from mm1.train.optim import mm1_peak_lr
+    from mm1.train.parallel import refuse_unsupported_processes
     from mm1.train.state_memory import training_state_bytes
 
     if args.seq_len < 0:  # would print negative FLOPs
         raise ConfigError(f"--seq-len {args.seq_len} must be positive (0: the model's max_seq_len)")
+    if args.processes < 1:
+        raise ConfigError(f"--processes {args.processes} must be at least 1")
     _refuse_other_yaml(args.config)
     cfg = load_config(args.config, args.overrides)
+    refuse_unsupported_processes(cfg.train, args.processes)  # before the tables
     model_cfg, vocab_from = _built_model_config(cfg)
     s = summarize(model_cfg, args.seq_len or model_cfg.decoder.max_seq_len)
     tokenizer = family_spec(model_cfg.family).image_tokenizer
@@ -99,11 +103,16 @@ def cmd_info(args: argparse.Namespace) -> None:
     )
     with torch.device("meta"):
         shell = family.model(model_cfg)
-    b = training_state_bytes(shell, cfg.train)
+    n = args.processes
+    b = training_state_bytes(shell, cfg.train, n)
+    where = {
+        "fsdp": f"per process of {n}, sharded by FSDP2: the first holds the most",
+        "ddp": f"per process of {n}, each whole under DDP",
+    }.get(cfg.train.parallel if n > 1 else "", "one process; --processes N: each of N")
     console.print(
         f"model states in training: {_size(b.total)} = weights {_size(b.weights)} + gradients "
-        f"{_size(b.gradients)} + AdamW {_size(b.optimizer)} (what train.* trains; under FSDP2 "
-        "each of N processes holds about 1/N; activations not counted)"
+        f"{_size(b.gradients)} + AdamW {_size(b.optimizer)} (what train.* trains, {where}; "
+        "activations not counted)"
     )
 
 
@@ -293,6 +302,12 @@ def register(add: Add) -> None:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.add_argument("--seq-len", type=int, default=0)
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="training processes (GPUs): the model states each holds under train.parallel",
+    )
 
     p = add("ablate", cmd_ablate, "train and evaluate a grid of configs into a study's tables")
     p.add_argument("grid", help="the grid YAML (base config, axes or cells, seeds)")

@@ -123,11 +123,7 @@ def block_lists(model: nn.Module) -> list[nn.ModuleList]:
 
 def refuse_unsupported_placement(cfg: Config, d: Dist) -> None:
     """What a run cannot do on these processes and devices, refused before any work."""
-    if d.enabled and cfg.train.parallel == "none":
-        raise ConfigError(
-            f"train.parallel=none with {d.world_size} processes would train {d.world_size} "
-            "unsynchronised copies: use train.parallel=fsdp or ddp"
-        )
+    refuse_unsupported_processes(cfg.train, d.world_size)
     if cfg.model.decoder.attention == "flex" and d.device.type != "cuda":
         raise ConfigError(
             "model.decoder.attention=flex needs a GPU to train (torch has no FlexAttention "
@@ -137,12 +133,28 @@ def refuse_unsupported_placement(cfg: Config, d: Dist) -> None:
         from mm1.models.nf4 import torchao_nf4
 
         torchao_nf4()  # installed
-        if d.enabled and cfg.train.parallel == "fsdp":
-            raise ConfigError(
-                "train.lora.quantize=nf4 runs in one process or with train.parallel=ddp "
-                "(FSDP2 builds the model on the meta device, and the NF4 weights are "
-                "quantized from loaded ones): set train.parallel=ddp"
-            )
+
+
+def refuse_unsupported_processes(t: TrainConfig, processes: int) -> None:
+    """What `t` cannot train on `processes` processes (`mm1 info --processes` asks too)."""
+    if processes > 1 and t.parallel == "none":
+        raise ConfigError(
+            f"train.parallel=none with {processes} processes would train {processes} "
+            "unsynchronised copies: use train.parallel=fsdp or ddp"
+        )
+    if processes > 1 and t.parallel == "fsdp" and t.lora.quantize == "nf4":
+        raise ConfigError(
+            "train.lora.quantize=nf4 runs in one process or with train.parallel=ddp "
+            "(FSDP2 builds the model on the meta device, and the NF4 weights are "
+            "quantized from loaded ones): set train.parallel=ddp"
+        )
+
+
+def fsdp_ignored_params(model: nn.Module, family: ModelFamily) -> set[nn.Parameter]:
+    """The parameters FSDP2 leaves whole on every process: a frozen image tokenizer's (chameleon,
+    seed), kept unsharded and in fp32, as bf16 weights would flip codes near a tie and training
+    would read other codes than evaluation (in fp32) does."""
+    return set(model.vision.parameters()) if getattr(family, "image_tokenizer", "") else set()
 
 
 def parallelize(
@@ -194,7 +206,9 @@ def parallelize(
             dist.broadcast(b, src=0)
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(frozen))
         ids = [d.local_rank] if d.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        # Gradients as views of the all-reduce buckets: DDP's default keeps both, a second copy
+        # of every trained weight's gradient on each process.
+        return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = None
@@ -206,12 +220,10 @@ def parallelize(
         for block in blocks:
             fully_shard(block, **kw)
     root_kw = dict(kw)
-    if getattr(family, "image_tokenizer", ""):
-        # A frozen image tokenizer (chameleon, seed) stays out of FSDP, unsharded and in fp32,
-        # and the pixels reach it uncast: bf16 weights or pixels would flip codes near a tie, so
-        # training would read other codes than evaluation (in fp32) does.
-        root_kw["ignored_params"] = set(model.vision.parameters())
-        if mp is not None:
+    ignored = fsdp_ignored_params(model, family)
+    if ignored:
+        root_kw["ignored_params"] = ignored
+        if mp is not None:  # and the pixels reach the tokenizer uncast, for the same reason
             root_kw["mp_policy"] = replace(mp, cast_forward_inputs=False)
     fully_shard(model, **root_kw)
     if on_meta:
