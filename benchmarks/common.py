@@ -14,6 +14,7 @@ import platform
 import resource
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -95,6 +96,56 @@ def fmt(v: Any) -> str:
     return str(v)
 
 
+def status_mib(field: str) -> float:
+    """A memory field of /proc/self/status (`RssAnon`, `VmHWM`, ...) in MiB; nan elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def trim_heap() -> None:
+    """Hand freed heap pages back to the kernel (glibc keeps them), so RSS says what is held."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class AnonPeak:
+    """The largest anonymous memory (`RssAnon`) this process reaches inside the block, sampled
+    every `every_s` by a thread: the memory it allocates, without files' mapped pages, which
+    the kernel can drop. `start` is what it held on entry, `peak` the largest sample."""
+
+    def __init__(self, every_s: float = 0.002) -> None:
+        self.every_s = every_s
+        self.start = self.peak = status_mib("RssAnon")
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._done.is_set():
+            self.peak = max(self.peak, status_mib("RssAnon"))
+            time.sleep(self.every_s)
+
+    @property
+    def added(self) -> float:
+        return self.peak - self.start
+
+    def __enter__(self) -> AnonPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, status_mib("RssAnon"))
+
+
 def peak_rss_mib() -> float:
     """This process's peak resident set size in MiB.
 
@@ -103,13 +154,8 @@ def peak_rss_mib() -> float:
     high-water mark `VmHWM` (/proc/self/status) starts afresh at exec, so it is used when
     available; `ru_maxrss` otherwise.
     """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    hwm = status_mib("VmHWM")
+    return hwm if hwm == hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class Timer:

@@ -30,7 +30,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from benchmarks.common import ensure_world, peak_rss_mib, print_table, run_child, write_result
+from benchmarks.common import (
+    AnonPeak,
+    ensure_world,
+    peak_rss_mib,
+    print_table,
+    run_child,
+    write_result,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -118,13 +125,6 @@ def write_models(d: Path, dim: int, layers: int, vision_layers: int = 12) -> dic
     return paths
 
 
-def _status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def _train_start(path: Path, random_init: bool) -> torch.nn.Module:
     """A training run's model starting from `path` (`train.init.weights`), as the trainer
     builds it; `random_init`: built with random weights first, the starting ones copied in."""
@@ -155,35 +155,21 @@ def child(path: str, dtype: str, mode: str) -> None:
     training run's start (`train`, `train_random_init`); its peak RSS, its peak anonymous RSS
     (sampled every 2 ms: the memory the load allocates, without the file's mapped pages, which
     the kernel can drop) above what it held before, and the weights' bytes."""
-    import threading
-
     import torch
 
     from mm1.pretrained import load_pretrained
 
     torch.set_num_threads(1)
-    before = _status_mib("RssAnon")
-    peak_anon = [before]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak_anon[0] = max(peak_anon[0], _status_mib("RssAnon"))
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    start = time.perf_counter()
-    if mode.startswith("train"):
-        model = _train_start(Path(path), random_init=mode == "train_random_init")
-    elif mode == "1":
-        model = load_pretrained(path, dtype="float32").model
-        model.to(torch.bfloat16)
-    else:
-        model = load_pretrained(path, dtype=dtype).model
-    seconds = time.perf_counter() - start
-    done.set()
-    sampler.join()
+    with AnonPeak() as anon:
+        start = time.perf_counter()
+        if mode.startswith("train"):
+            model = _train_start(Path(path), random_init=mode == "train_random_init")
+        elif mode == "1":
+            model = load_pretrained(path, dtype="float32").model
+            model.to(torch.bfloat16)
+        else:
+            model = load_pretrained(path, dtype=dtype).model
+        seconds = time.perf_counter() - start
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     weights = sum(t.numel() * t.element_size() for t in tensors.values())
     params = sum(t.numel() for t in model.parameters())
@@ -191,8 +177,8 @@ def child(path: str, dtype: str, mode: str) -> None:
         json.dumps(
             {
                 "seconds": seconds,
-                "anon_before_mib": before,
-                "peak_anon_added_mib": peak_anon[0] - before,
+                "anon_before_mib": anon.start,
+                "peak_anon_added_mib": anon.added,
                 "peak_rss_mib": peak_rss_mib(),
                 "weights_mib": weights / 2**20,
                 "params": params,

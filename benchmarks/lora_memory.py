@@ -18,58 +18,34 @@ process `--steps` AdamW steps on random tokens and reports:
 from __future__ import annotations
 
 import argparse
-import ctypes
 import statistics
 import sys
-import threading
 import time
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-from benchmarks.common import emit, print_table, ratio, run_child, set_threads, write_result
+from benchmarks.common import (
+    AnonPeak,
+    emit,
+    print_table,
+    ratio,
+    run_child,
+    set_threads,
+    status_mib,
+    trim_heap,
+    write_result,
+)
+
+if TYPE_CHECKING:
+    from mm1.config import ModelConfig
 
 VARIANTS = {"full": (0, "none"), "lora": (16, "none"), "qlora": (16, "nf4")}
 
 
-def _anon_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def model_config(dim: int, layers: int) -> ModelConfig:
+    """A Llama decoder of `dim` x `layers` (32k vocabulary) behind a small ViT."""
+    from mm1.config import model_config_from_dict
 
-
-def _trim() -> None:
-    """Hand freed heap pages back to the kernel (glibc keeps them), so RSS says what is held."""
-    import gc
-
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def child(variant: str, dim: int, layers: int, steps: int, seq: int) -> None:
-    import torch
-
-    from mm1.config import LoRAConfig, OptimConfig, TrainConfig, model_config_from_dict
-    from mm1.models.lora import add_decoder_lora
-    from mm1.models.mllm import MM1
-    from mm1.models.nf4 import torchao_nf4
-    from mm1.train.optim import build_optimizer, set_trainable
-
-    torchao_nf4()  # every variant imports it before measuring: its modules are not the weights'
-    threads = set_threads()
-    rank, quantize = VARIANTS[variant]
-    _trim()
-    before = _anon_mib()
-    peak = [before]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _anon_mib())
-            time.sleep(0.005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    cfg = model_config_from_dict(
+    return model_config_from_dict(
         {
             "vision": {"image_size": 64, "patch_size": 8, "width": 128, "layers": 2, "heads": 4},
             "connector": {"type": "avgpool", "num_tokens": 16},
@@ -84,31 +60,47 @@ def child(variant: str, dim: int, layers: int, steps: int, seq: int) -> None:
             "image_token_id": 31999,
         }
     )
-    torch.manual_seed(0)
-    model = MM1(cfg)
-    train = TrainConfig(lora=LoRAConfig(rank=rank, alpha=2.0 * rank or 16.0, quantize=quantize))
-    train.train_vision = False
-    if rank:
-        add_decoder_lora(model, train.lora)
-    set_trainable(model, train)
-    optimizer, _ = build_optimizer(model, OptimConfig(lr=1e-4), 1e-4, steps)
-    _trim()
-    prepared = _anon_mib() - before
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 31000, (2, seq), generator=g)
-    times = []
-    model.train()
-    for _ in range(steps):
-        start = time.perf_counter()
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=False)  # gradients held, as between a trainer's steps
-        times.append(time.perf_counter() - start)
-    _trim()
-    held = _anon_mib() - before
-    done.set()
-    sampler.join()
+
+
+def child(variant: str, dim: int, layers: int, steps: int, seq: int) -> None:
+    import torch
+
+    from mm1.config import LoRAConfig, OptimConfig, TrainConfig
+    from mm1.models.lora import add_decoder_lora
+    from mm1.models.mllm import MM1
+    from mm1.models.nf4 import torchao_nf4
+    from mm1.train.optim import build_optimizer, set_trainable
+
+    torchao_nf4()  # every variant imports it before measuring: its modules are not the weights'
+    threads = set_threads()
+    rank, quantize = VARIANTS[variant]
+    trim_heap()
+    with AnonPeak(every_s=0.005) as anon:
+        before = anon.start
+        cfg = model_config(dim, layers)
+        torch.manual_seed(0)
+        model = MM1(cfg)
+        train = TrainConfig(lora=LoRAConfig(rank=rank, alpha=2.0 * rank or 16.0, quantize=quantize))
+        train.train_vision = False
+        if rank:
+            add_decoder_lora(model, train.lora)
+        set_trainable(model, train)
+        optimizer, _ = build_optimizer(model, OptimConfig(lr=1e-4), 1e-4, steps)
+        trim_heap()
+        prepared = status_mib("RssAnon") - before
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, 31000, (2, seq), generator=g)
+        times = []
+        model.train()
+        for _ in range(steps):
+            start = time.perf_counter()
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=False)  # gradients held, as between a trainer's steps
+            times.append(time.perf_counter() - start)
+        trim_heap()
+        held = status_mib("RssAnon") - before
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     weights = sum(t.nbytes for t in tensors.values())
     grads = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
@@ -130,7 +122,7 @@ def child(variant: str, dim: int, layers: int, steps: int, seq: int) -> None:
             "tensors_mib": (weights + grads + state) / 2**20,
             "prepared_mib": prepared,
             "held_mib": held,
-            "peak_mib": peak[0] - before,
+            "peak_mib": anon.added,
             "step_s": statistics.median(times[1:] or times),
             "losses": [float(loss)],
         }
