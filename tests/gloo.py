@@ -40,7 +40,7 @@ def _stack(root: Path, store: str, rank: int) -> str:
 
 
 @contextmanager
-def gloo_rank(rank: int, root: str, store: str = "store") -> Iterator[None]:
+def gloo_rank(rank: int, root: str, store: str = "store", world: int = WORLD) -> Iterator[None]:
     """This process as `rank` of the group whose file store is `root/store`, one thread, for
     the block; the process ends with it. Its stack is written if the work takes
     `STACK_AFTER_S`; a marker says that the work is done."""
@@ -49,7 +49,7 @@ def gloo_rank(rank: int, root: str, store: str = "store") -> Iterator[None]:
     faulthandler.dump_traceback_later(STACK_AFTER_S, file=stack)
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"file://{Path(root) / store}", rank=rank, world_size=WORLD
+        "gloo", init_method=f"file://{Path(root) / store}", rank=rank, world_size=world
     )
     try:
         yield
@@ -66,21 +66,22 @@ def spawn_ranks(
     what: str,
     store: str = "store",
     timeout: float = 120.0,
+    world: int = WORLD,
 ) -> None:
-    """Run `worker(rank, str(root), *args)` on `WORLD` processes; its ranks join with
-    `gloo_rank(rank, root, store)`. A rank's error fails the test. A hang in the work is
+    """Run `worker(rank, str(root), *args)` on `world` processes; its ranks join with
+    `gloo_rank(rank, root, store, world)`. A rank's error fails the test. A hang in the work is
     retried once; ranks that finished the work but hang on the way out are ended."""
     assert timeout > STACK_AFTER_S + 10, "the ranks' stacks must be written before the kill"
     for attempt in (1, 2):
         for kind in ("stack", "done"):
-            for r in range(WORLD):
+            for r in range(world):
                 _file(root, store, kind, r).unlink(missing_ok=True)
         (root / store).unlink(missing_ok=True)
-        ctx = mp.spawn(worker, args=(str(root), *args), nprocs=WORLD, join=False)
+        ctx = mp.spawn(worker, args=(str(root), *args), nprocs=world, join=False)
         deadline, done_at = time.monotonic() + timeout, None
         while not ctx.join(timeout=1):
             if done_at is None and all(
-                _file(root, store, "done", r).exists() for r in range(WORLD)
+                _file(root, store, "done", r).exists() for r in range(world)
             ):
                 done_at = time.monotonic()
             if done_at is not None and time.monotonic() > done_at + EXIT_S:
@@ -91,15 +92,15 @@ def spawn_ranks(
             return
         for p in ctx.processes:
             p.kill()
-        stacks = "\n".join(f"rank {r}:\n{_stack(root, store, r)}" for r in range(WORLD))
+        stacks = "\n".join(f"rank {r}:\n{_stack(root, store, r)}" for r in range(world))
         if done_at is not None:
             warnings.warn(
-                f"2-process {what}: the ranks' work ended, not their processes.\n{stacks}",
+                f"{world}-process {what}: the ranks' work ended, not their processes.\n{stacks}",
                 stacklevel=2,
             )
             return
         warnings.warn(
-            f"2-process {what} did not finish in {timeout:.0f} s (attempt {attempt}).\n{stacks}",
+            f"{world}-process {what} did not finish in {timeout:.0f} s (attempt {attempt}).\n{stacks}",
             stacklevel=2,
         )
-    pytest.fail(f"2-process {what} did not finish in {timeout:.0f} s, twice")
+    pytest.fail(f"{world}-process {what} did not finish in {timeout:.0f} s, twice")

@@ -89,9 +89,12 @@ def test_info_gives_what_each_training_process_holds(capsys) -> None:
         states("--processes", "8", "train.parallel=ddp"),
     )
     assert ddp == one and one / 8 <= fsdp < 1.01 * one / 8
+    # HSDP: sharded over 8, replicated twice: each of 16 holds what each of 8 FSDP2 ones does
+    assert states("--processes", "16", "train.shard_size=8") == fsdp
     for argv, message in (
         (["--processes", "0"], "--processes 0 must be at least 1"),
         (["--processes", "2", "train.parallel=none"], "train.parallel=none with 2 processes"),
+        (["--processes", "6", "train.shard_size=4"], "does not divide the 6 processes"),
         (["--processes", "2", "train.lora.rank=4", "train.lora.quantize=nf4"], "nf4 runs in one"),
     ):
         assert message in one_line(capsys, ["info", preset, *argv], 2)

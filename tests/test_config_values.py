@@ -73,6 +73,14 @@ def test_non_finite_lr_through_the_cli_is_one_config_error(capsys) -> None:
     assert out == "config error: train.optim.lr=inf must be a finite number"
 
 
+def test_shard_groups_need_fsdp() -> None:
+    with pytest.raises(
+        ConfigError, match=r"^train\.shard_size=8 sets FSDP2's shard groups: it needs "
+    ):
+        load_config(TINY, ["train.shard_size=8", "train.parallel=ddp"])
+    assert load_config(TINY, ["train.shard_size=8"]).train.shard_size == 8
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -82,6 +90,7 @@ def test_non_finite_lr_through_the_cli_is_one_config_error(capsys) -> None:
         ("data.num_workers=-1", "data.num_workers=-1 must be >= 0"),
         ("data.max_text_chars=-1", "data.max_text_chars=-1 must be >= 0 (0 = no cap)"),
         ("train.profile_at=-1", "train.profile_at=-1 must be >= 0 (0 = no profiling)"),
+        ("train.shard_size=-8", "train.shard_size=-8 must be >= 0 (0 = shard over every process)"),
         ("train.profile_steps=0", "train.profile_steps=0 must be positive"),
         ("train.max_nonfinite_in_a_row=0", "train.max_nonfinite_in_a_row=0 must be positive"),
         (

@@ -1,5 +1,6 @@
-"""mm1's model under `parallelize` on 2 gloo processes: FSDP2-sharded forward passes where the
-ranks' batches differ in whether they hold images (the encoder's all-gathers must still match)."""
+"""mm1's model under `parallelize` on gloo processes: FSDP2-sharded forward passes where the
+ranks' batches differ in whether they hold images (the encoder's all-gathers must still match);
+HSDP (`train.shard_size`) on 4 processes, 2 replicas of 2 shards."""
 
 from __future__ import annotations
 
@@ -61,3 +62,60 @@ def test_fsdp_validation_with_images_on_one_rank_only(tmp_path: Path) -> None:
     for rank in (0, 1):
         out = torch.load(tmp_path / f"rank{rank}.pt")
         assert out["got"] == pytest.approx(out["want"], rel=1e-5)
+
+
+HSDP_WORLD = 4
+
+
+def _text_batch(seed: int) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, 60, (1, 16), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "labels": ids}
+
+
+def _hsdp_worker(rank: int, root: str) -> None:
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
+    warnings.filterwarnings("ignore", message="DTensor random operators")
+    with gloo_rank(rank, root, world=HSDP_WORLD):
+        import torch.distributed as dist
+
+        from mm1.models.build import build_model
+        from mm1.train.parallel import Dist, parallelize
+
+        train = TrainConfig(parallel="fsdp", shard_size=2)
+        d = Dist(rank, HSDP_WORLD, rank)
+        torch.manual_seed(0)  # the same weights on every rank
+        model = build_model(_config())
+        reference = copy.deepcopy(model)
+        sharded = parallelize(model, train, d)
+        sharded(**_text_batch(rank)).loss.backward()  # each rank its own batch
+        # every rank's batch holds as many labels: the mean of the 4 losses is the global one
+        torch.stack([reference(**_text_batch(r)).loss for r in range(HSDP_WORLD)]).mean().backward()
+        grads_off = [
+            n
+            for (n, p), q in zip(model.named_parameters(), reference.parameters(), strict=True)
+            if not torch.allclose(p.grad.full_tensor(), q.grad, rtol=1e-4, atol=1e-6)
+        ]
+        placements = {str(p.placements) for p in model.parameters()}
+        # built on the meta device, as a sharded run is: the replicas initialise alike
+        meta = build_model(_config(), meta=True)
+        parallelize(meta, train, d)
+        replicas_off = []
+        for n, p in meta.named_parameters():
+            full = p.full_tensor().contiguous()
+            got = [torch.empty_like(full) for _ in range(HSDP_WORLD)]
+            dist.all_gather(got, full)
+            if not all(torch.equal(got[0], g) for g in got):
+                replicas_off.append(n)
+        out = {"grads_off": grads_off, "placements": placements, "replicas_off": replicas_off}
+        torch.save(out, Path(root) / f"hsdp{rank}.pt")
+
+
+def test_hsdp_averages_gradients_over_every_replica_and_shard(tmp_path: Path) -> None:
+    """`train.shard_size=2` on 4 processes: each weight sharded over 2, replicated twice; one
+    backward gives the gradient of the mean loss over all 4 ranks' batches, as one unsharded
+    model computes it, and a model built on the meta device initialises both replicas alike."""
+    spawn_ranks(_hsdp_worker, tmp_path, what="HSDP", world=HSDP_WORLD, timeout=180)
+    for rank in range(HSDP_WORLD):
+        out = torch.load(tmp_path / f"hsdp{rank}.pt")
+        assert out["placements"] == {"(Replicate(), Shard(dim=0))"}
+        assert out["grads_off"] == [] and out["replicas_off"] == []

@@ -370,6 +370,26 @@ def test_two_process_ddp_training(tmp_path, world, tiny_config) -> None:
     assert read_meta_world(run / "checkpoints" / "step_2") == 2
 
 
+def test_four_process_hsdp_run_resumes_bit_exactly_and_as_plain_fsdp(
+    tmp_path, world, tiny_config, two_process_run_and_resume, torchrun_cli
+) -> None:
+    """`train.shard_size=2` on 4 processes (2 replicas of 2 shards): resumed from its step-2
+    checkpoint, the run logs the uninterrupted one's losses bit for bit; the same checkpoint
+    resumed with every process one shard group (plain FSDP2) continues to about the same
+    losses, only the sums' order differing."""
+    cfg = tiny_config(tmp_path, world, steps=4, save_every=2, val_every=0, micro_batch_size=1)
+    hsdp = ["train.shard_size=2"]
+    full, resumed = two_process_run_and_resume(tmp_path, cfg, hsdp, nproc=4)
+    assert sorted(losses(full)) == [1, 2, 3, 4] and losses(resumed) == losses(full)
+    assert read_meta_world(full / "checkpoints" / "step_4") == 4
+    fsdp = tmp_path / "fsdp"
+    shutil.copytree(full, fsdp)
+    shutil.rmtree(fsdp / "checkpoints" / "step_4")
+    assert "resumed from" in torchrun_cli(["train", str(cfg), f"train.run_dir={fsdp}"], 4)
+    for step in (3, 4):
+        assert losses(fsdp)[step] == pytest.approx(losses(full)[step], rel=1e-5)
+
+
 def read_meta_world(path: Path) -> int:
     return json.loads((path / "meta.json").read_text())["world_size"]
 

@@ -26,7 +26,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     from mm1.models.family import family_spec
     from mm1.models.summary import summarize
     from mm1.train.optim import mm1_peak_lr
-    from mm1.train.parallel import refuse_unsupported_processes
+    from mm1.train.parallel import fsdp_shards, refuse_unsupported_processes
     from mm1.train.state_memory import training_state_bytes
 
     if args.seq_len < 0:  # would print negative FLOPs
@@ -105,8 +105,11 @@ def cmd_info(args: argparse.Namespace) -> None:
         shell = family.model(model_cfg)
     n = args.processes
     b = training_state_bytes(shell, cfg.train, n)
+    shards = fsdp_shards(cfg.train, n)
     where = {
-        "fsdp": f"per process of {n}, sharded by FSDP2: the first holds the most",
+        "fsdp": f"per process of {n}, sharded by FSDP2 over "
+        + (f"{shards}, replicated {n // shards}x (HSDP)" if shards < n else "all")
+        + ": the first holds the most",
         "ddp": f"per process of {n}, each whole under DDP",
     }.get(cfg.train.parallel if n > 1 else "", "one process; --processes N: each of N")
     console.print(

@@ -266,6 +266,7 @@ ADDED_KEYS: dict[str, Any] = {
     "data.max_text_chars": DataConfig.max_text_chars,
     "train.profile_at": TrainConfig.profile_at,
     "train.profile_steps": TrainConfig.profile_steps,
+    "train.shard_size": TrainConfig.shard_size,
     "data.caption_first": DataConfig.caption_first,
     "model.regression_loss": "l1",
     "train.aux_loss_weights.image_regression": 1.0,

@@ -459,6 +459,9 @@ class TrainConfig:
     train_decoder: bool = True
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     parallel: str = "fsdp"  # fsdp | ddp | none
+    # FSDP2 shards the model over groups of this many processes and replicates it across the
+    # groups (HSDP: the GPUs of one node, e.g. 8, so only gradients cross nodes); 0 = over all.
+    shard_size: int = 0
     dtype: str = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
     activation_checkpointing: bool = False
     compile: bool = False

@@ -454,6 +454,12 @@ def validate(cfg: Config) -> None:
     # `step % val_every == 0` is true at every step for a negative value
     _non_negative("train.val_every", t.val_every, "0 = no validation")
     _non_negative("train.val_batches", t.val_batches)
+    _non_negative("train.shard_size", t.shard_size, "0 = shard over every process")
+    if t.shard_size and t.parallel != "fsdp":
+        raise ConfigError(
+            f"train.shard_size={t.shard_size} sets FSDP2's shard groups: it needs "
+            f"train.parallel=fsdp (not {t.parallel})"
+        )
     _non_negative("train.profile_at", t.profile_at, "0 = no profiling")
     if t.profile_steps > PROFILE_MAX_STEPS:
         raise ConfigError(

@@ -11,6 +11,7 @@ import contextlib
 import os
 import sys
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,9 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 
 from mm1.config import Config, ConfigError, TrainConfig
 from mm1.models.family import ModelFamily, family_of
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 
 @dataclass
@@ -142,12 +146,36 @@ def refuse_unsupported_processes(t: TrainConfig, processes: int) -> None:
             f"train.parallel=none with {processes} processes would train {processes} "
             "unsynchronised copies: use train.parallel=fsdp or ddp"
         )
+    if processes > 1 and t.shard_size > 1 and processes % t.shard_size:
+        raise ConfigError(
+            f"train.shard_size={t.shard_size} does not divide the {processes} processes into "
+            "shard groups: use a divisor of the process count (the GPUs per node), or 0"
+        )
     if processes > 1 and t.parallel == "fsdp" and t.lora.quantize == "nf4":
         raise ConfigError(
             "train.lora.quantize=nf4 runs in one process or with train.parallel=ddp "
             "(FSDP2 builds the model on the meta device, and the NF4 weights are "
             "quantized from loaded ones): set train.parallel=ddp"
         )
+
+
+def fsdp_shards(t: TrainConfig, processes: int) -> int:
+    """Over how many processes FSDP2 shards each weight (1: not sharded)."""
+    if t.parallel != "fsdp":
+        return 1
+    return t.shard_size if 0 < t.shard_size < processes else processes
+
+
+def shard_mesh(t: TrainConfig, d: Dist) -> DeviceMesh | None:
+    """HSDP's 2-D mesh (replicas x shards, each shard group consecutive ranks: one node's
+    GPUs), or None: FSDP2 then shards over every process."""
+    shards = fsdp_shards(t, d.world_size)
+    if shards in (1, d.world_size):
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shape = (d.world_size // shards, shards)
+    return init_device_mesh(d.device.type, shape, mesh_dim_names=("replicate", "shard"))
 
 
 def fsdp_ignored_params(model: nn.Module, family: ModelFamily) -> set[nn.Parameter]:
@@ -216,6 +244,9 @@ def parallelize(
     if dtype is not None:
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     kw = {"mp_policy": mp} if mp is not None else {}
+    mesh = shard_mesh(cfg, d)
+    if mesh is not None:
+        kw["mesh"] = mesh
     for blocks in units:
         for block in blocks:
             fully_shard(block, **kw)

@@ -48,7 +48,11 @@ def training_state_bytes(model: nn.Module, t: TrainConfig, processes: int = 1) -
     from mm1.models.family import family_of
     from mm1.models.lora import LoRALinear, add_decoder_lora
     from mm1.train.optim import set_trainable
-    from mm1.train.parallel import fsdp_ignored_params, refuse_unsupported_processes
+    from mm1.train.parallel import (
+        fsdp_ignored_params,
+        fsdp_shards,
+        refuse_unsupported_processes,
+    )
 
     refuse_unsupported_processes(t, processes)
 
@@ -62,7 +66,7 @@ def training_state_bytes(model: nn.Module, t: TrainConfig, processes: int = 1) -
                     quantized += w.numel() * w.element_size()
                     quantized -= nf4_bytes(tuple(w.shape), w.element_size())
     set_trainable(model, t)
-    shards = processes if t.parallel == "fsdp" else 1
+    shards = fsdp_shards(t, processes)
     whole = {id(p) for p in fsdp_ignored_params(model, family_of(model))} if shards > 1 else set()
     params = {id(p): p for p in model.parameters()}.values()  # a tied head counted once
 
