@@ -9,7 +9,7 @@ the gradients. Two gloo processes train a Llama decoder of `--dim` x `--layers` 
   held MiB      its anonymous memory between steps (gradients set to None, malloc_trim'd):
                 the same in both, as the buckets outlive the gradients that viewed them
 
-    python -m benchmarks.ddp_memory              # ~110M-parameter decoder
+    python -m benchmarks.ddp_memory              # a 134M-parameter decoder
     python -m benchmarks.ddp_memory --layers 2   # quick
 """
 
