@@ -116,25 +116,64 @@ def trim_heap() -> None:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def heap_in_use_mib() -> float:
+    """The bytes glibc's malloc has handed out and not had back (`mallinfo2`: small chunks in
+    its arenas plus large ones mapped on their own), in MiB; nan without glibc 2.33+. Unlike
+    RSS it does not count freed memory malloc keeps, so it does not depend on fragmentation."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [  # glibc's struct mallinfo2, every field a size_t
+            (name, ctypes.c_size_t)
+            for name in [
+                "arena",
+                "ordblks",
+                "smblks",
+                "hblks",
+                "hblkhd",
+                "usmblks",
+                "fsmblks",
+                "uordblks",
+                "fordblks",
+                "keepcost",
+            ]
+        ]
+
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return float("nan")
+    mallinfo2.restype = MallInfo2
+    info = mallinfo2()
+    return (info.uordblks + info.hblkhd) / 2**20
+
+
 class AnonPeak:
     """The largest anonymous memory (`RssAnon`) this process reaches inside the block, sampled
     every `every_s` by a thread: the memory it allocates, without files' mapped pages, which
-    the kernel can drop. `start` is what it held on entry, `peak` the largest sample."""
+    the kernel can drop. `start` is what it held on entry, `peak` the largest sample; `heap_*`
+    the same for the bytes malloc has handed out (`heap_in_use_mib`)."""
 
     def __init__(self, every_s: float = 0.002) -> None:
         self.every_s = every_s
         self.start = self.peak = status_mib("RssAnon")
+        self.heap_start = self.heap_peak = heap_in_use_mib()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
         while not self._done.is_set():
             self.peak = max(self.peak, status_mib("RssAnon"))
+            self.heap_peak = max(self.heap_peak, heap_in_use_mib())
             time.sleep(self.every_s)
 
     @property
     def added(self) -> float:
         return self.peak - self.start
+
+    @property
+    def heap_added(self) -> float:
+        return self.heap_peak - self.heap_start
 
     def __enter__(self) -> AnonPeak:
         self._thread.start()
@@ -144,6 +183,7 @@ class AnonPeak:
         self._done.set()
         self._thread.join()
         self.peak = max(self.peak, status_mib("RssAnon"))
+        self.heap_peak = max(self.heap_peak, heap_in_use_mib())
 
 
 def peak_rss_mib() -> float:

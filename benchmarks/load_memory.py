@@ -179,6 +179,7 @@ def child(path: str, dtype: str, mode: str) -> None:
                 "seconds": seconds,
                 "anon_before_mib": anon.start,
                 "peak_anon_added_mib": anon.added,
+                "peak_heap_added_mib": anon.heap_added,
                 "peak_rss_mib": peak_rss_mib(),
                 "weights_mib": weights / 2**20,
                 "params": params,

@@ -78,6 +78,8 @@ def test_shard_groups_need_fsdp() -> None:
         ConfigError, match=r"^train\.shard_size=8 sets FSDP2's shard groups: it needs "
     ):
         load_config(TINY, ["train.shard_size=8", "train.parallel=ddp"])
+    with pytest.raises(ConfigError, match=r"^train\.shard_size=1 would keep the whole model"):
+        load_config(TINY, ["train.shard_size=1"])
     assert load_config(TINY, ["train.shard_size=8"]).train.shard_size == 8
 
 

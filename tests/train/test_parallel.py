@@ -106,16 +106,35 @@ def _hsdp_worker(rank: int, root: str) -> None:
             dist.all_gather(got, full)
             if not all(torch.equal(got[0], g) for g in got):
                 replicas_off.append(n)
-        out = {"grads_off": grads_off, "placements": placements, "replicas_off": replicas_off}
+        # a starting point read on rank 0 alone reaches every shard of both replicas
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+        )
+
+        want = reference.state_dict()
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+        given = {k: v.clone() for k, v in want.items()} if rank == 0 else {}  # it is consumed
+        set_model_state_dict(meta, given, options=options)
+        loaded_off = [
+            n for n, p in meta.named_parameters() if not torch.equal(p.full_tensor(), want[n])
+        ]
+        out = {
+            "grads_off": grads_off,
+            "placements": placements,
+            "replicas_off": replicas_off,
+            "loaded_off": loaded_off,
+        }
         torch.save(out, Path(root) / f"hsdp{rank}.pt")
 
 
 def test_hsdp_averages_gradients_over_every_replica_and_shard(tmp_path: Path) -> None:
     """`train.shard_size=2` on 4 processes: each weight sharded over 2, replicated twice; one
     backward gives the gradient of the mean loss over all 4 ranks' batches, as one unsharded
-    model computes it, and a model built on the meta device initialises both replicas alike."""
+    model computes it; a model built on the meta device initialises both replicas alike, and
+    takes a starting state that rank 0 alone read (as a sharded run's start does)."""
     spawn_ranks(_hsdp_worker, tmp_path, what="HSDP", world=HSDP_WORLD, timeout=180)
     for rank in range(HSDP_WORLD):
         out = torch.load(tmp_path / f"hsdp{rank}.pt")
         assert out["placements"] == {"(Replicate(), Shard(dim=0))"}
-        assert out["grads_off"] == [] and out["replicas_off"] == []
+        assert out["grads_off"] == [] and out["replicas_off"] == [] and out["loaded_off"] == []

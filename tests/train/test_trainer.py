@@ -371,23 +371,46 @@ def test_two_process_ddp_training(tmp_path, world, tiny_config) -> None:
 
 
 def test_four_process_hsdp_run_resumes_bit_exactly_and_as_plain_fsdp(
-    tmp_path, world, tiny_config, two_process_run_and_resume, torchrun_cli
+    tmp_path, world, tiny_config, torchrun_cli
 ) -> None:
-    """`train.shard_size=2` on 4 processes (2 replicas of 2 shards): resumed from its step-2
-    checkpoint, the run logs the uninterrupted one's losses bit for bit; the same checkpoint
-    resumed with every process one shard group (plain FSDP2) continues to about the same
-    losses, only the sums' order differing."""
-    cfg = tiny_config(tmp_path, world, steps=4, save_every=2, val_every=0, micro_batch_size=1)
-    hsdp = ["train.shard_size=2"]
-    full, resumed = two_process_run_and_resume(tmp_path, cfg, hsdp, nproc=4)
-    assert sorted(losses(full)) == [1, 2, 3, 4] and losses(resumed) == losses(full)
-    assert read_meta_world(full / "checkpoints" / "step_4") == 4
-    fsdp = tmp_path / "fsdp"
-    shutil.copytree(full, fsdp)
-    shutil.rmtree(fsdp / "checkpoints" / "step_4")
-    assert "resumed from" in torchrun_cli(["train", str(cfg), f"train.run_dir={fsdp}"], 4)
+    """`train.shard_size=2` on 4 processes (2 replicas of 2 shards), two micro-batches per
+    step (gradients accumulated without syncing): resumed from its step-2 checkpoint, the run
+    logs the uninterrupted one's losses bit for bit; the same checkpoint resumed with every
+    process one shard group (plain FSDP2) continues to about the same losses, only the sums'
+    order differing."""
+    cfg = tiny_config(
+        tmp_path, world, steps=4, save_every=2, val_every=0, batch_size=8, micro_batch_size=1
+    )
+    runs = {name: tmp_path / name for name in ("full", "resumed", "fsdp")}
+
+    def train(name: str, *args: str) -> str:
+        return torchrun_cli(["train", str(cfg), f"train.run_dir={runs[name]}", *args], 4)
+
+    out = train("full", "train.shard_size=2")
+    assert "HSDP: each weight sharded over 2 processes, replicated 2x" in out
+    for name in ("resumed", "fsdp"):
+        shutil.copytree(runs["full"], runs[name])
+        shutil.rmtree(runs[name] / "checkpoints" / "step_4")
+    assert "resumed from" in train("resumed", "train.shard_size=2")
+    out = train("fsdp")
+    assert "resumed from" in out and "HSDP" not in out
+    full = losses(runs["full"])
+    assert sorted(full) == [1, 2, 3, 4] and losses(runs["resumed"]) == full
     for step in (3, 4):
-        assert losses(fsdp)[step] == pytest.approx(losses(full)[step], rel=1e-5)
+        assert losses(runs["fsdp"])[step] == pytest.approx(full[step], rel=1e-5)
+
+
+def test_two_process_ddp_run_accumulating_gradients_resumes_bit_exactly(
+    tmp_path, world, tiny_config, two_process_run_and_resume
+) -> None:
+    """DDP through `parallelize` (gradients as views of its buckets), two micro-batches per
+    step, the first without syncing: a run resumed from its step-2 checkpoint logs the
+    uninterrupted run's losses and gradient norms bit for bit."""
+    cfg = tiny_config(tmp_path, world, steps=4, save_every=2, val_every=0, parallel="ddp")
+    full, resumed = two_process_run_and_resume(tmp_path, cfg, ["train.micro_batch_size=1"])
+    assert sorted(losses(full)) == [1, 2, 3, 4] and losses(resumed) == losses(full)
+    norms = {r["step"]: r["grad_norm"] for r in read_metrics(full) if "grad_norm" in r}
+    assert norms == {r["step"]: r["grad_norm"] for r in read_metrics(resumed) if "grad_norm" in r}
 
 
 def read_meta_world(path: Path) -> int:

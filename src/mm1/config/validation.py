@@ -455,6 +455,11 @@ def validate(cfg: Config) -> None:
     _non_negative("train.val_every", t.val_every, "0 = no validation")
     _non_negative("train.val_batches", t.val_batches)
     _non_negative("train.shard_size", t.shard_size, "0 = shard over every process")
+    if t.shard_size == 1:
+        raise ConfigError(
+            "train.shard_size=1 would keep the whole model on every process: that is "
+            "train.parallel=ddp (0 shards over every process)"
+        )
     if t.shard_size and t.parallel != "fsdp":
         raise ConfigError(
             f"train.shard_size={t.shard_size} sets FSDP2's shard groups: it needs "

@@ -26,8 +26,9 @@ _ITEM_OVERHEAD = 1600  # bytes DCP adds per stored value (a zip archive each, an
 
 
 def size_estimate(state: Mapping[str, Any], world: int) -> int:
-    """Bytes the whole checkpoint will take, from this rank's state: sharded tensors (DTensor)
-    count once per rank, everything else once (DCP writes replicated values from one rank)."""
+    """Bytes the whole checkpoint will take, from this rank's state: a sharded tensor (DTensor)
+    its whole size once (DCP writes each shard from one rank, HSDP's replicas too), with one
+    stored item per rank; everything else once (written from one rank)."""
     total = 0
 
     def walk(node: Any) -> None:
@@ -36,14 +37,13 @@ def size_estimate(state: Mapping[str, Any], world: int) -> int:
             for v in node.values():
                 walk(v)
             return
-        copies = world if hasattr(node, "to_local") else 1
+        items = world if hasattr(node, "to_local") else 1
         size = 0
         if isinstance(node, torch.Tensor):
-            local = node.to_local() if copies > 1 else node
-            size = local.numel() * local.element_size()
+            size = node.numel() * node.element_size()  # a DTensor's numel is the whole tensor's
         elif isinstance(node, bytes):
             size = len(node)
-        total += copies * (size + _ITEM_OVERHEAD)
+        total += size + items * _ITEM_OVERHEAD
 
     walk(state)
     return total

@@ -33,7 +33,13 @@ from mm1.models.encoders import ENCODER_FAMILY, build_encoder_model, seed_start_
 from mm1.train import checkpoint as ckpt
 from mm1.train.config_change import config_diff, refuse_changes, saved_run_config
 from mm1.train.optim import build_optimizer
-from mm1.train.parallel import accumulation_steps, autocast, autocast_dtype, parallelize
+from mm1.train.parallel import (
+    accumulation_steps,
+    autocast,
+    autocast_dtype,
+    parallelize,
+    refuse_unsupported_processes,
+)
 from mm1.train.trainer import VAL_SEED, StepResult, Trainer, nonfinite_part
 
 
@@ -42,11 +48,7 @@ class EncoderTrainer(Trainer):
 
     def setup(self) -> None:
         cfg, d = self.cfg, self.d
-        if d.enabled and cfg.train.parallel == "none":
-            raise ConfigError(
-                f"train.parallel=none with {d.world_size} processes would train {d.world_size} "
-                "unsynchronised copies: use train.parallel=fsdp or ddp"
-            )
+        refuse_unsupported_processes(cfg.train, d.world_size)
         init = cfg.train.init
         seed = cfg.encoder.objective == "seed"  # its frozen towers: the CLIP run init.vision names
         if init.weights or init.connector or init.decoder or (init.vision and not seed):

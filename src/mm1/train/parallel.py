@@ -170,8 +170,10 @@ def shard_mesh(t: TrainConfig, d: Dist) -> DeviceMesh | None:
     """HSDP's 2-D mesh (replicas x shards, each shard group consecutive ranks: one node's
     GPUs), or None: FSDP2 then shards over every process."""
     shards = fsdp_shards(t, d.world_size)
-    if shards in (1, d.world_size):
+    if shards == d.world_size:
         return None
+    if d.world_size % shards:  # refuse_unsupported_processes says so first
+        raise ValueError(f"shard groups of {shards} do not divide {d.world_size} processes")
     from torch.distributed.device_mesh import init_device_mesh
 
     shape = (d.world_size // shards, shards)
