@@ -96,6 +96,13 @@ def _hsdp_worker(rank: int, root: str) -> None:
             if not torch.allclose(p.grad.full_tensor(), q.grad, rtol=1e-4, atol=1e-6)
         ]
         placements = {str(p.placements) for p in model.parameters()}
+        # a checkpoint's size: each weight once (DCP writes one replica), an item per rank
+        from mm1.train.disk_space import _ITEM_OVERHEAD, size_estimate
+
+        sharded_state = model.state_dict()
+        items = sum(HSDP_WORLD if hasattr(t, "to_local") else 1 for t in sharded_state.values())
+        whole = sum(t.nbytes for t in reference.state_dict().values())
+        estimate_off = size_estimate(sharded_state, HSDP_WORLD) - items * _ITEM_OVERHEAD - whole
         # built on the meta device, as a sharded run is: the replicas initialise alike
         meta = build_model(_config(), meta=True)
         parallelize(meta, train, d)
@@ -124,6 +131,7 @@ def _hsdp_worker(rank: int, root: str) -> None:
             "placements": placements,
             "replicas_off": replicas_off,
             "loaded_off": loaded_off,
+            "estimate_off": estimate_off,
         }
         torch.save(out, Path(root) / f"hsdp{rank}.pt")
 
@@ -138,3 +146,4 @@ def test_hsdp_averages_gradients_over_every_replica_and_shard(tmp_path: Path) ->
         out = torch.load(tmp_path / f"hsdp{rank}.pt")
         assert out["placements"] == {"(Replicate(), Shard(dim=0))"}
         assert out["grads_off"] == [] and out["replicas_off"] == [] and out["loaded_off"] == []
+        assert out["estimate_off"] == 0
