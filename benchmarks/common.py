@@ -7,8 +7,11 @@ matters (`ru_maxrss` is a per-process high-water mark).
 
 from __future__ import annotations
 
+import ctypes
 import datetime
+import functools
 import json
+import math
 import os
 import platform
 import resource
@@ -109,41 +112,48 @@ def status_mib(field: str) -> float:
 
 def trim_heap() -> None:
     """Hand freed heap pages back to the kernel (glibc keeps them), so RSS says what is held."""
-    import ctypes
     import gc
 
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [  # glibc's struct mallinfo2, every field a size_t
+        (name, ctypes.c_size_t)
+        for name in [
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        ]
+    ]
+
+
+@functools.cache
+def _mallinfo2() -> Any:
+    """glibc's `mallinfo2`, or None (not glibc, or older than 2.33)."""
+    try:
+        f = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    f.restype = _MallInfo2
+    return f
+
+
 def heap_in_use_mib() -> float:
     """The bytes glibc's malloc has handed out and not had back (`mallinfo2`: small chunks in
     its arenas plus large ones mapped on their own), in MiB; nan without glibc 2.33+. Unlike
     RSS it does not count freed memory malloc keeps, so it does not depend on fragmentation."""
-    import ctypes
-
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [  # glibc's struct mallinfo2, every field a size_t
-            (name, ctypes.c_size_t)
-            for name in [
-                "arena",
-                "ordblks",
-                "smblks",
-                "hblks",
-                "hblkhd",
-                "usmblks",
-                "fsmblks",
-                "uordblks",
-                "fordblks",
-                "keepcost",
-            ]
-        ]
-
-    try:
-        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
-    except (OSError, AttributeError):
+    mallinfo2 = _mallinfo2()
+    if mallinfo2 is None:
         return float("nan")
-    mallinfo2.restype = MallInfo2
     info = mallinfo2()
     return (info.uordblks + info.hblkhd) / 2**20
 
@@ -195,7 +205,9 @@ def peak_rss_mib() -> float:
     available; `ru_maxrss` otherwise.
     """
     hwm = status_mib("VmHWM")
-    return hwm if hwm == hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if math.isnan(hwm):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return hwm
 
 
 class Timer:

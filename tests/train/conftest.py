@@ -112,26 +112,26 @@ def torchrun_cli() -> Callable[[list[str], int], str]:
 
 
 def _two_process_run_and_resume(
-    tmp: Path, cfg: Path, args: list[str], command: str = "train", nproc: int = 2
+    tmp: Path, cfg: Path, args: list[str], command: str = "train"
 ) -> tuple[Path, Path]:
-    """`mm1 COMMAND` (train, train-encoder) on `nproc` processes to its end (`tmp/full`, saving
-    at step 2 and 4), and a copy of it without its step-4 checkpoint resumed to the end
+    """`mm1 COMMAND` (train, train-encoder) on 2 processes to its end (`tmp/full`, saving at
+    step 2 and 4), and a copy of it without its step-4 checkpoint resumed to the end
     (`tmp/resumed`)."""
     import shutil
 
     full, resumed = tmp / "full", tmp / "resumed"
-    torchrun([command, str(cfg), f"train.run_dir={full}", *args], nproc=nproc)
+    torchrun([command, str(cfg), f"train.run_dir={full}", *args], nproc=2)
     shutil.copytree(full, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_4")
-    out = torchrun([command, str(cfg), f"train.run_dir={resumed}", *args], nproc=nproc)
+    out = torchrun([command, str(cfg), f"train.run_dir={resumed}", *args], nproc=2)
     assert "resumed from" in out
     return full, resumed
 
 
 @pytest.fixture(scope="session")
 def two_process_run_and_resume() -> Callable[..., tuple[Path, Path]]:
-    """`two_process_run_and_resume(tmp, config, args, command="train", nproc=2)`: (the
-    uninterrupted run on `nproc` processes, the one resumed from its step-2 checkpoint)."""
+    """`two_process_run_and_resume(tmp, config, args, command="train")`: (the uninterrupted
+    2-process run, the one resumed from its step-2 checkpoint)."""
     return _two_process_run_and_resume
 
 

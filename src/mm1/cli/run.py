@@ -106,12 +106,13 @@ def cmd_info(args: argparse.Namespace) -> None:
     n = args.processes
     b = training_state_bytes(shell, cfg.train, n)
     shards = fsdp_shards(cfg.train, n)
-    where = {
-        "fsdp": f"per process of {n}, sharded by FSDP2 over "
-        + (f"{shards}, replicated {n // shards}x (HSDP)" if shards < n else "all")
-        + ": the first holds the most",
-        "ddp": f"per process of {n}, each whole under DDP",
-    }.get(cfg.train.parallel if n > 1 else "", "one process; --processes N: each of N")
+    if n == 1:
+        where = "one process; --processes N: each of N"
+    elif shards == 1:
+        where = f"per process of {n}, each whole under DDP"
+    else:
+        over = f"{shards}, replicated {n // shards}x (HSDP)" if shards < n else "all"
+        where = f"per process of {n}, sharded by FSDP2 over {over}: the first holds the most"
     console.print(
         f"model states in training: {_size(b.total)} = weights {_size(b.weights)} + gradients "
         f"{_size(b.gradients)} + AdamW {_size(b.optimizer)} (what train.* trains, {where}; "

@@ -166,6 +166,14 @@ def fsdp_shards(t: TrainConfig, processes: int) -> int:
     return t.shard_size if 0 < t.shard_size < processes else processes
 
 
+def hsdp_layout(t: TrainConfig, processes: int) -> str | None:
+    """The line a run prints when HSDP shards it (`train.shard_size`), else None."""
+    shards = fsdp_shards(t, processes)
+    if shards in (1, processes):
+        return None
+    return f"HSDP: each weight sharded over {shards} processes, replicated {processes // shards}x"
+
+
 def shard_mesh(t: TrainConfig, d: Dist) -> DeviceMesh | None:
     """HSDP's 2-D mesh (replicas x shards, each shard group consecutive ranks: one node's
     GPUs), or None: FSDP2 then shards over every process."""

@@ -68,7 +68,7 @@ from mm1.train.parallel import (
     accumulation_steps,
     autocast,
     autocast_dtype,
-    fsdp_shards,
+    hsdp_layout,
     init_distributed,
     parallelize,
     refuse_unsupported_placement,
@@ -168,13 +168,8 @@ class Trainer:
             print(lora_summary(model, adapters, cfg.train.lora, len(tok.added_ids)), flush=True)
         self.peak_lr = cfg.train.optim.lr or mm1_peak_lr(self.num_decoder_params)
         self.model = parallelize(model, cfg.train, d)
-        shards = fsdp_shards(cfg.train, d.world_size)
-        if sharded and d.is_main and shards < d.world_size:
-            print(
-                f"HSDP: each weight sharded over {shards} processes, replicated "
-                f"{d.world_size // shards}x",
-                flush=True,
-            )
+        if sharded and d.is_main and (layout := hsdp_layout(cfg.train, d.world_size)):
+            print(layout, flush=True)
         if sharded and starting and has_starting_weights(init):
             self._load_starting_points()
         self.optimizer, self.scheduler = build_optimizer(
